@@ -1,0 +1,26 @@
+# ctgen: CT-RATE / DICOM chest CT -> HU volumes -> prompts -> webdataset shards (-> models).
+# Run: snakemake --workflow-profile workflow/profiles/local   (see README.md)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/cohort.smk"
+include: "workflow/rules/dicom.smk"
+include: "workflow/rules/prep.smk"
+include: "workflow/rules/prompts.smk"
+include: "workflow/rules/shards.smk"
+include: "workflow/rules/rejects.smk"
+
+
+rule all:
+    input:
+        expand(rules.shard_manifest.output.manifest, split=SPLITS),
+        rules.rejects.output.csv,
+        rules.prompts.output.table,
+        DICOM_OUTPUTS,
+    default_target: True

@@ -1,0 +1,123 @@
+"""Model-side reading of the ctprep shards, and the one place the layout becomes (C, D, H, W).
+
+Samples are read with webdataset's stock reader (``webdataset.WebDataset(...).decode()``), so a
+training job can swap in its own pipeline stages (node/worker splitting, batching) unchanged.
+webdataset 1.x imports without torch: its ``IterableDataset`` base falls back to a stub class
+when torch is absent, so this module needs neither torch nor CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from ctprep.shards import ShardError, load_manifest, verify_manifest
+
+log = logging.getLogger(__name__)
+
+try:
+    from einops import rearrange
+except ImportError:  # einops is tiny and pure Python, but keep the reader usable without it
+    rearrange = None
+
+
+def shard_urls(manifest_path: str | os.PathLike) -> list[str]:
+    """Absolute paths of the manifest's shards, in manifest order."""
+    manifest_path = Path(manifest_path)
+    manifest = load_manifest(manifest_path)
+    return [str((manifest_path.parent / s["file"]).resolve()) for s in manifest["shards"]]
+
+
+def iter_samples(
+    manifest_path: str | os.PathLike, shuffle: bool = False, seed: int = 0, buffer: int = 8
+) -> Iterator[dict[str, Any]]:
+    """Decoded samples of a manifest's shards, in manifest order unless ``shuffle``.
+
+    Each sample: ``{"key", "volume": (I, J, K) array, "affine": (4, 4), "prompt", "prompts",
+    "meta", "labels": (18,) uint8}``. With ``shuffle``, shard order and a ``buffer``-sample
+    window are shuffled reproducibly from ``seed``; the buffer holds decoded volumes, so it is
+    kept small (a 512x512x300 int16 volume is 150 MB).
+    """
+    urls = shard_urls(manifest_path)
+    if not urls:
+        return  # an empty split; WebDataset would raise on an empty shard list
+    if shuffle:
+        random.Random(seed).shuffle(urls)
+    # shardshuffle=False: shard order is ours (manifest order, or the seeded shuffle above).
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()
+    if shuffle and buffer > 1:
+        dataset = dataset.shuffle(buffer, initial=buffer, seed=seed)
+    for sample in dataset:
+        yield {
+            "key": sample["__key__"],
+            "volume": sample["vol.npy"],
+            "affine": sample["affine.npy"],
+            "prompt": sample["prompt.txt"],
+            "prompts": sample["prompts.json"],
+            "meta": sample["meta.json"],
+            "labels": sample["labels.npy"],
+        }
+
+
+def to_model_layout(volume_ijk: np.ndarray) -> np.ndarray:
+    """(I, J, K) RAS array -> (C=1, D, H, W) with D = k, H = j, W = i.
+
+    For a canonical (RAS) volume: D runs inferior -> superior (axial slices), H posterior ->
+    anterior, W left -> right in patient terms (index 0 is the patient's left). No flips: models
+    learn whatever fixed orientation they are given, and keeping the mapping a pure axis
+    permutation means the affine still describes the data after undoing it.
+    """
+    if volume_ijk.ndim != 3:
+        raise ValueError(f"expected an (I, J, K) array, got shape {volume_ijk.shape}")
+    if rearrange is not None:
+        out = rearrange(volume_ijk, "i j k -> 1 k j i")  # (C, D, H, W)
+    else:
+        out = np.transpose(volume_ijk, (2, 1, 0))[None]  # same as the einops pattern above
+    # A copy, so batch collation and pinned memory get one contiguous block per sample.
+    return np.ascontiguousarray(out)
+
+
+def verify_shards_main(argv: list[str] | None = None) -> int:
+    """``ctgen verify-shards MANIFEST...``: verify each manifest and print a JSON summary.
+
+    Exit status 0 when every manifest verifies, 1 otherwise (every manifest is still checked).
+    """
+    parser = argparse.ArgumentParser(prog="ctgen verify-shards", description=verify_shards_main.__doc__)
+    parser.add_argument("manifests", nargs="+", type=Path, help="manifest JSON files")
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    results, errors = [], {}
+    per_split: dict[str, int] = {}
+    for path in args.manifests:
+        try:
+            summary = verify_manifest(path)
+        except ShardError as err:
+            log.error("%s", err)
+            errors[str(path)] = str(err)
+            continue
+        results.append(summary)
+        split = summary["split"] or summary["manifest"]
+        per_split[split] = per_split.get(split, 0) + summary["n_samples"]
+        log.info("%s: %d samples in %d shards", split, summary["n_samples"], summary["n_shards"])
+    report = {
+        "ok": not errors,
+        "samples_per_split": per_split,
+        "n_samples": sum(per_split.values()),
+        "manifests": results,
+        "errors": errors,
+    }
+    # The summary is the command's output (for scripts to parse), so it goes to stdout.
+    sys.stdout.write(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    return 0 if not errors else 1

@@ -1,0 +1,134 @@
+"""Per-chunk work: preprocess a chunk's volumes, then pack them into webdataset shards.
+
+A chunk is a fixed slice of the cohort (patients hashed into ``n_chunks``), so at 50k volumes
+each chunk is an independent job that Slurm can place anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ctprep import __version__, ctrate, rejects
+from ctprep.cohort import SECTIONS, metadata_row, rows_for_chunk
+from ctprep.preprocess import preprocess_volume
+from ctprep.shards import merge_manifests, write_shards
+from ctprep.volume import Volume, VolumeError, load_nifti, save_nifti
+
+logger = logging.getLogger(__name__)
+
+
+def prep_chunk(
+    cohort_path: str | Path,
+    chunk: int,
+    preset: Mapping,
+    dataset: Mapping,
+    out_dir: str | Path,
+    out_table: str | Path,
+    out_rejects: str | Path,
+    strict: bool = False,
+) -> pd.DataFrame:
+    """Preprocess every volume of ``chunk`` into ``out_dir/<VolumeName>`` (int16 HU NIfTI)."""
+    rows = rows_for_chunk(cohort_path, chunk)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done, bad = [], []
+    for rec in tqdm(rows.to_dict("records"), desc=f"prep chunk {chunk}", mininterval=5):
+        name = rec["VolumeName"]
+        t0 = time.perf_counter()
+        try:
+            vol = preprocess_volume(load_nifti(rec["path"]), metadata_row(rec), preset, dataset)
+        except VolumeError as err:
+            bad.append({"VolumeName": name, "split": rec["split"], "stage": "preprocess", "reason": str(err)})
+            continue
+        path = out_dir / name
+        save_nifti(vol, path, dtype="int16", descrip=f"ctprep {__version__} HU")
+        to_hu = next(h for h in vol.meta["history"] if h["op"] == "to_hu")
+        done.append({
+            "VolumeName": name,
+            "split": rec["split"],
+            "prep_path": str(path),
+            "shape": list(vol.shape),
+            "spacing": vol.spacing.round(6).tolist(),
+            "affine": vol.affine.tolist(),
+            "orientation": "".join(vol.orientation),
+            "stored_convention": to_hu["convention"],
+            "history": json.dumps(vol.meta["history"]),
+            "seconds": round(time.perf_counter() - t0, 3),
+        })
+        logger.info("%s: %s (%.2fs)", name, vol, done[-1]["seconds"])
+    rej = rejects.frame(bad)
+    rejects.check(rej, strict, f"preprocessing chunk {chunk}")
+    table = pd.DataFrame(done, columns=["VolumeName", "split", "prep_path", "shape", "spacing", "affine",
+                                        "orientation", "stored_convention", "history", "seconds"])
+    table.to_parquet(out_table, index=False)
+    rej.to_parquet(out_rejects, index=False)
+    return table
+
+
+def _samples(prep: pd.DataFrame, cohort: pd.DataFrame, prompts: pd.DataFrame, prompt_key: str) -> Iterator[dict]:
+    by_name = cohort.set_index("VolumeName")
+    prompt_cols = [c for c in prompts.columns if c not in ("VolumeName", "split")]
+    prompt_rows = prompts.set_index("VolumeName")
+    for rec in prep.to_dict("records"):
+        name = rec["VolumeName"]
+        if name not in prompt_rows.index:  # rejected at the prompts stage
+            continue
+        c = by_name.loc[name]
+        vol = load_nifti(rec["prep_path"])
+        vol = Volume(vol.array, vol.affine, {**vol.meta, "history": json.loads(rec["history"])})
+        yield {
+            "key": name.split(".nii")[0],
+            "volume": vol,
+            "prompt": prompt_rows.at[name, prompt_key],
+            "prompts": {k: prompt_rows.at[name, k] for k in prompt_cols},
+            "labels": np.array([int(c[lab]) for lab in ctrate.LABELS], dtype=np.uint8),
+            "meta": {
+                "VolumeName": name,
+                "split": c["split"],
+                "patient": c["patient"],
+                "age": None if pd.isna(c["age"]) else int(c["age"]),
+                "sex": c["sex"],
+                "stored_convention": rec["stored_convention"],
+                "report": {v: c[v] for v in SECTIONS.values()},
+                "metadata": metadata_row(c),
+                "labels": {lab: int(c[lab]) for lab in ctrate.LABELS},
+                "source": c["path"],
+            },
+        }
+
+
+def shard_chunk(
+    prep_table: str | Path,
+    cohort_path: str | Path,
+    prompts_path: str | Path,
+    split: str,
+    chunk: int,
+    out_dir: str | Path,
+    shard_size: int,
+    prompt_key: str,
+) -> dict:
+    """Pack one chunk's preprocessed volumes of ``split`` into tar shards under ``out_dir``."""
+    prep = pd.read_parquet(prep_table)
+    prep = prep[prep["split"] == split]
+    cohort = rows_for_chunk(cohort_path, chunk)
+    prompts = pd.read_parquet(prompts_path)
+    if prompt_key not in prompts.columns:
+        raise ValueError(f"prompt template {prompt_key!r} not among {list(prompts.columns[2:])}")
+    return write_shards(_samples(prep, cohort, prompts, prompt_key), out_dir, prefix=f"{split}-c{int(chunk):03d}",
+                        shard_size=shard_size, split=split)
+
+
+def merge_split_manifests(chunk_dirs: list[str | Path], out_path: str | Path, split: str) -> dict:
+    """The split's manifest over the chunk manifests found in ``chunk_dirs``."""
+    paths = sorted(p for d in chunk_dirs for p in Path(d).glob(f"{split}-c*.manifest.json"))
+    if len(paths) != len(chunk_dirs):
+        raise FileNotFoundError(f"expected one {split} manifest per chunk folder, found {len(paths)} in {len(chunk_dirs)}")
+    return merge_manifests(paths, out_path, split)

@@ -1,0 +1,465 @@
+"""DICOM series -> :class:`~ctprep.volume.Volume` / NIfTI, strictly and truthfully.
+
+A series folder becomes one HU volume whose affine comes from the headers alone:
+
+- slices are sorted by their position along the slice normal (ImagePositionPatient projected
+  on row cosine x column cosine), never by file name or InstanceNumber;
+- the slice step is measured from those positions; SliceThickness is only recorded beside it
+  (it often differs: the bundled Siemens series is 3 mm thick every 2 mm);
+- RescaleSlope/RescaleIntercept are applied per slice, since they may differ between slices;
+- array axes are ``("column", "row", "slice")``: ``array[i, j, k] = pixel_array[k][j, i]``, so i
+  steps along the row cosine, j along the column cosine and k along the slice normal, which
+  is the order of SimpleITK's ``(x, y, z)``.
+
+Anything that would make the geometry or the intensities a guess is refused with a
+:class:`SeriesError` naming the reason: a non-CT Modality, several series in one folder, mixed
+orientation or matrix size or pixel spacing, duplicate positions, missing or irregular slices,
+fewer than two slices (a single slice has no measured step, and a 2D image is no volume for
+this pipeline), missing geometry tags, missing or undecodable pixel data, and two slices with
+bitwise identical pixels (one image written at two positions, as in lungmask's test files:
+real neighbouring slices always differ by noise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.valuerep import DSfloat
+
+from ctprep.ctrate import METADATA_COLUMNS
+from ctprep.geometry import affine_from_dicom
+from ctprep.volume import Volume, VolumeError, save_nifti
+
+logger = logging.getLogger(__name__)
+
+#: Array axes of every volume read here (see the module docstring).
+ARRAY_AXES = ("column", "row", "slice")
+#: Two slices closer than this along the normal (mm) sit at the same position.
+DUPLICATE_MM = 0.01
+#: Allowed deviation of a slice step from the series' step: relative part and absolute part (mm).
+STEP_RTOL, STEP_ATOL = 0.01, 0.01
+#: Orientation cosines and pixel spacings that differ by more than this are "mixed".
+ORIENTATION_ATOL, SPACING_ATOL = 1e-4, 1e-4
+#: Metadata columns that are measured rather than copied from a DICOM tag of the same keyword.
+_MEASURED = {"VolumeName", "XYSpacing", "NumberofSlices", "ZSpacing"}
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_NIFTI_INT16 = (-32768, 32767)
+
+
+class SeriesError(VolumeError):
+    """A DICOM series that cannot be turned into a truthful volume; the message says why."""
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """Validated headers of one series, sorted along the slice normal."""
+
+    names: list[str]  # file names (or "dataset <n>"), for messages
+    paths: list[Path | None]
+    headers: list[Dataset]
+    positions: np.ndarray  # (N, 3) ImagePositionPatient, LPS mm
+    orientation: list[float]  # six cosines
+    pixel_spacing: list[float]  # [between rows, between columns]
+    step: np.ndarray  # (3,) LPS vector from slice k to k+1
+    step_mm: float  # the step along the slice normal
+    gaps: list[dict]
+
+
+# --- headers ------------------------------------------------------------------------------
+def _scan(series_dir: Path) -> list[tuple[str, Path, Dataset]]:
+    """Headers of every DICOM file directly in ``series_dir`` (other files are skipped)."""
+    if not series_dir.is_dir():
+        raise SeriesError(f"not a folder: {series_dir}")
+    found = []
+    for path in sorted(p for p in series_dir.iterdir() if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            logger.debug("skipping non-DICOM file %s", path)
+            continue
+        except Exception as err:  # a file with a DICOM preamble that cannot be parsed
+            raise SeriesError(f"unreadable DICOM file {path.name}: {err}") from err
+        if str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
+            continue  # a DICOMDIR index, not an image
+        found.append((path.name, path, ds))
+    if not found:
+        raise SeriesError(f"no DICOM files in {series_dir}")
+    return found
+
+
+def _select(items: list, series_uid: str | None) -> list:
+    """The files of one SeriesInstanceUID; several without ``series_uid`` is an error."""
+    groups: dict[str, list] = {}
+    for item in items:
+        groups.setdefault(str(item[2].get("SeriesInstanceUID", "") or "").strip(), []).append(item)
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise SeriesError(f"series {series_uid!r} not found; present: {sorted(groups)}")
+        return groups[series_uid]
+    if len(groups) > 1:
+        listed = "; ".join(
+            f"{uid or '<empty>'} ({groups[uid][0][2].get('Modality', '?')}, {len(groups[uid])} files)"
+            for uid in sorted(groups)
+        )
+        raise SeriesError(f"folder holds {len(groups)} series: {listed}; pass series_uid= to pick one")
+    return next(iter(groups.values()))
+
+
+def _floats(ds: Dataset, keyword: str, n: int, name: str) -> list[float]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise SeriesError(f"missing {keyword} in {name}")
+    values = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError) as err:
+        raise SeriesError(f"unparsable {keyword} {value!r} in {name}") from err
+    if len(out) != n or not np.all(np.isfinite(out)):
+        raise SeriesError(f"{keyword} in {name} must hold {n} finite numbers, got {list(values)}")
+    return out
+
+
+def _check_and_sort(items: list, allow_gaps: bool) -> _Stack:
+    """Refuse what makes geometry a guess; sort by position along the normal; measure the step."""
+    if len(items) < 2:
+        raise SeriesError(f"fewer than 2 slices ({len(items)}): no slice step can be measured")
+    first_name, _, first = items[0]
+    iop = _floats(first, "ImageOrientationPatient", 6, first_name)
+    spacing = _floats(first, "PixelSpacing", 2, first_name)
+    matrix = (first.get("Rows"), first.get("Columns"))
+    positions = []
+    for name, _, ds in items:
+        modality = str(ds.get("Modality", "") or "").strip()
+        if modality and modality != "CT":
+            raise SeriesError(f"Modality is {modality!r} in {name}, not CT")
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise SeriesError(f"{name} is multi-frame (enhanced) DICOM, which is not supported")
+        if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, name), iop, atol=ORIENTATION_ATOL, rtol=0):
+            raise SeriesError(f"mixed ImageOrientationPatient: {list(ds.ImageOrientationPatient)} in {name}, "
+                              f"{iop} in {first_name}")
+        if (ds.get("Rows"), ds.get("Columns")) != matrix or None in matrix:
+            raise SeriesError(f"mixed or missing Rows/Columns: {(ds.get('Rows'), ds.get('Columns'))} in {name}, "
+                              f"{matrix} in {first_name}")
+        if not np.allclose(_floats(ds, "PixelSpacing", 2, name), spacing, atol=SPACING_ATOL, rtol=0):
+            raise SeriesError(f"mixed PixelSpacing: {list(ds.PixelSpacing)} in {name}, {spacing} in {first_name}")
+        positions.append(_floats(ds, "ImagePositionPatient", 3, name))
+
+    normal = np.cross(iop[:3], iop[3:])
+    pos = np.asarray(positions)
+    along = pos @ normal
+    order = sorted(range(len(items)), key=lambda k: (along[k], items[k][0]))
+    items = [items[k] for k in order]
+    pos, along = pos[order], along[order]
+    names = [it[0] for it in items]
+
+    steps = np.diff(pos, axis=0)
+    dn = np.diff(along)
+    dup = np.flatnonzero(dn < DUPLICATE_MM)
+    if dup.size:
+        k = int(dup[0])
+        raise SeriesError(
+            f"duplicate slice position {along[k]:.3f} mm along the normal: {names[k]} and {names[k + 1]}"
+            + (f" (and {dup.size - 1} more)" if dup.size > 1 else "")
+        )
+    ref = np.median(steps, axis=0)  # the series' step; a minority of gaps cannot move it
+    ref_n = float(ref @ normal)
+    tol = STEP_RTOL * float(np.linalg.norm(ref)) + STEP_ATOL
+    gaps, multiples = [], []
+    for k, step in enumerate(steps):
+        m = max(1, int(round(dn[k] / ref_n)))
+        if np.linalg.norm(step - m * ref) > tol * m:
+            raise SeriesError(
+                f"non-uniform slice spacing: step of {dn[k]:.3f} mm between positions {along[k]:.3f} and "
+                f"{along[k + 1]:.3f} mm ({names[k]}, {names[k + 1]}), series step {ref_n:.3f} mm"
+            )
+        if m > 1:
+            gaps.append({"after": names[k], "before": names[k + 1], "from_mm": round(float(along[k]), 4),
+                         "to_mm": round(float(along[k + 1]), 4), "missing": m - 1})
+        multiples.append(m)
+    if gaps and not allow_gaps:
+        listed = "; ".join(f"{g['from_mm']:.3f} and {g['to_mm']:.3f} mm ({g['missing']} missing, "
+                           f"after {g['after']})" for g in gaps[:5])
+        raise SeriesError(f"missing slice(s) between positions {listed}; series step {ref_n:.3f} mm")
+    # The mean over the whole stack is the least noisy step; counting missing slices keeps it
+    # the true step where gaps were allowed (the array then has fewer slices than the grid).
+    step = (pos[-1] - pos[0]) / sum(multiples)
+    return _Stack(
+        names=names, paths=[it[1] for it in items], headers=[it[2] for it in items], positions=pos,
+        orientation=iop, pixel_spacing=spacing, step=step, step_mm=float(step @ normal), gaps=gaps,
+    )
+
+
+def _items_from(source: str | os.PathLike | Iterable[Dataset], series_uid: str | None) -> list:
+    if isinstance(source, (str, os.PathLike)):
+        return _select(_scan(Path(source)), series_uid)
+    items = []
+    for n, ds in enumerate(source):
+        path = Path(ds.filename) if isinstance(getattr(ds, "filename", None), (str, os.PathLike)) else None
+        items.append((path.name if path else f"dataset {n}", path, ds))
+    return _select(items, series_uid)
+
+
+# --- CT-RATE metadata row -----------------------------------------------------------------
+def _number(value: Any) -> int | float:
+    """A numeric header value as written: DS ``"1"`` stays 1, DS ``"1.0"`` stays 1.0."""
+    if isinstance(value, (int, np.integer)):  # IS, US, SS
+        return int(value)
+    if isinstance(value, DSfloat) and float(value).is_integer() and not any(c in str(value) for c in ".eE"):
+        return int(value)
+    return float(value)
+
+
+def _cell(value: Any) -> Any:
+    """A header value as CT-RATE's CSV holds it: lists as ``"[a, b]"``, empty as None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (MultiValue, list, tuple)):
+        return "[" + ", ".join(repr(str(v)) if isinstance(v, str) and not isinstance(v, DSfloat)
+                               else repr(_number(v)) for v in value) + "]"
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):  # DS and FD scalars: floats, as pandas reads the CSV
+        return float(value)
+    return str(value).strip() or None
+
+
+def _row(stack: _Stack, volume_name: str | None) -> dict[str, Any]:
+    first = stack.headers[0]
+    row: dict[str, Any] = {}
+    for col in METADATA_COLUMNS:
+        if col not in _MEASURED:
+            row[col] = _cell(first.get(col))
+    row["VolumeName"] = volume_name
+    row["ImagePositionPatient"] = _cell(first.ImagePositionPatient)  # the first *sorted* slice
+    row["XYSpacing"] = _cell(first.PixelSpacing)
+    row["NumberofSlices"] = len(stack.headers)
+    row["ZSpacing"] = round(stack.step_mm, 6)
+    return {col: row[col] for col in METADATA_COLUMNS}
+
+
+def metadata_row(
+    series: str | os.PathLike | Iterable[Dataset],
+    volume_name: str | None,
+    *,
+    series_uid: str | None = None,
+    allow_gaps: bool = False,
+) -> dict[str, Any]:
+    """The series' row in CT-RATE's 44-column metadata schema.
+
+    ``series`` is a folder or the datasets of one series (headers suffice). Tags come from the
+    first slice after sorting along the normal; ``ZSpacing`` is the measured step, ``XYSpacing``
+    PixelSpacing; absent or empty tags are None. The series is validated as by
+    :func:`read_series`. With the volumes written here, the row reproduces the affine through
+    ``geometry.affine_from_ctrate_row(row, ARRAY_AXES, slice_direction=+1)``.
+    """
+    return _row(_check_and_sort(_items_from(series, series_uid), allow_gaps), volume_name)
+
+
+# --- pixels -------------------------------------------------------------------------------
+def _rescale(ds: Dataset, name: str) -> tuple[float, float]:
+    """(slope, intercept) of one slice; absent tags mean identity (the CT IOD requires them)."""
+    values = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        value = ds.get(keyword)
+        if value is None or value == "":
+            logger.warning("%s: no %s, assuming %g", name, keyword, default)
+            values.append(default)
+            continue
+        try:
+            values.append(float(value))
+        except (TypeError, ValueError) as err:
+            raise SeriesError(f"unparsable {keyword} {value!r} in {name}") from err
+    slope, intercept = values
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
+        raise SeriesError(f"invalid rescale in {name}: slope {slope}, intercept {intercept}")
+    return slope, intercept
+
+
+def _decode(stack: _Stack) -> tuple[np.ndarray, list[str], list[tuple[float, float]]]:
+    """Pixel data in HU, shape (N, Rows, Columns); int16 where exact, else float32."""
+    rows, cols = int(stack.headers[0].Rows), int(stack.headers[0].Columns)
+    raw, syntaxes, rescales, seen = [], [], [], {}
+    for name, path, header in zip(stack.names, stack.paths, stack.headers):
+        ds = pydicom.dcmread(path) if path is not None else header
+        if "PixelData" not in ds:
+            raise SeriesError(f"no pixel data in {name} (absent, or the file is truncated)")
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        try:
+            arr = ds.pixel_array  # compressed syntaxes decode through the pylibjpeg plugins
+        except Exception as err:
+            syntax = ts.name if ts else "unknown transfer syntax"
+            raise SeriesError(f"cannot decode pixel data of {name} ({syntax}): {err}") from err
+        if arr.shape != (rows, cols):
+            raise SeriesError(f"pixel data of {name} has shape {arr.shape}, header says {(rows, cols)}")
+        if arr.min() != arr.max():  # constant padding slices may repeat; real image slices never do
+            digest = hashlib.blake2b(arr.tobytes(), digest_size=16).digest()
+            if digest in seen:
+                raise SeriesError(f"slices {seen[digest]} and {name} hold identical pixel data: one image "
+                                  "written at two positions, not a scanned stack")
+            seen[digest] = name
+        raw.append(arr)
+        syntaxes.append(ts.name if ts else "unknown")
+        rescales.append(_rescale(ds, name))
+
+    integral = all(float(s).is_integer() and float(b).is_integer() for s, b in rescales)
+    if integral:
+        ends = [v for a, (s, b) in zip(raw, rescales) for v in (int(a.min()) * s + b, int(a.max()) * s + b)]
+        integral = _NIFTI_INT16[0] <= min(ends) and max(ends) <= _NIFTI_INT16[1]
+    out = np.empty((len(raw), rows, cols), dtype=np.int16 if integral else np.float32)
+    for k, (a, (s, b)) in enumerate(zip(raw, rescales)):
+        if integral:
+            out[k] = a.astype(np.int32) * int(s) + int(b)
+        else:
+            out[k] = a.astype(np.float64) * s + b
+    return out, syntaxes, rescales
+
+
+def read_series(
+    series_dir: str | os.PathLike, *, series_uid: str | None = None, allow_gaps: bool = False
+) -> Volume:
+    """Read the DICOM CT series in ``series_dir`` (files directly in it) as an HU volume.
+
+    Non-DICOM files are ignored; several SeriesInstanceUIDs need ``series_uid``. With
+    ``allow_gaps`` missing slices are recorded in ``meta["gaps"]`` instead of refused; the
+    array then has fewer slices than the grid it came from, so the affine is only exact up to
+    the first gap. Raises :class:`SeriesError` for anything that would make geometry or HU a
+    guess (see the module docstring).
+    """
+    series_dir = Path(series_dir)
+    stack = _check_and_sort(_items_from(series_dir, series_uid), allow_gaps)
+    hu, syntaxes, rescales = _decode(stack)
+    data = hu.transpose(2, 1, 0)  # (N, rows, cols) -> (column i, row j, slice k)
+    affine = affine_from_dicom(stack.positions[0], stack.orientation, stack.pixel_spacing[0],
+                               stack.pixel_spacing[1], stack.step, ARRAY_AXES)
+    normal = np.cross(stack.orientation[:3], stack.orientation[3:])
+    tilt = float(np.degrees(np.arccos(np.clip(stack.step_mm / np.linalg.norm(stack.step), -1, 1))))
+    if tilt > 0.01:
+        logger.warning("%s: slices step %.2f deg off the normal (gantry tilt); the affine is sheared",
+                       series_dir, tilt)
+    if stack.gaps:
+        logger.warning("%s: %d missing slice(s) kept as gaps: %s",
+                       series_dir, sum(g["missing"] for g in stack.gaps), stack.gaps)
+    first = stack.headers[0]
+    thickness = first.get("SliceThickness")
+    meta = {
+        "source": str(series_dir),
+        "format": "dicom",
+        "modality": str(first.get("Modality", "") or "") or None,
+        "series_uid": str(first.get("SeriesInstanceUID", "") or "") or None,
+        "manufacturer": str(first.get("Manufacturer", "") or "") or None,
+        "transfer_syntax": sorted(set(syntaxes)),
+        "n_slices": len(stack.headers),
+        "slice_step_mm": round(stack.step_mm, 6),
+        "slice_step_lps": [round(float(v), 6) for v in stack.step],
+        "slice_normal_lps": normal.tolist(),
+        "slice_thickness_header": float(thickness) if thickness not in (None, "") else None,
+        "slice_tilt_deg": round(tilt, 4),
+        "pixel_spacing": stack.pixel_spacing,
+        "rescale": [list(sb) for sb in sorted(set(rescales))],  # distinct [slope, intercept] pairs
+        "gaps": stack.gaps,
+        "hu": True,
+        "stored_convention": "raw",
+        "metadata_row": _row(stack, None),
+        "history": [],
+    }
+    vol = Volume(data[None], affine, meta)
+    return vol.new_like(vol.array, op="read_dicom", sorted_by="position along slice normal",
+                        array_axes=list(ARRAY_AXES), dtype=str(data.dtype), allow_gaps=allow_gaps)
+
+
+# --- writing ------------------------------------------------------------------------------
+def dicom_to_nifti(
+    series_dir: str | os.PathLike, out_path: str | os.PathLike, *, series_uid: str | None = None,
+    allow_gaps: bool = False,
+) -> Volume:
+    """Read a series and write it as an int16 HU NIfTI with its truthful affine; returns the volume.
+
+    Float HU (non-integer rescale) are rounded to whole HU; values beyond int16 are refused
+    rather than clipped.
+    """
+    vol = read_series(series_dir, series_uid=series_uid, allow_gaps=allow_gaps)
+    lo, hi = float(vol.data.min()), float(vol.data.max())
+    if lo < _NIFTI_INT16[0] or hi > _NIFTI_INT16[1]:
+        raise SeriesError(f"HU range [{lo:g}, {hi:g}] does not fit int16")
+    save_nifti(vol, out_path, dtype="int16", descrip=f"ctprep dicom {Path(series_dir).name}")
+    return vol.new_like(vol.array, op="write_nifti", path=str(out_path), dtype="int16",
+                        rounded=vol.data.dtype.kind == "f")
+
+
+def _names(folders: Sequence[Path], name_format: str, split: str, start_index: int) -> list[str]:
+    names = [name_format.format(split=split, index=start_index + n, folder=f.name) for n, f in enumerate(folders)]
+    for name in names:
+        if name != Path(name).name or not name.endswith(".nii.gz"):
+            raise ValueError(f"name_format gives {name!r}, not a bare *.nii.gz file name")
+    if len(set(names)) != len(names):
+        raise ValueError(f"name_format {name_format!r} gives duplicate names; include {{index}} or {{folder}}")
+    return names
+
+
+def convert_folder(
+    in_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    strict: bool = False,
+    split: str = "train",
+    name_format: str = "{split}_{index}_a_1.nii.gz",
+    start_index: int = 1,
+    allow_gaps: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Convert every immediate subfolder of ``in_dir`` (one series each) to ``out_dir/<name>``.
+
+    Names come from ``name_format`` with ``{split}``, ``{index}`` (``start_index`` + position in
+    the sorted folder names, so a rejected folder keeps its index and reruns name the same
+    folder the same) and ``{folder}``. Returns ``(metadata, rejects)``: metadata in CT-RATE's
+    44-column schema with ``VolumeName`` = the output file name, and rejects with
+    ``VolumeName``, ``stage`` ("dicom") and ``reason``. Both carry ``attrs["source"]``, the
+    folder of each VolumeName. ``strict`` raises on the first bad series instead.
+    """
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    folders = sorted((p for p in in_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: p.name)
+    if any(p.is_file() for p in in_dir.iterdir()):
+        logger.warning("%s: files directly in the input folder are ignored; one series per subfolder", in_dir)
+    names = _names(folders, name_format, split, start_index)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, rejects, sources = [], [], {}
+    for folder, name in zip(folders, names):
+        sources[name] = str(folder)
+        try:
+            vol = dicom_to_nifti(folder, out_dir / name, allow_gaps=allow_gaps)
+        except VolumeError as err:
+            if strict:
+                raise
+            logger.warning("rejected %s (%s): %s", folder, name, err)
+            (out_dir / name).unlink(missing_ok=True)  # no stale volume from an earlier run
+            rejects.append({"VolumeName": name, "stage": "dicom", "reason": str(err)})
+            continue
+        logger.info("%s -> %s %r", folder, name, vol)
+        rows.append({**vol.meta["metadata_row"], "VolumeName": name})
+    metadata = pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
+    rejected = pd.DataFrame(rejects, columns=["VolumeName", "stage", "reason"])
+    metadata.attrs["source"] = {n: sources[n] for n in metadata["VolumeName"]}
+    rejected.attrs["source"] = {n: sources[n] for n in rejected["VolumeName"]}
+    return metadata, rejected
+
+
+def convert_folder_to_outputs(in_dir, volumes_dir, metadata_csv, rejects_path, *, split: str = "train",
+                              strict: bool = False) -> pd.DataFrame:
+    """The ``dicom2nifti`` rule: convert a folder of series and write metadata CSV and rejects."""
+    metadata, rejects = convert_folder(in_dir, volumes_dir, strict=strict, split=split)
+    metadata.to_csv(metadata_csv, index=False)
+    rejects.assign(split=split).to_parquet(rejects_path, index=False)
+    logger.info("dicom2nifti: %d series converted, %d rejected", len(metadata), len(rejects))
+    return metadata

@@ -1,0 +1,117 @@
+"""Intensities: deciding per volume whether stored values are HU, rescaling once, clipping.
+
+CT-RATE ships two conventions: the original release stores raw detector values that need the
+metadata's ``RescaleSlope``/``RescaleIntercept`` (-1024, or -8192 on Siemens rows), and the
+``_fixed`` release stores HU already. Applying the rescale to HU data shifts it a second time.
+The decision is made per volume from the data itself (``auto``) or forced by config, and it is
+recorded in the volume's history with the evidence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ctprep.volume import Volume, VolumeError
+
+#: HU ranges that every chest CT fills: air (outside the body, in the airways) and fat/soft tissue.
+AIR_HU = (-1100.0, -900.0)
+TISSUE_HU = (-200.0, 150.0)
+
+
+def _plausibility(sample: np.ndarray, slope: float, intercept: float) -> float:
+    """Fraction of voxels that land in the air or fat/soft-tissue HU ranges under this mapping.
+
+    Correct HU put most voxels of a chest CT in one of those two ranges; a double rescale
+    (HU - 1024) or a missing one (raw + 1024, or raw + 8192) moves at least one peak out.
+    """
+    hu = sample * slope + intercept
+    air = (hu >= AIR_HU[0]) & (hu <= AIR_HU[1])
+    tissue = (hu >= TISSUE_HU[0]) & (hu <= TISSUE_HU[1])
+    # Both tissues must be there: a score of min(...) would be brittle on crops without air,
+    # so take the sum and require a little of each.
+    return float(air.mean() + tissue.mean()) if tissue.mean() > 0.01 else float(air.mean()) * 0.5
+
+
+def detect_convention(data: np.ndarray, slope: float, intercept: float, max_voxels: int = 200_000) -> dict:
+    """Decide whether ``data`` is already HU or raw values needing ``slope * x + intercept``.
+
+    Returns ``{"convention": "hu" | "raw", "score_hu": .., "score_raw": ..}``; raises
+    :class:`VolumeError` when neither reading looks like a CT.
+    """
+    # a strided subsample, not reshape(-1): nibabel arrays are Fortran-ordered, and a C-order
+    # reshape would copy the whole volume
+    stride = max(1, int(np.ceil((data.size / max_voxels) ** (1 / 3))))
+    sample = data[::stride, ::stride, ::stride].astype(np.float32)
+    score_hu = _plausibility(sample, 1.0, 0.0)
+    if slope == 1.0 and intercept == 0.0:
+        score_raw = score_hu
+    else:
+        score_raw = _plausibility(sample, slope, intercept)
+    if max(score_hu, score_raw) < 0.2:
+        raise VolumeError(
+            f"intensities look like no CT in either convention (HU fit {score_hu:.2f}, "
+            f"rescaled fit {score_raw:.2f} with slope {slope}, intercept {intercept})"
+        )
+    convention = "raw" if score_raw > score_hu else "hu"
+    return {"convention": convention, "score_hu": round(score_hu, 4), "score_raw": round(score_raw, 4)}
+
+
+def to_hu(vol: Volume, slope: float, intercept: float, convention: str = "auto") -> Volume:
+    """Return ``vol`` in HU (float32), applying the rescale only where the data is raw.
+
+    ``convention`` is ``"auto"`` (decide from the data), ``"hu"`` or ``"raw"``. Refuses a volume
+    that was already converted, so a rescale can never happen twice.
+    """
+    if vol.meta.get("hu") is True:
+        raise VolumeError("volume is already in HU; refusing to rescale twice")
+    data = vol.data
+    if not np.issubdtype(data.dtype, np.number):
+        raise VolumeError(f"non-numeric voxel type {data.dtype}")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise VolumeError("volume holds NaN or infinite values")
+    lo, hi = (float(v) for v in (data.min(), data.max()))
+    if lo == hi:
+        raise VolumeError(f"constant volume (every voxel is {lo:g})")
+    if convention == "auto":
+        evidence = detect_convention(data, slope, intercept)
+    elif convention in ("hu", "raw"):
+        evidence = {"convention": convention, "forced": True}
+    else:
+        raise ValueError(f"unknown intensity convention {convention!r}")
+    if evidence["convention"] == "raw":
+        hu = _rescaled(data, slope, intercept, lo, hi)
+    else:
+        hu = data  # already HU: no copy, whatever the stored type
+    out = vol.new_like(hu[None], op="to_hu", slope=slope, intercept=intercept, **evidence)
+    out.meta["hu"] = True
+    out.meta["stored_convention"] = evidence["convention"]
+    return out
+
+
+def _rescaled(data: np.ndarray, slope: float, intercept: float, lo: float, hi: float) -> np.ndarray:
+    """``slope * data + intercept``, kept in int16 where that is exact (half the memory of float32)."""
+    if data.dtype.kind in "iu" and slope == 1.0 and float(intercept).is_integer():
+        if -32768 <= lo + intercept and hi + intercept <= 32767:
+            out = data.astype(np.int16)
+            out += np.int16(intercept)
+            return out
+    return data.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def clip_hu(vol: Volume, lo: float, hi: float, inplace: bool = False) -> Volume:
+    """Clip HU to ``[lo, hi]`` (``inplace`` reuses the array: only for volumes nobody else holds)."""
+    out = vol.array if inplace else np.empty_like(vol.array)
+    return vol.new_like(np.clip(vol.array, lo, hi, out=out), op="clip", lo=lo, hi=hi)
+
+
+def normalise(vol: Volume, lo: float, hi: float, inplace: bool = False) -> Volume:
+    """Map HU ``[lo, hi]`` linearly to ``[-1, 1]`` (GenerateCT's ``/1000`` for ±1000)."""
+    out = vol.array.astype(np.float32, copy=not inplace)
+    out -= np.float32((lo + hi) / 2.0)
+    out *= np.float32(2.0 / (hi - lo))
+    return vol.new_like(out, op="normalise", lo=lo, hi=hi)
+
+
+def denormalise(array: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Inverse of :func:`normalise`: ``[-1, 1]`` back to HU."""
+    return (np.asarray(array, dtype=np.float32) + 1.0) * np.float32((hi - lo) / 2.0) + np.float32(lo)

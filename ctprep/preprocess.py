@@ -1,0 +1,137 @@
+"""Volume preprocessing: stored values -> HU -> canonical orientation -> target grid -> clipped HU.
+
+A *preset* is plain config data (``config.yaml: presets``)::
+
+    mode: spacing | resize      # fixed physical spacing then crop/pad, or whole-volume resize
+    spacing: [0.75, 0.75, 1.5]  # mm along R, A, S (mode: spacing)
+    shape: [480, 480, 240]      # output voxels along R, A, S
+    center: body | volume       # where the crop/pad window is centred (mode: spacing)
+    clip: [-1000, 1000]         # HU window
+    interpolation: linear
+    antialias: true
+
+and the dataset part says how to read a CT-RATE-style file (``config.yaml: dataset``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+
+from ctprep import geometry, intensity, resample
+from ctprep.volume import CANONICAL, Volume, VolumeError
+
+logger = logging.getLogger(__name__)
+
+#: How to read CT-RATE files when config says nothing (see config.yaml: dataset).
+DATASET_DEFAULTS = {
+    "geometry": "metadata",  # metadata | header
+    "array_axes": ["row", "column", "slice"],
+    "slice_direction": -1,
+    "reversed_slice_manufacturers": ["PNMS"],
+    "intensity": "auto",  # auto | hu | raw
+}
+
+
+def stored_to_geometry(vol: Volume, row: Mapping | None, dataset: Mapping) -> Volume:
+    """Give the stored array its truthful affine.
+
+    With ``geometry: metadata`` the affine comes from the metadata row (the header is ignored;
+    CT-RATE's holds defaults) after undoing a reversed slice order; with ``header`` the file's
+    own affine is kept, with a warning where it looks like a default.
+    """
+    cfg = {**DATASET_DEFAULTS, **dataset}
+    if cfg["geometry"] == "header" or row is None:
+        if cfg["geometry"] == "metadata":
+            raise VolumeError("no metadata row to take the geometry from")
+        if np.allclose(vol.affine, np.eye(4)) or vol.meta.get("header_sform_code", 1) == 0 == vol.meta.get("header_qform_code", 0):
+            logger.warning("%s: header geometry looks like a default (identity affine / codes 0)", vol.meta.get("source"))
+        return vol.new_like(vol.array, op="geometry", source="header")
+    axes = list(cfg["array_axes"])
+    slice_axis = axes.index("slice")
+    n_meta = row.get("NumberofSlices")
+    if n_meta is not None and str(n_meta).strip() not in ("", "nan", "None"):
+        try:
+            n_meta_int = int(float(n_meta))
+        except ValueError as err:
+            raise VolumeError(f"unparsable NumberofSlices {n_meta!r}") from err
+        if n_meta_int != vol.shape[slice_axis]:
+            raise VolumeError(f"metadata says {n_meta_int} slices, the file has {vol.shape[slice_axis]}")
+    array = vol.array
+    reversed_order = str(row.get("Manufacturer", "")).strip() in set(cfg["reversed_slice_manufacturers"])
+    if reversed_order:
+        array = np.flip(array, axis=1 + slice_axis)
+    affine = geometry.affine_from_ctrate_row(row, axes, int(cfg["slice_direction"]))
+    return vol.new_like(array, affine, op="geometry", source="metadata", array_axes=axes,
+                        slice_direction=int(cfg["slice_direction"]), reversed_slices=reversed_order)
+
+
+def _rescale(row: Mapping | None) -> tuple[float, float]:
+    if row is None:
+        return 1.0, 0.0
+    try:
+        slope = float(row.get("RescaleSlope", 1.0))
+        intercept = float(row.get("RescaleIntercept", 0.0))
+    except (TypeError, ValueError) as err:
+        raise VolumeError(f"unparsable rescale: slope {row.get('RescaleSlope')!r}, intercept {row.get('RescaleIntercept')!r}") from err
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
+        raise VolumeError(f"invalid rescale: slope {slope}, intercept {intercept}")
+    return slope, intercept
+
+
+def body_center(vol: Volume, threshold_hu: float = -500.0, stride: int = 4) -> np.ndarray:
+    """RAS centre (mm) of the body: mean position of voxels above ``threshold_hu``.
+
+    Sampled every ``stride`` voxels: centring needs millimetres, not every voxel. Falls back to
+    the grid centre where nothing is above the threshold.
+    """
+    sub = vol.data[::stride, ::stride, ::stride]
+    idx = np.argwhere(sub > threshold_hu)
+    if len(idx) == 0:
+        return vol.center
+    ijk = idx.mean(axis=0) * stride
+    center = vol.affine[:3, :3] @ ijk + vol.affine[:3, 3]
+    # keep the full extent along the body axis centred on the scan: a chest scan's z centre is
+    # the scan's own, not the centre of mass of the (often shoulder-heavy) body
+    center[2] = vol.center[2]
+    return center
+
+
+def to_target_grid(vol: Volume, preset: Mapping) -> Volume:
+    """Reoriented HU volume -> the preset's grid (float32 HU, truthful affine)."""
+    mode = preset.get("mode", "spacing")
+    interp = preset.get("interpolation", "linear")
+    antialias = bool(preset.get("antialias", True))
+    if mode == "spacing":
+        center = body_center(vol) if preset.get("center", "body") == "body" else vol.center
+        return resample.resample_to_grid(vol, preset["spacing"], preset["shape"], center=center,
+                                         pad_value=float(preset.get("pad_hu", -1024)),
+                                         interpolation=interp, antialias=antialias)
+    if mode == "resize":
+        return resample.resize_to_shape(vol, preset["shape"], interpolation=interp, antialias=antialias)
+    raise ValueError(f"unknown preset mode {mode!r} (spacing | resize)")
+
+
+def preprocess_volume(
+    stored: Volume,
+    row: Mapping | None,
+    preset: Mapping,
+    dataset: Mapping | None = None,
+    normalise: bool = False,
+) -> Volume:
+    """The whole per-volume recipe; returns clipped HU (or [-1, 1] with ``normalise``)."""
+    dataset = {**DATASET_DEFAULTS, **(dataset or {})}
+    vol = stored_to_geometry(stored, row, dataset)
+    slope, intercept = _rescale(row)
+    vol = intensity.to_hu(vol, slope, intercept, dataset["intensity"])
+    vol = geometry.reorient(vol, CANONICAL)
+    vol = to_target_grid(vol, preset)
+    lo, hi = (float(v) for v in preset.get("clip", (-1000, 1000)))
+    # the resampled array is this function's own: clip and normalise may work in place
+    vol = intensity.clip_hu(vol, lo, hi, inplace=True)
+    if normalise:
+        vol = intensity.normalise(vol, lo, hi, inplace=True)
+    vol.meta["preset"] = dict(preset)
+    return vol

@@ -1,0 +1,93 @@
+"""Per-volume prompts from templates in config.
+
+The default template is GenerateCT's ``"{age} years old {sex}: {impression}"``; templates may use
+``{age}``, ``{sex}``, ``{impression}``, ``{findings}``, ``{clinical_information}`` and
+``{technique}``. Structured, negation-aware prompts come from the report parser.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import string
+import unicodedata
+
+import pandas as pd
+
+from ctprep import rejects
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ("age", "sex", "impression", "findings", "clinical_information", "technique")
+
+# A sentence ends at . ! ? or the bullet CT-RATE uses between impression items, followed by space.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*•\s*")
+
+
+def clean(text: str) -> str:
+    """Unicode-normalised text on one line (reports come with stray whitespace and newlines)."""
+    return " ".join(unicodedata.normalize("NFKC", str(text)).split())
+
+
+def truncate(text: str, max_chars: int) -> str:
+    """Cut ``text`` to at most ``max_chars`` at a sentence boundary (hard cut if one sentence is longer)."""
+    if max_chars <= 0 or len(text) <= max_chars:
+        return text
+    out = ""
+    for sentence in (s for s in _SENTENCE_END.split(text) if s):
+        candidate = f"{out} {sentence}".strip()
+        if len(candidate) > max_chars:
+            break
+        out = candidate
+    return out or text[:max_chars].rsplit(" ", 1)[0]
+
+
+def template_fields(template: str) -> set[str]:
+    """Names a template refers to; unknown names are a config error."""
+    names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    unknown = names - set(FIELDS)
+    if unknown:
+        raise ValueError(f"prompt template {template!r} uses unknown fields {sorted(unknown)}; known: {FIELDS}")
+    return names
+
+
+def render(template: str, row: dict, max_chars: int = 0) -> str:
+    """One prompt; raises ``KeyError`` naming a field the row lacks."""
+    values = {}
+    for name in template_fields(template):
+        value = row.get(name)
+        if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
+            raise KeyError(name)
+        values[name] = clean(str(value))
+    return truncate(clean(template.format(**values)), max_chars)
+
+
+def build_prompts(cohort: pd.DataFrame, templates: dict[str, str], max_chars: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(prompts table with one column per template, rejects) for every cohort row."""
+    for tpl in templates.values():
+        template_fields(tpl)
+    rows, bad = [], []
+    for rec in cohort.to_dict("records"):
+        rec["age"] = None if pd.isna(rec.get("age")) else int(rec["age"])
+        out = {"VolumeName": rec["VolumeName"], "split": rec["split"]}
+        try:
+            for name, tpl in templates.items():
+                out[name] = render(tpl, rec, max_chars)
+        except KeyError as err:
+            bad.append({"VolumeName": rec["VolumeName"], "split": rec["split"], "stage": "prompts",
+                        "reason": f"prompt template {name!r} needs {err.args[0]}, which the report/metadata lacks"})
+            continue
+        rows.append(out)
+    return pd.DataFrame(rows, columns=["VolumeName", "split", *templates]), rejects.frame(bad)
+
+
+def write_prompts(cohort_path, out_table, out_rejects, templates: dict[str, str], max_chars: int = 0,
+                  strict: bool = False) -> pd.DataFrame:
+    """Build prompts for the cohort table and write them with their rejects (Parquet)."""
+    cohort = pd.read_parquet(cohort_path)
+    table, rej = build_prompts(cohort, templates, max_chars)
+    rejects.check(rej, strict, "prompt building")
+    table.to_parquet(out_table, index=False)
+    rej.to_parquet(out_rejects, index=False)
+    logger.info("prompts: %d volumes x %d templates, %d rejected", len(table), len(templates), len(rej))
+    return table

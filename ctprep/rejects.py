@@ -1,0 +1,46 @@
+"""The rejects table: every input that could not be used, with the stage and the reason.
+
+Bad input never stops the cohort (unless ``strict``); it is named here and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ["VolumeName", "split", "stage", "reason"]
+
+
+class RejectedInput(RuntimeError):
+    """Raised in strict mode: the message lists every reject."""
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    """A rejects table from dicts with (a subset of) :data:`COLUMNS`."""
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    return df.astype({c: "string" for c in COLUMNS})
+
+
+def check(rejects: pd.DataFrame, strict: bool, what: str) -> None:
+    """Log the rejects; in strict mode raise with all of them named."""
+    for row in rejects.itertuples(index=False):
+        logger.warning("reject %s (%s): %s", row.VolumeName, row.stage, row.reason)
+    if strict and len(rejects):
+        listing = "\n".join(f"  {r.VolumeName}: {r.reason}" for r in rejects.itertuples(index=False))
+        raise RejectedInput(f"strict mode: {len(rejects)} input(s) rejected during {what}:\n{listing}")
+
+
+def merge(paths: list[str | Path], out_csv: str | Path, out_parquet: str | Path | None = None) -> pd.DataFrame:
+    """Concatenate per-stage rejects tables into the cohort's one table (CSV, and Parquet)."""
+    parts = [pd.read_parquet(p) for p in paths]
+    parts = [p for p in parts if len(p)]
+    df = pd.concat(parts, ignore_index=True) if parts else frame([])
+    df = df.sort_values(["stage", "VolumeName"], kind="stable").reset_index(drop=True)
+    df.to_csv(out_csv, index=False)
+    if out_parquet is not None:
+        df.to_parquet(out_parquet, index=False)
+    return df

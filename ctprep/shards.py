@@ -1,0 +1,432 @@
+"""WebDataset tar shards per split, a manifest with checksums, and its verification.
+
+One sample per volume; each shard ``{prefix}-{n:06d}.tar`` holds, per key (in this order,
+which is webdataset's ``TarWriter`` order: sorted extensions):
+
+- ``<key>.affine.npy``   (4, 4) float64, voxel -> RAS mm
+- ``<key>.labels.npy``   (18,) uint8, the CT-RATE abnormality labels
+- ``<key>.meta.json``    the sample's meta plus the volume's geometry, dtype and history
+- ``<key>.prompt.txt``   the prompt used for training, UTF-8
+- ``<key>.prompts.json`` every prompt template's text
+- ``<key>.vol.npy``      (I, J, K) HU, int16 by default, axes in affine order
+
+Why the care with files:
+
+- **Atomic.** Each shard is written to a ``.part`` temporary beside it and ``os.replace``d when
+  closed; the manifest is written last. A killed job leaves complete shards or none, and no
+  manifest, so nothing downstream mistakes a partial split for a finished one.
+- **Deterministic.** Fixed member mtime, owner and mode, sorted JSON keys, samples in input order:
+  the same samples give byte-identical tars and manifest, so checksums mean something.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from ctprep.volume import CANONICAL, Volume, atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+#: CT-RATE's 18 abnormality labels.
+N_LABELS = 18
+
+#: Member extensions and what they hold; written into every manifest and checked by verify.
+MEMBERS = {
+    "affine.npy": "float64 (4, 4) voxel -> RAS mm, np.save",
+    "labels.npy": f"uint8 ({N_LABELS},) abnormality labels, np.save",
+    "meta.json": "UTF-8 JSON: sample meta + shape, spacing, origin, orientation, dtype, space, history",
+    "prompt.txt": "UTF-8 text: the training prompt",
+    "prompts.json": "UTF-8 JSON: {template name: prompt}",
+    "vol.npy": "(I, J, K) HU in affine axis order, np.save",
+}
+
+#: Bump when the member layout changes, so readers can refuse shards they don't understand.
+FORMAT_VERSION = 1
+
+# Keys become tar member name stems; webdataset splits a member name at its first dot.
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# Fixed tar header fields, so identical samples give identical bytes.
+_TAR_OWNER = "ctprep"
+_TAR_MTIME = 0.0
+
+
+class ShardError(ValueError):
+    """A shard or manifest that does not match; the message names the file."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("ctprep", "ctgen"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "0+unknown"
+
+
+# --- encoding ---------------------------------------------------------------------------------
+def _jsonable(value: Any, where: str) -> Any:
+    """Plain JSON data; NaN becomes null (strict JSON has no NaN, and pandas' missing is NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, where) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist(), where)
+    if isinstance(value, (np.generic,)):
+        return _jsonable(value.item(), where)
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    raise TypeError(f"{where}: {type(value).__name__} is not JSON data")
+
+
+def _json_bytes(value: Any, where: str) -> bytes:
+    return json.dumps(_jsonable(value, where), sort_keys=True, ensure_ascii=False, allow_nan=False).encode()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _to_dtype(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast HU to ``dtype``, rounding and clipping where it is an integer type."""
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if data.dtype.kind == "f":
+            data = np.clip(np.rint(data), info.min, info.max)
+        elif data.dtype != dtype:
+            data = np.clip(data, info.min, info.max)
+    return data.astype(dtype, copy=False)
+
+
+def encode_sample(sample: dict, volume_dtype: str | np.dtype = "int16") -> dict[str, Any]:
+    """One sample as webdataset's ``{"__key__": ..., ext: bytes}`` dict, validated."""
+    key = sample["key"]
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ShardError(f"sample key {key!r} must match {_KEY_RE.pattern} (no dots, no slashes)")
+    vol = sample["volume"]
+    if not isinstance(vol, Volume):
+        raise ShardError(f"{key}: 'volume' must be a ctprep Volume, got {type(vol).__name__}")
+    if vol.orientation != CANONICAL:
+        # Allowed (the affine travels along), but models read (I, J, K) as if it were RAS.
+        log.warning("%s: orientation %s is not canonical %s", key, "".join(vol.orientation), CANONICAL)
+    labels = np.asarray(sample["labels"])
+    if labels.shape != (N_LABELS,):
+        raise ShardError(f"{key}: labels must have shape ({N_LABELS},), got {labels.shape}")
+    labels_u8 = labels.astype(np.uint8)
+    if not np.array_equal(labels_u8, labels):
+        raise ShardError(f"{key}: labels do not fit uint8: {labels.tolist()}")
+    prompts = sample["prompts"]
+    if not isinstance(sample["prompt"], str) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ShardError(f"{key}: prompt and prompts must be strings")
+
+    dtype = np.dtype(volume_dtype)
+    data = _to_dtype(vol.data, dtype)  # (I, J, K)
+    # The volume's own geometry wins over anything of the same name in the sample meta:
+    # it describes the array actually stored.
+    meta = {
+        **sample.get("meta", {}),
+        **vol.meta,
+        "shape": list(vol.shape),
+        "spacing": vol.spacing,
+        "origin": vol.origin,
+        "orientation": "".join(vol.orientation),
+        "dtype": dtype.name,
+    }
+    return {
+        "__key__": key,
+        "affine.npy": _npy_bytes(vol.affine.astype(np.float64)),
+        "labels.npy": _npy_bytes(labels_u8),
+        "meta.json": _json_bytes(meta, f"{key}.meta"),
+        "prompt.txt": sample["prompt"].encode(),
+        "prompts.json": _json_bytes(prompts, f"{key}.prompts"),
+        "vol.npy": _npy_bytes(data),
+    }
+
+
+# --- writing ----------------------------------------------------------------------------------
+class _HashingFile:
+    """A write-only file that hashes what passes through, so shards are not read back to hash."""
+
+    def __init__(self, fh: io.BufferedWriter) -> None:
+        self.fh = fh
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.fh.write(data)
+
+
+def _shard_name(prefix: str, n: int) -> str:
+    return f"{prefix}-{n:06d}.tar"
+
+
+def _clean_previous(out_dir: Path, prefix: str) -> None:
+    """Remove this prefix's manifest first (it marks completion), then old shards and temporaries.
+
+    Only exact ``{prefix}-NNNNNN.tar`` names (and their ``.part`` temporaries) are touched, so a
+    chunk writing ``train-c001`` beside ``train-c002`` leaves the other's files alone.
+    """
+    (out_dir / f"{prefix}.manifest.json").unlink(missing_ok=True)
+    ours = re.compile(rf"^\.?{re.escape(prefix)}-\d{{6}}\.tar(\.[A-Za-z0-9_]+\.part)?$")
+    for path in sorted(out_dir.iterdir()):
+        if ours.match(path.name):
+            log.info("removing %s from a previous run", path.name)
+            path.unlink()
+
+
+def _write_one_shard(path: Path, encoded: Iterable[dict[str, Any]], seen: set[str]) -> dict[str, Any]:
+    """Stream ``encoded`` samples into ``path`` via a ``.part`` temporary; return its manifest entry.
+
+    Samples are written as they arrive, so one volume is in memory at a time, not a shard's worth.
+    """
+    keys: list[str] = []
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        # mkstemp makes 0600 files; shards are data for other users and jobs to read.
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            hashing = _HashingFile(fh)
+            # webdataset's own writer: member naming and order match what its reader expects.
+            # encoder=False: members arrive as bytes we encoded ourselves (sorted JSON, np.save).
+            with wds.TarWriter(
+                hashing, user=_TAR_OWNER, group=_TAR_OWNER, mtime=_TAR_MTIME, encoder=False
+            ) as writer:
+                for sample in encoded:
+                    key = sample["__key__"]
+                    if key in seen:
+                        raise ShardError(f"duplicate sample key {key}")
+                    seen.add(key)
+                    keys.append(key)
+                    writer.write(sample)
+            fh.flush()
+            os.fsync(fh.fileno())  # the rename must not land before the data does
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {
+        "file": path.name,
+        "n_samples": len(keys),
+        "bytes": hashing.bytes,
+        "sha256": hashing.sha256.hexdigest(),
+        "keys": keys,
+    }
+
+
+def shard_format(volume_dtype: str | np.dtype = "int16") -> dict[str, Any]:
+    """The ``format`` block of a manifest."""
+    return {
+        "version": FORMAT_VERSION,
+        "members": MEMBERS,
+        "volume_dtype": np.dtype(volume_dtype).name,
+        "volume_layout": "(I, J, K), axes in affine column order",
+        "space": "RAS",
+    }
+
+
+def write_shards(
+    samples: Iterable[dict],
+    out_dir: str | os.PathLike,
+    prefix: str,
+    shard_size: int,
+    volume_dtype: str = "int16",
+    split: str | None = None,
+) -> dict[str, Any]:
+    """Write ``samples`` as ``out_dir/{prefix}-{n:06d}.tar`` shards, then the manifest.
+
+    A sample is ``{"key", "volume": Volume, "prompt", "prompts", "meta", "labels"}`` (see the
+    module docstring). Returns the manifest, also written to ``out_dir/{prefix}.manifest.json``.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if not prefix or "/" in prefix or "." in prefix:
+        raise ValueError(f"prefix {prefix!r} must be a plain name without dots")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clean_previous(out_dir, prefix)
+
+    shards: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    encoded = (encode_sample(s, volume_dtype) for s in samples)  # lazily: volumes are large
+    for n in itertools.count():
+        batch = itertools.islice(encoded, shard_size)
+        first = next(batch, None)
+        if first is None:  # no empty trailing shard
+            break
+        entry = _write_one_shard(out_dir / _shard_name(prefix, n), itertools.chain([first], batch), seen)
+        log.info("wrote %s: %d samples, %.1f MB", entry["file"], entry["n_samples"], entry["bytes"] / 1e6)
+        shards.append(entry)
+
+    manifest: dict[str, Any] = {
+        **({"split": split} if split is not None else {}),
+        "prefix": prefix,
+        "shard_size": shard_size,
+        "n_samples": sum(s["n_samples"] for s in shards),
+        "n_shards": len(shards),
+        "shards": shards,
+        "format": shard_format(volume_dtype),
+        "created_by": f"ctprep {_version()}",
+    }
+    atomic_write_bytes(out_dir / f"{prefix}.manifest.json", _manifest_bytes(manifest))
+    log.info("%s: %d samples in %d shards", prefix, manifest["n_samples"], len(shards))
+    return manifest
+
+
+def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
+def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a manifest, refusing a format version this code does not know."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ShardError(f"unreadable manifest {path}: {err}") from err
+    version = manifest.get("format", {}).get("version")
+    if version != FORMAT_VERSION:
+        raise ShardError(f"{path}: shard format version {version}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+# --- merging and verifying -----------------------------------------------------------------------
+def merge_manifests(
+    manifest_paths: Iterable[str | os.PathLike], out_path: str | os.PathLike, split: str
+) -> dict[str, Any]:
+    """One manifest for ``split`` from several chunk manifests; shard paths become relative to it.
+
+    Shards are listed sorted by path, so the merged manifest does not depend on the order the
+    chunk manifests were given (Snakemake's input order is not a contract).
+    """
+    out_path = Path(out_path)
+    out_dir = out_path.parent.resolve()
+    shards: list[dict[str, Any]] = []
+    sources, prefixes, formats = [], set(), set()
+    seen: dict[str, str] = {}
+    for mpath in sorted(Path(p).resolve() for p in manifest_paths):
+        manifest = load_manifest(mpath)
+        if manifest.get("split", split) != split:
+            raise ShardError(f"{mpath}: split {manifest['split']!r}, merging {split!r}")
+        formats.add(json.dumps(manifest["format"], sort_keys=True))
+        prefixes.add(manifest["prefix"])
+        sources.append(os.path.relpath(mpath, out_dir))
+        for shard in manifest["shards"]:
+            shard_path = mpath.parent / shard["file"]
+            if not shard_path.is_file():
+                raise ShardError(f"{mpath}: shard {shard['file']} is missing")
+            for key in shard["keys"]:
+                if key in seen:
+                    raise ShardError(f"key {key} is in both {seen[key]} and {shard_path}")
+                seen[key] = str(shard_path)
+            shards.append({**shard, "file": os.path.relpath(shard_path, out_dir)})
+    if len(formats) > 1:
+        raise ShardError(f"chunk manifests for {split} disagree on the shard format")
+    shards.sort(key=lambda s: s["file"])
+    merged = {
+        "split": split,
+        "prefixes": sorted(prefixes),
+        "sources": sorted(sources),
+        "shard_size": max((s["n_samples"] for s in shards), default=0),
+        "n_samples": sum(s["n_samples"] for s in shards),
+        "n_shards": len(shards),
+        "shards": shards,
+        "format": json.loads(formats.pop()) if formats else shard_format(),
+        "created_by": f"ctprep {_version()}",
+    }
+    atomic_write_bytes(out_path, _manifest_bytes(merged))
+    log.info(
+        "%s: merged %d manifests, %d samples in %d shards",
+        split,
+        len(sources),
+        merged["n_samples"],
+        len(shards),
+    )
+    return merged
+
+
+def _sha256_file(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _tar_keys(path: Path) -> dict[str, list[str]]:
+    """Member extensions per key, in file order, split the way webdataset splits them."""
+    keys: dict[str, list[str]] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                raise ShardError(f"{path.name}: unexpected non-file member {member.name}")
+            key, _, ext = member.name.partition(".")
+            keys.setdefault(key, []).append(ext)
+    return keys
+
+
+def verify_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """Re-hash every shard and check its keys and members against the manifest.
+
+    Raises :class:`ShardError` naming the first bad shard; returns a summary otherwise.
+    """
+    path = Path(path)
+    manifest = load_manifest(path)
+    expected_members = sorted(manifest["format"]["members"])
+    total, total_bytes = 0, 0
+    for shard in manifest["shards"]:
+        shard_path = path.parent / shard["file"]
+        name = shard["file"]
+        if not shard_path.is_file():
+            raise ShardError(f"{path.name}: shard {name} is missing")
+        size = shard_path.stat().st_size
+        if size != shard["bytes"]:
+            raise ShardError(f"{path.name}: shard {name} has {size} bytes, manifest says {shard['bytes']}")
+        digest = _sha256_file(shard_path)
+        if digest != shard["sha256"]:
+            raise ShardError(f"{path.name}: shard {name} sha256 {digest} != manifest {shard['sha256']}")
+        try:
+            members = _tar_keys(shard_path)
+        except tarfile.TarError as err:
+            raise ShardError(f"{path.name}: shard {name} is not a readable tar: {err}") from err
+        if list(members) != shard["keys"] or len(shard["keys"]) != shard["n_samples"]:
+            raise ShardError(f"{path.name}: shard {name} keys {list(members)} != manifest {shard['keys']}")
+        for key, exts in members.items():
+            if sorted(exts) != expected_members:
+                raise ShardError(
+                    f"{path.name}: shard {name} key {key} has members {exts}, expected {expected_members}"
+                )
+        total += shard["n_samples"]
+        total_bytes += size
+    if total != manifest["n_samples"]:
+        raise ShardError(f"{path.name}: shards hold {total} samples, manifest says {manifest['n_samples']}")
+    summary = {
+        "manifest": str(path),
+        "split": manifest.get("split"),
+        "n_shards": len(manifest["shards"]),
+        "n_samples": total,
+        "bytes": total_bytes,
+    }
+    log.info("verified %s: %d samples in %d shards", path.name, total, summary["n_shards"])
+    return summary

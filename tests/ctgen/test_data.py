@@ -1,0 +1,150 @@
+"""The model-side shard reader, the (C, D, H, W) layout and the verify-shards command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctgen.data import iter_samples, shard_urls, to_model_layout, verify_shards_main
+from ctprep.shards import merge_manifests, write_shards
+from ctprep.volume import Volume
+
+
+def make_samples(n=5, seed=1):
+    """Random int16 volumes on an anisotropic, rotated and i-flipped grid."""
+    rng = np.random.default_rng(seed)
+    a = np.deg2rad(15.0)
+    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    samples = []
+    for i in range(n):
+        aff = np.eye(4)
+        aff[:3, :3] = rot @ np.diag([-0.7, 0.8, 2.5])
+        aff[:3, 3] = (10.0 * i, -50.0, 200.5)
+        data = rng.integers(-1024, 3071, size=(5 + i, 4, 3), dtype=np.int16)
+        vol = Volume.from_3d(data, aff, source=f"v{i}.nii.gz")
+        vol = vol.new_like(vol.array, op="resample", spacing=[0.7, 0.8, 2.5])
+        samples.append(
+            {
+                "key": f"valid_{i}_a_2",
+                "volume": vol,
+                "prompt": f"prompt {i}",
+                "prompts": {"short": f"s{i}", "report": f"Findings {i}. Impression: normal."},
+                "meta": {"age": 60 + i, "manufacturer": "Siemens", "kvp": 120.0, "impression": None},
+                "labels": rng.integers(0, 2, size=18).astype(np.uint8),
+            }
+        )
+    return samples
+
+
+def expected_meta(sample):
+    vol = sample["volume"]
+    meta = {
+        **sample["meta"],
+        **vol.meta,
+        "shape": list(vol.shape),
+        "spacing": vol.spacing.tolist(),
+        "origin": vol.origin.tolist(),
+        "orientation": "".join(vol.orientation),
+        "dtype": "int16",
+    }
+    return json.loads(json.dumps(meta))
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    samples = make_samples(5)
+    write_shards(samples, tmp_path / "shards", "valid", shard_size=2, split="valid")
+    return tmp_path / "shards" / "valid.manifest.json", samples
+
+
+def test_shard_urls_are_absolute_and_ordered(manifest):
+    path, _ = manifest
+    urls = shard_urls(path)
+    assert [Path(u).name for u in urls] == ["valid-000000.tar", "valid-000001.tar", "valid-000002.tar"]
+    assert all(Path(u).is_absolute() and Path(u).is_file() for u in urls)
+
+
+def test_iter_samples_roundtrip(manifest):
+    path, samples = manifest
+    got = list(iter_samples(path))
+    assert [g["key"] for g in got] == [s["key"] for s in samples]
+    for g, s in zip(got, samples):
+        vol = s["volume"]
+        assert g["volume"].dtype == np.int16 and g["volume"].shape == vol.shape
+        assert np.array_equal(g["volume"], vol.data)
+        assert g["affine"].shape == (4, 4) and np.array_equal(g["affine"], vol.affine)
+        assert g["prompt"] == s["prompt"] and g["prompts"] == s["prompts"]
+        assert g["labels"].dtype == np.uint8 and np.array_equal(g["labels"], s["labels"])
+        assert g["meta"] == expected_meta(s)
+        assert g["meta"]["history"] == [{"op": "resample", "spacing": [0.7, 0.8, 2.5]}]
+    # no torch needed anywhere on the read path
+    assert "torch" not in sys.modules
+
+
+def test_iter_samples_shuffle_is_seeded(manifest):
+    path, samples = manifest
+    keys = sorted(s["key"] for s in samples)
+    a = [g["key"] for g in iter_samples(path, shuffle=True, seed=3)]
+    b = [g["key"] for g in iter_samples(path, shuffle=True, seed=3)]
+    orders = {tuple(g["key"] for g in iter_samples(path, shuffle=True, seed=s)) for s in range(6)}
+    assert a == b and sorted(a) == keys
+    assert len(orders) > 1
+
+
+def test_iter_samples_through_a_merged_manifest(tmp_path):
+    samples = make_samples(5)
+    write_shards(samples[:2], tmp_path / "c0", "valid-c0", shard_size=2, split="valid")
+    write_shards(samples[2:], tmp_path / "c1", "valid-c1", shard_size=2, split="valid")
+    out = tmp_path / "merged" / "valid.manifest.json"
+    merge_manifests(
+        [tmp_path / "c0/valid-c0.manifest.json", tmp_path / "c1/valid-c1.manifest.json"], out, "valid"
+    )
+    assert shard_urls(out)[0] == str((tmp_path / "c0" / "valid-c0-000000.tar").resolve())
+    assert [g["key"] for g in iter_samples(out)] == [s["key"] for s in samples]
+
+
+def test_empty_split(tmp_path):
+    write_shards([], tmp_path, "test", shard_size=2)
+    assert list(iter_samples(tmp_path / "test.manifest.json")) == []
+
+
+def test_to_model_layout_axes():
+    vol = np.arange(2 * 3 * 4).reshape(2, 3, 4)  # (I, J, K)
+    out = to_model_layout(vol)
+    assert out.shape == (1, 4, 3, 2)  # (C, D=K, H=J, W=I)
+    assert out.flags["C_CONTIGUOUS"]
+    i, j, k = 1, 2, 3
+    assert out[0, k, j, i] == vol[i, j, k]
+    with pytest.raises(ValueError):
+        to_model_layout(vol[None])
+
+
+def test_to_model_layout_without_einops(monkeypatch):
+    import ctgen.data
+
+    vol = np.random.default_rng(0).normal(size=(3, 4, 5))
+    monkeypatch.setattr(ctgen.data, "rearrange", None)
+    out = to_model_layout(vol)
+    assert out.shape == (1, 5, 4, 3) and out[0, 4, 1, 2] == vol[2, 1, 4]
+
+
+def test_verify_shards_main(manifest, tmp_path, capsys):
+    path, _ = manifest
+    write_shards(make_samples(2), tmp_path / "t", "train", shard_size=5, split="train")
+    train = tmp_path / "t" / "train.manifest.json"
+    assert verify_shards_main([str(path), str(train)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (
+        report["ok"] and report["samples_per_split"] == {"valid": 5, "train": 2} and report["n_samples"] == 7
+    )
+
+    shard = tmp_path / "shards" / "valid-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:-1024])
+    assert verify_shards_main([str(path), str(train)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"] and report["samples_per_split"] == {"train": 2}
+    assert "valid-000002.tar" in report["errors"][str(path)]

@@ -1,0 +1,364 @@
+"""DICOM series -> Volume / NIfTI, checked against SimpleITK (GDCM) on real series.
+
+The reference is SimpleITK's ImageSeriesReader, an independent reader with its own sorting,
+rescale and geometry; ITK speaks LPS, so its affine is flipped with ``lps_to_ras`` here.
+Broken series are made by editing copies in a temporary folder; tests/data stays untouched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from ctprep import dicom, geometry
+from ctprep.ctrate import METADATA_COLUMNS
+from ctprep.dicom import SeriesError, convert_folder, dicom_to_nifti, metadata_row, read_series
+from ctprep.volume import VolumeError, lps_to_ras
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+EXAMPLE = DATA / "example_ct_dicom"  # 20 Siemens slices, JPEG 2000 lossless, step 2 mm, thickness 3 mm
+LUNG = DATA / "lungmask_slices"  # header-stripped, both files hold the same image
+
+
+# --- references ---------------------------------------------------------------------------
+def sitk_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+def sitk_affine_ras(img: sitk.Image) -> np.ndarray:
+    lps = np.eye(4)
+    lps[:3, :3] = np.reshape(img.GetDirection(), (3, 3)) * np.asarray(img.GetSpacing())
+    lps[:3, 3] = img.GetOrigin()
+    return lps_to_ras(lps)
+
+
+def sitk_ijk(img: sitk.Image) -> np.ndarray:
+    """SimpleITK's (z, y, x) array as (i, j, k) = (x, y, z)."""
+    return sitk.GetArrayFromImage(img).transpose(2, 1, 0)
+
+
+@pytest.fixture(scope="module")
+def example():
+    return read_series(EXAMPLE)
+
+
+@pytest.fixture(scope="module")
+def example_sitk():
+    return sitk_series(EXAMPLE)
+
+
+def by_position(folder: Path) -> list[Path]:
+    """Files of an axial series from feet to head (ImagePositionPatient z)."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    return sorted(files, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+
+
+def copy_series(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    for p in dst.iterdir():
+        p.chmod(0o644)
+    return dst
+
+
+def edit(path: Path, **tags) -> None:
+    ds = pydicom.dcmread(path)
+    for keyword, value in tags.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(path)
+
+
+# --- the real series against SimpleITK ----------------------------------------------------
+def test_voxels_equal_simpleitk(example, example_sitk):
+    ref = sitk_ijk(example_sitk)
+    assert example.shape == ref.shape == (512, 512, 20)
+    assert example.data.dtype == np.int16
+    np.testing.assert_array_equal(example.data, ref)
+
+
+def test_affine_equals_simpleitk(example, example_sitk):
+    np.testing.assert_allclose(example.affine, sitk_affine_ras(example_sitk), atol=1e-4)
+    # Index convention, point by point: i runs along x (columns), j along y, k along z.
+    for ijk in [(0, 0, 0), (10, 300, 7), (511, 5, 19)]:
+        lps = np.asarray(example_sitk.TransformIndexToPhysicalPoint(ijk))
+        ras = example.affine @ np.array([*ijk, 1.0])
+        np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-4)
+        assert example.data[ijk] == example_sitk.GetPixel(ijk)
+    assert example.orientation == ("L", "P", "S")
+
+
+def test_slice_step_is_measured_not_thickness(example):
+    np.testing.assert_allclose(example.spacing, [0.9765625, 0.9765625, 2.0])
+    assert example.meta["slice_step_mm"] == 2.0
+    assert example.meta["slice_thickness_header"] == 3.0
+    # k grows towards the head; slice 0 is the lowest position in the files
+    np.testing.assert_allclose(example.origin, [249.51171875, 437.51171875, -804.5])
+
+
+def test_hu_plausible_and_meta(example):
+    data = example.data
+    assert data.min() == -1024  # stored 0 plus RescaleIntercept -1024
+    assert (data < -900).mean() > 0.1  # air around the body
+    assert ((data > -200) & (data < 150)).mean() > 0.1  # fat and soft tissue
+    assert data.max() > 300  # bone / contrast
+    m = example.meta
+    assert m["hu"] is True and m["stored_convention"] == "raw" and m["space"] == "RAS"
+    assert m["modality"] == "CT" and m["manufacturer"] == "SIEMENS" and m["n_slices"] == 20
+    assert m["transfer_syntax"] == ["JPEG 2000 Image Compression (Lossless Only)"]
+    assert m["rescale"] == [[1.0, -1024.0]]
+    assert [h["op"] for h in m["history"]] == ["read_dicom"]
+    assert m["source"] == str(EXAMPLE)
+
+
+def test_one_slice_matches_pydicom_modality_lut(example):
+    # independent of SimpleITK: pydicom's own rescale of the file at the lowest position
+    ds = pydicom.dcmread(by_position(EXAMPLE)[0])
+    hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
+    np.testing.assert_array_equal(example.data[:, :, 0], hu.T)
+
+
+def test_shuffled_file_names_give_same_volume(example, tmp_path):
+    for n, src in enumerate(sorted(EXAMPLE.iterdir())):
+        shutil.copy(src, tmp_path / f"{uuid.uuid4().hex}_{19 - n}.dcm")
+    (tmp_path / "README.txt").write_text("not DICOM")
+    vol = read_series(tmp_path)
+    np.testing.assert_array_equal(vol.data, example.data)
+    np.testing.assert_array_equal(vol.affine, example.affine)
+
+
+def test_per_slice_rescale(tmp_path):
+    folder = copy_series(EXAMPLE, tmp_path / "s")
+    files = by_position(folder)
+    edit(files[3], RescaleIntercept="-1000")
+    edit(files[4], RescaleSlope="0.5")
+    vol = read_series(folder)
+    ref = read_series(EXAMPLE)
+    assert vol.data.dtype == np.float32  # slope 0.5 makes HU non-integer
+    np.testing.assert_array_equal(vol.data[..., 3], ref.data[..., 3] + 24)
+    np.testing.assert_array_equal(vol.data[..., 4], (ref.data[..., 4].astype(np.float32) + 1024) * 0.5 - 1024)
+    np.testing.assert_array_equal(vol.data[..., 5], ref.data[..., 5])
+
+
+def test_tilted_stack_affine_hits_every_slice_position(tmp_path):
+    # Gantry tilt: positions drift 0.5 mm in y per slice; the affine must follow the positions
+    # (a sheared affine), not the slice normal.
+    folder = copy_series(EXAMPLE, tmp_path / "s")
+    ipps = []
+    for k, path in enumerate(by_position(folder)):
+        x, y, z = (float(v) for v in pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient)
+        ipps.append([x, y + 0.5 * k, z])
+        edit(path, ImagePositionPatient=ipps[-1])
+    vol = read_series(folder)
+    for k, ipp in enumerate(ipps):
+        np.testing.assert_allclose(vol.affine @ [0, 0, k, 1], [-ipp[0], -ipp[1], ipp[2], 1], atol=1e-6)
+    assert vol.meta["slice_tilt_deg"] == pytest.approx(np.degrees(np.arctan(0.5 / 2.0)), abs=1e-3)
+    assert vol.meta["slice_step_mm"] == 2.0
+
+
+# --- refusals -----------------------------------------------------------------------------
+def test_missing_middle_slice_is_refused(tmp_path):
+    folder = copy_series(EXAMPLE, tmp_path / "s")
+    files = by_position(folder)
+    files[10].unlink()
+    with pytest.raises(SeriesError, match=r"missing slice\(s\) between positions -786\.500 and -782\.500 mm"):
+        read_series(folder)
+    vol = read_series(folder, allow_gaps=True)  # recorded, not hidden
+    assert vol.shape[2] == 19 and vol.meta["gaps"][0]["missing"] == 1
+    assert vol.meta["slice_step_mm"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [
+        ({"Modality": "MR"}, r"Modality is 'MR' in .*, not CT"),
+        ({"ImageOrientationPatient": [1, 0, 0, 0, 0, -1]}, "mixed ImageOrientationPatient"),
+        ({"PixelSpacing": [0.8, 0.8]}, "mixed PixelSpacing"),
+        ({"ImagePositionPatient": None}, "missing ImagePositionPatient"),
+        ({"ImageOrientationPatient": None}, "missing ImageOrientationPatient"),
+        ({"PixelData": None}, "no pixel data"),
+        ({"ImagePositionPatient": [-249.51171875, -437.51171875, -785.5]}, "non-uniform slice spacing"),
+    ],
+)
+def test_bad_slice_is_refused(tmp_path, tags, message):
+    folder = copy_series(EXAMPLE, tmp_path / "s")
+    edit(by_position(folder)[7], **tags)
+    with pytest.raises(SeriesError, match=message):
+        read_series(folder)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    folder = copy_series(EXAMPLE, tmp_path / "s")
+    path = by_position(folder)[9]
+    path.write_bytes(path.read_bytes()[:100_000])  # cut inside the JPEG 2000 fragments
+    with pytest.raises(SeriesError, match=f"no pixel data in {path.name}"), pytest.warns(UserWarning):
+        read_series(folder)
+
+
+def test_duplicate_position_is_refused(tmp_path):
+    folder = copy_series(EXAMPLE, tmp_path / "s")
+    files = by_position(folder)
+    edit(files[5], ImagePositionPatient=list(pydicom.dcmread(files[4]).ImagePositionPatient))
+    with pytest.raises(SeriesError, match="duplicate slice position"):
+        read_series(folder)
+
+
+def test_several_series_need_a_choice(tmp_path):
+    folder = copy_series(EXAMPLE, tmp_path / "s")
+    for n, path in enumerate(by_position(folder)):
+        edit(path, SeriesInstanceUID="1.2.3.1" if n < 12 else "1.2.3.2")
+    with pytest.raises(SeriesError, match=r"2 series: 1\.2\.3\.1 \(CT, 12 files\); 1\.2\.3\.2 \(CT, 8 files\)"):
+        read_series(folder)
+    vol = read_series(folder, series_uid="1.2.3.2")
+    assert vol.shape == (512, 512, 8) and vol.meta["series_uid"] == "1.2.3.2"
+    np.testing.assert_array_equal(vol.data, read_series(EXAMPLE).data[..., 12:])
+
+
+def test_single_slice_and_empty_folder_are_refused(tmp_path):
+    (tmp_path / "one").mkdir()
+    shutil.copy(by_position(EXAMPLE)[0], tmp_path / "one" / "x.dcm")
+    with pytest.raises(SeriesError, match="fewer than 2 slices"):
+        read_series(tmp_path / "one")
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "notes.txt").write_text("hello")
+    with pytest.raises(SeriesError, match="no DICOM files"):
+        read_series(tmp_path / "none")
+    assert issubclass(SeriesError, VolumeError)
+
+
+# --- lungmask: header-stripped files -------------------------------------------------------
+def test_lungmask_slices_are_one_image_twice():
+    a, b = (pydicom.dcmread(LUNG / f) for f in ("0.dcm", "1.dcm"))
+    assert a.PixelData == b.PixelData and a.ImagePositionPatient != b.ImagePositionPatient
+    with pytest.raises(SeriesError, match="identical pixel data"):
+        read_series(LUNG)
+
+
+def test_header_stripped_series_reads_like_simpleitk(tmp_path):
+    # The same files with the second image shifted by 3 rows: a valid 2-slice series without
+    # Modality, signed int16 with -2048 outside the field of view, IPP (0, 0, z).
+    folder = copy_series(LUNG, tmp_path / "s")
+    ds = pydicom.dcmread(folder / "1.dcm")
+    ds.PixelData = np.roll(ds.pixel_array, 3, axis=0).tobytes()
+    ds.save_as(folder / "1.dcm")
+    vol = read_series(folder)
+    ref = sitk_series(folder)
+    assert vol.meta["modality"] is None and vol.data.dtype == np.int16
+    assert vol.data.min() == -2048  # kept as stored: the reader does not clip
+    np.testing.assert_array_equal(vol.data, sitk_ijk(ref))
+    np.testing.assert_allclose(vol.affine, sitk_affine_ras(ref), atol=1e-4)
+    np.testing.assert_allclose(vol.spacing, [0.625, 0.625, 1.0])
+
+
+# --- CT-RATE metadata row -----------------------------------------------------------------
+def test_metadata_row(example):
+    row = metadata_row(EXAMPLE, "train_1_a_1.nii.gz")
+    assert list(row) == list(METADATA_COLUMNS)
+    assert row["VolumeName"] == "train_1_a_1.nii.gz"
+    assert row["ImagePositionPatient"] == "[-249.51171875, -437.51171875, -804.5]"  # first sorted slice
+    assert row["ImageOrientationPatient"] == "[1, 0, 0, 0, 1, 0]"
+    assert row["XYSpacing"] == "[0.9765625, 0.9765625]"
+    assert row["ZSpacing"] == 2.0 and row["SliceThickness"] == 3.0 and row["NumberofSlices"] == 20
+    assert row["RescaleIntercept"] == -1024.0 and row["RescaleSlope"] == 1.0 and row["RescaleType"] == "HU"
+    assert row["Manufacturer"] == "SIEMENS" and row["ConvolutionKernel"] == "['Br38f', '3']"
+    assert row["XRayTubeCurrent"] == 615 and row["CTDIvol"] == pytest.approx(18.5418, abs=1e-4)
+    assert row["PatientAge"] is None and row["PatientSex"] is None  # empty in the anonymised files
+    assert row["RevolutionTime"] is None  # absent tag
+    assert row["StudyDate"] == "20221208"
+    # From datasets (headers only) the row is the same, and the meta copy only lacks the name.
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in EXAMPLE.iterdir()]
+    assert metadata_row(headers, "train_1_a_1.nii.gz") == row
+    assert example.meta["metadata_row"] == {**row, "VolumeName": None}
+    # The row reproduces the volume's affine through the metadata route, with this reader's axes.
+    np.testing.assert_allclose(
+        geometry.affine_from_ctrate_row(row, dicom.ARRAY_AXES, slice_direction=1), example.affine, atol=1e-6
+    )
+
+
+def test_metadata_row_patient_age_as_written(tmp_path):
+    folder = copy_series(EXAMPLE, tmp_path / "s")
+    for path in folder.iterdir():
+        edit(path, PatientAge="036Y", PatientSex="F")
+    row = metadata_row(folder, "x.nii.gz")
+    assert row["PatientAge"] == "036Y" and row["PatientSex"] == "F"
+
+
+# --- NIfTI round trip -----------------------------------------------------------------------
+def test_nifti_round_trip(example_sitk, tmp_path):
+    out = tmp_path / "ct.nii.gz"
+    vol = dicom_to_nifti(EXAMPLE, out)
+    assert [h["op"] for h in vol.meta["history"]] == ["read_dicom", "write_nifti"]
+    img = nib.load(out)
+    assert img.get_data_dtype() == np.int16
+    assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
+    np.testing.assert_allclose(img.affine, vol.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), sitk_ijk(example_sitk))
+    back = sitk.ReadImage(str(out))
+    np.testing.assert_allclose(back.GetOrigin(), example_sitk.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetDirection(), example_sitk.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(back.GetSpacing(), example_sitk.GetSpacing(), atol=1e-5)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(example_sitk))
+
+
+# --- folders of series --------------------------------------------------------------------
+@pytest.fixture()
+def series_folder(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    copy_series(EXAMPLE, root / "a_good")
+    copy_series(EXAMPLE, root / "b_mr")
+    edit(by_position(root / "b_mr")[0], Modality="MR")
+    copy_series(EXAMPLE, root / "c_gap")
+    by_position(root / "c_gap")[5].unlink()
+    copy_series(LUNG, root / "d_lungmask")
+    (root / "e_empty").mkdir()
+    return root
+
+
+def test_convert_folder_keeps_going_and_rejects(series_folder, tmp_path):
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "train_2_a_1.nii.gz").write_bytes(b"stale")  # from an earlier run; b_mr is bad now
+    metadata, rejects = convert_folder(series_folder, out)
+    assert sorted(p.name for p in out.iterdir()) == ["train_1_a_1.nii.gz"]
+    assert list(metadata.columns) == list(METADATA_COLUMNS) and len(metadata) == 1
+    assert metadata.loc[0, "VolumeName"] == "train_1_a_1.nii.gz" and metadata.loc[0, "ZSpacing"] == 2.0
+    assert list(rejects.columns) == ["VolumeName", "stage", "reason"]
+    assert (rejects["stage"] == "dicom").all()
+    reasons = dict(zip(rejects["VolumeName"], rejects["reason"]))
+    assert list(reasons) == ["train_2_a_1.nii.gz", "train_3_a_1.nii.gz", "train_4_a_1.nii.gz", "train_5_a_1.nii.gz"]
+    assert "not CT" in reasons["train_2_a_1.nii.gz"]
+    assert "missing slice" in reasons["train_3_a_1.nii.gz"]
+    assert "identical pixel data" in reasons["train_4_a_1.nii.gz"]
+    assert "no DICOM files" in reasons["train_5_a_1.nii.gz"]
+    assert rejects.attrs["source"]["train_2_a_1.nii.gz"].endswith("b_mr")
+    assert metadata.attrs["source"]["train_1_a_1.nii.gz"].endswith("a_good")
+    vol = nib.load(out / "train_1_a_1.nii.gz")
+    np.testing.assert_array_equal(np.asanyarray(vol.dataobj), read_series(EXAMPLE).data)
+    # tables round-trip through CSV like CT-RATE's
+    metadata.to_csv(tmp_path / "m.csv", index=False)
+    assert pd.read_csv(tmp_path / "m.csv").shape == (1, 44)
+
+
+def test_convert_folder_strict_and_names(series_folder, tmp_path):
+    with pytest.raises(SeriesError, match="not CT"):
+        convert_folder(series_folder, tmp_path / "strict", strict=True)
+    metadata, rejects = convert_folder(series_folder, tmp_path / "named", split="valid",
+                                       name_format="{split}_{index}_b_2.nii.gz", start_index=10)
+    assert list(metadata["VolumeName"]) == ["valid_10_b_2.nii.gz"]
+    assert list(rejects["VolumeName"]) == [f"valid_{i}_b_2.nii.gz" for i in (11, 12, 13, 14)]
+    with pytest.raises(ValueError, match="duplicate names"):
+        convert_folder(series_folder, tmp_path / "dup", name_format="{split}.nii.gz")
+    with pytest.raises(ValueError, match="bare"):
+        convert_folder(series_folder, tmp_path / "dup", name_format="../{index}.nii.gz")

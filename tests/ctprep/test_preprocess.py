@@ -1,0 +1,98 @@
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ctprep.preprocess import preprocess_volume, stored_to_geometry
+from ctprep.volume import Volume, VolumeError, load_nifti
+
+SPACING = {"mode": "spacing", "spacing": [2.0, 2.0, 3.0], "shape": [96, 96, 64], "center": "volume",
+           "clip": [-1000, 1000], "pad_hu": -1024, "antialias": False}
+
+
+def test_spacing_preset_on_real_scans_matches_simpleitk(real_nifti):
+    out = preprocess_volume(load_nifti(real_nifti), None, SPACING, {"geometry": "header"})
+    assert out.shape == (96, 96, 64) and out.orientation == ("R", "A", "S")
+    np.testing.assert_allclose(out.spacing, [2.0, 2.0, 3.0])
+    assert out.data.min() >= -1000 and out.data.max() <= 1000
+    # independent: SimpleITK reads the file and samples it at our output voxel centres
+    img = sitk.Cast(sitk.ReadImage(str(real_nifti)), sitk.sitkFloat32)
+    lps = np.diag([-1.0, -1, 1, 1]) @ out.affine
+    ref = sitk.Resample(img, [96, 96, 64], sitk.Transform(), sitk.sitkLinear, lps[:3, 3].tolist(),
+                        [2.0, 2.0, 3.0], (lps[:3, :3] / [2.0, 2.0, 3.0]).flatten().tolist(), -5000.0)
+    ref = sitk.GetArrayFromImage(ref).transpose(2, 1, 0)
+    inside = ref > -5000
+    assert inside.sum() > 10_000
+    np.testing.assert_allclose(out.data[inside], np.clip(ref[inside], -1000, 1000), atol=0.05)
+    steps = [h["op"] for h in out.meta["history"]]
+    assert steps == ["geometry", "to_hu", "reorient", "resample", "clip"]
+
+
+def test_generatect_preset_shape_and_extent(real_nifti):
+    preset = {"mode": "resize", "shape": [128, 128, 201], "clip": [-1000, 1000]}
+    vol = load_nifti(real_nifti)
+    out = preprocess_volume(vol, None, preset, {"geometry": "header"}, normalise=True)
+    assert out.shape == (128, 128, 201)
+    assert -1.0 <= out.data.min() and out.data.max() <= 1.0
+    extent_in = np.sort(np.abs(vol.affine[:3, :3] @ vol.shape))
+    extent_out = np.sort(np.abs(out.affine[:3, :3] @ out.shape))
+    np.testing.assert_allclose(extent_out, extent_in, rtol=1e-6)
+
+
+def _ctrate_row(manufacturer="SIEMENS", n=12):
+    return {"Manufacturer": manufacturer, "ImagePositionPatient": "[-100.0, -120.0, 40.0]",
+            "ImageOrientationPatient": "[1, 0, 0, 0, 1, 0]", "XYSpacing": "[0.8, 0.8]", "ZSpacing": "2.5",
+            "RescaleSlope": "1", "RescaleIntercept": "-1024", "NumberofSlices": str(n)}
+
+
+def test_reversed_slice_order_is_fixed_for_listed_manufacturers():
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 2000, (10, 11, 12)).astype(np.int16)
+    siemens = stored_to_geometry(Volume.from_3d(data, np.eye(4)), _ctrate_row(), {})
+    pnms = stored_to_geometry(Volume.from_3d(data[:, :, ::-1], np.eye(4)), _ctrate_row("PNMS"), {})
+    np.testing.assert_array_equal(pnms.data, siemens.data)
+    np.testing.assert_allclose(pnms.affine, siemens.affine)
+    assert pnms.meta["history"][-1]["reversed_slices"] is True
+
+
+def test_slice_count_mismatch_and_missing_row_are_rejected():
+    vol = Volume.from_3d(np.zeros((4, 4, 5), np.int16), np.eye(4))
+    with pytest.raises(VolumeError, match="12 slices"):
+        stored_to_geometry(vol, _ctrate_row(n=12), {})
+    with pytest.raises(VolumeError, match="no metadata row"):
+        stored_to_geometry(vol, None, {"geometry": "metadata"})
+
+
+def test_cli_preprocess_writes_hu_nifti_with_truthful_affine(tmp_path, repo_config):
+    src = "tests/data/example_ct_sm.nii.gz"
+    out = tmp_path / "out.nii.gz"
+    res = subprocess.run([sys.executable, "-m", "ctprep.cli", "preprocess", src, str(out), "--preset", "generatect",
+                          "--config", str(repo_config)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    img = nib.load(out)
+    assert img.shape == (128, 128, 201) and img.get_data_dtype() == np.int16
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    data = np.asanyarray(img.dataobj)
+    assert data.min() >= -1000 and data.max() <= 1000
+    # the same physical box as the input (header geometry of a real scan)
+    src_img = nib.load(src)
+    centre_in = src_img.affine @ [*((np.array(src_img.shape) - 1) / 2), 1]
+    centre_out = img.affine @ [*((np.array(img.shape) - 1) / 2), 1]
+    np.testing.assert_allclose(centre_out, centre_in, atol=1e-4)
+    bad = subprocess.run([sys.executable, "-m", "ctprep.cli", "preprocess", str(tmp_path / "missing.nii.gz"),
+                          str(out), "--preset", "generatect", "--config", str(repo_config)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "file not found" in bad.stderr
+
+
+def test_cli_dicom2nifti(tmp_path, data_dir):
+    out = tmp_path / "series.nii.gz"
+    res = subprocess.run([sys.executable, "-m", "ctprep.cli", "dicom2nifti", str(data_dir / "example_ct_dicom"), str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    img = nib.load(out)
+    assert img.shape == (512, 512, 20)
+    np.testing.assert_allclose(nib.affines.voxel_sizes(img.affine), [0.976562, 0.976562, 2.0], atol=1e-4)

@@ -1,0 +1,23 @@
+rule prep:
+    input:
+        cohort=rules.cohort.output.table,
+    output:
+        volumes=directory(f"{R}/prep/{{chunk}}"),
+        table=f"{R}/prep/{{chunk}}.parquet",
+        rejects=f"{R}/rejects/prep/{{chunk}}.parquet",
+    params:
+        preset=PRESET,
+        dataset=config["dataset"],
+        strict=config["prep"]["strict"],
+    log:
+        f"{R}/logs/prep/{{chunk}}.log",
+    benchmark:
+        f"{R}/benchmarks/prep/{{chunk}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=3000,
+        runtime=240,
+    conda:
+        "../../envs/prep.yaml"
+    script:
+        "../scripts/prep.py"

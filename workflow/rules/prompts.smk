@@ -1,0 +1,21 @@
+rule prompts:
+    input:
+        cohort=rules.cohort.output.table,
+    output:
+        table=f"{R}/prompts/prompts.parquet",
+        rejects=f"{R}/rejects/prompts.parquet",
+    params:
+        prompts=config["prompts"],
+        strict=config["prep"]["strict"],
+    log:
+        f"{R}/logs/prompts.log",
+    benchmark:
+        f"{R}/benchmarks/prompts.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../../envs/prep.yaml"
+    script:
+        "../scripts/prompts.py"

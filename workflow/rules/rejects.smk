@@ -1,0 +1,20 @@
+rule rejects:
+    input:
+        [rules.cohort.output.rejects, rules.prompts.output.rejects]
+        + expand(rules.prep.output.rejects, chunk=CHUNKS)
+        + ([rules.dicom2nifti.output.rejects] if DICOM_OUTPUTS else []),
+    output:
+        csv=f"{R}/rejects.csv",
+        parquet=f"{R}/rejects.parquet",
+    log:
+        f"{R}/logs/rejects.log",
+    benchmark:
+        f"{R}/benchmarks/rejects.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../../envs/prep.yaml"
+    script:
+        "../scripts/rejects.py"

@@ -1,0 +1,41 @@
+rule shards:
+    input:
+        prep=rules.prep.output.table,
+        volumes=rules.prep.output.volumes,
+        cohort=rules.cohort.output.table,
+        prompts=rules.prompts.output.table,
+    output:
+        shards=directory(f"{R}/shards/{{split}}/c{{chunk}}"),
+    params:
+        shards=config["shards"],
+    log:
+        f"{R}/logs/shards/{{split}}-{{chunk}}.log",
+    benchmark:
+        f"{R}/benchmarks/shards/{{split}}-{{chunk}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=120,
+    conda:
+        "../../envs/prep.yaml"
+    script:
+        "../scripts/shards.py"
+
+
+rule shard_manifest:
+    input:
+        chunks=expand(rules.shards.output.shards, chunk=CHUNKS, allow_missing=True),
+    output:
+        manifest=f"{R}/shards/{{split}}/manifest.json",
+    log:
+        f"{R}/logs/shards/{{split}}-manifest.log",
+    benchmark:
+        f"{R}/benchmarks/shards/{{split}}-manifest.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=30,
+    conda:
+        "../../envs/prep.yaml"
+    script:
+        "../scripts/shard_manifest.py"
