@@ -1,0 +1,161 @@
+"""The workflow end to end on a tiny demo config, its reruns after config edits, and its DAG at scale."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+pytestmark = pytest.mark.workflow
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def make_workdir(path: Path, overrides: dict) -> Path:
+    """A working folder with an edited copy of config.yaml, as a user would make one."""
+    base = yaml.safe_load((REPO / "config.yaml").read_text())
+    tiny = yaml.safe_load((REPO / "tests/workflow/configs/tiny.yaml").read_text())
+    cfg = _merge(_merge(base, tiny), overrides)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", str(workdir / "config.yaml"),
+           "--cores", "2", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res
+
+
+def planned_rules(workdir: Path, cfg_edit: dict | None = None) -> dict[str, int]:
+    """Rules a dry run would run (with rerun triggers) after an optional config edit."""
+    if cfg_edit:
+        cfg = yaml.safe_load((workdir / "config.yaml").read_text())
+        (workdir / "config.yaml").write_text(yaml.safe_dump(_merge(cfg, cfg_edit), sort_keys=False))
+    res = snakemake(workdir, "-n", "--quiet", "rules")
+    counts = {}
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    work = make_workdir(tmp_path_factory.mktemp("wf"), {})
+    snakemake(work)
+    return work
+
+
+def test_demo_run_from_nothing_to_shards(demo_run):
+    R = demo_run / "results"
+    cohort = pd.read_parquet(R / "cohort/cohort.parquet")
+    rejects = pd.read_csv(R / "rejects.csv")
+    truth = pd.read_csv(demo_run / "resources/demo/dataset/demo_truth.csv", keep_default_na=False)
+    # every injected fault is named in the rejects table; no clean volume is
+    faulty = set(truth.loc[truth["fault"] != "", "VolumeName"])
+    clean = set(truth.loc[truth["fault"] == "", "VolumeName"])
+    assert faulty and faulty <= set(rejects["VolumeName"]), rejects
+    assert not clean & set(rejects["VolumeName"])
+    assert set(rejects["stage"]) >= {"cohort", "preprocess"}
+    # shards hold exactly the clean volumes, per split, and verify against their manifests
+    n_shard = 0
+    for split in ("train", "valid"):
+        manifest = json.loads((R / f"shards/{split}/manifest.json").read_text())
+        keys = {k for s in manifest["shards"] for k in s["keys"]}
+        expect = {n.split(".nii")[0] for n in clean if n.startswith(split)}
+        assert keys == expect, (split, keys ^ expect)
+        n_shard += manifest["n_samples"]
+    assert n_shard == len(clean) == len(set(cohort["VolumeName"]) - set(rejects["VolumeName"]))
+    res = subprocess.run([sys.executable, "-m", "ctgen.cli", "verify-shards",
+                          str(R / "shards/train/manifest.json"), str(R / "shards/valid/manifest.json")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["n_samples"] == n_shard
+    # every rule logged and benchmarked
+    assert (R / "logs/cohort.log").stat().st_size > 0
+    assert (R / "benchmarks/prep/000.tsv").exists()
+
+
+def test_samples_read_back_with_stock_webdataset(demo_run):
+    from ctgen.data import iter_samples
+
+    samples = list(iter_samples(demo_run / "results/shards/train/manifest.json"))
+    assert samples
+    s = samples[0]
+    assert s["volume"].shape == (64, 64, 32) and str(s["volume"].dtype) == "int16"
+    assert s["volume"].min() >= -1000 and s["volume"].max() <= 1000
+    assert s["prompt"].split(" years old ")[0].isdigit()
+    assert s["meta"]["orientation"] in ("RAS", ["R", "A", "S"])
+    assert len(s["labels"]) == 18
+
+
+def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, tmp_path):
+    work = tmp_path / "copy"
+    shutil.copytree(demo_run, work, symlinks=True)
+    assert planned_rules(work) == {}  # a finished run has nothing to do
+    prompt_edit = planned_rules(work, {"prompts": {"templates": {"generatect": "{sex}, {age} years: {impression}"}}})
+    assert set(prompt_edit) == {"prompts", "shards", "shard_manifest", "rejects", "all"}, prompt_edit
+    snakemake(work)
+    preset_edit = planned_rules(work, {"presets": {"demo": {"clip": [-1024, 1200]}}})
+    assert set(preset_edit) == {"prep", "shards", "shard_manifest", "rejects", "all"}, preset_edit
+    snakemake(work)
+    shard_edit = planned_rules(work, {"shards": {"shard_size": 3}})
+    assert set(shard_edit) == {"shards", "shard_manifest", "all"}, shard_edit
+
+
+def test_strict_mode_fails_and_names_the_rejects(demo_run, tmp_path):
+    work = tmp_path / "strict"
+    shutil.copytree(demo_run, work, symlinks=True)
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["prep"]["strict"] = True
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = snakemake(work, check=False)
+    assert res.returncode != 0
+    log = (work / "results/logs/cohort.log").read_text()
+    assert "strict mode" in log and "missing metadata row" in log
+
+
+def test_lint_is_clean():
+    res = subprocess.run([*SNAKEMAKE, "--lint"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0 and "Lints for" not in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_bad_config_gets_a_clear_message(tmp_path):
+    work = make_workdir(tmp_path, {"prep": {"preset": "nope"}})
+    res = snakemake(work, "-n", check=False)
+    assert res.returncode != 0 and "is not among presets" in res.stdout + res.stderr
+    work = make_workdir(tmp_path / "b", {"prep": {"n_chunks": 0}})
+    res = snakemake(work, "-n", check=False)
+    assert res.returncode != 0 and "n_chunks" in res.stdout + res.stderr
+
+
+def test_dag_of_a_50k_cohort_builds_fast(tmp_path):
+    # 500 chunks of 100 volumes: the DAG depends on the chunk count, not on reading the cohort
+    work = make_workdir(tmp_path, {"demo": {"enabled": False}, "dataset": {"root": str(tmp_path / "ds")},
+                                   "prep": {"n_chunks": 500}})
+    (tmp_path / "ds").mkdir()
+    t0 = time.perf_counter()
+    res = snakemake(work, "-n", "--quiet", "rules")
+    seconds = time.perf_counter() - t0
+    assert "prep" in res.stdout and " 500" in res.stdout
+    assert seconds < 60, seconds
