@@ -13,23 +13,22 @@ import numpy as np
 
 from ctprep.volume import Volume, VolumeError
 
-#: HU ranges that every chest CT fills: air (outside the body, in the airways) and fat/soft tissue.
-AIR_HU = (-1100.0, -900.0)
-TISSUE_HU = (-200.0, 150.0)
+#: HU ranges of the tissues every chest CT holds (air outside the body and in the airways, lung
+#: parenchyma, fat, soft tissue).
+TISSUES_HU = {"air": (-1100.0, -950.0), "lung": (-950.0, -500.0), "fat": (-150.0, -50.0), "soft": (0.0, 100.0)}
 
 
 def _plausibility(sample: np.ndarray, slope: float, intercept: float) -> float:
-    """Fraction of voxels that land in the air or fat/soft-tissue HU ranges under this mapping.
+    """How CT-like the values look under this mapping: tissue classes present, then their share.
 
-    Correct HU put most voxels of a chest CT in one of those two ranges; a double rescale
-    (HU - 1024) or a missing one (raw + 1024, or raw + 8192) moves at least one peak out.
+    The integer part counts the classes holding at least 0.5% of the voxels, the fraction is the
+    share of voxels in any class. The right mapping puts all four classes in place; a double
+    rescale (HU - 1024) or a missing one (raw + 1024, + 8192) leaves at most two, even where
+    scanner padding (-2048 stored raw reads as -1024, air-like) fakes one of them.
     """
-    hu = sample * slope + intercept
-    air = (hu >= AIR_HU[0]) & (hu <= AIR_HU[1])
-    tissue = (hu >= TISSUE_HU[0]) & (hu <= TISSUE_HU[1])
-    # Both tissues must be there: a score of min(...) would be brittle on crops without air,
-    # so take the sum and require a little of each.
-    return float(air.mean() + tissue.mean()) if tissue.mean() > 0.01 else float(air.mean()) * 0.5
+    hu = sample * np.float32(slope) + np.float32(intercept)
+    fractions = [float(((hu >= lo) & (hu <= hi)).mean()) for lo, hi in TISSUES_HU.values()]
+    return sum(f >= 0.005 for f in fractions) + min(sum(fractions), 0.999)
 
 
 def detect_convention(data: np.ndarray, slope: float, intercept: float, max_voxels: int = 200_000) -> dict:
@@ -47,13 +46,14 @@ def detect_convention(data: np.ndarray, slope: float, intercept: float, max_voxe
         score_raw = score_hu
     else:
         score_raw = _plausibility(sample, slope, intercept)
-    if max(score_hu, score_raw) < 0.2:
+    if max(score_hu, score_raw) < 2:
         raise VolumeError(
             f"intensities look like no CT in either convention (HU fit {score_hu:.2f}, "
             f"rescaled fit {score_raw:.2f} with slope {slope}, intercept {intercept})"
         )
     convention = "raw" if score_raw > score_hu else "hu"
     return {"convention": convention, "score_hu": round(score_hu, 4), "score_raw": round(score_raw, 4)}
+
 
 
 def to_hu(vol: Volume, slope: float, intercept: float, convention: str = "auto") -> Volume:

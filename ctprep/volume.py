@@ -229,5 +229,5 @@ def save_nifti(
         from isal import igzip
 
         # ISA-L levels are 0-3; level 1 writes ~10x faster than zlib's default at ~same size.
-        payload = igzip.compress(payload, compresslevel=min(max(compresslevel, 0), 3))
+        payload = igzip.compress(payload, compresslevel=min(max(compresslevel, 0), 3), mtime=0)  # reproducible bytes
     atomic_write_bytes(path, payload)

@@ -118,7 +118,8 @@ def _plan(cfg: dict) -> list[_Vol]:
         if split == "train":
             for i, fault in enumerate(cfg["faults"]):
                 pid = int(cfg["n_train_patients"]) + 1 + i
-                fv = _plan_patient({**cfg, "max_scans_per_patient": 1, "max_recons_per_scan": 1}, "train", pid, {}, state, (seed, 5, i))
+                one = {**cfg, "max_scans_per_patient": 1, "max_recons_per_scan": 1}
+                fv = _plan_patient(one, "train", pid, {}, state, (seed, 5, i))  # no findings
                 fv[0].fault = fault
                 if fault == "path_escape":
                     fv[0].name = ESCAPE_NAME
@@ -129,27 +130,32 @@ def _plan(cfg: dict) -> list[_Vol]:
 
 def _plan_patient(cfg, split, pid, prevalence, state, key) -> list[_Vol]:
     rng = np.random.default_rng(list(key))
-    n_lo, n_hi = (int(x) for x in cfg["slices"])
-    z_lo, z_hi = (float(x) for x in cfg["z_spacing_mm"])
-    anatomy = sample_anatomy(rng, max_lung_height=(n_hi - 1) * z_hi - 70.0)
-    sex, age = str(rng.choice(["M", "F"])), int(rng.integers(25, 86))
+    n_hi, z_hi = int(cfg["slices"][1]), float(cfg["z_spacing_mm"][1])
+    patient = {
+        "anatomy": sample_anatomy(rng, max_lung_height=(n_hi - 1) * z_hi - 70.0),  # fits the longest scan
+        "sex": str(rng.choice(["M", "F"])),
+        "age": int(rng.integers(25, 86)),
+    }
     day = datetime.date(2018, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 1400)))
     vols = []
     for s in range(int(rng.integers(1, int(cfg["max_scans_per_patient"]) + 1))):
-        srng = np.random.default_rng(list(key) + [s])
         maker = list(SCANNERS)[state["scan"] % len(SCANNERS)]
         state["scan"] += 1
         scan = f"{split}_{pid}_{chr(ord('a') + s)}"
-        vols += _plan_scan(cfg, scan, split, anatomy, maker, sex, age, day, prevalence, srng, state, n_lo, n_hi, z_lo, z_hi)
+        srng = np.random.default_rng(list(key) + [s])
+        vols += _plan_scan(cfg, scan, split, patient, maker, day, prevalence, srng, state)
         day += datetime.timedelta(days=int(rng.integers(30, 400)))
     return vols
 
 
-def _plan_scan(cfg, scan, split, anatomy, maker, sex, age, day, prevalence, rng, state, n_lo, n_hi, z_lo, z_hi) -> list[_Vol]:
-    sc, m = SCANNERS[maker], int(cfg["matrix"])
-    a = anatomy.body_axes[0]
+def _plan_scan(cfg, scan, split, patient, maker, day, prevalence, rng, state) -> list[_Vol]:
+    """One acquisition: findings, report, and 1..max_recons reconstructions of the same anatomy."""
+    sc, m, anatomy = SCANNERS[maker], int(cfg["matrix"]), patient["anatomy"]
+    n_lo, n_hi = (int(x) for x in cfg["slices"])
+    z_lo, z_hi = (float(x) for x in cfg["z_spacing_mm"])
     f_lo, f_hi = (float(x) for x in cfg["fov_mm"])
-    fov = float(round(rng.uniform(min(max(f_lo, 2 * a + 10.0), f_hi), f_hi)))
+    # The reconstruction circle holds the body where the range allows (large patients get cut).
+    fov = float(round(rng.uniform(min(max(f_lo, 2 * anatomy.body_axes[0] + 10.0), f_hi), f_hi)))
     sp = round(fov / m, 6)
     rc = [round(float(rng.uniform(-8, 8)), 1), round(float(rng.uniform(-30, 5)), 1)]  # LPS recon centre
     half = (m - 1) / 2.0 * sp
@@ -168,28 +174,30 @@ def _plan_scan(cfg, scan, split, anatomy, maker, sex, age, day, prevalence, rng,
     present = [lab for lab in prevalence if rng.random() < prevalence[lab]]
     if rng.random() < NORMAL_FRACTION:  # without this almost no scan would read as normal
         present = []
-    p = anatomy.replace(center_ras=[round(-rc[0] + float(rng.uniform(-12, 12)), 2), round(-rc[1] + float(rng.uniform(-15, 10)), 2)],
-                        z_apex=round(z_top - apex_gap, 2), contrast=bool(rng.random() < 0.3))
+    centre = [round(-rc[0] + float(rng.uniform(-12, 12)), 2), round(-rc[1] + float(rng.uniform(-15, 10)), 2)]
+    p = anatomy.replace(center_ras=centre, z_apex=round(z_top - apex_gap, 2), contrast=bool(rng.random() < 0.3))
     p = Phantom.from_json(sample_findings(p, present, rng, min_feature).to_json())
     labels = {lab: int(any(f["label"] == lab for f in p.pathologies)) for lab in LABELS}
     report = compose_report(p, np.random.default_rng(list(rng.integers(0, 2**32, 2))), recons[0][0])
-    common = _scan_metadata(maker, sc, rng, sex, age, day, fov, rc, z_top, m)
+    common = _scan_metadata(maker, sc, rng, patient, day, fov, rc, z_top, m)
     vols = []
     for r, (dz, n, kernel, noise) in enumerate(recons, start=1):
         name = f"{scan}_{r}.nii.gz"
         hu = (state["vol"] % 1.0) < float(cfg["hu_fraction"])
         state["vol"] += 0.6180339887498949
-        meta = {**common, "VolumeName": name, "SeriesDescription": f"{'LUNG' if r == 1 else 'MEDIASTINUM'} {dz:g} {kernel}",
-                "ConvolutionKernel": kernel, "ImagePositionPatient": _fmt([rc[0] - half, rc[1] - half, z_top]),
+        meta = {**common, "VolumeName": name, "ConvolutionKernel": kernel,
+                "SeriesDescription": f"{'LUNG' if r == 1 else 'MEDIASTINUM'} {dz:g} {kernel}",
+                "ImagePositionPatient": _fmt([rc[0] - half, rc[1] - half, z_top]),
                 "SliceThickness": dz, "NumberofSlices": n, "ZSpacing": dz, "XYSpacing": _fmt([sp, sp])}
         render = {"noise_std": noise, "convention": "hu" if hu else "raw", "fov_pad_hu": sc["pad"],
                   "fov_center_ras": [-rc[0], -rc[1]], "fov_radius_mm": fov / 2.0,
                   "noise_seed": [int(x) for x in rng.integers(0, 2**32, 2)]}
-        vols.append(_Vol(name, split, p, {c: meta[c] for c in METADATA_COLUMNS}, {"VolumeName": name, **report}, labels, render))
+        meta = {c: meta[c] for c in METADATA_COLUMNS}
+        vols.append(_Vol(name, split, p, meta, {"VolumeName": name, **report}, labels, render))
     return vols
 
 
-def _scan_metadata(maker, sc, rng, sex, age, day, fov, rc, z_top, m) -> dict:
+def _scan_metadata(maker, sc, rng, patient, day, fov, rc, z_top, m) -> dict:
     """DICOM header fields shared by the reconstructions of one acquisition."""
     kv_ma = int(rng.integers(60, 320))
     t_ms = int(rng.choice([500, 600, 750, 1000]))
@@ -198,12 +206,13 @@ def _scan_metadata(maker, sc, rng, sex, age, day, fov, rc, z_top, m) -> dict:
     total = coll * int(rng.choice([16, 32, 64]))
     return {
         "Manufacturer": maker, "ManufacturerModelName": str(rng.choice(sc["models"])),
-        "PatientSex": sex, "PatientAge": f"{age:03d}Y", "ReconstructionDiameter": fov,
+        "PatientSex": patient["sex"], "PatientAge": f"{patient['age']:03d}Y", "ReconstructionDiameter": fov,
         "DistanceSourceToDetector": round(float(rng.uniform(940, 1100)), 1),
         "DistanceSourceToPatient": round(float(rng.uniform(540, 620)), 1), "GantryDetectorTilt": 0.0,
         "TableHeight": round(float(rng.uniform(110, 190)), 1), "RotationDirection": "CW",
         "ExposureTime": t_ms, "XRayTubeCurrent": kv_ma, "Exposure": int(kv_ma * t_ms / 1000),
-        "FilterType": sc["filter"], "GeneratorPower": int(kv_ma * 120 / 1000), "FocalSpots": float(rng.choice([0.7, 1.0, 1.2])),
+        "FilterType": sc["filter"], "GeneratorPower": int(kv_ma * 120 / 1000),
+        "FocalSpots": float(rng.choice([0.7, 1.0, 1.2])),
         "PatientPosition": "HFS", "RevolutionTime": t_ms / 1000.0, "SingleCollimationWidth": coll,
         "TotalCollimationWidth": total, "TableSpeed": round(total * pitch / (t_ms / 1000.0), 2),
         "TableFeedPerRotation": round(total * pitch, 2), "SpiralPitchFactor": pitch,
@@ -224,7 +233,11 @@ def _fmt(values) -> str:
 
 # --- rendering ----------------------------------------------------------------------------------
 def render_hu(p: Phantom, meta: dict, render: dict) -> np.ndarray:
-    """Noise-free-plus-noise HU, array[row, column, slice] with slice 0 the most superior."""
+    """HU as the scanner would write them: array[row, column, slice], slice 0 the most superior.
+
+    Each voxel is the phantom at the voxel centre that the metadata's affine gives, plus Gaussian
+    noise of the kernel's level; outside the reconstruction circle, the scanner's padding value.
+    """
     affine = affine_from_ctrate_row(meta, array_axes=("row", "column", "slice"), slice_direction=-1)
     m, n = int(meta["Rows"]), int(meta["NumberofSlices"])
     r, c = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")

@@ -6,10 +6,11 @@ the patient's axial centre. Every structure is a closed-form region (ellipses, e
 capsules, fissure planes), so a volume can be rendered on any grid, and a test can re-render it
 from the JSON in ``demo_truth.csv`` to check the geometry of a stored file.
 
-Anatomy comes from :func:`sample_anatomy` (per patient); findings (per scan, placed by
-:mod:`ctprep.demo.cohort`) are dicts in ``Phantom.pathologies``, painted by :func:`paint_findings`.
-Lobes are defined by the fissure planes, so a finding can be put in a named lobe and described
-as such in the report.
+Anatomy comes from :func:`sample_anatomy` (per patient); :func:`sample_findings` adds the findings
+of a scan as plain dicts in ``Phantom.pathologies`` (painted by :func:`paint_findings`). Lobes are
+bounded by the fissure planes, so a finding can be put in a named lobe and reported as such.
+
+Sections: tissue codes and the phantom type; the painting canvas; anatomy; findings; sampling.
 """
 
 from __future__ import annotations
@@ -64,7 +65,11 @@ LUNGISH = (Tissue.LUNG, Tissue.VESSEL, Tissue.EMPHYSEMA)
 
 @dataclass
 class Phantom:
-    """Patient parameters (mm, HU) and findings; everything needed to re-render a scan."""
+    """Patient parameters (mm, HU) and findings; everything needed to re-render a scan.
+
+    Derived landmarks are computed once at construction: change a phantom with :meth:`replace`,
+    never by assigning to a field.
+    """
 
     center_ras: list[float]  # [x, y] RAS of the patient's axial centre
     z_apex: float  # RAS z of the lung apices
@@ -254,7 +259,8 @@ def _derive(p: Phantom) -> dict:
     a1 = [10.0, g["v_tr"] + p.trachea_radius + ra + 6.0, t_arch]
     ctrl = [-(p.trachea_radius + ra + 20.0), g["v_tr"] + 8.0, t_arch - 35.0]
     d0 = [-(vr + 0.8 * ra + 4.0), g["spine_v"] + 0.5 * vr, t_arch]
-    arch = [[(1 - s) ** 2 * a1[i] + 2 * s * (1 - s) * ctrl[i] + s**2 * d0[i] for i in range(3)] for s in np.linspace(0, 1, 7)]
+    arch = [[(1 - s) ** 2 * a1[i] + 2 * s * (1 - s) * ctrl[i] + s**2 * d0[i] for i in range(3)]
+            for s in np.linspace(0, 1, 7)]
     segs = [(a0, a1, ra)] + [(arch[i], arch[i + 1], ra) for i in range(6)]
     segs.append((d0, [d0[0], d0[1], H + 600.0], 0.8 * ra))
     g["aorta"] = segs
@@ -694,7 +700,8 @@ def sample_findings(p: Phantom, labels: list[str], rng: np.random.Generator, min
             eff = p.finding("effusion")
             side = list(eff["thickness_mm"])[0] if eff else str(rng.choice(["right", "left"]))
             p = add(p, {"kind": kind, "side": side, "lobe": "RLL" if side == "right" else "LLL",
-                        "thickness_mm": U(max(8.0, 2 * d + 2), 16.0, 0), "t_range": [round(H - 90.0, 1), round(H - 10.0, 1)]})
+                        "thickness_mm": U(max(8.0, 2 * d + 2), 16.0, 0),
+                        "t_range": [round(H - 90.0, 1), round(H - 10.0, 1)]})
         elif kind == "emphysema":
             p = add(p, {"kind": kind, "waves": _random_waves(rng, 8, 7.0, 14.0), "threshold": U(0.6, 1.0, 3),
                         "t_limit": round(U(0.55, 0.75, 3) * H, 1)})
@@ -819,6 +826,7 @@ def _device(p: Phantom, rng: np.random.Generator, d: float) -> dict:
                  {"shape": "capsule", "a": via, "b": tip, "radius_mm": 2.0}]
         return {"kind": "medical_material", "device": "pacemaker", "parts": parts}
     vs = g["cb"] + 0.45 * p.muscle_mm
-    parts = [{"shape": "capsule", "a": [-6.0, round(vs, 2), round(t, 2)], "b": [6.0, round(vs, 2), round(t, 2)], "radius_mm": r}
+    parts = [{"shape": "capsule", "a": [-6.0, round(vs, 2), round(t, 2)], "b": [6.0, round(vs, 2), round(t, 2)],
+              "radius_mm": r}
              for t in np.linspace(0.3 * H, 0.75 * H, int(rng.integers(4, 7)))]
     return {"kind": "medical_material", "device": "sternotomy wires", "parts": parts}

@@ -84,12 +84,17 @@ def compose_report(p: Phantom, rng: np.random.Generator, slice_mm: float) -> dic
         nodes = f["lymphadenopathy"]["nodes"]
         where = _join([n["station"] for n in nodes])
         big = max(n["short_axis_mm"] for n in nodes)
-        out.append(pick(f"Lymph nodes reaching {big:.0f} mm in short axis are observed in the {where} region, consistent with lymphadenopathy.",
-                        f"Enlarged lymph nodes, the largest {big:.0f} mm in short axis, are seen in the {where} region; lymphadenopathy."))
+        out.append(pick(
+            f"Lymph nodes reaching {big:.0f} mm in short axis are observed in the {where} region, "
+            "consistent with lymphadenopathy.",
+            f"Enlarged lymph nodes, the largest {big:.0f} mm in short axis, are seen in the {where} region; "
+            "lymphadenopathy.",
+        ))
         imp.append("Mediastinal lymphadenopathy")
     else:
         out.append(pick("No mass or lymphadenopathy was detected in the mediastinum.",
-                        "No lymph node in pathological size and configuration was detected in the mediastinum and hilar regions."))
+                        "No lymph node in pathological size and configuration was detected in the mediastinum "
+                        "and hilar regions."))
     if "hiatal_hernia" in f:
         out.append(pick("A hiatal hernia is observed at the level of the esophageal hiatus.",
                         "Part of the stomach herniates into the thorax through the esophageal hiatus; hiatal hernia."))
@@ -99,11 +104,14 @@ def compose_report(p: Phantom, rng: np.random.Generator, slice_mm: float) -> dic
                         "The thoracic esophagus has a natural course and calibre."))
     if "medical_material" in f:
         if f["medical_material"]["device"] == "pacemaker":
-            out.append(pick("A cardiac pacemaker is observed in the left anterior chest wall, its lead extending into the heart.",
-                            "There is a pacemaker generator in the left pectoral region with a lead reaching the right heart."))
+            out.append(pick(
+                "A cardiac pacemaker is observed in the left anterior chest wall, its lead extending into the heart.",
+                "There is a pacemaker generator in the left pectoral region with a lead reaching the right heart.",
+            ))
             imp.append("Cardiac pacemaker")
         else:
-            out.append(pick("Sternotomy wires are observed in the sternum.", "Findings of previous sternotomy with sternal wires."))
+            out.append(pick("Sternotomy wires are observed in the sternum.",
+                            "Findings of previous sternotomy with sternal wires."))
             imp.append("Post-sternotomy changes")
 
     out.append(pick("When examined in the lung parenchyma window;", "In the evaluation of the lung parenchyma;"))
@@ -123,7 +131,8 @@ def compose_report(p: Phantom, rng: np.random.Generator, slice_mm: float) -> dic
         ("fibrosis", ("Linear fibrotic sequelae changes are observed in the {lobe}.",
                       "Fibrotic bands consistent with sequelae are seen in the {lobe}."), "Fibrotic sequelae in the {lobe}"),
         ("atelectasis", ("Atelectatic changes are observed in the posterior part of the {lobe}.",
-                         "Subsegmental atelectasis is seen in the dependent part of the {lobe}."), "Atelectasis in the {lobe}"),
+                         "Subsegmental atelectasis is seen in the dependent part of the {lobe}."),
+         "Atelectasis in the {lobe}"),
     ):
         if kind in f:
             x = f[kind]
@@ -142,8 +151,12 @@ def compose_report(p: Phantom, rng: np.random.Generator, slice_mm: float) -> dic
     if "effusion" in f:
         th = f["effusion"]["thickness_mm"]
         if len(th) == 2:
-            out.append(pick(f"Bilateral pleural effusion is observed, measuring {th['right']:.0f} mm on the right and {th['left']:.0f} mm on the left in its thickest part.",
-                            f"There is bilateral pleural effusion, {th['right']:.0f} mm thick on the right and {th['left']:.0f} mm on the left."))
+            rt, lt = f"{th['right']:.0f}", f"{th['left']:.0f}"
+            out.append(pick(
+                f"Bilateral pleural effusion is observed, measuring {rt} mm on the right and {lt} mm on the left "
+                "in its thickest part.",
+                f"There is bilateral pleural effusion, {rt} mm thick on the right and {lt} mm on the left.",
+            ))
             imp.append("Bilateral pleural effusion")
         else:
             side, t = next(iter(th.items()))
@@ -168,11 +181,12 @@ def compose_report(p: Phantom, rng: np.random.Generator, slice_mm: float) -> dic
         technique = pick("Thorax CT images were obtained after intravenous contrast material injection.",
                          f"Contrast-enhanced axial images of the chest were obtained with {slice_mm:g} mm slice thickness.")
     else:
-        technique = pick("Non-contrast thin-section axial images of the chest were obtained.",
+        technique = pick("Non-contrast axial images of the chest were obtained.",
                          f"Axial sections of the thorax were obtained without contrast material, {slice_mm:g} mm thick.")
     k = int(rng.integers(0, 4))
     clinical = NOT_GIVEN if k == 0 else " ".join(rng.choice(_CLINICAL, size=min(k, 2), replace=False))
-    return {"ClinicalInformation_EN": clinical, "Technique_EN": technique, "Findings_EN": findings, "Impressions_EN": impression}
+    return {"ClinicalInformation_EN": clinical, "Technique_EN": technique,
+            "Findings_EN": findings, "Impressions_EN": impression}
 
 
 class _Picker:

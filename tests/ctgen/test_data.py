@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,8 +82,13 @@ def test_iter_samples_roundtrip(manifest):
         assert g["labels"].dtype == np.uint8 and np.array_equal(g["labels"], s["labels"])
         assert g["meta"] == expected_meta(s)
         assert g["meta"]["history"] == [{"op": "resample", "spacing": [0.7, 0.8, 2.5]}]
-    # no torch needed anywhere on the read path
-    assert "torch" not in sys.modules
+    # no torch needed anywhere on the read path: block it in a fresh interpreter and read again
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from ctgen.data import iter_samples\n"
+            f"print(len(list(iter_samples({str(path)!r}))))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(len(samples))
 
 
 def test_iter_samples_shuffle_is_seeded(manifest):

@@ -63,3 +63,18 @@ def test_pnms_and_intercepts_are_decided_per_volume(demo):
         t = truth.loc[rec["VolumeName"]]
         assert hist["to_hu"]["convention"] == t["stored_convention"]
         assert hist["geometry"]["reversed_slices"] == bool(t["reversed_slices"])
+
+
+def test_default_demo_conventions_all_detected(tmp_path, repo_config):
+    """Regression: raw-stored -2048 padding reads as air-like -1024 under the wrong mapping."""
+    import yaml
+
+    from ctprep.intensity import to_hu
+
+    cfg = {**yaml.safe_load(repo_config.read_text())["demo"], "faults": []}
+    truth = write_demo_cohort(tmp_path / "dataset", cfg).set_index("VolumeName")
+    cohort, _ = build_cohort(tmp_path / "dataset")
+    for rec in cohort.to_dict("records"):
+        meta = metadata_row(rec)
+        vol = to_hu(load_nifti(rec["path"]), float(meta["RescaleSlope"]), float(meta["RescaleIntercept"]))
+        assert vol.meta["stored_convention"] == truth.loc[rec["VolumeName"], "stored_convention"], rec["VolumeName"]

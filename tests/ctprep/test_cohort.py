@@ -1,0 +1,61 @@
+import pandas as pd
+import pytest
+
+from ctprep import ctrate
+from ctprep.cohort import build_cohort, chunk_of, parse_age, write_cohort
+from ctprep.demo import write_demo_cohort
+from ctprep.rejects import RejectedInput
+
+FAULTS = ["truncated_gzip", "missing_metadata", "missing_report", "empty_impression", "bad_list", "path_escape"]
+CFG = {"seed": 1, "n_train_patients": 3, "n_valid_patients": 2, "max_scans_per_patient": 2, "max_recons_per_scan": 1,
+       "matrix": 48, "slices": [20, 24], "z_spacing_mm": [6.0, 8.0], "faults": FAULTS}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("c") / "dataset"
+    truth = write_demo_cohort(root, CFG)
+    return root, truth
+
+
+def test_cohort_joins_tables_and_names_rejects(dataset):
+    root, truth = dataset
+    cohort, rejects = build_cohort(root, n_chunks=3)
+    clean = truth[truth["fault"] == ""]
+    # a truncated file is only found out when read (prep stage); every other fault is caught here
+    expected = set(clean["VolumeName"]) | set(truth.loc[truth["fault"] == "truncated_gzip", "VolumeName"])
+    assert set(cohort["VolumeName"]) == expected
+    reasons = dict(zip(rejects["VolumeName"], rejects["reason"]))
+    by_fault = dict(zip(truth["fault"], truth["VolumeName"]))
+    assert reasons[by_fault["missing_metadata"]] == "missing metadata row"
+    assert reasons[by_fault["missing_report"]] == "missing report row"
+    assert reasons[by_fault["empty_impression"]] == "empty impression"
+    assert "ImagePositionPatient" in reasons[by_fault["bad_list"]]
+    assert "not a bare file name" in reasons[by_fault["path_escape"]]
+    # labels equal the labels CSV, report sections the report CSV
+    labels = pd.read_csv(ctrate.labels_csv(root, "train")).set_index("VolumeName")
+    for rec in cohort[cohort["split"] == "train"].to_dict("records"):
+        assert [rec[lab] for lab in ctrate.LABELS] == labels.loc[rec["VolumeName"], list(ctrate.LABELS)].tolist()
+    reports = pd.read_csv(ctrate.report_csv(root, "valid")).set_index("VolumeName")
+    for rec in cohort[cohort["split"] == "valid"].to_dict("records"):
+        assert rec["impression"] == reports.loc[rec["VolumeName"], "Impressions_EN"].strip()
+    # patients stay in one split and one chunk
+    assert cohort.groupby("patient")["split"].nunique().max() == 1
+    assert cohort.groupby("patient")["chunk"].nunique().max() == 1
+    assert set(cohort["chunk"]) <= {0, 1, 2}
+
+
+def test_strict_mode_raises_with_every_reject(dataset, tmp_path):
+    root, _ = dataset
+    with pytest.raises(RejectedInput, match="missing metadata row"):
+        write_cohort(root, tmp_path / "c.parquet", tmp_path / "r.parquet", strict=True)
+
+
+def test_chunk_is_stable_and_age_parsed():
+    assert chunk_of("train_1", 500) == chunk_of("train_1", 500) == 323  # crc32, the same on every machine
+    assert parse_age("036Y") == 36 and parse_age("018M") == 1 and parse_age("") is None and parse_age("abc") is None
+
+
+def test_missing_tables_give_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metadata table not found"):
+        build_cohort(tmp_path)
