@@ -18,9 +18,9 @@ include: "workflow/rules/rejects.smk"
 
 
 rule all:
+    default_target: True
     input:
         expand(rules.shard_manifest.output.manifest, split=SPLITS),
         rules.rejects.output.csv,
         rules.prompts.output.table,
         DICOM_OUTPUTS,
-    default_target: True

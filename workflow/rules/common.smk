@@ -1,7 +1,6 @@
 # Config validation and the values rules read; logic lives in ctprep.
 from snakemake.utils import validate
 
-
 validate(config, "../schemas/config.schema.yaml")
 
 R = config["results"]

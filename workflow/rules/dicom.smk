@@ -7,18 +7,18 @@ if DICOM_OUTPUTS:
             volumes=directory(f"{R}/dicom/volumes"),
             metadata=f"{R}/dicom/metadata.csv",
             rejects=f"{R}/rejects/dicom.parquet",
-        params:
-            split=config["dicom"]["split"],
-            strict=config["prep"]["strict"],
         log:
             f"{R}/logs/dicom2nifti.log",
         benchmark:
             f"{R}/benchmarks/dicom2nifti.tsv"
+        conda:
+            "../../envs/prep.yaml"
         threads: 1
         resources:
             mem_mb=4000,
             runtime=120,
-        conda:
-            "../../envs/prep.yaml"
+        params:
+            split=config["dicom"]["split"],
+            strict=config["prep"]["strict"],
         script:
             "../scripts/dicom2nifti.py"

@@ -5,19 +5,19 @@ rule prep:
         volumes=directory(f"{R}/prep/{{chunk}}"),
         table=f"{R}/prep/{{chunk}}.parquet",
         rejects=f"{R}/rejects/prep/{{chunk}}.parquet",
-    params:
-        preset=PRESET,
-        dataset=config["dataset"],
-        strict=config["prep"]["strict"],
     log:
         f"{R}/logs/prep/{{chunk}}.log",
     benchmark:
         f"{R}/benchmarks/prep/{{chunk}}.tsv"
+    conda:
+        "../../envs/prep.yaml"
     threads: 2
     resources:
         mem_mb=3000,
         runtime=240,
-    conda:
-        "../../envs/prep.yaml"
+    params:
+        preset=PRESET,
+        dataset=config["dataset"],
+        strict=config["prep"]["strict"],
     script:
         "../scripts/prep.py"

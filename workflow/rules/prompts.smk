@@ -4,18 +4,18 @@ rule prompts:
     output:
         table=f"{R}/prompts/prompts.parquet",
         rejects=f"{R}/rejects/prompts.parquet",
-    params:
-        prompts=config["prompts"],
-        strict=config["prep"]["strict"],
     log:
         f"{R}/logs/prompts.log",
     benchmark:
         f"{R}/benchmarks/prompts.tsv"
+    conda:
+        "../../envs/prep.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
-    conda:
-        "../../envs/prep.yaml"
+    params:
+        prompts=config["prompts"],
+        strict=config["prep"]["strict"],
     script:
         "../scripts/prompts.py"

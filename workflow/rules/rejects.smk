@@ -10,11 +10,11 @@ rule rejects:
         f"{R}/logs/rejects.log",
     benchmark:
         f"{R}/benchmarks/rejects.tsv"
+    conda:
+        "../../envs/prep.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../../envs/prep.yaml"
     script:
         "../scripts/rejects.py"

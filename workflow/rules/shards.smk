@@ -6,18 +6,18 @@ rule shards:
         prompts=rules.prompts.output.table,
     output:
         shards=directory(f"{R}/shards/{{split}}/c{{chunk}}"),
-    params:
-        shards=config["shards"],
     log:
         f"{R}/logs/shards/{{split}}-{{chunk}}.log",
     benchmark:
         f"{R}/benchmarks/shards/{{split}}-{{chunk}}.tsv"
+    conda:
+        "../../envs/prep.yaml"
     threads: 1
     resources:
         mem_mb=3000,
         runtime=120,
-    conda:
-        "../../envs/prep.yaml"
+    params:
+        shards=config["shards"],
     script:
         "../scripts/shards.py"
 
@@ -31,11 +31,11 @@ rule shard_manifest:
         f"{R}/logs/shards/{{split}}-manifest.log",
     benchmark:
         f"{R}/benchmarks/shards/{{split}}-manifest.tsv"
+    conda:
+        "../../envs/prep.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=30,
-    conda:
-        "../../envs/prep.yaml"
     script:
         "../scripts/shard_manifest.py"
