@@ -159,3 +159,9 @@ def test_dag_of_a_50k_cohort_builds_fast(tmp_path):
     seconds = time.perf_counter() - t0
     assert "prep" in res.stdout and " 500" in res.stdout
     assert seconds < 60, seconds
+
+
+def test_rejects_name_only_the_injected_faults(demo_run):
+    rejects = pd.read_csv(demo_run / "results/rejects.csv")
+    truth = pd.read_csv(demo_run / "resources/demo/dataset/demo_truth.csv", keep_default_na=False)
+    assert set(rejects["VolumeName"]) == set(truth.loc[truth["fault"] != "", "VolumeName"])
