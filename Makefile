@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# rules call the `ctgen`/`ctprep` commands of this environment
+export PATH := $(abspath $(BIN)):$(PATH)
 PROFILE ?= workflow/profiles/local
+TORCH ?= 2.13.0
 
 .PHONY: setup demo test lint bench clean
 
@@ -11,6 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==$(TORCH)  # the pinned build first: a bare `torch` pulls GBs of CUDA wheels
 	$(BIN)/pip install --quiet -e '.[workflow,dev]'
 	touch $@
 

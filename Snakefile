@@ -12,9 +12,11 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/cohort.smk"
 include: "workflow/rules/dicom.smk"
 include: "workflow/rules/prep.smk"
+include: "workflow/rules/reports.smk"
 include: "workflow/rules/prompts.smk"
 include: "workflow/rules/shards.smk"
 include: "workflow/rules/rejects.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:
@@ -23,4 +25,8 @@ rule all:
         expand(rules.shard_manifest.output.manifest, split=SPLITS),
         rules.rejects.output.csv,
         rules.prompts.output.table,
+        rules.label_agreement.output.markdown,
+        LABELLER_EVAL,
         DICOM_OUTPUTS,
+        rules.train_generator.output.weights,
+        rules.train_superres.output.weights,

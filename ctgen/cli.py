@@ -1,21 +1,100 @@
-"""``ctgen`` command line: model-side tools (shard verification now; training and sampling follow)."""
+"""``ctgen`` command line: training, the steps between the models, and shard checks."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
+from pathlib import Path
 
-COMMANDS = {"verify-shards": "re-hash shards against their manifests and count samples per split"}
+
+def _train(args: argparse.Namespace) -> int:
+    from ctgen import tasks
+
+    cfg = tasks.load_config(args.config)
+    for key in ("manifests", "tokens", "text_cache", "text_tokenizer", "recon"):
+        value = getattr(args, key, None)
+        if value:
+            cfg["data"][key] = value
+    tasks.run_training(args.model, cfg, args.out, args.checkpoints or Path(args.out).parent / "checkpoints" / args.model)
+    return 0
+
+
+def _encode_tokens(args: argparse.Namespace) -> int:
+    from ctgen import tasks
+
+    tasks.encode_tokens(args.tokenizer, args.manifests, args.out, args.lowres_scale, prompt=args.prompt,
+                        recon_path=args.recon, device=args.device)
+    return 0
+
+
+def _fit_text_tokenizer(args: argparse.Namespace) -> int:
+    from ctgen import tasks
+
+    tasks.fit_text_tokenizer(args.prompts, args.column, args.out, args.vocab_size)
+    return 0
+
+
+def _embed_prompts(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ctgen import tasks
+
+    tasks.embed_prompts(args.prompts, args.column, yaml.safe_load(args.encoder), args.out)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ctgen", description="text-to-CT models: training, sampling and checks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one model of the cascade (under torchrun for several processes)")
+    t.add_argument("model", choices=("tokenizer", "generator", "superres"))
+    t.add_argument("--config", required=True, help="YAML/JSON with model, train, data sections (see ctgen/tasks.py)")
+    t.add_argument("--out", required=True, help="folder for the final weights, metrics and summary")
+    t.add_argument("--checkpoints", help="folder for resumable checkpoints (default: beside --out)")
+    t.add_argument("--manifests", nargs="+", help="shard manifests (tokenizer, superres)")
+    t.add_argument("--tokens", help="encode_tokens output (generator)")
+    t.add_argument("--text-cache", dest="text_cache", help="cached frozen-encoder prompt states")
+    t.add_argument("--text-tokenizer", dest="text_tokenizer", help="tokenizer JSON of the trainable text encoder")
+    t.add_argument("--recon", help="tokenizer reconstructions as super-resolution inputs")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("encode-tokens", help="token grids (and reconstructions) of shards with a trained tokenizer")
+    e.add_argument("--tokenizer", required=True, help="trained tokenizer folder")
+    e.add_argument("--manifests", nargs="+", required=True)
+    e.add_argument("--out", required=True, help="output .safetensors (a .prompts.json is written beside it)")
+    e.add_argument("--recon", help="also write reconstructions to this .safetensors")
+    e.add_argument("--lowres-scale", dest="lowres_scale", type=int, default=1)
+    e.add_argument("--prompt", help="prompt template name stored with the tokens (default: the shards' main prompt)")
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=_encode_tokens)
+
+    f = sub.add_parser("fit-text-tokenizer", help="fit the small text encoder's tokenizer on the training prompts")
+    f.add_argument("--prompts", required=True, help="prompts.parquet")
+    f.add_argument("--column", required=True, help="prompt template name")
+    f.add_argument("--vocab-size", dest="vocab_size", type=int, default=2000)
+    f.add_argument("--out", required=True)
+    f.set_defaults(func=_fit_text_tokenizer)
+
+    m = sub.add_parser("embed-prompts", help="cache a frozen text encoder's states for every prompt")
+    m.add_argument("--prompts", required=True, help="prompts.parquet")
+    m.add_argument("--column", required=True)
+    m.add_argument("--encoder", required=True, help='encoder config as YAML/JSON, e.g. \'{kind: minilm, max_length: 128}\'')
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=_embed_prompts)
+
+    v = sub.add_parser("verify-shards", help="re-hash shards against their manifests and count samples per split")
+    v.add_argument("rest", nargs=argparse.REMAINDER)
+    v.set_defaults(func=lambda a: __import__("ctgen.data", fromlist=["x"]).verify_shards_main(a.rest))
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        listing = "\n".join(f"  {k:15s} {v}" for k, v in COMMANDS.items())
-        sys.stderr.write(f"usage: ctgen COMMAND ...\ncommands:\n{listing}\n")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from ctgen.data import verify_shards_main
-
-    return verify_shards_main(argv[1:])
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
 
 
 if __name__ == "__main__":

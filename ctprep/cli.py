@@ -65,7 +65,21 @@ def cmd_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands with their own argument parsers (in ctprep.reports), passed the rest of the command line.
+PASS_THROUGH = {
+    "parse-report": ("ctprep.reports", "parse_report_main",
+                     "parse one report (stdin: text or CT-RATE JSON) or --jsonl IN OUT to sections, mentions, labels, prompts"),
+    "evaluate-parser": ("ctprep.reports", "evaluate_main",
+                        "score the report labeller against radiologist-labelled reports (JSONL)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASS_THROUGH:
+        module, name, _ = PASS_THROUGH[argv[0]]
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        return getattr(__import__(module, fromlist=[name]), name)(argv[1:])
     parser = argparse.ArgumentParser(prog="ctprep", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-chunks", type=int, default=1)
     p.add_argument("--strict", action="store_true")
     p.set_defaults(func=cmd_cohort)
+
+    for command, (_, _, text) in PASS_THROUGH.items():
+        sub.add_parser(command, help=text, add_help=False)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

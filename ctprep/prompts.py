@@ -62,10 +62,36 @@ def render(template: str, row: dict, max_chars: int = 0) -> str:
     return truncate(clean(template.format(**values)), max_chars)
 
 
-def build_prompts(cohort: pd.DataFrame, templates: dict[str, str], max_chars: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(prompts table with one column per template, rejects) for every cohort row."""
+STRUCTURED = "structured"
+
+
+def structured_prompts(mentions: pd.DataFrame, negated: str = "omit", max_chars: int = 0) -> dict[str, str]:
+    """{VolumeName: the parser's canonical findings sentence} from the mentions table."""
+    from dataclasses import fields
+
+    from ctprep.reports import Mention, structured_prompt
+
+    names = [f.name for f in fields(Mention)]
+    by_volume: dict[str, list] = {}
+    for rec in mentions.to_dict("records") if len(mentions) else []:
+        by_volume.setdefault(rec["VolumeName"], []).append(
+            Mention(**{k: (None if isinstance(rec[k], float) and rec[k] != rec[k] else rec[k]) for k in names}))
+    return {name: structured_prompt(ms, negated=negated, max_chars=max_chars) for name, ms in by_volume.items()}
+
+
+def build_prompts(cohort: pd.DataFrame, templates: dict[str, str], max_chars: int = 0,
+                  structured: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(prompts table with one column per template, rejects) for every cohort row.
+
+    ``structured``: {VolumeName: structured prompt}; when given, a ``structured`` column is added
+    (a volume without mentions gets the parser's "no findings" sentence).
+    """
+    from ctprep.reports import NO_FINDINGS
+
     for tpl in templates.values():
         template_fields(tpl)
+    if structured is not None and STRUCTURED in templates:
+        raise ValueError(f"template name {STRUCTURED!r} is reserved for the parser's structured prompt")
     rows, bad = [], []
     for rec in cohort.to_dict("records"):
         rec["age"] = None if pd.isna(rec.get("age")) else int(rec["age"])
@@ -73,19 +99,31 @@ def build_prompts(cohort: pd.DataFrame, templates: dict[str, str], max_chars: in
         try:
             for name, tpl in templates.items():
                 out[name] = render(tpl, rec, max_chars)
+            if structured is not None:
+                out[STRUCTURED] = structured.get(rec["VolumeName"], NO_FINDINGS)
         except KeyError as err:
             bad.append({"VolumeName": rec["VolumeName"], "split": rec["split"], "stage": "prompts",
                         "reason": f"prompt template {name!r} needs {err.args[0]}, which the report/metadata lacks"})
             continue
         rows.append(out)
-    return pd.DataFrame(rows, columns=["VolumeName", "split", *templates]), rejects.frame(bad)
+    columns = ["VolumeName", "split", *templates, *([STRUCTURED] if structured is not None else [])]
+    return pd.DataFrame(rows, columns=columns), rejects.frame(bad)
 
 
 def write_prompts(cohort_path, out_table, out_rejects, templates: dict[str, str], max_chars: int = 0,
-                  strict: bool = False) -> pd.DataFrame:
-    """Build prompts for the cohort table and write them with their rejects (Parquet)."""
+                  strict: bool = False, structured: dict | None = None, mentions_path=None) -> pd.DataFrame:
+    """Build prompts for the cohort table and write them with their rejects (Parquet).
+
+    ``structured`` is the config's ``{enabled, negated}``; when enabled, ``mentions_path`` (the
+    parse_reports mentions table) gives the structured prompt column.
+    """
     cohort = pd.read_parquet(cohort_path)
-    table, rej = build_prompts(cohort, templates, max_chars)
+    sentences = None
+    if structured and structured.get("enabled"):
+        if not mentions_path:
+            raise ValueError("the structured prompt needs the mentions table of parse_reports")
+        sentences = structured_prompts(pd.read_parquet(mentions_path), structured.get("negated", "omit"), max_chars)
+    table, rej = build_prompts(cohort, templates, max_chars, structured=sentences)
     rejects.check(rej, strict, "prompt building")
     table.to_parquet(out_table, index=False)
     rej.to_parquet(out_rejects, index=False)

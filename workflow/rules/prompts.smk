@@ -1,6 +1,7 @@
 rule prompts:
     input:
         cohort=rules.cohort.output.table,
+        mentions=get_prompt_mentions,
     output:
         table=f"{R}/prompts/prompts.parquet",
         rejects=f"{R}/rejects/prompts.parquet",

@@ -10,5 +10,7 @@ write_prompts(
     snakemake.output.rejects,
     templates=snakemake.params.prompts["templates"],
     max_chars=snakemake.params.prompts.get("max_chars", 0),
+    structured=snakemake.params.prompts["structured"],
+    mentions_path=snakemake.input.mentions or None,
     strict=snakemake.params.strict,
 )

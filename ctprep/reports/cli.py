@@ -1,0 +1,101 @@
+"""``ctprep parse-report``: one report from stdin (text or JSON) -> sections, mentions, labels, prompts.
+
+``--jsonl IN OUT`` parses a whole file, one JSON object per line each way, keeping each input's ``id``.
+Prompts are the structured prompt plus every template under ``prompts.templates`` of the config
+(``--config FILE``, default ``./config.yaml`` if present), rendered with ``ctprep.prompts.render``;
+a template needing a field the input lacks (age, sex, impression, ...) gives null.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from ctprep.prompts import render
+from ctprep.reports.pipeline import ParsedReport, get_parser
+from ctprep.reports.structured import structured_prompt
+
+logger = logging.getLogger(__name__)
+
+#: Input keys copied into the prompt-template row besides the sections.
+META_FIELDS = ("age", "sex")
+
+
+def load_templates(path: str | None) -> tuple[dict[str, str], int]:
+    """(templates, max_chars) from the config's ``prompts`` block; none without a config."""
+    candidate = Path(path) if path else Path("config.yaml")
+    if not candidate.is_file():
+        if path:
+            raise SystemExit(f"config {path} not found")
+        return {}, 0
+    cfg = yaml.safe_load(candidate.read_text()) or {}
+    prompts = cfg.get("prompts") or {}
+    return dict(prompts.get("templates") or {}), int(prompts.get("max_chars") or 0)
+
+
+def _read_input(raw: str) -> str | dict:
+    """A JSON object if the text is one, else the plain report text."""
+    text = raw.strip()
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+            if isinstance(obj, dict):
+                return obj
+        except json.JSONDecodeError:
+            logger.warning("input starts with '{' but is not JSON; parsing it as report text")
+    return raw
+
+
+def result_json(report: str | dict, parsed: ParsedReport, templates: dict[str, str], max_chars: int = 0) -> dict:
+    """The output object for one input."""
+    row = dict(parsed.sections)
+    meta = report if isinstance(report, dict) else {}
+    row.update({k: meta.get(k) for k in META_FIELDS})
+    prompts: dict[str, str | None] = {"structured": structured_prompt(parsed.mentions)}
+    for name, template in templates.items():
+        try:
+            prompts[name] = render(template, row, max_chars)
+        except KeyError:
+            prompts[name] = None
+    out = {"id": meta["id"]} if "id" in meta else {}
+    out.update(parsed.to_json())
+    out["prompts"] = prompts
+    return out
+
+
+def _iter_jsonl(path: str) -> Iterator[str | dict]:
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                obj = _read_input(line)
+                if not isinstance(obj, dict):
+                    raise SystemExit(f"{path}:{n}: not a JSON object")
+                yield obj
+
+
+def parse_report_main(argv: list[str] | None = None) -> int:
+    """CLI entry: ``parse-report [--config FILE] [--jsonl IN OUT]``; prints JSON (stdin mode)."""
+    ap = argparse.ArgumentParser(prog="ctprep parse-report", description=__doc__)
+    ap.add_argument("--config", help="config YAML with prompts.templates (default: ./config.yaml if present)")
+    ap.add_argument("--jsonl", nargs=2, metavar=("IN", "OUT"), help="parse a JSON-lines file into another")
+    args = ap.parse_args(argv)
+    templates, max_chars = load_templates(args.config)
+    parser = get_parser()
+    if args.jsonl:
+        src, dst = args.jsonl
+        reports = list(_iter_jsonl(src))
+        with open(dst, "w") as out:
+            for report, parsed in zip(reports, parser.pipe(reports)):
+                out.write(json.dumps(result_json(report, parsed, templates, max_chars), ensure_ascii=False) + "\n")
+        logger.info("parsed %d reports from %s into %s", len(reports), src, dst)
+        return 0
+    report = _read_input(sys.stdin.read())
+    json.dump(result_json(report, parser.parse(report), templates, max_chars), sys.stdout, ensure_ascii=False, indent=1)
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,121 @@
+"""NegEx/ConText-style status of each finding mention: present, negated or uncertain.
+
+Own component rather than medspaCy (not installed, and its default rules are tuned to US English
+notes; translated Turkish prose needs "was not detected"-style post-negation and "-" coordinations).
+Triggers are found with spaCy's ``PhraseMatcher``; a pre-trigger ("no", "possible") scopes forward and a
+post-trigger ("were not observed", "cannot be excluded") backward, both stopping at a terminator
+("but", "however", ";", "apart from"), at a passive assertion ("No effusion was detected, atelectasis
+is seen": the scope of "no" ends at "was detected"), or after ``MAX_SCOPE`` tokens. Coordinations
+("no effusion or pneumothorax", "X and Y were not observed") stay inside one scope.
+"""
+
+from __future__ import annotations
+
+import bisect
+from spacy.language import Language
+from spacy.matcher import PhraseMatcher
+from spacy.tokens import Doc, Span
+from spacy.util import filter_spans
+
+from ctprep.reports import vocabulary as V
+
+MAX_SCOPE = 30  # tokens a trigger reaches; CT-RATE lists run long ("No enlarged lymph nodes in A, B ... were detected")
+_AUX = {"is", "are", "was", "were", "be", "been", "being"}
+_NEG = ("PRE_NEG", "POST_NEG")
+_UNC = ("PRE_UNC", "POST_UNC")
+
+if not Span.has_extension("status"):
+    Span.set_extension("status", default="present")
+    Span.set_extension("trigger", default=None)
+
+
+def build_phrase_matcher(nlp: Language) -> PhraseMatcher:
+    """PhraseMatcher over lower-cased tokens for the trigger lists (phrases tokenised like the reports)."""
+    matcher = PhraseMatcher(nlp.vocab, attr="LOWER")
+    lists = {"PRE_NEG": V.PRE_NEGATION, "POST_NEG": V.POST_NEGATION, "PSEUDO": V.PSEUDO_NEGATION,
+             "PRE_UNC": V.PRE_UNCERTAIN, "POST_UNC": V.POST_UNCERTAIN, "TERM": V.TERMINATORS,
+             "SENT_NEG": V.SENTENCE_NEGATION, "CURRENT": V.CURRENT_EXAM}
+    for kind, phrases in lists.items():
+        matcher.add(kind, [nlp.make_doc(p.lower()) for p in phrases])
+    return matcher
+
+
+def build_trigger_matcher(nlp: Language) -> PhraseMatcher:
+    """PhraseMatcher for the open pattern "(aux) not (be) <seen-verb>", spelled out (~5,000 phrases).
+
+    The same language as a token ``Matcher`` pattern with optional tokens, but a token Matcher whose
+    first token is optional starts a state at every token and cost more than the rest of the pipeline.
+    """
+    matcher = PhraseMatcher(nlp.vocab, attr="LOWER")
+    # "(was) not (been) detected", "could not be seen", "wasn't observed" ("can't" -> "ca" "n't")
+    aux = [[]] + [[w] for w in sorted(_AUX | {"has", "have", "could", "can", "did", "do", "does", "ca", "wo"})]
+    be = [[], ["be"], ["been"]]
+    phrases = [Doc(nlp.vocab, words=a + [neg] + b + [seen])
+               for a in aux for neg in ("not", "n't", "never") for b in be for seen in V._SEEN]
+    matcher.add("POST_NEG", phrases)
+    return matcher
+
+
+def _asserted(doc: Doc, start: int, end: int) -> bool:
+    """True if tokens [start, end) hold a passive assertion ("is seen", "were observed")."""
+    return any(doc[i].lower_ in V.ASSERT_VERBS and i > start and doc[i - 1].lower_ in _AUX for i in range(start, end))
+
+
+def _blocked(doc: Doc, terms: list[Span], start: int, end: int) -> bool:
+    """True if something between token ``start`` and ``end`` ends a trigger's scope."""
+    if end - start > MAX_SCOPE:
+        return True
+    return any(start <= t.start and t.end <= end for t in terms) or _asserted(doc, start, end)
+
+
+def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) -> tuple[str, Span | None]:
+    """(status, trigger) for one mention, from the triggers of its sentence ``sent`` (in text order)."""
+    terms = [t for t in triggers if t.label_ == "TERM"]
+    found: dict[str, Span] = {}
+    current_starts = {t.start for t in triggers if t.label_ == "CURRENT"}
+    for t in triggers:
+        if t.start < sent.start or t.end > sent.end or t.label_ in {"TERM", "PSEUDO", "CURRENT"}:
+            continue
+        if t.start >= mention.end and (t.label_ == "SENT_NEG" or (t.label_ == "POST_NEG" and t.end in current_starts)):
+            found.setdefault("NEG", t)  # sentence-wide: "X, seen before, has disappeared"
+            continue
+        if t.label_.startswith("PRE") and t.end <= mention.start and not _blocked(doc, terms, t.end, mention.start):
+            found[t.label_[4:]] = t  # triggers come in text order: the nearest pre-trigger wins
+        elif t.label_.startswith("POST") and t.start >= mention.end and not _blocked(doc, terms, mention.end, t.start):
+            found.setdefault(t.label_[5:], t)  # the nearest post-trigger wins
+        elif mention.start <= t.start and t.end <= mention.end and t.label_ in {"PRE_NEG", "POST_NEG"}:
+            found.setdefault("NEG", t)  # "heart size is not increased" lies inside the mention
+    if "NEG" in found:
+        return "negated", found["NEG"]
+    if "UNC" in found:
+        return "uncertain", found["UNC"]
+    return "present", None
+
+
+@Language.factory("ctprep_context")
+def make_context(nlp: Language, name: str) -> ReportContext:
+    return ReportContext(nlp)
+
+
+class ReportContext:
+    """Pipeline component: sets ``span._.status`` and ``span._.trigger`` on ``doc.spans["findings"]``."""
+
+    def __init__(self, nlp: Language):
+        self.phrases = build_phrase_matcher(nlp)
+        self.matcher = build_trigger_matcher(nlp)
+
+    def __call__(self, doc: Doc) -> Doc:
+        mentions = doc.spans.get("findings", [])
+        if not len(mentions):
+            return doc
+        sents = doc.user_data["sents"]
+        firsts = [s[0] for s in sents]
+        by_sentence: dict[int, tuple[Span, list[Span]]] = {}  # triggers found once per sentence holding a mention
+        for m in mentions:
+            i = bisect.bisect_right(firsts, m.start) - 1
+            if i not in by_sentence:
+                sent = doc[sents[i][0]: sents[i][1]]
+                # longest wins: "can not be excluded" over "not" (filter_spans returns them in text order)
+                by_sentence[i] = (sent, filter_spans(self.phrases(sent, as_spans=True) + self.matcher(sent, as_spans=True)))
+            m._.status, m._.trigger = mention_status(doc, m, *by_sentence[i])
+        return doc

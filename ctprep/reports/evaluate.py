@@ -1,0 +1,109 @@
+"""Score the labeller against radiologist labels: per-label precision/recall/F1, micro and macro F1.
+
+The reference file is JSON lines with ``id``, the report (``findings``/``impression`` or ``text``) and
+``labels`` (the 18 CT-RATE names, 0/1), like ``reports_dev.jsonl``. ``split_of`` assigns each id to
+``dev`` (~2/3) or ``heldout`` (~1/3) by a stable hash, so rule development can keep a part aside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from ctprep.ctrate import LABELS
+from ctprep.reports.pipeline import get_parser
+
+logger = logging.getLogger(__name__)
+
+
+def split_of(report_id: str) -> str:
+    """``heldout`` for ~1/3 of ids (SHA-1 of the id mod 3 == 0), else ``dev``; stable across runs and machines."""
+    return "heldout" if int(hashlib.sha1(str(report_id).encode()).hexdigest(), 16) % 3 == 0 else "dev"
+
+
+def _report_input(row: dict) -> dict | str:
+    """What the parser reads from a reference row: the split sections if present, else the text."""
+    if row.get("findings") or row.get("impression"):
+        return {"findings": row.get("findings") or "", "impression": row.get("impression") or "",
+                "text": row.get("text") or ""}
+    return row.get("text") or ""
+
+
+def _f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    p = tp / (tp + fp) if tp + fp else (1.0 if tp + fn == 0 else 0.0)
+    r = tp / (tp + fn) if tp + fn else 1.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def score(pairs: Iterable[tuple[dict[str, int], dict[str, int]]]) -> dict:
+    """Metrics from (predicted, reference) label dicts."""
+    counts = {label: [0, 0, 0] for label in LABELS}  # tp, fp, fn
+    n = 0
+    for pred, ref in pairs:
+        n += 1
+        for label in LABELS:
+            p, r = int(pred.get(label, 0)), int(ref.get(label, 0))
+            counts[label][0] += p and r
+            counts[label][1] += p and not r
+            counts[label][2] += r and not p
+    per_label = {}
+    for label, (tp, fp, fn) in counts.items():
+        p, r, f = _f1(tp, fp, fn)
+        per_label[label] = {"precision": p, "recall": r, "f1": f, "support": tp + fn, "tp": tp, "fp": fp, "fn": fn}
+    tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
+    return {"n_reports": n, "per_label": per_label, "micro_f1": _f1(tp, fp, fn)[2],
+            "macro_f1": sum(v["f1"] for v in per_label.values()) / len(per_label)}
+
+
+def evaluate(jsonl_path: str | Path, ids: Iterable[str] | None = None) -> dict:
+    """Score the parser's labels on the reference JSONL (only rows whose id is in ``ids``, if given)."""
+    keep = None if ids is None else set(ids)
+    rows = [json.loads(line) for line in Path(jsonl_path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if keep is None or r["id"] in keep]
+    parsed = get_parser().pipe(_report_input(r) for r in rows)
+    result = score((p.labels, r["labels"]) for p, r in zip(parsed, rows))
+    logger.info("evaluated %d reports: macro-F1 %.3f, micro-F1 %.3f", result["n_reports"], result["macro_f1"], result["micro_f1"])
+    return result
+
+
+def table_rows(result: dict) -> list[dict]:
+    """One row per label plus micro/macro rows, for TSV output."""
+    rows = [{"label": k, **{m: v[m] for m in ("precision", "recall", "f1", "support", "tp", "fp", "fn")}}
+            for k, v in result["per_label"].items()]
+    rows.append({"label": "micro", "f1": result["micro_f1"], "support": sum(v["support"] for v in result["per_label"].values())})
+    rows.append({"label": "macro", "f1": result["macro_f1"]})
+    return rows
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """CLI: ``evaluate JSONL [--split all|dev|heldout] [--out table.tsv|table.json] [--min-macro-f1 X]``."""
+    ap = argparse.ArgumentParser(prog="ctprep evaluate-parser", description=__doc__)
+    ap.add_argument("jsonl", help="reference reports with radiologist labels (JSON lines)")
+    ap.add_argument("--split", default="all", choices=["all", "dev", "heldout"], help="which hash split to score")
+    ap.add_argument("--out", help="write the table here (.json: full result; otherwise TSV); default: stdout TSV")
+    ap.add_argument("--min-macro-f1", type=float, default=0.0, help="exit 1 if macro-F1 is below this")
+    args = ap.parse_args(argv)
+    ids = None
+    if args.split != "all":
+        ids = [json.loads(line)["id"] for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
+        ids = [i for i in ids if split_of(i) == args.split]
+    result = evaluate(args.jsonl, ids)
+    result["split"] = args.split
+    fields = ["label", "precision", "recall", "f1", "support", "tp", "fp", "fn"]
+    if args.out and args.out.endswith(".json"):
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    else:
+        fh = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 - closed below
+        writer = csv.DictWriter(fh, fields, delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        for row in table_rows(result):
+            writer.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items()})
+        if args.out:
+            fh.close()
+    return 0 if result["macro_f1"] >= args.min_macro_f1 else 1

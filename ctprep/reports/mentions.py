@@ -1,0 +1,194 @@
+"""Finding mentions: the ``Mention`` record and the pipeline component that finds them.
+
+The component runs every ``vocabulary.RULES`` regex over the section text, keeps the matches whose
+sentence passes the rule's requires/excludes checks, assigns bare "effusion"/"fluid" to the pleura or
+the pericardium from the words around it, and stores the result as spans in ``doc.spans["findings"]``
+(label = CT-RATE label). ``context.py`` then gives each a status; ``to_mentions`` adds attributes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import asdict, dataclass
+
+from spacy.language import Language
+from spacy.tokens import Doc, Span
+
+from ctprep.reports import attributes as A
+from ctprep.reports.prefilter import compile_lower, keywords, lower_same_length, sentences_with
+from ctprep.reports.vocabulary import EFFUSION, LUNG, NON_LUNG, RULES, Rule
+
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A rule ready for lower-cased text: its regexes and its prefilter keywords."""
+
+    rule: Rule
+    rx: re.Pattern
+    requires: re.Pattern | None
+    excludes: re.Pattern | None
+    words: frozenset[str] | None
+
+
+_COMPILED = tuple(_Compiled(r, compile_lower(r.pattern), compile_lower(r.requires) if r.requires else None,
+                            compile_lower(r.excludes) if r.excludes else None, keywords(r.pattern)) for r in RULES)
+_EFFUSION_WORDS = keywords(EFFUSION.pattern)
+_PERICARD = compile_lower(r"\bpericardi\w*")
+_PLEURA = compile_lower(r"\b(pleura\w*|hemithora\w*|thorax|thoracic cavit\w*)")
+_SIDE = compile_lower(r"\b(right|left|bilateral\w*|both|bibasal\w*)\b")
+_NON_LUNG = compile_lower(NON_LUNG.replace(r"|lymph nodes?", "").replace(r"|soft tissue", "")
+                          + r"|\b(joint|subcapsular|perihepatic|perisplenic|pelvic|free)\b")
+_LUNG = compile_lower(LUNG)
+_ORGAN = compile_lower(NON_LUNG)
+_JOIN = re.compile(r"[\s-]{0,2}")  # what may separate two matches of one label that form one phrase
+_CLAUSE_END = re.compile(r"[;:]|\b(but|however|whereas|although)\b", re.I)
+
+
+def doc_text(doc: Doc) -> str:
+    """The doc's text, from ``user_data`` where the parser put it (``Doc.text`` re-joins all tokens)."""
+    text = doc.user_data.get("text")
+    if text is None:
+        text = doc.user_data["text"] = doc.text
+    return text
+
+
+@dataclass
+class Mention:
+    """One finding mention in a report."""
+
+    label: str  # CT-RATE label
+    text: str  # the matched words
+    section: str  # findings / impression / clinical_information / technique
+    sentence: int  # sentence index within the section
+    start: int  # char offsets in the section's normalised text
+    end: int
+    status: str  # present / negated / uncertain
+    trigger: str | None = None  # the context words that set a non-present status
+    laterality: str | None = None  # right / left / bilateral
+    location: str | None = None  # lobe code (RUL RML RLL LUL LLL lingula) or organ
+    size_mm_min: float | None = None  # smallest size / dimension in mm
+    size_mm_max: float | None = None  # largest size / dimension in mm
+    count: str | None = None  # single / a few / multiple
+    severity: str | None = None  # mild / moderate / severe
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _effusion_labels(sent: str, start: int, end: int) -> list[str]:
+    """Where a bare effusion/fluid lies: pleura, pericardium, both ("pleural or pericardial effusion") or neither."""
+    before = _CLAUSE_END.split(sent[max(0, start - 45): start])[-1]
+    after = _CLAUSE_END.split(sent[end: end + 50])[0]
+    labels = []
+    if _PERICARD.search(before) or _PERICARD.search(after):
+        labels.append("Pericardial effusion")
+    if _PLEURA.search(before) or _PLEURA.search(after):
+        labels.append("Pleural effusion")
+    word = sent[start:end].lower()
+    if not labels and word.startswith("effusion") and _SIDE.search(before + " " + after) and not _NON_LUNG.search(sent):
+        labels.append("Pleural effusion")  # "bilateral effusions", "effusion on the right": pleural
+    return labels
+
+
+def find_mentions(doc: Doc) -> list[Span]:
+    """Finding spans of one section doc (labels are CT-RATE names; one span per label and place).
+
+    Rules match inside one sentence, on the lower-cased text, and only in the sentences holding one
+    of the rule's keywords (``prefilter.py``); a rule's sentence-wide checks run once per sentence.
+    """
+    text = doc_text(doc)
+    low = lower_same_length(text)
+    sents = doc.user_data["sents"]  # (first token, end token, start char, end char), from ctprep_sentences
+    starts = [s[2] for s in sents]
+    n = len(sents)
+    off_lung: dict[int, bool] = {}  # sentence index -> names another organ and nothing of the lung
+    found: list[tuple[int, int, str]] = []
+    for c in _COMPILED:
+        rule = c.rule
+        for i in sentences_with(low, c.words, starts, n):
+            s0, e0 = sents[i][2], sents[i][3]
+            sentence_ok = None  # requires/excludes on the whole sentence, computed at the first match
+            for m in c.rx.finditer(low, s0, e0):
+                if rule.window:
+                    context = low[max(s0, m.start() - rule.window): min(e0, m.end() + rule.window)]
+                    ok = (c.requires is None or c.requires.search(context)) and not (c.excludes and c.excludes.search(context))
+                else:
+                    if sentence_ok is None:
+                        sentence = low[s0:e0]
+                        sentence_ok = bool((c.requires is None or c.requires.search(sentence))
+                                           and not (c.excludes and c.excludes.search(sentence)))
+                    ok = sentence_ok
+                if not ok:
+                    continue
+                if rule.lung_only:
+                    if i not in off_lung:
+                        sentence = low[s0:e0]
+                        off_lung[i] = bool(_ORGAN.search(sentence)) and not _LUNG.search(sentence)
+                    if off_lung[i]:
+                        continue
+                found.append((m.start(), m.end(), rule.label))
+    for i in sentences_with(low, _EFFUSION_WORDS, starts, n):
+        s0, e0 = sents[i][2], sents[i][3]
+        sentence = low[s0:e0]
+        for m in EFFUSION.finditer(low, s0, e0):
+            found.extend((m.start(), m.end(), label) for label in _effusion_labels(sentence, m.start() - s0, m.end() - s0))
+    merged: dict[str, list[list[int]]] = {}
+    for start, end, label in sorted(found, key=lambda x: (x[0], -x[1])):
+        runs = merged.setdefault(label, [])
+        if runs and (start < runs[-1][1] or _JOIN.fullmatch(text[runs[-1][1]: start])):
+            runs[-1][1] = max(runs[-1][1], end)  # overlapping or adjacent ("calcified atheroma plaques"): one mention
+        else:
+            runs.append([start, end])
+    spans = [doc.char_span(s, e, label=label, alignment_mode="expand") for label, runs in merged.items() for s, e in runs]
+    return sorted((s for s in spans if s is not None), key=lambda s: (s.start, s.label_))
+
+
+@Language.factory("ctprep_findings")
+def make_findings(nlp: Language, name: str) -> FindingMatcher:
+    return FindingMatcher()
+
+
+class FindingMatcher:
+    """Pipeline component: ``doc.spans["findings"]`` from the vocabulary's rules."""
+
+    def __call__(self, doc: Doc) -> Doc:
+        doc.spans["findings"] = find_mentions(doc) if len(doc) else []
+        return doc
+
+
+def to_mentions(doc: Doc, section: str) -> list[Mention]:
+    """Mention records (with attributes) for the finding spans of one section doc."""
+    out = []
+    sents = doc.user_data["sents"]
+    firsts = [s[0] for s in sents]
+    text = doc_text(doc)
+    cuts: dict[int, tuple[str, list[int], list[int]]] = {}  # sentence -> (text, clause starts, clause ends)
+    clauses: dict[tuple[int, int, int], A.Clause] = {}
+    for span in doc.spans.get("findings", []):
+        index = bisect.bisect_right(firsts, span.start) - 1
+        if index not in cuts:
+            stext = text[sents[index][2]: sents[index][3]]
+            marks = [m.span() for m in _CLAUSE_END.finditer(stext)]
+            cuts[index] = (stext, [0] + [b for _, b in marks], [a for a, _ in marks] + [len(stext)])
+        stext, lows, highs = cuts[index]
+        s0, e0 = span.start_char - sents[index][2], span.end_char - sents[index][2]
+        # the clause: the sentence cut at ; : but however around the mention
+        lo = lows[bisect.bisect_right(lows, s0) - 1]
+        hi = highs[bisect.bisect_left(highs, e0)]
+        clause = clauses.get((index, lo, hi))
+        if clause is None:
+            clause = clauses[index, lo, hi] = A.Clause(stext[lo:hi])
+        s, e = s0 - lo, e0 - lo
+        size = A.size_mm(clause, s)
+        out.append(Mention(
+            label=span.label_, text=text[span.start_char: span.end_char], section=section, sentence=index,
+            start=span.start_char, end=span.end_char, status=span._.status,
+            trigger=span._.trigger.text if span._.trigger is not None else None,
+            laterality=A.laterality(clause) if span.label_ in A.LATERAL else None,
+            location=A.location(span.label_, clause, s),
+            size_mm_min=size[0] if size else None, size_mm_max=size[1] if size else None,
+            count=A.count(span.label_, clause.text, s, e), severity=A.severity(clause.text, s, e),
+        ))
+    return out

@@ -1,0 +1,146 @@
+"""The report parser: a blank English spaCy pipeline with rule components, built once per process.
+
+``nlp = spacy.blank("en")`` + ``sentencizer`` (also at CT-RATE's ``"``/``•`` item separators) +
+``ctprep_findings`` (mentions.py) + ``ctprep_context`` (context.py). No model download, no
+lemmatizer. Each report is split into sections first; every non-empty section is one Doc, and
+``pipe`` streams all sections of a batch of reports through ``nlp.pipe`` together.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import spacy
+from spacy.attrs import IDX, IS_ALPHA, IS_DIGIT, ORTH, SENT_START, SPACY
+from spacy.language import Language
+from spacy.tokens import Doc
+
+from ctprep.ctrate import LABELS
+from ctprep.reports import context as _context  # noqa: F401 - registers ctprep_context
+from ctprep.reports import mentions as _mentions  # noqa: F401 - registers ctprep_findings
+from ctprep.reports.labels import label_vector
+from ctprep.reports.mentions import Mention, to_mentions
+from ctprep.reports.sections import SECTIONS, split_sections
+
+logger = logging.getLogger(__name__)
+
+#: Characters that end a sentence; CT-RATE also separates impression items with " and •.
+SENTENCE_PUNCT = (".", "!", "?", "•", "·", '"', "\n")
+#: Longest section text parsed (characters); longer text is cut, with a warning, to bound time and memory.
+MAX_SECTION_CHARS = 100_000
+
+
+@Language.component("ctprep_sentences")
+def set_sentences(doc: Doc) -> Doc:
+    """Sentence starts after . ! ? and the item separators, but not inside "9.6x8" or before ")" ",".
+
+    Vectorised over token attributes (a Python loop over tokens costs more than the rest of the
+    pipeline); the sentences are also kept as (first token, end token, start char, end char) in
+    ``doc.user_data["sents"]`` for the later components.
+    """
+    n = len(doc)
+    if n == 0:
+        doc.user_data["sents"] = []
+        return doc
+    arr = doc.to_array([ORTH, SPACY, IS_ALPHA, IS_DIGIT, IDX])  # uint64 (ORTH is a hash)
+    orth, space, alnum, idx = arr[:, 0], arr[:, 1].astype(bool), (arr[:, 2] | arr[:, 3]).astype(bool), arr[:, 4].astype(np.int64)
+    strings = doc.vocab.strings
+    punct = np.isin(orth, np.array([strings.add(p) for p in SENTENCE_PUNCT], dtype=np.uint64))
+    no_start = punct | np.isin(orth, np.array([strings.add(p) for p in (")", ",", ";", ":")], dtype=np.uint64))
+    dot = orth == strings.add(".")
+    start = np.zeros(n, dtype=bool)
+    start[1:] = punct[:-1] & ~no_start[1:] & ~(dot[:-1] & ~space[:-1] & alnum[1:])
+    # a sentence needs a word before it ends: a leading "•" belongs to the item after it
+    word = ~punct
+    seen = np.maximum.accumulate(np.where(word, np.arange(n), -1))  # last word position up to each token
+    prev_start = np.maximum.accumulate(np.where(start, np.arange(n), 0))
+    start[1:] &= seen[:-1] >= prev_start[:-1]
+    start[0] = True
+    sent = np.where(start, 1, -1).astype(np.uint64).reshape(-1, 1)
+    doc.from_array([SENT_START], sent)
+    firsts = np.flatnonzero(start).tolist()
+    ends = firsts[1:] + [n]
+    doc.user_data["sents"] = [(a, b, int(idx[a]), int(idx[b - 1]) + len(doc[b - 1])) for a, b in zip(firsts, ends)]
+    return doc
+
+
+@dataclass
+class ParsedReport:
+    """One parsed report: its sections, finding mentions and the 18-label vector."""
+
+    sections: dict[str, str]
+    mentions: list[Mention] = field(default_factory=list)
+    labels: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LABELS, 0))
+
+    def present(self) -> list[Mention]:
+        """Mentions whose status is present."""
+        return [m for m in self.mentions if m.status == "present"]
+
+    def to_json(self) -> dict:
+        """JSON-ready dict with ``sections``, ``mentions`` and ``labels``."""
+        return {"sections": dict(self.sections), "mentions": [m.to_dict() for m in self.mentions],
+                "labels": dict(self.labels)}
+
+
+class ReportParser:
+    """Negation-aware chest-CT report parser; build once and reuse (building costs ~50 ms)."""
+
+    def __init__(self):
+        self.nlp = spacy.blank("en")
+        self.nlp.add_pipe("ctprep_sentences")
+        self.nlp.add_pipe("ctprep_findings")
+        self.nlp.add_pipe("ctprep_context")
+
+    def parse(self, report: str | Mapping | None) -> ParsedReport:
+        """Parse one report: free text, or a mapping of section fields (CT-RATE columns or our names)."""
+        return next(self.pipe([report]))
+
+    def pipe(self, reports: Iterable[str | Mapping | None], batch_size: int = 64) -> Iterator[ParsedReport]:
+        """Parse many reports lazily, in order; sections of ``batch_size`` reports share one ``nlp.pipe``."""
+        batch: list[dict[str, str]] = []
+        for report in reports:
+            batch.append(split_sections(report))
+            if len(batch) >= batch_size:
+                yield from self._parse_batch(batch)
+                batch = []
+        if batch:
+            yield from self._parse_batch(batch)
+
+    def _make_doc(self, text: str) -> Doc:
+        """Tokenised doc carrying its text (``Doc.text`` re-joins every token on each access)."""
+        doc = self.nlp.make_doc(text)
+        doc.user_data["text"] = text
+        return doc
+
+    def _parse_batch(self, batch: list[dict[str, str]]) -> Iterator[ParsedReport]:
+        texts, where = [], []
+        for i, sections in enumerate(batch):
+            for name in SECTIONS:
+                text = sections[name]
+                if len(text) > MAX_SECTION_CHARS:
+                    logger.warning("report section %s has %d chars; parsing the first %d", name, len(text), MAX_SECTION_CHARS)
+                    text = sections[name] = text[:MAX_SECTION_CHARS]
+                if text:
+                    texts.append(text)
+                    where.append((i, name))
+        mentions: list[list[Mention]] = [[] for _ in batch]
+        for (i, name), doc in zip(where, self.nlp.pipe((self._make_doc(t) for t in texts), batch_size=256)):
+            mentions[i].extend(to_mentions(doc, name))
+        for sections, ms in zip(batch, mentions):
+            yield ParsedReport(sections=sections, mentions=ms, labels=label_vector(ms))
+
+
+@functools.lru_cache(maxsize=1)
+def get_parser() -> ReportParser:
+    """The process's parser, built on first use and cached (an explicit factory, not a module global;
+    ``get_parser.cache_clear()`` rebuilds it)."""
+    return ReportParser()
+
+
+def parse_report(report: str | Mapping | None) -> ParsedReport:
+    """Parse one report with the process's cached parser (see ``get_parser``)."""
+    return get_parser().parse(report)

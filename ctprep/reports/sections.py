@@ -1,0 +1,105 @@
+"""Section splitting: CT-RATE columns where given, else headers or the ``"``/``•`` separators in free text.
+
+Sections are ``clinical_information``, ``technique``, ``findings`` and ``impression``. CT-RATE's CSV
+gives them as columns (``Findings_EN`` ...), a missing one reading "Not given."; other sources send one
+free text with headers ("FINDINGS:", "Impression") or, like CT-RATE's own text dumps, the findings
+followed by impression items each introduced by ``"`` or ``•``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from ctprep.reports.normalise import normalise, normalise_lines
+
+SECTIONS: tuple[str, ...] = ("clinical_information", "technique", "findings", "impression")
+
+#: Input keys accepted for each section: our names, CT-RATE's CSV columns and common variants.
+FIELD_ALIASES: dict[str, tuple[str, ...]] = {
+    "clinical_information": ("clinical_information", "ClinicalInformation_EN", "clinical information", "indication", "history"),
+    "technique": ("technique", "Technique_EN"),
+    "findings": ("findings", "Findings_EN"),
+    "impression": ("impression", "impressions", "Impressions_EN", "Impression_EN", "conclusion"),
+}
+_TEXT_KEYS = ("text", "report", "report_text")
+
+# Header words -> section; longest alternatives first so "clinical information" wins over nothing.
+_HEADERS = {
+    "clinical information": "clinical_information", "clinical history": "clinical_information",
+    "clinical findings": "clinical_information", "indication": "clinical_information", "history": "clinical_information",
+    "technique": "technique", "procedure": "technique",
+    "findings": "findings", "finding": "findings", "report": "findings",
+    "impressions": "impression", "impression": "impression", "conclusions": "impression", "conclusion": "impression",
+    "result": "impression", "opinion": "impression",
+}
+_HEADER_WORDS = "|".join(sorted(map(re.escape, _HEADERS), key=len, reverse=True))
+# A header: at a line start (colon optional) or anywhere with a colon; a colon-less inline header
+# must be in capitals ("... normal. IMPRESSION No acute finding"), prose says "CT findings of ...".
+_HEADER = re.compile(
+    rf"(?:^|(?<=\n))[ \t]*(?P<a>{_HEADER_WORDS})[ \t]*(?::|\n|$|(?=[ \t]+[A-Z]))"
+    rf"|(?<![\w-])(?P<b>{_HEADER_WORDS})[ \t]*:"
+    rf"|(?<![\w-])(?P<c>(?-i:{_HEADER_WORDS.upper()}))(?![\w-])",
+    re.IGNORECASE | re.MULTILINE,
+)
+_SEPARATOR = re.compile(r'["•·]')
+_NOT_GIVEN = re.compile(r"^\W*(not given|none|n/?a|-+)\W*$", re.IGNORECASE)
+
+
+def _clean(value: object) -> str:
+    """A normalised section text; CT-RATE's "Not given." and empty cells become ''."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    s = normalise(value)
+    return "" if _NOT_GIVEN.match(s) else s
+
+
+def split_free_text(text: str) -> dict[str, str]:
+    """Sections of one free-text report (headers first, then the findings/impression separator)."""
+    lines = normalise_lines(text)
+    out = dict.fromkeys(SECTIONS, "")
+    low = lines.lower()
+    heads = list(_HEADER.finditer(lines)) if any(w in low for w in _HEADERS) else []  # the scan is slow; most texts have no header
+    if heads:
+        pre = lines[: heads[0].start()]
+        for i, m in enumerate(heads):
+            name = _HEADERS[(m["a"] or m["b"] or m["c"]).lower()]
+            end = heads[i + 1].start() if i + 1 < len(heads) else len(lines)
+            body = _clean(lines[m.end(): end])
+            out[name] = f"{out[name]} {body}".strip() if out[name] else body
+        if _clean(pre):
+            out["findings"] = f"{_clean(pre)} {out['findings']}".strip()
+    else:
+        out["findings"] = _clean(lines)
+    if not out["impression"] and out["findings"]:
+        out["findings"], out["impression"] = split_separator(out["findings"])
+    return out
+
+
+def split_separator(text: str) -> tuple[str, str]:
+    """(findings, impression): text before the first ``"``/``•`` separator, and the items after it."""
+    m = _SEPARATOR.search(text)
+    if m is None:
+        return text, ""
+    return text[: m.start()].strip(), text[m.start():].strip()
+
+
+def split_sections(report: str | Mapping | None) -> dict[str, str]:
+    """The four sections of a report given as free text or as a mapping of fields (CT-RATE columns)."""
+    if report is None:
+        return dict.fromkeys(SECTIONS, "")
+    if isinstance(report, str):
+        return split_free_text(report)
+    out = dict.fromkeys(SECTIONS, "")
+    found = False
+    for name, keys in FIELD_ALIASES.items():
+        for key in keys:
+            if key in report and report[key] is not None:
+                out[name], found = _clean(report[key]), True
+                break
+    if not found or not (out["findings"] or out["impression"]):
+        text = next((report[k] for k in _TEXT_KEYS if isinstance(report.get(k), str)), None)
+        if text is not None:
+            free = split_free_text(text)
+            return {k: out[k] or free[k] for k in SECTIONS}
+    return out

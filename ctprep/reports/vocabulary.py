@@ -1,0 +1,158 @@
+"""What the parser knows: the 18 CT-RATE labels' phrasings, and the context trigger lists.
+
+Finding phrases are regular expressions (case-insensitive) rather than spaCy token patterns:
+translated radiology prose needs morphology ("atelecta-sis/-tic/-ses"), hyphenated coordinations
+("effusion-thickening") and word-internal exclusions ("fibroatelectasis" is not atelectasis), which
+a blank pipeline without a lemmatizer cannot express as token attributes. Context triggers are
+plain phrases and go through spaCy's ``Matcher`` (see ``context.py``).
+
+Each ``Rule`` anchors a mention on ``pattern``; ``requires``/``excludes`` look at the mention's
+sentence (or its ±``window`` characters) so that, e.g., a calcification counts as *coronary* only
+next to "coronary", and a nodule counts as a *lung* nodule only outside the thyroid or liver.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ctprep.ctrate import LABELS
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One way to mention a label."""
+
+    label: str  # one of ctrate.LABELS
+    pattern: str  # anchor regex; the mention's span is its match
+    requires: str | None = None  # regex that must occur in the context
+    excludes: str | None = None  # regex that must not occur in the context
+    window: int = 0  # context = ±window chars around the anchor inside its sentence; 0: whole sentence
+    lung_only: bool = False  # drop the mention if its sentence names another organ and nothing of the lung
+
+
+# Words that put a sentence outside the lungs/chest (organ exclusions for lung labels).
+NON_LUNG = (r"\b(liver|hepat\w*|kidneys?|renal|adrenal|spleen|splenic|pancrea\w*|bowel|colon\w*|intestin\w*|"
+            r"marrow|vertebra\w*|plexus|muscles?|thyroid|breasts?|mammar\w*|subcutaneous|fat planes?|mesenter\w*|"
+            r"periton\w*|psoas|bladder|uter\w*|ovar\w*|prostat\w*|gallbladder|stomach|abdom\w*|cecum|rectum|"
+            r"bones?|rib|sternum|osseous|lytic|sclerotic|axilla\w*|gland|chest wall|adipose|pericolonic|pericardi\w*|lymph nodes?|soft tissue)\b")
+LUNG = (r"\b(lungs?|pulmon\w*|lingul\w*|hemithora\w*|pleur\w*|lung parenchym\w*|fissure|apex|apices|apical|"
+        r"subpleural|(upper|middle|lower) lobes?|bronch\w*|perihilar|basal|bases|pneumoni\w*)\b")
+
+_CALC = r"(calcif\w*|atherom\w*|atheroscleros\w*|atherosclerotic|plaques?)"
+_VESSEL = (r"\b(aort\w*|(?<!coronary )(?<!descending )(?<!circumflex )arter(y|ies|ial)|vascular|vessels?|carotid|subclavian|iliac|brachiocephalic|"
+           r"truncus|innominate|femoral|celiac|mesenteric arter\w*|arch)\b")
+_NODE = r"(lymph ?nodes?|lymphatic nodes?|\bnodes\b)(?! stations?| chains?| regions?| areas?| levels?)"
+
+RULES: tuple[Rule, ...] = (
+    # --- Medical material: devices, lines, tubes, implants, surgical hardware ----------------------
+    Rule("Medical material", r"\bstent\w*|\bcatheter\w*|\bpace ?makers?|\bpacing (wires?|leads?)|\bdefibrillator|"
+         r"\bprosthe\w*|\bvalve replacement|\b(mechanical|prosthetic|metallic) valves?|\bsternotomy (wires?|sutures?)|"
+         r"\b(sternal|surgical|metallic) (wires?|sutures?|clips?|materials?|staples?)|\bwires?\b|\bcerclage|"
+         r"\bsurgical clips?|\bclips?\b|\bport catheter|\bchemo ?port|\bport\b|\bcannula\w*|\b(nasogastric|orogastric|"
+         r"endotracheal|tracheostomy|thorax|chest|drainage|feeding|gastrostomy|thoracostomy|nephrostomy) tubes?|"
+         r"\btracheostomy|\bintubat\w*|\bpeg\b|\belectrodes?|\bcoils?\b|\bembolization material|\bstaples?\b|"
+         r"\bvena cava filter|\bscrews?\b|\bfixation material|\bimplants?\b(?!\s*\?)|\bdrains?\b|\bgrafts?\b|"
+         r"\bmesh\b|\bicd\b|\bcabg\b|\bshunt catheter|\bsuture materials?|\bmetallic (density|artifact|foreign)\w*|"
+         r"\bforeign bod\w*|\bstent material",
+         excludes=r"\b(peritoneal|metasta\w*|tumou?r\w*) implants?|\bimplant\s*\?|\bbypass operation"),
+    # --- vessels and heart ------------------------------------------------------------------------
+    Rule("Arterial wall calcification", _CALC, requires=_VESSEL,
+         excludes=r"\b(pleural|valv\w*|lymph|renal|kidney|gall\w*|hepatic|liver|thyroid|pancrea\w*|pericardial) (calcif\w*|plaques?)"),
+    Rule("Coronary artery wall calcification", _CALC, requires=r"\bcoronar\w*"),
+    Rule("Coronary artery wall calcification", r"\bcoronary (artery |arteries )?(wall )?(calcif\w*|atherom\w*|atheroscler\w*|plaques?)"),
+    Rule("Cardiomegaly", r"\bcardiomegal\w*|\b(enlarged|large|increased) (heart|cardiac)( size| silhouette| dimensions?)?\b|"
+         r"\bheart( contour)?( and)?,? (size|sizes|dimensions?|silhouette|volume)s?\b[^.;]{0,40}\b(increased|enlarged|large)\b|"
+         r"\b(increase|enlargement) (in|of) (the )?(heart|cardiac)( size| dimensions?)?\b|"
+         r"\b(ctr|cardio-?thoracic (ratio|index))\b[^.;]{0,30}\b(increased|enlarged|above|high)\b|"
+         r"\b(increase|increased|enlargement) (in|of) (the )?(ctr|cardio-?thoracic (ratio|index))"),
+    Rule("Pericardial effusion", r"\bhemopericardium|\bpneumopericardium|\bpericardial (fluid|effusion)"),
+    # (effusions without "pleural"/"pericardial" next to them are assigned in mentions.py)
+    # --- mediastinum ------------------------------------------------------------------------------
+    Rule("Hiatal hernia", r"\bhiat(al|us) hernia\w*|\bhernia\w*[^.;]{0,60}\bhiat(us|al)\b|\bhiat(us|al)\b[^.;]{0,60}\bhernia\w*|"
+         r"\bsliding[- ]type hernia|\bparaesophageal hernia|\bintrathoracic stomach"),
+    Rule("Lymphadenopathy", r"\blymphadenopath\w*|\badenopath\w*|\blaps?\b|\blymph ?node conglomerat\w*|" + _NODE,
+         excludes=r"\b(normal|natural|physiological|non-?pathological|insignificant)[- ](size|sized|dimension)\w*\b|"
+                  r"\bwithin normal (size )?limits|\bnot (in )?(a )?patholog\w*|\bfatty hil\w*|\b(do|does|did) not reach|"
+                  r"\bnot reaching|\b(below|under) (the )?patholog\w*|\bintra-?(parenchymal|pulmonary)|"
+                  r"\b(abdom\w*|intra-?abdominal|pelvi\w*|inguinal|iliac|mesenter\w*|meso|colon|perigastric|portal|"
+                  r"retroperiton\w*|celiac|paraaortic|para-aortic|paracaval|interaortocaval|pericolonic|perirenal)\b"),
+    # --- lung parenchyma --------------------------------------------------------------------------
+    Rule("Emphysema", r"\bemphysem\w*|\bbullae?\b|\bbullous|\bblebs?\b|\bhyperaerat\w*|\bhyperinflat\w*",
+         excludes=r"\b(subcutaneous|mediastinal|soft tissue|interstitial) emphysem\w*"),
+    Rule("Atelectasis", r"(?<!fibro)(?<!fibro-)(?<!fibro )\batelecta\w*|\bdiscoid atelecta\w*"),
+    Rule("Lung nodule", r"\b(micro)?nodules?\b(?! formation)|\bnodular (lesion|opacit|formation|appearance)\w*|"
+         r"\bmicronodul\w*|\bgranulomas?\b|\bnodular\b(?=[ -](or|and)[ -]\w+ (lesion|opacit|densit)\w*)",
+         excludes=r"\bnodular (contrast |peripheral )?enhancement|\blymph ?nodes? with", lung_only=True),
+    Rule("Lung opacity", r"\bground[- ]?glass\w*|\bfrosted[- ]glass", lung_only=True),
+    Rule("Lung opacity", r"\bopacit(y|ies)\b|\bdensit(y|ies)( increase\w*| increased)|"
+         r"\b(increase|increases) in (lung |parenchymal )?density|\bincreased (parenchymal |lung )?densit\w*|"
+         r"\binfiltrat(ion|ions|e|es|ive)\b|\bhazy\b|\bpneumonic",
+         lung_only=True, window=50, excludes=r"\bsequel\w*|\bfibro\w*|\b(micro)?nodular opacit\w*|\bmalignant infiltrat\w*|"
+                  r"\b(tumou?r|metasta)\w* infiltrat\w*"),
+    # "fibrosis" alone (interstitial lung disease) is not a sequela in CT-RATE's labelling; fibrotic/sequelae changes are.
+    Rule("Pulmonary fibrotic sequela", r"\bfibro(tic|atelecta\w*|us)\b|\bfibroatelecta\w*|\bsequel(a|ae|e|ea)\b|"
+         r"\bscar(ring|s)?\b|\b(linear|fibrotic|parenchymal|subpleural|fibrous) bands?\b|\bband (appearance|opacit|densit)\w*|"
+         r"\bhoneycomb\w*|\bcicatri\w*|\bpost-?(inflammatory|infectious|tuberculous) (changes|sequel\w*)",
+         excludes=r"\b(rib|fracture|bone|vertebra\w*|liver|kidney|renal|breast|uter\w*)\b"),
+    Rule("Pleural effusion", r"\bpleural (fluid|effusion\w*)|\bhydrothora\w*|\bhemothora\w*|\bfluid in the pleural"),
+    Rule("Mosaic attenuation pattern", r"\bmosaic\w*"),
+    # CT-RATE's radiologists label the "peribronchial" wording; plain "bronchial wall thickening" is left out.
+    Rule("Peribronchial thickening", r"\bperibronch\w*[^.;]{0,30}\bthick\w*|\bperibronch\w* cuff\w*|"
+         r"\bthick\w* (of |in )?(the )?peribronch\w*"),
+    Rule("Consolidation", r"\bconsolidat\w*|\bair bronchogram\w*"),
+    Rule("Bronchiectasis", r"\bbronchiecta\w*|\bbronchiolecta\w*|\b(dilated|dilatation of the) bronch\w*|"
+         r"\bbronch\w* (dilat\w*|ectasi\w*)|\bectasi\w*[^.;]{0,30}\bbronch\w*"),
+    Rule("Interlobular septal thickening", r"\b(interlobular|intralobular|interseptal|septal)\b[^.;]{0,40}\b(thick\w*|prominen\w*)|"
+         r"\b(thick\w*|prominen\w*)\b[^.;]{0,40}\b(interlobular|intralobular|interseptal)\b|\bcrazy[- ]paving",
+         excludes=r"\binter(ventricular|atrial)\b"),
+)
+
+#: Effusion words that need a place to become pleural or pericardial (``mentions.py``).
+EFFUSION = re.compile(r"\beffusions?\b|\bfluid\b", re.IGNORECASE)
+
+assert {r.label for r in RULES} == set(LABELS), "every label needs at least one rule"
+
+# ---- context triggers (spaCy Matcher, token-level, lower case) ---------------------------------
+_AUX = ["is", "are", "was", "were", "has", "have", "had", "be", "been", "could", "can", "cannot", "did", "does", "do",
+        "may", "will", "would", "should"]
+_SEEN = ["detected", "observed", "seen", "noted", "present", "identified", "found", "visualized", "visualised",
+         "monitored", "evident", "determined", "encountered", "followed", "demonstrated", "shown", "appreciated",
+         "obvious", "apparent", "visible", "distinguished", "recognized", "considered", "revealed", "described",
+         "increased", "enlarged", "thickened", "developed", "documented", "defined"]
+#: Verbs whose passive ends a pre-negation's scope ("No X was detected, Y is seen").
+ASSERT_VERBS = frozenset(_SEEN) - {"increased", "enlarged", "thickened", "considered", "described"}
+
+PRE_NEGATION = ["previously observed as", "previously seen as", "previously described as", "no", "not", "without", "absence of", "absent", "free of", "negative for", "neither", "nor",
+                "rather than", "instead of", "ruled out", "excluded", "no evidence of", "no sign of", "no signs of",
+                "no finding of", "no findings of", "resolution of", "disappearance of", "lack of", "there is no",
+                "there are no", "there was no", "there were no", "none"]
+POST_NEGATION = ["absent", "excluded", "do not reach", "does not reach", "did not reach", "not reaching",
+                 "ruled out", "not present", "is normal", "are normal", "was normal", "were normal",
+                 "within normal limits", "no longer", "negative", "is not", "are not", "were not", "was not"]
+# plus the Matcher pattern "(aux) not (been) <seen-verb>" and "<aux>n't" forms built in context.py
+PSEUDO_NEGATION = ["no change", "no significant change", "no difference", "no significant difference",
+                   "no increase", "no significant increase", "no progression", "not only", "no interval change",
+                   "not typical", "not change", "no changes", "without change", "without any change",
+                   "not significantly changed", "no marked change", "no obvious change", "no numerical",
+                   "no prominent change", "no new pathology other than"]
+PRE_UNCERTAIN = ["possible", "possibly", "probable", "probably", "suspicious", "suspicious for", "suspected",
+                 "suspicion of", "suspicion", "questionable", "likely", "may be", "might be", "could be", "may represent",
+                 "differential diagnosis", "cannot exclude", "can not exclude", "rule out", "to rule out", "r/o",
+                 "doubtful", "equivocal", "presumed", "presumably", "consider", "vs", "versus"]
+POST_UNCERTAIN = ["?", "cannot be excluded", "can not be excluded", "could not be excluded", "cannot be ruled out",
+                  "can not be ruled out", "could not be ruled out", "not ruled out", "not excluded",
+                  "is suspected", "was suspected", "are suspected", "were suspected", "is possible", "is questionable",
+                  "cannot be distinguished", "could not be distinguished", "cannot be differentiated",
+                  "could not be differentiated", "may be", "is likely", "is probable"]
+#: Post-negations that reach back to the sentence start ("X, which was seen before, has disappeared").
+SENTENCE_NEGATION = ["resolved", "disappeared", "regressed completely", "completely regressed", "have regressed",
+                     "has regressed", "no longer"]
+#: After a post-negation these make it sentence-wide ("X, seen before, was not detected in the current examination").
+CURRENT_EXAM = ["in the current examination", "in the current study", "in this examination", "in the present examination",
+                "on the current examination", "in the current scan", "in the control examination"]
+#: Ends a trigger's scope: contrast words, and clause punctuation (also ``;`` and ``:`` tokens).
+TERMINATORS = ["but", "however", "although", "though", "except", "except for", "apart from", "apart from this",
+               "other than", "besides", "whereas", "while", "yet", "nevertheless", "on the other hand",
+               "in addition", "additionally", "also", "which", "where", "whose", "accompanied by",
+               "secondary to", "due to", "because", "as well as", ";", ":", "(", ")", "•", '"']

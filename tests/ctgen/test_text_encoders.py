@@ -1,0 +1,279 @@
+"""Text encoders (frozen HF, MiniLM, small trainable + its tokenizer) and the embedding cache."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from ctgen.models.text_encoders import (FrozenHFTextEncoder, ReportTokenizer, SmallTextEncoder,
+                                        SmallTextEncoderConfig, TextEncoding, build_text_encoder,
+                                        fit_text_tokenizer, minilm_encoder)
+from ctgen.text_cache import EmbeddingCache, encode_prompts
+
+REPORTS = [
+    "No pleural effusion. The lungs are clear.",
+    "Small right pleural effusion with adjacent atelectasis.",
+    "Bilateral ground-glass opacities, more pronounced in the lower lobes.",
+    "Cardiomegaly. No pneumothorax. Degenerative changes of the thoracic spine.",
+    "A 6 mm nodule in the right upper lobe; follow-up CT recommended.",
+    "Emphysema in both upper lobes. No consolidation.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> FrozenHFTextEncoder:
+    return minilm_encoder(max_length=64, device="cpu")
+
+
+class Counting:
+    """Wraps a frozen encoder and records every text it is asked to encode."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, []
+        self.identity, self.max_length, self.dim = inner.identity, inner.max_length, inner.dim
+
+    def encode(self, texts, batch_size=32):
+        self.seen.extend(texts)
+        return self.inner.encode(texts, batch_size=batch_size)
+
+
+# --- frozen encoders ------------------------------------------------------------------------------
+
+
+def test_minilm_shapes_and_mask(minilm):
+    texts = ["no pleural effusion", "pleural effusion", REPORTS[3]]
+    enc = minilm.encode(texts, batch_size=2)
+    tok = minilm.tokenizer(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    assert isinstance(enc, TextEncoding) and minilm.dim == 384
+    assert enc.hidden.shape == (3, tok["input_ids"].shape[1], 384) and enc.hidden.dtype == torch.float32
+    assert torch.equal(enc.mask, tok["attention_mask"].bool())
+    assert torch.all(enc.hidden[~enc.mask] == 0)  # zeros at padding
+    assert enc.hidden[enc.mask].abs().sum(-1).min() > 0
+    # negation changes the token states, not only their count
+    neg, pos = enc.hidden[0, enc.mask[0]], enc.hidden[1, enc.mask[1]]
+    assert neg.shape[0] == pos.shape[0] + 1
+    assert not torch.allclose(neg[-3:], pos[-3:], atol=1e-2)
+
+
+def test_minilm_padding_invariance_and_truncation(minilm):
+    short, long = "pleural effusion", " ".join(REPORTS)
+    alone = minilm.encode([short]).hidden[0]
+    batched = minilm.encode([long, short]).hidden
+    n = alone.shape[0]
+    assert batched.shape[1] == 64  # the long text is truncated to max_length
+    torch.testing.assert_close(batched[1, :n], alone, atol=1e-5, rtol=0)
+    assert torch.all(batched[1, n:] == 0)
+    # batch order does not matter either
+    torch.testing.assert_close(minilm.encode([short, long], batch_size=1).hidden, batched[[1, 0]], atol=1e-5, rtol=0)
+    # the caller's autocast does not leak in: cached states do not depend on the precision context
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(minilm.encode([short]).hidden[0], alone, atol=1e-6, rtol=0)
+
+
+def test_minilm_frozen(minilm):
+    assert not any(p.requires_grad for p in minilm.model.parameters())
+    assert not minilm.model.training
+    enc = minilm.encode(["no pneumothorax"])
+    assert not enc.hidden.requires_grad and enc.hidden.grad_fn is None
+    assert "max_length=64" in minilm.identity and str(minilm.path) in minilm.identity
+    with pytest.raises(TypeError):
+        minilm.encode("a single string")
+
+
+def test_tiny_t5_loads_encoder_only(tmp_path, minilm):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    vocab = len(minilm.tokenizer)
+    cfg = T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   pad_token_id=0, decoder_start_token_id=0)
+    T5EncoderModel(cfg).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm.path / name, tmp_path / name)
+    enc = build_text_encoder({"kind": "hf", "path": str(tmp_path), "max_length": 16}, device="cpu")
+    assert type(enc.model).__name__ == "T5EncoderModel" and enc.dim == 32
+    out = enc.encode(["no pleural effusion", "pleural effusion"])
+    n = [len(minilm.tokenizer(t)["input_ids"]) for t in ("no pleural effusion", "pleural effusion")]
+    assert out.hidden.shape == (2, n[0], 32) and out.mask.sum(1).tolist() == n
+    alone = enc.encode(["pleural effusion"]).hidden[0]
+    assert alone.shape == (n[1], 32)
+    torch.testing.assert_close(out.hidden[1, :n[1]], alone, atol=1e-5, rtol=0)
+    # identity changes with max_length and with the weights on disk
+    other = FrozenHFTextEncoder(tmp_path, max_length=8, device="cpu")
+    assert other.identity != enc.identity
+    before = enc.identity
+    (tmp_path / "extra.json").write_text("{}")
+    assert FrozenHFTextEncoder(tmp_path, max_length=16, device="cpu").identity != before
+
+
+def test_build_text_encoder_errors(tmp_path):
+    assert build_text_encoder({"kind": "small", "max_length": 32}) is None
+    with pytest.raises(ValueError, match="unknown text encoder kind"):
+        build_text_encoder({"kind": "clip"})
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        build_text_encoder({"kind": "hf", "path": "google/t5-v1_1-xl"})
+    with pytest.raises(ValueError, match="needs 'path'"):
+        build_text_encoder({"kind": "hf"})
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        FrozenHFTextEncoder(tmp_path / "missing")
+
+
+# --- small trainable encoder ----------------------------------------------------------------------
+
+
+def test_report_tokenizer_round_trip(tmp_path):
+    tok = fit_text_tokenizer(REPORTS * 3, vocab_size=200, path=tmp_path / "tok.json")
+    again = fit_text_tokenizer(REPORTS * 3, vocab_size=200, path=tmp_path / "tok2.json")
+    assert (tmp_path / "tok.json").read_text() == (tmp_path / "tok2.json").read_text()  # deterministic fit
+    loaded = ReportTokenizer.load(tmp_path / "tok.json")
+    assert loaded.vocab_size == tok.vocab_size <= 200
+    texts = ["NO Pleural effusion.", "small right pleural effusion with adjacent atelectasis", "zebra"]
+    ids, mask = tok.encode_batch(texts, max_length=32)
+    ids2, mask2 = loaded.encode_batch(texts, max_length=32)
+    assert torch.equal(ids, ids2) and torch.equal(mask, mask2) and ids.dtype == torch.long
+    lower, _ = tok.encode_batch(["no pleural effusion."], 32)
+    assert torch.equal(ids[0, :lower.shape[1]], lower[0]) and not mask[0, lower.shape[1]:].any()  # lowercased
+    lengths = mask.sum(1)
+    assert torch.all(ids[~mask] == 0) and torch.all(ids[:, 0] == loaded._tok.token_to_id("[CLS]"))
+    assert torch.all(ids[torch.arange(3), lengths - 1] == loaded.sep_id)
+    assert loaded._tok.token_to_id("[UNK]") in ids[2].tolist()  # unseen word
+    cut, cut_mask = loaded.encode_batch(texts, max_length=4)
+    assert cut.shape == (3, 4) and cut[1, -1] == loaded.sep_id and torch.equal(cut[1, :3], ids[1, :3])
+    assert again.vocab_size == tok.vocab_size
+    assert loaded._tok.encode("Pleural effusion").tokens == ["[CLS]", "pleural", "effusion", "[SEP]"]
+
+
+def test_report_tokenizer_vocab_budget(tmp_path):
+    full = fit_text_tokenizer(REPORTS, vocab_size=10_000, path=tmp_path / "full.json")
+    assert full.vocab_size < 10_000  # merges ran out: every word is one piece
+    pieces = [t for r in REPORTS for t in full._tok.encode(r).tokens]
+    assert "opacities" in pieces and not any(t.startswith("##") or t == "[UNK]" for t in pieces)
+    budget = full.vocab_size - 20
+    assert fit_text_tokenizer(REPORTS, vocab_size=budget, path=tmp_path / "cut.json").vocab_size == budget
+    with pytest.raises(ValueError, match="raise vocab_size"):
+        fit_text_tokenizer(REPORTS, vocab_size=20, path=tmp_path / "tiny.json")
+
+
+def tiny_config(**kw) -> SmallTextEncoderConfig:
+    return SmallTextEncoderConfig(**{"vocab_size": 50, "dim": 32, "depth": 2, "heads": 4, "max_length": 12,
+                                     "dropout": 0.0, **kw})
+
+
+def test_small_encoder_shapes_and_mask():
+    torch.manual_seed(0)
+    model = SmallTextEncoder(tiny_config()).eval()
+    ids = torch.randint(1, 50, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    out = model(ids, mask)
+    assert out.shape == (2, 10, 32) and torch.isfinite(out).all()
+    assert torch.all(out[1, 6:] == 0)
+    # padded tokens do not reach the valid ones: changing them (or trimming them) changes nothing
+    ids_b = ids.clone()
+    ids_b[1, 6:] = 7
+    torch.testing.assert_close(model(ids_b, mask)[1], out[1])
+    torch.testing.assert_close(model(ids[1:, :6], mask[1:, :6])[0], out[1, :6], atol=1e-5, rtol=0)
+    # a fully padded row stays finite (zeros)
+    empty = model(ids, torch.zeros(2, 10, dtype=torch.bool))
+    assert torch.isfinite(empty).all() and torch.all(empty == 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the GPU training precision
+        low = model(ids, mask)
+    assert torch.isfinite(low).all() and torch.all(low[1, 6:] == 0)  # final LayerNorm runs in float32
+    torch.testing.assert_close(low.float(), out, atol=0.1, rtol=0.05)
+    assert not torch.equal(low.float(), out)  # bf16 matmuls really ran
+    with pytest.raises(ValueError):
+        model(torch.zeros(1, 13, dtype=torch.long), torch.ones(1, 13, dtype=torch.bool))
+
+
+def test_small_encoder_save_load_and_grads(tmp_path):
+    torch.manual_seed(0)
+    model = SmallTextEncoder(tiny_config(dropout=0.1))
+    ids, mask = torch.randint(1, 50, (3, 8)), torch.ones(3, 8, dtype=torch.bool)
+    mask[0, 5:] = False
+    model.train()
+    out = model(ids, mask)
+    (out[mask] ** 2).mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters()), "every parameter gets a gradient"
+    assert model.position.grad[8:].abs().sum() == 0 and model.position.grad[:8].abs().sum() > 0
+    model.eval()
+    model.save_pretrained(tmp_path / "small", seed=0)
+    loaded = SmallTextEncoder.from_pretrained(tmp_path / "small").eval()
+    assert loaded.config == model.config
+    assert torch.equal(loaded(ids, mask), model(ids, mask))
+
+
+def test_small_encoder_overfits():
+    torch.manual_seed(0)
+    model = SmallTextEncoder(tiny_config())
+    ids, mask = torch.randint(1, 50, (2, 6)), torch.ones(2, 6, dtype=torch.bool)
+    target = torch.randn(2, 6, 32)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = ((model(ids, mask) - target) ** 2).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.25 * first
+
+
+# --- embedding cache ------------------------------------------------------------------------------
+
+
+def test_cache_dedupes_and_round_trips(tmp_path, minilm):
+    prompts = {"vol_a": REPORTS[0], "vol_b": REPORTS[1], "vol_c": REPORTS[0], "vol_d": REPORTS[2], "vol_e": ""}
+    counting = Counting(minilm)
+    path = encode_prompts(counting, prompts, tmp_path / "cache.safetensors", batch_size=2, dtype="float32")
+    assert sorted(counting.seen) == sorted(set(prompts.values()))  # once per distinct text
+    cache = EmbeddingCache(path)
+    assert len(cache) == 5 and "vol_c" in cache and "vol_z" not in cache
+    assert cache.dim == 384 and cache.identity == minilm.identity and cache.max_length == 64
+    for key, text in prompts.items():
+        direct = minilm.encode([text])
+        torch.testing.assert_close(cache.get(key), direct.hidden[0, direct.mask[0]], atol=1e-5, rtol=0)
+    assert torch.equal(cache.get("vol_a"), cache.get("vol_c"))
+    assert cache.get("vol_e").shape == (2, 384)  # [CLS] [SEP]
+    # float16 storage stays close
+    half = EmbeddingCache(encode_prompts(minilm, prompts, tmp_path / "half.safetensors"))
+    assert half.dtype == "float16" and half.get("vol_a").dtype == torch.float32
+    torch.testing.assert_close(half.get("vol_a"), cache.get("vol_a"), atol=2e-2, rtol=1e-2)
+
+
+def test_cache_batch_padding_and_missing_keys(tmp_path, minilm):
+    prompts = {"a": "pleural effusion", "b": REPORTS[3]}
+    cache = EmbeddingCache(encode_prompts(minilm, prompts, tmp_path / "c.safetensors"))
+    la, lb = cache.get("a").shape[0], cache.get("b").shape[0]
+    enc = cache.batch(["b", "a"])
+    assert enc.hidden.shape == (2, lb, 384) and enc.mask.sum(1).tolist() == [lb, la]
+    assert torch.all(enc.hidden[1, la:] == 0) and torch.equal(enc.hidden[1, :la], cache.get("a"))
+    padded = cache.batch(["a"], pad_to=20)
+    assert padded.hidden.shape == (1, 20, 384) and padded.mask[0].sum() == la
+    with pytest.raises(ValueError):
+        cache.batch(["b"], pad_to=2)
+    with pytest.raises(KeyError, match=r"2 key\(s\).*'x'.*'y'"):
+        cache.batch(["a", "x", "y"])
+    with pytest.raises(KeyError, match="'q'"):
+        cache.get("q")
+
+
+def test_cache_skips_when_unchanged(tmp_path, minilm):
+    prompts = {"a": "no pneumothorax", "b": "emphysema"}
+    path = tmp_path / "c.safetensors"
+    first = Counting(minilm)
+    encode_prompts(first, prompts, path)
+    mtime = path.stat().st_mtime_ns
+    again = Counting(minilm)
+    encode_prompts(again, prompts, path)
+    assert again.seen == [] and path.stat().st_mtime_ns == mtime
+    forced = Counting(minilm)
+    encode_prompts(forced, prompts, path, if_changed=False)
+    assert sorted(forced.seen) == ["emphysema", "no pneumothorax"]
+    changed = Counting(minilm)
+    encode_prompts(changed, {**prompts, "c": "cardiomegaly"}, path)
+    assert len(changed.seen) == 3 and "c" in EmbeddingCache(path)
+    other_dtype = Counting(minilm)
+    encode_prompts(other_dtype, {**prompts, "c": "cardiomegaly"}, path, dtype="float32")
+    assert len(other_dtype.seen) == 3

@@ -1,0 +1,282 @@
+"""The one training loop: DDP equivalence, exact resume, checkpoints, schedule, EMA, metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import multiprocessing as mp
+import pickle
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ctgen.train import EXIT_PREEMPTED, Preempted, TrainConfig, accumulate_gradients, train
+from ctgen.training import checkpoint as ckpt
+from ctgen.training.distributed import torchrun_command
+from ctgen.training.ema import EMA
+from ctgen.training.optim import lr_at, param_groups
+from toy_train import MakeBatches, ToyConfig, ToyModel, ddp_worker, global_micro_batches
+
+# 9 steps of 2 micro-batches over 5-micro-batch epochs: epochs end mid-step; checkpoints at 3, 6, 9
+BASE = dict(max_steps=9, batch_size=4, grad_accum=2, lr=1e-2, min_lr=1e-3, warmup_steps=2, log_every=1,
+            ckpt_every=3, ema_decay=0.8, ema_start=2, seed=7, tensorboard=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: thread start-up and contention cost more than the maths (50x on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(tmp: Path, fault=None, cfg=None, model_cfg=ToyConfig(), expect=None, batches=None):
+    """Train a seeded toy model into tmp/out (checkpoints in tmp/ckpt); return the model."""
+    torch.manual_seed(123)
+    model = ToyModel(model_cfg)
+    model.fault = fault
+    args = (model, batches or MakeBatches(per_epoch=5, noise=0.05), cfg or TrainConfig(**BASE), tmp / "out")
+    if expect is None:
+        train(*args, checkpoint_dir=tmp / "ckpt", extra_meta={"stage": "toy"})
+    else:
+        with pytest.raises(expect) as info:
+            train(*args, checkpoint_dir=tmp / "ckpt")
+        model.exc = info.value
+    return model
+
+
+def csv_rows(out: Path) -> list[dict[str, str]]:
+    with (out / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    model = run(tmp)
+    return tmp, model
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    rows_a, rows_b = csv_rows(a), csv_rows(b)
+    assert [r["step"] for r in rows_b] == [str(s) for s in range(1, 10)]  # no duplicated rows
+    for key in ("loss", "mse", "lr", "grad_norm", "epoch"):
+        assert [r[key] for r in rows_a] == [r[key] for r in rows_b], key  # bitwise (repr of floats)
+    for sub in ("", "ema"):
+        wa = ToyModel.from_pretrained(a / sub).state_dict()
+        wb = ToyModel.from_pretrained(b / sub).state_dict()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
+
+
+def test_uninterrupted_run_outputs(reference):
+    tmp, model = reference
+    out = tmp / "out"
+    rows = csv_rows(out)
+    assert len(rows) == 9
+    assert {"step", "epoch", "lr", "loss", "grad_norm", "mse", "reg", "steps_per_s", "samples_per_s"} <= set(rows[0])
+    assert [int(r["epoch"]) for r in rows] == [0, 0, 1, 1, 1, 2, 2, 3, 3]  # 2 micro-batches/step, 5/epoch
+    assert float(rows[0]["lr"]) == pytest.approx(lr_at(0, 1e-2, 1e-3, 2, 9, "cosine"))
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 9 and summary["world_size"] == 1 and summary["device"] == "cpu"
+    assert summary["final_loss"] == float(rows[-1]["loss"]) and summary["peak_memory_bytes"] > 0
+    meta = json.loads((out / "config.json").read_text())["provenance"]
+    assert meta["seed"] == 7 and meta["train"]["max_steps"] == 9 and meta["stage"] == "toy"
+    # saved weights load with from_pretrained and give identical outputs
+    loaded = ToyModel.from_pretrained(out).eval()
+    model.eval()
+    x, c = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    assert torch.equal(loaded.predict(x, c), model.predict(x, c))
+    assert torch.equal(loaded.running_mean, model.running_mean) and model.running_mean.abs().sum() > 0
+    # the EMA weights differ from the raw ones and equal the checkpoint's shadow
+    ema = ToyModel.from_pretrained(out / "ema")
+    state = ckpt.load_checkpoint(tmp / "ckpt")
+    assert state["step"] == 9
+    assert all(torch.equal(ema.state_dict()[k], v) for k, v in state["ema"]["shadow"].items())
+    assert not torch.equal(ema.fc1.weight, loaded.fc1.weight)
+
+
+def test_loop_fits_one_batch(tmp_path):
+    """Sanity of the update direction: 40 steps on one fixed batch, no clipping, constant LR."""
+    cfg = TrainConfig(max_steps=40, batch_size=8, lr=3e-2, warmup_steps=0, schedule="constant", grad_clip=0.0,
+                      log_every=1, ckpt_every=100, tensorboard=False)
+    run(tmp_path, cfg=cfg, model_cfg=ToyConfig(dropout=0.0), batches=MakeBatches(per_epoch=1, same_every_epoch=True))
+    losses = [float(r["loss"]) for r in csv_rows(tmp_path / "out")]
+    assert losses[-1] < 0.1 * losses[0]
+    assert all(float(r["lr"]) == 3e-2 and float(r["grad_norm"]) > 0 for r in csv_rows(tmp_path / "out"))
+
+
+def test_bf16_autocast_path(tmp_path):
+    """precision="bf16" autocasts on any device (the GPU default); here on CPU, 3 steps, with TensorBoard."""
+    run(tmp_path, cfg=TrainConfig(**{**BASE, "max_steps": 3, "precision": "bf16", "tensorboard": True}))
+    assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["precision"] == "bf16"
+    events = list((tmp_path / "out" / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 100
+    assert all(math.isfinite(float(r["loss"])) for r in csv_rows(tmp_path / "out"))
+
+
+def test_sigterm_checkpoints_and_resume_reproduces(reference, tmp_path):
+    model = run(tmp_path, fault=("sigterm", 4), expect=Preempted)  # signal during the 5th step
+    assert model.exc.code == EXIT_PREEMPTED == 75 and model.exc.step == 5
+    assert ckpt.load_checkpoint(tmp_path / "ckpt")["step"] == 5
+    assert len(csv_rows(tmp_path / "out")) == 5 and not (tmp_path / "out" / "model.safetensors").exists()
+    run(tmp_path)  # resumes automatically
+    assert_same_run(reference[0] / "out", tmp_path / "out")
+    run(tmp_path)  # a finished run resumed again only rewrites its outputs
+    assert_same_run(reference[0] / "out", tmp_path / "out")
+
+
+def test_crash_resume_drops_rows_past_checkpoint(reference, tmp_path):
+    run(tmp_path, fault=("raise", 7), expect=RuntimeError)  # dies in the 8th step
+    assert ckpt.load_checkpoint(tmp_path / "ckpt")["step"] == 6
+    assert len(csv_rows(tmp_path / "out")) == 7  # rows 7 was written after the last checkpoint
+    run(tmp_path)
+    assert_same_run(reference[0] / "out", tmp_path / "out")
+
+
+def test_resume_with_other_model_config_fails(reference, tmp_path):
+    run(tmp_path, fault=("raise", 3), expect=RuntimeError)
+    with pytest.raises(ValueError, match="hidden"):
+        run(tmp_path, model_cfg=ToyConfig(hidden=8))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    ckpt.save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint({"step": 2, "w": torch.zeros(3)}, tmp_path)
+    state = ckpt.load_checkpoint(tmp_path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoint_loading_never_unpickles_code(tmp_path):
+    torch.save({"format": ckpt.CHECKPOINT_FORMAT, "x": Evil()}, tmp_path / "last.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        ckpt.load_checkpoint(tmp_path)
+
+
+def test_rng_state_roundtrip_through_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    ckpt.seed_everything(3)
+    torch.randn(2), np.random.rand(), random.random()
+    ckpt.save_checkpoint({"rng": ckpt.rng_state(torch.device("cpu"))}, tmp_path)
+    expected = (torch.randn(4), np.random.rand(4), [random.random() for _ in range(4)], random.gauss(0, 1))
+    ckpt.seed_everything(99)
+    ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path)["rng"], torch.device("cpu"))
+    got = (torch.randn(4), np.random.rand(4), [random.random() for _ in range(4)], random.gauss(0, 1))
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2:] == expected[2:]
+
+
+def test_lr_schedule_values():
+    f = lambda s, sched="cosine": lr_at(s, 1.0, 0.1, 4, 14, sched)  # noqa: E731
+    assert [f(s) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]  # linear warmup (s + 1) / (warmup + 1)
+    assert f(4) == 1.0 and f(9) == pytest.approx(0.55) and f(14) == 0.1 and f(100) == 0.1
+    assert f(6) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.2)))
+    assert f(9, "constant") == 1.0 and f(1, "constant") == 0.4
+
+
+def test_ema_math():
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, decay=0.5, start=1)
+    for step, value in enumerate([2.0, 4.0, 8.0], start=1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model, step)
+    # step 1 <= start: copy (2); step 2: 0.5*2 + 0.5*4 = 3; step 3: 0.5*3 + 0.5*8 = 5.5
+    assert torch.equal(ema.shadow["weight"], torch.full((1, 2), 5.5))
+    with ema.swapped_into(model):
+        assert torch.equal(model.weight, torch.full((1, 2), 5.5))
+    assert torch.equal(model.weight, torch.full((1, 2), 8.0))
+
+
+def test_param_groups_skip_bias_norm_embedding():
+    model = ToyModel(ToyConfig())
+    model.no_weight_decay = lambda: {"fc2.weight"}
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {"fc1.weight"} and decay["weight_decay"] == 0.1
+    assert {names[id(p)] for p in no_decay["params"]} == {"embed.weight", "fc1.bias", "norm.weight", "norm.bias",
+                                                          "fc2.weight", "fc2.bias"}
+
+
+def test_config_from_dict_and_validation():
+    cfg = TrainConfig.from_dict({"max_steps": 5, "betas": [0.8, 0.9]})
+    assert cfg.betas == (0.8, 0.9) and cfg.max_steps == 5
+    with pytest.raises(ValueError, match="unknown keys.*max_step"):
+        TrainConfig.from_dict({"max_step": 5})
+    with pytest.raises(ValueError, match="min_lr"):
+        TrainConfig(lr=1e-4, min_lr=1e-3)
+
+
+def test_torchrun_command():
+    cmd = torchrun_command(4, None, ["-m", "ctgen.cli", "train"], env={"SLURM_NNODES": "2", "MASTER_ADDR": "n01",
+                                                                        "SLURM_JOB_ID": "42"})
+    assert "--nnodes=2" in cmd and "--rdzv-endpoint=n01:29500" in cmd and "--rdzv-id=42" in cmd
+    assert "--nproc-per-node=4" in cmd and cmd[-3:] == ["-m", "ctgen.cli", "train"]
+    assert "--standalone" in torchrun_command(2, 1, [], env={})
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        torchrun_command(2, 3, [], env={})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    kwargs = dict(max_steps=2, batch_size=2, grad_accum=4, lr=1e-2, warmup_steps=0, log_every=1, seed=0,
+                  tensorboard=False, device="cpu")
+    ctx, port = mp.get_context("spawn"), free_port()
+    procs = [ctx.Process(target=ddp_worker, args=(r, 2, port, str(tmp_path), dict(kwargs))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    # one process, the whole global batch (4 micro-batches of 2) with the same code path
+    torch.manual_seed(0)
+    single = ToyModel(ToyConfig(dropout=0.0))
+    accumulate_gradients(single, global_micro_batches(0, 0, 4, 2), step=0, ddp=False)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)
+        for name, p in single.named_parameters():
+            torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+        assert all(torch.isfinite(g).all() for g in got["adaptive"].values())
+    adaptive = [torch.load(tmp_path / f"grads{r}.pt", weights_only=True)["adaptive"] for r in range(2)]
+    assert all(torch.equal(adaptive[0][k], adaptive[1][k]) for k in adaptive[0])  # all-reduced
+    # the same two optimiser steps through train(), one process on the whole batch
+    torch.manual_seed(0)
+    model = ToyModel(ToyConfig(dropout=0.0))
+    train(model, MakeBatches(per_epoch=6), TrainConfig(**kwargs), tmp_path / "single", checkpoint_dir=tmp_path / "c1")
+    ddp_w = ToyModel.from_pretrained(tmp_path / "run").state_dict()
+    for name, w in model.state_dict().items():
+        if name == "running_mean":  # a buffer updated in forward: DDP broadcasts rank 0's
+            continue
+        torch.testing.assert_close(ddp_w[name], w, rtol=1e-5, atol=1e-6, msg=name)
+    losses = [[float(r["loss"]) for r in csv_rows(tmp_path / d)] for d in ("run", "single")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["world_size"] == 2
+    ranks = ckpt.load_checkpoint(tmp_path / "ckpt")["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])

@@ -1,0 +1,279 @@
+"""Report parser: sections, negation/uncertainty, attributes, labels, prompts, robustness, CLI, evaluation.
+
+All report sentences here are written for these tests (CT-RATE style, own words).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctprep.reports import (LABELS, NO_FINDINGS, ParsedReport, ReportParser, evaluate, get_parser, parse_report,
+                            parse_report_main, structured_prompt)
+from ctprep.reports.evaluate import evaluate_main, split_of
+from ctprep.reports.sections import split_sections
+
+DEV = Path(__file__).resolve().parents[3] / "shared" / "data" / "reports_dev.jsonl"
+if not DEV.is_file():
+    DEV = Path("/work/shared/data/reports_dev.jsonl")
+
+
+def statuses(text, label):
+    return [m.status for m in parse_report(text).mentions if m.label == label]
+
+
+def one(text, label):
+    ms = [m for m in parse_report(text).mentions if m.label == label]
+    assert ms, f"no {label} mention in {text!r}"
+    return ms[0]
+
+
+# --- sections -------------------------------------------------------------------------------
+def test_sections_from_ctrate_columns():
+    s = split_sections({"ClinicalInformation_EN": "Cough.", "Technique_EN": "Not given.",
+                        "Findings_EN": "Small nodule &amp; <br>effusion.", "Impressions_EN": "Nodule."})
+    assert s == {"clinical_information": "Cough.", "technique": "", "findings": "Small nodule & effusion.",
+                 "impression": "Nodule."}
+
+
+def test_sections_from_headers_case_insensitive_with_or_without_colon():
+    s = split_sections("Clinical Information: fever\nTECHNIQUE: non-contrast\nFindings\nA nodule is seen.\nIMPRESSION Nodule.")
+    assert s["clinical_information"] == "fever" and s["technique"] == "non-contrast"
+    assert s["findings"] == "A nodule is seen." and s["impression"] == "Nodule."
+
+
+def test_prose_word_findings_is_not_a_header():
+    s = split_sections("CT findings of pneumonia are not seen. Heart is normal.")
+    assert s["findings"].startswith("CT findings of pneumonia") and s["impression"] == ""
+
+
+@pytest.mark.parametrize("sep", ['"', "•"])
+def test_sections_from_separators(sep):
+    s = split_sections(f"Aorta is calcified. No effusion. {sep} Aortic calcification {sep} Emphysema")
+    assert s["findings"] == "Aorta is calcified. No effusion."
+    assert s["impression"].startswith(sep) and "Emphysema" in s["impression"]
+
+
+# --- negation and uncertainty ---------------------------------------------------------------
+@pytest.mark.parametrize("text", [
+    "Pleural effusion-thickening is not seen in either hemithorax.",
+    "No pleural effusion is seen.",
+    "There is no evidence of pleural effusion.",
+    "No nodular or infiltrative lesion was found in the lungs, and no pleural effusion or thickening.",
+])
+def test_negated_effusion(text):
+    assert statuses(text, "Pleural effusion") == ["negated"]
+
+
+def test_coordinated_pre_negation():
+    text = "No consolidation, pleural effusion or pneumothorax is present."
+    assert statuses(text, "Consolidation") == ["negated"] and statuses(text, "Pleural effusion") == ["negated"]
+
+
+def test_coordinated_post_negation():
+    text = "Atelectasis and bronchiectasis were not observed in either lung."
+    assert statuses(text, "Atelectasis") == ["negated"] and statuses(text, "Bronchiectasis") == ["negated"]
+
+
+def test_scope_ends_at_terminator_and_assertion():
+    assert statuses("No pleural effusion, but atelectasis is present in the left lower lobe.", "Atelectasis") == ["present"]
+    assert statuses("No effusion was detected in the pleura, linear atelectasis is seen on the right.", "Atelectasis") == ["present"]
+    assert statuses("Emphysema is seen in both lungs; consolidation was not detected.", "Emphysema") == ["present"]
+
+
+def test_lung_parenchyma_window_phrase():
+    text = "On review of the lung window; no nodular or infiltrative lesion is seen in either lung."
+    assert statuses(text, "Lung nodule") == ["negated"] and statuses(text, "Lung opacity") == ["negated"]
+
+
+@pytest.mark.parametrize("text", [
+    "Appearance suspicious for consolidation in the right lower lobe.",
+    "Consolidation in the right lower lobe cannot be excluded.",
+    "Possible consolidation in the right lower lobe.",
+])
+def test_uncertain(text):
+    assert statuses(text, "Consolidation") == ["uncertain"]
+
+
+def test_sentence_wide_negation_of_previous_findings():
+    text = "The pleural effusion on the right, which was seen on the earlier scan, was not detected in the current examination."
+    assert statuses(text, "Pleural effusion") == ["negated"]
+
+
+# --- attributes -----------------------------------------------------------------------------
+def test_laterality_and_lobe():
+    m = one("A 6 mm nodule is observed in the lower lobe of the right lung.", "Lung nodule")
+    assert (m.laterality, m.location) == ("right", "RLL")
+    assert one("Atelectasis in the left lung upper lobe lingular segment.", "Atelectasis").laterality == "left"
+    assert one("Subsegmental atelectasis in the left upper lobe.", "Atelectasis").location == "LUL"
+    assert one("Mild atelectasis in the right middle lobe.", "Atelectasis").location == "RML"
+    assert one("Bilateral pleural effusion is present.", "Pleural effusion").laterality == "bilateral"
+    assert one("Emphysematous changes in both lungs.", "Emphysema").laterality == "bilateral"
+    assert one("Cardiomegaly is present.", "Cardiomegaly").location == "heart"
+
+
+@pytest.mark.parametrize("text,lo,hi", [
+    ("A 5-7 mm nodule in the right upper lobe.", 5.0, 7.0),
+    ("A nodule of 1.2 cm in the left lower lobe.", 12.0, 12.0),
+    ("A 9x6 mm nodule in the left lower lobe.", 6.0, 9.0),
+    ("A nodule measuring 4 to 8 mm in the lingula.", 4.0, 8.0),
+])
+def test_sizes(text, lo, hi):
+    m = one(text, "Lung nodule")
+    assert (m.size_mm_min, m.size_mm_max) == (lo, hi)
+
+
+def test_count_and_severity():
+    assert one("Multiple nodules are seen in both lungs.", "Lung nodule").count == "multiple"
+    assert one("A few millimetric nodules in the right lung.", "Lung nodule").count == "a few"
+    assert one("A single nodule is seen in the right lung.", "Lung nodule").count == "single"
+    assert one("Mild emphysema in the upper lobes.", "Emphysema").severity == "mild"
+    assert one("Moderate pleural effusion on the left.", "Pleural effusion").severity == "moderate"
+    assert one("Severe centrilobular emphysema.", "Emphysema").severity == "severe"
+
+
+# --- vocabulary -----------------------------------------------------------------------------
+@pytest.mark.parametrize("text,label", [
+    ("A pacemaker with leads in the right heart is noted.", "Medical material"),
+    ("Sternotomy wires are present.", "Medical material"),
+    ("Calcified atheroma plaques are seen in the wall of the thoracic aorta.", "Arterial wall calcification"),
+    ("Calcific plaques in the coronary arteries.", "Coronary artery wall calcification"),
+    ("The heart size is increased.", "Cardiomegaly"),
+    ("Pericardial effusion of 8 mm thickness.", "Pericardial effusion"),
+    ("A sliding type hiatal hernia is observed.", "Hiatal hernia"),
+    ("Enlarged lymph nodes in the subcarinal region, the largest 14 mm.", "Lymphadenopathy"),
+    ("Paraseptal emphysema in the apices.", "Emphysema"),
+    ("Plate-like atelectatic changes in the lower lobes.", "Atelectasis"),
+    ("Patchy ground-glass densities in the right lung.", "Lung opacity"),
+    ("Pleuroparenchymal sequelae changes at the apex of the left lung.", "Pulmonary fibrotic sequela"),
+    ("Mosaic attenuation pattern in both lungs.", "Mosaic attenuation pattern"),
+    ("Peribronchial thickening in the lower lobes.", "Peribronchial thickening"),
+    ("Consolidation with air bronchograms in the left lower lobe.", "Consolidation"),
+    ("Cylindrical bronchiectatic changes in both lower lobes.", "Bronchiectasis"),
+    ("Thickening of the interlobular septa in both lungs.", "Interlobular septal thickening"),
+])
+def test_each_label_is_found(text, label):
+    assert parse_report(text).labels[label] == 1
+
+
+def test_organ_and_wording_exclusions():
+    r = parse_report("A hypodense nodule in the right lobe of the thyroid gland. Lymph nodes of normal size in the mediastinum. "
+                     "Calcific plaques in the coronary arteries. Fibroatelectatic bands in the left lung.")
+    assert r.labels["Lung nodule"] == 0 and r.labels["Lymphadenopathy"] == 0
+    assert r.labels["Arterial wall calcification"] == 0 and r.labels["Coronary artery wall calcification"] == 1
+    assert r.labels["Atelectasis"] == 0 and r.labels["Pulmonary fibrotic sequela"] == 1
+
+
+def test_bare_effusion_is_placed():
+    r = parse_report("Effusion measuring 20 mm in the left hemithorax. No pleural or pericardial effusion on the right side.")
+    assert statuses("Effusion measuring 20 mm in the left hemithorax.", "Pleural effusion") == ["present"]
+    assert statuses("No pleural or pericardial effusion.", "Pericardial effusion") == ["negated"]
+    assert r.labels["Pleural effusion"] == 1 and r.labels["Pericardial effusion"] == 0
+
+
+# --- labels and prompts ---------------------------------------------------------------------
+def test_label_vector_rules():
+    r = parse_report({"findings": "Minimal atelectasis in the right lower lobe. No pleural effusion.",
+                      "impression": "Possible consolidation. No pneumonia."})
+    assert list(r.labels) == list(LABELS)
+    assert r.labels["Atelectasis"] == 1 and r.labels["Consolidation"] == 1  # uncertain counts
+    assert r.labels["Pleural effusion"] == 0 and sum(r.labels.values()) == 2
+
+
+def test_structured_prompt():
+    ms = parse_report("A 5 mm nodule in the right lower lobe. Bilateral pleural effusion. Cardiomegaly. "
+                      "No pericardial effusion.").mentions
+    assert structured_prompt(ms) == "cardiomegaly; right lower lobe nodule 5 mm; bilateral pleural effusion"
+    assert structured_prompt(ms, negated="state").endswith("; no pericardial effusion")
+    assert structured_prompt(ms, max_chars=42) == "cardiomegaly; right lower lobe nodule 5 mm"
+    assert structured_prompt(ms, max_chars=41) == "cardiomegaly"
+    assert structured_prompt(ms, max_chars=5) == "cardi"
+    assert structured_prompt([]) == NO_FINDINGS
+    assert structured_prompt(parse_report("No effusion in the pleura.").mentions) == NO_FINDINGS
+    with pytest.raises(ValueError):
+        structured_prompt(ms, negated="maybe")
+
+
+# --- robustness and API ---------------------------------------------------------------------
+@pytest.mark.parametrize("x", ["", "Not given.", None, {}, {"findings": None, "impression": float("nan")},
+                               "<p>Pleural effusion&nbsp;is seen.</p>", "Çöp şüphesi yok. 肺结节 ??? ...", "• • \" \"",
+                               "A nodule. " * 800])
+def test_robust_inputs(x):
+    r = parse_report(x)
+    assert isinstance(r, ParsedReport) and set(r.labels) == set(LABELS)
+    json.dumps(r.to_json())
+
+
+def test_markup_and_long_report():
+    assert parse_report("<b>Pleural&nbsp;effusion</b> is seen.").labels["Pleural effusion"] == 1
+    r = parse_report("Heart size is normal. " * 350 + "Bilateral pleural effusion.")
+    assert len(r.sections["findings"]) > 7000 and r.labels["Pleural effusion"] == 1
+
+
+def test_pipe_matches_parse_and_factory_is_cached():
+    texts = ["Emphysema in both lungs.", "No emphysema.", {"findings": "Cardiomegaly."}]
+    parser = ReportParser()
+    assert [p.labels for p in parser.pipe(texts, batch_size=2)] == [parser.parse(t).labels for t in texts]
+    assert get_parser() is get_parser()
+    assert parse_report(texts[0]).mentions[0].to_dict()["label"] == "Emphysema"
+
+
+# --- CLI ------------------------------------------------------------------------------------
+def _run(monkeypatch, capsys, stdin, argv):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    assert parse_report_main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_plain_text(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no config.yaml here: structured prompt only
+    out = _run(monkeypatch, capsys, "Findings: A 4 mm nodule in the left upper lobe.\nImpression: Nodule.", [])
+    assert out["labels"]["Lung nodule"] == 1 and out["sections"]["impression"] == "Nodule."
+    assert out["prompts"] == {"structured": "left upper lobe nodule 4 mm"} and out["mentions"][0]["location"] == "LUL"
+
+
+def test_cli_json_with_templates(monkeypatch, capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text('prompts:\n  templates:\n    g: "{age} years old {sex}: {impression}"\n    t: "{technique}"\n')
+    doc = {"id": "r1", "age": 61, "sex": "female", "findings": "Cardiomegaly.", "impression": "Cardiomegaly."}
+    out = _run(monkeypatch, capsys, json.dumps(doc), ["--config", str(cfg)])
+    assert out["id"] == "r1" and out["prompts"] == {"structured": "cardiomegaly", "g": "61 years old female: Cardiomegaly.",
+                                                    "t": None}
+
+
+def test_cli_jsonl(tmp_path, repo_config):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"id": "a", "text": "No effusion in the pleura."}) + "\n\n"
+                   + json.dumps({"id": "b", "findings": "Emphysema.", "impression": "Emphysema.", "age": 50, "sex": "male"}) + "\n")
+    assert parse_report_main(["--jsonl", str(src), str(dst), "--config", str(repo_config)]) == 0
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["labels"]["Emphysema"] == 1
+    assert rows[0]["prompts"]["structured"] == NO_FINDINGS and rows[0]["prompts"]["generatect"] is None
+    assert rows[1]["prompts"]["generatect"] == "50 years old male: Emphysema."
+
+
+# --- evaluation -----------------------------------------------------------------------------
+def test_score_on_own_reports(tmp_path):
+    rows = [{"id": "x", "text": "Cardiomegaly. No effusion in the pleura.", "labels": {**dict.fromkeys(LABELS, 0), "Cardiomegaly": 1}},
+            {"id": "y", "text": "Emphysema in both lungs.", "labels": {**dict.fromkeys(LABELS, 0), "Pleural effusion": 1}}]
+    path = tmp_path / "ref.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    res = evaluate(path)
+    assert res["per_label"]["Cardiomegaly"]["f1"] == 1.0
+    assert res["per_label"]["Pleural effusion"]["recall"] == 0.0 and res["per_label"]["Emphysema"]["precision"] == 0.0
+    assert evaluate(path, ids=["x"])["n_reports"] == 1
+    out = tmp_path / "t.tsv"
+    assert evaluate_main([str(path), "--out", str(out)]) == 0
+    assert out.read_text().splitlines()[0].startswith("label\tprecision") and evaluate_main([str(path), "--min-macro-f1", "0.99"]) == 1
+    assert {split_of(str(i)) for i in range(30)} == {"dev", "heldout"} and split_of("abc") == split_of("abc")
+
+
+@pytest.mark.skipif(not DEV.is_file(), reason="reports_dev.jsonl (CC BY-NC-SA, not in the repo) is absent")
+def test_macro_f1_on_radiologist_labels():
+    res = evaluate(DEV)
+    assert res["n_reports"] == 150
+    assert res["macro_f1"] >= 0.95, res["macro_f1"]

@@ -1,0 +1,181 @@
+rule text_tokenizer:
+    input:
+        prompts=rules.prompts.output.table,
+    output:
+        tokenizer=f"{R}/text/tokenizer.json",
+    log:
+        f"{R}/logs/text_tokenizer.log",
+    benchmark:
+        f"{R}/benchmarks/text_tokenizer.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        column=config["models"]["prompt"],
+        vocab_size=config["models"]["text_encoder"]["vocab_size"],
+    shell:
+        "ctgen fit-text-tokenizer --prompts {input.prompts} --column {params.column}"
+        " --vocab-size {params.vocab_size} --out {output.tokenizer} > {log} 2>&1"
+
+
+rule embed_prompts:
+    input:
+        prompts=rules.prompts.output.table,
+    output:
+        cache=f"{R}/text/prompts.safetensors",
+    log:
+        f"{R}/logs/embed_prompts.log",
+    benchmark:
+        f"{R}/benchmarks/embed_prompts.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=0,
+    params:
+        column=config["models"]["prompt"],
+        encoder=json.dumps(config["models"]["text_encoder"]),
+    shell:
+        "ctgen embed-prompts --prompts {input.prompts} --column {params.column}"
+        " --encoder '{params.encoder}' --out {output.cache} > {log} 2>&1"
+
+
+rule train_config:
+    output:
+        config=f"{R}/models/{{model}}.yaml",
+    log:
+        f"{R}/logs/train_config/{{model}}.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        cfg=get_train_config,
+    script:
+        "../scripts/train_config.py"
+
+
+rule train_tokenizer:
+    input:
+        config=f"{R}/models/tokenizer.yaml",
+        manifests=TRAIN_MANIFESTS,
+    output:
+        weights=f"{R}/models/tokenizer/model.safetensors",
+        config=f"{R}/models/tokenizer/config.json",
+        metrics=f"{R}/models/tokenizer/metrics.csv",
+    log:
+        f"{R}/logs/train_tokenizer.log",
+    benchmark:
+        f"{R}/benchmarks/train_tokenizer.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: RES["tokenizer"]["threads"]
+    resources:
+        mem_mb=RES["tokenizer"]["mem_mb"],
+        runtime=RES["tokenizer"]["runtime"],
+        gpu=RES["tokenizer"]["gpu"],
+    params:
+        out=lambda wc, output: os.path.dirname(output.weights),
+        ckpt=f"{CHECKPOINTS}/tokenizer",
+        launch=get_launcher("tokenizer"),
+    shell:
+        "{params.launch} train tokenizer --config {input.config} --manifests {input.manifests}"
+        " --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"
+
+
+rule encode_tokens:
+    input:
+        weights=rules.train_tokenizer.output.weights,
+        manifests=lambda wc: f"{R}/shards/{wc.split}/manifest.json",
+    output:
+        tokens=f"{R}/tokens/{{split}}.safetensors",
+        prompts=f"{R}/tokens/{{split}}.prompts.json",
+        recon=f"{R}/tokens/{{split}}_recon.safetensors",
+    log:
+        f"{R}/logs/encode_tokens/{{split}}.log",
+    benchmark:
+        f"{R}/benchmarks/encode_tokens/{{split}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        tokenizer=lambda wc, input: os.path.dirname(input.weights),
+        scale=config["models"]["lowres_scale"],
+        prompt=config["models"]["prompt"],
+    shell:
+        "ctgen encode-tokens --tokenizer {params.tokenizer} --manifests {input.manifests}"
+        " --out {output.tokens} --recon {output.recon} --lowres-scale {params.scale}"
+        " --prompt {params.prompt} > {log} 2>&1"
+
+
+rule train_generator:
+    input:
+        config=f"{R}/models/generator.yaml",
+        tokens=f"{R}/tokens/train.safetensors",
+        text=TEXT_INPUT,
+    output:
+        weights=f"{R}/models/generator/model.safetensors",
+        config=f"{R}/models/generator/config.json",
+        metrics=f"{R}/models/generator/metrics.csv",
+    log:
+        f"{R}/logs/train_generator.log",
+    benchmark:
+        f"{R}/benchmarks/train_generator.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: RES["generator"]["threads"]
+    resources:
+        mem_mb=RES["generator"]["mem_mb"],
+        runtime=RES["generator"]["runtime"],
+        gpu=RES["generator"]["gpu"],
+    params:
+        out=lambda wc, output: os.path.dirname(output.weights),
+        ckpt=f"{CHECKPOINTS}/generator",
+        launch=get_launcher("generator"),
+        text_flag=TEXT_FLAG,
+    shell:
+        "{params.launch} train generator --config {input.config} --tokens {input.tokens}"
+        " {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"
+
+
+rule train_superres:
+    input:
+        config=f"{R}/models/superres.yaml",
+        manifests=TRAIN_MANIFESTS,
+        text=TEXT_INPUT,
+        recon=get_superres_recon,
+    output:
+        weights=f"{R}/models/superres/model.safetensors",
+        config=f"{R}/models/superres/config.json",
+        metrics=f"{R}/models/superres/metrics.csv",
+    log:
+        f"{R}/logs/train_superres.log",
+    benchmark:
+        f"{R}/benchmarks/train_superres.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: RES["superres"]["threads"]
+    resources:
+        mem_mb=RES["superres"]["mem_mb"],
+        runtime=RES["superres"]["runtime"],
+        gpu=RES["superres"]["gpu"],
+    params:
+        out=lambda wc, output: os.path.dirname(output.weights),
+        ckpt=f"{CHECKPOINTS}/superres",
+        launch=get_launcher("superres"),
+        text_flag=TEXT_FLAG,
+        recon_flag=lambda wc, input: f"--recon {input.recon}" if input.recon else "",
+    shell:
+        "{params.launch} train superres --config {input.config} --manifests {input.manifests}"
+        " {params.text_flag} {input.text} {params.recon_flag}"
+        " --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"
