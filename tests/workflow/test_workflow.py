@@ -112,17 +112,27 @@ def test_samples_read_back_with_stock_webdataset(demo_run):
 
 
 def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, tmp_path):
-    work = tmp_path / "copy"
-    shutil.copytree(demo_run, work, symlinks=True)
-    assert planned_rules(work) == {}  # a finished run has nothing to do
-    prompt_edit = planned_rules(work, {"prompts": {"templates": {"generatect": "{sex}, {age} years: {impression}"}}})
-    assert set(prompt_edit) == {"prompts", "shards", "shard_manifest", "rejects", "all"}, prompt_edit
-    snakemake(work)
-    preset_edit = planned_rules(work, {"presets": {"demo": {"clip": [-1024, 1200]}}})
-    assert set(preset_edit) == {"prep", "shards", "shard_manifest", "rejects", "all"}, preset_edit
-    snakemake(work)
-    shard_edit = planned_rules(work, {"shards": {"shard_size": 3}})
-    assert set(shard_edit) == {"shards", "shard_manifest", "all"}, shard_edit
+    def plan(name, edit=None):  # each edit on a fresh copy of the finished run
+        work = tmp_path / name
+        shutil.copytree(demo_run, work, symlinks=True)
+        return set(planned_rules(work, edit))
+
+    assert plan("none") == set()  # a finished run has nothing to do
+    # the models train on the shards: whatever rewrites them retrains the cascade
+    models = {"train_tokenizer", "encode_tokens", "train_generator", "train_superres"}
+    prompts = {"prompts", "shards", "shard_manifest", "rejects", "text_tokenizer", "all"} | models
+    assert plan("prompt", {"prompts": {"templates": {"generatect": "{sex}, {age} years: {impression}"}}}) == prompts
+    assert plan("structured", {"prompts": {"structured": {"negated": "state"}}}) == prompts
+    assert plan("preset", {"presets": {"demo": {"clip": [-1024, 1200]}}}) == \
+        {"prep", "shards", "shard_manifest", "rejects", "all"} | models
+    assert plan("shard", {"shards": {"shard_size": 3}}) == {"shards", "shard_manifest", "all"} | models
+    # a model's own settings rerun that model and what is built from it, nothing upstream
+    assert plan("sr", {"model_presets": {"demo": {"superres": {"train": {"lr": 5e-4}}}}}) == \
+        {"train_config", "train_superres", "all"}
+    assert plan("gen", {"model_presets": {"demo": {"generator": {"model": {"depth": 1}}}}}) == \
+        {"train_config", "train_generator", "all"}
+    assert plan("tok", {"model_presets": {"demo": {"tokenizer": {"train": {"lr": 1e-3}}}}}) == \
+        {"train_config", "train_tokenizer", "encode_tokens", "train_generator", "all"}
 
 
 def test_strict_mode_fails_and_names_the_rejects(demo_run, tmp_path):
@@ -167,3 +177,24 @@ def test_rejects_name_only_the_injected_faults(demo_run):
     rejects = pd.read_csv(demo_run / "results/rejects.csv")
     truth = pd.read_csv(demo_run / "resources/demo/dataset/demo_truth.csv", keep_default_na=False)
     assert set(rejects["VolumeName"]) == set(truth.loc[truth["fault"] != "", "VolumeName"])
+
+
+def test_reports_are_parsed_and_agree_with_the_demo_labels(demo_run):
+    labels = pd.read_parquet(demo_run / "results/reports/labels.parquet")
+    mentions = pd.read_parquet(demo_run / "results/reports/mentions.parquet")
+    assert len(labels) > 0 and {"status", "label", "laterality"} <= set(mentions.columns)
+    agreement = pd.read_csv(demo_run / "results/reports/label_agreement.tsv", sep="\t")
+    # the demo reports state exactly their labels, in CT-RATE prose: the parser must read them back
+    assert (agreement["agreement"] >= 0.9).all(), agreement
+    prompts = pd.read_parquet(demo_run / "results/prompts/prompts.parquet")
+    assert "structured" in prompts and prompts["structured"].str.len().gt(0).all()
+
+
+def test_the_cascade_is_trained_with_provenance(demo_run):
+    for model in ("tokenizer", "generator", "superres"):
+        folder = demo_run / "results/models" / model
+        meta = json.loads((folder / "config.json").read_text())
+        assert meta["provenance"]["seed"] == 0 and meta["provenance"]["ctgen_version"]
+        metrics = pd.read_csv(folder / "metrics.csv")
+        assert metrics["loss"].notna().all() and metrics["step"].max() > 0
+    assert list((demo_run / "checkpoints").glob("*/*/last.pt"))  # resumable state beside, not inside, the outputs
