@@ -3,20 +3,25 @@
 Uses the 150 real reports of ``../shared/data/reports_dev.jsonl`` where present (read only, never
 copied), else long synthetic reports built from our own CT-RATE-style sentences. torch-free.
 
-    python benchmarks/report_parser.py [--reports N] [--repeat R] [--synthetic]
+    python benchmarks/report_parser.py [--reports N] [--repeat R] [--synthetic] [--min-chars C]
+
+``--min-chars 8000`` measures long reports (every synthetic report at least that long).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
-import random
-import time
-from pathlib import Path
 
-from ctprep.reports import ReportParser
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread, set before numpy is imported
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ctprep.reports import ReportParser  # noqa: E402
 
 logger = logging.getLogger("benchmarks.report_parser")
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "reports_dev.jsonl"
@@ -37,12 +42,15 @@ SENTENCES = [
 ]
 
 
-def synthetic_reports(n: int, seed: int = 0) -> list[str]:
-    """``n`` reports of 15-60 sentences (~1-5k characters), findings then "•" impression items."""
+def synthetic_reports(n: int, seed: int = 0, min_chars: int = 0) -> list[str]:
+    """``n`` reports of 15-60 sentences (~1-5k characters; at least ``min_chars`` findings characters),
+    findings then "•" impression items."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         body = " ".join(rng.choice(SENTENCES) for _ in range(rng.randint(15, 60)))
+        while len(body) < min_chars:
+            body += " " + rng.choice(SENTENCES)
         items = " ".join(f"• {rng.choice(SENTENCES)}" for _ in range(rng.randint(1, 5)))
         out.append(f"{body} {items}")
     return out
@@ -53,14 +61,15 @@ def main() -> None:
     ap.add_argument("--reports", type=int, default=300, help="synthetic reports (when the dev file is absent)")
     ap.add_argument("--repeat", type=int, default=3, help="passes over the reports")
     ap.add_argument("--synthetic", action="store_true", help="use synthetic reports even if the dev file exists")
+    ap.add_argument("--min-chars", type=int, default=0, help="synthetic reports at least this long (implies --synthetic)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
-    if DEV.is_file() and not args.synthetic:
+    if DEV.is_file() and not (args.synthetic or args.min_chars):
         reports, source = [json.loads(line)["text"] for line in DEV.read_text().splitlines() if line.strip()], "reports_dev.jsonl"
     else:
-        reports, source = synthetic_reports(args.reports), "synthetic"
+        reports, source = synthetic_reports(args.reports, min_chars=args.min_chars), "synthetic"
     t0 = time.perf_counter()
     parser = ReportParser()
     build = time.perf_counter() - t0

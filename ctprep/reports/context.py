@@ -6,7 +6,9 @@ Triggers are found with spaCy's ``PhraseMatcher``; a pre-trigger ("no", "possibl
 post-trigger ("were not observed", "cannot be excluded") backward, both stopping at a terminator
 ("but", "however", ";", "apart from"), at a passive assertion ("No effusion was detected, atelectasis
 is seen": the scope of "no" ends at "was detected"), or after ``MAX_SCOPE`` tokens. Coordinations
-("no effusion or pneumothorax", "X and Y were not observed") stay inside one scope.
+("no effusion or pneumothorax", "X and Y were not observed") stay inside one scope. Pseudo-negations
+("no change in the nodule", "not only", "regressed in size") cancel the negation word they hold,
+unless the finding is their own object ("no increase| in heart size": the heart is not enlarged).
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from ctprep.reports import vocabulary as V
 
 MAX_SCOPE = 30  # tokens a trigger reaches; CT-RATE lists run long ("No enlarged lymph nodes in A, B ... were detected")
 _AUX = {"is", "are", "was", "were", "be", "been", "being"}
-_NEG = ("PRE_NEG", "POST_NEG")
-_UNC = ("PRE_UNC", "POST_UNC")
+_NEG_WORDS = {"no", "not", "without"}  # a pseudo-negation starting with one of these negates a mention it runs into
 
 if not Span.has_extension("status"):
     Span.set_extension("status", default="present")
@@ -74,6 +75,9 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
     found: dict[str, Span] = {}
     current_starts = {t.start for t in triggers if t.label_ == "CURRENT"}
     for t in triggers:
+        if t.label_ == "PSEUDO" and t.start < mention.start < t.end and doc[t.start].lower_ in _NEG_WORDS:
+            found.setdefault("NEG", t)  # the finding is the pseudo-trigger's object: "no increase| in heart size"
+            continue
         if t.start < sent.start or t.end > sent.end or t.label_ in {"TERM", "PSEUDO", "CURRENT"}:
             continue
         if t.start >= mention.end and (t.label_ == "SENT_NEG" or (t.label_ == "POST_NEG" and t.end in current_starts)):

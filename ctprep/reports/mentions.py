@@ -1,7 +1,8 @@
 """Finding mentions: the ``Mention`` record and the pipeline component that finds them.
 
-The component runs every ``vocabulary.RULES`` regex over the section text, keeps the matches whose
-sentence passes the rule's requires/excludes checks, assigns bare "effusion"/"fluid" to the pleura or
+The component runs every ``vocabulary.RULES`` regex over the sentences of the section that hold one
+of the rule's keywords (``prefilter.py``), keeps the matches whose sentence (or window) passes the
+rule's requires/excludes checks, assigns bare "effusion"/"fluid" to the pleura or
 the pericardium from the words around it, and stores the result as spans in ``doc.spans["findings"]``
 (label = CT-RATE label). ``context.py`` then gives each a status; ``to_mentions`` adds attributes.
 """
@@ -36,7 +37,7 @@ _COMPILED = tuple(_Compiled(r, compile_lower(r.pattern), compile_lower(r.require
                             compile_lower(r.excludes) if r.excludes else None, keywords(r.pattern)) for r in RULES)
 _EFFUSION_WORDS = keywords(EFFUSION.pattern)
 _PERICARD = compile_lower(r"\bpericardi\w*")
-_PLEURA = compile_lower(r"\b(pleura\w*|hemithora\w*|thorax|thoracic cavit\w*)")
+_PLEURA = compile_lower(r"\b(pleura\w*|hemithora\w*|thorax|thoracic cavit\w*|costophrenic|costodiaphragmatic)")
 _SIDE = compile_lower(r"\b(right|left|bilateral\w*|both|bibasal\w*)\b")
 _NON_LUNG = compile_lower(NON_LUNG.replace(r"|lymph nodes?", "").replace(r"|soft tissue", "")
                           + r"|\b(joint|subcapsular|perihepatic|perisplenic|pelvic|free)\b")
@@ -159,13 +160,16 @@ class FindingMatcher:
 
 
 def to_mentions(doc: Doc, section: str) -> list[Mention]:
-    """Mention records (with attributes) for the finding spans of one section doc."""
-    out = []
+    """Mention records (with attributes) for the finding spans of one section doc.
+
+    Attributes come from the mention's clause (its sentence cut at ; : but however) and, inside it,
+    from the words between the neighbouring findings (``attributes.finding_part``).
+    """
     sents = doc.user_data["sents"]
     firsts = [s[0] for s in sents]
     text = doc_text(doc)
     cuts: dict[int, tuple[str, list[int], list[int]]] = {}  # sentence -> (text, clause starts, clause ends)
-    clauses: dict[tuple[int, int, int], A.Clause] = {}
+    groups: dict[tuple[int, int, int], list[tuple[Span, int, int]]] = {}  # clause -> its mentions (clause offsets)
     for span in doc.spans.get("findings", []):
         index = bisect.bisect_right(firsts, span.start) - 1
         if index not in cuts:
@@ -174,21 +178,20 @@ def to_mentions(doc: Doc, section: str) -> list[Mention]:
             cuts[index] = (stext, [0] + [b for _, b in marks], [a for a, _ in marks] + [len(stext)])
         stext, lows, highs = cuts[index]
         s0, e0 = span.start_char - sents[index][2], span.end_char - sents[index][2]
-        # the clause: the sentence cut at ; : but however around the mention
         lo = lows[bisect.bisect_right(lows, s0) - 1]
         hi = highs[bisect.bisect_left(highs, e0)]
-        clause = clauses.get((index, lo, hi))
-        if clause is None:
-            clause = clauses[index, lo, hi] = A.Clause(stext[lo:hi])
-        s, e = s0 - lo, e0 - lo
-        size = A.size_mm(clause, s)
-        out.append(Mention(
-            label=span.label_, text=text[span.start_char: span.end_char], section=section, sentence=index,
-            start=span.start_char, end=span.end_char, status=span._.status,
-            trigger=span._.trigger.text if span._.trigger is not None else None,
-            laterality=A.laterality(clause) if span.label_ in A.LATERAL else None,
-            location=A.location(span.label_, clause, s),
-            size_mm_min=size[0] if size else None, size_mm_max=size[1] if size else None,
-            count=A.count(span.label_, clause.text, s, e), severity=A.severity(clause.text, s, e),
-        ))
+        groups.setdefault((index, lo, hi), []).append((span, s0 - lo, e0 - lo))
+    out = []
+    for (index, lo, hi), members in groups.items():
+        clause = A.Clause(cuts[index][0][lo:hi])
+        for span, s, e in members:
+            # neighbours: the nearest other findings before and after (overlapping ones describe the same words)
+            prev_end = max((e2 for _, s2, e2 in members if e2 <= s), default=None)
+            next_start = min((s2 for _, s2, e2 in members if s2 >= e), default=None)
+            attrs = A.describe(span.label_, clause, s, e, A.finding_part(clause.text, s, e, prev_end, next_start))
+            out.append(Mention(
+                label=span.label_, text=text[span.start_char: span.end_char], section=section, sentence=index,
+                start=span.start_char, end=span.end_char, status=span._.status,
+                trigger=span._.trigger.text if span._.trigger is not None else None, **attrs))
+    out.sort(key=lambda m: m.start)
     return out

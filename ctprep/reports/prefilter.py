@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import bisect
 import re
-import re._constants as C  # the parse-tree opcodes; stable across CPython 3.11-3.13
-import re._parser as P
+
+try:  # the regex parse tree (CPython 3.11+); without it every rule scans every sentence
+    import re._constants as C
+    import re._parser as P
+except ImportError:  # pragma: no cover
+    C = P = None
 
 #: Texts are lower-cased before matching, so patterns must be lower case (escapes aside).
 _UPPER_LITERAL = re.compile(r"(?<!\\)[A-Z]")
@@ -69,6 +73,8 @@ def _required(items) -> frozenset[str] | None:
 
 def keywords(pattern: str) -> frozenset[str] | None:
     """Literal strings one of which every match of ``pattern`` (case-sensitive) contains; None if unknown."""
+    if P is None:  # pragma: no cover
+        return None
     try:
         words = _required(P.parse(pattern).data)
     except Exception:  # noqa: BLE001 - a private-API change must cost speed, not correctness

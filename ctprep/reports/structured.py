@@ -73,7 +73,9 @@ def structured_prompt(mentions: Iterable, negated: str = "omit", max_chars: int 
     """
     if negated not in {"omit", "state"}:
         raise ValueError(f"negated must be 'omit' or 'state', not {negated!r}")
-    mentions = list(mentions)
+    from ctprep.reports.labels import FINDING_SECTIONS
+
+    mentions = [m for m in mentions if m.section in FINDING_SECTIONS]  # not the indication's "nodule follow-up"
     items, negs = [], []
     for label in LABELS:
         positive = [m for m in mentions if m.label == label and m.status in {"present", "uncertain"}]

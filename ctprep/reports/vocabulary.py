@@ -1,10 +1,11 @@
 """What the parser knows: the 18 CT-RATE labels' phrasings, and the context trigger lists.
 
-Finding phrases are regular expressions (case-insensitive) rather than spaCy token patterns:
+Finding phrases are lower-case regular expressions, matched on lower-cased text (``mentions.py``
+refuses upper-case literals), rather than spaCy token patterns:
 translated radiology prose needs morphology ("atelecta-sis/-tic/-ses"), hyphenated coordinations
 ("effusion-thickening") and word-internal exclusions ("fibroatelectasis" is not atelectasis), which
 a blank pipeline without a lemmatizer cannot express as token attributes. Context triggers are
-plain phrases and go through spaCy's ``Matcher`` (see ``context.py``).
+plain phrases and go through spaCy's ``PhraseMatcher`` (see ``context.py``).
 
 Each ``Rule`` anchors a mention on ``pattern``; ``requires``/``excludes`` look at the mention's
 sentence (or its ±``window`` characters) so that, e.g., a calcification counts as *coronary* only
@@ -39,9 +40,11 @@ NON_LUNG = (r"\b(liver|hepat\w*|kidneys?|renal|adrenal|spleen|splenic|pancrea\w*
 LUNG = (r"\b(lungs?|pulmon\w*|lingul\w*|hemithora\w*|pleur\w*|lung parenchym\w*|fissure|apex|apices|apical|"
         r"subpleural|(upper|middle|lower) lobes?|bronch\w*|perihilar|basal|bases|pneumoni\w*)\b")
 
-_CALC = r"(calcif\w*|atherom\w*|atheroscleros\w*|atherosclerotic|plaques?)"
-_VESSEL = (r"\b(aort\w*|(?<!coronary )(?<!descending )(?<!circumflex )arter(y|ies|ial)|vascular|vessels?|carotid|subclavian|iliac|brachiocephalic|"
+_CALC = r"(calcif\w*|calcium|atherom\w*|atheroscleros\w*|atherosclerotic|plaques?)"
+_VESSEL = (r"\b(aort(?!opulmonary)\w*|(?<!coronary )(?<!descending )(?<!circumflex )arter(y|ies|ial)|vascular|vessels?|carotid|subclavian|iliac|brachiocephalic|"
            r"truncus|innominate|femoral|celiac|mesenteric arter\w*|arch)\b")
+#: Coronary arteries by name: "coronary", or a branch ("LAD", "circumflex", "left main").
+_CORONARY = r"\bcoronar\w*|\b(lad|rca|lcx)\b|\bleft anterior descending|\bcircumflex|\bleft main\b"
 _NODE = r"(lymph ?nodes?|lymphatic nodes?|\bnodes\b)(?! stations?| chains?| regions?| areas?| levels?)"
 
 RULES: tuple[Rule, ...] = (
@@ -54,24 +57,36 @@ RULES: tuple[Rule, ...] = (
          r"\btracheostomy|\bintubat\w*|\bpeg\b|\belectrodes?|\bcoils?\b|\bembolization material|\bstaples?\b|"
          r"\bvena cava filter|\bscrews?\b|\bfixation material|\bimplants?\b(?!\s*\?)|\bdrains?\b|\bgrafts?\b|"
          r"\bmesh\b|\bicd\b|\bcabg\b|\bshunt catheter|\bsuture materials?|\bmetallic (density|artifact|foreign)\w*|"
-         r"\bforeign bod\w*|\bstent material",
+         r"\bforeign bod\w*|\bstent material|\bendoprosthe\w*|\b(ivc|caval) filter|\bpicc\b|\bcentral (venous )?line|"
+         r"\b(ng|og) tubes?|\b(t?evar|tavi|tavr)\b|\bannuloplasty|\bloop recorder|\b(endobronchial|zephyr) valves?|"
+         r"\btissue expanders?|\b(implantable|implanted|cardiac) (electronic )?devices?",
          excludes=r"\b(peritoneal|metasta\w*|tumou?r\w*) implants?|\bimplant\s*\?|\bbypass operation"),
     # --- vessels and heart ------------------------------------------------------------------------
-    Rule("Arterial wall calcification", _CALC, requires=_VESSEL,
-         excludes=r"\b(pleural|valv\w*|lymph|renal|kidney|gall\w*|hepatic|liver|thyroid|pancrea\w*|pericardial) (calcif\w*|plaques?)"),
-    Rule("Coronary artery wall calcification", _CALC, requires=r"\bcoronar\w*"),
+    # the vessel must be named near the calcium (±100 chars), not anywhere in a long sentence
+    Rule("Arterial wall calcification", _CALC, requires=_VESSEL, window=100,
+         excludes=r"\b(pleural|valv\w*|annul\w*|lymph|renal|kidney|gall\w*|hepatic|liver|thyroid|pancrea\w*|pericardial) "
+                  r"(calcif\w*|plaques?)|\bcalcifi\w* (lymph|nodes?\b|nodules?\b|granulom)|"
+                  r"\bcalcif\w* (of|in|on) the (aortic |mitral )?(valv|leaflet|annul)\w*"),
+    Rule("Coronary artery wall calcification", _CALC, requires=_CORONARY),
     Rule("Coronary artery wall calcification", r"\bcoronary (artery |arteries )?(wall )?(calcif\w*|atherom\w*|atheroscler\w*|plaques?)"),
     Rule("Cardiomegaly", r"\bcardiomegal\w*|\b(enlarged|large|increased) (heart|cardiac)( size| silhouette| dimensions?)?\b|"
          r"\bheart( contour)?( and)?,? (size|sizes|dimensions?|silhouette|volume)s?\b[^.;]{0,40}\b(increased|enlarged|large)\b|"
          r"\b(increase|enlargement) (in|of) (the )?(heart|cardiac)( size| dimensions?)?\b|"
+         r"\b(increase|enlargement) (in|of) (the )?(size|dimensions?) of (the )?heart\b|"
          r"\b(ctr|cardio-?thoracic (ratio|index))\b[^.;]{0,30}\b(increased|enlarged|above|high)\b|"
-         r"\b(increase|increased|enlargement) (in|of) (the )?(ctr|cardio-?thoracic (ratio|index))"),
-    Rule("Pericardial effusion", r"\bhemopericardium|\bpneumopericardium|\bpericardial (fluid|effusion)"),
+         r"\b(increase|increased|enlargement) ((in|of) (the )?)?(ctr|cardio-?thoracic (ratio|index))|"
+         r"\b(heart|cardiac (silhouette|contour|shadow|size))( size| dimensions?| contours?| silhouette)?"
+         r"( is| was| appears?| seems?| looks?)?( not)?( mildly| slightly| moderately| markedly| significantly| minimally| severely)?"
+         r" (enlarged|increased in size)\b|\b(cardiac|heart) enlargement"),
+    Rule("Pericardial effusion", r"\bha?emopericardium|\bpneumopericardium|\bpericardial (fluid|effusion|collection)"),
     # (effusions without "pleural"/"pericardial" next to them are assigned in mentions.py)
     # --- mediastinum ------------------------------------------------------------------------------
     Rule("Hiatal hernia", r"\bhiat(al|us) hernia\w*|\bhernia\w*[^.;]{0,60}\bhiat(us|al)\b|\bhiat(us|al)\b[^.;]{0,60}\bhernia\w*|"
-         r"\bsliding[- ]type hernia|\bparaesophageal hernia|\bintrathoracic stomach"),
-    Rule("Lymphadenopathy", r"\blymphadenopath\w*|\badenopath\w*|\blaps?\b|\blymph ?node conglomerat\w*|" + _NODE,
+         r"\bsliding([- ]type)? hernia|\bpara-?o?esophageal hernia|\bintrathoracic stomach|"
+         r"\bherniat\w*[^.;]{0,50}\b(stomach|gastric|fundus)\b|\b(stomach|gastric fundus|fundus)\b[^.;]{0,40}\bherniat\w*",
+         excludes=r"\b(bochdalek|morgagni|inguinal|umbilical|incisional|ventral|abdominal wall|lung|fat)\b"),
+    Rule("Lymphadenopathy", r"\blymphadenopath\w*|\badenopath\w*|\b(lymph)?adenomegal\w*|\blaps?\b|\blymph ?node conglomerat\w*|"
+         r"\b(enlarged|pathologic\w*|conglomerat\w*|necrotic)( \w+){0,2} node\b|" + _NODE,
          excludes=r"\b(normal|natural|physiological|non-?pathological|insignificant)[- ](size|sized|dimension)\w*\b|"
                   r"\bwithin normal (size )?limits|\bnot (in )?(a )?patholog\w*|\bfatty hil\w*|\b(do|does|did) not reach|"
                   r"\bnot reaching|\b(below|under) (the )?patholog\w*|\bintra-?(parenchymal|pulmonary)|"
@@ -80,31 +95,38 @@ RULES: tuple[Rule, ...] = (
     # --- lung parenchyma --------------------------------------------------------------------------
     Rule("Emphysema", r"\bemphysem\w*|\bbullae?\b|\bbullous|\bblebs?\b|\bhyperaerat\w*|\bhyperinflat\w*",
          excludes=r"\b(subcutaneous|mediastinal|soft tissue|interstitial) emphysem\w*"),
-    Rule("Atelectasis", r"(?<!fibro)(?<!fibro-)(?<!fibro )\batelecta\w*|\bdiscoid atelecta\w*"),
+    Rule("Atelectasis", r"(?<!fibro)(?<!fibro-)(?<!fibro )\batelecta\w*|\bdiscoid atelecta\w*|\bdystelecta\w*|"
+         r"\b(lobar|segmental|lung|lobe) collapse\b|"
+         r"\bcollaps(e|ed)\b(?= (of )?(the )?(right |left )?(upper |middle |lower )?(lobe|lung|lingula|segment)s?\b)"),
     Rule("Lung nodule", r"\b(micro)?nodules?\b(?! formation)|\bnodular (lesion|opacit|formation|appearance)\w*|"
-         r"\bmicronodul\w*|\bgranulomas?\b|\bnodular\b(?=[ -](or|and)[ -]\w+ (lesion|opacit|densit)\w*)",
+         r"\bmicronodul\w*|\bgranulomas?\b|(?<!pleural )\bnodularit(y|ies)\b|\bnodular\b(?=[ -](or|and)[ -]\w+ (lesion|opacit|densit)\w*)",
          excludes=r"\bnodular (contrast |peripheral )?enhancement|\blymph ?nodes? with", lung_only=True),
-    Rule("Lung opacity", r"\bground[- ]?glass\w*|\bfrosted[- ]glass", lung_only=True),
+    Rule("Lung opacity", r"\bground[- ]?glass\w*|\bfrosted[- ]glass|\bggos?\b", lung_only=True),
     Rule("Lung opacity", r"\bopacit(y|ies)\b|\bdensit(y|ies)( increase\w*| increased)|"
          r"\b(increase|increases) in (lung |parenchymal )?density|\bincreased (parenchymal |lung )?densit\w*|"
-         r"\binfiltrat(ion|ions|e|es|ive)\b|\bhazy\b|\bpneumonic",
+         r"\binfiltrat(ion|ions|e|es|ive)\b|\bhazy\b|\bpneumonic|\bopacificat\w*|"
+         r"\b(patchy|alveolar|air-?space|reticular|focal|inflammatory) densit(y|ies)\b|"
+         r"\b(increased|increase in) (parenchymal |lung )?attenuation\b",
          lung_only=True, window=50, excludes=r"\bsequel\w*|\bfibro\w*|\b(micro)?nodular opacit\w*|\bmalignant infiltrat\w*|"
                   r"\b(tumou?r|metasta)\w* infiltrat\w*"),
     # "fibrosis" alone (interstitial lung disease) is not a sequela in CT-RATE's labelling; fibrotic/sequelae changes are.
     Rule("Pulmonary fibrotic sequela", r"\bfibro(tic|atelecta\w*|us)\b|\bfibroatelecta\w*|\bsequel(a|ae|e|ea)\b|"
-         r"\bscar(ring|s)?\b|\b(linear|fibrotic|parenchymal|subpleural|fibrous) bands?\b|\bband (appearance|opacit|densit)\w*|"
+         r"\bscar(ring|s)?\b|\b(linear|fibrotic|parenchymal|subpleural|fibrous) bands?\b|"
+         r"\bband([- ]like)? (appearance|opacit|densit)\w*|"
          r"\bhoneycomb\w*|\bcicatri\w*|\bpost-?(inflammatory|infectious|tuberculous) (changes|sequel\w*)",
          excludes=r"\b(rib|fracture|bone|vertebra\w*|liver|kidney|renal|breast|uter\w*)\b"),
-    Rule("Pleural effusion", r"\bpleural (fluid|effusion\w*)|\bhydrothora\w*|\bhemothora\w*|\bfluid in the pleural"),
+    Rule("Pleural effusion", r"\bpleural (fluid|effusion\w*|collection\w*)|\bhydrothora\w*|\bha?emothora\w*|"
+         r"\bfluid in the pleural|(?<!gallbladder )(?<!gall bladder )\bempyema\w*"),
     Rule("Mosaic attenuation pattern", r"\bmosaic\w*"),
     # CT-RATE's radiologists label the "peribronchial" wording; plain "bronchial wall thickening" is left out.
     Rule("Peribronchial thickening", r"\bperibronch\w*[^.;]{0,30}\bthick\w*|\bperibronch\w* cuff\w*|"
          r"\bthick\w* (of |in )?(the )?peribronch\w*"),
     Rule("Consolidation", r"\bconsolidat\w*|\bair bronchogram\w*"),
     Rule("Bronchiectasis", r"\bbronchiecta\w*|\bbronchiolecta\w*|\b(dilated|dilatation of the) bronch\w*|"
-         r"\bbronch\w* (dilat\w*|ectasi\w*)|\bectasi\w*[^.;]{0,30}\bbronch\w*"),
+         r"\bbronch\w* (dilat\w*|ectasi\w*)|\bectasi\w*[^.;]{0,30}\bbronch\w*|\bectatic bronch\w*"),
     Rule("Interlobular septal thickening", r"\b(interlobular|intralobular|interseptal|septal)\b[^.;]{0,40}\b(thick\w*|prominen\w*)|"
-         r"\b(thick\w*|prominen\w*)\b[^.;]{0,40}\b(interlobular|intralobular|interseptal)\b|\bcrazy[- ]paving",
+         r"\b(thick\w*|prominen\w*)\b[^.;]{0,40}\b(interlobular|intralobular|interseptal)\b|\bcrazy[- ]paving|"
+         r"\bthick\w* (of the )?septa\b|\bsepta\b[^.;]{0,25}\bthick\w*|\bkerley\b|\bseptal lines\b",
          excludes=r"\binter(ventricular|atrial)\b"),
 )
 
@@ -124,7 +146,7 @@ _SEEN = ["detected", "observed", "seen", "noted", "present", "identified", "foun
 ASSERT_VERBS = frozenset(_SEEN) - {"increased", "enlarged", "thickened", "considered", "described"}
 
 PRE_NEGATION = ["previously observed as", "previously seen as", "previously described as", "no", "not", "without", "absence of", "absent", "free of", "negative for", "neither", "nor",
-                "rather than", "instead of", "ruled out", "excluded", "no evidence of", "no sign of", "no signs of",
+                "rather than", "instead of", "ruled out", "clear of", "devoid of", "excluded", "no evidence of", "no sign of", "no signs of",
                 "no finding of", "no findings of", "resolution of", "disappearance of", "lack of", "there is no",
                 "there are no", "there was no", "there were no", "none"]
 POST_NEGATION = ["absent", "excluded", "do not reach", "does not reach", "did not reach", "not reaching",
@@ -132,14 +154,24 @@ POST_NEGATION = ["absent", "excluded", "do not reach", "does not reach", "did no
                  "within normal limits", "no longer", "negative", "is not", "are not", "were not", "was not"]
 # plus the Matcher pattern "(aux) not (been) <seen-verb>" and "<aux>n't" forms built in context.py
 PSEUDO_NEGATION = ["no change", "no significant change", "no difference", "no significant difference",
-                   "no increase", "no significant increase", "no progression", "not only", "no interval change",
+                   "no increase", "no significant increase", "no progression", "not only", "is not only", "are not only",
+                   "was not only", "were not only", "no interval change",
                    "not typical", "not change", "no changes", "without change", "without any change",
                    "not significantly changed", "no marked change", "no obvious change", "no numerical",
-                   "no prominent change", "no new pathology other than"]
+                   "no prominent change", "no new pathology other than",
+                   # the finding persists: "without significant change", "no regression", "regressed in size"
+                   "without significant change", "without a significant change", "without any significant change",
+                   "no significant interval change", "no regression", "no significant regression", "without regression",
+                   "regressed in size", "has regressed in size", "have regressed in size", "has partially regressed",
+                   "have partially regressed", "partially regressed"]
 PRE_UNCERTAIN = ["possible", "possibly", "probable", "probably", "suspicious", "suspicious for", "suspected",
                  "suspicion of", "suspicion", "questionable", "likely", "may be", "might be", "could be", "may represent",
                  "differential diagnosis", "cannot exclude", "can not exclude", "rule out", "to rule out", "r/o",
-                 "doubtful", "equivocal", "presumed", "presumably", "consider", "vs", "versus"]
+                 "doubtful", "equivocal", "presumed", "presumably", "consider", "vs", "versus", "suggestive of",
+                 "suggesting", "favoring", "favouring", "evaluated in favor of", "evaluated primarily in favor of", "concerning for",
+                 "worrisome for", "could represent", "might represent", "possibility of",
+                 "considered in favor of", "primarily in favor of", "mostly in favor of"]
+# (bare "in favor of" is no hedge in translated prose: "cardiothoracic ratio increased in favor of the heart")
 POST_UNCERTAIN = ["?", "cannot be excluded", "can not be excluded", "could not be excluded", "cannot be ruled out",
                   "can not be ruled out", "could not be ruled out", "not ruled out", "not excluded",
                   "is suspected", "was suspected", "are suspected", "were suspected", "is possible", "is questionable",
@@ -156,3 +188,6 @@ TERMINATORS = ["but", "however", "although", "though", "except", "except for", "
                "other than", "besides", "whereas", "while", "yet", "nevertheless", "on the other hand",
                "in addition", "additionally", "also", "which", "where", "whose", "accompanied by",
                "secondary to", "due to", "because", "as well as", ";", ":", "(", ")", "•", '"']
+# A comma followed by a quantity or degree word starts a new, asserted item: "No effusion, mild atelectasis".
+TERMINATORS += [f", {w}" for w in ("a", "an", "mild", "minimal", "minimally", "moderate", "severe", "marked", "slight",
+                                    "small", "several", "multiple", "a few", "there is", "there are")]

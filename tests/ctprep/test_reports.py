@@ -175,6 +175,117 @@ def test_bare_effusion_is_placed():
     assert r.labels["Pleural effusion"] == 1 and r.labels["Pericardial effusion"] == 0
 
 
+@pytest.mark.parametrize("text,label", [
+    ("Scattered GGOs are present in the left lung.", "Lung opacity"),
+    ("Patchy opacification of the lingula.", "Lung opacity"),
+    ("Patchy densities at the base of the right lung.", "Lung opacity"),
+    ("Areas of increased attenuation in both upper lobes.", "Lung opacity"),
+    ("The heart is mildly enlarged.", "Cardiomegaly"),
+    ("Cardiac enlargement is noted.", "Cardiomegaly"),
+    ("Increased cardiothoracic ratio.", "Cardiomegaly"),
+    ("An increase in the size of the heart is seen.", "Cardiomegaly"),
+    ("Collapse of the left lower lobe.", "Atelectasis"),
+    ("Dystelectatic bands at both lung bases.", "Atelectasis"),
+    ("Nodularity in the superior segment of the left lower lobe.", "Lung nodule"),
+    ("Thickened septa are seen in the periphery of both lungs.", "Interlobular septal thickening"),
+    ("Kerley B lines at the lung bases.", "Interlobular septal thickening"),
+    ("A calcified plaque in the proximal LAD.", "Coronary artery wall calcification"),
+    ("Calcium deposits in the coronary arteries.", "Coronary artery wall calcification"),
+    ("A small sliding hernia is present.", "Hiatal hernia"),
+    ("The gastric fundus has herniated into the posterior mediastinum.", "Hiatal hernia"),
+    ("Fluid collection in the right costophrenic sinus.", "Pleural effusion"),
+    ("Loculated empyema on the left.", "Pleural effusion"),
+    ("Haemothorax on the right after trauma.", "Pleural effusion"),
+    ("Lymphadenomegaly in the aortopulmonary window.", "Lymphadenopathy"),
+    ("An enlarged subcarinal node of 17 mm.", "Lymphadenopathy"),
+    ("An IVC filter is seen in the lower sections.", "Medical material"),
+    ("A PICC line enters through the right arm.", "Medical material"),
+    ("Endobronchial valves in the right upper lobe bronchus.", "Medical material"),
+    ("Band-like densities at the apex of the right lung.", "Pulmonary fibrotic sequela"),
+    ("Ectatic bronchi in the lower lobes.", "Bronchiectasis"),
+])
+def test_synonyms_and_variants(text, label):
+    assert parse_report(text).labels[label] == 1
+
+
+@pytest.mark.parametrize("text,label", [
+    ("A calcified plaque in the proximal LAD.", "Arterial wall calcification"),
+    ("Calcified lymph nodes in the aortopulmonary window.", "Arterial wall calcification"),
+    ("Calcification of the aortic valve leaflets.", "Arterial wall calcification"),
+    ("A Bochdalek hernia containing fat on the left.", "Hiatal hernia"),
+    ("Nodular thickening with pleural nodularity on the right.", "Lung nodule"),
+    ("Gallbladder empyema in the upper abdominal sections.", "Pleural effusion"),
+])
+def test_lookalikes_are_not_findings(text, label):
+    assert parse_report(text).labels[label] == 0
+
+
+@pytest.mark.parametrize("text,label,status", [
+    ("The heart is not enlarged.", "Cardiomegaly", "negated"),
+    ("No increase in heart size.", "Cardiomegaly", "negated"),
+    ("No increase in lung density is seen.", "Lung opacity", "negated"),
+    ("Both lungs are clear of nodules.", "Lung nodule", "negated"),
+    ("Pleural effusion wasn't observed on this scan.", "Pleural effusion", "negated"),
+    ("Nodules can't be seen in the upper lobes.", "Lung nodule", "negated"),
+    ("No pleural effusion, mild atelectasis at the left base.", "Atelectasis", "present"),
+    ("Effusion is not only on the left but on both sides in the pleural spaces.", "Pleural effusion", "present"),
+    ("The nodule in the left lung has regressed in size.", "Lung nodule", "present"),
+    ("The pleural effusion has regressed completely.", "Pleural effusion", "negated"),
+    ("No regression of the nodule in the right lower lobe.", "Lung nodule", "present"),
+    ("Without significant change, the nodules persist in the right lung.", "Lung nodule", "present"),
+    ("Reticular changes suggestive of atelectasis at the bases.", "Atelectasis", "uncertain"),
+    ("Linear densities evaluated in favor of atelectasis.", "Atelectasis", "uncertain"),
+    ("Opacities concerning for consolidation in the lingula.", "Consolidation", "uncertain"),
+    ("The cardiothoracic ratio is increased in favor of the heart, with atelectasis at the bases.", "Atelectasis", "present"),
+])
+def test_negation_pseudo_negation_and_hedges(text, label, status):
+    assert statuses(text, label) == [status]
+
+
+def test_attributes_come_from_the_findings_own_words():
+    r = parse_report("A 5 mm nodule in the right lower lobe and left pleural effusion.")
+    nodule, effusion = (next(m for m in r.mentions if m.label == k) for k in ("Lung nodule", "Pleural effusion"))
+    assert (nodule.laterality, nodule.location, nodule.size_mm_max) == ("right", "RLL", 5.0)
+    assert (effusion.laterality, effusion.size_mm_max) == ("left", None)
+    r = parse_report("Emphysema in both lungs and a nodule in the left upper lobe.")
+    emph, nodule = (next(m for m in r.mentions if m.label == k) for k in ("Emphysema", "Lung nodule"))
+    assert (emph.laterality, emph.location, nodule.laterality, nodule.location) == ("bilateral", "lung", "left", "LUL")
+    r = parse_report("Atelectasis and consolidation in the right lower lobe.")  # a shared place applies to both
+    assert {(m.label, m.laterality, m.location) for m in r.mentions} == {("Atelectasis", "right", "RLL"),
+                                                                         ("Consolidation", "right", "RLL")}
+    assert one("Nodules in the right upper lobe and left lower lobe.", "Lung nodule").laterality == "bilateral"
+
+
+def test_attribute_spellings():
+    assert one("A 3 mm nodule in the left upper lobe.", "Lung nodule").count == "single"  # "3 mm" is a size
+    assert one("Two nodules in the left upper lobe.", "Lung nodule").count == "a few"
+    assert one("A nodule in the RLL.", "Lung nodule").location == "RLL"
+    m = one("Nodules of 3 mm - 5 mm in the left lung.", "Lung nodule")
+    assert (m.size_mm_min, m.size_mm_max) == (3.0, 5.0)
+    assert one("Biapical fibrotic sequelae.", "Pulmonary fibrotic sequela").laterality == "bilateral"
+    assert one("A large left pleural effusion.", "Pleural effusion").severity == "severe"
+
+
+def test_prefilter_keywords_cover_every_match():
+    from ctprep.reports.prefilter import compile_lower, keywords, lower_same_length
+    from ctprep.reports.vocabulary import RULES
+    assert keywords(r"\bfoo(bar|baz)s?|qux\w*") == frozenset({"foo", "qux"})
+    assert keywords(r"\w+") is None
+    with pytest.raises(ValueError):
+        compile_lower(r"\bNodule")
+    assert lower_same_length("İ nodule") == "i nodule"
+    texts = [p.lower() for p in ("Calcified atheroma plaques in the aortic arch and the LAD.", "Sliding type hernia.",
+                                 "Peribronchial cuffing, honeycombing and ectatic bronchi.", "Chemo port in place.",
+                                 "Septa are thickened; crazy-paving.", "Fluid in the pleural space and GGOs.")]
+    for rule in RULES:
+        words = keywords(rule.pattern)
+        assert words, f"no keywords for {rule.label}: the rule would scan every sentence"
+        rx = compile_lower(rule.pattern)
+        for t in texts:
+            for m in rx.finditer(t):
+                assert any(w in m.group(0) for w in words), (rule.label, m.group(0))
+
+
 # --- labels and prompts ---------------------------------------------------------------------
 def test_label_vector_rules():
     r = parse_report({"findings": "Minimal atelectasis in the right lower lobe. No pleural effusion.",
@@ -277,3 +388,14 @@ def test_macro_f1_on_radiologist_labels():
     res = evaluate(DEV)
     assert res["n_reports"] == 150
     assert res["macro_f1"] >= 0.95, res["macro_f1"]
+
+
+def test_the_indication_never_sets_a_label_or_a_prompt_item():
+    from ctprep.reports import parse_report, structured_prompt
+
+    parsed = parse_report({"clinical_information": "Cough. Known nodule, follow-up. Rule out effusion.",
+                           "findings": "No nodular lesion is seen in either lung. The pleural spaces are clear.",
+                           "impression": "Mild cardiomegaly."})
+    assert any(m.section == "clinical_information" and m.label == "Lung nodule" for m in parsed.mentions)
+    assert parsed.labels["Lung nodule"] == 0 and parsed.labels["Cardiomegaly"] == 1
+    assert structured_prompt(parsed.mentions) == "mild cardiomegaly"
