@@ -74,11 +74,10 @@ def get_train_config(wildcards):
 
 
 def get_launcher(model):
-    """`ctgen`, or `torchrun ... -m ctgen.cli` when the job has several GPUs."""
-    gpus = RES[model]["gpu"]
-    if gpus <= 1:
-        return "ctgen"
-    return f"torchrun --standalone --nproc-per-node {gpus} -m ctgen.cli"
+    """`ctgen`, or torchrun (under srun across nodes) when the job has several GPUs."""
+    from ctgen.launch import launch_prefix
+
+    return launch_prefix(RES[model]["gpu"], RES[model].get("nodes", 1))
 
 
 def get_superres_recon(wildcards):

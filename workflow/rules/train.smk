@@ -81,6 +81,7 @@ rule train_tokenizer:
         mem_mb=RES["tokenizer"]["mem_mb"],
         runtime=RES["tokenizer"]["runtime"],
         gpu=RES["tokenizer"]["gpu"],
+        nodes=RES["tokenizer"].get("nodes", 1),
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/tokenizer",
@@ -138,6 +139,7 @@ rule train_generator:
         mem_mb=RES["generator"]["mem_mb"],
         runtime=RES["generator"]["runtime"],
         gpu=RES["generator"]["gpu"],
+        nodes=RES["generator"].get("nodes", 1),
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/generator",
@@ -169,6 +171,7 @@ rule train_superres:
         mem_mb=RES["superres"]["mem_mb"],
         runtime=RES["superres"]["runtime"],
         gpu=RES["superres"]["gpu"],
+        nodes=RES["superres"].get("nodes", 1),
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/superres",
