@@ -17,6 +17,7 @@ include: "workflow/rules/prompts.smk"
 include: "workflow/rules/shards.smk"
 include: "workflow/rules/rejects.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/sample.smk"
 
 
 rule all:
@@ -28,5 +29,4 @@ rule all:
         rules.label_agreement.output.markdown,
         LABELLER_EVAL,
         DICOM_OUTPUTS,
-        rules.train_generator.output.weights,
-        rules.train_superres.output.weights,
+        rules.sample.output.manifest,

@@ -84,16 +84,26 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.set_defaults(func=_embed_prompts)
 
-    v = sub.add_parser("verify-shards", help="re-hash shards against their manifests and count samples per split")
-    v.add_argument("rest", nargs=argparse.REMAINDER)
-    v.set_defaults(func=lambda a: __import__("ctgen.data", fromlist=["x"]).verify_shards_main(a.rest))
+    for command, (_, _, text) in PASS_THROUGH.items():
+        sub.add_parser(command, help=text, add_help=False)
     return p
 
 
+# Commands with their own argument parsers, handed the rest of the command line.
+PASS_THROUGH = {
+    "sample": ("ctgen.sampling", "sample_main", "report text -> synthetic CT (NIfTI, DICOM); ctgen sample --help"),
+    "verify-shards": ("ctgen.data", "verify_shards_main", "re-hash shards against their manifests, count samples"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] in PASS_THROUGH:
+        module, name, _ = PASS_THROUGH[argv[0]]
+        return getattr(__import__(module, fromlist=[name]), name)(argv[1:])
+    args = parser().parse_args(argv)
     return args.func(args)
 
 

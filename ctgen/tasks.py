@@ -46,9 +46,34 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
-    """Short hash of a run's model+train+text config: checkpoints of another config are never resumed."""
+    """Short hash of a run's model+train+text config and of its data files' contents.
+
+    The checkpoint folder is named by it, so an interrupted job (Slurm time limit, pre-emption)
+    resumes, while a job rerun because its config or its input data changed starts afresh.
+    """
     keyed = {k: cfg.get(k) for k in ("model", "text_encoder", "train")}
+    keyed["data"] = data_fingerprint(cfg.get("data", {}))
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def data_fingerprint(data: dict[str, Any], max_hash_bytes: int = 256 << 20) -> dict[str, Any]:
+    """Options as they are; files named in them by content hash (size and mtime beyond ``max_hash_bytes``)."""
+    out = {}
+    for key, value in sorted(data.items()):
+        values = value if isinstance(value, list) else [value]
+        prints = []
+        for v in values:
+            path = Path(str(v))
+            if isinstance(v, (str, Path)) and path.is_file():
+                stat = path.stat()
+                if stat.st_size <= max_hash_bytes:
+                    prints.append(hashlib.sha256(path.read_bytes()).hexdigest())
+                else:
+                    prints.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+            else:
+                prints.append(v)
+        out[key] = prints if isinstance(value, list) else prints[0]
+    return out
 
 
 def build_model(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:

@@ -69,7 +69,6 @@ rule train_tokenizer:
     output:
         weights=f"{R}/models/tokenizer/model.safetensors",
         config=f"{R}/models/tokenizer/config.json",
-        metrics=f"{R}/models/tokenizer/metrics.csv",
     log:
         f"{R}/logs/train_tokenizer.log",
     benchmark:
@@ -127,7 +126,6 @@ rule train_generator:
     output:
         weights=f"{R}/models/generator/model.safetensors",
         config=f"{R}/models/generator/config.json",
-        metrics=f"{R}/models/generator/metrics.csv",
     log:
         f"{R}/logs/train_generator.log",
     benchmark:
@@ -159,7 +157,6 @@ rule train_superres:
     output:
         weights=f"{R}/models/superres/model.safetensors",
         config=f"{R}/models/superres/config.json",
-        metrics=f"{R}/models/superres/metrics.csv",
     log:
         f"{R}/logs/train_superres.log",
     benchmark:

@@ -1,0 +1,227 @@
+"""Synthetic volume -> a CT Image Storage DICOM series (pydicom), truthful and marked synthetic.
+
+One file per slice of the array's k axis (whatever its direction), explicit VR little endian,
+uncompressed. Storage is **signed** int16 with RescaleSlope 1 and RescaleIntercept 0: every int16
+HU is stored exactly whatever ``hu_range`` is, and stored value = HU means no reader can get the
+intercept wrong (the unsigned + intercept -1024 convention cannot hold values below -1024).
+
+Array axis i steps along the row cosine (the column index), j along the column cosine (the row
+index), k from slice to slice: ``pixel_array[k][j, i] = array[i, j, k]``, as
+:mod:`ctprep.dicom` reads it. Readers sort slices along the normal (row x column cosine), so a
+volume whose k runs against the normal comes back with k reversed: the same voxels in the same
+places, described by the same affine up to that flip.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+from ctprep import __version__
+from ctprep.volume import Volume, ras_to_lps
+
+from ctgen.export.layout import ExportConfig, clip_hu
+from ctgen.export.sidecar import build_sidecar, to_json
+
+logger = logging.getLogger(__name__)
+
+#: Longest value of an LT element (ImageComments), in characters.
+LT_MAX = 10240
+#: Longest value of an LO element (SeriesDescription, PatientID, ...), in characters.
+LO_MAX = 64
+#: Cosine of the largest angle tolerated between axes that must be orthogonal (about 0.06 deg).
+ORTHO_TOL = 1e-3
+#: Private creator and group holding the sidecar JSON in every slice.
+PRIVATE_CREATOR, PRIVATE_GROUP = "CTGEN sidecar", 0x0011
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """DICOM (LPS) geometry of a stack of slices, from a voxel-to-RAS affine."""
+
+    orientation: list[float]  # ImageOrientationPatient: row cosine (i), then column cosine (j)
+    pixel_spacing: list[float]  # PixelSpacing: [between rows (j), between columns (i)] mm
+    positions: np.ndarray  # (K, 3) ImagePositionPatient of each slice k, LPS mm
+    normal: np.ndarray  # (3,) row cosine x column cosine
+    thickness: float  # length of the k step, mm
+    spacing_between: float  # k step projected on the normal, mm (equal to thickness: no tilt)
+
+
+def dicom_geometry(affine_ras: np.ndarray, n_slices: int) -> SliceGeometry:
+    """The one RAS -> LPS conversion of the export: slice geometry of an ``(I, J, K)`` grid.
+
+    Refuses in-plane shear (DICOM cosines must be orthogonal) and a k step off the slice
+    normal (a gantry-tilt stack, which SimpleITK and most viewers misplace).
+    """
+    lps = ras_to_lps(affine_ras)
+    step_i, step_j, step_k = lps[:3, 0], lps[:3, 1], lps[:3, 2]
+    col_spacing, row_spacing = float(np.linalg.norm(step_i)), float(np.linalg.norm(step_j))
+    rowcos, colcos = step_i / col_spacing, step_j / row_spacing
+    if abs(float(rowcos @ colcos)) > ORTHO_TOL:
+        raise ValueError(f"affine axes i and j are not orthogonal (cos {rowcos @ colcos:.2e}): "
+                         "DICOM cannot describe an in-plane shear")
+    normal = np.cross(rowcos, colcos)
+    thickness = float(np.linalg.norm(step_k))
+    along = float(step_k @ normal)
+    if abs(along) < thickness * (1.0 - ORTHO_TOL**2 / 2):  # cos of the k-to-normal angle below ~cos(0.06 deg)
+        tilt = float(np.degrees(np.arccos(min(1.0, abs(along) / thickness))))
+        raise ValueError(f"affine axis k is {tilt:.3f} deg off the slice normal (sheared, like a gantry tilt): "
+                         "SimpleITK and most viewers would misplace such a DICOM series")
+    positions = lps[:3, 3] + np.arange(n_slices)[:, None] * step_k  # (K, 3)
+    return SliceGeometry(
+        orientation=[*rowcos.tolist(), *colcos.tolist()],
+        pixel_spacing=[row_spacing, col_spacing],
+        positions=positions,
+        normal=normal,
+        thickness=thickness,
+        spacing_between=abs(along),
+    )
+
+
+def _ds(values: Any) -> list[str] | str:
+    """Numbers as DS strings of at most 16 characters (about 1e-12 mm at chest CT scale)."""
+    if np.ndim(values) == 0:
+        return format_number_as_ds(float(values))
+    return [format_number_as_ds(float(v)) for v in values]
+
+
+def _series_dataset(
+    geom: SliceGeometry, shape: tuple[int, int, int], config: ExportConfig, series_description: str,
+    patient_name: str, prompt: str | None, sidecar_json: str,
+) -> Dataset:
+    """Tags shared by every slice of one series (fresh study/series/frame UIDs, the time now)."""
+    now = dt.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: prompts may hold any character
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    for what in ("Study", "Series", "Content", "InstanceCreation"):
+        setattr(ds, f"{what}Date", date)
+        setattr(ds, f"{what}Time", time)
+    ds.AccessionNumber = ""
+    ds.Modality = "CT"
+    ds.Manufacturer = config.manufacturer[:LO_MAX]
+    ds.ManufacturerModelName = "ctgen"
+    ds.SoftwareVersions = __version__
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = series_description[:LO_MAX]
+    ds.SeriesDescription = series_description[:LO_MAX]
+    ds.DerivationDescription = "Synthetic CT generated by ctgen from a text prompt; no patient was imaged"
+    ds.PatientName = patient_name
+    ds.PatientID = config.patient_id[:LO_MAX]
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "synthetic image (ctgen): contains no patient data"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.KVP = ""
+    ds.SliceThickness = _ds(geom.thickness)
+    ds.SpacingBetweenSlices = _ds(geom.spacing_between)
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.StudyID = ""
+    ds.SeriesNumber = 1
+    ds.AcquisitionNumber = 1
+    ds.PositionReferenceIndicator = ""
+    ds.ImageOrientationPatient = _ds(geom.orientation)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(shape[1]), int(shape[0])  # rows run along j, columns along i
+    ds.PixelSpacing = _ds(geom.pixel_spacing)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1  # signed: stored value = HU (see the module docstring)
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "HU"
+    ds.WindowCenter = _ds([w[1] for w in config.windows])
+    ds.WindowWidth = _ds([w[2] for w in config.windows])
+    ds.WindowCenterWidthExplanation = [w[0] for w in config.windows]
+    if prompt:
+        ds.ImageComments = f"SYNTHETIC (ctgen) from prompt: {prompt}"[:LT_MAX]
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(0x10, "UT", sidecar_json)  # (0011,1010): the sidecar JSON, provenance in every file
+    return ds
+
+
+def _prepare_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix series: ``out_dir`` must be absent or empty, or (``overwrite``) hold only .dcm files."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace the series in it")
+    stray = [p.name for p in out_dir.iterdir() if not (p.is_file() and p.suffix == ".dcm")]
+    if stray:
+        raise FileExistsError(f"{out_dir} holds files other than a DICOM series ({stray[:3]}); not replacing it")
+
+
+def save_synthetic_dicom(
+    vol: Volume,
+    out_dir: str | os.PathLike,
+    sidecar: dict[str, Any],
+    series_description: str | None = None,
+    patient_name: str | None = None,
+    *,
+    config: ExportConfig | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write ``vol`` as a CT series in ``out_dir`` (one ``IM<k>.dcm`` per k slice); returns the paths in k order.
+
+    Voxels are rounded and clipped to ``config.hu_range`` first. UIDs are fresh on every call.
+    The series is written into a temporary folder beside ``out_dir`` and renamed into place, so
+    a killed job leaves no half series. ``sidecar["prompt"]`` goes to ImageComments; the whole
+    sidecar (plus geometry) into private tag (0011,1010).
+    """
+    config = config or ExportConfig()
+    out_dir = Path(out_dir)
+    _prepare_dir(out_dir, overwrite)
+    out, n_clipped = clip_hu(vol, config.hu_range)
+    data = out.data  # (I, J, K) int16
+    geom = dicom_geometry(out.affine, out.shape[2])
+    content = build_sidecar(out, sidecar, {"format": "dicom", "dtype": "int16", "hu_range": list(config.hu_range),
+                                           "n_clipped": n_clipped, "storage": "signed, slope 1, intercept 0"})
+    base = _series_dataset(
+        geom, out.shape, config, series_description or config.series_description,
+        patient_name or config.patient_name, sidecar.get("prompt"), to_json(content, indent=None),
+    )
+    names = [f"IM{k + 1:05d}.dcm" for k in range(out.shape[2])]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.part"  # mkdir honours the umask (mkdtemp: 0700)
+    tmp.mkdir()
+    try:
+        for k, name in enumerate(names):
+            ds = copy.deepcopy(base)
+            ds.SOPInstanceUID = generate_uid()
+            ds.InstanceNumber = k + 1
+            ds.ImagePositionPatient = _ds(geom.positions[k])
+            ds.SliceLocation = _ds(geom.positions[k] @ geom.normal)
+            pixels = np.ascontiguousarray(data[:, :, k].T, dtype="<i2")  # (rows = j, columns = i)
+            ds.add_new(0x7FE00010, "OW", pixels.tobytes())  # PixelData
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+            pydicom.dcmwrite(tmp / name, ds, enforce_file_format=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # empty, or only the .dcm files of an earlier series (checked above)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote synthetic DICOM series %s (%d slices, series %s) %r",
+                out_dir, len(names), base.SeriesInstanceUID, out)
+    return [out_dir / name for name in names]

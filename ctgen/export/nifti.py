@@ -1,0 +1,50 @@
+"""Synthetic volume -> int16 HU NIfTI with a truthful affine, marked synthetic, plus its sidecar."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ctprep.volume import Volume, save_nifti
+
+from ctgen.export.layout import ExportConfig, clip_hu
+from ctgen.export.sidecar import build_sidecar, sidecar_path, write_sidecar
+
+logger = logging.getLogger(__name__)
+
+
+def save_synthetic_nifti(
+    vol: Volume,
+    path: str | os.PathLike,
+    sidecar: dict[str, Any],
+    *,
+    config: ExportConfig | None = None,
+) -> tuple[Path, Path]:
+    """Write ``vol`` (canonical RAS, HU) to ``path`` and ``<name>.json`` beside it.
+
+    Voxels are rounded and clipped to ``config.hu_range`` and stored as int16 (no scaling); the
+    affine goes into both sform and qform with code 1 (scanner), units mm; ``descrip`` says the
+    volume is synthetic. Returns ``(nifti_path, sidecar_path)``. Both files are written
+    atomically, sidecar first, so a NIfTI never exists without its provenance.
+    """
+    config = config or ExportConfig()
+    path = Path(path)
+    if not (path.name.endswith(".nii.gz") or path.name.endswith(".nii")):
+        raise ValueError(f"NIfTI path must end in .nii or .nii.gz, got {path.name}")
+    out, n_clipped = clip_hu(vol, config.hu_range)
+    content = build_sidecar(out, sidecar, {
+        "format": "nifti",
+        "file": path.name,
+        "dtype": "int16",
+        "hu_range": list(config.hu_range),
+        "n_clipped": n_clipped,
+        "descrip": config.nifti_descrip,
+        "qform_code": 1,
+        "sform_code": 1,
+    })
+    json_path = write_sidecar(sidecar_path(path), content)
+    save_nifti(out, path, dtype="int16", descrip=config.nifti_descrip)
+    logger.info("wrote synthetic NIfTI %s %r", path, out)
+    return path, json_path

@@ -1,0 +1,176 @@
+"""``ctgen sample`` and the workflow's sampling step: prompts in, NIfTI (+ DICOM) volumes and sidecars out."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ctgen.pipelines.text_to_ct import SampleSettings, TextToCTPipeline
+
+log = logging.getLogger(__name__)
+
+
+def read_prompts(path: str | Path, template: str | None = None) -> list[tuple[str, str]]:
+    """(id, prompt) pairs from a text file (one prompt per line), a CSV or a JSONL.
+
+    CSV/JSONL rows give the prompt in a ``prompt`` (or ``text``) column, or as a CT-RATE-style report
+    (``findings``, ``impression``, ``age``, ``sex``...) rendered with ``template`` (the cascade's
+    prompt template) — a ``structured`` template parses the report first. Ids come from ``id`` /
+    ``VolumeName`` columns or the line number.
+    """
+    path = Path(path)
+    if path.suffix in (".csv", ".jsonl", ".json"):
+        if path.suffix == ".csv":
+            with open(path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        else:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [(str(r.get("id") or r.get("VolumeName") or i), _row_prompt(r, template)) for i, r in enumerate(rows)]
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [(f"prompt{i:04d}", line) for i, line in enumerate(lines) if line]
+
+
+def _row_prompt(row: dict, template: str | None) -> str:
+    for key in ("prompt", "text"):
+        if row.get(key):
+            return str(row[key])
+    from ctprep.prompts import render
+
+    if template is None:
+        raise ValueError("a report row needs the cascade's prompt template to become a prompt")
+    if template == "structured":
+        from ctprep.reports import parse_report, structured_prompt
+
+        return structured_prompt(parse_report(row).mentions)
+    return render(template, row)
+
+
+def _template_text(spec: dict) -> str | None:
+    """The prompt template text the cascade was trained with (from config.yaml when it is beside us)."""
+    name = spec.get("prompt_template")
+    if name == "structured":
+        return name
+    return spec.get("prompt_template_text") or None
+
+
+def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_dir: str | Path,
+                    settings: SampleSettings, seed: int = 0, per_prompt: int = 1, device: str = "cpu",
+                    dicom_dir: str | Path | None = None, single_out: str | Path | None = None) -> pd.DataFrame:
+    """Sample ``per_prompt`` volumes per prompt; write NIfTI + sidecar (+ DICOM series); return the manifest.
+
+    Seeds are ``seed + index`` over the (prompt, repeat) pairs in order, each recorded in its sidecar.
+    """
+    from ctgen.export import save_synthetic_dicom, save_synthetic_nifti
+
+    pipe = TextToCTPipeline.from_pretrained(models_dir, device=device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, index = [], 0
+    for pid, prompt in prompts:
+        for rep in range(per_prompt):
+            s = seed + index
+            index += 1
+            vol = pipe([prompt], settings, [torch.Generator(device=device).manual_seed(s)])[0]
+            name = f"{pid.split('.nii')[0]}_s{s}"
+            path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
+            sidecar = {**pipe.sidecar(prompt, s, settings), "prompt_id": pid, "repeat": rep,
+                       "timing_s": vol.meta.get("timing_s")}
+            nifti, side = save_synthetic_nifti(vol, path, sidecar)
+            row = {"prompt_id": pid, "repeat": rep, "seed": s, "prompt": prompt, "nifti": str(nifti), "sidecar": str(side)}
+            if dicom_dir:
+                files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar)
+                row["dicom"] = str(Path(files[0]).parent)
+            rows.append(row)
+    manifest = pd.DataFrame(rows)
+    if not single_out:
+        manifest.to_csv(out_dir / "samples.csv", index=False)
+    return manifest
+
+
+def sample_main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="ctgen sample", description="report text -> synthetic chest CT (NIfTI, DICOM)")
+    ap.add_argument("--models", required=True, help="trained cascade folder (holds cascade.json)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one report/prompt text")
+    src.add_argument("--prompts", help="file: one prompt per line, or CSV/JSONL of prompts or CT-RATE-style reports")
+    ap.add_argument("--out", help="output .nii.gz for --prompt")
+    ap.add_argument("--out-dir", help="output folder for --prompts (one volume per prompt, samples.csv)")
+    ap.add_argument("--dicom", help="also write DICOM: the series folder (--prompt), or a folder of one series per volume")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-prompt", type=int, default=1, help="volumes per prompt (seeds seed, seed+1, ...)")
+    ap.add_argument("--num-slices", type=int, help="slices of the output (default: the training grid's)")
+    ap.add_argument("--guidance-scale", type=float, help="generator classifier-free guidance (default: cascade's)")
+    ap.add_argument("--steps", type=int, help="MaskGIT decoding steps (default: cascade's)")
+    ap.add_argument("--temperature", type=float, help="MaskGIT temperature (default: cascade's)")
+    ap.add_argument("--sr-steps", type=int, help="super-resolution sampler steps (default: the model's)")
+    ap.add_argument("--batch-size", type=int, default=64, help="slices per super-resolution batch")
+    ap.add_argument("--no-superres", action="store_true", help="stop at the low-res volume")
+    ap.add_argument("--truncate-prompt", action="store_true", help="cut prompts longer than the text encoder takes")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    spec = json.loads((Path(args.models) / "cascade.json").read_text()) if (Path(args.models) / "cascade.json").is_file() else {}
+    defaults = spec.get("sampling", {})
+    settings = SampleSettings(
+        num_slices=args.num_slices, steps=args.steps or defaults.get("steps", 18),
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.get("guidance_scale", 5.0),
+        temperature=args.temperature if args.temperature is not None else defaults.get("temperature", 1.0),
+        sr_steps=args.sr_steps or defaults.get("sr_steps"), sr_batch_size=args.batch_size,
+        super_resolution=not args.no_superres, truncate_prompt=args.truncate_prompt)
+    if args.prompt is not None:
+        if not args.out:
+            ap.error("--prompt needs --out OUT.nii.gz")
+        out = Path(args.out)
+        sample_to_files(args.models, [("prompt", args.prompt)], out.parent, settings, args.seed, 1, args.device,
+                        single_out=out)
+        if args.dicom:
+            _dicom_from(out, args.dicom)
+    else:
+        if not args.out_dir:
+            ap.error("--prompts needs --out-dir DIR")
+        prompts = read_prompts(args.prompts, _template_text(spec) or spec.get("prompt_template"))
+        sample_to_files(args.models, prompts, args.out_dir, settings, args.seed, args.per_prompt, args.device,
+                        dicom_dir=args.dicom)
+    return 0
+
+
+def _dicom_from(nifti: Path, dicom_dir: str) -> None:
+    """A DICOM series of a written synthetic NIfTI (its sidecar travels along)."""
+    from ctgen.export import save_synthetic_dicom
+    from ctprep.volume import load_nifti
+
+    sidecar_path = nifti.with_name(nifti.name.split(".nii")[0] + ".json")
+    from ctgen.export.sidecar import RESERVED
+
+    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+    save_synthetic_dicom(load_nifti(nifti), dicom_dir, {k: v for k, v in sidecar.items() if k not in RESERVED})
+
+
+def select_prompts(prompts_parquet: str | Path, column: str, split: str, volumes: list[str], max_prompts: int,
+                   out_csv: str | Path) -> pd.DataFrame:
+    """The evaluation prompts: the named volumes' prompts, or the first ``max_prompts`` of ``split``.
+
+    Each row keeps the real volume's name, so the evaluation can put the generated scan beside the
+    real scan of the same report.
+    """
+    table = pd.read_parquet(prompts_parquet)
+    if volumes:
+        missing = sorted(set(volumes) - set(table["VolumeName"]))
+        if missing:
+            raise ValueError(f"sampling.volumes not in the prompts table (rejected or unknown): {missing}")
+        table = table[table["VolumeName"].isin(volumes)]
+    else:
+        table = table[table["split"] == split].sort_values("VolumeName").head(max_prompts)
+    if table.empty:
+        raise ValueError(f"no prompts to sample in split {split!r}")
+    out = pd.DataFrame({"id": table["VolumeName"].str.split(".nii").str[0], "VolumeName": table["VolumeName"],
+                        "prompt": table[column]})
+    out.to_csv(out_csv, index=False)
+    return out

@@ -1,0 +1,295 @@
+"""Synthetic-CT export: NIfTI + sidecar and a DICOM series, read back by independent readers.
+
+Every DICOM series is read by SimpleITK's ImageSeriesReader (GDCM), by ctprep's strict reader
+and ``dicom_to_nifti``, and tag by tag by pydicom; voxels must match the NIfTI that nibabel
+reads exactly and geometry to 1e-4 mm. Affines are non-identity, anisotropic, flipped,
+permuted and (one) oblique, so a swapped or dropped axis cannot pass.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ctgen.data import to_model_layout
+from ctgen.export import (
+    ExportConfig,
+    from_model_layout,
+    save_synthetic_dicom,
+    save_synthetic_nifti,
+)
+from ctprep.dicom import dicom_to_nifti, read_series
+from ctprep.geometry import reorient
+from ctprep.volume import Volume, load_nifti
+
+TOL_MM = 1e-4
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # the test's own RAS <-> LPS flip, independent of the code under test
+SIDECAR = {
+    "prompt": "Bilateral ground-glass opacities. No pleural effusion.",
+    "seed": 1234,
+    "settings": {"guidance_scale": 5.0, "steps": 18, "slices": 7},
+    "checkpoint_hashes": {"ctvit": "a" * 64, "maskgit": "b" * 64},
+    "config_hash": "c" * 16,
+    "code_version": "0.1.0+test",
+}
+
+
+def _rotation(axis, degrees: float) -> np.ndarray:
+    """Rodrigues rotation matrix about ``axis``."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    t = np.radians(degrees)
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+
+
+def _affine(kind: str) -> np.ndarray:
+    """Voxel-to-RAS affines: columns are the i, j, k steps (mm), anisotropic throughout."""
+    a = np.eye(4)
+    a[:3, 3] = [120.3, -95.1, -310.7]
+    if kind == "canonical":  # RAS, k along the DICOM normal
+        a[:3, :3] = np.diag([0.75, 0.9, 2.0])
+    elif kind == "flipped":  # LAS: det < 0, so readers sort k the other way
+        a[:3, :3] = np.diag([-0.7, 0.8, 2.5])
+    elif kind == "permuted":  # coronal slices: i -> L, j -> S, k -> P (non-axial stack)
+        a[:3, :3] = np.array([[-0.8, 0, 0], [0, 0, -3.0], [0, 1.1, 0]])
+    elif kind == "oblique":  # flipped anisotropic grid rotated by 7 degrees about a skew axis
+        a[:3, :3] = _rotation([0.3, -0.5, 1.0], 7.0) @ np.diag([0.75, -0.9, 2.0])
+    else:
+        raise ValueError(kind)
+    return a
+
+
+def _volume(kind: str, shape=(12, 9, 7), seed: int = 0) -> Volume:
+    """Random whole-HU volume (distinct slices) that hits both int16 clip ends."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(-1024, 3072, size=shape).astype(np.int16)
+    data[0, 0, 0], data[-1, -1, -1] = -1024, 3071
+    return Volume.from_3d(data, _affine(kind), source="test")
+
+
+def _sitk_volume(series_dir) -> Volume:
+    """SimpleITK's (GDCM's) reading of a series, as a RAS volume with array axes (x, y, z)."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series_dir)))
+    img = reader.Execute()
+    lps = np.eye(4)
+    lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())
+    lps[:3, 3] = img.GetOrigin()
+    return Volume.from_3d(sitk.GetArrayFromImage(img).transpose(2, 1, 0), LPS @ lps)
+
+
+def _assert_same(read: Volume, ref: Volume, who: str) -> None:
+    """Same voxels at the same places: reorient ``read`` to ``ref``'s axes, then exact HU and 1e-4 mm."""
+    read = reorient(read, ref.orientation)
+    assert read.shape == ref.shape, who
+    np.testing.assert_array_equal(read.data, ref.data, err_msg=who)
+    np.testing.assert_allclose(read.affine, ref.affine, atol=TOL_MM, rtol=0, err_msg=who)
+
+
+def _nibabel_volume(path) -> tuple[Volume, nib.Nifti1Image]:
+    img = nib.load(str(path))
+    return Volume.from_3d(np.asanyarray(img.dataobj), img.affine), img
+
+
+# --- layout -------------------------------------------------------------------------------
+def test_from_model_layout_inverts_to_model_layout():
+    vol = _volume("oblique", shape=(5, 4, 3))
+    x = to_model_layout(vol.data)  # (1, D=3, H=4, W=5)
+    assert x.shape == (1, 3, 4, 5)
+    back = from_model_layout(x, vol.affine, prompt="p")
+    np.testing.assert_array_equal(back.array, vol.array)
+    np.testing.assert_array_equal(back.affine, vol.affine)
+    assert back.meta["prompt"] == "p" and back.meta["history"][-1]["op"] == "from_model_layout"
+    # torch input (float, as a generator emits) and several channels
+    t = torch.from_numpy(np.stack([x[0], x[0] * 2]).astype(np.float32))  # (C=2, D, H, W)
+    two = from_model_layout(t, vol.affine)
+    assert two.array.shape == (2, 5, 4, 3)
+    np.testing.assert_array_equal(two.array[1], vol.data * 2)
+    with pytest.raises(ValueError, match="C, D, H, W"):
+        from_model_layout(x[0], vol.affine)
+
+
+# --- NIfTI --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["flipped", "oblique"])
+def test_nifti_geometry_markers_and_sidecar(tmp_path, kind):
+    vol = _volume(kind)
+    nii, side = save_synthetic_nifti(vol, tmp_path / "scan_001.nii.gz", SIDECAR)
+    assert nii == tmp_path / "scan_001.nii.gz" and side == tmp_path / "scan_001.json"
+    read, img = _nibabel_volume(nii)
+    hdr = img.header
+    assert img.get_data_dtype() == np.int16
+    assert np.isnan(hdr["scl_slope"]) or hdr["scl_slope"] in (0, 1)  # no scaling: stored value = HU
+    np.testing.assert_array_equal(read.data, vol.data)
+    np.testing.assert_allclose(img.get_sform(), vol.affine, atol=TOL_MM, rtol=0)
+    np.testing.assert_allclose(img.get_qform(), vol.affine, atol=TOL_MM, rtol=0)
+    assert int(hdr["sform_code"]) == 1 and int(hdr["qform_code"]) == 1  # scanner
+    assert hdr.get_xyzt_units()[0] == "mm"
+    descrip = hdr["descrip"].item().decode()
+    assert descrip.startswith("SYNTHETIC ctgen") and "not a real patient" in descrip
+
+    content = json.loads(side.read_text())
+    assert {k: content[k] for k in SIDECAR} == SIDECAR  # what was passed, unchanged
+    assert content["synthetic"] is True
+    geo = content["geometry"]
+    assert geo["shape"] == list(img.shape) and geo["space"] == "RAS"
+    np.testing.assert_allclose(geo["spacing"], hdr.get_zooms(), atol=TOL_MM)
+    np.testing.assert_allclose(geo["origin"], img.affine[:3, 3], atol=TOL_MM)
+    np.testing.assert_allclose(geo["affine"], img.get_sform(), atol=TOL_MM)
+    assert geo["orientation"] == "".join(nib.aff2axcodes(img.affine))
+    assert content["export"]["n_clipped"] == 0 and content["export"]["file"] == "scan_001.nii.gz"
+
+
+def test_nifti_rounds_and_clips_to_the_given_range(tmp_path):
+    data = np.linspace(-1500.0, 1500.0, 5 * 4 * 3).reshape(5, 4, 3)
+    data[0, 0, 0], data[1, 0, 0], data[2, 0, 0] = 10.6, -20.4, np.nan
+    vol = Volume.from_3d(data.astype(np.float32), _affine("canonical"))
+    config = ExportConfig(hu_range=(-1000, 1000), descrip="SYNTHETIC test {version}")
+    nii, side = save_synthetic_nifti(vol, tmp_path / "c.nii", SIDECAR, config=config)
+    read, img = _nibabel_volume(nii)
+    assert read.data.dtype == np.int16
+    assert read.data.min() == -1000 and read.data.max() == 1000
+    assert read.data[0, 0, 0] == 11 and read.data[1, 0, 0] == -20 and read.data[2, 0, 0] == -1000  # NaN -> floor
+    expected = int((np.abs(np.rint(data[np.isfinite(data)])) > 1000).sum()) + 1
+    assert json.loads(side.read_text())["export"]["n_clipped"] == expected
+    assert json.loads(side.read_text())["export"]["hu_range"] == [-1000, 1000]
+    assert img.header["descrip"].item().decode().startswith("SYNTHETIC test 0")
+    with pytest.raises(ValueError, match="hu_range"):
+        ExportConfig(hu_range=(0, 40000))
+
+
+def test_sidecar_refuses_reserved_and_unserialisable_values(tmp_path):
+    vol = _volume("canonical", shape=(3, 3, 2))
+    with pytest.raises(ValueError, match="reserved"):
+        save_synthetic_nifti(vol, tmp_path / "a.nii.gz", {**SIDECAR, "synthetic": False})
+    with pytest.raises(TypeError, match="not JSON"):
+        save_synthetic_nifti(vol, tmp_path / "b.nii.gz", {"prompt": "x", "bad": object()})
+    assert not (tmp_path / "b.nii.gz").exists()  # no NIfTI without its sidecar
+    nii, side = save_synthetic_nifti(vol, tmp_path / "n.nii.gz", {"seed": np.int64(3), "w": np.ones(2)})
+    assert json.loads(side.read_text())["seed"] == 3
+
+
+# --- DICOM read-back ------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["canonical", "flipped", "permuted", "oblique", "real"])
+def test_dicom_reads_back_as_the_nifti(tmp_path, data_dir, kind):
+    if kind == "real":  # a real chest CT (30 slices, 3 mm, RAS)
+        vol = load_nifti(data_dir / "example_ct_sm.nii.gz")
+    else:
+        vol = _volume(kind)
+    nii, _ = save_synthetic_nifti(vol, tmp_path / "s.nii.gz", SIDECAR)
+    files = save_synthetic_dicom(vol, tmp_path / "dcm", SIDECAR)
+    assert len(files) == vol.shape[2] and all(f.parent == tmp_path / "dcm" for f in files)
+    ref, _ = _nibabel_volume(nii)
+
+    _assert_same(_sitk_volume(tmp_path / "dcm"), ref, "SimpleITK")
+    _assert_same(read_series(tmp_path / "dcm"), ref, "ctprep.read_series")
+    dicom_to_nifti(tmp_path / "dcm", tmp_path / "back.nii.gz")
+    _assert_same(_nibabel_volume(tmp_path / "back.nii.gz")[0], ref, "ctprep.dicom_to_nifti + nibabel")
+
+    # pydicom, file by file in k order: pixels, positions and cosines from the test's own LPS maths
+    lps = LPS @ ref.affine
+    for k, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        hu = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+        np.testing.assert_array_equal(hu, ref.data[:, :, k].T)
+        np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient],
+                                   lps[:3, 3] + k * lps[:3, 2], atol=TOL_MM, rtol=0)
+        assert ds.InstanceNumber == k + 1
+    iop = [float(v) for v in ds.ImageOrientationPatient]
+    np.testing.assert_allclose(iop[:3], lps[:3, 0] / np.linalg.norm(lps[:3, 0]), atol=1e-6)
+    np.testing.assert_allclose(iop[3:], lps[:3, 1] / np.linalg.norm(lps[:3, 1]), atol=1e-6)
+    np.testing.assert_allclose([float(v) for v in ds.PixelSpacing], ref.spacing[[1, 0]], atol=TOL_MM)
+    assert float(ds.SliceThickness) == pytest.approx(ref.spacing[2], abs=TOL_MM)
+    assert float(ds.SpacingBetweenSlices) == pytest.approx(ref.spacing[2], abs=TOL_MM)
+    assert (ds.Rows, ds.Columns) == (ref.shape[1], ref.shape[0])
+
+
+def test_dicom_tags_mark_synthetic_and_carry_provenance(tmp_path):
+    vol = _volume("flipped")
+    long_prompt = "Consolidation in the right lower lobe. " * 400  # ~15,600 characters, over LT's 10,240
+    config = ExportConfig(windows=(("MEDIASTINUM", 50.0, 350.0),), patient_id="SYNTH-42")
+    files = save_synthetic_dicom(vol, tmp_path / "d", {**SIDECAR, "prompt": long_prompt},
+                                 series_description="SYNTHETIC my series", patient_name="SYNTHETIC^TEST",
+                                 config=config)
+    today = dt.date.today().strftime("%Y%m%d")
+    series = [pydicom.dcmread(f) for f in files]
+    for ds in series:
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert ds.SOPClassUID == pydicom.uid.CTImageStorage == ds.file_meta.MediaStorageSOPClassUID
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"] and ds.Modality == "CT"
+        assert ds.SeriesDescription == "SYNTHETIC my series" and str(ds.PatientName) == "SYNTHETIC^TEST"
+        assert ds.PatientID == "SYNTH-42"
+        assert ds.PatientIdentityRemoved == "YES" and "synthetic" in ds.DeidentificationMethod
+        assert ds.BurnedInAnnotation == "NO"
+        assert (ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation) == (16, 16, 1)
+        assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1.0, 0.0)
+        assert (float(ds.WindowCenter), float(ds.WindowWidth)) == (50.0, 350.0)
+        assert ds.StudyDate == today and ds.SeriesDate == today
+        assert len(ds.ImageComments) == 10240 and ds.ImageComments.startswith("SYNTHETIC (ctgen)")
+        assert "Consolidation in the right lower lobe." in ds.ImageComments
+    private = json.loads(series[0][0x0011, 0x1010].value)  # the sidecar, in a private tag
+    assert private["seed"] == SIDECAR["seed"] and private["synthetic"] is True
+    assert private["geometry"]["shape"] == list(vol.shape)
+    # slice locations follow the normal; the flipped grid's k runs against it
+    locs = [float(ds.SliceLocation) for ds in series]
+    assert np.allclose(np.diff(locs), -2.5, atol=TOL_MM)
+
+    # UIDs: one study/series/frame per call, one SOP instance per file, all fresh on the next call
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        assert len({ds[key].value for ds in series}) == 1
+    sops = {ds.SOPInstanceUID for ds in series}
+    assert len(sops) == len(files)
+    again = [pydicom.dcmread(f, stop_before_pixels=True) for f in save_synthetic_dicom(vol, tmp_path / "e", SIDECAR)]
+    assert not sops & {ds.SOPInstanceUID for ds in again}
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        assert again[0][key].value != series[0][key].value
+    # the defaults say synthetic too, with both windows (lung first)
+    assert "SYNTHETIC" in again[0].SeriesDescription and str(again[0].PatientName) == "SYNTHETIC^CTGEN"
+    assert list(again[0].WindowCenterWidthExplanation) == ["LUNG", "MEDIASTINUM"]
+    assert again[0].ImageComments == f"SYNTHETIC (ctgen) from prompt: {SIDECAR['prompt']}"
+
+
+def test_dicom_stores_the_whole_int16_range_signed(tmp_path):
+    vol = _volume("canonical", shape=(4, 3, 2))
+    data = vol.data.copy()
+    data[0, 0, 0], data[1, 0, 0] = -2048, 4095
+    vol = vol.new_like(data[None])
+    files = save_synthetic_dicom(vol, tmp_path / "d", SIDECAR, config=ExportConfig(hu_range=(-2048, 4095)))
+    first = pydicom.dcmread(files[0]).pixel_array
+    assert first.dtype == np.int16 and first[0, 0] == -2048 and first[0, 1] == 4095
+    clipped = save_synthetic_dicom(vol, tmp_path / "c", SIDECAR)  # default range: -1024 .. 3071
+    px = pydicom.dcmread(clipped[0]).pixel_array
+    assert px[0, 0] == -1024 and px[0, 1] == 3071
+
+
+def test_dicom_refuses_sheared_grids_and_foreign_folders(tmp_path):
+    vol = _volume("canonical", shape=(4, 3, 2))
+    sheared = vol.affine.copy()
+    sheared[0, 1] = 0.2  # j leans towards i: in-plane shear
+    with pytest.raises(ValueError, match="not orthogonal"):
+        save_synthetic_dicom(Volume(vol.array, sheared), tmp_path / "x", SIDECAR)
+    tilted = vol.affine.copy()
+    tilted[1, 2] = 0.3  # k leans off the normal: gantry tilt
+    with pytest.raises(ValueError, match="off the slice normal"):
+        save_synthetic_dicom(Volume(vol.array, tilted), tmp_path / "x", SIDECAR)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
+
+    first = save_synthetic_dicom(vol, tmp_path / "d", SIDECAR)
+    uid_first = pydicom.dcmread(first[0], stop_before_pixels=True).SeriesInstanceUID
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_synthetic_dicom(vol, tmp_path / "d", SIDECAR)
+    second = save_synthetic_dicom(vol, tmp_path / "d", SIDECAR, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [p.name for p in second]
+    assert read_series(tmp_path / "d").meta["series_uid"] == pydicom.dcmread(second[0]).SeriesInstanceUID != uid_first
+    (tmp_path / "d" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="other than"):
+        save_synthetic_dicom(vol, tmp_path / "d", SIDECAR, overwrite=True)
+    assert (tmp_path / "d" / "notes.txt").exists() and len(first) == 2
+    assert len(list((tmp_path / "d").glob("*.dcm"))) == 2  # the series is left as it was

@@ -1,0 +1,104 @@
+"""Report text -> synthetic CT: the pipeline on a tiny trained cascade, the CLI, its files and its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ctgen.cli import main as ctgen_main
+from ctgen.pipelines.text_to_ct import SampleSettings, TextToCTPipeline
+
+PROMPT = "63 years old male: Right pleural effusion."
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_cascade):
+    torch.set_num_threads(1)
+    return TextToCTPipeline.from_pretrained(tiny_cascade)
+
+
+def test_volume_has_the_training_grid_in_hu(pipe):
+    vol = pipe([PROMPT], SampleSettings(steps=3, guidance_scale=2.0))[0]
+    assert vol.shape == (16, 16, 8)  # the prep grid (I, J, K), after super-resolution
+    assert np.allclose(vol.spacing, [2.0, 2.0, 5.0]) and "".join(vol.orientation) == "RAS"
+    assert vol.array.dtype == np.int16 and vol.array.min() >= -1000 and vol.array.max() <= 1000
+    assert np.allclose(vol.affine[:3, :3] @ (np.array(vol.shape) - 1) / 2 + vol.affine[:3, 3], 0)  # centred at 0
+    low = pipe([PROMPT], SampleSettings(steps=3, super_resolution=False))[0]
+    assert low.shape == (8, 8, 8) and np.allclose(low.spacing, [4.0, 4.0, 5.0])  # the low-res grid, truthfully
+
+
+def test_slice_count_is_chosen_at_sampling_time(pipe):
+    vol = pipe([PROMPT], SampleSettings(num_slices=5, steps=2))[0]
+    assert vol.shape[2] == 5
+    with pytest.raises(ValueError, match="num_slices=99 is impossible"):
+        pipe([PROMPT], SampleSettings(num_slices=99))
+
+
+def test_sampling_is_reproducible_from_the_seed(pipe):
+    def run(seed):
+        return pipe([PROMPT], SampleSettings(steps=3), [torch.Generator().manual_seed(seed)])[0].array
+
+    assert np.array_equal(run(3), run(3))
+    assert not np.array_equal(run(3), run(4))
+
+
+def test_bad_prompts_get_clear_errors(pipe):
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        pipe(["  "])
+    long = "bilateral pleural effusion and " * 40
+    with pytest.raises(ValueError, match="text tokens but the text encoder takes 32"):
+        pipe([long])
+    assert pipe([long], SampleSettings(steps=2, truncate_prompt=True))[0].shape == (16, 16, 8)
+
+
+def test_missing_or_mismatched_checkpoints_are_named(tiny_cascade, tmp_path):
+    broken = tmp_path / "models"
+    shutil.copytree(tiny_cascade, broken)
+    (broken / "superres" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="superres/model.safetensors"):
+        TextToCTPipeline.from_pretrained(broken)
+    shutil.rmtree(broken)
+    shutil.copytree(tiny_cascade, broken)
+    shutil.copyfile(broken / "tokenizer" / "model.safetensors", broken / "generator" / "model.safetensors")
+    with pytest.raises(ValueError, match="generator/model.safetensors does not match cascade.json"):
+        TextToCTPipeline.from_pretrained(broken)
+    with pytest.raises(FileNotFoundError, match="not a trained cascade"):
+        TextToCTPipeline.from_pretrained(tmp_path)
+
+
+def test_cli_writes_nifti_sidecar_and_dicom_with_one_geometry(tiny_cascade, tmp_path):
+    out = tmp_path / "ct.nii.gz"
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", PROMPT, "--out", str(out),
+                       "--seed", "7", "--steps", "2", "--dicom", str(tmp_path / "dicom")]) == 0
+    img = nib.load(out)
+    assert b"SYNTHETIC" in img.header["descrip"].tobytes().upper()
+    side = json.loads((tmp_path / "ct.json").read_text())
+    assert side["prompt"] == PROMPT and side["seed"] == 7 and side["synthetic"] is True
+    assert side["config_hash"] and set(side["weights_sha256"]) == {"tokenizer", "generator", "superres"}
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "dicom")))
+    dcm = sitk.DICOMOrient(reader.Execute(), "LPS")  # the same physical voxel grid, compared in one orientation
+    nii = sitk.DICOMOrient(sitk.ReadImage(str(out)), "LPS")
+    assert np.array_equal(sitk.GetArrayFromImage(dcm), sitk.GetArrayFromImage(nii))
+    assert np.allclose(dcm.GetSpacing(), nii.GetSpacing()) and np.allclose(dcm.GetOrigin(), nii.GetOrigin(), atol=1e-3)
+    assert np.allclose(dcm.GetDirection(), nii.GetDirection(), atol=1e-6)
+
+
+def test_cli_samples_a_file_of_reports(tiny_cascade, tmp_path):
+    reports = tmp_path / "reports.jsonl"
+    reports.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "age": 70, "sex": "female", "impression": "Cardiomegaly.", "findings": "The heart is enlarged."},
+        {"id": "b", "prompt": "45 years old male: No acute findings."}]) + "\n")
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompts", str(reports), "--out-dir",
+                       str(tmp_path / "out"), "--steps", "2", "--per-prompt", "2", "--seed", "10"]) == 0
+    manifest = pd.read_csv(tmp_path / "out" / "samples.csv")
+    assert list(manifest["seed"]) == [10, 11, 12, 13] and list(manifest["prompt_id"]) == ["a", "a", "b", "b"]
+    assert manifest["prompt"].iloc[0] == "70 years old female: Cardiomegaly."  # the cascade's template
+    assert all((tmp_path / "out" / f"{p}_s{s}.nii.gz").is_file() for p, s in zip(manifest.prompt_id, manifest.seed))

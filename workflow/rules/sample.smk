@@ -1,0 +1,81 @@
+rule cascade:
+    input:
+        tokenizer=rules.train_tokenizer.output.weights,
+        generator=rules.train_generator.output.weights,
+        superres=rules.train_superres.output.weights,
+        text=TEXT_INPUT,
+    output:
+        spec=f"{R}/models/cascade.json",
+    log:
+        f"{R}/logs/cascade.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        preset=PRESET,
+        models=config["models"],
+        sampling=config["sampling"],
+        templates=config["prompts"]["templates"],
+    script:
+        "../scripts/cascade.py"
+
+
+rule sample_prompts:
+    input:
+        prompts=rules.prompts.output.table,
+    output:
+        csv=f"{R}/samples/prompts.csv",
+    log:
+        f"{R}/logs/sample_prompts.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        column=config["models"]["prompt"],
+        sampling=config["sampling"],
+    script:
+        "../scripts/sample_prompts.py"
+
+
+rule sample:
+    input:
+        spec=rules.cascade.output.spec,
+        prompts=rules.sample_prompts.output.csv,
+    output:
+        manifest=f"{R}/samples/volumes/samples.csv",
+    log:
+        f"{R}/logs/sample.log",
+    benchmark:
+        f"{R}/benchmarks/sample.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: config["sampling"]["resources"]["threads"]
+    resources:
+        mem_mb=config["sampling"]["resources"]["mem_mb"],
+        runtime=config["sampling"]["resources"]["runtime"],
+        gpu=config["sampling"]["resources"]["gpu"],
+    params:
+        models=lambda wc, input: os.path.dirname(input.spec),
+        out=lambda wc, output: os.path.dirname(output.manifest),
+        s=config["sampling"],
+        sr_steps=(
+            f"--sr-steps {config['sampling']['sr_steps']}"
+            if config["sampling"]["sr_steps"]
+            else ""
+        ),
+        dicom=lambda wc, output: (
+            f"--dicom {os.path.dirname(output.manifest)}/dicom"
+            if config["sampling"]["dicom"]
+            else ""
+        ),
+    shell:
+        "ctgen sample --models {params.models} --prompts {input.prompts} --out-dir {params.out}"
+        " --seed {params.s[seed]} --per-prompt {params.s[per_prompt]} --steps {params.s[steps]}"
+        " --guidance-scale {params.s[guidance_scale]} --temperature {params.s[temperature]}"
+        " --batch-size {params.s[batch_size]} {params.sr_steps} {params.dicom} --truncate-prompt > {log} 2>&1"
