@@ -18,6 +18,7 @@ include: "workflow/rules/shards.smk"
 include: "workflow/rules/rejects.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
@@ -30,3 +31,5 @@ rule all:
         LABELLER_EVAL,
         DICOM_OUTPUTS,
         rules.sample.output.manifest,
+        rules.evaluate.output.metrics,
+        rules.guidance_sweep.output.csv,

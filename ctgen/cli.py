@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one model of the cascade (under torchrun for several processes)")
-    t.add_argument("model", choices=("tokenizer", "generator", "superres"))
+    t.add_argument("model", choices=("tokenizer", "generator", "superres", "clip", "classifier"))
     t.add_argument("--config", required=True, help="YAML/JSON with model, train, data sections (see ctgen/tasks.py)")
     t.add_argument("--out", required=True, help="folder for the final weights, metrics and summary")
     t.add_argument("--checkpoints", help="folder for resumable checkpoints (default: beside --out)")

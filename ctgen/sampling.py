@@ -83,7 +83,7 @@ def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_
             nifti, side = save_synthetic_nifti(vol, path, sidecar)
             row = {"prompt_id": pid, "repeat": rep, "seed": s, "prompt": prompt, "nifti": str(nifti), "sidecar": str(side)}
             if dicom_dir:
-                files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar)
+                files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True)
                 row["dicom"] = str(Path(files[0]).parent)
             rows.append(row)
     manifest = pd.DataFrame(rows)

@@ -33,6 +33,7 @@ from ctgen.models.base import _atomic
 log = logging.getLogger(__name__)
 
 MODELS = ("tokenizer", "generator", "superres")
+EVAL_MODELS = ("clip", "classifier")  # the evaluation's feature networks (ctgen/eval_tasks.py), same loop
 CORE = {"generator": "ctgen.models.maskgit.MaskGIT", "superres": "ctgen.models.superres_unet.SuperResDiffusion"}
 
 
@@ -95,8 +96,13 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
     """Train one model of the cascade from a config dict; returns the weights folder."""
     from ctgen.train import TrainConfig, train
 
+    if kind in EVAL_MODELS:
+        from ctgen import eval_tasks
+
+        run = eval_tasks.train_clip if kind == "clip" else eval_tasks.train_classifier
+        return run(cfg, out_dir, checkpoint_root)
     if kind not in MODELS:
-        raise ValueError(f"unknown model {kind!r}; one of {MODELS}")
+        raise ValueError(f"unknown model {kind!r}; one of {MODELS + EVAL_MODELS}")
     data, tcfg = cfg["data"], TrainConfig.from_dict(cfg["train"])
     if kind != "tokenizer":
         cfg = _fit_text_dims(cfg)

@@ -59,7 +59,7 @@ def get_train_config(wildcards):
     """The model's preset (model, text_encoder, train) plus the data options, as plain data."""
     preset = MODEL_PRESET[wildcards.model]
     cfg = {"model": preset["model"], "train": preset["train"]}
-    if wildcards.model != "tokenizer" and SMALL_TEXT:
+    if wildcards.model not in ("tokenizer", "classifier") and SMALL_TEXT:
         cfg["text_encoder"] = {
             **preset.get("text_encoder", {}),
             "vocab_size": MODELS["text_encoder"]["vocab_size"],
@@ -85,3 +85,17 @@ def get_superres_recon(wildcards):
     if MODELS["superres_lowres"] == "reconstruction":
         return f"{R}/tokens/train_recon.safetensors"
     return []
+
+
+# --- evaluation ---------------------------------------------------------------------------
+EVAL_MANIFESTS = [f"{R}/shards/{config['evaluation']['split']}/manifest.json"]
+
+
+def get_eval_text(wildcards, input):
+    """How the evaluation encodes prompts for the CLIP model: its tokenizer, or the cached states."""
+    key = "text_tokenizer" if SMALL_TEXT else "text_cache"
+    return {
+        key: input.text,
+        "prompt": MODELS["prompt"],
+        "max_length": MODELS["text_encoder"]["max_length"],
+    }

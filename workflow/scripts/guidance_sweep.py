@@ -1,0 +1,18 @@
+"""Rule guidance_sweep: guidance scale against CLIP score and axial FID."""
+from ctprep.logs import log_to
+
+log_to(snakemake.log[0])
+from ctgen.evaluate import guidance_sweep
+
+guidance_sweep(
+    snakemake.input.spec.rsplit("/", 1)[0],
+    snakemake.input.prompts,
+    snakemake.params.scales,
+    snakemake.params.sampling,
+    snakemake.input.clip.rsplit("/", 1)[0],
+    snakemake.input.classifier.rsplit("/", 1)[0],
+    list(snakemake.input.reference),
+    snakemake.params.text,
+    snakemake.output.csv,
+    slices_per_volume=snakemake.params.evaluation["slices_per_volume"],
+)
