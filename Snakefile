@@ -8,6 +8,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/cohort.smk"
 include: "workflow/rules/dicom.smk"
@@ -19,6 +22,7 @@ include: "workflow/rules/rejects.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/figures.smk"
 
 
 rule all:
@@ -33,3 +37,4 @@ rule all:
         rules.sample.output.manifest,
         rules.evaluate.output.metrics,
         rules.guidance_sweep.output.csv,
+        rules.figures.output,

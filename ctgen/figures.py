@@ -140,7 +140,12 @@ def plot_samples(samples_csv, valid_manifest, out_png, cfg: FigureConfig = Figur
     same report (first repeat of each prompt), one row per HU window, the prompt as the title."""
     samples = pd.read_csv(samples_csv, dtype={"prompt_id": str})
     chosen = choose_prompts(samples, cfg)
-    real = {s["key"]: s for s in iter_samples(valid_manifest) if s["key"] in chosen}  # only the chosen volumes
+    real = {}  # key -> sample, only the chosen volumes are kept (a full-size scan is ~150 MB)
+    for s in iter_samples(valid_manifest):
+        if s["key"] in chosen:
+            real[s["key"]] = s
+            if len(real) == len(chosen):
+                break
     windows = cfg.windows
     n_rows = len(chosen) * len(windows)
     fig = _new_figure(0.5 + len(chosen) * 0.5 + n_rows * 1.9)
@@ -242,7 +247,7 @@ def _table(ax, header: Sequence[str], rows: list[list[str]], title: str, bold_la
 
 def _table_figure(sections: list[tuple[Sequence[str], list[list[str]], str, bool]], out_png, dpi: int,
                   footer: str = "") -> Path:
-    heights = [1.0 + 0.3 * max(len(rows), 1) for _, rows, _, _ in sections]
+    heights = [0.7 + 0.3 * max(len(rows), 1) for _, rows, _, _ in sections]
     fig = _new_figure(sum(heights) + (0.4 if footer else 0.1))
     axes = np.atleast_1d(fig.subplots(len(sections), 1, height_ratios=heights))
     for ax, (header, rows, title, bold_last) in zip(axes, sections):

@@ -11,13 +11,18 @@ import shlex
 
 from ctgen.training.distributed import FORWARDED_SIGNALS
 
+RDZV_PORT = 29500  # c10d rendezvous port on the allocation's first host (torchrun's usual port)
+
 
 def launch_prefix(gpus: int, nodes: int = 1) -> str:
     """``ctgen`` for CPU or one GPU; torchrun with one process per GPU otherwise.
 
-    Several nodes: ``srun`` starts one torchrun per node (c10d rendezvous on the first host of the
-    allocation, the Slurm job id as rendezvous id); environment variables are read with defaults,
-    since the rules' shells run under ``set -u``.
+    One node: ``torchrun --standalone`` (a local rendezvous on a free port). Several nodes: ``srun``
+    starts one torchrun per node, with a c10d rendezvous on the first host of the allocation and the
+    Slurm job id as rendezvous id. The srun is a step nested in the executor's own job step, hence
+    ``--overlap`` (share the allocation's CPUs and GPUs; a step gets all of the job's GPUs by default).
+    The executor plugin strips most ``SLURM_*`` variables from the step (not ``SLURM_JOB_ID``), and
+    rules' shells run under ``set -u``: the node list is asked of squeue when it is missing.
     """
     gpus, nodes = int(gpus), int(nodes)
     if gpus <= 1 and nodes <= 1:
@@ -26,7 +31,11 @@ def launch_prefix(gpus: int, nodes: int = 1) -> str:
                 f"--signals-to-handle={FORWARDED_SIGNALS}", "--shutdown-timeout=600"]
     if nodes <= 1:
         return " ".join(map(shlex.quote, [*torchrun, "--standalone", "-m", "ctgen.cli"]))
-    master = '"$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n1)"'
-    return (f"srun --nodes={nodes} --ntasks-per-node=1 " + " ".join(map(shlex.quote, torchrun))
-            + f" --nnodes={nodes} --rdzv-backend=c10d --rdzv-endpoint={master}:29500"
-            + ' --rdzv-id="${SLURM_JOB_ID:-ctgen}" -m ctgen.cli')
+    # the plugin strips SLURM_JOB_NODELIST from the step but keeps SLURM_JOB_ID: ask squeue for the nodes
+    job_id = '"${SLURM_JOB_ID:?multi-node training runs inside a Slurm job}"'
+    nodelist = f'"${{SLURM_JOB_NODELIST:-$(squeue -h -o %N -j {job_id})}}"'
+    master = f'"$(scontrol show hostnames {nodelist} | head -n1)"'
+    return (f"srun --overlap --kill-on-bad-exit=1 --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 "
+            + " ".join(map(shlex.quote, torchrun))
+            + f" --nnodes={nodes} --rdzv-backend=c10d --rdzv-endpoint={master}:{RDZV_PORT}"
+            + f" --rdzv-id={job_id} -m ctgen.cli")

@@ -14,7 +14,8 @@ from ctgen import eval_tasks
 from ctgen.datasets import TextConditioning
 from ctgen.models.classifier3d import Classifier3D, ClassifierConfig
 from ctgen.models.clip3d import CLIP3D, CLIP3DConfig, clip_score, info_nce, same_text
-from ctgen.models.text_encoders import fit_text_tokenizer
+from ctgen.models.text_encoders import TextEncoding, fit_text_tokenizer, pad_states
+from ctgen.text_cache import encode_prompts
 from ctprep.shards import merge_manifests, write_shards
 from ctprep.volume import Volume
 
@@ -200,12 +201,25 @@ def shards(tmp_path_factory):
         labels[0], labels[5] = side != "none", side == "left"
         prompt = f"{side} nodule." if side != "none" else "no acute findings."
         vol = Volume.from_3d(hu, np.diag([4.0, 4.0, 8.0, 1.0]), source=f"v{i}")
-        samples.append({"key": f"train_{i}_a_1", "volume": vol, "prompt": prompt, "prompts": {"generatect": prompt}, "meta": {}, "labels": labels})
+        samples.append({"key": f"train_{i}_a_1", "volume": vol, "prompt": prompt, "prompts": {"generatect": prompt},
+                        "meta": {}, "labels": labels})
     write_shards(samples, root / "c000", prefix="train-c000", shard_size=4, split="train")
     manifest = root / "manifest.json"
     merge_manifests([root / "c000" / "train-c000.manifest.json"], manifest, split="train")
     fit_text_tokenizer([s["prompt"] for s in samples], 40, root / "text.json")
-    return {"manifest": str(manifest), "tokenizer": str(root / "text.json")}
+    encode_prompts(_WordEncoder(), {s["key"]: s["prompt"] for s in samples}, root / "cache.safetensors")
+    return {"manifest": str(manifest), "tokenizer": str(root / "text.json"), "cache": str(root / "cache.safetensors")}
+
+
+class _WordEncoder:
+    """A stand-in frozen encoder for the cached-states route: one fixed 12-d vector per word."""
+
+    identity, max_length, dim = "test-word-encoder", 16, 12
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> TextEncoding:
+        states = [torch.stack([torch.randn(12, generator=torch.Generator().manual_seed(sum(map(ord, w))))
+                               for w in t.split()]) for t in texts]
+        return pad_states(states, 12)
 
 
 def test_train_clip_and_classifier_through_the_loop(shards, tmp_path):
@@ -241,10 +255,19 @@ def test_train_clip_and_classifier_through_the_loop(shards, tmp_path):
     emb = eval_tasks.embed_texts(nets.clip, text, [v["key"] for v in volumes[:3]])
     assert emb.shape == (3, 8) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
+    # the cached frozen-encoder route: text width taken from the cache
+    cached_cfg = {**clip_cfg, "text_encoder": None, "train": {**train, "max_steps": 2, "ema_decay": 0.0},
+                  "data": {**clip_cfg["data"], "text_tokenizer": None, "text_cache": shards["cache"]}}
+    eval_tasks.train_clip(cached_cfg, tmp_path / "clip_cached", tmp_path / "ckpt")
+    cached = eval_tasks.load_feature_nets(clip_dir=tmp_path / "clip_cached").clip
+    assert cached.config.text_dim == 12 and cached.text_encoder is None
+    text = TextConditioning({}, cache_path=shards["cache"])
+    assert eval_tasks.embed_texts(cached, text, [v["key"] for v in volumes]).shape == (8, 8)
+
     # train-on-synthetic: an explicit volume list replaces the manifests, with its own checkpoints
     synthetic = [{"key": f"gen_{i}", "volume": v["volume"].flip(-1), "labels": v["labels"]}
                  for i, v in enumerate(volumes)]
     eval_tasks.train_classifier({**clf_cfg, "train": {**train, "max_steps": 2}}, tmp_path / "tstr", tmp_path / "ckpt",
                                 volumes=synthetic)
     assert json.loads((tmp_path / "tstr" / "train_summary.json").read_text())["steps"] == 2
-    assert len(list((tmp_path / "ckpt").iterdir())) == 3  # clip, real classifier, synthetic classifier
+    assert len(list((tmp_path / "ckpt").iterdir())) == 4  # 2 clips, real classifier, synthetic classifier

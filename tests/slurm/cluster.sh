@@ -9,7 +9,7 @@
 # snakemake Slurm executor plugin into $PYTHON's environment where missing. No cgroups, no systemd:
 # proctrack/linuxproc, task/none, cons_tres, no accounting daemon. Jobs are polled with squeue, so
 # finished jobs must stay visible to slurmctld (MinJobAge=600) for the plugin to read their state.
-# The node has one fake `gpu` GRES (a character device, so Slurm sets CUDA_VISIBLE_DEVICES), because
+# The node has four fake `gpu` GRES (a character device, so Slurm sets CUDA_VISIBLE_DEVICES), because
 # the Slurm profile asks for `gpu=1` in the training rules and Slurm refuses GPU requests otherwise.
 set -euo pipefail
 
@@ -48,7 +48,8 @@ write_conf() {  # $1: state dir
     chmod 755 "$munge_dir" && chown munge:munge "$munge_dir"
     ln -sfn "$munge_dir" "$state/munge"
     # the fake GPU: any character device will do (here /dev/null's numbers); a plain file gives no CUDA_VISIBLE_DEVICES
-    mknod "$state/dev/gpu0" c 1 3 2>/dev/null || ln -sf /dev/null "$state/dev/gpu0"
+    # (4 of them, so that independent training jobs need not queue for one)
+    for i in 0 1 2 3; do mknod "$state/dev/gpu$i" c 1 3 2>/dev/null || ln -sf /dev/null "$state/dev/gpu$i"; done
     cat >"$state/slurm.conf" <<EOF
 # written by tests/slurm/cluster.sh: one node on localhost, state under $state
 ClusterName=ctgen-test
@@ -81,30 +82,38 @@ ReturnToService=2
 MinJobAge=600
 SchedulerParameters=batch_sched_delay=0
 GresTypes=gpu
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb Gres=gpu:1 State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb Gres=gpu:4 State=UNKNOWN
 PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
 EOF
-    echo "NodeName=localhost Name=gpu File=$state/dev/gpu0" >"$state/gres.conf"
+    echo "NodeName=localhost Name=gpu File=$state/dev/gpu[0-3]" >"$state/gres.conf"
 }
 
 start() {  # $1: state dir; returns once the node is idle
     local state
-    state="$(mkdir -p "$1" && cd "$1" && pwd)"
+    state="$(mkdir -p "$1" && cd "$1" && pwd -P)"
     [[ $EUID -eq 0 ]] || { log "needs root"; return 2; }
     install_missing
     write_conf "$state"
     export SLURM_CONF="$state/slurm.conf"
+    # The plugin's job step drops SLURM_CONF (all SLURM_* but the job's identity) before its inner srun,
+    # so the clients inside jobs read Debian's default path: link it to this cluster's file.
+    if [[ -e /etc/slurm/slurm.conf && "$(readlink /etc/slurm/slurm.conf)" != "$state/slurm.conf" ]]; then
+        log "/etc/slurm/slurm.conf exists (another cluster?); jobs' srun would read it, not $SLURM_CONF"
+        return 1
+    fi
+    mkdir -p /etc/slurm && ln -sfn "$state/slurm.conf" /etc/slurm/slurm.conf
     local munge_dir
     munge_dir="$(readlink "$state/munge")"  # the real path: the munge user cannot resolve the link inside $state
     runuser -u munge -- munged --foreground --force --socket="$munge_dir/munge.socket" \
-        --pid-file="$munge_dir/munged.pid" --log-file="$munge_dir/munged.log" --seed-file="$munge_dir/munged.seed" &
+        --pid-file="$munge_dir/munged.pid" --log-file="$munge_dir/munged.log" --seed-file="$munge_dir/munged.seed" \
+        </dev/null >>"$state/log/munged.out" 2>&1 &  # no inherited pipes: a caller reading our output must see EOF
     echo $! >"$state/munged.pids"
     for _ in $(seq 50); do [[ -S "$munge_dir/munge.socket" ]] && break; sleep 0.1; done
     cat "$munge_dir/munged.pid" >>"$state/munged.pids" 2>/dev/null || true  # munged's own PID, beside runuser's
-    slurmctld -D -i -f "$SLURM_CONF" >>"$state/log/slurmctld.out" 2>&1 &
+    slurmctld -D -i -f "$SLURM_CONF" </dev/null >>"$state/log/slurmctld.out" 2>&1 &
     echo $! >"$state/slurmctld.pids"
-    slurmd -D -N localhost -f "$SLURM_CONF" >>"$state/log/slurmd.out" 2>&1 &
+    slurmd -D -N localhost -f "$SLURM_CONF" </dev/null >>"$state/log/slurmd.out" 2>&1 &
     echo $! >"$state/slurmd.pids"
     local deadline=$((SECONDS + 90))
     while ((SECONDS < deadline)); do
@@ -129,6 +138,7 @@ stop() {  # $1: state dir; kills only the PIDs this script started there
         done
         rm -f "$state/$name.pids"
     done
+    if [[ "$(readlink /etc/slurm/slurm.conf)" == "$state/slurm.conf" ]]; then rm -f /etc/slurm/slurm.conf; fi
     if [[ -L "$state/munge" ]]; then rm -rf "$(readlink "$state/munge")" "$state/munge"; fi
 }
 
@@ -138,7 +148,9 @@ case "${1:-}" in
     run)
         shift
         STATE="$(mktemp -d /tmp/ctgen-slurm.XXXXXX)"
-        trap 'stop "$STATE"' EXIT
+        rc=1
+        # daemons stop however we leave; the state (Slurm's logs) stays only when something failed
+        trap 'stop "$STATE"; if ((rc == 0)); then rm -rf "$STATE"; else log "logs kept in $STATE/log"; fi' EXIT
         trap 'exit 130' INT TERM
         start "$STATE"
         export SLURM_CONF="$STATE/slurm.conf" CTGEN_SLURM_STATE="$STATE" CTGEN_REQUIRE_SLURM=1

@@ -3,69 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+from tests.workflow.wf import REPO, SNAKEMAKE, make_workdir, planned_rules, snakemake
+
 pytestmark = pytest.mark.workflow
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-
-
-def make_workdir(path: Path, overrides: dict) -> Path:
-    """A working folder with an edited copy of config.yaml, as a user would make one."""
-    base = yaml.safe_load((REPO / "config.yaml").read_text())
-    tiny = yaml.safe_load((REPO / "tests/workflow/configs/tiny.yaml").read_text())
-    cfg = _merge(_merge(base, tiny), overrides)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", str(workdir / "config.yaml"),
-           "--cores", "2", *args]
-    # the rules' shell commands (ctgen ...) come from the environment running the tests, as with `make`
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
-    if check and res.returncode != 0:
-        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
-    return res
-
-
-def planned_rules(workdir: Path, cfg_edit: dict | None = None) -> dict[str, int]:
-    """Rules a dry run would run (with rerun triggers) after an optional config edit."""
-    if cfg_edit:
-        cfg = yaml.safe_load((workdir / "config.yaml").read_text())
-        (workdir / "config.yaml").write_text(yaml.safe_dump(_merge(cfg, cfg_edit), sort_keys=False))
-    res = snakemake(workdir, "-n", "--quiet", "rules")
-    counts = {}
-    for line in res.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
-            counts[parts[0]] = int(parts[1])
-    return counts
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    work = make_workdir(tmp_path_factory.mktemp("wf"), {})
-    snakemake(work)
-    return work
 
 
 def test_demo_run_from_nothing_to_shards(demo_run):
@@ -118,21 +67,31 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         return set(planned_rules(work, edit))
 
     assert plan("none") == set()  # a finished run has nothing to do
-    # the models train on the shards: whatever rewrites them retrains the cascade
-    models = {"train_tokenizer", "encode_tokens", "train_generator", "train_superres"}
-    prompts = {"prompts", "shards", "shard_manifest", "rejects", "text_tokenizer", "all"} | models
+    scoring = {"evaluate", "guidance_sweep", "figures", "all"}  # what reads the samples or the models
+    sampling = {"cascade", "sample"} | scoring
+    # everything trained on the shards: whatever rewrites them retrains the cascade and the feature networks
+    models = {"train_tokenizer", "encode_tokens", "train_generator", "train_superres", "train_clip",
+              "train_classifier"} | sampling
+    prompts = {"prompts", "shards", "shard_manifest", "rejects", "text_tokenizer", "sample_prompts"} | models
     assert plan("prompt", {"prompts": {"templates": {"generatect": "{sex}, {age} years: {impression}"}}}) == prompts
     assert plan("structured", {"prompts": {"structured": {"negated": "state"}}}) == prompts
+    # a preprocessing setting: preprocessing and everything after it, not the cohort or the reports
     assert plan("preset", {"presets": {"demo": {"clip": [-1024, 1200]}}}) == \
-        {"prep", "shards", "shard_manifest", "rejects", "all"} | models
-    assert plan("shard", {"shards": {"shard_size": 3}}) == {"shards", "shard_manifest", "all"} | models
-    # a model's own settings rerun that model and what is built from it, nothing upstream
-    assert plan("sr", {"model_presets": {"demo": {"superres": {"train": {"lr": 5e-4}}}}}) == \
-        {"train_config", "train_superres", "all"}
-    assert plan("gen", {"model_presets": {"demo": {"generator": {"model": {"depth": 1}}}}}) == \
-        {"train_config", "train_generator", "all"}
+        {"prep", "shards", "shard_manifest", "rejects"} | models
+    assert plan("shard", {"shards": {"shard_size": 3}}) == {"shards", "shard_manifest"} | models
+    # a model's own settings: that model and what is built from it, nothing upstream
     assert plan("tok", {"model_presets": {"demo": {"tokenizer": {"train": {"lr": 1e-3}}}}}) == \
-        {"train_config", "train_tokenizer", "encode_tokens", "train_generator", "all"}
+        {"train_config", "train_tokenizer", "encode_tokens", "train_generator"} | sampling
+    assert plan("gen", {"model_presets": {"demo": {"generator": {"model": {"depth": 1}}}}}) == \
+        {"train_config", "train_generator"} | sampling
+    assert plan("sr", {"model_presets": {"demo": {"superres": {"train": {"lr": 5e-4}}}}}) == \
+        {"train_config", "train_superres"} | sampling
+    assert plan("clip", {"model_presets": {"demo": {"clip": {"train": {"lr": 5e-4}}}}}) == \
+        {"train_config", "train_clip"} | scoring
+    # sampling settings: the samples and their scores; evaluation settings: the scores; figures: the figures
+    assert plan("steps", {"sampling": {"steps": 3}}) == sampling
+    assert plan("eval", {"evaluation": {"hu_tolerance": 30.0}}) == scoring
+    assert plan("fig", {"figures": {"dpi": 100}}) == {"figures", "all"}
 
 
 def test_strict_mode_fails_and_names_the_rejects(demo_run, tmp_path):

@@ -38,7 +38,7 @@ rule sample_prompts:
         runtime=5,
     params:
         column=config["models"]["prompt"],
-        sampling=config["sampling"],
+        sampling={k: config["sampling"][k] for k in ("split", "volumes", "max_prompts")},
     script:
         "../scripts/sample_prompts.py"
 
