@@ -23,8 +23,11 @@ def _train(args: argparse.Namespace) -> int:
 def _encode_tokens(args: argparse.Namespace) -> int:
     from ctgen import tasks
 
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tasks.encode_tokens(args.tokenizer, args.manifests, args.out, args.lowres_scale, prompt=args.prompt,
-                        recon_path=args.recon, device=args.device)
+                        recon_path=args.recon, device=device)
     return 0
 
 
@@ -67,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--recon", help="also write reconstructions to this .safetensors")
     e.add_argument("--lowres-scale", dest="lowres_scale", type=int, default=1)
     e.add_argument("--prompt", help="prompt template name stored with the tokens (default: the shards' main prompt)")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default=None, help="cuda when available, else cpu")
     e.set_defaults(func=_encode_tokens)
 
     f = sub.add_parser("fit-text-tokenizer", help="fit the small text encoder's tokenizer on the training prompts")

@@ -54,7 +54,8 @@ def iter_samples(
     if shuffle:
         random.Random(seed).shuffle(urls)
     # shardshuffle=False: shard order is ours (manifest order, or the seeded shuffle above).
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()
+    # nodesplitter=None: every process reads every shard; ctgen.datasets deals samples out by rank
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None).decode()
     if shuffle and buffer > 1:
         dataset = dataset.shuffle(buffer, initial=buffer, seed=seed)
     for sample in dataset:

@@ -73,11 +73,11 @@ def get_train_config(wildcards):
     return cfg
 
 
-def get_launcher(model):
-    """`ctgen`, or torchrun (under srun across nodes) when the job has several GPUs."""
+def get_launcher(wildcards, resources):
+    """`ctgen`, or torchrun (under srun across nodes) for the GPUs and nodes the job was given."""
     from ctgen.launch import launch_prefix
 
-    return launch_prefix(RES[model]["gpu"], RES[model].get("nodes", 1))
+    return launch_prefix(resources.gpu, resources.nodes)
 
 
 def get_superres_recon(wildcards):

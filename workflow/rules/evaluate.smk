@@ -21,7 +21,7 @@ rule train_clip:
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/clip",
-        launch=get_launcher("clip"),
+        launch=get_launcher,
         text_flag=TEXT_FLAG,
     shell:
         "{params.launch} train clip --config {input.config} --manifests {input.manifests}"
@@ -50,7 +50,7 @@ rule train_classifier:
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/classifier",
-        launch=get_launcher("classifier"),
+        launch=get_launcher,
     shell:
         "{params.launch} train classifier --config {input.config} --manifests {input.manifests}"
         " --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"

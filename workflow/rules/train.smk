@@ -84,7 +84,7 @@ rule train_tokenizer:
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/tokenizer",
-        launch=get_launcher("tokenizer"),
+        launch=get_launcher,
     shell:
         "{params.launch} train tokenizer --config {input.config} --manifests {input.manifests}"
         " --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"
@@ -141,7 +141,7 @@ rule train_generator:
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/generator",
-        launch=get_launcher("generator"),
+        launch=get_launcher,
         text_flag=TEXT_FLAG,
     shell:
         "{params.launch} train generator --config {input.config} --tokens {input.tokens}"
@@ -172,7 +172,7 @@ rule train_superres:
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/superres",
-        launch=get_launcher("superres"),
+        launch=get_launcher,
         text_flag=TEXT_FLAG,
         recon_flag=lambda wc, input: f"--recon {input.recon}" if input.recon else "",
     shell:
