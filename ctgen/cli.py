@@ -47,6 +47,14 @@ def _embed_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from ctgen.evaluate import compare_runs
+
+    table = compare_runs(args.run_a, args.run_b, args.out, n_permutations=args.permutations, seed=args.seed)
+    sys.stdout.write(table.to_string(index=False) + "\n")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctgen", description="text-to-CT models: training, sampling and checks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -86,6 +94,14 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--encoder", required=True, help='encoder config as YAML/JSON, e.g. \'{kind: minilm, max_length: 128}\'')
     m.add_argument("--out", required=True)
     m.set_defaults(func=_embed_prompts)
+
+    c = sub.add_parser("compare", help="paired permutation test of two runs' per_volume.csv, metric by metric")
+    c.add_argument("run_a", help="per_volume.csv of run A (results/evaluation/per_volume.csv)")
+    c.add_argument("run_b", help="per_volume.csv of run B")
+    c.add_argument("--out", help="write the table here (CSV); it is printed either way")
+    c.add_argument("--permutations", type=int, default=10_000)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=_compare)
 
     for command, (_, _, text) in PASS_THROUGH.items():
         sub.add_parser(command, help=text, add_help=False)

@@ -188,13 +188,21 @@ class MaskGIT(nn.Module, PretrainedMixin):
         visible = torch.ones(b, 1, dtype=torch.bool, device=mask.device)
         return torch.cat([null, ctx], dim=1), torch.cat([visible, mask], dim=1)
 
+    def prepare(self, grid: tuple[int, int, int], text: torch.Tensor, text_mask: torch.Tensor,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions (N, D), context, context mask): what every decoding step of one prompt shares."""
+        return (self.pos_emb(*grid), *self.context(text, text_mask, keep))
+
     def hidden(self, tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-               keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normalised hidden states (B, t*h*w, D) for ``tokens (B, t, h, w)`` (may hold [MASK])."""
+               keep: torch.Tensor | None = None, prepared: tuple | None = None) -> torch.Tensor:
+        """Final normalised hidden states (B, t*h*w, D) for ``tokens (B, t, h, w)`` (may hold [MASK]).
+
+        ``prepared``: :meth:`prepare`'s output, computed once per prompt at sampling time.
+        """
         _, t, h, w = tokens.shape
+        pos, ctx, ctx_mask = prepared if prepared is not None else self.prepare((t, h, w), text, text_mask, keep)
         x = self.token_emb(rearrange(tokens, "b t h w -> b (t h w)"))  # (B, N, D)
-        x = x + self.pos_emb(t, h, w).to(x.dtype)
-        ctx, ctx_mask = self.context(text, text_mask, keep)
+        x = x + pos.to(x.dtype)
         for block in self.blocks:
             if self.config.checkpoint_blocks and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, ctx, ctx_mask, use_reentrant=False)
@@ -203,10 +211,10 @@ class MaskGIT(nn.Module, PretrainedMixin):
         return self.norm(x)
 
     def logits(self, tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-               keep: torch.Tensor | None = None) -> torch.Tensor:
+               keep: torch.Tensor | None = None, prepared: tuple | None = None) -> torch.Tensor:
         """Codebook logits (B, t, h, w, K) for ``tokens (B, t, h, w)`` with [MASK] ids."""
         _, t, h, w = tokens.shape
-        out = self.to_logits(self.hidden(tokens, text, text_mask, keep))  # (B, N, K)
+        out = self.to_logits(self.hidden(tokens, text, text_mask, keep, prepared))  # (B, N, K)
         return rearrange(out, "b (t h w) k -> b t h w k", t=t, h=h, w=w)
 
     # ------------------------------------------------------------------ training
@@ -250,15 +258,18 @@ class MaskGIT(nn.Module, PretrainedMixin):
                   guidance_scale, temperature)
         self.scheduler.set_timesteps(steps, temperature=(temperature, 0.0), device=device)
         sample = torch.full((b, t, h, w), self.mask_id, dtype=torch.long, device=device)
-        if guided:  # cond + null in one batch; text_proj/context are recomputed per step (O(L * D), cheap)
+        if guided:  # cond + null in one batch: guidance doubles the token pass, nothing else
             text2, mask2 = torch.cat([text, text]), torch.cat([text_mask, text_mask])
             keep2 = torch.cat([torch.ones(b, dtype=torch.bool, device=device),
                                torch.zeros(b, dtype=torch.bool, device=device)])
+            prepared = self.prepare(grid, text2, mask2, keep2)  # positions and text context: once per prompt
+        else:
+            prepared = self.prepare(grid, text, text_mask)
         for timestep in self.scheduler.timesteps:
             if guided:
-                cond, uncond = self.logits(torch.cat([sample, sample]), text2, mask2, keep2).float().chunk(2)
+                cond, uncond = self.logits(torch.cat([sample, sample]), text2, mask2, keep2, prepared).float().chunk(2)
                 logits = uncond + guidance_scale * (cond - uncond)  # (B, t, h, w, K)
             else:
-                logits = self.logits(sample, text, text_mask).float()
+                logits = self.logits(sample, text, text_mask, prepared=prepared).float()
             sample = self.scheduler.step(logits, int(timestep), sample, generator=generator)
         return sample

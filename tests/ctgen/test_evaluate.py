@@ -72,6 +72,11 @@ def test_runs_are_compared_pairwise(run, tmp_path):
     diff = evaluate.compare_runs(root / "eval" / "per_volume.csv", tmp_path / "shifted.csv", tmp_path / "cmp.csv")
     row = diff.set_index("metric").loc["clip_score"]
     assert row["n_pairs"] == 4 and abs(row["diff"]) == pytest.approx(50) and (tmp_path / "cmp.csv").is_file()
+    from ctgen.cli import main
+
+    assert main(["compare", str(root / "eval" / "per_volume.csv"), str(tmp_path / "shifted.csv"),
+                 "--permutations", "500", "--out", str(tmp_path / "cli.csv")]) == 0
+    assert pd.read_csv(tmp_path / "cli.csv").set_index("metric").loc["clip_score", "n_pairs"] == 4
 
 
 def test_guidance_sweep_samples_each_scale(run, cohort, tiny_cascade, tmp_path):

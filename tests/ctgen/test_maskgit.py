@@ -213,3 +213,12 @@ def test_checkpoint_blocks_gives_the_same_gradients():
     assert all(g is not None for g in grads[1])  # every parameter is used (DDP needs it)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_prepared_positions_and_context_give_the_same_logits():
+    model = tiny().eval()
+    text, mask = text_batch(2)
+    tokens = torch.randint(0, model.config.codebook_size + 1, (2, 3, 4, 4))
+    keep = torch.tensor([True, False])
+    prepared = model.prepare((3, 4, 4), text, mask, keep)  # what generate() computes once per prompt
+    assert torch.equal(model.logits(tokens, text, mask, keep), model.logits(tokens, text, mask, keep, prepared))
