@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ctgen.data import iter_samples, to_model_layout
-from ctprep.shards import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ def _rank_order(n: int, ctx, batch_size: int) -> list[int]:
 
 
 def load_volumes(manifests: list[str], prompt: str | None = None) -> list[dict]:
-    """Every sample of the manifests as {key, volume (1, D, H, W) float16 in [-1, 1], prompt}.
+    """Every sample of the manifests as {key, volume (1, D, H, W) float16 in [-1, 1], prompt, labels (18,) float32}.
 
     The demo and moderate cohorts fit in memory; this keeps every epoch's shuffle exact and cheap.
     # TODO(scale): at CT-RATE scale stream with webdataset's split_by_node/worker instead.
@@ -73,7 +72,8 @@ def load_volumes(manifests: list[str], prompt: str | None = None) -> list[dict]:
         for s in iter_samples(manifest):
             vol = torch.from_numpy(to_model_layout(s["volume"]))  # (1, D, H, W) HU
             text = s["prompts"].get(prompt, s["prompt"]) if prompt else s["prompt"]
-            out.append({"key": s["key"], "volume": hu_to_unit(vol).half(), "prompt": text})
+            out.append({"key": s["key"], "volume": hu_to_unit(vol).half(), "prompt": text,
+                        "labels": torch.from_numpy(np.asarray(s["labels"], dtype=np.float32))})
     if not out:
         raise ValueError(f"no samples in {manifests}")
     log.info("loaded %d volumes of shape %s from %d manifests", len(out), tuple(out[0]["volume"].shape), len(manifests))

@@ -13,7 +13,7 @@ cascade's (``ctgen/tasks.py``)::
       augment: {flip_w: false, intensity: 0.05}  # see Augment
 
 Volumes come from the shards at their stored grid, in [-1, 1] (``datasets.hu_to_unit``), with their
-18 labels (``datasets.load_volumes`` drops them). ``PRESETS`` holds the demo/paper configs as plain data.
+18 labels (``datasets.load_volumes``). ``PRESETS`` holds the demo/paper configs as plain data.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from ctgen import datasets
-from ctgen.data import iter_samples, to_model_layout
 from ctgen.models.classifier3d import Classifier3D
 from ctgen.models.clip3d import CLIP3D
 
@@ -87,47 +86,29 @@ class Augment:
         return cls(**(data.get("augment") or {}))
 
 
-def load_labeled_volumes(manifests: list[str], prompt: str | None = None) -> list[dict]:
-    """Every sample as {key, volume (1, D, H, W) float16 in [-1, 1], prompt, labels (18,) float32}."""
-    out = []
-    for manifest in manifests:
-        for s in iter_samples(manifest):
-            vol = torch.from_numpy(to_model_layout(s["volume"]))  # (1, D, H, W) HU
-            text = s["prompts"].get(prompt, s["prompt"]) if prompt else s["prompt"]
-            out.append({"key": s["key"], "volume": datasets.hu_to_unit(vol).half(), "prompt": text,
-                        "labels": torch.from_numpy(np.asarray(s["labels"], dtype=np.float32))})
-    if not out:
-        raise ValueError(f"no samples in {manifests}")
-    log.info("loaded %d labelled volumes of shape %s", len(out), tuple(out[0]["volume"].shape))
-    return out
+def _video_batches(volumes: list[dict], batch_size: int, augment: Augment, extra):
+    """make_batches: this rank's {"video": (B, 1, D, H, W) augmented, **extra(chosen volumes)} per epoch."""
+
+    def make(ctx) -> Iterator[dict]:
+        gen = ctx.generator()
+        order = datasets._rank_order(len(volumes), ctx, batch_size)
+        for i in range(0, len(order), batch_size):
+            chosen = [volumes[j] for j in order[i:i + batch_size]]
+            video = augment(torch.stack([v["volume"].float() for v in chosen]), gen)
+            yield {"video": video, **extra(chosen)}
+
+    return make
 
 
 def clip_batches(volumes: list[dict], text: datasets.TextConditioning, batch_size: int, augment: Augment):
     """make_batches for CLIP3D: {"video": (B, 1, D, H, W), text_ids | text, "text_mask"}."""
-
-    def make(ctx) -> Iterator[dict]:
-        gen = ctx.generator()
-        order = datasets._rank_order(len(volumes), ctx, batch_size)
-        for i in range(0, len(order), batch_size):
-            chosen = [volumes[j] for j in order[i:i + batch_size]]
-            video = augment(torch.stack([v["volume"].float() for v in chosen]), gen)
-            yield {"video": video, **text([v["key"] for v in chosen])}
-
-    return make
+    return _video_batches(volumes, batch_size, augment, lambda chosen: text([v["key"] for v in chosen]))
 
 
 def classifier_batches(volumes: list[dict], batch_size: int, augment: Augment):
     """make_batches for Classifier3D: {"video": (B, 1, D, H, W), "labels": (B, 18)}."""
-
-    def make(ctx) -> Iterator[dict]:
-        gen = ctx.generator()
-        order = datasets._rank_order(len(volumes), ctx, batch_size)
-        for i in range(0, len(order), batch_size):
-            chosen = [volumes[j] for j in order[i:i + batch_size]]
-            video = augment(torch.stack([v["volume"].float() for v in chosen]), gen)
-            yield {"video": video, "labels": torch.stack([torch.as_tensor(v["labels"]).float() for v in chosen])}
-
-    return make
+    return _video_batches(volumes, batch_size, augment, lambda chosen: {
+        "labels": torch.stack([torch.as_tensor(v["labels"]).float() for v in chosen])})
 
 
 def label_pos_weight(labels: torch.Tensor, cap: float = POS_WEIGHT_MAX) -> tuple[float, ...]:
@@ -138,10 +119,20 @@ def label_pos_weight(labels: torch.Tensor, cap: float = POS_WEIGHT_MAX) -> tuple
     return tuple(round(float(w), 4) for w in weight)
 
 
-def _run_hash(kind: str, cfg: dict[str, Any], keys: list[str]) -> str:
-    """Checkpoints are resumed only by the same model, training, augmentation and training volumes."""
-    keyed = [kind, cfg["model"], cfg.get("text_encoder"), cfg["train"], cfg["data"].get("augment"), sorted(keys)]
-    return f"{kind}-{hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]}"
+def _run_hash(kind: str, cfg: dict[str, Any], volumes: list[dict] | None = None) -> str:
+    """Checkpoints are resumed only by the same model, training, augmentation and training data.
+
+    ``tasks.config_hash`` covers the config and the contents of the data files (the manifests hold
+    every shard's sha256); volumes handed in directly (generated ones, for TSTR) are hashed by content.
+    """
+    from ctgen.tasks import config_hash
+
+    h = hashlib.sha256(f"{kind}:{config_hash(cfg)}".encode())
+    for v in volumes or []:
+        h.update(v["key"].encode())
+        h.update(torch.as_tensor(v["volume"]).numpy().tobytes())
+        h.update(torch.as_tensor(v["labels"]).float().numpy().tobytes())
+    return f"{kind}-{h.hexdigest()[:12]}"
 
 
 def train_clip(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: str | Path) -> Path:
@@ -153,7 +144,7 @@ def train_clip(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: str | 
     if tcfg.batch_size < 2:
         raise ValueError("CLIP training needs train.batch_size >= 2 (the other pairs are the negatives)")
     cfg = _fit_text_dims(cfg)
-    volumes = load_labeled_volumes(data["manifests"], prompt=data.get("prompt"))
+    volumes = datasets.load_volumes(data["manifests"], prompt=data.get("prompt"))
     torch.manual_seed(tcfg.seed)  # the initial weights are part of the run's reproducibility
     model = CLIP3D(CLIP3D.config_from_dict({**cfg["model"], "text_encoder": cfg.get("text_encoder")}))
     max_length = (cfg.get("text_encoder") or {}).get("max_length", data.get("max_length", 128))
@@ -173,8 +164,9 @@ def train_classifier(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: 
     from ctgen.train import TrainConfig
 
     data, tcfg = cfg["data"], TrainConfig.from_dict(cfg["train"])
+    handed_in = volumes  # hashed by content for the checkpoint folder (no data file describes them)
     if volumes is None:
-        volumes = load_labeled_volumes(data["manifests"], prompt=data.get("prompt"))
+        volumes = datasets.load_volumes(data["manifests"], prompt=data.get("prompt"))
     model_cfg = dict(cfg["model"])
     if model_cfg.get("pos_weight") == "auto":
         model_cfg["pos_weight"] = label_pos_weight(torch.stack([torch.as_tensor(v["labels"]) for v in volumes]))
@@ -183,13 +175,14 @@ def train_classifier(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: 
     torch.manual_seed(tcfg.seed)
     model = Classifier3D(Classifier3D.config_from_dict(model_cfg))
     make = classifier_batches(volumes, tcfg.batch_size, Augment.from_data(data))
-    return _train(model, make, tcfg, cfg, out_dir, checkpoint_root, "classifier", volumes)
+    return _train(model, make, tcfg, cfg, out_dir, checkpoint_root, "classifier", volumes, handed_in)
 
 
-def _train(model, make, tcfg, cfg, out_dir, checkpoint_root, kind: str, volumes: list[dict]) -> Path:
+def _train(model, make, tcfg, cfg, out_dir, checkpoint_root, kind: str, volumes: list[dict],
+           handed_in: list[dict] | None = None) -> Path:
     from ctgen.train import train
 
-    checkpoint_dir = Path(checkpoint_root) / _run_hash(kind, cfg, [v["key"] for v in volumes])
+    checkpoint_dir = Path(checkpoint_root) / _run_hash(kind, cfg, handed_in)
     log.info("training %s: %d parameters on %d volumes; checkpoints in %s", kind,
              sum(p.numel() for p in model.parameters()), len(volumes), checkpoint_dir)
     meta = {"model_kind": kind, "n_volumes": len(volumes),
@@ -278,5 +271,5 @@ def preset(kind: str, name: str = "demo") -> dict[str, Any]:
 
 
 __all__ = ["Augment", "FeatureNets", "PRESETS", "classifier_batches", "clip_batches", "embed_texts",
-           "extract_features", "label_pos_weight", "load_feature_nets", "load_labeled_volumes", "preset",
+           "extract_features", "label_pos_weight", "load_feature_nets", "preset",
            "train_classifier", "train_clip"]

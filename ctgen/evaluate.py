@@ -19,7 +19,7 @@ import torch
 
 from ctgen import datasets
 from ctgen.data import to_model_layout
-from ctgen.eval_tasks import FeatureNets, embed_texts, extract_features, load_feature_nets, load_labeled_volumes
+from ctgen.eval_tasks import FeatureNets, embed_texts, extract_features, load_feature_nets
 from ctgen.metrics import (
     TISSUES, auroc_per_label, clip_score, fid_from_features, flag_out_of_range, frechet_3d, hu_histogram,
     image_similarity, paired_permutation_test, slice_features, tissue_stats, tstr_summary,
@@ -84,7 +84,7 @@ def evaluate_run(samples_csv, valid_manifests: list[str], clip_dir, classifier_d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest, gen = load_generated(samples_csv)
-    real = load_labeled_volumes(valid_manifests, prompt=text.get("prompt"))
+    real = datasets.load_volumes(valid_manifests, prompt=text.get("prompt"))
     by_key = {r["key"]: r for r in real}
     nets = load_feature_nets(clip_dir, classifier_dir)
     f_gen, f_real = extract_features(nets, gen), extract_features(nets, real)
@@ -119,7 +119,8 @@ def evaluate_run(samples_csv, valid_manifests: list[str], clip_dir, classifier_d
         tstr = _train_on_synthetic(gen, labels_gen, real, f_real["probabilities"], labels_real, classifier_cfg,
                                    out_dir, checkpoint_root or out_dir / "checkpoints")
     # HU: per-tissue medians against the real range; histograms
-    real_stats = [tissue_stats(datasets.unit_to_hu(r["volume"][0]).numpy()) for r in real]
+    real_hu = [datasets.unit_to_hu(r["volume"][0]).numpy() for r in real]  # (D, H, W) each
+    real_stats = [tissue_stats(v) for v in real_hu]
     rows, flags = [], []
     for i, (g, row) in enumerate(zip(gen, manifest.itertuples())):
         stats = tissue_stats(g["hu"])
@@ -132,7 +133,7 @@ def evaluate_run(samples_csv, valid_manifests: list[str], clip_dir, classifier_d
     per_volume.to_csv(out_dir / "per_volume.csv", index=False)
     edges = None
     dens = {}
-    for name, vols in (("generated", [g["hu"] for g in gen]), ("real", [datasets.unit_to_hu(r["volume"][0]).numpy() for r in real])):
+    for name, vols in (("generated", [g["hu"] for g in gen]), ("real", real_hu)):
         hists = [hu_histogram(v) for v in vols]
         edges = hists[0][1]
         dens[name] = np.mean([h[0] for h in hists], axis=0).tolist()
@@ -204,7 +205,7 @@ def guidance_sweep(models_dir, prompts_csv, scales: list[float], sampling: dict,
     prompts = pd.read_csv(prompts_csv)
     pipe = TextToCTPipeline.from_pretrained(models_dir)
     nets = load_feature_nets(clip_dir, classifier_dir)
-    real = load_labeled_volumes(valid_manifests, prompt=text.get("prompt"))
+    real = datasets.load_volumes(valid_manifests, prompt=text.get("prompt"))
     extractor = _slice_extractor(nets, None)
     real_axial = slice_features([r["volume"] for r in real], extractor, planes=("axial",), n_slices=slices_per_volume)
     cond = datasets.TextConditioning(dict(zip(prompts["id"], prompts["prompt"])), cache_path=text.get("text_cache"),

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from ctgen.pipelines.text_to_ct import SampleSettings, TextToCTPipeline
+from ctprep.ctrate import volume_key
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,10 @@ def _row_prompt(row: dict, template: str | None) -> str:
 
 
 def _template_text(spec: dict) -> str | None:
-    """The prompt template text the cascade was trained with (from config.yaml when it is beside us)."""
-    name = spec.get("prompt_template")
-    if name == "structured":
-        return name
-    return spec.get("prompt_template_text") or None
+    """The prompt template the cascade was trained with: its text from cascade.json, or "structured"."""
+    if spec.get("prompt_template") == "structured":
+        return "structured"
+    return spec.get("prompt_template_text")
 
 
 def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_dir: str | Path,
@@ -76,7 +76,7 @@ def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_
             s = seed + index
             index += 1
             vol = pipe([prompt], settings, [torch.Generator(device=device).manual_seed(s)])[0]
-            name = f"{pid.split('.nii')[0]}_s{s}"
+            name = f"{volume_key(pid)}_s{s}"
             path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
             sidecar = {**pipe.sidecar(prompt, s, settings), "prompt_id": pid, "repeat": rep,
                        "timing_s": vol.meta.get("timing_s")}
@@ -135,7 +135,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     else:
         if not args.out_dir:
             ap.error("--prompts needs --out-dir DIR")
-        prompts = read_prompts(args.prompts, _template_text(spec) or spec.get("prompt_template"))
+        prompts = read_prompts(args.prompts, _template_text(spec))
         sample_to_files(args.models, prompts, args.out_dir, settings, args.seed, args.per_prompt, args.device,
                         dicom_dir=args.dicom)
     return 0
@@ -146,10 +146,12 @@ def _dicom_from(nifti: Path, dicom_dir: str) -> None:
     from ctgen.export import save_synthetic_dicom
     from ctprep.volume import load_nifti
 
-    sidecar_path = nifti.with_name(nifti.name.split(".nii")[0] + ".json")
+    from ctgen.export.sidecar import sidecar_path
+
+    side = sidecar_path(nifti)
     from ctgen.export.sidecar import RESERVED
 
-    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+    sidecar = json.loads(side.read_text()) if side.is_file() else {}
     save_synthetic_dicom(load_nifti(nifti), dicom_dir, {k: v for k, v in sidecar.items() if k not in RESERVED})
 
 
@@ -170,7 +172,9 @@ def select_prompts(prompts_parquet: str | Path, column: str, split: str, volumes
         table = table[table["split"] == split].sort_values("VolumeName").head(max_prompts)
     if table.empty:
         raise ValueError(f"no prompts to sample in split {split!r}")
-    out = pd.DataFrame({"id": table["VolumeName"].str.split(".nii").str[0], "VolumeName": table["VolumeName"],
+    from ctprep.ctrate import volume_key
+
+    out = pd.DataFrame({"id": table["VolumeName"].map(volume_key), "VolumeName": table["VolumeName"],
                         "prompt": table[column]})
     out.to_csv(out_csv, index=False)
     return out

@@ -28,7 +28,9 @@ import yaml
 from safetensors.torch import save_file
 
 from ctgen import datasets
-from ctgen.models.base import _atomic
+from ctprep.ctrate import volume_key
+from ctprep.shards import sha256_file
+from ctprep.volume import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def data_fingerprint(data: dict[str, Any], max_hash_bytes: int = 256 << 20) -> d
             if isinstance(v, (str, Path)) and path.is_file():
                 stat = path.stat()
                 if stat.st_size <= max_hash_bytes:
-                    prints.append(hashlib.sha256(path.read_bytes()).hexdigest())
+                    prints.append(sha256_file(path))
                 else:
                     prints.append(f"{stat.st_size}:{stat.st_mtime_ns}")
             else:
@@ -185,11 +187,11 @@ def encode_tokens(tokenizer_dir: str | Path, manifests: list[str], out_path: str
             if recon_path:
                 recons[v["key"]] = rec[j, 0].clamp(-1, 1).half().cpu().contiguous()
     out_path = Path(out_path)
-    _atomic(out_path, lambda p: save_file(grids, p))
-    _atomic(out_path.with_suffix(".prompts.json"),
+    atomic_write(out_path, lambda p: save_file(grids, p))
+    atomic_write(out_path.with_suffix(".prompts.json"),
             lambda p: Path(p).write_text(json.dumps({v["key"]: v["prompt"] for v in volumes}, indent=1)))
     if recon_path:
-        _atomic(Path(recon_path), lambda p: save_file(recons, p))
+        atomic_write(Path(recon_path), lambda p: save_file(recons, p))
     log.info("encoded %d volumes to token grids of shape %s", len(grids), tuple(next(iter(grids.values())).shape))
     return grids
 
@@ -202,7 +204,7 @@ def _prompt_texts(prompts_parquet: str | Path, column: str, splits: list[str] | 
         raise ValueError(f"{prompts_parquet} has no prompt column {column!r}; it has {list(table.columns[2:])}")
     if splits:
         table = table[table["split"].isin(splits)]
-    return {name.split(".nii")[0]: text for name, text in zip(table["VolumeName"], table[column])}
+    return {volume_key(name): text for name, text in zip(table["VolumeName"], table[column])}
 
 
 def fit_text_tokenizer(prompts_parquet: str | Path, column: str, out_path: str | Path, vocab_size: int,
@@ -231,5 +233,5 @@ def write_config(cfg: dict[str, Any], path: str | Path) -> Path:
     """A training config as YAML (what ``ctgen train --config`` reads), written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(path, lambda p: Path(p).write_text(yaml.safe_dump(cfg, sort_keys=False)))
+    atomic_write(path, lambda p: Path(p).write_text(yaml.safe_dump(cfg, sort_keys=False)))
     return path

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ctgen.models.base import _atomic
+from ctprep.volume import atomic_write
 from ctgen.models.text_encoders import TextEncoder, TextEncoding, pad_states
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def encode_prompts(encoder: TextEncoder, prompts: dict[str, str], path: str | os
         "keys": json.dumps({key: index[text] for key, text in sorted(prompts.items())}, ensure_ascii=False),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(path, lambda p: save_file({"hidden": hidden.contiguous(), "offsets": offsets}, p, metadata=metadata))
+    atomic_write(path, lambda p: save_file({"hidden": hidden.contiguous(), "offsets": offsets}, p, metadata=metadata))
     log.info("encoded %d distinct texts for %d prompts (%d tokens, %s) -> %s",
              len(texts), len(prompts), hidden.shape[0], dtype, path)
     return path

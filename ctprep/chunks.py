@@ -85,7 +85,7 @@ def _samples(prep: pd.DataFrame, cohort: pd.DataFrame, prompts: pd.DataFrame, pr
         vol = load_nifti(rec["prep_path"])
         vol = Volume(vol.array, vol.affine, {**vol.meta, "history": json.loads(rec["history"])})
         yield {
-            "key": name.split(".nii")[0],
+            "key": ctrate.volume_key(name),
             "volume": vol,
             "prompt": prompt_rows.at[name, prompt_key],
             "prompts": {k: prompt_rows.at[name, k] for k in prompt_cols},

@@ -128,6 +128,11 @@ def parse_volume_name(name: str) -> dict[str, str]:
     }
 
 
+def volume_key(name: str) -> str:
+    """The sample key of a volume (its name without ``.nii``/``.nii.gz``), as the shards store it."""
+    return name.split(".nii")[0]
+
+
 def volume_relpath(name: str) -> Path:
     """Relative path of a volume under ``dataset/``: ``train/train_1/train_1_a/train_1_a_1.nii.gz``."""
     p = parse_volume_name(name)

@@ -369,8 +369,9 @@ def merge_manifests(
     return merged
 
 
-def _sha256_file(path: Path) -> str:
-    with path.open("rb") as fh:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in blocks."""
+    with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
@@ -403,7 +404,7 @@ def verify_manifest(path: str | os.PathLike) -> dict[str, Any]:
         size = shard_path.stat().st_size
         if size != shard["bytes"]:
             raise ShardError(f"{path.name}: shard {name} has {size} bytes, manifest says {shard['bytes']}")
-        digest = _sha256_file(shard_path)
+        digest = sha256_file(shard_path)
         if digest != shard["sha256"]:
             raise ShardError(f"{path.name}: shard {name} sha256 {digest} != manifest {shard['sha256']}")
         try:

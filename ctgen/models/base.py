@@ -20,13 +20,14 @@ import importlib
 import json
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ctprep.volume import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -91,8 +92,8 @@ class PretrainedMixin:
         }
         # contiguous copies: safetensors refuses views and shared storage
         state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
-        _atomic(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-        _atomic(directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
         return directory
 
     @classmethod
@@ -125,21 +126,6 @@ class PretrainedMixin:
             raise ValueError(f"{directory}: weights do not match {meta['class']}: missing {missing}, unexpected {unexpected}")
         model.provenance = meta.get("provenance", {})
         return model
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace`` it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files; outputs get the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ctgen.models.base import PretrainedMixin, _atomic
+from ctgen.models.base import PretrainedMixin
+from ctprep.volume import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class ReportTokenizer:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic(path, lambda p: self._tok.save(p))
+        atomic_write(path, lambda p: self._tok.save(p))
         return path
 
     @property

@@ -11,6 +11,7 @@ trained on, so nothing is left for the user to guess.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 
 from ctgen.datasets import unit_to_hu
+from ctgen.export.layout import from_model_layout
+from ctprep.shards import sha256_file
 from ctprep.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -30,20 +33,17 @@ log = logging.getLogger(__name__)
 CASCADE = "cascade.json"
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict, sampling: dict,
                   text_tokenizer: str | Path | None = None, prompt_templates: dict | None = None) -> Path:
-    """``cascade.json``: what sampling needs beside the weights (grid, text side, defaults, hashes)."""
+    """``cascade.json``: what sampling needs beside the weights (grid, text side, defaults, hashes).
+
+    ``text_tokenizer``: the small trainable encoder's tokenizer JSON, copied beside the weights
+    (not used by frozen encoders, which are rebuilt from their local path).
+    """
     import shutil
 
-    from ctgen.models.base import _atomic, provenance
+    from ctgen.models.base import provenance
+    from ctprep.volume import atomic_write
 
     models_dir = Path(models_dir)
     spec = {
@@ -53,16 +53,18 @@ def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict, s
         "prompt_template": models_cfg["prompt"],
         "prompt_template_text": (prompt_templates or {}).get(models_cfg["prompt"]),
         "sampling": dict(sampling),
-        "weights": {m: file_sha256(models_dir / m / "model.safetensors") for m in ("tokenizer", "generator", "superres")
+        "weights": {m: sha256_file(models_dir / m / "model.safetensors") for m in ("tokenizer", "generator", "superres")
                     if (models_dir / m / "model.safetensors").is_file()},
         "provenance": provenance(),
     }
-    if text_tokenizer:
+    if models_cfg["text_encoder"]["kind"] == "small":  # its tokenizer travels with the weights
+        if not text_tokenizer:
+            raise ValueError("the small text encoder's tokenizer is needed beside the weights")
         shutil.copyfile(text_tokenizer, models_dir / "text_tokenizer.json")
         spec["text_encoder"]["tokenizer"] = "text_tokenizer.json"
     spec["config_hash"] = hashlib.sha256(json.dumps({k: spec[k] for k in ("grid", "text_encoder", "weights")},
                                                     sort_keys=True).encode()).hexdigest()[:16]
-    _atomic(models_dir / CASCADE, lambda p: Path(p).write_text(json.dumps(spec, indent=2) + "\n"))
+    atomic_write(models_dir / CASCADE, lambda p: Path(p).write_text(json.dumps(spec, indent=2) + "\n"))
     return models_dir / CASCADE
 
 
@@ -87,8 +89,6 @@ class TextToCTPipeline:
     def __init__(self, models_dir: str | Path, spec: dict, tokenizer, generator, superres, device: torch.device):
         self.models_dir, self.spec, self.device = Path(models_dir), spec, device
         self.tokenizer, self.generator, self.superres = tokenizer, generator, superres
-        self._text_encoder = None
-        self._text_tokenizer = None
 
     @classmethod
     def from_pretrained(cls, models_dir: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
@@ -105,7 +105,7 @@ class TextToCTPipeline:
             path = models_dir / name / "model.safetensors"
             if not path.is_file():
                 raise FileNotFoundError(f"missing checkpoint {path}")
-            if file_sha256(path) != digest:
+            if sha256_file(path) != digest:
                 raise ValueError(f"{path} does not match {CASCADE} (sha256 differs): the models were retrained or "
                                  "mixed from different runs; rerun the `cascade` rule")
 
@@ -126,38 +126,34 @@ class TextToCTPipeline:
         return cls(models_dir, spec, tokenizer, generator, load("superres", TextConditioned), device)
 
     # --- text ---------------------------------------------------------------------------------
+    @functools.cached_property
+    def text_tokenizer(self):
+        """The small trainable encoder's tokenizer, stored beside the weights (loaded on first use)."""
+        from ctgen.models.text_encoders import ReportTokenizer
+
+        return ReportTokenizer.load(self.models_dir / self.spec["text_encoder"]["tokenizer"])
+
+    @functools.cached_property
+    def frozen_encoder(self):
+        """The spec's frozen encoder (MiniLM, a local Hugging Face model), built on first use."""
+        from ctgen.models.text_encoders import build_text_encoder
+
+        return build_text_encoder(self.spec["text_encoder"], device=self.device)
+
     def encode_text(self, model, prompts: list[str]) -> dict[str, torch.Tensor]:
         """{"text", "text_mask"} for a model: its own trained encoder, or the frozen one of the spec."""
-        cfg = self.spec["text_encoder"]
         if model.text_encoder is not None:
-            if self._text_tokenizer is None:
-                from ctgen.models.text_encoders import ReportTokenizer
-
-                self._text_tokenizer = ReportTokenizer.load(self.models_dir / cfg["tokenizer"])
-            ids, mask = self._text_tokenizer.encode_batch(prompts, cfg["max_length"])
+            ids, mask = self.text_tokenizer.encode_batch(prompts, self.spec["text_encoder"]["max_length"])
             return model.encode_text(text_ids=ids.to(self.device), text_mask=mask.to(self.device))
-        if self._text_encoder is None:
-            from ctgen.models.text_encoders import build_text_encoder
-
-            self._text_encoder = build_text_encoder(cfg, device=self.device)
-        enc = self._text_encoder.encode(prompts)
+        enc = self.frozen_encoder.encode(prompts)
         return {"text": enc.hidden.to(self.device), "text_mask": enc.mask.to(self.device)}
 
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens the cascade's text encoder makes of ``prompt`` (special tokens included)."""
-        cfg = self.spec["text_encoder"]
-        if cfg["kind"] == "small":
-            if self._text_tokenizer is None:
-                from ctgen.models.text_encoders import ReportTokenizer
-
-                self._text_tokenizer = ReportTokenizer.load(self.models_dir / cfg["tokenizer"])
-            _, mask = self._text_tokenizer.encode_batch([prompt], 1 << 16)
+        if self.spec["text_encoder"]["kind"] == "small":
+            _, mask = self.text_tokenizer.encode_batch([prompt], 1 << 16)
             return int(mask.sum())
-        if self._text_encoder is None:
-            from ctgen.models.text_encoders import build_text_encoder
-
-            self._text_encoder = build_text_encoder(cfg, device=self.device)
-        return len(self._text_encoder.tokenizer(prompt)["input_ids"])
+        return len(self.frozen_encoder.tokenizer(prompt)["input_ids"])
 
     # --- geometry -----------------------------------------------------------------------------
     def affine(self, shape_dhw: tuple[int, int, int], spacing_xyz: list[float]) -> np.ndarray:
@@ -224,12 +220,11 @@ class TextToCTPipeline:
                 volume = low[0]
                 spacing = [grid["spacing"][0] * scale, grid["spacing"][1] * scale, grid["spacing"][2]]
             t2 = time.perf_counter()
-            hu = unit_to_hu(volume.float().cpu(), tuple(grid["clip"])).round().to(torch.int16).numpy()  # (1, D, H, W)
-            arr = np.ascontiguousarray(hu[0].transpose(2, 1, 0))  # (I=W, J=H, K=D)
-            vol = Volume.from_3d(arr, self.affine(hu.shape[1:], spacing), source="ctgen synthetic",
-                                 synthetic=True, prompt=prompt)
+            hu = unit_to_hu(volume.float().cpu(), tuple(grid["clip"])).round().to(torch.int16)  # (1, D, H, W)
+            vol = from_model_layout(hu, self.affine(tuple(hu.shape[1:]), spacing), source="ctgen synthetic",
+                                    synthetic=True, prompt=prompt)  # (1, I=W, J=H, K=D)
             vol.meta["timing_s"] = {"lowres": round(t1 - t0, 3), "superres": round(t2 - t1, 3)}
-            log.info("sampled %s in %.1f s (low-res %.1f s, super-resolution %.1f s)", tuple(arr.shape), t2 - t0,
+            log.info("sampled %s in %.1f s (low-res %.1f s, super-resolution %.1f s)", vol.shape, t2 - t0,
                      t1 - t0, t2 - t1)
             volumes.append(vol)
         return volumes

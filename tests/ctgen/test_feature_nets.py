@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ctgen import eval_tasks
+from ctgen import datasets, eval_tasks
 from ctgen.datasets import TextConditioning
 from ctgen.models.classifier3d import Classifier3D, ClassifierConfig
 from ctgen.models.clip3d import CLIP3D, CLIP3DConfig, clip_score, info_nce, same_text
@@ -243,7 +243,7 @@ def test_train_clip_and_classifier_through_the_loop(shards, tmp_path):
     assert weights[5] == 3.0 and weights[1] == 1.0  # 2 of 8 left-sided: 6 / 2
 
     nets = eval_tasks.load_feature_nets(tmp_path / "clip", tmp_path / "clf")
-    volumes = eval_tasks.load_labeled_volumes([shards["manifest"]], prompt="generatect")
+    volumes = datasets.load_volumes([shards["manifest"]], prompt="generatect")
     assert volumes[0]["volume"].shape == (1, 16, 32, 32) and volumes[2]["labels"].sum() == 0
     feats = eval_tasks.extract_features(nets, volumes[:3] + [volumes[3]["volume"][:, :10]], batch_size=2)
     assert feats["clip_features"].shape == (4, 16) and feats["clip_embedding"].shape == (4, 8)
