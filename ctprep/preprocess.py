@@ -16,7 +16,7 @@ and the dataset part says how to read a CT-RATE-style file (``config.yaml: datas
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -99,8 +99,11 @@ def body_center(vol: Volume, threshold_hu: float = -500.0, stride: int = 4) -> n
     return center
 
 
-def to_target_grid(vol: Volume, preset: Mapping) -> Volume:
-    """Reoriented HU volume -> the preset's grid (float32 HU, truthful affine)."""
+def to_target_grid(vol: Volume, preset: Mapping, post: Callable[[np.ndarray], None] | None = None) -> Volume:
+    """Reoriented HU volume -> the preset's grid (float32 HU, truthful affine).
+
+    ``post`` maps the output values in place (see :func:`ctprep.resample.resample_to_affine`).
+    """
     mode = preset.get("mode", "spacing")
     interp = preset.get("interpolation", "linear")
     antialias = bool(preset.get("antialias", True))
@@ -108,9 +111,9 @@ def to_target_grid(vol: Volume, preset: Mapping) -> Volume:
         center = body_center(vol) if preset.get("center", "body") == "body" else vol.center
         return resample.resample_to_grid(vol, preset["spacing"], preset["shape"], center=center,
                                          pad_value=float(preset.get("pad_hu", -1024)),
-                                         interpolation=interp, antialias=antialias)
+                                         interpolation=interp, antialias=antialias, post=post)
     if mode == "resize":
-        return resample.resize_to_shape(vol, preset["shape"], interpolation=interp, antialias=antialias)
+        return resample.resize_to_shape(vol, preset["shape"], interpolation=interp, antialias=antialias, post=post)
     raise ValueError(f"unknown preset mode {mode!r} (spacing | resize)")
 
 
@@ -127,11 +130,13 @@ def preprocess_volume(
     slope, intercept = _rescale(row)
     vol = intensity.to_hu(vol, slope, intercept, dataset["intensity"])
     vol = geometry.reorient(vol, CANONICAL)
-    vol = to_target_grid(vol, preset)
     lo, hi = (float(v) for v in preset.get("clip", (-1000, 1000)))
-    # the resampled array is this function's own: clip and normalise may work in place
-    vol = intensity.clip_hu(vol, lo, hi, inplace=True)
+    # clip (and normalise) after interpolation, as separate steps would, but fused into the
+    # resampler's last pass: the output grid is written once instead of three times
+    vol = to_target_grid(vol, preset, post=intensity.window(lo, hi, normalise))
+    grid_op = vol.meta["history"][-1]["op"]
+    vol = vol.new_like(vol.array, op="clip", lo=lo, hi=hi, fused_into=grid_op)
     if normalise:
-        vol = intensity.normalise(vol, lo, hi, inplace=True)
+        vol = vol.new_like(vol.array, op="normalise", lo=lo, hi=hi, fused_into=grid_op)
     vol.meta["preset"] = dict(preset)
     return vol

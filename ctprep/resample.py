@@ -8,7 +8,7 @@ this module only builds the output grid and converts between :class:`Volume` and
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -97,15 +97,23 @@ def _threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _resample_axis(a: np.ndarray, axis: int, taps: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _resample_axis(
+    a: np.ndarray, axis: int, taps: np.ndarray, w: np.ndarray, out: np.ndarray | None = None,
+    post: Callable[[np.ndarray], None] | None = None,
+) -> np.ndarray:
     """Apply one axis's taps/weights to ``a`` (any dtype, any strides) -> float32.
 
     Works in blocks along another axis, on a thread pool (numpy releases the GIL in take and
     the in-place arithmetic), so temporaries stay small and every core of the job is used.
+    ``out`` (any strides) receives the result; ``post`` maps each finished block in place while
+    it is still in cache (the preprocessing's HU window, instead of another pass over memory).
     """
     out_shape = list(a.shape)
     out_shape[axis] = len(taps)
-    out = np.empty(out_shape, dtype=np.float32)
+    if out is None:
+        out = np.empty(out_shape, dtype=np.float32)
+    elif list(out.shape) != out_shape:
+        raise ValueError(f"output block {out.shape} does not match {out_shape}")
     loop_axis = 1 if axis == 0 else 0
     shape_w = [1, 1, 1]
     shape_w[axis] = len(taps)
@@ -118,17 +126,23 @@ def _resample_axis(a: np.ndarray, axis: int, taps: np.ndarray, w: np.ndarray) ->
         acc = out[tuple(sl)]
         acc[...] = np.take(src, taps[:, 0], axis=axis)
         acc *= weights[0]
-        tmp = np.empty_like(acc)
+        tmp = np.empty(acc.shape, np.float32)
         for t in range(1, taps.shape[1]):
             tmp[...] = np.take(src, taps[:, t], axis=axis)
             tmp *= weights[t]
             acc += tmp
+        if post is not None:
+            post(acc)
 
     # blocks of ~1M output voxels: big enough to amortise per-call overhead, small enough to
     # keep temporaries in cache and give every thread work
     per_row = int(np.prod(out_shape)) // max(1, out_shape[loop_axis])
     block = max(1, min(a.shape[loop_axis], 1_000_000 // max(1, per_row)))
-    starts = range(0, a.shape[loop_axis], block)
+    _parallel(run, range(0, a.shape[loop_axis], block))
+    return out
+
+
+def _parallel(run: Callable[[int], None], starts: Sequence[int]) -> None:
     n = _threads()
     if n == 1 or len(starts) < 2:
         for start in starts:
@@ -136,7 +150,28 @@ def _resample_axis(a: np.ndarray, axis: int, taps: np.ndarray, w: np.ndarray) ->
     else:
         with ThreadPoolExecutor(n) as pool:
             list(pool.map(run, starts))
-    return out
+
+
+def _fill_outside(out: np.ndarray, box: Sequence[slice], value: float) -> None:
+    """Set every voxel of ``out`` outside ``box`` to ``value`` (the box itself is left alone).
+
+    np.full would write the whole array once more (a 480x480x240 float32 grid is 221 MB, about
+    40 ms); the slabs around the box are often most of it, so they are filled in parallel.
+    """
+    slabs = []
+    for d, sl in enumerate(box):
+        before, after = [slice(None)] * 3, [slice(None)] * 3
+        # slabs of earlier axes already cover their part: restrict to the box there
+        for e in range(d):
+            before[e] = after[e] = box[e]
+        before[d], after[d] = slice(0, sl.start), slice(sl.stop, out.shape[d])
+        slabs += [tuple(before), tuple(after)]
+    slabs = [s for s in slabs if out[s].size]
+
+    def run(i: int) -> None:
+        out[slabs[i]] = value
+
+    _parallel(run, range(len(slabs)))
 
 
 def _axis_aligned(affine: np.ndarray) -> bool:
@@ -144,39 +179,48 @@ def _axis_aligned(affine: np.ndarray) -> bool:
     return bool(np.allclose(m, np.diag(np.diag(m)), atol=1e-6 * np.abs(m).max()) and (np.diag(m) > 0).all())
 
 
-def _separable(vol: Volume, affine: np.ndarray, shape, pad_value: float, antialias: bool) -> np.ndarray:
+def _separable(
+    vol: Volume, affine: np.ndarray, shape, pad_value: float, antialias: bool,
+    post: Callable[[np.ndarray], None] | None = None,
+) -> np.ndarray:
     """Linear resampling between two axis-aligned grids as three 1D passes.
 
     SimpleITK's generic Resample maps and bounds-checks every output voxel through a transform
     (about 1 s per 10 M voxels here); between axis-aligned grids linear interpolation is
     separable, and three 1D passes, the most shrinking axis first, are several times faster and
-    agree with SimpleITK (tests/ctprep/test_resample.py).
+    agree with SimpleITK (tests/ctprep/test_resample.py). Only the box of output voxels that
+    overlaps the input is interpolated; the rest is padding, written once.
     """
     a = vol.data
+    shape = tuple(int(n) for n in shape)
     plans, box = [], []
     for d in range(3):
         taps, w, inside = _axis_weights(a.shape[d], vol.affine[d, d], vol.affine[d, 3],
-                                        int(shape[d]), affine[d, d], affine[d, 3], antialias)
+                                        shape[d], affine[d, d], affine[d, 3], antialias)
         idx = np.flatnonzero(inside)  # contiguous: x grows with the output index
-        if idx.size == 0:
-            return np.full([int(n) for n in shape], pad_value, dtype=np.float32)
-        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        lo, hi = (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, 0)
         box.append(slice(lo, hi))
         plans.append((d, taps[lo:hi], w[lo:hi]))
+    pad = np.full(1, pad_value, np.float32)
+    if post is not None:
+        post(pad)
     # Work on the axes in memory order (nibabel arrays are Fortran-ordered, reoriented ones are
-    # flipped views): gathers then copy contiguous rows and slabs instead of scattered voxels.
+    # flipped views): gathers then copy contiguous rows and slabs instead of scattered voxels,
+    # and the output is laid out in the same order so the last pass writes contiguous rows.
     perm = [int(p) for p in np.argsort([-abs(st) for st in a.strides], kind="stable")]
     a = a.transpose(perm)
-    # only the box that overlaps the input is interpolated; the rest is padding.
     # shrink first: fewer voxels go through the later passes
     plans.sort(key=lambda p: len(p[1]) / vol.shape[p[0]])
-    for d, taps, w in plans:
+    empty = any(sl.stop == sl.start for sl in box)
+    for d, taps, w in ([] if empty else plans[:-1]):
         a = _resample_axis(a, perm.index(d), taps, w)
-    a = a.transpose(np.argsort(perm))
-    if a.shape == tuple(int(n) for n in shape):
-        return a
-    out = np.full([int(n) for n in shape], pad_value, dtype=np.float32)
-    out[tuple(box)] = a
+    # the output is allocated only now (peak memory: the input, one intermediate and the output)
+    out_p = np.empty([shape[p] for p in perm], dtype=np.float32)
+    out = out_p.transpose(np.argsort(perm))
+    _fill_outside(out, box, float(pad[0]))
+    if not empty:
+        d, taps, w = plans[-1]
+        _resample_axis(a, perm.index(d), taps, w, out=out_p[tuple(box[p] for p in perm)], post=post)
     return out
 
 
@@ -188,12 +232,13 @@ def resample_to_grid(
     pad_value: float = -1024.0,
     interpolation: str = "linear",
     antialias: bool = True,
+    post: Callable[[np.ndarray], None] | None = None,
 ) -> Volume:
     """Resample onto a canonical (R, A, S) grid of ``shape`` voxels of ``spacing`` mm.
 
     The grid is centred on ``center`` (RAS mm; default: the input's centre), so resampling and
     crop/pad happen in one pass and only the output voxels are computed. Voxels outside the
-    input get ``pad_value``.
+    input get ``pad_value``. ``post``: see :func:`resample_to_affine`.
     """
     spacing = np.asarray(spacing, dtype=np.float64)
     shape = np.asarray(shape, dtype=np.int64)
@@ -203,7 +248,7 @@ def resample_to_grid(
     affine = np.eye(4)
     affine[:3, :3] = np.diag(spacing)  # canonical: i -> R, j -> A, k -> S
     affine[:3, 3] = center - spacing * (shape - 1) / 2.0
-    return resample_to_affine(vol, affine, shape, pad_value, interpolation, antialias)
+    return resample_to_affine(vol, affine, shape, pad_value, interpolation, antialias, post=post)
 
 
 def resample_to_affine(
@@ -214,8 +259,14 @@ def resample_to_affine(
     interpolation: str = "linear",
     antialias: bool = True,
     op: str = "resample",
+    post: Callable[[np.ndarray], None] | None = None,
 ) -> Volume:
-    """Resample ``vol`` onto the grid given by a voxel-to-RAS ``affine`` and ``shape``."""
+    """Resample ``vol`` onto the grid given by a voxel-to-RAS ``affine`` and ``shape``.
+
+    ``post`` is an elementwise in-place map of float32 values (such as
+    :func:`ctprep.intensity.window`) applied to the output, the padding included. The
+    separable path applies it block by block while the block is in cache.
+    """
     if interpolation not in _INTERPOLATORS:
         raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATORS)}, got {interpolation!r}")
     out_lps = ras_to_lps(affine)
@@ -223,7 +274,7 @@ def resample_to_affine(
     record = dict(spacing=out_spacing.round(6), shape=[int(s) for s in shape], interpolation=interpolation,
                   pad_value=pad_value, antialias=antialias)
     if interpolation == "linear" and _axis_aligned(vol.affine) and _axis_aligned(affine):
-        data = _separable(vol, affine, shape, pad_value, antialias)
+        data = _separable(vol, affine, shape, pad_value, antialias, post)
         return vol.new_like(data[None], affine, op=op, method="separable", **record)
     img = to_sitk(vol)
     # Axis-wise smoothing is only meaningful when input and output axes are (nearly) aligned.
@@ -245,10 +296,16 @@ def resample_to_affine(
         float(pad_value),
         sitk.sitkFloat32,
     )
-    return from_sitk(out, vol, op=op, method="sitk", antialias_sigma_mm=sigmas, **record)
+    out = from_sitk(out, vol, op=op, method="sitk", antialias_sigma_mm=sigmas, **record)
+    if post is not None:
+        post(out.array)  # GetArrayFromImage copied: the array is this function's own
+    return out
 
 
-def resize_to_shape(vol: Volume, shape: Sequence[int], interpolation: str = "linear", antialias: bool = True) -> Volume:
+def resize_to_shape(
+    vol: Volume, shape: Sequence[int], interpolation: str = "linear", antialias: bool = True,
+    post: Callable[[np.ndarray], None] | None = None,
+) -> Volume:
     """Resize the whole field of view to ``shape`` voxels along the array axes (GenerateCT's recipe).
 
     The output covers exactly the input's extent, so spacing becomes ``extent / shape`` along each
@@ -262,4 +319,4 @@ def resize_to_shape(vol: Volume, shape: Sequence[int], interpolation: str = "lin
     # the outer edges of the grids coincide (align_corners=False): shift the first centre
     affine[:3, 3] = vol.affine[:3, :3] @ ((scale - 1.0) / 2.0) + vol.affine[:3, 3]
     return resample_to_affine(vol, affine, shape, pad_value=-1024.0, interpolation=interpolation,
-                              antialias=antialias, op="resize")
+                              antialias=antialias, op="resize", post=post)

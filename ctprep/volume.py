@@ -190,9 +190,13 @@ def to_nifti(vol: Volume, dtype: str | np.dtype | None = "int16", descrip: str =
     data = vol.data
     if dtype is not None:
         dt = np.dtype(dtype)
-        if dt.kind in "iu":
+        if dt.kind in "iu" and data.dtype.kind == "f":
             info = np.iinfo(dt)
-            data = np.clip(np.rint(data), info.min, info.max)
+            tmp = np.clip(data, info.min, info.max)  # one temporary, rounded in place (a grid is 100s of MB)
+            data = np.rint(tmp, out=tmp)
+        elif dt.kind in "iu" and data.dtype != dt:
+            info = np.iinfo(dt)
+            data = np.clip(data, info.min, info.max)
         data = data.astype(dt, copy=False)
     img = nib.Nifti1Image(data, vol.affine)
     img.header.set_qform(vol.affine, code=1)  # scanner anat

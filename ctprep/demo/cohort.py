@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from ctprep.ctrate import LABELS, METADATA_COLUMNS, REPORT_COLUMNS, labels_csv, metadata_csv, report_csv, volume_relpath
-from ctprep.demo.phantom import KIND_OF_LABEL, Phantom, sample_anatomy, sample_findings
+from ctprep.demo.findings import KIND_OF_LABEL, sample_findings
+from ctprep.demo.phantom import Phantom, sample_anatomy
 from ctprep.demo.reports import compose_report
 from ctprep.geometry import affine_from_ctrate_row
 from ctprep.volume import atomic_write_bytes

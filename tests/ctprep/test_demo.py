@@ -20,7 +20,8 @@ import pytest
 from ctprep.ctrate import LABELS, METADATA_COLUMNS, REPORT_COLUMNS, labels_csv, metadata_csv, report_csv, volume_relpath
 from ctprep.demo import FAULTS, Phantom, Tissue, write_demo_cohort
 from ctprep.demo.cohort import ESCAPE_NAME, SCANNERS, render_hu
-from ctprep.demo.phantom import KIND_OF_LABEL, sample_anatomy, sample_findings
+from ctprep.demo.findings import KIND_OF_LABEL, sample_findings
+from ctprep.demo.phantom import sample_anatomy
 from ctprep.demo.reports import LABEL_KEYWORDS, NO_PLEURAL_EFFUSION
 from ctprep.geometry import affine_from_ctrate_row, parse_list
 from ctprep.volume import VolumeError

@@ -96,3 +96,21 @@ def test_cli_dicom2nifti(tmp_path, data_dir):
     img = nib.load(out)
     assert img.shape == (512, 512, 20)
     np.testing.assert_allclose(nib.affines.voxel_sizes(img.affine), [0.976562, 0.976562, 2.0], atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", [SPACING, {"mode": "resize", "shape": [64, 64, 50], "clip": [-900, 600]}])
+def test_window_fused_into_the_resampler_equals_separate_clip_and_normalise(real_nifti, preset):
+    from ctprep import geometry, intensity, resample
+    from ctprep.volume import CANONICAL
+
+    out = preprocess_volume(load_nifti(real_nifti), None, preset, {"geometry": "header"}, normalise=True)
+    hu = geometry.reorient(intensity.to_hu(load_nifti(real_nifti), 1.0, 0.0, "auto"), CANONICAL)
+    if preset["mode"] == "spacing":
+        grid = resample.resample_to_grid(hu, preset["spacing"], preset["shape"], pad_value=-1024, antialias=False)
+    else:
+        grid = resample.resize_to_shape(hu, preset["shape"])
+    lo, hi = preset["clip"]
+    ref = intensity.normalise(intensity.clip_hu(grid, lo, hi), lo, hi)
+    np.testing.assert_array_equal(out.data, ref.data)
+    steps = [h["op"] for h in out.meta["history"]]
+    assert steps[-2:] == ["clip", "normalise"]

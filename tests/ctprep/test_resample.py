@@ -82,3 +82,31 @@ def test_antialias_reduces_aliased_noise():
     plain = resample_to_grid(vol, (5.6, 5.6, 5), (16, 16, 16), antialias=False)
     smooth = resample_to_grid(vol, (5.6, 5.6, 5), (16, 16, 16), antialias=True)
     assert smooth.data.std() < 0.4 * plain.data.std()
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_padding_surrounds_the_covered_box_in_either_memory_order(real_nifti, order):
+    """The output grid is larger than the scan on every side: voxels outside get exactly the pad
+    value, voxels inside match SimpleITK, whatever the input's memory layout."""
+    vol = reorient(load_nifti(real_nifti))
+    vol = Volume(np.asarray(vol.array, order=order), vol.affine, vol.meta)
+    shape = np.ceil(np.array(vol.shape) * vol.spacing / 1.9).astype(int) + np.array([9, 14, 5])
+    out = resample_to_grid(vol, (1.9, 1.9, 1.9), shape, pad_value=-3000.0, antialias=False)
+    ref = _sitk_reference(real_nifti, out.affine, shape)
+    inside = ref > -5000
+    assert 0.2 < inside.mean() < 0.9
+    np.testing.assert_allclose(out.data[inside], ref[inside], atol=0.05)
+    assert (out.data[~inside] == -3000.0).all()
+
+
+def test_value_map_is_applied_to_the_grid_and_the_padding(real_nifti):
+    vol = reorient(load_nifti(real_nifti))
+    shape = np.array(vol.shape) + 20
+    plain = resample_to_grid(vol, vol.spacing, shape, pad_value=-1024.0)
+
+    def halve(block):
+        block *= 0.5
+
+    mapped = resample_to_grid(vol, vol.spacing, shape, pad_value=-1024.0, post=halve)
+    np.testing.assert_array_equal(mapped.data, plain.data * np.float32(0.5))
+    assert mapped.data[0, 0, 0] == mapped.data[-1, -1, -1] == -512.0  # padding, mapped too
