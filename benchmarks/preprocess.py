@@ -9,8 +9,8 @@ CT-RATE-size 512x512x300 int16 volume.
 
 Recipes:
 - ``load``: nibabel load of the voxels alone (zlib gunzip; the floor every recipe pays).
-- ``output-floor``: load, then write the spacing preset's float32 output grid once, with no
-  interpolation: a lower bound for every recipe that returns that grid.
+- ``output-floor``: load, then write the spacing preset's float32 output grid once on two
+  threads, with no interpolation: a lower bound for every recipe that returns that grid.
 - ``generatect``: GenerateCT-style: get_fdata (float64), clip, /1000, torch trilinear resize of
   the whole volume to 201x128x128 (needs torch).
 - ``ctclip``: CT-CLIP-style: get_fdata, clip, torch trilinear to 0.75x0.75x1.5 mm, crop/pad to
@@ -34,7 +34,7 @@ REAL = [REPO / "tests/data" / n for n in ("pulmonary_report_ct_cropped.nii.gz", 
 
 # The child: imports, then times the recipe on one file, prints JSON.
 CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 recipe, path, repo = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.path.insert(0, repo)
 import numpy as np, nibabel as nib, yaml
@@ -55,7 +55,12 @@ for rep in range(int(sys.argv[4])):
       # a lower bound for any recipe that returns the spacing preset's grid: load, then write
       # every output voxel once (no interpolation, no window)
       img = nib.load(path); a = np.asanyarray(img.dataobj)
-      out = np.full(presets["spacing"]["shape"], -1.0, dtype=np.float32)
+      out = np.empty(presets["spacing"]["shape"], dtype=np.float32)
+      from concurrent.futures import ThreadPoolExecutor
+      n = int(os.environ.get("OMP_NUM_THREADS", "2"))  # every thread writes, as ctprep's fill does
+      halves = np.array_split(np.arange(out.shape[0]), n)
+      with ThreadPoolExecutor(n) as pool:
+          list(pool.map(lambda h: out[h[0]:h[-1] + 1].fill(-1.0), halves))
   elif recipe == "generatect":
       img = nib.load(path); a = img.get_fdata()
       a = np.clip(a, -1000, 1000) / 1000.0
