@@ -5,7 +5,6 @@ phantom sampled at the output voxel centres. A left-right or head-feet error can
 """
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from ctprep.cohort import build_cohort, metadata_row
