@@ -124,13 +124,17 @@ def _resample_axis(
         sl[loop_axis] = slice(start, start + block)
         src = a[tuple(sl)]
         acc = out[tuple(sl)]
-        acc[...] = np.take(src, taps[:, 0], axis=axis)
-        acc *= weights[0]
-        tmp = np.empty(acc.shape, np.float32)
+        # gather into a contiguous buffer of the source type (take writes only such), then
+        # weight it straight into the output block: no temporaries beyond the buffer
+        buf = np.empty(acc.shape, src.dtype)
+        np.take(src, taps[:, 0], axis=axis, out=buf, mode="clip")  # taps are in range already
+        np.multiply(buf, weights[0], out=acc)
         for t in range(1, taps.shape[1]):
-            tmp[...] = np.take(src, taps[:, t], axis=axis)
-            tmp *= weights[t]
-            acc += tmp
+            np.take(src, taps[:, t], axis=axis, out=buf, mode="clip")
+            if buf.dtype == np.float32:
+                acc += np.multiply(buf, weights[t], out=buf)
+            else:  # integer source (the first pass): the product needs a float temporary
+                acc += buf * weights[t]
         if post is not None:
             post(acc)
 
