@@ -301,7 +301,8 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
     if rank_state is not None:
         ckpt.set_rng_state(rank_state["rng"], device)
     autocast, precision = _autocast(cfg, device)
-    metrics = MetricsWriter(out_dir, resume_step=step, tensorboard=cfg.tensorboard) if info.is_main else None
+    metrics = (MetricsWriter(out_dir, resume_step=step, tensorboard=cfg.tensorboard, history=ckpt_dir)
+               if info.is_main else None)
     params = [p for p in raw.parameters() if p.requires_grad]
     is_tty = sys.stderr.isatty()
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not info.is_main, file=sys.stderr, dynamic_ncols=True,
@@ -314,6 +315,8 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
         per_rank = {"rng": ckpt.rng_state(device), "epoch": batches.epoch, "pos": batches.pos}
         gathered = distr.gather_to_main(per_rank, info)
         if info.is_main:
+            if metrics is not None:  # first: a copy ahead of the checkpoint only has rows to drop
+                metrics.snapshot(ckpt_dir)
             ckpt.save_checkpoint({
                 "step": step, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,

@@ -280,3 +280,26 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["world_size"] == 2
     ranks = ckpt.load_checkpoint(tmp_path / "ckpt")["ranks"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
+
+
+def test_metrics_history_travels_with_the_checkpoint(reference, tmp_path):
+    """The output folder can vanish (make clean) or hold another run's rows: the CSV comes from
+    the checkpoint's copy, so a resumed or finished run always writes its own whole history."""
+    run(tmp_path, fault=("sigterm", 4), expect=Preempted)
+    assert [r["step"] for r in csv_rows(tmp_path / "ckpt")] == [str(s) for s in range(1, 6)]
+    # another run's rows in the output folder must not leak into this one
+    stale = csv_rows(tmp_path / "out")
+    for r in stale:
+        r["loss"] = "123.0"
+    with (tmp_path / "out" / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(stale[0]))
+        writer.writeheader()
+        writer.writerows(stale)
+    run(tmp_path)
+    assert_same_run(reference[0] / "out", tmp_path / "out")
+    # a finished run resumed into an emptied output folder trains no step and keeps its history
+    for f in (tmp_path / "out").iterdir():
+        if f.is_file():
+            f.unlink()
+    run(tmp_path)
+    assert_same_run(reference[0] / "out", tmp_path / "out")
