@@ -109,9 +109,14 @@ def clip_hu(vol: Volume, lo: float, hi: float, inplace: bool = False) -> Volume:
 def normalise(vol: Volume, lo: float, hi: float, inplace: bool = False) -> Volume:
     """Map HU ``[lo, hi]`` linearly to ``[-1, 1]`` (GenerateCT's ``/1000`` for ±1000)."""
     out = vol.array.astype(np.float32, copy=not inplace)
-    out -= np.float32((lo + hi) / 2.0)
-    out *= np.float32(2.0 / (hi - lo))
+    _to_unit(out, lo, hi)
     return vol.new_like(out, op="normalise", lo=lo, hi=hi)
+
+
+def _to_unit(block: np.ndarray, lo: float, hi: float) -> None:
+    """In place: HU ``[lo, hi]`` -> ``[-1, 1]`` (shared by :func:`normalise` and :func:`window`)."""
+    block -= np.float32((lo + hi) / 2.0)
+    block *= np.float32(2.0 / (hi - lo))
 
 
 def window(lo: float, hi: float, normalise: bool = False) -> Callable[[np.ndarray], None]:
@@ -120,13 +125,10 @@ def window(lo: float, hi: float, normalise: bool = False) -> Callable[[np.ndarra
     Given to the resampler, which applies it to each output block while it is in cache: the
     same values as clipping and normalising the finished grid, without two more passes over it.
     """
-    mid, scale = np.float32((lo + hi) / 2.0), np.float32(2.0 / (hi - lo))
-
     def apply(block: np.ndarray) -> None:
         np.clip(block, lo, hi, out=block)
         if normalise:
-            block -= mid
-            block *= scale
+            _to_unit(block, lo, hi)
 
     return apply
 

@@ -190,13 +190,11 @@ def to_nifti(vol: Volume, dtype: str | np.dtype | None = "int16", descrip: str =
     data = vol.data
     if dtype is not None:
         dt = np.dtype(dtype)
-        if dt.kind in "iu" and data.dtype.kind == "f":
+        if dt.kind in "iu" and data.dtype != dt:
             info = np.iinfo(dt)
-            tmp = np.clip(data, info.min, info.max)  # one temporary, rounded in place (a grid is 100s of MB)
-            data = np.rint(tmp, out=tmp)
-        elif dt.kind in "iu" and data.dtype != dt:
-            info = np.iinfo(dt)
-            data = np.clip(data, info.min, info.max)
+            data = np.clip(data, info.min, info.max)  # one temporary (a grid is 100s of MB) ...
+            if data.dtype.kind == "f":
+                np.rint(data, out=data)  # ... rounded in place
         data = data.astype(dt, copy=False)
     img = nib.Nifti1Image(data, vol.affine)
     img.header.set_qform(vol.affine, code=1)  # scanner anat

@@ -13,6 +13,15 @@ from ctprep.volume import Volume
 from tests.ctgen.tiny import GENERATOR, SUPERRES, TEXT, TOKENIZER, TRAIN
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models: thread start-up and contention cost more than the maths (50x on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory):
     """6 smooth int16 HU volumes (16 x 16 x 8 voxels, anisotropic affine) in shards, with prompts."""
@@ -43,7 +52,6 @@ def tiny_cascade(cohort, tmp_path_factory):
     from ctgen import tasks
     from ctgen.pipelines.text_to_ct import write_cascade
 
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("cascade")
     models = out / "models"
     data = {"lowres_scale": 2, "prompt": "generatect", "slices_per_volume": 2}

@@ -12,15 +12,6 @@ from ctgen.models.perceptual import PerceptualLoss
 from ctgen.models.vq import VectorQuantizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models: one intra-op thread is fastest, and avoids oversubscription on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**overrides) -> CTViTConfig:
     values = dict(image_size=32, num_slices=9, dim=32, heads=2, dim_head=16, spatial_depth=1, temporal_depth=1,
                   codebook_size=64, codebook_dim=16, disc_dim=8, disc_slices=2, adversarial_start=10)

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from ctgen import evaluate, tasks
 from ctgen.pipelines.text_to_ct import SampleSettings
@@ -24,7 +23,6 @@ CLASSIFIER = {"model": {"stem_stride": [2, 4, 4], "channels": [8, 16], "blocks":
 
 @pytest.fixture(scope="module")
 def run(cohort, tiny_cascade, tmp_path_factory):
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("eval")
     text = {"text_tokenizer": str(tiny_cascade / "text_tokenizer.json"), "prompt": "generatect", "max_length": 32}
     data = {"manifests": [cohort["manifest"]], **text}

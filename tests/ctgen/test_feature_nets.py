@@ -23,11 +23,6 @@ TINY = {"stem_stride": (2, 4, 4), "channels": (8, 16), "blocks": (1, 1), "norm_g
 TEXT = {"vocab_size": 40, "dim": 16, "depth": 1, "heads": 2, "dropout": 0.0, "max_length": 16}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
-
-
 def blobs(kinds: list[str], shape=(16, 32, 32), seed: int = 0) -> torch.Tensor:
     """(N, 1, D, H, W) in [-1, 1]: a bright ball on the left, right, front, or none, over mild noise."""
     gen = torch.Generator().manual_seed(seed)

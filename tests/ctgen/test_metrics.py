@@ -41,14 +41,6 @@ from ctgen.metrics import (
 from tests.conftest import DATA, REAL_NIFTI
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def real_vols() -> list[np.ndarray]:
     """The three real CT scans, canonical RAS -> (D, H, W) HU float32, in-plane halved for speed."""

@@ -20,7 +20,6 @@ PROMPT = "63 years old male: Right pleural effusion."
 
 @pytest.fixture(scope="module")
 def pipe(tiny_cascade):
-    torch.set_num_threads(1)
     return TextToCTPipeline.from_pretrained(tiny_cascade)
 
 

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from ctgen import tasks
@@ -17,7 +16,6 @@ from tests.ctgen.tiny import GENERATOR, SUPERRES, TEXT, TOKENIZER, TRAIN
 
 
 def test_cascade_trains_from_the_command_line(cohort, tmp_path):
-    torch.set_num_threads(1)
     cfg_path = tmp_path / "tokenizer.yaml"
     cfg_path.write_text(yaml.safe_dump({"model": TOKENIZER, "train": TRAIN, "data": {"lowres_scale": 2}}))
     assert ctgen_main(["train", "tokenizer", "--config", str(cfg_path), "--manifests", cohort["manifest"],

@@ -26,15 +26,6 @@ BASE = dict(max_steps=9, batch_size=4, grad_accum=2, lr=1e-2, min_lr=1e-3, warmu
             ckpt_every=3, ema_decay=0.8, ema_start=2, seed=7, tensorboard=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up and contention cost more than the maths (50x on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(tmp: Path, fault=None, cfg=None, model_cfg=ToyConfig(), expect=None, batches=None):
     """Train a seeded toy model into tmp/out (checkpoints in tmp/ckpt); return the model."""
     torch.manual_seed(123)
