@@ -51,7 +51,8 @@ def gemm_gflops():  # the cores' fp32 throughput right now: how much other jobs 
     return 5 * 2 * 6464 * 512 * 2048 / (time.perf_counter() - t0) / 1e9
 gflops_before = gemm_gflops()
 torch.manual_seed(0)
-c = getattr(MaskGITConfig, preset)()
+from ctgen.jobs.config import model_preset
+c = MaskGITConfig(**model_preset(preset, "generator")["model"])
 model = MaskGIT(c)
 tokens = torch.randint(0, c.codebook_size, (1, c.max_t, c.max_h, c.max_w))
 text = torch.randn(1, 128, c.text_dim)  # GenerateCT: 128 text tokens

@@ -47,20 +47,20 @@ def hwm_mib():  # this process's own peak RSS
 config = yaml.safe_load(open(f"{repo}/config.yaml"))
 torch.manual_seed(0)
 if part == "demo":
-    from ctgen import tasks
+    from ctgen.jobs.train import build_model, fit_text_dims
     from ctgen.models.text_encoders import fit_text_tokenizer
     from ctgen.pipelines.text_to_ct import SampleSettings, TextToCTPipeline, write_cascade
     models, preset, sampling = config["models"], config["model_presets"]["demo"], config["sampling"]
     with tempfile.TemporaryDirectory() as tmp:
         fit_text_tokenizer(prompts + ["No pleural effusion.", "Mild atelectasis in the left lower lobe."],
                            models["text_encoder"]["vocab_size"], f"{tmp}/report_tokenizer.json")
-        for name in ("tokenizer", "generator", "superres"):  # as tasks.run_training builds them
+        for name in ("tokenizer", "generator", "superres"):  # as ctgen.jobs.train.run_training builds them
             cfg = {"model": preset[name]["model"], "data": {"text_tokenizer": f"{tmp}/report_tokenizer.json"}}
             if name != "tokenizer":
                 cfg["text_encoder"] = {**preset[name]["text_encoder"], "vocab_size": models["text_encoder"]["vocab_size"],
                                        "max_length": models["text_encoder"]["max_length"]}
-                cfg = tasks._fit_text_dims(cfg)
-            tasks.build_model(name, cfg).save_pretrained(f"{tmp}/{name}", seed=0)
+                cfg = fit_text_dims(cfg)
+            build_model(name, cfg).save_pretrained(f"{tmp}/{name}", seed=0)
         write_cascade(tmp, config["presets"][config["prep"]["preset"]], models, sampling,
                       text_tokenizer=f"{tmp}/report_tokenizer.json")
         pipe = TextToCTPipeline.from_pretrained(tmp)

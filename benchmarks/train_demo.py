@@ -1,9 +1,9 @@
 """Training speed of every model at the demo preset on the CPU: steps/s, s/step and peak memory.
 
 Each model runs in a fresh Python process with ``torch.set_num_threads(threads)`` (peak RSS is the
-process's VmHWM). The model and its batches are what ``ctgen/tasks.py`` / ``ctgen/eval_tasks.py``
-build from ``config.yaml`` (``model_presets.demo`` + ``models``): the small trainable text encoder
-(vocabulary ``models.text_encoder.vocab_size``, text width fitted by ``tasks._fit_text_dims``), the
+process's VmHWM). The model and its batches are what ``ctgen/jobs/train.py``
+builds from ``config.yaml`` (``model_presets.demo`` + ``models``): the small trainable text encoder
+(vocabulary ``models.text_encoder.vocab_size``, text width fitted by ``ctgen.jobs.train.fit_text_dims``), the
 preset's batch size, random inputs on the demo grid (prep 64 x 64 x 32 -> model layout (1, 32, 64, 64)):
 
 - ``tokenizer``: video (B, 1, 32, 32, 32) (``lowres_scale`` 2); ``tokenizer-gan``: the same at
@@ -12,7 +12,7 @@ preset's batch size, random inputs on the demo grid (prep 64 x 64 x 32 -> model 
 - ``superres``: slices hr (B, 1, 64, 64) / lr (B, 1, 32, 32) + text ids;
 - ``clip``: volumes (B, 1, 32, 64, 64) + text ids; ``classifier``: volumes + 18 labels.
 
-A step is the loop's (``ctgen/train.py``): forward + backward (``accumulate_gradients``), gradient
+A step is the loop's (``ctgen/training/loop.py``): forward + backward (``accumulate_gradients``), gradient
 clipping, AdamW (``build_optimizer``), LR schedule, EMA when the preset has one. ``--warmup`` steps,
 then ``--steps`` timed ones.
 
@@ -42,8 +42,9 @@ kind, threads, repo, warmup, steps, text_len = sys.argv[1], int(sys.argv[2]), sy
 sys.path.insert(0, repo)
 import torch, yaml
 torch.set_num_threads(threads)
-from ctgen import datasets, tasks
-from ctgen.train import TrainConfig, accumulate_gradients
+from ctgen.data.layout import downsample
+from ctgen.jobs.train import build_model, fit_text_dims, label_pos_weight
+from ctgen.training.loop import TrainConfig, accumulate_gradients
 from ctgen.training.ema import EMA
 from ctgen.training.optim import build_optimizer, build_scheduler
 def hwm_mib():  # this process's own peak RSS
@@ -56,7 +57,7 @@ cfg = {"model": dict(preset["model"]), "train": preset["train"], "data": {"lowre
 if "text_encoder" in preset:  # as workflow/rules/common.smk get_train_config (small text encoder)
     cfg["text_encoder"] = {**preset["text_encoder"], "vocab_size": models["text_encoder"]["vocab_size"],
                            "max_length": models["text_encoder"]["max_length"]}
-    cfg = tasks._fit_text_dims(cfg)
+    cfg = fit_text_dims(cfg)
 tcfg = TrainConfig.from_dict(cfg["train"])
 b = tcfg.batch_size
 k_shape = config["presets"][config["prep"]["preset"]]["shape"]  # prep grid (I=W, J=H, K=D)
@@ -71,12 +72,11 @@ def text():
     mask = torch.arange(text_len)[None] < torch.randint(text_len // 2, text_len + 1, (b, 1))  # padded prompts
     return {"text_ids": ids.masked_fill(~mask, 0), "text_mask": mask}
 if name in ("tokenizer", "generator", "superres"):
-    model = tasks.build_model(name, cfg)
+    model = build_model(name, cfg)
 elif name == "clip":
     from ctgen.models.clip3d import CLIP3D
     model = CLIP3D(CLIP3D.config_from_dict({**cfg["model"], "text_encoder": cfg["text_encoder"]}))
 else:
-    from ctgen.eval_tasks import label_pos_weight
     from ctgen.models.classifier3d import Classifier3D
     cohort_labels = (torch.rand(20, 18) < 0.25).float()  # ~20 demo volumes, ~25% positive
     mc = {**cfg["model"], "pos_weight": label_pos_weight(cohort_labels)}
@@ -87,12 +87,12 @@ if name == "generator":
     grid = tok.tokens_shape(d, hh // scale, ww // scale)  # the tokenizer's grid at lowres_scale
 def batch():
     if name == "tokenizer":
-        return {"video": datasets.downsample(volumes(), scale)}
+        return {"video": downsample(volumes(), scale)}
     if name == "generator":
         return {"tokens": torch.randint(0, cfg["model"]["codebook_size"], (b, *grid)), **text()}
     if name == "superres":
         hr = volumes()[:, :, d // 2]  # (B, 1, H, W)
-        return {"hr": hr, "lr": datasets.downsample(hr, scale), **text()}
+        return {"hr": hr, "lr": downsample(hr, scale), **text()}
     if name == "clip":
         return {"video": volumes(), **text()}
     return {"video": volumes(), "labels": (torch.rand(b, 18) < 0.25).float()}

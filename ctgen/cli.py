@@ -9,46 +9,47 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ctgen import tasks
+    from ctgen.jobs.config import load_config
+    from ctgen.jobs.train import run_training
 
-    cfg = tasks.load_config(args.config)
+    cfg = load_config(args.config)
     for key in ("manifests", "tokens", "text_cache", "text_tokenizer", "recon"):
         value = getattr(args, key, None)
         if value:
             cfg["data"][key] = value
-    tasks.run_training(args.model, cfg, args.out, args.checkpoints or Path(args.out).parent / "checkpoints" / args.model)
+    run_training(args.model, cfg, args.out, args.checkpoints or Path(args.out).parent / "checkpoints" / args.model)
     return 0
 
 
 def _encode_tokens(args: argparse.Namespace) -> int:
-    from ctgen import tasks
-
     import torch
 
+    from ctgen.jobs.tokens import encode_tokens
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tasks.encode_tokens(args.tokenizer, args.manifests, args.out, args.lowres_scale, prompt=args.prompt,
-                        recon_path=args.recon, device=device)
+    encode_tokens(args.tokenizer, args.manifests, args.out, args.lowres_scale, args.hu_window, prompt=args.prompt,
+                  recon_path=args.recon, device=device)
     return 0
 
 
 def _fit_text_tokenizer(args: argparse.Namespace) -> int:
-    from ctgen import tasks
+    from ctgen.jobs.text import fit_text_tokenizer
 
-    tasks.fit_text_tokenizer(args.prompts, args.column, args.out, args.vocab_size)
+    fit_text_tokenizer(args.prompts, args.column, args.out, args.vocab_size)
     return 0
 
 
 def _embed_prompts(args: argparse.Namespace) -> int:
     import yaml
 
-    from ctgen import tasks
+    from ctgen.jobs.text import embed_prompts
 
-    tasks.embed_prompts(args.prompts, args.column, yaml.safe_load(args.encoder), args.out)
+    embed_prompts(args.prompts, args.column, yaml.safe_load(args.encoder), args.out)
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ctgen.evaluate import compare_runs
+    from ctgen.jobs.evaluate import compare_runs
 
     table = compare_runs(args.run_a, args.run_b, args.out, n_permutations=args.permutations, seed=args.seed)
     sys.stdout.write(table.to_string(index=False) + "\n")
@@ -61,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one model of the cascade (under torchrun for several processes)")
     t.add_argument("model", choices=("tokenizer", "generator", "superres", "clip", "classifier"))
-    t.add_argument("--config", required=True, help="YAML/JSON with model, train, data sections (see ctgen/tasks.py)")
+    t.add_argument("--config", required=True, help="YAML/JSON with model, train, data sections (see ctgen/jobs/config.py)")
     t.add_argument("--out", required=True, help="folder for the final weights, metrics and summary")
     t.add_argument("--checkpoints", help="folder for resumable checkpoints (default: beside --out)")
     t.add_argument("--manifests", nargs="+", help="shard manifests (tokenizer, superres)")
@@ -77,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output .safetensors (a .prompts.json is written beside it)")
     e.add_argument("--recon", help="also write reconstructions to this .safetensors")
     e.add_argument("--lowres-scale", dest="lowres_scale", type=int, default=1)
+    e.add_argument("--hu-window", dest="hu_window", type=float, nargs=2, required=True, metavar=("LOW", "HIGH"),
+                   help="the prep preset's HU window (its clip), mapped to [-1, 1]")
     e.add_argument("--prompt", help="prompt template name stored with the tokens (default: the shards' main prompt)")
     e.add_argument("--device", default=None, help="cuda when available, else cpu")
     e.set_defaults(func=_encode_tokens)
@@ -110,8 +113,8 @@ def parser() -> argparse.ArgumentParser:
 
 # Commands with their own argument parsers, handed the rest of the command line.
 PASS_THROUGH = {
-    "sample": ("ctgen.sampling", "sample_main", "report text -> synthetic CT (NIfTI, DICOM); ctgen sample --help"),
-    "verify-shards": ("ctgen.data", "verify_shards_main", "re-hash shards against their manifests, count samples"),
+    "sample": ("ctgen.jobs.sample", "sample_main", "report text -> synthetic CT (NIfTI, DICOM); ctgen sample --help"),
+    "verify-shards": ("ctgen.data.shards", "verify_shards_main", "re-hash shards against their manifests, count samples"),
 }
 
 

@@ -67,7 +67,7 @@ def cmd_cohort(args: argparse.Namespace) -> int:
 
 # Commands with their own argument parsers (in ctprep.reports), passed the rest of the command line.
 PASS_THROUGH = {
-    "parse-report": ("ctprep.reports", "parse_report_main",
+    "parse-report": ("ctprep.reports.cli", "parse_report_main",
                      "parse one report (stdin: text or CT-RATE JSON) or --jsonl IN OUT to sections, mentions, labels, prompts"),
     "evaluate-parser": ("ctprep.reports", "evaluate_main",
                         "score the report labeller against radiologist-labelled reports (JSONL)"),

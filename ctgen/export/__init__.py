@@ -1,7 +1,7 @@
 """Export of synthetic CT volumes: NIfTI + JSON sidecar, and a DICOM CT series, all marked synthetic."""
 
+from ctgen.export.config import ExportConfig, to_int16_hu
 from ctgen.export.dicom import SliceGeometry, dicom_geometry, save_synthetic_dicom
-from ctgen.export.layout import ExportConfig, clip_hu, from_model_layout
 from ctgen.export.nifti import save_synthetic_nifti
 from ctgen.export.sidecar import build_sidecar, geometry, sidecar_path, to_json, write_sidecar
 
@@ -9,13 +9,12 @@ __all__ = [
     "ExportConfig",
     "SliceGeometry",
     "build_sidecar",
-    "clip_hu",
     "dicom_geometry",
-    "from_model_layout",
     "geometry",
     "save_synthetic_dicom",
     "save_synthetic_nifti",
     "sidecar_path",
+    "to_int16_hu",
     "to_json",
     "write_sidecar",
 ]

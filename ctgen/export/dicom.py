@@ -33,7 +33,7 @@ from pydicom.valuerep import format_number_as_ds
 from ctprep import __version__
 from ctprep.volume import Volume, ras_to_lps
 
-from ctgen.export.layout import ExportConfig, clip_hu
+from ctgen.export.config import ExportConfig, to_int16_hu
 from ctgen.export.sidecar import build_sidecar, to_json
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def save_synthetic_dicom(
     config = config or ExportConfig()
     out_dir = Path(out_dir)
     _prepare_dir(out_dir, overwrite)
-    out, n_clipped = clip_hu(vol, config.hu_range)
+    out, n_clipped = to_int16_hu(vol, config.hu_range)
     data = out.data  # (I, J, K) int16
     geom = dicom_geometry(out.affine, out.shape[2])
     content = build_sidecar(out, sidecar, {"format": "dicom", "dtype": "int16", "hu_range": list(config.hu_range),

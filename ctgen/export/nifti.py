@@ -9,7 +9,7 @@ from typing import Any
 
 from ctprep.volume import Volume, save_nifti
 
-from ctgen.export.layout import ExportConfig, clip_hu
+from ctgen.export.config import ExportConfig, to_int16_hu
 from ctgen.export.sidecar import build_sidecar, sidecar_path, write_sidecar
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def save_synthetic_nifti(
     path = Path(path)
     if not (path.name.endswith(".nii.gz") or path.name.endswith(".nii")):
         raise ValueError(f"NIfTI path must end in .nii or .nii.gz, got {path.name}")
-    out, n_clipped = clip_hu(vol, config.hu_range)
+    out, n_clipped = to_int16_hu(vol, config.hu_range)
     content = build_sidecar(out, sidecar, {
         "format": "nifti",
         "file": path.name,

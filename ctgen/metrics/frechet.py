@@ -41,6 +41,18 @@ def fit_gaussian(feats) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
 
 
+def _numerical_rank_part(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues below the numerical-rank threshold set to exactly 0 (and no negative rounding).
+
+    The threshold is NumPy's ``matrix_rank`` default, ``max|w| * F * eps``: eigh computes each
+    eigenvalue to an absolute error of about that size, so smaller ones are rounding noise. Left in,
+    that noise of ~1e-13 becomes ~3e-7 after the square root, on every one of the (F - N) null
+    eigenvalues of a rank-deficient covariance, which made FD(a, b) and FD(b, a) differ in the 9th digit.
+    """
+    tol = eigenvalues.abs().max() * eigenvalues.shape[-1] * torch.finfo(eigenvalues.dtype).eps
+    return torch.where(eigenvalues > tol, eigenvalues, torch.zeros_like(eigenvalues))
+
+
 def frechet_distance_from_stats(mu_a, sigma_a, mu_b, sigma_b) -> float:
     """Fréchet distance between N(mu_a, sigma_a) and N(mu_b, sigma_b), via eigh (see module doc).
 
@@ -54,9 +66,9 @@ def frechet_distance_from_stats(mu_a, sigma_a, mu_b, sigma_b) -> float:
                          f"sigma {tuple(s_a.shape)}/{tuple(s_b.shape)}")
     s_b = s_b.to(s_a.device)
     w, v = torch.linalg.eigh((s_a + s_a.T) / 2)  # S_a = V diag(w) V^T
-    sqrt_a = (v * w.clamp(min=0).sqrt()) @ v.T  # (F, F) symmetric square root of S_a
+    sqrt_a = (v * _numerical_rank_part(w).sqrt()) @ v.T  # (F, F) symmetric square root of S_a
     m = sqrt_a @ s_b @ sqrt_a  # (F, F) symmetric PSD, same spectrum as S_a S_b
-    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    tr_covmean = _numerical_rank_part(torch.linalg.eigvalsh((m + m.T) / 2)).sqrt().sum()
     diff = (mu_a - mu_b.to(mu_a.device)).square().sum()
     fd = diff + torch.trace(s_a) + torch.trace(s_b) - 2 * tr_covmean
     return max(float(fd), 0.0)

@@ -1,6 +1,6 @@
 """2D slices of (D, H, W) volumes for FID: axial, and 2.5D (axial, coronal, sagittal).
 
-Layout is the model's (``ctgen.data.to_model_layout``): D = axial slices (inferior -> superior),
+Layout is the model's (``ctgen.data.layout.to_model_layout``): D = axial slices (inferior -> superior),
 H posterior -> anterior, W the patient's left -> right. An axial slice is (H, W); coronal and
 sagittal slices are (D, W) and (D, H), flipped so that row 0 is superior, as they are displayed.
 Slices are picked deterministically (centres of ``n`` equal bins along the axis), so a run's FID

@@ -1,6 +1,6 @@
 """What every ctgen model shares: a loss-carrying output type and ``save_pretrained``/``from_pretrained``.
 
-The contract with the one training loop (``ctgen/train.py``):
+The contract with the one training loop (``ctgen/training/loop.py``):
 
 * a model is an ``nn.Module`` with a frozen config dataclass in ``self.config``;
 * ``model(**batch)`` (batch: a dict of tensors) returns a :class:`ModelOutput` subclass whose

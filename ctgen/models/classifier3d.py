@@ -5,7 +5,7 @@ of the prompts that produced them (abnormality faithfulness, AUROC per label), a
 features as a second 3D feature space for Frechet distances. It is the shared 3D volume encoder
 (``ctgen.models.volume_encoder``) plus one linear head, trained with binary cross-entropy on logits;
 rare labels can be up-weighted with ``pos_weight`` (BCE's weight on positive examples, usually
-negatives / positives per label, computed from the training labels by ``ctgen.eval_tasks``).
+negatives / positives per label, computed from the training labels by ``ctgen.jobs.train``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ctgen.models.volume_encoder import VolumeEncoder, VolumeEncoderConfig, enco
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig(VolumeEncoderConfig):
-    """Encoder fields (inherited) plus the head; defaults: ``paper()``."""
+    """Encoder fields (inherited) plus the head; CT-Net-like defaults (presets: config.yaml)."""
 
     num_labels: int = 18  # CT-RATE's abnormality labels, in ctprep.ctrate.LABELS order
     pos_weight: tuple[float, ...] = ()  # BCE weight of positives per label (negatives/positives); () = all 1
@@ -37,17 +37,6 @@ class ClassifierConfig(VolumeEncoderConfig):
             raise ValueError(f"pos_weight needs {self.num_labels} positive values, got {self.pos_weight}")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"head_dropout must lie in [0, 1), got {self.head_dropout}")
-
-    @classmethod
-    def paper(cls, **overrides) -> ClassifierConfig:
-        """CT-Net-like capacity: the 4-stage 3D ResNet (~42M parameters) on 480^2 x 240."""
-        return cls(**overrides)
-
-    @classmethod
-    def demo(cls, **overrides) -> ClassifierConfig:
-        """(1, 32, 64, 64) volumes, 3 stages up to 64 channels; ~0.4M parameters."""
-        base = dict(stem_stride=(2, 4, 4), channels=(16, 32, 64), blocks=(1, 1, 1), norm_groups=8, head_dropout=0.1)
-        return cls(**{**base, **overrides})
 
 
 @dataclass

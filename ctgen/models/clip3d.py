@@ -7,7 +7,7 @@ and, through :meth:`CLIP3D.volume_features`, a 3D feature space for an FVD-style
 
 The text side takes the generator's two routes: token ids (``text_ids``, ``text_mask``) for a
 jointly trained :class:`~ctgen.models.text_encoders.SmallTextEncoder`, or cached frozen-encoder
-states (``text``, ``text_mask``) from ``ctgen.text_cache``; either way the token states are
+states (``text``, ``text_mask``) from ``ctgen.data.text_cache``; either way the token states are
 mean-pooled over the mask and projected.
 
 Identical texts in one batch (common: templated prompts such as "no acute findings") are all
@@ -32,7 +32,7 @@ from ctgen.models.volume_encoder import VolumeEncoder, VolumeEncoderConfig, enco
 
 @dataclasses.dataclass(frozen=True)
 class CLIP3DConfig(VolumeEncoderConfig):
-    """Encoder fields (inherited) plus the projection, text side and temperature; defaults: ``paper()``."""
+    """Encoder fields (inherited) plus the projection, text side and temperature; CT-CLIP-like defaults (presets: config.yaml)."""
 
     embed_dim: int = 512  # joint embedding width (CT-CLIP: 512)
     text_dim: int = 768  # width of the text token states (CXR-BERT 768, MiniLM 384, small encoder's dim)
@@ -46,18 +46,6 @@ class CLIP3DConfig(VolumeEncoderConfig):
             raise ValueError("init_temperature must be > 0 and max_logit_scale > 1")
         if self.text_encoder is not None and self.text_encoder.get("dim", self.text_dim) != self.text_dim:
             raise ValueError(f"text_dim {self.text_dim} != the small text encoder's dim {self.text_encoder.get('dim')}")
-
-    @classmethod
-    def paper(cls, **overrides) -> CLIP3DConfig:
-        """CT-CLIP-like sizes: 4-stage 3D ResNet (~42M parameters) on 480^2 x 240, 512-d space, CXR-BERT states."""
-        return cls(**overrides)
-
-    @classmethod
-    def demo(cls, **overrides) -> CLIP3DConfig:
-        """(1, 32, 64, 64) volumes -> 16^3 after the stem, 3 stages up to 64 channels; ~0.4M parameters."""
-        base = dict(stem_stride=(2, 4, 4), channels=(16, 32, 64), blocks=(1, 1, 1), norm_groups=8, embed_dim=64,
-                    text_dim=32)
-        return cls(**{**base, **overrides})
 
 
 @dataclass

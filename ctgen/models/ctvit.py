@@ -36,7 +36,7 @@ from ctgen.models.vq import VectorQuantizer
 
 @dataclasses.dataclass(frozen=True)
 class CTViTConfig:
-    """CT-ViT hyper-parameters; defaults are GenerateCT's (``CTViTConfig.paper()``)."""
+    """CT-ViT hyper-parameters; defaults are GenerateCT's (the presets live in config.yaml: ``model_presets``)."""
 
     image_size: int = 128  # in-plane size H = W trained at (any multiple of patch_size is accepted)
     num_slices: int = 201  # slice count D trained at (any D >= 1 is accepted)
@@ -71,22 +71,6 @@ class CTViTConfig:
             raise ValueError(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
         if self.dim % 4:
             raise ValueError(f"dim must be divisible by 4 (2D sin-cos positions), got {self.dim}")
-
-    @classmethod
-    def paper(cls, **overrides) -> CTViTConfig:
-        """GenerateCT: 128 x 128 x 201, patches 16 x 16 x 2, dim 512, 4 + 4 blocks, 8192 codes."""
-        return cls(**overrides)
-
-    @classmethod
-    def demo(cls, **overrides) -> CTViTConfig:
-        """Tiny: 64 x 64 x 32, patches 8 x 8 x 2, dim 64, 2 + 2 blocks, 512 codes; trains on a laptop CPU."""
-        values = dict(image_size=64, num_slices=32, patch_size=8, temporal_patch_size=2, dim=64, spatial_depth=2,
-                      temporal_depth=2, heads=4, dim_head=16, codebook_size=512, codebook_dim=32,
-                      adversarial_start=2000, disc_dim=16, disc_layers=3, disc_slices=2)
-        return cls(**{**values, **overrides})
-
-
-PRESETS = {"demo": CTViTConfig.demo, "paper": CTViTConfig.paper}
 
 
 @dataclasses.dataclass

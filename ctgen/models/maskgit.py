@@ -24,6 +24,7 @@ from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ctgen.models.attention import Attention
 from ctgen.models.base import ModelOutput, PretrainedMixin
 from ctgen.schedulers.masking import MaskingScheduler, cosine_schedule
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MaskGITConfig:
-    """MaskGIT hyper-parameters; the defaults are GenerateCT's (``paper()``)."""
+    """MaskGIT hyper-parameters; the defaults are GenerateCT's (the presets live in config.yaml: ``model_presets``)."""
 
     codebook_size: int = 8192  # K tokenizer codes; id K is [MASK]
     dim: int = 512  # transformer width
@@ -47,17 +48,6 @@ class MaskGITConfig:
     cond_drop_prob: float = 0.1  # fraction of training samples whose text is replaced by the null embedding
     dropout: float = 0.0  # dropout on attention weights and MLP hidden units (training only)
     checkpoint_blocks: bool = False  # recompute each block in backward: less activation memory, ~30% slower
-
-    @classmethod
-    def paper(cls) -> "MaskGITConfig":
-        """GenerateCT's MaskGIT: 6,464 tokens (101 x 8 x 8), codebook 8192, 128 text tokens of width 768."""
-        return cls()
-
-    @classmethod
-    def demo(cls) -> "MaskGITConfig":
-        """A tiny model for the demo workflow: grid up to 17 x 8 x 8, codebook 512, MiniLM text (384)."""
-        return cls(codebook_size=512, dim=128, depth=2, heads=4, dim_head=32, ff_mult=4, text_dim=384,
-                   max_t=17, max_h=8, max_w=8, cond_drop_prob=0.1)
 
 
 @dataclass
@@ -87,43 +77,6 @@ class FactorisedPositionEmbedding(nn.Module):
         return rearrange(pos, "t h w d -> (t h w) d")
 
 
-class Attention(nn.Module):
-    """Pre-norm multi-head attention: self-attention, or cross-attention to a padded context.
-
-    The N x M score matrix (N x N for self-attention: 6,464^2 x 8 heads x 4 B = 1.3 GB at the paper
-    geometry) is never stored: SDPA's flash / memory-efficient kernels compute it block by block.
-    """
-
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float, cross: bool = False):
-        super().__init__()
-        inner = heads * dim_head
-        self.heads, self.dropout, self.cross = heads, dropout, cross
-        self.norm = nn.LayerNorm(dim)
-        if cross:
-            self.to_q = nn.Linear(dim, inner, bias=False)
-            self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
-        else:
-            self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)  # fused: one GEMM
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, D); context (B, M, D) with context_mask (B, M) bool (True = attend) -> (B, N, D)."""
-        h = self.norm(x)
-        if self.cross:
-            q = rearrange(self.to_q(h), "b n (h d) -> b h n d", h=self.heads)
-            k, v = rearrange(self.to_kv(context), "b m (two h d) -> two b h m d", two=2, h=self.heads)
-            attn_mask = rearrange(context_mask, "b m -> b 1 1 m")  # (B, 1, 1, M): broadcast, O(M)
-        else:
-            # one contiguous copy (3 x N x inner): SDPA's CPU flash kernel runs ~10% faster than on strided views
-            qkv = rearrange(self.to_qkv(h), "b n (three h d) -> three b h n d", three=3, h=self.heads).contiguous()
-            q, k, v = qkv.unbind(0)  # each (B, H, N, d)
-            attn_mask = None  # bidirectional, every token present: lets SDPA pick the flash kernel
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=self.dropout if self.training else 0.0)  # (B, H, N, d)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
-
-
 class FeedForward(nn.Module):
     """Pre-norm GELU MLP."""
 
@@ -142,8 +95,9 @@ class Block(nn.Module):
     def __init__(self, config: MaskGITConfig):
         super().__init__()
         c = config
-        self.self_attn = Attention(c.dim, c.heads, c.dim_head, c.dropout)
-        self.cross_attn = Attention(c.dim, c.heads, c.dim_head, c.dropout, cross=True)
+        self.self_attn = Attention(c.dim, c.heads, c.dim_head, fused_qkv=True, dropout=c.dropout)
+        # the context is already projected and normalised to dim by MaskGIT.text_proj
+        self.cross_attn = Attention(c.dim, c.heads, c.dim_head, context_dim=c.dim, context_norm=False, dropout=c.dropout)
         self.ff = FeedForward(c.dim, c.ff_mult, c.dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:

@@ -67,24 +67,6 @@ class SuperResConfig:
             if (self.channels * m) % self.norm_groups or (self.channels * m) % self.attention_head_dim:
                 raise ValueError(f"channels {self.channels * m} must be divisible by norm_groups and attention_head_dim")
 
-    @classmethod
-    def demo(cls, **overrides) -> SuperResConfig:
-        """16 -> 64 px, a 1.8M-parameter UNet on 2x2 patches: trains on CPU in the tests.
-
-        Residual mode and 5 DDIM steps: after a few hundred steps the model knows edges but not
-        sub-pixel detail, and fewer steps hallucinate less of it.
-        """
-        base = dict(in_size=16, out_size=64, patch_size=2, channels=32, channel_mult=(1, 2, 2), layers_per_block=1,
-                    attention_levels=(1, 2), attention_head_dim=16, norm_groups=8, text_dim=32,
-                    cross_attention_dim=32, noise_aug_max=0.2, noise_aug_sample=0.05, residual=True,
-                    sample_steps=5, sampler="ddim")
-        return cls(**{**base, **overrides})
-
-    @classmethod
-    def paper(cls, **overrides) -> SuperResConfig:
-        """128 -> 512 px, 25 DPM-Solver++ steps (GenerateCT's super-resolution stage)."""
-        return cls(**overrides)
-
 
 @dataclass
 class SuperResOutput(ModelOutput):

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ctgen.models.attention import Attention
 from ctgen.models.base import PretrainedMixin
 from ctprep.volume import atomic_write
 
@@ -53,7 +53,7 @@ class TextEncoding:
 
 
 class TextEncoder(Protocol):
-    """What ``ctgen.text_cache.encode_prompts`` needs from a frozen encoder."""
+    """What ``ctgen.data.text_cache.encode_prompts`` needs from a frozen encoder."""
 
     identity: str
     max_length: int
@@ -340,20 +340,20 @@ class _Block(nn.Module):
 
     def __init__(self, cfg: SmallTextEncoderConfig):
         super().__init__()
-        self.heads, self.dropout = cfg.heads, cfg.dropout
-        self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
-        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.dim // cfg.heads, fused_qkv=True, bias=True, dropout=cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.dim)
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, 4 * cfg.dim), nn.GELU(), nn.Linear(4 * cfg.dim, cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        # x (B, L, C); keep (B, 1, 1, L) True where a key may be attended to
-        q, k, v = rearrange(self.qkv(self.norm1(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        # x (B, L, C); keep (B, L) True where a key may be attended to
         # attention scores are (B, heads, L, L): O(L^2) memory, small at L <= 128 report tokens
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.drop(self.proj(rearrange(a, "b h l d -> b l (h d)")))
+        x = x + self.drop(self.attn(x, mask=keep))
         return x + self.drop(self.mlp(self.norm2(x)))
+
+
+#: state-dict names of the text encoder's attention before it used the shared block (weights saved then still load)
+_RENAMED = {".norm1.": ".attn.norm.", ".qkv.": ".attn.to_qkv.", ".proj.": ".attn.to_out."}
 
 
 class SmallTextEncoder(nn.Module, PretrainedMixin):
@@ -388,10 +388,18 @@ class SmallTextEncoder(nn.Module, PretrainedMixin):
         # a row with no valid token may still attend to its first slot (else softmax over nothing is NaN)
         keep = mask.clone()
         keep[:, 0] |= ~mask.any(dim=1)
-        keep = rearrange(keep, "b l -> b 1 1 l")
         for block in self.blocks:
             x = block(x, keep)
         return self.norm(x) * rearrange(mask, "b l -> b l 1").to(x.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in [k for k in state_dict if k.startswith(prefix + "blocks.")]:
+            new = key
+            for old, renamed in _RENAMED.items():
+                new = new.replace(old, renamed)
+            if new != key:
+                state_dict[new] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{f.name}={getattr(self.config, f.name)}" for f in dataclasses.fields(self.config))

@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgen.datasets import unit_to_hu
-from ctgen.export.layout import from_model_layout
+from ctgen.data.layout import from_model_layout, unit_to_hu
 from ctprep.shards import sha256_file
 from ctprep.volume import Volume
 

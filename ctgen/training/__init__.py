@@ -1,1 +1,1 @@
-"""Pieces of the training loop (``ctgen.train``): checkpoints, EMA, optimiser, metrics, DDP setup."""
+"""Pieces of the training loop (``ctgen.training.loop``): checkpoints, EMA, optimiser, metrics, DDP setup."""

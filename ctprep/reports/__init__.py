@@ -6,11 +6,10 @@ canonical prompt; ``evaluate`` scores the labels against radiologist labels.
 """
 
 from ctprep.ctrate import LABELS
-from ctprep.reports.cli import parse_report_main
 from ctprep.reports.evaluate import evaluate, evaluate_main
 from ctprep.reports.mentions import Mention
 from ctprep.reports.pipeline import ParsedReport, ReportParser, get_parser, parse_report
 from ctprep.reports.structured import NO_FINDINGS, structured_prompt
 
 __all__ = ["LABELS", "Mention", "NO_FINDINGS", "ParsedReport", "ReportParser", "evaluate", "evaluate_main",
-           "get_parser", "parse_report", "parse_report_main", "structured_prompt"]
+           "get_parser", "parse_report", "structured_prompt"]

@@ -52,7 +52,7 @@ def build_trigger_matcher(nlp: Language) -> PhraseMatcher:
     aux = [[]] + [[w] for w in sorted(_AUX | {"has", "have", "could", "can", "did", "do", "does", "ca", "wo"})]
     be = [[], ["be"], ["been"]]
     phrases = [Doc(nlp.vocab, words=a + [neg] + b + [seen])
-               for a in aux for neg in ("not", "n't", "never") for b in be for seen in V._SEEN]
+               for a in aux for neg in ("not", "n't", "never") for b in be for seen in V.SEEN_VERBS]
     matcher.add("POST_NEG", phrases)
     return matcher
 

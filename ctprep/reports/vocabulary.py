@@ -138,12 +138,13 @@ assert {r.label for r in RULES} == set(LABELS), "every label needs at least one 
 # ---- context triggers (spaCy Matcher, token-level, lower case) ---------------------------------
 _AUX = ["is", "are", "was", "were", "has", "have", "had", "be", "been", "could", "can", "cannot", "did", "does", "do",
         "may", "will", "would", "should"]
-_SEEN = ["detected", "observed", "seen", "noted", "present", "identified", "found", "visualized", "visualised",
-         "monitored", "evident", "determined", "encountered", "followed", "demonstrated", "shown", "appreciated",
-         "obvious", "apparent", "visible", "distinguished", "recognized", "considered", "revealed", "described",
-         "increased", "enlarged", "thickened", "developed", "documented", "defined"]
+#: Participles of seeing/finding, which a negated auxiliary turns into a negation ("was not seen").
+SEEN_VERBS = ["detected", "observed", "seen", "noted", "present", "identified", "found", "visualized", "visualised",
+              "monitored", "evident", "determined", "encountered", "followed", "demonstrated", "shown", "appreciated",
+              "obvious", "apparent", "visible", "distinguished", "recognized", "considered", "revealed", "described",
+              "increased", "enlarged", "thickened", "developed", "documented", "defined"]
 #: Verbs whose passive ends a pre-negation's scope ("No X was detected, Y is seen").
-ASSERT_VERBS = frozenset(_SEEN) - {"increased", "enlarged", "thickened", "considered", "described"}
+ASSERT_VERBS = frozenset(SEEN_VERBS) - {"increased", "enlarged", "thickened", "considered", "described"}
 
 PRE_NEGATION = ["previously observed as", "previously seen as", "previously described as", "no", "not", "without", "absence of", "absent", "free of", "negative for", "neither", "nor",
                 "rather than", "instead of", "ruled out", "clear of", "devoid of", "excluded", "no evidence of", "no sign of", "no signs of",

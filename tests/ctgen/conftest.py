@@ -10,7 +10,7 @@ import torch
 from ctprep.shards import merge_manifests, write_shards
 from ctprep.volume import Volume
 
-from tests.ctgen.tiny import GENERATOR, SUPERRES, TEXT, TOKENIZER, TRAIN
+from tests.ctgen.tiny import GENERATOR, SUPERRES, TEXT, TOKENIZER, TRAIN, WINDOW
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,21 +49,23 @@ def cohort(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_cascade(cohort, tmp_path_factory):
     """The three models trained for a few steps on the tiny cohort, with cascade.json: a sampling-ready folder."""
-    from ctgen import tasks
+    from ctgen.jobs.text import fit_text_tokenizer
+    from ctgen.jobs.tokens import encode_tokens
+    from ctgen.jobs.train import run_training
     from ctgen.pipelines.text_to_ct import write_cascade
 
     out = tmp_path_factory.mktemp("cascade")
     models = out / "models"
-    data = {"lowres_scale": 2, "prompt": "generatect", "slices_per_volume": 2}
-    tasks.run_training("tokenizer", {"model": TOKENIZER, "train": TRAIN, "data": {**data, "manifests": [cohort["manifest"]]}},
+    data = {"lowres_scale": 2, "prompt": "generatect", "slices_per_volume": 2, "hu_window": WINDOW}
+    run_training("tokenizer", {"model": TOKENIZER, "train": TRAIN, "data": {**data, "manifests": [cohort["manifest"]]}},
                        models / "tokenizer", out / "ckpt")
-    tasks.encode_tokens(models / "tokenizer", [cohort["manifest"]], out / "tokens.safetensors", 2, prompt="generatect")
-    tasks.fit_text_tokenizer(cohort["prompts"], "generatect", out / "text.json", vocab_size=120)
+    encode_tokens(models / "tokenizer", [cohort["manifest"]], out / "tokens.safetensors", 2, WINDOW, prompt="generatect")
+    fit_text_tokenizer(cohort["prompts"], "generatect", out / "text.json", vocab_size=120)
     text = {"text_tokenizer": str(out / "text.json")}
-    tasks.run_training("generator", {"model": GENERATOR, "text_encoder": TEXT, "train": TRAIN,
+    run_training("generator", {"model": GENERATOR, "text_encoder": TEXT, "train": TRAIN,
                                      "data": {**data, **text, "tokens": str(out / "tokens.safetensors")}},
                        models / "generator", out / "ckpt")
-    tasks.run_training("superres", {"model": SUPERRES, "text_encoder": TEXT, "train": TRAIN,
+    run_training("superres", {"model": SUPERRES, "text_encoder": TEXT, "train": TRAIN,
                                     "data": {**data, **text, "manifests": [cohort["manifest"]]}},
                        models / "superres", out / "ckpt")
     preset = {"spacing": [2.0, 2.0, 5.0], "shape": [16, 16, 8], "clip": [-1000, 1000]}

@@ -7,15 +7,17 @@ import torch
 from safetensors.torch import save_file
 
 from ctgen.models.attention import Attention
-from ctgen.models.ctvit import PRESETS, CTViT, CTViTConfig
+from ctgen.jobs.config import model_preset
+from ctgen.models.ctvit import CTViT, CTViTConfig
 from ctgen.models.perceptual import PerceptualLoss
 from ctgen.models.vq import VectorQuantizer
 
 
 def tiny(**overrides) -> CTViTConfig:
-    values = dict(image_size=32, num_slices=9, dim=32, heads=2, dim_head=16, spatial_depth=1, temporal_depth=1,
-                  codebook_size=64, codebook_dim=16, disc_dim=8, disc_slices=2, adversarial_start=10)
-    return CTViTConfig.demo(**{**values, **overrides})
+    values = dict(image_size=32, num_slices=9, patch_size=8, temporal_patch_size=2, dim=32, heads=2, dim_head=16,
+                  spatial_depth=1, temporal_depth=1, codebook_size=64, codebook_dim=16, disc_dim=8, disc_layers=3,
+                  disc_slices=2, adversarial_start=10)
+    return CTViTConfig(**{**values, **overrides})
 
 
 def chest(slices: int = 9, size: int = 32) -> torch.Tensor:
@@ -59,8 +61,8 @@ def test_bad_shapes_raise():
 
 
 def test_presets():
-    demo, paper = PRESETS["demo"](), PRESETS["paper"]()
-    assert (demo.image_size, demo.num_slices, demo.patch_size, demo.dim, demo.codebook_size) == (64, 32, 8, 64, 512)
+    demo, paper = (CTViT.config_from_dict(model_preset(name, "tokenizer")["model"]) for name in ("demo", "paper"))
+    assert (demo.image_size, demo.num_slices, demo.patch_size, demo.dim, demo.codebook_size) == (32, 32, 4, 64, 256)
     assert (paper.image_size, paper.num_slices, paper.patch_size, paper.temporal_patch_size) == (128, 201, 16, 2)
     assert (paper.dim, paper.codebook_size, paper.spatial_depth, paper.temporal_depth, paper.heads) == (512, 8192, 4, 4, 8)
     with torch.device("meta"):

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctgen.data import iter_samples, shard_urls, to_model_layout, verify_shards_main
+from ctgen.data.layout import to_model_layout
+from ctgen.data.shards import iter_samples, shard_urls, verify_shards_main
 from ctprep.shards import merge_manifests, write_shards
 from ctprep.volume import Volume
 
@@ -84,7 +85,7 @@ def test_iter_samples_roundtrip(manifest):
         assert g["meta"]["history"] == [{"op": "resample", "spacing": [0.7, 0.8, 2.5]}]
     # no torch needed anywhere on the read path: block it in a fresh interpreter and read again
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from ctgen.data import iter_samples\n"
+            "from ctgen.data.shards import iter_samples\n"
             f"print(len(list(iter_samples({str(path)!r}))))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -127,15 +128,6 @@ def test_to_model_layout_axes():
     assert out[0, k, j, i] == vol[i, j, k]
     with pytest.raises(ValueError):
         to_model_layout(vol[None])
-
-
-def test_to_model_layout_without_einops(monkeypatch):
-    import ctgen.data
-
-    vol = np.random.default_rng(0).normal(size=(3, 4, 5))
-    monkeypatch.setattr(ctgen.data, "rearrange", None)
-    out = to_model_layout(vol)
-    assert out.shape == (1, 5, 4, 3) and out[0, 4, 1, 2] == vol[2, 1, 4]
 
 
 def test_verify_shards_main(manifest, tmp_path, capsys):

@@ -8,9 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ctgen import evaluate, tasks
+from ctgen.jobs import evaluate
+from ctgen.jobs.sample import sample_to_files
+from ctgen.jobs.train import run_training
 from ctgen.pipelines.text_to_ct import SampleSettings
-from ctgen.sampling import sample_to_files
+
+from tests.ctgen.tiny import WINDOW
 
 CLIP = {"model": {"stem_stride": [2, 4, 4], "channels": [8, 16], "blocks": [1, 1], "norm_groups": 4, "embed_dim": 16,
                   "text_dim": 16},
@@ -25,15 +28,15 @@ CLASSIFIER = {"model": {"stem_stride": [2, 4, 4], "channels": [8, 16], "blocks":
 def run(cohort, tiny_cascade, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     text = {"text_tokenizer": str(tiny_cascade / "text_tokenizer.json"), "prompt": "generatect", "max_length": 32}
-    data = {"manifests": [cohort["manifest"]], **text}
-    clip = tasks.run_training("clip", {**CLIP, "data": dict(data)}, root / "clip", root / "ckpt")
-    classifier = tasks.run_training("classifier", {**CLASSIFIER, "data": dict(data)}, root / "classifier", root / "ckpt")
+    data = {"manifests": [cohort["manifest"]], "hu_window": WINDOW, **text}
+    clip = run_training("clip", {**CLIP, "data": dict(data)}, root / "clip", root / "ckpt")
+    classifier = run_training("classifier", {**CLASSIFIER, "data": dict(data)}, root / "classifier", root / "ckpt")
     prompts = pd.read_parquet(cohort["prompts"])
     pairs = [(n.split(".nii")[0], p) for n, p in zip(prompts["VolumeName"], prompts["generatect"])][:4]
     settings = SampleSettings(steps=2, guidance_scale=2.0)
     sample_to_files(tiny_cascade, pairs, root / "a", settings, seed=0)
     metrics = evaluate.evaluate_run(root / "a" / "samples.csv", [cohort["manifest"]], clip, classifier, text,
-                                    root / "eval", {"tstr": True}, classifier_cfg={**CLASSIFIER, "data": dict(data)},
+                                    root / "eval", {"tstr": True}, WINDOW, classifier_cfg={**CLASSIFIER, "data": dict(data)},
                                     checkpoint_root=root / "ckpt")
     return {"root": root, "metrics": metrics, "clip": clip, "classifier": classifier, "text": text, "pairs": pairs}
 
@@ -82,6 +85,6 @@ def test_guidance_sweep_samples_each_scale(run, cohort, tiny_cascade, tmp_path):
     pd.DataFrame({"id": [p for p, _ in run["pairs"][:2]], "prompt": [t for _, t in run["pairs"][:2]]}).to_csv(prompts)
     sampling = {"steps": 2, "temperature": 1.0, "batch_size": 8, "seed": 0, "sr_steps": None}
     out = evaluate.guidance_sweep(tiny_cascade, prompts, [1.0, 4.0], sampling, run["clip"], run["classifier"],
-                                  [cohort["manifest"]], run["text"], tmp_path / "sweep.csv")
+                                  [cohort["manifest"]], run["text"], tmp_path / "sweep.csv", WINDOW)
     assert list(out["guidance_scale"]) == [1.0, 4.0] and out["clip_score"].between(0, 100).all()
     assert (out["fid_axial"] >= 0).all()

@@ -18,10 +18,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ctgen.data import to_model_layout
+from ctgen.data.layout import from_model_layout, to_model_layout
 from ctgen.export import (
     ExportConfig,
-    from_model_layout,
     save_synthetic_dicom,
     save_synthetic_nifti,
 )

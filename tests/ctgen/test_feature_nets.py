@@ -10,15 +10,20 @@ import pandas as pd
 import pytest
 import torch
 
-from ctgen import datasets, eval_tasks
-from ctgen.datasets import TextConditioning
+from ctgen.data.batches import Augment, load_volumes
+from ctgen.data.text import TextConditioning
+from ctgen.data.text_cache import encode_prompts
+from ctgen.jobs.features import embed_texts, extract_features, load_feature_nets
+from ctgen.jobs.train import label_pos_weight, train_classifier, train_clip
 from ctgen.models.classifier3d import Classifier3D, ClassifierConfig
 from ctgen.models.clip3d import CLIP3D, CLIP3DConfig, clip_score, info_nce, same_text
 from ctgen.models.text_encoders import TextEncoding, fit_text_tokenizer, pad_states
-from ctgen.text_cache import encode_prompts
 from ctprep.shards import merge_manifests, write_shards
 from ctprep.volume import Volume
 
+WINDOW = [-1000, 1000]
+# (1, 32, 64, 64) volumes -> 16^3 after the stem, 3 stages up to 64 channels; ~0.4M parameters
+DEMO_ENCODER = {"stem_stride": (2, 4, 4), "channels": (16, 32, 64), "blocks": (1, 1, 1), "norm_groups": 8}
 TINY = {"stem_stride": (2, 4, 4), "channels": (8, 16), "blocks": (1, 1), "norm_groups": 4}
 TEXT = {"vocab_size": 40, "dim": 16, "depth": 1, "heads": 2, "dropout": 0.0, "max_length": 16}
 
@@ -42,9 +47,9 @@ def blobs(kinds: list[str], shape=(16, 32, 32), seed: int = 0) -> torch.Tensor:
 
 def test_shapes_at_two_grids_and_both_text_routes():
     torch.manual_seed(0)
-    clip = CLIP3D(CLIP3DConfig.demo(text_encoder={**TEXT, "dim": 32})).eval()
-    cached = CLIP3D(CLIP3DConfig.demo(text_dim=24)).eval()
-    clf = Classifier3D(ClassifierConfig.demo()).eval()
+    clip = CLIP3D(CLIP3DConfig(**DEMO_ENCODER, embed_dim=64, text_dim=32, text_encoder={**TEXT, "dim": 32})).eval()
+    cached = CLIP3D(CLIP3DConfig(**DEMO_ENCODER, embed_dim=64, text_dim=24)).eval()
+    clf = Classifier3D(ClassifierConfig(**DEMO_ENCODER, head_dropout=0.1)).eval()
     for grid in ((32, 64, 64), (21, 30, 50)):  # the demo grid, and one not divisible by the stem stride
         video = torch.rand(2, 1, *grid) * 2 - 1
         emb = clip.encode_volume(video)
@@ -166,17 +171,17 @@ def test_classifier_overfits_visible_labels_with_perfect_separation():
 
 def test_augment_flips_only_along_w_and_is_seeded():
     video = blobs(["left", "right", "none", "front"], seed=3)
-    flip = eval_tasks.Augment(flip_w=True)
+    flip = Augment(flip_w=True)
     a = flip(video, torch.Generator().manual_seed(0))
     b = flip(video, torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
     flipped = [torch.equal(a[i], video[i].flip(-1)) for i in range(4)]
     kept = [torch.equal(a[i], video[i]) for i in range(4)]
     assert all(f or k for f, k in zip(flipped, kept)) and any(flipped)
-    jitter = eval_tasks.Augment(intensity=0.1)(video, torch.Generator().manual_seed(0))
+    jitter = Augment(intensity=0.1)(video, torch.Generator().manual_seed(0))
     assert jitter.abs().max() <= 1 and not torch.equal(jitter, video)
-    assert torch.equal(eval_tasks.Augment()(video, torch.Generator()), video)
-    assert eval_tasks.label_pos_weight(torch.tensor([[1, 0, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]]))[:2] == (3.0, 1.0)
+    assert torch.equal(Augment()(video, torch.Generator()), video)
+    assert label_pos_weight(torch.tensor([[1, 0, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]]))[:2] == (3.0, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -222,11 +227,12 @@ def test_train_clip_and_classifier_through_the_loop(shards, tmp_path):
              "tensorboard": False, "ema_decay": 0.9}
     clip_cfg = {"model": {**TINY, "embed_dim": 8, "text_dim": 999}, "text_encoder": {**TEXT, "vocab_size": 7},
                 "train": train, "data": {"manifests": [shards["manifest"]], "text_tokenizer": shards["tokenizer"],
-                                         "prompt": "generatect", "augment": {"intensity": 0.05}}}
-    eval_tasks.train_clip(clip_cfg, tmp_path / "clip", tmp_path / "ckpt")
+                                         "prompt": "generatect", "augment": {"intensity": 0.05}, "hu_window": WINDOW}}
+    train_clip(clip_cfg, tmp_path / "clip", tmp_path / "ckpt")
     clf_cfg = {"model": {**TINY, "pos_weight": "auto"}, "train": train,
-               "data": {"manifests": [shards["manifest"]], "augment": {"flip_w": True, "intensity": 0.05}}}
-    eval_tasks.train_classifier(clf_cfg, tmp_path / "clf", tmp_path / "ckpt")
+               "data": {"manifests": [shards["manifest"]], "augment": {"flip_w": True, "intensity": 0.05},
+                        "hu_window": WINDOW}}
+    train_classifier(clf_cfg, tmp_path / "clf", tmp_path / "ckpt")
     for name in ("clip", "clf"):
         metrics = pd.read_csv(tmp_path / name / "metrics.csv")
         assert metrics["step"].max() == 6 and np.isfinite(metrics["loss"]).all()
@@ -237,32 +243,32 @@ def test_train_clip_and_classifier_through_the_loop(shards, tmp_path):
     assert weights[0] == 1.0  # 6 of 8 have a blob: 2 / 6, raised to the floor of 1
     assert weights[5] == 3.0 and weights[1] == 1.0  # 2 of 8 left-sided: 6 / 2
 
-    nets = eval_tasks.load_feature_nets(tmp_path / "clip", tmp_path / "clf")
-    volumes = datasets.load_volumes([shards["manifest"]], prompt="generatect")
+    nets = load_feature_nets(tmp_path / "clip", tmp_path / "clf")
+    volumes = load_volumes([shards["manifest"]], WINDOW, prompt="generatect")
     assert volumes[0]["volume"].shape == (1, 16, 32, 32) and volumes[2]["labels"].sum() == 0
-    feats = eval_tasks.extract_features(nets, volumes[:3] + [volumes[3]["volume"][:, :10]], batch_size=2)
+    feats = extract_features(nets, volumes[:3] + [volumes[3]["volume"][:, :10]], batch_size=2)
     assert feats["clip_features"].shape == (4, 16) and feats["clip_embedding"].shape == (4, 8)
     assert feats["classifier_features"].shape == (4, 16) and feats["probabilities"].shape == (4, 18)
     with torch.no_grad():  # batched extraction agrees with the model's own methods
         ref = nets.classifier.predict(volumes[0]["volume"].float()[None])[0].numpy()
     assert np.allclose(feats["probabilities"][0], ref, atol=1e-5)
     text = TextConditioning({v["key"]: v["prompt"] for v in volumes}, tokenizer_path=shards["tokenizer"], max_length=16)
-    emb = eval_tasks.embed_texts(nets.clip, text, [v["key"] for v in volumes[:3]])
+    emb = embed_texts(nets.clip, text, [v["key"] for v in volumes[:3]])
     assert emb.shape == (3, 8) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
     # the cached frozen-encoder route: text width taken from the cache
     cached_cfg = {**clip_cfg, "text_encoder": None, "train": {**train, "max_steps": 2, "ema_decay": 0.0},
                   "data": {**clip_cfg["data"], "text_tokenizer": None, "text_cache": shards["cache"]}}
-    eval_tasks.train_clip(cached_cfg, tmp_path / "clip_cached", tmp_path / "ckpt")
-    cached = eval_tasks.load_feature_nets(clip_dir=tmp_path / "clip_cached").clip
+    train_clip(cached_cfg, tmp_path / "clip_cached", tmp_path / "ckpt")
+    cached = load_feature_nets(clip_dir=tmp_path / "clip_cached").clip
     assert cached.config.text_dim == 12 and cached.text_encoder is None
     text = TextConditioning({}, cache_path=shards["cache"])
-    assert eval_tasks.embed_texts(cached, text, [v["key"] for v in volumes]).shape == (8, 8)
+    assert embed_texts(cached, text, [v["key"] for v in volumes]).shape == (8, 8)
 
     # train-on-synthetic: an explicit volume list replaces the manifests, with its own checkpoints
     synthetic = [{"key": f"gen_{i}", "volume": v["volume"].flip(-1), "labels": v["labels"]}
                  for i, v in enumerate(volumes)]
-    eval_tasks.train_classifier({**clf_cfg, "train": {**train, "max_steps": 2}}, tmp_path / "tstr", tmp_path / "ckpt",
+    train_classifier({**clf_cfg, "train": {**train, "max_steps": 2}}, tmp_path / "tstr", tmp_path / "ckpt",
                                 volumes=synthetic)
     assert json.loads((tmp_path / "tstr" / "train_summary.json").read_text())["steps"] == 2
     assert len(list((tmp_path / "ckpt").iterdir())) == 4  # 2 clips, real classifier, synthetic classifier

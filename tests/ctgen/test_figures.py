@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ctgen.figures import (FIGURES, MODELS, WIDTH_IN, WINDOWS, FigureConfig, choose_prompts, key_term, make_figures,
+from ctgen.jobs.figures import (FIGURES, MODELS, WIDTH_IN, WINDOWS, FigureConfig, choose_prompts, key_term, make_figures,
                            mid_slices, plot_hu_histograms, plot_samples, plot_tstr)
 from ctgen.metrics.hu import hu_histogram
 from ctprep.shards import merge_manifests, write_shards

@@ -9,33 +9,36 @@ import pandas as pd
 import pytest
 import yaml
 
-from ctgen import tasks
+from ctgen.jobs.config import config_hash, load_config, write_config
+from ctgen.jobs.text import fit_text_tokenizer
+from ctgen.jobs.tokens import encode_tokens
+from ctgen.jobs.train import run_training
 from ctgen.cli import main as ctgen_main
 
-from tests.ctgen.tiny import GENERATOR, SUPERRES, TEXT, TOKENIZER, TRAIN
+from tests.ctgen.tiny import GENERATOR, SUPERRES, TEXT, TOKENIZER, TRAIN, WINDOW
 
 
 def test_cascade_trains_from_the_command_line(cohort, tmp_path):
     cfg_path = tmp_path / "tokenizer.yaml"
-    cfg_path.write_text(yaml.safe_dump({"model": TOKENIZER, "train": TRAIN, "data": {"lowres_scale": 2}}))
+    cfg_path.write_text(yaml.safe_dump({"model": TOKENIZER, "train": TRAIN, "data": {"lowres_scale": 2, "hu_window": WINDOW}}))
     assert ctgen_main(["train", "tokenizer", "--config", str(cfg_path), "--manifests", cohort["manifest"],
                        "--out", str(tmp_path / "tokenizer"), "--checkpoints", str(tmp_path / "ckpt")]) == 0
     assert (tmp_path / "tokenizer" / "model.safetensors").is_file()
     meta = json.loads((tmp_path / "tokenizer" / "config.json").read_text())
     assert meta["provenance"]["seed"] == 0 and meta["config"]["codebook_size"] == 32
 
-    grids = tasks.encode_tokens(tmp_path / "tokenizer", [cohort["manifest"]], tmp_path / "tokens.safetensors", 2,
-                                prompt="generatect", recon_path=tmp_path / "recon.safetensors")
+    grids = encode_tokens(tmp_path / "tokenizer", [cohort["manifest"]], tmp_path / "tokens.safetensors", 2, WINDOW,
+                          prompt="generatect", recon_path=tmp_path / "recon.safetensors")
     assert len(grids) == 6 and all(g.shape == (5, 2, 2) for g in grids.values())
     prompts = json.loads((tmp_path / "tokens.prompts.json").read_text())
     assert prompts["train_1_a_1"].endswith("right pleural effusion.")
 
-    tasks.fit_text_tokenizer(cohort["prompts"], "generatect", tmp_path / "text.json", vocab_size=120)
+    fit_text_tokenizer(cohort["prompts"], "generatect", tmp_path / "text.json", vocab_size=120)
     for kind, model in (("generator", GENERATOR), ("superres", SUPERRES)):
         cfg = {"model": model, "text_encoder": TEXT, "train": TRAIN,
-               "data": {"lowres_scale": 2, "prompt": "generatect", "slices_per_volume": 2}}
+               "data": {"lowres_scale": 2, "prompt": "generatect", "slices_per_volume": 2, "hu_window": WINDOW}}
         path = tmp_path / f"{kind}.yaml"
-        tasks.write_config(cfg, path)
+        write_config(cfg, path)
         flags = ["--tokens", str(tmp_path / "tokens.safetensors")] if kind == "generator" else \
             ["--manifests", cohort["manifest"], "--recon", str(tmp_path / "recon.safetensors")]
         assert ctgen_main(["train", kind, "--config", str(path), *flags, "--text-tokenizer", str(tmp_path / "text.json"),
@@ -54,16 +57,16 @@ def test_config_hash_separates_runs(tmp_path):
     a = {"model": {"dim": 8}, "train": {"lr": 1e-3}, "data": {"manifests": [str(x)]}}
     b = {**a, "train": {"lr": 2e-3}}
     c = {**a, "data": {"manifests": [str(y)]}}  # another path to the same data: the same run
-    assert tasks.config_hash(a) != tasks.config_hash(b)
-    assert tasks.config_hash(a) == tasks.config_hash(c)
+    assert config_hash(a) != config_hash(b)
+    assert config_hash(a) == config_hash(c)
     y.write_text('{"shards": 1}')  # new data (Snakemake reran the job for it): a fresh run, not a resume
-    assert tasks.config_hash(a) != tasks.config_hash(c)
+    assert config_hash(a) != config_hash(c)
 
 
 def test_bad_training_config_is_named(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"model": {}}))
     with pytest.raises(ValueError, match="needs `model` and `train`"):
-        tasks.load_config(path)
+        load_config(path)
     with pytest.raises(ValueError, match="unknown model"):
-        tasks.run_training("vae", {"model": {}, "train": {}, "data": {}}, tmp_path, tmp_path)
+        run_training("vae", {"model": {}, "train": {}, "data": {}}, tmp_path, tmp_path)

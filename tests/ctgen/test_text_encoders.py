@@ -10,7 +10,7 @@ import torch
 from ctgen.models.text_encoders import (FrozenHFTextEncoder, ReportTokenizer, SmallTextEncoder,
                                         SmallTextEncoderConfig, TextEncoding, build_text_encoder,
                                         fit_text_tokenizer, minilm_encoder)
-from ctgen.text_cache import EmbeddingCache, encode_prompts
+from ctgen.data.text_cache import EmbeddingCache, encode_prompts
 
 REPORTS = [
     "No pleural effusion. The lungs are clear.",

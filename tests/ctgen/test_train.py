@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from ctgen.train import EXIT_PREEMPTED, Preempted, TrainConfig, accumulate_gradients, train
+from ctgen.training.loop import EXIT_PREEMPTED, Preempted, TrainConfig, accumulate_gradients, train
 from ctgen.training import checkpoint as ckpt
 from ctgen.training.distributed import torchrun_command
 from ctgen.training.ema import EMA

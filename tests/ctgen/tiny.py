@@ -1,5 +1,6 @@
 """Tiny model and training configs for the model tests (seconds on one CPU thread)."""
 
+WINDOW = [-1000, 1000]  # the prep presets' HU window (their `clip`)
 TRAIN = {"max_steps": 4, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "ckpt_every": 2, "log_every": 1,
          "tensorboard": False, "seed": 0}
 TOKENIZER = {"image_size": 8, "num_slices": 8, "patch_size": 4, "temporal_patch_size": 2, "dim": 32,

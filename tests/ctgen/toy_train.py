@@ -114,7 +114,7 @@ def ddp_worker(rank: int, world: int, port: int, out: str, train_kwargs: dict) -
     torch.set_num_threads(1)
     from torch.nn.parallel import DistributedDataParallel
 
-    from ctgen.train import TrainConfig, accumulate_gradients, train
+    from ctgen.training.loop import TrainConfig, accumulate_gradients, train
     from ctgen.training import distributed as distr
 
     distr.setup("cpu")  # joins via the env vars, as under torchrun

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from ctprep.reports import (LABELS, NO_FINDINGS, ParsedReport, ReportParser, evaluate, get_parser, parse_report,
-                            parse_report_main, structured_prompt)
+                            structured_prompt)
+from ctprep.reports.cli import parse_report_main
 from ctprep.reports.evaluate import evaluate_main, split_of
 from ctprep.reports.sections import split_sections
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ctgen.launch import launch_prefix
+from ctgen.training.launch import launch_prefix
 from ctprep.shards import merge_manifests, write_shards
 from ctprep.volume import Volume
 

@@ -20,7 +20,7 @@ import matplotlib.image as mpimg
 import pytest
 import yaml
 
-from ctgen.figures import FIGURES, WIDTH_IN
+from ctgen.jobs.figures import FIGURES, WIDTH_IN
 from tests.workflow.wf import snakemake
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -48,7 +48,7 @@ def test_demo_run_from_nothing_to_shards(demo_run):
 
 
 def test_samples_read_back_with_stock_webdataset(demo_run):
-    from ctgen.data import iter_samples
+    from ctgen.data.shards import iter_samples
 
     samples = list(iter_samples(demo_run / "results/shards/train/manifest.json"))
     assert samples

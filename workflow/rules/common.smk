@@ -66,6 +66,7 @@ def get_train_config(wildcards):
             "max_length": MODELS["text_encoder"]["max_length"],
         }
     cfg["data"] = {
+        "hu_window": PRESET["clip"],
         "lowres_scale": MODELS["lowres_scale"],
         "prompt": MODELS["prompt"],
         **preset.get("data", {}),
@@ -75,7 +76,7 @@ def get_train_config(wildcards):
 
 def get_launcher(wildcards, resources):
     """`ctgen`, or torchrun (under srun across nodes) for the GPUs and nodes the job was given."""
-    from ctgen.launch import launch_prefix
+    from ctgen.training.launch import launch_prefix
 
     return launch_prefix(resources.gpu, resources.nodes)
 

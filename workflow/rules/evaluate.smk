@@ -82,6 +82,7 @@ rule evaluate:
     params:
         evaluation=config["evaluation"],
         text=get_eval_text,
+        window=PRESET["clip"],
         ckpt=f"{CHECKPOINTS}/tstr",
     script:
         "../scripts/evaluate.py"
@@ -113,5 +114,6 @@ rule guidance_sweep:
         sampling=config["sampling"],
         evaluation=config["evaluation"],
         text=get_eval_text,
+        window=PRESET["clip"],
     script:
         "../scripts/guidance_sweep.py"

@@ -112,9 +112,11 @@ rule encode_tokens:
         tokenizer=lambda wc, input: os.path.dirname(input.weights),
         scale=config["models"]["lowres_scale"],
         prompt=config["models"]["prompt"],
+        window=PRESET["clip"],
     shell:
         "ctgen encode-tokens --tokenizer {params.tokenizer} --manifests {input.manifests}"
         " --out {output.tokens} --recon {output.recon} --lowres-scale {params.scale}"
+        " --hu-window {params.window[0]} {params.window[1]}"
         " --prompt {params.prompt} > {log} 2>&1"
 
 

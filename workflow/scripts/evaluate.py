@@ -4,7 +4,7 @@ from ctprep.logs import log_to
 log_to(snakemake.log[0])
 import yaml
 
-from ctgen.evaluate import evaluate_run
+from ctgen.jobs.evaluate import evaluate_run
 
 evaluate_run(
     snakemake.input.samples,
@@ -14,6 +14,7 @@ evaluate_run(
     snakemake.params.text,
     snakemake.output.metrics.rsplit("/", 1)[0],
     snakemake.params.evaluation,
+    snakemake.params.window,
     classifier_cfg=yaml.safe_load(open(snakemake.input.classifier_config)),
     checkpoint_root=snakemake.params.ckpt,
 )

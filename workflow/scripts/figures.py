@@ -1,8 +1,8 @@
-"""Rule figures: every PNG of the report, drawn by ctgen.figures from the run's outputs."""
+"""Rule figures: every PNG of the report, drawn by ctgen.jobs.figures from the run's outputs."""
 from ctprep.logs import log_to
 
 log_to(snakemake.log[0])
-from ctgen.figures import FigureConfig, make_figures
+from ctgen.jobs.figures import FigureConfig, make_figures
 
 from pathlib import Path
 

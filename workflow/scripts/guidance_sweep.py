@@ -2,7 +2,7 @@
 from ctprep.logs import log_to
 
 log_to(snakemake.log[0])
-from ctgen.evaluate import guidance_sweep
+from ctgen.jobs.evaluate import guidance_sweep
 
 guidance_sweep(
     snakemake.input.spec.rsplit("/", 1)[0],
@@ -14,5 +14,6 @@ guidance_sweep(
     list(snakemake.input.reference),
     snakemake.params.text,
     snakemake.output.csv,
+    snakemake.params.window,
     slices_per_volume=snakemake.params.evaluation["slices_per_volume"],
 )

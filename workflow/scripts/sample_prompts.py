@@ -2,7 +2,7 @@
 from ctprep.logs import log_to
 
 log_to(snakemake.log[0])
-from ctgen.sampling import select_prompts
+from ctgen.jobs.sample import select_prompts
 
 s = snakemake.params.sampling
 select_prompts(

@@ -2,6 +2,6 @@
 from ctprep.logs import log_to
 
 log_to(snakemake.log[0])
-from ctgen.tasks import write_config
+from ctgen.jobs.config import write_config
 
 write_config(snakemake.params.cfg, snakemake.output.config)

@@ -24,7 +24,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ctgen.data import iter_samples, to_model_layout
+from ctgen.data.layout import to_model_layout
+from ctgen.data.shards import iter_samples
 from ctgen.metrics.hu import TISSUES
 from ctprep.volume import load_nifti
 

@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctgen import datasets
-from ctgen.data import to_model_layout
-from ctgen.eval_tasks import FeatureNets, embed_texts, extract_features, load_feature_nets
+from ctgen.data.batches import load_volumes
+from ctgen.data.layout import hu_to_unit, to_model_layout, unit_to_hu
+from ctgen.data.text import TextConditioning
+from ctgen.jobs.features import FeatureNets, embed_texts, extract_features, load_feature_nets
 from ctgen.metrics import (
     TISSUES, auroc_per_label, clip_score, fid_from_features, flag_out_of_range, frechet_3d, hu_histogram,
     image_similarity, paired_permutation_test, slice_features, tissue_stats, tstr_summary,
@@ -29,8 +30,11 @@ from ctprep.ctrate import LABELS
 log = logging.getLogger(__name__)
 
 
-def load_generated(samples_csv: str | Path) -> tuple[pd.DataFrame, list[dict]]:
-    """The sampling run's manifest and its volumes ({key, volume (1, D, H, W) in [-1, 1], hu (D, H, W)})."""
+def load_generated(samples_csv: str | Path, window) -> tuple[pd.DataFrame, list[dict]]:
+    """The sampling run's manifest and its volumes ({key, volume (1, D, H, W) in [-1, 1], hu (D, H, W)}).
+
+    ``window``: the prep preset's HU window, mapped to [-1, 1] as for the training volumes.
+    """
     from ctprep.volume import load_nifti
 
     manifest = pd.read_csv(samples_csv)
@@ -38,7 +42,7 @@ def load_generated(samples_csv: str | Path) -> tuple[pd.DataFrame, list[dict]]:
     for row in manifest.itertuples():
         arr = to_model_layout(np.asarray(load_nifti(row.nifti).array[0]))  # (1, D, H, W) HU
         hu = torch.from_numpy(arr.astype(np.float32))
-        vols.append({"key": str(row.prompt_id), "volume": datasets.hu_to_unit(hu), "hu": hu[0].numpy()})
+        vols.append({"key": str(row.prompt_id), "volume": hu_to_unit(hu, window), "hu": hu[0].numpy()})
     return manifest, vols
 
 
@@ -57,12 +61,12 @@ class SliceExtractor(torch.nn.Module):
         return self.features(slices[:, :, None].expand(-1, -1, self.depth, -1, -1))
 
 
-def _slice_extractor(nets: FeatureNets, inception: str | None):
+def _slice_extractor(nets: FeatureNets, inception: str | None, window=None):
     if inception:
         from ctgen.metrics.inception import InceptionV3Features
 
         net = InceptionV3Features.from_path(inception)
-        return lambda x: net(datasets.unit_to_hu(x))  # it windows HU itself
+        return lambda x: net(unit_to_hu(x, window))  # it windows HU itself
     net = nets.classifier
     return SliceExtractor(net.features, int(net.config.stem_stride[0])).eval()
 
@@ -79,17 +83,20 @@ def _nan_to_none(obj):
 
 @torch.no_grad()
 def evaluate_run(samples_csv, valid_manifests: list[str], clip_dir, classifier_dir, text: dict, out_dir,
-                 cfg: dict[str, Any], classifier_cfg: dict | None = None, checkpoint_root=None) -> dict:
-    """Every metric of one sampling run; writes metrics.json, per_volume.csv and hu_histograms.json."""
+                 cfg: dict[str, Any], window, classifier_cfg: dict | None = None, checkpoint_root=None) -> dict:
+    """Every metric of one sampling run; writes metrics.json, per_volume.csv and hu_histograms.json.
+
+    ``window``: the prep preset's HU window (its ``clip``), which maps HU to the networks' [-1, 1].
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest, gen = load_generated(samples_csv)
-    real = datasets.load_volumes(valid_manifests, prompt=text.get("prompt"))
+    manifest, gen = load_generated(samples_csv, window)
+    real = load_volumes(valid_manifests, window, prompt=text.get("prompt"))
     by_key = {r["key"]: r for r in real}
     nets = load_feature_nets(clip_dir, classifier_dir)
     f_gen, f_real = extract_features(nets, gen), extract_features(nets, real)
     # 2D FID on axial, coronal, sagittal slices (2.5D: reported separately and averaged)
-    extractor = _slice_extractor(nets, cfg.get("inception_weights"))
+    extractor = _slice_extractor(nets, cfg.get("inception_weights"), window)
     n = cfg.get("slices_per_volume")
     fid = fid_from_features(slice_features([r["volume"] for r in real], extractor, n_slices=n),
                             slice_features([g["volume"] for g in gen], extractor, n_slices=n))
@@ -98,8 +105,8 @@ def evaluate_run(samples_csv, valid_manifests: list[str], clip_dir, classifier_d
     # CLIP score: generated volume vs its prompt; ceiling: the real volume of that report vs the same prompt
     prompts = {str(r.prompt_id): r.prompt for r in manifest.itertuples()}
     prompts.update({k: by_key[k]["prompt"] for k in by_key if k not in prompts})
-    cond = datasets.TextConditioning(prompts, cache_path=text.get("text_cache"), tokenizer_path=text.get("text_tokenizer"),
-                                     max_length=text.get("max_length", 128))
+    cond = TextConditioning(prompts, cache_path=text.get("text_cache"), tokenizer_path=text.get("text_tokenizer"),
+                            max_length=text.get("max_length", 128))
     keys = [g["key"] for g in gen]
     text_emb = embed_texts(nets.clip, cond, keys)
     paired = [k in by_key for k in keys]
@@ -119,7 +126,7 @@ def evaluate_run(samples_csv, valid_manifests: list[str], clip_dir, classifier_d
         tstr = _train_on_synthetic(gen, labels_gen, real, f_real["probabilities"], labels_real, classifier_cfg,
                                    out_dir, checkpoint_root or out_dir / "checkpoints")
     # HU: per-tissue medians against the real range; histograms
-    real_hu = [datasets.unit_to_hu(r["volume"][0]).numpy() for r in real]  # (D, H, W) each
+    real_hu = [unit_to_hu(r["volume"][0], window).numpy() for r in real]  # (D, H, W) each
     real_stats = [tissue_stats(v) for v in real_hu]
     rows, flags = [], []
     for i, (g, row) in enumerate(zip(gen, manifest.itertuples())):
@@ -158,7 +165,8 @@ def evaluate_run(samples_csv, valid_manifests: list[str], clip_dir, classifier_d
 
 def _train_on_synthetic(gen, labels_gen, real, probs_real_trained, labels_real, classifier_cfg, out_dir, ckpt):
     """Train-on-synthetic, test-on-real: the classifier recipe on generated volumes, scored on the real ones."""
-    from ctgen.eval_tasks import Classifier3D, extract_features, train_classifier
+    from ctgen.jobs.train import train_classifier
+    from ctgen.models.classifier3d import Classifier3D
 
     keep = ~np.isnan(labels_gen).any(axis=1)
     vols = [{"key": g["key"] + f"_{i}", "volume": g["volume"], "labels": torch.as_tensor(labels_gen[i], dtype=torch.float32)}
@@ -198,18 +206,19 @@ def compare_runs(a_csv, b_csv, out_csv=None, n_permutations: int = 10_000, seed:
 
 @torch.no_grad()
 def guidance_sweep(models_dir, prompts_csv, scales: list[float], sampling: dict, clip_dir, classifier_dir,
-                   valid_manifests: list[str], text: dict, out_csv, slices_per_volume: int | None = None) -> pd.DataFrame:
+                   valid_manifests: list[str], text: dict, out_csv, window,
+                   slices_per_volume: int | None = None) -> pd.DataFrame:
     """Guidance scale against CLIP score and axial FID: the same prompts and seeds at every scale."""
     from ctgen.pipelines.text_to_ct import SampleSettings, TextToCTPipeline
 
     prompts = pd.read_csv(prompts_csv)
     pipe = TextToCTPipeline.from_pretrained(models_dir)
     nets = load_feature_nets(clip_dir, classifier_dir)
-    real = datasets.load_volumes(valid_manifests, prompt=text.get("prompt"))
+    real = load_volumes(valid_manifests, window, prompt=text.get("prompt"))
     extractor = _slice_extractor(nets, None)
     real_axial = slice_features([r["volume"] for r in real], extractor, planes=("axial",), n_slices=slices_per_volume)
-    cond = datasets.TextConditioning(dict(zip(prompts["id"], prompts["prompt"])), cache_path=text.get("text_cache"),
-                                     tokenizer_path=text.get("text_tokenizer"), max_length=text.get("max_length", 128))
+    cond = TextConditioning(dict(zip(prompts["id"], prompts["prompt"])), cache_path=text.get("text_cache"),
+                            tokenizer_path=text.get("text_tokenizer"), max_length=text.get("max_length", 128))
     text_emb = embed_texts(nets.clip, cond, list(prompts["id"]))
     rows = []
     for scale in scales:
@@ -220,7 +229,7 @@ def guidance_sweep(models_dir, prompts_csv, scales: list[float], sampling: dict,
         for i, prompt in enumerate(prompts["prompt"]):
             g = torch.Generator().manual_seed(sampling["seed"] + i)
             hu = torch.from_numpy(to_model_layout(pipe([prompt], settings, [g])[0].array[0]).astype(np.float32))
-            vols.append({"volume": datasets.hu_to_unit(hu)})
+            vols.append({"volume": hu_to_unit(hu, window)})
         feats = extract_features(FeatureNets(clip=nets.clip), vols)
         fake_axial = slice_features([v["volume"] for v in vols], extractor, planes=("axial",), n_slices=slices_per_volume)
         rows.append({"guidance_scale": float(scale), "clip_score": float(np.mean(clip_score(feats["clip_embedding"], text_emb))),

@@ -8,7 +8,8 @@ number of steps (DDP needs that).
 
 Resolutions: the shards hold the preset grid (the full resolution). The tokenizer and the generator
 work on it area-downsampled in-plane by ``lowres_scale`` (GenerateCT: 512 -> 128); the
-super-resolution model lifts slices back. Intensities: HU clipped to the preset window map to [-1, 1].
+super-resolution model lifts slices back. Intensities: HU clipped to the prep preset's window
+(``window``, from ``data.hu_window``) map to [-1, 1] (``ctgen.data.layout``).
 """
 
 from __future__ import annotations
@@ -17,40 +18,21 @@ import json
 import logging
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ctgen.data import iter_samples, to_model_layout
+from ctgen.data.layout import downsample, hu_to_unit, to_model_layout
+from ctgen.data.shards import iter_samples
+from ctgen.data.text import TextConditioning
 
 log = logging.getLogger(__name__)
 
-HU_WINDOW = (-1000.0, 1000.0)  # the presets' clip window; the models see it as [-1, 1]
-
-
-def hu_to_unit(hu: torch.Tensor, window=HU_WINDOW) -> torch.Tensor:
-    lo, hi = window
-    return (hu.float().clamp(lo, hi) - lo) / (hi - lo) * 2 - 1
-
-
-def unit_to_hu(x: torch.Tensor, window=HU_WINDOW) -> torch.Tensor:
-    lo, hi = window
-    return (x.float().clamp(-1, 1) + 1) / 2 * (hi - lo) + lo
-
-
-def downsample(x: torch.Tensor, scale: int) -> torch.Tensor:
-    """In-plane area downsampling of (..., H, W) by an integer factor (box filter: no aliasing)."""
-    if scale == 1:
-        return x
-    lead = x.shape[:-2]
-    y = F.avg_pool2d(x.reshape(-1, 1, *x.shape[-2:]), scale)
-    return y.reshape(*lead, *y.shape[-2:])
-
-
-def _rank_order(n: int, ctx, batch_size: int) -> list[int]:
+def rank_order(n: int, ctx, batch_size: int) -> list[int]:
     """This rank's sample indices for the epoch: seeded shuffle, round-robin, whole global batches."""
     order = list(range(n))
     random.Random(f"{ctx.seed}-{ctx.epoch}").shuffle(order)
@@ -61,8 +43,10 @@ def _rank_order(n: int, ctx, batch_size: int) -> list[int]:
     return order[ctx.rank:usable:ctx.world_size]
 
 
-def load_volumes(manifests: list[str], prompt: str | None = None) -> list[dict]:
+def load_volumes(manifests: list[str], window, prompt: str | None = None) -> list[dict]:
     """Every sample of the manifests as {key, volume (1, D, H, W) float16 in [-1, 1], prompt, labels (18,) float32}.
+
+    ``window``: the prep preset's HU window (low, high), which maps to [-1, 1].
 
     The demo and moderate cohorts fit in memory; this keeps every epoch's shuffle exact and cheap.
     # TODO(scale): at CT-RATE scale stream with webdataset's split_by_node/worker instead.
@@ -72,7 +56,7 @@ def load_volumes(manifests: list[str], prompt: str | None = None) -> list[dict]:
         for s in iter_samples(manifest):
             vol = torch.from_numpy(to_model_layout(s["volume"]))  # (1, D, H, W) HU
             text = s["prompts"].get(prompt, s["prompt"]) if prompt else s["prompt"]
-            out.append({"key": s["key"], "volume": hu_to_unit(vol).half(), "prompt": text,
+            out.append({"key": s["key"], "volume": hu_to_unit(vol, window).half(), "prompt": text,
                         "labels": torch.from_numpy(np.asarray(s["labels"], dtype=np.float32))})
     if not out:
         raise ValueError(f"no samples in {manifests}")
@@ -84,39 +68,12 @@ def volume_batches(volumes: list[dict], batch_size: int, lowres_scale: int):
     """make_batches for the tokenizer: {"video": (B, 1, D, H/s, W/s)}."""
 
     def make(ctx) -> Iterator[dict]:
-        order = _rank_order(len(volumes), ctx, batch_size)
+        order = rank_order(len(volumes), ctx, batch_size)
         for i in range(0, len(order), batch_size):
             vols = torch.stack([volumes[j]["volume"].float() for j in order[i:i + batch_size]])
             yield {"video": downsample(vols, lowres_scale)}
 
     return make
-
-
-class TextConditioning:
-    """Text for a batch of keys: cached frozen-encoder states, or token ids for a trainable encoder."""
-
-    def __init__(self, prompts: dict[str, str], cache_path: str | None = None, tokenizer_path: str | None = None,
-                 max_length: int = 128):
-        if (cache_path is None) == (tokenizer_path is None):
-            raise ValueError("give exactly one of a text embedding cache or a text tokenizer")
-        self.prompts = prompts
-        self.max_length = max_length
-        self.cache = self.tokenizer = None
-        if cache_path:
-            from ctgen.text_cache import EmbeddingCache
-
-            self.cache = EmbeddingCache(cache_path)
-        else:
-            from ctgen.models.text_encoders import ReportTokenizer
-
-            self.tokenizer = ReportTokenizer.load(tokenizer_path)
-
-    def __call__(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        if self.cache is not None:
-            enc = self.cache.batch(keys)
-            return {"text": enc.hidden, "text_mask": enc.mask}
-        ids, mask = self.tokenizer.encode_batch([self.prompts[k] for k in keys], self.max_length)
-        return {"text_ids": ids, "text_mask": mask}
 
 
 def load_tokens(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -131,7 +88,7 @@ def token_batches(grids: dict[str, torch.Tensor], text: TextConditioning, batch_
     keys = sorted(grids)
 
     def make(ctx) -> Iterator[dict]:
-        order = _rank_order(len(keys), ctx, batch_size)
+        order = rank_order(len(keys), ctx, batch_size)
         for i in range(0, len(order), batch_size):
             batch_keys = [keys[j] for j in order[i:i + batch_size]]
             yield {"tokens": torch.stack([grids[k].long() for k in batch_keys]), **text(batch_keys)}
@@ -153,7 +110,7 @@ def slice_batches(volumes: list[dict], text: TextConditioning, batch_size: int, 
         rng = np.random.default_rng([ctx.seed, ctx.epoch])
         depth = [volumes[v]["volume"].shape[1] for v in range(len(volumes))]
         picks = [int(rng.integers(depth[v])) for v, _ in items]  # same on every rank
-        order = _rank_order(len(items), ctx, batch_size)
+        order = rank_order(len(items), ctx, batch_size)
         for i in range(0, len(order), batch_size):
             chosen = [(items[j][0], picks[j]) for j in order[i:i + batch_size]]
             hr = torch.stack([volumes[v]["volume"][:, z].float() for v, z in chosen])  # (B, 1, H, W)
@@ -164,3 +121,52 @@ def slice_batches(volumes: list[dict], text: TextConditioning, batch_size: int, 
             yield {"hr": hr, "lr": lr, **text([volumes[v]["key"] for v, _ in chosen])}
 
     return make
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training-time augmentation, seeded per epoch from the loop's context."""
+
+    flip_w: bool = False  # flip left-right (W) with p = 0.5; off for CLIP: reports name sides ("right effusion")
+    intensity: float = 0.0  # x * (1 + a) + b with a, b ~ U(-intensity, intensity), clipped to [-1, 1]
+
+    def __call__(self, video: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """(B, 1, D, H, W) -> augmented copy (draws from ``gen`` even when off, keeping streams aligned)."""
+        b = video.shape[0]
+        flip = torch.rand(b, generator=gen) < 0.5  # (B,)
+        scale_shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * self.intensity  # (B, 2)
+        if self.flip_w and flip.any():
+            video = torch.where(flip.view(b, 1, 1, 1, 1), video.flip(-1), video)
+        if self.intensity > 0:
+            a, c = scale_shift[:, 0].view(b, 1, 1, 1, 1), scale_shift[:, 1].view(b, 1, 1, 1, 1)
+            video = (video * (1 + a) + c).clamp(-1, 1)
+        return video
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Augment:
+        return cls(**(data.get("augment") or {}))
+
+
+def _video_batches(volumes: list[dict], batch_size: int, augment: Augment, extra):
+    """make_batches: this rank's {"video": (B, 1, D, H, W) augmented, **extra(chosen volumes)} per epoch."""
+
+    def make(ctx) -> Iterator[dict]:
+        gen = ctx.generator()
+        order = rank_order(len(volumes), ctx, batch_size)
+        for i in range(0, len(order), batch_size):
+            chosen = [volumes[j] for j in order[i:i + batch_size]]
+            video = augment(torch.stack([v["volume"].float() for v in chosen]), gen)
+            yield {"video": video, **extra(chosen)}
+
+    return make
+
+
+def clip_batches(volumes: list[dict], text: TextConditioning, batch_size: int, augment: Augment):
+    """make_batches for CLIP3D: {"video": (B, 1, D, H, W), text_ids | text, "text_mask"}."""
+    return _video_batches(volumes, batch_size, augment, lambda chosen: text([v["key"] for v in chosen]))
+
+
+def classifier_batches(volumes: list[dict], batch_size: int, augment: Augment):
+    """make_batches for Classifier3D: {"video": (B, 1, D, H, W), "labels": (B, 18)}."""
+    return _video_batches(volumes, batch_size, augment, lambda chosen: {
+        "labels": torch.stack([torch.as_tensor(v["labels"]).float() for v in chosen])})

@@ -1,4 +1,4 @@
-"""Model-side reading of the ctprep shards, and the one place the layout becomes (C, D, H, W).
+"""Model-side reading of the ctprep shards (the layout change to (C, D, H, W) is in ``ctgen.data.layout``).
 
 Samples are read with webdataset's stock reader (``webdataset.WebDataset(...).decode()``), so a
 training job can swap in its own pipeline stages (node/worker splitting, batching) unchanged.
@@ -18,17 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import webdataset as wds
 
 from ctprep.shards import ShardError, load_manifest, verify_manifest
 
 log = logging.getLogger(__name__)
-
-try:
-    from einops import rearrange
-except ImportError:  # einops is tiny and pure Python, but keep the reader usable without it
-    rearrange = None
 
 
 def shard_urls(manifest_path: str | os.PathLike) -> list[str]:
@@ -54,7 +48,7 @@ def iter_samples(
     if shuffle:
         random.Random(seed).shuffle(urls)
     # shardshuffle=False: shard order is ours (manifest order, or the seeded shuffle above).
-    # nodesplitter=None: every process reads every shard; ctgen.datasets deals samples out by rank
+    # nodesplitter=None: every process reads every shard; ctgen.data.batches deals samples out by rank
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None).decode()
     if shuffle and buffer > 1:
         dataset = dataset.shuffle(buffer, initial=buffer, seed=seed)
@@ -68,24 +62,6 @@ def iter_samples(
             "meta": sample["meta.json"],
             "labels": sample["labels.npy"],
         }
-
-
-def to_model_layout(volume_ijk: np.ndarray) -> np.ndarray:
-    """(I, J, K) RAS array -> (C=1, D, H, W) with D = k, H = j, W = i.
-
-    For a canonical (RAS) volume: D runs inferior -> superior (axial slices), H posterior ->
-    anterior, W left -> right in patient terms (index 0 is the patient's left). No flips: models
-    learn whatever fixed orientation they are given, and keeping the mapping a pure axis
-    permutation means the affine still describes the data after undoing it.
-    """
-    if volume_ijk.ndim != 3:
-        raise ValueError(f"expected an (I, J, K) array, got shape {volume_ijk.shape}")
-    if rearrange is not None:
-        out = rearrange(volume_ijk, "i j k -> 1 k j i")  # (C, D, H, W)
-    else:
-        out = np.transpose(volume_ijk, (2, 1, 0))[None]  # same as the einops pattern above
-    # A copy, so batch collation and pinned memory get one contiguous block per sample.
-    return np.ascontiguousarray(out)
 
 
 def verify_shards_main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,6 @@ from tqdm import tqdm
 
 from ctgen.training import checkpoint as ckpt
 from ctgen.training import distributed as distr
-from ctgen.training.distributed import launch_info, torchrun_command  # noqa: F401 (public API)
 from ctgen.training.ema import EMA
 from ctgen.training.metrics import MetricsWriter
 from ctgen.training.optim import build_optimizer, build_scheduler

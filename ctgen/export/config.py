@@ -1,18 +1,15 @@
-"""Shared pieces of the export layer: its config, the model-layout inverse and HU clipping.
+"""Shared pieces of the export layer: its config and the conversion to whole int16 HU.
 
-Generators work in the model layout ``(C, D, H, W)`` with ``D = k``, ``H = j``, ``W = i``
-(:func:`ctgen.data.to_model_layout`); files are written from a :class:`~ctprep.volume.Volume`
-whose array is ``(C, I, J, K)`` in affine order. :func:`from_model_layout` is the one way back.
+Files are written from a :class:`~ctprep.volume.Volume` whose array is ``(C, I, J, K)`` in affine
+order (``ctgen.data.layout.from_model_layout`` brings a generator's output there).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-from einops import rearrange
 
 from ctprep import __version__
 from ctprep.volume import Volume
@@ -44,23 +41,7 @@ class ExportConfig:
         return self.descrip.format(version=__version__)
 
 
-def from_model_layout(x: Any, affine: np.ndarray, **meta: Any) -> Volume:
-    """(C, D, H, W) model-layout array (NumPy or torch) -> :class:`Volume` (C, I, J, K) with ``affine``.
-
-    The exact inverse of :func:`ctgen.data.to_model_layout` (a pure axis permutation, so the affine
-    that described the training volumes still describes the output). ``meta`` goes into the volume.
-    """
-    if hasattr(x, "detach"):  # a torch tensor, possibly on GPU or in bf16
-        x = x.detach().float().cpu().numpy() if x.dtype.is_floating_point else x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.ndim != 4:
-        raise ValueError(f"expected a (C, D, H, W) array, got shape {x.shape}")
-    out = np.ascontiguousarray(rearrange(x, "c d h w -> c w h d"))  # (C, I=W, J=H, K=D)
-    vol = Volume(out, np.asarray(affine, dtype=np.float64), dict(meta))
-    return vol.new_like(vol.array, op="from_model_layout", layout="(C, D=k, H=j, W=i)")
-
-
-def clip_hu(vol: Volume, hu_range: tuple[int, int]) -> tuple[Volume, int]:
+def to_int16_hu(vol: Volume, hu_range: tuple[int, int]) -> tuple[Volume, int]:
     """The single-channel volume rounded to whole HU, clipped to ``hu_range``, as int16.
 
     Returns the new volume and the number of voxels that were clipped (NaN counts as clipped and
@@ -78,4 +59,4 @@ def clip_hu(vol: Volume, hu_range: tuple[int, int]) -> tuple[Volume, int]:
     out = np.clip(rounded, lo, hi).astype(np.int16)
     if n_clipped:
         logger.warning("clipped %d of %d voxels to HU range [%d, %d]", n_clipped, data.size, lo, hi)
-    return vol.new_like(out[None], op="clip_hu", hu_range=[int(lo), int(hi)], n_clipped=n_clipped), n_clipped
+    return vol.new_like(out[None], op="to_int16_hu", hu_range=[int(lo), int(hi)], n_clipped=n_clipped), n_clipped

@@ -1,0 +1,1 @@
+"""Data on the model side: shard reading, batches for the training loop, text conditioning, model layout."""

@@ -1,0 +1,101 @@
+"""Training-job configs: reading and writing them, the model presets of ``config.yaml``, and run hashes.
+
+One ``ctgen train MODEL --config FILE`` run reads a YAML/JSON file of the form::
+
+    model: {...}            # the model's config fields (CTViTConfig, MaskGITConfig, SuperResConfig, ...)
+    text_encoder: {...}     # generator/superres/clip: SmallTextEncoderConfig fields when trained jointly; absent: cached states
+    train: {...}            # TrainConfig fields (ctgen/training/loop.py)
+    data:                   # inputs; paths may also come as command-line flags
+      manifests: [...]      # tokenizer, superres, clip, classifier: shard manifests of the training split
+      tokens: PATH          # generator: the encode_tokens output
+      text_cache: PATH      # a frozen encoder's cached prompt states (or text_tokenizer: PATH)
+      hu_window: [lo, hi]   # the prep preset's HU window (its `clip`), mapped to [-1, 1]
+      lowres_scale: 2       # in-plane factor between the shards' grid and the tokenizer's grid
+      prompt: generatect    # which prompt template conditions the models
+      slices_per_volume: 4  # superres: random slices per volume and epoch
+      recon: PATH           # superres: tokenizer reconstructions as low-res inputs (else downsampled slices)
+      augment: {...}        # clip, classifier: see ctgen.data.batches.Augment
+
+Model presets live only in ``config.yaml`` (``model_presets``); :func:`model_preset` reads one for
+scripts and benchmarks that run outside the workflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ctprep.shards import sha256_file
+from ctprep.volume import atomic_write
+
+#: config.yaml at the root of a source checkout (benchmarks and tests read presets from it)
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "config.yaml"
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """A training config from YAML/JSON; names the file and the problem when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training config {path} does not exist")
+    text = path.read_text()
+    try:
+        cfg = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
+    if not isinstance(cfg, dict) or "model" not in cfg or "train" not in cfg:
+        raise ValueError(f"{path}: a training config needs `model` and `train` sections")
+    cfg.setdefault("data", {})
+    return cfg
+
+
+def write_config(cfg: dict[str, Any], path: str | Path) -> Path:
+    """A training config as YAML (what ``ctgen train --config`` reads), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: Path(p).write_text(yaml.safe_dump(cfg, sort_keys=False)))
+    return path
+
+
+def model_preset(name: str, model: str, config: str | Path = REPO_CONFIG) -> dict[str, Any]:
+    """A deep copy of ``model_presets.<name>.<model>`` of ``config`` (default: the checkout's config.yaml)."""
+    presets = yaml.safe_load(Path(config).read_text())["model_presets"]
+    if name not in presets:
+        raise KeyError(f"no model preset {name!r} in {config}; it has {sorted(presets)}")
+    if model not in presets[name]:
+        raise KeyError(f"model preset {name!r} has no {model!r}; it has {sorted(presets[name])}")
+    return json.loads(json.dumps(presets[name][model]))
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """Short hash of a run's model+train+text config and of its data files' contents.
+
+    The checkpoint folder is named by it, so an interrupted job (Slurm time limit, pre-emption)
+    resumes, while a job rerun because its config or its input data changed starts afresh.
+    """
+    keyed = {k: cfg.get(k) for k in ("model", "text_encoder", "train")}
+    keyed["data"] = data_fingerprint(cfg.get("data", {}))
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def data_fingerprint(data: dict[str, Any], max_hash_bytes: int = 256 << 20) -> dict[str, Any]:
+    """Options as they are; files named in them by content hash (size and mtime beyond ``max_hash_bytes``)."""
+    out = {}
+    for key, value in sorted(data.items()):
+        values = value if isinstance(value, list) else [value]
+        prints = []
+        for v in values:
+            path = Path(str(v))
+            if isinstance(v, (str, Path)) and path.is_file():
+                stat = path.stat()
+                if stat.st_size <= max_hash_bytes:
+                    prints.append(sha256_file(path))
+                else:
+                    prints.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+            else:
+                prints.append(v)
+        out[key] = prints if isinstance(value, list) else prints[0]
+    return out
