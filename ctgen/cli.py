@@ -17,6 +17,8 @@ def _train(args: argparse.Namespace) -> int:
         value = getattr(args, key, None)
         if value:
             cfg["data"][key] = value
+    if args.data_workers is not None:
+        cfg["train"]["num_workers"] = args.data_workers
     run_training(args.model, cfg, args.out, args.checkpoints or Path(args.out).parent / "checkpoints" / args.model)
     return 0
 
@@ -27,8 +29,8 @@ def _encode_tokens(args: argparse.Namespace) -> int:
     from ctgen.jobs.tokens import encode_tokens
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encode_tokens(args.tokenizer, args.manifests, args.out, args.lowres_scale, args.hu_window, prompt=args.prompt,
-                  recon_path=args.recon, device=device)
+    encode_tokens(args.tokenizer, args.manifest, args.out, args.lowres_scale, args.hu_window, recon=args.recon,
+                  batch_size=args.batch_size, device=device)
     return 0
 
 
@@ -65,22 +67,24 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="YAML/JSON with model, train, data sections (see ctgen/jobs/config.py)")
     t.add_argument("--out", required=True, help="folder for the final weights, metrics and summary")
     t.add_argument("--checkpoints", help="folder for resumable checkpoints (default: beside --out)")
-    t.add_argument("--manifests", nargs="+", help="shard manifests (tokenizer, superres)")
-    t.add_argument("--tokens", help="encode_tokens output (generator)")
+    t.add_argument("--manifests", nargs="+", help="volume shard manifests (tokenizer, superres, clip, classifier)")
+    t.add_argument("--tokens", nargs="+", help="token shard manifests of encode-tokens (generator)")
     t.add_argument("--text-cache", dest="text_cache", help="cached frozen-encoder prompt states")
     t.add_argument("--text-tokenizer", dest="text_tokenizer", help="tokenizer JSON of the trainable text encoder")
-    t.add_argument("--recon", help="tokenizer reconstructions as super-resolution inputs")
+    t.add_argument("--recon", nargs="+", help="token shard manifests with reconstructions, as super-resolution inputs")
+    t.add_argument("--data-workers", dest="data_workers", type=int,
+                   help="DataLoader worker processes reading the shards (default: the config's train.num_workers)")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("encode-tokens", help="token grids (and reconstructions) of shards with a trained tokenizer")
+    e = sub.add_parser("encode-tokens", help="token shards (and reconstructions) of one chunk's volume shards")
     e.add_argument("--tokenizer", required=True, help="trained tokenizer folder")
-    e.add_argument("--manifests", nargs="+", required=True)
-    e.add_argument("--out", required=True, help="output .safetensors (a .prompts.json is written beside it)")
-    e.add_argument("--recon", help="also write reconstructions to this .safetensors")
+    e.add_argument("--manifest", required=True, help="the volume shards' (chunk) manifest")
+    e.add_argument("--out", required=True, help="output folder of the token shards and their manifest")
+    e.add_argument("--recon", action="store_true", help="also store the tokenizer's reconstructions")
+    e.add_argument("--batch-size", dest="batch_size", type=int, default=2, help="volumes encoded at once")
     e.add_argument("--lowres-scale", dest="lowres_scale", type=int, default=1)
     e.add_argument("--hu-window", dest="hu_window", type=float, nargs=2, required=True, metavar=("LOW", "HIGH"),
                    help="the prep preset's HU window (its clip), mapped to [-1, 1]")
-    e.add_argument("--prompt", help="prompt template name stored with the tokens (default: the shards' main prompt)")
     e.add_argument("--device", default=None, help="cuda when available, else cpu")
     e.set_defaults(func=_encode_tokens)
 

@@ -1,131 +1,161 @@
-"""Training batches for the three models, from the ctprep shards, one rank's share per epoch.
+"""Training batches of every model, streamed from shards: what a sample becomes, and how samples become a batch.
 
-Every ``*_batches`` function here is a ``make_batches(ctx)`` for the training loop: ``ctx`` gives
-``rank``, ``world_size``, ``epoch`` and ``seed``; the function yields this rank's micro-batches for
-one epoch, deterministically. Samples are dealt round-robin over ranks after a seeded shuffle that
-every rank computes identically, and only whole global batches are used, so all ranks run the same
-number of steps (DDP needs that).
+``streamed(...)`` gives the training loop its ``make_batches(ctx)``: the rank's micro-batches of one
+epoch from micro-batch ``ctx.start`` on, planned and read by ``ctgen.data.stream``. Each model adds
+a *decode* (raw shard sample -> tensors, run in the data workers) and a *collate* (samples + the
+batch's own seeded generator -> the model's batch dict, also in the workers). Augmentation draws
+from the batch's generator, seeded by (seed, epoch, rank, micro-batch), so a batch is the same
+whichever worker makes it and however the run was interrupted.
 
 Resolutions: the shards hold the preset grid (the full resolution). The tokenizer and the generator
 work on it area-downsampled in-plane by ``lowres_scale`` (GenerateCT: 512 -> 128); the
 super-resolution model lifts slices back. Intensities: HU clipped to the prep preset's window
-(``window``, from ``data.hu_window``) map to [-1, 1] (``ctgen.data.layout``).
+(``window``, from ``data.hu_window``) map to [-1, 1] (``ctgen.data.layout``). Labels: 1, 0, or NaN
+where the dataset left the label blank (unknown: masked in losses and metrics, never a 0).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from ctgen.data.layout import downsample, hu_to_unit, to_model_layout
-from ctgen.data.shards import iter_samples
+from ctgen.data.shards import iter_samples, labels_of, volume_of
+from ctgen.data.stream import Collate, Decode, StreamPlan, epoch_batches, load_shards, preflight
 from ctgen.data.text import TextConditioning
 
 log = logging.getLogger(__name__)
 
-def rank_order(n: int, ctx, batch_size: int) -> list[int]:
-    """This rank's sample indices for the epoch: seeded shuffle, round-robin, whole global batches."""
-    order = list(range(n))
-    random.Random(f"{ctx.seed}-{ctx.epoch}").shuffle(order)
-    per_global = batch_size * ctx.world_size
-    usable = (n // per_global) * per_global
-    if usable == 0:
-        raise ValueError(f"{n} samples cannot fill one global batch of {per_global} (batch {batch_size} x {ctx.world_size} ranks)")
-    return order[ctx.rank:usable:ctx.world_size]
 
+def streamed(manifests: list[str], decode: Decode, collate: Collate, *, parallel: list[list[str]] | None = None,
+             buffer: int = 16, verify: bool = True, items_per_sample: int = 1) -> Callable:
+    """make_batches for the loop: shards of ``manifests`` (and ``parallel`` shard sets with the same keys).
 
-def load_volumes(manifests: list[str], window, prompt: str | None = None) -> list[dict]:
-    """Every sample of the manifests as {key, volume (1, D, H, W) float16 in [-1, 1], prompt, labels (18,) float32}.
-
-    ``window``: the prep preset's HU window (low, high), which maps to [-1, 1].
-
-    The demo and moderate cohorts fit in memory; this keeps every epoch's shuffle exact and cheap.
-    # TODO(scale): at CT-RATE scale stream with webdataset's split_by_node/worker instead.
+    ``items_per_sample``: training items the collate makes of each sample (super-resolution: slices per
+    volume); a micro-batch of ``ctx.batch_size`` items then reads ``batch_size / items_per_sample`` samples.
     """
-    out = []
-    for manifest in manifests:
-        for s in iter_samples(manifest):
-            vol = torch.from_numpy(to_model_layout(s["volume"]))  # (1, D, H, W) HU
-            text = s["prompts"].get(prompt, s["prompt"]) if prompt else s["prompt"]
-            out.append({"key": s["key"], "volume": hu_to_unit(vol, window).half(), "prompt": text,
-                        "labels": torch.from_numpy(np.asarray(s["labels"], dtype=np.float32))})
-    if not out:
-        raise ValueError(f"no samples in {manifests}")
-    log.info("loaded %d volumes of shape %s from %d manifests", len(out), tuple(out[0]["volume"].shape), len(manifests))
-    return out
-
-
-def volume_batches(volumes: list[dict], batch_size: int, lowres_scale: int):
-    """make_batches for the tokenizer: {"video": (B, 1, D, H/s, W/s)}."""
+    shards = load_shards(manifests)
+    extra = [load_shards(p) for p in parallel or []]
+    for other in extra:
+        _check_parallel(shards, other)
+    for s in (shards, *extra):
+        preflight(s)
+    first_epoch: list[int] = []
+    reported: list[int] = []
 
     def make(ctx) -> Iterator[dict]:
-        order = rank_order(len(volumes), ctx, batch_size)
-        for i in range(0, len(order), batch_size):
-            vols = torch.stack([volumes[j]["volume"].float() for j in order[i:i + batch_size]])
-            yield {"video": downsample(vols, lowres_scale)}
+        workers = StreamPlan.max_workers(len(shards), ctx.world_size, ctx.num_workers)
+        if workers != ctx.num_workers and not reported:
+            reported.append(workers)
+            log.warning("%d data workers asked for, %d used: each worker needs shards of its own (%d shards, %d ranks)",
+                        ctx.num_workers, workers, len(shards), ctx.world_size)
+        if not first_epoch:
+            first_epoch.append(ctx.epoch)
+        if ctx.batch_size % items_per_sample:
+            raise ValueError(f"train.batch_size {ctx.batch_size} must be a multiple of the {items_per_sample} "
+                             "items made of each sample")
+        plan = StreamPlan(tuple(shards), ctx.batch_size // items_per_sample, ctx.seed, ctx.world_size, ctx.rank, workers, buffer,
+                          tuple(tuple(p) for p in extra))
+        # checksums in this run's first epoch (each worker hashes its shards before reading them)
+        return epoch_batches(plan, ctx.epoch, ctx.start, decode, collate, pin_memory=ctx.device.type == "cuda",
+                             verify=verify and ctx.epoch == first_epoch[0])
 
+    make.resumes_at_start = True  # the loop may pass ctx.start instead of replaying batches
+    make.n_samples = sum(len(s.keys) for s in shards)
     return make
 
 
-def load_tokens(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The token grids written by ``encode_tokens`` ({key: (t, h, w)}) and their prompts."""
-    grids = load_file(path)
-    prompts = json.loads(Path(path).with_suffix(".prompts.json").read_text())
-    return grids, prompts
+def _check_parallel(shards, other) -> None:
+    if [s.keys for s in shards] != [s.keys for s in other]:
+        first = next((i for i, (a, b) in enumerate(zip(shards, other)) if a.keys != b.keys), min(len(shards), len(other)))
+        raise ValueError(f"{other[0].manifest if other else 'derived shards'} is not derived from "
+                         f"{shards[0].manifest if shards else 'the shards'}: shard {first} differs in its keys "
+                         "(re-run the job that derives it)")
 
 
-def token_batches(grids: dict[str, torch.Tensor], text: TextConditioning, batch_size: int):
-    """make_batches for the generator: {"tokens": (B, t, h, w), text...}."""
-    keys = sorted(grids)
-
-    def make(ctx) -> Iterator[dict]:
-        order = rank_order(len(keys), ctx, batch_size)
-        for i in range(0, len(order), batch_size):
-            batch_keys = [keys[j] for j in order[i:i + batch_size]]
-            yield {"tokens": torch.stack([grids[k].long() for k in batch_keys]), **text(batch_keys)}
-
-    return make
+# --- decodes: raw shard sample -> tensors (in the data workers) ---------------------------------------
 
 
-def slice_batches(volumes: list[dict], text: TextConditioning, batch_size: int, lowres_scale: int,
-                  slices_per_volume: int = 4, recon: dict[str, torch.Tensor] | None = None):
-    """make_batches for super-resolution: {"hr": (B, 1, H, W), "lr": (B, 1, H/s, W/s), text...}.
+def volume_decode(window, prompt: str | None = None) -> Decode:
+    """Volume samples: {key, volume (1, D, H, W) float32 in [-1, 1], prompt, labels (18,) float32 with NaN}."""
 
-    Each epoch draws ``slices_per_volume`` random slices per volume (seeded). ``lr`` is the
-    downsampled real slice, or the tokenizer's reconstruction of it when ``recon`` is given
-    ({key: (D, H/s, W/s)}), as GenerateCT trained its super-resolution stage.
+    def decode(raw: dict[str, Any]) -> dict[str, Any]:
+        vol = torch.from_numpy(to_model_layout(volume_of(raw)))  # (1, D, H, W) HU
+        out = {"key": raw["__key__"], "volume": hu_to_unit(vol, window), "prompt": _prompt(raw, prompt),
+               "labels": torch.from_numpy(labels_of(raw))}
+        if "recon.npy" in raw:  # parallel tokenizer reconstructions (D, h, w) in [-1, 1]
+            out["recon"] = torch.from_numpy(np.asarray(raw["recon.npy"], dtype=np.float32))
+        return out
+
+    return decode
+
+
+def token_decode(prompt: str | None = None) -> Decode:
+    """Token samples (encode_tokens' shards): {key, tokens (t, h, w) long, prompt, labels}."""
+
+    def decode(raw: dict[str, Any]) -> dict[str, Any]:
+        return {"key": raw["__key__"], "tokens": torch.from_numpy(raw["tokens.npy"].astype(np.int64)),
+                "prompt": _prompt(raw, prompt), "labels": torch.from_numpy(labels_of(raw))}
+
+    return decode
+
+
+def _prompt(raw: dict[str, Any], template: str | None) -> str:
+    prompts = raw.get("prompts.json") or {}
+    if template and template in prompts:
+        return prompts[template]
+    if template and prompts:
+        raise KeyError(f"{raw.get('__url__')}: sample {raw['__key__']} has no prompt {template!r} "
+                       f"(it has {sorted(prompts)})")
+    return raw["prompt.txt"]
+
+
+# --- collates: samples + the batch's generator -> the model's batch (in the data workers) ---------------
+
+
+def tokenizer_collate(lowres_scale: int) -> Collate:
+    """The tokenizer's batch: {"video": (B, 1, D, H/s, W/s)}."""
+    return lambda samples, gen: {"video": downsample(torch.stack([s["volume"] for s in samples]), lowres_scale)}
+
+
+def generator_collate(text: TextConditioning) -> Collate:
+    """The generator's batch: {"tokens": (B, t, h, w), text...}."""
+    return lambda samples, gen: {"tokens": torch.stack([s["tokens"] for s in samples]),
+                                 **text([s["key"] for s in samples], [s["prompt"] for s in samples])}
+
+
+def superres_collate(text: TextConditioning, lowres_scale: int, slices_per_volume: int) -> Collate:
+    """Super-resolution: {"hr": (B * k, 1, H, W), "lr": (B * k, 1, H/s, W/s), text...}, k random slices per volume.
+
+    ``lr`` is the downsampled real slice, or the tokenizer's reconstruction of it where the samples
+    carry one (``recon``), as GenerateCT trained its super-resolution stage.
     """
-    items = [(v, d) for v in range(len(volumes)) for d in range(slices_per_volume)]
 
-    def make(ctx) -> Iterator[dict]:
-        rng = np.random.default_rng([ctx.seed, ctx.epoch])
-        depth = [volumes[v]["volume"].shape[1] for v in range(len(volumes))]
-        picks = [int(rng.integers(depth[v])) for v, _ in items]  # same on every rank
-        order = rank_order(len(items), ctx, batch_size)
-        for i in range(0, len(order), batch_size):
-            chosen = [(items[j][0], picks[j]) for j in order[i:i + batch_size]]
-            hr = torch.stack([volumes[v]["volume"][:, z].float() for v, z in chosen])  # (B, 1, H, W)
-            if recon is None:
-                lr = downsample(hr, lowres_scale)
-            else:
-                lr = torch.stack([recon[volumes[v]["key"]][z][None].float() for v, z in chosen])
-            yield {"hr": hr, "lr": lr, **text([volumes[v]["key"] for v, _ in chosen])}
+    def collate(samples, gen) -> dict:
+        hr, lr, keys, prompts = [], [], [], []
+        for s in samples:
+            depth = s["volume"].shape[1]
+            for z in torch.randint(depth, (slices_per_volume,), generator=gen).tolist():
+                hr.append(s["volume"][:, z])  # (1, H, W)
+                if "recon" in s:
+                    lr.append(s["recon"][z][None])
+                keys.append(s["key"])
+                prompts.append(s["prompt"])
+        hr = torch.stack(hr)
+        lr = torch.stack(lr) if lr else downsample(hr, lowres_scale)
+        return {"hr": hr, "lr": lr, **text(keys, prompts)}
 
-    return make
+    return collate
 
 
 @dataclass(frozen=True)
 class Augment:
-    """Training-time augmentation, seeded per epoch from the loop's context."""
+    """Training-time augmentation, seeded per batch."""
 
     flip_w: bool = False  # flip left-right (W) with p = 0.5; off for CLIP: reports name sides ("right effusion")
     intensity: float = 0.0  # x * (1 + a) + b with a, b ~ U(-intensity, intensity), clipped to [-1, 1]
@@ -147,26 +177,56 @@ class Augment:
         return cls(**(data.get("augment") or {}))
 
 
-def _video_batches(volumes: list[dict], batch_size: int, augment: Augment, extra):
-    """make_batches: this rank's {"video": (B, 1, D, H, W) augmented, **extra(chosen volumes)} per epoch."""
+def clip_collate(text: TextConditioning, augment: Augment) -> Collate:
+    """CLIP3D: {"video": (B, 1, D, H, W) augmented, text_ids | text, "text_mask"}."""
+    return lambda samples, gen: {"video": augment(torch.stack([s["volume"] for s in samples]), gen),
+                                 **text([s["key"] for s in samples], [s["prompt"] for s in samples])}
+
+
+def classifier_collate(augment: Augment) -> Collate:
+    """Classifier3D: {"video": (B, 1, D, H, W) augmented, "labels": (B, 18) with NaN = unknown}."""
+    return lambda samples, gen: {"video": augment(torch.stack([s["volume"] for s in samples]), gen),
+                                 "labels": torch.stack([s["labels"] for s in samples])}
+
+
+# --- small in-memory sources -----------------------------------------------------------------------------
+
+
+def listed(samples: list[dict], collate: Collate) -> Callable:
+    """make_batches over samples already in memory (generated volumes handed to the classifier for TSTR).
+
+    Kept for what is not in shards: the evaluation's generated volumes (one per evaluation report, a
+    few hundred at most). Seeded shuffle per epoch, whole global batches, round-robin over ranks.
+    """
 
     def make(ctx) -> Iterator[dict]:
-        gen = ctx.generator()
-        order = rank_order(len(volumes), ctx, batch_size)
-        for i in range(0, len(order), batch_size):
-            chosen = [volumes[j] for j in order[i:i + batch_size]]
-            video = augment(torch.stack([v["volume"].float() for v in chosen]), gen)
-            yield {"video": video, **extra(chosen)}
+        order = np.random.default_rng([ctx.seed, ctx.epoch]).permutation(len(samples)).tolist()
+        per_global = ctx.batch_size * ctx.world_size
+        usable = (len(order) // per_global) * per_global
+        if usable == 0:
+            raise ValueError(f"{len(order)} samples cannot fill one global batch of {per_global}")
+        mine = order[ctx.rank:usable:ctx.world_size]
+        for j, i in enumerate(range(0, len(mine), ctx.batch_size)):
+            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([ctx.seed, ctx.epoch, ctx.rank, j, 2])
+                                                    .generate_state(1, np.uint64)[0] & (2**63 - 1)))
+            yield collate([samples[k] for k in mine[i:i + ctx.batch_size]], gen)
 
     return make
 
 
-def clip_batches(volumes: list[dict], text: TextConditioning, batch_size: int, augment: Augment):
-    """make_batches for CLIP3D: {"video": (B, 1, D, H, W), text_ids | text, "text_mask"}."""
-    return _video_batches(volumes, batch_size, augment, lambda chosen: text([v["key"] for v in chosen]))
+def load_volumes(manifests: list[str], window, prompt: str | None = None) -> list[dict]:
+    """Every sample of the manifests as {key, volume (1, D, H, W) float16 in [-1, 1], prompt, labels}.
 
-
-def classifier_batches(volumes: list[dict], batch_size: int, augment: Augment):
-    """make_batches for Classifier3D: {"video": (B, 1, D, H, W), "labels": (B, 18)}."""
-    return _video_batches(volumes, batch_size, augment, lambda chosen: {
-        "labels": torch.stack([torch.as_tensor(v["labels"]).float() for v in chosen])})
+    For the evaluation's reference volumes until it streams them too (one evaluation split; not for training).
+    """
+    out = []
+    for manifest in manifests:
+        for s in iter_samples(manifest):
+            vol = torch.from_numpy(to_model_layout(s["volume"]))  # (1, D, H, W) HU
+            text = s["prompts"].get(prompt, s["prompt"]) if prompt else s["prompt"]
+            out.append({"key": s["key"], "volume": hu_to_unit(vol, window).half(), "prompt": text,
+                        "labels": torch.from_numpy(labels_of({"labels.npy": s["labels"]}))})
+    if not out:
+        raise ValueError(f"no samples in {manifests}")
+    log.info("loaded %d volumes of shape %s from %d manifests", len(out), tuple(out[0]["volume"].shape), len(manifests))
+    return out

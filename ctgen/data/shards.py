@@ -18,11 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import webdataset as wds
 
 from ctprep.shards import ShardError, load_manifest, verify_manifest
 
 log = logging.getLogger(__name__)
+
+UNKNOWN_LABEL = 255  # a blank label cell in the dataset: unknown, not negative
 
 
 def shard_urls(manifest_path: str | os.PathLike) -> list[str]:
@@ -62,6 +65,20 @@ def iter_samples(
             "meta": sample["meta.json"],
             "labels": sample["labels.npy"],
         }
+
+
+def volume_of(sample: dict[str, Any]) -> np.ndarray:
+    """The (I, J, K) HU array of a raw shard sample (its ``vol.npy`` member)."""
+    return sample["vol.npy"]
+
+
+def labels_of(sample: dict[str, Any]) -> np.ndarray:
+    """The (18,) labels of a raw shard sample as float32: 0, 1, or NaN where unknown (stored as 255)."""
+    raw = np.asarray(sample["labels.npy"])
+    labels = raw.astype(np.float32)
+    if raw.dtype == np.uint8:
+        labels[raw == UNKNOWN_LABEL] = np.nan
+    return labels
 
 
 def verify_shards_main(argv: list[str] | None = None) -> int:

@@ -8,11 +8,11 @@ import torch
 class TextConditioning:
     """``text(keys)`` -> {"text", "text_mask"} (cached frozen-encoder states) or {"text_ids", "text_mask"}."""
 
-    def __init__(self, prompts: dict[str, str], cache_path: str | None = None, tokenizer_path: str | None = None,
+    def __init__(self, prompts: dict[str, str] | None = None, cache_path: str | None = None, tokenizer_path: str | None = None,
                  max_length: int = 128):
         if (cache_path is None) == (tokenizer_path is None):
             raise ValueError("give exactly one of a text embedding cache or a text tokenizer")
-        self.prompts = prompts
+        self.prompts = prompts or {}
         self.max_length = max_length
         self.cache = self.tokenizer = None
         if cache_path:
@@ -24,9 +24,11 @@ class TextConditioning:
 
             self.tokenizer = ReportTokenizer.load(tokenizer_path)
 
-    def __call__(self, keys: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, keys: list[str], prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Cached states by key, or token ids of ``prompts`` (default: the prompts given at construction)."""
         if self.cache is not None:
             enc = self.cache.batch(keys)
             return {"text": enc.hidden, "text_mask": enc.mask}
-        ids, mask = self.tokenizer.encode_batch([self.prompts[k] for k in keys], self.max_length)
+        texts = prompts if prompts is not None else [self.prompts[k] for k in keys]
+        ids, mask = self.tokenizer.encode_batch(texts, self.max_length)
         return {"text_ids": ids, "text_mask": mask}

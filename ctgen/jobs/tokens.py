@@ -1,51 +1,80 @@
-"""The step between tokenizer and generator: token grids (and reconstructions) of the shards' volumes."""
+"""The step between tokenizer and generator: token grids (and reconstructions) of one chunk's volumes, as shards.
+
+One job per (split, chunk), like preparation: it reads the chunk's volume shards in order, encodes
+``batch_size`` volumes at a time on the job's device and writes derived shards with the same keys
+(``ctgen.data.derived``): per sample ``tokens.npy`` (t, h, w) int16 codebook indices, the sample's
+``prompt.txt``, ``prompts.json`` and ``labels.npy`` (so the generator streams token shards alone), and
+with ``recon`` the tokenizer's reconstruction ``recon.npy`` (D, h, w) float16 in [-1, 1], the low-res
+input GenerateCT trained its super-resolution stage on. Memory: one batch of volumes.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from tqdm import tqdm
 
-from ctgen.data.batches import load_volumes
-from ctgen.data.layout import downsample
-from ctprep.volume import atomic_write
+from ctgen.data.derived import weights_id, write_derived
+from ctgen.data.layout import downsample, hu_to_unit, to_model_layout
+from ctgen.data.shards import volume_of
+from ctgen.data.stream import iter_raw_samples
 
 log = logging.getLogger(__name__)
 
+MEMBERS = {
+    "tokens.npy": "int16 (t, h, w) CT-ViT codebook indices of the volume downsampled in-plane by lowres_scale",
+    "recon.npy": "float16 (D, h, w) the tokenizer's reconstruction in [-1, 1] (only with reconstructions)",
+    "prompt.txt": "UTF-8 text: the training prompt (copied from the volume shard)",
+    "prompts.json": "UTF-8 JSON: {template name: prompt} (copied from the volume shard)",
+    "labels.npy": "uint8 (18,) abnormality labels, 255 = unknown (copied from the volume shard)",
+}
+
 
 @torch.no_grad()
-def encode_tokens(tokenizer_dir: str | Path, manifests: list[str], out_path: str | Path, lowres_scale: int,
-                  window, prompt: str | None = None, recon_path: str | Path | None = None, batch_size: int = 2,
-                  device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Token grids of every volume with a trained tokenizer (the generator's training data).
+def encode_tokens(tokenizer_dir: str | Path, manifest: str | Path, out_dir: str | Path, lowres_scale: int, window,
+                  *, recon: bool = False, batch_size: int = 2, device: str = "cpu") -> Path:
+    """Token shards of one volume-shard manifest (a chunk's); returns the derived manifest's path.
 
-    ``window``: the prep preset's HU window. Writes ``out_path`` (safetensors, {key: (t, h, w) int32})
-    and ``<out>.prompts.json`` ({key: prompt}); with ``recon_path`` also the tokenizer's reconstructions
-    ({key: (D, h, w) float16 in [-1, 1]}), the low-res inputs GenerateCT trained its super-resolution stage on.
+    ``window``: the prep preset's HU window, mapped to [-1, 1] as in training.
     """
     from ctgen.models.ctvit import CTViT
 
     model = CTViT.from_pretrained(tokenizer_dir, map_location=device).eval()
-    volumes = load_volumes(manifests, window, prompt=prompt)
-    grids, recons = {}, {}
-    for i in range(0, len(volumes), batch_size):
-        chunk = volumes[i:i + batch_size]
-        video = downsample(torch.stack([v["volume"].float() for v in chunk]), lowres_scale).to(device)
+    if model.config.codebook_size > np.iinfo(np.int16).max:
+        raise ValueError(f"codebook of {model.config.codebook_size} codes does not fit the int16 token shards")
+    producer = weights_id(tokenizer_dir)
+
+    def encoded(pending: list[tuple[str, dict]]) -> Iterator[dict]:
+        vols = torch.stack([hu_to_unit(torch.from_numpy(to_model_layout(volume_of(raw))), window) for _, raw in pending])
+        video = downsample(vols, lowres_scale).to(device)  # (B, 1, D, h, w)
         idx = model.encode(video)  # (B, t, h, w)
-        if recon_path:
-            rec = model.decode(idx, num_slices=video.shape[2])  # (B, 1, D, h, w)
-        for j, v in enumerate(chunk):
-            grids[v["key"]] = idx[j].to(torch.int32).cpu().contiguous()
-            if recon_path:
-                recons[v["key"]] = rec[j, 0].clamp(-1, 1).half().cpu().contiguous()
-    out_path = Path(out_path)
-    atomic_write(out_path, lambda p: save_file(grids, p))
-    atomic_write(out_path.with_suffix(".prompts.json"),
-                 lambda p: Path(p).write_text(json.dumps({v["key"]: v["prompt"] for v in volumes}, indent=1)))
-    if recon_path:
-        atomic_write(Path(recon_path), lambda p: save_file(recons, p))
-    log.info("encoded %d volumes to token grids of shape %s", len(grids), tuple(next(iter(grids.values())).shape))
-    return grids
+        rec = model.decode(idx, num_slices=video.shape[2]) if recon else None  # (B, 1, D, h, w)
+        for j, (key, raw) in enumerate(pending):
+            out = {"__key__": key, "tokens.npy": idx[j].to(torch.int16).cpu().numpy(),
+                   "prompt.txt": raw["prompt.txt"], "prompts.json": raw["prompts.json"], "labels.npy": raw["labels.npy"]}
+            if rec is not None:
+                out["recon.npy"] = rec[j, 0].clamp(-1, 1).to(torch.float16).cpu().numpy()
+            yield out
+
+    def samples() -> Iterator[dict]:
+        pending = []
+        bar = tqdm(desc=f"encode {Path(manifest).name}", unit="vol", file=sys.stderr,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        for key, raw in iter_raw_samples(manifest):
+            pending.append((key, raw))
+            if len(pending) == batch_size:
+                yield from encoded(pending)
+                bar.update(len(pending))
+                pending = []
+        if pending:
+            yield from encoded(pending)
+            bar.update(len(pending))
+        bar.close()
+
+    members = {k: v for k, v in MEMBERS.items() if recon or k != "recon.npy"}
+    return write_derived(manifest, samples(), out_dir, "tokens", producer, members)

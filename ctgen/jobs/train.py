@@ -14,9 +14,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ctgen.data import batches
+from ctgen.data.shards import labels_of
+from ctgen.data.stream import load_shards, member_values
 from ctgen.data.text import TextConditioning
 from ctgen.jobs.config import config_hash
 
@@ -48,8 +51,8 @@ def build_model(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:
     return TextConditioned(ConditionedConfig(core_class=CORE[kind], core=cfg["model"], text_encoder=cfg.get("text_encoder")))
 
 
-def _text(data: dict, prompts: dict[str, str], max_length: int) -> TextConditioning:
-    return TextConditioning(prompts, cache_path=data.get("text_cache"), tokenizer_path=data.get("text_tokenizer"),
+def _text(data: dict, max_length: int) -> TextConditioning:
+    return TextConditioning(cache_path=data.get("text_cache"), tokenizer_path=data.get("text_tokenizer"),
                             max_length=max_length)
 
 
@@ -72,27 +75,33 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
         cfg = fit_text_dims(cfg)
     torch.manual_seed(tcfg.seed)  # the initial weights are part of the run's reproducibility
     model = build_model(kind, cfg)
-    max_length = _max_length(cfg)
     scale = int(data.get("lowres_scale", 1))
+    stream = {"buffer": int(data.get("shuffle_buffer", 16)), "verify": bool(data.get("verify_shards", True))}
     if kind == "tokenizer":
-        make = batches.volume_batches(batches.load_volumes(data["manifests"], hu_window(data)), tcfg.batch_size, scale)
+        make = batches.streamed(_manifests(data, "manifests"), batches.volume_decode(hu_window(data)),
+                                batches.tokenizer_collate(scale), **stream)
     elif kind == "generator":
-        grids, prompts = batches.load_tokens(data["tokens"])
-        make = batches.token_batches(grids, _text(data, prompts, max_length), tcfg.batch_size)
+        make = batches.streamed(_manifests(data, "tokens"), batches.token_decode(data.get("prompt")),
+                                batches.generator_collate(_text(data, _max_length(cfg))), **stream)
     else:
-        volumes = batches.load_volumes(data["manifests"], hu_window(data), prompt=data.get("prompt"))
-        recon = None
-        if data.get("recon"):
-            from safetensors.torch import load_file
-
-            recon = load_file(data["recon"])
-        prompts = {v["key"]: v["prompt"] for v in volumes}
-        make = batches.slice_batches(volumes, _text(data, prompts, max_length), tcfg.batch_size, scale,
-                                     int(data.get("slices_per_volume", 4)), recon)
+        spv = int(data.get("slices_per_volume", 4))  # a micro-batch: spv slices of each of batch_size / spv volumes
+        parallel = [_manifests(data, "recon")] if data.get("recon") else None
+        make = batches.streamed(_manifests(data, "manifests"), batches.volume_decode(hu_window(data), data.get("prompt")),
+                                batches.superres_collate(_text(data, _max_length(cfg)), scale, spv),
+                                parallel=parallel, items_per_sample=spv, **stream)
     checkpoint_dir = Path(checkpoint_root) / config_hash(cfg)
-    log.info("training %s: %d parameters; checkpoints in %s", kind, sum(p.numel() for p in model.parameters()), checkpoint_dir)
+    log.info("training %s: %d parameters on %d samples; checkpoints in %s", kind,
+             sum(p.numel() for p in model.parameters()), make.n_samples, checkpoint_dir)
     return train(model, make, tcfg, out_dir, checkpoint_dir=checkpoint_dir,
-                 extra_meta={"model_kind": kind, "data": {k: str(v) for k, v in data.items()}})
+                 extra_meta={"model_kind": kind, "n_samples": make.n_samples,
+                             "data": {k: str(v) for k, v in data.items()}})
+
+
+def _manifests(data: dict[str, Any], key: str) -> list[str]:
+    value = data.get(key)
+    if not value:
+        raise ValueError(f"the training config needs data.{key}: shard manifests")
+    return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
 def fit_text_dims(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -127,9 +136,13 @@ def fit_text_dims(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def label_pos_weight(labels: torch.Tensor, cap: float = POS_WEIGHT_MAX) -> tuple[float, ...]:
-    """BCE positive weights negatives / positives per label of (N, labels), in [1, cap]; 1 where no positive."""
-    pos = labels.float().sum(dim=0)
-    neg = labels.shape[0] - pos
+    """BCE positive weights negatives / positives per label of (N, labels), in [1, cap]; 1 where no positive.
+
+    Unknown labels (NaN) count as neither positive nor negative.
+    """
+    labels = labels.float()
+    pos = torch.nansum(labels, dim=0)
+    neg = (~torch.isnan(labels)).sum(dim=0) - pos
     weight = torch.where(pos > 0, neg / pos.clamp(min=1), torch.ones_like(pos)).clamp(1.0, cap)
     return tuple(round(float(w), 4) for w in weight)
 
@@ -157,12 +170,12 @@ def train_clip(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: str | 
     if tcfg.batch_size < 2:
         raise ValueError("CLIP training needs train.batch_size >= 2 (the other pairs are the negatives)")
     cfg = fit_text_dims(cfg)
-    volumes = batches.load_volumes(data["manifests"], hu_window(data), prompt=data.get("prompt"))
     torch.manual_seed(tcfg.seed)  # the initial weights are part of the run's reproducibility
     model = CLIP3D(CLIP3D.config_from_dict({**cfg["model"], "text_encoder": cfg.get("text_encoder")}))
-    text = _text(data, {v["key"]: v["prompt"] for v in volumes}, _max_length(cfg))
-    make = batches.clip_batches(volumes, text, tcfg.batch_size, batches.Augment.from_data(data))
-    return _train_feature_net(model, make, tcfg, cfg, out_dir, checkpoint_root, "clip", volumes)
+    make = batches.streamed(_manifests(data, "manifests"), batches.volume_decode(hu_window(data), data.get("prompt")),
+                            batches.clip_collate(_text(data, _max_length(cfg)), batches.Augment.from_data(data)),
+                            buffer=int(data.get("shuffle_buffer", 16)), verify=bool(data.get("verify_shards", True)))
+    return _train_feature_net(model, make, tcfg, cfg, out_dir, checkpoint_root, "clip", make.n_samples)
 
 
 def train_classifier(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: str | Path,
@@ -170,33 +183,41 @@ def train_classifier(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: 
     """Train Classifier3D on the manifests' volumes and labels, or on ``volumes`` when given.
 
     ``volumes``: [{key, volume (1, D, H, W) in [-1, 1], labels (18,)}], e.g. generated volumes with
-    the labels of their prompts (train on synthetic, test on real).
+    the labels of their prompts (train on synthetic, test on real). Unknown labels (NaN) are left out
+    of the loss and of the automatic positive weights.
     """
     from ctgen.models.classifier3d import Classifier3D
     from ctgen.training.loop import TrainConfig
 
     data, tcfg = cfg["data"], TrainConfig.from_dict(cfg["train"])
     handed_in = volumes  # hashed by content for the checkpoint folder (no data file describes them)
+    collate = batches.classifier_collate(batches.Augment.from_data(data))
     if volumes is None:
-        volumes = batches.load_volumes(data["manifests"], hu_window(data), prompt=data.get("prompt"))
+        manifests = _manifests(data, "manifests")
+        make = batches.streamed(manifests, batches.volume_decode(hu_window(data)), collate,
+                                buffer=int(data.get("shuffle_buffer", 16)), verify=bool(data.get("verify_shards", True)))
+        labels = [labels_of({"labels.npy": v}) for _, v in member_values(load_shards(manifests), "labels.npy")]
+    else:
+        make = batches.listed([{**v, "volume": torch.as_tensor(v["volume"]).float(),
+                                "labels": torch.as_tensor(v["labels"]).float()} for v in volumes], collate)
+        labels = [np.asarray(torch.as_tensor(v["labels"]).float()) for v in volumes]
     model_cfg = dict(cfg["model"])
     if model_cfg.get("pos_weight") == "auto":
-        model_cfg["pos_weight"] = label_pos_weight(torch.stack([torch.as_tensor(v["labels"]) for v in volumes]))
-        log.info("automatic BCE pos_weight from %d volumes: %s", len(volumes), model_cfg["pos_weight"])
+        model_cfg["pos_weight"] = label_pos_weight(torch.from_numpy(np.stack(labels)))
+        log.info("automatic BCE pos_weight from %d volumes: %s", len(labels), model_cfg["pos_weight"])
     cfg = {**cfg, "model": model_cfg}
     torch.manual_seed(tcfg.seed)
     model = Classifier3D(Classifier3D.config_from_dict(model_cfg))
-    make = batches.classifier_batches(volumes, tcfg.batch_size, batches.Augment.from_data(data))
-    return _train_feature_net(model, make, tcfg, cfg, out_dir, checkpoint_root, "classifier", volumes, handed_in)
+    return _train_feature_net(model, make, tcfg, cfg, out_dir, checkpoint_root, "classifier", len(labels), handed_in)
 
 
-def _train_feature_net(model, make, tcfg, cfg, out_dir, checkpoint_root, kind: str, volumes: list[dict],
+def _train_feature_net(model, make, tcfg, cfg, out_dir, checkpoint_root, kind: str, n_volumes: int,
                        handed_in: list[dict] | None = None) -> Path:
     from ctgen.training.loop import train
 
     checkpoint_dir = Path(checkpoint_root) / _run_hash(kind, cfg, handed_in)
     log.info("training %s: %d parameters on %d volumes; checkpoints in %s", kind,
-             sum(p.numel() for p in model.parameters()), len(volumes), checkpoint_dir)
-    meta = {"model_kind": kind, "n_volumes": len(volumes),
+             sum(p.numel() for p in model.parameters()), n_volumes, checkpoint_dir)
+    meta = {"model_kind": kind, "n_volumes": n_volumes,
             "data": {k: str(v) for k, v in cfg["data"].items() if k != "volumes"}}
     return train(model, make, tcfg, out_dir, checkpoint_dir=checkpoint_dir, extra_meta=meta)

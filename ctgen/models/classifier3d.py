@@ -75,13 +75,19 @@ class Classifier3D(nn.Module, PretrainedMixin):
         return torch.sigmoid(self.logits(video).float())
 
     def forward(self, video: torch.Tensor, labels: torch.Tensor, step: int = 0) -> ClassifierOutput:
-        """Mean BCE-with-logits of the batch against ``labels`` (B, labels) in {0, 1} (soft labels allowed)."""
+        """Mean BCE-with-logits over the known labels of the batch: ``labels`` (B, labels) in {0, 1}
+        (soft labels allowed), NaN where the dataset does not know the label (left out, never a 0)."""
         if labels.shape != (video.shape[0], self.config.num_labels):
             raise ValueError(f"labels must be (B, {self.config.num_labels}), got {tuple(labels.shape)}")
         logits = self.logits(video).float()  # (B, labels)
-        target = labels.float()
-        loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=self.pos_weight.to(logits))
+        known = ~torch.isnan(labels)  # (B, labels)
+        target = torch.nan_to_num(labels.float(), nan=0.0)
+        terms = F.binary_cross_entropy_with_logits(logits, target, pos_weight=self.pos_weight.to(logits),
+                                                   reduction="none")  # (B, labels)
+        n_known = known.sum().clamp(min=1)
+        loss = (terms * known).sum() / n_known  # the mean over known labels (all known: the usual mean)
         with torch.no_grad():
             predicted = (logits > 0).float()
-            accuracy = (predicted == (target > 0.5).float()).float().mean()
-        return ClassifierOutput(loss=loss, accuracy=accuracy, positive_rate=predicted.mean(), label_rate=target.mean())
+            accuracy = ((predicted == (target > 0.5).float()) & known).sum() / n_known
+            label_rate = (target * known).sum() / n_known
+        return ClassifierOutput(loss=loss, accuracy=accuracy, positive_rate=predicted.mean(), label_rate=label_rate)

@@ -13,10 +13,11 @@ raise :class:`Preempted` (a ``SystemExit`` with code ``EXIT_PREEMPTED`` = 75, EX
 
 Data: ``make_batches(ctx)`` returns this rank's micro-batches for epoch ``ctx.epoch``; it must be
 deterministic given ``(ctx.seed, ctx.epoch, ctx.rank)`` (seed shuffles from ``ctx.generator()``,
-not from the global RNGs). On resume the loop re-creates the current epoch's iterator and skips
-the micro-batches it already consumed: this re-reads up to one epoch of data, but asks nothing of
-the pipeline beyond determinism, and the resumed run sees exactly the data an uninterrupted one
-would.
+not from the global RNGs). On resume the loop re-creates the current epoch's iterator at the
+micro-batch it stopped at: sources marked ``resumes_at_start`` (the streamed shards of
+``ctgen.data.batches.streamed``) start there themselves from ``ctx.start`` without reading what
+they skip; for any other source the loop replays and drops the consumed micro-batches. Either way
+the resumed run sees exactly the data an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ class BatchContext:
     device: torch.device
     batch_size: int
     num_workers: int
+    start: int = 0  # the micro-batch of the epoch to begin with (a resumed run), for sources that can skip
 
     def generator(self) -> torch.Generator:
         """A CPU generator seeded from (seed, epoch, rank) alone, for shuffles and augmentation."""
@@ -140,12 +142,16 @@ class _Batches:
         if pos:
             self._fast_forward(pos)
 
-    def _start_epoch(self) -> None:
+    def _start_epoch(self, start: int = 0) -> None:
         ctx = BatchContext(self.info.rank, self.info.world_size, self.epoch, self.cfg.seed, self.info.device,
-                           self.cfg.batch_size, self.cfg.num_workers)
-        self.it, self.pos = iter(self.make_batches(ctx)), 0
+                           self.cfg.batch_size, self.cfg.num_workers, start)
+        self.it, self.pos = iter(self.make_batches(ctx)), start
 
     def _fast_forward(self, pos: int) -> None:
+        if getattr(self.make_batches, "resumes_at_start", False):  # the source skips by itself, reading nothing
+            self._start_epoch(pos)
+            log.info("resumed data at epoch %d, micro-batch %d", self.epoch, pos)
+            return
         self._start_epoch()
         for _ in range(pos):
             try:

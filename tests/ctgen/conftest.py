@@ -59,11 +59,11 @@ def tiny_cascade(cohort, tmp_path_factory):
     data = {"lowres_scale": 2, "prompt": "generatect", "slices_per_volume": 2, "hu_window": WINDOW}
     run_training("tokenizer", {"model": TOKENIZER, "train": TRAIN, "data": {**data, "manifests": [cohort["manifest"]]}},
                        models / "tokenizer", out / "ckpt")
-    encode_tokens(models / "tokenizer", [cohort["manifest"]], out / "tokens.safetensors", 2, WINDOW, prompt="generatect")
+    tokens = encode_tokens(models / "tokenizer", cohort["manifest"], out / "tokens", 2, WINDOW)
     fit_text_tokenizer(cohort["prompts"], "generatect", out / "text.json", vocab_size=120)
     text = {"text_tokenizer": str(out / "text.json")}
     run_training("generator", {"model": GENERATOR, "text_encoder": TEXT, "train": TRAIN,
-                                     "data": {**data, **text, "tokens": str(out / "tokens.safetensors")}},
+                                     "data": {**data, **text, "tokens": str(tokens)}},
                        models / "generator", out / "ckpt")
     run_training("superres", {"model": SUPERRES, "text_encoder": TEXT, "train": TRAIN,
                                     "data": {**data, **text, "manifests": [cohort["manifest"]]}},

@@ -11,6 +11,7 @@ import yaml
 
 from ctgen.jobs.config import config_hash, load_config, write_config
 from ctgen.jobs.text import fit_text_tokenizer
+from ctgen.data.stream import iter_raw_samples
 from ctgen.jobs.tokens import encode_tokens
 from ctgen.jobs.train import run_training
 from ctgen.cli import main as ctgen_main
@@ -27,11 +28,11 @@ def test_cascade_trains_from_the_command_line(cohort, tmp_path):
     meta = json.loads((tmp_path / "tokenizer" / "config.json").read_text())
     assert meta["provenance"]["seed"] == 0 and meta["config"]["codebook_size"] == 32
 
-    grids = encode_tokens(tmp_path / "tokenizer", [cohort["manifest"]], tmp_path / "tokens.safetensors", 2, WINDOW,
-                          prompt="generatect", recon_path=tmp_path / "recon.safetensors")
-    assert len(grids) == 6 and all(g.shape == (5, 2, 2) for g in grids.values())
-    prompts = json.loads((tmp_path / "tokens.prompts.json").read_text())
-    assert prompts["train_1_a_1"].endswith("right pleural effusion.")
+    tokens = encode_tokens(tmp_path / "tokenizer", cohort["manifest"], tmp_path / "tokens", 2, WINDOW, recon=True)
+    samples = dict(iter_raw_samples(tokens))
+    assert len(samples) == 6 and all(s["tokens.npy"].shape == (5, 2, 2) for s in samples.values())
+    assert all(s["recon.npy"].shape == (8, 8, 8) and s["recon.npy"].dtype == np.float16 for s in samples.values())
+    assert samples["train_1_a_1"]["prompts.json"]["generatect"].endswith("right pleural effusion.")
 
     fit_text_tokenizer(cohort["prompts"], "generatect", tmp_path / "text.json", vocab_size=120)
     for kind, model in (("generator", GENERATOR), ("superres", SUPERRES)):
@@ -39,8 +40,8 @@ def test_cascade_trains_from_the_command_line(cohort, tmp_path):
                "data": {"lowres_scale": 2, "prompt": "generatect", "slices_per_volume": 2, "hu_window": WINDOW}}
         path = tmp_path / f"{kind}.yaml"
         write_config(cfg, path)
-        flags = ["--tokens", str(tmp_path / "tokens.safetensors")] if kind == "generator" else \
-            ["--manifests", cohort["manifest"], "--recon", str(tmp_path / "recon.safetensors")]
+        flags = ["--tokens", str(tokens)] if kind == "generator" else \
+            ["--manifests", cohort["manifest"], "--recon", str(tokens)]
         assert ctgen_main(["train", kind, "--config", str(path), *flags, "--text-tokenizer", str(tmp_path / "text.json"),
                            "--out", str(tmp_path / kind), "--checkpoints", str(tmp_path / "ckpt")]) == 0
         saved = json.loads((tmp_path / kind / "config.json").read_text())

@@ -1,0 +1,367 @@
+"""Streaming training data from webdataset shards: planned, resumable, the same number of steps on every rank.
+
+What a training job sees, per epoch ``e``:
+
+1. the shard list of the manifests, shuffled with ``(seed, e, pass)``;
+2. split over ranks with webdataset's ``split_by_node``, then over the DataLoader's workers with its
+   ``split_by_worker`` (both run inside the worker, on the same shuffled list);
+3. each worker's samples in shard order through a seeded shuffle buffer of ``buffer`` samples;
+4. batches: global micro-batch ``j`` of the epoch comes from worker ``j % num_workers``; the main
+   process puts batches back in ``j`` order, so the sequence does not depend on which worker is faster.
+
+An epoch is ``total_samples // (world_size * batch_size)`` micro-batches on every rank (webdataset's
+``with_epoch`` idea): a rank whose shards run out starts another pass over them, so DDP never waits
+for a rank with nothing left. Every choice above is a function of (manifests, seed, epoch, rank,
+world size, workers, batch size, buffer) alone, computed from the manifests' key lists without
+reading any volume. That is what makes resuming cheap and exact: a run resumed at micro-batch ``s``
+skips the keys of the first ``s`` batches (no decoding, no reading) and then reads exactly the
+samples an uninterrupted run would have read, with 0 workers and with workers alike, as long as
+the world size and the worker count are the same (with other counts the epoch is re-planned).
+
+Why not webdataset's own ``shuffle`` stage and ``tarfile_to_samples``: a webdataset pipeline has no
+state to save, so resuming means re-reading (and its shuffle buffer holding) decoded volumes; here
+the shuffle buffer holds keys, a worker holds one batch, and samples are read from their shard by
+offset (``tarfile`` index of member headers), so peak memory is a batch per worker, whatever the
+cohort. Shards are checked against their manifest before use: size at start (``preflight``), sha256
+when a worker first opens one (``verify``); a mismatch or a failing read names the shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import tarfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from ctgen.data.derived import is_derived, load_derived
+from ctprep.shards import ShardError, load_manifest
+
+log = logging.getLogger(__name__)
+
+OPEN_SHARDS = 4  # shard indexes a worker keeps open (the shuffle buffer spans a few consecutive shards)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar shard as its manifest describes it."""
+
+    url: str  # absolute path
+    keys: tuple[str, ...]  # sample keys, in tar order
+    sha256: str
+    bytes: int
+    manifest: str  # the manifest that lists it (for messages)
+
+
+def load_shards(manifests: list[str | os.PathLike]) -> list[Shard]:
+    """The shards of ``manifests`` (volume shards, or derived ones), in manifest order (the plan's starting point)."""
+    shards = []
+    for manifest in manifests:
+        path = Path(manifest)
+        meta = load_derived(path) if is_derived(path) else load_manifest(path)
+        for s in meta["shards"]:
+            shards.append(Shard(str((path.parent / s["file"]).resolve()), tuple(s["keys"]), s["sha256"],
+                                int(s["bytes"]), str(path)))
+    return shards
+
+
+def preflight(shards: list[Shard]) -> None:
+    """Every shard exists with its manifest's size: a missing or truncated shard is named before training."""
+    for s in shards:
+        if not os.path.isfile(s.url):
+            raise ShardError(f"{s.url} (listed in {s.manifest}) is missing")
+        size = os.path.getsize(s.url)
+        if size != s.bytes:
+            raise ShardError(f"{s.url} has {size} bytes but {s.manifest} says {s.bytes}: re-create the shards")
+
+
+def verify_shard(shard: Shard) -> None:
+    """sha256 of the whole file against the manifest; raises :class:`ShardError` naming the shard."""
+    digest = hashlib.sha256()
+    with open(shard.url, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    if digest.hexdigest() != shard.sha256:
+        raise ShardError(f"{shard.url} does not match its checksum in {shard.manifest}: the file changed after "
+                         "it was written (re-create the shards, or restore the file)")
+
+
+def _mixed_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] & (2**63 - 1))
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Which sample keys go into which micro-batch: a pure function of the manifests and the settings."""
+
+    shards: tuple[Shard, ...]
+    batch_size: int  # samples per micro-batch
+    seed: int = 0
+    world_size: int = 1
+    rank: int = 0
+    num_workers: int = 0  # DataLoader workers (0: the main process reads)
+    buffer: int = 16  # sample shuffle buffer (keys only: costs no memory worth counting)
+    parallel: tuple[tuple[Shard, ...], ...] = ()  # shard sets derived from ``shards`` (same keys per shard), read alongside
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"bad plan: batch_size={self.batch_size}, rank {self.rank} of {self.world_size}")
+        if len(self.shards) < self.world_size * self.slots:
+            raise ValueError(f"{len(self.shards)} shards cannot feed {self.world_size} ranks x {self.slots} data workers: "
+                             "lower the workers, or write smaller shards (shards.shard_size)")
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{self.total_samples} samples cannot fill one global batch of "
+                             f"{self.world_size * self.batch_size} (batch {self.batch_size} x {self.world_size} ranks)")
+
+    @property
+    def slots(self) -> int:
+        """Data streams per rank: one per worker, or one for the main process."""
+        return max(self.num_workers, 1)
+
+    @property
+    def total_samples(self) -> int:
+        return sum(len(s.keys) for s in self.shards)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Micro-batches per epoch, the same on every rank."""
+        return self.total_samples // (self.world_size * self.batch_size)
+
+    @staticmethod
+    def max_workers(n_shards: int, world_size: int, wanted: int) -> int:
+        """The most workers (<= ``wanted``) for which every worker of every rank has at least one shard."""
+        return max(0, min(wanted, n_shards // world_size))
+
+    def slot_shards(self, epoch: int, pass_: int, slot: int) -> list[int]:
+        """Shard indices of one worker slot for one pass: shuffled, then webdataset's node and worker split."""
+        order = list(range(len(self.shards)))
+        random.Random(_mixed_seed(self.seed, epoch, pass_)).shuffle(order)
+        env = {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
+               "WORKER": str(slot), "NUM_WORKERS": str(self.slots)}
+        with _environ(env):  # webdataset's splitters read the rank and worker from these variables first
+            return list(wds.split_by_worker(wds.split_by_node(order)))
+
+    def slot_keys(self, epoch: int, slot: int) -> Iterator[tuple[int, str]]:
+        """(shard index, key) in the order one worker slot reads them: endless passes, shuffle buffer applied."""
+        rng = random.Random(_mixed_seed(self.seed, epoch, self.rank, slot, 1))
+        buffer: list[tuple[int, str]] = []
+        pass_ = 0
+        while True:
+            seen = 0
+            for i in self.slot_shards(epoch, pass_, slot):
+                for key in self.shards[i].keys:
+                    seen += 1
+                    if len(buffer) < self.buffer:
+                        buffer.append((i, key))
+                        continue
+                    k = rng.randrange(len(buffer))  # webdataset's shuffle: a random buffered sample out, the new one in
+                    buffer[k], item = (i, key), buffer[k]
+                    yield item
+            if not seen:
+                raise ShardError(f"rank {self.rank}, data worker {slot}: its shards hold no samples")
+            pass_ += 1
+
+    def batches_of_slot(self, slot: int, start: int = 0) -> range:
+        """The epoch's micro-batch indices ``j >= start`` that ``slot`` produces (j % slots == slot)."""
+        first = start + (slot - start) % self.slots
+        return range(first, self.steps_per_epoch, self.slots)
+
+    def slot_batches(self, epoch: int, slot: int, start: int = 0) -> Iterator[tuple[int, list[tuple[int, str]]]]:
+        """(j, [(shard index, key)] * batch_size) for the slot's micro-batches from ``start`` on."""
+        keys = self.slot_keys(epoch, slot)
+        skip = len(range(slot, start, self.slots)) * self.batch_size  # the slot's batches before start: keys only
+        for _ in range(skip):
+            next(keys)
+        for j in self.batches_of_slot(slot, start):
+            yield j, [next(keys) for _ in range(self.batch_size)]
+
+    def batch_keys(self, epoch: int, j: int) -> list[tuple[int, str]]:
+        """The (shard, key) list of micro-batch ``j`` (for messages and tests)."""
+        for _, items in self.slot_batches(epoch, j % self.slots, start=j):
+            return items
+        raise IndexError(f"micro-batch {j} is past the epoch's {self.steps_per_epoch}")
+
+
+class _environ:
+    """Set environment variables for a block, then restore them (the worker's own process only)."""
+
+    def __init__(self, values: dict[str, str]):
+        self.values, self.saved = values, {}
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def decode_member(name: str, data: bytes) -> Any:
+    """One tar member by its extension; only the shard format's types (never pickle)."""
+    if name.endswith(".npy"):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if name.endswith(".json"):
+        return json.loads(data)
+    if name.endswith(".txt"):
+        return data.decode("utf-8")
+    raise ShardError(f"unknown shard member type {name!r}")
+
+
+class ShardReader:
+    """Random access to samples of shards by key, through an index of tar member headers."""
+
+    def __init__(self, shards: tuple[Shard, ...], verify: bool = True):
+        self.shards, self.verify = shards, verify
+        self._open: OrderedDict[int, tuple[tarfile.TarFile, dict[str, dict[str, tarfile.TarInfo]]]] = OrderedDict()
+        self._verified: set[int] = set()
+
+    def _index(self, i: int):
+        if i in self._open:
+            self._open.move_to_end(i)
+            return self._open[i]
+        shard = self.shards[i]
+        if self.verify and i not in self._verified:
+            verify_shard(shard)
+            self._verified.add(i)
+        tf = tarfile.open(shard.url, "r:")  # uncompressed tar: members are read by offset, headers are 512 B
+        index: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for member in tf.getmembers():
+            key, _, ext = member.name.partition(".")
+            index.setdefault(key, {})[ext] = member
+        self._open[i] = (tf, index)
+        if len(self._open) > OPEN_SHARDS:
+            self._open.popitem(last=False)[1][0].close()
+        return tf, index
+
+    def read(self, i: int, key: str) -> dict[str, Any]:
+        """The sample ``key`` of shard ``i`` as {"__key__", "__url__", extension: decoded value}."""
+        shard = self.shards[i]
+        try:
+            tf, index = self._index(i)
+            if key not in index:
+                raise ShardError(f"{shard.url}: key {key!r} is listed in {shard.manifest} but not in the shard")
+            sample = {"__key__": key, "__url__": shard.url}
+            for ext, member in index[key].items():
+                sample[ext] = decode_member(member.name, tf.extractfile(member).read())
+            return sample
+        except ShardError:
+            raise
+        except Exception as err:  # a read or decode failure of real data: say which shard and sample
+            raise ShardError(f"{shard.url}: reading sample {key!r} failed: {type(err).__name__}: {err}") from err
+
+    def close(self) -> None:
+        for tf, _ in self._open.values():
+            tf.close()
+        self._open.clear()
+
+
+def member_values(shards: list[Shard], name: str) -> Iterator[tuple[str, Any]]:
+    """(key, decoded member ``name``) of every sample, in manifest order, reading only that member."""
+    for shard in shards:
+        with tarfile.open(shard.url, "r:") as tf:
+            for member in tf.getmembers():
+                key, _, ext = member.name.partition(".")
+                if ext == name:
+                    yield key, decode_member(member.name, tf.extractfile(member).read())
+
+
+def iter_raw_samples(manifest: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, raw sample) of one manifest in manifest order, checksums verified (the chunk jobs' input)."""
+    shards = tuple(load_shards([manifest]))
+    reader = ShardReader(shards, verify=True)
+    try:
+        for i, shard in enumerate(shards):
+            for key in shard.keys:
+                yield key, reader.read(i, key)
+    finally:
+        reader.close()
+
+
+def _merged(readers: list[ShardReader], i: int, key: str) -> dict[str, Any]:
+    """The sample from the main shard set, with the members of the parallel sets added (the main set wins)."""
+    sample = readers[0].read(i, key)
+    for reader in readers[1:]:
+        for name, value in reader.read(i, key).items():
+            sample.setdefault(name, value)
+    return sample
+
+
+# --- the DataLoader side -----------------------------------------------------------------------------
+
+Decode = Callable[[dict[str, Any]], dict[str, Any]]  # raw sample -> model-ready sample
+Collate = Callable[[list[dict[str, Any]], torch.Generator], dict[str, Any]]  # samples + batch rng -> batch
+
+
+class PlannedBatches(torch.utils.data.IterableDataset):
+    """One epoch of one rank from micro-batch ``start``: yields (j, batch) from each worker's slot."""
+
+    def __init__(self, plan: StreamPlan, epoch: int, start: int, decode: Decode, collate: Collate, verify: bool = True):
+        super().__init__()
+        self.plan, self.epoch, self.start = plan, epoch, start
+        self.decode, self.collate, self.verify = decode, collate, verify
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        slot = info.id if info is not None else 0
+        if info is not None:
+            torch.set_num_threads(1)  # workers decode; the main process's threads do the maths
+        readers = [ShardReader(s, verify=self.verify) for s in (self.plan.shards, *self.plan.parallel)]
+        try:
+            for j, items in self.plan.slot_batches(self.epoch, slot, self.start):
+                samples = [self.decode(_merged(readers, i, key)) for i, key in items]
+                gen = torch.Generator().manual_seed(_mixed_seed(self.plan.seed, self.epoch, self.plan.rank, j, 2))
+                yield j, self.collate(samples, gen)
+        finally:
+            for reader in readers:
+                reader.close()
+
+
+def epoch_batches(plan: StreamPlan, epoch: int, start: int, decode: Decode, collate: Collate, *,
+                  pin_memory: bool = False, verify: bool = True) -> Iterator[dict[str, Any]]:
+    """The rank's micro-batches of ``epoch`` from ``start``, in order, read by ``plan.num_workers`` workers."""
+    dataset = PlannedBatches(plan, epoch, start, decode, collate, verify)
+    if plan.num_workers == 0:
+        for _, batch in dataset:
+            yield batch
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=plan.num_workers,
+                                         pin_memory=pin_memory, prefetch_factor=2, persistent_workers=False)
+    pending: dict[int, dict] = {}
+    want = start
+    it = iter(loader)
+    while want < plan.steps_per_epoch:
+        if want in pending:
+            yield pending.pop(want)
+            want += 1
+            continue
+        try:
+            j, batch = next(it)
+        except StopIteration:
+            raise RuntimeError(f"the data workers stopped before micro-batch {want} of {plan.steps_per_epoch}") from None
+        except ShardError as err:  # raised in a worker: PyTorch re-raises it with the worker's traceback as text
+            raise ShardError(str(err).strip().splitlines()[-1].removeprefix("ctprep.shards.ShardError: ")
+                             .removeprefix("ShardError: ")) from err
+        except Exception as err:  # a worker died (killed, out of memory): name what it was reading
+            shards = sorted({plan.shards[i].url for jj in range(want, min(want + plan.slots, plan.steps_per_epoch))
+                             for i, _ in plan.batch_keys(epoch, jj)})
+            raise RuntimeError(f"a data worker failed while preparing micro-batches {want}.. of epoch {epoch}, which "
+                               f"read {', '.join(shards)}: {err}") from err
+        pending[j] = batch
