@@ -100,7 +100,8 @@ def build_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int = 1,
     return built.table, built.rejects
 
 
-def assemble_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int = 1, prefer: str = "fixed") -> CohortBuild:
+def assemble_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int = 1,
+                    prefer: str = "fixed") -> CohortBuild:
     """Join a CT-RATE-layout dataset into the cohort table, its rejects and the summary counts."""
     if prefer not in ctrate.LAYOUTS:
         raise ValueError(f"dataset.prefer must be one of {list(ctrate.LAYOUTS)}, not {prefer!r}")
@@ -123,7 +124,8 @@ def assemble_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int =
                 raise ValueError(f"{kind} table of split {split} has no VolumeName column")
             dupes = set(df["VolumeName"][df["VolumeName"].duplicated()])
             for name in sorted(dupes):
-                split_bad.append({"VolumeName": name, "split": split, "stage": "cohort", "reason": f"duplicate {kind} rows"})
+                split_bad.append({"VolumeName": name, "split": split, "stage": "cohort",
+                                  "reason": f"duplicate {kind} rows"})
             indexed[kind] = {r["VolumeName"]: r for r in df.to_dict("records") if r["VolumeName"] not in dupes}
         listed = set().union(*(set(v) for v in indexed.values()))
         split_rows, not_downloaded = [], 0
@@ -157,6 +159,11 @@ def _split_summary(files: dict, listed: set, rows: list[dict], bad: list[dict], 
                    no_chest: tuple[set, set, Path]) -> dict:
     """Counts of one split: what the tables list, what is on disk per layout, where each volume went."""
     names, scans, path = no_chest
+    known = listed | set(files)
+    unmatched = sorted(names - known) + sorted(s for s in scans if not any(n.startswith(s + "_") for n in known))
+    if unmatched:
+        logger.warning("%s: %d entries name no volume of the tables or the disk (first: %s)", path.name,
+                       len(unmatched), ", ".join(unmatched[:5]))
     return {
         "listed": len(listed),
         "on_disk": len(files),
@@ -168,7 +175,8 @@ def _split_summary(files: dict, listed: set, rows: list[dict], bad: list[dict], 
         "rejected": len(bad),
         "rejected_by_reason": dict(sorted(Counter(b["reason"].split(":")[0] for b in bad).items())),
         "rejected_by_layout": dict(sorted(Counter(b.get("layout") or "none" for b in bad).items())),
-        "no_chest_list": {"file": path.name if path.is_file() else None, "entries": len(names) + len(scans)},
+        "no_chest_list": {"file": path.name if path.is_file() else None, "entries": len(names) + len(scans),
+                          "unmatched": len(unmatched)},
         "labels_missing": {"volumes": sum(any(pd.isna(r[lab]) for lab in ctrate.LABELS) for r in rows),
                            "cells": sum(pd.isna(r[lab]) for r in rows for lab in ctrate.LABELS)},
     }

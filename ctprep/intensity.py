@@ -94,8 +94,8 @@ def to_hu(vol: Volume, slope: float, intercept: float, convention: str = "auto")
             raise VolumeError(
                 f"intensity convention: folder {stated['folder']}/ holds {stated['convention'].upper()} but the data "
                 f"reads as {evidence['convention']} (HU fit {evidence['score_hu']:.2f}, rescaled fit "
-                f"{evidence['score_raw']:.2f} with slope {slope:g}, intercept {intercept:g}); check the file: move a raw "
-                "one out of the _fixed folder, or set dataset.intensity: hu if it is HU"
+                f"{evidence['score_raw']:.2f} with slope {slope:g}, intercept {intercept:g}); check the file: "
+                "move a raw one out of the _fixed folder, or set dataset.intensity: hu if it is HU"
             )
     else:
         if stated and convention != stated["convention"]:

@@ -51,7 +51,8 @@ def test_original_layout_summary(dataset):
     assert set(built.table["layout"]) == {"original"} and set(built.table["layouts"]) == {"original"}
     train = built.summary["splits"]["train"]
     # the escaping name is listed in every table but is no CT-RATE name: a reject, never "not downloaded"
-    assert train["not_downloaded"] == 0 and train["on_disk_by_layout"] == {"fixed": 0, "original": train["on_disk"], "both": 0}
+    assert train["not_downloaded"] == 0
+    assert train["on_disk_by_layout"] == {"fixed": 0, "original": train["on_disk"], "both": 0}
     assert train["in_cohort"] + train["rejected"] == train["listed"] == (truth["split"] == "train").sum()
     assert train["rejected_by_reason"]["invalid VolumeName"] == 1 and train["no_chest_list"]["file"] is None
     assert built.summary["total"]["in_cohort"] == len(built.table)
