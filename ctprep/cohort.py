@@ -1,14 +1,21 @@
 """The cohort table: volumes on disk joined with metadata, reports and labels, one row each.
 
 Every CT-RATE-layout dataset (the real release, the demo cohort, converted DICOM) goes through
-this one function. A row that cannot be used lands in the rejects table with its reason.
+this one function. Volumes are found in both layouts (``<split>_fixed/`` and ``<split>/``, see
+:mod:`ctprep.ctrate`); where one is in both, ``prefer`` picks the copy, and the row records its
+``layout``. A volume that cannot be used lands in the rejects table with its reason; one the
+tables list but nobody downloaded is only counted ("not downloaded" in the summary), since
+users download subsets. Blank label cells are unknown, not negative: they stay missing (``<NA>``
+in a nullable ``Int8`` column).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import zlib
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +54,24 @@ def parse_age(value: object) -> int | None:
     return int(n / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[unit])
 
 
+#: Label cells that mean "unknown" (CT-RATE leaves them blank; other writers spell it out).
+MISSING_LABEL = {"", "nan", "na", "n/a", "none", "null"}
+#: The cohort table's label dtype: 0, 1 or missing (pandas' nullable integer; Parquet nulls).
+LABEL_DTYPE = "Int8"
+#: Reject reasons that are deliberate exclusions, not bad input: they never fail a strict run.
+EXCLUDED = "not a chest CT"
+_NOT_DOWNLOADED = "not downloaded"
+
+
+@dataclass
+class CohortBuild:
+    """What :func:`assemble_cohort` found: the table, its rejects, and the counts of the summary."""
+
+    table: pd.DataFrame
+    rejects: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+
+
 def _read(path: Path, what: str) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{what} table not found: {path} (is dataset.root a CT-RATE copy?)")
@@ -54,74 +79,148 @@ def _read(path: Path, what: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
-def _discover(root: Path, split: str) -> dict[str, Path]:
-    """Volume files under ``root/<split folder>``, by file name."""
-    found: dict[str, Path] = {}
-    base = root / ctrate.SPLITS[split]["volumes"]
-    for dirpath, _dirs, files in os.walk(base):
-        for name in files:
-            if name.endswith((".nii.gz", ".nii")):
-                found[name] = Path(dirpath) / name
-    return found
-
-
 def _is_empty(text: str) -> bool:
     return not text.strip() or text.strip().rstrip(".").lower() == ctrate.NOT_GIVEN.rstrip(".").lower()
 
 
-def build_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _no_chest(root: Path, split: str) -> tuple[set[str], set[str], Path]:
+    """(volume names, scan ids) listed in ``metadata/no_chest_<split>.txt``; empty where it is absent."""
+    path = ctrate.no_chest_txt(root, split)
+    if not path.is_file():
+        return set(), set(), path
+    entries = ctrate.read_volume_list(path)
+    scans = {s for s in map(ctrate.scan_of_entry, entries) if s}
+    return set(entries) - {f"{s}.nii.gz" for s in scans}, scans, path
+
+
+def build_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int = 1,
+                 prefer: str = "fixed") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Join a CT-RATE-layout dataset into (cohort table, rejects table)."""
+    built = assemble_cohort(root, splits, n_chunks, prefer)
+    return built.table, built.rejects
+
+
+def assemble_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int = 1,
+                    prefer: str = "fixed") -> CohortBuild:
+    """Join a CT-RATE-layout dataset into the cohort table, its rejects and the summary counts."""
+    if prefer not in ctrate.LAYOUTS:
+        raise ValueError(f"dataset.prefer must be one of {list(ctrate.LAYOUTS)}, not {prefer!r}")
     root = Path(root).resolve()
     rows: list[dict] = []
     bad: list[dict] = []
+    summary = {"root": str(root), "prefer": prefer, "splits": {}}
     for split in splits:
         tables = {
             "metadata": _read(ctrate.metadata_csv(root, split), "metadata"),
             "report": _read(ctrate.report_csv(root, split), "report"),
             "labels": _read(ctrate.labels_csv(root, split), "labels"),
         }
-        files = _discover(root, split)
+        files = ctrate.discover(root, split)
+        no_chest = _no_chest(root, split)
         indexed: dict[str, dict[str, dict]] = {}
+        split_bad: list[dict] = []
         for kind, df in tables.items():
             if "VolumeName" not in df.columns:
                 raise ValueError(f"{kind} table of split {split} has no VolumeName column")
             dupes = set(df["VolumeName"][df["VolumeName"].duplicated()])
             for name in sorted(dupes):
-                bad.append({"VolumeName": name, "split": split, "stage": "cohort", "reason": f"duplicate {kind} rows"})
+                split_bad.append({"VolumeName": name, "split": split, "stage": "cohort",
+                                  "reason": f"duplicate {kind} rows"})
             indexed[kind] = {r["VolumeName"]: r for r in df.to_dict("records") if r["VolumeName"] not in dupes}
-        names = sorted(set(files) | set().union(*(set(v) for v in indexed.values())))
-        for name in names:
-            row, reason = _join(root, split, name, files, indexed, n_chunks)
-            if reason:
-                bad.append({"VolumeName": name, "split": split, "stage": "cohort", "reason": reason})
+        listed = set().union(*(set(v) for v in indexed.values()))
+        split_rows, not_downloaded = [], 0
+        for name in sorted(set(files) | listed):
+            row, reason = _join(root, split, name, files, indexed, no_chest, n_chunks, prefer)
+            if reason == _NOT_DOWNLOADED:
+                not_downloaded += 1
+            elif reason:
+                split_bad.append({"VolumeName": name, "split": split, "stage": "cohort", "reason": reason,
+                                  "layout": row.get("layout")})
             else:
-                rows.append(row)
+                split_rows.append(row)
+        summary["splits"][split] = _split_summary(files, listed, split_rows, split_bad, not_downloaded, no_chest)
+        _log_split(split, summary["splits"][split])
+        rows += split_rows
+        bad += split_bad
     cohort = pd.DataFrame(rows)
     rej = rejects.frame(bad).drop_duplicates().reset_index(drop=True)
     if len(cohort):
+        cohort = cohort.astype({lab: LABEL_DTYPE for lab in ctrate.LABELS})
         cohort = cohort.sort_values(["split", "VolumeName"], kind="stable").reset_index(drop=True)
         _check_patient_splits(cohort)
-    logger.info("cohort: %d volumes, %d rejected", len(cohort), len(rej))
-    return cohort, rej
+    summary["total"] = {k: sum(s[k] for s in summary["splits"].values())
+                        for k in ("listed", "on_disk", "not_downloaded", "in_cohort", "rejected")}
+    logger.info("cohort: %d volumes, %d rejected, %d listed but not downloaded",
+                len(cohort), len(rej), summary["total"]["not_downloaded"])
+    return CohortBuild(cohort, rej, summary)
 
 
-def _join(root: Path, split: str, name: str, files: dict, indexed: dict, n_chunks: int) -> tuple[dict, str]:
+def _split_summary(files: dict, listed: set, rows: list[dict], bad: list[dict], not_downloaded: int,
+                   no_chest: tuple[set, set, Path]) -> dict:
+    """Counts of one split: what the tables list, what is on disk per layout, where each volume went."""
+    names, scans, path = no_chest
+    known = listed | set(files)
+    unmatched = sorted(names - known) + sorted(s for s in scans if not any(n.startswith(s + "_") for n in known))
+    if unmatched:
+        logger.warning("%s: %d entries name no volume of the tables or the disk (first: %s)", path.name,
+                       len(unmatched), ", ".join(unmatched[:5]))
+    return {
+        "listed": len(listed),
+        "on_disk": len(files),
+        "on_disk_by_layout": {**{lay: sum(lay in c for c in files.values()) for lay in ctrate.LAYOUTS},
+                              "both": sum(len(c) > 1 for c in files.values())},
+        "not_downloaded": not_downloaded,
+        "in_cohort": len(rows),
+        "in_cohort_by_layout": {lay: sum(r["layout"] == lay for r in rows) for lay in ctrate.LAYOUTS},
+        "rejected": len(bad),
+        "rejected_by_reason": dict(sorted(Counter(b["reason"].split(":")[0] for b in bad).items())),
+        "rejected_by_layout": dict(sorted(Counter(b.get("layout") or "none" for b in bad).items())),
+        "no_chest_list": {"file": path.name if path.is_file() else None, "entries": len(names) + len(scans),
+                          "unmatched": len(unmatched)},
+        "labels_missing": {"volumes": sum(any(pd.isna(r[lab]) for lab in ctrate.LABELS) for r in rows),
+                           "cells": sum(pd.isna(r[lab]) for r in rows for lab in ctrate.LABELS)},
+    }
+
+
+def _log_split(split: str, s: dict) -> None:
+    by = s["on_disk_by_layout"]
+    logger.info("%s: %d listed in the tables, %d on disk (%d in %s, %d in %s, %d in both), %d not downloaded, "
+                "%d in the cohort, %d rejected %s", split, s["listed"], s["on_disk"], by["fixed"],
+                ctrate.volume_folder(split, "fixed"), by["original"], ctrate.volume_folder(split, "original"),
+                by["both"], s["not_downloaded"], s["in_cohort"], s["rejected"], s["rejected_by_reason"] or "")
+    if s["labels_missing"]["cells"]:
+        logger.info("%s: %d volumes have blank (unknown) labels, %d cells in all; kept as missing, not 0",
+                    split, s["labels_missing"]["volumes"], s["labels_missing"]["cells"])
+
+
+def _join(root: Path, split: str, name: str, files: dict, indexed: dict, no_chest: tuple,
+          n_chunks: int, prefer: str) -> tuple[dict, str]:
     try:
         parts = ctrate.parse_volume_name(name)
     except ValueError as err:
         return {}, f"invalid VolumeName: {err}"
     if parts["split"] != split:
         return {}, f"VolumeName belongs to split {parts['split']} but is listed under {split}"
-    if name not in files:
-        return {}, f"volume file not found (expected {ctrate.volume_relpath(name)})"
-    path = files[name]  # found by walking the split folder (symlinked folders are not followed)
+    copies = files.get(name, {})
+    if not copies:  # listed, but this copy of CT-RATE does not hold it: counted, not an error
+        return {}, _NOT_DOWNLOADED
+    layout = prefer if prefer in copies else next(lay for lay in ctrate.LAYOUTS if lay in copies)
+    where = {"layout": layout}
+    if len(copies[layout]) > 1:
+        folder = root / ctrate.volume_folder(split, layout)
+        found = ", ".join(str(p.relative_to(folder)) for p in copies[layout])
+        return where, f"{len(copies[layout])} files for one volume under {folder.name}/: {found}"
+    path = copies[layout][0]  # found by walking the layout folder (symlinked folders are not followed)
+    names, scans, list_path = no_chest
+    if name in names or parts["scan"] in scans:
+        return where, f"{EXCLUDED} (listed in metadata/{list_path.name})"
     for kind in ("metadata", "report", "labels"):
         if name not in indexed[kind]:
-            return {}, f"missing {kind} row"
+            return where, f"missing {kind} row"
     meta, report, labels = indexed["metadata"][name], indexed["report"][name], indexed["labels"][name]
     missing = [c for c in ctrate.REQUIRED_METADATA if c not in meta]
     if missing:
-        return {}, f"metadata lacks columns {missing}"
+        return where, f"metadata lacks columns {missing}"
     try:
         geometry.parse_list(meta["ImagePositionPatient"], 3, "ImagePositionPatient")
         geometry.parse_list(meta["ImageOrientationPatient"], 6, "ImageOrientationPatient")
@@ -130,20 +229,15 @@ def _join(root: Path, split: str, name: str, files: dict, indexed: dict, n_chunk
         slope, intercept = float(meta["RescaleSlope"]), float(meta["RescaleIntercept"])
         n_slices = int(float(meta["NumberofSlices"]))
     except (VolumeError, ValueError) as err:
-        return {}, f"bad metadata: {err}"
+        return where, f"bad metadata: {err}"
     if not (np.isfinite([z, slope, intercept]).all() and z > 0 and slope != 0):
-        return {}, f"bad metadata: ZSpacing {z}, RescaleSlope {slope}, RescaleIntercept {intercept}"
+        return where, f"bad metadata: ZSpacing {z}, RescaleSlope {slope}, RescaleIntercept {intercept}"
     sections = {SECTIONS[c]: str(report.get(c, "")).strip() for c in SECTIONS}
     if _is_empty(sections["impression"]):
-        return {}, "empty impression"
-    try:
-        label_values = {lab: int(float(labels[lab])) for lab in ctrate.LABELS}
-    except KeyError as err:
-        return {}, f"labels table lacks column {err}"
-    except ValueError:
-        return {}, "non-numeric label value"
-    if any(v not in (0, 1) for v in label_values.values()):
-        return {}, "label values must be 0 or 1"
+        return where, "empty impression"
+    label_values, reason = _labels(labels)
+    if reason:
+        return where, reason
     row = {
         "VolumeName": name,
         "split": split,
@@ -151,6 +245,8 @@ def _join(root: Path, split: str, name: str, files: dict, indexed: dict, n_chunk
         "scan": parts["scan"],
         "recon": parts["recon"],
         "path": str(path),
+        "layout": layout,
+        "layouts": "+".join(lay for lay in ctrate.LAYOUTS if lay in copies),
         "chunk": chunk_of(parts["patient"], n_chunks),
         "sex": {"M": "male", "F": "female"}.get(meta["PatientSex"].strip().upper()),
         "age": parse_age(meta["PatientAge"]),
@@ -164,6 +260,26 @@ def _join(root: Path, split: str, name: str, files: dict, indexed: dict, n_chunk
     return row, ""
 
 
+def _labels(labels: dict) -> tuple[dict, str]:
+    """The 18 labels as 0, 1 or ``pd.NA`` (a blank cell: unknown, never negative); or a reject reason."""
+    out = {}
+    for lab in ctrate.LABELS:
+        if lab not in labels:
+            return {}, f"labels table lacks column {lab!r}"
+        text = str(labels[lab]).strip()
+        if text.lower() in MISSING_LABEL:
+            out[lab] = pd.NA
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            return {}, f"non-numeric label value {text!r} ({lab})"
+        if value not in (0.0, 1.0):
+            return {}, f"label values must be 0, 1 or blank, not {text!r} ({lab})"
+        out[lab] = int(value)
+    return out, ""
+
+
 def _check_patient_splits(cohort: pd.DataFrame) -> None:
     """No patient in two splits: a leak here would score the generator on its training data."""
     per_patient = cohort.groupby("patient")["split"].nunique()
@@ -173,16 +289,35 @@ def _check_patient_splits(cohort: pd.DataFrame) -> None:
 
 
 def write_cohort(root: str | Path, out_table: str | Path, out_rejects: str | Path, splits=("train", "valid"),
-                 n_chunks: int = 1, strict: bool = False) -> pd.DataFrame:
-    """Build and write the cohort table and its rejects (Parquet)."""
-    cohort, rej = build_cohort(root, splits, n_chunks)
-    rejects.check(rej, strict, "cohort building")
+                 n_chunks: int = 1, strict: bool = False, prefer: str = "fixed",
+                 out_summary: str | Path | None = None) -> pd.DataFrame:
+    """Build and write the cohort table and its rejects (Parquet), and the summary counts (JSON).
+
+    Strict mode fails on bad input, not on deliberate exclusions (volumes listed as not chest).
+    """
+    built = assemble_cohort(root, splits, n_chunks, prefer)
+    cohort, rej = built.table, built.rejects
+    excluded = rej["reason"].str.startswith(EXCLUDED)
+    for r in rej[excluded].itertuples(index=False):
+        logger.info("excluded %s: %s", r.VolumeName, r.reason)
+    rejects.check(rej[~excluded], strict, "cohort building")
     if cohort.empty:
-        raise ValueError(f"no usable volume under {root}: {len(rej)} rejected")
+        t = built.summary["total"]
+        folders = ", ".join(f"{ctrate.volume_folder(s, lay)}/" for s in splits for lay in ctrate.LAYOUTS)
+        raise ValueError(f"no usable volume under {root}: {t['on_disk']} found on disk (in {folders}), "
+                         f"{t['listed']} listed in the tables, {len(rej)} rejected")
     Path(out_table).parent.mkdir(parents=True, exist_ok=True)
     cohort.to_parquet(out_table, index=False)
     rej.to_parquet(out_rejects, index=False)
+    if out_summary is not None:
+        write_summary(built.summary, out_summary)
     return cohort
+
+
+def write_summary(summary: dict, path: str | Path) -> None:
+    """The summary counts as JSON."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def rows_for_chunk(cohort_path: str | Path, chunk: int) -> pd.DataFrame:

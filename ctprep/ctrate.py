@@ -1,7 +1,18 @@
-"""CT-RATE's layout and table schemas, in one place, shared by the demo cohort and the readers."""
+"""CT-RATE's layout and table schemas, in one place, shared by the demo cohort and the readers.
+
+A CT-RATE download holds each split's volumes in up to two copies of one tree,
+``<folder>/<split>_<pid>/<split>_<pid>_<scan>/<split>_<pid>_<scan>_<recon>.nii.gz``:
+
+- ``<split>_fixed/`` (``fixed``): the current release; intensities are HU already, although the
+  metadata still lists the scanner's ``RescaleSlope``/``RescaleIntercept``;
+- ``<split>/`` (``original``): the first release; raw values that need that rescale.
+
+Users download subsets, so either folder may be partial or absent.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path, PurePosixPath
 
@@ -105,6 +116,14 @@ REQUIRED_METADATA: tuple[str, ...] = (
 SPLITS = {"train": {"volumes": "train", "reports": "train", "labels": "train"},
           "valid": {"volumes": "valid", "reports": "validation", "labels": "valid"}}
 
+#: The two copies of a split's volumes, in the order a cohort falls back through them.
+LAYOUTS: tuple[str, ...] = ("fixed", "original")
+#: Folder name of each layout, per split.
+LAYOUT_FOLDER = {"fixed": "{split}_fixed", "original": "{split}"}
+#: What a layout's folder says about the stored values: HU already, or nothing (the data decides;
+#: the original release is raw, but copies that mix in HU files circulate).
+LAYOUT_CONVENTION = {"fixed": "hu", "original": None}
+
 _NAME = re.compile(r"^(?P<split>train|valid)_(?P<pid>[0-9]+)_(?P<scan>[a-z]+)_(?P<recon>[0-9]+)(?P<suffix>_fixed)?\.nii(\.gz)?$")
 
 
@@ -133,10 +152,100 @@ def volume_key(name: str) -> str:
     return name.split(".nii")[0]
 
 
-def volume_relpath(name: str) -> Path:
-    """Relative path of a volume under ``dataset/``: ``train/train_1/train_1_a/train_1_a_1.nii.gz``."""
+def volume_folder(split: str, layout: str = "original") -> str:
+    """The folder of ``split``'s volumes in ``layout``: ``train`` or ``train_fixed``."""
+    if layout not in LAYOUT_FOLDER:
+        raise ValueError(f"unknown layout {layout!r}; choose from {list(LAYOUTS)}")
+    return LAYOUT_FOLDER[layout].format(split=SPLITS[split]["volumes"])
+
+
+def volume_relpath(name: str, layout: str = "original") -> Path:
+    """Relative path of a volume under ``dataset/``: ``train/train_1/train_1_a/train_1_a_1.nii.gz``
+    (``train_fixed/...`` for the ``fixed`` layout)."""
     p = parse_volume_name(name)
-    return Path(SPLITS[p["split"]]["volumes"]) / p["patient"] / p["scan"] / name
+    return Path(volume_folder(p["split"], layout)) / p["patient"] / p["scan"] / name
+
+
+def canonical_name(file_name: str) -> str:
+    """The VolumeName a file stands for: ``train_1_a_1_fixed.nii.gz`` -> ``train_1_a_1.nii.gz``."""
+    return re.sub(r"_fixed(?=\.nii(\.gz)?$)", "", file_name)
+
+
+def discover(root: Path, split: str) -> dict[str, dict[str, list[Path]]]:
+    """Volume files of ``split`` in every layout folder: ``{VolumeName: {layout: [paths]}}``.
+
+    Files are found anywhere below a layout folder (flattened copies work too); more than one
+    path for a name in one layout is left for the caller to refuse. Symlinked folders are not
+    followed. Absent folders hold nothing.
+    """
+    found: dict[str, dict[str, list[Path]]] = {}
+    for layout in LAYOUTS:
+        for dirpath, _dirs, files in os.walk(Path(root) / volume_folder(split, layout)):
+            for name in files:
+                if name.endswith((".nii.gz", ".nii")):
+                    found.setdefault(canonical_name(name), {}).setdefault(layout, []).append(Path(dirpath) / name)
+    for copies in found.values():
+        for paths in copies.values():
+            paths.sort()
+    return found
+
+
+def layout_of(path: str | os.PathLike | None) -> str | None:
+    """The layout a volume file lies in, from its nearest ancestor folder named for its split.
+
+    ``.../train_fixed/train_1/train_1_a/train_1_a_1.nii.gz`` -> ``fixed``; ``.../train/...`` ->
+    ``original``; a path outside a CT-RATE tree (a converted DICOM series, a single file) -> None.
+    """
+    if not path:
+        return None
+    p = Path(path)
+    try:
+        split = parse_volume_name(canonical_name(p.name))["split"]
+    except ValueError:
+        return None
+    folders = {volume_folder(split, layout): layout for layout in LAYOUTS}
+    for parent in p.parents:
+        if parent.name in folders:
+            return folders[parent.name]
+    return None
+
+
+def stated_convention(path: str | os.PathLike | None) -> dict | None:
+    """What a volume's folder says about its intensities: ``{"folder", "convention"}`` or None."""
+    layout = layout_of(path)
+    if layout is None or LAYOUT_CONVENTION[layout] is None:
+        return None
+    split = parse_volume_name(canonical_name(Path(path).name))["split"]
+    return {"folder": volume_folder(split, layout), "convention": LAYOUT_CONVENTION[layout]}
+
+
+def no_chest_txt(root: Path, split: str) -> Path:
+    """CT-RATE's list of the split's volumes that are not chest scans."""
+    return Path(root) / "metadata" / f"no_chest_{SPLITS[split]['labels']}.txt"
+
+
+def read_volume_list(path: Path) -> list[str]:
+    """Volume names from a one-name-a-line text file such as ``no_chest_train.txt``.
+
+    Tolerates blank lines, surrounding whitespace and quotes, a ``VolumeName`` header, ``#``
+    comments, Windows line ends, a byte-order mark, folder prefixes, and names with or without
+    ``.nii.gz``. Entries are returned as written otherwise (a scan id such as ``train_1_a`` stays
+    one; the caller decides what it matches).
+    """
+    names = []
+    for line in Path(path).read_text(encoding="utf-8-sig").splitlines():
+        entry = line.strip().strip(",;").strip().strip("\"'").strip()
+        if not entry or entry.startswith("#") or entry.lower() == "volumename":
+            continue
+        entry = PurePosixPath(entry.replace("\\", "/")).name
+        names.append(canonical_name(entry if entry.endswith((".nii.gz", ".nii")) else entry + ".nii.gz"))
+    return names
+
+
+def scan_of_entry(entry: str) -> str | None:
+    """``train_1_a`` from a list entry ``train_1_a.nii.gz`` that names a whole scan, else None."""
+    m = re.fullmatch(r"((?:train|valid)_[0-9]+_[a-z]+)\.nii(\.gz)?", entry)
+    return m[1] if m else None
 
 
 def report_csv(root: Path, split: str) -> Path:

@@ -5,6 +5,15 @@ metadata's ``RescaleSlope``/``RescaleIntercept`` (-1024, or -8192 on Siemens row
 ``_fixed`` release stores HU already. Applying the rescale to HU data shifts it a second time.
 The decision is made per volume from the data itself (``auto``) or forced by config, and it is
 recorded in the volume's history with the evidence.
+
+A volume's folder can state the convention too: ``<split>_fixed/`` holds HU (see
+:func:`ctprep.ctrate.stated_convention`). Where folder and data (or a forced convention) disagree,
+the volume is refused rather than one of them trusted: one of the two is wrong, and either
+silent choice can put a 1024 (or 8192) HU offset into the training data of a generator whose
+point is truthful HU. The refusal names both readings, costs one volume, and lands in the
+rejects table. A user who has checked such a file moves a raw one out of the ``_fixed`` folder,
+or sets ``dataset.intensity: hu`` for an HU one the detector misread; forcing ``raw`` on a
+``_fixed`` folder is refused too, since rescaling HU data is never right.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ctprep import ctrate
 from ctprep.volume import Volume, VolumeError
 
 #: HU ranges of the tissues every chest CT holds (air outside the body and in the airways, lung
@@ -62,7 +72,8 @@ def to_hu(vol: Volume, slope: float, intercept: float, convention: str = "auto")
     """Return ``vol`` in HU (float32), applying the rescale only where the data is raw.
 
     ``convention`` is ``"auto"`` (decide from the data), ``"hu"`` or ``"raw"``. Refuses a volume
-    that was already converted, so a rescale can never happen twice.
+    that was already converted, so a rescale can never happen twice, and a volume whose folder
+    (from ``vol.meta["source"]``) states a convention that the data or ``convention`` contradicts.
     """
     if vol.meta.get("hu") is True:
         raise VolumeError("volume is already in HU; refusing to rescale twice")
@@ -74,12 +85,27 @@ def to_hu(vol: Volume, slope: float, intercept: float, convention: str = "auto")
     lo, hi = (float(v) for v in (data.min(), data.max()))
     if lo == hi:
         raise VolumeError(f"constant volume (every voxel is {lo:g})")
+    if convention not in ("auto", "hu", "raw"):
+        raise ValueError(f"unknown intensity convention {convention!r}")
+    stated = ctrate.stated_convention(vol.meta.get("source"))
     if convention == "auto":
         evidence = detect_convention(data, slope, intercept)
-    elif convention in ("hu", "raw"):
-        evidence = {"convention": convention, "forced": True}
+        if stated and evidence["convention"] != stated["convention"]:
+            raise VolumeError(
+                f"intensity convention: folder {stated['folder']}/ holds {stated['convention'].upper()} but the data "
+                f"reads as {evidence['convention']} (HU fit {evidence['score_hu']:.2f}, rescaled fit "
+                f"{evidence['score_raw']:.2f} with slope {slope:g}, intercept {intercept:g}); check the file: "
+                "move a raw one out of the _fixed folder, or set dataset.intensity: hu if it is HU"
+            )
     else:
-        raise ValueError(f"unknown intensity convention {convention!r}")
+        if stated and convention != stated["convention"]:
+            raise VolumeError(
+                f"dataset.intensity: {convention} contradicts folder {stated['folder']}/, which holds "
+                f"{stated['convention'].upper()}: applying slope {slope:g}, intercept {intercept:g} would rescale twice"
+            )
+        evidence = {"convention": convention, "forced": True}
+    if stated:
+        evidence = {**evidence, "folder": stated["folder"], "folder_convention": stated["convention"]}
     if evidence["convention"] == "raw":
         hu = _rescaled(data, slope, intercept, lo, hi)
     else:

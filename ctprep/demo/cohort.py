@@ -7,6 +7,14 @@ says ``RescaleIntercept`` -1024/-8192, and optional broken volumes for the rejec
 ``demo_truth.csv`` beside the release (not part of CT-RATE) records what was drawn, so tests can
 re-render any volume from its phantom.
 
+``layout`` says which of CT-RATE's two copies the release holds (see :mod:`ctprep.ctrate`):
+``original`` (the default) writes ``<split>/`` with ``hu_fraction`` of the files already in HU,
+``fixed`` writes every volume in HU into ``<split>_fixed/``, and ``both`` writes both trees with
+a quarter of the volumes only in ``_fixed`` and a quarter only in the original. ``no_chest`` lists
+that many clean volumes per split in ``metadata/no_chest_<split>.txt``, and ``blank_labels``
+leaves that share of label cells blank (unknown). Left at their defaults, these options write
+exactly the files earlier versions wrote.
+
 Every random draw comes from a generator seeded by ``(seed, purpose, split, patient, scan, ...)``,
 so a volume does not depend on the others and the same config writes the same bytes.
 """
@@ -24,7 +32,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from ctprep.ctrate import LABELS, METADATA_COLUMNS, REPORT_COLUMNS, labels_csv, metadata_csv, report_csv, volume_relpath
+from ctprep.ctrate import (LABELS, LAYOUTS, METADATA_COLUMNS, REPORT_COLUMNS, labels_csv, metadata_csv, no_chest_txt,
+                           report_csv, volume_key, volume_relpath)
 from ctprep.demo.findings import KIND_OF_LABEL, sample_findings
 from ctprep.demo.phantom import Phantom, sample_anatomy
 from ctprep.demo.reports import compose_report
@@ -45,7 +54,12 @@ DEFAULTS = {
     "z_spacing_mm": [2.5, 5.0],
     "hu_fraction": 0.5,
     "faults": [],
+    "layout": "original",
+    "no_chest": 0,
+    "blank_labels": 0.0,
 }
+#: What ``layout`` writes: the copies of the release (``both``: some volumes in one copy only).
+DEMO_LAYOUTS = ("original", "fixed", "both")
 FAULTS = ("truncated_gzip", "nan", "constant", "wrong_dims", "missing_metadata", "missing_report",
           "empty_impression", "bad_list", "path_escape")
 ESCAPE_NAME = "../../etc/passwd.nii.gz"
@@ -84,6 +98,9 @@ class _Vol:
     render: dict  # noise_std, convention, fov_pad_hu, fov_center_ras, fov_radius_mm, noise_seed
     fault: str = ""
     truth: dict = field(default_factory=dict)
+    copies: dict = field(default_factory=dict)  # layout -> stored convention of that copy
+    blank: list = field(default_factory=list)  # labels whose cells are left blank
+    no_chest: bool = False  # listed in metadata/no_chest_<split>.txt
 
 
 def write_demo_cohort(root: str | Path, cfg: dict) -> pd.DataFrame:
@@ -92,14 +109,17 @@ def write_demo_cohort(root: str | Path, cfg: dict) -> pd.DataFrame:
     bad = [f for f in cfg["faults"] if f not in FAULTS]
     if bad:
         raise ValueError(f"unknown fault kinds {bad}; choose from {list(FAULTS)}")
+    if cfg["layout"] not in DEMO_LAYOUTS:
+        raise ValueError(f"unknown demo layout {cfg['layout']!r}; choose from {list(DEMO_LAYOUTS)}")
     root = Path(root)
     vols = _plan(cfg)
+    _place(vols, cfg)
     logger.info("demo cohort: %d volumes (%d with faults) -> %s", len(vols), sum(bool(v.fault) for v in vols), root)
     for i, v in enumerate(vols):
         _write_volume(root, v)
         if (i + 1) % 10 == 0:
             logger.info("rendered %d/%d volumes", i + 1, len(vols))
-    truth = _write_tables(root, vols)
+    truth = _write_tables(root, vols, extended=_extended(cfg))
     logger.info("demo cohort written: %d volumes, %d rows of truth", len(vols), len(truth))
     return truth
 
@@ -127,6 +147,36 @@ def _plan(cfg: dict) -> list[_Vol]:
                     fv[0].meta["VolumeName"] = fv[0].report["VolumeName"] = ESCAPE_NAME
                 vols.append(fv[0])
     return vols
+
+
+def _extended(cfg: dict) -> bool:
+    """Whether the release departs from the original layout (the truth table then says how)."""
+    return cfg["layout"] != "original" or int(cfg["no_chest"]) > 0 or float(cfg["blank_labels"]) > 0
+
+
+def _place(vols: list[_Vol], cfg: dict) -> None:
+    """Which copies hold each volume, blank label cells, and the volumes listed as not chest.
+
+    Drawn after planning, from their own seeds, so the volumes themselves do not change.
+    """
+    for i, v in enumerate(vols):
+        original, fixed = {"original": v.render["convention"]}, {"fixed": "hu"}
+        if cfg["layout"] == "original":
+            v.copies = original
+        elif cfg["layout"] == "fixed":
+            v.copies = fixed
+        else:  # both: users hold partial copies of each tree
+            v.copies = {1: fixed, 3: original}.get(i % 4, {**fixed, **original})
+        if float(cfg["blank_labels"]) > 0:
+            rng = np.random.default_rng([int(cfg["seed"]), 7, i])
+            v.blank = [lab for lab in LABELS if rng.random() < float(cfg["blank_labels"])]
+    for split in ("train", "valid"):
+        clean = [v for v in vols if v.split == split and not v.fault]
+        n = min(int(cfg["no_chest"]), len(clean))
+        if n:
+            rng = np.random.default_rng([int(cfg["seed"]), 6, _SPLIT_ID[split]])
+            for k in rng.choice(len(clean), size=n, replace=False):
+                clean[int(k)].no_chest = True
 
 
 def _plan_patient(cfg, split, pid, prevalence, state, key) -> list[_Vol]:
@@ -278,12 +328,15 @@ def _nifti_gz(data: np.ndarray) -> bytes:
 
 
 def _write_volume(root: Path, v: _Vol) -> None:
+    """Write each copy of ``v``: rendered once, stored in each copy's convention."""
     if v.fault == "path_escape":
         return
-    path = root / volume_relpath(v.name)
+    paths = {layout: root / volume_relpath(v.name, layout) for layout in v.copies}
     if v.fault == "constant":
         m, n = int(v.meta["Rows"]), int(v.meta["NumberofSlices"])
-        atomic_write_bytes(path, _nifti_gz(np.full((m, m, n), -1024, dtype=np.int16)))
+        payload = _nifti_gz(np.full((m, m, n), -1024, dtype=np.int16))
+        for path in paths.values():
+            atomic_write_bytes(path, payload)
         return
     hu = render_hu(v.phantom, v.meta, v.render)
     if v.fault == "nan":
@@ -291,19 +344,26 @@ def _write_volume(root: Path, v: _Vol) -> None:
         m = data.shape[0]
         data[m // 4 : m // 2, m // 4 : m // 2, :] = np.nan
         v.render["convention"] = "hu"
-        atomic_write_bytes(path, _nifti_gz(data.astype(np.float32)))
+        v.copies = dict.fromkeys(v.copies, "hu")
+        payload = _nifti_gz(data.astype(np.float32))
+        for path in paths.values():
+            atomic_write_bytes(path, payload)
         return
-    data = _stored(v, hu)
-    if v.fault == "wrong_dims":
-        data = np.ascontiguousarray(data[:, :, data.shape[2] // 2])  # a single 2D slice
-    payload = _nifti_gz(data)
-    if v.fault == "truncated_gzip":
-        payload = payload[: len(payload) // 2]
-    atomic_write_bytes(path, payload)
+    for layout in v.copies:
+        data = _stored(v, hu)
+        if layout == "fixed" and v.render["convention"] == "raw":
+            # the _fixed release converted the original files: stored integers + intercept, exactly
+            data = np.clip(data.astype(np.int32) + int(v.meta["RescaleIntercept"]), -32768, 32767).astype(np.int16)
+        if v.fault == "wrong_dims":
+            data = np.ascontiguousarray(data[:, :, data.shape[2] // 2])  # a single 2D slice
+        payload = _nifti_gz(data)
+        if v.fault == "truncated_gzip":
+            payload = payload[: len(payload) // 2]
+        atomic_write_bytes(paths[layout], payload)
 
 
 # --- tables -------------------------------------------------------------------------------------
-def _write_tables(root: Path, vols: list[_Vol]) -> pd.DataFrame:
+def _write_tables(root: Path, vols: list[_Vol], extended: bool = False) -> pd.DataFrame:
     for split in ("train", "valid"):
         sv = [v for v in vols if v.split == split]
         meta = []
@@ -322,11 +382,16 @@ def _write_tables(root: Path, vols: list[_Vol]) -> pd.DataFrame:
             if v.fault == "empty_impression":
                 row["Findings_EN"] = row["Impressions_EN"] = ""
             reports.append(row)
-        labels = [{"VolumeName": v.name, **{lab: v.labels.get(lab, 0) for lab in LABELS}} for v in sv]
+        labels = [{"VolumeName": v.name, **{lab: "" if lab in v.blank else v.labels.get(lab, 0) for lab in LABELS}}
+                  for v in sv]
         _csv(metadata_csv(root, split), meta, METADATA_COLUMNS)
         _csv(report_csv(root, split), reports, REPORT_COLUMNS)
         _csv(labels_csv(root, split), labels, ("VolumeName",) + LABELS)
-    truth = pd.DataFrame([_truth_row(v) for v in vols])
+        listed = [v.name for v in sv if v.no_chest]
+        if listed:  # as a person writes such a list: some names without .nii.gz, stray spaces, blank lines
+            lines = [name if k % 2 == 0 else f"  {volume_key(name)} " for k, name in enumerate(listed)]
+            atomic_write_bytes(no_chest_txt(root, split), ("\n\n".join(lines) + "\n").encode())
+    truth = pd.DataFrame([_truth_row(v, extended) for v in vols])
     atomic_write_bytes(root / "demo_truth.csv", truth.to_csv(index=False).encode())
     return truth
 
@@ -335,13 +400,17 @@ def _csv(path: Path, rows: list[dict], columns) -> None:
     atomic_write_bytes(path, pd.DataFrame(rows, columns=list(columns)).to_csv(index=False).encode())
 
 
-def _truth_row(v: _Vol) -> dict:
+def _truth_row(v: _Vol, extended: bool = False) -> dict:
+    """What was drawn for ``v``; ``path`` and ``stored_convention`` describe the ``_fixed`` copy where
+    there is one. ``extended`` adds the copies, blank labels and the no-chest mark."""
     p = v.phantom
-    return {
+    pick = "fixed" if "fixed" in v.copies else "original"
+    escaped = v.fault == "path_escape"
+    row = {
         "VolumeName": v.name,
         "split": v.split,
-        "path": "" if v.fault == "path_escape" else volume_relpath(v.name).as_posix(),
-        "stored_convention": v.render["convention"],
+        "path": "" if escaped else volume_relpath(v.name, pick).as_posix(),
+        "stored_convention": v.copies.get(pick, v.render["convention"]),
         "RescaleIntercept": v.meta["RescaleIntercept"],
         "Manufacturer": v.meta["Manufacturer"],
         "reversed_slices": v.meta["Manufacturer"] in REVERSED_SLICE_MANUFACTURERS,
@@ -359,3 +428,13 @@ def _truth_row(v: _Vol) -> dict:
         "phantom": p.to_json(),
         "fault": v.fault,
     }
+    if extended:
+        row.update({
+            "layouts": "+".join(lay for lay in LAYOUTS if lay in v.copies),
+            **{f"{lay}_path": "" if escaped or lay not in v.copies else volume_relpath(v.name, lay).as_posix()
+               for lay in LAYOUTS},
+            "original_convention": v.copies.get("original", ""),
+            "blank_labels": json.dumps(v.blank),
+            "no_chest": v.no_chest,
+        })
+    return row

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from ctprep import ctrate
-from ctprep.cohort import build_cohort, chunk_of, parse_age, write_cohort
+from ctprep.cohort import assemble_cohort, build_cohort, chunk_of, parse_age, write_cohort
 from ctprep.demo import write_demo_cohort
 from ctprep.rejects import RejectedInput
 
@@ -43,6 +43,19 @@ def test_cohort_joins_tables_and_names_rejects(dataset):
     assert cohort.groupby("patient")["split"].nunique().max() == 1
     assert cohort.groupby("patient")["chunk"].nunique().max() == 1
     assert set(cohort["chunk"]) <= {0, 1, 2}
+
+
+def test_original_layout_summary(dataset):
+    root, truth = dataset
+    built = assemble_cohort(root, n_chunks=3)
+    assert set(built.table["layout"]) == {"original"} and set(built.table["layouts"]) == {"original"}
+    train = built.summary["splits"]["train"]
+    # the escaping name is listed in every table but is no CT-RATE name: a reject, never "not downloaded"
+    assert train["not_downloaded"] == 0
+    assert train["on_disk_by_layout"] == {"fixed": 0, "original": train["on_disk"], "both": 0}
+    assert train["in_cohort"] + train["rejected"] == train["listed"] == (truth["split"] == "train").sum()
+    assert train["rejected_by_reason"]["invalid VolumeName"] == 1 and train["no_chest_list"]["file"] is None
+    assert built.summary["total"]["in_cohort"] == len(built.table)
 
 
 def test_strict_mode_raises_with_every_reject(dataset, tmp_path):

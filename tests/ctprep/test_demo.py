@@ -159,6 +159,37 @@ def test_same_config_writes_identical_bytes(cohort, tmp_path):
     pd.testing.assert_frame_equal(truth, again)
 
 
+def test_new_options_at_their_defaults_write_the_same_release(cohort, tmp_path):
+    """layout original, no no-chest list, no blank labels: the files earlier versions wrote."""
+    root, truth = cohort
+    explicit = write_demo_cohort(tmp_path / "dataset", {**CFG, "layout": "original", "no_chest": 0, "blank_labels": 0.0})
+    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "dataset") for p in (tmp_path / "dataset").rglob("*") if p.is_file())
+    assert not any("_fixed" in str(f) or f.name.startswith("no_chest") for f in files)
+    for rel in files:
+        assert (root / rel).read_bytes() == (tmp_path / "dataset" / rel).read_bytes(), rel
+    assert list(explicit.columns) == list(truth.columns) == [
+        "VolumeName", "split", "path", "stored_convention", "RescaleIntercept", "Manufacturer", "reversed_slices",
+        "n_slices", "matrix", "xy_spacing", "z_spacing", "noise_std", "fov_pad_hu", "fov_center_ras", "fov_radius_mm",
+        "contrast", "labels", "pathologies", "phantom", "fault"]
+
+
+def test_layouts_render_the_same_volumes(tmp_path):
+    """Only where the files go and how they are stored changes with the layout, not what is drawn."""
+    small = {**CFG, "n_train_patients": 2, "n_valid_patients": 1, "faults": ["constant", "nan"]}
+    by = {lay: write_demo_cohort(tmp_path / lay, {**small, "layout": lay}) for lay in ("original", "fixed", "both")}
+    for lay in ("fixed", "both"):
+        for col in ("VolumeName", "phantom", "pathologies", "labels", "n_slices", "RescaleIntercept"):
+            assert by[lay][col].tolist() == by["original"][col].tolist(), (lay, col)
+        assert by[lay]["original_convention"].isin(["", "hu", "raw"]).all()
+    assert (by["fixed"]["stored_convention"] == "hu").all() and (by["fixed"]["layouts"] == "fixed").all()
+    for split in ("train", "valid"):  # the tables are the same whatever the layout
+        for table in (metadata_csv, report_csv, labels_csv):
+            assert table(tmp_path / "fixed", split).read_bytes() == table(tmp_path / "original", split).read_bytes()
+    with pytest.raises(ValueError, match="unknown demo layout"):
+        write_demo_cohort(tmp_path / "x", {**small, "layout": "v2"})
+
+
 def test_seed_changes_the_cohort(tmp_path):
     small = {**CFG, "n_train_patients": 1, "n_valid_patients": 0, "faults": []}
     a = write_demo_cohort(tmp_path / "a", small)

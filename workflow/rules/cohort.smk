@@ -25,6 +25,7 @@ rule cohort:
     output:
         table=f"{R}/cohort/cohort.parquet",
         rejects=f"{R}/rejects/cohort.parquet",
+        summary=f"{R}/cohort/summary.json",
     log:
         f"{R}/logs/cohort.log",
     benchmark:
@@ -37,6 +38,7 @@ rule cohort:
         runtime=60,
     params:
         splits=config["dataset"]["splits"],
+        prefer=config["dataset"]["prefer"],
         n_chunks=config["prep"]["n_chunks"],
         strict=config["prep"]["strict"],
     script:

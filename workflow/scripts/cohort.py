@@ -11,4 +11,6 @@ write_cohort(
     splits=snakemake.params.splits,
     n_chunks=snakemake.params.n_chunks,
     strict=snakemake.params.strict,
+    prefer=snakemake.params.prefer,
+    out_summary=snakemake.output.summary,
 )
