@@ -46,11 +46,13 @@ def parse_cohort(cohort_path, mentions_out, labels_out, batch_size: int = 64) ->
         for i, m in enumerate(parsed.mentions):
             row = m.to_dict()
             mentions.append({**key, "mention": i, **{k: _flat(v) for k, v in row.items()}})
-        labels.append({**key, **{lab: int(rec[lab]) for lab in ctrate.LABELS if lab in rec},
+        labels.append({**key, **{lab: None if pd.isna(rec[lab]) else int(rec[lab]) for lab in ctrate.LABELS if lab in rec},
                        **{PARSED + lab: int(parsed.labels[lab]) for lab in ctrate.LABELS}})
     seconds = time.perf_counter() - start
     mentions_df = pd.DataFrame(mentions)
     labels_df = pd.DataFrame(labels, columns=["VolumeName", "split", *ctrate.LABELS, *(PARSED + l for l in ctrate.LABELS)])
+    present = [lab for lab in ctrate.LABELS if lab in labels_df.columns]
+    labels_df[present] = labels_df[present].astype("Int8")  # the dataset's blank cells stay missing (not 0)
     mentions_df.to_parquet(mentions_out, index=False)
     labels_df.to_parquet(labels_out, index=False)
     logger.info("parsed %d reports in %.1f s (%.0f/s): %d mentions", len(records), seconds,
@@ -64,19 +66,25 @@ def _flat(value):
 
 
 def label_agreement(labels: pd.DataFrame, mentions: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per-label agreement table, one row per disagreeing volume x label with the parser's evidence)."""
+    """(per-label agreement table, one row per disagreeing volume x label with the parser's evidence).
+
+    Volumes whose dataset label is blank (unknown) are left out of that label's row (``n`` counts the rest).
+    """
     rows, diffs = [], []
     have = [lab for lab in ctrate.LABELS if lab in labels.columns]
     for lab in have:
-        truth, pred = labels[lab].astype(int), labels[PARSED + lab].astype(int)
+        known = labels[lab].notna()
+        sub = labels[known]
+        truth, pred = sub[lab].astype(int), sub[PARSED + lab].astype(int)
         tp = int(((truth == 1) & (pred == 1)).sum())
         fp = int(((truth == 0) & (pred == 1)).sum())
         fn = int(((truth == 1) & (pred == 0)).sum())
-        n = len(labels)
-        rows.append({"label": lab, "n": n, "dataset_positive": int(truth.sum()), "parsed_positive": int(pred.sum()),
+        n = len(sub)
+        rows.append({"label": lab, "n": n, "unknown": int((~known).sum()), "dataset_positive": int(truth.sum()),
+                     "parsed_positive": int(pred.sum()),
                      "agreement": (n - fp - fn) / n if n else float("nan"), "false_positive": fp, "false_negative": fn,
                      "f1": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else float("nan")})
-        for vol in labels.loc[truth != pred, "VolumeName"]:
+        for vol in sub.loc[truth != pred, "VolumeName"]:
             evidence = ""
             if mentions is not None and len(mentions):
                 hit = mentions[(mentions["VolumeName"] == vol) & (mentions["label"] == lab)]

@@ -19,7 +19,6 @@ terms are computed but multiplied by 0, so DDP sees every parameter used.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +29,7 @@ from torch.func import functional_call
 from ctgen.models.attention import Transformer, sincos_1d, sincos_2d
 from ctgen.models.base import ModelOutput, PretrainedMixin
 from ctgen.models.discriminator import SliceDiscriminator, hinge_discriminator_loss, hinge_generator_loss
+from ctgen.models.grids import slices_for, token_grid
 from ctgen.models.perceptual import PerceptualLoss
 from ctgen.models.vq import VectorQuantizer
 
@@ -122,18 +122,11 @@ class CTViT(nn.Module, PretrainedMixin):
     def tokens_shape(self, num_slices: int, height: int, width: int) -> tuple[int, int, int]:
         """Token grid (t, h, w) for a volume of ``num_slices`` x ``height`` x ``width``."""
         c = self.config
-        if num_slices < 1:
-            raise ValueError(f"need at least one slice, got {num_slices}")
-        if height % c.patch_size or width % c.patch_size:
-            raise ValueError(f"in-plane size {height}x{width} is not a multiple of patch_size {c.patch_size}")
-        pt = c.temporal_patch_size
-        t = 1 + math.ceil((num_slices - 1) / pt) if c.first_slice_separate else math.ceil(num_slices / pt)
-        return t, height // c.patch_size, width // c.patch_size
+        return token_grid(num_slices, height, width, c.patch_size, c.temporal_patch_size, c.first_slice_separate)
 
     def _slices_for(self, t: int) -> int:
         """Slices a grid of t time steps decodes to (before cropping)."""
-        pt = self.config.temporal_patch_size
-        return 1 + (t - 1) * pt if self.config.first_slice_separate else t * pt
+        return slices_for(t, self.config.temporal_patch_size, self.config.first_slice_separate)
 
     # -- encoder -----------------------------------------------------------------------------------
 

@@ -162,10 +162,11 @@ class SuperResDiffusion(nn.Module, PretrainedMixin):
         cond = self.augment(self.upsample(lr, hr.shape[-2:]), aug_t)
         text_mask = text_mask.bool()
         drop = torch.rand(b, device=dev) < cfg.cond_drop_prob  # (B,)
-        if drop.any():
-            null, null_mask = self._null_text(b, text.shape[1])
-            text = torch.where(rearrange(drop, "b -> b 1 1"), null, text.to(null.dtype))
-            text_mask = torch.where(rearrange(drop, "b -> b 1"), null_mask, text_mask)
+        # always through the where, also when no sample drops: the null text is then in the graph with a zero
+        # gradient, which DDP (find_unused_parameters=False) needs on every rank and step
+        null, null_mask = self._null_text(b, text.shape[1])
+        text = torch.where(rearrange(drop, "b -> b 1 1"), null, text.to(null.dtype))
+        text_mask = torch.where(rearrange(drop, "b -> b 1"), null_mask, text_mask)
         x0 = self.to_target(hr, lr)  # (B, 1, H, W) what is diffused: hr, or the scaled residual
         noise = torch.randn_like(x0)
         x_t = sched.add_noise(x0, noise, t)

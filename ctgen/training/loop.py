@@ -226,7 +226,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    """(autocast context or None, the precision used): bf16 autocast where the config (or "auto" on CUDA) asks."""
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     return (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else None), precision
 
@@ -305,7 +306,7 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
     batches = _Batches(make_batches, info, cfg, epoch, pos)  # fast-forwards before the RNGs are restored
     if rank_state is not None:
         ckpt.set_rng_state(rank_state["rng"], device)
-    autocast, precision = _autocast(cfg, device)
+    autocast, precision = autocast_context(cfg, device)
     metrics = (MetricsWriter(out_dir, resume_step=step, tensorboard=cfg.tensorboard, history=ckpt_dir)
                if info.is_main else None)
     params = [p for p in raw.parameters() if p.requires_grad]

@@ -137,7 +137,7 @@ def test_forward_and_sample_shapes(model):
     assert isinstance(out, SuperResOutput) and out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert set(out.logs()) == {"loss", "x0_mse", "aug_level", "text_dropped"}
     out.loss.backward()
-    assert model.null_text.grad is not None or model.config.cond_drop_prob > 0
+    assert model.null_text.grad is not None  # in the graph whether or not a sample dropped its text (DDP)
     model.zero_grad()
     y = model.sample(batch["lr"], batch["text"], batch["text_mask"], generator=torch.Generator().manual_seed(0))
     assert y.shape == (3, 1, 32, 32) and y.abs().max() <= 1.0

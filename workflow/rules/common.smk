@@ -1,11 +1,18 @@
 # Config validation and the values rules read; logic lives in ctprep.
 import json
 import os
+import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
+from ctgen.jobs.geometry import GeometryError, check_geometry
+
 validate(config, "../schemas/config.schema.yaml")
+try:  # the prep grid and every model's sizes fit together
+    check_geometry(config)
+except GeometryError as err:
+    sys.exit(f"config error: {err}")  # one line naming the keys and a fix, no traceback
 
 R = config["results"]
 SPLITS = config["dataset"]["splits"]
