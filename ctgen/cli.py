@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -63,6 +64,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def tokenizer_lowres_scale(tokenizer_dir: str | Path, given: int | None = None) -> int:
+    """The in-plane scale to encode at: the one the tokenizer was trained with (its config.json's training data).
+
+    ``given`` (``--lowres-scale``) is checked against it: another scale gives other token grids than
+    the generator will be trained and sampled with.
+    """
+    path = Path(tokenizer_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"--tokenizer: {tokenizer_dir} holds no trained model (no config.json)")
+    recorded = ((json.loads(path.read_text()).get("provenance") or {}).get("data") or {}).get("lowres_scale")
+    recorded = None if recorded is None else int(recorded)
+    if given is None and recorded is None:
+        raise UserError(f"{tokenizer_dir} does not record the lowres_scale it was trained with: pass --lowres-scale")
+    if given is not None and recorded is not None and given != recorded:
+        raise UserError(f"--lowres-scale {given} differs from the {recorded} the tokenizer in {tokenizer_dir} was "
+                        "trained with: its token grids would not be the generator's")
+    return recorded if given is None else given
+
+
 def _encode_tokens(args: argparse.Namespace) -> int:
     import torch
 
@@ -71,8 +91,9 @@ def _encode_tokens(args: argparse.Namespace) -> int:
     low, high = args.hu_window
     if not low < high:
         raise UserError(f"--hu-window: LOW must be below HIGH, got {low:g} {high:g}")
+    scale = tokenizer_lowres_scale(args.tokenizer, args.lowres_scale)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encode_tokens(args.tokenizer, args.manifests, args.out, args.lowres_scale, args.hu_window, prompt=args.prompt,
+    encode_tokens(args.tokenizer, args.manifests, args.out, scale, args.hu_window, prompt=args.prompt,
                   recon_path=args.recon, device=device)
     return 0
 

