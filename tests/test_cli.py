@@ -316,7 +316,6 @@ def test_every_positional_and_option_has_help(monkeypatch):
 COUNTERPARTS = {
     ("ctgen fit-text-tokenizer", "--vocab-size"): "models.text_encoder.vocab_size",
     ("ctgen encode-tokens", "--lowres-scale"): "models.lowres_scale",
-    ("ctgen encode-tokens", "--prompt"): "models.prompt",
     ("ctgen embed-prompts", "--encoder"): "models.text_encoder",
     ("ctgen sample", "--seed"): "sampling.seed",
     ("ctgen sample", "--per-prompt"): "sampling.per_prompt",
