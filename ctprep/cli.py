@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -11,17 +12,26 @@ from pathlib import Path
 
 import yaml
 
+from ctprep import __version__
+from ctprep.errors import DEBUG_ENV, UserError, positive_int, run_reporting_errors, split_global_flags
+
 logger = logging.getLogger("ctprep")
 
 
-def _load_config(path: str | None) -> dict:
-    """config.yaml from --config, $CTGEN_CONFIG or the working folder."""
-    candidates = [path, os.environ.get("CTGEN_CONFIG"), "config.yaml"]
-    for c in candidates:
+def _load_config(path: str | None, required: bool = True) -> dict | None:
+    """config.yaml from --config, $CTGEN_CONFIG or the working folder (None if not required and none is found)."""
+    if path and not Path(path).is_file():
+        raise UserError(f"config {path} not found")
+    for c in (path, os.environ.get("CTGEN_CONFIG"), "config.yaml"):
         if c and Path(c).is_file():
             with open(c) as fh:
-                return yaml.safe_load(fh)
-    raise SystemExit("no config found: pass --config PATH (the project's config.yaml holds the presets)")
+                cfg = yaml.safe_load(fh)
+            if not isinstance(cfg, dict):
+                raise UserError(f"config {c} is not a YAML mapping of sections")
+            return cfg
+    if required:
+        raise UserError("no config found: pass --config PATH (the project's config.yaml holds the presets)")
+    return None
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -31,9 +41,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     presets = cfg.get("presets", {})
     if args.preset not in presets:
-        raise SystemExit(f"unknown preset {args.preset!r}; config has {sorted(presets)}")
+        raise UserError(f"unknown preset {args.preset!r}; config has {sorted(presets)}")
     row = json.loads(Path(args.metadata_row).read_text()) if args.metadata_row else None
-    dataset = {**cfg.get("dataset", {}), "geometry": "metadata" if row else "header", "intensity": args.intensity}
+    dataset = {**cfg.get("dataset", {}), "geometry": "metadata" if row else "header"}
+    if args.intensity is not None:  # else the config's dataset.intensity (else ctprep.preprocess's default)
+        dataset["intensity"] = args.intensity
     vol = preprocess_volume(load_nifti(args.input), row, presets[args.preset], dataset)
     save_nifti(vol, args.output, dtype="int16", descrip=f"ctprep preset {args.preset} HU")
     logger.info("wrote %s: %r", args.output, vol)
@@ -51,7 +63,7 @@ def cmd_dicom2nifti(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ctprep.demo import write_demo_cohort
 
-    cfg = _load_config(args.config).get("demo", {}) if args.config or Path("config.yaml").is_file() else {}
+    cfg = (_load_config(args.config, required=False) or {}).get("demo") or {}
     if args.seed is not None:
         cfg = {**cfg, "seed": args.seed}
     write_demo_cohort(args.root, cfg)
@@ -61,7 +73,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_cohort(args: argparse.Namespace) -> int:
     from ctprep.cohort import write_cohort
 
-    write_cohort(args.root, args.table, args.rejects, n_chunks=args.n_chunks, strict=args.strict)
+    prep = ((_load_config(args.config, required=args.n_chunks is None) or {}).get("prep") or {})
+    n_chunks = args.n_chunks if args.n_chunks is not None else prep.get("n_chunks")
+    if n_chunks is None:
+        raise UserError("the config has no prep.n_chunks: pass --n-chunks N")
+    strict = args.strict if args.strict is not None else bool(prep.get("strict", False))
+    write_cohort(args.root, args.table, args.rejects, n_chunks=int(n_chunks), strict=strict)
     return 0
 
 
@@ -74,57 +91,67 @@ PASS_THROUGH = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in PASS_THROUGH:
-        module, name, _ = PASS_THROUGH[argv[0]]
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        return getattr(__import__(module, fromlist=[name]), name)(argv[1:])
-    parser = argparse.ArgumentParser(prog="ctprep", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The ``ctprep`` parser; the pass-through commands appear in its help and parse their own arguments."""
+    parser = argparse.ArgumentParser(prog="ctprep", description=__doc__,
+                                     epilog=f"A mistake in the input ends with one line and status 2; "
+                                            f"{DEBUG_ENV}=1 or --debug shows its traceback.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug-level logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user mistake too")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("preprocess", help="preprocess one NIfTI volume to HU on a preset's grid")
-    p.add_argument("input")
-    p.add_argument("output")
+    p.add_argument("input", help="the NIfTI volume (.nii or .nii.gz) to preprocess")
+    p.add_argument("output", help="the int16 HU NIfTI to write")
     p.add_argument("--preset", required=True, help="a preset name from config.yaml (generatect, spacing, demo, ...)")
     p.add_argument("--config", help="config.yaml holding the presets (default: $CTGEN_CONFIG or ./config.yaml)")
     p.add_argument("--metadata-row", help="JSON file with the volume's CT-RATE metadata row (else: header geometry)")
-    p.add_argument("--intensity", default="auto", choices=["auto", "hu", "raw"])
+    p.add_argument("--intensity", choices=["auto", "hu", "raw"],
+                   help="stored values: decided per volume (auto), HU already, or raw + rescale "
+                        "(default: the config's dataset.intensity)")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("dicom2nifti", help="convert one DICOM CT series folder to an HU NIfTI")
-    p.add_argument("series_dir")
-    p.add_argument("output")
+    p.add_argument("series_dir", help="folder holding the DICOM files of one CT series")
+    p.add_argument("output", help="the int16 HU NIfTI to write, with the scanner geometry")
     p.set_defaults(func=cmd_dicom2nifti)
 
     p = sub.add_parser("demo", help="write the synthetic demo cohort in the CT-RATE layout")
     p.add_argument("root", help="the dataset/ folder to create")
-    p.add_argument("--config")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="config.yaml whose `demo` section sizes the cohort "
+                                    "(default: $CTGEN_CONFIG or ./config.yaml where present)")
+    p.add_argument("--seed", type=int, help="cohort seed (default: the config's demo.seed)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cohort", help="build the cohort table of a CT-RATE-layout folder")
-    p.add_argument("root")
-    p.add_argument("table")
-    p.add_argument("rejects")
-    p.add_argument("--n-chunks", type=int, default=1)
-    p.add_argument("--strict", action="store_true")
+    p.add_argument("root", help="the dataset/ folder (train/, valid/, metadata/, radiology_text_reports/, ...)")
+    p.add_argument("table", help="the cohort table to write (Parquet)")
+    p.add_argument("rejects", help="the rejects table to write (Parquet): every unusable input and why")
+    p.add_argument("--config", help="config.yaml with the prep section (default: $CTGEN_CONFIG or ./config.yaml)")
+    p.add_argument("--n-chunks", type=positive_int, help="chunks the volumes are spread over (default: the config's prep.n_chunks)")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction,
+                   help="fail on any rejected input instead of listing it (default: the config's prep.strict)")
     p.set_defaults(func=cmd_cohort)
 
     for command, (_, _, text) in PASS_THROUGH.items():
         sub.add_parser(command, help=text, add_help=False)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags, rest = split_global_flags(argv, {"-v", "--verbose", "--debug"})
+    if rest and rest[0] in PASS_THROUGH:
+        logging.basicConfig(level=logging.DEBUG if flags - {"--debug"} else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        module, name, _ = PASS_THROUGH[rest[0]]
+        command = getattr(importlib.import_module(module), name)
+        return run_reporting_errors("ctprep", lambda: command(rest[1:]), "--debug" in flags)
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from ctprep.volume import VolumeError
-
-    try:
-        return args.func(args)
-    except (VolumeError, FileNotFoundError, ValueError) as err:
-        logger.error("%s", err)
-        return 2
+    return run_reporting_errors("ctprep", lambda: args.func(args), args.debug)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from ctprep.errors import existing_file
 from ctprep.shards import ShardError, load_manifest, verify_manifest
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def verify_shards_main(argv: list[str] | None = None) -> int:
     Exit status 0 when every manifest verifies, 1 otherwise (every manifest is still checked).
     """
     parser = argparse.ArgumentParser(prog="ctgen verify-shards", description=verify_shards_main.__doc__)
-    parser.add_argument("manifests", nargs="+", type=Path, help="manifest JSON files")
+    parser.add_argument("manifests", nargs="+", type=existing_file, help="manifest JSON files")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

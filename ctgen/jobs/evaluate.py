@@ -26,6 +26,8 @@ from ctgen.metrics import (
     image_similarity, paired_permutation_test, slice_features, tissue_stats, tstr_summary,
 )
 from ctprep.ctrate import LABELS
+from ctprep.errors import UserError
+from ctprep.logs import progress
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,11 @@ def load_generated(samples_csv: str | Path, window) -> tuple[pd.DataFrame, list[
     from ctprep.volume import load_nifti
 
     manifest = pd.read_csv(samples_csv)
+    missing = {"nifti", "prompt_id"} - set(manifest.columns)
+    if missing:
+        raise UserError(f"{samples_csv} is not a sampling manifest (samples.csv): no {sorted(missing)} column")
     vols = []
-    for row in manifest.itertuples():
+    for row in progress(manifest.itertuples(), total=len(manifest), desc="load generated", unit="vol"):
         arr = to_model_layout(np.asarray(load_nifti(row.nifti).array[0]))  # (1, D, H, W) HU
         hu = torch.from_numpy(arr.astype(np.float32))
         vols.append({"key": str(row.prompt_id), "volume": hu_to_unit(hu, window), "hu": hu[0].numpy()})
@@ -187,6 +192,10 @@ def compare_runs(a_csv, b_csv, out_csv=None, n_permutations: int = 10_000, seed:
     """Paired permutation test per metric between two runs' per-volume rows (paired by prompt and repeat order)."""
     a, b = pd.read_csv(a_csv), pd.read_csv(b_csv)
     key = ["prompt_id"]
+    for path, table in ((a_csv, a), (b_csv, b)):
+        missing = sorted({*key, *METRICS} - set(table.columns))
+        if missing:
+            raise UserError(f"{path} is not an evaluation's per_volume.csv: no {missing} column")
     a = a.assign(_n=a.groupby(key).cumcount())
     b = b.assign(_n=b.groupby(key).cumcount())
     m = a.merge(b, on=[*key, "_n"], suffixes=("_a", "_b"))
@@ -226,7 +235,7 @@ def guidance_sweep(models_dir, prompts_csv, scales: list[float], sampling: dict,
                                   sr_steps=sampling.get("sr_steps"), sr_batch_size=sampling["batch_size"],
                                   truncate_prompt=True)
         vols = []
-        for i, prompt in enumerate(prompts["prompt"]):
+        for i, prompt in enumerate(progress(prompts["prompt"], desc=f"guidance {scale:g}", unit="vol")):
             g = torch.Generator().manual_seed(sampling["seed"] + i)
             hu = torch.from_numpy(to_model_layout(pipe([prompt], settings, [g])[0].array[0]).astype(np.float32))
             vols.append({"volume": hu_to_unit(hu, window)})

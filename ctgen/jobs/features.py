@@ -17,6 +17,7 @@ import torch
 from ctgen.data.text import TextConditioning
 from ctgen.models.classifier3d import Classifier3D
 from ctgen.models.clip3d import CLIP3D
+from ctprep.logs import progress
 
 
 @dataclass
@@ -63,7 +64,8 @@ def extract_features(nets: FeatureNets, volumes: list, batch_size: int = 2) -> d
     (N, F) and ``probabilities`` (N, 18).
     """
     out: dict[str, list[torch.Tensor]] = {}
-    for video in _chunks(volumes, batch_size):
+    for video in progress(_chunks(volumes, batch_size), total=-(-len(volumes) // batch_size), desc="features",
+                          unit="batch"):
         if nets.clip is not None:
             video_ = video.to(next(nets.clip.parameters()).device)
             feats = nets.clip.volume_features(video_)

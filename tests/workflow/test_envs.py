@@ -24,6 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 CONDA_TO_DIST = {"pytorch": "torch", "python-isal": "isal", "matplotlib-base": "matplotlib"}
 #: distributions ctgen needs that no import statement names: torch.utils.tensorboard imports tensorboard
 IMPLICIT = {"tensorboard"}
+#: optional extras beside `models`: code importing them names the extra when it is missing (ctprep.errors.MissingExtra)
+OPTIONAL_EXTRAS = ("minilm",)
+#: dependencies whose next major version is known to break us: capped in pyproject and in every env file
+CAPPED = {"numpy", "pandas", "webdataset", "transformers", "diffusers"}
 
 
 def _norm(name: str) -> str:
@@ -87,11 +91,36 @@ def test_pyproject_declares_what_each_package_imports():
     ctprep = _dists_of(_third_party_imports("ctprep"))
     assert ctprep <= core, f"ctprep imports undeclared distributions: {sorted(ctprep - core)}"
     assert "torch" not in core, "torch belongs to the `models` extra: the prep environment must not pull it"
+    optional = {_requirement_name(r) for x in OPTIONAL_EXTRAS for r in _pyproject()["optional-dependencies"][x]}
+    assert not optional & models, "an optional extra's package is in `models` as well"
     ctgen = _dists_of(_third_party_imports("ctgen", "workflow/scripts")) | IMPLICIT
-    assert ctgen <= core | models, f"ctgen imports undeclared distributions: {sorted(ctgen - core - models)}"
+    declared = core | models | optional
+    assert ctgen <= declared, f"ctgen imports undeclared distributions: {sorted(ctgen - declared)}"
 
 
-@pytest.mark.parametrize("env, extras", [("prep.yaml", []), ("train.yaml", ["models"])])
+def _specs(reqs) -> dict[str, str]:
+    return {_requirement_name(r): re.sub(r"\s+", "", r) for r in reqs}
+
+
+def test_known_breaking_majors_are_capped_alike_everywhere():
+    project = _pyproject()
+    specs = _specs(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        specs.update(_specs(extra))
+    for name in sorted(CAPPED):
+        assert re.search(r"<\d", specs[name]), f"{name} has no upper bound in pyproject.toml: {specs[name]}"
+    for env in ("prep.yaml", "train.yaml"):
+        spec = yaml.safe_load((REPO / "envs" / env).read_text())
+        entries = [d for d in spec["dependencies"] if isinstance(d, str)]
+        entries += [r for d in spec["dependencies"] if isinstance(d, dict) for r in d["pip"] if not r.startswith(".")]
+        for entry in entries:
+            name = _requirement_name(CONDA_TO_DIST.get(re.split(r"[<>=! ]", entry, maxsplit=1)[0], entry))
+            if name in CAPPED:
+                assert re.sub(r"\s+", "", entry).lower() == specs[name].lower(), \
+                    f"{env}: {entry} differs from pyproject's {specs[name]}"
+
+
+@pytest.mark.parametrize("env, extras", [("prep.yaml", []), ("train.yaml", ["models", "minilm"])])
 def test_env_files_hold_every_distribution_their_rules_need(env, extras):
     dists, local = _env(env)
     project = _pyproject()

