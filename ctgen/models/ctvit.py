@@ -54,7 +54,7 @@ class CTViTConfig:
     codebook_dim: int | None = None  # code width (None = dim; smaller uses a projection, as ViT-VQGAN)
     commitment_weight: float = 0.25  # weight of the commitment loss (VQ-VAE's beta)
     ema_decay: float = 0.99  # EMA decay of codebook cluster sizes and sums
-    dead_code_threshold: float = 2.0  # restart codes whose EMA cluster size (inputs/step) falls below this
+    dead_code_threshold: float = 0.05  # restart codes whose EMA cluster size falls below this share of tokens/step / codes
     recon_loss: str = "l2"  # reconstruction loss: "l2" (GenerateCT's MSE) or "l1"
     perceptual_weight: float = 0.0  # weight of the perceptual loss (0 = off; >0 needs a perceptual network)
     adversarial_start: int = 10_000  # global step from which the adversarial terms count
@@ -86,6 +86,7 @@ class CTViTOutput(ModelOutput):
     adversarial_active: float  # 1.0 once step >= adversarial_start, else 0.0
     perplexity: torch.Tensor  # exp(entropy) of the batch's code histogram
     codebook_usage: torch.Tensor  # fraction of codes used in the batch
+    codes_restarted: torch.Tensor  # dead codes re-seeded from the batch in this step
     recon: torch.Tensor  # (B, C, D, H, W) reconstruction (not logged)
     indices: torch.Tensor  # (B, t, h, w) token indices (not logged)
 
@@ -230,6 +231,7 @@ class CTViT(nn.Module, PretrainedMixin):
         return CTViTOutput(loss=loss, recon_loss=recon_loss, commit_loss=q.commit_loss, perceptual_loss=perceptual_loss,
                            gen_adv_loss=gen_adv_loss, disc_loss=disc_loss, adaptive_weight=adaptive,
                            adversarial_active=factor, perplexity=q.perplexity, codebook_usage=q.usage,
+                           codes_restarted=q.restarted,
                            recon=recon, indices=q.indices)
 
     def _adaptive_weight(self, nll: torch.Tensor, gen_adv: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

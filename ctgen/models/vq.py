@@ -4,7 +4,11 @@ As in ViT-VQGAN / lucidrains' ``vector-quantize-pytorch`` (``use_cosine_sim=True
 projected to ``codebook_dim`` and l2-normalised, the nearest code is the one of highest cosine
 similarity, and the codebook (unit vectors, kept as buffers) follows an exponential moving average
 of the normalised inputs assigned to each code. Codes whose EMA cluster size falls below
-``dead_code_threshold`` are replaced by random inputs of the current batch. The encoder gets
+``dead_code_threshold`` times the size a code would have if all were used equally (the step's
+input count / codebook size) are replaced by random inputs of the current batch. The threshold is
+relative because the absolute one does not carry across batch sizes: GenerateCT's 2.0 inputs per
+step with 8,192 codes and ~6.5k tokens a step (0.8 per code when all are used) declared every code
+dead at every step. The encoder gets
 gradients through a straight-through estimator and a commitment loss; the codebook gets none.
 
 Under DDP (``torch.distributed`` initialised) the EMA statistics are all-reduced and the restart
@@ -35,10 +39,11 @@ class VQOutput:
     commit_loss: torch.Tensor  # () mean squared distance between normalised inputs and their codes
     perplexity: torch.Tensor  # () exp(entropy) of the batch's code histogram (1 .. codebook_size)
     usage: torch.Tensor  # () fraction of the codebook used at least once in the batch
+    restarted: torch.Tensor  # () codes restarted from batch inputs in this step (0 outside training)
 
 
 class VectorQuantizer(nn.Module):
-    """``VectorQuantizer(dim, codebook_size, codebook_dim=None, decay=0.99, dead_code_threshold=2.0)``.
+    """``VectorQuantizer(dim, codebook_size, codebook_dim=None, decay=0.99, dead_code_threshold=0.05)``.
 
     ``forward(x)`` with x (..., dim) returns a :class:`VQOutput` and, in training mode only, updates
     the codebook. ``quantize_indices(x)`` and ``codes_to_vectors(indices)`` never update anything.
@@ -46,7 +51,7 @@ class VectorQuantizer(nn.Module):
     """
 
     def __init__(self, dim: int, codebook_size: int, codebook_dim: int | None = None, decay: float = 0.99,
-                 dead_code_threshold: float = 2.0, eps: float = 1e-5) -> None:
+                 dead_code_threshold: float = 0.05, eps: float = 1e-5) -> None:
         super().__init__()
         codebook_dim = codebook_dim or dim
         self.codebook_size = codebook_size
@@ -80,15 +85,16 @@ class VectorQuantizer(nn.Module):
         codes = self.embed[idx]  # (N, cd)
         commit_loss = F.mse_loss(xn, codes.detach())
         quantized = xn + (codes - xn).detach()  # straight-through: forward = codes, backward = identity
+        restarted = torch.zeros((), device=xn.device)
         if self.training:
             counts = self._ema_update(xn.detach(), idx, counts)
-            self._restart_dead_codes(xn.detach())
+            restarted += self._restart_dead_codes(xn.detach(), counts.sum())
         probs = counts / counts.sum().clamp_min(1.0)  # (K,)
         perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
         usage = (counts > 0).float().mean()
         quantized = self.project_out(quantized.to(self._out_dtype()))
         return VQOutput(quantized=quantized.reshape(*shape, -1), indices=idx.reshape(shape),
-                        commit_loss=commit_loss, perplexity=perplexity, usage=usage)
+                        commit_loss=commit_loss, perplexity=perplexity, usage=usage, restarted=restarted)
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -122,19 +128,25 @@ class VectorQuantizer(nn.Module):
         self.embed.copy_(F.normalize(self.embed_sum / smoothed.clamp_min(self.eps)[:, None], dim=-1))
         return counts
 
+    def threshold(self, n_inputs: float) -> float:
+        """The EMA cluster size under which a code is dead, for ``n_inputs`` (all ranks) per step."""
+        return self.dead_code_threshold * float(n_inputs) / self.codebook_size
+
     @torch.no_grad()
-    def _restart_dead_codes(self, xn: torch.Tensor) -> None:
-        """Replace codes whose EMA cluster size is below the threshold by random batch inputs."""
+    def _restart_dead_codes(self, xn: torch.Tensor, n_inputs: torch.Tensor) -> int:
+        """Replace codes whose EMA cluster size is below the threshold by random batch inputs; how many."""
         if self.dead_code_threshold <= 0:
-            return
-        dead = self.cluster_size < self.dead_code_threshold  # (K,) identical on every rank
+            return 0
+        threshold = self.threshold(n_inputs)
+        dead = self.cluster_size < threshold  # (K,) identical on every rank (all-reduced sizes)
         num_dead = int(dead.sum())
         if num_dead == 0:
-            return
+            return 0
         pick = torch.randint(0, xn.shape[0], (num_dead,), device=xn.device)
         samples = xn[pick]  # (num_dead, cd)
         if _distributed():
             dist.broadcast(samples, src=0)
         self.embed[dead] = samples
-        self.embed_sum[dead] = samples * self.dead_code_threshold
-        self.cluster_size[dead] = self.dead_code_threshold
+        self.embed_sum[dead] = samples * threshold
+        self.cluster_size[dead] = threshold
+        return num_dead

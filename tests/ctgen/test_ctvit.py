@@ -191,7 +191,7 @@ def test_vq_ema_moves_codes_toward_their_inputs():
 
 def test_vq_restarts_dead_codes_from_batch_inputs():
     torch.manual_seed(0)
-    vq = VectorQuantizer(dim=8, codebook_size=16, dead_code_threshold=1.0)
+    vq = VectorQuantizer(dim=8, codebook_size=16, dead_code_threshold=0.5)  # 0.5 x 32 inputs / 16 codes = 1.0
     x = torch.randn(32, 8)
     xn = torch.nn.functional.normalize(x, dim=-1)
     vq(x)  # first batch: every code has EMA size 0 < threshold, so all restart from the data
@@ -206,6 +206,29 @@ def test_vq_restarts_dead_codes_from_batch_inputs():
     assert ((vq.embed[3] @ torch.nn.functional.normalize(y, dim=-1).t()).max() > 1 - 1e-5)
     assert vq.cluster_size[3] == 1.0 and (vq.cluster_size[torch.arange(16) != 3] > 50).all()
     assert not torch.allclose(vq.embed[3], old[3])
+
+
+def test_vq_dead_code_threshold_scales_with_the_batch():
+    """GenerateCT's absolute 2.0 with 8,192 codes and ~6.5k tokens a step declared every code dead every step;
+    the relative threshold restarts only codes that stopped being used, at any batch size."""
+    torch.manual_seed(0)
+    k, n = 64, 48  # fewer inputs per step than codes, as at the paper geometry
+    centres = torch.nn.functional.normalize(torch.randn(k, 8), dim=-1)
+    vq = VectorQuantizer(dim=8, codebook_size=k, decay=0.9, dead_code_threshold=0.05)
+    vq(centres.repeat(2, 1))  # the first batch seeds every code
+    absolute = VectorQuantizer(dim=8, codebook_size=k, decay=0.9, dead_code_threshold=2.0 * k / n)  # = 2.0 a step
+    absolute(centres.repeat(2, 1))
+    g = torch.Generator().manual_seed(1)
+    restarts, old = [], []
+    for _ in range(60):
+        x = centres[torch.randint(0, k, (n,), generator=g)] + 0.01 * torch.randn(n, 8, generator=g)
+        restarts.append(int(vq(x).restarted))
+        old.append(int(absolute(x).restarted))
+    # a code used ~0.75 times a step stays alive; what restarts are duplicates of the seeding draw, which never win
+    assert sum(restarts[20:]) / 40 < 0.1 * k
+    assert sum(old[20:]) / 40 > k / 2  # the absolute threshold re-seeds most of the codebook every step
+    assert vq.threshold(n) == pytest.approx(0.05 * n / k)
+    assert int(vq.eval()(x).restarted) == 0  # no restarts outside training
 
 
 def test_vq_perplexity_usage_eval_is_pure_and_straight_through():
