@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,20 @@ EVAL_MODELS = ("clip", "classifier")  # the evaluation's feature networks, same 
 MODELS = CASCADE_MODELS + EVAL_MODELS
 CORE = {"generator": "ctgen.models.maskgit.MaskGIT", "superres": "ctgen.models.superres_unet.SuperResDiffusion"}
 POS_WEIGHT_MAX = 20.0  # cap of the automatic BCE positive weight: a label seen once must not dominate the loss
+
+
+@dataclass(frozen=True)
+class SliceData:
+    """A superres preset's ``data`` options (the workflow adds the HU window, scale, prompt and paths)."""
+
+    slices_per_volume: int = 4  # random axial slices per volume and epoch (seeded)
+
+
+@dataclass(frozen=True)
+class VolumeData:
+    """A clip or classifier preset's ``data`` options (the workflow adds the HU window, prompt and paths)."""
+
+    augment: batches.Augment = field(default_factory=batches.Augment)  # training-time augmentation
 
 
 def hu_window(data: dict[str, Any]) -> tuple[float, float]:
@@ -88,7 +103,7 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
             recon = load_file(data["recon"])
         prompts = {v["key"]: v["prompt"] for v in volumes}
         make = batches.slice_batches(volumes, _text(data, prompts, max_length), tcfg.batch_size, scale,
-                                     int(data.get("slices_per_volume", 4)), recon)
+                                     int(data.get("slices_per_volume", SliceData.slices_per_volume)), recon)
     checkpoint_dir = Path(checkpoint_root) / config_hash(cfg)
     log.info("training %s: %d parameters; checkpoints in %s", kind, sum(p.numel() for p in model.parameters()), checkpoint_dir)
     return train(model, make, tcfg, out_dir, checkpoint_dir=checkpoint_dir,
