@@ -43,7 +43,7 @@ LABELLER_EVAL = bool(EVAL_JSONL and Path(EVAL_JSONL).is_file())
 
 def get_dataset_root(wildcards):
     """The demo rule's output when the demo is on; a real CT-RATE copy needs no rule."""
-    return config["dataset"]["root"]
+    return rules.demo_cohort.output.root if DEMO else config["dataset"]["root"]
 
 
 def get_prompt_mentions(wildcards):
