@@ -7,11 +7,10 @@ import jsonschema
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+# a config error is one line naming the key (Snakemake's own message dumps the whole subschema)
 try:
     validate(config, "../schemas/config.schema.yaml")
-except (
-    WorkflowError
-) as err:  # one line naming the key, not Snakemake's dump of the whole subschema
+except WorkflowError as err:
     bad = err.__context__
     if not isinstance(bad, jsonschema.ValidationError):
         raise
