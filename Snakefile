@@ -1,4 +1,4 @@
-# ctgen: CT-RATE / DICOM chest CT -> HU volumes -> prompts -> webdataset shards (-> models).
+# ctgen: CT-RATE / DICOM chest CT -> HU volumes -> prompts -> shards -> models -> samples, metrics, figures.
 # Run: snakemake --workflow-profile workflow/profiles/local   (see README.md)
 from snakemake.utils import min_version
 
@@ -25,6 +25,22 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
 
 
+wildcard_constraints:
+    split="|".join(SPLITS),
+    chunk=r"\d+",
+    model="|".join(MODEL_PRESET),
+
+
+# bookkeeping that takes seconds runs in the Snakemake process itself, never queued on Slurm
+localrules:
+    all,
+    train_config,
+    shard_manifest,
+    rejects,
+    cascade,
+    sample_prompts,
+
+
 rule all:
     default_target: True
     input:
@@ -32,8 +48,8 @@ rule all:
         rules.rejects.output.csv,
         rules.prompts.output.table,
         rules.label_agreement.output.markdown,
-        LABELLER_EVAL,
-        DICOM_OUTPUTS,
+        rules.evaluate_labeller.output.table if LABELLER_EVAL else [],
+        rules.dicom2nifti.output.metadata if DICOM else [],
         rules.sample.output.manifest,
         rules.evaluate.output.metrics,
         rules.guidance_sweep.output.csv,

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from ctgen.data.layout import to_model_layout
 from ctgen.data.shards import iter_samples
+from ctgen.jobs.figure_list import FIGURES
 from ctgen.metrics.hu import TISSUES
 from ctprep.volume import load_nifti
 
@@ -380,8 +381,6 @@ def plot_guidance_sweep(sweep_csv, out_png, dpi: int = 120) -> Path:
 
 
 # --- the rule -------------------------------------------------------------------------------------
-FIGURES = ("samples", "training_curves", "metrics_summary", "faithfulness", "tstr", "hu_histograms",
-           "per_volume", "guidance_sweep")
 
 
 def make_figures(inputs: Mapping[str, str], outputs: Mapping[str, str], cfg: FigureConfig) -> list[Path]:

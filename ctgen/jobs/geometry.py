@@ -25,7 +25,7 @@ class GeometryError(ValueError):
 
 def _get(section: dict[str, Any], key: str, where: str) -> Any:
     if key not in section:
-        raise GeometryError(f"{where}.{key} is not set (the config schema fills it in: validate the config first)")
+        raise GeometryError(f"{where}.{key} is not set: the geometry check needs the preset's sizes written out")
     return section[key]
 
 

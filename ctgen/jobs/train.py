@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,20 @@ EVAL_MODELS = ("clip", "classifier")  # the evaluation's feature networks, same 
 MODELS = CASCADE_MODELS + EVAL_MODELS
 CORE = {"generator": "ctgen.models.maskgit.MaskGIT", "superres": "ctgen.models.superres_unet.SuperResDiffusion"}
 POS_WEIGHT_MAX = 20.0  # cap of the automatic BCE positive weight: a label seen once must not dominate the loss
+
+
+@dataclass(frozen=True)
+class SliceData:
+    """A superres preset's ``data`` options (the workflow adds the HU window, scale, prompt and paths)."""
+
+    slices_per_volume: int = 4  # random axial slices per volume and epoch (seeded)
+
+
+@dataclass(frozen=True)
+class VolumeData:
+    """A clip or classifier preset's ``data`` options (the workflow adds the HU window, prompt and paths)."""
+
+    augment: batches.Augment = field(default_factory=batches.Augment)  # training-time augmentation
 
 
 def hu_window(data: dict[str, Any]) -> tuple[float, float]:
@@ -84,7 +99,7 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
         make = batches.streamed(_manifests(data, "tokens"), batches.token_decode(data.get("prompt")),
                                 batches.generator_collate(_text(data, _max_length(cfg))), **stream)
     else:
-        spv = int(data.get("slices_per_volume", 4))  # a micro-batch: spv slices of each of batch_size / spv volumes
+        spv = int(data.get("slices_per_volume", SliceData.slices_per_volume))  # a micro-batch: spv slices of each of batch_size / spv volumes
         parallel = [_manifests(data, "recon")] if data.get("recon") else None
         make = batches.streamed(_manifests(data, "manifests"), batches.volume_decode(hu_window(data), data.get("prompt")),
                                 batches.superres_collate(_text(data, _max_length(cfg)), scale, spv),

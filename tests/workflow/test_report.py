@@ -20,14 +20,14 @@ import matplotlib.image as mpimg
 import pytest
 import yaml
 
-from ctgen.jobs.figures import FIGURES, WIDTH_IN
+from ctgen.jobs.figure_list import FIGURES
+from ctgen.jobs.figures import WIDTH_IN
 from tests.workflow.wf import snakemake
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.workflow,
               pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: apt-get install -y chromium")]
-# the report's categories, as workflow/rules/figures.smk assigns them
-CATEGORIES = ("Samples", "Training", "Metrics", "HU checks", "Guidance sweep")
+CATEGORIES = tuple(dict.fromkeys(FIGURES.values()))  # the report's categories, in the order of the figures
 WINDOW = (1280, 900)  # browser viewport (width, height) in pixels
 # Injected before </body> of a copy of the report: opens every category and every figure in it
 # (the eye buttons), then writes "category/filename/decoded width" of each displayed PNG into <pre id="tour">.

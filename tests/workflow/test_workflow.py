@@ -75,9 +75,10 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     prompts = {"prompts", "shards", "shard_manifest", "rejects", "text_tokenizer", "sample_prompts"} | models
     assert plan("prompt", {"prompts": {"templates": {"generatect": "{sex}, {age} years: {impression}"}}}) == prompts
     assert plan("structured", {"prompts": {"structured": {"negated": "state"}}}) == prompts
-    # a preprocessing setting: preprocessing and everything after it, not the cohort or the reports
+    # a preprocessing setting: preprocessing and everything after it, not the cohort or the reports;
+    # the HU window also reaches every training config (the models map it to [-1, 1])
     assert plan("preset", {"presets": {"demo": {"clip": [-1024, 1200]}}}) == \
-        {"prep", "shards", "shard_manifest", "rejects"} | models
+        {"prep", "shards", "shard_manifest", "rejects", "train_config"} | models
     assert plan("shard", {"shards": {"shard_size": 3}}) == {"shards", "shard_manifest"} | models
     # a model's own settings: that model and what is built from it, nothing upstream
     assert plan("tok", {"model_presets": {"demo": {"tokenizer": {"train": {"lr": 1e-3}}}}}) == \

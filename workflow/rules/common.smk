@@ -1,43 +1,55 @@
-# Config validation and the values rules read; logic lives in ctprep.
+# Config validation, the values rules read and the input functions; logic lives in the packages.
 import json
 import os
 import sys
 from pathlib import Path
 
+import jsonschema
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from ctgen.jobs.geometry import GeometryError, check_geometry
 
-validate(config, "../schemas/config.schema.yaml")
-try:  # the prep grid and every model's sizes fit together
-    check_geometry(config)
-except GeometryError as err:
-    sys.exit(f"config error: {err}")  # one line naming the keys and a fix, no traceback
+# a config error is one line naming the key (Snakemake's own message dumps the whole subschema)
+try:
+    validate(config, "../schemas/config.schema.yaml")
+except WorkflowError as err:
+    bad = err.__context__
+    if not isinstance(bad, jsonschema.ValidationError):
+        raise
+    where = ".".join(map(str, bad.absolute_path)) or "(top level)"
+    sys.exit(f"config {where}: {bad.message}")
 
 R = config["results"]
 SPLITS = config["dataset"]["splits"]
 CHUNKS = [f"{i:03d}" for i in range(config["prep"]["n_chunks"])]
-if config["prep"]["preset"] not in config["presets"]:
-    raise ValueError(
-        f"prep.preset {config['prep']['preset']!r} is not among presets: {sorted(config['presets'])}"
-    )
+
+
+def check_preset(section, table):
+    """One line naming the choices when `<section>.preset` is not a key of `table`."""
+    name = config[section]["preset"]
+    if name not in config[table]:
+        raise ValueError(
+            f"{section}.preset {name!r} is not among {table}: {sorted(config[table])}"
+        )
+
+
+check_preset("prep", "presets")
+check_preset("models", "model_presets")
+try:  # the prep grid and every model's sizes fit together
+    check_geometry(config)
+except GeometryError as err:
+    sys.exit(f"config error: {err}")  # one line naming the keys and a fix, no traceback
 PRESET = config["presets"][config["prep"]["preset"]]
 DEMO = config.get("demo", {}).get("enabled", False)
-DICOM_OUTPUTS = (
-    [f"{R}/dicom/metadata.csv"] if config.get("dicom", {}).get("series_dir") else []
-)
-
+DICOM = bool(config.get("dicom", {}).get("series_dir"))
 EVAL_JSONL = config["reports"]["eval_jsonl"]
-LABELLER_EVAL = (
-    [f"{R}/reports/labeller_eval.tsv"]
-    if EVAL_JSONL and Path(EVAL_JSONL).is_file()
-    else []
-)
+LABELLER_EVAL = bool(EVAL_JSONL and Path(EVAL_JSONL).is_file())
 
 
 def get_dataset_root(wildcards):
     """The demo rule's output when the demo is on; a real CT-RATE copy needs no rule."""
-    return config["dataset"]["root"]
+    return rules.demo_cohort.output.root if DEMO else config["dataset"]["root"]
 
 
 def get_prompt_mentions(wildcards):
@@ -54,19 +66,34 @@ MODELS = config["models"]
 RES = MODELS["resources"]
 MODEL_PRESET = config["model_presets"][MODELS["preset"]]
 CHECKPOINTS = MODELS["checkpoints"]
-TRAIN_MANIFESTS = [f"{R}/shards/{s}/manifest.json" for s in MODELS["train_splits"]]
 SMALL_TEXT = MODELS["text_encoder"]["kind"] == "small"
-TEXT_INPUT = (
-    f"{R}/text/tokenizer.json" if SMALL_TEXT else f"{R}/text/prompts.safetensors"
-)
 TEXT_FLAG = "--text-tokenizer" if SMALL_TEXT else "--text-cache"
+TEXT_ENCODER_MODELS = (
+    "generator",
+    "superres",
+    "clip",
+)  # trained with the small text encoder
+
+
+def get_train_manifests(wildcards):
+    """The shard manifests of the splits the models train on."""
+    return expand(rules.shard_manifest.output.manifest, split=MODELS["train_splits"])
+
+
+def get_text(wildcards):
+    """The text side: the small encoder's fitted tokenizer, or a frozen encoder's cached states."""
+    if SMALL_TEXT:
+        return rules.text_tokenizer.output.tokenizer
+    return rules.embed_prompts.output.cache
 
 
 def get_train_config(wildcards):
     """The model's preset (model, text_encoder, train) plus the data options, as plain data."""
-    preset = MODEL_PRESET[wildcards.model]
+    preset = json.loads(
+        json.dumps(MODEL_PRESET[wildcards.model])
+    )  # a copy: no shared objects
     cfg = {"model": preset["model"], "train": preset["train"]}
-    if wildcards.model not in ("tokenizer", "classifier") and SMALL_TEXT:
+    if wildcards.model in TEXT_ENCODER_MODELS and SMALL_TEXT:
         cfg["text_encoder"] = {
             **preset.get("text_encoder", {}),
             "vocab_size": MODELS["text_encoder"]["vocab_size"],
@@ -91,12 +118,16 @@ def get_launcher(wildcards, resources):
 def get_superres_recon(wildcards):
     """Tokenizer reconstructions as low-res inputs (as GenerateCT), or none: downsampled slices."""
     if MODELS["superres_lowres"] == "reconstruction":
-        return f"{R}/tokens/train_recon.safetensors"
+        return expand(rules.encode_tokens.output.recon, split="train")
     return []
 
 
 # --- evaluation ---------------------------------------------------------------------------
-EVAL_MANIFESTS = [f"{R}/shards/{config['evaluation']['split']}/manifest.json"]
+def get_eval_manifests(wildcards):
+    """The shard manifest of the split whose real volumes are the references."""
+    return expand(
+        rules.shard_manifest.output.manifest, split=config["evaluation"]["split"]
+    )
 
 
 def get_eval_text(wildcards, input):

@@ -1,4 +1,4 @@
-if DICOM_OUTPUTS:
+if DICOM:
 
     rule dicom2nifti:
         input:

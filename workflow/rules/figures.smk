@@ -1,13 +1,6 @@
-FIGURE_CATEGORY = {  # figure -> its category in the report (snakemake --report)
-    "samples": "Samples",
-    "training_curves": "Training",
-    "metrics_summary": "Metrics",
-    "faithfulness": "Metrics",
-    "tstr": "Metrics",
-    "per_volume": "Metrics",
-    "hu_histograms": "HU checks",
-    "guidance_sweep": "Guidance sweep",
-}
+from ctgen.jobs.figure_list import (
+    FIGURES,
+)  # name -> report category: the one list of the figures
 
 
 rule figures:
@@ -21,10 +14,10 @@ rule figures:
         superres=rules.train_superres.output.weights,
         clip=rules.train_clip.output.weights,
         classifier=rules.train_classifier.output.weights,
-        metrics=f"{R}/evaluation/metrics.json",
-        per_volume=f"{R}/evaluation/per_volume.csv",
-        histograms=f"{R}/evaluation/hu_histograms.json",
-        sweep=f"{R}/evaluation/guidance_sweep.csv",
+        metrics=rules.evaluate.output.metrics,
+        per_volume=rules.evaluate.output.per_volume,
+        histograms=rules.evaluate.output.histograms,
+        sweep=rules.guidance_sweep.output.csv,
     output:
         **{
             name: report(
@@ -33,7 +26,7 @@ rule figures:
                 category=category,
                 labels={"figure": name.replace("_", " ")},
             )
-            for name, category in FIGURE_CATEGORY.items()
+            for name, category in FIGURES.items()
         },
     log:
         f"{R}/logs/figures.log",

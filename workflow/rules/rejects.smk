@@ -2,7 +2,7 @@ rule rejects:
     input:
         [rules.cohort.output.rejects, rules.prompts.output.rejects]
         + expand(rules.prep.output.rejects, chunk=CHUNKS)
-        + ([rules.dicom2nifti.output.rejects] if DICOM_OUTPUTS else []),
+        + ([rules.dicom2nifti.output.rejects] if DICOM else []),
     output:
         csv=f"{R}/rejects.csv",
         parquet=f"{R}/rejects.parquet",

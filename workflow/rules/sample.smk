@@ -3,11 +3,13 @@ rule cascade:
         tokenizer=rules.train_tokenizer.output.weights,
         generator=rules.train_generator.output.weights,
         superres=rules.train_superres.output.weights,
-        text=TEXT_INPUT,
+        text=get_text,
     output:
         spec=f"{R}/models/cascade.json",
     log:
         f"{R}/logs/cascade.log",
+    benchmark:
+        f"{R}/benchmarks/cascade.tsv"
     conda:
         "../../envs/train.yaml"
     threads: 1
@@ -30,6 +32,8 @@ rule sample_prompts:
         csv=f"{R}/samples/prompts.csv",
     log:
         f"{R}/logs/sample_prompts.log",
+    benchmark:
+        f"{R}/benchmarks/sample_prompts.tsv"
     conda:
         "../../envs/train.yaml"
     threads: 1

@@ -50,6 +50,8 @@ rule train_config:
         config=f"{R}/models/{{model}}.yaml",
     log:
         f"{R}/logs/train_config/{{model}}.log",
+    benchmark:
+        f"{R}/benchmarks/train_config/{{model}}.tsv"
     conda:
         "../../envs/train.yaml"
     threads: 1
@@ -64,8 +66,8 @@ rule train_config:
 
 rule train_tokenizer:
     input:
-        config=f"{R}/models/tokenizer.yaml",
-        manifests=TRAIN_MANIFESTS,
+        config=expand(rules.train_config.output.config, model="tokenizer"),
+        manifests=get_train_manifests,
     output:
         weights=f"{R}/models/tokenizer/model.safetensors",
         config=f"{R}/models/tokenizer/config.json",
@@ -80,7 +82,7 @@ rule train_tokenizer:
         mem_mb=RES["tokenizer"]["mem_mb"],
         runtime=RES["tokenizer"]["runtime"],
         gpu=RES["tokenizer"]["gpu"],
-        nodes=RES["tokenizer"].get("nodes", 1),
+        nodes=RES["tokenizer"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/tokenizer",
@@ -93,7 +95,7 @@ rule train_tokenizer:
 rule encode_tokens:
     input:
         weights=rules.train_tokenizer.output.weights,
-        manifests=lambda wc: f"{R}/shards/{wc.split}/manifest.json",
+        manifests=rules.shard_manifest.output.manifest,
     output:
         tokens=f"{R}/tokens/{{split}}.safetensors",
         prompts=f"{R}/tokens/{{split}}.prompts.json",
@@ -122,9 +124,9 @@ rule encode_tokens:
 
 rule train_generator:
     input:
-        config=f"{R}/models/generator.yaml",
-        tokens=f"{R}/tokens/train.safetensors",
-        text=TEXT_INPUT,
+        config=expand(rules.train_config.output.config, model="generator"),
+        tokens=expand(rules.encode_tokens.output.tokens, split="train"),
+        text=get_text,
     output:
         weights=f"{R}/models/generator/model.safetensors",
         config=f"{R}/models/generator/config.json",
@@ -139,7 +141,7 @@ rule train_generator:
         mem_mb=RES["generator"]["mem_mb"],
         runtime=RES["generator"]["runtime"],
         gpu=RES["generator"]["gpu"],
-        nodes=RES["generator"].get("nodes", 1),
+        nodes=RES["generator"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/generator",
@@ -152,9 +154,9 @@ rule train_generator:
 
 rule train_superres:
     input:
-        config=f"{R}/models/superres.yaml",
-        manifests=TRAIN_MANIFESTS,
-        text=TEXT_INPUT,
+        config=expand(rules.train_config.output.config, model="superres"),
+        manifests=get_train_manifests,
+        text=get_text,
         recon=get_superres_recon,
     output:
         weights=f"{R}/models/superres/model.safetensors",
@@ -170,7 +172,7 @@ rule train_superres:
         mem_mb=RES["superres"]["mem_mb"],
         runtime=RES["superres"]["runtime"],
         gpu=RES["superres"]["gpu"],
-        nodes=RES["superres"].get("nodes", 1),
+        nodes=RES["superres"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/superres",
@@ -180,4 +182,62 @@ rule train_superres:
     shell:
         "{params.launch} train superres --config {input.config} --manifests {input.manifests}"
         " {params.text_flag} {input.text} {params.recon_flag}"
+        " --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"
+
+
+rule train_clip:
+    input:
+        config=expand(rules.train_config.output.config, model="clip"),
+        manifests=get_train_manifests,
+        text=get_text,
+    output:
+        weights=f"{R}/models/clip/model.safetensors",
+        config=f"{R}/models/clip/config.json",
+    log:
+        f"{R}/logs/train_clip.log",
+    benchmark:
+        f"{R}/benchmarks/train_clip.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: RES["clip"]["threads"]
+    resources:
+        mem_mb=RES["clip"]["mem_mb"],
+        runtime=RES["clip"]["runtime"],
+        gpu=RES["clip"]["gpu"],
+        nodes=RES["clip"]["nodes"],
+    params:
+        out=lambda wc, output: os.path.dirname(output.weights),
+        ckpt=f"{CHECKPOINTS}/clip",
+        launch=get_launcher,
+        text_flag=TEXT_FLAG,
+    shell:
+        "{params.launch} train clip --config {input.config} --manifests {input.manifests}"
+        " {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"
+
+
+rule train_classifier:
+    input:
+        config=expand(rules.train_config.output.config, model="classifier"),
+        manifests=get_train_manifests,
+    output:
+        weights=f"{R}/models/classifier/model.safetensors",
+        config=f"{R}/models/classifier/config.json",
+    log:
+        f"{R}/logs/train_classifier.log",
+    benchmark:
+        f"{R}/benchmarks/train_classifier.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: RES["classifier"]["threads"]
+    resources:
+        mem_mb=RES["classifier"]["mem_mb"],
+        runtime=RES["classifier"]["runtime"],
+        gpu=RES["classifier"]["gpu"],
+        nodes=RES["classifier"]["nodes"],
+    params:
+        out=lambda wc, output: os.path.dirname(output.weights),
+        ckpt=f"{CHECKPOINTS}/classifier",
+        launch=get_launcher,
+    shell:
+        "{params.launch} train classifier --config {input.config} --manifests {input.manifests}"
         " --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"

@@ -15,6 +15,6 @@ evaluate_run(
     snakemake.output.metrics.rsplit("/", 1)[0],
     snakemake.params.evaluation,
     snakemake.params.window,
-    classifier_cfg=yaml.safe_load(open(snakemake.input.classifier_config)),
+    classifier_cfg=yaml.safe_load(open(snakemake.input.classifier_config[0])),  # expand(): a list of one
     checkpoint_root=snakemake.params.ckpt,
 )

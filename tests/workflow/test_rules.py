@@ -1,0 +1,89 @@
+"""The rules' bookkeeping, read from Snakemake's own plan of a run in which every rule has a job.
+
+Every job writes its own log and its own benchmark; the bookkeeping rules are local (run in the
+Snakemake process, never queued on Slurm) and cheap; the wildcard constraints refuse targets that
+name no split, chunk or model.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.workflow.wf import REPO, SNAKEMAKE, make_workdir, snakemake
+
+BOOKKEEPING = {"train_config", "shard_manifest", "rejects", "cascade", "sample_prompts"}  # seconds each
+JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n((?:    .*\n?)*)", re.M)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The tiny config with the optional inputs present, so the DICOM and labeller rules are planned."""
+    tmp = tmp_path_factory.mktemp("rules")
+    (tmp / "series").mkdir()
+    (tmp / "labelled.jsonl").write_text("")
+    return make_workdir(tmp / "work", {"dicom": {"series_dir": str(tmp / "series")},
+                                       "reports": {"eval_jsonl": str(tmp / "labelled.jsonl")}})
+
+
+def planned(workdir, *args: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, {log, benchmark, resources, ...}) of every job of a dry run."""
+    res = snakemake(workdir, "-n", *args)
+    found = [(m.group(1), dict(re.findall(r"^    (\w+): (.*)$", m.group(2), re.M)))
+             for m in JOB.finditer(res.stdout + res.stderr)]
+    assert found, res.stdout[-3000:] + res.stderr[-3000:]
+    return found
+
+
+@pytest.fixture(scope="module")
+def jobs(workdir, tmp_path_factory) -> list[tuple[str, dict[str, str]]]:
+    """Every job of a run from nothing, plus the frozen text encoder's (the other side of a switch)."""
+    found = planned(workdir)
+    frozen = make_workdir(tmp_path_factory.mktemp("frozen"), {"models": {"text_encoder": {"kind": "minilm"}}})
+    return found + [job for job in planned(frozen, "--until", "embed_prompts") if job[0] == "embed_prompts"]
+
+
+def test_every_rule_is_planned(workdir, jobs):
+    res = snakemake(workdir, "--list-rules")
+    rules = {line.split()[0] for line in res.stdout.splitlines() if re.fullmatch(r"\w+", line.strip())}
+    assert {"dicom2nifti", "demo_cohort", "evaluate_labeller", "train_clip", "figures"} <= rules
+    assert {rule for rule, _ in jobs} == rules
+
+
+def test_every_job_writes_its_own_log_and_benchmark(jobs):
+    work = [(rule, fields) for rule, fields in jobs if rule != "all"]  # `all` only collects targets
+    missing = sorted({rule for rule, f in work if "log" not in f or "benchmark" not in f})
+    assert not missing, f"rules without a log or a benchmark: {missing}"
+    for key, folder in (("log", "results/logs/"), ("benchmark", "results/benchmarks/")):
+        paths = [f[key] for _, f in work]
+        assert all(p.startswith(folder) for p in paths), paths
+        assert len(set(paths)) == len(paths), f"jobs share a {key}: {sorted(p for p in paths if paths.count(p) > 1)}"
+
+
+def test_bookkeeping_rules_are_local_and_cheap(jobs):
+    compiled = subprocess_stdout([*SNAKEMAKE, "--print-compilation"])
+    block = re.search(r"workflow\.localrules\((.*?)\)", compiled, re.S)
+    assert block, "the Snakefile has no localrules"
+    local = set(re.findall(r"'(\w+)'", block.group(1)))
+    assert BOOKKEEPING | {"all"} <= local
+    for rule, fields in jobs:
+        if rule in local - {"all"}:  # on the login node: one core, minutes, no GPU
+            res = dict(kv.split("=", 1) for kv in fields["resources"].split(", "))
+            assert "threads" not in fields and "gpu" not in res, (rule, fields)
+            assert int(res["runtime"]) <= 30 and int(res["mem_mb"]) <= 1000, (rule, res)
+
+
+@pytest.mark.parametrize("target", ["results/models/tokeniser.yaml", "results/shards/test/manifest.json",
+                                    "results/prep/0a.parquet"])
+def test_wildcard_constraints_refuse_unknown_models_splits_and_chunks(workdir, target):
+    res = snakemake(workdir, "-n", target, check=False)
+    assert res.returncode != 0 and "MissingRuleException" in res.stdout + res.stderr, res.stderr[-2000:]
+
+
+def subprocess_stdout(cmd: list[str]) -> str:
+    import subprocess
+
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout

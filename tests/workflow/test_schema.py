@@ -1,0 +1,178 @@
+"""The config schema: the model-preset part is generated from the config dataclasses and stays so; a
+misspelt or mistyped key fails on load with the key named; hand-written parts agree with their code."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from ctgen.jobs import schema as gen
+from ctgen.jobs.figure_list import FIGURES
+from ctgen.jobs.figures import FigureConfig
+from ctgen.jobs.train import VolumeData, fit_text_dims
+from ctgen.models.classifier3d import Classifier3D
+from ctgen.models.clip3d import CLIP3D
+from ctgen.models.ctvit import CTViT
+from ctgen.models.maskgit import MaskGIT
+from ctgen.models.superres_unet import SuperResDiffusion
+from ctgen.models.text_encoders import SmallTextEncoderConfig
+from ctgen.pipelines.text_to_ct import SampleSettings
+from ctgen.training.loop import TrainConfig
+from tests.workflow.wf import REPO, make_workdir, snakemake
+
+SCHEMAS = REPO / "workflow/schemas"
+CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+MODEL_CLASSES = {"tokenizer": CTViT, "generator": MaskGIT, "superres": SuperResDiffusion, "clip": CLIP3D,
+                 "classifier": Classifier3D}
+
+
+def check(cfg: dict) -> dict:
+    """Validate as the workflow does (Snakemake's validate, defaults filled in); -> the config."""
+    cfg = copy.deepcopy(cfg)
+    validate(cfg, str(SCHEMAS / "config.schema.yaml"))
+    return cfg
+
+
+def edited(path: str, value) -> dict:
+    """config.yaml with the dotted key ``path`` set to ``value`` (made where absent)."""
+    cfg = copy.deepcopy(CONFIG)
+    *parents, last = path.split(".")
+    node = cfg
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return cfg
+
+
+def test_committed_model_preset_schema_is_a_fresh_generation():
+    committed = (SCHEMAS / "model_presets.schema.yaml").read_text()
+    assert committed == gen.to_yaml(gen.preset_schema()), \
+        "regenerate: python -m ctgen.jobs.schema > workflow/schemas/model_presets.schema.yaml"
+
+
+def test_every_dataclass_field_is_described_with_its_default():
+    defs = gen.preset_schema()["$defs"]
+    for _, sections in gen.MODELS.values():
+        for cls in {**sections, "train": TrainConfig}.values():
+            props = defs[cls.__name__]["properties"]
+            names = {f.name for f in dataclasses.fields(cls) if (cls, f.name) not in gen.SET_ELSEWHERE}
+            assert set(props) == names, cls
+            for f in dataclasses.fields(cls):
+                if f.name in props and props[f.name].get("type") != "object":
+                    assert props[f.name]["description"], (cls, f.name)
+                    assert props[f.name]["default"] == gen.field_default(f), (cls, f.name)
+            # the defaults, read back through the schema, rebuild the dataclass's own defaults
+            values = {k: p["default"] for k, p in props.items() if "default" in p}
+            if cls is TrainConfig:
+                assert TrainConfig.from_dict(values) == TrainConfig()
+            elif cls is VolumeData:
+                assert values == {}  # the nested augment carries its own defaults
+            elif cls not in (SmallTextEncoderConfig,) and cls.__name__.endswith("Config"):
+                model = next(m for m in MODEL_CLASSES.values() if m.config_class is cls)
+                assert model.config_from_dict(values) == cls()
+
+
+def test_the_presets_validate_and_build_their_configs():
+    cfg = check(CONFIG)
+    for name, preset in cfg["model_presets"].items():
+        for model, cls in MODEL_CLASSES.items():
+            section = preset[model]
+            if "text_encoder" in section:  # the model's text width follows its encoder's, as in training
+                section = fit_text_dims({**section, "data": {}})
+            fields = dict(section["model"])
+            if model == "classifier" and fields.get("pos_weight") == "auto":
+                fields["pos_weight"] = [1.0] * 18  # what training computes from the labels
+            if model == "clip":
+                fields["text_encoder"] = section.get("text_encoder")
+            cls.config_from_dict(fields)  # the model's own check of every key
+            TrainConfig.from_dict(section["train"])
+            if "text_encoder" in section:
+                SmallTextEncoderConfig(**section["text_encoder"])
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("model_presets.demo.generator.model.dpeth", 2, "'dpeth' was unexpected"),
+    ("model_presets.demo.tokenizer.train.learning_rate", 1e-3, "'learning_rate' was unexpected"),
+    ("model_presets.mine.tokenizer", {"model": {}, "train": {}}, "'generator' is a required property"),
+    ("model_presets.demo.clip.data.augment.flip", True, "'flip' was unexpected"),
+    ("model_presets.demo.generator.text_encoder.vocab_size", 500, "'vocab_size' was unexpected"),  # models.text_encoder's
+    ("model_presets.demo.tokenizer.data", {"slices_per_volume": 4}, "'data' was unexpected"),
+    ("model_presets.demo.generator.model.depth", "two", "'two' is not of type 'integer'"),
+    ("model_presets.demo.tokenizer.train.lr", "1e-4", "'1e-4' is not of type 'number'"),  # YAML 1.1 reads 1e-4 as text
+    ("model_presets.demo.superres.model.channel_mult", 2, "2 is not of type 'array'"),
+    ("model_presets.demo.classifier.model.pos_weight", "manual", "'manual' is not valid under any"),
+    ("models.resources.clip.gpus", 1, "'gpus' was unexpected"),
+    ("sampling.resources.runtime", "1h", "'1h' is not of type 'integer'"),
+    ("evaluation.guidance_scale", 3.0, "'guidance_scale' was unexpected"),
+    ("figures.window", "bone", "'bone' is not one of"),
+    ("presets.demo.spacing", [5.0, 5.0], "is too short"),
+])
+def test_a_wrong_key_or_type_is_named(path, value, message):
+    with pytest.raises(WorkflowError) as err:
+        check(edited(path, value))
+    text = str(err.value)
+    assert message in text, text[:500]
+    on = ".".join(path.split(".")[:-1]) if "unexpected" in message else path
+    if path.startswith("model_presets.mine"):
+        on = "model_presets.mine"
+    assert "On instance" + "".join(f"[{k!r}]" for k in on.split(".")) in text, text[-800:]
+
+
+def test_snakemake_names_a_misspelt_key_in_one_line(tmp_path):
+    work = make_workdir(tmp_path, {"model_presets": {"demo": {"generator": {"model": {"dpeth": 2}}}}})
+    res = snakemake(work, "-n", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "config model_presets.demo.generator.model: Additional properties are not allowed ('dpeth' was " \
+           "unexpected)" in out, out[-2000:]
+    assert "Failed validating" not in out  # not Snakemake's dump of the schema
+    work = make_workdir(tmp_path / "b", {"models": {"preset": "tiny"}})
+    res = snakemake(work, "-n", check=False)
+    assert res.returncode != 0 and "models.preset 'tiny' is not among model_presets" in res.stdout + res.stderr
+
+
+def test_figures_schema_is_figure_config():
+    props = yaml.safe_load((SCHEMAS / "config.schema.yaml").read_text())["properties"]["figures"]["properties"]
+    assert set(props) == {f.name for f in dataclasses.fields(FigureConfig)}
+    assert {k: p["default"] for k, p in props.items()} == {k: list(v) if isinstance(v, tuple) else v
+                                                           for k, v in dataclasses.asdict(FigureConfig()).items()}
+    assert FigureConfig.from_dict(check(CONFIG)["figures"])  # the filled-in section builds the config
+
+
+def test_sampling_defaults_are_the_pipeline_defaults():
+    props = yaml.safe_load((SCHEMAS / "config.schema.yaml").read_text())["properties"]["sampling"]["properties"]
+    same = {"steps": "steps", "guidance_scale": "guidance_scale", "temperature": "temperature",
+            "sr_steps": "sr_steps", "batch_size": "sr_batch_size"}
+    assert {k: props[k]["default"] for k in same} == {k: getattr(SampleSettings(), v) for k, v in same.items()}
+
+
+def test_every_figure_has_a_caption_and_every_caption_a_figure():
+    captions = {p.stem for p in (REPO / "workflow/report").glob("*.rst")} - {"workflow"}
+    assert captions == set(FIGURES)
+    assert all((REPO / f"workflow/report/{name}.rst").read_text().strip() for name in FIGURES)
+
+
+def test_every_config_key_is_described():
+    """Each key of the hand-written sections has a description; the generated part always has."""
+    top = yaml.safe_load((SCHEMAS / "config.schema.yaml").read_text())
+    missing = []
+
+    def walk(node, where):
+        for key, sub in node.get("properties", {}).items():
+            if "description" not in sub:
+                missing.append(f"{where}.{key}")
+            walk(sub, f"{where}.{key}")
+
+    for section in ("models", "sampling", "evaluation", "figures"):
+        walk(top["properties"][section], section)
+    walk(top["definitions"]["preset"], "presets.<name>")
+    for name in ("job_resources", "train_resources"):
+        walk(top["definitions"][name], name)
+    assert not missing, missing
+    assert Path(SCHEMAS / "model_presets.schema.yaml").is_file()
