@@ -36,6 +36,7 @@ localrules:
     all,
     train_config,
     shard_manifest,
+    tokens_manifest,
     rejects,
     cascade,
     sample_prompts,

@@ -118,8 +118,24 @@ def get_launcher(wildcards, resources):
 def get_superres_recon(wildcards):
     """Tokenizer reconstructions as low-res inputs (as GenerateCT), or none: downsampled slices."""
     if MODELS["superres_lowres"] == "reconstruction":
-        return expand(rules.encode_tokens.output.recon, split="train")
+        return get_train_tokens(wildcards)
     return []
+
+
+def get_train_tokens(wildcards):
+    """The token shard manifests of the training splits (derived from their volume shards)."""
+    return expand(rules.tokens_manifest.output.manifest, split=MODELS["train_splits"])
+
+
+def get_chunk_manifest(wildcards, input):
+    """The manifest of one chunk's volume shards, inside the shards rule's output folder."""
+    return f"{input.shards}/{wildcards.split}-c{wildcards.chunk}.manifest.json"
+
+
+def get_data_workers(wildcards, threads, resources):
+    """DataLoader workers of a training job: its other threads on a GPU job; none on the CPU, where the
+    decoding would compete with the model's own threads."""
+    return max(threads - 1, 0) if resources.gpu else 0
 
 
 # --- evaluation ---------------------------------------------------------------------------

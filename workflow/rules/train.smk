@@ -87,23 +87,23 @@ rule train_tokenizer:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/tokenizer",
         launch=get_launcher,
+        workers=get_data_workers,
     shell:
         "{params.launch} train tokenizer --config {input.config} --manifests {input.manifests}"
-        " --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"
+        " --out {params.out} --checkpoints {params.ckpt}"
+        " --data-workers {params.workers} > {log} 2>&1"
 
 
 rule encode_tokens:
     input:
         weights=rules.train_tokenizer.output.weights,
-        manifests=rules.shard_manifest.output.manifest,
+        shards=rules.shards.output.shards,
     output:
-        tokens=f"{R}/tokens/{{split}}.safetensors",
-        prompts=f"{R}/tokens/{{split}}.prompts.json",
-        recon=f"{R}/tokens/{{split}}_recon.safetensors",
+        tokens=directory(f"{R}/tokens/{{split}}/c{{chunk}}"),
     log:
-        f"{R}/logs/encode_tokens/{{split}}.log",
+        f"{R}/logs/encode_tokens/{{split}}-{{chunk}}.log",
     benchmark:
-        f"{R}/benchmarks/encode_tokens/{{split}}.tsv"
+        f"{R}/benchmarks/encode_tokens/{{split}}-{{chunk}}.tsv"
     conda:
         "../../envs/train.yaml"
     threads: 2
@@ -112,20 +112,45 @@ rule encode_tokens:
         runtime=120,
     params:
         tokenizer=lambda wc, input: os.path.dirname(input.weights),
+        manifest=get_chunk_manifest,
         scale=config["models"]["lowres_scale"],
-        prompt=config["models"]["prompt"],
         window=PRESET["clip"],
+        recon=(
+            "--recon"
+            if config["models"]["superres_lowres"] == "reconstruction"
+            else ""
+        ),
     shell:
-        "ctgen encode-tokens --tokenizer {params.tokenizer} --manifests {input.manifests}"
-        " --out {output.tokens} --recon {output.recon} --lowres-scale {params.scale}"
-        " --hu-window {params.window[0]} {params.window[1]}"
-        " --prompt {params.prompt} > {log} 2>&1"
+        "ctgen encode-tokens --tokenizer {params.tokenizer} --manifest {params.manifest}"
+        " --out {output.tokens} --lowres-scale {params.scale} {params.recon}"
+        " --hu-window {params.window[0]} {params.window[1]} > {log} 2>&1"
+
+
+rule tokens_manifest:
+    input:
+        chunks=expand(
+            rules.encode_tokens.output.tokens, chunk=CHUNKS, allow_missing=True
+        ),
+    output:
+        manifest=f"{R}/tokens/{{split}}/manifest.json",
+    log:
+        f"{R}/logs/encode_tokens/{{split}}-manifest.log",
+    benchmark:
+        f"{R}/benchmarks/encode_tokens/{{split}}-manifest.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    script:
+        "../scripts/tokens_manifest.py"
 
 
 rule train_generator:
     input:
         config=expand(rules.train_config.output.config, model="generator"),
-        tokens=expand(rules.encode_tokens.output.tokens, split="train"),
+        tokens=get_train_tokens,
         text=get_text,
     output:
         weights=f"{R}/models/generator/model.safetensors",
@@ -146,10 +171,12 @@ rule train_generator:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/generator",
         launch=get_launcher,
+        workers=get_data_workers,
         text_flag=TEXT_FLAG,
     shell:
         "{params.launch} train generator --config {input.config} --tokens {input.tokens}"
-        " {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"
+        " {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt}"
+        " --data-workers {params.workers} > {log} 2>&1"
 
 
 rule train_superres:
@@ -177,12 +204,14 @@ rule train_superres:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/superres",
         launch=get_launcher,
+        workers=get_data_workers,
         text_flag=TEXT_FLAG,
         recon_flag=lambda wc, input: f"--recon {input.recon}" if input.recon else "",
     shell:
         "{params.launch} train superres --config {input.config} --manifests {input.manifests}"
         " {params.text_flag} {input.text} {params.recon_flag}"
-        " --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"
+        " --out {params.out} --checkpoints {params.ckpt}"
+        " --data-workers {params.workers} > {log} 2>&1"
 
 
 rule train_clip:
@@ -209,10 +238,12 @@ rule train_clip:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/clip",
         launch=get_launcher,
+        workers=get_data_workers,
         text_flag=TEXT_FLAG,
     shell:
         "{params.launch} train clip --config {input.config} --manifests {input.manifests}"
-        " {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"
+        " {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt}"
+        " --data-workers {params.workers} > {log} 2>&1"
 
 
 rule train_classifier:
@@ -238,6 +269,8 @@ rule train_classifier:
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=f"{CHECKPOINTS}/classifier",
         launch=get_launcher,
+        workers=get_data_workers,
     shell:
         "{params.launch} train classifier --config {input.config} --manifests {input.manifests}"
-        " --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"
+        " --out {params.out} --checkpoints {params.ckpt}"
+        " --data-workers {params.workers} > {log} 2>&1"
