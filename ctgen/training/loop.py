@@ -8,7 +8,8 @@ optimiser, scheduler, EMA, step, data position and all RNG states, written atomi
 ``ckpt_every`` steps and resumed automatically, so a run killed by a Slurm time limit continues
 where it stopped and reproduces the losses of an uninterrupted run.
 
-Pre-emption: SIGTERM or SIGUSR1 makes the loop finish the current step, write the checkpoint and
+Pre-emption: SIGTERM or SIGUSR1, or the job's time limit coming within ``stop_margin_s`` (plus two
+steps; ``ctgen.training.deadline``), makes the loop finish the current step, write the checkpoint and
 raise :class:`Preempted` (a ``SystemExit`` with code ``EXIT_PREEMPTED`` = 75, EX_TEMPFAIL).
 
 Data: ``make_batches(ctx)`` returns this rank's micro-batches for epoch ``ctx.epoch``; it must be
@@ -45,6 +46,7 @@ from tqdm import tqdm
 
 from ctgen.training import checkpoint as ckpt
 from ctgen.training import distributed as distr
+from ctgen.training.deadline import Deadline
 from ctgen.training.ema import EMA
 from ctgen.training.metrics import MetricsWriter
 from ctgen.training.optim import build_optimizer, build_scheduler
@@ -85,6 +87,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda:LOCAL_RANK if available else cpu; or "cpu", "cuda", ...
     find_unused_parameters: bool = False  # DDP: only for models that skip parameters in some steps
     tensorboard: bool = True  # also write TensorBoard events to out_dir/tb
+    stop_margin_s: float = 120.0  # checkpoint and stop (exit 75) this long (+ 2 steps) before the job's time limit
 
     def __post_init__(self):
         checks = {
@@ -316,6 +319,8 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
     log.info("training %s on %d process(es), %s, %s: %d micro-steps of %d per process per step",
              model_class, info.world_size, device, precision, accum, cfg.batch_size)
     start_step, t_loop, t_window, window_start = step, time.time(), time.time(), step
+    deadline = Deadline.from_environment(cfg.stop_margin_s)
+    step_s = 0.0  # the slowest recent step, for the deadline's margin
 
     def save_state() -> None:
         per_rank = {"rng": ckpt.rng_state(device), "epoch": batches.epoch, "pos": batches.pos}
@@ -334,6 +339,7 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
 
     try:
         while step < cfg.max_steps:
+            t_step = time.time()
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
             lr = optimizer.param_groups[0]["lr"]
             micro = [_to_device(next(batches), device) for _ in range(accum)]
@@ -364,11 +370,14 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
                     bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}", refresh=False)
                     log.info("step %d/%d loss %.5g lr %.3g grad_norm %.3g %.2f steps/s", step, cfg.max_steps,
                              row["loss"], lr, row["grad_norm"], steps_per_s)
-            preempt = distr.any_rank(stop.signum is not None, info)
+            step_s = max(0.9 * step_s, time.time() - t_step)
+            out_of_time = step < cfg.max_steps and deadline.due(step_s)
+            preempt = distr.any_rank(stop.signum is not None or out_of_time, info)
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps or preempt:
                 save_state()
             if preempt:
-                log.warning("stopped by signal at step %d; exiting with code %d to be resumed", step, EXIT_PREEMPTED)
+                why = "by signal" if stop.signum is not None else f"ahead of the job's time limit ({deadline.left():.0f} s left)"
+                log.warning("stopped %s at step %d; exiting with code %d to be resumed", why, step, EXIT_PREEMPTED)
                 raise Preempted(step)
     finally:
         bar.close()

@@ -310,3 +310,26 @@ def test_every_parameter_is_in_the_graph_under_ddp(kind, tmp_path):
         p.join(180)
     assert [p.exitcode for p in procs] == [0, 0]
     assert torch.load(tmp_path / f"ddp_{kind}_0.pt", weights_only=True)["unused"] == []
+
+
+def test_time_left_from_squeue():
+    from ctgen.training.deadline import parse_time_left
+
+    assert parse_time_left("1-02:03:04") == ((24 + 2) * 60 + 3) * 60 + 4
+    assert parse_time_left("02:03:04") == (2 * 60 + 3) * 60 + 4 and parse_time_left("03:04") == 184
+    assert parse_time_left("UNLIMITED") is None and parse_time_left("INVALID") is None
+
+
+def test_stops_ahead_of_the_job_time_limit_and_resumes(reference, tmp_path, monkeypatch):
+    """With the job's end closer than the margin, the loop checkpoints after one step and exits 75; run
+    again without a limit, it resumes and ends with the uninterrupted run's weights and metrics."""
+    import time
+
+    monkeypatch.setenv("CTGEN_JOB_DEADLINE", str(time.time() + 100))
+    cfg = TrainConfig(**{**BASE, "stop_margin_s": 300})
+    model = run(tmp_path, cfg=cfg, expect=Preempted)
+    assert model.exc.code == EXIT_PREEMPTED and model.exc.step == 1
+    assert ckpt.load_checkpoint(tmp_path / "ckpt")["step"] == 1
+    monkeypatch.setenv("CTGEN_JOB_DEADLINE", str(time.time() + 3600))  # the next attempt has time
+    run(tmp_path, cfg=cfg)
+    assert_same_run(reference[0] / "out", tmp_path / "out")
