@@ -132,6 +132,13 @@ def get_chunk_manifest(wildcards, input):
     return f"{input.shards}/{wildcards.split}-c{wildcards.chunk}.manifest.json"
 
 
+def grows_with_attempt(value, growth):
+    """A resource that is ``value`` on the first attempt and ``growth`` times more on each retry, so a training
+    job stopped ahead of its time limit (it checkpoints and exits 75) resumes with more time.
+    """
+    return lambda wildcards, attempt: int(value * growth ** (attempt - 1))
+
+
 def get_data_workers(wildcards, threads, resources):
     """DataLoader workers of a training job: its other threads on a GPU job; none on the CPU, where the
     decoding would compete with the model's own threads."""

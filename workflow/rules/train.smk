@@ -79,8 +79,8 @@ rule train_tokenizer:
         "../../envs/train.yaml"
     threads: RES["tokenizer"]["threads"]
     resources:
-        mem_mb=RES["tokenizer"]["mem_mb"],
-        runtime=RES["tokenizer"]["runtime"],
+        mem_mb=grows_with_attempt(RES["tokenizer"]["mem_mb"], 1.5),
+        runtime=grows_with_attempt(RES["tokenizer"]["runtime"], 2),
         gpu=RES["tokenizer"]["gpu"],
         nodes=RES["tokenizer"]["nodes"],
     params:
@@ -163,8 +163,8 @@ rule train_generator:
         "../../envs/train.yaml"
     threads: RES["generator"]["threads"]
     resources:
-        mem_mb=RES["generator"]["mem_mb"],
-        runtime=RES["generator"]["runtime"],
+        mem_mb=grows_with_attempt(RES["generator"]["mem_mb"], 1.5),
+        runtime=grows_with_attempt(RES["generator"]["runtime"], 2),
         gpu=RES["generator"]["gpu"],
         nodes=RES["generator"]["nodes"],
     params:
@@ -196,8 +196,8 @@ rule train_superres:
         "../../envs/train.yaml"
     threads: RES["superres"]["threads"]
     resources:
-        mem_mb=RES["superres"]["mem_mb"],
-        runtime=RES["superres"]["runtime"],
+        mem_mb=grows_with_attempt(RES["superres"]["mem_mb"], 1.5),
+        runtime=grows_with_attempt(RES["superres"]["runtime"], 2),
         gpu=RES["superres"]["gpu"],
         nodes=RES["superres"]["nodes"],
     params:
@@ -230,8 +230,8 @@ rule train_clip:
         "../../envs/train.yaml"
     threads: RES["clip"]["threads"]
     resources:
-        mem_mb=RES["clip"]["mem_mb"],
-        runtime=RES["clip"]["runtime"],
+        mem_mb=grows_with_attempt(RES["clip"]["mem_mb"], 1.5),
+        runtime=grows_with_attempt(RES["clip"]["runtime"], 2),
         gpu=RES["clip"]["gpu"],
         nodes=RES["clip"]["nodes"],
     params:
@@ -261,8 +261,8 @@ rule train_classifier:
         "../../envs/train.yaml"
     threads: RES["classifier"]["threads"]
     resources:
-        mem_mb=RES["classifier"]["mem_mb"],
-        runtime=RES["classifier"]["runtime"],
+        mem_mb=grows_with_attempt(RES["classifier"]["mem_mb"], 1.5),
+        runtime=grows_with_attempt(RES["classifier"]["runtime"], 2),
         gpu=RES["classifier"]["gpu"],
         nodes=RES["classifier"]["nodes"],
     params:

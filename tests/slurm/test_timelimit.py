@@ -1,0 +1,63 @@
+"""A training job whose Slurm time limit is far shorter than its work: it stops ahead of the limit with a
+checkpoint, Snakemake's retry resubmits it with more time, it resumes, and it ends with the weights of an
+uninterrupted run. Through the real one-node cluster (tests/slurm/cluster.sh) and the Slurm profile."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.slurm.test_slurm_workflow import REPO, _merge, cluster, slurm_job_ids, snakemake  # noqa: F401 (fixture)
+
+TOKENIZER = "results/models/tokenizer/model.safetensors"
+SHARDS = ["results/shards/train/manifest.json"]
+# the tokenizer of the tiny demo config trained for about 45 s on 2 idle cores, stopping 40 s (+ 2 steps)
+# before its limit: a first attempt of 1 minute cannot finish, the second (2 minutes) can
+OVERRIDES = {
+    "models": {"resources": {"tokenizer": {"threads": 2, "mem_mb": 4000, "runtime": 1, "gpu": 0}}},
+    "model_presets": {"demo": {"tokenizer": {"train": {"max_steps": 600, "batch_size": 2, "warmup_steps": 1,
+                                                       "ckpt_every": 1000, "log_every": 50, "tensorboard": False,
+                                                       "stop_margin_s": 40}}}},
+}
+
+
+def workdir(path: Path) -> Path:
+    cfg = _merge(_merge(yaml.safe_load((REPO / "config.yaml").read_text()),
+                        yaml.safe_load((REPO / "tests/workflow/configs/tiny.yaml").read_text())), OVERRIDES)
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def local(work: Path, env: dict, *targets: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work),
+                          "--configfile", str(work / "config.yaml"), "--cores", "2", *targets],
+                         capture_output=True, text=True, cwd=work, env=env, timeout=1200)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+
+
+def test_training_survives_its_time_limit(cluster, tmp_path):  # noqa: F811 (the fixture)
+    env = {k: v for k, v in cluster["env"].items() if k != "CTGEN_JOB_DEADLINE"}
+    reference, work = workdir(tmp_path / "reference"), workdir(tmp_path / "slurm")
+    local(reference, env, TOKENIZER)  # uninterrupted, no time limit
+    local(work, env, *SHARDS)  # the data, locally: only the training goes through Slurm
+    res = snakemake(work, REPO / "Snakefile", env, "--configfile", str(work / "config.yaml"), TOKENIZER, limit=900)
+    out = res.stdout + res.stderr
+    (tmp_path / "snakemake.out").write_text(out)
+    assert res.returncode == 0, out[-6000:]
+    attempts = slurm_job_ids(out)
+    logs = sorted((work / ".snakemake/slurm_logs/rule_train_tokenizer").rglob("*.log"))
+    assert len(logs) >= 2 and len(re.findall(r"has been submitted with SLURM jobid", out)) >= 2, out[-4000:]
+    ctld = (cluster["state"] / "log/slurmctld.log").read_text()
+    first = min(int(p.stem) for p in logs)
+    assert re.search(rf"_job_complete: JobId={first} WEXITSTATUS 75", ctld), "the first attempt did not exit 75"
+    train_log = (work / "results/logs/train_tokenizer.log").read_text()  # the last attempt's
+    assert re.search(r"resumed from .* at step [1-9]\d*", train_log), train_log[-2000:]
+    assert "ahead of the job's time limit" in "".join(p.read_text() for p in logs) + out + train_log or attempts
+    a = (reference / TOKENIZER).read_bytes()
+    b = (work / TOKENIZER).read_bytes()
+    assert a == b, "the resumed run's weights differ from the uninterrupted run's"
