@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from ctprep.shards import ShardError, load_manifest, verify_manifest
+from ctprep.shards import VOLUME_MEMBER, ShardError, load_manifest, verify_manifest, volume_decoder
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,13 @@ def iter_samples(
         random.Random(seed).shuffle(urls)
     # shardshuffle=False: shard order is ours (manifest order, or the seeded shuffle above).
     # nodesplitter=None: every process reads every shard; ctgen.datasets deals samples out by rank
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None).decode()
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None).decode(volume_decoder)
     if shuffle and buffer > 1:
         dataset = dataset.shuffle(buffer, initial=buffer, seed=seed)
     for sample in dataset:
         yield {
             "key": sample["__key__"],
-            "volume": sample["vol.npy"],
+            "volume": sample[VOLUME_MEMBER],
             "affine": sample["affine.npy"],
             "prompt": sample["prompt.txt"],
             "prompts": sample["prompts.json"],

@@ -40,6 +40,14 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from ctprep.extract import extract_nifti
+
+    vol = extract_nifti(args.manifest, args.key, args.output, check=not args.no_check)
+    logger.info("wrote %s: %r", args.output, vol)
+    return 0
+
+
 def cmd_dicom2nifti(args: argparse.Namespace) -> int:
     from ctprep.dicom import dicom_to_nifti
 
@@ -92,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metadata-row", help="JSON file with the volume's CT-RATE metadata row (else: header geometry)")
     p.add_argument("--intensity", default="auto", choices=["auto", "hu", "raw"])
     p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("extract", help="write one prepared volume of the shards as NIfTI, with its affine")
+    p.add_argument("manifest", help="a shard manifest (results/shards/<split>/manifest.json)")
+    p.add_argument("key", help="the sample key or the CT-RATE VolumeName (train_1_a_1 or train_1_a_1.nii.gz)")
+    p.add_argument("output", help="the NIfTI file to write (.nii or .nii.gz)")
+    p.add_argument("--no-check", action="store_true", help="skip hashing the shard against the manifest")
+    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("dicom2nifti", help="convert one DICOM CT series folder to an HU NIfTI")
     p.add_argument("series_dir")
