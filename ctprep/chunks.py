@@ -58,12 +58,13 @@ def prep_chunk(
         name = rec["VolumeName"]
         t0 = time.perf_counter()
         try:
-            vol = preprocess_volume(load_nifti(rec["path"]), metadata_row(rec), preset, dataset)
+            # int16 HU straight out of the resampler: the float32 grid never exists
+            vol = preprocess_volume(load_nifti(rec["path"]), metadata_row(rec), preset, dataset, dtype="int16")
         except VolumeError as err:
             bad.append({"VolumeName": name, "split": rec["split"], "stage": "preprocess", "reason": str(err)})
             continue
         enc = encode_volume(vol, "int16")
-        del vol  # the float grid (221 MB at CT-RATE size) goes before the next volume is read
+        del vol  # the grid goes before the next volume is read
         path = out_dir / f"{ctrate.volume_key(name)}.b2nd"
         atomic_write_bytes(path, enc.payload)
         done.append({

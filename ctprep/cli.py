@@ -34,7 +34,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown preset {args.preset!r}; config has {sorted(presets)}")
     row = json.loads(Path(args.metadata_row).read_text()) if args.metadata_row else None
     dataset = {**cfg.get("dataset", {}), "geometry": "metadata" if row else "header", "intensity": args.intensity}
-    vol = preprocess_volume(load_nifti(args.input), row, presets[args.preset], dataset)
+    vol = preprocess_volume(load_nifti(args.input), row, presets[args.preset], dataset, dtype="int16")
     save_nifti(vol, args.output, dtype="int16", descrip=f"ctprep preset {args.preset} HU")
     logger.info("wrote %s: %r", args.output, vol)
     return 0
