@@ -341,3 +341,46 @@ def test_cheap_verification_checks_sizes_and_indexes_but_not_bytes(tmp_path):
     shard.write_bytes(bytes(raw) + b"\0" * 512)
     with pytest.raises(ShardError, match=r"shard train-000001\.tar has .* bytes"):
         verify_manifest(mpath, checksums=False)
+
+
+def test_prep_and_shard_chunk_pack_the_prepared_payloads_as_they_are(tmp_path, data_dir):
+    """The chain the workflow runs: prep encodes each real scan once, shards copies those bytes;
+    a blank label cell becomes 255 in labels.npy and null in the meta."""
+    import pandas as pd
+
+    from ctprep import ctrate
+    from ctprep.chunks import prep_chunk, shard_chunk
+    from ctprep.cohort import SECTIONS
+    from ctprep.preprocess import preprocess_volume
+
+    rows, prompts = [], []
+    for n, name in enumerate(["pulmonary_report_ct_cropped.nii.gz", "example_ct_sm.nii.gz"], start=1):
+        vname = f"train_{n}_a_1.nii.gz"
+        labels = {lab: float(i % 2) for i, lab in enumerate(ctrate.LABELS)}
+        labels[ctrate.LABELS[2]] = np.nan
+        rows.append({"VolumeName": vname, "split": "train", "patient": f"train_{n}", "path": str(data_dir / name),
+                     "chunk": 0, "sex": "male", "age": 50 + n, **{v: f"{v} {n}" for v in SECTIONS.values()}, **labels})
+        prompts.append({"VolumeName": vname, "split": "train", "short": f"prompt {n}"})
+    pd.DataFrame(rows).to_parquet(tmp_path / "cohort.parquet")
+    pd.DataFrame(prompts).to_parquet(tmp_path / "prompts.parquet")
+    preset = {"mode": "spacing", "spacing": [4.0, 4.0, 6.0], "shape": [48, 40, 32], "clip": [-1000, 1000]}
+    prep_chunk(tmp_path / "cohort.parquet", 0, preset, {"geometry": "header"}, tmp_path / "prep",
+                       tmp_path / "prep.parquet", tmp_path / "rejects.parquet")
+    assert sorted(p.name for p in (tmp_path / "prep").iterdir()) == ["train_1_a_1.b2nd", "train_2_a_1.b2nd"]
+    manifest = shard_chunk(tmp_path / "prep.parquet", tmp_path / "cohort.parquet", tmp_path / "prompts.parquet",
+                           "train", 0, tmp_path / "shards", shard_size=8, prompt_key="short")
+    assert manifest["n_samples"] == 2 and verify_manifest(tmp_path / "shards/train-c000.manifest.json")
+    got = list(wds.WebDataset(str(tmp_path / "shards/train-c000-000000.tar"), shardshuffle=False).decode(volume_decoder))
+    with tarfile.open(tmp_path / "shards/train-c000-000000.tar") as tar:
+        for row, g in zip(rows, got):
+            key = g["__key__"]
+            assert key == row["VolumeName"].split(".nii")[0]
+            assert tar.extractfile(f"{key}.vol.b2nd").read() == (tmp_path / "prep" / f"{key}.b2nd").read_bytes()
+            # what prep stored is the preset's HU of the scan, rounded, with its affine
+            ref = preprocess_volume(load_nifti(row["path"]), None, preset, {"geometry": "header"})
+            assert g["vol.b2nd"].dtype == np.int16 and np.array_equal(g["vol.b2nd"], np.rint(ref.data).astype(np.int16))
+            np.testing.assert_array_equal(g["affine.npy"], ref.affine)
+            assert g["labels.npy"].tolist() == [0, 1, LABEL_UNKNOWN] + [i % 2 for i in range(3, 18)]
+            assert g["meta.json"]["labels"][ctrate.LABELS[2]] is None
+            assert g["meta.json"]["source"] == row["path"] and g["meta.json"]["dtype"] == "int16"
+            assert [h["op"] for h in g["meta.json"]["history"]][-2:] == ["resample", "clip"]
