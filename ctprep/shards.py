@@ -148,6 +148,10 @@ def encode_sample(sample: dict, volume_dtype: str | np.dtype = "int16") -> dict[
     key = sample["key"]
     if not isinstance(key, str) or not _KEY_RE.match(key):
         raise ShardError(f"sample key {key!r} must match {_KEY_RE.pattern} (no dots, no slashes)")
+    labels = encode_labels(sample["labels"], key)  # the cheap checks first, then the encode
+    prompts = sample["prompts"]
+    if not isinstance(sample["prompt"], str) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ShardError(f"{key}: prompt and prompts must be strings")
     vol = sample["volume"]
     dtype = np.dtype(volume_dtype)
     if isinstance(vol, Volume):
@@ -164,10 +168,6 @@ def encode_sample(sample: dict, volume_dtype: str | np.dtype = "int16") -> dict[
     if vol.orientation != CANONICAL:
         # Allowed (the affine travels along), but models read (I, J, K) as if it were RAS.
         log.warning("%s: orientation %s is not canonical %s", key, "".join(vol.orientation), CANONICAL)
-    labels = encode_labels(sample["labels"], key)
-    prompts = sample["prompts"]
-    if not isinstance(sample["prompt"], str) or not all(isinstance(v, str) for v in prompts.values()):
-        raise ShardError(f"{key}: prompt and prompts must be strings")
 
     # The volume's own geometry wins over anything of the same name in the sample meta:
     # it describes the array actually stored.
