@@ -8,7 +8,9 @@ CT-RATE-size 512x512x300 int16 volume.
     python benchmarks/preprocess.py [--repeats 3] [--threads 2] [--out results/benchmarks/preprocess.json]
 
 Recipes:
-- ``load``: nibabel load of the voxels alone (zlib gunzip; the floor every recipe pays).
+- ``load``: nibabel load of the voxels alone (zlib gunzip; the floor of a nibabel-based recipe).
+- ``ctprep-load``: ``ctprep.volume.load_nifti`` alone (ISA-L gunzip, no voxel copy): the floor of
+  ctprep's presets.
 - ``output-floor``: load, then write the spacing preset's float32 output grid once on two
   threads, with no interpolation: a lower bound for every recipe that returns that grid.
 - ``generatect``: GenerateCT-style: get_fdata (float64), clip, /1000, torch trilinear resize of
@@ -52,6 +54,8 @@ for rep in range(int(sys.argv[4])):
   t0 = time.perf_counter()
   if recipe == "load":
       img = nib.load(path); out = np.asanyarray(img.dataobj)
+  elif recipe == "ctprep-load":
+      out = load_nifti(path).data
   elif recipe == "output-floor":
       # a lower bound for any recipe that returns the spacing preset's grid: load, then write
       # every output voxel once (no interpolation, no window)
@@ -105,34 +109,24 @@ def run(recipe: str, path: Path, threads: int, reps: int = 1) -> dict:
 
 
 def big_volume(folder: Path) -> Path:
-    """A CT-RATE-size volume (512x512x300 int16, 0.7x0.7x1.25 mm) with real anatomy and noise.
+    """A CT-RATE-size volume (512x512x300 int16, 0.7x0.7x1.0 mm) with real anatomy and noise.
 
-    The real chest crop is resampled up and given scanner-like noise, so gzip sees realistic
-    entropy (a smooth or constant array would decompress unrealistically fast).
+    benchmarks/prep_scale.py's recipe (a real scan resampled up, 20 HU scanner-like noise, padding
+    outside the reconstruction circle), so gzip sees realistic entropy (a smooth or constant
+    array would decompress unrealistically fast).
     """
-    import nibabel as nib
-    import numpy as np
+    sys.path.insert(0, str(Path(__file__).parent))
+    from prep_scale import ctrate_size_volume
 
-    sys.path.insert(0, str(REPO))
-    from ctprep.resample import resample_to_grid
-    from ctprep.volume import load_nifti
-
-    path = folder / "ctrate_size_512x512x300.nii.gz"
-    if path.exists():
-        return path
-    src = load_nifti(REAL[0])
-    out = resample_to_grid(src, (0.7, 0.7, 1.25), (512, 512, 300), pad_value=-1024)
-    rng = np.random.default_rng(0)
-    data = np.rint(out.data + rng.normal(0, 15, out.shape).astype(np.float32)).astype(np.int16)
-    nib.save(nib.Nifti1Image(data, out.affine), path)  # nibabel's own gzip, like CT-RATE's files
-    return path
+    return ctrate_size_volume(folder / "ctrate_size_512x512x300_v2.nii.gz", 0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--recipes", nargs="+", default=["load", "output-floor", "generatect", "ctclip", "ctprep-spacing", "ctprep-generatect"])
+    ap.add_argument("--recipes", nargs="+", default=["load", "ctprep-load", "output-floor", "generatect", "ctclip",
+                                                     "ctprep-spacing", "ctprep-generatect"])
     ap.add_argument("--out", default=str(REPO / "results/benchmarks/preprocess.json"))
     args = ap.parse_args()
     if importlib.util.find_spec("torch") is None:  # checked, not imported: the children time their own imports

@@ -2,12 +2,18 @@
 
 A chunk is a fixed slice of the cohort (patients hashed into ``n_chunks``), so at 50k volumes
 each chunk is an independent job that Slurm can place anywhere.
+
+Each volume is read once, preprocessed once and encoded once: ``prep`` writes its lossless
+payload (``<key>.b2nd``, see :mod:`ctprep.codec`) and its geometry and history go into the chunk
+table; ``shards`` packs those bytes as they are beside prompts, labels and meta (no decode, no
+re-encode), so a prompt edit reruns only the cheap packing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -16,11 +22,16 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ctprep import __version__, ctrate, rejects
+from ctprep import ctrate, rejects
 from ctprep.cohort import SECTIONS, metadata_row, rows_for_chunk
 from ctprep.preprocess import preprocess_volume
+from ctprep.codec import EncodedVolume, encode_volume
 from ctprep.shards import merge_manifests, write_shards
-from ctprep.volume import Volume, VolumeError, load_nifti, save_nifti
+from ctprep.volume import VolumeError, atomic_write_bytes, load_nifti
+
+#: The prep table's columns (one row per prepared volume).
+PREP_COLUMNS = ["VolumeName", "split", "prep_path", "shape", "dtype", "spacing", "affine", "orientation",
+                "stored_convention", "meta", "bytes", "seconds"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +46,10 @@ def prep_chunk(
     out_rejects: str | Path,
     strict: bool = False,
 ) -> pd.DataFrame:
-    """Preprocess every volume of ``chunk`` into ``out_dir/<VolumeName>`` (int16 HU NIfTI)."""
+    """Preprocess every volume of ``chunk`` into ``out_dir/<key>.b2nd`` (int16 HU, lossless).
+
+    The chunk table (``out_table``) holds each volume's geometry and meta (history included).
+    """
     rows = rows_for_chunk(cohort_path, chunk)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -44,33 +58,42 @@ def prep_chunk(
         name = rec["VolumeName"]
         t0 = time.perf_counter()
         try:
-            vol = preprocess_volume(load_nifti(rec["path"]), metadata_row(rec), preset, dataset)
+            # int16 HU straight out of the resampler: the float32 grid never exists
+            vol = preprocess_volume(load_nifti(rec["path"]), metadata_row(rec), preset, dataset, dtype="int16")
         except VolumeError as err:
             bad.append({"VolumeName": name, "split": rec["split"], "stage": "preprocess", "reason": str(err)})
             continue
-        path = out_dir / name
-        save_nifti(vol, path, dtype="int16", descrip=f"ctprep {__version__} HU")
-        to_hu = next(h for h in vol.meta["history"] if h["op"] == "to_hu")
+        enc = encode_volume(vol, "int16")
+        del vol  # the grid goes before the next volume is read
+        path = out_dir / f"{ctrate.volume_key(name)}.b2nd"
+        atomic_write_bytes(path, enc.payload)
         done.append({
             "VolumeName": name,
             "split": rec["split"],
             "prep_path": str(path),
-            "shape": list(vol.shape),
-            "spacing": vol.spacing.round(6).tolist(),
-            "affine": vol.affine.tolist(),
-            "orientation": "".join(vol.orientation),
-            "stored_convention": to_hu["convention"],
-            "history": json.dumps(vol.meta["history"]),
+            "shape": list(enc.shape),
+            "dtype": enc.dtype,
+            "spacing": np.sqrt((enc.affine[:3, :3] ** 2).sum(axis=0)).round(6).tolist(),
+            "affine": enc.affine.tolist(),
+            "orientation": "".join(enc.orientation),
+            "stored_convention": enc.meta["stored_convention"],
+            "meta": enc.meta_json(),
+            "bytes": len(enc.payload),
             "seconds": round(time.perf_counter() - t0, 3),
         })
-        logger.info("%s: %s (%.2fs)", name, vol, done[-1]["seconds"])
+        logger.info("%s: %s, %.1f MB (%.2fs)", name, "".join(enc.orientation), len(enc.payload) / 1e6,
+                    done[-1]["seconds"])
     rej = rejects.frame(bad)
     rejects.check(rej, strict, f"preprocessing chunk {chunk}")
-    table = pd.DataFrame(done, columns=["VolumeName", "split", "prep_path", "shape", "spacing", "affine",
-                                        "orientation", "stored_convention", "history", "seconds"])
+    table = pd.DataFrame(done, columns=PREP_COLUMNS)
     table.to_parquet(out_table, index=False)
     rej.to_parquet(out_rejects, index=False)
     return table
+
+
+def _label(value) -> float:
+    """A label cell as 0.0, 1.0 or NaN (blank: unknown); the shard writer refuses anything else."""
+    return float("nan") if value is None or pd.isna(value) else float(value)
 
 
 def _samples(prep: pd.DataFrame, cohort: pd.DataFrame, prompts: pd.DataFrame, prompt_key: str) -> Iterator[dict]:
@@ -82,14 +105,16 @@ def _samples(prep: pd.DataFrame, cohort: pd.DataFrame, prompts: pd.DataFrame, pr
         if name not in prompt_rows.index:  # rejected at the prompts stage
             continue
         c = by_name.loc[name]
-        vol = load_nifti(rec["prep_path"])
-        vol = Volume(vol.array, vol.affine, {**vol.meta, "history": json.loads(rec["history"])})
+        # the prepared payload as it is: packed, not decoded
+        vol = EncodedVolume(Path(rec["prep_path"]).read_bytes(), np.array(rec["affine"].tolist(), dtype=np.float64),
+                            tuple(int(n) for n in rec["shape"]), rec["dtype"], json.loads(rec["meta"]))
+        labels = [_label(c[lab]) for lab in ctrate.LABELS]
         yield {
             "key": ctrate.volume_key(name),
             "volume": vol,
             "prompt": prompt_rows.at[name, prompt_key],
             "prompts": {k: prompt_rows.at[name, k] for k in prompt_cols},
-            "labels": np.array([int(c[lab]) for lab in ctrate.LABELS], dtype=np.uint8),
+            "labels": labels,
             "meta": {
                 "VolumeName": name,
                 "split": c["split"],
@@ -99,7 +124,7 @@ def _samples(prep: pd.DataFrame, cohort: pd.DataFrame, prompts: pd.DataFrame, pr
                 "stored_convention": rec["stored_convention"],
                 "report": {v: c[v] for v in SECTIONS.values()},
                 "metadata": metadata_row(c),
-                "labels": {lab: int(c[lab]) for lab in ctrate.LABELS},
+                "labels": {lab: None if math.isnan(v) else int(v) for lab, v in zip(ctrate.LABELS, labels)},
                 "source": c["path"],
             },
         }

@@ -46,8 +46,16 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     dataset = {**cfg.get("dataset", {}), "geometry": "metadata" if row else "header"}
     if args.intensity is not None:  # else the config's dataset.intensity (else ctprep.preprocess's default)
         dataset["intensity"] = args.intensity
-    vol = preprocess_volume(load_nifti(args.input), row, presets[args.preset], dataset)
+    vol = preprocess_volume(load_nifti(args.input), row, presets[args.preset], dataset, dtype="int16")
     save_nifti(vol, args.output, dtype="int16", descrip=f"ctprep preset {args.preset} HU")
+    logger.info("wrote %s: %r", args.output, vol)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from ctprep.extract import extract_nifti
+
+    vol = extract_nifti(args.manifest, args.key, args.output, check=not args.no_check)
     logger.info("wrote %s: %r", args.output, vol)
     return 0
 
@@ -111,6 +119,13 @@ def parser() -> argparse.ArgumentParser:
                    help="stored values: decided per volume (auto), HU already, or raw + rescale "
                         "(default: the config's dataset.intensity)")
     p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("extract", help="write one prepared volume of the shards as NIfTI, with its affine")
+    p.add_argument("manifest", help="a shard manifest (results/shards/<split>/manifest.json)")
+    p.add_argument("key", help="the sample key or the CT-RATE VolumeName (train_1_a_1 or train_1_a_1.nii.gz)")
+    p.add_argument("output", help="the NIfTI file to write (.nii or .nii.gz)")
+    p.add_argument("--no-check", action="store_true", help="skip hashing the shard against the manifest")
+    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("dicom2nifti", help="convert one DICOM CT series folder to an HU NIfTI")
     p.add_argument("series_dir", help="folder holding the DICOM files of one CT series")

@@ -99,10 +99,13 @@ def body_center(vol: Volume, threshold_hu: float = -500.0, stride: int = 4) -> n
     return center
 
 
-def to_target_grid(vol: Volume, preset: Mapping, post: Callable[[np.ndarray], None] | None = None) -> Volume:
-    """Reoriented HU volume -> the preset's grid (float32 HU, truthful affine).
+def to_target_grid(
+    vol: Volume, preset: Mapping, post: Callable[[np.ndarray], None] | None = None, dtype: str = "float32"
+) -> Volume:
+    """Reoriented HU volume -> the preset's grid (``dtype`` HU, truthful affine).
 
-    ``post`` maps the output values in place (see :func:`ctprep.resample.resample_to_affine`).
+    ``post`` maps the output values in place, ``dtype`` rounds them (see
+    :func:`ctprep.resample.resample_to_affine`).
     """
     mode = preset.get("mode", "spacing")
     interp = preset.get("interpolation", "linear")
@@ -111,9 +114,10 @@ def to_target_grid(vol: Volume, preset: Mapping, post: Callable[[np.ndarray], No
         center = body_center(vol) if preset.get("center", "body") == "body" else vol.center
         return resample.resample_to_grid(vol, preset["spacing"], preset["shape"], center=center,
                                          pad_value=float(preset.get("pad_hu", -1024)),
-                                         interpolation=interp, antialias=antialias, post=post)
+                                         interpolation=interp, antialias=antialias, post=post, dtype=dtype)
     if mode == "resize":
-        return resample.resize_to_shape(vol, preset["shape"], interpolation=interp, antialias=antialias, post=post)
+        return resample.resize_to_shape(vol, preset["shape"], interpolation=interp, antialias=antialias, post=post,
+                                        dtype=dtype)
     raise ValueError(f"unknown preset mode {mode!r} (spacing | resize)")
 
 
@@ -123,8 +127,15 @@ def preprocess_volume(
     preset: Mapping,
     dataset: Mapping | None = None,
     normalise: bool = False,
+    dtype: str = "float32",
 ) -> Volume:
-    """The whole per-volume recipe; returns clipped HU (or [-1, 1] with ``normalise``)."""
+    """The whole per-volume recipe; returns clipped HU (or [-1, 1] with ``normalise``).
+
+    ``dtype="int16"`` returns the HU rounded half to even, inside the resampler's last pass (for
+    storage: the same values as rounding the float32 grid, without ever holding that grid).
+    """
+    if normalise and np.dtype(dtype) != np.float32:
+        raise ValueError(f"normalised values are float32, not {dtype}")
     dataset = {**DATASET_DEFAULTS, **(dataset or {})}
     vol = stored_to_geometry(stored, row, dataset)
     slope, intercept = _rescale(row)
@@ -133,7 +144,7 @@ def preprocess_volume(
     lo, hi = (float(v) for v in preset.get("clip", (-1000, 1000)))
     # clip (and normalise) after interpolation, as separate steps would, but fused into the
     # resampler's last pass: the output grid is written once instead of three times
-    vol = to_target_grid(vol, preset, post=intensity.window(lo, hi, normalise))
+    vol = to_target_grid(vol, preset, post=intensity.window(lo, hi, normalise), dtype=dtype)
     grid_op = vol.meta["history"][-1]["op"]
     vol = vol.new_like(vol.array, op="clip", lo=lo, hi=hi, fused_into=grid_op)
     if normalise:

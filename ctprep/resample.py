@@ -107,6 +107,7 @@ def _resample_axis(
     the in-place arithmetic), so temporaries stay small and every core of the job is used.
     ``out`` (any strides) receives the result; ``post`` maps each finished block in place while
     it is still in cache (the preprocessing's HU window, instead of another pass over memory).
+    An integer ``out`` gets each float32 block rounded there (see :func:`_round_into`).
     """
     out_shape = list(a.shape)
     out_shape[axis] = len(taps)
@@ -123,7 +124,8 @@ def _resample_axis(
         sl = [slice(None)] * 3
         sl[loop_axis] = slice(start, start + block)
         src = a[tuple(sl)]
-        acc = out[tuple(sl)]
+        dst = out[tuple(sl)]
+        acc = dst if dst.dtype == np.float32 else np.empty(dst.shape, np.float32)
         # gather into a contiguous buffer of the source type (take writes only such), then
         # weight it straight into the output block: no temporaries beyond the buffer
         buf = np.empty(acc.shape, src.dtype)
@@ -137,6 +139,8 @@ def _resample_axis(
                 acc += buf * weights[t]
         if post is not None:
             post(acc)
+        if acc is not dst:
+            _round_into(acc, dst)
 
     # blocks of ~1M output voxels: big enough to amortise per-call overhead, small enough to
     # keep temporaries in cache and give every thread work
@@ -144,6 +148,18 @@ def _resample_axis(
     block = max(1, min(a.shape[loop_axis], 1_000_000 // max(1, per_row)))
     _parallel(run, range(0, a.shape[loop_axis], block))
     return out
+
+
+def _round_into(block: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = block`` for an integer ``out``: round half to even, clip to its range, cast.
+
+    The same values as :func:`ctprep.codec.to_dtype` on the finished float grid, done per
+    block while it is in cache, so an int16 grid never exists as float32 (221 MB at CT-RATE size).
+    """
+    info = np.iinfo(out.dtype)
+    np.rint(block, out=block)
+    np.clip(block, info.min, info.max, out=block)
+    np.copyto(out, block, casting="unsafe")
 
 
 def _parallel(run: Callable[[int], None], starts: Sequence[int]) -> None:
@@ -185,7 +201,7 @@ def _axis_aligned(affine: np.ndarray) -> bool:
 
 def _separable(
     vol: Volume, affine: np.ndarray, shape, pad_value: float, antialias: bool,
-    post: Callable[[np.ndarray], None] | None = None,
+    post: Callable[[np.ndarray], None] | None = None, dtype: np.dtype = np.dtype(np.float32),
 ) -> np.ndarray:
     """Linear resampling between two axis-aligned grids as three 1D passes.
 
@@ -208,6 +224,10 @@ def _separable(
     pad = np.full(1, pad_value, np.float32)
     if post is not None:
         post(pad)
+    if dtype.kind in "iu":
+        pad_out = np.empty(1, dtype)
+        _round_into(pad, pad_out)
+        pad = pad_out
     # Work on the axes in memory order (nibabel arrays are Fortran-ordered, reoriented ones are
     # flipped views): gathers then copy contiguous rows and slabs instead of scattered voxels,
     # and the output is laid out in the same order so the last pass writes contiguous rows.
@@ -219,9 +239,9 @@ def _separable(
     for d, taps, w in ([] if empty else plans[:-1]):
         a = _resample_axis(a, perm.index(d), taps, w)
     # the output is allocated only now (peak memory: the input, one intermediate and the output)
-    out_p = np.empty([shape[p] for p in perm], dtype=np.float32)
+    out_p = np.empty([shape[p] for p in perm], dtype=dtype)
     out = out_p.transpose(np.argsort(perm))
-    _fill_outside(out, box, float(pad[0]))
+    _fill_outside(out, box, pad[0])
     if not empty:
         d, taps, w = plans[-1]
         _resample_axis(a, perm.index(d), taps, w, out=out_p[tuple(box[p] for p in perm)], post=post)
@@ -237,12 +257,13 @@ def resample_to_grid(
     interpolation: str = "linear",
     antialias: bool = True,
     post: Callable[[np.ndarray], None] | None = None,
+    dtype: str | np.dtype = "float32",
 ) -> Volume:
     """Resample onto a canonical (R, A, S) grid of ``shape`` voxels of ``spacing`` mm.
 
     The grid is centred on ``center`` (RAS mm; default: the input's centre), so resampling and
     crop/pad happen in one pass and only the output voxels are computed. Voxels outside the
-    input get ``pad_value``. ``post``: see :func:`resample_to_affine`.
+    input get ``pad_value``. ``post``, ``dtype``: see :func:`resample_to_affine`.
     """
     spacing = np.asarray(spacing, dtype=np.float64)
     shape = np.asarray(shape, dtype=np.int64)
@@ -252,7 +273,7 @@ def resample_to_grid(
     affine = np.eye(4)
     affine[:3, :3] = np.diag(spacing)  # canonical: i -> R, j -> A, k -> S
     affine[:3, 3] = center - spacing * (shape - 1) / 2.0
-    return resample_to_affine(vol, affine, shape, pad_value, interpolation, antialias, post=post)
+    return resample_to_affine(vol, affine, shape, pad_value, interpolation, antialias, post=post, dtype=dtype)
 
 
 def resample_to_affine(
@@ -264,21 +285,29 @@ def resample_to_affine(
     antialias: bool = True,
     op: str = "resample",
     post: Callable[[np.ndarray], None] | None = None,
+    dtype: str | np.dtype = "float32",
 ) -> Volume:
     """Resample ``vol`` onto the grid given by a voxel-to-RAS ``affine`` and ``shape``.
 
     ``post`` is an elementwise in-place map of float32 values (such as
     :func:`ctprep.intensity.window`) applied to the output, the padding included. The
-    separable path applies it block by block while the block is in cache.
+    separable path applies it block by block while the block is in cache. An integer ``dtype``
+    (int16 HU for storage) rounds the float32 values after ``post`` (half to even, clipped to
+    the type's range), block by block as well.
     """
+    dtype = np.dtype(dtype)
+    if dtype != np.float32 and dtype.kind not in "iu":
+        raise ValueError(f"output dtype must be float32 or an integer type, got {dtype}")
     if interpolation not in _INTERPOLATORS:
         raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATORS)}, got {interpolation!r}")
     out_lps = ras_to_lps(affine)
     out_spacing = np.sqrt((out_lps[:3, :3] ** 2).sum(axis=0))
     record = dict(spacing=out_spacing.round(6), shape=[int(s) for s in shape], interpolation=interpolation,
                   pad_value=pad_value, antialias=antialias)
+    if dtype != np.float32:
+        record["dtype"] = dtype.name
     if interpolation == "linear" and _axis_aligned(vol.affine) and _axis_aligned(affine):
-        data = _separable(vol, affine, shape, pad_value, antialias, post)
+        data = _separable(vol, affine, shape, pad_value, antialias, post, dtype)
         return vol.new_like(data[None], affine, op=op, method="separable", **record)
     img = to_sitk(vol)
     # Axis-wise smoothing is only meaningful when input and output axes are (nearly) aligned.
@@ -303,12 +332,16 @@ def resample_to_affine(
     out = from_sitk(out, vol, op=op, method="sitk", antialias_sigma_mm=sigmas, **record)
     if post is not None:
         post(out.array)  # GetArrayFromImage copied: the array is this function's own
+    if dtype.kind in "iu":
+        data = np.empty(out.array.shape, dtype)
+        _round_into(out.array, data)
+        out = out.new_like(data, out.affine)
     return out
 
 
 def resize_to_shape(
     vol: Volume, shape: Sequence[int], interpolation: str = "linear", antialias: bool = True,
-    post: Callable[[np.ndarray], None] | None = None,
+    post: Callable[[np.ndarray], None] | None = None, dtype: str | np.dtype = "float32",
 ) -> Volume:
     """Resize the whole field of view to ``shape`` voxels along the array axes (GenerateCT's recipe).
 
@@ -323,4 +356,4 @@ def resize_to_shape(
     # the outer edges of the grids coincide (align_corners=False): shift the first centre
     affine[:3, 3] = vol.affine[:3, :3] @ ((scale - 1.0) / 2.0) + vol.affine[:3, 3]
     return resample_to_affine(vol, affine, shape, pad_value=-1024.0, interpolation=interpolation,
-                              antialias=antialias, op="resize", post=post)
+                              antialias=antialias, op="resize", post=post, dtype=dtype)

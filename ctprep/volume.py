@@ -25,6 +25,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.volumeutils import apply_read_scaling
 
 #: Flip between LPS (DICOM, ITK) and RAS (NIfTI, nibabel): negate x and y.
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -157,21 +158,39 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
+def _voxels(img: nib.Nifti1Image, raw: bytes, name: str) -> np.ndarray:
+    """The image's voxels as an array over ``raw`` itself, with the header's scaling applied.
+
+    nibabel would copy the voxels out of the decompressed bytes (~0.1 s for a 512x512x300 int16
+    volume); a view of them costs nothing. The view is read-only (``raw`` is immutable): every
+    preprocessing step writes new arrays, and an accidental in-place write raises.
+    """
+    proxy = img.dataobj  # nibabel's ArrayProxy: where the voxels are and how to scale them
+    shape, dtype, offset = tuple(proxy.shape), np.dtype(proxy.dtype), int(proxy.offset)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) < offset + nbytes:
+        raise VolumeError(f"truncated NIfTI {name}: {len(raw) - offset} voxel bytes, header needs {nbytes}")
+    data = np.ndarray(shape, dtype, buffer=raw, offset=offset, order=proxy.order)
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    if (slope, inter) != (1.0, 0.0):
+        # nibabel's own scaling rule (output dtype included), as np.asarray(img.dataobj) applies it
+        data = apply_read_scaling(data, slope, inter)
+    return data
+
+
 def load_nifti(path: str | os.PathLike) -> Volume:
     """Read a NIfTI file as stored (header scaling applied, no metadata rescale)."""
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"file not found: {path}")
+    raw = _read_bytes(path)
     try:
-        img = nib.Nifti1Image.from_bytes(_read_bytes(path))
+        img = nib.Nifti1Image.from_bytes(raw)  # parses the header; the voxels stay in raw
+        data = _voxels(img, raw, path.name)
     except VolumeError:
         raise
     except Exception as err:  # nibabel raises a zoo of types for broken headers
         raise VolumeError(f"unreadable NIfTI {path.name}: {err}") from err
-    try:
-        data = np.asanyarray(img.dataobj)
-    except Exception as err:
-        raise VolumeError(f"cannot read voxel data of {path.name}: {err}") from err
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -22,7 +22,7 @@ import numpy as np
 import webdataset as wds
 
 from ctprep.errors import existing_file
-from ctprep.shards import ShardError, load_manifest, verify_manifest
+from ctprep.shards import VOLUME_MEMBER, ShardError, load_manifest, verify_manifest, volume_decoder
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,14 @@ def iter_samples(
     if shuffle:
         random.Random(seed).shuffle(urls)
     # shardshuffle=False: shard order is ours (manifest order, or the seeded shuffle above).
-    # nodesplitter=None: every process reads every shard; ctgen.data.batches deals samples out by rank
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None).decode()
+    # nodesplitter=None: every process reads every shard (this reader is for evaluation and inspection)
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None).decode(volume_decoder)
     if shuffle and buffer > 1:
         dataset = dataset.shuffle(buffer, initial=buffer, seed=seed)
     for sample in dataset:
         yield {
             "key": sample["__key__"],
-            "volume": sample["vol.npy"],
+            "volume": sample[VOLUME_MEMBER],
             "affine": sample["affine.npy"],
             "prompt": sample["prompt.txt"],
             "prompts": sample["prompts.json"],
@@ -69,8 +69,8 @@ def iter_samples(
 
 
 def volume_of(sample: dict[str, Any]) -> np.ndarray:
-    """The (I, J, K) HU array of a raw shard sample (its ``vol.npy`` member)."""
-    return sample["vol.npy"]
+    """The (I, J, K) HU array of a decoded shard sample (its volume member)."""
+    return sample[VOLUME_MEMBER]
 
 
 def labels_of(sample: dict[str, Any]) -> np.ndarray:

@@ -41,11 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import blosc2
 import numpy as np
 import torch
 import webdataset as wds
 
 from ctgen.data.derived import is_derived, load_derived
+from ctprep.codec import decode_volume
 from ctprep.shards import ShardError, load_manifest
 
 log = logging.getLogger(__name__)
@@ -216,6 +218,8 @@ class _environ:
 
 def decode_member(name: str, data: bytes) -> Any:
     """One tar member by its extension; only the shard format's types (never pickle)."""
+    if name.endswith(".b2nd"):  # the volume: a lossless blosc2 frame (ctprep.codec)
+        return decode_volume(data)
     if name.endswith(".npy"):
         return np.load(io.BytesIO(data), allow_pickle=False)
     if name.endswith(".json"):
@@ -323,6 +327,7 @@ class PlannedBatches(torch.utils.data.IterableDataset):
         slot = info.id if info is not None else 0
         if info is not None:
             torch.set_num_threads(1)  # workers decode; the main process's threads do the maths
+            blosc2.set_nthreads(1)  # one decoding thread per worker: the workers are the parallelism
         readers = [ShardReader(s, verify=self.verify) for s in (self.plan.shards, *self.plan.parallel)]
         try:
             for j, items in self.plan.slot_batches(self.epoch, slot, self.start):

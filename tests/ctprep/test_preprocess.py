@@ -133,3 +133,46 @@ def test_window_on_the_simpleitk_path_for_oblique_scans(real_nifti):
     ref = intensity.normalise(intensity.clip_hu(grid, -800, 400), -800, 400)
     np.testing.assert_allclose(out.data, ref.data, atol=1e-6)
     assert out.data.min() == -1.0 and out.data.max() <= 1.0
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_int16_output_equals_rounding_the_float_grid(real_nifti, oblique):
+    """dtype='int16' rounds inside the resampler (separable and SimpleITK paths): same voxels as
+    rounding the float32 result afterwards, the padding included."""
+    vol = load_nifti(real_nifti)
+    if oblique:
+        a = np.radians(9.0)
+        rot = np.eye(4)
+        rot[1:3, 1:3] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+        vol = Volume(vol.array, rot @ vol.affine, vol.meta)
+    preset = {**SPACING, "clip": [-1000, 900], "antialias": True}
+    ref = preprocess_volume(vol, None, preset, {"geometry": "header"})
+    got = preprocess_volume(vol, None, preset, {"geometry": "header"}, dtype="int16")
+    assert ref.data.dtype == np.float32 and got.data.dtype == np.int16
+    np.testing.assert_array_equal(got.affine, ref.affine)
+    np.testing.assert_array_equal(got.data, np.rint(ref.data).astype(np.int16))
+    assert got.data.min() == -1000 and got.data.max() <= 900
+    assert [h for h in got.meta["history"] if h["op"] == "resample"][0]["dtype"] == "int16"
+    with pytest.raises(ValueError, match="float32"):
+        preprocess_volume(vol, None, preset, {"geometry": "header"}, normalise=True, dtype="int16")
+
+
+def test_load_nifti_views_the_file_bytes_with_nibabel_values(real_nifti, tmp_path):
+    """load_nifti skips nibabel's voxel copy: the values, dtype and scaling must still be nibabel's."""
+    vol = load_nifti(real_nifti)
+    img = nib.load(real_nifti)
+    ref = np.asanyarray(img.dataobj)
+    assert vol.data.dtype == ref.dtype and np.array_equal(vol.data, ref)
+    np.testing.assert_array_equal(vol.affine, img.affine)
+    # header scaling (scl_slope/scl_inter) applied as nibabel applies it
+    scaled = nib.Nifti1Image(ref[:20, :20, :10].astype(np.int16), img.affine)
+    scaled.header.set_slope_inter(0.5, -1024.0)
+    nib.save(scaled, tmp_path / "scaled.nii.gz")
+    ref_scaled = np.asanyarray(nib.load(tmp_path / "scaled.nii.gz").dataobj)
+    got = load_nifti(tmp_path / "scaled.nii.gz").data
+    assert got.dtype == ref_scaled.dtype and np.array_equal(got, ref_scaled)
+    # a file cut short in its voxel data is named, not read past its end
+    raw = nib.Nifti1Image(ref[:20, :20, :10].astype(np.int16), img.affine).to_bytes()
+    (tmp_path / "short.nii").write_bytes(raw[:-100])
+    with pytest.raises(VolumeError, match="truncated NIfTI short.nii"):
+        load_nifti(tmp_path / "short.nii")

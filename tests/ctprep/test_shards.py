@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 
@@ -11,8 +10,10 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from ctprep.shards import MEMBERS, ShardError, merge_manifests, verify_manifest, write_shards
-from ctprep.volume import Volume
+from ctprep.codec import EncodedVolume, decode_volume, encode_volume
+from ctprep.shards import (FORMAT_VERSION, LABEL_UNKNOWN, MEMBERS, ShardError, load_manifest, merge_manifests,
+                           verify_manifest, volume_decoder, write_shards)
+from ctprep.volume import Volume, load_nifti
 
 
 def oblique_affine(spacing=(0.7, 0.8, 2.5), angle_deg=20.0, origin=(-120.0, 35.5, -410.25)):
@@ -71,10 +72,10 @@ def test_tar_is_plain_tarfile_with_expected_members(tmp_path):
     with tarfile.open(tmp_path / "val-000000.tar") as tar:
         members = tar.getmembers()
         names = [m.name for m in members]
-        exts = ["affine.npy", "labels.npy", "meta.json", "prompt.txt", "prompts.json", "vol.npy"]
+        exts = ["affine.npy", "labels.npy", "meta.json", "prompt.txt", "prompts.json", "vol.b2nd"]
         assert names == [f"{s['key']}.{e}" for s in samples[:2] for e in exts]
         assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, 0, "ctprep", "ctprep")}
-        vol = np.load(io.BytesIO(tar.extractfile(f"{samples[1]['key']}.vol.npy").read()))
+        vol = decode_volume(tar.extractfile(f"{samples[1]['key']}.vol.b2nd").read())
         meta = json.loads(tar.extractfile(f"{samples[1]['key']}.meta.json").read())
     v = samples[1]["volume"]
     assert vol.dtype == np.int16 and np.array_equal(vol, v.data)
@@ -90,10 +91,10 @@ def test_stock_webdataset_reader_roundtrip(tmp_path):
     samples = make_samples(5)
     write_shards(samples, tmp_path, "train", shard_size=2)
     urls = [str(p) for p in sorted(tmp_path.glob("train-*.tar"))]
-    got = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    got = list(wds.WebDataset(urls, shardshuffle=False).decode(volume_decoder))
     assert [g["__key__"] for g in got] == [s["key"] for s in samples]
     for g, s in zip(got, samples):
-        assert g["vol.npy"].dtype == np.int16 and np.array_equal(g["vol.npy"], s["volume"].data)
+        assert g["vol.b2nd"].dtype == np.int16 and np.array_equal(g["vol.b2nd"], s["volume"].data)
         assert g["affine.npy"].dtype == np.float64 and np.array_equal(g["affine.npy"], s["volume"].affine)
         assert g["labels.npy"].dtype == np.uint8 and np.array_equal(g["labels.npy"], s["labels"])
         assert g["prompt.txt"] == s["prompt"] and g["prompts.json"] == s["prompts"]
@@ -104,9 +105,9 @@ def test_float_volume_is_rounded_and_clipped_to_int16(tmp_path):
     data = np.array([[[-40000.0, -0.6, 0.4, 1.5, 2.5, 99999.0]]], dtype=np.float32)
     sample["volume"] = Volume.from_3d(data, oblique_affine())
     write_shards([sample], tmp_path, "t", shard_size=4)
-    (got,) = list(wds.WebDataset(str(tmp_path / "t-000000.tar"), shardshuffle=False).decode())
-    assert got["vol.npy"].dtype == np.int16
-    assert got["vol.npy"].ravel().tolist() == [-32768, -1, 0, 2, 2, 32767]  # rint: half to even
+    (got,) = list(wds.WebDataset(str(tmp_path / "t-000000.tar"), shardshuffle=False).decode(volume_decoder))
+    assert got["vol.b2nd"].dtype == np.int16
+    assert got["vol.b2nd"].ravel().tolist() == [-32768, -1, 0, 2, 2, 32767]  # rint: half to even
 
 
 def test_float32_volume_dtype_is_kept(tmp_path):
@@ -114,9 +115,9 @@ def test_float32_volume_dtype_is_kept(tmp_path):
     data = np.linspace(-1000.5, 500.25, 24, dtype=np.float32).reshape(2, 3, 4)
     sample["volume"] = Volume.from_3d(data, oblique_affine())
     manifest = write_shards([sample], tmp_path, "t", shard_size=4, volume_dtype="float32")
-    (got,) = list(wds.WebDataset(str(tmp_path / "t-000000.tar"), shardshuffle=False).decode())
+    (got,) = list(wds.WebDataset(str(tmp_path / "t-000000.tar"), shardshuffle=False).decode(volume_decoder))
     assert manifest["format"]["volume_dtype"] == "float32"
-    assert got["vol.npy"].dtype == np.float32 and np.array_equal(got["vol.npy"], data)
+    assert got["vol.b2nd"].dtype == np.float32 and np.array_equal(got["vol.b2nd"], data)
 
 
 def test_deterministic_bytes(tmp_path):
@@ -247,3 +248,139 @@ def test_merge_manifests(tmp_path):
     write_shards(samples[:1], tmp_path / "chunks" / "v", "valid-c000", shard_size=2, split="valid")
     with pytest.raises(ShardError, match="split"):
         merge_manifests([tmp_path / "chunks/v/valid-c000.manifest.json"], tmp_path / "x.json", "train")
+
+
+# --- format 2: the lossless volume codec, packed payloads, unknown labels, version refusal -------
+CT_GRID = {"mode": "spacing", "spacing": [1.1, 0.9, 2.0], "shape": [150, 140, 90], "center": "body",
+           "clip": [-1000, 1000], "pad_hu": -1024}
+
+
+def test_volume_codec_is_lossless_on_real_scans_after_the_preset(real_nifti):
+    from ctprep.preprocess import preprocess_volume
+
+    vol = preprocess_volume(load_nifti(real_nifti), None, CT_GRID, {"geometry": "header"})
+    enc = encode_volume(vol, "int16")
+    got = decode_volume(enc.payload)
+    # independent reference: numpy's own rounding of the float grid
+    ref = np.clip(np.rint(vol.data), -32768, 32767).astype(np.int16)
+    assert got.dtype == np.int16 and got.shape == vol.shape
+    assert np.array_equal(got, ref)  # bitwise: every voxel, the padding included
+    assert got.tobytes(order="A") == ref.tobytes(order="F")
+    assert len(enc.payload) < 0.6 * ref.nbytes  # and it compresses (a body-only crop: the hardest case)
+    assert enc.payload == encode_volume(vol, "int16").payload  # deterministic bytes
+
+
+def test_encoded_payloads_are_packed_as_they_are(tmp_path, monkeypatch):
+    import ctprep.shards as shards
+
+    samples = make_samples(3)
+    encoded = [{**s, "volume": encode_volume(s["volume"])} for s in samples]
+    # packing must not decode or re-encode: both are unavailable while it runs
+    monkeypatch.setattr(shards, "encode_volume", lambda *a, **k: pytest.fail("re-encoded"))
+    write_shards(encoded, tmp_path / "enc", "t", shard_size=2)
+    with tarfile.open(tmp_path / "enc" / "t-000000.tar") as tar:
+        assert tar.extractfile(f"{samples[0]['key']}.vol.b2nd").read() == encoded[0]["volume"].payload
+    monkeypatch.undo()
+    # the same tar bytes as encoding the volumes in the writer
+    write_shards(samples, tmp_path / "vol", "t", shard_size=2)
+    for name in ("t-000000.tar", "t-000001.tar", "t.manifest.json"):
+        assert (tmp_path / "enc" / name).read_bytes() == (tmp_path / "vol" / name).read_bytes()
+
+
+def test_encoded_payload_that_disagrees_is_refused(tmp_path):
+    s = make_samples(1)[0]
+    enc = encode_volume(s["volume"])
+    wrong_shape = EncodedVolume(enc.payload, enc.affine, (1, 2, 3), enc.dtype, enc.meta)
+    with pytest.raises(ShardError, match="shape"):
+        write_shards([{**s, "volume": wrong_shape}], tmp_path, "t", shard_size=1)
+    with pytest.raises(ShardError, match="encoded volume is int16, the shards store float32"):
+        write_shards([{**s, "volume": enc}], tmp_path, "t", shard_size=1, volume_dtype="float32")
+    garbage = EncodedVolume(b"not a frame" * 10, enc.affine, enc.shape, enc.dtype, enc.meta)
+    with pytest.raises(ShardError, match="not a blosc2 b2nd frame"):
+        write_shards([{**s, "volume": garbage}], tmp_path, "t", shard_size=1)
+
+
+def test_unknown_labels_are_255_and_other_values_are_refused(tmp_path):
+    s = make_samples(1)[0]
+    labels = np.array([1, 0, np.nan] + [0] * 14 + [1], dtype=np.float64)
+    write_shards([{**s, "labels": labels}], tmp_path, "t", shard_size=1)
+    (got,) = list(wds.WebDataset(str(tmp_path / "t-000000.tar"), shardshuffle=False).decode(volume_decoder))
+    assert got["labels.npy"].dtype == np.uint8
+    assert got["labels.npy"].tolist() == [1, 0, LABEL_UNKNOWN] + [0] * 14 + [1]
+    assert "255" in MEMBERS["labels.npy"] and load_manifest(tmp_path / "t.manifest.json")["format"]["label_unknown"] == 255
+    # None (a blank cell read as an object) is unknown too
+    write_shards([{**s, "labels": [None] + [0] * 17}], tmp_path, "t", shard_size=1)
+    for bad in ([2] + [0] * 17, [0.5] + [0] * 17, [-1] + [0] * 17, [255] + [0] * 17):
+        with pytest.raises(ShardError, match="0, 1 or NaN"):
+            write_shards([{**s, "labels": bad}], tmp_path, "t", shard_size=1)
+
+
+def test_manifest_of_another_format_version_is_refused_with_a_clear_message(tmp_path):
+    write_shards(make_samples(1), tmp_path, "t", shard_size=1)
+    mpath = tmp_path / "t.manifest.json"
+    manifest = json.loads(mpath.read_text())
+    assert manifest["format"]["version"] == FORMAT_VERSION == 2
+    assert manifest["format"]["volume_codec"]["container"] == "b2nd"
+    manifest["format"]["version"] = 1
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"t\.manifest\.json: shard format version 1, this ctprep reads version 2"):
+        verify_manifest(mpath)
+
+
+def test_cheap_verification_checks_sizes_and_indexes_but_not_bytes(tmp_path):
+    write_shards(make_samples(4), tmp_path, "train", shard_size=2, split="train")
+    mpath = tmp_path / "train.manifest.json"
+    assert verify_manifest(mpath, checksums=False)["checksums"] is False
+    shard = tmp_path / "train-000001.tar"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # same size, changed bytes: only the full check sees it
+    shard.write_bytes(bytes(raw))
+    assert verify_manifest(mpath, checksums=False)["n_samples"] == 4
+    with pytest.raises(ShardError, match=r"shard train-000001\.tar sha256 .*refusing it"):
+        verify_manifest(mpath)
+    shard.write_bytes(bytes(raw) + b"\0" * 512)
+    with pytest.raises(ShardError, match=r"shard train-000001\.tar has .* bytes"):
+        verify_manifest(mpath, checksums=False)
+
+
+def test_prep_and_shard_chunk_pack_the_prepared_payloads_as_they_are(tmp_path, data_dir):
+    """The chain the workflow runs: prep encodes each real scan once, shards copies those bytes;
+    a blank label cell becomes 255 in labels.npy and null in the meta."""
+    import pandas as pd
+
+    from ctprep import ctrate
+    from ctprep.chunks import prep_chunk, shard_chunk
+    from ctprep.cohort import SECTIONS
+    from ctprep.preprocess import preprocess_volume
+
+    rows, prompts = [], []
+    for n, name in enumerate(["pulmonary_report_ct_cropped.nii.gz", "example_ct_sm.nii.gz"], start=1):
+        vname = f"train_{n}_a_1.nii.gz"
+        labels = {lab: float(i % 2) for i, lab in enumerate(ctrate.LABELS)}
+        labels[ctrate.LABELS[2]] = np.nan
+        rows.append({"VolumeName": vname, "split": "train", "patient": f"train_{n}", "path": str(data_dir / name),
+                     "chunk": 0, "sex": "male", "age": 50 + n, **{v: f"{v} {n}" for v in SECTIONS.values()}, **labels})
+        prompts.append({"VolumeName": vname, "split": "train", "short": f"prompt {n}"})
+    pd.DataFrame(rows).to_parquet(tmp_path / "cohort.parquet")
+    pd.DataFrame(prompts).to_parquet(tmp_path / "prompts.parquet")
+    preset = {"mode": "spacing", "spacing": [4.0, 4.0, 6.0], "shape": [48, 40, 32], "clip": [-1000, 1000]}
+    prep_chunk(tmp_path / "cohort.parquet", 0, preset, {"geometry": "header"}, tmp_path / "prep",
+                       tmp_path / "prep.parquet", tmp_path / "rejects.parquet")
+    assert sorted(p.name for p in (tmp_path / "prep").iterdir()) == ["train_1_a_1.b2nd", "train_2_a_1.b2nd"]
+    manifest = shard_chunk(tmp_path / "prep.parquet", tmp_path / "cohort.parquet", tmp_path / "prompts.parquet",
+                           "train", 0, tmp_path / "shards", shard_size=8, prompt_key="short")
+    assert manifest["n_samples"] == 2 and verify_manifest(tmp_path / "shards/train-c000.manifest.json")
+    got = list(wds.WebDataset(str(tmp_path / "shards/train-c000-000000.tar"), shardshuffle=False).decode(volume_decoder))
+    with tarfile.open(tmp_path / "shards/train-c000-000000.tar") as tar:
+        for row, g in zip(rows, got):
+            key = g["__key__"]
+            assert key == row["VolumeName"].split(".nii")[0]
+            assert tar.extractfile(f"{key}.vol.b2nd").read() == (tmp_path / "prep" / f"{key}.b2nd").read_bytes()
+            # what prep stored is the preset's HU of the scan, rounded, with its affine
+            ref = preprocess_volume(load_nifti(row["path"]), None, preset, {"geometry": "header"})
+            assert g["vol.b2nd"].dtype == np.int16 and np.array_equal(g["vol.b2nd"], np.rint(ref.data).astype(np.int16))
+            np.testing.assert_array_equal(g["affine.npy"], ref.affine)
+            assert g["labels.npy"].tolist() == [0, 1, LABEL_UNKNOWN] + [i % 2 for i in range(3, 18)]
+            assert g["meta.json"]["labels"][ctrate.LABELS[2]] is None
+            assert g["meta.json"]["source"] == row["path"] and g["meta.json"]["dtype"] == "int16"
+            assert [h["op"] for h in g["meta.json"]["history"]][-2:] == ["resample", "clip"]

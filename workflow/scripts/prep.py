@@ -1,4 +1,4 @@
-"""Rule prep: preprocess one chunk of the cohort to HU volumes on the preset's grid."""
+"""Rule prep: preprocess one chunk of the cohort to HU volumes on the preset's grid, each encoded once (lossless)."""
 from ctprep.logs import log_to
 
 log_to(snakemake.log[0])

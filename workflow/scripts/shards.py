@@ -1,4 +1,4 @@
-"""Rule shards: pack one chunk of one split into webdataset tar shards."""
+"""Rule shards: pack one chunk of one split into webdataset tar shards (volume payloads copied as they are)."""
 from ctprep.logs import log_to
 
 log_to(snakemake.log[0])
