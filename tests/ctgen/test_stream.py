@@ -37,9 +37,9 @@ def shards(tmp_path):
         for i in range(n):
             key = f"train_{chunk}{i}_a_1"
             vol = Volume.from_3d(np.full((4, 4, 2), _value(key), np.int16), np.diag([2.0, 2.0, 5.0, 1.0]), source=key)
-            labels = np.zeros(18, np.uint8)
+            labels = np.zeros(18)
             labels[i % 18] = 1
-            labels[17] = 255 if i % 2 else 0  # unknown in every other sample
+            labels[17] = np.nan if i % 2 else 0  # unknown (a blank cell) in every other sample
             samples.append({"key": key, "volume": vol, "prompt": f"prompt {key}", "prompts": {"generatect": f"p {key}"},
                             "meta": {}, "labels": labels})
         write_shards(samples, root / f"c{chunk}", prefix=f"train-c{chunk}", shard_size=3, split="train")
