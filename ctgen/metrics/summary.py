@@ -1,0 +1,82 @@
+"""What every reported number carries: its n, a bootstrap 95% CI, the profile it was computed with,
+a hash of the scored volumes, and a flag when it is too thin to be read as a result.
+
+``bootstrap_ci(statistic, units, ...)`` resamples the independent units (volumes, or chunks where a
+protocol is chunked) with replacement and recomputes the statistic: the percentile interval of the
+resampled values. A statistic that cannot be computed on a resample (e.g. an AUROC whose resample
+holds one class) is dropped from that resample's set; the share dropped is reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+N_BOOTSTRAP = 1000  # resamples of the percentile bootstrap
+CONFIDENCE = 0.95
+
+
+def stems_hash(stems: Iterable[str]) -> str:
+    """sha256 (16 hex) of the sorted volume stems a number was computed on: two numbers with the same hash
+    were computed on the same volumes."""
+    return hashlib.sha256("\n".join(sorted(map(str, stems))).encode()).hexdigest()[:16]
+
+
+@dataclass
+class MetricValue:
+    """One reported number with what it needs to be read."""
+
+    name: str  # e.g. "fid_2d.axial", "faithfulness.macro_auroc"
+    value: float | None  # None where it cannot be computed (the flag says why)
+    n: int  # independent units it was computed on (volumes, or chunks)
+    ci: tuple[float, float] | None = None  # bootstrap 95% interval over the units
+    profile: str = ""  # the protocol/backbone/feature space, e.g. "proxy:classifier3d", "vlm3d-2026:squeezenet1.1"
+    stems: str = ""  # stems_hash of the scored volumes
+    flag: str | None = None  # why the number should not be read as a result (too few samples, ...)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. dimensions, chance level, dropped resamples
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ci"] = list(self.ci) if self.ci is not None else None
+        for k in ("value",):
+            if out[k] is not None and not math.isfinite(out[k]):
+                out[k] = None
+        return out
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], float], n_units: int, *, n_boot: int = N_BOOTSTRAP,
+                 seed: int = 0, confidence: float = CONFIDENCE) -> tuple[tuple[float, float] | None, float]:
+    """Percentile CI of ``statistic(indices)`` over resamples of ``range(n_units)`` with replacement.
+
+    Returns ((low, high) or None, share of resamples where the statistic was not finite). ``statistic``
+    gets an integer index array (with repeats) and returns a float (NaN where undefined).
+    """
+    if n_units < 2:
+        return None, 1.0
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        v = float(statistic(rng.integers(0, n_units, n_units)))
+        if math.isfinite(v):
+            values.append(v)
+    dropped = 1.0 - len(values) / n_boot
+    if len(values) < n_boot // 2:
+        return None, dropped
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
+    return (float(lo), float(hi)), dropped
+
+
+def mean_with_ci(values: Sequence[float], name: str, **kw: Any) -> MetricValue:
+    """The mean of per-volume values with its bootstrap CI (NaN values are left out and counted)."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    if finite.size == 0:
+        return MetricValue(name, None, 0, flag="no finite values", **kw)
+    ci, _ = bootstrap_ci(lambda idx: finite[idx].mean(), finite.size)
+    return MetricValue(name, float(finite.mean()), int(finite.size), ci, extra={"n_nan": int(v.size - finite.size)}, **kw)

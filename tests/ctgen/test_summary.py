@@ -1,0 +1,26 @@
+"""The reported-number record and its bootstrap CI."""
+
+import numpy as np
+
+from ctgen.metrics.summary import bootstrap_ci, mean_with_ci, stems_hash
+
+
+def test_bootstrap_ci_of_a_mean_matches_the_normal_approximation():
+    x = np.random.default_rng(0).normal(5.0, 2.0, size=400)
+    (lo, hi), dropped = bootstrap_ci(lambda idx: x[idx].mean(), len(x), n_boot=2000)
+    se = x.std(ddof=1) / np.sqrt(len(x))  # an independent computation of the same interval
+    assert dropped == 0 and abs(lo - (x.mean() - 1.96 * se)) < 0.03 and abs(hi - (x.mean() + 1.96 * se)) < 0.03
+
+
+def test_undefined_resamples_are_dropped_and_counted():
+    labels = np.array([1] + [0] * 9)  # one positive: many resamples hold none
+    ci, dropped = bootstrap_ci(lambda idx: np.nan if labels[idx].sum() == 0 else 1.0, len(labels), n_boot=500)
+    assert 0.2 < dropped < 0.5 and ci == (1.0, 1.0)
+    assert bootstrap_ci(lambda idx: 1.0, 1) == (None, 1.0)
+
+
+def test_mean_with_ci_and_stems():
+    m = mean_with_ci([1.0, 2.0, np.nan, 3.0], "x", profile="p", stems=stems_hash(["b", "a"]))
+    assert m.n == 3 and m.value == 2.0 and m.ci[0] < 2.0 < m.ci[1] and m.extra["n_nan"] == 1
+    assert m.stems == stems_hash(["a", "b"]) != stems_hash(["a"])
+    assert m.to_json()["ci"] == list(m.ci)
