@@ -79,8 +79,8 @@ class MaisiAutoencoderConfig:
     dim_split: int = 1  # spatial axis of the network input (0 = I, 1 = J, 2 = K) that is split (NVIDIA: 1)
     value_range: tuple[float, float] = (0.0, 1.0)  # what the network sees for the HU window: NVIDIA trained on
     #                                               HU [-1000, 1000] -> [0, 1]; our [-1, 1] is mapped onto it
-    decode_window: tuple[int, int, int] | None = (20, 32, 32)  # latent window (D, H, W) for sliding-window
-    #                                                      decoding of larger latents; None = decode whole
+    decode_window: tuple[int, int, int] | None = (16, 40, 40)  # latent window (D, H, W) of the sliding-window
+    #                decode of larger latents (~4 GiB peak on CPU in fp32); None = decode whole
     decode_overlap: float = 0.4  # overlap of neighbouring decode windows (NVIDIA's inference config: 0.4)
     recon_loss: str = "l1"  # reconstruction loss: "l1" (NVIDIA's recon_loss) or "l2"
     kl_weight: float = 1e-7  # weight of the KL term, summed over latent elements as MAISI does (NVIDIA: 1e-7)

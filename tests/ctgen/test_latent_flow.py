@@ -287,6 +287,17 @@ def test_small_trainable_text_encoder_and_pooled_multi_encoder_context():
         LatentFlow(tiny(text_dims=(768, 768)))
 
 
+def test_structured_prompt_as_the_only_segment():
+    torch.manual_seed(0)
+    m = awake(LatentFlow(tiny(segments=("structured",)))).eval()
+    text = {"structured": torch.randn(2, 4, 12), "structured_mask": torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0]]).bool()}
+    with torch.no_grad():
+        ctx = m.encode_text(**text)
+        assert ctx.shape == (2, 6, 16) and torch.equal(ctx[1], m.null_context(1)[0])  # empty prompt -> null
+        assert torch.isfinite(m(latent_mu=torch.randn(2, 4, 8, 8, 8), latent_sigma=torch.full((2, 4, 8, 8, 8), 0.1),
+                                **text).loss)
+
+
 def test_bad_inputs_are_named(model):
     b = batch(1)
     with pytest.raises(ValueError, match=r"missing report inputs \['impression', 'impression_mask'\]"):
