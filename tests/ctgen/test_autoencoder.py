@@ -200,7 +200,7 @@ def test_training_loss_terms_and_adversarial_switch():
     x = volume(2, 16, 16, 16)
     before = m(x, step=4)
     assert before.adversarial_active == 0.0
-    assert float(before.loss) == pytest.approx(float(before.recon_loss + 1e-7 * before.kl_loss), rel=1e-6)
+    assert float(before.loss.detach()) == pytest.approx(float(before.recon_loss + 1e-7 * before.kl_loss), rel=1e-6)
     before.loss.backward()
     assert all(p.grad is not None for p in m.parameters())  # DDP: every parameter in the graph while off
     m.zero_grad()
