@@ -200,7 +200,7 @@ def test_training_loss_terms_and_adversarial_switch():
     x = volume(2, 16, 16, 16)
     before = m(x, step=4)
     assert before.adversarial_active == 0.0
-    assert float(before.loss.detach()) == pytest.approx(float(before.recon_loss + 1e-7 * before.kl_loss), rel=1e-6)
+    assert float(before.loss.detach()) == pytest.approx(float((before.recon_loss + 1e-7 * before.kl_loss).detach()), rel=1e-6)
     before.loss.backward()
     assert all(p.grad is not None for p in m.parameters())  # DDP: every parameter in the graph while off
     m.zero_grad()
@@ -232,7 +232,7 @@ def test_overfits_one_volume():
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        losses.append(float(out.recon_loss))
+        losses.append(float(out.recon_loss.detach()))
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
 
 
