@@ -1,0 +1,255 @@
+"""MAISI autoencoder: NVIDIA checkpoints through our loader, the layout and intensity map against MONAI's
+network called directly, the (mu, sigma) cache side, bounded-memory decoding, the training loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from einops import rearrange
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from safetensors.torch import save_file
+
+from ctgen.models.autoencoder import LatentStats, MaisiAutoencoder, MaisiAutoencoderConfig
+
+PRESET = Path(__file__).with_name("report2ct_preset.yaml")
+
+# NVIDIA's published MAISI CT autoencoder, as written in MONAI's model zoo
+# (models/maisi_ct_generative/configs/inference.json, "autoencoder_def"), typed in independently
+# of MaisiAutoencoderConfig so that a drift in our defaults fails here.
+NVIDIA_AUTOENCODER = dict(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4,
+                          num_channels=[64, 128, 256], num_res_blocks=[2, 2, 2], norm_num_groups=32, norm_eps=1e-6,
+                          attention_levels=[False, False, False], with_encoder_nonlocal_attn=False,
+                          with_decoder_nonlocal_attn=False, use_checkpointing=False, use_convtranspose=False,
+                          norm_float16=False, num_splits=1, dim_split=1)
+
+
+def tiny(**overrides) -> MaisiAutoencoderConfig:
+    """A 3-level MAISI autoencoder small enough for CPU tests (4x down-sampling like NVIDIA's)."""
+    base = dict(num_channels=(8, 16, 16), norm_num_groups=4, disc_channels=4, disc_layers=2, decode_window=(4, 4, 4))
+    return MaisiAutoencoderConfig(**{**base, **overrides})
+
+
+def volume(b=1, d=16, h=24, w=32, seed=0) -> torch.Tensor:
+    """A smooth random volume (B, 1, D, H, W) in [-1, 1]: no axis is symmetric, so a wrong permutation shows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.avg_pool3d(torch.rand(b, 1, d + 2, h + 2, w + 2, generator=g), 3, stride=1)
+    return (x - x.amin()) / (x.amax() - x.amin()) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def nvidia_net():
+    """MONAI's network with NVIDIA's settings, seeded: the 'released checkpoint' of these tests."""
+    torch.manual_seed(0)
+    return AutoencoderKlMaisi(**NVIDIA_AUTOENCODER).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MaisiAutoencoder(tiny()).eval()
+
+
+# --- NVIDIA checkpoints -----------------------------------------------------------------------
+def _monai_generative_layout(state: dict) -> dict:
+    """The older MONAI Generative key layout: one `.conv` level fewer inside encoder/decoder convs."""
+    return {k.replace("conv.conv.weight", "conv.weight").replace("conv.conv.bias", "conv.bias")
+            if k.startswith(("encoder.", "decoder.")) else k: v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("layout", ["plain", "unet_state_dict", "monai_generative", "dataparallel", "safetensors"])
+def test_loads_an_nvidia_layout_checkpoint(nvidia_net, tmp_path, layout):
+    state = {k: v.clone() for k, v in nvidia_net.state_dict().items()}
+    path = tmp_path / ("ae.safetensors" if layout == "safetensors" else "autoencoder_epoch273.pt")
+    if layout == "safetensors":
+        save_file(state, path)
+    else:
+        obj = {"plain": state, "unet_state_dict": {"unet_state_dict": state, "epoch": 273},
+               "monai_generative": _monai_generative_layout(state),
+               "dataparallel": {f"module.{k}": v for k, v in state.items()}}[layout]
+        torch.save(obj, path)
+    if layout == "monai_generative":
+        assert set(obj) != set(state)  # the old layout really differs
+    ours = MaisiAutoencoder.from_maisi_checkpoint(path)  # NVIDIA's architecture is our default
+    loaded = ours.net.state_dict()
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert ours.discriminator is not None  # training extras stay; the checkpoint only fills the network
+
+
+def test_our_layout_and_intensity_map_match_monai_called_directly(nvidia_net, tmp_path):
+    """Our (D, H, W) [-1, 1] interface == MONAI's network on the RAS (I, J, K) [0, 1] array it was trained on."""
+    torch.save(nvidia_net.state_dict(), tmp_path / "ae.pt")
+    ours = MaisiAutoencoder.from_maisi_checkpoint(tmp_path / "ae.pt", adv_weight=0.0).eval()
+    x = volume(1, 8, 12, 16)  # (B, C, D, H, W)
+    with torch.no_grad():
+        mu, sigma = ours.encode(x)
+        ref_mu, ref_sigma = nvidia_net.encode(rearrange((x + 1) / 2, "b c d h w -> b c w h d"))
+        assert torch.allclose(mu, rearrange(ref_mu, "b c i j k -> b c k j i"), atol=1e-5)
+        assert torch.allclose(sigma, rearrange(ref_sigma, "b c i j k -> b c k j i"), atol=1e-5)
+        ref = nvidia_net.decode(rearrange(mu, "b c d h w -> b c w h d"))  # in [0, 1] units, (I, J, K)
+        assert torch.allclose(ours.decode(mu, window=None), rearrange(ref * 2 - 1, "b c i j k -> b c k j i"), atol=1e-5)
+    assert mu.shape == (1, 4, 2, 3, 4)
+
+
+def test_mismatching_checkpoints_are_refused_with_keys_named(nvidia_net, tmp_path):
+    state = nvidia_net.state_dict()
+    torch.save(state, tmp_path / "ae.pt")
+    with pytest.raises(ValueError, match=r"shape mismatches.*encoder\.blocks\.0\.conv\.conv\.weight \(64, 1, 3, 3, 3\) "
+                                         r"vs \(32, 1, 3, 3, 3\)"):
+        MaisiAutoencoder(MaisiAutoencoderConfig(num_channels=(32, 64, 128))).load_maisi_checkpoint(tmp_path / "ae.pt")
+    dropped = dict(state)
+    del dropped["quant_conv_mu.conv.weight"]
+    torch.save(dropped, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match=r"1 missing keys \(first: quant_conv_mu\.conv\.weight\)"):
+        MaisiAutoencoder.from_maisi_checkpoint(tmp_path / "missing.pt")
+    torch.save({**state, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match=r"1 unexpected keys \(first: extra\.weight\)"):
+        MaisiAutoencoder.from_maisi_checkpoint(tmp_path / "extra.pt")
+
+
+class _NotWeights:
+    pass
+
+
+def test_non_weight_files_are_refused_without_unpickling(tmp_path):
+    torch.save({"net": _NotWeights()}, tmp_path / "code.pt")
+    with pytest.raises(ValueError, match="not a weights-only torch checkpoint"):
+        MaisiAutoencoder.from_maisi_checkpoint(tmp_path / "code.pt")
+    torch.save({"epoch": 3}, tmp_path / "nothing.pt")
+    with pytest.raises(ValueError, match="expected a state dict of tensors"):
+        MaisiAutoencoder.from_maisi_checkpoint(tmp_path / "nothing.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        MaisiAutoencoder.from_maisi_checkpoint(tmp_path / "absent.pt")
+
+
+# --- our own format and the latent cache side -------------------------------------------------
+def test_save_from_pretrained_round_trip(model, tmp_path):
+    model.set_scale_factor(0.731)
+    model.save_pretrained(tmp_path / "ae", seed=0)
+    loaded = MaisiAutoencoder.from_pretrained(tmp_path / "ae").eval()
+    assert loaded.config == model.config and float(loaded.scale_factor) == pytest.approx(0.731)
+    x = volume()
+    with torch.no_grad():
+        for a, b in zip(model.encode(x), loaded.encode(x)):
+            assert torch.equal(a, b)
+        z = torch.randn(1, 4, 4, 6, 8, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(model.decode(z), loaded.decode(z))
+    model.set_scale_factor(1.0)
+
+
+def test_encode_returns_mu_and_sigma_deterministically(model):
+    x = volume(2)
+    with torch.no_grad():
+        mu, sigma = model.encode(x)
+        mu2, sigma2 = model.encode(x)
+        model.train()
+        mu3, _ = model.encode(x)  # no dropout or sampling in train mode either
+        model.eval()
+    assert mu.shape == sigma.shape == (2, 4, 4, 6, 8)
+    assert (sigma > 0).all() and torch.equal(mu, mu2) and torch.equal(sigma, sigma2) and torch.equal(mu, mu3)
+    assert not torch.allclose(sigma, torch.ones_like(sigma))  # a real posterior width, not a constant
+
+
+def test_latent_stats_match_the_std_of_sampled_latents():
+    g = torch.Generator().manual_seed(0)
+    mus = [torch.randn(1, 4, 3, 5, 6, generator=g) * 0.7 + 0.3 for _ in range(5)]
+    sigmas = [torch.rand(1, 4, 3, 5, 6, generator=g) * 0.5 + 0.1 for _ in range(5)]
+    stats = LatentStats()
+    for mu, sigma in zip(mus, sigmas):
+        stats.update(mu, sigma)
+    mu, sigma = torch.cat(mus).double(), torch.cat(sigmas).double()
+    draws = mu + sigma * torch.randn((4000, *mu.shape), generator=g, dtype=torch.float64)  # Monte Carlo over eps
+    assert stats.std == pytest.approx(float(draws.std()), rel=2e-3)
+    assert stats.scale_factor == pytest.approx(1 / float(draws.std()), rel=2e-3)
+    with pytest.raises(ValueError):
+        MaisiAutoencoder(tiny()).set_scale_factor(float("nan"))
+
+
+# --- bounded-memory decoding ------------------------------------------------------------------
+def test_tensor_split_decode_equals_unsplit():
+    torch.manual_seed(0)
+    whole = MaisiAutoencoder(tiny()).eval()
+    split = MaisiAutoencoder(tiny(num_splits=4, dim_split=1)).eval()
+    split.load_state_dict(whole.state_dict())
+    z = torch.randn(1, 4, 8, 16, 8, generator=torch.Generator().manual_seed(2))  # split axis J = H: 16 latent rows
+    with torch.no_grad():
+        a, b = whole.decode(z, window=None), split.decode(z, window=None)
+    assert (a - b).abs().max() < 1e-4 and a.shape == (1, 1, 32, 64, 32)
+
+
+def test_sliding_window_decode_stitches_windows(model):
+    """The window reaches the code; a region covered by one window only is exactly that window's decode."""
+    z = torch.randn(1, 4, 12, 12, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = model.decode(z, window=None)
+        assert torch.equal(model.decode(z, window=(12, 12, 12)), whole)  # one window = the whole latent
+        tiled = model.decode(z, window=(8, 8, 8))  # overlap 0.4: windows start at 0 and 4 on each axis
+        corner = model.decode(z[:, :, :8, :8, :8], window=None)
+    assert tiled.shape == whole.shape == (1, 1, 48, 48, 48) and torch.isfinite(tiled).all()
+    assert torch.allclose(tiled[..., :16, :16, :16], corner[..., :16, :16, :16], atol=1e-5)
+    assert not torch.allclose(tiled, whole, atol=1e-3)  # windows see their own GroupNorm statistics
+
+
+# --- training -----------------------------------------------------------------------------------
+def test_training_loss_terms_and_adversarial_switch():
+    torch.manual_seed(0)
+    m = MaisiAutoencoder(tiny(adversarial_start=5))
+    x = volume(2, 16, 16, 16)
+    before = m(x, step=4)
+    assert before.adversarial_active == 0.0
+    assert float(before.loss.detach()) == pytest.approx(float((before.recon_loss + 1e-7 * before.kl_loss).detach()), rel=1e-6)
+    before.loss.backward()
+    assert all(p.grad is not None for p in m.parameters())  # DDP: every parameter in the graph while off
+    m.zero_grad()
+    after = m(x, step=5)
+    assert after.adversarial_active == 1.0 and after.disc_loss > 0 and after.kl_loss > 0
+    # the generator's adversarial term trains only the autoencoder, never the discriminator
+    grads = torch.autograd.grad(after.gen_adv_loss, list(m.discriminator.parameters()), allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in grads)
+    assert set(after.logs()) >= {"loss", "recon_loss", "kl_loss", "gen_adv_loss", "disc_loss", "latent_sigma"}
+
+
+def test_bad_input_shapes_are_named(model):
+    with pytest.raises(ValueError, match=r"must be divisible by 4"):
+        model.encode(torch.zeros(1, 1, 10, 16, 16))
+    with pytest.raises(ValueError, match=r"expected a latent"):
+        model.decode(torch.zeros(1, 3, 4, 4, 4))
+    with pytest.raises(ValueError, match="num_channels, num_res_blocks"):
+        MaisiAutoencoderConfig(num_channels=(8, 16))
+
+
+def test_overfits_one_volume():
+    torch.manual_seed(0)
+    m = MaisiAutoencoder(tiny(adv_weight=0.0))
+    x = volume(1, 8, 16, 16)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        out = m(x, step=step)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.recon_loss.detach()))
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+
+
+def test_report2ct_autoencoder_preset_builds_nvidia_architecture_and_trains_a_step(tmp_path):
+    """The preset's autoencoder is NVIDIA's network; one step of the one loop on a training crop."""
+    from ctgen.train import TrainConfig, train
+
+    section = yaml.safe_load(PRESET.read_text())["report2ct"]["autoencoder"]
+    torch.manual_seed(0)
+    m = MaisiAutoencoder(MaisiAutoencoder.config_from_dict(section["model"]))
+    reference = AutoencoderKlMaisi(**NVIDIA_AUTOENCODER).state_dict()
+    assert {k: v.shape for k, v in m.net.state_dict().items()} == {k: v.shape for k, v in reference.items()}
+    patch = [s // 2 for s in section["data"]["patch_size"]]  # half the training crop on each axis: CPU time
+    x = volume(1, *patch)
+    cfg = TrainConfig.from_dict({**section["train"], "max_steps": 1, "warmup_steps": 0, "tensorboard": False})
+    before = {k: v.clone() for k, v in m.net.state_dict().items()}
+    train(m, lambda ctx: iter([{"video": x}]), cfg, tmp_path / "ae", checkpoint_dir=tmp_path / "ckpt")
+    after = MaisiAutoencoder.from_pretrained(tmp_path / "ae").net.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert dataclasses.asdict(m.config)["num_channels"] == (64, 128, 256)

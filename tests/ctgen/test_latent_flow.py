@@ -1,0 +1,488 @@
+"""Latent rectified flow: the training target and the Euler sampler against independent hand
+computations of MONAI's RFlow conventions, classifier-free guidance, report conditioning (null
+segments, fixed-length context, DDP-safe graph), the pipeline end to end, and the report2ct preset."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ctgen.models.latent_flow import LatentFlow, LatentFlowConfig
+from ctgen.models.report_context import blank_empty
+from ctgen.pipelines.latent_flow import euler_sample
+
+logger = logging.getLogger(__name__)
+PRESET = Path(__file__).with_name("report2ct_preset.yaml")
+T = 1000
+
+
+def tiny(**overrides) -> LatentFlowConfig:
+    """A 4-level MAISI U-Net of ~0.3M parameters on an 8x8x8 latent."""
+    base = dict(channels=(8, 16, 16, 16), attention_levels=(False, False, True, True), num_head_channels=(0, 0, 8, 8),
+                norm_num_groups=4, num_res_blocks=1, latent_shape=(8, 8, 8), cross_attention_dim=16, text_dims=(12,),
+                max_text_tokens=6, sample_steps=4)
+    return LatentFlowConfig(**{**base, **overrides})
+
+
+def awake(m: LatentFlow) -> LatentFlow:
+    """Re-initialise MAISI's zero-initialised output and attention projections, so the text and the
+    input reach the output (an untrained U-Net predicts exactly 0, which would hide every effect)."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1 and p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m
+
+
+def batch(b=3, seed=0, shape=(8, 8, 8), empty_findings=(), text_len=(5, 3)) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    f_mask = torch.ones(b, text_len[0], dtype=torch.bool)
+    f_mask[:, text_len[0] - 1] = False  # some padding
+    for i in empty_findings:
+        f_mask[i] = False
+    return {"latent_mu": torch.randn(b, 4, *shape, generator=g), "latent_sigma": torch.rand(b, 4, *shape, generator=g) * 0.2 + 0.05,
+            "findings": torch.randn(b, text_len[0], 12, generator=g) * f_mask[..., None],
+            "findings_mask": f_mask,
+            "impression": torch.randn(b, text_len[1], 12, generator=g), "impression_mask": torch.ones(b, text_len[1], dtype=torch.bool)}
+
+
+def text_of(b: dict) -> dict:
+    return {k: v for k, v in b.items() if not k.startswith("latent")}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return awake(LatentFlow(tiny())).eval()
+
+
+@contextlib.contextmanager
+def recording(m: LatentFlow):
+    """Records every U-Net call (inputs and predicted velocity) while the block runs."""
+    calls = []
+    orig = m.unet.forward
+
+    def spy(x, timesteps, context=None, **kw):
+        out = orig(x, timesteps, context, **kw)
+        calls.append({"x": x.detach().clone(), "t": timesteps.detach().clone(), "context": context.detach().clone(),
+                      "v": out.detach().clone()})
+        return out
+
+    m.unet.forward = spy  # an instance attribute shadows the method
+    try:
+        yield calls
+    finally:
+        del m.unet.forward
+
+
+# --- MONAI's rectified-flow conventions, by hand ------------------------------------------------
+def shift(t: np.ndarray, numel: int, base: int = 32**3) -> np.ndarray:
+    """MONAI's timestep transform written out: t/T -> r s / (1 + (r - 1) s), r = (numel / base)^(1/3)."""
+    r = (numel / base) ** (1 / 3)
+    s = np.asarray(t, dtype=np.float64) / T
+    return r * s / (1 + (r - 1) * s) * T
+
+
+def test_training_target_is_the_rectified_flow_velocity_by_hand():
+    """Replays the documented draws and recomputes x_t, t and the loss without MONAI."""
+    torch.manual_seed(0)
+    m = awake(LatentFlow(tiny(sample_method="uniform", scale_factor=0.8, cond_drop_prob=0.15, segment_drop_prob=0.1)))
+    b = batch(4)
+    with recording(m) as calls:
+        torch.manual_seed(7)
+        out = m(**b, step=3)
+    torch.manual_seed(7)  # the same draws, in the documented order
+    torch.rand(4)
+    torch.rand(4, 2)
+    eps, noise = torch.randn(4, 4, 8, 8, 8), torch.randn(4, 4, 8, 8, 8)
+    u = torch.rand(4) * T  # uniform t, then the shift for a 512-voxel latent (r = 1/4)
+    t = torch.from_numpy(shift(u.numpy(), 8 * 8 * 8)).float()
+    z = (b["latent_mu"] + b["latent_sigma"] * eps) * 0.8
+    tt = (t / T).reshape(-1, 1, 1, 1, 1)
+    x_t = (1 - tt) * z + tt * noise
+    (call,) = calls
+    assert torch.allclose(call["t"], t, atol=1e-3) and torch.allclose(call["x"], x_t, atol=1e-5)
+    expected = ((call["v"] - (z - noise)) ** 2).mean()
+    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(out.x0_mse) == pytest.approx(float(((x_t + call["v"] * tt - z) ** 2).mean()), rel=1e-4)
+    assert float(out.t_mean) == pytest.approx(float(t.mean() / T), rel=1e-4)
+
+
+def test_monai_rflow_direction_and_step():
+    """t = 0 is data, t = T is noise; MONAI's step moves x by v (t - t_next)/T (exact on integer timesteps)."""
+    s = LatentFlowConfig(use_discrete_timesteps=True, use_timestep_transform=False).make_scheduler()
+    g = torch.Generator().manual_seed(0)
+    z, n, v = (torch.randn(2, 4, 4, 4, 4, generator=g) for _ in range(3))
+    assert torch.equal(s.add_noise(z, n, torch.tensor([0, 0])), z)
+    assert torch.allclose(s.add_noise(z, n, torch.tensor([T, T])), n)
+    s.set_timesteps(10)
+    assert s.timesteps.tolist() == [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100]
+    x_next, x0 = s.step(v, 700, z, 600)
+    assert torch.allclose(x_next, z + v * 0.1) and torch.allclose(x0, z + v * 0.7)
+
+
+def hand_euler(velocity, x, steps: int, numel: int, discrete: bool = False, transform: bool = True,
+               fp16: bool = True) -> torch.Tensor:
+    ts = [(1 - i / steps) * T for i in range(steps)]
+    if discrete:
+        ts = [float(round(t)) for t in ts]
+    if transform:
+        ts = list(shift(ts, numel))
+    ts = [float(np.float16(t)) if fp16 else float(t) for t in ts] + [0.0]  # MONAI holds the schedule in float16
+    x = x.double()
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = x + velocity(x, t) * ((t - t_next) / T)
+    return x
+
+
+def gaussian_velocity(mu: float, std: float):
+    """E[x0 - n | x_t] for data ~ N(mu, std^2) per element, x_t = (1 - t/T) x0 + (t/T) n."""
+
+    def v(x, t):
+        tau = float(t) / T
+        a = 1 - tau
+        var = a * a * std * std + tau * tau
+        return (mu + a * std * std * (x - a * mu) / var) - tau * (x - a * mu) / var
+
+    return v
+
+
+def test_euler_sampler_matches_an_independent_loop():
+    x_T = torch.randn(2, 4, 8, 8, 16, generator=torch.Generator().manual_seed(0))
+    v = gaussian_velocity(0.3, 0.5)
+    ours = euler_sample(v, tiny().make_scheduler(), x_T, 7)
+    assert torch.allclose(ours.double(), hand_euler(v, x_T, 7, 8 * 8 * 16), atol=1e-5)
+    exact_schedule = hand_euler(v, x_T, 7, 8 * 8 * 16, fp16=False)  # MONAI's float16 rounding is a small effect
+    assert 0 < (ours.double() - exact_schedule).abs().max() < 1e-2
+    # with integer timesteps our update is exactly MONAI's step
+    sched = tiny(use_discrete_timesteps=True, use_timestep_transform=False).make_scheduler()
+    ours = euler_sample(v, sched, x_T, 7)
+    sched.set_timesteps(7)
+    ts = sched.timesteps.tolist() + [0]
+    x = x_T.clone()
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x, _ = sched.step(v(x, t), t, x, t_next)
+    assert torch.allclose(ours, x, atol=1e-6)
+    assert torch.allclose(ours.double(), hand_euler(v, x_T, 7, 0, discrete=True, transform=False), atol=1e-5)
+
+
+def test_euler_sampler_converges_to_the_exact_flow_of_a_gaussian():
+    """The rectified-flow ODE of N(mu, s^2) data maps noise n to mu + s n; Euler converges to it (first order)."""
+    x_T = torch.randn(2, 4, 8, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = 0.3 + 0.5 * x_T
+    err = {n: float((euler_sample(gaussian_velocity(0.3, 0.5), tiny().make_scheduler(), x_T, n).double() - exact)
+                    .abs().max()) for n in (5, 20, 80)}
+    assert err[5] > err[20] > err[80] and err[80] < 0.05, err
+    assert 3.0 < err[20] / err[80] < 5.0, err  # first order: 4x the steps, ~1/4 the error (0.13 -> 0.034)
+
+
+# --- guidance -----------------------------------------------------------------------------------
+def test_guidance_scale_one_is_the_conditional_pass_alone(model):
+    b = batch(2)
+    x, ctx = torch.randn(2, 4, 8, 8, 8), model.encode_text(**text_of(b))
+    with torch.no_grad(), recording(model) as calls:
+        v = model.guided_velocity(x, 500.0, ctx, model.null_context(2), 1.0)
+        assert torch.equal(v, model.velocity(x, 500.0, ctx))
+    assert [c["x"].shape[0] for c in calls] == [2, 2]  # no unconditional pass
+
+
+def test_guidance_is_batched_and_equals_two_separate_passes(model):
+    b = batch(2)
+    x, ctx, null = torch.randn(2, 4, 8, 8, 8), model.encode_text(**text_of(b)), model.null_context(2)
+    with torch.no_grad(), recording(model) as calls:
+        guided = model.guided_velocity(x, 321.0, ctx, null, 3.0)
+        assert [c["x"].shape[0] for c in calls] == [4]  # one forward on a 2B batch
+        v_c, v_u = model.velocity(x, 321.0, ctx), model.velocity(x, 321.0, null)
+    assert torch.allclose(guided, v_u + 3.0 * (v_c - v_u), atol=1e-5)
+    assert not torch.allclose(v_c, v_u, atol=1e-4)  # the text matters
+
+
+# --- report conditioning ------------------------------------------------------------------------
+def test_empty_sections_condition_on_the_null_segment(model):
+    b = batch(3, empty_findings=(1,))
+    with torch.no_grad():
+        ctx = model.encode_text(**text_of(b))
+        null = model.null_context(3)
+    slot = model.context.slot
+    assert ctx.shape == (3, 2 * slot, 16)
+    assert torch.equal(ctx[1, :slot], null[1, :slot])  # the empty findings -> the null findings tokens
+    assert not torch.equal(ctx[1, slot:], null[1, slot:])  # the impression is kept
+    assert not torch.equal(ctx[0, :slot], null[0, :slot])
+    assert (ctx[0, 4:slot] == 0).all()  # padding rows are exactly zero (4 valid findings tokens)
+    with torch.no_grad():  # runs through the network without complaint
+        assert torch.isfinite(model.velocity(torch.randn(3, 4, 8, 8, 8), 400.0, ctx)).all()
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    assert blank_empty(["Effusion.", "  ", ""], mask).any(1).tolist() == [True, False, False]
+
+
+def test_a_sample_does_not_depend_on_what_it_is_batched_with(model):
+    """Fixed-length zero padding: MONAI's cross-attention has no key mask, yet batching changes nothing."""
+    long = text_of(batch(2, seed=1, text_len=(6, 5)))
+    short = text_of(batch(1, seed=2, text_len=(3, 2)))
+    x = torch.randn(1, 4, 8, 8, 8)
+
+    def pad_to(v: torch.Tensor, length: int) -> torch.Tensor:  # right-pad the token axis (states or mask)
+        return torch.nn.functional.pad(v, (0, 0, 0, length - v.shape[1]) if v.ndim == 3 else (0, length - v.shape[1]))
+
+    joint = {k: torch.cat([pad_to(short[k], long[k].shape[1]), long[k]]) for k in short}
+    with torch.no_grad():
+        alone = model.velocity(x, 250.0, model.encode_text(**short))
+        together = model.velocity(torch.cat([x, torch.randn(2, 4, 8, 8, 8)]), 250.0, model.encode_text(**joint))[:1]
+    assert torch.allclose(alone, together, atol=1e-5)
+
+
+def test_null_context_is_always_in_the_graph():
+    """No sample dropped and no section empty: the null tokens still get a gradient, exactly zero."""
+    torch.manual_seed(0)
+    m = awake(LatentFlow(tiny(cond_drop_prob=0.0)))
+    m(**batch(2)).loss.backward()
+    assert all(p.grad is not None for p in m.parameters())  # DDP (find_unused_parameters=False) is satisfied
+    assert m.context.null.grad.abs().max() == 0
+    m.zero_grad()
+    m(**batch(2, empty_findings=(0,))).loss.backward()
+    assert m.context.null.grad[0].abs().max() > 0 and m.context.null.grad[1].abs().max() == 0
+
+
+def test_condition_dropout_rate_and_null_replacement():
+    torch.manual_seed(0)
+    m = LatentFlow(tiny(cond_drop_prob=0.5))
+    rates = [float(m(**batch(8, seed=i)).cond_dropped) for i in range(6)]
+    assert 0.25 < sum(rates) / len(rates) < 0.75
+    b = batch(2)
+    everything = torch.ones(2, 2, dtype=torch.bool)
+    assert torch.equal(m.encode_text(use_null=everything, **text_of(b)), m.null_context(2))
+
+
+def test_small_trainable_text_encoder_and_pooled_multi_encoder_context():
+    torch.manual_seed(0)
+    small = awake(LatentFlow(tiny(text_encoder={"vocab_size": 40, "dim": 16, "depth": 1, "heads": 2, "max_length": 6})))
+    ids = torch.randint(1, 40, (2, 5))
+    b = {"latent_mu": torch.randn(2, 4, 8, 8, 8), "latent_sigma": torch.full((2, 4, 8, 8, 8), 0.1),
+         "findings_ids": ids, "findings_mask": ids > 0, "impression_ids": ids.flip(1), "impression_mask": ids > 0}
+    small(**b).loss.backward()
+    assert small.context.encoder.token.weight.grad.abs().sum() > 0
+    # Report2CT's pooled context: three encoders' mean-pooled states concatenated, one row per section
+    pooled = LatentFlow(tiny(text_pooling="mean", text_dims=(1024, 768, 768)))
+    text = {}
+    for seg in ("findings", "impression"):
+        for e, (key, width) in enumerate(zip(("", "_enc1", "_enc2"), (1024, 768, 768))):
+            text[f"{seg}{key}"] = torch.randn(2, 7, width)
+            text[f"{seg}_mask{key}"] = torch.arange(7).expand(2, 7) < 4
+    ctx = pooled.encode_text(**text)
+    assert ctx.shape == (2, 2, 16) and pooled.context.proj.in_features == 2560
+    means = torch.cat([text[f"findings{k}"][:, :4].mean(1) for k in ("", "_enc1", "_enc2")], -1)
+    expected = pooled.context.proj(pooled.context.norm(means)) + pooled.context.segment[0]
+    assert torch.allclose(ctx[:, 0], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="pooling='mean'"):
+        LatentFlow(tiny(text_dims=(768, 768)))
+
+
+def test_structured_prompt_as_the_only_segment():
+    torch.manual_seed(0)
+    m = awake(LatentFlow(tiny(segments=("structured",)))).eval()
+    text = {"structured": torch.randn(2, 4, 12), "structured_mask": torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0]]).bool()}
+    with torch.no_grad():
+        ctx = m.encode_text(**text)
+        assert ctx.shape == (2, 6, 16) and torch.equal(ctx[1], m.null_context(1)[0])  # empty prompt -> null
+        assert torch.isfinite(m(latent_mu=torch.randn(2, 4, 8, 8, 8), latent_sigma=torch.full((2, 4, 8, 8, 8), 0.1),
+                                **text).loss)
+
+
+def test_bad_inputs_are_named(model):
+    b = batch(1)
+    with pytest.raises(ValueError, match=r"missing report inputs \['impression', 'impression_mask'\]"):
+        model(**{k: v for k, v in b.items() if not k.startswith("impression")})
+    with pytest.raises(ValueError, match="unknown batch keys"):
+        model(**b, prompt=torch.zeros(1))
+    with pytest.raises(ValueError, match=r"latent_mu/latent_sigma"):
+        model(**{**b, "latent_sigma": b["latent_sigma"][:, :3]})
+    with pytest.raises(ValueError, match="7 tokens > max_tokens 6"):
+        model.encode_text(**{**text_of(b), "findings": torch.zeros(1, 7, 12), "findings_mask": torch.ones(1, 7, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="spacing"):
+        LatentFlow(tiny(include_spacing_input=True)).velocity(torch.zeros(1, 4, 8, 8, 8), 10.0, model.null_context(1))
+    with pytest.raises(ValueError, match="latent_shape divisible by 8"):
+        tiny(latent_shape=(8, 8, 12))
+
+
+# --- the network and its variants ---------------------------------------------------------------
+def test_spacing_input_reaches_the_network():
+    torch.manual_seed(0)
+    m = awake(LatentFlow(tiny(include_spacing_input=True))).eval()
+    x, ctx = torch.randn(1, 4, 8, 8, 8), m.null_context(1)
+    with torch.no_grad():
+        a = m.velocity(x, 300.0, ctx, spacing=torch.tensor([[0.75, 0.75, 1.5]]))
+        b = m.velocity(x, 300.0, ctx, spacing=torch.tensor([[1.5, 1.5, 3.0]]))
+    assert not torch.allclose(a, b, atol=1e-5)
+
+
+def test_sdpa_attention_and_checkpointing_change_nothing_but_cost(model):
+    slow = awake(LatentFlow(tiny(use_flash_attention=False))).eval()
+    slow.load_state_dict(model.state_dict())
+    x, ctx = torch.randn(2, 4, 8, 8, 8), model.encode_text(**text_of(batch(2)))
+    with torch.no_grad():
+        assert torch.allclose(model.velocity(x, 700.0, ctx), slow.velocity(x, 700.0, ctx), atol=1e-5)
+    ck = LatentFlow(tiny(gradient_checkpointing=True))
+    plain = LatentFlow(tiny())
+    ck.load_state_dict(model.state_dict())
+    plain.load_state_dict(model.state_dict())
+    losses = []
+    for m in (plain, ck):
+        torch.manual_seed(3)
+        loss = m(**batch(2)).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1])
+    for (name, p), q in zip(plain.named_parameters(), ck.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
+def test_save_from_pretrained_gives_identical_outputs(model, tmp_path):
+    model.save_pretrained(tmp_path / "flow", seed=0)
+    loaded = LatentFlow.from_pretrained(tmp_path / "flow").eval()
+    assert loaded.config == model.config
+    b = batch(2)
+    x = torch.randn(2, 4, 8, 8, 8)
+    with torch.no_grad():
+        args = (x, 600.0, model.encode_text(**text_of(b)), model.null_context(2), 4.0)
+        assert torch.equal(model.guided_velocity(*args), loaded.guided_velocity(*args))
+    torch.manual_seed(5)
+    a = model(**b)
+    torch.manual_seed(5)
+    assert torch.equal(a.loss, loaded(**b).loss)
+
+
+def test_overfits_one_sample():
+    """The same draws every step: the velocity regression of one sample drops steadily."""
+    torch.manual_seed(0)
+    m = LatentFlow(tiny(cond_drop_prob=0.0))
+    b = batch(1)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        torch.manual_seed(0)
+        loss = m(**b).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+# --- the pipeline -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """A tiny autoencoder + flow model with the small text encoder, saved with the sampling spec."""
+    from ctgen.models.autoencoder import MaisiAutoencoder, MaisiAutoencoderConfig
+    from ctgen.models.text_encoders import fit_text_tokenizer
+    from ctgen.pipelines.latent_flow import write_latent_flow_spec
+
+    out = tmp_path_factory.mktemp("latent_models")
+    tok = fit_text_tokenizer(["No pleural effusion.", "Right pleural effusion.", "Cardiomegaly. Lungs clear."],
+                             60, out / "tok.json")
+    torch.manual_seed(0)
+    ae = MaisiAutoencoder(MaisiAutoencoderConfig(num_channels=(8, 16, 16), norm_num_groups=4, adv_weight=0.0,
+                                                 decode_window=(4, 8, 8)))
+    ae.set_scale_factor(1.7)
+    ae.save_pretrained(out / "autoencoder", seed=0)
+    flow = awake(LatentFlow(tiny(latent_shape=(8, 16, 8), scale_factor=1.7, text_encoder={
+        "vocab_size": tok.vocab_size, "dim": 16, "depth": 1, "heads": 2, "max_length": 6})))
+    flow.save_pretrained(out / "latent_flow", seed=0)
+    write_latent_flow_spec(out, {"spacing": [0.8, 0.7, 1.5], "shape": [32, 64, 32], "clip": [-1000, 1000]},
+                           [{"kind": "small", "path": None, "max_length": 6}], {"steps": 3, "guidance_scale": 2.0},
+                           text_tokenizer=out / "tok.json")
+    return out
+
+
+def test_pipeline_samples_int16_hu_with_a_truthful_affine(models_dir):
+    from ctgen.pipelines.latent_flow import LatentFlowPipeline, LatentSampleSettings
+
+    pipe = LatentFlowPipeline.from_pretrained(models_dir)
+    settings = LatentSampleSettings(steps=3, guidance_scale=2.0)
+    findings = ["Right pleural effusion.", "No pleural effusion."]
+    gens = lambda s: [torch.Generator().manual_seed(s), torch.Generator().manual_seed(s + 1)]  # noqa: E731
+    a = pipe(findings, ["", "Lungs clear."], settings=settings, generators=gens(0))  # empty impression: its null
+    b = pipe(findings, ["", "Lungs clear."], settings=settings, generators=gens(0))
+    c = pipe(findings, ["", "Lungs clear."], settings=settings, generators=gens(5))
+    vol = a[0]
+    assert vol.array.dtype == np.int16 and vol.array.shape == (1, 32, 64, 32)  # (C, I, J, K) from latent (D, H, W) = (8, 16, 8)
+    assert np.allclose(vol.spacing, [0.8, 0.7, 1.5]) and "".join(vol.orientation) == "RAS"
+    centre = vol.affine @ np.array([15.5, 31.5, 15.5, 1.0])
+    assert np.allclose(centre[:3], 0.0)  # centred at the origin like the cascade's outputs
+    assert vol.array.min() >= -1000 and vol.array.max() <= 1000 and vol.meta["synthetic"] is True
+    assert vol.meta["report"] == {"findings": "Right pleural effusion.", "impression": ""}
+    assert np.array_equal(a[1].array, b[1].array) and not np.array_equal(a[1].array, c[1].array)
+    side = pipe.sidecar(vol.meta["report"], 0, settings)
+    assert side["family"] == "latent_flow" and set(side["weights_sha256"]) == {"autoencoder", "latent_flow"}
+    json.dumps(side)
+
+
+def test_pipeline_refuses_mixed_runs(models_dir, tmp_path):
+    import shutil
+
+    from ctgen.models.autoencoder import MaisiAutoencoder
+    from ctgen.pipelines.latent_flow import LatentFlowPipeline
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(models_dir, mixed)
+    ae = MaisiAutoencoder.from_pretrained(mixed / "autoencoder")
+    ae.set_scale_factor(2.0)
+    ae.save_pretrained(mixed / "autoencoder")
+    with pytest.raises(ValueError, match="sha256 differs"):
+        LatentFlowPipeline.from_pretrained(mixed)
+    spec = json.loads((mixed / "latent_flow.json").read_text())
+    from ctprep.shards import sha256_file
+
+    spec["weights"]["autoencoder"] = sha256_file(mixed / "autoencoder" / "model.safetensors")
+    (mixed / "latent_flow.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="latent scale 1.7 but the autoencoder stores 2"):
+        LatentFlowPipeline.from_pretrained(mixed)
+    with pytest.raises(ValueError, match=r"conditions on \['findings', 'impression'\], not \['structured'\]"):
+        LatentFlowPipeline.from_pretrained(models_dir)(structured=["right effusion"])
+
+
+# --- the report2ct preset at the paper geometry -------------------------------------------------
+def test_report2ct_preset_trains_one_step_at_the_paper_geometry(tmp_path):
+    """One optimiser step of the one loop on a 4x64x120x120 latent (480x480x256 at 0.75x0.75x1.5 mm).
+
+    Several minutes on 2 CPU cores (~215M parameters; gradient checkpointing keeps activations
+    to a few GiB); the loop's train_summary.json records the time and peak RSS, logged here.
+    """
+    from ctgen.train import TrainConfig, train
+
+    section = yaml.safe_load(PRESET.read_text())["report2ct"]["latent_flow"]
+    cfg = LatentFlow.config_from_dict(section["model"])
+    assert (cfg.channels, cfg.attention_levels, cfg.latent_shape) == ((64, 128, 256, 512), (False, False, True, True),
+                                                                       (64, 120, 120))
+    torch.manual_seed(0)
+    m = LatentFlow(cfg)
+    g = torch.Generator().manual_seed(0)
+    sample = {"latent_mu": torch.randn(1, 4, *cfg.latent_shape, generator=g),
+              "latent_sigma": torch.full((1, 4, *cfg.latent_shape), 0.05),
+              "findings": torch.randn(1, 180, 768, generator=g), "findings_mask": torch.ones(1, 180, dtype=torch.bool),
+              "impression": torch.randn(1, 40, 768, generator=g), "impression_mask": torch.ones(1, 40, dtype=torch.bool)}
+    train_cfg = TrainConfig.from_dict({**section["train"], "max_steps": 1, "warmup_steps": 0, "tensorboard": False,
+                                       "ema_start": 0})
+    before = m.unet.out[-1].conv.weight.detach().clone()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the session fixture pins 1 thread for the tiny models
+    t0 = time.perf_counter()
+    try:
+        train(m, lambda ctx: iter([sample]), train_cfg, tmp_path / "flow", checkpoint_dir=tmp_path / "ckpt")
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "flow" / "train_summary.json").read_text())
+    logger.info("report2ct one step: %.0f s, peak RSS %.2f GiB, loss %.4f", time.perf_counter() - t0,
+                summary["peak_memory_bytes"] / 2**30, summary["final_loss"])
+    assert summary["steps"] == 1 and math.isfinite(summary["final_loss"])
+    after = LatentFlow.from_pretrained(tmp_path / "flow").unet.out[-1].conv.weight
+    assert not torch.equal(before, after)  # the step changed the weights
