@@ -21,6 +21,7 @@ include: "workflow/rules/shards.smk"
 include: "workflow/rules/rejects.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
+include: "workflow/rules/latent.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
 
@@ -37,6 +38,8 @@ localrules:
     train_config,
     shard_manifest,
     tokens_manifest,
+    latents_manifest,
+    latent_flow_spec,
     rejects,
     cascade,
     sample_prompts,
@@ -51,7 +54,8 @@ rule all:
         rules.label_agreement.output.markdown,
         rules.evaluate_labeller.output.table if LABELLER_EVAL else [],
         rules.dicom2nifti.output.metadata if DICOM else [],
-        rules.sample.output.manifest,
-        rules.evaluate.output.metrics,
-        rules.guidance_sweep.output.csv,
-        rules.figures.output,
+        rules.sample.output.manifest if CASCADE else [],
+        rules.evaluate.output.metrics if CASCADE else [],
+        rules.guidance_sweep.output.csv if CASCADE else [],
+        rules.figures.output if CASCADE else [],
+        rules.sample_latent_flow.output.manifest if LATENT else [],

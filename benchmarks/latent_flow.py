@@ -1,6 +1,6 @@
 """The latent flow family at the report2ct geometry on the CPU: flow-network forward, autoencoder decode, sample time.
 
-Geometry (``tests/ctgen/report2ct_preset.yaml`` until the preset moves into config.yaml): latent
+Geometry (config.yaml: model_presets.report2ct, prep preset report2ct): latent
 4 x 64 x 120 x 120 (model layout C, D, H, W) -> 256 x 480 x 480 voxels (480x480x256 at
 0.75x0.75x1.5 mm); the MAISI U-Net 64/128/256/512 (~215M parameters), a 2 x 256-token report
 context; NVIDIA's MAISI autoencoder; fp32, ``torch.set_num_threads(threads)``. Every measurement
@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PRESET = REPO / "tests" / "ctgen" / "report2ct_preset.yaml"
+PRESET = REPO / "config.yaml"  # model_presets.report2ct
 TARGET_DECODE_GIB = 8.0
 log = logging.getLogger("latent_flow_bench")
 
@@ -51,7 +51,7 @@ if arg.get("mem_limit_gib"):
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 import torch, yaml
 torch.set_num_threads(threads)
-section = yaml.safe_load(open(preset))["report2ct"]
+section = yaml.safe_load(open(preset))["model_presets"]["report2ct"]
 def hwm_gib():  # this process's own peak RSS
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 2**20
 def gemm_gflops():  # the cores' fp32 throughput right now: how much other jobs slow this run
@@ -184,7 +184,7 @@ def table(r: dict, threads: int, full_latent: list[int], fraction: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--preset", type=Path, default=PRESET, help="YAML holding report2ct: {autoencoder, latent_flow}")
+    ap.add_argument("--preset", type=Path, default=PRESET, help="config YAML whose model_presets.report2ct holds {autoencoder, latent_flow}")
     ap.add_argument("--windows", type=int, default=2, help="decode windows actually run (0: all of them)")
     ap.add_argument("--whole-fraction", type=int, default=64, choices=[1, 8, 64],
                     help="the whole-latent decode runs on 1/N of the latent (halved per axis for 8, quartered for 64)")
@@ -198,7 +198,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import yaml
 
-    full = args.latent or list(yaml.safe_load(args.preset.read_text())["report2ct"]["latent_flow"]["model"]["latent_shape"])
+    full = args.latent or list(yaml.safe_load(args.preset.read_text())["model_presets"]["report2ct"]["latent_flow"]["model"]["latent_shape"])
     skip = set(filter(None, args.skip.split(",")))
     r: dict[str, dict] = {}
     if "flow" not in skip:

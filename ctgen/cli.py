@@ -24,10 +24,10 @@ from ctprep import __version__
 from ctprep.errors import DEBUG_ENV, UserError, positive_int, run_reporting_errors, split_global_flags
 
 #: The inputs each model's training reads, as (data key, flag): named when missing.
-NEEDS = {"tokenizer": ("manifests",), "generator": ("tokens",), "superres": ("manifests",), "clip": ("manifests",),
-         "classifier": ("manifests",)}
+NEEDS = {"tokenizer": ("manifests",), "generator": ("tokens",), "superres": ("manifests",),
+         "autoencoder": (), "latent_flow": ("latents",), "clip": ("manifests",), "classifier": ("manifests",)}
 #: Data keys that name input files (checked to exist before any work starts).
-INPUT_FILES = ("manifests", "tokens", "text_cache", "text_tokenizer", "recon")
+INPUT_FILES = ("manifests", "tokens", "latents", "text_cache", "text_tokenizer", "recon")
 
 
 def _check_sections(cfg: dict, path: str) -> None:
@@ -100,6 +100,31 @@ def _encode_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode_latents(args: argparse.Namespace) -> int:
+    import torch
+
+    from ctgen.jobs.latents import encode_latents
+
+    low, high = args.hu_window
+    if not low < high:
+        raise UserError(f"--hu-window: LOW must be below HIGH, got {low:g} {high:g}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encode_latents(args.autoencoder, args.manifest, args.out, args.hu_window, batch_size=args.batch_size, device=device)
+    return 0
+
+
+def _embed_sections(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ctgen.jobs.text import embed_sections
+
+    encoder = yaml.safe_load(args.encoder)
+    if not isinstance(encoder, dict):
+        raise UserError(f"--encoder must be a YAML/JSON mapping such as '{{kind: hf, path: ...}}', not {args.encoder!r}")
+    embed_sections(args.cohort, args.prompts, encoder, args.out)
+    return 0
+
+
 def _fit_text_tokenizer(args: argparse.Namespace) -> int:
     from ctgen.jobs.text import fit_text_tokenizer
 
@@ -144,6 +169,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoints", help="folder for resumable checkpoints (default: beside --out)")
     t.add_argument("--manifests", nargs="+", help="volume shard manifests (tokenizer, superres, clip, classifier)")
     t.add_argument("--tokens", nargs="+", help="token shard manifests of encode-tokens (generator)")
+    t.add_argument("--latents", nargs="+", help="latent shard manifests of encode-latents (latent_flow)")
     t.add_argument("--text-cache", dest="text_cache", help="cached frozen-encoder prompt states")
     t.add_argument("--text-tokenizer", dest="text_tokenizer", help="tokenizer JSON of the trainable text encoder")
     t.add_argument("--recon", nargs="+", help="token shard manifests with reconstructions, as super-resolution inputs")
@@ -165,9 +191,19 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     e.set_defaults(func=_encode_tokens)
 
+    e = sub.add_parser("encode-latents", help="latent shards (posterior mean and std) of one chunk's volume shards")
+    e.add_argument("--autoencoder", required=True, help="trained (or NVIDIA-loaded) autoencoder folder")
+    e.add_argument("--manifest", required=True, help="the volume shards' (chunk) manifest")
+    e.add_argument("--out", required=True, help="output folder of the latent shards and their manifest")
+    e.add_argument("--batch-size", dest="batch_size", type=positive_int, default=1, help="volumes encoded at once")
+    e.add_argument("--hu-window", dest="hu_window", type=float, nargs=2, required=True, metavar=("LOW", "HIGH"),
+                   help="the prep preset's HU window (its clip), mapped to [-1, 1]")
+    e.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    e.set_defaults(func=_encode_latents)
+
     f = sub.add_parser("fit-text-tokenizer", help="fit the small text encoder's tokenizer on the training prompts")
     f.add_argument("--prompts", required=True, help="prompts.parquet")
-    f.add_argument("--column", required=True, help="prompt template name")
+    f.add_argument("--column", required=True, nargs="+", help="prompt template name(s) whose texts it is fitted on")
     f.add_argument("--vocab-size", dest="vocab_size", type=positive_int, required=True,
                    help="vocabulary size (config.yaml: models.text_encoder.vocab_size)")
     f.add_argument("--out", required=True, help="the tokenizer JSON to write")
@@ -179,6 +215,13 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--encoder", required=True, help='encoder config as YAML/JSON, e.g. \'{kind: minilm, max_length: 128}\'')
     m.add_argument("--out", required=True, help="the .safetensors cache to write")
     m.set_defaults(func=_embed_prompts)
+
+    m = sub.add_parser("embed-sections", help="cache a frozen text encoder's states of every report's sections")
+    m.add_argument("--cohort", required=True, help="cohort.parquet (the reports' findings and impression)")
+    m.add_argument("--prompts", required=True, help="prompts.parquet (the structured prompt, where present)")
+    m.add_argument("--encoder", required=True, help="encoder config as YAML/JSON, e.g. '{kind: hf, path: /models/cxr-bert}'")
+    m.add_argument("--out", required=True, help="the .safetensors cache to write (keys <sample>:<section>)")
+    m.set_defaults(func=_embed_sections)
 
     c = sub.add_parser("compare", help="paired permutation test of two runs' per_volume.csv, metric by metric")
     c.add_argument("run_a", help="per_volume.csv of run A (results/evaluation/per_volume.csv)")

@@ -335,6 +335,7 @@ NOT_COUNTERPARTS = {
     ("ctgen compare", "--seed"): "the permutation test's sign flips",
     ("ctprep evaluate-parser", "--split"): "the labeller's dev/held-out hash split, not a data split",
     ("ctgen encode-tokens", "--batch-size"): "volumes encoded at once by the streaming encode-tokens (main's rewrite)",
+    ("ctgen encode-latents", "--batch-size"): "volumes encoded at once by encode-latents (sampling.batch_size is slices)",
 }
 
 

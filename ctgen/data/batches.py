@@ -189,6 +189,97 @@ def classifier_collate(augment: Augment) -> Collate:
                                  "labels": torch.stack([s["labels"] for s in samples])}
 
 
+def autoencoder_collate(patch: tuple[int, int, int] | None) -> Collate:
+    """The autoencoder's batch: {"video": (B, 1, d, h, w)} random crops of ``patch`` (D, H, W) (None: whole volumes).
+
+    Crops are placed by the batch's generator, so a resumed run crops the same places.
+    """
+
+    def collate(samples, gen) -> dict:
+        vols = [s["volume"] for s in samples]  # (1, D, H, W) each
+        if patch is None:
+            return {"video": torch.stack(vols)}
+        crops = []
+        for v in vols:
+            if any(p > n for p, n in zip(patch, v.shape[1:])):
+                raise ValueError(f"autoencoder crop {tuple(patch)} is larger than the volume {tuple(v.shape[1:])}")
+            starts = [int(torch.randint(n - p + 1, (1,), generator=gen)) for p, n in zip(patch, v.shape[1:])]
+            crops.append(v[:, starts[0]:starts[0] + patch[0], starts[1]:starts[1] + patch[1], starts[2]:starts[2] + patch[2]])
+        return {"video": torch.stack(crops)}
+
+    return collate
+
+
+def latent_decode(prompt: str | None = None) -> Decode:
+    """Latent samples (encode_latents' shards): {key, mu, sigma (C, d, h, w) float32, sections, prompt, spacing, labels}."""
+
+    def decode(raw: dict[str, Any]) -> dict[str, Any]:
+        sections = dict(raw["report.json"])
+        sections["structured"] = (raw.get("prompts.json") or {}).get("structured", "")
+        return {"key": raw["__key__"], "mu": torch.from_numpy(raw["mu.npy"].astype(np.float32)),
+                "sigma": torch.from_numpy(raw["sigma.npy"].astype(np.float32)), "sections": sections,
+                "prompt": _prompt(raw, prompt), "spacing": torch.from_numpy(np.asarray(raw["spacing.npy"], np.float32)),
+                "labels": torch.from_numpy(labels_of(raw))}
+
+    return decode
+
+
+def latent_flow_collate(segments: tuple[str, ...], encode_sections: Callable) -> Collate:
+    """The flow model's batch: {"latent_mu", "latent_sigma" (B, C, d, h, w), "spacing" (B, 3), text per segment}.
+
+    ``encode_sections({segment: [texts]}, keys)`` gives the model's text inputs (token ids or cached
+    states; a blank text gets an all-False mask, which the model turns into its null segment).
+    """
+
+    def collate(samples, gen) -> dict:
+        texts = {seg: [s["sections"].get(seg, "") for s in samples] for seg in segments}
+        return {"latent_mu": torch.stack([s["mu"] for s in samples]),
+                "latent_sigma": torch.stack([s["sigma"] for s in samples]),
+                "spacing": torch.stack([s["spacing"] for s in samples]),
+                **encode_sections(texts, [s["key"] for s in samples])}
+
+    return collate
+
+
+class SectionTokens:
+    """The small trainable encoder's inputs per report section: ``{seg}_ids`` and ``{seg}_mask`` (blank: all False)."""
+
+    def __init__(self, tokenizer_path: str, max_length: int):
+        from ctgen.models.text_encoders import ReportTokenizer
+
+        self.tokenizer, self.max_length = ReportTokenizer.load(tokenizer_path), max_length
+
+    def __call__(self, sections: dict[str, list[str]], keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+        from ctgen.models.report_context import blank_empty
+
+        out = {}
+        for seg, texts in sections.items():
+            ids, mask = self.tokenizer.encode_batch([t or "" for t in texts], self.max_length)  # long sections cut
+            out[f"{seg}_ids"], out[f"{seg}_mask"] = ids, blank_empty(texts, mask)
+        return out
+
+
+class SectionStates:
+    """Frozen encoders' cached states per report section (``embed-sections``: keys ``<sample key>:<section>``),
+    one cache per encoder: ``findings``/``findings_mask`` for the first, ``findings_enc1``... for the next."""
+
+    def __init__(self, cache_paths: list[str]):
+        from ctgen.data.text_cache import EmbeddingCache
+
+        self.caches = [EmbeddingCache(p) for p in cache_paths]
+
+    def __call__(self, sections: dict[str, list[str]], keys: list[str]) -> dict[str, torch.Tensor]:
+        from ctgen.models.report_context import blank_empty, text_keys
+
+        out = {}
+        for seg, texts in sections.items():
+            for e, cache in enumerate(self.caches):
+                enc = cache.batch([f"{k}:{seg}" for k in keys])
+                key, mask_key = text_keys(seg, e)
+                out[key], out[mask_key] = enc.hidden, blank_empty(texts, enc.mask)
+        return out
+
+
 # --- small in-memory sources -----------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,14 @@ def _encode(value: Any) -> bytes:
 
 
 def write_derived(source_manifest: str | os.PathLike, samples: Iterable[dict[str, Any]], out_dir: str | os.PathLike,
-                  kind: str, producer: str, members: dict[str, str]) -> Path:
+                  kind: str, producer: str, members: dict[str, str], stats: Callable[[], dict] | None = None) -> Path:
     """Write the derived shards of one source (chunk) manifest and their manifest; returns the manifest path.
 
     ``samples``: dicts ``{"__key__": key, "<name>.npy": array, "<name>.json": data, "<name>.txt": text}`` in the
     source's sample order (every key of every source shard, exactly once). ``members`` documents each
     member (written into the manifest). The manifest is written last, atomically: a killed job leaves none.
+    ``stats``: called after the last sample; its dict of additive sums (e.g. latent moments) goes into the
+    manifest and is summed over chunks by :func:`merge_derived`.
     """
     from ctprep.shards import load_manifest
 
@@ -84,6 +86,8 @@ def write_derived(source_manifest: str | os.PathLike, samples: Iterable[dict[str
     manifest = {"format": {"kind": kind, "version": FORMAT, "members": members}, "producer": producer,
                 "source": {"manifest": source_path.name, "split": source.get("split")},
                 "n_samples": sum(s["n_samples"] for s in shards), "n_shards": len(shards), "shards": shards}
+    if stats is not None:
+        manifest["stats"] = stats()
     stem = source_path.name[:-len(".manifest.json")] if source_path.name.endswith(".manifest.json") else source_path.stem
     out = out_dir / f"{stem}.{kind}.manifest.json"
     atomic_write(out, lambda p: Path(p).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
@@ -126,6 +130,8 @@ def merge_derived(paths: list[str | os.PathLike], out_path: str | os.PathLike) -
     merged = {"format": first["format"], "producer": first["producer"],
               "source": {"manifests": [m["source"]["manifest"] for _, m in metas], "split": first["source"].get("split")},
               "n_samples": sum(s["n_samples"] for s in shards), "n_shards": len(shards), "shards": shards}
+    if all("stats" in m for _, m in metas):  # additive sums: the whole split's from its chunks'
+        merged["stats"] = {k: sum(m["stats"][k] for _, m in metas) for k in first["stats"]}
     atomic_write(out_path, lambda p: Path(p).write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n"))
     return merged
 

@@ -99,3 +99,19 @@ def data_fingerprint(data: dict[str, Any], max_hash_bytes: int = 256 << 20) -> d
                 prints.append(v)
         out[key] = prints if isinstance(value, list) else prints[0]
     return out
+
+
+def hu_window(data: dict[str, Any]) -> tuple[float, float]:
+    """The prep preset's HU window from a training config's ``data.hu_window``; named when absent."""
+    window = data.get("hu_window")
+    if window is None or len(window) != 2:
+        raise ValueError("the training config needs data.hu_window: [low, high], the prep preset's HU `clip` window")
+    return float(window[0]), float(window[1])
+
+
+def data_manifests(data: dict[str, Any], key: str) -> list[str]:
+    """The shard manifests a training config's ``data.<key>`` names (one path or a list); named when absent."""
+    value = data.get(key)
+    if not value:
+        raise ValueError(f"the training config needs data.{key}: shard manifests")
+    return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]

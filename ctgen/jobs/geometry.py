@@ -52,7 +52,57 @@ def _fits(config: dict[str, Any], prep: str, scale: int) -> bool:
         return False
 
 
+def generators(config: dict[str, Any]) -> list[str]:
+    """The generator families the config trains: ``models.generators`` (default: the cascade alone)."""
+    return list(config["models"].get("generators") or ["cascade"])
+
+
 def _check(config: dict[str, Any]) -> dict[str, Any]:
+    models = config["model_presets"][config["models"]["preset"]]
+    need = {"cascade": ("tokenizer", "generator", "superres"), "latent_flow": ("autoencoder", "latent_flow")}
+    out: dict[str, Any] = {}
+    for family in generators(config):
+        missing = [m for m in need[family] if m not in models]
+        if missing:
+            raise GeometryError(f"models.generators has {family} but model_presets.{config['models']['preset']} has no "
+                                f"{', '.join(missing)}: choose a preset with them or leave {family} out of models.generators")
+        out.update(_check_cascade(config) if family == "cascade" else _check_latent(config))
+    return out
+
+
+def _check_latent(config: dict[str, Any]) -> dict[str, Any]:
+    """The autoencoder's latent of the prep grid is the flow model's latent, at a size its U-Net can halve."""
+    prep_name, model_name = config["prep"]["preset"], config["models"]["preset"]
+    W, H, D = (int(v) for v in config["presets"][prep_name]["shape"])
+    ae = config["model_presets"][model_name]["autoencoder"]
+    flow = config["model_presets"][model_name]["latent_flow"]["model"]
+    P, A, F = f"presets.{prep_name}", f"model_presets.{model_name}.autoencoder", f"model_presets.{model_name}.latent_flow.model"
+    f = 2 ** (len(_get(ae["model"], "num_channels", f"{A}.model")) - 1)
+    problems = []
+    if W % f or H % f or D % f:
+        problems.append(f"{P}.shape {[W, H, D]} is not divisible by the autoencoder's factor {f} "
+                        f"({A}.model.num_channels has {int(f).bit_length()} levels): use a shape divisible by {f}")
+        _raise(problems, prep_name, model_name)
+    latent = (D // f, H // f, W // f)
+    if tuple(int(v) for v in _get(flow, "latent_shape", F)) != latent:
+        problems.append(f"{F}.latent_shape is {list(flow['latent_shape'])} but the autoencoder makes {list(latent)} "
+                        f"(D, H, W) of {P}.shape: set latent_shape: {list(latent)}")
+    if int(_get(flow, "latent_channels", F)) != int(_get(ae["model"], "latent_channels", f"{A}.model")):
+        problems.append(f"{F}.latent_channels {flow['latent_channels']} differs from {A}.model.latent_channels "
+                        f"{ae['model']['latent_channels']}: make them equal")
+    u = 2 ** (len(_get(flow, "channels", F)) - 1)
+    if any(n % u for n in latent):
+        problems.append(f"the latent {list(latent)} is not divisible by the flow U-Net's factor {u} ({F}.channels has "
+                        f"{len(flow['channels'])} levels): use fewer levels or a prep shape divisible by {f * u}")
+    patch = (ae.get("data") or {}).get("patch_size")
+    if patch and (any(int(p) % f for p in patch) or any(int(p) > n for p, n in zip(patch, (D, H, W)))):
+        problems.append(f"{A}.data.patch_size {list(patch)} must be multiples of {f} within the volume {[D, H, W]} (D, H, W)")
+    if problems:
+        _raise(problems, prep_name, model_name)
+    return {"prep": (W, H, D), "latent": latent}
+
+
+def _check_cascade(config: dict[str, Any]) -> dict[str, Any]:
     prep_name, model_name = config["prep"]["preset"], config["models"]["preset"]
     prep = config["presets"][prep_name]
     models = config["model_presets"][model_name]

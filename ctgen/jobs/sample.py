@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -11,6 +10,7 @@ import pandas as pd
 import torch
 
 from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline
+from ctgen.jobs.inputs import read_rows
 from ctprep.ctrate import volume_key
 from ctprep.errors import UserError
 from ctprep.logs import progress
@@ -31,7 +31,7 @@ def read_prompts(path: str | Path, template: str | None = None) -> list[tuple[st
     if not path.is_file():
         raise UserError(f"prompts file {path} does not exist")
     if path.suffix in (".csv", ".jsonl", ".json"):
-        rows = _read_rows(path)
+        rows = read_rows(path)
         out = []
         for n, row in rows:
             try:
@@ -47,25 +47,6 @@ def read_prompts(path: str | Path, template: str | None = None) -> list[tuple[st
     if not out:
         raise UserError(f"prompts file {path} holds no prompts")
     return out
-
-
-def _read_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) of a CSV (line 1: the header) or a JSON-lines file."""
-    if path.suffix == ".csv":
-        with open(path, newline="") as fh:
-            return [(n, row) for n, row in enumerate(csv.DictReader(fh), 2)]
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{n}: not JSON ({err.msg}); one JSON object per line is expected") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{n}: a JSON object is expected, not {type(row).__name__}")
-        rows.append((n, row))
-    return rows
 
 
 def _row_prompt(row: dict, template: str | None) -> str:
@@ -135,7 +116,9 @@ def sample_parser():
     from ctprep.errors import positive_int
 
     ap = argparse.ArgumentParser(prog="ctgen sample", description="report text -> synthetic chest CT (NIfTI, DICOM)")
-    ap.add_argument("--models", required=True, help="trained cascade folder (holds cascade.json)")
+    ap.add_argument("--models", required=True, help="trained models folder (holds cascade.json / latent_flow.json)")
+    ap.add_argument("--family", choices=("cascade", "latent_flow"), default="cascade",
+                    help="which generator family samples (default: the cascade)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one report/prompt text")
     src.add_argument("--prompts", help="file: one prompt per line, or CSV/JSONL of prompts or CT-RATE-style reports")
@@ -177,6 +160,10 @@ def sample_main(argv: list[str] | None = None) -> int:
         ap.error("--prompts needs --out-dir DIR")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("the prompt is empty: a report text is needed to condition the scan")
+    if args.family == "latent_flow":
+        from ctgen.jobs.sample_latent import sample_latent_main
+
+        return sample_latent_main(args)
     spec = _cascade_spec(args.models)
     defaults, base = spec.get("sampling") or {}, SampleSettings()
     settings = SampleSettings(
@@ -218,11 +205,12 @@ def _dicom_from(nifti: Path, dicom_dir: str) -> None:
 
 
 def select_prompts(prompts_parquet: str | Path, column: str, split: str, volumes: list[str], max_prompts: int,
-                   out_csv: str | Path) -> pd.DataFrame:
+                   out_csv: str | Path, cohort_parquet: str | Path | None = None) -> pd.DataFrame:
     """The evaluation prompts: the named volumes' prompts, or the first ``max_prompts`` of ``split``.
 
     Each row keeps the real volume's name, so the evaluation can put the generated scan beside the
-    real scan of the same report.
+    real scan of the same report; with ``cohort_parquet`` also the report's findings and impression
+    (and the structured prompt), which the latent flow family conditions on.
     """
     table = pd.read_parquet(prompts_parquet)
     if volumes:
@@ -238,5 +226,40 @@ def select_prompts(prompts_parquet: str | Path, column: str, split: str, volumes
 
     out = pd.DataFrame({"id": table["VolumeName"].map(volume_key), "VolumeName": table["VolumeName"],
                         "prompt": table[column]})
+    if cohort_parquet is not None:
+        from ctgen.jobs.text import section_texts
+
+        texts = section_texts(cohort_parquet, prompts_parquet)
+        for seg in ("findings", "impression", "structured"):
+            out[seg] = [texts.get(f"{key}:{seg}", "") for key in out["id"]]
     out.to_csv(out_csv, index=False)
     return out
+
+
+def write_cascade_spec(models_dir: str | Path, preset: dict, models_cfg: dict, sampling: dict, train_manifests: list[str],
+                       text_tokenizer: str | Path | None = None, prompt_templates: dict | None = None) -> Path:
+    """``cascade.json`` with the output spacing resolved (resize presets: the training volumes' median)."""
+    from ctgen.data.grid import resolved_preset
+    from ctgen.pipelines.text_to_ct import write_cascade
+
+    return write_cascade(models_dir, resolved_preset(preset, train_manifests), models_cfg, sampling,
+                         text_tokenizer=text_tokenizer, prompt_templates=prompt_templates)
+
+
+def write_latent_spec(models_dir: str | Path, preset: dict, models_cfg: dict, sampling: dict, latent_manifests: list[str],
+                      train_manifests: list[str], text: str | Path | None = None) -> Path:
+    """``latent_flow.json``: the latent flow family's sampling spec, after checking its latents came from its autoencoder."""
+    from ctgen.data.derived import weights_id
+    from ctgen.data.grid import resolved_preset
+    from ctgen.jobs.latents import latent_producer
+    from ctgen.pipelines.latent_flow import write_latent_flow_spec
+
+    models_dir = Path(models_dir)
+    made_by, autoencoder = latent_producer(latent_manifests), weights_id(models_dir / "autoencoder")
+    if made_by != autoencoder:
+        raise ValueError(f"the latent shards were made by {made_by}, not by {autoencoder}: re-run encode_latents")
+    enc = models_cfg["text_encoder"]
+    small = enc["kind"] == "small"
+    return write_latent_flow_spec(models_dir, resolved_preset(preset, train_manifests),
+                                  [{k: enc.get(k) for k in ("kind", "path", "max_length")}], sampling,
+                                  text_tokenizer=text if small else None)

@@ -26,9 +26,12 @@ from typing import Any
 import yaml
 
 from ctgen.jobs.train import SliceData, VolumeData
+from ctgen.jobs.train_latent import AutoencoderData
+from ctgen.models.autoencoder import MaisiAutoencoderConfig
 from ctgen.models.classifier3d import ClassifierConfig
 from ctgen.models.clip3d import CLIP3DConfig
 from ctgen.models.ctvit import CTViTConfig
+from ctgen.models.latent_flow import LatentFlowConfig
 from ctgen.models.maskgit import MaskGITConfig
 from ctgen.models.superres_unet import SuperResConfig
 from ctgen.models.text_encoders import SmallTextEncoderConfig
@@ -44,7 +47,17 @@ MODELS = {
     "clip": ("the CT-CLIP-style volume/text model of the evaluation",
              {"model": CLIP3DConfig, "text_encoder": SmallTextEncoderConfig, "data": VolumeData}),
     "classifier": ("the 18-label 3D classifier of the evaluation", {"model": ClassifierConfig, "data": VolumeData}),
+    "autoencoder": ("the latent flow family's MAISI autoencoder", {"model": MaisiAutoencoderConfig, "data": AutoencoderData}),
+    "latent_flow": ("the latent flow family's rectified-flow U-Net",
+                    {"model": LatentFlowConfig, "text_encoder": SmallTextEncoderConfig}),
 }
+#: models every preset has (the evaluation's networks); the generators' are checked per models.generators
+REQUIRED = ("clip", "classifier")
+#: model -> extra keys beside its sections: name -> schema
+EXTRA = {"autoencoder": {"maisi_checkpoint": {
+    "type": ["string", "null"], "default": None,
+    "description": "a local NVIDIA MAISI CT autoencoder checkpoint (NVIDIA Open Model License) loaded instead "
+                   "of training: same architecture settings as NVIDIA's (the model section's defaults)"}}}
 SECTIONS = {  # section -> what it is, beside its dataclass's name
     "model": "the model's config",
     "text_encoder": "the small trainable text encoder, used when models.text_encoder.kind is small",
@@ -56,6 +69,8 @@ SET_ELSEWHERE = {
     (SmallTextEncoderConfig, "vocab_size"): "models.text_encoder.vocab_size",
     (SmallTextEncoderConfig, "max_length"): "models.text_encoder.max_length",
     (CLIP3DConfig, "text_encoder"): "the preset's text_encoder section",
+    (LatentFlowConfig, "text_encoder"): "the preset's text_encoder section",
+    (LatentFlowConfig, "scale_factor"): "computed from the training latents (ctgen.jobs.train_latent)",
 }
 #: (dataclass, field) -> a schema that widens the field's type, where the training job accepts more
 WIDENED = {
@@ -147,7 +162,7 @@ def dataclass_schema(cls: type) -> dict[str, Any]:
 
 
 def preset_schema() -> dict[str, Any]:
-    """The schema of one model preset (``model_presets.<name>``): five models, each a closed set of sections."""
+    """The schema of one model preset (``model_presets.<name>``): its models, each a closed set of sections."""
     defs, models = {}, {}
     for model, (what, sections) in MODELS.items():
         props = {}
@@ -158,7 +173,8 @@ def preset_schema() -> dict[str, Any]:
             props[section] = {"$ref": f"#/$defs/{cls.__name__}",
                               "description": f"{SECTIONS[section]}: {cls.__name__} fields"}
         order = [s for s in ("model", "text_encoder", "train", "data") if s in props]
-        models[model] = {"type": "object", "description": what, "properties": {s: props[s] for s in order},
+        models[model] = {"type": "object", "description": what,
+                         "properties": {**{s: props[s] for s in order}, **EXTRA.get(model, {})},
                          "required": ["model", "train"], "additionalProperties": False}
     # Snakemake reads a $ref'd file only when it names its "$schema"; jsonschema then validates it with
     # the plain validator, so Snakemake does not write these defaults into the config: the dataclasses
@@ -168,7 +184,7 @@ def preset_schema() -> dict[str, Any]:
         "description": "one model preset (config.yaml: model_presets.<name>); a key left out takes the default shown",
         "type": "object",
         "properties": {m: {"$ref": f"#/$defs/{m}"} for m in MODELS},
-        "required": list(MODELS),
+        "required": list(REQUIRED),
         "additionalProperties": False,
         "$defs": {**models, **dict(sorted(defs.items()))},
     }

@@ -22,12 +22,17 @@ def prompt_texts(prompts_parquet: str | Path, column: str, splits: list[str] | N
     return {volume_key(name): text for name, text in zip(table["VolumeName"], table[column])}
 
 
-def fit_text_tokenizer(prompts_parquet: str | Path, column: str, out_path: str | Path, vocab_size: int,
+def fit_text_tokenizer(prompts_parquet: str | Path, column: str | list[str], out_path: str | Path, vocab_size: int,
                        splits: list[str] | None = ("train",)) -> Path:
-    """The small encoder's tokenizer, fitted on the training split's prompts (never on held-out text)."""
+    """The small encoder's tokenizer, fitted on the training split's prompts (never on held-out text).
+
+    ``column``: one prompt template, or several (the latent flow family reads the report sections,
+    whose words the ``findings_impression`` template carries).
+    """
     from ctgen.models.text_encoders import fit_text_tokenizer as fit
 
-    texts = sorted(set(prompt_texts(prompts_parquet, column, list(splits) if splits else None).values()))
+    columns = [column] if isinstance(column, str) else list(column)
+    texts = sorted({t for c in columns for t in prompt_texts(prompts_parquet, c, list(splits) if splits else None).values()})
     fit(texts, vocab_size, out_path)
     log.info("fitted a %d-token vocabulary on %d distinct prompts", vocab_size, len(texts))
     return Path(out_path)
@@ -42,3 +47,38 @@ def embed_prompts(prompts_parquet: str | Path, column: str, encoder_cfg: dict, o
     if encoder is None:
         raise ValueError("text_encoder.kind 'small' is trained with the model: there is nothing to cache")
     return encode_prompts(encoder, prompt_texts(prompts_parquet, column), out_path)
+
+
+SECTIONS = ("findings", "impression", "structured")  # the latent flow model's report segments
+
+
+def section_texts(cohort_parquet: str | Path, prompts_parquet: str | Path) -> dict[str, str]:
+    """{``<sample key>:<section>``: text} of every report: findings, impression (cohort), structured (prompts)."""
+    import pandas as pd
+
+    from ctprep.cohort import SECTIONS as COLUMNS
+
+    cohort = pd.read_parquet(cohort_parquet)
+    column = {name: col for col, name in COLUMNS.items()}
+    out = {}
+    for row in cohort.itertuples(index=False):
+        key = volume_key(row.VolumeName)
+        for seg in ("findings", "impression"):
+            text = getattr(row, column[seg], "") if column[seg] in cohort.columns else ""
+            out[f"{key}:{seg}"] = "" if not isinstance(text, str) or text.strip() == "Not given." else text
+    prompts = pd.read_parquet(prompts_parquet)
+    if "structured" in prompts.columns:
+        for name, text in zip(prompts["VolumeName"], prompts["structured"]):
+            out[f"{volume_key(name)}:structured"] = text if isinstance(text, str) else ""
+    return out
+
+
+def embed_sections(cohort_parquet: str | Path, prompts_parquet: str | Path, encoder_cfg: dict, out_path: str | Path) -> Path:
+    """A frozen encoder's states for every report section (the latent flow model's conditioning), cached."""
+    from ctgen.data.text_cache import encode_prompts
+    from ctgen.models.text_encoders import build_text_encoder
+
+    encoder = build_text_encoder(encoder_cfg)
+    if encoder is None:
+        raise ValueError("text_encoder.kind 'small' is trained with the model: there is nothing to cache")
+    return encode_prompts(encoder, section_texts(cohort_parquet, prompts_parquet), out_path)

@@ -22,13 +22,14 @@ from ctgen.data import batches
 from ctgen.data.shards import labels_of
 from ctgen.data.stream import load_shards, member_values
 from ctgen.data.text import TextConditioning
-from ctgen.jobs.config import config_hash
+from ctgen.jobs.config import config_hash, data_manifests, hu_window
 
 log = logging.getLogger(__name__)
 
 CASCADE_MODELS = ("tokenizer", "generator", "superres")
+LATENT_MODELS = ("autoencoder", "latent_flow")  # the latent flow family (ctgen.jobs.train_latent)
 EVAL_MODELS = ("clip", "classifier")  # the evaluation's feature networks, same loop
-MODELS = CASCADE_MODELS + EVAL_MODELS
+MODELS = CASCADE_MODELS + LATENT_MODELS + EVAL_MODELS
 CORE = {"generator": "ctgen.models.maskgit.MaskGIT", "superres": "ctgen.models.superres_unet.SuperResDiffusion"}
 POS_WEIGHT_MAX = 20.0  # cap of the automatic BCE positive weight: a label seen once must not dominate the loss
 
@@ -45,14 +46,6 @@ class VolumeData:
     """A clip or classifier preset's ``data`` options (the workflow adds the HU window, prompt and paths)."""
 
     augment: batches.Augment = field(default_factory=batches.Augment)  # training-time augmentation
-
-
-def hu_window(data: dict[str, Any]) -> tuple[float, float]:
-    """The prep preset's HU window from a training config's ``data.hu_window``; named when absent."""
-    window = data.get("hu_window")
-    if window is None or len(window) != 2:
-        raise ValueError("the training config needs data.hu_window: [low, high], the prep preset's HU `clip` window")
-    return float(window[0]), float(window[1])
 
 
 def build_model(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:
@@ -83,6 +76,11 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
         return train_clip(cfg, out_dir, checkpoint_root)
     if kind == "classifier":
         return train_classifier(cfg, out_dir, checkpoint_root)
+    if kind in LATENT_MODELS:
+        from ctgen.jobs import train_latent
+
+        run = train_latent.train_autoencoder if kind == "autoencoder" else train_latent.train_latent_flow
+        return run(cfg, out_dir, checkpoint_root)
     if kind not in CASCADE_MODELS:
         raise ValueError(f"unknown model {kind!r}; one of {MODELS}")
     data, tcfg = cfg["data"], TrainConfig.from_dict(cfg["train"])
@@ -93,15 +91,15 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
     scale = int(data.get("lowres_scale", 1))
     stream = {"buffer": int(data.get("shuffle_buffer", 16)), "verify": bool(data.get("verify_shards", True))}
     if kind == "tokenizer":
-        make = batches.streamed(_manifests(data, "manifests"), batches.volume_decode(hu_window(data)),
+        make = batches.streamed(data_manifests(data, "manifests"), batches.volume_decode(hu_window(data)),
                                 batches.tokenizer_collate(scale), **stream)
     elif kind == "generator":
-        make = batches.streamed(_manifests(data, "tokens"), batches.token_decode(data.get("prompt")),
+        make = batches.streamed(data_manifests(data, "tokens"), batches.token_decode(data.get("prompt")),
                                 batches.generator_collate(_text(data, _max_length(cfg))), **stream)
     else:
         spv = int(data.get("slices_per_volume", SliceData.slices_per_volume))  # a micro-batch: spv slices of each of batch_size / spv volumes
-        parallel = [_manifests(data, "recon")] if data.get("recon") else None
-        make = batches.streamed(_manifests(data, "manifests"), batches.volume_decode(hu_window(data), data.get("prompt")),
+        parallel = [data_manifests(data, "recon")] if data.get("recon") else None
+        make = batches.streamed(data_manifests(data, "manifests"), batches.volume_decode(hu_window(data), data.get("prompt")),
                                 batches.superres_collate(_text(data, _max_length(cfg)), scale, spv),
                                 parallel=parallel, items_per_sample=spv, **stream)
     checkpoint_dir = Path(checkpoint_root) / config_hash(cfg)
@@ -110,13 +108,6 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
     return train(model, make, tcfg, out_dir, checkpoint_dir=checkpoint_dir,
                  extra_meta={"model_kind": kind, "n_samples": make.n_samples,
                              "data": {k: str(v) for k, v in data.items()}})
-
-
-def _manifests(data: dict[str, Any], key: str) -> list[str]:
-    value = data.get(key)
-    if not value:
-        raise ValueError(f"the training config needs data.{key}: shard manifests")
-    return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
 def fit_text_dims(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +178,7 @@ def train_clip(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: str | 
     cfg = fit_text_dims(cfg)
     torch.manual_seed(tcfg.seed)  # the initial weights are part of the run's reproducibility
     model = CLIP3D(CLIP3D.config_from_dict({**cfg["model"], "text_encoder": cfg.get("text_encoder")}))
-    make = batches.streamed(_manifests(data, "manifests"), batches.volume_decode(hu_window(data), data.get("prompt")),
+    make = batches.streamed(data_manifests(data, "manifests"), batches.volume_decode(hu_window(data), data.get("prompt")),
                             batches.clip_collate(_text(data, _max_length(cfg)), batches.Augment.from_data(data)),
                             buffer=int(data.get("shuffle_buffer", 16)), verify=bool(data.get("verify_shards", True)))
     return _train_feature_net(model, make, tcfg, cfg, out_dir, checkpoint_root, "clip", make.n_samples)
@@ -208,7 +199,7 @@ def train_classifier(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: 
     handed_in = volumes  # hashed by content for the checkpoint folder (no data file describes them)
     collate = batches.classifier_collate(batches.Augment.from_data(data))
     if volumes is None:
-        manifests = _manifests(data, "manifests")
+        manifests = data_manifests(data, "manifests")
         make = batches.streamed(manifests, batches.volume_decode(hu_window(data)), collate,
                                 buffer=int(data.get("shuffle_buffer", 16)), verify=bool(data.get("verify_shards", True)))
         labels = [labels_of({"labels.npy": v}) for _, v in member_values(load_shards(manifests), "labels.npy")]

@@ -8,11 +8,11 @@ bundled, a local path is given in config). Or the same network is trained here w
 ``adversarial_start``; no perceptual network), as MAISI's VAE training does.
 
 Layout. Our tensors are in the model layout ``(B, C, D, H, W)`` (D = k, H = j, W = i of a RAS
-volume, see ``ctgen.export.layout``). MAISI was trained on RAS arrays in affine order
+volume, see ``ctgen.data.layout``). MAISI was trained on RAS arrays in affine order
 ``(B, C, I, J, K)``; the wrapper permutes on the way in and out, so NVIDIA's 3D kernels see the
 orientation they were trained on, and latents come back in the model layout
 ``(B, latent_channels, D/4, H/4, W/4)``. Intensities: the project's ``[-1, 1]`` (HU window, see
-``ctgen.datasets.hu_to_unit``) is mapped linearly to ``value_range`` (NVIDIA: HU [-1000, 1000] ->
+``ctgen.data.layout.hu_to_unit``) is mapped linearly to ``value_range`` (NVIDIA: HU [-1000, 1000] ->
 [0, 1]) and back.
 
 Latent cache. :meth:`encode` returns ``(mu, sigma)``, never a sample: caching ``mu + sigma * eps``
@@ -363,3 +363,13 @@ class LatentStats:
     @property
     def scale_factor(self) -> float:
         return 1.0 / self.std
+
+    def sums(self) -> dict[str, float]:
+        """The additive sums (one chunk's), to be combined with other chunks' by :meth:`from_sums`."""
+        return {"n": self.n, "sum_mu": self.sum_mu, "sum_sq": self.sum_sq}
+
+    @classmethod
+    def from_sums(cls, sums: dict[str, float]) -> LatentStats:
+        stats = cls()
+        stats.n, stats.sum_mu, stats.sum_sq = int(sums["n"]), float(sums["sum_mu"]), float(sums["sum_sq"])
+        return stats

@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from monai.networks.schedulers import RFlowScheduler
 
-from ctgen.datasets import unit_to_hu
-from ctgen.export.layout import from_model_layout
+from ctgen.data.layout import from_model_layout, unit_to_hu
 from ctprep.shards import sha256_file
 from ctprep.volume import Volume
 
@@ -56,10 +55,12 @@ def write_latent_flow_spec(models_dir: str | Path, prep_preset: dict, text_encod
     spec = {
         "family": FAMILY,
         "grid": {"spacing": list(prep_preset["spacing"]), "shape": list(prep_preset["shape"]),
-                 "clip": list(prep_preset.get("clip", (-1000, 1000)))},
+                 "clip": list(prep_preset.get("clip", (-1000, 1000))),
+                 "spacing_source": prep_preset.get("spacing_source", "the prep preset's spacing")},
         "text_encoders": [{k: enc.get(k) for k in ("kind", "path", "max_length")} for enc in text_encoders],
         "sampling": dict(sampling),
         "weights": {m: sha256_file(models_dir / m / "model.safetensors") for m in MODELS},
+        "autoencoder_id": f"autoencoder@{sha256_file(models_dir / 'autoencoder' / 'model.safetensors')[:16]}",
         "provenance": provenance(),
     }
     if any(e["kind"] == "small" for e in spec["text_encoders"]):
@@ -112,9 +113,15 @@ class LatentFlowPipeline:
         self.autoencoder, self.flow = autoencoder, flow
         self.scheduler = flow.config.make_scheduler()  # the pipeline's own: set_timesteps mutates it
         ae_scale, flow_scale = float(autoencoder.scale_factor), float(flow.config.scale_factor)
-        if not math.isclose(ae_scale, flow_scale, rel_tol=1e-6):
+        # an autoencoder that stores a scale factor (set once its latents were measured) must agree; the
+        # workflow's does not (it is trained before its latents exist): there the latents' producer is checked
+        if ae_scale != 1.0 and not math.isclose(ae_scale, flow_scale, rel_tol=1e-6):
             raise ValueError(f"the flow model was trained with latent scale {flow_scale:.6g} but the autoencoder "
                              f"stores {ae_scale:.6g}: the models come from different runs")
+        made_by = (getattr(flow, "provenance", {}) or {}).get("latents_from")
+        if made_by and spec.get("autoencoder_id") and made_by != spec["autoencoder_id"]:
+            raise ValueError(f"the flow model was trained on latents of {made_by}, not of this autoencoder "
+                             f"({spec['autoencoder_id']}): the models come from different runs")
         if autoencoder.config.latent_channels != flow.config.latent_channels:
             raise ValueError(f"autoencoder latent channels ({autoencoder.config.latent_channels}) do not match "
                              f"the flow model's ({flow.config.latent_channels})")
@@ -252,6 +259,10 @@ class LatentFlowPipeline:
         """What every sample records: family, report sections, seed, settings, weight and config hashes, code version."""
         from ctgen.models.base import provenance
 
+        grid = self.spec["grid"]
+        spacing = {"mm": list(settings.spacing or grid["spacing"]),
+                   "why": "given" if settings.spacing else grid.get("spacing_source", "the prep preset's spacing")}
         return {"family": FAMILY, "report": dict(sections), "seed": seed, "settings": dataclasses.asdict(settings),
+                "spacing": spacing,
                 "weights_sha256": self.spec.get("weights", {}), "config_hash": self.spec.get("config_hash"),
                 "models_dir": str(self.models_dir), "provenance": provenance(seed)}

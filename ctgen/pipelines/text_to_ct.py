@@ -47,7 +47,8 @@ def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict, s
     models_dir = Path(models_dir)
     spec = {
         "grid": {"spacing": list(prep_preset["spacing"]), "shape": list(prep_preset["shape"]),
-                 "clip": list(prep_preset.get("clip", (-1000, 1000))), "lowres_scale": int(models_cfg["lowres_scale"])},
+                 "clip": list(prep_preset.get("clip", (-1000, 1000))), "lowres_scale": int(models_cfg["lowres_scale"]),
+                 "spacing_source": prep_preset.get("spacing_source", "the prep preset's spacing")},
         "text_encoder": {k: models_cfg["text_encoder"][k] for k in ("kind", "path", "max_length")},
         "prompt_template": models_cfg["prompt"],
         "prompt_template_text": (prompt_templates or {}).get(models_cfg["prompt"]),
@@ -234,6 +235,12 @@ class TextToCTPipeline:
 
         from ctgen.models.base import provenance
 
-        return {"prompt": prompt, "seed": seed, "settings": asdict(settings), "weights_sha256": self.spec.get("weights", {}),
-                "config_hash": self.spec.get("config_hash"), "models_dir": str(self.models_dir),
-                "provenance": provenance(seed)}
+        grid = self.spec["grid"]
+        spacing = {"mm": list(grid["spacing"]), "why": grid.get("spacing_source", "the prep preset's spacing")}
+        if not settings.super_resolution:
+            spacing = {"mm": [grid["spacing"][0] * grid["lowres_scale"], grid["spacing"][1] * grid["lowres_scale"],
+                              grid["spacing"][2]], "why": f"the low-res grid: {spacing['why']}, in-plane x "
+                                                          f"{grid['lowres_scale']} (no super-resolution)"}
+        return {"family": "cascade", "prompt": prompt, "seed": seed, "settings": asdict(settings), "spacing": spacing,
+                "weights_sha256": self.spec.get("weights", {}), "config_hash": self.spec.get("config_hash"),
+                "models_dir": str(self.models_dir), "provenance": provenance(seed)}

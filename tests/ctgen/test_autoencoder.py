@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from ctgen.models.autoencoder import LatentStats, MaisiAutoencoder, MaisiAutoencoderConfig
 
-PRESET = Path(__file__).with_name("report2ct_preset.yaml")
+PRESET = Path(__file__).resolve().parents[2] / "config.yaml"  # model_presets.report2ct
 
 # NVIDIA's published MAISI CT autoencoder, as written in MONAI's model zoo
 # (models/maisi_ct_generative/configs/inference.json, "autoencoder_def"), typed in independently
@@ -238,9 +238,9 @@ def test_overfits_one_volume():
 
 def test_report2ct_autoencoder_preset_builds_nvidia_architecture_and_trains_a_step(tmp_path):
     """The preset's autoencoder is NVIDIA's network; one step of the one loop on a training crop."""
-    from ctgen.train import TrainConfig, train
+    from ctgen.training.loop import TrainConfig, train
 
-    section = yaml.safe_load(PRESET.read_text())["report2ct"]["autoencoder"]
+    section = yaml.safe_load(PRESET.read_text())["model_presets"]["report2ct"]["autoencoder"]
     torch.manual_seed(0)
     m = MaisiAutoencoder(MaisiAutoencoder.config_from_dict(section["model"]))
     reference = AutoencoderKlMaisi(**NVIDIA_AUTOENCODER).state_dict()

@@ -21,7 +21,7 @@ from ctgen.models.report_context import blank_empty
 from ctgen.pipelines.latent_flow import euler_sample
 
 logger = logging.getLogger(__name__)
-PRESET = Path(__file__).with_name("report2ct_preset.yaml")
+PRESET = Path(__file__).resolve().parents[2] / "config.yaml"  # model_presets.report2ct
 T = 1000
 
 
@@ -457,9 +457,9 @@ def test_report2ct_preset_trains_one_step_at_the_paper_geometry(tmp_path):
     Several minutes on 2 CPU cores (~215M parameters; gradient checkpointing keeps activations
     to a few GiB); the loop's train_summary.json records the time and peak RSS, logged here.
     """
-    from ctgen.train import TrainConfig, train
+    from ctgen.training.loop import TrainConfig, train
 
-    section = yaml.safe_load(PRESET.read_text())["report2ct"]["latent_flow"]
+    section = yaml.safe_load(PRESET.read_text())["model_presets"]["report2ct"]["latent_flow"]
     cfg = LatentFlow.config_from_dict(section["model"])
     assert (cfg.channels, cfg.attention_levels, cfg.latent_shape) == ((64, 128, 256, 512), (False, False, True, True),
                                                                        (64, 120, 120))

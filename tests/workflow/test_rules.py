@@ -13,7 +13,8 @@ import pytest
 
 from tests.workflow.wf import REPO, SNAKEMAKE, make_workdir, snakemake
 
-BOOKKEEPING = {"train_config", "shard_manifest", "rejects", "cascade", "sample_prompts"}  # seconds each
+BOOKKEEPING = {"train_config", "shard_manifest", "tokens_manifest", "latents_manifest", "rejects", "cascade",
+               "latent_flow_spec", "sample_prompts"}  # seconds each
 JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n((?:    .*\n?)*)", re.M)
 
 
@@ -41,7 +42,8 @@ def jobs(workdir, tmp_path_factory) -> list[tuple[str, dict[str, str]]]:
     """Every job of a run from nothing, plus the frozen text encoder's (the other side of a switch)."""
     found = planned(workdir)
     frozen = make_workdir(tmp_path_factory.mktemp("frozen"), {"models": {"text_encoder": {"kind": "minilm"}}})
-    return found + [job for job in planned(frozen, "--until", "embed_prompts") if job[0] == "embed_prompts"]
+    frozen_jobs = planned(frozen, "--until", "embed_prompts", "embed_sections")
+    return found + [job for job in frozen_jobs if job[0] in ("embed_prompts", "embed_sections")]
 
 
 def test_every_rule_is_planned(workdir, jobs):

@@ -16,9 +16,11 @@ from ctgen.jobs import schema as gen
 from ctgen.jobs.figure_list import FIGURES
 from ctgen.jobs.figures import FigureConfig
 from ctgen.jobs.train import VolumeData, fit_text_dims
+from ctgen.models.autoencoder import MaisiAutoencoder
 from ctgen.models.classifier3d import Classifier3D
 from ctgen.models.clip3d import CLIP3D
 from ctgen.models.ctvit import CTViT
+from ctgen.models.latent_flow import LatentFlow
 from ctgen.models.maskgit import MaskGIT
 from ctgen.models.superres_unet import SuperResDiffusion
 from ctgen.models.text_encoders import SmallTextEncoderConfig
@@ -29,7 +31,7 @@ from tests.workflow.wf import REPO, make_workdir, snakemake
 SCHEMAS = REPO / "workflow/schemas"
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 MODEL_CLASSES = {"tokenizer": CTViT, "generator": MaskGIT, "superres": SuperResDiffusion, "clip": CLIP3D,
-                 "classifier": Classifier3D}
+                 "classifier": Classifier3D, "autoencoder": MaisiAutoencoder, "latent_flow": LatentFlow}
 
 
 def check(cfg: dict) -> dict:
@@ -82,7 +84,14 @@ def test_the_presets_validate_and_build_their_configs():
     cfg = check(CONFIG)
     for name, preset in cfg["model_presets"].items():
         for model, cls in MODEL_CLASSES.items():
+            if model not in preset:  # a preset holds the models of its generator families (and the evaluation's)
+                continue
             section = preset[model]
+            if model == "latent_flow":  # its small encoder is a field of its config (the data sets its vocabulary)
+                fields = {**section["model"], "text_encoder": section.get("text_encoder")}
+                cls.config_from_dict(fields)
+                TrainConfig.from_dict(section["train"])
+                continue
             if "text_encoder" in section:  # the model's text width follows its encoder's, as in training
                 section = fit_text_dims({**section, "data": {}})
             fields = dict(section["model"])
@@ -99,7 +108,7 @@ def test_the_presets_validate_and_build_their_configs():
 @pytest.mark.parametrize("path, value, message", [
     ("model_presets.demo.generator.model.dpeth", 2, "'dpeth' was unexpected"),
     ("model_presets.demo.tokenizer.train.learning_rate", 1e-3, "'learning_rate' was unexpected"),
-    ("model_presets.mine.tokenizer", {"model": {}, "train": {}}, "'generator' is a required property"),
+    ("model_presets.mine.tokenizer", {"model": {}, "train": {}}, "'clip' is a required property"),
     ("model_presets.demo.clip.data.augment.flip", True, "'flip' was unexpected"),
     ("model_presets.demo.generator.text_encoder.vocab_size", 500, "'vocab_size' was unexpected"),  # models.text_encoder's
     ("model_presets.demo.tokenizer.data", {"slices_per_volume": 4}, "'data' was unexpected"),

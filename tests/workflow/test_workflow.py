@@ -69,9 +69,11 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     assert plan("none") == set()  # a finished run has nothing to do
     scoring = {"evaluate", "guidance_sweep", "figures", "all"}  # what reads the samples or the models
     sampling = {"cascade", "sample"} | scoring
-    # everything trained on the shards: whatever rewrites them retrains the cascade and the feature networks
-    models = {"train_tokenizer", "encode_tokens", "train_generator", "train_superres", "train_clip",
-              "train_classifier"} | sampling
+    latent_sampling = {"latent_flow_spec", "sample_latent_flow", "all"}  # the latent flow family's
+    latent = {"train_autoencoder", "encode_latents", "latents_manifest", "train_latent_flow"} | latent_sampling
+    # everything trained on the shards: whatever rewrites them retrains both families and the feature networks
+    models = {"train_tokenizer", "encode_tokens", "tokens_manifest", "train_generator", "train_superres",
+              "train_clip", "train_classifier"} | sampling | latent
     prompts = {"prompts", "shards", "shard_manifest", "rejects", "text_tokenizer", "sample_prompts"} | models
     assert plan("prompt", {"prompts": {"templates": {"generatect": "{sex}, {age} years: {impression}"}}}) == prompts
     assert plan("structured", {"prompts": {"structured": {"negated": "state"}}}) == prompts
@@ -82,7 +84,10 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     assert plan("shard", {"shards": {"shard_size": 3}}) == {"shards", "shard_manifest"} | models
     # a model's own settings: that model and what is built from it, nothing upstream
     assert plan("tok", {"model_presets": {"demo": {"tokenizer": {"train": {"lr": 1e-3}}}}}) == \
-        {"train_config", "train_tokenizer", "encode_tokens", "train_generator"} | sampling
+        {"train_config", "train_tokenizer", "encode_tokens", "tokens_manifest", "train_generator"} | sampling
+    assert plan("ae", {"model_presets": {"demo": {"autoencoder": {"train": {"lr": 1e-3}}}}}) == {"train_config"} | latent
+    assert plan("flow", {"model_presets": {"demo": {"latent_flow": {"train": {"lr": 1e-3}}}}}) == \
+        {"train_config", "train_latent_flow"} | latent_sampling
     assert plan("gen", {"model_presets": {"demo": {"generator": {"model": {"depth": 1}}}}}) == \
         {"train_config", "train_generator"} | sampling
     assert plan("sr", {"model_presets": {"demo": {"superres": {"train": {"lr": 5e-4}}}}}) == \

@@ -72,7 +72,11 @@ TEXT_ENCODER_MODELS = (
     "generator",
     "superres",
     "clip",
+    "latent_flow",
 )  # trained with the small text encoder
+GENERATORS = MODELS.get("generators") or ["cascade"]
+CASCADE = "cascade" in GENERATORS
+LATENT = "latent_flow" in GENERATORS
 
 
 def get_train_manifests(wildcards):
@@ -93,6 +97,10 @@ def get_train_config(wildcards):
         json.dumps(MODEL_PRESET[wildcards.model])
     )  # a copy: no shared objects
     cfg = {"model": preset["model"], "train": preset["train"]}
+    if preset.get(
+        "maisi_checkpoint"
+    ):  # the autoencoder: NVIDIA's weights instead of training
+        cfg["maisi_checkpoint"] = preset["maisi_checkpoint"]
     if wildcards.model in TEXT_ENCODER_MODELS and SMALL_TEXT:
         cfg["text_encoder"] = {
             **preset.get("text_encoder", {}),
@@ -125,6 +133,28 @@ def get_superres_recon(wildcards):
 def get_train_tokens(wildcards):
     """The token shard manifests of the training splits (derived from their volume shards)."""
     return expand(rules.tokens_manifest.output.manifest, split=MODELS["train_splits"])
+
+
+def get_section_text(wildcards):
+    """The latent flow's text side: the small encoder's tokenizer, or a frozen encoder's section states."""
+    if SMALL_TEXT:
+        return rules.text_tokenizer.output.tokenizer
+    return rules.embed_sections.output.cache
+
+
+def get_train_latents(wildcards):
+    """The latent shard manifests of the training splits (derived from their volume shards)."""
+    return expand(rules.latents_manifest.output.manifest, split=MODELS["train_splits"])
+
+
+def get_tokenizer_columns(wildcards):
+    """The prompt columns the small encoder's tokenizer is fitted on: the models' prompt, and with the latent
+    flow family every template (the report sections' words, which it reads, are in them).
+    """
+    if not LATENT:
+        return MODELS["prompt"]
+    structured = ["structured"] if config["prompts"]["structured"]["enabled"] else []
+    return " ".join([*config["prompts"]["templates"], *structured])
 
 
 def get_chunk_manifest(wildcards, input):

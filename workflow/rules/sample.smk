@@ -3,6 +3,7 @@ rule cascade:
         tokenizer=rules.train_tokenizer.output.weights,
         generator=rules.train_generator.output.weights,
         superres=rules.train_superres.output.weights,
+        manifests=get_train_manifests,
         text=get_text,
     output:
         spec=f"{R}/models/cascade.json",
@@ -28,6 +29,7 @@ rule cascade:
 rule sample_prompts:
     input:
         prompts=rules.prompts.output.table,
+        cohort=rules.cohort.output.table,
     output:
         csv=f"{R}/samples/prompts.csv",
     log:

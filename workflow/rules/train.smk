@@ -14,7 +14,7 @@ rule text_tokenizer:
         mem_mb=2000,
         runtime=10,
     params:
-        column=config["models"]["prompt"],
+        column=get_tokenizer_columns,
         vocab_size=config["models"]["text_encoder"]["vocab_size"],
     shell:
         "ctgen fit-text-tokenizer --prompts {input.prompts} --column {params.column}"
@@ -143,8 +143,10 @@ rule tokens_manifest:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        kind="tokens",
     script:
-        "../scripts/tokens_manifest.py"
+        "../scripts/derived_manifest.py"
 
 
 rule train_generator:

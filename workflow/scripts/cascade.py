@@ -2,13 +2,14 @@
 from ctprep.logs import log_to
 
 log_to(snakemake.log[0])
-from ctgen.pipelines.text_to_ct import write_cascade
+from ctgen.jobs.sample import write_cascade_spec
 
-write_cascade(
+write_cascade_spec(
     snakemake.output.spec.rsplit("/", 1)[0],
     snakemake.params.preset,
     snakemake.params.models,
     snakemake.params.sampling,
+    list(snakemake.input.manifests),
     text_tokenizer=snakemake.input.text,
     prompt_templates=snakemake.params.templates,
 )

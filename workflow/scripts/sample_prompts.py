@@ -12,4 +12,5 @@ select_prompts(
     s["volumes"],
     s["max_prompts"],
     snakemake.output.csv,
+    cohort_parquet=snakemake.input.cohort,
 )

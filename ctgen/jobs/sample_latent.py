@@ -1,0 +1,115 @@
+"""``ctgen sample --family latent_flow``: reports in, NIfTI (+ DICOM) volumes and sidecars out, as for the cascade.
+
+The latent flow model conditions on report sections (findings and impression, or the structured
+prompt), so its inputs are rows with those columns: the workflow's ``sample_prompts`` CSV carries
+them beside the cascade's prompt. A row with only a ``prompt``/``text`` gives it as the findings
+(the impression then conditions on its null segment). The output contract is the cascade's:
+``<id>_s<seed>.nii.gz`` int16 HU with a truthful affine, a JSON sidecar naming the family, seed,
+settings, weight hashes and the spacing's source, an optional DICOM series, and ``samples.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ctgen.jobs.inputs import read_rows
+from ctgen.pipelines.latent_flow import SPEC, LatentFlowPipeline, LatentSampleSettings
+from ctprep.ctrate import volume_key
+from ctprep.errors import UserError
+from ctprep.logs import progress
+
+SEGMENT_COLUMNS = ("findings", "impression", "structured")
+
+
+def latent_spec(models: str | Path) -> dict:
+    path = Path(models) / SPEC
+    if not path.is_file():
+        raise UserError(f"{models} holds no trained latent flow model: {SPEC} is missing "
+                        "(run the workflow's `latent_flow_spec` rule)")
+    return json.loads(path.read_text())
+
+
+def read_sections(path: str | Path) -> list[tuple[str, dict[str, str]]]:
+    """(id, {segment: text}) of a CSV/JSONL of reports; a plain-text file gives one findings text per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file {path} does not exist")
+    if path.suffix not in (".csv", ".jsonl", ".json"):
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return [(f"prompt{i:04d}", {"findings": line}) for i, line in enumerate(lines)]
+    out = []
+    for n, row in read_rows(path):
+        sections = {k: str(row[k]) for k in SEGMENT_COLUMNS if isinstance(row.get(k), str) and row[k].strip()}
+        if not sections and (row.get("prompt") or row.get("text")):
+            sections = {"findings": str(row.get("prompt") or row.get("text"))}
+        if not sections:
+            raise UserError(f"{path}:{n}: no findings, impression, structured or prompt text to condition on")
+        out.append((str(row.get("id") or row.get("VolumeName") or n - 1), sections))
+    if not out:
+        raise UserError(f"prompts file {path} holds no reports")
+    return out
+
+
+def sample_latent_to_files(models_dir: str | Path, reports: list[tuple[str, dict[str, str]]], out_dir: str | Path,
+                           settings: LatentSampleSettings, seed: int = 0, per_prompt: int = 1, device: str = "cpu",
+                           dicom_dir: str | Path | None = None, single_out: str | Path | None = None) -> pd.DataFrame:
+    """``per_prompt`` volumes per report (seeds ``seed + index``); NIfTI + sidecar (+ DICOM); the manifest."""
+    from ctgen.export import save_synthetic_dicom, save_synthetic_nifti
+
+    pipe = LatentFlowPipeline.from_pretrained(models_dir, device=device)
+    segments = pipe.flow.config.segments
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, index = [], 0
+    with progress(total=len(reports) * per_prompt, desc="sample latent_flow", unit="vol") as bar:
+        for pid, sections in reports:
+            texts = {seg: [sections.get(seg, "")] for seg in segments}  # absent: the segment's null
+            if not any(t[0].strip() for t in texts.values()):
+                raise UserError(f"report {pid}: none of its sections ({', '.join(segments)}) has text")
+            for rep in range(per_prompt):
+                s = seed + index
+                index += 1
+                vol = pipe(settings=settings, generators=[torch.Generator(device=device).manual_seed(s)], **texts)[0]
+                name = f"{volume_key(pid)}_s{s}"
+                path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
+                used = {seg: t[0] for seg, t in texts.items()}
+                sidecar = {**pipe.sidecar(used, s, settings), "prompt_id": pid, "repeat": rep,
+                           "timing_s": vol.meta.get("timing_s")}
+                nifti, side = save_synthetic_nifti(vol, path, sidecar)
+                prompt = " | ".join(f"{seg}: {t}" for seg, t in used.items() if t)
+                row = {"prompt_id": pid, "repeat": rep, "seed": s, "prompt": prompt, "nifti": str(nifti),
+                       "sidecar": str(side)}
+                if dicom_dir:
+                    files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True)
+                    row["dicom"] = str(Path(files[0]).parent)
+                rows.append(row)
+                bar.update(1)
+    manifest = pd.DataFrame(rows)
+    if not single_out:
+        manifest.to_csv(out_dir / "samples.csv", index=False)
+    return manifest
+
+
+def sample_latent_main(args) -> int:
+    """The latent flow branch of ``ctgen sample`` (its parsed arguments)."""
+    spec = latent_spec(args.models)
+    defaults = spec.get("sampling") or {}
+    base = LatentSampleSettings()
+    settings = LatentSampleSettings(
+        steps=args.steps if args.steps is not None else defaults.get("steps"),
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None
+        else defaults.get("guidance_scale", base.guidance_scale))
+    seed = args.seed if args.seed is not None else defaults.get("seed", 0)
+    per_prompt = args.per_prompt if args.per_prompt is not None else defaults.get("per_prompt", 1)
+    if args.prompt is not None:
+        out = Path(args.out)
+        sample_latent_to_files(args.models, [("prompt", {"findings": args.prompt})], out.parent, settings, seed, 1,
+                               args.device, single_out=out)
+        return 0
+    sample_latent_to_files(args.models, read_sections(args.prompts), args.out_dir, settings, seed, per_prompt,
+                           args.device, dicom_dir=args.dicom)
+    return 0

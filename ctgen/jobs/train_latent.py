@@ -1,0 +1,113 @@
+"""The training jobs of the latent flow family: MAISI's autoencoder, and the latent rectified-flow network.
+
+Configs have the shape of ``ctgen.jobs.config``'s. The autoencoder trains on random crops of the
+volume shards (``data.patch_size``), or, with ``maisi_checkpoint`` in its config, is NVIDIA's released
+MAISI CT autoencoder loaded from that local file (nothing is trained; the same architecture settings
+are required, and a mismatch names the first differing keys). The flow network trains on the latent
+shards of ``encode_latents`` (``data.latents``): its latent scale factor is computed from the shards'
+moments and stored in its config, and the autoencoder that made the latents is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctgen.data import batches
+from ctgen.jobs.config import config_hash, data_manifests, hu_window
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AutoencoderData:
+    """An autoencoder preset's ``data`` options (the workflow adds the HU window and the shards)."""
+
+    patch_size: tuple[int, int, int] | None = None  # (D, H, W) random training crops; None: whole volumes
+
+
+def _stream(data: dict[str, Any]) -> dict[str, Any]:
+    return {"buffer": int(data.get("shuffle_buffer", 16)), "verify": bool(data.get("verify_shards", True))}
+
+
+def train_autoencoder(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: str | Path) -> Path:
+    """Train MAISI's autoencoder on volume crops, or load NVIDIA's weights (``maisi_checkpoint``)."""
+    from ctgen.models.autoencoder import MaisiAutoencoder
+    from ctgen.training.loop import TrainConfig, train
+
+    data = cfg["data"]
+    model_cfg = MaisiAutoencoder.config_from_dict(cfg["model"])
+    if cfg.get("maisi_checkpoint"):
+        model = MaisiAutoencoder(model_cfg).load_maisi_checkpoint(cfg["maisi_checkpoint"])
+        model.save_pretrained(out_dir, model_kind="autoencoder", weights_from=str(cfg["maisi_checkpoint"]),
+                              licence="NVIDIA Open Model License (the MAISI CT autoencoder's weights)")
+        log.info("autoencoder: NVIDIA's MAISI weights from %s, saved to %s", cfg["maisi_checkpoint"], out_dir)
+        return Path(out_dir)
+    tcfg = TrainConfig.from_dict(cfg["train"])
+    patch = data.get("patch_size")
+    torch.manual_seed(tcfg.seed)
+    model = MaisiAutoencoder(model_cfg)
+    make = batches.streamed(data_manifests(data, "manifests"), batches.volume_decode(hu_window(data)),
+                            batches.autoencoder_collate(tuple(patch) if patch else None), **_stream(data))
+    checkpoint_dir = Path(checkpoint_root) / config_hash(cfg)
+    log.info("training autoencoder: %d parameters on %d volumes; checkpoints in %s",
+             sum(p.numel() for p in model.parameters()), make.n_samples, checkpoint_dir)
+    return train(model, make, tcfg, out_dir, checkpoint_dir=checkpoint_dir,
+                 extra_meta={"model_kind": "autoencoder", "n_samples": make.n_samples,
+                             "data": {k: str(v) for k, v in data.items()}})
+
+
+def flow_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The flow model's config with what the data decides: the latent scale factor (from the latent
+    shards' moments) and the small text encoder's vocabulary (from its fitted tokenizer)."""
+    from ctgen.jobs.latents import latent_scale_factor
+
+    data = cfg["data"]
+    model = dict(cfg["model"])
+    model["scale_factor"] = latent_scale_factor(data_manifests(data, "latents"))
+    if cfg.get("text_encoder") is not None:
+        from ctgen.models.text_encoders import ReportTokenizer
+
+        enc = dict(cfg["text_encoder"])
+        if data.get("text_tokenizer"):
+            enc["vocab_size"] = ReportTokenizer.load(data["text_tokenizer"]).vocab_size
+        model["text_encoder"] = enc
+        model["max_text_tokens"] = max(int(model.get("max_text_tokens", 0)), int(enc.get("max_length", 128)))
+    return {**cfg, "model": model}
+
+
+def train_latent_flow(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: str | Path) -> Path:
+    """Train the latent rectified-flow network on latent shards, conditioned on the report sections."""
+    from ctgen.jobs.latents import latent_producer
+    from ctgen.models.latent_flow import LatentFlow
+    from ctgen.training.loop import TrainConfig, train
+
+    cfg = flow_config(cfg)
+    data, tcfg = cfg["data"], TrainConfig.from_dict(cfg["train"])
+    latents = data_manifests(data, "latents")
+    torch.manual_seed(tcfg.seed)
+    model = LatentFlow(LatentFlow.config_from_dict(cfg["model"]))
+    segments = model.config.segments
+    if model.config.text_encoder is not None:
+        if not data.get("text_tokenizer"):
+            raise ValueError("latent_flow with the small text encoder needs data.text_tokenizer")
+        encode = batches.SectionTokens(data["text_tokenizer"], int(model.config.text_encoder.get("max_length", 128)))
+    else:
+        if not data.get("text_cache"):
+            raise ValueError("latent_flow with frozen text encoders needs data.text_cache (embed-sections)")
+        caches = data["text_cache"] if isinstance(data["text_cache"], list) else [data["text_cache"]]
+        encode = batches.SectionStates(caches)
+    make = batches.streamed(latents, batches.latent_decode(data.get("prompt")),
+                            batches.latent_flow_collate(segments, encode), **_stream(data))
+    checkpoint_dir = Path(checkpoint_root) / config_hash(cfg)
+    log.info("training latent_flow: %d parameters on %d latents (scale factor %.5g); checkpoints in %s",
+             sum(p.numel() for p in model.parameters()), make.n_samples, model.config.scale_factor, checkpoint_dir)
+    return train(model, make, tcfg, out_dir, checkpoint_dir=checkpoint_dir,
+                 extra_meta={"model_kind": "latent_flow", "n_samples": make.n_samples,
+                             "latents_from": latent_producer(latents),
+                             "data": {k: str(v) for k, v in data.items()}})
+

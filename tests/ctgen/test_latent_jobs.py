@@ -1,0 +1,118 @@
+"""The latent flow family's jobs on tiny shards: autoencoder training, the (mu, sigma) cache with its scale
+factor, flow training from the cache, the sampling spec and `ctgen sample --family latent_flow`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ctgen.cli import main as ctgen_main
+from ctgen.data.derived import load_derived, weights_id
+from ctgen.data.stream import iter_raw_samples
+from ctgen.jobs.latents import encode_latents, latent_scale_factor, report_sections
+from ctgen.jobs.sample import write_latent_spec
+from ctgen.jobs.text import fit_text_tokenizer
+from ctgen.jobs.train import run_training
+
+from tests.ctgen.tiny import WINDOW
+
+TRAIN = {"max_steps": 3, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "ckpt_every": 2, "log_every": 1,
+         "tensorboard": False, "seed": 0}
+AE = {"num_channels": [8, 16, 16], "num_res_blocks": [1, 1, 1], "norm_num_groups": 4, "latent_channels": 4,
+      "adv_weight": 0.0, "decode_window": None}
+FLOW = {"latent_channels": 4, "latent_shape": [2, 4, 4], "channels": [16, 32], "attention_levels": [False, True],
+        "num_head_channels": [0, 8], "num_res_blocks": 1, "norm_num_groups": 8, "cross_attention_dim": 16,
+        "segments": ["findings", "impression"], "sample_steps": 2}
+TEXT = {"dim": 16, "depth": 1, "heads": 2, "dropout": 0.0, "max_length": 32}
+
+
+@pytest.fixture(scope="module")
+def latent_run(cohort, tmp_path_factory):
+    root = tmp_path_factory.mktemp("latent")
+    models = root / "models"
+    data = {"manifests": [cohort["manifest"]], "hu_window": WINDOW}
+    run_training("autoencoder", {"model": AE, "train": TRAIN, "data": data}, models / "autoencoder", root / "ckpt")
+    latents = encode_latents(models / "autoencoder", cohort["manifest"], root / "latents", WINDOW, batch_size=4)
+    tok = fit_text_tokenizer(cohort["prompts"], ["generatect"], root / "tok.json", vocab_size=120)
+    run_training("latent_flow", {"model": FLOW, "text_encoder": TEXT, "train": TRAIN,
+                                 "data": {"latents": [str(latents)], "text_tokenizer": str(tok), "prompt": "generatect"}},
+                 models / "latent_flow", root / "ckpt")
+    return {"root": root, "models": models, "latents": latents, "tok": tok}
+
+
+def test_the_cache_holds_mu_and_sigma_and_their_moments(latent_run, cohort):
+    samples = dict(iter_raw_samples(latent_run["latents"]))
+    assert len(samples) == 6
+    first = samples["train_0_a_1"]
+    assert first["mu.npy"].shape == first["sigma.npy"].shape == (4, 2, 4, 4) and first["mu.npy"].dtype == np.float16
+    assert (first["sigma.npy"] > 0).all() and np.allclose(first["spacing.npy"], [2.0, 2.0, 5.0])
+    # deterministic: encoding again gives the same bytes (the posterior's parameters, never a draw)
+    again = encode_latents(latent_run["models"] / "autoencoder", cohort["manifest"], latent_run["root"] / "again",
+                           WINDOW, batch_size=3)
+    a, b = load_derived(latent_run["latents"]), load_derived(again)
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    assert a["producer"] == weights_id(latent_run["models"] / "autoencoder")
+    # the scale factor from the manifest's moments equals 1 / std of z = mu + sigma eps computed here
+    from ctgen.models.autoencoder import MaisiAutoencoder
+
+    ae = MaisiAutoencoder.from_pretrained(latent_run["models"] / "autoencoder").eval()
+    mus, sigmas = [], []
+    with torch.no_grad():
+        for key, raw in iter_raw_samples(cohort["manifest"]):
+            from ctgen.data.batches import volume_decode
+
+            mu, sigma = ae.encode(volume_decode(WINDOW)(raw)["volume"][None])
+            mus.append(mu.double().numpy().ravel())
+            sigmas.append(sigma.double().numpy().ravel())
+    mu, sigma = np.concatenate(mus), np.concatenate(sigmas)
+    expected = 1 / np.sqrt(np.mean(sigma**2) + np.var(mu))
+    assert latent_scale_factor([latent_run["latents"]]) == pytest.approx(expected, rel=1e-4)
+    flow_cfg = json.loads((latent_run["models"] / "latent_flow" / "config.json").read_text())
+    assert flow_cfg["config"]["scale_factor"] == pytest.approx(expected, rel=1e-4)
+    assert flow_cfg["provenance"]["latents_from"] == a["producer"]
+
+
+def test_report_sections_of_a_shard_meta():
+    meta = {"report": {"findings": "Right pleural effusion.", "impression": "Not given.", "technique": "x"}}
+    assert report_sections(meta) == {"findings": "Right pleural effusion.", "impression": ""}
+    assert report_sections({}) == {"findings": "", "impression": ""}
+
+
+def test_spec_and_sampling_through_the_cli(latent_run, cohort, tmp_path):
+    models = latent_run["models"]
+    preset = {"mode": "spacing", "spacing": [2.0, 2.0, 5.0], "shape": [16, 16, 8], "clip": WINDOW}
+    models_cfg = {"text_encoder": {"kind": "small", "path": None, "max_length": 32}}
+    write_latent_spec(models, preset, models_cfg, {"guidance_scale": 2.0}, [str(latent_run["latents"])],
+                      [cohort["manifest"]], latent_run["tok"])
+    spec = json.loads((models / "latent_flow.json").read_text())
+    assert spec["grid"]["spacing_source"].startswith("the prep preset's fixed spacing")
+    prompts = tmp_path / "reports.csv"
+    prompts.write_text("id,findings,impression\nr1,Right pleural effusion.,\nr2,,No acute findings.\n")
+    out = tmp_path / "samples"
+    assert ctgen_main(["sample", "--family", "latent_flow", "--models", str(models), "--prompts", str(prompts),
+                       "--out-dir", str(out), "--seed", "3"]) == 0
+    from ctprep.volume import load_nifti
+
+    vol = load_nifti(out / "r1_s3.nii.gz")
+    assert vol.shape == (16, 16, 8) and np.allclose(vol.spacing, [2.0, 2.0, 5.0], atol=1e-5)
+    side = json.loads((out / "r2_s4.json").read_text())
+    assert side["family"] == "latent_flow" and side["report"] == {"findings": "", "impression": "No acute findings."}
+    assert side["spacing"]["mm"] == [2.0, 2.0, 5.0] and set(side["weights_sha256"]) == {"autoencoder", "latent_flow"}
+    # latents made by another autoencoder are refused by name
+    other = tmp_path / "other"
+    run_training("autoencoder", {"model": {**AE, "num_res_blocks": [1, 1, 2]}, "train": TRAIN,
+                                 "data": {"manifests": [cohort["manifest"]], "hu_window": WINDOW}},
+                 other / "autoencoder", tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="latent shards were made by autoencoder@"):
+        write_latent_spec(other, preset, models_cfg, {}, [str(latent_run["latents"])], [cohort["manifest"]],
+                          latent_run["tok"])
+
+
+def test_resize_presets_write_the_training_volumes_median_spacing(cohort):
+    from ctgen.data.grid import resolved_preset
+
+    got = resolved_preset({"mode": "resize", "shape": [16, 16, 8], "clip": WINDOW}, [cohort["manifest"]])
+    assert got["spacing"] == [2.0, 2.0, 5.0] and "median spacing of the 6 training volumes" in got["spacing_source"]

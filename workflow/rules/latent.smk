@@ -1,0 +1,191 @@
+rule train_autoencoder:
+    input:
+        config=expand(rules.train_config.output.config, model="autoencoder"),
+        manifests=get_train_manifests,
+    output:
+        weights=f"{R}/models/autoencoder/model.safetensors",
+        config=f"{R}/models/autoencoder/config.json",
+    log:
+        f"{R}/logs/train_autoencoder.log",
+    benchmark:
+        f"{R}/benchmarks/train_autoencoder.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: RES["autoencoder"]["threads"]
+    resources:
+        mem_mb=grows_with_attempt(RES["autoencoder"]["mem_mb"], 1.5),
+        runtime=grows_with_attempt(RES["autoencoder"]["runtime"], 2),
+        gpu=RES["autoencoder"]["gpu"],
+        nodes=RES["autoencoder"]["nodes"],
+    params:
+        out=lambda wc, output: os.path.dirname(output.weights),
+        ckpt=f"{CHECKPOINTS}/autoencoder",
+        launch=get_launcher,
+        workers=get_data_workers,
+    shell:
+        "{params.launch} train autoencoder --config {input.config} --manifests {input.manifests}"
+        " --out {params.out} --checkpoints {params.ckpt}"
+        " --data-workers {params.workers} > {log} 2>&1"
+
+
+rule encode_latents:
+    input:
+        weights=rules.train_autoencoder.output.weights,
+        shards=rules.shards.output.shards,
+    output:
+        latents=directory(f"{R}/latents/{{split}}/c{{chunk}}"),
+    log:
+        f"{R}/logs/encode_latents/{{split}}-{{chunk}}.log",
+    benchmark:
+        f"{R}/benchmarks/encode_latents/{{split}}-{{chunk}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        autoencoder=lambda wc, input: os.path.dirname(input.weights),
+        manifest=get_chunk_manifest,
+        window=PRESET["clip"],
+    shell:
+        "ctgen encode-latents --autoencoder {params.autoencoder} --manifest {params.manifest}"
+        " --out {output.latents} --hu-window {params.window[0]} {params.window[1]} > {log} 2>&1"
+
+
+rule latents_manifest:
+    input:
+        chunks=expand(
+            rules.encode_latents.output.latents, chunk=CHUNKS, allow_missing=True
+        ),
+    output:
+        manifest=f"{R}/latents/{{split}}/manifest.json",
+    log:
+        f"{R}/logs/encode_latents/{{split}}-manifest.log",
+    benchmark:
+        f"{R}/benchmarks/encode_latents/{{split}}-manifest.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        kind="latents",
+    script:
+        "../scripts/derived_manifest.py"
+
+
+rule embed_sections:
+    input:
+        cohort=rules.cohort.output.table,
+        prompts=rules.prompts.output.table,
+    output:
+        cache=f"{R}/text/sections.safetensors",
+    log:
+        f"{R}/logs/embed_sections.log",
+    benchmark:
+        f"{R}/benchmarks/embed_sections.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=0,
+    params:
+        encoder=json.dumps(config["models"]["text_encoder"]),
+    shell:
+        "ctgen embed-sections --cohort {input.cohort} --prompts {input.prompts}"
+        " --encoder '{params.encoder}' --out {output.cache} > {log} 2>&1"
+
+
+rule train_latent_flow:
+    input:
+        config=expand(rules.train_config.output.config, model="latent_flow"),
+        latents=get_train_latents,
+        text=get_section_text,
+    output:
+        weights=f"{R}/models/latent_flow/model.safetensors",
+        config=f"{R}/models/latent_flow/config.json",
+    log:
+        f"{R}/logs/train_latent_flow.log",
+    benchmark:
+        f"{R}/benchmarks/train_latent_flow.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: RES["latent_flow"]["threads"]
+    resources:
+        mem_mb=grows_with_attempt(RES["latent_flow"]["mem_mb"], 1.5),
+        runtime=grows_with_attempt(RES["latent_flow"]["runtime"], 2),
+        gpu=RES["latent_flow"]["gpu"],
+        nodes=RES["latent_flow"]["nodes"],
+    params:
+        out=lambda wc, output: os.path.dirname(output.weights),
+        ckpt=f"{CHECKPOINTS}/latent_flow",
+        launch=get_launcher,
+        workers=get_data_workers,
+        text_flag=TEXT_FLAG,
+    shell:
+        "{params.launch} train latent_flow --config {input.config} --latents {input.latents}"
+        " {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt}"
+        " --data-workers {params.workers} > {log} 2>&1"
+
+
+rule latent_flow_spec:
+    input:
+        autoencoder=rules.train_autoencoder.output.weights,
+        flow=rules.train_latent_flow.output.weights,
+        latents=get_train_latents,
+        manifests=get_train_manifests,
+        text=get_section_text,
+    output:
+        spec=f"{R}/models/latent_flow.json",
+    log:
+        f"{R}/logs/latent_flow_spec.log",
+    benchmark:
+        f"{R}/benchmarks/latent_flow_spec.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        preset=PRESET,
+        models=config["models"],
+        sampling=config["sampling"]["latent_flow"],
+    script:
+        "../scripts/latent_flow_spec.py"
+
+
+rule sample_latent_flow:
+    input:
+        spec=rules.latent_flow_spec.output.spec,
+        prompts=rules.sample_prompts.output.csv,
+    output:
+        manifest=f"{R}/samples/latent_flow/samples.csv",
+    log:
+        f"{R}/logs/sample_latent_flow.log",
+    benchmark:
+        f"{R}/benchmarks/sample_latent_flow.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: config["sampling"]["resources"]["threads"]
+    resources:
+        mem_mb=config["sampling"]["resources"]["mem_mb"],
+        runtime=config["sampling"]["resources"]["runtime"],
+        gpu=config["sampling"]["resources"]["gpu"],
+    params:
+        models=lambda wc, input: os.path.dirname(input.spec),
+        out=lambda wc, output: os.path.dirname(output.manifest),
+        s={k: config["sampling"][k] for k in ("seed", "per_prompt", "latent_flow")},
+        steps=(
+            f"--steps {config['sampling']['latent_flow']['steps']}"
+            if config["sampling"]["latent_flow"]["steps"]
+            else ""
+        ),
+    shell:
+        "ctgen sample --family latent_flow --models {params.models} --prompts {input.prompts}"
+        " --out-dir {params.out} --seed {params.s[seed]} --per-prompt {params.s[per_prompt]} {params.steps}"
+        " --guidance-scale {params.s[latent_flow][guidance_scale]} > {log} 2>&1"
