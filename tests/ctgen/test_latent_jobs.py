@@ -116,3 +116,23 @@ def test_resize_presets_write_the_training_volumes_median_spacing(cohort):
 
     got = resolved_preset({"mode": "resize", "shape": [16, 16, 8], "clip": WINDOW}, [cohort["manifest"]])
     assert got["spacing"] == [2.0, 2.0, 5.0] and "median spacing of the 6 training volumes" in got["spacing_source"]
+
+
+def test_nvidia_weights_instead_of_training(cohort, tmp_path):
+    """`maisi_checkpoint` in the autoencoder's config: the released state dict (its layout) is loaded, not trained."""
+    from ctgen.models.autoencoder import MaisiAutoencoder
+
+    torch.manual_seed(3)
+    released = MaisiAutoencoder(MaisiAutoencoder.config_from_dict(AE)).net.state_dict()
+    torch.save(released, tmp_path / "autoencoder_epoch273.pt")  # NVIDIA's file: a plain state dict
+    out = run_training("autoencoder", {"model": AE, "train": TRAIN, "maisi_checkpoint": str(tmp_path / "autoencoder_epoch273.pt"),
+                                       "data": {"manifests": [cohort["manifest"]], "hu_window": WINDOW}},
+                       tmp_path / "ae", tmp_path / "ckpt")
+    loaded = MaisiAutoencoder.from_pretrained(out).net.state_dict()
+    assert all(torch.equal(loaded[k], released[k]) for k in released)
+    assert not (tmp_path / "ckpt").exists()  # nothing was trained
+    wrong = {k: v for k, v in released.items() if "decoder" not in k}
+    torch.save(wrong, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="decoder"):
+        run_training("autoencoder", {"model": AE, "train": TRAIN, "maisi_checkpoint": str(tmp_path / "partial.pt"),
+                                     "data": {}}, tmp_path / "ae2", tmp_path / "ckpt")

@@ -180,6 +180,11 @@ rule sample_latent_flow:
         models=lambda wc, input: os.path.dirname(input.spec),
         out=lambda wc, output: os.path.dirname(output.manifest),
         s={k: config["sampling"][k] for k in ("seed", "per_prompt", "latent_flow")},
+        dicom=lambda wc, output: (
+            f"--dicom {os.path.dirname(output.manifest)}/dicom"
+            if config["sampling"]["dicom"]
+            else ""
+        ),
         steps=(
             f"--steps {config['sampling']['latent_flow']['steps']}"
             if config["sampling"]["latent_flow"]["steps"]
@@ -188,4 +193,4 @@ rule sample_latent_flow:
     shell:
         "ctgen sample --family latent_flow --models {params.models} --prompts {input.prompts}"
         " --out-dir {params.out} --seed {params.s[seed]} --per-prompt {params.s[per_prompt]} {params.steps}"
-        " --guidance-scale {params.s[latent_flow][guidance_scale]} > {log} 2>&1"
+        " --guidance-scale {params.s[latent_flow][guidance_scale]} {params.dicom} > {log} 2>&1"
