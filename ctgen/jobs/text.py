@@ -59,12 +59,12 @@ def section_texts(cohort_parquet: str | Path, prompts_parquet: str | Path) -> di
     from ctprep.cohort import SECTIONS as COLUMNS
 
     cohort = pd.read_parquet(cohort_parquet)
-    column = {name: col for col, name in COLUMNS.items()}
+    raw = {name: col for col, name in COLUMNS.items()}  # the CT-RATE CSV's names, where a table keeps them
     out = {}
-    for row in cohort.itertuples(index=False):
-        key = volume_key(row.VolumeName)
+    for row in cohort.to_dict("records"):
+        key = volume_key(row["VolumeName"])
         for seg in ("findings", "impression"):
-            text = getattr(row, column[seg], "") if column[seg] in cohort.columns else ""
+            text = row.get(seg, row.get(raw[seg], ""))
             out[f"{key}:{seg}"] = "" if not isinstance(text, str) or text.strip() == "Not given." else text
     prompts = pd.read_parquet(prompts_parquet)
     if "structured" in prompts.columns:
