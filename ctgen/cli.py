@@ -240,6 +240,8 @@ def parser() -> argparse.ArgumentParser:
 PASS_THROUGH = {
     "sample": ("ctgen.jobs.sample", "sample_main", "report text -> synthetic CT (NIfTI, DICOM); ctgen sample --help"),
     "verify-shards": ("ctgen.data.shards", "verify_shards_main", "re-hash shards against their manifests, count samples"),
+    "vlm3d-score": ("ctgen.jobs.vlm3d", "vlm3d_score_main",
+                    "score generated CTs with the VLM3D 2026 protocols (local weights); ctgen vlm3d-score --help"),
 }
 
 

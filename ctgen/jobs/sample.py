@@ -73,11 +73,16 @@ def _template_text(spec: dict) -> str | None:
 
 def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_dir: str | Path,
                     settings: SampleSettings, seed: int = 0, per_prompt: int = 1, device: str = "cpu",
-                    dicom_dir: str | Path | None = None, single_out: str | Path | None = None) -> pd.DataFrame:
+                    dicom_dir: str | Path | None = None, single_out: str | Path | None = None,
+                    exact_names: bool = False) -> pd.DataFrame:
     """Sample ``per_prompt`` volumes per prompt; write NIfTI + sidecar (+ DICOM series); return the manifest.
 
     Seeds are ``seed + index`` over the (prompt, repeat) pairs in order, each recorded in its sidecar.
+    ``exact_names``: each volume is ``<id>.nii.gz`` (the VLM3D contract; one volume per prompt) instead of
+    ``<id>_s<seed>.nii.gz``.
     """
+    if exact_names and per_prompt != 1:
+        raise ValueError(f"one volume per prompt is written under the prompt's own name, not {per_prompt}")
     from ctgen.export import save_synthetic_dicom, save_synthetic_nifti
 
     pipe = TextToCTPipeline.from_pretrained(models_dir, device=device)
@@ -91,7 +96,7 @@ def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_
                 s = seed + index
                 index += 1
                 vol = pipe([prompt], settings, [torch.Generator(device=device).manual_seed(s)])[0]
-                name = f"{volume_key(pid)}_s{s}"
+                name = pid if exact_names else f"{volume_key(pid)}_s{s}"
                 path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
                 sidecar = {**pipe.sidecar(prompt, s, settings), "prompt_id": pid, "repeat": rep,
                            "timing_s": vol.meta.get("timing_s")}
@@ -122,8 +127,11 @@ def sample_parser():
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one report/prompt text")
     src.add_argument("--prompts", help="file: one prompt per line, or CSV/JSONL of prompts or CT-RATE-style reports")
+    src.add_argument("--vlm3d", metavar="PROMPTS_JSON",
+                     help='the VLM3D 2026 prompts.json ([{"input_image_name", "report"}]): one <input_image_name>.nii.gz '
+                          "per entry in --out-dir (int16 HU, truthful spacing)")
     ap.add_argument("--out", help="output .nii.gz for --prompt")
-    ap.add_argument("--out-dir", help="output folder for --prompts (one volume per prompt, samples.csv)")
+    ap.add_argument("--out-dir", help="output folder for --prompts / --vlm3d (one volume per prompt, samples.csv)")
     ap.add_argument("--dicom", help="also write DICOM: the series folder (--prompt), or a folder of one series per volume")
     ap.add_argument("--seed", type=int, help="seed of the first volume; the next get seed+1, ... (default: cascade's)")
     ap.add_argument("--per-prompt", type=positive_int, help="volumes per prompt (default: cascade's, else 1)")
@@ -158,6 +166,14 @@ def sample_main(argv: list[str] | None = None) -> int:
         ap.error("--prompt needs --out OUT.nii.gz")
     if args.prompts is not None and not args.out_dir:
         ap.error("--prompts needs --out-dir DIR")
+    if args.vlm3d is not None and not args.out_dir:
+        ap.error("--vlm3d needs --out-dir DIR")
+    if args.vlm3d is not None and args.per_prompt not in (None, 1):
+        ap.error("--vlm3d writes one volume per entry: --per-prompt must be 1")
+    if args.vlm3d is not None:
+        from ctgen.metrics.vlm3d.contract import read_prompts_json
+
+        read_prompts_json(args.vlm3d)  # a malformed file is named before the models are loaded
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("the prompt is empty: a report text is needed to condition the scan")
     if args.family == "latent_flow":
@@ -180,6 +196,10 @@ def sample_main(argv: list[str] | None = None) -> int:
                         single_out=out)
         if args.dicom:
             _dicom_from(out, args.dicom)
+    elif args.vlm3d is not None:
+        prompts = vlm3d_prompts(args.vlm3d, _template_text(spec))
+        sample_to_files(args.models, prompts, args.out_dir, settings, seed, 1, args.device, dicom_dir=args.dicom,
+                        exact_names=True)
     else:
         prompts = read_prompts(args.prompts, _template_text(spec))
         empty = [pid for pid, prompt in prompts if not prompt.strip()]
@@ -188,6 +208,29 @@ def sample_main(argv: list[str] | None = None) -> int:
         sample_to_files(args.models, prompts, args.out_dir, settings, seed,
                         _given(args.per_prompt, defaults.get("per_prompt", 1)), args.device, dicom_dir=args.dicom)
     return 0
+
+
+def vlm3d_prompts(path: str | Path, template: str | None = None) -> list[tuple[str, str]]:
+    """(input_image_name, prompt) of a VLM3D 2026 ``prompts.json``, validated entry by entry
+    (:func:`ctgen.metrics.vlm3d.contract.read_prompts_json`).
+
+    The report is the prompt, except for a cascade trained on ``structured`` prompts: then the report is
+    parsed and rendered as one (the other templates need report fields the contract does not carry).
+    """
+    from ctgen.metrics.vlm3d.contract import read_prompts_json
+
+    entries = read_prompts_json(path)
+    if template != "structured":
+        return entries
+    from ctprep.reports import parse_report, structured_prompt
+
+    out = []
+    for name, report in entries:
+        prompt = structured_prompt(parse_report(report).mentions)
+        if not prompt.strip():
+            raise UserError(f"{path}: the report of {name} yields an empty structured prompt (no finding recognised)")
+        out.append((name, prompt))
+    return out
 
 
 def _dicom_from(nifti: Path, dicom_dir: str) -> None:
