@@ -74,12 +74,13 @@ def _template_text(spec: dict) -> str | None:
 def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_dir: str | Path,
                     settings: SampleSettings, seed: int = 0, per_prompt: int = 1, device: str = "cpu",
                     dicom_dir: str | Path | None = None, single_out: str | Path | None = None,
-                    exact_names: bool = False) -> pd.DataFrame:
+                    exact_names: bool = False, orientation: str | None = None) -> pd.DataFrame:
     """Sample ``per_prompt`` volumes per prompt; write NIfTI + sidecar (+ DICOM series); return the manifest.
 
     Seeds are ``seed + index`` over the (prompt, repeat) pairs in order, each recorded in its sidecar.
     ``exact_names``: each volume is ``<id>.nii.gz`` (the VLM3D contract; one volume per prompt) instead of
-    ``<id>_s<seed>.nii.gz``.
+    ``<id>_s<seed>.nii.gz``. ``orientation``: store the voxels in this axis order (e.g. ``PLI``), the affine
+    following (see :func:`stored_as`).
     """
     if exact_names and per_prompt != 1:
         raise ValueError(f"one volume per prompt is written under the prompt's own name, not {per_prompt}")
@@ -95,7 +96,7 @@ def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_
             for rep in range(per_prompt):
                 s = seed + index
                 index += 1
-                vol = pipe([prompt], settings, [torch.Generator(device=device).manual_seed(s)])[0]
+                vol = stored_as(pipe([prompt], settings, [torch.Generator(device=device).manual_seed(s)])[0], orientation)
                 name = pid if exact_names else f"{volume_key(pid)}_s{s}"
                 path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
                 sidecar = {**pipe.sidecar(prompt, s, settings), "prompt_id": pid, "repeat": rep,
@@ -130,6 +131,10 @@ def sample_parser():
     src.add_argument("--vlm3d", metavar="PROMPTS_JSON",
                      help='the VLM3D 2026 prompts.json ([{"input_image_name", "report"}]): one <input_image_name>.nii.gz '
                           "per entry in --out-dir (int16 HU, truthful spacing)")
+    ap.add_argument("--orientation", default=None, metavar="AXCODES",
+                    help="store the voxels in this axis order, the affine following (--vlm3d default: PLI, CT-RATE's "
+                         "stored order: rows anterior->posterior, columns right->left, slices head->feet; the "
+                         "challenge's FVD and CLIP read the voxel order and ignore the header); otherwise RAS")
     ap.add_argument("--out", help="output .nii.gz for --prompt")
     ap.add_argument("--out-dir", help="output folder for --prompts / --vlm3d (one volume per prompt, samples.csv)")
     ap.add_argument("--dicom", help="also write DICOM: the series folder (--prompt), or a folder of one series per volume")
@@ -170,6 +175,8 @@ def sample_main(argv: list[str] | None = None) -> int:
         ap.error("--vlm3d needs --out-dir DIR")
     if args.vlm3d is not None and args.per_prompt not in (None, 1):
         ap.error("--vlm3d writes one volume per entry: --per-prompt must be 1")
+    if args.vlm3d is not None and args.orientation is None:
+        args.orientation = VLM3D_ORIENTATION
     if args.vlm3d is not None:
         from ctgen.metrics.vlm3d.contract import read_prompts_json
 
@@ -199,7 +206,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     elif args.vlm3d is not None:
         prompts = vlm3d_prompts(args.vlm3d, _template_text(spec))
         sample_to_files(args.models, prompts, args.out_dir, settings, seed, 1, args.device, dicom_dir=args.dicom,
-                        exact_names=True)
+                        exact_names=True, orientation=args.orientation)
     else:
         prompts = read_prompts(args.prompts, _template_text(spec))
         empty = [pid for pid, prompt in prompts if not prompt.strip()]
@@ -208,6 +215,28 @@ def sample_main(argv: list[str] | None = None) -> int:
         sample_to_files(args.models, prompts, args.out_dir, settings, seed,
                         _given(args.per_prompt, defaults.get("per_prompt", 1)), args.device, dicom_dir=args.dicom)
     return 0
+
+
+#: CT-RATE's stored voxel order (config dataset.array_axes [row, column, slice], slice_direction -1): row index
+#: grows posterior, column index towards the patient's left, slice index towards the feet
+VLM3D_ORIENTATION = "PLI"
+
+
+def stored_as(vol, orientation: str | None):
+    """``vol`` with its voxels in the axis order ``orientation`` (three of R/L, A/P, S/I), the affine still true.
+
+    The challenge's FVD_CTNet and CT-CLIP protocols read arrays in file order and ignore the header, so a
+    submission must store its voxels as the ground truth does; the truthful affine keeps it a correct NIfTI.
+    """
+    if not orientation:
+        return vol
+    from ctprep.geometry import reorient
+
+    codes = tuple(orientation.upper())
+    axis = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+    if len(codes) != 3 or any(c not in axis for c in codes) or sorted(axis[c] for c in codes) != [0, 1, 2]:
+        raise UserError(f"--orientation {orientation!r}: three axis codes, one each of R/L, A/P and S/I (e.g. PLI)")
+    return reorient(vol, codes)
 
 
 def vlm3d_prompts(path: str | Path, template: str | None = None) -> list[tuple[str, str]]:

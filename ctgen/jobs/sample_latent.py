@@ -56,9 +56,14 @@ def read_sections(path: str | Path) -> list[tuple[str, dict[str, str]]]:
 
 def sample_latent_to_files(models_dir: str | Path, reports: list[tuple[str, dict[str, str]]], out_dir: str | Path,
                            settings: LatentSampleSettings, seed: int = 0, per_prompt: int = 1, device: str = "cpu",
-                           dicom_dir: str | Path | None = None, single_out: str | Path | None = None) -> pd.DataFrame:
-    """``per_prompt`` volumes per report (seeds ``seed + index``); NIfTI + sidecar (+ DICOM); the manifest."""
+                           dicom_dir: str | Path | None = None, single_out: str | Path | None = None,
+                           exact_names: bool = False, orientation: str | None = None) -> pd.DataFrame:
+    """``per_prompt`` volumes per report (seeds ``seed + index``); NIfTI + sidecar (+ DICOM); the manifest.
+
+    ``exact_names``/``orientation``: as :func:`ctgen.jobs.sample.sample_to_files` (the VLM3D contract).
+    """
     from ctgen.export import save_synthetic_dicom, save_synthetic_nifti
+    from ctgen.jobs.sample import stored_as
 
     pipe = LatentFlowPipeline.from_pretrained(models_dir, device=device)
     segments = pipe.flow.config.segments
@@ -74,7 +79,8 @@ def sample_latent_to_files(models_dir: str | Path, reports: list[tuple[str, dict
                 s = seed + index
                 index += 1
                 vol = pipe(settings=settings, generators=[torch.Generator(device=device).manual_seed(s)], **texts)[0]
-                name = f"{volume_key(pid)}_s{s}"
+                vol = stored_as(vol, orientation)
+                name = pid if exact_names else f"{volume_key(pid)}_s{s}"
                 path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
                 used = {seg: t[0] for seg, t in texts.items()}
                 sidecar = {**pipe.sidecar(used, s, settings), "prompt_id": pid, "repeat": rep,
@@ -108,7 +114,14 @@ def sample_latent_main(args) -> int:
     if args.prompt is not None:
         out = Path(args.out)
         sample_latent_to_files(args.models, [("prompt", {"findings": args.prompt})], out.parent, settings, seed, 1,
-                               args.device, single_out=out)
+                               args.device, single_out=out, orientation=args.orientation)
+        return 0
+    if args.vlm3d is not None:  # the 2026 contract's report is findings and impression run together
+        from ctgen.metrics.vlm3d.contract import read_prompts_json
+
+        reports = [(name, {"findings": report}) for name, report in read_prompts_json(args.vlm3d)]
+        sample_latent_to_files(args.models, reports, args.out_dir, settings, seed, 1, args.device,
+                               dicom_dir=args.dicom, exact_names=True, orientation=args.orientation)
         return 0
     sample_latent_to_files(args.models, read_sections(args.prompts), args.out_dir, settings, seed, per_prompt,
                            args.device, dicom_dir=args.dicom)

@@ -101,6 +101,15 @@ def test_spec_and_sampling_through_the_cli(latent_run, cohort, tmp_path):
     side = json.loads((out / "r2_s4.json").read_text())
     assert side["family"] == "latent_flow" and side["report"] == {"findings": "", "impression": "No acute findings."}
     assert side["spacing"]["mm"] == [2.0, 2.0, 5.0] and set(side["weights_sha256"]) == {"autoencoder", "latent_flow"}
+    # the VLM3D contract: one <input_image_name>.nii.gz per entry, stored in CT-RATE's voxel order
+    entries = tmp_path / "prompts.json"
+    entries.write_text(json.dumps([{"input_image_name": "valid_9_a_1", "report": "Right pleural effusion."}]))
+    assert ctgen_main(["sample", "--family", "latent_flow", "--models", str(models), "--vlm3d", str(entries),
+                       "--out-dir", str(tmp_path / "sub")]) == 0
+    import nibabel as nib
+
+    img = nib.load(tmp_path / "sub" / "valid_9_a_1.nii.gz")
+    assert nib.aff2axcodes(img.affine) == ("P", "L", "I") and img.get_data_dtype() == np.int16
     # latents made by another autoencoder are refused by name
     other = tmp_path / "other"
     run_training("autoencoder", {"model": {**AE, "num_res_blocks": [1, 1, 2]}, "train": TRAIN,

@@ -86,6 +86,21 @@ def test_sample_vlm3d_writes_one_int16_nifti_per_entry_with_truthful_spacing(tin
     for name in volumes:
         (real / name.replace(".nii.gz", ".mha")).write_bytes(b"")
     assert pair_volumes(out, real).stems == ["valid_10_b_1", "valid_2_a_1"]
+    # the voxels are stored in CT-RATE's order (the challenge's FVD and CLIP read file order), the affine true:
+    # the same sample written in RAS is the same image
+    assert nib.aff2axcodes(nib.load(out / volumes[0]).affine) == ("P", "L", "I")
+    ras = tmp_path / "ras"
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--vlm3d", str(prompts), "--out-dir", str(ras),
+                       "--steps", "2", "--seed", "3", "--orientation", "RAS"]) == 0
+    a, b = nib.load(out / volumes[0]), nib.load(ras / volumes[0])
+    assert nib.aff2axcodes(b.affine) == ("R", "A", "S")
+    back = nib.orientations.apply_orientation(np.asarray(a.dataobj), nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(a.affine), nib.orientations.axcodes2ornt(("R", "A", "S"))))
+    assert np.array_equal(back, np.asarray(b.dataobj))
+    centre = lambda img: img.affine @ [*((np.array(img.shape) - 1) / 2), 1]  # noqa: E731
+    assert np.allclose(centre(a), centre(b))
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--vlm3d", str(prompts), "--out-dir", str(ras),
+                       "--orientation", "PLX"]) == 2
 
 
 def test_sample_vlm3d_refuses_several_volumes_per_entry(tmp_path):
