@@ -12,10 +12,10 @@ machine the CPU time is the cost per core; on a quiet one the two agree):
 - **shards**: ``ctprep.chunks.shard_chunk`` (pack payloads, prompts, labels and meta into the
   tar, hash it), seconds per volume;
 - **storage**: shard bytes per volume (raw int16 is 110.6 MB);
-- **read**: ``ctgen.data.iter_samples`` (stock webdataset reader + ``ctprep.shards.volume_decoder``)
+- **read**: ``ctgen.data.shards.iter_samples`` (stock webdataset reader + ``ctprep.shards.volume_decoder``)
   to the model's float32 (1, D, H, W) tensor in [-1, 1] (``to_model_layout``, then
-  ``ctgen.datasets.hu_to_unit`` as training does, and numpy in place for comparison; and through
-  an indexed tar instead of webdataset's streaming reader), volumes/s for one worker (files in
+  ``ctgen.data.layout.hu_to_unit``), and the training jobs' own reader (``ctgen.data.batches.streamed``:
+  the planned stream, members read by offset from an indexed tar), volumes/s for one worker (files in
   the page cache; storage must deliver ~32 MB per volume on top);
 - **preprocess**: one volume, ``load_nifti`` + ``preprocess_volume(spacing)`` in memory (as
   ``ctprep preprocess`` computes it), on 1 and 2 threads, best of ``--repeats`` warm calls, and
@@ -108,14 +108,13 @@ elif what == "shards":
 elif what == "read":
     import torch
     torch.set_num_threads(1)
-    from ctgen.data import iter_samples, to_model_layout
-    from ctgen.datasets import hu_to_unit
+    from ctgen.data import batches
+    from ctgen.data.layout import hu_to_unit, to_model_layout
+    from ctgen.data.shards import iter_samples
+    from ctgen.training.loop import BatchContext
     manifest = f"{work}/shards/manifest.json"
-    def unit_numpy(v):  # the same map in place: float32, clip, shift and scale
-        x = v.astype(np.float32); np.clip(x, -1000, 1000, out=x); x *= np.float32(1 / 1000); return x
-    ways = {"decode": lambda v: v,
-            "hu_to_unit": lambda v: hu_to_unit(torch.from_numpy(to_model_layout(v))),
-            "numpy": lambda v: torch.from_numpy(unit_numpy(to_model_layout(v)))}
+    ways = {"decode": lambda v: v,  # webdataset's streaming reader + the codec, as the evaluation reads
+            "hu_to_unit": lambda v: hu_to_unit(torch.from_numpy(to_model_layout(v)), (-1000, 1000))}
     for name, way in ways.items():
         best = cpu = None
         for rep in range(3):  # the first pass warms the page cache and the allocator
@@ -129,21 +128,18 @@ elif what == "read":
             assert float(x.min()) >= -1 and float(x.max()) <= 1
         out[name] = n / best
         out[name + "_cpu"] = n / cpu
-    # the same through an indexed tar (tarfile's random access, one read per member), as a reader
-    # that seeks to samples by key does: webdataset's streaming tar reader costs ~0.05 s per volume
-    import tarfile
-    from ctprep.codec import decode_volume
-    shards = [f"{work}/shards/" + s["file"] for s in json.load(open(manifest))["shards"]]
+    # the training jobs' reader: the planned stream (indexed tar, checksums off after the first epoch),
+    # decoded to the model's (1, D, H, W) float32 in [-1, 1], one volume per micro-batch, no worker
+    make = batches.streamed([manifest], batches.volume_decode((-1000, 1000)), lambda samples, gen: samples[0],
+                            verify=False)
     best = cpu = None
     for rep in range(3):
         t = time.perf_counter(); c = time.process_time(); n = 0
-        for shard in shards:
-            with tarfile.open(shard, "r:") as tar:
-                for m in tar.getmembers():
-                    if m.name.endswith(".vol.b2nd"):
-                        x = torch.from_numpy(unit_numpy(to_model_layout(decode_volume(tar.extractfile(m).read())))); n += 1
+        for sample in make(BatchContext(0, 1, rep, 0, torch.device("cpu"), 1, 0)):
+            x = sample["volume"]; n += 1
         dt, dc = time.perf_counter() - t, time.process_time() - c
         best, cpu = (dt, dc) if best is None or dt < best else (best, cpu)
+    assert tuple(x.shape) == (1, 240, 480, 480) and x.dtype == torch.float32
     out["indexed"], out["indexed_cpu"] = n / best, n / cpu
 elif what == "preprocess":
     from ctprep.volume import load_nifti
@@ -301,8 +297,7 @@ def main() -> None:
         "raw_mb_per_volume": 480 * 480 * 240 * 2 / 1e6,
         "read_vol_per_s_decode_only": round(read["decode"], 2),
         "read_vol_per_s_hu_to_unit": round(read["hu_to_unit"], 2),
-        "read_vol_per_s_numpy_unit": round(read["numpy"], 2),
-        "read_vol_per_s_indexed_tar_numpy_unit": round(read["indexed"], 2),
+        "read_vol_per_s_training_stream": round(read["indexed"], 2),
         "read_vol_per_cpu_s": {k[:-4]: round(v, 2) for k, v in read.items() if k.endswith("_cpu")},
         "preprocess_1_thread_s": round(single["best"], 3),
         "preprocess_1_thread_cpu_s": round(single["best_cpu"], 3),

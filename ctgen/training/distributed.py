@@ -49,6 +49,13 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def process_group_args(device: torch.device) -> dict:
+    """``init_process_group`` arguments for this rank's device: NCCL bound to the GPU, or gloo on the CPU."""
+    if device.type == "cuda":
+        return {"backend": "nccl", "device_id": device}  # device_id: eager NCCL init, no device guessing
+    return {"backend": "gloo", "device_id": None}
+
+
 def setup(device_name: str = "auto") -> DistInfo:
     """Join the torchrun process group if the env says so; pick and select this rank's device."""
     if ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or dist.is_initialized():
@@ -58,8 +65,7 @@ def setup(device_name: str = "auto") -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL collectives and object gathers use the current device
         if owns:
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(**process_group_args(device))
         rank, world = dist.get_rank(), dist.get_world_size()
         log.info("DDP rank %d/%d (local %d) on %s, backend %s", rank, world, local_rank, device,
                  dist.get_backend())

@@ -333,3 +333,30 @@ def test_stops_ahead_of_the_job_time_limit_and_resumes(reference, tmp_path, monk
     monkeypatch.setenv("CTGEN_JOB_DEADLINE", str(time.time() + 3600))  # the next attempt has time
     run(tmp_path, cfg=cfg)
     assert_same_run(reference[0] / "out", tmp_path / "out")
+
+
+def test_gpu_paths_on_the_cpu():
+    """What a GPU job runs differently, checked here: NCCL bound to the rank's GPU, the fused AdamW kernel
+    (its CPU implementation gives the same update as the plain one), bf16 autocast by default on CUDA."""
+    from ctgen.training.distributed import process_group_args
+    from ctgen.training.loop import autocast_context
+    from ctgen.training.optim import build_optimizer
+
+    assert process_group_args(torch.device("cuda", 3)) == {"backend": "nccl", "device_id": torch.device("cuda", 3)}
+    assert process_group_args(torch.device("cpu")) == {"backend": "gloo", "device_id": None}
+    torch.manual_seed(0)
+    a, b = ToyModel(ToyConfig(dropout=0.0)), ToyModel(ToyConfig(dropout=0.0))
+    b.load_state_dict(a.state_dict())
+    fused = build_optimizer(a, 1e-2, 0.01, (0.9, 0.99), torch.device("cuda"))  # what a CUDA job builds
+    plain = build_optimizer(b, 1e-2, 0.01, (0.9, 0.99), torch.device("cpu"))
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    x, c, y = torch.randn(8, 6), torch.randint(0, 4, (8,)), torch.randn(8, 3)
+    for model, opt in ((a, fused), (b, plain)):
+        for _ in range(3):
+            opt.zero_grad()
+            model(x, c, y).loss.backward()
+            opt.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+    ctx, precision = autocast_context(TrainConfig(), torch.device("cuda"))
+    assert precision == "bf16" and ctx is not None and autocast_context(TrainConfig(), torch.device("cpu"))[1] == "fp32"

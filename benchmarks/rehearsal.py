@@ -1,0 +1,142 @@
+"""Rehearsal: the whole workflow on a cohort of N and of 4N volumes; per-rule wall time and peak RSS.
+
+Each size runs in its own working folder from nothing (the demo cohort is generated there), through
+the Snakefile with an edited copy of config.yaml, and the figures come from Snakemake's own
+benchmark files (``results/benchmarks/**.tsv``: wall seconds and max_rss per job). The target: every
+training job's peak RSS at 4N within 1.2x of its peak at N (streamed data: a job's memory is its
+batch's, not its cohort's).
+
+- ``--profile full``: CT-RATE-size scans (512 x 512 pixels of 0.6-0.8 mm, 200-400 slices of 0.8-1.6 mm),
+  the ``paper`` prep grid (512 x 512 x 201 at 0.75 x 0.75 x 1.5 mm) and the ``paper`` model sizes
+  (lowres_scale 4), two training steps each, one short sample per family. Slow on a CPU: a benchmark.
+- ``--profile small`` (CI): the tiny test config (64 x 64 x 32 grid, tiny models), training jobs only.
+
+    python benchmarks/rehearsal.py [--profile full|small] [--n 4] [--factor 4] [--out results/benchmarks/rehearsal.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINING = ("train_tokenizer", "train_generator", "train_superres", "train_clip", "train_classifier",
+            "train_autoencoder", "train_latent_flow")
+STEPS = {"max_steps": 2, "batch_size": 1, "warmup_steps": 0, "ckpt_every": 1000, "log_every": 1, "tensorboard": False}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def overrides(profile: str, n: int) -> dict:
+    """The config edits of one rehearsal size (``n`` training patients, one scan and reconstruction each)."""
+    cohort = {"n_train_patients": n, "n_valid_patients": max(2, n // 4), "max_scans_per_patient": 1,
+              "max_recons_per_scan": 1, "faults": []}
+    if profile == "small":
+        tiny = yaml.safe_load((REPO / "tests/workflow/configs/tiny.yaml").read_text())
+        return merge(tiny, {"demo": cohort})
+    models = {m: {"train": STEPS} for m in ("tokenizer", "generator", "superres", "clip", "classifier")}
+    models["superres"]["train"] = {**STEPS, "batch_size": 8}  # 8 slices of one volume (slices_per_volume 8)
+    models["clip"]["train"] = {**STEPS, "batch_size": 2}  # InfoNCE needs two pairs
+    return {
+        "demo": {**cohort, "matrix": 512, "slices": [200, 400], "fov_mm": [310, 410], "z_spacing_mm": [0.8, 1.6]},
+        "prep": {"preset": "paper", "n_chunks": 2},
+        "shards": {"shard_size": 4},
+        "models": {"preset": "paper", "lowres_scale": 4, "generators": ["cascade"],
+                   "resources": {m: {"threads": 2, "mem_mb": 16000, "runtime": 600, "gpu": 0}
+                                 for m in ("tokenizer", "generator", "superres", "clip", "classifier")}},
+        "model_presets": {"paper": models},
+        "sampling": {"max_prompts": 1, "steps": 2, "sr_steps": 2, "batch_size": 8, "dicom": False},
+        "evaluation": {"tstr": False, "guidance_scales": [1.0], "slices_per_volume": 4},
+    }
+
+
+def run(profile: str, n: int, root: Path, cores: int, targets: list[str]) -> dict:
+    """One size from nothing; {rule or rule/wildcards: {"s", "max_rss_mb"}} from the benchmark files."""
+    work = root / f"n{n}"
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = merge(yaml.safe_load((REPO / "config.yaml").read_text()), overrides(profile, n))
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work),
+                          "--configfile", str(work / "config.yaml"), "--cores", str(cores), *targets],
+                         capture_output=True, text=True, cwd=work, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"rehearsal n={n} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return {"n": n, "wall_s": time.perf_counter() - t0, "rules": read_benchmarks(work / "results" / "benchmarks")}
+
+
+def read_benchmarks(folder: Path) -> dict[str, dict[str, float]]:
+    """{job: {"s", "max_rss_mb"}} of every Snakemake benchmark TSV under ``folder``."""
+    out = {}
+    for path in sorted(folder.rglob("*.tsv")):
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        if rows and "max_rss" in rows[0]:
+            job = str(path.relative_to(folder).with_suffix(""))
+            rss = rows[-1]["max_rss"]
+            out[job] = {"s": float(rows[-1]["s"]), "max_rss_mb": float(rss) if rss not in ("", "-", "NA") else None}
+    return out
+
+
+def flatness(small: dict, large: dict, limit: float = 1.2) -> list[dict]:
+    """Training jobs' peak RSS at the larger cohort over the smaller one, and whether each is within ``limit``."""
+    rows = []
+    for job in sorted(small["rules"]):
+        if job.split("/")[0] not in TRAINING or job not in large["rules"]:
+            continue
+        a, b = small["rules"][job]["max_rss_mb"], large["rules"][job]["max_rss_mb"]
+        ratio = b / a if a and b else None
+        rows.append({"job": job, "rss_n_mb": a, "rss_4n_mb": b, "ratio": ratio,
+                     "ok": ratio is not None and ratio <= limit})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", choices=("full", "small"), default="full")
+    ap.add_argument("--n", type=int, default=4, help="training patients of the smaller cohort")
+    ap.add_argument("--factor", type=int, default=4, help="the larger cohort is n x factor")
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--root", type=Path, help="working folders (default: a temporary folder, removed)")
+    ap.add_argument("--out", type=Path, help="write the figures as JSON")
+    args = ap.parse_args()
+    targets = [f"results/models/{m.removeprefix('train_')}/model.safetensors" for m in TRAINING] \
+        if args.profile == "small" else []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root or Path(tmp)
+        small = run(args.profile, args.n, root, args.cores, targets)
+        large = run(args.profile, args.n * args.factor, root, args.cores, targets)
+    rows = flatness(small, large)
+    print(f"\n| job | N={args.n}: s | peak RSS MB | 4N={args.n * args.factor}: s | peak RSS MB | ratio |")
+    print("|---|---|---|---|---|---|")
+    for job in sorted(set(small["rules"]) | set(large["rules"])):
+        a, b = small["rules"].get(job, {}), large["rules"].get(job, {})
+        ratio = (b.get("max_rss_mb") or 0) / a["max_rss_mb"] if a.get("max_rss_mb") else None
+        print(f"| {job} | {a.get('s', float('nan')):.1f} | {a.get('max_rss_mb') or float('nan'):.0f} | "
+              f"{b.get('s', float('nan')):.1f} | {b.get('max_rss_mb') or float('nan'):.0f} | "
+              f"{'' if ratio is None else f'{ratio:.2f}'} |")
+    print(f"\nwall: N {small['wall_s']:.0f} s, 4N {large['wall_s']:.0f} s; training jobs within 1.2x: "
+          f"{sum(r['ok'] for r in rows)} of {len(rows)}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"small": small, "large": large, "flatness": rows}, indent=1) + "\n")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
