@@ -85,8 +85,8 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     # a model's own settings: that model and what is built from it, nothing upstream
     assert plan("tok", {"model_presets": {"demo": {"tokenizer": {"train": {"lr": 1e-3}}}}}) == \
         {"train_config", "train_tokenizer", "encode_tokens", "tokens_manifest", "train_generator"} | sampling
-    assert plan("ae", {"model_presets": {"demo": {"autoencoder": {"train": {"lr": 1e-3}}}}}) == {"train_config"} | latent
-    assert plan("flow", {"model_presets": {"demo": {"latent_flow": {"train": {"lr": 1e-3}}}}}) == \
+    assert plan("ae", {"model_presets": {"demo": {"autoencoder": {"train": {"lr": 5e-4}}}}}) == {"train_config"} | latent
+    assert plan("flow", {"model_presets": {"demo": {"latent_flow": {"train": {"lr": 5e-4}}}}}) == \
         {"train_config", "train_latent_flow"} | latent_sampling
     assert plan("gen", {"model_presets": {"demo": {"generator": {"model": {"depth": 1}}}}}) == \
         {"train_config", "train_generator"} | sampling
