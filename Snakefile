@@ -40,6 +40,9 @@ localrules:
     rejects,
     cascade,
     sample_prompts,
+    tstr_prompts,
+    slicenet_config,
+    metric_tables,
 
 
 rule all:
@@ -55,3 +58,4 @@ rule all:
         rules.evaluate.output.metrics,
         rules.guidance_sweep.output.csv,
         rules.figures.output,
+        rules.metric_tables.output,
