@@ -263,7 +263,7 @@ def _per_label_plot(metrics_json, out_png, dpi: int, sides: tuple[tuple[str, str
     sub = f"n = {first['n']} volumes, profile {first['profile']}" if first else "no label has enough positives and negatives"
     ax.set_title(f"{title}\n{sub}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
     return _save(fig, out_png, dpi)
 
 

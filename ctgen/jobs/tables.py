@@ -124,6 +124,7 @@ def write_intro(faithfulness_png, faithfulness_caption, out_rst) -> Path:
             "The classifier's AUROC per finding on the generated volumes (against the labels of the reports that "
             "produced them) beside the real ceiling (the same classifier on the real scans of the same reports), "
             f"with bootstrap 95% CIs over volumes. {cap}\n\n"
-            f".. raw:: html\n\n   <img alt=\"faithfulness\" style=\"max-width:100%\" src=\"data:image/png;base64,{data}\">\n")
+            ".. raw:: html\n\n   <img alt=\"faithfulness\" style=\"max-width:100%\" "
+            f"src=\"data:image/png;charset=utf8;filename={Path(faithfulness_png).name};base64,{data}\">\n")
     Path(out_rst).write_text(text)
     return Path(out_rst)

@@ -144,16 +144,16 @@ def test_noise_scores_worse_than_real(real_run, noise_run):
 def test_bad_and_unmatched_predictions_are_named_and_not_scored(models, tmp_path):
     preds = export_real(models["manifest"], tmp_path / "p", keys={f"train_{i}_a_1" for i in range(5)})
     affine = np.diag([2.0, 2.0, 5.0, 1.0])
-    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8, 2), np.int16), affine), tmp_path / "p" / "train_1_a_1.nii.gz")  # 4D
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8, 2), np.int16), affine), preds / "train_1_a_1.nii.gz")  # 4D
     nan = np.zeros((16, 16, 8), np.float32)
     nan[3, 3, 3] = np.nan
-    nib.save(nib.Nifti1Image(nan, affine), tmp_path / "p" / "train_2_a_1.nii.gz")
-    shutil.copy(tmp_path / "p" / "train_0_a_1.nii.gz", tmp_path / "p" / "train_0_a_1.nii")  # duplicate stem
-    shutil.copy(tmp_path / "p" / "train_0_a_1.nii.gz", tmp_path / "p" / "valid_9_a_1.nii.gz")  # no ground truth
+    nib.save(nib.Nifti1Image(nan, affine), preds / "train_2_a_1.nii.gz")
+    shutil.copy(preds / "train_0_a_1.nii.gz", preds / "train_0_a_1.nii")  # duplicate stem
+    shutil.copy(preds / "train_0_a_1.nii.gz", preds / "valid_9_a_1.nii.gz")  # no ground truth
     # another grid (1.6 mm, LPS): brought to the models' grid, not refused
     lps = Volume.from_3d(np.full((20, 20, 10), -500, np.int16), np.diag([-1.6, -1.6, 4.0, 1.0]))
-    save_nifti(lps, tmp_path / "p" / "train_3_a_1.nii.gz")
-    summary = evaluate.evaluate(tmp_path / "p", [models["manifest"]], models["models"], tmp_path / "out", SETTINGS,
+    save_nifti(lps, preds / "train_3_a_1.nii.gz")
+    summary = evaluate.evaluate(preds, [models["manifest"]], models["models"], tmp_path / "out", SETTINGS,
                                 labels=models["labels"], device="cpu")
     skipped = pd.read_csv(tmp_path / "out" / "skipped.csv").set_index(["stem", "side"])["reason"]
     assert "3D" in skipped[("train_1_a_1", "generated")] and "NaN" in skipped[("train_2_a_1", "generated")]

@@ -67,18 +67,20 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         return set(planned_rules(work, edit))
 
     assert plan("none") == set()  # a finished run has nothing to do
-    scoring = {"evaluate", "guidance_sweep", "figures", "all"}  # what reads the samples or the models
-    sampling = {"cascade", "sample"} | scoring
+    scoring = {"evaluate", "guidance_sweep", "figures", "metric_tables", "all"}  # what reads the samples or the models
+    # the cascade also samples the TSTR training set, on which the TSTR classifier trains again
+    sampling = {"cascade", "sample", "sample_tstr", "tstr_shards", "train_tstr"} | scoring
     # everything trained on the shards: whatever rewrites them retrains the cascade and the feature networks
     models = {"train_tokenizer", "encode_tokens", "train_generator", "train_superres", "train_clip",
-              "train_classifier"} | sampling
-    prompts = {"prompts", "shards", "shard_manifest", "rejects", "text_tokenizer", "sample_prompts"} | models
+              "train_classifier", "train_slicenet"} | sampling
+    prompts = {"prompts", "shards", "shard_manifest", "rejects", "text_tokenizer", "sample_prompts",
+               "tstr_prompts"} | models
     assert plan("prompt", {"prompts": {"templates": {"generatect": "{sex}, {age} years: {impression}"}}}) == prompts
     assert plan("structured", {"prompts": {"structured": {"negated": "state"}}}) == prompts
     # a preprocessing setting: preprocessing and everything after it, not the cohort or the reports;
     # the HU window also reaches every training config (the models map it to [-1, 1])
     assert plan("preset", {"presets": {"demo": {"clip": [-1024, 1200]}}}) == \
-        {"prep", "shards", "shard_manifest", "rejects", "train_config"} | models
+        {"prep", "shards", "shard_manifest", "rejects", "train_config", "slicenet_config"} | models
     assert plan("shard", {"shards": {"shard_size": 3}}) == {"shards", "shard_manifest"} | models
     # a model's own settings: that model and what is built from it, nothing upstream
     assert plan("tok", {"model_presets": {"demo": {"tokenizer": {"train": {"lr": 1e-3}}}}}) == \
@@ -92,7 +94,12 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     # sampling settings: the samples and their scores; evaluation settings: the scores; figures: the figures
     assert plan("steps", {"sampling": {"steps": 3}}) == sampling
     assert plan("eval", {"evaluation": {"hu_tolerance": 30.0}}) == scoring
-    assert plan("fig", {"figures": {"dpi": 100}}) == {"figures", "all"}
+    assert plan("fig", {"figures": {"dpi": 100}}) == {"figures", "metric_tables", "all"}
+    # the slice network's settings: it and the scores; TSTR's size: its samples, classifiers and the scores
+    assert plan("slicenet", {"evaluation": {"slicenet": {"train": {"lr": 1e-3}}}}) == \
+        {"slicenet_config", "train_slicenet"} | scoring
+    assert plan("tstr", {"evaluation": {"tstr_reports": 3}}) == \
+        {"tstr_prompts", "sample_tstr", "tstr_shards", "train_tstr"} | scoring - {"guidance_sweep"}
 
 
 def test_strict_mode_fails_and_names_the_rejects(demo_run, tmp_path):
