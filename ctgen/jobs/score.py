@@ -24,7 +24,7 @@ import numpy as np
 
 from ctgen.metrics.faithfulness import auroc
 from ctgen.metrics.hu import TISSUES
-from ctgen.metrics.summary import MetricValue, bootstrap_ci, mean_with_ci
+from ctgen.metrics.summary import MetricValue, bootstrap_ci, mean_with_ci, thin
 
 MACRO = "macro"
 
@@ -58,7 +58,7 @@ def label_aurocs(probs, labels, names: Sequence[str], *, name: str, min_positive
         ci, dropped = bootstrap_ci(lambda idx: _auroc_or_nan(s[idx][known[idx]], y[idx][known[idx]]), len(y),
                                    n_boot=n_boot, seed=seed)
         out.append(MetricValue(f"{name}.{label}", auroc(s, y), int(known.sum()), ci, profile, stems,
-                               extra={**extra, "dropped_resamples": dropped}))
+                               thin(int(known.sum())), {**extra, "dropped_resamples": dropped}))
     out.append(_macro(probs, labels, usable, names, name, profile, stems, n_boot, seed))
     return out
 
@@ -75,8 +75,8 @@ def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot
 
     value = stat(np.arange(len(probs)))
     ci, dropped = bootstrap_ci(stat, len(probs), n_boot=n_boot, seed=seed)
-    return MetricValue(f"{name}.{MACRO}", value, len(probs), ci, profile, stems,
-                       extra={"labels": [names[j] for j in usable], "dropped_resamples": dropped})
+    return MetricValue(f"{name}.{MACRO}", value, len(probs), ci, profile, stems, thin(len(probs)),
+                       {"labels": [names[j] for j in usable], "dropped_resamples": dropped})
 
 
 def tstr_metrics(probs_synthetic, probs_real, labels, names: Sequence[str], *, min_positives: int, min_negatives: int,
@@ -106,7 +106,7 @@ def tstr_metrics(probs_synthetic, probs_real, labels, names: Sequence[str], *, m
 
         ci, dropped = bootstrap_ci(gap, len(y), n_boot=n_boot, seed=seed)
         gaps.append(MetricValue(f"tstr.gap.{label}", a.value - b.value, a.n, ci, f"{profiles[1]} - {profiles[0]}",
-                                stems, extra={"dropped_resamples": dropped}))
+                                stems, thin(a.n), {"dropped_resamples": dropped}))
     for m in (*synth, *real, *gaps):
         m.extra.update(extra)
     return [*synth, *real, *gaps]

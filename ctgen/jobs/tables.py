@@ -67,14 +67,14 @@ def caption(table: str, records: list[dict], metrics: dict) -> str:
     parts = []
     pairs = list(dict.fromkeys((r.get("n"), r.get("profile") or "-") for r in records))
     if pairs:
-        shown = ", ".join(f"n = {n} ({p})" for n, p in pairs[:4]) + (f" and {len(pairs) - 4} more" if len(pairs) > 4 else "")
+        shown = ", ".join(f"n = {n} (``{p}``)" for n, p in pairs[:4]) + (f" and {len(pairs) - 4} more" if len(pairs) > 4 else "")
         parts.append(f"**n and profile:** {shown}.")
         stems = sorted({r.get("stems") for r in records if r.get("stems")})
         parts.append(f"Scored stems (hash): {', '.join(f'``{s}``' for s in stems[:3])}.")
     flagged = sum(1 for r in records if r.get("flag"))
     if flagged:
-        parts.append(f"**{flagged} of {len(records)} numbers are flagged** (too few samples or positives; see the "
-                     "flag column): do not read them as results.")
+        parts.append(f"**{flagged} of {len(records)} numbers are flagged** (too few volumes, positives or "
+                     "candidates; see the flag column): do not read them as results.")
     for miss in metrics.get("not_computed", []):
         if GROUPS.get(miss["group"], miss["group"]) == table or miss["group"] == table:
             parts.append(f"Not computed: {miss['reason']}.")
@@ -101,7 +101,7 @@ def write_tables(metrics_json, skipped_csv, sweep_csv, outputs: Mapping[str, str
             tables[name] = (metric_rows(groups[name]), caption(name, groups[name], metrics))
     sweep = pd.read_csv(sweep_csv)
     pairs = sweep[["n", "profile"]].drop_duplicates().itertuples(index=False)
-    tables["guidance_sweep"] = (sweep, f"**n and profile:** {', '.join(f'n = {n} ({p})' for n, p in pairs)}. "
+    tables["guidance_sweep"] = (sweep, f"**n and profile:** {', '.join(f'n = {n} (``{p}``)' for n, p in pairs)}. "
                                        "The same prompts and seeds at every guidance scale.\n")
     skipped = pd.read_csv(skipped_csv)
     n = metrics.get("n", {})
@@ -116,15 +116,20 @@ def write_tables(metrics_json, skipped_csv, sweep_csv, outputs: Mapping[str, str
 
 
 def write_intro(faithfulness_png, faithfulness_caption, out_rst) -> Path:
-    """The report's front-page snippet: the faithfulness figure, embedded, with its n and profile."""
+    """The report's front-page snippet: the faithfulness figure, embedded, with its n and profile.
+
+    The data URI is wrapped at 76 characters: docutils refuses input lines over 10,000 characters, and a
+    URL parser drops the line breaks again (they are not part of the URL).
+    """
     data = base64.b64encode(Path(faithfulness_png).read_bytes()).decode()
+    lines = "\n".join(f"   {data[i:i + 76]}" for i in range(0, len(data), 76))
     cap = Path(faithfulness_caption).read_text().strip()
     text = ("Faithfulness: are the findings of the report in the generated volume?\n"
             "-----------------------------------------------------------------------\n\n"
             "The classifier's AUROC per finding on the generated volumes (against the labels of the reports that "
             "produced them) beside the real ceiling (the same classifier on the real scans of the same reports), "
             f"with bootstrap 95% CIs over volumes. {cap}\n\n"
-            ".. raw:: html\n\n   <img alt=\"faithfulness\" style=\"max-width:100%\" "
-            f"src=\"data:image/png;charset=utf8;filename={Path(faithfulness_png).name};base64,{data}\">\n")
+            ".. raw:: html\n\n   <img alt=\"faithfulness\" style=\"max-width:100%\"\n"
+            f"   src=\"data:image/png;charset=utf8;filename={Path(faithfulness_png).name};base64,\n{lines}\">\n")
     Path(out_rst).write_text(text)
     return Path(out_rst)

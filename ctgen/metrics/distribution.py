@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ctgen.metrics.frechet import frechet_distance_from_stats
-from ctgen.metrics.summary import MetricValue, percentile_ci
+from ctgen.metrics.summary import MetricValue, join_flags, percentile_ci, thin
 
 
 @dataclass
@@ -130,12 +130,13 @@ def frechet_values(real: dict[str, FeatureRows], fake: dict[str, FeatureRows], n
     out = {}
     for k, p in pairs.items():
         ci, extra = _shifted_ci(boots[k], values[k], n_boot)
-        out[k] = MetricValue(f"{name}.{k}", values[k], n_f, ci, profile, stems, p.flag, {**p.extra(), **extra})
+        flag = join_flags(p.flag, thin(min(n_f, n_r)))
+        out[k] = MetricValue(f"{name}.{k}", values[k], n_f, ci, profile, stems, flag, {**p.extra(), **extra})
     if mean:
         value = float(np.mean(list(values.values())))
         ci, extra = _shifted_ci(list(np.mean([boots[k] for k in keys], axis=0)), value, n_boot)
         flags = sorted({p.flag for p in pairs.values() if p.flag})
-        out["mean"] = MetricValue(f"{name}.mean", value, n_f, ci, profile, stems, "; ".join(flags) or None,
+        out["mean"] = MetricValue(f"{name}.mean", value, n_f, ci, profile, stems, join_flags(*flags, thin(min(n_f, n_r))),
                                   {"of": keys, "n_real": n_r, **extra})
     return out
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctgen.metrics.summary import MetricValue, mean_with_ci
+from ctgen.metrics.summary import MetricValue, join_flags, mean_with_ci
 
 
 def distinct_texts(texts: list[str]) -> tuple[list[str], np.ndarray]:
@@ -56,5 +56,5 @@ def top_k_accuracy(ranks, k: int, n_candidates: int, name: str, **kw) -> MetricV
     m = mean_with_ci(hits, name, **kw)
     m.extra.update(k=k, n_candidates=n_candidates, chance=min(k / n_candidates, 1.0))
     if k >= n_candidates:
-        m.flag = f"k = {k} >= {n_candidates} candidate reports: every volume is a hit"
+        m.flag = join_flags(f"k = {k} >= {n_candidates} candidate reports: every volume is a hit", m.flag)
     return m

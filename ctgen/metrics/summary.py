@@ -19,6 +19,7 @@ import numpy as np
 
 N_BOOTSTRAP = 1000  # resamples of the percentile bootstrap
 CONFIDENCE = 0.95
+MIN_UNITS = 10  # fewer units and the percentile bootstrap's 95% interval holds the truth far less often: flagged
 
 
 def stems_hash(stems: Iterable[str]) -> str:
@@ -55,6 +56,16 @@ class MetricValue:
         if known.get("ci") is not None:
             known["ci"] = tuple(known["ci"])
         return cls(**known)
+
+
+def thin(n: int, what: str = "volumes") -> str | None:
+    """The flag of a number computed on fewer than :data:`MIN_UNITS` units, else None."""
+    return f"only {n} {what}: too few for a reliable bootstrap CI (< {MIN_UNITS})" if n < MIN_UNITS else None
+
+
+def join_flags(*flags: str | None) -> str | None:
+    """Several reasons in one flag ("; "-separated), None when there is none."""
+    return "; ".join(f for f in flags if f) or None
 
 
 def bootstrap_ci(statistic: Callable[[np.ndarray], float], n_units: int, *, n_boot: int = N_BOOTSTRAP,
@@ -104,4 +115,5 @@ def mean_with_ci(values: Sequence[float], name: str, *, n_boot: int = N_BOOTSTRA
     if finite.size == 0:
         return MetricValue(name, None, 0, flag="no finite values", extra=extra, **kw)
     ci, _ = bootstrap_ci(lambda idx: finite[idx].mean(), finite.size, n_boot=n_boot, seed=seed)
-    return MetricValue(name, float(finite.mean()), int(finite.size), ci, extra=extra, **kw)
+    flag = join_flags(kw.pop("flag", None), thin(int(finite.size)))
+    return MetricValue(name, float(finite.mean()), int(finite.size), ci, flag=flag, extra=extra, **kw)
