@@ -71,7 +71,7 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     # the cascade also samples the TSTR training set, on which the TSTR classifier trains again
     sampling = {"cascade", "sample", "sample_tstr", "tstr_shards", "train_tstr"} | scoring
     # everything trained on the shards: whatever rewrites them retrains the cascade and the feature networks
-    models = {"train_tokenizer", "encode_tokens", "train_generator", "train_superres", "train_clip",
+    models = {"train_tokenizer", "encode_tokens", "tokens_manifest", "train_generator", "train_superres", "train_clip",
               "train_classifier", "train_slicenet"} | sampling
     prompts = {"prompts", "shards", "shard_manifest", "rejects", "text_tokenizer", "sample_prompts",
                "tstr_prompts"} | models
@@ -84,7 +84,7 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     assert plan("shard", {"shards": {"shard_size": 3}}) == {"shards", "shard_manifest"} | models
     # a model's own settings: that model and what is built from it, nothing upstream
     assert plan("tok", {"model_presets": {"demo": {"tokenizer": {"train": {"lr": 1e-3}}}}}) == \
-        {"train_config", "train_tokenizer", "encode_tokens", "train_generator"} | sampling
+        {"train_config", "train_tokenizer", "encode_tokens", "tokens_manifest", "train_generator"} | sampling
     assert plan("gen", {"model_presets": {"demo": {"generator": {"model": {"depth": 1}}}}}) == \
         {"train_config", "train_generator"} | sampling
     assert plan("sr", {"model_presets": {"demo": {"superres": {"train": {"lr": 5e-4}}}}}) == \
