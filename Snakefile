@@ -43,6 +43,9 @@ localrules:
     rejects,
     cascade,
     sample_prompts,
+    tstr_prompts,
+    slicenet_config,
+    metric_tables,
 
 
 rule all:
@@ -58,4 +61,5 @@ rule all:
         rules.evaluate.output.metrics if CASCADE else [],
         rules.guidance_sweep.output.csv if CASCADE else [],
         rules.figures.output if CASCADE else [],
+        rules.metric_tables.output if CASCADE else [],
         rules.sample_latent_flow.output.manifest if LATENT else [],

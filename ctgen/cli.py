@@ -25,7 +25,8 @@ from ctprep.errors import DEBUG_ENV, UserError, positive_int, run_reporting_erro
 
 #: The inputs each model's training reads, as (data key, flag): named when missing.
 NEEDS = {"tokenizer": ("manifests",), "generator": ("tokens",), "superres": ("manifests",),
-         "autoencoder": (), "latent_flow": ("latents",), "clip": ("manifests",), "classifier": ("manifests",)}
+         "autoencoder": (), "latent_flow": ("latents",), "clip": ("manifests",), "classifier": ("manifests",),
+         "slicenet": ("manifests",)}
 #: Data keys that name input files (checked to exist before any work starts).
 INPUT_FILES = ("manifests", "tokens", "latents", "text_cache", "text_tokenizer", "recon")
 
@@ -152,6 +153,40 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(value: str | None) -> dict:
+    """--settings: a YAML/JSON mapping, or a file holding one (a whole config.yaml gives its `evaluation`)."""
+    import yaml
+
+    if value is None:
+        return {}
+    path = Path(value)
+    text = path.read_text() if path.suffix in (".yaml", ".yml", ".json") and path.is_file() else value
+    try:
+        settings = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"--settings is not YAML/JSON: {err}") from None
+    if isinstance(settings, dict) and isinstance(settings.get("evaluation"), dict):
+        settings = settings["evaluation"]
+    if not isinstance(settings, dict):
+        raise UserError(f"--settings must be a mapping such as '{{bootstrap: 1000}}' or a YAML file, not {value!r}")
+    return settings
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ctgen.jobs.evaluate import evaluate
+
+    for flag, value in (("--generated", args.generated), ("--models", args.models), ("--reports", args.reports),
+                        ("--labels", args.labels), *(("--real", r) for r in args.real)):
+        if value is not None and not Path(value).exists():
+            raise UserError(f"{flag}: {value} does not exist")
+    for value in args.tstr or ():
+        if not (Path(value) / "config.json").is_file():
+            raise UserError(f"--tstr: {value} holds no trained classifier (no config.json)")
+    evaluate(args.generated, args.real, args.models, args.out, _settings(args.settings), reports=args.reports,
+             labels=args.labels, device=args.device, tstr=tuple(args.tstr) if args.tstr else None)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``ctgen`` parser; the pass-through commands appear in its help and parse their own arguments."""
     p = argparse.ArgumentParser(prog="ctgen", description="text-to-CT models: training, sampling and checks",
@@ -163,7 +198,7 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one model of the cascade (under torchrun for several processes)")
     t.add_argument("model", choices=tuple(NEEDS), help="which model: the cascade's tokenizer, generator, superres, "
-                                                       "or the evaluation's clip, classifier")
+                                                       "or the evaluation's clip, classifier, slicenet")
     t.add_argument("--config", required=True, help="YAML/JSON with model, train, data sections (see ctgen/jobs/config.py)")
     t.add_argument("--out", required=True, help="folder for the final weights, metrics and summary")
     t.add_argument("--checkpoints", help="folder for resumable checkpoints (default: beside --out)")
@@ -222,6 +257,29 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--encoder", required=True, help="encoder config as YAML/JSON, e.g. '{kind: hf, path: /models/cxr-bert}'")
     m.add_argument("--out", required=True, help="the .safetensors cache to write (keys <sample>:<section>)")
     m.set_defaults(func=_embed_sections)
+
+    v = sub.add_parser("evaluate", help="score predictions (a NIfTI folder or samples.csv) against ground truth, "
+                                        "matched by stem")
+    v.add_argument("--generated", required=True,
+                   help="the predictions: a folder of NIfTI files in HU (any depth; stem = file name without .nii/.nii.gz) "
+                        "or a sampling manifest (samples.csv)")
+    v.add_argument("--real", required=True, nargs="+",
+                   help="the ground truth: a folder of NIfTI files in HU, or shard manifests (.json)")
+    v.add_argument("--models", required=True,
+                   help="models folder with cascade.json (the grid) and the feature networks: clip, classifier, slicenet, "
+                        "tstr_synthetic, tstr_real (those present are used)")
+    v.add_argument("--out", required=True, help="output folder: metrics.json, per_volume.csv, skipped.csv, hu_histograms.json")
+    v.add_argument("--reports", help="report texts by stem (text lines, CSV or JSONL with id/VolumeName and prompt or "
+                                     "report columns), for the CLIP score and retrieval; default: those in the shards")
+    v.add_argument("--labels", help="CT-RATE-style label table (VolumeName + the 18 label columns), for faithfulness and "
+                                    "TSTR; default: the labels in the shards")
+    v.add_argument("--settings", help="scoring settings as YAML/JSON or a YAML file (config.yaml's evaluation keys: "
+                                      "bootstrap, auroc_min_positives, slices_per_volume, ...); default: ctgen's defaults")
+    v.add_argument("--tstr", nargs=2, metavar=("SYNTHETIC", "REAL"),
+                   help="train on synthetic, test on real: the folders of the classifier trained on generated volumes and "
+                        "of the one trained on as many real volumes; both are tested on the ground truth")
+    v.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    v.set_defaults(func=_evaluate)
 
     c = sub.add_parser("compare", help="paired permutation test of two runs' per_volume.csv, metric by metric")
     c.add_argument("run_a", help="per_volume.csv of run A (results/evaluation/per_volume.csv)")

@@ -2,7 +2,7 @@
 
 from ctgen.export.config import ExportConfig, to_int16_hu
 from ctgen.export.dicom import SliceGeometry, dicom_geometry, save_synthetic_dicom
-from ctgen.export.nifti import save_synthetic_nifti
+from ctgen.export.nifti import save_synthetic_nifti, stored_as
 from ctgen.export.sidecar import build_sidecar, geometry, sidecar_path, to_json, write_sidecar
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "save_synthetic_dicom",
     "save_synthetic_nifti",
     "sidecar_path",
+    "stored_as",
     "to_int16_hu",
     "to_json",
     "write_sidecar",

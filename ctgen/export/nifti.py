@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ctprep.errors import UserError
+from ctprep.geometry import reorient
 from ctprep.volume import Volume, save_nifti
 
 from ctgen.export.config import ExportConfig, to_int16_hu
@@ -48,3 +50,18 @@ def save_synthetic_nifti(
     save_nifti(out, path, dtype="int16", descrip=config.nifti_descrip)
     logger.info("wrote synthetic NIfTI %s %r", path, out)
     return path, json_path
+
+
+def stored_as(vol, orientation: str | None):
+    """``vol`` with its voxels in the axis order ``orientation`` (three of R/L, A/P, S/I), the affine still true.
+
+    The challenge's FVD_CTNet and CT-CLIP protocols read arrays in file order and ignore the header, so a
+    submission must store its voxels as the ground truth does; the truthful affine keeps it a correct NIfTI.
+    """
+    if not orientation:
+        return vol
+    codes = tuple(orientation.upper())
+    axis = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+    if len(codes) != 3 or any(c not in axis for c in codes) or sorted(axis[c] for c in codes) != [0, 1, 2]:
+        raise UserError(f"--orientation {orientation!r}: three axis codes, one each of R/L, A/P and S/I (e.g. PLI)")
+    return reorient(vol, codes)

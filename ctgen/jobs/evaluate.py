@@ -1,15 +1,27 @@
-"""The evaluation of a sampling run: FID (2D, 2.5D), FVD-style 3D Fréchet, CLIP score, faithfulness, TSTR, HU.
+"""Score any folder of predictions against ground truth: ``ctgen evaluate`` and the workflow's ``evaluate`` rule.
 
-Reference set: the real volumes of the evaluation split. Feature spaces: the CT-CLIP-style model and
-the 18-label classifier trained in the workflow on real training volumes (or InceptionV3 weights for
-2D FID, where a user has them). Every generated volume keeps a row in ``per_volume.csv`` so runs can
-be compared pairwise (:func:`compare_runs`, a paired permutation test per metric).
+``evaluate(generated, real, models_dir, out_dir, settings)`` matches predictions to ground truth by
+stem (:mod:`ctgen.jobs.pairing`), streams both in batches of ``batch_size`` ground-truth volumes
+(every network on the job's device; memory: one batch of volumes plus per-volume features), and
+writes to ``out_dir``:
+
+* ``metrics.json``: every number as a MetricValue record (value, n, bootstrap 95% CI over volumes,
+  the profile: backbone and weights hash, the hash of the scored stems, a flag where it is thin),
+  the groups not computed and why, the counts, the inputs and the provenance;
+* ``per_volume.csv``: one row per scored prediction, for ``ctgen compare`` (paired permutation test);
+* ``skipped.csv``: every prediction or ground-truth volume left out, and why;
+* ``hu_histograms.json``: mean HU densities of the generated and the real volumes.
+
+What is computed depends on what the models folder holds (clip, classifier, slicenet; see
+:mod:`ctgen.jobs.features`), on the TSTR classifiers given, and on the texts and labels at hand; a group that cannot be computed is
+listed in ``not_computed`` with the reason, never left out silently.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,233 +29,307 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctgen.data.batches import load_volumes
-from ctgen.data.layout import hu_to_unit, to_model_layout, unit_to_hu
-from ctgen.data.text import TextConditioning
-from ctgen.jobs.features import FeatureNets, embed_texts, extract_features, load_feature_nets
-from ctgen.metrics import (
-    TISSUES, auroc_per_label, clip_score, fid_from_features, flag_out_of_range, frechet_3d, hu_histogram,
-    image_similarity, paired_permutation_test, slice_features, tissue_stats, tstr_summary,
-)
+from ctgen.data.layout import hu_to_unit
+from ctgen.jobs.eval_config import EvalConfig
+from ctgen.jobs.features import FeatureNets, clip_text_embedder, load_models_folder, slice_outputs, volume_outputs
+from ctgen.jobs.pairing import BadVolume, Grid, RealSet, Skip, pair, read_labels, read_nifti, read_predictions, \
+    read_reports, skipped_table
+from ctgen.jobs.score import alignment_metrics, hu_metrics, label_aurocs, tstr_metrics
+from ctgen.metrics.distribution import FeatureRows, frechet_value, frechet_values
+from ctgen.metrics.hu import flag_out_of_range, hu_histogram, tissue_stats
+from ctgen.metrics.permutation import paired_permutation_test
+from ctgen.metrics.retrieval import distinct_texts, retrieval_ranks
+from ctgen.metrics.slices import PLANES
+from ctgen.metrics.summary import MetricValue, stems_hash
 from ctprep.ctrate import LABELS
 from ctprep.errors import UserError
 from ctprep.logs import progress
 
 log = logging.getLogger(__name__)
 
+class _Collected:
+    """Per-volume outputs of the stream, kept until scoring (features, not volumes)."""
 
-def load_generated(samples_csv: str | Path, window) -> tuple[pd.DataFrame, list[dict]]:
-    """The sampling run's manifest and its volumes ({key, volume (1, D, H, W) in [-1, 1], hu (D, H, W)}).
+    def __init__(self):
+        self.gen_rows: list[dict] = []  # one per scored prediction
+        self.gen_real: list[int] = []  # index of each prediction's ground truth among the paired real volumes
+        self.real_stems: list[str] = []  # paired ground truth, in order
+        self.out: dict[str, dict[str, list]] = {"generated": {}, "real": {}}  # side -> output -> rows
+        self.slices: dict[str, dict[str, dict[str, list]]] = {"generated": {}, "real": {}}  # side -> space -> plane
+        self.stats: dict[str, list] = {"generated": [], "real": []}  # tissue_stats
+        self.hist: dict[str, list] = {"generated": [], "real": []}  # summed densities, count
+        self.tstr_stems: list[str] = []  # every ground truth read (TSTR tests on all of it)
+        self.tstr: dict[str, list] = {}
 
-    ``window``: the prep preset's HU window, mapped to [-1, 1] as for the training volumes.
-    """
-    from ctprep.volume import load_nifti
+    def add(self, side: str, nets: FeatureNets, hus: list[np.ndarray], window, n_slices) -> None:
+        units = [hu_to_unit(torch.from_numpy(h)[None], window) for h in hus]  # (1, D, H, W) each
+        for k, v in volume_outputs(nets, torch.stack(units)).items():
+            if k.startswith("tstr_"):
+                continue
+            self.out[side].setdefault(k, []).extend(v)
+        for hu, unit in zip(hus, units):
+            for space, planes in slice_outputs(nets, unit[0], n_slices).items():
+                for plane, rows in planes.items():
+                    self.slices[side].setdefault(space, {}).setdefault(plane, []).append(rows)
+            self.stats[side].append(tissue_stats(hu))
+            density, edges = hu_histogram(hu)
+            self.hist[side] = [self.hist[side][0] + density, self.hist[side][1] + 1] if self.hist[side] else [density, 1]
+            self.edges = edges
 
-    manifest = pd.read_csv(samples_csv)
-    missing = {"nifti", "prompt_id"} - set(manifest.columns)
-    if missing:
-        raise UserError(f"{samples_csv} is not a sampling manifest (samples.csv): no {sorted(missing)} column")
-    vols = []
-    for row in progress(manifest.itertuples(), total=len(manifest), desc="load generated", unit="vol"):
-        arr = to_model_layout(np.asarray(load_nifti(row.nifti).array[0]))  # (1, D, H, W) HU
-        hu = torch.from_numpy(arr.astype(np.float32))
-        vols.append({"key": str(row.prompt_id), "volume": hu_to_unit(hu, window), "hu": hu[0].numpy()})
-    return manifest, vols
-
-
-class SliceExtractor(torch.nn.Module):
-    """2D features from a trained 3D encoder: a slice repeated through the encoder's depth stride.
-
-    Used for FID when no InceptionV3 weights are configured: the network was trained on CT, which
-    ImageNet's Inception was not, and it is available offline.
-    """
-
-    def __init__(self, features, depth: int):
-        super().__init__()
-        self.features, self.depth = features, depth
-
-    def forward(self, slices: torch.Tensor) -> torch.Tensor:  # (B, 1, h, w) in [-1, 1]
-        return self.features(slices[:, :, None].expand(-1, -1, self.depth, -1, -1))
-
-
-def _slice_extractor(nets: FeatureNets, inception: str | None, window=None):
-    if inception:
-        from ctgen.metrics.inception import InceptionV3Features
-
-        net = InceptionV3Features.from_path(inception)
-        return lambda x: net(unit_to_hu(x, window))  # it windows HU itself
-    net = nets.classifier
-    return SliceExtractor(net.features, int(net.config.stem_stride[0])).eval()
-
-
-def _nan_to_none(obj):
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return None if not np.isfinite(obj) else float(obj)
-    return obj
+    def add_tstr(self, nets: FeatureNets, stems: list[str], hus: list[np.ndarray], window) -> None:
+        video = torch.stack([hu_to_unit(torch.from_numpy(h)[None], window) for h in hus])
+        for k, v in volume_outputs(FeatureNets(tstr=nets.tstr), video).items():
+            self.tstr.setdefault(k, []).extend(v)
+        self.tstr_stems += stems
 
 
 @torch.no_grad()
-def evaluate_run(samples_csv, valid_manifests: list[str], clip_dir, classifier_dir, text: dict, out_dir,
-                 cfg: dict[str, Any], window, classifier_cfg: dict | None = None, checkpoint_root=None) -> dict:
-    """Every metric of one sampling run; writes metrics.json, per_volume.csv and hu_histograms.json.
+def evaluate(generated: str | Path, real: list[str | Path], models_dir: str | Path, out_dir: str | Path,
+             settings: EvalConfig | dict | None = None, reports: str | Path | None = None,
+             labels: str | Path | None = None, device: str | None = None,
+             tstr: tuple[str | Path, str | Path] | None = None) -> dict[str, Any]:
+    """Score the predictions ``generated`` against the ground truth ``real``; see the module doc.
 
-    ``window``: the prep preset's HU window (its ``clip``), which maps HU to the networks' [-1, 1].
+    ``tstr``: the folders of the classifier trained on synthetic and of the one trained on real volumes.
     """
+    cfg = settings if isinstance(settings, EvalConfig) else EvalConfig.from_dict(settings)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest, gen = load_generated(samples_csv, window)
-    real = load_volumes(valid_manifests, window, prompt=text.get("prompt"))
-    by_key = {r["key"]: r for r in real}
-    nets = load_feature_nets(clip_dir, classifier_dir)
-    f_gen, f_real = extract_features(nets, gen), extract_features(nets, real)
-    # 2D FID on axial, coronal, sagittal slices (2.5D: reported separately and averaged)
-    extractor = _slice_extractor(nets, cfg.get("inception_weights"), window)
-    n = cfg.get("slices_per_volume")
-    fid = fid_from_features(slice_features([r["volume"] for r in real], extractor, n_slices=n),
-                            slice_features([g["volume"] for g in gen], extractor, n_slices=n))
-    fvd = {"clip": frechet_3d(f_real["clip_features"], f_gen["clip_features"]),
-           "classifier": frechet_3d(f_real["classifier_features"], f_gen["classifier_features"])}
-    # CLIP score: generated volume vs its prompt; ceiling: the real volume of that report vs the same prompt
-    prompts = {str(r.prompt_id): r.prompt for r in manifest.itertuples()}
-    prompts.update({k: by_key[k]["prompt"] for k in by_key if k not in prompts})
-    cond = TextConditioning(prompts, cache_path=text.get("text_cache"), tokenizer_path=text.get("text_tokenizer"),
-                            max_length=text.get("max_length", 128))
-    keys = [g["key"] for g in gen]
-    text_emb = embed_texts(nets.clip, cond, keys)
-    paired = [k in by_key for k in keys]
-    real_idx = {r["key"]: i for i, r in enumerate(real)}
-    real_emb = np.stack([f_real["clip_embedding"][real_idx[k]] if k in real_idx else np.full_like(text_emb[0], np.nan)
-                         for k in keys])
-    cs_gen = clip_score(f_gen["clip_embedding"], text_emb)
-    cs_real = clip_score(real_emb, text_emb)
-    sim = image_similarity(f_gen["clip_embedding"], real_emb)
-    # faithfulness: the classifier on generated volumes against the labels of their prompts' reports
-    labels_gen = np.stack([by_key[k]["labels"] if k in by_key else np.full(len(LABELS), np.nan) for k in keys])
-    labels_real = np.stack([r["labels"] for r in real])
-    faith = {"generated": auroc_per_label(f_gen["probabilities"], labels_gen, LABELS),
-             "real": auroc_per_label(f_real["probabilities"], labels_real, LABELS)}
-    tstr = None
-    if cfg.get("tstr") and classifier_cfg is not None:
-        tstr = _train_on_synthetic(gen, labels_gen, real, f_real["probabilities"], labels_real, classifier_cfg,
-                                   out_dir, checkpoint_root or out_dir / "checkpoints")
-    # HU: per-tissue medians against the real range; histograms
-    real_hu = [unit_to_hu(r["volume"][0], window).numpy() for r in real]  # (D, H, W) each
-    real_stats = [tissue_stats(v) for v in real_hu]
-    rows, flags = [], []
-    for i, (g, row) in enumerate(zip(gen, manifest.itertuples())):
-        stats = tissue_stats(g["hu"])
-        f = flag_out_of_range(stats, real_stats, cfg.get("hu_tolerance", 20.0))
-        flags += [{"sample": row.nifti, **x} for x in f]
-        rows.append({"sample": row.nifti, "prompt_id": row.prompt_id, "seed": row.seed, "clip_score": cs_gen[i],
-                     "clip_score_real": cs_real[i], "image_similarity": sim[i],
-                     **{f"hu_{t}_median": stats[t]["median"] for t in TISSUES}, "n_hu_flags": len(f)})
-    per_volume = pd.DataFrame(rows)
+    grid = Grid.from_models(models_dir)
+    nets = load_models_folder(models_dir, device, cfg.inception_weights, window=grid.clip, tstr=tstr)
+    predictions, skips = read_predictions(generated)
+    truth = RealSet(list(real))
+    skips += truth.skipped
+    pairing = pair(predictions, truth.stems)
+    skips += pairing.skips(truth.paths)
+    texts, known_labels = _texts_and_labels(truth, predictions, models_dir, nets, reports, labels)
+    col = _stream(truth, pairing, nets, grid, cfg, skips)
+    n_pred, n_skipped = len(col.gen_rows), sum(1 for s in skips if s.side == "generated")
+    if not n_pred:
+        raise UserError(f"no prediction could be scored: all {len(predictions)} were skipped (see {out_dir}/skipped.csv)")
+    log.info("scoring %d predictions against %d ground-truth volumes; %d predictions and %d ground-truth volumes skipped",
+             n_pred, len(col.real_stems), n_skipped, sum(1 for s in skips if s.side == "real"))
+    metrics, not_computed, per_volume = _score(col, nets, texts, known_labels, cfg, device, models_dir)
+    skipped_table(skips).to_csv(out_dir / "skipped.csv", index=False)
     per_volume.to_csv(out_dir / "per_volume.csv", index=False)
-    edges = None
-    dens = {}
-    for name, vols in (("generated", [g["hu"] for g in gen]), ("real", real_hu)):
-        hists = [hu_histogram(v) for v in vols]
-        edges = hists[0][1]
-        dens[name] = np.mean([h[0] for h in hists], axis=0).tolist()
-    (out_dir / "hu_histograms.json").write_text(json.dumps({"edges": np.asarray(edges).tolist(), **dens}))
+    hist = {"edges": col.edges.tolist(), **{s: (h[0] / h[1]).tolist() for s, h in col.hist.items()}}
+    (out_dir / "hu_histograms.json").write_text(json.dumps(hist))
     from ctgen.models.base import provenance
 
-    metrics = _nan_to_none({
-        "n_generated": len(gen), "n_real": len(real), "n_paired": int(sum(paired)),
-        "fid_2d": fid, "fvd": fvd,
-        "clip_score": {"generated": float(np.nanmean(cs_gen)), "real": float(np.nanmean(cs_real))},
-        "image_similarity": float(np.nanmean(sim)), "faithfulness": faith, "tstr": tstr, "hu_flags": flags,
-        "feature_networks": {"clip": str(clip_dir), "classifier": str(classifier_dir),
-                             "fid_2d": cfg.get("inception_weights") or "classifier (3D CT network, slices repeated)"},
-        "provenance": provenance(),
-    })
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info("FID mean %.4g, FVD(clip) %.4g, CLIP score %.1f (real %.1f), macro AUROC gen %s / real %s",
-             fid["mean"], fvd["clip"], metrics["clip_score"]["generated"], metrics["clip_score"]["real"],
-             faith["generated"].get("macro"), faith["real"].get("macro"))
-    return metrics
+    summary = {
+        "metrics": [m.to_json() for m in metrics], "not_computed": not_computed,
+        "n": {"predictions": len(predictions), "scored": n_pred, "ground_truth": len(truth.stems),
+              "ground_truth_paired": len(col.real_stems), "skipped_predictions": n_skipped,
+              "skipped_ground_truth": sum(1 for s in skips if s.side == "real")},
+        "profiles": nets.profiles, "grid": asdict(grid), "settings": asdict(cfg), "device": device,
+        "inputs": {"generated": str(generated), "real": [str(r) for r in real], "models": str(models_dir),
+                   "reports": str(reports) if reports else None, "labels": str(labels) if labels else None,
+                   "tstr": [str(t) for t in tstr] if tstr else None},
+        "provenance": provenance(cfg.seed),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for m in metrics:
+        if m.name.endswith((".mean", ".macro", ".generated")) or m.name.startswith("fd_3d"):
+            log.info("%s = %s (95%% CI %s, n = %d%s)", m.name, m.value, m.ci, m.n, f"; {m.flag}" if m.flag else "")
+    return summary
 
 
-def _train_on_synthetic(gen, labels_gen, real, probs_real_trained, labels_real, classifier_cfg, out_dir, ckpt):
-    """Train-on-synthetic, test-on-real: the classifier recipe on generated volumes, scored on the real ones."""
-    from ctgen.jobs.train import train_classifier
-    from ctgen.models.classifier3d import Classifier3D
+def _texts_and_labels(truth: RealSet, predictions, models_dir, nets: FeatureNets, reports, labels):
+    """{stem: report text} and {stem: (18,) labels}: a reports/labels file wins over the shards, the shards over
+    the prompts recorded in samples.csv."""
+    template = ((getattr(nets.clip, "provenance", None) or {}).get("data") or {}).get("prompt")
+    texts = {p.stem: p.prompt for p in predictions if isinstance(p.prompt, str) and p.prompt.strip()}
+    texts.update(truth.texts(template))
+    if reports:
+        spec_path = Path(models_dir) / "cascade.json"
+        spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
+        texts.update(read_reports(reports, spec.get("prompt_template_text")))
+    known = truth.labels()
+    if labels:
+        known.update(read_labels(labels))
+    return texts, known
 
-    keep = ~np.isnan(labels_gen).any(axis=1)
-    vols = [{"key": g["key"] + f"_{i}", "volume": g["volume"], "labels": torch.as_tensor(labels_gen[i], dtype=torch.float32)}
-            for i, g in enumerate(gen) if keep[i]]
-    cfg = json.loads(json.dumps(classifier_cfg))
-    cfg["train"]["batch_size"] = min(cfg["train"]["batch_size"], len(vols))
-    with torch.enable_grad():  # the rest of the evaluation runs under no_grad
-        folder = train_classifier(cfg, out_dir / "tstr_classifier", ckpt, volumes=vols)
-    synth = Classifier3D.from_pretrained(folder).eval()
-    probs_synth = extract_features(FeatureNets(classifier=synth), real)["probabilities"]
-    return tstr_summary(probs_real_trained, probs_synth, labels_real, LABELS)
+
+def _stream(truth: RealSet, pairing, nets: FeatureNets, grid: Grid, cfg: EvalConfig, skips: list[Skip]) -> _Collected:
+    """Read ground truth in its order with its predictions, a batch at a time, through the networks."""
+    col = _Collected()
+    wanted = set(pairing.pairs) | (set(truth.stems) if len(nets.tstr) == 2 else set())
+    batch: list[tuple[str, np.ndarray, list]] = []
+
+    def flush():
+        if not batch:
+            return
+        if len(nets.tstr) == 2:
+            col.add_tstr(nets, [s for s, _, _ in batch], [h for _, h, _ in batch], grid.clip)
+        paired = [(s, h, g) for s, h, g in batch if g]
+        for start in range(0, len(paired), cfg.batch_size):
+            part = paired[start:start + cfg.batch_size]
+            col.add("real", nets, [h for _, h, _ in part], grid.clip, cfg.slices_per_volume)
+            for stem, _, gens in part:
+                col.real_stems.append(stem)
+                for p, _, resampled in gens:
+                    col.gen_rows.append({"prompt_id": stem, "sample": p.path, "seed": p.seed, "repeat": p.repeat,
+                                         "resampled": resampled})
+                    col.gen_real.append(len(col.real_stems) - 1)
+            gens = [g for _, _, gs in part for _, g, _ in gs]
+            for i in range(0, len(gens), cfg.batch_size):
+                col.add("generated", nets, gens[i:i + cfg.batch_size], grid.clip, cfg.slices_per_volume)
+        batch.clear()
+
+    for stem, hu, _ in progress(truth.read(wanted, grid), total=len(wanted), desc="evaluate", unit="vol"):
+        preds = pairing.pairs.get(stem, [])
+        if isinstance(hu, BadVolume):
+            skips.append(Skip(stem, "real", truth.paths.get(stem, ""), str(hu)))
+            skips += [Skip(stem, "generated", p.path, "its ground truth was skipped") for p in preds]
+            continue
+        gens = []
+        for p in preds:
+            try:
+                gens.append((p, *read_nifti(p.path, grid)))
+            except BadVolume as err:
+                skips.append(Skip(stem, "generated", p.path, str(err)))
+        if preds and not gens:
+            skips.append(Skip(stem, "real", truth.paths.get(stem, ""), "every prediction of this stem was skipped"))
+        batch.append((stem, hu, gens))
+        if len(batch) >= cfg.batch_size:
+            flush()
+    flush()
+    return col
 
 
-METRICS = ("clip_score", "image_similarity")
+def _score(col: _Collected, nets: FeatureNets, texts, known_labels, cfg: EvalConfig, device, models_dir):
+    """Every metric group from the collected outputs -> (metrics, not_computed, per_volume table)."""
+    metrics: list[MetricValue] = []
+    not_computed: list[dict] = []
+    gen_stems = [r["prompt_id"] for r in col.gen_rows]
+    h_gen, h_real = stems_hash(gen_stems), stems_hash(col.real_stems)
+    pv = pd.DataFrame(col.gen_rows)
+    boot = {"n_boot": cfg.bootstrap, "seed": cfg.seed}
+    gen, real = col.out["generated"], col.out["real"]
+    # faithfulness: the classifier on generated volumes vs their reports' labels; the real ceiling beside it
+    cols = [LABELS.index(n) for n in cfg.labels]
+    if nets.classifier is None:
+        not_computed.append({"group": "faithfulness", "reason": "no classifier in the models folder"})
+    elif not all(s in known_labels for s in gen_stems):
+        missing = sorted({s for s in gen_stems if s not in known_labels})
+        not_computed.append({"group": "faithfulness", "reason": f"no labels for {len(missing)} scored stems "
+                                                                 f"(e.g. {missing[:3]}): give --labels"})
+    else:
+        y_gen = np.stack([known_labels[s] for s in gen_stems])[:, cols]
+        y_real = np.stack([known_labels[s] for s in col.real_stems])[:, cols]
+        kw = {"min_positives": cfg.auroc_min_positives, "min_negatives": cfg.auroc_min_negatives,
+              "profile": nets.profiles["classifier"], **boot}
+        metrics += label_aurocs(np.stack(gen["probabilities"])[:, cols], y_gen, cfg.labels, name="faithfulness.generated",
+                                stems=h_gen, **kw)
+        metrics += label_aurocs(np.stack(real["probabilities"])[:, cols], y_real, cfg.labels, name="faithfulness.real",
+                                stems=h_real, **kw)
+    # distribution: 2D FID per plane (+ mean) per slice space; Fréchet distance on each 3D network's features
+    fkw = {"n_boot": cfg.bootstrap_frechet, "seed": cfg.seed, "device": device, "stems": h_gen}
+    for space in col.slices["generated"]:
+        fake = {p: FeatureRows.stacked(col.slices["generated"][space][p]) for p in PLANES}
+        ref = {p: FeatureRows.stacked(col.slices["real"][space][p]) for p in PLANES}
+        for m in frechet_values(ref, fake, f"fid_2d.{space}", profile=nets.profiles[space], mean=True, **fkw).values():
+            m.extra["slices_per_volume"] = cfg.slices_per_volume
+            metrics.append(m)
+    if not col.slices["generated"]:
+        not_computed.append({"group": "fid_2d", "reason": "no slicenet in the models folder and no inception_weights"})
+    for net, key in (("clip", "clip_features"), ("classifier", "classifier_features")):
+        if key in gen:
+            metrics.append(frechet_value(FeatureRows.per_volume(np.stack(real[key])), FeatureRows.per_volume(
+                np.stack(gen[key])), f"fd_3d.{net}", profile=nets.profiles[net], **fkw))
+    # alignment: CLIP score and retrieval among the evaluation reports, each with the real ceiling
+    pv["clip_score"] = pv["clip_score_real"] = pv["image_similarity"] = np.nan
+    for k in cfg.retrieval_k:
+        pv[f"retrieval_top{k}"] = np.nan
+    have = [s in texts for s in gen_stems]
+    if nets.clip is None or not any(have):
+        not_computed.append({"group": "alignment", "reason": "no clip model in the models folder" if nets.clip is None
+                             else "no report text for the scored stems: give --reports"})
+    else:
+        metrics += _alignment(col, nets, texts, have, cfg, pv, models_dir)
+    # TSTR: both classifiers on every real scan read
+    if len(nets.tstr) < 2:
+        not_computed.append({"group": "tstr", "reason": "no TSTR classifiers given (--tstr)"})
+    else:
+        keep = [i for i, s in enumerate(col.tstr_stems) if s in known_labels]
+        y = np.stack([known_labels[col.tstr_stems[i]] for i in keep])[:, cols]
+        sizes = {k: {"volumes": n.provenance.get("n_volumes"), "steps": (n.provenance.get("train") or {}).get("max_steps")}
+                 for k, n in nets.tstr.items()}
+        metrics += tstr_metrics(np.stack(col.tstr["tstr_synthetic"])[keep][:, cols],
+                                np.stack(col.tstr["tstr_real"])[keep][:, cols], y, list(cfg.labels),
+                                min_positives=cfg.auroc_min_positives, min_negatives=cfg.auroc_min_negatives,
+                                profiles=(nets.profiles["tstr_synthetic"], nets.profiles["tstr_real"]),
+                                stems=stems_hash([col.tstr_stems[i] for i in keep]), train_sizes=sizes, **boot)
+    # HU: per-tissue medians against the real range
+    flags = [flag_out_of_range(s, col.stats["real"], cfg.hu_tolerance) for s in col.stats["generated"]]
+    for tissue in col.stats["generated"][0]:
+        pv[f"hu_{tissue}_median"] = [s[tissue]["median"] for s in col.stats["generated"]]
+    pv["n_hu_flags"] = [len(f) for f in flags]
+    pv["hu_flags"] = ["; ".join(f"{x['tissue']} {x['reason']}" for x in f) for f in flags]
+    metrics += hu_metrics(col.stats["generated"], col.stats["real"], pv["n_hu_flags"].tolist(), stems=h_gen, **boot)
+    return metrics, not_computed, pv
+
+
+def _alignment(col: _Collected, nets: FeatureNets, texts: dict, have: list[bool], cfg: EvalConfig, pv, models_dir):
+    gen_stems = [r["prompt_id"] for r in col.gen_rows]
+    candidates, index = distinct_texts(list(dict.fromkeys([texts[s] for s in col.real_stems if s in texts]
+                                                          + [t for s, t in texts.items() if s not in col.real_stems])))
+    by_text = dict(zip(candidates, range(len(candidates))))
+    embed = clip_text_embedder(nets, models_dir)
+    t_emb = embed(candidates)  # (M, E)
+    rows = np.flatnonzero(have)
+    target = np.array([by_text[texts[gen_stems[i]]] for i in rows])
+    e_gen = np.stack(col.out["generated"]["clip_embedding"])[rows]
+    e_real = np.stack(col.out["real"]["clip_embedding"])[np.asarray(col.gen_real)[rows]]
+    cos_gen = (e_gen * t_emb[target]).sum(axis=1)
+    cos_real = (e_real * t_emb[target]).sum(axis=1)
+    sim = (e_gen * e_real).sum(axis=1)
+    ranks_gen, ranks_real = retrieval_ranks(e_gen, t_emb, target), retrieval_ranks(e_real, t_emb, target)
+    pv.loc[rows, "clip_score"] = 100 * np.maximum(cos_gen, 0)
+    pv.loc[rows, "clip_score_real"] = 100 * np.maximum(cos_real, 0)
+    pv.loc[rows, "image_similarity"] = sim
+    pv.loc[rows, "retrieval_rank"] = ranks_gen
+    for k in cfg.retrieval_k:
+        pv.loc[rows, f"retrieval_top{k}"] = (ranks_gen <= k).astype(float)
+    return alignment_metrics(cos_gen, cos_real, sim, ranks_gen, ranks_real, len(candidates), cfg.retrieval_k,
+                             profile=nets.profiles["clip"], stems=stems_hash([gen_stems[i] for i in rows]),
+                             n_boot=cfg.bootstrap, seed=cfg.seed)
+
+
+# --- comparing two runs --------------------------------------------------------------------------------------
+
+METRICS = ("clip_score", "image_similarity", "retrieval_top1", "retrieval_top5")
 
 
 def compare_runs(a_csv, b_csv, out_csv=None, n_permutations: int = 10_000, seed: int = 0) -> pd.DataFrame:
-    """Paired permutation test per metric between two runs' per-volume rows (paired by prompt and repeat order)."""
+    """Paired permutation test per metric between two runs' per-volume rows (paired by stem and repeat order);
+    pairs with a missing value in a metric are left out of that metric and the count says so."""
     a, b = pd.read_csv(a_csv), pd.read_csv(b_csv)
     key = ["prompt_id"]
     for path, table in ((a_csv, a), (b_csv, b)):
-        missing = sorted({*key, *METRICS} - set(table.columns))
+        missing = sorted({*key, "clip_score"} - set(table.columns))
         if missing:
             raise UserError(f"{path} is not an evaluation's per_volume.csv: no {missing} column")
     a = a.assign(_n=a.groupby(key).cumcount())
     b = b.assign(_n=b.groupby(key).cumcount())
     m = a.merge(b, on=[*key, "_n"], suffixes=("_a", "_b"))
     if m.empty:
-        raise ValueError("the two runs share no prompts: nothing to pair")
+        raise UserError("the two runs share no prompts: nothing to pair")
     rows = []
     for metric in METRICS:
-        res = paired_permutation_test(m[f"{metric}_a"].to_numpy(float), m[f"{metric}_b"].to_numpy(float),
+        if f"{metric}_a" not in m or f"{metric}_b" not in m:
+            continue
+        both = m[[f"{metric}_a", f"{metric}_b"]].dropna()
+        if both.empty:
+            continue
+        res = paired_permutation_test(both[f"{metric}_a"].to_numpy(float), both[f"{metric}_b"].to_numpy(float),
                                       n_permutations=n_permutations, seed=seed)
-        rows.append({"metric": metric, "n_pairs": len(m), "mean_a": m[f"{metric}_a"].mean(),
-                     "mean_b": m[f"{metric}_b"].mean(), **res})
+        rows.append({"metric": metric, "n_pairs": len(both), "n_left_out": len(m) - len(both),
+                     "mean_a": both[f"{metric}_a"].mean(), "mean_b": both[f"{metric}_b"].mean(), **res})
+    if not rows:
+        raise UserError(f"{a_csv} and {b_csv} share no metric with values to compare")
     out = pd.DataFrame(rows)
     if out_csv:
         out.to_csv(out_csv, index=False)
-    return out
-
-
-@torch.no_grad()
-def guidance_sweep(models_dir, prompts_csv, scales: list[float], sampling: dict, clip_dir, classifier_dir,
-                   valid_manifests: list[str], text: dict, out_csv, window,
-                   slices_per_volume: int | None = None) -> pd.DataFrame:
-    """Guidance scale against CLIP score and axial FID: the same prompts and seeds at every scale."""
-    from ctgen.pipelines.text_to_ct import SampleSettings, TextToCTPipeline
-
-    prompts = pd.read_csv(prompts_csv)
-    pipe = TextToCTPipeline.from_pretrained(models_dir)
-    nets = load_feature_nets(clip_dir, classifier_dir)
-    real = load_volumes(valid_manifests, window, prompt=text.get("prompt"))
-    extractor = _slice_extractor(nets, None)
-    real_axial = slice_features([r["volume"] for r in real], extractor, planes=("axial",), n_slices=slices_per_volume)
-    cond = TextConditioning(dict(zip(prompts["id"], prompts["prompt"])), cache_path=text.get("text_cache"),
-                            tokenizer_path=text.get("text_tokenizer"), max_length=text.get("max_length", 128))
-    text_emb = embed_texts(nets.clip, cond, list(prompts["id"]))
-    rows = []
-    for scale in scales:
-        settings = SampleSettings(steps=sampling["steps"], guidance_scale=float(scale), temperature=sampling["temperature"],
-                                  sr_steps=sampling.get("sr_steps"), sr_batch_size=sampling["batch_size"],
-                                  truncate_prompt=True)
-        vols = []
-        for i, prompt in enumerate(progress(prompts["prompt"], desc=f"guidance {scale:g}", unit="vol")):
-            g = torch.Generator().manual_seed(sampling["seed"] + i)
-            hu = torch.from_numpy(to_model_layout(pipe([prompt], settings, [g])[0].array[0]).astype(np.float32))
-            vols.append({"volume": hu_to_unit(hu, window)})
-        feats = extract_features(FeatureNets(clip=nets.clip), vols)
-        fake_axial = slice_features([v["volume"] for v in vols], extractor, planes=("axial",), n_slices=slices_per_volume)
-        rows.append({"guidance_scale": float(scale), "clip_score": float(np.mean(clip_score(feats["clip_embedding"], text_emb))),
-                     "fid_axial": fid_from_features(real_axial, fake_axial)["axial"]})
-        log.info("guidance %.2f: CLIP score %.2f, axial FID %.4g", scale, rows[-1]["clip_score"], rows[-1]["fid_axial"])
-    out = pd.DataFrame(rows)
-    out.to_csv(out_csv, index=False)
     return out

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 WIDTH_IN = 12.0  # width of every figure in inches; pixels = WIDTH_IN * dpi
 WINDOWS = {"lung": (-1350.0, 150.0), "mediastinum": (-160.0, 240.0)}  # HU (low, high) display windows
 PLANES = ("axial", "coronal", "sagittal")
-MODELS = ("tokenizer", "generator", "superres", "clip", "classifier")
+MODELS = ("tokenizer", "generator", "superres", "clip", "classifier", "slicenet")
 # the logged term worth plotting beside the loss, first match wins, per model
 KEY_TERMS = {
     "tokenizer": ("recon_loss", "perplexity", "codebook_usage"),
@@ -43,6 +43,7 @@ KEY_TERMS = {
     "superres": ("x0_mse",),
     "clip": ("accuracy_i2t", "accuracy_t2i"),
     "classifier": ("accuracy", "positive_rate"),
+    "slicenet": ("plane_accuracy", "position_loss"),
 }
 _NOT_TERMS = {"step", "epoch", "lr", "loss", "grad_norm", "steps_per_s", "samples_per_s", "elapsed_s"}
 TISSUE_COLOURS = {"air": "#dddddd", "lung": "#a6cee3", "fat": "#fdbf6f", "soft_tissue": "#fb9a99", "bone": "#b2df8a"}
@@ -224,88 +225,100 @@ def plot_training_curves(metrics_csvs: Mapping[str, str | Path], out_png, dpi: i
     return _save(fig, out_png, dpi)
 
 
-# --- (3) metric tables --------------------------------------------------------------------------
-def _fmt(x) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
-        return str(int(x))
-    return f"{float(x):.4g}"
+# --- (3) metrics with their CIs ---------------------------------------------------------------------
+def _records(metrics_json) -> dict[str, dict]:
+    """metrics.json -> {name: record}."""
+    return {r["name"]: r for r in json.loads(Path(metrics_json).read_text()).get("metrics", [])}
 
 
-def _table(ax, header: Sequence[str], rows: list[list[str]], title: str, bold_last: bool = False) -> None:
-    ax.axis("off")
-    ax.set_title(title, fontsize=11, loc="left")
-    t = ax.table(cellText=rows, colLabels=list(header), loc="upper center", cellLoc="center")
-    t.auto_set_font_size(False)
-    t.set_fontsize(9)
-    t.scale(1.0, 1.3)
-    for (r, c), cell in t.get_celld().items():
-        if r == 0 or (bold_last and r == len(rows)):
-            cell.set_text_props(weight="bold")
-        if r == 0:
-            cell.set_facecolor("#e8e8e8")
+def _point(ax, y: float, record: dict | None, colour: str, label: str | None, dy: float = 0.0) -> None:
+    """One value with its CI as a horizontal bar at row ``y`` (nothing where the value is missing)."""
+    if not record or record.get("value") is None:
+        return
+    v, ci = record["value"], record.get("ci")
+    err = [[v - ci[0]], [ci[1] - v]] if ci else None
+    ax.errorbar([v], [y + dy], xerr=err, fmt="o", color=colour, ms=5, capsize=3, lw=1.2, label=label)
 
 
-def _table_figure(sections: list[tuple[Sequence[str], list[list[str]], str, bool]], out_png, dpi: int,
-                  footer: str = "") -> Path:
-    heights = [0.7 + 0.3 * max(len(rows), 1) for _, rows, _, _ in sections]
-    fig = _new_figure(sum(heights) + (0.4 if footer else 0.1))
-    axes = np.atleast_1d(fig.subplots(len(sections), 1, height_ratios=heights))
-    for ax, (header, rows, title, bold_last) in zip(axes, sections):
-        _table(ax, header, rows or [["n/a"] * len(header)], title, bold_last)
-    if footer:
-        fig.text(0.01, 0.005, footer, fontsize=7, color="#555555", va="bottom")
+def _per_label_plot(metrics_json, out_png, dpi: int, sides: tuple[tuple[str, str, str], ...], title: str,
+                    xlabel: str) -> Path:
+    """Per label (and macro): one point with its CI per side; flagged labels say why they have no value."""
+    rec = _records(metrics_json)
+    prefix = sides[0][0]
+    labels = [n[len(prefix) + 1:] for n in rec if n.startswith(prefix + ".") and not n.endswith(".macro")]
+    rows = [*labels, "macro"]
+    fig = _new_figure(1.2 + 0.32 * len(rows))
+    ax = fig.subplots()
+    ax.axvline(0.5, color="grey", ls="--", lw=1, label="chance (0.5)")
+    for i, label in enumerate(rows):
+        y = len(rows) - 1 - i
+        for j, (side, colour, name) in enumerate(sides):
+            _point(ax, y, rec.get(f"{side}.{label}"), colour, name if i == 0 else None, dy=0.15 - 0.3 * j)
+        first = rec.get(f"{prefix}.{label}") or {}
+        if first.get("value") is None and first.get("flag"):
+            ax.text(0.02, y, textwrap.shorten("n/a: " + first["flag"], 90), va="center", fontsize=7, color="#777777")
+    ax.set_yticks(range(len(rows)), rows[::-1], fontsize=8)
+    ax.set(xlim=(0, 1), ylim=(-0.7, len(rows) - 0.3), xlabel=xlabel)
+    first = next((r for n, r in rec.items() if n.startswith(prefix + ".") and r.get("value") is not None), None)
+    sub = f"n = {first['n']} volumes, profile {first['profile']}" if first else "no label has enough positives and negatives"
+    ax.set_title(f"{title}\n{sub}", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
     return _save(fig, out_png, dpi)
 
 
-def plot_metrics_summary(metrics_json, out_png, dpi: int = 120) -> Path:
-    """The headline metrics (FID per plane, FVD per feature net, CLIP score generated vs real,
-    image similarity) as a table, with the HU flags listed below it."""
-    m = json.loads(Path(metrics_json).read_text())
-    fid, fvd, clip = m.get("fid_2d") or {}, m.get("fvd") or {}, m.get("clip_score") or {}
-    rows = [["volumes", _fmt(m.get("n_generated")), _fmt(m.get("n_real"))]]
-    rows += [[f"FID 2D {p} (lower is better)", _fmt(fid.get(p)), "-"] for p in (*PLANES, "mean")]
-    rows += [[f"FVD, {net} features (lower is better)", _fmt(v), "-"] for net, v in fvd.items()]
-    rows += [["CLIP score (higher is better)", _fmt(clip.get("generated")), _fmt(clip.get("real"))],
-             ["image similarity to the real scan", _fmt(m.get("image_similarity")), "-"],
-             ["HU flags", _fmt(len(m.get("hu_flags") or [])), "-"]]
-    sections = [(["metric", "generated", "real (ceiling)"], rows, "Evaluation metrics", False)]
-    flags = m.get("hu_flags") or []
-    if flags:
-        frows = [[str(f.get("sample")), str(f.get("tissue")), _fmt(f.get("value")),
-                  f"[{_fmt(f.get('low'))}, {_fmt(f.get('high'))}]", textwrap.shorten(str(f.get("reason")), 50)]
-                 for f in flags[:12]]
-        title = f"HU flags ({len(flags)}{', first 12' if len(flags) > 12 else ''})"
-        sections.append((["sample", "tissue", "value (HU)", "real range", "reason"], frows, title, False))
-    prov = m.get("provenance") or {}
-    footer = "; ".join(f"{k}: {v}" for k, v in prov.items() if isinstance(v, (str, int, float)))
-    return _table_figure(sections, out_png, dpi, textwrap.shorten(footer, 200))
-
-
 def plot_faithfulness(metrics_json, out_png, dpi: int = 120) -> Path:
-    """The classifier's AUROC per abnormality label on generated volumes (against their prompts'
-    labels) beside its AUROC on the real volumes; n/a where a label has one class only."""
-    faith = json.loads(Path(metrics_json).read_text()).get("faithfulness") or {}
-    gen, real = faith.get("generated") or {}, faith.get("real") or {}
-    labels = [k for k in dict.fromkeys([*gen, *real]) if k != "macro"]
-    rows = [[k, _fmt(gen.get(k)), _fmt(real.get(k))] for k in labels]
-    rows.append(["macro", _fmt(gen.get("macro")), _fmt(real.get("macro"))])
-    return _table_figure([(["label", "AUROC generated", "AUROC real"], rows,
-                           "Abnormality faithfulness (classifier AUROC)", True)], out_png, dpi)
+    """The classifier's AUROC per abnormality label on the generated volumes (against the labels of their
+    reports) beside the real ceiling (the real scans of the same reports), with 95% CIs; labels with too few
+    positives or negatives say so instead of showing a number."""
+    sides = (("faithfulness.generated", "C3", "generated"), ("faithfulness.real", "black", "real scans (ceiling)"))
+    return _per_label_plot(metrics_json, out_png, dpi, sides, "Abnormality faithfulness (classifier AUROC, 95% CI)",
+                           "AUROC")
 
 
 def plot_tstr(metrics_json, out_png, dpi: int = 120) -> Path:
-    """Train-on-synthetic, test-on-real against train-on-real, test-on-real, per label."""
-    tstr = json.loads(Path(metrics_json).read_text()).get("tstr")
-    if not tstr:
-        rows, title = [], "Train on synthetic, test on real: not computed (tstr is null)"
-    else:
-        keys = [k for k in tstr if k != "macro"] + (["macro"] if "macro" in tstr else [])
-        rows = [[k, _fmt(tstr[k].get("trtr")), _fmt(tstr[k].get("tstr")), _fmt(tstr[k].get("gap"))] for k in keys]
-        title = "Train on synthetic, test on real (AUROC)"
-    return _table_figure([(["label", "train real", "train synthetic", "gap"], rows, title,
-                           bool(tstr) and "macro" in tstr)], out_png, dpi)
+    """Train on synthetic, test on real: per-label AUROC of the classifier trained on generated volumes beside
+    the one trained on as many real volumes, both tested on the real evaluation scans."""
+    rec = _records(metrics_json)
+    if not any(n.startswith("tstr.") for n in rec):
+        fig = _new_figure(1.5)
+        fig.text(0.5, 0.5, "Train on synthetic, test on real: not computed (evaluation.tstr is off)", ha="center")
+        return _save(fig, out_png, dpi)
+    sides = (("tstr.synthetic", "C3", "trained on synthetic"), ("tstr.real", "black", "trained on real"))
+    return _per_label_plot(metrics_json, out_png, dpi, sides, "Train on synthetic, test on real (AUROC, 95% CI)", "AUROC")
+
+
+def plot_alignment(metrics_json, out_png, dpi: int = 120) -> Path:
+    """CLIP score (an uncalibrated cosine x 100) and text retrieval top-k with its chance level, generated beside
+    real scans, with 95% CIs."""
+    rec = _records(metrics_json)
+    fig = _new_figure(4.0)
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=(1, 2))
+    for x, (side, colour) in enumerate((("generated", "C3"), ("real", "black"))):
+        r = rec.get(f"clip_score.{side}")
+        if r and r.get("value") is not None:
+            ci = r.get("ci") or (r["value"], r["value"])
+            ax1.bar(x, r["value"], color=colour, alpha=0.6, yerr=[[r["value"] - ci[0]], [ci[1] - r["value"]]], capsize=4)
+    ax1.set_xticks([0, 1], ["generated", "real"])
+    ax1.set(ylabel="CLIP score", title="CLIP score (uncalibrated)")
+    ks = sorted({int(n.split(".")[1][3:]) for n in rec if n.startswith("retrieval.top")})
+    for j, k in enumerate(ks):
+        for i, (side, colour) in enumerate((("generated", "C3"), ("real", "black"))):
+            r = rec.get(f"retrieval.top{k}.{side}")
+            if not r or r.get("value") is None:
+                continue
+            ci = r.get("ci") or (r["value"], r["value"])
+            x = j + (i - 0.5) * 0.35
+            ax2.bar(x, r["value"], width=0.35, color=colour, alpha=0.6, yerr=[[r["value"] - ci[0]], [ci[1] - r["value"]]],
+                    capsize=4, label=side if j == 0 else None)
+            ax2.hlines(r["extra"]["chance"], x - 0.17, x + 0.17, color="grey", ls="--", label="chance" if i + j == 0 else None)
+    n = next((r for name, r in rec.items() if name.startswith("retrieval.")), {})
+    ax2.set_xticks(range(len(ks)), [f"top-{k}" for k in ks])
+    ax2.set(ylim=(0, 1.05), ylabel="accuracy",
+            title=f"Report retrieval among {n.get('extra', {}).get('n_candidates', '?')} reports (n = {n.get('n', '?')})")
+    if ks:
+        ax2.legend(fontsize=8)
+    return _save(fig, out_png, dpi)
 
 
 # --- (4) HU ---------------------------------------------------------------------------------------
@@ -366,16 +379,26 @@ def plot_per_volume(per_volume_csv, out_png, dpi: int = 120) -> Path:
 
 
 # --- (5) guidance sweep ---------------------------------------------------------------------------
+SWEEP = (("clip_score", "CLIP score (higher is better)", "C0"), ("retrieval.top1", "retrieval top-1 (higher is better)", "C2"),
+         ("fid_2d.slicenet.axial", "axial FID, slice network (lower is better)", "C3"))
+
+
 def plot_guidance_sweep(sweep_csv, out_png, dpi: int = 120) -> Path:
-    """Classifier-free guidance scale against CLIP score (higher is better) and axial FID (lower)."""
+    """Classifier-free guidance scale against CLIP score, retrieval top-1 (with chance) and axial FID, with 95% CIs."""
     sw = pd.read_csv(sweep_csv).sort_values("guidance_scale")
     if sw.empty:
         raise ValueError(f"{sweep_csv}: no guidance scales")
     fig = _new_figure(4.0)
-    for ax, col, label, colour in zip(fig.subplots(1, 2), ("clip_score", "fid_axial"),
-                                      ("CLIP score (higher is better)", "FID axial (lower is better)"), ("C0", "C3")):
-        ax.plot(sw["guidance_scale"], sw[col], marker="o", color=colour)
-        ax.set(xlabel="guidance scale", ylabel=label, title=label.split(" (")[0] + " vs guidance")
+    for ax, (metric, label, colour) in zip(fig.subplots(1, len(SWEEP)), SWEEP):
+        m = sw[sw["metric"] == metric]
+        err = [(m["value"] - m["ci_low"]).clip(lower=0).fillna(0), (m["ci_high"] - m["value"]).clip(lower=0).fillna(0)]
+        ax.errorbar(m["guidance_scale"], m["value"], yerr=err, marker="o", color=colour, capsize=3)
+        if metric.startswith("retrieval") and m["chance"].notna().any():
+            ax.axhline(float(m["chance"].iloc[0]), color="grey", ls="--", lw=1, label="chance")
+            ax.legend(fontsize=8)
+        n = int(m["n"].iloc[0]) if len(m) else 0
+        ax.set(xlabel="guidance scale", title=f"{label.split(' (')[0]} (n = {n})")
+        ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
     return _save(fig, out_png, dpi)
 
@@ -384,19 +407,20 @@ def plot_guidance_sweep(sweep_csv, out_png, dpi: int = 120) -> Path:
 
 
 def make_figures(inputs: Mapping[str, str], outputs: Mapping[str, str], cfg: FigureConfig) -> list[Path]:
-    """Every figure of the report. inputs: samples, valid, metrics, per_volume, histograms, sweep
-    and one metrics.csv per model in MODELS; outputs: one PNG path per name in FIGURES."""
+    """Every figure of the report, in :data:`FIGURES` order. inputs: samples, valid, metrics, per_volume,
+    histograms, sweep and one metrics.csv per model in MODELS; outputs: one PNG path per name in FIGURES."""
     missing = set(FIGURES) - set(outputs)
     if missing:
         raise ValueError(f"no output path for figures {sorted(missing)}")
     curves = {m: inputs[m] for m in MODELS if m in inputs}
-    return [
-        plot_samples(inputs["samples"], inputs["valid"], outputs["samples"], cfg),
-        plot_training_curves(curves, outputs["training_curves"], cfg.dpi),
-        plot_metrics_summary(inputs["metrics"], outputs["metrics_summary"], cfg.dpi),
-        plot_faithfulness(inputs["metrics"], outputs["faithfulness"], cfg.dpi),
-        plot_tstr(inputs["metrics"], outputs["tstr"], cfg.dpi),
-        plot_hu_histograms(inputs["histograms"], outputs["hu_histograms"], cfg.dpi),
-        plot_per_volume(inputs["per_volume"], outputs["per_volume"], cfg.dpi),
-        plot_guidance_sweep(inputs["sweep"], outputs["guidance_sweep"], cfg.dpi),
-    ]
+    draw = {
+        "faithfulness": lambda out: plot_faithfulness(inputs["metrics"], out, cfg.dpi),
+        "tstr": lambda out: plot_tstr(inputs["metrics"], out, cfg.dpi),
+        "alignment": lambda out: plot_alignment(inputs["metrics"], out, cfg.dpi),
+        "hu_histograms": lambda out: plot_hu_histograms(inputs["histograms"], out, cfg.dpi),
+        "per_volume": lambda out: plot_per_volume(inputs["per_volume"], out, cfg.dpi),
+        "guidance_sweep": lambda out: plot_guidance_sweep(inputs["sweep"], out, cfg.dpi),
+        "samples": lambda out: plot_samples(inputs["samples"], inputs["valid"], out, cfg),
+        "training_curves": lambda out: plot_training_curves(curves, out, cfg.dpi),
+    }
+    return [draw[name](outputs[name]) for name in FIGURES]

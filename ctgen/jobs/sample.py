@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline
+from ctgen.export.nifti import stored_as
 from ctgen.jobs.inputs import read_rows
 from ctprep.ctrate import volume_key
 from ctprep.errors import UserError
@@ -220,23 +221,6 @@ def sample_main(argv: list[str] | None = None) -> int:
 #: CT-RATE's stored voxel order (config dataset.array_axes [row, column, slice], slice_direction -1): row index
 #: grows posterior, column index towards the patient's left, slice index towards the feet
 VLM3D_ORIENTATION = "PLI"
-
-
-def stored_as(vol, orientation: str | None):
-    """``vol`` with its voxels in the axis order ``orientation`` (three of R/L, A/P, S/I), the affine still true.
-
-    The challenge's FVD_CTNet and CT-CLIP protocols read arrays in file order and ignore the header, so a
-    submission must store its voxels as the ground truth does; the truthful affine keeps it a correct NIfTI.
-    """
-    if not orientation:
-        return vol
-    from ctprep.geometry import reorient
-
-    codes = tuple(orientation.upper())
-    axis = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
-    if len(codes) != 3 or any(c not in axis for c in codes) or sorted(axis[c] for c in codes) != [0, 1, 2]:
-        raise UserError(f"--orientation {orientation!r}: three axis codes, one each of R/L, A/P and S/I (e.g. PLI)")
-    return reorient(vol, codes)
 
 
 def vlm3d_prompts(path: str | Path, template: str | None = None) -> list[tuple[str, str]]:

@@ -63,7 +63,7 @@ def sample_latent_to_files(models_dir: str | Path, reports: list[tuple[str, dict
     ``exact_names``/``orientation``: as :func:`ctgen.jobs.sample.sample_to_files` (the VLM3D contract).
     """
     from ctgen.export import save_synthetic_dicom, save_synthetic_nifti
-    from ctgen.jobs.sample import stored_as
+    from ctgen.export.nifti import stored_as
 
     pipe = LatentFlowPipeline.from_pretrained(models_dir, device=device)
     segments = pipe.flow.config.segments

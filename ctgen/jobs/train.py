@@ -3,8 +3,9 @@
 ``run_training(kind, cfg, out_dir, checkpoint_root)`` is what ``ctgen train KIND --config FILE``
 calls (the config's shape is documented in ``ctgen.jobs.config``). Cascade models: the CT-ViT
 ``tokenizer``, the MaskGIT ``generator``, the ``superres`` diffusion model. Evaluation feature
-networks: ``clip`` (CT-CLIP-style volume/text model) and ``classifier`` (18 labels); the classifier
-also trains on generated volumes handed in directly (train on synthetic, test on real).
+networks: ``clip`` (CT-CLIP-style volume/text model), ``classifier`` (18 labels; it also trains on
+generated volumes, written as shards, for train on synthetic, test on real) and ``slicenet`` (the 2D
+slice network whose features the 2D/2.5D FID uses).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 CASCADE_MODELS = ("tokenizer", "generator", "superres")
 LATENT_MODELS = ("autoencoder", "latent_flow")  # the latent flow family (ctgen.jobs.train_latent)
-EVAL_MODELS = ("clip", "classifier")  # the evaluation's feature networks, same loop
+EVAL_MODELS = ("clip", "classifier", "slicenet")  # the evaluation's feature networks, same loop
 MODELS = CASCADE_MODELS + LATENT_MODELS + EVAL_MODELS
 CORE = {"generator": "ctgen.models.maskgit.MaskGIT", "superres": "ctgen.models.superres_unet.SuperResDiffusion"}
 POS_WEIGHT_MAX = 20.0  # cap of the automatic BCE positive weight: a label seen once must not dominate the loss
@@ -39,6 +40,13 @@ class SliceData:
     """A superres preset's ``data`` options (the workflow adds the HU window, scale, prompt and paths)."""
 
     slices_per_volume: int = 4  # random axial slices per volume and epoch (seeded)
+
+
+@dataclass(frozen=True)
+class SliceNetData:
+    """The slicenet's ``data`` options (the workflow adds the HU window and paths)."""
+
+    slices_per_volume: int = 8  # random (plane, slice) pairs drawn per volume and epoch (seeded per batch)
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,8 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
         return train_clip(cfg, out_dir, checkpoint_root)
     if kind == "classifier":
         return train_classifier(cfg, out_dir, checkpoint_root)
+    if kind == "slicenet":
+        return train_slicenet(cfg, out_dir, checkpoint_root)
     if kind in LATENT_MODELS:
         from ctgen.jobs import train_latent
 
@@ -215,6 +225,51 @@ def train_classifier(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: 
     torch.manual_seed(tcfg.seed)
     model = Classifier3D(Classifier3D.config_from_dict(model_cfg))
     return _train_feature_net(model, make, tcfg, cfg, out_dir, checkpoint_root, "classifier", len(labels), handed_in)
+
+
+def slicenet_collate(slices_per_volume: int, image_size: int):
+    """SliceNet's batch: k random (plane, index) slices of each volume, resized to ``image_size``.
+
+    -> {"slices": (B * k, 1, S, S), "plane": (B * k,) long, "position": (B * k,) in [0, 1],
+    "labels": (B * k, 18)}; slices are cut as the FID cuts them (``ctgen.metrics.slices.take_slice``).
+    """
+    from ctgen.metrics.slices import PLANE_AXIS, PLANES, take_slice
+    from ctgen.models.slicenet import resize_slices
+
+    def collate(samples, gen) -> dict:
+        slices, planes, positions, labels = [], [], [], []
+        for s in samples:
+            volume = s["volume"][0]  # (D, H, W) in [-1, 1]
+            for p in torch.randint(len(PLANES), (slices_per_volume,), generator=gen).tolist():
+                size = volume.shape[PLANE_AXIS[PLANES[p]]]
+                index = int(torch.randint(size, (1,), generator=gen))
+                cut = take_slice(volume, PLANES[p], index)[None, None]  # (1, 1, a, b)
+                slices.append(resize_slices(cut, image_size)[0])
+                planes.append(p)
+                positions.append(index / max(size - 1, 1))
+                labels.append(s["labels"])
+        return {"slices": torch.stack(slices), "plane": torch.tensor(planes), "position": torch.tensor(positions),
+                "labels": torch.stack(labels)}
+
+    return collate
+
+
+def train_slicenet(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: str | Path) -> Path:
+    """Train the 2D slice network of the FID on the manifests' real volumes (slices cut in the data workers).
+
+    ``train.batch_size`` counts slices: each micro-batch reads ``batch_size / data.slices_per_volume`` volumes.
+    """
+    from ctgen.models.slicenet import SliceNet
+    from ctgen.training.loop import TrainConfig
+
+    data, tcfg = cfg["data"], TrainConfig.from_dict(cfg["train"])
+    spv = int(data.get("slices_per_volume", SliceNetData.slices_per_volume))
+    torch.manual_seed(tcfg.seed)
+    model = SliceNet(SliceNet.config_from_dict(cfg["model"]))
+    make = batches.streamed(data_manifests(data, "manifests"), batches.volume_decode(hu_window(data)),
+                            slicenet_collate(spv, model.config.image_size), items_per_sample=spv,
+                            buffer=int(data.get("shuffle_buffer", 16)), verify=bool(data.get("verify_shards", True)))
+    return _train_feature_net(model, make, tcfg, cfg, out_dir, checkpoint_root, "slicenet", make.n_samples)
 
 
 def _train_feature_net(model, make, tcfg, cfg, out_dir, checkpoint_root, kind: str, n_volumes: int,

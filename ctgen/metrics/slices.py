@@ -18,7 +18,7 @@ from ctgen.metrics.features import Extractor, as_volume, run_extractor
 from ctgen.metrics.frechet import frechet_distance
 
 PLANES = ("axial", "coronal", "sagittal")
-_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}  # the volume axis a plane's slices step along
+PLANE_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}  # the volume axis a plane's slices step along
 
 
 def slice_indices(size: int, n: int | None = None) -> np.ndarray:
@@ -31,19 +31,28 @@ def slice_indices(size: int, n: int | None = None) -> np.ndarray:
     return ((np.arange(n) + 0.5) * size / n).astype(np.int64)
 
 
+def take_slice(volume: torch.Tensor, plane: str, index: int) -> torch.Tensor:
+    """One slice of a (D, H, W) tensor in display orientation: axial (H, W); coronal (D, W) and
+    sagittal (D, H) with row 0 superior. The one definition, shared by FID and the slice network's training."""
+    if plane not in PLANE_AXIS:
+        raise ValueError(f"plane must be one of {PLANES}, got {plane!r}")
+    s = volume.select(PLANE_AXIS[plane], index)  # (a, b)
+    return s if plane == "axial" else s.flip(0)  # D runs inferior -> superior; display superior on top
+
+
 def slice_stack(volume, plane: str = "axial", n: int | None = None) -> torch.Tensor:
     """volume (D, H, W) (or (1, D, H, W)) -> (S, h, w) float32 slices of one plane.
 
-    axial: (S, H, W); coronal: (S, D, W); sagittal: (S, D, H), rows superior first.
+    axial: (S, H, W); coronal: (S, D, W); sagittal: (S, D, H), rows superior first (as :func:`take_slice`).
     """
-    if plane not in _AXIS:
+    if plane not in PLANE_AXIS:
         raise ValueError(f"plane must be one of {PLANES}, got {plane!r}")
     v = as_volume(volume)  # (D, H, W)
-    axis = _AXIS[plane]
+    axis = PLANE_AXIS[plane]
     idx = torch.from_numpy(slice_indices(v.shape[axis], n))
     s = v.index_select(axis, idx).movedim(axis, 0)  # (S, a, b)
     if plane != "axial":
-        s = s.flip(1)  # D runs inferior -> superior; display superior on top
+        s = s.flip(1)  # as take_slice
     return s.contiguous()
 
 

@@ -33,6 +33,8 @@ ROLES = {
     "clip": "evaluation feature network: a CT-CLIP-style volume/text model for the CLIP score and a 3D Frechet distance",
     "classifier": "evaluation feature network: an 18-label abnormality classifier for faithfulness (AUROC), "
                   "train-on-synthetic-test-on-real and a 3D Frechet distance",
+    "slicenet": "evaluation feature network: a 2D CNN trained on real CT slices (plane, slice position, labels), "
+                "whose features the 2D and 2.5D FID compare",
 }
 
 

@@ -1,90 +1,264 @@
-"""The evaluation of a sampling run end to end on the tiny cascade, and the run comparison."""
+"""``ctgen evaluate`` end to end on the tiny models: real-vs-real is perfect, noise is not, bad input is named.
+
+The models folder holds the tiny cascade (cascade.json: the grid and the text side) and the three
+feature networks trained here on the tiny cohort. Predictions are folders of NIfTI files (the real
+volumes themselves, noise, broken files) or a sampling manifest of the tiny cascade.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
+from ctgen.cli import main
+from ctgen.data.shards import iter_samples
 from ctgen.jobs import evaluate
+from ctgen.jobs.eval_config import EvalConfig, scoring_settings
+from ctgen.jobs.guidance import guidance_sweep
 from ctgen.jobs.sample import sample_to_files
 from ctgen.jobs.train import run_training
+from ctgen.jobs.tstr import tstr_shards
 from ctgen.pipelines.text_to_ct import SampleSettings
+from ctprep.ctrate import LABELS
+from ctprep.volume import Volume, save_nifti
 
 from tests.ctgen.tiny import WINDOW
+from tests.workflow.wf import REPO
 
+TRAIN = {"max_steps": 4, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "tensorboard": False, "seed": 0}
 CLIP = {"model": {"stem_stride": [2, 4, 4], "channels": [8, 16], "blocks": [1, 1], "norm_groups": 4, "embed_dim": 16,
                   "text_dim": 16},
-        "text_encoder": {"dim": 16, "depth": 1, "heads": 2, "dropout": 0.0, "max_length": 32},
-        "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "tensorboard": False, "seed": 0}}
+        "text_encoder": {"dim": 16, "depth": 1, "heads": 2, "dropout": 0.0, "max_length": 32}, "train": TRAIN}
 CLASSIFIER = {"model": {"stem_stride": [2, 4, 4], "channels": [8, 16], "blocks": [1, 1], "norm_groups": 4,
-                        "pos_weight": "auto"},
-              "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "tensorboard": False, "seed": 0}}
+                        "pos_weight": "auto"}, "train": TRAIN}
+SLICENET = {"model": {"image_size": 16, "channels": [8, 16], "blocks": [1, 1], "norm_groups": 4},
+            "train": {**TRAIN, "batch_size": 8}}
+SETTINGS = {"bootstrap": 100, "bootstrap_frechet": 20, "auroc_min_positives": 2, "auroc_min_negatives": 2,
+            "slices_per_volume": 4}
 
 
 @pytest.fixture(scope="module")
-def run(cohort, tiny_cascade, tmp_path_factory):
+def models(cohort, tiny_cascade, tmp_path_factory):
+    """A models folder: the tiny cascade plus clip, classifier and slicenet; a label table for the cohort."""
     root = tmp_path_factory.mktemp("eval")
-    text = {"text_tokenizer": str(tiny_cascade / "text_tokenizer.json"), "prompt": "generatect", "max_length": 32}
-    data = {"manifests": [cohort["manifest"]], "hu_window": WINDOW, **text}
-    clip = run_training("clip", {**CLIP, "data": dict(data)}, root / "clip", root / "ckpt")
-    classifier = run_training("classifier", {**CLASSIFIER, "data": dict(data)}, root / "classifier", root / "ckpt")
+    folder = root / "models"
+    shutil.copytree(tiny_cascade, folder)
+    data = {"manifests": [cohort["manifest"]], "hu_window": WINDOW, "prompt": "generatect",
+            "text_tokenizer": str(tiny_cascade / "text_tokenizer.json")}
+    run_training("clip", {**CLIP, "data": dict(data)}, folder / "clip", root / "ckpt")
+    run_training("classifier", {**CLASSIFIER, "data": dict(data)}, folder / "classifier", root / "ckpt")
+    run_training("slicenet", {**SLICENET, "data": {**data, "slices_per_volume": 4}}, folder / "slicenet", root / "ckpt")
+    rows = [{"VolumeName": f"train_{i}_a_1.nii.gz", **{n: 0 for n in LABELS}} for i in range(6)]
+    for i, row in enumerate(rows):  # the prompts of odd volumes read "right pleural effusion"
+        row["Pleural effusion"] = i % 2
+        row["Emphysema"] = "" if i == 0 else int(i < 3)  # one unknown
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return {"root": root, "models": folder, "labels": root / "labels.csv", "manifest": cohort["manifest"],
+            "cohort": cohort, "cascade": tiny_cascade}
+
+
+def export_real(manifest, folder, keys=None, transform=None):
+    """The shards' volumes as NIfTI files named by stem (optionally changed by ``transform(array) -> array``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in iter_samples(manifest):
+        if keys is None or s["key"] in keys:
+            array = s["volume"] if transform is None else transform(s["volume"])
+            save_nifti(Volume.from_3d(array, s["affine"]), folder / f"{s['key']}.nii.gz")
+    return folder
+
+
+def records(summary) -> dict[str, dict]:
+    return {m["name"]: m for m in summary["metrics"]}
+
+
+@pytest.fixture(scope="module")
+def real_run(models):
+    preds = export_real(models["manifest"], models["root"] / "real_preds")
+    out = models["root"] / "real_eval"
+    return evaluate.evaluate(preds, [models["manifest"]], models["models"], out, SETTINGS, labels=models["labels"],
+                             device="cpu"), out
+
+
+@pytest.fixture(scope="module")
+def noise_run(models):
+    rng = np.random.default_rng(0)
+    preds = export_real(models["manifest"], models["root"] / "noise_preds",
+                        transform=lambda a: rng.integers(-1000, 1000, a.shape).astype(np.int16))
+    return evaluate.evaluate(preds, [models["manifest"]], models["models"], models["root"] / "noise_eval", SETTINGS,
+                             labels=models["labels"], device="cpu")
+
+
+def test_real_against_itself_is_perfect(real_run):
+    summary, out = real_run
+    m = records(summary)
+    assert summary["n"]["scored"] == summary["n"]["ground_truth_paired"] == 6 and summary["n"]["skipped_predictions"] == 0
+    for name, rec in m.items():
+        if name.startswith(("fid_2d", "fd_3d")):
+            assert rec["value"] == pytest.approx(0, abs=1e-6), name  # identical sets: no distance
+    for name in [n for n in m if n.startswith("faithfulness.generated.")]:  # the ceiling is reached exactly
+        assert m[name]["value"] == m[name.replace("generated", "real")]["value"], name
+    assert m["faithfulness.generated.Pleural effusion"]["value"] is not None
+    assert m["image_similarity"]["value"] == pytest.approx(1.0, abs=1e-5)
+    assert m["clip_score.generated"]["value"] == pytest.approx(m["clip_score.real"]["value"], abs=1e-3)
+    assert m["retrieval.top1.generated"]["value"] == m["retrieval.top1.real"]["value"]
+    pv = pd.read_csv(out / "per_volume.csv")
+    assert len(pv) == 6 and not pv["resampled"].any() and set(pv["prompt_id"]) == {f"train_{i}_a_1" for i in range(6)}
+
+
+def test_every_number_carries_n_profile_stems_and_ci(real_run):
+    summary, out = real_run
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["metrics"] == json.loads(json.dumps(summary["metrics"]))
+    groups = {r["name"].split(".")[0] for r in written["metrics"]}
+    assert groups == {"faithfulness", "fid_2d", "fd_3d", "clip_score", "image_similarity", "retrieval", "hu"}
+    assert {n["group"] for n in written["not_computed"]} == {"tstr"}  # no TSTR classifiers given: said so
+    for r in written["metrics"]:
+        assert (r["n"] >= 1 or r["flag"]) and r["profile"] and len(r["stems"]) == 16, r
+        assert r["value"] is None or r["ci"] is not None or r["n"] < 2, r
+        assert r["value"] is not None or r["flag"], r  # no value without the reason
+    profiles = {r["profile"] for r in written["metrics"]}
+    assert any(p.startswith("slicenet2d@") for p in profiles) and any(p.startswith("classifier3d@") for p in profiles)
+    emph = records(summary)["faithfulness.generated.Emphysema"]
+    assert emph["n"] == 5 and emph["extra"]["n_positive"] == 2  # the unknown label is left out, not a 0
+    flagged = records(summary)["faithfulness.generated.Cardiomegaly"]
+    assert flagged["value"] is None and "0 positives" in flagged["flag"]
+    fd = records(summary)["fd_3d.clip"]
+    assert fd["extra"]["dim"] < fd["extra"]["full_dim"] and "principal axes" in fd["flag"]  # 6 volumes, 16 dims
+    assert records(summary)["retrieval.top1.generated"]["extra"]["chance"] == pytest.approx(1 / 6)
+
+
+def test_noise_scores_worse_than_real(real_run, noise_run):
+    real, noise = records(real_run[0]), records(noise_run)
+    for name in ("fid_2d.slicenet.mean", "fid_2d.slicenet.axial", "fd_3d.classifier"):
+        assert noise[name]["value"] > real[name]["value"] + 1e-3 and noise[name]["ci"][0] > 0, name
+    assert noise["image_similarity"]["value"] < 0.999
+    assert noise["hu.flagged_share"]["value"] == 1.0 and real["hu.flagged_share"]["value"] == 0.0
+
+
+def test_bad_and_unmatched_predictions_are_named_and_not_scored(models, tmp_path):
+    preds = export_real(models["manifest"], tmp_path / "p", keys={f"train_{i}_a_1" for i in range(5)})
+    affine = np.diag([2.0, 2.0, 5.0, 1.0])
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8, 2), np.int16), affine), preds / "train_1_a_1.nii.gz")  # 4D
+    nan = np.zeros((16, 16, 8), np.float32)
+    nan[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(nan, affine), preds / "train_2_a_1.nii.gz")
+    shutil.copy(preds / "train_0_a_1.nii.gz", preds / "train_0_a_1.nii")  # duplicate stem
+    shutil.copy(preds / "train_0_a_1.nii.gz", preds / "valid_9_a_1.nii.gz")  # no ground truth
+    # another grid (1.6 mm, LPS): brought to the models' grid, not refused
+    lps = Volume.from_3d(np.full((20, 20, 10), -500, np.int16), np.diag([-1.6, -1.6, 4.0, 1.0]))
+    save_nifti(lps, preds / "train_3_a_1.nii.gz")
+    summary = evaluate.evaluate(preds, [models["manifest"]], models["models"], tmp_path / "out", SETTINGS,
+                                labels=models["labels"], device="cpu")
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv").set_index(["stem", "side"])["reason"]
+    assert "3D" in skipped[("train_1_a_1", "generated")] and "NaN" in skipped[("train_2_a_1", "generated")]
+    assert "duplicate" in skipped[("train_0_a_1", "generated")]
+    assert skipped[("valid_9_a_1", "generated")] == "no ground truth with this stem"
+    assert skipped[("train_5_a_1", "real")] == "no prediction with this stem"
+    assert "every prediction" in skipped[("train_1_a_1", "real")]
+    pv = pd.read_csv(tmp_path / "out" / "per_volume.csv")
+    assert sorted(pv["prompt_id"]) == ["train_0_a_1", "train_3_a_1", "train_4_a_1"]
+    assert pv.set_index("prompt_id").loc["train_3_a_1", "resampled"] and not pv.set_index("prompt_id").loc["train_0_a_1", "resampled"]
+    n = summary["n"]
+    assert n["scored"] == 3 and n["predictions"] == 6 and n["skipped_predictions"] == 4  # the duplicate counts too
+    assert all(r["n"] <= 3 for r in summary["metrics"] if not r["name"].startswith("tstr"))
+
+
+def test_sampled_volumes_and_train_on_synthetic(models, tmp_path):
+    cohort = models["cohort"]
     prompts = pd.read_parquet(cohort["prompts"])
     pairs = [(n.split(".nii")[0], p) for n, p in zip(prompts["VolumeName"], prompts["generatect"])][:4]
-    settings = SampleSettings(steps=2, guidance_scale=2.0)
-    sample_to_files(tiny_cascade, pairs, root / "a", settings, seed=0)
-    metrics = evaluate.evaluate_run(root / "a" / "samples.csv", [cohort["manifest"]], clip, classifier, text,
-                                    root / "eval", {"tstr": True}, WINDOW, classifier_cfg={**CLASSIFIER, "data": dict(data)},
-                                    checkpoint_root=root / "ckpt")
-    return {"root": root, "metrics": metrics, "clip": clip, "classifier": classifier, "text": text, "pairs": pairs}
+    sample_to_files(models["cascade"], pairs, tmp_path / "samples", SampleSettings(steps=2, guidance_scale=2.0), seed=0)
+    synth, real = tstr_shards(tmp_path / "samples" / "samples.csv", [cohort["manifest"]], tmp_path / "syn",
+                              tmp_path / "real", shard_size=2)
+    keys = lambda m: sorted(k for s in json.loads(m.read_text())["shards"] for k in s["keys"])  # noqa: E731
+    assert [k.rsplit("_s", 1)[0] for k in keys(synth)] == keys(real) == [p for p, _ in pairs]  # same reports, same size
+    for name, manifest in (("syn", synth), ("real", real)):
+        run_training("classifier", {**CLASSIFIER, "data": {"manifests": [str(manifest)], "hu_window": WINDOW}},
+                     tmp_path / f"tstr_{name}", tmp_path / "ckpt")
+    summary = evaluate.evaluate(tmp_path / "samples" / "samples.csv", [cohort["manifest"]], models["models"],
+                                tmp_path / "out", SETTINGS, labels=models["labels"], device="cpu",
+                                tstr=(tmp_path / "tstr_syn", tmp_path / "tstr_real"))
+    m = records(summary)
+    gap = m["tstr.gap.Pleural effusion"]
+    assert gap["value"] == pytest.approx(m["tstr.real.Pleural effusion"]["value"] - m["tstr.synthetic.Pleural effusion"]["value"])
+    assert m["tstr.synthetic.macro"]["n"] == 6  # tested on every real scan read, not only the paired ones
+    assert gap["extra"]["train"]["synthetic"]["volumes"] == gap["extra"]["train"]["real"]["volumes"] == 4
+    pv = pd.read_csv(tmp_path / "out" / "per_volume.csv")
+    assert list(pv["seed"]) == [0, 1, 2, 3] and pv["clip_score"].between(0, 100).all()
 
 
-def test_metrics_file_holds_every_metric(run):
-    m = json.loads((run["root"] / "eval" / "metrics.json").read_text())
-    assert m == json.loads(json.dumps(run["metrics"]))
-    assert m["n_generated"] == 4 and m["n_paired"] == 4
-    assert set(m["fid_2d"]) == {"axial", "coronal", "sagittal", "mean"}
-    assert np.isclose(m["fid_2d"]["mean"], np.mean([m["fid_2d"][p] for p in ("axial", "coronal", "sagittal")]))
-    assert m["fvd"]["clip"] >= 0 and m["fvd"]["classifier"] >= 0
-    assert 0 <= m["clip_score"]["generated"] <= 100 and 0 <= m["clip_score"]["real"] <= 100
-    assert set(m["faithfulness"]["real"]) >= {"Cardiomegaly", "macro"}
-    assert m["tstr"]["macro"].keys() == {"trtr", "tstr", "gap"}
-    assert m["provenance"]["ctgen_version"]
-
-
-def test_per_volume_rows_and_histograms(run):
-    rows = pd.read_csv(run["root"] / "eval" / "per_volume.csv")
-    assert len(rows) == 4 and rows["clip_score"].between(0, 100).all()
-    assert {"hu_lung_median", "hu_bone_median", "n_hu_flags"} <= set(rows.columns)
-    hist = json.loads((run["root"] / "eval" / "hu_histograms.json").read_text())
-    assert len(hist["edges"]) == len(hist["generated"]) + 1
-    assert np.isclose(np.sum(np.asarray(hist["real"]) * np.diff(hist["edges"])), 1.0, atol=1e-6)  # a density
-
-
-def test_runs_are_compared_pairwise(run, tmp_path):
-    root = run["root"]
-    a = pd.read_csv(root / "eval" / "per_volume.csv")
-    same = evaluate.compare_runs(root / "eval" / "per_volume.csv", root / "eval" / "per_volume.csv", n_permutations=200)
+def test_runs_are_compared_pairwise(real_run, tmp_path):
+    out = real_run[1]
+    a = pd.read_csv(out / "per_volume.csv")
+    same = evaluate.compare_runs(out / "per_volume.csv", out / "per_volume.csv", n_permutations=200)
     assert (same["p_value"] == 1.0).all() and (same["diff"] == 0).all()
-    shifted = a.assign(clip_score=a["clip_score"] + 50)
-    shifted.to_csv(tmp_path / "shifted.csv", index=False)
-    diff = evaluate.compare_runs(root / "eval" / "per_volume.csv", tmp_path / "shifted.csv", tmp_path / "cmp.csv")
+    a.assign(clip_score=a["clip_score"] + 50).to_csv(tmp_path / "shifted.csv", index=False)
+    diff = evaluate.compare_runs(out / "per_volume.csv", tmp_path / "shifted.csv", tmp_path / "cmp.csv")
     row = diff.set_index("metric").loc["clip_score"]
-    assert row["n_pairs"] == 4 and abs(row["diff"]) == pytest.approx(50) and (tmp_path / "cmp.csv").is_file()
-    from ctgen.cli import main
-
-    assert main(["compare", str(root / "eval" / "per_volume.csv"), str(tmp_path / "shifted.csv"),
-                 "--permutations", "500", "--out", str(tmp_path / "cli.csv")]) == 0
-    assert pd.read_csv(tmp_path / "cli.csv").set_index("metric").loc["clip_score", "n_pairs"] == 4
+    assert row["n_pairs"] == 6 and abs(row["diff"]) == pytest.approx(50) and row["p_value"] < 0.05
+    assert main(["compare", str(out / "per_volume.csv"), str(tmp_path / "shifted.csv"), "--permutations", "500",
+                 "--out", str(tmp_path / "cli.csv")]) == 0
+    assert pd.read_csv(tmp_path / "cli.csv").set_index("metric").loc["clip_score", "n_pairs"] == 6
 
 
-def test_guidance_sweep_samples_each_scale(run, cohort, tiny_cascade, tmp_path):
-    prompts = tmp_path / "prompts.csv"
-    pd.DataFrame({"id": [p for p, _ in run["pairs"][:2]], "prompt": [t for _, t in run["pairs"][:2]]}).to_csv(prompts)
+def test_guidance_sweep_scores_each_scale_with_cis(models, tmp_path):
+    prompts = pd.read_parquet(models["cohort"]["prompts"])
+    pd.DataFrame({"id": prompts["VolumeName"].str.replace(".nii.gz", "")[:3],
+                  "prompt": prompts["generatect"][:3]}).to_csv(tmp_path / "prompts.csv", index=False)
     sampling = {"steps": 2, "temperature": 1.0, "batch_size": 8, "seed": 0, "sr_steps": None}
-    out = evaluate.guidance_sweep(tiny_cascade, prompts, [1.0, 4.0], sampling, run["clip"], run["classifier"],
-                                  [cohort["manifest"]], run["text"], tmp_path / "sweep.csv", WINDOW)
-    assert list(out["guidance_scale"]) == [1.0, 4.0] and out["clip_score"].between(0, 100).all()
-    assert (out["fid_axial"] >= 0).all()
+    out = guidance_sweep(models["models"], tmp_path / "prompts.csv", [1.0, 4.0], sampling, [models["manifest"]],
+                         tmp_path / "sweep.csv", SETTINGS, device="cpu")
+    assert set(out["metric"]) == {"clip_score", "retrieval.top1", "fid_2d.slicenet.axial"}
+    assert sorted(set(out["guidance_scale"])) == [1.0, 4.0] and (out["n"] == 3).all()
+    assert out["profile"].str.contains("@").all()
+    clip = out[out["metric"] == "clip_score"]
+    assert clip["value"].between(0, 100).all() and (clip["ci_low"] <= clip["value"]).all()
+    assert list(out.loc[out["metric"] == "retrieval.top1", "chance"]) == pytest.approx([1 / 3, 1 / 3])
+
+
+def test_the_command_line_scores_a_folder_and_names_mistakes(models, real_run, tmp_path, capsys):
+    preds = models["root"] / "real_preds"
+    argv = ["evaluate", "--generated", str(preds), "--real", models["manifest"], "--models", str(models["models"]),
+            "--out", str(tmp_path / "cli"), "--labels", str(models["labels"]), "--settings", json.dumps(SETTINGS),
+            "--device", "cpu"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["n"]["scored"] == 6
+    (tmp_path / "empty").mkdir()
+    for change, needle in ((["--generated", str(tmp_path / "gone")], "gone does not exist"),
+                           (["--generated", str(tmp_path / "empty")], "no .nii or .nii.gz file"),
+                           (["--settings", "{bootstrapp: 10}"], "unknown evaluation settings: ['bootstrapp']"),
+                           (["--settings", "[1, 2]"], "--settings must be a mapping"),
+                           (["--models", str(tmp_path)], "no cascade.json"),
+                           (["--tstr", str(tmp_path), str(tmp_path)], "holds no trained classifier")):
+        args = list(argv)
+        flag = change[0]
+        i = args.index(flag) if flag in args else None
+        args = args[:i] + change + args[i + 2:] if i is not None else args + change
+        code = main(args)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and err.startswith("ctgen: error:") and needle in err, (change, err)
+    unmatched = export_real(models["manifest"], tmp_path / "other", keys={"train_0_a_1"})
+    (unmatched / "train_0_a_1.nii.gz").rename(unmatched / "valid_0_a_1.nii.gz")
+    assert main([*argv[:2], str(unmatched), *argv[3:]]) == 2
+    assert "no prediction matches a ground-truth stem" in capsys.readouterr().err
+
+
+def test_settings_are_config_yaml_s_evaluation_keys():
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    props = schema["properties"]["evaluation"]["properties"]
+    cfg = EvalConfig.from_dict(config["evaluation"])  # the workflow keys are ignored, the rest builds the config
+    defaults = EvalConfig()
+    for key in scoring_settings(props):  # every scoring key of the schema is a field, with the same default
+        value = getattr(defaults, key)
+        assert props[key]["default"] == (list(value) if isinstance(value, tuple) else value), key
+    assert set(scoring_settings(props)) == {f for f in EvalConfig.__dataclass_fields__}
+    assert cfg.labels == LABELS  # faithfulness_labels absent: all 18
+    with pytest.raises(ValueError, match="not CT-RATE labels"):
+        EvalConfig(faithfulness_labels=("Cardiomegaly", "Pneumonia"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 
@@ -11,13 +12,59 @@ import pandas as pd
 import pytest
 
 from ctgen.jobs.figures import (FIGURES, MODELS, WIDTH_IN, WINDOWS, FigureConfig, choose_prompts, key_term, make_figures,
-                           mid_slices, plot_hu_histograms, plot_samples, plot_tstr)
+                           mid_slices, plot_faithfulness, plot_hu_histograms, plot_samples, plot_tstr)
+from ctgen.jobs.figure_list import TABLES
+from ctgen.jobs.tables import GROUPS, write_intro, write_tables
 from ctgen.metrics.hu import hu_histogram
+from ctgen.metrics.summary import MetricValue
 from ctprep.shards import merge_manifests, write_shards
 from ctprep.volume import Volume, save_nifti
 
 LABELS = ["Emphysema", "Atelectasis", "Lung nodule"]
 GEN_HU, REAL_HU = -1400, -600  # generated: black in the lung window (below -1350); real: mid-grey (the window's centre)
+
+
+def metrics_json(labels=LABELS) -> dict:
+    """A metrics.json as ctgen evaluate writes it: MetricValue records of every group, one label flagged."""
+    recs = []
+    for side, base in (("generated", 0.6), ("real", 0.8)):
+        for i, label in enumerate(labels):
+            if label == "Atelectasis":
+                recs.append(MetricValue(f"faithfulness.{side}.{label}", None, 6, profile="classifier3d@ab",
+                                        stems="s" * 16, flag="0 positives and 6 negatives: an AUROC needs >= 5 and >= 5"))
+            else:
+                recs.append(MetricValue(f"faithfulness.{side}.{label}", base + 0.05 * i, 6, (base - 0.2, base + 0.15),
+                                        "classifier3d@ab", "s" * 16))
+        recs.append(MetricValue(f"faithfulness.{side}.macro", base, 6, (base - 0.1, base + 0.1), "classifier3d@ab", "s" * 16))
+    for plane, v in (("axial", 120.5), ("coronal", 130.0), ("sagittal", 110.0), ("mean", 120.2)):
+        recs.append(MetricValue(f"fid_2d.slicenet.{plane}", v, 6, (v - 10, v + 10), "slicenet2d@cd", "s" * 16))
+    recs.append(MetricValue("fd_3d.clip", 12.3, 6, (8.0, 15.0), "clip3d@ef", "s" * 16, "6 feature rows <= 64 dimensions"))
+    recs += [MetricValue("clip_score.generated", 21.0, 6, (19.0, 23.0), "clip3d@ef", "s" * 16),
+             MetricValue("clip_score.real", 28.0, 6, (26.0, 30.0), "clip3d@ef", "s" * 16),
+             MetricValue("image_similarity", 0.5, 6, (0.4, 0.6), "clip3d@ef", "s" * 16)]
+    for k in (1, 5):
+        for side, v in (("generated", 0.3), ("real", 0.7)):
+            recs.append(MetricValue(f"retrieval.top{k}.{side}", v, 6, (v - 0.2, v + 0.2), "clip3d@ef", "s" * 16,
+                                    extra={"k": k, "n_candidates": 10, "chance": k / 10}))
+    for side in ("synthetic", "real"):
+        for label in [*labels, "macro"]:
+            recs.append(MetricValue(f"tstr.{side}.{label}", 0.7, 3, (0.5, 0.9), f"tstr-{side}@1", "t" * 16))
+    recs.append(MetricValue("hu.lung_median.generated", -700.0, 6, (-720.0, -680.0), "hu-thresholds", "s" * 16))
+    recs.append(MetricValue("hu.flagged_share", 0.5, 6, (0.2, 0.8), "hu-thresholds", "s" * 16))
+    return {"metrics": [r.to_json() for r in recs], "not_computed": [],
+            "n": {"predictions": 7, "scored": 6, "skipped_predictions": 1, "skipped_ground_truth": 0},
+            "provenance": {"seed": 0, "ctgen_version": "0.1"}}
+
+
+def sweep_frame() -> pd.DataFrame:
+    """guidance_sweep.csv: one row per scale and metric."""
+    rows = []
+    for scale, (clip, r1, fid) in {1.0: (20, 0.2, 120), 3.0: (23, 0.4, 125), 2.0: (22, 0.3, 110)}.items():
+        for metric, value, chance in (("clip_score", clip, None), ("retrieval.top1", r1, 1 / 3),
+                                      ("fid_2d.slicenet.axial", fid, None)):
+            rows.append({"guidance_scale": scale, "metric": metric, "value": value, "ci_low": value * 0.9,
+                         "ci_high": value * 1.1, "n": 3, "profile": "net@1", "stems": "x", "flag": None, "chance": chance})
+    return pd.DataFrame(rows)
 
 
 def png_size(path) -> tuple[int, int]:
@@ -54,17 +101,7 @@ def run(tmp_path_factory):
         pd.DataFrame({"step": steps, "lr": 1e-3, "loss": np.geomspace(5, 0.05, 20), "grad_norm": 1.0,
                       "accuracy": np.linspace(0, 1, 20), "steps_per_s": 3.0}).to_csv(root / f"{model}.csv", index=False)
         inputs[model] = str(root / f"{model}.csv")
-    metrics = {"n_generated": 6, "n_real": 3,
-               "fid_2d": {"axial": 120.5, "coronal": 130.0, "sagittal": None, "mean": 125.2},
-               "fvd": {"clip": 12.3, "classifier": 4.5}, "clip_score": {"generated": 21.0, "real": 28.0},
-               "image_similarity": 0.5,
-               "faithfulness": {"generated": {"Emphysema": 0.6, "Atelectasis": None, "Lung nodule": 0.5, "macro": 0.55},
-                                "real": {"Emphysema": 0.8, "Atelectasis": None, "Lung nodule": 0.7, "macro": 0.75}},
-               "tstr": {k: {"trtr": 0.8, "tstr": 0.6, "gap": 0.2} for k in [*LABELS, "macro"]},
-               "hu_flags": [{"sample": "valid_0_a_1_s0", "tissue": "bone", "value": 250.0, "low": 320.0,
-                             "high": 700.0, "reason": "median below the real range"}],
-               "provenance": {"seed": 0, "ctgen_version": "0.1"}}
-    (root / "metrics.json").write_text(json.dumps(metrics))
+    (root / "metrics.json").write_text(json.dumps(metrics_json()))
     gen_h, edges = hu_histogram(rng.normal(-300, 400, 20_000))
     real_h, _ = hu_histogram(rng.normal(-500, 500, 20_000))
     (root / "hist.json").write_text(json.dumps({"edges": edges.tolist(), "generated": gen_h.tolist(),
@@ -76,8 +113,9 @@ def run(tmp_path_factory):
                        **{f"hu_{t}_median": rng.normal(c, 20, 6) for t, c in
                           [("air", -1000), ("lung", -800), ("fat", -100), ("soft_tissue", 40), ("bone", 500)]}})
     pv.to_csv(root / "per_volume.csv", index=False)
-    pd.DataFrame({"guidance_scale": [1.0, 3.0, 2.0], "clip_score": [20, 23, 22],
-                  "fid_axial": [120, 125, 110]}).to_csv(root / "sweep.csv", index=False)
+    pd.DataFrame([{"stem": "valid_9_a_1", "side": "generated", "path": "gen/valid_9_a_1.nii.gz",
+                   "reason": "no ground truth with this stem"}]).to_csv(root / "skipped.csv", index=False)
+    sweep_frame().to_csv(root / "sweep.csv", index=False)
     inputs |= {"metrics": str(root / "metrics.json"), "per_volume": str(root / "per_volume.csv"),
                "histograms": str(root / "hist.json"), "sweep": str(root / "sweep.csv")}
     return {"root": root, "inputs": inputs}
@@ -157,8 +195,44 @@ def test_key_term_prefers_the_models_own_term():
     assert key_term("generator", m[["step", "loss"]]) is None
 
 
-def test_tstr_null_and_bad_histograms(run, tmp_path):
-    (tmp_path / "m.json").write_text(json.dumps({"tstr": None}))
+def test_faithfulness_figure_grows_with_labels_and_says_why_a_label_is_empty(run, tmp_path):
+    (tmp_path / "few.json").write_text(json.dumps(metrics_json(LABELS[:2])))
+    few = png_size(plot_faithfulness(tmp_path / "few.json", tmp_path / "few.png", dpi=50))[1]
+    assert png_size(plot_faithfulness(run["inputs"]["metrics"], tmp_path / "all.png", dpi=50))[1] > few
+    flagged = metrics_json()
+    flagged["metrics"] = [dict(r, value=None, ci=None, flag="0 positives") if r["name"].startswith("faithfulness.") else r
+                          for r in flagged["metrics"]]
+    (tmp_path / "none.json").write_text(json.dumps(flagged))
+    assert png_size(plot_faithfulness(tmp_path / "none.json", tmp_path / "none.png", dpi=50))[0] == round(WIDTH_IN * 50)
+
+
+def test_every_metric_lands_in_one_table_with_n_and_profile_in_its_caption(run, tmp_path):
+    outputs = {f"{name}_{kind}": str(tmp_path / f"{name}.{kind if kind != 'caption' else 'rst'}")
+               for name in TABLES for kind in ("html", "csv", "caption")}
+    write_tables(run["inputs"]["metrics"], run["root"] / "skipped.csv", run["inputs"]["sweep"], outputs)
+    metrics = json.loads((run["root"] / "metrics.json").read_text())["metrics"]
+    listed = []
+    for name in dict.fromkeys(GROUPS.values()):
+        table = pd.read_csv(outputs[f"{name}_csv"])
+        listed += list(table["metric"])
+        caption = (tmp_path / f"{name}.rst").read_text()
+        assert "n = 6" in caption or "n = 3" in caption, (name, caption)
+        html = (tmp_path / f"{name}.html").read_text()
+        assert "<table>" in html and "<caption>" in html and "profile" in html
+    assert sorted(listed) == sorted(r["name"] for r in metrics)  # every number, in exactly one table
+    assert "1 of" in (tmp_path / "distribution.rst").read_text()  # the flagged Fréchet distance is counted
+    assert "classifier3d@ab" in (tmp_path / "faithfulness.rst").read_text()
+    assert "1 volumes left out" in (tmp_path / "skipped.rst").read_text()
+    assert len(pd.read_csv(outputs["guidance_sweep_csv"])) == 9
+    png = run["root"] / "f.png"
+    plot_faithfulness(run["inputs"]["metrics"], png, dpi=40)
+    intro = write_intro(png, tmp_path / "faithfulness.rst", tmp_path / "intro.rst").read_text()
+    assert base64.b64encode(png.read_bytes()).decode() == "".join(intro.split("base64,")[1].split("\"")[0].split())
+    assert ".. raw:: html" in intro and max(map(len, intro.splitlines())) < 10_000  # docutils refuses longer lines
+
+
+def test_tstr_absent_and_bad_histograms(run, tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps({"metrics": []}))
     assert png_size(plot_tstr(tmp_path / "m.json", tmp_path / "t.png", dpi=50))[0] == round(WIDTH_IN * 50)
     (tmp_path / "h.json").write_text(json.dumps({"edges": [0, 1, 2], "generated": [1.0], "real": [1.0]}))
     with pytest.raises(ValueError, match="len"):

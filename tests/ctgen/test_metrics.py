@@ -38,6 +38,8 @@ from ctgen.metrics import (
     tstr_summary,
     volume_features,
 )
+from ctgen.metrics.slices import take_slice
+from ctgen.metrics.summary import MetricValue
 from tests.conftest import DATA, REAL_NIFTI
 
 
@@ -403,3 +405,103 @@ def test_inception_from_path_roundtrip_and_key_check(tmp_path, real_vols):
     torch.save({"fc.weight": state["fc.weight"]}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not an InceptionV3"):
         InceptionV3Features.from_path(tmp_path / "other.pth", cfg)
+
+
+# --- reported numbers: guard, CI, profile ------------------------------------------------------------
+
+
+def test_bootstrap_ci_two_resamples_both_sets_independently():
+    from ctgen.metrics.summary import bootstrap_ci_two
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, 300), rng.normal(1, 2, 200)
+    (lo, hi), dropped = bootstrap_ci_two(lambda i, j: b[j].mean() - a[i].mean(), len(a), len(b), n_boot=2000)
+    se = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))  # the independent normal approximation
+    diff = b.mean() - a.mean()
+    assert dropped == 0 and abs(lo - (diff - 1.96 * se)) < 0.04 and abs(hi - (diff + 1.96 * se)) < 0.04
+
+
+def test_frechet_value_matches_the_plain_distance_and_carries_its_record():
+    from ctgen.metrics.distribution import FeatureRows, frechet_value
+
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(120, 6)), rng.normal(size=(100, 6)) + 0.4
+    m = frechet_value(FeatureRows.per_volume(real), FeatureRows.per_volume(fake), "fd", profile="net@1234",
+                      stems="abc", n_boot=100)
+    assert m.value == pytest.approx(frechet_distance_scipy(real, fake), rel=1e-6)  # pytorch-fid's computation
+    assert m.n == 100 and m.extra["n_real"] == 120 and m.profile == "net@1234" and m.stems == "abc"
+    assert m.flag is None and m.extra["dim"] == m.extra["full_dim"] == 6
+    assert m.ci[0] <= m.value <= m.ci[1] and m.ci[1] - m.ci[0] > 0
+    record = m.to_json()
+    assert record["ci"] == list(m.ci) and MetricValue.from_json(record) == m
+
+
+def test_frechet_with_fewer_samples_than_dimensions_is_reduced_and_flagged():
+    from ctgen.metrics.distribution import FeatureRows, frechet_value, principal_axes
+
+    rng = np.random.default_rng(2)
+    real, fake = rng.normal(size=(10, 32)), rng.normal(size=(12, 32))
+    m = frechet_value(FeatureRows.per_volume(real), FeatureRows.per_volume(fake), "fd", n_boot=50)
+    assert m.extra["full_dim"] == 32 and m.extra["dim"] == 9 and "9 principal axes" in m.flag
+    axes = principal_axes(torch.as_tensor(real), 9).numpy()  # the stated reduction, computed independently
+    assert m.value == pytest.approx(frechet_distance(real @ axes, fake @ axes), rel=1e-6)
+    one = frechet_value(FeatureRows.per_volume(real[:1]), FeatureRows.per_volume(fake), "fd", n_boot=20)
+    assert one.value is None and "fewer than 2" in one.flag
+
+
+def test_frechet_over_slices_resamples_volumes_and_moves_the_right_way():
+    from ctgen.metrics.distribution import FeatureRows, frechet_values
+
+    rng = np.random.default_rng(3)
+    volumes = lambda shift, n: [rng.normal(shift, 1, size=(8, 4)) for _ in range(n)]  # noqa: E731  8 slices each
+    real = {"axial": FeatureRows.stacked(volumes(0, 30)), "coronal": FeatureRows.stacked(volumes(0, 30))}
+    same = {"axial": FeatureRows.stacked(volumes(0, 25)), "coronal": FeatureRows.stacked(volumes(0, 25))}
+    far = {"axial": FeatureRows.stacked(volumes(2, 25)), "coronal": FeatureRows.stacked(volumes(1, 25))}
+    near = frechet_values(real, same, "fid", n_boot=60, mean=True)
+    shifted = frechet_values(real, far, "fid", n_boot=60, mean=True)
+    assert near["axial"].n == 25 and near["axial"].extra["rows_generated"] == 200  # n counts volumes, not slices
+    for plane in ("axial", "coronal", "mean"):
+        assert shifted[plane].ci[0] > near[plane].ci[1], plane  # separated beyond their CIs
+    assert shifted["mean"].value == pytest.approx((shifted["axial"].value + shifted["coronal"].value) / 2)
+    assert shifted["axial"].value == pytest.approx(16.0, abs=3.0)  # |mu_a - mu_b|^2 = 4 dims x 2^2, same covariances
+
+
+def test_retrieval_ranks_against_a_brute_force_count():
+    from ctgen.metrics.retrieval import distinct_texts, retrieval_ranks, top_k_accuracy
+
+    rng = np.random.default_rng(4)
+    img, txt = rng.normal(size=(20, 8)), rng.normal(size=(30, 8))
+    target = rng.integers(0, 30, 20)
+    ranks = retrieval_ranks(img, txt, target)
+    cos = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ (txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
+    assert (ranks == np.array([(cos[i] >= cos[i, target[i]]).sum() for i in range(20)])).all()
+    texts, index = distinct_texts(["a", "b", "a", "c"])
+    assert texts == ["a", "b", "c"] and index.tolist() == [0, 1, 0, 2]
+    m = top_k_accuracy(ranks, 5, 30, "retrieval.top5", profile="clip@1")
+    assert m.value == pytest.approx((ranks <= 5).mean()) and m.extra["chance"] == pytest.approx(5 / 30)
+    assert m.n == 20 and m.ci is not None and m.profile == "clip@1"
+    tied = retrieval_ranks(np.ones((3, 4)), np.ones((5, 4)), np.array([0, 1, 2]))
+    assert (tied == 5).all()  # a constant embedding is never a hit by ties
+
+
+def test_retrieval_moves_the_right_way():
+    from ctgen.metrics.retrieval import retrieval_ranks, top_k_accuracy
+
+    rng = np.random.default_rng(5)
+    txt = rng.normal(size=(40, 16))
+    target = np.arange(40)
+    aligned = txt + 0.3 * rng.normal(size=txt.shape)  # volumes near their own report
+    unrelated = rng.normal(size=txt.shape)
+    good = top_k_accuracy(retrieval_ranks(aligned, txt, target), 1, 40, "r")
+    bad = top_k_accuracy(retrieval_ranks(unrelated, txt, target), 1, 40, "r")
+    assert good.value > 0.9 and good.ci[0] > bad.ci[1]
+    assert bad.value < 0.2  # about chance (1/40)
+
+
+def test_take_slice_is_the_slice_stack_cut():
+    vol = torch.arange(5 * 6 * 7, dtype=torch.float32).reshape(5, 6, 7)
+    for plane, size in (("axial", 5), ("coronal", 6), ("sagittal", 7)):
+        stack = slice_stack(vol, plane)
+        assert len(stack) == size
+        for i in range(size):
+            assert torch.equal(stack[i], take_slice(vol, plane, i)), (plane, i)

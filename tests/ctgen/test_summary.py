@@ -24,3 +24,10 @@ def test_mean_with_ci_and_stems():
     assert m.n == 3 and m.value == 2.0 and m.ci[0] < 2.0 < m.ci[1] and m.extra["n_nan"] == 1
     assert m.stems == stems_hash(["a", "b"]) != stems_hash(["a"])
     assert m.to_json()["ci"] == list(m.ci)
+
+
+def test_thin_numbers_are_flagged():
+    few = mean_with_ci([1.0, 2.0, 3.0, 4.0, 5.0], "x")
+    assert few.ci is not None and "only 5 volumes" in few.flag
+    assert mean_with_ci(np.arange(20.0), "x").flag is None
+    assert "k = 5" in mean_with_ci([1.0] * 3, "y", flag="k = 5 >= 3 candidates").flag  # both reasons kept

@@ -20,14 +20,14 @@ import matplotlib.image as mpimg
 import pytest
 import yaml
 
-from ctgen.jobs.figure_list import FIGURES
+from ctgen.jobs.figure_list import FIGURES, TABLES
 from ctgen.jobs.figures import WIDTH_IN
 from tests.workflow.wf import snakemake
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.workflow,
               pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: apt-get install -y chromium")]
-CATEGORIES = tuple(dict.fromkeys(FIGURES.values()))  # the report's categories, in the order of the figures
+CATEGORIES = tuple(sorted({*FIGURES.values(), *(c for c, _ in TABLES.values())}))  # as the report sorts them
 WINDOW = (1280, 900)  # browser viewport (width, height) in pixels
 # Injected before </body> of a copy of the report: opens every category and every figure in it
 # (the eye buttons), then writes "category/filename/decoded width" of each displayed PNG into <pre id="tour">.
@@ -92,12 +92,35 @@ def test_report_renders_its_intro_and_every_category(demo_report):
     assert not missing, f"categories not rendered: {missing}\n{text[:2000]}"
 
 
-def test_report_embeds_every_figure_byte_for_byte(demo_report):
+def test_report_embeds_every_figure_and_table_byte_for_byte(demo_report):
     html = demo_report.read_text()
     figures = demo_report.parent / "results/figures"
     for name in FIGURES:
         png = (figures / f"{name}.png").read_bytes()
         assert base64.b64encode(png).decode() in html, f"{name}.png is not embedded in the report"
+    tables = demo_report.parent / "results/tables"
+    for name in TABLES:  # every metric table, as a table (HTML) and as data (CSV), not only as a picture
+        for kind in ("html", "csv"):
+            data = (tables / f"{name}_table.{kind}").read_bytes()
+            assert base64.b64encode(data).decode() in html, f"{name}_table.{kind} is not embedded in the report"
+
+
+def test_report_opens_with_the_faithfulness_figure_and_tables_name_n_and_profile(demo_report):
+    dom = chromium(demo_report, "--dump-dom")
+    text = rendered_text(dom)
+    assert text.index("Faithfulness: are the findings") < text.index("About this run")  # the front page opens with it
+    png = (demo_report.parent / "results/figures/faithfulness.png").read_bytes()
+    first = re.search(r'<img[^>]*src="data:image/png[^"]*base64,([^"]+)"', dom)
+    assert first, "the report shows no image"
+    data = re.sub(r"\s|&#10;|&#13;", "", first.group(1))  # the URI is wrapped in lines (see ctgen.jobs.tables.write_intro)
+    assert base64.b64decode(data) == png, "the first image of the report is not the faithfulness figure"
+    assert CATEGORIES[0] == FIGURES["faithfulness"]  # and its category comes first
+    html = demo_report.read_text().replace("&#64;", "@")  # docutils writes the @ of a literal as an entity
+    for name in ("faithfulness", "distribution", "alignment"):  # each caption states n and profile
+        caption = (demo_report.parent / f"results/report/{name}.rst").read_text()
+        found = re.search(r"n = (\d+) \(``([\w-]+@[0-9a-f]{8})``\)", caption)
+        assert found, (name, caption)
+        assert f"n = {found.group(1)}" in html and found.group(2) in html, f"the {name} caption is not in the report"
 
 
 def test_every_figure_displays_in_its_category(demo_report, tmp_path):

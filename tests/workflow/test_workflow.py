@@ -67,20 +67,22 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         return set(planned_rules(work, edit))
 
     assert plan("none") == set()  # a finished run has nothing to do
-    scoring = {"evaluate", "guidance_sweep", "figures", "all"}  # what reads the samples or the models
-    sampling = {"cascade", "sample"} | scoring
+    scoring = {"evaluate", "guidance_sweep", "figures", "metric_tables", "all"}  # what reads the samples or the models
+    # the cascade also samples the TSTR training set, on which the TSTR classifier trains again
+    sampling = {"cascade", "sample", "sample_tstr", "tstr_shards", "train_tstr"} | scoring
     latent_sampling = {"latent_flow_spec", "sample_latent_flow", "all"}  # the latent flow family's
     latent = {"train_autoencoder", "encode_latents", "latents_manifest", "train_latent_flow"} | latent_sampling
     # everything trained on the shards: whatever rewrites them retrains both families and the feature networks
-    models = {"train_tokenizer", "encode_tokens", "tokens_manifest", "train_generator", "train_superres",
-              "train_clip", "train_classifier"} | sampling | latent
-    prompts = {"prompts", "shards", "shard_manifest", "rejects", "text_tokenizer", "sample_prompts"} | models
+    models = {"train_tokenizer", "encode_tokens", "tokens_manifest", "train_generator", "train_superres", "train_clip",
+              "train_classifier", "train_slicenet"} | sampling | latent
+    prompts = {"prompts", "shards", "shard_manifest", "rejects", "text_tokenizer", "sample_prompts",
+               "tstr_prompts"} | models
     assert plan("prompt", {"prompts": {"templates": {"generatect": "{sex}, {age} years: {impression}"}}}) == prompts
     assert plan("structured", {"prompts": {"structured": {"negated": "state"}}}) == prompts
     # a preprocessing setting: preprocessing and everything after it, not the cohort or the reports;
     # the HU window also reaches every training config (the models map it to [-1, 1])
     assert plan("preset", {"presets": {"demo": {"clip": [-1024, 1200]}}}) == \
-        {"prep", "shards", "shard_manifest", "rejects", "train_config"} | models
+        {"prep", "shards", "shard_manifest", "rejects", "train_config", "slicenet_config"} | models
     assert plan("shard", {"shards": {"shard_size": 3}}) == {"shards", "shard_manifest"} | models
     # a model's own settings: that model and what is built from it, nothing upstream
     assert plan("tok", {"model_presets": {"demo": {"tokenizer": {"train": {"lr": 1e-3}}}}}) == \
@@ -97,7 +99,12 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     # sampling settings: the samples and their scores; evaluation settings: the scores; figures: the figures
     assert plan("steps", {"sampling": {"steps": 3}}) == sampling
     assert plan("eval", {"evaluation": {"hu_tolerance": 30.0}}) == scoring
-    assert plan("fig", {"figures": {"dpi": 100}}) == {"figures", "all"}
+    assert plan("fig", {"figures": {"dpi": 100}}) == {"figures", "metric_tables", "all"}
+    # the slice network's settings: it and the scores; TSTR's size: its samples, classifiers and the scores
+    assert plan("slicenet", {"evaluation": {"slicenet": {"train": {"lr": 1e-3}}}}) == \
+        {"slicenet_config", "train_slicenet"} | scoring
+    assert plan("tstr", {"evaluation": {"tstr_reports": 3}}) == \
+        {"tstr_prompts", "sample_tstr", "tstr_shards", "train_tstr"} | scoring - {"guidance_sweep"}
 
 
 def test_strict_mode_fails_and_names_the_rejects(demo_run, tmp_path):

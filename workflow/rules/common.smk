@@ -1,6 +1,7 @@
 # Config validation, the values rules read and the input functions; logic lives in the packages.
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import jsonschema
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from ctgen.jobs.eval_config import scoring_settings
 from ctgen.jobs.geometry import GeometryError, check_geometry
 
 # a config error is one line naming the key (Snakemake's own message dumps the whole subschema)
@@ -191,3 +193,28 @@ def get_eval_text(wildcards, input):
         "prompt": MODELS["prompt"],
         "max_length": MODELS["text_encoder"]["max_length"],
     }
+
+
+EVALUATION = config["evaluation"]
+EVAL_SETTINGS = scoring_settings(EVALUATION)  # what `ctgen evaluate --settings` takes
+SLICENET = EVALUATION["slicenet"]
+SLICENET_RES = SLICENET["resources"]
+
+
+def get_slicenet_config():
+    """The slice network's training config (model, train, data) as plain data, with the HU window."""
+    cfg = json.loads(json.dumps({k: SLICENET[k] for k in ("model", "train")}))
+    cfg["data"] = {"hu_window": PRESET["clip"], **SLICENET.get("data", {})}
+    return cfg
+
+
+def get_eval_settings():
+    """The scoring settings, quoted for the shell."""
+    return shlex.quote(json.dumps(EVAL_SETTINGS))
+
+
+def get_tstr_weights(wildcards):
+    """The two TSTR classifiers (trained on synthetic, trained on real) when evaluation.tstr is on."""
+    if not EVALUATION["tstr"]:
+        return []
+    return expand(rules.train_tstr.output.weights, source=["synthetic", "real"])

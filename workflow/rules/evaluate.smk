@@ -1,14 +1,120 @@
+rule slicenet_config:
+    output:
+        config=f"{R}/models/slicenet.yaml",
+    log:
+        f"{R}/logs/train_config/slicenet.log",
+    benchmark:
+        f"{R}/benchmarks/train_config/slicenet.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        cfg=get_slicenet_config(),
+    script:
+        "../scripts/train_config.py"
+
+
+rule train_slicenet:
+    input:
+        config=rules.slicenet_config.output.config,
+        manifests=get_train_manifests,
+    output:
+        weights=f"{R}/models/slicenet/model.safetensors",
+        config=f"{R}/models/slicenet/config.json",
+    log:
+        f"{R}/logs/train_slicenet.log",
+    benchmark:
+        f"{R}/benchmarks/train_slicenet.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: SLICENET_RES["threads"]
+    resources:
+        mem_mb=grows_with_attempt(SLICENET_RES["mem_mb"], 1.5),
+        runtime=grows_with_attempt(SLICENET_RES["runtime"], 2),
+        gpu=SLICENET_RES["gpu"],
+        nodes=SLICENET_RES.get("nodes", 1),
+    params:
+        out=lambda wc, output: os.path.dirname(output.weights),
+        ckpt=f"{CHECKPOINTS}/slicenet",
+        launch=get_launcher,
+        workers=get_data_workers,
+    shell:
+        "{params.launch} train slicenet --config {input.config} --manifests {input.manifests}"
+        " --out {params.out} --checkpoints {params.ckpt}"
+        " --data-workers {params.workers} > {log} 2>&1"
+
+
+rule tstr_shards:
+    input:
+        samples=rules.sample_tstr.output.manifest,
+        manifests=get_train_manifests,
+    output:
+        synthetic=f"{R}/tstr/synthetic/tstr-synthetic.manifest.json",
+        real=f"{R}/tstr/real/tstr-real.manifest.json",
+    log:
+        f"{R}/logs/tstr_shards.log",
+    benchmark:
+        f"{R}/benchmarks/tstr_shards.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        shard_size=config["shards"]["shard_size"],
+    script:
+        "../scripts/tstr_shards.py"
+
+
+rule train_tstr:
+    input:
+        config=expand(rules.train_config.output.config, model="classifier"),
+        manifests=lambda wc: getattr(rules.tstr_shards.output, wc.source),
+    output:
+        weights=f"{R}/models/tstr_{{source}}/model.safetensors",
+        config=f"{R}/models/tstr_{{source}}/config.json",
+    log:
+        f"{R}/logs/train_tstr/{{source}}.log",
+    benchmark:
+        f"{R}/benchmarks/train_tstr/{{source}}.tsv"
+    wildcard_constraints:
+        source="synthetic|real",
+    conda:
+        "../../envs/train.yaml"
+    threads: RES["classifier"]["threads"]
+    resources:
+        mem_mb=grows_with_attempt(RES["classifier"]["mem_mb"], 1.5),
+        runtime=grows_with_attempt(RES["classifier"]["runtime"], 2),
+        gpu=RES["classifier"]["gpu"],
+        nodes=RES["classifier"]["nodes"],
+    params:
+        out=lambda wc, output: os.path.dirname(output.weights),
+        ckpt=lambda wc: f"{CHECKPOINTS}/tstr_{wc.source}",
+        launch=get_launcher,
+        workers=get_data_workers,
+    shell:
+        "{params.launch} train classifier --config {input.config} --manifests {input.manifests}"
+        " --out {params.out} --checkpoints {params.ckpt}"
+        " --data-workers {params.workers} > {log} 2>&1"
+
+
 rule evaluate:
     input:
         samples=rules.sample.output.manifest,
         reference=get_eval_manifests,
+        spec=rules.cascade.output.spec,
         clip=rules.train_clip.output.weights,
         classifier=rules.train_classifier.output.weights,
-        classifier_config=expand(rules.train_config.output.config, model="classifier"),
-        text=get_text,
+        slicenet=rules.train_slicenet.output.weights,
+        tstr=get_tstr_weights,
     output:
         metrics=f"{R}/evaluation/metrics.json",
         per_volume=f"{R}/evaluation/per_volume.csv",
+        skipped=f"{R}/evaluation/skipped.csv",
         histograms=f"{R}/evaluation/hu_histograms.json",
     log:
         f"{R}/logs/evaluate.log",
@@ -22,12 +128,17 @@ rule evaluate:
         runtime=config["evaluation"]["resources"]["runtime"],
         gpu=config["evaluation"]["resources"]["gpu"],
     params:
-        evaluation=config["evaluation"],
-        text=get_eval_text,
-        window=PRESET["clip"],
-        ckpt=f"{CHECKPOINTS}/tstr",
-    script:
-        "../scripts/evaluate.py"
+        models=lambda wc, input: os.path.dirname(input.spec),
+        out=lambda wc, output: os.path.dirname(output.metrics),
+        settings=get_eval_settings(),
+        tstr=lambda wc, input: (
+            "--tstr " + " ".join(os.path.dirname(w) for w in input.tstr)
+            if input.tstr
+            else ""
+        ),
+    shell:
+        "ctgen evaluate --generated {input.samples} --real {input.reference} --models {params.models}"
+        " --out {params.out} --settings {params.settings} {params.tstr} > {log} 2>&1"
 
 
 rule guidance_sweep:
@@ -36,8 +147,7 @@ rule guidance_sweep:
         prompts=rules.sample_prompts.output.csv,
         reference=get_eval_manifests,
         clip=rules.train_clip.output.weights,
-        classifier=rules.train_classifier.output.weights,
-        text=get_text,
+        slicenet=rules.train_slicenet.output.weights,
     output:
         csv=f"{R}/evaluation/guidance_sweep.csv",
     log:
@@ -54,8 +164,6 @@ rule guidance_sweep:
     params:
         scales=config["evaluation"]["guidance_scales"],
         sampling=config["sampling"],
-        evaluation=config["evaluation"],
-        text=get_eval_text,
-        window=PRESET["clip"],
+        evaluation=EVAL_SETTINGS,
     script:
         "../scripts/guidance_sweep.py"

@@ -1,6 +1,7 @@
 from ctgen.jobs.figure_list import (
     FIGURES,
-)  # name -> report category: the one list of the figures
+    TABLES,
+)  # name -> report category: the one list of the figures and tables
 
 
 rule figures:
@@ -14,6 +15,7 @@ rule figures:
         superres=rules.train_superres.output.weights,
         clip=rules.train_clip.output.weights,
         classifier=rules.train_classifier.output.weights,
+        slicenet=rules.train_slicenet.output.weights,
         metrics=rules.evaluate.output.metrics,
         per_volume=rules.evaluate.output.per_volume,
         histograms=rules.evaluate.output.histograms,
@@ -42,3 +44,36 @@ rule figures:
         figures=config["figures"],
     script:
         "../scripts/figures.py"
+
+
+rule metric_tables:
+    input:
+        metrics=rules.evaluate.output.metrics,
+        skipped=rules.evaluate.output.skipped,
+        sweep=rules.guidance_sweep.output.csv,
+        faithfulness=rules.figures.output.faithfulness,
+    output:
+        **{
+            f"{name}_{kind}": report(
+                f"{R}/tables/{name}_table.{kind}",
+                caption=f"../report/table_{name}.rst",
+                category=category,
+                labels={"table": name.replace("_", " "), "format": kind},
+            )
+            for name, (category, _) in TABLES.items()
+            for kind in ("html", "csv")
+        },
+        **{f"{name}_caption": f"{R}/report/{name}.rst" for name in TABLES},
+        intro=f"{R}/report/intro.rst",
+    log:
+        f"{R}/logs/metric_tables.log",
+    benchmark:
+        f"{R}/benchmarks/metric_tables.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    script:
+        "../scripts/metric_tables.py"

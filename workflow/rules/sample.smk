@@ -85,3 +85,57 @@ rule sample:
         " --seed {params.s[seed]} --per-prompt {params.s[per_prompt]} --steps {params.s[steps]}"
         " --guidance-scale {params.s[guidance_scale]} --temperature {params.s[temperature]}"
         " --batch-size {params.s[batch_size]} {params.sr_steps} {params.dicom} --truncate-prompt > {log} 2>&1"
+
+
+rule tstr_prompts:
+    input:
+        prompts=rules.prompts.output.table,
+    output:
+        csv=f"{R}/samples/tstr/prompts.csv",
+    log:
+        f"{R}/logs/tstr_prompts.log",
+    benchmark:
+        f"{R}/benchmarks/tstr_prompts.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        column=config["models"]["prompt"],
+        sampling={
+            "split": config["models"]["train_splits"][0],
+            "volumes": [],
+            "max_prompts": config["evaluation"]["tstr_reports"],
+        },
+    script:
+        "../scripts/sample_prompts.py"
+
+
+rule sample_tstr:
+    input:
+        spec=rules.cascade.output.spec,
+        prompts=rules.tstr_prompts.output.csv,
+    output:
+        manifest=f"{R}/samples/tstr/volumes/samples.csv",
+    log:
+        f"{R}/logs/sample_tstr.log",
+    benchmark:
+        f"{R}/benchmarks/sample_tstr.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: config["sampling"]["resources"]["threads"]
+    resources:
+        mem_mb=config["sampling"]["resources"]["mem_mb"],
+        runtime=config["sampling"]["resources"]["runtime"],
+        gpu=config["sampling"]["resources"]["gpu"],
+    params:
+        models=lambda wc, input: os.path.dirname(input.spec),
+        out=lambda wc, output: os.path.dirname(output.manifest),
+        s=config["sampling"],
+    shell:
+        "ctgen sample --models {params.models} --prompts {input.prompts} --out-dir {params.out}"
+        " --seed {params.s[seed]} --per-prompt 1 --steps {params.s[steps]}"
+        " --guidance-scale {params.s[guidance_scale]} --temperature {params.s[temperature]}"
+        " --batch-size {params.s[batch_size]} --truncate-prompt > {log} 2>&1"

@@ -1,0 +1,121 @@
+"""Peak memory and time of ``ctgen evaluate`` at N and 4N volumes: it must not grow with the cohort.
+
+Writes a synthetic cohort (smooth random chest-like HU volumes, ``--shape`` voxels) as shards and the
+same volumes as NIfTI predictions, a models folder with untrained feature networks of the demo sizes
+(memory and time do not depend on the weights), then runs ``ctgen evaluate`` in a fresh process per
+size and reports its peak RSS (the child's own ``ru_maxrss``) and wall time. What stays is one batch of
+volumes plus per-volume features; the volumes themselves (4 bytes x voxels each as float32) would be
+the growth if any job held them all.
+
+    python benchmarks/evaluate_scale.py [--n 8] [--shape 160 160 80] [--workdir /tmp/ctgen-eval-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ctgen.jobs.text import fit_text_tokenizer
+from ctgen.models.classifier3d import Classifier3D
+from ctgen.models.clip3d import CLIP3D
+from ctgen.models.slicenet import SliceNet
+from ctprep.shards import merge_manifests, write_shards
+from ctprep.volume import Volume, save_nifti
+
+SPACING = (2.5, 2.5, 5.0)
+
+
+def cohort(root: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> Path:
+    """n volumes in shards and as NIfTI predictions; returns the manifest."""
+    rng = np.random.default_rng(seed)
+    i, j, k = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
+    affine = np.diag([*SPACING, 1.0])
+
+    def samples():
+        for v in range(n):
+            body = (i / 0.8) ** 2 + (j / 0.6) ** 2 < 1
+            lungs = ((np.abs(i) - 0.4) / 0.3) ** 2 + (j / 0.4) ** 2 < 1 - 0.3 * k ** 2
+            hu = np.where(body, np.where(lungs, -850, 40), -1000) + rng.normal(0, 20, shape)
+            vol = Volume.from_3d(hu.astype(np.int16), affine)
+            save_nifti(vol, root / "preds" / f"valid_{v}_a_1.nii.gz")
+            yield {"key": f"valid_{v}_a_1", "volume": vol, "prompt": f"{40 + v % 30} years old male: finding {v % 5}.",
+                   "prompts": {}, "meta": {}, "labels": (rng.random(18) < 0.3).astype(np.uint8)}
+
+    (root / "preds").mkdir(parents=True)
+    write_shards(samples(), root / "c0", prefix="valid-c000", shard_size=8, split="valid")
+    return merge_manifests([root / "c0" / "valid-c000.manifest.json"], root / "manifest.json", split="valid")["n_samples"]
+
+
+def models(root: Path, shape: tuple[int, int, int], n: int) -> Path:
+    """Untrained demo-size networks and a cascade.json with the grid and the text side."""
+    folder = root / "models"
+    folder.mkdir()
+    prompts = pd.DataFrame({"VolumeName": [f"valid_{v}_a_1.nii.gz" for v in range(n)], "split": "valid",
+                            "p": [f"{40 + v % 30} years old male: finding {v % 5}." for v in range(n)]})
+    prompts.to_parquet(root / "prompts.parquet")
+    fit_text_tokenizer(root / "prompts.parquet", "p", folder / "text_tokenizer.json", vocab_size=200, splits=None)
+    torch.manual_seed(0)
+    text = {"dim": 32, "depth": 1, "heads": 2, "dropout": 0.1, "vocab_size": 200, "max_length": 64}
+    CLIP3D(CLIP3D.config_from_dict({"stem_stride": [2, 4, 4], "channels": [16, 32, 64], "blocks": [1, 1, 1],
+                                    "embed_dim": 64, "text_dim": 32, "text_encoder": text})).save_pretrained(folder / "clip")
+    Classifier3D(Classifier3D.config_from_dict({"stem_stride": [2, 4, 4], "channels": [16, 32, 64],
+                                                "blocks": [1, 1, 1]})).save_pretrained(folder / "classifier")
+    SliceNet(SliceNet.config_from_dict({"image_size": 64, "channels": [16, 32, 64],
+                                        "blocks": [1, 1, 1]})).save_pretrained(folder / "slicenet")
+    spec = {"grid": {"spacing": list(SPACING), "shape": list(shape), "clip": [-1000, 1000], "lowres_scale": 2},
+            "text_encoder": {"kind": "small", "path": None, "max_length": 64, "tokenizer": "text_tokenizer.json"}}
+    (folder / "cascade.json").write_text(json.dumps(spec))
+    return folder
+
+
+#: runs the CLI and prints the process's own peak RSS (KiB) as the last line of stderr, however it exits
+CHILD = ("import resource, runpy, sys\nsys.argv = ['ctgen'] + sys.argv[1:]\ntry:\n"
+         "    runpy.run_module('ctgen.cli', run_name='__main__')\nfinally:\n"
+         "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+
+
+def run(root: Path) -> tuple[float, float]:
+    """(peak RSS MiB, seconds) of one ``ctgen evaluate`` in a fresh process."""
+    cmd = [sys.executable, "-c", CHILD, "evaluate", "--generated", str(root / "preds"), "--real",
+           str(root / "manifest.json"), "--models", str(root / "models"), "--out", str(root / "out"), "--device", "cpu",
+           "--settings", json.dumps({"bootstrap": 200, "bootstrap_frechet": 20, "slices_per_volume": 8})]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if res.returncode:
+        raise SystemExit(res.stderr[-3000:])
+    return int(res.stderr.strip().splitlines()[-1]) / 1024, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=8, help="volumes of the small run; the large one has 4n")
+    ap.add_argument("--shape", type=int, nargs=3, default=[160, 160, 80], help="voxels along R, A, S")
+    ap.add_argument("--workdir", default="/tmp/ctgen-eval-bench", help="scratch folder (emptied first)")
+    ap.add_argument("--only", type=int, help="run one size only (volumes)")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    sizes = [args.only] if args.only else [args.n, 4 * args.n]
+    for n in sizes:
+        root = Path(args.workdir) / f"n{n}"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        cohort(root, n, tuple(args.shape))
+        models(root, tuple(args.shape), n)
+        peak, seconds = run(root)
+        voxels = int(np.prod(args.shape))
+        print(f"{n:4d} volumes of {'x'.join(map(str, args.shape))}: peak RSS {peak:7.1f} MiB, {seconds:6.1f} s "
+              f"(all volumes as float32 would be {n * voxels * 4 / 2**20:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

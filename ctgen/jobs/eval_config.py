@@ -1,0 +1,63 @@
+"""How the evaluation scores: config.yaml's ``evaluation`` keys as a frozen dataclass (no torch: the workflow reads it).
+
+``ctgen evaluate --settings`` takes the same keys; the workflow hands the rule exactly the scoring keys
+(:func:`scoring_settings`), so an edit of a workflow-only key (the guidance scales, TSTR's sizes,
+resources) does not rerun the scoring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ctprep.ctrate import LABELS
+from ctprep.errors import UserError
+
+#: keys of config.yaml's `evaluation` section that other readers own: the workflow's, and vlm3d (ctgen vlm3d-score)
+WORKFLOW_KEYS = ("split", "tstr", "tstr_reports", "guidance_scales", "resources", "slicenet", "vlm3d")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How volumes are scored (config.yaml: ``evaluation``; ``ctgen evaluate --settings``)."""
+
+    slices_per_volume: int | None = 16  # slices per volume and plane for the 2D FID (evenly spread); None: all
+    inception_weights: str | None = None  # local InceptionV3 weights (pytorch-fid .pth): a second 2D FID space
+    hu_tolerance: float = 20.0  # HU beyond the real volumes' range before a tissue median is flagged
+    bootstrap: int = 1000  # bootstrap resamples of the CIs (over volumes)
+    bootstrap_frechet: int = 200  # resamples of the Fréchet distances' CIs (each costs O(rows x dim^2))
+    auroc_min_positives: int = 5  # a per-label AUROC needs at least this many positive volumes
+    auroc_min_negatives: int = 5  # ... and this many negative ones
+    faithfulness_labels: tuple[str, ...] | None = None  # the labels faithfulness is scored on; None: all 18
+    retrieval_k: tuple[int, ...] = (1, 5)  # top-k text retrieval accuracies reported
+    batch_size: int = 2  # ground-truth volumes per batch through the networks (and their predictions)
+    seed: int = 0  # seed of the bootstrap resamples
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "retrieval_k", tuple(self.retrieval_k))
+        if self.faithfulness_labels is not None:
+            object.__setattr__(self, "faithfulness_labels", tuple(self.faithfulness_labels))
+            unknown = sorted(set(self.faithfulness_labels) - set(LABELS))
+            if unknown:
+                raise UserError(f"evaluation.faithfulness_labels: not CT-RATE labels: {unknown}")
+        if self.batch_size < 1 or self.bootstrap < 10 or self.bootstrap_frechet < 10 or min(self.retrieval_k) < 1:
+            raise UserError("evaluation: batch_size >= 1, bootstrap and bootstrap_frechet >= 10, retrieval_k >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> EvalConfig:
+        """From config.yaml's `evaluation` section (its workflow keys ignored); unknown keys are an error."""
+        d = {k: v for k, v in (d or {}).items() if k not in WORKFLOW_KEYS}
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UserError(f"unknown evaluation settings: {sorted(unknown)}")
+        return cls(**d)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.faithfulness_labels or LABELS
+
+
+
+
+def scoring_settings(evaluation: dict) -> dict:
+    """The scoring keys of config.yaml's ``evaluation`` section (what :class:`EvalConfig` reads)."""
+    return {k: v for k, v in evaluation.items() if k not in WORKFLOW_KEYS}

@@ -1,0 +1,88 @@
+"""The guidance sweep: the same prompts and seeds sampled at several classifier-free guidance scales, each scored.
+
+Per scale: the CLIP score of each volume with its prompt and text retrieval among the sweep's prompts
+(with chance level), and the axial 2D FID in the slice network's space against the real scans of the
+same reports; every number with its bootstrap CI, n and profile (a long table: one row per scale and
+metric). Volumes are sampled ``batch_size`` prompts at a time on the job's device and dropped once
+their features are taken; the real scans are read once, one batch at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ctgen.data.layout import hu_to_unit, to_model_layout
+from ctgen.jobs.eval_config import EvalConfig
+from ctgen.jobs.features import FeatureNets, clip_text_embedder, load_models_folder, slice_outputs, volume_outputs
+from ctgen.jobs.pairing import BadVolume, Grid, RealSet
+from ctgen.metrics.distribution import FeatureRows, frechet_value
+from ctgen.metrics.retrieval import distinct_texts, retrieval_ranks, top_k_accuracy
+from ctgen.metrics.summary import mean_with_ci, stems_hash
+from ctprep.ctrate import volume_key
+from ctprep.errors import UserError
+from ctprep.logs import progress
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def guidance_sweep(models_dir: str | Path, prompts_csv: str | Path, scales: list[float], sampling: dict,
+                   reference: list[str], out_csv: str | Path, settings: EvalConfig | dict | None = None,
+                   device: str | None = None) -> pd.DataFrame:
+    """Score the cascade in ``models_dir`` at each guidance scale; ``sampling``: config.yaml's ``sampling``."""
+    from ctgen.pipelines.text_to_ct import SampleSettings, TextToCTPipeline
+
+    cfg = settings if isinstance(settings, EvalConfig) else EvalConfig.from_dict(settings)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = pd.read_csv(prompts_csv, dtype={"id": str})
+    stems, texts = [volume_key(i) for i in prompts["id"]], list(prompts["prompt"])
+    grid = Grid.from_models(models_dir)
+    nets = load_models_folder(models_dir, device, window=grid.clip)
+    if nets.clip is None or nets.slicenet is None:
+        raise UserError(f"{models_dir}: the guidance sweep needs the clip and slicenet networks")
+    nets = FeatureNets(clip=nets.clip, slicenet=nets.slicenet, profiles=nets.profiles, window=nets.window)
+    real_blocks = []
+    for stem, hu, _ in RealSet(reference).read(set(stems), grid):
+        if isinstance(hu, BadVolume):
+            raise UserError(f"the real scan {stem} cannot be read: {hu}")
+        real_blocks.append(slice_outputs(nets, hu_to_unit(torch.from_numpy(hu), grid.clip), cfg.slices_per_volume,
+                                         planes=("axial",))["slicenet"]["axial"])
+    candidates, target = distinct_texts(texts)
+    t_emb = clip_text_embedder(nets, models_dir)(candidates)  # (M, E)
+    pipe = TextToCTPipeline.from_pretrained(models_dir, device=device)
+    kw = {"stems": stems_hash(stems), "n_boot": cfg.bootstrap, "seed": cfg.seed}
+    rows = []
+    for scale in scales:
+        settings_ = SampleSettings(steps=sampling["steps"], guidance_scale=float(scale),
+                                   temperature=sampling["temperature"], sr_steps=sampling.get("sr_steps"),
+                                   sr_batch_size=sampling["batch_size"], truncate_prompt=True)
+        emb, blocks = [], []
+        for start in progress(range(0, len(texts), cfg.batch_size), desc=f"guidance {scale:g}", unit="batch"):
+            part = texts[start:start + cfg.batch_size]
+            gens = [torch.Generator(device=device).manual_seed(sampling["seed"] + start + i) for i in range(len(part))]
+            units = [hu_to_unit(torch.from_numpy(to_model_layout(v.array[0]).astype(np.float32)), grid.clip)
+                     for v in pipe(part, settings_, gens)]  # (1, D, H, W) each
+            emb.append(volume_outputs(nets, torch.stack(units))["clip_embedding"])
+            blocks += [slice_outputs(nets, u[0], cfg.slices_per_volume, planes=("axial",))["slicenet"]["axial"]
+                       for u in units]
+        emb = np.concatenate(emb)
+        cos = (emb * t_emb[target]).sum(axis=1)
+        metrics = [mean_with_ci(100 * np.maximum(cos, 0), "clip_score", profile=nets.profiles["clip"], **kw),
+                   top_k_accuracy(retrieval_ranks(emb, t_emb, target), 1, len(candidates), "retrieval.top1",
+                                  profile=nets.profiles["clip"], **kw),
+                   frechet_value(FeatureRows.stacked(real_blocks), FeatureRows.stacked(blocks), "fid_2d.slicenet.axial",
+                                 profile=nets.profiles["slicenet"], stems=kw["stems"], n_boot=cfg.bootstrap_frechet,
+                                 seed=cfg.seed, device=device)]
+        for m in metrics:
+            rows.append({"guidance_scale": float(scale), "metric": m.name, "value": m.value,
+                         "ci_low": m.ci[0] if m.ci else None, "ci_high": m.ci[1] if m.ci else None, "n": m.n,
+                         "profile": m.profile, "stems": m.stems, "flag": m.flag, "chance": m.extra.get("chance")})
+        log.info("guidance %.2f: %s", scale, ", ".join(f"{m.name} {m.value}" for m in metrics))
+    out = pd.DataFrame(rows)
+    out.to_csv(out_csv, index=False)
+    return out

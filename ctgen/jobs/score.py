@@ -1,0 +1,144 @@
+"""From per-volume network outputs to reported numbers: each a MetricValue with n, CI, profile, stems hash.
+
+The groups of ``metrics.json`` (and of the report's tables):
+
+* ``faithfulness``: the classifier's AUROC per label on generated volumes against their reports'
+  labels, beside the real ceiling (the same classifier on the real scans of the same reports);
+* ``distribution``: 2D FID per plane and their mean (2.5D) in each slice feature space, and an
+  FVD-style Fréchet distance on each 3D network's features (:mod:`ctgen.metrics.distribution`);
+* ``alignment``: CLIP score (raw, uncalibrated cosine x 100), retrieval top-k among the evaluation
+  reports with chance level (:mod:`ctgen.metrics.retrieval`), similarity to the real scan;
+* ``tstr``: the classifier trained on synthetic volumes vs on as many real ones, tested on real scans;
+* ``hu``: per-tissue median HU of generated and real volumes, and the out-of-range flags.
+
+A per-label AUROC needs ``min_positives`` and ``min_negatives`` known labels; below that it is
+reported with no value and a flag saying how many there were.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ctgen.metrics.faithfulness import auroc
+from ctgen.metrics.hu import TISSUES
+from ctgen.metrics.summary import MetricValue, bootstrap_ci, mean_with_ci, thin
+
+MACRO = "macro"
+
+
+def _auroc_or_nan(s: np.ndarray, y: np.ndarray) -> float:
+    return auroc(s, y) if len(y) else math.nan
+
+
+def label_aurocs(probs, labels, names: Sequence[str], *, name: str, min_positives: int, min_negatives: int,
+                 profile: str = "", stems: str = "", n_boot: int = 1000, seed: int = 0) -> list[MetricValue]:
+    """Per-label AUROC of ``probs`` (N, L) against ``labels`` (N, L; NaN unknown), each with its bootstrap CI over
+    volumes, and their macro mean (over the labels that pass the guard) named ``name.macro``.
+
+    The function the evaluation calls for faithfulness; ``ctgen.metrics.faithfulness`` may provide the same
+    (``faithfulness_summary``), which would replace it here.
+    """
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels, np.float64)
+    out, usable = [], []
+    for j, label in enumerate(names):
+        y, s = labels[:, j], probs[:, j]
+        known = ~np.isnan(y)
+        n_pos, n_neg = int((y[known] == 1).sum()), int((y[known] == 0).sum())
+        extra = {"n_positive": n_pos, "n_negative": n_neg, "min_positives": min_positives,
+                 "min_negatives": min_negatives}
+        if n_pos < min_positives or n_neg < min_negatives:
+            out.append(MetricValue(f"{name}.{label}", None, int(known.sum()), profile=profile, stems=stems,
+                                   flag=f"{n_pos} positives and {n_neg} negatives: an AUROC needs >= {min_positives} "
+                                        f"and >= {min_negatives}", extra=extra))
+            continue
+        usable.append(j)
+        ci, dropped = bootstrap_ci(lambda idx: _auroc_or_nan(s[idx][known[idx]], y[idx][known[idx]]), len(y),
+                                   n_boot=n_boot, seed=seed)
+        out.append(MetricValue(f"{name}.{label}", auroc(s, y), int(known.sum()), ci, profile, stems,
+                               thin(int(known.sum())), {**extra, "dropped_resamples": dropped}))
+    out.append(_macro(probs, labels, usable, names, name, profile, stems, n_boot, seed))
+    return out
+
+
+def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot, seed) -> MetricValue:
+    if not usable:
+        return MetricValue(f"{name}.{MACRO}", None, len(probs), profile=profile, stems=stems,
+                           flag="no label has enough positives and negatives", extra={"labels": []})
+
+    def stat(idx: np.ndarray) -> float:
+        values = [_auroc_or_nan(probs[idx, j], labels[idx, j]) for j in usable]  # NaN where a resample has one class
+        finite = [v for v in values if not math.isnan(v)]
+        return float(np.mean(finite)) if finite else math.nan
+
+    value = stat(np.arange(len(probs)))
+    ci, dropped = bootstrap_ci(stat, len(probs), n_boot=n_boot, seed=seed)
+    return MetricValue(f"{name}.{MACRO}", value, len(probs), ci, profile, stems, thin(len(probs)),
+                       {"labels": [names[j] for j in usable], "dropped_resamples": dropped})
+
+
+def tstr_metrics(probs_synthetic, probs_real, labels, names: Sequence[str], *, min_positives: int, min_negatives: int,
+                 profiles: tuple[str, str], stems: str = "", n_boot: int = 1000, seed: int = 0,
+                 train_sizes: dict | None = None) -> list[MetricValue]:
+    """Train on synthetic, test on real: per-label and macro AUROC of both classifiers on the same real scans, and
+    the gap (trained on real minus trained on synthetic) with a paired bootstrap CI (the same resampled scans)."""
+    extra = {"train": train_sizes or {}}
+    synth = label_aurocs(probs_synthetic, labels, names, name="tstr.synthetic", min_positives=min_positives,
+                         min_negatives=min_negatives, profile=profiles[0], stems=stems, n_boot=n_boot, seed=seed)
+    real = label_aurocs(probs_real, labels, names, name="tstr.real", min_positives=min_positives,
+                        min_negatives=min_negatives, profile=profiles[1], stems=stems, n_boot=n_boot, seed=seed)
+    ps, pr, y = (np.asarray(a, np.float64) for a in (probs_synthetic, probs_real, labels))
+    gaps = []
+    for j, (a, b) in enumerate(zip(real, synth)):
+        label = a.name.rsplit(".", 1)[1]
+        if a.value is None or b.value is None:
+            gaps.append(MetricValue(f"tstr.gap.{label}", None, a.n, profile=f"{profiles[1]} - {profiles[0]}",
+                                    stems=stems, flag=a.flag or b.flag))
+            continue
+        cols = [names.index(label)] if label != MACRO else [names.index(n) for n in a.extra["labels"]]
+
+        def gap(idx: np.ndarray, cols=cols) -> float:
+            d = [_auroc_or_nan(pr[idx, c], y[idx, c]) - _auroc_or_nan(ps[idx, c], y[idx, c]) for c in cols]
+            d = [v for v in d if not math.isnan(v)]
+            return float(np.mean(d)) if d else math.nan
+
+        ci, dropped = bootstrap_ci(gap, len(y), n_boot=n_boot, seed=seed)
+        gaps.append(MetricValue(f"tstr.gap.{label}", a.value - b.value, a.n, ci, f"{profiles[1]} - {profiles[0]}",
+                                stems, thin(a.n), {"dropped_resamples": dropped}))
+    for m in (*synth, *real, *gaps):
+        m.extra.update(extra)
+    return [*synth, *real, *gaps]
+
+
+def alignment_metrics(cos_gen, cos_real, similarity, ranks_gen, ranks_real, n_candidates: int, ks: Sequence[int], *,
+                      profile: str, stems: str, n_boot: int = 1000, seed: int = 0) -> list[MetricValue]:
+    """CLIP score (generated, real ceiling), image similarity, retrieval top-k with chance (generated, real)."""
+    from ctgen.metrics.retrieval import top_k_accuracy
+
+    kw = {"profile": profile, "stems": stems, "n_boot": n_boot, "seed": seed}
+    out = [mean_with_ci(100.0 * np.maximum(np.asarray(cos_gen, np.float64), 0.0), "clip_score.generated", **kw),
+           mean_with_ci(100.0 * np.maximum(np.asarray(cos_real, np.float64), 0.0), "clip_score.real", **kw),
+           mean_with_ci(similarity, "image_similarity", **kw)]
+    for m in out[:2]:
+        m.extra["note"] = "100 x max(cosine, 0): uncalibrated, read it beside retrieval"
+    for k in ks:
+        out.append(top_k_accuracy(ranks_gen, k, n_candidates, f"retrieval.top{k}.generated", **kw))
+        out.append(top_k_accuracy(ranks_real, k, n_candidates, f"retrieval.top{k}.real", **kw))
+    return out
+
+
+def hu_metrics(gen_stats: list[dict], real_stats: list[dict], n_flags: Sequence[int], *, stems: str,
+               n_boot: int = 1000, seed: int = 0) -> list[MetricValue]:
+    """Per tissue: mean over volumes of the volume's median HU (generated, real); share of generated volumes flagged."""
+    out = []
+    for tissue in TISSUES:
+        for side, stats in (("generated", gen_stats), ("real", real_stats)):
+            m = mean_with_ci([s[tissue]["median"] for s in stats], f"hu.{tissue}_median.{side}", profile="hu-thresholds",
+                             stems=stems, n_boot=n_boot, seed=seed)
+            m.extra["interval_hu"] = list(TISSUES[tissue])
+            out.append(m)
+    flagged = mean_with_ci((np.asarray(n_flags) > 0).astype(float), "hu.flagged_share", profile="hu-thresholds",
+                           stems=stems, n_boot=n_boot, seed=seed)
+    return [*out, flagged]

@@ -1,0 +1,135 @@
+"""The report's metric tables (HTML to read, CSV to reuse) and their captions, from ``metrics.json``.
+
+Every number of ``metrics.json`` lands in exactly one table, by the first part of its name
+(:data:`GROUPS`), as one row: value, 95% CI, n, profile, stems hash, flag and the rest of what its
+record holds. Each table gets a caption snippet (reStructuredText) naming its n and its profiles,
+which the report's static captions include; ``intro.rst`` puts the faithfulness figure (embedded)
+and its caption at the top of the report's front page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from ctgen.jobs.figure_list import TABLES
+
+log = logging.getLogger(__name__)
+
+#: first part of a metric's name -> its table
+GROUPS = {"faithfulness": "faithfulness", "fid_2d": "distribution", "fd_3d": "distribution", "clip_score": "alignment",
+          "image_similarity": "alignment", "retrieval": "alignment", "tstr": "tstr", "hu": "hu"}
+COLUMNS = ["metric", "value", "ci_low", "ci_high", "n", "profile", "stems", "flag", "details"]
+STYLE = ("<style>body{font-family:sans-serif;font-size:13px} table{border-collapse:collapse} "
+         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left} th{background:#eee} "
+         "caption{text-align:left;font-weight:bold;padding:4px 0}</style>")
+
+
+def _num(x) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if isinstance(x, int) and not isinstance(x, bool):
+        return str(x)
+    return f"{float(x):.4g}"
+
+
+def metric_rows(records: list[dict]) -> pd.DataFrame:
+    """metrics.json records -> one row each, in :data:`COLUMNS`."""
+    rows = []
+    for r in records:
+        ci = r.get("ci") or (None, None)
+        details = "; ".join(f"{k}={v}" for k, v in (r.get("extra") or {}).items() if not isinstance(v, (dict, list)))
+        rows.append({"metric": r["name"], "value": r.get("value"), "ci_low": ci[0], "ci_high": ci[1], "n": r.get("n"),
+                     "profile": r.get("profile"), "stems": r.get("stems"), "flag": r.get("flag"), "details": details})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def group_records(metrics: dict) -> dict[str, list[dict]]:
+    """{table: [records]} over :data:`GROUPS` (every table present, possibly empty)."""
+    out: dict[str, list[dict]] = {g: [] for g in dict.fromkeys(GROUPS.values())}
+    for r in metrics.get("metrics", []):
+        head = r["name"].split(".")[0]
+        if head not in GROUPS:
+            raise ValueError(f"metric {r['name']!r} belongs to no table: add {head!r} to ctgen.jobs.tables.GROUPS")
+        out[GROUPS[head]].append(r)
+    return out
+
+
+def caption(table: str, records: list[dict], metrics: dict) -> str:
+    """The caption snippet: n and profile of the table's numbers, the flags, and what was not computed."""
+    parts = []
+    pairs = list(dict.fromkeys((r.get("n"), r.get("profile") or "-") for r in records))
+    if pairs:
+        shown = ", ".join(f"n = {n} (``{p}``)" for n, p in pairs[:4]) + (f" and {len(pairs) - 4} more" if len(pairs) > 4 else "")
+        parts.append(f"**n and profile:** {shown}.")
+        stems = sorted({r.get("stems") for r in records if r.get("stems")})
+        parts.append(f"Scored stems (hash): {', '.join(f'``{s}``' for s in stems[:3])}.")
+    flagged = sum(1 for r in records if r.get("flag"))
+    if flagged:
+        parts.append(f"**{flagged} of {len(records)} numbers are flagged** (too few volumes, positives or "
+                     "candidates; see the flag column): do not read them as results.")
+    for miss in metrics.get("not_computed", []):
+        if GROUPS.get(miss["group"], miss["group"]) == table or miss["group"] == table:
+            parts.append(f"Not computed: {miss['reason']}.")
+    if not parts:
+        parts.append("No numbers in this table.")
+    return " ".join(parts) + "\n"
+
+
+def _html(df: pd.DataFrame, title: str, cap: str) -> str:
+    body = df.to_html(index=False, na_rep="", float_format=lambda x: f"{x:.4g}", escape=True)
+    body = body.replace('<table border="1" class="dataframe">',
+                        f"<table><caption>{html.escape(title)}<br><small>{html.escape(cap)}</small></caption>", 1)
+    return f"<!DOCTYPE html><html><head><meta charset='utf-8'>{STYLE}</head><body>{body}</body></html>\n"
+
+
+def write_tables(metrics_json, skipped_csv, sweep_csv, outputs: Mapping[str, str]) -> None:
+    """Every table of :data:`ctgen.jobs.figure_list.TABLES`: ``outputs`` maps ``<name>_html``, ``<name>_csv``
+    and ``<name>_caption`` to paths."""
+    metrics = json.loads(Path(metrics_json).read_text())
+    groups = group_records(metrics)
+    tables: dict[str, tuple[pd.DataFrame, str]] = {}
+    for name in TABLES:
+        if name in groups:
+            tables[name] = (metric_rows(groups[name]), caption(name, groups[name], metrics))
+    sweep = pd.read_csv(sweep_csv)
+    pairs = sweep[["n", "profile"]].drop_duplicates().itertuples(index=False)
+    tables["guidance_sweep"] = (sweep, f"**n and profile:** {', '.join(f'n = {n} (``{p}``)' for n, p in pairs)}. "
+                                       "The same prompts and seeds at every guidance scale.\n")
+    skipped = pd.read_csv(skipped_csv)
+    n = metrics.get("n", {})
+    tables["skipped"] = (skipped, f"**{len(skipped)} volumes left out**: {n.get('skipped_predictions', 0)} predictions "
+                                  f"and {n.get('skipped_ground_truth', 0)} ground-truth volumes; "
+                                  f"n = {n.get('scored')} predictions scored of {n.get('predictions')}.\n")
+    for name, (df, cap) in tables.items():
+        df.to_csv(outputs[f"{name}_csv"], index=False)
+        Path(outputs[f"{name}_html"]).write_text(_html(df, TABLES[name][1], cap.replace("*", "").replace("``", "")))
+        Path(outputs[f"{name}_caption"]).write_text(cap)
+        log.info("table %s: %d rows", name, len(df))
+
+
+def write_intro(faithfulness_png, faithfulness_caption, out_rst) -> Path:
+    """The report's front-page snippet: the faithfulness figure, embedded, with its n and profile.
+
+    The data URI is wrapped at 76 characters: docutils refuses input lines over 10,000 characters, and a
+    URL parser drops the line breaks again (they are not part of the URL).
+    """
+    data = base64.b64encode(Path(faithfulness_png).read_bytes()).decode()
+    lines = "\n".join(f"   {data[i:i + 76]}" for i in range(0, len(data), 76))
+    cap = Path(faithfulness_caption).read_text().strip()
+    text = ("Faithfulness: are the findings of the report in the generated volume?\n"
+            "-----------------------------------------------------------------------\n\n"
+            "The classifier's AUROC per finding on the generated volumes (against the labels of the reports that "
+            "produced them) beside the real ceiling (the same classifier on the real scans of the same reports), "
+            f"with bootstrap 95% CIs over volumes. {cap}\n\n"
+            ".. raw:: html\n\n   <img alt=\"faithfulness\" style=\"max-width:100%\"\n"
+            f"   src=\"data:image/png;charset=utf8;filename={Path(faithfulness_png).name};base64,\n{lines}\">\n")
+    Path(out_rst).write_text(text)
+    return Path(out_rst)
