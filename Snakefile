@@ -30,6 +30,7 @@ wildcard_constraints:
     split="|".join(SPLITS),
     chunk=r"\d+",
     model="|".join(MODEL_PRESET),
+    family="|".join(GENERATOR_FAMILIES),
 
 
 # bookkeeping that takes seconds runs in the Snakemake process itself, never queued on Slurm
@@ -46,6 +47,7 @@ localrules:
     tstr_prompts,
     slicenet_config,
     metric_tables,
+    compare_families,
 
 
 rule all:
@@ -58,8 +60,9 @@ rule all:
         rules.evaluate_labeller.output.table if LABELLER_EVAL else [],
         rules.dicom2nifti.output.metadata if DICOM else [],
         rules.sample.output.manifest if CASCADE else [],
-        rules.evaluate.output.metrics if CASCADE else [],
+        expand(rules.evaluate.output.metrics, family=GENERATORS),
+        rules.compare_families.output.json,
         rules.guidance_sweep.output.csv if CASCADE else [],
-        rules.figures.output if CASCADE else [],
-        rules.metric_tables.output if CASCADE else [],
+        rules.figures.output,
+        rules.metric_tables.output,
         rules.sample_latent_flow.output.manifest if LATENT else [],

@@ -146,7 +146,7 @@ def _embed_prompts(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ctgen.jobs.evaluate import compare_runs
+    from ctgen.jobs.compare import compare_runs
 
     table = compare_runs(args.run_a, args.run_b, args.out, n_permutations=args.permutations, seed=args.seed)
     sys.stdout.write(table.to_string(index=False) + "\n")
@@ -176,14 +176,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ctgen.jobs.evaluate import evaluate
 
     for flag, value in (("--generated", args.generated), ("--models", args.models), ("--reports", args.reports),
-                        ("--labels", args.labels), *(("--real", r) for r in args.real)):
+                        ("--labels", args.labels), ("--spec", args.spec), *(("--real", r) for r in args.real)):
         if value is not None and not Path(value).exists():
             raise UserError(f"{flag}: {value} does not exist")
     for value in args.tstr or ():
         if not (Path(value) / "config.json").is_file():
             raise UserError(f"--tstr: {value} holds no trained classifier (no config.json)")
     evaluate(args.generated, args.real, args.models, args.out, _settings(args.settings), reports=args.reports,
-             labels=args.labels, device=args.device, tstr=tuple(args.tstr) if args.tstr else None)
+             labels=args.labels, device=args.device, tstr=tuple(args.tstr) if args.tstr else None, spec=args.spec)
     return 0
 
 
@@ -266,8 +266,10 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--real", required=True, nargs="+",
                    help="the ground truth: a folder of NIfTI files in HU, or shard manifests (.json)")
     v.add_argument("--models", required=True,
-                   help="models folder with cascade.json (the grid) and the feature networks: clip, classifier, slicenet, "
-                        "tstr_synthetic, tstr_real (those present are used)")
+                   help="models folder with the feature networks: clip, classifier, slicenet, tstr_synthetic, tstr_real "
+                        "(those present are used) and a generator spec (cascade.json or latent_flow.json: the grid)")
+    v.add_argument("--spec", help="the generator spec whose grid (spacing, shape, HU window) the volumes are scored on; "
+                                  "default: cascade.json, else latent_flow.json in --models")
     v.add_argument("--out", required=True, help="output folder: metrics.json, per_volume.csv, skipped.csv, hu_histograms.json")
     v.add_argument("--reports", help="report texts by stem (text lines, CSV or JSONL with id/VolumeName and prompt or "
                                      "report columns), for the CLIP score and retrieval; default: those in the shards")

@@ -37,7 +37,6 @@ from ctgen.jobs.pairing import BadVolume, Grid, RealSet, Skip, pair, read_labels
 from ctgen.jobs.score import alignment_metrics, hu_metrics, label_aurocs, tstr_metrics
 from ctgen.metrics.distribution import FeatureRows, frechet_value, frechet_values
 from ctgen.metrics.hu import flag_out_of_range, hu_histogram, tissue_stats
-from ctgen.metrics.permutation import paired_permutation_test
 from ctgen.metrics.retrieval import distinct_texts, retrieval_ranks
 from ctgen.metrics.slices import PLANES
 from ctgen.metrics.summary import MetricValue, stems_hash
@@ -87,16 +86,17 @@ class _Collected:
 def evaluate(generated: str | Path, real: list[str | Path], models_dir: str | Path, out_dir: str | Path,
              settings: EvalConfig | dict | None = None, reports: str | Path | None = None,
              labels: str | Path | None = None, device: str | None = None,
-             tstr: tuple[str | Path, str | Path] | None = None) -> dict[str, Any]:
+             tstr: tuple[str | Path, str | Path] | None = None, spec: str | Path | None = None) -> dict[str, Any]:
     """Score the predictions ``generated`` against the ground truth ``real``; see the module doc.
 
     ``tstr``: the folders of the classifier trained on synthetic and of the one trained on real volumes.
+    ``spec``: the generator spec whose grid the volumes are scored on (default: the one in ``models_dir``).
     """
     cfg = settings if isinstance(settings, EvalConfig) else EvalConfig.from_dict(settings)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    grid = Grid.from_models(models_dir)
+    grid = Grid.from_spec(spec) if spec else Grid.from_models(models_dir)
     nets = load_models_folder(models_dir, device, cfg.inception_weights, window=grid.clip, tstr=tstr)
     predictions, skips = read_predictions(generated)
     truth = RealSet(list(real))
@@ -124,6 +124,7 @@ def evaluate(generated: str | Path, real: list[str | Path], models_dir: str | Pa
               "skipped_ground_truth": sum(1 for s in skips if s.side == "real")},
         "profiles": nets.profiles, "grid": asdict(grid), "settings": asdict(cfg), "device": device,
         "inputs": {"generated": str(generated), "real": [str(r) for r in real], "models": str(models_dir),
+                   "spec": str(spec) if spec else None,
                    "reports": str(reports) if reports else None, "labels": str(labels) if labels else None,
                    "tstr": [str(t) for t in tstr] if tstr else None},
         "provenance": provenance(cfg.seed),
@@ -220,8 +221,10 @@ def _score(col: _Collected, nets: FeatureNets, texts, known_labels, cfg: EvalCon
         y_real = np.stack([known_labels[s] for s in col.real_stems])[:, cols]
         kw = {"min_positives": cfg.auroc_min_positives, "min_negatives": cfg.auroc_min_negatives,
               "profile": nets.profiles["classifier"], **boot}
-        metrics += label_aurocs(np.stack(gen["probabilities"])[:, cols], y_gen, cfg.labels, name="faithfulness.generated",
-                                stems=h_gen, **kw)
+        p_gen = np.stack(gen["probabilities"])[:, cols]
+        metrics += label_aurocs(p_gen, y_gen, cfg.labels, name="faithfulness.generated", stems=h_gen, **kw)
+        for j, name in enumerate(cfg.labels):  # per volume, so that two runs compare pair by pair (ctgen.jobs.compare)
+            pv[f"p_{name}"], pv[f"y_{name}"] = p_gen[:, j], y_gen[:, j]
         metrics += label_aurocs(np.stack(real["probabilities"])[:, cols], y_real, cfg.labels, name="faithfulness.real",
                                 stems=h_real, **kw)
     # distribution: 2D FID per plane (+ mean) per slice space; Fréchet distance on each 3D network's features
@@ -295,41 +298,3 @@ def _alignment(col: _Collected, nets: FeatureNets, texts: dict, have: list[bool]
     return alignment_metrics(cos_gen, cos_real, sim, ranks_gen, ranks_real, len(candidates), cfg.retrieval_k,
                              profile=nets.profiles["clip"], stems=stems_hash([gen_stems[i] for i in rows]),
                              n_boot=cfg.bootstrap, seed=cfg.seed)
-
-
-# --- comparing two runs --------------------------------------------------------------------------------------
-
-METRICS = ("clip_score", "image_similarity", "retrieval_top1", "retrieval_top5")
-
-
-def compare_runs(a_csv, b_csv, out_csv=None, n_permutations: int = 10_000, seed: int = 0) -> pd.DataFrame:
-    """Paired permutation test per metric between two runs' per-volume rows (paired by stem and repeat order);
-    pairs with a missing value in a metric are left out of that metric and the count says so."""
-    a, b = pd.read_csv(a_csv), pd.read_csv(b_csv)
-    key = ["prompt_id"]
-    for path, table in ((a_csv, a), (b_csv, b)):
-        missing = sorted({*key, "clip_score"} - set(table.columns))
-        if missing:
-            raise UserError(f"{path} is not an evaluation's per_volume.csv: no {missing} column")
-    a = a.assign(_n=a.groupby(key).cumcount())
-    b = b.assign(_n=b.groupby(key).cumcount())
-    m = a.merge(b, on=[*key, "_n"], suffixes=("_a", "_b"))
-    if m.empty:
-        raise UserError("the two runs share no prompts: nothing to pair")
-    rows = []
-    for metric in METRICS:
-        if f"{metric}_a" not in m or f"{metric}_b" not in m:
-            continue
-        both = m[[f"{metric}_a", f"{metric}_b"]].dropna()
-        if both.empty:
-            continue
-        res = paired_permutation_test(both[f"{metric}_a"].to_numpy(float), both[f"{metric}_b"].to_numpy(float),
-                                      n_permutations=n_permutations, seed=seed)
-        rows.append({"metric": metric, "n_pairs": len(both), "n_left_out": len(m) - len(both),
-                     "mean_a": both[f"{metric}_a"].mean(), "mean_b": both[f"{metric}_b"].mean(), **res})
-    if not rows:
-        raise UserError(f"{a_csv} and {b_csv} share no metric with values to compare")
-    out = pd.DataFrame(rows)
-    if out_csv:
-        out.to_csv(out_csv, index=False)
-    return out

@@ -5,11 +5,12 @@ writes one HTML and one CSV table per table name, and the workflow's ``figures``
 rules declare each as a report output, captioned by ``workflow/report/<name>.rst`` (tables:
 ``table_<name>.rst``). It lives apart from both modules so that the workflow reads it without
 importing matplotlib or torch. Snakemake's report sorts its categories by name: the numbers put the
-faithfulness figure and table first.
+faithfulness figure, the families' comparison and their tables first.
 """
 
 FIGURES = {
     "faithfulness": "1. Faithfulness",
+    "families": "1. Faithfulness",
     "tstr": "3. Metric plots",
     "alignment": "3. Metric plots",
     "hu_histograms": "3. Metric plots",
@@ -21,6 +22,7 @@ FIGURES = {
 
 TABLES = {  # name -> (category, title)
     "faithfulness": ("1. Faithfulness", "Abnormality faithfulness: per-label AUROC, generated and real ceiling"),
+    "families": ("1. Faithfulness", "The generator families on the same reports and seeds: paired differences"),
     "distribution": ("2. Metric tables", "Distribution: 2D/2.5D FID and 3D Fréchet distances"),
     "alignment": ("2. Metric tables", "Text alignment: CLIP score, retrieval among the evaluation reports, similarity"),
     "tstr": ("2. Metric tables", "Train on synthetic, test on real"),

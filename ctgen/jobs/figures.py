@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 WIDTH_IN = 12.0  # width of every figure in inches; pixels = WIDTH_IN * dpi
 WINDOWS = {"lung": (-1350.0, 150.0), "mediastinum": (-160.0, 240.0)}  # HU (low, high) display windows
 PLANES = ("axial", "coronal", "sagittal")
-MODELS = ("tokenizer", "generator", "superres", "clip", "classifier", "slicenet")
+MODELS = ("tokenizer", "generator", "superres", "autoencoder", "latent_flow", "clip", "classifier", "slicenet")
+FAMILY_COLOURS = {"cascade": "C3", "latent_flow": "C0"}  # the generator families; real scans are black
+REAL_COLOUR = "black"
 # the logged term worth plotting beside the loss, first match wins, per model
 KEY_TERMS = {
     "tokenizer": ("recon_loss", "perplexity", "codebook_usage"),
@@ -44,6 +46,8 @@ KEY_TERMS = {
     "clip": ("accuracy_i2t", "accuracy_t2i"),
     "classifier": ("accuracy", "positive_rate"),
     "slicenet": ("plane_accuracy", "position_loss"),
+    "autoencoder": ("recon_loss",),
+    "latent_flow": ("x0_mse",),
 }
 _NOT_TERMS = {"step", "epoch", "lr", "loss", "grad_norm", "steps_per_s", "samples_per_s", "elapsed_s"}
 TISSUE_COLOURS = {"air": "#dddddd", "lung": "#a6cee3", "fat": "#fdbf6f", "soft_tissue": "#fb9a99", "bone": "#b2df8a"}
@@ -138,11 +142,17 @@ def choose_prompts(samples: pd.DataFrame, cfg: FigureConfig) -> list[str]:
     return ids[: cfg.max_prompts]
 
 
-def plot_samples(samples_csv, valid_manifest, out_png, cfg: FigureConfig = FigureConfig()) -> Path:
-    """Per chosen prompt, generated axial/coronal/sagittal mid slices beside the real scan of the
-    same report (first repeat of each prompt), one row per HU window, the prompt as the title."""
-    samples = pd.read_csv(samples_csv, dtype={"prompt_id": str})
-    chosen = choose_prompts(samples, cfg)
+def _colour(family: str) -> str:
+    return FAMILY_COLOURS.get(family, "C2")
+
+
+def plot_samples(samples_csvs: Mapping[str, str | Path], valid_manifest, out_png,
+                 cfg: FigureConfig = FigureConfig()) -> Path:
+    """Per chosen prompt, the real scan of the report and each family's volume of it (first repeat: the same
+    seed in every family) as axial/coronal/sagittal mid slices, one row per HU window, the prompt as the title.
+    ``samples_csvs``: {family: samples.csv}; the prompts are chosen from the first family's."""
+    tables = {f: pd.read_csv(p, dtype={"prompt_id": str}) for f, p in samples_csvs.items()}
+    chosen = choose_prompts(next(iter(tables.values())), cfg)
     real = {}  # key -> sample, only the chosen volumes are kept (a full-size scan is ~150 MB)
     for s in iter_samples(valid_manifest):
         if s["key"] in chosen:
@@ -150,12 +160,20 @@ def plot_samples(samples_csv, valid_manifest, out_png, cfg: FigureConfig = Figur
             if len(real) == len(chosen):
                 break
     windows = cfg.windows
+    sources = ["real", *tables]
     n_rows = len(chosen) * len(windows)
-    fig = _new_figure(0.5 + len(chosen) * 0.5 + n_rows * 1.9)
+    row_in = 0.1 + 11.4 / (len(sources) * len(PLANES))  # a row of roughly square panels across the 12 inches
+    fig = _new_figure(0.5 + len(chosen) * 0.6 + n_rows * row_in)
     for sub, pid in zip(np.atleast_1d(fig.subfigures(len(chosen), 1)), chosen):
-        row = samples[samples["prompt_id"] == pid].sort_values("repeat").iloc[0]
-        vol = load_nifti(_resolve(row["nifti"], Path(samples_csv).resolve()))
-        panels = {"generated": mid_slices(to_model_layout(vol.array[0])[0], vol.spacing)}
+        panels, row = {}, None
+        for family, samples in tables.items():
+            rows = samples[samples["prompt_id"] == pid].sort_values("repeat")
+            if rows.empty:
+                logger.warning("%s did not sample prompt %s", family, pid)
+                continue
+            row = rows.iloc[0]
+            vol = load_nifti(_resolve(row["nifti"], Path(samples_csvs[family]).resolve()))
+            panels[family] = mid_slices(to_model_layout(vol.array[0])[0], vol.spacing)
         if pid in real:
             r = real[pid]
             panels["real"] = mid_slices(to_model_layout(r["volume"])[0], _spacing(r["affine"]))
@@ -163,17 +181,19 @@ def plot_samples(samples_csv, valid_manifest, out_png, cfg: FigureConfig = Figur
             logger.warning("no real scan with key %s in %s", pid, valid_manifest)
         title = textwrap.shorten(str(row["prompt"]), width=330, placeholder=" ...")
         sub.suptitle(f"{pid} (seed {row['seed']}): " + "\n".join(textwrap.wrap(title, 110)), fontsize=9)
-        axes = np.atleast_2d(sub.subplots(len(windows), 2 * len(PLANES)))
+        axes = np.atleast_2d(sub.subplots(len(windows), len(sources) * len(PLANES)))
         for wi, window in enumerate(windows):
-            for ci, (source, plane) in enumerate((s, p) for s in ("generated", "real") for p in PLANES):
+            for ci, (source, plane) in enumerate((s, p) for s in sources for p in PLANES):
                 ax = axes[wi, ci]
                 ax.set_xticks([]), ax.set_yticks([])
                 if wi == 0:
-                    ax.set_title(f"{source} {plane}", fontsize=9)
+                    ax.set_title(f"{source.replace('_', ' ')}\n{plane}", fontsize=8,
+                                 color=REAL_COLOUR if source == "real" else _colour(source))
                 if ci == 0:
                     ax.set_ylabel(f"{window}\n[{WINDOWS[window][0]:.0f}, {WINDOWS[window][1]:.0f}] HU", fontsize=8)
                 if source not in panels:
-                    ax.text(0.5, 0.5, "no real scan", ha="center", va="center", transform=ax.transAxes)
+                    ax.text(0.5, 0.5, f"no {source.replace('_', ' ')}\nvolume", ha="center", va="center",
+                            transform=ax.transAxes, fontsize=7)
                     continue
                 img, extent = panels[source][plane]
                 lo, hi = WINDOWS[window]
@@ -201,9 +221,9 @@ def plot_training_curves(metrics_csvs: Mapping[str, str | Path], out_png, dpi: i
     """One panel per model: loss (left axis, log scale when it spans a decade) and its key term
     (right axis) against the step."""
     n = len(metrics_csvs)
-    ncols = 2 if n > 1 else 1
+    ncols = 3 if n > 6 else 2 if n > 1 else 1
     nrows = math.ceil(n / ncols)
-    fig = _new_figure(0.3 + 3.0 * nrows)
+    fig = _new_figure(0.3 + 6.0 / ncols * nrows)
     axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
     for ax, (model, path) in zip(axes, metrics_csvs.items()):
         m = pd.read_csv(path)
@@ -240,79 +260,99 @@ def _point(ax, y: float, record: dict | None, colour: str, label: str | None, dy
     ax.errorbar([v], [y + dy], xerr=err, fmt="o", color=colour, ms=5, capsize=3, lw=1.2, label=label)
 
 
-def _per_label_plot(metrics_json, out_png, dpi: int, sides: tuple[tuple[str, str, str], ...], title: str,
-                    xlabel: str) -> Path:
-    """Per label (and macro): one point with its CI per side; flagged labels say why they have no value."""
-    rec = _records(metrics_json)
-    prefix = sides[0][0]
-    labels = [n[len(prefix) + 1:] for n in rec if n.startswith(prefix + ".") and not n.endswith(".macro")]
+def _per_label_plot(series: Sequence[tuple[dict, str, str, str]], out_png, dpi: int, title: str, xlabel: str) -> Path:
+    """Per label (and macro): one point with its CI per series (records, name prefix, colour, legend label);
+    a label the first series flags says why it has no value."""
+    rec0, prefix = series[0][0], series[0][1]
+    labels = [n[len(prefix) + 1:] for n in rec0 if n.startswith(prefix + ".") and not n.endswith(".macro")]
     rows = [*labels, "macro"]
-    fig = _new_figure(1.2 + 0.32 * len(rows))
+    fig = _new_figure(1.2 + 0.3 * len(rows) * max(1.0, len(series) / 2.5))
     ax = fig.subplots()
     ax.axvline(0.5, color="grey", ls="--", lw=1, label="chance (0.5)")
+    step = 0.6 / max(len(series) - 1, 1)
     for i, label in enumerate(rows):
         y = len(rows) - 1 - i
-        for j, (side, colour, name) in enumerate(sides):
-            _point(ax, y, rec.get(f"{side}.{label}"), colour, name if i == 0 else None, dy=0.15 - 0.3 * j)
-        first = rec.get(f"{prefix}.{label}") or {}
+        for j, (rec, side, colour, name) in enumerate(series):
+            _point(ax, y, rec.get(f"{side}.{label}"), colour, name if i == 0 else None,
+                   dy=(0.3 - step * j) if len(series) > 1 else 0.0)
+        first = rec0.get(f"{prefix}.{label}") or {}
         if first.get("value") is None and first.get("flag"):
             ax.text(0.02, y, textwrap.shorten("n/a: " + first["flag"], 90), va="center", fontsize=7, color="#777777")
     ax.set_yticks(range(len(rows)), rows[::-1], fontsize=8)
     ax.set(xlim=(0, 1), ylim=(-0.7, len(rows) - 0.3), xlabel=xlabel)
-    first = next((r for n, r in rec.items() if n.startswith(prefix + ".") and r.get("value") is not None), None)
-    sub = f"n = {first['n']} volumes, profile {first['profile']}" if first else "no label has enough positives and negatives"
+    first = next((r for n, r in rec0.items() if n.startswith(prefix + ".") and r.get("value") is not None), None)
+    sub = f"n = {first['n']} volumes per series, profile {first['profile']}" if first else \
+        "no label has enough positives and negatives"
     ax.set_title(f"{title}\n{sub}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=8)
     return _save(fig, out_png, dpi)
 
 
-def plot_faithfulness(metrics_json, out_png, dpi: int = 120) -> Path:
-    """The classifier's AUROC per abnormality label on the generated volumes (against the labels of their
-    reports) beside the real ceiling (the real scans of the same reports), with 95% CIs; labels with too few
-    positives or negatives say so instead of showing a number."""
-    sides = (("faithfulness.generated", "C3", "generated"), ("faithfulness.real", "black", "real scans (ceiling)"))
-    return _per_label_plot(metrics_json, out_png, dpi, sides, "Abnormality faithfulness (classifier AUROC, 95% CI)",
-                           "AUROC")
+def _family_records(metrics_jsons: Mapping[str, str | Path]) -> dict[str, dict[str, dict]]:
+    return {family: _records(path) for family, path in metrics_jsons.items()}
+
+
+def plot_faithfulness(metrics_jsons: Mapping[str, str | Path], out_png, dpi: int = 120) -> Path:
+    """The classifier's AUROC per abnormality label on each family's generated volumes (against the labels of
+    their reports) beside the real ceiling (the real scans of the same reports), with 95% CIs; labels with too
+    few positives or negatives say so instead of showing a number. ``metrics_jsons``: {family: metrics.json}."""
+    recs = _family_records(metrics_jsons)
+    series = [(rec, "faithfulness.generated", _colour(f), f"generated: {f.replace('_', ' ')}") for f, rec in recs.items()]
+    series.append((next(iter(recs.values())), "faithfulness.real", REAL_COLOUR, "real scans (ceiling)"))
+    return _per_label_plot(series, out_png, dpi, "Abnormality faithfulness (classifier AUROC, 95% CI)", "AUROC")
+
+
+def _not_computed(out_png, dpi: int, text: str) -> Path:
+    fig = _new_figure(1.5)
+    fig.text(0.5, 0.5, text, ha="center", va="center")
+    return _save(fig, out_png, dpi)
 
 
 def plot_tstr(metrics_json, out_png, dpi: int = 120) -> Path:
     """Train on synthetic, test on real: per-label AUROC of the classifier trained on generated volumes beside
-    the one trained on as many real volumes, both tested on the real evaluation scans."""
-    rec = _records(metrics_json)
+    the one trained on as many real volumes, both tested on the real evaluation scans (the cascade's samples)."""
+    rec = _records(metrics_json) if metrics_json else {}
     if not any(n.startswith("tstr.") for n in rec):
-        fig = _new_figure(1.5)
-        fig.text(0.5, 0.5, "Train on synthetic, test on real: not computed (evaluation.tstr is off)", ha="center")
-        return _save(fig, out_png, dpi)
-    sides = (("tstr.synthetic", "C3", "trained on synthetic"), ("tstr.real", "black", "trained on real"))
-    return _per_label_plot(metrics_json, out_png, dpi, sides, "Train on synthetic, test on real (AUROC, 95% CI)", "AUROC")
+        return _not_computed(out_png, dpi, "Train on synthetic, test on real: not computed "
+                                           "(evaluation.tstr is off, or no cascade in models.generators)")
+    series = [(rec, "tstr.synthetic", FAMILY_COLOURS["cascade"], "trained on synthetic (cascade)"),
+              (rec, "tstr.real", REAL_COLOUR, "trained on real")]
+    return _per_label_plot(series, out_png, dpi, "Train on synthetic, test on real (AUROC, 95% CI)", "AUROC")
 
 
-def plot_alignment(metrics_json, out_png, dpi: int = 120) -> Path:
-    """CLIP score (an uncalibrated cosine x 100) and text retrieval top-k with its chance level, generated beside
-    real scans, with 95% CIs."""
-    rec = _records(metrics_json)
+def _bar(ax, x: float, record: dict | None, colour: str, width: float, label: str | None) -> None:
+    if not record or record.get("value") is None:
+        return
+    v = record["value"]
+    ci = record.get("ci") or (v, v)
+    ax.bar(x, v, width=width, color=colour, alpha=0.6, yerr=[[v - ci[0]], [ci[1] - v]], capsize=4, label=label)
+
+
+def plot_alignment(metrics_jsons: Mapping[str, str | Path], out_png, dpi: int = 120) -> Path:
+    """CLIP score (an uncalibrated cosine x 100) and text retrieval top-k with its chance level, each family's
+    generated volumes beside the real scans, with 95% CIs."""
+    recs = _family_records(metrics_jsons)
+    first = next(iter(recs.values()))
+    sides = [(rec, "{}.generated", _colour(f), f.replace("_", " ")) for f, rec in recs.items()]
+    sides.append((first, "{}.real", REAL_COLOUR, "real"))
     fig = _new_figure(4.0)
     ax1, ax2 = fig.subplots(1, 2, width_ratios=(1, 2))
-    for x, (side, colour) in enumerate((("generated", "C3"), ("real", "black"))):
-        r = rec.get(f"clip_score.{side}")
-        if r and r.get("value") is not None:
-            ci = r.get("ci") or (r["value"], r["value"])
-            ax1.bar(x, r["value"], color=colour, alpha=0.6, yerr=[[r["value"] - ci[0]], [ci[1] - r["value"]]], capsize=4)
-    ax1.set_xticks([0, 1], ["generated", "real"])
+    for x, (rec, pattern, colour, name) in enumerate(sides):
+        _bar(ax1, x, rec.get(pattern.format("clip_score")), colour, 0.8, None)
+    ax1.set_xticks(range(len(sides)), [name for *_, name in sides], fontsize=8)
     ax1.set(ylabel="CLIP score", title="CLIP score (uncalibrated)")
-    ks = sorted({int(n.split(".")[1][3:]) for n in rec if n.startswith("retrieval.top")})
+    ks = sorted({int(n.split(".")[1][3:]) for n in first if n.startswith("retrieval.top")})
+    width = 0.8 / len(sides)
     for j, k in enumerate(ks):
-        for i, (side, colour) in enumerate((("generated", "C3"), ("real", "black"))):
-            r = rec.get(f"retrieval.top{k}.{side}")
-            if not r or r.get("value") is None:
-                continue
-            ci = r.get("ci") or (r["value"], r["value"])
-            x = j + (i - 0.5) * 0.35
-            ax2.bar(x, r["value"], width=0.35, color=colour, alpha=0.6, yerr=[[r["value"] - ci[0]], [ci[1] - r["value"]]],
-                    capsize=4, label=side if j == 0 else None)
-            ax2.hlines(r["extra"]["chance"], x - 0.17, x + 0.17, color="grey", ls="--", label="chance" if i + j == 0 else None)
-    n = next((r for name, r in rec.items() if name.startswith("retrieval.")), {})
+        for i, (rec, pattern, colour, name) in enumerate(sides):
+            r = rec.get(pattern.format(f"retrieval.top{k}"))
+            x = j + (i - (len(sides) - 1) / 2) * width
+            _bar(ax2, x, r, colour, width, name if j == 0 else None)
+            if r and r.get("value") is not None:
+                ax2.hlines(r["extra"]["chance"], x - width / 2, x + width / 2, color="grey", ls="--",
+                           label="chance" if i + j == 0 else None)
+    n = next((r for name, r in first.items() if name.startswith("retrieval.")), {})
     ax2.set_xticks(range(len(ks)), [f"top-{k}" for k in ks])
     ax2.set(ylim=(0, 1.05), ylabel="accuracy",
             title=f"Report retrieval among {n.get('extra', {}).get('n_candidates', '?')} reports (n = {n.get('n', '?')})")
@@ -329,21 +369,29 @@ def _shade_tissues(ax, lo: float, hi: float, vertical: bool = True) -> None:
         span(a, b, color=TISSUE_COLOURS[tissue], alpha=0.35, lw=0, label=tissue.replace("_", " "))
 
 
-def plot_hu_histograms(histograms_json, out_png, dpi: int = 120) -> Path:
-    """HU histograms of all generated against all real voxels (log density), with the tissue
-    intervals of the HU checks shaded."""
-    h = json.loads(Path(histograms_json).read_text())
-    edges = np.asarray(h["edges"], dtype=np.float64)
-    gen, real = np.asarray(h["generated"], dtype=np.float64), np.asarray(h["real"], dtype=np.float64)
-    if not (len(edges) == len(gen) + 1 == len(real) + 1):
-        raise ValueError(f"{histograms_json}: need len(edges) == len(densities) + 1")
-    used = np.flatnonzero((gen > 0) | (real > 0))
+def plot_hu_histograms(histograms_jsons: Mapping[str, str | Path], out_png, dpi: int = 120) -> Path:
+    """HU histograms of all generated voxels of each family against all real voxels (log density), with the
+    tissue intervals of the HU checks shaded. ``histograms_jsons``: {family: hu_histograms.json}."""
+    curves, edges = {}, None
+    for family, path in histograms_jsons.items():
+        h = json.loads(Path(path).read_text())
+        e = np.asarray(h["edges"], dtype=np.float64)
+        gen, real = np.asarray(h["generated"], dtype=np.float64), np.asarray(h["real"], dtype=np.float64)
+        if not (len(e) == len(gen) + 1 == len(real) + 1):
+            raise ValueError(f"{path}: need len(edges) == len(densities) + 1")
+        if edges is not None and not np.array_equal(e, edges):
+            raise ValueError(f"{path}: other HU bins than the first family's")
+        edges = e
+        curves.setdefault("real", real)
+        curves[family] = gen
+    used = np.flatnonzero(np.any([c > 0 for c in curves.values()], axis=0))
     hi = min(edges[-1], edges[used[-1] + 1] + 200.0) if used.size else edges[-1]
     fig = _new_figure(4.5)
     ax = fig.subplots()
     _shade_tissues(ax, edges[0], hi)
-    ax.stairs(np.where(real > 0, real, np.nan), edges, color="black", lw=1.5, label="real")
-    ax.stairs(np.where(gen > 0, gen, np.nan), edges, color="C3", lw=1.5, label="generated")
+    for name, density in curves.items():
+        ax.stairs(np.where(density > 0, density, np.nan), edges, lw=1.5, label=name.replace("_", " "),
+                  color=REAL_COLOUR if name == "real" else _colour(name))
     ax.set_yscale("log")
     ax.set(xlim=(edges[0], hi), xlabel="HU", ylabel="density (1/HU, log scale)",
            title="HU histograms: generated vs real")
@@ -351,30 +399,38 @@ def plot_hu_histograms(histograms_json, out_png, dpi: int = 120) -> Path:
     return _save(fig, out_png, dpi)
 
 
-def plot_per_volume(per_volume_csv, out_png, dpi: int = 120) -> Path:
-    """Per generated volume: its CLIP score against the real scan's (the ceiling), and its
-    per-tissue median HU against the tissue intervals (volumes with HU flags in red)."""
-    pv = pd.read_csv(per_volume_csv)
+def plot_per_volume(per_volume_csvs: Mapping[str, str | Path], out_png, dpi: int = 120) -> Path:
+    """Per generated volume of each family: its CLIP score against the real scan's (the ceiling), and its
+    per-tissue median HU against the tissue intervals (volumes with HU flags drawn as crosses)."""
     fig = _new_figure(4.5)
     ax1, ax2 = fig.subplots(1, 2, width_ratios=(1, 1.4))
-    flagged = pv.get("n_hu_flags", pd.Series(0, index=pv.index)).fillna(0) > 0
-    ax1.scatter(pv["clip_score_real"], pv["clip_score"], c=np.where(flagged, "C3", "C0"), s=18)
-    both = pd.concat([pv["clip_score"], pv["clip_score_real"]]).dropna()
+    _shade_tissues(ax2, -1100.0, 1500.0, vertical=False)
+    rng = np.random.default_rng(0)  # jitter only, so that the figure is reproducible
+    values = []
+    shift = 0.3 / max(len(per_volume_csvs), 1)
+    for fi, (family, path) in enumerate(per_volume_csvs.items()):
+        pv = pd.read_csv(path)
+        flagged = (pv.get("n_hu_flags", pd.Series(0, index=pv.index)).fillna(0) > 0).to_numpy()
+        colour, name = _colour(family), family.replace("_", " ")
+        for mask, marker in ((~flagged, "o"), (flagged, "x")):
+            ax1.scatter(pv["clip_score_real"][mask], pv["clip_score"][mask], c=colour, marker=marker, s=18,
+                        label=f"{name}{' (HU flagged)' if marker == 'x' else ''}" if mask.any() else None)
+        values += [pv["clip_score"], pv["clip_score_real"]]
+        for i, tissue in enumerate(TISSUES):
+            col = f"hu_{tissue}_median"
+            if col in pv:
+                x = i + (fi - (len(per_volume_csvs) - 1) / 2) * shift + rng.uniform(-0.06, 0.06, len(pv))
+                for mask, marker in ((~flagged, "o"), (flagged, "x")):
+                    ax2.scatter(x[mask], pv[col][mask], c=colour, marker=marker, s=12, zorder=3)
+    both = pd.concat(values).dropna() if values else pd.Series(dtype=float)
     if len(both):
         lo, hi = float(both.min()), float(both.max())
         ax1.plot([lo, hi], [lo, hi], color="grey", ls="--", lw=1, label="generated = real")
-        ax1.legend(fontsize=8)
+    ax1.legend(fontsize=7)
     ax1.set(xlabel="CLIP score of the real scan", ylabel="CLIP score of the generated volume",
             title="CLIP score per volume")
-    _shade_tissues(ax2, -1100.0, 1500.0, vertical=False)
-    rng = np.random.default_rng(0)  # jitter only, so that the figure is reproducible
-    for i, tissue in enumerate(TISSUES):
-        col = f"hu_{tissue}_median"
-        if col in pv:
-            x = i + rng.uniform(-0.15, 0.15, len(pv))
-            ax2.scatter(x, pv[col], c=np.where(flagged, "C3", "black"), s=12, zorder=3)
     ax2.set_xticks(range(len(TISSUES)), [t.replace("_", " ") for t in TISSUES])
-    ax2.set(ylim=(-1100, 1500), ylabel="median HU", title="Tissue median HU per generated volume (red: flagged)")
+    ax2.set(ylim=(-1100, 1500), ylabel="median HU", title="Tissue median HU per generated volume (x: flagged)")
     return _save(fig, out_png, dpi)
 
 
@@ -384,7 +440,10 @@ SWEEP = (("clip_score", "CLIP score (higher is better)", "C0"), ("retrieval.top1
 
 
 def plot_guidance_sweep(sweep_csv, out_png, dpi: int = 120) -> Path:
-    """Classifier-free guidance scale against CLIP score, retrieval top-1 (with chance) and axial FID, with 95% CIs."""
+    """Classifier-free guidance scale against CLIP score, retrieval top-1 (with chance) and axial FID, with 95% CIs
+    (the cascade's; not computed without it)."""
+    if not sweep_csv:
+        return _not_computed(out_png, dpi, "Guidance sweep: not computed (no cascade in models.generators)")
     sw = pd.read_csv(sweep_csv).sort_values("guidance_scale")
     if sw.empty:
         raise ValueError(f"{sweep_csv}: no guidance scales")
@@ -403,24 +462,72 @@ def plot_guidance_sweep(sweep_csv, out_png, dpi: int = 120) -> Path:
     return _save(fig, out_png, dpi)
 
 
+# --- (6) the families side by side ----------------------------------------------------------------
+def plot_families(families_json, out_png, dpi: int = 120) -> Path:
+    """The paired differences between the generator families (first minus second) on the same reports and seeds:
+    each with its bootstrap 95% CI and the paired permutation test's p-value, both families' values beside."""
+    summary = json.loads(Path(families_json).read_text())
+    recs = [r for r in summary.get("metrics", [])]
+    if not recs:
+        reason = "; ".join(m["reason"] for m in summary.get("not_computed", [])) or "no comparison"
+        return _not_computed(out_png, dpi, f"Generator families side by side: {reason}")
+    first = recs[0]["extra"]
+    fig = _new_figure(1.0 + 0.75 * len(recs))
+    fig.suptitle("Generator families on the same reports and seeds: paired differences with 95% CIs "
+                 "(red: paired permutation p < 0.05)", fontsize=10)
+    axes = np.atleast_1d(fig.subplots(len(recs), 1))
+    for ax, r in zip(axes, recs):  # a row per quantity, each on its own scale (AUROC, CLIP score, accuracy)
+        e = r["extra"]
+        ax.axvline(0.0, color="grey", ls="--", lw=1)
+        ax.set_yticks([])
+        ax.set_ylabel(r["name"].split(".", 2)[2].removesuffix("_diff").replace("_", " "), rotation=0, ha="right",
+                      va="center", fontsize=8)
+        if r.get("value") is None:
+            ax.text(0.5, 0.5, "n/a: " + (r.get("flag") or ""), ha="center", va="center", transform=ax.transAxes,
+                    fontsize=8, color="#777777")
+            continue
+        significant = e.get("p_value") is not None and e["p_value"] < 0.05
+        _point(ax, 0.0, r, "C3" if significant else "#555555", None)
+        lo, hi = r["ci"] if r.get("ci") else (r["value"], r["value"])
+        span = max(abs(lo), abs(hi), abs(r["value"]), 1e-6) * 1.15
+        ax.set_xlim(-span, span)
+        ax.text(1.01, 0.5, f"{e['value_a']:.3g} vs {e['value_b']:.3g}\np = {e['p_value']:.3g}, n = {r['n']}"
+                + ("\n(thin)" if r.get("flag") else ""), transform=ax.transAxes, va="center", fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[-1].set_xlabel(f"{first['a'].replace('_', ' ')} minus {first['b'].replace('_', ' ')} "
+                        "(paired by report and seed)")
+    return _save(fig, out_png, dpi)
+
+
 # --- the rule -------------------------------------------------------------------------------------
 
 
-def make_figures(inputs: Mapping[str, str], outputs: Mapping[str, str], cfg: FigureConfig) -> list[Path]:
-    """Every figure of the report, in :data:`FIGURES` order. inputs: samples, valid, metrics, per_volume,
-    histograms, sweep and one metrics.csv per model in MODELS; outputs: one PNG path per name in FIGURES."""
+def make_figures(runs: Mapping[str, Mapping[str, str]], shared: Mapping[str, str], outputs: Mapping[str, str],
+                 cfg: FigureConfig) -> list[Path]:
+    """Every figure of the report, in :data:`FIGURES` order.
+
+    ``runs``: {family: {samples, metrics, per_volume, histograms}} per generator family (in the order of
+    ``models.generators``); ``shared``: valid (the shard manifest of the real scans), families (the comparison),
+    sweep and tstr (the cascade's, absent without it) and one metrics.csv per trained model of MODELS;
+    ``outputs``: one PNG path per name in FIGURES.
+    """
     missing = set(FIGURES) - set(outputs)
     if missing:
         raise ValueError(f"no output path for figures {sorted(missing)}")
-    curves = {m: inputs[m] for m in MODELS if m in inputs}
+    if not runs:
+        raise ValueError("no generator family to draw")
+    of = lambda key: {family: run[key] for family, run in runs.items()}  # noqa: E731
+    curves = {m: shared[m] for m in MODELS if shared.get(m)}
+    cascade_metrics = runs.get("cascade", {}).get("metrics")
     draw = {
-        "faithfulness": lambda out: plot_faithfulness(inputs["metrics"], out, cfg.dpi),
-        "tstr": lambda out: plot_tstr(inputs["metrics"], out, cfg.dpi),
-        "alignment": lambda out: plot_alignment(inputs["metrics"], out, cfg.dpi),
-        "hu_histograms": lambda out: plot_hu_histograms(inputs["histograms"], out, cfg.dpi),
-        "per_volume": lambda out: plot_per_volume(inputs["per_volume"], out, cfg.dpi),
-        "guidance_sweep": lambda out: plot_guidance_sweep(inputs["sweep"], out, cfg.dpi),
-        "samples": lambda out: plot_samples(inputs["samples"], inputs["valid"], out, cfg),
+        "faithfulness": lambda out: plot_faithfulness(of("metrics"), out, cfg.dpi),
+        "families": lambda out: plot_families(shared["families"], out, cfg.dpi),
+        "tstr": lambda out: plot_tstr(cascade_metrics, out, cfg.dpi),
+        "alignment": lambda out: plot_alignment(of("metrics"), out, cfg.dpi),
+        "hu_histograms": lambda out: plot_hu_histograms(of("histograms"), out, cfg.dpi),
+        "per_volume": lambda out: plot_per_volume(of("per_volume"), out, cfg.dpi),
+        "guidance_sweep": lambda out: plot_guidance_sweep(shared.get("sweep"), out, cfg.dpi),
+        "samples": lambda out: plot_samples(of("samples"), shared["valid"], out, cfg),
         "training_curves": lambda out: plot_training_curves(curves, out, cfg.dpi),
     }
     return [draw[name](outputs[name]) for name in FIGURES]

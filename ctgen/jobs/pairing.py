@@ -60,20 +60,31 @@ class Skip:
 
 @dataclass(frozen=True)
 class Grid:
-    """The feature networks' grid: the prep preset the models were trained on (cascade.json's ``grid``)."""
+    """The feature networks' grid: the prep preset the models were trained on (a generator spec's ``grid``)."""
 
     spacing: tuple[float, float, float]  # mm along R, A, S
     shape: tuple[int, int, int]  # voxels along R, A, S
     clip: tuple[float, float]  # HU window, mapped to [-1, 1]
 
     @classmethod
-    def from_models(cls, models_dir: str | Path) -> Grid:
-        path = Path(models_dir) / "cascade.json"
-        if not path.is_file():
-            raise UserError(f"--models {models_dir}: no cascade.json, which records the grid (spacing, shape, HU "
-                            "window) the feature networks were trained on")
-        g = json.loads(path.read_text())["grid"]
+    def from_spec(cls, path: str | Path) -> Grid:
+        """From a generator spec (cascade.json, latent_flow.json): the grid of the shards the models trained on."""
+        g = json.loads(Path(path).read_text())["grid"]
         return cls(tuple(map(float, g["spacing"])), tuple(map(int, g["shape"])), tuple(map(float, g["clip"])))
+
+    @classmethod
+    def from_models(cls, models_dir: str | Path) -> Grid:
+        """From the generator spec in ``models_dir`` (cascade.json, else latent_flow.json: both record the grid
+        of the shards the feature networks were trained on)."""
+        from ctgen.pipelines.latent_flow import SPEC  # here, not at the top: they load MONAI, which only this needs
+        from ctgen.pipelines.text_to_ct import CASCADE
+
+        specs = (CASCADE, SPEC)
+        for name in specs:
+            if (Path(models_dir) / name).is_file():
+                return cls.from_spec(Path(models_dir) / name)
+        raise UserError(f"--models {models_dir}: no {' or '.join(specs)}, which records the grid (spacing, shape, "
+                        "HU window) the feature networks were trained on")
 
     def preset(self) -> dict:
         """A ``spacing`` prep preset for :func:`ctprep.preprocess.to_target_grid`."""

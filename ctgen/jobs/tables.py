@@ -1,8 +1,8 @@
 """The report's metric tables (HTML to read, CSV to reuse) and their captions, from ``metrics.json``.
 
-Every number of ``metrics.json`` lands in exactly one table, by the first part of its name
-(:data:`GROUPS`), as one row: value, 95% CI, n, profile, stems hash, flag and the rest of what its
-record holds. Each table gets a caption snippet (reStructuredText) naming its n and its profiles,
+Every number of each generator family's ``metrics.json`` (and of ``families.json``, their paired
+comparison) lands in exactly one table, by the first part of its name (:data:`GROUPS`), as one row:
+the family, value, 95% CI, n, profile, stems hash, flag and the rest of what its record holds. Each table gets a caption snippet (reStructuredText) naming its n and its profiles,
 which the report's static captions include; ``intro.rst`` puts the faithfulness figure (embedded)
 and its caption at the top of the report's front page.
 """
@@ -24,9 +24,9 @@ from ctgen.jobs.figure_list import TABLES
 log = logging.getLogger(__name__)
 
 #: first part of a metric's name -> its table
-GROUPS = {"faithfulness": "faithfulness", "fid_2d": "distribution", "fd_3d": "distribution", "clip_score": "alignment",
-          "image_similarity": "alignment", "retrieval": "alignment", "tstr": "tstr", "hu": "hu"}
-COLUMNS = ["metric", "value", "ci_low", "ci_high", "n", "profile", "stems", "flag", "details"]
+GROUPS = {"faithfulness": "faithfulness", "families": "families", "fid_2d": "distribution", "fd_3d": "distribution",
+          "clip_score": "alignment", "image_similarity": "alignment", "retrieval": "alignment", "tstr": "tstr", "hu": "hu"}
+COLUMNS = ["family", "metric", "value", "ci_low", "ci_high", "n", "profile", "stems", "flag", "details"]
 STYLE = ("<style>body{font-family:sans-serif;font-size:13px} table{border-collapse:collapse} "
          "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left} th{background:#eee} "
          "caption{text-align:left;font-weight:bold;padding:4px 0}</style>")
@@ -41,28 +41,31 @@ def _num(x) -> str:
 
 
 def metric_rows(records: list[dict]) -> pd.DataFrame:
-    """metrics.json records -> one row each, in :data:`COLUMNS`."""
+    """metrics.json records (each with its ``family``) -> one row each, in :data:`COLUMNS`."""
     rows = []
     for r in records:
         ci = r.get("ci") or (None, None)
         details = "; ".join(f"{k}={v}" for k, v in (r.get("extra") or {}).items() if not isinstance(v, (dict, list)))
-        rows.append({"metric": r["name"], "value": r.get("value"), "ci_low": ci[0], "ci_high": ci[1], "n": r.get("n"),
-                     "profile": r.get("profile"), "stems": r.get("stems"), "flag": r.get("flag"), "details": details})
+        rows.append({"family": r.get("family", ""), "metric": r["name"], "value": r.get("value"), "ci_low": ci[0],
+                     "ci_high": ci[1], "n": r.get("n"), "profile": r.get("profile"), "stems": r.get("stems"),
+                     "flag": r.get("flag"), "details": details})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def group_records(metrics: dict) -> dict[str, list[dict]]:
-    """{table: [records]} over :data:`GROUPS` (every table present, possibly empty)."""
+def group_records(metrics: Mapping[str, dict]) -> dict[str, list[dict]]:
+    """{table: [records, each tagged with its family]} over :data:`GROUPS` (every table present, possibly empty);
+    ``metrics``: {family: its metrics.json}."""
     out: dict[str, list[dict]] = {g: [] for g in dict.fromkeys(GROUPS.values())}
-    for r in metrics.get("metrics", []):
-        head = r["name"].split(".")[0]
-        if head not in GROUPS:
-            raise ValueError(f"metric {r['name']!r} belongs to no table: add {head!r} to ctgen.jobs.tables.GROUPS")
-        out[GROUPS[head]].append(r)
+    for family, summary in metrics.items():
+        for r in summary.get("metrics", []):
+            head = r["name"].split(".")[0]
+            if head not in GROUPS:
+                raise ValueError(f"metric {r['name']!r} belongs to no table: add {head!r} to ctgen.jobs.tables.GROUPS")
+            out[GROUPS[head]].append({**r, "family": family})
     return out
 
 
-def caption(table: str, records: list[dict], metrics: dict) -> str:
+def caption(table: str, records: list[dict], metrics: Mapping[str, dict]) -> str:
     """The caption snippet: n and profile of the table's numbers, the flags, and what was not computed."""
     parts = []
     pairs = list(dict.fromkeys((r.get("n"), r.get("profile") or "-") for r in records))
@@ -75,9 +78,10 @@ def caption(table: str, records: list[dict], metrics: dict) -> str:
     if flagged:
         parts.append(f"**{flagged} of {len(records)} numbers are flagged** (too few volumes, positives or "
                      "candidates; see the flag column): do not read them as results.")
-    for miss in metrics.get("not_computed", []):
-        if GROUPS.get(miss["group"], miss["group"]) == table or miss["group"] == table:
-            parts.append(f"Not computed: {miss['reason']}.")
+    for family, summary in metrics.items():
+        for miss in summary.get("not_computed", []):
+            if GROUPS.get(miss["group"], miss["group"]) == table or miss["group"] == table:
+                parts.append(f"Not computed ({family.replace('_', ' ')}): {miss['reason']}.")
     if not parts:
         parts.append("No numbers in this table.")
     return " ".join(parts) + "\n"
@@ -90,24 +94,37 @@ def _html(df: pd.DataFrame, title: str, cap: str) -> str:
     return f"<!DOCTYPE html><html><head><meta charset='utf-8'>{STYLE}</head><body>{body}</body></html>\n"
 
 
-def write_tables(metrics_json, skipped_csv, sweep_csv, outputs: Mapping[str, str]) -> None:
-    """Every table of :data:`ctgen.jobs.figure_list.TABLES`: ``outputs`` maps ``<name>_html``, ``<name>_csv``
-    and ``<name>_caption`` to paths."""
-    metrics = json.loads(Path(metrics_json).read_text())
+def write_tables(metrics_jsons: Mapping[str, str | Path], skipped_csvs: Mapping[str, str | Path], sweep_csv,
+                 families_json, outputs: Mapping[str, str]) -> None:
+    """Every table of :data:`ctgen.jobs.figure_list.TABLES`. ``metrics_jsons``, ``skipped_csvs``: {family: path}
+    per generator family; ``sweep_csv``: the cascade's guidance sweep (None without a cascade);
+    ``families_json``: the families' comparison; ``outputs`` maps ``<name>_html``, ``_csv``, ``_caption`` to paths."""
+    metrics = {family: json.loads(Path(p).read_text()) for family, p in metrics_jsons.items()}
+    families = json.loads(Path(families_json).read_text())
     groups = group_records(metrics)
+    groups["families"] = [{**r, "family": r.get("profile", "")} for r in families.get("metrics", [])]
     tables: dict[str, tuple[pd.DataFrame, str]] = {}
     for name in TABLES:
         if name in groups:
-            tables[name] = (metric_rows(groups[name]), caption(name, groups[name], metrics))
-    sweep = pd.read_csv(sweep_csv)
-    pairs = sweep[["n", "profile"]].drop_duplicates().itertuples(index=False)
-    tables["guidance_sweep"] = (sweep, f"**n and profile:** {', '.join(f'n = {n} (``{p}``)' for n, p in pairs)}. "
-                                       "The same prompts and seeds at every guidance scale.\n")
-    skipped = pd.read_csv(skipped_csv)
-    n = metrics.get("n", {})
-    tables["skipped"] = (skipped, f"**{len(skipped)} volumes left out**: {n.get('skipped_predictions', 0)} predictions "
-                                  f"and {n.get('skipped_ground_truth', 0)} ground-truth volumes; "
-                                  f"n = {n.get('scored')} predictions scored of {n.get('predictions')}.\n")
+            scope = {"families": families} if name == "families" else metrics
+            tables[name] = (metric_rows(groups[name]), caption(name, groups[name], scope))
+    if sweep_csv:
+        sweep = pd.read_csv(sweep_csv)
+        pairs = sweep[["n", "profile"]].drop_duplicates().itertuples(index=False)
+        tables["guidance_sweep"] = (sweep, f"**n and profile:** {', '.join(f'n = {n} (``{p}``)' for n, p in pairs)}. "
+                                           "The cascade's volumes of the same prompts and seeds at every guidance scale.\n")
+    else:
+        tables["guidance_sweep"] = (pd.DataFrame(columns=["guidance_scale", "metric", "value"]),
+                                    "Not computed: no cascade in models.generators.\n")
+    skipped, counts = [], []
+    for family, path in skipped_csvs.items():
+        table = pd.read_csv(path)
+        skipped.append(table.assign(family=family)[["family", *table.columns]])
+        n = metrics[family].get("n", {})
+        counts.append(f"{family.replace('_', ' ')}: {len(table)} volumes left out ({n.get('skipped_predictions', 0)} "
+                      f"predictions and {n.get('skipped_ground_truth', 0)} ground-truth volumes), "
+                      f"n = {n.get('scored')} predictions scored of {n.get('predictions')}")
+    tables["skipped"] = (pd.concat(skipped, ignore_index=True), "**" + "; ".join(counts) + ".**\n")
     for name, (df, cap) in tables.items():
         df.to_csv(outputs[f"{name}_csv"], index=False)
         Path(outputs[f"{name}_html"]).write_text(_html(df, TABLES[name][1], cap.replace("*", "").replace("``", "")))
@@ -126,8 +143,8 @@ def write_intro(faithfulness_png, faithfulness_caption, out_rst) -> Path:
     cap = Path(faithfulness_caption).read_text().strip()
     text = ("Faithfulness: are the findings of the report in the generated volume?\n"
             "-----------------------------------------------------------------------\n\n"
-            "The classifier's AUROC per finding on the generated volumes (against the labels of the reports that "
-            "produced them) beside the real ceiling (the same classifier on the real scans of the same reports), "
+            "The classifier's AUROC per finding on each generator family's volumes (against the labels of the reports "
+            "that produced them) beside the real ceiling (the same classifier on the real scans of the same reports), "
             f"with bootstrap 95% CIs over volumes. {cap}\n\n"
             ".. raw:: html\n\n   <img alt=\"faithfulness\" style=\"max-width:100%\"\n"
             f"   src=\"data:image/png;charset=utf8;filename={Path(faithfulness_png).name};base64,\n{lines}\">\n")

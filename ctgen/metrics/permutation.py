@@ -61,3 +61,38 @@ def paired_permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0,
         total += stats.size
     p = count / total if exact else (count + 1) / (total + 1)
     return {"diff": float(observed), "p_value": float(min(p, 1.0)), "exact": exact}
+
+
+def paired_swap_test(statistic, a, b, n_permutations: int = 2_000, seed: int = 0) -> dict[str, float | bool]:
+    """A paired permutation test for any statistic of two paired runs (e.g. a macro AUROC difference).
+
+    ``a``, ``b`` (N, ...): the two runs' rows, row i of each from the same item (same report and seed);
+    ``statistic(a, b)`` -> float. Under the null the runs are exchangeable within each pair, so each
+    permutation swaps a random subset of rows between ``a`` and ``b``; the two-sided p-value counts
+    permuted statistics with |s| >= |observed|. All 2^N swap patterns where that is at most
+    ``n_permutations``, else random ones with p = (count + 1) / (n + 1). A statistic that is not finite
+    on a permutation (an AUROC with one class) leaves that permutation out, counted in ``dropped``.
+    :func:`paired_permutation_test` is the special case ``mean(a - b)``, computed without the loop.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.shape[0] == 0:
+        raise ValueError(f"expected two non-empty arrays of one shape, got {a.shape} and {b.shape}")
+    observed = float(statistic(a, b))
+    n = a.shape[0]
+    exact = 2 ** n <= n_permutations
+    rng = np.random.default_rng(seed)
+    count = total = dropped = 0
+    tol = 1e-12 * max(abs(observed), 1e-12)
+    for swaps in _sign_blocks(n, n_permutations, rng):
+        for row in swaps < 0:  # (N,) True where the pair is swapped
+            mask = row.reshape(-1, *([1] * (a.ndim - 1)))
+            s = float(statistic(np.where(mask, b, a), np.where(mask, a, b)))
+            if not np.isfinite(s):
+                dropped += 1
+                continue
+            count += abs(s) >= abs(observed) - tol
+            total += 1
+    if not total or not np.isfinite(observed):
+        return {"diff": observed, "p_value": float("nan"), "exact": exact, "dropped": dropped}
+    p = count / total if exact else (count + 1) / (total + 1)
+    return {"diff": observed, "p_value": float(min(p, 1.0)), "exact": exact, "dropped": dropped}

@@ -19,6 +19,7 @@ import yaml
 from ctgen.cli import main
 from ctgen.data.shards import iter_samples
 from ctgen.jobs import evaluate
+from ctgen.jobs.compare import compare_runs
 from ctgen.jobs.eval_config import EvalConfig, scoring_settings
 from ctgen.jobs.guidance import guidance_sweep
 from ctgen.jobs.sample import sample_to_files
@@ -196,10 +197,10 @@ def test_sampled_volumes_and_train_on_synthetic(models, tmp_path):
 def test_runs_are_compared_pairwise(real_run, tmp_path):
     out = real_run[1]
     a = pd.read_csv(out / "per_volume.csv")
-    same = evaluate.compare_runs(out / "per_volume.csv", out / "per_volume.csv", n_permutations=200)
+    same = compare_runs(out / "per_volume.csv", out / "per_volume.csv", n_permutations=200)
     assert (same["p_value"] == 1.0).all() and (same["diff"] == 0).all()
     a.assign(clip_score=a["clip_score"] + 50).to_csv(tmp_path / "shifted.csv", index=False)
-    diff = evaluate.compare_runs(out / "per_volume.csv", tmp_path / "shifted.csv", tmp_path / "cmp.csv")
+    diff = compare_runs(out / "per_volume.csv", tmp_path / "shifted.csv", tmp_path / "cmp.csv")
     row = diff.set_index("metric").loc["clip_score"]
     assert row["n_pairs"] == 6 and abs(row["diff"]) == pytest.approx(50) and row["p_value"] < 0.05
     assert main(["compare", str(out / "per_volume.csv"), str(tmp_path / "shifted.csv"), "--permutations", "500",

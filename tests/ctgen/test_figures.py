@@ -5,14 +5,17 @@ from __future__ import annotations
 import base64
 import json
 import struct
+from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
 
+from ctgen.jobs.compare import compare_families
 from ctgen.jobs.figures import (FIGURES, MODELS, WIDTH_IN, WINDOWS, FigureConfig, choose_prompts, key_term, make_figures,
-                           mid_slices, plot_faithfulness, plot_hu_histograms, plot_samples, plot_tstr)
+                                mid_slices, plot_families, plot_faithfulness, plot_guidance_sweep, plot_hu_histograms,
+                                plot_samples, plot_tstr)
 from ctgen.jobs.figure_list import TABLES
 from ctgen.jobs.tables import GROUPS, write_intro, write_tables
 from ctgen.metrics.hu import hu_histogram
@@ -21,21 +24,26 @@ from ctprep.shards import merge_manifests, write_shards
 from ctprep.volume import Volume, save_nifti
 
 LABELS = ["Emphysema", "Atelectasis", "Lung nodule"]
-GEN_HU, REAL_HU = -1400, -600  # generated: black in the lung window (below -1350); real: mid-grey (the window's centre)
+# in the lung window [-1350, 150]: the cascade's volumes black, the latent flow's white, the real scans mid-grey
+FAMILY_HU = {"cascade": -1400, "latent_flow": 200}
+REAL_HU = -600
+FAMILIES = tuple(FAMILY_HU)
 
 
-def metrics_json(labels=LABELS) -> dict:
-    """A metrics.json as ctgen evaluate writes it: MetricValue records of every group, one label flagged."""
+def metrics_json(labels=LABELS, shift: float = 0.0) -> dict:
+    """A metrics.json as ctgen evaluate writes it: MetricValue records of every group, one label flagged;
+    ``shift`` moves the generated AUROCs (another family)."""
     recs = []
-    for side, base in (("generated", 0.6), ("real", 0.8)):
+    for side, base in (("generated", 0.6 + shift), ("real", 0.8)):
         for i, label in enumerate(labels):
             if label == "Atelectasis":
                 recs.append(MetricValue(f"faithfulness.{side}.{label}", None, 6, profile="classifier3d@ab",
                                         stems="s" * 16, flag="0 positives and 6 negatives: an AUROC needs >= 5 and >= 5"))
             else:
-                recs.append(MetricValue(f"faithfulness.{side}.{label}", base + 0.05 * i, 6, (base - 0.2, base + 0.15),
+                recs.append(MetricValue(f"faithfulness.{side}.{label}", base + 0.05 * i, 6, (base - 0.2, min(base + 0.15, 1)),
                                         "classifier3d@ab", "s" * 16))
-        recs.append(MetricValue(f"faithfulness.{side}.macro", base, 6, (base - 0.1, base + 0.1), "classifier3d@ab", "s" * 16))
+        recs.append(MetricValue(f"faithfulness.{side}.macro", base, 6, (base - 0.1, base + 0.1), "classifier3d@ab", "s" * 16,
+                                extra={"labels": ["Emphysema"]}))
     for plane, v in (("axial", 120.5), ("coronal", 130.0), ("sagittal", 110.0), ("mean", 120.2)):
         recs.append(MetricValue(f"fid_2d.slicenet.{plane}", v, 6, (v - 10, v + 10), "slicenet2d@cd", "s" * 16))
     recs.append(MetricValue("fd_3d.clip", 12.3, 6, (8.0, 15.0), "clip3d@ef", "s" * 16, "6 feature rows <= 64 dimensions"))
@@ -75,8 +83,8 @@ def png_size(path) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A finished run in miniature: 3 real valid volumes in shards, 2 generated NIfTIs per prompt
-    for 3 prompts, 5 training logs and the evaluation files."""
+    """A finished run in miniature: 3 real valid volumes in shards; per family, 2 generated NIfTIs per prompt for
+    3 prompts (the same seeds) and the evaluation files; the families' comparison; the training logs."""
     root = tmp_path_factory.mktemp("run")
     affine = np.diag([1.5, 1.5, 4.0, 1.0])  # anisotropic, as real scans are
     real = [{"key": f"valid_{i}_a_1", "volume": Volume.from_3d(np.full((24, 20, 10), REAL_HU, np.int16), affine),
@@ -84,47 +92,61 @@ def run(tmp_path_factory):
              "labels": np.zeros(18, np.uint8)} for i in range(3)]
     write_shards(real, root / "c0", prefix="valid-c0", shard_size=2, split="valid")
     merge_manifests([root / "c0/valid-c0.manifest.json"], root / "valid.json", split="valid")
-    rows = []
-    for i in range(3):
-        for rep in range(2):
-            path = root / f"gen/valid_{i}_a_1_s{2 * i + rep}.nii.gz"
-            path.parent.mkdir(exist_ok=True)
-            save_nifti(Volume.from_3d(np.full((16, 16, 8), GEN_HU, np.int16), np.diag([2.0, 2.0, 5.0, 1.0])), path)
-            rows.append({"prompt_id": f"valid_{i}_a_1", "repeat": rep, "seed": 2 * i + rep,
-                         "prompt": f"{40 + i} years old male: " + "emphysema and a long finding text " * 8,
-                         "nifti": str(path), "sidecar": "", "dicom": ""})
-    pd.DataFrame(rows).to_csv(root / "samples.csv", index=False)
-    inputs = {"samples": str(root / "samples.csv"), "valid": str(root / "valid.json")}
     rng = np.random.default_rng(0)
+    runs = {}
+    for fi, (family, hu) in enumerate(FAMILY_HU.items()):
+        base = root / family
+        rows = []
+        for i in range(3):
+            for rep in range(2):
+                path = base / f"gen/valid_{i}_a_1_s{2 * i + rep}.nii.gz"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_nifti(Volume.from_3d(np.full((16, 16, 8), hu, np.int16), np.diag([2.0, 2.0, 5.0, 1.0])), path)
+                rows.append({"prompt_id": f"valid_{i}_a_1", "repeat": rep, "seed": 2 * i + rep,
+                             "prompt": f"{40 + i} years old male: " + "emphysema and a long finding text " * 8,
+                             "nifti": str(path), "sidecar": "", "dicom": ""})
+        pd.DataFrame(rows).to_csv(base / "samples.csv", index=False)
+        (base / "metrics.json").write_text(json.dumps(metrics_json(shift=-0.2 * fi)))
+        gen_h, edges = hu_histogram(rng.normal(-300 + 200 * fi, 400, 20_000))
+        real_h, _ = hu_histogram(rng.normal(-500, 500, 20_000))
+        (base / "hist.json").write_text(json.dumps({"edges": edges.tolist(), "generated": gen_h.tolist(),
+                                                    "real": real_h.tolist()}))
+        y = np.tile([1.0, 0.0], 3)
+        pv = pd.DataFrame({"sample": [f"s{i}" for i in range(6)], "prompt_id": [r["prompt_id"] for r in rows],
+                           "seed": range(6), "repeat": [r["repeat"] for r in rows],
+                           "clip_score": rng.uniform(15, 25, 6) - 5 * fi, "clip_score_real": rng.uniform(25, 30, 6),
+                           "image_similarity": 0.5, "retrieval_top1": rng.integers(0, 2, 6).astype(float),
+                           "n_hu_flags": [1, 0, 0, 0, 0, fi], "p_Emphysema": np.clip(y * 0.8 + 0.1 + 0.3 * fi, 0, 1),
+                           "y_Emphysema": y,
+                           **{f"hu_{t}_median": rng.normal(c, 20, 6) for t, c in
+                              [("air", -1000), ("lung", -800), ("fat", -100), ("soft_tissue", 40), ("bone", 500)]}})
+        pv.to_csv(base / "per_volume.csv", index=False)
+        pd.DataFrame([{"stem": "valid_9_a_1", "side": "generated", "path": "gen/valid_9_a_1.nii.gz",
+                       "reason": "no ground truth with this stem"}]).to_csv(base / "skipped.csv", index=False)
+        runs[family] = {"samples": str(base / "samples.csv"), "metrics": str(base / "metrics.json"),
+                        "per_volume": str(base / "per_volume.csv"), "histograms": str(base / "hist.json"),
+                        "skipped": str(base / "skipped.csv")}
+    compare_families({f: (r["metrics"], r["per_volume"]) for f, r in runs.items()}, root / "families.json",
+                     root / "families.csv", n_boot=100, n_permutations=200)
+    shared = {"valid": str(root / "valid.json"), "families": str(root / "families.json")}
     for model in MODELS:
         steps = np.arange(10, 210, 10)
         pd.DataFrame({"step": steps, "lr": 1e-3, "loss": np.geomspace(5, 0.05, 20), "grad_norm": 1.0,
                       "accuracy": np.linspace(0, 1, 20), "steps_per_s": 3.0}).to_csv(root / f"{model}.csv", index=False)
-        inputs[model] = str(root / f"{model}.csv")
-    (root / "metrics.json").write_text(json.dumps(metrics_json()))
-    gen_h, edges = hu_histogram(rng.normal(-300, 400, 20_000))
-    real_h, _ = hu_histogram(rng.normal(-500, 500, 20_000))
-    (root / "hist.json").write_text(json.dumps({"edges": edges.tolist(), "generated": gen_h.tolist(),
-                                                "real": real_h.tolist()}))
-    pv = pd.DataFrame({"sample": [f"s{i}" for i in range(6)], "prompt_id": [r["prompt_id"] for r in rows],
-                       "seed": range(6), "clip_score": rng.uniform(15, 25, 6),
-                       "clip_score_real": rng.uniform(25, 30, 6),
-                       "image_similarity": 0.5, "n_hu_flags": [1, 0, 0, 0, 0, 0],
-                       **{f"hu_{t}_median": rng.normal(c, 20, 6) for t, c in
-                          [("air", -1000), ("lung", -800), ("fat", -100), ("soft_tissue", 40), ("bone", 500)]}})
-    pv.to_csv(root / "per_volume.csv", index=False)
-    pd.DataFrame([{"stem": "valid_9_a_1", "side": "generated", "path": "gen/valid_9_a_1.nii.gz",
-                   "reason": "no ground truth with this stem"}]).to_csv(root / "skipped.csv", index=False)
+        shared[model] = str(root / f"{model}.csv")
     sweep_frame().to_csv(root / "sweep.csv", index=False)
-    inputs |= {"metrics": str(root / "metrics.json"), "per_volume": str(root / "per_volume.csv"),
-               "histograms": str(root / "hist.json"), "sweep": str(root / "sweep.csv")}
-    return {"root": root, "inputs": inputs}
+    shared["sweep"] = str(root / "sweep.csv")
+    return {"root": root, "runs": runs, "shared": shared}
+
+
+def of(run, key: str) -> dict:
+    return {f: r[key] for f, r in run["runs"].items()}
 
 
 def test_every_figure_is_a_png_of_the_figure_width(run):
     cfg = FigureConfig(dpi=60)
     outputs = {name: str(run["root"] / f"fig/{name}.png") for name in FIGURES}
-    written = make_figures(run["inputs"], outputs, cfg)
+    written = make_figures(run["runs"], run["shared"], outputs, cfg)
     assert [str(p) for p in written] == [outputs[n] for n in FIGURES]
     for name in FIGURES:
         width, height = png_size(outputs[name])
@@ -135,21 +157,37 @@ def test_every_figure_is_a_png_of_the_figure_width(run):
         assert img.std() > 0.05, name  # not a blank page
 
 
-def test_slice_figure_shows_generated_left_of_real(run, tmp_path):
-    out = plot_samples(run["inputs"]["samples"], run["inputs"]["valid"], tmp_path / "s.png",
+def test_one_family_alone_draws_every_figure(run, tmp_path):
+    """models.generators: [latent_flow] -- no cascade, hence no guidance sweep or TSTR, and nothing to compare."""
+    runs = {"latent_flow": run["runs"]["latent_flow"]}
+    compare_families({"latent_flow": (runs["latent_flow"]["metrics"], runs["latent_flow"]["per_volume"])},
+                     tmp_path / "families.json", tmp_path / "families.csv")
+    shared = {k: v for k, v in run["shared"].items() if k not in ("sweep", "tokenizer", "generator", "superres")}
+    shared["families"] = str(tmp_path / "families.json")
+    outputs = {name: str(tmp_path / f"{name}.png") for name in FIGURES}
+    make_figures(runs, shared, outputs, FigureConfig(dpi=40))
+    assert all(png_size(outputs[n])[0] == round(WIDTH_IN * 40) for n in FIGURES)
+    assert "one generator family" in json.loads((tmp_path / "families.json").read_text())["not_computed"][0]["reason"]
+
+
+def test_slice_figure_shows_real_then_each_family(run, tmp_path):
+    out = plot_samples(of(run, "samples"), run["shared"]["valid"], tmp_path / "s.png",
                        FigureConfig(prompts=("valid_1_a_1",), window="lung", dpi=60))
     grey = mpimg.imread(out)[..., :3].mean(-1)  # (rows, cols) in [0, 1]
-    half = grey.shape[1] // 2
-    left, right = grey[:, :half], grey[:, half:]
-    dark = lambda a: (a < 0.1).mean()  # noqa: E731  generated at -1400 HU
+    third = grey.shape[1] // 3
+    real, cascade, latent = grey[:, :third], grey[:, third:2 * third], grey[:, 2 * third:]
+    dark = lambda a: (a < 0.1).mean()  # noqa: E731  the cascade's volumes at -1400 HU
     mid = lambda a: ((a > 0.4) & (a < 0.6)).mean()  # noqa: E731  real at the lung window's centre
-    assert dark(left) > 0.15 and dark(right) < 0.02, (dark(left), dark(right))
-    assert mid(right) > 0.15 and mid(left) < 0.02, (mid(left), mid(right))
+    # (the families' titles are coloured: a few mid-grey pixels of text)
+    assert mid(real) > 0.15 and mid(cascade) < 0.05 and mid(latent) < 0.05, (mid(real), mid(cascade), mid(latent))
+    assert dark(cascade) > 0.15 and dark(real) < 0.05 and dark(latent) < 0.05, (dark(real), dark(cascade), dark(latent))
+    white = lambda a: (a > 0.99).mean()  # noqa: E731  the latent flow's volumes at 200 HU, above the window
+    assert white(latent) > white(cascade) + 0.2 and white(latent) > white(real) + 0.2
 
 
 def test_slice_figure_grows_with_prompts_and_windows(run, tmp_path):
     def height(**kw):
-        return png_size(plot_samples(run["inputs"]["samples"], run["inputs"]["valid"], tmp_path / "s.png",
+        return png_size(plot_samples(of(run, "samples"), run["shared"]["valid"], tmp_path / "s.png",
                                      FigureConfig(dpi=40, **kw)))[1]
 
     one_lung = height(prompts=("valid_0_a_1",), window="lung")
@@ -197,43 +235,69 @@ def test_key_term_prefers_the_models_own_term():
 
 def test_faithfulness_figure_grows_with_labels_and_says_why_a_label_is_empty(run, tmp_path):
     (tmp_path / "few.json").write_text(json.dumps(metrics_json(LABELS[:2])))
-    few = png_size(plot_faithfulness(tmp_path / "few.json", tmp_path / "few.png", dpi=50))[1]
-    assert png_size(plot_faithfulness(run["inputs"]["metrics"], tmp_path / "all.png", dpi=50))[1] > few
+    few = png_size(plot_faithfulness({"cascade": tmp_path / "few.json"}, tmp_path / "few.png", dpi=50))[1]
+    assert png_size(plot_faithfulness({"cascade": run["runs"]["cascade"]["metrics"]}, tmp_path / "all.png",
+                                      dpi=50))[1] > few
+    # a second family: a point more per label, so a taller figure
+    two = png_size(plot_faithfulness(of(run, "metrics"), tmp_path / "two.png", dpi=50))[1]
+    assert two >= png_size(tmp_path / "all.png")[1]
     flagged = metrics_json()
     flagged["metrics"] = [dict(r, value=None, ci=None, flag="0 positives") if r["name"].startswith("faithfulness.") else r
                           for r in flagged["metrics"]]
     (tmp_path / "none.json").write_text(json.dumps(flagged))
-    assert png_size(plot_faithfulness(tmp_path / "none.json", tmp_path / "none.png", dpi=50))[0] == round(WIDTH_IN * 50)
+    assert png_size(plot_faithfulness({"cascade": tmp_path / "none.json"}, tmp_path / "none.png", dpi=50))[0] == \
+        round(WIDTH_IN * 50)
 
 
 def test_every_metric_lands_in_one_table_with_n_and_profile_in_its_caption(run, tmp_path):
     outputs = {f"{name}_{kind}": str(tmp_path / f"{name}.{kind if kind != 'caption' else 'rst'}")
                for name in TABLES for kind in ("html", "csv", "caption")}
-    write_tables(run["inputs"]["metrics"], run["root"] / "skipped.csv", run["inputs"]["sweep"], outputs)
-    metrics = json.loads((run["root"] / "metrics.json").read_text())["metrics"]
+    write_tables(of(run, "metrics"), of(run, "skipped"), run["shared"]["sweep"], run["shared"]["families"], outputs)
     listed = []
     for name in dict.fromkeys(GROUPS.values()):
         table = pd.read_csv(outputs[f"{name}_csv"])
-        listed += list(table["metric"])
+        listed += list(zip(table["family"], table["metric"]))
         caption = (tmp_path / f"{name}.rst").read_text()
         assert "n = 6" in caption or "n = 3" in caption, (name, caption)
         html = (tmp_path / f"{name}.html").read_text()
         assert "<table>" in html and "<caption>" in html and "profile" in html
-    assert sorted(listed) == sorted(r["name"] for r in metrics)  # every number, in exactly one table
-    assert "1 of" in (tmp_path / "distribution.rst").read_text()  # the flagged Fréchet distance is counted
+    expected = [(f, r["name"]) for f in FAMILIES for r in json.loads(Path(run["runs"][f]["metrics"]).read_text())["metrics"]]
+    families = json.loads(Path(run["shared"]["families"]).read_text())["metrics"]
+    expected += [(r["profile"], r["name"]) for r in families]
+    assert sorted(listed) == sorted(expected)  # every number of every family and of the comparison, in one table
+    assert any(n.endswith("faithfulness.macro_auroc_diff") for _, n in listed)
+    assert "1 of" in (tmp_path / "distribution.rst").read_text() or "2 of" in (tmp_path / "distribution.rst").read_text()
     assert "classifier3d@ab" in (tmp_path / "faithfulness.rst").read_text()
-    assert "1 volumes left out" in (tmp_path / "skipped.rst").read_text()
+    skipped = (tmp_path / "skipped.rst").read_text()
+    assert "cascade: 1 volumes left out" in skipped and "latent flow: 1 volumes left out" in skipped
+    assert set(pd.read_csv(outputs["skipped_csv"])["family"]) == set(FAMILIES)
     assert len(pd.read_csv(outputs["guidance_sweep_csv"])) == 9
     png = run["root"] / "f.png"
-    plot_faithfulness(run["inputs"]["metrics"], png, dpi=40)
+    plot_faithfulness(of(run, "metrics"), png, dpi=40)
     intro = write_intro(png, tmp_path / "faithfulness.rst", tmp_path / "intro.rst").read_text()
     assert base64.b64encode(png.read_bytes()).decode() == "".join(intro.split("base64,")[1].split("\"")[0].split())
     assert ".. raw:: html" in intro and max(map(len, intro.splitlines())) < 10_000  # docutils refuses longer lines
+    # without a cascade: no guidance sweep, an empty table that says so
+    write_tables({"latent_flow": run["runs"]["latent_flow"]["metrics"]},
+                 {"latent_flow": run["runs"]["latent_flow"]["skipped"]}, None, run["shared"]["families"], outputs)
+    assert pd.read_csv(outputs["guidance_sweep_csv"]).empty
+    assert "no cascade" in (tmp_path / "guidance_sweep.rst").read_text()
+
+
+def test_families_figure_marks_the_significant_differences(run, tmp_path):
+    summary = json.loads(Path(run["shared"]["families"]).read_text())
+    names = {r["name"].split(".", 2)[2]: r for r in summary["metrics"]}
+    # the latent flow's probabilities sit 0.3 higher on both classes: the same ranking, so the same AUROC
+    assert names["faithfulness.macro_auroc_diff"]["value"] == pytest.approx(0.0)
+    assert names["clip_score_diff"]["value"] > 0  # the cascade's CLIP scores were drawn 5 higher
+    assert png_size(plot_families(run["shared"]["families"], tmp_path / "f.png", dpi=50))[0] == round(WIDTH_IN * 50)
 
 
 def test_tstr_absent_and_bad_histograms(run, tmp_path):
     (tmp_path / "m.json").write_text(json.dumps({"metrics": []}))
     assert png_size(plot_tstr(tmp_path / "m.json", tmp_path / "t.png", dpi=50))[0] == round(WIDTH_IN * 50)
+    assert png_size(plot_tstr(None, tmp_path / "t.png", dpi=50))[0] == round(WIDTH_IN * 50)
+    assert png_size(plot_guidance_sweep(None, tmp_path / "g.png", dpi=50))[0] == round(WIDTH_IN * 50)
     (tmp_path / "h.json").write_text(json.dumps({"edges": [0, 1, 2], "generated": [1.0], "real": [1.0]}))
     with pytest.raises(ValueError, match="len"):
-        plot_hu_histograms(tmp_path / "h.json", tmp_path / "h.png")
+        plot_hu_histograms({"cascade": tmp_path / "h.json"}, tmp_path / "h.png")

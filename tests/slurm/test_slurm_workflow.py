@@ -98,7 +98,7 @@ def test_demo_workflow_runs_through_slurm(cluster, tmp_path):
     R = work / "results"
     for path in ("cohort/cohort.parquet", "shards/train/manifest.json", "rejects.csv",
                  "models/tokenizer/model.safetensors", "models/generator/model.safetensors",
-                 "models/superres/model.safetensors", "samples/volumes/samples.csv", "evaluation/metrics.json",
+                 "models/superres/model.safetensors", "samples/volumes/samples.csv", "evaluation/cascade/metrics.json",
                  "figures/samples.png"):
         assert (R / path).is_file(), path
     # every job went through sbatch, and Slurm ran each one to a clean exit

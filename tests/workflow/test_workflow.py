@@ -67,10 +67,12 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         return set(planned_rules(work, edit))
 
     assert plan("none") == set()  # a finished run has nothing to do
-    scoring = {"evaluate", "guidance_sweep", "figures", "metric_tables", "all"}  # what reads the samples or the models
+    # what reads the samples or the models: each family's evaluation, their comparison, the report
+    scoring = {"evaluate", "compare_families", "guidance_sweep", "figures", "metric_tables", "all"}
+    scoring_families = scoring - {"guidance_sweep"}  # the guidance sweep samples the cascade alone
     # the cascade also samples the TSTR training set, on which the TSTR classifier trains again
     sampling = {"cascade", "sample", "sample_tstr", "tstr_shards", "train_tstr"} | scoring
-    latent_sampling = {"latent_flow_spec", "sample_latent_flow", "all"}  # the latent flow family's
+    latent_sampling = {"latent_flow_spec", "sample_latent_flow"} | scoring_families  # the latent flow family's
     latent = {"train_autoencoder", "encode_latents", "latents_manifest", "train_latent_flow"} | latent_sampling
     # everything trained on the shards: whatever rewrites them retrains both families and the feature networks
     models = {"train_tokenizer", "encode_tokens", "tokens_manifest", "train_generator", "train_superres", "train_clip",
@@ -104,7 +106,7 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     assert plan("slicenet", {"evaluation": {"slicenet": {"train": {"lr": 1e-3}}}}) == \
         {"slicenet_config", "train_slicenet"} | scoring
     assert plan("tstr", {"evaluation": {"tstr_reports": 3}}) == \
-        {"tstr_prompts", "sample_tstr", "tstr_shards", "train_tstr"} | scoring - {"guidance_sweep"}
+        {"tstr_prompts", "sample_tstr", "tstr_shards", "train_tstr"} | scoring_families
 
 
 def test_strict_mode_fails_and_names_the_rejects(demo_run, tmp_path):

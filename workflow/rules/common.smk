@@ -76,6 +76,7 @@ TEXT_ENCODER_MODELS = (
     "clip",
     "latent_flow",
 )  # trained with the small text encoder
+GENERATOR_FAMILIES = ("cascade", "latent_flow")  # what models.generators may list
 GENERATORS = MODELS.get("generators") or ["cascade"]
 CASCADE = "cascade" in GENERATORS
 LATENT = "latent_flow" in GENERATORS
@@ -214,7 +215,66 @@ def get_eval_settings():
 
 
 def get_tstr_weights(wildcards):
-    """The two TSTR classifiers (trained on synthetic, trained on real) when evaluation.tstr is on."""
-    if not EVALUATION["tstr"]:
+    """The two TSTR classifiers (trained on synthetic, trained on real) when evaluation.tstr is on; they train
+    on the cascade's samples, so they are scored in the cascade's evaluation."""
+    if not EVALUATION["tstr"] or wildcards.family != "cascade":
         return []
     return expand(rules.train_tstr.output.weights, source=["synthetic", "real"])
+
+
+# --- the generator families side by side ------------------------------------------------------
+def family_samples(family):
+    """A generator family's sampling manifest (both sample the same prompts with the same seeds)."""
+    return {
+        "cascade": rules.sample.output.manifest,
+        "latent_flow": rules.sample_latent_flow.output.manifest,
+    }[family]
+
+
+def family_spec(family):
+    """A generator family's spec: the grid its volumes are scored on."""
+    return {
+        "cascade": rules.cascade.output.spec,
+        "latent_flow": rules.latent_flow_spec.output.spec,
+    }[family]
+
+
+def get_family_evaluations(wildcards):
+    """Each family's metrics and per-volume rows, named <what>_<family>."""
+    return {
+        f"{what}_{family}": expand(getattr(rules.evaluate.output, what), family=family)
+        for family in GENERATORS
+        for what in ("metrics", "per_volume")
+    }
+
+
+def get_family_runs(wildcards):
+    """Each family's samples and evaluation outputs, named <what>_<family> (the figures' and tables' inputs)."""
+    runs = {f"samples_{family}": family_samples(family) for family in GENERATORS}
+    for family in GENERATORS:
+        for what in ("metrics", "per_volume", "histograms", "skipped"):
+            runs[f"{what}_{family}"] = expand(
+                getattr(rules.evaluate.output, what), family=family
+            )
+    return runs
+
+
+def get_trained_weights(wildcards):
+    """The weights of every model trained in this run, by model (the training curves read metrics.csv beside them)."""
+    weights = {
+        "clip": rules.train_clip.output.weights,
+        "classifier": rules.train_classifier.output.weights,
+        "slicenet": rules.train_slicenet.output.weights,
+    }
+    if CASCADE:
+        weights |= {
+            "tokenizer": rules.train_tokenizer.output.weights,
+            "generator": rules.train_generator.output.weights,
+            "superres": rules.train_superres.output.weights,
+        }
+    if LATENT:
+        weights |= {
+            "autoencoder": rules.train_autoencoder.output.weights,
+            "latent_flow": rules.train_latent_flow.output.weights,
+        }
+    return weights

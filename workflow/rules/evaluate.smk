@@ -104,22 +104,22 @@ rule train_tstr:
 
 rule evaluate:
     input:
-        samples=rules.sample.output.manifest,
+        samples=lambda wc: family_samples(wc.family),
         reference=get_eval_manifests,
-        spec=rules.cascade.output.spec,
+        spec=lambda wc: family_spec(wc.family),
         clip=rules.train_clip.output.weights,
         classifier=rules.train_classifier.output.weights,
         slicenet=rules.train_slicenet.output.weights,
         tstr=get_tstr_weights,
     output:
-        metrics=f"{R}/evaluation/metrics.json",
-        per_volume=f"{R}/evaluation/per_volume.csv",
-        skipped=f"{R}/evaluation/skipped.csv",
-        histograms=f"{R}/evaluation/hu_histograms.json",
+        metrics=f"{R}/evaluation/{{family}}/metrics.json",
+        per_volume=f"{R}/evaluation/{{family}}/per_volume.csv",
+        skipped=f"{R}/evaluation/{{family}}/skipped.csv",
+        histograms=f"{R}/evaluation/{{family}}/hu_histograms.json",
     log:
-        f"{R}/logs/evaluate.log",
+        f"{R}/logs/evaluate/{{family}}.log",
     benchmark:
-        f"{R}/benchmarks/evaluate.tsv"
+        f"{R}/benchmarks/evaluate/{{family}}.tsv"
     conda:
         "../../envs/train.yaml"
     threads: config["evaluation"]["resources"]["threads"]
@@ -138,7 +138,30 @@ rule evaluate:
         ),
     shell:
         "ctgen evaluate --generated {input.samples} --real {input.reference} --models {params.models}"
-        " --out {params.out} --settings {params.settings} {params.tstr} > {log} 2>&1"
+        " --spec {input.spec} --out {params.out} --settings {params.settings} {params.tstr} > {log} 2>&1"
+
+
+rule compare_families:
+    input:
+        unpack(get_family_evaluations),
+    output:
+        json=f"{R}/evaluation/families.json",
+        csv=f"{R}/evaluation/families.csv",
+    log:
+        f"{R}/logs/compare_families.log",
+    benchmark:
+        f"{R}/benchmarks/compare_families.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        families=GENERATORS,
+        settings={k: EVAL_SETTINGS.get(k) for k in ("bootstrap", "seed")},
+    script:
+        "../scripts/compare_families.py"
 
 
 rule guidance_sweep:

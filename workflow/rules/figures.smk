@@ -6,20 +6,13 @@ from ctgen.jobs.figure_list import (
 
 rule figures:
     input:
-        samples=rules.sample.output.manifest,
+        unpack(get_family_runs),
+        unpack(get_trained_weights),
         valid=expand(
             rules.shard_manifest.output.manifest, split=config["sampling"]["split"]
         ),
-        tokenizer=rules.train_tokenizer.output.weights,
-        generator=rules.train_generator.output.weights,
-        superres=rules.train_superres.output.weights,
-        clip=rules.train_clip.output.weights,
-        classifier=rules.train_classifier.output.weights,
-        slicenet=rules.train_slicenet.output.weights,
-        metrics=rules.evaluate.output.metrics,
-        per_volume=rules.evaluate.output.per_volume,
-        histograms=rules.evaluate.output.histograms,
-        sweep=rules.guidance_sweep.output.csv,
+        families=rules.compare_families.output.json,
+        sweep=rules.guidance_sweep.output.csv if CASCADE else [],
     output:
         **{
             name: report(
@@ -42,15 +35,16 @@ rule figures:
         runtime=15,
     params:
         figures=config["figures"],
+        families=GENERATORS,
     script:
         "../scripts/figures.py"
 
 
 rule metric_tables:
     input:
-        metrics=rules.evaluate.output.metrics,
-        skipped=rules.evaluate.output.skipped,
-        sweep=rules.guidance_sweep.output.csv,
+        unpack(get_family_runs),
+        families=rules.compare_families.output.json,
+        sweep=rules.guidance_sweep.output.csv if CASCADE else [],
         faithfulness=rules.figures.output.faithfulness,
     output:
         **{
@@ -75,5 +69,7 @@ rule metric_tables:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        families=GENERATORS,
     script:
         "../scripts/metric_tables.py"

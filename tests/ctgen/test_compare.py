@@ -1,0 +1,97 @@
+"""Two runs (two generator families) compared pair by pair on the same reports and seeds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import mannwhitneyu
+
+from ctgen.jobs.compare import compare_families, compare_runs, pair_runs, paired_differences
+from ctprep.errors import UserError
+
+LABELS = ["Emphysema", "Pleural effusion"]
+
+
+def run_table(p: np.ndarray, y: np.ndarray, clip: np.ndarray, seed0: int = 0) -> pd.DataFrame:
+    n = len(y)
+    table = pd.DataFrame({"prompt_id": [f"valid_{i // 2}_a_1" for i in range(n)], "repeat": [i % 2 for i in range(n)],
+                          "seed": np.arange(n) + seed0, "clip_score": clip})
+    for j, label in enumerate(LABELS):
+        table[f"p_{label}"], table[f"y_{label}"] = p[:, j], y[:, j]
+    return table
+
+
+def auc(p, y) -> float:
+    """AUROC from scipy's Mann-Whitney U (an independent reference)."""
+    known = ~np.isnan(y)
+    p, y = p[known], y[known]
+    return mannwhitneyu(p[y == 1], p[y == 0]).statistic / ((y == 1).sum() * (y == 0).sum())
+
+
+@pytest.fixture()
+def two_runs():
+    rng = np.random.default_rng(0)
+    y = (rng.uniform(size=(60, 2)) < 0.4).astype(float)
+    y[3, 1] = np.nan  # an unknown label
+    good = np.clip(0.55 * y + 0.2 + 0.2 * rng.normal(size=y.shape), 0, 1)
+    noise = rng.uniform(size=y.shape)
+    return y, run_table(good, y, rng.uniform(20, 30, 60)), run_table(noise, y, rng.uniform(10, 20, 60))
+
+
+def test_macro_auroc_difference_against_scipy(two_runs):
+    y, a, b = two_runs
+    recs = {r.name: r for r in paired_differences(a, b, ("cascade", "latent_flow"), prefix="families.x",
+                                                  n_boot=200, n_permutations=500)}
+    r = recs["families.x.faithfulness.macro_auroc_diff"]
+    pa, pb = a[[f"p_{x}" for x in LABELS]].to_numpy(), b[[f"p_{x}" for x in LABELS]].to_numpy()
+    ref_a = np.mean([auc(pa[:, j], y[:, j]) for j in range(2)])
+    ref_b = np.mean([auc(pb[:, j], y[:, j]) for j in range(2)])
+    assert r.value == pytest.approx(ref_a - ref_b, abs=1e-12)
+    assert r.extra["value_a"] == pytest.approx(ref_a) and r.extra["value_b"] == pytest.approx(ref_b)
+    assert (r.extra["a"], r.extra["b"]) == ("cascade", "latent_flow")
+    assert r.ci[0] < r.value < r.ci[1] and r.ci[0] > 0  # the good run is better, and the CI says so
+    assert r.extra["p_value"] < 0.01 and r.n == 60 and r.flag is None and r.stems
+    clip = recs["families.x.clip_score_diff"]
+    assert clip.value == pytest.approx((a["clip_score"] - b["clip_score"]).mean()) and clip.extra["p_value"] < 0.01
+    agree = recs["families.x.faithfulness.agreement_diff"]
+    assert agree.value > 0 and agree.extra["p_value"] < 0.01
+
+
+def test_pairs_follow_report_and_repeat_not_row_order(two_runs):
+    _, a, b = two_runs
+    shuffled = b.sample(frac=1.0, random_state=1)
+    m = pair_runs(a, shuffled)
+    assert len(m) == 60 and (m["seed_a"] == m["seed_b"]).all()
+    same = paired_differences(a, a.sample(frac=1.0, random_state=2), n_permutations=200)
+    assert all(r.value == pytest.approx(0.0) and r.extra["p_value"] == 1.0 for r in same)
+
+
+def test_runs_scored_on_other_labels_or_reports_are_refused(two_runs):
+    y, a, b = two_runs
+    other = b.copy()
+    other["y_Emphysema"] = 1 - other["y_Emphysema"]
+    with pytest.raises(UserError, match="different labels"):
+        paired_differences(a, other)
+    with pytest.raises(UserError, match="share no reports"):
+        paired_differences(a, b.assign(prompt_id="train_1_a_1"))
+
+
+def test_families_json_and_the_cli_table(two_runs, tmp_path):
+    _, a, b = two_runs
+    for name, table in (("a", a), ("b", b)):
+        table.to_csv(tmp_path / f"{name}.csv", index=False)
+        (tmp_path / f"{name}.json").write_text(json.dumps({"metrics": [
+            {"name": "faithfulness.generated.macro", "value": 0.7, "n": 60, "extra": {"labels": ["Emphysema"]}}]}))
+    summary = compare_families({"cascade": (tmp_path / "a.json", tmp_path / "a.csv"),
+                                "latent_flow": (tmp_path / "b.json", tmp_path / "b.csv")},
+                               tmp_path / "f.json", tmp_path / "f.csv", n_boot=100, n_permutations=200)
+    macro = next(r for r in summary["metrics"] if r["name"].endswith("macro_auroc_diff"))
+    assert macro["name"] == "families.cascade-latent_flow.faithfulness.macro_auroc_diff"
+    assert macro["extra"]["labels"] == ["Emphysema"]  # the labels both evaluations averaged, no more
+    table = pd.read_csv(tmp_path / "f.csv")
+    assert set(table["a"]) == {"cascade"} and set(table["b"]) == {"latent_flow"}
+    cli = compare_runs(tmp_path / "a.csv", tmp_path / "b.csv", n_permutations=200)
+    assert {"clip_score", "faithfulness.macro_auroc", "faithfulness.agreement"} <= set(cli["metric"])
