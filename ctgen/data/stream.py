@@ -287,16 +287,38 @@ def member_values(shards: list[Shard], name: str) -> Iterator[tuple[str, Any]]:
                     yield key, decode_member(member.name, tf.extractfile(member).read())
 
 
-def iter_raw_samples(manifest: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(key, raw sample) of one manifest in manifest order, checksums verified (the chunk jobs' input)."""
-    shards = tuple(load_shards([manifest]))
+def iter_raw_samples(manifests: str | os.PathLike | list, keys: set[str] | None = None
+                     ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, raw sample) of one manifest or a list of them in manifest order, checksums verified; only the
+    samples of ``keys`` where given (the others' bytes are never read)."""
+    shards = tuple(load_shards([str(m) for m in manifests] if isinstance(manifests, list) else [manifests]))
     reader = ShardReader(shards, verify=True)
     try:
         for i, shard in enumerate(shards):
             for key in shard.keys:
-                yield key, reader.read(i, key)
+                if keys is None or key in keys:
+                    yield key, reader.read(i, key)
     finally:
         reader.close()
+
+
+def raw_batches(manifest: str | os.PathLike, batch_size: int, desc: str) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """:func:`iter_raw_samples` in lists of ``batch_size`` (the last may be shorter), with a progress bar:
+    what a chunk job (encode-tokens, encode-latents) feeds its network."""
+    from ctprep.logs import progress
+
+    bar = progress(desc=desc, unit="vol")
+    pending: list[tuple[str, dict[str, Any]]] = []
+    for item in iter_raw_samples(manifest):
+        pending.append(item)
+        if len(pending) == batch_size:
+            yield pending
+            bar.update(len(pending))
+            pending = []
+    if pending:
+        yield pending
+        bar.update(len(pending))
+    bar.close()
 
 
 def _merged(readers: list[ShardReader], i: int, key: str) -> dict[str, Any]:

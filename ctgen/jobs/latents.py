@@ -14,18 +14,16 @@ gives the scale factor exactly (1 / std over every training latent) at no extra 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ctgen.data.derived import load_derived, weights_id, write_derived
 from ctgen.data.layout import hu_to_unit, to_model_layout
 from ctgen.data.shards import volume_of
-from ctgen.data.stream import iter_raw_samples
+from ctgen.data.stream import raw_batches
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +70,8 @@ def encode_latents(autoencoder_dir: str | Path, manifest: str | Path, out_dir: s
                    "prompt.txt": raw["prompt.txt"], "prompts.json": raw["prompts.json"], "labels.npy": raw["labels.npy"]}
 
     def samples() -> Iterator[dict]:
-        pending = []
-        bar = tqdm(desc=f"latents {Path(manifest).name}", unit="vol", file=sys.stderr,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        for key, raw in iter_raw_samples(manifest):
-            pending.append((key, raw))
-            if len(pending) == batch_size:
-                yield from encoded(pending)
-                bar.update(len(pending))
-                pending = []
-        if pending:
+        for pending in raw_batches(manifest, batch_size, f"latents {Path(manifest).name}"):
             yield from encoded(pending)
-            bar.update(len(pending))
-        bar.close()
 
     return write_derived(manifest, samples(), out_dir, "latents", producer, MEMBERS, stats=stats.sums)
 

@@ -261,23 +261,13 @@ class RealSet:
                         yield stem, err, False
             return
         from ctgen.data.shards import volume_of
-        from ctgen.data.stream import ShardReader, load_shards
+        from ctgen.data.stream import iter_raw_samples
 
-        for manifest in self.manifests:
-            shards = tuple(load_shards([str(manifest)]))
-            reader = ShardReader(shards, verify=True)
+        for key, raw in iter_raw_samples(list(self.manifests), wanted):
             try:
-                for i, shard in enumerate(shards):
-                    for key in shard.keys:
-                        if key in wanted:
-                            raw = reader.read(i, key)
-                            vol = Volume.from_3d(volume_of(raw), raw["affine.npy"])
-                            try:
-                                yield key, *on_grid(vol, grid, key)
-                            except BadVolume as err:
-                                yield key, err, False
-            finally:
-                reader.close()
+                yield key, *on_grid(Volume.from_3d(volume_of(raw), raw["affine.npy"]), grid, key)
+            except BadVolume as err:
+                yield key, err, False
 
 
 # --- texts and labels from files ----------------------------------------------------------------------------

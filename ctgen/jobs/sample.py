@@ -10,11 +10,9 @@ import pandas as pd
 import torch
 
 from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline
-from ctgen.export.nifti import stored_as
+from ctgen.export.samples import write_samples
 from ctgen.jobs.inputs import read_rows
-from ctprep.ctrate import volume_key
 from ctprep.errors import UserError
-from ctprep.logs import progress
 
 log = logging.getLogger(__name__)
 
@@ -83,36 +81,15 @@ def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_
     ``<id>_s<seed>.nii.gz``. ``orientation``: store the voxels in this axis order (e.g. ``PLI``), the affine
     following (see :func:`stored_as`).
     """
-    if exact_names and per_prompt != 1:
-        raise ValueError(f"one volume per prompt is written under the prompt's own name, not {per_prompt}")
-    from ctgen.export import save_synthetic_dicom, save_synthetic_nifti
-
     pipe = TextToCTPipeline.from_pretrained(models_dir, device=device)
     pipe.validate([prompt for _, prompt in prompts], settings)  # every prompt before the first volume
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows, index = [], 0
-    with progress(total=len(prompts) * per_prompt, desc="sample", unit="vol") as bar:
-        for pid, prompt in prompts:
-            for rep in range(per_prompt):
-                s = seed + index
-                index += 1
-                vol = stored_as(pipe([prompt], settings, [torch.Generator(device=device).manual_seed(s)])[0], orientation)
-                name = pid if exact_names else f"{volume_key(pid)}_s{s}"
-                path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
-                sidecar = {**pipe.sidecar(prompt, s, settings), "prompt_id": pid, "repeat": rep,
-                           "timing_s": vol.meta.get("timing_s")}
-                nifti, side = save_synthetic_nifti(vol, path, sidecar)
-                row = {"prompt_id": pid, "repeat": rep, "seed": s, "prompt": prompt, "nifti": str(nifti), "sidecar": str(side)}
-                if dicom_dir:
-                    files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True)
-                    row["dicom"] = str(Path(files[0]).parent)
-                rows.append(row)
-                bar.update(1)
-    manifest = pd.DataFrame(rows)
-    if not single_out:
-        manifest.to_csv(out_dir / "samples.csv", index=False)
-    return manifest
+
+    def generate(prompt: str, s: int):
+        vol = pipe([prompt], settings, [torch.Generator(device=device).manual_seed(s)])[0]
+        return vol, pipe.sidecar(prompt, s, settings), prompt
+
+    return write_samples(prompts, generate, out_dir, seed=seed, per_prompt=per_prompt, dicom_dir=dicom_dir,
+                         single_out=single_out, exact_names=exact_names, orientation=orientation, desc="sample")
 
 
 def sample_parser():

@@ -18,9 +18,7 @@ import torch
 
 from ctgen.jobs.inputs import read_rows
 from ctgen.pipelines.latent_flow import SPEC, LatentFlowPipeline, LatentSampleSettings
-from ctprep.ctrate import volume_key
 from ctprep.errors import UserError
-from ctprep.logs import progress
 
 SEGMENT_COLUMNS = ("findings", "impression", "structured")
 
@@ -62,42 +60,25 @@ def sample_latent_to_files(models_dir: str | Path, reports: list[tuple[str, dict
 
     ``exact_names``/``orientation``: as :func:`ctgen.jobs.sample.sample_to_files` (the VLM3D contract).
     """
-    from ctgen.export import save_synthetic_dicom, save_synthetic_nifti
-    from ctgen.export.nifti import stored_as
+    from ctgen.export.samples import write_samples
 
     pipe = LatentFlowPipeline.from_pretrained(models_dir, device=device)
     segments = pipe.flow.config.segments
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows, index = [], 0
-    with progress(total=len(reports) * per_prompt, desc="sample latent_flow", unit="vol") as bar:
-        for pid, sections in reports:
-            texts = {seg: [sections.get(seg, "")] for seg in segments}  # absent: the segment's null
-            if not any(t[0].strip() for t in texts.values()):
-                raise UserError(f"report {pid}: none of its sections ({', '.join(segments)}) has text")
-            for rep in range(per_prompt):
-                s = seed + index
-                index += 1
-                vol = pipe(settings=settings, generators=[torch.Generator(device=device).manual_seed(s)], **texts)[0]
-                vol = stored_as(vol, orientation)
-                name = pid if exact_names else f"{volume_key(pid)}_s{s}"
-                path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
-                used = {seg: t[0] for seg, t in texts.items()}
-                sidecar = {**pipe.sidecar(used, s, settings), "prompt_id": pid, "repeat": rep,
-                           "timing_s": vol.meta.get("timing_s")}
-                nifti, side = save_synthetic_nifti(vol, path, sidecar)
-                prompt = " | ".join(f"{seg}: {t}" for seg, t in used.items() if t)
-                row = {"prompt_id": pid, "repeat": rep, "seed": s, "prompt": prompt, "nifti": str(nifti),
-                       "sidecar": str(side)}
-                if dicom_dir:
-                    files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True)
-                    row["dicom"] = str(Path(files[0]).parent)
-                rows.append(row)
-                bar.update(1)
-    manifest = pd.DataFrame(rows)
-    if not single_out:
-        manifest.to_csv(out_dir / "samples.csv", index=False)
-    return manifest
+    requests = []
+    for pid, sections in reports:  # every report before the first volume
+        used = {seg: sections.get(seg, "") for seg in segments}  # absent: the segment's null
+        if not any(t.strip() for t in used.values()):
+            raise UserError(f"report {pid}: none of its sections ({', '.join(segments)}) has text")
+        requests.append((pid, used))
+
+    def generate(used: dict[str, str], s: int):
+        texts = {seg: [t] for seg, t in used.items()}
+        vol = pipe(settings=settings, generators=[torch.Generator(device=device).manual_seed(s)], **texts)[0]
+        return vol, pipe.sidecar(used, s, settings), " | ".join(f"{seg}: {t}" for seg, t in used.items() if t)
+
+    return write_samples(requests, generate, out_dir, seed=seed, per_prompt=per_prompt,
+                         dicom_dir=dicom_dir, single_out=single_out, exact_names=exact_names, orientation=orientation,
+                         desc="sample latent_flow")
 
 
 def sample_latent_main(args) -> int:

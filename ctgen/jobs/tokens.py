@@ -11,18 +11,16 @@ input GenerateCT trained its super-resolution stage on. Memory: one batch of vol
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ctgen.data.derived import weights_id, write_derived
 from ctgen.data.layout import downsample, hu_to_unit, to_model_layout
 from ctgen.data.shards import volume_of
-from ctgen.data.stream import iter_raw_samples
+from ctgen.data.stream import raw_batches
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +60,8 @@ def encode_tokens(tokenizer_dir: str | Path, manifest: str | Path, out_dir: str 
             yield out
 
     def samples() -> Iterator[dict]:
-        pending = []
-        bar = tqdm(desc=f"encode {Path(manifest).name}", unit="vol", file=sys.stderr,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        for key, raw in iter_raw_samples(manifest):
-            pending.append((key, raw))
-            if len(pending) == batch_size:
-                yield from encoded(pending)
-                bar.update(len(pending))
-                pending = []
-        if pending:
+        for pending in raw_batches(manifest, batch_size, f"encode {Path(manifest).name}"):
             yield from encoded(pending)
-            bar.update(len(pending))
-        bar.close()
 
     members = {k: v for k, v in MEMBERS.items() if recon or k != "recon.npy"}
     return write_derived(manifest, samples(), out_dir, "tokens", producer, members)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from ctgen.data.shards import labels_of, volume_of
-from ctgen.data.stream import ShardReader, load_shards
+from ctgen.data.stream import iter_raw_samples, load_shards
 from ctprep.ctrate import volume_key
 from ctprep.errors import UserError
 from ctprep.shards import write_shards
@@ -29,19 +29,10 @@ log = logging.getLogger(__name__)
 
 def _real_samples(manifests: list[str], stems: list[str]) -> Iterator[dict]:
     """The training shards' samples of ``stems``, in the manifests' order, as write_shards takes them."""
-    wanted = set(stems)
-    shards = tuple(load_shards(manifests))
-    reader = ShardReader(shards, verify=True)
-    try:
-        for i, shard in enumerate(shards):
-            for key in shard.keys:
-                if key in wanted:
-                    raw = reader.read(i, key)
-                    yield {"key": key, "volume": Volume.from_3d(volume_of(raw), raw["affine.npy"]),
-                           "prompt": raw["prompt.txt"], "prompts": raw.get("prompts.json") or {},
-                           "meta": {"tstr": "real"}, "labels": labels_of(raw)}
-    finally:
-        reader.close()
+    for key, raw in iter_raw_samples(list(manifests), set(stems)):
+        yield {"key": key, "volume": Volume.from_3d(volume_of(raw), raw["affine.npy"]),
+               "prompt": raw["prompt.txt"], "prompts": raw.get("prompts.json") or {},
+               "meta": {"tstr": "real"}, "labels": labels_of(raw)}
 
 
 def tstr_shards(samples_csv: str | Path, train_manifests: list[str], synthetic_dir: str | Path, real_dir: str | Path,

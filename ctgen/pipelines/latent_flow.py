@@ -29,6 +29,7 @@ import torch
 from monai.networks.schedulers import RFlowScheduler
 
 from ctgen.data.layout import from_model_layout, unit_to_hu
+from ctgen.pipelines.spec import load_network, read_spec
 from ctprep.shards import sha256_file
 from ctprep.volume import Volume
 
@@ -136,24 +137,10 @@ class LatentFlowPipeline:
         from ctgen.models.latent_flow import LatentFlow
 
         models_dir, device = Path(models_dir), torch.device(device)
-        spec_path = models_dir / SPEC
-        if not spec_path.is_file():
-            raise FileNotFoundError(f"{models_dir} is not a trained latent flow model: {SPEC} is missing "
-                                    "(ctgen.pipelines.latent_flow.write_latent_flow_spec writes it)")
-        spec = json.loads(spec_path.read_text())
-        for name, digest in spec["weights"].items():
-            path = models_dir / name / "model.safetensors"
-            if not path.is_file():
-                raise FileNotFoundError(f"missing checkpoint {path}")
-            if sha256_file(path) != digest:
-                raise ValueError(f"{path} does not match {SPEC} (sha256 differs): retrained or mixed from "
-                                 "different runs; rewrite the spec")
+        spec = read_spec(models_dir, SPEC, "is not a trained latent flow model (write_latent_flow_spec writes the spec)")
 
         def load(name, kind):
-            folder = models_dir / name
-            if use_ema and (folder / "ema" / "model.safetensors").is_file():
-                folder = folder / "ema"
-            return kind.from_pretrained(folder, map_location=device).eval()
+            return load_network(models_dir / name, kind, device, use_ema)
 
         return cls(models_dir, spec, load("autoencoder", MaisiAutoencoder), load("latent_flow", LatentFlow), device)
 

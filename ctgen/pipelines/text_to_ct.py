@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ctgen.data.layout import from_model_layout, unit_to_hu
+from ctgen.pipelines.spec import load_network, read_spec
 from ctprep.shards import sha256_file
 from ctprep.volume import Volume
 
@@ -96,26 +97,12 @@ class TextToCTPipeline:
         from ctgen.models.ctvit import CTViT
 
         models_dir, device = Path(models_dir), torch.device(device)
-        spec_path = models_dir / CASCADE
-        if not spec_path.is_file():
-            raise FileNotFoundError(f"{models_dir} is not a trained cascade: {CASCADE} is missing "
-                                    "(run the workflow's `cascade` rule, or ctgen.pipelines.text_to_ct.write_cascade)")
-        spec = json.loads(spec_path.read_text())
-        for name, digest in spec.get("weights", {}).items():
-            path = models_dir / name / "model.safetensors"
-            if not path.is_file():
-                raise FileNotFoundError(f"missing checkpoint {path}")
-            if sha256_file(path) != digest:
-                raise ValueError(f"{path} does not match {CASCADE} (sha256 differs): the models were retrained or "
-                                 "mixed from different runs; rerun the `cascade` rule")
+        spec = read_spec(models_dir, CASCADE, "is not a trained cascade (run the workflow's `cascade` rule, or "
+                                              "ctgen.pipelines.text_to_ct.write_cascade)")
 
         def load(name, kind):
             folder = models_dir / name
-            if not (folder / "model.safetensors").is_file():
-                return None
-            if use_ema and (folder / "ema" / "model.safetensors").is_file():
-                folder = folder / "ema"
-            return kind.from_pretrained(folder, map_location=device).eval()
+            return load_network(folder, kind, device, use_ema) if (folder / "model.safetensors").is_file() else None
 
         tokenizer, generator = load("tokenizer", CTViT), load("generator", TextConditioned)
         if tokenizer is None or generator is None:

@@ -45,7 +45,8 @@ def test_training_survives_its_time_limit(cluster, tmp_path):  # noqa: F811 (the
     reference, work = workdir(tmp_path / "reference"), workdir(tmp_path / "slurm")
     local(reference, env, TOKENIZER)  # uninterrupted, no time limit
     local(work, env, *SHARDS)  # the data, locally: only the training goes through Slurm
-    res = snakemake(work, REPO / "Snakefile", env, "--configfile", str(work / "config.yaml"), TOKENIZER, limit=900)
+    # the target before --configfile, which takes every following word as a config file
+    res = snakemake(work, REPO / "Snakefile", env, TOKENIZER, "--configfile", str(work / "config.yaml"), limit=900)
     out = res.stdout + res.stderr
     (tmp_path / "snakemake.out").write_text(out)
     assert res.returncode == 0, out[-6000:]
@@ -57,7 +58,7 @@ def test_training_survives_its_time_limit(cluster, tmp_path):  # noqa: F811 (the
     assert re.search(rf"_job_complete: JobId={first} WEXITSTATUS 75", ctld), "the first attempt did not exit 75"
     train_log = (work / "results/logs/train_tokenizer.log").read_text()  # the last attempt's
     assert re.search(r"resumed from .* at step [1-9]\d*", train_log), train_log[-2000:]
-    assert "ahead of the job's time limit" in "".join(p.read_text() for p in logs) + out + train_log or attempts
+    assert len(attempts) >= 2, attempts
     a = (reference / TOKENIZER).read_bytes()
     b = (work / TOKENIZER).read_bytes()
     assert a == b, "the resumed run's weights differ from the uninterrupted run's"

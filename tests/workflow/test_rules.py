@@ -76,8 +76,19 @@ def test_bookkeeping_rules_are_local_and_cheap(jobs):
             assert int(res["runtime"]) <= 30 and int(res["mem_mb"]) <= 1000, (rule, res)
 
 
+def test_every_job_that_can_use_a_gpu_asks_the_slurm_profile_for_one(jobs):
+    import yaml
+
+    profile = yaml.safe_load((REPO / "workflow/profiles/slurm/config.yaml").read_text())["set-resources"]
+    gpu_rules = {rule for rule, f in jobs if "gpu" in dict(kv.split("=", 1) for kv in f["resources"].split(", "))}
+    assert {"train_tokenizer", "train_latent_flow", "sample_latent_flow", "evaluate", "embed_sections"} <= gpu_rules
+    missing = sorted(r for r in gpu_rules if profile.get(r, {}).get("gpu", 0) < 1
+                     or profile[r].get("slurm_partition") != "gpu")
+    assert not missing, f"rules with a gpu resource that the Slurm profile queues without a GPU: {missing}"
+
+
 @pytest.mark.parametrize("target", ["results/models/tokeniser.yaml", "results/shards/test/manifest.json",
-                                    "results/prep/0a.parquet"])
+                                    "results/prep/0a.parquet", "results/evaluation/diffusion/metrics.json"])
 def test_wildcard_constraints_refuse_unknown_models_splits_and_chunks(workdir, target):
     res = snakemake(workdir, "-n", target, check=False)
     assert res.returncode != 0 and "MissingRuleException" in res.stdout + res.stderr, res.stderr[-2000:]

@@ -90,6 +90,7 @@ rule sample:
 rule tstr_prompts:
     input:
         prompts=rules.prompts.output.table,
+        cohort=rules.cohort.output.table,
     output:
         csv=f"{R}/samples/tstr/prompts.csv",
     log:

@@ -1,0 +1,62 @@
+"""A sampling job's files: one NIfTI + sidecar (+ DICOM series) per (report, repeat), and ``samples.csv``.
+
+Both generator families write through :func:`write_samples`, so their outputs follow one contract:
+seeds ``seed + index`` over the (report, repeat) pairs in order (the same seeds for the same
+reports in either family, which is what pairs their volumes in the evaluation), file names
+``<stem>_s<seed>.nii.gz`` (or ``<id>.nii.gz`` for the VLM3D contract), and one manifest row each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ctgen.export.dicom import save_synthetic_dicom
+from ctgen.export.nifti import save_synthetic_nifti, stored_as
+from ctprep.ctrate import volume_key
+from ctprep.logs import progress
+from ctprep.volume import Volume
+
+#: generate(request, seed) -> (volume, its sidecar fields, the prompt text recorded in samples.csv)
+Generate = Callable[[Any, int], tuple[Volume, dict, str]]
+
+
+def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_dir: str | Path, *, seed: int = 0,
+                  per_prompt: int = 1, dicom_dir: str | Path | None = None, single_out: str | Path | None = None,
+                  exact_names: bool = False, orientation: str | None = None, desc: str = "sample") -> pd.DataFrame:
+    """``per_prompt`` volumes per ``(id, request)``; NIfTI + sidecar (+ DICOM); the manifest (``samples.csv``).
+
+    ``exact_names``: each volume is ``<id>.nii.gz`` (one per request) instead of ``<stem>_s<seed>.nii.gz``;
+    ``single_out``: the one volume's path; ``orientation``: store the voxels in this axis order
+    (:func:`~ctgen.export.nifti.stored_as`, the affine following).
+    """
+    if exact_names and per_prompt != 1:
+        raise ValueError(f"one volume per prompt is written under the prompt's own name, not {per_prompt}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, index = [], 0
+    with progress(total=len(requests) * per_prompt, desc=desc, unit="vol") as bar:
+        for pid, request in requests:
+            for rep in range(per_prompt):
+                s = seed + index
+                index += 1
+                vol, fields, prompt = generate(request, s)
+                vol = stored_as(vol, orientation)
+                name = pid if exact_names else f"{volume_key(pid)}_s{s}"
+                path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
+                sidecar = {**fields, "prompt_id": pid, "repeat": rep, "timing_s": vol.meta.get("timing_s")}
+                nifti, side = save_synthetic_nifti(vol, path, sidecar)
+                row = {"prompt_id": pid, "repeat": rep, "seed": s, "prompt": prompt, "nifti": str(nifti),
+                       "sidecar": str(side)}
+                if dicom_dir:
+                    files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True)
+                    row["dicom"] = str(Path(files[0]).parent)
+                rows.append(row)
+                bar.update(1)
+    manifest = pd.DataFrame(rows)
+    if not single_out:
+        manifest.to_csv(out_dir / "samples.csv", index=False)
+    return manifest

@@ -1,0 +1,38 @@
+"""A family's spec file (cascade.json, latent_flow.json) read and checked against the weights beside it.
+
+Both pipelines load the same way: the spec names each network's weights by sha256, so a folder whose
+weights were retrained, or mixed from two runs, is refused before anything is sampled; a network
+loads its EMA weights where the training kept them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ctprep.shards import sha256_file
+
+
+def read_spec(models_dir: Path, name: str, missing_hint: str) -> dict:
+    """``models_dir/name`` with every weights file it names present and matching its sha256."""
+    path = models_dir / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{models_dir} {missing_hint}: {name} is missing")
+    spec = json.loads(path.read_text())
+    for model, digest in spec.get("weights", {}).items():
+        weights = models_dir / model / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"missing checkpoint {weights}")
+        if sha256_file(weights) != digest:
+            raise ValueError(f"{weights} does not match {name} (sha256 differs): the models were retrained or "
+                             "mixed from different runs; write the spec again")
+    return spec
+
+
+def load_network(folder: Path, kind, device: torch.device, use_ema: bool = True):
+    """``kind.from_pretrained`` of ``folder`` (its ``ema/`` weights where present and wanted), in eval mode."""
+    if use_ema and (folder / "ema" / "model.safetensors").is_file():
+        folder = folder / "ema"
+    return kind.from_pretrained(folder, map_location=device).eval()
