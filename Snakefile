@@ -29,7 +29,7 @@ include: "workflow/rules/figures.smk"
 wildcard_constraints:
     split="|".join(SPLITS),
     chunk=r"\d+",
-    model="|".join(MODEL_PRESET),
+    model="|".join([*MODEL_PRESET, "tstr"]),
     family="|".join(GENERATOR_FAMILIES),
 
 

@@ -300,7 +300,17 @@ def plot_faithfulness(metrics_jsons: Mapping[str, str | Path], out_png, dpi: int
     recs = _family_records(metrics_jsons)
     series = [(rec, "faithfulness.generated", _colour(f), f"generated: {f.replace('_', ' ')}") for f, rec in recs.items()]
     series.append((next(iter(recs.values())), "faithfulness.real", REAL_COLOUR, "real scans (ceiling)"))
-    return _per_label_plot(series, out_png, dpi, "Abnormality faithfulness (classifier AUROC, 95% CI)", "AUROC")
+    # the headline: each series' macro AUROC with its CI, in the title
+    macros = []
+    for rec, side, _, name in series:
+        m = rec.get(f"{side}.macro") or {}
+        if m.get("value") is not None:
+            ci = f" [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]" if m.get("ci") else ""
+            macros.append(f"{name.removeprefix('generated: ')} {m['value']:.2f}{ci}")
+    title = "Abnormality faithfulness (classifier AUROC, 95% CI)"
+    if macros:
+        title += "\nmacro: " + "; ".join(macros)
+    return _per_label_plot(series, out_png, dpi, title, "AUROC")
 
 
 def _not_computed(out_png, dpi: int, text: str) -> Path:
@@ -435,13 +445,18 @@ def plot_per_volume(per_volume_csvs: Mapping[str, str | Path], out_png, dpi: int
 
 
 # --- (5) guidance sweep ---------------------------------------------------------------------------
-SWEEP = (("clip_score", "CLIP score (higher is better)", "C0"), ("retrieval.top1", "retrieval top-1 (higher is better)", "C2"),
+SWEEP = (("faithfulness.generated.macro", "faithfulness macro AUROC (higher is better)", "C1"),
+         ("clip_score", "CLIP score (higher is better)", "C0"), ("retrieval.top1", "retrieval top-1 (higher is better)", "C2"),
          ("fid_2d.slicenet.axial", "axial FID, slice network (lower is better)", "C3"))
+#: the sweep's paired comparison (each scale against the lowest) that a panel's title quotes
+SWEEP_TESTS = {"faithfulness.generated.macro": "guidance.faithfulness.macro_auroc_diff",
+               "clip_score": "guidance.clip_score_diff"}
 
 
 def plot_guidance_sweep(sweep_csv, out_png, dpi: int = 120) -> Path:
-    """Classifier-free guidance scale against CLIP score, retrieval top-1 (with chance) and axial FID, with 95% CIs
-    (the cascade's; not computed without it)."""
+    """Classifier-free guidance scale against faithfulness (macro AUROC), CLIP score, retrieval top-1 (with chance)
+    and axial FID, with 95% CIs (the cascade's; not computed without it); the faithfulness and CLIP panels quote the
+    highest scale's paired difference to the lowest with its permutation p-value."""
     if not sweep_csv:
         return _not_computed(out_png, dpi, "Guidance sweep: not computed (no cascade in models.generators)")
     sw = pd.read_csv(sweep_csv).sort_values("guidance_scale")
@@ -456,7 +471,16 @@ def plot_guidance_sweep(sweep_csv, out_png, dpi: int = 120) -> Path:
             ax.axhline(float(m["chance"].iloc[0]), color="grey", ls="--", lw=1, label="chance")
             ax.legend(fontsize=8)
         n = int(m["n"].iloc[0]) if len(m) else 0
-        ax.set(xlabel="guidance scale", title=f"{label.split(' (')[0]} (n = {n})")
+        title = f"{label.split(' (')[0]} (n = {n})"
+        if m["value"].isna().all() and len(m):
+            title += f"\n{m['flag'].iloc[0]}"
+        test = sw[sw["metric"] == SWEEP_TESTS.get(metric, "")]
+        if len(test) and pd.notna(test["value"].iloc[-1]):
+            t = test.iloc[-1]
+            title += f"\n{t['guidance_scale']:g} vs {t['versus']:g}: {t['value']:+.3g} [{t['ci_low']:.3g}, {t['ci_high']:.3g}], " \
+                     f"p = {t['p_value']:.2g}"
+        ax.set_title(title, fontsize=8)
+        ax.set(xlabel="guidance scale")
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
     return _save(fig, out_png, dpi)

@@ -215,8 +215,17 @@ def test_guidance_sweep_scores_each_scale_with_cis(models, tmp_path):
     sampling = {"steps": 2, "temperature": 1.0, "batch_size": 8, "seed": 0, "sr_steps": None}
     out = guidance_sweep(models["models"], tmp_path / "prompts.csv", [1.0, 4.0], sampling, [models["manifest"]],
                          tmp_path / "sweep.csv", SETTINGS, device="cpu")
-    assert set(out["metric"]) == {"clip_score", "retrieval.top1", "fid_2d.slicenet.axial"}
+    faith = {f"faithfulness.generated.{x}" for x in [*SETTINGS.get("faithfulness_labels", LABELS), "macro"]}
+    assert set(out["metric"]) == {"clip_score", "retrieval.top1", "fid_2d.slicenet.axial", "guidance.clip_score_diff",
+                                  *faith}
     assert sorted(set(out["guidance_scale"])) == [1.0, 4.0] and (out["n"] == 3).all()
+    # 3 volumes: no label has 5 positives and 5 negatives, so every AUROC is flagged, none printed as a result
+    assert out.loc[out["metric"].isin(faith), "value"].isna().all() and out.loc[out["metric"].isin(faith), "flag"].all()
+    # scale 4 against scale 1, pair by pair: the mean CLIP-score difference with its CI and permutation p-value
+    diff = out[out["metric"] == "guidance.clip_score_diff"].iloc[0]
+    own = out[out["metric"] == "clip_score"].set_index("guidance_scale")["value"]
+    assert diff["guidance_scale"] == 4.0 and diff["versus"] == 1.0 and 0 < diff["p_value"] <= 1
+    assert diff["value"] == pytest.approx(own[4.0] - own[1.0]) and diff["ci_low"] <= diff["value"] <= diff["ci_high"]
     assert out["profile"].str.contains("@").all()
     clip = out[out["metric"] == "clip_score"]
     assert clip["value"].between(0, 100).all() and (clip["ci_low"] <= clip["value"]).all()

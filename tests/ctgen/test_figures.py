@@ -67,11 +67,15 @@ def metrics_json(labels=LABELS, shift: float = 0.0) -> dict:
 def sweep_frame() -> pd.DataFrame:
     """guidance_sweep.csv: one row per scale and metric."""
     rows = []
-    for scale, (clip, r1, fid) in {1.0: (20, 0.2, 120), 3.0: (23, 0.4, 125), 2.0: (22, 0.3, 110)}.items():
-        for metric, value, chance in (("clip_score", clip, None), ("retrieval.top1", r1, 1 / 3),
-                                      ("fid_2d.slicenet.axial", fid, None)):
+    for scale, (auc, clip, r1, fid) in {1.0: (0.6, 20, 0.2, 120), 3.0: (0.8, 23, 0.4, 125), 2.0: (0.7, 22, 0.3, 110)}.items():
+        for metric, value, chance in (("faithfulness.generated.macro", auc, None), ("clip_score", clip, None),
+                                      ("retrieval.top1", r1, 1 / 3), ("fid_2d.slicenet.axial", fid, None)):
             rows.append({"guidance_scale": scale, "metric": metric, "value": value, "ci_low": value * 0.9,
                          "ci_high": value * 1.1, "n": 3, "profile": "net@1", "stems": "x", "flag": None, "chance": chance})
+    for scale in (2.0, 3.0):  # each scale against the lowest, pair by pair
+        rows.append({"guidance_scale": scale, "metric": "guidance.faithfulness.macro_auroc_diff", "value": scale / 10 - 0.1,
+                     "ci_low": 0.01, "ci_high": 0.3, "n": 3, "profile": "net@1", "stems": "x", "flag": None,
+                     "chance": None, "versus": 1.0, "p_value": 0.01})
     return pd.DataFrame(rows)
 
 
@@ -271,7 +275,7 @@ def test_every_metric_lands_in_one_table_with_n_and_profile_in_its_caption(run, 
     skipped = (tmp_path / "skipped.rst").read_text()
     assert "cascade: 1 volumes left out" in skipped and "latent flow: 1 volumes left out" in skipped
     assert set(pd.read_csv(outputs["skipped_csv"])["family"]) == set(FAMILIES)
-    assert len(pd.read_csv(outputs["guidance_sweep_csv"])) == 9
+    assert len(pd.read_csv(outputs["guidance_sweep_csv"])) == 14
     png = run["root"] / "f.png"
     plot_faithfulness(of(run, "metrics"), png, dpi=40)
     intro = write_intro(png, tmp_path / "faithfulness.rst", tmp_path / "intro.rst").read_text()

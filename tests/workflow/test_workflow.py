@@ -107,6 +107,8 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         {"slicenet_config", "train_slicenet"} | scoring
     assert plan("tstr", {"evaluation": {"tstr_reports": 3}}) == \
         {"tstr_prompts", "sample_tstr", "tstr_shards", "train_tstr"} | scoring_families
+    # the TSTR classifiers' steps: their config and training, not the feature classifier or the samples
+    assert plan("tstr_steps", {"evaluation": {"tstr_steps": 3}}) == {"train_config", "train_tstr"} | scoring_families
 
 
 def test_strict_mode_fails_and_names_the_rejects(demo_run, tmp_path):

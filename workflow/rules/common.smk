@@ -95,10 +95,13 @@ def get_text(wildcards):
 
 
 def get_train_config(wildcards):
-    """The model's preset (model, text_encoder, train) plus the data options, as plain data."""
-    preset = json.loads(
-        json.dumps(MODEL_PRESET[wildcards.model])
-    )  # a copy: no shared objects
+    """The model's preset (model, text_encoder, train) plus the data options, as plain data. ``tstr``: the
+    classifier's recipe with evaluation.tstr_steps training steps (both TSTR classifiers train on few volumes).
+    """
+    model = "classifier" if wildcards.model == "tstr" else wildcards.model
+    preset = json.loads(json.dumps(MODEL_PRESET[model]))  # a copy: no shared objects
+    if wildcards.model == "tstr" and EVALUATION.get("tstr_steps"):
+        preset["train"]["max_steps"] = EVALUATION["tstr_steps"]
     cfg = {"model": preset["model"], "train": preset["train"]}
     if preset.get(
         "maisi_checkpoint"
@@ -239,10 +242,16 @@ def family_spec(family):
     }[family]
 
 
+def family_evaluation(what, family):
+    """One output of the evaluate rule for one family: a path (not a one-element list, which a script would get
+    as a Namedlist)."""
+    return expand(getattr(rules.evaluate.output, what), family=family)[0]
+
+
 def get_family_evaluations(wildcards):
     """Each family's metrics and per-volume rows, named <what>_<family>."""
     return {
-        f"{what}_{family}": expand(getattr(rules.evaluate.output, what), family=family)
+        f"{what}_{family}": family_evaluation(what, family)
         for family in GENERATORS
         for what in ("metrics", "per_volume")
     }
@@ -253,9 +262,7 @@ def get_family_runs(wildcards):
     runs = {f"samples_{family}": family_samples(family) for family in GENERATORS}
     for family in GENERATORS:
         for what in ("metrics", "per_volume", "histograms", "skipped"):
-            runs[f"{what}_{family}"] = expand(
-                getattr(rules.evaluate.output, what), family=family
-            )
+            runs[f"{what}_{family}"] = family_evaluation(what, family)
     return runs
 
 

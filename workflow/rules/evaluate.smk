@@ -72,7 +72,7 @@ rule tstr_shards:
 
 rule train_tstr:
     input:
-        config=expand(rules.train_config.output.config, model="classifier"),
+        config=expand(rules.train_config.output.config, model="tstr"),
         manifests=lambda wc: getattr(rules.tstr_shards.output, wc.source),
     output:
         weights=f"{R}/models/tstr_{{source}}/model.safetensors",
@@ -170,6 +170,7 @@ rule guidance_sweep:
         prompts=rules.sample_prompts.output.csv,
         reference=get_eval_manifests,
         clip=rules.train_clip.output.weights,
+        classifier=rules.train_classifier.output.weights,
         slicenet=rules.train_slicenet.output.weights,
     output:
         csv=f"{R}/evaluation/guidance_sweep.csv",

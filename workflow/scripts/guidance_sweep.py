@@ -1,4 +1,4 @@
-"""Rule guidance_sweep: guidance scale against CLIP score, retrieval and axial FID, with CIs."""
+"""Rule guidance_sweep: guidance scale against faithfulness, CLIP score, retrieval and axial FID, with CIs and paired tests."""
 from ctprep.logs import log_to
 
 log_to(snakemake.log[0])
