@@ -243,7 +243,7 @@ def family_spec(family):
 
 
 def family_evaluation(what, family):
-    """One output of the evaluate rule for one family: a path (not a one-element list, which a script would get
+    """One output of `evaluate` for one family: a path (not a one-element list, which a script would get
     as a Namedlist)."""
     return expand(getattr(rules.evaluate.output, what), family=family)[0]
 
