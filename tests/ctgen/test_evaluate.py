@@ -269,6 +269,7 @@ def test_settings_are_config_yaml_s_evaluation_keys():
         value = getattr(defaults, key)
         assert props[key]["default"] == (list(value) if isinstance(value, tuple) else value), key
     assert set(scoring_settings(props)) == {f for f in EvalConfig.__dataclass_fields__}
-    assert cfg.labels == LABELS  # faithfulness_labels absent: all 18
+    assert cfg.labels == tuple(config["evaluation"]["faithfulness_labels"] or LABELS)  # config.yaml's findings
+    assert defaults.labels == LABELS  # faithfulness_labels absent: all 18
     with pytest.raises(ValueError, match="not CT-RATE labels"):
         EvalConfig(faithfulness_labels=("Cardiomegaly", "Pneumonia"))

@@ -32,6 +32,7 @@ print(json.dumps(training_step(sys.argv[2], cfg, batch_size=1)))
 def paper_config() -> dict:
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["models"]["preset"], cfg["prep"]["preset"], cfg["models"]["lowres_scale"] = "paper", "paper", 4
+    cfg["models"]["generators"] = ["cascade"]  # the paper preset is GenerateCT's cascade (report2ct: the latent family)
     return cfg
 
 

@@ -20,7 +20,7 @@ from ctgen.training.launch import launch_prefix
 from ctprep.shards import merge_manifests, write_shards
 from ctprep.volume import Volume
 
-from tests.ctgen.tiny import TOKENIZER, TRAIN
+from tests.ctgen.tiny import TOKENIZER, TRAIN, WINDOW
 
 
 def test_cpu_and_one_gpu_run_a_single_process():
@@ -89,7 +89,7 @@ def tiny_shards(tmp_path) -> str:
 def test_the_two_gpu_command_line_trains_with_two_processes(tiny_shards, tmp_path):
     cfg = tmp_path / "tokenizer.yaml"
     cfg.write_text(yaml.safe_dump({"model": TOKENIZER, "train": {**TRAIN, "max_steps": 2, "ckpt_every": 2, "grad_accum": 2},
-                                   "data": {"lowres_scale": 2}}))
+                                   "data": {"lowres_scale": 2, "hu_window": list(WINDOW)}}))
     out = tmp_path / "tokenizer"
     # exactly the rule's shell line with gpu: 2 (torchrun --standalone, 2 processes; gloo, as there is no GPU);
     # grad_accum counts micro-steps over all processes, so it must be a multiple of the 2 processes
