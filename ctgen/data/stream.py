@@ -369,7 +369,11 @@ def epoch_batches(plan: StreamPlan, epoch: int, start: int, decode: Decode, coll
         for _, batch in dataset:
             yield batch
         return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=plan.num_workers,
+    # the loader's own generator: by default a DataLoader iterator draws its workers' base seed from the
+    # global torch RNG when it starts (lazily, at the first batch), which shifted the training's random
+    # stream by one draw in a resumed run (found by the Slurm time-limit test); the workers do not use it
+    base = torch.Generator().manual_seed(_mixed_seed(plan.seed, epoch, plan.rank, 3))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=plan.num_workers, generator=base,
                                          pin_memory=pin_memory, prefetch_factor=2, persistent_workers=False)
     pending: dict[int, dict] = {}
     want = start

@@ -284,6 +284,7 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
     scheduler = build_scheduler(optimizer, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule)
     ema = EMA(raw, cfg.ema_decay, cfg.ema_start) if cfg.ema_decay > 0 and info.is_main else None
     step, epoch, pos, train_time, last_loss = 0, 0, 0, 0.0, None
+    stops: list[dict] = []  # the run's earlier stops (signal or time limit), carried by the checkpoint
     rank_state = None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -295,6 +296,7 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         step, train_time, last_loss = state["step"], state["train_time_s"], state.get("last_loss")
+        stops = list(state.get("stops", []))
         ranks = state["ranks"]
         if len(ranks) == info.world_size:
             rank_state = ranks[info.rank]
@@ -333,7 +335,7 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
                 "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
                 "ranks": gathered, "world_size": info.world_size, "train_config": asdict(cfg),
                 "model_class": model_class, "model_config": model_config,
-                "train_time_s": train_time + time.time() - t_loop, "last_loss": last_loss,
+                "train_time_s": train_time + time.time() - t_loop, "last_loss": last_loss, "stops": stops,
             }, ckpt_dir)
             log.info("checkpoint at step %d -> %s", step, ckpt_dir / ckpt.CHECKPOINT_NAME)
 
@@ -373,6 +375,10 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
             step_s = max(0.9 * step_s, time.time() - t_step)
             out_of_time = step < cfg.max_steps and deadline.due(step_s)
             preempt = distr.any_rank(stop.signum is not None or out_of_time, info)
+            if preempt:  # recorded in the checkpoint, so the finished run's summary lists every stop
+                stops.append({"step": step, "exit_code": EXIT_PREEMPTED, "job": os.environ.get("SLURM_JOB_ID"),
+                              "reason": signal.Signals(stop.signum).name if stop.signum is not None else "time limit",
+                              "time_left_s": None if deadline.left() is None else round(deadline.left(), 1)})
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps or preempt:
                 save_state()
             if preempt:
@@ -385,11 +391,11 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
             metrics.close()
     if info.is_main:
         _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start_step, last_loss,
-                    time.time() - t_start, train_time + time.time() - t_loop, time.time() - t_loop)
+                    time.time() - t_start, train_time + time.time() - t_loop, time.time() - t_loop, stops)
 
 
 def _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start_step, last_loss,
-                wall_s, train_s, loop_s) -> None:
+                wall_s, train_s, loop_s, stops) -> None:
     """Raw weights in ``out_dir``, EMA weights in ``out_dir/ema``, and ``train_summary.json``."""
     meta = {"train": asdict(cfg), **extra_meta}
     raw.save_pretrained(out_dir, seed=cfg.seed, **meta)
@@ -406,6 +412,7 @@ def _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start
         "steps_per_s": (step - start_step) / loop_s if loop_s > 0 and step > start_step else None,
         "world_size": info.world_size, "device": str(info.device), "precision": precision,
         "peak_memory_bytes": int(peak), "peak_memory_kind": peak_kind,
+        "stops": stops,  # where earlier jobs of this run stopped and exited 75 to be resumed (step, reason, job)
     }
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("saved %s (%d steps, final loss %s)", out_dir, step, last_loss)

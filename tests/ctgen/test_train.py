@@ -115,6 +115,7 @@ def test_sigterm_checkpoints_and_resume_reproduces(reference, tmp_path):
     model = run(tmp_path, fault=("sigterm", 4), expect=Preempted)  # signal during the 5th step
     assert model.exc.code == EXIT_PREEMPTED == 75 and model.exc.step == 5
     assert ckpt.load_checkpoint(tmp_path / "ckpt")["step"] == 5
+    assert [s["reason"] for s in ckpt.load_checkpoint(tmp_path / "ckpt")["stops"]] == ["SIGTERM"]
     assert len(csv_rows(tmp_path / "out")) == 5 and not (tmp_path / "out" / "model.safetensors").exists()
     run(tmp_path)  # resumes automatically
     assert_same_run(reference[0] / "out", tmp_path / "out")
@@ -333,6 +334,9 @@ def test_stops_ahead_of_the_job_time_limit_and_resumes(reference, tmp_path, monk
     monkeypatch.setenv("CTGEN_JOB_DEADLINE", str(time.time() + 3600))  # the next attempt has time
     run(tmp_path, cfg=cfg)
     assert_same_run(reference[0] / "out", tmp_path / "out")
+    stops = json.loads((tmp_path / "out" / "train_summary.json").read_text())["stops"]
+    assert [(s["step"], s["reason"], s["exit_code"]) for s in stops] == [(1, "time limit", 75)]
+    assert 0 < stops[0]["time_left_s"] <= 100
 
 
 def test_gpu_paths_on_the_cpu():
