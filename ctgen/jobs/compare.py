@@ -4,7 +4,7 @@ A run is an evaluation's ``per_volume.csv``. Rows of the two runs are paired by 
 repeat order, so two generator families sampled from one ``prompts.csv`` with one base seed pair as
 (report, seed). Every compared quantity is a :class:`~ctgen.metrics.summary.MetricValue` named
 ``<prefix>.<metric>``: the difference A - B, its bootstrap 95% CI over pairs (both runs resampled
-together), the paired permutation test's p-value, n pairs, and both runs' names (``a``, ``b``) and own
+together; whole reports where a report has several volumes), the paired permutation test's p-value, n pairs, and both runs' names (``a``, ``b``) and own
 values (``value_a``, ``value_b``) in ``extra``.
 
 * per-volume metrics (CLIP score, image similarity, retrieval top-k): the mean difference, with
@@ -78,6 +78,9 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
     out: list[MetricValue] = []
     base = {"a": names[0], "b": names[1], "n_rows": {names[0]: len(a), names[1]: len(b)}}
     stems = stems_hash(list(m[KEY].astype(str)))
+    # several volumes of one report (repeats) share its labels: the CIs resample reports, not pairs
+    repeated = m[KEY].duplicated().any()
+    base["n_reports"] = int(m[KEY].nunique())
 
     def record(metric: str, d_value, ci, n, test, own_a, own_b, left_out, extra=None) -> None:
         ok = d_value is not None and math.isfinite(d_value)
@@ -94,7 +97,8 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
         if len(both) == 0:
             continue
         d = both[:, 0] - both[:, 1]
-        ci, _ = bootstrap_ci(lambda idx: d[idx].mean(), len(d), n_boot=n_boot, seed=seed)
+        groups = m.loc[m[cols].notna().all(axis=1), KEY].to_numpy() if repeated else None
+        ci, _ = bootstrap_ci(lambda idx: d[idx].mean(), len(d), n_boot=n_boot, seed=seed, groups=groups)
         test = paired_permutation_test(both[:, 0], both[:, 1], n_permutations=n_permutations, seed=seed)
         record(f"{metric}_diff", float(d.mean()), ci, len(d), test, float(both[:, 0].mean()), float(both[:, 1].mean()),
                len(m) - len(d))
@@ -120,7 +124,8 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
         def diff(x: np.ndarray) -> float:
             return _macro_auroc(x[..., 0], x[..., 2]) - _macro_auroc(x[..., 1], x[..., 2])
 
-        ci, dropped = bootstrap_ci(lambda idx: diff(both[idx]), n, n_boot=n_boot, seed=seed)
+        ci, dropped = bootstrap_ci(lambda idx: diff(both[idx]), n, n_boot=n_boot, seed=seed,
+                                   groups=m[KEY].to_numpy() if repeated else None)
         test = paired_swap_test(lambda u, v: _macro_auroc(u, y) - _macro_auroc(v, y), pa, pb,
                                 n_permutations=min(n_permutations, 2_000), seed=seed)
         record("faithfulness.macro_auroc_diff", diff(both), ci, n, test, _macro_auroc(pa, y), _macro_auroc(pb, y), 0,
@@ -130,7 +135,8 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
         ok = ~(np.isnan(ga) | np.isnan(gb))
         if ok.any():
             d = ga[ok] - gb[ok]
-            ci, _ = bootstrap_ci(lambda idx: d[idx].mean(), len(d), n_boot=n_boot, seed=seed)
+            ci, _ = bootstrap_ci(lambda idx: d[idx].mean(), len(d), n_boot=n_boot, seed=seed,
+                                 groups=m.loc[ok, KEY].to_numpy() if repeated else None)
             test = paired_permutation_test(ga[ok], gb[ok], n_permutations=n_permutations, seed=seed)
             record("faithfulness.agreement_diff", float(d.mean()), ci, len(d), test, float(ga[ok].mean()),
                    float(gb[ok].mean()), int((~ok).sum()), {"labels": list(shared)})

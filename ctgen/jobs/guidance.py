@@ -10,6 +10,11 @@ paired bootstrap CI and paired permutation p-value, and the same for the per-vol
 (rows ``guidance.<metric>_diff`` with ``versus`` and ``p_value``). Volumes are sampled ``batch_size``
 prompts at a time on the job's device and dropped once their features are taken; the real scans are
 read once, one batch at a time.
+
+``repeats``: volumes per report and scale, with seeds ``seed + k`` over the (report, repeat) pairs in
+order (as ``ctgen sample`` numbers them). Each is one pair of the paired tests; the permutation test
+swaps within pairs, so it stays exact, while the bootstrap CI resamples pairs as if independent (volumes
+of one report share its labels: that CI is a little narrow, the p-value is not).
 """
 
 from __future__ import annotations
@@ -40,14 +45,18 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def guidance_sweep(models_dir: str | Path, prompts_csv: str | Path, scales: list[float], sampling: dict,
                    reference: list[str], out_csv: str | Path, settings: EvalConfig | dict | None = None,
-                   device: str | None = None) -> pd.DataFrame:
+                   device: str | None = None, repeats: int = 1) -> pd.DataFrame:
     """Score the cascade in ``models_dir`` at each guidance scale; ``sampling``: config.yaml's ``sampling``."""
     from ctgen.pipelines.text_to_ct import SampleSettings, TextToCTPipeline
 
     cfg = settings if isinstance(settings, EvalConfig) else EvalConfig.from_dict(settings)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if repeats < 1:
+        raise UserError(f"evaluation.guidance_repeats must be at least 1, got {repeats}")
     prompts = pd.read_csv(prompts_csv, dtype={"id": str})
-    stems, texts = [volume_key(i) for i in prompts["id"]], list(prompts["prompt"])
+    stems = [volume_key(i) for i in prompts["id"] for _ in range(repeats)]  # one per (report, repeat) pair
+    texts = [t for t in prompts["prompt"] for _ in range(repeats)]
+    repeat = [r for _ in range(len(prompts)) for r in range(repeats)]
     grid = Grid.from_models(models_dir)
     nets = load_models_folder(models_dir, device, window=grid.clip)
     if nets.clip is None or nets.slicenet is None:
@@ -63,7 +72,7 @@ def guidance_sweep(models_dir: str | Path, prompts_csv: str | Path, scales: list
         log.warning("no faithfulness in the sweep: %s", "no classifier in the models folder" if nets.classifier is None
                     else "the reference shards hold no labels for some prompts")
     real_blocks = []
-    for stem, hu, _ in real.read(set(stems), grid):
+    for stem, hu, _ in real.read(set(stems), grid):  # each real scan once
         if isinstance(hu, BadVolume):
             raise UserError(f"the real scan {stem} cannot be read: {hu}")
         real_blocks.append(slice_outputs(nets, hu_to_unit(torch.from_numpy(hu), grid.clip), cfg.slices_per_volume,
@@ -91,7 +100,7 @@ def guidance_sweep(models_dir: str | Path, prompts_csv: str | Path, scales: list
                        for u in units]
         emb = np.concatenate(emb)
         cos = (emb * t_emb[target]).sum(axis=1)
-        frame = pd.DataFrame({"prompt_id": stems, "repeat": 0, "clip_score": 100 * np.maximum(cos, 0)})
+        frame = pd.DataFrame({"prompt_id": stems, "repeat": repeat, "clip_score": 100 * np.maximum(cos, 0)})
         metrics = []
         if y is not None:
             p = np.concatenate(probs)

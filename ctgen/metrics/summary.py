@@ -69,16 +69,27 @@ def join_flags(*flags: str | None) -> str | None:
 
 
 def bootstrap_ci(statistic: Callable[[np.ndarray], float], n_units: int, *, n_boot: int = N_BOOTSTRAP,
-                 seed: int = 0, confidence: float = CONFIDENCE) -> tuple[tuple[float, float] | None, float]:
+                 seed: int = 0, confidence: float = CONFIDENCE,
+                 groups: np.ndarray | None = None) -> tuple[tuple[float, float] | None, float]:
     """Percentile CI of ``statistic(indices)`` over resamples of ``range(n_units)`` with replacement.
 
     Returns ((low, high) or None, share of resamples where the statistic was not finite). ``statistic``
-    gets an integer index array (with repeats) and returns a float (NaN where undefined).
+    gets an integer index array (with repeats) and returns a float (NaN where undefined). ``groups (n_units,)``:
+    a cluster bootstrap, which draws whole groups (e.g. the volumes of one report, which share its labels)
+    with replacement instead of single units, so that dependent units do not narrow the CI.
     """
     if n_units < 2:
         return None, 1.0
     rng = np.random.default_rng(seed)
-    return percentile_ci([float(statistic(rng.integers(0, n_units, n_units))) for _ in range(n_boot)], n_boot, confidence)
+    if groups is None:
+        return percentile_ci([float(statistic(rng.integers(0, n_units, n_units))) for _ in range(n_boot)], n_boot,
+                             confidence)
+    _, codes = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
+    if len(members) < 2:
+        return None, 1.0
+    draws = (np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]) for _ in range(n_boot))
+    return percentile_ci([float(statistic(idx)) for idx in draws], n_boot, confidence)
 
 
 def bootstrap_ci_two(statistic: Callable[[np.ndarray, np.ndarray], float], n_a: int, n_b: int, *,

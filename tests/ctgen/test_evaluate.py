@@ -27,6 +27,7 @@ from ctgen.jobs.train import run_training
 from ctgen.jobs.tstr import tstr_shards
 from ctgen.pipelines.text_to_ct import SampleSettings
 from ctprep.ctrate import LABELS
+from ctprep.errors import UserError
 from ctprep.volume import Volume, save_nifti
 
 from tests.ctgen.tiny import WINDOW
@@ -230,6 +231,22 @@ def test_guidance_sweep_scores_each_scale_with_cis(models, tmp_path):
     clip = out[out["metric"] == "clip_score"]
     assert clip["value"].between(0, 100).all() and (clip["ci_low"] <= clip["value"]).all()
     assert list(out.loc[out["metric"] == "retrieval.top1", "chance"]) == pytest.approx([1 / 3, 1 / 3])
+
+
+def test_guidance_sweep_repeats_give_more_pairs(models, tmp_path):
+    """repeats=2: two volumes per report and scale (seeds seed + k over the (report, repeat) pairs), each a pair."""
+    prompts = pd.read_parquet(models["cohort"]["prompts"])
+    pd.DataFrame({"id": prompts["VolumeName"].str.replace(".nii.gz", "")[:2],
+                  "prompt": prompts["generatect"][:2]}).to_csv(tmp_path / "prompts.csv", index=False)
+    sampling = {"steps": 2, "temperature": 1.0, "batch_size": 8, "seed": 0, "sr_steps": None}
+    args = (models["models"], tmp_path / "prompts.csv", [1.0, 4.0], sampling, [models["manifest"]], tmp_path / "s.csv",
+            SETTINGS)
+    out = guidance_sweep(*args, device="cpu", repeats=2)
+    assert (out["n"] == 4).all()  # 2 reports x 2 repeats, at each scale and in the paired differences
+    distinct = len(set(prompts["generatect"][:2]))
+    assert list(out.loc[out["metric"] == "retrieval.top1", "chance"]) == pytest.approx([1 / distinct] * 2)
+    with pytest.raises(UserError, match="guidance_repeats"):
+        guidance_sweep(*args, device="cpu", repeats=0)
 
 
 def test_the_command_line_scores_a_folder_and_names_mistakes(models, real_run, tmp_path, capsys):

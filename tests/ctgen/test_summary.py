@@ -31,3 +31,16 @@ def test_thin_numbers_are_flagged():
     assert few.ci is not None and "only 5 volumes" in few.flag
     assert mean_with_ci(np.arange(20.0), "x").flag is None
     assert "k = 5" in mean_with_ci([1.0] * 3, "y", flag="k = 5 >= 3 candidates").flag  # both reasons kept
+
+
+def test_cluster_bootstrap_draws_whole_groups():
+    """Each value twice (two volumes of one report): resampling pairs would narrow the CI by about sqrt(2);
+    resampling the groups gives exactly the CI of the values taken once (the same draws, one per group)."""
+    x = np.random.default_rng(1).normal(0.0, 1.0, size=60)
+    twice, groups = np.repeat(x, 2), np.repeat(np.arange(60), 2)
+    once, _ = bootstrap_ci(lambda idx: x[idx].mean(), len(x), n_boot=1000, seed=3)
+    grouped, _ = bootstrap_ci(lambda idx: twice[idx].mean(), len(twice), n_boot=1000, seed=3, groups=groups)
+    naive, _ = bootstrap_ci(lambda idx: twice[idx].mean(), len(twice), n_boot=1000, seed=3)
+    assert np.allclose(grouped, once)
+    assert (naive[1] - naive[0]) < 0.8 * (once[1] - once[0])
+    assert bootstrap_ci(lambda idx: 1.0, 4, groups=np.zeros(4)) == (None, 1.0)  # one group: no interval

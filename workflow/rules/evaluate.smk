@@ -187,6 +187,7 @@ rule guidance_sweep:
         gpu=config["evaluation"]["resources"]["gpu"],
     params:
         scales=config["evaluation"]["guidance_scales"],
+        repeats=config["evaluation"]["guidance_repeats"],
         sampling=config["sampling"],
         evaluation=EVAL_SETTINGS,
     script:

@@ -14,4 +14,5 @@ guidance_sweep(
     list(snakemake.input.reference),
     snakemake.output.csv,
     snakemake.params.evaluation,
+    repeats=snakemake.params.repeats,
 )
