@@ -16,11 +16,12 @@ from tests.slurm.test_slurm_workflow import REPO, SUBMITTED, _merge, cluster, sn
 
 TOKENIZER = "results/models/tokenizer/model.safetensors"
 SHARDS = ["results/shards/train/manifest.json"]
-# the tokenizer of the tiny demo config trained for about 45 s on 2 idle cores, stopping 40 s (+ 2 steps)
-# before its limit: a first attempt of 1 minute cannot finish, the second (2 minutes) can
+# the tokenizer of the tiny demo config, 300 steps (about 25-90 s on 2 cores, idle or not), stopping 40 s
+# (+ 2 steps) before its limit: a first attempt of 1 minute cannot finish, the third (4 minutes) surely can
+# (600 steps: on a busy machine all three attempts ran out of time, stopping correctly each time)
 OVERRIDES = {
     "models": {"resources": {"tokenizer": {"threads": 2, "mem_mb": 4000, "runtime": 1, "gpu": 0}}},
-    "model_presets": {"demo": {"tokenizer": {"train": {"max_steps": 600, "batch_size": 2, "warmup_steps": 1,
+    "model_presets": {"demo": {"tokenizer": {"train": {"max_steps": 300, "batch_size": 2, "warmup_steps": 1,
                                                        "ckpt_every": 1000, "log_every": 50, "tensorboard": False,
                                                        "stop_margin_s": 40}}}},
 }
