@@ -4,8 +4,8 @@ A run is an evaluation's ``per_volume.csv``. Rows of the two runs are paired by 
 repeat order, so two generator families sampled from one ``prompts.csv`` with one base seed pair as
 (report, seed). Every compared quantity is a :class:`~ctgen.metrics.summary.MetricValue` named
 ``<prefix>.<metric>``: the difference A - B, its bootstrap 95% CI over pairs (both runs resampled
-together; whole reports where a report has several volumes), the paired permutation test's p-value, n pairs, and both runs' names (``a``, ``b``) and own
-values (``value_a``, ``value_b``) in ``extra``.
+together; whole reports where a report has several volumes), the paired permutation test's p-value,
+n pairs, and both runs' names (``a``, ``b``) and own values (``value_a``, ``value_b``) in ``extra``.
 
 * per-volume metrics (CLIP score, image similarity, retrieval top-k): the mean difference, with
   :func:`~ctgen.metrics.permutation.paired_permutation_test`;

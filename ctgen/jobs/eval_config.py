@@ -13,7 +13,8 @@ from ctprep.ctrate import LABELS
 from ctprep.errors import UserError
 
 #: keys of config.yaml's `evaluation` section that other readers own: the workflow's, and vlm3d (ctgen vlm3d-score)
-WORKFLOW_KEYS = ("split", "tstr", "tstr_reports", "tstr_steps", "guidance_scales", "guidance_repeats", "resources", "slicenet", "vlm3d")
+WORKFLOW_KEYS = ("split", "tstr", "tstr_reports", "tstr_steps", "guidance_scales", "guidance_repeats", "resources",
+                 "slicenet", "vlm3d")
 
 
 @dataclass(frozen=True)

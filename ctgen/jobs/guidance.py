@@ -13,8 +13,7 @@ read once, one batch at a time.
 
 ``repeats``: volumes per report and scale, with seeds ``seed + k`` over the (report, repeat) pairs in
 order (as ``ctgen sample`` numbers them). Each is one pair of the paired tests; the permutation test
-swaps within pairs, so it stays exact, while the bootstrap CI resamples pairs as if independent (volumes
-of one report share its labels: that CI is a little narrow, the p-value is not).
+swaps within pairs, and the paired bootstrap CI resamples whole reports (their volumes share the labels).
 """
 
 from __future__ import annotations
