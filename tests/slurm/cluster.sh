@@ -89,6 +89,20 @@ EOF
     echo "NodeName=localhost Name=gpu File=$state/dev/gpu[0-3]" >"$state/gres.conf"
 }
 
+# A link left by a run of this script that was killed before its EXIT trap (a session or a CI job
+# ended mid-run): it points at a slurm.conf we wrote, and that cluster's slurmctld no longer runs.
+# Anything else at that path belongs to someone else and is never touched.
+stale_link() {  # $1: the link
+    local target pid
+    [[ -L "$1" ]] || return 1
+    target="$(readlink "$1")"
+    [[ -f "$target" ]] || return 0
+    head -n1 "$target" | grep -q '^# written by tests/slurm/cluster.sh' || return 1
+    pid="$(cat "$(dirname "$target")/slurmctld.pid" 2>/dev/null || true)"
+    [[ -n "$pid" && "$(cat "/proc/$pid/comm" 2>/dev/null)" == slurmctld ]] && return 1
+    return 0
+}
+
 start() {  # $1: state dir; returns once the node is idle
     local state
     state="$(mkdir -p "$1" && cd "$1" && pwd -P)"
@@ -98,9 +112,13 @@ start() {  # $1: state dir; returns once the node is idle
     export SLURM_CONF="$state/slurm.conf"
     # The plugin's job step drops SLURM_CONF (all SLURM_* but the job's identity) before its inner srun,
     # so the clients inside jobs read Debian's default path: link it to this cluster's file.
-    if [[ -e /etc/slurm/slurm.conf && "$(readlink /etc/slurm/slurm.conf)" != "$state/slurm.conf" ]]; then
-        log "/etc/slurm/slurm.conf exists (another cluster?); jobs' srun would read it, not $SLURM_CONF"
-        return 1
+    if [[ -e /etc/slurm/slurm.conf || -L /etc/slurm/slurm.conf ]] && [[ "$(readlink /etc/slurm/slurm.conf)" != "$state/slurm.conf" ]]; then
+        if stale_link /etc/slurm/slurm.conf; then
+            log "replacing /etc/slurm/slurm.conf -> $(readlink /etc/slurm/slurm.conf): a cluster of ours whose slurmctld is gone"
+        else
+            log "/etc/slurm/slurm.conf exists (another cluster?); jobs' srun would read it, not $SLURM_CONF"
+            return 1
+        fi
     fi
     mkdir -p /etc/slurm && ln -sfn "$state/slurm.conf" /etc/slurm/slurm.conf
     local munge_dir
