@@ -8,10 +8,18 @@ batch's, not its cohort's).
 
 - ``--profile full``: CT-RATE-size scans (512 x 512 pixels of 0.6-0.8 mm, 200-400 slices of 0.8-1.6 mm),
   the ``paper`` prep grid (512 x 512 x 201 at 0.75 x 0.75 x 1.5 mm) and the ``paper`` model sizes
-  (lowres_scale 4), two training steps each, one short sample per family. Slow on a CPU: a benchmark.
+  (lowres_scale 4): cohort, prep, shards, every training job (two steps each, batch 1, 2 slices for
+  the super-resolution) and token encoding through the Snakefile; then, with the larger cohort's
+  models, a short sample (``ctgen sample``: the low-res volume at full depth, and a volume of
+  ``--sample-slices`` slices through the super-resolution), timed with its peak RSS. Not the
+  workflow's ``sample`` and ``evaluate`` jobs: at 512 px one super-resolution step costs 2.1 TFLOP,
+  ~28 s a slice on 2 CPU cores, so a 201-slice volume takes hours on a CPU (a GPU's figures:
+  ``benchmarks/gpu_smoke.py``), and their memory does not depend on the cohort. About an hour on
+  2 cores at --n 2: a benchmark.
 - ``--profile small`` (CI): the tiny test config (64 x 64 x 32 grid, tiny models), training jobs only.
 
-    python benchmarks/rehearsal.py [--profile full|small] [--n 4] [--factor 4] [--out results/benchmarks/rehearsal.json]
+    python benchmarks/rehearsal.py [--profile full|small] [--n 4] [--factor 4] [--sample-slices 5]
+                                   [--out results/benchmarks/rehearsal.json]
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+CASCADE = ("tokenizer", "generator", "superres", "clip", "classifier")
 TRAINING = ("train_tokenizer", "train_generator", "train_superres", "train_clip", "train_classifier",
             "train_autoencoder", "train_latent_flow")
 STEPS = {"max_steps": 2, "batch_size": 1, "warmup_steps": 0, "ckpt_every": 1000, "log_every": 1, "tensorboard": False}
@@ -49,7 +58,8 @@ def overrides(profile: str, n: int) -> dict:
         tiny = yaml.safe_load((REPO / "tests/workflow/configs/tiny.yaml").read_text())
         return merge(tiny, {"demo": cohort})
     models = {m: {"train": STEPS} for m in ("tokenizer", "generator", "superres", "clip", "classifier")}
-    models["superres"]["train"] = {**STEPS, "batch_size": 8}  # 8 slices of one volume (slices_per_volume 8)
+    models["superres"]["train"] = {**STEPS, "batch_size": 2}  # 2 slices of one volume: ~3 min a step at 512 px
+    models["superres"]["data"] = {"slices_per_volume": 2}
     models["clip"]["train"] = {**STEPS, "batch_size": 2}  # InfoNCE needs two pairs
     return {
         "demo": {**cohort, "matrix": 512, "slices": [200, 400], "fov_mm": [310, 410], "z_spacing_mm": [0.8, 1.6]},
@@ -78,6 +88,35 @@ def run(profile: str, n: int, root: Path, cores: int, targets: list[str]) -> dic
     if res.returncode != 0:
         raise RuntimeError(f"rehearsal n={n} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return {"n": n, "wall_s": time.perf_counter() - t0, "rules": read_benchmarks(work / "results" / "benchmarks")}
+
+
+# the child's own peak RSS: RUSAGE_CHILDREN of a process that waited for nothing else
+SAMPLE_CHILD = r"""
+import json, resource, subprocess, sys, time
+t0 = time.perf_counter()
+rc = subprocess.run(sys.argv[1:]).returncode
+print(json.dumps({"rc": rc, "s": time.perf_counter() - t0,
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def short_sample(work: Path, slices: int) -> dict:
+    """Two cascade samples with ``work``'s models (2 MaskGIT steps, no guidance), each timed with its peak RSS:
+    the whole low-res volume at the generator's full depth without super-resolution, and a ``slices``-slice
+    volume through the super-resolution (1 step)."""
+    out = {"slices": slices}
+    for name, extra in (("lowres", ["--no-superres"]), ("superres", ["--num-slices", str(slices), "--sr-steps", "1",
+                                                                       "--batch-size", str(slices)])):
+        cmd = [sys.executable, "-m", "ctgen.cli", "sample", "--models", str(work / "results" / "models"),
+               "--prompt", "65 years old male: Cardiomegaly. Bilateral pleural effusion.", "--out",
+               str(work / f"short_sample_{name}.nii.gz"), "--steps", "2", "--guidance-scale", "1", "--device", "cpu",
+               *extra]
+        res = subprocess.run([sys.executable, "-c", SAMPLE_CHILD, *cmd], capture_output=True, text=True, cwd=REPO)
+        got = json.loads(res.stdout.strip().splitlines()[-1]) if res.stdout.strip() else {"rc": res.returncode}
+        if got["rc"] != 0:
+            raise RuntimeError(f"short sample ({name}) failed:\n{res.stderr[-3000:]}")
+        out[name] = {"s": got["s"], "max_rss_mb": got["max_rss_mb"]}
+    return out
 
 
 def read_benchmarks(folder: Path) -> dict[str, dict[str, float]]:
@@ -114,13 +153,20 @@ def main() -> int:
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--root", type=Path, help="working folders (default: a temporary folder, removed)")
     ap.add_argument("--out", type=Path, help="write the figures as JSON")
+    ap.add_argument("--sample-slices", type=int, default=5,
+                    help="full profile: slices of the short sample (super-resolved at 512 px, ~28 s each)")
     args = ap.parse_args()
-    targets = [f"results/models/{m.removeprefix('train_')}/model.safetensors" for m in TRAINING] \
-        if args.profile == "small" else []
+    if args.profile == "small":
+        targets = [f"results/models/{m.removeprefix('train_')}/model.safetensors" for m in TRAINING]
+    else:  # the cascade's training jobs and its spec (the paper preset has no latent family)
+        targets = [f"results/models/{m}/model.safetensors" for m in CASCADE] + ["results/models/cascade.json"]
+    sample = None
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or Path(tmp)
         small = run(args.profile, args.n, root, args.cores, targets)
         large = run(args.profile, args.n * args.factor, root, args.cores, targets)
+        if args.profile == "full":
+            sample = short_sample(root / f"n{args.n * args.factor}", args.sample_slices)
     rows = flatness(small, large)
     print(f"\n| job | N={args.n}: s | peak RSS MB | 4N={args.n * args.factor}: s | peak RSS MB | ratio |")
     print("|---|---|---|---|---|---|")
@@ -132,9 +178,15 @@ def main() -> int:
               f"{'' if ratio is None else f'{ratio:.2f}'} |")
     print(f"\nwall: N {small['wall_s']:.0f} s, 4N {large['wall_s']:.0f} s; training jobs within 1.2x: "
           f"{sum(r['ok'] for r in rows)} of {len(rows)}")
+    if sample:
+        lo, sr = sample["lowres"], sample["superres"]
+        print(f"short sample: low-res volume at full depth {lo['s']:.0f} s, peak RSS {lo['max_rss_mb']:.0f} MB; "
+              f"{sample['slices']} slices through the super-resolution {sr['s']:.0f} s, "
+              f"peak RSS {sr['max_rss_mb']:.0f} MB")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"small": small, "large": large, "flatness": rows}, indent=1) + "\n")
+        args.out.write_text(json.dumps({"small": small, "large": large, "flatness": rows, "sample": sample},
+                                       indent=1) + "\n")
     return 0 if all(r["ok"] for r in rows) else 1
 
 
