@@ -8,8 +8,8 @@ batch's, not its cohort's).
 
 - ``--profile full``: CT-RATE-size scans (512 x 512 pixels of 0.6-0.8 mm, 200-400 slices of 0.8-1.6 mm),
   the ``paper`` prep grid (512 x 512 x 201 at 0.75 x 0.75 x 1.5 mm) and the ``paper`` model sizes
-  (lowres_scale 4): cohort, prep, shards, every training job (two steps each, batch 1, 2 slices for
-  the super-resolution) and token encoding through the Snakefile; then, with the larger cohort's
+  (lowres_scale 4): cohort, prep, shards, every training job (two steps each, batch 1: one slice for the
+  super-resolution) and token encoding through the Snakefile; then, with the larger cohort's
   models, a short sample (``ctgen sample``: the low-res volume at full depth, and a volume of
   ``--sample-slices`` slices through the super-resolution), timed with its peak RSS. Not the
   workflow's ``sample`` and ``evaluate`` jobs: at 512 px one super-resolution step costs 2.1 TFLOP,
@@ -58,8 +58,9 @@ def overrides(profile: str, n: int) -> dict:
         tiny = yaml.safe_load((REPO / "tests/workflow/configs/tiny.yaml").read_text())
         return merge(tiny, {"demo": cohort})
     models = {m: {"train": STEPS} for m in ("tokenizer", "generator", "superres", "clip", "classifier")}
-    models["superres"]["train"] = {**STEPS, "batch_size": 2}  # 2 slices of one volume: ~3 min a step at 512 px
-    models["superres"]["data"] = {"slices_per_volume": 2}
+    # one 512 px slice a step: ~11 GiB in fp32 on the CPU (2 slices went past 24 GiB at the second step)
+    models["superres"]["train"] = {**STEPS, "batch_size": 1}
+    models["superres"]["data"] = {"slices_per_volume": 1}
     models["clip"]["train"] = {**STEPS, "batch_size": 2}  # InfoNCE needs two pairs
     return {
         "demo": {**cohort, "matrix": 512, "slices": [200, 400], "fov_mm": [310, 410], "z_spacing_mm": [0.8, 1.6]},
