@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CASCADE = ("tokenizer", "generator", "superres", "clip", "classifier")
+CASCADE = ("tokenizer", "generator", "superres", "clip", "classifier")  # the paper preset's models (no latent family)
 TRAINING = ("train_tokenizer", "train_generator", "train_superres", "train_clip", "train_classifier",
             "train_autoencoder", "train_latent_flow")
 STEPS = {"max_steps": 2, "batch_size": 1, "warmup_steps": 0, "ckpt_every": 1000, "log_every": 1, "tensorboard": False}
@@ -57,8 +57,8 @@ def overrides(profile: str, n: int) -> dict:
     if profile == "small":
         tiny = yaml.safe_load((REPO / "tests/workflow/configs/tiny.yaml").read_text())
         return merge(tiny, {"demo": cohort})
-    models = {m: {"train": STEPS} for m in ("tokenizer", "generator", "superres", "clip", "classifier")}
-    # one 512 px slice a step: ~11 GiB in fp32 on the CPU (2 slices went past 24 GiB at the second step)
+    models = {m: {"train": STEPS} for m in CASCADE}
+    # one 512 px slice a step: 12.4-13.3 GB peak RSS in fp32 on the CPU (2 slices went past 24 GB at the second step)
     models["superres"]["train"] = {**STEPS, "batch_size": 1}
     models["superres"]["data"] = {"slices_per_volume": 1}
     models["clip"]["train"] = {**STEPS, "batch_size": 2}  # InfoNCE needs two pairs
@@ -68,7 +68,7 @@ def overrides(profile: str, n: int) -> dict:
         "shards": {"shard_size": 4},
         "models": {"preset": "paper", "lowres_scale": 4, "generators": ["cascade"],
                    "resources": {m: {"threads": 2, "mem_mb": 16000, "runtime": 600, "gpu": 0}
-                                 for m in ("tokenizer", "generator", "superres", "clip", "classifier")}},
+                                 for m in CASCADE}},
         "model_presets": {"paper": models},
         "sampling": {"max_prompts": 1, "steps": 2, "sr_steps": 2, "batch_size": 8, "dicom": False},
         "evaluation": {"tstr": False, "guidance_scales": [1.0], "slices_per_volume": 4},
