@@ -82,9 +82,10 @@ def test_step_unmasks_on_schedule_and_never_remasks_known_tokens():
 
 
 # ---------------------------------------------------------------------------------- model
+@pytest.mark.parametrize("attention", ["full", "divided"])
 @pytest.mark.parametrize("t", [1, 3, 9])
-def test_shapes_for_any_slice_count(t):
-    model = tiny().eval()
+def test_shapes_for_any_slice_count(t, attention):
+    model = tiny(attention=attention).eval()
     text, mask = text_batch(2)
     tokens = torch.randint(0, 32, (2, t, 4, 4))
     assert model.logits(tokens, text, mask).shape == (2, t, 4, 4, 32)
@@ -155,8 +156,9 @@ def test_generate_is_deterministic_and_has_no_mask_ids():
     assert not (a == model.mask_id).any()
 
 
-def test_save_and_from_pretrained_identical_logits(tmp_path):
-    model = tiny(max_t=5).eval()
+@pytest.mark.parametrize("attention", ["full", "divided"])
+def test_save_and_from_pretrained_identical_logits(tmp_path, attention):
+    model = tiny(max_t=5, attention=attention).eval()
     model.save_pretrained(tmp_path / "mg", seed=0)
     loaded = MaskGIT.from_pretrained(tmp_path / "mg").eval()
     assert loaded.config == model.config
@@ -165,8 +167,9 @@ def test_save_and_from_pretrained_identical_logits(tmp_path):
     torch.testing.assert_close(loaded.logits(tokens, text, mask), model.logits(tokens, text, mask), rtol=0, atol=0)
 
 
-def test_overfits_one_grid():
-    model = tiny()
+@pytest.mark.parametrize("attention", ["full", "divided"])
+def test_overfits_one_grid(attention):
+    model = tiny(attention=attention)
     g = torch.Generator().manual_seed(5)
     grid = torch.randint(0, 32, (1, 3, 4, 4), generator=g)
     text, mask = text_batch(1)
@@ -201,12 +204,13 @@ def test_guidance_separates_two_texts_after_training_with_dropout():
     assert (sample[1] == grids[1]).float().mean() >= 0.9
 
 
-def test_checkpoint_blocks_gives_the_same_gradients():
+@pytest.mark.parametrize("attention", ["full", "divided"])
+def test_checkpoint_blocks_gives_the_same_gradients(attention):
     text, mask = text_batch(2)
     tokens = torch.randint(0, 32, (2, 3, 4, 4))
     grads = []
     for flag in (False, True):
-        model = tiny(checkpoint_blocks=flag, cond_drop_prob=0.5, dropout=0.1).train()
+        model = tiny(checkpoint_blocks=flag, cond_drop_prob=0.5, dropout=0.1, attention=attention).train()
         torch.manual_seed(4)
         model(tokens=tokens, text=text, text_mask=mask).loss.backward()
         grads.append([p.grad for p in model.parameters()])
@@ -222,3 +226,46 @@ def test_prepared_positions_and_context_give_the_same_logits():
     keep = torch.tensor([True, False])
     prepared = model.prepare((3, 4, 4), text, mask, keep)  # what generate() computes once per prompt
     assert torch.equal(model.logits(tokens, text, mask, keep), model.logits(tokens, text, mask, keep, prepared))
+
+
+# ---------------------------------------------------------------------------------- divided attention
+def test_divided_attention_is_per_slice_group_then_per_position():
+    """The divided block against a loop: self_attn over each slice group's h*w tokens, time_attn over each (h, w)."""
+    block = tiny(attention="divided").blocks[0].eval()
+    t, h, w = 3, 4, 4
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, t * h * w, 64, generator=g)
+    ctx, ctx_mask = torch.randn(2, 5, 64, generator=g), torch.tensor([[True] * 5, [True, True, False, False, False]])
+    grid = x.reshape(2, t, h * w, 64)
+    space = torch.stack([grid[:, k] + block.self_attn(grid[:, k]) for k in range(t)], dim=1)  # (B, t, hw, D)
+    time = torch.stack([space[:, :, n] + block.time_attn(space[:, :, n]) for n in range(h * w)], dim=2)
+    expected = time.reshape(2, t * h * w, 64)
+    expected = expected + block.cross_attn(expected, ctx, ctx_mask)
+    expected = expected + block.ff(expected)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, ctx, ctx_mask, (t, h, w)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_divided_attention_reaches_every_token_in_one_block():
+    """Space then time: one block carries a token's change to every position; space alone stays in its slice group."""
+    model = tiny(attention="divided", depth=1).eval()
+    text, mask = text_batch(1)
+    tokens = torch.randint(0, 32, (1, 3, 4, 4), generator=torch.Generator().manual_seed(9))
+    changed = tokens.clone()
+    changed[0, 1, 2, 3] = (changed[0, 1, 2, 3] + 1) % 32
+    with torch.no_grad():
+        moved = (model.logits(tokens, text, mask) - model.logits(changed, text, mask)).abs().amax(-1)  # (1, t, h, w)
+    assert (moved > 1e-6).all()
+    block = model.blocks[0]
+    x = torch.randn(1, 3 * 16, 64, generator=torch.Generator().manual_seed(10))
+    y = x.clone()
+    y[0, 16 + 2 * 4 + 3] += 1.0  # the token at (1, 2, 3)
+    space = lambda v: v + block.self_attn(v.reshape(3, 16, 64)).reshape(1, 48, 64)  # noqa: E731
+    with torch.no_grad():
+        diff = (space(x) - space(y)).abs().amax(-1).reshape(3, 16)
+    assert (diff[1] > 0).all() and (diff[[0, 2]] == 0).all()
+
+
+def test_unknown_attention_is_refused():
+    with pytest.raises(ValueError, match="attention"):
+        MaskGITConfig(attention="axial")
