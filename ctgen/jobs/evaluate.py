@@ -222,7 +222,9 @@ def _score(col: _Collected, nets: FeatureNets, texts, known_labels, cfg: EvalCon
         kw = {"min_positives": cfg.auroc_min_positives, "min_negatives": cfg.auroc_min_negatives,
               "profile": nets.profiles["classifier"], **boot}
         p_gen = np.stack(gen["probabilities"])[:, cols]
-        metrics += label_aurocs(p_gen, y_gen, cfg.labels, name="faithfulness.generated", stems=h_gen, **kw)
+        # several volumes of one report (sampling.per_prompt > 1) share its labels: their CIs resample reports
+        metrics += label_aurocs(p_gen, y_gen, cfg.labels, name="faithfulness.generated", stems=h_gen,
+                                groups=gen_stems, **kw)
         for j, name in enumerate(cfg.labels):  # per volume, so that two runs compare pair by pair (ctgen.jobs.compare)
             pv[f"p_{name}"], pv[f"y_{name}"] = p_gen[:, j], y_gen[:, j]
         metrics += label_aurocs(np.stack(real["probabilities"])[:, cols], y_real, cfg.labels, name="faithfulness.real",
@@ -297,4 +299,4 @@ def _alignment(col: _Collected, nets: FeatureNets, texts: dict, have: list[bool]
         pv.loc[rows, f"retrieval_top{k}"] = (ranks_gen <= k).astype(float)
     return alignment_metrics(cos_gen, cos_real, sim, ranks_gen, ranks_real, len(candidates), cfg.retrieval_k,
                              profile=nets.profiles["clip"], stems=stems_hash([gen_stems[i] for i in rows]),
-                             n_boot=cfg.bootstrap, seed=cfg.seed)
+                             n_boot=cfg.bootstrap, seed=cfg.seed, groups=[gen_stems[i] for i in rows])

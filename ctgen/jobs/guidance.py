@@ -13,7 +13,8 @@ read once, one batch at a time.
 
 ``repeats``: volumes per report and scale, with seeds ``seed + k`` over the (report, repeat) pairs in
 order (as ``ctgen sample`` numbers them). Each is one pair of the paired tests; the permutation test
-swaps within pairs, and the paired bootstrap CI resamples whole reports (their volumes share the labels).
+swaps within pairs, and the paired bootstrap CI resamples whole reports (their volumes share the labels),
+as do the CIs of each scale's own numbers where ``repeats`` > 1.
 """
 
 from __future__ import annotations
@@ -104,14 +105,16 @@ def guidance_sweep(models_dir: str | Path, prompts_csv: str | Path, scales: list
         if y is not None:
             p = np.concatenate(probs)
             metrics += label_aurocs(p, y, cfg.labels, name="faithfulness.generated", min_positives=cfg.auroc_min_positives,
-                                    min_negatives=cfg.auroc_min_negatives, profile=nets.profiles["classifier"], **kw)
+                                    min_negatives=cfg.auroc_min_negatives, profile=nets.profiles["classifier"],
+                                    groups=stems, **kw)
             macro_labels = metrics[-1].extra.get("labels") or []
             frame = frame.assign(**{f"p_{n}": p[:, j] for j, n in enumerate(cfg.labels)},
                                  **{f"y_{n}": y[:, j] for j, n in enumerate(cfg.labels)})
         per_volume[float(scale)] = frame
-        metrics += [mean_with_ci(frame["clip_score"].to_numpy(), "clip_score", profile=nets.profiles["clip"], **kw),
+        metrics += [mean_with_ci(frame["clip_score"].to_numpy(), "clip_score", profile=nets.profiles["clip"],
+                                 groups=stems, **kw),
                    top_k_accuracy(retrieval_ranks(emb, t_emb, target), 1, len(candidates), "retrieval.top1",
-                                  profile=nets.profiles["clip"], **kw),
+                                  profile=nets.profiles["clip"], groups=stems, **kw),
                    frechet_value(FeatureRows.stacked(real_blocks), FeatureRows.stacked(blocks), "fid_2d.slicenet.axial",
                                  profile=nets.profiles["slicenet"], stems=kw["stems"], n_boot=cfg.bootstrap_frechet,
                                  seed=cfg.seed, device=device)]
@@ -135,4 +138,4 @@ def guidance_sweep(models_dir: str | Path, prompts_csv: str | Path, scales: list
 def _row(scale: float, m) -> dict:
     return {"guidance_scale": float(scale), "metric": m.name, "value": m.value, "ci_low": m.ci[0] if m.ci else None,
             "ci_high": m.ci[1] if m.ci else None, "n": m.n, "profile": m.profile, "stems": m.stems, "flag": m.flag,
-            "chance": m.extra.get("chance")}
+            "chance": m.extra.get("chance"), "n_reports": m.extra.get("n_reports")}

@@ -24,7 +24,7 @@ import numpy as np
 
 from ctgen.metrics.faithfulness import auroc
 from ctgen.metrics.hu import TISSUES
-from ctgen.metrics.summary import MetricValue, bootstrap_ci, mean_with_ci, thin
+from ctgen.metrics.summary import MetricValue, bootstrap_ci, mean_with_ci, report_groups, thin
 
 MACRO = "macro"
 
@@ -34,14 +34,20 @@ def _auroc_or_nan(s: np.ndarray, y: np.ndarray) -> float:
 
 
 def label_aurocs(probs, labels, names: Sequence[str], *, name: str, min_positives: int, min_negatives: int,
-                 profile: str = "", stems: str = "", n_boot: int = 1000, seed: int = 0) -> list[MetricValue]:
+                 profile: str = "", stems: str = "", n_boot: int = 1000, seed: int = 0,
+                 groups: Sequence | None = None) -> list[MetricValue]:
     """Per-label AUROC of ``probs`` (N, L) against ``labels`` (N, L; NaN unknown), each with its bootstrap CI over
     volumes, and their macro mean (over the labels that pass the guard) named ``name.macro``.
+
+    ``groups (N,)``: the report of each volume. Where a report prompted several volumes, they share its labels
+    and are not independent: the CIs then resample whole reports (a cluster bootstrap), and ``extra`` says
+    ``"resampled": "reports"`` with their count. Every group of one volume is the same as None.
 
     The function the evaluation calls for faithfulness; ``ctgen.metrics.faithfulness`` may provide the same
     (``faithfulness_summary``), which would replace it here.
     """
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels, np.float64)
+    groups, clusters = report_groups(groups, len(probs))
     out, usable = [], []
     for j, label in enumerate(names):
         y, s = labels[:, j], probs[:, j]
@@ -56,14 +62,15 @@ def label_aurocs(probs, labels, names: Sequence[str], *, name: str, min_positive
             continue
         usable.append(j)
         ci, dropped = bootstrap_ci(lambda idx: _auroc_or_nan(s[idx][known[idx]], y[idx][known[idx]]), len(y),
-                                   n_boot=n_boot, seed=seed)
+                                   n_boot=n_boot, seed=seed, groups=groups)
         out.append(MetricValue(f"{name}.{label}", auroc(s, y), int(known.sum()), ci, profile, stems,
-                               thin(int(known.sum())), {**extra, "dropped_resamples": dropped}))
-    out.append(_macro(probs, labels, usable, names, name, profile, stems, n_boot, seed))
+                               thin(int(known.sum())), {**extra, **clusters, "dropped_resamples": dropped}))
+    out.append(_macro(probs, labels, usable, names, name, profile, stems, n_boot, seed, groups, clusters))
     return out
 
 
-def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot, seed) -> MetricValue:
+def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot, seed, groups=None,
+           clusters=None) -> MetricValue:
     if not usable:
         return MetricValue(f"{name}.{MACRO}", None, len(probs), profile=profile, stems=stems,
                            flag="no label has enough positives and negatives", extra={"labels": []})
@@ -74,9 +81,9 @@ def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot
         return float(np.mean(finite)) if finite else math.nan
 
     value = stat(np.arange(len(probs)))
-    ci, dropped = bootstrap_ci(stat, len(probs), n_boot=n_boot, seed=seed)
+    ci, dropped = bootstrap_ci(stat, len(probs), n_boot=n_boot, seed=seed, groups=groups)
     return MetricValue(f"{name}.{MACRO}", value, len(probs), ci, profile, stems, thin(len(probs)),
-                       {"labels": [names[j] for j in usable], "dropped_resamples": dropped})
+                       {"labels": [names[j] for j in usable], **(clusters or {}), "dropped_resamples": dropped})
 
 
 def tstr_metrics(probs_synthetic, probs_real, labels, names: Sequence[str], *, min_positives: int, min_negatives: int,
@@ -113,11 +120,15 @@ def tstr_metrics(probs_synthetic, probs_real, labels, names: Sequence[str], *, m
 
 
 def alignment_metrics(cos_gen, cos_real, similarity, ranks_gen, ranks_real, n_candidates: int, ks: Sequence[int], *,
-                      profile: str, stems: str, n_boot: int = 1000, seed: int = 0) -> list[MetricValue]:
-    """CLIP score (generated, real ceiling), image similarity, retrieval top-k with chance (generated, real)."""
+                      profile: str, stems: str, n_boot: int = 1000, seed: int = 0,
+                      groups: Sequence | None = None) -> list[MetricValue]:
+    """CLIP score (generated, real ceiling), image similarity, retrieval top-k with chance (generated, real).
+
+    One row per generated volume (the real side: its report's scan); ``groups``: each row's report, so that the
+    CIs resample reports where one prompted several volumes."""
     from ctgen.metrics.retrieval import top_k_accuracy
 
-    kw = {"profile": profile, "stems": stems, "n_boot": n_boot, "seed": seed}
+    kw = {"profile": profile, "stems": stems, "n_boot": n_boot, "seed": seed, "groups": groups}
     out = [mean_with_ci(100.0 * np.maximum(np.asarray(cos_gen, np.float64), 0.0), "clip_score.generated", **kw),
            mean_with_ci(100.0 * np.maximum(np.asarray(cos_real, np.float64), 0.0), "clip_score.real", **kw),
            mean_with_ci(similarity, "image_similarity", **kw)]

@@ -92,6 +92,17 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float], n_units: int, *, n_bo
     return percentile_ci([float(statistic(idx)) for idx in draws], n_boot, confidence)
 
 
+def report_groups(groups: Sequence | None, n: int) -> tuple[np.ndarray | None, dict]:
+    """(groups for :func:`bootstrap_ci`, what ``extra`` records): None and {} where no report has two volumes."""
+    if groups is None:
+        return None, {}
+    groups = np.asarray(groups)
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} groups for {n} volumes")
+    n_groups = int(len(np.unique(groups)))
+    return (groups, {"resampled": "reports", "n_reports": n_groups}) if n_groups < n else (None, {})
+
+
 def bootstrap_ci_two(statistic: Callable[[np.ndarray, np.ndarray], float], n_a: int, n_b: int, *,
                      n_boot: int = N_BOOTSTRAP, seed: int = 0,
                      confidence: float = CONFIDENCE) -> tuple[tuple[float, float] | None, float]:
@@ -118,13 +129,19 @@ def percentile_ci(values: list[float], n_boot: int,
 
 
 def mean_with_ci(values: Sequence[float], name: str, *, n_boot: int = N_BOOTSTRAP, seed: int = 0,
-                 **kw: Any) -> MetricValue:
-    """The mean of per-volume values with its bootstrap CI (NaN values are left out and counted)."""
+                 groups: Sequence | None = None, **kw: Any) -> MetricValue:
+    """The mean of per-volume values with its bootstrap CI (NaN values are left out and counted).
+
+    ``groups``: the report of each value; where some report has several, the CI resamples whole reports.
+    """
     v = np.asarray(values, dtype=np.float64)
-    finite = v[np.isfinite(v)]
+    ok = np.isfinite(v)
+    finite = v[ok]
     extra = {"n_nan": int(v.size - finite.size), **kw.pop("extra", {})}
     if finite.size == 0:
         return MetricValue(name, None, 0, flag="no finite values", extra=extra, **kw)
-    ci, _ = bootstrap_ci(lambda idx: finite[idx].mean(), finite.size, n_boot=n_boot, seed=seed)
+    g, clusters = report_groups(None if groups is None else np.asarray(groups)[ok], finite.size)
+    extra.update(clusters)
+    ci, _ = bootstrap_ci(lambda idx: finite[idx].mean(), finite.size, n_boot=n_boot, seed=seed, groups=g)
     flag = join_flags(kw.pop("flag", None), thin(int(finite.size)))
     return MetricValue(name, float(finite.mean()), int(finite.size), ci, flag=flag, extra=extra, **kw)

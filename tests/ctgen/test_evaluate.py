@@ -243,6 +243,8 @@ def test_guidance_sweep_repeats_give_more_pairs(models, tmp_path):
             SETTINGS)
     out = guidance_sweep(*args, device="cpu", repeats=2)
     assert (out["n"] == 4).all()  # 2 reports x 2 repeats, at each scale and in the paired differences
+    own = out[out["metric"].isin(["clip_score", "retrieval.top1"])]
+    assert (own["n_reports"] == 2).all()  # each scale's CIs resample the 2 reports, not the 4 volumes
     distinct = len(set(prompts["generatect"][:2]))
     assert list(out.loc[out["metric"] == "retrieval.top1", "chance"]) == pytest.approx([1 / distinct] * 2)
     with pytest.raises(UserError, match="guidance_repeats"):

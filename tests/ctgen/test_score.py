@@ -89,3 +89,41 @@ def test_hu_metrics_means_and_flag_share():
     assert out["hu.lung_median.real"].value == pytest.approx(np.mean([s["lung"]["median"] for s in real]))
     assert out["hu.flagged_share"].value == 0.5 and out["hu.flagged_share"].n == 4
     assert out["hu.bone_median.generated"].value is None and out["hu.bone_median.generated"].extra["n_nan"] == 4
+
+
+def test_several_volumes_of_one_report_resample_reports():
+    """Two volumes per report share its labels: a CI over volumes would be ~1/sqrt(2) too narrow; over reports it is
+    as wide as with one volume per report. One volume per report: the same numbers as without groups."""
+    p, y = scored(60, 1.0, seed=4)
+    twice_p, twice_y = np.repeat(p, 2, axis=0), np.repeat(y, 2, axis=0)  # each report's two volumes, alike
+    reports = np.repeat(np.arange(60), 2)
+    kw = {"name": "f", "min_positives": 5, "min_negatives": 5, "n_boot": 2000, "seed": 1}
+    width = lambda ms: {m.name: m.ci[1] - m.ci[0] for m in ms if m.ci}  # noqa: E731
+    once = width(label_aurocs(p, y, NAMES, **kw))
+    naive = width(label_aurocs(twice_p, twice_y, NAMES, **kw))
+    grouped_ms = label_aurocs(twice_p, twice_y, NAMES, groups=reports, **kw)
+    grouped = width(grouped_ms)
+    for name in ("f.Cardiomegaly", "f.macro"):
+        assert naive[name] < 0.85 * once[name]  # pseudo-replication narrows the CI
+        assert grouped[name] == pytest.approx(once[name], rel=0.2)
+    macro = {m.name: m for m in grouped_ms}["f.macro"]
+    assert macro.extra["resampled"] == "reports" and macro.extra["n_reports"] == 60 and macro.n == 120
+    singles = label_aurocs(p, y, NAMES, groups=[f"r{i}" for i in range(60)], **kw)
+    assert [(m.value, m.ci) for m in singles] == [(m.value, m.ci) for m in label_aurocs(p, y, NAMES, **kw)]
+    assert "resampled" not in singles[-1].extra
+    with pytest.raises(ValueError, match="groups"):
+        label_aurocs(p, y, NAMES, groups=reports, **kw)  # 120 groups for 60 volumes
+
+
+def test_alignment_and_means_resample_reports_too():
+    rng = np.random.default_rng(5)
+    cos = np.repeat(rng.normal(0.3, 0.2, 50), 2)
+    ranks = np.repeat(rng.integers(1, 10, 50), 2)
+    reports = np.repeat(np.arange(50), 2)
+    kw = {"profile": "clip@1", "stems": "s", "n_boot": 2000}
+    naive = {m.name: m for m in alignment_metrics(cos, cos, cos, ranks, ranks, 10, [1, 5], **kw)}
+    grouped = {m.name: m for m in alignment_metrics(cos, cos, cos, ranks, ranks, 10, [1, 5], groups=reports, **kw)}
+    for name in ("clip_score.generated", "image_similarity", "retrieval.top5.generated"):
+        g, n = grouped[name], naive[name]
+        assert g.value == n.value and g.extra["n_reports"] == 50
+        assert (g.ci[1] - g.ci[0]) > 1.2 * (n.ci[1] - n.ci[0])
