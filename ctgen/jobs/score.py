@@ -65,12 +65,11 @@ def label_aurocs(probs, labels, names: Sequence[str], *, name: str, min_positive
                                    n_boot=n_boot, seed=seed, groups=groups)
         out.append(MetricValue(f"{name}.{label}", auroc(s, y), int(known.sum()), ci, profile, stems,
                                thin(int(known.sum())), {**extra, **clusters, "dropped_resamples": dropped}))
-    out.append(_macro(probs, labels, usable, names, name, profile, stems, n_boot, seed, groups, clusters))
+    out.append(_macro(probs, labels, usable, names, name, profile, stems, n_boot, seed, groups))
     return out
 
 
-def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot, seed, groups=None,
-           clusters=None) -> MetricValue:
+def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot, seed, groups=None) -> MetricValue:
     if not usable:
         return MetricValue(f"{name}.{MACRO}", None, len(probs), profile=profile, stems=stems,
                            flag="no label has enough positives and negatives", extra={"labels": []})
@@ -81,9 +80,10 @@ def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot
         return float(np.mean(finite)) if finite else math.nan
 
     value = stat(np.arange(len(probs)))
+    groups, clusters = report_groups(groups, len(probs))
     ci, dropped = bootstrap_ci(stat, len(probs), n_boot=n_boot, seed=seed, groups=groups)
     return MetricValue(f"{name}.{MACRO}", value, len(probs), ci, profile, stems, thin(len(probs)),
-                       {"labels": [names[j] for j in usable], **(clusters or {}), "dropped_resamples": dropped})
+                       {"labels": [names[j] for j in usable], **clusters, "dropped_resamples": dropped})
 
 
 def tstr_metrics(probs_synthetic, probs_real, labels, names: Sequence[str], *, min_positives: int, min_negatives: int,

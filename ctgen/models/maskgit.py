@@ -103,7 +103,7 @@ class Block(nn.Module):
     ``self_attn`` among the h*w tokens of each slice group, then ``time_attn`` among the t tokens
     at each in-plane position. Every token still reaches every other in one block (through two hops),
     at O(N (h w + t)) instead of O(N^2): at the demo's 17 x 8 x 8 grid the score matrices are 13x
-    smaller, which makes a training step ~3x faster on a CPU, where attention dominated.
+    smaller, which makes a CPU training step 1.8x faster (0.20 -> 0.11 s; attention was 65% of it).
     """
 
     def __init__(self, config: MaskGITConfig):
