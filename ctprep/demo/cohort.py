@@ -25,6 +25,7 @@ import datetime
 import json
 import logging
 import math
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,8 +104,12 @@ class _Vol:
     no_chest: bool = False  # listed in metadata/no_chest_<split>.txt
 
 
-def write_demo_cohort(root: str | Path, cfg: dict) -> pd.DataFrame:
-    """Write the cohort under ``root`` (the ``dataset/`` folder); return the truth table."""
+def write_demo_cohort(root: str | Path, cfg: dict, workers: int = 1) -> pd.DataFrame:
+    """Write the cohort under ``root`` (the ``dataset/`` folder); return the truth table.
+
+    ``workers`` > 1 renders that many volumes at a time in worker processes; every volume draws from
+    its own seeded generators, so the bytes are the same for any ``workers``.
+    """
     cfg = {**DEFAULTS, **(cfg or {})}
     bad = [f for f in cfg["faults"] if f not in FAULTS]
     if bad:
@@ -115,10 +120,16 @@ def write_demo_cohort(root: str | Path, cfg: dict) -> pd.DataFrame:
     vols = _plan(cfg)
     _place(vols, cfg)
     logger.info("demo cohort: %d volumes (%d with faults) -> %s", len(vols), sum(bool(v.fault) for v in vols), root)
-    for i, v in enumerate(vols):
-        _write_volume(root, v)
-        if (i + 1) % 10 == 0:
-            logger.info("rendered %d/%d volumes", i + 1, len(vols))
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        written = (pool.map if pool else map)(_write_volume, [root] * len(vols), vols)  # in order
+        for i, (v, (render, copies)) in enumerate(zip(vols, written)):
+            v.render, v.copies = render, copies  # as written (a NaN volume is stored in HU): the truth table's source
+            if (i + 1) % 10 == 0:
+                logger.info("rendered %d/%d volumes", i + 1, len(vols))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     truth = _write_tables(root, vols, extended=_extended(cfg))
     logger.info("demo cohort written: %d volumes, %d rows of truth", len(vols), len(truth))
     return truth
@@ -327,17 +338,18 @@ def _nifti_gz(data: np.ndarray) -> bytes:
     return igzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
-def _write_volume(root: Path, v: _Vol) -> None:
-    """Write each copy of ``v``: rendered once, stored in each copy's convention."""
+def _write_volume(root: Path, v: _Vol) -> tuple[dict, dict]:
+    """Write each copy of ``v``: rendered once, stored in each copy's convention; return (render, copies)
+    as written, which a worker process cannot change in the caller's ``v``."""
     if v.fault == "path_escape":
-        return
+        return v.render, v.copies
     paths = {layout: root / volume_relpath(v.name, layout) for layout in v.copies}
     if v.fault == "constant":
         m, n = int(v.meta["Rows"]), int(v.meta["NumberofSlices"])
         payload = _nifti_gz(np.full((m, m, n), -1024, dtype=np.int16))
         for path in paths.values():
             atomic_write_bytes(path, payload)
-        return
+        return v.render, v.copies
     hu = render_hu(v.phantom, v.meta, v.render)
     if v.fault == "nan":
         data = hu.copy()
@@ -348,7 +360,7 @@ def _write_volume(root: Path, v: _Vol) -> None:
         payload = _nifti_gz(data.astype(np.float32))
         for path in paths.values():
             atomic_write_bytes(path, payload)
-        return
+        return v.render, v.copies
     for layout in v.copies:
         data = _stored(v, hu)
         if layout == "fixed" and v.render["convention"] == "raw":
@@ -360,6 +372,7 @@ def _write_volume(root: Path, v: _Vol) -> None:
         if v.fault == "truncated_gzip":
             payload = payload[: len(payload) // 2]
         atomic_write_bytes(paths[layout], payload)
+    return v.render, v.copies
 
 
 # --- tables -------------------------------------------------------------------------------------

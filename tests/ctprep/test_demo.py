@@ -150,8 +150,9 @@ def test_table_columns_and_values(cohort, tables):
 
 
 def test_same_config_writes_identical_bytes(cohort, tmp_path):
+    """Again, with two worker processes: the same files, bytes and truth table."""
     root, truth = cohort
-    again = write_demo_cohort(tmp_path / "dataset", CFG)
+    again = write_demo_cohort(tmp_path / "dataset", CFG, workers=2)
     files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path / "dataset") for p in (tmp_path / "dataset").rglob("*") if p.is_file())
     for rel in files:

@@ -9,7 +9,7 @@ if DEMO:
             f"{R}/benchmarks/demo_cohort.tsv"
         conda:
             "../../envs/prep.yaml"
-        threads: 1
+        threads: 2  # volumes rendered side by side, the same bytes
         resources:
             mem_mb=2000,
             runtime=30,

@@ -66,6 +66,9 @@ def get_prompt_mentions(wildcards):
 # --- models -------------------------------------------------------------------------------
 MODELS = config["models"]
 RES = MODELS["resources"]
+# Scheduling priority of the tokenizer -> tokens -> generator chain, the DAG's longest: where cores are
+# short (the demo's 2), it starts first and the other trainings run beside it instead of after it.
+LONGEST_CHAIN = 10
 MODEL_PRESET = config["model_presets"][MODELS["preset"]]
 CHECKPOINTS = MODELS["checkpoints"]
 SMALL_TEXT = MODELS["text_encoder"]["kind"] == "small"

@@ -75,6 +75,7 @@ rule train_tokenizer:
         f"{R}/logs/train_tokenizer.log",
     benchmark:
         f"{R}/benchmarks/train_tokenizer.tsv"
+    priority: LONGEST_CHAIN
     conda:
         "../../envs/train.yaml"
     threads: RES["tokenizer"]["threads"]
@@ -104,6 +105,7 @@ rule encode_tokens:
         f"{R}/logs/encode_tokens/{{split}}-{{chunk}}.log",
     benchmark:
         f"{R}/benchmarks/encode_tokens/{{split}}-{{chunk}}.tsv"
+    priority: LONGEST_CHAIN
     conda:
         "../../envs/train.yaml"
     threads: 2
@@ -137,6 +139,7 @@ rule tokens_manifest:
         f"{R}/logs/encode_tokens/{{split}}-manifest.log",
     benchmark:
         f"{R}/benchmarks/encode_tokens/{{split}}-manifest.tsv"
+    priority: LONGEST_CHAIN
     conda:
         "../../envs/train.yaml"
     threads: 1
@@ -161,6 +164,7 @@ rule train_generator:
         f"{R}/logs/train_generator.log",
     benchmark:
         f"{R}/benchmarks/train_generator.tsv"
+    priority: LONGEST_CHAIN
     conda:
         "../../envs/train.yaml"
     threads: RES["generator"]["threads"]

@@ -4,4 +4,4 @@ from ctprep.logs import log_to
 log_to(snakemake.log[0])
 from ctprep.demo import write_demo_cohort
 
-write_demo_cohort(snakemake.output.root, snakemake.params.demo)
+write_demo_cohort(snakemake.output.root, snakemake.params.demo, workers=snakemake.threads)
