@@ -40,7 +40,7 @@ rule encode_latents:
         f"{R}/benchmarks/encode_latents/{{split}}-{{chunk}}.tsv"
     conda:
         "../../envs/train.yaml"
-    threads: 2
+    threads: RES["autoencoder"]["threads"]  # the autoencoder's job, on its resources
     resources:
         mem_mb=8000,
         runtime=120,

@@ -108,7 +108,7 @@ rule encode_tokens:
     priority: LONGEST_CHAIN
     conda:
         "../../envs/train.yaml"
-    threads: 2
+    threads: RES["tokenizer"]["threads"]  # the tokenizer's job, on its resources
     resources:
         mem_mb=8000,
         runtime=120,
