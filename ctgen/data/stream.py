@@ -52,7 +52,32 @@ from ctprep.shards import ShardError, load_manifest
 
 log = logging.getLogger(__name__)
 
-OPEN_SHARDS = 4  # shard indexes a worker keeps open (the shuffle buffer spans a few consecutive shards)
+OPEN_SHARDS = 4  # shard files a reader keeps open (the shuffle buffer spans a few consecutive shards)
+#: Shard indexes (member offsets) a process keeps between readers and epochs. Parsing a tar's headers
+#: (``tarfile.getmembers``) costs ~3 ms per shard, and each epoch's readers and a shuffle buffer that
+#: spans more shards than are open would otherwise parse them again and again: with the demo's
+#: 4-sample shards that was half of a training job's data time. An entry is a few hundred bytes a sample.
+INDEX_CACHE = 256
+_indexes: OrderedDict[tuple[str, int, int], dict[str, dict[str, tuple[str, int, int]]]] = OrderedDict()
+
+
+def shard_index(url: str) -> dict[str, dict[str, tuple[str, int, int]]]:
+    """{key: {extension: (member name, data offset, size)}} of an uncompressed tar shard, cached per
+    process by (path, mtime, size), so a rewritten shard is indexed afresh."""
+    st = os.stat(url)
+    ident = (os.fspath(url), st.st_mtime_ns, st.st_size)
+    if ident in _indexes:
+        _indexes.move_to_end(ident)
+        return _indexes[ident]
+    index: dict[str, dict[str, tuple[str, int, int]]] = {}
+    with tarfile.open(url, "r:") as tf:  # headers are 512 B each, read in order
+        for member in tf.getmembers():
+            key, _, ext = member.name.partition(".")
+            index.setdefault(key, {})[ext] = (member.name, member.offset_data, member.size)
+    _indexes[ident] = index
+    if len(_indexes) > INDEX_CACHE:
+        _indexes.popitem(last=False)
+    return index
 
 
 @dataclass(frozen=True)
@@ -230,11 +255,11 @@ def decode_member(name: str, data: bytes) -> Any:
 
 
 class ShardReader:
-    """Random access to samples of shards by key, through an index of tar member headers."""
+    """Random access to samples of shards by key, through each shard's index of member offsets."""
 
     def __init__(self, shards: tuple[Shard, ...], verify: bool = True):
         self.shards, self.verify = shards, verify
-        self._open: OrderedDict[int, tuple[tarfile.TarFile, dict[str, dict[str, tarfile.TarInfo]]]] = OrderedDict()
+        self._open: OrderedDict[int, tuple[Any, dict[str, dict[str, tuple[str, int, int]]]]] = OrderedDict()
         self._verified: set[int] = set()
 
     def _index(self, i: int):
@@ -245,26 +270,26 @@ class ShardReader:
         if self.verify and i not in self._verified:
             verify_shard(shard)
             self._verified.add(i)
-        tf = tarfile.open(shard.url, "r:")  # uncompressed tar: members are read by offset, headers are 512 B
-        index: dict[str, dict[str, tarfile.TarInfo]] = {}
-        for member in tf.getmembers():
-            key, _, ext = member.name.partition(".")
-            index.setdefault(key, {})[ext] = member
-        self._open[i] = (tf, index)
+        entry = (open(shard.url, "rb"), shard_index(shard.url))
+        self._open[i] = entry
         if len(self._open) > OPEN_SHARDS:
             self._open.popitem(last=False)[1][0].close()
-        return tf, index
+        return entry
 
     def read(self, i: int, key: str) -> dict[str, Any]:
         """The sample ``key`` of shard ``i`` as {"__key__", "__url__", extension: decoded value}."""
         shard = self.shards[i]
         try:
-            tf, index = self._index(i)
+            fh, index = self._index(i)
             if key not in index:
                 raise ShardError(f"{shard.url}: key {key!r} is listed in {shard.manifest} but not in the shard")
             sample = {"__key__": key, "__url__": shard.url}
-            for ext, member in index[key].items():
-                sample[ext] = decode_member(member.name, tf.extractfile(member).read())
+            for ext, (name, offset, size) in index[key].items():
+                fh.seek(offset)
+                data = fh.read(size)
+                if len(data) != size:
+                    raise ShardError(f"{shard.url}: member {name!r} is truncated ({len(data)} of {size} bytes)")
+                sample[ext] = decode_member(name, data)
             return sample
         except ShardError:
             raise
@@ -272,8 +297,8 @@ class ShardReader:
             raise ShardError(f"{shard.url}: reading sample {key!r} failed: {type(err).__name__}: {err}") from err
 
     def close(self) -> None:
-        for tf, _ in self._open.values():
-            tf.close()
+        for fh, _ in self._open.values():
+            fh.close()
         self._open.clear()
 
 

@@ -227,3 +227,54 @@ def test_loop_resumes_streamed_data_exactly(shards, tmp_path, workers):
         a = load_file(tmp_path / "a" / "out" / sub / "model.safetensors")
         b = load_file(tmp_path / "b" / "out" / sub / "model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shard_index_is_parsed_once_and_follows_a_rewritten_shard(shards, tmp_path, monkeypatch):
+    """Readers of later epochs reuse each shard's member offsets (tar headers are parsed once per process),
+    read the same bytes as webdataset, and a shard written anew is indexed anew."""
+    import tarfile
+
+    from ctgen.data import stream
+
+    shard_list = load_shards([shards["manifest"]])
+    volumes = {key: sample_bytes(s.url, key) for s in shard_list for key in s.keys}
+    calls = []
+    real_open = tarfile.open
+    monkeypatch.setattr(stream.tarfile, "open", lambda *a, **k: calls.append(a[0]) or real_open(*a, **k))
+    stream._indexes.clear()
+    for _ in range(2):  # two epochs' readers
+        reader = stream.ShardReader(tuple(shard_list), verify=False)
+        for i, shard in enumerate(shard_list):
+            for key in shard.keys:
+                sample = reader.read(i, key)
+                assert sample["__key__"] == key and sample["prompt.txt"] == f"prompt {key}"
+                assert np.array_equal(sample["vol.b2nd"], stream.decode_member("x.b2nd", volumes[key]))
+                assert np.all(sample["vol.b2nd"] == _value(key))
+        reader.close()
+    assert sorted(calls) == sorted(s.url for s in shard_list)  # each shard's headers once
+    monkeypatch.undo()
+    first = shard_list[0]
+    ref = next(iter(wds.WebDataset(first.url, shardshuffle=False)))  # webdataset's own reading of the first sample
+    reader = stream.ShardReader((first,), verify=False)
+    assert reader.read(0, ref["__key__"])["meta.json"] == stream.decode_member("meta.json", ref["meta.json"])
+    # rewrite the shard with one sample fewer: the cached index must not serve the old offsets
+    with tarfile.open(first.url) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers() if not m.name.startswith(first.keys[0] + ".")]
+    os.remove(first.url)
+    with tarfile.open(first.url, "w") as tf:
+        for m, data in members:
+            tf.addfile(m, __import__("io").BytesIO(data))
+    os.utime(first.url, ns=(1, 1))
+    fresh = stream.ShardReader((first,), verify=False)
+    with pytest.raises(ShardError, match="not in the shard"):
+        fresh.read(0, first.keys[0])
+    assert fresh.read(0, first.keys[1])["prompt.txt"] == f"prompt {first.keys[1]}"
+
+
+def sample_bytes(url: str, key: str) -> bytes:
+    """The volume member of ``key`` in the tar at ``url``, read with tarfile (the independent reference)."""
+    import tarfile
+
+    with tarfile.open(url) as tf:
+        return next(tf.extractfile(m).read() for m in tf.getmembers() if m.name.startswith(key + ".") and
+                    m.name.endswith(".b2nd"))
