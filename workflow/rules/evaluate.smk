@@ -178,6 +178,7 @@ rule guidance_sweep:
         f"{R}/logs/guidance_sweep.log",
     benchmark:
         f"{R}/benchmarks/guidance_sweep.tsv"
+    priority: LONGEST_CHAIN  # the longest job after training: first, the others beside it
     conda:
         "../../envs/train.yaml"
     threads: config["evaluation"]["resources"]["threads"]
@@ -188,7 +189,7 @@ rule guidance_sweep:
     params:
         scales=config["evaluation"]["guidance_scales"],
         repeats=config["evaluation"]["guidance_repeats"],
-        sampling=config["sampling"],
+        sampling=SAMPLING,
         evaluation=EVAL_SETTINGS,
     script:
         "../scripts/guidance_sweep.py"

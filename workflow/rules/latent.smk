@@ -153,7 +153,7 @@ rule latent_flow_spec:
         runtime=5,
     params:
         preset=PRESET,
-        models=config["models"],
+        models=MODEL_SETTINGS,
         sampling=config["sampling"]["latent_flow"],
     script:
         "../scripts/latent_flow_spec.py"

@@ -19,8 +19,8 @@ rule cascade:
         runtime=5,
     params:
         preset=PRESET,
-        models=config["models"],
-        sampling=config["sampling"],
+        models=MODEL_SETTINGS,
+        sampling=SAMPLING,
         templates=config["prompts"]["templates"],
     script:
         "../scripts/cascade.py"
@@ -69,7 +69,7 @@ rule sample:
     params:
         models=lambda wc, input: os.path.dirname(input.spec),
         out=lambda wc, output: os.path.dirname(output.manifest),
-        s=config["sampling"],
+        s=SAMPLING,
         sr_steps=(
             f"--sr-steps {config['sampling']['sr_steps']}"
             if config["sampling"]["sr_steps"]
@@ -134,7 +134,7 @@ rule sample_tstr:
     params:
         models=lambda wc, input: os.path.dirname(input.spec),
         out=lambda wc, output: os.path.dirname(output.manifest),
-        s=config["sampling"],
+        s=SAMPLING,
     shell:
         "ctgen sample --models {params.models} --prompts {input.prompts} --out-dir {params.out}"
         " --seed {params.s[seed]} --per-prompt 1 --steps {params.s[steps]}"
