@@ -292,3 +292,45 @@ def test_settings_are_config_yaml_s_evaluation_keys():
     assert defaults.labels == LABELS  # faithfulness_labels absent: all 18
     with pytest.raises(ValueError, match="not CT-RATE labels"):
         EvalConfig(faithfulness_labels=("Cardiomegaly", "Pneumonia"))
+
+
+def test_cascade_ceiling_scores_each_stage_of_the_real_scans(models, tmp_path, capsys):
+    """The classifier on the real scans, their low-res stage, its tokenizer reconstruction and that after
+    super-resolution; the real stage against an independent AUROC of the classifier's own probabilities."""
+    from ctgen.jobs.ceiling import STAGES, cascade_ceiling
+    from ctgen.jobs.features import load_models_folder, volume_outputs
+    import torch
+
+    from ctgen.data.layout import hu_to_unit
+    from ctgen.jobs.pairing import Grid, RealSet, read_labels
+
+    prompts = pd.read_parquet(models["cohort"]["prompts"])
+    pd.DataFrame({"id": prompts["VolumeName"].str.replace(".nii.gz", "")[:6],
+                  "prompt": prompts["generatect"][:6]}).to_csv(tmp_path / "prompts.csv", index=False)
+    settings = {**SETTINGS, "auroc_min_positives": 1, "auroc_min_negatives": 1, "faithfulness_labels": ["Pleural effusion"]}
+    out = cascade_ceiling(models["models"], tmp_path / "prompts.csv", [models["manifest"]], tmp_path / "c.csv",
+                          settings, device="cpu", sr_steps=2, labels=models["labels"])
+    assert list(out["stage"].unique()) == list(STAGES) and (out["n"] == 6).all()
+    assert out.equals(pd.read_csv(tmp_path / "c.csv").astype(out.dtypes.to_dict()))
+    grid = Grid.from_models(models["models"])
+    nets = load_models_folder(models["models"], "cpu", window=grid.clip)
+    real = RealSet([models["manifest"]])
+    labels = read_labels(models["labels"])
+    p, y = [], []
+    for stem, hu, _ in real.read(set(prompts["VolumeName"].str.replace(".nii.gz", "")[:6]), grid):
+        x = hu_to_unit(torch.from_numpy(hu), grid.clip).float().reshape(1, 1, *hu.shape[-3:])
+        p.append(volume_outputs(nets, x)["probabilities"][0, LABELS.index("Pleural effusion")])
+        y.append(labels[stem][LABELS.index("Pleural effusion")])
+    p, y = np.array(p), np.array(y)
+    pos, neg = p[y == 1], p[y == 0]
+    mann_whitney = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    real_row = out[(out["stage"] == "real") & (out["metric"] == "ceiling.real.Pleural effusion")].iloc[0]
+    assert real_row["value"] == pytest.approx(mann_whitney)
+    assert out.loc[out["metric"].str.endswith(".macro"), "value"].between(0, 1).all()
+    assert main(["cascade-ceiling", "--models", str(models["models"]), "--prompts", str(tmp_path / "prompts.csv"),
+                 "--real", str(models["manifest"]), "--out", str(tmp_path / "cli.csv"), "--sr-steps", "1",
+                 "--labels", str(models["labels"]),
+                 "--settings", json.dumps(settings)]) == 0
+    assert "super_resolution" in capsys.readouterr().out
+    assert main(["cascade-ceiling", "--models", str(models["models"]), "--prompts", str(tmp_path / "none.csv"),
+                 "--real", str(models["manifest"]), "--out", str(tmp_path / "x.csv")]) == 2

@@ -1,0 +1,103 @@
+"""Where the cascade loses a finding: the faithfulness classifier on each stage of the cascade, applied to real scans.
+
+For each real evaluation scan (matched to the prompts' reports): the scan itself (the real ceiling that
+``evaluate`` reports too), its low-res stage (in-plane area downsampling by ``lowres_scale``, back to the
+full grid trilinearly), the tokenizer's reconstruction of that stage (encode -> decode, back trilinearly)
+and that reconstruction after the super-resolution model with the report's prompt, which is what the
+cascade would output for a generator that produced exactly the scan's tokens. The classifier's per-label
+and macro AUROC at each stage (bootstrap CIs and the guards of ``evaluate``) say which stage loses a
+finding: a drop from ``real`` to ``lowres`` is the grid, to ``reconstruction`` the tokenizer, to
+``super_resolution`` the 2D super-resolution; what is left between ``super_resolution`` and the generated
+volumes' AUROC (``evaluate``) is the generator's.
+
+    ctgen cascade-ceiling --models results/models --prompts results/samples/prompts.csv \\
+        --real results/shards/valid/manifest.json --out results/evaluation/cascade_ceiling.csv
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ctgen.data.layout import downsample, hu_to_unit
+from ctgen.jobs.eval_config import EvalConfig
+from ctgen.jobs.features import load_models_folder, volume_outputs
+from ctgen.jobs.pairing import BadVolume, Grid, RealSet, read_labels
+from ctgen.jobs.score import label_aurocs
+from ctgen.metrics.summary import stems_hash
+from ctprep.ctrate import LABELS, volume_key
+from ctprep.errors import UserError
+from ctprep.logs import progress
+
+log = logging.getLogger(__name__)
+
+STAGES = ("real", "lowres", "reconstruction", "super_resolution")
+
+
+@torch.no_grad()
+def cascade_ceiling(models_dir: str | Path, prompts_csv: str | Path, reference: list[str], out_csv: str | Path,
+                    settings: EvalConfig | dict | None = None, device: str | None = None, sr_steps: int | None = None,
+                    seed: int = 0, labels: str | Path | None = None) -> pd.DataFrame:
+    """Score each stage of the cascade on the real scans of the prompts' reports; write and return the table.
+
+    ``labels``: a CT-RATE-style label table (as ``evaluate --labels``); default: the labels in the shards.
+    """
+    from ctgen.pipelines.text_to_ct import TextToCTPipeline
+
+    cfg = settings if isinstance(settings, EvalConfig) else EvalConfig.from_dict(settings)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = pd.read_csv(prompts_csv, dtype={"id": str})
+    text = {volume_key(i): p for i, p in zip(prompts["id"], prompts["prompt"])}
+    grid = Grid.from_models(models_dir)
+    nets = load_models_folder(models_dir, device, window=grid.clip)
+    if nets.classifier is None:
+        raise UserError(f"{models_dir}: the cascade ceiling needs the classifier")
+    pipe = TextToCTPipeline.from_pretrained(models_dir, device=device)
+    scale = int(pipe.spec["grid"]["lowres_scale"])
+    real = RealSet(reference)
+    known = read_labels(labels) if labels else real.labels()
+    missing = sorted(s for s in text if s not in known)
+    if missing:
+        raise UserError(f"no labels in the reference shards for {len(missing)} prompts (first: {missing[0]})")
+    cols = [LABELS.index(n) for n in cfg.labels]
+    probs: dict[str, list[np.ndarray]] = {s: [] for s in STAGES}
+    stems, ys = [], []
+    for k, (stem, hu, _) in enumerate(progress(real.read(set(text), grid), total=len(text), desc="ceiling",
+                                               unit="vol")):
+        if isinstance(hu, BadVolume):
+            raise UserError(f"the real scan {stem} cannot be read: {hu}")
+        x = hu_to_unit(torch.from_numpy(hu), grid.clip).float().reshape(1, 1, *hu.shape[-3:]).to(device)  # (1,1,D,H,W)
+        low = downsample(x, scale)  # (1, 1, D, h, w)
+        recon = pipe.tokenizer.decode(pipe.tokenizer.encode(low), num_slices=x.shape[2])  # (1, 1, D, h, w)
+        sr_text = pipe.encode_text(pipe.superres, [text[stem]])
+        d = x.shape[2]
+        high = pipe.superres.core.sample(recon[0].transpose(0, 1), sr_text["text"].expand(d, -1, -1),
+                                         sr_text["text_mask"].expand(d, -1), steps=sr_steps,
+                                         generator=torch.Generator(device=device).manual_seed(seed + k),
+                                         batch_size=64).transpose(0, 1)[None]  # (1, 1, D, H, W)
+        back = lambda v: F.interpolate(v, size=x.shape[-3:], mode="trilinear", align_corners=False)  # noqa: E731
+        for name, v in zip(STAGES, (x, back(low), back(recon), high)):
+            probs[name].append(volume_outputs(nets, v.clamp(-1, 1))["probabilities"][0, cols])
+        stems.append(stem)
+        ys.append(known[stem][cols])
+    y = np.stack(ys)
+    kw = {"stems": stems_hash(stems), "n_boot": cfg.bootstrap, "seed": cfg.seed}
+    rows = []
+    for stage in STAGES:
+        for m in label_aurocs(np.stack(probs[stage]), y, cfg.labels, name=f"ceiling.{stage}",
+                              min_positives=cfg.auroc_min_positives, min_negatives=cfg.auroc_min_negatives,
+                              profile=nets.profiles["classifier"], **kw):
+            rows.append({"stage": stage, "metric": m.name, "value": m.value, "ci_low": m.ci[0] if m.ci else None,
+                         "ci_high": m.ci[1] if m.ci else None, "n": m.n, "flag": m.flag, "profile": m.profile})
+        macro = rows[-1]
+        log.info("%s: macro AUROC %s [%s, %s] (n = %d)", stage, macro["value"], macro["ci_low"], macro["ci_high"],
+                 macro["n"])
+    out = pd.DataFrame(rows)
+    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+    out.to_csv(out_csv, index=False)
+    return out
