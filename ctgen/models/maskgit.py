@@ -51,7 +51,6 @@ class MaskGITConfig:
     dropout: float = 0.0  # dropout on attention weights and MLP hidden units (training only)
     checkpoint_blocks: bool = False  # recompute each block in backward: less activation memory, ~30% slower
     attention: str = "full"  # full: over all t*h*w tokens (GenerateCT) | divided: within each slice group, then along t at each (h, w) (TimeSformer): O(N (hw + t))
-    text_pool: bool = False  # also add a projection of the mean of the visible text tokens (the null alone when dropped) to every grid token: a global path beside cross-attention (not GenerateCT's)
 
     def __post_init__(self):
         if self.attention not in ("full", "divided"):
@@ -151,10 +150,6 @@ class MaskGIT(nn.Module, PretrainedMixin):
         self.norm = nn.LayerNorm(c.dim)
         self.to_logits = nn.Linear(c.dim, c.codebook_size)
         self.scheduler = MaskingScheduler(self.mask_id)
-        # The report as one vector added to every token: a finding that changes the whole volume (a large
-        # heart, an effusion) reaches each token without a learned cross-attention pattern. Built last, so
-        # that the other parameters draw the same initial values with it or without it.
-        self.text_pool = nn.Linear(c.dim, c.dim) if c.text_pool else None
 
     # ------------------------------------------------------------------ building blocks
     def context(self, text: torch.Tensor, text_mask: torch.Tensor,
@@ -188,9 +183,6 @@ class MaskGIT(nn.Module, PretrainedMixin):
         pos, ctx, ctx_mask = prepared if prepared is not None else self.prepare((t, h, w), text, text_mask, keep)
         x = self.token_emb(rearrange(tokens, "b t h w -> b (t h w)"))  # (B, N, D)
         x = x + pos.to(x.dtype)
-        if self.text_pool is not None:  # mean of the visible context tokens (null + text, or null alone)
-            m = ctx_mask.to(ctx.dtype).unsqueeze(-1)  # (B, 1 + L, 1)
-            x = x + self.text_pool((ctx * m).sum(1) / m.sum(1)).unsqueeze(1).to(x.dtype)  # (B, 1, D) to all
         for block in self.blocks:
             if self.config.checkpoint_blocks and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, ctx, ctx_mask, (t, h, w), use_reentrant=False)

@@ -269,32 +269,3 @@ def test_divided_attention_reaches_every_token_in_one_block():
 def test_unknown_attention_is_refused():
     with pytest.raises(ValueError, match="attention"):
         MaskGITConfig(attention="axial")
-
-
-# ---------------------------------------------------------------------------------- pooled text path
-def test_text_pool_adds_the_mean_of_the_visible_context_to_every_token():
-    """text_pool adds Linear(mean of the visible context) to each token: with the text dropped, the mean is
-    the null token alone, whatever the text; with it, the padded text tokens do not count. The other
-    parameters start as without it."""
-    plain, pooled = tiny(), tiny(text_pool=True)
-    for name, p in plain.state_dict().items():
-        assert torch.equal(p, pooled.state_dict()[name]), name
-    assert set(pooled.state_dict()) - set(plain.state_dict()) == {"text_pool.weight", "text_pool.bias"}
-    pooled.eval()
-    text, mask = text_batch(2)
-    tokens = torch.randint(0, 33, (2, 3, 4, 4))
-    seen = {}
-    pooled.blocks[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].clone()))
-    pooled.logits(tokens, text, mask)
-    ctx, ctx_mask = pooled.context(text, mask)
-    for i in range(2):  # an independent mean over the visible rows
-        mean = ctx[i][ctx_mask[i]].mean(0)
-        expected = pooled.token_emb(tokens[i].flatten()) + pooled.pos_emb(3, 4, 4) + pooled.text_pool(mean)
-        torch.testing.assert_close(seen["x"][i], expected)
-    drop = torch.zeros(2, dtype=torch.bool)
-    other = text_batch(2, seed=9)
-    torch.testing.assert_close(pooled.logits(tokens, text, mask, keep=drop), pooled.logits(tokens, *other, keep=drop))
-    assert not torch.allclose(pooled.logits(tokens, text, mask), pooled.logits(tokens, *other))
-    out = tiny(text_pool=True, cond_drop_prob=0.5).train()(tokens=tokens.clamp(max=31), text=text, text_mask=mask)
-    out.loss.backward()
-    assert out.loss.isfinite()
