@@ -70,8 +70,8 @@ RES = MODELS["resources"]
 # that an edit of those reruns no job (Snakemake reruns a job whose params changed).
 MODEL_SETTINGS = {k: v for k, v in MODELS.items() if k != "resources"}
 SAMPLING = {k: v for k, v in config["sampling"].items() if k != "resources"}
-# Scheduling priority of the tokenizer -> tokens -> generator chain, the DAG's longest, and of the guidance
-# sweep, the longest job after it: where cores are short (the demo's 2), they start first and the other
+# Scheduling priority of the tokenizer -> tokens -> generator chain (with its text inputs), the DAG's longest, and
+# of the guidance sweep, the longest job after it: where cores are short (the demo's 2), they start first and the other
 # jobs run beside them instead of after them.
 LONGEST_CHAIN = 10
 MODEL_PRESET = config["model_presets"][MODELS["preset"]]

@@ -7,6 +7,7 @@ rule text_tokenizer:
         f"{R}/logs/text_tokenizer.log",
     benchmark:
         f"{R}/benchmarks/text_tokenizer.tsv"
+    priority: LONGEST_CHAIN
     conda:
         "../../envs/train.yaml"
     threads: 1
@@ -30,6 +31,7 @@ rule embed_prompts:
         f"{R}/logs/embed_prompts.log",
     benchmark:
         f"{R}/benchmarks/embed_prompts.tsv"
+    priority: LONGEST_CHAIN
     conda:
         "../../envs/train.yaml"
     threads: 2
