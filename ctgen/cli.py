@@ -161,7 +161,7 @@ def _cascade_ceiling(args: argparse.Namespace) -> int:
             raise UserError(f"{path} does not exist")
     out = cascade_ceiling(args.models, args.prompts, args.real, args.out, _settings(args.settings), args.device,
                           args.sr_steps, labels=args.labels)
-    print(out[out.metric.str.endswith(".macro")][["stage", "value", "ci_low", "ci_high", "n"]].to_string(index=False))
+    print(out[out["name"].str.endswith(".macro")][["stage", "value", "ci_low", "ci_high", "n"]].to_string(index=False))
     return 0
 
 
@@ -300,7 +300,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--models", required=True, help="models folder with cascade.json, the cascade and the classifier")
     g.add_argument("--prompts", required=True, help="the sampling prompts (samples/prompts.csv: id, prompt)")
     g.add_argument("--real", required=True, nargs="+", help="shard manifests of the real scans, with their labels")
-    g.add_argument("--out", required=True, help="the table (CSV): stage, metric, value, CI, n, flag")
+    g.add_argument("--out", required=True, help="the table (CSV): stage, name, value, n, profile, flag, CI")
     g.add_argument("--labels", help="CT-RATE-style label table (VolumeName + the 18 labels); default: the shards' labels")
     g.add_argument("--settings", help="scoring settings as for evaluate (faithfulness_labels, bootstrap, guards)")
     g.add_argument("--sr-steps", type=positive_int, help="super-resolution sampler steps (default: the model's)")

@@ -85,6 +85,9 @@ def cascade_ceiling(models_dir: str | Path, prompts_csv: str | Path, reference: 
             probs[name].append(volume_outputs(nets, v.clamp(-1, 1))["probabilities"][0, cols])
         stems.append(stem)
         ys.append(known[stem][cols])
+    unread = sorted(set(text) - set(stems))
+    if unread:  # never a table on fewer scans than the prompts name
+        raise UserError(f"{len(unread)} prompted scans are not in the reference shards (first: {unread[0]})")
     y = np.stack(ys)
     kw = {"stems": stems_hash(stems), "n_boot": cfg.bootstrap, "seed": cfg.seed}
     rows = []
@@ -92,8 +95,7 @@ def cascade_ceiling(models_dir: str | Path, prompts_csv: str | Path, reference: 
         for m in label_aurocs(np.stack(probs[stage]), y, cfg.labels, name=f"ceiling.{stage}",
                               min_positives=cfg.auroc_min_positives, min_negatives=cfg.auroc_min_negatives,
                               profile=nets.profiles["classifier"], **kw):
-            rows.append({"stage": stage, "metric": m.name, "value": m.value, "ci_low": m.ci[0] if m.ci else None,
-                         "ci_high": m.ci[1] if m.ci else None, "n": m.n, "flag": m.flag, "profile": m.profile})
+            rows.append({"stage": stage, **m.row()})
         macro = rows[-1]
         log.info("%s: macro AUROC %s [%s, %s] (n = %d)", stage, macro["value"], macro["ci_low"], macro["ci_high"],
                  macro["n"])

@@ -179,9 +179,7 @@ def _write(out: Path, summary: dict, records: list[MetricValue], official: dict,
 
 def _row(r: MetricValue) -> dict:
     """One table row: the record's fields with the CI as two columns and the leaderboard key."""
-    row = {k: v for k, v in r.to_json().items() if k not in ("ci", "extra")}
-    return {**row, "ci_low": r.ci[0] if r.ci else None, "ci_high": r.ci[1] if r.ci else None,
-            "official_key": r.extra.get("official_key")}
+    return {**r.row(), "official_key": r.extra.get("official_key")}
 
 
 def vlm3d_score_main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,11 @@ class MetricValue:
                 out[k] = None
         return out
 
+    def row(self) -> dict[str, Any]:
+        """One table row: :meth:`to_json` without ``extra``, the CI as ``ci_low`` and ``ci_high`` columns."""
+        row = {k: v for k, v in self.to_json().items() if k not in ("ci", "extra")}
+        return {**row, "ci_low": self.ci[0] if self.ci else None, "ci_high": self.ci[1] if self.ci else None}
+
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> MetricValue:
         """The inverse of :meth:`to_json` (a metrics.json record back to a MetricValue)."""

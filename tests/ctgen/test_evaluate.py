@@ -324,9 +324,9 @@ def test_cascade_ceiling_scores_each_stage_of_the_real_scans(models, tmp_path, c
     p, y = np.array(p), np.array(y)
     pos, neg = p[y == 1], p[y == 0]
     mann_whitney = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
-    real_row = out[(out["stage"] == "real") & (out["metric"] == "ceiling.real.Pleural effusion")].iloc[0]
+    real_row = out[(out["stage"] == "real") & (out["name"] == "ceiling.real.Pleural effusion")].iloc[0]
     assert real_row["value"] == pytest.approx(mann_whitney)
-    assert out.loc[out["metric"].str.endswith(".macro"), "value"].between(0, 1).all()
+    assert out.loc[out["name"].str.endswith(".macro"), "value"].between(0, 1).all()
     assert main(["cascade-ceiling", "--models", str(models["models"]), "--prompts", str(tmp_path / "prompts.csv"),
                  "--real", str(models["manifest"]), "--out", str(tmp_path / "cli.csv"), "--sr-steps", "1",
                  "--labels", str(models["labels"]),
@@ -334,3 +334,11 @@ def test_cascade_ceiling_scores_each_stage_of_the_real_scans(models, tmp_path, c
     assert "super_resolution" in capsys.readouterr().out
     assert main(["cascade-ceiling", "--models", str(models["models"]), "--prompts", str(tmp_path / "none.csv"),
                  "--real", str(models["manifest"]), "--out", str(tmp_path / "x.csv")]) == 2
+    # a prompt whose scan is not in the shards (its labels given) is named, not silently left out
+    table = pd.read_csv(models["labels"])
+    extra = table.iloc[:1].assign(VolumeName="train_99_a_1.nii.gz")
+    pd.concat([table, extra]).to_csv(tmp_path / "labels.csv", index=False)
+    pd.DataFrame({"id": ["train_0_a_1", "train_99_a_1"], "prompt": ["a", "b"]}).to_csv(tmp_path / "p2.csv", index=False)
+    with pytest.raises(UserError, match="not in the reference shards.*train_99"):
+        cascade_ceiling(models["models"], tmp_path / "p2.csv", [models["manifest"]], tmp_path / "y.csv", settings,
+                        device="cpu", sr_steps=1, labels=tmp_path / "labels.csv")
