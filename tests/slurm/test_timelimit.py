@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +45,11 @@ def local(work: Path, env: dict, *targets: str) -> None:
 
 def test_training_survives_its_time_limit(cluster, tmp_path):  # noqa: F811 (the fixture)
     env = {k: v for k, v in cluster["env"].items() if k != "CTGEN_JOB_DEADLINE"}
-    reference, work = workdir(tmp_path / "reference"), workdir(tmp_path / "slurm")
-    local(reference, env, TOKENIZER)  # uninterrupted, no time limit
+    work = workdir(tmp_path / "slurm")
     local(work, env, *SHARDS)  # the data, locally: only the training goes through Slurm
+    # the same data for the reference (copied with mtimes and Snakemake's records: built once, not twice)
+    reference = Path(shutil.copytree(work, tmp_path / "reference", symlinks=True))
+    local(reference, env, TOKENIZER)  # uninterrupted, no time limit
     # the target before --configfile, which takes every following word as a config file
     res = snakemake(work, REPO / "Snakefile", env, TOKENIZER, "--configfile", str(work / "config.yaml"), limit=900)
     out = res.stdout + res.stderr
