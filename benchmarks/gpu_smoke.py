@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 MODELS = ("tokenizer", "generator", "superres", "clip", "classifier")
 
 CHILD = r"""
@@ -42,9 +43,9 @@ print("RESULT " + json.dumps(out))
 
 
 def paper_config(preset: str) -> dict:
-    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
-    cfg["models"]["preset"], cfg["prep"]["preset"], cfg["models"]["lowres_scale"] = preset, "paper", 4
-    return cfg
+    from ctgen.jobs.smoke import paper_config as set_paper
+
+    return set_paper(yaml.safe_load((REPO / "config.yaml").read_text()), preset)
 
 
 def run(part: str, device: str, cfg_path: Path, steps: int, sr_slices: int, timeout: int) -> dict:

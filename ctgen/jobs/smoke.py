@@ -9,6 +9,7 @@ figures for a GPU; the tests run the ``paper`` preset's steps on the CPU.
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import tempfile
@@ -25,6 +26,16 @@ log = logging.getLogger(__name__)
 
 KINDS = ("tokenizer", "generator", "superres", "clip", "classifier")
 TEXT_TOKENS = 128  # GenerateCT's text length
+
+
+def paper_config(config: dict[str, Any], preset: str = "paper") -> dict[str, Any]:
+    """``config`` set to the cascade's paper geometry with model preset ``preset`` (a copy): prep preset
+    ``paper`` (512 x 512 x 201), ``lowres_scale`` 4 (tokenizer 128 x 128 x 201), the cascade alone (the
+    ``paper`` model preset has no latent flow models; ``report2ct`` is that family's, benchmarks/latent_flow.py)."""
+    cfg = copy.deepcopy(config)
+    cfg["models"].update(preset=preset, lowres_scale=4, generators=["cascade"])
+    cfg["prep"]["preset"] = "paper"
+    return cfg
 
 
 def _model(kind: str, config: dict[str, Any]) -> torch.nn.Module:

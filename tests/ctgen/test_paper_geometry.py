@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from ctgen.jobs.geometry import check_geometry
+from ctgen.jobs.smoke import paper_config as smoke_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHILD = r"""
@@ -30,10 +31,7 @@ print(json.dumps(training_step(sys.argv[2], cfg, batch_size=1)))
 
 
 def paper_config() -> dict:
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
-    cfg["models"]["preset"], cfg["prep"]["preset"], cfg["models"]["lowres_scale"] = "paper", "paper", 4
-    cfg["models"]["generators"] = ["cascade"]  # the paper preset is GenerateCT's cascade (report2ct: the latent family)
-    return cfg
+    return smoke_config(yaml.safe_load((ROOT / "config.yaml").read_text()))  # as benchmarks/gpu_smoke.py sets it
 
 
 def test_paper_presets_fit_together():
