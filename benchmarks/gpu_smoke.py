@@ -18,6 +18,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -67,15 +68,13 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    cfg_path = Path(sys.argv[0]).resolve().parent / f".gpu_smoke_{args.preset}.yaml"
-    cfg_path.write_text(yaml.safe_dump(paper_config(args.preset)))
     results = []
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = Path(tmp) / f"gpu_smoke_{args.preset}.yaml"
+        cfg_path.write_text(yaml.safe_dump(paper_config(args.preset)))
         for part in args.models:
             results.append(run(part, args.device, cfg_path, args.steps, args.sr_slices, args.timeout))
             print(json.dumps(results[-1]), flush=True)
-    finally:
-        cfg_path.unlink(missing_ok=True)
     print(f"\n| {args.preset} at 512x512x201 ({args.device}) | params | batch | s/step | peak GiB | precision |")
     print("|---|---|---|---|---|---|")
     for r in results:
