@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 PROFILE ?= workflow/profiles/local
 TORCH ?= 2.13.0
+TEST_WORKERS ?= 2  # make test: pytest worker processes (tests/conftest.py: what shares one)
 
 .PHONY: setup demo test lint bench clean browser
 
@@ -23,7 +24,7 @@ demo: setup
 
 test: setup browser
 	$(BIN)/snakemake --lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS)
 
 # tests/workflow/test_report.py opens the demo's report in headless Chromium: found on PATH, or installed
 # with apt-get where this runs as root; elsewhere those 4 tests are skipped and the line below says so
