@@ -39,3 +39,18 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: worker_group(item.nodeid) != "slurm")  # the longest group starts first
+
+
+@pytest.fixture(params=REAL_NIFTI)
+def real_nifti(request) -> Path:
+    return DATA / request.param
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture
+def repo_config() -> Path:
+    return REPO / "config.yaml"
