@@ -105,20 +105,11 @@ if mode in ("flow", "train", "sample"):
     text, x = flow_inputs(m, b)
     out["params_m"] = sum(p.numel() for p in m.parameters()) / 1e6
     out["base_gib"] = base_gib()
-    if mode == "train":  # one step of the training loop's own step functions (fused AdamW on CUDA)
-        from ctgen.training.loop import accumulate_gradients
-        from ctgen.training.optim import build_optimizer
-        m.train()
-        opt = build_optimizer(m, 1e-4, 0.0, (0.9, 0.999), dev)
+    if mode == "train":  # a warm-up step on CUDA, then the timed one: the training loop's step functions
+        from ctgen.jobs.smoke import optimizer_steps
         batch = {"latent_mu": x, "latent_sigma": torch.full_like(x, 0.1), **text}
-        def step():
-            opt.zero_grad(set_to_none=True)
-            logs = accumulate_gradients(m, [batch], step=0, ddp=False,
-                                        autocast=autocast if cuda else None, collect_logs=True)
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            opt.step()
-            return logs[0]["loss"]
-        out["loss"], out["seconds"] = timed(step)
+        r = optimizer_steps(m, batch, lr=float(section["latent_flow"]["train"]["lr"]), steps=2 if cuda else 1)
+        out.update(loss=r["loss"], seconds=r["step_s"], precision=r["precision"], fused_adamw=r["fused_adamw"])
     else:
         m.eval()
         with torch.no_grad():

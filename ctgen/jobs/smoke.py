@@ -94,25 +94,20 @@ def _peak(device: torch.device) -> dict[str, float]:
     return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_kind": "process_max_rss"}
 
 
-def training_step(kind: str, config: dict[str, Any], *, device: str = "cpu", batch_size: int | None = None,
-                  precision: str = "auto", steps: int = 1, seed: int = 0) -> dict[str, Any]:
-    """``steps`` training steps of ``kind`` through the loop's step functions; time of the last one, peak memory."""
+def optimizer_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, lr: float, steps: int = 1,
+                    precision: str = "auto") -> dict[str, Any]:
+    """``steps`` optimiser steps of ``model`` on one batch (on the model's device) with the training loop's
+    step functions: ``accumulate_gradients`` under its autocast, gradient clipping at 1, ``build_optimizer``
+    (the fused AdamW kernel on CUDA). Time of the last step, its loss, the peak memory from the first."""
     from ctgen.training.loop import TrainConfig, accumulate_gradients, autocast_context
     from ctgen.training.optim import build_optimizer
 
-    dev = torch.device(device)
-    train = config["model_presets"][config["models"]["preset"]][kind]["train"]
-    b = batch_size or int(train.get("batch_size", 1))
-    if kind == "clip":
-        b = max(b, 2)  # CLIP's loss needs another pair in the batch
-    torch.manual_seed(seed)
-    model = _model(kind, config).to(dev).train()
-    gen = torch.Generator().manual_seed(seed)
-    batch = {k: v.to(dev) for k, v in synthetic_batch(kind, model, config, b, gen).items()}
-    tcfg = TrainConfig(max_steps=max(steps, 1), batch_size=b, lr=float(train.get("lr", 1e-4)), warmup_steps=0,
-                       precision=precision, tensorboard=False)
+    dev = next(model.parameters()).device
+    tcfg = TrainConfig(max_steps=max(steps, 1), batch_size=1, lr=lr, warmup_steps=0, precision=precision,
+                       tensorboard=False)
     autocast, used = autocast_context(tcfg, dev)
     optimizer = build_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.betas, dev)
+    model.train()
     _reset_peak(dev)
     seconds, loss = [], None
     for step in range(steps):
@@ -125,9 +120,24 @@ def training_step(kind: str, config: dict[str, Any], *, device: str = "cpu", bat
             torch.cuda.synchronize(dev)
         seconds.append(time.perf_counter() - t0)
         loss = logs[0]["loss"]
-    return {"model": kind, "batch_size": b, "parameters": sum(p.numel() for p in model.parameters()),
-            "step_s": seconds[-1], "loss": loss, "precision": used, "device": str(dev),
-            "fused_adamw": bool(optimizer.defaults.get("fused")), **_peak(dev)}
+    return {"parameters": sum(p.numel() for p in model.parameters()), "step_s": seconds[-1], "loss": loss,
+            "precision": used, "device": str(dev), "fused_adamw": bool(optimizer.defaults.get("fused")), **_peak(dev)}
+
+
+def training_step(kind: str, config: dict[str, Any], *, device: str = "cpu", batch_size: int | None = None,
+                  precision: str = "auto", steps: int = 1, seed: int = 0) -> dict[str, Any]:
+    """``steps`` training steps of ``kind`` (:func:`optimizer_steps`) on a synthetic batch at the config's geometry."""
+    dev = torch.device(device)
+    train = config["model_presets"][config["models"]["preset"]][kind]["train"]
+    b = batch_size or int(train.get("batch_size", 1))
+    if kind == "clip":
+        b = max(b, 2)  # CLIP's loss needs another pair in the batch
+    torch.manual_seed(seed)
+    model = _model(kind, config).to(dev).train()
+    gen = torch.Generator().manual_seed(seed)
+    batch = {k: v.to(dev) for k, v in synthetic_batch(kind, model, config, b, gen).items()}
+    out = optimizer_steps(model, batch, lr=float(train.get("lr", 1e-4)), steps=steps, precision=precision)
+    return {"model": kind, "batch_size": b, **out}
 
 
 @torch.no_grad()
