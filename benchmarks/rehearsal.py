@@ -16,7 +16,8 @@ batch's, not its cohort's).
   ~28 s a slice on 2 CPU cores, so a 201-slice volume takes hours on a CPU (a GPU's figures:
   ``benchmarks/gpu_smoke.py``), and their memory does not depend on the cohort. About an hour on
   2 cores at --n 2: a benchmark.
-- ``--profile small`` (CI): the tiny test config (64 x 64 x 32 grid, tiny models), training jobs only.
+- ``--profile small`` (CI): the tiny test config (64 x 64 x 32 grid, tiny models; its cohort with N and 4N
+  training patients), training jobs only. The CI test takes the tests' tiny demo run as N = 3.
 
     python benchmarks/rehearsal.py [--profile full|small] [--n 4] [--factor 4] [--sample-slices 5]
                                    [--out results/benchmarks/rehearsal.json]
@@ -52,11 +53,11 @@ def merge(base: dict, over: dict) -> dict:
 
 def overrides(profile: str, n: int) -> dict:
     """The config edits of one rehearsal size (``n`` training patients, one scan and reconstruction each)."""
+    if profile == "small":  # the tests' tiny config (n 3: the tiny demo itself) with n training patients
+        tiny = yaml.safe_load((REPO / "tests/workflow/configs/tiny.yaml").read_text())
+        return merge(tiny, {"demo": {"n_train_patients": n, "n_valid_patients": max(1, n // 3)}})
     cohort = {"n_train_patients": n, "n_valid_patients": max(2, n // 4), "max_scans_per_patient": 1,
               "max_recons_per_scan": 1, "faults": []}
-    if profile == "small":
-        tiny = yaml.safe_load((REPO / "tests/workflow/configs/tiny.yaml").read_text())
-        return merge(tiny, {"demo": cohort})
     models = {m: {"train": STEPS} for m in CASCADE}
     # one 512 px slice a step: 12.4-13.3 GB peak RSS in fp32 on the CPU (2 slices went past 24 GB at the second step)
     models["superres"]["train"] = {**STEPS, "batch_size": 1}

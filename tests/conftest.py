@@ -1,4 +1,4 @@
-"""Shared fixtures: real scans copied from ../shared (see tests/data/NOTICE.md)."""
+"""Shared fixtures: real scans copied from ../shared (see tests/data/NOTICE.md), and the tiny demo run."""
 
 from __future__ import annotations
 
@@ -6,17 +6,24 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm import testcluster
+from tests.workflow.wf import DemoRun, run_tiny_demo
+
 DATA = Path(__file__).parent / "data"
 REAL_NIFTI = ["pulmonary_report_ct_cropped.nii.gz", "example_ct_sm.nii.gz", "example_ct.nii.gz"]
 REPO = Path(__file__).resolve().parents[1]
 
 # `make test` runs two pytest workers (pytest -n 2): about half of the suite's wall time was waiting
 # (Slurm's polls and time limits, subprocess start-up) with a core idle. A module runs whole on one
-# worker (its module fixtures are built once), and these share a worker as well: the workflow tests
-# one tiny demo run (a session fixture), the Slurm tests the one two-CPU test cluster, and the
-# paper-geometry training steps (up to ~13 GiB each) must not run side by side on a 24 GiB machine.
-GROUPS = {"tests/workflow/": "workflow", "tests/slurm/": "slurm", "tests/ctgen/test_paper_geometry.py": "paper",
+# worker (its module fixtures are built once), and these groups share a worker as well: the workflow and
+# Slurm tests (one tiny demo run, a session fixture, and the one two-CPU test cluster), and the
+# paper-geometry training steps (up to ~13 GiB each must not run side by side on a 24 GiB machine).
+# The two long groups start first, one on each worker, and the other modules fill in beside them
+# (pytest-xdist's own order, by test count, had put the Slurm tests last on a busy worker: 24.6 min
+# against 14.9 min for the other).
+GROUPS = {"tests/workflow/": "workflow", "tests/slurm/": "workflow", "tests/ctgen/test_paper_geometry.py": "paper",
           "tests/ctgen/test_latent_flow.py": "paper"}
+FIRST = ("workflow", "paper")  # group start order
 
 
 def worker_group(nodeid: str) -> str:
@@ -26,19 +33,21 @@ def worker_group(nodeid: str) -> str:
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: plain `pytest` runs without it
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's module scheduling with the groups above (its xdist_group marks do not group under
-    pytest 9: the node id they rename is no longer the one the scheduler reads)."""
+    """pytest-xdist's module scheduling with the groups above, in collection order (its xdist_group marks do
+    not group under pytest 9: the node id they rename is no longer the one the scheduler reads)."""
     from xdist.scheduler import LoadScopeScheduling
 
     class GroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return worker_group(nodeid)
 
+    config.option.loadscopereorder = False  # as --no-loadscope-reorder: the order of pytest_collection_modifyitems
     return GroupScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: worker_group(item.nodeid) != "slurm")  # the longest group starts first
+    rank = {group: i for i, group in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(worker_group(item.nodeid), len(FIRST)))  # stable: modules keep their order
 
 
 @pytest.fixture(params=REAL_NIFTI)
@@ -54,3 +63,21 @@ def data_dir() -> Path:
 @pytest.fixture
 def repo_config() -> Path:
     return REPO / "config.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> DemoRun:
+    """The whole workflow (tiny config) from nothing to samples, metrics and figures, once per session (the
+    slowest fixture; the workflow, report, rehearsal, Slurm and time-limit tests read it): through the test
+    Slurm cluster where one is already up (CI's ``cluster.sh run`` sets CTGEN_SLURM_STATE), so that the Slurm
+    test checks this very run, else locally."""
+    cluster = None
+    if testcluster.already_up():
+        cluster, why = testcluster.find_or_start(tmp_path_factory.mktemp("slurm"))  # finds CI's, starts none
+        assert cluster is not None, why
+    return run_tiny_demo(tmp_path_factory.mktemp("demo") / "wf", cluster)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tiny_demo) -> Path:
+    return tiny_demo.work

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from tests.slurm.test_slurm_workflow import REPO, SUBMITTED, _merge, cluster, snakemake  # noqa: F401 (fixture)
+from tests.slurm.testcluster import REPO, SUBMITTED, snakemake
+from tests.workflow.wf import merge
 
 TOKENIZER = "results/models/tokenizer/model.safetensors"
-SHARDS = ["results/shards/train/manifest.json"]
 # the tokenizer of the tiny demo config, 300 steps (about 25-90 s on 2 cores, idle or not), stopping 40 s
 # (+ 2 steps) before its limit: a first attempt of 1 minute cannot finish, the third (4 minutes) surely can
 # (600 steps: on a busy machine all three attempts ran out of time, stopping correctly each time)
@@ -28,39 +28,37 @@ OVERRIDES = {
 }
 
 
-def workdir(path: Path) -> Path:
-    cfg = _merge(_merge(yaml.safe_load((REPO / "config.yaml").read_text()),
-                        yaml.safe_load((REPO / "tests/workflow/configs/tiny.yaml").read_text())), OVERRIDES)
-    path.mkdir(parents=True)
+def workdir(demo_run: Path, path: Path) -> Path:
+    """A copy of the finished tiny demo run (its data, with mtimes and Snakemake's records: not built again)
+    with the tokenizer settings above: the tokenizer is the one job that its target needs again."""
+    shutil.copytree(demo_run, path, symlinks=True, ignore=shutil.ignore_patterns("slurm_logs"))
+    cfg = merge(yaml.safe_load((path / "config.yaml").read_text()), OVERRIDES)
     (path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def local(work: Path, env: dict, *targets: str) -> None:
-    res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work),
-                          "--configfile", str(work / "config.yaml"), "--cores", "2", *targets],
-                         capture_output=True, text=True, cwd=work, env=env, timeout=1200)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-
-
-def test_training_survives_its_time_limit(cluster, tmp_path):  # noqa: F811 (the fixture)
-    env = {k: v for k, v in cluster["env"].items() if k != "CTGEN_JOB_DEADLINE"}
-    work = workdir(tmp_path / "slurm")
-    local(work, env, *SHARDS)  # the data, locally: only the training goes through Slurm
-    # the same data for the reference (copied with mtimes and Snakemake's records: built once, not twice)
+def test_training_survives_its_time_limit(cluster, demo_run, tmp_path):
+    env = {k: v for k, v in cluster.env.items() if k != "CTGEN_JOB_DEADLINE"}
+    work = workdir(demo_run, tmp_path / "slurm")
     reference = Path(shutil.copytree(work, tmp_path / "reference", symlinks=True))
-    local(reference, env, TOKENIZER)  # uninterrupted, no time limit
+    # the uninterrupted reference (local, no time limit) trains while the Slurm run waits for its limits
+    local_out = tmp_path / "reference.out"
+    with local_out.open("w") as fh:
+        local = subprocess.Popen([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(reference),
+                                  "--configfile", str(reference / "config.yaml"), "--cores", "2", TOKENIZER],
+                                 stdout=fh, stderr=subprocess.STDOUT, cwd=reference, env=env)
     # the target before --configfile, which takes every following word as a config file
     res = snakemake(work, REPO / "Snakefile", env, TOKENIZER, "--configfile", str(work / "config.yaml"), limit=900)
     out = res.stdout + res.stderr
     (tmp_path / "snakemake.out").write_text(out)
+    assert local.wait(timeout=1200) == 0, local_out.read_text()[-4000:]
     assert res.returncode == 0, out[-6000:]
     attempts = [int(slurm) for _, slurm in SUBMITTED.findall(out)]  # the Slurm jobs of the one rule, in order
     logs = sorted((work / ".snakemake/slurm_logs/rule_train_tokenizer").rglob("*.log"))
     assert len(logs) == len(attempts) >= 2, out[-4000:]
     # the training exits 75 ahead of the limit; the job itself ends with the status of the snakemake
     # process that ran the rule (1), not Slurm's TIMEOUT: it stopped, it was not killed
-    ctld = (cluster["state"] / "log/slurmctld.log").read_text()
+    ctld = (cluster.state / "log/slurmctld.log").read_text()
     first = min(int(p.stem) for p in logs)
     assert re.search(rf"_job_complete: JobId={first} WEXITSTATUS [1-9]", ctld), ctld[-3000:]
     assert not re.search(rf"Time limit exhausted for JobId={first}\b", ctld), ctld[-3000:]

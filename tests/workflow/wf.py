@@ -5,18 +5,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from tests.slurm import testcluster
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
 
 
@@ -24,7 +28,7 @@ def make_workdir(path: Path, overrides: dict) -> Path:
     """A working folder with an edited copy of config.yaml, as a user would make one."""
     base = yaml.safe_load((REPO / "config.yaml").read_text())
     tiny = yaml.safe_load((REPO / "tests/workflow/configs/tiny.yaml").read_text())
-    cfg = _merge(_merge(base, tiny), overrides)
+    cfg = merge(merge(base, tiny), overrides)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -41,11 +45,35 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     return res
 
 
+@dataclass
+class DemoRun:
+    work: Path       # the working folder (config.yaml, results/, .snakemake/)
+    output: str      # snakemake's stdout and stderr
+    seconds: float
+    slurm: bool      # every job went through the test cluster's sbatch (else the local executor)
+
+
+def run_tiny_demo(work: Path, cluster: testcluster.Cluster | None = None) -> DemoRun:
+    """The whole workflow on the tiny config (rule all: data, models, samples, evaluation, figures), from
+    nothing; through ``cluster`` with the Slurm profile where one is given."""
+    make_workdir(work, {})
+    t0 = time.perf_counter()
+    if cluster is None:
+        res = snakemake(work, check=False)
+    else:
+        res = testcluster.snakemake(work, REPO / "Snakefile", cluster.env, "--configfile", str(work / "config.yaml"))
+    seconds, out = time.perf_counter() - t0, res.stdout + res.stderr
+    (work.parent / f"{work.name}.snakemake.out").write_text(out)
+    how = "through Slurm" if cluster else "locally"
+    assert res.returncode == 0, f"the tiny demo failed {how} ({res.returncode}) after {seconds:.0f} s:\n{out[-6000:]}"
+    return DemoRun(work, out, seconds, cluster is not None)
+
+
 def planned_rules(workdir: Path, cfg_edit: dict | None = None) -> dict[str, int]:
     """Rules a dry run would run (with rerun triggers) after an optional config edit."""
     if cfg_edit:
         cfg = yaml.safe_load((workdir / "config.yaml").read_text())
-        (workdir / "config.yaml").write_text(yaml.safe_dump(_merge(cfg, cfg_edit), sort_keys=False))
+        (workdir / "config.yaml").write_text(yaml.safe_dump(merge(cfg, cfg_edit), sort_keys=False))
     res = snakemake(workdir, "-n", "--quiet", "rules")
     counts = {}
     for line in res.stdout.splitlines():
