@@ -31,6 +31,7 @@ wildcard_constraints:
     chunk=r"\d+",
     model="|".join([*MODEL_PRESET, "tstr"]),
     family="|".join(GENERATOR_FAMILIES),
+    scale="|".join(re.escape(s) for s in GUIDANCE_SCALES),
 
 
 # bookkeeping that takes seconds runs in the Snakemake process itself, never queued on Slurm
@@ -48,6 +49,7 @@ localrules:
     slicenet_config,
     metric_tables,
     compare_families,
+    guidance_sweep,
 
 
 rule all:

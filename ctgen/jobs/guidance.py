@@ -11,6 +11,10 @@ paired bootstrap CI and paired permutation p-value, and the same for the per-vol
 prompts at a time on the job's device and dropped once their features are taken; the real scans are
 read once, one batch at a time.
 
+The workflow runs each scale as a job of its own (:func:`guidance_scale`: on the demo's two cores two
+scales sample side by side; on a cluster each takes a GPU) and one more joins them
+(:func:`combine_scales`); :func:`guidance_sweep` does all of it in one process.
+
 ``repeats``: volumes per report and scale, with seeds ``seed + k`` over the (report, repeat) pairs in
 order (as ``ctgen sample`` numbers them). Each is one pair of the paired tests; the permutation test
 swaps within pairs, and the paired bootstrap CI resamples whole reports (their volumes share the labels),
@@ -19,7 +23,9 @@ as do the CIs of each scale's own numbers where ``repeats`` > 1.
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +48,52 @@ from ctprep.logs import progress
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def guidance_sweep(models_dir: str | Path, prompts_csv: str | Path, scales: list[float], sampling: dict,
-                   reference: list[str], out_csv: str | Path, settings: EvalConfig | dict | None = None,
-                   device: str | None = None, repeats: int = 1) -> pd.DataFrame:
-    """Score the cascade in ``models_dir`` at each guidance scale; ``sampling``: config.yaml's ``sampling``."""
-    from ctgen.pipelines.text_to_ct import SampleSettings, TextToCTPipeline
+@dataclass
+class ScaleResult:
+    """One guidance scale's scores: its metric rows (the sweep table's), its per-volume frame (prompt_id, repeat,
+    clip_score, p_<label>, y_<label>: the paired tests' pairs) and what the paired tests name."""
+
+    scale: float
+    rows: list[dict]
+    per_volume: pd.DataFrame
+    macro_labels: list[str]      # the labels the faithfulness macro averaged (none: no faithfulness)
+    profiles: dict[str, str]     # network -> profile (weights hash)
+
+    def save(self, out_json: str | Path, out_parquet: str | Path) -> None:
+        Path(out_json).write_text(json.dumps({"scale": self.scale, "rows": self.rows, "macro_labels": self.macro_labels,
+                                              "profiles": self.profiles}, indent=1, default=_plain) + "\n")
+        self.per_volume.to_parquet(out_parquet, index=False)
+
+    @classmethod
+    def load(cls, in_json: str | Path, in_parquet: str | Path) -> ScaleResult:
+        d = json.loads(Path(in_json).read_text())
+        return cls(float(d["scale"]), d["rows"], pd.read_parquet(in_parquet), d["macro_labels"], d["profiles"])
+
+
+@dataclass
+class _Sweep:
+    """What every scale shares: the prompts and their labels, the networks, the real scans' slice features."""
+
+    cfg: EvalConfig
+    sampling: dict
+    device: str
+    stems: list[str]
+    texts: list[str]
+    repeat: list[int]
+    grid: Grid
+    nets: FeatureNets
+    cols: list[int]
+    y: np.ndarray | None
+    real_blocks: list
+    candidates: list[str]
+    target: np.ndarray
+    t_emb: np.ndarray
+    pipe: object
+
+
+def _prepare(models_dir: str | Path, prompts_csv: str | Path, sampling: dict, reference: list[str],
+             settings: EvalConfig | dict | None, device: str | None, repeats: int) -> _Sweep:
+    from ctgen.pipelines.text_to_ct import TextToCTPipeline
 
     cfg = settings if isinstance(settings, EvalConfig) else EvalConfig.from_dict(settings)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,60 +125,99 @@ def guidance_sweep(models_dir: str | Path, prompts_csv: str | Path, scales: list
                                          planes=("axial",))["slicenet"]["axial"])
     candidates, target = distinct_texts(texts)
     t_emb = clip_text_embedder(nets, models_dir)(candidates)  # (M, E)
-    pipe = TextToCTPipeline.from_pretrained(models_dir, device=device)
-    kw = {"stems": stems_hash(stems), "n_boot": cfg.bootstrap, "seed": cfg.seed}
-    rows, per_volume, macro_labels = [], {}, None
-    for scale in scales:
-        settings_ = SampleSettings(steps=sampling["steps"], guidance_scale=float(scale),
-                                   temperature=sampling["temperature"], sr_steps=sampling.get("sr_steps"),
-                                   sr_batch_size=sampling["batch_size"], truncate_prompt=True)
-        emb, probs, blocks = [], [], []
-        for start in progress(range(0, len(texts), cfg.batch_size), desc=f"guidance {scale:g}", unit="batch"):
-            part = texts[start:start + cfg.batch_size]
-            gens = [torch.Generator(device=device).manual_seed(sampling["seed"] + start + i) for i in range(len(part))]
-            units = [hu_to_unit(torch.from_numpy(to_model_layout(v.array[0]).astype(np.float32)), grid.clip)
-                     for v in pipe(part, settings_, gens)]  # (1, D, H, W) each
-            out = volume_outputs(nets, torch.stack(units))
-            emb.append(out["clip_embedding"])
-            if y is not None:
-                probs.append(out["probabilities"][:, cols])
-            blocks += [slice_outputs(nets, u[0], cfg.slices_per_volume, planes=("axial",))["slicenet"]["axial"]
-                       for u in units]
-        emb = np.concatenate(emb)
-        cos = (emb * t_emb[target]).sum(axis=1)
-        frame = pd.DataFrame({"prompt_id": stems, "repeat": repeat, "clip_score": 100 * np.maximum(cos, 0)})
-        metrics = []
-        if y is not None:
-            p = np.concatenate(probs)
-            metrics += label_aurocs(p, y, cfg.labels, name="faithfulness.generated", min_positives=cfg.auroc_min_positives,
-                                    min_negatives=cfg.auroc_min_negatives, profile=nets.profiles["classifier"],
-                                    groups=stems, **kw)
-            macro_labels = metrics[-1].extra.get("labels") or []
-            frame = frame.assign(**{f"p_{n}": p[:, j] for j, n in enumerate(cfg.labels)},
-                                 **{f"y_{n}": y[:, j] for j, n in enumerate(cfg.labels)})
-        per_volume[float(scale)] = frame
-        metrics += [mean_with_ci(frame["clip_score"].to_numpy(), "clip_score", profile=nets.profiles["clip"],
-                                 groups=stems, **kw),
-                   top_k_accuracy(retrieval_ranks(emb, t_emb, target), 1, len(candidates), "retrieval.top1",
-                                  profile=nets.profiles["clip"], groups=stems, **kw),
-                   frechet_value(FeatureRows.stacked(real_blocks), FeatureRows.stacked(blocks), "fid_2d.slicenet.axial",
-                                 profile=nets.profiles["slicenet"], stems=kw["stems"], n_boot=cfg.bootstrap_frechet,
-                                 seed=cfg.seed, device=device)]
-        rows += [_row(scale, m) for m in metrics]
-        log.info("guidance %.2f: %s", scale, ", ".join(f"{m.name} {m.value}" for m in metrics
-                                                      if "." not in m.name or m.name.endswith(MACRO)))
-    # each scale against the lowest (1: the conditional model alone), pair by pair on the same reports and seeds
-    base = min(per_volume)
-    for scale in sorted(s for s in per_volume if s != base):
-        for m in paired_differences(per_volume[scale], per_volume[base], names=(f"{scale:g}", f"{base:g}"),
-                                    prefix="guidance", labels=macro_labels or [], n_boot=cfg.bootstrap, seed=cfg.seed,
-                                    profile=nets.profiles["classifier" if macro_labels else "clip"]):
-            rows.append({**_row(scale, m), "versus": base, "p_value": m.extra.get("p_value")})
-            log.info("guidance %g vs %g: %s %s, 95%% CI %s, p = %s", scale, base, m.name, m.value, m.ci,
+    return _Sweep(cfg, sampling, device, stems, texts, repeat, grid, nets, cols, y, real_blocks, candidates, target,
+                  t_emb, TextToCTPipeline.from_pretrained(models_dir, device=device))
+
+
+@torch.no_grad()
+def _score(sw: _Sweep, scale: float) -> ScaleResult:
+    from ctgen.pipelines.text_to_ct import SampleSettings
+
+    cfg, sampling, nets = sw.cfg, sw.sampling, sw.nets
+    settings = SampleSettings(steps=sampling["steps"], guidance_scale=float(scale), temperature=sampling["temperature"],
+                              sr_steps=sampling.get("sr_steps"), sr_batch_size=sampling["batch_size"],
+                              truncate_prompt=True)
+    kw = {"stems": stems_hash(sw.stems), "n_boot": cfg.bootstrap, "seed": cfg.seed}
+    emb, probs, blocks = [], [], []
+    for start in progress(range(0, len(sw.texts), cfg.batch_size), desc=f"guidance {scale:g}", unit="batch"):
+        part = sw.texts[start:start + cfg.batch_size]
+        gens = [torch.Generator(device=sw.device).manual_seed(sampling["seed"] + start + i) for i in range(len(part))]
+        units = [hu_to_unit(torch.from_numpy(to_model_layout(v.array[0]).astype(np.float32)), sw.grid.clip)
+                 for v in sw.pipe(part, settings, gens)]  # (1, D, H, W) each
+        out = volume_outputs(nets, torch.stack(units))
+        emb.append(out["clip_embedding"])
+        if sw.y is not None:
+            probs.append(out["probabilities"][:, sw.cols])
+        blocks += [slice_outputs(nets, u[0], cfg.slices_per_volume, planes=("axial",))["slicenet"]["axial"]
+                   for u in units]
+    emb = np.concatenate(emb)
+    cos = (emb * sw.t_emb[sw.target]).sum(axis=1)
+    frame = pd.DataFrame({"prompt_id": sw.stems, "repeat": sw.repeat, "clip_score": 100 * np.maximum(cos, 0)})
+    metrics, macro_labels = [], []
+    if sw.y is not None:
+        p = np.concatenate(probs)
+        metrics += label_aurocs(p, sw.y, cfg.labels, name="faithfulness.generated", min_positives=cfg.auroc_min_positives,
+                                min_negatives=cfg.auroc_min_negatives, profile=nets.profiles["classifier"],
+                                groups=sw.stems, **kw)
+        macro_labels = metrics[-1].extra.get("labels") or []
+        frame = frame.assign(**{f"p_{n}": p[:, j] for j, n in enumerate(cfg.labels)},
+                             **{f"y_{n}": sw.y[:, j] for j, n in enumerate(cfg.labels)})
+    metrics += [mean_with_ci(frame["clip_score"].to_numpy(), "clip_score", profile=nets.profiles["clip"],
+                             groups=sw.stems, **kw),
+                top_k_accuracy(retrieval_ranks(emb, sw.t_emb, sw.target), 1, len(sw.candidates), "retrieval.top1",
+                               profile=nets.profiles["clip"], groups=sw.stems, **kw),
+                frechet_value(FeatureRows.stacked(sw.real_blocks), FeatureRows.stacked(blocks), "fid_2d.slicenet.axial",
+                              profile=nets.profiles["slicenet"], stems=kw["stems"], n_boot=cfg.bootstrap_frechet,
+                              seed=cfg.seed, device=sw.device)]
+    log.info("guidance %.2f: %s", scale, ", ".join(f"{m.name} {m.value}" for m in metrics
+                                                  if "." not in m.name or m.name.endswith(MACRO)))
+    return ScaleResult(float(scale), [_row(scale, m) for m in metrics], frame, list(macro_labels),
+                       {k: v for k, v in nets.profiles.items() if k in ("classifier", "clip")})
+
+
+def guidance_scale(models_dir: str | Path, prompts_csv: str | Path, scale: float, sampling: dict, reference: list[str],
+                   settings: EvalConfig | dict | None = None, device: str | None = None,
+                   repeats: int = 1) -> ScaleResult:
+    """One scale of the sweep (a job of its own: the scales run side by side); ``sampling``: config.yaml's
+    ``sampling``. :func:`combine_scales` joins the scales and tests them against each other."""
+    return _score(_prepare(models_dir, prompts_csv, sampling, reference, settings, device, repeats), scale)
+
+
+def combine_scales(results: list[ScaleResult], out_csv: str | Path,
+                   settings: EvalConfig | dict | None = None) -> pd.DataFrame:
+    """The sweep table: every scale's rows, then each scale against the lowest (1: the conditional model
+    alone), pair by pair on the same reports and seeds."""
+    cfg = settings if isinstance(settings, EvalConfig) else EvalConfig.from_dict(settings)
+    results = sorted(results, key=lambda r: r.scale)
+    if len({r.scale for r in results}) != len(results):
+        raise ValueError(f"a guidance scale is given twice: {[r.scale for r in results]}")
+    rows = [row for r in results for row in r.rows]
+    base = results[0]
+    for r in results[1:]:
+        labels = base.macro_labels
+        for m in paired_differences(r.per_volume, base.per_volume, names=(f"{r.scale:g}", f"{base.scale:g}"),
+                                    prefix="guidance", labels=labels, n_boot=cfg.bootstrap, seed=cfg.seed,
+                                    profile=base.profiles.get("classifier" if labels else "clip")):
+            rows.append({**_row(r.scale, m), "versus": base.scale, "p_value": m.extra.get("p_value")})
+            log.info("guidance %g vs %g: %s %s, 95%% CI %s, p = %s", r.scale, base.scale, m.name, m.value, m.ci,
                      m.extra.get("p_value"))
     out = pd.DataFrame(rows)
     out.to_csv(out_csv, index=False)
     return out
+
+
+def guidance_sweep(models_dir: str | Path, prompts_csv: str | Path, scales: list[float], sampling: dict,
+                   reference: list[str], out_csv: str | Path, settings: EvalConfig | dict | None = None,
+                   device: str | None = None, repeats: int = 1) -> pd.DataFrame:
+    """The whole sweep in one process (the networks and real scans loaded once): every scale, then
+    :func:`combine_scales`. The workflow runs each scale as a job of its own instead."""
+    sw = _prepare(models_dir, prompts_csv, sampling, reference, settings, device, repeats)
+    return combine_scales([_score(sw, float(s)) for s in scales], out_csv, sw.cfg)
+
+
+def _plain(value):
+    """JSON for numpy scalars in the metric rows."""
+    return value.item() if isinstance(value, np.generic) else str(value)
 
 
 def _row(scale: float, m) -> dict:

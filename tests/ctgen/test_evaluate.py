@@ -21,7 +21,7 @@ from ctgen.data.shards import iter_samples
 from ctgen.jobs import evaluate
 from ctgen.jobs.compare import compare_runs
 from ctgen.jobs.eval_config import EvalConfig, scoring_settings
-from ctgen.jobs.guidance import guidance_sweep
+from ctgen.jobs.guidance import ScaleResult, combine_scales, guidance_scale, guidance_sweep
 from ctgen.jobs.sample import sample_to_files
 from ctgen.jobs.train import run_training
 from ctgen.jobs.tstr import tstr_shards
@@ -231,6 +231,27 @@ def test_guidance_sweep_scores_each_scale_with_cis(models, tmp_path):
     clip = out[out["metric"] == "clip_score"]
     assert clip["value"].between(0, 100).all() and (clip["ci_low"] <= clip["value"]).all()
     assert list(out.loc[out["metric"] == "retrieval.top1", "chance"]) == pytest.approx([1 / 3, 1 / 3])
+
+
+def test_the_sweep_as_a_job_per_scale_gives_the_same_table(models, tmp_path):
+    """The workflow's path: each scale a job (saved, read back), then the joining job: the in-process sweep's table."""
+    prompts = pd.read_parquet(models["cohort"]["prompts"])
+    pd.DataFrame({"id": prompts["VolumeName"].str.replace(".nii.gz", "")[:3],
+                  "prompt": prompts["generatect"][:3]}).to_csv(tmp_path / "prompts.csv", index=False)
+    sampling = {"steps": 2, "temperature": 1.0, "batch_size": 8, "seed": 0, "sr_steps": None}
+    args = (models["models"], tmp_path / "prompts.csv")
+    whole = guidance_sweep(*args, [1.0, 4.0], sampling, [models["manifest"]], tmp_path / "sweep.csv", SETTINGS,
+                           device="cpu")
+    jobs = []
+    for scale in (4.0, 1.0):  # in any order: the lowest scale is the paired tests' base
+        guidance_scale(*args, scale, sampling, [models["manifest"]], SETTINGS, device="cpu").save(
+            tmp_path / f"{scale:g}.json", tmp_path / f"{scale:g}.parquet")
+        jobs.append(ScaleResult.load(tmp_path / f"{scale:g}.json", tmp_path / f"{scale:g}.parquet"))
+    joined = combine_scales(jobs, tmp_path / "joined.csv", SETTINGS)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "joined.csv"), pd.read_csv(tmp_path / "sweep.csv"))
+    assert len(joined) == len(whole) and "guidance.clip_score_diff" in set(joined["metric"])
+    with pytest.raises(ValueError, match="given twice"):
+        combine_scales([jobs[0], jobs[0]], tmp_path / "twice.csv", SETTINGS)
 
 
 def test_guidance_sweep_repeats_give_more_pairs(models, tmp_path):

@@ -88,7 +88,8 @@ def test_every_job_that_can_use_a_gpu_asks_the_slurm_profile_for_one(jobs):
 
 
 @pytest.mark.parametrize("target", ["results/models/tokeniser.yaml", "results/shards/test/manifest.json",
-                                    "results/prep/0a.parquet", "results/evaluation/diffusion/metrics.json"])
+                                    "results/prep/0a.parquet", "results/evaluation/diffusion/metrics.json",
+                                    "results/evaluation/guidance/2.json"])
 def test_wildcard_constraints_refuse_unknown_models_splits_and_chunks(workdir, target):
     res = snakemake(workdir, "-n", target, check=False)
     assert res.returncode != 0 and "MissingRuleException" in res.stdout + res.stderr, res.stderr[-2000:]

@@ -68,8 +68,8 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
 
     assert plan("none") == set()  # a finished run has nothing to do
     # what reads the samples or the models: each family's evaluation, their comparison, the report
-    scoring = {"evaluate", "compare_families", "guidance_sweep", "figures", "metric_tables", "all"}
-    scoring_families = scoring - {"guidance_sweep"}  # the guidance sweep samples the cascade alone
+    scoring = {"evaluate", "compare_families", "guidance_scale", "guidance_sweep", "figures", "metric_tables", "all"}
+    scoring_families = scoring - {"guidance_scale", "guidance_sweep"}  # the guidance sweep samples the cascade alone
     # the cascade also samples the TSTR training set, on which the TSTR classifier trains again
     sampling = {"cascade", "sample", "sample_tstr", "tstr_shards", "train_tstr"} | scoring
     latent_sampling = {"latent_flow_spec", "sample_latent_flow"} | scoring_families  # the latent flow family's

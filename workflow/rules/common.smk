@@ -1,6 +1,7 @@
 # Config validation, the values rules read and the input functions; logic lives in the packages.
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -209,6 +210,8 @@ def get_eval_text(wildcards, input):
 
 EVALUATION = config["evaluation"]
 EVAL_SETTINGS = scoring_settings(EVALUATION)  # what `ctgen evaluate --settings` takes
+# the guidance sweep's scales as the names of their jobs' files (1.0 -> "1"; the schema refuses repeats)
+GUIDANCE_SCALES = [f"{float(s):g}" for s in EVALUATION["guidance_scales"]]
 SLICENET = EVALUATION["slicenet"]
 SLICENET_RES = SLICENET["resources"]
 

@@ -164,7 +164,7 @@ rule compare_families:
         "../scripts/compare_families.py"
 
 
-rule guidance_sweep:
+rule guidance_scale:
     input:
         spec=rules.cascade.output.spec,
         prompts=rules.sample_prompts.output.csv,
@@ -173,12 +173,13 @@ rule guidance_sweep:
         classifier=rules.train_classifier.output.weights,
         slicenet=rules.train_slicenet.output.weights,
     output:
-        csv=f"{R}/evaluation/guidance_sweep.csv",
+        json=f"{R}/evaluation/guidance/{{scale}}.json",
+        per_volume=f"{R}/evaluation/guidance/{{scale}}.parquet",
     log:
-        f"{R}/logs/guidance_sweep.log",
+        f"{R}/logs/guidance/{{scale}}.log",
     benchmark:
-        f"{R}/benchmarks/guidance_sweep.tsv"
-    priority: LONGEST_CHAIN  # the longest job after training: first, the others beside it
+        f"{R}/benchmarks/guidance/{{scale}}.tsv"
+    priority: LONGEST_CHAIN  # the longest jobs after training: first, the others beside them
     conda:
         "../../envs/train.yaml"
     threads: config["evaluation"]["resources"]["threads"]
@@ -187,9 +188,30 @@ rule guidance_sweep:
         runtime=config["evaluation"]["resources"]["runtime"],
         gpu=config["evaluation"]["resources"]["gpu"],
     params:
-        scales=config["evaluation"]["guidance_scales"],
         repeats=config["evaluation"]["guidance_repeats"],
         sampling=SAMPLING,
         evaluation=EVAL_SETTINGS,
+    script:
+        "../scripts/guidance_scale.py"
+
+
+rule guidance_sweep:
+    input:
+        json=expand(rules.guidance_scale.output.json, scale=GUIDANCE_SCALES),
+        per_volume=expand(rules.guidance_scale.output.per_volume, scale=GUIDANCE_SCALES),
+    output:
+        csv=f"{R}/evaluation/guidance_sweep.csv",
+    log:
+        f"{R}/logs/guidance_sweep.log",
+    benchmark:
+        f"{R}/benchmarks/guidance_sweep.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        settings={k: EVAL_SETTINGS.get(k) for k in ("bootstrap", "seed")},
     script:
         "../scripts/guidance_sweep.py"

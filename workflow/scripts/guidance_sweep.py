@@ -1,18 +1,8 @@
-"""Rule guidance_sweep: guidance scale against faithfulness, CLIP score, retrieval and axial FID, with CIs and paired tests."""
+"""Rule guidance_sweep: the scales' scores in one table, each scale against the lowest with paired tests."""
 from ctprep.logs import log_to
 
 log_to(snakemake.log[0])
-from pathlib import Path
+from ctgen.jobs.guidance import ScaleResult, combine_scales
 
-from ctgen.jobs.guidance import guidance_sweep
-
-guidance_sweep(
-    Path(snakemake.input.spec).parent,
-    snakemake.input.prompts,
-    snakemake.params.scales,
-    snakemake.params.sampling,
-    list(snakemake.input.reference),
-    snakemake.output.csv,
-    snakemake.params.evaluation,
-    repeats=snakemake.params.repeats,
-)
+results = [ScaleResult.load(j, p) for j, p in zip(snakemake.input.json, snakemake.input.per_volume)]
+combine_scales(results, snakemake.output.csv, snakemake.params.settings)
