@@ -17,12 +17,13 @@ from tests.slurm.testcluster import REPO, SUBMITTED, snakemake
 from tests.workflow.wf import merge
 
 TOKENIZER = "results/models/tokenizer/model.safetensors"
-# the tokenizer of the tiny demo config, 300 steps (about 25-90 s on 2 cores, idle or not), stopping 40 s
+# the tokenizer of the tiny demo config, 200 steps (300 took 25-90 s on 2 cores, idle or not), stopping 40 s
 # (+ 2 steps) before its limit: a first attempt of 1 minute cannot finish, the third (4 minutes) surely can
-# (600 steps: on a busy machine all three attempts ran out of time, stopping correctly each time)
+# (600 steps, and 300 beside a training reference: on a busy machine all three attempts ran out of time,
+# stopping correctly each time)
 OVERRIDES = {
     "models": {"resources": {"tokenizer": {"threads": 2, "mem_mb": 4000, "runtime": 1, "gpu": 0}}},
-    "model_presets": {"demo": {"tokenizer": {"train": {"max_steps": 300, "batch_size": 2, "warmup_steps": 1,
+    "model_presets": {"demo": {"tokenizer": {"train": {"max_steps": 200, "batch_size": 2, "warmup_steps": 1,
                                                        "ckpt_every": 1000, "log_every": 50, "tensorboard": False,
                                                        "stop_margin_s": 40}}}},
 }
@@ -41,17 +42,16 @@ def test_training_survives_its_time_limit(cluster, demo_run, tmp_path):
     env = {k: v for k, v in cluster.env.items() if k != "CTGEN_JOB_DEADLINE"}
     work = workdir(demo_run, tmp_path / "slurm")
     reference = Path(shutil.copytree(work, tmp_path / "reference", symlinks=True))
-    # the uninterrupted reference (local, no time limit) trains while the Slurm run waits for its limits
-    local_out = tmp_path / "reference.out"
-    with local_out.open("w") as fh:
-        local = subprocess.Popen([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(reference),
-                                  "--configfile", str(reference / "config.yaml"), "--cores", "2", TOKENIZER],
-                                 stdout=fh, stderr=subprocess.STDOUT, cwd=reference, env=env)
+    # the uninterrupted reference (local, no time limit) first: trained beside the Slurm run, on a busy machine
+    # it slowed the Slurm attempts so much that the last one ran out of time as well
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(reference),
+                          "--configfile", str(reference / "config.yaml"), "--cores", "2", TOKENIZER],
+                         capture_output=True, text=True, cwd=reference, env=env, timeout=1200)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     # the target before --configfile, which takes every following word as a config file
     res = snakemake(work, REPO / "Snakefile", env, TOKENIZER, "--configfile", str(work / "config.yaml"), limit=900)
     out = res.stdout + res.stderr
     (tmp_path / "snakemake.out").write_text(out)
-    assert local.wait(timeout=1200) == 0, local_out.read_text()[-4000:]
     assert res.returncode == 0, out[-6000:]
     attempts = [int(slurm) for _, slurm in SUBMITTED.findall(out)]  # the Slurm jobs of the one rule, in order
     logs = sorted((work / ".snakemake/slurm_logs/rule_train_tokenizer").rglob("*.log"))
