@@ -461,6 +461,7 @@ def test_report2ct_preset_trains_one_step_at_the_paper_geometry(tmp_path):
     there (a 64-channel 3x3x3 convolution's forward and backward, 2 threads: 0.72 s against 1.58 s on
     32x120x120 with AMX; 1.7 s against 3.2 s on 64x120x120 with AVX-512 BF16).
     """
+    from ctgen.jobs.smoke import cpu_computes_bf16
     from ctgen.training.loop import TrainConfig, train
 
     section = yaml.safe_load(PRESET.read_text())["model_presets"]["report2ct"]["latent_flow"]
@@ -474,8 +475,7 @@ def test_report2ct_preset_trains_one_step_at_the_paper_geometry(tmp_path):
               "latent_sigma": torch.full((1, 4, *cfg.latent_shape), 0.05),
               "findings": torch.randn(1, 180, 768, generator=g), "findings_mask": torch.ones(1, 180, dtype=torch.bool),
               "impression": torch.randn(1, 40, 768, generator=g), "impression_mask": torch.ones(1, 40, dtype=torch.bool)}
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    bf16 = "amx_bf16" in flags or "avx512_bf16" in flags
+    bf16 = cpu_computes_bf16()
     train_cfg = TrainConfig.from_dict({**section["train"], "max_steps": 1, "warmup_steps": 0, "tensorboard": False,
                                        "ema_start": 0, "precision": "bf16" if bf16 else "fp32"})
     before = m.unet.out[-1].conv.weight.detach().clone()

@@ -2,8 +2,9 @@
 
 Prep grid 512 x 512 x 201 at 0.75 x 0.75 x 1.5 mm, tokenizer 128 x 128 x 201 (lowres_scale 4), 101 x 8 x 8
 tokens, super-resolution 128 -> 512: what GenerateCT trains on 80 GB GPUs. Each model runs in its own
-process (peak memory is the process's; the super-resolution UNet at 512 px peaks near 11 GiB). Slow by
-nature: about a minute each on 2 idle cores.
+process (peak memory is the process's; the super-resolution UNet at 512 px peaks near 11 GiB), under bf16
+autocast where the CPU computes in bf16 (``cpu_computes_bf16``), as on a GPU. Slow by nature: about a
+minute each on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CHILD = r"""
 import json, sys, yaml, torch
 torch.set_num_threads(2)
-from ctgen.jobs.smoke import training_step
+from ctgen.jobs.smoke import cpu_computes_bf16, training_step
 cfg = yaml.safe_load(open(sys.argv[1]))
-print(json.dumps(training_step(sys.argv[2], cfg, batch_size=1)))
+print(json.dumps(training_step(sys.argv[2], cfg, batch_size=1, precision="bf16" if cpu_computes_bf16() else "auto")))
 """
 
 
