@@ -17,13 +17,13 @@ from tests.slurm.testcluster import REPO, SUBMITTED, snakemake
 from tests.workflow.wf import merge
 
 TOKENIZER = "results/models/tokenizer/model.safetensors"
-# the tokenizer of the tiny demo config, 200 steps (300 took 25-90 s on 2 cores, idle or not), stopping 40 s
-# (+ 2 steps) before its limit: a first attempt of 1 minute cannot finish, the third (4 minutes) surely can
-# (600 steps, and 300 beside a training reference: on a busy machine all three attempts ran out of time,
-# stopping correctly each time)
+# the tokenizer of the tiny demo config, 250 steps (300 took 25-90 s on 2 cores, idle or not), stopping 40 s
+# (+ 2 steps) before its limit: a first attempt of 1 minute (at most 20 s of training) cannot finish, the
+# third (4 minutes) surely can (600 steps, and 300 beside a training reference: on a busy machine all
+# three attempts ran out of time, stopping correctly each time)
 OVERRIDES = {
     "models": {"resources": {"tokenizer": {"threads": 2, "mem_mb": 4000, "runtime": 1, "gpu": 0}}},
-    "model_presets": {"demo": {"tokenizer": {"train": {"max_steps": 200, "batch_size": 2, "warmup_steps": 1,
+    "model_presets": {"demo": {"tokenizer": {"train": {"max_steps": 250, "batch_size": 2, "warmup_steps": 1,
                                                        "ckpt_every": 1000, "log_every": 50, "tensorboard": False,
                                                        "stop_margin_s": 40}}}},
 }
