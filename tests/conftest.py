@@ -21,8 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 # The two long groups start first, one on each worker, and the other modules fill in beside them
 # (pytest-xdist's own order, by test count, had put the Slurm tests last on a busy worker: 24.6 min
 # against 14.9 min for the other).
-GROUPS = {"tests/workflow/": "workflow", "tests/slurm/": "workflow", "tests/ctgen/test_paper_geometry.py": "paper",
-          "tests/ctgen/test_latent_flow.py": "paper"}
+# The workflow modules that do not read the demo run (rules, schema, envs: dry runs) fill in on either worker.
+GROUPS = {"tests/workflow/test_workflow.py": "workflow", "tests/workflow/test_report.py": "workflow",
+          "tests/workflow/test_rehearsal.py": "workflow", "tests/slurm/": "workflow",
+          "tests/ctgen/test_paper_geometry.py": "paper", "tests/ctgen/test_latent_flow.py": "paper"}
 FIRST = ("workflow", "paper")  # group start order
 
 
@@ -73,7 +75,7 @@ def tiny_demo(tmp_path_factory) -> DemoRun:
     test checks this very run, else locally."""
     cluster = None
     if testcluster.already_up():
-        cluster, why = testcluster.find_or_start(tmp_path_factory.mktemp("slurm"))  # finds CI's, starts none
+        cluster, why = testcluster.find_or_start()  # finds CI's, starts none
         assert cluster is not None, why
     return run_tiny_demo(tmp_path_factory.mktemp("demo") / "wf", cluster)
 

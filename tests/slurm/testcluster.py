@@ -33,12 +33,15 @@ def already_up() -> bool:
     return bool(os.environ.get("CTGEN_SLURM_STATE"))
 
 
-def find_or_start(folder: Path) -> tuple[Cluster | None, str]:
-    """The running test cluster, or one started with its state in ``folder``; (None, why not) where neither."""
+def find_or_start(folder: Path | None = None) -> tuple[Cluster | None, str]:
+    """The running test cluster, or one started with its state in ``folder``; (None, why not) where neither
+    (``folder`` None: find one, start none)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    state = os.environ.get("CTGEN_SLURM_STATE") if already_up() else None
+    state = os.environ.get("CTGEN_SLURM_STATE")  # set where already_up()
     started = False
     if not state:
+        if folder is None:
+            return None, "no test cluster is up (CTGEN_SLURM_STATE is not set) and none was to be started"
         if os.geteuid() != 0:
             return None, "starting munged/slurmctld/slurmd needs root (run tests/slurm/cluster.sh run pytest ...)"
         if not shutil.which("slurmctld") and not shutil.which("apt-get"):
