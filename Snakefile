@@ -68,3 +68,4 @@ rule all:
         rules.figures.output,
         rules.metric_tables.output,
         rules.sample_latent_flow.output.manifest if LATENT else [],
+        get_every_job(),

@@ -87,6 +87,22 @@ def test_every_job_that_can_use_a_gpu_asks_the_slurm_profile_for_one(jobs):
     assert not missing, f"rules with a gpu resource that the Slurm profile queues without a GPU: {missing}"
 
 
+@pytest.mark.parametrize("overrides", [{}, {"models": {"generators": ["latent_flow"]}},
+                                       {"models": {"generators": ["cascade"], "superres_lowres": "reconstruction",
+                                                   "text_encoder": {"kind": "minilm"}}, "evaluation": {"tstr": False}}],
+                         ids=["both-families", "latent-flow", "cascade-frozen-text"])
+def test_every_job_is_a_target_of_all(workdir, tmp_path, overrides):
+    """Snakemake does not rebuild a missing intermediate file while the files after it look up to date
+    (snakemake/snakemake#1978), and a job deletes its outputs when it starts: after a job that failed, a rerun
+    would leave the old results in place. One output of every job among `all`'s targets reruns it instead."""
+    work = make_workdir(tmp_path, overrides) if overrides else workdir
+    plan = planned(work)
+    targets = set(next(f for rule, f in plan if rule == "all")["input"].split(", "))
+    uncovered = sorted({rule for rule, f in plan if rule != "all" and not set(f["output"].split(", ")) & targets})
+    assert not uncovered, f"jobs that no target of `all` reruns after they fail: {uncovered}"
+    assert len(plan) > 30
+
+
 @pytest.mark.parametrize("target", ["results/models/tokeniser.yaml", "results/shards/test/manifest.json",
                                     "results/prep/0a.parquet", "results/evaluation/diffusion/metrics.json",
                                     "results/evaluation/guidance/2.json"])

@@ -296,3 +296,53 @@ def get_trained_weights(wildcards):
             "latent_flow": rules.train_latent_flow.output.weights,
         }
     return weights
+
+
+# --- every job as a target ---------------------------------------------------------------------
+def get_every_job():
+    """One output of every job of the run (besides `all`'s own targets), so that each job is a target.
+
+    Snakemake (9.x; snakemake/snakemake#1978) does not rebuild a missing intermediate file while the
+    files downstream of it look up to date. A job deletes its outputs when it starts, so a job that fails
+    after a config edit (a training job out of memory, or out of time on every attempt) leaves the old
+    downstream results in place and a rerun would answer "Nothing to be done" over them. With each job a
+    target, the rerun runs the failed job again, and everything after it (its input is new).
+    tests/workflow/test_rules.py checks that every planned job is covered.
+    """
+    train = MODELS["train_splits"]
+    models = [m for m in get_trained_weights(None) if m != "slicenet"]
+    targets = [
+        rules.demo_cohort.output.root if DEMO else [],
+        rules.cohort.output.table,
+        rules.parse_reports.output.labels,
+        rules.sample_prompts.output.csv,
+        get_text(None),
+        expand(rules.prep.output.table, chunk=CHUNKS),
+        expand(rules.shards.output.shards, split=SPLITS, chunk=CHUNKS),
+        expand(rules.train_config.output.config, model=models),
+        rules.slicenet_config.output.config,
+        *get_trained_weights(None).values(),
+    ]
+    if CASCADE:
+        targets += [
+            expand(rules.encode_tokens.output.tokens, split=train, chunk=CHUNKS),
+            get_train_tokens(None),
+            rules.cascade.output.spec,
+            expand(rules.guidance_scale.output.json, scale=GUIDANCE_SCALES),
+        ]
+        if EVALUATION["tstr"]:
+            targets += [
+                expand(rules.train_config.output.config, model="tstr"),
+                rules.tstr_prompts.output.csv,
+                rules.sample_tstr.output.manifest,
+                rules.tstr_shards.output.synthetic,
+                expand(rules.train_tstr.output.weights, source=["synthetic", "real"]),
+            ]
+    if LATENT:
+        targets += [
+            get_section_text(None),
+            expand(rules.encode_latents.output.latents, split=train, chunk=CHUNKS),
+            get_train_latents(None),
+            rules.latent_flow_spec.output.spec,
+        ]
+    return targets
