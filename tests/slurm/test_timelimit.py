@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from tests.slurm.testcluster import REPO, SUBMITTED, snakemake
-from tests.workflow.wf import merge
+from tests.workflow import wf
 
 TOKENIZER = "results/models/tokenizer/model.safetensors"
 # the tokenizer of the tiny demo config, 250 steps (300 took 25-90 s on 2 cores, idle or not), stopping 40 s
@@ -33,7 +31,7 @@ def workdir(demo_run: Path, path: Path) -> Path:
     """A copy of the finished tiny demo run (its data, with mtimes and Snakemake's records: not built again)
     with the tokenizer settings above: the tokenizer is the one job that its target needs again."""
     shutil.copytree(demo_run, path, symlinks=True, ignore=shutil.ignore_patterns("slurm_logs"))
-    cfg = merge(yaml.safe_load((path / "config.yaml").read_text()), OVERRIDES)
+    cfg = wf.merge(yaml.safe_load((path / "config.yaml").read_text()), OVERRIDES)
     (path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
@@ -44,10 +42,7 @@ def test_training_survives_its_time_limit(cluster, demo_run, tmp_path):
     reference = Path(shutil.copytree(work, tmp_path / "reference", symlinks=True))
     # the uninterrupted reference (local, no time limit) first: trained beside the Slurm run, on a busy machine
     # it slowed the Slurm attempts so much that the last one ran out of time as well
-    res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(reference),
-                          "--configfile", str(reference / "config.yaml"), "--cores", "2", TOKENIZER],
-                         capture_output=True, text=True, cwd=reference, env=env, timeout=1200)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    wf.snakemake(reference, TOKENIZER)
     # the target before --configfile, which takes every following word as a config file
     res = snakemake(work, REPO / "Snakefile", env, TOKENIZER, "--configfile", str(work / "config.yaml"), limit=900)
     out = res.stdout + res.stderr

@@ -210,8 +210,11 @@ def get_eval_text(wildcards, input):
 
 EVALUATION = config["evaluation"]
 EVAL_SETTINGS = scoring_settings(EVALUATION)  # what `ctgen evaluate --settings` takes
-# the guidance sweep's scales as the names of their jobs' files (1.0 -> "1"; the schema refuses repeats)
-GUIDANCE_SCALES = [f"{float(s):g}" for s in EVALUATION["guidance_scales"]]
+# the guidance sweep's scales as the names of their jobs' files: exact (1.0 -> "1", 2.25 -> "2.25"; a
+# rounded name could give two scales one file), and the schema refuses repeats
+GUIDANCE_SCALES = [
+    repr(float(s)).removesuffix(".0") for s in EVALUATION["guidance_scales"]
+]
 SLICENET = EVALUATION["slicenet"]
 SLICENET_RES = SLICENET["resources"]
 
@@ -310,7 +313,7 @@ def get_every_job():
     tests/workflow/test_rules.py checks that every planned job is covered.
     """
     train = MODELS["train_splits"]
-    models = [m for m in get_trained_weights(None) if m != "slicenet"]
+    weights = get_trained_weights(None)
     targets = [
         rules.demo_cohort.output.root if DEMO else [],
         rules.cohort.output.table,
@@ -319,9 +322,12 @@ def get_every_job():
         get_text(None),
         expand(rules.prep.output.table, chunk=CHUNKS),
         expand(rules.shards.output.shards, split=SPLITS, chunk=CHUNKS),
-        expand(rules.train_config.output.config, model=models),
+        expand(
+            rules.train_config.output.config,
+            model=[m for m in weights if m != "slicenet"],
+        ),
         rules.slicenet_config.output.config,
-        *get_trained_weights(None).values(),
+        *weights.values(),
     ]
     if CASCADE:
         targets += [
