@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from ctgen.jobs.train import SliceData, VolumeData
-from ctgen.jobs.train_latent import AutoencoderData
+from ctgen.jobs.train_latent import AutoencoderData, LatentFlowData
 from ctgen.models.autoencoder import MaisiAutoencoderConfig
 from ctgen.models.classifier3d import ClassifierConfig
 from ctgen.models.clip3d import CLIP3DConfig
@@ -49,7 +49,7 @@ MODELS = {
     "classifier": ("the 18-label 3D classifier of the evaluation", {"model": ClassifierConfig, "data": VolumeData}),
     "autoencoder": ("the latent flow family's MAISI autoencoder", {"model": MaisiAutoencoderConfig, "data": AutoencoderData}),
     "latent_flow": ("the latent flow family's rectified-flow U-Net",
-                    {"model": LatentFlowConfig, "text_encoder": SmallTextEncoderConfig}),
+                    {"model": LatentFlowConfig, "text_encoder": SmallTextEncoderConfig, "data": LatentFlowData}),
 }
 #: models every preset has (the evaluation's networks); the generators' are checked per models.generators
 REQUIRED = ("clip", "classifier")

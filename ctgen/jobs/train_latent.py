@@ -10,7 +10,9 @@ moments and stored in its config, and the autoencoder that made the latents is r
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,13 @@ class AutoencoderData:
     """An autoencoder preset's ``data`` options (the workflow adds the HU window and the shards)."""
 
     patch_size: tuple[int, int, int] | None = None  # (D, H, W) random training crops; None: whole volumes
+
+
+@dataclass(frozen=True)
+class LatentFlowData:
+    """A flow network preset's ``data`` options (the workflow adds the latents, text and prompt)."""
+
+    text_probe_latents: int = 64  # training latents the text-reliance probe scores after training (0: no probe)
 
 
 def _stream(data: dict[str, Any]) -> dict[str, Any]:
@@ -106,8 +115,33 @@ def train_latent_flow(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root:
     checkpoint_dir = Path(checkpoint_root) / config_hash(cfg)
     log.info("training latent_flow: %d parameters on %d latents (scale factor %.5g); checkpoints in %s",
              sum(p.numel() for p in model.parameters()), make.n_samples, model.config.scale_factor, checkpoint_dir)
-    return train(model, make, tcfg, out_dir, checkpoint_dir=checkpoint_dir,
-                 extra_meta={"model_kind": "latent_flow", "n_samples": make.n_samples,
-                             "latents_from": latent_producer(latents),
-                             "data": {k: str(v) for k, v in data.items()}})
+    out = train(model, make, tcfg, out_dir, checkpoint_dir=checkpoint_dir,
+                extra_meta={"model_kind": "latent_flow", "n_samples": make.n_samples,
+                            "latents_from": latent_producer(latents),
+                            "data": {k: str(v) for k, v in data.items()}})
+    n_probe = int(data.get("text_probe_latents", LatentFlowData.text_probe_latents))
+    if n_probe and int(os.environ.get("RANK", "0")) == 0:
+        probe_text_reliance(out, make, n_probe, max(2, tcfg.batch_size), tcfg.device, tcfg.seed)
+    return out
+
+
+def probe_text_reliance(model_dir: str | Path, make, max_latents: int = 64, batch_size: int = 16,
+                        device: str = "auto", seed: int = 0) -> Path:
+    """``text_reliance.json`` beside the trained flow network (its EMA weights, as sampling uses):
+    does it read the report (``ctgen.jobs.text_reliance``)? Also logged."""
+    from ctgen.jobs.text_reliance import text_reliance
+    from ctgen.models.latent_flow import LatentFlow
+    from ctgen.pipelines.spec import load_network
+    from ctgen.training.distributed import resolve_device
+    from ctgen.training.loop import BatchContext
+    from ctprep.volume import atomic_write
+
+    model_dir = Path(model_dir)
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    model = load_network(model_dir, LatentFlow, dev)
+    ctx = BatchContext(rank=0, world_size=1, epoch=0, seed=seed, device=dev, batch_size=batch_size, num_workers=0)
+    values = text_reliance(model, make(ctx), max_latents=max_latents, seed=seed)
+    path = model_dir / "text_reliance.json"
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps([m.to_json() for m in values], indent=2) + "\n"))
+    return path
 

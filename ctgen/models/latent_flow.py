@@ -73,6 +73,8 @@ class LatentFlowConfig:
     #                                   False: MONAI's einsum path, which holds (heads, N, N) scores
     gradient_checkpointing: bool = False  # recompute each res/attention block in backward (~1.5x time, far less memory)
     include_spacing_input: bool = False  # MAISI's spacing embedding; True where the prep preset keeps variable spacing
+    pooled_text_embedding: bool = False  # also add an MLP of the mean context row to the timestep embedding
+    #                                      (every residual block then sees the report, as Imagen/SDXL add pooled text)
     spacing_scale: float = 100.0  # the network sees spacing in mm x this (MAISI feeds spacing x 1e2)
     # --- report conditioning ---
     segments: tuple[str, ...] = ("findings", "impression")  # one token sequence each; ("structured",) for that prompt
@@ -162,7 +164,12 @@ class LatentFlow(nn.Module, PretrainedMixin):
             num_head_channels=c.num_head_channels, with_conditioning=True,
             transformer_num_layers=c.transformer_num_layers, cross_attention_dim=c.cross_attention_dim,
             include_fc=c.include_fc, use_flash_attention=False, dropout_cattn=0.0,
-            include_spacing_input=c.include_spacing_input)
+            include_spacing_input=c.include_spacing_input, num_class_embeds=1 if c.pooled_text_embedding else None)
+        if c.pooled_text_embedding:
+            # MONAI's class-embedding slot adds its output to the timestep embedding; a continuous
+            # report vector takes the place of the class label, through MONAI's own embedding MLP
+            self.unet.class_embedding = self.unet._create_embedding_module(c.cross_attention_dim,
+                                                                          c.channels[0] * 4)
         if c.use_flash_attention:  # safe only with dropout 0: MONAI's SDPA call applies dropout even in eval
             for m in self.unet.modules():
                 if isinstance(m, (SABlock, CrossAttentionBlock)):
@@ -221,7 +228,9 @@ class LatentFlow(nn.Module, PretrainedMixin):
         """Predicted velocity (B, C, D, H, W) of ``x`` at timesteps ``t`` (B,) in [0, T]."""
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(b)
-        return self.unet(x, t, context.to(x.dtype), spacing_tensor=self._spacing(spacing, b, x))
+        context = context.to(x.dtype)
+        pooled = context.mean(dim=1) if self.config.pooled_text_embedding else None  # (B, cross_attention_dim)
+        return self.unet(x, t, context, class_labels=pooled, spacing_tensor=self._spacing(spacing, b, x))
 
     def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, null_context: torch.Tensor,
                         guidance_scale: float, spacing: torch.Tensor | None = None) -> torch.Tensor:

@@ -493,3 +493,86 @@ def test_report2ct_preset_trains_one_step_at_the_paper_geometry(tmp_path):
     assert summary["steps"] == 1 and math.isfinite(summary["final_loss"])
     after = LatentFlow.from_pretrained(tmp_path / "flow").unet.out[-1].conv.weight
     assert not torch.equal(before, after)  # the step changed the weights
+
+
+# --- the text-reliance probe --------------------------------------------------------------------
+def test_text_reliance_probe_against_a_hand_computation(model):
+    """Per-latent losses under the own, null and next latent's report, with the same noise, by hand."""
+    from ctgen.jobs.text_reliance import context_losses
+
+    b = batch(4, seed=3)
+    got = context_losses(model, b, (0.8,), torch.Generator().manual_seed(7))
+    noise = torch.randn(b["latent_mu"].shape, generator=torch.Generator().manual_seed(7))
+    z = b["latent_mu"] * model.config.scale_factor
+    x_t = 0.2 * z + 0.8 * noise  # MONAI's add_noise at t = 0.8 T, written out
+    t = torch.full((4,), 0.8 * T)
+    rolled = {k: v.roll(1, dims=0) for k, v in text_of(b).items()}  # the other report: the previous latent's
+    with torch.no_grad():
+        v_own = model.velocity(x_t, t, model.encode_text(**text_of(b)))
+        v_null = model.velocity(x_t, t, model.null_context(4))
+        v_other = model.velocity(x_t, t, model.encode_text(**rolled))
+    for name, v in (("own", v_own), ("null", v_null), ("other", v_other)):
+        want = ((v - (z - noise)) ** 2).mean(dim=(1, 2, 3, 4)).numpy()
+        np.testing.assert_allclose(got[f"{name}@0.8"], want, rtol=1e-4, atol=1e-7)
+    shift = ((v_own - v_null).flatten(1).norm(dim=1) / v_own.flatten(1).norm(dim=1)).numpy()
+    np.testing.assert_allclose(got["shift@0.8"], shift, rtol=1e-4)
+    assert (got["own@0.8"] != got["null@0.8"]).all()  # this network reads its context
+
+
+def test_text_reliance_is_zero_for_a_network_the_text_cannot_reach():
+    """Cross-attention outputs zeroed: the report cannot change the velocity, so every gain and shift is 0;
+    with them, the gains are measured with n and a CI."""
+    from monai.networks.blocks.crossattention import CrossAttentionBlock
+
+    from ctgen.jobs.text_reliance import text_reliance
+
+    torch.manual_seed(0)
+    m = awake(LatentFlow(tiny())).eval()
+    batches = [batch(4, seed=s) for s in range(3)]
+    reads = {v.name: v for v in text_reliance(m, batches, max_latents=10)}
+    assert reads["text_reliance.gain_vs_null@0.8"].n == 10  # 4 + 4 + 2 of the third batch
+    assert any(abs(v.value) > 1e-4 for v in reads.values()) and all(v.ci for v in reads.values())
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, CrossAttentionBlock):
+                mod.out_proj.weight.zero_()
+                mod.out_proj.bias.zero_()
+    blind = text_reliance(m, batches, max_latents=10)
+    assert len(blind) == 9 and all(abs(v.value) < 1e-6 for v in blind), [(v.name, v.value) for v in blind]
+    with pytest.raises(ValueError, match="at least 2 latents"):
+        text_reliance(m, [batch(1)])
+
+
+def test_pooled_text_embedding_reaches_every_block_through_the_timestep_embedding(tmp_path):
+    """The option adds MONAI's embedding MLP of the mean context row to the timestep embedding: with that
+    MLP's output zeroed the network is exactly the plain one; otherwise the report moves the velocity even
+    with every cross-attention output zeroed; it saves and loads."""
+    from monai.networks.blocks.crossattention import CrossAttentionBlock
+
+    torch.manual_seed(0)
+    plain = awake(LatentFlow(tiny())).eval()
+    pooled = LatentFlow(tiny(pooled_text_embedding=True)).eval()
+    missing, unexpected = pooled.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == sorted(f"unet.class_embedding.{i}.{p}" for i in (0, 2) for p in ("weight", "bias"))
+    assert not unexpected and pooled.unet.class_embedding[0].in_features == 16  # cross_attention_dim
+    b = batch(2)
+    x, t = torch.randn(2, 4, 8, 8, 8), torch.tensor([700.0, 300.0])
+    with torch.no_grad():
+        ctx = pooled.encode_text(**text_of(b))
+        pooled.unet.class_embedding[2].weight.zero_()
+        pooled.unet.class_embedding[2].bias.zero_()
+        torch.testing.assert_close(pooled.velocity(x, t, ctx), plain.velocity(x, t, ctx))
+        pooled.unet.class_embedding[2].weight.normal_(0, 0.5)
+        for m in (plain, pooled):
+            for mod in m.modules():
+                if isinstance(mod, CrossAttentionBlock):
+                    mod.out_proj.weight.zero_()
+                    mod.out_proj.bias.zero_()
+        null = pooled.null_context(2)
+        torch.testing.assert_close(plain.velocity(x, t, ctx), plain.velocity(x, t, null))  # no route for the text
+        assert (pooled.velocity(x, t, ctx) - pooled.velocity(x, t, null)).abs().max() > 1e-4
+    pooled.save_pretrained(tmp_path / "m", seed=0)
+    again = LatentFlow.from_pretrained(tmp_path / "m").eval()
+    assert again.config.pooled_text_embedding
+    with torch.no_grad():
+        torch.testing.assert_close(again.velocity(x, t, ctx), pooled.velocity(x, t, ctx))

@@ -81,6 +81,16 @@ def test_report_sections_of_a_shard_meta():
     assert report_sections({}) == {"findings": "", "impression": ""}
 
 
+def test_flow_training_probes_whether_the_network_reads_the_report(latent_run):
+    """text_reliance.json beside the weights: the paired loss gains and velocity shift, each with n and a CI."""
+    records = json.loads((latent_run["models"] / "latent_flow" / "text_reliance.json").read_text())
+    names = {r["name"] for r in records}
+    assert {f"text_reliance.{k}@{t}" for k in ("gain_vs_null", "gain_vs_other", "velocity_shift")
+            for t in ("0.2", "0.5", "0.8")} == names
+    n_latents = sum(1 for _ in iter_raw_samples([latent_run["latents"]]))
+    assert all(r["n"] == min(64, n_latents) and r["ci"] is not None for r in records)
+
+
 def test_spec_and_sampling_through_the_cli(latent_run, cohort, tmp_path):
     models = latent_run["models"]
     preset = {"mode": "spacing", "spacing": [2.0, 2.0, 5.0], "shape": [16, 16, 8], "clip": WINDOW}
