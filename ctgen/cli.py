@@ -165,6 +165,18 @@ def _cascade_ceiling(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latent_ceiling(args: argparse.Namespace) -> int:
+    from ctgen.jobs.ceiling import latent_ceiling
+
+    for path in [args.prompts, *args.real, *([args.labels] if args.labels else [])]:
+        if not Path(path).is_file():
+            raise UserError(f"{path} does not exist")
+    out = latent_ceiling(args.models, args.prompts, args.real, args.out, _settings(args.settings), args.device,
+                         labels=args.labels)
+    print(out[out["name"].str.endswith(".macro")][["stage", "value", "ci_low", "ci_high", "n"]].to_string(index=False))
+    return 0
+
+
 def _settings(value: str | None) -> dict:
     """--settings: a YAML/JSON mapping, or a file holding one (a whole config.yaml gives its `evaluation`)."""
     import yaml
@@ -306,6 +318,17 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--sr-steps", type=positive_int, help="super-resolution sampler steps (default: the model's)")
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     g.set_defaults(func=_cascade_ceiling)
+
+    g = sub.add_parser("latent-ceiling", help="the classifier on the real scans and their autoencoder reconstruction "
+                                              "(the latent flow family's ceiling): where a finding is lost")
+    g.add_argument("--models", required=True, help="models folder with autoencoder/, the classifier and a generator spec")
+    g.add_argument("--prompts", required=True, help="the sampling prompts (samples/prompts.csv: its id column)")
+    g.add_argument("--real", required=True, nargs="+", help="shard manifests of the real scans, with their labels")
+    g.add_argument("--out", required=True, help="the table (CSV): stage, name, value, n, profile, flag, CI")
+    g.add_argument("--labels", help="CT-RATE-style label table (VolumeName + the 18 labels); default: the shards' labels")
+    g.add_argument("--settings", help="scoring settings as for evaluate (faithfulness_labels, bootstrap, guards)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    g.set_defaults(func=_latent_ceiling)
 
     c = sub.add_parser("compare", help="paired permutation test of two runs' per_volume.csv, metric by metric")
     c.add_argument("run_a", help="per_volume.csv of run A (results/evaluation/per_volume.csv)")

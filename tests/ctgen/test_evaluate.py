@@ -363,3 +363,54 @@ def test_cascade_ceiling_scores_each_stage_of_the_real_scans(models, tmp_path, c
     with pytest.raises(UserError, match="not in the reference shards.*train_99"):
         cascade_ceiling(models["models"], tmp_path / "p2.csv", [models["manifest"]], tmp_path / "y.csv", settings,
                         device="cpu", sr_steps=1, labels=tmp_path / "labels.csv")
+
+
+def test_latent_ceiling_scores_the_autoencoder_reconstruction(models, tmp_path, capsys):
+    """The latent flow family's ceiling: the classifier on each real scan and on its decoded posterior mean,
+    the autoencoder stage against the classifier applied by hand to MONAI's reconstruction."""
+    import torch
+
+    from ctgen.data.layout import hu_to_unit
+    from ctgen.jobs.ceiling import LATENT_STAGES, latent_ceiling
+    from ctgen.jobs.features import load_models_folder, volume_outputs
+    from ctgen.jobs.pairing import Grid, RealSet, read_labels
+    from ctgen.models.autoencoder import MaisiAutoencoder
+
+    folder = tmp_path / "models"
+    shutil.copytree(models["models"], folder)
+    ae_cfg = {"num_channels": [8, 16, 16], "num_res_blocks": [1, 1, 1], "norm_num_groups": 4, "latent_channels": 4,
+              "adv_weight": 0.0, "decode_window": None}
+    run_training("autoencoder", {"model": ae_cfg, "train": {**CLASSIFIER["train"], "max_steps": 2},
+                                 "data": {"manifests": [models["manifest"]], "hu_window": WINDOW}},
+                 folder / "autoencoder", tmp_path / "ckpt")
+    stems = [f"train_{i}_a_1" for i in range(6)]
+    pd.DataFrame({"id": stems}).to_csv(tmp_path / "prompts.csv", index=False)  # the id column is all it reads
+    settings = {**SETTINGS, "auroc_min_positives": 1, "auroc_min_negatives": 1, "faithfulness_labels": ["Pleural effusion"]}
+    out = latent_ceiling(folder, tmp_path / "prompts.csv", [models["manifest"]], tmp_path / "l.csv", settings,
+                         device="cpu", labels=models["labels"])
+    assert list(out["stage"].unique()) == list(LATENT_STAGES) and (out["n"] == 6).all()
+    grid = Grid.from_models(folder)
+    nets = load_models_folder(folder, "cpu", window=grid.clip)
+    ae = MaisiAutoencoder.from_pretrained(folder / "autoencoder").eval()
+    labels = read_labels(models["labels"])
+    col = LABELS.index("Pleural effusion")
+    p, y = [], []
+    for stem, hu, _ in RealSet([models["manifest"]]).read(set(stems), grid):
+        x = hu_to_unit(torch.from_numpy(hu), grid.clip).float().reshape(1, 1, *hu.shape[-3:])
+        with torch.no_grad():
+            recon = ae.decode(ae.encode(x)[0], window=None)
+        assert recon.shape == x.shape
+        p.append(volume_outputs(nets, recon.clamp(-1, 1))["probabilities"][0, col])
+        y.append(labels[stem][col])
+    p, y = np.array(p), np.array(y)
+    pos, neg = p[y == 1], p[y == 0]
+    mann_whitney = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    row = out[out["name"] == "ceiling.autoencoder.Pleural effusion"].iloc[0]
+    assert row["value"] == pytest.approx(mann_whitney)
+    assert main(["latent-ceiling", "--models", str(folder), "--prompts", str(tmp_path / "prompts.csv"),
+                 "--real", str(models["manifest"]), "--out", str(tmp_path / "cli.csv"), "--labels", str(models["labels"]),
+                 "--settings", json.dumps(settings)]) == 0
+    assert "autoencoder" in capsys.readouterr().out
+    shutil.rmtree(folder / "autoencoder")
+    assert main(["latent-ceiling", "--models", str(folder), "--prompts", str(tmp_path / "prompts.csv"),
+                 "--real", str(models["manifest"]), "--out", str(tmp_path / "x.csv")]) == 2
