@@ -29,4 +29,6 @@ TABLES = {  # name -> (category, title)
     "hu": ("2. Metric tables", "HU: tissue medians and flags"),
     "guidance_sweep": ("2. Metric tables", "Guidance sweep"),
     "skipped": ("2. Metric tables", "Volumes left out of the scoring, and why"),
+    "text_reliance": ("5. Training", "Does the latent flow network read the report? Its loss with the report, "
+                                     "the null context and another report"),
 }

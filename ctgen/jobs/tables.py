@@ -73,7 +73,8 @@ def caption(table: str, records: list[dict], metrics: Mapping[str, dict]) -> str
         shown = ", ".join(f"n = {n} (``{p}``)" for n, p in pairs[:4]) + (f" and {len(pairs) - 4} more" if len(pairs) > 4 else "")
         parts.append(f"**n and profile:** {shown}.")
         stems = sorted({r.get("stems") for r in records if r.get("stems")})
-        parts.append(f"Scored stems (hash): {', '.join(f'``{s}``' for s in stems[:3])}.")
+        if stems:
+            parts.append(f"Scored stems (hash): {', '.join(f'``{s}``' for s in stems[:3])}.")
     flagged = sum(1 for r in records if r.get("flag"))
     if flagged:
         parts.append(f"**{flagged} of {len(records)} numbers are flagged** (too few volumes, positives or "
@@ -95,10 +96,11 @@ def _html(df: pd.DataFrame, title: str, cap: str) -> str:
 
 
 def write_tables(metrics_jsons: Mapping[str, str | Path], skipped_csvs: Mapping[str, str | Path], sweep_csv,
-                 families_json, outputs: Mapping[str, str]) -> None:
+                 families_json, outputs: Mapping[str, str], text_reliance_json: str | Path | None = None) -> None:
     """Every table of :data:`ctgen.jobs.figure_list.TABLES`. ``metrics_jsons``, ``skipped_csvs``: {family: path}
     per generator family; ``sweep_csv``: the cascade's guidance sweep (None without a cascade);
-    ``families_json``: the families' comparison; ``outputs`` maps ``<name>_html``, ``_csv``, ``_caption`` to paths."""
+    ``families_json``: the families' comparison; ``outputs`` maps ``<name>_html``, ``_csv``, ``_caption`` to paths;
+    ``text_reliance_json``: the latent flow network's text-reliance probe (None without that family)."""
     metrics = {family: json.loads(Path(p).read_text()) for family, p in metrics_jsons.items()}
     families = json.loads(Path(families_json).read_text())
     groups = group_records(metrics)
@@ -116,6 +118,7 @@ def write_tables(metrics_jsons: Mapping[str, str | Path], skipped_csvs: Mapping[
     else:
         tables["guidance_sweep"] = (pd.DataFrame(columns=["guidance_scale", "metric", "value"]),
                                     "Not computed: no cascade in models.generators.\n")
+    tables["text_reliance"] = _text_reliance(text_reliance_json)
     skipped, counts = [], []
     for family, path in skipped_csvs.items():
         table = pd.read_csv(path)
@@ -130,6 +133,19 @@ def write_tables(metrics_jsons: Mapping[str, str | Path], skipped_csvs: Mapping[
         Path(outputs[f"{name}_html"]).write_text(_html(df, TABLES[name][1], cap.replace("*", "").replace("``", "")))
         Path(outputs[f"{name}_caption"]).write_text(cap)
         log.info("table %s: %d rows", name, len(df))
+
+
+def _text_reliance(path: str | Path | None) -> tuple[pd.DataFrame, str]:
+    """The probe's rows (``ctgen.jobs.text_reliance``) and a caption that says how to read them."""
+    if path is None:
+        return metric_rows([]), "Not computed: no latent_flow in models.generators.\n"
+    records = [{**r, "family": "latent_flow"} for r in json.loads(Path(path).read_text())]
+    if not records:
+        return metric_rows([]), "Not computed: the preset's data.text_probe_latents is 0.\n"
+    how = ("On the training latents, at t/T = 0.2, 0.5, 0.8 (1: pure noise) with the same noise under each context: gain_vs_null and "
+           "gain_vs_other are the relative loss reductions of the own report over the null context and over "
+           "another report (0: the network ignores the text); velocity_shift is norm(v_report - v_null) / norm(v_report). ")
+    return metric_rows(records), how + caption("text_reliance", records, {})
 
 
 def write_intro(faithfulness_png, faithfulness_caption, out_rst) -> Path:

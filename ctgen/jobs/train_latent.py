@@ -120,7 +120,7 @@ def train_latent_flow(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root:
                             "latents_from": latent_producer(latents),
                             "data": {k: str(v) for k, v in data.items()}})
     n_probe = int(data.get("text_probe_latents", LatentFlowData.text_probe_latents))
-    if n_probe and int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         probe_text_reliance(out, make, n_probe, max(2, tcfg.batch_size), tcfg.device, tcfg.seed)
     return out
 
@@ -128,7 +128,7 @@ def train_latent_flow(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root:
 def probe_text_reliance(model_dir: str | Path, make, max_latents: int = 64, batch_size: int = 16,
                         device: str = "auto", seed: int = 0) -> Path:
     """``text_reliance.json`` beside the trained flow network (its EMA weights, as sampling uses):
-    does it read the report (``ctgen.jobs.text_reliance``)? Also logged."""
+    does it read the report (``ctgen.jobs.text_reliance``)? Also logged. ``max_latents`` 0: an empty list."""
     from ctgen.jobs.text_reliance import text_reliance
     from ctgen.models.latent_flow import LatentFlow
     from ctgen.pipelines.spec import load_network
@@ -140,7 +140,7 @@ def probe_text_reliance(model_dir: str | Path, make, max_latents: int = 64, batc
     dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     model = load_network(model_dir, LatentFlow, dev)
     ctx = BatchContext(rank=0, world_size=1, epoch=0, seed=seed, device=dev, batch_size=batch_size, num_workers=0)
-    values = text_reliance(model, make(ctx), max_latents=max_latents, seed=seed)
+    values = text_reliance(model, make(ctx), max_latents=max_latents, seed=seed) if max_latents else []
     path = model_dir / "text_reliance.json"
     atomic_write(path, lambda p: Path(p).write_text(json.dumps([m.to_json() for m in values], indent=2) + "\n"))
     return path

@@ -286,6 +286,29 @@ def test_every_metric_lands_in_one_table_with_n_and_profile_in_its_caption(run, 
                  {"latent_flow": run["runs"]["latent_flow"]["skipped"]}, None, run["shared"]["families"], outputs)
     assert pd.read_csv(outputs["guidance_sweep_csv"]).empty
     assert "no cascade" in (tmp_path / "guidance_sweep.rst").read_text()
+    assert pd.read_csv(outputs["text_reliance_csv"]).empty  # no probe given: an empty table that says why
+    assert "Not computed" in (tmp_path / "text_reliance.rst").read_text()
+
+
+def test_the_text_reliance_probe_is_a_table(run, tmp_path):
+    from ctgen.metrics.summary import MetricValue
+
+    outputs = {f"{name}_{kind}": str(tmp_path / f"{name}.{kind if kind != 'caption' else 'rst'}")
+               for name in TABLES for kind in ("html", "csv", "caption")}
+    probe = [MetricValue(f"text_reliance.gain_vs_null@{t}", 0.01 * t, 64, (0.0, 0.02), profile="latent_flow:64").to_json()
+             for t in (0.2, 0.8)]
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    write_tables(of(run, "metrics"), of(run, "skipped"), run["shared"]["sweep"], run["shared"]["families"], outputs,
+                 text_reliance_json=tmp_path / "probe.json")
+    table = pd.read_csv(outputs["text_reliance_csv"])
+    assert list(table["metric"]) == [r["name"] for r in probe] and (table["family"] == "latent_flow").all()
+    assert table["value"].tolist() == pytest.approx([0.002, 0.008]) and (table["n"] == 64).all()
+    caption = (tmp_path / "text_reliance.rst").read_text()
+    assert "n = 64" in caption and "ignores the text" in caption and "stems" not in caption
+    (tmp_path / "empty.json").write_text("[]")
+    write_tables(of(run, "metrics"), of(run, "skipped"), run["shared"]["sweep"], run["shared"]["families"], outputs,
+                 text_reliance_json=tmp_path / "empty.json")
+    assert "text_probe_latents is 0" in (tmp_path / "text_reliance.rst").read_text()
 
 
 def test_families_figure_marks_the_significant_differences(run, tmp_path):

@@ -108,6 +108,7 @@ rule train_latent_flow:
     output:
         weights=f"{R}/models/latent_flow/model.safetensors",
         config=f"{R}/models/latent_flow/config.json",
+        probe=f"{R}/models/latent_flow/text_reliance.json",
     log:
         f"{R}/logs/train_latent_flow.log",
     benchmark:
