@@ -4,6 +4,7 @@ factor, flow training from the cache, the sampling spec and `ctgen sample --fami
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -89,6 +90,12 @@ def test_flow_training_probes_whether_the_network_reads_the_report(latent_run):
             for t in ("0.2", "0.5", "0.8")} == names
     n_latents = sum(1 for _ in iter_raw_samples([latent_run["latents"]]))
     assert all(r["n"] == min(64, n_latents) and r["ci"] is not None for r in records)
+    # data.text_probe_latents 0: the file the workflow declares, empty
+    from ctgen.jobs.train_latent import probe_text_reliance
+
+    out = latent_run["root"] / "no_probe"
+    shutil.copytree(latent_run["models"] / "latent_flow", out)
+    assert json.loads(probe_text_reliance(out, lambda ctx: iter(()), max_latents=0).read_text()) == []
 
 
 def test_spec_and_sampling_through_the_cli(latent_run, cohort, tmp_path):
