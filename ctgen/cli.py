@@ -153,26 +153,18 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cascade_ceiling(args: argparse.Namespace) -> int:
-    from ctgen.jobs.ceiling import cascade_ceiling
+def _ceiling(args: argparse.Namespace) -> int:
+    """cascade-ceiling and latent-ceiling: the classifier on each stage of a family, applied to the real scans."""
+    from ctgen.jobs import ceiling
 
     for path in [args.prompts, *args.real, *([args.labels] if args.labels else [])]:
         if not Path(path).is_file():
             raise UserError(f"{path} does not exist")
-    out = cascade_ceiling(args.models, args.prompts, args.real, args.out, _settings(args.settings), args.device,
-                          args.sr_steps, labels=args.labels)
-    print(out[out["name"].str.endswith(".macro")][["stage", "value", "ci_low", "ci_high", "n"]].to_string(index=False))
-    return 0
-
-
-def _latent_ceiling(args: argparse.Namespace) -> int:
-    from ctgen.jobs.ceiling import latent_ceiling
-
-    for path in [args.prompts, *args.real, *([args.labels] if args.labels else [])]:
-        if not Path(path).is_file():
-            raise UserError(f"{path} does not exist")
-    out = latent_ceiling(args.models, args.prompts, args.real, args.out, _settings(args.settings), args.device,
-                         labels=args.labels)
+    common = (args.models, args.prompts, args.real, args.out, _settings(args.settings), args.device)
+    if args.family == "cascade":
+        out = ceiling.cascade_ceiling(*common, args.sr_steps, labels=args.labels)
+    else:
+        out = ceiling.latent_ceiling(*common, labels=args.labels)
     print(out[out["name"].str.endswith(".macro")][["stage", "value", "ci_low", "ci_high", "n"]].to_string(index=False))
     return 0
 
@@ -307,28 +299,22 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     v.set_defaults(func=_evaluate)
 
-    g = sub.add_parser("cascade-ceiling", help="the classifier on each cascade stage of the real scans (low-res, "
-                                               "tokenizer reconstruction, super-resolution): where a finding is lost")
-    g.add_argument("--models", required=True, help="models folder with cascade.json, the cascade and the classifier")
-    g.add_argument("--prompts", required=True, help="the sampling prompts (samples/prompts.csv: id, prompt)")
-    g.add_argument("--real", required=True, nargs="+", help="shard manifests of the real scans, with their labels")
-    g.add_argument("--out", required=True, help="the table (CSV): stage, name, value, n, profile, flag, CI")
-    g.add_argument("--labels", help="CT-RATE-style label table (VolumeName + the 18 labels); default: the shards' labels")
-    g.add_argument("--settings", help="scoring settings as for evaluate (faithfulness_labels, bootstrap, guards)")
-    g.add_argument("--sr-steps", type=positive_int, help="super-resolution sampler steps (default: the model's)")
-    g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    g.set_defaults(func=_cascade_ceiling)
-
-    g = sub.add_parser("latent-ceiling", help="the classifier on the real scans and their autoencoder reconstruction "
-                                              "(the latent flow family's ceiling): where a finding is lost")
-    g.add_argument("--models", required=True, help="models folder with autoencoder/, the classifier and a generator spec")
-    g.add_argument("--prompts", required=True, help="the sampling prompts (samples/prompts.csv: its id column)")
-    g.add_argument("--real", required=True, nargs="+", help="shard manifests of the real scans, with their labels")
-    g.add_argument("--out", required=True, help="the table (CSV): stage, name, value, n, profile, flag, CI")
-    g.add_argument("--labels", help="CT-RATE-style label table (VolumeName + the 18 labels); default: the shards' labels")
-    g.add_argument("--settings", help="scoring settings as for evaluate (faithfulness_labels, bootstrap, guards)")
-    g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    g.set_defaults(func=_latent_ceiling)
+    for family, name, what, models_help in (
+            ("cascade", "cascade-ceiling", "each cascade stage of the real scans (low-res, tokenizer reconstruction, "
+             "super-resolution)", "models folder with cascade.json, the cascade and the classifier"),
+            ("latent_flow", "latent-ceiling", "the real scans and their autoencoder reconstruction (the latent flow "
+             "family's ceiling)", "models folder with autoencoder/, the classifier and a generator spec")):
+        g = sub.add_parser(name, help=f"the classifier on {what}: where a finding is lost")
+        g.add_argument("--models", required=True, help=models_help)
+        g.add_argument("--prompts", required=True, help="the sampling prompts (samples/prompts.csv: id, prompt)")
+        g.add_argument("--real", required=True, nargs="+", help="shard manifests of the real scans, with their labels")
+        g.add_argument("--out", required=True, help="the table (CSV): stage, name, value, n, profile, flag, CI")
+        g.add_argument("--labels", help="CT-RATE-style label table (VolumeName + the 18 labels); default: the shards' labels")
+        g.add_argument("--settings", help="scoring settings as for evaluate (faithfulness_labels, bootstrap, guards)")
+        if family == "cascade":
+            g.add_argument("--sr-steps", type=positive_int, help="super-resolution sampler steps (default: the model's)")
+        g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+        g.set_defaults(func=_ceiling, family=family)
 
     c = sub.add_parser("compare", help="paired permutation test of two runs' per_volume.csv, metric by metric")
     c.add_argument("run_a", help="per_volume.csv of run A (results/evaluation/per_volume.csv)")
