@@ -166,10 +166,12 @@ class LatentFlow(nn.Module, PretrainedMixin):
             include_fc=c.include_fc, use_flash_attention=False, dropout_cattn=0.0,
             include_spacing_input=c.include_spacing_input, num_class_embeds=1 if c.pooled_text_embedding else None)
         if c.pooled_text_embedding:
-            # MONAI's class-embedding slot adds its output to the timestep embedding; a continuous
-            # report vector takes the place of the class label, through MONAI's own embedding MLP
-            self.unet.class_embedding = self.unet._create_embedding_module(c.cross_attention_dim,
-                                                                          c.channels[0] * 4)
+            # MONAI's class-embedding slot adds its output to the timestep embedding (width 4 x the first
+            # level's channels); a continuous report vector takes the place of the class label, through an
+            # MLP shaped like MONAI's time embedding
+            width = c.channels[0] * 4
+            self.unet.class_embedding = nn.Sequential(nn.Linear(c.cross_attention_dim, width), nn.SiLU(),
+                                                      nn.Linear(width, width))
         if c.use_flash_attention:  # safe only with dropout 0: MONAI's SDPA call applies dropout even in eval
             for m in self.unet.modules():
                 if isinstance(m, (SABlock, CrossAttentionBlock)):
@@ -229,7 +231,8 @@ class LatentFlow(nn.Module, PretrainedMixin):
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(b)
         context = context.to(x.dtype)
-        pooled = context.mean(dim=1) if self.config.pooled_text_embedding else None  # (B, cross_attention_dim)
+        # (B, cross_attention_dim): padded rows are zero, so this is the rows' sum over the context length
+        pooled = context.mean(dim=1) if self.config.pooled_text_embedding else None
         return self.unet(x, t, context, class_labels=pooled, spacing_tensor=self._spacing(spacing, b, x))
 
     def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, null_context: torch.Tensor,
