@@ -142,8 +142,9 @@ def _text_reliance(path: str | Path | None) -> tuple[pd.DataFrame, str]:
     records = [{**r, "family": "latent_flow"} for r in json.loads(Path(path).read_text())]
     if not records:
         return metric_rows([]), "Not computed: the preset's data.text_probe_latents is 0.\n"
-    how = ("On the training latents, at t/T = 0.2, 0.5, 0.8 (1: pure noise) with the same noise under each context: gain_vs_null and "
-           "gain_vs_other are the relative loss reductions of the own report over the null context and over "
+    levels = ", ".join(dict.fromkeys(r["name"].rpartition("@")[2] for r in records))  # as the probe named them
+    how = (f"On the training latents, at t/T = {levels} (1: pure noise) with the same noise under each context: "
+           "gain_vs_null and gain_vs_other are the relative loss reductions of the own report over the null context and over "
            "another report (0: the network ignores the text); velocity_shift is norm(v_report - v_null) / norm(v_report). ")
     return metric_rows(records), how + caption("text_reliance", records, {})
 

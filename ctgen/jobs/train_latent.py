@@ -137,10 +137,12 @@ def probe_text_reliance(model_dir: str | Path, make, max_latents: int = 64, batc
     from ctprep.volume import atomic_write
 
     model_dir = Path(model_dir)
-    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
-    model = load_network(model_dir, LatentFlow, dev)
-    ctx = BatchContext(rank=0, world_size=1, epoch=0, seed=seed, device=dev, batch_size=batch_size, num_workers=0)
-    values = text_reliance(model, make(ctx), max_latents=max_latents, seed=seed) if max_latents else []
+    values = []
+    if max_latents:
+        dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+        model = load_network(model_dir, LatentFlow, dev)
+        ctx = BatchContext(rank=0, world_size=1, epoch=0, seed=seed, device=dev, batch_size=batch_size, num_workers=0)
+        values = text_reliance(model, make(ctx), max_latents=max_latents, seed=seed)
     path = model_dir / "text_reliance.json"
     atomic_write(path, lambda p: Path(p).write_text(json.dumps([m.to_json() for m in values], indent=2) + "\n"))
     return path
