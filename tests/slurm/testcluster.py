@@ -67,8 +67,9 @@ def stop(cluster: Cluster | None) -> None:
 
 
 def snakemake(workdir: Path, snakefile: Path, env: dict, *args: str, limit: int = 900) -> subprocess.CompletedProcess:
-    """snakemake with the Slurm profile and the test additions; SIGINT on timeout (SIGTERM would not stop it)."""
-    cmd = ["timeout", "-s", "INT", "-k", "60", str(limit), sys.executable, "-m", "snakemake", "-s", str(snakefile),
+    """snakemake with the Slurm profile and the test additions, its executor polling every 2 s (poll.py); SIGINT
+    on timeout (SIGTERM would not stop it)."""
+    cmd = ["timeout", "-s", "INT", "-k", "60", str(limit), sys.executable, str(HERE / "poll.py"), "-s", str(snakefile),
            "-d", str(workdir), *PROFILES, "--latency-wait", "5", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
 
