@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 PROFILE ?= workflow/profiles/local
 TORCH ?= 2.13.0
-TEST_WORKERS ?= 2  # make test: pytest worker processes (tests/conftest.py: what shares one)
+TEST_WORKERS ?= 3  # make test: pytest worker processes, one more than 2 cores (tests/conftest.py: why, what shares one)
 
 .PHONY: setup demo test lint bench clean browser
 

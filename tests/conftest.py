@@ -13,12 +13,13 @@ DATA = Path(__file__).parent / "data"
 REAL_NIFTI = ["pulmonary_report_ct_cropped.nii.gz", "example_ct_sm.nii.gz", "example_ct.nii.gz"]
 REPO = Path(__file__).resolve().parents[1]
 
-# `make test` runs two pytest workers (pytest -n 2): about half of the suite's wall time was waiting
-# (Slurm's polls and time limits, subprocess start-up) with a core idle. A module runs whole on one
+# `make test` runs three pytest workers (pytest -n 3) on 2 cores: with two, about a third of the cores' time
+# was idle (Slurm's polls and time limits, subprocess start-up; user + sys 23.4 CPU-min in 19.3 min), and a
+# third worker cut the suite from 17.4 to 15.2 min (2026-12-05). A module runs whole on one
 # worker (its module fixtures are built once), and these groups share a worker as well: the workflow and
 # Slurm tests (one tiny demo run, a session fixture, and the one two-CPU test cluster), and the
 # paper-geometry training steps (up to ~13 GiB each must not run side by side on a 24 GiB machine).
-# The two long groups start first, one on each worker, and the other modules fill in beside them
+# The two long groups start first, each on its own worker, and the other modules fill in beside them
 # (pytest-xdist's own order, by test count, had put the Slurm tests last on a busy worker: 24.6 min
 # against 14.9 min for the other).
 # The workflow modules that do not read the demo run (rules, schema, envs: dry runs) fill in on either worker.

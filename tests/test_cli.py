@@ -436,7 +436,8 @@ def test_license_and_citation_match_the_package():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     license_text = (REPO / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
-    assert "END OF TERMS AND CONDITIONS" in license_text and project["license"]["text"] == "Apache-2.0"
+    assert "END OF TERMS AND CONDITIONS" in license_text and project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]
     cff = yaml.safe_load((REPO / "CITATION.cff").read_text())
     assert cff["cff-version"] == "1.2.0" and cff["version"] == project["version"] and cff["license"] == "Apache-2.0"
     assert cff["authors"] == [{"name": "ctgen contributors"}] and cff["title"].startswith("ctgen")
