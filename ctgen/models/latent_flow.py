@@ -231,7 +231,7 @@ class LatentFlow(nn.Module, PretrainedMixin):
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(b)
         context = context.to(x.dtype)
-        # (B, cross_attention_dim): padded rows are zero, so this is the rows' sum over the context length
+        # (B, cross_attention_dim): the mean over all L rows; padded rows are zero, so it is the real rows' sum / L
         pooled = context.mean(dim=1) if self.config.pooled_text_embedding else None
         return self.unet(x, t, context, class_labels=pooled, spacing_tensor=self._spacing(spacing, b, x))
 
