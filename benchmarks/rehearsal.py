@@ -122,7 +122,13 @@ def short_sample(work: Path, slices: int) -> dict:
 
 
 def read_benchmarks(folder: Path) -> dict[str, dict[str, float]]:
-    """{job: {"s", "max_rss_mb"}} of every Snakemake benchmark TSV under ``folder``."""
+    """{job: {"s", "max_rss_mb"}} of every Snakemake benchmark TSV under ``folder`` (``results/benchmarks``).
+
+    Snakemake samples a job's memory every half second or more, so a short job's benchmark can miss its
+    peak: a tiny flow-network training read 664 MB at N and 850 MB at 4N, while the kernel's peak of the
+    same jobs was 845 and 850 MB. A training job's max_rss is therefore the larger of the sampled one and
+    the kernel peak (``ru_maxrss``) that the training loop writes to ``train_summary.json`` beside its model.
+    """
     out = {}
     for path in sorted(folder.rglob("*.tsv")):
         with path.open(newline="") as fh:
@@ -130,7 +136,13 @@ def read_benchmarks(folder: Path) -> dict[str, dict[str, float]]:
         if rows and "max_rss" in rows[0]:
             job = str(path.relative_to(folder).with_suffix(""))
             rss = rows[-1]["max_rss"]
-            out[job] = {"s": float(rows[-1]["s"]), "max_rss_mb": float(rss) if rss not in ("", "-", "NA") else None}
+            rss = float(rss) if rss not in ("", "-", "NA") else None
+            summary = folder.parent / "models" / job.removeprefix("train_") / "train_summary.json"
+            if job in TRAINING and summary.is_file():
+                loop = json.loads(summary.read_text())
+                if loop.get("peak_memory_kind") == "cpu_max_rss_bytes":  # not a GPU's memory
+                    rss = max(rss or 0.0, loop["peak_memory_bytes"] / 2**20)
+            out[job] = {"s": float(rows[-1]["s"]), "max_rss_mb": rss}
     return out
 
 
