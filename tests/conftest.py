@@ -74,15 +74,26 @@ def repo_config() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_demo(tmp_path_factory) -> DemoRun:
+def slurm_cluster(tmp_path_factory) -> tuple[testcluster.Cluster | None, str]:
+    """(the one-node test cluster, "") or (None, why there is none): CI's (``cluster.sh run``), or one started
+    here as root and stopped at the session's end (tests/slurm/testcluster.py)."""
+    folder = None if testcluster.already_up() else tmp_path_factory.mktemp("slurm")
+    found, why = testcluster.find_or_start(folder)
+    yield found, why
+    testcluster.stop(found)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(request, tmp_path_factory) -> DemoRun:
     """The whole workflow (tiny config) from nothing to samples, metrics and figures, once per session (the
     slowest fixture; the workflow, report, rehearsal, Slurm and time-limit tests read it): through the test
-    Slurm cluster where one is already up (CI's ``cluster.sh run`` sets CTGEN_SLURM_STATE), so that the Slurm
-    test checks this very run, else locally."""
+    Slurm cluster where one is up (CI's ``cluster.sh run``) or where this session runs the Slurm tests and can
+    start one, so that the Slurm test checks this very run; else locally. (A plain ``make test`` as root had run
+    it twice, locally and through the cluster the Slurm test started: 6 min of a worker.)"""
     cluster = None
-    if testcluster.already_up():
-        cluster, why = testcluster.find_or_start()  # finds CI's, starts none
-        assert cluster is not None, why
+    if testcluster.already_up() or any(item.nodeid.startswith("tests/slurm/") for item in request.session.items):
+        cluster, why = request.getfixturevalue("slurm_cluster")
+        assert cluster is not None or not testcluster.already_up(), why  # CI's cluster must be found
     return run_tiny_demo(tmp_path_factory.mktemp("demo") / "wf", cluster)
 
 

@@ -10,13 +10,13 @@ from tests.slurm import testcluster
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory) -> testcluster.Cluster:
-    """The running test cluster, or one started here as root; else the Slurm tests skip and say why
-    (``CTGEN_REQUIRE_SLURM=1`` turns that skip into a failure, so CI cannot pass without the cluster)."""
-    found, why = testcluster.find_or_start(tmp_path_factory.mktemp("slurm"))
+def cluster(slurm_cluster) -> testcluster.Cluster:
+    """The running test cluster, or one started here as root (tests/conftest.py: slurm_cluster); else the Slurm
+    tests skip and say why (``CTGEN_REQUIRE_SLURM=1`` turns that skip into a failure, so CI cannot pass without
+    the cluster)."""
+    found, why = slurm_cluster
     if found is None:
         if os.environ.get("CTGEN_REQUIRE_SLURM") == "1":
             pytest.fail(f"Slurm is required here (CTGEN_REQUIRE_SLURM=1) but {why}")
         pytest.skip(why)
-    yield found
-    testcluster.stop(found)
+    return found

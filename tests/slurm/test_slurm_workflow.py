@@ -12,17 +12,15 @@ import subprocess
 
 import pytest
 
-from tests.slurm import testcluster
 from tests.slurm.testcluster import HERE, slurm_job_ids, snakemake
-from tests.workflow.wf import run_tiny_demo
 
 pytestmark = pytest.mark.workflow
 
 
-def test_demo_workflow_runs_through_slurm(cluster, request, tmp_path):
-    # the whole demo workflow (rule all: data, models, samples, evaluation, figures) on the tiny config: in CI
-    # the session's tiny demo, which went through this cluster; elsewhere (a cluster started here) a run of its own
-    run = request.getfixturevalue("tiny_demo") if testcluster.already_up() else run_tiny_demo(tmp_path / "wf", cluster)
+def test_demo_workflow_runs_through_slurm(cluster, tiny_demo):
+    # the whole demo workflow (rule all: data, models, samples, evaluation, figures) on the tiny config: the
+    # session's tiny demo, which went through this cluster (tests/conftest.py)
+    run = tiny_demo
     assert run.slurm
     print(f"demo workflow through Slurm: {run.seconds:.0f} s")  # shown with pytest -s; the CI note quotes it
     work, out = run.work, run.output
