@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
@@ -61,12 +62,37 @@ def test_samples_read_back_with_stock_webdataset(demo_run):
 
 
 def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, tmp_path):
-    def plan(name, edit=None):  # each edit on a fresh copy of the finished run
+    edits = {  # each on a fresh copy of the finished run
+        "none": None,
+        "prompt": {"prompts": {"templates": {"generatect": "{sex}, {age} years: {impression}"}}},
+        "structured": {"prompts": {"structured": {"negated": "state"}}},
+        "preset": {"presets": {"demo": {"clip": [-1024, 1200]}}},
+        "shard": {"shards": {"shard_size": 3}},
+        "tok": {"model_presets": {"demo": {"tokenizer": {"train": {"lr": 1e-3}}}}},
+        "ae": {"model_presets": {"demo": {"autoencoder": {"train": {"lr": 5e-4}}}}},
+        "flow": {"model_presets": {"demo": {"latent_flow": {"train": {"lr": 5e-4}}}}},
+        "gen": {"model_presets": {"demo": {"generator": {"model": {"depth": 1}}}}},
+        "sr": {"model_presets": {"demo": {"superres": {"train": {"lr": 5e-4}}}}},
+        "clip": {"model_presets": {"demo": {"clip": {"train": {"lr": 5e-4}}}}},
+        "steps": {"sampling": {"steps": 3}},
+        "eval": {"evaluation": {"hu_tolerance": 30.0}},
+        "fig": {"figures": {"dpi": 100}},
+        "slicenet": {"evaluation": {"slicenet": {"train": {"lr": 1e-3}}}},
+        "tstr": {"evaluation": {"tstr_reports": 3}},
+        "tstr_steps": {"evaluation": {"tstr_steps": 3}},
+    }
+
+    def plan_of(name):
         work = tmp_path / name
         shutil.copytree(demo_run, work, symlinks=True)
-        return set(planned_rules(work, edit))
+        return name, set(planned_rules(work, edits[name]))
 
-    assert plan("none") == set()  # a finished run has nothing to do
+    # two dry runs at a time: each is a snakemake process of ~4 s on one core, and this test runs in the
+    # suite's last minutes, where the other workers have finished
+    with ThreadPoolExecutor(2) as pool:
+        plan = dict(pool.map(plan_of, edits))
+
+    assert plan["none"] == set()  # a finished run has nothing to do
     # what reads the samples or the models: each family's evaluation, their comparison, the report
     scoring = {"evaluate", "compare_families", "guidance_scale", "guidance_sweep", "figures", "metric_tables", "all"}
     scoring_families = scoring - {"guidance_scale", "guidance_sweep"}  # the guidance sweep samples the cascade alone
@@ -79,36 +105,29 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
               "train_classifier", "train_slicenet"} | sampling | latent
     prompts = {"prompts", "shards", "shard_manifest", "rejects", "text_tokenizer", "sample_prompts",
                "tstr_prompts"} | models
-    assert plan("prompt", {"prompts": {"templates": {"generatect": "{sex}, {age} years: {impression}"}}}) == prompts
-    assert plan("structured", {"prompts": {"structured": {"negated": "state"}}}) == prompts
+    assert plan["prompt"] == prompts
+    assert plan["structured"] == prompts
     # a preprocessing setting: preprocessing and everything after it, not the cohort or the reports;
     # the HU window also reaches every training config (the models map it to [-1, 1])
-    assert plan("preset", {"presets": {"demo": {"clip": [-1024, 1200]}}}) == \
-        {"prep", "shards", "shard_manifest", "rejects", "train_config", "slicenet_config"} | models
-    assert plan("shard", {"shards": {"shard_size": 3}}) == {"shards", "shard_manifest"} | models
+    assert plan["preset"] == {"prep", "shards", "shard_manifest", "rejects", "train_config", "slicenet_config"} | models
+    assert plan["shard"] == {"shards", "shard_manifest"} | models
     # a model's own settings: that model and what is built from it, nothing upstream
-    assert plan("tok", {"model_presets": {"demo": {"tokenizer": {"train": {"lr": 1e-3}}}}}) == \
+    assert plan["tok"] == \
         {"train_config", "train_tokenizer", "encode_tokens", "tokens_manifest", "train_generator"} | sampling
-    assert plan("ae", {"model_presets": {"demo": {"autoencoder": {"train": {"lr": 5e-4}}}}}) == {"train_config"} | latent
-    assert plan("flow", {"model_presets": {"demo": {"latent_flow": {"train": {"lr": 5e-4}}}}}) == \
-        {"train_config", "train_latent_flow"} | latent_sampling
-    assert plan("gen", {"model_presets": {"demo": {"generator": {"model": {"depth": 1}}}}}) == \
-        {"train_config", "train_generator"} | sampling
-    assert plan("sr", {"model_presets": {"demo": {"superres": {"train": {"lr": 5e-4}}}}}) == \
-        {"train_config", "train_superres"} | sampling
-    assert plan("clip", {"model_presets": {"demo": {"clip": {"train": {"lr": 5e-4}}}}}) == \
-        {"train_config", "train_clip"} | scoring
+    assert plan["ae"] == {"train_config"} | latent
+    assert plan["flow"] == {"train_config", "train_latent_flow"} | latent_sampling
+    assert plan["gen"] == {"train_config", "train_generator"} | sampling
+    assert plan["sr"] == {"train_config", "train_superres"} | sampling
+    assert plan["clip"] == {"train_config", "train_clip"} | scoring
     # sampling settings: the samples and their scores; evaluation settings: the scores; figures: the figures
-    assert plan("steps", {"sampling": {"steps": 3}}) == sampling
-    assert plan("eval", {"evaluation": {"hu_tolerance": 30.0}}) == scoring
-    assert plan("fig", {"figures": {"dpi": 100}}) == {"figures", "metric_tables", "all"}
+    assert plan["steps"] == sampling
+    assert plan["eval"] == scoring
+    assert plan["fig"] == {"figures", "metric_tables", "all"}
     # the slice network's settings: it and the scores; TSTR's size: its samples, classifiers and the scores
-    assert plan("slicenet", {"evaluation": {"slicenet": {"train": {"lr": 1e-3}}}}) == \
-        {"slicenet_config", "train_slicenet"} | scoring
-    assert plan("tstr", {"evaluation": {"tstr_reports": 3}}) == \
-        {"tstr_prompts", "sample_tstr", "tstr_shards", "train_tstr"} | scoring_families
+    assert plan["slicenet"] == {"slicenet_config", "train_slicenet"} | scoring
+    assert plan["tstr"] == {"tstr_prompts", "sample_tstr", "tstr_shards", "train_tstr"} | scoring_families
     # the TSTR classifiers' steps: their config and training, not the feature classifier or the samples
-    assert plan("tstr_steps", {"evaluation": {"tstr_steps": 3}}) == {"train_config", "train_tstr"} | scoring_families
+    assert plan["tstr_steps"] == {"train_config", "train_tstr"} | scoring_families
 
 
 def test_strict_mode_fails_and_names_the_rejects(demo_run, tmp_path):
