@@ -6,7 +6,9 @@ truth nobody predicted is named and not scored). Each protocol runs on its publi
 (:func:`score_vlm3d`'s ``proxies``), else it is skipped and the output says why. Outputs in ``out_dir``:
 
 * ``vlm3d.json``: every record (:class:`MetricValue`: value, n, CI, profile, flag), grouped by profile family,
-  the pairing, what was skipped and the settings;
+  the pairing, the volumes whose values do not read as HU (``hu_problems``: normalised or raw stored values;
+  where no prediction or no ground truth reads as HU the run stops with one line instead), what was skipped
+  and the settings;
 * ``vlm3d_2026.csv`` and ``papers.csv``: one table per family (the SqueezeNet and RadImageNet 2.5D FIDs
   rank models differently and never share a table);
 * ``leaderboard.json``: ``{"metrics": {"FVD_CTNet": ..., ...}}`` as the challenge writes it, published
@@ -16,6 +18,7 @@ truth nobody predicted is named and not scored). Each protocol runs on its publi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from ctgen.metrics.summary import MetricValue
+from ctgen.metrics.summary import MetricValue, join_flags
 from ctgen.metrics.vlm3d import (
     CHALLENGE,
     PAPERS,
@@ -37,6 +40,7 @@ from ctgen.metrics.vlm3d import (
     pair_volumes,
     read_prompts_json,
 )
+from ctgen.metrics.vlm3d.contract import hu_problems
 from ctgen.metrics.vlm3d.geometry import CLIP_SHAPE, CLIP_SPACING, FID_SHAPE, FID_SPACING, FVD_SHAPE
 from ctprep.errors import UserError
 from ctprep.volume import atomic_write_bytes
@@ -129,6 +133,7 @@ def score_vlm3d(generated_dir: str | os.PathLike, real_dir: str | os.PathLike, r
         raise UserError("nothing to score: no backbone weights in evaluation.vlm3d (ctnet_weights, ctclip_weights, "
                         "squeezenet_weights, radimagenet_weights) and no proxy networks")
     pairs = list(pairing.pairs)
+    problems = _check_hu(pairs)
     records: list[MetricValue] = []
     per_volume = None
     if "fvd" in extractors:
@@ -149,9 +154,13 @@ def score_vlm3d(generated_dir: str | os.PathLike, real_dir: str | os.PathLike, r
     if "fid_papers" in extractors:
         records += fid_25d(pairs, extractors["fid_papers"], settings, prefix=PAPERS, base_name="fid_2p5d_radimagenet",
                            device=device)
+    if problems:  # scored all the same (a few bad volumes need not void a run), but no number hides it
+        note = f"{len(problems)} of {len(pairs)} pairs hold a volume whose values do not read as HU (hu_problems)"
+        records = [dataclasses.replace(r, flag=join_flags(r.flag, note)) for r in records]
     summary = {
         "generated_dir": str(generated_dir), "real_dir": str(real_dir), "n_pairs": len(pairs),
         "stems": pairing.stems, "real_without_prediction": list(pairing.real_without_prediction),
+        "hu_problems": problems,
         "skipped": skipped, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()},
         "records": {family: [r.to_json() for r in records if r.profile.split(":")[0] == family]
                     for family in (CHALLENGE, PAPERS)},
@@ -161,6 +170,19 @@ def score_vlm3d(generated_dir: str | os.PathLike, real_dir: str | os.PathLike, r
     if out_dir is not None:
         _write(Path(out_dir), summary, records, official, per_volume)
     return summary
+
+
+def _check_hu(pairs: list) -> dict[str, dict[str, str]]:
+    """Every volume's values checked as HU (:func:`~ctgen.metrics.vlm3d.contract.hu_problem`); a side where no
+    volume reads as HU is a user error (one line, the first case named), single volumes are logged."""
+    problems = hu_problems(pairs)
+    for side in ("generated", "real"):
+        bad = [stem for stem, why in problems.items() if side in why]
+        if bad and len(bad) == len(pairs):
+            raise UserError(f"no {side} volume reads as HU ({len(bad)} of {len(bad)}); {bad[0]}: {problems[bad[0]][side]}")
+        for stem in bad:
+            log.warning("%s volume %s: %s; scored, and every record is flagged", side, stem, problems[stem][side])
+    return problems
 
 
 def _write(out: Path, summary: dict, records: list[MetricValue], official: dict, per_volume) -> None:

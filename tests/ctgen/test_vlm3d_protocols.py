@@ -278,3 +278,40 @@ def test_cli_without_weights_ends_in_one_line(tmp_path, real_dir, capsys):
     assert ctgen_main(["vlm3d-score", "--generated", str(real_dir), "--real", str(real_dir), "--out", str(tmp_path),
                        "--ctnet-weights", str(tmp_path / "absent.pth")]) == 2
     assert "CT-Net weights not found" in capsys.readouterr().err
+
+
+def _save_float(path, data, affine):
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), path)
+
+
+def test_values_that_are_not_hu_are_named_and_flagged(tmp_path, real_dir, volume_net):
+    """A generator's [-1, 1] output or raw stored values (HU + 1024) are named per volume; HU volumes pass."""
+    from ctgen.metrics.vlm3d.contract import hu_problem
+
+    reals = sorted(real_dir.glob("*.nii.gz"))
+    assert [hu_problem(p) for p in reals] == [None] * len(reals)  # real scans, and the noisy copies below
+    gen_dir = _derived(tmp_path, real_dir, "noisy")
+    img = nib.load(reals[0])
+    hu = np.asarray(img.dataobj, dtype=np.float32)
+    _save_float(tmp_path / "norm.nii.gz", np.clip(hu, -1000, 1000) / 1000, img.affine)
+    _save_float(tmp_path / "unit.nii.gz", (np.clip(hu, -1000, 1000) + 1000) / 2000, img.affine)
+    _write(tmp_path / "raw.nii.gz", hu + 1024, img.affine)
+    assert hu_problem(gen_dir / reals[0].name) is None
+    assert "normalised values, not HU" in hu_problem(tmp_path / "norm.nii.gz")
+    assert "normalised values, not HU" in hu_problem(tmp_path / "unit.nii.gz")
+    assert "read as HU only 1024 lower" in hu_problem(tmp_path / "raw.nii.gz")
+    # one normalised prediction: scored, named in vlm3d.json, every record flagged
+    (gen_dir / reals[0].name).write_bytes((tmp_path / "norm.nii.gz").read_bytes())
+    summary = score_vlm3d(gen_dir, real_dir, proxies={"fvd": volume_net}, out_dir=tmp_path / "one",
+                          grids={"fvd_shape": FVD_GRID})
+    stem = reals[0].name[: -len(".nii.gz")]
+    assert list(summary["hu_problems"]) == [stem] and "normalised" in summary["hu_problems"][stem]["generated"]
+    records = summary["records"]["vlm3d-2026"]
+    assert records and all("1 of 9 pairs hold a volume whose values do not read as HU" in r["flag"] for r in records)
+    assert json.loads((tmp_path / "one" / "vlm3d.json").read_text())["hu_problems"] == summary["hu_problems"]
+    # no prediction in HU: one line, nothing scored
+    for path in gen_dir.iterdir():
+        data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+        _save_float(path, np.clip(data, -1000, 1000) / 1000, nib.load(path).affine)
+    with pytest.raises(UserError, match=r"no generated volume reads as HU \(9 of 9\); case_00_pulmonary: .*normalised"):
+        score_vlm3d(gen_dir, real_dir, proxies={"fvd": volume_net}, grids={"fvd_shape": FVD_GRID})

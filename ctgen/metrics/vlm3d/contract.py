@@ -21,12 +21,14 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ctprep.volume import Volume, load_nifti
+from ctprep.intensity import detect_convention
+from ctprep.volume import Volume, VolumeError, load_nifti
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +164,50 @@ def load_volume(path: str | os.PathLike) -> Volume:
         data = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # (z, y, x) -> (i, j, k)
         return Volume.from_3d(np.asarray(data), affine_of_sitk(img), source=str(path))
     return load_nifti(path)
+
+
+#: voxels of the strided subsample that :func:`hu_problem` reads
+HU_CHECK_VOXELS = 200_000
+
+
+def hu_problem(path: str | os.PathLike) -> str | None:
+    """Why a volume's values do not read as HU, in one line; None where they do.
+
+    Every protocol clips and windows in HU, so a generator's output in [-1, 1] or [0, 1], or raw stored
+    values that need CT-RATE's -1024 intercept, would be scored as if they were HU and give numbers that
+    mean nothing. The test is ctprep's intensity plausibility (:func:`ctprep.intensity.detect_convention`:
+    the HU ranges of air, lung, fat and soft tissue) on a strided subsample; a poor generation in HU (two of
+    the four tissue classes are enough) passes.
+    """
+    path = Path(path)
+    if path.name.lower().endswith(".mha"):
+        data = load_volume(path).data[0]
+    else:  # nibabel reads the strided subsample only (a proxy), with the header's scaling applied
+        import nibabel as nib
+
+        proxy = nib.load(str(path)).dataobj
+        s = max(1, int(np.ceil((np.prod(proxy.shape[:3]) / HU_CHECK_VOXELS) ** (1 / 3))))
+        data = proxy[::s, ::s, ::s]
+    sample = np.asarray(data, dtype=np.float32)
+    lo, hi = float(sample.min()), float(sample.max())
+    try:
+        evidence = detect_convention(sample, 1.0, -1024.0, max_voxels=sample.size)
+    except VolumeError:
+        hint = ("normalised values, not HU" if hi - lo <= 2.5 else
+                "no value below 0: stored without an intercept?" if lo >= 0 else "not a chest CT in HU")
+        return f"values span [{lo:g}, {hi:g}] with no chest CT's air, lung, fat and soft tissue in HU ({hint})"
+    if evidence["convention"] == "raw":
+        return (f"values span [{lo:g}, {hi:g}]: they read as HU only 1024 lower (raw stored values, as in "
+                "CT-RATE's original release; score HU volumes)")
+    return None
+
+
+def hu_problems(pairs: Sequence[Pair]) -> dict[str, dict[str, str]]:
+    """{stem: {"generated" and/or "real": why it does not read as HU}} over the pairs, one volume at a time."""
+    out: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        for side in ("generated", "real"):
+            why = hu_problem(getattr(pair, side))
+            if why:
+                out.setdefault(pair.stem, {})[side] = why
+    return out
