@@ -9,7 +9,10 @@ A series folder becomes one HU volume whose affine comes from the headers alone:
 - RescaleSlope/RescaleIntercept are applied per slice, since they may differ between slices;
 - array axes are ``("column", "row", "slice")``: ``array[i, j, k] = pixel_array[k][j, i]``, so i
   steps along the row cosine, j along the column cosine and k along the slice normal, which
-  is the order of SimpleITK's ``(x, y, z)``.
+  is the order of SimpleITK's ``(x, y, z)``;
+- an enhanced (multi-frame) CT file, as newer scanners write a whole series, is read frame by
+  frame from its functional groups (position per frame; orientation, pixel spacing and rescale
+  per frame or shared), and its frames go through the same checks as classic slices.
 
 Anything that would make the geometry or the intensities a guess is refused with a
 :class:`SeriesError` naming the reason: a non-CT Modality, several series in one folder, mixed
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -144,8 +148,6 @@ def _check_and_sort(items: list, allow_gaps: bool) -> _Stack:
         modality = str(ds.get("Modality", "") or "").strip()
         if modality and modality != "CT":
             raise SeriesError(f"Modality is {modality!r} in {name}, not CT")
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise SeriesError(f"{name} is multi-frame (enhanced) DICOM, which is not supported")
         if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, name), iop, atol=ORIENTATION_ATOL, rtol=0):
             raise SeriesError(f"mixed ImageOrientationPatient: {list(ds.ImageOrientationPatient)} in {name}, "
                               f"{iop} in {first_name}")
@@ -203,12 +205,63 @@ def _check_and_sort(items: list, allow_gaps: bool) -> _Stack:
 
 def _items_from(source: str | os.PathLike | Iterable[Dataset], series_uid: str | None) -> list:
     if isinstance(source, (str, os.PathLike)):
-        return _select(_scan(Path(source)), series_uid)
-    items = []
-    for n, ds in enumerate(source):
-        path = Path(ds.filename) if isinstance(getattr(ds, "filename", None), (str, os.PathLike)) else None
-        items.append((path.name if path else f"dataset {n}", path, ds))
-    return _select(items, series_uid)
+        items = _select(_scan(Path(source)), series_uid)
+    else:
+        items = []
+        for n, ds in enumerate(source):
+            path = Path(ds.filename) if isinstance(getattr(ds, "filename", None), (str, os.PathLike)) else None
+            items.append((path.name if path else f"dataset {n}", path, ds))
+        items = _select(items, series_uid)
+    return [frame for item in items for frame in _frames(*item)]
+
+
+#: functional groups of an enhanced (multi-frame) CT and the classic tags each holds
+_FUNCTIONAL_GROUPS = {
+    "PlanePositionSequence": ("ImagePositionPatient",),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept"),
+}
+
+
+def _frames(name: str, path: Path | None, ds: Dataset) -> list[tuple[str, Path | None, Dataset]]:
+    """One (name, path, header) per image: a classic file as it is; an enhanced (multi-frame) CT file, as
+    newer scanners write a whole series, as one classic header per frame.
+
+    Each frame's header holds the file's top-level elements and, from its functional groups (the frame's
+    own first, else the shared ones), ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
+    SliceThickness and the rescale, so that frames are checked, sorted and measured like the slices of a
+    classic series (and may be spread over several files). ``ctprep_frame`` (the frame's index) and
+    ``ctprep_source`` (the whole dataset, where it was passed in memory) tell :func:`_decode` where its
+    pixels are. pydicom reads the functional groups but does not flatten them (dcm2niix and GDCM do; SimpleITK's
+    series reader reads the first frame's geometry only), hence this.
+    """
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    if n <= 1:
+        return [(name, path, ds)]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None or len(per_frame) != n:
+        raise SeriesError(f"{name}: {n} frames but {len(per_frame or [])} per-frame functional groups")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared[0] if shared else Dataset()
+    top = [elem for elem in ds if elem.VR != "SQ" and elem.keyword not in ("PixelData", "NumberOfFrames")]
+    frames = []
+    for k, groups in enumerate(per_frame):
+        frame = Dataset()  # new elements with the file's values: setting one frame's tags leaves the others
+        for elem in top:
+            frame.add(DataElement(elem.tag, elem.VR, elem.value))
+        if getattr(ds, "file_meta", None) is not None:
+            frame.file_meta = ds.file_meta
+        for group, keywords in _FUNCTIONAL_GROUPS.items():
+            item = next((src.get(group)[0] for src in (groups, shared) if src.get(group)), None)
+            for keyword in keywords:
+                if item is not None and keyword in item:
+                    setattr(frame, keyword, item[keyword].value)
+        frame.ctprep_frame = k
+        if path is None:
+            frame.ctprep_source = ds
+        frames.append((f"{name} frame {k + 1}", path, frame))
+    return frames
 
 
 # --- CT-RATE metadata row -----------------------------------------------------------------
@@ -291,16 +344,27 @@ def _decode(stack: _Stack) -> tuple[np.ndarray, list[str], list[tuple[float, flo
     """Pixel data in HU, shape (N, Rows, Columns); int16 where exact, else float32."""
     rows, cols = int(stack.headers[0].Rows), int(stack.headers[0].Columns)
     raw, syntaxes, rescales, seen = [], [], [], {}
+    frames: dict = {}  # a multi-frame file's (pixels, transfer syntax), decoded once for all its frames
     for name, path, header in zip(stack.names, stack.paths, stack.headers):
-        ds = pydicom.dcmread(path) if path is not None else header
-        if "PixelData" not in ds:
-            raise SeriesError(f"no pixel data in {name} (absent, or the file is truncated)")
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        try:
-            arr = ds.pixel_array  # compressed syntaxes decode through the pylibjpeg plugins
-        except Exception as err:
-            syntax = ts.name if ts else "unknown transfer syntax"
-            raise SeriesError(f"cannot decode pixel data of {name} ({syntax}): {err}") from err
+        frame, source = getattr(header, "ctprep_frame", None), getattr(header, "ctprep_source", None)
+        key = path if path is not None else id(source)
+        if frame is not None and key in frames:
+            arr, ts = frames[key][0][frame], frames[key][1]
+        else:
+            ds = source if source is not None else pydicom.dcmread(path) if path is not None else header
+            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            if "PixelData" not in ds:
+                raise SeriesError(f"no pixel data in {name} (absent, or the file is truncated)")
+            try:
+                arr = ds.pixel_array  # compressed syntaxes decode through the pylibjpeg plugins
+            except Exception as err:
+                syntax = ts.name if ts else "unknown transfer syntax"
+                raise SeriesError(f"cannot decode pixel data of {name} ({syntax}): {err}") from err
+            if frame is not None:
+                if arr.ndim != 3:
+                    raise SeriesError(f"pixel data of {name} has shape {arr.shape}, not one image per frame")
+                frames[key] = arr, ts
+                arr = arr[frame]
         if arr.shape != (rows, cols):
             raise SeriesError(f"pixel data of {name} has shape {arr.shape}, header says {(rows, cols)}")
         if arr.min() != arr.max():  # constant padding slices may repeat; real image slices never do
@@ -311,7 +375,7 @@ def _decode(stack: _Stack) -> tuple[np.ndarray, list[str], list[tuple[float, flo
             seen[digest] = name
         raw.append(arr)
         syntaxes.append(ts.name if ts else "unknown")
-        rescales.append(_rescale(ds, name))
+        rescales.append(_rescale(header if frame is not None else ds, name))  # a frame's own, from its groups
 
     integral = all(float(s).is_integer() and float(b).is_integer() for s, b in rescales)
     if integral:

@@ -168,6 +168,73 @@ def test_tilted_stack_affine_hits_every_slice_position(tmp_path):
 
 
 # --- refusals -----------------------------------------------------------------------------
+def enhanced_ct(src: Path, out: Path, per_frame_rescale: bool) -> Path:
+    """The classic series ``src`` written as one enhanced (multi-frame) CT file, frames in a shuffled order:
+    positions per frame, orientation and pixel measures shared, the rescale shared or per frame (then frame k
+    stores its pixels k higher, with an intercept k lower: the same HU)."""
+    files = by_position(src)
+    order = np.random.default_rng(0).permutation(len(files))
+    heads = [pydicom.dcmread(files[k]) for k in order]
+    first = heads[0]
+    ds = pydicom.Dataset()
+    for keyword in ("Modality", "SeriesInstanceUID", "StudyInstanceUID", "PatientID", "PatientSex", "PatientAge",
+                    "Manufacturer", "Rows", "Columns", "BitsAllocated", "PixelRepresentation", "SamplesPerPixel",
+                    "PhotometricInterpretation"):
+        setattr(ds, keyword, first.get(keyword))
+    ds.BitsStored, ds.HighBit = 16, 15
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.NumberOfFrames = len(heads)
+
+    def item(**tags):
+        out = pydicom.Dataset()
+        for keyword, value in tags.items():
+            setattr(out, keyword, value)
+        return out
+
+    def rescale(k):
+        return item(RescaleSlope=first.RescaleSlope, RescaleIntercept=float(first.RescaleIntercept) - k,
+                    RescaleType="HU")
+
+    shared = item(PlaneOrientationSequence=[item(ImageOrientationPatient=first.ImageOrientationPatient)],
+                  PixelMeasuresSequence=[item(PixelSpacing=first.PixelSpacing, SliceThickness=first.SliceThickness)])
+    if not per_frame_rescale:
+        shared.PixelValueTransformationSequence = [rescale(0)]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for k, h in enumerate(heads):
+        groups = item(PlanePositionSequence=[item(ImagePositionPatient=h.ImagePositionPatient)])
+        if per_frame_rescale:
+            groups.PixelValueTransformationSequence = [rescale(k)]
+        frames.append(groups)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    shift = np.arange(len(heads)) if per_frame_rescale else np.zeros(len(heads), int)
+    ds.PixelData = np.stack([h.pixel_array + d for h, d in zip(heads, shift)]).astype(np.uint16).tobytes()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    out.mkdir()
+    ds.save_as(out / "enhanced.dcm", enforce_file_format=True)
+    return out
+
+
+@pytest.mark.parametrize("per_frame_rescale", [False, True], ids=["shared-rescale", "per-frame-rescale"])
+def test_enhanced_multiframe_ct_reads_like_its_classic_series(example, tmp_path, per_frame_rescale):
+    folder = enhanced_ct(EXAMPLE, tmp_path / "enhanced", per_frame_rescale)
+    vol = read_series(folder)
+    np.testing.assert_array_equal(vol.data, example.data)  # example: SimpleITK's voxels (test above)
+    np.testing.assert_allclose(vol.affine, example.affine, atol=1e-6)  # and its affine
+    assert vol.data.dtype == np.int16 and vol.meta["n_slices"] == 20 and vol.meta["slice_step_mm"] == pytest.approx(2.0)
+    assert vol.meta["metadata_row"]["PatientSex"] == example.meta["metadata_row"]["PatientSex"]
+    assert len(vol.meta["rescale"]) == (20 if per_frame_rescale else 1)
+    # a frame without its functional group is named
+    ds = pydicom.dcmread(folder / "enhanced.dcm")
+    del ds.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence
+    ds.save_as(folder / "enhanced.dcm")
+    with pytest.raises(SeriesError, match="missing ImagePositionPatient in enhanced.dcm frame 4"):
+        read_series(folder)
+
+
 def test_missing_middle_slice_is_refused(tmp_path):
     folder = copy_series(EXAMPLE, tmp_path / "s")
     files = by_position(folder)
