@@ -15,7 +15,8 @@ A series folder becomes one HU volume whose affine comes from the headers alone:
   per frame or shared), and its frames go through the same checks as classic slices.
 
 Anything that would make the geometry or the intensities a guess is refused with a
-:class:`SeriesError` naming the reason: a non-CT Modality, several series in one folder, mixed
+:class:`SeriesError` naming the reason: a non-CT Modality, several CT series in one folder (a
+scout, a dose report or a single image beside one CT series is skipped, and named), mixed
 orientation or matrix size or pixel spacing, duplicate positions, missing or irregular slices,
 fewer than two slices (a single slice has no measured step, and a 2D image is no volume for
 this pipeline), missing geometry tags, missing or undecodable pixel data, and two slices with
@@ -104,7 +105,8 @@ def _scan(series_dir: Path) -> list[tuple[str, Path, Dataset]]:
 
 
 def _select(items: list, series_uid: str | None) -> list:
-    """The files of one SeriesInstanceUID; several without ``series_uid`` is an error."""
+    """The files of one SeriesInstanceUID; several without ``series_uid`` is an error, unless exactly one of
+    them could be a CT volume (:func:`_not_a_volume`)."""
     groups: dict[str, list] = {}
     for item in items:
         groups.setdefault(str(item[2].get("SeriesInstanceUID", "") or "").strip(), []).append(item)
@@ -113,12 +115,37 @@ def _select(items: list, series_uid: str | None) -> list:
             raise SeriesError(f"series {series_uid!r} not found; present: {sorted(groups)}")
         return groups[series_uid]
     if len(groups) > 1:
+        why_not = {uid: _not_a_volume(files) for uid, files in groups.items()}
+        volumes = [uid for uid, why in why_not.items() if why is None]
+        if len(volumes) == 1:  # a scout, a dose report or a screenshot beside the one CT series
+            skipped = "; ".join(f"{uid or '<empty>'} ({why})" for uid, why in sorted(why_not.items()) if why)
+            logger.warning("%s: read series %s; skipped %s", items[0][1].parent if items[0][1] else "datasets",
+                           volumes[0] or "<empty>", skipped)
+            return groups[volumes[0]]
         listed = "; ".join(
-            f"{uid or '<empty>'} ({groups[uid][0][2].get('Modality', '?')}, {len(groups[uid])} files)"
+            f"{uid or '<empty>'} ({groups[uid][0][2].get('Modality', '?')}, {len(groups[uid])} files"
+            + (f", {why_not[uid]}" if why_not[uid] else "") + ")"
             for uid in sorted(groups)
         )
         raise SeriesError(f"folder holds {len(groups)} series: {listed}; pass series_uid= to pick one")
     return next(iter(groups.values()))
+
+
+def _not_a_volume(items: list) -> str | None:
+    """Why a series cannot be a CT volume (not CT, localizer images only, a single image), else None.
+
+    Exports of a study often put the scout, the dose report and screenshots beside the axial series;
+    where exactly one series could be the volume, :func:`_select` takes it and names what it skipped.
+    """
+    heads = [ds for _, _, ds in items]
+    other = sorted({str(ds.get("Modality", "") or "").strip() for ds in heads} - {"CT", ""})
+    if other:
+        return f"modality {', '.join(other)}"
+    if all("LOCALIZER" in [str(v).strip().upper() for v in (ds.get("ImageType") or [])] for ds in heads):
+        return "localizer images"
+    if sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in heads) < 2:
+        return "a single image"
+    return None
 
 
 def _floats(ds: Dataset, keyword: str, n: int, name: str) -> list[float]:

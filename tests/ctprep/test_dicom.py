@@ -7,6 +7,7 @@ Broken series are made by editing copies in a temporary folder; tests/data stays
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -290,6 +291,31 @@ def test_several_series_need_a_choice(tmp_path):
     vol = read_series(folder, series_uid="1.2.3.2")
     assert vol.shape == (512, 512, 8) and vol.meta["series_uid"] == "1.2.3.2"
     np.testing.assert_array_equal(vol.data, read_series(EXAMPLE).data[..., 12:])
+
+
+def test_a_scout_a_dose_report_and_a_screenshot_beside_the_series_are_skipped(tmp_path, caplog):
+    folder = copy_series(EXAMPLE, tmp_path / "s")
+    files = by_position(folder)
+    extras = {"scout_ap.dcm": dict(SeriesInstanceUID="1.2.3.7", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]),
+              "scout_lat.dcm": dict(SeriesInstanceUID="1.2.3.7", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]),
+              "dose.dcm": dict(SeriesInstanceUID="1.2.3.8", Modality="SR"),
+              "screen.dcm": dict(SeriesInstanceUID="1.2.3.9", ImageType=["DERIVED", "SECONDARY", "SCREEN SAVE"])}
+    for k, (name, tags) in enumerate(extras.items()):
+        shutil.copy(files[k], folder / name)
+        edit(folder / name, **tags)
+    with caplog.at_level("WARNING", logger="ctprep.dicom"):
+        vol = read_series(folder)
+    np.testing.assert_array_equal(vol.data, read_series(EXAMPLE).data)
+    assert vol.meta["n_slices"] == 20
+    assert re.search(r"skipped 1\.2\.3\.7 \(localizer images\); 1\.2\.3\.8 \(modality SR\); 1\.2\.3\.9 "
+                     r"\(a single image\)", caplog.text), caplog.text
+    # two series that could each be the volume: still a choice, the skippable ones marked
+    for n, path in enumerate(files):
+        if n >= 12:
+            edit(path, SeriesInstanceUID="1.2.3.2")
+    with pytest.raises(SeriesError, match=r"5 series: .*1\.2\.3\.2 \(CT, 8 files\); 1\.2\.3\.7 \(CT, 2 files, "
+                                          r"localizer images\).*pass series_uid="):
+        read_series(folder)
 
 
 def test_single_slice_and_empty_folder_are_refused(tmp_path):
