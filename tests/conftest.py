@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.slurm import testcluster
-from tests.workflow.wf import DemoRun, run_tiny_demo
+from tests.workflow.wf import DemoRun, run_rehearsal_large, run_tiny_demo
 
 DATA = Path(__file__).parent / "data"
 REAL_NIFTI = ["pulmonary_report_ct_cropped.nii.gz", "example_ct_sm.nii.gz", "example_ct.nii.gz"]
@@ -89,12 +90,27 @@ def tiny_demo(request, tmp_path_factory) -> DemoRun:
     slowest fixture; the workflow, report, rehearsal, Slurm and time-limit tests read it): through the test
     Slurm cluster where one is up (CI's ``cluster.sh run``) or where this session runs the Slurm tests and can
     start one, so that the Slurm test checks this very run; else locally. (A plain ``make test`` as root had run
-    it twice, locally and through the cluster the Slurm test started: 6 min of a worker.)"""
+    it twice, locally and through the cluster the Slurm test started: 6 min of a worker.) Where the session runs
+    the small rehearsal, its 4N run starts first, in a thread beside this one (rehearsal_large)."""
+    if any(item.nodeid.startswith(REHEARSAL_TEST) for item in request.session.items):
+        request.getfixturevalue("rehearsal_large")  # starts beside the demo
     cluster = None
     if testcluster.already_up() or any(item.nodeid.startswith("tests/slurm/") for item in request.session.items):
         cluster, why = request.getfixturevalue("slurm_cluster")
         assert cluster is not None or not testcluster.already_up(), why  # CI's cluster must be found
     return run_tiny_demo(tmp_path_factory.mktemp("demo") / "wf", cluster)
+
+
+REHEARSAL_TEST = "tests/workflow/test_rehearsal.py::test_training_memory_does_not_grow_with_the_cohort"
+
+
+@pytest.fixture(scope="session")
+def rehearsal_large(tmp_path_factory) -> Future:
+    """The small rehearsal's 4N run (tests/workflow/test_rehearsal.py), in a thread: started by the tiny demo
+    fixture where the session runs that test, so that it runs beside the demo (its N) rather than after it,
+    at the end of the workflow worker's chain while the other workers had finished (3 min of one core)."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(run_rehearsal_large, tmp_path_factory.mktemp("rehearsal"))
 
 
 @pytest.fixture(scope="session")

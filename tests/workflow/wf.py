@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -81,3 +83,22 @@ def planned_rules(workdir: Path, cfg_edit: dict | None = None) -> dict[str, int]
         if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
             counts[parts[0]] = int(parts[1])
     return counts
+
+
+@functools.cache
+def rehearsal():
+    """benchmarks/rehearsal.py as a module (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location("rehearsal", REPO / "benchmarks" / "rehearsal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REHEARSAL_N = 12  # the small rehearsal's 4N: 4 x the tiny demo's 3 training patients
+
+
+def run_rehearsal_large(root: Path) -> dict:
+    """The small rehearsal at 4N (tiny config, 12 training patients), every training job, from nothing."""
+    r = rehearsal()
+    targets = [f"results/models/{m.removeprefix('train_')}/model.safetensors" for m in r.TRAINING]
+    return r.run("small", REHEARSAL_N, root, 2, targets)
