@@ -260,8 +260,7 @@ def _frames(name: str, path: Path | None, ds: Dataset) -> list[tuple[str, Path |
     SliceThickness and the rescale, so that frames are checked, sorted and measured like the slices of a
     classic series (and may be spread over several files). ``ctprep_frame`` (the frame's index) and
     ``ctprep_source`` (the whole dataset, where it was passed in memory) tell :func:`_decode` where its
-    pixels are. pydicom reads the functional groups but does not flatten them (dcm2niix and GDCM do; SimpleITK's
-    series reader reads the first frame's geometry only), hence this.
+    pixels are. pydicom parses the functional groups but does not turn them into per-frame geometry, hence this.
     """
     n = int(ds.get("NumberOfFrames", 1) or 1)
     if n <= 1:
