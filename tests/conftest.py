@@ -30,7 +30,8 @@ GROUPS = {"tests/workflow/test_workflow.py": "workflow", "tests/workflow/test_re
 FIRST = ("workflow", "paper")  # group start order
 # Last in its group: the time-limit test's training must finish in its second Slurm attempt (2 minutes). Run
 # right after the tiny demo, beside the paper-geometry steps on the other worker (2 threads each), its tokenizer
-# trained at half speed and needed a third attempt: 466 s in CI (134 s on an idle machine); last, 120-123 s in CI.
+# trained at half speed and needed a third attempt: 466 s in CI (134 s on an idle machine); last, 120-123 s in CI;
+# once the rehearsal's 4N run went beside the demo, the group's end met the last paper steps again: 170 s.
 LAST = ("tests/slurm/test_timelimit.py",)
 
 
