@@ -93,10 +93,13 @@ def tiny_demo(request, tmp_path_factory) -> DemoRun:
     start one, so that the Slurm test checks this very run; else locally. (A plain ``make test`` as root had run
     it twice, locally and through the cluster the Slurm test started: 6 min of a worker.) Where the session runs
     the small rehearsal, its 4N run starts first, in a thread beside this one (rehearsal_large)."""
-    if any(item.nodeid.startswith(REHEARSAL_TEST) for item in request.session.items):
+    def session_runs(prefix: str) -> bool:
+        return any(item.nodeid.startswith(prefix) for item in request.session.items)
+
+    if session_runs(REHEARSAL_TEST):
         request.getfixturevalue("rehearsal_large")  # starts beside the demo
     cluster = None
-    if testcluster.already_up() or any(item.nodeid.startswith("tests/slurm/") for item in request.session.items):
+    if testcluster.already_up() or session_runs("tests/slurm/"):
         cluster, why = request.getfixturevalue("slurm_cluster")
         assert cluster is not None or not testcluster.already_up(), why  # CI's cluster must be found
     return run_tiny_demo(tmp_path_factory.mktemp("demo") / "wf", cluster)

@@ -179,7 +179,8 @@ def _check_hu(pairs: list) -> dict[str, dict[str, str]]:
     for side in ("generated", "real"):
         bad = [stem for stem, why in problems.items() if side in why]
         if bad and len(bad) == len(pairs):
-            raise UserError(f"no {side} volume reads as HU ({len(bad)} of {len(bad)}); {bad[0]}: {problems[bad[0]][side]}")
+            raise UserError(f"no {side} volume reads as HU ({len(bad)} of {len(pairs)}); {bad[0]}: "
+                            f"{problems[bad[0]][side]}")
         for stem in bad:
             log.warning("%s volume %s: %s; scored, and every record is flagged", side, stem, problems[stem][side])
     return problems

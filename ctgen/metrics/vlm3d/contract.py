@@ -182,13 +182,12 @@ def hu_problem(path: str | os.PathLike) -> str | None:
     path = Path(path)
     if path.name.lower().endswith(".mha"):
         data = load_volume(path).data[0]
-    else:  # nibabel reads the strided subsample only (a proxy), with the header's scaling applied
+    else:  # a nibabel proxy: only the strided subsample is read, with the header's scaling applied
         import nibabel as nib
 
-        proxy = nib.load(str(path)).dataobj
-        s = max(1, int(np.ceil((np.prod(proxy.shape[:3]) / HU_CHECK_VOXELS) ** (1 / 3))))
-        data = proxy[::s, ::s, ::s]
-    sample = np.asarray(data, dtype=np.float32)
+        data = nib.load(str(path)).dataobj
+    s = max(1, int(np.ceil((np.prod(data.shape[:3]) / HU_CHECK_VOXELS) ** (1 / 3))))
+    sample = np.asarray(data[::s, ::s, ::s], dtype=np.float32)
     lo, hi = float(sample.min()), float(sample.max())
     try:
         evidence = detect_convention(sample, 1.0, -1024.0, max_voxels=sample.size)
