@@ -28,7 +28,7 @@ NEEDS = {"tokenizer": ("manifests",), "generator": ("tokens",), "superres": ("ma
          "autoencoder": (), "latent_flow": ("latents",), "clip": ("manifests",), "classifier": ("manifests",),
          "slicenet": ("manifests",)}
 #: Data keys that name input files (checked to exist before any work starts).
-INPUT_FILES = ("manifests", "tokens", "latents", "text_cache", "text_tokenizer", "recon")
+INPUT_FILES = ("manifests", "tokens", "latents", "probe_latents", "text_cache", "text_tokenizer", "recon")
 
 
 def _check_sections(cfg: dict, path: str) -> None:
@@ -221,6 +221,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--manifests", nargs="+", help="volume shard manifests (tokenizer, superres, clip, classifier)")
     t.add_argument("--tokens", nargs="+", help="token shard manifests of encode-tokens (generator)")
     t.add_argument("--latents", nargs="+", help="latent shard manifests of encode-latents (latent_flow)")
+    t.add_argument("--probe-latents", dest="probe_latents", nargs="+",
+                   help="held-out latent shard manifests (the evaluation split's): latent_flow's text-reliance probe "
+                        "also scores these, which it never trains on")
     t.add_argument("--text-cache", dest="text_cache", help="cached frozen-encoder prompt states")
     t.add_argument("--text-tokenizer", dest="text_tokenizer", help="tokenizer JSON of the trainable text encoder")
     t.add_argument("--recon", nargs="+", help="token shard manifests with reconstructions, as super-resolution inputs")

@@ -143,7 +143,11 @@ def _text_reliance(path: str | Path | None) -> tuple[pd.DataFrame, str]:
     if not records:
         return metric_rows([]), "Not computed: the preset's data.text_probe_latents is 0.\n"
     levels = ", ".join(dict.fromkeys(r["name"].rpartition("@")[2] for r in records))  # as the probe named them
-    how = (f"On the training latents, at t/T = {levels} (1: pure noise) with the same noise under each context: "
+    heldout = any(r["name"].startswith("text_reliance.heldout.") for r in records)
+    where = ("On the training latents and (text_reliance.heldout.*) on held-out latents of the evaluation split, never "
+             "trained on: a gain on the training latents alone is what a network that memorised its training reports "
+             "also shows" if heldout else "On the training latents (no held-out latents: a gain may be memorisation)")
+    how = (f"{where}; at t/T = {levels} (1: pure noise) with the same noise under each context: "
            "gain_vs_null and gain_vs_other are the relative loss reductions of the own report over the null context and over "
            "another report (0: the network ignores the text); velocity_shift is norm(v_report - v_null) / norm(v_report). ")
     return metric_rows(records), how + caption("text_reliance", records, {})

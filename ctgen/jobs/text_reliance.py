@@ -1,5 +1,6 @@
 """Does the latent flow network read the report? Its velocity loss with the right report, the null
-context and another patient's report, at fixed noise levels, on the latents it was trained on.
+context and another patient's report, at fixed noise levels, on the latents it was trained on and
+on held-out latents (the evaluation split's, never trained on).
 
 A network that ignores the text has the same loss under all three contexts; one that reads it has
 a lower loss with its own report than with the null context or another report's, most at high
@@ -8,6 +9,12 @@ The comparison is paired: every latent gets the same noise and timestep under th
 and the relative gains ``(loss_other - loss_own) / loss_other`` are averaged over latents with a
 bootstrap CI (:func:`ctgen.metrics.summary.mean_with_ci`). Beside it, how far the report moves the
 predicted velocity: ``|v_own - v_null| / |v_own|``.
+
+Both sets are needed. On the training latents a network that memorised each training report's
+latent scores as well as one that learned what the findings look like; only the held-out latents
+tell them apart. On the demo (150 training reports) a transformer trained on the free-text report
+cut its loss by 10% with the own report on the training latents and raised it by 8% on the held-out
+ones: it had learned the patients, not the findings (README, "The latent flow family").
 
 Written here rather than taken from a library: this probe is ours (the training loss alone cannot
 tell a network that reads the report from one that learned the mean volume).
@@ -61,9 +68,11 @@ def context_losses(model, batch: dict[str, torch.Tensor], noise_levels: Iterable
 
 
 def text_reliance(model, batches: Iterable[dict[str, torch.Tensor]], *, max_latents: int = 64,
-                  noise_levels: Iterable[float] = NOISE_LEVELS, seed: int = 0) -> list[MetricValue]:
+                  noise_levels: Iterable[float] = NOISE_LEVELS, seed: int = 0,
+                  heldout: bool = False) -> list[MetricValue]:
     """The probe over up to ``max_latents`` latents of ``batches``: per noise level, the relative loss
-    gain of the own report over the null context and over another report, and the velocity shift."""
+    gain of the own report over the null context and over another report, and the velocity shift.
+    ``heldout``: the latents were never trained on; the names read ``text_reliance.heldout.*``."""
     noise_levels = tuple(noise_levels)
     gen = torch.Generator().manual_seed(seed)
     parts: dict[str, list[np.ndarray]] = {}
@@ -81,15 +90,17 @@ def text_reliance(model, batches: Iterable[dict[str, torch.Tensor]], *, max_late
     if not parts:
         raise ValueError("no batch of at least 2 latents to probe (another report to compare with)")
     per = {k: np.concatenate(v) for k, v in parts.items()}
-    profile = f"latent_flow:{len(per[f'own@{noise_levels[0]:g}'])} training latents, paired noise"
+    which = "held-out" if heldout else "training"
+    profile = f"latent_flow:{len(per[f'own@{noise_levels[0]:g}'])} {which} latents, paired noise"
+    name = "text_reliance.heldout" if heldout else "text_reliance"
     values = []
     for level in noise_levels:
         own = per[f"own@{level:g}"]
         for other in ("null", "other"):
             ref = per[f"{other}@{level:g}"]
-            values.append(mean_with_ci((ref - own) / ref, f"text_reliance.gain_vs_{other}@{level:g}", profile=profile,
+            values.append(mean_with_ci((ref - own) / ref, f"{name}.gain_vs_{other}@{level:g}", profile=profile,
                                        extra={"loss_own": float(own.mean()), f"loss_{other}": float(ref.mean())}))
-        values.append(mean_with_ci(per[f"shift@{level:g}"], f"text_reliance.velocity_shift@{level:g}", profile=profile))
+        values.append(mean_with_ci(per[f"shift@{level:g}"], f"{name}.velocity_shift@{level:g}", profile=profile))
     for m in values:
         log.info("%s = %.4g [%s] (n = %d)%s", m.name, m.value,
                  ", ".join(f"{x:.4g}" for x in m.ci) if m.ci else "no CI", m.n, f"; {m.flag}" if m.flag else "")

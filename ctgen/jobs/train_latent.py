@@ -37,6 +37,7 @@ class LatentFlowData:
     """A flow network preset's ``data`` options (the workflow adds the latents, text and prompt)."""
 
     text_probe_latents: int = 64  # training latents the text-reliance probe scores after training (0: no probe)
+    #                               and as many held-out ones where data.probe_latents names their manifests
 
 
 def _stream(data: dict[str, Any]) -> dict[str, Any]:
@@ -120,15 +121,22 @@ def train_latent_flow(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root:
                             "latents_from": latent_producer(latents),
                             "data": {k: str(v) for k, v in data.items()}})
     n_probe = int(data.get("text_probe_latents", LatentFlowData.text_probe_latents))
+    heldout = None
+    if data.get("probe_latents"):  # the evaluation split's latents: read by the probe only, never trained on
+        latent_producer([*latents, *data_manifests(data, "probe_latents")])  # one autoencoder for both sets
+        heldout = batches.streamed(data_manifests(data, "probe_latents"), batches.latent_decode(data.get("prompt")),
+                                   batches.latent_flow_collate(segments, encode), **_stream(data))
     if int(os.environ.get("RANK", "0")) == 0:
-        probe_text_reliance(out, make, n_probe, max(2, tcfg.batch_size), tcfg.device, tcfg.seed)
+        probe_text_reliance(out, make, n_probe, max(2, tcfg.batch_size), tcfg.device, tcfg.seed, heldout)
     return out
 
 
 def probe_text_reliance(model_dir: str | Path, make, max_latents: int = 64, batch_size: int = 16,
-                        device: str = "auto", seed: int = 0) -> Path:
+                        device: str = "auto", seed: int = 0, heldout=None) -> Path:
     """``text_reliance.json`` beside the trained flow network (its EMA weights, as sampling uses):
-    does it read the report (``ctgen.jobs.text_reliance``)? Also logged. ``max_latents`` 0: an empty list."""
+    does it read the report (``ctgen.jobs.text_reliance``)? On the training latents of ``make`` and,
+    where ``heldout`` makes batches of latents it never trained on, on those. Also logged.
+    ``max_latents`` 0: an empty list."""
     from ctgen.jobs.text_reliance import text_reliance
     from ctgen.models.latent_flow import LatentFlow
     from ctgen.pipelines.spec import load_network
@@ -143,6 +151,8 @@ def probe_text_reliance(model_dir: str | Path, make, max_latents: int = 64, batc
         model = load_network(model_dir, LatentFlow, dev)
         ctx = BatchContext(rank=0, world_size=1, epoch=0, seed=seed, device=dev, batch_size=batch_size, num_workers=0)
         values = text_reliance(model, make(ctx), max_latents=max_latents, seed=seed)
+        if heldout is not None:
+            values += text_reliance(model, heldout(ctx), max_latents=max_latents, seed=seed, heldout=True)
     path = model_dir / "text_reliance.json"
     atomic_write(path, lambda p: Path(p).write_text(json.dumps([m.to_json() for m in values], indent=2) + "\n"))
     return path

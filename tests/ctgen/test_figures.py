@@ -305,6 +305,14 @@ def test_the_text_reliance_probe_is_a_table(run, tmp_path):
     assert table["value"].tolist() == pytest.approx([0.002, 0.008]) and (table["n"] == 64).all()
     caption = (tmp_path / "text_reliance.rst").read_text()
     assert "n = 64" in caption and "ignores the text" in caption and "stems" not in caption
+    assert "no held-out latents: a gain may be memorisation" in caption
+    heldout = probe + [MetricValue("text_reliance.heldout.gain_vs_null@0.8", -0.01, 50, (-0.02, 0.0),
+                                   profile="latent_flow:50 held-out latents").to_json()]
+    (tmp_path / "heldout.json").write_text(json.dumps(heldout))
+    write_tables(of(run, "metrics"), of(run, "skipped"), run["shared"]["sweep"], run["shared"]["families"], outputs,
+                 text_reliance_json=tmp_path / "heldout.json")
+    assert pd.read_csv(outputs["text_reliance_csv"])["metric"].tolist()[-1] == "text_reliance.heldout.gain_vs_null@0.8"
+    assert "held-out latents of the evaluation split" in (tmp_path / "text_reliance.rst").read_text()
     (tmp_path / "empty.json").write_text("[]")
     write_tables(of(run, "metrics"), of(run, "skipped"), run["shared"]["sweep"], run["shared"]["families"], outputs,
                  text_reliance_json=tmp_path / "empty.json")

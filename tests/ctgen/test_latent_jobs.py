@@ -96,6 +96,20 @@ def test_flow_training_probes_whether_the_network_reads_the_report(latent_run):
     out = latent_run["root"] / "no_probe"
     shutil.copytree(latent_run["models"] / "latent_flow", out)
     assert json.loads(probe_text_reliance(out, lambda ctx: iter(()), max_latents=0).read_text()) == []
+    # held-out latents (the workflow's evaluation split) scored beside them as text_reliance.heldout.*: given
+    # the training latents themselves, the probe gives the training rows' numbers under the held-out names
+    from ctgen.data import batches
+
+    make = batches.streamed([str(latent_run["latents"])], batches.latent_decode("generatect"),
+                            batches.latent_flow_collate(("findings", "impression"),
+                                                        batches.SectionTokens(str(latent_run["tok"]), 32)))
+    both = json.loads(probe_text_reliance(out, make, batch_size=2, device="cpu", heldout=make).read_text())
+    train = {r["name"]: r for r in both if not r["name"].startswith("text_reliance.heldout.")}
+    held = {r["name"].replace(".heldout", ""): r for r in both if r["name"].startswith("text_reliance.heldout.")}
+    assert set(train) == set(held) == names and len(both) == 18
+    for name, r in train.items():
+        assert held[name]["value"] == pytest.approx(r["value"], rel=1e-6, abs=1e-9) and held[name]["n"] == r["n"]
+        assert "training latents" in r["profile"] and "held-out latents" in held[name]["profile"]
 
 
 def test_spec_and_sampling_through_the_cli(latent_run, cohort, tmp_path):

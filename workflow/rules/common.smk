@@ -162,6 +162,15 @@ def get_train_latents(wildcards):
     return expand(rules.latents_manifest.output.manifest, split=MODELS["train_splits"])
 
 
+def get_probe_latents(wildcards):
+    """Held-out latents for the flow network's text-reliance probe: the evaluation split's, unless it is
+    also trained on (then none: the probe's held-out rows would not be held out)."""
+    split = config["evaluation"]["split"]
+    if split in MODELS["train_splits"]:
+        return []
+    return expand(rules.latents_manifest.output.manifest, split=split)
+
+
 def get_tokenizer_columns(wildcards):
     """The prompt columns the small encoder's tokenizer is fitted on: the models' prompt, and with the latent
     flow family every template (the report sections' words, which it reads, are in them).
@@ -345,10 +354,14 @@ def get_every_job():
                 expand(rules.train_tstr.output.weights, source=["synthetic", "real"]),
             ]
     if LATENT:
+        probe = [config["evaluation"]["split"]] if get_probe_latents(None) else []
         targets += [
             get_section_text(None),
-            expand(rules.encode_latents.output.latents, split=train, chunk=CHUNKS),
+            expand(
+                rules.encode_latents.output.latents, split=train + probe, chunk=CHUNKS
+            ),
             get_train_latents(None),
+            get_probe_latents(None),
             rules.latent_flow_spec.output.spec,
         ]
     return targets

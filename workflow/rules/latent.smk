@@ -104,6 +104,7 @@ rule train_latent_flow:
     input:
         config=expand(rules.train_config.output.config, model="latent_flow"),
         latents=get_train_latents,
+        probe=get_probe_latents,
         text=get_section_text,
     output:
         weights=f"{R}/models/latent_flow/model.safetensors",
@@ -127,9 +128,10 @@ rule train_latent_flow:
         launch=get_launcher,
         workers=get_data_workers,
         text_flag=TEXT_FLAG,
+        probe=lambda wc, input: f"--probe-latents {input.probe}" if input.probe else "",
     shell:
         "{params.launch} train latent_flow --config {input.config} --latents {input.latents}"
-        " {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt}"
+        " {params.probe} {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt}"
         " --data-workers {params.workers} > {log} 2>&1"
 
 
