@@ -6,6 +6,10 @@ with cross-attention to the report at the deepest levels, optional spacing input
 :class:`~ctgen.models.report_context.ReportContext` (findings and impression as two token
 sequences with segment embeddings, learned null segments, condition dropout).
 
+With ``backbone: dit`` the velocity network is instead :class:`~ctgen.models.latent_dit.LatentDiT`
+(PixArt-alpha's transformer blocks over 3D patches of the latent, the same report context, the same
+training and sampling); the demo preset uses it (why: ``config.yaml``, the README's latent flow section).
+
 Training (one step, ``forward``). The batch carries the cached posterior ``latent_mu`` and
 ``latent_sigma`` (B, C, D, H, W) (the cache stores both, never a sample) and the report text. The
 draws, in this order from torch's global RNG (the loop seeds it; the tests replay it):
@@ -14,7 +18,8 @@ draws, in this order from torch's global RNG (the loop seeds it; the tests repla
 2. ``eps`` for ``z = (mu + sigma eps) scale_factor`` (a fresh sample every step);
 3. the noise ``n``;
 4. timesteps from MONAI's ``RFlowScheduler.sample_timesteps`` (uniform or logit-normal, then its
-   resolution-dependent shift towards noise when ``use_timestep_transform``).
+   resolution-dependent shift towards noise when ``use_timestep_transform``);
+5. where ``token_drop_prob`` > 0, word dropout: ``rand`` of each report mask (B, L) >= p keeps a token.
 
 MONAI's convention (``monai/networks/schedulers/rectified_flow.py``): ``t`` in [0, T] with T =
 ``num_train_timesteps``, ``add_noise`` gives ``x_t = (1 - t/T) z + (t/T) n`` (t = T is pure noise),
@@ -45,6 +50,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ctgen.models.base import ModelOutput, PretrainedMixin
+from ctgen.models.latent_dit import LatentDiT
 from ctgen.models.report_context import POOLINGS, ReportContext
 
 log = logging.getLogger(__name__)
@@ -76,6 +82,13 @@ class LatentFlowConfig:
     pooled_text_embedding: bool = False  # also add an MLP of the mean context row to the timestep embedding
     #                                      (every residual block then sees the report, as Imagen/SDXL add pooled text)
     spacing_scale: float = 100.0  # the network sees spacing in mm x this (MAISI feeds spacing x 1e2)
+    # --- the alternative network: a 3D diffusion transformer (ctgen/models/latent_dit.py) ---
+    backbone: str = "unet"  # "unet": MAISI's U-Net (the fields above); "dit": LatentDiT (the dit_* fields)
+    dit_patch_size: tuple[int, int, int] = (2, 2, 2)  # (D, H, W) latent voxels per token
+    dit_width: int = 128  # token width (a multiple of 16 and of dit_heads)
+    dit_depth: int = 4  # PixArt-alpha blocks (self-attention, report cross-attention, feed-forward)
+    dit_heads: int = 4  # attention heads
+    dit_mlp_ratio: float = 4.0  # feed-forward width / token width
     # --- report conditioning ---
     segments: tuple[str, ...] = ("findings", "impression")  # one token sequence each; ("structured",) for that prompt
     text_dims: tuple[int, ...] = (768,)  # widths of the frozen encoders' states, one per encoder (CXR-BERT: 768)
@@ -85,6 +98,7 @@ class LatentFlowConfig:
     text_encoder: dict | None = None  # SmallTextEncoderConfig fields: trained jointly; None: frozen states in the batch
     cond_drop_prob: float = 0.15  # whole report replaced by the null segments (Report2CT: 0.15), trains guidance
     segment_drop_prob: float = 0.0  # each segment alone replaced by its null (0: only empty sections are)
+    token_drop_prob: float = 0.0  # training only: each report token masked out with this probability (word dropout)
     # --- rectified flow (MONAI's RFlowScheduler) ---
     num_train_timesteps: int = 1000  # T (MAISI)
     use_discrete_timesteps: bool = False  # continuous t (MAISI rflow)
@@ -99,21 +113,28 @@ class LatentFlowConfig:
 
     def __post_init__(self) -> None:
         n = len(self.channels)
+        unet = self.backbone == "unet"
         checks = {
+            "backbone 'unet' or 'dit'": self.backbone in ("unet", "dit"),
             "one attention level and head width per channel level":
                 len(self.attention_levels) == n == len(self.num_head_channels),
             "channels divisible by norm_num_groups": all(c % self.norm_num_groups == 0 for c in self.channels),
             "attention levels with num_head_channels dividing their channels":
                 all(h > 0 and c % h == 0 for c, h, a in zip(self.channels, self.num_head_channels,
                                                              self.attention_levels) if a),
-            "an attention level for the report cross-attention": any(self.attention_levels),
+            "an attention level for the report cross-attention": any(self.attention_levels) or not unet,
             f"text_pooling in {POOLINGS}": self.text_pooling in POOLINGS,
             "sample_method 'uniform' or 'logit-normal'": self.sample_method in ("uniform", "logit-normal"),
             "loss 'mse' or 'l1'": self.loss in ("mse", "l1"),
-            "0 <= cond_drop_prob < 1 and 0 <= segment_drop_prob < 1":
-                0 <= self.cond_drop_prob < 1 and 0 <= self.segment_drop_prob < 1,
+            "0 <= cond_drop_prob, segment_drop_prob, token_drop_prob < 1":
+                all(0 <= p < 1 for p in (self.cond_drop_prob, self.segment_drop_prob, self.token_drop_prob)),
             "a positive finite scale_factor": math.isfinite(self.scale_factor) and self.scale_factor > 0,
-            f"latent_shape divisible by {2 ** (n - 1)}": all(s % 2 ** (n - 1) == 0 for s in self.latent_shape),
+            f"latent_shape divisible by {2 ** (n - 1)}":
+                not unet or all(s % 2 ** (n - 1) == 0 for s in self.latent_shape),
+            f"latent_shape divisible by dit_patch_size {tuple(self.dit_patch_size)}":
+                unet or all(s % p == 0 for s, p in zip(self.latent_shape, self.dit_patch_size)),
+            "dit_width divisible by 16 and by dit_heads": unet or (self.dit_width % 16 == 0
+                                                                   and self.dit_width % self.dit_heads == 0),
             "sample_steps in 1..num_train_timesteps": 1 <= self.sample_steps <= self.num_train_timesteps,
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -157,6 +178,18 @@ class LatentFlow(nn.Module, PretrainedMixin):
         c = config
         # use_flash_attention=False at construction: MONAI refuses True without CUDA, although the
         # flag only selects torch's scaled_dot_product_attention in forward, which runs on CPU too
+        if c.backbone == "dit":
+            self.dit = LatentDiT(c.latent_channels, c.dit_patch_size, c.dit_width, c.dit_depth, c.dit_heads,
+                                 c.cross_attention_dim, c.dit_mlp_ratio, pooled=c.pooled_text_embedding,
+                                 spacing_input=c.include_spacing_input)
+        else:
+            self._build_unet(c)
+        if c.gradient_checkpointing:
+            self._enable_checkpointing()
+        self.context = ReportContext(c.segments, c.cross_attention_dim, c.text_dims, c.text_pooling,
+                                     c.max_text_tokens, c.null_tokens, c.text_encoder)
+
+    def _build_unet(self, c: LatentFlowConfig) -> None:
         self.unet = DiffusionModelUNetMaisi(
             spatial_dims=3, in_channels=c.latent_channels, out_channels=c.latent_channels,
             num_res_blocks=c.num_res_blocks, num_channels=c.channels, attention_levels=c.attention_levels,
@@ -176,10 +209,6 @@ class LatentFlow(nn.Module, PretrainedMixin):
             for m in self.unet.modules():
                 if isinstance(m, (SABlock, CrossAttentionBlock)):
                     m.use_flash_attention = True
-        if c.gradient_checkpointing:
-            self._enable_checkpointing()
-        self.context = ReportContext(c.segments, c.cross_attention_dim, c.text_dims, c.text_pooling,
-                                     c.max_text_tokens, c.null_tokens, c.text_encoder)
 
     @functools.cached_property
     def scheduler(self) -> RFlowScheduler:
@@ -195,6 +224,10 @@ class LatentFlow(nn.Module, PretrainedMixin):
         At the paper geometry (latent 4x64x120x120) a whole training step (AdamW, EMA) then peaks at
         9.8 GiB RSS on CPU; without it the activations alone are ~35 GiB (scaled from a 16x32x32 run).
         """
+        if self.config.backbone == "dit":
+            for m in self.dit.blocks:
+                m.forward = types.MethodType(_checkpointed_forward, m)
+            return
         modules: list[nn.Module] = [self.unet.middle_block]
         for block in [*self.unet.down_blocks, *self.unet.up_blocks]:
             modules += list(block.resnets) + list(getattr(block, "attentions", []))
@@ -231,6 +264,8 @@ class LatentFlow(nn.Module, PretrainedMixin):
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(b)
         context = context.to(x.dtype)
+        if self.config.backbone == "dit":
+            return self.dit(x, t, context, self._spacing(spacing, b, x))
         # (B, cross_attention_dim): the mean over all L rows; padded rows are zero, so it is the real rows' sum / L
         pooled = context.mean(dim=1) if self.config.pooled_text_embedding else None
         return self.unet(x, t, context, class_labels=pooled, spacing_tensor=self._spacing(spacing, b, x))
@@ -269,6 +304,9 @@ class LatentFlow(nn.Module, PretrainedMixin):
         noise = torch.randn_like(z)
         t = self.scheduler.sample_timesteps(z)  # (B,) in [0, T]
         x_t = self.scheduler.add_noise(z, noise, t)  # (1 - t/T) z + (t/T) noise
+        if c.token_drop_prob > 0:  # 5. word dropout: each token's mask entry kept with probability 1 - p
+            text = {k: v.bool() & (torch.rand(v.shape, device=v.device) >= c.token_drop_prob) if "_mask" in k else v
+                    for k, v in text.items()}
         context = self.encode_text(use_null=rearrange(drop, "b -> b 1") | seg_drop, **text)
         v = self.velocity(x_t, t, context, spacing).float()
         target = z - noise

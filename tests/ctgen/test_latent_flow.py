@@ -33,6 +33,14 @@ def tiny(**overrides) -> LatentFlowConfig:
     return LatentFlowConfig(**{**base, **overrides})
 
 
+DIT = dict(backbone="dit", dit_width=16, dit_depth=2, dit_heads=2)  # the transformer backbone, ~30k parameters
+
+
+def same_backbone(m: LatentFlow) -> dict:
+    """The backbone fields of ``m``'s config, to build a sibling that takes its state dict."""
+    return DIT if m.config.backbone == "dit" else {}
+
+
 def awake(m: LatentFlow) -> LatentFlow:
     """Re-initialise MAISI's zero-initialised output and attention projections, so the text and the
     input reach the output (an untrained U-Net predicts exactly 0, which would hide every effect)."""
@@ -60,29 +68,30 @@ def text_of(b: dict) -> dict:
     return {k: v for k, v in b.items() if not k.startswith("latent")}
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["unet", "dit"])
+def model(request):
     torch.manual_seed(0)
-    return awake(LatentFlow(tiny())).eval()
+    return awake(LatentFlow(tiny(**(DIT if request.param == "dit" else {})))).eval()
 
 
 @contextlib.contextmanager
 def recording(m: LatentFlow):
-    """Records every U-Net call (inputs and predicted velocity) while the block runs."""
+    """Records every network call (inputs and predicted velocity) while the block runs."""
     calls = []
-    orig = m.unet.forward
+    net = m.dit if m.config.backbone == "dit" else m.unet
+    orig = net.forward
 
-    def spy(x, timesteps, context=None, **kw):
-        out = orig(x, timesteps, context, **kw)
+    def spy(x, timesteps, context=None, *args, **kw):
+        out = orig(x, timesteps, context, *args, **kw)
         calls.append({"x": x.detach().clone(), "t": timesteps.detach().clone(), "context": context.detach().clone(),
                       "v": out.detach().clone()})
         return out
 
-    m.unet.forward = spy  # an instance attribute shadows the method
+    net.forward = spy  # an instance attribute shadows the method
     try:
         yield calls
     finally:
-        del m.unet.forward
+        del net.forward
 
 
 # --- MONAI's rectified-flow conventions, by hand ------------------------------------------------
@@ -263,6 +272,32 @@ def test_condition_dropout_rate_and_null_replacement():
     assert torch.equal(m.encode_text(use_null=everything, **text_of(b)), m.null_context(2))
 
 
+def test_word_dropout_masks_report_tokens_in_training_steps_only():
+    """``token_drop_prob``: a training step masks out about that share of the report's tokens (never
+    unmasking padding, never touching the states); encoding a report for sampling drops nothing."""
+    torch.manual_seed(0)
+    m = LatentFlow(tiny(token_drop_prob=0.4, cond_drop_prob=0.0, max_text_tokens=64))
+    seen = []
+    encode = m.encode_text
+
+    def spy(use_null=None, **text):
+        seen.append(text)
+        return encode(use_null=use_null, **text)
+
+    m.encode_text = spy
+    b = batch(8, text_len=(60, 50))
+    m(**b)
+    for seg in ("findings", "impression"):
+        got, given = seen[0][f"{seg}_mask"], b[f"{seg}_mask"]
+        assert not (got & ~given).any() and torch.equal(seen[0][seg], b[seg])
+        assert 0.5 < got.sum() / given.sum() < 0.7, seg  # about 1 - 0.4 of the tokens kept
+    del m.encode_text
+    plain = LatentFlow(tiny(cond_drop_prob=0.0, max_text_tokens=64))
+    plain.load_state_dict(m.state_dict())
+    with torch.no_grad():  # sampling's context: the same as a model's without word dropout
+        assert torch.equal(m.encode_text(**text_of(b)), plain.encode_text(**text_of(b)))
+
+
 def test_small_trainable_text_encoder_and_pooled_multi_encoder_context():
     torch.manual_seed(0)
     small = awake(LatentFlow(tiny(text_encoder={"vocab_size": 40, "dim": 16, "depth": 1, "heads": 2, "max_length": 6})))
@@ -315,9 +350,10 @@ def test_bad_inputs_are_named(model):
 
 
 # --- the network and its variants ---------------------------------------------------------------
-def test_spacing_input_reaches_the_network():
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_spacing_input_reaches_the_network(backbone):
     torch.manual_seed(0)
-    m = awake(LatentFlow(tiny(include_spacing_input=True))).eval()
+    m = awake(LatentFlow(tiny(include_spacing_input=True, **(DIT if backbone == "dit" else {})))).eval()
     x, ctx = torch.randn(1, 4, 8, 8, 8), m.null_context(1)
     with torch.no_grad():
         a = m.velocity(x, 300.0, ctx, spacing=torch.tensor([[0.75, 0.75, 1.5]]))
@@ -325,14 +361,45 @@ def test_spacing_input_reaches_the_network():
     assert not torch.allclose(a, b, atol=1e-5)
 
 
+def test_dit_ignores_padding_rows_starts_at_zero_and_can_pool_the_report():
+    """The transformer's cross-attention masks the zero padding rows of a slot (the U-Net's cannot:
+    they add to its softmax denominator), so the same report in a longer slot gives the same
+    velocity; untrained, it predicts exactly zero (DiT's zero-initialised output layer); with
+    ``pooled_text_embedding`` the report reaches it even with every cross-attention silenced."""
+    torch.manual_seed(0)
+    fresh = LatentFlow(tiny(**DIT))
+    x = torch.randn(2, 4, 8, 8, 8)
+    with torch.no_grad():
+        ctx = fresh.encode_text(**text_of(batch(2)))
+        assert fresh.velocity(x, 500.0, ctx).abs().max() == 0
+        longer = torch.nn.functional.pad(ctx, (0, 0, 0, 7))  # 7 more zero rows
+        dit, unet = awake(fresh).eval(), awake(LatentFlow(tiny())).eval()
+        for m, same in ((dit, True), (unet, False)):
+            a, b = m.velocity(x, 500.0, ctx), m.velocity(x, 500.0, longer)
+            assert torch.allclose(a, b, atol=1e-6) == same, m.config.backbone
+            assert not torch.allclose(a, m.velocity(x, 500.0, m.null_context(2)), atol=1e-4)  # the report matters
+        torch.manual_seed(0)
+        pooled = awake(LatentFlow(tiny(pooled_text_embedding=True, **DIT))).eval()
+        for block in pooled.dit.blocks:
+            block.attn2.to_out[0].weight.zero_()
+            block.attn2.to_out[0].bias.zero_()
+        assert not torch.allclose(pooled.velocity(x, 500.0, ctx), pooled.velocity(x, 500.0, pooled.null_context(2)),
+                                  atol=1e-4)
+    with pytest.raises(ValueError, match=r"latent_shape divisible by dit_patch_size \(2, 2, 2\)"):
+        tiny(latent_shape=(8, 8, 5), **DIT)
+    with pytest.raises(ValueError, match="backbone 'unet' or 'dit'"):
+        tiny(backbone="vit")
+
+
 def test_sdpa_attention_and_checkpointing_change_nothing_but_cost(model):
-    slow = awake(LatentFlow(tiny(use_flash_attention=False))).eval()
+    kind = same_backbone(model)
+    slow = awake(LatentFlow(tiny(use_flash_attention=False, **kind))).eval()
     slow.load_state_dict(model.state_dict())
     x, ctx = torch.randn(2, 4, 8, 8, 8), model.encode_text(**text_of(batch(2)))
     with torch.no_grad():
         assert torch.allclose(model.velocity(x, 700.0, ctx), slow.velocity(x, 700.0, ctx), atol=1e-5)
-    ck = LatentFlow(tiny(gradient_checkpointing=True))
-    plain = LatentFlow(tiny())
+    ck = LatentFlow(tiny(gradient_checkpointing=True, **kind))
+    plain = LatentFlow(tiny(**kind))
     ck.load_state_dict(model.state_dict())
     plain.load_state_dict(model.state_dict())
     losses = []
@@ -361,10 +428,11 @@ def test_save_from_pretrained_gives_identical_outputs(model, tmp_path):
     assert torch.equal(a.loss, loaded(**b).loss)
 
 
-def test_overfits_one_sample():
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_overfits_one_sample(backbone):
     """The same draws every step: the velocity regression of one sample drops steadily."""
     torch.manual_seed(0)
-    m = LatentFlow(tiny(cond_drop_prob=0.0))
+    m = LatentFlow(tiny(cond_drop_prob=0.0, **(DIT if backbone == "dit" else {})))
     b = batch(1)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     losses = []
