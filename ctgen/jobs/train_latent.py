@@ -123,8 +123,9 @@ def train_latent_flow(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root:
     n_probe = int(data.get("text_probe_latents", LatentFlowData.text_probe_latents))
     heldout = None
     if data.get("probe_latents"):  # the evaluation split's latents: read by the probe only, never trained on
-        latent_producer([*latents, *data_manifests(data, "probe_latents")])  # one autoencoder for both sets
-        heldout = batches.streamed(data_manifests(data, "probe_latents"), batches.latent_decode(data.get("prompt")),
+        probe = data_manifests(data, "probe_latents")
+        latent_producer([*latents, *probe])  # one autoencoder for both sets
+        heldout = batches.streamed(probe, batches.latent_decode(data.get("prompt")),
                                    batches.latent_flow_collate(segments, encode), **_stream(data))
     if int(os.environ.get("RANK", "0")) == 0:
         probe_text_reliance(out, make, n_probe, max(2, tcfg.batch_size), tcfg.device, tcfg.seed, heldout)

@@ -162,13 +162,17 @@ def get_train_latents(wildcards):
     return expand(rules.latents_manifest.output.manifest, split=MODELS["train_splits"])
 
 
-def get_probe_latents(wildcards):
-    """Held-out latents for the flow network's text-reliance probe: the evaluation split's, unless it is
-    also trained on (then none: the probe's held-out rows would not be held out)."""
+def probe_splits():
+    """The split whose latents the flow network's text-reliance probe scores as held out: the evaluation
+    split, unless it is also trained on (then none: those rows would not be held out).
+    """
     split = config["evaluation"]["split"]
-    if split in MODELS["train_splits"]:
-        return []
-    return expand(rules.latents_manifest.output.manifest, split=split)
+    return [] if split in MODELS["train_splits"] else [split]
+
+
+def get_probe_latents(wildcards):
+    """The held-out latent shard manifests of the text-reliance probe (see probe_splits)."""
+    return expand(rules.latents_manifest.output.manifest, split=probe_splits())
 
 
 def get_tokenizer_columns(wildcards):
@@ -354,11 +358,12 @@ def get_every_job():
                 expand(rules.train_tstr.output.weights, source=["synthetic", "real"]),
             ]
     if LATENT:
-        probe = [config["evaluation"]["split"]] if get_probe_latents(None) else []
         targets += [
             get_section_text(None),
             expand(
-                rules.encode_latents.output.latents, split=train + probe, chunk=CHUNKS
+                rules.encode_latents.output.latents,
+                split=train + probe_splits(),
+                chunk=CHUNKS,
             ),
             get_train_latents(None),
             get_probe_latents(None),
