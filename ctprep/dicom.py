@@ -41,6 +41,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import DSfloat
 
 from ctprep.ctrate import METADATA_COLUMNS
@@ -82,6 +83,37 @@ class _Stack:
     gaps: list[dict]
 
 
+#: First bytes of a DICOM data set written without the 128-byte preamble and "DICM" prefix (ACR-NEMA era
+#: files, raw dumps of some PACS and tools): the little-endian group of its first element, 0002 or 0008.
+_RAW_STARTS = (b"\x02\x00", b"\x08\x00")
+
+
+def _dcmread(path: Path, stop_before_pixels: bool = False) -> Dataset:
+    """``pydicom.dcmread``, also for an image file without the preamble and "DICM" prefix, as GDCM reads it.
+
+    pydicom refuses such a file unless forced, and forcing reads any junk as a data set; so only a file that
+    starts like a data set and holds Rows and Columns is taken. Without file meta its transfer syntax is the
+    encoding pydicom detected (such files are never compressed). Anything else raises ``InvalidDicomError``.
+    """
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        with open(path, "rb") as f:
+            if f.read(2) not in _RAW_STARTS:
+                raise
+        try:
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
+            is_image = "Rows" in ds and "Columns" in ds
+        except Exception as err:  # forced parsing of a non-DICOM file fails in many ways
+            raise InvalidDicomError(f"{path.name}: not a DICOM file ({err})") from err
+        if not is_image:
+            raise InvalidDicomError(f"{path.name}: no DICOM image header") from None
+        if "TransferSyntaxUID" not in ds.file_meta:
+            implicit, little = ds.original_encoding
+            ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        return ds
+
 # --- headers ------------------------------------------------------------------------------
 def _scan(series_dir: Path) -> list[tuple[str, Path, Dataset]]:
     """Headers of every DICOM file directly in ``series_dir`` (other files are skipped)."""
@@ -90,7 +122,7 @@ def _scan(series_dir: Path) -> list[tuple[str, Path, Dataset]]:
     found = []
     for path in sorted(p for p in series_dir.iterdir() if p.is_file()):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = _dcmread(path, stop_before_pixels=True)
         except InvalidDicomError:
             logger.debug("skipping non-DICOM file %s", path)
             continue
@@ -141,11 +173,33 @@ def _not_a_volume(items: list) -> str | None:
     other = sorted({str(ds.get("Modality", "") or "").strip() for ds in heads} - {"CT", ""})
     if other:
         return f"modality {', '.join(other)}"
-    if all("LOCALIZER" in [str(v).strip().upper() for v in (ds.get("ImageType") or [])] for ds in heads):
+    if all(map(_is_localizer, heads)):
         return "localizer images"
     if sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in heads) < 2:
         return "a single image"
     return None
+
+
+def _is_localizer(ds: Dataset) -> bool:
+    """A scout/topogram: ImageType holds LOCALIZER."""
+    image_type = ds.get("ImageType") or []
+    if isinstance(image_type, str):  # a single value is not a MultiValue
+        image_type = [image_type]
+    return "LOCALIZER" in [str(v).strip().upper() for v in image_type]
+
+
+def _drop_localizers(items: list) -> list:
+    """The series without its localizer images, where it also holds others.
+
+    Some scanners give the scout the axial series' SeriesInstanceUID; its orientation or position would
+    then refuse the whole series ("mixed ImageOrientationPatient"), so it is skipped, and named.
+    """
+    scouts = [item for item in items if _is_localizer(item[2])]
+    if not scouts or len(scouts) == len(items):
+        return items
+    logger.warning("skipped %d localizer image(s) in the series: %s", len(scouts),
+                   ", ".join(name for name, _, _ in scouts))
+    return [item for item in items if not _is_localizer(item[2])]
 
 
 def _floats(ds: Dataset, keyword: str, n: int, name: str) -> list[float]:
@@ -239,7 +293,7 @@ def _items_from(source: str | os.PathLike | Iterable[Dataset], series_uid: str |
             path = Path(ds.filename) if isinstance(getattr(ds, "filename", None), (str, os.PathLike)) else None
             items.append((path.name if path else f"dataset {n}", path, ds))
         items = _select(items, series_uid)
-    return [frame for item in items for frame in _frames(*item)]
+    return [frame for item in _drop_localizers(items) for frame in _frames(*item)]
 
 
 #: functional groups of an enhanced (multi-frame) CT and the classic tags each holds
@@ -377,7 +431,7 @@ def _decode(stack: _Stack) -> tuple[np.ndarray, list[str], list[tuple[float, flo
         if frame is not None and key in frames:
             arr, ts = frames[key][0][frame], frames[key][1]
         else:
-            ds = source if source is not None else pydicom.dcmread(path) if path is not None else header
+            ds = source if source is not None else _dcmread(path) if path is not None else header
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
             if "PixelData" not in ds:
                 raise SeriesError(f"no pixel data in {name} (absent, or the file is truncated)")

@@ -30,6 +30,9 @@ from nibabel.volumeutils import apply_read_scaling
 #: Flip between LPS (DICOM, ITK) and RAS (NIfTI, nibabel): negate x and y.
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
+#: ``sizeof_hdr`` of a NIfTI-2 header (NIfTI-1: 348).
+_NIFTI2_SIZEOF_HDR = 540
+
 #: The project's canonical orientation: array axes i, j, k increase towards R, A, S.
 CANONICAL = ("R", "A", "S")
 
@@ -185,7 +188,10 @@ def load_nifti(path: str | os.PathLike) -> Volume:
         raise VolumeError(f"file not found: {path}")
     raw = _read_bytes(path)
     try:
-        img = nib.Nifti1Image.from_bytes(raw)  # parses the header; the voxels stay in raw
+        # sizeof_hdr (first 4 bytes, either byte order) tells NIfTI-2 (540, 64-bit dims, written by some
+        # converters and by FSL/Connectome tools) from NIfTI-1 (348); nibabel's classes read one each
+        nifti2 = raw[:4] in (_NIFTI2_SIZEOF_HDR.to_bytes(4, "little"), _NIFTI2_SIZEOF_HDR.to_bytes(4, "big"))
+        img = (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)  # the voxels stay in raw
         data = _voxels(img, raw, path.name)
     except VolumeError:
         raise

@@ -24,6 +24,9 @@ from ctprep.reports import vocabulary as V
 MAX_SCOPE = 30  # tokens a trigger reaches; CT-RATE lists run long ("No enlarged lymph nodes in A, B ... were detected")
 _AUX = {"is", "are", "was", "were", "be", "been", "being"}
 _NEG_WORDS = {"no", "not", "without"}  # a pseudo-negation starting with one of these negates a mention it runs into
+#: A post-trigger starting with one of these is a template's value ("Pleural effusion: none"): it answers only
+#: the item right before it, not a list ("Small effusion, pneumothorax: none" keeps the effusion).
+_TEMPLATE_MARKS = {":", "-"}
 
 if not Span.has_extension("status"):
     Span.set_extension("status", default="present")
@@ -85,7 +88,8 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
             continue
         if t.label_.startswith("PRE") and t.end <= mention.start and not _blocked(doc, terms, t.end, mention.start):
             found[t.label_[4:]] = t  # triggers come in text order: the nearest pre-trigger wins
-        elif t.label_.startswith("POST") and t.start >= mention.end and not _blocked(doc, terms, mention.end, t.start):
+        elif (t.label_.startswith("POST") and t.start >= mention.end and not _blocked(doc, terms, mention.end, t.start)
+              and (t.start == mention.end or doc[t.start].lower_ not in _TEMPLATE_MARKS)):
             found.setdefault(t.label_[5:], t)  # the nearest post-trigger wins
         elif mention.start <= t.start and t.end <= mention.end and t.label_ in {"PRE_NEG", "POST_NEG"}:
             found.setdefault("NEG", t)  # "heart size is not increased" lies inside the mention

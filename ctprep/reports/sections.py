@@ -34,10 +34,12 @@ _HEADERS = {
     "result": "impression", "opinion": "impression",
 }
 _HEADER_WORDS = "|".join(sorted(map(re.escape, _HEADERS), key=len, reverse=True))
-# A header: at a line start (colon optional) or anywhere with a colon; a colon-less inline header
-# must be in capitals ("... normal. IMPRESSION No acute finding"), prose says "CT findings of ...".
+# A header: at a line start (colon optional; or a dash, "Findings - ...", or a period ending the line,
+# "Findings.") or anywhere with a colon; a colon-less inline header must be in capitals
+# ("... normal. IMPRESSION No acute finding"), prose says "CT findings of ...".
 _HEADER = re.compile(
-    rf"(?:^|(?<=\n))[ \t]*(?P<a>{_HEADER_WORDS})[ \t]*(?::|\n|$|(?=[ \t]+[A-Z]))"
+    rf"(?:^|(?<=\n))[ \t]*(?P<a>{_HEADER_WORDS})[ \t]*"
+    rf"(?::|[-\u2013\u2014](?=[ \t]|$)|\.?[ \t]*(?:\n|$)|(?=[ \t]+[A-Z]))"
     rf"|(?<![\w-])(?P<b>{_HEADER_WORDS})[ \t]*:"
     rf"|(?<![\w-])(?P<c>(?-i:{_HEADER_WORDS.upper()}))(?![\w-])",
     re.IGNORECASE | re.MULTILINE,

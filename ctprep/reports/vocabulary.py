@@ -152,7 +152,10 @@ PRE_NEGATION = ["previously observed as", "previously seen as", "previously desc
                 "there are no", "there was no", "there were no", "none"]
 POST_NEGATION = ["absent", "excluded", "do not reach", "does not reach", "did not reach", "not reaching",
                  "ruled out", "not present", "is normal", "are normal", "was normal", "were normal",
-                 "within normal limits", "no longer", "negative", "is not", "are not", "were not", "was not"]
+                 "within normal limits", "no longer", "negative", "is not", "are not", "were not", "was not",
+                 # templated reports ("Pleural effusion: none."): the ":" would end the scope, so the pair is one
+                 # trigger (the longest match wins over the ":" terminator); not ": no", which "no change" follows
+                 ": none", ": absent", ": negative", ": nil", "- none", "- absent", "- negative", "- nil"]
 # plus the Matcher pattern "(aux) not (been) <seen-verb>" and "<aux>n't" forms built in context.py
 PSEUDO_NEGATION = ["no change", "no significant change", "no difference", "no significant difference",
                    "no increase", "no significant increase", "no progression", "not only", "is not only", "are not only",
