@@ -8,7 +8,9 @@ writes to ``out_dir``:
 * ``metrics.json``: every number as a MetricValue record (value, n, bootstrap 95% CI over volumes,
   the profile: backbone and weights hash, the hash of the scored stems, a flag where it is thin),
   the groups not computed and why, the counts, the inputs and the provenance;
-* ``per_volume.csv``: one row per scored prediction, for ``ctgen compare`` (paired permutation test);
+* ``per_volume.csv``: one row per scored prediction, for ``ctgen compare`` (paired permutation test); its
+  ``hu_problem`` names values that do not read as HU (normalised, raw stored values): such predictions are
+  scored, counted (``n.predictions_not_hu``) and every metric computed on them is flagged;
 * ``skipped.csv``: every prediction or ground-truth volume left out, and why;
 * ``hu_histograms.json``: mean HU densities of the generated and the real volumes.
 
@@ -19,6 +21,7 @@ listed in ``not_computed`` with the reason, never left out silently.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import asdict
@@ -32,14 +35,14 @@ import torch
 from ctgen.data.layout import hu_to_unit
 from ctgen.jobs.eval_config import EvalConfig
 from ctgen.jobs.features import FeatureNets, clip_text_embedder, load_models_folder, slice_outputs, volume_outputs
-from ctgen.jobs.pairing import BadVolume, Grid, RealSet, Skip, pair, read_labels, read_nifti, read_predictions, \
+from ctgen.jobs.pairing import BadVolume, Grid, RealSet, Skip, pair, read_labels, read_prediction, read_predictions, \
     read_reports, skipped_table
 from ctgen.jobs.score import alignment_metrics, hu_metrics, label_aurocs, tstr_metrics
 from ctgen.metrics.distribution import FeatureRows, frechet_value, frechet_values
 from ctgen.metrics.hu import flag_out_of_range, hu_histogram, tissue_stats
 from ctgen.metrics.retrieval import distinct_texts, retrieval_ranks
 from ctgen.metrics.slices import PLANES
-from ctgen.metrics.summary import MetricValue, stems_hash
+from ctgen.metrics.summary import MetricValue, join_flags, stems_hash
 from ctprep.ctrate import LABELS
 from ctprep.errors import UserError
 from ctprep.logs import progress
@@ -111,6 +114,11 @@ def evaluate(generated: str | Path, real: list[str | Path], models_dir: str | Pa
     log.info("scoring %d predictions against %d ground-truth volumes; %d predictions and %d ground-truth volumes skipped",
              n_pred, len(col.real_stems), n_skipped, sum(1 for s in skips if s.side == "real"))
     metrics, not_computed, per_volume = _score(col, nets, texts, known_labels, cfg, device, models_dir)
+    n_not_hu = sum(1 for r in col.gen_rows if r["hu_problem"])
+    if n_not_hu:  # values that do not read as HU were scored as HU: no number computed on them may hide it
+        note = f"{n_not_hu} of {n_pred} predictions hold values that do not read as HU (per_volume.csv: hu_problem)"
+        metrics = [dataclasses.replace(m, flag=join_flags(m.flag, note)) if _uses_predictions(m.name) else m
+                   for m in metrics]
     skipped_table(skips).to_csv(out_dir / "skipped.csv", index=False)
     per_volume.to_csv(out_dir / "per_volume.csv", index=False)
     hist = {"edges": col.edges.tolist(), **{s: (h[0] / h[1]).tolist() for s, h in col.hist.items()}}
@@ -119,7 +127,8 @@ def evaluate(generated: str | Path, real: list[str | Path], models_dir: str | Pa
 
     summary = {
         "metrics": [m.to_json() for m in metrics], "not_computed": not_computed,
-        "n": {"predictions": len(predictions), "scored": n_pred, "ground_truth": len(truth.stems),
+        "n": {"predictions": len(predictions), "scored": n_pred, "predictions_not_hu": n_not_hu,
+              "ground_truth": len(truth.stems),
               "ground_truth_paired": len(col.real_stems), "skipped_predictions": n_skipped,
               "skipped_ground_truth": sum(1 for s in skips if s.side == "real")},
         "profiles": nets.profiles, "grid": asdict(grid), "settings": asdict(cfg), "device": device,
@@ -134,6 +143,11 @@ def evaluate(generated: str | Path, real: list[str | Path], models_dir: str | Pa
         if m.name.endswith((".mean", ".macro", ".generated")) or m.name.startswith("fd_3d"):
             log.info("%s = %s (95%% CI %s, n = %d%s)", m.name, m.value, m.ci, m.n, f"; {m.flag}" if m.flag else "")
     return summary
+
+
+def _uses_predictions(name: str) -> bool:
+    """Whether a metric is computed on the predictions (not the real ceilings, not TSTR's real test set)."""
+    return ".real" not in name and not name.startswith("tstr")
 
 
 def _texts_and_labels(truth: RealSet, predictions, models_dir, nets: FeatureNets, reports, labels):
@@ -169,11 +183,11 @@ def _stream(truth: RealSet, pairing, nets: FeatureNets, grid: Grid, cfg: EvalCon
             col.add("real", nets, [h for _, h, _ in part], grid.clip, cfg.slices_per_volume)
             for stem, _, gens in part:
                 col.real_stems.append(stem)
-                for p, _, resampled in gens:
+                for p, _, resampled, problem in gens:
                     col.gen_rows.append({"prompt_id": stem, "sample": p.path, "seed": p.seed, "repeat": p.repeat,
-                                         "resampled": resampled})
+                                         "resampled": resampled, "hu_problem": problem or ""})
                     col.gen_real.append(len(col.real_stems) - 1)
-            gens = [g for _, _, gs in part for _, g, _ in gs]
+            gens = [g for _, _, gs in part for _, g, _, _ in gs]
             for i in range(0, len(gens), cfg.batch_size):
                 col.add("generated", nets, gens[i:i + cfg.batch_size], grid.clip, cfg.slices_per_volume)
         batch.clear()
@@ -187,9 +201,12 @@ def _stream(truth: RealSet, pairing, nets: FeatureNets, grid: Grid, cfg: EvalCon
         gens = []
         for p in preds:
             try:
-                gens.append((p, *read_nifti(p.path, grid)))
+                gens.append((p, *read_prediction(p.path, grid)))
             except BadVolume as err:
                 skips.append(Skip(stem, "generated", p.path, str(err)))
+                continue
+            if gens[-1][-1]:
+                log.warning("prediction %s: %s; scored, and the metrics are flagged", p.path, gens[-1][-1])
         if preds and not gens:
             skips.append(Skip(stem, "real", truth.paths.get(stem, ""), "every prediction of this stem was skipped"))
         batch.append((stem, hu, gens))

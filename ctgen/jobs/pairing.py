@@ -179,22 +179,48 @@ def on_grid(vol: Volume, grid: Grid, name: str) -> tuple[np.ndarray, bool]:
     if not np.isfinite(vol.array).all():
         raise BadVolume(f"{name} holds NaN or inf voxels")
     vol = reorient(vol)
-    resampled = not (vol.shape == grid.shape and np.allclose(vol.spacing, grid.spacing, rtol=1e-3))
+    # reorient only flips and permutes axes: an oblique affine (rotated axes, as from a tilted gantry or
+    # another tool's resampling) with the grid's shape and spacing is still not on the grid, and using its
+    # voxels as they are would drop the rotation; it is resampled like any other grid
+    axis_aligned = np.allclose(vol.affine[:3, :3], np.diag(vol.spacing), atol=1e-3 * float(min(vol.spacing)))
+    resampled = not (axis_aligned and vol.shape == grid.shape and np.allclose(vol.spacing, grid.spacing, rtol=1e-3))
     if resampled:
         vol = to_target_grid(vol, grid.preset())
     hu = to_model_layout(np.asarray(vol.data, dtype=np.float32))[0]  # (D, H, W)
+    if not hu.flags.writeable:  # a float32 file already on the grid is a read-only view of the file's bytes:
+        hu = hu.copy()  # clipping it in place raised "output array is read-only" and ended the whole run
     return np.clip(hu, *grid.clip, out=hu), resampled
+
+
+def _load(path: str | Path) -> Volume:
+    from ctprep.volume import load_nifti
+
+    try:
+        return load_nifti(path)
+    except (VolumeError, OSError) as err:
+        raise BadVolume(str(err)) from None
 
 
 def read_nifti(path: str | Path, grid: Grid) -> tuple[np.ndarray, bool]:
     """A NIfTI file (HU) on ``grid``; :class:`BadVolume` names what is wrong with it."""
-    from ctprep.volume import load_nifti
+    return on_grid(_load(path), grid, Path(path).name)
 
-    try:
-        vol = load_nifti(path)
-    except (VolumeError, OSError) as err:
-        raise BadVolume(str(err)) from None
-    return on_grid(vol, grid, Path(path).name)
+
+def read_prediction(path: str | Path, grid: Grid) -> tuple[np.ndarray, bool, str | None]:
+    """:func:`read_nifti`, and why the file's values do not read as HU (None where they do).
+
+    Other tools often write normalised ([0, 1], [-1, 1]) or raw stored values (0..4095, no intercept); read as
+    HU and clipped to the window they would be scored silently. They are scored all the same (a few bad
+    volumes need not void a run), and the reason goes to per_volume.csv and the metrics' flags.
+    """
+    from ctgen.metrics.hu import not_hu
+
+    vol = _load(path)
+    if vol.meta.get("header_qform_code") == 0 == vol.meta.get("header_sform_code"):  # no orientation at all
+        log.warning("%s: no orientation in the header (qform_code and sform_code are 0): read as nibabel does "
+                    "(L-A-S axes from the voxel sizes), which mirrors left and right if the tool meant R-A-S", path)
+    hu, resampled = on_grid(vol, grid, Path(path).name)  # NaN/inf raise BadVolume first
+    return hu, resampled, not_hu(vol.data)
 
 
 # --- ground truth ------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ truth nobody predicted is named and not scored). Each protocol runs on its publi
 
 * ``vlm3d.json``: every record (:class:`MetricValue`: value, n, CI, profile, flag), grouped by profile family,
   the pairing, the volumes whose values do not read as HU (``hu_problems``: normalised or raw stored values;
-  where no prediction or no ground truth reads as HU the run stops with one line instead), what was skipped
-  and the settings;
+  where no prediction or no ground truth reads as HU the run stops with one line instead), the pairs left out
+  because a volume is unreadable or holds NaN (``skipped_pairs``, ``n_skipped_pairs``; every record flagged),
+  what was skipped and the settings;
 * ``vlm3d_2026.csv`` and ``papers.csv``: one table per family (the SqueezeNet and RadImageNet 2.5D FIDs
   rank models differently and never share a table);
 * ``leaderboard.json``: ``{"metrics": {"FVD_CTNet": ..., ...}}`` as the challenge writes it, published
@@ -40,7 +41,7 @@ from ctgen.metrics.vlm3d import (
     pair_volumes,
     read_prompts_json,
 )
-from ctgen.metrics.vlm3d.contract import hu_problems
+from ctgen.metrics.vlm3d.contract import check_pairs
 from ctgen.metrics.vlm3d.geometry import CLIP_SHAPE, CLIP_SPACING, FID_SHAPE, FID_SPACING, FVD_SHAPE
 from ctprep.errors import UserError
 from ctprep.volume import atomic_write_bytes
@@ -132,8 +133,7 @@ def score_vlm3d(generated_dir: str | os.PathLike, real_dir: str | os.PathLike, r
     if not any(r in extractors for r in ("fvd", "clip_image", "fid", "fid_papers")):
         raise UserError("nothing to score: no backbone weights in evaluation.vlm3d (ctnet_weights, ctclip_weights, "
                         "squeezenet_weights, radimagenet_weights) and no proxy networks")
-    pairs = list(pairing.pairs)
-    problems = _check_hu(pairs)
+    pairs, problems, unusable = _check_volumes(list(pairing.pairs))
     records: list[MetricValue] = []
     per_volume = None
     if "fvd" in extractors:
@@ -154,13 +154,18 @@ def score_vlm3d(generated_dir: str | os.PathLike, real_dir: str | os.PathLike, r
     if "fid_papers" in extractors:
         records += fid_25d(pairs, extractors["fid_papers"], settings, prefix=PAPERS, base_name="fid_2p5d_radimagenet",
                            device=device)
+    notes = []
     if problems:  # scored all the same (a few bad volumes need not void a run), but no number hides it
-        note = f"{len(problems)} of {len(pairs)} pairs hold a volume whose values do not read as HU (hu_problems)"
-        records = [dataclasses.replace(r, flag=join_flags(r.flag, note)) for r in records]
+        notes.append(f"{len(problems)} of {len(pairs)} pairs hold a volume whose values do not read as HU (hu_problems)")
+    if unusable:
+        notes.append(f"{len(unusable)} of {len(pairing.pairs)} pairs not scored: an unreadable or NaN volume "
+                     "(skipped_pairs)")
+    if notes:
+        records = [dataclasses.replace(r, flag=join_flags(r.flag, *notes)) for r in records]
     summary = {
         "generated_dir": str(generated_dir), "real_dir": str(real_dir), "n_pairs": len(pairs),
-        "stems": pairing.stems, "real_without_prediction": list(pairing.real_without_prediction),
-        "hu_problems": problems,
+        "stems": [p.stem for p in pairs], "real_without_prediction": list(pairing.real_without_prediction),
+        "hu_problems": problems, "skipped_pairs": unusable, "n_skipped_pairs": len(unusable),
         "skipped": skipped, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()},
         "records": {family: [r.to_json() for r in records if r.profile.split(":")[0] == family]
                     for family in (CHALLENGE, PAPERS)},
@@ -172,18 +177,32 @@ def score_vlm3d(generated_dir: str | os.PathLike, real_dir: str | os.PathLike, r
     return summary
 
 
-def _check_hu(pairs: list) -> dict[str, dict[str, str]]:
-    """Every volume's values checked as HU (:func:`~ctgen.metrics.vlm3d.contract.hu_problem`); a side where no
-    volume reads as HU is a user error (one line, the first case named), single volumes are logged."""
-    problems = hu_problems(pairs)
+def _check_volumes(pairs: list) -> tuple[list, dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """(the pairs to score, {stem: {side: why not HU}}, {stem: {side: why unusable}}).
+
+    Every volume is read once before scoring (:func:`~ctgen.metrics.vlm3d.contract.check_pairs`): a broken file
+    (corrupt, truncated, not 3D, NaN voxels) used to stop the whole run in the middle of a protocol, with a
+    traceback for a bad gzip stream; now its pair is left out, named and counted, and the rest is scored. No
+    usable pair, or a side where no volume reads as HU, is a user error (one line, the first case named);
+    single volumes are logged.
+    """
+    problems, unusable = check_pairs(pairs)
+    for stem, why in unusable.items():
+        log.warning("pair %s not scored: %s", stem, "; ".join(f"{side} {w}" for side, w in why.items()))
+    usable = [p for p in pairs if p.stem not in unusable]
+    if not usable:
+        stem = next(iter(unusable))
+        side, why = next(iter(unusable[stem].items()))
+        raise UserError(f"no pair can be scored: each of the {len(pairs)} holds an unreadable volume; "
+                        f"{stem} ({side}): {why}")
     for side in ("generated", "real"):
         bad = [stem for stem, why in problems.items() if side in why]
-        if bad and len(bad) == len(pairs):
-            raise UserError(f"no {side} volume reads as HU ({len(bad)} of {len(pairs)}); {bad[0]}: "
+        if bad and len(bad) == len(usable):
+            raise UserError(f"no {side} volume reads as HU ({len(bad)} of {len(usable)}); {bad[0]}: "
                             f"{problems[bad[0]][side]}")
         for stem in bad:
             log.warning("%s volume %s: %s; scored, and every record is flagged", side, stem, problems[stem][side])
-    return problems
+    return usable, problems, unusable
 
 
 def _write(out: Path, summary: dict, records: list[MetricValue], official: dict, per_volume) -> None:

@@ -20,6 +20,8 @@ TISSUES: dict[str, tuple[float | None, float | None]] = {
     "bone": (300.0, None),  # cortical and dense trabecular bone, calcifications, metal
 }
 STATS = ("median", "p5", "p95", "fraction")
+#: voxels of the strided subsample that :func:`not_hu` reads
+HU_CHECK_VOXELS = 200_000
 
 
 def tissue_mask(volume_hu: np.ndarray, tissue: str) -> np.ndarray:
@@ -104,3 +106,31 @@ def flag_out_of_range(fake_stats, real_stats_list, tolerance_hu: float = 20.0) -
             reason = "below" if value < low else "above"
             flags.append({"tissue": tissue, "value": value, "low": low, "high": high, "reason": reason})
     return flags
+
+
+def not_hu(values) -> str | None:
+    """Why a volume's values (a 3D array or nibabel proxy, header scaling applied) do not read as HU, in one
+    line; None where they do.
+
+    Volumes from other tools often come normalised ([-1, 1], [0, 1]) or as raw stored values that need an
+    intercept of -1024 (0..4095 without scaling); scored as HU they give numbers that mean nothing. The test
+    is ctprep's intensity plausibility (:func:`ctprep.intensity.detect_convention`: the HU ranges of air,
+    lung, fat and soft tissue) on a strided subsample; a poor generation in HU (two of the four tissue
+    classes are enough) passes.
+    """
+    from ctprep.intensity import detect_convention
+    from ctprep.volume import VolumeError
+
+    s = max(1, int(np.ceil((np.prod(values.shape[:3]) / HU_CHECK_VOXELS) ** (1 / 3))))
+    sample = np.asarray(values[::s, ::s, ::s], dtype=np.float32)
+    lo, hi = float(np.nanmin(sample)), float(np.nanmax(sample))
+    try:
+        evidence = detect_convention(sample, 1.0, -1024.0, max_voxels=sample.size)
+    except VolumeError:
+        hint = ("normalised values, not HU" if hi - lo <= 2.5 else
+                "no value below 0: stored without an intercept?" if lo >= 0 else "not a chest CT in HU")
+        return f"values span [{lo:g}, {hi:g}] with no chest CT's air, lung, fat and soft tissue in HU ({hint})"
+    if evidence["convention"] == "raw":
+        return (f"values span [{lo:g}, {hi:g}]: they read as HU only 1024 lower (raw stored values, as in "
+                "CT-RATE's original release; score HU volumes)")
+    return None

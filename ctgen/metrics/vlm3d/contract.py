@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ctprep.intensity import detect_convention
 from ctprep.volume import Volume, VolumeError, load_nifti
 
 log = logging.getLogger(__name__)
@@ -160,53 +159,61 @@ def load_volume(path: str | os.PathLike) -> Volume:
 
         from ctprep.resample import affine_of_sitk
 
-        img = sitk.ReadImage(str(path))
+        try:
+            img = sitk.ReadImage(str(path))
+        except RuntimeError as err:  # SimpleITK's one type for a corrupt or truncated file: a VolumeError, named
+            raise VolumeError(f"unreadable MHA {path.name}: {str(err).strip().splitlines()[-1]}") from None
         data = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # (z, y, x) -> (i, j, k)
         return Volume.from_3d(np.asarray(data), affine_of_sitk(img), source=str(path))
     return load_nifti(path)
 
 
-#: voxels of the strided subsample that :func:`hu_problem` reads
-HU_CHECK_VOXELS = 200_000
+def volume_problems(path: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(why the file cannot be scored, why its values do not read as HU), each None where all is well; one read.
+
+    A file that does not load (corrupt or truncated gzip, not a NIfTI, not 3D) or holds NaN/inf voxels is
+    unusable: every protocol would stop on it (or its NaN features would void every record), so it is named
+    and its pair left out. Values that load but do not read as HU: see :func:`ctgen.metrics.hu.not_hu`.
+    """
+    from ctgen.metrics.hu import not_hu
+
+    try:
+        data = load_volume(path).data
+    except (VolumeError, OSError) as err:  # load_nifti names the problem; a vanished file is an OSError
+        return f"unreadable: {err}", None
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        return "holds NaN or inf voxels", None
+    return None, not_hu(data)
 
 
 def hu_problem(path: str | os.PathLike) -> str | None:
-    """Why a volume's values do not read as HU, in one line; None where they do.
+    """Why a volume's values do not read as HU, in one line; None where they do (:func:`ctgen.metrics.hu.not_hu`).
 
     Every protocol clips and windows in HU, so a generator's output in [-1, 1] or [0, 1], or raw stored
     values that need CT-RATE's -1024 intercept, would be scored as if they were HU and give numbers that
-    mean nothing. The test is ctprep's intensity plausibility (:func:`ctprep.intensity.detect_convention`:
-    the HU ranges of air, lung, fat and soft tissue) on a strided subsample; a poor generation in HU (two of
-    the four tissue classes are enough) passes.
+    mean nothing. A file that cannot be read at all raises :class:`VolumeError` naming why.
     """
-    path = Path(path)
-    if path.name.lower().endswith(".mha"):
-        data = load_volume(path).data[0]
-    else:  # a nibabel proxy: only the strided subsample is read, with the header's scaling applied
-        import nibabel as nib
+    unusable, why = volume_problems(path)
+    if unusable:
+        raise VolumeError(f"{Path(path).name}: {unusable}")
+    return why
 
-        data = nib.load(str(path)).dataobj
-    s = max(1, int(np.ceil((np.prod(data.shape[:3]) / HU_CHECK_VOXELS) ** (1 / 3))))
-    sample = np.asarray(data[::s, ::s, ::s], dtype=np.float32)
-    lo, hi = float(sample.min()), float(sample.max())
-    try:
-        evidence = detect_convention(sample, 1.0, -1024.0, max_voxels=sample.size)
-    except VolumeError:
-        hint = ("normalised values, not HU" if hi - lo <= 2.5 else
-                "no value below 0: stored without an intercept?" if lo >= 0 else "not a chest CT in HU")
-        return f"values span [{lo:g}, {hi:g}] with no chest CT's air, lung, fat and soft tissue in HU ({hint})"
-    if evidence["convention"] == "raw":
-        return (f"values span [{lo:g}, {hi:g}]: they read as HU only 1024 lower (raw stored values, as in "
-                "CT-RATE's original release; score HU volumes)")
-    return None
+
+def check_pairs(pairs: Sequence[Pair]) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """({stem: {side: why it does not read as HU}}, {stem: {side: why it cannot be scored}}), one volume at a time."""
+    problems: dict[str, dict[str, str]] = {}
+    unusable: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        for side in ("generated", "real"):
+            bad, why = volume_problems(getattr(pair, side))
+            if bad:
+                unusable.setdefault(pair.stem, {})[side] = bad
+            elif why:
+                problems.setdefault(pair.stem, {})[side] = why
+    return problems, unusable
 
 
 def hu_problems(pairs: Sequence[Pair]) -> dict[str, dict[str, str]]:
-    """{stem: {"generated" and/or "real": why it does not read as HU}} over the pairs, one volume at a time."""
-    out: dict[str, dict[str, str]] = {}
-    for pair in pairs:
-        for side in ("generated", "real"):
-            why = hu_problem(getattr(pair, side))
-            if why:
-                out.setdefault(pair.stem, {})[side] = why
-    return out
+    """{stem: {"generated" and/or "real": why it does not read as HU}} over the pairs (unreadable ones: see
+    :func:`check_pairs`), one volume at a time."""
+    return check_pairs(pairs)[0]
