@@ -228,16 +228,20 @@ def test_hu_predictions_carry_no_hu_flag(folders, tmp_path):
 # --- broken files and pairing mistakes ---------------------------------------------------------------------
 
 
+def truncated(p):
+    """A .nii.gz cut in half."""
+    good = save(p.with_suffix(".nii.gz"), phantom(7)).read_bytes()
+    p.with_suffix(".nii.gz").write_bytes(good[: len(good) // 2])
+
+
+def nan(p):
+    """A float32 volume with one NaN voxel."""
+    data = phantom(8)
+    data[3, 3, 3] = np.nan
+    save(p.with_suffix(".nii.gz"), data, dtype=np.float32)
+
+
 def test_broken_files_are_skipped_named_and_counted_while_the_rest_is_scored(folders, tmp_path):
-    def truncated(p):
-        good = save(p.with_suffix(".nii.gz"), phantom(7)).read_bytes()
-        p.with_suffix(".nii.gz").write_bytes(good[: len(good) // 2])
-
-    def nan(p):
-        data = phantom(8)
-        data[3, 3, 3] = np.nan
-        save(p.with_suffix(".nii.gz"), data, dtype=np.float32)
-
     writers = {STEMS[0]: truncated, STEMS[1]: lambda p: p.with_suffix(".nii.gz").write_text("not a NIfTI\n"),
                STEMS[2]: lambda p: p.with_suffix(".nii.gz").write_bytes(gzip.compress(b"x" * 400)), STEMS[3]: nan,
                STEMS[4]: lambda p: save(p.with_suffix(".nii.gz"), phantom(9)[None])}  # (1, I, J, K): not 3D
@@ -286,15 +290,6 @@ def pooled():
 
 
 def test_vlm3d_skips_broken_pairs_names_and_counts_them(folders, tmp_path, pooled):
-    def truncated(p):
-        good = save(p.with_suffix(".nii.gz"), phantom(7)).read_bytes()
-        p.with_suffix(".nii.gz").write_bytes(good[: len(good) // 2])
-
-    def nan(p):
-        data = phantom(8)
-        data[3, 3, 3] = np.nan
-        save(p.with_suffix(".nii.gz"), data, dtype=np.float32)
-
     preds = predictions(tmp_path, {STEMS[0]: truncated, STEMS[1]: nan,
                                    STEMS[2]: lambda p: p.with_suffix(".nii.gz").write_text("not a NIfTI\n")})
     with pytest.raises(VolumeError, match="truncated"):  # a ValueError naming the file, not an EOFError
