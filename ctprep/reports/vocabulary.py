@@ -153,6 +153,8 @@ PRE_NEGATION = ["previously observed as", "previously seen as", "previously desc
 POST_NEGATION = ["absent", "excluded", "do not reach", "does not reach", "did not reach", "not reaching",
                  "ruled out", "not present", "is normal", "are normal", "was normal", "were normal",
                  "within normal limits", "no longer", "negative", "is not", "are not", "were not", "was not",
+                 # NegEx's probable negation: "Pneumonia unlikely", "effusion is considered unlikely"
+                 "unlikely", "not likely",
                  # templated reports ("Pleural effusion: none."): the ":" would end the scope, so the pair is one
                  # trigger (the longest match wins over the ":" terminator); not ": no", which "no change" follows
                  ": none", ": absent", ": negative", ": nil", "- none", "- absent", "- negative", "- nil"]

@@ -402,6 +402,12 @@ EFFUSION = "Pleural effusion"
     ("Pericardial effusion: none. Pleural effusion: small, left.", EFFUSION, 1),
     ("Small pleural effusion, pneumothorax: none.", EFFUSION, 1),  # the value answers its own item only
     ("Pleural effusion: no change.", EFFUSION, 1),
+    # probable negation (NegEx): unlikely is read as absent, not as a hedge
+    ("Pleural effusion is unlikely.", EFFUSION, 0),
+    ("Consolidation unlikely.", "Consolidation", 0),
+    ("A small effusion is considered unlikely.", EFFUSION, 0),
+    ("Pleural effusion is not likely.", EFFUSION, 0),
+    ("Atelectasis is likely; pleural effusion unlikely.", "Atelectasis", 1),
 ])
 def test_negation_uncertainty_and_wording(text, label, value):
     for report in (text, {"findings": text}, {"Impressions_EN": text}):
