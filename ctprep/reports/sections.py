@@ -1,6 +1,6 @@
 """Section splitting: CT-RATE columns where given, else headers or the ``"``/``•`` separators in free text.
 
-Sections are ``clinical_information``, ``technique``, ``findings`` and ``impression``. CT-RATE's CSV
+Sections are ``clinical_information``, ``technique`` (with the comparison), ``findings`` and ``impression``. CT-RATE's CSV
 gives them as columns (``Findings_EN`` ...), a missing one reading "Not given."; other sources send one
 free text with headers ("FINDINGS:", "Impression") or, like CT-RATE's own text dumps, the findings
 followed by impression items each introduced by ``"`` or ``•``.
@@ -29,6 +29,9 @@ _HEADERS = {
     "clinical information": "clinical_information", "clinical history": "clinical_information",
     "clinical findings": "clinical_information", "indication": "clinical_information", "history": "clinical_information",
     "technique": "technique", "procedure": "technique",
+    # the comparison names prior studies ("COMPARISON: CT 2019, which showed an effusion"): what it says
+    # is not this scan's finding, so it goes with the technique, which sets no label
+    "comparison": "technique", "comparisons": "technique",
     "findings": "findings", "finding": "findings", "report": "findings",
     "impressions": "impression", "impression": "impression", "conclusions": "impression", "conclusion": "impression",
     "result": "impression", "opinion": "impression",

@@ -432,6 +432,22 @@ def test_header_forms(text):
     assert [m.section for m in parsed.mentions] == ["findings", "impression"] and parsed.labels[EFFUSION] == 1
 
 
+@pytest.mark.parametrize("text", [
+    "COMPARISON: CT of 2019, which showed a right pleural effusion.\nFINDINGS: No pleural effusion.",
+    "Comparison: prior CT with pleural effusion\nFindings: The lungs are clear, no effusion.\nImpression: Normal.",
+])
+def test_the_comparison_section_sets_no_label(text):
+    sections = split_sections(text)
+    assert "2019" in sections["technique"] or "prior CT" in sections["technique"]
+    assert parse_report(text).labels[EFFUSION] == 0
+
+
+def test_comparison_in_prose_is_not_a_header():
+    text = "The examination was evaluated in comparison with the previous CT. Right pleural effusion."
+    assert split_sections(text)["findings"].startswith("The examination")
+    assert parse_report(text).labels[EFFUSION] == 1
+
+
 def test_missing_headers_and_empty_reports():
     assert split_sections("Small left pleural effusion. No pneumothorax.")["findings"].startswith("Small left")
     assert split_sections("IMPRESSION: Emphysema.") == {"clinical_information": "", "technique": "", "findings": "",
