@@ -212,8 +212,3 @@ def check_pairs(pairs: Sequence[Pair]) -> tuple[dict[str, dict[str, str]], dict[
                 problems.setdefault(pair.stem, {})[side] = why
     return problems, unusable
 
-
-def hu_problems(pairs: Sequence[Pair]) -> dict[str, dict[str, str]]:
-    """{stem: {"generated" and/or "real": why it does not read as HU}} over the pairs (unreadable ones: see
-    :func:`check_pairs`), one volume at a time."""
-    return check_pairs(pairs)[0]
