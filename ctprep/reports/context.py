@@ -9,6 +9,10 @@ is seen": the scope of "no" ends at "was detected"), or after ``MAX_SCOPE`` toke
 ("no effusion or pneumothorax", "X and Y were not observed") stay inside one scope. Pseudo-negations
 ("no change in the nodule", "not only", "regressed in size") cancel the negation word they hold,
 unless the finding is their own object ("no increase| in heart size": the heart is not enlarged).
+Resolved findings are absent from this exam: a sentence-wide post-negation ("X, seen before, has resolved")
+reaches back over relative clauses but not over a contrast or a persisting finding (``CLAUSE_BREAKS``:
+"Consolidation persists but the effusion has resolved"); "resolved" before a finding negates only the
+few words it modifies ("resolved pleural effusion"); "partially resolved", "not resolved" are pseudo-triggers.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from spacy.util import filter_spans
 from ctprep.reports import vocabulary as V
 
 MAX_SCOPE = 30  # tokens a trigger reaches; CT-RATE lists run long ("No enlarged lymph nodes in A, B ... were detected")
+#: Tokens between a pre-modifying negation and its finding ("resolved | left lower lobe | consolidation")
+PREMODIFIER_SCOPE = 4
+_BREAKS = frozenset(V.CLAUSE_BREAKS)
+_PREMODIFIERS = frozenset(V.PREMODIFIER_NEGATION)
 _AUX = {"is", "are", "was", "were", "be", "been", "being"}
 _NEG_WORDS = {"no", "not", "without"}  # a pseudo-negation starting with one of these negates a mention it runs into
 #: A post-trigger starting with one of these is a template's value ("Pleural effusion: none"): it answers only
@@ -38,7 +46,8 @@ def build_phrase_matcher(nlp: Language) -> PhraseMatcher:
     matcher = PhraseMatcher(nlp.vocab, attr="LOWER")
     lists = {"PRE_NEG": V.PRE_NEGATION, "POST_NEG": V.POST_NEGATION, "PSEUDO": V.PSEUDO_NEGATION,
              "PRE_UNC": V.PRE_UNCERTAIN, "POST_UNC": V.POST_UNCERTAIN, "TERM": V.TERMINATORS,
-             "SENT_NEG": V.SENTENCE_NEGATION, "CURRENT": V.CURRENT_EXAM}
+             "SENT_NEG": V.SENTENCE_NEGATION, "CURRENT": V.CURRENT_EXAM,
+             "BREAK": [w for w in V.CLAUSE_BREAKS if w not in V.TERMINATORS]}
     for kind, phrases in lists.items():
         matcher.add(kind, [nlp.make_doc(p.lower()) for p in phrases])
     return matcher
@@ -72,19 +81,33 @@ def _blocked(doc: Doc, terms: list[Span], start: int, end: int) -> bool:
     return any(start <= t.start and t.end <= end for t in terms) or _asserted(doc, start, end)
 
 
+def _modifies(doc: Doc, terms: list[Span], trigger: Span, mention: Span) -> bool:
+    """True if ``trigger`` stands right before the mention as its modifier ("resolved right pleural effusion"),
+    not before a new clause ("... resolved but atelectasis", "... resolved, consolidation")."""
+    gap = doc[trigger.end: mention.start]
+    return (len(gap) <= PREMODIFIER_SCOPE and not any(tok.is_punct and tok.text != "-" for tok in gap)
+            and not _blocked(doc, terms, trigger.end, mention.start))
+
+
 def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) -> tuple[str, Span | None]:
     """(status, trigger) for one mention, from the triggers of its sentence ``sent`` (in text order)."""
     terms = [t for t in triggers if t.label_ == "TERM"]
+    breaks = [t for t in triggers if t.label_ == "BREAK" or (t.label_ == "TERM" and t.text.lower() in _BREAKS)]
     found: dict[str, Span] = {}
     current_starts = {t.start for t in triggers if t.label_ == "CURRENT"}
     for t in triggers:
         if t.label_ == "PSEUDO" and t.start < mention.start < t.end and doc[t.start].lower_ in _NEG_WORDS:
             found.setdefault("NEG", t)  # the finding is the pseudo-trigger's object: "no increase| in heart size"
             continue
-        if t.start < sent.start or t.end > sent.end or t.label_ in {"TERM", "PSEUDO", "CURRENT"}:
+        if t.start < sent.start or t.end > sent.end or t.label_ in {"TERM", "PSEUDO", "CURRENT", "BREAK"}:
             continue
-        if t.start >= mention.end and (t.label_ == "SENT_NEG" or (t.label_ == "POST_NEG" and t.end in current_starts)):
+        if (t.start >= mention.end and (t.label_ == "SENT_NEG" or (t.label_ == "POST_NEG" and t.end in current_starts))
+                and not any(mention.end <= b.start and b.end <= t.start for b in breaks)):
             found.setdefault("NEG", t)  # sentence-wide: "X, seen before, has disappeared"
+            continue
+        if t.label_ == "SENT_NEG":
+            if t.end <= mention.start and t.text.lower() in _PREMODIFIERS and _modifies(doc, terms, t, mention):
+                found["NEG"] = t  # "resolved pleural effusion"
             continue
         if t.label_.startswith("PRE") and t.end <= mention.start and not _blocked(doc, terms, t.end, mention.start):
             found[t.label_[4:]] = t  # triggers come in text order: the nearest pre-trigger wins

@@ -10,6 +10,7 @@ the pericardium from the words around it, and stores the result as spans in ``do
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from dataclasses import asdict, dataclass
 
@@ -17,8 +18,9 @@ from spacy.language import Language
 from spacy.tokens import Doc, Span
 
 from ctprep.reports import attributes as A
+from ctprep.reports import spelling
 from ctprep.reports.prefilter import compile_lower, keywords, lower_same_length, sentences_with
-from ctprep.reports.vocabulary import EFFUSION, LUNG, NON_LUNG, RULES, Rule
+from ctprep.reports.vocabulary import EFFUSION, LUNG, NON_LUNG, RULES, SPELLING_REAL_WORDS, SPELLING_TERMS, Rule
 
 
 
@@ -53,6 +55,13 @@ def doc_text(doc: Doc) -> str:
     if text is None:
         text = doc.user_data["text"] = doc.text
     return text
+
+
+@functools.lru_cache(maxsize=1)
+def spelling_table() -> dict[str, str]:
+    """Misspelling -> finding term (``spelling.py``), minus words a finding rule already reads; built once per process."""
+    known = [c.rx for c in _COMPILED] + [compile_lower(EFFUSION.pattern)]
+    return spelling.variant_table(SPELLING_TERMS, known, SPELLING_REAL_WORDS)
 
 
 @dataclass
@@ -93,15 +102,21 @@ def _effusion_labels(sent: str, start: int, end: int) -> list[str]:
     return labels
 
 
-def find_mentions(doc: Doc) -> list[Span]:
+def find_mentions(doc: Doc, corrections: list[tuple[int, int, str]] = ()) -> list[Span]:
     """Finding spans of one section doc (labels are CT-RATE names; one span per label and place).
 
     Rules match inside one sentence, on the lower-cased text, and only in the sentences holding one
     of the rule's keywords (``prefilter.py``); a rule's sentence-wide checks run once per sentence.
+    ``corrections`` (start, end, term) replace misspelt words in the text the rules read; the spans
+    keep the report's own words and offsets.
     """
     text = doc_text(doc)
     low = lower_same_length(text)
     sents = doc.user_data["sents"]  # (first token, end token, start char, end char), from ctprep_sentences
+    fixed = spelling.correct(low, corrections) if corrections else None
+    if fixed is not None:
+        low = fixed.text
+        sents = [(a, b, fixed.to_new(c), fixed.to_new(d)) for a, b, c, d in sents]
     starts = [s[2] for s in sents]
     n = len(sents)
     off_lung: dict[int, bool] = {}  # sentence index -> names another organ and nothing of the lung
@@ -135,6 +150,8 @@ def find_mentions(doc: Doc) -> list[Span]:
         sentence = low[s0:e0]
         for m in EFFUSION.finditer(low, s0, e0):
             found.extend((m.start(), m.end(), label) for label in _effusion_labels(sentence, m.start() - s0, m.end() - s0))
+    if fixed is not None:
+        found = [(fixed.to_old(a), fixed.to_old(b, end=True), label) for a, b, label in found]
     merged: dict[str, list[list[int]]] = {}
     for start, end, label in sorted(found, key=lambda x: (x[0], -x[1])):
         runs = merged.setdefault(label, [])
@@ -152,10 +169,13 @@ def make_findings(nlp: Language, name: str) -> FindingMatcher:
 
 
 class FindingMatcher:
-    """Pipeline component: ``doc.spans["findings"]`` from the vocabulary's rules."""
+    """Pipeline component: ``doc.spans["findings"]`` from the vocabulary's rules, reading misspelt terms as spelt."""
+
+    def __init__(self):
+        self.speller = spelling.Speller(spelling_table())
 
     def __call__(self, doc: Doc) -> Doc:
-        doc.spans["findings"] = find_mentions(doc) if len(doc) else []
+        doc.spans["findings"] = find_mentions(doc, self.speller(doc)) if len(doc) else []
         return doc
 
 

@@ -34,17 +34,23 @@ _HEADERS = {
     "comparison": "technique", "comparisons": "technique",
     "findings": "findings", "finding": "findings", "report": "findings",
     "impressions": "impression", "impression": "impression", "conclusions": "impression", "conclusion": "impression",
-    "result": "impression", "opinion": "impression",
+    "result": "impression", "results": "impression", "opinion": "impression", "summary": "impression",
+    "interpretation": "impression",
 }
 _HEADER_WORDS = "|".join(sorted(map(re.escape, _HEADERS), key=len, reverse=True))
+# A dash after a header: an en/em dash, or a hyphen standing free ("Findings - ...", not "findings-based")
+_DASH = r"(?:[\u2013\u2014]|-(?=[ \t]|$))"
 # A header: at a line start (colon optional; or a dash, "Findings - ...", or a period ending the line,
 # "Findings.") or anywhere with a colon; a colon-less inline header must be in capitals
-# ("... normal. IMPRESSION No acute finding"), prose says "CT findings of ...".
+# ("... normal. IMPRESSION No acute finding", its dash or colon taken with it: "IMPRESSION \u2014 ...")
+# or open a sentence with a dash ("... normal. Impression - ..."); prose says "CT findings of ...",
+# "the impression is", "In conclusion - ...".
 _HEADER = re.compile(
     rf"(?:^|(?<=\n))[ \t]*(?P<a>{_HEADER_WORDS})[ \t]*"
-    rf"(?::|[-\u2013\u2014](?=[ \t]|$)|\.?[ \t]*(?:\n|$)|(?=[ \t]+[A-Z]))"
+    rf"(?::|{_DASH}|\.?[ \t]*(?:\n|$)|(?=[ \t]+[A-Z]))"
     rf"|(?<![\w-])(?P<b>{_HEADER_WORDS})[ \t]*:"
-    rf"|(?<![\w-])(?P<c>(?-i:{_HEADER_WORDS.upper()}))(?![\w-])",
+    rf"|(?<![\w-])(?P<c>(?-i:{_HEADER_WORDS.upper()}))(?![\w-])(?:[ \t]*(?::|{_DASH}))?"
+    rf"|(?<=[.!?])[ \t]+(?P<d>{_HEADER_WORDS})[ \t]*{_DASH}",
     re.IGNORECASE | re.MULTILINE,
 )
 _SEPARATOR = re.compile(r'["•·]')
@@ -68,7 +74,7 @@ def split_free_text(text: str) -> dict[str, str]:
     if heads:
         pre = lines[: heads[0].start()]
         for i, m in enumerate(heads):
-            name = _HEADERS[(m["a"] or m["b"] or m["c"]).lower()]
+            name = _HEADERS[(m["a"] or m["b"] or m["c"] or m["d"]).lower()]
             end = heads[i + 1].start() if i + 1 < len(heads) else len(lines)
             body = _clean(lines[m.end(): end])
             out[name] = f"{out[name]} {body}".strip() if out[name] else body

@@ -148,7 +148,8 @@ ASSERT_VERBS = frozenset(SEEN_VERBS) - {"increased", "enlarged", "thickened", "c
 
 PRE_NEGATION = ["previously observed as", "previously seen as", "previously described as", "no", "not", "without", "absence of", "absent", "free of", "negative for", "neither", "nor",
                 "rather than", "instead of", "ruled out", "clear of", "devoid of", "excluded", "no evidence of", "no sign of", "no signs of",
-                "no finding of", "no findings of", "resolution of", "disappearance of", "lack of", "there is no",
+                "no finding of", "no findings of", "resolution of", "disappearance of", "complete regression of",
+                "interval clearing of", "lack of", "there is no",
                 "there are no", "there was no", "there were no", "none"]
 POST_NEGATION = ["absent", "excluded", "do not reach", "does not reach", "did not reach", "not reaching",
                  "ruled out", "not present", "is normal", "are normal", "was normal", "were normal",
@@ -169,7 +170,17 @@ PSEUDO_NEGATION = ["no change", "no significant change", "no difference", "no si
                    "without significant change", "without a significant change", "without any significant change",
                    "no significant interval change", "no regression", "no significant regression", "without regression",
                    "regressed in size", "has regressed in size", "have regressed in size", "has partially regressed",
-                   "have partially regressed", "partially regressed"]
+                   "have partially regressed", "partially regressed",
+                   # a finding that is resolving, not resolved, is still there: these hold the "resolved"/"resolution"
+                   # a longer match takes from the sentence-wide negation ("partially resolved effusion")
+                   "partially resolved", "partly resolved", "incompletely resolved", "largely resolved", "mostly resolved",
+                   "nearly resolved", "almost resolved", "not completely resolved", "not fully resolved",
+                   "not entirely resolved", "not resolved", "not yet resolved", "is not resolved", "are not resolved",
+                   "was not resolved", "were not resolved", "has not resolved", "have not resolved", "has not yet resolved",
+                   "has not been resolved", "have not been resolved", "partial resolution", "incomplete resolution",
+                   "near complete resolution", "near-complete resolution", "nearly complete resolution",
+                   "almost complete resolution", "partial regression", "incomplete regression", "not completely regressed",
+                   "has not disappeared", "have not disappeared", "not completely disappeared", "partially cleared"]
 PRE_UNCERTAIN = ["possible", "possibly", "probable", "probably", "suspicious", "suspicious for", "suspected",
                  "suspicion of", "suspicion", "questionable", "likely", "may be", "might be", "could be", "may represent",
                  "differential diagnosis", "cannot exclude", "can not exclude", "rule out", "to rule out", "r/o",
@@ -185,7 +196,11 @@ POST_UNCERTAIN = ["?", "cannot be excluded", "can not be excluded", "could not b
                   "could not be differentiated", "may be", "is likely", "is probable"]
 #: Post-negations that reach back to the sentence start ("X, which was seen before, has disappeared").
 SENTENCE_NEGATION = ["resolved", "disappeared", "regressed completely", "completely regressed", "have regressed",
-                     "has regressed", "no longer"]
+                     "has regressed", "no longer", "has cleared", "have cleared", "has vanished", "have vanished"]
+#: Sentence-wide negations that also negate the finding they modify: "resolved pleural effusion". Only the
+#: words right after them (``context.PREMODIFIER_SCOPE``, no comma): "Atelectasis resolved, consolidation in
+#: the left lower lobe" keeps the consolidation.
+PREMODIFIER_NEGATION = ["resolved"]
 #: After a post-negation these make it sentence-wide ("X, seen before, was not detected in the current examination").
 CURRENT_EXAM = ["in the current examination", "in the current study", "in this examination", "in the present examination",
                 "on the current examination", "in the current scan", "in the control examination"]
@@ -193,7 +208,33 @@ CURRENT_EXAM = ["in the current examination", "in the current study", "in this e
 TERMINATORS = ["but", "however", "although", "though", "except", "except for", "apart from", "apart from this",
                "other than", "besides", "whereas", "while", "yet", "nevertheless", "on the other hand",
                "in addition", "additionally", "also", "which", "where", "whose", "accompanied by",
-               "secondary to", "due to", "because", "as well as", ";", ":", "(", ")", "•", '"']
+               "secondary to", "due to", "because", "as well as", ";", ":", "(", ")", "•", '"',
+               # the rest of a resolved finding is a new item: "Resolution of atelectasis with residual consolidation"
+               "with residual", "with persistent", "with persisting", "with remaining", "with new"]
 # A comma followed by a quantity or degree word starts a new, asserted item: "No effusion, mild atelectasis".
 TERMINATORS += [f", {w}" for w in ("a", "an", "mild", "minimal", "minimally", "moderate", "severe", "marked", "slight",
-                                    "small", "several", "multiple", "a few", "there is", "there are")]
+                                    "small", "several", "multiple", "a few", "there is", "there are",
+                                    "residual", "persistent", "persisting", "remaining", "new")]
+#: What stops a sentence-wide negation reaching back to the sentence start (``SENTENCE_NEGATION``): contrast and
+#: exception terminators, ";" and persistence ("Consolidation persists and the effusion has resolved"). "persists"
+#: and "remains" end only that reach, not other scopes: "Pleural effusion remains absent" is negated.
+#: Not the relative "which" ("X, which was seen before, has resolved") nor ":" ("Pleural effusion: resolved").
+CLAUSE_BREAKS = ["but", "however", "although", "though", "whereas", "while", "yet", "nevertheless", "on the other hand",
+                 "except", "except for", "apart from", "apart from this", "other than", "besides", ";",
+                 "persists", "persist", "remains", "remain", "with residual", "with persistent", "with persisting",
+                 "with remaining", "with new"]
+
+# ---- misspelling tolerance (``spelling.py``) ----------------------------------------------------
+#: Single-word finding terms read through one typing error ("cardiomegally", "atelectesis"). Only long
+#: jargon words: generic ones ("thickening", "pacemaker" -> "peacemaker") and those with a real-word or
+#: other-finding neighbour ("pneumonic" -> "pneumonia", "nodularity" -> "modularity") stay out.
+SPELLING_TERMS = (
+    "cardiomegaly", "effusion", "emphysema", "emphysematous", "atelectasis", "atelectatic", "consolidation",
+    "bronchiectasis", "bronchiectatic", "bronchiolectasis", "lymphadenopathy", "adenopathy", "lymphadenomegaly",
+    "calcification", "calcified", "atherosclerotic", "atherosclerosis", "atheromatous", "atheroma", "pericardial",
+    "hydrothorax", "hemothorax", "haemothorax", "infiltration", "opacities", "sequelae", "honeycombing",
+    "interlobular", "peribronchial", "micronodules", "granuloma", "hyperinflation", "hyperaeration",
+)
+#: Real words one edit from a term, never "corrected" (English and medical; found by checking every
+#: variant against an English vocabulary and by hand). Words the finding rules read are excluded anyway.
+SPELLING_REAL_WORDS = ("affusion", "granulosa", "hemithorax")

