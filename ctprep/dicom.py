@@ -13,6 +13,9 @@ A series folder becomes one HU volume whose affine comes from the headers alone:
 - an enhanced (multi-frame) CT file, as newer scanners write a whole series, is read frame by
   frame from its functional groups (position per frame; orientation, pixel spacing and rescale
   per frame or shared), and its frames go through the same checks as classic slices.
+- compressed pixel data decode through pydicom's plugins, all permissively licensed: python-gdcm
+  (JPEG Lossless, JPEG-LS, JPEG 2000), pylibjpeg-openjpeg (JPEG 2000, HTJ2K) and pydicom itself
+  (RLE Lossless, Deflated Explicit VR Little Endian); :data:`DECODED_BY` names each syntax's.
 
 Anything that would make the geometry or the intensities a guess is refused with a
 :class:`SeriesError` naming the reason: a non-CT Modality, several CT series in one folder (a
@@ -37,6 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pydicom
+import pydicom.uid as uids
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -62,6 +66,24 @@ ORIENTATION_ATOL, SPACING_ATOL = 1e-4, 1e-4
 _MEASURED = {"VolumeName", "XYSpacing", "NumberofSlices", "ZSpacing"}
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _NIFTI_INT16 = (-32768, 32767)
+#: What decodes each compressed transfer syntax (pyproject's dependencies), named when a file cannot be decoded.
+#: 12-bit JPEG Extended (lossy, rare in CT) has no permissively licensed pydicom plugin: only pylibjpeg-libjpeg
+#: (GPL-3), which this Apache-2.0 project does not depend on.
+DECODED_BY = {
+    uids.JPEGBaseline8Bit: "python-gdcm",
+    uids.JPEGExtended12Bit: "python-gdcm for 8-bit samples; 12-bit only by pylibjpeg-libjpeg (GPL-3, not a dependency)",
+    uids.JPEGLossless: "python-gdcm",
+    uids.JPEGLosslessSV1: "python-gdcm",
+    uids.JPEGLSLossless: "python-gdcm",
+    uids.JPEGLSNearLossless: "python-gdcm",
+    uids.JPEG2000Lossless: "pylibjpeg-openjpeg or python-gdcm",
+    uids.JPEG2000: "pylibjpeg-openjpeg or python-gdcm",
+    uids.HTJ2KLossless: "pylibjpeg-openjpeg",
+    uids.HTJ2KLosslessRPCL: "pylibjpeg-openjpeg",
+    uids.HTJ2K: "pylibjpeg-openjpeg",
+    uids.RLELossless: "pydicom",
+    uids.DeflatedExplicitVRLittleEndian: "pydicom",
+}
 
 
 class SeriesError(VolumeError):
@@ -420,6 +442,15 @@ def _rescale(ds: Dataset, name: str) -> tuple[float, float]:
     return slope, intercept
 
 
+def _syntax(ts: str | None) -> str:
+    """A transfer syntax for messages: its name, its UID and what decodes it."""
+    if not ts:
+        return "unknown transfer syntax"
+    ts = uids.UID(ts)
+    decoder = DECODED_BY.get(ts) or ("pydicom" if ts in uids.UncompressedTransferSyntaxes else "no known decoder")
+    return f"{ts.name}{'' if ts.name == ts else f' {ts}'}; decoded by {decoder}"
+
+
 def _decode(stack: _Stack) -> tuple[np.ndarray, list[str], list[tuple[float, float]]]:
     """Pixel data in HU, shape (N, Rows, Columns); int16 where exact, else float32."""
     rows, cols = int(stack.headers[0].Rows), int(stack.headers[0].Columns)
@@ -436,10 +467,10 @@ def _decode(stack: _Stack) -> tuple[np.ndarray, list[str], list[tuple[float, flo
             if "PixelData" not in ds:
                 raise SeriesError(f"no pixel data in {name} (absent, or the file is truncated)")
             try:
-                arr = ds.pixel_array  # compressed syntaxes decode through the pylibjpeg plugins
+                arr = ds.pixel_array  # compressed syntaxes decode through the plugins of DECODED_BY
             except Exception as err:
-                syntax = ts.name if ts else "unknown transfer syntax"
-                raise SeriesError(f"cannot decode pixel data of {name} ({syntax}): {err}") from err
+                raise SeriesError(f"cannot decode pixel data of {name} ({_syntax(ts)}): "
+                                  + " ".join(str(err).split())) from err  # one line: pydicom lists plugins on several
             if frame is not None:
                 if arr.ndim != 3:
                     raise SeriesError(f"pixel data of {name} has shape {arr.shape}, not one image per frame")
