@@ -320,7 +320,7 @@ def parser() -> argparse.ArgumentParser:
         g.set_defaults(func=_ceiling, family=family)
 
     c = sub.add_parser("compare", help="paired permutation test of two runs' per_volume.csv, metric by metric")
-    c.add_argument("run_a", help="per_volume.csv of run A (results/evaluation/per_volume.csv)")
+    c.add_argument("run_a", help="per_volume.csv of run A (results/evaluation/<family>/per_volume.csv)")
     c.add_argument("run_b", help="per_volume.csv of run B")
     c.add_argument("--out", help="write the table here (CSV); it is printed either way")
     c.add_argument("--permutations", type=positive_int, default=10_000, help="random sign flips per metric")
