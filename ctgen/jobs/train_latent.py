@@ -73,7 +73,8 @@ def train_autoencoder(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root:
 
 def flow_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The flow model's config with what the data decides: the latent scale factor (from the latent
-    shards' moments) and the small text encoder's vocabulary (from its fitted tokenizer)."""
+    shards' moments), the small text encoder's vocabulary (from its fitted tokenizer) and, with frozen
+    encoders, their state widths (from their caches: a preset names CXR-BERT's 768, MiniLM gives 384)."""
     from ctgen.jobs.latents import latent_scale_factor
 
     data = cfg["data"]
@@ -87,6 +88,14 @@ def flow_config(cfg: dict[str, Any]) -> dict[str, Any]:
             enc["vocab_size"] = ReportTokenizer.load(data["text_tokenizer"]).vocab_size
         model["text_encoder"] = enc
         model["max_text_tokens"] = max(int(model.get("max_text_tokens", 0)), int(enc.get("max_length", 128)))
+    elif data.get("text_cache"):
+        from ctgen.data.text_cache import EmbeddingCache
+
+        caches = data["text_cache"] if isinstance(data["text_cache"], list) else [data["text_cache"]]
+        dims = [EmbeddingCache(c).dim for c in caches]
+        if list(model.get("text_dims") or []) != dims:
+            log.info("text widths %s -> %s (the configured encoders' caches)", model.get("text_dims"), dims)
+            model["text_dims"] = dims
     return {**cfg, "model": model}
 
 

@@ -112,6 +112,25 @@ def test_flow_training_probes_whether_the_network_reads_the_report(latent_run):
         assert "training latents" in r["profile"] and "held-out latents" in held[name]["profile"]
 
 
+def test_frozen_encoders_set_the_text_widths_from_their_caches(latent_run, tmp_path):
+    """A frozen encoder's cache of another width than the preset's (MiniLM 384 vs CXR-BERT's 768) trains."""
+    from ctgen.data.text_cache import encode_prompts
+
+    from tests.ctgen.test_feature_nets import _WordEncoder
+
+    keys = [key for key, _ in iter_raw_samples(latent_run["latents"])]
+    texts = {f"{k}:{seg}": text for k in keys for seg, text in (("findings", "right pleural effusion"), ("impression", "effusion"))}
+    cache = encode_prompts(_WordEncoder(), texts, tmp_path / "sections.safetensors")
+    model = {k: v for k, v in FLOW.items()}
+    model["text_dims"] = [768]  # what the preset says
+    run_training("latent_flow", {"model": model, "train": {**TRAIN, "max_steps": 2},
+                                 "data": {"latents": [str(latent_run["latents"])], "text_cache": str(cache),
+                                          "prompt": "generatect"}},
+                 tmp_path / "flow", tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "flow" / "config.json").read_text())["config"]
+    assert saved["text_dims"] == [_WordEncoder.dim] and saved["text_encoder"] is None
+
+
 def test_spec_and_sampling_through_the_cli(latent_run, cohort, tmp_path):
     models = latent_run["models"]
     preset = {"mode": "spacing", "spacing": [2.0, 2.0, 5.0], "shape": [16, 16, 8], "clip": WINDOW}
