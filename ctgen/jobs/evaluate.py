@@ -113,7 +113,7 @@ def evaluate(generated: str | Path, real: list[str | Path], models_dir: str | Pa
         raise UserError(f"no prediction could be scored: all {len(predictions)} were skipped (see {out_dir}/skipped.csv)")
     log.info("scoring %d predictions against %d ground-truth volumes; %d predictions and %d ground-truth volumes skipped",
              n_pred, len(col.real_stems), n_skipped, sum(1 for s in skips if s.side == "real"))
-    metrics, not_computed, per_volume = _score(col, nets, texts, known_labels, cfg, device, models_dir)
+    metrics, not_computed, per_volume = _score(col, nets, texts, known_labels, cfg, device, models_dir, spec)
     n_not_hu = sum(1 for r in col.gen_rows if r["hu_problem"])
     if n_not_hu:  # values that do not read as HU were scored as HU: no number computed on them may hide it
         note = f"{n_not_hu} of {n_pred} predictions hold values that do not read as HU (per_volume.csv: hu_problem)"
@@ -216,7 +216,7 @@ def _stream(truth: RealSet, pairing, nets: FeatureNets, grid: Grid, cfg: EvalCon
     return col
 
 
-def _score(col: _Collected, nets: FeatureNets, texts, known_labels, cfg: EvalConfig, device, models_dir):
+def _score(col: _Collected, nets: FeatureNets, texts, known_labels, cfg: EvalConfig, device, models_dir, spec=None):
     """Every metric group from the collected outputs -> (metrics, not_computed, per_volume table)."""
     metrics: list[MetricValue] = []
     not_computed: list[dict] = []
@@ -269,7 +269,7 @@ def _score(col: _Collected, nets: FeatureNets, texts, known_labels, cfg: EvalCon
         not_computed.append({"group": "alignment", "reason": "no clip model in the models folder" if nets.clip is None
                              else "no report text for the scored stems: give --reports"})
     else:
-        metrics += _alignment(col, nets, texts, have, cfg, pv, models_dir)
+        metrics += _alignment(col, nets, texts, have, cfg, pv, models_dir, spec)
     # TSTR: both classifiers on every real scan read
     if len(nets.tstr) < 2:
         not_computed.append({"group": "tstr", "reason": "no TSTR classifiers given (--tstr)"})
@@ -293,12 +293,13 @@ def _score(col: _Collected, nets: FeatureNets, texts, known_labels, cfg: EvalCon
     return metrics, not_computed, pv
 
 
-def _alignment(col: _Collected, nets: FeatureNets, texts: dict, have: list[bool], cfg: EvalConfig, pv, models_dir):
+def _alignment(col: _Collected, nets: FeatureNets, texts: dict, have: list[bool], cfg: EvalConfig, pv, models_dir,
+               spec=None):
     gen_stems = [r["prompt_id"] for r in col.gen_rows]
     candidates, index = distinct_texts(list(dict.fromkeys([texts[s] for s in col.real_stems if s in texts]
                                                           + [t for s, t in texts.items() if s not in col.real_stems])))
     by_text = dict(zip(candidates, range(len(candidates))))
-    embed = clip_text_embedder(nets, models_dir)
+    embed = clip_text_embedder(nets, models_dir, spec)
     t_emb = embed(candidates)  # (M, E)
     rows = np.flatnonzero(have)
     target = np.array([by_text[texts[gen_stems[i]]] for i in rows])

@@ -187,14 +187,26 @@ class TextEmbedder:
         return torch.cat(rows).float().cpu().numpy()
 
 
-def clip_text_embedder(nets: FeatureNets, models_dir: str | Path) -> TextEmbedder:
-    """The CLIP model's text side: the tokenizer it was trained with (recorded in its config.json, else the
-    cascade's copy in ``models_dir``), or the frozen encoder ``models_dir/cascade.json`` names."""
+def spec_text_encoder(models_dir: str | Path, spec: str | Path | None = None) -> dict:
+    """The text encoder a sampling spec names: ``spec``'s, else ``cascade.json``'s, else ``latent_flow.json``'s
+    first (the workflow's ``models.text_encoder``, which the CLIP model was trained with too); {} if none."""
     import json
 
+    paths = ([Path(spec)] if spec else []) + [Path(models_dir) / "cascade.json", Path(models_dir) / "latent_flow.json"]
+    for path in paths:
+        if path.is_file():
+            found = json.loads(path.read_text())
+            enc = found.get("text_encoder") or next(iter(found.get("text_encoders") or []), None)
+            if enc:
+                return enc
+    return {}
+
+
+def clip_text_embedder(nets: FeatureNets, models_dir: str | Path, spec: str | Path | None = None) -> TextEmbedder:
+    """The CLIP model's text side: the tokenizer it was trained with (recorded in its config.json, else the
+    cascade's copy in ``models_dir``), or the frozen encoder the spec names (:func:`spec_text_encoder`)."""
     data = (getattr(nets.clip, "provenance", None) or {}).get("data") or {}
-    spec_path = Path(models_dir) / "cascade.json"
-    text = (json.loads(spec_path.read_text()) if spec_path.is_file() else {}).get("text_encoder") or {}
+    text = spec_text_encoder(models_dir, spec)
     tokenizer = next((p for p in (data.get("text_tokenizer"), Path(models_dir) / "text_tokenizer.json")
                       if p and p != "None" and Path(p).is_file()), None)
     own = nets.clip.config.text_encoder or {}  # the small encoder's learned positions bound the length

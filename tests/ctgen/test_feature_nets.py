@@ -272,3 +272,16 @@ def test_train_clip_and_classifier_through_the_loop(shards, tmp_path):
                                 volumes=synthetic)
     assert json.loads((tmp_path / "tstr" / "train_summary.json").read_text())["steps"] == 2
     assert len(list((tmp_path / "ckpt").iterdir())) == 4  # 2 clips, real classifier, synthetic classifier
+
+
+def test_the_clip_text_side_comes_from_the_spec_of_the_family_scored(tmp_path):
+    """A latent-flow-only run has no cascade.json: the frozen encoder is the one latent_flow.json names."""
+    from ctgen.jobs.features import spec_text_encoder
+
+    minilm = {"kind": "minilm", "path": None, "max_length": 64}
+    (tmp_path / "latent_flow.json").write_text(json.dumps({"text_encoders": [minilm, {"kind": "hf", "path": "x"}]}))
+    assert spec_text_encoder(tmp_path) == minilm
+    (tmp_path / "cascade.json").write_text(json.dumps({"text_encoder": {"kind": "small", "max_length": 32}}))
+    assert spec_text_encoder(tmp_path)["kind"] == "small"  # the cascade's, where both exist
+    assert spec_text_encoder(tmp_path, tmp_path / "latent_flow.json") == minilm  # the scored family's first
+    assert spec_text_encoder(tmp_path / "nothing") == {}
