@@ -35,6 +35,19 @@ def paper_config() -> dict:
     return smoke_config(yaml.safe_load((ROOT / "config.yaml").read_text()))  # as benchmarks/gpu_smoke.py sets it
 
 
+def test_the_readme_ct_rate_example_fits_the_shipped_presets():
+    """The config a user copies from README's "Using a real CT-RATE copy", merged into config.yaml, passes."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Using a real CT-RATE copy"):]
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for key, value in example.items():
+        config[key] = {**config.get(key, {}), **value}
+    assert check_geometry(config)["prep"] == (512, 512, 201)
+
+
 def test_paper_presets_fit_together():
     grids = check_geometry(paper_config())
     assert grids == {"prep": (512, 512, 201), "lowres": (201, 128, 128), "tokens": (101, 8, 8)}
