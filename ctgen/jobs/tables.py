@@ -146,8 +146,9 @@ def _text_reliance(path: str | Path | None) -> tuple[pd.DataFrame, str]:
     heldout = any(r["name"].startswith("text_reliance.heldout.") for r in records)
     where = ("On the training latents and (text_reliance.heldout.*) on held-out latents of the evaluation split, never "
              "trained on: a gain on the training latents alone is what a network that memorised its training reports "
-             "also shows; a held-out loss above the null's means the report does not predict an unseen patient's latent, "
-             "not that the findings are missing (the faithfulness figure scores those)" if heldout else "On the training latents (no held-out latents: a gain may be memorisation)")
+             "also shows; a held-out loss above the null's means the report does not predict an unseen patient's "
+             "latent, not that the findings are missing (the faithfulness figure scores those)" if heldout
+             else "On the training latents (no held-out latents: a gain may be memorisation)")
     how = (f"{where}; at t/T = {levels} (1: pure noise) with the same noise under each context: "
            "gain_vs_null and gain_vs_other are the relative loss reductions of the own report over the null context and over "
            "another report (0: the network ignores the text); velocity_shift is norm(v_report - v_null) / norm(v_report). ")

@@ -119,10 +119,10 @@ def test_frozen_encoders_set_the_text_widths_from_their_caches(latent_run, tmp_p
     from tests.ctgen.test_feature_nets import _WordEncoder
 
     keys = [key for key, _ in iter_raw_samples(latent_run["latents"])]
-    texts = {f"{k}:{seg}": text for k in keys for seg, text in (("findings", "right pleural effusion"), ("impression", "effusion"))}
+    sections = {"findings": "right pleural effusion", "impression": "effusion"}
+    texts = {f"{k}:{seg}": text for k in keys for seg, text in sections.items()}
     cache = encode_prompts(_WordEncoder(), texts, tmp_path / "sections.safetensors")
-    model = {k: v for k, v in FLOW.items()}
-    model["text_dims"] = [768]  # what the preset says
+    model = {**FLOW, "text_dims": [768]}  # what a preset names (CXR-BERT's width)
     run_training("latent_flow", {"model": model, "train": {**TRAIN, "max_steps": 2},
                                  "data": {"latents": [str(latent_run["latents"])], "text_cache": str(cache),
                                           "prompt": "generatect"}},
