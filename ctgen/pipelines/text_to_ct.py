@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ctgen.data.layout import from_model_layout, unit_to_hu
+from ctgen.models.text_encoders import REPORT_ENCODER_DIR, spec_entry
 from ctgen.pipelines.spec import load_network, read_spec
 from ctprep.shards import sha256_file
 from ctprep.volume import Volume
@@ -50,11 +51,12 @@ def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict, s
         "grid": {"spacing": list(prep_preset["spacing"]), "shape": list(prep_preset["shape"]),
                  "clip": list(prep_preset.get("clip", (-1000, 1000))), "lowres_scale": int(models_cfg["lowres_scale"]),
                  "spacing_source": prep_preset.get("spacing_source", "the prep preset's spacing")},
-        "text_encoder": {k: models_cfg["text_encoder"][k] for k in ("kind", "path", "max_length")},
+        "text_encoder": spec_entry(models_cfg["text_encoder"], models_dir),
         "prompt_template": models_cfg["prompt"],
         "prompt_template_text": (prompt_templates or {}).get(models_cfg["prompt"]),
         "sampling": dict(sampling),
-        "weights": {m: sha256_file(models_dir / m / "model.safetensors") for m in ("tokenizer", "generator", "superres")
+        "weights": {m: sha256_file(models_dir / m / "model.safetensors")
+                    for m in ("tokenizer", "generator", "superres", REPORT_ENCODER_DIR)
                     if (models_dir / m / "model.safetensors").is_file()},
         "provenance": provenance(),
     }
@@ -125,7 +127,7 @@ class TextToCTPipeline:
         """The spec's frozen encoder (MiniLM, a local Hugging Face model), built on first use."""
         from ctgen.models.text_encoders import build_text_encoder
 
-        return build_text_encoder(self.spec["text_encoder"], device=self.device)
+        return build_text_encoder(self.spec["text_encoder"], device=self.device, root=self.models_dir)
 
     def encode_text(self, model, prompts: list[str]) -> dict[str, torch.Tensor]:
         """{"text", "text_mask"} for a model: its own trained encoder, or the frozen one of the spec."""
@@ -140,7 +142,7 @@ class TextToCTPipeline:
         if self.spec["text_encoder"]["kind"] == "small":
             _, mask = self.text_tokenizer.encode_batch([prompt], 1 << 16)
             return int(mask.sum())
-        return len(self.frozen_encoder.tokenizer(prompt)["input_ids"])
+        return self.frozen_encoder.count_tokens(prompt)
 
     # --- geometry -----------------------------------------------------------------------------
     def affine(self, shape_dhw: tuple[int, int, int], spacing_xyz: list[float]) -> np.ndarray:

@@ -63,6 +63,7 @@ def test_minilm_padding_invariance_and_truncation(minilm):
     batched = minilm.encode([long, short]).hidden
     n = alone.shape[0]
     assert batched.shape[1] == 64  # the long text is truncated to max_length
+    assert minilm.count_tokens(short) == n and minilm.count_tokens(long) > 64  # counted before truncation
     torch.testing.assert_close(batched[1, :n], alone, atol=1e-5, rtol=0)
     assert torch.all(batched[1, n:] == 0)
     # batch order does not matter either

@@ -41,9 +41,10 @@ def planned(workdir, *args: str) -> list[tuple[str, dict[str, str]]]:
 def jobs(workdir, tmp_path_factory) -> list[tuple[str, dict[str, str]]]:
     """Every job of a run from nothing, plus the frozen text encoder's (the other side of a switch)."""
     found = planned(workdir)
-    frozen = make_workdir(tmp_path_factory.mktemp("frozen"), {"models": {"text_encoder": {"kind": "minilm"}}})
+    frozen = make_workdir(tmp_path_factory.mktemp("frozen"), {"models": {"text_encoder": {"kind": "report_encoder"}}})
     frozen_jobs = planned(frozen, "--until", "embed_prompts", "embed_sections")
-    return found + [job for job in frozen_jobs if job[0] in ("embed_prompts", "embed_sections")]
+    text = ("train_report_encoder", "embed_prompts", "embed_sections")
+    return found + [job for job in frozen_jobs if job[0] in text]
 
 
 def test_every_rule_is_planned(workdir, jobs):
@@ -89,8 +90,9 @@ def test_every_job_that_can_use_a_gpu_asks_the_slurm_profile_for_one(jobs):
 
 @pytest.mark.parametrize("overrides", [{}, {"models": {"generators": ["latent_flow"]}},
                                        {"models": {"generators": ["cascade"], "superres_lowres": "reconstruction",
-                                                   "text_encoder": {"kind": "minilm"}}, "evaluation": {"tstr": False}}],
-                         ids=["both-families", "latent-flow", "cascade-frozen-text"])
+                                                   "text_encoder": {"kind": "minilm"}}, "evaluation": {"tstr": False}},
+                                       {"models": {"text_encoder": {"kind": "report_encoder"}}}],
+                         ids=["both-families", "latent-flow", "cascade-frozen-text", "report-encoder"])
 def test_every_job_is_a_target_of_all(workdir, tmp_path, overrides):
     """Snakemake does not rebuild a missing intermediate file while the files after it look up to date
     (snakemake/snakemake#1978), and a job deletes its outputs when it starts: after a job that failed, a rerun

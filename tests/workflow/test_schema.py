@@ -23,7 +23,7 @@ from ctgen.models.ctvit import CTViT
 from ctgen.models.latent_flow import LatentFlow
 from ctgen.models.maskgit import MaskGIT
 from ctgen.models.superres_unet import SuperResDiffusion
-from ctgen.models.text_encoders import SmallTextEncoderConfig
+from ctgen.models.text_encoders import ReportEncoder, SmallTextEncoderConfig
 from ctgen.pipelines.text_to_ct import SampleSettings
 from ctgen.training.loop import TrainConfig
 from tests.workflow.wf import REPO, make_workdir, snakemake
@@ -31,7 +31,8 @@ from tests.workflow.wf import REPO, make_workdir, snakemake
 SCHEMAS = REPO / "workflow/schemas"
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 MODEL_CLASSES = {"tokenizer": CTViT, "generator": MaskGIT, "superres": SuperResDiffusion, "clip": CLIP3D,
-                 "classifier": Classifier3D, "autoencoder": MaisiAutoencoder, "latent_flow": LatentFlow}
+                 "classifier": Classifier3D, "autoencoder": MaisiAutoencoder, "latent_flow": LatentFlow,
+                 "report_encoder": ReportEncoder}
 
 
 def check(cfg: dict) -> dict:
@@ -95,7 +96,7 @@ def test_the_presets_validate_and_build_their_configs():
             if "text_encoder" in section:  # the model's text width follows its encoder's, as in training
                 section = fit_text_dims({**section, "data": {}})
             fields = dict(section["model"])
-            if model == "classifier" and fields.get("pos_weight") == "auto":
+            if model in ("classifier", "report_encoder") and fields.get("pos_weight") == "auto":
                 fields["pos_weight"] = [1.0] * 18  # what training computes from the labels
             if model == "clip":
                 fields["text_encoder"] = section.get("text_encoder")

@@ -78,6 +78,11 @@ LONGEST_CHAIN = 10
 MODEL_PRESET = config["model_presets"][MODELS["preset"]]
 CHECKPOINTS = MODELS["checkpoints"]
 SMALL_TEXT = MODELS["text_encoder"]["kind"] == "small"
+# the report encoder pretrained in this run (kind report_encoder without a path: rule train_report_encoder)
+OWN_REPORT_ENCODER = (
+    MODELS["text_encoder"]["kind"] == "report_encoder"
+    and not MODELS["text_encoder"]["path"]
+)
 TEXT_FLAG = "--text-tokenizer" if SMALL_TEXT else "--text-cache"
 TEXT_ENCODER_MODELS = (
     "generator",
@@ -116,6 +121,15 @@ def get_train_config(wildcards):
         "maisi_checkpoint"
     ):  # the autoencoder: NVIDIA's weights instead of training
         cfg["maisi_checkpoint"] = preset["maisi_checkpoint"]
+    # the report encoder: its learned positions (the vocabulary is its tokenizer's) and the reports it reads
+    if wildcards.model == "report_encoder":
+        cfg["text_encoder"] = {"max_length": MODELS["text_encoder"]["max_length"]}
+        cfg["data"] = {
+            "splits": MODELS["train_splits"],
+            "prompt": MODELS["prompt"],
+            **preset.get("data", {}),
+        }
+        return cfg
     if wildcards.model in TEXT_ENCODER_MODELS and SMALL_TEXT:
         cfg["text_encoder"] = {
             **preset.get("text_encoder", {}),
@@ -148,6 +162,19 @@ def get_superres_recon(wildcards):
 def get_train_tokens(wildcards):
     """The token shard manifests of the training splits (derived from their volume shards)."""
     return expand(rules.tokens_manifest.output.manifest, split=MODELS["train_splits"])
+
+
+def get_report_encoder(wildcards):
+    """The report encoder this run pretrains (its weights), where the frozen encoder is that one; else none."""
+    return rules.train_report_encoder.output.weights if OWN_REPORT_ENCODER else []
+
+
+def get_encoder_config(wildcards, input):
+    """models.text_encoder as JSON for the embedding jobs, with the path of the report encoder this run trained."""
+    enc = dict(MODELS["text_encoder"])
+    if OWN_REPORT_ENCODER:
+        enc["path"] = os.path.dirname(input.encoder)
+    return json.dumps(enc)
 
 
 def get_section_text(wildcards):
@@ -311,6 +338,8 @@ def get_trained_weights(wildcards):
             "autoencoder": rules.train_autoencoder.output.weights,
             "latent_flow": rules.train_latent_flow.output.weights,
         }
+    if OWN_REPORT_ENCODER:
+        weights["report_encoder"] = rules.train_report_encoder.output.weights
     return weights
 
 
@@ -333,6 +362,7 @@ def get_every_job():
         rules.parse_reports.output.labels,
         rules.sample_prompts.output.csv,
         get_text(None),
+        rules.text_tokenizer.output.tokenizer if OWN_REPORT_ENCODER else [],
         expand(rules.prep.output.table, chunk=CHUNKS),
         expand(rules.shards.output.shards, split=SPLITS, chunk=CHUNKS),
         expand(

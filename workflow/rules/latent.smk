@@ -80,6 +80,7 @@ rule embed_sections:
     input:
         cohort=rules.cohort.output.table,
         prompts=rules.prompts.output.table,
+        encoder=get_report_encoder,
     output:
         cache=f"{R}/text/sections.safetensors",
     log:
@@ -94,7 +95,7 @@ rule embed_sections:
         runtime=60,
         gpu=0,
     params:
-        encoder=json.dumps(config["models"]["text_encoder"]),
+        encoder=get_encoder_config,
     shell:
         "ctgen embed-sections --cohort {input.cohort} --prompts {input.prompts}"
         " --encoder '{params.encoder}' --out {output.cache} > {log} 2>&1"

@@ -25,6 +25,7 @@ rule text_tokenizer:
 rule embed_prompts:
     input:
         prompts=rules.prompts.output.table,
+        encoder=get_report_encoder,
     output:
         cache=f"{R}/text/prompts.safetensors",
     log:
@@ -41,7 +42,7 @@ rule embed_prompts:
         gpu=0,
     params:
         column=config["models"]["prompt"],
-        encoder=json.dumps(config["models"]["text_encoder"]),
+        encoder=get_encoder_config,
     shell:
         "ctgen embed-prompts --prompts {input.prompts} --column {params.column}"
         " --encoder '{params.encoder}' --out {output.cache} > {log} 2>&1"
@@ -64,6 +65,39 @@ rule train_config:
         cfg=get_train_config,
     script:
         "../scripts/train_config.py"
+
+
+rule train_report_encoder:
+    input:
+        config=expand(rules.train_config.output.config, model="report_encoder"),
+        prompts=rules.prompts.output.table,
+        labels=rules.parse_reports.output.labels,
+        cohort=rules.cohort.output.table,
+        tokenizer=rules.text_tokenizer.output.tokenizer,
+    output:
+        weights=f"{R}/models/report_encoder/model.safetensors",
+        config=f"{R}/models/report_encoder/config.json",
+    log:
+        f"{R}/logs/train_report_encoder.log",
+    benchmark:
+        f"{R}/benchmarks/train_report_encoder.tsv"
+    priority: LONGEST_CHAIN
+    conda:
+        "../../envs/train.yaml"
+    threads: RES["report_encoder"]["threads"]
+    resources:
+        mem_mb=grows_with_attempt(RES["report_encoder"]["mem_mb"], 1.5),
+        runtime=grows_with_attempt(RES["report_encoder"]["runtime"], 2),
+        gpu=RES["report_encoder"]["gpu"],
+        nodes=RES["report_encoder"]["nodes"],
+    params:
+        out=lambda wc, output: os.path.dirname(output.weights),
+        ckpt=f"{CHECKPOINTS}/report_encoder",
+        launch=get_launcher,
+    shell:
+        "{params.launch} train report_encoder --config {input.config} --prompts {input.prompts}"
+        " --labels {input.labels} --cohort {input.cohort} --text-tokenizer {input.tokenizer}"
+        " --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"
 
 
 rule train_tokenizer:
