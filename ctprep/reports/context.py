@@ -12,7 +12,12 @@ unless the finding is their own object ("no increase| in heart size": the heart 
 Resolved findings are absent from this exam: a sentence-wide post-negation ("X, seen before, has resolved")
 reaches back over relative clauses but not over a contrast or a persisting finding (``CLAUSE_BREAKS``:
 "Consolidation persists but the effusion has resolved"); "resolved" before a finding negates only the
-few words it modifies ("resolved pleural effusion"); "partially resolved", "not resolved" are pseudo-triggers.
+few words it modifies ("resolved pleural effusion"), not a new phrase ("has resolved and a new ...");
+"partially resolved", "not resolved" are pseudo-triggers, and so are size comparatives ("no larger than 5 mm").
+Exceptions set their object apart: "Apart from the nodule, the consolidation has resolved" ends the reach of
+every trigger of the main clause at the comma that closes the exception, so the nodule stays present; an
+exception set off by commas inside a clause ("The opacities, except for the nodule, have resolved") does not
+end that clause's own scope.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ PREMODIFIER_SCOPE = 4
 _BREAKS = frozenset(V.CLAUSE_BREAKS)
 _PREMODIFIERS = frozenset(V.PREMODIFIER_NEGATION)
 _AUX = {"is", "are", "was", "were", "be", "been", "being"}
+_EXCEPTIONS = frozenset(V.EXCEPTIONS)
+#: Tokens that close an exception's object ("Apart from the nodule|, ...").
+_CLAUSE_PUNCT = {",", ";", ":"}
+#: Determiners start a new noun phrase: a pre-modifier does not reach over them ("resolved and a new effusion").
+_DETERMINERS = {"a", "an", "the"}
+#: After one of these "resolved" is a verb, not a pre-modifier ("has resolved and pericardial effusion is new").
+_VERB_AUX = _AUX | {"has", "have", "had"}
 _NEG_WORDS = {"no", "not", "without"}  # a pseudo-negation starting with one of these negates a mention it runs into
 #: A post-trigger starting with one of these is a template's value ("Pleural effusion: none"): it answers only
 #: the item right before it, not a list ("Small effusion, pneumothorax: none" keeps the effusion).
@@ -74,11 +86,31 @@ def _asserted(doc: Doc, start: int, end: int) -> bool:
     return any(doc[i].lower_ in V.ASSERT_VERBS and i > start and doc[i - 1].lower_ in _AUX for i in range(start, end))
 
 
+def _parenthetical(doc: Doc, term: Span, end: int) -> bool:
+    """True if ``term`` is an exception set off by commas that close before token ``end``: the clause around it
+    goes on ("The opacities, except for the nodule, have resolved")."""
+    return (term.text.lower() in _EXCEPTIONS and term.start > 0 and doc[term.start - 1].text == ","
+            and any(doc[i].text == "," for i in range(term.end, end)))
+
+
 def _blocked(doc: Doc, terms: list[Span], start: int, end: int) -> bool:
     """True if something between token ``start`` and ``end`` ends a trigger's scope."""
     if end - start > MAX_SCOPE:
         return True
-    return any(start <= t.start and t.end <= end for t in terms) or _asserted(doc, start, end)
+    return (any(start <= t.start and t.end <= end and not _parenthetical(doc, t, end) for t in terms)
+            or _asserted(doc, start, end))
+
+
+def exception_end(doc: Doc, mention: Span, sent: Span, terms: list[Span]) -> int | None:
+    """End token of the exception that holds ``mention`` ("Apart from the nodule|, the rest has resolved"): the
+    comma (or ; :) that closes the nearest exception word before it; None if none does (nothing to set apart)."""
+    exceptions = [t for t in terms if t.end <= mention.start and t.text.lower() in _EXCEPTIONS]
+    if not exceptions:
+        return None
+    for i in range(exceptions[-1].end, sent.end):
+        if doc[i].text in _CLAUSE_PUNCT:
+            return i if i >= mention.end else None
+    return None
 
 
 def _modifies(doc: Doc, terms: list[Span], trigger: Span, mention: Span) -> bool:
@@ -86,6 +118,8 @@ def _modifies(doc: Doc, terms: list[Span], trigger: Span, mention: Span) -> bool
     not before a new clause ("... resolved but atelectasis", "... resolved, consolidation")."""
     gap = doc[trigger.end: mention.start]
     return (len(gap) <= PREMODIFIER_SCOPE and not any(tok.is_punct and tok.text != "-" for tok in gap)
+            and not any(tok.lower_ in _DETERMINERS for tok in gap)
+            and not any(tok.lower_ in _VERB_AUX for tok in doc[max(0, trigger.start - 2): trigger.start])
             and not _blocked(doc, terms, trigger.end, mention.start))
 
 
@@ -94,6 +128,7 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
     terms = [t for t in triggers if t.label_ == "TERM"]
     breaks = [t for t in triggers if t.label_ == "BREAK" or (t.label_ == "TERM" and t.text.lower() in _BREAKS)]
     found: dict[str, Span] = {}
+    limit = exception_end(doc, mention, sent, terms)  # triggers from here on belong to the main clause
     current_starts = {t.start for t in triggers if t.label_ == "CURRENT"}
     for t in triggers:
         if t.label_ == "PSEUDO" and t.start < mention.start < t.end and doc[t.start].lower_ in _NEG_WORDS:
@@ -101,8 +136,11 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
             continue
         if t.start < sent.start or t.end > sent.end or t.label_ in {"TERM", "PSEUDO", "CURRENT", "BREAK"}:
             continue
+        if limit is not None and t.start >= limit:
+            continue
         if (t.start >= mention.end and (t.label_ == "SENT_NEG" or (t.label_ == "POST_NEG" and t.end in current_starts))
-                and not any(mention.end <= b.start and b.end <= t.start for b in breaks)):
+                and not any(mention.end <= b.start and b.end <= t.start and not _parenthetical(doc, b, t.start)
+                            for b in breaks)):
             found.setdefault("NEG", t)  # sentence-wide: "X, seen before, has disappeared"
             continue
         if t.label_ == "SENT_NEG":

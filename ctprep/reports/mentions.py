@@ -46,6 +46,13 @@ _NON_LUNG = compile_lower(NON_LUNG.replace(r"|lymph nodes?", "").replace(r"|soft
 _LUNG = compile_lower(LUNG)
 _ORGAN = compile_lower(NON_LUNG)
 _JOIN = re.compile(r"[\s-]{0,2}")  # what may separate two matches of one label that form one phrase
+#: "pleural effusion", "pericardial fluid": the effusion word's own place, right before it.
+_QUALIFIER = compile_lower(r"\b(pleural|pericardial)[\s-]+$")
+#: A place coordinated with that one: "pleural and pericardial effusion", "pericardial or bilateral pleural effusions".
+_COORDINATED = compile_lower(r"\b(pleural|pericardial)\s*(,|/|-|\band/or\b|\band\b|\bor\b|\bnor\b)\s*(\w+\s+){0,2}"
+                             r"(pleural|pericardial)[\s-]+$")
+_NEXT_EFFUSION = compile_lower(r"(\b(pleural|pericardial)[\s-]+)?\b(effusions?|fluid)\b")
+_PLACE_LABEL = {"pleural": "Pleural effusion", "pericardial": "Pericardial effusion"}
 _CLAUSE_END = re.compile(r"[;:]|\b(but|however|whereas|although)\b", re.I)
 
 
@@ -88,9 +95,21 @@ class Mention:
 
 
 def _effusion_labels(sent: str, start: int, end: int) -> list[str]:
-    """Where a bare effusion/fluid lies: pleura, pericardium, both ("pleural or pericardial effusion") or neither."""
+    """Where a bare effusion/fluid lies: pleura, pericardium, both ("pleural or pericardial effusion") or neither.
+
+    An effusion word named by its place ("pericardial effusion") lies there and in the places coordinated with it
+    only, not in a place named later in the sentence ("Pericardial effusion, pleural thickening").
+    """
     before = _CLAUSE_END.split(sent[max(0, start - 45): start])[-1]
     after = _CLAUSE_END.split(sent[end: end + 50])[0]
+    own = _QUALIFIER.search(before)
+    if own:
+        both = _COORDINATED.search(before)
+        return sorted({_PLACE_LABEL[own.group(1)]} | ({_PLACE_LABEL[both.group(1)]} if both else set()))
+    # another effusion word and the place before it are that effusion's: "The effusion has resolved and a new
+    # pericardial effusion is seen" does not put the first one in the pericardium
+    later = _NEXT_EFFUSION.search(after)
+    after = after[: later.start()] if later else after
     labels = []
     if _PERICARD.search(before) or _PERICARD.search(after):
         labels.append("Pericardial effusion")

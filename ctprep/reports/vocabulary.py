@@ -181,6 +181,11 @@ PSEUDO_NEGATION = ["no change", "no significant change", "no difference", "no si
                    "near complete resolution", "near-complete resolution", "nearly complete resolution",
                    "almost complete resolution", "partial regression", "incomplete regression", "not completely regressed",
                    "has not disappeared", "have not disappeared", "not completely disappeared", "partially cleared"]
+#: Size and number comparatives read like a negation but state a measure of a present finding: "a nodule no longer
+#: than 5 mm", "no more than 3 nodules", "not larger than before" ("no longer than" also outranks "no longer").
+COMPARATIVES = ["longer", "larger", "bigger", "greater", "more", "wider", "thicker", "higher", "less", "smaller",
+                "shorter", "fewer"]
+PSEUDO_NEGATION += [f"{neg} {word} than" for neg in ("no", "not") for word in COMPARATIVES]
 PRE_UNCERTAIN = ["possible", "possibly", "probable", "probably", "suspicious", "suspicious for", "suspected",
                  "suspicion of", "suspicion", "questionable", "likely", "may be", "might be", "could be", "may represent",
                  "differential diagnosis", "cannot exclude", "can not exclude", "rule out", "to rule out", "r/o",
@@ -204,9 +209,13 @@ PREMODIFIER_NEGATION = ["resolved"]
 #: After a post-negation these make it sentence-wide ("X, seen before, was not detected in the current examination").
 CURRENT_EXAM = ["in the current examination", "in the current study", "in this examination", "in the present examination",
                 "on the current examination", "in the current scan", "in the control examination"]
-#: Ends a trigger's scope: contrast words, and clause punctuation (also ``;`` and ``:`` tokens).
-TERMINATORS = ["but", "however", "although", "though", "except", "except for", "apart from", "apart from this",
-               "other than", "besides", "whereas", "while", "yet", "nevertheless", "on the other hand",
+#: Exception words: what follows them, up to the comma that closes the exception ("Apart from the nodule, ..."),
+#: is set apart from the rest of the sentence, so a negation there does not reach it (``context.py``).
+EXCEPTIONS = ["except", "except for", "apart from", "aside from", "other than", "besides", "with the exception of",
+              "excepting"]
+#: Ends a trigger's scope: contrast and exception words, and clause punctuation (also ``;`` and ``:`` tokens).
+TERMINATORS = ["but", "however", "although", "though", *EXCEPTIONS, "apart from this", "whereas", "while", "yet",
+               "nevertheless", "on the other hand",
                "in addition", "additionally", "also", "which", "where", "whose", "accompanied by",
                "secondary to", "due to", "because", "as well as", ";", ":", "(", ")", "•", '"',
                # the rest of a resolved finding is a new item: "Resolution of atelectasis with residual consolidation"
@@ -220,7 +229,7 @@ TERMINATORS += [f", {w}" for w in ("a", "an", "mild", "minimal", "minimally", "m
 #: and "remains" end only that reach, not other scopes: "Pleural effusion remains absent" is negated.
 #: Not the relative "which" ("X, which was seen before, has resolved") nor ":" ("Pleural effusion: resolved").
 CLAUSE_BREAKS = ["but", "however", "although", "though", "whereas", "while", "yet", "nevertheless", "on the other hand",
-                 "except", "except for", "apart from", "apart from this", "other than", "besides", ";",
+                 *EXCEPTIONS, "apart from this", ";",
                  "persists", "persist", "remains", "remain", "with residual", "with persistent", "with persisting",
                  "with remaining", "with new"]
 

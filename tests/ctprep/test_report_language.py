@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ctprep.reports import parse_report
+from ctprep.reports import LABELS, parse_report
 from ctprep.reports.mentions import spelling_table
 from ctprep.reports.sections import split_sections
 from ctprep.reports.spelling import MIN_LENGTH, correct, edits1, variant_table
@@ -230,3 +230,140 @@ def test_corrections_map_back_to_the_original_offsets():
     assert (fixed.to_old(start), fixed.to_old(start + len("effusion"), end=True)) == (22, 30)
     assert fixed.to_new(22) == start and fixed.to_new(len(low)) == len(fixed.text)
     assert fixed.to_old(fixed.text.index("cardiomegaly") + 3) == 5  # inside a replaced word: its start
+
+
+# --- 4. exceptions end the reach of a negation ----------------------------------------------------
+@pytest.mark.parametrize(("text", "kept", "negated"), [
+    ("Apart from the nodule, the consolidation has resolved.", "Lung nodule", "Consolidation"),
+    ("Except for the nodule, the consolidation has resolved.", "Lung nodule", "Consolidation"),
+    ("Other than the nodule, the consolidation has resolved.", "Lung nodule", "Consolidation"),
+    ("Aside from the nodule, the consolidation has resolved.", "Lung nodule", "Consolidation"),
+    ("With the exception of the nodule, the consolidation has resolved.", "Lung nodule", "Consolidation"),
+    ("Apart from a nodule in the right upper lobe, consolidation was not observed.", "Lung nodule", "Consolidation"),
+    ("Except for a small right pleural effusion, no consolidation is seen.", EFFUSION, "Consolidation"),
+    ("The consolidation, except for the nodule, has resolved.", "Lung nodule", "Consolidation"),
+    ("No consolidation other than a nodule.", "Lung nodule", "Consolidation"),
+])
+def test_exceptions_are_outside_the_negation(text, kept, negated):
+    assert statuses(text, kept) == ["present"]
+    assert statuses(text, negated) == ["negated"]
+    labels = parse_report(text).labels
+    assert (labels[kept], labels[negated]) == (1, 0)
+
+
+@pytest.mark.parametrize("text", [
+    "Except for a small right pleural effusion, no other abnormality.",
+    "Apart from a small right pleural effusion, pathology was not detected.",
+    "Other than a small right pleural effusion, the examination is unremarkable.",
+])
+def test_excepted_finding_is_present(text):
+    assert parse_report(text).labels[EFFUSION] == 1
+
+
+def test_exception_without_its_own_clause_does_not_shield():
+    # no comma closes the exception: nothing to keep apart, and the nodule's own negation still applies
+    assert statuses("Apart from this no nodule is seen.", "Lung nodule") == ["negated"]
+    assert statuses("Apart from the consolidation, the nodule has resolved.", "Lung nodule") == ["negated"]
+
+
+# --- 5. resolved effusions and the effusion next to them ------------------------------------------
+@pytest.mark.parametrize("text", [
+    "The pleural effusion seen previously has resolved; a new pericardial effusion is present.",
+    "The pleural effusion seen previously has resolved, a new pericardial effusion is present.",
+    "The pleural effusion has resolved and a new pericardial effusion is present.",
+    "The pleural effusion has resolved. A new pericardial effusion is present.",
+    "The effusion has resolved; a new pericardial effusion is present.",
+    "The effusion has resolved and a new pericardial effusion is present.",
+    "The effusion has resolved and pericardial effusion is now present.",
+])
+def test_resolved_pleural_effusion_next_to_a_new_pericardial_one(text):
+    labels = parse_report(text).labels
+    assert (labels[EFFUSION], labels["Pericardial effusion"]) == (0, 1)
+    assert statuses(text, EFFUSION) in ([], ["negated"])
+    # the resolved effusion is not also read as a (resolved) pericardial one
+    assert statuses(text, "Pericardial effusion") == ["present"]
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    ("Resolved and calcified granuloma in the right upper lobe.", "Lung nodule"),
+    ("Resolved left lower lobe consolidation.", "Consolidation"),
+])
+def test_resolved_as_a_premodifier_still_negates(text, label):
+    assert statuses(text, label) == ["negated"]
+
+
+@pytest.mark.parametrize("text", [
+    "The effusion has resolved.",
+    "Effusion has resolved.",
+    "The previous effusion has resolved.",
+    "The right effusion has resolved.",
+    "Effusion resolved, pleural thickening persists.",
+    "The effusion has resolved and pleural thickening remains.",
+])
+def test_resolved_bare_effusion_is_never_a_present_pleural_effusion(text):
+    assert "present" not in statuses(text, EFFUSION)
+    assert parse_report(text).labels[EFFUSION] == 0
+
+
+@pytest.mark.parametrize(("text", "label", "other"), [
+    ("Pericardial effusion, pleural thickening.", "Pericardial effusion", EFFUSION),
+    ("Pericardial effusion and pleural thickening on the right.", "Pericardial effusion", EFFUSION),
+    ("Pleural effusion with pericardial thickening.", EFFUSION, "Pericardial effusion"),
+])
+def test_a_qualified_effusion_keeps_its_own_place(text, label, other):
+    # "pericardial effusion" is not also a pleural one because "pleural" follows in the sentence
+    labels = parse_report(text).labels
+    assert (labels[label], labels[other]) == (1, 0)
+
+
+def test_coordinated_qualifiers_still_share_the_effusion():
+    labels = parse_report("Pleural and pericardial effusion.").labels
+    assert labels[EFFUSION] == labels["Pericardial effusion"] == 1
+    labels = parse_report("No pleural or pericardial effusion.").labels
+    assert labels[EFFUSION] == labels["Pericardial effusion"] == 0
+
+
+# --- 6. size comparatives are no negation ----------------------------------------------------------
+@pytest.mark.parametrize("text", [
+    "A nodule no longer than 5 mm in the right upper lobe.",
+    "The nodule is no longer than 5 mm.",
+    "A nodule no larger than 5 mm in the right upper lobe.",
+    "Nodules no more than 3 mm in diameter.",
+    "A nodule not more than 4 mm in diameter.",
+    "A nodule not larger than 4 mm.",
+    "No more than three nodules in the left lung.",
+    "The nodule is no bigger than before.",
+])
+def test_size_comparatives_are_pseudo_negations(text):
+    assert statuses(text, "Lung nodule") == ["present"]
+    assert parse_report(text).labels["Lung nodule"] == 1
+
+
+@pytest.mark.parametrize("text", [
+    "The nodule is no longer seen.",
+    "The nodule is no longer visible.",
+    "No nodule larger than 5 mm.",
+    "No more nodules are seen.",
+])
+def test_real_negations_next_to_comparatives_stay(text):
+    assert statuses(text, "Lung nodule") == ["negated"]
+
+
+# --- 7. reports in another language -----------------------------------------------------------------
+@pytest.mark.parametrize("text", [
+    "Kein Pleuraerguss. Kardiomegalie.",
+    "Plevral efüzyon yok.",
+    "Kein Pleuraerguss. Kardiomegalie. Plevral efüzyon yok.",
+    {"findings": "Akciğerlerde nodül saptanmadı. Kalp boyutları artmış.", "impression": "Kardiomegalie."},
+])
+def test_other_languages_parse_to_no_finding(text):
+    r = parse_report(text)
+    assert set(r.labels) == set(LABELS)
+    assert not any(r.labels.values()), r.labels
+    assert [m for m in r.mentions if m.status == "present"] == []
+
+
+def test_other_languages_keep_an_english_term_that_matches():
+    # German "Emphysem" happens to be read by the English rule; nothing else is
+    labels = parse_report("Kein Pleuraerguss. Emphysem in beiden Oberlappen.").labels
+    assert [k for k, v in labels.items() if v] == ["Emphysema"]
