@@ -193,15 +193,15 @@ def spec_text_encoder(models_dir: str | Path, spec: str | Path | None = None) ->
     A report encoder's relative path is made absolute (it is relative to the spec's folder)."""
     import json
 
+    from ctgen.models.text_encoders import resolved
+
     paths = ([Path(spec)] if spec else []) + [Path(models_dir) / "cascade.json", Path(models_dir) / "latent_flow.json"]
     for path in paths:
         if path.is_file():
             found = json.loads(path.read_text())
             enc = found.get("text_encoder") or next(iter(found.get("text_encoders") or []), None)
-            if enc and enc.get("kind") == "report_encoder" and not Path(enc["path"]).is_absolute():
-                enc = {**enc, "path": str(path.parent / enc["path"])}  # named relative to the spec's models folder
             if enc:
-                return enc
+                return resolved(enc, path.parent)  # a report encoder is named relative to the spec's folder
     return {}
 
 

@@ -77,17 +77,16 @@ SET_ELSEWHERE = {
     (ReportEncoderConfig, "max_length"): "models.text_encoder.max_length",
     (ReportEncoderConfig, "num_labels"): "the parser's label count",
 }
+
+
+def _pos_weight(of: str) -> dict[str, Any]:
+    """A BCE positive weight per label, or "auto" (ctgen.jobs.train replaces it from the training ``of``)."""
+    return {"anyOf": [{"type": "array", "items": {"type": "number"}}, {"const": "auto"}],
+            "description_suffix": f"; auto: negatives/positives per label of the training {of}, capped"}
+
+
 #: (dataclass, field) -> a schema that widens the field's type, where the training job accepts more
-WIDENED = {
-    (ClassifierConfig, "pos_weight"): {  # ctgen.jobs.train.train_classifier replaces "auto"
-        "anyOf": [{"type": "array", "items": {"type": "number"}}, {"const": "auto"}],
-        "description_suffix": "; auto: negatives/positives per label of the training volumes, capped",
-    },
-    (ReportEncoderConfig, "pos_weight"): {  # ctgen.jobs.train.train_report_encoder replaces "auto"
-        "anyOf": [{"type": "array", "items": {"type": "number"}}, {"const": "auto"}],
-        "description_suffix": "; auto: negatives/positives per label of the training texts, capped",
-    },
-}
+WIDENED = {(ClassifierConfig, "pos_weight"): _pos_weight("volumes"), (ReportEncoderConfig, "pos_weight"): _pos_weight("texts")}
 SCALARS = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null"}
 
 

@@ -359,14 +359,15 @@ def train_report_encoder(cfg: dict[str, Any], out_dir: str | Path, checkpoint_ro
     enc = dict(cfg.get("text_encoder") or {})
     max_length = int(enc.get("max_length", 128))
     samples, names = report_encoder_samples(data, max_length)
-    model_cfg = {**cfg["model"], **{k: v for k, v in enc.items() if k in ("vocab_size", "max_length")},
-                 "vocab_size": ReportTokenizer.load(data["text_tokenizer"]).vocab_size, "num_labels": len(names)}
+    labels = torch.stack([s["labels"] for s in samples])  # (N, K)
+    model_cfg = {**cfg["model"], "max_length": max_length, "num_labels": len(names),
+                 "vocab_size": ReportTokenizer.load(data["text_tokenizer"]).vocab_size}
     if model_cfg.get("pos_weight") == "auto":
-        model_cfg["pos_weight"] = label_pos_weight(torch.stack([s["labels"] for s in samples]))
+        model_cfg["pos_weight"] = label_pos_weight(labels)
     torch.manual_seed(tcfg.seed)
     model = ReportEncoder(ReportEncoder.config_from_dict(model_cfg))
     checkpoint_dir = Path(checkpoint_root) / config_hash({**cfg, "model": model_cfg})
-    positives = torch.stack([s["labels"] for s in samples]).nansum(dim=0).int().tolist()
+    positives = labels.nansum(dim=0).int().tolist()
     log.info("training report_encoder: %d parameters on %d texts (positives per label: %s); checkpoints in %s",
              sum(p.numel() for p in model.parameters()), len(samples), dict(zip(names, positives)), checkpoint_dir)
     out = train(model, batches.listed(samples, report_encoder_collate), tcfg, out_dir, checkpoint_dir=checkpoint_dir,

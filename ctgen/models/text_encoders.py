@@ -188,6 +188,15 @@ def spec_entry(cfg: dict[str, Any], models_dir: str | os.PathLike) -> dict[str, 
     return entry
 
 
+def resolved(cfg: dict[str, Any], root: str | os.PathLike | None) -> dict[str, Any]:
+    """``cfg`` with a report encoder's relative ``path`` (as :func:`spec_entry` writes it) made absolute
+    against ``root``, the spec's models folder; any other config as it is."""
+    path = cfg.get("path")
+    if cfg.get("kind") != "report_encoder" or not path or root is None or Path(path).expanduser().is_absolute():
+        return cfg
+    return {**cfg, "path": str(Path(root) / path)}
+
+
 def build_text_encoder(cfg: dict[str, Any], device: str | torch.device | None = None,
                        root: str | os.PathLike | None = None) -> TextEncoder | None:
     """The frozen encoder a plain config asks for, or None for ``kind: small`` (trained in the generator).
@@ -195,8 +204,9 @@ def build_text_encoder(cfg: dict[str, Any], device: str | torch.device | None = 
     ``cfg``: ``{"kind": "small" | "report_encoder" | "minilm" | "hf", "path": <folder: hf, report_encoder>, "max_length": 128,
     "dtype": "float32" | "bfloat16" | "float16" (hf only), "trust_remote_code": false (hf only)}``.
     Other keys are left to their consumers (the cache, the generator). ``root``: the folder a relative
-    report encoder ``path`` is relative to (a sampling spec's models folder, :func:`spec_entry`).
+    report encoder ``path`` is relative to (a sampling spec's models folder: :func:`resolved`).
     """
+    cfg = resolved(cfg, root)
     kind = cfg.get("kind")
     max_length = int(cfg.get("max_length", 128))
     if kind == "small":
@@ -206,9 +216,7 @@ def build_text_encoder(cfg: dict[str, Any], device: str | torch.device | None = 
     if kind == "report_encoder":
         if not cfg.get("path"):
             raise ValueError("text encoder kind 'report_encoder' needs 'path': the folder train_report_encoder wrote")
-        path = Path(cfg["path"]).expanduser()
-        return FrozenReportEncoder(path if root is None or path.is_absolute() else Path(root) / path,
-                                   max_length=max_length, device=device)
+        return FrozenReportEncoder(cfg["path"], max_length=max_length, device=device)
     if kind == "hf":
         path = cfg.get("path")
         if not path:

@@ -29,8 +29,8 @@ import torch
 from monai.networks.schedulers import RFlowScheduler
 
 from ctgen.data.layout import from_model_layout, unit_to_hu
-from ctgen.models.text_encoders import REPORT_ENCODER_DIR, spec_entry
-from ctgen.pipelines.spec import load_network, read_spec
+from ctgen.models.text_encoders import spec_entry
+from ctgen.pipelines.spec import load_network, read_spec, spec_weights
 from ctprep.shards import sha256_file
 from ctprep.volume import Volume
 
@@ -54,16 +54,15 @@ def write_latent_flow_spec(models_dir: str | Path, prep_preset: dict, text_encod
     from ctprep.volume import atomic_write
 
     models_dir = Path(models_dir)
+    entries = [spec_entry(enc, models_dir) for enc in text_encoders]
     spec = {
         "family": FAMILY,
         "grid": {"spacing": list(prep_preset["spacing"]), "shape": list(prep_preset["shape"]),
                  "clip": list(prep_preset.get("clip", (-1000, 1000))),
                  "spacing_source": prep_preset.get("spacing_source", "the prep preset's spacing")},
-        "text_encoders": [spec_entry(enc, models_dir) for enc in text_encoders],
+        "text_encoders": entries,
         "sampling": dict(sampling),
-        "weights": {m: sha256_file(models_dir / m / "model.safetensors") for m in MODELS}
-                   | ({REPORT_ENCODER_DIR: sha256_file(models_dir / REPORT_ENCODER_DIR / "model.safetensors")}
-                      if any(e.get("kind") == "report_encoder" and not e.get("path") for e in text_encoders) else {}),
+        "weights": spec_weights(models_dir, list(MODELS), entries),
         "autoencoder_id": f"autoencoder@{sha256_file(models_dir / 'autoencoder' / 'model.safetensors')[:16]}",
         "provenance": provenance(),
     }

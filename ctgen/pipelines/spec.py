@@ -12,7 +12,17 @@ from pathlib import Path
 
 import torch
 
+from ctgen.models.text_encoders import REPORT_ENCODER_DIR
 from ctprep.shards import sha256_file
+
+
+def spec_weights(models_dir: Path, networks: list[str], text_encoders: list[dict]) -> dict[str, str]:
+    """{network: sha256 of its weights} for a spec: ``networks``, and the report encoder inside ``models_dir``
+    where a text entry names it (:func:`ctgen.models.text_encoders.spec_entry`), so that ``read_spec`` refuses
+    a folder whose encoder was retrained; never a leftover folder no entry names."""
+    own = [REPORT_ENCODER_DIR] if any(e.get("kind") == "report_encoder" and e.get("path") == REPORT_ENCODER_DIR
+                                      for e in text_encoders) else []
+    return {m: sha256_file(models_dir / m / "model.safetensors") for m in [*networks, *own]}
 
 
 def read_spec(models_dir: Path, name: str, missing_hint: str) -> dict:

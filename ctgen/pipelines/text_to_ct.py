@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from ctgen.data.layout import from_model_layout, unit_to_hu
-from ctgen.models.text_encoders import REPORT_ENCODER_DIR, spec_entry
-from ctgen.pipelines.spec import load_network, read_spec
-from ctprep.shards import sha256_file
+from ctgen.models.text_encoders import spec_entry
+from ctgen.pipelines.spec import load_network, read_spec, spec_weights
 from ctprep.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -47,17 +46,17 @@ def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict, s
     from ctprep.volume import atomic_write
 
     models_dir = Path(models_dir)
+    text = spec_entry(models_cfg["text_encoder"], models_dir)
     spec = {
         "grid": {"spacing": list(prep_preset["spacing"]), "shape": list(prep_preset["shape"]),
                  "clip": list(prep_preset.get("clip", (-1000, 1000))), "lowres_scale": int(models_cfg["lowres_scale"]),
                  "spacing_source": prep_preset.get("spacing_source", "the prep preset's spacing")},
-        "text_encoder": spec_entry(models_cfg["text_encoder"], models_dir),
+        "text_encoder": text,
         "prompt_template": models_cfg["prompt"],
         "prompt_template_text": (prompt_templates or {}).get(models_cfg["prompt"]),
         "sampling": dict(sampling),
-        "weights": {m: sha256_file(models_dir / m / "model.safetensors")
-                    for m in ("tokenizer", "generator", "superres", REPORT_ENCODER_DIR)
-                    if (models_dir / m / "model.safetensors").is_file()},
+        "weights": spec_weights(models_dir, [m for m in ("tokenizer", "generator", "superres")
+                                             if (models_dir / m / "model.safetensors").is_file()], [text]),
         "provenance": provenance(),
     }
     if models_cfg["text_encoder"]["kind"] == "small":  # its tokenizer travels with the weights

@@ -3,15 +3,20 @@ frozen (models.text_encoder.kind: report_encoder), trained through the one loop 
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from ctgen.jobs.features import spec_text_encoder
 from ctgen.jobs.train import report_encoder_collate, report_encoder_samples, run_training
 from ctgen.models.text_encoders import (REPORT_ENCODER_DIR, FrozenReportEncoder, ReportEncoder, ReportEncoderConfig,
                                         build_text_encoder, fit_text_tokenizer, spec_entry)
+from ctgen.pipelines.spec import spec_weights
 from ctprep.ctrate import LABELS
 from ctprep.labelling import PARSED
 
@@ -121,6 +126,13 @@ def test_spec_names_it_inside_the_models_folder_and_loads_it_from_there(trained,
     assert entry == {"kind": "report_encoder", "path": REPORT_ENCODER_DIR, "max_length": 64}
     enc = build_text_encoder(entry, device="cpu", root=models)
     assert isinstance(enc, FrozenReportEncoder) and enc.path == out.resolve()
+    # a spec hashes the encoder it names (read_spec refuses it retrained), never a leftover folder
+    digest = spec_weights(models, [], [entry])[REPORT_ENCODER_DIR]
+    assert digest == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert spec_weights(models, [], [{"kind": "small", "path": None, "max_length": 64}]) == {}
+    # the evaluation's CLIP text side finds it through the spec, from any working directory
+    (models / "cascade.json").write_text(json.dumps({"text_encoder": entry}))
+    assert spec_text_encoder(models) == {**entry, "path": str(out)}
     other = spec_entry({"kind": "report_encoder", "path": str(out), "max_length": 64}, tmp_path)
     assert other["path"] == str(out)  # a folder given in config is kept as it is
     assert spec_entry({"kind": "minilm", "path": None, "max_length": 64}, tmp_path)["path"] is None
