@@ -79,6 +79,28 @@ def structured_prompts(mentions: pd.DataFrame, negated: str = "omit", max_chars:
     return {name: structured_prompt(ms, negated=negated, max_chars=max_chars) for name, ms in by_volume.items()}
 
 
+def report_prompt(report: str | dict, template: str, max_chars: int = 0, negated: str = "omit") -> str:
+    """One report's prompt, rendered as the ``prompts`` rule renders the training prompts.
+
+    ``template`` ``"structured"``: the report (a dict with ``findings``/``impression``, or one free
+    text) is parsed and rendered as the parser's sentence (``negated``, ``max_chars`` as in
+    :func:`structured_prompts`); any other template text is filled from the report's fields
+    (raises ``KeyError`` naming a field the report lacks). Sampling from new reports goes through
+    here, so a generator sees its prompts in the form it was trained on.
+    """
+    if template == STRUCTURED:
+        from ctprep.reports import parse_report, structured_prompt
+
+        return structured_prompt(parse_report(report).mentions, negated=negated, max_chars=max_chars)
+    return render(template, report if isinstance(report, dict) else {"findings": report}, max_chars)
+
+
+def rendering(prompts_cfg: dict) -> dict:
+    """:func:`report_prompt`'s settings from the config's ``prompts`` section (recorded in each model spec)."""
+    return {"max_chars": int(prompts_cfg.get("max_chars") or 0),
+            "negated": (prompts_cfg.get("structured") or {}).get("negated", "omit")}
+
+
 def build_prompts(cohort: pd.DataFrame, templates: dict[str, str], max_chars: int = 0,
                   structured: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(prompts table with one column per template, rejects) for every cohort row.

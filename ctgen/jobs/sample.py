@@ -17,12 +17,14 @@ from ctprep.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def read_prompts(path: str | Path, template: str | None = None) -> list[tuple[str, str]]:
+def read_prompts(path: str | Path, template: str | None = None,
+                 rendering: dict | None = None) -> list[tuple[str, str]]:
     """(id, prompt) pairs from a text file (one prompt per line), a CSV or a JSONL.
 
     CSV/JSONL rows give the prompt in a ``prompt`` (or ``text``) column, or as a CT-RATE-style report
     (``findings``, ``impression``, ``age``, ``sex``...) rendered with ``template`` (the cascade's
-    prompt template) — a ``structured`` template parses the report first. Ids come from ``id`` /
+    prompt template, with the spec's ``rendering``: :func:`ctprep.prompts.report_prompt`) — a
+    ``structured`` template parses the report first. Ids come from ``id`` /
     ``VolumeName`` columns or the line number. A malformed file is a :class:`UserError` naming the
     file and line.
     """
@@ -34,7 +36,7 @@ def read_prompts(path: str | Path, template: str | None = None) -> list[tuple[st
         out = []
         for n, row in rows:
             try:
-                prompt = _row_prompt(row, template)
+                prompt = _row_prompt(row, template, rendering)
             except KeyError as err:  # a template field the report lacks
                 raise UserError(f"{path}:{n}: the report has no {err} for the prompt template") from None
             except ValueError as err:
@@ -48,19 +50,15 @@ def read_prompts(path: str | Path, template: str | None = None) -> list[tuple[st
     return out
 
 
-def _row_prompt(row: dict, template: str | None) -> str:
+def _row_prompt(row: dict, template: str | None, rendering: dict | None = None) -> str:
     for key in ("prompt", "text"):
         if row.get(key):
             return str(row[key])
-    from ctprep.prompts import render
+    from ctprep.prompts import report_prompt
 
     if template is None:
         raise ValueError("no prompt or text column, and the cascade has no prompt template to render a report with")
-    if template == "structured":
-        from ctprep.reports import parse_report, structured_prompt
-
-        return structured_prompt(parse_report(row).mentions)
-    return render(template, row)
+    return report_prompt(row, template, **(rendering or {}))
 
 
 def _template_text(spec: dict) -> str | None:
@@ -68,6 +66,13 @@ def _template_text(spec: dict) -> str | None:
     if spec.get("prompt_template") == "structured":
         return "structured"
     return spec.get("prompt_template_text")
+
+
+def _rendering(spec: dict) -> dict:
+    """How the model's training prompts were rendered from their reports (older specs: the defaults)."""
+    from ctprep.prompts import rendering
+
+    return spec.get("prompt_rendering") or rendering({})
 
 
 def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_dir: str | Path,
@@ -182,11 +187,11 @@ def sample_main(argv: list[str] | None = None) -> int:
         if args.dicom:
             _dicom_from(out, args.dicom)
     elif args.vlm3d is not None:
-        prompts = vlm3d_prompts(args.vlm3d, _template_text(spec))
+        prompts = vlm3d_prompts(args.vlm3d, _template_text(spec), _rendering(spec))
         sample_to_files(args.models, prompts, args.out_dir, settings, seed, 1, args.device, dicom_dir=args.dicom,
                         exact_names=True, orientation=args.orientation)
     else:
-        prompts = read_prompts(args.prompts, _template_text(spec))
+        prompts = read_prompts(args.prompts, _template_text(spec), _rendering(spec))
         empty = [pid for pid, prompt in prompts if not prompt.strip()]
         if empty:
             raise UserError(f"{args.prompts}: empty prompt for {', '.join(map(str, empty[:5]))}")
@@ -200,7 +205,8 @@ def sample_main(argv: list[str] | None = None) -> int:
 VLM3D_ORIENTATION = "PLI"
 
 
-def vlm3d_prompts(path: str | Path, template: str | None = None) -> list[tuple[str, str]]:
+def vlm3d_prompts(path: str | Path, template: str | None = None,
+                  rendering: dict | None = None) -> list[tuple[str, str]]:
     """(input_image_name, prompt) of a VLM3D 2026 ``prompts.json``, validated entry by entry
     (:func:`ctgen.metrics.vlm3d.contract.read_prompts_json`).
 
@@ -208,19 +214,12 @@ def vlm3d_prompts(path: str | Path, template: str | None = None) -> list[tuple[s
     parsed and rendered as one (the other templates need report fields the contract does not carry).
     """
     from ctgen.metrics.vlm3d.contract import read_prompts_json
+    from ctprep.prompts import STRUCTURED, report_prompt
 
     entries = read_prompts_json(path)
-    if template != "structured":
+    if template != STRUCTURED:
         return entries
-    from ctprep.reports import parse_report, structured_prompt
-
-    out = []
-    for name, report in entries:
-        prompt = structured_prompt(parse_report(report).mentions)
-        if not prompt.strip():
-            raise UserError(f"{path}: the report of {name} yields an empty structured prompt (no finding recognised)")
-        out.append((name, prompt))
-    return out
+    return [(name, report_prompt(report, STRUCTURED, **(rendering or {}))) for name, report in entries]
 
 
 def _dicom_from(nifti: Path, dicom_dir: str) -> None:
@@ -270,22 +269,32 @@ def select_prompts(prompts_parquet: str | Path, column: str, split: str, volumes
 
 
 def write_cascade_spec(models_dir: str | Path, preset: dict, models_cfg: dict, sampling: dict, train_manifests: list[str],
-                       text_tokenizer: str | Path | None = None, prompt_templates: dict | None = None) -> Path:
-    """``cascade.json`` with the output spacing resolved (resize presets: the training volumes' median)."""
+                       text_tokenizer: str | Path | None = None, prompts: dict | None = None) -> Path:
+    """``cascade.json`` with the output spacing resolved (resize presets: the training volumes' median).
+
+    ``prompts``: the config's ``prompts`` section (the template texts and how a report is rendered).
+    """
     from ctgen.data.grid import resolved_preset
     from ctgen.pipelines.text_to_ct import write_cascade
+    from ctprep.prompts import rendering
 
+    prompts = prompts or {}
     return write_cascade(models_dir, resolved_preset(preset, train_manifests), models_cfg, sampling,
-                         text_tokenizer=text_tokenizer, prompt_templates=prompt_templates)
+                         text_tokenizer=text_tokenizer, prompt_templates=prompts.get("templates"),
+                         prompt_rendering=rendering(prompts))
 
 
 def write_latent_spec(models_dir: str | Path, preset: dict, models_cfg: dict, sampling: dict, latent_manifests: list[str],
-                      train_manifests: list[str], text: str | Path | None = None) -> Path:
-    """``latent_flow.json``: the latent flow family's sampling spec, after checking its latents came from its autoencoder."""
+                      train_manifests: list[str], text: str | Path | None = None, prompts: dict | None = None) -> Path:
+    """``latent_flow.json``: the latent flow family's sampling spec, after checking its latents came from its autoencoder.
+
+    ``prompts``: the config's ``prompts`` section (how a new report becomes its structured section).
+    """
     from ctgen.data.derived import weights_id
     from ctgen.data.grid import resolved_preset
     from ctgen.jobs.latents import latent_producer
     from ctgen.pipelines.latent_flow import write_latent_flow_spec
+    from ctprep.prompts import rendering
 
     models_dir = Path(models_dir)
     made_by, autoencoder = latent_producer(latent_manifests), weights_id(models_dir / "autoencoder")
@@ -295,4 +304,4 @@ def write_latent_spec(models_dir: str | Path, preset: dict, models_cfg: dict, sa
     small = enc["kind"] == "small"
     return write_latent_flow_spec(models_dir, resolved_preset(preset, train_manifests),
                                   [{k: enc.get(k) for k in ("kind", "path", "max_length")}], sampling,
-                                  text_tokenizer=text if small else None)
+                                  text_tokenizer=text if small else None, prompt_rendering=rendering(prompts or {}))

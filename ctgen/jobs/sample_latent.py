@@ -2,8 +2,10 @@
 
 The latent flow model conditions on report sections (findings and impression, or the structured
 prompt), so its inputs are rows with those columns: the workflow's ``sample_prompts`` CSV carries
-them beside the cascade's prompt. A row with only a ``prompt``/``text`` gives it as the findings
-(the impression then conditions on its null segment). The output contract is the cascade's:
+them beside the cascade's prompt. A free text (``--prompt``, a VLM3D report, a line of a text
+file, a row with only ``prompt``/``text``) is the findings (the impression then conditions on its
+null segment); a model conditioned on the structured prompt gets the report parsed and rendered as
+its training prompts were (:func:`sections_for`). The output contract is the cascade's:
 ``<id>_s<seed>.nii.gz`` int16 HU with a truthful affine, a JSON sidecar naming the family, seed,
 settings, weight hashes and the spacing's source, an optional DICOM series, and ``samples.csv``.
 """
@@ -21,6 +23,33 @@ from ctgen.pipelines.latent_flow import SPEC, LatentFlowPipeline, LatentSampleSe
 from ctprep.errors import UserError
 
 SEGMENT_COLUMNS = ("findings", "impression", "structured")
+#: the key of a report given as one free text (not split into sections)
+REPORT = "report"
+
+
+def sections_for(sections: dict[str, str], segments: list[str], rendering: dict | None = None) -> dict[str, str]:
+    """{segment: text} the model conditions on, from what a report gives (``SEGMENT_COLUMNS`` and/or ``REPORT``).
+
+    ``findings``: its own text, else the free text; ``impression``: its own text, else "" (the null
+    segment); ``structured``: its own text, else the report (findings and impression, or the free
+    text) parsed and rendered with the spec's ``rendering`` (:func:`ctprep.prompts.report_prompt`),
+    so a plain prompt reaches a structured model in the form it was trained on.
+    """
+    from ctprep.prompts import STRUCTURED, report_prompt
+
+    given = {k: v for k, v in sections.items() if isinstance(v, str) and v.strip()}
+    used = {}
+    for seg in segments:
+        if seg in given:
+            used[seg] = given[seg]
+        elif seg == "findings":
+            used[seg] = given.get(REPORT, "")
+        elif seg == STRUCTURED and given:
+            report = given.get(REPORT) or {k: given[k] for k in ("findings", "impression") if k in given}
+            used[seg] = report_prompt(report, STRUCTURED, **(rendering or {}))
+        else:
+            used[seg] = ""
+    return used
 
 
 def latent_spec(models: str | Path) -> dict:
@@ -38,12 +67,12 @@ def read_sections(path: str | Path) -> list[tuple[str, dict[str, str]]]:
         raise UserError(f"prompts file {path} does not exist")
     if path.suffix not in (".csv", ".jsonl", ".json"):
         lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        return [(f"prompt{i:04d}", {"findings": line}) for i, line in enumerate(lines)]
+        return [(f"prompt{i:04d}", {REPORT: line}) for i, line in enumerate(lines)]
     out = []
     for n, row in read_rows(path):
         sections = {k: str(row[k]) for k in SEGMENT_COLUMNS if isinstance(row.get(k), str) and row[k].strip()}
         if not sections and (row.get("prompt") or row.get("text")):
-            sections = {"findings": str(row.get("prompt") or row.get("text"))}
+            sections = {REPORT: str(row.get("prompt") or row.get("text"))}
         if not sections:
             raise UserError(f"{path}:{n}: no findings, impression, structured or prompt text to condition on")
         out.append((str(row.get("id") or row.get("VolumeName") or n - 1), sections))
@@ -64,9 +93,10 @@ def sample_latent_to_files(models_dir: str | Path, reports: list[tuple[str, dict
 
     pipe = LatentFlowPipeline.from_pretrained(models_dir, device=device)
     segments = pipe.flow.config.segments
+    rendering = pipe.spec.get("prompt_rendering")  # older specs: the defaults
     requests = []
     for pid, sections in reports:  # every report before the first volume
-        used = {seg: sections.get(seg, "") for seg in segments}  # absent: the segment's null
+        used = sections_for(sections, segments, rendering)
         if not any(t.strip() for t in used.values()):
             raise UserError(f"report {pid}: none of its sections ({', '.join(segments)}) has text")
         requests.append((pid, used))
@@ -94,13 +124,13 @@ def sample_latent_main(args) -> int:
     per_prompt = args.per_prompt if args.per_prompt is not None else defaults.get("per_prompt", 1)
     if args.prompt is not None:
         out = Path(args.out)
-        sample_latent_to_files(args.models, [("prompt", {"findings": args.prompt})], out.parent, settings, seed, 1,
+        sample_latent_to_files(args.models, [("prompt", {REPORT: args.prompt})], out.parent, settings, seed, 1,
                                args.device, single_out=out, orientation=args.orientation)
         return 0
     if args.vlm3d is not None:  # the 2026 contract's report is findings and impression run together
         from ctgen.metrics.vlm3d.contract import read_prompts_json
 
-        reports = [(name, {"findings": report}) for name, report in read_prompts_json(args.vlm3d)]
+        reports = [(name, {REPORT: report}) for name, report in read_prompts_json(args.vlm3d)]
         sample_latent_to_files(args.models, reports, args.out_dir, settings, seed, 1, args.device,
                                dicom_dir=args.dicom, exact_names=True, orientation=args.orientation)
         return 0

@@ -31,6 +31,7 @@ from monai.networks.schedulers import RFlowScheduler
 from ctgen.data.layout import from_model_layout, unit_to_hu
 from ctgen.models.text_encoders import spec_entry
 from ctgen.pipelines.spec import load_network, read_spec, spec_weights
+from ctprep.prompts import rendering
 from ctprep.shards import sha256_file
 from ctprep.volume import Volume
 
@@ -42,11 +43,14 @@ MODELS = ("autoencoder", "latent_flow")
 
 
 def write_latent_flow_spec(models_dir: str | Path, prep_preset: dict, text_encoders: list[dict],
-                           sampling: dict, text_tokenizer: str | Path | None = None) -> Path:
+                           sampling: dict, text_tokenizer: str | Path | None = None,
+                           prompt_rendering: dict | None = None) -> Path:
     """``latent_flow.json``: what sampling needs beside the weights (grid, text side, defaults, hashes).
 
     ``text_encoders``: one ``{"kind", "path", "max_length"}`` per encoder, in the order the model
     was trained with (``kind: small`` alone, with ``text_tokenizer`` copied beside the weights).
+    ``prompt_rendering``: how a new report becomes its ``structured`` section
+    (:func:`ctprep.prompts.rendering` of the config).
     """
     import shutil
 
@@ -62,6 +66,7 @@ def write_latent_flow_spec(models_dir: str | Path, prep_preset: dict, text_encod
                  "spacing_source": prep_preset.get("spacing_source", "the prep preset's spacing")},
         "text_encoders": entries,
         "sampling": dict(sampling),
+        "prompt_rendering": dict(prompt_rendering or rendering({})),
         "weights": spec_weights(models_dir, list(MODELS), entries),
         "autoencoder_id": f"autoencoder@{sha256_file(models_dir / 'autoencoder' / 'model.safetensors')[:16]}",
         "provenance": provenance(),

@@ -26,6 +26,7 @@ import torch
 from ctgen.data.layout import from_model_layout, unit_to_hu
 from ctgen.models.text_encoders import spec_entry
 from ctgen.pipelines.spec import load_network, read_spec, spec_weights
+from ctprep.prompts import rendering
 from ctprep.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,13 @@ CASCADE = "cascade.json"
 
 
 def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict, sampling: dict,
-                  text_tokenizer: str | Path | None = None, prompt_templates: dict | None = None) -> Path:
+                  text_tokenizer: str | Path | None = None, prompt_templates: dict | None = None,
+                  prompt_rendering: dict | None = None) -> Path:
     """``cascade.json``: what sampling needs beside the weights (grid, text side, defaults, hashes).
 
     ``text_tokenizer``: the small trainable encoder's tokenizer JSON, copied beside the weights
-    (not used by frozen encoders, which are rebuilt from their local path).
+    (not used by frozen encoders, which are rebuilt from their local path). ``prompt_rendering``:
+    how a new report is rendered as a prompt (:func:`ctprep.prompts.rendering` of the config).
     """
     import shutil
 
@@ -54,6 +57,7 @@ def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict, s
         "text_encoder": text,
         "prompt_template": models_cfg["prompt"],
         "prompt_template_text": (prompt_templates or {}).get(models_cfg["prompt"]),
+        "prompt_rendering": dict(prompt_rendering or rendering({})),
         "sampling": dict(sampling),
         "weights": spec_weights(models_dir, [m for m in ("tokenizer", "generator", "superres")
                                              if (models_dir / m / "model.safetensors").is_file()], [text]),

@@ -5,6 +5,7 @@ segments, fixed-length context, DDP-safe graph), the pipeline end to end, and th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -516,6 +517,51 @@ def test_pipeline_refuses_mixed_runs(models_dir, tmp_path):
         LatentFlowPipeline.from_pretrained(mixed)
     with pytest.raises(ValueError, match=r"conditions on \['findings', 'impression'\], not \['structured'\]"):
         LatentFlowPipeline.from_pretrained(models_dir)(structured=["right effusion"])
+
+
+def test_sections_for_a_plain_prompt_follow_the_models_segments():
+    """A free text is the findings of a findings/impression model and, parsed and rendered as the training
+    prompts were, the structured section of a structured model; given sections are kept as they are."""
+    from ctgen.jobs.sample_latent import REPORT, sections_for
+
+    free = {REPORT: "Moderate right pleural effusion. No pericardial effusion. No pneumothorax."}
+    assert sections_for(free, ["findings", "impression"]) == {"findings": free[REPORT], "impression": ""}
+    assert sections_for(free, ["structured"]) == {"structured": "moderate right pleural effusion"}
+    stated = sections_for(free, ["structured"], {"negated": "state", "max_chars": 0})
+    assert stated == {"structured": "moderate right pleural effusion; no pericardial effusion"}  # pneumothorax: no label
+    split = {"findings": "Cardiomegaly.", "impression": "Bilateral pleural effusion."}
+    assert sections_for(split, ["structured"]) == {"structured": "cardiomegaly; bilateral pleural effusion"}
+    assert sections_for({**split, "structured": "given"}, ["structured"]) == {"structured": "given"}
+    assert sections_for({"impression": "No acute findings."}, ["findings", "impression"]) == {
+        "findings": "", "impression": "No acute findings."}
+    assert sections_for({REPORT: "Lungs are clear."}, ["structured"]) == {"structured": "no acute findings"}
+    assert sections_for({}, ["structured"]) == {"structured": ""}  # nothing given: refused by the caller
+
+
+def test_a_structured_model_samples_from_a_plain_prompt(models_dir, tmp_path):
+    """``ctgen sample --family latent_flow --prompt`` for a model trained on the structured prompt: the prompt
+    is parsed and rendered with the spec's settings, and the sidecar records the text the model saw."""
+    import shutil
+
+    from ctgen.cli import main as ctgen_main
+
+    structured = tmp_path / "structured"
+    shutil.copytree(models_dir, structured)
+    flow = LatentFlow.from_pretrained(structured / "latent_flow")
+    other = awake(LatentFlow(dataclasses.replace(flow.config, segments=("structured",))))
+    other.save_pretrained(structured / "latent_flow", seed=0)
+    spec = json.loads((structured / "latent_flow.json").read_text())
+    from ctprep.shards import sha256_file
+
+    spec["weights"]["latent_flow"] = sha256_file(structured / "latent_flow" / "model.safetensors")
+    spec["prompt_rendering"] = {"negated": "state", "max_chars": 0}
+    (structured / "latent_flow.json").write_text(json.dumps(spec))
+    out = tmp_path / "one.nii.gz"
+    assert ctgen_main(["sample", "--family", "latent_flow", "--models", str(structured), "--prompt",
+                       "Small left pleural effusion. Cardiomegaly.", "--out", str(out), "--steps", "2"]) == 0
+    side = json.loads(out.with_name("one.json").read_text())
+    assert side["report"]["structured"].startswith("cardiomegaly; ") and "left pleural effusion" in side["report"]["structured"]
+    assert "no pericardial effusion" not in side["report"]["structured"]  # nothing negated in this report
 
 
 # --- the report2ct preset at the paper geometry -------------------------------------------------

@@ -136,9 +136,11 @@ def test_spec_and_sampling_through_the_cli(latent_run, cohort, tmp_path):
     preset = {"mode": "spacing", "spacing": [2.0, 2.0, 5.0], "shape": [16, 16, 8], "clip": WINDOW}
     models_cfg = {"text_encoder": {"kind": "small", "path": None, "max_length": 32}}
     write_latent_spec(models, preset, models_cfg, {"guidance_scale": 2.0}, [str(latent_run["latents"])],
-                      [cohort["manifest"]], latent_run["tok"])
+                      [cohort["manifest"]], latent_run["tok"],
+                      prompts={"templates": {}, "structured": {"enabled": True, "negated": "state"}, "max_chars": 90})
     spec = json.loads((models / "latent_flow.json").read_text())
     assert spec["grid"]["spacing_source"].startswith("the prep preset's fixed spacing")
+    assert spec["prompt_rendering"] == {"max_chars": 90, "negated": "state"}  # how a new report is rendered
     prompts = tmp_path / "reports.csv"
     prompts.write_text("id,findings,impression\nr1,Right pleural effusion.,\nr2,,No acute findings.\n")
     out = tmp_path / "samples"

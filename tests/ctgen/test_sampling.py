@@ -101,3 +101,31 @@ def test_cli_samples_a_file_of_reports(tiny_cascade, tmp_path):
     assert list(manifest["seed"]) == [10, 11, 12, 13] and list(manifest["prompt_id"]) == ["a", "a", "b", "b"]
     assert manifest["prompt"].iloc[0] == "70 years old female: Cardiomegaly."  # the cascade's template
     assert all((tmp_path / "out" / f"{p}_s{s}.nii.gz").is_file() for p, s in zip(manifest.prompt_id, manifest.seed))
+
+
+def test_a_structured_cascade_renders_reports_as_its_training_prompts(tiny_cascade, tmp_path):
+    """A cascade trained on the structured prompt parses a report file and a VLM3D prompts.json with the
+    rendering its spec records (here negations stated), so it sees prompts in its training form."""
+    import shutil
+
+    from ctgen.jobs.sample import _rendering, read_prompts, vlm3d_prompts
+
+    models = tmp_path / "structured"
+    shutil.copytree(tiny_cascade, models)
+    spec = json.loads((models / "cascade.json").read_text())
+    assert spec["prompt_rendering"] == {"max_chars": 0, "negated": "omit"}  # the config's defaults
+    spec.update(prompt_template="structured", prompt_template_text=None,
+                prompt_rendering={"max_chars": 0, "negated": "state"})
+    (models / "cascade.json").write_text(json.dumps(spec))
+    reports = tmp_path / "reports.csv"
+    reports.write_text('id,findings,impression\na,"Small left pleural effusion.","No pericardial effusion."\n'
+                       'b,,"Mild cardiomegaly."\n')
+    want = [("a", "mild left pleural effusion; no pericardial effusion"), ("b", "mild cardiomegaly")]
+    assert read_prompts(reports, "structured", _rendering(spec)) == want
+    entries = tmp_path / "prompts.json"
+    entries.write_text(json.dumps([{"input_image_name": "valid_1_a_1", "report": "Small left pleural effusion. "
+                                    "No pericardial effusion."}]))
+    assert vlm3d_prompts(entries, "structured", _rendering(spec)) == [("valid_1_a_1", want[0][1])]
+    assert ctgen_main(["sample", "--models", str(models), "--prompts", str(reports), "--out-dir",
+                       str(tmp_path / "out"), "--steps", "2", "--seed", "1", "--no-superres"]) == 0
+    assert list(pd.read_csv(tmp_path / "out" / "samples.csv")["prompt"]) == [p for _, p in want]

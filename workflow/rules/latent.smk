@@ -159,6 +159,7 @@ rule latent_flow_spec:
         preset=PRESET,
         models=MODEL_SETTINGS,
         sampling=config["sampling"]["latent_flow"],
+        prompts=config["prompts"],
     script:
         "../scripts/latent_flow_spec.py"
 

@@ -21,7 +21,7 @@ rule cascade:
         preset=PRESET,
         models=MODEL_SETTINGS,
         sampling=SAMPLING,
-        templates=config["prompts"]["templates"],
+        prompts=config["prompts"],
     script:
         "../scripts/cascade.py"
 

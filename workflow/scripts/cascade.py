@@ -11,5 +11,5 @@ write_cascade_spec(
     snakemake.params.sampling,
     list(snakemake.input.manifests),
     text_tokenizer=snakemake.input.text,
-    prompt_templates=snakemake.params.templates,
+    prompts=snakemake.params.prompts,
 )

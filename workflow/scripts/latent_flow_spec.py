@@ -12,4 +12,5 @@ write_latent_spec(
     list(snakemake.input.latents),
     list(snakemake.input.manifests),
     snakemake.input.text,
+    prompts=snakemake.params.prompts,
 )
