@@ -54,7 +54,8 @@ COUNTABLE = {"Lung nodule", "Lymphadenopathy", "Medical material"}
 DEFAULT_ORGAN = {"Arterial wall calcification": "aorta", "Cardiomegaly": "heart", "Pericardial effusion": "pericardium",
                  "Coronary artery wall calcification": "coronary arteries", "Hiatal hernia": "esophageal hiatus",
                  "Lymphadenopathy": "mediastinum", "Pleural effusion": "pleura", "Medical material": None}
-_LOBE_LABELS = LATERAL - {"Lymphadenopathy", "Pleural effusion", "Medical material"}
+#: Labels whose mentions get a lobe (the others lie in the pleura, the nodes or a device, whatever their side).
+LOBE_LABELS = LATERAL - {"Lymphadenopathy", "Pleural effusion", "Medical material"}
 
 
 class Clause:
@@ -164,7 +165,7 @@ def location(label: str, clause: str | Clause, pos: int, part: Clause | None = N
     """
     best = None
     for c, p in ((part, part_pos), (_clause(clause), pos)) if part is not None else ((_clause(clause), pos),):
-        if label in _LOBE_LABELS:
+        if label in LOBE_LABELS:
             code = lobe(c, p)
             if code:
                 return code

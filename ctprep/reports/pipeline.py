@@ -1,6 +1,6 @@
 """The report parser: a blank English spaCy pipeline with rule components, built once per process.
 
-``nlp = spacy.blank("en")`` + ``sentencizer`` (also at CT-RATE's ``"``/``•`` item separators) +
+``nlp = spacy.blank("en")`` + ``sentencizer`` (also at ``;`` and CT-RATE's ``"``/``•`` item separators) +
 ``ctprep_findings`` (mentions.py) + ``ctprep_context`` (context.py). No model download, no
 lemmatizer. Each report is split into sections first; every non-empty section is one Doc, and
 ``pipe`` streams all sections of a batch of reports through ``nlp.pipe`` together.
@@ -28,15 +28,22 @@ from ctprep.reports.sections import SECTIONS, split_sections
 
 logger = logging.getLogger(__name__)
 
-#: Characters that end a sentence; CT-RATE also separates impression items with " and •.
-SENTENCE_PUNCT = (".", "!", "?", "•", "·", '"', "\n")
+#: Characters that end a sentence; CT-RATE also separates impression items with " and •. A semicolon
+#: separates the items of a telegraphic finding list ("cardiomegaly; small hiatal hernia; bibasilar atelectasis",
+#: and the structured prompts, which the parser must read back): each item is its own statement, so a rule's
+#: sentence-wide checks must not read its neighbours ("lung" in the next item does not make a hiatal hernia a
+#: lung hernia). Negation scopes and attribute clauses already ended at ";".
+SENTENCE_PUNCT = (".", "!", "?", "•", "·", '"', "\n", ";")
+#: A semicolon typed without a space ("cardiomegaly;hiatal hernia") is still its own token (spaCy's English
+#: infixes split "a,b" but not "a;b"), so it can end the sentence.
+_SEMICOLON_INFIX = r"(?<=[A-Za-z0-9]);(?=[A-Za-z])"
 #: Longest section text parsed (characters); longer text is cut, with a warning, to bound time and memory.
 MAX_SECTION_CHARS = 100_000
 
 
 @Language.component("ctprep_sentences")
 def set_sentences(doc: Doc) -> Doc:
-    """Sentence starts after . ! ? and the item separators, but not inside "9.6x8" or before ")" ",".
+    """Sentence starts after . ! ? ; and the item separators, but not inside "9.6x8" or before ")" ",".
 
     Vectorised over token attributes (a Python loop over tokens costs more than the rest of the
     pipeline); the sentences are also kept as (first token, end token, start char, end char) in
@@ -91,6 +98,8 @@ class ReportParser:
 
     def __init__(self):
         self.nlp = spacy.blank("en")
+        infixes = [*self.nlp.Defaults.infixes, _SEMICOLON_INFIX]
+        self.nlp.tokenizer.infix_finditer = spacy.util.compile_infix_regex(infixes).finditer
         self.nlp.add_pipe("ctprep_sentences")
         self.nlp.add_pipe("ctprep_findings")
         self.nlp.add_pipe("ctprep_context")

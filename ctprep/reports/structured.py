@@ -4,6 +4,11 @@ One item per label, in CT-RATE's label order (deterministic), built from the lab
 present mention (lobe, side, size, severity). Uncertain mentions are stated as "possible <finding>"
 (they count as present in the labels, see ``labels.py``). ``negated="state"`` appends "no <finding>"
 for labels that are only negated. A report with nothing to say gives ``NO_FINDINGS``.
+
+Generators are trained on these prompts and a user may hand one back at sampling time, so the parser must
+read them as written: rendering the parse of a prompt gives the prompt again (every noun here is in the
+vocabulary's rules, and "; " ends a sentence, see ``pipeline.SENTENCE_PUNCT``;
+``tests/ctprep/test_prompt_round_trip.py``).
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ _NODE = r"(lymph ?nodes?|lymphatic nodes?|\bnodes\b)(?! stations?| chains?| regi
 
 RULES: tuple[Rule, ...] = (
     # --- Medical material: devices, lines, tubes, implants, surgical hardware ----------------------
-    Rule("Medical material", r"\bstent\w*|\bcatheter\w*|\bpace ?makers?|\bpacing (wires?|leads?)|\bdefibrillator|"
+    # (the label's own words, "medical material", are what structured prompts write: the parser must read them back)
+    Rule("Medical material", r"\bmedical (materials?|devices?)\b|"
+         r"\bstent\w*|\bcatheter\w*|\bpace ?makers?|\bpacing (wires?|leads?)|\bdefibrillator|"
          r"\bprosthe\w*|\bvalve replacement|\b(mechanical|prosthetic|metallic) valves?|\bsternotomy (wires?|sutures?)|"
          r"\b(sternal|surgical|metallic) (wires?|sutures?|clips?|materials?|staples?)|\bwires?\b|\bcerclage|"
          r"\bsurgical clips?|\bclips?\b|\bport catheter|\bchemo ?port|\bport\b|\bcannula\w*|\b(nasogastric|orogastric|"
