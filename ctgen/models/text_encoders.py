@@ -454,6 +454,7 @@ class SmallTextEncoder(nn.Module, PretrainedMixin):
 class ReportEncoderConfig(SmallTextEncoderConfig):
     num_labels: int = 18  # findings predicted from the pooled token states (the parser's CT-RATE labels)
     pos_weight: tuple[float, ...] = ()  # BCE positive weight per label; () = 1 for every label
+    pooling: str = "mean"  # the label head reads the token states' mean, or their max (see ReportEncoder)
 
 
 @dataclass
@@ -485,14 +486,27 @@ class ReportEncoder(nn.Module, PretrainedMixin):
         if weight.numel() != config.num_labels:
             raise ValueError(f"pos_weight has {weight.numel()} values for {config.num_labels} labels")
         self.register_buffer("pos_weight", weight, persistent=False)
+        if config.pooling not in ("mean", "max"):
+            raise ValueError(f"pooling must be 'mean' or 'max', not {config.pooling!r}")
+
+    def pooled(self, states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """(B, C) of the token states (B, L, C): their mean, or their max over the real tokens.
+
+        Why max: a mean-pooled head lets a finding's evidence spread thinly over every token, while a
+        generator's cross-attention picks out a few tokens; under max each finding must show strongly at
+        some token (the words that state it), which is what attention can read.
+        """
+        if self.config.pooling == "max":
+            return states.masked_fill(~text_mask.bool()[..., None], float("-inf")).amax(dim=1)
+        count = text_mask.sum(dim=1, keepdim=True).clamp(min=1).to(states.dtype)  # (B, 1)
+        return states.sum(dim=1) / count
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, step: int | None = None) -> ReportEncoderOutput:
         """``text_ids``/``text_mask`` (B, L); ``labels`` (B, num_labels) in {0, 1}, NaN where unknown
         (left out of the loss)."""
         states = self.encoder(text_ids, text_mask)  # (B, L, C), zero at padding
-        count = text_mask.sum(dim=1, keepdim=True).clamp(min=1).to(states.dtype)  # (B, 1)
-        logits = self.head(states.sum(dim=1) / count)  # (B, K)
+        logits = self.head(self.pooled(states, text_mask))  # (B, K)
         if labels is None:
             return ReportEncoderOutput(loss=logits.new_zeros(()), logits=logits)
         known = ~torch.isnan(labels)

@@ -60,11 +60,11 @@ def make_cohort(root, n_train: int = 80, n_valid: int = 40, seed: int = 0):
     return paths
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+@pytest.fixture(scope="module", params=["mean", "max"])
+def trained(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("report_encoder")
     paths = make_cohort(root)
-    cfg = {"model": {"dim": 32, "depth": 1, "heads": 2, "dropout": 0.0, "pos_weight": "auto"},
+    cfg = {"model": {"dim": 32, "depth": 1, "heads": 2, "dropout": 0.0, "pos_weight": "auto", "pooling": request.param},
            "text_encoder": {"max_length": 64},
            "train": {"max_steps": 150, "batch_size": 16, "lr": 0.003, "min_lr": 0.0003, "warmup_steps": 10,
                      "ckpt_every": 1000, "log_every": 50, "seed": 0},
@@ -159,3 +159,23 @@ def test_unknown_labels_are_left_out_of_the_loss():
     torch.testing.assert_close(model(ids, mask, labels=unknown).loss, per[keep].mean())
     with pytest.raises(ValueError, match="pos_weight"):
         ReportEncoder(ReportEncoderConfig(vocab_size=50, dim=16, depth=1, heads=2, num_labels=3, pos_weight=(1.0,)))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_the_label_head_reads_the_real_tokens_only(pooling):
+    """Pooled states over the real tokens (an independent loop per report); padding changes nothing."""
+    torch.manual_seed(0)
+    model = ReportEncoder(ReportEncoderConfig(vocab_size=50, dim=16, depth=1, heads=2, num_labels=3,
+                                              pooling=pooling)).eval()
+    ids = torch.randint(1, 50, (3, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5], dtype=torch.bool)
+    with torch.no_grad():
+        states = model.encoder(ids, mask)
+        got = model.pooled(states, mask)
+        for b in range(3):
+            real = states[b, : int(mask[b].sum())]
+            torch.testing.assert_close(got[b], real.max(dim=0).values if pooling == "max" else real.mean(dim=0))
+        alone = model(ids[2:, :2], mask[2:, :2]).logits  # the third report without its padding
+    torch.testing.assert_close(model(ids, mask).logits[2:].detach(), alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        ReportEncoder(ReportEncoderConfig(vocab_size=50, dim=16, depth=1, heads=2, pooling="cls"))
