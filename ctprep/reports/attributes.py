@@ -3,14 +3,24 @@
 A clause often lists several findings ("a 5 mm nodule in the right lower lobe and left pleural
 effusion"), so each mention first reads its own *part* of the clause: from the separator after the
 previous finding to the last separator before the next one ("a 5 mm nodule in the right lower
-lobe" | "left pleural effusion"). Side, lobe and organ fall back to the whole clause when the part
-names none ("atelectasis and consolidation in the right lower lobe": both RLL); size, count and
+lobe" | "left pleural effusion"). Side, lobe and organ fall back to the mention's list item when the
+part names none ("atelectasis and consolidation in the right lower lobe": both RLL); size, count and
 severity never do (a size belongs to the finding it is written with).
+
+In a telegraphic list (a clause without an auxiliary) place words are not lent between items set side by
+side by commas alone: "Nodule in the right upper lobe, pleural thickening on the left" is a right nodule,
+"Consolidation, mild pericardial effusion" no pericardial consolidation. They are lent inside a list closed by a
+conjunction ("atelectasis, consolidation and ground glass in the right lower lobe"), and a place phrase, a size
+or a description set off by commas belongs to the item next to it ("A nodule, measuring 5 mm, in the right upper
+lobe"). In prose the clause is one item: its commas set off fronted places, place lists and appositions.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
+
+from ctprep.reports.vocabulary import AUXILIARIES, CONTINUATION_STARTS, PLACE_PREPOSITIONS
 
 #: Side and lobe words in one pass (the groups never overlap; a shared leading ``\b`` scans fast).
 _PLACE = re.compile(r"\b(?:(?P<right>right\b)|(?P<left>left\b)|(?P<bilateral>(bilateral\w*|both|bibasal\w*|bibasilar|biapical)\b)"
@@ -43,6 +53,15 @@ _ORGANS = (  # organ words (each pattern starts at a word boundary)
 _ORGAN_RE = re.compile(r"\b(?:" + "|".join(f"(?P<o{i}>{p})" for i, (_, p) in enumerate(_ORGANS)) + ")", re.I)
 #: What separates the findings listed in one clause.
 SEPARATOR = re.compile(r",|\b(and|or|with|accompanied by|as well as|along with)\b", re.I)
+#: A comma that separates list items (not a decimal comma, "2,5 cm").
+ITEM_COMMA = re.compile(r",(?!\d)")
+#: The start of a place phrase ("in the right lower lobe"); set off by commas it is no item of its own.
+PLACE_PHRASE = re.compile(r"\s*(" + "|".join(PLACE_PREPOSITIONS) + r")\b", re.I)
+#: A comma-set phrase that goes on the item before it: a place, a size, a description of the finding, the verb.
+_CONTINUES = re.compile(r"\s*((" + "|".join(PLACE_PREPOSITIONS + CONTINUATION_STARTS) + r")\b|\d)", re.I)
+_PROSE = re.compile(r"\b(" + "|".join(AUXILIARIES) + r")\b", re.I)
+#: What closes a list of items: "A, B and C in the right lower lobe".
+_CONJUNCTION = re.compile(r"\b(and|or|as well as|along with)\b", re.I)
 
 #: Labels whose mentions have a side; the others (heart, aorta, hiatus) are midline organs.
 LATERAL = {"Lymphadenopathy", "Emphysema", "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela",
@@ -59,16 +78,31 @@ LOBE_LABELS = LATERAL - {"Lymphadenopathy", "Pleural effusion", "Medical materia
 
 
 class Clause:
-    """A clause's text, with its side, lobe, organ and size words found once (mentions of one clause share them)."""
+    """A clause's text, with its side, lobe, organ and size words and its list items found once (mentions of one
+    clause share them)."""
 
     __slots__ = ("text", "_hits")
 
     def __init__(self, text: str):
         self.text = text
-        self._hits: dict[object, list[re.Match]] = {}
+        self._hits: dict[object, list] = {}  # matches per regex or side group; "phrases", "items": spans
 
     def __str__(self) -> str:
         return self.text
+
+    def phrases(self) -> list[tuple[int, int]]:
+        """[a, b) of each comma-separated phrase of the clause (``_phrases``, computed once)."""
+        found = self._hits.get("phrases")
+        if found is None:
+            found = self._hits["phrases"] = _phrases(self.text)
+        return found
+
+    def items(self) -> list[tuple[int, int]]:
+        """[a, b) of each list item of the clause (``_list_items``, computed once)."""
+        found = self._hits.get("items")
+        if found is None:
+            found = self._hits["items"] = _list_items(self.text, self.phrases())
+        return found
 
     def hits(self, rx: re.Pattern | str) -> list[re.Match]:
         """All matches of ``rx`` in the clause, in text order (cached); a string names a group of ``_PLACE``."""
@@ -111,6 +145,67 @@ def finding_part(clause: str, start: int, end: int, prev_end: int | None, next_s
         seps = list(SEPARATOR.finditer(clause, end, next_start))
         b = seps[-1].start() if seps else next_start
     return a, b
+
+
+def _in_parentheses(text: str, pos: int) -> bool:
+    """True if ``pos`` lies inside an open parenthesis ("consolidation (sequela?, atelectasis?) in both lungs")."""
+    return text.count("(", 0, pos) > text.count(")", 0, pos)
+
+
+def _phrases(text: str) -> list[tuple[int, int]]:
+    """[a, b) of each comma-separated phrase of a clause, joined to the phrase before it if it goes on it
+    (``_CONTINUES``); a fronted place phrase goes on the phrase after it ("In the right pleural space, an effusion")."""
+    cuts = [m.start() for m in ITEM_COMMA.finditer(text) if not _in_parentheses(text, m.start())]
+    pieces = list(zip([0] + [c + 1 for c in cuts], cuts + [len(text)]))
+    phrases: list[tuple[int, int]] = []
+    for a, b in pieces:
+        if phrases and _CONTINUES.match(text, a):
+            phrases[-1] = (phrases[-1][0], b)
+        else:
+            phrases.append((a, b))
+    if len(phrases) > 1 and PLACE_PHRASE.match(text):
+        phrases[:2] = [(0, phrases[1][1])]
+    return phrases
+
+
+def _list_items(text: str, phrases: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The items of a telegraphic list: its phrases, joined into the lists a conjunction closes ("atelectasis,
+    consolidation and ground glass in the right lower lobe", "in the right paratracheal, subcarinal and left hilar
+    regions"), whose place words are shared; phrases set side by side by commas alone stay apart ("Effusion on the
+    right, pericardial thickening"). A fronted place goes on the item after it. A clause in prose is one item: its
+    commas set off fronted places, place lists and appositions of one statement."""
+    if _PROSE.search(text):
+        return [(0, len(text))]
+    items: list[tuple[int, int]] = []
+    first = 0  # the first phrase of the list being read
+    for k, (a, b) in enumerate(phrases):
+        if _CONJUNCTION.search(text, a, b):
+            items.append((phrases[first][0], b))
+            first = k + 1
+    items += phrases[first:]
+    if len(items) > 1 and PLACE_PHRASE.match(text):
+        items[:2] = [(0, items[1][1])]
+    return items
+
+
+def _holding(spans: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    """The union of the ``spans`` (in text order, covering the text) that hold [start, end)."""
+    i = bisect.bisect_right([a for a, _ in spans], start) - 1
+    j = i
+    while j + 1 < len(spans) and spans[j][1] < end:
+        j += 1
+    return spans[i][0], spans[j][1]
+
+
+def own_phrase(clause: str | Clause, start: int, end: int) -> tuple[int, int]:
+    """[a, b) of the comma-separated phrase (with what goes on it) that holds the mention at [start, end)."""
+    return _holding(_clause(clause).phrases(), start, end)
+
+
+def list_item(clause: str | Clause, start: int, end: int) -> tuple[int, int]:
+    """[a, b) of the list item of the clause that holds the mention at [start, end): its phrase, or the list closed
+    by a conjunction that the phrase is a member of."""
+    return _holding(_clause(clause).items(), start, end)
 
 
 def laterality(clause: str | Clause, pos: int | None = None) -> str | None:
@@ -221,15 +316,24 @@ def severity(clause: str, start: int, end: int) -> str | None:
     return None
 
 
+def _sub(clause: Clause, a: int, b: int) -> Clause:
+    return clause if (a, b) == (0, len(clause.text)) else Clause(clause.text[a:b])
+
+
 def describe(label: str, clause: Clause, start: int, end: int, part: tuple[int, int]) -> dict:
-    """All attributes of the mention at [start, end) of ``clause``, whose own words are ``clause[part]``."""
+    """All attributes of the mention at [start, end) of ``clause``, whose own words are ``clause[part]``.
+
+    Its place words are those of its part inside its list item, else those of its list item."""
     a, b = part
-    own = Clause(clause.text[a:b]) if (a, b) != (0, len(clause.text)) else clause
+    own = _sub(clause, a, b)
     s, e = start - a, end - a
     size = size_mm(own, s)
+    sa, sb = list_item(clause, start, end)
+    pa, pb = max(a, sa), min(b, sb)
+    place, scope = _sub(clause, pa, pb), _sub(clause, sa, sb)
     side = None
     if label in LATERAL:
-        side = laterality(own) or laterality(clause, start)  # sides in its own words all belong to it
-    return {"laterality": side, "location": location(label, clause, start, own, s),
+        side = laterality(place) or laterality(scope, start - sa)  # sides in its own words all belong to it
+    return {"laterality": side, "location": location(label, scope, start - sa, place, start - pa),
             "size_mm_min": size[0] if size else None, "size_mm_max": size[1] if size else None,
             "count": count(label, own.text, s, e), "severity": severity(own.text, s, e)}

@@ -17,7 +17,10 @@ few words it modifies ("resolved pleural effusion"), not a new phrase ("has reso
 Exceptions set their object apart: "Apart from the nodule, the consolidation has resolved" ends the reach of
 every trigger of the main clause at the comma that closes the exception, so the nodule stays present; an
 exception set off by commas inside a clause ("The opacities, except for the nodule, have resolved") does not
-end that clause's own scope.
+end that clause's own scope, nor do the terminators and assertions inside it. A relative clause about the
+excepted finding is part of the exception ("Apart from the nodule, which was described before, ...": the
+exception closes at the second comma; "Pleural effusion, except for a small one which is seen on the left, was
+not detected" negates the main effusion).
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ _BREAKS = frozenset(V.CLAUSE_BREAKS)
 _PREMODIFIERS = frozenset(V.PREMODIFIER_NEGATION)
 _AUX = {"is", "are", "was", "were", "be", "been", "being"}
 _EXCEPTIONS = frozenset(V.EXCEPTIONS)
-#: Tokens that close an exception's object ("Apart from the nodule|, ...").
+#: Tokens that close an exception's object ("Apart from the nodule|, ..."), unless a relative clause follows.
 _CLAUSE_PUNCT = {",", ";", ":"}
+_RELATIVE = frozenset(V.RELATIVE_PRONOUNS)
 #: Determiners start a new noun phrase: a pre-modifier does not reach over them ("resolved and a new effusion").
 _DETERMINERS = {"a", "an", "the"}
 #: After one of these "resolved" is a verb, not a pre-modifier ("has resolved and pericardial effusion is new").
@@ -81,24 +85,50 @@ def build_trigger_matcher(nlp: Language) -> PhraseMatcher:
     return matcher
 
 
-def _asserted(doc: Doc, start: int, end: int) -> bool:
-    """True if tokens [start, end) hold a passive assertion ("is seen", "were observed")."""
-    return any(doc[i].lower_ in V.ASSERT_VERBS and i > start and doc[i - 1].lower_ in _AUX for i in range(start, end))
+def _exception_close(doc: Doc, start: int, end: int) -> int | None:
+    """The token that closes an exception's object begun at ``start``: the first , ; or : before ``end`` that does not
+    open a relative clause about the excepted finding ("except for a small one, which is seen on the left, ..."); None
+    if none does."""
+    for i in range(start, end):
+        if doc[i].text in _CLAUSE_PUNCT and not (doc[i].text == "," and i + 1 < end and doc[i + 1].lower_ in _RELATIVE):
+            return i
+    return None
 
 
 def _parenthetical(doc: Doc, term: Span, end: int) -> bool:
     """True if ``term`` is an exception set off by commas that close before token ``end``: the clause around it
     goes on ("The opacities, except for the nodule, have resolved")."""
     return (term.text.lower() in _EXCEPTIONS and term.start > 0 and doc[term.start - 1].text == ","
-            and any(doc[i].text == "," for i in range(term.end, end)))
+            and _exception_close(doc, term.end, end) is not None)
+
+
+def _set_apart(doc: Doc, terms: list[Span], start: int, end: int) -> list[tuple[int, int]]:
+    """Token ranges [exception word, closing comma) of the exceptions set off by commas inside [start, end).
+
+    What such an exception holds, relative clauses included, is no part of the clause around it: its terminators
+    and assertions do not end that clause's scopes ("Pleural effusion, except for a small one which is seen on the
+    left, was not detected": the main effusion is negated)."""
+    return [(t.start, _exception_close(doc, t.end, end)) for t in terms
+            if start <= t.start and t.end <= end and _parenthetical(doc, t, end)]
+
+
+def _outside(i: int, ranges: list[tuple[int, int]]) -> bool:
+    return not any(a <= i < b for a, b in ranges)
+
+
+def _asserted(doc: Doc, start: int, end: int, apart: list[tuple[int, int]] = ()) -> bool:
+    """True if tokens [start, end), outside the ranges ``apart``, hold a passive assertion ("is seen", "were observed")."""
+    return any(doc[i].lower_ in V.ASSERT_VERBS and i > start and doc[i - 1].lower_ in _AUX and _outside(i, apart)
+               for i in range(start, end))
 
 
 def _blocked(doc: Doc, terms: list[Span], start: int, end: int) -> bool:
     """True if something between token ``start`` and ``end`` ends a trigger's scope."""
     if end - start > MAX_SCOPE:
         return True
-    return (any(start <= t.start and t.end <= end and not _parenthetical(doc, t, end) for t in terms)
-            or _asserted(doc, start, end))
+    apart = _set_apart(doc, terms, start, end)
+    return (any(start <= t.start and t.end <= end and _outside(t.start, apart) for t in terms)
+            or _asserted(doc, start, end, apart))
 
 
 def exception_end(doc: Doc, mention: Span, sent: Span, terms: list[Span]) -> int | None:
@@ -107,10 +137,8 @@ def exception_end(doc: Doc, mention: Span, sent: Span, terms: list[Span]) -> int
     exceptions = [t for t in terms if t.end <= mention.start and t.text.lower() in _EXCEPTIONS]
     if not exceptions:
         return None
-    for i in range(exceptions[-1].end, sent.end):
-        if doc[i].text in _CLAUSE_PUNCT:
-            return i if i >= mention.end else None
-    return None
+    i = _exception_close(doc, exceptions[-1].end, sent.end)
+    return i if i is not None and i >= mention.end else None
 
 
 def _modifies(doc: Doc, terms: list[Span], trigger: Span, mention: Span) -> bool:
@@ -121,6 +149,14 @@ def _modifies(doc: Doc, terms: list[Span], trigger: Span, mention: Span) -> bool
             and not any(tok.lower_ in _DETERMINERS for tok in gap)
             and not any(tok.lower_ in _VERB_AUX for tok in doc[max(0, trigger.start - 2): trigger.start])
             and not _blocked(doc, terms, trigger.end, mention.start))
+
+
+def _reaches_back(doc: Doc, terms: list[Span], breaks: list[Span], mention: Span, trigger: Span) -> bool:
+    """True if the sentence-wide negation ``trigger`` reaches back to ``mention``: no clause break between them, but
+    for those inside an exception set off by commas ("The opacities, except for the nodule which persists, have
+    resolved")."""
+    apart = _set_apart(doc, terms, mention.end, trigger.start)
+    return not any(mention.end <= b.start and b.end <= trigger.start and _outside(b.start, apart) for b in breaks)
 
 
 def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) -> tuple[str, Span | None]:
@@ -139,8 +175,7 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
         if limit is not None and t.start >= limit:
             continue
         if (t.start >= mention.end and (t.label_ == "SENT_NEG" or (t.label_ == "POST_NEG" and t.end in current_starts))
-                and not any(mention.end <= b.start and b.end <= t.start and not _parenthetical(doc, b, t.start)
-                            for b in breaks)):
+                and _reaches_back(doc, terms, breaks, mention, t)):
             found.setdefault("NEG", t)  # sentence-wide: "X, seen before, has disappeared"
             continue
         if t.label_ == "SENT_NEG":

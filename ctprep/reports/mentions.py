@@ -3,8 +3,10 @@
 The component runs every ``vocabulary.RULES`` regex over the sentences of the section that hold one
 of the rule's keywords (``prefilter.py``), keeps the matches whose sentence (or window) passes the
 rule's requires/excludes checks, assigns bare "effusion"/"fluid" to the pleura or
-the pericardium from the words around it, and stores the result as spans in ``doc.spans["findings"]``
-(label = CT-RATE label). ``context.py`` then gives each a status; ``to_mentions`` adds attributes.
+the pericardium from the words of its own list item (a bare "effusion" with none to the pleura), reads an
+exception that repeats its finding without naming it ("No effusion except for a small one on the left") as
+a mention of that finding, and stores the result as spans in ``doc.spans["findings"]`` (label = CT-RATE
+label). ``context.py`` then gives each a status; ``to_mentions`` adds attributes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from spacy.tokens import Doc, Span
 from ctprep.reports import attributes as A
 from ctprep.reports import spelling
 from ctprep.reports.prefilter import compile_lower, keywords, lower_same_length, sentences_with
-from ctprep.reports.vocabulary import EFFUSION, LUNG, NON_LUNG, RULES, SPELLING_REAL_WORDS, SPELLING_TERMS, Rule
+from ctprep.reports.vocabulary import (BARE_EFFUSION_LABEL, EFFUSION, ELLIPTIC_HEADS, EXCEPTIONS, LUNG, NON_LUNG,
+                                       RELATIVE_PRONOUNS, RULES, SPELLING_REAL_WORDS, SPELLING_TERMS, Rule)
 
 
 
@@ -40,7 +43,6 @@ _COMPILED = tuple(_Compiled(r, compile_lower(r.pattern), compile_lower(r.require
 _EFFUSION_WORDS = keywords(EFFUSION.pattern)
 _PERICARD = compile_lower(r"\bpericardi\w*")
 _PLEURA = compile_lower(r"\b(pleura\w*|hemithora\w*|thorax|thoracic cavit\w*|costophrenic|costodiaphragmatic)")
-_SIDE = compile_lower(r"\b(right|left|bilateral\w*|both|bibasal\w*)\b")
 _NON_LUNG = compile_lower(NON_LUNG.replace(r"|lymph nodes?", "").replace(r"|soft tissue", "")
                           + r"|\b(joint|subcapsular|perihepatic|perisplenic|pelvic|free)\b")
 _LUNG = compile_lower(LUNG)
@@ -54,6 +56,15 @@ _COORDINATED = compile_lower(r"\b(pleural|pericardial)\s*(,|/|-|\band/or\b|\band
 _NEXT_EFFUSION = compile_lower(r"(\b(pleural|pericardial)[\s-]+)?\b(effusions?|fluid)\b")
 _PLACE_LABEL = {"pleural": "Pleural effusion", "pericardial": "Pericardial effusion"}
 _CLAUSE_END = re.compile(r"[;:]|\b(but|however|whereas|although)\b", re.I)
+_SIDE = compile_lower(r"\b(right|left|bilateral\w*|both|bibasal\w*)\b")
+_DEFINITE = compile_lower(r"\b(the|this|these|that|said)\s+([\w-]+\s+){0,2}$")
+_PLACED = compile_lower(r"\b(pleural|pericardial)[\s-]+(effusions?|fluid)\b")
+#: An exception word and what it excepts, up to the clause punctuation that closes it; a comma followed by a
+#: relative pronoun does not close it ("except for a small one, which is seen on the left, ...").
+_EXCEPTION = compile_lower(r"\b(" + "|".join(sorted((re.escape(w) for w in EXCEPTIONS), key=len, reverse=True)) + r")\b"
+                           r"((?:[^,;:]|,(?=\s*(?:" + "|".join(RELATIVE_PRONOUNS) + r")\b))*)")
+_EXCEPTION_WORDS = keywords(_EXCEPTION.pattern)
+_ELLIPTIC_HEAD = compile_lower(r"\b(" + "|".join(ELLIPTIC_HEADS) + r")\b(?!\s+of\b)")
 
 
 def doc_text(doc: Doc) -> str:
@@ -94,18 +105,35 @@ class Mention:
         return asdict(self)
 
 
-def _effusion_labels(sent: str, start: int, end: int) -> list[str]:
+def _bare_effusion_label(section: str, pos: int, item: str) -> str:
+    """Where an effusion lies whose own words name no place (``item`` holds them; ``pos``: where it starts in the
+    section): "the effusion" is the one last named with its place ("Pericardial effusion of 8 mm; the effusion is
+    stable"), an effusion with a side or without an article is pleural ("bilateral effusions", "small effusion")."""
+    if not _SIDE.search(item) and _DEFINITE.search(section, max(0, pos - 40), pos):
+        named = list(_PLACED.finditer(section, 0, pos))
+        if named:
+            return _PLACE_LABEL[named[-1].group(1)]
+    return BARE_EFFUSION_LABEL
+
+
+def _effusion_labels(section: str, s0: int, e0: int, start: int, end: int) -> list[str]:
     """Where a bare effusion/fluid lies: pleura, pericardium, both ("pleural or pericardial effusion") or neither.
 
-    An effusion word named by its place ("pericardial effusion") lies there and in the places coordinated with it
-    only, not in a place named later in the sentence ("Pericardial effusion, pleural thickening").
+    ``section[s0:e0]`` is the effusion's sentence; ``start``/``end`` are offsets in that sentence. An effusion word
+    named by its place ("pericardial effusion") lies there and in the places coordinated with it only, not in a place
+    named later in the sentence ("Pericardial effusion, pleural thickening"). Otherwise the place words of its own
+    comma-separated phrase decide (``attributes.own_phrase``); a bare "effusion" with none is placed by
+    ``_bare_effusion_label``, unless its phrase names an organ outside the chest ("subcapsular effusion in the spleen").
     """
+    sent = section[s0:e0]
     before = _CLAUSE_END.split(sent[max(0, start - 45): start])[-1]
-    after = _CLAUSE_END.split(sent[end: end + 50])[0]
     own = _QUALIFIER.search(before)
     if own:
         both = _COORDINATED.search(before)
         return sorted({_PLACE_LABEL[own.group(1)]} | ({_PLACE_LABEL[both.group(1)]} if both else set()))
+    a, b = A.own_phrase(sent, start, end)  # its own words: "Effusion on the right, pericardial thickening"
+    before = _CLAUSE_END.split(sent[max(a, start - 45): start])[-1]
+    after = _CLAUSE_END.split(sent[end: min(b, end + 50)])[0]
     # another effusion word and the place before it are that effusion's: "The effusion has resolved and a new
     # pericardial effusion is seen" does not put the first one in the pericardium
     later = _NEXT_EFFUSION.search(after)
@@ -115,10 +143,47 @@ def _effusion_labels(sent: str, start: int, end: int) -> list[str]:
         labels.append("Pericardial effusion")
     if _PLEURA.search(before) or _PLEURA.search(after):
         labels.append("Pleural effusion")
-    word = sent[start:end].lower()
-    if not labels and word.startswith("effusion") and _SIDE.search(before + " " + after) and not _NON_LUNG.search(sent):
-        labels.append("Pleural effusion")  # "bilateral effusions", "effusion on the right": pleural
+    if not labels and sent[start:end].startswith("effusion") and not _NON_LUNG.search(sent, a, b):
+        labels.append(_bare_effusion_label(section, s0 + start, sent[a:b]))
     return labels
+
+
+def _elliptic_exceptions(text: str, sentence: tuple[int, int], found: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Mentions an exception makes by repeating its finding without naming it: "No pleural effusion except for a
+    small one on the left" (the "one" is a left pleural effusion), "No consolidation except in the right lower lobe".
+
+    The exception's object must name no finding of its own and be either an elliptic head ("one", "a small focus")
+    or a place phrase; it repeats the nearest finding before the exception (after it, if the exception comes
+    first: "Apart from a small one on the left, no effusion is seen"). Its place must be in the chest.
+    """
+    s0, e0 = sentence
+    out = []
+    for m in _EXCEPTION.finditer(text, s0, e0):
+        o0, o1 = m.span(2)
+        if any(o0 <= a < o1 for a, _, _ in found):
+            continue
+        head = _ELLIPTIC_HEAD.search(text, o0, o1)
+        if head is not None:
+            start, end = head.span()
+        elif A.PLACE_PHRASE.match(text, o0):  # the place phrase itself, without the sentence's last stop
+            phrase = text[o0:o1]
+            start, end = o0 + len(phrase) - len(phrase.lstrip()), o0 + len(phrase.rstrip().rstrip(".!?").rstrip())
+        else:
+            continue
+        if _NON_LUNG.search(text, o0, o1):
+            continue
+        before = [f for f in found if s0 <= f[0] and f[1] <= m.start()]
+        after = [f for f in found if o1 <= f[0] and f[1] <= e0]
+        if before:
+            last = max(f[1] for f in before)
+            labels = {f[2] for f in before if f[1] == last}
+        elif after:
+            first = min(f[0] for f in after)
+            labels = {f[2] for f in after if f[0] == first}
+        else:
+            continue
+        out.extend((start, end, label) for label in sorted(labels))
+    return out
 
 
 def find_mentions(doc: Doc, corrections: list[tuple[int, int, str]] = ()) -> list[Span]:
@@ -166,9 +231,10 @@ def find_mentions(doc: Doc, corrections: list[tuple[int, int, str]] = ()) -> lis
                 found.append((m.start(), m.end(), rule.label))
     for i in sentences_with(low, _EFFUSION_WORDS, starts, n):
         s0, e0 = sents[i][2], sents[i][3]
-        sentence = low[s0:e0]
         for m in EFFUSION.finditer(low, s0, e0):
-            found.extend((m.start(), m.end(), label) for label in _effusion_labels(sentence, m.start() - s0, m.end() - s0))
+            found.extend((m.start(), m.end(), label) for label in _effusion_labels(low, s0, e0, m.start() - s0, m.end() - s0))
+    for i in sentences_with(low, _EXCEPTION_WORDS, starts, n):
+        found.extend(_elliptic_exceptions(low, sents[i][2:], found))
     if fixed is not None:
         found = [(fixed.to_old(a), fixed.to_old(b, end=True), label) for a, b, label in found]
     merged: dict[str, list[list[int]]] = {}

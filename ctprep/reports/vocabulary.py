@@ -45,6 +45,9 @@ _VESSEL = (r"\b(aort(?!opulmonary)\w*|(?<!coronary )(?<!descending )(?<!circumfl
            r"truncus|innominate|femoral|celiac|mesenteric arter\w*|arch)\b")
 #: Coronary arteries by name: "coronary", or a branch ("LAD", "circumflex", "left main").
 _CORONARY = r"\bcoronar\w*|\b(lad|rca|lcx)\b|\bleft anterior descending|\bcircumflex|\bleft main\b"
+#: Up to three words between "enlarged" and a bare "node": side, station and size ("enlarged 15 mm subcarinal node"),
+#: but no function word, which starts another phrase ("enlarged heart with a node").
+_NODE_MODIFIERS = r"( (?!(with|and|or|of|in|on|the|a|an)\b)[\w.]+){0,3}"
 _NODE = r"(lymph ?nodes?|lymphatic nodes?|\bnodes\b)(?! stations?| chains?| regions?| areas?| levels?)"
 
 RULES: tuple[Rule, ...] = (
@@ -88,7 +91,7 @@ RULES: tuple[Rule, ...] = (
          r"\bherniat\w*[^.;]{0,50}\b(stomach|gastric|fundus)\b|\b(stomach|gastric fundus|fundus)\b[^.;]{0,40}\bherniat\w*",
          excludes=r"\b(bochdalek|morgagni|inguinal|umbilical|incisional|ventral|abdominal wall|lung|fat)\b"),
     Rule("Lymphadenopathy", r"\blymphadenopath\w*|\badenopath\w*|\b(lymph)?adenomegal\w*|\blaps?\b|\blymph ?node conglomerat\w*|"
-         r"\b(enlarged|pathologic\w*|conglomerat\w*|necrotic)( \w+){0,2} node\b|" + _NODE,
+         r"\b(enlarged|pathologic\w*|conglomerat\w*|necrotic)" + _NODE_MODIFIERS + r" node\b|" + _NODE,
          excludes=r"\b(normal|natural|physiological|non-?pathological|insignificant)[- ](size|sized|dimension)\w*\b|"
                   r"\bwithin normal (size )?limits|\bnot (in )?(a )?patholog\w*|\bfatty hil\w*|\b(do|does|did) not reach|"
                   r"\bnot reaching|\b(below|under) (the )?patholog\w*|\bintra-?(parenchymal|pulmonary)|"
@@ -134,6 +137,28 @@ RULES: tuple[Rule, ...] = (
 
 #: Effusion words that need a place to become pleural or pericardial (``mentions.py``).
 EFFUSION = re.compile(r"\beffusions?\b|\bfluid\b", re.IGNORECASE)
+#: Where a chest CT's "effusion" lies when its own words name no place ("The effusion has resolved", "bilateral
+#: effusions"): the pleura, the commonest by far. Not bare "fluid" (fluid-filled bowel, fluid density, free fluid).
+BARE_EFFUSION_LABEL = "Pleural effusion"
+#: Words that start a place phrase. A place phrase set off by a comma still places the finding next to it ("In the
+#: right pleural space, an effusion ..."); another list item does not ("Effusion on the right, pericardial thickening").
+PLACE_PREPOSITIONS = ("in", "on", "at", "within", "inside", "along", "into")
+#: Auxiliaries: a clause holding one is prose ("Lymph nodes are observed in the right paratracheal, subcarinal and
+#: left hilar regions"), whose commas set off phrases of one statement; a clause without is a telegraphic list, whose
+#: commas separate its items ("Nodule in the right upper lobe, pleural thickening on the left") (``attributes.py``).
+AUXILIARIES = ("is", "are", "was", "were", "be", "been", "being", "has", "have", "had", "can", "could", "may", "might",
+               "will", "would", "should")
+#: Words that start a comma-set phrase which goes on the item before it rather than starting a new one: a
+#: description of the finding ("A nodule, measuring 5 mm, in the right upper lobe", "Consolidation, with air
+#: bronchograms, is observed in the lower lobe", "Lymph nodes in the left hilum, consistent with lymphadenopathy")
+#: or the clause's verb after such a phrase. Place phrases and sizes go on it as well (``attributes.py``).
+CONTINUATION_STARTS = ("with", "without", "measuring", "measured", "sized", "up to", "approximately", "about",
+                       "the largest", "largest", "located", "localized", "localised", "extending", "reaching", "seen",
+                       "observed", "noted", "detected", "described", "which", "that", "where", "whose",
+                       "predominantly", "mainly", "mostly", "more", "most", "especially", "particularly",
+                       "consistent", "compatible", "suggestive", "likely", "probably", "possibly",
+                       "is", "are", "was", "were", "has", "have", "had", "be", "been", "can", "could", "may", "might",
+                       "will", "would", "should", "appears", "appear", "measures", "measure", "extends", "extend")
 
 assert {r.label for r in RULES} == set(LABELS), "every label needs at least one rule"
 
@@ -215,6 +240,13 @@ CURRENT_EXAM = ["in the current examination", "in the current study", "in this e
 #: is set apart from the rest of the sentence, so a negation there does not reach it (``context.py``).
 EXCEPTIONS = ["except", "except for", "apart from", "aside from", "other than", "besides", "with the exception of",
               "excepting"]
+#: Relative pronouns: a relative clause after an excepted finding belongs to the exception's object ("Apart from the
+#: nodule, which was described before, the consolidation has resolved": the exception closes at the second comma).
+RELATIVE_PRONOUNS = ["which", "that", "who", "whose", "where"]
+#: Head nouns that repeat the finding an exception is taken from ("No pleural effusion except for a small one on the
+#: left", "No consolidation other than a small focus in the right lower lobe"); not when "of" names another
+#: substance ("except for a small area of atelectasis": that finding is matched on its own).
+ELLIPTIC_HEADS = ["one", "ones", "area", "areas", "focus", "foci", "amount", "portion", "part"]
 #: Ends a trigger's scope: contrast and exception words, and clause punctuation (also ``;`` and ``:`` tokens).
 TERMINATORS = ["but", "however", "although", "though", *EXCEPTIONS, "apart from this", "whereas", "while", "yet",
                "nevertheless", "on the other hand",
