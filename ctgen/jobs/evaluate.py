@@ -106,7 +106,7 @@ def evaluate(generated: str | Path, real: list[str | Path], models_dir: str | Pa
     skips += truth.skipped
     pairing = pair(predictions, truth.stems)
     skips += pairing.skips(truth.paths)
-    texts, known_labels = _texts_and_labels(truth, predictions, models_dir, nets, reports, labels)
+    texts, known_labels = _texts_and_labels(truth, predictions, models_dir, nets, reports, labels, spec)
     col = _stream(truth, pairing, nets, grid, cfg, skips)
     n_pred, n_skipped = len(col.gen_rows), sum(1 for s in skips if s.side == "generated")
     if not n_pred:
@@ -150,16 +150,21 @@ def _uses_predictions(name: str) -> bool:
     return ".real" not in name and not name.startswith("tstr")
 
 
-def _texts_and_labels(truth: RealSet, predictions, models_dir, nets: FeatureNets, reports, labels):
+def _texts_and_labels(truth: RealSet, predictions, models_dir, nets: FeatureNets, reports, labels, spec=None):
     """{stem: report text} and {stem: (18,) labels}: a reports/labels file wins over the shards, the shards over
-    the prompts recorded in samples.csv."""
+    the prompts recorded in samples.csv. A report of the reports file without a prompt is rendered as the CLIP
+    model's prompt (the template it was trained on; the generator spec's rendering)."""
     template = ((getattr(nets.clip, "provenance", None) or {}).get("data") or {}).get("prompt")
     texts = {p.stem: p.prompt for p in predictions if isinstance(p.prompt, str) and p.prompt.strip()}
     texts.update(truth.texts(template))
     if reports:
-        spec_path = Path(models_dir) / "cascade.json"
-        spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
-        texts.update(read_reports(reports, spec.get("prompt_template_text")))
+        from ctgen.jobs.sample import report_template
+
+        spec_path = Path(spec) if spec else Path(models_dir) / "cascade.json"
+        if not spec_path.is_file():
+            spec_path = Path(models_dir) / "latent_flow.json"
+        known = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
+        texts.update(read_reports(reports, *report_template(known, template)))
     known = truth.labels()
     if labels:
         known.update(read_labels(labels))

@@ -299,12 +299,13 @@ class RealSet:
 # --- texts and labels from files ----------------------------------------------------------------------------
 
 
-def read_reports(path: str | Path, template: str | None) -> dict[str, str]:
-    """{stem: text} of a reports file (text per line, CSV or JSONL of prompts or CT-RATE-style reports)."""
+def read_reports(path: str | Path, template: str | None, rendering: dict | None = None) -> dict[str, str]:
+    """{stem: text} of a reports file (text per line, CSV or JSONL of prompts or CT-RATE-style reports, the
+    latter rendered with ``template`` and ``rendering``: :func:`ctgen.jobs.sample.read_prompts`)."""
     from ctgen.jobs.sample import read_prompts
 
     return {nifti_stem(f"{i}.nii.gz") if not str(i).endswith(NIFTI_SUFFIXES) else nifti_stem(i): text
-            for i, text in read_prompts(path, template)}
+            for i, text in read_prompts(path, template, rendering)}
 
 
 def read_labels(path: str | Path) -> dict[str, np.ndarray]:

@@ -61,18 +61,19 @@ def _row_prompt(row: dict, template: str | None, rendering: dict | None = None) 
     return report_prompt(row, template, **(rendering or {}))
 
 
-def _template_text(spec: dict) -> str | None:
-    """The prompt template the cascade was trained with: its text from cascade.json, or "structured"."""
-    if spec.get("prompt_template") == "structured":
-        return "structured"
-    return spec.get("prompt_template_text")
+def report_template(spec: dict, name: str | None = None) -> tuple[str | None, dict]:
+    """(template, rendering) that make a report into the prompt named ``name`` (None: the spec's model's own):
+    ``"structured"``, the template text the spec records for its own prompt, or None where the spec does not
+    know the named template's text (then a report must come with its prompt). The rendering is the spec's
+    (older specs: the defaults)."""
+    from ctprep.prompts import STRUCTURED, rendering
 
-
-def _rendering(spec: dict) -> dict:
-    """How the model's training prompts were rendered from their reports (older specs: the defaults)."""
-    from ctprep.prompts import rendering
-
-    return spec.get("prompt_rendering") or rendering({})
+    how = spec.get("prompt_rendering") or rendering({})
+    if name == STRUCTURED or (name is None and spec.get("prompt_template") == STRUCTURED):
+        return STRUCTURED, how
+    if name is None or name == spec.get("prompt_template"):
+        return spec.get("prompt_template_text"), how
+    return None, how
 
 
 def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_dir: str | Path,
@@ -187,11 +188,11 @@ def sample_main(argv: list[str] | None = None) -> int:
         if args.dicom:
             _dicom_from(out, args.dicom)
     elif args.vlm3d is not None:
-        prompts = vlm3d_prompts(args.vlm3d, _template_text(spec), _rendering(spec))
+        prompts = vlm3d_prompts(args.vlm3d, *report_template(spec))
         sample_to_files(args.models, prompts, args.out_dir, settings, seed, 1, args.device, dicom_dir=args.dicom,
                         exact_names=True, orientation=args.orientation)
     else:
-        prompts = read_prompts(args.prompts, _template_text(spec), _rendering(spec))
+        prompts = read_prompts(args.prompts, *report_template(spec))
         empty = [pid for pid, prompt in prompts if not prompt.strip()]
         if empty:
             raise UserError(f"{args.prompts}: empty prompt for {', '.join(map(str, empty[:5]))}")

@@ -299,6 +299,31 @@ def test_the_command_line_scores_a_folder_and_names_mistakes(models, real_run, t
     assert "no prediction matches a ground-truth stem" in capsys.readouterr().err
 
 
+def test_reports_without_prompts_are_rendered_as_the_clip_models_prompts(models, tmp_path):
+    """``--reports`` rows that are CT-RATE-style reports become the CLIP model's prompts: its template (here
+    generatect, whose text the cascade's spec records) or, for a CLIP model trained on the structured prompt,
+    the parsed report rendered with the generator spec's settings (a latent-flow-only folder's too)."""
+    from ctgen.jobs.features import load_models_folder
+    from ctgen.jobs.pairing import RealSet
+
+    reports = tmp_path / "reports.jsonl"
+    reports.write_text("\n".join(json.dumps(r) for r in [
+        {"VolumeName": "valid_1_a_1.nii.gz", "age": 61, "sex": "male", "findings": "Small left pleural effusion.",
+         "impression": "No pericardial effusion."},
+        {"id": "valid_2_a_1", "prompt": "as given"}]) + "\n")
+    nets = load_models_folder(models["models"], "cpu", window=WINDOW)
+    texts, _ = evaluate._texts_and_labels(RealSet([]), [], models["models"], nets, reports, None)
+    assert texts == {"valid_1_a_1": "61 years old male: No pericardial effusion.", "valid_2_a_1": "as given"}
+    nets.clip.provenance = {**(nets.clip.provenance or {}), "data": {"prompt": "structured"}}
+    texts, _ = evaluate._texts_and_labels(RealSet([]), [], models["models"], nets, reports, None)
+    assert texts["valid_1_a_1"] == "mild left pleural effusion"
+    flow_only = tmp_path / "flow_only"
+    flow_only.mkdir()
+    (flow_only / "latent_flow.json").write_text(json.dumps({"prompt_rendering": {"max_chars": 0, "negated": "state"}}))
+    texts, _ = evaluate._texts_and_labels(RealSet([]), [], flow_only, nets, reports, None)
+    assert texts["valid_1_a_1"] == "mild left pleural effusion; no pericardial effusion"
+
+
 def test_settings_are_config_yaml_s_evaluation_keys():
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())

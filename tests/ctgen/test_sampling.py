@@ -108,7 +108,7 @@ def test_a_structured_cascade_renders_reports_as_its_training_prompts(tiny_casca
     rendering its spec records (here negations stated), so it sees prompts in its training form."""
     import shutil
 
-    from ctgen.jobs.sample import _rendering, read_prompts, vlm3d_prompts
+    from ctgen.jobs.sample import read_prompts, report_template, vlm3d_prompts
 
     models = tmp_path / "structured"
     shutil.copytree(tiny_cascade, models)
@@ -121,11 +121,13 @@ def test_a_structured_cascade_renders_reports_as_its_training_prompts(tiny_casca
     reports.write_text('id,findings,impression\na,"Small left pleural effusion.","No pericardial effusion."\n'
                        'b,,"Mild cardiomegaly."\n')
     want = [("a", "mild left pleural effusion; no pericardial effusion"), ("b", "mild cardiomegaly")]
-    assert read_prompts(reports, "structured", _rendering(spec)) == want
+    assert report_template(spec) == ("structured", {"max_chars": 0, "negated": "state"})
+    assert report_template(spec, "generatect") == (None, {"max_chars": 0, "negated": "state"})  # text unknown
+    assert read_prompts(reports, *report_template(spec)) == want
     entries = tmp_path / "prompts.json"
     entries.write_text(json.dumps([{"input_image_name": "valid_1_a_1", "report": "Small left pleural effusion. "
                                     "No pericardial effusion."}]))
-    assert vlm3d_prompts(entries, "structured", _rendering(spec)) == [("valid_1_a_1", want[0][1])]
+    assert vlm3d_prompts(entries, *report_template(spec)) == [("valid_1_a_1", want[0][1])]
     assert ctgen_main(["sample", "--models", str(models), "--prompts", str(reports), "--out-dir",
                        str(tmp_path / "out"), "--steps", "2", "--seed", "1", "--no-superres"]) == 0
     assert list(pd.read_csv(tmp_path / "out" / "samples.csv")["prompt"]) == [p for _, p in want]
