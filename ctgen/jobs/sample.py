@@ -24,7 +24,7 @@ def read_prompts(path: str | Path, template: str | None = None,
     CSV/JSONL rows give the prompt in a ``prompt`` (or ``text``) column, or as a CT-RATE-style report
     (``findings``, ``impression``, ``age``, ``sex``...) rendered with ``template`` (the cascade's
     prompt template, with the spec's ``rendering``: :func:`ctprep.prompts.report_prompt`) — a
-    ``structured`` template parses the report first. Ids come from ``id`` /
+    ``structured`` template parses the report first, and a given prompt too (:func:`model_prompt`). Ids come from ``id`` /
     ``VolumeName`` columns or the line number. A malformed file is a :class:`UserError` naming the
     file and line.
     """
@@ -44,16 +44,30 @@ def read_prompts(path: str | Path, template: str | None = None,
             out.append((str(row.get("id") or row.get("VolumeName") or n - 1), prompt))
     else:
         lines = [line.strip() for line in path.read_text().splitlines()]
-        out = [(f"prompt{i:04d}", line) for i, line in enumerate(lines) if line]
+        out = [(f"prompt{i:04d}", model_prompt(line, template, rendering)) for i, line in enumerate(lines) if line]
     if not out:
         raise UserError(f"prompts file {path} holds no prompts")
     return out
 
 
+def model_prompt(text: str, template: str | None, rendering: dict | None = None) -> str:
+    """A prompt given as text, in the form the model was trained on: for a ``structured`` model the text is
+    parsed and rendered (a structured prompt reads back unchanged, so only free text changes: "Small left
+    pleural effusion." -> "mild left pleural effusion"); for any other template it is used as written."""
+    from ctprep.prompts import STRUCTURED, report_prompt
+
+    if template != STRUCTURED or not text.strip():
+        return text
+    rendered = report_prompt(text, STRUCTURED, **(rendering or {}))
+    if rendered != text:
+        log.info("prompt %r rendered as the structured prompt %r", text[:80], rendered)
+    return rendered
+
+
 def _row_prompt(row: dict, template: str | None, rendering: dict | None = None) -> str:
     for key in ("prompt", "text"):
         if row.get(key):
-            return str(row[key])
+            return model_prompt(str(row[key]), template, rendering)
     from ctprep.prompts import report_prompt
 
     if template is None:
@@ -183,8 +197,8 @@ def sample_main(argv: list[str] | None = None) -> int:
     seed = _given(args.seed, defaults.get("seed", 0))
     if args.prompt is not None:
         out = Path(args.out)
-        sample_to_files(args.models, [("prompt", args.prompt)], out.parent, settings, seed, 1, args.device,
-                        single_out=out)
+        prompt = model_prompt(args.prompt, *report_template(spec))
+        sample_to_files(args.models, [("prompt", prompt)], out.parent, settings, seed, 1, args.device, single_out=out)
         if args.dicom:
             _dicom_from(out, args.dicom)
     elif args.vlm3d is not None:
@@ -215,12 +229,8 @@ def vlm3d_prompts(path: str | Path, template: str | None = None,
     parsed and rendered as one (the other templates need report fields the contract does not carry).
     """
     from ctgen.metrics.vlm3d.contract import read_prompts_json
-    from ctprep.prompts import STRUCTURED, report_prompt
 
-    entries = read_prompts_json(path)
-    if template != STRUCTURED:
-        return entries
-    return [(name, report_prompt(report, STRUCTURED, **(rendering or {}))) for name, report in entries]
+    return [(name, model_prompt(report, template, rendering)) for name, report in read_prompts_json(path)]
 
 
 def _dicom_from(nifti: Path, dicom_dir: str) -> None:

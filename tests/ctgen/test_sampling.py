@@ -131,3 +131,13 @@ def test_a_structured_cascade_renders_reports_as_its_training_prompts(tiny_casca
     assert ctgen_main(["sample", "--models", str(models), "--prompts", str(reports), "--out-dir",
                        str(tmp_path / "out"), "--steps", "2", "--seed", "1", "--no-superres"]) == 0
     assert list(pd.read_csv(tmp_path / "out" / "samples.csv")["prompt"]) == [p for _, p in want]
+    # a prompt given as text is rendered too (a structured one reads back unchanged), so free text reaches the
+    # model in its training form
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("Small left pleural effusion. No pericardial effusion.\nmild cardiomegaly; right lower lobe nodule 5 mm\n")
+    assert read_prompts(lines, *report_template(spec)) == [
+        ("prompt0000", want[0][1]), ("prompt0001", "mild cardiomegaly; right lower lobe nodule 5 mm")]
+    out = tmp_path / "one.nii.gz"
+    assert ctgen_main(["sample", "--models", str(models), "--prompt", "The heart is enlarged (mild cardiomegaly).",
+                       "--out", str(out), "--steps", "2", "--no-superres"]) == 0
+    assert json.loads(out.with_name("one.json").read_text())["prompt"] == "mild cardiomegaly"
