@@ -62,6 +62,10 @@ _CONTINUES = re.compile(r"\s*((" + "|".join(PLACE_PREPOSITIONS + CONTINUATION_ST
 _PROSE = re.compile(r"\b(" + "|".join(AUXILIARIES) + r")\b", re.I)
 #: What closes a list of items: "A, B and C in the right lower lobe".
 _CONJUNCTION = re.compile(r"\b(and|or|as well as|along with)\b", re.I)
+#: Where a sentence's clauses end (attributes and list items are read inside one clause).
+CLAUSE_END = re.compile(r"[;:]|\b(but|however|whereas|although)\b", re.I)
+#: Words by which a list item says more of its finding than its name: where (a place phrase), how large, how many.
+_DESCRIPTION = re.compile(r"\b(" + "|".join(PLACE_PREPOSITIONS) + r")\b|\d", re.I)
 
 #: Labels whose mentions have a side; the others (heart, aorta, hiatus) are midline organs.
 LATERAL = {"Lymphadenopathy", "Emphysema", "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela",
@@ -206,6 +210,16 @@ def list_item(clause: str | Clause, start: int, end: int) -> tuple[int, int]:
     """[a, b) of the list item of the clause that holds the mention at [start, end): its phrase, or the list closed
     by a conjunction that the phrase is a member of."""
     return _holding(_clause(clause).items(), start, end)
+
+
+def describes(item: str) -> bool:
+    """True if a list item says where its finding is, how large, how severe or how many ("Effusion on the right",
+    "Mild cardiomegaly", "Right pleural effusion"): it states a finding of its own. An item that only names its
+    finding ("Pleural effusion", "Mediastinal lymphadenopathy") may be a member of a list a later predicate closes
+    ("Pleural effusion, pericardial effusion absent")."""
+    c = _clause(item)
+    return bool(_DESCRIPTION.search(c.text) or any(c.hits(side) for side in ("right", "left", "bilateral", "lobe"))
+                or _MANY.search(c.text) or _FEW.search(c.text) or any(rx.search(c.text) for _, rx in _SEVERITY))
 
 
 def laterality(clause: str | Clause, pos: int | None = None) -> str | None:

@@ -6,7 +6,9 @@ Triggers are found with spaCy's ``PhraseMatcher``; a pre-trigger ("no", "possibl
 post-trigger ("were not observed", "cannot be excluded") backward, both stopping at a terminator
 ("but", "however", ";", "apart from"), at a passive assertion ("No effusion was detected, atelectasis
 is seen": the scope of "no" ends at "was detected"), or after ``MAX_SCOPE`` tokens. Coordinations
-("no effusion or pneumothorax", "X and Y were not observed") stay inside one scope. Pseudo-negations
+("no effusion or pneumothorax", "X and Y were not observed") stay inside one scope; in a telegraphic list (no
+auxiliary) a post-trigger does not reach back into an earlier comma-separated item that states a finding of its own
+("Effusion on the right, pericardial effusion absent": the right effusion is present). Pseudo-negations
 ("no change in the nodule", "not only", "regressed in size") cancel the negation word they hold,
 unless the finding is their own object ("no increase| in heart size": the heart is not enlarged).
 Resolved findings are absent from this exam: a sentence-wide post-negation ("X, seen before, has resolved")
@@ -31,6 +33,7 @@ from spacy.matcher import PhraseMatcher
 from spacy.tokens import Doc, Span
 from spacy.util import filter_spans
 
+from ctprep.reports import attributes as A
 from ctprep.reports import vocabulary as V
 
 MAX_SCOPE = 30  # tokens a trigger reaches; CT-RATE lists run long ("No enlarged lymph nodes in A, B ... were detected")
@@ -159,6 +162,27 @@ def _reaches_back(doc: Doc, terms: list[Span], breaks: list[Span], mention: Span
     return not any(mention.end <= b.start and b.end <= trigger.start and _outside(b.start, apart) for b in breaks)
 
 
+def _other_item(doc: Doc, sent: Span, mention: Span, trigger: Span) -> bool:
+    """True if the post-trigger ``trigger`` ends another item of a telegraphic list than the mention's, and the
+    mention's item states a finding of its own: "Effusion on the right, pericardial effusion absent" keeps the right
+    effusion. Items are ``attributes.list_item``'s (commas separate them in a clause without an auxiliary; a
+    conjunction closes a list that shares its predicate; a clause in prose is one item: "Pleural effusion, pericardial
+    effusion and pneumothorax were not detected"). An item that only names its finding may belong to the list the
+    predicate closes ("Pleural effusion, pericardial effusion absent": both negated)."""
+    text = doc.user_data.get("text") or doc.text
+    if "," not in text[mention.end_char: trigger.start_char]:
+        return False  # no comma, one item (the common case: nothing more to read)
+    s0, s1 = sent.start_char, sent.end_char
+    m0, m1, t0 = mention.start_char - s0, mention.end_char - s0, trigger.start_char - s0
+    stext = text[s0:s1]
+    # the clause holding both (a terminator between them would have ended the scope already)
+    lo = max((m.end() for m in A.CLAUSE_END.finditer(stext, 0, m0)), default=0)
+    hi = next((m.start() for m in A.CLAUSE_END.finditer(stext, trigger.end_char - s0)), len(stext))
+    clause = A.Clause(stext[lo:hi])
+    a, b = A.list_item(clause, m0 - lo, m1 - lo)
+    return b <= t0 - lo and A.describes(clause.text[a:b])
+
+
 def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) -> tuple[str, Span | None]:
     """(status, trigger) for one mention, from the triggers of its sentence ``sent`` (in text order)."""
     terms = [t for t in triggers if t.label_ == "TERM"]
@@ -185,7 +209,8 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
         if t.label_.startswith("PRE") and t.end <= mention.start and not _blocked(doc, terms, t.end, mention.start):
             found[t.label_[4:]] = t  # triggers come in text order: the nearest pre-trigger wins
         elif (t.label_.startswith("POST") and t.start >= mention.end and not _blocked(doc, terms, mention.end, t.start)
-              and (t.start == mention.end or doc[t.start].lower_ not in _TEMPLATE_MARKS)):
+              and (t.start == mention.end or doc[t.start].lower_ not in _TEMPLATE_MARKS)
+              and not _other_item(doc, sent, mention, t)):
             found.setdefault(t.label_[5:], t)  # the nearest post-trigger wins
         elif mention.start <= t.start and t.end <= mention.end and t.label_ in {"PRE_NEG", "POST_NEG"}:
             found.setdefault("NEG", t)  # "heart size is not increased" lies inside the mention

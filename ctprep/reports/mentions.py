@@ -23,7 +23,8 @@ from ctprep.reports import attributes as A
 from ctprep.reports import spelling
 from ctprep.reports.prefilter import compile_lower, keywords, lower_same_length, sentences_with
 from ctprep.reports.vocabulary import (BARE_EFFUSION_LABEL, EFFUSION, ELLIPTIC_HEADS, EXCEPTIONS, LUNG, NON_LUNG,
-                                       RELATIVE_PRONOUNS, RULES, SPELLING_REAL_WORDS, SPELLING_TERMS, Rule)
+                                       PLACE_NOUNS, PLACE_PREPOSITIONS, RELATIVE_PRONOUNS, RULES, SEEN_VERBS,
+                                       SPELLING_REAL_WORDS, SPELLING_TERMS, Rule)
 
 
 
@@ -43,8 +44,10 @@ _COMPILED = tuple(_Compiled(r, compile_lower(r.pattern), compile_lower(r.require
 _EFFUSION_WORDS = keywords(EFFUSION.pattern)
 _PERICARD = compile_lower(r"\bpericardi\w*")
 _PLEURA = compile_lower(r"\b(pleura\w*|hemithora\w*|thorax|thoracic cavit\w*|costophrenic|costodiaphragmatic)")
+#: Places outside the chest cavities, where a bare effusion is neither pleural nor pericardial; not the pericardium
+#: itself, named in the effusion's phrase for another finding ("Effusion on the right and pericardial thickening").
 _NON_LUNG = compile_lower(NON_LUNG.replace(r"|lymph nodes?", "").replace(r"|soft tissue", "")
-                          + r"|\b(joint|subcapsular|perihepatic|perisplenic|pelvic|free)\b")
+                          .replace(r"|pericardi\w*", "") + r"|\b(joint|subcapsular|perihepatic|perisplenic|pelvic|free)\b")
 _LUNG = compile_lower(LUNG)
 _ORGAN = compile_lower(NON_LUNG)
 _JOIN = re.compile(r"[\s-]{0,2}")  # what may separate two matches of one label that form one phrase
@@ -53,9 +56,17 @@ _QUALIFIER = compile_lower(r"\b(pleural|pericardial)[\s-]+$")
 #: A place coordinated with that one: "pleural and pericardial effusion", "pericardial or bilateral pleural effusions".
 _COORDINATED = compile_lower(r"\b(pleural|pericardial)\s*(,|/|-|\band/or\b|\band\b|\bor\b|\bnor\b)\s*(\w+\s+){0,2}"
                              r"(pleural|pericardial)[\s-]+$")
+#: A place adjective that opens the next noun phrase of a coordination: "Effusion on the right and |pericardial|
+#: thickening" (the thickening's place, not the effusion's); not before a place noun ("... and pericardial spaces").
+_NEXT_QUALIFIER = compile_lower(r"\b(?:and/or|and|or|nor|as well as|along with)\s+(?:[\w-]+\s+){0,2}?"
+                                r"(pleura\w*|pericardi\w*)[\s-]+(?!(?:" + "|".join(PLACE_NOUNS) + r")\b)[a-z]")
+#: The clause's verb with its place phrase: "Effusion, with a thickness of 12 mm, |is observed in the pericardial
+#: space|" places the effusion it is said of, however long the description between them.
+_VERB_PLACE = compile_lower(r"\b(?:is|are|was|were)\s+(?:\w+\s+)?(?:" + "|".join(SEEN_VERBS) + r")\s+(?:"
+                            + "|".join(PLACE_PREPOSITIONS) + r")\b[^,]*")
 _NEXT_EFFUSION = compile_lower(r"(\b(pleural|pericardial)[\s-]+)?\b(effusions?|fluid)\b")
 _PLACE_LABEL = {"pleural": "Pleural effusion", "pericardial": "Pericardial effusion"}
-_CLAUSE_END = re.compile(r"[;:]|\b(but|however|whereas|although)\b", re.I)
+_CLAUSE_END = A.CLAUSE_END
 _SIDE = compile_lower(r"\b(right|left|bilateral\w*|both|bibasal\w*)\b")
 _DEFINITE = compile_lower(r"\b(the|this|these|that|said)\s+([\w-]+\s+){0,2}$")
 _PLACED = compile_lower(r"\b(pleural|pericardial)[\s-]+(effusions?|fluid)\b")
@@ -122,8 +133,10 @@ def _effusion_labels(section: str, s0: int, e0: int, start: int, end: int) -> li
     ``section[s0:e0]`` is the effusion's sentence; ``start``/``end`` are offsets in that sentence. An effusion word
     named by its place ("pericardial effusion") lies there and in the places coordinated with it only, not in a place
     named later in the sentence ("Pericardial effusion, pleural thickening"). Otherwise the place words of its own
-    comma-separated phrase decide (``attributes.own_phrase``); a bare "effusion" with none is placed by
-    ``_bare_effusion_label``, unless its phrase names an organ outside the chest ("subcapsular effusion in the spleen").
+    comma-separated phrase decide (``attributes.own_phrase``), near it, but for the place adjectives of a noun phrase
+    coordinated after it ("Effusion on the right and pericardial thickening"); beyond, the place phrase of the clause's
+    verb does. A bare "effusion" with none is placed by ``_bare_effusion_label``, unless its phrase names an organ
+    outside the chest ("subcapsular effusion in the spleen").
     """
     sent = section[s0:e0]
     before = _CLAUSE_END.split(sent[max(0, start - 45): start])[-1]
@@ -133,19 +146,41 @@ def _effusion_labels(section: str, s0: int, e0: int, start: int, end: int) -> li
         return sorted({_PLACE_LABEL[own.group(1)]} | ({_PLACE_LABEL[both.group(1)]} if both else set()))
     a, b = A.own_phrase(sent, start, end)  # its own words: "Effusion on the right, pericardial thickening"
     before = _CLAUSE_END.split(sent[max(a, start - 45): start])[-1]
-    after = _CLAUSE_END.split(sent[end: min(b, end + 50)])[0]
+    # blanked before the window is cut, so that a cut cannot part a place adjective from the noun it goes with
+    after = _CLAUSE_END.split(_without_next_qualifiers(sent[end:b])[:50])[0]
     # another effusion word and the place before it are that effusion's: "The effusion has resolved and a new
     # pericardial effusion is seen" does not put the first one in the pericardium
     later = _NEXT_EFFUSION.search(after)
     after = after[: later.start()] if later else after
-    labels = []
-    if _PERICARD.search(before) or _PERICARD.search(after):
-        labels.append("Pericardial effusion")
-    if _PLEURA.search(before) or _PLEURA.search(after):
-        labels.append("Pleural effusion")
+    # nothing near it: the place phrase of the clause's verb, however far ("Effusion, 12 mm thick, is seen in ...")
+    labels = _places(before + " " + after) or _places(_verb_place(sent, end, b))
     if not labels and sent[start:end].startswith("effusion") and not _NON_LUNG.search(sent, a, b):
         labels.append(_bare_effusion_label(section, s0 + start, sent[a:b]))
     return labels
+
+
+def _places(words: str) -> list[str]:
+    """The effusion labels whose place ``words`` name (pericardium first, as the spans are sorted)."""
+    return [label for label, rx in (("Pericardial effusion", _PERICARD), ("Pleural effusion", _PLEURA)) if rx.search(words)]
+
+
+def _without_next_qualifiers(after: str) -> str:
+    """``after`` (the words after an effusion) with the place adjectives of the next noun phrase of a coordination
+    blanked: "Effusion on the right and pericardial thickening" names no place of the effusion."""
+    for m in _NEXT_QUALIFIER.finditer(after):
+        after = after[: m.start(1)] + " " * (m.end(1) - m.start(1)) + after[m.end(1):]
+    return after
+
+
+def _verb_place(sent: str, end: int, b: int) -> str:
+    """The place phrase of the clause's verb after the effusion word (ending at ``end``) inside its own phrase
+    (ending at ``b``), however far: a description set off by commas may stand between them ("Effusion, with a thickness
+    of 12 mm, is observed in the pericardial space"); "" if none. It stops at the clause's end and at another effusion
+    word, whose place that is, and leaves out the place adjectives of a noun phrase coordinated after it."""
+    rest = _CLAUSE_END.split(sent[end:b])[0]
+    later = _NEXT_EFFUSION.search(rest)
+    m = _VERB_PLACE.search(rest, 0, later.start() if later else len(rest))
+    return _without_next_qualifiers(m.group(0)) if m else ""
 
 
 def _elliptic_exceptions(text: str, sentence: tuple[int, int], found: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:

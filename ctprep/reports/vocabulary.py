@@ -143,6 +143,10 @@ BARE_EFFUSION_LABEL = "Pleural effusion"
 #: Words that start a place phrase. A place phrase set off by a comma still places the finding next to it ("In the
 #: right pleural space, an effusion ..."); another list item does not ("Effusion on the right, pericardial thickening").
 PLACE_PREPOSITIONS = ("in", "on", "at", "within", "inside", "along", "into")
+#: Nouns a place adjective names a space with, not another finding: "Effusion in the pleural and pericardial spaces"
+#: places the effusion in both, "Effusion on the right and pericardial thickening" does not (``mentions.py``).
+PLACE_NOUNS = ("space", "spaces", "cavity", "cavities", "sac", "recess", "recesses", "sinus", "sinuses", "region",
+               "regions", "surface", "surfaces", "layer", "layers", "leaf", "leaves", "side", "sides")
 #: Auxiliaries: a clause holding one is prose ("Lymph nodes are observed in the right paratracheal, subcarinal and
 #: left hilar regions"), whose commas set off phrases of one statement; a clause without is a telegraphic list, whose
 #: commas separate its items ("Nodule in the right upper lobe, pleural thickening on the left") (``attributes.py``).

@@ -467,6 +467,80 @@ def test_coordinated_qualifiers_still_share_the_effusion():
     assert labels[EFFUSION] == labels["Pericardial effusion"] == 0
 
 
+@pytest.mark.parametrize(("text", "kept", "negated"), [
+    # a telegraphic list (no auxiliary): a post-negation answers its own item, not a neighbour that says where,
+    # how large or how severe its finding is
+    ("Effusion on the right, pericardial effusion absent.", EFFUSION, "Pericardial effusion"),
+    ("Effusion on the left, pericardial effusion not detected.", EFFUSION, "Pericardial effusion"),
+    ("Right pleural effusion, pericardial effusion negative.", EFFUSION, "Pericardial effusion"),
+    ("Consolidation in the left lower lobe, pleural effusion not seen.", "Consolidation", EFFUSION),
+    ("Nodule of 6 mm in the right upper lobe, lymphadenopathy excluded.", "Lung nodule", "Lymphadenopathy"),
+    ("Mild cardiomegaly, pericardial effusion ruled out.", "Cardiomegaly", "Pericardial effusion"),
+    ("Emphysema in both upper lobes, consolidation not observed.", "Emphysema", "Consolidation"),
+    ("Effusion on the right, pericardial effusion absent, atelectasis in the left lower lobe.", EFFUSION,
+     "Pericardial effusion"),
+])
+def test_a_post_negation_in_a_telegraphic_list_answers_its_own_item(text, kept, negated):
+    assert [m.status for m in mentions_of(text, kept)] == ["present"]
+    assert [m.status for m in mentions_of(text, negated)] == ["negated"]
+
+
+@pytest.mark.parametrize(("text", "labels"), [
+    # prose: the predicate is said of every finding its subject coordinates
+    ("Pleural effusion, pericardial effusion and consolidation were not detected.",
+     (EFFUSION, "Pericardial effusion", "Consolidation")),
+    ("Pleural or pericardial effusion was not observed.", (EFFUSION, "Pericardial effusion")),
+    ("Atelectasis, consolidation and pleural effusion are not seen.", (EFFUSION, "Atelectasis", "Consolidation")),
+    ("Cardiomegaly and pericardial effusion were not observed.", ("Cardiomegaly", "Pericardial effusion")),
+    ("Emphysema, bronchiectasis, consolidation were not detected.", ("Emphysema", "Bronchiectasis", "Consolidation")),
+    # a telegraphic list whose items only name their findings, or that a conjunction closes, shares its predicate
+    ("Pleural effusion, pericardial effusion absent.", (EFFUSION, "Pericardial effusion")),
+    ("Cardiomegaly, pericardial effusion not detected.", ("Cardiomegaly", "Pericardial effusion")),
+    ("Right pleural effusion and pericardial effusion absent.", (EFFUSION, "Pericardial effusion")),
+])
+def test_a_post_negation_covers_the_findings_coordinated_with_it(text, labels):
+    mentions = [m for m in parse_report(text).mentions if m.label in labels]
+    assert {m.label for m in mentions} == set(labels)
+    assert {m.status for m in mentions} == {"negated"}
+
+
+@pytest.mark.parametrize("text", [
+    # the place adjective opens the next noun phrase after the conjunction: it is that finding's place
+    "Effusion on the right and pericardial thickening.",
+    "Effusion on the left and pericardial calcification.",
+    "Small effusion and pericardial thickening are seen.",
+    "Effusion in the right hemithorax and pericardial fat.",
+    "Effusion is seen on the right and pericardial thickening is noted.",
+])
+def test_the_next_noun_phrases_place_does_not_place_the_effusion(text):
+    labels = parse_report(text).labels
+    assert (labels[EFFUSION], labels["Pericardial effusion"]) == (1, 0)
+
+
+@pytest.mark.parametrize("text", [
+    # ... while coordinated place adjectives or a shared place phrase still place it
+    "Pericardial and pleural effusion is present.",
+    "Pleural or pericardial effusions are seen.",
+    "Effusion in the pleural and pericardial spaces.",
+])
+def test_coordinated_places_still_place_the_effusion_in_both(text):
+    labels = parse_report(text).labels
+    assert labels[EFFUSION] == labels["Pericardial effusion"] == 1
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    # the clause's verb places the effusion however long the description set off by commas before it
+    ("Effusion, with a thickness of 12 mm, is observed in the pericardial space.", "Pericardial effusion"),
+    ("Effusion, measuring 9 mm at its thickest point, is seen in the pericardial cavity.", "Pericardial effusion"),
+    ("Fluid, reaching a thickness of 10 mm at its widest part, was detected in the pericardial space.",
+     "Pericardial effusion"),
+    ("Effusion, with a thickness of 8 mm anteriorly, is seen in the pericardium.", "Pericardial effusion"),
+    ("An effusion, with a maximum thickness of 15 mm at the base, is noted in the right hemithorax.", EFFUSION),
+])
+def test_the_verbs_place_phrase_places_an_effusion_beyond_the_window(text, label):
+    assert [m.label for m in parse_report(text).mentions] == [label]
+
+
 # --- 5b. excepted lymph nodes ----------------------------------------------------------------------
 @pytest.mark.parametrize("text", [
     "No lymphadenopathy other than an enlarged 15 mm subcarinal node.",
