@@ -32,6 +32,7 @@ wildcard_constraints:
     model="|".join([*MODEL_PRESET, "tstr"]),
     family="|".join(GENERATOR_FAMILIES),
     scale="|".join(re.escape(s) for s in GUIDANCE_SCALES),
+    encoder=r"\d+",
 
 
 # bookkeeping that takes seconds runs in the Snakemake process itself, never queued on Slurm

@@ -60,7 +60,9 @@ def _train(args: argparse.Namespace) -> int:
     for key in INPUT_FILES:
         value = getattr(args, key, None)
         if value:
-            cfg["data"][key] = value
+            if isinstance(value, list) and len(value) > 1 and args.model != "latent_flow":
+                raise UserError(f"--{key.replace('_', '-')}: the {args.model} reads one cache, not {len(value)}")
+            cfg["data"][key] = value[0] if isinstance(value, list) and len(value) == 1 else value
     if args.data_workers is not None:
         cfg["train"]["num_workers"] = args.data_workers
     _check_inputs(args.model, cfg["data"])
@@ -226,7 +228,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--probe-latents", dest="probe_latents", nargs="+",
                    help="held-out latent shard manifests (the evaluation split's): latent_flow's text-reliance probe "
                         "also scores these, which it never trains on")
-    t.add_argument("--text-cache", dest="text_cache", help="cached frozen-encoder prompt states")
+    t.add_argument("--text-cache", dest="text_cache", nargs="+",
+                   help="cached frozen-encoder prompt states (latent_flow: one per encoder, in order)")
     t.add_argument("--text-tokenizer", dest="text_tokenizer", help="tokenizer JSON of the trainable text encoder")
     t.add_argument("--recon", nargs="+", help="token shard manifests with reconstructions, as super-resolution inputs")
     t.add_argument("--prompts", help="prompts.parquet (report_encoder: the structured prompt)")

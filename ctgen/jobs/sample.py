@@ -296,10 +296,12 @@ def write_cascade_spec(models_dir: str | Path, preset: dict, models_cfg: dict, s
 
 
 def write_latent_spec(models_dir: str | Path, preset: dict, models_cfg: dict, sampling: dict, latent_manifests: list[str],
-                      train_manifests: list[str], text: str | Path | None = None, prompts: dict | None = None) -> Path:
+                      train_manifests: list[str], text: str | Path | None = None, prompts: dict | None = None,
+                      encoders: list[dict] | None = None) -> Path:
     """``latent_flow.json``: the latent flow family's sampling spec, after checking its latents came from its autoencoder.
 
     ``prompts``: the config's ``prompts`` section (how a new report becomes its structured section).
+    ``encoders``: the family's text encoders in training order (None: ``models_cfg["text_encoder"]``).
     """
     from ctgen.data.derived import weights_id
     from ctgen.data.grid import resolved_preset
@@ -311,8 +313,8 @@ def write_latent_spec(models_dir: str | Path, preset: dict, models_cfg: dict, sa
     made_by, autoencoder = latent_producer(latent_manifests), weights_id(models_dir / "autoencoder")
     if made_by != autoencoder:
         raise ValueError(f"the latent shards were made by {made_by}, not by {autoencoder}: re-run encode_latents")
-    enc = models_cfg["text_encoder"]
-    small = enc["kind"] == "small"
+    encoders = encoders or [models_cfg["text_encoder"]]
+    small = encoders[0]["kind"] == "small"
     return write_latent_flow_spec(models_dir, resolved_preset(preset, train_manifests),
-                                  [{k: enc.get(k) for k in ("kind", "path", "max_length")}], sampling,
+                                  [{k: enc.get(k) for k in ("kind", "path", "max_length")} for enc in encoders], sampling,
                                   text_tokenizer=text if small else None, prompt_rendering=rendering(prompts or {}))

@@ -197,3 +197,47 @@ def test_nvidia_weights_instead_of_training(cohort, tmp_path):
     with pytest.raises(ValueError, match="decoder"):
         run_training("autoencoder", {"model": AE, "train": TRAIN, "maisi_checkpoint": str(tmp_path / "partial.pt"),
                                      "data": {}}, tmp_path / "ae2", tmp_path / "ckpt")
+
+
+def test_several_frozen_encoders_train_and_sample_through_the_cli(latent_run, cohort, tmp_path):
+    """Report2CT's conditioning (models.latent_flow_text_encoders): two frozen encoders of other widths, their
+    section states cached one file each, mean-pooled and concatenated by the flow network (`--text-cache A B`),
+    named in order in the spec, and rebuilt from it to sample from a plain report."""
+    import yaml
+
+    from ctgen.data.text_cache import encode_prompts
+    from ctgen.models.text_encoders import FrozenReportEncoder, ReportEncoder, ReportEncoderConfig
+
+    keys = [key for key, _ in iter_raw_samples(latent_run["latents"])]
+    texts = {f"{k}:{seg}": text for k in keys for seg, text in
+             (("findings", "Right pleural effusion."), ("impression", "Effusion."))}
+    encoders, caches = [], []
+    for name, dim in (("enc_a", 16), ("enc_b", 24)):  # untrained: the plumbing, not what they know
+        torch.manual_seed(dim)
+        folder = tmp_path / name
+        ReportEncoder(ReportEncoderConfig(vocab_size=120, dim=dim, depth=1, heads=2, max_length=32)).save_pretrained(folder)
+        shutil.copyfile(latent_run["tok"], folder / "tokenizer.json")
+        encoders.append({"kind": "report_encoder", "path": str(folder), "max_length": 32})
+        caches.append(str(encode_prompts(FrozenReportEncoder(folder, 32), texts, tmp_path / f"{name}.safetensors")))
+    cfg = tmp_path / "flow.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {**FLOW, "text_pooling": "mean"}, "train": TRAIN,
+                                   "data": {"prompt": "generatect"}}))
+    models = tmp_path / "models"
+    shutil.copytree(latent_run["models"] / "autoencoder", models / "autoencoder")
+    assert ctgen_main(["train", "latent_flow", "--config", str(cfg), "--latents", str(latent_run["latents"]),
+                       "--text-cache", *caches, "--out", str(models / "latent_flow"),
+                       "--checkpoints", str(tmp_path / "ckpt")]) == 0
+    saved = json.loads((models / "latent_flow" / "config.json").read_text())["config"]
+    assert saved["text_dims"] == [16, 24] and saved["text_pooling"] == "mean"
+    preset = {"mode": "spacing", "spacing": [2.0, 2.0, 5.0], "shape": [16, 16, 8], "clip": WINDOW}
+    write_latent_spec(models, preset, {"text_encoder": {"kind": "small"}}, {"guidance_scale": 2.0},
+                      [str(latent_run["latents"])], [cohort["manifest"]], encoders=encoders)
+    spec = json.loads((models / "latent_flow.json").read_text())
+    assert [e["path"] for e in spec["text_encoders"]] == [e["path"] for e in encoders]
+    out = tmp_path / "one.nii.gz"
+    assert ctgen_main(["sample", "--family", "latent_flow", "--models", str(models), "--prompt",
+                       "Right pleural effusion.", "--out", str(out), "--steps", "2"]) == 0
+    assert json.loads(out.with_name("one.json").read_text())["report"] == {"findings": "Right pleural effusion.",
+                                                                         "impression": ""}
+    assert ctgen_main(["train", "generator", "--config", str(cfg), "--tokens", str(cfg), "--text-cache", *caches,
+                       "--out", str(tmp_path / "g")]) == 2  # the cascade's models read one cache

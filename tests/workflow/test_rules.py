@@ -7,9 +7,11 @@ name no split, chunk or model.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
+import yaml
 
 from tests.workflow.wf import REPO, SNAKEMAKE, make_workdir, snakemake
 
@@ -91,8 +93,11 @@ def test_every_job_that_can_use_a_gpu_asks_the_slurm_profile_for_one(jobs):
 @pytest.mark.parametrize("overrides", [{}, {"models": {"generators": ["latent_flow"]}},
                                        {"models": {"generators": ["cascade"], "superres_lowres": "reconstruction",
                                                    "text_encoder": {"kind": "minilm"}}, "evaluation": {"tstr": False}},
-                                       {"models": {"text_encoder": {"kind": "report_encoder"}}}],
-                         ids=["both-families", "latent-flow", "cascade-frozen-text", "report-encoder"])
+                                       {"models": {"text_encoder": {"kind": "report_encoder"}}},
+                                       {"models": {"latent_flow_text_encoders": [{"kind": "minilm"},
+                                                                                 {"kind": "report_encoder"}]},
+                                        "model_presets": {"demo": {"latent_flow": {"model": {"text_pooling": "mean"}}}}}],
+                         ids=["both-families", "latent-flow", "cascade-frozen-text", "report-encoder", "flow-encoders"])
 def test_every_job_is_a_target_of_all(workdir, tmp_path, overrides):
     """Snakemake does not rebuild a missing intermediate file while the files after it look up to date
     (snakemake/snakemake#1978), and a job deletes its outputs when it starts: after a job that failed, a rerun
@@ -103,6 +108,39 @@ def test_every_job_is_a_target_of_all(workdir, tmp_path, overrides):
     uncovered = sorted({rule for rule, f in plan if rule != "all" and not set(f["output"].split(", ")) & targets})
     assert not uncovered, f"jobs that no target of `all` reruns after they fail: {uncovered}"
     assert len(plan) > 30
+
+
+def test_the_latent_flow_family_reads_its_own_encoders(tmp_path):
+    """models.latent_flow_text_encoders: one embed_sections job per encoder, in order, and the flow network trains
+    on all their caches while the cascade keeps models.text_encoder (here the small one); the report encoder this
+    run pretrains gets the longest max_length of its users."""
+    work = make_workdir(tmp_path / "two", {
+        "models": {"latent_flow_text_encoders": [{"kind": "minilm", "max_length": 32},
+                                                 {"kind": "report_encoder", "max_length": 48}]},
+        "model_presets": {"demo": {"latent_flow": {"model": {"text_pooling": "mean"}}}}})
+    res = snakemake(work, "-n", "-p", "results/models/latent_flow.json", "results/models/generator/model.safetensors")
+    out = res.stdout + res.stderr
+    sections = re.findall(r"ctgen embed-sections .*--encoder '(\{.*?\})' --out (\S+)", out)
+    assert [(json.loads(e)["kind"], json.loads(e)["max_length"], path) for e, path in sections] == [
+        ("minilm", 32, "results/text/sections/0.safetensors"), ("report_encoder", 48, "results/text/sections/1.safetensors")]
+    assert json.loads(sections[1][0])["path"] == "results/models/report_encoder"  # the one this run trains
+    assert "--text-cache results/text/sections/0.safetensors results/text/sections/1.safetensors" in out
+    assert re.search(r"ctgen train generator .*--text-tokenizer results/text/tokenizer.json", out)
+    assert "embed-prompts" not in out  # the cascade's small encoder trains with the generator
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    snakemake(work, "results/models/report_encoder.yaml")
+    assert yaml.safe_load((work / "results/models/report_encoder.yaml").read_text())["text_encoder"] == {"max_length": 48}
+    assert cfg["models"]["text_encoder"]["kind"] == "small"
+    for overrides, needle in (
+            ({"models": {"latent_flow_text_encoders": [{"kind": "minilm"}, {"kind": "hf", "path": "x"}]}},
+             "lists 2 encoders: the preset's latent_flow.model.text_pooling must be mean"),
+            ({"models": {"latent_flow_text_encoders": [{"kind": "small"}, {"kind": "minilm"}]},
+              "model_presets": {"demo": {"latent_flow": {"model": {"text_pooling": "mean"}}}}},
+             "the small trainable encoder is used alone")):
+        res = snakemake(make_workdir(tmp_path / "bad", overrides), "-n", check=False)
+        lines = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("config error")]
+        assert res.returncode != 0 and len(lines) == 1 and needle in lines[0], res.stderr[-2000:]
+        assert "Traceback" not in res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("target", ["results/models/tokeniser.yaml", "results/shards/test/manifest.json",

@@ -78,12 +78,34 @@ LONGEST_CHAIN = 10
 MODEL_PRESET = config["model_presets"][MODELS["preset"]]
 CHECKPOINTS = MODELS["checkpoints"]
 SMALL_TEXT = MODELS["text_encoder"]["kind"] == "small"
+# the latent flow family's text encoders: its own (latent_flow_text_encoders), or the cascade's
+FLOW_TEXT_ENCODERS = [
+    {"path": None, "max_length": MODELS["text_encoder"]["max_length"], **enc}
+    for enc in MODELS.get("latent_flow_text_encoders") or [MODELS["text_encoder"]]
+]
+FLOW_SMALL_TEXT = FLOW_TEXT_ENCODERS[0]["kind"] == "small"
+if (
+    len(FLOW_TEXT_ENCODERS) > 1
+):  # Report2CT's: pooled, concatenated (one line, no traceback)
+    if FLOW_SMALL_TEXT or any(e["kind"] == "small" for e in FLOW_TEXT_ENCODERS):
+        sys.exit(
+            "config error: models.latent_flow_text_encoders: the small trainable encoder is used alone, not among several"
+        )
+    pooling = MODEL_PRESET.get("latent_flow", {}).get("model", {}).get("text_pooling")
+    if pooling != "mean":
+        sys.exit(
+            f"config error: models.latent_flow_text_encoders lists {len(FLOW_TEXT_ENCODERS)} encoders: the preset's "
+            f"latent_flow.model.text_pooling must be mean (their pooled states concatenated), not {pooling!r}"
+        )
 # the report encoder pretrained in this run (kind report_encoder without a path: rule train_report_encoder)
-OWN_REPORT_ENCODER = (
-    MODELS["text_encoder"]["kind"] == "report_encoder"
-    and not MODELS["text_encoder"]["path"]
-)
+OWN_REPORT_ENCODERS = [
+    e
+    for e in [MODELS["text_encoder"], *FLOW_TEXT_ENCODERS]
+    if e["kind"] == "report_encoder" and not e["path"]
+]
+OWN_REPORT_ENCODER = bool(OWN_REPORT_ENCODERS)
 TEXT_FLAG = "--text-tokenizer" if SMALL_TEXT else "--text-cache"
+FLOW_TEXT_FLAG = "--text-tokenizer" if FLOW_SMALL_TEXT else "--text-cache"
 TEXT_ENCODER_MODELS = (
     "generator",
     "superres",
@@ -122,19 +144,24 @@ def get_train_config(wildcards):
     ):  # the autoencoder: NVIDIA's weights instead of training
         cfg["maisi_checkpoint"] = preset["maisi_checkpoint"]
     # the report encoder: its learned positions (the vocabulary is its tokenizer's) and the reports it reads
-    if wildcards.model == "report_encoder":
-        cfg["text_encoder"] = {"max_length": MODELS["text_encoder"]["max_length"]}
+    if (
+        wildcards.model == "report_encoder"
+    ):  # positions for the longest text any of its users keeps
+        cfg["text_encoder"] = {
+            "max_length": max(e["max_length"] for e in OWN_REPORT_ENCODERS)
+        }
         cfg["data"] = {
             "splits": MODELS["train_splits"],
             "prompt": MODELS["prompt"],
             **preset.get("data", {}),
         }
         return cfg
-    if wildcards.model in TEXT_ENCODER_MODELS and SMALL_TEXT:
+    text = FLOW_TEXT_ENCODERS[0] if model == "latent_flow" else MODELS["text_encoder"]
+    if model in TEXT_ENCODER_MODELS and text["kind"] == "small":
         cfg["text_encoder"] = {
             **preset.get("text_encoder", {}),
             "vocab_size": MODELS["text_encoder"]["vocab_size"],
-            "max_length": MODELS["text_encoder"]["max_length"],
+            "max_length": text["max_length"],
         }
     cfg["data"] = {
         "hu_window": PRESET["clip"],
@@ -169,19 +196,32 @@ def get_report_encoder(wildcards):
     return rules.train_report_encoder.output.weights if OWN_REPORT_ENCODER else []
 
 
-def get_encoder_config(wildcards, input):
-    """models.text_encoder as JSON for the embedding jobs, with the path of the report encoder this run trained."""
-    enc = dict(MODELS["text_encoder"])
-    if OWN_REPORT_ENCODER:
+def encoder_json(enc, input):
+    """A text encoder's settings as JSON for an embedding job, with the path of the report encoder this run
+    trained where it is that one."""
+    enc = dict(enc)
+    if enc["kind"] == "report_encoder" and not enc.get("path"):
         enc["path"] = os.path.dirname(input.encoder)
     return json.dumps(enc)
 
 
+def get_encoder_config(wildcards, input):
+    """models.text_encoder for embed_prompts."""
+    return encoder_json(MODELS["text_encoder"], input)
+
+
+def get_section_encoder_config(wildcards, input):
+    """The latent flow family's encoder number `encoder` for embed_sections."""
+    return encoder_json(FLOW_TEXT_ENCODERS[int(wildcards.encoder)], input)
+
+
 def get_section_text(wildcards):
-    """The latent flow's text side: the small encoder's tokenizer, or a frozen encoder's section states."""
-    if SMALL_TEXT:
+    """The latent flow's text side: the small encoder's tokenizer, or each frozen encoder's section states."""
+    if FLOW_SMALL_TEXT:
         return rules.text_tokenizer.output.tokenizer
-    return rules.embed_sections.output.cache
+    return expand(
+        rules.embed_sections.output.cache, encoder=range(len(FLOW_TEXT_ENCODERS))
+    )
 
 
 def get_train_latents(wildcards):

@@ -82,11 +82,11 @@ rule embed_sections:
         prompts=rules.prompts.output.table,
         encoder=get_report_encoder,
     output:
-        cache=f"{R}/text/sections.safetensors",
+        cache=f"{R}/text/sections/{{encoder}}.safetensors",
     log:
-        f"{R}/logs/embed_sections.log",
+        f"{R}/logs/embed_sections/{{encoder}}.log",
     benchmark:
-        f"{R}/benchmarks/embed_sections.tsv"
+        f"{R}/benchmarks/embed_sections/{{encoder}}.tsv"
     conda:
         "../../envs/train.yaml"
     threads: 2
@@ -95,7 +95,7 @@ rule embed_sections:
         runtime=60,
         gpu=0,
     params:
-        encoder=get_encoder_config,
+        encoder=get_section_encoder_config,
     shell:
         "ctgen embed-sections --cohort {input.cohort} --prompts {input.prompts}"
         " --encoder '{params.encoder}' --out {output.cache} > {log} 2>&1"
@@ -128,7 +128,7 @@ rule train_latent_flow:
         ckpt=f"{CHECKPOINTS}/latent_flow",
         launch=get_launcher,
         workers=get_data_workers,
-        text_flag=TEXT_FLAG,
+        text_flag=FLOW_TEXT_FLAG,
         probe=lambda wc, input: f"--probe-latents {input.probe}" if input.probe else "",
     shell:
         "{params.launch} train latent_flow --config {input.config} --latents {input.latents}"
@@ -160,6 +160,7 @@ rule latent_flow_spec:
         models=MODEL_SETTINGS,
         sampling=config["sampling"]["latent_flow"],
         prompts=config["prompts"],
+        encoders=FLOW_TEXT_ENCODERS,
     script:
         "../scripts/latent_flow_spec.py"
 

@@ -13,4 +13,5 @@ write_latent_spec(
     list(snakemake.input.manifests),
     snakemake.input.text,
     prompts=snakemake.params.prompts,
+    encoders=snakemake.params.encoders,
 )
