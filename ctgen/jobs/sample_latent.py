@@ -81,6 +81,16 @@ def read_sections(path: str | Path) -> list[tuple[str, dict[str, str]]]:
     return out
 
 
+def recorded_prompt(used: dict[str, str]) -> str:
+    """The text samples.csv records for a volume (``ctgen evaluate`` reads it as the report where the ground truth
+    has none): a single section's text as it is, as the cascade's prompt ("mild cardiomegaly"), or each
+    section named ("findings: ... | impression: ...")."""
+    given = {seg: t for seg, t in used.items() if t}
+    if len(given) == 1:
+        return next(iter(given.values()))
+    return " | ".join(f"{seg}: {t}" for seg, t in given.items())
+
+
 def sample_latent_to_files(models_dir: str | Path, reports: list[tuple[str, dict[str, str]]], out_dir: str | Path,
                            settings: LatentSampleSettings, seed: int = 0, per_prompt: int = 1, device: str = "cpu",
                            dicom_dir: str | Path | None = None, single_out: str | Path | None = None,
@@ -104,7 +114,7 @@ def sample_latent_to_files(models_dir: str | Path, reports: list[tuple[str, dict
     def generate(used: dict[str, str], s: int):
         texts = {seg: [t] for seg, t in used.items()}
         vol = pipe(settings=settings, generators=[torch.Generator(device=device).manual_seed(s)], **texts)[0]
-        return vol, pipe.sidecar(used, s, settings), " | ".join(f"{seg}: {t}" for seg, t in used.items() if t)
+        return vol, pipe.sidecar(used, s, settings), recorded_prompt(used)
 
     return write_samples(requests, generate, out_dir, seed=seed, per_prompt=per_prompt,
                          dicom_dir=dicom_dir, single_out=single_out, exact_names=exact_names, orientation=orientation,

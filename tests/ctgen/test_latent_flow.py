@@ -538,6 +538,17 @@ def test_sections_for_a_plain_prompt_follow_the_models_segments():
     assert sections_for({}, ["structured"]) == {"structured": ""}  # nothing given: refused by the caller
 
 
+
+def test_samples_csv_records_the_text_a_report_gave():
+    """One section's text as it is (as the cascade's prompt: what a CLIP model reads), several named."""
+    from ctgen.jobs.sample_latent import recorded_prompt
+
+    assert recorded_prompt({"structured": "mild cardiomegaly"}) == "mild cardiomegaly"
+    assert recorded_prompt({"findings": "Effusion.", "impression": ""}) == "Effusion."
+    assert recorded_prompt({"findings": "Effusion.", "impression": "Cardiomegaly."}) == \
+        "findings: Effusion. | impression: Cardiomegaly."
+
+
 def test_a_structured_model_samples_from_a_plain_prompt(models_dir, tmp_path):
     """``ctgen sample --family latent_flow --prompt`` for a model trained on the structured prompt: the prompt
     is parsed and rendered with the spec's settings, and the sidecar records the text the model saw."""
