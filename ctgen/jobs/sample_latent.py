@@ -3,9 +3,10 @@
 The latent flow model conditions on report sections (findings and impression, or the structured
 prompt), so its inputs are rows with those columns: the workflow's ``sample_prompts`` CSV carries
 them beside the cascade's prompt. A free text (``--prompt``, a VLM3D report, a line of a text
-file, a row with only ``prompt``/``text``) is the findings (the impression then conditions on its
-null segment); a model conditioned on the structured prompt gets the report parsed and rendered as
-its training prompts were (:func:`sections_for`). The output contract is the cascade's:
+file, a row with only ``prompt``/``text``) is split into findings and impression at its headers
+(all findings without them; an absent section conditions on its null segment); a model conditioned
+on the structured prompt gets the report parsed and rendered as its training prompts were
+(:func:`sections_for`). The output contract is the cascade's:
 ``<id>_s<seed>.nii.gz`` int16 HU with a truthful affine, a JSON sidecar naming the family, seed,
 settings, weight hashes and the spacing's source, an optional DICOM series, and ``samples.csv``.
 """
@@ -30,20 +31,27 @@ REPORT = "report"
 def sections_for(sections: dict[str, str], segments: list[str], rendering: dict | None = None) -> dict[str, str]:
     """{segment: text} the model conditions on, from what a report gives (``SEGMENT_COLUMNS`` and/or ``REPORT``).
 
-    ``findings``: its own text, else the free text; ``impression``: its own text, else "" (the null
-    segment); ``structured``: its own text, else the report (findings and impression, or the free
-    text) parsed and rendered with the spec's ``rendering`` (:func:`ctprep.prompts.report_prompt`),
-    so a plain prompt reaches a structured model in the form it was trained on.
+    ``findings`` and ``impression``: their own texts, else the free text's sections (split at its
+    "Findings:"/"Impression:" headers or CT-RATE's separator, as the training reports were; a text
+    without them is all findings), else "" (the null segment); ``structured``: its own text, else the
+    report (findings and impression, or the free text) parsed and rendered with the spec's
+    ``rendering`` (:func:`ctprep.prompts.report_prompt`), so a plain prompt reaches a structured
+    model in the form it was trained on.
     """
     from ctprep.prompts import STRUCTURED, report_prompt
+    from ctprep.reports.sections import split_sections
 
     given = {k: v for k, v in sections.items() if isinstance(v, str) and v.strip()}
+    split = {}
+    if REPORT in given:
+        split = {k: v for k, v in split_sections(given[REPORT]).items() if k in ("findings", "impression") and v}
+        split = split or {"findings": given[REPORT]}  # no findings or impression found: all of it
     used = {}
     for seg in segments:
         if seg in given:
             used[seg] = given[seg]
-        elif seg == "findings":
-            used[seg] = given.get(REPORT, "")
+        elif seg in ("findings", "impression"):
+            used[seg] = split.get(seg, "")
         elif seg == STRUCTURED and given:
             report = given.get(REPORT) or {k: given[k] for k in ("findings", "impression") if k in given}
             used[seg] = report_prompt(report, STRUCTURED, **(rendering or {}))

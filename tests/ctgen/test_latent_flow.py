@@ -535,6 +535,11 @@ def test_sections_for_a_plain_prompt_follow_the_models_segments():
     assert sections_for({"impression": "No acute findings."}, ["findings", "impression"]) == {
         "findings": "", "impression": "No acute findings."}
     assert sections_for({REPORT: "Lungs are clear."}, ["structured"]) == {"structured": "no acute findings"}
+    headed = {REPORT: "Findings: Small right pleural effusion. Impression: Right pleural effusion."}
+    assert sections_for(headed, ["findings", "impression"]) == {"findings": "Small right pleural effusion.",
+                                                                "impression": "Right pleural effusion."}
+    assert sections_for({REPORT: "Clinical information: cough."}, ["findings", "impression"]) == {
+        "findings": "Clinical information: cough.", "impression": ""}  # nothing else: all of it is the findings
     assert sections_for({}, ["structured"]) == {"structured": ""}  # nothing given: refused by the caller
 
 
