@@ -121,8 +121,9 @@ def sample_parser():
 
     ap = argparse.ArgumentParser(prog="ctgen sample", description="report text -> synthetic chest CT (NIfTI, DICOM)")
     ap.add_argument("--models", required=True, help="trained models folder (holds cascade.json / latent_flow.json)")
-    ap.add_argument("--family", choices=("cascade", "latent_flow"), default="cascade",
-                    help="which generator family samples (default: the cascade)")
+    ap.add_argument("--family", choices=("cascade", "latent_flow"),
+                    help="which generator family samples (default: the cascade, or the latent flow family where "
+                         "--models holds only that one)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one report/prompt text")
     src.add_argument("--prompts", help="file: one prompt per line, or CSV/JSONL of prompts or CT-RATE-style reports")
@@ -158,6 +159,17 @@ def _cascade_spec(models: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _held_family(models: str | Path) -> str:
+    """The family a models folder holds: the cascade where its spec is there (the default of a run with
+    both), else the latent flow family's; a folder with neither is the cascade's error, naming the file."""
+    from ctgen.pipelines.latent_flow import SPEC
+
+    if not (Path(models) / CASCADE).is_file() and (Path(models) / SPEC).is_file():
+        log.info("%s holds the latent flow family only: sampling it", models)
+        return "latent_flow"
+    return "cascade"
+
+
 def _given(value, default):
     return default if value is None else value
 
@@ -181,6 +193,8 @@ def sample_main(argv: list[str] | None = None) -> int:
         read_prompts_json(args.vlm3d)  # a malformed file is named before the models are loaded
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("the prompt is empty: a report text is needed to condition the scan")
+    if args.family is None:
+        args.family = _held_family(args.models)
     if args.family == "latent_flow":
         from ctgen.jobs.sample_latent import sample_latent_main
 

@@ -572,8 +572,8 @@ def test_a_structured_model_samples_from_a_plain_prompt(models_dir, tmp_path):
     spec["weights"]["latent_flow"] = sha256_file(structured / "latent_flow" / "model.safetensors")
     spec["prompt_rendering"] = {"negated": "state", "max_chars": 0}
     (structured / "latent_flow.json").write_text(json.dumps(spec))
-    out = tmp_path / "one.nii.gz"
-    assert ctgen_main(["sample", "--family", "latent_flow", "--models", str(structured), "--prompt",
+    out = tmp_path / "one.nii.gz"  # no --family: the folder holds the latent flow family only
+    assert ctgen_main(["sample", "--models", str(structured), "--prompt",
                        "Small left pleural effusion. Cardiomegaly.", "--out", str(out), "--steps", "2"]) == 0
     side = json.loads(out.with_name("one.json").read_text())
     assert side["report"]["structured"].startswith("cardiomegaly; ") and "left pleural effusion" in side["report"]["structured"]
