@@ -120,7 +120,8 @@ def test_the_latent_flow_family_reads_its_own_encoders(tmp_path):
         "model_presets": {"demo": {"latent_flow": {"model": {"text_pooling": "mean"}}}}})
     res = snakemake(work, "-n", "-p", "results/models/latent_flow.json", "results/models/generator/model.safetensors")
     out = res.stdout + res.stderr
-    sections = re.findall(r"ctgen embed-sections .*--encoder '(\{.*?\})' --out (\S+)", out)
+    sections = sorted(re.findall(r"ctgen embed-sections .*--encoder '(\{.*?\})' --out (\S+)", out),
+                      key=lambda s: s[1])  # a dry run lists the jobs in no fixed order
     assert [(json.loads(e)["kind"], json.loads(e)["max_length"], path) for e, path in sections] == [
         ("minilm", 32, "results/text/sections/0.safetensors"), ("report_encoder", 48, "results/text/sections/1.safetensors")]
     assert json.loads(sections[1][0])["path"] == "results/models/report_encoder"  # the one this run trains
