@@ -70,6 +70,27 @@ def model_preset(name: str, model: str, config: str | Path = REPO_CONFIG) -> dic
     return json.loads(json.dumps(presets[name][model]))
 
 
+def flow_text_encoders(models_cfg: dict[str, Any], preset: dict[str, Any]) -> list[dict[str, Any]]:
+    """The latent flow family's text encoders, in order: ``models.latent_flow_text_encoders``, else the
+    cascade's ``models.text_encoder``; each with ``path`` and ``max_length`` (default: the cascade's) filled in.
+
+    Several encoders are Report2CT's conditioning, their pooled states concatenated: refused (``ValueError``,
+    one line naming the keys) with the small trainable encoder among them, or unless the model preset's
+    ``latent_flow.model.text_pooling`` is ``mean``.
+    """
+    default = {"path": None, "max_length": models_cfg["text_encoder"]["max_length"]}
+    encoders = [{**default, **enc} for enc in models_cfg.get("latent_flow_text_encoders") or [models_cfg["text_encoder"]]]
+    if len(encoders) > 1:
+        if any(e["kind"] == "small" for e in encoders):
+            raise ValueError("models.latent_flow_text_encoders: the small trainable encoder is used alone, not among several")
+        pooling = preset.get("latent_flow", {}).get("model", {}).get("text_pooling")
+        if pooling != "mean":
+            raise ValueError(f"models.latent_flow_text_encoders lists {len(encoders)} encoders: the preset's "
+                             f"latent_flow.model.text_pooling must be mean (their pooled states concatenated), "
+                             f"not {pooling!r}")
+    return encoders
+
+
 def config_hash(cfg: dict[str, Any]) -> str:
     """Short hash of a run's model+train+text config and of its data files' contents.
 

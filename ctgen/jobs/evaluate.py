@@ -159,12 +159,11 @@ def _texts_and_labels(truth: RealSet, predictions, models_dir, nets: FeatureNets
     texts.update(truth.texts(template))
     if reports:
         from ctgen.jobs.sample import report_template
+        from ctgen.pipelines.spec import generator_specs
 
-        spec_path = Path(spec) if spec else Path(models_dir) / "cascade.json"
-        if not spec_path.is_file():
-            spec_path = Path(models_dir) / "latent_flow.json"
-        known = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
-        texts.update(read_reports(reports, *report_template(known, template)))
+        found = generator_specs(models_dir, spec)
+        generator = json.loads(found[0].read_text()) if found else {}
+        texts.update(read_reports(reports, *report_template(generator, template)))
     known = truth.labels()
     if labels:
         known.update(read_labels(labels))

@@ -194,14 +194,13 @@ def spec_text_encoder(models_dir: str | Path, spec: str | Path | None = None) ->
     import json
 
     from ctgen.models.text_encoders import resolved
+    from ctgen.pipelines.spec import generator_specs
 
-    paths = ([Path(spec)] if spec else []) + [Path(models_dir) / "cascade.json", Path(models_dir) / "latent_flow.json"]
-    for path in paths:
-        if path.is_file():
-            found = json.loads(path.read_text())
-            enc = found.get("text_encoder") or next(iter(found.get("text_encoders") or []), None)
-            if enc:
-                return resolved(enc, path.parent)  # a report encoder is named relative to the spec's folder
+    for path in generator_specs(models_dir, spec):
+        found = json.loads(path.read_text())
+        enc = found.get("text_encoder") or next(iter(found.get("text_encoders") or []), None)
+        if enc:
+            return resolved(enc, path.parent)  # a report encoder is named relative to the spec's folder
     return {}
 
 

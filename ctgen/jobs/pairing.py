@@ -76,15 +76,13 @@ class Grid:
     def from_models(cls, models_dir: str | Path) -> Grid:
         """From the generator spec in ``models_dir`` (cascade.json, else latent_flow.json: both record the grid
         of the shards the feature networks were trained on)."""
-        from ctgen.pipelines.latent_flow import SPEC  # here, not at the top: they load MONAI, which only this needs
-        from ctgen.pipelines.text_to_ct import CASCADE
+        from ctgen.pipelines.spec import generator_specs  # here, not at the top: it loads MONAI, which only this needs
 
-        specs = (CASCADE, SPEC)
-        for name in specs:
-            if (Path(models_dir) / name).is_file():
-                return cls.from_spec(Path(models_dir) / name)
-        raise UserError(f"--models {models_dir}: no {' or '.join(specs)}, which records the grid (spacing, shape, "
-                        "HU window) the feature networks were trained on")
+        found = generator_specs(models_dir)
+        if found:
+            return cls.from_spec(found[0])
+        raise UserError(f"--models {models_dir}: no cascade.json or latent_flow.json, which records the grid "
+                        "(spacing, shape, HU window) the feature networks were trained on")
 
     def preset(self) -> dict:
         """A ``spacing`` prep preset for :func:`ctprep.preprocess.to_target_grid`."""

@@ -329,6 +329,5 @@ def write_latent_spec(models_dir: str | Path, preset: dict, models_cfg: dict, sa
         raise ValueError(f"the latent shards were made by {made_by}, not by {autoencoder}: re-run encode_latents")
     encoders = encoders or [models_cfg["text_encoder"]]
     small = encoders[0]["kind"] == "small"
-    return write_latent_flow_spec(models_dir, resolved_preset(preset, train_manifests),
-                                  [{k: enc.get(k) for k in ("kind", "path", "max_length")} for enc in encoders], sampling,
+    return write_latent_flow_spec(models_dir, resolved_preset(preset, train_manifests), encoders, sampling,
                                   text_tokenizer=text if small else None, prompt_rendering=rendering(prompts or {}))

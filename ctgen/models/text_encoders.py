@@ -464,7 +464,7 @@ class ReportEncoderOutput(ModelOutput):
 
 class ReportEncoder(nn.Module, PretrainedMixin):
     """The small text encoder with a label head: pretrained to tell from a report's text which findings
-    it states (multi-label BCE on the mean of its token states), then frozen and cached like the
+    it states (multi-label BCE on the pooled token states: their mean, or max), then frozen and cached like the
     Hugging Face encoders (:class:`FrozenReportEncoder`).
 
     Why: trained jointly with the generator from scratch, the small encoder learns the words only

@@ -278,3 +278,18 @@ def test_cache_skips_when_unchanged(tmp_path, minilm):
     other_dtype = Counting(minilm)
     encode_prompts(other_dtype, {**prompts, "c": "cardiomegaly"}, path, dtype="float32")
     assert len(other_dtype.seen) == 3
+
+
+def test_the_latent_flow_familys_encoders_default_to_the_cascades_and_are_checked():
+    from ctgen.jobs.config import flow_text_encoders
+
+    models = {"text_encoder": {"kind": "small", "path": None, "max_length": 128, "vocab_size": 1000}}
+    mean = {"latent_flow": {"model": {"text_pooling": "mean"}}}
+    assert flow_text_encoders(models, {}) == [models["text_encoder"]]  # none of its own: the cascade's
+    own = {**models, "latent_flow_text_encoders": [{"kind": "hf", "path": "/m/cxr-bert"}, {"kind": "minilm", "max_length": 64}]}
+    assert flow_text_encoders(own, mean) == [{"kind": "hf", "path": "/m/cxr-bert", "max_length": 128},
+                                             {"kind": "minilm", "path": None, "max_length": 64}]
+    with pytest.raises(ValueError, match="text_pooling must be mean .* not 'tokens'"):
+        flow_text_encoders(own, {"latent_flow": {"model": {"text_pooling": "tokens"}}})
+    with pytest.raises(ValueError, match="the small trainable encoder is used alone"):
+        flow_text_encoders({**models, "latent_flow_text_encoders": [{"kind": "minilm"}, {"kind": "small"}]}, mean)

@@ -10,6 +10,7 @@ import jsonschema
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from ctgen.jobs.config import flow_text_encoders
 from ctgen.jobs.eval_config import scoring_settings
 from ctgen.jobs.geometry import GeometryError, check_geometry
 
@@ -79,24 +80,11 @@ MODEL_PRESET = config["model_presets"][MODELS["preset"]]
 CHECKPOINTS = MODELS["checkpoints"]
 SMALL_TEXT = MODELS["text_encoder"]["kind"] == "small"
 # the latent flow family's text encoders: its own (latent_flow_text_encoders), or the cascade's
-FLOW_TEXT_ENCODERS = [
-    {"path": None, "max_length": MODELS["text_encoder"]["max_length"], **enc}
-    for enc in MODELS.get("latent_flow_text_encoders") or [MODELS["text_encoder"]]
-]
+try:
+    FLOW_TEXT_ENCODERS = flow_text_encoders(MODELS, MODEL_PRESET)
+except ValueError as err:
+    sys.exit(f"config error: {err}")  # one line naming the keys, no traceback
 FLOW_SMALL_TEXT = FLOW_TEXT_ENCODERS[0]["kind"] == "small"
-if (
-    len(FLOW_TEXT_ENCODERS) > 1
-):  # Report2CT's: pooled, concatenated (one line, no traceback)
-    if FLOW_SMALL_TEXT or any(e["kind"] == "small" for e in FLOW_TEXT_ENCODERS):
-        sys.exit(
-            "config error: models.latent_flow_text_encoders: the small trainable encoder is used alone, not among several"
-        )
-    pooling = MODEL_PRESET.get("latent_flow", {}).get("model", {}).get("text_pooling")
-    if pooling != "mean":
-        sys.exit(
-            f"config error: models.latent_flow_text_encoders lists {len(FLOW_TEXT_ENCODERS)} encoders: the preset's "
-            f"latent_flow.model.text_pooling must be mean (their pooled states concatenated), not {pooling!r}"
-        )
 # the report encoder pretrained in this run (kind report_encoder without a path: rule train_report_encoder)
 OWN_REPORT_ENCODERS = [
     e
