@@ -35,8 +35,8 @@ import torch
 from ctgen.data.layout import hu_to_unit
 from ctgen.jobs.eval_config import EvalConfig
 from ctgen.jobs.features import FeatureNets, clip_text_embedder, load_models_folder, slice_outputs, volume_outputs
-from ctgen.jobs.pairing import BadVolume, Grid, RealSet, Skip, pair, read_labels, read_prediction, read_predictions, \
-    read_reports, skipped_table
+from ctgen.jobs.pairing import BadVolume, Grid, RealSet, Skip, generator_specs, pair, read_labels, read_prediction, \
+    read_predictions, read_reports, skipped_table
 from ctgen.jobs.score import alignment_metrics, hu_metrics, label_aurocs, tstr_metrics
 from ctgen.metrics.distribution import FeatureRows, frechet_value, frechet_values
 from ctgen.metrics.hu import flag_out_of_range, hu_histogram, tissue_stats
@@ -159,7 +159,6 @@ def _texts_and_labels(truth: RealSet, predictions, models_dir, nets: FeatureNets
     texts.update(truth.texts(template))
     if reports:
         from ctgen.jobs.sample import report_template
-        from ctgen.pipelines.spec import generator_specs
 
         found = generator_specs(models_dir, spec)
         generator = json.loads(found[0].read_text()) if found else {}

@@ -194,7 +194,7 @@ def spec_text_encoder(models_dir: str | Path, spec: str | Path | None = None) ->
     import json
 
     from ctgen.models.text_encoders import resolved
-    from ctgen.pipelines.spec import generator_specs
+    from ctgen.jobs.pairing import generator_specs
 
     for path in generator_specs(models_dir, spec):
         found = json.loads(path.read_text())

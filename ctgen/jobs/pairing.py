@@ -37,6 +37,16 @@ class BadVolume(ValueError):
     """A volume that cannot be scored (unreadable, not 3D, NaN/inf): it goes to the skipped table."""
 
 
+def generator_specs(models_dir: str | Path, spec: str | Path | None = None) -> list[Path]:
+    """The generator specs there are, in the order they are read: ``spec``, then ``models_dir``'s
+    ``cascade.json``, then its ``latent_flow.json`` (each records the grid and the text side)."""
+    from ctgen.pipelines.latent_flow import SPEC  # here, not at the top: they load MONAI
+    from ctgen.pipelines.text_to_ct import CASCADE
+
+    paths = ([Path(spec)] if spec else []) + [Path(models_dir) / CASCADE, Path(models_dir) / SPEC]
+    return [p for p in paths if p.is_file()]
+
+
 @dataclass(frozen=True)
 class Prediction:
     """One generated volume to score."""
@@ -76,8 +86,6 @@ class Grid:
     def from_models(cls, models_dir: str | Path) -> Grid:
         """From the generator spec in ``models_dir`` (cascade.json, else latent_flow.json: both record the grid
         of the shards the feature networks were trained on)."""
-        from ctgen.pipelines.spec import generator_specs  # here, not at the top: it loads MONAI, which only this needs
-
         found = generator_specs(models_dir)
         if found:
             return cls.from_spec(found[0])

@@ -25,16 +25,6 @@ def spec_weights(models_dir: Path, networks: list[str], text_encoders: list[dict
     return {m: sha256_file(models_dir / m / "model.safetensors") for m in [*networks, *own]}
 
 
-def generator_specs(models_dir: str | Path, spec: str | Path | None = None) -> list[Path]:
-    """The generator specs there are, in the order they are read: ``spec``, then ``models_dir``'s
-    ``cascade.json``, then its ``latent_flow.json`` (each records the grid and the text side)."""
-    from ctgen.pipelines.latent_flow import SPEC  # here, not at the top: both pipelines import this module
-    from ctgen.pipelines.text_to_ct import CASCADE
-
-    paths = ([Path(spec)] if spec else []) + [Path(models_dir) / CASCADE, Path(models_dir) / SPEC]
-    return [p for p in paths if p.is_file()]
-
-
 def read_spec(models_dir: Path, name: str, missing_hint: str) -> dict:
     """``models_dir/name`` with every weights file it names present and matching its sha256."""
     path = models_dir / name
