@@ -8,7 +8,9 @@ post-trigger ("were not observed", "cannot be excluded") backward, both stopping
 is seen": the scope of "no" ends at "was detected"), or after ``MAX_SCOPE`` tokens. Coordinations
 ("no effusion or pneumothorax", "X and Y were not observed") stay inside one scope; in a telegraphic list (no
 auxiliary) a post-trigger does not reach back into an earlier comma-separated item that states a finding of its own
-("Effusion on the right, pericardial effusion absent": the right effusion is present). Pseudo-negations
+("Effusion on the right, pericardial effusion absent": the right effusion is present), nor in prose does one whose
+clause has a subject of its own ("Atelectasis in the right lower lobe, pleural effusion was not detected"); a relative
+clause set off by commas asserts nothing of the main clause ("X, which was seen before, was not observed"). Pseudo-negations
 ("no change in the nodule", "not only", "regressed in size") cancel the negation word they hold,
 unless the finding is their own object ("no increase| in heart size": the heart is not enlarged).
 Resolved findings are absent from this exam: a sentence-wide post-negation ("X, seen before, has resolved")
@@ -115,6 +117,19 @@ def _set_apart(doc: Doc, terms: list[Span], start: int, end: int) -> list[tuple[
             if start <= t.start and t.end <= end and _parenthetical(doc, t, end)]
 
 
+def _relative_clauses(doc: Doc, start: int, end: int) -> list[tuple[int, int]]:
+    """Token ranges [relative pronoun, closing comma) of the relative clauses set off by commas inside [start, end):
+    what they assert is said of the finding before them, not of the clause's predicate ("Consolidation in the right
+    lower lobe, which was described before, was not observed": the consolidation is negated)."""
+    ranges = []
+    for i in range(start, end - 1):
+        if doc[i].text == "," and doc[i + 1].lower_ in _RELATIVE:
+            close = next((j for j in range(i + 2, end) if doc[j].text in _CLAUSE_PUNCT), None)
+            if close is not None:
+                ranges.append((i + 1, close))
+    return ranges
+
+
 def _outside(i: int, ranges: list[tuple[int, int]]) -> bool:
     return not any(a <= i < b for a, b in ranges)
 
@@ -129,7 +144,7 @@ def _blocked(doc: Doc, terms: list[Span], start: int, end: int) -> bool:
     """True if something between token ``start`` and ``end`` ends a trigger's scope."""
     if end - start > MAX_SCOPE:
         return True
-    apart = _set_apart(doc, terms, start, end)
+    apart = _set_apart(doc, terms, start, end) + _relative_clauses(doc, start, end)
     return (any(start <= t.start and t.end <= end and _outside(t.start, apart) for t in terms)
             or _asserted(doc, start, end, apart))
 
@@ -180,7 +195,13 @@ def _other_item(doc: Doc, sent: Span, mention: Span, trigger: Span) -> bool:
     hi = next((m.start() for m in A.CLAUSE_END.finditer(stext, trigger.end_char - s0)), len(stext))
     clause = A.Clause(stext[lo:hi])
     a, b = A.list_item(clause, m0 - lo, m1 - lo)
-    return b <= t0 - lo and A.describes(clause.text[a:b])
+    if b <= t0 - lo:
+        return A.describes(clause.text[a:b])
+    # prose: a comma splice whose second clause has a subject of its own ("Atelectasis in the right lower lobe,
+    # pleural effusion was not detected"): the predicate answers that subject, not a finding the first phrase states
+    a, b = A.own_phrase(clause, m0 - lo, m1 - lo)
+    subjects = [m for m in doc.spans.get("findings", []) if b + lo + s0 <= m.start_char and m.end_char <= trigger.start_char]
+    return b <= t0 - lo and bool(subjects) and A.describes(clause.text[a:b])
 
 
 def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) -> tuple[str, Span | None]:

@@ -102,7 +102,8 @@ RULES: tuple[Rule, ...] = (
          excludes=r"\b(subcutaneous|mediastinal|soft tissue|interstitial) emphysem\w*"),
     Rule("Atelectasis", r"(?<!fibro)(?<!fibro-)(?<!fibro )\batelecta\w*|\bdiscoid atelecta\w*|\bdystelecta\w*|"
          r"\b(lobar|segmental|lung|lobe) collapse\b|"
-         r"\bcollaps(e|ed)\b(?= (of )?(the )?(right |left )?(upper |middle |lower )?(lobe|lung|lingula|segment)s?\b)"),
+         r"\bcollaps(e|ed)\b(?= (of )?(the )?(right |left )?(upper |middle |lower )?(lobe|lung|lingula|segment)s?\b)|"
+         r"\b(lobes?|lingula|segments?) (is|are|was|were|appears?)( (partially|partly|completely|totally|almost))? collapsed\b"),
     Rule("Lung nodule", r"\b(micro)?nodules?\b(?! formation)|\bnodular (lesion|opacit|formation|appearance)\w*|"
          r"\bmicronodul\w*|\bgranulomas?\b|(?<!pleural )\bnodularit(y|ies)\b|\bnodular\b(?=[ -](or|and)[ -]\w+ (lesion|opacit|densit)\w*)",
          excludes=r"\bnodular (contrast |peripheral )?enhancement|\blymph ?nodes? with", lung_only=True),

@@ -485,6 +485,46 @@ def test_a_post_negation_in_a_telegraphic_list_answers_its_own_item(text, kept, 
     assert [m.status for m in mentions_of(text, negated)] == ["negated"]
 
 
+@pytest.mark.parametrize(("text", "kept", "negated"), [
+    # prose, a comma splice: the second clause's predicate answers its own subject, not a finding the first
+    # phrase places, sizes or grades
+    ("Atelectasis in the right lower lobe, pleural effusion was not detected.", "Atelectasis", EFFUSION),
+    ("Effusion on the right, pericardial effusion is not seen.", EFFUSION, "Pericardial effusion"),
+    ("Mild cardiomegaly, pericardial effusion was not observed.", "Cardiomegaly", "Pericardial effusion"),
+    ("Nodule of 5 mm in the left upper lobe, emphysema or consolidation were not observed.", "Lung nodule",
+     "Consolidation"),
+])
+def test_a_comma_spliced_clause_negates_only_its_own_subject(text, kept, negated):
+    assert [m.status for m in mentions_of(text, kept)] == ["present"]
+    assert [m.status for m in mentions_of(text, negated)] == ["negated"]
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    # a relative clause set off by commas asserts something of the finding before it; the main predicate still
+    # answers that finding
+    ("Consolidation in the right lower lobe, which was described in the previous exam, was not observed.",
+     "Consolidation"),
+    ("The nodule in the left upper lobe, which was seen before, is not detected in this examination.", "Lung nodule"),
+    ("Pleural effusion on the right, which is described in the previous report, was not observed.", EFFUSION),
+])
+def test_an_assertion_in_a_relative_clause_does_not_end_the_negation(text, label):
+    assert [m.status for m in mentions_of(text, label)] == ["negated"]
+
+
+@pytest.mark.parametrize(("text", "status"), [
+    ("Right lung middle lobe is collapsed.", "present"),
+    ("The left lower lobe is partially collapsed and stable.", "present"),
+    ("The lingula is collapsed.", "present"),
+    ("Collapse of the right middle lobe.", "present"),
+])
+def test_a_collapsed_lobe_is_atelectasis(text, status):
+    assert [m.status for m in mentions_of(text, "Atelectasis")] == [status]
+
+
+def test_a_lobe_that_is_not_collapsed_is_no_atelectasis():
+    assert parse_report("The lobes are not collapsed. The lung is expanded.").labels["Atelectasis"] == 0
+
+
 @pytest.mark.parametrize(("text", "labels"), [
     # prose: the predicate is said of every finding its subject coordinates
     ("Pleural effusion, pericardial effusion and consolidation were not detected.",
