@@ -454,7 +454,7 @@ class SmallTextEncoder(nn.Module, PretrainedMixin):
 class ReportEncoderConfig(SmallTextEncoderConfig):
     num_labels: int = 18  # findings predicted from the pooled token states (the parser's CT-RATE labels)
     pos_weight: tuple[float, ...] = ()  # BCE positive weight per label; () = 1 for every label
-    pooling: str = "mean"  # the label head reads the token states' mean, or their max (see ReportEncoder)
+    pooling: str = "mean"  # the label head reads the token states' mean, or their max, or every token (see ReportEncoder)
 
 
 @dataclass
@@ -464,8 +464,8 @@ class ReportEncoderOutput(ModelOutput):
 
 class ReportEncoder(nn.Module, PretrainedMixin):
     """The small text encoder with a label head: pretrained to tell from a report's text which findings
-    it states (multi-label BCE on the pooled token states: their mean, or max), then frozen and cached like the
-    Hugging Face encoders (:class:`FrozenReportEncoder`).
+    it states (multi-label BCE on the pooled token states: their mean or max, or on every token), then frozen
+    and cached like the Hugging Face encoders (:class:`FrozenReportEncoder`).
 
     Why: trained jointly with the generator from scratch, the small encoder learns the words only
     through the generator's image loss, and what it learns varies between trainings (README, "The
@@ -486,15 +486,17 @@ class ReportEncoder(nn.Module, PretrainedMixin):
         if weight.numel() != config.num_labels:
             raise ValueError(f"pos_weight has {weight.numel()} values for {config.num_labels} labels")
         self.register_buffer("pos_weight", weight, persistent=False)
-        if config.pooling not in ("mean", "max"):
-            raise ValueError(f"pooling must be 'mean' or 'max', not {config.pooling!r}")
+        if config.pooling not in ("mean", "max", "token"):
+            raise ValueError(f"pooling must be 'mean', 'max' or 'token', not {config.pooling!r}")
 
     def pooled(self, states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """(B, C) of the token states (B, L, C): their mean, or their max over the real tokens.
 
         Why max: a mean-pooled head lets a finding's evidence spread thinly over every token, while a
         generator's cross-attention picks out a few tokens; under max each finding must show strongly at
-        some token (the words that state it), which is what attention can read.
+        some token (the words that state it), which is what attention can read. ``pooling: token`` takes the
+        other way (see :meth:`forward`): every token must tell all the report's findings, so whatever mix of
+        tokens an attention head reads carries them, as a sentence encoder's states do.
         """
         if self.config.pooling == "max":
             return states.masked_fill(~text_mask.bool()[..., None], float("-inf")).amax(dim=1)
@@ -506,12 +508,25 @@ class ReportEncoder(nn.Module, PretrainedMixin):
         """``text_ids``/``text_mask`` (B, L); ``labels`` (B, num_labels) in {0, 1}, NaN where unknown
         (left out of the loss)."""
         states = self.encoder(text_ids, text_mask)  # (B, L, C), zero at padding
-        logits = self.head(self.pooled(states, text_mask))  # (B, K)
+        if self.config.pooling == "token":
+            # every real token predicts the report's findings, so any attention-weighted mean of the states
+            # carries them; the report's prediction is the mean of its tokens' logits
+            token_logits = self.head(states)  # (B, L, K)
+            weight = text_mask.to(states.dtype)[..., None]  # (B, L, 1)
+            logits = (token_logits * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)  # (B, K)
+        else:
+            logits = self.head(self.pooled(states, text_mask))  # (B, K)
         if labels is None:
             return ReportEncoderOutput(loss=logits.new_zeros(()), logits=logits)
         known = ~torch.isnan(labels)
-        loss = nn.functional.binary_cross_entropy_with_logits(
-            logits, labels.nan_to_num(0.0), pos_weight=self.pos_weight, reduction="none")
+        if self.config.pooling == "token":
+            target = labels.nan_to_num(0.0)[:, None].expand_as(token_logits)
+            loss = nn.functional.binary_cross_entropy_with_logits(
+                token_logits, target, pos_weight=self.pos_weight, reduction="none")  # (B, L, K)
+            loss = (loss * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)  # (B, K): mean over real tokens
+        else:
+            loss = nn.functional.binary_cross_entropy_with_logits(
+                logits, labels.nan_to_num(0.0), pos_weight=self.pos_weight, reduction="none")
         loss = (loss * known).sum() / known.sum().clamp(min=1)
         return ReportEncoderOutput(loss=loss, logits=logits)
 

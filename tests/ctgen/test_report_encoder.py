@@ -60,7 +60,7 @@ def make_cohort(root, n_train: int = 80, n_valid: int = 40, seed: int = 0):
     return paths
 
 
-@pytest.fixture(scope="module", params=["mean", "max"])
+@pytest.fixture(scope="module", params=["mean", "max", "token"])
 def trained(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("report_encoder")
     paths = make_cohort(root)
@@ -142,6 +142,32 @@ def test_spec_names_it_inside_the_models_folder_and_loads_it_from_there(trained,
         build_text_encoder({"kind": "report_encoder"})
     with pytest.raises(FileNotFoundError, match="no pretrained report encoder"):
         build_text_encoder({"kind": "report_encoder", "path": str(tmp_path)})
+
+
+def test_token_head_asks_every_real_token_for_the_reports_findings():
+    """``pooling: token``: the loss is the BCE of each real token's logits against the report's labels, averaged
+    over its tokens (unknown labels left out), and the report's logits are its tokens' mean (loops as reference)."""
+    torch.manual_seed(0)
+    model = ReportEncoder(ReportEncoderConfig(vocab_size=50, dim=16, depth=1, heads=2, num_labels=3,
+                                              pos_weight=(1.0, 2.0, 1.0), pooling="token")).eval()
+    ids = torch.randint(1, 50, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 4 + [0] * 2], dtype=torch.bool)
+    labels = torch.tensor([[1.0, 0, 1], [0, 1, float("nan")], [1, 1, 0]])
+    with torch.no_grad():
+        out = model(ids, mask, labels=labels)
+        states = model.encoder(ids, mask)
+    terms, logits = [], []
+    for b in range(3):
+        n = int(mask[b].sum())
+        token_logits = model.head(states[b, :n]).detach()  # (n, K)
+        logits.append(token_logits.mean(dim=0))
+        for k in range(3):
+            if not torch.isnan(labels[b, k]):
+                per = torch.nn.functional.binary_cross_entropy_with_logits(
+                    token_logits[:, k], labels[b, k].expand(n), pos_weight=model.pos_weight[k], reduction="none")
+                terms.append(per.mean())
+    torch.testing.assert_close(out.logits, torch.stack(logits), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.loss, torch.stack(terms).mean(), atol=1e-6, rtol=1e-5)
 
 
 def test_unknown_labels_are_left_out_of_the_loss():
