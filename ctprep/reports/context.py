@@ -217,6 +217,10 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
             continue
         if t.start < sent.start or t.end > sent.end or t.label_ in {"TERM", "PSEUDO", "CURRENT", "BREAK"}:
             continue
+        if (t.label_ == "PRE_NEG" and t.text.lower() == "none" and t.start == mention.end
+                and (t.end == sent.end or doc[t.end].is_punct)):
+            found.setdefault("NEG", t)  # a template's value without its colon: "Pleural effusion none."
+            continue
         if limit is not None and t.start >= limit:
             continue
         if (t.start >= mention.end and (t.label_ == "SENT_NEG" or (t.label_ == "POST_NEG" and t.end in current_starts))

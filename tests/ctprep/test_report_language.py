@@ -511,6 +511,15 @@ def test_an_assertion_in_a_relative_clause_does_not_end_the_negation(text, label
     assert [m.status for m in mentions_of(text, label)] == ["negated"]
 
 
+@pytest.mark.parametrize(("text", "label"), [
+    ("Pleural effusion none.", EFFUSION),
+    ("Pericardial effusion none", "Pericardial effusion"),
+    ("Pneumothorax none, pleural effusion none.", EFFUSION),
+])
+def test_a_templates_none_without_its_colon_negates_the_finding_before_it(text, label):
+    assert [m.status for m in mentions_of(text, label)] == ["negated"]
+
+
 @pytest.mark.parametrize(("text", "status"), [
     ("Right lung middle lobe is collapsed.", "present"),
     ("The left lower lobe is partially collapsed and stable.", "present"),
