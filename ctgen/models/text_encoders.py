@@ -462,6 +462,12 @@ class ReportEncoderOutput(ModelOutput):
     logits: torch.Tensor | None = None  # (B, num_labels); not logged
 
 
+def _token_mean(values: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """(B, ...) mean over the real tokens of (B, L, ...) ``values``; padding counts for nothing whatever it holds."""
+    weight = text_mask.to(values.dtype)[..., None]  # (B, L, 1)
+    return (values * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+
+
 class ReportEncoder(nn.Module, PretrainedMixin):
     """The small text encoder with a label head: pretrained to tell from a report's text which findings
     it states (multi-label BCE on the pooled token states: their mean or max, or on every token), then frozen
@@ -500,8 +506,7 @@ class ReportEncoder(nn.Module, PretrainedMixin):
         """
         if self.config.pooling == "max":
             return states.masked_fill(~text_mask.bool()[..., None], float("-inf")).amax(dim=1)
-        count = text_mask.sum(dim=1, keepdim=True).clamp(min=1).to(states.dtype)  # (B, 1)
-        return states.sum(dim=1) / count
+        return _token_mean(states, text_mask)
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, step: int | None = None) -> ReportEncoderOutput:
@@ -512,8 +517,7 @@ class ReportEncoder(nn.Module, PretrainedMixin):
             # every real token predicts the report's findings, so any attention-weighted mean of the states
             # carries them; the report's prediction is the mean of its tokens' logits
             token_logits = self.head(states)  # (B, L, K)
-            weight = text_mask.to(states.dtype)[..., None]  # (B, L, 1)
-            logits = (token_logits * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)  # (B, K)
+            logits = _token_mean(token_logits, text_mask)  # (B, K)
         else:
             logits = self.head(self.pooled(states, text_mask))  # (B, K)
         if labels is None:
@@ -521,9 +525,8 @@ class ReportEncoder(nn.Module, PretrainedMixin):
         known = ~torch.isnan(labels)
         if self.config.pooling == "token":
             target = labels.nan_to_num(0.0)[:, None].expand_as(token_logits)
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                token_logits, target, pos_weight=self.pos_weight, reduction="none")  # (B, L, K)
-            loss = (loss * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)  # (B, K): mean over real tokens
+            loss = _token_mean(nn.functional.binary_cross_entropy_with_logits(
+                token_logits, target, pos_weight=self.pos_weight, reduction="none"), text_mask)  # (B, K)
         else:
             loss = nn.functional.binary_cross_entropy_with_logits(
                 logits, labels.nan_to_num(0.0), pos_weight=self.pos_weight, reduction="none")

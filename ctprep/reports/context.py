@@ -200,8 +200,8 @@ def _other_item(doc: Doc, sent: Span, mention: Span, trigger: Span) -> bool:
     # prose: a comma splice whose second clause has a subject of its own ("Atelectasis in the right lower lobe,
     # pleural effusion was not detected"): the predicate answers that subject, not a finding the first phrase states
     a, b = A.own_phrase(clause, m0 - lo, m1 - lo)
-    subjects = [m for m in doc.spans.get("findings", []) if b + lo + s0 <= m.start_char and m.end_char <= trigger.start_char]
-    return b <= t0 - lo and bool(subjects) and A.describes(clause.text[a:b])
+    return (b <= t0 - lo and A.describes(clause.text[a:b])
+            and any(b + lo + s0 <= m.start_char and m.end_char <= trigger.start_char for m in doc.spans["findings"]))
 
 
 def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) -> tuple[str, Span | None]:

@@ -520,14 +520,14 @@ def test_a_templates_none_without_its_colon_negates_the_finding_before_it(text, 
     assert [m.status for m in mentions_of(text, label)] == ["negated"]
 
 
-@pytest.mark.parametrize(("text", "status"), [
-    ("Right lung middle lobe is collapsed.", "present"),
-    ("The left lower lobe is partially collapsed and stable.", "present"),
-    ("The lingula is collapsed.", "present"),
-    ("Collapse of the right middle lobe.", "present"),
+@pytest.mark.parametrize("text", [
+    "Right lung middle lobe is collapsed.",
+    "The left lower lobe is partially collapsed and stable.",
+    "The lingula is collapsed.",
+    "Collapse of the right middle lobe.",
 ])
-def test_a_collapsed_lobe_is_atelectasis(text, status):
-    assert [m.status for m in mentions_of(text, "Atelectasis")] == [status]
+def test_a_collapsed_lobe_is_atelectasis(text):
+    assert [m.status for m in mentions_of(text, "Atelectasis")] == ["present"]
 
 
 def test_a_lobe_that_is_not_collapsed_is_no_atelectasis():
