@@ -18,6 +18,8 @@ reaches back over relative clauses but not over a contrast or a persisting findi
 "Consolidation persists but the effusion has resolved"); "resolved" before a finding negates only the
 few words it modifies ("resolved pleural effusion"), not a new phrase ("has resolved and a new ...");
 "partially resolved", "not resolved" are pseudo-triggers, and so are size comparatives ("no larger than 5 mm").
+A partitive quantifier presupposes its findings ("None of the nodules is calcified": the nodules are there) and
+negates them only with a predicate of existence ("None of the nodules is seen") or, for lymph nodes, of size.
 Exceptions set their object apart: "Apart from the nodule, the consolidation has resolved" ends the reach of
 every trigger of the main clause at the comma that closes the exception, so the nodule stays present; an
 exception set off by commas inside a clause ("The opacities, except for the nodule, have resolved") does not
@@ -30,6 +32,8 @@ not detected" negates the main effusion).
 from __future__ import annotations
 
 import bisect
+import re
+
 from spacy.language import Language
 from spacy.matcher import PhraseMatcher
 from spacy.tokens import Doc, Span
@@ -56,6 +60,20 @@ _NEG_WORDS = {"no", "not", "without"}  # a pseudo-negation starting with one of 
 #: A post-trigger starting with one of these is a template's value ("Pleural effusion: none"): it answers only
 #: the item right before it, not a list ("Small effusion, pneumothorax: none" keeps the effusion).
 _TEMPLATE_MARKS = {":", "-"}
+#: Partitive quantifiers: "none of the nodules is calcified" presupposes the nodules and negates what is said of
+#: them; only a predicate of existence ("none of the nodules is seen", "... persists") negates the finding itself.
+_PARTITIVES = {"none", "neither"}
+_PARTITIVE_HEADS = {"the", "these", "those", "its", "their", "which", "them", "previously", "known", "described"}
+#: Predicates that deny the things exist (after an auxiliary, or on their own: "none of them persists").
+_EXISTENCE_AFTER_AUX = frozenset(V.ASSERT_VERBS) | {"visible", "present", "there", "apparent", "evident", "identifiable",
+                                                   "detectable", "discernible", "still"}
+_EXISTENCE = {"remain", "remains", "remained", "persist", "persists", "persisted", "exist", "exists", "existed"}
+_PARTITIVE_AUX = _VERB_AUX | {"appear", "appears", "appeared", "seem", "seems", "can", "could", "cannot"}
+_ADVERBS = {"also", "now", "still", "anymore", "clearly", "definitely", "currently", "again", "any", "longer", "more",
+            "seen", "been"}
+#: Words that make a partitive's predicate the lymph nodes' own finding ("none of which is enlarged").
+_NODE_SIZE = re.compile(r"\b(enlarg\w*|patholog\w*|significant(ly)? (size|enlarg\w*)|reach\w*|exceed\w*|"
+                        r"(larger|greater|more) than|increased in size|lymphadenopath\w*)")
 
 if not Span.has_extension("status"):
     Span.set_extension("status", default="present")
@@ -204,6 +222,56 @@ def _other_item(doc: Doc, sent: Span, mention: Span, trigger: Span) -> bool:
             and any(b + lo + s0 <= m.start_char and m.end_char <= trigger.start_char for m in doc.spans["findings"]))
 
 
+def _partitive(doc: Doc, t: Span, sent: Span) -> bool:
+    """``t`` is "none"/"neither" followed by "of the|these|which|them ...": a quantifier over things presupposed."""
+    return (t.text.lower() in _PARTITIVES and t.end + 1 < sent.end and doc[t.end].lower_ == "of"
+            and doc[t.end + 1].lower_ in _PARTITIVE_HEADS)
+
+
+def _predicate_end(doc: Doc, start: int, sent: Span) -> int:
+    """End of the clause that starts at token ``start`` (its next , ; : or the sentence end)."""
+    return next((j for j in range(start, sent.end) if doc[j].text in _CLAUSE_PUNCT or doc[j].text == "."), sent.end)
+
+
+def _denies_existence(doc: Doc, start: int, end: int) -> bool:
+    """Whether the predicate in tokens [start, end) says the things are absent ("is seen", "are present", "persists")."""
+    after_aux = False
+    for tok in doc[start:end]:
+        w = tok.lower_
+        if w in _EXISTENCE:
+            return True
+        if w in _PARTITIVE_AUX:
+            after_aux = True
+        elif after_aux and w in _EXISTENCE_AFTER_AUX:
+            return True
+        elif after_aux and w not in _ADVERBS:
+            after_aux = False
+    return False
+
+
+def _partitive_status(doc: Doc, mention: Span, sent: Span, t: Span) -> str | None:
+    """Status a partitive quantifier gives ``mention``, or None where it is no partitive about it.
+
+    Before the finding ("None of the nodules is calcified"): the nodules are there, what is said of them is
+    negated, unless that is their existence ("None of the nodules is seen") or, for lymph nodes, whose mention is
+    the finding only as far as they are enlarged, anything at all. After it ("Lymph nodes, none of which is
+    enlarged"): only lymph nodes, and only a predicate of size, lose their finding.
+    """
+    if not _partitive(doc, t, sent):
+        return None
+    if t.end <= mention.start <= t.end + 6 and not any(doc[j].text in _CLAUSE_PUNCT for j in range(t.end, mention.start)):
+        end = _predicate_end(doc, mention.end, sent)
+        if mention.label_ == "Lymphadenopathy" or _denies_existence(doc, mention.end, end):
+            return "negated"
+        return "present"
+    if t.start >= mention.end and doc[t.start - 1].text == "," and mention.label_ == "Lymphadenopathy":
+        end = _predicate_end(doc, t.end, sent)
+        if _NODE_SIZE.search(doc[t.end:end].text.lower()) and not any(
+                doc[j].text in {";", ":"} for j in range(mention.end, t.start)):
+            return "negated"
+    return None
+
+
 def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) -> tuple[str, Span | None]:
     """(status, trigger) for one mention, from the triggers of its sentence ``sent`` (in text order)."""
     terms = [t for t in triggers if t.label_ == "TERM"]
@@ -217,6 +285,10 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
             continue
         if t.start < sent.start or t.end > sent.end or t.label_ in {"TERM", "PSEUDO", "CURRENT", "BREAK"}:
             continue
+        if t.label_ == "PRE_NEG" and (status := _partitive_status(doc, mention, sent, t)) is not None:
+            if status == "negated":
+                found.setdefault("NEG", t)
+            continue  # "none of the nodules is calcified": the nodules are there
         if (t.label_ == "PRE_NEG" and t.text.lower() == "none" and t.start == mention.end
                 and (t.end == sent.end or doc[t.end].is_punct)):
             found.setdefault("NEG", t)  # a template's value without its colon: "Pleural effusion none."

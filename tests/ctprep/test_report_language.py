@@ -643,6 +643,35 @@ def test_real_negations_next_to_comparatives_stay(text):
     assert statuses(text, "Lung nodule") == ["negated"]
 
 
+# --- 6b. partitive quantifiers: "none of the X is Y" presupposes the X ------------------------------------
+@pytest.mark.parametrize(("text", "label", "status"), [
+    ("None of the nodules is calcified.", "Lung nodule", "present"),
+    ("None of the pulmonary nodules have grown since the prior study.", "Lung nodule", "present"),
+    ("Neither of the nodules has changed in size.", "Lung nodule", "present"),
+    ("None of the nodules in the right lung shows cavitation.", "Lung nodule", "present"),
+    ("None of the previously described nodules is seen.", "Lung nodule", "negated"),
+    ("None of the nodules seen on the prior study is present now.", "Lung nodule", "negated"),
+    ("None of the nodules persists.", "Lung nodule", "negated"),
+    ("None of the lymph nodes is enlarged.", "Lymphadenopathy", "negated"),
+    ("None of the mediastinal lymph nodes reaches pathological size.", "Lymphadenopathy", "negated"),
+    ("Mediastinal lymph nodes are noted, none of which is enlarged.", "Lymphadenopathy", "negated"),
+    ("A few lymph nodes are seen, none of them pathologically enlarged.", "Lymphadenopathy", "negated"),
+    # after the finding, only a lymph node's size is denied: the nodules and calcified nodes are there
+    ("Multiple nodules, none of which are calcified.", "Lung nodule", "present"),
+    ("Multiple lymph nodes, none of which is calcified.", "Lymphadenopathy", "present"),
+    # "neither ... nor" is no partitive
+    ("Neither pleural effusion nor pericardial effusion is seen.", EFFUSION, "negated"),
+])
+def test_partitive_negates_what_is_said_of_the_findings(text, label, status):
+    assert statuses(text, label) == [status]
+
+
+def test_partitive_leaves_the_earlier_statement_of_the_finding():
+    r = parse_report("Several nodules are seen in both lungs. None of them is calcified. None of the nodules has grown.")
+    assert r.labels["Lung nodule"] == 1
+    assert {m.status for m in r.mentions if m.label == "Lung nodule"} == {"present"}
+
+
 # --- 7. reports in another language -----------------------------------------------------------------
 @pytest.mark.parametrize("text", [
     "Kein Pleuraerguss. Kardiomegalie.",
