@@ -21,7 +21,7 @@ prompt, 2,400 steps) is no better than the null context on the held-out latents 
 t/T = 0.8 over 3 seeds; -6% to -7% after 3,600 steps: it draws the anatomy of training patients with
 such findings, not this patient's), while the classifier finds the reported findings in its volumes
 at 0.65-0.73 macro AUROC. Whether the findings are drawn is the faithfulness evaluation's question
-(README, "The latent flow family").
+(docs/experiments.md, "Latent flow family").
 
 Written here rather than taken from a library: this probe is ours (the training loss alone cannot
 tell a network that reads the report from one that learned the mean volume).

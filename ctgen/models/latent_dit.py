@@ -14,7 +14,7 @@ and the flow network needs many samples before it reads the report; a transforme
 sees the demo's latent in 256 tokens for a fraction of the compute (2.7-7x the samples a second on one
 thread), and every token attends to the report at every block. On the demo's 150 training reports that
 makes it memorise the patients rather than learn the findings (the held-out text-reliance probe shows
-it; README, "The latent flow family"), so the U-Net stays the default there.
+it; docs/experiments.md, "Latent flow family"), so the U-Net stays the default there.
 
 Two differences from PixArt, both for the report context of :class:`~ctgen.models.report_context.ReportContext`:
 the cross-attention masks the all-zero padding rows of each segment slot (MONAI's U-Net cannot, so

@@ -9,7 +9,7 @@ sequences with segment embeddings, learned null segments, condition dropout).
 With ``backbone: dit`` the velocity network is instead :class:`~ctgen.models.latent_dit.LatentDiT`
 (PixArt-alpha's transformer blocks over 3D patches of the latent, the same report context, the same
 training and sampling). It is an option, not the demo's network: on the demo's 150 training reports it
-memorises the patients instead of learning the findings (README, "The latent flow family").
+memorises the patients instead of learning the findings (docs/experiments.md, "Latent flow family").
 
 Training (one step, ``forward``). The batch carries the cached posterior ``latent_mu`` and
 ``latent_sigma`` (B, C, D, H, W) (the cache stores both, never a sample) and the report text. The
