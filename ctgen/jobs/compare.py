@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ctgen.jobs.eval_config import EvalConfig
 from ctgen.metrics.faithfulness import auroc
 from ctgen.metrics.permutation import paired_permutation_test, paired_swap_test
 from ctgen.metrics.summary import MetricValue, bootstrap_ci, stems_hash, thin
@@ -158,16 +159,40 @@ def as_table(records: Sequence[MetricValue]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def guarded_labels(table: pd.DataFrame, min_positives: int, min_negatives: int) -> list[str]:
+    """The labels of a per_volume.csv with at least ``min_positives`` positive and ``min_negatives`` negative
+    reports (distinct ``prompt_id``): the evaluation's AUROC guard, for a run whose metrics.json is not at hand."""
+    keep = []
+    for x in label_columns(table):
+        y = table[[KEY, f"y_{x}"]].dropna()
+        if (y.loc[y[f"y_{x}"] == 1, KEY].nunique() >= min_positives
+                and y.loc[y[f"y_{x}"] == 0, KEY].nunique() >= min_negatives):
+            keep.append(x)
+    return keep
+
+
 def compare_runs(a_csv, b_csv, out_csv=None, n_permutations: int = 10_000, seed: int = 0) -> pd.DataFrame:
-    """``ctgen compare``: two evaluations' per_volume.csv, compared pair by pair (the table of :func:`as_table`)."""
-    tables = []
+    """``ctgen compare``: two evaluations' per_volume.csv, compared pair by pair (the table of :func:`as_table`).
+
+    The faithfulness macro averages the labels both evaluations averaged (each run's ``metrics.json`` beside its
+    per_volume.csv), or, where one is missing, the labels that pass the evaluation's default AUROC guard in both.
+    """
+    tables, labels = [], []
     for path in (a_csv, b_csv):
         table = pd.read_csv(path, dtype={KEY: str})
         if KEY not in table.columns or not (set(PER_VOLUME) & set(table.columns) or label_columns(table)):
             raise UserError(f"{path} is not an evaluation's per_volume.csv: it needs a {KEY} column and a metric "
                             f"column ({', '.join(PER_VOLUME)} or p_<label> with y_<label>)")
         tables.append(table)
-    out = as_table(paired_differences(*tables, names=("a", "b"), n_permutations=n_permutations, seed=seed))
+        metrics = Path(path).with_name("metrics.json")
+        averaged = macro_labels(metrics) if metrics.is_file() else None
+        if averaged is None:
+            cfg = EvalConfig()
+            averaged = guarded_labels(table, cfg.auroc_min_positives, cfg.auroc_min_negatives)
+        labels.append(averaged)
+    shared = [x for x in labels[0] if x in labels[1]]
+    out = as_table(paired_differences(*tables, names=("a", "b"), labels=shared, n_permutations=n_permutations,
+                                      seed=seed))
     if out_csv:
         out.to_csv(out_csv, index=False)
     return out

@@ -26,7 +26,7 @@ class EvalConfig:
     hu_tolerance: float = 20.0  # HU beyond the real volumes' range before a tissue median is flagged
     bootstrap: int = 1000  # bootstrap resamples of the CIs (over volumes)
     bootstrap_frechet: int = 200  # resamples of the Fréchet distances' CIs (each costs O(rows x dim^2))
-    auroc_min_positives: int = 5  # a per-label AUROC needs at least this many positive volumes
+    auroc_min_positives: int = 5  # a per-label AUROC needs at least this many positive reports
     auroc_min_negatives: int = 5  # ... and this many negative ones
     faithfulness_labels: tuple[str, ...] | None = None  # the labels faithfulness is scored on; None: all 18
     retrieval_k: tuple[int, ...] = (1, 5)  # top-k text retrieval accuracies reported

@@ -326,7 +326,10 @@ def read_labels(path: str | Path) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: a label table needs a VolumeName column and the 18 CT-RATE label columns; "
                         f"missing {([] if name else ['VolumeName']) + missing}")
     values = table[list(LABELS)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
-    bad = ~np.isnan(values) & (values != 0) & (values != 1)
+    # a cell that is neither blank nor a number ("yes") is a mistake, not an unknown label
+    blank = table[list(LABELS)].isna().to_numpy() | table[list(LABELS)].astype(str).apply(
+        lambda c: c.str.strip().eq("")).to_numpy()
+    bad = (np.isnan(values) & ~blank) | (~np.isnan(values) & (values != 0) & (values != 1))
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
         raise UserError(f"{path}: row {row + 2} holds a label that is not 0, 1 or blank")

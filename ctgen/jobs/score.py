@@ -55,16 +55,25 @@ def label_aurocs(probs, labels, names: Sequence[str], *, name: str, min_positive
         n_pos, n_neg = int((y[known] == 1).sum()), int((y[known] == 0).sum())
         extra = {"n_positive": n_pos, "n_negative": n_neg, "min_positives": min_positives,
                  "min_negatives": min_negatives}
-        if n_pos < min_positives or n_neg < min_negatives:
+        # the guard counts independent units: reports where one prompted several volumes (5 volumes of one
+        # positive report are one positive), volumes otherwise
+        units_pos, units_neg, units, what = n_pos, n_neg, int(known.sum()), "volumes"
+        if groups is not None:
+            units_pos, units_neg = (len(np.unique(groups[known & (y == v)])) for v in (1, 0))
+            units, what = len(np.unique(groups[known])), "reports"
+            extra.update({"n_positive_reports": units_pos, "n_negative_reports": units_neg})
+        if units_pos < min_positives or units_neg < min_negatives:
+            counts = (f"{units_pos} positive and {units_neg} negative reports" if groups is not None
+                      else f"{n_pos} positives and {n_neg} negatives")
             out.append(MetricValue(f"{name}.{label}", None, int(known.sum()), profile=profile, stems=stems,
-                                   flag=f"{n_pos} positives and {n_neg} negatives: an AUROC needs >= {min_positives} "
-                                        f"and >= {min_negatives}", extra=extra))
+                                   flag=f"{counts}: an AUROC needs >= {min_positives} and >= {min_negatives}",
+                                   extra=extra))
             continue
         usable.append(j)
         ci, dropped = bootstrap_ci(lambda idx: _auroc_or_nan(s[idx][known[idx]], y[idx][known[idx]]), len(y),
                                    n_boot=n_boot, seed=seed, groups=groups)
         out.append(MetricValue(f"{name}.{label}", auroc(s, y), int(known.sum()), ci, profile, stems,
-                               thin(int(known.sum())), {**extra, **clusters, "dropped_resamples": dropped}))
+                               thin(units, what), {**extra, **clusters, "dropped_resamples": dropped}))
     out.append(_macro(probs, labels, usable, names, name, profile, stems, n_boot, seed, groups))
     return out
 
@@ -75,14 +84,15 @@ def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot
                            flag="no label has enough positives and negatives", extra={"labels": []})
 
     def stat(idx: np.ndarray) -> float:
-        values = [_auroc_or_nan(probs[idx, j], labels[idx, j]) for j in usable]  # NaN where a resample has one class
-        finite = [v for v in values if not math.isnan(v)]
-        return float(np.mean(finite)) if finite else math.nan
+        # a resample where some label has one class only is dropped (and counted), not averaged over the other
+        # labels: every resample's statistic is the mean over the same labels
+        return float(np.mean([_auroc_or_nan(probs[idx, j], labels[idx, j]) for j in usable]))
 
     value = stat(np.arange(len(probs)))
     groups, clusters = report_groups(groups, len(probs))
     ci, dropped = bootstrap_ci(stat, len(probs), n_boot=n_boot, seed=seed, groups=groups)
-    return MetricValue(f"{name}.{MACRO}", value, len(probs), ci, profile, stems, thin(len(probs)),
+    units, what = (len(probs), "volumes") if groups is None else (clusters["n_reports"], "reports")
+    return MetricValue(f"{name}.{MACRO}", value, len(probs), ci, profile, stems, thin(units, what),
                        {"labels": [names[j] for j in usable], **clusters, "dropped_resamples": dropped})
 
 
@@ -107,9 +117,9 @@ def tstr_metrics(probs_synthetic, probs_real, labels, names: Sequence[str], *, m
         cols = [names.index(label)] if label != MACRO else [names.index(n) for n in a.extra["labels"]]
 
         def gap(idx: np.ndarray, cols=cols) -> float:
-            d = [_auroc_or_nan(pr[idx, c], y[idx, c]) - _auroc_or_nan(ps[idx, c], y[idx, c]) for c in cols]
-            d = [v for v in d if not math.isnan(v)]
-            return float(np.mean(d)) if d else math.nan
+            # NaN (a dropped resample) where some label has one class only: the same labels in every resample
+            return float(np.mean([_auroc_or_nan(pr[idx, c], y[idx, c]) - _auroc_or_nan(ps[idx, c], y[idx, c])
+                                  for c in cols]))
 
         ci, dropped = bootstrap_ci(gap, len(y), n_boot=n_boot, seed=seed)
         gaps.append(MetricValue(f"tstr.gap.{label}", a.value - b.value, a.n, ci, f"{profiles[1]} - {profiles[0]}",

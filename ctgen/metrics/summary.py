@@ -126,7 +126,7 @@ def percentile_ci(values: list[float], n_boot: int,
     than half of the ``n_boot`` resamples were dropped."""
     finite = [v for v in values if math.isfinite(v)]
     dropped = 1.0 - len(finite) / n_boot
-    if len(finite) < n_boot // 2:
+    if 2 * len(finite) < n_boot:
         return None, dropped
     alpha = (1.0 - confidence) / 2
     lo, hi = np.quantile(finite, [alpha, 1.0 - alpha])
@@ -148,5 +148,6 @@ def mean_with_ci(values: Sequence[float], name: str, *, n_boot: int = N_BOOTSTRA
     g, clusters = report_groups(None if groups is None else np.asarray(groups)[ok], finite.size)
     extra.update(clusters)
     ci, _ = bootstrap_ci(lambda idx: finite[idx].mean(), finite.size, n_boot=n_boot, seed=seed, groups=g)
-    flag = join_flags(kw.pop("flag", None), thin(int(finite.size)))
+    units = thin(int(finite.size)) if g is None else thin(clusters["n_reports"], "reports")
+    flag = join_flags(kw.pop("flag", None), units)
     return MetricValue(name, float(finite.mean()), int(finite.size), ci, flag=flag, extra=extra, **kw)

@@ -95,3 +95,23 @@ def test_families_json_and_the_cli_table(two_runs, tmp_path):
     assert set(table["a"]) == {"cascade"} and set(table["b"]) == {"latent_flow"}
     cli = compare_runs(tmp_path / "a.csv", tmp_path / "b.csv", n_permutations=200)
     assert {"clip_score", "faithfulness.macro_auroc", "faithfulness.agreement"} <= set(cli["metric"])
+
+
+def test_ctgen_compare_averages_only_labels_that_pass_the_guard(two_runs, tmp_path):
+    """Without metrics.json beside the runs, the macro takes the evaluation's default guard (5 positive and 5
+    negative reports); with them, the labels both evaluations averaged."""
+    y, a, b = two_runs
+    for t in (a, b):
+        t["y_Emphysema"] = 0.0
+        t.loc[t["prompt_id"] == "valid_0_a_1", "y_Emphysema"] = 1.0  # one positive report (two volumes)
+    for name, t in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        t.to_csv(tmp_path / name / "per_volume.csv", index=False)
+    runs = [tmp_path / name / "per_volume.csv" for name in "ab"]
+    row = compare_runs(*runs, n_permutations=200).set_index("metric").loc["faithfulness.macro_auroc"]
+    pa = a["p_Pleural effusion"].to_numpy()
+    assert row["mean_a"] == pytest.approx(auc(pa, a["y_Pleural effusion"].to_numpy()))  # Emphysema left out
+    for name in "ab":
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"metrics": [
+            {"name": "faithfulness.generated.macro", "value": 0.7, "n": 60, "extra": {"labels": []}}]}))
+    assert "faithfulness.macro_auroc" not in set(compare_runs(*runs, n_permutations=200)["metric"])

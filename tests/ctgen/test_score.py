@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from ctgen.jobs.pairing import read_labels
 from ctgen.jobs.score import alignment_metrics, hu_metrics, label_aurocs, tstr_metrics
 from ctgen.metrics.faithfulness import auroc
 from ctgen.metrics.hu import tissue_stats
+from ctgen.metrics.summary import percentile_ci
+from ctprep.ctrate import LABELS
+from ctprep.errors import UserError
 
 NAMES = ["Cardiomegaly", "Pleural effusion", "Emphysema"]
 
@@ -127,3 +132,52 @@ def test_alignment_and_means_resample_reports_too():
         g, n = grouped[name], naive[name]
         assert g.value == n.value and g.extra["n_reports"] == 50
         assert (g.ci[1] - g.ci[0]) > 1.2 * (n.ci[1] - n.ci[0])
+
+
+def test_the_guard_counts_reports_where_a_report_prompted_several_volumes():
+    """Five volumes of one positive report are one positive: the guard and the thin-data flag count reports."""
+    rng = np.random.default_rng(2)
+    y = np.zeros((8, 3))
+    y[0, 0] = 1.0  # one positive report of 8
+    y[1:6, 1] = 1.0  # five positive reports for the second label
+    p = y + rng.normal(0, 1, y.shape)
+    reports = np.repeat(np.arange(8), 5)
+    out = {m.name: m for m in label_aurocs(np.repeat(p, 5, axis=0), np.repeat(y, 5, axis=0), NAMES, name="f",
+                                           min_positives=2, min_negatives=2, n_boot=200, groups=reports)}
+    card = out["f.Cardiomegaly"]
+    assert card.value is None and "1 positive and 7 negative reports" in card.flag
+    assert card.extra["n_positive"] == 5 and card.extra["n_positive_reports"] == 1
+    effusion = out["f.Pleural effusion"]
+    assert effusion.value is not None and effusion.extra["n_positive_reports"] == 5
+    assert "only 8 reports" in effusion.flag and effusion.n == 40
+    assert out["f.macro"].extra["labels"] == ["Pleural effusion"] and "only 8 reports" in out["f.macro"].flag
+
+
+def test_a_macro_resample_that_loses_a_labels_class_is_dropped_not_averaged_over_fewer_labels():
+    """Label A is read perfectly, B backwards with few positives: the macro is 0.5 in every resample that holds
+    both classes of both labels; a resample without B's positives is dropped (and counted)."""
+    rng = np.random.default_rng(0)
+    ya = np.r_[np.ones(20), np.zeros(20)]
+    yb = np.zeros(40)
+    yb[[0, 25]] = 1.0
+    p = np.c_[ya + 0.1 * rng.random(40), 1.0 - yb - 0.1 * rng.random(40), rng.random(40)]
+    y = np.c_[ya, yb, np.zeros(40)]
+    macro = label_aurocs(p, y, NAMES, name="f", min_positives=2, min_negatives=2, n_boot=400, seed=3)[-1]
+    assert macro.value == pytest.approx(0.5) and macro.ci == pytest.approx((0.5, 0.5))
+    assert macro.extra["dropped_resamples"] > 0.05  # (38/40)^40 ~ 13% of resamples lose both of B's positives
+
+
+def test_percentile_ci_needs_at_least_half_the_resamples():
+    assert percentile_ci([1.0] * 100 + [float("nan")] * 101, 201)[0] is None  # 50.2% dropped
+    assert percentile_ci([1.0] * 101 + [float("nan")] * 100, 201)[0] == (1.0, 1.0)
+
+
+def test_a_label_table_cell_that_is_no_number_is_refused(tmp_path):
+    row = {"VolumeName": "valid_1_a_1.nii.gz", **{label: 0 for label in LABELS}}
+    pd.DataFrame([row, {**row, "VolumeName": "valid_2_a_1.nii.gz", "Emphysema": ""}]).to_csv(tmp_path / "ok.csv",
+                                                                                           index=False)
+    labels = read_labels(tmp_path / "ok.csv")
+    assert np.isnan(labels["valid_2_a_1"][LABELS.index("Emphysema")])  # blank: unknown
+    pd.DataFrame([{**row, "Emphysema": "yes"}]).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(UserError, match="row 2 holds a label that is not 0, 1 or blank"):
+        read_labels(tmp_path / "bad.csv")
