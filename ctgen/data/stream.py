@@ -182,9 +182,9 @@ class StreamPlan:
     def slot_keys(self, epoch: int, slot: int) -> Iterator[tuple[int, str]]:
         """(shard index, key) in the order one worker slot reads them: endless passes, shuffle buffer applied."""
         rng = random.Random(_mixed_seed(self.seed, epoch, self.rank, slot, 1))
-        buffer: list[tuple[int, str]] = []
         pass_ = 0
         while True:
+            buffer: list[tuple[int, str]] = []
             seen = 0
             for i in self.slot_shards(epoch, pass_, slot):
                 for key in self.shards[i].keys:
@@ -197,6 +197,10 @@ class StreamPlan:
                     yield item
             if not seen:
                 raise ShardError(f"rank {self.rank}, data worker {slot}: its shards hold no samples")
+            # the pass ends with what its buffer still holds (as webdataset's shuffle empties its buffer at the end
+            # of its input): one pass reads every sample of the slot's shards once, none from the next pass early
+            rng.shuffle(buffer)
+            yield from buffer
             pass_ += 1
 
     def batches_of_slot(self, slot: int, start: int = 0) -> range:

@@ -49,7 +49,7 @@ from ctgen.training import distributed as distr
 from ctgen.training.deadline import Deadline
 from ctgen.training.ema import EMA
 from ctgen.training.metrics import MetricsWriter
-from ctgen.training.optim import build_optimizer, build_scheduler
+from ctgen.training.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +291,10 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
         scheduler.load_state_dict(state["scheduler"])
         # the schedule is the current config's (e.g. a longer max_steps), only the step is restored
         scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-        for group in optimizer.param_groups:
+        for group, now in zip(optimizer.param_groups, param_groups(raw, cfg.weight_decay)):
             group["lr"] = cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+            # the current config's weight decay and betas, not the checkpoint's (its moments are kept)
+            group["weight_decay"], group["betas"] = now["weight_decay"], tuple(cfg.betas)
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         step, train_time, last_loss = state["step"], state["train_time_s"], state.get("last_loss")
@@ -376,13 +378,18 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
             out_of_time = step < cfg.max_steps and deadline.due(step_s)
             preempt = distr.any_rank(stop.signum is not None or out_of_time, info)
             if preempt:  # recorded in the checkpoint, so the finished run's summary lists every stop
+                # from this rank's own facts: a signal may reach only some ranks (any_rank stops them all)
+                left = deadline.left()
+                reason = (signal.Signals(stop.signum).name if stop.signum is not None
+                          else "time limit" if out_of_time else "signal on another rank")
                 stops.append({"step": step, "exit_code": EXIT_PREEMPTED, "job": os.environ.get("SLURM_JOB_ID"),
-                              "reason": signal.Signals(stop.signum).name if stop.signum is not None else "time limit",
-                              "time_left_s": None if deadline.left() is None else round(deadline.left(), 1)})
+                              "reason": reason, "time_left_s": None if left is None else round(left, 1)})
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps or preempt:
                 save_state()
             if preempt:
-                why = "by signal" if stop.signum is not None else f"ahead of the job's time limit ({deadline.left():.0f} s left)"
+                why = ("by signal" if stop.signum is not None
+                       else f"ahead of the job's time limit ({left:.0f} s left)" if out_of_time and left is not None
+                       else "ahead of the job's time limit" if out_of_time else "by a signal to another rank")
                 log.warning("stopped %s at step %d; exiting with code %d to be resumed", why, step, EXIT_PREEMPTED)
                 raise Preempted(step)
     finally:

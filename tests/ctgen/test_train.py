@@ -19,7 +19,7 @@ from ctgen.training import checkpoint as ckpt
 from ctgen.training.distributed import torchrun_command
 from ctgen.training.ema import EMA
 from ctgen.training.optim import lr_at, param_groups
-from toy_train import MakeBatches, ToyConfig, ToyModel, ddp_worker, global_micro_batches
+from toy_train import MakeBatches, ToyConfig, ToyModel, ddp_signal_worker, ddp_worker, global_micro_batches
 
 # 9 steps of 2 micro-batches over 5-micro-batch epochs: epochs end mid-step; checkpoints at 3, 6, 9
 BASE = dict(max_steps=9, batch_size=4, grad_accum=2, lr=1e-2, min_lr=1e-3, warmup_steps=2, log_every=1,
@@ -295,6 +295,37 @@ def test_metrics_history_travels_with_the_checkpoint(reference, tmp_path):
             f.unlink()
     run(tmp_path)
     assert_same_run(reference[0] / "out", tmp_path / "out")
+
+
+def test_a_signal_to_one_rank_stops_every_rank_with_75(tmp_path):
+    """torchrun forwards a signal to each rank at its own moment (or to one): the ranks agree to stop at the
+    same step, rank 0 checkpoints, and every rank exits 75 (to be requeued), with no job deadline known."""
+    ctx, port = mp.get_context("spawn"), free_port()
+    procs = [ctx.Process(target=ddp_signal_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [EXIT_PREEMPTED, EXIT_PREEMPTED]
+    state = ckpt.load_checkpoint(tmp_path / "ckpt")
+    assert state["step"] == 3 and [s["reason"] for s in state["stops"]] == ["signal on another rank"]
+
+
+def test_a_resumed_run_takes_the_configs_weight_decay_and_betas(tmp_path, monkeypatch):
+    from ctgen.training import loop
+
+    built = []
+    original = loop.build_optimizer
+    monkeypatch.setattr(loop, "build_optimizer", lambda *a, **k: built.append(original(*a, **k)) or built[-1])
+    base = dict(batch_size=2, lr=1e-2, min_lr=1e-3, warmup_steps=0, log_every=1, seed=0, tensorboard=False)
+    for steps, wd, betas in ((2, 0.01, (0.9, 0.99)), (4, 0.5, (0.5, 0.6))):  # resumed with new settings
+        torch.manual_seed(0)
+        train(ToyModel(ToyConfig()), MakeBatches(), TrainConfig(max_steps=steps, weight_decay=wd, betas=betas, **base),
+              tmp_path / f"out{steps}", checkpoint_dir=tmp_path / "ckpt")
+    decayed, plain = built[-1].param_groups
+    assert decayed["weight_decay"] == 0.5 and plain["weight_decay"] == 0.0
+    assert decayed["betas"] == plain["betas"] == (0.5, 0.6)
+    assert len(built[-1].state) > 0  # the moments came from the checkpoint
 
 
 @pytest.mark.parametrize("kind", ["tokenizer", "generator", "superres"])
