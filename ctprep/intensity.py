@@ -129,7 +129,10 @@ def _rescaled(data: np.ndarray, slope: float, intercept: float, lo: float, hi: f
 def clip_hu(vol: Volume, lo: float, hi: float, inplace: bool = False) -> Volume:
     """Clip HU to ``[lo, hi]`` (``inplace`` reuses the array: only for volumes nobody else holds)."""
     out = vol.array if inplace else np.empty_like(vol.array)
-    return vol.new_like(np.clip(vol.array, lo, hi, out=out), op="clip", lo=lo, hi=hi)
+    a, b = lo, hi
+    if vol.array.dtype.kind in "iu":  # integer HU: the integer bounds inside [lo, hi] (numpy will not cast floats in)
+        a, b = (vol.array.dtype.type(v) for v in (np.ceil(lo), np.floor(hi)))
+    return vol.new_like(np.clip(vol.array, a, b, out=out), op="clip", lo=lo, hi=hi)
 
 
 def normalise(vol: Volume, lo: float, hi: float, inplace: bool = False) -> Volume:

@@ -181,6 +181,10 @@ def _voxels(img: nib.Nifti1Image, raw: bytes, name: str) -> np.ndarray:
     return data
 
 
+#: NIfTI spatial units other than mm, as a factor to mm (``xyzt_units``; "unknown" is read as mm, as ITK does)
+_UNIT_MM = {"meter": 1000.0, "micron": 0.001}
+
+
 def load_nifti(path: str | os.PathLike) -> Volume:
     """Read a NIfTI file as stored (header scaling applied, no metadata rescale)."""
     path = Path(path)
@@ -197,17 +201,29 @@ def load_nifti(path: str | os.PathLike) -> Volume:
         raise
     except Exception as err:  # nibabel raises a zoo of types for broken headers
         raise VolumeError(f"unreadable NIfTI {path.name}: {err}") from err
+    units = img.header.get_xyzt_units()[0]
+    if units in _UNIT_MM:  # ITK converts these to mm too; the affine is in the header's units
+        affine = np.diag([_UNIT_MM[units]] * 3 + [1.0]) @ img.affine
+    else:  # "mm" or "unknown" (most files): millimetres
+        affine = img.affine
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise VolumeError(f"expected a 3D volume, {path.name} has shape {data.shape}")
     return Volume.from_3d(
         data,
-        img.affine,
+        affine,
         source=str(path),
         header_qform_code=int(img.header["qform_code"]),
         header_sform_code=int(img.header["sform_code"]),
     )
+
+
+def is_sheared(affine: np.ndarray, atol: float = 1e-4) -> bool:
+    """Whether the voxel axes of ``affine`` are not orthogonal (a gantry-tilted stack), so that no qform holds it."""
+    axes = np.asarray(affine, np.float64)[:3, :3]
+    axes = axes / np.linalg.norm(axes, axis=0)
+    return bool(np.abs(axes.T @ axes - np.eye(3)).max() > atol)
 
 
 def to_nifti(vol: Volume, dtype: str | np.dtype | None = "int16", descrip: str = "") -> nib.Nifti1Image:
@@ -222,7 +238,13 @@ def to_nifti(vol: Volume, dtype: str | np.dtype | None = "int16", descrip: str =
                 np.rint(data, out=data)  # ... rounded in place
         data = data.astype(dt, copy=False)
     img = nib.Nifti1Image(data, vol.affine)
-    img.header.set_qform(vol.affine, code=1)  # scanner anat
+    if is_sheared(vol.affine):
+        # a gantry-tilted stack: the qform (a rotation) cannot hold the shear and nibabel would drop it there,
+        # so ITK-based tools (which read the qform first) would place the slices up to cm off. The sform alone
+        # holds it: nibabel and ctprep read it, ITK refuses the file instead of misplacing it.
+        img.header.set_qform(None, code=0)
+    else:
+        img.header.set_qform(vol.affine, code=1)  # scanner anat
     img.header.set_sform(vol.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     img.header["descrip"] = descrip.encode()[:79]

@@ -7,6 +7,8 @@ Broken series are made by editing copies in a temporary folder; tests/data stays
 
 from __future__ import annotations
 
+import copy
+
 import re
 import shutil
 import uuid
@@ -234,6 +236,25 @@ def test_enhanced_multiframe_ct_reads_like_its_classic_series(example, tmp_path,
     ds.save_as(folder / "enhanced.dcm")
     with pytest.raises(SeriesError, match="missing ImagePositionPatient in enhanced.dcm frame 4"):
         read_series(folder)
+
+
+def test_enhanced_ct_written_one_frame_per_file_reads_like_its_classic_series(example, tmp_path):
+    """Some scanners write an enhanced CT series as one single-frame file per image: the geometry is still in
+    the functional groups only."""
+    whole = pydicom.dcmread(enhanced_ct(EXAMPLE, tmp_path / "enhanced", per_frame_rescale=True) / "enhanced.dcm")
+    frames = whole.pixel_array
+    out = tmp_path / "single"
+    out.mkdir()
+    for k, groups in enumerate(whole.PerFrameFunctionalGroupsSequence):
+        ds = copy.deepcopy(whole)
+        ds.NumberOfFrames = 1
+        ds.PerFrameFunctionalGroupsSequence = [groups]
+        ds.PixelData = frames[k].astype(np.uint16).tobytes()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(out / f"frame{k:02d}.dcm", enforce_file_format=True)
+    vol = read_series(out)
+    np.testing.assert_array_equal(vol.data, example.data)
+    np.testing.assert_allclose(vol.affine, example.affine, atol=1e-6)
 
 
 def test_missing_middle_slice_is_refused(tmp_path):

@@ -466,3 +466,65 @@ def test_non_ascii_reports():
         parsed = parse_report(text)
         assert set(parsed.labels) and all(v in (0, 1) for v in parsed.labels.values())
     assert parse_report("Bilateral pleural effusion\u00a0\u2014 moderate.").labels[EFFUSION] == 1
+
+
+# --- review mends: spacing drift, tilted NIfTI, spatial units, integer clipping ---------------------
+@pytest.mark.parametrize("steps", [np.r_[np.full(20, 1.0), np.full(20, 1.015)], np.linspace(0.985, 1.015, 40)],
+                         ids=["step-changes-once", "steps-drift"])
+def test_slices_that_drift_from_the_uniform_grid_are_refused(tmp_path, steps):
+    """Every step within the per-step tolerance of the median, yet slices up to 0.15 mm off the grid the affine
+    describes: refused naming the slice, not placed where they are not."""
+    z = np.r_[0.0, np.cumsum(steps)] + 30.0
+    pixels = np.random.default_rng(0).integers(0, 2000, size=(len(z), 8, 10))
+    (tmp_path / "s").mkdir()
+    for k, zk in enumerate(z):
+        ct_slice(pixels[k], (-10.0, -20.0, zk), number=k + 1).save_as(tmp_path / "s" / f"IM{k:04d}.dcm",
+                                                                     enforce_file_format=True)
+    with pytest.raises(SeriesError, match=r"non-uniform slice spacing: IM\d+\.dcm lies 0\.\d+ mm from where"):
+        read_series(tmp_path / "s")
+
+
+def test_a_tilted_series_as_nifti_keeps_its_shear_in_the_sform_only(tmp_path):
+    """The qform cannot hold a gantry tilt's shear: written there, ITK tools would read the slices 1-2 mm off
+    each (nibabel drops the shear). The NIfTI holds it in the sform alone; ITK then refuses the file."""
+    from ctprep.dicom import dicom_to_nifti
+
+    write_series(tmp_path / "tilt", step=(0.0, 0.6, 2.5))
+    out = tmp_path / "tilt.nii.gz"
+    dicom_to_nifti(tmp_path / "tilt", out)
+    img = nib.load(out)
+    assert int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 1
+    vol = read_series(tmp_path / "tilt")
+    np.testing.assert_allclose(img.affine, vol.affine, atol=1e-5)
+    np.testing.assert_allclose(load_nifti(out).affine, vol.affine, atol=1e-5)
+    with pytest.raises(RuntimeError):
+        sitk.ReadImage(str(out))
+    # an upright series keeps both, as before
+    write_series(tmp_path / "upright")
+    dicom_to_nifti(tmp_path / "upright", tmp_path / "upright.nii.gz")
+    img = nib.load(tmp_path / "upright.nii.gz")
+    assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
+
+
+@pytest.mark.parametrize("unit", ["meter", "micron", "mm", "unknown"])
+def test_nifti_spatial_units_are_read_in_mm_like_simpleitk(tmp_path, unit):
+    scale = {"meter": 1e-3, "micron": 1e3, "mm": 1.0, "unknown": 1.0}[unit]
+    affine = np.diag([0.7 * scale, 0.8 * scale, 2.5 * scale, 1.0])
+    affine[:3, 3] = np.array([-100.0, -120.0, 40.0]) * scale
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), affine)
+    img.header.set_xyzt_units(unit, "sec")
+    nib.save(img, tmp_path / "u.nii.gz")
+    vol = load_nifti(tmp_path / "u.nii.gz")
+    ref = sitk.ReadImage(str(tmp_path / "u.nii.gz"))
+    np.testing.assert_allclose(vol.spacing, ref.GetSpacing(), rtol=1e-5)
+    np.testing.assert_allclose(vol.spacing, [0.7, 0.8, 2.5], rtol=1e-5)
+    np.testing.assert_allclose(vol.affine[:3, 3], [-100.0, -120.0, 40.0], rtol=1e-5)
+
+
+def test_clip_hu_takes_float_bounds_on_integer_hu():
+    from ctprep.intensity import clip_hu
+    from ctprep.volume import Volume
+
+    vol = Volume.from_3d(np.array([-3000, -1000, 0, 999, 1000, 3000], np.int16).reshape(1, 2, 3), np.eye(4))
+    out = clip_hu(vol, -1000.0, 999.5)
+    assert out.data.dtype == np.int16 and out.data.ravel().tolist() == [-1000, -1000, 0, 999, 999, 999]
