@@ -130,7 +130,8 @@ class PretrainedMixin:
         if missing or unexpected:
             raise ValueError(f"{directory}: weights do not match {meta['class']}: missing {missing}, unexpected {unexpected}")
         model.provenance = meta.get("provenance", {})
-        return model
+        # load_state_dict copies into the parameters where they are (built on the CPU): move the module itself
+        return model.to(map_location)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -46,7 +46,7 @@ class SuperResConfig:
     text_dim: int = 768  # width of the text encoder's token features (CXR-BERT / BiomedVLP: 768)
     cross_attention_dim: int = 512  # width the text is projected to for cross-attention
     num_train_timesteps: int = 1000  # discrete diffusion steps of the cosine schedule
-    noise_aug_max: float = 0.25  # training: augmentation level ~ U[0, this] x T per sample (0 disables)
+    noise_aug_max: float = 0.25  # training: augmentation level ~ U[0, this] x T per sample (0, with noise_aug_sample 0: none)
     noise_aug_sample: float = 0.1  # sampling: the fixed augmentation level (fraction of T; <= noise_aug_max)
     residual: bool = False  # diffuse (hr - bicubic(lr)) / residual_scale (SRDiff) instead of hr itself
     residual_scale: float = 0.25  # residual mode: the residual's divisor, ~2x its std, so the diffused data is ~unit scale
@@ -61,8 +61,10 @@ class SuperResConfig:
             raise ValueError(f"out_size {self.out_size} not divisible by the UNet's {len(self.channel_mult) - 1} downsamples")
         if self.sampler not in SOLVERS:
             raise ValueError(f"sampler must be one of {SOLVERS}, got {self.sampler!r}")
-        if not 0.0 <= self.noise_aug_sample <= max(self.noise_aug_max, self.noise_aug_sample) < 1.0:
-            raise ValueError("noise augmentation levels must lie in [0, 1)")
+        if not 0.0 <= self.noise_aug_sample <= self.noise_aug_max < 1.0:
+            raise ValueError(f"noise augmentation: noise_aug_sample {self.noise_aug_sample} must lie in [0, "
+                             f"noise_aug_max {self.noise_aug_max}] (a level the training saw), below 1; set both to 0 "
+                             "for none")
         for m in self.channel_mult:
             if (self.channels * m) % self.norm_groups or (self.channels * m) % self.attention_head_dim:
                 raise ValueError(f"channels {self.channels * m} must be divisible by norm_groups and attention_head_dim")

@@ -171,7 +171,7 @@ class LatentFlowPipeline:
         out: dict[str, torch.Tensor] = {}
         for seg, texts in sections.items():
             if self.flow.context.encoder is not None:
-                ids, mask = self._small_tokenizer.encode_batch(texts, self.spec["text_encoders"][0]["max_length"])
+                ids, mask = self._small_tokenizer.encode_batch([t or "" for t in texts], self.spec["text_encoders"][0]["max_length"])
                 out[f"{seg}_ids"], out[f"{seg}_mask"] = ids.to(self.device), blank_empty(texts, mask).to(self.device)
                 continue
             for e, encoder in enumerate(self._frozen_encoders):

@@ -323,3 +323,18 @@ def test_vq_codebooks_stay_identical_across_ddp_ranks(tmp_path):
         single(torch.cat([torch.randn(40, 8, generator=torch.Generator().manual_seed(100 * step + r)) + r
                           for r in (0, 1)]))
     torch.testing.assert_close(r0["plain"], single.embed, rtol=0, atol=1e-5)
+
+
+def test_from_pretrained_puts_the_model_on_the_device_asked_for(tmp_path, monkeypatch):
+    """load_state_dict copies into the parameters where they were built (the CPU): the loaded module must be moved
+    to ``map_location`` itself. Checked with the meta device (a GPU is not needed to see where a module lands)."""
+    import ctgen.models.base as base
+    from ctgen.pipelines.spec import load_network
+    from tests.ctgen.tiny import TOKENIZER
+
+    CTViT(CTViT.config_from_dict(TOKENIZER)).save_pretrained(tmp_path / "tok")
+    read = base.load_file
+    monkeypatch.setattr(base, "load_file", lambda path, device="cpu": read(path, device="cpu"))  # meta holds no data
+    model = load_network(tmp_path / "tok", CTViT, torch.device("meta"))
+    assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}
+    assert not model.training

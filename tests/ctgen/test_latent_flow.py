@@ -480,7 +480,7 @@ def test_pipeline_samples_int16_hu_with_a_truthful_affine(models_dir):
     findings = ["Right pleural effusion.", "No pleural effusion."]
     gens = lambda s: [torch.Generator().manual_seed(s), torch.Generator().manual_seed(s + 1)]  # noqa: E731
     a = pipe(findings, ["", "Lungs clear."], settings=settings, generators=gens(0))  # empty impression: its null
-    b = pipe(findings, ["", "Lungs clear."], settings=settings, generators=gens(0))
+    b = pipe(findings, [None, "Lungs clear."], settings=settings, generators=gens(0))  # None: an absent one, the same
     c = pipe(findings, ["", "Lungs clear."], settings=settings, generators=gens(5))
     vol = a[0]
     assert vol.array.dtype == np.int16 and vol.array.shape == (1, 32, 64, 32)  # (C, I, J, K) from latent (D, H, W) = (8, 16, 8)

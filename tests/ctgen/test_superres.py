@@ -288,3 +288,9 @@ def test_beats_bicubic_on_held_out_phantom_slices():
     logger.info("held-out PSNR: super-resolution %.2f dB, bicubic %.2f dB", psnr(sr, held_out), psnr(bicubic, held_out))
     assert gain > 0.3, f"super-resolution {psnr(sr, held_out):.2f} dB vs bicubic {psnr(bicubic, held_out):.2f} dB"
     assert math.isfinite(gain)
+
+
+def test_sampling_noise_level_must_be_one_the_training_saw():
+    with pytest.raises(ValueError, match="noise_aug_sample 0.1 must lie in"):
+        SuperResConfig(**{**TEST_SR, "noise_aug_max": 0.0, "noise_aug_sample": 0.1})  # "0 disables" needs both
+    SuperResConfig(**{**TEST_SR, "noise_aug_max": 0.0, "noise_aug_sample": 0.0})
