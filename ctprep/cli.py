@@ -81,12 +81,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_cohort(args: argparse.Namespace) -> int:
     from ctprep.cohort import write_cohort
 
-    prep = ((_load_config(args.config, required=args.n_chunks is None) or {}).get("prep") or {})
+    config = _load_config(args.config, required=args.n_chunks is None) or {}
+    prep, dataset = config.get("prep") or {}, config.get("dataset") or {}
     n_chunks = args.n_chunks if args.n_chunks is not None else prep.get("n_chunks")
     if n_chunks is None:
         raise UserError("the config has no prep.n_chunks: pass --n-chunks N")
+    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+        raise UserError(f"prep.n_chunks must be a positive integer, not {n_chunks!r}")
     strict = args.strict if args.strict is not None else bool(prep.get("strict", False))
-    write_cohort(args.root, args.table, args.rejects, n_chunks=int(n_chunks), strict=strict)
+    prefer = args.prefer or dataset.get("prefer", "fixed")
+    if prefer not in ("fixed", "original"):
+        raise UserError(f"dataset.prefer must be fixed or original, not {prefer!r}")
+    splits = args.splits or dataset.get("splits") or ["train", "valid"]
+    # the same choices as the workflow's cohort rule: the config's dataset section, unless given here
+    write_cohort(args.root, args.table, args.rejects, splits=tuple(splits), n_chunks=n_chunks, strict=strict,
+                 prefer=prefer)
     return 0
 
 
@@ -147,6 +156,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-chunks", type=positive_int, help="chunks the volumes are spread over (default: the config's prep.n_chunks)")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction,
                    help="fail on any rejected input instead of listing it (default: the config's prep.strict)")
+    p.add_argument("--prefer", choices=("fixed", "original"),
+                   help="a volume in both <split>_fixed/ and <split>/: which copy (default: the config's dataset.prefer, "
+                        "else fixed)")
+    p.add_argument("--splits", nargs="+", metavar="SPLIT",
+                   help="the splits to read (default: the config's dataset.splits, else train valid)")
     p.set_defaults(func=cmd_cohort)
 
     for command, (_, _, text) in PASS_THROUGH.items():

@@ -119,17 +119,24 @@ def assemble_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int =
         no_chest = _no_chest(root, split)
         indexed: dict[str, dict[str, dict]] = {}
         split_bad: list[dict] = []
+        duplicated: dict[str, list[str]] = {}  # volume -> the tables that list it more than once
         for kind, df in tables.items():
             if "VolumeName" not in df.columns:
                 raise ValueError(f"{kind} table of split {split} has no VolumeName column")
             dupes = set(df["VolumeName"][df["VolumeName"].duplicated()])
-            for name in sorted(dupes):
-                split_bad.append({"VolumeName": name, "split": split, "stage": "cohort",
-                                  "reason": f"duplicate {kind} rows"})
+            for name in dupes:
+                duplicated.setdefault(name, []).append(kind)
             indexed[kind] = {r["VolumeName"]: r for r in df.to_dict("records") if r["VolumeName"] not in dupes}
-        listed = set().union(*(set(v) for v in indexed.values()))
+        listed = set().union(*(set(df["VolumeName"]) for df in tables.values()))
         split_rows, not_downloaded = [], 0
         for name in sorted(set(files) | listed):
+            if name in duplicated:  # one reject naming every table that repeats it (none if not downloaded)
+                if name in files:
+                    split_bad.append({"VolumeName": name, "split": split, "stage": "cohort",
+                                      "reason": f"duplicate {' and '.join(duplicated[name])} rows"})
+                else:
+                    not_downloaded += 1
+                continue
             row, reason = _join(root, split, name, files, indexed, no_chest, n_chunks, prefer)
             if reason == _NOT_DOWNLOADED:
                 not_downloaded += 1

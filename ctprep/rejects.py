@@ -13,6 +13,8 @@ import pandas as pd
 logger = logging.getLogger(__name__)
 
 COLUMNS = ["VolumeName", "split", "stage", "reason"]
+#: Kept where a stage gives them: ``layout``, the CT-RATE tree (fixed, original) of the rejected copy.
+OPTIONAL = ["layout"]
 
 
 class RejectedInput(RuntimeError):
@@ -20,9 +22,10 @@ class RejectedInput(RuntimeError):
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
-    """A rejects table from dicts with (a subset of) :data:`COLUMNS`."""
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    return df.astype({c: "string" for c in COLUMNS})
+    """A rejects table from dicts with (a subset of) :data:`COLUMNS`, and the :data:`OPTIONAL` ones any row has."""
+    columns = COLUMNS + [c for c in OPTIONAL if any(r.get(c) is not None for r in rows)]
+    df = pd.DataFrame(rows, columns=columns)
+    return df.astype({c: "string" for c in columns})
 
 
 def check(rejects: pd.DataFrame, strict: bool, what: str) -> None:

@@ -90,11 +90,17 @@ def _axis_weights(
 
 
 def _threads() -> int:
-    """Worker threads for resampling: the job's CPU allowance (Snakemake sets it via affinity)."""
+    """Worker threads for resampling: the job's CPU allowance. A cluster job's affinity holds its cores; a local
+    Snakemake job keeps the machine's affinity and gets its ``threads`` as ``OMP_NUM_THREADS`` instead (16 local
+    prep jobs of 2 threads must not each start one thread per core)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        n = os.cpu_count() or 1
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        n = min(n, int(omp))
+    return max(1, n)
 
 
 def _resample_axis(

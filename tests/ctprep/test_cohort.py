@@ -72,3 +72,28 @@ def test_chunk_is_stable_and_age_parsed():
 def test_missing_tables_give_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="metadata table not found"):
         build_cohort(tmp_path)
+
+
+def test_duplicate_table_rows_give_one_reject_and_listed_only_volumes_count_as_not_downloaded(dataset, tmp_path):
+    import shutil
+
+    root = tmp_path / "dataset"
+    shutil.copytree(dataset[0], root)
+    meta = pd.read_csv(ctrate.metadata_csv(root, "train"), dtype=str, keep_default_na=False)
+    cohort, _ = build_cohort(dataset[0])
+    on_disk = sorted(cohort.loc[cohort["split"] == "train", "VolumeName"])[0]
+    ghost = meta[meta["VolumeName"] == on_disk].assign(VolumeName="train_99_a_1.nii.gz")  # listed, not downloaded
+    meta = pd.concat([meta, meta[meta["VolumeName"] == on_disk], ghost, ghost])
+    meta.to_csv(ctrate.metadata_csv(root, "train"), index=False)
+    built = assemble_cohort(root, splits=["train"])
+    rej = built.rejects[built.rejects["VolumeName"].isin([on_disk, "train_99_a_1.nii.gz"])]
+    assert rej[["VolumeName", "reason"]].values.tolist() == [[on_disk, "duplicate metadata rows"]]
+    s = built.summary["splits"]["train"]
+    assert s["not_downloaded"] == 1 and on_disk not in set(built.table["VolumeName"])
+    assert s["in_cohort"] + s["rejected"] == len(set(built.table["VolumeName"]) | set(built.rejects["VolumeName"]))
+
+
+def test_cohort_rejects_name_the_layout_of_the_rejected_copy(dataset):
+    _, rejects = build_cohort(dataset[0])
+    assert "layout" in rejects.columns
+    assert rejects.loc[rejects["reason"] == "empty impression", "layout"].notna().all()

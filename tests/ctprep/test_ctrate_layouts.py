@@ -296,3 +296,28 @@ def test_nothing_downloaded_is_a_clear_error(both, tmp_path):
     assert built.table.empty and built.rejects.empty and built.summary["total"]["not_downloaded"] == len(both[1])
     with pytest.raises(ValueError, match=r"no usable volume .*: 0 found on disk \(in train_fixed/, train/"):
         write_cohort(root, tmp_path / "c.parquet", tmp_path / "r.parquet")
+
+
+def test_the_cohort_command_reads_the_configs_dataset_choices(both, tmp_path, monkeypatch):
+    """`ctprep cohort --config` makes the workflow's choices: dataset.prefer and dataset.splits (flags override)."""
+    import yaml
+
+    from ctprep.cli import main
+
+    root, truth = both
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"prep": {"n_chunks": 2}, "dataset": {"prefer": "original", "splits": ["train"]}}))
+    assert main(["cohort", str(root), str(tmp_path / "c.parquet"), str(tmp_path / "r.parquet"), "--config",
+                 str(config)]) == 0
+    cohort = pd.read_parquet(tmp_path / "c.parquet")
+    assert set(cohort["split"]) == {"train"}
+    both_trees = cohort[cohort["layouts"] == "fixed+original"]
+    assert len(both_trees) and set(both_trees["layout"]) == {"original"}
+    assert main(["cohort", str(root), str(tmp_path / "c2.parquet"), str(tmp_path / "r2.parquet"), "--config",
+                 str(config), "--prefer", "fixed", "--splits", "train", "valid"]) == 0
+    cohort = pd.read_parquet(tmp_path / "c2.parquet")
+    assert set(cohort["split"]) == {"train", "valid"}
+    assert set(cohort.loc[cohort["layouts"] == "fixed+original", "layout"]) == {"fixed"}
+    config.write_text(yaml.safe_dump({"prep": {"n_chunks": 0}}))
+    assert main(["cohort", str(root), str(tmp_path / "c3.parquet"), str(tmp_path / "r3.parquet"), "--config",
+                 str(config)]) == 2  # a one-line mistake, not a ZeroDivisionError

@@ -110,3 +110,18 @@ def test_value_map_is_applied_to_the_grid_and_the_padding(real_nifti):
     mapped = resample_to_grid(vol, vol.spacing, shape, pad_value=-1024.0, post=halve)
     np.testing.assert_array_equal(mapped.data, plain.data * np.float32(0.5))
     assert mapped.data[0, 0, 0] == mapped.data[-1, -1, -1] == -512.0  # padding, mapped too
+
+
+def test_resampler_threads_follow_the_jobs_allowance(monkeypatch):
+    """A local Snakemake job keeps the machine's affinity and gets its threads as OMP_NUM_THREADS."""
+    import os
+
+    from ctprep import resample
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert resample._threads() == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert resample._threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cores + 8))
+    assert resample._threads() == cores

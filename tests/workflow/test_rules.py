@@ -144,6 +144,32 @@ def test_the_latent_flow_family_reads_its_own_encoders(tmp_path):
         assert "Traceback" not in res.stdout + res.stderr
 
 
+@pytest.mark.parametrize(("overrides", "args", "needle"), [
+    ({"prep": {"preset": "spacingg"}}, [], "prep.preset 'spacingg' is not among presets"),
+    ({"shards": {"prompt": "generatec"}}, [], "shards.prompt 'generatec' is not a prompt the workflow writes"),
+    ({"prompts": {"structured": {"enabled": False}}}, [],
+     "models.prompt 'structured' is not a prompt the workflow writes (prompts.structured.enabled is false)"),
+    ({"models": {"resources": {"generator": {"gpu": 4}}}}, ["--set-resources", "train_generator:gpu=1"],
+     "models.resources.generator.gpu is 4, but set-resources gives train_generator gpu=1"),
+], ids=["preset", "shard-prompt", "structured-off", "gpus"])
+def test_config_mistakes_end_in_one_line_before_any_job(tmp_path, overrides, args, needle):
+    res = snakemake(make_workdir(tmp_path, overrides), "-n", *args, check=False)
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("config error")]
+    assert res.returncode != 0 and len(lines) == 1 and needle in lines[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stdout + res.stderr
+
+
+def test_a_training_config_holds_only_what_its_model_reads(workdir):
+    """models.prompt reaches the models trained on prompts, models.lowres_scale those trained on the low-res grid:
+    an edit of either retrains no other model (a training config is its checkpoint's key)."""
+    models = ("tokenizer", "generator", "superres", "clip", "classifier", "autoencoder", "latent_flow")
+    snakemake(workdir, *[f"results/models/{m}.yaml" for m in models])
+    data = {m: yaml.safe_load((workdir / f"results/models/{m}.yaml").read_text())["data"] for m in models}
+    assert {m for m in models if "prompt" in data[m]} == {"generator", "superres", "clip", "latent_flow"}
+    assert {m for m in models if "lowres_scale" in data[m]} == {"tokenizer", "superres"}
+    assert all(d["hu_window"] == [-1000, 1000] for d in data.values())
+
+
 @pytest.mark.parametrize("target", ["results/models/tokeniser.yaml", "results/shards/test/manifest.json",
                                     "results/prep/0a.parquet", "results/evaluation/diffusion/metrics.json",
                                     "results/evaluation/guidance/2.json"])

@@ -75,6 +75,7 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         "sr": {"model_presets": {"demo": {"superres": {"train": {"lr": 5e-4}}}}},
         "clip": {"model_presets": {"demo": {"clip": {"train": {"lr": 5e-4}}}}},
         "steps": {"sampling": {"steps": 3}},
+        "flow_steps": {"sampling": {"latent_flow": {"guidance_scale": 3.0}}},
         "eval": {"evaluation": {"hu_tolerance": 30.0}},
         "fig": {"figures": {"dpi": 100}},
         "slicenet": {"evaluation": {"slicenet": {"train": {"lr": 1e-3}}}},
@@ -121,6 +122,7 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     assert plan["clip"] == {"train_config", "train_clip"} | scoring
     # sampling settings: the samples and their scores; evaluation settings: the scores; figures: the figures
     assert plan["steps"] == sampling
+    assert plan["flow_steps"] == latent_sampling  # the latent flow family's sampling: that family's samples alone
     assert plan["eval"] == scoring
     assert plan["fig"] == {"figures", "metric_tables", "all"}
     # the slice network's settings: it and the scores; TSTR's size: its samples, classifiers and the scores

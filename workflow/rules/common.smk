@@ -33,13 +33,32 @@ def check_preset(section, table):
     """One line naming the choices when `<section>.preset` is not a key of `table`."""
     name = config[section]["preset"]
     if name not in config[table]:
-        raise ValueError(
-            f"{section}.preset {name!r} is not among {table}: {sorted(config[table])}"
+        sys.exit(
+            f"config error: {section}.preset {name!r} is not among {table}: {sorted(config[table])}"
         )
+
+
+def check_prompts():
+    """`shards.prompt` and `models.prompt` name a prompt the prompts rule writes (one line, before any job)."""
+    names = list(config["prompts"]["templates"])
+    if config["prompts"]["structured"]["enabled"]:
+        names.append("structured")
+    for key, name in (
+        ("shards.prompt", config["shards"]["prompt"]),
+        ("models.prompt", config["models"]["prompt"]),
+    ):
+        if name not in names:
+            hint = (
+                " (prompts.structured.enabled is false)" if name == "structured" else ""
+            )
+            sys.exit(
+                f"config error: {key} {name!r} is not a prompt the workflow writes{hint}: one of {names}"
+            )
 
 
 check_preset("prep", "presets")
 check_preset("models", "model_presets")
+check_prompts()
 try:  # the prep grid and every model's sizes fit together
     check_geometry(config)
 except GeometryError as err:
@@ -71,7 +90,29 @@ RES = MODELS["resources"]
 # What the spec and sampling jobs read of the config: without the job resources (threads, memory), so
 # that an edit of those reruns no job (Snakemake reruns a job whose params changed).
 MODEL_SETTINGS = {k: v for k, v in MODELS.items() if k != "resources"}
-SAMPLING = {k: v for k, v in config["sampling"].items() if k != "resources"}
+
+
+def check_gpus():
+    """A training job's GPUs and processes come from its resources, which a profile's (or the command line's)
+    set-resources replace: where they differ from models.resources.<model>.gpu > 1, the job would train on
+    fewer GPUs than the config asks, silently. One line instead."""
+    given = getattr(workflow.resource_settings, "overwrite_resources", None) or {}
+    for model, res in RES.items():
+        want = int(res.get("gpu", 0) or 0)
+        got = (given.get(f"train_{model}") or {}).get("gpu")
+        got = getattr(got, "value", got)  # Snakemake's Resource, or a plain value
+        if want > 1 and got is not None and int(got) != want:
+            sys.exit(
+                f"config error: models.resources.{model}.gpu is {want}, but set-resources gives train_{model} "
+                f"gpu={got} (the profile or --set-resources), which the job would run with: set both to {want}"
+            )
+
+
+check_gpus()
+# the cascade's sampling settings: without the latent flow family's (an edit of those reruns only that family)
+SAMPLING = {
+    k: v for k, v in config["sampling"].items() if k not in ("resources", "latent_flow")
+}
 # Scheduling priority of the tokenizer -> tokens -> generator chain (with its text inputs), the DAG's longest, and
 # of the guidance sweep, the longest job after it: where cores are short (the demo's 2), they start first and the other
 # jobs run beside them instead of after them.
@@ -100,6 +141,13 @@ TEXT_ENCODER_MODELS = (
     "clip",
     "latent_flow",
 )  # trained with the small text encoder
+PROMPT_MODELS = (
+    "generator",
+    "superres",
+    "clip",
+    "latent_flow",
+)  # trained on (volume, prompt) pairs
+LOWRES_MODELS = ("tokenizer", "superres")  # trained on the grid / models.lowres_scale
 GENERATOR_FAMILIES = ("cascade", "latent_flow")  # what models.generators may list
 GENERATORS = MODELS.get("generators") or ["cascade"]
 CASCADE = "cascade" in GENERATORS
@@ -151,12 +199,14 @@ def get_train_config(wildcards):
             "vocab_size": MODELS["text_encoder"]["vocab_size"],
             "max_length": text["max_length"],
         }
-    cfg["data"] = {
-        "hu_window": PRESET["clip"],
-        "lowres_scale": MODELS["lowres_scale"],
-        "prompt": MODELS["prompt"],
-        **preset.get("data", {}),
-    }
+    # only what the model's training reads: an edit of models.prompt retrains neither the tokenizer, the
+    # classifier nor the autoencoder (nor what is built from them)
+    data = {"hu_window": PRESET["clip"]}
+    if model in LOWRES_MODELS:
+        data["lowres_scale"] = MODELS["lowres_scale"]
+    if model in PROMPT_MODELS:
+        data["prompt"] = MODELS["prompt"]
+    cfg["data"] = {**data, **preset.get("data", {})}
     return cfg
 
 

@@ -15,7 +15,7 @@ rule parse_reports:
         mem_mb=4000,
         runtime=30,
     params:
-        reports=config["reports"],
+        batch_size=config["reports"]["batch_size"],
     script:
         "../scripts/parse_reports.py"
 

@@ -8,5 +8,5 @@ parse_cohort(
     snakemake.input.cohort,
     snakemake.output.mentions,
     snakemake.output.labels,
-    batch_size=snakemake.params.reports["batch_size"],
+    batch_size=snakemake.params.batch_size,
 )
