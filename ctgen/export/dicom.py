@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -31,10 +32,10 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 from pydicom.valuerep import format_number_as_ds
 
 from ctprep import __version__
-from ctprep.volume import Volume, ras_to_lps
+from ctprep.volume import Volume, load_nifti, ras_to_lps
 
 from ctgen.export.config import ExportConfig, to_int16_hu
-from ctgen.export.sidecar import build_sidecar, to_json
+from ctgen.export.sidecar import RESERVED, build_sidecar, sidecar_path, to_json
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def _series_dataset(
         setattr(ds, f"{what}Time", time)
     ds.AccessionNumber = ""
     ds.Modality = "CT"
+    ds.PatientPosition = ""  # Type 2C (no Patient Orientation Code Sequence): present, claiming no position
     ds.Manufacturer = config.manufacturer[:LO_MAX]
     ds.ManufacturerModelName = "ctgen"
     ds.SoftwareVersions = __version__
@@ -168,6 +170,15 @@ def _prepare_dir(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir} holds files other than a DICOM series ({stray[:3]}); not replacing it")
 
 
+def _prompt_text(sidecar: dict[str, Any]) -> str | None:
+    """The text a sample was drawn from: the cascade's prompt, or the latent flow family's report sections."""
+    if sidecar.get("prompt"):
+        return str(sidecar["prompt"])
+    report = sidecar.get("report") or {}
+    text = " ".join(f"{k.capitalize()}: {v}" for k, v in report.items() if v) if isinstance(report, dict) else str(report)
+    return text or None
+
+
 def save_synthetic_dicom(
     vol: Volume,
     out_dir: str | os.PathLike,
@@ -182,7 +193,7 @@ def save_synthetic_dicom(
 
     Voxels are rounded and clipped to ``config.hu_range`` first. UIDs are fresh on every call.
     The series is written into a temporary folder beside ``out_dir`` and renamed into place, so
-    a killed job leaves no half series. ``sidecar["prompt"]`` goes to ImageComments; the whole
+    a killed job leaves no half series. ``sidecar["prompt"]`` (or its ``report`` sections) goes to ImageComments; the whole
     sidecar (plus geometry) into private tag (0011,1010).
     """
     config = config or ExportConfig()
@@ -195,7 +206,7 @@ def save_synthetic_dicom(
                                            "n_clipped": n_clipped, "storage": "signed, slope 1, intercept 0"})
     base = _series_dataset(
         geom, out.shape, config, series_description or config.series_description,
-        patient_name or config.patient_name, sidecar.get("prompt"), to_json(content, indent=None),
+        patient_name or config.patient_name, _prompt_text(sidecar), to_json(content, indent=None),
     )
     names = [f"IM{k + 1:05d}.dcm" for k in range(out.shape[2])]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -225,3 +236,10 @@ def save_synthetic_dicom(
     logger.info("wrote synthetic DICOM series %s (%d slices, series %s) %r",
                 out_dir, len(names), base.SeriesInstanceUID, out)
     return [out_dir / name for name in names]
+
+
+def dicom_from_nifti(nifti: str | os.PathLike, dicom_dir: str | os.PathLike) -> Path:
+    """A DICOM series of a written synthetic NIfTI, its sidecar's provenance travelling along."""
+    side = sidecar_path(Path(nifti))
+    sidecar = json.loads(side.read_text()) if side.is_file() else {}
+    return save_synthetic_dicom(load_nifti(nifti), dicom_dir, {k: v for k, v in sidecar.items() if k not in RESERVED})

@@ -9,7 +9,7 @@ from typing import Any
 
 from ctprep.errors import UserError
 from ctprep.geometry import reorient
-from ctprep.volume import Volume, save_nifti
+from ctprep.volume import Volume, is_sheared, save_nifti
 
 from ctgen.export.config import ExportConfig, to_int16_hu
 from ctgen.export.sidecar import build_sidecar, sidecar_path, write_sidecar
@@ -43,9 +43,10 @@ def save_synthetic_nifti(
         "hu_range": list(config.hu_range),
         "n_clipped": n_clipped,
         "descrip": config.nifti_descrip,
-        "qform_code": 1,
+        "qform_code": 0 if is_sheared(out.affine) else 1,  # a shear lives in the sform only (ctprep.volume.to_nifti)
         "sform_code": 1,
     })
+    path.unlink(missing_ok=True)  # a rerun that dies in the encode must not leave the old volume under the new sidecar
     json_path = write_sidecar(sidecar_path(path), content)
     save_nifti(out, path, dtype="int16", descrip=config.nifti_descrip)
     logger.info("wrote synthetic NIfTI %s %r", path, out)

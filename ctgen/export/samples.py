@@ -18,7 +18,7 @@ from ctgen.export.dicom import save_synthetic_dicom
 from ctgen.export.nifti import save_synthetic_nifti, stored_as
 from ctprep.ctrate import volume_key
 from ctprep.logs import progress
-from ctprep.volume import Volume
+from ctprep.volume import Volume, atomic_write
 
 #: generate(request, seed) -> (volume, its sidecar fields, the prompt text recorded in samples.csv)
 Generate = Callable[[Any, int], tuple[Volume, dict, str]]
@@ -37,6 +37,8 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
         raise ValueError(f"one volume per prompt is written under the prompt's own name, not {per_prompt}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not single_out:  # a rerun that dies part-way must not leave the last run's manifest over this run's files
+        (out_dir / "samples.csv").unlink(missing_ok=True)
     rows, index = [], 0
     with progress(total=len(requests) * per_prompt, desc=desc, unit="vol") as bar:
         for pid, request in requests:
@@ -58,5 +60,5 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
                 bar.update(1)
     manifest = pd.DataFrame(rows)
     if not single_out:
-        manifest.to_csv(out_dir / "samples.csv", index=False)
+        atomic_write(out_dir / "samples.csv", lambda tmp: manifest.to_csv(tmp, index=False))
     return manifest

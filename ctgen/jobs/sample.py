@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline
+from ctgen.export import dicom_from_nifti
 from ctgen.export.samples import write_samples
 from ctgen.jobs.inputs import read_rows
 from ctprep.errors import UserError
@@ -212,9 +213,10 @@ def sample_main(argv: list[str] | None = None) -> int:
     if args.prompt is not None:
         out = Path(args.out)
         prompt = model_prompt(args.prompt, *report_template(spec))
-        sample_to_files(args.models, [("prompt", prompt)], out.parent, settings, seed, 1, args.device, single_out=out)
+        sample_to_files(args.models, [("prompt", prompt)], out.parent, settings, seed, 1, args.device, single_out=out,
+                        orientation=args.orientation)
         if args.dicom:
-            _dicom_from(out, args.dicom)
+            dicom_from_nifti(out, args.dicom)
     elif args.vlm3d is not None:
         prompts = vlm3d_prompts(args.vlm3d, *report_template(spec))
         sample_to_files(args.models, prompts, args.out_dir, settings, seed, 1, args.device, dicom_dir=args.dicom,
@@ -225,7 +227,8 @@ def sample_main(argv: list[str] | None = None) -> int:
         if empty:
             raise UserError(f"{args.prompts}: empty prompt for {', '.join(map(str, empty[:5]))}")
         sample_to_files(args.models, prompts, args.out_dir, settings, seed,
-                        _given(args.per_prompt, defaults.get("per_prompt", 1)), args.device, dicom_dir=args.dicom)
+                        _given(args.per_prompt, defaults.get("per_prompt", 1)), args.device, dicom_dir=args.dicom,
+                        orientation=args.orientation)
     return 0
 
 
@@ -245,20 +248,6 @@ def vlm3d_prompts(path: str | Path, template: str | None = None,
     from ctgen.metrics.vlm3d.contract import read_prompts_json
 
     return [(name, model_prompt(report, template, rendering)) for name, report in read_prompts_json(path)]
-
-
-def _dicom_from(nifti: Path, dicom_dir: str) -> None:
-    """A DICOM series of a written synthetic NIfTI (its sidecar travels along)."""
-    from ctgen.export import save_synthetic_dicom
-    from ctprep.volume import load_nifti
-
-    from ctgen.export.sidecar import sidecar_path
-
-    side = sidecar_path(nifti)
-    from ctgen.export.sidecar import RESERVED
-
-    sidecar = json.loads(side.read_text()) if side.is_file() else {}
-    save_synthetic_dicom(load_nifti(nifti), dicom_dir, {k: v for k, v in sidecar.items() if k not in RESERVED})
 
 
 def select_prompts(prompts_parquet: str | Path, column: str, split: str, volumes: list[str], max_prompts: int,

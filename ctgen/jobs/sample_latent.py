@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ctgen.export import dicom_from_nifti
 from ctgen.jobs.inputs import read_rows
 from ctgen.pipelines.latent_flow import SPEC, LatentFlowPipeline, LatentSampleSettings
 from ctprep.errors import UserError
@@ -131,6 +132,13 @@ def sample_latent_to_files(models_dir: str | Path, reports: list[tuple[str, dict
 
 def sample_latent_main(args) -> int:
     """The latent flow branch of ``ctgen sample`` (its parsed arguments)."""
+    cascade_only = [flag for flag, given in (
+        ("--num-slices", args.num_slices is not None), ("--temperature", args.temperature is not None),
+        ("--sr-steps", args.sr_steps is not None), ("--batch-size", args.batch_size is not None),
+        ("--no-superres", args.no_superres), ("--truncate-prompt", args.truncate_prompt)) if given]
+    if cascade_only:
+        raise UserError(f"{', '.join(cascade_only)}: the cascade's settings, not the latent flow family's "
+                        "(it takes --steps, --guidance-scale, --seed, --per-prompt)")
     spec = latent_spec(args.models)
     defaults = spec.get("sampling") or {}
     base = LatentSampleSettings()
@@ -144,6 +152,8 @@ def sample_latent_main(args) -> int:
         out = Path(args.out)
         sample_latent_to_files(args.models, [("prompt", {REPORT: args.prompt})], out.parent, settings, seed, 1,
                                args.device, single_out=out, orientation=args.orientation)
+        if args.dicom:
+            dicom_from_nifti(out, args.dicom)
         return 0
     if args.vlm3d is not None:  # the 2026 contract's report is findings and impression run together
         from ctgen.metrics.vlm3d.contract import read_prompts_json
@@ -153,5 +163,5 @@ def sample_latent_main(args) -> int:
                                dicom_dir=args.dicom, exact_names=True, orientation=args.orientation)
         return 0
     sample_latent_to_files(args.models, read_sections(args.prompts), args.out_dir, settings, seed, per_prompt,
-                           args.device, dicom_dir=args.dicom)
+                           args.device, dicom_dir=args.dicom, orientation=args.orientation)
     return 0

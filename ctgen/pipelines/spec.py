@@ -22,7 +22,12 @@ def spec_weights(models_dir: Path, networks: list[str], text_encoders: list[dict
     a folder whose encoder was retrained; never a leftover folder no entry names."""
     own = [REPORT_ENCODER_DIR] if any(e.get("kind") == "report_encoder" and e.get("path") == REPORT_ENCODER_DIR
                                       for e in text_encoders) else []
-    return {m: sha256_file(models_dir / m / "model.safetensors") for m in [*networks, *own]}
+    out = {m: sha256_file(models_dir / m / "model.safetensors") for m in [*networks, *own]}
+    for m in networks:  # the EMA weights, which sampling loads where they exist (load_network): checked as well
+        ema = models_dir / m / "ema" / "model.safetensors"
+        if ema.is_file():
+            out[f"{m}/ema"] = sha256_file(ema)
+    return out
 
 
 def read_spec(models_dir: Path, name: str, missing_hint: str) -> dict:

@@ -229,10 +229,11 @@ class TextToCTPipeline:
 
         grid = self.spec["grid"]
         spacing = {"mm": list(grid["spacing"]), "why": grid.get("spacing_source", "the prep preset's spacing")}
-        if not settings.super_resolution:
+        if not (settings.super_resolution and self.superres is not None):  # the low-res grid was returned
             spacing = {"mm": [grid["spacing"][0] * grid["lowres_scale"], grid["spacing"][1] * grid["lowres_scale"],
                               grid["spacing"][2]], "why": f"the low-res grid: {spacing['why']}, in-plane x "
                                                           f"{grid['lowres_scale']} (no super-resolution)"}
-        return {"family": "cascade", "prompt": prompt, "seed": seed, "settings": asdict(settings), "spacing": spacing,
+        used = {**asdict(settings), "super_resolution": settings.super_resolution and self.superres is not None}
+        return {"family": "cascade", "prompt": prompt, "seed": seed, "settings": used, "spacing": spacing,
                 "weights_sha256": self.spec.get("weights", {}), "config_hash": self.spec.get("config_hash"),
                 "models_dir": str(self.models_dir), "provenance": provenance(seed)}

@@ -227,6 +227,7 @@ def test_dicom_tags_mark_synthetic_and_carry_provenance(tmp_path):
         assert ds.PatientID == "SYNTH-42"
         assert ds.PatientIdentityRemoved == "YES" and "synthetic" in ds.DeidentificationMethod
         assert ds.BurnedInAnnotation == "NO"
+        assert "PatientPosition" in ds and ds.PatientPosition == ""  # Type 2C: present, claiming nothing
         assert (ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation) == (16, 16, 1)
         assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1.0, 0.0)
         assert (float(ds.WindowCenter), float(ds.WindowWidth)) == (50.0, 350.0)
@@ -292,3 +293,29 @@ def test_dicom_refuses_sheared_grids_and_foreign_folders(tmp_path):
         save_synthetic_dicom(vol, tmp_path / "d", SIDECAR, overwrite=True)
     assert (tmp_path / "d" / "notes.txt").exists() and len(first) == 2
     assert len(list((tmp_path / "d").glob("*.dcm"))) == 2  # the series is left as it was
+
+
+def test_latent_samples_name_their_report_in_the_dicom_and_a_nifti_converts_with_its_sidecar(tmp_path):
+    from ctgen.export import dicom_from_nifti
+
+    vol = _volume("flipped")
+    latent = {k: v for k, v in SIDECAR.items() if k != "prompt"}
+    latent["report"] = {"findings": "Right pleural effusion.", "impression": ""}
+    nifti, _ = save_synthetic_nifti(vol, tmp_path / "s.nii.gz", latent)
+    files = dicom_from_nifti(nifti, tmp_path / "d")
+    ds = pydicom.dcmread(files[0])
+    assert ds.ImageComments == "SYNTHETIC (ctgen) from prompt: Findings: Right pleural effusion."
+    assert json.loads(ds[0x0011, 0x1010].value)["seed"] == SIDECAR["seed"]
+    _assert_same(read_series(tmp_path / "d"), _nibabel_volume(nifti)[0], "ctprep.read_series")
+
+
+def test_a_sheared_volumes_sidecar_says_the_qform_it_has(tmp_path):
+    affine = np.diag([0.7, 0.7, 2.5, 1.0])
+    affine[1, 2] = 0.6  # a gantry tilt: k steps along y as well
+    vol = Volume.from_3d(np.zeros((4, 5, 6), np.int16), affine)
+    nifti, side = save_synthetic_nifti(vol, tmp_path / "t.nii.gz", SIDECAR)
+    header = nib.load(nifti).header
+    recorded = json.loads(side.read_text())["export"]
+    assert (recorded["qform_code"], recorded["sform_code"]) == (int(header["qform_code"]), int(header["sform_code"]))
+    assert recorded["qform_code"] == 0
+

@@ -72,6 +72,23 @@ def test_missing_or_mismatched_checkpoints_are_named(tiny_cascade, tmp_path):
         TextToCTPipeline.from_pretrained(tmp_path)
 
 
+def test_the_ema_weights_that_sampling_loads_are_hashed_and_checked(tmp_path):
+    from ctgen.pipelines.spec import read_spec, spec_weights
+
+    for net in ("generator", "superres"):
+        (tmp_path / net).mkdir()
+        (tmp_path / net / "model.safetensors").write_bytes(net.encode())
+    (tmp_path / "generator" / "ema").mkdir()
+    (tmp_path / "generator" / "ema" / "model.safetensors").write_bytes(b"ema")
+    weights = spec_weights(tmp_path, ["generator", "superres"], [])
+    assert set(weights) == {"generator", "generator/ema", "superres"}
+    (tmp_path / "spec.json").write_text(json.dumps({"weights": weights}))
+    assert read_spec(tmp_path, "spec.json", "is not a run")["weights"] == weights
+    (tmp_path / "generator" / "ema" / "model.safetensors").write_bytes(b"another run's")
+    with pytest.raises(ValueError, match="generator/ema/model.safetensors does not match spec.json"):
+        read_spec(tmp_path, "spec.json", "is not a run")
+
+
 def test_cli_writes_nifti_sidecar_and_dicom_with_one_geometry(tiny_cascade, tmp_path):
     out = tmp_path / "ct.nii.gz"
     assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", PROMPT, "--out", str(out),
@@ -80,7 +97,7 @@ def test_cli_writes_nifti_sidecar_and_dicom_with_one_geometry(tiny_cascade, tmp_
     assert b"SYNTHETIC" in img.header["descrip"].tobytes().upper()
     side = json.loads((tmp_path / "ct.json").read_text())
     assert side["prompt"] == PROMPT and side["seed"] == 7 and side["synthetic"] is True
-    assert side["config_hash"] and set(side["weights_sha256"]) == {"tokenizer", "generator", "superres"}
+    assert side["config_hash"] and {"tokenizer", "generator", "superres"} <= set(side["weights_sha256"])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "dicom")))
     dcm = sitk.DICOMOrient(reader.Execute(), "LPS")  # the same physical voxel grid, compared in one orientation
@@ -141,3 +158,36 @@ def test_a_structured_cascade_renders_reports_as_its_training_prompts(tiny_casca
     assert ctgen_main(["sample", "--models", str(models), "--prompt", "The heart is enlarged (mild cardiomegaly).",
                        "--out", str(out), "--steps", "2", "--no-superres"]) == 0
     assert json.loads(out.with_name("one.json").read_text())["prompt"] == "mild cardiomegaly"
+
+
+def test_every_sampling_mode_stores_the_orientation_asked_for(tiny_cascade, tmp_path):
+    reports = tmp_path / "reports.jsonl"
+    reports.write_text(json.dumps({"id": "a", "prompt": PROMPT}) + "\n")
+    one = tmp_path / "one.nii.gz"
+    for args in (["--prompt", PROMPT, "--out", str(one)], ["--prompts", str(reports), "--out-dir", str(tmp_path / "many")]):
+        assert ctgen_main(["sample", "--models", str(tiny_cascade), *args, "--steps", "2", "--orientation", "PLI"]) == 0
+    for path in (one, tmp_path / "many" / "a_s0.nii.gz"):
+        assert "".join(nib.aff2axcodes(nib.load(path).affine)) == "PLI"
+
+
+def test_the_sidecar_of_a_cascade_without_super_resolution_gives_the_low_res_spacing(tiny_cascade, tmp_path):
+    folder = tmp_path / "models"
+    shutil.copytree(tiny_cascade, folder)
+    spec = json.loads((folder / "cascade.json").read_text())
+    spec["weights"] = {k: v for k, v in spec["weights"].items() if not k.startswith("superres")}
+    (folder / "cascade.json").write_text(json.dumps(spec))
+    shutil.rmtree(folder / "superres")
+    pipe = TextToCTPipeline.from_pretrained(folder)
+    settings = SampleSettings(steps=2)
+    vol = pipe([PROMPT], settings=settings, generators=[torch.Generator().manual_seed(0)])[0]
+    side = pipe.sidecar(PROMPT, 0, settings)
+    assert side["spacing"]["mm"] == pytest.approx(list(vol.spacing)) and side["settings"]["super_resolution"] is False
+
+
+
+def test_cascade_only_settings_are_refused_for_the_latent_flow_family(tmp_path, capsys):
+    code = ctgen_main(["sample", "--family", "latent_flow", "--models", str(tmp_path), "--prompt", PROMPT,
+                       "--out", str(tmp_path / "x.nii.gz"), "--temperature", "0.5", "--no-superres"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "--temperature, --no-superres: the cascade's settings, not the latent flow family's" in err[0]
