@@ -274,10 +274,12 @@ def _score(col: _Collected, nets: FeatureNets, texts, known_labels, cfg: EvalCon
     else:
         metrics += _alignment(col, nets, texts, have, cfg, pv, models_dir, spec)
     # TSTR: both classifiers on every real scan read
+    keep = [i for i, s in enumerate(col.tstr_stems) if s in known_labels]
     if len(nets.tstr) < 2:
         not_computed.append({"group": "tstr", "reason": "no TSTR classifiers given (--tstr)"})
+    elif not keep:
+        not_computed.append({"group": "tstr", "reason": "no labels for the real scans: give --labels"})
     else:
-        keep = [i for i, s in enumerate(col.tstr_stems) if s in known_labels]
         y = np.stack([known_labels[col.tstr_stems[i]] for i in keep])[:, cols]
         sizes = {k: {"volumes": n.provenance.get("n_volumes"), "steps": (n.provenance.get("train") or {}).get("max_steps")}
                  for k, n in nets.tstr.items()}

@@ -255,6 +255,10 @@ class RealSet:
             from ctgen.data.stream import load_shards
 
             for shard in load_shards([str(m) for m in self.manifests]):
+                twice = sorted(set(shard.keys) & set(self.paths))
+                if twice:  # it would be read, and scored, once per manifest
+                    raise UserError(f"--real: {twice[0]} is in more than one shard manifest "
+                                    f"({self.paths[twice[0]]} and {shard.url}); give each manifest once")
                 self.paths.update({k: shard.url for k in shard.keys})
         self.stems = list(self.paths)
 

@@ -187,6 +187,7 @@ def _check_volumes(pairs: list) -> tuple[list, dict[str, dict[str, str]], dict[s
     single volumes are logged.
     """
     problems, unusable = check_pairs(pairs)
+    problems = {s: w for s, w in problems.items() if s not in unusable}  # a pair left out is not scored: not counted
     for stem, why in unusable.items():
         log.warning("pair %s not scored: %s", stem, "; ".join(f"{side} {w}" for side, w in why.items()))
     usable = [p for p in pairs if p.stem not in unusable]

@@ -439,3 +439,28 @@ def test_latent_ceiling_scores_the_autoencoder_reconstruction(models, tmp_path, 
     shutil.rmtree(folder / "autoencoder")
     assert main(["latent-ceiling", "--models", str(folder), "--prompts", str(tmp_path / "prompts.csv"),
                  "--real", str(models["manifest"]), "--out", str(tmp_path / "x.csv")]) == 2
+
+
+def test_tstr_without_labels_for_the_real_scans_is_not_computed_and_said_so():
+    """A folder as --real and no --labels: TSTR has nothing to test against. It is listed in not_computed with the
+    fix, as faithfulness is, instead of ending the run after every volume was streamed."""
+    import types
+
+    from ctgen.jobs.eval_config import EvalConfig
+    from ctgen.jobs.evaluate import _Collected, _score
+    from ctgen.jobs.features import FeatureNets
+    from ctgen.metrics.hu import tissue_stats
+
+    rng = np.random.default_rng(0)
+    col = _Collected()
+    for side in ("generated", "real"):
+        col.stats[side] = [tissue_stats(rng.uniform(-1000, 1000, (8, 8, 8)).astype(np.float32)) for _ in range(3)]
+    col.gen_rows = [{"prompt_id": s, "sample": f"{s}.nii.gz", "seed": None, "repeat": 0, "resampled": False,
+                     "hu_problem": ""} for s in "abc"]
+    col.gen_real, col.real_stems, col.tstr_stems = [0, 1, 2], list("abc"), list("abc")
+    col.tstr = {k: list(rng.uniform(size=(3, 18)).astype(np.float32)) for k in ("tstr_synthetic", "tstr_real")}
+    fake = types.SimpleNamespace(provenance={})
+    nets = FeatureNets(tstr={"synthetic": fake, "real": fake},
+                       profiles={"tstr_synthetic": "classifier3d-tstr-synthetic@0", "tstr_real": "classifier3d-tstr-real@0"})
+    _, not_computed, _ = _score(col, nets, {}, {}, EvalConfig(), "cpu", "/nonexistent")
+    assert {"group": "tstr", "reason": "no labels for the real scans: give --labels"} in not_computed

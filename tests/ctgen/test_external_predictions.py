@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import logging
 
 import nibabel as nib
@@ -305,6 +306,23 @@ def test_vlm3d_skips_broken_pairs_names_and_counts_them(folders, tmp_path, poole
     assert json.loads((tmp_path / "out" / "vlm3d.json").read_text())["n_skipped_pairs"] == 3
 
 
+def test_vlm3d_counts_hu_problems_of_scored_pairs_only(folders, tmp_path, pooled):
+    """A pair left out for an unreadable prediction is not scored: its raw (not HU) scan neither stops the run as
+    'no real volume reads as HU' nor flags the records of the pairs that are scored."""
+    gt = tmp_path / "gt"
+    shutil.copytree(folders / "gt", gt)
+    save(gt / f"{STEMS[0]}.nii.gz", np.rint(phantom(0)) + 1024)  # raw stored values, as a raw CT-RATE copy
+    for stem in STEMS[1:]:
+        (gt / f"{stem}.nii.gz").unlink()
+    save(gt / f"{STEMS[1]}.nii.gz", np.rint(phantom(1)))
+    preds = predictions(tmp_path, {STEMS[0]: truncated})
+    for stem in STEMS[2:]:
+        (preds / f"{stem}.nii.gz").unlink()
+    summary = score_vlm3d(preds, gt, proxies={"fvd": pooled}, grids={"fvd_shape": (8, 16, 16)})
+    assert summary["stems"] == [STEMS[1]] and summary["hu_problems"] == {} and list(summary["skipped_pairs"]) == [STEMS[0]]
+    assert all("read as HU" not in (r["flag"] or "") for r in summary["records"]["vlm3d-2026"])
+
+
 def test_vlm3d_with_no_readable_pair_is_one_user_error(folders, tmp_path, pooled):
     preds = tmp_path / "preds"
     preds.mkdir()
@@ -322,3 +340,11 @@ def test_vlm3d_reads_float32_and_scaled_predictions_as_hu(folders, tmp_path, poo
                           grids={"fvd_shape": (8, 16, 16)})
     assert list(summary["hu_problems"]) == [STEMS[2]] and "1024 lower" in summary["hu_problems"][STEMS[2]]["generated"]
     assert summary["n_pairs"] == 6 and summary["n_skipped_pairs"] == 0
+
+
+def test_a_ground_truth_in_two_manifests_is_one_mistake_not_two_scores(cohort):
+    from ctgen.jobs.pairing import RealSet
+
+    assert len(RealSet([cohort["manifest"]]).stems) > 0
+    with pytest.raises(UserError, match="is in more than one shard manifest"):
+        RealSet([cohort["manifest"], cohort["manifest"]])

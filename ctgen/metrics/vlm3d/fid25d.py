@@ -143,8 +143,8 @@ def fid_25d(pairs: Sequence[Pair], extractor: Extractor, settings: Fid25dSetting
     prof = profile(prefix, "fid25d", extractor)
     kw = dict(profile=prof, stems=stems_hash(p.stem for p in chosen))
     flag = None
-    if len(chosen) < settings.num_images:
-        flag = f"scored on {len(chosen)} volumes; the protocol takes the first {settings.num_images}"
+    if len(chosen) < NUM_IMAGES:  # the protocol's 100, whatever num_images asked for
+        flag = f"scored on {len(chosen)} volumes; the protocol takes the first {NUM_IMAGES}"
     default = Fid25dSettings()
     if (tuple(settings.spacing), tuple(settings.shape), settings.center_slices_ratio) != \
             (default.spacing, default.shape, default.center_slices_ratio):

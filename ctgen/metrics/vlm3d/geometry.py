@@ -73,7 +73,7 @@ def clip_size(vol: Volume, spacing: Sequence[float] = CLIP_SPACING) -> list[int]
     """
     n = itk_array_shape(vol)
     sx, sy, sz = (float(s) for s in vol.spacing)  # SimpleITK's GetSpacing(): along i, j, k
-    return [int(round(d * s / t)) for d, s, t in zip(n, (sz, sy, sx), spacing)]
+    return [int(round(d * (s / t))) for d, s, t in zip(n, (sz, sy, sx), spacing)]  # its order: d * (s / t)
 
 
 def itk_array_shape(vol: Volume) -> tuple[int, int, int]:
