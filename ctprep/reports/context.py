@@ -27,6 +27,10 @@ end that clause's own scope, nor do the terminators and assertions inside it. A 
 excepted finding is part of the exception ("Apart from the nodule, which was described before, ...": the
 exception closes at the second comma; "Pleural effusion, except for a small one which is seen on the left, was
 not detected" negates the main effusion).
+A template's heading takes its status from the value after its colon ("Lymph nodes: Normal.", "Pulmonary nodules: Not
+identified."; not "Pleural effusion: No change."). "and" before a new assertion ends a pre-trigger's scope only ("There
+is no effusion, and there is mild cardiomegaly", "No pneumothorax and small effusions"); plain "no A and B" is one
+negation. A removal negates the device before it ("The chest tube has been removed"), not over "after".
 """
 
 from __future__ import annotations
@@ -57,9 +61,17 @@ _DETERMINERS = {"a", "an", "the"}
 #: After one of these "resolved" is a verb, not a pre-modifier ("has resolved and pericardial effusion is new").
 _VERB_AUX = _AUX | {"has", "have", "had"}
 _NEG_WORDS = {"no", "not", "without"}  # a pseudo-negation starting with one of these negates a mention it runs into
+_REMOVED = frozenset(V.REMOVED)
+#: What a removal does not reach back over: it is another thing's ("Clips after the gallbladder was removed").
+_AFTER = {"after", "following", "post", "s/p", "since", "from"}
 #: A post-trigger starting with one of these is a template's value ("Pleural effusion: none"): it answers only
 #: the item right before it, not a list ("Small effusion, pneumothorax: none" keeps the effusion).
 _TEMPLATE_MARKS = {":", "-"}
+#: A template's value that denies its heading's finding: "Lymph nodes: Normal.", "Pleural effusion: No.",
+#: "Pulmonary nodules: Not identified." (not "Pleural effusion: No change.", a pseudo-negation).
+_TEMPLATE_NEGATIVES = {"no", "none", "normal", "unremarkable", "negative", "absent", "nil", "clear", "not", "nothing"}
+#: Words a heading does not hold: a clause ("Effusion is seen: ...") or a list ("Effusion, pneumothorax: none").
+_HEADING_BREAKS = {",", ";", ".", "(", ")"} | _VERB_AUX
 #: Partitive quantifiers: "none of the nodules is calcified" presupposes the nodules and negates what is said of
 #: them; only a predicate of existence ("none of the nodules is seen", "... persists") negates the finding itself.
 _PARTITIVES = {"none", "neither"}
@@ -74,6 +86,9 @@ _ADVERBS = {"also", "now", "still", "anymore", "clearly", "definitely", "current
 #: Words that make a partitive's predicate the lymph nodes' own finding ("none of which is enlarged").
 _NODE_SIZE = re.compile(r"\b(enlarg\w*|patholog\w*|significant(ly)? (size|enlarg\w*)|reach\w*|exceed\w*|"
                         r"(larger|greater|more) than|increased in size|lymphadenopath\w*)")
+#: A size word right after a bare "none" (a verb may come first): "none enlarged", "none measuring more than 1 cm".
+_BARE_NONE_SIZE = re.compile(r"((measuring|being|appearing|is|are|was|were|pathologically)\s+)?" + _NODE_SIZE.pattern
+                             + r"|meet\w* (\w+ )?(size )?criteria")
 
 if not Span.has_extension("status"):
     Span.set_extension("status", default="present")
@@ -85,7 +100,7 @@ def build_phrase_matcher(nlp: Language) -> PhraseMatcher:
     matcher = PhraseMatcher(nlp.vocab, attr="LOWER")
     lists = {"PRE_NEG": V.PRE_NEGATION, "POST_NEG": V.POST_NEGATION, "PSEUDO": V.PSEUDO_NEGATION,
              "PRE_UNC": V.PRE_UNCERTAIN, "POST_UNC": V.POST_UNCERTAIN, "TERM": V.TERMINATORS,
-             "SENT_NEG": V.SENTENCE_NEGATION, "CURRENT": V.CURRENT_EXAM,
+             "SENT_NEG": V.SENTENCE_NEGATION, "CURRENT": V.CURRENT_EXAM, "PRE_END": V.PRE_SCOPE_ENDS,
              "BREAK": [w for w in V.CLAUSE_BREAKS if w not in V.TERMINATORS]}
     for kind, phrases in lists.items():
         matcher.add(kind, [nlp.make_doc(p.lower()) for p in phrases])
@@ -222,6 +237,31 @@ def _other_item(doc: Doc, sent: Span, mention: Span, trigger: Span) -> bool:
             and any(b + lo + s0 <= m.start_char and m.end_char <= trigger.start_char for m in doc.spans["findings"]))
 
 
+def _template_value(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) -> Span | None:
+    """The value that denies the finding of a template's heading ("Lymph nodes: Unremarkable.", "Lymphadenopathy: Not
+    present."), from the colon to the end of its negation; None if the mention heads no such value.
+
+    The mention must end its heading: a few words may follow it ("Lymph nodes, mediastinal: ..." is a list, not a
+    heading), and the value must start with a negation or a normal statement, not a pseudo-negation ("Pleural
+    effusion: No change.") nor a description ("Hiatal hernia: Small.").
+    """
+    colon = next((j for j in range(mention.end, min(sent.end, mention.end + 6))
+                  if doc[j].text == ":" or doc[j].lower_ in _HEADING_BREAKS), None)
+    if colon is None or doc[colon].text != ":" or colon + 1 >= sent.end:
+        return None
+    v = colon + 1
+    words = [t for t in triggers if t.start == v]
+    if any(t.label_ == "PSEUDO" for t in words):
+        return None
+    if doc[v].lower_ == "not" and not any(t.label_ == "POST_NEG" and len(t) > 1 for t in words):
+        return None  # "Not seen", "Not enlarged"; not "Not changed"
+    value = " ".join(tok.lower_ for tok in doc[v: min(sent.end, v + 3)])
+    if doc[v].lower_ in _TEMPLATE_NEGATIVES or value.startswith("within normal"):
+        end = max((t.end for t in words), default=v + (3 if value.startswith("within normal") else 1))
+        return doc[colon: min(end, sent.end)]
+    return None
+
+
 def _partitive(doc: Doc, t: Span, sent: Span) -> bool:
     """``t`` is "none"/"neither" followed by "of the|these|which|them ...": a quantifier over things presupposed."""
     return (t.text.lower() in _PARTITIVES and t.end + 1 < sent.end and doc[t.end].lower_ == "of"
@@ -258,6 +298,12 @@ def _partitive_status(doc: Doc, mention: Span, sent: Span, t: Span) -> str | Non
     enlarged"): only lymph nodes, and only a predicate of size, lose their finding.
     """
     if not _partitive(doc, t, sent):
+        # a bare "none" right before a size word: "Several small mediastinal lymph nodes, none enlarged by CT criteria"
+        if (t.text.lower() == "none" and mention.label_ == "Lymphadenopathy" and t.start > mention.end
+                and doc[t.start - 1].text == ","
+                and _BARE_NONE_SIZE.match(doc[t.end: _predicate_end(doc, t.end, sent)].text.lower())
+                and not any(doc[j].text in {";", ":"} for j in range(mention.end, t.start))):
+            return "negated"
         return None
     if t.end <= mention.start <= t.end + 6 and not any(doc[j].text in _CLAUSE_PUNCT for j in range(t.end, mention.start)):
         end = _predicate_end(doc, mention.end, sent)
@@ -274,7 +320,11 @@ def _partitive_status(doc: Doc, mention: Span, sent: Span, t: Span) -> str | Non
 
 def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) -> tuple[str, Span | None]:
     """(status, trigger) for one mention, from the triggers of its sentence ``sent`` (in text order)."""
+    value = _template_value(doc, mention, sent, triggers)
+    if value is not None:
+        return "negated", value  # "Lymph nodes: Normal."
     terms = [t for t in triggers if t.label_ == "TERM"]
+    pre_terms = terms + [t for t in triggers if t.label_ == "PRE_END"]  # "No effusion and mild atelectasis"
     breaks = [t for t in triggers if t.label_ == "BREAK" or (t.label_ == "TERM" and t.text.lower() in _BREAKS)]
     found: dict[str, Span] = {}
     limit = exception_end(doc, mention, sent, terms)  # triggers from here on belong to the main clause
@@ -283,7 +333,7 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
         if t.label_ == "PSEUDO" and t.start < mention.start < t.end and doc[t.start].lower_ in _NEG_WORDS:
             found.setdefault("NEG", t)  # the finding is the pseudo-trigger's object: "no increase| in heart size"
             continue
-        if t.start < sent.start or t.end > sent.end or t.label_ in {"TERM", "PSEUDO", "CURRENT", "BREAK"}:
+        if t.start < sent.start or t.end > sent.end or t.label_ in {"TERM", "PSEUDO", "CURRENT", "BREAK", "PRE_END"}:
             continue
         if t.label_ == "PRE_NEG" and (status := _partitive_status(doc, mention, sent, t)) is not None:
             if status == "negated":
@@ -303,10 +353,11 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
             if t.end <= mention.start and t.text.lower() in _PREMODIFIERS and _modifies(doc, terms, t, mention):
                 found["NEG"] = t  # "resolved pleural effusion"
             continue
-        if t.label_.startswith("PRE") and t.end <= mention.start and not _blocked(doc, terms, t.end, mention.start):
+        if t.label_.startswith("PRE") and t.end <= mention.start and not _blocked(doc, pre_terms, t.end, mention.start):
             found[t.label_[4:]] = t  # triggers come in text order: the nearest pre-trigger wins
         elif (t.label_.startswith("POST") and t.start >= mention.end and not _blocked(doc, terms, mention.end, t.start)
               and (t.start == mention.end or doc[t.start].lower_ not in _TEMPLATE_MARKS)
+              and not (t.text.lower() in _REMOVED and any(tok.lower_ in _AFTER for tok in doc[mention.end: t.start]))
               and not _other_item(doc, sent, mention, t)):
             found.setdefault(t.label_[5:], t)  # the nearest post-trigger wins
         elif mention.start <= t.start and t.end <= mention.end and t.label_ in {"PRE_NEG", "POST_NEG"}:

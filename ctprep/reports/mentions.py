@@ -37,17 +37,21 @@ class _Compiled:
     requires: re.Pattern | None
     excludes: re.Pattern | None
     words: frozenset[str] | None
+    excludes_own: re.Pattern | None = None
 
 
 _COMPILED = tuple(_Compiled(r, compile_lower(r.pattern), compile_lower(r.requires) if r.requires else None,
-                            compile_lower(r.excludes) if r.excludes else None, keywords(r.pattern)) for r in RULES)
+                            compile_lower(r.excludes) if r.excludes else None, keywords(r.pattern),
+                            compile_lower(r.excludes_own) if r.excludes_own else None) for r in RULES)
 _EFFUSION_WORDS = keywords(EFFUSION.pattern)
 _PERICARD = compile_lower(r"\bpericardi\w*")
 _PLEURA = compile_lower(r"\b(pleura\w*|hemithora\w*|thorax|thoracic cavit\w*|costophrenic|costodiaphragmatic)")
 #: Places outside the chest cavities, where a bare effusion is neither pleural nor pericardial; not the pericardium
 #: itself, named in the effusion's phrase for another finding ("Effusion on the right and pericardial thickening").
 _NON_LUNG = compile_lower(NON_LUNG.replace(r"|lymph nodes?", "").replace(r"|soft tissue", "")
-                          .replace(r"|pericardi\w*", "") + r"|\b(joint|subcapsular|perihepatic|perisplenic|pelvic|free)\b")
+                          .replace(r"|pericardi\w*", "")
+                          + r"|\b(joint|subcapsular|perihepatic|perisplenic|pelvic|free|shoulder|knee|hip|elbow|wrist|"
+                            r"ankle|glenohumeral|subacromial|subdeltoid|acromioclavicular|sternoclavicular|bursa\w*)\b")
 _LUNG = compile_lower(LUNG)
 _ORGAN = compile_lower(NON_LUNG)
 _JOIN = re.compile(r"[\s-]{0,2}")  # what may separate two matches of one label that form one phrase
@@ -66,6 +70,9 @@ _VERB_PLACE = compile_lower(r"\b(?:is|are|was|were)\s+(?:\w+\s+)?(?:" + "|".join
                             + "|".join(PLACE_PREPOSITIONS) + r")\b[^,]*")
 _NEXT_EFFUSION = compile_lower(r"(\b(pleural|pericardial)[\s-]+)?\b(effusions?|fluid)\b")
 _PLACE_LABEL = {"pleural": "Pleural effusion", "pericardial": "Pericardial effusion"}
+#: A template's heading at the sentence start ("Pericardium: Trace effusion."): it says where its value's effusion lies.
+_HEADING = compile_lower(r"\s*(?:[-*•]\s+)?([a-z][a-z /&-]{0,40}):")
+_HEART = compile_lower(r"\b(heart|cardiac)\b")
 _CLAUSE_END = A.CLAUSE_END
 _SIDE = compile_lower(r"\b(right|left|bilateral\w*|both|bibasal\w*)\b")
 _DEFINITE = compile_lower(r"\b(the|this|these|that|said)\s+([\w-]+\s+){0,2}$")
@@ -154,6 +161,12 @@ def _effusion_labels(section: str, s0: int, e0: int, start: int, end: int) -> li
     after = after[: later.start()] if later else after
     # nothing near it: the place phrase of the clause's verb, however far ("Effusion, 12 mm thick, is seen in ...")
     labels = _places(before + " " + after) or _places(_verb_place(sent, end, b))
+    heading = _HEADING.match(sent)
+    if not labels and heading and heading.end() <= start:
+        # the heading says where: "Pericardium: Small effusion", "Heart: Trace effusion"; or that it is outside the chest
+        labels = _places(heading.group(1)) or (["Pericardial effusion"] if _HEART.search(heading.group(1)) else [])
+        if not labels and _NON_LUNG.search(heading.group(1)):
+            return []
     if not labels and sent[start:end].startswith("effusion") and not _NON_LUNG.search(sent, a, b):
         labels.append(_bare_effusion_label(section, s0 + start, sent[a:b]))
     return labels
@@ -256,6 +269,9 @@ def find_mentions(doc: Doc, corrections: list[tuple[int, int, str]] = ()) -> lis
                                            and not (c.excludes and c.excludes.search(sentence)))
                     ok = sentence_ok
                 if not ok:
+                    continue
+                if c.excludes_own and any(x.start() < m.end() and m.start() < x.end()
+                                          for x in c.excludes_own.finditer(low, s0, e0)):
                     continue
                 if rule.lung_only:
                     if i not in off_lung:

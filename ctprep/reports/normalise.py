@@ -35,3 +35,28 @@ def normalise_lines(text: object) -> str:
 def normalise(text: object) -> str:
     """Normalised text on one line: what the parser and the mentions' char offsets refer to."""
     return " ".join(normalise_lines(text).split())
+
+
+#: A line break between two items of a list typed without closing punctuation ("No pleural effusion\nMild
+#: cardiomegaly", "- No effusion\n- Mild cardiomegaly"): the line ends in a word and the next opens an item (a bullet,
+#: a number, a capitalised word). A sentence wrapped across lines goes on in lower case ("no pleural\neffusion").
+_ITEM_BREAK = re.compile(r"(?<=[\w)%])\n(?=[-*+]\s|\d+[.)]\s|[A-Z][a-z])")
+#: ... unless the line ends half-way through a phrase ("There is no evidence of\nPneumonia").
+_OPEN_END = re.compile(r"\b(and|or|nor|of|the|a|an|with|without|in|on|at|to|for|from|by|no|not|is|are|was|were|"
+                       r"than|as|into|within|measuring|left|right)$", re.IGNORECASE)
+
+
+def normalise_items(text: object) -> str:
+    """``normalise(text)`` but for the line breaks that part list items, kept as "\\n" (which ends a sentence for the
+    parser). A "\\n" stands where ``normalise`` puts a space, so the text has the same length and char offsets."""
+    lines = normalise_lines(text)
+    if "\n" not in lines:
+        return lines
+    out = []
+    pos = 0
+    for m in _ITEM_BREAK.finditer(lines):
+        if not _OPEN_END.search(lines, pos, m.start()):
+            out.append(lines[pos: m.start()].replace("\n", " ") + "\n")
+            pos = m.end()
+    out.append(lines[pos:].replace("\n", " "))
+    return "".join(out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from ctprep.reports.normalise import normalise, normalise_lines
+from ctprep.reports.normalise import normalise_items, normalise_lines
 
 SECTIONS: tuple[str, ...] = ("clinical_information", "technique", "findings", "impression")
 
@@ -28,6 +28,13 @@ _TEXT_KEYS = ("text", "report", "report_text")
 _HEADERS = {
     "clinical information": "clinical_information", "clinical history": "clinical_information",
     "clinical findings": "clinical_information", "indication": "clinical_information", "history": "clinical_information",
+    "indications": "clinical_information", "clinical indication": "clinical_information",
+    "clinical indications": "clinical_information", "clinical data": "clinical_information",
+    "clinical details": "clinical_information", "clinical notes": "clinical_information",
+    "clinical question": "clinical_information", "reason for exam": "clinical_information",
+    "reason for examination": "clinical_information", "reason for study": "clinical_information",
+    "reason for scan": "clinical_information", "reason for referral": "clinical_information",
+    "reason for request": "clinical_information",
     "technique": "technique", "procedure": "technique",
     # the comparison names prior studies ("COMPARISON: CT 2019, which showed an effusion"): what it says
     # is not this scan's finding, so it goes with the technique, which sets no label
@@ -38,6 +45,11 @@ _HEADERS = {
     "interpretation": "impression",
 }
 _HEADER_WORDS = "|".join(sorted(map(re.escape, _HEADERS), key=len, reverse=True))
+#: Headers that are common words too ("compared with the prior exam: the nodule ..."): only with a colon, opening a
+#: line or a sentence ("EXAM: CT chest without contrast").
+_COLON_HEADERS = {"exam": "technique", "examination": "technique"}
+_COLON_WORDS = "|".join(sorted(map(re.escape, _COLON_HEADERS), key=len, reverse=True))
+_ALL_HEADERS = {**_HEADERS, **_COLON_HEADERS}
 # A dash after a header: an en/em dash, or a hyphen standing free ("Findings - ...", not "findings-based")
 _DASH = r"(?:[\u2013\u2014]|-(?=[ \t]|$))"
 # A header: at a line start (colon optional; or a dash, "Findings - ...", or a period ending the line,
@@ -50,7 +62,8 @@ _HEADER = re.compile(
     rf"(?::|{_DASH}|\.?[ \t]*(?:\n|$)|(?=[ \t]+[A-Z]))"
     rf"|(?<![\w-])(?P<b>{_HEADER_WORDS})[ \t]*:"
     rf"|(?<![\w-])(?P<c>(?-i:{_HEADER_WORDS.upper()}))(?![\w-])(?:[ \t]*(?::|{_DASH}))?"
-    rf"|(?<=[.!?])[ \t]+(?P<d>{_HEADER_WORDS})[ \t]*{_DASH}",
+    rf"|(?<=[.!?])[ \t]+(?P<d>{_HEADER_WORDS})[ \t]*{_DASH}"
+    rf"|(?:^|(?<=[.!?])[ \t]+)[ \t]*(?P<e>{_COLON_WORDS})[ \t]*:",
     re.IGNORECASE | re.MULTILINE,
 )
 _SEPARATOR = re.compile(r'["•·]')
@@ -58,10 +71,11 @@ _NOT_GIVEN = re.compile(r"^\W*(not given|none|n/?a|-+)\W*$", re.IGNORECASE)
 
 
 def _clean(value: object) -> str:
-    """A normalised section text; CT-RATE's "Not given." and empty cells become ''."""
+    """A normalised section text; CT-RATE's "Not given." and empty cells become ''. Lines typed as list items
+    without closing punctuation stay apart (``normalise_items``): "No pleural effusion\nMild cardiomegaly"."""
     if value is None or (isinstance(value, float) and value != value):
         return ""
-    s = normalise(value)
+    s = normalise_items(value)
     return "" if _NOT_GIVEN.match(s) else s
 
 
@@ -70,11 +84,11 @@ def split_free_text(text: str) -> dict[str, str]:
     lines = normalise_lines(text)
     out = dict.fromkeys(SECTIONS, "")
     low = lines.lower()
-    heads = list(_HEADER.finditer(lines)) if any(w in low for w in _HEADERS) else []  # the scan is slow; most texts have no header
+    heads = list(_HEADER.finditer(lines)) if any(w in low for w in _ALL_HEADERS) else []  # the scan is slow; most texts have no header
     if heads:
         pre = lines[: heads[0].start()]
         for i, m in enumerate(heads):
-            name = _HEADERS[(m["a"] or m["b"] or m["c"] or m["d"]).lower()]
+            name = _ALL_HEADERS[(m["a"] or m["b"] or m["c"] or m["d"] or m["e"]).lower()]
             end = heads[i + 1].start() if i + 1 < len(heads) else len(lines)
             body = _clean(lines[m.end(): end])
             out[name] = f"{out[name]} {body}".strip() if out[name] else body

@@ -29,6 +29,9 @@ class Rule:
     requires: str | None = None  # regex that must occur in the context
     excludes: str | None = None  # regex that must not occur in the context
     window: int = 0  # context = ±window chars around the anchor inside its sentence; 0: whole sentence
+    #: regex of phrases that make the anchor they overlap no mention ("aortic valve calcification"), leaving the
+    #: other anchors of the context alone ("Mitral annular calcification and aortic atherosclerosis")
+    excludes_own: str | None = None
     lung_only: bool = False  # drop the mention if its sentence names another organ and nothing of the lung
 
 
@@ -38,17 +41,28 @@ NON_LUNG = (r"\b(liver|hepat\w*|kidneys?|renal|adrenal|spleen|splenic|pancrea\w*
             r"periton\w*|psoas|bladder|uter\w*|ovar\w*|prostat\w*|gallbladder|stomach|abdom\w*|cecum|rectum|"
             r"bones?|rib|sternum|osseous|lytic|sclerotic|axilla\w*|gland|chest wall|adipose|pericolonic|pericardi\w*|lymph nodes?|soft tissue)\b")
 LUNG = (r"\b(lungs?|pulmon\w*|lingul\w*|hemithora\w*|pleur\w*|lung parenchym\w*|fissure|apex|apices|apical|"
-        r"subpleural|(upper|middle|lower) lobes?|bronch\w*|perihilar|basal|bases|pneumoni\w*)\b")
+        r"subpleural|(upper|middle|lower) lobes?|rul|rml|rll|lul|lll|bronch\w*|perihilar|basal|bases|pneumoni\w*)\b")
 
 _CALC = r"(calcif\w*|calcium|atherom\w*|atheroscleros\w*|atherosclerotic|plaques?)"
-_VESSEL = (r"\b(aort(?!opulmonary)\w*|(?<!coronary )(?<!descending )(?<!circumflex )arter(y|ies|ial)|vascular|vessels?|carotid|subclavian|iliac|brachiocephalic|"
+_VESSEL = (r"\b(aort(?!opulmonary)\w*\b(?! (valv|annul|leaflet|cusp)\w*)|(?<!coronary )(?<!descending )(?<!circumflex )arter(y|ies|ial)|vascular|vessels?|carotid|subclavian|iliac|brachiocephalic|"
            r"truncus|innominate|femoral|celiac|mesenteric arter\w*|arch)\b")
 #: Coronary arteries by name: "coronary", or a branch ("LAD", "circumflex", "left main").
 _CORONARY = r"\bcoronar\w*|\b(lad|rca|lcx)\b|\bleft anterior descending|\bcircumflex|\bleft main\b"
 #: Up to three words between "enlarged" and a bare "node": side, station and size ("enlarged 15 mm subcarinal node"),
 #: but no function word, which starts another phrase ("enlarged heart with a node").
 _NODE_MODIFIERS = r"( (?!(with|and|or|of|in|on|the|a|an)\b)[\w.]+){0,3}"
-_NODE = r"(lymph ?nodes?|lymphatic nodes?|\bnodes\b)(?! stations?| chains?| regions?| areas?| levels?)"
+#: Words after "node" that name a place, not a node: "mediastinal lymph node stations".
+_NOT_A_NODE = r"(?! stations?| chains?| regions?| areas?| levels?)"
+_NODE = r"(lymph ?nodes?|lymphatic nodes?|\bnodes\b)" + _NOT_A_NODE
+#: Lymph node stations: "a right paratracheal node" is a lymph node ("sinus node", "Schmorl's node" name none).
+_STATIONS = (r"(paratracheal|pretracheal|precarinal|subcarinal|carinal|hilar|prevascular|aortopulmonary|ap window|"
+             r"paraesophageal|paraoesophageal|mediastinal|axillary|supraclavicular|internal mammary|tracheobronchial|"
+             r"bronchopulmonary|interlobar|retrocrural|cardiophrenic|pericardial|prevertebral|subaortic|cervical)")
+#: A bare "node" after a station word ("13 mm right paratracheal node") or a size ("a 12 mm node in the mediastinum");
+#: not an intrapulmonary one ("4 mm subpleural node").
+_BARE_NODE = (r"\b" + _STATIONS + r"( lymph)? node\b" + _NOT_A_NODE + r"|\b\d+(\.\d+)? ?(mm|cm)\b"
+              r"( (?!(with|and|or|of|in|on|the|a|an|subpleural|perifissural|fissural|intrapulmonary|pulmonary)\b)[\w.]+){0,3}"
+              r" node\b") + _NOT_A_NODE
 
 RULES: tuple[Rule, ...] = (
     # --- Medical material: devices, lines, tubes, implants, surgical hardware ----------------------
@@ -64,14 +78,21 @@ RULES: tuple[Rule, ...] = (
          r"\bmesh\b|\bicd\b|\bcabg\b|\bshunt catheter|\bsuture materials?|\bmetallic (density|artifact|foreign)\w*|"
          r"\bforeign bod\w*|\bstent material|\bendoprosthe\w*|\b(ivc|caval) filter|\bpicc\b|\bcentral (venous )?line|"
          r"\b(ng|og) tubes?|\b(t?evar|tavi|tavr)\b|\bannuloplasty|\bloop recorder|\b(endobronchial|zephyr) valves?|"
-         r"\btissue expanders?|\b(implantable|implanted|cardiac) (electronic )?devices?",
+         r"\btissue expanders?|\b(implantable|implanted|cardiac) (electronic )?devices?|"
+         # US abbreviations and brand names: "ETT", "AICD", "Mediport", "Dobhoff tube", "LVAD", "Watchman device"
+         r"\b(et|enteric) tubes?|\bett\b|\baicd\b|\bpacer\b|\bdobhoff|"
+         r"\b(medi|power) ?ports?\b|\bport-?a-?cath\w*|\bhardware\b|\barthroplast\w*|"
+         r"\bventricular assist devices?|\b[lrb]?vads?\b|\bwatchman\b|\boccluder devices?|\bclosure devices?",
          excludes=r"\b(peritoneal|metasta\w*|tumou?r\w*) implants?|\bimplant\s*\?|\bbypass operation"),
     # --- vessels and heart ------------------------------------------------------------------------
     # the vessel must be named near the calcium (±100 chars), not anywhere in a long sentence
+    # a valve's, a node's or an organ's calcium is no arterial wall's, but leaves the artery named beside it
+    # ("Mitral annular calcification and mild aortic atherosclerosis", "... of the aortic valve and the aortic arch")
     Rule("Arterial wall calcification", _CALC, requires=_VESSEL, window=100,
-         excludes=r"\b(pleural|valv\w*|annul\w*|lymph|renal|kidney|gall\w*|hepatic|liver|thyroid|pancrea\w*|pericardial) "
-                  r"(calcif\w*|plaques?)|\bcalcifi\w* (lymph|nodes?\b|nodules?\b|granulom)|"
-                  r"\bcalcif\w* (of|in|on) the (aortic |mitral )?(valv|leaflet|annul)\w*"),
+         excludes_own=r"\b(pleural|valv\w*|annul\w*|lymph|renal|kidney|gall\w*|hepatic|liver|thyroid|pancrea\w*|pericardial) "
+                      r"(calcif\w*|plaques?)|\bcalcifi\w* (lymph|nodes?\b|nodules?\b|granulom)|"
+                      r"\bcalcif\w* (of|in|on) the (aortic |mitral )?(valv|leaflet|annul)\w*\b"
+                      r"(?!,? (and|or|as well as) (of )?(the )?(\w+ )?(aort|arch|arter|vessel|carotid))"),
     Rule("Coronary artery wall calcification", _CALC, requires=_CORONARY),
     Rule("Coronary artery wall calcification", r"\bcoronary (artery |arteries )?(wall )?(calcif\w*|atherom\w*|atheroscler\w*|plaques?)"),
     Rule("Cardiomegaly", r"\bcardiomegal\w*|\b(enlarged|large|increased) (heart|cardiac)( size| silhouette| dimensions?)?\b|"
@@ -81,8 +102,11 @@ RULES: tuple[Rule, ...] = (
          r"\b(ctr|cardio-?thoracic (ratio|index))\b[^.;]{0,30}\b(increased|enlarged|above|high)\b|"
          r"\b(increase|increased|enlargement) ((in|of) (the )?)?(ctr|cardio-?thoracic (ratio|index))|"
          r"\b(heart|cardiac (silhouette|contour|shadow|size))( size| dimensions?| contours?| silhouette)?"
-         r"( is| was| appears?| seems?| looks?)?( not)?( mildly| slightly| moderately| markedly| significantly| minimally| severely)?"
-         r" (enlarged|increased in size)\b|\b(cardiac|heart) enlargement"),
+         r"(:| is| was| appears?| seems?| looks?)?( not)?( mildly| slightly| moderately| markedly| significantly| minimally| severely)?"
+         r" (enlarged|increased in size)\b|\b(cardiac|heart) enlargement|"
+         # "large" only as a predicate: "The heart is large", not "heart and large vessels"
+         r"\b(heart|cardiac (silhouette|contour|size))( size| silhouette)?(:| is| was| appears?| seems?| looks?)( not)?"
+         r"( mildly| slightly| moderately| markedly| very)? large\b"),
     Rule("Pericardial effusion", r"\bha?emopericardium|\bpneumopericardium|\bpericardial (fluid|effusion|collection)"),
     # (effusions without "pleural"/"pericardial" next to them are assigned in mentions.py)
     # --- mediastinum ------------------------------------------------------------------------------
@@ -91,7 +115,7 @@ RULES: tuple[Rule, ...] = (
          r"\bherniat\w*[^.;]{0,50}\b(stomach|gastric|fundus)\b|\b(stomach|gastric fundus|fundus)\b[^.;]{0,40}\bherniat\w*",
          excludes=r"\b(bochdalek|morgagni|inguinal|umbilical|incisional|ventral|abdominal wall|lung|fat)\b"),
     Rule("Lymphadenopathy", r"\blymphadenopath\w*|\badenopath\w*|\b(lymph)?adenomegal\w*|\blaps?\b|\blymph ?node conglomerat\w*|"
-         r"\b(enlarged|pathologic\w*|conglomerat\w*|necrotic)" + _NODE_MODIFIERS + r" node\b|" + _NODE,
+         r"\b(enlarged|pathologic\w*|conglomerat\w*|necrotic)" + _NODE_MODIFIERS + r" node\b|" + _BARE_NODE + "|" + _NODE,
          excludes=r"\b(normal|natural|physiological|non-?pathological|insignificant)[- ](size|sized|dimension)\w*\b|"
                   r"\bwithin normal (size )?limits|\bnot (in )?(a )?patholog\w*|\bfatty hil\w*|\b(do|does|did) not reach|"
                   r"\bnot reaching|\b(below|under) (the )?patholog\w*|\bintra-?(parenchymal|pulmonary)|"
@@ -116,7 +140,9 @@ RULES: tuple[Rule, ...] = (
          lung_only=True, window=50, excludes=r"\bsequel\w*|\bfibro\w*|\b(micro)?nodular opacit\w*|\bmalignant infiltrat\w*|"
                   r"\b(tumou?r|metasta)\w* infiltrat\w*"),
     # "fibrosis" alone (interstitial lung disease) is not a sequela in CT-RATE's labelling; fibrotic/sequelae changes are.
-    Rule("Pulmonary fibrotic sequela", r"\bfibro(tic|atelecta\w*|us)\b|\bfibroatelecta\w*|\bsequel(a|ae|e|ea)\b|"
+    # a granulomatous disease's sequela is its calcified granulomas and nodes, not fibrosis
+    Rule("Pulmonary fibrotic sequela", r"\bfibro(tic|atelecta\w*|us)\b|\bfibroatelecta\w*|"
+         r"\bsequel(a|ae|e|ea)\b(?! (of|from|to) ((a|an|the) )?((old|prior|previous|remote|past|healed) )?granulomat\w*)|"
          r"\bscar(ring|s)?\b|\b(linear|fibrotic|parenchymal|subpleural|fibrous) bands?\b|"
          r"\bband([- ]like)? (appearance|opacit|densit)\w*|"
          r"\bhoneycomb\w*|\bcicatri\w*|\bpost-?(inflammatory|infectious|tuberculous) (changes|sequel\w*)",
@@ -130,10 +156,12 @@ RULES: tuple[Rule, ...] = (
     Rule("Consolidation", r"\bconsolidat\w*|\bair bronchogram\w*"),
     Rule("Bronchiectasis", r"\bbronchiecta\w*|\bbronchiolecta\w*|\b(dilated|dilatation of the) bronch\w*|"
          r"\bbronch\w* (dilat\w*|ectasi\w*)|\bectasi\w*[^.;]{0,30}\bbronch\w*|\bectatic bronch\w*"),
-    Rule("Interlobular septal thickening", r"\b(interlobular|intralobular|interseptal|septal)\b[^.;]{0,40}\b(thick\w*|prominen\w*)|"
+    # not the heart's septum: "asymmetric septal thickening of the left ventricle"
+    Rule("Interlobular septal thickening", r"\b(interlobular|intralobular|interseptal|septal)\b[^.;]{0,40}\b(thick\w*|prominen\w*)\b"
+         r"(?! (of|in) the (\w+ )?(ventric\w*|myocard\w*|heart|atri\w*)\b)|"
          r"\b(thick\w*|prominen\w*)\b[^.;]{0,40}\b(interlobular|intralobular|interseptal)\b|\bcrazy[- ]paving|"
          r"\bthick\w* (of the )?septa\b|\bsepta\b[^.;]{0,25}\bthick\w*|\bkerley\b|\bseptal lines\b",
-         excludes=r"\binter(ventricular|atrial)\b"),
+         excludes=r"\binter(ventricular|atrial)\b|\b(ventricular|myocardial|asymmetric) septal"),
 )
 
 #: Effusion words that need a place to become pleural or pericardial (``mentions.py``).
@@ -181,7 +209,9 @@ ASSERT_VERBS = frozenset(SEEN_VERBS) - {"increased", "enlarged", "thickened", "c
 PRE_NEGATION = ["previously observed as", "previously seen as", "previously described as", "no", "not", "without", "absence of", "absent", "free of", "negative for", "neither", "nor",
                 "rather than", "instead of", "ruled out", "clear of", "devoid of", "excluded", "no evidence of", "no sign of", "no signs of",
                 "no finding of", "no findings of", "resolution of", "disappearance of", "complete regression of",
-                "interval clearing of", "lack of", "there is no",
+                "interval clearing of", "clearing of", "clearance of", "interval clearance of", "lack of", "there is no",
+                # a device taken out is not in this scan: "Interval removal of the chest tube"
+                "removal of", "interval removal of",
                 "there are no", "there was no", "there were no", "none"]
 POST_NEGATION = ["absent", "excluded", "do not reach", "does not reach", "did not reach", "not reaching",
                  "ruled out", "not present", "is normal", "are normal", "was normal", "were normal",
@@ -189,8 +219,15 @@ POST_NEGATION = ["absent", "excluded", "do not reach", "does not reach", "did no
                  # NegEx's probable negation: "Pneumonia unlikely", "effusion is considered unlikely"
                  "unlikely", "not likely",
                  # templated reports ("Pleural effusion: none."): the ":" would end the scope, so the pair is one
-                 # trigger (the longest match wins over the ":" terminator); not ": no", which "no change" follows
-                 ": none", ": absent", ": negative", ": nil", "- none", "- absent", "- negative", "- nil"]
+                 # trigger (the longest match wins over the ":" terminator); other values (": no", ": normal", but not
+                 # ": no change") are read by ``context._template_value``
+                 ": none", ": absent", ": negative", ": nil", "- none", "- absent", "- negative", "- nil",
+                 "is unremarkable", "are unremarkable", "was unremarkable", "were unremarkable", "appear normal",
+                 "appears normal", "appear unremarkable", "appears unremarkable"]
+#: A device taken out is not in this scan: "The endotracheal tube has been removed", "Right chest tube removed". Not
+#: over "after" ("Surgical clips after the gallbladder was removed": the clips are there; ``context.py``).
+REMOVED = ["removed", "has been removed", "have been removed", "was removed", "were removed"]
+POST_NEGATION += REMOVED
 # plus the Matcher pattern "(aux) not (been) <seen-verb>" and "<aux>n't" forms built in context.py
 PSEUDO_NEGATION = ["no change", "no significant change", "no difference", "no significant difference",
                    "no increase", "no significant increase", "no progression", "not only", "is not only", "are not only",
@@ -212,7 +249,18 @@ PSEUDO_NEGATION = ["no change", "no significant change", "no difference", "no si
                    "has not been resolved", "have not been resolved", "partial resolution", "incomplete resolution",
                    "near complete resolution", "near-complete resolution", "nearly complete resolution",
                    "almost complete resolution", "partial regression", "incomplete regression", "not completely regressed",
-                   "has not disappeared", "have not disappeared", "not completely disappeared", "partially cleared"]
+                   "has not disappeared", "have not disappeared", "not completely disappeared", "partially cleared",
+                   "partial clearing of", "partial clearance of", "not removed", "not been removed", "not yet removed",
+                   "not yet been removed"]
+#: "No appreciable interval change in the nodule": the finding is there, only its change is denied. Growth words
+#: that are a finding themselves ("no enlargement of the lymph nodes") count only with "interval".
+_CHANGES = ["change", "changes", "growth", "worsening", "progression", "difference", "regression"]
+_INTERVAL_CHANGES = ["enlargement", "increase"]
+_CHANGE_DEGREES = ["", "appreciable", "substantial", "measurable", "definite", "significant", "obvious", "marked",
+                   "notable", "major", "apparent", "discernible", "considerable", "perceptible", "relevant", "visible"]
+PSEUDO_NEGATION += [" ".join(filter(None, (neg, degree, interval, word)))
+                    for neg in ("no", "without", "without any") for degree in _CHANGE_DEGREES
+                    for interval, words in (("", _CHANGES), ("interval", _CHANGES + _INTERVAL_CHANGES)) for word in words]
 #: Size and number comparatives read like a negation but state a measure of a present finding: "a nodule no longer
 #: than 5 mm", "no more than 3 nodules", "not larger than before" ("no longer than" also outranks "no longer").
 COMPARATIVES = ["longer", "larger", "bigger", "greater", "more", "wider", "thicker", "higher", "less", "smaller",
@@ -225,12 +273,19 @@ PRE_UNCERTAIN = ["possible", "possibly", "probable", "probably", "suspicious", "
                  "suggesting", "favoring", "favouring", "evaluated in favor of", "evaluated primarily in favor of", "concerning for",
                  "worrisome for", "could represent", "might represent", "possibility of",
                  "considered in favor of", "primarily in favor of", "mostly in favor of"]
+# "Cannot rule out a small effusion": spaCy reads "cannot" as "can not", whose "not" must not win
+PRE_UNCERTAIN += [f"{aux} {verb}" for aux in ("cannot", "could not", "can't", "couldn't") for verb in ("rule out", "exclude")]
 # (bare "in favor of" is no hedge in translated prose: "cardiothoracic ratio increased in favor of the heart")
 POST_UNCERTAIN = ["?", "cannot be excluded", "can not be excluded", "could not be excluded", "cannot be ruled out",
                   "can not be ruled out", "could not be ruled out", "not ruled out", "not excluded",
                   "is suspected", "was suspected", "are suspected", "were suspected", "is possible", "is questionable",
                   "cannot be distinguished", "could not be distinguished", "cannot be differentiated",
                   "could not be differentiated", "may be", "is likely", "is probable"]
+# "cannot be entirely excluded": the adverb must not leave "excluded" to negate on its own
+POST_UNCERTAIN += [f"{aux} be {adverb} {verb}" for aux in ("cannot", "could not", "can't", "couldn't", "may not")
+                   for adverb in ("entirely", "completely", "definitively", "definitely", "fully", "totally", "absolutely",
+                                  "confidently", "reliably", "certainly", "safely")
+                   for verb in ("excluded", "ruled out")]
 #: Post-negations that reach back to the sentence start ("X, which was seen before, has disappeared").
 SENTENCE_NEGATION = ["resolved", "disappeared", "regressed completely", "completely regressed", "have regressed",
                      "has regressed", "no longer", "has cleared", "have cleared", "has vanished", "have vanished"]
@@ -263,6 +318,12 @@ TERMINATORS = ["but", "however", "although", "though", *EXCEPTIONS, "apart from 
 TERMINATORS += [f", {w}" for w in ("a", "an", "mild", "minimal", "minimally", "moderate", "severe", "marked", "slight",
                                     "small", "several", "multiple", "a few", "there is", "there are",
                                     "residual", "persistent", "persisting", "remaining", "new")]
+#: End a pre-trigger's scope only: "and" before a new assertion ("There is no effusion, and there is mild cardiomegaly",
+#: "No pneumothorax and small bilateral effusions"). A post-trigger still covers such a coordination ("Pleural effusion
+#: and mild atelectasis were not seen" is odd, but "no A and B" stays one negation either way).
+PRE_SCOPE_ENDS = [f"and {w}" for w in ("there is", "there are", "there was", "there were", "mild", "mildly", "minimal",
+                                       "minimally", "small", "moderate", "moderately", "large", "trace", "severe",
+                                       "marked", "slight", "extensive")]
 #: What stops a sentence-wide negation reaching back to the sentence start (``SENTENCE_NEGATION``): contrast and
 #: exception terminators, ";" and persistence ("Consolidation persists and the effusion has resolved"). "persists"
 #: and "remains" end only that reach, not other scopes: "Pleural effusion remains absent" is negated.

@@ -690,3 +690,359 @@ def test_other_languages_keep_an_english_term_that_matches():
     # German "Emphysem" happens to be read by the English rule; nothing else is
     labels = parse_report("Kein Pleuraerguss. Emphysem in beiden Oberlappen.").labels
     assert [k for k, v in labels.items() if v] == ["Emphysema"]
+
+
+# --- 8. templated "Heading: value" items --------------------------------------------------------------
+NODULE, NODES, PERICARDIAL = "Lung nodule", "Lymphadenopathy", "Pericardial effusion"
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    # a value that denies or calls normal answers the finding its heading names
+    ("Hilar lymph nodes: Unremarkable.", NODES),
+    ("Mediastinal lymph nodes: Normal in size and number.", NODES),
+    ("Lymph nodes: No enlarged mediastinal or hilar nodes.", NODES),
+    ("Adenopathy: Not seen.", NODES),
+    ("Pulmonary nodules: None identified.", NODULE),
+    ("Lung nodules: Not visualized.", NODULE),
+    ("Pericardial effusion: No.", PERICARDIAL),
+    ("Pleural effusions: Not present.", EFFUSION),
+    ("Emphysema: Negative.", "Emphysema"),
+    ("Pleural effusion/pneumothorax: Absent.", EFFUSION),
+])
+def test_a_headings_finding_takes_the_values_denial(text, label):
+    assert set(statuses(text, label)) == {"negated"}
+    assert parse_report(text).labels[label] == 0
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    # a description, a change statement or a finding of its own keeps the heading's finding
+    ("Hiatal hernia: Moderate.", "Hiatal hernia"),
+    ("Pleural effusion: No change from the prior study.", EFFUSION),
+    ("Pleural effusion: No significant change, small on the left.", EFFUSION),
+    ("Lung nodules: Not changed since 2020.", NODULE),
+    ("Lymph nodes: Enlarged subcarinal node of 16 mm.", NODES),
+    ("Small effusion, pneumothorax: none.", EFFUSION),  # a list item, not a heading
+])
+def test_a_headings_finding_stays_with_another_value(text, label):
+    assert parse_report(text).labels[label] == 1
+
+
+@pytest.mark.parametrize("text", [
+    "Heart: Enlarged.",
+    "Heart size: Mildly enlarged.",
+    "The heart appears large.",
+    "Cardiac silhouette: Large.",
+])
+def test_a_large_heart_is_cardiomegaly(text):
+    assert statuses(text, "Cardiomegaly") == ["present"]
+
+
+@pytest.mark.parametrize("text", [
+    "Heart: Normal size.",
+    "The heart is not large.",
+    "Heart: Normal. Large hiatal hernia.",
+    "Heart and large vessels are normal.",
+])
+def test_a_heart_that_is_not_large_is_no_cardiomegaly(text):
+    assert parse_report(text).labels["Cardiomegaly"] == 0
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    # the heading says where a bare effusion lies
+    ("Pericardium: Small effusion.", PERICARDIAL),
+    ("Pericardium: Trace fluid, unchanged.", PERICARDIAL),
+    ("Heart and pericardium: Moderate effusion.", PERICARDIAL),
+    ("Pleura: Small left effusion.", EFFUSION),
+    # ... but not in the next sentence, nor over the effusion's own words
+    ("Pericardium: Normal. Small effusion on the right.", EFFUSION),
+    ("Pericardium: Small pleural effusion on the left.", EFFUSION),
+])
+def test_a_headings_place_places_the_effusion(text, label):
+    labels = parse_report(text).labels
+    other = PERICARDIAL if label == EFFUSION else EFFUSION
+    assert (labels[label], labels[other]) == (1, 0)
+
+
+def test_a_heading_outside_the_chest_places_no_effusion():
+    labels = parse_report("Upper abdomen: Small effusion.").labels
+    assert labels[EFFUSION] == labels[PERICARDIAL] == 0
+
+
+# --- 9. US and UK section headers -------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "label", "section"), [
+    ("REASON FOR EXAM: Rule out pericardial effusion.\nFINDINGS: The heart is normal.", PERICARDIAL,
+     "clinical_information"),
+    ("Reason for study: follow-up of lung nodules.\nFindings: The lungs are clear.", NODULE, "clinical_information"),
+    ("INDICATIONS: Cough, consolidation on radiograph.\nFINDINGS: Lungs clear.", "Consolidation", "clinical_information"),
+    ("CLINICAL DATA: Emphysema.\nIMPRESSION: Normal study.", "Emphysema", "clinical_information"),
+    ("Clinical details: ?hiatal hernia.\nReport: No abnormality.", "Hiatal hernia", "clinical_information"),
+    ("CLINICAL NOTES: Known cardiomegaly.\nFINDINGS: Heart size normal.", "Cardiomegaly", "clinical_information"),
+    ("EXAM: CT chest for pleural effusion.\nFINDINGS: No acute finding.", EFFUSION, "technique"),
+    ("Examination: CT thorax, query lymphadenopathy.\nConclusion: Normal.", NODES, "technique"),
+    ("Findings: Lungs clear. EXAM: CT chest, pleural effusion protocol.", EFFUSION, "technique"),
+])
+def test_reason_and_exam_headers_set_no_label(text, label, section):
+    r = parse_report(text)
+    assert [m.section for m in r.mentions if m.label == label] == [section]
+    assert r.labels[label] == 0
+
+
+def test_reason_for_exam_does_not_outweigh_the_findings():
+    r = parse_report("REASON FOR EXAM: Pneumonia? Effusion?\nFINDINGS: No pleural effusion. Lungs are clear.")
+    assert [(m.section, m.status) for m in r.mentions if m.label == EFFUSION] == [("clinical_information", "uncertain"),
+                                                                                 ("findings", "negated")]
+    assert r.labels[EFFUSION] == 0
+
+
+@pytest.mark.parametrize("text", [
+    # "exam" is a header only with a colon at a line or sentence start
+    "Compared with the prior exam: the nodule in the right upper lobe has grown.",
+    "The nodule in the right upper lobe has grown since the last examination.",
+])
+def test_exam_in_prose_is_no_header(text):
+    assert split_sections(text)["findings"] == text
+    assert parse_report(text).labels[NODULE] == 1
+
+
+# --- 10. coordinated assertions and unpunctuated list lines ---------------------------------------------
+@pytest.mark.parametrize(("text", "negated", "kept"), [
+    # "and there is" or "and" with a degree word asserts a new finding: the negation before it ends
+    ("There is no pericardial effusion, and there is a small hiatal hernia.", PERICARDIAL, "Hiatal hernia"),
+    ("No pleural effusion and there are scattered nodules in both lungs.", EFFUSION, NODULE),
+    ("No consolidation and moderate bilateral effusions.", "Consolidation", EFFUSION),
+    ("No lymphadenopathy and trace pericardial fluid.", NODES, PERICARDIAL),
+    ("The lungs show no consolidation, and there is mild paraseptal emphysema.", "Consolidation", "Emphysema"),
+])
+def test_and_before_an_assertion_ends_the_negation(text, negated, kept):
+    assert statuses(text, negated) == ["negated"]
+    assert statuses(text, kept) == ["present"]
+
+
+@pytest.mark.parametrize(("text", "labels"), [
+    # ... while a plain coordination stays one negation
+    ("No pleural effusion and pericardial effusion.", (EFFUSION, PERICARDIAL)),
+    ("No consolidation or small effusion.", ("Consolidation", EFFUSION)),
+    ("There is no consolidation and no pleural effusion.", ("Consolidation", EFFUSION)),
+    ("No emphysema and bronchiectasis.", ("Emphysema", "Bronchiectasis")),
+])
+def test_a_plain_coordination_stays_one_negation(text, labels):
+    mentions = [m for m in parse_report(text).mentions if m.label in labels]
+    assert {m.label for m in mentions} == set(labels) and {m.status for m in mentions} == {"negated"}
+
+
+@pytest.mark.parametrize("findings", [
+    "No pericardial effusion\nSmall hiatal hernia\nMild emphysema",
+    "- No pericardial effusion\n- Small hiatal hernia\n- Mild emphysema",
+    "* No pericardial effusion\n* Small hiatal hernia\n* Mild emphysema",
+    "1. No pericardial effusion\n2. Small hiatal hernia\n3. Mild emphysema",
+])
+def test_unpunctuated_list_lines_are_separate_statements(findings):
+    for report in ({"findings": findings}, "FINDINGS:\n" + findings):
+        labels = parse_report(report).labels
+        assert (labels[PERICARDIAL], labels["Hiatal hernia"], labels["Emphysema"]) == (0, 1, 1), report
+
+
+@pytest.mark.parametrize("findings", [
+    # a sentence wrapped across lines goes on
+    "There is no pleural\neffusion or consolidation.",
+    "NO PLEURAL\nEFFUSION OR CONSOLIDATION.",
+    "No evidence of\nConsolidation or pleural effusion.",
+])
+def test_a_wrapped_sentence_is_one_statement(findings):
+    r = parse_report({"findings": findings})
+    assert (r.labels[EFFUSION], r.labels["Consolidation"]) == (0, 0)
+    assert "\n" not in r.sections["findings"]
+
+
+def test_list_lines_keep_the_offsets_of_the_joined_text():
+    r = parse_report({"findings": "No pericardial effusion\nSmall hiatal hernia"})
+    assert r.sections["findings"] == "No pericardial effusion\nSmall hiatal hernia"
+    m = next(m for m in r.mentions if m.label == "Hiatal hernia")
+    assert r.sections["findings"][m.start:m.end] == m.text == "hiatal hernia"
+
+
+@pytest.mark.parametrize(("text", "status"), [
+    ("The hilar lymph nodes are unremarkable.", "negated"),
+    ("The mediastinal lymph nodes appear normal.", "negated"),
+    ("Multiple small mediastinal lymph nodes, none enlarged.", "negated"),
+    ("Scattered hilar lymph nodes, none pathologically enlarged by size criteria.", "negated"),
+    ("Several mediastinal lymph nodes, none measuring more than 1 cm in short axis.", "negated"),
+    # a bare "none" before anything but a size leaves the nodes
+    ("Several mediastinal lymph nodes, none calcified.", "present"),
+])
+def test_unremarkable_and_unenlarged_nodes(text, status):
+    assert statuses(text, NODES) == [status]
+
+
+def test_a_bare_none_denies_only_a_lymph_nodes_size():
+    assert statuses("Several pulmonary nodules, none calcified.", NODULE) == ["present"]
+
+
+# --- 11. change, removal and clearance -------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "label"), [
+    # a denied change presupposes the finding
+    ("No appreciable interval growth of the left upper lobe nodule.", NODULE),
+    ("No definite change in the small right pleural effusion.", EFFUSION),
+    ("Without significant interval progression of the emphysema.", "Emphysema"),
+    ("No measurable worsening of the bronchiectasis.", "Bronchiectasis"),
+    ("No interval enlargement of the hiatal hernia.", "Hiatal hernia"),
+    ("No substantial growth of the 5 mm right lower lobe nodule.", NODULE),
+])
+def test_a_denied_change_keeps_the_finding(text, label):
+    assert statuses(text, label) == ["present"]
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    # ... but a growth word that is the finding itself still negates, and so do other qualified negations
+    ("No enlargement of the hilar lymph nodes.", NODES),
+    ("No significant enlargement of the mediastinal lymph nodes.", NODES),
+    ("No definite pleural effusion.", EFFUSION),
+    ("No new nodules.", NODULE),
+])
+def test_qualified_negations_still_negate(text, label):
+    assert statuses(text, label) == ["negated"]
+
+
+@pytest.mark.parametrize("text", [
+    "Interval removal of the left chest tube.",
+    "The nasogastric tube has been removed.",
+    "Left PICC removed.",
+    "The tracheostomy tube was removed in the interval.",
+])
+def test_a_removed_device_is_absent(text):
+    assert statuses(text, "Medical material") == ["negated"]
+    assert parse_report(text).labels["Medical material"] == 0
+
+
+@pytest.mark.parametrize("text", [
+    "The chest tube has not been removed.",
+    "Surgical clips after the gallbladder was removed.",
+    "Sternotomy wires are intact.",
+])
+def test_a_device_not_removed_stays(text):
+    assert parse_report(text).labels["Medical material"] == 1
+
+
+@pytest.mark.parametrize(("text", "label", "status"), [
+    ("Interval clearance of the right middle lobe opacities.", "Lung opacity", "negated"),
+    ("Clearance of the consolidation in the lingula.", "Consolidation", "negated"),
+    ("Partial clearance of the left lower lobe consolidation.", "Consolidation", "present"),
+])
+def test_clearance_of_a_finding(text, label, status):
+    assert statuses(text, label) == [status]
+
+
+# --- 12. hedges with an adverb or "cannot" -------------------------------------------------------------
+@pytest.mark.parametrize(("text", "label"), [
+    ("A small pericardial effusion cannot be entirely excluded.", PERICARDIAL),
+    ("Early bronchiectasis cannot be completely ruled out.", "Bronchiectasis"),
+    ("Subtle consolidation could not be definitively excluded.", "Consolidation"),
+    ("Cannot rule out mild emphysema.", "Emphysema"),
+    ("Can't exclude a tiny nodule in the lingula.", NODULE),
+    ("Could not rule out early consolidation.", "Consolidation"),
+])
+def test_hedges_with_adverbs_are_uncertain(text, label):
+    assert statuses(text, label) == ["uncertain"]
+    assert parse_report(text).labels[label] == 1
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    ("Pericardial effusion is excluded.", PERICARDIAL),
+    ("Consolidation was ruled out.", "Consolidation"),
+    ("Pleural effusion cannot be seen.", EFFUSION),
+    ("Bronchiectasis is not seen.", "Bronchiectasis"),
+])
+def test_exclusions_without_a_hedge_still_negate(text, label):
+    assert statuses(text, label) == ["negated"]
+
+
+# --- 13. US abbreviations: devices, lymph node stations, lobes ------------------------------------------
+@pytest.mark.parametrize("text", [
+    "ETT tip 4 cm above the carina.",
+    "The ET tube is in good position.",
+    "Dual-chamber pacer in the left chest wall.",
+    "Right chest Mediport with its tip at the cavoatrial junction.",
+    "Port-a-cath in the right chest.",
+    "AICD leads in the right ventricle.",
+    "Dobhoff tube with its tip in the stomach.",
+    "The enteric tube ends in the gastric body.",
+    "OG tube in the stomach.",
+    "Thoracolumbar spinal hardware.",
+    "Left shoulder arthroplasty.",
+    "LVAD in place.",
+    "Left ventricular assist device in the apex.",
+    "Watchman device in the left atrial appendage.",
+])
+def test_us_device_names_are_medical_material(text):
+    assert statuses(text, "Medical material") == ["present"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("A 14 mm subcarinal node.", 1),
+    ("Left hilar node of 11 mm.", 1),
+    ("A 9 mm node in the aortopulmonary window.", 1),
+    ("An enlarged right paratracheal node.", 1),
+    # not a lymph node of the mediastinum: an intrapulmonary node, the heart's sinus node, node stations
+    ("A 4 mm subpleural node in the right lower lobe.", 0),
+    ("Sinus node dysfunction.", 0),
+    ("Mediastinal lymph node stations are free.", 0),
+])
+def test_a_bare_node_with_a_station_or_a_size(text, expected):
+    assert parse_report(text).labels[NODES] == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("A 5 mm LLL nodule next to the rib.", 1),
+    ("A 3 mm RML nodule abutting the rib.", 1),
+    ("A 5 mm nodule in the liver next to a rib.", 0),
+])
+def test_lobe_abbreviations_are_lung_words(text, expected):
+    assert parse_report(text).labels[NODULE] == expected
+
+
+# --- 14. look-alikes: joints, the heart's septum, granulomatous sequelae, valves -----------------------------
+@pytest.mark.parametrize("text", [
+    "Small left knee effusion.",
+    "Glenohumeral joint effusion on the right.",
+    "Fluid in the subacromial bursa.",
+    "Moderate hip effusion.",
+    "Small effusion in the right elbow.",
+])
+def test_a_joint_effusion_is_no_chest_effusion(text):
+    labels = parse_report(text).labels
+    assert labels[EFFUSION] == labels[PERICARDIAL] == 0
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Basal septal thickening of the left ventricle.", 0),
+    ("Asymmetric septal hypertrophy with septal thickening.", 0),
+    ("Smooth septal thickening in both lower lobes.", 1),
+    ("Interlobular septal thickening in the right upper lobe.", 1),
+])
+def test_the_hearts_septum_is_no_interlobular_septum(text, expected):
+    assert parse_report(text).labels["Interlobular septal thickening"] == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Calcified hilar lymph nodes, sequelae of old granulomatous infection.", 0),
+    ("Calcified granuloma, sequela of prior granulomatous disease.", 0),
+    ("Fibrotic sequelae in the left upper lobe.", 1),
+    ("Sequelae of prior tuberculosis in the right apex.", 1),
+])
+def test_a_granulomatous_sequela_is_no_fibrotic_sequela(text, expected):
+    assert parse_report(text).labels["Pulmonary fibrotic sequela"] == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # a valve's calcium does not hide the artery's named beside it ...
+    ("Aortic valve calcification and atherosclerotic plaques in the descending aorta.", 1),
+    ("Mitral annulus calcification with calcified plaques of the aortic arch.", 1),
+    ("Calcification of the mitral annulus and the thoracic aorta.", 1),
+    # ... nor does it become one
+    ("Aortic valve calcification.", 0),
+    ("Mitral annular calcification.", 0),
+    ("Calcification of the aortic valve and the mitral annulus.", 0),
+    ("Calcified plaques on the aortic valve.", 0),
+])
+def test_valve_calcium_and_arterial_wall_calcium(text, expected):
+    assert parse_report(text).labels["Arterial wall calcification"] == expected
