@@ -17,8 +17,8 @@ COLUMNS = ["VolumeName", "split", "stage", "reason"]
 OPTIONAL = ["layout"]
 
 
-class RejectedInput(RuntimeError):
-    """Raised in strict mode: the message lists every reject."""
+class RejectedInput(ValueError):
+    """Raised in strict mode: the message names the rejects (a user's data, so a one-line error on the command line)."""
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
@@ -33,8 +33,10 @@ def check(rejects: pd.DataFrame, strict: bool, what: str) -> None:
     for row in rejects.itertuples(index=False):
         logger.warning("reject %s (%s): %s", row.VolumeName, row.stage, row.reason)
     if strict and len(rejects):
-        listing = "\n".join(f"  {r.VolumeName}: {r.reason}" for r in rejects.itertuples(index=False))
-        raise RejectedInput(f"strict mode: {len(rejects)} input(s) rejected during {what}:\n{listing}")
+        rows = list(rejects.itertuples(index=False))
+        listing = "; ".join(f"{r.VolumeName}: {r.reason}" for r in rows[:5])
+        more = f"; and {len(rows) - 5} more (the rejects table lists them)" if len(rows) > 5 else ""
+        raise RejectedInput(f"strict mode: {len(rows)} input(s) rejected during {what}: {listing}{more}")
 
 
 def merge(paths: list[str | Path], out_csv: str | Path, out_parquet: str | Path | None = None) -> pd.DataFrame:

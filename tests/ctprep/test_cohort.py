@@ -97,3 +97,12 @@ def test_cohort_rejects_name_the_layout_of_the_rejected_copy(dataset):
     _, rejects = build_cohort(dataset[0])
     assert "layout" in rejects.columns
     assert rejects.loc[rejects["reason"] == "empty impression", "layout"].notna().all()
+
+
+def test_strict_mode_on_the_command_line_is_one_line_naming_the_rejects(dataset, tmp_path, capsys):
+    from ctprep.cli import main
+
+    code = main(["cohort", str(dataset[0]), str(tmp_path / "c.parquet"), str(tmp_path / "r.parquet"), "--n-chunks", "1",
+                 "--strict"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "strict mode:" in err[0] and "rejected during cohort building" in err[0]

@@ -528,3 +528,23 @@ def test_clip_hu_takes_float_bounds_on_integer_hu():
     vol = Volume.from_3d(np.array([-3000, -1000, 0, 999, 1000, 3000], np.int16).reshape(1, 2, 3), np.eye(4))
     out = clip_hu(vol, -1000.0, 999.5)
     assert out.data.dtype == np.int16 and out.data.ravel().tolist() == [-1000, -1000, 0, 999, 999, 999]
+
+
+def test_a_qform_and_sform_that_disagree_are_said(tmp_path, caplog):
+    s_affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    q_affine = s_affine.copy()
+    q_affine[:3, 3] = [5.0, 0.0, 0.0]  # 5 mm apart
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), s_affine)
+    img.header.set_sform(s_affine, code=2)
+    img.header.set_qform(q_affine, code=1)
+    nib.save(img, tmp_path / "two.nii.gz")
+    with caplog.at_level("WARNING"):
+        vol = load_nifti(tmp_path / "two.nii.gz")
+    np.testing.assert_allclose(vol.affine, s_affine)
+    assert "qform and sform place the volume up to 5.0 mm apart" in caplog.text
+    caplog.clear()
+    img.header.set_qform(s_affine, code=1)
+    nib.save(img, tmp_path / "one.nii.gz")
+    with caplog.at_level("WARNING"):
+        load_nifti(tmp_path / "one.nii.gz")
+    assert "qform and sform" not in caplog.text
