@@ -188,14 +188,13 @@ def _voxels(img: nib.Nifti1Image, raw: bytes, name: str) -> np.ndarray:
 _UNIT_MM = {"meter": 1000.0, "micron": 0.001}
 
 
-def _warn_if_transforms_disagree(img, name: str) -> None:
+def _warn_if_transforms_disagree(header, shape: tuple[int, ...], name: str) -> None:
     """Both transforms set but placing the volume differently: this reads the sform (as nibabel does), ITK the
     qform where the sform code is 2 or 4, so tools would disagree about the same file. Said, not refused."""
-    header = img.header
     if int(header["qform_code"]) > 0 and int(header["sform_code"]) > 0:
         q, s = header.get_qform(), header.get_sform()
-        corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0] - 1) for j in (0, img.shape[1] - 1)
-                            for k in (0, img.shape[2] - 1)]).T
+        corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                            for k in (0, shape[2] - 1)]).T
         off = float(np.abs((q - s) @ corners).max())
         if off > 0.5:  # mm at a corner of the volume
             logger.warning("%s: its qform and sform place the volume up to %.1f mm apart; reading the sform "
@@ -219,7 +218,6 @@ def load_nifti(path: str | os.PathLike) -> Volume:
         raise
     except Exception as err:  # nibabel raises a zoo of types for broken headers
         raise VolumeError(f"unreadable NIfTI {path.name}: {err}") from err
-    _warn_if_transforms_disagree(img, path.name)
     units = img.header.get_xyzt_units()[0]
     if units in _UNIT_MM:  # ITK converts these to mm too; the affine is in the header's units
         affine = np.diag([_UNIT_MM[units]] * 3 + [1.0]) @ img.affine
@@ -229,6 +227,7 @@ def load_nifti(path: str | os.PathLike) -> Volume:
         data = data[..., 0]
     if data.ndim != 3:
         raise VolumeError(f"expected a 3D volume, {path.name} has shape {data.shape}")
+    _warn_if_transforms_disagree(img.header, data.shape, path.name)
     return Volume.from_3d(
         data,
         affine,

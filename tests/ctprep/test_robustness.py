@@ -548,3 +548,11 @@ def test_a_qform_and_sform_that_disagree_are_said(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         load_nifti(tmp_path / "one.nii.gz")
     assert "qform and sform" not in caplog.text
+
+
+def test_a_2d_nifti_is_refused_as_such_with_both_transforms_set(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 5), np.int16), np.diag([0.7, 0.8, 1.0, 1.0]))
+    img.header.set_sform(np.diag([0.7, 0.8, 1.0, 1.0]), code=1)
+    nib.save(img, tmp_path / "flat.nii.gz")
+    with pytest.raises(VolumeError, match="expected a 3D volume"):
+        load_nifti(tmp_path / "flat.nii.gz")
