@@ -89,7 +89,7 @@ def latent_ceiling(models_dir: str | Path, prompts_csv: str | Path, reference: l
     stems = {volume_key(i) for i in pd.read_csv(prompts_csv, dtype={"id": str})["id"]}
     if not (Path(models_dir) / "autoencoder" / "config.json").is_file():
         raise UserError(f"{models_dir}: the latent ceiling needs the trained autoencoder (autoencoder/)")
-    ae = load_network(Path(models_dir) / "autoencoder", MaisiAutoencoder, torch.device(device))
+    ae = load_network(Path(models_dir) / "autoencoder", MaisiAutoencoder, torch.device(device), use_ema=False)  # as encode_latents
 
     def stages(x: torch.Tensor, stem: str, k: int) -> tuple[torch.Tensor, ...]:
         mu, _ = ae.encode(x)

@@ -146,10 +146,12 @@ class LatentFlowPipeline:
         models_dir, device = Path(models_dir), torch.device(device)
         spec = read_spec(models_dir, SPEC, "is not a trained latent flow model (write_latent_flow_spec writes the spec)")
 
-        def load(name, kind):
-            return load_network(models_dir / name, kind, device, use_ema)
+        def load(name, kind, ema=use_ema):
+            return load_network(models_dir / name, kind, device, ema)
 
-        return cls(models_dir, spec, load("autoencoder", MaisiAutoencoder), load("latent_flow", LatentFlow), device)
+        # the autoencoder decodes with the weights that encoded the flow network's training latents (raw)
+        return cls(models_dir, spec, load("autoencoder", MaisiAutoencoder, ema=False), load("latent_flow", LatentFlow),
+                   device)
 
     # --- text ---------------------------------------------------------------------------------
     @functools.cached_property

@@ -105,11 +105,12 @@ class TextToCTPipeline:
         spec = read_spec(models_dir, CASCADE, "is not a trained cascade (run the workflow's `cascade` rule, or "
                                               "ctgen.pipelines.text_to_ct.write_cascade)")
 
-        def load(name, kind):
+        def load(name, kind, ema=use_ema):
             folder = models_dir / name
-            return load_network(folder, kind, device, use_ema) if (folder / "model.safetensors").is_file() else None
+            return load_network(folder, kind, device, ema) if (folder / "model.safetensors").is_file() else None
 
-        tokenizer, generator = load("tokenizer", CTViT), load("generator", TextConditioned)
+        # the tokenizer decodes with the weights that encoded the generator's training tokens (encode_tokens: raw)
+        tokenizer, generator = load("tokenizer", CTViT, ema=False), load("generator", TextConditioned)
         if tokenizer is None or generator is None:
             raise FileNotFoundError(f"{models_dir} needs at least tokenizer/ and generator/ weights")
         gen_codes, tok_codes = generator.core.config.codebook_size, tokenizer.config.codebook_size

@@ -191,3 +191,20 @@ def test_cascade_only_settings_are_refused_for_the_latent_flow_family(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "--temperature, --no-superres: the cascade's settings, not the latent flow family's" in err[0]
+
+
+def test_the_tokenizer_decodes_with_the_weights_that_encoded_the_training_tokens(tiny_cascade, tmp_path):
+    """encode_tokens encodes with the tokenizer's raw weights: sampling decodes with them too, not its EMA's, while
+    the generator is its EMA where there is one."""
+    from ctgen.models.ctvit import CTViT
+
+    folder = tmp_path / "models"
+    shutil.copytree(tiny_cascade, folder)
+    raw = CTViT.from_pretrained(folder / "tokenizer")
+    other = CTViT(raw.config)
+    for p in other.parameters():
+        torch.nn.init.normal_(p)
+    other.save_pretrained(folder / "tokenizer" / "ema")
+    pipe = TextToCTPipeline.from_pretrained(folder)
+    for name, w in raw.state_dict().items():
+        assert torch.equal(pipe.tokenizer.state_dict()[name], w), name
