@@ -132,7 +132,7 @@ def _embed_sections(args: argparse.Namespace) -> int:
 def _fit_text_tokenizer(args: argparse.Namespace) -> int:
     from ctgen.jobs.text import fit_text_tokenizer
 
-    fit_text_tokenizer(args.prompts, args.column, args.out, args.vocab_size)
+    fit_text_tokenizer(args.prompts, args.column, args.out, args.vocab_size, splits=args.splits)
     return 0
 
 
@@ -269,6 +269,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--vocab-size", dest="vocab_size", type=positive_int, required=True,
                    help="vocabulary size (config.yaml: models.text_encoder.vocab_size)")
     f.add_argument("--out", required=True, help="the tokenizer JSON to write")
+    f.add_argument("--splits", nargs="+", default=["train"], metavar="SPLIT",
+                   help="the splits whose prompts it is fitted on, the models' training splits (config.yaml: "
+                        "models.train_splits; default: train)")
     f.set_defaults(func=_fit_text_tokenizer)
 
     m = sub.add_parser("embed-prompts", help="cache a frozen text encoder's states for every prompt")

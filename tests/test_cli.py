@@ -336,6 +336,8 @@ NOT_COUNTERPARTS = {
     ("ctprep evaluate-parser", "--split"): "the labeller's dev/held-out hash split, not a data split",
     ("ctgen encode-tokens", "--batch-size"): "volumes encoded at once by the streaming encode-tokens (main's rewrite)",
     ("ctgen encode-latents", "--batch-size"): "volumes encoded at once by encode-latents (sampling.batch_size is slices)",
+    ("ctgen fit-text-tokenizer", "--splits"): "the models' training splits (models.train_splits, which the workflow "
+                                               "passes), not dataset.splits, the splits read",
 }
 
 

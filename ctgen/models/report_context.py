@@ -67,6 +67,9 @@ class ReportContext(nn.Module):
         if pooling == "tokens" and text_encoder is None and len(text_dims) != 1:
             raise ValueError("several frozen encoders are concatenated on the channel axis, which needs "
                              "pooling='mean' (their token sequences do not align)")
+        if pooling == "mean" and text_encoder is not None:
+            raise ValueError("the small trainable text encoder gives token states: it needs pooling='tokens' "
+                             "(mean pooling is for frozen encoders' cached states)")
         self.segments, self.pooling = tuple(segments), pooling
         self.slot = max_tokens if pooling == "tokens" else 1  # context rows per segment
         if not 1 <= null_tokens <= self.slot:

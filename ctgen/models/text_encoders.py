@@ -156,9 +156,15 @@ def pad_states(states: list[torch.Tensor], dim: int, pad_to: int | None = None,
 
 
 def _folder_digest(path: Path) -> str:
-    """Short hash of the folder's file names and sizes: cheap, and changes when weights are swapped."""
-    entries = sorted(f"{p.name}:{p.stat().st_size}" for p in path.iterdir() if p.is_file())
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+    """Short hash of the folder's files, names and contents: a fine-tuned checkpoint of the same architecture has
+    the same file sizes, and must not be read from the cache of the weights it replaced."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.iterdir() if q.is_file()):
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def minilm_encoder(max_length: int = 128, device: str | torch.device | None = None) -> FrozenHFTextEncoder:

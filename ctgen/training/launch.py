@@ -14,8 +14,12 @@ from ctgen.training.distributed import FORWARDED_SIGNALS
 RDZV_PORT = 29500  # c10d rendezvous port on the allocation's first host (torchrun's usual port)
 
 
-def launch_prefix(gpus: int, nodes: int = 1) -> str:
-    """``ctgen`` for CPU or one GPU; torchrun with one process per GPU otherwise.
+def launch_prefix(gpus: int, nodes: int = 1, threads: int | None = None) -> str:
+    """``ctgen`` for CPU or one GPU; torchrun with one process per GPU otherwise (``gpus`` per node).
+
+    ``threads``: the job's CPUs per node. Each process gets its share as ``OMP_NUM_THREADS`` (Snakemake exports
+    the whole count, which torchrun keeps, so every rank would use all of them), and the multi-node srun asks for
+    the node's CPUs and GPUs explicitly (a nested step would otherwise get one CPU and no GPU option).
 
     One node: ``torchrun --standalone`` (a local rendezvous on a free port). Several nodes: ``srun``
     starts one torchrun per node, with a c10d rendezvous on the first host of the allocation and the
@@ -27,7 +31,8 @@ def launch_prefix(gpus: int, nodes: int = 1) -> str:
     gpus, nodes = int(gpus), int(nodes)
     if gpus <= 1 and nodes <= 1:
         return "ctgen"
-    torchrun = ["python", "-m", "torch.distributed.run", f"--nproc-per-node={max(gpus, 1)}",
+    share = [] if not threads else ["env", f"OMP_NUM_THREADS={max(int(threads) // max(gpus, 1), 1)}"]
+    torchrun = [*share, "python", "-m", "torch.distributed.run", f"--nproc-per-node={max(gpus, 1)}",
                 f"--signals-to-handle={FORWARDED_SIGNALS}", "--shutdown-timeout=600"]
     if nodes <= 1:
         return " ".join(map(shlex.quote, [*torchrun, "--standalone", "-m", "ctgen.cli"]))
@@ -35,7 +40,9 @@ def launch_prefix(gpus: int, nodes: int = 1) -> str:
     job_id = '"${SLURM_JOB_ID:?multi-node training runs inside a Slurm job}"'
     nodelist = f'"${{SLURM_JOB_NODELIST:-$(squeue -h -o %N -j {job_id})}}"'
     master = f'"$(scontrol show hostnames {nodelist} | head -n1)"'
+    per_node = [f"--gpus-per-node={max(gpus, 1)}"] + ([f"--cpus-per-task={int(threads)}"] if threads else [])
     return (f"srun --overlap --kill-on-bad-exit=1 --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 "
+            + " ".join(per_node) + " "
             + " ".join(map(shlex.quote, torchrun))
             + f" --nnodes={nodes} --rdzv-backend=c10d --rdzv-endpoint={master}:{RDZV_PORT}"
             + f" --rdzv-id={job_id} -m ctgen.cli")

@@ -321,6 +321,9 @@ def test_small_trainable_text_encoder_and_pooled_multi_encoder_context():
     assert torch.allclose(ctx[:, 0], expected, atol=1e-5)
     with pytest.raises(ValueError, match="pooling='mean'"):
         LatentFlow(tiny(text_dims=(768, 768)))
+    with pytest.raises(ValueError, match="small trainable text encoder gives token states"):  # one row a section
+        LatentFlow(tiny(text_pooling="mean", text_encoder={"vocab_size": 40, "dim": 16, "depth": 1, "heads": 2,
+                                                           "max_length": 6}))
 
 
 def test_structured_prompt_as_the_only_segment():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -106,6 +107,11 @@ def test_tiny_t5_loads_encoder_only(tmp_path, minilm):
     assert other.identity != enc.identity
     before = enc.identity
     (tmp_path / "extra.json").write_text("{}")
+    assert FrozenHFTextEncoder(tmp_path, max_length=16, device="cpu").identity != before
+    # other weights of the same architecture (the same file sizes), as a fine-tuned checkpoint: another identity
+    before = FrozenHFTextEncoder(tmp_path, max_length=16, device="cpu").identity
+    torch.manual_seed(1)
+    T5EncoderModel(cfg).save_pretrained(tmp_path)
     assert FrozenHFTextEncoder(tmp_path, max_length=16, device="cpu").identity != before
 
 
@@ -293,3 +299,18 @@ def test_the_latent_flow_familys_encoders_default_to_the_cascades_and_are_checke
         flow_text_encoders(own, {"latent_flow": {"model": {"text_pooling": "tokens"}}})
     with pytest.raises(ValueError, match="the small trainable encoder is used alone"):
         flow_text_encoders({**models, "latent_flow_text_encoders": [{"kind": "minilm"}, {"kind": "small"}]}, mean)
+
+
+def test_the_tokenizer_is_fitted_on_the_training_splits_given(tmp_path):
+    """The workflow passes models.train_splits: words only in another split stay out of the vocabulary."""
+    import pandas as pd
+
+    from ctgen.cli import main
+
+    pd.DataFrame({"VolumeName": ["train_1_a_1.nii.gz", "valid_1_a_1.nii.gz"], "split": ["train", "valid"],
+                  "generatect": ["trainonlyword effusion", "evalonlyword effusion"]}).to_parquet(tmp_path / "p.parquet")
+    for splits, seen, unseen in ((["train"], "trainonlyword", "evalonlyword"), (["valid"], "evalonlyword", "trainonlyword")):
+        assert main(["fit-text-tokenizer", "--prompts", str(tmp_path / "p.parquet"), "--column", "generatect",
+                     "--vocab-size", "200", "--splits", *splits, "--out", str(tmp_path / "t.json")]) == 0
+        words = set(json.loads((tmp_path / "t.json").read_text())["model"]["vocab"])
+        assert seen in words and unseen not in words

@@ -24,7 +24,15 @@ from tests.ctgen.tiny import TOKENIZER, TRAIN, WINDOW
 
 
 def test_cpu_and_one_gpu_run_a_single_process():
-    assert launch_prefix(0) == launch_prefix(1) == launch_prefix(1, 1) == "ctgen"
+    assert launch_prefix(0) == launch_prefix(1) == launch_prefix(1, 1) == launch_prefix(1, 1, 8) == "ctgen"
+
+
+def test_each_process_gets_its_share_of_the_jobs_threads():
+    """Snakemake exports OMP_NUM_THREADS = the job's threads, which torchrun keeps: 4 ranks of an 8-thread job
+    would each use 8. Each gets 2."""
+    words = launch_prefix(4, 1, 8).split()
+    assert words[:2] == ["env", "OMP_NUM_THREADS=2"] and words[2:5] == ["python", "-m", "torch.distributed.run"]
+    assert launch_prefix(4, 1, 2).split()[1] == "OMP_NUM_THREADS=1"  # never 0
 
 
 def test_several_gpus_run_torchrun_standalone_one_process_each():
@@ -49,7 +57,7 @@ def _fake_slurm(bin_dir: Path) -> dict:
 
 
 def test_several_nodes_srun_one_torchrun_per_node_with_a_c10d_rendezvous(tmp_path):
-    prefix = launch_prefix(4, nodes=2)
+    prefix = launch_prefix(4, nodes=2, threads=16)
     env = _fake_slurm(tmp_path / "bin")
     # as a rule's shell runs it (set -euo pipefail), in a job step that kept only SLURM_JOB_ID
     res = subprocess.run(["bash", "-c", f"set -euo pipefail; {prefix} train tokenizer --config c.yaml"],
@@ -57,6 +65,9 @@ def test_several_nodes_srun_one_torchrun_per_node_with_a_c10d_rendezvous(tmp_pat
     assert res.returncode == 0, res.stderr
     argv = res.stdout.splitlines()
     assert "--overlap" in argv and "--nodes=2" in argv and "--ntasks-per-node=1" in argv  # one torchrun per node
+    # the step asks for each node's GPUs and CPUs (a nested step would get one CPU and no GPU option)
+    assert "--gpus-per-node=4" in argv and "--cpus-per-task=16" in argv
+    assert argv[argv.index("python") - 2:argv.index("python")] == ["env", "OMP_NUM_THREADS=4"]
     assert argv[argv.index("python"):argv.index("python") + 3] == ["python", "-m", "torch.distributed.run"]
     assert {"--nproc-per-node=4", "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node01:29500",
             "--rdzv-id=42"} <= set(argv)

@@ -150,7 +150,7 @@ def test_the_latent_flow_family_reads_its_own_encoders(tmp_path):
     ({"prompts": {"structured": {"enabled": False}}}, [],
      "models.prompt 'structured' is not a prompt the workflow writes (prompts.structured.enabled is false)"),
     ({"models": {"resources": {"generator": {"gpu": 4}}}}, ["--set-resources", "train_generator:gpu=1"],
-     "models.resources.generator.gpu is 4, but set-resources gives train_generator gpu=1"),
+     "models.resources.generator.gpu asks for 4 GPUs, but set-resources gives train_generator gpu=1"),
 ], ids=["preset", "shard-prompt", "structured-off", "gpus"])
 def test_config_mistakes_end_in_one_line_before_any_job(tmp_path, overrides, args, needle):
     res = snakemake(make_workdir(tmp_path, overrides), "-n", *args, check=False)

@@ -92,19 +92,26 @@ RES = MODELS["resources"]
 MODEL_SETTINGS = {k: v for k, v in MODELS.items() if k != "resources"}
 
 
+def job_gpus(res):
+    """A job's GPUs as Slurm counts them (sbatch --gpus: the whole job's), from a resources entry's GPUs per node."""
+    return res["gpu"] * res.get("nodes", 1)
+
+
 def check_gpus():
     """A training job's GPUs and processes come from its resources, which a profile's (or the command line's)
     set-resources replace: where they differ from models.resources.<model>.gpu > 1, the job would train on
     fewer GPUs than the config asks, silently. One line instead."""
     given = getattr(workflow.resource_settings, "overwrite_resources", None) or {}
     for model, res in RES.items():
-        want = int(res.get("gpu", 0) or 0)
+        want = job_gpus(res)  # the job's total, as sbatch --gpus takes it
         got = (given.get(f"train_{model}") or {}).get("gpu")
         got = getattr(got, "value", got)  # Snakemake's Resource, or a plain value
         if want > 1 and got is not None and int(got) != want:
+            nodes = res.get("nodes", 1)
+            per = f" ({res['gpu']} per node x {nodes} nodes)" if nodes > 1 else ""
             sys.exit(
-                f"config error: models.resources.{model}.gpu is {want}, but set-resources gives train_{model} "
-                f"gpu={got} (the profile or --set-resources), which the job would run with: set both to {want}"
+                f"config error: models.resources.{model}.gpu asks for {want} GPUs{per}, but set-resources gives "
+                f"train_{model} gpu={got} (the profile or --set-resources), which the job would run with: set it to {want}"
             )
 
 
@@ -210,11 +217,14 @@ def get_train_config(wildcards):
     return cfg
 
 
-def get_launcher(wildcards, resources):
-    """`ctgen`, or torchrun (under srun across nodes) for the GPUs and nodes the job was given."""
+def get_launcher(wildcards, threads, resources):
+    """`ctgen`, or torchrun (under srun across nodes) for the GPUs and nodes the job was given (its `gpu`
+    resource is the job's total, see job_gpus), each process with its share of the job's threads.
+    """
     from ctgen.training.launch import launch_prefix
 
-    return launch_prefix(resources.gpu, resources.nodes)
+    nodes = max(int(resources.nodes), 1)
+    return launch_prefix(resources.gpu // nodes, nodes, threads)
 
 
 def get_superres_recon(wildcards):
@@ -303,9 +313,11 @@ def grows_with_attempt(value, growth):
 
 
 def get_data_workers(wildcards, threads, resources):
-    """DataLoader workers of a training job: its other threads on a GPU job; none on the CPU, where the
-    decoding would compete with the model's own threads."""
-    return max(threads - 1, 0) if resources.gpu else 0
+    """DataLoader workers of each process of a training job: the other threads of its share of the job (one
+    process per GPU of a node) on a GPU job; none on the CPU, where the decoding would compete with the model's
+    own threads."""
+    per_node = max(resources.gpu // max(int(resources.nodes), 1), 1)
+    return max(threads // per_node - 1, 0) if resources.gpu else 0
 
 
 # --- evaluation ---------------------------------------------------------------------------

@@ -34,7 +34,7 @@ rule train_slicenet:
     resources:
         mem_mb=grows_with_attempt(SLICENET_RES["mem_mb"], 1.5),
         runtime=grows_with_attempt(SLICENET_RES["runtime"], 2),
-        gpu=SLICENET_RES["gpu"],
+        gpu=job_gpus(SLICENET_RES),
         nodes=SLICENET_RES.get("nodes", 1),
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
@@ -89,7 +89,7 @@ rule train_tstr:
     resources:
         mem_mb=grows_with_attempt(RES["classifier"]["mem_mb"], 1.5),
         runtime=grows_with_attempt(RES["classifier"]["runtime"], 2),
-        gpu=RES["classifier"]["gpu"],
+        gpu=job_gpus(RES["classifier"]),
         nodes=RES["classifier"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),

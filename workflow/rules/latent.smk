@@ -15,7 +15,7 @@ rule train_autoencoder:
     resources:
         mem_mb=grows_with_attempt(RES["autoencoder"]["mem_mb"], 1.5),
         runtime=grows_with_attempt(RES["autoencoder"]["runtime"], 2),
-        gpu=RES["autoencoder"]["gpu"],
+        gpu=job_gpus(RES["autoencoder"]),
         nodes=RES["autoencoder"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
@@ -121,7 +121,7 @@ rule train_latent_flow:
     resources:
         mem_mb=grows_with_attempt(RES["latent_flow"]["mem_mb"], 1.5),
         runtime=grows_with_attempt(RES["latent_flow"]["runtime"], 2),
-        gpu=RES["latent_flow"]["gpu"],
+        gpu=job_gpus(RES["latent_flow"]),
         nodes=RES["latent_flow"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),

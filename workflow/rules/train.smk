@@ -17,9 +17,10 @@ rule text_tokenizer:
     params:
         column=get_tokenizer_columns,
         vocab_size=config["models"]["text_encoder"]["vocab_size"],
+        splits=MODELS["train_splits"],
     shell:
         "ctgen fit-text-tokenizer --prompts {input.prompts} --column {params.column}"
-        " --vocab-size {params.vocab_size} --out {output.tokenizer} > {log} 2>&1"
+        " --vocab-size {params.vocab_size} --splits {params.splits} --out {output.tokenizer} > {log} 2>&1"
 
 
 rule embed_prompts:
@@ -88,7 +89,7 @@ rule train_report_encoder:
     resources:
         mem_mb=grows_with_attempt(RES["report_encoder"]["mem_mb"], 1.5),
         runtime=grows_with_attempt(RES["report_encoder"]["runtime"], 2),
-        gpu=RES["report_encoder"]["gpu"],
+        gpu=job_gpus(RES["report_encoder"]),
         nodes=RES["report_encoder"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
@@ -118,7 +119,7 @@ rule train_tokenizer:
     resources:
         mem_mb=grows_with_attempt(RES["tokenizer"]["mem_mb"], 1.5),
         runtime=grows_with_attempt(RES["tokenizer"]["runtime"], 2),
-        gpu=RES["tokenizer"]["gpu"],
+        gpu=job_gpus(RES["tokenizer"]),
         nodes=RES["tokenizer"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
@@ -207,7 +208,7 @@ rule train_generator:
     resources:
         mem_mb=grows_with_attempt(RES["generator"]["mem_mb"], 1.5),
         runtime=grows_with_attempt(RES["generator"]["runtime"], 2),
-        gpu=RES["generator"]["gpu"],
+        gpu=job_gpus(RES["generator"]),
         nodes=RES["generator"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
@@ -240,7 +241,7 @@ rule train_superres:
     resources:
         mem_mb=grows_with_attempt(RES["superres"]["mem_mb"], 1.5),
         runtime=grows_with_attempt(RES["superres"]["runtime"], 2),
-        gpu=RES["superres"]["gpu"],
+        gpu=job_gpus(RES["superres"]),
         nodes=RES["superres"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
@@ -274,7 +275,7 @@ rule train_clip:
     resources:
         mem_mb=grows_with_attempt(RES["clip"]["mem_mb"], 1.5),
         runtime=grows_with_attempt(RES["clip"]["runtime"], 2),
-        gpu=RES["clip"]["gpu"],
+        gpu=job_gpus(RES["clip"]),
         nodes=RES["clip"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
@@ -305,7 +306,7 @@ rule train_classifier:
     resources:
         mem_mb=grows_with_attempt(RES["classifier"]["mem_mb"], 1.5),
         runtime=grows_with_attempt(RES["classifier"]["runtime"], 2),
-        gpu=RES["classifier"]["gpu"],
+        gpu=job_gpus(RES["classifier"]),
         nodes=RES["classifier"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
