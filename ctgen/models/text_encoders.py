@@ -32,6 +32,7 @@ from torch import nn
 
 from ctgen.models.attention import Attention
 from ctgen.models.base import ModelOutput, PretrainedMixin
+from ctprep.shards import sha256_file
 from ctprep.volume import atomic_write
 
 log = logging.getLogger(__name__)
@@ -158,13 +159,8 @@ def pad_states(states: list[torch.Tensor], dim: int, pad_to: int | None = None,
 def _folder_digest(path: Path) -> str:
     """Short hash of the folder's files, names and contents: a fine-tuned checkpoint of the same architecture has
     the same file sizes, and must not be read from the cache of the weights it replaced."""
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.iterdir() if q.is_file()):
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+    entries = sorted(f"{p.name}:{sha256_file(p)}" for p in path.iterdir() if p.is_file())
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
 
 
 def minilm_encoder(max_length: int = 128, device: str | torch.device | None = None) -> FrozenHFTextEncoder:
@@ -556,7 +552,7 @@ class FrozenReportEncoder:
         self.max_length = int(max_length)
         self.encoder = model.encoder.to(self.device).eval().requires_grad_(False)
         self.tokenizer = ReportTokenizer.load(self.path / "tokenizer.json")
-        digest = hashlib.sha256((self.path / "model.safetensors").read_bytes()).hexdigest()[:16]
+        digest = sha256_file(self.path / "model.safetensors")[:16]
         self.identity = f"{type(self).__name__}:{self.path}:{digest}:max_length={self.max_length}"
         log.info("text encoder %s (report encoder, %d-d, max_length %d) on %s", self.path, self.dim,
                  self.max_length, self.device)

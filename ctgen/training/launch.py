@@ -14,6 +14,17 @@ from ctgen.training.distributed import FORWARDED_SIGNALS
 RDZV_PORT = 29500  # c10d rendezvous port on the allocation's first host (torchrun's usual port)
 
 
+def process_threads(threads: int, gpus: int) -> int:
+    """Each process's share of a node's ``threads``: one process per GPU, never below one thread."""
+    return max(int(threads) // max(int(gpus), 1), 1)
+
+
+def data_workers(threads: int, gpus: int) -> int:
+    """DataLoader workers of each process on a node with ``gpus`` GPUs (per node): the rest of its share of the
+    threads; none on the CPU, where the decoding would compete with the model's own threads."""
+    return process_threads(threads, gpus) - 1 if gpus else 0
+
+
 def launch_prefix(gpus: int, nodes: int = 1, threads: int | None = None) -> str:
     """``ctgen`` for CPU or one GPU; torchrun with one process per GPU otherwise (``gpus`` per node).
 
@@ -31,7 +42,7 @@ def launch_prefix(gpus: int, nodes: int = 1, threads: int | None = None) -> str:
     gpus, nodes = int(gpus), int(nodes)
     if gpus <= 1 and nodes <= 1:
         return "ctgen"
-    share = [] if not threads else ["env", f"OMP_NUM_THREADS={max(int(threads) // max(gpus, 1), 1)}"]
+    share = [] if not threads else ["env", f"OMP_NUM_THREADS={process_threads(threads, gpus)}"]
     torchrun = [*share, "python", "-m", "torch.distributed.run", f"--nproc-per-node={max(gpus, 1)}",
                 f"--signals-to-handle={FORWARDED_SIGNALS}", "--shutdown-timeout=600"]
     if nodes <= 1:

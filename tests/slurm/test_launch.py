@@ -33,6 +33,10 @@ def test_each_process_gets_its_share_of_the_jobs_threads():
     words = launch_prefix(4, 1, 8).split()
     assert words[:2] == ["env", "OMP_NUM_THREADS=2"] and words[2:5] == ["python", "-m", "torch.distributed.run"]
     assert launch_prefix(4, 1, 2).split()[1] == "OMP_NUM_THREADS=1"  # never 0
+    # and the DataLoader workers the rest of that share: 8 threads, 4 GPUs -> 1 each; none on the CPU
+    from ctgen.training.launch import data_workers
+
+    assert (data_workers(8, 4), data_workers(8, 1), data_workers(2, 4), data_workers(8, 0)) == (1, 7, 0, 0)
 
 
 def test_several_gpus_run_torchrun_standalone_one_process_each():

@@ -313,11 +313,10 @@ def grows_with_attempt(value, growth):
 
 
 def get_data_workers(wildcards, threads, resources):
-    """DataLoader workers of each process of a training job: the other threads of its share of the job (one
-    process per GPU of a node) on a GPU job; none on the CPU, where the decoding would compete with the model's
-    own threads."""
-    per_node = max(resources.gpu // max(int(resources.nodes), 1), 1)
-    return max(threads // per_node - 1, 0) if resources.gpu else 0
+    """DataLoader workers of each process of a training job (ctgen.training.launch.data_workers)."""
+    from ctgen.training.launch import data_workers
+
+    return data_workers(threads, resources.gpu // max(int(resources.nodes), 1))
 
 
 # --- evaluation ---------------------------------------------------------------------------
