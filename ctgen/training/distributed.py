@@ -112,12 +112,26 @@ def gather_to_main(obj, info: DistInfo) -> list | None:
     return out
 
 
-def torchrun_command(nproc: int, nnodes: int | None, script_args: list[str], *, port: int = 29500,
+# c10d rendezvous port on the allocation's first host: one per Slurm job (two multi-node jobs that share a
+# first host, e.g. the tokenizer and super-resolution trainings side by side, would both bind torchrun's usual
+# 29500), in a range below Linux's ephemeral ports (32768-60999) so that no outgoing connection holds it
+RDZV_PORT_BASE, RDZV_PORT_SPAN = 20000, 10000
+
+
+def rdzv_port(job_id: str | int | None) -> int:
+    """The rendezvous port of Slurm job ``job_id`` (torchrun's usual 29500 outside Slurm)."""
+    if job_id is None or not str(job_id).isdigit():
+        return 29500
+    return RDZV_PORT_BASE + int(job_id) % RDZV_PORT_SPAN
+
+
+def torchrun_command(nproc: int, nnodes: int | None, script_args: list[str], *, port: int | None = None,
                      shutdown_timeout: int = 600, env: dict[str, str] | None = None) -> list[str]:
     """The ``torch.distributed.run`` (torchrun) command for ``script_args`` on this node.
 
     One node: ``--standalone``. Several (``nnodes`` or ``$SLURM_NNODES`` > 1): c10d rendezvous at
-    ``$MASTER_ADDR:port`` with ``$SLURM_JOB_ID`` as the rendezvous id; run it once per node
+    ``$MASTER_ADDR:port`` with ``$SLURM_JOB_ID`` as the rendezvous id (``port``: by default one per job,
+    ``rdzv_port``); run it once per node
     (``srun --ntasks-per-node=1``). SIGUSR1 is forwarded to the workers, and they get
     ``shutdown_timeout`` seconds to finish a step and write the checkpoint before SIGKILL.
     """
@@ -132,6 +146,7 @@ def torchrun_command(nproc: int, nnodes: int | None, script_args: list[str], *, 
         if not master:
             raise ValueError("several nodes need MASTER_ADDR (e.g. the first host of "
                              "`scontrol show hostnames $SLURM_JOB_NODELIST`)")
+        port = rdzv_port(env.get("SLURM_JOB_ID")) if port is None else port
         cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={master}:{port}",
                 f"--rdzv-id={env.get('SLURM_JOB_ID', 'ctgen')}"]
     return cmd + list(script_args)
@@ -147,7 +162,8 @@ ctgen training runs as one process, or one process per GPU under torchrun (DDP o
   Slurm nodes:   export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)
                  srun --ntasks-per-node=1 python -m torch.distributed.run --nnodes=$SLURM_NNODES \\
                      --nproc-per-node=$SLURM_GPUS_ON_NODE --rdzv-backend=c10d \\
-                     --rdzv-endpoint=$MASTER_ADDR:29500 --rdzv-id=$SLURM_JOB_ID ... -m ctgen.cli train ...
+                     --rdzv-endpoint=$MASTER_ADDR:$((20000 + SLURM_JOB_ID % 10000)) \\
+                     --rdzv-id=$SLURM_JOB_ID ... -m ctgen.cli train ...
   (torchrun_command() builds these.) The checkpoint folder must be on a filesystem all nodes share.
 Pre-emption: ask Slurm for a warning signal (#SBATCH --signal=USR1@300, or TERM); the loop then
 writes its checkpoint at the next step boundary and exits with code 75 (EX_TEMPFAIL); torchrun

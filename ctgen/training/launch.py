@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import shlex
 
-from ctgen.training.distributed import FORWARDED_SIGNALS
-
-RDZV_PORT = 29500  # c10d rendezvous port on the allocation's first host (torchrun's usual port)
-
+from ctgen.training.distributed import FORWARDED_SIGNALS, RDZV_PORT_BASE, RDZV_PORT_SPAN
 
 def process_threads(threads: int, gpus: int) -> int:
     """Each process's share of a node's ``threads``: one process per GPU, never below one thread."""
@@ -34,8 +31,8 @@ def launch_prefix(gpus: int, nodes: int = 1, threads: int | None = None) -> str:
 
     One node: ``torchrun --standalone`` (a local rendezvous on a free port). Several nodes: ``srun``
     starts one torchrun per node, with a c10d rendezvous on the first host of the allocation and the
-    Slurm job id as rendezvous id. The srun is a step nested in the executor's own job step, hence
-    ``--overlap`` (share the allocation's CPUs and GPUs; a step gets all of the job's GPUs by default).
+    Slurm job id as rendezvous id and, through ``distributed.rdzv_port``, a port of its own. The srun is a step nested
+    in the executor's own job step, hence ``--overlap`` (share the allocation's CPUs and GPUs; a step gets all of the job's GPUs by default).
     The executor plugin strips most ``SLURM_*`` variables from the step (not ``SLURM_JOB_ID``), and
     rules' shells run under ``set -u``: the node list is asked of squeue when it is missing.
     """
@@ -49,11 +46,12 @@ def launch_prefix(gpus: int, nodes: int = 1, threads: int | None = None) -> str:
         return " ".join(map(shlex.quote, [*torchrun, "--standalone", "-m", "ctgen.cli"]))
     # the plugin strips SLURM_JOB_NODELIST from the step but keeps SLURM_JOB_ID: ask squeue for the nodes
     job_id = '"${SLURM_JOB_ID:?multi-node training runs inside a Slurm job}"'
+    port = f"$(({RDZV_PORT_BASE} + {job_id} % {RDZV_PORT_SPAN}))"  # rdzv_port() in shell
     nodelist = f'"${{SLURM_JOB_NODELIST:-$(squeue -h -o %N -j {job_id})}}"'
     master = f'"$(scontrol show hostnames {nodelist} | head -n1)"'
     per_node = [f"--gpus-per-node={max(gpus, 1)}"] + ([f"--cpus-per-task={int(threads)}"] if threads else [])
     return (f"srun --overlap --kill-on-bad-exit=1 --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 "
             + " ".join(per_node) + " "
             + " ".join(map(shlex.quote, torchrun))
-            + f" --nnodes={nodes} --rdzv-backend=c10d --rdzv-endpoint={master}:{RDZV_PORT}"
+            + f" --nnodes={nodes} --rdzv-backend=c10d --rdzv-endpoint={master}:{port}"
             + f" --rdzv-id={job_id} -m ctgen.cli")

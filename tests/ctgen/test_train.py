@@ -224,7 +224,10 @@ def test_config_from_dict_and_validation():
 def test_torchrun_command():
     cmd = torchrun_command(4, None, ["-m", "ctgen.cli", "train"], env={"SLURM_NNODES": "2", "MASTER_ADDR": "n01",
                                                                         "SLURM_JOB_ID": "42"})
-    assert "--nnodes=2" in cmd and "--rdzv-endpoint=n01:29500" in cmd and "--rdzv-id=42" in cmd
+    assert "--nnodes=2" in cmd and "--rdzv-endpoint=n01:20042" in cmd and "--rdzv-id=42" in cmd  # a port per job
+    other = torchrun_command(4, 2, [], env={"MASTER_ADDR": "n01", "SLURM_JOB_ID": "123456"})
+    assert "--rdzv-endpoint=n01:23456" in other  # below the ephemeral range, so no outgoing connection holds it
+    assert "--rdzv-endpoint=n01:29500" in torchrun_command(4, 2, [], env={"MASTER_ADDR": "n01"})  # outside Slurm
     assert "--nproc-per-node=4" in cmd and cmd[-3:] == ["-m", "ctgen.cli", "train"]
     assert "--standalone" in torchrun_command(2, 1, [], env={})
     with pytest.raises(ValueError, match="MASTER_ADDR"):

@@ -73,14 +73,15 @@ def test_several_nodes_srun_one_torchrun_per_node_with_a_c10d_rendezvous(tmp_pat
     assert "--gpus-per-node=4" in argv and "--cpus-per-task=16" in argv
     assert argv[argv.index("python") - 2:argv.index("python")] == ["env", "OMP_NUM_THREADS=4"]
     assert argv[argv.index("python"):argv.index("python") + 3] == ["python", "-m", "torch.distributed.run"]
-    assert {"--nproc-per-node=4", "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node01:29500",
+    assert {"--nproc-per-node=4", "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node01:20042",
             "--rdzv-id=42"} <= set(argv)
     assert "--standalone" not in argv and argv[-5:] == ["ctgen.cli", "train", "tokenizer", "--config", "c.yaml"]
     assert "-j 42" in (tmp_path / "bin/squeue.args").read_text()  # the node list came from the job id
     # a node list left in the environment is used as is
     res = subprocess.run(["bash", "-c", f"set -euo pipefail; {prefix} train x"], capture_output=True, text=True,
                          env={**env, "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node[01-02]"})
-    assert "--rdzv-endpoint=node01:29500" in res.stdout.split() and "--rdzv-id=7" in res.stdout.split()
+    assert "--rdzv-endpoint=node01:20007" in res.stdout.split() and "--rdzv-id=7" in res.stdout.split()
+    # each job its own rendezvous port (two multi-node jobs sharing a first host would both bind 29500)
     # outside a Slurm job the multi-node line refuses, and says why
     res = subprocess.run(["bash", "-c", f"set -euo pipefail; {prefix} train x"], env=env, capture_output=True, text=True)
     assert res.returncode != 0 and "runs inside a Slurm job" in res.stderr
