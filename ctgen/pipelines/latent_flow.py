@@ -222,8 +222,7 @@ class LatentFlowPipeline:
         generators = generators or [torch.Generator(device=self.device).manual_seed(i) for i in range(n)]
         if len(generators) != n:
             raise ValueError(f"{len(generators)} generators for {n} volumes")
-        precision = settings.precision if settings.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16"
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision(settings) == "bf16"
                     else contextlib.nullcontext())
         volumes = []
         for i in range(n):
@@ -251,6 +250,12 @@ class LatentFlowPipeline:
             volumes.append(vol)
         return volumes
 
+    def precision(self, settings: LatentSampleSettings) -> str:
+        """The network's arithmetic for ``settings``: "auto" is bf16 autocast on CUDA, fp32 elsewhere."""
+        if settings.precision != "auto":
+            return settings.precision
+        return "bf16" if self.device.type == "cuda" else "fp32"
+
     def sidecar(self, sections: dict[str, str], seed: int, settings: LatentSampleSettings) -> dict[str, Any]:
         """What every sample records: family, report sections, seed, settings, weight and config hashes, code version."""
         from ctgen.models.base import provenance
@@ -261,4 +266,6 @@ class LatentFlowPipeline:
         return {"family": FAMILY, "report": dict(sections), "seed": seed, "settings": dataclasses.asdict(settings),
                 "spacing": spacing,
                 "weights_sha256": self.spec.get("weights", {}), "config_hash": self.spec.get("config_hash"),
-                "models_dir": str(self.models_dir), "provenance": provenance(seed)}
+                "models_dir": str(self.models_dir),
+                # the same seed gives other noise and arithmetic on another device or precision
+                "provenance": provenance(seed, device=str(self.device), precision=self.precision(settings))}

@@ -237,4 +237,6 @@ class TextToCTPipeline:
         used = {**asdict(settings), "super_resolution": settings.super_resolution and self.superres is not None}
         return {"family": "cascade", "prompt": prompt, "seed": seed, "settings": used, "spacing": spacing,
                 "weights_sha256": self.spec.get("weights", {}), "config_hash": self.spec.get("config_hash"),
-                "models_dir": str(self.models_dir), "provenance": provenance(seed)}
+                "models_dir": str(self.models_dir),
+                # the same seed gives other noise on another device; the cascade samples in fp32
+                "provenance": provenance(seed, device=str(self.device), precision="fp32")}

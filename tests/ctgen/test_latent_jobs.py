@@ -153,6 +153,7 @@ def test_spec_and_sampling_through_the_cli(latent_run, cohort, tmp_path):
     side = json.loads((out / "r2_s4.json").read_text())
     assert side["family"] == "latent_flow" and side["report"] == {"findings": "", "impression": "No acute findings."}
     assert side["spacing"]["mm"] == [2.0, 2.0, 5.0] and set(side["weights_sha256"]) == {"autoencoder", "latent_flow"}
+    assert side["provenance"]["device"] == "cpu" and side["provenance"]["precision"] == "fp32"  # "auto" resolved
     # the VLM3D contract: one <input_image_name>.nii.gz per entry, stored in CT-RATE's voxel order
     entries = tmp_path / "prompts.json"
     entries.write_text(json.dumps([{"input_image_name": "valid_9_a_1", "report": "Right pleural effusion."}]))

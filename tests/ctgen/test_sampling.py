@@ -98,6 +98,8 @@ def test_cli_writes_nifti_sidecar_and_dicom_with_one_geometry(tiny_cascade, tmp_
     side = json.loads((tmp_path / "ct.json").read_text())
     assert side["prompt"] == PROMPT and side["seed"] == 7 and side["synthetic"] is True
     assert side["config_hash"] and {"tokenizer", "generator", "superres"} <= set(side["weights_sha256"])
+    # the same seed gives other noise on another device: the sidecar says where it ran
+    assert side["provenance"]["device"] == "cpu" and side["provenance"]["precision"] == "fp32"
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "dicom")))
     dcm = sitk.DICOMOrient(reader.Execute(), "LPS")  # the same physical voxel grid, compared in one orientation
