@@ -1,4 +1,4 @@
-"""NegEx/ConText-style status of each finding mention: present, negated or uncertain.
+"""NegEx/ConText-style status of each finding mention: present, negated, uncertain or historical.
 
 Own component rather than medspaCy (not installed, and its default rules are tuned to US English
 notes; translated Turkish prose needs "was not detected"-style post-negation and "-" coordinations).
@@ -31,6 +31,8 @@ A template's heading takes its status from the value after its colon ("Lymph nod
 identified."; not "Pleural effusion: No change."). "and" before a new assertion ends a pre-trigger's scope only ("There
 is no effusion, and there is mild cardiomegaly", "No pneumothorax and small effusions"); plain "no A and B" is one
 negation. A removal negates the device before it ("The chest tube has been removed"), not over "after".
+A finding named in a relative clause about an earlier study ("the prior study, which showed an effusion, ...") is
+historical where its sentence names the same finding again for this exam (``prior_study_mentions``).
 """
 
 from __future__ import annotations
@@ -93,6 +95,50 @@ _BARE_NONE_SIZE = re.compile(r"((measuring|being|appearing|is|are|was|were|patho
 if not Span.has_extension("status"):
     Span.set_extension("status", default="present")
     Span.set_extension("trigger", default=None)
+
+
+def _words(phrases) -> str:
+    return "|".join(r"\s+".join(map(re.escape, p.split())) for p in sorted(phrases, key=len, reverse=True))
+
+
+#: The text before a mention, from its sentence's start, when the mention lies in a relative clause about an earlier
+#: study: "Compared with the prior study, which showed a| ...", "the previous CT (dated ...), in which a| ...".
+_PRIOR_CLAUSE = re.compile(
+    rf"\b(?:{_words(V.PRIOR_STUDIES)})\s+(?:{_words(V.STUDY_NOUNS)})\b(?:\s+(?:dated|of|from|on|in)\s+[^,;:]{{1,40}}?)?"
+    rf"\s*,?\s*(?:(?:which|that)\s+(?:(?:had|has)\s+)?(?:{_words(V.SHOWED)})|(?:in|on)\s+which|where)\b[^,;:()]*$")
+
+
+def prior_study_mentions(doc: Doc, mentions, sents) -> list[Span]:
+    """Mentions that name an earlier study's finding while their sentence names the same finding for this exam.
+
+    "Compared with the prior study, which showed a right pleural effusion, there is no effusion now": the first
+    effusion is the prior study's (``historical``); the second says what this exam shows. Alone in its sentence
+    such a mention keeps its status: "Compared with the previous exam, which showed nodules, no change is seen"
+    says the nodules are still there.
+    """
+    firsts = [s[0] for s in sents]
+    by_sentence: dict[int, list[Span]] = {}
+    for m in mentions:
+        by_sentence.setdefault(bisect.bisect_right(firsts, m.start) - 1, []).append(m)
+    out = []
+    for i, group in by_sentence.items():
+        start = sents[i][0]
+        prior = [m for m in group if _PRIOR_CLAUSE.search(doc[start: m.start].text.lower())]
+        for m in prior:
+            current = [c for c in group if c not in prior and c.label_ == m.label_]
+            # "... which showed bilateral effusions, the right effusion has resolved (and the left persists)": this
+            # exam's mention names one side only, so it does not speak for the other
+            if current and not any(_side(doc, c) and _side(doc, c) != _side(doc, m) for c in current):
+                out.append(m)
+    return out
+
+
+def _side(doc: Doc, mention: Span) -> str | None:
+    """The side word in a mention or the few words before it: right, left, bilateral, or None."""
+    words = {t.lower_ for t in doc[max(mention.start - 4, 0): mention.end]}
+    if words & {"bilateral", "bilaterally", "both"} or {"right", "left"} <= words:
+        return "bilateral"
+    return "right" if "right" in words else "left" if "left" in words else None
 
 
 def build_phrase_matcher(nlp: Language) -> PhraseMatcher:
@@ -395,4 +441,6 @@ class ReportContext:
                 # longest wins: "can not be excluded" over "not" (filter_spans returns them in text order)
                 by_sentence[i] = (sent, filter_spans(self.phrases(sent, as_spans=True) + self.matcher(sent, as_spans=True)))
             m._.status, m._.trigger = mention_status(doc, m, *by_sentence[i])
+        for m in prior_study_mentions(doc, mentions, sents):
+            m._.status, m._.trigger = "historical", None
         return doc

@@ -296,6 +296,14 @@ PREMODIFIER_NEGATION = ["resolved"]
 #: After a post-negation these make it sentence-wide ("X, seen before, was not detected in the current examination").
 CURRENT_EXAM = ["in the current examination", "in the current study", "in this examination", "in the present examination",
                 "on the current examination", "in the current scan", "in the control examination"]
+#: A relative clause about an earlier study: what it "showed" is that study's finding ("Compared with the prior
+#: study, which showed a right effusion, there is no effusion now"); ``context.py`` lets the sentence's own
+#: mention of the same finding speak for this exam. Words, joined by spaces, matched on lower-cased text.
+PRIOR_STUDIES = ["prior", "previous", "earlier", "preceding", "former", "last", "old", "outside", "baseline"]
+STUDY_NOUNS = ["study", "studies", "examination", "examinations", "exam", "exams", "ct", "cts", "scan", "scans",
+               "imaging", "images", "ct scan", "ct examination", "ct study", "tomography", "report"]
+SHOWED = ["showed", "shown", "demonstrated", "revealed", "depicted", "documented", "described", "reported",
+          "noted", "had shown", "had demonstrated", "had revealed"]
 #: Exception words: what follows them, up to the comma that closes the exception ("Apart from the nodule, ..."),
 #: is set apart from the rest of the sentence, so a negation there does not reach it (``context.py``).
 EXCEPTIONS = ["except", "except for", "apart from", "aside from", "other than", "besides", "with the exception of",

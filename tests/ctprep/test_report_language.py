@@ -1046,3 +1046,30 @@ def test_a_granulomatous_sequela_is_no_fibrotic_sequela(text, expected):
 ])
 def test_valve_calcium_and_arterial_wall_calcium(text, expected):
     assert parse_report(text).labels["Arterial wall calcification"] == expected
+
+
+@pytest.mark.parametrize(("text", "label", "expected"), [
+    # what an earlier study showed, where the sentence says what this exam shows of the same finding
+    ("Compared with the prior study, which showed a right pleural effusion, there is no effusion now.",
+     "Pleural effusion", 0),
+    ("Compared to the previous CT dated 12.03.2020, in which a pericardial effusion was present, no pericardial "
+     "effusion is seen.", "Pericardial effusion", 0),
+    ("When compared with the previous examination that had demonstrated consolidation, no consolidation is "
+     "observed.", "Consolidation", 0),
+    ("In the previous examination, which showed pleural effusion, the effusion has increased.", "Pleural effusion", 1),
+    # alone in its sentence, the earlier finding is still there: only its change is denied
+    ("Compared with the previous examination, which showed nodules, no significant change is seen.", "Lung nodule", 1),
+    ("Compared with the prior study that showed a left pleural effusion, there is no interval change.",
+     "Pleural effusion", 1),
+    # the finding's own reduced relative, not the study's
+    ("Pleural effusion seen on the prior study persists.", "Pleural effusion", 1),
+    ("The nodule described in the previous examination was not observed.", "Lung nodule", 0),
+    # this exam's mention names one side of a bilateral finding
+    ("Compared with the prior study which showed bilateral effusions, no right pleural effusion is seen.",
+     "Pleural effusion", 1),
+])
+def test_what_an_earlier_study_showed(text, label, expected):
+    parsed = parse_report(text)
+    assert parsed.labels[label] == expected
+    if expected == 0:  # the earlier study's mention is kept, as such
+        assert {m.status for m in parsed.mentions if m.label == label} <= {"historical", "negated"}
