@@ -1,4 +1,4 @@
-"""NegEx/ConText-style status of each finding mention: present, negated, uncertain or historical.
+"""NegEx/ConText-style status of each finding mention: present, negated, uncertain, hypothetical or historical.
 
 Own component rather than medspaCy (not installed, and its default rules are tuned to US English
 notes; translated Turkish prose needs "was not detected"-style post-negation and "-" coordinations).
@@ -32,7 +32,9 @@ identified."; not "Pleural effusion: No change."). "and" before a new assertion 
 is no effusion, and there is mild cardiomegaly", "No pneumothorax and small effusions"); plain "no A and B" is one
 negation. A removal negates the device before it ("The chest tube has been removed"), not over "after".
 A finding named in a relative clause about an earlier study ("the prior study, which showed an effusion, ...") is
-historical where its sentence names the same finding again for this exam (``prior_study_mentions``).
+historical where its sentence names the same finding again for this exam (``prior_study_mentions``). A finding
+the exam looked for or could not judge ("assessment for lymphadenopathy is limited", "motion limits evaluation for
+small nodules", "the lymph nodes cannot be assessed") is hypothetical: neither seen nor excluded, it sets no label.
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ def build_phrase_matcher(nlp: Language) -> PhraseMatcher:
     matcher = PhraseMatcher(nlp.vocab, attr="LOWER")
     lists = {"PRE_NEG": V.PRE_NEGATION, "POST_NEG": V.POST_NEGATION, "PSEUDO": V.PSEUDO_NEGATION,
              "PRE_UNC": V.PRE_UNCERTAIN, "POST_UNC": V.POST_UNCERTAIN, "TERM": V.TERMINATORS,
+             "PRE_HYP": V.PRE_HYPOTHETICAL, "POST_HYP": V.POST_HYPOTHETICAL,
              "SENT_NEG": V.SENTENCE_NEGATION, "CURRENT": V.CURRENT_EXAM, "PRE_END": V.PRE_SCOPE_ENDS,
              "BREAK": [w for w in V.CLAUSE_BREAKS if w not in V.TERMINATORS]}
     for kind, phrases in lists.items():
@@ -410,6 +413,8 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
             found.setdefault("NEG", t)  # "heart size is not increased" lies inside the mention
     if "NEG" in found:
         return "negated", found["NEG"]
+    if "HYP" in found:
+        return "hypothetical", found["HYP"]  # looked for, not judged: "assessment for lymphadenopathy is limited"
     if "UNC" in found:
         return "uncertain", found["UNC"]
     return "present", None

@@ -110,7 +110,8 @@ class Mention:
     sentence: int  # sentence index within the section
     start: int  # char offsets in the section's normalised text
     end: int
-    status: str  # present / negated / uncertain / historical (an earlier study's, restated for this exam)
+    status: str  # present / negated / uncertain / hypothetical (looked for, not judged) / historical (an earlier
+    # study's, restated for this exam)
     trigger: str | None = None  # the context words that set a non-present status
     laterality: str | None = None  # right / left / bilateral
     location: str | None = None  # lobe code (RUL RML RLL LUL LLL lingula) or organ

@@ -286,6 +286,21 @@ POST_UNCERTAIN += [f"{aux} be {adverb} {verb}" for aux in ("cannot", "could not"
                    for adverb in ("entirely", "completely", "definitively", "definitely", "fully", "totally", "absolutely",
                                   "confidently", "reliably", "certainly", "safely")
                    for verb in ("excluded", "ruled out")]
+#: A finding the exam was to look for, or could not be judged on: neither seen nor excluded ("Assessment for
+#: lymphadenopathy is limited without contrast", "Consolidation limits evaluation for an underlying nodule").
+#: Not "evaluation of", which opens a statement ("In the evaluation of the lungs, a nodule ..."), nor "is limited"
+#: ("effusion limited to the right base"). ``context.py`` gives such a mention the status ``hypothetical``.
+PRE_HYPOTHETICAL = ["evaluation for", "assessment for", "evaluate for", "assess for", "evaluating for", "assessing for"]
+PRE_HYPOTHETICAL += [f"{verb} {noun} {prep}" for verb in ("limits", "limit", "limiting", "limited", "limited the",
+                                                         "precludes", "preclude", "precluding", "hinders", "hampers",
+                                                         "degrades", "reduces")
+                     for noun in ("evaluation", "assessment", "detection", "the evaluation", "the assessment",
+                                  "the detection")
+                     for prep in ("of", "for")
+                     if not (verb == "limited" and prep == "of")]  # "limited evaluation of the bases shows ..."
+POST_HYPOTHETICAL = [f"{aux} be {verb}" for aux in ("cannot", "can not", "could not", "can't", "couldn't")
+                     for verb in ("assessed", "evaluated", "reliably assessed", "reliably evaluated")]
+POST_HYPOTHETICAL += ["not assessable", "not evaluable", "is not assessable", "is not evaluable"]
 #: Post-negations that reach back to the sentence start ("X, which was seen before, has disappeared").
 SENTENCE_NEGATION = ["resolved", "disappeared", "regressed completely", "completely regressed", "have regressed",
                      "has regressed", "no longer", "has cleared", "have cleared", "has vanished", "have vanished"]

@@ -1073,3 +1073,24 @@ def test_what_an_earlier_study_showed(text, label, expected):
     assert parsed.labels[label] == expected
     if expected == 0:  # the earlier study's mention is kept, as such
         assert {m.status for m in parsed.mentions if m.label == label} <= {"historical", "negated"}
+
+
+@pytest.mark.parametrize(("text", "label", "expected"), [
+    # looked for, or not judged: neither seen nor excluded
+    ("Assessment for lymphadenopathy is limited without contrast.", "Lymphadenopathy", 0),
+    ("Consolidation limits evaluation for an underlying nodule.", "Lung nodule", 0),
+    ("Emphysema limits assessment of small nodules.", "Lung nodule", 0),
+    ("Enlarged lymph nodes cannot be assessed without intravenous contrast.", "Lymphadenopathy", 0),
+    ("It is recommended to evaluate for pleural effusion with ultrasound.", "Pleural effusion", 0),
+    # ... while the finding that limits, and what is seen beside a limitation, are there
+    ("Consolidation limits evaluation for an underlying nodule.", "Consolidation", 1),
+    ("Motion limits evaluation; a small right pleural effusion is present.", "Pleural effusion", 1),
+    ("Limited evaluation of the lung bases shows a 4 mm nodule.", "Lung nodule", 1),
+    ("Pleural effusion limited to the right base.", "Pleural effusion", 1),
+    ("In the evaluation of both lung parenchyma, a 5 mm nodule is seen in the right upper lobe.", "Lung nodule", 1),
+])
+def test_a_finding_looked_for_is_not_found(text, label, expected):
+    parsed = parse_report(text)
+    assert parsed.labels[label] == expected
+    if expected == 0:
+        assert {m.status for m in parsed.mentions if m.label == label} == {"hypothetical"}
