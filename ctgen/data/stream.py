@@ -11,7 +11,11 @@ What a training job sees, per epoch ``e``:
 
 An epoch is ``total_samples // (world_size * batch_size)`` micro-batches on every rank (webdataset's
 ``with_epoch`` idea): a rank whose shards run out starts another pass over them, so DDP never waits
-for a rank with nothing left. Every choice above is a function of (manifests, seed, epoch, rank,
+for a rank with nothing left. Shards are dealt so that every worker slot holds about as many samples
+(``StreamPlan.slot_shards``); what is left of the imbalance (at most about one shard per slot) is read
+twice in that epoch or not at all: 0.1% of 50k samples in 64-sample shards on 8 ranks or 8 workers,
+1.1% on 8 ranks x 8 workers (3.1% when shards were dealt at random). One process with no workers reads
+every sample exactly once per epoch. Every choice above is a function of (manifests, seed, epoch, rank,
 world size, workers, batch size, buffer) alone, computed from the manifests' key lists without
 reading any volume. That is what makes resuming cheap and exact: a run resumed at micro-batch ``s``
 skips the keys of the first ``s`` batches (no decoding, no reading) and then reads exactly the
@@ -171,13 +175,30 @@ class StreamPlan:
         return max(0, min(wanted, n_shards // world_size))
 
     def slot_shards(self, epoch: int, pass_: int, slot: int) -> list[int]:
-        """Shard indices of one worker slot for one pass: shuffled, then webdataset's node and worker split."""
+        """Shard indices of one worker slot for one pass: shuffled, then webdataset's node and worker split.
+
+        With several slots (ranks x workers) the shuffled list is first put in the order that makes the splitters'
+        round-robin deal every slot about as many samples: largest shards first (ties in shuffled order), every
+        other round of ``slots`` shards reversed (a snake draft). Each slot makes the same number of micro-batches,
+        so a slot with fewer samples than that would read some twice and one with more would leave some unread in
+        the epoch; a chunk's last shard is short, and dealt at random such slots differed by a few percent
+        (1-3% of an epoch read twice at CT-RATE's size). The slot then reads its shards in a shuffled order.
+        """
         order = list(range(len(self.shards)))
-        random.Random(_mixed_seed(self.seed, epoch, pass_)).shuffle(order)
+        rng = random.Random(_mixed_seed(self.seed, epoch, pass_))
+        rng.shuffle(order)
+        streams = self.world_size * self.slots
+        if streams > 1:
+            order.sort(key=lambda i: -len(self.shards[i].keys))  # stable: equal sizes stay shuffled
+            rounds = [order[r:r + streams] for r in range(0, len(order), streams)]
+            order = [i for r, block in enumerate(rounds) for i in (block[::-1] if r % 2 else block)]
         env = {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
                "WORKER": str(slot), "NUM_WORKERS": str(self.slots)}
         with _environ(env):  # webdataset's splitters read the rank and worker from these variables first
-            return list(wds.split_by_worker(wds.split_by_node(order)))
+            mine = list(wds.split_by_worker(wds.split_by_node(order)))
+        if streams > 1:
+            random.Random(_mixed_seed(self.seed, epoch, pass_, self.rank, slot)).shuffle(mine)
+        return mine
 
     def slot_keys(self, epoch: int, slot: int) -> Iterator[tuple[int, str]]:
         """(shard index, key) in the order one worker slot reads them: endless passes, shuffle buffer applied."""
