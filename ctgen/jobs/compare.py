@@ -1,10 +1,11 @@
 """Two runs scored on the same reports, compared pair by pair: ``ctgen compare`` and the families' comparison.
 
 A run is an evaluation's ``per_volume.csv``. Rows of the two runs are paired by report (``prompt_id``) and
-repeat order, so two generator families sampled from one ``prompts.csv`` with one base seed pair as
+repeat, so two generator families sampled from one ``prompts.csv`` with one base seed pair as
 (report, seed). Every compared quantity is a :class:`~ctgen.metrics.summary.MetricValue` named
 ``<prefix>.<metric>``: the difference A - B, its bootstrap 95% CI over pairs (both runs resampled
-together; whole reports where a report has several volumes), the paired permutation test's p-value,
+together; whole reports where a report has several volumes), the paired permutation test's p-value (which
+likewise swaps whole reports then),
 n pairs, and both runs' names (``a``, ``b``) and own values (``value_a``, ``value_b``) in ``extra``.
 
 * per-volume metrics (CLIP score, image similarity, retrieval top-k): the mean difference, with
@@ -45,12 +46,19 @@ def label_columns(table: pd.DataFrame) -> list[str]:
 
 
 def pair_runs(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
-    """Rows of ``a`` and ``b`` of one report and repeat order side by side (suffixes ``_a``, ``_b``)."""
-    order = [c for c in ("repeat", "seed") if c in a.columns and c in b.columns]
-    a = a.sort_values([KEY, *order], kind="stable")
-    b = b.sort_values([KEY, *order], kind="stable")
-    a = a.assign(_n=a.groupby(KEY).cumcount())
-    b = b.assign(_n=b.groupby(KEY).cumcount())
+    """Rows of ``a`` and ``b`` of one report and repeat side by side (suffixes ``_a``, ``_b``).
+
+    By the ``repeat`` column where both runs have one (a volume one run lost, listed in its ``skipped.csv``,
+    leaves its pair out rather than shifting the others onto other seeds); by order within the report otherwise.
+    """
+    if "repeat" in a.columns and "repeat" in b.columns:
+        a, b = a.assign(_n=a["repeat"]), b.assign(_n=b["repeat"])
+    else:
+        order = [c for c in ("seed",) if c in a.columns and c in b.columns]
+        a = a.sort_values([KEY, *order], kind="stable")
+        b = b.sort_values([KEY, *order], kind="stable")
+        a = a.assign(_n=a.groupby(KEY).cumcount())
+        b = b.assign(_n=b.groupby(KEY).cumcount())
     return a.merge(b, on=[KEY, "_n"], suffixes=("_a", "_b"))
 
 
@@ -85,8 +93,10 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
 
     def record(metric: str, d_value, ci, n, test, own_a, own_b, left_out, extra=None) -> None:
         ok = d_value is not None and math.isfinite(d_value)
+        # the CI resamples reports where a report has several pairs: that is the count that must be large enough
+        few = thin(base["n_reports"], "reports") if repeated else thin(n, "pairs")
         out.append(MetricValue(f"{prefix}.{metric}", float(d_value) if ok else None, n, ci, profile, stems,
-                               thin(n, "pairs") if ok else "not defined on these pairs",
+                               few if ok else "not defined on these pairs",
                                {**base, "value_a": own_a, "value_b": own_b, "p_value": test.get("p_value"),
                                 "exact": test.get("exact"), "n_left_out": left_out, **(extra or {})}))
 
@@ -100,7 +110,7 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
         d = both[:, 0] - both[:, 1]
         groups = m.loc[m[cols].notna().all(axis=1), KEY].to_numpy() if repeated else None
         ci, _ = bootstrap_ci(lambda idx: d[idx].mean(), len(d), n_boot=n_boot, seed=seed, groups=groups)
-        test = paired_permutation_test(both[:, 0], both[:, 1], n_permutations=n_permutations, seed=seed)
+        test = paired_permutation_test(both[:, 0], both[:, 1], n_permutations=n_permutations, seed=seed, groups=groups)
         record(f"{metric}_diff", float(d.mean()), ci, len(d), test, float(both[:, 0].mean()), float(both[:, 1].mean()),
                len(m) - len(d))
     shared = [x for x in (labels if labels is not None else label_columns(a)) if x in label_columns(a)
@@ -128,7 +138,8 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
         ci, dropped = bootstrap_ci(lambda idx: diff(both[idx]), n, n_boot=n_boot, seed=seed,
                                    groups=m[KEY].to_numpy() if repeated else None)
         test = paired_swap_test(lambda u, v: _macro_auroc(u, y) - _macro_auroc(v, y), pa, pb,
-                                n_permutations=min(n_permutations, 2_000), seed=seed)
+                                n_permutations=min(n_permutations, 2_000), seed=seed,
+                                groups=m[KEY].to_numpy() if repeated else None)
         record("faithfulness.macro_auroc_diff", diff(both), ci, n, test, _macro_auroc(pa, y), _macro_auroc(pb, y), 0,
                {"labels": list(shared), "labels_one_class": one_class, "dropped_resamples": dropped,
                 "dropped_permutations": test.get("dropped")})
@@ -136,9 +147,9 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
         ok = ~(np.isnan(ga) | np.isnan(gb))
         if ok.any():
             d = ga[ok] - gb[ok]
-            ci, _ = bootstrap_ci(lambda idx: d[idx].mean(), len(d), n_boot=n_boot, seed=seed,
-                                 groups=m.loc[ok, KEY].to_numpy() if repeated else None)
-            test = paired_permutation_test(ga[ok], gb[ok], n_permutations=n_permutations, seed=seed)
+            g = m.loc[ok, KEY].to_numpy() if repeated else None
+            ci, _ = bootstrap_ci(lambda idx: d[idx].mean(), len(d), n_boot=n_boot, seed=seed, groups=g)
+            test = paired_permutation_test(ga[ok], gb[ok], n_permutations=n_permutations, seed=seed, groups=g)
             record("faithfulness.agreement_diff", float(d.mean()), ci, len(d), test, float(ga[ok].mean()),
                    float(gb[ok].mean()), int((~ok).sum()), {"labels": list(shared)})
     if not out:

@@ -16,9 +16,9 @@ scales sample side by side; on a cluster each takes a GPU) and one more joins th
 (:func:`combine_scales`); :func:`guidance_sweep` does all of it in one process.
 
 ``repeats``: volumes per report and scale, with seeds ``seed + k`` over the (report, repeat) pairs in
-order (as ``ctgen sample`` numbers them). Each is one pair of the paired tests; the permutation test
-swaps within pairs, and the paired bootstrap CI resamples whole reports (their volumes share the labels),
-as do the CIs of each scale's own numbers where ``repeats`` > 1.
+order (as ``ctgen sample`` numbers them). Each is one pair of the paired tests; where ``repeats`` > 1 the
+permutation test swaps and the paired bootstrap CI resamples whole reports (their volumes share the labels),
+as do the CIs of each scale's own numbers.
 """
 
 from __future__ import annotations

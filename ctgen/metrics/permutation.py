@@ -6,6 +6,9 @@ p-value counts sign-flipped means at least as extreme as the observed one. With 
 ``n_permutations`` every sign pattern is enumerated (p = count / 2^N, exact, as scipy does);
 otherwise ``n_permutations`` random patterns are drawn and p = (count + 1) / (n + 1), which is
 never 0 and valid as a Monte-Carlo p-value.
+
+``groups``: the report of each pair, where a report has several (repeats share its labels and text, so they
+are not independent): a permutation then swaps whole reports, and the enumeration is over 2^groups.
 """
 
 from __future__ import annotations
@@ -29,11 +32,23 @@ def _sign_blocks(n: int, n_permutations: int, rng: np.random.Generator):
         yield rng.choice((-1.0, 1.0), size=(k, n))
 
 
+def _group_codes(groups, n: int) -> tuple[np.ndarray, int]:
+    """(code of each item, number of units): one unit per item without groups, per group with them."""
+    if groups is None:
+        return np.arange(n), n
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"{groups.shape[0] if groups.ndim else 0} groups for {n} pairs")
+    _, codes = np.unique(groups, return_inverse=True)
+    return codes.ravel(), int(codes.max()) + 1
+
+
 def paired_permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0,
-                            alternative: str = "two-sided") -> dict[str, float | bool]:
+                            alternative: str = "two-sided", groups=None) -> dict[str, float | bool]:
     """a (N,), b (N,) per-item scores of two runs -> {'diff': mean(a - b), 'p_value', 'exact'}.
 
-    exact: True when all 2^N sign patterns were enumerated (N <= log2(n_permutations)).
+    exact: True when all 2^N sign patterns were enumerated (N <= log2(n_permutations)); N counts groups where
+    ``groups`` (N,) is given.
     alternative: 'greater' tests mean(a - b) > 0, 'less' < 0, 'two-sided' either (|mean|).
     """
     a = np.asarray(a, dtype=np.float64).ravel()
@@ -48,10 +63,11 @@ def paired_permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0,
     observed = np.ones(d.size) @ d / d.size  # computed as the permuted ones are
     # Patterns equal to the observed up to rounding count as "as extreme" (scipy does the same).
     tol = 1e-12 * np.abs(d).mean()
-    exact = 2 ** d.size <= n_permutations
+    codes, units = _group_codes(groups, d.size)
+    exact = 2 ** units <= n_permutations
     count = total = 0
-    for signs in _sign_blocks(d.size, n_permutations, np.random.default_rng(seed)):
-        stats = signs @ d / d.size  # (k,) mean difference of each sign pattern
+    for signs in _sign_blocks(units, n_permutations, np.random.default_rng(seed)):
+        stats = signs[:, codes] @ d / d.size  # (k,) mean difference of each sign pattern
         if alternative == "greater":
             count += int((stats >= observed - tol).sum())
         elif alternative == "less":
@@ -63,7 +79,8 @@ def paired_permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0,
     return {"diff": float(observed), "p_value": float(min(p, 1.0)), "exact": exact}
 
 
-def paired_swap_test(statistic, a, b, n_permutations: int = 2_000, seed: int = 0) -> dict[str, float | bool]:
+def paired_swap_test(statistic, a, b, n_permutations: int = 2_000, seed: int = 0,
+                     groups=None) -> dict[str, float | bool]:
     """A paired permutation test for any statistic of two paired runs (e.g. a macro AUROC difference).
 
     ``a``, ``b`` (N, ...): the two runs' rows, row i of each from the same item (same report and seed);
@@ -78,13 +95,13 @@ def paired_swap_test(statistic, a, b, n_permutations: int = 2_000, seed: int = 0
     if a.shape != b.shape or a.shape[0] == 0:
         raise ValueError(f"expected two non-empty arrays of one shape, got {a.shape} and {b.shape}")
     observed = float(statistic(a, b))
-    n = a.shape[0]
-    exact = 2 ** n <= n_permutations
+    codes, units = _group_codes(groups, a.shape[0])
+    exact = 2 ** units <= n_permutations
     rng = np.random.default_rng(seed)
     count = total = dropped = 0
     tol = 1e-12 * max(abs(observed), 1e-12)
-    for swaps in _sign_blocks(n, n_permutations, rng):
-        for row in swaps < 0:  # (N,) True where the pair is swapped
+    for swaps in _sign_blocks(units, n_permutations, rng):
+        for row in swaps[:, codes] < 0:  # (N,) True where the pair is swapped
             mask = row.reshape(-1, *([1] * (a.ndim - 1)))
             s = float(statistic(np.where(mask, b, a), np.where(mask, a, b)))
             if not np.isfinite(s):

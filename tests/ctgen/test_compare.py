@@ -69,6 +69,30 @@ def test_pairs_follow_report_and_repeat_not_row_order(two_runs):
     assert all(r.value == pytest.approx(0.0) and r.extra["p_value"] == 1.0 for r in same)
 
 
+def test_a_volume_one_run_lost_leaves_its_pair_out(two_runs):
+    """A volume missing from one run (listed in its skipped.csv) must not shift that report's other repeats onto
+    other seeds: pairs join on the repeat."""
+    _, a, b = two_runs
+    m = pair_runs(a, b.drop(index=[0]))  # report 0's repeat 0 lost
+    assert len(m) == 59 and (m["seed_a"] == m["seed_b"]).all() and (m["repeat_a"] == m["repeat_b"]).all()
+
+
+def test_few_reports_are_flagged_however_many_repeats():
+    """The CIs and the permutation test resample whole reports: 4 reports x 5 repeats are 4 units, not 20."""
+    rng = np.random.default_rng(3)
+    n = 20
+    y = np.tile([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]], (5, 1))
+    a, b = (pd.DataFrame({"prompt_id": [f"r{i % 4}" for i in range(n)], "repeat": [i // 4 for i in range(n)],
+                          "clip_score": rng.uniform(20, 30, n) + shift}) for shift in (2.0, 0.0))
+    for j, label in enumerate(LABELS):
+        for t in (a, b):
+            t[f"p_{label}"], t[f"y_{label}"] = rng.uniform(size=n), y[:, j]
+    recs = paired_differences(a, b, n_boot=100, n_permutations=1000)
+    assert recs and all(r.n == 20 and r.flag and "4 reports" in r.flag for r in recs)
+    clip = next(r for r in recs if r.name.endswith("clip_score_diff"))
+    assert clip.extra["exact"] and clip.extra["p_value"] >= 2 / 16  # 2^4 swaps of whole reports: p >= 1/8
+
+
 def test_runs_scored_on_other_labels_or_reports_are_refused(two_runs):
     y, a, b = two_runs
     other = b.copy()

@@ -518,6 +518,28 @@ def test_swap_test_of_the_mean_is_the_sign_flip_test_and_matches_scipy():
     assert swap["p_value"] == pytest.approx(_scipy_paired(a, b, 10_000, "two-sided"), rel=1e-9)
 
 
+def test_permutation_tests_swap_whole_reports_where_a_report_has_several_pairs():
+    """Repeats of one report share its labels and text: the null swaps whole reports. Flipping a report's sign
+    flips the sum of its differences, so the test equals scipy's on the per-report sums (an independent reference);
+    counting the 24 repeats as independent pairs gives a far smaller, wrong p-value."""
+    from ctgen.metrics.permutation import paired_swap_test
+
+    rng = np.random.default_rng(15)
+    groups = np.repeat(np.arange(8), 3)  # 8 reports x 3 repeats
+    shift = rng.normal(size=8)[groups]  # what a report does to both runs alike, and a per-report effect
+    a = shift + 0.3 + 0.6 * rng.normal(size=8)[groups] + 0.05 * rng.normal(size=24)
+    b = shift.copy()
+    sums = [np.bincount(groups, weights=x) for x in (a, b)]
+    ours = paired_permutation_test(a, b, n_permutations=10_000, groups=groups)
+    assert ours["exact"] and ours["diff"] == pytest.approx(np.mean(a - b))
+    assert ours["p_value"] == pytest.approx(_scipy_paired(*sums, 10_000, "two-sided"), rel=1e-9)
+    swap = paired_swap_test(lambda u, v: float(np.mean(u - v)), a, b, n_permutations=10_000, groups=groups)
+    assert swap["exact"] and swap["p_value"] == pytest.approx(ours["p_value"], rel=1e-9)
+    assert paired_permutation_test(a, b, n_permutations=10_000)["p_value"] < ours["p_value"] / 4
+    with pytest.raises(ValueError, match="groups"):
+        paired_permutation_test(a, b, groups=groups[:5])
+
+
 def test_swap_test_of_a_macro_auroc_difference():
     """Swapping rows of two runs' (N, L) probabilities: a run that ranks the labels right beats a random one."""
     from ctgen.metrics.permutation import paired_swap_test
