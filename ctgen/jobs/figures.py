@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 WIDTH_IN = 12.0  # width of every figure in inches; pixels = WIDTH_IN * dpi
 WINDOWS = {"lung": (-1350.0, 150.0), "mediastinum": (-160.0, 240.0)}  # HU (low, high) display windows
 PLANES = ("axial", "coronal", "sagittal")
-MODELS = ("tokenizer", "generator", "superres", "autoencoder", "latent_flow", "clip", "classifier", "slicenet")
+MODELS = ("tokenizer", "generator", "superres", "autoencoder", "latent_flow", "report_encoder", "clip", "classifier",
+          "slicenet")
 FAMILY_COLOURS = {"cascade": "C3", "latent_flow": "C0"}  # the generator families; real scans are black
 REAL_COLOUR = "black"
 # the logged term worth plotting beside the loss, first match wins, per model
@@ -48,6 +49,7 @@ KEY_TERMS = {
     "slicenet": ("plane_accuracy", "position_loss"),
     "autoencoder": ("recon_loss",),
     "latent_flow": ("x0_mse",),
+    "report_encoder": ("accuracy",),
 }
 _NOT_TERMS = {"step", "epoch", "lr", "loss", "grad_norm", "steps_per_s", "samples_per_s", "elapsed_s"}
 TISSUE_COLOURS = {"air": "#dddddd", "lung": "#a6cee3", "fat": "#fdbf6f", "soft_tissue": "#fb9a99", "bone": "#b2df8a"}
@@ -251,13 +253,50 @@ def _records(metrics_json) -> dict[str, dict]:
     return {r["name"]: r for r in json.loads(Path(metrics_json).read_text()).get("metrics", [])}
 
 
+#: How a flagged value (too few samples for a result, with the reason in its record) is drawn: a hollow marker
+FLAGGED_NOTE = "hollow: flagged, too few samples to read as a result"
+
+
+def _err(v: float, ci) -> list[list[float]] | None:
+    """Error bar lengths of ``ci`` around ``v`` (None without a CI; never negative, should a CI miss its point)."""
+    return [[max(v - ci[0], 0.0)], [max(ci[1] - v, 0.0)]] if ci else None
+
+
 def _point(ax, y: float, record: dict | None, colour: str, label: str | None, dy: float = 0.0) -> None:
-    """One value with its CI as a horizontal bar at row ``y`` (nothing where the value is missing)."""
+    """One value with its CI as a horizontal bar at row ``y`` (nothing where the value is missing); a flagged value
+    is drawn hollow, a value without a CI says so rather than showing a bar of no width."""
     if not record or record.get("value") is None:
         return
     v, ci = record["value"], record.get("ci")
-    err = [[v - ci[0]], [ci[1] - v]] if ci else None
-    ax.errorbar([v], [y + dy], xerr=err, fmt="o", color=colour, ms=5, capsize=3, lw=1.2, label=label)
+    hollow = {"mfc": "white"} if record.get("flag") else {}
+    ax.errorbar([v], [y + dy], xerr=_err(v, ci), fmt="o", color=colour, ms=5, capsize=3, lw=1.2, label=label, **hollow)
+    if not ci:
+        ax.annotate("no CI", (v, y + dy), xytext=(6, 0), textcoords="offset points", va="center", fontsize=6,
+                    color=colour)
+
+
+def _series_handles(series, extra=()) -> list:
+    """Legend entries for ``(records, prefix, colour, name)`` series, whatever rows have values (a legend taken from
+    the first row lost every series when that row was flagged), plus the hollow-marker note where one is drawn."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", ls="", color=colour, label=name) for _, _, colour, name in series]
+    if any(r.get("flag") and r.get("value") is not None
+           for rec, prefix, *_ in series for n, r in rec.items() if n.startswith(prefix + ".")):
+        handles.append(Line2D([], [], marker="o", ls="", color="grey", mfc="white", label=FLAGGED_NOTE))
+    return [*extra, *handles]
+
+
+def _sizes(series) -> str:
+    """Each series' n (volumes, and reports where the CIs resample reports), from its macro or first valued record."""
+    parts = []
+    for rec, prefix, _, name in series:
+        r = rec.get(f"{prefix}.macro") or next(
+            (r for n, r in rec.items() if n.startswith(prefix + ".") and r.get("value") is not None), None)
+        if r and r.get("n") is not None:
+            reports = (r.get("extra") or {}).get("n_reports")
+            parts.append(f"{name.removeprefix('generated: ')} {r['n']}" + (f" ({reports} reports)" if reports else ""))
+    return "n = " + ", ".join(parts) if parts else ""
 
 
 def _per_label_plot(series: Sequence[tuple[dict, str, str, str]], out_png, dpi: int, title: str, xlabel: str) -> Path:
@@ -273,19 +312,19 @@ def _per_label_plot(series: Sequence[tuple[dict, str, str, str]], out_png, dpi: 
     for i, label in enumerate(rows):
         y = len(rows) - 1 - i
         for j, (rec, side, colour, name) in enumerate(series):
-            _point(ax, y, rec.get(f"{side}.{label}"), colour, name if i == 0 else None,
-                   dy=(0.3 - step * j) if len(series) > 1 else 0.0)
+            _point(ax, y, rec.get(f"{side}.{label}"), colour, None, dy=(0.3 - step * j) if len(series) > 1 else 0.0)
         first = rec0.get(f"{prefix}.{label}") or {}
         if first.get("value") is None and first.get("flag"):
             ax.text(0.02, y, textwrap.shorten("n/a: " + first["flag"], 90), va="center", fontsize=7, color="#777777")
     ax.set_yticks(range(len(rows)), rows[::-1], fontsize=8)
     ax.set(xlim=(0, 1), ylim=(-0.7, len(rows) - 0.3), xlabel=xlabel)
     first = next((r for n, r in rec0.items() if n.startswith(prefix + ".") and r.get("value") is not None), None)
-    sub = f"n = {first['n']} volumes per series, profile {first['profile']}" if first else \
+    sub = f"{_sizes(series)} volumes, profile {first['profile']}" if first else \
         "no label has enough positives and negatives"
     ax.set_title(f"{title}\n{sub}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=8)
+    fig.legend(handles=_series_handles(series, ax.get_legend_handles_labels()[0]), loc="outside lower center",
+               ncols=3, fontsize=8)
     return _save(fig, out_png, dpi)
 
 
@@ -305,8 +344,9 @@ def plot_faithfulness(metrics_jsons: Mapping[str, str | Path], out_png, dpi: int
     for rec, side, _, name in series:
         m = rec.get(f"{side}.macro") or {}
         if m.get("value") is not None:
-            ci = f" [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]" if m.get("ci") else ""
-            macros.append(f"{name.removeprefix('generated: ')} {m['value']:.2f}{ci}")
+            ci = f" [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]" if m.get("ci") else " (no CI)"
+            macros.append(f"{name.removeprefix('generated: ')} {m['value']:.2f}{ci}"
+                          + (" (flagged)" if m.get("flag") else ""))
     title = "Abnormality faithfulness (classifier AUROC, 95% CI)"
     if macros:
         title += "\nmacro: " + "; ".join(macros)
@@ -332,11 +372,14 @@ def plot_tstr(metrics_json, out_png, dpi: int = 120) -> Path:
 
 
 def _bar(ax, x: float, record: dict | None, colour: str, width: float, label: str | None) -> None:
+    """A value with its CI as a bar; a flagged value hatched and faint, a value without a CI says so."""
     if not record or record.get("value") is None:
         return
-    v = record["value"]
-    ci = record.get("ci") or (v, v)
-    ax.bar(x, v, width=width, color=colour, alpha=0.6, yerr=[[v - ci[0]], [ci[1] - v]], capsize=4, label=label)
+    v, ci = record["value"], record.get("ci")
+    flagged = {"hatch": "//", "alpha": 0.25, "edgecolor": colour} if record.get("flag") else {"alpha": 0.6}
+    ax.bar(x, v, width=width, color=colour, yerr=_err(v, ci), capsize=4, label=label, **flagged)
+    if not ci:
+        ax.annotate("no CI", (x, v), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=6)
 
 
 def plot_alignment(metrics_jsons: Mapping[str, str | Path], out_png, dpi: int = 120) -> Path:
@@ -351,7 +394,8 @@ def plot_alignment(metrics_jsons: Mapping[str, str | Path], out_png, dpi: int = 
     for x, (rec, pattern, colour, name) in enumerate(sides):
         _bar(ax1, x, rec.get(pattern.format("clip_score")), colour, 0.8, None)
     ax1.set_xticks(range(len(sides)), [name for *_, name in sides], fontsize=8)
-    ax1.set(ylabel="CLIP score", title="CLIP score (uncalibrated)")
+    clip_n = next((r["n"] for rec, pattern, *_ in sides if (r := rec.get(pattern.format("clip_score")))), "?")
+    ax1.set(ylabel="CLIP score", title=f"CLIP score (uncalibrated, n = {clip_n})")
     ks = sorted({int(n.split(".")[1][3:]) for n in first if n.startswith("retrieval.top")})
     width = 0.8 / len(sides)
     for j, k in enumerate(ks):
@@ -366,6 +410,9 @@ def plot_alignment(metrics_jsons: Mapping[str, str | Path], out_png, dpi: int = 
     ax2.set_xticks(range(len(ks)), [f"top-{k}" for k in ks])
     ax2.set(ylim=(0, 1.05), ylabel="accuracy",
             title=f"Report retrieval among {n.get('extra', {}).get('n_candidates', '?')} reports (n = {n.get('n', '?')})")
+    if any(r.get("flag") and r.get("value") is not None
+           for rec, *_ in sides for name, r in rec.items() if name.startswith(("retrieval.", "clip_score"))):
+        fig.text(0.5, 0.005, "hatched: flagged, too few samples to read as a result", ha="center", fontsize=7)
     if ks:
         ax2.legend(fontsize=8)
     return _save(fig, out_png, dpi)
@@ -465,15 +512,23 @@ def plot_guidance_sweep(sweep_csv, out_png, dpi: int = 120) -> Path:
     fig = _new_figure(4.0)
     for ax, (metric, label, colour) in zip(fig.subplots(1, len(SWEEP)), SWEEP):
         m = sw[sw["metric"] == metric]
-        err = [(m["value"] - m["ci_low"]).clip(lower=0).fillna(0), (m["ci_high"] - m["value"]).clip(lower=0).fillna(0)]
-        ax.errorbar(m["guidance_scale"], m["value"], yerr=err, marker="o", color=colour, capsize=3)
+        ax.plot(m["guidance_scale"], m["value"], color=colour, lw=1)
+        for row in m.itertuples():  # per scale: a flagged value hollow, one without a CI with no bar
+            ci = (row.ci_low, row.ci_high) if pd.notna(row.ci_low) and pd.notna(row.ci_high) else None
+            if pd.notna(row.value):
+                ax.errorbar([row.guidance_scale], [row.value], yerr=_err(row.value, ci), marker="o", color=colour,
+                            capsize=3, **({"mfc": "white"} if isinstance(row.flag, str) and row.flag else {}))
         if metric.startswith("retrieval") and m["chance"].notna().any():
             ax.axhline(float(m["chance"].iloc[0]), color="grey", ls="--", lw=1, label="chance")
             ax.legend(fontsize=8)
         n = int(m["n"].iloc[0]) if len(m) else 0
-        title = f"{label.split(' (')[0]} (n = {n})"
-        if m["value"].isna().all() and len(m):
-            title += f"\n{m['flag'].iloc[0]}"
+        reports = m["n_reports"].iloc[0] if "n_reports" in m and len(m) and pd.notna(m["n_reports"].iloc[0]) else None
+        title = f"{label.split(' (')[0]} (n = {n}" + (f", {int(reports)} reports)" if reports else ")")
+        flags = m["flag"].dropna() if "flag" in m else pd.Series(dtype=object)
+        if len(flags):
+            title += "\n" + textwrap.shorten(("hollow: " if m["value"].notna().any() else "") + str(flags.iloc[0]), 60)
+        elif m["value"].notna().any() and m["ci_low"].isna().any():
+            title += "\n(a scale without a CI has no bar)"
         test = sw[sw["metric"] == SWEEP_TESTS.get(metric, "")]
         if len(test) and pd.notna(test["value"].iloc[-1]):
             t = test.iloc[-1]

@@ -168,7 +168,7 @@ def write_intro(faithfulness_png, faithfulness_caption, out_rst) -> Path:
             "-----------------------------------------------------------------------\n\n"
             "The classifier's AUROC per finding on each generator family's volumes (against the labels of the reports "
             "that produced them) beside the real ceiling (the same classifier on the real scans of the same reports), "
-            f"with bootstrap 95% CIs over volumes. {cap}\n\n"
+            f"with bootstrap 95% CIs over volumes (over reports where a report has several volumes). {cap}\n\n"
             ".. raw:: html\n\n   <img alt=\"faithfulness\" style=\"max-width:100%\"\n"
             f"   src=\"data:image/png;charset=utf8;filename={Path(faithfulness_png).name};base64,\n{lines}\">\n")
     Path(out_rst).write_text(text)

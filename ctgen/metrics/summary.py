@@ -144,7 +144,7 @@ def mean_with_ci(values: Sequence[float], name: str, *, n_boot: int = N_BOOTSTRA
     finite = v[ok]
     extra = {"n_nan": int(v.size - finite.size), **kw.pop("extra", {})}
     if finite.size == 0:
-        return MetricValue(name, None, 0, flag="no finite values", extra=extra, **kw)
+        return MetricValue(name, None, 0, flag=join_flags(kw.pop("flag", None), "no finite values"), extra=extra, **kw)
     g, clusters = report_groups(None if groups is None else np.asarray(groups)[ok], finite.size)
     extra.update(clusters)
     ci, _ = bootstrap_ci(lambda idx: finite[idx].mean(), finite.size, n_boot=n_boot, seed=seed, groups=g)

@@ -336,3 +336,45 @@ def test_tstr_absent_and_bad_histograms(run, tmp_path):
     (tmp_path / "h.json").write_text(json.dumps({"edges": [0, 1, 2], "generated": [1.0], "real": [1.0]}))
     with pytest.raises(ValueError, match="len"):
         plot_hu_histograms({"cascade": tmp_path / "h.json"}, tmp_path / "h.png")
+
+
+def _drawn(monkeypatch) -> list:
+    """The matplotlib Figures the plotting functions save, kept for inspection."""
+    from ctgen.jobs import figures
+
+    kept, save = [], figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, out, dpi: (kept.append(fig), save(fig, out, dpi))[1])
+    return kept
+
+
+def test_flagged_values_are_drawn_as_such_and_every_series_keeps_its_legend(run, tmp_path, monkeypatch):
+    """The first label flagged (no value) used to take every series' legend entry with it; a thin value was drawn
+    as a result, and a value without a CI as a CI of no width."""
+    kept = _drawn(monkeypatch)
+    first = metrics_json()
+    names = [r["name"] for r in first["metrics"] if r["name"].startswith("faithfulness.generated.")]
+    first_label = names[0]
+    for r in first["metrics"]:
+        if r["name"] == first_label:
+            r.update(value=None, ci=None, flag="0 positives")
+        elif r["name"].startswith("faithfulness.generated."):
+            r.update(flag="only 6 volumes: too few for a reliable bootstrap CI (< 10)", ci=None)
+    (tmp_path / "m.json").write_text(json.dumps(first))
+    plot_faithfulness({"cascade": tmp_path / "m.json"}, tmp_path / "f.png", dpi=40)
+    fig = kept[-1]
+    legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert {"generated: cascade", "real scans (ceiling)"} <= set(legend) and any("flagged" in t for t in legend)
+    ax = fig.axes[0]
+    hollow = [ln for ln in ax.lines if ln.get_marker() == "o" and ln.get_markerfacecolor() in ("white", (1, 1, 1, 1))]
+    assert hollow, "flagged values are drawn hollow"
+    assert any(t.get_text() == "no CI" for t in ax.texts)
+    assert "(flagged)" in ax.get_title() and "cascade 6" in ax.get_title()  # n per series
+    # the guidance sweep: a flagged scale hollow, its reason in the title, even where other scales have values
+    sweep = sweep_frame()
+    sweep.loc[(sweep["metric"] == "clip_score") & (sweep["guidance_scale"] == 3.0), ["flag", "ci_low", "ci_high"]] = \
+        ["only 3 volumes: too few", None, None]
+    sweep.to_csv(tmp_path / "sweep.csv", index=False)
+    plot_guidance_sweep(tmp_path / "sweep.csv", tmp_path / "s.png", dpi=40)
+    clip_ax = next(a for a in kept[-1].axes if a.get_title().startswith("CLIP score"))
+    assert "only 3 volumes" in clip_ax.get_title()
+    assert any(ln.get_markerfacecolor() in ("white", (1, 1, 1, 1)) for ln in clip_ax.lines if ln.get_marker() == "o")

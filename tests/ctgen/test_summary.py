@@ -31,6 +31,8 @@ def test_thin_numbers_are_flagged():
     assert few.ci is not None and "only 5 volumes" in few.flag
     assert mean_with_ci(np.arange(20.0), "x").flag is None
     assert "k = 5" in mean_with_ci([1.0] * 3, "y", flag="k = 5 >= 3 candidates").flag  # both reasons kept
+    none = mean_with_ci([np.nan, np.nan], "y", flag="k = 5 >= 3 candidates")  # and where no value is finite
+    assert none.value is None and "k = 5" in none.flag and "no finite values" in none.flag
 
 
 def test_cluster_bootstrap_draws_whole_groups():
