@@ -3,7 +3,8 @@
 Writes a synthetic cohort (smooth random chest-like HU volumes, ``--shape`` voxels) as shards and the
 same volumes as NIfTI predictions, a models folder with untrained feature networks of the demo sizes
 (memory and time do not depend on the weights), then runs ``ctgen evaluate`` in a fresh process per
-size and reports its peak RSS (the child's own ``ru_maxrss``) and wall time. What stays is one batch of
+size and reports its peak RSS (the child's own VmHWM; its ``ru_maxrss`` would carry this parent's peak
+over exec) and wall time; exits 1 where the peak at 4N exceeds ``LIMIT`` x the peak at N. What stays is one batch of
 volumes plus per-volume features; the volumes themselves (4 bytes x voxels each as float32) would be
 the growth if any job held them all.
 
@@ -77,10 +78,12 @@ def models(root: Path, shape: tuple[int, int, int], n: int) -> Path:
     return folder
 
 
+LIMIT = 1.2  # peak RSS at 4N over N: "a job's memory does not grow with the cohort", with room for bookkeeping
+
 #: runs the CLI and prints the process's own peak RSS (KiB) as the last line of stderr, however it exits
-CHILD = ("import resource, runpy, sys\nsys.argv = ['ctgen'] + sys.argv[1:]\ntry:\n"
+CHILD = ("import runpy, sys\nfrom ctprep.memory import peak_rss_bytes\nsys.argv = ['ctgen'] + sys.argv[1:]\ntry:\n"
          "    runpy.run_module('ctgen.cli', run_name='__main__')\nfinally:\n"
-         "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+         "    print(peak_rss_bytes() // 1024, file=sys.stderr)\n")
 
 
 def run(root: Path) -> tuple[float, float]:
@@ -96,7 +99,7 @@ def run(root: Path) -> tuple[float, float]:
     return int(res.stderr.strip().splitlines()[-1]) / 1024, seconds
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=8, help="volumes of the small run; the large one has 4n")
     ap.add_argument("--shape", type=int, nargs=3, default=[160, 160, 80], help="voxels along R, A, S")
@@ -105,6 +108,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     sizes = [args.only] if args.only else [args.n, 4 * args.n]
+    peaks = []
     for n in sizes:
         root = Path(args.workdir) / f"n{n}"
         shutil.rmtree(root, ignore_errors=True)
@@ -112,10 +116,17 @@ def main() -> None:
         cohort(root, n, tuple(args.shape))
         models(root, tuple(args.shape), n)
         peak, seconds = run(root)
+        peaks.append(peak)
         voxels = int(np.prod(args.shape))
         print(f"{n:4d} volumes of {'x'.join(map(str, args.shape))}: peak RSS {peak:7.1f} MiB, {seconds:6.1f} s "
               f"(all volumes as float32 would be {n * voxels * 4 / 2**20:.0f} MiB)")
+    if len(peaks) == 2:
+        ratio = peaks[1] / peaks[0]
+        print(f"peak at {sizes[1]} over {sizes[0]} volumes: {ratio:.2f} ({'within' if ratio <= LIMIT else 'MISSES'} "
+              f"the <= {LIMIT} target)")
+        return 0 if ratio <= LIMIT else 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -47,7 +47,8 @@ from ctprep.volume import load_nifti
 from ctprep.preprocess import preprocess_volume
 presets = yaml.safe_load(open(f"{repo}/config.yaml"))["presets"]
 def hwm_mb():  # this process's own peak RSS (ru_maxrss would carry the parent's across exec)
-    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+    from ctprep.memory import peak_rss_bytes
+    return peak_rss_bytes() / 2**20
 base = hwm_mb()
 times = []
 for rep in range(int(sys.argv[4])):

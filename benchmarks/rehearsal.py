@@ -39,8 +39,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CASCADE = ("tokenizer", "generator", "superres", "clip", "classifier")  # the paper preset's models (no latent family)
-TRAINING = ("train_tokenizer", "train_generator", "train_superres", "train_clip", "train_classifier",
-            "train_autoencoder", "train_latent_flow")
+TARGETS = ("train_tokenizer", "train_generator", "train_superres", "train_clip", "train_classifier",
+           "train_autoencoder", "train_latent_flow", "train_slicenet")  # the small profile's: every network's training
+#: every training job whose peak must not grow with the cohort: the targets', and those that only some configs run
+#: (the TSTR classifiers need samples of the training reports; the report encoder, a config that pretrains one),
+#: checked where both runs have them
+TRAINING = (*TARGETS, "train_tstr", "train_report_encoder")
 STEPS = {"max_steps": 2, "batch_size": 1, "warmup_steps": 0, "ckpt_every": 1000, "log_every": 1, "tensorboard": False}
 
 
@@ -127,7 +131,7 @@ def read_benchmarks(folder: Path) -> dict[str, dict[str, float]]:
     Snakemake samples a job's memory every half second or more, so a short job's benchmark can miss its
     peak: a tiny flow-network training read 664 MB at N and 850 MB at 4N, while the kernel's peak of the
     same jobs was 845 and 850 MB. A training job's max_rss is therefore the larger of the sampled one and
-    the kernel peak (``ru_maxrss``) that the training loop writes to ``train_summary.json`` beside its model.
+    the kernel peak (``VmHWM``, ``ctprep.memory``) that the training loop writes to ``train_summary.json``.
     """
     out = {}
     for path in sorted(folder.rglob("*.tsv")):
@@ -137,8 +141,9 @@ def read_benchmarks(folder: Path) -> dict[str, dict[str, float]]:
             job = str(path.relative_to(folder).with_suffix(""))
             rss = rows[-1]["max_rss"]
             rss = float(rss) if rss not in ("", "-", "NA") else None
-            summary = folder.parent / "models" / job.removeprefix("train_") / "train_summary.json"
-            if job in TRAINING and summary.is_file():
+            # train_tstr/real.tsv is models/tstr_real's
+            summary = folder.parent / "models" / job.replace("/", "_").removeprefix("train_") / "train_summary.json"
+            if job.split("/")[0] in TRAINING and summary.is_file():
                 loop = json.loads(summary.read_text())
                 if loop.get("peak_memory_kind") == "cpu_max_rss_bytes":  # not a GPU's memory
                     rss = max(rss or 0.0, loop["peak_memory_bytes"] / 2**20)
@@ -171,7 +176,7 @@ def main() -> int:
                     help="full profile: slices of the short sample (super-resolved at 512 px, ~28 s each)")
     args = ap.parse_args()
     if args.profile == "small":
-        targets = [f"results/models/{m.removeprefix('train_')}/model.safetensors" for m in TRAINING]
+        targets = [f"results/models/{m.removeprefix('train_')}/model.safetensors" for m in TARGETS]
     else:  # the cascade's training jobs and its spec (the paper preset has no latent family)
         targets = [f"results/models/{m}/model.safetensors" for m in CASCADE] + ["results/models/cascade.json"]
     sample = None

@@ -56,7 +56,7 @@ def synthetic_reports(n: int, seed: int = 0, min_chars: int = 0) -> list[str]:
     return out
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reports", type=int, default=300, help="synthetic reports (when the dev file is absent)")
     ap.add_argument("--repeat", type=int, default=3, help="passes over the reports")
@@ -83,7 +83,12 @@ def main() -> None:
             ("reports/s (wall)", f"{n / wall:.0f}"), ("reports/s (cpu)", f"{n / cpu:.0f}"), ("target", f">= {TARGET:.0f}")]
     width = max(len(k) for k, _ in rows)
     logger.info("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    # judged on CPU time: the benchmark is pinned to one core, which other jobs on a shared machine slow down
+    if n / cpu < TARGET:
+        logger.error("MISSES the target: %.0f reports/s of CPU time < %.0f", n / cpu, TARGET)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -48,7 +48,8 @@ from ctgen.training.loop import TrainConfig, accumulate_gradients
 from ctgen.training.ema import EMA
 from ctgen.training.optim import build_optimizer, build_scheduler
 def hwm_mib():  # this process's own peak RSS
-    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+    from ctprep.memory import peak_rss_bytes
+    return peak_rss_bytes() / 2**20
 config = yaml.safe_load(open(f"{repo}/config.yaml"))
 models, name = config["models"], kind.split("-")[0]
 preset = config["model_presets"]["demo"][name]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from ctgen.jobs.geometry import check_geometry
 from ctgen.jobs.train import build_model, fit_text_dims, label_pos_weight
+from ctprep.memory import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _peak(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return {"peak_gib": torch.cuda.max_memory_allocated(device) / 2**30, "peak_kind": "cuda_max_allocated"}
-    return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_kind": "process_max_rss"}
+    return {"peak_gib": peak_rss_bytes() / 2**30, "peak_kind": "process_max_rss"}
 
 
 def optimizer_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, lr: float, steps: int = 1,

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import logging
 import os
-import resource
 import signal
 import sys
 import threading
@@ -50,6 +49,7 @@ from ctgen.training.deadline import Deadline
 from ctgen.training.ema import EMA
 from ctgen.training.metrics import MetricsWriter
 from ctgen.training.optim import build_optimizer, build_scheduler, param_groups
+from ctprep.memory import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +412,7 @@ def _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start
     if info.device.type == "cuda":
         peak, peak_kind = torch.cuda.max_memory_allocated(info.device), "cuda_max_allocated_bytes"
     else:
-        peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss_bytes"
+        peak, peak_kind = peak_rss_bytes(), "cpu_max_rss_bytes"  # VmHWM: ru_maxrss carries a parent's peak over exec
     summary = {
         "steps": step, "steps_this_run": step - start_step, "final_loss": last_loss,
         "wall_time_s": round(wall_s, 3), "train_time_s_all_runs": round(train_s, 3),
@@ -421,5 +421,7 @@ def _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start
         "peak_memory_bytes": int(peak), "peak_memory_kind": peak_kind,
         "stops": stops,  # where earlier jobs of this run stopped and exited 75 to be resumed (step, reason, job)
     }
+    if info.device.type == "cuda":  # what the caching allocator held at most (allocated + cached blocks)
+        summary["peak_memory_reserved_bytes"] = int(torch.cuda.max_memory_reserved(info.device))
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("saved %s (%d steps, final loss %s)", out_dir, step, last_loss)

@@ -100,5 +100,5 @@ REHEARSAL_N = 12  # the small rehearsal's 4N: 4 x the tiny demo's 3 training pat
 def run_rehearsal_large(root: Path) -> dict:
     """The small rehearsal at 4N (tiny config, 12 training patients), every training job, from nothing."""
     r = rehearsal()
-    targets = [f"results/models/{m.removeprefix('train_')}/model.safetensors" for m in r.TRAINING]
+    targets = [f"results/models/{m.removeprefix('train_')}/model.safetensors" for m in r.TARGETS]
     return r.run("small", REHEARSAL_N, root, 2, targets)
