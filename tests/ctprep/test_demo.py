@@ -402,3 +402,14 @@ def test_faults_are_written_as_described(cohort, tables):
 def test_unknown_fault_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown fault"):
         write_demo_cohort(tmp_path, {"faults": ["melted"]})
+
+
+def test_every_demo_cardiomegaly_has_a_ratio_above_a_half():
+    """Scaled by 1.3-1.4, a small heart (ratio 0.37) stayed at 0.48 while its report called it enlarged; over many
+    anatomies, every cardiomegaly is above 0.5 (the radiological definition) and every normal heart below."""
+    for seed in range(300):
+        rng = np.random.default_rng([seed, 99])
+        p = sample_anatomy(rng)
+        assert p._geo["heart_width"] / (2 * p._geo["ca"]) < 0.5
+        enlarged = sample_findings(p, ["Cardiomegaly"], rng, 3.0).finding("cardiomegaly")
+        assert 0.5 < enlarged["ctr"] <= 0.65, (seed, enlarged)
