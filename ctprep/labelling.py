@@ -131,13 +131,20 @@ def write_labeller_eval(jsonl_path, out_tsv, out_json) -> dict:
         row = {"label": lab}
         for name, res in results.items():
             m = res["per_label"][lab]
+            ci = m["f1_ci"] or (None, None)
             row.update({f"{name}_precision": m["precision"], f"{name}_recall": m["recall"], f"{name}_f1": m["f1"],
-                        f"{name}_support": m["support"]})
+                        f"{name}_f1_ci_low": ci[0], f"{name}_f1_ci_high": ci[1], f"{name}_support": m["support"]})
         table.append(row)
     for avg in ("micro_f1", "macro_f1"):
-        table.append({"label": avg.split("_")[0], **{f"{n}_f1": r[avg] for n, r in results.items()}})
+        row = {"label": avg.split("_")[0]}
+        for n, r in results.items():
+            ci = r[f"{avg}_ci"] or (None, None)
+            row.update({f"{n}_f1": r[avg], f"{n}_f1_ci_low": ci[0], f"{n}_f1_ci_high": ci[1],
+                        f"{n}_n_reports": r["n_reports"]})
+        table.append(row)
     pd.DataFrame(table).to_csv(out_tsv, sep="\t", index=False, float_format="%.4f")
-    summary = {name: {"n_reports": r["n_reports"], "micro_f1": r["micro_f1"], "macro_f1": r["macro_f1"]}
+    summary = {name: {"n_reports": r["n_reports"], "micro_f1": r["micro_f1"], "micro_f1_ci": r["micro_f1_ci"],
+                      "macro_f1": r["macro_f1"], "macro_f1_ci": r["macro_f1_ci"], "ci": r["ci"]}
                for name, r in results.items()}
     Path(out_json).write_text(json.dumps({"source": str(jsonl_path), **summary, "per_label": results["all"]["per_label"]},
                                          indent=2) + "\n")

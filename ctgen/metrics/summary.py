@@ -1,10 +1,8 @@
 """What every reported number carries: its n, a bootstrap 95% CI, the profile it was computed with,
 a hash of the scored volumes, and a flag when it is too thin to be read as a result.
 
-``bootstrap_ci(statistic, units, ...)`` resamples the independent units (volumes, or chunks where a
-protocol is chunked) with replacement and recomputes the statistic: the percentile interval of the
-resampled values. A statistic that cannot be computed on a resample (e.g. an AUROC whose resample
-holds one class) is dropped from that resample's set; the share dropped is reported.
+The bootstrap itself (``bootstrap_ci``, ``percentile_ci``) is ``ctprep.stats``'s, which the labeller's
+scores use too.
 """
 
 from __future__ import annotations
@@ -17,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-N_BOOTSTRAP = 1000  # resamples of the percentile bootstrap
-CONFIDENCE = 0.95
+from ctprep.stats import CONFIDENCE, N_BOOTSTRAP, bootstrap_ci, percentile_ci  # noqa: F401 (one bootstrap for both)
+
 MIN_UNITS = 10  # fewer units and the percentile bootstrap's 95% interval holds the truth far less often: flagged
 
 
@@ -73,30 +71,6 @@ def join_flags(*flags: str | None) -> str | None:
     return "; ".join(f for f in flags if f) or None
 
 
-def bootstrap_ci(statistic: Callable[[np.ndarray], float], n_units: int, *, n_boot: int = N_BOOTSTRAP,
-                 seed: int = 0, confidence: float = CONFIDENCE,
-                 groups: np.ndarray | None = None) -> tuple[tuple[float, float] | None, float]:
-    """Percentile CI of ``statistic(indices)`` over resamples of ``range(n_units)`` with replacement.
-
-    Returns ((low, high) or None, share of resamples where the statistic was not finite). ``statistic``
-    gets an integer index array (with repeats) and returns a float (NaN where undefined). ``groups (n_units,)``:
-    a cluster bootstrap, which draws whole groups (e.g. the volumes of one report, which share its labels)
-    with replacement instead of single units, so that dependent units do not narrow the CI.
-    """
-    if n_units < 2:
-        return None, 1.0
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        return percentile_ci([float(statistic(rng.integers(0, n_units, n_units))) for _ in range(n_boot)], n_boot,
-                             confidence)
-    _, codes = np.unique(np.asarray(groups), return_inverse=True)
-    members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
-    if len(members) < 2:
-        return None, 1.0
-    draws = (np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]) for _ in range(n_boot))
-    return percentile_ci([float(statistic(idx)) for idx in draws], n_boot, confidence)
-
-
 def report_groups(groups: Sequence | None, n: int) -> tuple[np.ndarray | None, dict]:
     """(groups for :func:`bootstrap_ci`, what ``extra`` records): None and {} where no report has two volumes."""
     if groups is None:
@@ -118,19 +92,6 @@ def bootstrap_ci_two(statistic: Callable[[np.ndarray, np.ndarray], float], n_a: 
     rng = np.random.default_rng(seed)
     draws = ((rng.integers(0, n_a, n_a), rng.integers(0, n_b, n_b)) for _ in range(n_boot))
     return percentile_ci([float(statistic(a, b)) for a, b in draws], n_boot, confidence)
-
-
-def percentile_ci(values: list[float], n_boot: int,
-                  confidence: float = CONFIDENCE) -> tuple[tuple[float, float] | None, float]:
-    """The percentile interval of bootstrap ``values`` (non-finite ones dropped and counted); None when more
-    than half of the ``n_boot`` resamples were dropped."""
-    finite = [v for v in values if math.isfinite(v)]
-    dropped = 1.0 - len(finite) / n_boot
-    if 2 * len(finite) < n_boot:
-        return None, dropped
-    alpha = (1.0 - confidence) / 2
-    lo, hi = np.quantile(finite, [alpha, 1.0 - alpha])
-    return (float(lo), float(hi)), dropped
 
 
 def mean_with_ci(values: Sequence[float], name: str, *, n_boot: int = N_BOOTSTRAP, seed: int = 0,

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ctprep.reports import (LABELS, NO_FINDINGS, ParsedReport, ReportParser, evaluate, get_parser, parse_report,
@@ -384,11 +385,34 @@ def test_score_on_own_reports(tmp_path):
     assert {split_of(str(i)) for i in range(30)} == {"dev", "heldout"} and split_of("abc") == split_of("abc")
 
 
+def test_every_f1_has_a_bootstrap_ci_over_reports():
+    """F1s against scikit-learn's (an independent reference); the CI holds the value and narrows with more reports."""
+    from sklearn.metrics import f1_score
+
+    from ctprep.reports.evaluate import score
+
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (40, 400):
+        ref = rng.uniform(size=(n, len(LABELS))) < 0.3
+        pred = ref ^ (rng.uniform(size=ref.shape) < 0.1)  # 10% of the labels wrong
+        res = score(((dict(zip(LABELS, p.astype(int))), dict(zip(LABELS, r.astype(int)))) for p, r in zip(pred, ref)),
+                    n_boot=300)
+        assert res["macro_f1"] == pytest.approx(f1_score(ref, pred, average="macro", zero_division=1.0))
+        assert res["micro_f1"] == pytest.approx(f1_score(ref, pred, average="micro"))
+        for name in ("macro_f1", "micro_f1"):
+            assert res[f"{name}_ci"][0] < res[name] < res[f"{name}_ci"][1]
+        assert all(v["f1_ci"][0] <= v["f1"] <= v["f1_ci"][1] for v in res["per_label"].values())
+        widths.append(res["macro_f1_ci"][1] - res["macro_f1_ci"][0])
+    assert widths[1] < widths[0] / 2  # ~ 1 / sqrt(10)
+
+
 @pytest.mark.skipif(not DEV.is_file(), reason="reports_dev.jsonl (CC BY-NC-SA, not in the repo) is absent")
 def test_macro_f1_on_radiologist_labels():
     res = evaluate(DEV)
     assert res["n_reports"] == 150
     assert res["macro_f1"] >= 0.95, res["macro_f1"]
+    assert 0.9 < res["macro_f1_ci"][0] < res["macro_f1"] < res["macro_f1_ci"][1] <= 1.0
 
 
 def test_the_indication_never_sets_a_label_or_a_prompt_item():
