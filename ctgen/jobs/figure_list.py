@@ -20,6 +20,10 @@ FIGURES = {
     "training_curves": "5. Training",
 }
 
+#: The labeller's tables (written by the report-parsing rules: the dataset's labels against the parsed ones, and the
+#: parser against radiologists' labels where ``reports.eval_jsonl`` exists)
+LABEL_TABLES = {"label_agreement": "6. Report labels", "labeller_eval": "6. Report labels"}
+
 TABLES = {  # name -> (category, title)
     "faithfulness": ("1. Faithfulness", "Abnormality faithfulness: per-label AUROC, generated and real ceiling"),
     "families": ("1. Faithfulness", "The generator families on the same reports and seeds: paired differences"),

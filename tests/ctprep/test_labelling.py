@@ -24,3 +24,21 @@ def test_agreement_skips_unknown_dataset_labels():
     assert list(diffs["VolumeName"]) == ["train_3_a_1.nii.gz"]
     other = table.set_index("label").loc[LABELS[0]]
     assert other["n"] == 4 and other["unknown"] == 0 and other["agreement"] == 1.0
+
+
+def test_the_labellers_tables_for_the_report(tmp_path):
+    """The agreement and the radiologist-label scores as HTML tables, each naming its n."""
+    import json as _json
+
+    from ctprep.labelling import write_labeller_eval
+
+    rows = [{"id": f"r{i}", "text": text, "labels": {**dict.fromkeys(LABELS, 0), **labels}}
+            for i, (text, labels) in enumerate([("Cardiomegaly.", {"Cardiomegaly": 1}),
+                                                ("No pleural effusion.", {}),
+                                                ("Emphysema in both lungs.", {"Emphysema": 1})] * 4)]
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text("\n".join(_json.dumps(r) for r in rows))
+    summary = write_labeller_eval(ref, tmp_path / "t.tsv", tmp_path / "s.json", tmp_path / "t.html")
+    assert summary["all"]["n_reports"] == 12 and summary["all"]["macro_f1_ci"] is not None
+    page = (tmp_path / "t.html").read_text()
+    assert "<table" in page and "n = 12 reports" in page and "Cardiomegaly" in page and "all_f1_ci_low" in page

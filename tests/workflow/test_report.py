@@ -20,14 +20,15 @@ import matplotlib.image as mpimg
 import pytest
 import yaml
 
-from ctgen.jobs.figure_list import FIGURES, TABLES
+from ctgen.jobs.figure_list import FIGURES, LABEL_TABLES, TABLES
 from ctgen.jobs.figures import WIDTH_IN
 from tests.workflow.wf import snakemake
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.workflow,
               pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: apt-get install -y chromium")]
-CATEGORIES = tuple(sorted({*FIGURES.values(), *(c for c, _ in TABLES.values())}))  # as the report sorts them
+# as the report sorts them (the tiny run has no radiologist-labelled reports: its labeller table is the agreement)
+CATEGORIES = tuple(sorted({*FIGURES.values(), *(c for c, _ in TABLES.values()), LABEL_TABLES["label_agreement"]}))
 WINDOW = (1280, 900)  # browser viewport (width, height) in pixels
 # Injected before </body> of a copy of the report: opens every category and every figure in it
 # (the eye buttons), then writes "category/filename/decoded width" of each displayed PNG into <pre id="tour">.
@@ -103,6 +104,8 @@ def test_report_embeds_every_figure_and_table_byte_for_byte(demo_report):
         for kind in ("html", "csv"):
             data = (tables / f"{name}_table.{kind}").read_bytes()
             assert base64.b64encode(data).decode() in html, f"{name}_table.{kind} is not embedded in the report"
+    agreement = (demo_report.parent / "results/reports/label_agreement.html").read_bytes()  # the labeller's, too
+    assert base64.b64encode(agreement).decode() in html
 
 
 def test_report_opens_with_the_faithfulness_figure_and_tables_name_n_and_profile(demo_report):

@@ -1,3 +1,8 @@
+from ctgen.jobs.figure_list import (
+    LABEL_TABLES,
+)  # the report categories of the labeller's tables
+
+
 rule parse_reports:
     input:
         cohort=rules.cohort.output.table,
@@ -28,6 +33,12 @@ rule label_agreement:
         table=f"{R}/reports/label_agreement.tsv",
         markdown=f"{R}/reports/label_agreement.md",
         disagreements=f"{R}/reports/label_disagreements.csv",
+        html=report(
+            f"{R}/reports/label_agreement.html",
+            caption="../report/label_agreement.rst",
+            category=LABEL_TABLES["label_agreement"],
+            labels={"table": "dataset labels vs parsed labels"},
+        ),
     log:
         f"{R}/logs/label_agreement.log",
     benchmark:
@@ -48,6 +59,12 @@ rule evaluate_labeller:
     output:
         table=f"{R}/reports/labeller_eval.tsv",
         summary=f"{R}/reports/labeller_eval.json",
+        html=report(
+            f"{R}/reports/labeller_eval.html",
+            caption="../report/labeller_eval.rst",
+            category=LABEL_TABLES["labeller_eval"],
+            labels={"table": "labeller vs radiologists"},
+        ),
     log:
         f"{R}/logs/evaluate_labeller.log",
     benchmark:

@@ -10,4 +10,5 @@ write_agreement(
     snakemake.output.table,
     snakemake.output.markdown,
     snakemake.output.disagreements,
+    snakemake.output.html,
 )
