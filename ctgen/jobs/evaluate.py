@@ -12,7 +12,7 @@ writes to ``out_dir``:
   ``hu_problem`` names values that do not read as HU (normalised, raw stored values): such predictions are
   scored, counted (``n.predictions_not_hu``) and every metric computed on them is flagged;
 * ``skipped.csv``: every prediction or ground-truth volume left out, and why;
-* ``hu_histograms.json``: mean HU densities of the generated and the real volumes.
+* ``hu_histograms.json``: mean HU densities of the generated and the real volumes (``n``: volumes per side).
 
 What is computed depends on what the models folder holds (clip, classifier, slicenet; see
 :mod:`ctgen.jobs.features`), on the TSTR classifiers given, and on the texts and labels at hand; a group that cannot be computed is
@@ -121,7 +121,8 @@ def evaluate(generated: str | Path, real: list[str | Path], models_dir: str | Pa
                    for m in metrics]
     skipped_table(skips).to_csv(out_dir / "skipped.csv", index=False)
     per_volume.to_csv(out_dir / "per_volume.csv", index=False)
-    hist = {"edges": col.edges.tolist(), **{s: (h[0] / h[1]).tolist() for s, h in col.hist.items()}}
+    hist = {"edges": col.edges.tolist(), **{s: (h[0] / h[1]).tolist() for s, h in col.hist.items()},
+            "n": {s: int(h[1]) for s, h in col.hist.items()}}  # volumes averaged per side
     (out_dir / "hu_histograms.json").write_text(json.dumps(hist))
     from ctgen.models.base import provenance
 

@@ -429,9 +429,11 @@ def _shade_tissues(ax, lo: float, hi: float, vertical: bool = True) -> None:
 def plot_hu_histograms(histograms_jsons: Mapping[str, str | Path], out_png, dpi: int = 120) -> Path:
     """HU histograms of all generated voxels of each family against all real voxels (log density), with the
     tissue intervals of the HU checks shaded. ``histograms_jsons``: {family: hu_histograms.json}."""
-    curves, edges = {}, None
+    curves, edges, sizes = {}, None, {}
     for family, path in histograms_jsons.items():
         h = json.loads(Path(path).read_text())
+        sizes.setdefault("real", h.get("n", {}).get("real"))
+        sizes[family] = h.get("n", {}).get("generated")
         e = np.asarray(h["edges"], dtype=np.float64)
         gen, real = np.asarray(h["generated"], dtype=np.float64), np.asarray(h["real"], dtype=np.float64)
         if not (len(e) == len(gen) + 1 == len(real) + 1):
@@ -447,7 +449,8 @@ def plot_hu_histograms(histograms_jsons: Mapping[str, str | Path], out_png, dpi:
     ax = fig.subplots()
     _shade_tissues(ax, edges[0], hi)
     for name, density in curves.items():
-        ax.stairs(np.where(density > 0, density, np.nan), edges, lw=1.5, label=name.replace("_", " "),
+        n = f" (n = {sizes[name]})" if sizes.get(name) is not None else ""
+        ax.stairs(np.where(density > 0, density, np.nan), edges, lw=1.5, label=name.replace("_", " ") + n,
                   color=REAL_COLOUR if name == "real" else _colour(name))
     ax.set_yscale("log")
     ax.set(xlim=(edges[0], hi), xlabel="HU", ylabel="density (1/HU, log scale)",
@@ -487,7 +490,12 @@ def plot_per_volume(per_volume_csvs: Mapping[str, str | Path], out_png, dpi: int
     ax1.set(xlabel="CLIP score of the real scan", ylabel="CLIP score of the generated volume",
             title="CLIP score per volume")
     ax2.set_xticks(range(len(TISSUES)), [t.replace("_", " ") for t in TISSUES])
-    ax2.set(ylim=(-1100, 1500), ylabel="median HU", title="Tissue median HU per generated volume (x: flagged)")
+    medians = pd.concat([pd.read_csv(p).filter(regex=r"^hu_.*_median$") for p in per_volume_csvs.values()]).stack() \
+        if per_volume_csvs else pd.Series(dtype=float)
+    lo, hi = (float(medians.min()), float(medians.max())) if len(medians) else (-1100.0, 1500.0)
+    # the tissue bands' range, widened to every median (an external prediction's -3024 or 3071 stays in view)
+    ax2.set(ylim=(min(-1100.0, lo - 50.0), max(1500.0, hi + 50.0)), ylabel="median HU",
+            title="Tissue median HU per generated volume (x: flagged)")
     return _save(fig, out_png, dpi)
 
 
