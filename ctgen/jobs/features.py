@@ -188,9 +188,11 @@ class TextEmbedder:
 
 
 def spec_text_encoder(models_dir: str | Path, spec: str | Path | None = None) -> dict:
-    """The text encoder a sampling spec names: ``spec``'s, else ``cascade.json``'s, else ``latent_flow.json``'s
-    first (the workflow's ``models.text_encoder``, which the CLIP model was trained with too); {} if none.
-    A report encoder's relative path is made absolute (it is relative to the spec's folder)."""
+    """The text encoder the evaluation's CLIP model was trained with, as a sampling spec records it: ``spec``'s,
+    else ``cascade.json``'s, else ``latent_flow.json``'s (the workflow's ``models.text_encoder``: a cascade spec's
+    ``text_encoder``, a latent spec's ``evaluation_text_encoder``, whatever encoders the latent family itself read;
+    an older latent spec's first encoder); {} if none. A report encoder's relative path is made absolute (it is
+    relative to the spec's folder)."""
     import json
 
     from ctgen.models.text_encoders import resolved
@@ -198,7 +200,8 @@ def spec_text_encoder(models_dir: str | Path, spec: str | Path | None = None) ->
 
     for path in generator_specs(models_dir, spec):
         found = json.loads(path.read_text())
-        enc = found.get("text_encoder") or next(iter(found.get("text_encoders") or []), None)
+        enc = (found.get("text_encoder") or found.get("evaluation_text_encoder")
+               or next(iter(found.get("text_encoders") or []), None))
         if enc:
             return resolved(enc, path.parent)  # a report encoder is named relative to the spec's folder
     return {}

@@ -319,4 +319,5 @@ def write_latent_spec(models_dir: str | Path, preset: dict, models_cfg: dict, sa
     encoders = encoders or [models_cfg["text_encoder"]]
     small = encoders[0]["kind"] == "small"
     return write_latent_flow_spec(models_dir, resolved_preset(preset, train_manifests), encoders, sampling,
-                                  text_tokenizer=text if small else None, prompt_rendering=rendering(prompts or {}))
+                                  text_tokenizer=text if small else None, prompt_rendering=rendering(prompts or {}),
+                                  evaluation_text_encoder=models_cfg["text_encoder"])

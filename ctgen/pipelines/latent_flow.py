@@ -44,13 +44,14 @@ MODELS = ("autoencoder", "latent_flow")
 
 def write_latent_flow_spec(models_dir: str | Path, prep_preset: dict, text_encoders: list[dict],
                            sampling: dict, text_tokenizer: str | Path | None = None,
-                           prompt_rendering: dict | None = None) -> Path:
+                           prompt_rendering: dict | None = None, evaluation_text_encoder: dict | None = None) -> Path:
     """``latent_flow.json``: what sampling needs beside the weights (grid, text side, defaults, hashes).
 
     ``text_encoders``: one ``{"kind", "path", "max_length"}`` per encoder, in the order the model
     was trained with (``kind: small`` alone, with ``text_tokenizer`` copied beside the weights).
     ``prompt_rendering``: how a new report becomes its ``structured`` section
-    (:func:`ctprep.prompts.rendering` of the config).
+    (:func:`ctprep.prompts.rendering` of the config). ``evaluation_text_encoder``: the one the evaluation's CLIP
+    model was trained with (the workflow's ``models.text_encoder``), which the family's own may differ from.
     """
     import shutil
 
@@ -71,6 +72,8 @@ def write_latent_flow_spec(models_dir: str | Path, prep_preset: dict, text_encod
         "autoencoder_id": f"autoencoder@{sha256_file(models_dir / 'autoencoder' / 'model.safetensors')[:16]}",
         "provenance": provenance(),
     }
+    if evaluation_text_encoder:
+        spec["evaluation_text_encoder"] = spec_entry(evaluation_text_encoder, models_dir)
     if any(e["kind"] == "small" for e in spec["text_encoders"]):
         if len(spec["text_encoders"]) != 1 or not text_tokenizer:
             raise ValueError("the small text encoder is used alone, with its tokenizer copied beside the weights")

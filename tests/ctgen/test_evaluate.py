@@ -464,3 +464,18 @@ def test_tstr_without_labels_for_the_real_scans_is_not_computed_and_said_so():
                        profiles={"tstr_synthetic": "classifier3d-tstr-synthetic@0", "tstr_real": "classifier3d-tstr-real@0"})
     _, not_computed, _ = _score(col, nets, {}, {}, EvalConfig(), "cpu", "/nonexistent")
     assert {"group": "tstr", "reason": "no labels for the real scans: give --labels"} in not_computed
+
+
+def test_the_clip_text_side_is_the_clip_models_encoder_not_the_latent_familys(tmp_path):
+    """CLIP is trained with models.text_encoder; the latent family may read others (models.latent_flow_text_encoders):
+    scoring it, the CLIP text side must still be CLIP's own encoder (it was the flow's first)."""
+    import json as _json
+
+    from ctgen.jobs.features import spec_text_encoder
+
+    minilm = {"kind": "minilm", "path": None, "max_length": 128}
+    (tmp_path / "latent_flow.json").write_text(_json.dumps({
+        "grid": {}, "text_encoders": [{"kind": "hf", "path": "/m/cxr-bert", "max_length": 128}],
+        "evaluation_text_encoder": minilm}))
+    assert spec_text_encoder(tmp_path, tmp_path / "latent_flow.json") == minilm
+    assert spec_text_encoder(tmp_path) == minilm  # no spec named: the one of the models folder

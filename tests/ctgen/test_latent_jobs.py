@@ -141,6 +141,7 @@ def test_spec_and_sampling_through_the_cli(latent_run, cohort, tmp_path):
     spec = json.loads((models / "latent_flow.json").read_text())
     assert spec["grid"]["spacing_source"].startswith("the prep preset's fixed spacing")
     assert spec["prompt_rendering"] == {"max_chars": 90, "negated": "state"}  # how a new report is rendered
+    assert spec["evaluation_text_encoder"]["kind"] == "small"  # the CLIP model's (models.text_encoder)
     prompts = tmp_path / "reports.csv"
     prompts.write_text("id,findings,impression\nr1,Right pleural effusion.,\nr2,,No acute findings.\n")
     out = tmp_path / "samples"
