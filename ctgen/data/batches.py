@@ -71,11 +71,18 @@ def streamed(manifests: list[str], decode: Decode, collate: Collate, *, parallel
 
 
 def _check_parallel(shards, other) -> None:
+    """``other`` must be derived from the very shards of ``shards``: the same keys, computed from the same files
+    (volume shards re-made with the same keys, e.g. under another prep preset, left a stale cache that paired each
+    volume with another volume's reconstruction)."""
+    where = f"{other[0].manifest if other else 'derived shards'} is not derived from " \
+            f"{shards[0].manifest if shards else 'the shards'}"
     if [s.keys for s in shards] != [s.keys for s in other]:
         first = next((i for i, (a, b) in enumerate(zip(shards, other)) if a.keys != b.keys), min(len(shards), len(other)))
-        raise ValueError(f"{other[0].manifest if other else 'derived shards'} is not derived from "
-                         f"{shards[0].manifest if shards else 'the shards'}: shard {first} differs in its keys "
-                         "(re-run the job that derives it)")
+        raise ValueError(f"{where}: shard {first} differs in its keys (re-run the job that derives it)")
+    stale = next((i for i, (a, b) in enumerate(zip(shards, other)) if a.origin != b.origin), None)
+    if stale is not None:
+        raise ValueError(f"{where}: shard {stale} was computed from another file with the same keys (the volume shards "
+                         "were re-made after it): re-run the job that derives it")
 
 
 # --- decodes: raw shard sample -> tensors (in the data workers) ---------------------------------------

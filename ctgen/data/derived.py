@@ -136,11 +136,12 @@ def merge_derived(paths: list[str | os.PathLike], out_path: str | os.PathLike) -
     return merged
 
 
-def check_producer(path: str | os.PathLike, producer: str) -> None:
-    """Refuse derived shards made by another network (e.g. tokens of a retrained tokenizer)."""
-    meta = load_derived(path)
-    if meta["producer"] != producer:
-        raise ShardError(f"{path} was made by {meta['producer']}, not by {producer}: re-run the job that derives it")
+def producer_of(manifests: list[str | os.PathLike], what: str = "derived shards") -> str:
+    """The network that made ``manifests`` (one for all of them; mixing networks is refused)."""
+    producers = {load_derived(p)["producer"] for p in manifests}
+    if len(producers) != 1:
+        raise ShardError(f"{what} made by {'different networks' if producers else 'no network'}: {sorted(producers)}")
+    return producers.pop()
 
 
 def weights_id(weights_dir: str | os.PathLike) -> str:

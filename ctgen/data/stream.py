@@ -93,6 +93,12 @@ class Shard:
     sha256: str
     bytes: int
     manifest: str  # the manifest that lists it (for messages)
+    source_sha256: str | None = None  # a derived shard's: the sha256 of the volume shard it was computed from
+
+    @property
+    def origin(self) -> str:
+        """The sha256 of the volume shard this one holds or was derived from."""
+        return self.source_sha256 or self.sha256
 
 
 def load_shards(manifests: list[str | os.PathLike]) -> list[Shard]:
@@ -103,7 +109,7 @@ def load_shards(manifests: list[str | os.PathLike]) -> list[Shard]:
         meta = load_derived(path) if is_derived(path) else load_manifest(path)
         for s in meta["shards"]:
             shards.append(Shard(str((path.parent / s["file"]).resolve()), tuple(s["keys"]), s["sha256"],
-                                int(s["bytes"]), str(path)))
+                                int(s["bytes"]), str(path), s.get("source_sha256")))
     return shards
 
 

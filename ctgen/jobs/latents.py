@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctgen.data.derived import load_derived, weights_id, write_derived
+from ctgen.data.derived import load_derived, producer_of, weights_id, write_derived
 from ctgen.data.layout import hu_to_unit, to_model_layout
 from ctgen.data.shards import volume_of
 from ctgen.data.stream import raw_batches
@@ -91,7 +91,4 @@ def latent_scale_factor(manifests: list[str | Path]) -> float:
 
 def latent_producer(manifests: list[str | Path]) -> str:
     """The autoencoder that made the latents (one for all manifests; mixing networks is refused)."""
-    producers = {load_derived(p)["producer"] for p in manifests}
-    if len(producers) != 1:
-        raise ValueError(f"latent shards made by different autoencoders: {sorted(producers)}")
-    return producers.pop()
+    return producer_of(manifests, "latent shards")

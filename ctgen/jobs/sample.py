@@ -284,14 +284,25 @@ def select_prompts(prompts_parquet: str | Path, column: str, split: str, volumes
 
 def write_cascade_spec(models_dir: str | Path, preset: dict, models_cfg: dict, sampling: dict, train_manifests: list[str],
                        text_tokenizer: str | Path | None = None, prompts: dict | None = None) -> Path:
-    """``cascade.json`` with the output spacing resolved (resize presets: the training volumes' median).
+    """``cascade.json`` with the output spacing resolved (resize presets: the training volumes' median), after
+    checking that the generator's token grids and super-resolution's reconstructions came from this tokenizer.
 
     ``prompts``: the config's ``prompts`` section (the template texts and how a report is rendered).
     """
+    from ctgen.data.derived import weights_id
     from ctgen.data.grid import resolved_preset
     from ctgen.pipelines.text_to_ct import write_cascade
     from ctprep.prompts import rendering
 
+    models_dir = Path(models_dir)
+    if (models_dir / "tokenizer" / "model.safetensors").is_file():
+        tokenizer = weights_id(models_dir / "tokenizer")
+        for model, key in (("generator", "tokens_from"), ("superres", "recon_from")):
+            config = models_dir / model / "config.json"
+            made_by = json.loads(config.read_text()).get("provenance", {}).get(key) if config.is_file() else None
+            if made_by and made_by != tokenizer:
+                raise ValueError(f"the {model} was trained on {key.split('_')[0]} of {made_by}, not of this tokenizer "
+                                 f"({tokenizer}): re-run encode_tokens and the {model}'s training")
     prompts = prompts or {}
     return write_cascade(models_dir, resolved_preset(preset, train_manifests), models_cfg, sampling,
                          text_tokenizer=text_tokenizer, prompt_templates=prompts.get("templates"),

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ctgen.data import batches
+from ctgen.data.derived import producer_of
 from ctgen.data.shards import labels_of
 from ctgen.data.stream import load_shards, member_values
 from ctgen.data.text import TextConditioning
@@ -119,9 +120,12 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
     checkpoint_dir = Path(checkpoint_root) / config_hash(cfg)
     log.info("training %s: %d parameters on %d samples; checkpoints in %s", kind,
              sum(p.numel() for p in model.parameters()), make.n_samples, checkpoint_dir)
+    # which tokenizer made the token grids / reconstructions it learned from (the cascade's spec checks it)
+    derived = {f"{key}_from": producer_of(data_manifests(data, key), key) for key in ("tokens", "recon")
+               if kind != "tokenizer" and data.get(key)}
     return train(model, make, tcfg, out_dir, checkpoint_dir=checkpoint_dir,
                  extra_meta={"model_kind": kind, "n_samples": make.n_samples,
-                             "data": {k: str(v) for k, v in data.items()}})
+                             "data": {k: str(v) for k, v in data.items()}, **derived})
 
 
 def fit_text_dims(cfg: dict[str, Any]) -> dict[str, Any]:

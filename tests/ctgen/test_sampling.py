@@ -210,3 +210,26 @@ def test_the_tokenizer_decodes_with_the_weights_that_encoded_the_training_tokens
     pipe = TextToCTPipeline.from_pretrained(folder)
     for name, w in raw.state_dict().items():
         assert torch.equal(pipe.tokenizer.state_dict()[name], w), name
+
+
+def test_the_cascade_refuses_a_generator_trained_on_another_tokenizers_tokens(tiny_cascade, cohort, tmp_path):
+    """A tokenizer retrained after the generator leaves a cascade that decodes another codebook: its spec says so."""
+    import shutil
+
+    from ctgen.data.derived import weights_id
+    from ctgen.jobs.sample import write_cascade_spec
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_cascade, models)
+    made_by = json.loads((models / "generator" / "config.json").read_text())["provenance"]["tokens_from"]
+    assert made_by == weights_id(models / "tokenizer")  # recorded at training
+    preset = {"mode": "spacing", "spacing": [2.0, 2.0, 5.0], "shape": [16, 16, 8], "clip": [-1000, 1000]}
+    models_cfg = {"lowres_scale": 2, "prompt": "generatect",
+                  "text_encoder": {"kind": "small", "path": None, "max_length": 32}}
+    text = shutil.copyfile(models / "text_tokenizer.json", tmp_path / "text.json")
+    write_cascade_spec(models, preset, models_cfg, {}, [cohort["manifest"]], text_tokenizer=text)
+    config = json.loads((models / "generator" / "config.json").read_text())
+    config["provenance"]["tokens_from"] = "tokenizer@0123456789abcdef"  # tokens of an earlier tokenizer
+    (models / "generator" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="generator was trained on tokens of tokenizer@0123456789abcdef"):
+        write_cascade_spec(models, preset, models_cfg, {}, [cohort["manifest"]], text_tokenizer=text)

@@ -232,6 +232,20 @@ def test_derived_shards_travel_alongside(shards, tmp_path):
     assert other["n_samples"] == 16
     with pytest.raises(ValueError, match="not derived from"):
         batches.streamed([shards["chunks"][0]], decode, batches.tokenizer_collate(1), parallel=[[str(derived)]])
+    # ... and so are those of volume shards re-made with the same keys after them (a stale cache)
+    import json as _json
+
+    manifest = Path(shards["manifest"])
+    remade = _json.loads(manifest.read_text())
+    remade["shards"][1]["sha256"] = "0" * 64  # what the manifest of re-made shards records
+    (tmp_path / "remade.json").write_text(_json.dumps(remade))
+    for s in remade["shards"]:  # the shard files, where the copied manifest looks for them
+        target = tmp_path / s["file"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(manifest.parent / s["file"])
+    with pytest.raises(ValueError, match="shard 1 was computed from another file"):
+        batches.streamed([str(tmp_path / "remade.json")], decode, batches.tokenizer_collate(1), parallel=[[str(derived)]])
 
 
 class _Preemptible(Classifier3D):
