@@ -45,4 +45,4 @@ bench: setup
 	$(BIN)/python benchmarks/preprocess.py
 
 clean:
-	rm -rf results resources/demo .snakemake
+	rm -rf results resources/demo .snakemake checkpoints

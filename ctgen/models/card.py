@@ -35,6 +35,13 @@ ROLES = {
                   "train-on-synthetic-test-on-real and a 3D Frechet distance",
     "slicenet": "evaluation feature network: a 2D CNN trained on real CT slices (plane, slice position, labels), "
                 "whose features the 2D and 2.5D FID compare",
+    "autoencoder": "stage 1 of the latent flow family: MONAI's MAISI 3D autoencoder (KL), which maps a CT volume to "
+                   "a 4x smaller latent (its mean and spread) and back",
+    "latent_flow": "stage 2 of the latent flow family: a 3D U-Net (MONAI's MAISI diffusion U-Net) with text "
+                   "cross-attention, trained with rectified flow in the autoencoder's latent space "
+                   "(classifier-free guidance)",
+    "report_encoder": "text encoder: the small transformer pretrained on the training reports' parsed findings, "
+                      "then frozen as the generators' text side",
 }
 
 
