@@ -32,6 +32,12 @@ INPUT_FILES = ("manifests", "tokens", "latents", "probe_latents", "text_cache", 
                "prompts", "labels", "cohort")
 
 
+def device_option(text: str) -> str:
+    """``--device``'s type, importing torch only when the option is given (``ctgen --help`` stays quick)."""
+    from ctgen.training.distributed import device_option as check
+
+    return check(text)
+
 def _check_sections(cfg: dict, path: str) -> None:
     for key in ("model", "train", "data"):
         if not isinstance(cfg.get(key), dict):
@@ -250,7 +256,7 @@ def parser() -> argparse.ArgumentParser:
                         "tokenizer was trained with, from its config.json)")
     e.add_argument("--hu-window", dest="hu_window", type=float, nargs=2, required=True, metavar=("LOW", "HIGH"),
                    help="the prep preset's HU window (its clip), mapped to [-1, 1]")
-    e.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    e.add_argument("--device", default=None, type=device_option, help="torch device (default: cuda when available, else cpu)")
     e.set_defaults(func=_encode_tokens)
 
     e = sub.add_parser("encode-latents", help="latent shards (posterior mean and std) of one chunk's volume shards")
@@ -260,7 +266,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", dest="batch_size", type=positive_int, default=1, help="volumes encoded at once")
     e.add_argument("--hu-window", dest="hu_window", type=float, nargs=2, required=True, metavar=("LOW", "HIGH"),
                    help="the prep preset's HU window (its clip), mapped to [-1, 1]")
-    e.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    e.add_argument("--device", default=None, type=device_option, help="torch device (default: cuda when available, else cpu)")
     e.set_defaults(func=_encode_latents)
 
     f = sub.add_parser("fit-text-tokenizer", help="fit the small text encoder's tokenizer on the training prompts")
@@ -310,7 +316,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--tstr", nargs=2, metavar=("SYNTHETIC", "REAL"),
                    help="train on synthetic, test on real: the folders of the classifier trained on generated volumes and "
                         "of the one trained on as many real volumes; both are tested on the ground truth")
-    v.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    v.add_argument("--device", default=None, type=device_option, help="torch device (default: cuda when available, else cpu)")
     v.set_defaults(func=_evaluate)
 
     for family, name, what, models_help in (
@@ -327,7 +333,7 @@ def parser() -> argparse.ArgumentParser:
         g.add_argument("--settings", help="scoring settings as for evaluate (faithfulness_labels, bootstrap, guards)")
         if family == "cascade":
             g.add_argument("--sr-steps", type=positive_int, help="super-resolution sampler steps (default: the model's)")
-        g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+        g.add_argument("--device", default=None, type=device_option, help="torch device (default: cuda when available, else cpu)")
         g.set_defaults(func=_ceiling, family=family)
 
     c = sub.add_parser("compare", help="paired permutation test of two runs' per_volume.csv, metric by metric")

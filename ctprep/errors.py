@@ -14,7 +14,8 @@ Which exceptions are user mistakes (:data:`USER_ERRORS`):
   window, an unknown preset, ``VolumeError`` for an unusable volume), and the type the parsers of
   input files raise (``json.JSONDecodeError``, ``UnicodeDecodeError``, pyarrow's ``ArrowInvalid``);
 * ``yaml.YAMLError`` (a config that is not YAML);
-* the ``OSError``\\ s that name a path the user gave: not found, not a folder, a folder, no permission;
+* the ``OSError``\\ s that name a path the user gave: not found, not a folder, a folder, no permission, a file
+  where an output folder is to be made;
 * :class:`MissingExtra`, an optional package (an extra of pyproject.toml) that is not installed.
 
 Not user mistakes, so shown with a traceback: ``TypeError``, ``KeyError``, ``IndexError``,
@@ -50,7 +51,7 @@ class MissingExtra(ImportError):
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, yaml.YAMLError, MissingExtra,
-    FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+    FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError,
 )
 
 _OS_ERROR_WORDS = {FileNotFoundError: "No such file or directory", NotADirectoryError: "Not a directory",
@@ -64,7 +65,9 @@ def debug_requested(argv_flag: bool = False) -> bool:
 
 def describe(err: BaseException) -> str:
     """The one-line message of a user mistake."""
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+    if isinstance(err, FileExistsError) and err.filename is not None:
+        text = f"{err.filename} is a file, where a folder is to be made"  # mkdir of an output folder
+    elif isinstance(err, OSError) and err.filename is not None and err.strerror:
         text = f"{err.strerror}: {err.filename}"  # e.g. "No such file or directory: prompts.txt"
     elif isinstance(err, OSError) and len(str(err).split()) == 1:  # a bare path (pandas, pyarrow)
         text = f"{_OS_ERROR_WORDS.get(type(err), type(err).__name__)}: {err}"

@@ -327,7 +327,13 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ShardError(f"unreadable manifest {path}: {err}") from err
-    version = manifest.get("format", {}).get("version") if isinstance(manifest, dict) else None
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    version = fmt.get("version") if isinstance(fmt, dict) else None
+    if isinstance(version, str) and version.startswith("ctgen.derived"):  # ctgen.data.derived's manifests
+        raise ShardError(f"{path} lists {fmt.get('kind', 'derived')} shards (what a network computed from volume "
+                         "shards), where volume shards are expected")
+    if not isinstance(manifest, dict) or not isinstance(fmt, dict):
+        raise ShardError(f"{path} is not a shard manifest (no format section)")
     if version != FORMAT_VERSION:
         raise ShardError(
             f"{path}: shard format version {version}, this ctprep reads version {FORMAT_VERSION} only: "

@@ -16,6 +16,7 @@ where that flip happens.
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import os
 import tempfile
@@ -281,6 +282,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     ``write`` gets the temporary path (for writers that take a path, such as safetensors).
     """
     path = Path(path)
+    if path.is_dir():  # named before the work, and by the user's path (not the temporary file's)
+        raise IsADirectoryError(errno.EISDIR, "Is a folder, where a file is to be written", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     os.close(fd)

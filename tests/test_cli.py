@@ -61,7 +61,11 @@ def files(tmp_path):
     out["manifest"].write_text("{}")
     for name, section in (("bad_model_key", {"model": {"bogus_width": 3}, "train": {"max_steps": 1}}),
                           ("bad_train_key", {"model": {}, "train": {"max_steps": 1, "lr_typo": 1e-3}}),
-                          ("no_sections", {"model": {}})):
+                          ("no_sections", {"model": {}}),
+                          ("text_lr", {"model": {}, "train": {"max_steps": 1, "lr": "1e-3"}}),
+                          ("one_step", {"model": {"channels": [8, 16], "blocks": [1, 1]}, "train": {"max_steps": 1},
+                                        "data": {"hu_window": [-1000, 1000]}}),
+                          ("bad_augment", {"model": {}, "train": {"max_steps": 1}, "data": {"augment": {"flipw": True}}})):
         out[name] = tmp_path / f"{name}.yaml"
         out[name].write_text(yaml.safe_dump(section))
     out["bad_jsonl"] = tmp_path / "prompts.jsonl"
@@ -72,6 +76,12 @@ def files(tmp_path):
     out["empty_txt"].write_text("\n  \n")
     out["per_volume"] = tmp_path / "per_volume.csv"
     out["per_volume"].write_text("prompt_id,seed\na,0\n")
+    out["text"] = tmp_path / "text.txt"  # a file where an output folder is to be made
+    out["text"].write_text("hello\n")
+    out["list_json"] = tmp_path / "list.json"  # JSON, but no manifest
+    out["list_json"].write_text("[1, 2]\n")
+    out["tokens_manifest"] = tmp_path / "tokens.json"  # derived shards where volume shards are read
+    out["tokens_manifest"].write_text('{"format": {"kind": "tokens", "version": "ctgen.derived/1"}, "shards": []}\n')
     out["reports"] = tmp_path / "reports.jsonl"
     out["reports"].write_text('{"id": "r1", "findings": "No effusion."}\n[1, 2]\n')
     return out
@@ -83,7 +93,7 @@ CTGEN_MISTAKES = {
     "config lacks sections": (["train", "tokenizer", "--config", "{no_sections}", "--out", "{dir}/o"],
                               "needs `model` and `train`"),
     "unknown model key": (["train", "tokenizer", "--config", "{bad_model_key}", "--manifests", "{manifest}",
-                           "--out", "{dir}/o"], "unknown config keys ['bogus_width']"),
+                           "--out", "{dir}/o"], "unknown keys ['bogus_width']"),
     "unknown train key": (["train", "tokenizer", "--config", "{bad_train_key}", "--manifests", "{manifest}",
                            "--out", "{dir}/o"], "unknown keys ['lr_typo']"),
     "input not given": (["train", "generator", "--config", "{bad_train_key}", "--out", "{dir}/o"], "needs --tokens"),
@@ -114,6 +124,18 @@ CTGEN_MISTAKES = {
     "zero steps": (["sample", "--models", "{dir}", "--prompt", "x", "--out", "{dir}/x.nii.gz", "--steps", "0"],
                    "not a positive integer"),
     "manifest to verify missing": (["verify-shards", "{dir}/gone.json"], "no such file: "),
+    "number read as text": (["train", "classifier", "--config", "{text_lr}", "--manifests", "{manifest}",
+                             "--out", "{dir}/o"], "train.lr: '1e-3' is not a number (YAML reads 1e-3 as text"),
+    "augmentation typo": (["train", "classifier", "--config", "{bad_augment}", "--manifests", "{manifest}",
+                           "--out", "{dir}/o"], "data.augment: unknown keys ['flipw']"),
+    "not a device": (["sample", "--models", "{dir}", "--prompt", "x", "--out", "{dir}/x.nii.gz", "--device", "gpu0"],
+                     "not a torch device: 'gpu0'"),
+    "no such GPU": (["sample", "--models", "{dir}", "--prompt", "x", "--out", "{dir}/x.nii.gz", "--device", "cuda:7"],
+                    "cuda:7: this machine has"),
+    "manifest not a manifest": (["train", "classifier", "--config", "{one_step}", "--manifests", "{list_json}",
+                                 "--out", "{dir}/o"], "list.json is not a shard manifest"),
+    "token shards as volumes": (["train", "classifier", "--config", "{one_step}", "--manifests", "{tokens_manifest}",
+                                 "--out", "{dir}/o"], "lists tokens shards, where volume shards are expected"),
 }
 
 CTPREP_MISTAKES = {
@@ -132,6 +154,9 @@ CTPREP_MISTAKES = {
     "report config missing": (["parse-report", "--config", "{dir}/none.yaml"], "none.yaml not found"),
     "reports not JSON objects": (["parse-report", "--jsonl", "{reports}", "{dir}/out.jsonl"], "reports.jsonl:2"),
     "labelled reports missing": (["evaluate-parser", "{dir}/none.jsonl"], "none.jsonl"),
+    "output folder is a file": (["preprocess", str(REPO / "tests/data/example_ct_sm.nii.gz"), "{text}/o.nii.gz",
+                                 "--preset", "demo", "--config", str(REPO / "config.yaml")],
+                                "text.txt is a file, where a folder is to be made"),
 }
 
 

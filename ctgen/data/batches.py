@@ -28,6 +28,7 @@ from ctgen.data.layout import downsample, hu_to_unit, to_model_layout
 from ctgen.data.shards import iter_samples, labels_of, volume_of
 from ctgen.data.stream import Collate, Decode, StreamPlan, epoch_batches, load_shards, preflight
 from ctgen.data.text import TextConditioning
+from ctprep.settings import check_fields
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class Augment:
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Augment:
-        return cls(**(data.get("augment") or {}))
+        return cls(**check_fields(cls, data.get("augment") or {}, "data.augment"))
 
 
 def clip_collate(text: TextConditioning, augment: Augment) -> Collate:

@@ -100,17 +100,23 @@ def load_derived(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ShardError(f"{path}: no such derived-shard manifest")
-    meta = json.loads(path.read_text())
-    if meta.get("format", {}).get("version") != FORMAT:
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardError(f"unreadable manifest {path}: {err}") from err
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("version") != FORMAT:
         raise ShardError(f"{path} is not a {FORMAT} manifest")
     return meta
 
 
 def is_derived(path: str | os.PathLike) -> bool:
     try:
-        return json.loads(Path(path).read_text()).get("format", {}).get("version") == FORMAT
+        meta = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    return isinstance(fmt, dict) and fmt.get("version") == FORMAT
 
 
 def merge_derived(paths: list[str | os.PathLike], out_path: str | os.PathLike) -> dict[str, Any]:

@@ -130,9 +130,26 @@ def hu_window(data: dict[str, Any]) -> tuple[float, float]:
     return float(window[0]), float(window[1])
 
 
+#: what each data key's manifests must list: volume shards (None) or a kind of derived shards
+MANIFEST_KINDS = {"manifests": None, "tokens": "tokens", "recon": "tokens", "latents": "latents",
+                  "probe_latents": "latents"}
+
+
 def data_manifests(data: dict[str, Any], key: str) -> list[str]:
-    """The shard manifests a training config's ``data.<key>`` names (one path or a list); named when absent."""
+    """The shard manifests a training config's ``data.<key>`` names (one path or a list); named when absent, and
+    when one lists other shards than the key reads (token shards given as volume shards, or the reverse)."""
+    from ctgen.data.derived import is_derived, load_derived
+
     value = data.get(key)
     if not value:
         raise ValueError(f"the training config needs data.{key}: shard manifests")
-    return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    paths = [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    want = MANIFEST_KINDS.get(key, "any")
+    for path in paths if want != "any" else ():
+        if not Path(path).is_file():
+            continue  # named by the reader, or by the CLI's check of input files
+        kind = load_derived(path)["format"].get("kind") if is_derived(path) else None
+        if kind != want:
+            raise ValueError(f"data.{key}: {path} lists {kind or 'volume'} shards, where {want or 'volume'} shards "
+                             "are expected")
+    return paths

@@ -7,10 +7,11 @@ resources) does not rerun the scoring.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from ctprep.ctrate import LABELS
 from ctprep.errors import UserError
+from ctprep.settings import check_fields
 
 #: keys of config.yaml's `evaluation` section that other readers own: the workflow's, and vlm3d (ctgen vlm3d-score)
 WORKFLOW_KEYS = ("split", "tstr", "tstr_reports", "tstr_steps", "guidance_scales", "guidance_repeats", "resources",
@@ -47,10 +48,12 @@ class EvalConfig:
     def from_dict(cls, d: dict | None) -> EvalConfig:
         """From config.yaml's `evaluation` section (its workflow keys ignored); unknown keys are an error."""
         d = {k: v for k, v in (d or {}).items() if k not in WORKFLOW_KEYS}
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UserError(f"unknown evaluation settings: {sorted(unknown)}")
-        return cls(**d)
+        try:
+            return cls(**check_fields(cls, d, "evaluation"))
+        except UserError:
+            raise
+        except ValueError as err:
+            raise UserError(str(err)) from None
 
     @property
     def labels(self) -> tuple[str, ...]:

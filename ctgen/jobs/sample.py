@@ -13,6 +13,7 @@ from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline
 from ctgen.export import dicom_from_nifti
 from ctgen.export.samples import write_samples
 from ctgen.jobs.inputs import read_rows
+from ctgen.training.distributed import device_option
 from ctprep.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def sample_parser():
     ap.add_argument("--batch-size", type=positive_int, help="slices per super-resolution batch (default: cascade's)")
     ap.add_argument("--no-superres", action="store_true", help="stop at the low-res volume")
     ap.add_argument("--truncate-prompt", action="store_true", help="cut prompts longer than the text encoder takes")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_option,
                     help="torch device (default: cuda when available, else cpu)")
     return ap
 

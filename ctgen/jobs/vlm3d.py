@@ -30,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from ctgen.metrics.summary import MetricValue, join_flags
+from ctgen.training.distributed import device_option
 from ctgen.metrics.vlm3d import (
     CHALLENGE,
     PAPERS,
@@ -240,7 +241,7 @@ def vlm3d_score_main(argv: list[str] | None = None) -> int:
     for key in DEFAULTS:
         ap.add_argument(f"--{key.replace('_', '-')}", dest=key, help=f"overrides evaluation.vlm3d.{key}")
     ap.add_argument("--out", required=True, help="output folder (vlm3d.json, vlm3d_2026.csv, papers.csv, ...)")
-    ap.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    ap.add_argument("--device", default=None, type=device_option, help="torch device (default: cuda when available, else cpu)")
     args = ap.parse_args(argv)
     cfg: dict[str, Any] = {}
     if args.config:

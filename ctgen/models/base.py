@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ctgen.models.card import write_model_card
+from ctprep.settings import check_fields
 from ctprep.volume import atomic_write
 
 FORMAT_VERSION = 1
@@ -103,15 +104,7 @@ class PretrainedMixin:
 
     @classmethod
     def config_from_dict(cls, values: dict[str, Any]):
-        fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
-        unknown = set(values) - set(fields)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
-        kwargs = {}
-        for name, value in values.items():
-            default = fields[name].default
-            kwargs[name] = tuple(value) if isinstance(value, list) and isinstance(default, tuple) else value
-        return cls.config_class(**kwargs)
+        return cls.config_class(**check_fields(cls.config_class, values, cls.__name__))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu", **kwargs):
@@ -124,7 +117,7 @@ class PretrainedMixin:
                 raise ValueError(f"{directory}: refusing to load class {meta['class']!r}")
             target = getattr(importlib.import_module(module), name)
             if cls is not PretrainedMixin and not issubclass(target, cls):
-                raise TypeError(f"{directory} holds a {meta['class']}, not a {cls.__name__}")
+                raise ValueError(f"{directory} holds a {meta['class']}, not a {cls.__name__}")
         model = target(target.config_from_dict(meta["config"]), **kwargs)
         missing, unexpected = model.load_state_dict(load_file(directory / "model.safetensors", device=str(map_location)), strict=False)
         if missing or unexpected:

@@ -49,6 +49,26 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def device_option(text: str) -> str:
+    """An argparse ``type`` for ``--device``: a torch device this machine has, else argparse's one-line error
+    (a misspelt device failed deep in torch, and ``cuda`` on a machine without a GPU after the work began)."""
+    import argparse
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count or (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count or 'no'} CUDA device{'s' * (count != 1)}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no MPS device on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text}: ctgen runs on cpu, cuda or mps")
+    return text
+
+
 def process_group_args(device: torch.device) -> dict:
     """``init_process_group`` arguments for this rank's device: NCCL bound to the GPU, or gloo on the CPU."""
     if device.type == "cuda":

@@ -50,6 +50,7 @@ from ctgen.training.ema import EMA
 from ctgen.training.metrics import MetricsWriter
 from ctgen.training.optim import build_optimizer, build_scheduler, param_groups
 from ctprep.memory import peak_rss_bytes
+from ctprep.settings import check_fields
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +106,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """From plain config data (e.g. ``config["train"]["ctvit"]``); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown keys {sorted(unknown)} (known: {sorted(names)})")
-        values = dict(values)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values)
+        """From plain config data (e.g. ``config["train"]["ctvit"]``); unknown keys and values of the wrong type
+        are an error naming the key (``ctprep.settings``)."""
+        return cls(**check_fields(cls, values, "train"))
 
 
 @dataclass(frozen=True)

@@ -282,7 +282,7 @@ def test_the_command_line_scores_a_folder_and_names_mistakes(models, real_run, t
     (tmp_path / "empty").mkdir()
     for change, needle in ((["--generated", str(tmp_path / "gone")], "gone does not exist"),
                            (["--generated", str(tmp_path / "empty")], "no .nii or .nii.gz file"),
-                           (["--settings", "{bootstrapp: 10}"], "unknown evaluation settings: ['bootstrapp']"),
+                           (["--settings", "{bootstrapp: 10}"], "evaluation: unknown keys ['bootstrapp']"),
                            (["--settings", "[1, 2]"], "--settings must be a mapping"),
                            (["--models", str(tmp_path)], "no cascade.json"),
                            (["--tstr", str(tmp_path), str(tmp_path)], "holds no trained classifier")):
