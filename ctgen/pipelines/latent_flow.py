@@ -115,6 +115,20 @@ class LatentSampleSettings:
     decode_window: tuple[int, int, int] | None | str = "config"  # latent decode window; "config": the autoencoder's
     precision: str = "auto"  # "auto": bf16 autocast for the network on CUDA, fp32 on CPU; "fp32"; "bf16"
 
+    def __post_init__(self) -> None:
+        bad = [] if self.steps is None or self.steps >= 1 else [f"steps {self.steps!r}"]
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            bad.append(f"guidance_scale {self.guidance_scale!r}")
+        for name in ("latent_shape", "spacing"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or min(value) <= 0):
+                bad.append(f"{name} {value!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            bad.append(f"precision {self.precision!r}")
+        if bad:
+            raise ValueError(f"sampling settings out of range: {', '.join(bad)} (steps >= 1, guidance >= 0, "
+                             "three positive sizes, precision auto/fp32/bf16)")
+
 
 class LatentFlowPipeline:
     """Inference only; takes one ``torch.Generator`` per volume for reproducible samples."""

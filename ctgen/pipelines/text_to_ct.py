@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,16 @@ class SampleSettings:
     sr_batch_size: int = 64  # slices per super-resolution batch
     super_resolution: bool = True  # False: return the low-res volume (its own, coarser spacing)
     truncate_prompt: bool = False  # True: cut prompts longer than the text encoder takes; False: refuse them
+
+    def __post_init__(self) -> None:
+        bad = [f"{k} {v!r}" for k, v in (("steps", self.steps), ("sr_batch_size", self.sr_batch_size),
+                                          ("num_slices", self.num_slices), ("sr_steps", self.sr_steps))
+               if v is not None and v < 1]
+        bad += [f"{k} {v!r}" for k, v in (("guidance_scale", self.guidance_scale), ("temperature", self.temperature),
+                                          ("sr_guidance_scale", self.sr_guidance_scale))
+                if not (math.isfinite(v) and v >= 0)]
+        if bad:  # the workflow's schema refuses them too; the CLI and the API would have sampled with them
+            raise ValueError(f"sampling settings out of range: {', '.join(bad)} (counts >= 1, scales >= 0)")
 
 
 class TextToCTPipeline:

@@ -233,3 +233,17 @@ def test_the_cascade_refuses_a_generator_trained_on_another_tokenizers_tokens(ti
     (models / "generator" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="generator was trained on tokens of tokenizer@0123456789abcdef"):
         write_cascade_spec(models, preset, models_cfg, {}, [cohort["manifest"]], text_tokenizer=text)
+
+
+def test_sampling_settings_out_of_range_are_refused():
+    """The workflow's schema refuses a negative guidance; the CLI and the API sampled with it."""
+    from ctgen.pipelines.latent_flow import LatentSampleSettings
+    from ctgen.pipelines.text_to_ct import SampleSettings
+
+    for bad in ({"guidance_scale": -3.0}, {"temperature": float("nan")}, {"steps": 0}, {"sr_batch_size": 0}):
+        with pytest.raises(ValueError, match="out of range: " + next(iter(bad))):
+            SampleSettings(**bad)
+    for bad in ({"guidance_scale": -5.0}, {"steps": 0}, {"latent_shape": (4, 0, 4)}, {"precision": "fp16"}):
+        with pytest.raises(ValueError, match="out of range: " + next(iter(bad))):
+            LatentSampleSettings(**bad)
+    assert SampleSettings(guidance_scale=0.0).guidance_scale == 0.0  # unconditional: allowed
