@@ -126,8 +126,15 @@ def _rescaled(data: np.ndarray, slope: float, intercept: float, lo: float, hi: f
     return data.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
+def check_window(lo: float, hi: float) -> None:
+    """An HU window must have its low bound below its high one: [1000, -1000] clipped every voxel to -1000."""
+    if not lo < hi:
+        raise ValueError(f"HU window [{lo:g}, {hi:g}]: the low bound must be below the high one")
+
+
 def clip_hu(vol: Volume, lo: float, hi: float, inplace: bool = False) -> Volume:
     """Clip HU to ``[lo, hi]`` (``inplace`` reuses the array: only for volumes nobody else holds)."""
+    check_window(lo, hi)
     out = vol.array if inplace else np.empty_like(vol.array)
     a, b = lo, hi
     if vol.array.dtype.kind in "iu":  # integer HU: the integer bounds inside [lo, hi] (numpy will not cast floats in)
@@ -154,6 +161,8 @@ def window(lo: float, hi: float, normalise: bool = False) -> Callable[[np.ndarra
     Given to the resampler, which applies it to each output block while it is in cache: the
     same values as clipping and normalising the finished grid, without two more passes over it.
     """
+    check_window(lo, hi)
+
     def apply(block: np.ndarray) -> None:
         np.clip(block, lo, hi, out=block)
         if normalise:

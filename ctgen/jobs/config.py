@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from ctprep.intensity import check_window
 from ctprep.shards import sha256_file
 from ctprep.volume import atomic_write
 
@@ -127,6 +128,7 @@ def hu_window(data: dict[str, Any]) -> tuple[float, float]:
     window = data.get("hu_window")
     if window is None or len(window) != 2:
         raise ValueError("the training config needs data.hu_window: [low, high], the prep preset's HU `clip` window")
+    check_window(float(window[0]), float(window[1]))
     return float(window[0]), float(window[1])
 
 

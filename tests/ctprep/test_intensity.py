@@ -45,3 +45,13 @@ def test_clip_and_normalise_roundtrip():
     n = normalise(c, -1000, 1000)
     assert n.data.min() == -1 and n.data.max() == 1
     np.testing.assert_allclose(denormalise(n.data, -1000, 1000), c.data, atol=1e-3)
+
+
+def test_an_inverted_hu_window_is_refused():
+    """[1000, -1000] clipped every voxel to -1000 without a word."""
+    from ctprep.intensity import check_window, clip_hu, window
+
+    for call in (lambda: check_window(1000, -1000), lambda: window(1000.0, -1000.0),
+                 lambda: clip_hu(Volume.from_3d(np.zeros((2, 2, 2), np.int16), np.eye(4)), 0, 0)):
+        with pytest.raises(ValueError, match="low bound must be below the high one"):
+            call()

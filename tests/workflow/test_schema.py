@@ -147,6 +147,22 @@ def test_snakemake_names_a_misspelt_key_in_one_line(tmp_path):
     assert res.returncode != 0 and "models.preset 'tiny' is not among model_presets" in res.stdout + res.stderr
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"presets": {"demo": {"clip": [1000, -1000]}}}, "presets.demo.clip [1000, -1000]: the low bound must be below"),
+    ({"model_presets": {"demo": {"tokenizer": {"train": {"max_steps": -1}}}}},
+     "model_presets.demo.tokenizer.train: TrainConfig: need max_steps >= 1"),
+    ({"evaluation": {"faithfulness_labels": ["Cardiomegally"]}},
+     "evaluation.faithfulness_labels: not CT-RATE labels: ['Cardiomegally']"),
+])
+def test_values_out_of_range_are_named_before_any_job(tmp_path, edit, message):
+    """An inverted HU window clipped every voxel to -1000; a negative step count or a misspelt label failed in
+    its job, after the jobs before it had run."""
+    res = snakemake(make_workdir(tmp_path, edit), "-n", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and f"config error: {message}" in out, out[-2000:]
+    assert "Traceback" not in out
+
+
 def test_figures_schema_is_figure_config():
     props = yaml.safe_load((SCHEMAS / "config.schema.yaml").read_text())["properties"]["figures"]["properties"]
     assert set(props) == {f.name for f in dataclasses.fields(FigureConfig)}

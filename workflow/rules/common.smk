@@ -56,6 +56,25 @@ def check_prompts():
             )
 
 
+def check_ranges():
+    """Each [low, high] of the config in order (one line, before any job): an inverted HU window clipped
+    every voxel to its first bound."""
+    ranges = [
+        (f"presets.{n}.clip", p["clip"], True) for n, p in config["presets"].items()
+    ]
+    ranges += [
+        (f"demo.{k}", config["demo"][k], False)
+        for k in ("slices", "fov_mm", "z_spacing_mm")
+        if k in config["demo"]
+    ]
+    for key, (lo, hi), strict in ranges:
+        if lo > hi or (strict and lo == hi):
+            sys.exit(
+                f"config error: {key} [{lo}, {hi}]: the low bound must be below the high one"
+            )
+
+
+check_ranges()
 check_preset("prep", "presets")
 check_preset("models", "model_presets")
 check_prompts()
@@ -63,6 +82,36 @@ try:  # the prep grid and every model's sizes fit together
     check_geometry(config)
 except GeometryError as err:
     sys.exit(f"config error: {err}")  # one line naming the keys and a fix, no traceback
+
+
+def check_settings():
+    """The training and scoring settings in range (the schema checks their types): a training preset's
+    `max_steps: -1` or an unknown faithfulness label failed in the job, after the jobs before it ran.
+    """
+    from ctgen.jobs.eval_config import EvalConfig
+    from ctgen.training.loop import TrainConfig
+
+    name = config["models"]["preset"]
+    trains = {
+        f"model_presets.{name}.{model}.train": section["train"]
+        for model, section in config["model_presets"][name].items()
+        if isinstance(section, dict) and "train" in section
+    }
+    slicenet = config["evaluation"].get("slicenet") or {}
+    if "train" in slicenet:
+        trains["evaluation.slicenet.train"] = slicenet["train"]
+    for key, train in trains.items():
+        try:
+            TrainConfig.from_dict(train)
+        except ValueError as err:
+            sys.exit(f"config error: {key}: {err}")
+    try:
+        EvalConfig.from_dict(scoring_settings(config["evaluation"]))
+    except ValueError as err:
+        sys.exit(f"config error: {err}")  # names its evaluation.<key>
+
+
+check_settings()
 PRESET = config["presets"][config["prep"]["preset"]]
 DEMO = config.get("demo", {}).get("enabled", False)
 DICOM = bool(config.get("dicom", {}).get("series_dir"))
