@@ -424,6 +424,13 @@ def verify_manifest(path: str | os.PathLike, checksums: bool = True) -> dict[str
     """
     path = Path(path)
     manifest = load_manifest(path)
+    try:
+        return _verify(path, manifest, checksums)
+    except (KeyError, TypeError, AttributeError) as err:  # a hand-edited or foreign manifest: named, the batch goes on
+        raise ShardError(f"{path.name}: malformed manifest (missing or wrong {err})") from err
+
+
+def _verify(path: Path, manifest: dict[str, Any], checksums: bool) -> dict[str, Any]:
     expected_members = sorted(manifest["format"]["members"])
     total, total_bytes = 0, 0
     for shard in manifest["shards"]:

@@ -384,3 +384,21 @@ def test_prep_and_shard_chunk_pack_the_prepared_payloads_as_they_are(tmp_path, d
             assert g["meta.json"]["labels"][ctrate.LABELS[2]] is None
             assert g["meta.json"]["source"] == row["path"] and g["meta.json"]["dtype"] == "int16"
             assert [h["op"] for h in g["meta.json"]["history"]][-2:] == ["resample", "clip"]
+
+
+def test_a_malformed_manifest_is_named_and_the_others_are_still_checked(tmp_path, capsys):
+    """A manifest with a shard lacking its sha256 stopped `verify-shards` with a KeyError before the next one."""
+    import json as _json
+
+    from ctgen.data.shards import verify_shards_main
+
+    write_shards(make_samples(), tmp_path, "train", shard_size=2, split="train")
+    good = tmp_path / "train.manifest.json"
+    bad = _json.loads(good.read_text())
+    del bad["shards"][0]["sha256"]
+    (tmp_path / "bad.json").write_text(_json.dumps(bad))
+    code = verify_shards_main([str(tmp_path / "bad.json"), str(good)])
+    report = _json.loads(capsys.readouterr().out)
+    assert code == 1 and report["errors"] == {str(tmp_path / "bad.json"): "bad.json: malformed manifest (missing or "
+                                                                            "wrong 'sha256')"}
+    assert report["n_samples"] == 5  # the good one was still checked
