@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ctprep import __version__
-from ctprep.errors import DEBUG_ENV, UserError, positive_int, run_reporting_errors, split_global_flags
+from ctprep.errors import DEBUG_ENV, UserError, positive_int, read_json, run_reporting_errors, split_global_flags
 
 logger = logging.getLogger("ctprep")
 
@@ -42,7 +41,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     presets = cfg.get("presets", {})
     if args.preset not in presets:
         raise UserError(f"unknown preset {args.preset!r}; config has {sorted(presets)}")
-    row = json.loads(Path(args.metadata_row).read_text()) if args.metadata_row else None
+    row = read_json(args.metadata_row, "metadata row") if args.metadata_row else None
     dataset = {**cfg.get("dataset", {}), "geometry": "metadata" if row else "header"}
     if args.intensity is not None:  # else the config's dataset.intensity (else ctprep.preprocess's default)
         dataset["intensity"] = args.intensity

@@ -108,6 +108,26 @@ def _report(prog: str, message: str) -> int:
     return EXIT_USAGE
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A user's text file, as UTF-8; one that is not text is named (``not UTF-8 text`` alone named no file)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON", mapping: bool = True):
+    """A user's JSON file (a mapping, unless ``mapping`` is False), named with what is wrong with it."""
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid {what}: {err}") from None
+    if mapping and not isinstance(value, dict):
+        raise UserError(f"{path} is not valid {what}: expected an object, got {type(value).__name__}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type``: an integer >= 1, else argparse's one-line error naming the option."""
     try:

@@ -134,9 +134,9 @@ def write_labeller_eval(jsonl_path, out_tsv, out_json, out_html=None) -> dict:
     The held-out part (``ctprep.reports.evaluate.split_of``) was kept aside while the rules were
     written; its score is the honest estimate of how the labeller does on unseen reports.
     """
-    from ctprep.reports.evaluate import evaluate, split_of
+    from ctprep.reports.evaluate import evaluate, read_labelled, split_of
 
-    rows = [json.loads(line) for line in Path(jsonl_path).read_text().splitlines() if line.strip()]
+    rows = read_labelled(jsonl_path)
     parts = {"all": None, "dev": [r["id"] for r in rows if split_of(r["id"]) == "dev"],
              "heldout": [r["id"] for r in rows if split_of(r["id"]) == "heldout"]}
     results = {name: evaluate(jsonl_path, ids) for name, ids in parts.items()}

@@ -82,6 +82,13 @@ def files(tmp_path):
     out["list_json"].write_text("[1, 2]\n")
     out["tokens_manifest"] = tmp_path / "tokens.json"  # derived shards where volume shards are read
     out["tokens_manifest"].write_text('{"format": {"kind": "tokens", "version": "ctgen.derived/1"}, "shards": []}\n')
+    out["misspelt_labels"] = tmp_path / "labelled.jsonl"
+    out["misspelt_labels"].write_text('{"id": "r1", "text": "Cardiomegaly.", "labels": {"Cardiomegally": 1}}\n')
+    out["broken_models"] = tmp_path / "broken"  # a models folder whose spec is cut short
+    out["broken_models"].mkdir()
+    (out["broken_models"] / "cascade.json").write_text('{"grid": {"spacing": [1')
+    out["binary"] = tmp_path / "prompts.txt"
+    out["binary"].write_bytes(b"\xff\xfe\x00caf\xe9\n")
     out["reports"] = tmp_path / "reports.jsonl"
     out["reports"].write_text('{"id": "r1", "findings": "No effusion."}\n[1, 2]\n')
     return out
@@ -134,6 +141,9 @@ CTGEN_MISTAKES = {
                     "cuda:7: this machine has"),
     "manifest not a manifest": (["train", "classifier", "--config", "{one_step}", "--manifests", "{list_json}",
                                  "--out", "{dir}/o"], "list.json is not a shard manifest"),
+    "spec cut short": (["sample", "--models", "{broken_models}", "--prompt", "x", "--out", "{dir}/x.nii.gz"],
+                       "cascade.json is not valid sampling spec"),
+    "runs to compare not text": (["compare", "{binary}", "{binary}"], "prompts.txt is not an evaluation's per_volume"),
     "token shards as volumes": (["train", "classifier", "--config", "{one_step}", "--manifests", "{tokens_manifest}",
                                  "--out", "{dir}/o"], "lists tokens shards, where volume shards are expected"),
 }
@@ -154,6 +164,8 @@ CTPREP_MISTAKES = {
     "report config missing": (["parse-report", "--config", "{dir}/none.yaml"], "none.yaml not found"),
     "reports not JSON objects": (["parse-report", "--jsonl", "{reports}", "{dir}/out.jsonl"], "reports.jsonl:2"),
     "labelled reports missing": (["evaluate-parser", "{dir}/none.jsonl"], "none.jsonl"),
+    "misspelt label": (["evaluate-parser", "{misspelt_labels}"], "labelled.jsonl:1: not CT-RATE labels: ['Cardiomegally']"),
+    "no labelled reports": (["evaluate-parser", "{empty_txt}"], "empty.txt: no labelled reports"),
     "output folder is a file": (["preprocess", str(REPO / "tests/data/example_ct_sm.nii.gz"), "{text}/o.nii.gz",
                                  "--preset", "demo", "--config", str(REPO / "config.yaml")],
                                 "text.txt is a file, where a folder is to be made"),

@@ -31,7 +31,8 @@ from ctgen.jobs.eval_config import EvalConfig
 from ctgen.metrics.faithfulness import auroc
 from ctgen.metrics.permutation import paired_permutation_test, paired_swap_test
 from ctgen.metrics.summary import MetricValue, bootstrap_ci, stems_hash, thin
-from ctprep.errors import UserError
+from ctprep.errors import UserError, describe
+from ctprep.volume import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,10 @@ def compare_runs(a_csv, b_csv, out_csv=None, n_permutations: int = 10_000, seed:
     """
     tables, labels = [], []
     for path in (a_csv, b_csv):
-        table = pd.read_csv(path, dtype={KEY: str})
+        try:
+            table = pd.read_csv(path, dtype={KEY: str})
+        except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise UserError(f"{path} is not an evaluation's per_volume.csv: {describe(err)}") from None
         if KEY not in table.columns or not (set(PER_VOLUME) & set(table.columns) or label_columns(table)):
             raise UserError(f"{path} is not an evaluation's per_volume.csv: it needs a {KEY} column and a metric "
                             f"column ({', '.join(PER_VOLUME)} or p_<label> with y_<label>)")
@@ -205,7 +209,7 @@ def compare_runs(a_csv, b_csv, out_csv=None, n_permutations: int = 10_000, seed:
     out = as_table(paired_differences(*tables, names=("a", "b"), labels=shared, n_permutations=n_permutations,
                                       seed=seed))
     if out_csv:
-        out.to_csv(out_csv, index=False)
+        atomic_write(out_csv, lambda tmp: out.to_csv(tmp, index=False))  # its folder made, as other outputs'
     return out
 
 

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
-from ctprep.errors import UserError
+from ctprep.errors import UserError, read_text
+
+
+def row_id(row: dict, index: int) -> str:
+    """A row's id: its ``id`` or ``VolumeName``, else its place among the rows (0 for the first, in every format)."""
+    return str(row.get("id") or row.get("VolumeName") or index)
 
 
 def read_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) of a CSV (line 1: the header) or a JSON-lines file."""
+    """(line number, row) of a CSV (line 1: the header) or a JSON-lines file; a CSV row's number is the line it
+    starts on (a quoted report over several lines moved every later one's)."""
+    text = read_text(path)
     if path.suffix == ".csv":
-        with open(path, newline="") as fh:
-            return [(n, row) for n, row in enumerate(csv.DictReader(fh), 2)]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        reader.fieldnames  # noqa: B018 - reads the header, so that line_num counts from it
+        rows, last = [], reader.line_num
+        for row in reader:
+            rows.append((last + 1, row))
+            last = reader.line_num
+        return rows
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

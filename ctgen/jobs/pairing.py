@@ -14,7 +14,6 @@ preset's spacing and shape, canonical RAS, the HU window): a volume already on i
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ import pandas as pd
 
 from ctgen.data.layout import to_model_layout
 from ctprep.ctrate import LABELS, canonical_name, volume_key
-from ctprep.errors import UserError
+from ctprep.errors import UserError, read_json
 from ctprep.volume import Volume, VolumeError
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,10 @@ class Grid:
     @classmethod
     def from_spec(cls, path: str | Path) -> Grid:
         """From a generator spec (cascade.json, latent_flow.json): the grid of the shards the models trained on."""
-        g = json.loads(Path(path).read_text())["grid"]
+        spec = read_json(path, "sampling spec")
+        if not isinstance(spec.get("grid"), dict):
+            raise UserError(f"{path} is not a sampling spec (cascade.json or latent_flow.json): it has no grid")
+        g = spec["grid"]
         return cls(tuple(map(float, g["spacing"])), tuple(map(int, g["shape"])), tuple(map(float, g["clip"])))
 
     @classmethod

@@ -12,9 +12,9 @@ import torch
 from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline
 from ctgen.export import dicom_from_nifti
 from ctgen.export.samples import write_samples
-from ctgen.jobs.inputs import read_rows
+from ctgen.jobs.inputs import read_rows, row_id
 from ctgen.training.distributed import device_option
-from ctprep.errors import UserError
+from ctprep.errors import UserError, read_json, read_text
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,16 @@ def read_prompts(path: str | Path, template: str | None = None,
     if path.suffix in (".csv", ".jsonl", ".json"):
         rows = read_rows(path)
         out = []
-        for n, row in rows:
+        for i, (n, row) in enumerate(rows):
             try:
                 prompt = _row_prompt(row, template, rendering)
             except KeyError as err:  # a template field the report lacks
                 raise UserError(f"{path}:{n}: the report has no {err} for the prompt template") from None
             except ValueError as err:
                 raise UserError(f"{path}:{n}: {err}") from None
-            out.append((str(row.get("id") or row.get("VolumeName") or n - 1), prompt))
+            out.append((row_id(row, i), prompt))
     else:
-        lines = [line.strip() for line in path.read_text().splitlines()]
+        lines = [line.strip() for line in read_text(path).splitlines()]
         out = [(f"prompt{i:04d}", model_prompt(line, template, rendering)) for i, line in enumerate(lines) if line]
     if not out:
         raise UserError(f"prompts file {path} holds no prompts")
@@ -158,7 +158,7 @@ def _cascade_spec(models: str | Path) -> dict:
     path = Path(models) / CASCADE
     if not path.is_file():
         raise UserError(f"{models} is not a trained cascade: {CASCADE} is missing (run the workflow's `cascade` rule)")
-    return json.loads(path.read_text())
+    return read_json(path, "sampling spec")
 
 
 def _held_family(models: str | Path) -> str:

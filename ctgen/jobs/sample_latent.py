@@ -13,16 +13,15 @@ settings, weight hashes and the spacing's source, an optional DICOM series, and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from ctgen.export import dicom_from_nifti
-from ctgen.jobs.inputs import read_rows
+from ctgen.jobs.inputs import read_rows, row_id
 from ctgen.pipelines.latent_flow import SPEC, LatentFlowPipeline, LatentSampleSettings
-from ctprep.errors import UserError
+from ctprep.errors import UserError, read_json
 
 SEGMENT_COLUMNS = ("findings", "impression", "structured")
 #: the key of a report given as one free text (not split into sections)
@@ -66,7 +65,7 @@ def latent_spec(models: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{models} holds no trained latent flow model: {SPEC} is missing "
                         "(run the workflow's `latent_flow_spec` rule)")
-    return json.loads(path.read_text())
+    return read_json(path, "sampling spec")
 
 
 def read_sections(path: str | Path) -> list[tuple[str, dict[str, str]]]:
@@ -78,13 +77,13 @@ def read_sections(path: str | Path) -> list[tuple[str, dict[str, str]]]:
         lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         return [(f"prompt{i:04d}", {REPORT: line}) for i, line in enumerate(lines)]
     out = []
-    for n, row in read_rows(path):
+    for i, (n, row) in enumerate(read_rows(path)):
         sections = {k: str(row[k]) for k in SEGMENT_COLUMNS if isinstance(row.get(k), str) and row[k].strip()}
         if not sections and (row.get("prompt") or row.get("text")):
             sections = {REPORT: str(row.get("prompt") or row.get("text"))}
         if not sections:
             raise UserError(f"{path}:{n}: no findings, impression, structured or prompt text to condition on")
-        out.append((str(row.get("id") or row.get("VolumeName") or n - 1), sections))
+        out.append((row_id(row, i), sections))
     if not out:
         raise UserError(f"prompts file {path} holds no reports")
     return out

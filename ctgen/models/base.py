@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ctgen.models.card import write_model_card
+from ctprep.errors import read_json
 from ctprep.settings import check_fields
 from ctprep.volume import atomic_write
 
@@ -109,7 +110,7 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu", **kwargs):
         directory = Path(directory)
-        meta = json.loads((directory / "config.json").read_text())
+        meta = read_json(directory / "config.json", "model config")
         target = cls
         if cls is PretrainedMixin or meta["class"] != f"{cls.__module__}.{cls.__qualname__}":
             module, _, name = meta["class"].rpartition(".")

@@ -7,12 +7,12 @@ loads its EMA weights where the training kept them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ctgen.models.text_encoders import REPORT_ENCODER_DIR
+from ctprep.errors import read_json
 from ctprep.shards import sha256_file
 
 
@@ -35,7 +35,7 @@ def read_spec(models_dir: Path, name: str, missing_hint: str) -> dict:
     path = models_dir / name
     if not path.is_file():
         raise FileNotFoundError(f"{models_dir} {missing_hint}: {name} is missing")
-    spec = json.loads(path.read_text())
+    spec = read_json(path, "sampling spec")
     for model, digest in spec.get("weights", {}).items():
         weights = models_dir / model / "model.safetensors"
         if not weights.is_file():

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ctprep.ctrate import LABELS
+from ctprep.errors import UserError, read_text
 from ctprep.reports.pipeline import get_parser
 from ctprep.stats import bootstrap_ci
 
@@ -80,11 +81,35 @@ def score(pairs: Iterable[tuple[dict[str, int], dict[str, int]]], n_boot: int = 
             "ci": f"bootstrap 95% over the {n} reports, {n_boot} resamples"}
 
 
+def read_labelled(jsonl_path: str | Path) -> list[dict]:
+    """The reference rows, each checked: a JSON object with an ``id``, the report, and ``labels`` naming CT-RATE
+    labels with 0/1 (a misspelt label counted as absent and changed the F1 without a word); named by line."""
+    rows = []
+    for n, line in enumerate(read_text(jsonl_path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{jsonl_path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where}: not valid JSON: {err}") from None
+        if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("labels"), dict):
+            raise UserError(f"{where}: expected an object with an id, the report and its labels")
+        unknown = sorted(set(row["labels"]) - set(LABELS))
+        if unknown:
+            raise UserError(f"{where}: not CT-RATE labels: {unknown}")
+        if any(v not in (0, 1) for v in row["labels"].values()):
+            raise UserError(f"{where}: labels are 0 or 1")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{jsonl_path}: no labelled reports")
+    return rows
+
+
 def evaluate(jsonl_path: str | Path, ids: Iterable[str] | None = None) -> dict:
     """Score the parser's labels on the reference JSONL (only rows whose id is in ``ids``, if given)."""
     keep = None if ids is None else set(ids)
-    rows = [json.loads(line) for line in Path(jsonl_path).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if keep is None or r["id"] in keep]
+    rows = [r for r in read_labelled(jsonl_path) if keep is None or r["id"] in keep]
     parsed = get_parser().pipe(_report_input(r) for r in rows)
     result = score((p.labels, r["labels"]) for p, r in zip(parsed, rows))
     logger.info("evaluated %d reports: macro-F1 %.3f %s, micro-F1 %.3f %s", result["n_reports"], result["macro_f1"],
@@ -119,7 +144,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     ids = None
     if args.split != "all":
-        ids = [json.loads(line)["id"] for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
+        ids = [r["id"] for r in read_labelled(args.jsonl)]
         ids = [i for i in ids if split_of(i) == args.split]
     result = evaluate(args.jsonl, ids)
     result["split"] = args.split

@@ -247,3 +247,19 @@ def test_sampling_settings_out_of_range_are_refused():
         with pytest.raises(ValueError, match="out of range: " + next(iter(bad))):
             LatentSampleSettings(**bad)
     assert SampleSettings(guidance_scale=0.0).guidance_scale == 0.0  # unconditional: allowed
+
+
+def test_prompt_rows_are_named_by_the_line_they_start_on(tmp_path):
+    """A quoted report over several lines moved the line every later row's message named; rows without an id are
+    numbered from 0 in every format."""
+    from ctgen.jobs.inputs import read_rows, row_id
+
+    csv_path = tmp_path / "r.csv"
+    csv_path.write_text('findings,impression\n"Line one.\nLine two.\nLine three.",Normal.\nA.,B.\n')
+    assert [n for n, _ in read_rows(csv_path)] == [2, 5]
+    jsonl = tmp_path / "r.jsonl"
+    jsonl.write_text('\n{"findings": "A."}\n{"findings": "B."}\n')
+    rows = read_rows(jsonl)
+    assert [n for n, _ in rows] == [2, 3]
+    assert [row_id(r, i) for i, (_, r) in enumerate(rows)] == ["0", "1"]
+    assert [row_id(r, i) for i, (_, r) in enumerate(read_rows(csv_path))] == ["0", "1"]
