@@ -17,8 +17,34 @@ from ctprep.errors import DEBUG_ENV, UserError, positive_int, read_json, run_rep
 logger = logging.getLogger("ctprep")
 
 
-def _load_config(path: str | None, required: bool = True) -> dict | None:
-    """config.yaml from --config, $CTGEN_CONFIG or the working folder (None if not required and none is found)."""
+#: The workflow's config schema: the one description of every config key (types, ranges, unknown keys)
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def check_sections(cfg: dict, sections: tuple[str, ...], where: str = "config") -> None:
+    """The ``sections`` of ``cfg`` a command reads, against the workflow's schema: a wrong type, a value out of
+    range or a misspelt key is named in one line (``presets.demo: [1, 2]`` failed with an AttributeError, a
+    typo of a demo key was ignored). Skipped where the schema or jsonschema (the ``workflow`` extra) is absent."""
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    if not SCHEMA.is_file():
+        return
+    full = yaml.safe_load(SCHEMA.read_text())
+    # a command reads a section's keys with their defaults: the workflow's required keys are not required here
+    props = {s: {k: v for k, v in full["properties"][s].items() if k != "required"}
+             for s in sections if s in full.get("properties", {})}
+    schema = {"definitions": full.get("definitions", {}), "type": "object", "properties": props}
+    err = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors({s: cfg[s] for s in sections if s in cfg}))
+    if err is not None:
+        raise UserError(f"{where} {'.'.join(map(str, err.absolute_path))}: {err.message}")
+
+
+def _load_config(path: str | None, required: bool = True, sections: tuple[str, ...] = ()) -> dict | None:
+    """config.yaml from --config, $CTGEN_CONFIG or the working folder (None if not required and none is found);
+    the ``sections`` the command reads are checked against the workflow's schema."""
     if path and not Path(path).is_file():
         raise UserError(f"config {path} not found")
     for c in (path, os.environ.get("CTGEN_CONFIG"), "config.yaml"):
@@ -27,6 +53,7 @@ def _load_config(path: str | None, required: bool = True) -> dict | None:
                 cfg = yaml.safe_load(fh)
             if not isinstance(cfg, dict):
                 raise UserError(f"config {c} is not a YAML mapping of sections")
+            check_sections(cfg, sections, f"config {c}:")
             return cfg
     if required:
         raise UserError("no config found: pass --config PATH (the project's config.yaml holds the presets)")
@@ -37,7 +64,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from ctprep.preprocess import preprocess_volume
     from ctprep.volume import load_nifti, save_nifti
 
-    cfg = _load_config(args.config)
+    cfg = _load_config(args.config, sections=("presets", "dataset"))
     presets = cfg.get("presets", {})
     if args.preset not in presets:
         raise UserError(f"unknown preset {args.preset!r}; config has {sorted(presets)}")
@@ -70,7 +97,7 @@ def cmd_dicom2nifti(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ctprep.demo import write_demo_cohort
 
-    cfg = (_load_config(args.config, required=False) or {}).get("demo") or {}
+    cfg = (_load_config(args.config, required=False, sections=("demo",)) or {}).get("demo") or {}
     if args.seed is not None:
         cfg = {**cfg, "seed": args.seed}
     write_demo_cohort(args.root, cfg)
@@ -80,7 +107,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_cohort(args: argparse.Namespace) -> int:
     from ctprep.cohort import write_cohort
 
-    config = _load_config(args.config, required=args.n_chunks is None) or {}
+    config = _load_config(args.config, required=args.n_chunks is None, sections=("prep", "dataset")) or {}
     prep, dataset = config.get("prep") or {}, config.get("dataset") or {}
     n_chunks = args.n_chunks if args.n_chunks is not None else prep.get("n_chunks")
     if n_chunks is None:

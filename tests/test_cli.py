@@ -89,6 +89,14 @@ def files(tmp_path):
     (out["broken_models"] / "cascade.json").write_text('{"grid": {"spacing": [1')
     out["binary"] = tmp_path / "prompts.txt"
     out["binary"].write_bytes(b"\xff\xfe\x00caf\xe9\n")
+    base = yaml.safe_load((REPO / "config.yaml").read_text())
+    for name, edit in (("preset_typo", lambda c: c["presets"]["demo"].update(spacng=[1, 1, 1])),
+                       ("preset_list", lambda c: c["presets"].update(demo=[1, 2])),
+                       ("demo_typo", lambda c: c["demo"].update(n_trian_patients=3))):
+        cfg = yaml.safe_load(yaml.safe_dump(base))
+        edit(cfg)
+        out[name] = tmp_path / f"{name}.yaml"
+        out[name].write_text(yaml.safe_dump(cfg))
     out["reports"] = tmp_path / "reports.jsonl"
     out["reports"].write_text('{"id": "r1", "findings": "No effusion."}\n[1, 2]\n')
     return out
@@ -164,6 +172,11 @@ CTPREP_MISTAKES = {
     "report config missing": (["parse-report", "--config", "{dir}/none.yaml"], "none.yaml not found"),
     "reports not JSON objects": (["parse-report", "--jsonl", "{reports}", "{dir}/out.jsonl"], "reports.jsonl:2"),
     "labelled reports missing": (["evaluate-parser", "{dir}/none.jsonl"], "none.jsonl"),
+    "preset key misspelt": (["preprocess", "{manifest}", "{dir}/o.nii.gz", "--preset", "demo", "--config",
+                             "{preset_typo}"], "presets.demo: Additional properties are not allowed ('spacng'"),
+    "preset not a mapping": (["preprocess", "{manifest}", "{dir}/o.nii.gz", "--preset", "demo", "--config",
+                              "{preset_list}"], "presets.demo: [1, 2] is not of type 'object'"),
+    "demo key misspelt": (["demo", "{dir}/ds", "--config", "{demo_typo}"], "('n_trian_patients' was unexpected)"),
     "misspelt label": (["evaluate-parser", "{misspelt_labels}"], "labelled.jsonl:1: not CT-RATE labels: ['Cardiomegally']"),
     "no labelled reports": (["evaluate-parser", "{empty_txt}"], "empty.txt: no labelled reports"),
     "output folder is a file": (["preprocess", str(REPO / "tests/data/example_ct_sm.nii.gz"), "{text}/o.nii.gz",
