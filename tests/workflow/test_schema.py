@@ -13,7 +13,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from ctgen.jobs import schema as gen
-from ctgen.jobs.figure_list import FIGURES, TABLES
+from ctgen.jobs.figure_list import FIGURES, LABEL_TABLES, TABLES
 from ctgen.jobs.figures import FigureConfig
 from ctgen.jobs.train import VolumeData, fit_text_dims
 from ctgen.models.autoencoder import MaisiAutoencoder
@@ -122,6 +122,7 @@ def test_the_presets_validate_and_build_their_configs():
     ("evaluation.guidance_scale", 3.0, "'guidance_scale' was unexpected"),
     ("figures.window", "bone", "'bone' is not one of"),
     ("presets.demo.spacing", [5.0, 5.0], "is too short"),
+    ("figure", {"dpi": 10}, "'figure' was unexpected"),  # a misspelt section
 ])
 def test_a_wrong_key_or_type_is_named(path, value, message):
     with pytest.raises(WorkflowError) as err:
@@ -131,7 +132,7 @@ def test_a_wrong_key_or_type_is_named(path, value, message):
     on = ".".join(path.split(".")[:-1]) if "unexpected" in message else path
     if path.startswith("model_presets.mine"):
         on = "model_presets.mine"
-    assert "On instance" + "".join(f"[{k!r}]" for k in on.split(".")) in text, text[-800:]
+    assert "On instance" + "".join(f"[{k!r}]" for k in on.split(".") if k) in text, text[-800:]
 
 
 def test_snakemake_names_a_misspelt_key_in_one_line(tmp_path):
@@ -180,7 +181,7 @@ def test_sampling_defaults_are_the_pipeline_defaults():
 
 def test_every_figure_has_a_caption_and_every_caption_a_figure():
     captions = {p.stem for p in (REPO / "workflow/report").glob("*.rst")} - {"workflow"}
-    assert captions == set(FIGURES) | {f"table_{name}" for name in TABLES}
+    assert captions == set(FIGURES) | {f"table_{name}" for name in TABLES} | set(LABEL_TABLES)
     assert all((REPO / f"workflow/report/{name}.rst").read_text().strip() for name in captions)
 
 
