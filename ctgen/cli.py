@@ -30,6 +30,12 @@ NEEDS = {"tokenizer": ("manifests",), "generator": ("tokens",), "superres": ("ma
 #: Data keys that name input files (checked to exist before any work starts).
 INPUT_FILES = ("manifests", "tokens", "latents", "probe_latents", "text_cache", "text_tokenizer", "recon",
                "prompts", "labels", "cohort")
+#: Every key a training config's ``data`` section may hold: its inputs, what the workflow adds (the prep grid's
+#: window, the in-plane factor, the prompt, the splits, the stream's settings) and the presets' own data options
+#: (ctgen.jobs.schema's data classes); a misspelt one was ignored and its default used
+DATA_KEYS = frozenset(INPUT_FILES) | {"hu_window", "lowres_scale", "prompt", "splits", "max_length", "shuffle_buffer",
+                                     "verify_shards", "augment", "slices_per_volume", "patch_size",
+                                     "text_probe_latents", "sections"}
 
 
 def device_option(text: str) -> str:
@@ -44,6 +50,9 @@ def _check_sections(cfg: dict, path: str) -> None:
             raise UserError(f"{path}: `{key}` must be a mapping of settings, not {cfg.get(key)!r}")
     if cfg.get("text_encoder") is not None and not isinstance(cfg["text_encoder"], dict):
         raise UserError(f"{path}: `text_encoder` must be a mapping of settings")
+    unknown = sorted(set(cfg["data"]) - DATA_KEYS)
+    if unknown:
+        raise UserError(f"{path}: data: unknown keys {unknown} (known: {sorted(DATA_KEYS)})")
 
 
 def _check_inputs(model: str, data: dict) -> None:
@@ -54,7 +63,8 @@ def _check_inputs(model: str, data: dict) -> None:
         values = data.get(key) or []
         for value in values if isinstance(values, list) else [values]:
             if not Path(str(value)).is_file():
-                raise UserError(f"--{key.replace('_', '-')}: {value} does not exist")
+                what = "is a folder, not a file" if Path(str(value)).is_dir() else "does not exist"
+                raise UserError(f"--{key.replace('_', '-')}: {value} {what}")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -63,6 +63,7 @@ def files(tmp_path):
                           ("bad_train_key", {"model": {}, "train": {"max_steps": 1, "lr_typo": 1e-3}}),
                           ("no_sections", {"model": {}}),
                           ("text_lr", {"model": {}, "train": {"max_steps": 1, "lr": "1e-3"}}),
+                          ("data_typo", {"model": {}, "train": {"max_steps": 1}, "data": {"slices_per_volum": 4}}),
                           ("one_step", {"model": {"channels": [8, 16], "blocks": [1, 1]}, "train": {"max_steps": 1},
                                         "data": {"hu_window": [-1000, 1000]}}),
                           ("bad_augment", {"model": {}, "train": {"max_steps": 1}, "data": {"augment": {"flipw": True}}})):
@@ -139,6 +140,10 @@ CTGEN_MISTAKES = {
     "zero steps": (["sample", "--models", "{dir}", "--prompt", "x", "--out", "{dir}/x.nii.gz", "--steps", "0"],
                    "not a positive integer"),
     "manifest to verify missing": (["verify-shards", "{dir}/gone.json"], "no such file: "),
+    "data key misspelt": (["train", "superres", "--config", "{data_typo}", "--manifests", "{manifest}",
+                           "--out", "{dir}/o"], "data: unknown keys ['slices_per_volum']"),
+    "folder as input file": (["train", "classifier", "--config", "{bad_train_key}", "--manifests", "{dir}",
+                              "--out", "{dir}/o"], "is a folder, not a file"),
     "number read as text": (["train", "classifier", "--config", "{text_lr}", "--manifests", "{manifest}",
                              "--out", "{dir}/o"], "train.lr: '1e-3' is not a number (YAML reads 1e-3 as text"),
     "augmentation typo": (["train", "classifier", "--config", "{bad_augment}", "--manifests", "{manifest}",
@@ -494,3 +499,15 @@ def test_license_and_citation_match_the_package():
     assert cff["cff-version"] == "1.2.0" and cff["version"] == project["version"] and cff["license"] == "Apache-2.0"
     assert cff["authors"] == [{"name": "ctgen contributors"}] and cff["title"].startswith("ctgen")
     assert "repository-code" not in cff and "url" not in cff  # no made-up address
+
+
+def test_every_data_option_of_a_preset_is_a_known_data_key():
+    """ctgen train refuses a data key it does not know: every preset's data options must be known to it."""
+    import dataclasses
+
+    from ctgen.cli import DATA_KEYS
+    from ctgen.jobs.schema import MODELS
+
+    for model, (_, sections) in MODELS.items():
+        if "data" in sections:
+            assert {f.name for f in dataclasses.fields(sections["data"])} <= DATA_KEYS, model
