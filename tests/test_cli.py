@@ -19,7 +19,7 @@ import yaml
 from ctgen import cli as ctgen_cli
 from ctprep import __version__
 from ctprep import cli as ctprep_cli
-from ctprep.errors import DEBUG_ENV, MissingExtra
+from ctprep.errors import DEBUG_ENV, MissingExtra, UserError
 
 from tests.ctgen.conftest import cohort, one_torch_thread, tiny_cascade
 
@@ -140,6 +140,12 @@ CTGEN_MISTAKES = {
     "zero steps": (["sample", "--models", "{dir}", "--prompt", "x", "--out", "{dir}/x.nii.gz", "--steps", "0"],
                    "not a positive integer"),
     "manifest to verify missing": (["verify-shards", "{dir}/gone.json"], "no such file: "),
+    "vlm3d config not a config": (["vlm3d-score", "--generated", "{dir}", "--real", "{dir}", "--out", "{dir}/v",
+                                   "--config", "{list_json}"],
+                                  "is not a config.yaml with an evaluation.vlm3d mapping"),
+    "vlm3d count not a number": (["vlm3d-score", "--generated", "{dir}", "--real", "{dir}", "--out", "{dir}/v",
+                                  "--num-images", "abc"],
+                                 "--num-images: not an integer: 'abc'"),
     "data key misspelt": (["train", "superres", "--config", "{data_typo}", "--manifests", "{manifest}",
                            "--out", "{dir}/o"], "data: unknown keys ['slices_per_volum']"),
     "folder as input file": (["train", "classifier", "--config", "{bad_train_key}", "--manifests", "{dir}",
@@ -511,3 +517,28 @@ def test_every_data_option_of_a_preset_is_a_known_data_key():
     for model, (_, sections) in MODELS.items():
         if "data" in sections:
             assert {f.name for f in dataclasses.fields(sections["data"])} <= DATA_KEYS, model
+
+
+def test_inputs_of_the_wrong_kind_are_named(tmp_path):
+    """A text file as a text tokenizer, a prompts table without its columns or with an empty prompt, a cohort
+    without VolumeName: each named, where a KeyError or the tokenizers library's bare Exception was raised."""
+    import pandas as pd
+
+    from ctgen.jobs.ceiling import _prompts_table
+    from ctgen.jobs.text import section_texts
+    from ctgen.models.text_encoders import ReportTokenizer
+
+    text = tmp_path / "t.json"
+    text.write_text("hello\n")
+    with pytest.raises(ValueError, match="t.json is not a text tokenizer"):
+        ReportTokenizer.load(text)
+    csv = tmp_path / "p.csv"
+    csv.write_text("name,text\na,b\n")
+    with pytest.raises(UserError, match="p.csv is not a prompts CSV .*no id, prompt column"):
+        _prompts_table(csv, ("id", "prompt"))
+    csv.write_text("id,prompt\nvalid_1_a_1,Cardiomegaly.\nvalid_2_a_1,\n")
+    with pytest.raises(UserError, match="p.csv:3: empty prompt"):
+        _prompts_table(csv, ("id", "prompt"))
+    pd.DataFrame({"name": ["x"]}).to_parquet(tmp_path / "c.parquet")
+    with pytest.raises(ValueError, match="c.parquet is not a cohort table"):
+        section_texts(tmp_path / "c.parquet", tmp_path / "c.parquet")

@@ -118,8 +118,8 @@ def _prompt(raw: dict[str, Any], template: str | None) -> str:
     if template and template in prompts:
         return prompts[template]
     if template and prompts:
-        raise KeyError(f"{raw.get('__url__')}: sample {raw['__key__']} has no prompt {template!r} "
-                       f"(it has {sorted(prompts)})")
+        raise ValueError(f"{raw.get('__url__')}: sample {raw['__key__']} has no prompt {template!r} "
+                         f"(it has {sorted(prompts)}): data.prompt names a prompt the shards do not hold")
     return raw["prompt.txt"]
 
 

@@ -33,7 +33,7 @@ from ctgen.jobs.pairing import BadVolume, Grid, RealSet, read_labels
 from ctgen.jobs.score import label_aurocs
 from ctgen.metrics.summary import stems_hash
 from ctprep.ctrate import LABELS, volume_key
-from ctprep.errors import UserError
+from ctprep.errors import UserError, describe
 from ctprep.logs import progress
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,22 @@ StageFn = Callable[[torch.Tensor, str, int], Sequence[torch.Tensor]]  # (scan (1
 
 
 @torch.no_grad()
+def _prompts_table(path: str | Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """A prompts CSV (``id`` and ``prompt``, as the sample_prompts rule writes it), each needed cell filled."""
+    try:
+        table = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise UserError(f"{path} is not a prompts CSV: {describe(err)}") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise UserError(f"{path} is not a prompts CSV (id, prompt): it has no {', '.join(missing)} column")
+    for c in columns:
+        blank = table.index[table[c].astype(str).str.strip() == ""]
+        if len(blank):
+            raise UserError(f"{path}:{int(blank[0]) + 2}: empty {c}")
+    return table
+
+
 def cascade_ceiling(models_dir: str | Path, prompts_csv: str | Path, reference: list[str], out_csv: str | Path,
                     settings: EvalConfig | dict | None = None, device: str | None = None, sr_steps: int | None = None,
                     seed: int = 0, labels: str | Path | None = None) -> pd.DataFrame:
@@ -55,7 +71,7 @@ def cascade_ceiling(models_dir: str | Path, prompts_csv: str | Path, reference: 
     from ctgen.pipelines.text_to_ct import TextToCTPipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    prompts = pd.read_csv(prompts_csv, dtype={"id": str})
+    prompts = _prompts_table(prompts_csv, ("id", "prompt"))
     text = {volume_key(i): p for i, p in zip(prompts["id"], prompts["prompt"])}
     pipe = TextToCTPipeline.from_pretrained(models_dir, device=device)
     scale = int(pipe.spec["grid"]["lowres_scale"])
@@ -86,7 +102,7 @@ def latent_ceiling(models_dir: str | Path, prompts_csv: str | Path, reference: l
     from ctgen.pipelines.spec import load_network
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    stems = {volume_key(i) for i in pd.read_csv(prompts_csv, dtype={"id": str})["id"]}
+    stems = {volume_key(i) for i in _prompts_table(prompts_csv, ("id",))["id"]}
     if not (Path(models_dir) / "autoencoder" / "config.json").is_file():
         raise UserError(f"{models_dir}: the latent ceiling needs the trained autoencoder (autoencoder/)")
     ae = load_network(Path(models_dir) / "autoencoder", MaisiAutoencoder, torch.device(device), use_ema=False)  # as encode_latents

@@ -59,6 +59,8 @@ def section_texts(cohort_parquet: str | Path, prompts_parquet: str | Path) -> di
     from ctprep.cohort import SECTIONS as COLUMNS
 
     cohort = pd.read_parquet(cohort_parquet)
+    if "VolumeName" not in cohort.columns:
+        raise ValueError(f"{cohort_parquet} is not a cohort table (ctprep cohort): it has no VolumeName column")
     raw = {name: col for col, name in COLUMNS.items()}  # the CT-RATE CSV's names, where a table keeps them
     out = {}
     for row in cohort.to_dict("records"):
@@ -67,6 +69,8 @@ def section_texts(cohort_parquet: str | Path, prompts_parquet: str | Path) -> di
             text = row.get(seg, row.get(raw[seg], ""))
             out[f"{key}:{seg}"] = "" if not isinstance(text, str) or text.strip() == "Not given." else text
     prompts = pd.read_parquet(prompts_parquet)
+    if "structured" in prompts.columns and "VolumeName" not in prompts.columns:
+        raise ValueError(f"{prompts_parquet} is not a prompts table (the prompts rule): it has no VolumeName column")
     if "structured" in prompts.columns:
         for name, text in zip(prompts["VolumeName"], prompts["structured"]):
             out[f"{volume_key(name)}:structured"] = text if isinstance(text, str) else ""

@@ -248,11 +248,21 @@ def vlm3d_score_main(argv: list[str] | None = None) -> int:
         path = Path(args.config)
         if not path.is_file():
             raise UserError(f"--config: {path} does not exist")
-        cfg = dict(((yaml.safe_load(path.read_text()) or {}).get("evaluation") or {}).get("vlm3d") or {})
+        whole = yaml.safe_load(path.read_text()) or {}
+        section = whole.get("evaluation") if isinstance(whole, dict) else None
+        section = (section or {}).get("vlm3d") if isinstance(section, (dict, type(None))) else section
+        if not isinstance(whole, dict) or not isinstance(section, (dict, type(None))):
+            raise UserError(f"--config: {path} is not a config.yaml with an evaluation.vlm3d mapping")
+        cfg = dict(section or {})
     for key in DEFAULTS:
         value = getattr(args, key)
         if value is not None:
-            cfg[key] = int(value) if isinstance(DEFAULTS[key], int) else value
+            try:
+                cfg[key] = int(value) if isinstance(DEFAULTS[key], int) else value
+            except ValueError:
+                raise UserError(f"--{key.replace('_', '-')}: not an integer: {value!r}") from None
+            if isinstance(DEFAULTS[key], int) and cfg[key] < 1:
+                raise UserError(f"--{key.replace('_', '-')}: must be at least 1, not {value}")
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -171,13 +171,10 @@ class InceptionV3Features(nn.Module):
     @classmethod
     def from_path(cls, path: str | os.PathLike, config: InceptionConfig = InceptionConfig()) -> InceptionV3Features:
         """Load pytorch-fid's ``.pth`` (``weights_only=True``, nothing unpickled) or a ``.safetensors``."""
-        path = Path(path)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        from ctgen.models.backbones.loading import read_state_dict
 
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        path = Path(path)
+        state = read_state_dict(path, "InceptionV3 weights")  # a wrong file named, not torch's unpickler error
         model = cls(config)
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]

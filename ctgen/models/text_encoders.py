@@ -255,7 +255,12 @@ class ReportTokenizer:
     def load(cls, path: str | os.PathLike) -> "ReportTokenizer":
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(path)))
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"text tokenizer {path} does not exist")
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot read
+            raise ValueError(f"{path} is not a text tokenizer (ctgen fit-text-tokenizer writes one): {err}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)

@@ -27,14 +27,14 @@ def read_state_dict(path: str | os.PathLike, what: str) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(2, f"{what} not found (evaluation.vlm3d in config.yaml)", str(path))
+        raise FileNotFoundError(2, f"{what} not found (its path in config.yaml's evaluation section)", str(path))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError) as err:  # KeyError: a text file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{what} {path} cannot be read as a weights-only checkpoint (truncated or not a "
                          f"state dict?): {first}") from None
