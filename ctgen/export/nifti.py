@@ -33,8 +33,7 @@ def save_synthetic_nifti(
     """
     config = config or ExportConfig()
     path = Path(path)
-    if not (path.name.endswith(".nii.gz") or path.name.endswith(".nii")):
-        raise ValueError(f"NIfTI path must end in .nii or .nii.gz, got {path.name}")
+    check_nifti_path(path)
     out, n_clipped = to_int16_hu(vol, config.hu_range)
     content = build_sidecar(out, sidecar, {
         "format": "nifti",
@@ -53,16 +52,28 @@ def save_synthetic_nifti(
     return path, json_path
 
 
+def check_nifti_path(path: str | Path) -> None:
+    """A NIfTI output's name ends in .nii or .nii.gz (checked before sampling, not after)."""
+    if not (Path(path).name.endswith(".nii.gz") or Path(path).name.endswith(".nii")):
+        raise UserError(f"NIfTI path must end in .nii or .nii.gz, got {Path(path).name}")
+
+
+def check_orientation(orientation: str | None) -> tuple[str, ...] | None:
+    """``orientation``'s axis codes (three, one each of R/L, A/P, S/I), None where none is given."""
+    if not orientation:
+        return None
+    codes = tuple(orientation.upper())
+    axis = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+    if len(codes) != 3 or any(c not in axis for c in codes) or sorted(axis[c] for c in codes) != [0, 1, 2]:
+        raise UserError(f"--orientation {orientation!r}: three axis codes, one each of R/L, A/P and S/I (e.g. PLI)")
+    return codes
+
+
 def stored_as(vol, orientation: str | None):
     """``vol`` with its voxels in the axis order ``orientation`` (three of R/L, A/P, S/I), the affine still true.
 
     The challenge's FVD_CTNet and CT-CLIP protocols read arrays in file order and ignore the header, so a
     submission must store its voxels as the ground truth does; the truthful affine keeps it a correct NIfTI.
     """
-    if not orientation:
-        return vol
-    codes = tuple(orientation.upper())
-    axis = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
-    if len(codes) != 3 or any(c not in axis for c in codes) or sorted(axis[c] for c in codes) != [0, 1, 2]:
-        raise UserError(f"--orientation {orientation!r}: three axis codes, one each of R/L, A/P and S/I (e.g. PLI)")
-    return reorient(vol, codes)
+    codes = check_orientation(orientation)
+    return vol if codes is None else reorient(vol, codes)

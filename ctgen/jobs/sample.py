@@ -11,6 +11,7 @@ import torch
 
 from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline
 from ctgen.export import dicom_from_nifti
+from ctgen.export.nifti import check_nifti_path, check_orientation
 from ctgen.export.samples import write_samples
 from ctgen.jobs.inputs import read_rows, row_id
 from ctgen.training.distributed import device_option
@@ -195,6 +196,12 @@ def sample_main(argv: list[str] | None = None) -> int:
         read_prompts_json(args.vlm3d)  # a malformed file is named before the models are loaded
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("the prompt is empty: a report text is needed to condition the scan")
+    # what is wrong with the outputs is named before any volume is sampled
+    check_orientation(args.orientation)
+    if args.out:
+        check_nifti_path(args.out)
+    if args.dicom and Path(args.dicom).is_file():
+        raise UserError(f"--dicom {args.dicom} is a file, where the DICOM series' folder is to be made")
     if args.family is None:
         args.family = _held_family(args.models)
     if args.family == "latent_flow":
