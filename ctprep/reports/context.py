@@ -110,6 +110,24 @@ _PRIOR_CLAUSE = re.compile(
     rf"\s*,?\s*(?:(?:which|that)\s+(?:(?:had|has)\s+)?(?:{_words(V.SHOWED)})|(?:in|on)\s+which|where)\b[^,;:()]*$")
 
 
+#: The text before a mention that an evaluation phrased around an organ looks for: "Evaluation of the mediastinum
+#: for| lymphadenopathy is limited", "assessment of the lung bases for| a nodule" (the phrase triggers only name the
+#: finding right after their "for").
+_LOOKED_FOR = re.compile(r"\b(?:evaluation|assessment|evaluate|assess|evaluating|assessing)\s+of\s+[^,;:()]{1,60}?"
+                         r"\bfor(?:\s+(?:a|an|any|the|possible|underlying|small|subtle))*\s*$")
+
+
+def looked_for_mentions(doc: Doc, mentions, sents) -> list[Span]:
+    """Present mentions that an evaluation of an organ was made for (``hypothetical``, as "evaluation for")."""
+    firsts = [s[0] for s in sents]
+    out = []
+    for m in mentions:
+        start = sents[bisect.bisect_right(firsts, m.start) - 1][0]
+        if m._.status == "present" and _LOOKED_FOR.search(doc[start: m.start].text.lower()):
+            out.append(m)
+    return out
+
+
 def prior_study_mentions(doc: Doc, mentions, sents) -> list[Span]:
     """Mentions that name an earlier study's finding while their sentence names the same finding for this exam.
 
@@ -448,4 +466,6 @@ class ReportContext:
             m._.status, m._.trigger = mention_status(doc, m, *by_sentence[i])
         for m in prior_study_mentions(doc, mentions, sents):
             m._.status, m._.trigger = "historical", None
+        for m in looked_for_mentions(doc, mentions, sents):
+            m._.status, m._.trigger = "hypothetical", None
         return doc

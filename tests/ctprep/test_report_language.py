@@ -1082,12 +1082,16 @@ def test_what_an_earlier_study_showed(text, label, expected):
     ("Emphysema limits assessment of small nodules.", "Lung nodule", 0),
     ("Enlarged lymph nodes cannot be assessed without intravenous contrast.", "Lymphadenopathy", 0),
     ("It is recommended to evaluate for pleural effusion with ultrasound.", "Pleural effusion", 0),
+    ("Evaluation of the mediastinum for lymphadenopathy is limited on this noncontrast study.", "Lymphadenopathy", 0),
+    ("Assessment of the lung bases for a nodule is limited by motion.", "Lung nodule", 0),
     # ... while the finding that limits, and what is seen beside a limitation, are there
     ("Consolidation limits evaluation for an underlying nodule.", "Consolidation", 1),
     ("Motion limits evaluation; a small right pleural effusion is present.", "Pleural effusion", 1),
     ("Limited evaluation of the lung bases shows a 4 mm nodule.", "Lung nodule", 1),
     ("Pleural effusion limited to the right base.", "Pleural effusion", 1),
     ("In the evaluation of both lung parenchyma, a 5 mm nodule is seen in the right upper lobe.", "Lung nodule", 1),
+    ("Evaluation of the lungs shows a nodule for which follow-up is advised.", "Lung nodule", 1),
+    ("Evaluation of the chest for pulmonary embolism shows a right lower lobe consolidation.", "Consolidation", 1),
 ])
 def test_a_finding_looked_for_is_not_found(text, label, expected):
     parsed = parse_report(text)
