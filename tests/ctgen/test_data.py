@@ -146,3 +146,18 @@ def test_verify_shards_main(manifest, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert not report["ok"] and report["samples_per_split"] == {"train": 2}
     assert "valid-000002.tar" in report["errors"][str(path)]
+
+
+def test_hu_unit_maps_on_an_asymmetric_window():
+    """Every window of the other tests was [-1000, 1000], where the centre term is 0: a map without it passed."""
+    import torch
+
+    from ctgen.data.layout import hu_to_unit, unit_to_hu
+
+    window = (-800.0, 400.0)
+    hu = torch.tensor([-3000.0, -800.0, -200.0, 0.0, 400.0, 2000.0])
+    unit = hu_to_unit(hu, window)
+    expected = (np.clip(hu.numpy(), -800, 400) - (-200.0)) / 600.0  # centre -200, half-width 600
+    np.testing.assert_allclose(unit.numpy(), expected, atol=1e-6)
+    assert unit[2] == 0.0 and unit[1] == -1.0 and unit[4] == 1.0
+    np.testing.assert_allclose(unit_to_hu(unit, window).numpy(), np.clip(hu.numpy(), -800, 400), atol=1e-3)

@@ -308,6 +308,15 @@ def test_hu_histogram_counts_every_voxel(real_vols):
     density, edges = hu_histogram(real_vols[0])
     assert edges[0] == -1024 and edges[-1] == 3072
     assert (density * np.diff(edges)).sum() == pytest.approx(1.0)
+    # every voxel counted: those outside the range in the end bins (numpy's own histogram as the reference)
+    v = np.asarray(real_vols[0], dtype=np.float64)
+    counts = np.histogram(v, bins=edges)[0]
+    counts[0] += int((v < edges[0]).sum())
+    counts[-1] += int((v > edges[-1]).sum())
+    assert counts.sum() == v.size
+    np.testing.assert_allclose(density, counts / (v.size * np.diff(edges)))
+    low = hu_histogram(np.array([-3000.0, 0.0, 5000.0, 5000.0]))[0] * 16.0  # 16 HU bins: the share of each
+    assert low[0] == pytest.approx(0.25) and low[-1] == pytest.approx(0.5)
     d2, e2 = hu_histogram(real_vols[0], bins=50)
     assert d2.shape == (50,) and e2.shape == (51,)
 
@@ -370,7 +379,7 @@ def test_permutation_moves_the_right_way():
     better = paired_permutation_test(a + 1.0 + 0.3 * rng.normal(size=50), a)
     assert better["diff"] > 0.8 and better["p_value"] < 0.01
     assert better["p_value"] == pytest.approx(1 / 10_001)  # no pattern as extreme: (0 + 1) / (n + 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="one shape"):
         paired_permutation_test(a, a[:5])
 
 

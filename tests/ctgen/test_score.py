@@ -74,10 +74,13 @@ def test_tstr_gap_is_paired_and_points_the_right_way():
 def test_alignment_reads_against_chance():
     rng = np.random.default_rng(4)
     cos = rng.uniform(-0.2, 0.6, 50)
+    similarity = rng.uniform(0, 1, 50)
     ranks = np.concatenate([np.ones(30, int), np.full(20, 7)])
-    out = {m.name: m for m in alignment_metrics(cos, cos + 0.1, rng.uniform(0, 1, 50), ranks, np.ones(50, int), 10,
+    out = {m.name: m for m in alignment_metrics(cos, cos + 0.1, similarity, ranks, np.ones(50, int), 10,
                                                 (1, 5), profile="clip3d@1", stems="h")}
     assert out["clip_score.generated"].value == pytest.approx(np.mean(100 * np.maximum(cos, 0)))
+    assert out["clip_score.real"].value == pytest.approx(np.mean(100 * np.maximum(cos + 0.1, 0)))  # each side its own
+    assert out["image_similarity"].value == pytest.approx(np.mean(similarity))  # the raw cosine, generated vs real
     assert out["retrieval.top1.generated"].value == pytest.approx(0.6)
     assert out["retrieval.top1.generated"].extra["chance"] == pytest.approx(0.1)
     assert out["retrieval.top5.generated"].extra["chance"] == pytest.approx(0.5)

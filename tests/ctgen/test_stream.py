@@ -13,6 +13,7 @@ import webdataset as wds
 from safetensors.torch import load_file
 
 from ctgen.data import batches
+from ctgen.data.layout import unit_to_hu
 from ctgen.data.derived import merge_derived, write_derived
 from ctgen.data.stream import StreamPlan, iter_raw_samples, load_shards, member_values
 from ctgen.models.classifier3d import Classifier3D, ClassifierConfig
@@ -24,8 +25,12 @@ WINDOW = [-1000, 1000]
 CHUNKS = {"a": 7, "b": 5, "c": 4}  # shard_size 3: shards of 3, 3, 1 | 3, 2 | 3, 1 -> 7 shards, 16 samples
 
 
+KEYS = [f"train_{chunk}{i}_a_1" for chunk, n in CHUNKS.items() for i in range(n)]
+
+
 def _value(key: str) -> int:
-    return sum(map(ord, key)) % 900  # each sample's volume is filled with a value its key determines
+    """Each sample's volume is filled with a value of its own, 100 HU from any other's."""
+    return -900 + 100 * KEYS.index(key)
 
 
 @pytest.fixture()
@@ -162,12 +167,14 @@ def test_resume_reads_exactly_the_rest_of_the_epoch(shards, workers):
             assert torch.equal(torch.nan_to_num(a["labels"], 7.0), torch.nan_to_num(b["labels"], 7.0))
         if workers == 0:  # skipped samples are never read
             assert len(reads) == (len(full) - start) * 2
-    # each batch holds the samples the plan names, decoded to the right values
+    # each batch holds the samples the plan names, in its order, decoded to their own values (no augmentation)
+    plain = batches.streamed([shards["manifest"]], batches.volume_decode(WINDOW),
+                             batches.classifier_collate(batches.Augment()))
     p = plan(shards, num_workers=workers, buffer=16)
-    for j, b in enumerate(full):
+    for j, b in enumerate(plain(ctx(workers=workers))):
         expected = [_value(k) for _, k in p.batch_keys(0, j)]
-        hu = (b["video"].mean(dim=(1, 2, 3, 4)) + 1) / 2 * 2000 - 1000  # intensity jitter is mean-preserving-ish
-        assert np.allclose(sorted(hu.numpy()), sorted(expected), atol=250)
+        hu = unit_to_hu(b["video"], WINDOW).mean(dim=(1, 2, 3, 4))
+        assert np.allclose(hu.numpy(), expected, atol=0.5), (j, hu, expected)
 
 
 def test_unknown_labels_are_nan(shards):

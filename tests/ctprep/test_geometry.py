@@ -81,3 +81,9 @@ def test_lps_ras_roundtrip():
     a = np.eye(4); a[:3, 3] = [1, 2, 3]
     np.testing.assert_allclose(lps_to_ras(a)[:3, 3], [-1, -2, 3])
     np.testing.assert_allclose(lps_to_ras(lps_to_ras(a)), a)
+    # an oblique grid: rotation and origin both change frame (x and y negated), as nibabel's LPS->RAS does
+    t = np.radians(20.0)
+    b = np.eye(4)
+    b[:3, :3] = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]]) @ np.diag([0.7, 0.8, 2.5])
+    b[:3, 3] = [-120.0, 35.5, -410.25]
+    np.testing.assert_allclose(lps_to_ras(b), np.diag([-1.0, -1.0, 1.0, 1.0]) @ b)
