@@ -24,11 +24,9 @@ SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.
 def check_sections(cfg: dict, sections: tuple[str, ...], where: str = "config") -> None:
     """The ``sections`` of ``cfg`` a command reads, against the workflow's schema: a wrong type, a value out of
     range or a misspelt key is named in one line (``presets.demo: [1, 2]`` failed with an AttributeError, a
-    typo of a demo key was ignored). Skipped where the schema or jsonschema (the ``workflow`` extra) is absent."""
-    try:
-        import jsonschema
-    except ImportError:
-        return
+    typo of a demo key was ignored). Skipped where the schema is absent (a ctprep installed without the workflow)."""
+    import jsonschema
+
     if not SCHEMA.is_file():
         return
     full = yaml.safe_load(SCHEMA.read_text())
