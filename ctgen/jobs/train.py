@@ -103,7 +103,9 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
         cfg = fit_text_dims(cfg)
     torch.manual_seed(tcfg.seed)  # the initial weights are part of the run's reproducibility
     model = build_model(kind, cfg)
-    scale = int(data.get("lowres_scale", 1))
+    scale = data.get("lowres_scale", 1)
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:  # 2.5 was truncated, 0 failed in torch
+        raise ValueError(f"data.lowres_scale: {scale!r} is not a positive integer (the in-plane factor)")
     stream = {"buffer": int(data.get("shuffle_buffer", 16)), "verify": bool(data.get("verify_shards", True))}
     if kind == "tokenizer":
         make = batches.streamed(data_manifests(data, "manifests"), batches.volume_decode(hu_window(data)),

@@ -20,6 +20,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,6 +77,26 @@ def provenance(seed: int | None = None, **extra: Any) -> dict[str, Any]:
     return {"ctgen_version": __version__, "git": git_hash(), "torch": torch.__version__, "seed": seed, **extra}
 
 
+#: Integer fields that count or size something (a width, a depth, heads, channels, patches, steps): at least 1 where
+#: their default is (a negative width failed inside torch, ``heads: 0`` in einops, with a traceback)
+_SIZE_NAME = re.compile(r"dim|depth|heads|size|channels|blocks|layers|groups|mult|patch|codebook|vocab|length|"
+                        r"tokens|^max_|^num_|steps|stride")
+_ZERO_ALLOWED = {"dim_split", "null_tokens"}  # an axis index; a count that may be none
+
+
+def check_sizes(config_class, kwargs: dict[str, Any], where: str) -> None:
+    """A size field given below 1 where its default is at least 1 is named (``model.dim: -4``)."""
+    for f in dataclasses.fields(config_class):
+        if f.name not in kwargs or f.name in _ZERO_ALLOWED or not _SIZE_NAME.search(f.name):
+            continue
+        default, value = f.default, kwargs[f.name]
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        defaults = default if isinstance(default, tuple) else (default,)
+        if (all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in defaults) and defaults
+                and any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values)):
+            raise ValueError(f"{where}.{f.name}: {value!r} must be at least 1")
+
+
 class PretrainedMixin:
     """``save_pretrained(dir)`` / ``from_pretrained(dir)`` for a module with ``self.config``.
 
@@ -105,7 +126,9 @@ class PretrainedMixin:
 
     @classmethod
     def config_from_dict(cls, values: dict[str, Any]):
-        return cls.config_class(**check_fields(cls.config_class, values, cls.__name__))
+        kwargs = check_fields(cls.config_class, values, cls.__name__)
+        check_sizes(cls.config_class, kwargs, cls.__name__)
+        return cls.config_class(**kwargs)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu", **kwargs):
