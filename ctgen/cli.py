@@ -44,6 +44,7 @@ def device_option(text: str) -> str:
 
     return check(text)
 
+
 def _check_sections(cfg: dict, path: str) -> None:
     for key in ("model", "train", "data"):
         if not isinstance(cfg.get(key), dict):

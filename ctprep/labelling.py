@@ -9,7 +9,6 @@ whole (expensive) volume preparation. ``label_agreement`` compares the two label
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from ctprep import ctrate
+from ctprep.tables import html_table
 
 logger = logging.getLogger(__name__)
 
@@ -95,15 +95,6 @@ def label_agreement(labels: pd.DataFrame, mentions: pd.DataFrame | None = None) 
     return pd.DataFrame(rows), pd.DataFrame(diffs, columns=["VolumeName", "label", "dataset", "parsed", "evidence"])
 
 
-def write_html_table(df: pd.DataFrame, out_html, title: str, note: str) -> Path:
-    """``df`` as a self-contained HTML page (the workflow's report shows it as a table), with its n in ``note``."""
-    body = df.to_html(index=False, na_rep="", float_format=lambda x: f"{x:.3f}", escape=True)
-    page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>"
-            f"<body><h3>{html.escape(title)}</h3><p>{html.escape(note)}</p>\n{body}\n</body></html>\n")
-    Path(out_html).write_text(page, encoding="utf-8")
-    return Path(out_html)
-
-
 def write_agreement(labels_path, mentions_path, out_tsv, out_md, out_csv, out_html=None) -> pd.DataFrame:
     """The agreement table (TSV, and HTML for the report), the disagreements (CSV) and a short Markdown report."""
     labels = pd.read_parquet(labels_path)
@@ -121,9 +112,9 @@ def write_agreement(labels_path, mentions_path, out_tsv, out_md, out_csv, out_ht
               + (f" ({d.evidence})" if d.evidence else "") for d in diffs.itertuples()] or ["none"]
     Path(out_md).write_text("\n".join(lines) + "\n")
     if out_html:
-        write_html_table(table, out_html, "Dataset labels vs parsed labels",
-                         f"n = {len(labels)} volumes ({len(diffs)} label disagreements, listed in "
-                         f"{Path(out_csv).name}); unknown: blank dataset labels, left out of each label's counts.")
+        Path(out_html).write_text(html_table(
+            table, "Dataset labels vs parsed labels", f"n = {len(labels)} volumes ({len(diffs)} label disagreements, "
+            f"listed in {Path(out_csv).name}); unknown: blank dataset labels, left out of each label's counts."))
     logger.info("label agreement: %d disagreements over %d volumes", len(diffs), len(labels))
     return table
 
@@ -159,10 +150,11 @@ def write_labeller_eval(jsonl_path, out_tsv, out_json, out_html=None) -> dict:
     pd.DataFrame(table).to_csv(out_tsv, sep="\t", index=False, float_format="%.4f")
     if out_html:
         r = results
-        write_html_table(pd.DataFrame(table), out_html, "The labeller against radiologists' labels",
-                         f"{Path(jsonl_path).name}: n = {r['all']['n_reports']} reports (dev {r['dev']['n_reports']}, "
-                         f"held out {r['heldout']['n_reports']}, kept aside while the rules were written); F1 with "
-                         "bootstrap 95% CIs over reports; support: positive reports per label.")
+        Path(out_html).write_text(html_table(
+            pd.DataFrame(table), "The labeller against radiologists' labels",
+            f"{Path(jsonl_path).name}: n = {r['all']['n_reports']} reports (dev {r['dev']['n_reports']}, held out "
+            f"{r['heldout']['n_reports']}, kept aside while the rules were written); F1 with bootstrap 95% CIs over "
+            "reports; support: positive reports per label."))
     summary = {name: {"n_reports": r["n_reports"], "micro_f1": r["micro_f1"], "micro_f1_ci": r["micro_f1_ci"],
                       "macro_f1": r["macro_f1"], "macro_f1_ci": r["macro_f1_ci"], "ci": r["ci"]}
                for name, r in results.items()}

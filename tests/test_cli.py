@@ -154,7 +154,7 @@ CTGEN_MISTAKES = {
                                   "is not a config.yaml with an evaluation.vlm3d mapping"),
     "vlm3d count not a number": (["vlm3d-score", "--generated", "{dir}", "--real", "{dir}", "--out", "{dir}/v",
                                   "--num-images", "abc"],
-                                 "--num-images: not an integer: 'abc'"),
+                                 "--num-images: not a positive integer: 'abc'"),
     "negative width": (["train", "tokenizer", "--config", "{negative_width}", "--manifests", "{manifest}",
                         "--out", "{dir}/o"], "CTViT.dim: -4 must be at least 1"),
     "fractional in-plane factor": (["train", "tokenizer", "--config", "{fractional_scale}", "--manifests", "{manifest}",

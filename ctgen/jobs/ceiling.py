@@ -44,7 +44,6 @@ LATENT_STAGES = ("real", "autoencoder")
 StageFn = Callable[[torch.Tensor, str, int], Sequence[torch.Tensor]]  # (scan (1,1,D,H,W), stem, index) -> stages
 
 
-@torch.no_grad()
 def _prompts_table(path: str | Path, columns: tuple[str, ...]) -> pd.DataFrame:
     """A prompts CSV (``id`` and ``prompt``, as the sample_prompts rule writes it), each needed cell filled."""
     try:
@@ -61,6 +60,7 @@ def _prompts_table(path: str | Path, columns: tuple[str, ...]) -> pd.DataFrame:
     return table
 
 
+@torch.no_grad()
 def cascade_ceiling(models_dir: str | Path, prompts_csv: str | Path, reference: list[str], out_csv: str | Path,
                     settings: EvalConfig | dict | None = None, device: str | None = None, sr_steps: int | None = None,
                     seed: int = 0, labels: str | Path | None = None) -> pd.DataFrame:

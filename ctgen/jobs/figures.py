@@ -466,7 +466,7 @@ def plot_per_volume(per_volume_csvs: Mapping[str, str | Path], out_png, dpi: int
     ax1, ax2 = fig.subplots(1, 2, width_ratios=(1, 1.4))
     _shade_tissues(ax2, -1100.0, 1500.0, vertical=False)
     rng = np.random.default_rng(0)  # jitter only, so that the figure is reproducible
-    values = []
+    values, medians = [], []
     shift = 0.3 / max(len(per_volume_csvs), 1)
     for fi, (family, path) in enumerate(per_volume_csvs.items()):
         pv = pd.read_csv(path)
@@ -476,6 +476,7 @@ def plot_per_volume(per_volume_csvs: Mapping[str, str | Path], out_png, dpi: int
             ax1.scatter(pv["clip_score_real"][mask], pv["clip_score"][mask], c=colour, marker=marker, s=18,
                         label=f"{name}{' (HU flagged)' if marker == 'x' else ''}" if mask.any() else None)
         values += [pv["clip_score"], pv["clip_score_real"]]
+        medians.append(pv.filter(regex=r"^hu_.*_median$").stack())
         for i, tissue in enumerate(TISSUES):
             col = f"hu_{tissue}_median"
             if col in pv:
@@ -490,8 +491,7 @@ def plot_per_volume(per_volume_csvs: Mapping[str, str | Path], out_png, dpi: int
     ax1.set(xlabel="CLIP score of the real scan", ylabel="CLIP score of the generated volume",
             title="CLIP score per volume")
     ax2.set_xticks(range(len(TISSUES)), [t.replace("_", " ") for t in TISSUES])
-    medians = pd.concat([pd.read_csv(p).filter(regex=r"^hu_.*_median$") for p in per_volume_csvs.values()]).stack() \
-        if per_volume_csvs else pd.Series(dtype=float)
+    medians = pd.concat(medians) if medians else pd.Series(dtype=float)
     lo, hi = (float(medians.min()), float(medians.max())) if len(medians) else (-1100.0, 1500.0)
     # the tissue bands' range, widened to every median (an external prediction's -3024 or 3071 stays in view)
     ax2.set(ylim=(min(-1100.0, lo - 50.0), max(1500.0, hi + 50.0)), ylabel="median HU",

@@ -10,7 +10,6 @@ and its caption at the top of the report's front page.
 from __future__ import annotations
 
 import base64
-import html
 import json
 import logging
 import math
@@ -20,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from ctgen.jobs.figure_list import TABLES
+from ctprep.tables import html_table
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,6 @@ log = logging.getLogger(__name__)
 GROUPS = {"faithfulness": "faithfulness", "families": "families", "fid_2d": "distribution", "fd_3d": "distribution",
           "clip_score": "alignment", "image_similarity": "alignment", "retrieval": "alignment", "tstr": "tstr", "hu": "hu"}
 COLUMNS = ["family", "metric", "value", "ci_low", "ci_high", "n", "profile", "stems", "flag", "details"]
-STYLE = ("<style>body{font-family:sans-serif;font-size:13px} table{border-collapse:collapse} "
-         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left} th{background:#eee} "
-         "caption{text-align:left;font-weight:bold;padding:4px 0}</style>")
 
 
 def _num(x) -> str:
@@ -88,13 +85,6 @@ def caption(table: str, records: list[dict], metrics: Mapping[str, dict]) -> str
     return " ".join(parts) + "\n"
 
 
-def _html(df: pd.DataFrame, title: str, cap: str) -> str:
-    body = df.to_html(index=False, na_rep="", float_format=lambda x: f"{x:.4g}", escape=True)
-    body = body.replace('<table border="1" class="dataframe">',
-                        f"<table><caption>{html.escape(title)}<br><small>{html.escape(cap)}</small></caption>", 1)
-    return f"<!DOCTYPE html><html><head><meta charset='utf-8'>{STYLE}</head><body>{body}</body></html>\n"
-
-
 def write_tables(metrics_jsons: Mapping[str, str | Path], skipped_csvs: Mapping[str, str | Path], sweep_csv,
                  families_json, outputs: Mapping[str, str], text_reliance_json: str | Path | None = None) -> None:
     """Every table of :data:`ctgen.jobs.figure_list.TABLES`. ``metrics_jsons``, ``skipped_csvs``: {family: path}
@@ -130,7 +120,7 @@ def write_tables(metrics_jsons: Mapping[str, str | Path], skipped_csvs: Mapping[
     tables["skipped"] = (pd.concat(skipped, ignore_index=True), "**" + "; ".join(counts) + ".**\n")
     for name, (df, cap) in tables.items():
         df.to_csv(outputs[f"{name}_csv"], index=False)
-        Path(outputs[f"{name}_html"]).write_text(_html(df, TABLES[name][1], cap.replace("*", "").replace("``", "")))
+        Path(outputs[f"{name}_html"]).write_text(html_table(df, TABLES[name][1], cap.replace("*", "").replace("``", "")))
         Path(outputs[f"{name}_caption"]).write_text(cap)
         log.info("table %s: %d rows", name, len(df))
 

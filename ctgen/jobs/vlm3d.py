@@ -44,7 +44,7 @@ from ctgen.metrics.vlm3d import (
 )
 from ctgen.metrics.vlm3d.contract import check_pairs
 from ctgen.metrics.vlm3d.geometry import CLIP_SHAPE, CLIP_SPACING, FID_SHAPE, FID_SPACING, FVD_SHAPE
-from ctprep.errors import UserError
+from ctprep.errors import UserError, positive_int
 from ctprep.volume import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,8 @@ def vlm3d_score_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", help="the prompts.json the volumes were generated from (for the image-text score)")
     ap.add_argument("--config", help="config.yaml whose evaluation.vlm3d gives the weights and settings")
     for key in DEFAULTS:
-        ap.add_argument(f"--{key.replace('_', '-')}", dest=key, help=f"overrides evaluation.vlm3d.{key}")
+        ap.add_argument(f"--{key.replace('_', '-')}", dest=key, help=f"overrides evaluation.vlm3d.{key}",
+                        type=positive_int if isinstance(DEFAULTS[key], int) else None)
     ap.add_argument("--out", required=True, help="output folder (vlm3d.json, vlm3d_2026.csv, papers.csv, ...)")
     ap.add_argument("--device", default=None, type=device_option, help="torch device (default: cuda when available, else cpu)")
     args = ap.parse_args(argv)
@@ -249,20 +250,12 @@ def vlm3d_score_main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             raise UserError(f"--config: {path} does not exist")
         whole = yaml.safe_load(path.read_text()) or {}
-        section = whole.get("evaluation") if isinstance(whole, dict) else None
-        section = (section or {}).get("vlm3d") if isinstance(section, (dict, type(None))) else section
-        if not isinstance(whole, dict) or not isinstance(section, (dict, type(None))):
+        evaluation = (whole.get("evaluation") or {}) if isinstance(whole, dict) else None
+        section = (evaluation.get("vlm3d") or {}) if isinstance(evaluation, dict) else None
+        if not isinstance(section, dict):
             raise UserError(f"--config: {path} is not a config.yaml with an evaluation.vlm3d mapping")
-        cfg = dict(section or {})
-    for key in DEFAULTS:
-        value = getattr(args, key)
-        if value is not None:
-            try:
-                cfg[key] = int(value) if isinstance(DEFAULTS[key], int) else value
-            except ValueError:
-                raise UserError(f"--{key.replace('_', '-')}: not an integer: {value!r}") from None
-            if isinstance(DEFAULTS[key], int) and cfg[key] < 1:
-                raise UserError(f"--{key.replace('_', '-')}: must be at least 1, not {value}")
+        cfg = dict(section)
+    cfg.update({key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None})
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -182,7 +182,7 @@ ctgen training runs as one process, or one process per GPU under torchrun (DDP o
   Slurm nodes:   export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)
                  srun --ntasks-per-node=1 python -m torch.distributed.run --nnodes=$SLURM_NNODES \\
                      --nproc-per-node=$SLURM_GPUS_ON_NODE --rdzv-backend=c10d \\
-                     --rdzv-endpoint=$MASTER_ADDR:$((20000 + SLURM_JOB_ID % 10000)) \\
+                     --rdzv-endpoint=$MASTER_ADDR:$(({RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN})) \\
                      --rdzv-id=$SLURM_JOB_ID ... -m ctgen.cli train ...
   (torchrun_command() builds these.) The checkpoint folder must be on a filesystem all nodes share.
 Pre-emption: ask Slurm for a warning signal (#SBATCH --signal=USR1@300, or TERM); the loop then

@@ -31,8 +31,9 @@ def launch_prefix(gpus: int, nodes: int = 1, threads: int | None = None) -> str:
 
     One node: ``torchrun --standalone`` (a local rendezvous on a free port). Several nodes: ``srun``
     starts one torchrun per node, with a c10d rendezvous on the first host of the allocation and the
-    Slurm job id as rendezvous id and, through ``distributed.rdzv_port``, a port of its own. The srun is a step nested
-    in the executor's own job step, hence ``--overlap`` (share the allocation's CPUs and GPUs; a step gets all of the job's GPUs by default).
+    Slurm job id as rendezvous id and, through ``distributed.rdzv_port``, a port of its own. The srun is a
+    step nested in the executor's own job step, hence ``--overlap`` (share the allocation's CPUs and GPUs; a
+    step gets all of the job's GPUs by default).
     The executor plugin strips most ``SLURM_*`` variables from the step (not ``SLURM_JOB_ID``), and
     rules' shells run under ``set -u``: the node list is asked of squeue when it is missing.
     """

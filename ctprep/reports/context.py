@@ -154,11 +154,8 @@ def prior_study_mentions(doc: Doc, mentions, sents) -> list[Span]:
 
 
 def _side(doc: Doc, mention: Span) -> str | None:
-    """The side word in a mention or the few words before it: right, left, bilateral, or None."""
-    words = {t.lower_ for t in doc[max(mention.start - 4, 0): mention.end]}
-    if words & {"bilateral", "bilaterally", "both"} or {"right", "left"} <= words:
-        return "bilateral"
-    return "right" if "right" in words else "left" if "left" in words else None
+    """The side of a mention from its words and the few before it (the attributes' laterality of that span)."""
+    return A.laterality(doc[max(mention.start - 4, 0): mention.end].text)
 
 
 def build_phrase_matcher(nlp: Language) -> PhraseMatcher:
