@@ -30,15 +30,26 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float], n_units: int, *, n_bo
     if n_units < 2:
         return None, 1.0
     rng = np.random.default_rng(seed)
-    if groups is None:
-        return percentile_ci([float(statistic(rng.integers(0, n_units, n_units))) for _ in range(n_boot)], n_boot,
-                             confidence)
-    _, codes = np.unique(np.asarray(groups), return_inverse=True)
-    members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
-    if len(members) < 2:
+    members = None if groups is None else group_members(groups)
+    if members is not None and len(members) < 2:
         return None, 1.0
-    draws = (np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]) for _ in range(n_boot))
+    draws = (resample(rng, n_units, members) for _ in range(n_boot))
     return percentile_ci([float(statistic(idx)) for idx in draws], n_boot, confidence)
+
+
+def group_members(groups) -> list[np.ndarray]:
+    """The unit indices of each group (groups in sorted order, indices ascending): what :func:`resample` draws."""
+    _, codes = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.argsort(codes, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(codes))[:-1])
+
+
+def resample(rng: np.random.Generator, n_units: int, members: list[np.ndarray] | None = None) -> np.ndarray:
+    """One bootstrap resample of ``range(n_units)``: units drawn with replacement, or, with ``members`` (from
+    :func:`group_members`), as many whole groups as there are, drawn with replacement."""
+    if members is None:
+        return rng.integers(0, n_units, n_units)
+    return np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
 
 
 def percentile_ci(values: list[float], n_boot: int,

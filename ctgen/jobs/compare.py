@@ -4,8 +4,8 @@ A run is an evaluation's ``per_volume.csv``. Rows of the two runs are paired by 
 repeat, so two generator families sampled from one ``prompts.csv`` with one base seed pair as
 (report, seed). Every compared quantity is a :class:`~ctgen.metrics.summary.MetricValue` named
 ``<prefix>.<metric>``: the difference A - B, its bootstrap 95% CI over pairs (both runs resampled
-together; whole reports where a report has several volumes), the paired permutation test's p-value (which
-likewise swaps whole reports then),
+together; whole reports or CT-RATE patients where one has several volumes), the paired permutation test's
+p-value (which likewise swaps whole reports or patients then),
 n pairs, and both runs' names (``a``, ``b``) and own values (``value_a``, ``value_b``) in ``extra``.
 
 * per-volume metrics (CLIP score, image similarity, retrieval top-k): the mean difference, with
@@ -30,7 +30,7 @@ import pandas as pd
 from ctgen.jobs.eval_config import EvalConfig
 from ctgen.metrics.faithfulness import auroc
 from ctgen.metrics.permutation import paired_permutation_test, paired_swap_test
-from ctgen.metrics.summary import MetricValue, bootstrap_ci, stems_hash, thin
+from ctgen.metrics.summary import MetricValue, bootstrap_ci, report_groups, stems_hash, thin
 from ctprep.errors import UserError, describe
 from ctprep.volume import atomic_write
 
@@ -88,14 +88,16 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
     out: list[MetricValue] = []
     base = {"a": names[0], "b": names[1], "n_rows": {names[0]: len(a), names[1]: len(b)}}
     stems = stems_hash(list(m[KEY].astype(str)))
-    # several volumes of one report (repeats) share its labels: the CIs resample reports, not pairs
-    repeated = m[KEY].duplicated().any()
-    base["n_reports"] = int(m[KEY].nunique())
+    # several volumes of one report (repeats), or of one CT-RATE patient, share labels and anatomy: the CIs and
+    # the tests then resample and swap whole reports or patients, not pairs
+    units, clusters = report_groups(list(m[KEY].astype(str)), len(m))
+    repeated = units is not None
+    base.update(clusters)
 
     def record(metric: str, d_value, ci, n, test, own_a, own_b, left_out, extra=None) -> None:
         ok = d_value is not None and math.isfinite(d_value)
-        # the CI resamples reports where a report has several pairs: that is the count that must be large enough
-        few = thin(base["n_reports"], "reports") if repeated else thin(n, "pairs")
+        # the CI resamples units where one has several pairs: that is the count that must be large enough
+        few = thin(base["n_resampled"], base["resampled"]) if repeated else thin(n, "pairs")
         out.append(MetricValue(f"{prefix}.{metric}", float(d_value) if ok else None, n, ci, profile, stems,
                                few if ok else "not defined on these pairs",
                                {**base, "value_a": own_a, "value_b": own_b, "p_value": test.get("p_value"),
@@ -109,7 +111,7 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
         if len(both) == 0:
             continue
         d = both[:, 0] - both[:, 1]
-        groups = m.loc[m[cols].notna().all(axis=1), KEY].to_numpy() if repeated else None
+        groups = units[m[cols].notna().all(axis=1).to_numpy()] if repeated else None
         ci, _ = bootstrap_ci(lambda idx: d[idx].mean(), len(d), n_boot=n_boot, seed=seed, groups=groups)
         test = paired_permutation_test(both[:, 0], both[:, 1], n_permutations=n_permutations, seed=seed, groups=groups)
         record(f"{metric}_diff", float(d.mean()), ci, len(d), test, float(both[:, 0].mean()), float(both[:, 1].mean()),
@@ -136,11 +138,9 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
         def diff(x: np.ndarray) -> float:
             return _macro_auroc(x[..., 0], x[..., 2]) - _macro_auroc(x[..., 1], x[..., 2])
 
-        ci, dropped = bootstrap_ci(lambda idx: diff(both[idx]), n, n_boot=n_boot, seed=seed,
-                                   groups=m[KEY].to_numpy() if repeated else None)
+        ci, dropped = bootstrap_ci(lambda idx: diff(both[idx]), n, n_boot=n_boot, seed=seed, groups=units)
         test = paired_swap_test(lambda u, v: _macro_auroc(u, y) - _macro_auroc(v, y), pa, pb,
-                                n_permutations=min(n_permutations, 2_000), seed=seed,
-                                groups=m[KEY].to_numpy() if repeated else None)
+                                n_permutations=min(n_permutations, 2_000), seed=seed, groups=units)
         record("faithfulness.macro_auroc_diff", diff(both), ci, n, test, _macro_auroc(pa, y), _macro_auroc(pb, y), 0,
                {"labels": list(shared), "labels_one_class": one_class, "dropped_resamples": dropped,
                 "dropped_permutations": test.get("dropped")})
@@ -148,7 +148,7 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
         ok = ~(np.isnan(ga) | np.isnan(gb))
         if ok.any():
             d = ga[ok] - gb[ok]
-            g = m.loc[ok, KEY].to_numpy() if repeated else None
+            g = units[ok] if repeated else None
             ci, _ = bootstrap_ci(lambda idx: d[idx].mean(), len(d), n_boot=n_boot, seed=seed, groups=g)
             test = paired_permutation_test(ga[ok], gb[ok], n_permutations=n_permutations, seed=seed, groups=g)
             record("faithfulness.agreement_diff", float(d.mean()), ci, len(d), test, float(ga[ok].mean()),

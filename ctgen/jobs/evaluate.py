@@ -243,15 +243,17 @@ def _score(col: _Collected, nets: FeatureNets, texts, known_labels, cfg: EvalCon
         kw = {"min_positives": cfg.auroc_min_positives, "min_negatives": cfg.auroc_min_negatives,
               "profile": nets.profiles["classifier"], **boot}
         p_gen = np.stack(gen["probabilities"])[:, cols]
-        # several volumes of one report (sampling.per_prompt > 1) share its labels: their CIs resample reports
+        # several volumes of one report (sampling.per_prompt > 1), or of one CT-RATE patient, share labels and
+        # anatomy: their CIs resample reports or patients (the real side's too)
         metrics += label_aurocs(p_gen, y_gen, cfg.labels, name="faithfulness.generated", stems=h_gen,
                                 groups=gen_stems, **kw)
         for j, name in enumerate(cfg.labels):  # per volume, so that two runs compare pair by pair (ctgen.jobs.compare)
             pv[f"p_{name}"], pv[f"y_{name}"] = p_gen[:, j], y_gen[:, j]
         metrics += label_aurocs(np.stack(real["probabilities"])[:, cols], y_real, cfg.labels, name="faithfulness.real",
-                                stems=h_real, **kw)
+                                stems=h_real, groups=col.real_stems, **kw)
     # distribution: 2D FID per plane (+ mean) per slice space; Fréchet distance on each 3D network's features
-    fkw = {"n_boot": cfg.bootstrap_frechet, "seed": cfg.seed, "device": device, "stems": h_gen}
+    fkw = {"n_boot": cfg.bootstrap_frechet, "seed": cfg.seed, "device": device, "stems": h_gen,
+           "groups_fake": gen_stems, "groups_real": col.real_stems}
     for space in col.slices["generated"]:
         fake = {p: FeatureRows.stacked(col.slices["generated"][space][p]) for p in PLANES}
         ref = {p: FeatureRows.stacked(col.slices["real"][space][p]) for p in PLANES}
@@ -288,14 +290,16 @@ def _score(col: _Collected, nets: FeatureNets, texts, known_labels, cfg: EvalCon
                                 np.stack(col.tstr["tstr_real"])[keep][:, cols], y, list(cfg.labels),
                                 min_positives=cfg.auroc_min_positives, min_negatives=cfg.auroc_min_negatives,
                                 profiles=(nets.profiles["tstr_synthetic"], nets.profiles["tstr_real"]),
-                                stems=stems_hash([col.tstr_stems[i] for i in keep]), train_sizes=sizes, **boot)
+                                stems=stems_hash([col.tstr_stems[i] for i in keep]), train_sizes=sizes,
+                                groups=[col.tstr_stems[i] for i in keep], **boot)
     # HU: per-tissue medians against the real range
     flags = [flag_out_of_range(s, col.stats["real"], cfg.hu_tolerance) for s in col.stats["generated"]]
     for tissue in col.stats["generated"][0]:
         pv[f"hu_{tissue}_median"] = [s[tissue]["median"] for s in col.stats["generated"]]
     pv["n_hu_flags"] = [len(f) for f in flags]
     pv["hu_flags"] = ["; ".join(f"{x['tissue']} {x['reason']}" for x in f) for f in flags]
-    metrics += hu_metrics(col.stats["generated"], col.stats["real"], pv["n_hu_flags"].tolist(), stems=h_gen, **boot)
+    metrics += hu_metrics(col.stats["generated"], col.stats["real"], pv["n_hu_flags"].tolist(), stems=h_gen,
+                          real_stems=h_real, gen_groups=gen_stems, real_groups=col.real_stems, **boot)
     return metrics, not_computed, pv
 
 

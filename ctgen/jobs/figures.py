@@ -288,14 +288,16 @@ def _series_handles(series, extra=()) -> list:
 
 
 def _sizes(series) -> str:
-    """Each series' n (volumes, and reports where the CIs resample reports), from its macro or first valued record."""
+    """Each series' n (volumes, and reports or patients where the CIs resample them), from its macro or first
+    valued record."""
     parts = []
     for rec, prefix, _, name in series:
         r = rec.get(f"{prefix}.macro") or next(
             (r for n, r in rec.items() if n.startswith(prefix + ".") and r.get("value") is not None), None)
         if r and r.get("n") is not None:
-            reports = (r.get("extra") or {}).get("n_reports")
-            parts.append(f"{name.removeprefix('generated: ')} {r['n']}" + (f" ({reports} reports)" if reports else ""))
+            extra = r.get("extra") or {}
+            units = f" ({extra['n_resampled']} {extra.get('resampled', 'units')})" if extra.get("n_resampled") else ""
+            parts.append(f"{name.removeprefix('generated: ')} {r['n']}{units}")
     return "n = " + ", ".join(parts) if parts else ""
 
 
@@ -530,8 +532,8 @@ def plot_guidance_sweep(sweep_csv, out_png, dpi: int = 120) -> Path:
             ax.axhline(float(m["chance"].iloc[0]), color="grey", ls="--", lw=1, label="chance")
             ax.legend(fontsize=8)
         n = int(m["n"].iloc[0]) if len(m) else 0
-        reports = m["n_reports"].iloc[0] if "n_reports" in m and len(m) and pd.notna(m["n_reports"].iloc[0]) else None
-        title = f"{label.split(' (')[0]} (n = {n}" + (f", {int(reports)} reports)" if reports else ")")
+        units = m["n_resampled"].iloc[0] if "n_resampled" in m and len(m) and pd.notna(m["n_resampled"].iloc[0]) else None
+        title = f"{label.split(' (')[0]} (n = {n}" + (f", {int(units)} {m['resampled'].iloc[0]})" if units else ")")
         flags = m["flag"].dropna() if "flag" in m else pd.Series(dtype=object)
         if len(flags):
             title += "\n" + textwrap.shorten(("hollow: " if m["value"].notna().any() else "") + str(flags.iloc[0]), 60)

@@ -17,8 +17,8 @@ scales sample side by side; on a cluster each takes a GPU) and one more joins th
 
 ``repeats``: volumes per report and scale, with seeds ``seed + k`` over the (report, repeat) pairs in
 order (as ``ctgen sample`` numbers them). Each is one pair of the paired tests; where ``repeats`` > 1 the
-permutation test swaps and the paired bootstrap CI resamples whole reports (their volumes share the labels),
-as do the CIs of each scale's own numbers.
+permutation test swaps and the paired bootstrap CI resamples whole reports (their volumes share the labels;
+whole patients for CT-RATE VolumeNames), as do the CIs of each scale's own numbers, the Fréchet distance's included.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class _Sweep:
     cols: list[int]
     y: np.ndarray | None
     real_blocks: list
+    real_stems: list[str]  # the stem of each of real_blocks
     candidates: list[str]
     target: np.ndarray
     t_emb: np.ndarray
@@ -117,16 +118,17 @@ def _prepare(models_dir: str | Path, prompts_csv: str | Path, sampling: dict, re
     if y is None:
         log.warning("no faithfulness in the sweep: %s", "no classifier in the models folder" if nets.classifier is None
                     else "the reference shards hold no labels for some prompts")
-    real_blocks = []
+    real_blocks, real_stems = [], []
     for stem, hu, _ in real.read(set(stems), grid):  # each real scan once
         if isinstance(hu, BadVolume):
             raise UserError(f"the real scan {stem} cannot be read: {hu}")
+        real_stems.append(stem)
         real_blocks.append(slice_outputs(nets, hu_to_unit(torch.from_numpy(hu), grid.clip), cfg.slices_per_volume,
                                          planes=("axial",))["slicenet"]["axial"])
     candidates, target = distinct_texts(texts)
     t_emb = clip_text_embedder(nets, models_dir)(candidates)  # (M, E)
-    return _Sweep(cfg, sampling, device, stems, texts, repeat, grid, nets, cols, y, real_blocks, candidates, target,
-                  t_emb, TextToCTPipeline.from_pretrained(models_dir, device=device))
+    return _Sweep(cfg, sampling, device, stems, texts, repeat, grid, nets, cols, y, real_blocks, real_stems, candidates,
+                  target, t_emb, TextToCTPipeline.from_pretrained(models_dir, device=device))
 
 
 @torch.no_grad()
@@ -168,7 +170,7 @@ def _score(sw: _Sweep, scale: float) -> ScaleResult:
                                profile=nets.profiles["clip"], groups=sw.stems, **kw),
                 frechet_value(FeatureRows.stacked(sw.real_blocks), FeatureRows.stacked(blocks), "fid_2d.slicenet.axial",
                               profile=nets.profiles["slicenet"], stems=kw["stems"], n_boot=cfg.bootstrap_frechet,
-                              seed=cfg.seed, device=sw.device)]
+                              seed=cfg.seed, device=sw.device, groups_fake=sw.stems, groups_real=sw.real_stems)]
     log.info("guidance %.2f: %s", scale, ", ".join(f"{m.name} {m.value}" for m in metrics
                                                   if "." not in m.name or m.name.endswith(MACRO)))
     return ScaleResult(float(scale), [_row(scale, m) for m in metrics], frame, list(macro_labels),
@@ -223,4 +225,5 @@ def _plain(value):
 def _row(scale: float, m) -> dict:
     return {"guidance_scale": float(scale), "metric": m.name, "value": m.value, "ci_low": m.ci[0] if m.ci else None,
             "ci_high": m.ci[1] if m.ci else None, "n": m.n, "profile": m.profile, "stems": m.stems, "flag": m.flag,
-            "chance": m.extra.get("chance"), "n_reports": m.extra.get("n_reports")}
+            "chance": m.extra.get("chance"), "resampled": m.extra.get("resampled"),
+            "n_resampled": m.extra.get("n_resampled")}

@@ -39,9 +39,11 @@ def label_aurocs(probs, labels, names: Sequence[str], *, name: str, min_positive
     """Per-label AUROC of ``probs`` (N, L) against ``labels`` (N, L; NaN unknown), each with its bootstrap CI over
     volumes, and their macro mean (over the labels that pass the guard) named ``name.macro``.
 
-    ``groups (N,)``: the report of each volume. Where a report prompted several volumes, they share its labels
-    and are not independent: the CIs then resample whole reports (a cluster bootstrap), and ``extra`` says
-    ``"resampled": "reports"`` with their count. Every group of one volume is the same as None.
+    ``groups (N,)``: the stem of each volume (a generated one: its report's). Where a report prompted several
+    volumes, or a CT-RATE patient has several scans or reconstructions, they share labels and anatomy and
+    are not independent: the CIs then resample whole reports or patients (a cluster bootstrap,
+    :func:`ctgen.metrics.summary.report_groups`), and ``extra`` says which (``resampled``) with their count
+    (``n_resampled``). Every unit of one volume is the same as None.
 
     The function the evaluation calls for faithfulness; ``ctgen.metrics.faithfulness`` may provide the same
     (``faithfulness_summary``), which would replace it here.
@@ -55,15 +57,15 @@ def label_aurocs(probs, labels, names: Sequence[str], *, name: str, min_positive
         n_pos, n_neg = int((y[known] == 1).sum()), int((y[known] == 0).sum())
         extra = {"n_positive": n_pos, "n_negative": n_neg, "min_positives": min_positives,
                  "min_negatives": min_negatives}
-        # the guard counts independent units: reports where one prompted several volumes (5 volumes of one
-        # positive report are one positive), volumes otherwise
+        # the guard counts independent units: reports or patients where one has several volumes (5 volumes of
+        # one positive report are one positive), volumes otherwise
         units_pos, units_neg, units, what = n_pos, n_neg, int(known.sum()), "volumes"
         if groups is not None:
             units_pos, units_neg = (len(np.unique(groups[known & (y == v)])) for v in (1, 0))
-            units, what = len(np.unique(groups[known])), "reports"
-            extra.update({"n_positive_reports": units_pos, "n_negative_reports": units_neg})
+            units, what = len(np.unique(groups[known])), clusters["resampled"]
+            extra.update({"n_positive_units": units_pos, "n_negative_units": units_neg})
         if units_pos < min_positives or units_neg < min_negatives:
-            counts = (f"{units_pos} positive and {units_neg} negative reports" if groups is not None
+            counts = (f"{units_pos} positive and {units_neg} negative {what}" if groups is not None
                       else f"{n_pos} positives and {n_neg} negatives")
             out.append(MetricValue(f"{name}.{label}", None, int(known.sum()), profile=profile, stems=stems,
                                    flag=f"{counts}: an AUROC needs >= {min_positives} and >= {min_negatives}",
@@ -91,21 +93,23 @@ def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot
     value = stat(np.arange(len(probs)))
     groups, clusters = report_groups(groups, len(probs))
     ci, dropped = bootstrap_ci(stat, len(probs), n_boot=n_boot, seed=seed, groups=groups)
-    units, what = (len(probs), "volumes") if groups is None else (clusters["n_reports"], "reports")
+    units, what = (len(probs), "volumes") if groups is None else (clusters["n_resampled"], clusters["resampled"])
     return MetricValue(f"{name}.{MACRO}", value, len(probs), ci, profile, stems, thin(units, what),
                        {"labels": [names[j] for j in usable], **clusters, "dropped_resamples": dropped})
 
 
 def tstr_metrics(probs_synthetic, probs_real, labels, names: Sequence[str], *, min_positives: int, min_negatives: int,
                  profiles: tuple[str, str], stems: str = "", n_boot: int = 1000, seed: int = 0,
-                 train_sizes: dict | None = None) -> list[MetricValue]:
+                 train_sizes: dict | None = None, groups: Sequence | None = None) -> list[MetricValue]:
     """Train on synthetic, test on real: per-label and macro AUROC of both classifiers on the same real scans, and
-    the gap (trained on real minus trained on synthetic) with a paired bootstrap CI (the same resampled scans)."""
+    the gap (trained on real minus trained on synthetic) with a paired bootstrap CI (the same resampled scans;
+    ``groups``: their stems, so that a patient's scans are resampled together, as in :func:`label_aurocs`)."""
     extra = {"train": train_sizes or {}}
-    synth = label_aurocs(probs_synthetic, labels, names, name="tstr.synthetic", min_positives=min_positives,
-                         min_negatives=min_negatives, profile=profiles[0], stems=stems, n_boot=n_boot, seed=seed)
-    real = label_aurocs(probs_real, labels, names, name="tstr.real", min_positives=min_positives,
-                        min_negatives=min_negatives, profile=profiles[1], stems=stems, n_boot=n_boot, seed=seed)
+    kw = {"min_positives": min_positives, "min_negatives": min_negatives, "stems": stems, "n_boot": n_boot,
+          "seed": seed, "groups": groups}
+    synth = label_aurocs(probs_synthetic, labels, names, name="tstr.synthetic", profile=profiles[0], **kw)
+    real = label_aurocs(probs_real, labels, names, name="tstr.real", profile=profiles[1], **kw)
+    units, clusters = report_groups(groups, len(labels), "volumes")
     ps, pr, y = (np.asarray(a, np.float64) for a in (probs_synthetic, probs_real, labels))
     gaps = []
     for j, (a, b) in enumerate(zip(real, synth)):
@@ -121,9 +125,10 @@ def tstr_metrics(probs_synthetic, probs_real, labels, names: Sequence[str], *, m
             return float(np.mean([_auroc_or_nan(pr[idx, c], y[idx, c]) - _auroc_or_nan(ps[idx, c], y[idx, c])
                                   for c in cols]))
 
-        ci, dropped = bootstrap_ci(gap, len(y), n_boot=n_boot, seed=seed)
+        ci, dropped = bootstrap_ci(gap, len(y), n_boot=n_boot, seed=seed, groups=units)
+        few = thin(a.n) if units is None else thin(clusters["n_resampled"], clusters["resampled"])
         gaps.append(MetricValue(f"tstr.gap.{label}", a.value - b.value, a.n, ci, f"{profiles[1]} - {profiles[0]}",
-                                stems, thin(a.n), {"dropped_resamples": dropped}))
+                                stems, few, {**clusters, "dropped_resamples": dropped}))
     for m in (*synth, *real, *gaps):
         m.extra.update(extra)
     return [*synth, *real, *gaps]
@@ -134,8 +139,8 @@ def alignment_metrics(cos_gen, cos_real, similarity, ranks_gen, ranks_real, n_ca
                       groups: Sequence | None = None) -> list[MetricValue]:
     """CLIP score (generated, real ceiling), image similarity, retrieval top-k with chance (generated, real).
 
-    One row per generated volume (the real side: its report's scan); ``groups``: each row's report, so that the
-    CIs resample reports where one prompted several volumes."""
+    One row per generated volume (the real side: its report's scan); ``groups``: each row's report stem, so that
+    the CIs resample reports where one prompted several volumes (CT-RATE patients, see :func:`label_aurocs`)."""
     from ctgen.metrics.retrieval import top_k_accuracy
 
     kw = {"profile": profile, "stems": stems, "n_boot": n_boot, "seed": seed, "groups": groups}
@@ -151,15 +156,19 @@ def alignment_metrics(cos_gen, cos_real, similarity, ranks_gen, ranks_real, n_ca
 
 
 def hu_metrics(gen_stats: list[dict], real_stats: list[dict], n_flags: Sequence[int], *, stems: str,
-               n_boot: int = 1000, seed: int = 0) -> list[MetricValue]:
-    """Per tissue: mean over volumes of the volume's median HU (generated, real); share of generated volumes flagged."""
+               n_boot: int = 1000, seed: int = 0, gen_groups: Sequence | None = None,
+               real_groups: Sequence | None = None, real_stems: str | None = None) -> list[MetricValue]:
+    """Per tissue: mean over volumes of the volume's median HU (generated, real); share of generated volumes flagged.
+    ``stems``, ``real_stems``: the stems hashes of each side (``real_stems`` defaults to ``stems``); ``gen_groups``,
+    ``real_groups``: the volumes' stems (the CIs resample reports or patients, see :func:`label_aurocs`)."""
     out = []
+    sides = (("generated", gen_stats, gen_groups, stems), ("real", real_stats, real_groups, real_stems or stems))
     for tissue in TISSUES:
-        for side, stats in (("generated", gen_stats), ("real", real_stats)):
+        for side, stats, groups, hashed in sides:
             m = mean_with_ci([s[tissue]["median"] for s in stats], f"hu.{tissue}_median.{side}", profile="hu-thresholds",
-                             stems=stems, n_boot=n_boot, seed=seed)
+                             stems=hashed, n_boot=n_boot, seed=seed, groups=groups)
             m.extra["interval_hu"] = list(TISSUES[tissue])
             out.append(m)
     flagged = mean_with_ci((np.asarray(n_flags) > 0).astype(float), "hu.flagged_share", profile="hu-thresholds",
-                           stems=stems, n_boot=n_boot, seed=seed)
+                           stems=stems, n_boot=n_boot, seed=seed, groups=gen_groups)
     return [*out, flagged]

@@ -9,7 +9,8 @@ so (``extra.dim``, ``extra.full_dim``, and a ``flag``: a reduced-dimension dista
 comparable with a full-dimension one).
 
 The bootstrap resamples volumes, not rows: a 2D FID has many slices per volume, which are not
-independent. Each resample draws generated and real volumes with replacement (independently) and
+independent (and whole reports or patients where one has several volumes: ``groups_fake``/``groups_real``).
+Each resample draws generated and real volumes with replacement (independently) and
 weights every feature row by how often its volume was drawn; the weighted mean and covariance
 equal those of the gathered rows, without gathering them (O(rows x F^2) per resample, on the
 features' device). Resamples hold duplicates, which lowers their diversity, so bootstrap distances
@@ -21,13 +22,15 @@ floored at 0: the spread over volumes, centred where the estimate is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ctgen.metrics.frechet import frechet_distance_from_stats
-from ctgen.metrics.summary import MetricValue, join_flags, percentile_ci, thin
+from ctgen.metrics.summary import MetricValue, join_flags, percentile_ci, report_groups, thin
+from ctprep.stats import group_members, resample
 
 
 @dataclass
@@ -105,14 +108,25 @@ class _Pair:
 
 def frechet_values(real: dict[str, FeatureRows], fake: dict[str, FeatureRows], name: str, *, profile: str = "",
                    stems: str = "", n_boot: int = 200, seed: int = 0, device: str | torch.device = "cpu",
-                   mean: bool = False) -> dict[str, MetricValue]:
+                   mean: bool = False, groups_fake: Sequence | None = None,
+                   groups_real: Sequence | None = None) -> dict[str, MetricValue]:
     """Fréchet distances of several feature pairs (the planes of a 2D FID) on shared resamples.
 
     -> {key: MetricValue named ``name.key``} and, with ``mean``, ``name.mean``: their average with its own
     CI (the same volumes resampled for every key). The units must be the same volumes in every pair.
+    ``groups_fake``, ``groups_real``: the stems of each side's volumes; where a report prompted several
+    generated volumes or a CT-RATE patient has several real ones, the resamples draw whole reports or patients
+    (:func:`ctgen.metrics.summary.report_groups`), recorded in ``extra`` as ``resampled_generated`` and
+    ``resampled_real``.
     """
     keys = list(real)
     n_f, n_r = fake[keys[0]].n_units, real[keys[0]].n_units
+    g_f, c_f = report_groups(groups_fake, n_f)
+    g_r, c_r = report_groups(groups_real, n_r, "volumes")
+    clusters = {f"{k}_{side}": v for side, c in (("generated", c_f), ("real", c_r)) for k, v in c.items()}
+    members_f, members_r = (None if g is None else group_members(g) for g in (g_f, g_r))
+    # the thinner side's independent units: what the CI's reliability rests on
+    few = thin(*min((c.get("n_resampled", n), c.get("resampled", "volumes")) for c, n in ((c_f, n_f), (c_r, n_r))))
     if min(n_f, n_r) < 2:
         flag = "fewer than 2 volumes on a side: no covariance"
         out = {k: MetricValue(f"{name}.{k}", None, n_f, profile=profile, stems=stems, flag=flag) for k in keys}
@@ -124,20 +138,21 @@ def frechet_values(real: dict[str, FeatureRows], fake: dict[str, FeatureRows], n
     rng = np.random.default_rng(seed)
     boots: dict[str, list[float]] = {k: [] for k in keys}
     for _ in range(n_boot):
-        idx_f, idx_r = rng.integers(0, n_f, n_f), rng.integers(0, n_r, n_r)
+        idx_f, idx_r = resample(rng, n_f, members_f), resample(rng, n_r, members_r)
         for k, p in pairs.items():
             boots[k].append(p.distance(idx_f, idx_r))
     out = {}
     for k, p in pairs.items():
         ci, extra = _shifted_ci(boots[k], values[k], n_boot)
-        flag = join_flags(p.flag, thin(min(n_f, n_r)))
-        out[k] = MetricValue(f"{name}.{k}", values[k], n_f, ci, profile, stems, flag, {**p.extra(), **extra})
+        flag = join_flags(p.flag, few)
+        out[k] = MetricValue(f"{name}.{k}", values[k], n_f, ci, profile, stems, flag, {**p.extra(), **extra, **clusters})
     if mean:
         value = float(np.mean(list(values.values())))
         ci, extra = _shifted_ci(list(np.mean([boots[k] for k in keys], axis=0)), value, n_boot)
         flags = sorted({p.flag for p in pairs.values() if p.flag})
-        out["mean"] = MetricValue(f"{name}.mean", value, n_f, ci, profile, stems, join_flags(*flags, thin(min(n_f, n_r))),
-                                  {"of": keys, "n_real": n_r, **extra})
+        out["mean"] = MetricValue(f"{name}.mean", value, n_f, ci, profile, stems,
+                                  join_flags(*flags, few),
+                                  {"of": keys, "n_real": n_r, **extra, **clusters})
     return out
 
 

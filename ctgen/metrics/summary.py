@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ctprep.ctrate import parse_volume_name
 from ctprep.stats import CONFIDENCE, N_BOOTSTRAP, bootstrap_ci, percentile_ci  # noqa: F401 (one bootstrap for both)
 
 MIN_UNITS = 10  # fewer units and the percentile bootstrap's 95% interval holds the truth far less often: flagged
@@ -71,15 +72,32 @@ def join_flags(*flags: str | None) -> str | None:
     return "; ".join(f for f in flags if f) or None
 
 
-def report_groups(groups: Sequence | None, n: int) -> tuple[np.ndarray | None, dict]:
-    """(groups for :func:`bootstrap_ci`, what ``extra`` records): None and {} where no report has two volumes."""
+def independent_units(stems: Sequence, fallback: str = "reports") -> tuple[np.ndarray, str]:
+    """(the unit of each scored volume, what the units are) for a cluster bootstrap.
+
+    The scans of one CT-RATE patient, their reconstructions (the same acquisition, one report) and every
+    volume generated from their reports share anatomy and labels: where every stem is a CT-RATE VolumeName
+    the unit is its patient. Other names say nothing of their patient: the unit is the stem itself, which
+    is ``fallback`` (a generated volume's stem is its report's, so repeats of one report stay together).
+    """
+    stems = [str(s) for s in stems]
+    try:
+        return np.asarray([parse_volume_name(s if ".nii" in s else f"{s}.nii.gz")["patient"] for s in stems]), "patients"
+    except ValueError:
+        return np.asarray(stems), fallback
+
+
+def report_groups(groups: Sequence | None, n: int, fallback: str = "reports") -> tuple[np.ndarray | None, dict]:
+    """(groups for :func:`bootstrap_ci`, what ``extra`` records) from the stems of ``n`` volumes (see
+    :func:`independent_units`): None and {} where every unit holds one volume, else the units and
+    ``{"resampled": "patients" or fallback, "n_resampled": their count}``."""
     if groups is None:
         return None, {}
-    groups = np.asarray(groups)
     if len(groups) != n:
         raise ValueError(f"{len(groups)} groups for {n} volumes")
-    n_groups = int(len(np.unique(groups)))
-    return (groups, {"resampled": "reports", "n_reports": n_groups}) if n_groups < n else (None, {})
+    units, what = independent_units(groups, fallback)
+    n_groups = int(len(np.unique(units)))
+    return (units, {"resampled": what, "n_resampled": n_groups}) if n_groups < n else (None, {})
 
 
 def bootstrap_ci_two(statistic: Callable[[np.ndarray, np.ndarray], float], n_a: int, n_b: int, *,
@@ -98,7 +116,8 @@ def mean_with_ci(values: Sequence[float], name: str, *, n_boot: int = N_BOOTSTRA
                  groups: Sequence | None = None, **kw: Any) -> MetricValue:
     """The mean of per-volume values with its bootstrap CI (NaN values are left out and counted).
 
-    ``groups``: the report of each value; where some report has several, the CI resamples whole reports.
+    ``groups``: the stem of each value's volume; where a patient or a report has several, the CI resamples
+    whole ones (:func:`report_groups`).
     """
     v = np.asarray(values, dtype=np.float64)
     ok = np.isfinite(v)
@@ -109,6 +128,6 @@ def mean_with_ci(values: Sequence[float], name: str, *, n_boot: int = N_BOOTSTRA
     g, clusters = report_groups(None if groups is None else np.asarray(groups)[ok], finite.size)
     extra.update(clusters)
     ci, _ = bootstrap_ci(lambda idx: finite[idx].mean(), finite.size, n_boot=n_boot, seed=seed, groups=g)
-    units = thin(int(finite.size)) if g is None else thin(clusters["n_reports"], "reports")
+    units = thin(int(finite.size)) if g is None else thin(clusters["n_resampled"], clusters["resampled"])
     flag = join_flags(kw.pop("flag", None), units)
     return MetricValue(name, float(finite.mean()), int(finite.size), ci, flag=flag, extra=extra, **kw)

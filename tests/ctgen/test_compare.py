@@ -93,6 +93,18 @@ def test_few_reports_are_flagged_however_many_repeats():
     assert clip.extra["exact"] and clip.extra["p_value"] >= 2 / 16  # 2^4 swaps of whole reports: p >= 1/8
 
 
+def test_reports_of_one_ct_rate_patient_pair_as_one_unit():
+    """Two scans of each of 4 CT-RATE patients (8 reports, one volume each): the patients are the units, so the
+    flag counts 4 and the exact test enumerates 2^4 swaps of whole patients."""
+    rng = np.random.default_rng(4)
+    stems = [f"valid_{i % 4}_{'ab'[i // 4]}_1" for i in range(8)]
+    a, b = (pd.DataFrame({"prompt_id": stems, "repeat": 0, "clip_score": rng.uniform(20, 30, 8) + shift})
+            for shift in (2.0, 0.0))
+    clip = paired_differences(a, b, n_boot=100, n_permutations=1000)[0]
+    assert clip.n == 8 and "only 4 patients" in clip.flag and clip.extra["n_resampled"] == 4
+    assert clip.extra["exact"] and clip.extra["p_value"] >= 2 / 16
+
+
 def test_runs_scored_on_other_labels_or_reports_are_refused(two_runs):
     y, a, b = two_runs
     other = b.copy()

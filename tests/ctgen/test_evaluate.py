@@ -265,7 +265,8 @@ def test_guidance_sweep_repeats_give_more_pairs(models, tmp_path):
     out = guidance_sweep(*args, device="cpu", repeats=2)
     assert (out["n"] == 4).all()  # 2 reports x 2 repeats, at each scale and in the paired differences
     own = out[out["metric"].isin(["clip_score", "retrieval.top1"])]
-    assert (own["n_reports"] == 2).all()  # each scale's CIs resample the 2 reports, not the 4 volumes
+    # each scale's CIs resample the 2 reports' patients (CT-RATE names), not the 4 volumes
+    assert (own["n_resampled"] == 2).all() and (own["resampled"] == "patients").all()
     distinct = len(set(prompts["generatect"][:2]))
     assert list(out.loc[out["metric"] == "retrieval.top1", "chance"]) == pytest.approx([1 / distinct] * 2)
     with pytest.raises(UserError, match="guidance_repeats"):

@@ -445,6 +445,37 @@ def test_frechet_value_matches_the_plain_distance_and_carries_its_record():
     assert record["ci"] == list(m.ci) and MetricValue.from_json(record) == m
 
 
+def test_frechet_ci_resamples_whole_reports_and_patients():
+    """Four volumes of each of 30 reports nearly alike (repeats of one prompt), against real reconstructions of
+    30 patients (three each): resampling volumes narrows the CI as if there were 120 and 90 independent
+    ones; resampling reports and patients gives the interval of one volume per report and patient. Groups of
+    one volume each draw exactly what no groups draw."""
+    from ctgen.metrics.distribution import FeatureRows, frechet_value
+
+    rng = np.random.default_rng(4)
+    fake_once, real_once = rng.normal(size=(30, 3)) + 0.8, rng.normal(size=(30, 3))
+    near = lambda x, k: np.repeat(x, k, axis=0) + 0.01 * rng.normal(size=(len(x) * k, 3))  # noqa: E731
+    fake, real = near(fake_once, 4), near(real_once, 3)
+    fake_stems = [f"valid_{i}_a_1" for i in range(30) for _ in range(4)]
+    real_stems = [f"valid_{100 + i}_a_{r}" for i in range(30) for r in (1, 2, 3)]
+    kw = {"n_boot": 300, "seed": 2}
+    width = lambda m: m.ci[1] - m.ci[0]  # noqa: E731
+    once = frechet_value(FeatureRows.per_volume(real_once), FeatureRows.per_volume(fake_once), "fd", **kw)
+    naive = frechet_value(FeatureRows.per_volume(real), FeatureRows.per_volume(fake), "fd", **kw)
+    grouped = frechet_value(FeatureRows.per_volume(real), FeatureRows.per_volume(fake), "fd", groups_fake=fake_stems,
+                            groups_real=real_stems, **kw)
+    assert grouped.value == naive.value and width(naive) < 0.7 * width(once)
+    assert width(grouped) == pytest.approx(width(once), rel=0.25)
+    assert grouped.extra["resampled_generated"] == "patients" and grouped.extra["n_resampled_generated"] == 30
+    assert grouped.extra["n_resampled_real"] == 30 and "only" not in (grouped.flag or "")
+    singles = frechet_value(FeatureRows.per_volume(real_once), FeatureRows.per_volume(fake_once), "fd",
+                            groups_fake=[f"p{i}" for i in range(30)], groups_real=[f"q{i}" for i in range(30)], **kw)
+    assert singles.ci == once.ci and "resampled_generated" not in singles.extra
+    few = frechet_value(FeatureRows.per_volume(real), FeatureRows.per_volume(fake[:36]), "fd",
+                        groups_fake=fake_stems[:36], **kw)
+    assert "only 9 patients" in few.flag  # 36 volumes of 9 reports: the thin side's units are counted
+
+
 def test_frechet_with_fewer_samples_than_dimensions_is_reduced_and_flagged():
     from ctgen.metrics.distribution import FeatureRows, frechet_value, principal_axes
 

@@ -99,6 +99,31 @@ def test_hu_metrics_means_and_flag_share():
     assert out["hu.bone_median.generated"].value is None and out["hu.bone_median.generated"].extra["n_nan"] == 4
 
 
+def test_real_reconstructions_resample_patients_in_tstr_and_hu():
+    """The real scans of TSTR and the HU ceiling: CT-RATE reconstructions of one patient's scan (alike) are one
+    unit, so their CIs are as wide as with one scan per patient; each HU side carries its own stems hash."""
+    p_real, y = scored(60, 1.0, seed=6)
+    p_synth = p_real + np.random.default_rng(8).normal(0, 1, y.shape)
+    stems = [f"valid_{i}_a_{r}" for i in range(60) for r in (1, 2)]
+    kw = {"min_positives": 5, "min_negatives": 5, "profiles": ("s", "r"), "n_boot": 1000}
+    width = lambda ms, name: [m.ci[1] - m.ci[0] for m in ms if m.name == name][0]  # noqa: E731
+    once = tstr_metrics(p_synth, p_real, y, NAMES, **kw)
+    twice = [np.repeat(x, 2, axis=0) for x in (p_synth, p_real, y)]
+    naive, grouped = tstr_metrics(*twice, NAMES, **kw), tstr_metrics(*twice, NAMES, groups=stems, **kw)
+    for name in ("tstr.gap.macro", "tstr.real.macro"):
+        assert width(naive, name) < 0.85 * width(once, name), name
+        assert width(grouped, name) == pytest.approx(width(once, name), rel=0.2), name
+    gap = [m for m in grouped if m.name == "tstr.gap.macro"][0]
+    assert gap.extra["resampled"] == "patients" and gap.extra["n_resampled"] == 60
+    rng = np.random.default_rng(9)
+    real = [tissue_stats(rng.normal(-700, 50, (6, 6, 6))) for _ in range(30)]
+    real_stems = [f"valid_{i}_a_{r}" for i in range(15) for r in (1, 2)]
+    out = {m.name: m for m in hu_metrics(real[:8], real, [0] * 8, stems="gen", real_stems="real", n_boot=100,
+                                         gen_groups=[f"g{i}" for i in range(8)], real_groups=real_stems)}
+    assert out["hu.lung_median.real"].stems == "real" and out["hu.lung_median.generated"].stems == "gen"
+    assert out["hu.lung_median.real"].extra["n_resampled"] == 15 and "resampled" not in out["hu.lung_median.generated"].extra
+
+
 def test_several_volumes_of_one_report_resample_reports():
     """Two volumes per report share its labels: a CI over volumes would be ~1/sqrt(2) too narrow; over reports it is
     as wide as with one volume per report. One volume per report: the same numbers as without groups."""
@@ -115,7 +140,7 @@ def test_several_volumes_of_one_report_resample_reports():
         assert naive[name] < 0.85 * once[name]  # pseudo-replication narrows the CI
         assert grouped[name] == pytest.approx(once[name], rel=0.2)
     macro = {m.name: m for m in grouped_ms}["f.macro"]
-    assert macro.extra["resampled"] == "reports" and macro.extra["n_reports"] == 60 and macro.n == 120
+    assert macro.extra["resampled"] == "reports" and macro.extra["n_resampled"] == 60 and macro.n == 120
     singles = label_aurocs(p, y, NAMES, groups=[f"r{i}" for i in range(60)], **kw)
     assert [(m.value, m.ci) for m in singles] == [(m.value, m.ci) for m in label_aurocs(p, y, NAMES, **kw)]
     assert "resampled" not in singles[-1].extra
@@ -133,7 +158,7 @@ def test_alignment_and_means_resample_reports_too():
     grouped = {m.name: m for m in alignment_metrics(cos, cos, cos, ranks, ranks, 10, [1, 5], groups=reports, **kw)}
     for name in ("clip_score.generated", "image_similarity", "retrieval.top5.generated"):
         g, n = grouped[name], naive[name]
-        assert g.value == n.value and g.extra["n_reports"] == 50
+        assert g.value == n.value and g.extra["n_resampled"] == 50
         assert (g.ci[1] - g.ci[0]) > 1.2 * (n.ci[1] - n.ci[0])
 
 
@@ -149,9 +174,9 @@ def test_the_guard_counts_reports_where_a_report_prompted_several_volumes():
                                            min_positives=2, min_negatives=2, n_boot=200, groups=reports)}
     card = out["f.Cardiomegaly"]
     assert card.value is None and "1 positive and 7 negative reports" in card.flag
-    assert card.extra["n_positive"] == 5 and card.extra["n_positive_reports"] == 1
+    assert card.extra["n_positive"] == 5 and card.extra["n_positive_units"] == 1
     effusion = out["f.Pleural effusion"]
-    assert effusion.value is not None and effusion.extra["n_positive_reports"] == 5
+    assert effusion.value is not None and effusion.extra["n_positive_units"] == 5
     assert "only 8 reports" in effusion.flag and effusion.n == 40
     assert out["f.macro"].extra["labels"] == ["Pleural effusion"] and "only 8 reports" in out["f.macro"].flag
 

@@ -36,7 +36,7 @@ def test_the_groups_of_values_left_out_are_left_out_too():
     values = [np.nan] + [0.0] * 5 + [10.0] * 6
     groups = ["a"] * 6 + ["b"] * 6
     m = mean_with_ci(values, "x", groups=groups, n_boot=300)
-    assert m.extra["n_reports"] == 2 and m.n == 11 and m.value == pytest.approx(60 / 11)
+    assert m.extra["n_resampled"] == 2 and m.extra["resampled"] == "reports" and m.n == 11 and m.value == pytest.approx(60 / 11)
     assert m.ci[0] == pytest.approx(0.0) and m.ci[1] == pytest.approx(10.0)  # whole reports drawn: all a's or all b's
 
 
@@ -62,3 +62,33 @@ def test_cluster_bootstrap_draws_whole_groups():
     assert np.allclose(grouped, once)
     assert (naive[1] - naive[0]) < 0.8 * (once[1] - once[0])
     assert bootstrap_ci(lambda idx: 1.0, 4, groups=np.zeros(4)) == (None, 1.0)  # one group: no interval
+
+
+def test_independent_units_are_ct_rate_patients_else_the_stems():
+    """Scans and reconstructions of one CT-RATE patient are one unit; other names are their own units."""
+    from ctgen.metrics.summary import independent_units, report_groups
+
+    names = ["valid_1_a_1", "valid_1_a_2", "valid_1_b_1.nii.gz", "valid_12_a_1", "train_12_a_1"]
+    units, what = independent_units(names)
+    assert list(units) == ["valid_1", "valid_1", "valid_1", "valid_12", "train_12"] and what == "patients"
+    units, what = independent_units(["case_a", "case_a", "valid_1_a_1"], fallback="volumes")
+    assert list(units) == ["case_a", "case_a", "valid_1_a_1"] and what == "volumes"  # a mixed set says nothing
+    groups, extra = report_groups(names, 5)
+    assert extra == {"resampled": "patients", "n_resampled": 3} and len(groups) == 5
+    assert report_groups(["valid_1_a_1", "valid_2_a_1"], 2) == (None, {})  # one volume per patient: plain bootstrap
+
+
+def test_reconstructions_of_one_patient_do_not_narrow_the_ci():
+    """Three reconstructions of each of 40 patients' scans carry nearly the same value: a CI over the 120
+    volumes would be ~1/sqrt(3) as wide as over the 40 patients; resampling patients keeps it as wide as
+    one volume per patient."""
+    rng = np.random.default_rng(7)
+    per_patient = rng.normal(0.0, 1.0, 40)
+    stems = [f"valid_{i}_a_{r}" for i in range(40) for r in (1, 2, 3)]
+    values = np.repeat(per_patient, 3) + rng.normal(0, 0.01, 120)
+    once = mean_with_ci(per_patient, "x", n_boot=2000)
+    naive = mean_with_ci(values, "x", n_boot=2000)
+    grouped = mean_with_ci(values, "x", n_boot=2000, groups=stems)
+    width = lambda m: m.ci[1] - m.ci[0]  # noqa: E731
+    assert width(naive) < 0.7 * width(once) and width(grouped) == pytest.approx(width(once), rel=0.15)
+    assert grouped.extra == {"n_nan": 0, "resampled": "patients", "n_resampled": 40} and grouped.n == 120
