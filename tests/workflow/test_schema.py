@@ -149,7 +149,8 @@ def test_snakemake_names_a_misspelt_key_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    ({"presets": {"demo": {"clip": [1000, -1000]}}}, "presets.demo.clip [1000, -1000]: the low bound must be below"),
+    ({"presets": {"demo": {"clip": [1000, -1000]}}}, "presets.demo.clip: HU window [1000, -1000]: the low bound must be below"),
+    ({"demo": {"slices": [40, 20]}}, "demo.slices [40, 20]: the low bound must not be above"),
     ({"model_presets": {"demo": {"tokenizer": {"train": {"max_steps": -1}}}}},
      "model_presets.demo.tokenizer.train: TrainConfig: need max_steps >= 1"),
     ({"evaluation": {"faithfulness_labels": ["Cardiomegally"]}},

@@ -13,6 +13,7 @@ from snakemake.utils import validate
 from ctgen.jobs.config import flow_text_encoders
 from ctgen.jobs.eval_config import scoring_settings
 from ctgen.jobs.geometry import GeometryError, check_geometry
+from ctprep.intensity import check_window
 
 # a config error is one line naming the key (Snakemake's own message dumps the whole subschema)
 try:
@@ -58,19 +59,17 @@ def check_prompts():
 
 def check_ranges():
     """Each [low, high] of the config in order (one line, before any job): an inverted HU window clipped
-    every voxel to its first bound."""
-    ranges = [
-        (f"presets.{n}.clip", p["clip"], True) for n, p in config["presets"].items()
-    ]
-    ranges += [
-        (f"demo.{k}", config["demo"][k], False)
-        for k in ("slices", "fov_mm", "z_spacing_mm")
-        if k in config["demo"]
-    ]
-    for key, (lo, hi), strict in ranges:
-        if lo > hi or (strict and lo == hi):
+    every voxel to its first bound (the window's rule is the prep code's own, check_window)."""
+    for name, preset in config["presets"].items():
+        try:
+            check_window(*preset["clip"])
+        except ValueError as err:
+            sys.exit(f"config error: presets.{name}.clip: {err}")
+    for key in ("slices", "fov_mm", "z_spacing_mm"):
+        lo, hi = config["demo"].get(key, (0, 0))
+        if lo > hi:
             sys.exit(
-                f"config error: {key} [{lo}, {hi}]: the low bound must be below the high one"
+                f"config error: demo.{key} [{lo}, {hi}]: the low bound must not be above the high one"
             )
 
 
