@@ -74,6 +74,9 @@ _TEMPLATE_MARKS = {":", "-"}
 #: A template's value that denies its heading's finding: "Lymph nodes: Normal.", "Pleural effusion: No.",
 #: "Pulmonary nodules: Not identified." (not "Pleural effusion: No change.", a pseudo-negation).
 _TEMPLATE_NEGATIVES = {"no", "none", "normal", "unremarkable", "negative", "absent", "nil", "clear", "not", "nothing"}
+#: What parts a template's heading from its value: "Pleural effusion: no.", "Pleural effusion - no." (a dash as its own
+#: token: "effusion-related" is one word to the tokenizer's infix rules only with the hyphen between letters)
+_TEMPLATE_SEPARATORS = {":", "-", "\u2013", "\u2014"}
 #: Words a heading does not hold: a clause ("Effusion is seen: ...") or a list ("Effusion, pneumothorax: none").
 _HEADING_BREAKS = {",", ";", ".", "(", ")"} | _VERB_AUX
 #: Partitive quantifiers: "none of the nodules is calcified" presupposes the nodules and negates what is said of
@@ -310,8 +313,8 @@ def _template_value(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) -
     effusion: No change.") nor a description ("Hiatal hernia: Small.").
     """
     colon = next((j for j in range(mention.end, min(sent.end, mention.end + 6))
-                  if doc[j].text == ":" or doc[j].lower_ in _HEADING_BREAKS), None)
-    if colon is None or doc[colon].text != ":" or colon + 1 >= sent.end:
+                  if doc[j].text in _TEMPLATE_SEPARATORS or doc[j].lower_ in _HEADING_BREAKS), None)
+    if colon is None or doc[colon].text not in _TEMPLATE_SEPARATORS or colon + 1 >= sent.end:
         return None
     v = colon + 1
     words = [t for t in triggers if t.start == v]

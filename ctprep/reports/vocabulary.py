@@ -278,6 +278,9 @@ PRE_UNCERTAIN += [f"{aux} {verb}" for aux in ("cannot", "could not", "can't", "c
 # (bare "in favor of" is no hedge in translated prose: "cardiothoracic ratio increased in favor of the heart")
 POST_UNCERTAIN = ["?", "cannot be excluded", "can not be excluded", "could not be excluded", "cannot be ruled out",
                   "can not be ruled out", "could not be ruled out", "not ruled out", "not excluded",
+                  # "Cardiomegaly is not excluded": longer than the "is not" it holds, which negates
+                  "is not excluded", "are not excluded", "was not excluded", "were not excluded", "not been excluded",
+                  "is not ruled out", "are not ruled out", "was not ruled out", "were not ruled out", "not been ruled out",
                   "is suspected", "was suspected", "are suspected", "were suspected", "is possible", "is questionable",
                   "cannot be distinguished", "could not be distinguished", "cannot be differentiated",
                   "could not be differentiated", "may be", "is likely", "is probable"]

@@ -520,6 +520,30 @@ def test_a_templates_none_without_its_colon_negates_the_finding_before_it(text, 
     assert [m.status for m in mentions_of(text, label)] == ["negated"]
 
 
+@pytest.mark.parametrize(("text", "status"), [
+    ("Pleural effusion - no.", "negated"),
+    ("Pleural effusion \u2013 none.", "negated"),
+    ("Pleural effusion - not seen.", "negated"),
+    ("Pleural effusion - no change.", "present"),  # a pseudo-negation: the effusion is there
+    ("Pleural effusion - small, on the right.", "present"),
+    ("Effusion-related atelectasis in the left lower lobe.", "present"),  # a hyphenated word, no template
+])
+def test_a_dash_parts_a_templates_heading_from_its_value_like_a_colon(text, status):
+    assert [m.status for m in mentions_of(text, EFFUSION)] == [status]
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    ("Mild cardiomegaly is not excluded.", "Cardiomegaly"),
+    ("Small pleural effusions are not excluded.", EFFUSION),
+    ("Pericardial effusion has not been excluded.", "Pericardial effusion"),
+    ("An early consolidation was not ruled out.", "Consolidation"),
+])
+def test_not_excluded_is_a_hedge_not_the_negation_of_its_is_not(text, label):
+    """"is not" negates ("Effusion is not seen"), but "is not excluded" leaves the finding possible."""
+    assert [m.status for m in mentions_of(text, label)] == ["uncertain"]
+    assert [m.status for m in mentions_of(text.replace(" not ", " "), label)] == ["negated"]  # "is excluded"
+
+
 @pytest.mark.parametrize("text", [
     "Right lung middle lobe is collapsed.",
     "The left lower lobe is partially collapsed and stable.",
