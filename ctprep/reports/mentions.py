@@ -22,8 +22,8 @@ from spacy.tokens import Doc, Span
 from ctprep.reports import attributes as A
 from ctprep.reports import spelling
 from ctprep.reports.prefilter import compile_lower, keywords, lower_same_length, sentences_with
-from ctprep.reports.vocabulary import (BARE_EFFUSION_LABEL, EFFUSION, ELLIPTIC_HEADS, EXCEPTIONS, LUNG, NON_LUNG,
-                                       PLACE_NOUNS, PLACE_PREPOSITIONS, RELATIVE_PRONOUNS, RULES, SEEN_VERBS,
+from ctprep.reports.vocabulary import (BARE_EFFUSION_LABEL, CONTRASTS, EFFUSION, ELLIPTIC_HEADS, EXCEPTIONS, LUNG,
+                                       NON_LUNG, PLACE_NOUNS, PLACE_PREPOSITIONS, RELATIVE_PRONOUNS, RULES, SEEN_VERBS,
                                        SPELLING_REAL_WORDS, SPELLING_TERMS, Rule)
 
 
@@ -82,6 +82,11 @@ _PLACED = compile_lower(r"\b(pleural|pericardial)[\s-]+(effusions?|fluid)\b")
 _EXCEPTION = compile_lower(r"\b(" + "|".join(sorted((re.escape(w) for w in EXCEPTIONS), key=len, reverse=True)) + r")\b"
                            r"((?:[^,;:]|,(?=\s*(?:" + "|".join(RELATIVE_PRONOUNS) + r")\b))*)")
 _EXCEPTION_WORDS = keywords(_EXCEPTION.pattern)
+_CONTRAST = compile_lower(r"\b(" + "|".join(CONTRASTS) + r")\b((?:[^,;:]|,(?=\s*(?:" + "|".join(RELATIVE_PRONOUNS)
+                          + r")\b))*)")
+_CONTRAST_WORDS = keywords(_CONTRAST.pattern)
+_PRONOUN_ONE = compile_lower(r"one\s+(can|cannot|can't|could|should|must|may|might|will|would|shall|needs?|notes?|sees?"
+                             r"|observes?|notices?)\b")
 _ELLIPTIC_HEAD = compile_lower(r"\b(" + "|".join(ELLIPTIC_HEADS) + r")\b(?!\s+of\b)")
 
 
@@ -197,21 +202,28 @@ def _verb_place(sent: str, end: int, b: int) -> str:
     return _without_next_qualifiers(m.group(0)) if m else ""
 
 
-def _elliptic_exceptions(text: str, sentence: tuple[int, int], found: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+def _elliptic_exceptions(text: str, sentence: tuple[int, int], found: list[tuple[int, int, str]],
+                         contrast: bool = False) -> list[tuple[int, int, str]]:
     """Mentions an exception makes by repeating its finding without naming it: "No pleural effusion except for a
     small one on the left" (the "one" is a left pleural effusion), "No consolidation except in the right lower lobe".
 
     The exception's object must name no finding of its own and be either an elliptic head ("one", "a small focus")
     or a place phrase; it repeats the nearest finding before the exception (after it, if the exception comes
     first: "Apart from a small one on the left, no effusion is seen"). Its place must be in the chest.
+
+    ``contrast``: the same for a contrast word's clause ("No pleural effusion on the right, but a small one on
+    the left"), which must hold both an elliptic head and a side or place, and repeats only a finding before it.
     """
     s0, e0 = sentence
     out = []
-    for m in _EXCEPTION.finditer(text, s0, e0):
+    for m in (_CONTRAST if contrast else _EXCEPTION).finditer(text, s0, e0):
         o0, o1 = m.span(2)
         if any(o0 <= a < o1 for a, _, _ in found):
             continue
         head = _ELLIPTIC_HEAD.search(text, o0, o1)
+        if contrast and (head is None or _PRONOUN_ONE.match(text, head.start())
+                         or not (_SIDE.search(text, head.end(), o1) or A.PLACE_PHRASE.search(text, head.end(), o1))):
+            continue  # "but one cannot exclude ...": the pronoun, not the finding
         if head is not None:
             start, end = head.span()
         elif A.PLACE_PHRASE.match(text, o0):  # the place phrase itself, without the sentence's last stop
@@ -222,7 +234,7 @@ def _elliptic_exceptions(text: str, sentence: tuple[int, int], found: list[tuple
         if _NON_LUNG.search(text, o0, o1):
             continue
         before = [f for f in found if s0 <= f[0] and f[1] <= m.start()]
-        after = [f for f in found if o1 <= f[0] and f[1] <= e0]
+        after = [] if contrast else [f for f in found if o1 <= f[0] and f[1] <= e0]
         if before:
             last = max(f[1] for f in before)
             labels = {f[2] for f in before if f[1] == last}
@@ -287,6 +299,8 @@ def find_mentions(doc: Doc, corrections: list[tuple[int, int, str]] = ()) -> lis
             found.extend((m.start(), m.end(), label) for label in _effusion_labels(low, s0, e0, m.start() - s0, m.end() - s0))
     for i in sentences_with(low, _EXCEPTION_WORDS, starts, n):
         found.extend(_elliptic_exceptions(low, sents[i][2:], found))
+    for i in sentences_with(low, _CONTRAST_WORDS, starts, n):
+        found.extend(_elliptic_exceptions(low, sents[i][2:], found, contrast=True))
     if fixed is not None:
         found = [(fixed.to_old(a), fixed.to_old(b, end=True), label) for a, b, label in found]
     merged: dict[str, list[list[int]]] = {}

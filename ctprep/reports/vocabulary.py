@@ -333,6 +333,10 @@ RELATIVE_PRONOUNS = ["which", "that", "who", "whose", "where"]
 #: left", "No consolidation other than a small focus in the right lower lobe"); not when "of" names another
 #: substance ("except for a small area of atelectasis": that finding is matched on its own).
 ELLIPTIC_HEADS = ["one", "ones", "area", "areas", "focus", "foci", "amount", "portion", "part"]
+#: Contrast words whose clause may repeat the finding before them unnamed, on another side or place: "No pleural
+#: effusion on the right, but a small one on the left" (an elliptic head and a side or place are both needed there:
+#: "but one should note ..." repeats nothing).
+CONTRASTS = ["but", "whereas", "while"]
 #: Ends a trigger's scope: contrast and exception words, and clause punctuation (also ``;`` and ``:`` tokens).
 TERMINATORS = ["but", "however", "although", "though", *EXCEPTIONS, "apart from this", "whereas", "while", "yet",
                "nevertheless", "on the other hand",

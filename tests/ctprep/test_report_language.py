@@ -309,6 +309,28 @@ def test_an_exception_that_repeats_its_finding_unnamed_is_that_finding(text, lab
     assert parse_report(text).labels[label] == 1
 
 
+@pytest.mark.parametrize(("text", "label", "side"), [
+    ("No pleural effusion on the right, but a small one on the left.", EFFUSION, "left"),
+    ("No pleural effusion on the right but a minimal one is seen on the left.", EFFUSION, "left"),
+    ("No consolidation in the left lung, whereas a small focus is seen in the right lower lobe.", "Consolidation",
+     "right"),
+    ("No lymphadenopathy in the mediastinum, but a few enlarged ones in the right hilum.", "Lymphadenopathy", "right"),
+])
+def test_a_contrast_that_repeats_its_finding_unnamed_on_another_side_is_that_finding(text, label, side):
+    present = [m for m in mentions_of(text, label) if m.status == "present"]
+    assert [m.laterality for m in present] == [side] and parse_report(text).labels[label] == 1
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    ("No pleural effusion, but one cannot exclude a small pneumothorax on the left.", EFFUSION),  # the pronoun
+    ("No pleural effusion, but one should note the atelectasis on the left.", EFFUSION),
+    ("No pleural effusion, but an area of atelectasis on the left.", EFFUSION),  # names its own finding
+    ("No nodule, but a small one.", "Lung nodule"),  # no other side or place: nothing is contrasted
+])
+def test_a_contrast_without_an_unnamed_finding_elsewhere_repeats_nothing(text, label):
+    assert parse_report(text).labels[label] == 0
+
+
 @pytest.mark.parametrize(("text", "label", "other"), [
     # the exception names its own thing: nothing to repeat
     ("No consolidation except for a small area of atelectasis in the left lower lobe.", "Consolidation", "Atelectasis"),
