@@ -87,7 +87,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_dicom2nifti(args: argparse.Namespace) -> int:
     from ctprep.dicom import dicom_to_nifti
 
-    vol = dicom_to_nifti(args.series_dir, args.output)
+    vol = dicom_to_nifti(args.series_dir, args.output, series_uid=args.series_uid)
     logger.info("wrote %s: %r", args.output, vol)
     return 0
 
@@ -163,6 +163,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dicom2nifti", help="convert one DICOM CT series folder to an HU NIfTI")
     p.add_argument("series_dir", help="folder holding the DICOM files of one CT series")
     p.add_argument("output", help="the int16 HU NIfTI to write, with the scanner geometry")
+    p.add_argument("--series-uid", help="the SeriesInstanceUID to read where the folder holds several series")
     p.set_defaults(func=cmd_dicom2nifti)
 
     p = sub.add_parser("demo", help="write the synthetic demo cohort in the CT-RATE layout")

@@ -181,7 +181,8 @@ def _select(items: list, series_uid: str | None) -> list:
             + (f", {why_not[uid]}" if why_not[uid] else "") + ")"
             for uid in sorted(groups)
         )
-        raise SeriesError(f"folder holds {len(groups)} series: {listed}; pass series_uid= to pick one")
+        raise SeriesError(f"folder holds {len(groups)} series: {listed}; move each into a folder of its own "
+                          "(or pick one: ctprep dicom2nifti --series-uid UID)")
     return next(iter(groups.values()))
 
 
@@ -197,17 +198,27 @@ def _not_a_volume(items: list) -> str | None:
         return f"modality {', '.join(other)}"
     if all(map(_is_localizer, heads)):
         return "localizer images"
+    if all(_image_type_has(ds, "SCREEN SAVE") for ds in heads):
+        return "screen captures (ImageType SCREEN SAVE)"
     if sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in heads) < 2:
         return "a single image"
+    if not any("ImagePositionPatient" in ds or "PerFrameFunctionalGroupsSequence" in ds
+               or "SharedFunctionalGroupsSequence" in ds for ds in heads):
+        return "no image positions (a dose screen or another picture, not slices)"
     return None
+
+
+def _image_type_has(ds: Dataset, value: str) -> bool:
+    """Whether ImageType holds ``value`` (e.g. LOCALIZER, SCREEN SAVE)."""
+    image_type = ds.get("ImageType") or []
+    if isinstance(image_type, str):  # a single value is not a MultiValue
+        image_type = [image_type]
+    return value in [str(v).strip().upper() for v in image_type]
 
 
 def _is_localizer(ds: Dataset) -> bool:
     """A scout/topogram: ImageType holds LOCALIZER."""
-    image_type = ds.get("ImageType") or []
-    if isinstance(image_type, str):  # a single value is not a MultiValue
-        image_type = [image_type]
-    return "LOCALIZER" in [str(v).strip().upper() for v in image_type]
+    return _image_type_has(ds, "LOCALIZER")
 
 
 def _drop_localizers(items: list) -> list:
@@ -280,14 +291,18 @@ def _check_and_sort(items: list, allow_gaps: bool) -> _Stack:
         )
     ref = np.median(steps, axis=0)  # the series' step; a minority of gaps cannot move it
     ref_n = float(ref @ normal)
-    tol = STEP_RTOL * float(np.linalg.norm(ref)) + STEP_ATOL
+    # positions written to 0.1 mm (0.625 mm slices at -785.6, -785.0, -784.4) carry up to half a unit each: a
+    # step between two of them up to a whole unit per component, which the tolerance must hold
+    # (only the components that change along the stack: an axial series' x and y are the same in every file)
+    varies = np.ptp(pos, axis=0) > 0
+    tol = STEP_RTOL * float(np.linalg.norm(ref)) + STEP_ATOL + float(np.linalg.norm(_position_units(items) * varies))
     gaps, multiples = [], []
     for k, step in enumerate(steps):
         m = max(1, int(round(dn[k] / ref_n)))
         if np.linalg.norm(step - m * ref) > tol * m:
             raise SeriesError(
                 f"non-uniform slice spacing: step of {dn[k]:.3f} mm between positions {along[k]:.3f} and "
-                f"{along[k + 1]:.3f} mm ({names[k]}, {names[k + 1]}), series step {ref_n:.3f} mm"
+                f"{along[k + 1]:.3f} mm ({names[k]}, {names[k + 1]}), median step {ref_n:.3f} mm"
             )
         if m > 1:
             gaps.append({"after": names[k], "before": names[k + 1], "from_mm": round(float(along[k]), 4),
@@ -314,6 +329,22 @@ def _check_and_sort(items: list, allow_gaps: bool) -> _Stack:
         names=names, paths=[it[1] for it in items], headers=[it[2] for it in items], positions=pos,
         orientation=iop, pixel_spacing=spacing, step=step, step_mm=float(step @ normal), gaps=gaps,
     )
+
+
+def _position_units(items: list) -> np.ndarray:
+    """(3,) mm: the unit of the last digit each ImagePositionPatient component was written to, the finest over the
+    slices (a writer keeps one format: "-785.6" and "-785" are both 0.1 mm), 0 where it cannot be told."""
+    decimals = np.full(3, -1)
+    for _, _, ds in items:
+        for c, v in enumerate((ds.get("ImagePositionPatient") or [])[:3]):
+            text = str(getattr(v, "original_string", None) or repr(float(v))).strip().lower()
+            mantissa, _, exponent = text.partition("e")
+            try:
+                d = len(mantissa.partition(".")[2]) - (int(exponent) if exponent else 0)
+            except ValueError:
+                return np.zeros(3)
+            decimals[c] = max(decimals[c], d)
+    return np.where(decimals >= 0, 10.0 ** -np.maximum(decimals, 0), 0.0) if (decimals >= 0).all() else np.zeros(3)
 
 
 def _items_from(source: str | os.PathLike | Iterable[Dataset], series_uid: str | None) -> list:

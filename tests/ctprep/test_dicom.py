@@ -295,6 +295,24 @@ def test_truncated_file_is_refused(tmp_path):
         read_series(folder)
 
 
+def test_positions_written_to_a_tenth_of_a_millimetre_are_read_within_their_rounding(tmp_path):
+    """0.625 mm slices whose positions were written to 0.1 mm (-785.6, -785.0, -784.4, ...): steps of 0.6 and 0.7,
+    none off by more than the writer's unit, are one uniform stack at the mean step; a step 0.3 mm off beyond its
+    rounding is still refused."""
+    folder = copy_series(EXAMPLE, tmp_path / "s")
+    files = by_position(folder)
+    z0 = float(pydicom.dcmread(files[0]).ImagePositionPatient[2])
+    for k, path in enumerate(files):
+        x, y, _ = pydicom.dcmread(path).ImagePositionPatient
+        edit(path, ImagePositionPatient=[x, y, f"{z0 + 0.625 * k:.1f}"])
+    vol = read_series(folder)
+    assert vol.affine[2, 2] == pytest.approx(0.625, abs=0.1 / 19)  # (last - first) / 19, each end within 0.05 mm
+    x, y, _ = pydicom.dcmread(files[10]).ImagePositionPatient
+    edit(files[10], ImagePositionPatient=[x, y, f"{z0 + 0.625 * 10 + 0.3:.1f}"])
+    with pytest.raises(SeriesError, match="non-uniform slice spacing"):
+        read_series(folder)
+
+
 def test_duplicate_position_is_refused(tmp_path):
     folder = copy_series(EXAMPLE, tmp_path / "s")
     files = by_position(folder)
@@ -329,14 +347,46 @@ def test_a_scout_a_dose_report_and_a_screenshot_beside_the_series_are_skipped(tm
     np.testing.assert_array_equal(vol.data, read_series(EXAMPLE).data)
     assert vol.meta["n_slices"] == 20
     assert re.search(r"skipped 1\.2\.3\.7 \(localizer images\); 1\.2\.3\.8 \(modality SR\); 1\.2\.3\.9 "
-                     r"\(a single image\)", caplog.text), caplog.text
+                     r"\(screen captures", caplog.text), caplog.text
     # two series that could each be the volume: still a choice, the skippable ones marked
     for n, path in enumerate(files):
         if n >= 12:
             edit(path, SeriesInstanceUID="1.2.3.2")
     with pytest.raises(SeriesError, match=r"5 series: .*1\.2\.3\.2 \(CT, 8 files\); 1\.2\.3\.7 \(CT, 2 files, "
-                                          r"localizer images\).*pass series_uid="):
+                                          r"localizer images\).*a folder of its own.*--series-uid"):
         read_series(folder)
+
+
+def test_a_dose_screen_of_two_pages_without_positions_is_skipped(tmp_path, caplog):
+    """A vendor's dose screen of two CT images (SCREEN SAVE, no position or orientation), and the same pages
+    without their ImageType: neither could be the volume, so the folder is not refused for holding two series."""
+    for image_type in (["DERIVED", "SECONDARY", "SCREEN SAVE"], None):
+        folder = copy_series(EXAMPLE, tmp_path / f"s{image_type is None}")
+        for k, path in enumerate(by_position(folder)[:2]):
+            page = folder / f"dose{k}.dcm"
+            shutil.copy(path, page)
+            ds = pydicom.dcmread(page)
+            ds.SeriesInstanceUID = "1.2.3.8"
+            del ds.ImagePositionPatient, ds.ImageOrientationPatient
+            if image_type is None:
+                del ds.ImageType
+            else:
+                ds.ImageType = image_type
+            ds.save_as(page)
+        with caplog.at_level("WARNING", logger="ctprep.dicom"):
+            vol = read_series(folder)
+        np.testing.assert_array_equal(vol.data, read_series(EXAMPLE).data)
+        assert ("screen captures" if image_type else "no image positions") in caplog.text
+
+
+def test_the_cli_picks_one_of_several_series(tmp_path):
+    folder = copy_series(EXAMPLE, tmp_path / "s")
+    for n, path in enumerate(by_position(folder)):
+        edit(path, SeriesInstanceUID="1.2.3.1" if n < 12 else "1.2.3.2")
+    from ctprep.cli import main
+
+    assert main(["dicom2nifti", str(folder), str(tmp_path / "b.nii.gz"), "--series-uid", "1.2.3.2"]) == 0
+    assert nib.load(tmp_path / "b.nii.gz").shape == (512, 512, 8)
 
 
 def test_single_slice_and_empty_folder_are_refused(tmp_path):

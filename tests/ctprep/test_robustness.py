@@ -214,7 +214,7 @@ def test_two_series_in_one_folder(tmp_path):
     folder = tmp_path / "s"
     write_series(folder, series_uid="1.2.826.0.1.1")
     second = write_series(folder, series_uid="1.2.826.0.1.2", names=[f"B{k}.dcm" for k in range(6)], seed=3)
-    with pytest.raises(SeriesError, match=r"folder holds 2 series: .*pass series_uid= to pick one"):
+    with pytest.raises(SeriesError, match=r"folder holds 2 series: .*a folder of its own \(or pick one: ctprep dicom2nifti --series-uid UID\)"):
         read_series(folder)
     np.testing.assert_array_equal(read_series(folder, series_uid="1.2.826.0.1.2").data, expected_hu(second))
 
