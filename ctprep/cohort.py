@@ -232,9 +232,9 @@ def _join(root: Path, split: str, name: str, files: dict, indexed: dict, no_ches
         geometry.parse_list(meta["ImagePositionPatient"], 3, "ImagePositionPatient")
         geometry.parse_list(meta["ImageOrientationPatient"], 6, "ImageOrientationPatient")
         xy = geometry.parse_list(meta["XYSpacing"], 2, "XYSpacing")
-        z = float(meta["ZSpacing"])
-        slope, intercept = float(meta["RescaleSlope"]), float(meta["RescaleIntercept"])
-        n_slices = int(float(meta["NumberofSlices"]))
+        z, slope, intercept, n_slices = (_number(meta, c) for c in ("ZSpacing", "RescaleSlope", "RescaleIntercept",
+                                                                    "NumberofSlices"))
+        n_slices = int(n_slices)
     except (VolumeError, ValueError) as err:
         return where, f"bad metadata: {err}"
     if not (np.isfinite([z, slope, intercept]).all() and z > 0 and slope != 0):
@@ -265,6 +265,14 @@ def _join(root: Path, split: str, name: str, files: dict, indexed: dict, no_ches
         **label_values,
     }
     return row, ""
+
+
+def _number(meta: dict, column: str) -> float:
+    """A number of the metadata row; a cell that is none names its column (float('') says only "''")."""
+    try:
+        return float(meta[column])
+    except (TypeError, ValueError):
+        raise ValueError(f"{column} {meta[column]!r} is not a number") from None
 
 
 def _labels(labels: dict) -> tuple[dict, str]:

@@ -50,6 +50,7 @@ from pydicom.valuerep import DSfloat
 
 from ctprep.ctrate import METADATA_COLUMNS
 from ctprep.geometry import affine_from_dicom
+from ctprep.preprocess import DICOM_DESCRIP
 from ctprep.volume import Volume, VolumeError, save_nifti
 
 logger = logging.getLogger(__name__)
@@ -611,7 +612,7 @@ def dicom_to_nifti(
     lo, hi = float(vol.data.min()), float(vol.data.max())
     if lo < _NIFTI_INT16[0] or hi > _NIFTI_INT16[1]:
         raise SeriesError(f"HU range [{lo:g}, {hi:g}] does not fit int16")
-    save_nifti(vol, out_path, dtype="int16", descrip=f"ctprep dicom {Path(series_dir).name}")
+    save_nifti(vol, out_path, dtype="int16", descrip=f"{DICOM_DESCRIP}{Path(series_dir).name}")
     return vol.new_like(vol.array, op="write_nifti", path=str(out_path), dtype="int16",
                         rounded=vol.data.dtype.kind == "f")
 

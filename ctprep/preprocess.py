@@ -25,6 +25,9 @@ from ctprep.volume import CANONICAL, Volume, VolumeError
 
 logger = logging.getLogger(__name__)
 
+#: The NIfTI descrip of the files ``ctprep dicom2nifti`` writes (their header holds the scanner's geometry).
+DICOM_DESCRIP = "ctprep dicom "
+
 #: How to read CT-RATE files when config says nothing (see config.yaml: dataset).
 DATASET_DEFAULTS = {
     "geometry": "metadata",  # metadata | header
@@ -40,15 +43,24 @@ def stored_to_geometry(vol: Volume, row: Mapping | None, dataset: Mapping) -> Vo
 
     With ``geometry: metadata`` the affine comes from the metadata row (the header is ignored;
     CT-RATE's holds defaults) after undoing a reversed slice order; with ``header`` the file's
-    own affine is kept, with a warning where it looks like a default.
+    own affine is kept, with a warning where it is the identity, and refused where the file states
+    no transform (qform and sform codes 0: nibabel and ITK then guess opposite orientations).
+    A file ``ctprep dicom2nifti`` wrote (its descrip says so) holds the scanner's geometry in its
+    header and another array order than CT-RATE's: metadata mode would mirror it, so it is refused.
     """
     cfg = {**DATASET_DEFAULTS, **dataset}
     if cfg["geometry"] == "header" or row is None:
         if cfg["geometry"] == "metadata":
             raise VolumeError("no metadata row to take the geometry from")
-        if np.allclose(vol.affine, np.eye(4)) or vol.meta.get("header_sform_code", 1) == 0 == vol.meta.get("header_qform_code", 0):
-            logger.warning("%s: header geometry looks like a default (identity affine / codes 0)", vol.meta.get("source"))
+        if vol.meta.get("header_sform_code", 1) == 0 == vol.meta.get("header_qform_code", 0):
+            raise VolumeError("the header states no orientation (qform_code and sform_code 0): give the geometry "
+                              "by metadata (dataset.geometry: metadata) or write the file with its transform")
+        if np.allclose(vol.affine, np.eye(4)):
+            logger.warning("%s: header geometry looks like a default (identity affine)", vol.meta.get("source"))
         return vol.new_like(vol.array, op="geometry", source="header")
+    if str(vol.meta.get("header_descrip", "")).startswith(DICOM_DESCRIP):
+        raise VolumeError("written by ctprep dicom2nifti with the scanner's geometry in its header (column, row, "
+                          "slice order): set dataset.geometry: header; metadata mode would mirror it")
     axes = list(cfg["array_axes"])
     slice_axis = axes.index("slice")
     n_meta = row.get("NumberofSlices")

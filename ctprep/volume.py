@@ -228,13 +228,17 @@ def load_nifti(path: str | os.PathLike) -> Volume:
         data = data[..., 0]
     if data.ndim != 3:
         raise VolumeError(f"expected a 3D volume, {path.name} has shape {data.shape}")
+    if min(data.shape) < 2:  # a slice stored as (x, y, 1): prep would spread one slab over a grid of air
+        raise VolumeError(f"{path.name} has shape {data.shape}: a volume needs at least 2 voxels along each axis")
     _warn_if_transforms_disagree(img.header, data.shape, path.name)
+    descrip = img.header["descrip"]
     return Volume.from_3d(
         data,
         affine,
         source=str(path),
         header_qform_code=int(img.header["qform_code"]),
         header_sform_code=int(img.header["sform_code"]),
+        header_descrip=(descrip.item() if hasattr(descrip, "item") else bytes(descrip)).decode("latin-1").rstrip("\x00"),
     )
 
 

@@ -106,3 +106,17 @@ def test_strict_mode_on_the_command_line_is_one_line_naming_the_rejects(dataset,
                  "--strict"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "strict mode:" in err[0] and "rejected during cohort building" in err[0]
+
+
+def test_a_blank_metadata_number_names_its_column(tmp_path):
+    """float('') says only "could not convert string to float: ''": the reject names the column instead."""
+    root = tmp_path / "dataset"
+    write_demo_cohort(root, {**CFG, "faults": []})
+    path = ctrate.metadata_csv(root, "train")
+    meta = pd.read_csv(path)
+    name = meta["VolumeName"].iloc[0]
+    meta.loc[0, "RescaleIntercept"] = None
+    meta.to_csv(path, index=False)
+    cohort, rejects = build_cohort(root)
+    assert name not in set(cohort["VolumeName"])
+    assert rejects.set_index("VolumeName").loc[name, "reason"] == "bad metadata: RescaleIntercept '' is not a number"

@@ -176,3 +176,36 @@ def test_load_nifti_views_the_file_bytes_with_nibabel_values(real_nifti, tmp_pat
     (tmp_path / "short.nii").write_bytes(raw[:-100])
     with pytest.raises(VolumeError, match="truncated NIfTI short.nii"):
         load_nifti(tmp_path / "short.nii")
+
+
+def test_a_converted_dicom_volume_is_refused_in_metadata_mode_and_read_in_header_mode(tmp_path, data_dir):
+    """dicom2nifti writes (column, row, slice) with the scanner's affine: read as CT-RATE's (row, column, slice) by
+    the metadata it would be mirrored in-plane and reversed in z, silently; the header is its truth."""
+    from ctprep.dicom import dicom_to_nifti, read_series
+
+    path = tmp_path / "series.nii.gz"
+    dicom_to_nifti(data_dir / "example_ct_dicom", path)
+    vol = load_nifti(path)
+    row = {"XYSpacing": "[0.9765625, 0.9765625]", "ZSpacing": 2.0, "ImagePositionPatient": "[-249.5, -437.5, -785.5]",
+           "ImageOrientationPatient": "[1, 0, 0, 0, 1, 0]", "NumberofSlices": 20, "Manufacturer": "SIEMENS"}
+    with pytest.raises(VolumeError, match="dataset.geometry: header"):
+        stored_to_geometry(vol, row, {"geometry": "metadata"})
+    np.testing.assert_allclose(stored_to_geometry(vol, row, {"geometry": "header"}).affine,
+                               read_series(data_dir / "example_ct_dicom").affine, atol=1e-3)
+
+
+def test_a_header_without_a_transform_is_refused_in_header_mode(tmp_path):
+    """qform and sform codes 0: nibabel guesses LAS and ITK LPS for the same file; no orientation is stated."""
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), None)
+    img.set_sform(None, 0)
+    img.set_qform(None, 0)
+    nib.save(img, tmp_path / "x.nii.gz")
+    with pytest.raises(VolumeError, match="states no orientation"):
+        stored_to_geometry(load_nifti(tmp_path / "x.nii.gz"), None, {"geometry": "header"})
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 1), (1, 8, 8)])
+def test_a_single_slice_stored_as_3d_is_no_volume(tmp_path, shape):
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.eye(4)), tmp_path / "x.nii.gz")
+    with pytest.raises(VolumeError, match="at least 2 voxels along each axis"):
+        load_nifti(tmp_path / "x.nii.gz")
