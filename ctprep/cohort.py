@@ -79,10 +79,6 @@ def _read(path: Path, what: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
-def _is_empty(text: str) -> bool:
-    return not text.strip() or text.strip().rstrip(".").lower() == ctrate.NOT_GIVEN.rstrip(".").lower()
-
-
 def _no_chest(root: Path, split: str) -> tuple[set[str], set[str], Path]:
     """(volume names, scan ids) listed in ``metadata/no_chest_<split>.txt``; empty where it is absent."""
     path = ctrate.no_chest_txt(root, split)
@@ -240,7 +236,7 @@ def _join(root: Path, split: str, name: str, files: dict, indexed: dict, no_ches
     if not (np.isfinite([z, slope, intercept]).all() and z > 0 and slope != 0):
         return where, f"bad metadata: ZSpacing {z}, RescaleSlope {slope}, RescaleIntercept {intercept}"
     sections = {SECTIONS[c]: str(report.get(c, "")).strip() for c in SECTIONS}
-    if _is_empty(sections["impression"]):
+    if ctrate.is_blank_section(sections["impression"]):
         return where, "empty impression"
     label_values, reason = _labels(labels)
     if reason:
@@ -261,7 +257,7 @@ def _join(root: Path, split: str, name: str, files: dict, indexed: dict, no_ches
         "z_spacing": z,
         "n_slices": n_slices,
         **{f"meta_{c}": meta.get(c) for c in ctrate.METADATA_COLUMNS if c != "VolumeName"},
-        **{k: ("" if _is_empty(v) else v) for k, v in sections.items()},
+        **{k: ("" if ctrate.is_blank_section(v) else v) for k, v in sections.items()},
         **label_values,
     }
     return row, ""

@@ -48,6 +48,13 @@ REPORT_COLUMNS: tuple[str, ...] = (
 )
 NOT_GIVEN = "Not given."
 
+
+def is_blank_section(text) -> bool:
+    """Whether a report section says nothing: not text, blank, or CT-RATE's "Not given." (any case, stop or not).
+    Training's text, its cached states and sampling all read a section through this, so that they agree."""
+    return (not isinstance(text, str) or not text.strip()
+            or text.strip().rstrip(".").lower() == NOT_GIVEN.rstrip(".").lower())
+
 #: Metadata CSV columns (44), DICOM header fields of each series; list-valued ones as "[a, b]".
 METADATA_COLUMNS: tuple[str, ...] = (
     "VolumeName",

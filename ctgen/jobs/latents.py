@@ -24,6 +24,7 @@ from ctgen.data.derived import load_derived, producer_of, weights_id, write_deri
 from ctgen.data.layout import hu_to_unit, to_model_layout
 from ctgen.data.shards import volume_of
 from ctgen.data.stream import raw_batches
+from ctprep.ctrate import is_blank_section
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def report_sections(meta: dict) -> dict[str, str]:
     out = {}
     for name, keys in (("findings", ("Findings_EN", "findings")), ("impression", ("Impressions_EN", "impression"))):
         text = next((report[k] for k in keys if isinstance(report.get(k), str)), "")
-        out[name] = "" if text.strip() in ("", "Not given.") else text.strip()
+        out[name] = "" if is_blank_section(text) else text.strip()
     return out
 
 

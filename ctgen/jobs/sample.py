@@ -318,7 +318,7 @@ def write_cascade_spec(models_dir: str | Path, preset: dict, models_cfg: dict, s
 
 
 def write_latent_spec(models_dir: str | Path, preset: dict, models_cfg: dict, sampling: dict, latent_manifests: list[str],
-                      train_manifests: list[str], text: str | Path | None = None, prompts: dict | None = None,
+                      train_manifests: list[str], text: str | Path | list | None = None, prompts: dict | None = None,
                       encoders: list[dict] | None = None) -> Path:
     """``latent_flow.json``: the latent flow family's sampling spec, after checking its latents came from its autoencoder.
 
@@ -337,6 +337,7 @@ def write_latent_spec(models_dir: str | Path, preset: dict, models_cfg: dict, sa
         raise ValueError(f"the latent shards were made by {made_by}, not by {autoencoder}: re-run encode_latents")
     encoders = encoders or [models_cfg["text_encoder"]]
     small = encoders[0]["kind"] == "small"
+    caches = None if small or not text else [text] if isinstance(text, (str, Path)) else list(text)
     return write_latent_flow_spec(models_dir, resolved_preset(preset, train_manifests), encoders, sampling,
                                   text_tokenizer=text if small else None, prompt_rendering=rendering(prompts or {}),
-                                  evaluation_text_encoder=models_cfg["text_encoder"])
+                                  evaluation_text_encoder=models_cfg["text_encoder"], caches=caches)

@@ -21,6 +21,7 @@ import torch
 from ctgen.export import dicom_from_nifti
 from ctgen.jobs.inputs import read_rows, row_id
 from ctgen.pipelines.latent_flow import SPEC, LatentFlowPipeline, LatentSampleSettings
+from ctprep.ctrate import is_blank_section
 from ctprep.errors import UserError, read_json
 
 SEGMENT_COLUMNS = ("findings", "impression", "structured")
@@ -41,7 +42,7 @@ def sections_for(sections: dict[str, str], segments: list[str], rendering: dict 
     from ctprep.prompts import STRUCTURED, report_prompt
     from ctprep.reports.sections import split_sections
 
-    given = {k: v for k, v in sections.items() if isinstance(v, str) and v.strip()}
+    given = {k: v for k, v in sections.items() if not is_blank_section(v)}  # "Not given.": the null segment, as trained
     split = {}
     if REPORT in given:
         split = {k: v for k, v in split_sections(given[REPORT]).items() if k in ("findings", "impression") and v}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ctprep.ctrate import volume_key
+from ctprep.ctrate import is_blank_section, volume_key
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def section_texts(cohort_parquet: str | Path, prompts_parquet: str | Path) -> di
         key = volume_key(row["VolumeName"])
         for seg in ("findings", "impression"):
             text = row.get(seg, row.get(raw[seg], ""))
-            out[f"{key}:{seg}"] = "" if not isinstance(text, str) or text.strip() == "Not given." else text
+            out[f"{key}:{seg}"] = "" if is_blank_section(text) else text
     prompts = pd.read_parquet(prompts_parquet)
     if "structured" in prompts.columns and "VolumeName" not in prompts.columns:
         raise ValueError(f"{prompts_parquet} is not a prompts table (the prompts rule): it has no VolumeName column")

@@ -74,7 +74,8 @@ def train_autoencoder(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root:
 def flow_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The flow model's config with what the data decides: the latent scale factor (from the latent
     shards' moments), the small text encoder's vocabulary (from its fitted tokenizer) and, with frozen
-    encoders, their state widths (from their caches: a preset names CXR-BERT's 768, MiniLM gives 384)."""
+    encoders, their state widths (from their caches: a preset names CXR-BERT's 768, MiniLM gives 384) and the
+    context rows a section needs (their longest ``max_length``: a longer cached section failed mid-training)."""
     from ctgen.jobs.latents import latent_scale_factor
 
     data = cfg["data"]
@@ -92,10 +93,15 @@ def flow_config(cfg: dict[str, Any]) -> dict[str, Any]:
         from ctgen.data.text_cache import EmbeddingCache
 
         caches = data["text_cache"] if isinstance(data["text_cache"], list) else [data["text_cache"]]
-        dims = [EmbeddingCache(c).dim for c in caches]
+        opened = [EmbeddingCache(c) for c in caches]
+        dims = [c.dim for c in opened]
         if list(model.get("text_dims") or []) != dims:
             log.info("text widths %s -> %s (the configured encoders' caches)", model.get("text_dims"), dims)
             model["text_dims"] = dims
+        longest = max(c.max_length for c in opened)
+        if model.get("text_pooling", "tokens") == "tokens" and int(model.get("max_text_tokens", 128)) < longest:
+            log.info("text rows per section %s -> %d (the caches' max_length)", model.get("max_text_tokens"), longest)
+            model["max_text_tokens"] = longest
     return {**cfg, "model": model}
 
 

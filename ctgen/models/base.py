@@ -134,6 +134,12 @@ class PretrainedMixin:
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu", **kwargs):
         directory = Path(directory)
         meta = read_json(directory / "config.json", "model config")
+        if not isinstance(meta, dict) or not isinstance(meta.get("class"), str) or not isinstance(meta.get("config"), dict):
+            raise ValueError(f"{directory}: config.json is not a ctgen model's (no 'class' and 'config': a folder "
+                             "ctgen's save_pretrained wrote)")
+        if int(meta.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
+            raise ValueError(f"{directory}: saved in format {meta['format_version']}, newer than this ctgen's "
+                             f"{FORMAT_VERSION}: update ctgen")
         target = cls
         if cls is PretrainedMixin or meta["class"] != f"{cls.__module__}.{cls.__qualname__}":
             module, _, name = meta["class"].rpartition(".")
@@ -143,9 +149,17 @@ class PretrainedMixin:
             if cls is not PretrainedMixin and not issubclass(target, cls):
                 raise ValueError(f"{directory} holds a {meta['class']}, not a {cls.__name__}")
         model = target(target.config_from_dict(meta["config"]), **kwargs)
-        missing, unexpected = model.load_state_dict(load_file(directory / "model.safetensors", device=str(map_location)), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{directory}: weights do not match {meta['class']}: missing {missing}, unexpected {unexpected}")
+        state = load_file(directory / "model.safetensors", device=str(map_location))
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [f"{k} {tuple(state[k].shape)} for {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+                  if state[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            parts = [f"{what} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                     for what, keys in (("missing", missing), ("unexpected", unexpected), ("shapes differ:", shapes))
+                     if keys]
+            raise ValueError(f"{directory}: weights do not match its config.json ({meta['class']}): {'; '.join(parts)}")
+        model.load_state_dict(state)
         model.provenance = meta.get("provenance", {})
         # load_state_dict copies into the parameters where they are (built on the CPU): move the module itself
         return model.to(map_location)

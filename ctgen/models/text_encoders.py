@@ -178,11 +178,25 @@ def minilm_encoder(max_length: int = 128, device: str | torch.device | None = No
 REPORT_ENCODER_DIR = "report_encoder"  # the pretrained report encoder's folder in the models folder, beside the generators
 
 
-def spec_entry(cfg: dict[str, Any], models_dir: str | os.PathLike) -> dict[str, Any]:
-    """The text side a sampling spec records: ``{kind, path, max_length}``. The workflow's own report
-    encoder (``kind: report_encoder``, no ``path``) is named relative to ``models_dir``, where it was
-    trained, so the models folder travels whole."""
+def identity_key(identity: str) -> str:
+    """An encoder's identity without its folder: class, weights digest, max_length (and dtype), what must be the
+    same for the cache a network was trained on and the encoder rebuilt to sample it, wherever the folder lies."""
+    fields = identity.split(":")
+    at = next((i for i, f in enumerate(fields) if f.startswith("max_length=")), len(fields))
+    return ":".join([fields[0], *fields[max(at - 1, 1):]])
+
+
+def spec_entry(cfg: dict[str, Any], models_dir: str | os.PathLike, cache_identity: str | None = None) -> dict[str, Any]:
+    """The text side a sampling spec records: ``{kind, path, max_length}`` and, where set, how a Hugging Face
+    encoder is loaded (``dtype``, ``trust_remote_code``: other states, or no model at all, without them). The
+    workflow's own report encoder (``kind: report_encoder``, no ``path``) is named relative to ``models_dir``,
+    where it was trained, so the models folder travels whole. ``cache_identity``: the identity of the cached
+    states the network was trained on (:func:`identity_key`), which :func:`build_text_encoder` checks the
+    rebuilt encoder against: weights replaced in the folder since would condition on other states."""
     entry = {k: cfg.get(k) for k in ("kind", "path", "max_length")}
+    entry.update({k: cfg[k] for k in ("dtype", "trust_remote_code") if cfg.get(k) is not None})
+    if cache_identity:
+        entry["cache_identity"] = identity_key(cache_identity)
     if entry["kind"] == "report_encoder" and not entry["path"]:
         if not (Path(models_dir) / REPORT_ENCODER_DIR / "config.json").is_file():
             raise FileNotFoundError(f"{models_dir} holds no {REPORT_ENCODER_DIR}/: train it (rule train_report_encoder)")
@@ -206,8 +220,19 @@ def build_text_encoder(cfg: dict[str, Any], device: str | torch.device | None = 
     ``cfg``: ``{"kind": "small" | "report_encoder" | "minilm" | "hf", "path": <folder: hf, report_encoder>, "max_length": 128,
     "dtype": "float32" | "bfloat16" | "float16" (hf only), "trust_remote_code": false (hf only)}``.
     Other keys are left to their consumers (the cache, the generator). ``root``: the folder a relative
-    report encoder ``path`` is relative to (a sampling spec's models folder: :func:`resolved`).
+    report encoder ``path`` is relative to (a sampling spec's models folder: :func:`resolved`). A spec entry's
+    ``cache_identity`` (:func:`spec_entry`) must match the built encoder's.
     """
+    encoder = _build(cfg, device, root)
+    want = cfg.get("cache_identity")
+    if encoder is not None and want and identity_key(encoder.identity) != want:
+        raise ValueError(f"text encoder {cfg.get('path') or cfg.get('kind')!r} is not the one the model was trained "
+                         f"on: {identity_key(encoder.identity)}, trained on {want} (its weights or settings changed "
+                         "since: re-run the embedding and training, or restore the encoder)")
+    return encoder
+
+
+def _build(cfg: dict[str, Any], device, root) -> TextEncoder | None:
     cfg = resolved(cfg, root)
     kind = cfg.get("kind")
     max_length = int(cfg.get("max_length", 128))

@@ -29,6 +29,7 @@ import torch
 from monai.networks.schedulers import RFlowScheduler
 
 from ctgen.data.layout import from_model_layout, unit_to_hu
+from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
 from ctgen.pipelines.spec import load_network, read_spec, spec_weights
 from ctprep.prompts import rendering
@@ -44,7 +45,8 @@ MODELS = ("autoencoder", "latent_flow")
 
 def write_latent_flow_spec(models_dir: str | Path, prep_preset: dict, text_encoders: list[dict],
                            sampling: dict, text_tokenizer: str | Path | None = None,
-                           prompt_rendering: dict | None = None, evaluation_text_encoder: dict | None = None) -> Path:
+                           prompt_rendering: dict | None = None, evaluation_text_encoder: dict | None = None,
+                           caches: list[str | Path] | None = None) -> Path:
     """``latent_flow.json``: what sampling needs beside the weights (grid, text side, defaults, hashes).
 
     ``text_encoders``: one ``{"kind", "path", "max_length"}`` per encoder, in the order the model
@@ -52,6 +54,8 @@ def write_latent_flow_spec(models_dir: str | Path, prep_preset: dict, text_encod
     ``prompt_rendering``: how a new report becomes its ``structured`` section
     (:func:`ctprep.prompts.rendering` of the config). ``evaluation_text_encoder``: the one the evaluation's CLIP
     model was trained with (the workflow's ``models.text_encoder``), which the family's own may differ from.
+    ``caches``: the frozen encoders' cached section states the network was trained on, in the same order
+    (their identities are recorded and checked against the encoders sampling rebuilds).
     """
     import shutil
 
@@ -59,7 +63,10 @@ def write_latent_flow_spec(models_dir: str | Path, prep_preset: dict, text_encod
     from ctprep.volume import atomic_write
 
     models_dir = Path(models_dir)
-    entries = [spec_entry(enc, models_dir) for enc in text_encoders]
+    if caches is not None and len(caches) != len(text_encoders):
+        raise ValueError(f"{len(caches)} text caches for {len(text_encoders)} text encoders")
+    identities = [EmbeddingCache(c).identity for c in caches] if caches else [None] * len(text_encoders)
+    entries = [spec_entry(enc, models_dir, ident) for enc, ident in zip(text_encoders, identities)]
     spec = {
         "family": FAMILY,
         "grid": {"spacing": list(prep_preset["spacing"]), "shape": list(prep_preset["shape"]),

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ctgen.data.layout import from_model_layout, unit_to_hu
+from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
 from ctgen.pipelines.spec import load_network, read_spec, spec_weights
 from ctprep.prompts import rendering
@@ -40,8 +41,9 @@ def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict, s
                   prompt_rendering: dict | None = None) -> Path:
     """``cascade.json``: what sampling needs beside the weights (grid, text side, defaults, hashes).
 
-    ``text_tokenizer``: the small trainable encoder's tokenizer JSON, copied beside the weights
-    (not used by frozen encoders, which are rebuilt from their local path). ``prompt_rendering``:
+    ``text_tokenizer``: the small trainable encoder's tokenizer JSON, copied beside the weights; for a frozen
+    encoder (rebuilt from its local path at sampling) the cache of states the models were trained on, whose
+    identity sampling checks the rebuilt encoder against. ``prompt_rendering``:
     how a new report is rendered as a prompt (:func:`ctprep.prompts.rendering` of the config).
     """
     import shutil
@@ -50,7 +52,9 @@ def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict, s
     from ctprep.volume import atomic_write
 
     models_dir = Path(models_dir)
-    text = spec_entry(models_cfg["text_encoder"], models_dir)
+    frozen_cache = text_tokenizer if models_cfg["text_encoder"]["kind"] != "small" else None
+    text = spec_entry(models_cfg["text_encoder"], models_dir,
+                      EmbeddingCache(frozen_cache).identity if frozen_cache else None)
     spec = {
         "grid": {"spacing": list(prep_preset["spacing"]), "shape": list(prep_preset["shape"]),
                  "clip": list(prep_preset.get("clip", (-1000, 1000))), "lowres_scale": int(models_cfg["lowres_scale"]),

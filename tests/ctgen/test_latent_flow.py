@@ -537,6 +537,9 @@ def test_sections_for_a_plain_prompt_follow_the_models_segments():
     assert sections_for({**split, "structured": "given"}, ["structured"]) == {"structured": "given"}
     assert sections_for({"impression": "No acute findings."}, ["findings", "impression"]) == {
         "findings": "", "impression": "No acute findings."}
+    for blank in ("Not given.", "not given", "  "):  # CT-RATE's empty section: the null segment, as in training
+        assert sections_for({"findings": "Right pleural effusion.", "impression": blank}, ["findings", "impression"]) \
+            == {"findings": "Right pleural effusion.", "impression": ""}
     assert sections_for({REPORT: "Lungs are clear."}, ["structured"]) == {"structured": "no acute findings"}
     headed = {REPORT: "Findings: Small right pleural effusion. Impression: Right pleural effusion."}
     assert sections_for(headed, ["findings", "impression"]) == {"findings": "Small right pleural effusion.",

@@ -113,22 +113,24 @@ def test_flow_training_probes_whether_the_network_reads_the_report(latent_run):
 
 
 def test_frozen_encoders_set_the_text_widths_from_their_caches(latent_run, tmp_path):
-    """A frozen encoder's cache of another width than the preset's (MiniLM 384 vs CXR-BERT's 768) trains."""
+    """A frozen encoder's cache of another width than the preset's (MiniLM 384 vs CXR-BERT's 768) trains, and
+    sections up to the cache's max_length fit the context (a preset's 4 rows failed at the first long section)."""
     from ctgen.data.text_cache import encode_prompts
 
     from tests.ctgen.test_feature_nets import _WordEncoder
 
     keys = [key for key, _ in iter_raw_samples(latent_run["latents"])]
-    sections = {"findings": "right pleural effusion", "impression": "effusion"}
+    sections = {"findings": "small right pleural effusion with adjacent atelectasis", "impression": "effusion"}
     texts = {f"{k}:{seg}": text for k in keys for seg, text in sections.items()}
     cache = encode_prompts(_WordEncoder(), texts, tmp_path / "sections.safetensors")
-    model = {**FLOW, "text_dims": [768]}  # what a preset names (CXR-BERT's width)
+    model = {**FLOW, "text_dims": [768], "max_text_tokens": 4}  # what a preset names (CXR-BERT's width)
     run_training("latent_flow", {"model": model, "train": {**TRAIN, "max_steps": 2},
                                  "data": {"latents": [str(latent_run["latents"])], "text_cache": str(cache),
                                           "prompt": "generatect"}},
                  tmp_path / "flow", tmp_path / "ckpt")
     saved = json.loads((tmp_path / "flow" / "config.json").read_text())["config"]
     assert saved["text_dims"] == [_WordEncoder.dim] and saved["text_encoder"] is None
+    assert saved["max_text_tokens"] == _WordEncoder.max_length
 
 
 def test_spec_and_sampling_through_the_cli(latent_run, cohort, tmp_path):

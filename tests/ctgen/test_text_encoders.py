@@ -115,6 +115,42 @@ def test_tiny_t5_loads_encoder_only(tmp_path, minilm):
     assert FrozenHFTextEncoder(tmp_path, max_length=16, device="cpu").identity != before
 
 
+def _tiny_t5(folder, minilm, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=len(minilm.tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                   pad_token_id=0, decoder_start_token_id=0)
+    T5EncoderModel(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm.path / name, folder / name)
+
+
+def test_a_spec_rebuilds_the_encoder_the_cache_was_made_with_or_refuses(tmp_path, minilm):
+    """The spec records how the encoder was loaded (dtype) and the identity of the cached states the network was
+    trained on; weights replaced in the folder since are refused at rebuild, not silently conditioned on, and the
+    folder may move (the identity's key holds no path)."""
+    from ctgen.models.text_encoders import identity_key, spec_entry
+
+    folder = tmp_path / "enc"
+    _tiny_t5(folder, minilm, 0)
+    cfg = {"kind": "hf", "path": str(folder), "max_length": 16, "dtype": "bfloat16"}
+    cache = EmbeddingCache(encode_prompts(build_text_encoder(cfg, device="cpu"), {"a": REPORTS[0]},
+                                          tmp_path / "c.safetensors"))
+    entry = spec_entry(cfg, tmp_path, cache.identity)
+    assert entry["dtype"] == "bfloat16" and entry["cache_identity"] == identity_key(cache.identity)
+    assert str(folder) not in entry["cache_identity"] and "dtype=bfloat16" in entry["cache_identity"]
+    assert build_text_encoder(entry, device="cpu").dtype == torch.bfloat16  # as the cache was made
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    assert build_text_encoder({**entry, "path": str(moved)}, device="cpu") is not None
+    _tiny_t5(folder, minilm, 1)  # other weights of the same architecture, in place
+    with pytest.raises(ValueError, match="not the one the model was trained on"):
+        build_text_encoder(entry, device="cpu")
+    with pytest.raises(ValueError, match="not the one the model was trained on"):
+        build_text_encoder({**entry, "path": str(moved), "dtype": "float32"}, device="cpu")  # other precision
+
+
 def test_build_text_encoder_errors(tmp_path):
     assert build_text_encoder({"kind": "small", "max_length": 32}) is None
     with pytest.raises(ValueError, match="unknown text encoder kind"):
@@ -209,6 +245,28 @@ def test_small_encoder_save_load_and_grads(tmp_path):
     loaded = SmallTextEncoder.from_pretrained(tmp_path / "small").eval()
     assert loaded.config == model.config
     assert torch.equal(loaded(ids, mask), model(ids, mask))
+
+
+def test_a_damaged_or_foreign_model_folder_is_named_in_one_line(tmp_path, minilm):
+    """Weights of another size beside a config (torch's size-mismatch traceback before), a config.json that is
+    not ctgen's (a Hugging Face folder given as a report encoder: KeyError 'class'), a newer format: each a
+    ValueError naming the folder, its key lists cut short."""
+    from ctgen.models.text_encoders import FrozenReportEncoder
+
+    SmallTextEncoder(tiny_config(dim=48)).save_pretrained(tmp_path / "wide")
+    SmallTextEncoder(tiny_config()).save_pretrained(tmp_path / "small")
+    shutil.copy(tmp_path / "wide" / "model.safetensors", tmp_path / "small" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"weights do not match its config.json .*shapes differ: \d+ \(.*\(48,?\)? ") as err:
+        SmallTextEncoder.from_pretrained(tmp_path / "small")
+    assert str(err.value).count(" for ") <= 3 and "..." in str(err.value)  # three named, the rest counted
+    meta = json.loads((tmp_path / "wide" / "config.json").read_text())
+    (tmp_path / "wide" / "config.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ValueError, match="format 99, newer than"):
+        SmallTextEncoder.from_pretrained(tmp_path / "wide")
+    hf = tmp_path / "hf"
+    shutil.copytree(minilm.path, hf)
+    with pytest.raises(ValueError, match="config.json is not a ctgen model's"):
+        FrozenReportEncoder(hf)
 
 
 def test_small_encoder_overfits():
