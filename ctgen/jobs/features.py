@@ -21,6 +21,7 @@ import torch
 from ctgen.data.layout import unit_to_hu
 from ctgen.data.text import TextConditioning
 from ctgen.metrics.slices import PLANES, slice_stack
+from ctgen.models.base import weights_folder
 from ctgen.models.classifier3d import Classifier3D
 from ctgen.models.clip3d import CLIP3D
 from ctgen.models.slicenet import SliceNet
@@ -60,11 +61,6 @@ class FeatureNets:
         return {k: v for k, v in (("slicenet", self.slicenet), ("inception", self.inception)) if v is not None}
 
 
-def _weights_dir(directory: str | Path, ema: bool) -> Path:
-    directory = Path(directory)
-    return directory / "ema" if ema and (directory / "ema" / "config.json").is_file() else directory
-
-
 def _profile(backbone: str, weights: Path) -> str:
     return f"{backbone}@{sha256_file(weights)[:8]}"
 
@@ -81,7 +77,7 @@ def load_feature_nets(clip_dir: str | Path | None = None, classifier_dir: str | 
         if directory is None:
             continue
         cls, backbone = NETWORKS[name]
-        folder = _weights_dir(directory, ema)
+        folder = weights_folder(directory, ema)
         net = cls.from_pretrained(folder).to(device).eval().requires_grad_(False)
         nets.profiles[name] = _profile(backbone, folder / "model.safetensors")
         if name.startswith("tstr_"):

@@ -165,5 +165,23 @@ class PretrainedMixin:
         return model.to(map_location)
 
 
+def weights_folder(folder: str | os.PathLike, use_ema: bool = True) -> Path:
+    """The folder a trained model's weights are used from: its ``ema/`` where present and wanted, else ``folder``.
+
+    An ``ema/`` must come from the training that wrote ``folder``'s own weights (both configs record its ``run``):
+    one left from an earlier training, or copied from another folder, is refused rather than used.
+    """
+    folder = Path(folder)
+    ema = folder / "ema"
+    if not (use_ema and (ema / "model.safetensors").is_file()):
+        return folder
+    runs = [((read_json(f / "config.json", "model config") or {}).get("provenance") or {}).get("run")
+            if (f / "config.json").is_file() else None for f in (folder, ema)]
+    if runs[0] and runs[1] and runs[0] != runs[1]:
+        raise ValueError(f"{ema} is from another training run ({runs[1]}) than {folder}'s weights ({runs[0]}): "
+                         "remove it, or train again")
+    return ema
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

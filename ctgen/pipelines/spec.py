@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ctgen.models.base import weights_folder
 from ctgen.models.text_encoders import REPORT_ENCODER_DIR
 from ctprep.errors import read_json
 from ctprep.shards import sha256_file
@@ -24,9 +25,9 @@ def spec_weights(models_dir: Path, networks: list[str], text_encoders: list[dict
                                       for e in text_encoders) else []
     out = {m: sha256_file(models_dir / m / "model.safetensors") for m in [*networks, *own]}
     for m in networks:  # the EMA weights, which sampling loads where they exist (load_network): checked as well
-        ema = models_dir / m / "ema" / "model.safetensors"
-        if ema.is_file():
-            out[f"{m}/ema"] = sha256_file(ema)
+        used = weights_folder(models_dir / m)
+        if used.name == "ema":
+            out[f"{m}/ema"] = sha256_file(used / "model.safetensors")
     return out
 
 
@@ -48,6 +49,4 @@ def read_spec(models_dir: Path, name: str, missing_hint: str) -> dict:
 
 def load_network(folder: Path, kind, device: torch.device, use_ema: bool = True):
     """``kind.from_pretrained`` of ``folder`` (its ``ema/`` weights where present and wanted), in eval mode."""
-    if use_ema and (folder / "ema" / "model.safetensors").is_file():
-        folder = folder / "ema"
-    return kind.from_pretrained(folder, map_location=device).eval()
+    return kind.from_pretrained(weights_folder(folder, use_ema), map_location=device).eval()

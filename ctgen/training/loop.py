@@ -28,10 +28,12 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -398,12 +400,17 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
 
 def _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start_step, last_loss,
                 wall_s, train_s, loop_s, stops) -> None:
-    """Raw weights in ``out_dir``, EMA weights in ``out_dir/ema``, and ``train_summary.json``."""
-    meta = {"train": asdict(cfg), **extra_meta}
+    """Raw weights in ``out_dir``, EMA weights in ``out_dir/ema`` (both recording this ``run``, which
+    :func:`ctgen.models.base.weights_folder` checks), and ``train_summary.json``. A training without EMA removes
+    the ``ema/`` an earlier one left (sampling and the evaluation would have used those old weights)."""
+    meta = {"train": asdict(cfg), "run": uuid.uuid4().hex[:16], **extra_meta}
     raw.save_pretrained(out_dir, seed=cfg.seed, **meta)
     if ema is not None:
         with ema.swapped_into(raw):
             raw.save_pretrained(out_dir / "ema", seed=cfg.seed, ema_decay=cfg.ema_decay, **meta)
+    elif (Path(out_dir) / "ema").exists():
+        log.info("removing %s/ema, left by an earlier training (this one keeps no EMA)", out_dir)
+        shutil.rmtree(Path(out_dir) / "ema")
     if info.device.type == "cuda":
         peak, peak_kind = torch.cuda.max_memory_allocated(info.device), "cuda_max_allocated_bytes"
     else:

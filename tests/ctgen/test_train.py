@@ -92,6 +92,24 @@ def test_uninterrupted_run_outputs(reference):
     assert not torch.equal(ema.fc1.weight, loaded.fc1.weight)
 
 
+def test_a_training_without_ema_removes_the_ema_an_earlier_one_left(tmp_path):
+    """Sampling and the evaluation use ema/ where present: one left by an earlier training (EMA on) in the folder of
+    a new one (EMA off) sampled a model nobody trained under the current config. An ema/ of another run is refused."""
+    import shutil
+
+    from ctgen.models.base import weights_folder
+
+    run(tmp_path / "a")
+    out = tmp_path / "a" / "out"
+    assert weights_folder(out) == out / "ema" and weights_folder(out, use_ema=False) == out
+    shutil.copytree(out / "ema", tmp_path / "old_ema")
+    run(tmp_path / "a", cfg=TrainConfig(**{**BASE, "ema_decay": 0.0}))  # retrained into the same folder, no EMA
+    assert not (out / "ema").exists() and weights_folder(out) == out
+    shutil.copytree(tmp_path / "old_ema", out / "ema")  # an ema/ copied in from another run
+    with pytest.raises(ValueError, match="another training run"):
+        weights_folder(out)
+
+
 def test_loop_fits_one_batch(tmp_path):
     """Sanity of the update direction: 40 steps on one fixed batch, no clipping, constant LR."""
     cfg = TrainConfig(max_steps=40, batch_size=8, lr=3e-2, warmup_steps=0, schedule="constant", grad_clip=0.0,
