@@ -231,6 +231,22 @@ def no_chest_txt(root: Path, split: str) -> Path:
     return Path(root) / "metadata" / f"no_chest_{SPLITS[split]['labels']}.txt"
 
 
+def dataset_tables(root: Path, splits) -> list[Path]:
+    """The tables of a copy that the cohort reads and that exist: each split's reports, metadata and labels CSV
+    and its no-chest list (a missing CSV is the cohort's own, clearer error)."""
+    files = [f(Path(root), s) for s in splits for f in (report_csv, metadata_csv, labels_csv, no_chest_txt)]
+    return [f for f in files if f.is_file()]
+
+
+def volumes_digest(root: Path, splits) -> str:
+    """:func:`ctprep.shards.tree_digest` of the volume files under the splits' layout folders: it changes where
+    volumes were downloaded, removed or replaced since (the root folder's mtime does not)."""
+    from ctprep.shards import tree_digest
+
+    folders = [LAYOUT_FOLDER[layout].format(split=SPLITS[s]["volumes"]) for s in splits for layout in LAYOUTS]
+    return tree_digest(root, folders, (".nii.gz", ".nii"))
+
+
 def read_volume_list(path: Path) -> list[str]:
     """Volume names from a one-name-a-line text file such as ``no_chest_train.txt``.
 

@@ -403,6 +403,27 @@ def sha256_file(path: str | os.PathLike) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def tree_digest(root: str | os.PathLike, folders=(".",), suffixes: tuple[str, ...] | None = None) -> str:
+    """sha256 (16 hex) of the files under ``root/folder`` for each of ``folders`` (those ending in ``suffixes``;
+    all without), by path relative to ``root`` and size: it changes where files were added, removed or
+    replaced, which a folder's own mtime does not show (a subfolder filling leaves its parent's mtime alone).
+    One ``os.scandir`` walk, no file read; a missing folder counts as empty."""
+    root = Path(root)
+    entries, stack = [], [root / f for f in folders]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(Path(e.path))
+                    elif suffixes is None or e.name.endswith(suffixes):
+                        entries.append(f"{os.path.relpath(e.path, root)}:{e.stat().st_size}")
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
+
+
 def _tar_keys(path: Path) -> dict[str, list[str]]:
     """Member extensions per key, in file order, split the way webdataset splits them."""
     keys: dict[str, list[str]] = {}

@@ -96,9 +96,15 @@ def config_hash(cfg: dict[str, Any]) -> str:
     """Short hash of a run's model+train+text config and of its data files' contents.
 
     The checkpoint folder is named by it, so an interrupted job (Slurm time limit, pre-emption)
-    resumes, while a job rerun because its config or its input data changed starts afresh.
+    resumes, while a job rerun because its config or its input data changed starts afresh. The
+    training fields of ``RUN_ONLY`` (logging, checkpoint frequency, data workers, device) are left out:
+    an edit of those resumes (changed a worker count, the data order of the rest is re-planned).
     """
+    from ctgen.training.loop import RUN_ONLY
+
     keyed = {k: cfg.get(k) for k in ("model", "text_encoder", "train")}
+    if isinstance(keyed["train"], dict):  # how the run works (logging, workers, device) is no other run
+        keyed["train"] = {k: v for k, v in keyed["train"].items() if k not in RUN_ONLY}
     keyed["data"] = data_fingerprint(cfg.get("data", {}))
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

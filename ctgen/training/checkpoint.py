@@ -117,9 +117,12 @@ def check_compatible(state: dict[str, Any], model_class: str, model_config: dict
         raise ValueError(f"{path}: checkpoint model config differs from this run's: {diff}; "
                          "delete it or point checkpoint_dir elsewhere")
     diff = _diff(state["train_config"], train_config)
-    if diff:
+    exact = {k: v for k, v in diff.items() if k in ("ckpt_every", "log_every", "tensorboard", "stop_margin_s")}
+    if exact:
+        log.info("resuming with other bookkeeping (the weights are the same): %s", exact)
+    if len(exact) < len(diff):
         log.warning("resuming with changed training settings (the run will not reproduce an "
-                    "uninterrupted one exactly): %s", diff)
+                    "uninterrupted one exactly): %s", {k: v for k, v in diff.items() if k not in exact})
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -68,6 +68,11 @@ class Preempted(SystemExit):
         self.step = step
 
 
+#: TrainConfig fields that decide how a run works (where, how often it logs and checkpoints, how it loads data), not
+#: what it trains: left out of the checkpoint folder's hash (``ctgen.jobs.config.config_hash``), so a run resumes
+#: across their edits, and out of the workflow's params (an edit retrains nothing; it applies at the next training).
+RUN_ONLY = ("ckpt_every", "log_every", "tensorboard", "stop_margin_s", "num_workers", "device", "find_unused_parameters")
+
 @dataclass(frozen=True)
 class TrainConfig:
     max_steps: int = 10_000  # optimiser steps in total (across resumes)

@@ -416,3 +416,17 @@ def test_gpu_paths_on_the_cpu():
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
     ctx, precision = autocast_context(TrainConfig(), torch.device("cuda"))
     assert precision == "bf16" and ctx is not None and autocast_context(TrainConfig(), torch.device("cpu"))[1] == "fp32"
+
+
+def test_the_checkpoint_folder_survives_edits_of_how_a_run_works():
+    """The checkpoint folder is named by the config's hash: an edit of logging, checkpoint frequency, data workers
+    or device (``RUN_ONLY``) resumes the run; one of what it trains (the learning rate) starts afresh."""
+    from ctgen.jobs.config import config_hash
+    from ctgen.training.loop import RUN_ONLY
+
+    cfg = {"model": {"dim": 8}, "train": {"lr": 1e-3, "log_every": 10, "ckpt_every": 100, "num_workers": 0}, "data": {}}
+    bookkeeping = {"log_every": 1, "ckpt_every": 7, "num_workers": 4, "tensorboard": False, "stop_margin_s": 60.0,
+                   "device": "cpu", "find_unused_parameters": True}
+    assert set(bookkeeping) == set(RUN_ONLY)
+    assert config_hash({**cfg, "train": {**cfg["train"], **bookkeeping}}) == config_hash(cfg)
+    assert config_hash({**cfg, "train": {**cfg["train"], "lr": 2e-3}}) != config_hash(cfg)

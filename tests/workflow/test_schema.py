@@ -146,6 +146,10 @@ def test_snakemake_names_a_misspelt_key_in_one_line(tmp_path):
     work = make_workdir(tmp_path / "b", {"models": {"preset": "tiny"}})
     res = snakemake(work, "-n", check=False)
     assert res.returncode != 0 and "models.preset 'tiny' is not among model_presets" in res.stdout + res.stderr
+    work = make_workdir(tmp_path / "c", {"model_presets": {"demo": {"tokenizer": {"train": {"lr": "2e-3"}}}}})
+    res = snakemake(work, "-n", check=False)  # PyYAML reads 2e-3 (no dot) as a string
+    assert "config model_presets.demo.tokenizer.train.lr: '2e-3' is not of type 'number' (YAML reads 2e-3 as " \
+           "text: write 0.002)" in res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -155,6 +159,13 @@ def test_snakemake_names_a_misspelt_key_in_one_line(tmp_path):
      "model_presets.demo.tokenizer.train: TrainConfig: need max_steps >= 1"),
     ({"evaluation": {"faithfulness_labels": ["Cardiomegally"]}},
      "evaluation.faithfulness_labels: not CT-RATE labels: ['Cardiomegally']"),
+    ({"prompts": {"templates": {"generatect": "{agee} year old: {impression}"}}},
+     "prompts.templates.generatect: prompt template '{agee} year old: {impression}' uses unknown fields ['agee']"),
+    ({"dataset": {"splits": ["train"]}}, "sampling.split reads ['valid'], which dataset.splits ['train'] leaves out"),
+    ({"evaluation": {"inception_weights": "/nowhere/pt_inception.pth"}},
+     "evaluation.inception_weights: /nowhere/pt_inception.pth does not exist"),
+    ({"models": {"text_encoder": {"kind": "hf", "path": "/nowhere/cxr-bert"}}},
+     "models.text_encoder.path: /nowhere/cxr-bert does not exist"),
 ])
 def test_values_out_of_range_are_named_before_any_job(tmp_path, edit, message):
     """An inverted HU window clipped every voxel to -1000; a negative step count or a misspelt label failed in
@@ -204,3 +215,12 @@ def test_every_config_key_is_described():
         walk(top["definitions"][name], name)
     assert not missing, missing
     assert Path(SCHEMAS / "model_presets.schema.yaml").is_file()
+
+
+def test_every_training_jobs_resources_are_required():
+    """The rules read every models.resources entry at load: one left out was a KeyError with a stack frame."""
+    for model in CONFIG["models"]["resources"]:
+        cfg = copy.deepcopy(CONFIG)
+        del cfg["models"]["resources"][model]
+        with pytest.raises(WorkflowError, match=f"'{model}' is a required property"):
+            check(cfg)

@@ -81,6 +81,13 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         "slicenet": {"evaluation": {"slicenet": {"train": {"lr": 1e-3}}}},
         "tstr": {"evaluation": {"tstr_reports": 3}},
         "tstr_steps": {"evaluation": {"tstr_steps": 3}},
+        # the same settings with every key sorted (a YAML tool's doing): nothing
+        "sorted": lambda cfg: yaml.safe_load(yaml.safe_dump(cfg, sort_keys=True)),
+        # where resumable state lives, how often a training logs, how fast reports are parsed: nothing
+        "bookkeeping": {"models": {"checkpoints": "elsewhere"}, "reports": {"batch_size": 7},
+                        "model_presets": {"demo": {"tokenizer": {"train": {"log_every": 7, "ckpt_every": 9}}}}},
+        "dicom": {"sampling": {"dicom": False}},  # both families write (or not) their DICOM series
+        "cascade_only_key": {"models": {"superres_lowres": "reconstruction"}},
     }
 
     def plan_of(name):
@@ -130,6 +137,10 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     assert plan["tstr"] == {"tstr_prompts", "sample_tstr", "tstr_shards", "train_tstr"} | scoring_families
     # the TSTR classifiers' steps: their config and training, not the feature classifier or the samples
     assert plan["tstr_steps"] == {"train_config", "train_tstr"} | scoring_families
+    assert plan["sorted"] == set() and plan["bookkeeping"] == set()
+    assert plan["dicom"] == {"sample", "sample_latent_flow"} | scoring_families
+    assert plan["cascade_only_key"] & latent_sampling - scoring_families == set()  # the latent family is not resampled
+    assert {"train_superres", "sample"} <= plan["cascade_only_key"]
 
 
 def test_strict_mode_fails_and_names_the_rejects(demo_run, tmp_path):

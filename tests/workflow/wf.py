@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,11 +72,13 @@ def run_tiny_demo(work: Path, cluster: testcluster.Cluster | None = None) -> Dem
     return DemoRun(work, out, seconds, cluster is not None)
 
 
-def planned_rules(workdir: Path, cfg_edit: dict | None = None) -> dict[str, int]:
-    """Rules a dry run would run (with rerun triggers) after an optional config edit."""
+def planned_rules(workdir: Path, cfg_edit: dict | Callable | None = None) -> dict[str, int]:
+    """Rules a dry run would run (with rerun triggers) after an optional config edit (a dict merged into the
+    config, or a function of the config)."""
     if cfg_edit:
         cfg = yaml.safe_load((workdir / "config.yaml").read_text())
-        (workdir / "config.yaml").write_text(yaml.safe_dump(merge(cfg, cfg_edit), sort_keys=False))
+        cfg = cfg_edit(cfg) if callable(cfg_edit) else merge(cfg, cfg_edit)
+        (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     res = snakemake(workdir, "-n", "--quiet", "rules")
     counts = {}
     for line in res.stdout.splitlines():

@@ -22,6 +22,7 @@ if DEMO:
 rule cohort:
     input:
         root=get_dataset_root,
+        tables=get_dataset_tables,
     output:
         table=f"{R}/cohort/cohort.parquet",
         rejects=f"{R}/rejects/cohort.parquet",
@@ -35,11 +36,12 @@ rule cohort:
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=60,
+        runtime=grows_with_attempt(60, 2),
     params:
         splits=config["dataset"]["splits"],
         prefer=config["dataset"]["prefer"],
         n_chunks=config["prep"]["n_chunks"],
         strict=config["prep"]["strict"],
+        volumes=get_volumes_digest,
     script:
         "../scripts/cohort.py"

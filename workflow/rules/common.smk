@@ -13,7 +13,11 @@ from snakemake.utils import validate
 from ctgen.jobs.config import flow_text_encoders
 from ctgen.jobs.eval_config import scoring_settings
 from ctgen.jobs.geometry import GeometryError, check_geometry
+from ctgen.training.loop import RUN_ONLY
+from ctprep.ctrate import dataset_tables, volumes_digest
 from ctprep.intensity import check_window
+from ctprep.prompts import template_fields
+from ctprep.shards import tree_digest
 
 # a config error is one line naming the key (Snakemake's own message dumps the whole subschema)
 try:
@@ -23,7 +27,41 @@ except WorkflowError as err:
     if not isinstance(bad, jsonschema.ValidationError):
         raise
     where = ".".join(map(str, bad.absolute_path)) or "(top level)"
-    sys.exit(f"config {where}: {bad.message}")
+    hint = ""
+    if bad.validator == "type" and isinstance(bad.instance, str):
+        try:
+            hint = (
+                f" (YAML reads {bad.instance} as text: write {float(bad.instance)!r})"
+            )
+        except ValueError:
+            pass
+    sys.exit(f"config {where}: {bad.message}{hint}")
+
+
+class Settings(dict):
+    """A config section as a job's params: Snakemake compares params by repr(), so this repr lists the keys
+    sorted and the same settings in another key order (a YAML tool that sorts keys) rerun nothing; iteration
+    keeps the config's order, and a job (pickled into a script) gets a plain dict."""
+
+    def __repr__(self):
+        items = sorted(self.items(), key=lambda kv: repr(kv[0]))
+        return "{" + ", ".join(f"{k!r}: {v!r}" for k, v in items) + "}"
+
+    def __reduce__(self):
+        return dict, (list(self.items()),)
+
+
+def canonical(value):
+    """`value` with every dict, however deep, a Settings."""
+    if isinstance(value, dict):
+        return Settings((k, canonical(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
+
+
+for _key in list(config):
+    config[_key] = canonical(config[_key])
 
 R = config["results"]
 SPLITS = config["dataset"]["splits"]
@@ -40,7 +78,14 @@ def check_preset(section, table):
 
 
 def check_prompts():
-    """`shards.prompt` and `models.prompt` name a prompt the prompts rule writes (one line, before any job)."""
+    """`shards.prompt` and `models.prompt` name a prompt the prompts rule writes, and every template's fields
+    are report fields (one line, before any job: a misspelt `{agee}` failed in the prompts job).
+    """
+    for name, template in config["prompts"]["templates"].items():
+        try:
+            template_fields(template)
+        except ValueError as err:
+            sys.exit(f"config error: prompts.templates.{name}: {err}")
     names = list(config["prompts"]["templates"])
     if config["prompts"]["structured"]["enabled"]:
         names.append("structured")
@@ -59,7 +104,8 @@ def check_prompts():
 
 def check_ranges():
     """Each [low, high] of the config in order (one line, before any job): an inverted HU window clipped
-    every voxel to its first bound (the window's rule is the prep code's own, check_window)."""
+    every voxel to its first bound (the window's rule is the prep code's own, check_window).
+    """
     for name, preset in config["presets"].items():
         try:
             check_window(*preset["clip"])
@@ -81,6 +127,52 @@ try:  # the prep grid and every model's sizes fit together
     check_geometry(config)
 except GeometryError as err:
     sys.exit(f"config error: {err}")  # one line naming the keys and a fix, no traceback
+
+
+def check_local_files():
+    """The local weights the workflow's jobs load exist (one line, before any job: a missing InceptionV3 file
+    failed in the evaluation, after every training and sampling job)."""
+    preset = config["model_presets"][config["models"]["preset"]]
+    paths = {
+        "evaluation.inception_weights": config["evaluation"].get("inception_weights"),
+        f"model_presets.{config['models']['preset']}.autoencoder.maisi_checkpoint": (
+            preset.get("autoencoder") or {}
+        ).get("maisi_checkpoint"),
+    }
+    encoders = [("models.text_encoder", config["models"]["text_encoder"])]
+    encoders += [
+        (f"models.latent_flow_text_encoders[{i}]", e)
+        for i, e in enumerate(config["models"].get("latent_flow_text_encoders") or [])
+    ]
+    for key, enc in encoders:
+        if enc.get("kind") in ("hf", "report_encoder"):
+            paths[f"{key}.path"] = enc.get("path")
+    for key, path in paths.items():
+        if path and not Path(path).expanduser().exists():
+            sys.exit(
+                f"config error: {key}: {path} does not exist (local files only: nothing is downloaded)"
+            )
+
+
+check_local_files()
+
+
+def check_splits():
+    """Every split a stage reads is one the cohort takes (one line, not Snakemake's missing-input listing)."""
+    used = {
+        "models.train_splits": config["models"]["train_splits"],
+        "sampling.split": [config["sampling"]["split"]],
+        "evaluation.split": [config["evaluation"]["split"]],
+    }
+    for key, splits in used.items():
+        missing = [s for s in splits if s not in SPLITS]
+        if missing:
+            sys.exit(
+                f"config error: {key} reads {missing}, which dataset.splits {SPLITS} leaves out"
+            )
+
+
+check_splits()
 
 
 def check_settings():
@@ -123,6 +215,20 @@ def get_dataset_root(wildcards):
     return rules.demo_cohort.output.root if DEMO else config["dataset"]["root"]
 
 
+def get_dataset_tables(wildcards):
+    """A real copy's tables (reports, metadata, labels, no-chest lists): a corrected CSV reruns the cohort
+    (the root folder's mtime does not change with them). The demo's lie inside its output folder.
+    """
+    if DEMO:
+        return []
+    return [str(p) for p in dataset_tables(config["dataset"]["root"], SPLITS)]
+
+
+def get_volumes_digest(wildcards):
+    """A real copy's volume files by name and size: volumes downloaded since (or removed) rerun the cohort."""
+    return "" if DEMO else volumes_digest(config["dataset"]["root"], SPLITS)
+
+
 def get_prompt_mentions(wildcards):
     """The parsed mentions when the structured prompt is on (it is built from them)."""
     return (
@@ -135,9 +241,18 @@ def get_prompt_mentions(wildcards):
 # --- models -------------------------------------------------------------------------------
 MODELS = config["models"]
 RES = MODELS["resources"]
-# What the spec and sampling jobs read of the config: without the job resources (threads, memory), so
-# that an edit of those reruns no job (Snakemake reruns a job whose params changed).
-MODEL_SETTINGS = {k: v for k, v in MODELS.items() if k != "resources"}
+# What the spec jobs read of `models` (Snakemake reruns a job whose params changed: only the keys a job reads)
+CASCADE_SETTINGS = canonical(
+    {k: MODELS[k] for k in ("text_encoder", "lowres_scale", "prompt")}
+)
+FLOW_SETTINGS = canonical({"text_encoder": MODELS["text_encoder"]})
+
+
+def untracked(value):
+    """A params function for a value that decides where or how fast a job works, not what it writes (a
+    checkpoint folder, a batch size of a parser): its edit reruns nothing. Snakemake leaves params functions
+    that take `output` out of its params trigger; `value(wildcards)` gives the value."""
+    return lambda wildcards, output: value(wildcards)
 
 
 def job_gpus(res):
@@ -165,9 +280,27 @@ def check_gpus():
 
 check_gpus()
 # the cascade's sampling settings: without the latent flow family's (an edit of those reruns only that family)
-SAMPLING = {
-    k: v for k, v in config["sampling"].items() if k not in ("resources", "latent_flow")
-}
+SAMPLING = canonical(
+    {
+        k: v
+        for k, v in config["sampling"].items()
+        if k not in ("resources", "latent_flow")
+    }
+)
+# what decides a cascade volume, not which prompts or where it goes: the spec's defaults, TSTR's and the sweep's sampler
+SAMPLER = canonical(
+    {
+        k: SAMPLING[k]
+        for k in (
+            "seed",
+            "steps",
+            "guidance_scale",
+            "temperature",
+            "sr_steps",
+            "batch_size",
+        )
+    }
+)
 # Scheduling priority of the tokenizer -> tokens -> generator chain (with its text inputs), the DAG's longest, and
 # of the guidance sweep, the longest job after it: where cores are short (the demo's 2), they start first and the other
 # jobs run beside them instead of after them.
@@ -221,7 +354,7 @@ def get_text(wildcards):
     return rules.embed_prompts.output.cache
 
 
-def get_train_config(wildcards):
+def _train_config(wildcards):
     """The model's preset (model, text_encoder, train) plus the data options, as plain data. ``tstr``: the
     classifier's recipe with evaluation.tstr_steps training steps (both TSTR classifiers train on few volumes).
     """
@@ -246,7 +379,7 @@ def get_train_config(wildcards):
             "prompt": MODELS["prompt"],
             **preset.get("data", {}),
         }
-        return cfg
+        return canonical(cfg)
     text = FLOW_TEXT_ENCODERS[0] if model == "latent_flow" else MODELS["text_encoder"]
     if model in TEXT_ENCODER_MODELS and text["kind"] == "small":
         cfg["text_encoder"] = {
@@ -262,7 +395,31 @@ def get_train_config(wildcards):
     if model in PROMPT_MODELS:
         data["prompt"] = MODELS["prompt"]
     cfg["data"] = {**data, **preset.get("data", {})}
+    return canonical(cfg)
+
+
+def tracked(cfg):
+    """A training config as params: without the fields that decide how the run works, not what it trains
+    (ctgen.training.loop.RUN_ONLY: logging, checkpoint frequency, ...): their edit retrains nothing.
+    """
+    cfg = Settings(cfg)
+    cfg["train"] = Settings(
+        {k: v for k, v in cfg["train"].items() if k not in RUN_ONLY}
+    )
     return cfg
+
+
+def bookkeeping(cfg):
+    """The RUN_ONLY fields of a training config (see tracked), which its file gets untracked."""
+    return {k: v for k, v in cfg["train"].items() if k in RUN_ONLY}
+
+
+def get_train_config(wildcards):
+    return tracked(_train_config(wildcards))
+
+
+def get_train_bookkeeping(wildcards):
+    return bookkeeping(_train_config(wildcards))
 
 
 def get_launcher(wildcards, threads, resources):
@@ -292,23 +449,24 @@ def get_report_encoder(wildcards):
     return rules.train_report_encoder.output.weights if OWN_REPORT_ENCODER else []
 
 
-def encoder_json(enc, input):
+def encoder_json(enc):
     """A text encoder's settings as JSON for an embedding job, with the path of the report encoder this run
-    trained where it is that one."""
+    trains where it is that one. A function of the wildcards only, so that Snakemake tracks it: an edit of the
+    encoder's settings re-embeds (and retrains what read the states)."""
     enc = dict(enc)
     if enc["kind"] == "report_encoder" and not enc.get("path"):
-        enc["path"] = os.path.dirname(input.encoder)
-    return json.dumps(enc)
+        enc["path"] = os.path.dirname(rules.train_report_encoder.output.weights)
+    return json.dumps(enc, sort_keys=True)
 
 
-def get_encoder_config(wildcards, input):
+def get_encoder_config(wildcards):
     """models.text_encoder for embed_prompts."""
-    return encoder_json(MODELS["text_encoder"], input)
+    return encoder_json(MODELS["text_encoder"])
 
 
-def get_section_encoder_config(wildcards, input):
+def get_section_encoder_config(wildcards):
     """The latent flow family's encoder number `encoder` for embed_sections."""
-    return encoder_json(FLOW_TEXT_ENCODERS[int(wildcards.encoder)], input)
+    return encoder_json(FLOW_TEXT_ENCODERS[int(wildcards.encoder)])
 
 
 def get_section_text(wildcards):
@@ -339,13 +497,13 @@ def get_probe_latents(wildcards):
 
 
 def get_tokenizer_columns(wildcards):
-    """The prompt columns the small encoder's tokenizer is fitted on: the models' prompt, and with the latent
-    flow family every template (the report sections' words, which it reads, are in them).
+    """The prompt columns the small encoder's tokenizer is fitted on: every template (the latent flow family
+    reads the report sections, whose words are in them), whichever families are trained, so that turning one
+    family off or on does not refit the tokenizer and retrain the other. Sorted: the fit does not depend on
+    their order (ctgen.models.text_encoders.fit_text_tokenizer), so neither does the job.
     """
-    if not LATENT:
-        return MODELS["prompt"]
     structured = ["structured"] if config["prompts"]["structured"]["enabled"] else []
-    return " ".join([*config["prompts"]["templates"], *structured])
+    return " ".join(sorted([*config["prompts"]["templates"], *structured]))
 
 
 def get_chunk_manifest(wildcards, input):
@@ -355,7 +513,8 @@ def get_chunk_manifest(wildcards, input):
 
 def grows_with_attempt(value, growth):
     """A resource that is ``value`` on the first attempt and ``growth`` times more on each retry, so a training
-    job stopped ahead of its time limit (it checkpoints and exits 75) resumes with more time.
+    job stopped ahead of its time limit (it checkpoints and exits 75) resumes with more time, and any other long
+    job that hit its limit is not resubmitted with the same one.
     """
     return lambda wildcards, attempt: int(value * growth ** (attempt - 1))
 
@@ -386,7 +545,9 @@ def get_eval_text(wildcards, input):
 
 
 EVALUATION = config["evaluation"]
-EVAL_SETTINGS = scoring_settings(EVALUATION)  # what `ctgen evaluate --settings` takes
+EVAL_SETTINGS = canonical(
+    scoring_settings(EVALUATION)
+)  # what `ctgen evaluate --settings` takes
 # the guidance sweep's scales as the names of their jobs' files: exact (1.0 -> "1", 2.25 -> "2.25"; a
 # rounded name could give two scales one file), and the schema refuses repeats
 GUIDANCE_SCALES = [
@@ -400,12 +561,12 @@ def get_slicenet_config():
     """The slice network's training config (model, train, data) as plain data, with the HU window."""
     cfg = json.loads(json.dumps({k: SLICENET[k] for k in ("model", "train")}))
     cfg["data"] = {"hu_window": PRESET["clip"], **SLICENET.get("data", {})}
-    return cfg
+    return canonical(cfg)
 
 
 def get_eval_settings():
     """The scoring settings, quoted for the shell."""
-    return shlex.quote(json.dumps(EVAL_SETTINGS))
+    return shlex.quote(json.dumps(EVAL_SETTINGS, sort_keys=True))
 
 
 def get_tstr_weights(wildcards):

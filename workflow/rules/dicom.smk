@@ -16,9 +16,10 @@ if DICOM:
         threads: 1
         resources:
             mem_mb=4000,
-            runtime=120,
+            runtime=grows_with_attempt(120, 2),
         params:
             split=config["dicom"]["split"],
             strict=config["prep"]["strict"],
+            files=lambda wc: tree_digest(config["dicom"]["series_dir"]),  # files added to a series rerun it
         script:
             "../scripts/dicom2nifti.py"

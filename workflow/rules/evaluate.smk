@@ -12,7 +12,8 @@ rule slicenet_config:
         mem_mb=500,
         runtime=5,
     params:
-        cfg=get_slicenet_config(),
+        cfg=tracked(get_slicenet_config()),
+        bookkeeping=untracked(lambda wc: bookkeeping(get_slicenet_config())),
     script:
         "../scripts/train_config.py"
 
@@ -38,7 +39,7 @@ rule train_slicenet:
         nodes=SLICENET_RES.get("nodes", 1),
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
-        ckpt=f"{CHECKPOINTS}/slicenet",
+        ckpt=untracked(lambda wc: f"{CHECKPOINTS}/slicenet"),
         launch=get_launcher,
         workers=get_data_workers,
     shell:
@@ -63,7 +64,7 @@ rule tstr_shards:
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=60,
+        runtime=grows_with_attempt(60, 2),
     params:
         shard_size=config["shards"]["shard_size"],
     script:
@@ -93,7 +94,7 @@ rule train_tstr:
         nodes=RES["classifier"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
-        ckpt=lambda wc: f"{CHECKPOINTS}/tstr_{wc.source}",
+        ckpt=untracked(lambda wc: f"{CHECKPOINTS}/tstr_{wc.source}"),
         launch=get_launcher,
         workers=get_data_workers,
     shell:
@@ -125,7 +126,7 @@ rule evaluate:
     threads: config["evaluation"]["resources"]["threads"]
     resources:
         mem_mb=config["evaluation"]["resources"]["mem_mb"],
-        runtime=config["evaluation"]["resources"]["runtime"],
+        runtime=grows_with_attempt(config["evaluation"]["resources"]["runtime"], 2),
         gpu=config["evaluation"]["resources"]["gpu"],
     params:
         models=lambda wc, input: os.path.dirname(input.spec),
@@ -185,11 +186,11 @@ rule guidance_scale:
     threads: config["evaluation"]["resources"]["threads"]
     resources:
         mem_mb=config["evaluation"]["resources"]["mem_mb"],
-        runtime=config["evaluation"]["resources"]["runtime"],
+        runtime=grows_with_attempt(config["evaluation"]["resources"]["runtime"], 2),
         gpu=config["evaluation"]["resources"]["gpu"],
     params:
         repeats=config["evaluation"]["guidance_repeats"],
-        sampling=SAMPLING,
+        sampling=SAMPLER,
         evaluation=EVAL_SETTINGS,
     script:
         "../scripts/guidance_scale.py"

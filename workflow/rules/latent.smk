@@ -19,7 +19,7 @@ rule train_autoencoder:
         nodes=RES["autoencoder"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
-        ckpt=f"{CHECKPOINTS}/autoencoder",
+        ckpt=untracked(lambda wc: f"{CHECKPOINTS}/autoencoder"),
         launch=get_launcher,
         workers=get_data_workers,
     shell:
@@ -43,7 +43,7 @@ rule encode_latents:
     threads: RES["autoencoder"]["threads"]  # the autoencoder's job, on its resources
     resources:
         mem_mb=8000,
-        runtime=120,
+        runtime=grows_with_attempt(120, 2),
     params:
         autoencoder=lambda wc, input: os.path.dirname(input.weights),
         manifest=get_chunk_manifest,
@@ -92,7 +92,7 @@ rule embed_sections:
     threads: 2
     resources:
         mem_mb=8000,
-        runtime=60,
+        runtime=grows_with_attempt(60, 2),
         gpu=0,
     params:
         encoder=get_section_encoder_config,
@@ -125,7 +125,7 @@ rule train_latent_flow:
         nodes=RES["latent_flow"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
-        ckpt=f"{CHECKPOINTS}/latent_flow",
+        ckpt=untracked(lambda wc: f"{CHECKPOINTS}/latent_flow"),
         launch=get_launcher,
         workers=get_data_workers,
         text_flag=FLOW_TEXT_FLAG,
@@ -157,7 +157,7 @@ rule latent_flow_spec:
         runtime=5,
     params:
         preset=PRESET,
-        models=MODEL_SETTINGS,
+        models=FLOW_SETTINGS,
         sampling=config["sampling"]["latent_flow"],
         prompts=config["prompts"],
         encoders=FLOW_TEXT_ENCODERS,
@@ -180,12 +180,15 @@ rule sample_latent_flow:
     threads: config["sampling"]["resources"]["threads"]
     resources:
         mem_mb=config["sampling"]["resources"]["mem_mb"],
-        runtime=config["sampling"]["resources"]["runtime"],
+        runtime=grows_with_attempt(config["sampling"]["resources"]["runtime"], 2),
         gpu=config["sampling"]["resources"]["gpu"],
     params:
         models=lambda wc, input: os.path.dirname(input.spec),
         out=lambda wc, output: os.path.dirname(output.manifest),
-        s={k: config["sampling"][k] for k in ("seed", "per_prompt", "latent_flow")},
+        s={
+            k: config["sampling"][k]
+            for k in ("seed", "per_prompt", "latent_flow", "dicom")
+        },
         dicom=lambda wc, output: (
             f"--dicom {os.path.dirname(output.manifest)}/dicom"
             if config["sampling"]["dicom"]

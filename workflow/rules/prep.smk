@@ -14,7 +14,7 @@ rule prep:
     threads: 2
     resources:
         mem_mb=3000,
-        runtime=240,
+        runtime=grows_with_attempt(240, 2),
     params:
         preset=PRESET,
         dataset=config["dataset"],

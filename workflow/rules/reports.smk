@@ -20,7 +20,7 @@ rule parse_reports:
         mem_mb=4000,
         runtime=30,
     params:
-        batch_size=config["reports"]["batch_size"],
+        batch_size=untracked(lambda wc: config["reports"]["batch_size"]),
     script:
         "../scripts/parse_reports.py"
 

@@ -19,8 +19,8 @@ rule cascade:
         runtime=5,
     params:
         preset=PRESET,
-        models=MODEL_SETTINGS,
-        sampling=SAMPLING,
+        models=CASCADE_SETTINGS,
+        sampling=SAMPLER,
         prompts=config["prompts"],
     script:
         "../scripts/cascade.py"
@@ -64,7 +64,7 @@ rule sample:
     threads: config["sampling"]["resources"]["threads"]
     resources:
         mem_mb=config["sampling"]["resources"]["mem_mb"],
-        runtime=config["sampling"]["resources"]["runtime"],
+        runtime=grows_with_attempt(config["sampling"]["resources"]["runtime"], 2),
         gpu=config["sampling"]["resources"]["gpu"],
     params:
         models=lambda wc, input: os.path.dirname(input.spec),
@@ -129,12 +129,12 @@ rule sample_tstr:
     threads: config["sampling"]["resources"]["threads"]
     resources:
         mem_mb=config["sampling"]["resources"]["mem_mb"],
-        runtime=config["sampling"]["resources"]["runtime"],
+        runtime=grows_with_attempt(config["sampling"]["resources"]["runtime"], 2),
         gpu=config["sampling"]["resources"]["gpu"],
     params:
         models=lambda wc, input: os.path.dirname(input.spec),
         out=lambda wc, output: os.path.dirname(output.manifest),
-        s=SAMPLING,
+        s=SAMPLER,
     shell:
         "ctgen sample --models {params.models} --prompts {input.prompts} --out-dir {params.out}"
         " --seed {params.s[seed]} --per-prompt 1 --steps {params.s[steps]}"

@@ -15,7 +15,7 @@ rule shards:
     threads: 1
     resources:
         mem_mb=3000,
-        runtime=120,
+        runtime=grows_with_attempt(120, 2),
     params:
         shards=config["shards"],
     script:

@@ -39,7 +39,7 @@ rule embed_prompts:
     threads: 2
     resources:
         mem_mb=8000,
-        runtime=60,
+        runtime=grows_with_attempt(60, 2),
         gpu=0,
     params:
         column=config["models"]["prompt"],
@@ -64,6 +64,7 @@ rule train_config:
         runtime=5,
     params:
         cfg=get_train_config,
+        bookkeeping=untracked(get_train_bookkeeping),
     script:
         "../scripts/train_config.py"
 
@@ -93,7 +94,7 @@ rule train_report_encoder:
         nodes=RES["report_encoder"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
-        ckpt=f"{CHECKPOINTS}/report_encoder",
+        ckpt=untracked(lambda wc: f"{CHECKPOINTS}/report_encoder"),
         launch=get_launcher,
     shell:
         "{params.launch} train report_encoder --config {input.config} --prompts {input.prompts}"
@@ -123,7 +124,7 @@ rule train_tokenizer:
         nodes=RES["tokenizer"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
-        ckpt=f"{CHECKPOINTS}/tokenizer",
+        ckpt=untracked(lambda wc: f"{CHECKPOINTS}/tokenizer"),
         launch=get_launcher,
         workers=get_data_workers,
     shell:
@@ -148,7 +149,7 @@ rule encode_tokens:
     threads: RES["tokenizer"]["threads"]  # the tokenizer's job, on its resources
     resources:
         mem_mb=8000,
-        runtime=120,
+        runtime=grows_with_attempt(120, 2),
     params:
         tokenizer=lambda wc, input: os.path.dirname(input.weights),
         manifest=get_chunk_manifest,
@@ -212,7 +213,7 @@ rule train_generator:
         nodes=RES["generator"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
-        ckpt=f"{CHECKPOINTS}/generator",
+        ckpt=untracked(lambda wc: f"{CHECKPOINTS}/generator"),
         launch=get_launcher,
         workers=get_data_workers,
         text_flag=TEXT_FLAG,
@@ -245,7 +246,7 @@ rule train_superres:
         nodes=RES["superres"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
-        ckpt=f"{CHECKPOINTS}/superres",
+        ckpt=untracked(lambda wc: f"{CHECKPOINTS}/superres"),
         launch=get_launcher,
         workers=get_data_workers,
         text_flag=TEXT_FLAG,
@@ -279,7 +280,7 @@ rule train_clip:
         nodes=RES["clip"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
-        ckpt=f"{CHECKPOINTS}/clip",
+        ckpt=untracked(lambda wc: f"{CHECKPOINTS}/clip"),
         launch=get_launcher,
         workers=get_data_workers,
         text_flag=TEXT_FLAG,
@@ -310,7 +311,7 @@ rule train_classifier:
         nodes=RES["classifier"]["nodes"],
     params:
         out=lambda wc, output: os.path.dirname(output.weights),
-        ckpt=f"{CHECKPOINTS}/classifier",
+        ckpt=untracked(lambda wc: f"{CHECKPOINTS}/classifier"),
         launch=get_launcher,
         workers=get_data_workers,
     shell:
