@@ -555,3 +555,28 @@ def test_inputs_of_the_wrong_kind_are_named(tmp_path):
     pd.DataFrame({"name": ["x"]}).to_parquet(tmp_path / "c.parquet")
     with pytest.raises(ValueError, match="c.parquet is not a cohort table"):
         section_texts(tmp_path / "c.parquet", tmp_path / "c.parquet")
+
+
+def test_the_recorded_code_version_is_this_codes_or_none(tmp_path):
+    """A package installed into another project's git work tree recorded that project's commit; untracked code
+    was not 'dirty'. The commit is recorded only where the packages are the checkout's own, and a source hash
+    always."""
+    import subprocess
+
+    from ctgen.models.base import git_hash, provenance
+
+    git = ["git", "-c", "user.email=a@b", "-c", "user.name=x"]
+    project = tmp_path / "project"
+    (project / "ctgen").mkdir(parents=True)
+    (project / "ctgen" / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "init", "-q"], cwd=project, check=True)
+    subprocess.run([*git, "add", "."], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], cwd=project, check=True)
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert git_hash(project) == rev
+    (project / "ctgen" / "b.py").write_text("y = 2\n")  # an untracked module is a change of the code
+    assert git_hash(project) == f"{rev}-dirty"
+    (project / ".venv" / "site").mkdir(parents=True)
+    assert git_hash(project / ".venv" / "site") is None  # installed inside another project's work tree
+    assert git_hash(tmp_path) is None  # no git at all
+    assert len(provenance(0)["source_sha256"]) == 16

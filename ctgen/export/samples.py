@@ -8,6 +8,7 @@ reports in either family, which is what pairs their volumes in the evaluation), 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,29 @@ from ctprep.volume import Volume, atomic_write
 Generate = Callable[[Any, int], tuple[Volume, dict, str]]
 
 
+def _remove_last_run(out_dir: Path, dicom_dir: str | Path | None) -> None:
+    """The manifest of an earlier run into ``out_dir`` and the files it lists there (or in ``dicom_dir``): a run
+    with other seeds left its volumes beside the new ones, which a folder-based evaluation would have scored."""
+    manifest = out_dir / "samples.csv"
+    if not manifest.is_file():
+        return
+    try:
+        last = pd.read_csv(manifest)
+    except (ValueError, OSError):  # unreadable: only the manifest goes
+        last = pd.DataFrame()
+    manifest.unlink()
+    roots = [out_dir.resolve()] + ([Path(dicom_dir).resolve()] if dicom_dir else [])
+    for column in ("nifti", "sidecar", "dicom"):
+        for value in last.get(column, pd.Series(dtype=object)).dropna():
+            path = Path(str(value)).resolve()
+            if not any(path.is_relative_to(r) and path != r for r in roots):
+                continue  # never outside this run's folders
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
 def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_dir: str | Path, *, seed: int = 0,
                   per_prompt: int = 1, dicom_dir: str | Path | None = None, single_out: str | Path | None = None,
                   exact_names: bool = False, orientation: str | None = None, desc: str = "sample") -> pd.DataFrame:
@@ -38,7 +62,7 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not single_out:  # a rerun that dies part-way must not leave the last run's manifest over this run's files
-        (out_dir / "samples.csv").unlink(missing_ok=True)
+        _remove_last_run(out_dir, dicom_dir)
     rows, index = [], 0
     with progress(total=len(requests) * per_prompt, desc=desc, unit="vol") as bar:
         for pid, request in requests:

@@ -17,6 +17,8 @@ unpickled on load (as diffusers' ``ModelMixin`` does).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import importlib
 import json
 import os
@@ -56,25 +58,47 @@ class ModelOutput:
         return out
 
 
+#: The folder holding the ctgen and ctprep packages: a checkout's root, or site-packages.
+PACKAGES_ROOT = Path(__file__).resolve().parents[2]
+_CODE = ("ctgen", "ctprep", "workflow", "Snakefile")  # what the recorded code state covers
+
+
 def git_hash(path: str | os.PathLike | None = None) -> str | None:
-    """The checkout's commit (with ``-dirty`` if it has uncommitted changes), or None outside git."""
-    cwd = Path(path or __file__).resolve().parent
+    """The checkout's commit (with ``-dirty`` if the code has uncommitted or untracked changes), or None where the
+    packages are not a git checkout's own: outside git, or installed into a git work tree that is another
+    project's (a ``.venv`` inside it), whose commit says nothing of this code."""
+    root = Path(path).resolve() if path else PACKAGES_ROOT
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        if rev.returncode != 0:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10)
+        if top.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10)
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
+        toplevel, rev = top.stdout.split()[:2]
+        if Path(toplevel).resolve() != root:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *_CODE], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+        return rev + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError, ValueError):
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def source_sha256() -> str:
+    """sha256 (16 hex) of the ctgen and ctprep sources (every .py by path and bytes): the code that ran, where no
+    commit says it (an installed package) or a ``-dirty`` one does not tell two trees apart."""
+    digest = hashlib.sha256()
+    for path in sorted(p for pkg in ("ctgen", "ctprep") for p in (PACKAGES_ROOT / pkg).rglob("*.py")):
+        digest.update(str(path.relative_to(PACKAGES_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def provenance(seed: int | None = None, **extra: Any) -> dict[str, Any]:
-    """What is recorded with every model and sample: package version, git hash, torch, seed."""
+    """What is recorded with every model and sample: package version, git hash, source hash, torch, seed."""
     from ctgen import __version__
 
-    return {"ctgen_version": __version__, "git": git_hash(), "torch": torch.__version__, "seed": seed, **extra}
+    return {"ctgen_version": __version__, "git": git_hash(), "source_sha256": source_sha256(),
+            "torch": torch.__version__, "seed": seed, **extra}
 
 
 #: Integer fields that count or size something (a width, a depth, heads, channels, patches, steps): at least 1 where

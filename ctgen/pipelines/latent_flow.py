@@ -31,7 +31,7 @@ from monai.networks.schedulers import RFlowScheduler
 from ctgen.data.layout import from_model_layout, unit_to_hu
 from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
-from ctgen.pipelines.spec import load_network, read_spec, spec_weights
+from ctgen.pipelines.spec import load_network, read_spec, spec_files, spec_weights, weights_used
 from ctprep.prompts import rendering
 from ctprep.shards import sha256_file
 from ctprep.volume import Volume
@@ -86,6 +86,7 @@ def write_latent_flow_spec(models_dir: str | Path, prep_preset: dict, text_encod
             raise ValueError("the small text encoder is used alone, with its tokenizer copied beside the weights")
         shutil.copyfile(text_tokenizer, models_dir / "text_tokenizer.json")
         spec["text_encoders"][0]["tokenizer"] = "text_tokenizer.json"
+    spec["files"] = spec_files(models_dir, list(MODELS), [e["tokenizer"] for e in spec["text_encoders"] if "tokenizer" in e])
     spec["config_hash"] = hashlib.sha256(json.dumps({k: spec[k] for k in ("grid", "text_encoders", "weights")},
                                                     sort_keys=True).encode()).hexdigest()[:16]
     atomic_write(models_dir / SPEC, lambda p: Path(p).write_text(json.dumps(spec, indent=2) + "\n"))
@@ -143,6 +144,7 @@ class LatentFlowPipeline:
     def __init__(self, models_dir: str | Path, spec: dict, autoencoder, flow, device: torch.device):
         self.models_dir, self.spec, self.device = Path(models_dir), spec, device
         self.autoencoder, self.flow = autoencoder, flow
+        self.weights_used: dict[str, str] = {}  # network -> the folder its weights came from (from_pretrained)
         self.scheduler = flow.config.make_scheduler()  # the pipeline's own: set_timesteps mutates it
         ae_scale, flow_scale = float(autoencoder.scale_factor), float(flow.config.scale_factor)
         # an autoencoder that stores a scale factor (set once its latents were measured) must agree; the
@@ -170,12 +172,17 @@ class LatentFlowPipeline:
         models_dir, device = Path(models_dir), torch.device(device)
         spec = read_spec(models_dir, SPEC, "is not a trained latent flow model (write_latent_flow_spec writes the spec)")
 
+        used = {}
+
         def load(name, kind, ema=use_ema):
+            used[name] = weights_used(models_dir, name, ema)
             return load_network(models_dir / name, kind, device, ema)
 
         # the autoencoder decodes with the weights that encoded the flow network's training latents (raw)
-        return cls(models_dir, spec, load("autoencoder", MaisiAutoencoder, ema=False), load("latent_flow", LatentFlow),
+        pipe = cls(models_dir, spec, load("autoencoder", MaisiAutoencoder, ema=False), load("latent_flow", LatentFlow),
                    device)
+        pipe.weights_used = used
+        return pipe
 
     # --- text ---------------------------------------------------------------------------------
     @functools.cached_property
@@ -287,9 +294,11 @@ class LatentFlowPipeline:
         grid = self.spec["grid"]
         spacing = {"mm": list(settings.spacing or grid["spacing"]),
                    "why": "given" if settings.spacing else grid.get("spacing_source", "the prep preset's spacing")}
-        return {"family": FAMILY, "report": dict(sections), "seed": seed, "settings": dataclasses.asdict(settings),
-                "spacing": spacing,
-                "weights_sha256": self.spec.get("weights", {}), "config_hash": self.spec.get("config_hash"),
+        used = {**dataclasses.asdict(settings), "precision": self.precision(settings),
+                "steps": settings.steps or self.flow.config.sample_steps}  # what None and "auto" resolved to
+        return {"family": FAMILY, "report": dict(sections), "seed": seed, "settings": used, "spacing": spacing,
+                "weights_sha256": self.spec.get("weights", {}), "weights_used": dict(self.weights_used),
+                "files_sha256": self.spec.get("files", {}), "config_hash": self.spec.get("config_hash"),
                 "models_dir": str(self.models_dir),
                 # the same seed gives other noise and arithmetic on another device or precision
                 "provenance": provenance(seed, device=str(self.device), precision=self.precision(settings))}

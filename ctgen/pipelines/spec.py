@@ -31,6 +31,19 @@ def spec_weights(models_dir: Path, networks: list[str], text_encoders: list[dict
     return out
 
 
+def spec_files(models_dir: Path, networks: list[str], extra: list[str] = ()) -> dict[str, str]:
+    """{path relative to ``models_dir``: sha256} of what decides a sample beside the weights: each network's
+    config.json (and its EMA's: a sampler or step count edited there changed the volume, unrecorded) and
+    ``extra`` files (the small text encoder's tokenizer), so that ``read_spec`` refuses them changed."""
+    rels = [f"{m}/config.json" for m in networks] + [f"{m}/ema/config.json" for m in networks] + list(extra)
+    return {rel: sha256_file(models_dir / rel) for rel in rels if (models_dir / rel).is_file()}
+
+
+def weights_used(models_dir: Path, name: str, use_ema: bool = True) -> str:
+    """The folder (relative to ``models_dir``) whose weights network ``name`` is loaded from: ``name/ema`` or ``name``."""
+    return str(weights_folder(models_dir / name, use_ema).relative_to(models_dir))
+
+
 def read_spec(models_dir: Path, name: str, missing_hint: str) -> dict:
     """``models_dir/name`` with every weights file it names present and matching its sha256."""
     path = models_dir / name
@@ -44,6 +57,11 @@ def read_spec(models_dir: Path, name: str, missing_hint: str) -> dict:
         if sha256_file(weights) != digest:
             raise ValueError(f"{weights} does not match {name} (sha256 differs): the models were retrained or "
                              "mixed from different runs; write the spec again")
+    for rel, digest in spec.get("files", {}).items():
+        path = models_dir / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            raise ValueError(f"{path} {'is missing' if not path.is_file() else 'changed'} since {name} was written "
+                             "(a config or tokenizer decides the samples too): restore it or write the spec again")
     return spec
 
 

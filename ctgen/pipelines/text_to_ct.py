@@ -27,7 +27,7 @@ import torch
 from ctgen.data.layout import from_model_layout, unit_to_hu
 from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
-from ctgen.pipelines.spec import load_network, read_spec, spec_weights
+from ctgen.pipelines.spec import load_network, read_spec, spec_files, spec_weights, weights_used
 from ctprep.prompts import rendering
 from ctprep.volume import Volume
 
@@ -73,6 +73,9 @@ def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict, s
             raise ValueError("the small text encoder's tokenizer is needed beside the weights")
         shutil.copyfile(text_tokenizer, models_dir / "text_tokenizer.json")
         spec["text_encoder"]["tokenizer"] = "text_tokenizer.json"
+    spec["files"] = spec_files(models_dir, [m for m in ("tokenizer", "generator", "superres")
+                                            if (models_dir / m / "model.safetensors").is_file()],
+                               [spec["text_encoder"]["tokenizer"]] if "tokenizer" in spec["text_encoder"] else [])
     spec["config_hash"] = hashlib.sha256(json.dumps({k: spec[k] for k in ("grid", "text_encoder", "weights")},
                                                     sort_keys=True).encode()).hexdigest()[:16]
     atomic_write(models_dir / CASCADE, lambda p: Path(p).write_text(json.dumps(spec, indent=2) + "\n"))
@@ -110,6 +113,7 @@ class TextToCTPipeline:
     def __init__(self, models_dir: str | Path, spec: dict, tokenizer, generator, superres, device: torch.device):
         self.models_dir, self.spec, self.device = Path(models_dir), spec, device
         self.tokenizer, self.generator, self.superres = tokenizer, generator, superres
+        self.weights_used: dict[str, str] = {}  # network -> the folder its weights came from (from_pretrained)
 
     @classmethod
     def from_pretrained(cls, models_dir: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
@@ -120,9 +124,14 @@ class TextToCTPipeline:
         spec = read_spec(models_dir, CASCADE, "is not a trained cascade (run the workflow's `cascade` rule, or "
                                               "ctgen.pipelines.text_to_ct.write_cascade)")
 
+        used = {}
+
         def load(name, kind, ema=use_ema):
             folder = models_dir / name
-            return load_network(folder, kind, device, ema) if (folder / "model.safetensors").is_file() else None
+            if not (folder / "model.safetensors").is_file():
+                return None
+            used[name] = weights_used(models_dir, name, ema)
+            return load_network(folder, kind, device, ema)
 
         # the tokenizer decodes with the weights that encoded the generator's training tokens (encode_tokens: raw)
         tokenizer, generator = load("tokenizer", CTViT, ema=False), load("generator", TextConditioned)
@@ -131,7 +140,9 @@ class TextToCTPipeline:
         gen_codes, tok_codes = generator.core.config.codebook_size, tokenizer.config.codebook_size
         if gen_codes != tok_codes:
             raise ValueError(f"generator codebook ({gen_codes}) does not match the tokenizer's ({tok_codes})")
-        return cls(models_dir, spec, tokenizer, generator, load("superres", TextConditioned), device)
+        pipe = cls(models_dir, spec, tokenizer, generator, load("superres", TextConditioned), device)
+        pipe.weights_used = used
+        return pipe
 
     # --- text ---------------------------------------------------------------------------------
     @functools.cached_property
@@ -249,9 +260,14 @@ class TextToCTPipeline:
             spacing = {"mm": [grid["spacing"][0] * grid["lowres_scale"], grid["spacing"][1] * grid["lowres_scale"],
                               grid["spacing"][2]], "why": f"the low-res grid: {spacing['why']}, in-plane x "
                                                           f"{grid['lowres_scale']} (no super-resolution)"}
-        used = {**asdict(settings), "super_resolution": settings.super_resolution and self.superres is not None}
+        sr = settings.super_resolution and self.superres is not None
+        used = {**asdict(settings), "super_resolution": sr}
+        if sr:  # what a None took from the model's config
+            cfg = self.superres.core.config
+            used.update(sr_steps=settings.sr_steps or cfg.sample_steps, sr_sampler=cfg.sampler)
         return {"family": "cascade", "prompt": prompt, "seed": seed, "settings": used, "spacing": spacing,
-                "weights_sha256": self.spec.get("weights", {}), "config_hash": self.spec.get("config_hash"),
+                "weights_sha256": self.spec.get("weights", {}), "weights_used": dict(self.weights_used),
+                "files_sha256": self.spec.get("files", {}), "config_hash": self.spec.get("config_hash"),
                 "models_dir": str(self.models_dir),
                 # the same seed gives other noise on another device; the cascade samples in fp32
                 "provenance": provenance(seed, device=str(self.device), precision="fp32")}

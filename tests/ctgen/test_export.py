@@ -319,3 +319,20 @@ def test_a_sheared_volumes_sidecar_says_the_qform_it_has(tmp_path):
     assert (recorded["qform_code"], recorded["sform_code"]) == (int(header["qform_code"]), int(header["sform_code"]))
     assert recorded["qform_code"] == 0
 
+
+
+def test_a_rerun_into_the_same_folder_removes_the_last_runs_volumes(tmp_path):
+    """Seeds 11 then 20 into one folder: the first run's volumes, sidecars and DICOM series go with its manifest
+    (a folder-based evaluation would have scored them beside the new ones); files it did not write stay."""
+    from ctgen.export.samples import write_samples
+
+    def generate(request, seed):
+        return _volume("flipped"), dict(SIDECAR, seed=seed), request
+
+    out, dicom = tmp_path / "s", tmp_path / "dicom"
+    write_samples([("p0", "effusion")], generate, out, seed=11, dicom_dir=dicom)
+    (out / "notes.txt").write_text("mine")
+    assert (out / "p0_s11.nii.gz").is_file() and (dicom / "p0_s11").is_dir()
+    write_samples([("p0", "effusion")], generate, out, seed=20, dicom_dir=dicom)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "p0_s20.json", "p0_s20.nii.gz", "samples.csv"]
+    assert sorted(p.name for p in dicom.iterdir()) == ["p0_s20"]

@@ -495,6 +495,8 @@ def test_pipeline_samples_int16_hu_with_a_truthful_affine(models_dir):
     assert np.array_equal(a[1].array, b[1].array) and not np.array_equal(a[1].array, c[1].array)
     side = pipe.sidecar(vol.meta["report"], 0, settings)
     assert side["family"] == "latent_flow" and set(side["weights_sha256"]) == {"autoencoder", "latent_flow"}
+    assert side["settings"]["steps"] == pipe.flow.config.sample_steps or settings.steps  # what None took
+    assert side["settings"]["precision"] == "fp32" and side["weights_used"]["autoencoder"] == "autoencoder"
     json.dumps(side)
 
 
@@ -515,6 +517,10 @@ def test_pipeline_refuses_mixed_runs(models_dir, tmp_path):
     from ctprep.shards import sha256_file
 
     spec["weights"]["autoencoder"] = sha256_file(mixed / "autoencoder" / "model.safetensors")
+    (mixed / "latent_flow.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="autoencoder/config.json changed since latent_flow.json"):
+        LatentFlowPipeline.from_pretrained(mixed)
+    del spec["files"]  # a spec from before the configs were hashed: the weights' own checks still hold
     (mixed / "latent_flow.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="latent scale 1.7 but the autoencoder stores 2"):
         LatentFlowPipeline.from_pretrained(mixed)
@@ -576,6 +582,7 @@ def test_a_structured_model_samples_from_a_plain_prompt(models_dir, tmp_path):
     from ctprep.shards import sha256_file
 
     spec["weights"]["latent_flow"] = sha256_file(structured / "latent_flow" / "model.safetensors")
+    spec["files"]["latent_flow/config.json"] = sha256_file(structured / "latent_flow" / "config.json")
     spec["prompt_rendering"] = {"negated": "state", "max_chars": 0}
     (structured / "latent_flow.json").write_text(json.dumps(spec))
     out = tmp_path / "one.nii.gz"  # no --family: the folder holds the latent flow family only

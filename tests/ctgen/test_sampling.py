@@ -57,6 +57,18 @@ def test_bad_prompts_get_clear_errors(pipe):
     assert pipe([long], SampleSettings(steps=2, truncate_prompt=True))[0].shape == (16, 16, 8)
 
 
+def test_a_config_or_tokenizer_changed_since_the_spec_is_refused(tiny_cascade, tmp_path):
+    """A sampler or step count edited in a network's config.json, or another text tokenizer, changed the volumes
+    with nothing recorded; the spec hashes them and refuses them changed."""
+    for rel in ("superres/config.json", "text_tokenizer.json"):
+        models = tmp_path / rel.replace("/", "_")
+        shutil.copytree(tiny_cascade, models)
+        path = models / rel
+        path.write_text(path.read_text().replace("}", " }", 1))
+        with pytest.raises(ValueError, match=f"{rel} changed since cascade.json was written"):
+            TextToCTPipeline.from_pretrained(models)
+
+
 def test_missing_or_mismatched_checkpoints_are_named(tiny_cascade, tmp_path):
     broken = tmp_path / "models"
     shutil.copytree(tiny_cascade, broken)
@@ -100,6 +112,13 @@ def test_cli_writes_nifti_sidecar_and_dicom_with_one_geometry(tiny_cascade, tmp_
     assert side["config_hash"] and {"tokenizer", "generator", "superres"} <= set(side["weights_sha256"])
     # the same seed gives other noise on another device: the sidecar says where it ran
     assert side["provenance"]["device"] == "cpu" and side["provenance"]["precision"] == "fp32"
+    # which weights were used, what a None step count took from the model, and the files beside the weights
+    for net in ("tokenizer", "generator", "superres"):
+        used = "tokenizer" if net == "tokenizer" else net + ("/ema" if (tiny_cascade / net / "ema").is_dir() else "")
+        assert side["weights_used"][net] == used  # the tokenizer decodes with its raw weights
+    superres = json.loads((tiny_cascade / "superres" / "config.json").read_text())["config"]["core"]
+    assert side["settings"]["sr_steps"] == superres["sample_steps"] and side["settings"]["sr_sampler"] == superres["sampler"]
+    assert {"generator/config.json", "superres/config.json", "text_tokenizer.json"} <= set(side["files_sha256"])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "dicom")))
     dcm = sitk.DICOMOrient(reader.Execute(), "LPS")  # the same physical voxel grid, compared in one orientation
@@ -177,6 +196,7 @@ def test_the_sidecar_of_a_cascade_without_super_resolution_gives_the_low_res_spa
     shutil.copytree(tiny_cascade, folder)
     spec = json.loads((folder / "cascade.json").read_text())
     spec["weights"] = {k: v for k, v in spec["weights"].items() if not k.startswith("superres")}
+    spec["files"] = {k: v for k, v in spec["files"].items() if not k.startswith("superres")}
     (folder / "cascade.json").write_text(json.dumps(spec))
     shutil.rmtree(folder / "superres")
     pipe = TextToCTPipeline.from_pretrained(folder)
