@@ -85,6 +85,7 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         "sorted": lambda cfg: yaml.safe_load(yaml.safe_dump(cfg, sort_keys=True)),
         # where resumable state lives, how often a training logs, how fast reports are parsed: nothing
         "bookkeeping": {"models": {"checkpoints": "elsewhere"}, "reports": {"batch_size": 7},
+                        "evaluation": {"batch_size": 1},
                         "model_presets": {"demo": {"tokenizer": {"train": {"log_every": 7, "ckpt_every": 9}}}}},
         "dicom": {"sampling": {"dicom": False}},  # both families write (or not) their DICOM series
         "cascade_only_key": {"models": {"superres_lowres": "reconstruction"}},

@@ -548,6 +548,9 @@ EVALUATION = config["evaluation"]
 EVAL_SETTINGS = canonical(
     scoring_settings(EVALUATION)
 )  # what `ctgen evaluate --settings` takes
+# ... as params: without the batch size, which decides how fast the networks run, not what they score (an edit
+# after an out-of-memory error re-sampled the whole guidance sweep); it reaches the jobs untracked
+EVAL_TRACKED = canonical({k: v for k, v in EVAL_SETTINGS.items() if k != "batch_size"})
 # the guidance sweep's scales as the names of their jobs' files: exact (1.0 -> "1", 2.25 -> "2.25"; a
 # rounded name could give two scales one file), and the schema refuses repeats
 GUIDANCE_SCALES = [
@@ -564,8 +567,8 @@ def get_slicenet_config():
     return canonical(cfg)
 
 
-def get_eval_settings():
-    """The scoring settings, quoted for the shell."""
+def get_eval_settings(wildcards):
+    """The scoring settings, quoted for the shell (untracked: EVAL_TRACKED is the tracked part)."""
     return shlex.quote(json.dumps(EVAL_SETTINGS, sort_keys=True))
 
 

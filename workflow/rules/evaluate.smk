@@ -131,7 +131,8 @@ rule evaluate:
     params:
         models=lambda wc, input: os.path.dirname(input.spec),
         out=lambda wc, output: os.path.dirname(output.metrics),
-        settings=get_eval_settings(),
+        scoring=EVAL_TRACKED,
+        settings=untracked(get_eval_settings),
         tstr=lambda wc, input: (
             "--tstr " + " ".join(os.path.dirname(w) for w in input.tstr)
             if input.tstr
@@ -191,7 +192,8 @@ rule guidance_scale:
     params:
         repeats=config["evaluation"]["guidance_repeats"],
         sampling=SAMPLER,
-        evaluation=EVAL_SETTINGS,
+        scoring=EVAL_TRACKED,
+        evaluation=untracked(lambda wc: EVAL_SETTINGS),
     script:
         "../scripts/guidance_scale.py"
 
