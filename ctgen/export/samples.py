@@ -8,6 +8,7 @@ reports in either family, which is what pairs their volumes in the evaluation), 
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,27 +26,38 @@ from ctprep.volume import Volume, atomic_write
 Generate = Callable[[Any, int], tuple[Volume, dict, str]]
 
 
+#: The files a sampling run wrote into its folder (absolute paths), beside ``samples.csv``: not a workflow output,
+#: so it outlives Snakemake's removal of the manifest before a rerun.
+WRITTEN = ".ctgen_written.json"
+
+
 def _remove_last_run(out_dir: Path, dicom_dir: str | Path | None) -> None:
-    """The manifest of an earlier run into ``out_dir`` and the files it lists there (or in ``dicom_dir``): a run
-    with other seeds left its volumes beside the new ones, which a folder-based evaluation would have scored."""
-    manifest = out_dir / "samples.csv"
-    if not manifest.is_file():
-        return
-    try:
-        last = pd.read_csv(manifest)
-    except (ValueError, OSError):  # unreadable: only the manifest goes
-        last = pd.DataFrame()
-    manifest.unlink()
+    """The files an earlier run wrote into ``out_dir`` (or ``dicom_dir``), and its manifest: a run with other seeds
+    left its volumes beside the new ones, which a folder-based evaluation would have scored."""
+    record, manifest = out_dir / WRITTEN, out_dir / "samples.csv"
+    paths: list[str] = []
+    if record.is_file():
+        try:
+            paths = [str(p) for p in json.loads(record.read_text())]
+        except (ValueError, OSError, TypeError):
+            paths = []
+    elif manifest.is_file():  # a folder written before the record existed
+        try:
+            last = pd.read_csv(manifest)
+            paths = [str(v) for c in ("nifti", "sidecar", "dicom") if c in last for v in last[c].dropna()]
+        except (ValueError, OSError):
+            paths = []
+    manifest.unlink(missing_ok=True)
+    record.unlink(missing_ok=True)
     roots = [out_dir.resolve()] + ([Path(dicom_dir).resolve()] if dicom_dir else [])
-    for column in ("nifti", "sidecar", "dicom"):
-        for value in last.get(column, pd.Series(dtype=object)).dropna():
-            path = Path(str(value)).resolve()
-            if not any(path.is_relative_to(r) and path != r for r in roots):
-                continue  # never outside this run's folders
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+    for value in paths:
+        path = Path(value).resolve()
+        if not any(path.is_relative_to(r) and path != r for r in roots):
+            continue  # never outside this run's folders
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_dir: str | Path, *, seed: int = 0,
@@ -84,5 +96,7 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
                 bar.update(1)
     manifest = pd.DataFrame(rows)
     if not single_out:
+        written = [str(Path(r[c]).resolve()) for r in rows for c in ("nifti", "sidecar", "dicom") if r.get(c)]
+        atomic_write(out_dir / WRITTEN, lambda tmp: Path(tmp).write_text(json.dumps(written)))
         atomic_write(out_dir / "samples.csv", lambda tmp: manifest.to_csv(tmp, index=False))
     return manifest

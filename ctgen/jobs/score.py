@@ -76,11 +76,13 @@ def label_aurocs(probs, labels, names: Sequence[str], *, name: str, min_positive
                                    n_boot=n_boot, seed=seed, groups=groups)
         out.append(MetricValue(f"{name}.{label}", auroc(s, y), int(known.sum()), ci, profile, stems,
                                thin(units, what), {**extra, **clusters, "dropped_resamples": dropped}))
-    out.append(_macro(probs, labels, usable, names, name, profile, stems, n_boot, seed, groups))
+    out.append(_macro(probs, labels, usable, names, name, profile, stems, n_boot, seed, groups, clusters))
     return out
 
 
-def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot, seed, groups=None) -> MetricValue:
+def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot, seed, groups=None,
+           clusters=None) -> MetricValue:
+    """The macro AUROC over the ``usable`` labels; ``groups``, ``clusters``: :func:`report_groups`' of the volumes."""
     if not usable:
         return MetricValue(f"{name}.{MACRO}", None, len(probs), profile=profile, stems=stems,
                            flag="no label has enough positives and negatives", extra={"labels": []})
@@ -91,7 +93,7 @@ def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot
         return float(np.mean([_auroc_or_nan(probs[idx, j], labels[idx, j]) for j in usable]))
 
     value = stat(np.arange(len(probs)))
-    groups, clusters = report_groups(groups, len(probs))
+    clusters = clusters or {}
     ci, dropped = bootstrap_ci(stat, len(probs), n_boot=n_boot, seed=seed, groups=groups)
     units, what = (len(probs), "volumes") if groups is None else (clusters["n_resampled"], clusters["resampled"])
     return MetricValue(f"{name}.{MACRO}", value, len(probs), ci, profile, stems, thin(units, what),

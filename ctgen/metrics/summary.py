@@ -82,9 +82,12 @@ def independent_units(stems: Sequence, fallback: str = "reports") -> tuple[np.nd
     """
     stems = [str(s) for s in stems]
     try:
-        return np.asarray([parse_volume_name(s if ".nii" in s else f"{s}.nii.gz")["patient"] for s in stems]), "patients"
+        patients = [parse_volume_name(s if ".nii" in s else f"{s}.nii.gz")["patient"] for s in stems]
     except ValueError:
         return np.asarray(stems), fallback
+    # one stem per patient: the stems are the same partition, and keep the order (and the resamples) the
+    # groups had when they were the stems
+    return np.asarray(stems if len(set(patients)) == len(set(stems)) else patients), "patients"
 
 
 def report_groups(groups: Sequence | None, n: int, fallback: str = "reports") -> tuple[np.ndarray | None, dict]:

@@ -85,6 +85,7 @@ _EXCEPTION_WORDS = keywords(_EXCEPTION.pattern)
 _CONTRAST = compile_lower(r"\b(" + "|".join(CONTRASTS) + r")\b((?:[^,;:]|,(?=\s*(?:" + "|".join(RELATIVE_PRONOUNS)
                           + r")\b))*)")
 _CONTRAST_WORDS = keywords(_CONTRAST.pattern)
+_PERICARDIAL_PLACE = compile_lower(r"\bpericardi(um|al)\b")
 _PRONOUN_ONE = compile_lower(r"one\s+(can|cannot|can't|could|should|must|may|might|will|would|shall|needs?|notes?|sees?"
                              r"|observes?|notices?)\b")
 _ELLIPTIC_HEAD = compile_lower(r"\b(" + "|".join(ELLIPTIC_HEADS) + r")\b(?!\s+of\b)")
@@ -243,6 +244,8 @@ def _elliptic_exceptions(text: str, sentence: tuple[int, int], found: list[tuple
             labels = {f[2] for f in after if f[0] == first}
         else:
             continue
+        if _PERICARDIAL_PLACE.search(text, o0, o1):  # "but a small one in the pericardium": that effusion
+            labels = {"Pericardial effusion" if label == "Pleural effusion" else label for label in labels}
         out.extend((start, end, label) for label in sorted(labels))
     return out
 

@@ -92,3 +92,21 @@ def test_reconstructions_of_one_patient_do_not_narrow_the_ci():
     width = lambda m: m.ci[1] - m.ci[0]  # noqa: E731
     assert width(naive) < 0.7 * width(once) and width(grouped) == pytest.approx(width(once), rel=0.15)
     assert grouped.extra == {"n_nan": 0, "resampled": "patients", "n_resampled": 40} and grouped.n == 120
+
+
+def test_one_stem_per_patient_resamples_exactly_as_the_stems_did():
+    """Repeats of one report per patient (the demo's sweep): the patients are the stems' partition, and the
+    resamples are the ones the stems gave (a patient order of their own drew other resamples: other CIs)."""
+    from ctgen.jobs.score import label_aurocs
+
+    rng = np.random.default_rng(3)
+    stems = [f"valid_{i}_a_1" for i in range(30) for _ in range(2)]
+    values = rng.normal(size=60)
+    m = mean_with_ci(values, "x", groups=stems, n_boot=200)
+    ci, _ = bootstrap_ci(lambda idx: values[idx].mean(), 60, n_boot=200, groups=np.asarray(stems))
+    assert m.ci == ci and m.extra["resampled"] == "patients" and m.extra["n_resampled"] == 30
+    y = (rng.uniform(size=(60, 1)) < 0.5).astype(float)
+    scans = [f"valid_{i // 2}_{'ab'[i % 2]}_1" for i in range(60)]  # two scans of each of 30 patients
+    out = label_aurocs(rng.uniform(size=(60, 1)), y, ["Cardiomegaly"], name="f", min_positives=2, min_negatives=2,
+                       n_boot=50, groups=scans)
+    assert [m.extra["resampled"] for m in out] == ["patients", "patients"]  # the macro as its label says

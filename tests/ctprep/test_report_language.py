@@ -331,6 +331,15 @@ def test_a_contrast_without_an_unnamed_finding_elsewhere_repeats_nothing(text, l
     assert parse_report(text).labels[label] == 0
 
 
+@pytest.mark.parametrize("text", [
+    "No pleural effusion on the right, but a small one in the pericardium.",
+    "No pleural effusion except for a small one in the pericardial space.",
+])
+def test_an_unnamed_effusion_in_the_pericardium_is_a_pericardial_effusion(text):
+    labels = parse_report(text).labels
+    assert labels["Pericardial effusion"] == 1 and labels[EFFUSION] == 0
+
+
 @pytest.mark.parametrize(("text", "label", "other"), [
     # the exception names its own thing: nothing to repeat
     ("No consolidation except for a small area of atelectasis in the left lower lobe.", "Consolidation", "Atelectasis"),

@@ -133,7 +133,7 @@ def test_the_latent_flow_family_reads_its_own_encoders(tmp_path):
     assert yaml.safe_load((work / "results/models/report_encoder.yaml").read_text())["text_encoder"] == {"max_length": 48}
     assert cfg["models"]["text_encoder"]["kind"] == "small"
     for overrides, needle in (
-            ({"models": {"latent_flow_text_encoders": [{"kind": "minilm"}, {"kind": "hf", "path": "x"}]}},
+            ({"models": {"latent_flow_text_encoders": [{"kind": "minilm"}, {"kind": "hf", "path": str(tmp_path)}]}},
              "lists 2 encoders: the preset's latent_flow.model.text_pooling must be mean"),
             ({"models": {"latent_flow_text_encoders": [{"kind": "small"}, {"kind": "minilm"}]},
               "model_presets": {"demo": {"latent_flow": {"model": {"text_pooling": "mean"}}}}},

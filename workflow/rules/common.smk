@@ -29,12 +29,16 @@ except WorkflowError as err:
     where = ".".join(map(str, bad.absolute_path)) or "(top level)"
     hint = ""
     if bad.validator == "type" and isinstance(bad.instance, str):
+        wants = bad.validator_value
+        wants = wants if isinstance(wants, list) else [wants]
         try:
-            hint = (
-                f" (YAML reads {bad.instance} as text: write {float(bad.instance)!r})"
-            )
+            number = float(bad.instance)
         except ValueError:
-            pass
+            number = None
+        if number is not None and "number" in wants:
+            hint = f" (YAML reads {bad.instance} as text: write {number!r})"
+        elif number is not None and "integer" in wants and number.is_integer():
+            hint = f" (write {int(number)}, without quotes)"
     sys.exit(f"config {where}: {bad.message}{hint}")
 
 
@@ -310,7 +314,7 @@ CHECKPOINTS = MODELS["checkpoints"]
 SMALL_TEXT = MODELS["text_encoder"]["kind"] == "small"
 # the latent flow family's text encoders: its own (latent_flow_text_encoders), or the cascade's
 try:
-    FLOW_TEXT_ENCODERS = flow_text_encoders(MODELS, MODEL_PRESET)
+    FLOW_TEXT_ENCODERS = canonical(flow_text_encoders(MODELS, MODEL_PRESET))
 except ValueError as err:
     sys.exit(f"config error: {err}")  # one line naming the keys, no traceback
 FLOW_SMALL_TEXT = FLOW_TEXT_ENCODERS[0]["kind"] == "small"
