@@ -80,6 +80,17 @@ def _train(args: argparse.Namespace) -> int:
             if isinstance(value, list) and len(value) > 1 and args.model != "latent_flow":
                 raise UserError(f"--{key.replace('_', '-')}: the {args.model} reads one cache, not {len(value)}")
             cfg["data"][key] = value[0] if isinstance(value, list) and len(value) == 1 else value
+    if args.run_settings:
+        from ctgen.training.loop import RUN_ONLY
+
+        try:
+            given = json.loads(args.run_settings)
+        except ValueError as err:
+            raise UserError(f"--run-settings: not JSON: {err}") from None
+        if not isinstance(given, dict) or set(given) - set(RUN_ONLY):
+            raise UserError(f"--run-settings: a JSON object of {', '.join(RUN_ONLY)} only "
+                            f"(what decides how the run works, not what it trains), not {args.run_settings}")
+        cfg["train"] = {**cfg["train"], **given}
     if args.data_workers is not None:
         cfg["train"]["num_workers"] = args.data_workers
     _check_inputs(args.model, cfg["data"])
@@ -254,6 +265,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--cohort", help="cohort.parquet (report_encoder: the reports' findings and impression)")
     t.add_argument("--data-workers", dest="data_workers", type=int,
                    help="DataLoader worker processes reading the shards (default: the config's train.num_workers)")
+    t.add_argument("--run-settings", dest="run_settings",
+                   help="JSON of train fields that decide how the run works, not what it trains (log_every, "
+                        "ckpt_every, tensorboard, stop_margin_s, ...), over the config's (the workflow passes them so)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("encode-tokens", help="token shards (and reconstructions) of one chunk's volume shards")

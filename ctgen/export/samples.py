@@ -8,7 +8,6 @@ reports in either family, which is what pairs their volumes in the evaluation), 
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,9 +25,10 @@ from ctprep.volume import Volume, atomic_write
 Generate = Callable[[Any, int], tuple[Volume, dict, str]]
 
 
-#: The files a sampling run wrote into its folder (absolute paths), beside ``samples.csv``: not a workflow output,
-#: so it outlives Snakemake's removal of the manifest before a rerun.
-WRITTEN = ".ctgen_written.json"
+#: The files a sampling run wrote into its folder (absolute paths, one per line), beside ``samples.csv``: not a
+#: workflow output, so it outlives Snakemake's removal of the manifest before a rerun (no ``.json``: a glob of the
+#: sidecars must not find it).
+WRITTEN = ".ctgen-written.txt"
 
 
 def _remove_last_run(out_dir: Path, dicom_dir: str | Path | None) -> None:
@@ -38,8 +38,8 @@ def _remove_last_run(out_dir: Path, dicom_dir: str | Path | None) -> None:
     paths: list[str] = []
     if record.is_file():
         try:
-            paths = [str(p) for p in json.loads(record.read_text())]
-        except (ValueError, OSError, TypeError):
+            paths = [line for line in record.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError):
             paths = []
     elif manifest.is_file():  # a folder written before the record existed
         try:
@@ -97,6 +97,6 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
     manifest = pd.DataFrame(rows)
     if not single_out:
         written = [str(Path(r[c]).resolve()) for r in rows for c in ("nifti", "sidecar", "dicom") if r.get(c)]
-        atomic_write(out_dir / WRITTEN, lambda tmp: Path(tmp).write_text(json.dumps(written)))
+        atomic_write(out_dir / WRITTEN, lambda tmp: Path(tmp).write_text("".join(f"{w}\n" for w in written)))
         atomic_write(out_dir / "samples.csv", lambda tmp: manifest.to_csv(tmp, index=False))
     return manifest

@@ -335,6 +335,6 @@ def test_a_rerun_into_the_same_folder_removes_the_last_runs_volumes(tmp_path):
     assert (out / "p0_s11.nii.gz").is_file() and (dicom / "p0_s11").is_dir()
     (out / "samples.csv").unlink()  # Snakemake removes a job's declared output (the manifest) before a rerun
     write_samples([("p0", "effusion")], generate, out, seed=20, dicom_dir=dicom)
-    assert sorted(p.name for p in out.iterdir()) == [".ctgen_written.json", "notes.txt", "p0_s20.json",
+    assert sorted(p.name for p in out.iterdir()) == [".ctgen-written.txt", "notes.txt", "p0_s20.json",
                                                      "p0_s20.nii.gz", "samples.csv"]
     assert sorted(p.name for p in dicom.iterdir()) == ["p0_s20"]

@@ -403,8 +403,9 @@ def _train_config(wildcards):
 
 
 def tracked(cfg):
-    """A training config as params: without the fields that decide how the run works, not what it trains
-    (ctgen.training.loop.RUN_ONLY: logging, checkpoint frequency, ...): their edit retrains nothing.
+    """A training config as params and file: without the fields that decide how the run works, not what it
+    trains (ctgen.training.loop.RUN_ONLY: logging, checkpoint frequency, ...), which reach the training job
+    through run_settings: their edit retrains nothing and applies to the next training, whatever starts it.
     """
     cfg = Settings(cfg)
     cfg["train"] = Settings(
@@ -413,17 +414,23 @@ def tracked(cfg):
     return cfg
 
 
-def bookkeeping(cfg):
-    """The RUN_ONLY fields of a training config (see tracked), which its file gets untracked."""
-    return {k: v for k, v in cfg["train"].items() if k in RUN_ONLY}
+def run_settings(model):
+    """The RUN_ONLY fields of `model`'s training config as `ctgen train --run-settings` (untracked, read when
+    the job is planned: a retraining that new data starts takes the current ones)."""
+
+    def value(wildcards):
+        if model == "slicenet":
+            train = SLICENET["train"]
+        else:
+            train = MODEL_PRESET["classifier" if model == "tstr" else model]["train"]
+        given = {k: v for k, v in train.items() if k in RUN_ONLY}
+        return shlex.quote(json.dumps(given, sort_keys=True))
+
+    return untracked(value)
 
 
 def get_train_config(wildcards):
     return tracked(_train_config(wildcards))
-
-
-def get_train_bookkeeping(wildcards):
-    return bookkeeping(_train_config(wildcards))
 
 
 def get_launcher(wildcards, threads, resources):

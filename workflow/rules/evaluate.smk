@@ -13,7 +13,6 @@ rule slicenet_config:
         runtime=5,
     params:
         cfg=tracked(get_slicenet_config()),
-        bookkeeping=untracked(lambda wc: bookkeeping(get_slicenet_config())),
     script:
         "../scripts/train_config.py"
 
@@ -38,6 +37,7 @@ rule train_slicenet:
         gpu=job_gpus(SLICENET_RES),
         nodes=SLICENET_RES.get("nodes", 1),
     params:
+        run=run_settings("slicenet"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/slicenet"),
         launch=get_launcher,
@@ -45,7 +45,7 @@ rule train_slicenet:
     shell:
         "{params.launch} train slicenet --config {input.config} --manifests {input.manifests}"
         " --out {params.out} --checkpoints {params.ckpt}"
-        " --data-workers {params.workers} > {log} 2>&1"
+        " --data-workers {params.workers} --run-settings {params.run} > {log} 2>&1"
 
 
 rule tstr_shards:
@@ -93,6 +93,7 @@ rule train_tstr:
         gpu=job_gpus(RES["classifier"]),
         nodes=RES["classifier"]["nodes"],
     params:
+        run=run_settings("tstr"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/tstr_{wc.source}"),
         launch=get_launcher,
@@ -100,7 +101,7 @@ rule train_tstr:
     shell:
         "{params.launch} train classifier --config {input.config} --manifests {input.manifests}"
         " --out {params.out} --checkpoints {params.ckpt}"
-        " --data-workers {params.workers} > {log} 2>&1"
+        " --data-workers {params.workers} --run-settings {params.run} > {log} 2>&1"
 
 
 rule evaluate:

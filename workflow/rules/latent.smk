@@ -18,6 +18,7 @@ rule train_autoencoder:
         gpu=job_gpus(RES["autoencoder"]),
         nodes=RES["autoencoder"]["nodes"],
     params:
+        run=run_settings("autoencoder"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/autoencoder"),
         launch=get_launcher,
@@ -25,7 +26,7 @@ rule train_autoencoder:
     shell:
         "{params.launch} train autoencoder --config {input.config} --manifests {input.manifests}"
         " --out {params.out} --checkpoints {params.ckpt}"
-        " --data-workers {params.workers} > {log} 2>&1"
+        " --data-workers {params.workers} --run-settings {params.run} > {log} 2>&1"
 
 
 rule encode_latents:
@@ -124,6 +125,7 @@ rule train_latent_flow:
         gpu=job_gpus(RES["latent_flow"]),
         nodes=RES["latent_flow"]["nodes"],
     params:
+        run=run_settings("latent_flow"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/latent_flow"),
         launch=get_launcher,
@@ -133,7 +135,7 @@ rule train_latent_flow:
     shell:
         "{params.launch} train latent_flow --config {input.config} --latents {input.latents}"
         " {params.probe} {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt}"
-        " --data-workers {params.workers} > {log} 2>&1"
+        " --data-workers {params.workers} --run-settings {params.run} > {log} 2>&1"
 
 
 rule latent_flow_spec:

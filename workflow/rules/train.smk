@@ -64,7 +64,6 @@ rule train_config:
         runtime=5,
     params:
         cfg=get_train_config,
-        bookkeeping=untracked(get_train_bookkeeping),
     script:
         "../scripts/train_config.py"
 
@@ -93,13 +92,14 @@ rule train_report_encoder:
         gpu=job_gpus(RES["report_encoder"]),
         nodes=RES["report_encoder"]["nodes"],
     params:
+        run=run_settings("report_encoder"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/report_encoder"),
         launch=get_launcher,
     shell:
         "{params.launch} train report_encoder --config {input.config} --prompts {input.prompts}"
         " --labels {input.labels} --cohort {input.cohort} --text-tokenizer {input.tokenizer}"
-        " --out {params.out} --checkpoints {params.ckpt} > {log} 2>&1"
+        " --out {params.out} --checkpoints {params.ckpt} --run-settings {params.run} > {log} 2>&1"
 
 
 rule train_tokenizer:
@@ -123,6 +123,7 @@ rule train_tokenizer:
         gpu=job_gpus(RES["tokenizer"]),
         nodes=RES["tokenizer"]["nodes"],
     params:
+        run=run_settings("tokenizer"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/tokenizer"),
         launch=get_launcher,
@@ -130,7 +131,7 @@ rule train_tokenizer:
     shell:
         "{params.launch} train tokenizer --config {input.config} --manifests {input.manifests}"
         " --out {params.out} --checkpoints {params.ckpt}"
-        " --data-workers {params.workers} > {log} 2>&1"
+        " --data-workers {params.workers} --run-settings {params.run} > {log} 2>&1"
 
 
 rule encode_tokens:
@@ -212,6 +213,7 @@ rule train_generator:
         gpu=job_gpus(RES["generator"]),
         nodes=RES["generator"]["nodes"],
     params:
+        run=run_settings("generator"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/generator"),
         launch=get_launcher,
@@ -220,7 +222,7 @@ rule train_generator:
     shell:
         "{params.launch} train generator --config {input.config} --tokens {input.tokens}"
         " {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt}"
-        " --data-workers {params.workers} > {log} 2>&1"
+        " --data-workers {params.workers} --run-settings {params.run} > {log} 2>&1"
 
 
 rule train_superres:
@@ -245,6 +247,7 @@ rule train_superres:
         gpu=job_gpus(RES["superres"]),
         nodes=RES["superres"]["nodes"],
     params:
+        run=run_settings("superres"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/superres"),
         launch=get_launcher,
@@ -255,7 +258,7 @@ rule train_superres:
         "{params.launch} train superres --config {input.config} --manifests {input.manifests}"
         " {params.text_flag} {input.text} {params.recon_flag}"
         " --out {params.out} --checkpoints {params.ckpt}"
-        " --data-workers {params.workers} > {log} 2>&1"
+        " --data-workers {params.workers} --run-settings {params.run} > {log} 2>&1"
 
 
 rule train_clip:
@@ -279,6 +282,7 @@ rule train_clip:
         gpu=job_gpus(RES["clip"]),
         nodes=RES["clip"]["nodes"],
     params:
+        run=run_settings("clip"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/clip"),
         launch=get_launcher,
@@ -287,7 +291,7 @@ rule train_clip:
     shell:
         "{params.launch} train clip --config {input.config} --manifests {input.manifests}"
         " {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt}"
-        " --data-workers {params.workers} > {log} 2>&1"
+        " --data-workers {params.workers} --run-settings {params.run} > {log} 2>&1"
 
 
 rule train_classifier:
@@ -310,6 +314,7 @@ rule train_classifier:
         gpu=job_gpus(RES["classifier"]),
         nodes=RES["classifier"]["nodes"],
     params:
+        run=run_settings("classifier"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/classifier"),
         launch=get_launcher,
@@ -317,4 +322,4 @@ rule train_classifier:
     shell:
         "{params.launch} train classifier --config {input.config} --manifests {input.manifests}"
         " --out {params.out} --checkpoints {params.ckpt}"
-        " --data-workers {params.workers} > {log} 2>&1"
+        " --data-workers {params.workers} --run-settings {params.run} > {log} 2>&1"

@@ -4,6 +4,4 @@ from ctprep.logs import log_to
 log_to(snakemake.log[0])
 from ctgen.jobs.config import write_config
 
-cfg = dict(snakemake.params.cfg)
-cfg["train"] = {**cfg["train"], **snakemake.params.bookkeeping}  # logging, checkpoint frequency: untracked
-write_config(cfg, snakemake.output.config)
+write_config(snakemake.params.cfg, snakemake.output.config)  # run-only fields: ctgen train --run-settings
