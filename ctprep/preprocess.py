@@ -76,8 +76,31 @@ def stored_to_geometry(vol: Volume, row: Mapping | None, dataset: Mapping) -> Vo
     if reversed_order:
         array = np.flip(array, axis=1 + slice_axis)
     affine = geometry.affine_from_ctrate_row(row, axes, int(cfg["slice_direction"]))
+    _warn_if_header_disagrees(vol, affine, slice_axis if reversed_order else None)
     return vol.new_like(array, affine, op="geometry", source="metadata", array_axes=axes,
                         slice_direction=int(cfg["slice_direction"]), reversed_slices=reversed_order)
+
+
+def _warn_if_header_disagrees(vol: Volume, affine: np.ndarray, flipped_axis: int | None) -> None:
+    """Metadata mode reads the metadata's geometry; a header that states a transform of its own (codes > 0, not the
+    identity CT-RATE's hold) and places the stored voxels elsewhere (more than 1.5 voxels at a corner) is said:
+    a truthful header (files from another converter) wants ``dataset.geometry: header``."""
+    codes = (vol.meta.get("header_sform_code", 0), vol.meta.get("header_qform_code", 0))
+    if not any(codes) or np.allclose(vol.affine, np.eye(4)):
+        return
+    stored = affine.copy()  # the metadata's affine for the stored voxel order (before a reversed stack is flipped)
+    if flipped_axis is not None:
+        n = vol.shape[flipped_axis]
+        stored[:3, 3] += (n - 1) * stored[:3, flipped_axis]
+        stored[:3, flipped_axis] *= -1
+    corners = np.array([[i, j, k, 1.0] for i in (0, vol.shape[0] - 1) for j in (0, vol.shape[1] - 1)
+                        for k in (0, vol.shape[2] - 1)]).T
+    off = float(np.linalg.norm(((vol.affine - stored) @ corners)[:3], axis=0).max())
+    voxel = float(np.linalg.norm(stored[:3, :3], axis=0).max())
+    if off > 1.5 * voxel:
+        logger.warning("%s: its header places the volume up to %.0f mm from where the metadata does; reading the "
+                       "metadata (dataset.geometry: metadata): set dataset.geometry: header if the header is the "
+                       "truth", vol.meta.get("source"), off)
 
 
 def _rescale(row: Mapping | None) -> tuple[float, float]:

@@ -209,3 +209,24 @@ def test_a_single_slice_stored_as_3d_is_no_volume(tmp_path, shape):
     nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.eye(4)), tmp_path / "x.nii.gz")
     with pytest.raises(VolumeError, match="at least 2 voxels along each axis"):
         load_nifti(tmp_path / "x.nii.gz")
+
+
+@pytest.mark.parametrize("manufacturer", ["SIEMENS", "PNMS"])
+def test_metadata_mode_says_where_a_stated_header_places_the_volume_elsewhere(tmp_path, caplog, manufacturer):
+    """CT-RATE's identity headers say nothing; a header with the metadata's own geometry agrees (for a reversed
+    stack too: the header describes the stored order); one that places the voxels elsewhere (another converter's
+    truthful header, or the metadata's error) is named, and the metadata is read as configured."""
+    data = np.zeros((10, 11, 12), np.int16)
+    row = _ctrate_row(manufacturer)
+    truth = stored_to_geometry(Volume.from_3d(data, np.eye(4)), row, {})
+    stored = truth.affine.copy()
+    if manufacturer == "PNMS":  # the header of the stored (reversed) stack
+        stored[:3, 3] += 11 * stored[:3, 2]
+        stored[:3, 2] *= -1
+    for affine, warned in ((np.eye(4), False), (stored, False), (np.diag([-0.8, -0.8, 2.5, 1.0]), True)):
+        caplog.clear()
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / "x.nii.gz")
+        with caplog.at_level("WARNING", logger="ctprep.preprocess"):
+            out = stored_to_geometry(load_nifti(tmp_path / "x.nii.gz"), row, {})
+        np.testing.assert_allclose(out.affine, truth.affine)
+        assert ("its header places the volume" in caplog.text) == warned, caplog.text
