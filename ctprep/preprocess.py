@@ -81,6 +81,10 @@ def stored_to_geometry(vol: Volume, row: Mapping | None, dataset: Mapping) -> Vo
                         slice_direction=int(cfg["slice_direction"]), reversed_slices=reversed_order)
 
 
+_HEADER_WARNINGS = [0]  # volumes of this process whose header disagreed (a list: mutable at module level)
+_HEADER_WARNINGS_SHOWN = 3
+
+
 def _warn_if_header_disagrees(vol: Volume, affine: np.ndarray, flipped_axis: int | None) -> None:
     """Metadata mode reads the metadata's geometry; a header that states a transform of its own (codes > 0, not the
     identity CT-RATE's hold) and places the stored voxels elsewhere (more than 1.5 voxels at a corner) is said:
@@ -98,9 +102,13 @@ def _warn_if_header_disagrees(vol: Volume, affine: np.ndarray, flipped_axis: int
     off = float(np.linalg.norm(((vol.affine - stored) @ corners)[:3], axis=0).max())
     voxel = float(np.linalg.norm(stored[:3, :3], axis=0).max())
     if off > 1.5 * voxel:
-        logger.warning("%s: its header places the volume up to %.0f mm from where the metadata does; reading the "
-                       "metadata (dataset.geometry: metadata): set dataset.geometry: header if the header is the "
-                       "truth", vol.meta.get("source"), off)
+        _HEADER_WARNINGS[0] += 1
+        if _HEADER_WARNINGS[0] <= _HEADER_WARNINGS_SHOWN:  # a release whose headers all disagree: not 50k lines
+            logger.warning("%s: its header places the volume up to %.0f mm from where the metadata does; reading "
+                           "the metadata (dataset.geometry: metadata): set dataset.geometry: header if the header is "
+                           "the truth%s", vol.meta.get("source"), off,
+                           " (further such volumes in this job are not listed)"
+                           if _HEADER_WARNINGS[0] == _HEADER_WARNINGS_SHOWN else "")
 
 
 def _rescale(row: Mapping | None) -> tuple[float, float]:

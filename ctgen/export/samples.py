@@ -92,11 +92,13 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
                 if dicom_dir:
                     files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True)
                     row["dicom"] = str(Path(files[0]).parent)
+                if not single_out:  # as each is written: a run killed part-way leaves its files named too
+                    with open(out_dir / WRITTEN, "a") as record:
+                        record.writelines(f"{Path(row[c]).resolve()}\n" for c in ("nifti", "sidecar", "dicom")
+                                          if row.get(c))
                 rows.append(row)
                 bar.update(1)
     manifest = pd.DataFrame(rows)
     if not single_out:
-        written = [str(Path(r[c]).resolve()) for r in rows for c in ("nifti", "sidecar", "dicom") if r.get(c)]
-        atomic_write(out_dir / WRITTEN, lambda tmp: Path(tmp).write_text("".join(f"{w}\n" for w in written)))
         atomic_write(out_dir / "samples.csv", lambda tmp: manifest.to_csv(tmp, index=False))
     return manifest

@@ -338,3 +338,13 @@ def test_a_rerun_into_the_same_folder_removes_the_last_runs_volumes(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".ctgen-written.txt", "notes.txt", "p0_s20.json",
                                                      "p0_s20.nii.gz", "samples.csv"]
     assert sorted(p.name for p in dicom.iterdir()) == ["p0_s20"]
+
+    def dies_after_one(request, seed):
+        if seed > 30:
+            raise MemoryError("killed")
+        return generate(request, seed)
+
+    with pytest.raises(MemoryError):  # a run killed part-way (out of memory, out of time) ...
+        write_samples([("p0", "a"), ("p1", "b")], dies_after_one, out, seed=30)
+    write_samples([("p0", "effusion")], generate, out, seed=40)  # ... has its volume removed by the next run
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".gz") == ["p0_s40.nii.gz"]

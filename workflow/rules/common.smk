@@ -433,6 +433,17 @@ def get_train_config(wildcards):
     return tracked(_train_config(wildcards))
 
 
+def bookkeeping(cfg):
+    """The RUN_ONLY fields of a training config: written into its file as well (so that `ctgen train --config`
+    by hand runs as configured), untracked; the workflow's own training jobs get the current ones by
+    run_settings."""
+    return {k: v for k, v in cfg["train"].items() if k in RUN_ONLY}
+
+
+def get_train_bookkeeping(wildcards):
+    return bookkeeping(_train_config(wildcards))
+
+
 def get_launcher(wildcards, threads, resources):
     """`ctgen`, or torchrun (under srun across nodes) for the GPUs and nodes the job was given (its `gpu`
     resource is the job's total, see job_gpus), each process with its share of the job's threads.

@@ -13,6 +13,7 @@ rule slicenet_config:
         runtime=5,
     params:
         cfg=tracked(get_slicenet_config()),
+        bookkeeping=untracked(lambda wc: bookkeeping(get_slicenet_config())),
     script:
         "../scripts/train_config.py"
 

@@ -64,6 +64,7 @@ rule train_config:
         runtime=5,
     params:
         cfg=get_train_config,
+        bookkeeping=untracked(get_train_bookkeeping),
     script:
         "../scripts/train_config.py"
 

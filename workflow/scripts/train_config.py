@@ -4,4 +4,8 @@ from ctprep.logs import log_to
 log_to(snakemake.log[0])
 from ctgen.jobs.config import write_config
 
-write_config(snakemake.params.cfg, snakemake.output.config)  # run-only fields: ctgen train --run-settings
+cfg = dict(snakemake.params.cfg)
+# run-only fields (logging, checkpoint frequency): in the file for a run by hand, untracked; the workflow's
+# training jobs take the current ones from ctgen train --run-settings
+cfg["train"] = {**cfg["train"], **snakemake.params.bookkeeping}
+write_config(cfg, snakemake.output.config)
