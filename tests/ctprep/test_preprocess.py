@@ -212,10 +212,14 @@ def test_a_single_slice_stored_as_3d_is_no_volume(tmp_path, shape):
 
 
 @pytest.mark.parametrize("manufacturer", ["SIEMENS", "PNMS"])
-def test_metadata_mode_says_where_a_stated_header_places_the_volume_elsewhere(tmp_path, caplog, manufacturer):
+def test_metadata_mode_says_where_a_stated_header_places_the_volume_elsewhere(tmp_path, caplog, manufacturer,
+                                                                            monkeypatch):
     """CT-RATE's identity headers say nothing; a header with the metadata's own geometry agrees (for a reversed
     stack too: the header describes the stored order); one that places the voxels elsewhere (another converter's
     truthful header, or the metadata's error) is named, and the metadata is read as configured."""
+    from ctprep import preprocess
+
+    monkeypatch.setattr(preprocess, "_HEADER_WARNINGS", [0])  # the job's count starts here
     data = np.zeros((10, 11, 12), np.int16)
     row = _ctrate_row(manufacturer)
     truth = stored_to_geometry(Volume.from_3d(data, np.eye(4)), row, {})
@@ -230,3 +234,8 @@ def test_metadata_mode_says_where_a_stated_header_places_the_volume_elsewhere(tm
             out = stored_to_geometry(load_nifti(tmp_path / "x.nii.gz"), row, {})
         np.testing.assert_allclose(out.affine, truth.affine)
         assert ("its header places the volume" in caplog.text) == warned, caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ctprep.preprocess"):  # two more disagreeing volumes: the third is the
+        for _ in range(3):                                        # last one named, and says so
+            stored_to_geometry(load_nifti(tmp_path / "x.nii.gz"), row, {})
+    assert caplog.text.count("its header places the volume") == 2 and "not listed" in caplog.text
