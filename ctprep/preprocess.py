@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from ctprep import geometry, intensity, resample
-from ctprep.volume import CANONICAL, Volume, VolumeError
+from ctprep.volume import CANONICAL, Volume, VolumeError, corner_distance
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +97,7 @@ def _warn_if_header_disagrees(vol: Volume, affine: np.ndarray, flipped_axis: int
         n = vol.shape[flipped_axis]
         stored[:3, 3] += (n - 1) * stored[:3, flipped_axis]
         stored[:3, flipped_axis] *= -1
-    corners = np.array([[i, j, k, 1.0] for i in (0, vol.shape[0] - 1) for j in (0, vol.shape[1] - 1)
-                        for k in (0, vol.shape[2] - 1)]).T
-    off = float(np.linalg.norm(((vol.affine - stored) @ corners)[:3], axis=0).max())
+    off = corner_distance(vol.affine, stored, vol.shape)
     voxel = float(np.linalg.norm(stored[:3, :3], axis=0).max())
     if off > 1.5 * voxel:
         _HEADER_WARNINGS[0] += 1

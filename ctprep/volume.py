@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import nibabel as nib
@@ -189,14 +189,19 @@ def _voxels(img: nib.Nifti1Image, raw: bytes, name: str) -> np.ndarray:
 _UNIT_MM = {"meter": 1000.0, "micron": 0.001}
 
 
+def corner_distance(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> float:
+    """How far apart (mm) two voxel-to-world affines put a volume of ``shape``: the largest distance between
+    where each places one of its 8 corner voxels."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)]).T
+    return float(np.linalg.norm(((np.asarray(a) - np.asarray(b)) @ corners)[:3], axis=0).max())
+
+
 def _warn_if_transforms_disagree(header, shape: tuple[int, ...], name: str) -> None:
     """Both transforms set but placing the volume differently: this reads the sform (as nibabel does), ITK the
     qform where the sform code is 2 or 4, so tools would disagree about the same file. Said, not refused."""
     if int(header["qform_code"]) > 0 and int(header["sform_code"]) > 0:
-        q, s = header.get_qform(), header.get_sform()
-        corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
-                            for k in (0, shape[2] - 1)]).T
-        off = float(np.abs((q - s) @ corners).max())
+        off = corner_distance(header.get_qform(), header.get_sform(), shape)
         if off > 0.5:  # mm at a corner of the volume
             logger.warning("%s: its qform and sform place the volume up to %.1f mm apart; reading the sform "
                            "(code %d), as nibabel does (ITK reads the qform where the sform code is 2 or 4)",

@@ -31,7 +31,7 @@ from monai.networks.schedulers import RFlowScheduler
 from ctgen.data.layout import from_model_layout, unit_to_hu
 from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
-from ctgen.pipelines.spec import load_network, read_spec, spec_files, spec_weights, weights_used
+from ctgen.pipelines.spec import load_network, read_spec, spec_files, spec_weights
 from ctprep.prompts import rendering
 from ctprep.shards import sha256_file
 from ctprep.volume import Volume
@@ -175,8 +175,7 @@ class LatentFlowPipeline:
         used = {}
 
         def load(name, kind, ema=use_ema):
-            used[name] = weights_used(models_dir, name, ema)
-            return load_network(models_dir / name, kind, device, ema)
+            return load_network(models_dir / name, kind, device, ema, used)
 
         # the autoencoder decodes with the weights that encoded the flow network's training latents (raw)
         pipe = cls(models_dir, spec, load("autoencoder", MaisiAutoencoder, ema=False), load("latent_flow", LatentFlow),

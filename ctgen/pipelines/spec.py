@@ -39,11 +39,6 @@ def spec_files(models_dir: Path, networks: list[str], extra: list[str] = ()) -> 
     return {rel: sha256_file(models_dir / rel) for rel in rels if (models_dir / rel).is_file()}
 
 
-def weights_used(models_dir: Path, name: str, use_ema: bool = True) -> str:
-    """The folder (relative to ``models_dir``) whose weights network ``name`` is loaded from: ``name/ema`` or ``name``."""
-    return str(weights_folder(models_dir / name, use_ema).relative_to(models_dir))
-
-
 def read_spec(models_dir: Path, name: str, missing_hint: str) -> dict:
     """``models_dir/name`` with every weights file it names present and matching its sha256."""
     path = models_dir / name
@@ -65,6 +60,11 @@ def read_spec(models_dir: Path, name: str, missing_hint: str) -> dict:
     return spec
 
 
-def load_network(folder: Path, kind, device: torch.device, use_ema: bool = True):
-    """``kind.from_pretrained`` of ``folder`` (its ``ema/`` weights where present and wanted), in eval mode."""
-    return kind.from_pretrained(weights_folder(folder, use_ema), map_location=device).eval()
+def load_network(folder: Path, kind, device: torch.device, use_ema: bool = True, used: dict | None = None):
+    """``kind.from_pretrained`` of ``folder`` (its ``ema/`` weights where present and wanted), in eval mode;
+    ``used``: where given, ``used[folder name]`` is set to the folder the weights came from (``name/ema`` or ``name``),
+    what a sidecar records."""
+    weights = weights_folder(folder, use_ema)
+    if used is not None:
+        used[folder.name] = str(weights.relative_to(folder.parent))
+    return kind.from_pretrained(weights, map_location=device).eval()

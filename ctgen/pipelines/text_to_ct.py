@@ -27,7 +27,7 @@ import torch
 from ctgen.data.layout import from_model_layout, unit_to_hu
 from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
-from ctgen.pipelines.spec import load_network, read_spec, spec_files, spec_weights, weights_used
+from ctgen.pipelines.spec import load_network, read_spec, spec_files, spec_weights
 from ctprep.prompts import rendering
 from ctprep.volume import Volume
 
@@ -128,10 +128,7 @@ class TextToCTPipeline:
 
         def load(name, kind, ema=use_ema):
             folder = models_dir / name
-            if not (folder / "model.safetensors").is_file():
-                return None
-            used[name] = weights_used(models_dir, name, ema)
-            return load_network(folder, kind, device, ema)
+            return load_network(folder, kind, device, ema, used) if (folder / "model.safetensors").is_file() else None
 
         # the tokenizer decodes with the weights that encoded the generator's training tokens (encode_tokens: raw)
         tokenizer, generator = load("tokenizer", CTViT, ema=False), load("generator", TextConditioned)

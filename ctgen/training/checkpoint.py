@@ -106,6 +106,15 @@ def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any] | None:
     return state
 
 
+#: TrainConfig fields that never change the weights (how often a run logs and checkpoints, when it stops for a
+#: time limit): a resume across their edits is exact.
+BOOKKEEPING = ("ckpt_every", "log_every", "tensorboard", "stop_margin_s")
+#: ... and with them the fields that decide how a run works (data workers, device), not what it trains: left out of
+#: the checkpoint folder's hash (``ctgen.jobs.config.config_hash``), so a run resumes across their edits, and out of
+#: the workflow's params (an edit retrains nothing; the rules pass them as ``ctgen train --run-settings``).
+RUN_ONLY = (*BOOKKEEPING, "num_workers", "device", "find_unused_parameters")
+
+
 def check_compatible(state: dict[str, Any], model_class: str, model_config: dict[str, Any],
                      train_config: dict[str, Any], path: str | os.PathLike) -> None:
     """Fail clearly if the checkpoint is for another model; warn about changed training settings."""
@@ -117,7 +126,7 @@ def check_compatible(state: dict[str, Any], model_class: str, model_config: dict
         raise ValueError(f"{path}: checkpoint model config differs from this run's: {diff}; "
                          "delete it or point checkpoint_dir elsewhere")
     diff = _diff(state["train_config"], train_config)
-    exact = {k: v for k, v in diff.items() if k in ("ckpt_every", "log_every", "tensorboard", "stop_margin_s")}
+    exact = {k: v for k, v in diff.items() if k in BOOKKEEPING}
     if exact:
         log.info("resuming with other bookkeeping (the weights are the same): %s", exact)
     if len(exact) < len(diff):

@@ -68,10 +68,8 @@ class Preempted(SystemExit):
         self.step = step
 
 
-#: TrainConfig fields that decide how a run works (where, how often it logs and checkpoints, how it loads data), not
-#: what it trains: left out of the checkpoint folder's hash (``ctgen.jobs.config.config_hash``), so a run resumes
-#: across their edits, and out of the workflow's params (an edit retrains nothing; it applies at the next training).
-RUN_ONLY = ("ckpt_every", "log_every", "tensorboard", "stop_margin_s", "num_workers", "device", "find_unused_parameters")
+RUN_ONLY = ckpt.RUN_ONLY  # the TrainConfig fields that decide how a run works, not what it trains (see there)
+
 
 @dataclass(frozen=True)
 class TrainConfig:

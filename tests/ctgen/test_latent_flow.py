@@ -495,7 +495,9 @@ def test_pipeline_samples_int16_hu_with_a_truthful_affine(models_dir):
     assert np.array_equal(a[1].array, b[1].array) and not np.array_equal(a[1].array, c[1].array)
     side = pipe.sidecar(vol.meta["report"], 0, settings)
     assert side["family"] == "latent_flow" and set(side["weights_sha256"]) == {"autoencoder", "latent_flow"}
-    assert side["settings"]["steps"] == pipe.flow.config.sample_steps or settings.steps  # what None took
+    assert side["settings"]["steps"] == 3  # given
+    unset = pipe.sidecar(vol.meta["report"], 0, LatentSampleSettings(guidance_scale=2.0))
+    assert unset["settings"]["steps"] == pipe.flow.config.sample_steps != 3  # what None took from the model
     assert side["settings"]["precision"] == "fp32" and side["weights_used"]["autoencoder"] == "autoencoder"
     json.dumps(side)
 

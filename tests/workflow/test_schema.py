@@ -224,3 +224,22 @@ def test_every_training_jobs_resources_are_required():
         del cfg["models"]["resources"][model]
         with pytest.raises(WorkflowError, match=f"'{model}' is a required property"):
             check(cfg)
+
+
+def test_settings_repr_ignores_key_order_and_jobs_get_plain_dicts():
+    """Snakemake compares params by repr(): the same settings in another key order must compare equal, at every
+    depth; a script rule unpickles its params, where a plain dict (no workflow class) must arrive."""
+    import pickle
+
+    from ctgen.jobs.workflow_config import Settings, canonical, number_hint
+
+    a = canonical({"b": 1, "a": {"y": [{"q": 1, "p": 2}], "x": 2}})
+    b = canonical({"a": {"x": 2, "y": [{"p": 2, "q": 1}]}, "b": 1})
+    assert repr(a) == repr(b) and list(a) == ["b", "a"]  # iteration keeps the config's order
+    assert repr(canonical({"a": 1})) != repr(canonical({"a": 2}))
+    back = pickle.loads(pickle.dumps(a))
+    assert type(back) is dict and type(back["a"]) is dict and back == a
+    assert isinstance(a["a"]["y"][0], Settings)
+    assert number_hint("2e-3", "number") == " (YAML reads 2e-3 as text: write 0.002)"
+    assert number_hint("2", ["integer"]) == " (write 2, without quotes)"
+    assert number_hint("2.5", "integer") == "" and number_hint("two", "number") == "" and number_hint("2", None) == ""

@@ -13,6 +13,13 @@ from snakemake.utils import validate
 from ctgen.jobs.config import flow_text_encoders
 from ctgen.jobs.eval_config import scoring_settings
 from ctgen.jobs.geometry import GeometryError, check_geometry
+from ctgen.jobs.workflow_config import (
+    Settings,
+    canonical,
+    check_local_files,
+    check_splits,
+    number_hint,
+)
 from ctgen.training.loop import RUN_ONLY
 from ctprep.ctrate import dataset_tables, volumes_digest
 from ctprep.intensity import check_window
@@ -27,41 +34,8 @@ except WorkflowError as err:
     if not isinstance(bad, jsonschema.ValidationError):
         raise
     where = ".".join(map(str, bad.absolute_path)) or "(top level)"
-    hint = ""
-    if bad.validator == "type" and isinstance(bad.instance, str):
-        wants = bad.validator_value
-        wants = wants if isinstance(wants, list) else [wants]
-        try:
-            number = float(bad.instance)
-        except ValueError:
-            number = None
-        if number is not None and "number" in wants:
-            hint = f" (YAML reads {bad.instance} as text: write {number!r})"
-        elif number is not None and "integer" in wants and number.is_integer():
-            hint = f" (write {int(number)}, without quotes)"
-    sys.exit(f"config {where}: {bad.message}{hint}")
-
-
-class Settings(dict):
-    """A config section as a job's params: Snakemake compares params by repr(), so this repr lists the keys
-    sorted and the same settings in another key order (a YAML tool that sorts keys) rerun nothing; iteration
-    keeps the config's order, and a job (pickled into a script) gets a plain dict."""
-
-    def __repr__(self):
-        items = sorted(self.items(), key=lambda kv: repr(kv[0]))
-        return "{" + ", ".join(f"{k!r}: {v!r}" for k, v in items) + "}"
-
-    def __reduce__(self):
-        return dict, (list(self.items()),)
-
-
-def canonical(value):
-    """`value` with every dict, however deep, a Settings."""
-    if isinstance(value, dict):
-        return Settings((k, canonical(v)) for k, v in value.items())
-    if isinstance(value, list):
-        return [canonical(v) for v in value]
-    return value
+    types = bad.validator_value if bad.validator == "type" else None
+    sys.exit(f"config {where}: {bad.message}{number_hint(bad.instance, types)}")
 
 
 for _key in list(config):
@@ -133,50 +107,11 @@ except GeometryError as err:
     sys.exit(f"config error: {err}")  # one line naming the keys and a fix, no traceback
 
 
-def check_local_files():
-    """The local weights the workflow's jobs load exist (one line, before any job: a missing InceptionV3 file
-    failed in the evaluation, after every training and sampling job)."""
-    preset = config["model_presets"][config["models"]["preset"]]
-    paths = {
-        "evaluation.inception_weights": config["evaluation"].get("inception_weights"),
-        f"model_presets.{config['models']['preset']}.autoencoder.maisi_checkpoint": (
-            preset.get("autoencoder") or {}
-        ).get("maisi_checkpoint"),
-    }
-    encoders = [("models.text_encoder", config["models"]["text_encoder"])]
-    encoders += [
-        (f"models.latent_flow_text_encoders[{i}]", e)
-        for i, e in enumerate(config["models"].get("latent_flow_text_encoders") or [])
-    ]
-    for key, enc in encoders:
-        if enc.get("kind") in ("hf", "report_encoder"):
-            paths[f"{key}.path"] = enc.get("path")
-    for key, path in paths.items():
-        if path and not Path(path).expanduser().exists():
-            sys.exit(
-                f"config error: {key}: {path} does not exist (local files only: nothing is downloaded)"
-            )
-
-
-check_local_files()
-
-
-def check_splits():
-    """Every split a stage reads is one the cohort takes (one line, not Snakemake's missing-input listing)."""
-    used = {
-        "models.train_splits": config["models"]["train_splits"],
-        "sampling.split": [config["sampling"]["split"]],
-        "evaluation.split": [config["evaluation"]["split"]],
-    }
-    for key, splits in used.items():
-        missing = [s for s in splits if s not in SPLITS]
-        if missing:
-            sys.exit(
-                f"config error: {key} reads {missing}, which dataset.splits {SPLITS} leaves out"
-            )
-
-
-check_splits()
+for check in (check_local_files, check_splits):
+    try:
+        check(config)
+    except ValueError as err:
+        sys.exit(f"config error: {err}")  # one line naming the key, no traceback
 
 
 def check_settings():
@@ -423,8 +358,7 @@ def run_settings(model):
             train = SLICENET["train"]
         else:
             train = MODEL_PRESET["classifier" if model == "tstr" else model]["train"]
-        given = {k: v for k, v in train.items() if k in RUN_ONLY}
-        return shlex.quote(json.dumps(given, sort_keys=True))
+        return shlex.quote(json.dumps(bookkeeping({"train": train}), sort_keys=True))
 
     return untracked(value)
 
