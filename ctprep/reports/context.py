@@ -235,8 +235,11 @@ def _outside(i: int, ranges: list[tuple[int, int]]) -> bool:
 
 
 def _asserted(doc: Doc, start: int, end: int, apart: list[tuple[int, int]] = ()) -> bool:
-    """True if tokens [start, end), outside the ranges ``apart``, hold a passive assertion ("is seen", "were observed")."""
-    return any(doc[i].lower_ in V.ASSERT_VERBS and i > start and doc[i - 1].lower_ in _AUX and _outside(i, apart)
+    """True if tokens [start, end), outside the ranges ``apart``, hold a passive assertion ("is seen", "were observed")
+    or a double negation ("is not absent")."""
+    return any(i > start and _outside(i, apart)
+               and ((doc[i].lower_ in V.ASSERT_VERBS and doc[i - 1].lower_ in _AUX)
+                    or (doc[i].lower_ == "absent" and doc[i - 1].lower_ == "not"))
                for i in range(start, end))
 
 

@@ -251,7 +251,11 @@ PSEUDO_NEGATION = ["no change", "no significant change", "no difference", "no si
                    "almost complete resolution", "partial regression", "incomplete regression", "not completely regressed",
                    "has not disappeared", "have not disappeared", "not completely disappeared", "partially cleared",
                    "partial clearing of", "partial clearance of", "not removed", "not been removed", "not yet removed",
-                   "not yet been removed"]
+                   "not yet been removed",
+                   # double negation, the finding is there: "Pleural effusion is not absent", "not without a small effusion"
+                   "not absent", "is not absent", "are not absent", "was not absent", "were not absent",
+                   "not completely absent", "not entirely absent", "not without", "is not without", "are not without",
+                   "was not without", "were not without"]
 #: "No appreciable interval change in the nodule": the finding is there, only its change is denied. Growth words
 #: that are a finding themselves ("no enlargement of the lymph nodes") count only with "interval".
 _CHANGES = ["change", "changes", "growth", "worsening", "progression", "difference", "regression"]

@@ -575,6 +575,19 @@ def test_not_excluded_is_a_hedge_not_the_negation_of_its_is_not(text, label):
     assert [m.status for m in mentions_of(text.replace(" not ", " "), label)] == ["negated"]  # "is excluded"
 
 
+@pytest.mark.parametrize(("text", "label"), [
+    ("Pleural effusion is not absent.", EFFUSION),
+    ("Emphysema not absent in both upper lobes.", "Emphysema"),
+    ("Pericardial effusion was not entirely absent on this exam.", "Pericardial effusion"),
+    ("The study is not without a small consolidation in the lingula.", "Consolidation"),
+    ("Cardiomegaly is not absent, pleural effusion is absent.", "Cardiomegaly"),
+])
+def test_a_double_negation_states_the_finding(text, label):
+    """"not absent" and "not without" say the finding is there; the "absent" after a comma keeps its own item."""
+    assert [m.status for m in mentions_of(text, label)] == ["present"]
+    assert [m.status for m in mentions_of(text.replace("not ", "", 1), label)] == ["negated"]
+
+
 @pytest.mark.parametrize("text", [
     "Right lung middle lobe is collapsed.",
     "The left lower lobe is partially collapsed and stable.",
