@@ -21,6 +21,7 @@ import functools
 import hashlib
 import importlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -38,6 +39,8 @@ from ctprep.settings import check_fields
 from ctprep.volume import atomic_write
 
 FORMAT_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -172,7 +175,17 @@ class PretrainedMixin:
             target = getattr(importlib.import_module(module), name)
             if cls is not PretrainedMixin and not issubclass(target, cls):
                 raise ValueError(f"{directory} holds a {meta['class']}, not a {cls.__name__}")
-        model = target(target.config_from_dict(meta["config"]), **kwargs)
+        config = target.config_from_dict(meta["config"])
+        # a field added to the config class after the folder was written takes its default: said, since a default
+        # that changes behaviour (not the weights, which the state-dict check below covers) would otherwise pass
+        # silently
+        defaulted = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in meta["config"]}
+        if defaulted:
+            logger.warning("%s: config.json has no %s (written by an older ctgen): using the default%s %s", directory,
+                           ", ".join(defaulted), "s" if len(defaulted) > 1 else "",
+                           ", ".join(f"{k}={v!r}" for k, v in defaulted.items()))
+        model = target(config, **kwargs)
+        model.defaulted_config = tuple(defaulted)
         state = load_file(directory / "model.safetensors", device=str(map_location))
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))

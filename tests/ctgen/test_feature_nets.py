@@ -92,6 +92,24 @@ def test_save_and_from_pretrained_give_identical_outputs(tmp_path):
     assert clf2.pos_weight[17] == 18.0  # the weights travel through the config
 
 
+def test_a_config_field_the_saved_folder_lacks_is_named_when_it_defaults(tmp_path, caplog):
+    """A folder written before a config field existed loads with the field's default, and says so."""
+    clf = Classifier3D(ClassifierConfig(**TINY, pos_weight=tuple(float(i + 1) for i in range(18))))
+    clf.save_pretrained(tmp_path / "clf")
+    with caplog.at_level("WARNING", logger="ctgen.models.base"):
+        assert Classifier3D.from_pretrained(tmp_path / "clf").defaulted_config == ()
+    assert not caplog.records
+    meta = json.loads((tmp_path / "clf" / "config.json").read_text())
+    del meta["config"]["pos_weight"]
+    (tmp_path / "clf" / "config.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="ctgen.models.base"):
+        old = Classifier3D.from_pretrained(tmp_path / "clf")
+    assert old.defaulted_config == ("pos_weight",)
+    assert old.config.pos_weight == ClassifierConfig(**TINY).pos_weight != clf.config.pos_weight
+    [record] = caplog.records
+    assert "no pos_weight" in record.getMessage() and "older ctgen" in record.getMessage()
+
+
 def test_info_nce_matches_a_hand_computation():
     torch.manual_seed(1)
     model = CLIP3D(CLIP3DConfig(**TINY, embed_dim=8, text_dim=5)).eval()
