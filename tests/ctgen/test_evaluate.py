@@ -244,12 +244,20 @@ def test_the_sweep_as_a_job_per_scale_gives_the_same_table(models, tmp_path):
                            device="cpu")
     jobs = []
     for scale in (4.0, 1.0):  # in any order: the lowest scale is the paired tests' base
-        guidance_scale(*args, scale, sampling, [models["manifest"]], SETTINGS, device="cpu").save(
-            tmp_path / f"{scale:g}.json", tmp_path / f"{scale:g}.parquet")
-        jobs.append(ScaleResult.load(tmp_path / f"{scale:g}.json", tmp_path / f"{scale:g}.parquet"))
-    joined = combine_scales(jobs, tmp_path / "joined.csv", SETTINGS)
+        files = [tmp_path / f"{scale:g}.{ext}" for ext in ("json", "parquet", "npz")]
+        guidance_scale(*args, scale, sampling, [models["manifest"]], SETTINGS, device="cpu").save(*files)
+        jobs.append(ScaleResult.load(*files))
+    joined = combine_scales(jobs, tmp_path / "joined.csv", SETTINGS, device="cpu")
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "joined.csv"), pd.read_csv(tmp_path / "sweep.csv"))
     assert len(joined) == len(whole) and "guidance.clip_score_diff" in set(joined["metric"])
+    # scoring settings apply to the saved scales without sampling again: fewer resamples give other CIs, the same
+    # values; fewer labels, a macro over those alone
+    fewer = combine_scales(jobs, tmp_path / "fewer.csv", {**SETTINGS, "bootstrap": 50, "bootstrap_frechet": 10,
+                                                            "faithfulness_labels": ["Cardiomegaly"]}, device="cpu")
+    fid = [t.set_index(["guidance_scale", "metric"]).loc[(4.0, "fid_2d.slicenet.axial")] for t in (joined, fewer)]
+    assert fid[0]["value"] == fid[1]["value"] > 0 and fid[0]["ci_high"] != fid[1]["ci_high"]
+    faith = {m for m in fewer["metric"] if m.startswith("faithfulness.")}
+    assert faith == {"faithfulness.generated.Cardiomegaly", "faithfulness.generated.macro"}
     with pytest.raises(ValueError, match="given twice"):
         combine_scales([jobs[0], jobs[0]], tmp_path / "twice.csv", SETTINGS)
 

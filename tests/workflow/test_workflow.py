@@ -84,6 +84,8 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         "steps": {"sampling": {"steps": 3}},
         "flow_steps": {"sampling": {"latent_flow": {"guidance_scale": 3.0}}},
         "eval": {"evaluation": {"hu_tolerance": 30.0}},
+        "bootstrap": {"evaluation": {"bootstrap": 500, "faithfulness_labels": ["Cardiomegaly", "Pleural effusion"]}},
+        "slices": {"evaluation": {"slices_per_volume": 8}},
         "fig": {"figures": {"dpi": 100}},
         "slicenet": {"evaluation": {"slicenet": {"train": {"lr": 1e-3}}}},
         "tstr": {"evaluation": {"tstr_reports": 3}},
@@ -138,7 +140,10 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     # sampling settings: the samples and their scores; evaluation settings: the scores; figures: the figures
     assert plan["steps"] == sampling
     assert plan["flow_steps"] == latent_sampling  # the latent flow family's sampling: that family's samples alone
-    assert plan["eval"] == scoring
+    # a scoring setting scores the guidance sweep again without sampling it again; the slices its 2D FID takes are
+    # read from the sampled volumes
+    assert plan["eval"] == plan["bootstrap"] == scoring - {"guidance_scale"}
+    assert plan["slices"] == scoring
     assert plan["fig"] == {"figures", "metric_tables", "all"}
     # the slice network's settings: it and the scores; TSTR's size: its samples, classifiers and the scores
     assert plan["slicenet"] == {"slicenet_config", "train_slicenet"} | scoring

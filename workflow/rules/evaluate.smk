@@ -179,6 +179,7 @@ rule guidance_scale:
     output:
         json=f"{R}/evaluation/guidance/{{scale}}.json",
         per_volume=f"{R}/evaluation/guidance/{{scale}}.parquet",
+        features=f"{R}/evaluation/guidance/{{scale}}.npz",
     log:
         f"{R}/logs/guidance/{{scale}}.log",
     benchmark:
@@ -194,7 +195,8 @@ rule guidance_scale:
     params:
         repeats=config["evaluation"]["guidance_repeats"],
         sampling=SAMPLER,
-        scoring=EVAL_TRACKED,
+        # what the sampled volumes' features depend on; the scores' settings are guidance_sweep's
+        features={"slices_per_volume": EVAL_SETTINGS.get("slices_per_volume")},
         evaluation=untracked(lambda wc: EVAL_SETTINGS),
     script:
         "../scripts/guidance_scale.py"
@@ -204,6 +206,7 @@ rule guidance_sweep:
     input:
         json=expand(rules.guidance_scale.output.json, scale=GUIDANCE_SCALES),
         per_volume=expand(rules.guidance_scale.output.per_volume, scale=GUIDANCE_SCALES),
+        features=expand(rules.guidance_scale.output.features, scale=GUIDANCE_SCALES),
     output:
         csv=f"{R}/evaluation/guidance_sweep.csv",
     log:
@@ -217,6 +220,6 @@ rule guidance_sweep:
         mem_mb=1000,
         runtime=10,
     params:
-        settings={k: EVAL_SETTINGS.get(k) for k in ("bootstrap", "seed")},
+        settings=EVAL_TRACKED,
     script:
         "../scripts/guidance_sweep.py"

@@ -1,4 +1,4 @@
-"""Rule guidance_scale: the cascade sampled at one guidance scale, scored (faithfulness, CLIP score, retrieval, axial FID)."""
+"""Rule guidance_scale: the cascade sampled at one guidance scale, through the feature networks (guidance_sweep scores it)."""
 from ctprep.logs import log_to
 
 log_to(snakemake.log[0])
@@ -14,4 +14,4 @@ guidance_scale(
     list(snakemake.input.reference),
     snakemake.params.evaluation,
     repeats=snakemake.params.repeats,
-).save(snakemake.output.json, snakemake.output.per_volume)
+).save(snakemake.output.json, snakemake.output.per_volume, snakemake.output.features)
