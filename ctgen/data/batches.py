@@ -55,16 +55,16 @@ def streamed(manifests: list[str], decode: Decode, collate: Collate, *, parallel
             reported.append(workers)
             log.warning("%d data workers asked for, %d used: each worker needs shards of its own (%d shards, %d ranks)",
                         ctx.num_workers, workers, len(shards), ctx.world_size)
-        if not first_epoch:
-            first_epoch.append(ctx.epoch)
         if ctx.batch_size % items_per_sample:
             raise ValueError(f"train.batch_size {ctx.batch_size} must be a multiple of the {items_per_sample} "
                              "items made of each sample")
         plan = StreamPlan(tuple(shards), ctx.batch_size // items_per_sample, ctx.seed, ctx.world_size, ctx.rank, workers, buffer,
                           tuple(tuple(p) for p in extra))
+        if not first_epoch and ctx.start < plan.steps_per_epoch:  # a run resumed at an epoch's end reads the next one
+            first_epoch.append(ctx.epoch)
         # checksums in this run's first epoch (each worker hashes its shards before reading them)
         return epoch_batches(plan, ctx.epoch, ctx.start, decode, collate, pin_memory=ctx.device.type == "cuda",
-                             verify=verify and ctx.epoch == first_epoch[0])
+                             verify=verify and bool(first_epoch) and ctx.epoch == first_epoch[0])
 
     make.resumes_at_start = True  # the loop may pass ctx.start instead of replaying batches
     make.n_samples = sum(len(s.keys) for s in shards)

@@ -25,8 +25,8 @@ the world size and the worker count are the same (with other counts the epoch is
 Why not webdataset's own ``shuffle`` stage and ``tarfile_to_samples``: a webdataset pipeline has no
 state to save, so resuming means re-reading (and its shuffle buffer holding) decoded volumes; here
 the shuffle buffer holds keys, a worker holds one batch, and samples are read from their shard by
-offset (``tarfile`` index of member headers), so peak memory is a batch per worker, whatever the
-cohort. Shards are checked against their manifest before use: size at start (``preflight``), sha256
+offset (``tarfile`` index of member headers), so peak memory is a few batches per worker (the one it
+builds and the ``PREFETCH`` it keeps ready), whatever the cohort. Shards are checked against their manifest before use: size at start (``preflight``), sha256
 when a worker first opens one (``verify``); a mismatch or a failing read names the shard.
 """
 
@@ -36,8 +36,10 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing as mp
 import os
 import random
+import re
 import tarfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -56,6 +58,9 @@ from ctprep.shards import ShardError, load_manifest
 
 log = logging.getLogger(__name__)
 
+#: micro-batches each data worker keeps ready ahead of the training step (the DataLoader's prefetch_factor): a rank
+#: holds up to (PREFETCH + 1) x workers decoded batches (plus their pinned copies on a GPU)
+PREFETCH = 2
 OPEN_SHARDS = 4  # shard files a reader keeps open (the shuffle buffer spans a few consecutive shards)
 #: Shard indexes (member offsets) a process keeps between readers and epochs. Parsing a tar's headers
 #: (``tarfile.getmembers``) costs ~3 ms per shard, and each epoch's readers and a shuffle buffer that
@@ -155,8 +160,11 @@ class StreamPlan:
         if self.batch_size < 1 or self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"bad plan: batch_size={self.batch_size}, rank {self.rank} of {self.world_size}")
         if len(self.shards) < self.world_size * self.slots:
+            smaller = f"write smaller shards (shards.shard_size at most {max(self.total_samples // (self.world_size * self.slots), 1)})"
             raise ValueError(f"{len(self.shards)} shards cannot feed {self.world_size} ranks x {self.slots} data workers: "
-                             "lower the workers, or write smaller shards (shards.shard_size)")
+                             f"lower the workers, or {smaller}" if self.num_workers > 0 else
+                             f"{len(self.shards)} shards cannot feed {self.world_size} ranks (each reads shards of its "
+                             f"own): {smaller}, or use fewer ranks")
         if self.steps_per_epoch < 1:
             raise ValueError(f"{self.total_samples} samples cannot fill one global batch of "
                              f"{self.world_size * self.batch_size} (batch {self.batch_size} x {self.world_size} ranks)")
@@ -417,6 +425,16 @@ class PlannedBatches(torch.utils.data.IterableDataset):
                 reader.close()
 
 
+def _worker_message(err: Exception) -> str:
+    """The exception's own message from the text PyTorch gives an exception re-raised from a data worker ("Caught
+    ValueError in DataLoader worker process 0. Original Traceback ... ctprep.shards.ShardError: <message>")."""
+    text = str(err).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return re.sub(r"^[\w.]*(Error|Exception)\w*: ", "", last)
+
+
 def epoch_batches(plan: StreamPlan, epoch: int, start: int, decode: Decode, collate: Collate, *,
                   pin_memory: bool = False, verify: bool = True) -> Iterator[dict[str, Any]]:
     """The rank's micro-batches of ``epoch`` from ``start``, in order, read by ``plan.num_workers`` workers."""
@@ -429,8 +447,13 @@ def epoch_batches(plan: StreamPlan, epoch: int, start: int, decode: Decode, coll
     # global torch RNG when it starts (lazily, at the first batch), which shifted the training's random
     # stream by one draw in a resumed run (found by the Slurm time-limit test); the workers do not use it
     base = torch.Generator().manual_seed(_mixed_seed(plan.seed, epoch, plan.rank, 3))
+    # forked workers: the decode and collate steps are closures, which a spawned or forkserver worker (macOS's and
+    # Python 3.14's default start method, and the default inside processes torch.multiprocessing.spawn started)
+    # cannot unpickle
+    context = "fork" if "fork" in mp.get_all_start_methods() else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=plan.num_workers, generator=base,
-                                         pin_memory=pin_memory, prefetch_factor=2, persistent_workers=False)
+                                         pin_memory=pin_memory, prefetch_factor=PREFETCH, persistent_workers=False,
+                                         multiprocessing_context=context)
     pending: dict[int, dict] = {}
     want = start
     it = iter(loader)
@@ -443,9 +466,10 @@ def epoch_batches(plan: StreamPlan, epoch: int, start: int, decode: Decode, coll
             j, batch = next(it)
         except StopIteration:
             raise RuntimeError(f"the data workers stopped before micro-batch {want} of {plan.steps_per_epoch}") from None
-        except ShardError as err:  # raised in a worker: PyTorch re-raises it with the worker's traceback as text
-            raise ShardError(str(err).strip().splitlines()[-1].removeprefix("ctprep.shards.ShardError: ")
-                             .removeprefix("ShardError: ")) from err
+        except ValueError as err:
+            # a bad shard or a user's mistake (ShardError, UserError: ValueErrors) raised in a worker: PyTorch re-raises
+            # it with the worker's traceback as its text; its own one-line message is the last line
+            raise type(err)(_worker_message(err)) from err
         except Exception as err:  # a worker died (killed, out of memory): name what it was reading
             shards = sorted({plan.shards[i].url for jj in range(want, min(want + plan.slots, plan.steps_per_epoch))
                              for i, _ in plan.batch_keys(epoch, jj)})

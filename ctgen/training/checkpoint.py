@@ -61,12 +61,14 @@ def seed_everything(seed: int) -> None:
 def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike) -> Path:
     """Write ``state`` to ``directory/last.pt`` via a temporary file, fsync and ``os.replace``.
 
-    A crash (or SIGKILL) while writing leaves the previous ``last.pt`` intact; only the stray
-    temporary file is lost.
+    A crash (or SIGKILL) while writing leaves the previous ``last.pt`` intact and a stray temporary
+    file, which the next save removes (Slurm's SIGKILL after its KillWait can land in a multi-GB save).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CHECKPOINT_NAME
+    for stale in directory.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # one writer per folder (rank 0 of one run)
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

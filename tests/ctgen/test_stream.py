@@ -220,6 +220,57 @@ def test_a_dead_worker_names_its_shards(shards):
             list(make(ctx(epoch=epoch, workers=2)))
 
 
+def test_a_users_mistake_in_a_worker_keeps_its_one_line_message(shards):
+    """A prompt the shards lack raised inside a data worker: the same one-line ValueError as without workers."""
+    make = batches.streamed([shards["manifest"]], batches.volume_decode(WINDOW, "no_such_prompt"),
+                            batches.tokenizer_collate(1))
+    messages = []
+    for workers in (0, 2):
+        with pytest.raises(ValueError) as err:
+            list(make(ctx(workers=workers)))
+        messages.append(str(err.value))
+    # the same message, but for the shard and sample named (the workers read in another order)
+    assert [m.split(" has ", 1)[1] for m in messages] == [messages[0].split(" has ", 1)[1]] * 2
+    assert "no_such_prompt" in messages[1] and "\n" not in messages[1]
+    assert "Traceback" not in messages[1] and not messages[1].startswith("ValueError")
+
+
+def _read_one_epoch_spawned(manifest, queue):
+    """In a process whose default start method is spawn (macOS, Python 3.14's forkserver alike)."""
+    torch.multiprocessing.set_start_method("spawn", force=True)
+    make = batches.streamed([manifest], batches.volume_decode(WINDOW), batches.tokenizer_collate(1))
+    queue.put(len(list(make(ctx(workers=2)))))
+
+
+def test_data_workers_start_where_the_default_start_method_is_spawn(shards):
+    context = torch.multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    proc = context.Process(target=_read_one_epoch_spawned, args=(shards["manifest"], queue))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0 and queue.get(timeout=5) == 8
+
+
+def test_a_run_resumed_at_an_epochs_end_checksums_the_next_epochs_shards(shards):
+    shard = load_shards([shards["manifest"]])[3]
+    data = bytearray(Path(shard.url).read_bytes())
+    data[700] ^= 0xFF  # same size: only the checksum can tell
+    Path(shard.url).write_bytes(bytes(data))
+    make = batches.streamed([shards["manifest"]], batches.volume_decode(WINDOW), batches.tokenizer_collate(1))
+    steps = plan(shards, batch_size=1).steps_per_epoch
+    assert list(make(ctx(epoch=0, start=steps, batch=1))) == []  # the checkpoint was written at the epoch's end
+    with pytest.raises(ShardError, match="does not match its checksum"):
+        list(make(ctx(epoch=1, batch=1)))
+
+
+def test_too_few_shards_for_the_ranks_says_what_to_do(shards):
+    with pytest.raises(ValueError) as err:
+        plan(shards, world_size=8, rank=0, num_workers=0)
+    assert "lower the workers" not in str(err.value) and "shards.shard_size at most 2" in str(err.value)
+    with pytest.raises(ValueError, match="lower the workers, or write smaller shards"):
+        plan(shards, world_size=2, rank=0, num_workers=4)
+
+
 def test_derived_shards_travel_alongside(shards, tmp_path):
     samples = [{"__key__": k, "recon.npy": np.full((2, 2, 2), 0.5, np.float16)}
                for k, _ in iter_raw_samples(shards["manifest"])]

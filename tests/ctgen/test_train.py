@@ -170,6 +170,16 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 
+def test_a_checkpoint_save_removes_what_a_killed_save_left(tmp_path):
+    """SIGKILL mid-save (no ``finally``) leaves its temporary file; the next save removes it."""
+    ckpt.save_checkpoint({"step": 1}, tmp_path)
+    (tmp_path / ".last.pt.x1y2z3.tmp").write_bytes(b"half of a killed save")
+    (tmp_path / "notes.txt").write_text("a user's file")
+    ckpt.save_checkpoint({"step": 2}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.txt"]
+    assert ckpt.load_checkpoint(tmp_path)["step"] == 2
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("pwned",))
