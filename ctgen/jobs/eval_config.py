@@ -41,8 +41,10 @@ class EvalConfig:
             unknown = sorted(set(self.faithfulness_labels) - set(LABELS))
             if unknown:
                 raise UserError(f"evaluation.faithfulness_labels: not CT-RATE labels: {unknown}")
-        if self.batch_size < 1 or self.bootstrap < 10 or self.bootstrap_frechet < 10 or min(self.retrieval_k) < 1:
-            raise UserError("evaluation: batch_size >= 1, bootstrap and bootstrap_frechet >= 10, retrieval_k >= 1")
+        if (self.batch_size < 1 or self.bootstrap < 10 or self.bootstrap_frechet < 10 or not self.retrieval_k
+                or min(self.retrieval_k) < 1 or min(self.auroc_min_positives, self.auroc_min_negatives) < 1):
+            raise UserError("evaluation: batch_size >= 1, bootstrap and bootstrap_frechet >= 10, retrieval_k one or more "
+                            "values >= 1, auroc_min_positives and auroc_min_negatives >= 1 (an AUROC needs both classes)")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> EvalConfig:

@@ -110,7 +110,10 @@ def evaluate(generated: str | Path, real: list[str | Path], models_dir: str | Pa
     col = _stream(truth, pairing, nets, grid, cfg, skips)
     n_pred, n_skipped = len(col.gen_rows), sum(1 for s in skips if s.side == "generated")
     if not n_pred:
-        raise UserError(f"no prediction could be scored: all {len(predictions)} were skipped (see {out_dir}/skipped.csv)")
+        skipped_table(skips).to_csv(out_dir / "skipped.csv", index=False)
+        first = next((f"{s.stem}: {s.reason}" for s in skips), "")
+        raise UserError(f"no prediction could be scored: all {len(predictions)} were skipped (first: {first}; all in "
+                        f"{out_dir}/skipped.csv)")
     log.info("scoring %d predictions against %d ground-truth volumes; %d predictions and %d ground-truth volumes skipped",
              n_pred, len(col.real_stems), n_skipped, sum(1 for s in skips if s.side == "real"))
     metrics, not_computed, per_volume = _score(col, nets, texts, known_labels, cfg, device, models_dir, spec)

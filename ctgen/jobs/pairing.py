@@ -105,11 +105,19 @@ def nifti_stem(path: str | Path) -> str:
     return volume_key(canonical_name(Path(path).name))
 
 
+def _fixed_first(path: Path) -> tuple[bool, Path]:
+    """Sort key: a file under a ``<split>_fixed`` folder first (CT-RATE's current release, in HU, beside the first
+    release's raw ``<split>/`` copy of the same volumes), then path order."""
+    return (not any(part.endswith("_fixed") for part in path.parts), path)
+
+
 def find_niftis(folder: Path, side: str) -> tuple[dict[str, Path], list[Skip]]:
-    """{stem: path} of the NIfTI files under ``folder``; a second file of one stem is skipped, named."""
+    """{stem: path} of the NIfTI files under ``folder``; a second file of one stem is skipped, named (a CT-RATE
+    root's ``valid_fixed/`` copy is the one used)."""
     found: dict[str, Path] = {}
     skipped = []
-    for path in sorted(p for p in folder.rglob("*") if p.name.endswith(NIFTI_SUFFIXES) and p.is_file()):
+    for path in sorted((p for p in folder.rglob("*") if p.name.endswith(NIFTI_SUFFIXES) and p.is_file()),
+                       key=_fixed_first):
         stem = nifti_stem(path)
         if stem in found:
             skipped.append(Skip(stem, side, str(path), f"duplicate stem: {found[stem]} is used"))
@@ -135,8 +143,11 @@ def read_predictions(source: str | Path) -> tuple[list[Prediction], list[Skip]]:
     out = []
     for n, row in enumerate(table.itertuples(index=False)):
         path = Path(row.nifti)
-        if not path.is_absolute() and not path.exists():  # relative to the manifest's folder
-            path = source.parent / path.name
+        if not path.is_absolute():
+            # relative to the manifest's folder first: ctgen writes the path it was given (relative to the folder it
+            # ran in), and from another working directory the same relative path can name another run's file
+            path = next((p for p in (source.parent / path, source.parent / path.name) if p.exists()),
+                        path if path.exists() else source.parent / path.name)
         seed = getattr(row, "seed", None)
         out.append(Prediction(volume_key(str(row.prompt_id)), str(path), None if pd.isna(seed) else int(seed),
                               int(getattr(row, "repeat", n)), getattr(row, "prompt", None)))
@@ -212,6 +223,19 @@ def _load(path: str | Path) -> Volume:
 def read_nifti(path: str | Path, grid: Grid) -> tuple[np.ndarray, bool]:
     """A NIfTI file (HU) on ``grid``; :class:`BadVolume` names what is wrong with it."""
     return on_grid(_load(path), grid, Path(path).name)
+
+
+def read_ground_truth(path: str | Path, grid: Grid) -> tuple[np.ndarray, bool]:
+    """:func:`read_nifti` for a ground-truth file, which must read as HU: one that does not (CT-RATE's first
+    release stores HU + 1024) raises :class:`BadVolume` with the reason, so that it is skipped and named rather than
+    scored as HU."""
+    from ctgen.metrics.hu import not_hu
+
+    vol = _load(path)
+    problem = not_hu(vol.data)
+    if problem:
+        raise BadVolume(f"{Path(path).name}: {problem}")
+    return on_grid(vol, grid, Path(path).name)
 
 
 def read_prediction(path: str | Path, grid: Grid) -> tuple[np.ndarray, bool, str | None]:
@@ -294,7 +318,7 @@ class RealSet:
             for stem in self.stems:
                 if stem in wanted:
                     try:
-                        yield stem, *read_nifti(self.paths[stem], grid)
+                        yield stem, *read_ground_truth(self.paths[stem], grid)
                     except BadVolume as err:
                         yield stem, err, False
             return

@@ -347,6 +347,10 @@ def test_settings_are_config_yaml_s_evaluation_keys():
     assert defaults.labels == LABELS  # faithfulness_labels absent: all 18
     with pytest.raises(ValueError, match="not CT-RATE labels"):
         EvalConfig(faithfulness_labels=("Cardiomegaly", "Pneumonia"))
+    # an empty retrieval_k (a bare "min() arg is an empty sequence" before) and an AUROC asked of one class alone
+    for bad in ({"retrieval_k": []}, {"auroc_min_positives": 0}, {"auroc_min_negatives": 0}):
+        with pytest.raises(UserError, match="retrieval_k one or more values >= 1, auroc_min_positives"):
+            EvalConfig.from_dict(bad)
 
 
 def test_cascade_ceiling_scores_each_stage_of_the_real_scans(models, tmp_path, capsys):

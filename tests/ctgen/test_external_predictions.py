@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from pathlib import Path
 import logging
 
 import nibabel as nib
@@ -279,6 +280,58 @@ def test_pairing_mistakes(folders, tmp_path, capsys):
         assert ctgen_main([*args, "--generated", str(tmp_path / folder)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
+
+
+def test_ground_truth_that_is_not_hu_is_skipped_and_named_not_scored(folders, tmp_path):
+    """Ground truth stored as HU + 1024 without an intercept (CT-RATE's first release) is not scored as HU."""
+    gt = tmp_path / "gt"
+    shutil.copytree(folders / "gt", gt)
+    save(gt / f"{STEMS[0]}.nii.gz", np.clip(np.rint(phantom(0)) + 1024, 0, 4095), dtype=np.uint16)
+    summary = evaluate.evaluate(predictions(tmp_path), [gt], folders / "models", tmp_path / "out", SETTINGS,
+                                device="cpu")
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv").set_index(["stem", "side"])["reason"]
+    assert "1024 lower" in skipped[(STEMS[0], "real")]
+    assert skipped[(STEMS[0], "generated")] == "its ground truth was skipped"
+    assert summary["n"]["scored"] == 5 and summary["n"]["skipped_ground_truth"] == 1
+    # none reads as HU: one line that says why, and the table written for the rest
+    for n, stem in enumerate(STEMS):
+        save(gt / f"{stem}.nii.gz", np.clip(np.rint(phantom(n)) + 1024, 0, 4095), dtype=np.uint16)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(UserError, match=r"all 6 were skipped \(first: valid_1_a_1: .*1024 lower") as err:
+        evaluate.evaluate(predictions(tmp_path / "b"), [gt], folders / "models", tmp_path / "none", SETTINGS,
+                          device="cpu")
+    assert "\n" not in str(err.value) and len(pd.read_csv(tmp_path / "none" / "skipped.csv")) == 12
+
+
+def test_a_ctrate_root_scores_the_fixed_release_not_the_raw_copy(folders, tmp_path):
+    """A download root holding valid/ (raw, first release) and valid_fixed/ (HU): the HU copy is the ground truth."""
+    root = tmp_path / "dataset"
+    for n, stem in enumerate(STEMS):
+        pid = stem.rsplit("_", 2)[0]
+        for split, shift in (("valid", 1024), ("valid_fixed", 0)):
+            folder = root / split / pid / stem.rsplit("_", 1)[0]
+            folder.mkdir(parents=True, exist_ok=True)
+            save(folder / f"{stem}.nii.gz", np.clip(np.rint(phantom(n)) + shift, -1024, 4095))
+    summary = evaluate.evaluate(predictions(tmp_path), [root], folders / "models", tmp_path / "out", SETTINGS,
+                                device="cpu")
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert summary["n"]["scored"] == 6 and summary["n"]["skipped_ground_truth"] == 6  # the raw copies, named:
+    assert skipped["path"].str.contains("/valid/").all() and skipped["reason"].str.contains("valid_fixed").all()
+
+
+def test_a_samples_manifests_relative_paths_are_its_own_from_any_folder(tmp_path, monkeypatch):
+    """ctgen writes samples.csv with the paths it was given; read from another run's folder, the same relative path
+    named that run's file."""
+    from ctgen.jobs.pairing import read_predictions
+
+    for run_dir in ("runA", "runB"):
+        (tmp_path / run_dir / "samples").mkdir(parents=True)
+        save(tmp_path / run_dir / "samples" / "x_s0.nii.gz", phantom(1))
+    pd.DataFrame({"prompt_id": ["x"], "nifti": ["samples/x_s0.nii.gz"], "seed": [0]}).to_csv(
+        tmp_path / "runA" / "samples" / "samples.csv", index=False)
+    monkeypatch.chdir(tmp_path / "runB")
+    [pred], _ = read_predictions(tmp_path / "runA" / "samples" / "samples.csv")
+    assert Path(pred.path).resolve() == (tmp_path / "runA" / "samples" / "x_s0.nii.gz").resolve()
 
 
 # --- vlm3d-score ------------------------------------------------------------------------------------------

@@ -162,6 +162,11 @@ def test_real_vs_real_scores_better_than_real_vs_shuffled(tmp_path, real_dir, vo
     assert fvd[0] < fvd[1]
     clip = [ctclip_scores(p, volume_net, **CLIP_GRID)[0][0] for p in (noisy, shuffled)]
     assert clip[0].name == "clip_score_i2i_proxy" and clip[0].value > clip[1].value
+    # why only the image-image score, and the too-few-volumes flag beside it (it was overwritten)
+    assert "no reports given" in clip[0].flag and "only 8 volumes" in clip[0].flag
+    reports = {p.stem: "No pleural effusion." for p in noisy}
+    [no_text] = ctclip_scores(noisy, volume_net, None, reports, **CLIP_GRID)[0]
+    assert "no text encoder" in no_text.flag and "no reports given" not in no_text.flag
     fid = [fid_25d(p, slice_net, FID) for p in (noisy, shuffled)]
     for good, bad in zip(*fid):
         assert good.name == bad.name and good.value < bad.value

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from ctgen.metrics.summary import MetricValue, mean_with_ci, stems_hash
+from ctgen.metrics.summary import MetricValue, join_flags, mean_with_ci, stems_hash
 from ctgen.metrics.vlm3d.contract import Pair, load_volume
 from ctgen.metrics.vlm3d.geometry import CLIP_SHAPE, CLIP_SPACING, ctclip_volume
 from ctgen.metrics.vlm3d.protocol import CHALLENGE, Extractor, features, metric_name, profile
@@ -78,10 +78,10 @@ def ctclip_scores(pairs: Sequence[Pair], image: Extractor, text: Extractor | Non
         both.extra["official_key"] = "CLIPScore_mean"
         records = [i2t, records[0], both]
     else:
-        records[0].flag = "no reports given: only the image-image score"
-    for rec in records:
-        if rec.n < 5 and rec.flag is None:
-            rec.flag = f"only {rec.n} volumes: the mean is not a stable result"
+        records[0].flag = join_flags(("no reports given" if reports is None else
+                                      "no text encoder (evaluation.vlm3d.cxr_bert)") + ": only the image-image score",
+                                     records[0].flag)
+    for rec in records:  # mean_with_ci flags too few volumes
         if tuple(spacing) != CLIP_SPACING or tuple(shape) != CLIP_SHAPE:
             rec.flag = "; ".join(filter(None, [rec.flag, f"grid {tuple(shape)} at {tuple(spacing)} mm, not the challenge's"]))
         rec.extra.update(spacing=list(spacing), shape=list(shape))

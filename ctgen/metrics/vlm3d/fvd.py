@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ctgen.metrics.frechet import frechet_distance
-from ctgen.metrics.summary import MetricValue, bootstrap_ci, stems_hash
+from ctgen.metrics.summary import MetricValue, bootstrap_ci, stems_hash, thin
 from ctgen.metrics.vlm3d.contract import Pair, load_volume
 from ctgen.metrics.vlm3d.geometry import FVD_SHAPE, ctnet_volume
 from ctgen.metrics.vlm3d.protocol import CHALLENGE, Extractor, features, metric_name, profile
@@ -81,7 +81,7 @@ def fvd_ctnet(pairs: Sequence[Pair], extractor: Extractor, chunk: int = CHUNK,
                            flag="the last chunk holds one pair: no covariance, so FVD_CTNet is undefined "
                                 "(NaN in the VLM3D code); submit a multiple of 4 volumes", extra=extra)
     ci, dropped = bootstrap_ci(lambda idx: values[idx].mean(), len(values))
-    flag = None if len(values) >= 5 else f"only {len(values)} chunks of {chunk}: the mean is not a stable result"
+    flag = thin(len(values), f"chunks of {chunk}")  # the CI resamples chunks: they are the units
     if tuple(shape) != FVD_SHAPE or chunk != CHUNK:
         flag = "; ".join(filter(None, [flag, f"grid {tuple(shape)} / chunk {chunk}, not the challenge's"]))
     log.info("%s %.4g over %d chunks (%s)", name, values.mean(), len(values), prof)

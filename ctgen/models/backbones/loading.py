@@ -36,6 +36,8 @@ def read_state_dict(path: str | os.PathLike, what: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError) as err:  # KeyError: a text file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in first:  # torch's advice to load with weights_only=False: unsafe, and no cure for a bad file
+            first = type(err).__name__
         raise ValueError(f"{what} {path} cannot be read as a weights-only checkpoint (truncated or not a "
                          f"state dict?): {first}") from None
     if not isinstance(state, Mapping):
