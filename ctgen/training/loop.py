@@ -304,8 +304,10 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
             rank_state = ranks[info.rank]
             epoch, pos = rank_state["epoch"], rank_state["pos"]
         else:
-            log.warning("checkpoint from %d processes, now %d: data order and RNG streams will differ",
-                        len(ranks), info.world_size)
+            log.warning("checkpoint from %d processes, now %d: data order and RNG streams will differ, and the rest "
+                        "of epoch %d is re-planned for %d processes, so some of its samples are read twice and others "
+                        "not at all (from the next epoch on, every sample once)", len(ranks), info.world_size,
+                        ranks[0]["epoch"], info.world_size)
             epoch, pos = ranks[0]["epoch"], ranks[0]["pos"] * len(ranks) // info.world_size
             ckpt.seed_everything(cfg.seed + info.rank + 1_000_003 * step)
         log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", ckpt_dir, step, epoch, pos)
