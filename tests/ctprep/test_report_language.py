@@ -1166,3 +1166,23 @@ def test_a_finding_looked_for_is_not_found(text, label, expected):
     assert parsed.labels[label] == expected
     if expected == 0:
         assert {m.status for m in parsed.mentions if m.label == label} == {"hypothetical"}
+
+
+# --- a line-start header without a colon needs a capital after it -----------------------------------------
+@pytest.mark.parametrize(("text", "label"), [
+    # a sentence opening with a header word is a sentence ("Comparison with ...", "History of ..."), not a header
+    ("FINDINGS:\nThe heart is mildly enlarged.\nComparison with the prior study shows a new small left pleural effusion.\n"
+     "IMPRESSION:\nCardiomegaly.", EFFUSION),
+    ("History of smoking with upper lobe predominant centrilobular emphysema.\nNo pleural effusion.", "Emphysema"),
+    ("Findings:\nTechnique limits assessment of the mediastinum.\nThere is a 6 mm nodule in the right upper lobe.",
+     "Lung nodule"),
+])
+def test_a_lower_case_word_after_a_header_word_makes_a_sentence(text, label):
+    r = parse_report(text)
+    assert r.labels[label] == 1
+    assert r.sections["technique"] == r.sections["clinical_information"] == ""
+
+
+def test_a_colon_less_header_before_a_capital_still_splits():
+    s = split_sections("Comparison CT 2019.\nFindings The heart is normal.")
+    assert s["technique"] == "CT 2019." and s["findings"] == "The heart is normal."
