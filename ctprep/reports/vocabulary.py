@@ -44,7 +44,11 @@ LUNG = (r"\b(lungs?|pulmon\w*|lingul\w*|hemithora\w*|pleur\w*|lung parenchym\w*|
         r"subpleural|(upper|middle|lower) lobes?|rul|rml|rll|lul|lll|bronch\w*|perihilar|basal|bases|pneumoni\w*)\b")
 
 _CALC = r"(calcif\w*|calcium|atherom\w*|atheroscleros\w*|atherosclerotic|plaques?)"
-_VESSEL = (r"\b(aort(?!opulmonary)\w*\b(?! (valv|annul|leaflet|cusp)\w*)|(?<!coronary )(?<!descending )(?<!circumflex )arter(y|ies|ial)|vascular|vessels?|carotid|subclavian|iliac|brachiocephalic|"
+#: Vessels other than the coronary arteries, whose calcium is ``Coronary artery wall calcification`` alone: not
+#: "coronary vessels"/"coronary vascular", nor a count of diseased vessels ("three-vessel coronary calcification").
+_COUNT_VESSEL = "".join(rf"(?<!\b{n}[- ])" for n in ("one", "two", "three", "four", "single", "double", "triple", "multi"))
+_VESSEL = (r"\b(?<!coronary )(aort(?!opulmonary)\w*\b(?! (valv|annul|leaflet|cusp)\w*)|(?<!descending )(?<!circumflex )"
+           r"arter(y|ies|ial)|vascular|" + _COUNT_VESSEL + r"(?<!\d[- ])vessels?|carotid|subclavian|iliac|brachiocephalic|"
            r"truncus|innominate|femoral|celiac|mesenteric arter\w*|arch)\b")
 #: Coronary arteries by name: "coronary", or a branch ("LAD", "circumflex", "left main").
 _CORONARY = r"\bcoronar\w*|\b(lad|rca|lcx)\b|\bleft anterior descending|\bcircumflex|\bleft main\b"

@@ -1186,3 +1186,18 @@ def test_a_lower_case_word_after_a_header_word_makes_a_sentence(text, label):
 def test_a_colon_less_header_before_a_capital_still_splits():
     s = split_sections("Comparison CT 2019.\nFindings The heart is normal.")
     assert s["technique"] == "CT 2019." and s["findings"] == "The heart is normal."
+
+
+# --- coronary vessels are no other artery ---------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "arterial"), [
+    ("Three-vessel coronary artery calcification.", 0),
+    ("Dense calcification of the coronary vessels.", 0),
+    ("Coronary vascular calcification.", 0),
+    ("Calcification of the aorta and coronary vessels.", 1),
+    ("Atherosclerotic calcification of the great vessels.", 1),
+    ("Calcified plaques in the coronary arteries and the aortic arch.", 1),
+])
+def test_coronary_vessels_set_no_arterial_wall_calcification(text, arterial):
+    labels = parse_report(text).labels
+    assert labels["Arterial wall calcification"] == arterial
+    assert labels["Coronary artery wall calcification"] == int("coronary" in text.lower())
