@@ -384,4 +384,6 @@ SPELLING_TERMS = (
 )
 #: Real words one edit from a term, never "corrected" (English and medical; found by checking every
 #: variant against an English vocabulary and by hand). Words the finding rules read are excluded anyway.
-SPELLING_REAL_WORDS = ("affusion", "granulosa", "hemithorax")
+#: "opacifies" ("Contrast opacifies the pulmonary arteries", CT angiography) is the verb, no misspelt "opacities"
+#: (its other forms, "opacified", "opacifying", are more than one edit away and need no entry).
+SPELLING_REAL_WORDS = ("affusion", "granulosa", "hemithorax", "opacifies")

@@ -179,6 +179,9 @@ def test_misspelt_terms_keep_their_context(text, label):
     ("Diffusion restriction is not assessed on CT.", EFFUSION),
     ("The module was updated.", "Lung nodule"),  # short words get no tolerance
     ("Plural forms are used in this report.", EFFUSION),
+    ("Contrast opacifies the pulmonary arteries without filling defect.", "Lung opacity"),  # one edit from opacities
+    ("The pulmonary arteries are well opacified.", "Lung opacity"),
+    ("Contrast fails to opacify the left lower lobe artery.", "Lung opacity"),
 ])
 def test_real_words_near_a_term_are_not_read_as_it(text, label):
     assert parse_report(text).labels[label] == 0
