@@ -216,7 +216,9 @@ PRE_NEGATION = ["previously observed as", "previously seen as", "previously desc
                 "interval clearing of", "clearing of", "clearance of", "interval clearance of", "lack of", "there is no",
                 # a device taken out is not in this scan: "Interval removal of the chest tube"
                 "removal of", "interval removal of",
-                "there are no", "there was no", "there were no", "none"]
+                "there are no", "there was no", "there were no", "none",
+                # abbreviated notes: "Cardiomegaly w/o pericardial effusion", "Neg for pleural effusion"
+                "w/o", "neg for"]
 POST_NEGATION = ["absent", "excluded", "do not reach", "does not reach", "did not reach", "not reaching",
                  "ruled out", "not present", "is normal", "are normal", "was normal", "were normal",
                  "within normal limits", "no longer", "negative", "is not", "are not", "were not", "was not",
@@ -227,7 +229,9 @@ POST_NEGATION = ["absent", "excluded", "do not reach", "does not reach", "did no
                  # ": no change") are read by ``context._template_value``
                  ": none", ": absent", ": negative", ": nil", "- none", "- absent", "- negative", "- nil",
                  "is unremarkable", "are unremarkable", "was unremarkable", "were unremarkable", "appear normal",
-                 "appears normal", "appear unremarkable", "appears unremarkable"]
+                 "appears normal", "appear unremarkable", "appears unremarkable",
+                 # a checklist's minus sign: "Pleural effusion (-)" (the whole phrase outranks its "(" terminator)
+                 "(-)"]
 #: A device taken out is not in this scan: "The endotracheal tube has been removed", "Right chest tube removed". Not
 #: over "after" ("Surgical clips after the gallbladder was removed": the clips are there; ``context.py``).
 REMOVED = ["removed", "has been removed", "have been removed", "was removed", "were removed"]

@@ -1204,3 +1204,19 @@ def test_coronary_vessels_set_no_arterial_wall_calcification(text, arterial):
     labels = parse_report(text).labels
     assert labels["Arterial wall calcification"] == arterial
     assert labels["Coronary artery wall calcification"] == int("coronary" in text.lower())
+
+
+# --- abbreviated negations ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Cardiomegaly w/o pericardial effusion.", [("Cardiomegaly", "present"), (PERICARDIAL, "negated")]),
+    ("Lungs clear w/o consolidation.", [("Consolidation", "negated")]),
+    ("Neg for pleural effusion.", [(EFFUSION, "negated")]),
+    ("NEG FOR PLEURAL EFFUSION.", [(EFFUSION, "negated")]),
+    ("Pleural effusion (-).", [(EFFUSION, "negated")]),
+    ("Pleural effusion (-), consolidation (+).", [(EFFUSION, "negated"), ("Consolidation", "present")]),
+    # look-alikes: "w/" is "with", a parenthesis holds a size
+    ("Cardiomegaly w/ pericardial effusion.", [("Cardiomegaly", "present"), (PERICARDIAL, "present")]),
+    ("Nodule (5 mm) in the right upper lobe.", [(NODULE, "present")]),
+])
+def test_abbreviated_negations(text, expected):
+    assert [(m.label, m.status) for m in parse_report(text).mentions] == expected
