@@ -35,6 +35,8 @@ _HEADERS = {
     "reason for examination": "clinical_information", "reason for study": "clinical_information",
     "reason for scan": "clinical_information", "reason for referral": "clinical_information",
     "reason for request": "clinical_information",
+    # abbreviations of the request form: "HX: nodule follow-up", "CLINICAL HX: ...", "Clinical info: ..."
+    "hx": "clinical_information", "clinical hx": "clinical_information", "clinical info": "clinical_information",
     "technique": "technique", "procedure": "technique",
     # the comparison names prior studies ("COMPARISON: CT 2019, which showed an effusion"): what it says
     # is not this scan's finding, so it goes with the technique, which sets no label
@@ -47,7 +49,10 @@ _HEADERS = {
 _HEADER_WORDS = "|".join(sorted(map(re.escape, _HEADERS), key=len, reverse=True))
 #: Headers that are common words too ("compared with the prior exam: the nodule ..."): only with a colon, opening a
 #: line or a sentence ("EXAM: CT chest without contrast").
-_COLON_HEADERS = {"exam": "technique", "examination": "technique"}
+_COLON_HEADERS = {"exam": "technique", "examination": "technique",
+                  # the request's diagnosis and question ("Dx: ?pneumonia", "Request: ?consolidation"): prose says
+                  # "per the referral, ...", "a request for comparison", so these too need the colon
+                  "dx": "clinical_information", "request": "clinical_information", "referral": "clinical_information"}
 _COLON_WORDS = "|".join(sorted(map(re.escape, _COLON_HEADERS), key=len, reverse=True))
 _ALL_HEADERS = {**_HEADERS, **_COLON_HEADERS}
 # A dash after a header: an en/em dash, or a hyphen standing free ("Findings - ...", not "findings-based")

@@ -1220,3 +1220,28 @@ def test_coronary_vessels_set_no_arterial_wall_calcification(text, arterial):
 ])
 def test_abbreviated_negations(text, expected):
     assert [(m.label, m.status) for m in parse_report(text).mentions] == expected
+
+
+# --- abbreviated clinical headers ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "label"), [
+    ("HX: Lung nodule follow-up.\nFINDINGS: No pulmonary nodules. No pleural effusion.", NODULE),
+    ("CLINICAL HX: Known bronchiectasis.\nFINDINGS: Lungs clear.", "Bronchiectasis"),
+    ("Dx: Atelectasis?\nFindings: Normal lungs.", "Atelectasis"),
+    ("Clinical info: atelectasis?\nFindings: normal lungs.", "Atelectasis"),
+    ("Clinical information: atelectasis?\nFindings: normal lungs.", "Atelectasis"),
+    ("Request: ?consolidation.\nFindings: Lungs clear.", "Consolidation"),
+    ("Referral: pleural effusion?\nFindings: Lungs clear.", EFFUSION),
+])
+def test_abbreviated_clinical_headers_set_no_label(text, label):
+    r = parse_report(text)
+    assert [m.section for m in r.mentions if m.label == label][0] == "clinical_information"
+    assert r.labels[label] == 0
+
+
+@pytest.mark.parametrize("text", [
+    # "request", "referral" and "dx" are headers only with a colon at a line or sentence start
+    "The consolidation was compared per the referral request with the prior study.",
+    "Hx of pleural effusion, now resolved. Consolidation in the right lower lobe.",
+])
+def test_request_words_in_prose_are_no_header(text):
+    assert split_sections(text)["findings"] == text
