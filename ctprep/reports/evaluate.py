@@ -54,7 +54,11 @@ def _counts(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def _macro_micro(counts: np.ndarray) -> tuple[float, float]:
-    return float(np.mean([_f1(*c)[2] for c in counts])), _f1(*counts.sum(0))[2]
+    """(macro-F1, micro-F1). The macro averages only labels with positives in the reference: a label without
+    any scores F1 1.0 when nothing is predicted and 0.0 on a single false positive, which says nothing about
+    recall and would pull the mean towards either end; NaN when no label has a positive."""
+    supported = [_f1(*c)[2] for c in counts if c[0] + c[2] > 0]
+    return (float(np.mean(supported)) if supported else float("nan")), _f1(*counts.sum(0))[2]
 
 
 def score(pairs: Iterable[tuple[dict[str, int], dict[str, int]]], n_boot: int = 1000, seed: int = 0) -> dict:
@@ -78,6 +82,7 @@ def score(pairs: Iterable[tuple[dict[str, int], dict[str, int]]], n_boot: int = 
     macro, micro = _macro_micro(counts)
     return {"n_reports": n, "per_label": per_label, "micro_f1": micro, "micro_f1_ci": ci(lambda c: _macro_micro(c)[1]),
             "macro_f1": macro, "macro_f1_ci": ci(lambda c: _macro_micro(c)[0]),
+            "macro_labels": sum(v["support"] > 0 for v in per_label.values()),
             "ci": f"bootstrap 95% over the {n} reports, {n_boot} resamples"}
 
 
@@ -110,10 +115,15 @@ def evaluate(jsonl_path: str | Path, ids: Iterable[str] | None = None) -> dict:
     """Score the parser's labels on the reference JSONL (only rows whose id is in ``ids``, if given)."""
     keep = None if ids is None else set(ids)
     rows = [r for r in read_labelled(jsonl_path) if keep is None or r["id"] in keep]
+    if not rows:  # an empty split scored a perfect 1.000 and passed any --min-macro-f1
+        raise UserError(f"{jsonl_path}: no labelled reports in the chosen split")
     parsed = get_parser().pipe(_report_input(r) for r in rows)
     result = score((p.labels, r["labels"]) for p, r in zip(parsed, rows))
-    logger.info("evaluated %d reports: macro-F1 %.3f %s, micro-F1 %.3f %s", result["n_reports"], result["macro_f1"],
-                _interval(result["macro_f1_ci"]), result["micro_f1"], _interval(result["micro_f1_ci"]))
+    if not result["macro_labels"]:
+        raise UserError(f"{jsonl_path}: no label is positive in the {len(rows)} reference reports: F1 is undefined")
+    logger.info("evaluated %d reports: macro-F1 %.3f %s over the %d labels with positives, micro-F1 %.3f %s",
+                result["n_reports"], result["macro_f1"], _interval(result["macro_f1_ci"]), result["macro_labels"],
+                result["micro_f1"], _interval(result["micro_f1_ci"]))
     return result
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ctprep.cli import main
+from ctprep.errors import UserError
 from ctprep.reports import (LABELS, NO_FINDINGS, ParsedReport, ReportParser, evaluate, get_parser, parse_report,
                             structured_prompt)
 from ctprep.reports.cli import parse_report_main
@@ -383,6 +385,24 @@ def test_score_on_own_reports(tmp_path):
     assert evaluate_main([str(path), "--out", str(out)]) == 0
     assert out.read_text().splitlines()[0].startswith("label\tprecision") and evaluate_main([str(path), "--min-macro-f1", "0.99"]) == 1
     assert {split_of(str(i)) for i in range(30)} == {"dev", "heldout"} and split_of("abc") == split_of("abc")
+
+
+def test_the_macro_f1_averages_labels_with_positives_and_an_empty_split_is_refused(tmp_path, capsys):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"id": "a", "text": "No pleural effusion.", "labels": {"Pleural effusion": 1}}) + "\n")
+    res = evaluate(path)
+    # the 17 labels without a positive (each F1 1.0 on no prediction) no longer lift the missed effusion to 0.944
+    assert res["macro_labels"] == 1 and res["macro_f1"] == 0.0
+    heldout = [i for i in map(str, range(30)) if split_of(i) == "heldout"][0]
+    assert split_of("a") == "dev" and heldout
+    with pytest.raises(UserError, match="no labelled reports in the chosen split"):
+        evaluate(path, ids=[heldout])
+    assert main(["evaluate-parser", str(path), "--split", "heldout"]) != 0
+    err = capsys.readouterr().err
+    assert "no labelled reports in the chosen split" in err and "Traceback" not in err
+    path.write_text(json.dumps({"id": "a", "text": "Emphysema.", "labels": {}}) + "\n")
+    with pytest.raises(UserError, match="no label is positive"):
+        evaluate(path)
 
 
 def test_every_f1_has_a_bootstrap_ci_over_reports():
