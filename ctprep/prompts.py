@@ -30,16 +30,23 @@ def clean(text: str) -> str:
 
 
 def truncate(text: str, max_chars: int) -> str:
-    """Cut ``text`` to at most ``max_chars`` at a sentence boundary (hard cut if one sentence is longer)."""
+    """The whole sentences of ``text`` that fit in ``max_chars``; at least the first, whole, even when it is longer.
+
+    Never a cut inside a sentence: CT-RATE states absent findings with a trailing negation ("Pleural effusion and
+    pericardial effusion ... were not observed."), and a cut before it turns them into present findings. A first
+    sentence over the budget is kept whole, as ``structured_prompt`` keeps its first item (``build_prompts`` counts
+    such prompts); the budget is a length preference, a prompt that says the opposite of its report is wrong.
+    """
     if max_chars <= 0 or len(text) <= max_chars:
         return text
-    out = ""
-    for sentence in (s for s in _SENTENCE_END.split(text) if s):
-        candidate = f"{out} {sentence}".strip()
+    sentences = [s for s in _SENTENCE_END.split(text) if s]
+    out = sentences[0] if sentences else text
+    for sentence in sentences[1:]:
+        candidate = f"{out} {sentence}"
         if len(candidate) > max_chars:
             break
         out = candidate
-    return out or text[:max_chars].rsplit(" ", 1)[0]
+    return out
 
 
 def template_fields(template: str) -> set[str]:
@@ -114,13 +121,14 @@ def build_prompts(cohort: pd.DataFrame, templates: dict[str, str], max_chars: in
         template_fields(tpl)
     if structured is not None and STRUCTURED in templates:
         raise ValueError(f"template name {STRUCTURED!r} is reserved for the parser's structured prompt")
-    rows, bad = [], []
+    rows, bad, over = [], [], 0
     for rec in cohort.to_dict("records"):
         rec["age"] = None if pd.isna(rec.get("age")) else int(rec["age"])
         out = {"VolumeName": rec["VolumeName"], "split": rec["split"]}
         try:
             for name, tpl in templates.items():
                 out[name] = render(tpl, rec, max_chars)
+                over += 0 < max_chars < len(out[name])
             if structured is not None:
                 out[STRUCTURED] = structured.get(rec["VolumeName"], NO_FINDINGS)
         except KeyError as err:
@@ -128,6 +136,9 @@ def build_prompts(cohort: pd.DataFrame, templates: dict[str, str], max_chars: in
                         "reason": f"prompt template {name!r} needs {err.args[0]}, which the report/metadata lacks"})
             continue
         rows.append(out)
+    if over:
+        logger.warning("prompts: %d prompts keep a first sentence longer than prompts.max_chars (%d): a sentence is "
+                       "never cut, its negation may come at its end", over, max_chars)
     columns = ["VolumeName", "split", *templates, *([STRUCTURED] if structured is not None else [])]
     return pd.DataFrame(rows, columns=columns), rejects.frame(bad)
 

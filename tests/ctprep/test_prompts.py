@@ -22,7 +22,25 @@ def test_truncate_at_sentence_boundary():
     assert truncate(text, 25) == "First sentence here."
     assert truncate("• Coronary stents • Emphysema in both lungs", 20) == "Coronary stents"
     assert truncate(text, 0) == text
-    assert len(truncate("averyveryverylongwordwithoutspaces and more", 10)) <= 10
+    # a sentence is never cut: the first is kept whole even over the budget
+    assert truncate("averyveryverylongwordwithoutspaces and more", 10) == "averyveryverylongwordwithoutspaces and more"
+    assert truncate(text, 10) == "First sentence here."
+
+
+@pytest.mark.parametrize("max_chars", [40, 60, 80, 100])
+def test_truncate_keeps_a_trailing_negation(max_chars, caplog):
+    from ctprep.reports import parse_report
+
+    row = {"age": 70, "sex": "male", "impression": "Pleural effusion and pericardial effusion in the examined "
+                                                   "sections were not observed. Emphysema."}
+    prompt = render("{age} years old {sex}: {impression}", row, max_chars=max_chars)
+    assert prompt.startswith("70 years old male: Pleural effusion") and prompt.endswith("were not observed.")
+    labels = parse_report(prompt).labels
+    assert labels["Pleural effusion"] == labels["Pericardial effusion"] == 0
+    cohort = pd.DataFrame([{**row, "VolumeName": "v", "split": "train"}])
+    with caplog.at_level("WARNING", logger="ctprep.prompts"):
+        build_prompts(cohort, {"generatect": "{age} years old {sex}: {impression}"}, max_chars)
+    assert "1 prompts keep a first sentence longer than prompts.max_chars" in caplog.text
 
 
 def test_unknown_field_is_a_config_error():
