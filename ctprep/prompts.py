@@ -50,8 +50,22 @@ def truncate(text: str, max_chars: int) -> str:
 
 
 def template_fields(template: str) -> set[str]:
-    """Names a template refers to; unknown names are a config error."""
-    names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    """Names a template refers to; unknown names, positional fields, conversions and format specs are a config error.
+
+    Checked before any job (``check_prompts``): a ``{}`` or ``{impression!x}`` passed the names check and failed
+    every row of the prompts job (IndexError, ValueError). The values are cleaned text, so a conversion or a
+    format spec ("{age:d}", "{impression!r}") has nothing to do: the template names fields and nothing more.
+    """
+    names = set()
+    for _, name, spec, conversion in string.Formatter().parse(template):  # ValueError on unbalanced braces
+        if name is None:
+            continue
+        if not name or name.isdigit():
+            raise ValueError(f"prompt template {template!r} has a positional field {{{name}}}; name one of {FIELDS}")
+        if conversion is not None or spec:
+            field = "{" + name + (f"!{conversion}" if conversion is not None else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"prompt template {template!r}: {field} takes no conversion or format spec; write {{{name}}}")
+        names.add(name)
     unknown = names - set(FIELDS)
     if unknown:
         raise ValueError(f"prompt template {template!r} uses unknown fields {sorted(unknown)}; known: {FIELDS}")

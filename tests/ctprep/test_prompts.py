@@ -48,6 +48,21 @@ def test_unknown_field_is_a_config_error():
         template_fields("{age} {diagnosis}")
 
 
+@pytest.mark.parametrize(("template", "match"), [
+    ("{age} {sex}: {}", "positional field"),
+    ("{age} {sex}: {0}", "positional field"),
+    ("{impression!x}", "takes no conversion or format spec"),
+    ("{impression!r}", "takes no conversion or format spec"),
+    ("{age:d} years", "takes no conversion or format spec"),
+    ("{impression:{age}}", "takes no conversion or format spec"),
+    ("{age years", "expected '}'"),
+])
+def test_a_template_the_prompts_job_cannot_fill_is_a_config_error(template, match):
+    with pytest.raises(ValueError, match=match) as err:
+        template_fields(template)
+    assert "\n" not in str(err.value)
+
+
 def test_missing_field_rejects_that_volume_only():
     cohort = pd.DataFrame([{**ROW, "VolumeName": "train_1_a_1.nii.gz", "split": "train"},
                            {**ROW, "age": None, "VolumeName": "train_2_a_1.nii.gz", "split": "train"}])
