@@ -12,6 +12,10 @@ import unicodedata
 
 _TAG = re.compile(r"</?[a-zA-Z][^<>]{0,200}>")  # <br>, <p class=..>, </b>; not "a < b > c" prose
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")  # control/zero-width -> space
+#: A lone UTF-16 surrogate ("\ud800" escaped in JSON input, or text decoded with errors="surrogateescape") is no
+#: character: spaCy and every UTF-8 writer raise on it, which stopped a whole --jsonl file. U+FFFD takes its place,
+#: one character for one, as errors="replace" would.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _QUOTES = (("\u201c", '"'), ("\u201d", '"'), ("\u201e", '"'), ("\u2033", '"'), ("\u2018", "'"), ("\u2019", "'"))
 
 
@@ -20,6 +24,8 @@ def normalise_lines(text: object) -> str:
     if text is None:
         return ""
     s = str(text)
+    if not s.isascii():
+        s = _SURROGATE.sub("\ufffd", s)
     s = html.unescape(html.unescape(s))  # double-escaped exports (&amp;amp;) are common
     s = _TAG.sub("\n", s)
     s = unicodedata.normalize("NFKC", s)

@@ -371,6 +371,21 @@ def test_cli_jsonl(tmp_path, repo_config):
     assert rows[1]["prompts"]["generatect"] == "50 years old male: Emphysema."
 
 
+def test_a_lone_surrogate_is_replaced_not_fatal(tmp_path, repo_config):
+    """A "\\ud800" escape in JSON input is a lone surrogate, which no UTF-8 writer takes: it stopped the whole file."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "text": "Small left pleural effusion \\ud800."}\n'
+                   '{"id": "b", "findings": "Emphysema \\udfff.", "impression": "Emphysema.", "age": 50, "sex": "male",'
+                   ' "labels": {"Emphysema": 1}}\n')
+    assert parse_report_main(["--jsonl", str(src), str(dst), "--config", str(repo_config)]) == 0
+    rows = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
+    assert rows[0]["labels"]["Pleural effusion"] == 1 and rows[0]["sections"]["findings"].endswith("effusion \ufffd.")
+    assert rows[1]["prompts"]["findings_impression"] == "50 years old male. Findings: Emphysema \ufffd. Impression: Emphysema."
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text('{"id": "a", "text": "Small left pleural effusion \\ud800.", "labels": {"Pleural effusion": 1}}\n')
+    assert evaluate(ref)["micro_f1"] == 1.0
+
+
 # --- evaluation -----------------------------------------------------------------------------
 def test_score_on_own_reports(tmp_path):
     rows = [{"id": "x", "text": "Cardiomegaly. No effusion in the pleura.", "labels": {**dict.fromkeys(LABELS, 0), "Cardiomegaly": 1}},
