@@ -31,7 +31,8 @@ _DIGIT = re.compile(r"\d")
 _UNIT = r"(mm|cm|millimet\w*|centimet\w*)\b"
 _NUM = r"(\d+(?:[.,]\d+)?)"
 _RANGE = re.compile(rf"{_NUM}\s*(?:(?:mm|cm)\s*)?(?:-|–|to)\s*{_NUM}\s*{_UNIT}", re.I)  # "5-7 mm", "3 mm - 5 mm"
-_DIMS = re.compile(rf"{_NUM}(?:\s*[x×*]\s*{_NUM})?(?:\s*[x×*]\s*{_NUM})?\s*{_UNIT}", re.I)
+# a size as a compound adjective takes a hyphen before its unit: "a 3-mm nodule", "a 2.5-cm mass"
+_DIMS = re.compile(rf"{_NUM}(?:\s*[x×*]\s*{_NUM})?(?:\s*[x×*]\s*{_NUM})?(?:\s*|-){_UNIT}", re.I)
 _NOT_A_SIZE = r"(?!\s*(?:[.,]\d|[x×*-]|mm|cm|millimet|centimet))"  # "2 nodules" counts, "2 mm" / "2.5" does not
 _FEW = re.compile(rf"\b(a few|few|a couple of|couple of|two|three|2{_NOT_A_SIZE}|3{_NOT_A_SIZE}|1-2|2-3)\b", re.I)
 _MANY = re.compile(r"\b(multiple|several|numerous|innumerable|many|scattered|diffuse|widespread|countless|multifocal)\b", re.I)

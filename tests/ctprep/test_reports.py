@@ -125,6 +125,10 @@ def test_laterality_and_lobe():
     ("A nodule of 1.2 cm in the left lower lobe.", 12.0, 12.0),
     ("A 9x6 mm nodule in the left lower lobe.", 6.0, 9.0),
     ("A nodule measuring 4 to 8 mm in the lingula.", 4.0, 8.0),
+    # a size as a compound adjective, hyphenated before its unit
+    ("A 3-mm nodule in the right upper lobe.", 3.0, 3.0),
+    ("A 1.5-cm nodule in the left upper lobe.", 15.0, 15.0),
+    ("A 12 x 8-mm nodule in the left lower lobe.", 8.0, 12.0),
 ])
 def test_sizes(text, lo, hi):
     m = one(text, "Lung nodule")
