@@ -357,15 +357,19 @@ TERMINATORS = ["but", "however", "although", "though", *EXCEPTIONS, "apart from 
                # the rest of a resolved finding is a new item: "Resolution of atelectasis with residual consolidation"
                "with residual", "with persistent", "with persisting", "with remaining", "with new"]
 # A comma followed by a quantity or degree word starts a new, asserted item: "No effusion, mild atelectasis".
+# Size, amount and extent words of the same kind ("No pulmonary embolism, trace bilateral pleural effusions"); not
+# sides, which open the next item of a negated list as often ("No consolidation, right pleural effusion or pneumothorax").
 TERMINATORS += [f", {w}" for w in ("a", "an", "mild", "minimal", "minimally", "moderate", "severe", "marked", "slight",
                                     "small", "several", "multiple", "a few", "there is", "there are",
-                                    "residual", "persistent", "persisting", "remaining", "new")]
+                                    "residual", "persistent", "persisting", "remaining", "new",
+                                    "trace", "large", "extensive", "scattered", "patchy", "dense")]
 #: End a pre-trigger's scope only: "and" before a new assertion ("There is no effusion, and there is mild cardiomegaly",
 #: "No pneumothorax and small bilateral effusions"). A post-trigger still covers such a coordination ("Pleural effusion
 #: and mild atelectasis were not seen" is odd, but "no A and B" stays one negation either way).
-PRE_SCOPE_ENDS = [f"and {w}" for w in ("there is", "there are", "there was", "there were", "mild", "mildly", "minimal",
-                                       "minimally", "small", "moderate", "moderately", "large", "trace", "severe",
-                                       "marked", "slight", "extensive")]
+PRE_SCOPE_ENDS = [f"{conj} {w}" for conj in ("and", "&")  # "&": "No pleural effusion & mild cardiomegaly"
+                  for w in ("there is", "there are", "there was", "there were", "mild", "mildly", "minimal",
+                            "minimally", "small", "moderate", "moderately", "large", "trace", "severe",
+                            "marked", "slight", "extensive")]
 #: What stops a sentence-wide negation reaching back to the sentence start (``SENTENCE_NEGATION``): contrast and
 #: exception terminators, ";" and persistence ("Consolidation persists and the effusion has resolved"). "persists"
 #: and "remains" end only that reach, not other scopes: "Pleural effusion remains absent" is negated.

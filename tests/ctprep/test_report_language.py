@@ -1245,3 +1245,23 @@ def test_abbreviated_clinical_headers_set_no_label(text, label):
 ])
 def test_request_words_in_prose_are_no_header(text):
     assert split_sections(text)["findings"] == text
+
+
+# --- a comma and an amount word start a new, asserted item -------------------------------------------------
+@pytest.mark.parametrize(("text", "expected"), [
+    ("No pulmonary embolism, trace bilateral pleural effusions.", [(EFFUSION, "present")]),
+    ("No pleural effusion, extensive coronary calcification.",
+     [(EFFUSION, "negated"), ("Coronary artery wall calcification", "present")]),
+    ("No pleural effusion, large consolidation in the right lower lobe.",
+     [(EFFUSION, "negated"), ("Consolidation", "present")]),
+    ("No pleural effusion, patchy consolidation in the left lower lobe.",
+     [(EFFUSION, "negated"), ("Consolidation", "present")]),
+    ("No consolidation, dense atelectasis in the left lower lobe.", [("Consolidation", "negated"), ("Atelectasis", "present")]),
+    ("No pulmonary embolism, scattered nodules in both lungs.", [(NODULE, "present")]),
+    ("No pleural effusion & mild cardiomegaly.", [(EFFUSION, "negated"), ("Cardiomegaly", "present")]),
+    # a side word opens the next item of a negated list as often: the negation goes on
+    ("No consolidation, right pleural effusion or pneumothorax.", [("Consolidation", "negated"), (EFFUSION, "negated")]),
+    ("No pleural effusion & consolidation.", [(EFFUSION, "negated"), ("Consolidation", "negated")]),
+])
+def test_a_comma_and_an_amount_word_end_a_pre_negation(text, expected):
+    assert [(m.label, m.status) for m in parse_report(text).mentions] == expected
