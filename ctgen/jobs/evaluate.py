@@ -236,24 +236,30 @@ def _score(col: _Collected, nets: FeatureNets, texts, known_labels, cfg: EvalCon
     cols = [LABELS.index(n) for n in cfg.labels]
     if nets.classifier is None:
         not_computed.append({"group": "faithfulness", "reason": "no classifier in the models folder"})
-    elif not all(s in known_labels for s in gen_stems):
-        missing = sorted({s for s in gen_stems if s not in known_labels})
-        not_computed.append({"group": "faithfulness", "reason": f"no labels for {len(missing)} scored stems "
-                                                                 f"(e.g. {missing[:3]}): give --labels"})
+    elif not any(s in known_labels for s in gen_stems):
+        not_computed.append({"group": "faithfulness", "reason": f"no labels for the {len(gen_stems)} scored stems "
+                                                                 f"(e.g. {gen_stems[:3]}): give --labels"})
     else:
-        y_gen = np.stack([known_labels[s] for s in gen_stems])[:, cols]
-        y_real = np.stack([known_labels[s] for s in col.real_stems])[:, cols]
+        # a stem without labels counts as unknown in every label (NaN, as a blank CT-RATE cell): the rest is scored,
+        # and every number says how many were left out
+        unknown = np.full(len(LABELS), np.nan, np.float32)
+        y_gen = np.stack([known_labels.get(s, unknown) for s in gen_stems])[:, cols]
+        y_real = np.stack([known_labels.get(s, unknown) for s in col.real_stems])[:, cols]
+        missing = sorted({s for s in gen_stems if s not in known_labels})
+        note = (f"no labels for {len(missing)} of the {len(set(gen_stems))} scored stems (e.g. {missing[:3]}): scored "
+                "on the others") if missing else None
         kw = {"min_positives": cfg.auroc_min_positives, "min_negatives": cfg.auroc_min_negatives,
               "profile": nets.profiles["classifier"], **boot}
         p_gen = np.stack(gen["probabilities"])[:, cols]
         # several volumes of one report (sampling.per_prompt > 1), or of one CT-RATE patient, share labels and
         # anatomy: their CIs resample reports or patients (the real side's too)
-        metrics += label_aurocs(p_gen, y_gen, cfg.labels, name="faithfulness.generated", stems=h_gen,
-                                groups=gen_stems, **kw)
+        faith = label_aurocs(p_gen, y_gen, cfg.labels, name="faithfulness.generated", stems=h_gen,
+                             groups=gen_stems, **kw)
         for j, name in enumerate(cfg.labels):  # per volume, so that two runs compare pair by pair (ctgen.jobs.compare)
             pv[f"p_{name}"], pv[f"y_{name}"] = p_gen[:, j], y_gen[:, j]
-        metrics += label_aurocs(np.stack(real["probabilities"])[:, cols], y_real, cfg.labels, name="faithfulness.real",
-                                stems=h_real, groups=col.real_stems, **kw)
+        faith += label_aurocs(np.stack(real["probabilities"])[:, cols], y_real, cfg.labels, name="faithfulness.real",
+                              stems=h_real, groups=col.real_stems, **kw)
+        metrics += [dataclasses.replace(m, flag=join_flags(m.flag, note)) for m in faith] if note else faith
     # distribution: 2D FID per plane (+ mean) per slice space; Fréchet distance on each 3D network's features
     fkw = {"n_boot": cfg.bootstrap_frechet, "seed": cfg.seed, "device": device, "stems": h_gen,
            "groups_fake": gen_stems, "groups_real": col.real_stems}

@@ -96,6 +96,23 @@ def noise_run(models):
                              labels=models["labels"], device="cpu")
 
 
+def test_stems_without_labels_leave_faithfulness_scored_on_the_others_and_flagged(models, real_run, tmp_path):
+    """Ground truth from a folder (no shard labels) and a label table that lacks one scored stem: the other five are
+    scored, each number saying what was left out (it was not computed at all)."""
+    preds = models["root"] / "real_preds"
+    table = pd.read_csv(models["labels"], dtype=str, keep_default_na=False)
+    table.iloc[1:].to_csv(tmp_path / "labels.csv", index=False)  # train_0 has no row
+    summary = evaluate.evaluate(preds, [preds], models["models"], tmp_path / "out", SETTINGS,
+                                labels=tmp_path / "labels.csv", device="cpu")
+    assert not any(n["group"] == "faithfulness" for n in summary["not_computed"])
+    faith = [m for m in summary["metrics"] if m["name"].startswith("faithfulness.")]
+    assert faith and all("no labels for 1 of the 6 scored stems" in (m["flag"] or "") for m in faith)
+    effusion = next(m for m in faith if m["name"] == "faithfulness.generated.Pleural effusion")
+    assert effusion["n"] == 5  # train_0 is unknown in every label, as a blank cell
+    pv = pd.read_csv(tmp_path / "out" / "per_volume.csv").set_index("prompt_id")
+    assert np.isnan(pv.loc["train_0_a_1", "y_Pleural effusion"]) and pv.loc["train_1_a_1", "y_Pleural effusion"] == 1
+
+
 def test_real_against_itself_is_perfect(real_run):
     summary, out = real_run
     m = records(summary)
