@@ -9,8 +9,10 @@ writes to ``out_dir``:
   the profile: backbone and weights hash, the hash of the scored stems, a flag where it is thin),
   the groups not computed and why, the counts, the inputs and the provenance;
 * ``per_volume.csv``: one row per scored prediction, for ``ctgen compare`` (paired permutation test); its
-  ``hu_problem`` names values that do not read as HU (normalised, raw stored values): such predictions are
-  scored, counted (``n.predictions_not_hu``) and every metric computed on them is flagged;
+  ``hu_problem`` names values that do not read as HU (normalised, raw stored values), ``extent_problem`` a field
+  of view under half or over twice the grid's along some axis (an untruthful header spacing): such predictions
+  are scored, counted (``n.predictions_not_hu``, ``n.predictions_off_extent``) and every metric computed on them
+  is flagged;
 * ``skipped.csv``: every prediction or ground-truth volume left out, and why;
 * ``hu_histograms.json``: mean HU densities of the generated and the real volumes (``n``: volumes per side).
 
@@ -118,8 +120,15 @@ def evaluate(generated: str | Path, real: list[str | Path], models_dir: str | Pa
              n_pred, len(col.real_stems), n_skipped, sum(1 for s in skips if s.side == "real"))
     metrics, not_computed, per_volume = _score(col, nets, texts, known_labels, cfg, device, models_dir, spec)
     n_not_hu = sum(1 for r in col.gen_rows if r["hu_problem"])
-    if n_not_hu:  # values that do not read as HU were scored as HU: no number computed on them may hide it
-        note = f"{n_not_hu} of {n_pred} predictions hold values that do not read as HU (per_volume.csv: hu_problem)"
+    n_extent = sum(1 for r in col.gen_rows if r["extent_problem"])
+    # values that do not read as HU were scored as HU, a chest of another size resampled as it is: no number
+    # computed on them may hide it
+    note = join_flags(
+        f"{n_not_hu} of {n_pred} predictions hold values that do not read as HU (per_volume.csv: hu_problem)"
+        if n_not_hu else None,
+        f"{n_extent} of {n_pred} predictions have a field of view that does not fit the grid (per_volume.csv: "
+        "extent_problem)" if n_extent else None)
+    if note:
         metrics = [dataclasses.replace(m, flag=join_flags(m.flag, note)) if _uses_predictions(m.name) else m
                    for m in metrics]
     skipped_table(skips).to_csv(out_dir / "skipped.csv", index=False)
@@ -132,6 +141,7 @@ def evaluate(generated: str | Path, real: list[str | Path], models_dir: str | Pa
     summary = {
         "metrics": [m.to_json() for m in metrics], "not_computed": not_computed,
         "n": {"predictions": len(predictions), "scored": n_pred, "predictions_not_hu": n_not_hu,
+              "predictions_off_extent": n_extent,
               "ground_truth": len(truth.stems),
               "ground_truth_paired": len(col.real_stems), "skipped_predictions": n_skipped,
               "skipped_ground_truth": sum(1 for s in skips if s.side == "real")},
@@ -190,11 +200,12 @@ def _stream(truth: RealSet, pairing, nets: FeatureNets, grid: Grid, cfg: EvalCon
             col.add("real", nets, [h for _, h, _ in part], grid.clip, cfg.slices_per_volume)
             for stem, _, gens in part:
                 col.real_stems.append(stem)
-                for p, _, resampled, problem in gens:
+                for p, _, resampled, problem, extent in gens:
                     col.gen_rows.append({"prompt_id": stem, "sample": p.path, "seed": p.seed, "repeat": p.repeat,
-                                         "resampled": resampled, "hu_problem": problem or ""})
+                                         "resampled": resampled, "hu_problem": problem or "",
+                                         "extent_problem": extent or ""})
                     col.gen_real.append(len(col.real_stems) - 1)
-            gens = [g for _, _, gs in part for _, g, _, _ in gs]
+            gens = [g for _, _, gs in part for _, g, *_ in gs]
             for i in range(0, len(gens), cfg.batch_size):
                 col.add("generated", nets, gens[i:i + cfg.batch_size], grid.clip, cfg.slices_per_volume)
         batch.clear()
@@ -212,8 +223,9 @@ def _stream(truth: RealSet, pairing, nets: FeatureNets, grid: Grid, cfg: EvalCon
             except BadVolume as err:
                 skips.append(Skip(stem, "generated", p.path, str(err)))
                 continue
-            if gens[-1][-1]:
-                log.warning("prediction %s: %s; scored, and the metrics are flagged", p.path, gens[-1][-1])
+            for problem in gens[-1][-2:]:
+                if problem:
+                    log.warning("prediction %s: %s; scored, and the metrics are flagged", p.path, problem)
         if preds and not gens:
             skips.append(Skip(stem, "real", truth.paths.get(stem, ""), "every prediction of this stem was skipped"))
         batch.append((stem, hu, gens))

@@ -238,12 +238,33 @@ def read_ground_truth(path: str | Path, grid: Grid) -> tuple[np.ndarray, bool]:
     return on_grid(vol, grid, Path(path).name)
 
 
-def read_prediction(path: str | Path, grid: Grid) -> tuple[np.ndarray, bool, str | None]:
-    """:func:`read_nifti`, and why the file's values do not read as HU (None where they do).
+#: A prediction whose field of view along some axis is under half or over twice the grid's is named: its header
+#: spacing is likely not the truth (another tool's identity affine, 1 mm voxels), and resampled it would be scored as
+#: a chest of another size
+EXTENT_RATIO = 2.0
+
+
+def extent_problem(vol: Volume, grid: Grid) -> str | None:
+    """Why the volume's physical extent does not fit the grid's (None where it does): along R, A, S, the extent
+    ``|affine| @ shape`` (any orientation, obliques included) against the grid's ``spacing * shape``."""
+    extent = np.abs(np.asarray(vol.affine, dtype=np.float64)[:3, :3]) @ np.asarray(vol.shape[:3], dtype=np.float64)
+    target = np.asarray(grid.spacing) * np.asarray(grid.shape)
+    ratio = extent / target
+    if np.all((ratio >= 1 / EXTENT_RATIO) & (ratio <= EXTENT_RATIO)):
+        return None
+    fmt = lambda a: " x ".join(f"{v:.0f}" for v in a)  # noqa: E731
+    return (f"field of view {fmt(extent)} mm (R, A, S) against the grid's {fmt(target)} mm: is the header's "
+            "voxel spacing the truth?")
+
+
+def read_prediction(path: str | Path, grid: Grid) -> tuple[np.ndarray, bool, str | None, str | None]:
+    """:func:`read_nifti`, why the file's values do not read as HU and why its field of view does not fit the grid
+    (each None where it does).
 
     Other tools often write normalised ([0, 1], [-1, 1]) or raw stored values (0..4095, no intercept); read as
-    HU and clipped to the window they would be scored silently. They are scored all the same (a few bad
-    volumes need not void a run), and the reason goes to per_volume.csv and the metrics' flags.
+    HU and clipped to the window they would be scored silently. Others write an identity affine (1 mm voxels) or
+    none: resampled by that spacing, the volume is a chest of another size. They are scored all the same (a few
+    bad volumes need not void a run), and the reasons go to per_volume.csv and the metrics' flags.
     """
     from ctgen.metrics.hu import not_hu
 
@@ -252,7 +273,7 @@ def read_prediction(path: str | Path, grid: Grid) -> tuple[np.ndarray, bool, str
         log.warning("%s: no orientation in the header (qform_code and sform_code are 0): read as nibabel does "
                     "(L-A-S axes from the voxel sizes), which mirrors left and right if the tool meant R-A-S", path)
     hu, resampled = on_grid(vol, grid, Path(path).name)  # NaN/inf raise BadVolume first
-    return hu, resampled, not_hu(vol.data)
+    return hu, resampled, not_hu(vol.data), extent_problem(vol, grid)
 
 
 # --- ground truth ------------------------------------------------------------------------------------------

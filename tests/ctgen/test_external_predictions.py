@@ -142,8 +142,8 @@ def test_other_conventions_give_the_same_grid(tmp_path, variant):
         path = save(tmp_path / "v.nii", hu)
     elif variant == "float64":
         save(path, hu, dtype=np.float64)
-    got, resampled, problem = read_prediction(path, GRID)
-    assert not resampled and problem is None
+    got, resampled, problem, extent = read_prediction(path, GRID)
+    assert not resampled and problem is None and extent is None
     tol = 10 if variant == "int8_slope_intercept" else 0
     np.testing.assert_allclose(got, reference, atol=tol)
 
@@ -219,6 +219,20 @@ def test_values_that_are_not_hu_are_named_counted_and_flag_the_metrics(folders, 
     assert caplog.text.count("normalised values, not HU") == 2 and caplog.text.count("1024 lower") == 1  # warned
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert written["n"]["predictions_not_hu"] == 3
+
+
+def test_a_field_of_view_that_does_not_fit_the_grid_is_named_counted_and_flags_the_metrics(folders, tmp_path):
+    """Another tool's identity affine (1 mm voxels) makes a 128 mm chest 32 mm wide: scored, but said."""
+    writers = {STEMS[0]: lambda p: save(p.with_suffix(".nii.gz"), np.rint(phantom(100)), affine=np.eye(4))}
+    summary = run(folders, predictions(tmp_path, writers), tmp_path)
+    pv = pd.read_csv(tmp_path / "out" / "per_volume.csv", keep_default_na=False).set_index("prompt_id")
+    assert "field of view 32 x 32 x 16 mm (R, A, S) against the grid's 128 x 128 x 128 mm" in \
+        pv.loc[STEMS[0], "extent_problem"]
+    assert (pv.loc[STEMS[1:], "extent_problem"] == "").all() and (pv["hu_problem"] == "").all()
+    assert summary["n"]["predictions_off_extent"] == 1 and summary["n"]["scored"] == 6
+    note = "1 of 6 predictions have a field of view that does not fit the grid"
+    for m in summary["metrics"]:
+        assert (note in (m["flag"] or "")) == (".real" not in m["name"]), m["name"]
 
 
 def test_hu_predictions_carry_no_hu_flag(folders, tmp_path):
