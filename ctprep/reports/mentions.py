@@ -22,7 +22,7 @@ from spacy.tokens import Doc, Span
 from ctprep.reports import attributes as A
 from ctprep.reports import spelling
 from ctprep.reports.prefilter import compile_lower, keywords, lower_same_length, sentences_with
-from ctprep.reports.vocabulary import (BARE_EFFUSION_LABEL, CONTRASTS, EFFUSION, ELLIPTIC_HEADS, EXCEPTIONS, LUNG,
+from ctprep.reports.vocabulary import (AUXILIARIES, BARE_EFFUSION_LABEL, CONTRASTS, EFFUSION, ELLIPTIC_HEADS, EXCEPTIONS, LUNG,
                                        NON_LUNG, PLACE_NOUNS, PLACE_PREPOSITIONS, RELATIVE_PRONOUNS, RULES, SEEN_VERBS,
                                        SPELLING_REAL_WORDS, SPELLING_TERMS, Rule)
 
@@ -38,11 +38,21 @@ class _Compiled:
     excludes: re.Pattern | None
     words: frozenset[str] | None
     excludes_own: re.Pattern | None = None
+    excludes_part: re.Pattern | None = None
+    outside: re.Pattern | None = None
+    inside: re.Pattern | None = None
 
 
-_COMPILED = tuple(_Compiled(r, compile_lower(r.pattern), compile_lower(r.requires) if r.requires else None,
-                            compile_lower(r.excludes) if r.excludes else None, keywords(r.pattern),
-                            compile_lower(r.excludes_own) if r.excludes_own else None) for r in RULES)
+def _compile(rx: str | None) -> re.Pattern | None:
+    return compile_lower(rx) if rx else None
+
+
+_COMPILED = tuple(_Compiled(r, compile_lower(r.pattern), _compile(r.requires), _compile(r.excludes), keywords(r.pattern),
+                            _compile(r.excludes_own), _compile(r.excludes_part), _compile(r.outside), _compile(r.inside))
+                  for r in RULES)
+#: A verb of the clause: a part without one shares the clause's verb phrase ("Lymph nodes in the mediastinum and
+#: lymph nodes in the hila are of normal size": both are normal-sized).
+_VERB = compile_lower(r"\b(" + "|".join(AUXILIARIES) + r")\b")
 _EFFUSION_WORDS = keywords(EFFUSION.pattern)
 _PERICARD = compile_lower(r"\bpericardi\w*")
 _PLEURA = compile_lower(r"\b(pleura\w*|hemithora\w*|thorax|thoracic cavit\w*|costophrenic|costodiaphragmatic)")
@@ -250,6 +260,33 @@ def _elliptic_exceptions(text: str, sentence: tuple[int, int], found: list[tuple
     return out
 
 
+def _part_excluded(c: _Compiled, low: str, s0: int, e0: int, m: re.Match, anchors: list[re.Match]) -> bool:
+    """True if the rule's part-scoped exclusions drop the anchor ``m`` of the sentence ``low[s0:e0]``.
+
+    The part is the mention's own words: inside its clause, from the separator after the rule's previous anchor to
+    the last separator before its next one (``attributes.finding_part``), so that a normal-sized or abdominal node
+    named beside it is no reason to drop it. A part without a verb shares the verb phrase of its comma-set phrase,
+    which says what its coordinated subjects are ("Lymph nodes in the mediastinum and hila are of normal size").
+    """
+    marks = [x.span() for x in A.CLAUSE_END.finditer(low, s0, e0)]
+    c0 = max([b for _, b in marks if b <= m.start()], default=s0)
+    c1 = min([a for a, _ in marks if a >= m.end()], default=e0)
+    clause = low[c0:c1]
+    s, e = m.start() - c0, m.end() - c0
+    prev_end = max((x.end() - c0 for x in anchors if c0 <= x.start() and x.end() <= m.start()), default=None)
+    next_start = min((x.start() - c0 for x in anchors if x.start() >= m.end() and x.end() <= c1), default=None)
+    a, b = A.finding_part(clause, s, e, prev_end, next_start)
+    context = clause[a:b]
+    if not _VERB.search(context):
+        _, phrase_end = A.own_phrase(clause, s, e)
+        verb = _VERB.search(clause, b, phrase_end) if b < phrase_end else None
+        if verb:
+            context += " " + clause[verb.start():phrase_end]
+    if c.excludes_part and c.excludes_part.search(context):
+        return True
+    return bool(c.outside and c.outside.search(context) and not (c.inside and c.inside.search(context)))
+
+
 def find_mentions(doc: Doc, corrections: list[tuple[int, int, str]] = ()) -> list[Span]:
     """Finding spans of one section doc (labels are CT-RATE names; one span per label and place).
 
@@ -274,7 +311,8 @@ def find_mentions(doc: Doc, corrections: list[tuple[int, int, str]] = ()) -> lis
         for i in sentences_with(low, c.words, starts, n):
             s0, e0 = sents[i][2], sents[i][3]
             sentence_ok = None  # requires/excludes on the whole sentence, computed at the first match
-            for m in c.rx.finditer(low, s0, e0):
+            anchors = list(c.rx.finditer(low, s0, e0))
+            for m in anchors:
                 if rule.window:
                     context = low[max(s0, m.start() - rule.window): min(e0, m.end() + rule.window)]
                     ok = (c.requires is None or c.requires.search(context)) and not (c.excludes and c.excludes.search(context))
@@ -288,6 +326,8 @@ def find_mentions(doc: Doc, corrections: list[tuple[int, int, str]] = ()) -> lis
                     continue
                 if c.excludes_own and any(x.start() < m.end() and m.start() < x.end()
                                           for x in c.excludes_own.finditer(low, s0, e0)):
+                    continue
+                if (c.excludes_part or c.outside) and _part_excluded(c, low, s0, e0, m, anchors):
                     continue
                 if rule.lung_only:
                     if i not in off_lung:

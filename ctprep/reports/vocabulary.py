@@ -9,7 +9,9 @@ plain phrases and go through spaCy's ``PhraseMatcher`` (see ``context.py``).
 
 Each ``Rule`` anchors a mention on ``pattern``; ``requires``/``excludes`` look at the mention's
 sentence (or its ±``window`` characters) so that, e.g., a calcification counts as *coronary* only
-next to "coronary", and a nodule counts as a *lung* nodule only outside the thyroid or liver.
+next to "coronary", and a nodule counts as a *lung* nodule only outside the thyroid or liver. Exclusions that
+describe the finding itself (a node's normal size, another hernia's type) read only the mention's own words
+(``excludes_own``, ``excludes_part``): a sentence often names a true finding beside a normal or another one.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ class Rule:
     #: other anchors of the context alone ("Mitral annular calcification and aortic atherosclerosis")
     excludes_own: str | None = None
     lung_only: bool = False  # drop the mention if its sentence names another organ and nothing of the lung
+    #: regex that must not occur in the mention's own part of its clause (``mentions.py``: the words between the
+    #: separators that part it from the rule's other anchors, with the clause's verb phrase where it has none of its
+    #: own): "Mediastinal lymphadenopathy with normal-sized axillary lymph nodes" keeps the mediastinal one
+    excludes_part: str | None = None
+    #: places outside the label's region: the mention is dropped if its part names one and no place of ``inside``
+    #: ("Enlarged lymph nodes in the mediastinum and celiac region" is a chest finding, "Paraaortic nodes" is not)
+    outside: str | None = None
+    inside: str | None = None
 
 
 # Words that put a sentence outside the lungs/chest (organ exclusions for lung labels).
@@ -114,17 +124,27 @@ RULES: tuple[Rule, ...] = (
     Rule("Pericardial effusion", r"\bha?emopericardium|\bpneumopericardium|\bpericardial (fluid|effusion|collection)"),
     # (effusions without "pleural"/"pericardial" next to them are assigned in mentions.py)
     # --- mediastinum ------------------------------------------------------------------------------
-    Rule("Hiatal hernia", r"\bhiat(al|us) hernia\w*|\bhernia\w*[^.;]{0,60}\bhiat(us|al)\b|\bhiat(us|al)\b[^.;]{0,60}\bhernia\w*|"
-         r"\bsliding([- ]type)? hernia|\bpara-?o?esophageal hernia|\bintrathoracic stomach|"
+    # (a hiatus followed by "hernia" is that hernia's: "Umbilical hernia and hiatal hernia" keeps the second)
+    Rule("Hiatal hernia", r"\bhiat(al|us) hernia\w*|\bhernia\w*[^.;]{0,60}\bhiat(us|al)\b(?! hernia)|"
+         r"\bhiat(us|al)\b[^.;]{0,60}\bhernia\w*|\bsliding([- ]type)? hernia|\bpara-?o?esophageal hernia|\bintrathoracic stomach|"
          r"\bherniat\w*[^.;]{0,50}\b(stomach|gastric|fundus)\b|\b(stomach|gastric fundus|fundus)\b[^.;]{0,40}\bherniat\w*",
-         excludes=r"\b(bochdalek|morgagni|inguinal|umbilical|incisional|ventral|abdominal wall|lung|fat)\b"),
+         # another hernia's type names the hernia it qualifies only, not the sentence's other words ("Small hiatal
+         # hernia containing fat", "Hiatal hernia, atelectasis in the left lung lower lobe")
+         excludes_own=r"\b(bochdalek|morgagni|inguinal|umbilical|incisional|ventral|abdominal wall|lung|pulmonary|fat|"
+                      r"omental)( fat)?([- ]containing)? hernia\w*|"
+                      r"\bhernia\w* of (the )?(bochdalek|morgagni|lung|(\w+ )?fat)\b|\b(lung|fat) herniat\w*|"
+                      r"\bherniat\w* of (the )?(lung|(\w+ )?fat)\b"),
     Rule("Lymphadenopathy", r"\blymphadenopath\w*|\badenopath\w*|\b(lymph)?adenomegal\w*|\blaps?\b|\blymph ?node conglomerat\w*|"
          r"\b(enlarged|pathologic\w*|conglomerat\w*|necrotic)" + _NODE_MODIFIERS + r" node\b|" + _BARE_NODE + "|" + _NODE,
-         excludes=r"\b(normal|natural|physiological|non-?pathological|insignificant)[- ](size|sized|dimension)\w*\b|"
-                  r"\bwithin normal (size )?limits|\bnot (in )?(a )?patholog\w*|\bfatty hil\w*|\b(do|does|did) not reach|"
-                  r"\bnot reaching|\b(below|under) (the )?patholog\w*|\bintra-?(parenchymal|pulmonary)|"
-                  r"\b(abdom\w*|intra-?abdominal|pelvi\w*|inguinal|iliac|mesenter\w*|meso|colon|perigastric|portal|"
-                  r"retroperiton\w*|celiac|paraaortic|para-aortic|paracaval|interaortocaval|pericolonic|perirenal)\b"),
+         # normal-sized nodes, and nodes outside the chest, in the nodes' own part of the sentence: "Mediastinal
+         # lymphadenopathy with normal-sized axillary lymph nodes", "Enlarged right paratracheal lymph node of 15 mm,
+         # other lymph nodes within normal limits"; a chest station beside an abdominal one keeps the finding
+         excludes_part=r"\b(normal|natural|physiological|non-?pathological|insignificant)[- ](size|sized|dimension)\w*\b|"
+                       r"\bwithin normal (size )?limits|\bnot (in )?(a )?patholog\w*|\bfatty hil\w*|\b(do|does|did) not reach|"
+                       r"\bnot reaching|\b(below|under) (the )?patholog\w*|\bintra-?(parenchymal|pulmonary)",
+         outside=r"\b(abdom\w*|intra-?abdominal|pelvi\w*|inguinal|iliac|mesenter\w*|meso|colon|perigastric|portal|"
+                 r"retroperiton\w*|celiac|paraaortic|para-aortic|paracaval|interaortocaval|pericolonic|perirenal)\b",
+         inside=r"\b((?<!renal )" + _STATIONS + r"|mediastin\w*|(?<!portal )(?<!hepatic )(?<!renal )(?<!splenic )hil(a|um|us|i)|axilla\w*|thora\w*|aortopulmonary window)\b"),
     # --- lung parenchyma --------------------------------------------------------------------------
     Rule("Emphysema", r"\bemphysem\w*|\bbullae?\b|\bbullous|\bblebs?\b|\bhyperaerat\w*|\bhyperinflat\w*",
          excludes=r"\b(subcutaneous|mediastinal|soft tissue|interstitial) emphysem\w*"),
@@ -134,7 +154,10 @@ RULES: tuple[Rule, ...] = (
          r"\b(lobes?|lingula|segments?) (is|are|was|were|appears?)( (partially|partly|completely|totally|almost))? collapsed\b"),
     Rule("Lung nodule", r"\b(micro)?nodules?\b(?! formation)|\bnodular (lesion|opacit|formation|appearance)\w*|"
          r"\bmicronodul\w*|\bgranulomas?\b|(?<!pleural )\bnodularit(y|ies)\b|\bnodular\b(?=[ -](or|and)[ -]\w+ (lesion|opacit|densit)\w*)",
-         excludes=r"\bnodular (contrast |peripheral )?enhancement|\blymph ?nodes? with", lung_only=True),
+         excludes=r"\bnodular (contrast |peripheral )?enhancement", lung_only=True,
+         # a node's description, not the other words of the sentence: "A 5 mm nodule in the right upper lobe and
+         # axillary lymph nodes with fatty hila"
+         excludes_own=r"\blymph ?nodes? with\b(?:(?!\b(and|or|as well as)\b)[^,;])*"),
     Rule("Lung opacity", r"\bground[- ]?glass\w*|\bfrosted[- ]glass|\bggos?\b", lung_only=True),
     Rule("Lung opacity", r"\bopacit(y|ies)\b|\bdensit(y|ies)( increase\w*| increased)|"
          r"\b(increase|increases) in (lung |parenchymal )?density|\bincreased (parenchymal |lung )?densit\w*|"

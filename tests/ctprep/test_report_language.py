@@ -1265,3 +1265,35 @@ def test_request_words_in_prose_are_no_header(text):
 ])
 def test_a_comma_and_an_amount_word_end_a_pre_negation(text, expected):
     assert [(m.label, m.status) for m in parse_report(text).mentions] == expected
+
+
+# --- a rule's exclusion reads the mention's own words, not its neighbours' --------------------------------------
+@pytest.mark.parametrize(("text", "label"), [
+    ("Small hiatal hernia containing fat.", "Hiatal hernia"),
+    ("Fat-containing hiatal hernia.", "Hiatal hernia"),
+    ("Hiatal hernia, atelectasis in the left lung lower lobe.", "Hiatal hernia"),
+    ("Umbilical hernia and hiatal hernia.", "Hiatal hernia"),
+    ("Enlarged lymph nodes in the mediastinum and celiac region.", "Lymphadenopathy"),
+    ("Mediastinal lymphadenopathy with normal-sized axillary lymph nodes.", "Lymphadenopathy"),
+    ("Enlarged right paratracheal lymph node of 15 mm, other lymph nodes within normal limits.", "Lymphadenopathy"),
+    ("Mediastinal lymph nodes that do not reach pathological size, and an enlarged 15 mm subcarinal node.",
+     "Lymphadenopathy"),
+    ("A 5 mm nodule in the right upper lobe and axillary lymph nodes with fatty hila.", NODULE),
+])
+def test_an_exclusion_reads_the_mentions_own_words(text, label):
+    assert parse_report(text).labels[label] == 1
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    ("A Bochdalek hernia containing fat near the hiatus.", "Hiatal hernia"),
+    ("Herniation of the lung through the intercostal space near the stomach.", "Hiatal hernia"),
+    ("Mediastinal lymph nodes of normal size.", "Lymphadenopathy"),
+    ("Lymph nodes in the mediastinum and lymph nodes in the hila are of normal size.", "Lymphadenopathy"),
+    ("Lymph nodes with a fatty hilum in both axillae.", "Lymphadenopathy"),
+    ("Enlarged lymph nodes in the paraaortic and celiac regions.", "Lymphadenopathy"),
+    ("No lymph nodes of pathological size; normal-sized lymph nodes in the mediastinum.", "Lymphadenopathy"),
+    ("Mildly enlarged lymph nodes in the portal hilus.", "Lymphadenopathy"),
+    ("Lymph nodes with a nodular appearance in the mediastinum.", NODULE),
+])
+def test_an_exclusion_still_drops_its_own_mention(text, label):
+    assert parse_report(text).labels[label] == 0
