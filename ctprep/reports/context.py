@@ -51,6 +51,12 @@ from ctprep.reports import attributes as A
 from ctprep.reports import vocabulary as V
 
 MAX_SCOPE = 30  # tokens a trigger reaches; CT-RATE lists run long ("No enlarged lymph nodes in A, B ... were detected")
+#: Inside a coordinated list (no verb between trigger and finding) its commas and conjunctions do not count toward
+#: ``MAX_SCOPE``: "No evidence of mediastinal, hilar, ..., subcarinal or paraesophageal lymphadenopathy, pleural
+#: effusion, ..., nodules, or emphysema" negates its last item; the list's words still count, and no scope reaches
+#: further than ``MAX_LIST_SCOPE`` tokens in all.
+_LIST_SEPARATORS = {",", "or", "and", "nor", "/", "&", "and/or"}
+MAX_LIST_SCOPE = 2 * MAX_SCOPE
 #: Tokens between a pre-modifying negation and its finding ("resolved | left lower lobe | consolidation")
 PREMODIFIER_SCOPE = 4
 _BREAKS = frozenset(V.CLAUSE_BREAKS)
@@ -243,9 +249,18 @@ def _asserted(doc: Doc, start: int, end: int, apart: list[tuple[int, int]] = ())
                for i in range(start, end))
 
 
+def _scope_length(doc: Doc, start: int, end: int) -> int:
+    """How many tokens of [start, end) count toward ``MAX_SCOPE``: all of them in prose (a verb between), only the
+    words in a list, whose commas and conjunctions only set its items side by side (``_LIST_SEPARATORS``)."""
+    tokens = [doc[i].lower_ for i in range(start, end)]
+    if any(t in _VERB_AUX for t in tokens):
+        return end - start
+    return sum(t not in _LIST_SEPARATORS for t in tokens)
+
+
 def _blocked(doc: Doc, terms: list[Span], start: int, end: int) -> bool:
     """True if something between token ``start`` and ``end`` ends a trigger's scope."""
-    if end - start > MAX_SCOPE:
+    if end - start > MAX_SCOPE and (end - start > MAX_LIST_SCOPE or _scope_length(doc, start, end) > MAX_SCOPE):
         return True
     apart = _set_apart(doc, terms, start, end) + _relative_clauses(doc, start, end)
     return (any(start <= t.start and t.end <= end and _outside(t.start, apart) for t in terms)

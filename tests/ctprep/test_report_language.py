@@ -1297,3 +1297,24 @@ def test_an_exclusion_reads_the_mentions_own_words(text, label):
 ])
 def test_an_exclusion_still_drops_its_own_mention(text, label):
     assert parse_report(text).labels[label] == 0
+
+
+# --- a negated list: its commas and conjunctions do not use up the negation's reach ------------------------------
+def test_a_long_negated_list_reaches_its_last_item():
+    text = ("No evidence of mediastinal, hilar, axillary, supraclavicular, internal mammary, right or left paratracheal, "
+            "subcarinal or paraesophageal lymphadenopathy, pleural effusion, pericardial effusion, consolidation, "
+            "nodules, or emphysema.")
+    assert {m.status for m in parse_report(text).mentions} == {"negated"}
+    assert parse_report(text).labels["Emphysema"] == 0
+
+
+def test_a_negation_in_prose_or_a_very_long_list_stays_bounded():
+    from ctprep.reports.context import MAX_SCOPE
+    # prose (a verb between): every token counts, as before (one "was measured again at ..." is still negated)
+    prose = ("No pleural effusion " + "was measured again at the level of the " * 4 + "carina, emphysema.")
+    assert statuses(prose, "Emphysema") == ["present"]
+    # a list of more than MAX_SCOPE words: its separators are free, its words are not
+    stations = ", ".join(f"station{i}" for i in range(MAX_SCOPE + 1))
+    assert statuses(f"No pleural effusion, {stations}, emphysema.", "Emphysema") == ["present"]
+    stations = ", ".join(f"station{i}" for i in range(MAX_SCOPE - 5))
+    assert statuses(f"No pleural effusion, {stations}, emphysema.", "Emphysema") == ["negated"]
