@@ -22,8 +22,8 @@ from spacy.tokens import Doc, Span
 from ctprep.reports import attributes as A
 from ctprep.reports import spelling
 from ctprep.reports.prefilter import compile_lower, keywords, lower_same_length, sentences_with
-from ctprep.reports.vocabulary import (AUXILIARIES, BARE_EFFUSION_LABEL, CONTRASTS, EFFUSION, ELLIPTIC_HEADS, EXCEPTIONS, LUNG,
-                                       NON_LUNG, PLACE_NOUNS, PLACE_PREPOSITIONS, RELATIVE_PRONOUNS, RULES, SEEN_VERBS,
+from ctprep.reports.vocabulary import (AUXILIARIES, BARE_EFFUSION_LABEL, CONTRASTS, EFFUSION, ELLIPTIC_HEADS, EXCEPTIONS,
+                                       LUNG, NON_LUNG, PLACE_NOUNS, PLACE_PREPOSITIONS, RELATIVE_PRONOUNS, RULES, SEEN_VERBS,
                                        SPELLING_REAL_WORDS, SPELLING_TERMS, Rule)
 
 
