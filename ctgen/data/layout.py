@@ -74,6 +74,21 @@ def unit_to_hu(x, window: Sequence[float]):
     return (x.float().clamp(-1, 1) + 1) / 2 * (hi - lo) + lo
 
 
+def unit_to_int16_hu(x, window: Sequence[float]):
+    """A network's [-1, 1] output (torch tensor) -> (whole HU as an int16 tensor, the number of non-finite values).
+
+    A diverged network emits NaN or inf, and a cast to int16 writes NaN as 0 HU (water) and nothing downstream can
+    tell (the export's own NaN guard only sees int16): NaN becomes the window's lower bound and +-inf its bounds,
+    and their count is returned, for the caller to warn about and record. Finite values are mapped as
+    :func:`unit_to_hu` maps them, bit for bit.
+    """
+    x = x.float()
+    n_nonfinite = int((~torch.isfinite(x)).sum())
+    if n_nonfinite:
+        x = torch.nan_to_num(x, nan=-1.0, posinf=1.0, neginf=-1.0)
+    return unit_to_hu(x, window).round().to(torch.int16), n_nonfinite
+
+
 def downsample(x, scale: int):
     """In-plane area downsampling of a torch tensor (..., H, W) by an integer factor (box filter: no aliasing)."""
     import torch.nn.functional as F

@@ -86,6 +86,8 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
                 name = pid if exact_names else f"{volume_key(pid)}_s{s}"
                 path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
                 sidecar = {**fields, "prompt_id": pid, "repeat": rep, "timing_s": vol.meta.get("timing_s")}
+                if vol.meta.get("n_nonfinite") is not None:  # NaN/inf the network gave, written as the window's bounds
+                    sidecar["n_nonfinite"] = int(vol.meta["n_nonfinite"])
                 nifti, side = save_synthetic_nifti(vol, path, sidecar)
                 row = {"prompt_id": pid, "repeat": rep, "seed": s, "prompt": prompt, "nifti": str(nifti),
                        "sidecar": str(side)}

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from monai.networks.schedulers import RFlowScheduler
 
-from ctgen.data.layout import from_model_layout, unit_to_hu
+from ctgen.data.layout import from_model_layout, unit_to_int16_hu
 from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
 from ctgen.pipelines.spec import load_network, read_spec, spec_files, spec_weights
@@ -270,10 +270,15 @@ class LatentFlowPipeline:
             t1 = time.perf_counter()
             image = self.autoencoder.decode(z / cfg.scale_factor, window=settings.decode_window, output_device="cpu")
             t2 = time.perf_counter()
-            hu = unit_to_hu(image[0].float(), tuple(self.spec["grid"]["clip"])).round().to(torch.int16)  # (1, D, H, W)
+            hu, n_nonfinite = unit_to_int16_hu(image[0].float(), tuple(self.spec["grid"]["clip"]))  # (1, D, H, W)
+            report = {seg: v[i] for seg, v in texts.items()}
+            if n_nonfinite:
+                log.warning("the latent flow model gave %d non-finite voxels of %d for the report %r: written as the "
+                            "HU window's bounds (NaN: its lower bound) and counted in the sidecar's n_nonfinite",
+                            n_nonfinite, hu.numel(), {k: t[:40] for k, t in report.items() if t})
             vol = from_model_layout(hu, self.affine(tuple(hu.shape[1:]), spacing), source="ctgen synthetic",
-                                    synthetic=True, family=FAMILY,
-                                    report={seg: v[i] for seg, v in texts.items()})  # (1, I=W, J=H, K=D)
+                                    synthetic=True, family=FAMILY, report=report,
+                                    n_nonfinite=n_nonfinite)  # (1, I=W, J=H, K=D)
             vol.meta["timing_s"] = {"flow": round(t1 - t0, 3), "decode": round(t2 - t1, 3)}
             log.info("sampled %s in %.1f s (flow %d steps %.1f s, decode %.1f s)", vol.shape, t2 - t0, steps,
                      t1 - t0, t2 - t1)

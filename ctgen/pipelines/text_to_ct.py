@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgen.data.layout import from_model_layout, unit_to_hu
+from ctgen.data.layout import from_model_layout, unit_to_int16_hu
 from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
 from ctgen.pipelines.spec import load_network, read_spec, spec_files, spec_weights
@@ -236,9 +236,13 @@ class TextToCTPipeline:
                 volume = low[0]
                 spacing = [grid["spacing"][0] * scale, grid["spacing"][1] * scale, grid["spacing"][2]]
             t2 = time.perf_counter()
-            hu = unit_to_hu(volume.float().cpu(), tuple(grid["clip"])).round().to(torch.int16)  # (1, D, H, W)
+            hu, n_nonfinite = unit_to_int16_hu(volume.float().cpu(), tuple(grid["clip"]))  # (1, D, H, W)
+            if n_nonfinite:
+                log.warning("the cascade gave %d non-finite voxels of %d for prompt %r: written as the HU window's "
+                            "bounds (NaN: its lower bound) and counted in the sidecar's n_nonfinite", n_nonfinite,
+                            hu.numel(), prompt[:80])
             vol = from_model_layout(hu, self.affine(tuple(hu.shape[1:]), spacing), source="ctgen synthetic",
-                                    synthetic=True, prompt=prompt)  # (1, I=W, J=H, K=D)
+                                    synthetic=True, prompt=prompt, n_nonfinite=n_nonfinite)  # (1, I=W, J=H, K=D)
             vol.meta["timing_s"] = {"lowres": round(t1 - t0, 3), "superres": round(t2 - t1, 3)}
             log.info("sampled %s in %.1f s (low-res %.1f s, super-resolution %.1f s)", vol.shape, t2 - t0,
                      t1 - t0, t2 - t1)

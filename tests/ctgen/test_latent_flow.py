@@ -721,3 +721,23 @@ def test_pooled_text_embedding_reaches_every_block_through_the_timestep_embeddin
     assert again.config.pooled_text_embedding
     with torch.no_grad():
         torch.testing.assert_close(again.velocity(x, t, ctx), pooled.velocity(x, t, ctx))
+
+
+def test_non_finite_decoder_output_is_counted_not_written_as_water(models_dir, monkeypatch, caplog):
+    """NaN from the autoencoder was cast to 0 HU (water) silently: it becomes the window's lower bound, counted."""
+    from ctgen.pipelines.latent_flow import LatentFlowPipeline, LatentSampleSettings
+
+    pipe = LatentFlowPipeline.from_pretrained(models_dir)
+    decode = pipe.autoencoder.decode
+
+    def diverged(*args, **kwargs):
+        x = decode(*args, **kwargs)  # (1, 1, D, H, W)
+        x[..., :2, :] = float("nan")
+        return x
+
+    monkeypatch.setattr(pipe.autoencoder, "decode", diverged)
+    with caplog.at_level("WARNING", logger="ctgen.pipelines.latent_flow"):
+        vol = pipe(["Right pleural effusion."], [""], settings=LatentSampleSettings(steps=2),
+                   generators=[torch.Generator().manual_seed(0)])[0]
+    assert (vol.data[:, :2] == -1000).all() and vol.meta["n_nonfinite"] == 32 * 2 * 32
+    assert "non-finite voxels" in caplog.text

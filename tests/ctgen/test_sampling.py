@@ -283,3 +283,33 @@ def test_prompt_rows_are_named_by_the_line_they_start_on(tmp_path):
     assert [n for n, _ in rows] == [2, 3]
     assert [row_id(r, i) for i, (_, r) in enumerate(rows)] == ["0", "1"]
     assert [row_id(r, i) for i, (_, r) in enumerate(read_rows(csv_path))] == ["0", "1"]
+
+
+def test_non_finite_network_output_is_not_written_as_water(pipe, tmp_path, monkeypatch, caplog):
+    """A diverged network's NaN was cast to 0 HU (water) with nothing said, the export's NaN guard seeing only int16:
+    NaN becomes the window's lower bound and inf its bounds, warned about and counted in the sidecar."""
+    from ctgen.data.layout import unit_to_hu, unit_to_int16_hu
+    from ctgen.export.samples import write_samples
+
+    finite = torch.linspace(-1.5, 1.5, 1001)
+    assert torch.equal(unit_to_int16_hu(finite, (-1000, 1000))[0], unit_to_hu(finite, (-1000, 1000)).round().to(torch.int16))
+    sample = pipe.superres.core.sample
+
+    def diverged(*args, **kwargs):
+        x = sample(*args, **kwargs)  # (D, 1, H, W): H is the array's j axis
+        x[..., :4, :] = float("nan")
+        x[..., 4:6, :] = float("inf")
+        x[..., 6:7, :] = float("-inf")
+        return x
+
+    monkeypatch.setattr(pipe.superres.core, "sample", diverged)
+    with caplog.at_level("WARNING", logger="ctgen.pipelines.text_to_ct"):
+        vol = pipe([PROMPT], SampleSettings(steps=2))[0]
+    a = vol.data  # (I, J, K)
+    assert (a[:, :4] == -1000).all() and (a[:, 4:6] == 1000).all() and (a[:, 6] == -1000).all()
+    n = 16 * 7 * 8
+    assert vol.meta["n_nonfinite"] == n and f"gave {n} non-finite voxels" in caplog.text
+    manifest = write_samples([("p", PROMPT)], lambda r, s: (vol, {"seed": s}, r), tmp_path / "out")
+    assert json.loads(open(manifest["sidecar"][0]).read())["n_nonfinite"] == n
+    monkeypatch.undo()
+    assert pipe([PROMPT], SampleSettings(steps=2))[0].meta["n_nonfinite"] == 0
