@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pydicom.errors
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
@@ -159,8 +160,21 @@ def _series_dataset(
     return ds
 
 
+def _written_by_ctgen(path: Path) -> bool:
+    """Whether a DICOM file carries ctgen's private sidecar block, i.e. is a slice of a series ctgen wrote."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    except (KeyError, OSError, pydicom.errors.InvalidDicomError):
+        return False
+    return True
+
+
 def _prepare_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix series: ``out_dir`` must be absent or empty, or (``overwrite``) hold only .dcm files."""
+    """Refuse to mix series: ``out_dir`` must be absent or empty, or (``overwrite``) hold only the .dcm files of a
+    series ctgen wrote (a real patient's series, or anyone else's files, is never replaced)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, where a DICOM series' folder is to be made")
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
     if not overwrite:
@@ -168,6 +182,15 @@ def _prepare_dir(out_dir: Path, overwrite: bool) -> None:
     stray = [p.name for p in out_dir.iterdir() if not (p.is_file() and p.suffix == ".dcm")]
     if stray:
         raise FileExistsError(f"{out_dir} holds files other than a DICOM series ({stray[:3]}); not replacing it")
+    foreign = [p.name for p in sorted(out_dir.iterdir()) if not _written_by_ctgen(p)]
+    if foreign:
+        raise FileExistsError(f"{out_dir} holds DICOM files ctgen did not write ({foreign[:3]}); not replacing them")
+
+
+def check_replaceable(out_dir: str | os.PathLike) -> None:
+    """Refuse, before anything is sampled, a DICOM folder that :func:`save_synthetic_dicom` with ``overwrite`` would
+    refuse after it: one that is not absent, empty or a series ctgen wrote."""
+    _prepare_dir(Path(out_dir), overwrite=True)
 
 
 def _prompt_text(sidecar: dict[str, Any]) -> str | None:
@@ -238,8 +261,10 @@ def save_synthetic_dicom(
     return [out_dir / name for name in names]
 
 
-def dicom_from_nifti(nifti: str | os.PathLike, dicom_dir: str | os.PathLike) -> Path:
-    """A DICOM series of a written synthetic NIfTI, its sidecar's provenance travelling along."""
+def dicom_from_nifti(nifti: str | os.PathLike, dicom_dir: str | os.PathLike, overwrite: bool = False) -> list[Path]:
+    """A DICOM series of a written synthetic NIfTI, its sidecar's provenance travelling along (``overwrite``: as
+    :func:`save_synthetic_dicom`'s)."""
     side = sidecar_path(Path(nifti))
     sidecar = json.loads(side.read_text()) if side.is_file() else {}
-    return save_synthetic_dicom(load_nifti(nifti), dicom_dir, {k: v for k, v in sidecar.items() if k not in RESERVED})
+    return save_synthetic_dicom(load_nifti(nifti), dicom_dir, {k: v for k, v in sidecar.items() if k not in RESERVED},
+                                overwrite=overwrite)

@@ -11,6 +11,7 @@ import torch
 
 from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline
 from ctgen.export import dicom_from_nifti
+from ctgen.export.dicom import check_replaceable
 from ctgen.export.nifti import check_nifti_path, check_orientation
 from ctgen.export.samples import write_samples
 from ctgen.jobs.inputs import read_rows, row_id
@@ -202,6 +203,13 @@ def sample_main(argv: list[str] | None = None) -> int:
         check_nifti_path(args.out)
     if args.dicom and Path(args.dicom).is_file():
         raise UserError(f"--dicom {args.dicom} is a file, where the DICOM series' folder is to be made")
+    if args.prompt is not None and args.dicom:
+        # the series is replaced with the NIfTI (a rerun with another seed), so a folder that could not be is
+        # refused now: after sampling, the new NIfTI would have stood beside the last run's series
+        try:
+            check_replaceable(args.dicom)
+        except FileExistsError as err:
+            raise UserError(f"--dicom: {err}; give a new or empty folder") from None
     if args.family is None:
         args.family = _held_family(args.models)
     if args.family == "latent_flow":
@@ -224,7 +232,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         sample_to_files(args.models, [("prompt", prompt)], out.parent, settings, seed, 1, args.device, single_out=out,
                         orientation=args.orientation)
         if args.dicom:
-            dicom_from_nifti(out, args.dicom)
+            dicom_from_nifti(out, args.dicom, overwrite=True)  # checked replaceable above
     elif args.vlm3d is not None:
         prompts = vlm3d_prompts(args.vlm3d, *report_template(spec))
         sample_to_files(args.models, prompts, args.out_dir, settings, seed, 1, args.device, dicom_dir=args.dicom,

@@ -153,7 +153,7 @@ def sample_latent_main(args) -> int:
         sample_latent_to_files(args.models, [("prompt", {REPORT: args.prompt})], out.parent, settings, seed, 1,
                                args.device, single_out=out, orientation=args.orientation)
         if args.dicom:
-            dicom_from_nifti(out, args.dicom)
+            dicom_from_nifti(out, args.dicom, overwrite=True)  # checked replaceable by sample_main, before sampling
         return 0
     if args.vlm3d is not None:  # the 2026 contract's report is findings and impression run together
         from ctgen.metrics.vlm3d.contract import read_prompts_json

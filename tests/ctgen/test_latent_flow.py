@@ -741,3 +741,17 @@ def test_non_finite_decoder_output_is_counted_not_written_as_water(models_dir, m
                    generators=[torch.Generator().manual_seed(0)])[0]
     assert (vol.data[:, :2] == -1000).all() and vol.meta["n_nonfinite"] == 32 * 2 * 32
     assert "non-finite voxels" in caplog.text
+
+
+def test_a_rerun_with_dicom_replaces_the_latent_familys_series(models_dir, tmp_path):
+    """The latent family's --prompt --dicom rerun refused the DICOM after replacing the NIfTI: both are replaced."""
+    import pydicom
+
+    from ctgen.cli import main as ctgen_main
+
+    out, dcm = tmp_path / "ct.nii.gz", tmp_path / "dcm"
+    for seed in ("1", "2"):
+        assert ctgen_main(["sample", "--models", str(models_dir), "--prompt", "Right pleural effusion.", "--out",
+                           str(out), "--seed", seed, "--steps", "2", "--dicom", str(dcm)]) == 0
+    first = pydicom.dcmread(sorted(dcm.glob("*.dcm"))[0])
+    assert json.loads(first[0x0011, 0x1010].value)["seed"] == 2

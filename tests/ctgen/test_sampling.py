@@ -313,3 +313,35 @@ def test_non_finite_network_output_is_not_written_as_water(pipe, tmp_path, monke
     assert json.loads(open(manifest["sidecar"][0]).read())["n_nonfinite"] == n
     monkeypatch.undo()
     assert pipe([PROMPT], SampleSettings(steps=2))[0].meta["n_nonfinite"] == 0
+
+
+def test_a_rerun_with_dicom_replaces_its_series_and_a_foreign_folder_is_refused_before_sampling(tiny_cascade, tmp_path,
+                                                                                                 capsys):
+    """``--prompt ... --dicom DIR`` run twice replaced the NIfTI, then refused the DICOM, leaving a mismatched pair:
+    ctgen's own series is replaced with the NIfTI, any other folder refused before a volume is sampled."""
+    import pydicom
+
+    out, dcm = tmp_path / "ct.nii.gz", tmp_path / "dcm"
+    for seed in ("1", "2"):
+        assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", PROMPT, "--out", str(out), "--seed",
+                           seed, "--steps", "2", "--no-superres", "--dicom", str(dcm)]) == 0
+    series = [pydicom.dcmread(f) for f in sorted(dcm.glob("*.dcm"))]
+    assert json.loads(series[0][0x0011, 0x1010].value)["seed"] == 2 == json.loads(out.with_name("ct.json").read_text())["seed"]
+    stack = np.stack([ds.pixel_array for ds in series])  # (k, j, i)
+    assert np.array_equal(stack.transpose(2, 1, 0), np.asarray(nib.load(out).dataobj))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    del series[0][0x0011, 0x1010], series[0][0x0011, 0x0010]  # a series another program wrote
+    series[0].save_as(foreign / "IM1.dcm")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    for folder, why in ((foreign, "DICOM files ctgen did not write"), (notes, "files other than a DICOM series")):
+        out.unlink(missing_ok=True)
+        assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", PROMPT, "--out", str(out),
+                           "--steps", "2", "--dicom", str(folder)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--dicom: {folder} holds {why}" in err[0], err
+        assert not out.exists()  # refused before sampling
+    assert (foreign / "IM1.dcm").is_file() and (notes / "notes.txt").is_file()
