@@ -60,6 +60,17 @@ def _remove_last_run(out_dir: Path, dicom_dir: str | Path | None) -> None:
             path.unlink(missing_ok=True)
 
 
+def check_file_id(pid: str) -> None:
+    """Refuse an id that would name a file outside the output folder (``<id>_s<seed>.nii.gz``, ``<id>.nii.gz``): one
+    with a path separator ("site1/p3", "../../x"), "." or "..", or control characters. Anything else a file name
+    can hold is kept (spaces, accents: ids from a user's spreadsheet that name files fine)."""
+    text = str(pid)
+    if (not text.strip() or "/" in text or "\\" in text or text.strip() in (".", "..")
+            or any(ord(c) < 32 or ord(c) == 127 for c in text)):
+        raise ValueError(f"id {text!r} cannot name a file in the output folder (no '/' or '\\', not '.' or '..', "
+                         "no control characters)")
+
+
 def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_dir: str | Path, *, seed: int = 0,
                   per_prompt: int = 1, dicom_dir: str | Path | None = None, single_out: str | Path | None = None,
                   exact_names: bool = False, orientation: str | None = None, desc: str = "sample") -> pd.DataFrame:
@@ -71,6 +82,8 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
     """
     if exact_names and per_prompt != 1:
         raise ValueError(f"one volume per prompt is written under the prompt's own name, not {per_prompt}")
+    for pid, _ in requests:  # before the first volume, and before anything is removed
+        check_file_id(pid)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not single_out:  # a rerun that dies part-way must not leave the last run's manifest over this run's files

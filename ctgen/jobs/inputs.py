@@ -10,9 +10,21 @@ from pathlib import Path
 from ctprep.errors import UserError, read_text
 
 
-def row_id(row: dict, index: int) -> str:
-    """A row's id: its ``id`` or ``VolumeName``, else its place among the rows (0 for the first, in every format)."""
-    return str(row.get("id") or row.get("VolumeName") or index)
+def row_id(row: dict, index: int, where: str | None = None) -> str:
+    """A row's id: its ``id`` or ``VolumeName``, else its place among the rows (0 for the first, in every format).
+
+    ``where`` (``file:line``): the id names the row's output files, so one that would name a path outside the output
+    folder ("site1/p3", "../../x") is a :class:`UserError` naming it and the line.
+    """
+    from ctgen.export.samples import check_file_id
+
+    pid = str(row.get("id") or row.get("VolumeName") or index)
+    if where is not None:
+        try:
+            check_file_id(pid)
+        except ValueError as err:
+            raise UserError(f"{where}: {err}") from None
+    return pid
 
 
 def read_rows(path: Path) -> list[tuple[int, dict]]:

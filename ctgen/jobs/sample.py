@@ -45,7 +45,7 @@ def read_prompts(path: str | Path, template: str | None = None,
                 raise UserError(f"{path}:{n}: the report has no {err} for the prompt template") from None
             except ValueError as err:
                 raise UserError(f"{path}:{n}: {err}") from None
-            out.append((row_id(row, i), prompt))
+            out.append((row_id(row, i, f"{path}:{n}"), prompt))
     else:
         lines = [line.strip() for line in read_text(path).splitlines()]
         out = [(f"prompt{i:04d}", model_prompt(line, template, rendering)) for i, line in enumerate(lines) if line]

@@ -84,7 +84,7 @@ def read_sections(path: str | Path) -> list[tuple[str, dict[str, str]]]:
             sections = {REPORT: str(row.get("prompt") or row.get("text"))}
         if not sections:
             raise UserError(f"{path}:{n}: no findings, impression, structured or prompt text to condition on")
-        out.append((row_id(row, i), sections))
+        out.append((row_id(row, i, f"{path}:{n}"), sections))
     if not out:
         raise UserError(f"prompts file {path} holds no reports")
     return out

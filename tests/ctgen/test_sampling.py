@@ -345,3 +345,31 @@ def test_a_rerun_with_dicom_replaces_its_series_and_a_foreign_folder_is_refused_
         assert len(err) == 1 and f"--dicom: {folder} holds {why}" in err[0], err
         assert not out.exists()  # refused before sampling
     assert (foreign / "IM1.dcm").is_file() and (notes / "notes.txt").is_file()
+
+
+def test_ids_that_name_a_path_outside_the_out_dir_are_refused_with_their_line(tiny_cascade, tmp_path, capsys):
+    """An id "site1/p3" or "../../escaped" wrote its volume outside --out-dir (in either family): refused, naming the
+    id and the line, before anything is sampled; an id with a space still names its files."""
+    from ctgen.export.samples import write_samples
+    from ctgen.jobs.sample_latent import read_sections
+
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    for n, bad in ((1, "site1/p3"), (2, "../../escaped")):
+        rows = [{"id": "ok", "prompt": PROMPT}] * (n - 1) + [{"id": bad, "prompt": PROMPT}]
+        path = work / "ids.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompts", str(path), "--out-dir",
+                           str(work / "out"), "--steps", "2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"ids.jsonl:{n}: id {bad!r} cannot name a file in the output folder" in err[0], err
+        with pytest.raises(ValueError, match=f"ids.jsonl:{n}: id "):
+            read_sections(path)  # the latent flow family's reader
+    assert not list(tmp_path.rglob("*.nii.gz"))
+    with pytest.raises(ValueError, match="id '../x' cannot name a file"):  # the API alike
+        write_samples([("../x", "p")], lambda r, s: None, tmp_path / "api")
+    spaced = work / "spaced.csv"
+    spaced.write_text(f"id,prompt\ncase 7,{PROMPT}\n")
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompts", str(spaced), "--out-dir",
+                       str(work / "out"), "--steps", "2", "--no-superres"]) == 0
+    assert (work / "out" / "case 7_s0.nii.gz").is_file()
