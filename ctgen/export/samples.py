@@ -104,6 +104,8 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
                 nifti, side = save_synthetic_nifti(vol, path, sidecar)
                 row = {"prompt_id": pid, "repeat": rep, "seed": s, "prompt": prompt, "nifti": str(nifti),
                        "sidecar": str(side)}
+                if fields.get("prompt_given") is not None:  # the text a structured model's prompt was made of
+                    row["prompt_given"] = fields["prompt_given"]
                 if dicom_dir:
                     files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True)
                     row["dicom"] = str(Path(files[0]).parent)

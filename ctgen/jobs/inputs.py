@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 
 from ctprep.errors import UserError, read_text
+
+log = logging.getLogger(__name__)
 
 
 def row_id(row: dict, index: int, where: str | None = None) -> str:
@@ -51,3 +54,34 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
             raise UserError(f"{path}:{n}: a JSON object is expected, not {type(row).__name__}")
         rows.append((n, row))
     return rows
+
+
+def given_text(report: str | dict) -> str:
+    """A report as one text, for a record of what was given: a free text as it is, sections named."""
+    if not isinstance(report, dict):
+        return str(report)
+    return " ".join(f"{k.capitalize()}: {report[k]}" for k in ("findings", "impression")
+                    if isinstance(report.get(k), str) and report[k].strip())
+
+
+def render_structured(report: str | dict, rendering: dict | None = None, pid: str | None = None) -> str:
+    """``report`` (a free text, or a dict with ``findings``/``impression``) parsed and rendered as a structured prompt
+    (:func:`ctprep.prompts.report_prompt`), with a WARNING naming ``pid`` where a text with content comes out as the
+    no-findings prompt although the parser found no finding in it at all, present or absent: an abnormality outside
+    its vocabulary ("massive pulmonary embolism") or a report in another language is then sampled as a normal chest.
+    A report that states findings absent ("No pleural effusion.") is understood, and says nothing."""
+    from ctprep.prompts import STRUCTURED, report_prompt
+    from ctprep.reports.structured import NO_FINDINGS
+
+    how = dict(rendering or {})
+    rendered = report_prompt(report, STRUCTURED, **how)
+    sections = [report] if not isinstance(report, dict) else [
+        report[k] for k in ("findings", "impression") if isinstance(report.get(k), str) and report[k].strip()]
+    if rendered != NO_FINDINGS or all(t.strip().lower().rstrip(".! ") in ("", NO_FINDINGS) for t in sections):
+        return rendered  # findings found, or nothing but the no-findings statement itself given
+    if report_prompt(report, STRUCTURED, **{**how, "negated": "state"}) == NO_FINDINGS:  # no negated finding either
+        log.warning("prompt %s: the report parser found none of the findings it knows (present or absent) in %r: the "
+                    "structured model samples it as %r, a normal chest (a finding outside the parser's vocabulary, or "
+                    "a report not in English, is not seen)", pid if pid is not None else "",
+                    given_text(report).strip()[:100], NO_FINDINGS)
+    return rendered

@@ -14,15 +14,15 @@ from ctgen.export import dicom_from_nifti
 from ctgen.export.dicom import check_replaceable
 from ctgen.export.nifti import check_nifti_path, check_orientation
 from ctgen.export.samples import write_samples
-from ctgen.jobs.inputs import read_rows, row_id
+from ctgen.jobs.inputs import given_text, read_rows, render_structured, row_id
 from ctgen.training.distributed import device_option
 from ctprep.errors import UserError, read_json, read_text
 
 log = logging.getLogger(__name__)
 
 
-def read_prompts(path: str | Path, template: str | None = None,
-                 rendering: dict | None = None) -> list[tuple[str, str]]:
+def read_prompts(path: str | Path, template: str | None = None, rendering: dict | None = None,
+                 given: bool = False) -> list[tuple[str, str]] | list[tuple[str, str, str | None]]:
     """(id, prompt) pairs from a text file (one prompt per line), a CSV or a JSONL.
 
     CSV/JSONL rows give the prompt in a ``prompt`` (or ``text``) column, or as a CT-RATE-style report
@@ -30,8 +30,11 @@ def read_prompts(path: str | Path, template: str | None = None,
     prompt template, with the spec's ``rendering``: :func:`ctprep.prompts.report_prompt`) — a
     ``structured`` template parses the report first, and a given prompt too (:func:`model_prompt`). Ids come from ``id`` /
     ``VolumeName`` columns or the line number. A malformed file is a :class:`UserError` naming the
-    file and line.
+    file and line. ``given``: (id, prompt, the text given) triples, the text where the structured parser made the
+    prompt of it (None otherwise), for the sidecar's record of what the user asked for.
     """
+    from ctprep.prompts import STRUCTURED
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompts file {path} does not exist")
@@ -39,44 +42,53 @@ def read_prompts(path: str | Path, template: str | None = None,
         rows = read_rows(path)
         out = []
         for i, (n, row) in enumerate(rows):
+            pid = row_id(row, i, f"{path}:{n}")
             try:
-                prompt = _row_prompt(row, template, rendering)
+                prompt, text = _row_prompt(row, template, rendering, pid)
             except KeyError as err:  # a template field the report lacks
                 raise UserError(f"{path}:{n}: the report has no {err} for the prompt template") from None
             except ValueError as err:
                 raise UserError(f"{path}:{n}: {err}") from None
-            out.append((row_id(row, i, f"{path}:{n}"), prompt))
+            out.append((pid, prompt, text))
     else:
         lines = [line.strip() for line in read_text(path).splitlines()]
-        out = [(f"prompt{i:04d}", model_prompt(line, template, rendering)) for i, line in enumerate(lines) if line]
+        out = [(f"prompt{i:04d}", model_prompt(line, template, rendering, f"prompt{i:04d}"), line)
+               for i, line in enumerate(lines) if line]
     if not out:
         raise UserError(f"prompts file {path} holds no prompts")
-    return out
+    if template != STRUCTURED:
+        out = [(pid, prompt, None) for pid, prompt, _ in out]
+    return out if given else [(pid, prompt) for pid, prompt, _ in out]
 
 
-def model_prompt(text: str, template: str | None, rendering: dict | None = None) -> str:
+def model_prompt(text: str, template: str | None, rendering: dict | None = None, pid: str | None = None) -> str:
     """A prompt given as text, in the form the model was trained on: for a ``structured`` model the text is
     parsed and rendered (a structured prompt reads back unchanged, so only free text changes: "Small left
-    pleural effusion." -> "mild left pleural effusion"); for any other template it is used as written."""
-    from ctprep.prompts import STRUCTURED, report_prompt
+    pleural effusion." -> "mild left pleural effusion"; text the parser finds nothing in is warned about, naming
+    ``pid``: :func:`~ctgen.jobs.inputs.render_structured`); for any other template it is used as written."""
+    from ctprep.prompts import STRUCTURED
 
     if template != STRUCTURED or not text.strip():
         return text
-    rendered = report_prompt(text, STRUCTURED, **(rendering or {}))
+    rendered = render_structured(text, rendering, pid)
     if rendered != text:
         log.info("prompt %r rendered as the structured prompt %r", text[:80], rendered)
     return rendered
 
 
-def _row_prompt(row: dict, template: str | None, rendering: dict | None = None) -> str:
+def _row_prompt(row: dict, template: str | None, rendering: dict | None = None,
+                pid: str | None = None) -> tuple[str, str]:
+    """(the model's prompt, the text it was made of) of one row."""
     for key in ("prompt", "text"):
         if row.get(key):
-            return model_prompt(str(row[key]), template, rendering)
-    from ctprep.prompts import report_prompt
+            return model_prompt(str(row[key]), template, rendering, pid), str(row[key])
+    from ctprep.prompts import STRUCTURED, report_prompt
 
     if template is None:
         raise ValueError("no prompt or text column, and the cascade has no prompt template to render a report with")
-    return report_prompt(row, template, **(rendering or {}))
+    if template == STRUCTURED:
+        return render_structured(row, rendering, pid), given_text(row)
+    return report_prompt(row, template, **(rendering or {})), given_text(row)
 
 
 def report_template(spec: dict, name: str | None = None) -> tuple[str | None, dict]:
@@ -101,18 +113,25 @@ def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_
     """Sample ``per_prompt`` volumes per prompt; write NIfTI + sidecar (+ DICOM series); return the manifest.
 
     Seeds are ``seed + index`` over the (prompt, repeat) pairs in order, each recorded in its sidecar.
+    ``prompts``: (id, prompt) pairs, or (id, prompt, the text given) triples (:func:`read_prompts` with ``given``):
+    a text that is not None is recorded as the sidecar's ``prompt_given`` and samples.csv's column of that name.
     ``exact_names``: each volume is ``<id>.nii.gz`` (the VLM3D contract; one volume per prompt) instead of
     ``<id>_s<seed>.nii.gz``. ``orientation``: store the voxels in this axis order (e.g. ``PLI``), the affine
     following (see :func:`stored_as`).
     """
     pipe = TextToCTPipeline.from_pretrained(models_dir, device=device)
-    pipe.validate([prompt for _, prompt in prompts], settings)  # every prompt before the first volume
+    pipe.validate([p[1] for p in prompts], settings)  # every prompt before the first volume
+    requests = [(p[0], (p[1], p[2] if len(p) > 2 else None)) for p in prompts]
 
-    def generate(prompt: str, s: int):
+    def generate(request: tuple[str, str | None], s: int):
+        prompt, given = request
         vol = pipe([prompt], settings, [torch.Generator(device=device).manual_seed(s)])[0]
-        return vol, pipe.sidecar(prompt, s, settings), prompt
+        fields = pipe.sidecar(prompt, s, settings)
+        if given is not None:  # the text the structured parser made the prompt of
+            fields["prompt_given"] = given
+        return vol, fields, prompt
 
-    return write_samples(prompts, generate, out_dir, seed=seed, per_prompt=per_prompt, dicom_dir=dicom_dir,
+    return write_samples(requests, generate, out_dir, seed=seed, per_prompt=per_prompt, dicom_dir=dicom_dir,
                          single_out=single_out, exact_names=exact_names, orientation=orientation, desc="sample")
 
 
@@ -228,18 +247,19 @@ def sample_main(argv: list[str] | None = None) -> int:
     seed = _given(args.seed, defaults.get("seed", 0))
     if args.prompt is not None:
         out = Path(args.out)
-        prompt = model_prompt(args.prompt, *report_template(spec))
-        sample_to_files(args.models, [("prompt", prompt)], out.parent, settings, seed, 1, args.device, single_out=out,
-                        orientation=args.orientation)
+        template, how = report_template(spec)
+        prompt = model_prompt(args.prompt, template, how, "prompt")
+        sample_to_files(args.models, [("prompt", prompt, _given_if(template, args.prompt))], out.parent, settings,
+                        seed, 1, args.device, single_out=out, orientation=args.orientation)
         if args.dicom:
             dicom_from_nifti(out, args.dicom, overwrite=True)  # checked replaceable above
     elif args.vlm3d is not None:
-        prompts = vlm3d_prompts(args.vlm3d, *report_template(spec))
+        prompts = vlm3d_prompts(args.vlm3d, *report_template(spec), given=True)
         sample_to_files(args.models, prompts, args.out_dir, settings, seed, 1, args.device, dicom_dir=args.dicom,
                         exact_names=True, orientation=args.orientation)
     else:
-        prompts = read_prompts(args.prompts, *report_template(spec))
-        empty = [pid for pid, prompt in prompts if not prompt.strip()]
+        prompts = read_prompts(args.prompts, *report_template(spec), given=True)
+        empty = [pid for pid, prompt, _ in prompts if not prompt.strip()]
         if empty:
             raise UserError(f"{args.prompts}: empty prompt for {', '.join(map(str, empty[:5]))}")
         sample_to_files(args.models, prompts, args.out_dir, settings, seed,
@@ -253,17 +273,27 @@ def sample_main(argv: list[str] | None = None) -> int:
 VLM3D_ORIENTATION = "PLI"
 
 
-def vlm3d_prompts(path: str | Path, template: str | None = None,
-                  rendering: dict | None = None) -> list[tuple[str, str]]:
+def vlm3d_prompts(path: str | Path, template: str | None = None, rendering: dict | None = None,
+                  given: bool = False) -> list[tuple[str, str]] | list[tuple[str, str, str | None]]:
     """(input_image_name, prompt) of a VLM3D 2026 ``prompts.json``, validated entry by entry
     (:func:`ctgen.metrics.vlm3d.contract.read_prompts_json`).
 
     The report is the prompt, except for a cascade trained on ``structured`` prompts: then the report is
     parsed and rendered as one (the other templates need report fields the contract does not carry).
+    ``given``: triples with the report where it was rendered (as :func:`read_prompts`).
     """
     from ctgen.metrics.vlm3d.contract import read_prompts_json
 
-    return [(name, model_prompt(report, template, rendering)) for name, report in read_prompts_json(path)]
+    out = [(name, model_prompt(report, template, rendering, name), _given_if(template, report))
+           for name, report in read_prompts_json(path)]
+    return out if given else [(name, prompt) for name, prompt, _ in out]
+
+
+def _given_if(template: str | None, text: str) -> str | None:
+    """The given text, kept where the structured parser makes the prompt of it (else the prompt is the text)."""
+    from ctprep.prompts import STRUCTURED
+
+    return text if template == STRUCTURED else None
 
 
 def select_prompts(prompts_parquet: str | Path, column: str, split: str, volumes: list[str], max_prompts: int,

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from ctgen.export import dicom_from_nifti
-from ctgen.jobs.inputs import read_rows, row_id
+from ctgen.jobs.inputs import given_text, read_rows, render_structured, row_id
 from ctgen.pipelines.latent_flow import SPEC, LatentFlowPipeline, LatentSampleSettings
 from ctprep.ctrate import is_blank_section
 from ctprep.errors import UserError, read_json
@@ -29,7 +29,8 @@ SEGMENT_COLUMNS = ("findings", "impression", "structured")
 REPORT = "report"
 
 
-def sections_for(sections: dict[str, str], segments: list[str], rendering: dict | None = None) -> dict[str, str]:
+def sections_for(sections: dict[str, str], segments: list[str], rendering: dict | None = None,
+                 pid: str | None = None) -> dict[str, str]:
     """{segment: text} the model conditions on, from what a report gives (``SEGMENT_COLUMNS`` and/or ``REPORT``).
 
     ``findings`` and ``impression``: their own texts, else the free text's sections (split at its
@@ -37,9 +38,10 @@ def sections_for(sections: dict[str, str], segments: list[str], rendering: dict 
     without them is all findings), else "" (the null segment); ``structured``: its own text, else the
     report (findings and impression, or the free text) parsed and rendered with the spec's
     ``rendering`` (:func:`ctprep.prompts.report_prompt`), so a plain prompt reaches a structured
-    model in the form it was trained on.
+    model in the form it was trained on (a report the parser finds nothing in is warned about, naming ``pid``:
+    :func:`~ctgen.jobs.inputs.render_structured`).
     """
-    from ctprep.prompts import STRUCTURED, report_prompt
+    from ctprep.prompts import STRUCTURED
     from ctprep.reports.sections import split_sections
 
     given = {k: v for k, v in sections.items() if not is_blank_section(v)}  # "Not given.": the null segment, as trained
@@ -55,7 +57,7 @@ def sections_for(sections: dict[str, str], segments: list[str], rendering: dict 
             used[seg] = split.get(seg, "")
         elif seg == STRUCTURED and given:
             report = given.get(REPORT) or {k: given[k] for k in ("findings", "impression") if k in given}
-            used[seg] = report_prompt(report, STRUCTURED, **(rendering or {}))
+            used[seg] = render_structured(report, rendering, pid)
         else:
             used[seg] = ""
     return used
@@ -115,15 +117,20 @@ def sample_latent_to_files(models_dir: str | Path, reports: list[tuple[str, dict
     rendering = pipe.spec.get("prompt_rendering")  # older specs: the defaults
     requests = []
     for pid, sections in reports:  # every report before the first volume
-        used = sections_for(sections, segments, rendering)
+        used = sections_for(sections, segments, rendering, pid)
         if not any(t.strip() for t in used.values()):
             raise UserError(f"report {pid}: none of its sections ({', '.join(segments)}) has text")
-        requests.append((pid, used))
+        rendered = "structured" in segments and "structured" not in sections  # the parser made it of the report
+        requests.append((pid, (used, given_text(sections.get(REPORT) or sections) if rendered else None)))
 
-    def generate(used: dict[str, str], s: int):
+    def generate(request: tuple[dict[str, str], str | None], s: int):
+        used, given = request
         texts = {seg: [t] for seg, t in used.items()}
         vol = pipe(settings=settings, generators=[torch.Generator(device=device).manual_seed(s)], **texts)[0]
-        return vol, pipe.sidecar(used, s, settings), recorded_prompt(used)
+        fields = pipe.sidecar(used, s, settings)
+        if given is not None:  # the report text the structured section was rendered from
+            fields["prompt_given"] = given
+        return vol, fields, recorded_prompt(used)
 
     return write_samples(requests, generate, out_dir, seed=seed, per_prompt=per_prompt,
                          dicom_dir=dicom_dir, single_out=single_out, exact_names=exact_names, orientation=orientation,

@@ -593,6 +593,19 @@ def test_a_structured_model_samples_from_a_plain_prompt(models_dir, tmp_path):
     side = json.loads(out.with_name("one.json").read_text())
     assert side["report"]["structured"].startswith("cardiomegaly; ") and "left pleural effusion" in side["report"]["structured"]
     assert "no pericardial effusion" not in side["report"]["structured"]  # nothing negated in this report
+    assert side["prompt_given"] == "Small left pleural effusion. Cardiomegaly."  # what the section was made of
+
+
+def test_a_structured_section_the_parser_finds_nothing_in_is_warned_about(caplog):
+    """A report outside the parser's vocabulary became the structured section "no acute findings" silently."""
+    from ctgen.jobs.sample_latent import REPORT, sections_for
+
+    with caplog.at_level("WARNING", logger="ctgen.jobs.inputs"):
+        assert sections_for({REPORT: "Massive pulmonary embolism."}, ["structured"], pid="r7") == {
+            "structured": "no acute findings"}
+        assert sections_for({REPORT: "No pleural effusion."}, ["structured"], pid="r8") == {
+            "structured": "no acute findings"}  # understood (a finding stated absent): no warning
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["prompt r7"]
 
 
 # --- the report2ct preset at the paper geometry -------------------------------------------------

@@ -373,3 +373,45 @@ def test_ids_that_name_a_path_outside_the_out_dir_are_refused_with_their_line(ti
     assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompts", str(spaced), "--out-dir",
                        str(work / "out"), "--steps", "2", "--no-superres"]) == 0
     assert (work / "out" / "case 7_s0.nii.gz").is_file()
+
+
+def test_a_structured_cascade_warns_of_text_its_parser_finds_nothing_in_and_keeps_the_given_text(tiny_cascade,
+                                                                                                  tmp_path, caplog):
+    """A finding outside the parser's vocabulary, or a report not in English, was sampled as "no acute findings" (a
+    normal chest) without a word, and the given text was lost: a WARNING names the prompt, the sidecar and
+    samples.csv keep the text as prompt_given. A report stating findings absent was understood: no warning."""
+    from ctgen.jobs.sample import read_prompts, report_template
+
+    models = tmp_path / "structured"
+    shutil.copytree(tiny_cascade, models)
+    spec = json.loads((models / "cascade.json").read_text())
+    spec.update(prompt_template="structured", prompt_template_text=None)
+    (models / "cascade.json").write_text(json.dumps(spec))
+    pe = "72 years old female: Massive pulmonary embolism in the right main pulmonary artery."
+    reports = tmp_path / "reports.csv"
+    reports.write_text(f'id,findings,impression\nde,"Pleuraerguss rechts, Kardiomegalie.",\nneg,No pleural effusion.,\n'
+                       f'ok,Small left pleural effusion.,\nnormal,,No acute findings.\n')
+    with caplog.at_level("WARNING", logger="ctgen.jobs.inputs"):
+        got = read_prompts(reports, *report_template(spec), given=True)
+    assert [p for _, p, _ in got] == ["no acute findings", "no acute findings", "mild left pleural effusion",
+                                      "no acute findings"]
+    assert got[0][2] == "Findings: Pleuraerguss rechts, Kardiomegalie."
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith("prompt de: the report parser found none of the findings")
+    caplog.clear()
+    out = tmp_path / "pe.nii.gz"
+    with caplog.at_level("WARNING", logger="ctgen.jobs.inputs"):
+        assert ctgen_main(["sample", "--models", str(models), "--prompt", pe, "--out", str(out), "--steps", "2",
+                           "--no-superres"]) == 0
+    assert "prompt prompt: the report parser found none" in caplog.text and "Massive pulmonary embolism" in caplog.text
+    side = json.loads(out.with_name("pe.json").read_text())
+    assert side["prompt"] == "no acute findings" and side["prompt_given"] == pe
+    assert ctgen_main(["sample", "--models", str(models), "--prompts", str(reports), "--out-dir", str(tmp_path / "o"),
+                       "--steps", "2", "--no-superres"]) == 0
+    manifest = pd.read_csv(tmp_path / "o" / "samples.csv")
+    assert list(manifest["prompt_given"])[:3] == ["Findings: Pleuraerguss rechts, Kardiomegalie.",
+                                                  "Findings: No pleural effusion.", "Findings: Small left pleural effusion."]
+    plain = tmp_path / "plain"  # a template that uses the text as written records nothing beside it
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", PROMPT, "--out", str(plain / "x.nii.gz"),
+                       "--steps", "2", "--no-superres"]) == 0
+    assert "prompt_given" not in json.loads((plain / "x.json").read_text())
