@@ -389,8 +389,8 @@ def test_a_structured_cascade_warns_of_text_its_parser_finds_nothing_in_and_keep
     (models / "cascade.json").write_text(json.dumps(spec))
     pe = "72 years old female: Massive pulmonary embolism in the right main pulmonary artery."
     reports = tmp_path / "reports.csv"
-    reports.write_text(f'id,findings,impression\nde,"Pleuraerguss rechts, Kardiomegalie.",\nneg,No pleural effusion.,\n'
-                       f'ok,Small left pleural effusion.,\nnormal,,No acute findings.\n')
+    reports.write_text('id,findings,impression\nde,"Pleuraerguss rechts, Kardiomegalie.",\nneg,No pleural effusion.,\n'
+                       'ok,Small left pleural effusion.,\nnormal,,No acute findings.\n')
     with caplog.at_level("WARNING", logger="ctgen.jobs.inputs"):
         got = read_prompts(reports, *report_template(spec), given=True)
     assert [p for _, p, _ in got] == ["no acute findings", "no acute findings", "mild left pleural effusion",
