@@ -109,9 +109,10 @@ def _report(prog: str, message: str) -> int:
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """A user's text file, as UTF-8; one that is not text is named (``not UTF-8 text`` alone named no file)."""
-    try:
-        with open(path, encoding="utf-8") as fh:
+    """A user's text file, as UTF-8 (a leading byte-order mark dropped); one that is not text is named (``not UTF-8
+    text`` alone named no file)."""
+    try:  # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8", Notepad) is not text, and hid a CSV's first column name
+        with open(path, encoding="utf-8-sig") as fh:
             return fh.read()
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None

@@ -76,19 +76,46 @@ def model_prompt(text: str, template: str | None, rendering: dict | None = None,
     return rendered
 
 
+#: the columns that give a row's prompt as it is (else the row is a report, rendered with the template)
+PROMPT_COLUMNS = ("prompt", "text")
+
+
 def _row_prompt(row: dict, template: str | None, rendering: dict | None = None,
                 pid: str | None = None) -> tuple[str, str]:
-    """(the model's prompt, the text it was made of) of one row."""
-    for key in ("prompt", "text"):
-        if row.get(key):
-            return model_prompt(str(row[key]), template, rendering, pid), str(row[key])
-    from ctprep.prompts import STRUCTURED, report_prompt
+    """(the model's prompt, the text it was made of) of one row; "" where its prompt cell is empty (the caller names
+    such rows), a ValueError naming the accepted columns where the row has none of them."""
+    from ctprep.prompts import STRUCTURED, report_prompt, template_fields
 
+    for key in PROMPT_COLUMNS:
+        value = row.get(key)
+        if value is not None and not isinstance(value, str):  # a JSON list or number: not a report text
+            raise ValueError(f"`{key}` must be a text, not a {type(value).__name__}")
+        if value and value.strip():
+            return model_prompt(value, template, rendering, pid), value
+    prompt_column = any(key in row for key in PROMPT_COLUMNS)  # there, but empty in this row
+    columns = f"this row has {', '.join(map(str, row)) or 'none'}"
     if template is None:
-        raise ValueError("no prompt or text column, and the cascade has no prompt template to render a report with")
+        if prompt_column:
+            return "", ""
+        raise ValueError(f"no `prompt` or `text` column ({columns}), and the cascade has no prompt template to render "
+                         "a report with")
     if template == STRUCTURED:
+        if not any(isinstance(row.get(k), str) and row[k].strip() for k in ("findings", "impression")):
+            if prompt_column:
+                return "", ""
+            raise ValueError(f"no report text: a row needs `prompt`, `text`, `findings` or `impression` ({columns})")
         return render_structured(row, rendering, pid), given_text(row)
-    return report_prompt(row, template, **(rendering or {})), given_text(row)
+    try:
+        return report_prompt(row, template, **(rendering or {})), given_text(row)
+    except KeyError as err:
+        if prompt_column:
+            return "", ""
+        field = err.args[0]
+        if field in row:
+            raise  # the column is there, empty in this row: read_prompts names the field
+        raise ValueError(f"no `prompt` or `text` column, and no `{field}` for the prompt template {template!r}: the "
+                         f"columns read are prompt, text or the template's {', '.join(sorted(template_fields(template)))}"
+                         f" ({columns})") from None
 
 
 def report_template(spec: dict, name: str | None = None) -> tuple[str | None, dict]:

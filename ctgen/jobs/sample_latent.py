@@ -22,7 +22,7 @@ from ctgen.export import dicom_from_nifti
 from ctgen.jobs.inputs import given_text, read_rows, render_structured, row_id
 from ctgen.pipelines.latent_flow import SPEC, LatentFlowPipeline, LatentSampleSettings
 from ctprep.ctrate import is_blank_section
-from ctprep.errors import UserError, read_json
+from ctprep.errors import UserError, read_json, read_text
 
 SEGMENT_COLUMNS = ("findings", "impression", "structured")
 #: the key of a report given as one free text (not split into sections)
@@ -77,15 +77,22 @@ def read_sections(path: str | Path) -> list[tuple[str, dict[str, str]]]:
     if not path.is_file():
         raise UserError(f"prompts file {path} does not exist")
     if path.suffix not in (".csv", ".jsonl", ".json"):
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        lines = [line.strip() for line in read_text(path).splitlines() if line.strip()]  # a non-UTF-8 file is named
         return [(f"prompt{i:04d}", {REPORT: line}) for i, line in enumerate(lines)]
     out = []
     for i, (n, row) in enumerate(read_rows(path)):
+        bad = [k for k in (*SEGMENT_COLUMNS, "prompt", "text") if row.get(k) is not None and not isinstance(row[k], str)]
+        if bad:  # a JSON list or number: not a report text
+            raise UserError(f"{path}:{n}: `{bad[0]}` must be a text, not a {type(row[bad[0]]).__name__}")
         sections = {k: str(row[k]) for k in SEGMENT_COLUMNS if isinstance(row.get(k), str) and row[k].strip()}
-        if not sections and (row.get("prompt") or row.get("text")):
-            sections = {REPORT: str(row.get("prompt") or row.get("text"))}
+        free = next((row[k] for k in ("prompt", "text") if isinstance(row.get(k), str) and row[k].strip()), None)
+        if not sections and free:
+            sections = {REPORT: free}
         if not sections:
-            raise UserError(f"{path}:{n}: no findings, impression, structured or prompt text to condition on")
+            cells = [k for k in (*SEGMENT_COLUMNS, "prompt", "text") if k in row]
+            raise UserError(f"{path}:{n}: " + (f"empty {', '.join(cells)} for {row_id(row, i)}" if cells else
+                            f"no report text: the columns read are {', '.join((*SEGMENT_COLUMNS, 'prompt', 'text'))} "
+                            f"(this row has {', '.join(map(str, row)) or 'none'})"))
         out.append((row_id(row, i, f"{path}:{n}"), sections))
     if not out:
         raise UserError(f"prompts file {path} holds no reports")

@@ -415,3 +415,42 @@ def test_a_structured_cascade_warns_of_text_its_parser_finds_nothing_in_and_keep
     assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", PROMPT, "--out", str(plain / "x.nii.gz"),
                        "--steps", "2", "--no-superres"]) == 0
     assert "prompt_given" not in json.loads((plain / "x.json").read_text())
+
+
+def test_prompt_files_as_users_write_them(tiny_cascade, tmp_path, capsys):
+    """Excel's "CSV UTF-8" (a byte-order mark hid the first column's name), an empty prompt cell (reported as the
+    template's missing 'age'), a misspelt column (the accepted ones unnamed), a list for a prompt (sampled as its
+    repr), a latin-1 text file (the latent family's error named no file): in both families' readers."""
+    from ctgen.jobs.sample import read_prompts, report_template
+    from ctgen.jobs.sample_latent import read_sections
+
+    spec = json.loads((tiny_cascade / "cascade.json").read_text())
+    template = report_template(spec)
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(b"\xef\xbb\xbfprompt,id\n60 years old male: effusion.,case7\n")
+    assert read_prompts(excel, *template) == [("case7", "60 years old male: effusion.")]
+    assert read_sections(excel) == [("case7", {"report": "60 years old male: effusion."})]
+    empty = tmp_path / "empty.csv"
+    empty.write_text(f"id,prompt\na,{PROMPT}\nb,\n")
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompts", str(empty), "--out-dir",
+                       str(tmp_path / "out"), "--steps", "2"]) == 2
+    assert capsys.readouterr().err.strip() == f"ctgen: error: {empty}: empty prompt for b"
+    with pytest.raises(ValueError, match=r"empty.csv:3: empty prompt for b"):
+        read_sections(empty)
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text(f"id,promt\na,{PROMPT}\n")
+    with pytest.raises(ValueError, match=r"wrong.csv:2: no `prompt` or `text` column.*the columns read are prompt, text "
+                                         r"or the template's age, impression, sex \(this row has id, promt\)"):
+        read_prompts(wrong, *template)
+    with pytest.raises(ValueError, match=r"wrong.csv:2: no report text: the columns read are findings, impression, "
+                                         r"structured, prompt, text \(this row has id, promt\)"):
+        read_sections(wrong)
+    listed = tmp_path / "list.jsonl"
+    listed.write_text('{"id": "lst", "prompt": ["60 years old", "male"]}\n')
+    for read in (lambda p: read_prompts(p, *template), read_sections):
+        with pytest.raises(ValueError, match="list.jsonl:1: `prompt` must be a text, not a list"):
+            read(listed)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Kardiomegalie, Pleuraerguss (geringgradig) \u2013 caf\u00e9\n".encode("latin-1", "replace"))
+    with pytest.raises(ValueError, match="latin.txt is not UTF-8 text"):
+        read_sections(latin)
