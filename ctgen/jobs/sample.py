@@ -229,6 +229,13 @@ def sample_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.prompt is not None and not args.out:
         ap.error("--prompt needs --out OUT.nii.gz")
+    # options of the other modes were accepted and ignored (one volume written where three were asked for)
+    if args.prompt is not None and args.per_prompt not in (None, 1):
+        ap.error("--prompt writes one volume (--out): --per-prompt needs --prompts")
+    if args.prompt is not None and args.out_dir:
+        ap.error("--prompt writes to --out OUT.nii.gz, not --out-dir (that is for --prompts / --vlm3d)")
+    if args.prompt is None and args.out:
+        ap.error("--out is for --prompt; --prompts / --vlm3d write to --out-dir DIR")
     if args.prompts is not None and not args.out_dir:
         ap.error("--prompts needs --out-dir DIR")
     if args.vlm3d is not None and not args.out_dir:

@@ -454,3 +454,17 @@ def test_prompt_files_as_users_write_them(tiny_cascade, tmp_path, capsys):
     latin.write_bytes("Kardiomegalie, Pleuraerguss (geringgradig) \u2013 caf\u00e9\n".encode("latin-1", "replace"))
     with pytest.raises(ValueError, match="latin.txt is not UTF-8 text"):
         read_sections(latin)
+
+
+def test_options_of_another_mode_are_refused_not_ignored(tmp_path, capsys):
+    """--per-prompt 3 and --out-dir given with --prompt were accepted and ignored (one volume, in --out)."""
+    one = ["sample", "--models", str(tmp_path), "--prompt", PROMPT, "--out", str(tmp_path / "x.nii.gz")]
+    for extra, why in ((["--per-prompt", "3"], "--per-prompt needs --prompts"),
+                       (["--out-dir", str(tmp_path / "many")], "not --out-dir"),
+                       (None, "--out is for --prompt")):
+        argv = one + extra if extra else ["sample", "--models", str(tmp_path), "--prompts", str(tmp_path / "p.txt"),
+                                          "--out-dir", str(tmp_path / "d"), "--out", str(tmp_path / "x.nii.gz")]
+        with pytest.raises(SystemExit) as exit_:
+            ctgen_main(argv)
+        assert exit_.value.code == 2 and why in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
