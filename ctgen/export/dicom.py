@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -102,7 +103,7 @@ def _ds(values: Any) -> list[str] | str:
 
 def _series_dataset(
     geom: SliceGeometry, shape: tuple[int, int, int], config: ExportConfig, series_description: str,
-    patient_name: str, prompt: str | None, sidecar_json: str,
+    patient_name: str, prompt: str | None, sidecar_json: str, study_id: str = "",
 ) -> Dataset:
     """Tags shared by every slice of one series (fresh study/series/frame UIDs, the time now)."""
     now = dt.datetime.now()
@@ -138,7 +139,7 @@ def _series_dataset(
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.FrameOfReferenceUID = generate_uid()
-    ds.StudyID = ""
+    ds.StudyID = study_id
     ds.SeriesNumber = 1
     ds.AcquisitionNumber = 1
     ds.PositionReferenceIndicator = ""
@@ -193,6 +194,28 @@ def check_replaceable(out_dir: str | os.PathLike) -> None:
     _prepare_dir(Path(out_dir), overwrite=True)
 
 
+#: Longest value of an SH element (StudyID), in characters.
+SH_MAX = 16
+
+
+def _case_name(sidecar: dict[str, Any]) -> str | None:
+    """``<prompt id>_s<seed>`` (as the NIfTI is named) of a sample's sidecar, or what of it the sidecar has."""
+    pid, seed = sidecar.get("prompt_id"), sidecar.get("seed")
+    if pid is None and seed is None:
+        return None
+    return "_".join(str(v) for v in (pid, None if seed is None else f"s{seed}") if v is not None)
+
+
+def _study_id(case: str | None) -> str:
+    """StudyID (SH, 16 characters) naming the case: as it is where it fits, else its head and a hash of all of it, so
+    that long ids sharing a prefix stay apart in a worklist."""
+    if not case:
+        return ""
+    if len(case) <= SH_MAX:
+        return case
+    return f"{case[:SH_MAX - 9]}~{hashlib.sha1(case.encode()).hexdigest()[:8]}"
+
+
 def _prompt_text(sidecar: dict[str, Any]) -> str | None:
     """The text a sample was drawn from: the cascade's prompt, or the latent flow family's report sections."""
     if sidecar.get("prompt"):
@@ -216,8 +239,9 @@ def save_synthetic_dicom(
 
     Voxels are rounded and clipped to ``config.hu_range`` first. UIDs are fresh on every call.
     The series is written into a temporary folder beside ``out_dir`` and renamed into place, so
-    a killed job leaves no half series. ``sidecar["prompt"]`` (or its ``report`` sections) goes to ImageComments; the whole
-    sidecar (plus geometry) into private tag (0011,1010).
+    a killed job leaves no half series. SeriesDescription (unless given) and StudyID name the case,
+    ``<prompt_id>_s<seed>`` of the sidecar, as the NIfTI is named. ``sidecar["prompt"]`` (or its ``report``
+    sections) goes to ImageComments; the whole sidecar (plus geometry) into private tag (0011,1010).
     """
     config = config or ExportConfig()
     out_dir = Path(out_dir)
@@ -227,9 +251,14 @@ def save_synthetic_dicom(
     geom = dicom_geometry(out.affine, out.shape[2])
     content = build_sidecar(out, sidecar, {"format": "dicom", "dtype": "int16", "hu_range": list(config.hu_range),
                                            "n_clipped": n_clipped, "storage": "signed, slope 1, intercept 0"})
+    case = _case_name(sidecar)
+    if series_description is None:  # every series was called the same in a worklist: the case names it
+        default = config.series_description
+        series_description = (f"SYNTHETIC {case} - {default.removeprefix('SYNTHETIC ')}" if case and
+                              default.startswith("SYNTHETIC") else f"{default} {case}" if case else default)
     base = _series_dataset(
-        geom, out.shape, config, series_description or config.series_description,
-        patient_name or config.patient_name, _prompt_text(sidecar), to_json(content, indent=None),
+        geom, out.shape, config, series_description, patient_name or config.patient_name, _prompt_text(sidecar),
+        to_json(content, indent=None), _study_id(case),
     )
     names = [f"IM{k + 1:05d}.dcm" for k in range(out.shape[2])]
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -348,3 +348,25 @@ def test_a_rerun_into_the_same_folder_removes_the_last_runs_volumes(tmp_path):
         write_samples([("p0", "a"), ("p1", "b")], dies_after_one, out, seed=30)
     write_samples([("p0", "effusion")], generate, out, seed=40)  # ... has its volume removed by the next run
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".gz") == ["p0_s40.nii.gz"]
+
+
+def test_each_series_names_its_case_in_a_worklist(tmp_path):
+    """Every synthetic series had one SeriesDescription and an empty StudyID, so a PACS worklist of a run showed
+    rows that could not be told apart: both name ``<id>_s<seed>``, StudyID within its 16 characters."""
+    from ctgen.export.samples import write_samples
+
+    def generate(request, seed):
+        return _volume("canonical", shape=(4, 3, 2)), dict(SIDECAR, seed=seed), request
+
+    long = ["patient_from_site_one_a", "patient_from_site_one_b"]
+    write_samples([("p0", "x"), *((pid, "x") for pid in long)], generate, tmp_path / "s", seed=11,
+                  dicom_dir=tmp_path / "d")
+    first = [pydicom.dcmread(sorted(d.glob("*.dcm"))[0], stop_before_pixels=True)
+             for d in sorted((tmp_path / "d").iterdir())]
+    by_case = {ds.SeriesDescription.split()[1]: ds for ds in first}
+    assert set(by_case) == {"p0_s11", "patient_from_site_one_a_s12", "patient_from_site_one_b_s13"}
+    p0 = by_case["p0_s11"]
+    assert p0.SeriesDescription == "SYNTHETIC p0_s11 - CT ctgen - not a real patient" and p0.StudyID == "p0_s11"
+    ids = [by_case[f"{pid}_s{s}"].StudyID for pid, s in zip(long, (12, 13))]
+    assert all(len(i) == 16 and i.startswith("patient") for i in ids) and ids[0] != ids[1]
+    assert all(len(ds.SeriesDescription) <= 64 and ds.SeriesDescription.startswith("SYNTHETIC ") for ds in first)
