@@ -1,7 +1,8 @@
 """Synthetic volume -> a CT Image Storage DICOM series (pydicom), truthful and marked synthetic.
 
-One file per slice of the array's k axis (whatever its direction), explicit VR little endian,
-uncompressed. Storage is **signed** int16 with RescaleSlope 1 and RescaleIntercept 0: every int16
+One file per axial slice, explicit VR little endian, uncompressed: the volume is first reoriented (flips and
+transposes, the affine following) to ``DISPLAY_AXES``, as scanners write axial CT, whatever axis order the NIfTI
+beside it keeps. Storage is **signed** int16 with RescaleSlope 1 and RescaleIntercept 0: every int16
 HU is stored exactly whatever ``hu_range`` is, and stored value = HU means no reader can get the
 intercept wrong (the unsigned + intercept -1024 convention cannot hold values below -1024).
 
@@ -34,6 +35,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 from pydicom.valuerep import format_number_as_ds
 
 from ctprep import __version__
+from ctprep.geometry import reorient
 from ctprep.volume import Volume, load_nifti, ras_to_lps
 
 from ctgen.export.config import ExportConfig, to_int16_hu
@@ -47,6 +49,12 @@ LT_MAX = 10240
 LO_MAX = 64
 #: Cosine of the largest angle tolerated between axes that must be orthogonal (about 0.06 deg).
 ORTHO_TOL = 1e-3
+#: The array's axes in the series, as nibabel names them (toward): columns to the patient's left, rows to posterior,
+#: slices upward. ImageOrientationPatient is then [1, 0, 0, 0, 1, 0], as scanners write axial CT, and a viewer
+#: that draws the pixels as stored (most do, for axial CT) shows the patient's right on the screen's left, anterior
+#: up. The volume's own (RAS, or ``--orientation``) order gave [-1, 0, 0, 0, -1, 0]: correct geometry, but drawn
+#: rotated by 180 degrees. A flip or a transpose of the voxels, the affine following: the same places and values.
+DISPLAY_AXES = ("L", "P", "S")
 #: Private creator and group holding the sidecar JSON in every slice.
 PRIVATE_CREATOR, PRIVATE_GROUP = "CTGEN sidecar", 0x0011
 
@@ -247,6 +255,7 @@ def save_synthetic_dicom(
     out_dir = Path(out_dir)
     _prepare_dir(out_dir, overwrite)
     out, n_clipped = to_int16_hu(vol, config.hu_range)
+    out = reorient(out, DISPLAY_AXES)
     data = out.data  # (I, J, K) int16
     geom = dicom_geometry(out.affine, out.shape[2])
     content = build_sidecar(out, sidecar, {"format": "dicom", "dtype": "int16", "hu_range": list(config.hu_range),

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from ctgen.data.layout import from_model_layout, to_model_layout
+from ctgen.export.dicom import DISPLAY_AXES
 from ctgen.export import (
     ExportConfig,
     save_synthetic_dicom,
@@ -183,7 +184,8 @@ def test_dicom_reads_back_as_the_nifti(tmp_path, data_dir, kind):
         vol = _volume(kind)
     nii, _ = save_synthetic_nifti(vol, tmp_path / "s.nii.gz", SIDECAR)
     files = save_synthetic_dicom(vol, tmp_path / "dcm", SIDECAR)
-    assert len(files) == vol.shape[2] and all(f.parent == tmp_path / "dcm" for f in files)
+    # axial slices (the display axes) whatever the volume's axis order: a permuted volume's k is not its slices
+    assert len(files) == reorient(vol, DISPLAY_AXES).shape[2] and all(f.parent == tmp_path / "dcm" for f in files)
     ref, _ = _nibabel_volume(nii)
 
     _assert_same(_sitk_volume(tmp_path / "dcm"), ref, "SimpleITK")
@@ -191,7 +193,9 @@ def test_dicom_reads_back_as_the_nifti(tmp_path, data_dir, kind):
     dicom_to_nifti(tmp_path / "dcm", tmp_path / "back.nii.gz")
     _assert_same(_nibabel_volume(tmp_path / "back.nii.gz")[0], ref, "ctprep.dicom_to_nifti + nibabel")
 
-    # pydicom, file by file in k order: pixels, positions and cosines from the test's own LPS maths
+    # pydicom, file by file in k order: pixels, positions and cosines from the test's own LPS maths, on the
+    # series' display axes (columns to the patient's left, rows to posterior, slices upward) whatever the volume's
+    ref = reorient(ref, DISPLAY_AXES)
     lps = LPS @ ref.affine
     for k, path in enumerate(files):
         ds = pydicom.dcmread(path)
@@ -207,6 +211,9 @@ def test_dicom_reads_back_as_the_nifti(tmp_path, data_dir, kind):
     assert float(ds.SliceThickness) == pytest.approx(ref.spacing[2], abs=TOL_MM)
     assert float(ds.SpacingBetweenSlices) == pytest.approx(ref.spacing[2], abs=TOL_MM)
     assert (ds.Rows, ds.Columns) == (ref.shape[1], ref.shape[0])
+    if kind != "oblique":  # as scanners write axial CT: a viewer drawing the pixels as stored shows it the right way
+        assert iop == [1, 0, 0, 0, 1, 0]
+        assert float(pydicom.dcmread(files[0]).SliceLocation) < float(ds.SliceLocation)  # instance 1 lowest
 
 
 def test_dicom_tags_mark_synthetic_and_carry_provenance(tmp_path):
@@ -237,9 +244,10 @@ def test_dicom_tags_mark_synthetic_and_carry_provenance(tmp_path):
     private = json.loads(series[0][0x0011, 0x1010].value)  # the sidecar, in a private tag
     assert private["seed"] == SIDECAR["seed"] and private["synthetic"] is True
     assert private["geometry"]["shape"] == list(vol.shape)
-    # slice locations follow the normal; the flipped grid's k runs against it
+    # slice locations follow the normal, upward from the first slice (the flipped grid's k ran against it: the series
+    # is written on its display axes)
     locs = [float(ds.SliceLocation) for ds in series]
-    assert np.allclose(np.diff(locs), -2.5, atol=TOL_MM)
+    assert np.allclose(np.diff(locs), 2.5, atol=TOL_MM)
 
     # UIDs: one study/series/frame per call, one SOP instance per file, all fresh on the next call
     for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
@@ -262,11 +270,11 @@ def test_dicom_stores_the_whole_int16_range_signed(tmp_path):
     data[0, 0, 0], data[1, 0, 0] = -2048, 4095
     vol = vol.new_like(data[None])
     files = save_synthetic_dicom(vol, tmp_path / "d", SIDECAR, config=ExportConfig(hu_range=(-2048, 4095)))
-    first = pydicom.dcmread(files[0]).pixel_array
-    assert first.dtype == np.int16 and first[0, 0] == -2048 and first[0, 1] == 4095
+    first = pydicom.dcmread(files[0]).pixel_array  # (rows: posterior, columns: to the left) of the RAS array
+    assert first.dtype == np.int16 and first[-1, -1] == -2048 and first[-1, -2] == 4095
     clipped = save_synthetic_dicom(vol, tmp_path / "c", SIDECAR)  # default range: -1024 .. 3071
     px = pydicom.dcmread(clipped[0]).pixel_array
-    assert px[0, 0] == -1024 and px[0, 1] == 3071
+    assert px[-1, -1] == -1024 and px[-1, -2] == 3071
 
 
 def test_dicom_refuses_sheared_grids_and_foreign_folders(tmp_path):

@@ -327,8 +327,8 @@ def test_a_rerun_with_dicom_replaces_its_series_and_a_foreign_folder_is_refused_
                            seed, "--steps", "2", "--no-superres", "--dicom", str(dcm)]) == 0
     series = [pydicom.dcmread(f) for f in sorted(dcm.glob("*.dcm"))]
     assert json.loads(series[0][0x0011, 0x1010].value)["seed"] == 2 == json.loads(out.with_name("ct.json").read_text())["seed"]
-    stack = np.stack([ds.pixel_array for ds in series])  # (k, j, i)
-    assert np.array_equal(stack.transpose(2, 1, 0), np.asarray(nib.load(out).dataobj))
+    stack = np.stack([ds.pixel_array for ds in series])  # (k, j, i) on the display axes: L, P, S
+    assert np.array_equal(stack.transpose(2, 1, 0)[::-1, ::-1], np.asarray(nib.load(out).dataobj))  # the RAS NIfTI
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     del series[0][0x0011, 0x1010], series[0][0x0011, 0x0010]  # a series another program wrote
