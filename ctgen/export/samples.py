@@ -8,6 +8,9 @@ reports in either family, which is what pairs their volumes in the evaluation), 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,9 +20,12 @@ import pandas as pd
 
 from ctgen.export.dicom import save_synthetic_dicom
 from ctgen.export.nifti import save_synthetic_nifti, stored_as
+from ctgen.export.sidecar import write_sidecar
 from ctprep.ctrate import volume_key
 from ctprep.logs import progress
 from ctprep.volume import Volume, atomic_write
+
+logger = logging.getLogger(__name__)
 
 #: generate(request, seed) -> (volume, its sidecar fields, the prompt text recorded in samples.csv)
 Generate = Callable[[Any, int], tuple[Volume, dict, str]]
@@ -31,33 +37,71 @@ Generate = Callable[[Any, int], tuple[Volume, dict, str]]
 WRITTEN = ".ctgen-written.txt"
 
 
-def _remove_last_run(out_dir: Path, dicom_dir: str | Path | None) -> None:
-    """The files an earlier run wrote into ``out_dir`` (or ``dicom_dir``), and its manifest: a run with other seeds
-    left its volumes beside the new ones, which a folder-based evaluation would have scored."""
+def _last_run(out_dir: Path) -> list[str]:
+    """The files an earlier run wrote into ``out_dir`` (or its DICOM folder): its record, else its manifest."""
     record, manifest = out_dir / WRITTEN, out_dir / "samples.csv"
-    paths: list[str] = []
     if record.is_file():
         try:
-            paths = [line for line in record.read_text().splitlines() if line.strip()]
+            return [line for line in record.read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError):
-            paths = []
-    elif manifest.is_file():  # a folder written before the record existed
+            return []
+    if manifest.is_file():  # a folder written before the record existed
         try:
             last = pd.read_csv(manifest)
-            paths = [str(v) for c in ("nifti", "sidecar", "dicom") if c in last for v in last[c].dropna()]
+            return [str(v) for c in ("nifti", "sidecar", "dicom") if c in last for v in last[c].dropna()]
         except (ValueError, OSError):
-            paths = []
-    manifest.unlink(missing_ok=True)
-    record.unlink(missing_ok=True)
+            return []
+    return []
+
+
+def _remove(paths: list[str], out_dir: Path, dicom_dir: str | Path | None, keep: set[str] = frozenset()) -> None:
+    """Remove ``paths`` (but ``keep``) that lie inside this run's folders: a run with other seeds left its volumes
+    beside the new ones, which a folder-based evaluation would have scored."""
     roots = [out_dir.resolve()] + ([Path(dicom_dir).resolve()] if dicom_dir else [])
     for value in paths:
         path = Path(value).resolve()
-        if not any(path.is_relative_to(r) and path != r for r in roots):
-            continue  # never outside this run's folders
+        if str(path) in keep or not any(path.is_relative_to(r) and path != r for r in roots):
+            continue  # kept, or outside this run's folders
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def sample_identity(fields: dict[str, Any]) -> dict[str, Any]:
+    """What, beside its request and seed, decides a sample's voxels, from a pipeline's sidecar fields: the settings,
+    the weights and files hashes, the code (version and source hash), torch, the device and precision; not the
+    prompt, seed, folder or commit (a commit of the documentation changes no voxel)."""
+    prov = {k: v for k, v in (fields.get("provenance") or {}).items() if k not in ("seed", "git")}
+    return {**{k: v for k, v in fields.items() if k not in ("prompt", "report", "seed", "models_dir", "provenance",
+                                                           "prompt_given", "text_tokens")}, "provenance": prov}
+
+
+def _resume_key(identity: dict, pid: str, rep: int, seed: int, request: Any, extra: dict) -> str:
+    blob = json.dumps({"identity": identity, "id": pid, "repeat": rep, "seed": seed, "request": request, **extra},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _reusable(paths: list[str], want_dicom: bool) -> dict[str, dict]:
+    """{resume key: the manifest row} of the earlier run's samples whose files are all still there."""
+    out = {}
+    for value in paths:
+        side = Path(value)
+        if side.suffix != ".json" or not side.is_file():
+            continue
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, ValueError):
+            continue
+        resume = meta.get("resume") if isinstance(meta, dict) else None
+        if not isinstance(resume, dict) or not isinstance(resume.get("row"), dict) or not isinstance(resume.get("key"), str):
+            continue
+        row = resume["row"]
+        if all(Path(row[c]).exists() for c in ("nifti", "sidecar")) and (not want_dicom or (
+                row.get("dicom") and Path(row["dicom"]).is_dir())):
+            out[resume["key"]] = row
+    return out
 
 
 def check_file_id(pid: str) -> None:
@@ -73,12 +117,18 @@ def check_file_id(pid: str) -> None:
 
 def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_dir: str | Path, *, seed: int = 0,
                   per_prompt: int = 1, dicom_dir: str | Path | None = None, single_out: str | Path | None = None,
-                  exact_names: bool = False, orientation: str | None = None, desc: str = "sample") -> pd.DataFrame:
+                  exact_names: bool = False, orientation: str | None = None, desc: str = "sample",
+                  identity: dict[str, Any] | None = None) -> pd.DataFrame:
     """``per_prompt`` volumes per ``(id, request)``; NIfTI + sidecar (+ DICOM); the manifest (``samples.csv``).
 
     ``exact_names``: each volume is ``<id>.nii.gz`` (one per request) instead of ``<stem>_s<seed>.nii.gz``;
     ``single_out``: the one volume's path; ``orientation``: store the voxels in this axis order
     (:func:`~ctgen.export.nifti.stored_as`, the affine following).
+
+    ``identity`` (:func:`sample_identity`): a run killed part-way (a Slurm time limit, a preemption) is resumed:
+    a volume the earlier run wrote into ``out_dir`` for the same request, seed and identity is kept, not sampled
+    again (sampling is deterministic: it is the volume this run would write); every other file of the earlier run
+    is removed once this run is complete.
     """
     if exact_names and per_prompt != 1:
         raise ValueError(f"one volume per prompt is written under the prompt's own name, not {per_prompt}")
@@ -86,14 +136,30 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
         check_file_id(pid)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    last, reusable = [], {}
     if not single_out:  # a rerun that dies part-way must not leave the last run's manifest over this run's files
-        _remove_last_run(out_dir, dicom_dir)
-    rows, index = [], 0
+        last = _last_run(out_dir)
+        (out_dir / "samples.csv").unlink(missing_ok=True)
+        if identity is None:
+            _remove(last, out_dir, dicom_dir)
+            (out_dir / WRITTEN).unlink(missing_ok=True)
+            last = []
+        else:  # the record stays until this run is complete: a run killed again resumes from both
+            reusable = _reusable(last, bool(dicom_dir))
+    extra = {"orientation": orientation, "exact_names": exact_names, "dicom": bool(dicom_dir)}
+    rows, index, kept = [], 0, set()
     with progress(total=len(requests) * per_prompt, desc=desc, unit="vol") as bar:
         for pid, request in requests:
             for rep in range(per_prompt):
                 s = seed + index
                 index += 1
+                key = _resume_key(identity, pid, rep, s, request, extra) if identity is not None else None
+                if key in reusable:
+                    row = reusable[key]
+                    kept |= {str(Path(row[c]).resolve()) for c in ("nifti", "sidecar", "dicom") if row.get(c)}
+                    rows.append(row)
+                    bar.update(1)
+                    continue
                 vol, fields, prompt = generate(request, s)
                 vol = stored_as(vol, orientation)
                 name = pid if exact_names else f"{volume_key(pid)}_s{s}"
@@ -109,6 +175,8 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
                 if dicom_dir:
                     files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True)
                     row["dicom"] = str(Path(files[0]).parent)
+                if key is not None:  # once all its files are written: what a resumed run needs to keep them
+                    write_sidecar(side, {**json.loads(Path(side).read_text()), "resume": {"key": key, "row": row}})
                 if not single_out:  # as each is written: a run killed part-way leaves its files named too
                     with open(out_dir / WRITTEN, "a") as record:
                         record.writelines(f"{Path(row[c]).resolve()}\n" for c in ("nifti", "sidecar", "dicom")
@@ -117,5 +185,13 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
                 bar.update(1)
     manifest = pd.DataFrame(rows)
     if not single_out:
+        if last:  # complete: the earlier run's other files go, and the record names this run's files alone
+            mine = {str(Path(r[c]).resolve()) for r in rows for c in ("nifti", "sidecar", "dicom") if r.get(c)}
+            _remove(last, out_dir, dicom_dir, keep=mine)
+            atomic_write(out_dir / WRITTEN, lambda tmp: Path(tmp).write_text("".join(
+                f"{Path(r[c]).resolve()}\n" for r in rows for c in ("nifti", "sidecar", "dicom") if r.get(c))))
         atomic_write(out_dir / "samples.csv", lambda tmp: manifest.to_csv(tmp, index=False))
+    if kept:
+        logger.info("%d of %d volumes kept from the earlier run in %s (same requests, seeds, weights and settings)",
+                    len({r["nifti"] for r in rows if str(Path(r["nifti"]).resolve()) in kept}), len(rows), out_dir)
     return manifest

@@ -13,7 +13,7 @@ from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline
 from ctgen.export import dicom_from_nifti
 from ctgen.export.dicom import check_replaceable
 from ctgen.export.nifti import check_nifti_path, check_orientation
-from ctgen.export.samples import write_samples
+from ctgen.export.samples import sample_identity, write_samples
 from ctgen.jobs.inputs import given_text, read_rows, render_structured, row_id
 from ctgen.training.distributed import device_option
 from ctprep.errors import UserError, read_json, read_text
@@ -159,7 +159,8 @@ def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_
         return vol, fields, prompt
 
     return write_samples(requests, generate, out_dir, seed=seed, per_prompt=per_prompt, dicom_dir=dicom_dir,
-                         single_out=single_out, exact_names=exact_names, orientation=orientation, desc="sample")
+                         single_out=single_out, exact_names=exact_names, orientation=orientation, desc="sample",
+                         identity=sample_identity(pipe.sidecar("", 0, settings)))
 
 
 def sample_parser():

@@ -13,6 +13,7 @@ settings, weight hashes and the spacing's source, an optional DICOM series, and 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +24,8 @@ from ctgen.jobs.inputs import given_text, read_rows, render_structured, row_id
 from ctgen.pipelines.latent_flow import SPEC, LatentFlowPipeline, LatentSampleSettings
 from ctprep.ctrate import is_blank_section
 from ctprep.errors import UserError, read_json, read_text
+
+log = logging.getLogger(__name__)
 
 SEGMENT_COLUMNS = ("findings", "impression", "structured")
 #: the key of a report given as one free text (not split into sections)
@@ -117,7 +120,7 @@ def sample_latent_to_files(models_dir: str | Path, reports: list[tuple[str, dict
 
     ``exact_names``/``orientation``: as :func:`ctgen.jobs.sample.sample_to_files` (the VLM3D contract).
     """
-    from ctgen.export.samples import write_samples
+    from ctgen.export.samples import sample_identity, write_samples
 
     pipe = LatentFlowPipeline.from_pretrained(models_dir, device=device)
     segments = pipe.flow.config.segments
@@ -130,6 +133,14 @@ def sample_latent_to_files(models_dir: str | Path, reports: list[tuple[str, dict
         rendered = "structured" in segments and "structured" not in sections  # the parser made it of the report
         requests.append((pid, (used, given_text(sections.get(REPORT) or sections) if rendered else None)))
 
+    # a section longer than its encoder takes is cut (the training reports were cut the same way): said, and each
+    # sidecar records its token counts (text_tokens)
+    cut = [pid for pid, (used, _) in requests
+           if any(t["n"] > t["max"] for t in pipe.section_tokens(used).values())]
+    if cut:
+        log.warning("%d of %d reports have a section longer than the text encoder takes, cut to its length (e.g. %s; "
+                    "each sidecar's text_tokens)", len(cut), len(requests), ", ".join(cut[:3]))
+
     def generate(request: tuple[dict[str, str], str | None], s: int):
         used, given = request
         texts = {seg: [t] for seg, t in used.items()}
@@ -141,7 +152,7 @@ def sample_latent_to_files(models_dir: str | Path, reports: list[tuple[str, dict
 
     return write_samples(requests, generate, out_dir, seed=seed, per_prompt=per_prompt,
                          dicom_dir=dicom_dir, single_out=single_out, exact_names=exact_names, orientation=orientation,
-                         desc="sample latent_flow")
+                         desc="sample latent_flow", identity=sample_identity(pipe.sidecar({}, 0, settings)))
 
 
 def sample_latent_main(args) -> int:

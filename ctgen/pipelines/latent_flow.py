@@ -196,6 +196,24 @@ class LatentFlowPipeline:
 
         return [build_text_encoder(e, device=self.device, root=self.models_dir) for e in self.spec["text_encoders"]]
 
+    def section_tokens(self, sections: dict[str, str]) -> dict[str, dict[str, int]]:
+        """{segment: {"n": tokens its text makes, "max": tokens the encoder takes}} (the most over the frozen
+        encoders): a longer text is cut to ``max`` (CT-RATE findings can run past 128 tokens), which the sidecar
+        records and the sampling job warns about, as the cascade's --truncate-prompt does."""
+        out = {}
+        for seg, text in sections.items():
+            if not text:
+                continue
+            if self.flow.context.encoder is not None:
+                limit = int(self.spec["text_encoders"][0]["max_length"])
+                _, mask = self._small_tokenizer.encode_batch([text], 1 << 16)
+                out[seg] = {"n": int(mask.sum()), "max": limit}
+            else:
+                counts = [(e.count_tokens(text), e.max_length) for e in self._frozen_encoders]
+                n, limit = max(counts, key=lambda c: c[0] - c[1])
+                out[seg] = {"n": int(n), "max": int(limit)}
+        return out
+
     def encode_sections(self, sections: dict[str, list[str]]) -> dict[str, torch.Tensor]:
         """The flow model's text inputs for ``{segment: texts}``; blank texts get an all-False mask."""
         from ctgen.models.report_context import blank_empty, text_keys
@@ -300,7 +318,8 @@ class LatentFlowPipeline:
                    "why": "given" if settings.spacing else grid.get("spacing_source", "the prep preset's spacing")}
         used = {**dataclasses.asdict(settings), "precision": self.precision(settings),
                 "steps": settings.steps or self.flow.config.sample_steps}  # what None and "auto" resolved to
-        return {"family": FAMILY, "report": dict(sections), "seed": seed, "settings": used, "spacing": spacing,
+        return {"family": FAMILY, "report": dict(sections), "text_tokens": self.section_tokens(sections), "seed": seed,
+                "settings": used, "spacing": spacing,
                 "weights_sha256": self.spec.get("weights", {}), "weights_used": dict(self.weights_used),
                 "files_sha256": self.spec.get("files", {}), "config_hash": self.spec.get("config_hash"),
                 "models_dir": str(self.models_dir),

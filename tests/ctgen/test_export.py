@@ -358,6 +358,45 @@ def test_a_rerun_into_the_same_folder_removes_the_last_runs_volumes(tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".gz") == ["p0_s40.nii.gz"]
 
 
+def test_a_killed_sampling_run_resumes_keeping_what_it_wrote(tmp_path):
+    """Killed after two of four volumes (a Slurm time limit), the rerun samples the other two only; another seed or
+    identity (weights, settings, code) samples again, and what the earlier run wrote but this one does not is removed
+    once this run is complete."""
+    from ctgen.export.samples import WRITTEN, write_samples
+
+    calls = []
+    identity = {"weights_sha256": {"generator": "abc"}, "settings": {"steps": 2}}
+
+    def generate(request, seed):
+        calls.append(seed)
+        if len(calls) == 3 and seed == 12:  # the third volume of the first attempt: killed
+            raise MemoryError("killed")
+        return _volume("canonical", shape=(4, 3, 2), seed=seed), dict(SIDECAR, seed=seed), request
+
+    out, dicom = tmp_path / "s", tmp_path / "d"
+    requests = [(f"p{i}", f"prompt {i}") for i in range(4)]
+    with pytest.raises(MemoryError):
+        write_samples(requests, generate, out, seed=10, dicom_dir=dicom, identity=identity)
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+    assert sorted(first) == ["p0_s10.nii.gz", "p1_s11.nii.gz"]
+    calls.clear()
+    manifest = write_samples(requests, generate, out, seed=10, dicom_dir=dicom, identity=identity)
+    assert calls == [12, 13] and list(manifest["seed"]) == [10, 11, 12, 13]  # the first two kept as they were
+    assert {n: (out / n).stat().st_mtime_ns for n in first} == first
+    assert list(manifest["prompt"]) == [f"prompt {i}" for i in range(4)] and len(list(dicom.iterdir())) == 4
+    assert len((out / WRITTEN).read_text().splitlines()) == 12  # nifti, sidecar, dicom of each: this run's alone
+    # another identity: nothing kept; fewer requests: the rest of the earlier run removed at the end
+    calls.clear()
+    write_samples(requests[:2], generate, out, seed=10, dicom_dir=dicom, identity={**identity, "settings": {"steps": 3}})
+    assert calls == [10, 11]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["p0_s10.nii.gz", "p1_s11.nii.gz"]
+    assert sorted(p.name for p in dicom.iterdir()) == ["p0_s10", "p1_s11"]
+    # the same request under another seed is another volume
+    calls.clear()
+    write_samples(requests[:1], generate, out, seed=20, identity={**identity, "settings": {"steps": 3}})
+    assert calls == [20] and sorted(p.name for p in out.glob("*.nii.gz")) == ["p0_s20.nii.gz"]
+
+
 def test_each_series_names_its_case_in_a_worklist(tmp_path):
     """Every synthetic series had one SeriesDescription and an empty StudyID, so a PACS worklist of a run showed
     rows that could not be told apart: both name ``<id>_s<seed>``, StudyID within its 16 characters."""

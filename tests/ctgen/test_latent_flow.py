@@ -498,6 +498,13 @@ def test_pipeline_samples_int16_hu_with_a_truthful_affine(models_dir):
     assert side["settings"]["steps"] == 3  # given
     unset = pipe.sidecar(vol.meta["report"], 0, LatentSampleSettings(guidance_scale=2.0))
     assert unset["settings"]["steps"] == pipe.flow.config.sample_steps != 3  # what None took from the model
+    # each section's tokens against what its encoder takes: a longer one is cut, and the sidecar says so
+    tokens = side["text_tokens"]
+    limit = pipe.spec["text_encoders"][0]["max_length"]
+    assert set(tokens) == {"findings"} and tokens["findings"]["max"] == limit  # the empty impression: none
+    assert 1 < tokens["findings"]["n"] <= limit
+    long = pipe.sidecar({"findings": "Right pleural effusion. " * 20, "impression": ""}, 0, settings)["text_tokens"]
+    assert long["findings"]["n"] > long["findings"]["max"] == limit
     assert side["settings"]["precision"] == "fp32" and side["weights_used"]["autoencoder"] == "autoencoder"
     json.dumps(side)
 
