@@ -403,11 +403,28 @@ def _partitive_status(doc: Doc, mention: Span, sent: Span, t: Span) -> str | Non
     return None
 
 
+def _in_closed_list(doc: Doc, t: Span, sent: Span) -> bool:
+    """True if ``t`` is a comma terminator (", mild", ", trace") inside a list that ", or"/", nor" closes later in its
+    clause, before any verb: "No focal consolidation, small pleural effusion, or pneumothorax" denies all three."""
+    if t.label_ not in ("TERM", "PRE_END") or doc[t.start].text != ",":
+        return False
+    for i in range(t.end, sent.end - 1):
+        word = doc[i].lower_
+        if word in _VERB_AUX or word in V.SEEN_VERBS or doc[i].text in (";", ":"):
+            return False
+        if word == "," and doc[i + 1].lower_ in ("or", "nor"):
+            return True
+    return False
+
+
 def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) -> tuple[str, Span | None]:
     """(status, trigger) for one mention, from the triggers of its sentence ``sent`` (in text order)."""
     value = _template_value(doc, mention, sent, triggers)
     if value is not None:
         return "negated", value  # "Lymph nodes: Normal."
+    # a comma's new item inside a list that ", or" closes is the list's ("No pneumothorax, dense consolidation, or
+    # pleural effusion": all three denied), not an asserted item
+    triggers = [t for t in triggers if not _in_closed_list(doc, t, sent)]
     terms = [t for t in triggers if t.label_ == "TERM"]
     pre_terms = terms + [t for t in triggers if t.label_ == "PRE_END"]  # "No effusion and mild atelectasis"
     breaks = [t for t in triggers if t.label_ == "BREAK" or (t.label_ == "TERM" and t.text.lower() in _BREAKS)]

@@ -51,8 +51,10 @@ _COMPILED = tuple(_Compiled(r, compile_lower(r.pattern), _compile(r.requires), _
                             _compile(r.excludes_own), _compile(r.excludes_part), _compile(r.outside), _compile(r.inside))
                   for r in RULES)
 #: A verb of the clause: a part without one shares the clause's verb phrase ("Lymph nodes in the mediastinum and
-#: lymph nodes in the hila are of normal size": both are normal-sized).
-_VERB = compile_lower(r"\b(" + "|".join(AUXILIARIES) + r")\b")
+#: lymph nodes in the hila are of normal size": both are normal-sized); subjects joined by a coordination share the
+#: predicate after the last of them (``_shared_predicate``)
+_JOINED = compile_lower(r"\b(and|or|nor)\b|&")
+_PREDICATE = compile_lower(r"\b(" + "|".join((*AUXILIARIES, "do", "does", "did")) + r")\b")
 _EFFUSION_WORDS = keywords(EFFUSION.pattern)
 _PERICARD = compile_lower(r"\bpericardi\w*")
 _PLEURA = compile_lower(r"\b(pleura\w*|hemithora\w*|thorax|thoracic cavit\w*|costophrenic|costodiaphragmatic)")
@@ -275,16 +277,44 @@ def _part_excluded(c: _Compiled, low: str, s0: int, e0: int, m: re.Match, anchor
     s, e = m.start() - c0, m.end() - c0
     prev_end = max((x.end() - c0 for x in anchors if c0 <= x.start() and x.end() <= m.start()), default=None)
     next_start = min((x.start() - c0 for x in anchors if x.start() >= m.end() and x.end() <= c1), default=None)
-    a, b = A.finding_part(clause, s, e, prev_end, next_start)
-    context = clause[a:b]
-    if not _VERB.search(context):
-        _, phrase_end = A.own_phrase(clause, s, e)
-        verb = _VERB.search(clause, b, phrase_end) if b < phrase_end else None
-        if verb:
-            context += " " + clause[verb.start():phrase_end]
+    if low[c1:c1 + 1] == ":" and not clause[:s].strip(" \t-*") and not clause[e:].strip():
+        context = low[c1 + 1:e0]  # a heading ("Lymph nodes: subcentimeter, within normal limits"): what follows it
+    else:
+        a, b = A.finding_part(clause, s, e, prev_end, next_start)
+        context = clause[a:b]
+        if not _PREDICATE.search(context):
+            _, phrase_end = A.own_phrase(clause, s, e)
+            verb = _PREDICATE.search(clause, b, phrase_end) if b < phrase_end else None
+            if verb:
+                context += " " + clause[verb.start():phrase_end]
+            else:
+                context += " " + _shared_predicate(clause, b, [(x.start() - c0, x.end() - c0) for x in anchors
+                                                              if c0 <= x.start() and x.end() <= c1])
     if c.excludes_part and c.excludes_part.search(context):
         return True
-    return bool(c.outside and c.outside.search(context) and not (c.inside and c.inside.search(context)))
+    if not c.outside:
+        return False
+    if c.outside.search(context) and not (c.inside and c.inside.search(context)):
+        return True
+    # a sentence that names places outside the region and none inside it is outside it, whatever part names them:
+    # "In the upper abdomen, lymph nodes in the gastrohepatic ligament ... are enlarged"
+    sentence = low[s0:e0]
+    return bool(c.outside.search(sentence) and not (c.inside and c.inside.search(sentence)))
+
+
+def _shared_predicate(clause: str, b: int, spans: list[tuple[int, int]]) -> str:
+    """What a verbless part shares with the subjects it is coordinated with: the clause's predicate after its last
+    anchor where "and"/"or" joins the subjects ("Lymph nodes in the prevascular area, lymph nodes in the
+    paratracheal region and lymph nodes in the subcarinal region were observed in normal size"), or, in a clause
+    without a verb, the trailing comma phrases that name no finding ("..., not pathological"); "" where neither is
+    ("Lymphadenopathy in the mediastinum, the other lymph nodes are of normal size": not coordinated)."""
+    last = max([end for _, end in spans if end >= b], default=b)
+    verb = _PREDICATE.search(clause, last)
+    if verb:
+        first = min([start for start, _ in spans], default=b)
+        return clause[verb.start():] if _JOINED.search(clause, first, verb.start()) else ""
+    tail = clause.find(",", last)
+    return clause[tail + 1:] if tail >= 0 else ""
 
 
 def find_mentions(doc: Doc, corrections: list[tuple[int, int, str]] = ()) -> list[Span]:

@@ -49,10 +49,9 @@ _HEADERS = {
 _HEADER_WORDS = "|".join(sorted(map(re.escape, _HEADERS), key=len, reverse=True))
 #: Headers that are common words too ("compared with the prior exam: the nodule ..."): only with a colon, opening a
 #: line or a sentence ("EXAM: CT chest without contrast").
-_COLON_HEADERS = {"exam": "technique", "examination": "technique",
-                  # the request's diagnosis and question ("Dx: ?pneumonia", "Request: ?consolidation"): prose says
-                  # "per the referral, ...", "a request for comparison", so these too need the colon
-                  "dx": "clinical_information", "request": "clinical_information", "referral": "clinical_information"}
+# ("Dx:", "Request:" are not: at a report's end "DX:" is often the radiologist's own diagnosis, and a "Request:" line
+# inside the findings would take the findings after it)
+_COLON_HEADERS = {"exam": "technique", "examination": "technique"}
 _COLON_WORDS = "|".join(sorted(map(re.escape, _COLON_HEADERS), key=len, reverse=True))
 _ALL_HEADERS = {**_HEADERS, **_COLON_HEADERS}
 # A dash after a header: an en/em dash, or a hyphen standing free ("Findings - ...", not "findings-based")

@@ -57,7 +57,7 @@ _CALC = r"(calcif\w*|calcium|atherom\w*|atheroscleros\w*|atherosclerotic|plaques
 #: Vessels other than the coronary arteries, whose calcium is ``Coronary artery wall calcification`` alone: not
 #: "coronary vessels"/"coronary vascular", nor a count of diseased vessels ("three-vessel coronary calcification").
 _COUNT_VESSEL = "".join(rf"(?<!\b{n}[- ])" for n in ("one", "two", "three", "four", "single", "double", "triple", "multi"))
-_VESSEL = (r"\b(?<!coronary )(aort(?!opulmonary)\w*\b(?! (valv|annul|leaflet|cusp)\w*)|(?<!descending )(?<!circumflex )"
+_VESSEL = (r"\b(?<!(?<![\w-])coronary )(aort(?!opulmonary)\w*\b(?! (valv|annul|leaflet|cusp)\w*)|(?<!descending )(?<!circumflex )"
            r"arter(y|ies|ial)|vascular|" + _COUNT_VESSEL + r"(?<!\d[- ])vessels?|carotid|subclavian|iliac|brachiocephalic|"
            r"truncus|innominate|femoral|celiac|mesenteric arter\w*|arch)\b")
 #: Coronary arteries by name: "coronary", or a branch ("LAD", "circumflex", "left main").
@@ -131,7 +131,7 @@ RULES: tuple[Rule, ...] = (
          # another hernia's type names the hernia it qualifies only, not the sentence's other words ("Small hiatal
          # hernia containing fat", "Hiatal hernia, atelectasis in the left lung lower lobe")
          excludes_own=r"\b(bochdalek|morgagni|inguinal|umbilical|incisional|ventral|abdominal wall|lung|pulmonary|fat|"
-                      r"omental)( fat)?([- ]containing)? hernia\w*|"
+                      r"omental)([- ]type)?( fat)?([- ]containing)? hernia\w*|"
                       r"\bhernia\w* of (the )?(bochdalek|morgagni|lung|(\w+ )?fat)\b|\b(lung|fat) herniat\w*|"
                       r"\bherniat\w* of (the )?(lung|(\w+ )?fat)\b"),
     Rule("Lymphadenopathy", r"\blymphadenopath\w*|\badenopath\w*|\b(lymph)?adenomegal\w*|\blaps?\b|\blymph ?node conglomerat\w*|"
@@ -144,7 +144,10 @@ RULES: tuple[Rule, ...] = (
                        r"\bnot reaching|\b(below|under) (the )?patholog\w*|\bintra-?(parenchymal|pulmonary)",
          outside=r"\b(abdom\w*|intra-?abdominal|pelvi\w*|inguinal|iliac|mesenter\w*|meso|colon|perigastric|portal|"
                  r"retroperiton\w*|celiac|paraaortic|para-aortic|paracaval|interaortocaval|pericolonic|perirenal)\b",
-         inside=r"\b((?<!renal )" + _STATIONS + r"|mediastin\w*|(?<!portal )(?<!hepatic )(?<!renal )(?<!splenic )hil(a|um|us|i)|axilla\w*|thora\w*|aortopulmonary window)\b"),
+         # ("thoracic"/"thorax" is no station: "the upper abdominal sections included in the thorax CT"; a hilum of the
+         # liver, spleen or kidney is no lung hilum)
+         inside=r"\b((?<!renal )" + _STATIONS + r"|mediastin\w*|(?<!portal )(?<!hepatic )(?<!renal )(?<!splenic )(?<!liver )"
+                r"(?<!kidney )hil(a|um|us|i)(?! of the (liver|spleen|kidney))|axilla\w*|aortopulmonary window)\b"),
     # --- lung parenchyma --------------------------------------------------------------------------
     Rule("Emphysema", r"\bemphysem\w*|\bbullae?\b|\bbullous|\bblebs?\b|\bhyperaerat\w*|\bhyperinflat\w*",
          excludes=r"\b(subcutaneous|mediastinal|soft tissue|interstitial) emphysem\w*"),
@@ -283,6 +286,10 @@ PSEUDO_NEGATION = ["no change", "no significant change", "no difference", "no si
                    "has not disappeared", "have not disappeared", "not completely disappeared", "partially cleared",
                    "partial clearing of", "partial clearance of", "not removed", "not been removed", "not yet removed",
                    "not yet been removed",
+                   # a technique, no negation of what the scan shows: "CT chest w/o contrast shows a small effusion"
+                   "w/o contrast", "w/o iv contrast", "w/o intravenous contrast", "without contrast",
+                   "without iv contrast", "without intravenous contrast", "with and without contrast",
+                   "with and without iv contrast", "with and without intravenous contrast",
                    # double negation, the finding is there: "Pleural effusion is not absent", "not without a small effusion"
                    "not absent", "is not absent", "are not absent", "was not absent", "were not absent",
                    "not completely absent", "not entirely absent", "not without", "is not without", "are not without",
@@ -380,12 +387,9 @@ TERMINATORS = ["but", "however", "although", "though", *EXCEPTIONS, "apart from 
                # the rest of a resolved finding is a new item: "Resolution of atelectasis with residual consolidation"
                "with residual", "with persistent", "with persisting", "with remaining", "with new"]
 # A comma followed by a quantity or degree word starts a new, asserted item: "No effusion, mild atelectasis".
-# Size, amount and extent words of the same kind ("No pulmonary embolism, trace bilateral pleural effusions"); not
-# sides, which open the next item of a negated list as often ("No consolidation, right pleural effusion or pneumothorax").
 TERMINATORS += [f", {w}" for w in ("a", "an", "mild", "minimal", "minimally", "moderate", "severe", "marked", "slight",
                                     "small", "several", "multiple", "a few", "there is", "there are",
-                                    "residual", "persistent", "persisting", "remaining", "new",
-                                    "trace", "large", "extensive", "scattered", "patchy", "dense")]
+                                    "residual", "persistent", "persisting", "remaining", "new")]
 #: End a pre-trigger's scope only: "and" before a new assertion ("There is no effusion, and there is mild cardiomegaly",
 #: "No pneumothorax and small bilateral effusions"). A post-trigger still covers such a coordination ("Pleural effusion
 #: and mild atelectasis were not seen" is odd, but "no A and B" stays one negation either way).
@@ -393,6 +397,11 @@ PRE_SCOPE_ENDS = [f"{conj} {w}" for conj in ("and", "&")  # "&": "No pleural eff
                   for w in ("there is", "there are", "there was", "there were", "mild", "mildly", "minimal",
                             "minimally", "small", "moderate", "moderately", "large", "trace", "severe",
                             "marked", "slight", "extensive")]
+# After a comma, amount and extent words start an asserted item only after a pre-negation ("No pulmonary embolism,
+# trace bilateral pleural effusions"): a list a post-negation closes holds them as often ("Consolidation, dense
+# opacity or nodule was not observed"). Not "large" ("No focal consolidation, large pleural effusion or pneumothorax":
+# a large one is what reports deny), nor sides ("No consolidation, right pleural effusion or pneumothorax").
+PRE_SCOPE_ENDS += [f", {w}" for w in ("trace", "extensive", "scattered", "patchy", "dense")]
 #: What stops a sentence-wide negation reaching back to the sentence start (``SENTENCE_NEGATION``): contrast and
 #: exception terminators, ";" and persistence ("Consolidation persists and the effusion has resolved"). "persists"
 #: and "remains" end only that reach, not other scopes: "Pleural effusion remains absent" is negated.
