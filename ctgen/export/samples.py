@@ -20,7 +20,7 @@ import pandas as pd
 
 from ctgen.export.dicom import save_synthetic_dicom
 from ctgen.export.nifti import save_synthetic_nifti, stored_as
-from ctgen.export.sidecar import write_sidecar
+from ctgen.export.sidecar import sidecar_path, write_sidecar
 from ctprep.ctrate import volume_key
 from ctprep.logs import progress
 from ctprep.volume import Volume, atomic_write
@@ -83,25 +83,21 @@ def _resume_key(identity: dict, pid: str, rep: int, seed: int, request: Any, ext
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _reusable(paths: list[str], want_dicom: bool) -> dict[str, dict]:
-    """{resume key: the manifest row} of the earlier run's samples whose files are all still there."""
-    out = {}
-    for value in paths:
-        side = Path(value)
-        if side.suffix != ".json" or not side.is_file():
-            continue
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, ValueError):
-            continue
-        resume = meta.get("resume") if isinstance(meta, dict) else None
-        if not isinstance(resume, dict) or not isinstance(resume.get("row"), dict) or not isinstance(resume.get("key"), str):
-            continue
-        row = resume["row"]
-        if all(Path(row[c]).exists() for c in ("nifti", "sidecar")) and (not want_dicom or (
-                row.get("dicom") and Path(row["dicom"]).is_dir())):
-            out[resume["key"]] = row
-    return out
+def _kept(key: str, nifti: Path, dicom: Path | None) -> dict | None:
+    """The manifest row of a volume an earlier run wrote at this run's paths for the same resume ``key``, where its
+    files are all there (the NIfTI at its recorded size, the DICOM series where one is asked for); else None."""
+    side = sidecar_path(nifti)
+    try:
+        resume = json.loads(side.read_text()).get("resume")
+        if (not isinstance(resume, dict) or resume.get("key") != key or not isinstance(resume.get("row"), dict)
+                or nifti.stat().st_size != resume.get("nifti_bytes")):
+            return None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if dicom is not None and not (dicom.is_dir() and any(dicom.glob("*.dcm"))):
+        return None
+    # this run's spelling of the paths (the earlier run may have named the folder from another working directory)
+    return {**resume["row"], "nifti": str(nifti), "sidecar": str(side), **({"dicom": str(dicom)} if dicom else {})}
 
 
 def check_file_id(pid: str) -> None:
@@ -136,7 +132,7 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
         check_file_id(pid)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    last, reusable = [], {}
+    last = []
     if not single_out:  # a rerun that dies part-way must not leave the last run's manifest over this run's files
         last = _last_run(out_dir)
         (out_dir / "samples.csv").unlink(missing_ok=True)
@@ -144,26 +140,27 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
             _remove(last, out_dir, dicom_dir)
             (out_dir / WRITTEN).unlink(missing_ok=True)
             last = []
-        else:  # the record stays until this run is complete: a run killed again resumes from both
-            reusable = _reusable(last, bool(dicom_dir))
-    extra = {"orientation": orientation, "exact_names": exact_names, "dicom": bool(dicom_dir)}
+        # else the record stays until this run is complete: a run killed again resumes from both
+    resume = identity is not None and not single_out
+    extra = {"orientation": orientation, "exact_names": exact_names,
+             "dicom": str(Path(dicom_dir).resolve()) if dicom_dir else None}
     rows, index, kept = [], 0, set()
     with progress(total=len(requests) * per_prompt, desc=desc, unit="vol") as bar:
         for pid, request in requests:
             for rep in range(per_prompt):
                 s = seed + index
                 index += 1
-                key = _resume_key(identity, pid, rep, s, request, extra) if identity is not None else None
-                if key in reusable:
-                    row = reusable[key]
+                name = pid if exact_names else f"{volume_key(pid)}_s{s}"
+                path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
+                key = _resume_key(identity, pid, rep, s, request, extra) if resume else None
+                row = _kept(key, path, Path(dicom_dir) / name if dicom_dir else None) if resume else None
+                if row is not None:
                     kept |= {str(Path(row[c]).resolve()) for c in ("nifti", "sidecar", "dicom") if row.get(c)}
                     rows.append(row)
                     bar.update(1)
                     continue
                 vol, fields, prompt = generate(request, s)
                 vol = stored_as(vol, orientation)
-                name = pid if exact_names else f"{volume_key(pid)}_s{s}"
-                path = Path(single_out) if single_out else out_dir / f"{name}.nii.gz"
                 sidecar = {**fields, "prompt_id": pid, "repeat": rep, "timing_s": vol.meta.get("timing_s")}
                 if vol.meta.get("n_nonfinite") is not None:  # NaN/inf the network gave, written as the window's bounds
                     sidecar["n_nonfinite"] = int(vol.meta["n_nonfinite"])
@@ -176,7 +173,8 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
                     files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True)
                     row["dicom"] = str(Path(files[0]).parent)
                 if key is not None:  # once all its files are written: what a resumed run needs to keep them
-                    write_sidecar(side, {**json.loads(Path(side).read_text()), "resume": {"key": key, "row": row}})
+                    write_sidecar(side, {**json.loads(Path(side).read_text()),
+                                         "resume": {"key": key, "row": row, "nifti_bytes": Path(nifti).stat().st_size}})
                 if not single_out:  # as each is written: a run killed part-way leaves its files named too
                     with open(out_dir / WRITTEN, "a") as record:
                         record.writelines(f"{Path(row[c]).resolve()}\n" for c in ("nifti", "sidecar", "dicom")

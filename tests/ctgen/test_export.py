@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -395,6 +396,42 @@ def test_a_killed_sampling_run_resumes_keeping_what_it_wrote(tmp_path):
     calls.clear()
     write_samples(requests[:1], generate, out, seed=20, identity={**identity, "settings": {"steps": 3}})
     assert calls == [20] and sorted(p.name for p in out.glob("*.nii.gz")) == ["p0_s20.nii.gz"]
+
+
+def test_a_resumed_run_keeps_only_its_own_complete_files(tmp_path, monkeypatch):
+    """A volume is kept only at this run's own paths, whole, with the DICOM folder this run asks for."""
+    from ctgen.export.samples import write_samples
+
+    calls = []
+
+    def generate(request, seed):
+        calls.append(seed)
+        return _volume("canonical", shape=(4, 3, 2), seed=seed), dict(SIDECAR, seed=seed), request
+
+    requests, identity = [("p0", "a"), ("p1", "b")], {"weights_sha256": {"generator": "abc"}}
+    for run in ("A", "B"):
+        (tmp_path / run).mkdir()
+        monkeypatch.chdir(tmp_path / run)
+        write_samples(requests, generate, Path("out"), seed=0, dicom_dir=Path("dicom_a"), identity=identity)
+    # from another working directory, the same folder: kept, under this run's spelling of its paths
+    monkeypatch.chdir(tmp_path / "B")
+    calls.clear()
+    manifest = write_samples(requests, generate, tmp_path / "A" / "out", seed=0, dicom_dir=tmp_path / "A" / "dicom_a",
+                             identity=identity)
+    assert calls == [] and all(Path(p).is_relative_to(tmp_path / "A") for p in manifest["nifti"])
+    assert (tmp_path / "A" / "out" / "p0_s0.nii.gz").is_file() and (tmp_path / "B" / "out" / "p0_s0.nii.gz").is_file()
+    # another DICOM folder: sampled again, written there
+    calls.clear()
+    manifest = write_samples(requests, generate, tmp_path / "A" / "out", seed=0, dicom_dir=tmp_path / "A" / "dicom_b",
+                             identity=identity)
+    assert calls == [0, 1] and all("dicom_b" in p for p in manifest["dicom"])
+    # a NIfTI damaged outside ctgen (a partial copy): sampled again
+    nifti = tmp_path / "A" / "out" / "p1_s1.nii.gz"
+    nifti.write_bytes(nifti.read_bytes()[:100])
+    calls.clear()
+    write_samples(requests, generate, tmp_path / "A" / "out", seed=0, dicom_dir=tmp_path / "A" / "dicom_b",
+                  identity=identity)
+    assert calls == [1] and nifti.stat().st_size > 100
 
 
 def test_each_series_names_its_case_in_a_worklist(tmp_path):

@@ -215,10 +215,12 @@ rule guidance_sweep:
         f"{R}/benchmarks/guidance_sweep.tsv"
     conda:
         "../../envs/train.yaml"
-    threads: 1
+    # it scores every scale (the 2D FID's bootstrap over all the sampled volumes' slice features): an evaluation job
+    threads: config["evaluation"]["resources"]["threads"]
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=config["evaluation"]["resources"]["mem_mb"],
+        runtime=grows_with_attempt(config["evaluation"]["resources"]["runtime"], 2),
+        gpu=config["evaluation"]["resources"]["gpu"],
     params:
         settings=EVAL_TRACKED,
     script:
