@@ -50,7 +50,6 @@ localrules:
     slicenet_config,
     metric_tables,
     compare_families,
-    guidance_sweep,
 
 
 rule all:
