@@ -66,9 +66,10 @@ def stop(cluster: Cluster | None) -> None:
         subprocess.run(["bash", str(CLUSTER), "stop", str(cluster.state)], timeout=60)
 
 
-def snakemake(workdir: Path, snakefile: Path, env: dict, *args: str, limit: int = 900) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, snakefile: Path, env: dict, *args: str, limit: int = 1200) -> subprocess.CompletedProcess:
     """snakemake with the Slurm profile and the test additions, its executor polling every 2 s (poll.py); SIGINT
-    on timeout (SIGTERM would not stop it)."""
+    after ``limit`` seconds (SIGTERM would not stop it). The tiny demo takes 5-6 min alone, over 15 min in one CI
+    run beside the other workers (2026-12-06): the default leaves it room, and still ends a hung run."""
     cmd = ["timeout", "-s", "INT", "-k", "60", str(limit), sys.executable, str(HERE / "poll.py"), "-s", str(snakefile),
            "-d", str(workdir), *PROFILES, "--latency-wait", "5", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
