@@ -230,8 +230,8 @@ def combine_scales(results: list[ScaleResult], out_csv: str | Path,
     base = results[0]
     for r in results[1:]:
         for m in paired_differences(r.per_volume, base.per_volume, names=(f"{r.scale:g}", f"{base.scale:g}"),
-                                    prefix="guidance", labels=base_labels, n_boot=cfg.bootstrap, seed=cfg.seed,
-                                    profile=base.profiles.get("classifier" if base_labels else "clip")):
+                                    prefix="guidance", labels=base_labels, n_boot=cfg.bootstrap, seed=cfg.seed):
+            m.profile = base.profiles.get(_network(m.name), "")
             rows.append({**_row(r.scale, m), "versus": base.scale, "p_value": m.extra.get("p_value")})
             log.info("guidance %g vs %g: %s %s, 95%% CI %s, p = %s", r.scale, base.scale, m.name, m.value, m.ci,
                      m.extra.get("p_value"))
@@ -247,6 +247,12 @@ def guidance_sweep(models_dir: str | Path, prompts_csv: str | Path, scales: list
     :func:`combine_scales`. The workflow runs each scale as a job of its own instead."""
     sw = _prepare(models_dir, prompts_csv, sampling, reference, settings, device, repeats)
     return combine_scales([_sample(sw, float(s)) for s in scales], out_csv, sw.cfg, sw.device)
+
+
+def _network(difference: str) -> str:
+    """The network whose outputs a paired difference compares: the classifier's probabilities for faithfulness,
+    CLIP's embeddings for the rest (the CLIP score), as each scale's own rows name them in :func:`scale_metrics`."""
+    return "classifier" if difference.startswith("guidance.faithfulness.") else "clip"
 
 
 def _plain(value):
