@@ -116,14 +116,16 @@ def frechet_values(real: dict[str, FeatureRows], fake: dict[str, FeatureRows], n
     CI (the same volumes resampled for every key). The units must be the same volumes in every pair.
     ``groups_fake``, ``groups_real``: the stems of each side's volumes; where a report prompted several
     generated volumes or a CT-RATE patient has several real ones, the resamples draw whole reports or patients
-    (:func:`ctgen.metrics.summary.report_groups`), recorded in ``extra`` as ``resampled_generated`` and
-    ``resampled_real``.
+    (:func:`ctgen.metrics.summary.report_groups`), recorded in ``extra``: the generated side's (the volumes ``n``
+    counts) as ``resampled`` and ``n_resampled``, the keys of every other record, the real side's as
+    ``resampled_real`` and ``n_resampled_real``.
     """
     keys = list(real)
     n_f, n_r = fake[keys[0]].n_units, real[keys[0]].n_units
     g_f, c_f = report_groups(groups_fake, n_f)
     g_r, c_r = report_groups(groups_real, n_r, "volumes")
-    clusters = {f"{k}_{side}": v for side, c in (("generated", c_f), ("real", c_r)) for k, v in c.items()}
+    # the generated side under the keys that tables and figures read as the units of ``n``
+    clusters = {**c_f, **{f"{k}_real": v for k, v in c_r.items()}}
     members_f, members_r = (None if g is None else group_members(g) for g in (g_f, g_r))
     # the thinner side's independent units: what the CI's reliability rests on
     few = thin(*min((c.get("n_resampled", n), c.get("resampled", "volumes")) for c, n in ((c_f, n_f), (c_r, n_r))))

@@ -44,3 +44,13 @@ def test_each_difference_row_carries_its_own_networks_profile(tmp_path):
     assert out.loc[(3.0, "guidance.faithfulness.agreement_diff"), "profile"] == PROFILES["classifier"]
     assert out.loc[(3.0, "clip_score"), "profile"] == PROFILES["clip"]  # as the scale's own row
 
+
+def test_the_fid_row_keeps_its_independent_units(tmp_path):
+    """With repeats the Fréchet distance's CI resamples whole patients; the sweep row lost that count (the metric
+    stored it under other keys than every other record)."""
+    out = combine_scales(scales(12, 2, classifier=False), tmp_path / "sweep.csv", SETTINGS, device="cpu").set_index(["guidance_scale", "metric"])
+    fid = out.loc[(3.0, "fid_2d.slicenet.axial")]
+    assert fid["n"] == 24 and fid["n_resampled"] == 12 and fid["resampled"] == "patients"
+    clip = out.loc[(3.0, "clip_score")]
+    assert clip["n_resampled"] == 12 and clip["resampled"] == "patients"  # as the other rows already said
+

@@ -466,11 +466,11 @@ def test_frechet_ci_resamples_whole_reports_and_patients():
                             groups_real=real_stems, **kw)
     assert grouped.value == naive.value and width(naive) < 0.7 * width(once)
     assert width(grouped) == pytest.approx(width(once), rel=0.25)
-    assert grouped.extra["resampled_generated"] == "patients" and grouped.extra["n_resampled_generated"] == 30
+    assert grouped.extra["resampled"] == "patients" and grouped.extra["n_resampled"] == 30
     assert grouped.extra["n_resampled_real"] == 30 and "only" not in (grouped.flag or "")
     singles = frechet_value(FeatureRows.per_volume(real_once), FeatureRows.per_volume(fake_once), "fd",
                             groups_fake=[f"p{i}" for i in range(30)], groups_real=[f"q{i}" for i in range(30)], **kw)
-    assert singles.ci == once.ci and "resampled_generated" not in singles.extra
+    assert singles.ci == once.ci and "resampled" not in singles.extra
     few = frechet_value(FeatureRows.per_volume(real), FeatureRows.per_volume(fake[:36]), "fd",
                         groups_fake=fake_stems[:36], **kw)
     assert "only 9 patients" in few.flag  # 36 volumes of 9 reports: the thin side's units are counted
