@@ -461,14 +461,28 @@ def plot_hu_histograms(histograms_jsons: Mapping[str, str | Path], out_png, dpi:
     return _save(fig, out_png, dpi)
 
 
+MISSING_Y = 0.03  # where a volume without a tissue is drawn, as a fraction of the axis height from its foot
+
+
+def _mark_missing(ax, x: np.ndarray, median: pd.Series, colour: str) -> int:
+    """Volumes with no voxel of a tissue (a NaN median, flagged "missing" by the HU checks) as triangles at the foot
+    of the tissue's column: at y = NaN they would not be drawn at all. Returns how many."""
+    none = median.isna().to_numpy()
+    if none.any():
+        ax.scatter(x[none], np.full(int(none.sum()), MISSING_Y), c=colour, marker="v", s=16, zorder=3,
+                   transform=ax.get_xaxis_transform())
+    return int(none.sum())
+
+
 def plot_per_volume(per_volume_csvs: Mapping[str, str | Path], out_png, dpi: int = 120) -> Path:
     """Per generated volume of each family: its CLIP score against the real scan's (the ceiling), and its
-    per-tissue median HU against the tissue intervals (volumes with HU flags drawn as crosses)."""
+    per-tissue median HU against the tissue intervals (volumes with HU flags drawn as crosses, volumes with no
+    voxel of a tissue as triangles at the foot of its column, counted)."""
     fig = _new_figure(4.5)
     ax1, ax2 = fig.subplots(1, 2, width_ratios=(1, 1.4))
     _shade_tissues(ax2, -1100.0, 1500.0, vertical=False)
     rng = np.random.default_rng(0)  # jitter only, so that the figure is reproducible
-    values, medians = [], []
+    values, medians, missing = [], [], dict.fromkeys(TISSUES, 0)
     shift = 0.3 / max(len(per_volume_csvs), 1)
     for fi, (family, path) in enumerate(per_volume_csvs.items()):
         pv = pd.read_csv(path)
@@ -485,6 +499,7 @@ def plot_per_volume(per_volume_csvs: Mapping[str, str | Path], out_png, dpi: int
                 x = i + (fi - (len(per_volume_csvs) - 1) / 2) * shift + rng.uniform(-0.06, 0.06, len(pv))
                 for mask, marker in ((~flagged, "o"), (flagged, "x")):
                     ax2.scatter(x[mask], pv[col][mask], c=colour, marker=marker, s=12, zorder=3)
+                missing[tissue] += _mark_missing(ax2, x, pv[col], colour)
     both = pd.concat(values).dropna() if values else pd.Series(dtype=float)
     if len(both):
         lo, hi = float(both.min()), float(both.max())
@@ -496,8 +511,13 @@ def plot_per_volume(per_volume_csvs: Mapping[str, str | Path], out_png, dpi: int
     medians = pd.concat(medians) if medians else pd.Series(dtype=float)
     lo, hi = (float(medians.min()), float(medians.max())) if len(medians) else (-1100.0, 1500.0)
     # the tissue bands' range, widened to every median (an external prediction's -3024 or 3071 stays in view)
-    ax2.set(ylim=(min(-1100.0, lo - 50.0), max(1500.0, hi + 50.0)), ylabel="median HU",
-            title="Tissue median HU per generated volume (x: flagged)")
+    ax2.set(ylim=(min(-1100.0, lo - 50.0), max(1500.0, hi + 50.0)), ylabel="median HU")
+    for i, tissue in enumerate(TISSUES):
+        if missing[tissue]:
+            ax2.text(i, MISSING_Y + 0.04, f"{missing[tissue]} without\n{tissue.replace('_', ' ')}", ha="center",
+                     va="bottom", fontsize=6, transform=ax2.get_xaxis_transform())
+    ax2.set_title("Tissue median HU per generated volume (x: flagged"
+                  + (";\ntriangles at the foot: no voxel of that tissue)" if any(missing.values()) else ")"))
     return _save(fig, out_png, dpi)
 
 

@@ -15,7 +15,7 @@ import pytest
 from ctgen.jobs.compare import compare_families
 from ctgen.jobs.figures import (FIGURES, MODELS, WIDTH_IN, WINDOWS, FigureConfig, choose_prompts, key_term, make_figures,
                                 mid_slices, plot_families, plot_faithfulness, plot_guidance_sweep, plot_hu_histograms,
-                                plot_samples, plot_tstr)
+                                plot_per_volume, plot_samples, plot_tstr)
 from ctgen.jobs.figure_list import TABLES
 from ctgen.jobs.tables import GROUPS, write_intro, write_tables
 from ctgen.metrics.hu import hu_histogram
@@ -378,3 +378,25 @@ def test_flagged_values_are_drawn_as_such_and_every_series_keeps_its_legend(run,
     clip_ax = next(a for a in kept[-1].axes if a.get_title().startswith("CLIP score"))
     assert "only 3 volumes" in clip_ax.get_title()
     assert any(ln.get_markerfacecolor() in ("white", (1, 1, 1, 1)) for ln in clip_ax.lines if ln.get_marker() == "o")
+
+
+def test_a_volume_without_a_tissue_is_drawn_and_counted(tmp_path, monkeypatch):
+    """A volume with no bone voxel has a NaN bone median (the HU checks flag it "missing"); it used to be scattered
+    at y = NaN, that is not at all."""
+    kept = _drawn(monkeypatch)
+    pv = pd.DataFrame({"clip_score": [20.0, 21.0, 22.0], "clip_score_real": [25.0, 26.0, 27.0], "n_hu_flags": [0, 0, 1],
+                       **{f"hu_{t}_median": [v] * 3 for t, v in (("air", -1000.0), ("lung", -850.0), ("fat", -100.0),
+                                                                 ("soft_tissue", 40.0))},
+                       "hu_bone_median": [500.0, 510.0, np.nan]})
+    pv.to_csv(tmp_path / "pv.csv", index=False)
+    plot_per_volume({"cascade": tmp_path / "pv.csv"}, tmp_path / "pv.png", dpi=40)
+    ax = kept[-1].axes[1]
+    bone = 4  # the column of TISSUES' last
+    drawn = [xy for c in ax.collections for xy in np.asarray(c.get_offsets()) if np.isfinite(xy).all() and abs(xy[0] - bone) < 0.5]
+    assert len(drawn) == 3  # every volume has a mark in the bone column
+    assert any(t.get_text() == "1 without\nbone" for t in ax.texts) and "no voxel of that tissue" in ax.get_title()
+    caption = (Path(__file__).resolve().parents[2] / "workflow/report/per_volume.rst").read_text()
+    assert "no voxel of a tissue" in caption and "triangle" in caption
+    kept.clear()
+    plot_per_volume({"cascade": tmp_path / "pv.csv", "latent_flow": tmp_path / "pv.csv"}, tmp_path / "pv2.png", dpi=40)
+    assert any(t.get_text() == "2 without\nbone" for t in kept[-1].axes[1].texts)  # one count over the families
