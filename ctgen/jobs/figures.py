@@ -287,18 +287,26 @@ def _series_handles(series, extra=()) -> list:
     return [*extra, *handles]
 
 
+def _n_text(record: dict, what: str = "") -> str:
+    """A record's n, then the reports or patients its CI and tests resample where a unit holds several volumes
+    or pairs (that count is what the CI's reliability rests on): "24 pairs (12 patients)"."""
+    extra = record.get("extra") or {}
+    units = f" ({extra['n_resampled']} {extra.get('resampled', 'units')})" if extra.get("n_resampled") else ""
+    return f"{record['n']}{' ' + what if what else ''}{units}"
+
+
+def _named_sizes(named) -> str:
+    """"n = <name> <n> (<units>), ..." of (name, record or None) pairs, each series with its own n."""
+    parts = [f"{name} {_n_text(r)}" for name, r in named if r and r.get("n") is not None]
+    return "n = " + ", ".join(parts) if parts else ""
+
+
 def _sizes(series) -> str:
     """Each series' n (volumes, and reports or patients where the CIs resample them), from its macro or first
     valued record."""
-    parts = []
-    for rec, prefix, _, name in series:
-        r = rec.get(f"{prefix}.macro") or next(
-            (r for n, r in rec.items() if n.startswith(prefix + ".") and r.get("value") is not None), None)
-        if r and r.get("n") is not None:
-            extra = r.get("extra") or {}
-            units = f" ({extra['n_resampled']} {extra.get('resampled', 'units')})" if extra.get("n_resampled") else ""
-            parts.append(f"{name.removeprefix('generated: ')} {r['n']}{units}")
-    return "n = " + ", ".join(parts) if parts else ""
+    return _named_sizes((name.removeprefix("generated: "), rec.get(f"{prefix}.macro") or next(
+        (r for n, r in rec.items() if n.startswith(prefix + ".") and r.get("value") is not None), None))
+        for rec, prefix, _, name in series)
 
 
 def _per_label_plot(series: Sequence[tuple[dict, str, str, str]], out_png, dpi: int, title: str, xlabel: str) -> Path:
@@ -396,8 +404,12 @@ def plot_alignment(metrics_jsons: Mapping[str, str | Path], out_png, dpi: int = 
     for x, (rec, pattern, colour, name) in enumerate(sides):
         _bar(ax1, x, rec.get(pattern.format("clip_score")), colour, 0.8, None)
     ax1.set_xticks(range(len(sides)), [name for *_, name in sides], fontsize=8)
-    clip_n = next((r["n"] for rec, pattern, *_ in sides if (r := rec.get(pattern.format("clip_score")))), "?")
-    ax1.set(ylabel="CLIP score", title=f"CLIP score (uncalibrated, n = {clip_n})")
+
+    def sizes(metric: str) -> str:  # each series' own n: a family may have scored fewer volumes than another
+        return textwrap.fill(_named_sizes((name, rec.get(pattern.format(metric))) for rec, pattern, _, name in sides), 60)
+
+    ax1.set_ylabel("CLIP score")
+    ax1.set_title(f"CLIP score (uncalibrated)\n{sizes('clip_score')}", fontsize=9)
     ks = sorted({int(n.split(".")[1][3:]) for n in first if n.startswith("retrieval.top")})
     width = 0.8 / len(sides)
     for j, k in enumerate(ks):
@@ -410,8 +422,9 @@ def plot_alignment(metrics_jsons: Mapping[str, str | Path], out_png, dpi: int = 
                            label="chance" if i + j == 0 else None)
     n = next((r for name, r in first.items() if name.startswith("retrieval.")), {})
     ax2.set_xticks(range(len(ks)), [f"top-{k}" for k in ks])
-    ax2.set(ylim=(0, 1.05), ylabel="accuracy",
-            title=f"Report retrieval among {n.get('extra', {}).get('n_candidates', '?')} reports (n = {n.get('n', '?')})")
+    ax2.set(ylim=(0, 1.05), ylabel="accuracy")
+    ax2.set_title(f"Report retrieval among {n.get('extra', {}).get('n_candidates', '?')} reports\n"
+                  f"{sizes(f'retrieval.top{ks[0]}') if ks else 'n = ?'}", fontsize=9)
     if any(r.get("flag") and r.get("value") is not None
            for rec, *_ in sides for name, r in rec.items() if name.startswith(("retrieval.", "clip_score"))):
         fig.text(0.5, 0.005, "hatched: flagged, too few samples to read as a result", ha="center", fontsize=7)

@@ -14,8 +14,8 @@ import pytest
 
 from ctgen.jobs.compare import compare_families
 from ctgen.jobs.figures import (FIGURES, MODELS, WIDTH_IN, WINDOWS, FigureConfig, choose_prompts, key_term, make_figures,
-                                mid_slices, plot_families, plot_faithfulness, plot_guidance_sweep, plot_hu_histograms,
-                                plot_per_volume, plot_samples, plot_tstr)
+                                mid_slices, plot_alignment, plot_families, plot_faithfulness, plot_guidance_sweep,
+                                plot_hu_histograms, plot_per_volume, plot_samples, plot_tstr)
 from ctgen.jobs.figure_list import TABLES
 from ctgen.jobs.tables import GROUPS, write_intro, write_tables
 from ctgen.metrics.hu import hu_histogram
@@ -400,3 +400,19 @@ def test_a_volume_without_a_tissue_is_drawn_and_counted(tmp_path, monkeypatch):
     kept.clear()
     plot_per_volume({"cascade": tmp_path / "pv.csv", "latent_flow": tmp_path / "pv.csv"}, tmp_path / "pv2.png", dpi=40)
     assert any(t.get_text() == "2 without\nbone" for t in kept[-1].axes[1].texts)  # one count over the families
+
+
+def test_alignment_figure_gives_each_series_its_own_n(tmp_path, monkeypatch):
+    """The titles quoted the first series' n: a family scored on 7 volumes read as if on 50."""
+    kept = _drawn(monkeypatch)
+    paths = {}
+    for family, n in (("cascade", 50), ("latent_flow", 7)):
+        summary = metrics_json()
+        for r in summary["metrics"]:
+            r["n"] = n if r["name"].endswith(".generated") else 50
+        (tmp_path / f"{family}.json").write_text(json.dumps(summary))
+        paths[family] = tmp_path / f"{family}.json"
+    plot_alignment(paths, tmp_path / "a.png", dpi=40)
+    clip, retrieval = (ax.get_title() for ax in kept[-1].axes)
+    for title in (clip, retrieval):
+        assert "cascade 50" in title and "latent flow 7" in title and "real 50" in title, title
