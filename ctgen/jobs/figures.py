@@ -613,7 +613,7 @@ def plot_families(families_json, out_png, dpi: int = 120) -> Path:
         lo, hi = r["ci"] if r.get("ci") else (r["value"], r["value"])
         span = max(abs(lo), abs(hi), abs(r["value"]), 1e-6) * 1.15
         ax.set_xlim(-span, span)
-        ax.text(1.01, 0.5, f"{e['value_a']:.3g} vs {e['value_b']:.3g}\np = {e['p_value']:.3g}, n = {r['n']}"
+        ax.text(1.01, 0.5, f"{e['value_a']:.3g} vs {e['value_b']:.3g}\np = {e['p_value']:.3g}, n = {_n_text(r, 'pairs')}"
                 + ("\n(thin)" if r.get("flag") else ""), transform=ax.transAxes, va="center", fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
     axes[-1].set_xlabel(f"{first['a'].replace('_', ' ')} minus {first['b'].replace('_', ' ')} "

@@ -416,3 +416,12 @@ def test_alignment_figure_gives_each_series_its_own_n(tmp_path, monkeypatch):
     clip, retrieval = (ax.get_title() for ax in kept[-1].axes)
     for title in (clip, retrieval):
         assert "cascade 50" in title and "latent flow 7" in title and "real 50" in title, title
+
+
+def test_families_figure_counts_the_reports_or_patients_resampled(run, tmp_path, monkeypatch):
+    """Two volumes of each of 3 CT-RATE patients per family: the CI and the test resample and swap the 3 patients,
+    which the figure has to say beside the 6 pairs."""
+    kept = _drawn(monkeypatch)
+    plot_families(run["shared"]["families"], tmp_path / "f.png", dpi=40)
+    beside = [t.get_text() for ax in kept[-1].axes for t in ax.texts if "p = " in t.get_text()]
+    assert beside and all("n = 6 pairs (3 patients)" in t for t in beside), beside
