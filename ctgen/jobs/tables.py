@@ -85,6 +85,11 @@ def caption(table: str, records: list[dict], metrics: Mapping[str, dict]) -> str
     return " ".join(parts) + "\n"
 
 
+def _sweep_records(sweep: pd.DataFrame) -> list[dict]:
+    """The sweep table's rows as records for :func:`caption` (an empty cell None, not NaN, which reads as a flag)."""
+    return sweep.astype(object).where(sweep.notna(), None).to_dict("records")
+
+
 def write_tables(metrics_jsons: Mapping[str, str | Path], skipped_csvs: Mapping[str, str | Path], sweep_csv,
                  families_json, outputs: Mapping[str, str], text_reliance_json: str | Path | None = None) -> None:
     """Every table of :data:`ctgen.jobs.figure_list.TABLES`. ``metrics_jsons``, ``skipped_csvs``: {family: path}
@@ -102,9 +107,8 @@ def write_tables(metrics_jsons: Mapping[str, str | Path], skipped_csvs: Mapping[
             tables[name] = (metric_rows(groups[name]), caption(name, groups[name], scope))
     if sweep_csv:
         sweep = pd.read_csv(sweep_csv)
-        pairs = sweep[["n", "profile"]].drop_duplicates().itertuples(index=False)
-        tables["guidance_sweep"] = (sweep, f"**n and profile:** {', '.join(f'n = {n} (``{p}``)' for n, p in pairs)}. "
-                                           "The cascade's volumes of the same prompts and seeds at every guidance scale.\n")
+        tables["guidance_sweep"] = (sweep, "The cascade's volumes of the same prompts and seeds at every guidance scale. "
+                                           + caption("guidance_sweep", _sweep_records(sweep), {}))
     else:
         tables["guidance_sweep"] = (pd.DataFrame(columns=["guidance_scale", "metric", "value"]),
                                     "Not computed: no cascade in models.generators.\n")

@@ -425,3 +425,25 @@ def test_families_figure_counts_the_reports_or_patients_resampled(run, tmp_path,
     plot_families(run["shared"]["families"], tmp_path / "f.png", dpi=40)
     beside = [t.get_text() for ax in kept[-1].axes for t in ax.texts if "p = " in t.get_text()]
     assert beside and all("n = 6 pairs (3 patients)" in t for t in beside), beside
+
+
+def test_the_sweep_caption_counts_its_flagged_numbers(run, tmp_path):
+    """The guidance sweep's caption alone lacked the "K of M numbers are flagged" of every other table; its figure
+    and its table include that caption."""
+    outputs = {f"{name}_{kind}": str(tmp_path / f"{name}.{kind if kind != 'caption' else 'rst'}")
+               for name in TABLES for kind in ("html", "csv", "caption")}
+    sweep = sweep_frame()
+    sweep.loc[sweep["metric"] == "clip_score", "flag"] = "only 3 volumes: too few for a reliable bootstrap CI (< 10)"
+    sweep.to_csv(tmp_path / "sweep.csv", index=False)
+    write_tables(of(run, "metrics"), of(run, "skipped"), tmp_path / "sweep.csv", run["shared"]["families"], outputs)
+    caption = (tmp_path / "guidance_sweep.rst").read_text()
+    assert "**3 of 14 numbers are flagged**" in caption and "n = 3 (``net@1``)" in caption
+    assert "3 of 14 numbers are flagged" in (tmp_path / "guidance_sweep.html").read_text()
+    report = Path(__file__).resolve().parents[2] / "workflow" / "report"
+    table = (report / "table_guidance_sweep.rst").read_text()
+    assert "_diff" in table and "p_value" in table and "versus" in table
+    for rst in ("table_guidance_sweep.rst", "guidance_sweep.rst"):
+        assert "/report/guidance_sweep.rst" in (report / rst).read_text()
+    sweep_frame().to_csv(tmp_path / "clean.csv", index=False)
+    write_tables(of(run, "metrics"), of(run, "skipped"), tmp_path / "clean.csv", run["shared"]["families"], outputs)
+    assert "flagged" not in (tmp_path / "guidance_sweep.rst").read_text()  # empty flag cells are no flags
