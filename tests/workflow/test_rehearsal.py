@@ -26,8 +26,23 @@ def test_training_memory_does_not_grow_with_the_cohort(demo_run, rehearsal_large
     large = rehearsal_large.result()  # 4N, run beside the demo (tests/conftest.py)
     assert large["n"] == wf.REHEARSAL_N == 4 * small["n"]
     rows = rehearsal.flatness(small, large)
-    assert {r["job"] for r in rows} >= set(rehearsal.TARGETS)  # every network's training measured at both sizes
+    assert rehearsal.coverage(small, large, rehearsal.TARGETS) == []  # every network's training measured at both sizes
     assert all(r["ok"] for r in rows), rows
+
+
+def test_a_training_job_measured_at_one_size_only_fails():
+    """flatness() leaves out a job that one size lacks, and no rows at all passed as within the limit."""
+    job = {"s": 10.0, "max_rss_mb": 500.0}
+    small = {"n": 3, "rules": {"prep": job, "train_clip": job, "train_tstr/real": job}}
+    large = {"n": 12, "rules": {"prep": job, "train_clip": job}}
+    assert [r["job"] for r in rehearsal.flatness(small, large)] == ["train_clip"]  # the tstr job is not compared
+    assert rehearsal.coverage(small, large, ("train_clip",)) == ["train_tstr/real was measured at N=3 only"]
+    assert rehearsal.coverage(large, small, ("train_clip",)) == ["train_tstr/real was measured at N=3 only"]
+    assert rehearsal.coverage(small, large, ("train_clip", "train_tokenizer"))[-1] == \
+        "not measured at both sizes: train_tokenizer"
+    nothing = {"n": 3, "rules": {"prep": job}}
+    assert rehearsal.coverage(nothing, {**nothing, "n": 12}, ("train_clip",)) == ["not measured at both sizes: train_clip"]
+    assert rehearsal.coverage({**small, "rules": large["rules"]}, large, ("train_clip",)) == []
 
 
 def test_a_training_jobs_peak_is_the_larger_of_the_sampled_and_the_kernel_one(tmp_path):
