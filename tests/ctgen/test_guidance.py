@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from ctgen.jobs.guidance import ScaleResult, combine_scales
 from ctgen.metrics.distribution import FeatureRows
@@ -38,7 +37,8 @@ def scales(n_reports: int, repeats: int, classifier: bool = True) -> list[ScaleR
 
 def test_each_difference_row_carries_its_own_networks_profile(tmp_path):
     """The CLIP score difference used to carry the classifier's profile (one profile for every difference row)."""
-    out = combine_scales(scales(12, 1), tmp_path / "sweep.csv", SETTINGS, device="cpu").set_index(["guidance_scale", "metric"])
+    out = combine_scales(scales(12, 1), tmp_path / "sweep.csv", SETTINGS, device="cpu")
+    out = out.set_index(["guidance_scale", "metric"])
     assert out.loc[(3.0, "guidance.clip_score_diff"), "profile"] == PROFILES["clip"]
     assert out.loc[(3.0, "guidance.faithfulness.macro_auroc_diff"), "profile"] == PROFILES["classifier"]
     assert out.loc[(3.0, "guidance.faithfulness.agreement_diff"), "profile"] == PROFILES["classifier"]
@@ -48,7 +48,8 @@ def test_each_difference_row_carries_its_own_networks_profile(tmp_path):
 def test_the_fid_row_keeps_its_independent_units(tmp_path):
     """With repeats the Fréchet distance's CI resamples whole patients; the sweep row lost that count (the metric
     stored it under other keys than every other record)."""
-    out = combine_scales(scales(12, 2, classifier=False), tmp_path / "sweep.csv", SETTINGS, device="cpu").set_index(["guidance_scale", "metric"])
+    out = combine_scales(scales(12, 2, classifier=False), tmp_path / "sweep.csv", SETTINGS, device="cpu")
+    out = out.set_index(["guidance_scale", "metric"])
     fid = out.loc[(3.0, "fid_2d.slicenet.axial")]
     assert fid["n"] == 24 and fid["n_resampled"] == 12 and fid["resampled"] == "patients"
     clip = out.loc[(3.0, "clip_score")]
