@@ -26,11 +26,10 @@ demo: setup
 # a core from the others; the 2-thread report2ct step beside two busy processes took 45 s instead of 31 s
 # (a quarter of its latent; alone 15.7 s passive vs 16.7 s spinning, 2026-12-05)
 # nice -n 5: the test Slurm cluster's jobs run at niceness 0 (tests/slurm/cluster.sh), ahead of the workers:
-# the tiny demo's chain of short jobs waits on each, the other tests are long and fill what it leaves;
-# --durations: the slowest tests and fixtures in the log, to see where a slow CI run went
+# the tiny demo's chain of short jobs waits on each, the other tests are long and fill what it leaves
 test: setup browser
 	$(BIN)/snakemake --lint
-	OMP_WAIT_POLICY=PASSIVE nice -n 5 $(BIN)/pytest -n $(TEST_WORKERS) --durations=12
+	OMP_WAIT_POLICY=PASSIVE nice -n 5 $(BIN)/pytest -n $(TEST_WORKERS)
 
 # tests/workflow/test_report.py opens the demo's report in headless Chromium: found on PATH, or installed
 # with apt-get where this runs as root; elsewhere those 4 tests are skipped and the line below says so
