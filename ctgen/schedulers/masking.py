@@ -61,6 +61,7 @@ class MaskingScheduler:
         start, end = temperature if isinstance(temperature, (tuple, list)) else (float(temperature), 0.0)
         self.timesteps = torch.arange(num_steps, device=device).flip(0)
         self.temperatures = torch.linspace(float(start), float(end), num_steps, device=device)
+        self.temperatures[-1] = float(end)  # the last step decodes at ``end``, a single step too (linspace gives start)
 
     def _step_index(self, timestep: int | torch.Tensor) -> int:
         if self.timesteps is None:

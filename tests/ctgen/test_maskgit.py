@@ -81,6 +81,17 @@ def test_step_unmasks_on_schedule_and_never_remasks_known_tokens():
     assert not (sample == 7).any()
 
 
+def test_a_single_step_decodes_at_the_end_temperature():
+    """One step (a quick preview) is the last step: greedy where the temperature anneals to 0, as documented."""
+    sched = MaskingScheduler(mask_token_id=7)
+    sched.set_timesteps(1, temperature=2.0)
+    assert sched.temperatures.tolist() == [0.0]
+    logits = torch.zeros(3, 20, 7)
+    logits[..., 4] = 1.0  # token 4 is the most likely everywhere, the others far from impossible
+    picks = sched.step(logits, int(sched.timesteps[0]), torch.full((3, 20), 7), generator=torch.Generator().manual_seed(0))
+    assert (picks == 4).all()
+
+
 # ---------------------------------------------------------------------------------- model
 @pytest.mark.parametrize("attention", ["full", "divided"])
 @pytest.mark.parametrize("t", [1, 3, 9])
