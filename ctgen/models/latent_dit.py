@@ -65,6 +65,10 @@ class LatentDiT(nn.Module):
         self.proj_out = nn.Linear(width, math.prod(self.patch_size) * in_channels)
         self._init_weights()
 
+    def no_weight_decay(self) -> list[str]:
+        # learned shifts and scales, biases in all but shape (ctgen.training.optim); diffusers' blocks have their own
+        return ["scale_shift_table", *(f"blocks.{i}.scale_shift_table" for i in range(len(self.blocks)))]
+
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):

@@ -75,6 +75,9 @@ class FactorisedPositionEmbedding(nn.Module):
         self.h = nn.Parameter(torch.randn(max_h, dim) * 0.02)
         self.w = nn.Parameter(torch.randn(max_w, dim) * 0.02)
 
+    def no_weight_decay(self) -> list[str]:
+        return ["t", "h", "w"]  # embedding tables (ctgen.training.optim): decay shrinks rarely-seen positions
+
     def forward(self, t: int, h: int, w: int) -> torch.Tensor:
         """Position embeddings of a (t, h, w) grid, flattened t-major: (t * h * w, dim)."""
         if t > self.t.shape[0] or h > self.h.shape[0] or w > self.w.shape[0]:
@@ -152,6 +155,9 @@ class MaskGIT(nn.Module, PretrainedMixin):
         self.scheduler = MaskingScheduler(self.mask_id)
 
     # ------------------------------------------------------------------ building blocks
+    def no_weight_decay(self) -> list[str]:
+        return ["null_text"]  # the learned null condition of classifier-free guidance (ctgen.training.optim)
+
     def context(self, text: torch.Tensor, text_mask: torch.Tensor,
                 keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys: [null, proj(text)] (B, 1 + L, D) and their mask (B, 1 + L) bool.

@@ -90,6 +90,9 @@ class ReportContext(nn.Module):
         self.segment = nn.Parameter(torch.randn(len(segments), dim) * 0.02)  # (S, D)
         self.null = nn.Parameter(torch.randn(len(segments), null_tokens, dim) * 0.02)  # (S, N0, D)
 
+    def no_weight_decay(self) -> list[str]:
+        return ["segment", "null"]  # embedding tables and the learned null condition (ctgen.training.optim)
+
     @property
     def length(self) -> int:
         """Rows of every context: segments x slot."""

@@ -112,6 +112,9 @@ class SuperResDiffusion(nn.Module, PretrainedMixin):
         self.scheduler = VDiffusionScheduler(config.num_train_timesteps, config.sampler)
 
     # --- conditioning ---------------------------------------------------------------------------
+    def no_weight_decay(self) -> list[str]:
+        return ["null_text"]  # the learned null condition of classifier-free guidance (ctgen.training.optim)
+
     def upsample(self, lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Bicubic upsampling of the low-res slice (B, 1, h, w) -> (B, 1, H, W), clamped to [-1, 1]."""
         return F.interpolate(lr.float(), size=size, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)

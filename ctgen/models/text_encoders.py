@@ -448,6 +448,9 @@ class SmallTextEncoder(nn.Module, PretrainedMixin):
         nn.init.normal_(self.token.weight, std=0.02)
         nn.init.normal_(self.position, std=0.02)
 
+    def no_weight_decay(self) -> list[str]:
+        return ["position"]  # an embedding table (ctgen.training.optim): decay shrinks rarely-seen positions
+
     @property
     def dim(self) -> int:
         return self.config.dim

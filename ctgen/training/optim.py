@@ -20,10 +20,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters split into a decayed group (matrices, conv kernels) and the rest.
 
     No decay for: tensors with dim < 2 (biases, norm gains, scalars), the weights of embedding and
-    norm modules, and any name the model lists in ``no_weight_decay()`` (timm's convention, e.g.
-    positional tables or a learned codebook).
+    norm modules, and any name that the model or one of its submodules lists in ``no_weight_decay()``
+    (timm's convention, e.g. positional tables or a learned null condition), relative to that module:
+    a module owning such a raw parameter declares it once, wherever it is nested.
     """
-    extra = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    extra = {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+             if hasattr(module, "no_weight_decay") for name in module.no_weight_decay()}
     no_decay_ids = set()
     for module in model.modules():
         if isinstance(module, NO_DECAY_MODULES):

@@ -240,6 +240,52 @@ def test_param_groups_skip_bias_norm_embedding():
                                                           "fc2.weight", "fc2.bias"}
 
 
+LAYERS = (nn.Linear, nn.modules.conv._ConvNd)  # the only weights AdamW decays
+
+
+def decayed(model: nn.Module) -> set[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)] for p in param_groups(model, 0.1)[0]["params"]}
+
+
+def layer_weights(model: nn.Module) -> set[str]:
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LAYERS)}
+
+
+@pytest.mark.parametrize("kind", ["generator", "superres"])
+def test_param_groups_decay_only_layer_weights_of_the_text_conditioned_models(kind):
+    """Position tables, the text encoder's positions and the null condition of guidance are raw parameters of
+    2+ dims: each module owning one declares it (no_weight_decay), wherever the module is nested."""
+    from ctgen.jobs.train import build_model, fit_text_dims
+    from tiny import GENERATOR, SUPERRES, TEXT
+
+    cfg = fit_text_dims({"model": {"generator": GENERATOR, "superres": SUPERRES}[kind], "data": {},
+                         "text_encoder": {**TEXT, "vocab_size": 50}})
+    model = build_model(kind, cfg)
+    kept = {n for n, _ in model.named_parameters()} - decayed(model)
+    assert decayed(model) <= layer_weights(model), decayed(model) - layer_weights(model)
+    assert {"core.null_text", "text_encoder.position"} <= kept
+    if kind == "generator":
+        assert {"core.pos_emb.t", "core.pos_emb.h", "core.pos_emb.w"} <= kept
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_param_groups_decay_only_layer_weights_of_the_latent_flow(backbone):
+    """The report context's segment and null tables, the joint text encoder's positions, and the DiT's
+    scale-shift tables (its diffusers blocks' too) are not decayed."""
+    from test_latent_flow import DIT, tiny
+
+    from ctgen.models.latent_flow import LatentFlow
+
+    text = {"dim": 16, "depth": 1, "heads": 2, "dropout": 0.0, "max_length": 32, "vocab_size": 50}
+    model = LatentFlow(tiny(text_encoder=text, **(DIT if backbone == "dit" else {})))
+    assert decayed(model) <= layer_weights(model), decayed(model) - layer_weights(model)
+    kept = {n for n, _ in model.named_parameters()} - decayed(model)
+    assert {"context.segment", "context.null", "context.encoder.position"} <= kept
+    if backbone == "dit":
+        assert {"dit.scale_shift_table", "dit.blocks.0.scale_shift_table"} <= kept
+
+
 def test_config_from_dict_and_validation():
     cfg = TrainConfig.from_dict({"max_steps": 5, "betas": [0.8, 0.9]})
     assert cfg.betas == (0.8, 0.9) and cfg.max_steps == 5
