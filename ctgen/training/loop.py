@@ -50,7 +50,7 @@ from ctgen.training import distributed as distr
 from ctgen.training.deadline import Deadline
 from ctgen.training.ema import EMA
 from ctgen.training.metrics import MetricsWriter
-from ctgen.training.optim import build_optimizer, build_scheduler, param_groups
+from ctgen.training.optim import build_optimizer, build_scheduler, param_groups, resumable_state
 from ctprep.memory import peak_rss_bytes
 from ctprep.settings import check_fields
 
@@ -287,7 +287,7 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
     stops: list[dict] = []  # the run's earlier stops (signal or time limit), carried by the checkpoint
     rank_state = None
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(resumable_state(state["optimizer"], raw, cfg.weight_decay))
         scheduler.load_state_dict(state["scheduler"])
         # the schedule is the current config's (e.g. a longer max_steps), only the step is restored
         scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)

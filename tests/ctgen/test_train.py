@@ -286,6 +286,59 @@ def test_param_groups_decay_only_layer_weights_of_the_latent_flow(backbone):
         assert {"dit.scale_shift_table", "dit.blocks.0.scale_shift_table"} <= kept
 
 
+class Positions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(4, 3))
+
+    def no_weight_decay(self) -> list[str]:
+        return ["table"]
+
+
+class Nested(nn.Module):
+    """A raw table declared by its own (nested) module: not decayed today, decayed before 2026-12-07."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos, self.fc = Positions(), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x + self.pos.table).sum()
+
+
+def moments(optimizer) -> dict[str, torch.Tensor]:
+    """exp_avg by parameter name."""
+    return {n: optimizer.state[p]["exp_avg"] for g in optimizer.param_groups for n, p in zip(g["param_names"], g["params"])}
+
+
+@pytest.mark.parametrize("names", [True, False], ids=["named", "before-names"])
+def test_resume_matches_the_optimizer_state_by_name_across_a_new_decay_split(names):
+    """A checkpoint whose optimizer split the parameters otherwise (the table decayed; written with names, or
+    before they were stored) resumes with each tensor's own moments: by position the table's would have gone to
+    the linear layer's weight, or the groups' sizes failed to load."""
+    from ctgen.training.optim import build_optimizer, resumable_state
+
+    torch.manual_seed(0)
+    model = Nested()
+    old = torch.optim.AdamW(param_groups(model, 0.1, nested=False), lr=1e-2)
+    for _ in range(2):
+        old.zero_grad()
+        model(torch.randn(5, 4, 3)).backward()
+        old.step()
+    saved = old.state_dict()
+    if not names:
+        for group in saved["param_groups"]:
+            del group["param_names"]
+    assert saved["param_groups"][0]["params"] == [0, 1]  # pos.table, fc.weight decayed
+    new = build_optimizer(model, 1e-2, 0.1, (0.9, 0.999), torch.device("cpu"))
+    assert [g["param_names"] for g in new.param_groups] == [["fc.weight"], ["pos.table", "fc.bias"]]
+    new.load_state_dict(resumable_state(saved, model, 0.1))
+    want = moments(old)
+    assert all(torch.equal(m, want[n]) for n, m in moments(new).items()) and len(moments(new)) == 3
+    with pytest.raises(ValueError, match="checkpoint's optimizer .* another model or code version"):
+        resumable_state(saved, nn.Sequential(nn.Linear(3, 2)), 0.1)
+
+
 def test_config_from_dict_and_validation():
     cfg = TrainConfig.from_dict({"max_steps": 5, "betas": [0.8, 0.9]})
     assert cfg.betas == (0.8, 0.9) and cfg.max_steps == 5
