@@ -25,8 +25,9 @@ demo: setup
 # OMP_WAIT_POLICY=PASSIVE: three workers share 2 cores, and an OpenMP thread that spins while it waits takes
 # a core from the others; the 2-thread report2ct step beside two busy processes took 45 s instead of 31 s
 # (a quarter of its latent; alone 15.7 s passive vs 16.7 s spinning, 2026-12-05)
-# nice -n 5: the test Slurm cluster's jobs run at niceness 0 (tests/slurm/cluster.sh), ahead of the workers:
-# the tiny demo's chain of short jobs waits on each, the other tests are long and fill what it leaves
+# nice -n 5: the test Slurm cluster's jobs run at niceness 0 (tests/slurm/cluster.sh), ahead of the workers
+# where the kernel does not already share the CPU by session: the tiny demo's chain of short jobs waits on
+# each, the other tests are long and fill what it leaves
 test: setup browser
 	$(BIN)/snakemake --lint
 	OMP_WAIT_POLICY=PASSIVE nice -n 5 $(BIN)/pytest -n $(TEST_WORKERS)

@@ -66,10 +66,11 @@ def stop(cluster: Cluster | None) -> None:
         subprocess.run(["bash", str(CLUSTER), "stop", str(cluster.state)], timeout=60)
 
 
-def snakemake(workdir: Path, snakefile: Path, env: dict, *args: str, limit: int = 1200) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, snakefile: Path, env: dict, *args: str, limit: int = 1500) -> subprocess.CompletedProcess:
     """snakemake with the Slurm profile and the test additions, its executor polling every 2 s (poll.py); SIGINT
-    after ``limit`` seconds (SIGTERM would not stop it). The tiny demo takes 5-6 min alone, over 15 min in one CI
-    run beside the other workers (2026-12-06): the default leaves it room, and still ends a hung run."""
+    after ``limit`` seconds (SIGTERM would not stop it). The tiny demo takes 5-6 min alone, 11 min beside the
+    other workers here and over 15 min in one CI run (2026-12-06; 49 of its 60 jobs done at 15 min): the default
+    leaves it room, and still ends a hung run."""
     cmd = ["timeout", "-s", "INT", "-k", "60", str(limit), sys.executable, str(HERE / "poll.py"), "-s", str(snakefile),
            "-d", str(workdir), *PROFILES, "--latency-wait", "5", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
