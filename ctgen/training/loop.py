@@ -50,7 +50,7 @@ from ctgen.training import distributed as distr
 from ctgen.training.deadline import Deadline
 from ctgen.training.ema import EMA
 from ctgen.training.metrics import MetricsWriter
-from ctgen.training.optim import build_optimizer, build_scheduler, param_groups, resumable_state
+from ctgen.training.optim import build_optimizer, build_scheduler, resumable_state
 from ctprep.memory import peak_rss_bytes
 from ctprep.settings import check_fields
 
@@ -287,14 +287,15 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
     stops: list[dict] = []  # the run's earlier stops (signal or time limit), carried by the checkpoint
     rank_state = None
     if state is not None:
+        decays = [g["weight_decay"] for g in optimizer.param_groups]  # this config's, which loading replaces
         optimizer.load_state_dict(resumable_state(state["optimizer"], raw, cfg.weight_decay))
         scheduler.load_state_dict(state["scheduler"])
         # the schedule is the current config's (e.g. a longer max_steps), only the step is restored
         scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-        for group, now in zip(optimizer.param_groups, param_groups(raw, cfg.weight_decay)):
+        for group, decay in zip(optimizer.param_groups, decays):
             group["lr"] = cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
             # the current config's weight decay and betas, not the checkpoint's (its moments are kept)
-            group["weight_decay"], group["betas"] = now["weight_decay"], tuple(cfg.betas)
+            group["weight_decay"], group["betas"] = decay, tuple(cfg.betas)
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         step, train_time, last_loss = state["step"], state["train_time_s"], state.get("last_loss")

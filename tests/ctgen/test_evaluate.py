@@ -514,11 +514,9 @@ def test_the_clip_text_side_is_the_clip_models_encoder_not_the_latent_familys(tm
 def test_the_evaluate_benchmark_sees_the_volumes_held_as_int16():
     """benchmarks/evaluate_scale.py: 24 added volumes of 160 x 160 x 80 held as int16 (94 MiB) on a 683 MiB peak
     are 1.14 x, within the 1.2 ratio; the bound on the growth (half their int16 size) sees them."""
-    import importlib.util
+    from tests.workflow.wf import benchmark
 
-    spec = importlib.util.spec_from_file_location("evaluate_scale", REPO / "benchmarks" / "evaluate_scale.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark("evaluate_scale")
     voxels = 160 * 160 * 80
     held = 24 * voxels * 2 / 2**20
     ok, line = bench.verdict([8, 32], [683.0, 683.0 + held], voxels)

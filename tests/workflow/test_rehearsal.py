@@ -16,7 +16,7 @@ import yaml
 from tests.workflow import wf
 
 pytestmark = pytest.mark.workflow
-rehearsal = wf.rehearsal()
+rehearsal = wf.benchmark("rehearsal")
 
 
 def test_training_memory_does_not_grow_with_the_cohort(demo_run, rehearsal_large):

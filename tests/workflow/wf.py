@@ -89,9 +89,9 @@ def planned_rules(workdir: Path, cfg_edit: dict | Callable | None = None) -> dic
 
 
 @functools.cache
-def rehearsal():
-    """benchmarks/rehearsal.py as a module (benchmarks/ is no package)."""
-    spec = importlib.util.spec_from_file_location("rehearsal", REPO / "benchmarks" / "rehearsal.py")
+def benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -102,6 +102,6 @@ REHEARSAL_N = 12  # the small rehearsal's 4N: 4 x the tiny demo's 3 training pat
 
 def run_rehearsal_large(root: Path) -> dict:
     """The small rehearsal at 4N (tiny config, 12 training patients), every training job, from nothing."""
-    r = rehearsal()
+    r = benchmark("rehearsal")
     targets = [f"results/models/{m.removeprefix('train_')}/model.safetensors" for m in r.TARGETS]
     return r.run("small", REHEARSAL_N, root, 2, targets)
