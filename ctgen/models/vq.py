@@ -5,7 +5,7 @@ projected to ``codebook_dim`` and l2-normalised, the nearest code is the one of 
 similarity, and the codebook (unit vectors, kept as buffers) follows an exponential moving average
 of the normalised inputs assigned to each code. Codes whose EMA cluster size falls below
 ``dead_code_threshold`` times the size a code would have if all were used equally (the step's
-input count / codebook size) are replaced by random inputs of the current batch. The threshold is
+input count / codebook size) are replaced by random, distinct inputs of the current batch. The threshold is
 relative because the absolute one does not carry across batch sizes: GenerateCT's 2.0 inputs per
 step with 8,192 codes and ~6.5k tokens a step (0.8 per code when all are used) declared every code
 dead at every step. The encoder gets
@@ -142,7 +142,11 @@ class VectorQuantizer(nn.Module):
         num_dead = int(dead.sum())
         if num_dead == 0:
             return 0
-        pick = torch.randint(0, xn.shape[0], (num_dead,), device=xn.device)
+        # distinct inputs while the batch has enough (a draw with replacement seeds ~37% of the dead codes with
+        # copies of one another when as many codes are dead as there are inputs, as at the first step: a copy
+        # never wins the argmax and is dead again); past that, every input is used as evenly as possible
+        n = xn.shape[0]
+        pick = torch.randperm(n, device=xn.device).repeat(-(-num_dead // n))[:num_dead]
         samples = xn[pick]  # (num_dead, cd)
         if _distributed():
             dist.broadcast(samples, src=0)

@@ -208,6 +208,22 @@ def test_vq_restarts_dead_codes_from_batch_inputs():
     assert not torch.allclose(vq.embed[3], old[3])
 
 
+def test_vq_restarts_seed_distinct_codes():
+    """Dead codes are seeded from distinct inputs while the batch has enough, then as evenly as possible: a
+    draw with replacement gave ~37% copies at the first step, codes that never win the argmax."""
+    torch.manual_seed(0)
+    for n, k in ((64, 64), (40, 64), (300, 64)):
+        vq = VectorQuantizer(dim=8, codebook_size=k, dead_code_threshold=0.5)
+        x = torch.randn(n, 8)
+        xn = torch.nn.functional.normalize(x, dim=-1)
+        assert int(vq(x).restarted) == k  # the first batch restarts every code
+        source = (vq.embed @ xn.t()).argmax(dim=1)  # (k,) the input each code was seeded from
+        assert (vq.embed @ xn.t()).max(dim=1).values.min() > 1 - 1e-5
+        uses = torch.bincount(source, minlength=n)
+        assert int(uses.max()) == -(-k // n)  # 1 while n >= k; 2 for 64 codes from 40 inputs
+        assert int(uses.min()) == (1 if n <= k else 0) and int((uses > 0).sum()) == min(n, k)
+
+
 def test_vq_dead_code_threshold_scales_with_the_batch():
     """GenerateCT's absolute 2.0 with 8,192 codes and ~6.5k tokens a step declared every code dead every step;
     the relative threshold restarts only codes that stopped being used, at any batch size."""
