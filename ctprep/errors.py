@@ -129,6 +129,18 @@ def read_json(path: str | os.PathLike, what: str = "JSON", mapping: bool = True)
     return value
 
 
+def seed_int(text: str) -> int:
+    """An argparse ``type``: a seed in [0, 2**63), so that ``seed + k`` for every sample stays a valid torch seed (an
+    overflow failed only after the models had loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"not a seed (an integer from 0 to 2**63 - 1): {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type``: an integer >= 1, else argparse's one-line error naming the option."""
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import glob
 import hashlib
 import json
 import logging
@@ -242,14 +243,16 @@ def save_synthetic_dicom(
     *,
     config: ExportConfig | None = None,
     overwrite: bool = False,
+    case: str | None = None,
 ) -> list[Path]:
     """Write ``vol`` as a CT series in ``out_dir`` (one ``IM<k>.dcm`` per k slice); returns the paths in k order.
 
     Voxels are rounded and clipped to ``config.hu_range`` first. UIDs are fresh on every call.
     The series is written into a temporary folder beside ``out_dir`` and renamed into place, so
-    a killed job leaves no half series. SeriesDescription (unless given) and StudyID name the case,
-    ``<prompt_id>_s<seed>`` of the sidecar, as the NIfTI is named. ``sidecar["prompt"]`` (or its ``report``
-    sections) goes to ImageComments; the whole sidecar (plus geometry) into private tag (0011,1010).
+    a killed job leaves no half series. SeriesDescription (unless given) and StudyID name the case: ``case``, the
+    NIfTI's file stem where the caller has one, else ``<prompt_id>_s<seed>`` of the sidecar. ``sidecar["prompt"]``
+    (or its ``report`` sections) goes to ImageComments; the whole sidecar (plus geometry) into private tag
+    (0011,1010).
     """
     config = config or ExportConfig()
     out_dir = Path(out_dir)
@@ -260,7 +263,7 @@ def save_synthetic_dicom(
     geom = dicom_geometry(out.affine, out.shape[2])
     content = build_sidecar(out, sidecar, {"format": "dicom", "dtype": "int16", "hu_range": list(config.hu_range),
                                            "n_clipped": n_clipped, "storage": "signed, slope 1, intercept 0"})
-    case = _case_name(sidecar)
+    case = case or _case_name(sidecar)
     if series_description is None:  # every series was called the same in a worklist: the case names it
         default = config.series_description
         series_description = (f"SYNTHETIC {case} - {default.removeprefix('SYNTHETIC ')}" if case and
@@ -271,6 +274,8 @@ def save_synthetic_dicom(
     )
     names = [f"IM{k + 1:05d}.dcm" for k in range(out.shape[2])]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.part"):  # a job killed with SIGKILL mid-series
+        shutil.rmtree(stale, ignore_errors=True)  # (no except clause runs) left it: one job writes one series name
     tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.part"  # mkdir honours the umask (mkdtemp: 0700)
     tmp.mkdir()
     try:

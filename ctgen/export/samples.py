@@ -170,7 +170,7 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
                 if fields.get("prompt_given") is not None:  # the text a structured model's prompt was made of
                     row["prompt_given"] = fields["prompt_given"]
                 if dicom_dir:
-                    files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True)
+                    files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True, case=name)
                     row["dicom"] = str(Path(files[0]).parent)
                 if key is not None:  # once all its files are written: what a resumed run needs to keep them
                     write_sidecar(side, {**json.loads(Path(side).read_text()),

@@ -21,13 +21,23 @@ def row_id(row: dict, index: int, where: str | None = None) -> str:
     """
     from ctgen.export.samples import check_file_id
 
-    pid = str(row.get("id") or row.get("VolumeName") or index)
+    given = (row.get(k) for k in ("id", "VolumeName"))  # an id 0 is an id: only None and blanks are not
+    pid = next((str(v).strip() for v in given if v is not None and str(v).strip()), str(index))
     if where is not None:
         try:
             check_file_id(pid)
         except ValueError as err:
             raise UserError(f"{where}: {err}") from None
     return pid
+
+
+def check_unique_ids(ids: list[str], path: Path) -> None:
+    """Two rows with one id would write one output and pair their volumes with one report: named."""
+    seen: set[str] = set()
+    for pid in ids:
+        if pid in seen:
+            raise UserError(f"{path}: the id {pid!r} is given to more than one row; ids name the output files")
+        seen.add(pid)
 
 
 def read_rows(path: Path) -> list[tuple[int, dict]]:

@@ -14,7 +14,7 @@ from ctgen.export import dicom_from_nifti
 from ctgen.export.dicom import check_replaceable
 from ctgen.export.nifti import check_nifti_path, check_orientation
 from ctgen.export.samples import sample_identity, write_samples
-from ctgen.jobs.inputs import given_text, read_rows, render_structured, row_id
+from ctgen.jobs.inputs import check_unique_ids, given_text, read_rows, render_structured, row_id
 from ctgen.training.distributed import device_option
 from ctprep.errors import UserError, read_json, read_text
 
@@ -56,6 +56,7 @@ def read_prompts(path: str | Path, template: str | None = None, rendering: dict 
                for i, line in enumerate(lines) if line]
     if not out:
         raise UserError(f"prompts file {path} holds no prompts")
+    check_unique_ids([pid for pid, _, _ in out], path)
     if template != STRUCTURED:
         out = [(pid, prompt, None) for pid, prompt, _ in out]
     return out if given else [(pid, prompt) for pid, prompt, _ in out]
@@ -168,7 +169,7 @@ def sample_parser():
     ``sampling`` section when the workflow trained it), else from :class:`SampleSettings`."""
     import argparse
 
-    from ctprep.errors import positive_int
+    from ctprep.errors import positive_int, seed_int
 
     ap = argparse.ArgumentParser(prog="ctgen sample", description="report text -> synthetic chest CT (NIfTI, DICOM)")
     ap.add_argument("--models", required=True, help="trained models folder (holds cascade.json / latent_flow.json)")
@@ -188,7 +189,7 @@ def sample_parser():
     ap.add_argument("--out", help="output .nii.gz for --prompt")
     ap.add_argument("--out-dir", help="output folder for --prompts / --vlm3d (one volume per prompt, samples.csv)")
     ap.add_argument("--dicom", help="also write DICOM: the series folder (--prompt), or a folder of one series per volume")
-    ap.add_argument("--seed", type=int, help="seed of the first volume; the next get seed+1, ... (default: cascade's)")
+    ap.add_argument("--seed", type=seed_int, help="seed of the first volume; the next get seed+1, ... (default: cascade's)")
     ap.add_argument("--per-prompt", type=positive_int, help="volumes per prompt (default: cascade's, else 1)")
     ap.add_argument("--num-slices", type=positive_int, help="slices of the output (default: the training grid's)")
     ap.add_argument("--guidance-scale", type=float, help="generator classifier-free guidance (default: cascade's)")

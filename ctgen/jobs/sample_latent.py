@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from ctgen.export import dicom_from_nifti
-from ctgen.jobs.inputs import given_text, read_rows, render_structured, row_id
+from ctgen.jobs.inputs import check_unique_ids, given_text, read_rows, render_structured, row_id
 from ctgen.pipelines.latent_flow import SPEC, LatentFlowPipeline, LatentSampleSettings
 from ctprep.ctrate import is_blank_section
 from ctprep.errors import UserError, read_json, read_text
@@ -80,8 +80,10 @@ def read_sections(path: str | Path) -> list[tuple[str, dict[str, str]]]:
     if not path.is_file():
         raise UserError(f"prompts file {path} does not exist")
     if path.suffix not in (".csv", ".jsonl", ".json"):
-        lines = [line.strip() for line in read_text(path).splitlines() if line.strip()]  # a non-UTF-8 file is named
-        return [(f"prompt{i:04d}", {REPORT: line}) for i, line in enumerate(lines)]
+        # numbered by line before blank lines are dropped, as the cascade's reader does: both families give one
+        # report one id (and so one seed and one file name), which `ctgen compare` pairs them by
+        lines = [line.strip() for line in read_text(path).splitlines()]  # a non-UTF-8 file is named
+        return [(f"prompt{i:04d}", {REPORT: line}) for i, line in enumerate(lines) if line]
     out = []
     for i, (n, row) in enumerate(read_rows(path)):
         bad = [k for k in (*SEGMENT_COLUMNS, "prompt", "text") if row.get(k) is not None and not isinstance(row[k], str)]
@@ -99,6 +101,7 @@ def read_sections(path: str | Path) -> list[tuple[str, dict[str, str]]]:
         out.append((row_id(row, i, f"{path}:{n}"), sections))
     if not out:
         raise UserError(f"prompts file {path} holds no reports")
+    check_unique_ids([pid for pid, _ in out], path)
     return out
 
 

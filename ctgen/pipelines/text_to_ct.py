@@ -215,6 +215,8 @@ class TextToCTPipeline:
         h_lo, w_lo = grid["shape"][1] // scale, grid["shape"][0] // scale  # prep shape is (I=R, J=A, K=S)
         grid_t = self.tokenizer.tokens_shape(d, h_lo, w_lo)
         generators = generators or [torch.Generator(device=self.device).manual_seed(i) for i in range(len(prompts))]
+        if len(generators) != len(prompts):
+            raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
         volumes = []
         for i, prompt in enumerate(prompts):
             t0 = time.perf_counter()

@@ -454,3 +454,27 @@ def test_each_series_names_its_case_in_a_worklist(tmp_path):
     ids = [by_case[f"{pid}_s{s}"].StudyID for pid, s in zip(long, (12, 13))]
     assert all(len(i) == 16 and i.startswith("patient") for i in ids) and ids[0] != ids[1]
     assert all(len(ds.SeriesDescription) <= 64 and ds.SeriesDescription.startswith("SYNTHETIC ") for ds in first)
+    # the series names its case as the NIfTI is named (the VLM3D contract names files by the entry alone; an id
+    # written with .nii.gz was named "x.nii.gz_s0" in the series, "x_s0" on disk)
+    write_samples([("x.nii.gz", "x")], generate, tmp_path / "v", seed=0, dicom_dir=tmp_path / "dv")
+    write_samples([("c1", "x")], generate, tmp_path / "e", seed=0, dicom_dir=tmp_path / "de", exact_names=True)
+    for folder, case in (("dv", "x_s0"), ("de", "c1")):
+        assert (tmp_path / folder / case).is_dir()
+        ds = pydicom.dcmread(sorted((tmp_path / folder / case).glob("*.dcm"))[0], stop_before_pixels=True)
+        assert ds.StudyID == case and ds.SeriesDescription.split()[1] == case
+
+
+def test_a_series_left_half_written_by_a_killed_job_is_cleared(tmp_path):
+    """SIGKILL (Slurm's hard kill) runs no except clause, so the temporary folder of the series being written stayed
+    beside the output for good; the next write of that series clears it (another series' is left alone)."""
+    from ctgen.export.dicom import save_synthetic_dicom
+
+    out = tmp_path / "dicom" / "p0_s0"
+    stale = tmp_path / "dicom" / ".p0_s0.0123abcd.part"
+    other = tmp_path / "dicom" / ".p1_s1.0123abcd.part"
+    for d in (stale, other):
+        d.mkdir(parents=True)
+        (d / "IM00001.dcm").write_bytes(b"half")
+    files = save_synthetic_dicom(_volume("canonical", shape=(4, 3, 2)), out, dict(SIDECAR, seed=0))
+    assert len(files) == 2 and not stale.exists() and other.is_dir()
+    assert sorted(p.name for p in out.parent.iterdir()) == [".p1_s1.0123abcd.part", "p0_s0"]

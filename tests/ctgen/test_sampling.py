@@ -55,6 +55,9 @@ def test_bad_prompts_get_clear_errors(pipe):
     with pytest.raises(ValueError, match="text tokens but the text encoder takes 32"):
         pipe([long])
     assert pipe([long], SampleSettings(steps=2, truncate_prompt=True))[0].shape == (16, 16, 8)
+    for n in (1, 3):  # too few failed with an IndexError traceback after the first volume; too many were ignored
+        with pytest.raises(ValueError, match=f"{n} generators for 2 prompts"):
+            pipe([PROMPT, PROMPT], SampleSettings(steps=2), generators=[torch.Generator() for _ in range(n)])
 
 
 def test_a_config_or_tokenizer_changed_since_the_spec_is_refused(tiny_cascade, tmp_path):
@@ -454,6 +457,37 @@ def test_prompt_files_as_users_write_them(tiny_cascade, tmp_path, capsys):
     latin.write_bytes("Kardiomegalie, Pleuraerguss (geringgradig) \u2013 caf\u00e9\n".encode("latin-1", "replace"))
     with pytest.raises(ValueError, match="latin.txt is not UTF-8 text"):
         read_sections(latin)
+
+
+def test_ids_are_the_same_in_both_families_and_unique(tiny_cascade, tmp_path, capsys):
+    """An id 0 fell back to the row's index (`or`), so two reports shared an id; a text file's blank line numbered
+    the latent family's prompts apart from the cascade's, and `ctgen compare` pairs the families by id; a repeated
+    id wrote one output for two reports."""
+    from ctgen.jobs.sample import read_prompts, report_template
+    from ctgen.jobs.sample_latent import read_sections
+
+    template = report_template(json.loads((tiny_cascade / "cascade.json").read_text()))
+    zero = tmp_path / "zero.jsonl"
+    zero.write_text('{"id": 1, "prompt": "Cardiomegaly."}\n{"id": 0, "prompt": "Effusion."}\n'
+                    '{"id": " ", "VolumeName": "v.nii.gz", "prompt": "Nodule."}\n')
+    assert [pid for pid, _ in read_prompts(zero, *template)] == ["1", "0", "v.nii.gz"]
+    assert [pid for pid, _ in read_sections(zero)] == ["1", "0", "v.nii.gz"]
+    lines = tmp_path / "lines.txt"
+    lines.write_text(f"{PROMPT}\n\n  \n{PROMPT} Cardiomegaly.\n")
+    want = ["prompt0000", "prompt0003"]
+    assert [pid for pid, _ in read_prompts(lines, *template)] == want
+    assert [pid for pid, _ in read_sections(lines)] == want
+    twice = tmp_path / "twice.csv"
+    twice.write_text(f"id,prompt\na,{PROMPT}\nb,{PROMPT}\na,Cardiomegaly.\n")
+    for read in (lambda p: read_prompts(p, *template), read_sections):
+        with pytest.raises(ValueError, match=r"twice.csv: the id 'a' is given to more than one row"):
+            read(twice)
+    for seed in ("-1", str(2**63), "x"):
+        with pytest.raises(SystemExit) as exit_:
+            ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", PROMPT, "--out",
+                        str(tmp_path / "x.nii.gz"), "--seed", seed])
+        assert exit_.value.code == 2 and "not a seed" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
 
 
 def test_options_of_another_mode_are_refused_not_ignored(tmp_path, capsys):

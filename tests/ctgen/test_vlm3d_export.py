@@ -26,6 +26,11 @@ def test_prompts_json_is_read_in_order_and_names_become_stems(tmp_path):
                              {"input_image_name": "valid_1_b_2", "report": "Cardiomegaly."}])
     assert read_prompts_json(path) == [("valid_3_a_1", REPORT), ("valid_1_b_2", "Cardiomegaly.")]
     assert case_stem("A.NII.GZ") == "A" and case_stem("x.mha") == "x" and case_stem("y.nii") == "y"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # saved by Notepad or PowerShell: a byte-order mark
+    assert read_prompts_json(path)[1] == ("valid_1_b_2", "Cardiomegaly.")
+    path.write_bytes(b'[{"input_image_name": "a", "report": "caf\xe9"}]')  # latin-1
+    with pytest.raises(ValueError, match=rf"{path} is not UTF-8 text"):
+        read_prompts_json(path)
 
 
 @pytest.mark.parametrize("data, message", [

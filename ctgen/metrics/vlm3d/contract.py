@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctprep.errors import read_text
 from ctprep.volume import Volume, VolumeError, load_nifti
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def read_prompts_json(path: str | os.PathLike) -> list[tuple[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(2, "prompts file not found", str(path))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))  # a BOM (Notepad, PowerShell) is dropped; a non-UTF-8 file is named
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not JSON ({err.msg} at line {err.lineno}); the VLM3D prompts file is a JSON "
                          f'list of {{"input_image_name": ..., "report": ...}} objects') from None
