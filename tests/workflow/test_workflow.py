@@ -94,7 +94,7 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         "sorted": reversed_keys,
         # where resumable state lives, how often a training logs, how fast reports are parsed: nothing
         "bookkeeping": {"models": {"checkpoints": "elsewhere"}, "reports": {"batch_size": 7},
-                        "evaluation": {"batch_size": 1},
+                        "evaluation": {"batch_size": 1}, "sampling": {"batch_size": 3},
                         "model_presets": {"demo": {"tokenizer": {"train": {"log_every": 7, "ckpt_every": 9}}}}},
         "dicom": {"sampling": {"dicom": False}},  # both families write (or not) their DICOM series
         "cascade_only_key": {"models": {"superres_lowres": "reconstruction"}},
@@ -154,6 +154,27 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     assert plan["dicom"] == {"sample", "sample_latent_flow"} | scoring_families
     assert plan["cascade_only_key"] & latent_sampling - scoring_families == set()  # the latent family is not resampled
     assert {"train_superres", "sample"} <= plan["cascade_only_key"]
+
+
+def test_a_fresh_checkout_reruns_nothing_and_a_script_edit_its_rule(demo_run, tmp_path):
+    """Snakemake's `code` trigger compares a script's file date with its outputs': a clone of the same commit
+    planned every job of a finished run. With the profile's triggers, a checkout with every file dated now plans
+    nothing, and an edit of a script's content reruns its rule (and what reads its outputs)."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("Snakefile", "config.yaml", "workflow", "envs"):  # copied, not copy2: every file dated now
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, checkout / name, copy_function=shutil.copy)
+        else:
+            shutil.copy(src, checkout / name)
+    work = tmp_path / "work"
+    shutil.copytree(demo_run, work, symlinks=True)
+    profile = ("--workflow-profile", str(checkout / "workflow/profiles/local"))
+    assert planned_rules(work, None, *profile, repo=checkout) == {}
+    script = checkout / "workflow/scripts/metric_tables.py"
+    script.write_text(script.read_text() + "# an edit\n")
+    assert set(planned_rules(work, None, *profile, repo=checkout)) == {"metric_tables", "all"}
 
 
 def test_strict_mode_fails_and_names_the_rejects(demo_run, tmp_path):

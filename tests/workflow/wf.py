@@ -37,8 +37,9 @@ def make_workdir(path: Path, overrides: dict) -> Path:
     return path
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", str(workdir / "config.yaml"),
+def snakemake(workdir: Path, *args: str, check: bool = True, repo: Path = REPO) -> subprocess.CompletedProcess:
+    """``repo``: the checkout whose Snakefile runs (another copy of the workflow where a test needs one)."""
+    cmd = [*SNAKEMAKE, "-s", str(repo / "Snakefile"), "-d", str(workdir), "--configfile", str(workdir / "config.yaml"),
            "--cores", "2", *args]
     # the rules' shell commands (ctgen ...) come from the environment running the tests, as with `make`
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -72,14 +73,15 @@ def run_tiny_demo(work: Path, cluster: testcluster.Cluster | None = None) -> Dem
     return DemoRun(work, out, seconds, cluster is not None)
 
 
-def planned_rules(workdir: Path, cfg_edit: dict | Callable | None = None) -> dict[str, int]:
+def planned_rules(workdir: Path, cfg_edit: dict | Callable | None = None, *args: str,
+                  repo: Path = REPO) -> dict[str, int]:
     """Rules a dry run would run (with rerun triggers) after an optional config edit (a dict merged into the
-    config, or a function of the config)."""
+    config, or a function of the config); ``args``: more snakemake options, ``repo``: as :func:`snakemake`."""
     if cfg_edit:
         cfg = yaml.safe_load((workdir / "config.yaml").read_text())
         cfg = cfg_edit(cfg) if callable(cfg_edit) else merge(cfg, cfg_edit)
         (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    res = snakemake(workdir, "-n", "--quiet", "rules")
+    res = snakemake(workdir, "-n", "--quiet", "rules", *args, repo=repo)
     counts = {}
     for line in res.stdout.splitlines():
         parts = line.split()

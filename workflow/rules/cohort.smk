@@ -14,6 +14,7 @@ if DEMO:
             mem_mb=2000,
             runtime=30,
         params:
+            code=script_digest("demo_cohort.py"),
             demo=config["demo"],
         script:
             "../scripts/demo_cohort.py"
@@ -38,6 +39,7 @@ rule cohort:
         mem_mb=4000,
         runtime=grows_with_attempt(60, 2),
     params:
+        code=script_digest("cohort.py"),
         splits=config["dataset"]["splits"],
         prefer=config["dataset"]["prefer"],
         n_chunks=config["prep"]["n_chunks"],

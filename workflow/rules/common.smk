@@ -1,4 +1,5 @@
 # Config validation, the values rules read and the input functions; logic lives in the packages.
+import hashlib
 import json
 import os
 import re
@@ -187,6 +188,20 @@ CASCADE_SETTINGS = canonical(
 FLOW_SETTINGS = canonical({"text_encoder": MODELS["text_encoder"]})
 
 
+# Snakemake's `code` trigger reruns each script job whose script file is newer than its outputs. A fresh clone of
+# the same commit, a branch checkout or a touch dates every script anew (a clone's dry run over finished results
+# planned all 60 jobs of the tiny demo), so the profiles leave `code` out of their rerun triggers, and each script
+# job tracks its script's content instead (`code=script_digest(...)`): an edit of a script reruns its jobs.
+# A shell command is no longer compared either; what it runs is package code (ctgen, ctprep), which no trigger
+# compares: the results record it (git hash, source sha256), and `snakemake -R NAME` reruns what a change affects.
+SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
+
+
+def script_digest(name):
+    """sha256 (16 hex) of `workflow/scripts/<name>`: a params value that changes with the script's content only."""
+    return hashlib.sha256((SCRIPTS / name).read_bytes()).hexdigest()[:16]
+
+
 def untracked(value):
     """A params function for a value that decides where or how fast a job works, not what it writes (a
     checkpoint folder, a batch size of a parser): its edit reruns nothing. Snakemake leaves params functions
@@ -218,14 +233,17 @@ def check_gpus():
 
 
 check_gpus()
-# the cascade's sampling settings: without the latent flow family's (an edit of those reruns only that family)
+# the cascade's sampling settings: without the latent flow family's (an edit of those reruns only that family) and
+# without the super-resolution batch, which changes no volume beyond rounding (a user lowers it after an
+# out-of-memory error: it re-sampled every cascade volume and the guidance sweep); it reaches the jobs untracked
 SAMPLING = canonical(
     {
         k: v
         for k, v in config["sampling"].items()
-        if k not in ("resources", "latent_flow")
+        if k not in ("resources", "latent_flow", "batch_size")
     }
 )
+SR_BATCH = untracked(lambda wc: config["sampling"]["batch_size"])
 # what decides a cascade volume, not which prompts or where it goes: the spec's defaults, TSTR's and the sweep's sampler
 SAMPLER = canonical(
     {
@@ -236,7 +254,6 @@ SAMPLER = canonical(
             "guidance_scale",
             "temperature",
             "sr_steps",
-            "batch_size",
         )
     }
 )

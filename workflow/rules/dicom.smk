@@ -18,6 +18,7 @@ if DICOM:
             mem_mb=4000,
             runtime=grows_with_attempt(120, 2),
         params:
+            code=script_digest("dicom2nifti.py"),
             split=config["dicom"]["split"],
             strict=config["prep"]["strict"],
             files=lambda wc: tree_digest(config["dicom"]["series_dir"]),  # files added to a series rerun it

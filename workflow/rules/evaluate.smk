@@ -12,6 +12,7 @@ rule slicenet_config:
         mem_mb=500,
         runtime=5,
     params:
+        code=script_digest("train_config.py"),
         cfg=tracked(get_slicenet_config()),
         bookkeeping=untracked(lambda wc: bookkeeping(get_slicenet_config())),
     script:
@@ -67,6 +68,7 @@ rule tstr_shards:
         mem_mb=4000,
         runtime=grows_with_attempt(60, 2),
     params:
+        code=script_digest("tstr_shards.py"),
         shard_size=config["shards"]["shard_size"],
     script:
         "../scripts/tstr_shards.py"
@@ -162,6 +164,7 @@ rule compare_families:
         mem_mb=1000,
         runtime=10,
     params:
+        code=script_digest("compare_families.py"),
         families=GENERATORS,
         settings={k: EVAL_SETTINGS.get(k) for k in ("bootstrap", "seed")},
     script:
@@ -193,8 +196,10 @@ rule guidance_scale:
         runtime=grows_with_attempt(config["evaluation"]["resources"]["runtime"], 2),
         gpu=config["evaluation"]["resources"]["gpu"],
     params:
+        code=script_digest("guidance_scale.py"),
         repeats=config["evaluation"]["guidance_repeats"],
         sampling=SAMPLER,
+        sr_batch=SR_BATCH,
         # what the sampled volumes' features depend on; the scores' settings are guidance_sweep's
         features={"slices_per_volume": EVAL_SETTINGS.get("slices_per_volume")},
         evaluation=untracked(lambda wc: EVAL_SETTINGS),
@@ -222,6 +227,7 @@ rule guidance_sweep:
         runtime=grows_with_attempt(config["evaluation"]["resources"]["runtime"], 2),
         gpu=config["evaluation"]["resources"]["gpu"],
     params:
+        code=script_digest("guidance_sweep.py"),
         settings=EVAL_TRACKED,
     script:
         "../scripts/guidance_sweep.py"

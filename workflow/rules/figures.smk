@@ -34,6 +34,7 @@ rule figures:
         mem_mb=4000,
         runtime=15,
     params:
+        code=script_digest("figures.py"),
         figures=config["figures"],
         families=GENERATORS,
     script:
@@ -71,6 +72,7 @@ rule metric_tables:
         mem_mb=1000,
         runtime=10,
     params:
+        code=script_digest("metric_tables.py"),
         families=GENERATORS,
     script:
         "../scripts/metric_tables.py"

@@ -72,6 +72,7 @@ rule latents_manifest:
         mem_mb=1000,
         runtime=10,
     params:
+        code=script_digest("derived_manifest.py"),
         kind="latents",
     script:
         "../scripts/derived_manifest.py"
@@ -158,6 +159,7 @@ rule latent_flow_spec:
         mem_mb=1000,
         runtime=5,
     params:
+        code=script_digest("latent_flow_spec.py"),
         preset=PRESET,
         models=FLOW_SETTINGS,
         sampling=config["sampling"]["latent_flow"],

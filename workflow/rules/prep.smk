@@ -16,6 +16,7 @@ rule prep:
         mem_mb=3000,
         runtime=grows_with_attempt(240, 2),
     params:
+        code=script_digest("prep.py"),
         preset=PRESET,
         dataset=config["dataset"],
         strict=config["prep"]["strict"],

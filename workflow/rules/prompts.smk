@@ -16,6 +16,7 @@ rule prompts:
         mem_mb=2000,
         runtime=30,
     params:
+        code=script_digest("prompts.py"),
         prompts=config["prompts"],
         strict=config["prep"]["strict"],
     script:

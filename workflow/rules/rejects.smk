@@ -16,5 +16,7 @@ rule rejects:
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        code=script_digest("rejects.py"),
     script:
         "../scripts/rejects.py"

@@ -20,6 +20,7 @@ rule parse_reports:
         mem_mb=4000,
         runtime=30,
     params:
+        code=script_digest("parse_reports.py"),
         batch_size=untracked(lambda wc: config["reports"]["batch_size"]),
     script:
         "../scripts/parse_reports.py"
@@ -49,6 +50,8 @@ rule label_agreement:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=script_digest("label_agreement.py"),
     script:
         "../scripts/label_agreement.py"
 
@@ -75,5 +78,7 @@ rule evaluate_labeller:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=script_digest("evaluate_labeller.py"),
     script:
         "../scripts/evaluate_labeller.py"

@@ -18,6 +18,7 @@ rule cascade:
         mem_mb=1000,
         runtime=5,
     params:
+        code=script_digest("cascade.py"),
         preset=PRESET,
         models=CASCADE_SETTINGS,
         sampling=SAMPLER,
@@ -43,6 +44,7 @@ rule sample_prompts:
         mem_mb=1000,
         runtime=5,
     params:
+        code=script_digest("sample_prompts.py"),
         column=config["models"]["prompt"],
         sampling={k: config["sampling"][k] for k in ("split", "volumes", "max_prompts")},
     script:
@@ -70,6 +72,7 @@ rule sample:
         models=lambda wc, input: os.path.dirname(input.spec),
         out=lambda wc, output: os.path.dirname(output.manifest),
         s=SAMPLING,
+        sr_batch=SR_BATCH,
         sr_steps=(
             f"--sr-steps {config['sampling']['sr_steps']}"
             if config["sampling"]["sr_steps"]
@@ -84,7 +87,7 @@ rule sample:
         "ctgen sample --models {params.models} --prompts {input.prompts} --out-dir {params.out}"
         " --seed {params.s[seed]} --per-prompt {params.s[per_prompt]} --steps {params.s[steps]}"
         " --guidance-scale {params.s[guidance_scale]} --temperature {params.s[temperature]}"
-        " --batch-size {params.s[batch_size]} {params.sr_steps} {params.dicom} --truncate-prompt > {log} 2>&1"
+        " --batch-size {params.sr_batch} {params.sr_steps} {params.dicom} --truncate-prompt > {log} 2>&1"
 
 
 rule tstr_prompts:
@@ -104,6 +107,7 @@ rule tstr_prompts:
         mem_mb=1000,
         runtime=5,
     params:
+        code=script_digest("sample_prompts.py"),
         column=config["models"]["prompt"],
         sampling={
             "split": config["models"]["train_splits"][0],
@@ -135,8 +139,9 @@ rule sample_tstr:
         models=lambda wc, input: os.path.dirname(input.spec),
         out=lambda wc, output: os.path.dirname(output.manifest),
         s=SAMPLER,
+        sr_batch=SR_BATCH,
     shell:
         "ctgen sample --models {params.models} --prompts {input.prompts} --out-dir {params.out}"
         " --seed {params.s[seed]} --per-prompt 1 --steps {params.s[steps]}"
         " --guidance-scale {params.s[guidance_scale]} --temperature {params.s[temperature]}"
-        " --batch-size {params.s[batch_size]} --truncate-prompt > {log} 2>&1"
+        " --batch-size {params.sr_batch} --truncate-prompt > {log} 2>&1"

@@ -17,6 +17,7 @@ rule shards:
         mem_mb=3000,
         runtime=grows_with_attempt(120, 2),
     params:
+        code=script_digest("shards.py"),
         shards=config["shards"],
     script:
         "../scripts/shards.py"
@@ -37,5 +38,7 @@ rule shard_manifest:
     resources:
         mem_mb=1000,
         runtime=30,
+    params:
+        code=script_digest("shard_manifest.py"),
     script:
         "../scripts/shard_manifest.py"

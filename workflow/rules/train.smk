@@ -63,6 +63,7 @@ rule train_config:
         mem_mb=500,
         runtime=5,
     params:
+        code=script_digest("train_config.py"),
         cfg=get_train_config,
         bookkeeping=untracked(get_train_bookkeeping),
     script:
@@ -187,6 +188,7 @@ rule tokens_manifest:
         mem_mb=1000,
         runtime=10,
     params:
+        code=script_digest("derived_manifest.py"),
         kind="tokens",
     script:
         "../scripts/derived_manifest.py"

@@ -10,7 +10,7 @@ guidance_scale(
     Path(snakemake.input.spec).parent,
     snakemake.input.prompts,
     float(snakemake.wildcards.scale),
-    snakemake.params.sampling,
+    {**snakemake.params.sampling, "batch_size": snakemake.params.sr_batch},
     list(snakemake.input.reference),
     snakemake.params.evaluation,
     repeats=snakemake.params.repeats,
