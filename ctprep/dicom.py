@@ -22,9 +22,10 @@ Anything that would make the geometry or the intensities a guess is refused with
 scout, a dose report or a single image beside one CT series is skipped, and named), mixed
 orientation or matrix size or pixel spacing, duplicate positions, missing or irregular slices,
 fewer than two slices (a single slice has no measured step, and a 2D image is no volume for
-this pipeline), missing geometry tags, missing or undecodable pixel data, and two slices with
-bitwise identical pixels (one image written at two positions, as in lungmask's test files:
-real neighbouring slices always differ by noise).
+this pipeline), missing geometry tags, a damaged header element among those read
+(:data:`_PER_FILE_TAGS`), missing or undecodable pixel data, and two slices with bitwise
+identical pixels (one image written at two positions, as in lungmask's test files: real
+neighbouring slices always differ by noise).
 """
 
 from __future__ import annotations
@@ -138,6 +139,42 @@ def _dcmread(path: Path, stop_before_pixels: bool = False) -> Dataset:
         return ds
 
 # --- headers ------------------------------------------------------------------------------
+#: Tags read from the header of every file (series selection, geometry, rescale) and of its file meta.
+#: pydicom converts an element's value only when it is first read, so a damaged element (a corrupted VR byte,
+#: a value of the wrong length) would raise then, deep inside the checks, as NotImplementedError or
+#: BytesLengthException, and end a whole folder conversion; :func:`_parse_header` reads them at once instead,
+#: so the series is refused as an unreadable file. Only these: converting every element of a header costs
+#: ~3 ms a file (the bundled Siemens header has 134 elements, 167 with its sequences), 5x reading it and
+#: ~12 CPU hours over the 15M slices of a 50k-volume cohort. These are converted once and read from then on
+#: (only the rescale is read again, from the file re-read for its pixels): reading the bundled series' headers
+#: went from 0.88 to 0.95 ms a file (+~0.08 ms; reading a slice with its pixels takes ~36 ms).
+_PER_FILE_TAGS = ("SeriesInstanceUID", "Modality", "ImageType", "NumberOfFrames", "Rows", "Columns",
+                  "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope", "RescaleIntercept")
+_FILE_META_TAGS = ("MediaStorageSOPClassUID", "TransferSyntaxUID")
+#: Tags read from the first slice alone (the metadata row and the volume's meta), checked once per series.
+_FIRST_SLICE_TAGS = tuple(c for c in METADATA_COLUMNS if c not in _MEASURED) + ("Manufacturer", "SliceThickness")
+
+
+def _parse_header(ds: Dataset, name: str, keywords: Sequence[str] = _PER_FILE_TAGS) -> None:
+    """Convert the elements of ``keywords`` (and the file meta's) now: a damaged one raises :class:`SeriesError`.
+
+    An enhanced (multi-frame) file is converted in full: :func:`_frames` copies all its top-level elements
+    and reads its functional groups (one such file holds a whole series, so the cost is the series').
+    """
+    try:
+        for keyword in keywords:
+            ds.get(keyword)
+        file_meta = getattr(ds, "file_meta", None)
+        if file_meta is not None:
+            for keyword in _FILE_META_TAGS:
+                file_meta.get(keyword)
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+            for _ in ds.iterall():
+                pass
+    except Exception as err:  # pydicom's conversions raise many types
+        raise SeriesError(f"unreadable DICOM file {name}: {' '.join(str(err).split())}") from err
+
+
 def _scan(series_dir: Path) -> list[tuple[str, Path, Dataset]]:
     """Headers of every DICOM file directly in ``series_dir`` (other files are skipped)."""
     if not series_dir.is_dir():
@@ -151,6 +188,7 @@ def _scan(series_dir: Path) -> list[tuple[str, Path, Dataset]]:
             continue
         except Exception as err:  # a file with a DICOM preamble that cannot be parsed
             raise SeriesError(f"unreadable DICOM file {path.name}: {err}") from err
+        _parse_header(ds, path.name)
         if str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
             continue  # a DICOMDIR index, not an image
         found.append((path.name, path, ds))
@@ -280,6 +318,7 @@ def _check_and_sort(items: list, allow_gaps: bool) -> _Stack:
     items = [items[k] for k in order]
     pos, along = pos[order], along[order]
     names = [it[0] for it in items]
+    _parse_header(items[0][2], names[0], _FIRST_SLICE_TAGS)  # its tags fill the metadata row
 
     steps = np.diff(pos, axis=0)
     dn = np.diff(along)
@@ -356,6 +395,7 @@ def _items_from(source: str | os.PathLike | Iterable[Dataset], series_uid: str |
         for n, ds in enumerate(source):
             path = Path(ds.filename) if isinstance(getattr(ds, "filename", None), (str, os.PathLike)) else None
             items.append((path.name if path else f"dataset {n}", path, ds))
+            _parse_header(ds, items[-1][0])
         items = _select(items, series_uid)
     return [frame for item in _drop_localizers(items) for frame in _frames(*item)]
 

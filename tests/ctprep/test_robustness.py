@@ -10,6 +10,7 @@ the rejects table while the rest goes on.
 from __future__ import annotations
 
 import shutil
+import struct
 
 import nibabel as nib
 import numpy as np
@@ -274,6 +275,51 @@ def test_cli_reports_a_bad_series_in_one_line(tmp_path, capsys):
     assert err[-1].startswith("ctprep: error: folder holds 2 series") and "Traceback" not in "".join(err)
     assert ctprep_main(["dicom2nifti", str(tmp_path / "missing"), str(tmp_path / "x.nii.gz")]) == 2
     assert capsys.readouterr().err.strip().endswith(f"not a folder: {tmp_path / 'missing'}")
+
+
+def _damage_vr(path, keyword):
+    """One damaged byte in a header: the VR of ``keyword``'s element (explicit VR) no longer names a VR.
+
+    pydicom reads the file and converts the element only when it is first read."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(struct.pack("<HH", tag >> 16, tag & 0xFFFF) + pydicom.datadict.dictionary_VR(tag).encode())
+    raw[at + 5] ^= 0xFF  # "DS" -> "D\xac"
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(("keyword", "file"), [
+    ("PixelSpacing", "IM0003.dcm"),  # geometry, read from every slice
+    ("RescaleSlope", "IM0003.dcm"),  # read again beside the pixels
+    ("SliceThickness", "IM0000.dcm"),  # the first slice's tags fill the metadata row
+    ("MediaStorageSOPClassUID", "IM0003.dcm"),  # file meta
+])
+def test_a_damaged_header_element_rejects_its_series_and_the_folder_goes_on(tmp_path, capsys, keyword, file):
+    """A corrupted VR byte raised NotImplementedError from deep inside the checks (pydicom parses values lazily)
+    and ended the whole folder conversion with a traceback; now the series is refused as an unreadable file."""
+    root = tmp_path / "in"
+    good = write_series(root / "a_good")
+    write_series(root / "b_damaged", seed=1)
+    last = write_series(root / "c_good", seed=2)
+    _damage_vr(root / "b_damaged" / file, keyword)
+    metadata, rejects = convert_folder(root, tmp_path / "out")
+    assert list(metadata["VolumeName"]) == ["train_1_a_1.nii.gz", "train_3_a_1.nii.gz"]
+    for name, pixels in (("train_1_a_1.nii.gz", good), ("train_3_a_1.nii.gz", last)):
+        np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "out" / name).dataobj), expected_hu(pixels))
+    assert list(rejects["VolumeName"]) == ["train_2_a_1.nii.gz"]
+    reason = rejects["reason"][0]
+    assert reason.startswith(f"unreadable DICOM file {file}: Unknown Value Representation") and "\n" not in reason
+    assert ctprep_main(["dicom2nifti", str(root / "b_damaged"), str(tmp_path / "x.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"ctprep: error: unreadable DICOM file {file}") and "Traceback" not in "".join(err)
+
+
+def test_a_damaged_element_that_is_never_read_is_not_parsed(tmp_path):
+    """Only the tags the pipeline reads are converted up front (converting every element of a header costs ~3 ms
+    a file, 5x reading it): a damaged tag no step reads, outside the first slice, leaves the series readable."""
+    pixels = write_series(tmp_path / "s")
+    _damage_vr(tmp_path / "s" / "IM0003.dcm", "SliceThickness")
+    np.testing.assert_array_equal(read_series(tmp_path / "s").data, expected_hu(pixels))
 
 
 # --- NIfTI ------------------------------------------------------------------------------------
