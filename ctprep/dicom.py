@@ -103,7 +103,7 @@ class _Stack:
     orientation: list[float]  # six cosines
     pixel_spacing: list[float]  # [between rows, between columns]
     step: np.ndarray  # (3,) LPS vector from slice k to k+1
-    step_mm: float  # the step along the slice normal
+    step_mm: float  # the step along the unit slice normal
     gaps: list[dict]
 
 
@@ -355,19 +355,28 @@ def _check_and_sort(items: list, allow_gaps: bool) -> _Stack:
     # The mean over the whole stack is the least noisy step; counting missing slices keeps it
     # the true step where gaps were allowed (the array then has fewer slices than the grid).
     step = (pos[-1] - pos[0]) / sum(multiples)
+    index = np.concatenate([[0], np.cumsum(multiples)])
+    # Positions rounded to their unit put an oblique series' measured step a tiny angle off the normal (0.01 mm
+    # over a 24 mm stack: up to ~0.03 deg); kept, that angle makes a sheared affine, whose NIfTI has no qform and which
+    # ITK refuses. Where a step along the (unit) normal puts every slice within the tolerance, it is that step: no
+    # slice moves by more than the checks below accept. A gantry tilt drifts sideways far beyond it (0.5 deg:
+    # 0.44 mm over a 50 mm stack) and keeps its measured step. (IOP written to 6 decimals is unit to ~1e-6 only.)
+    unit = normal / np.linalg.norm(normal)  # not zero: the duplicate check above saw the slices apart along it
+    upright = float(step @ unit) * unit
+    if np.linalg.norm(pos - (pos[0] + index[:, None] * upright), axis=1).max() <= tol:
+        step = upright
     # each step may pass against the median and the slices still drift from the grid the affine describes
     # (100 steps of 1.000 mm then 100 of 1.015: slice 100 lies 0.75 mm from where the uniform step puts it)
-    index = np.concatenate([[0], np.cumsum(multiples)])
     off = np.linalg.norm(pos - (pos[0] + index[:, None] * step), axis=1)
     k = int(np.argmax(off))
     if off[k] > tol:
         raise SeriesError(
             f"non-uniform slice spacing: {names[k]} lies {off[k]:.3f} mm from where the series' uniform step of "
-            f"{float(step @ normal):.4f} mm puts it (the steps drift or change along the stack)"
+            f"{float(step @ unit):.4f} mm puts it (the steps drift or change along the stack)"
         )
     return _Stack(
         names=names, paths=[it[1] for it in items], headers=[it[2] for it in items], positions=pos,
-        orientation=iop, pixel_spacing=spacing, step=step, step_mm=float(step @ normal), gaps=gaps,
+        orientation=iop, pixel_spacing=spacing, step=step, step_mm=float(step @ unit), gaps=gaps,
     )
 
 
@@ -603,6 +612,8 @@ def read_series(
     affine = affine_from_dicom(stack.positions[0], stack.orientation, stack.pixel_spacing[0],
                                stack.pixel_spacing[1], stack.step, ARRAY_AXES)
     normal = np.cross(stack.orientation[:3], stack.orientation[3:])
+    # step_mm is along the unit normal: the cross product of cosines written to 6 decimals is unit to ~1e-6 only,
+    # and arccos(1 - 1e-6) would report 0.08 deg of tilt where there is none
     tilt = float(np.degrees(np.arccos(np.clip(stack.step_mm / np.linalg.norm(stack.step), -1, 1))))
     if tilt > 0.01:
         logger.warning("%s: slices step %.2f deg off the normal (gantry tilt); the affine is sheared",

@@ -552,6 +552,44 @@ def test_a_tilted_series_as_nifti_keeps_its_shear_in_the_sform_only(tmp_path):
     assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
 
 
+@pytest.mark.parametrize("decimals", [2, 1])
+def test_an_oblique_series_with_rounded_positions_is_no_tilt_and_itk_reads_its_nifti(tmp_path, decimals):
+    """Positions written to 0.01 or 0.1 mm, as scanners write them, put an oblique series' measured step a tiny angle
+    off the normal: it was kept as a shear (no qform, ITK refused the NIfTI) and 6-decimal cosines, unit to ~1e-6
+    only, reported ~0.06 deg of tilt. Within the rounding the step is taken on the normal; a small real tilt
+    (0.02 mm sideways a slice, 0.9 deg) is still one."""
+    from ctprep.dicom import dicom_to_nifti
+    from ctprep.volume import is_sheared
+
+    c, s = np.cos(0.3), np.sin(0.3)
+    iop = (1.0, 0.0, 0.0, 0.0, round(c, 6), round(-s, 6))
+    normal = np.cross(iop[:3], iop[3:])
+    for name, sideways in (("upright", 0.0), ("tilted", 0.02)):
+        folder = tmp_path / name
+        folder.mkdir()
+        pixels = np.random.default_rng(0).integers(0, 2000, size=(20, 8, 10))
+        ipps = [np.round(np.array([-200.0, -150.0, 100.0]) + k * (1.25 * normal + [0.0, sideways, 0.0]), decimals)
+                for k in range(20)]
+        for k, ipp in enumerate(ipps):
+            ct_slice(pixels[k], ipp, iop=iop, number=k + 1).save_as(folder / f"IM{k:04d}.dcm", enforce_file_format=True)
+        vol = dicom_to_nifti(folder, tmp_path / f"{name}.nii.gz")
+        for k, ipp in enumerate(ipps):  # every slice where its header puts it, within the rounding
+            assert np.linalg.norm((vol.affine @ [0, 0, k, 1])[:3] - ipp * [-1, -1, 1]) <= 1.5 * 10.0 ** -decimals
+        if name == "tilted":
+            assert is_sheared(vol.affine)
+            assert vol.meta["slice_tilt_deg"] == pytest.approx(np.degrees(np.arctan(0.02 * c / 1.25)), abs=0.05)
+            continue
+        assert not is_sheared(vol.affine) and vol.meta["slice_tilt_deg"] == 0
+        assert vol.meta["slice_step_mm"] == pytest.approx(1.25, abs=10.0 ** -decimals / 19)
+        assert int(nib.load(tmp_path / f"{name}.nii.gz").header["qform_code"]) == 1
+        img = sitk.ReadImage(str(tmp_path / f"{name}.nii.gz"))  # refused before ("orthonormal direction cosines")
+        lps = np.eye(4)
+        lps[:3, :3] = np.reshape(img.GetDirection(), (3, 3)) * np.asarray(img.GetSpacing())
+        lps[:3, 3] = img.GetOrigin()
+        np.testing.assert_allclose(lps_to_ras(lps), vol.affine, atol=1e-4)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(img).transpose(2, 1, 0), expected_hu(pixels))
+
+
 @pytest.mark.parametrize("unit", ["meter", "micron", "mm", "unknown"])
 def test_nifti_spatial_units_are_read_in_mm_like_simpleitk(tmp_path, unit):
     scale = {"meter": 1e-3, "micron": 1e3, "mm": 1.0, "unknown": 1.0}[unit]
