@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -106,9 +107,13 @@ def affine_from_ctrate_row(
 
 def reorient(vol: Volume, axcodes: Sequence[str] = CANONICAL) -> Volume:
     """Flip/transpose the array (losslessly) so its axes follow ``axcodes``; affine updated."""
-    current = nib.orientations.io_orientation(vol.affine)
     target = nib.orientations.axcodes2ornt(tuple(axcodes))
-    transform = nib.orientations.ornt_transform(current, target)
+    try:
+        current = nib.orientations.io_orientation(vol.affine)
+        transform = nib.orientations.ornt_transform(current, target)
+    except ValueError as err:  # axes nibabel cannot tell apart (srow values of 1e30 dwarf the others): a reject
+        source = Path(vol.meta["source"]).name if vol.meta.get("source") else "the volume"
+        raise VolumeError(f"no orientation can be read from the affine of {source}: {err}") from err
     if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
         return vol.new_like(vol.array, op="reorient", to="".join(axcodes), changed=False)
     # flips and transposes are views: no voxel is copied until resampling reads them

@@ -185,8 +185,19 @@ def _voxels(img: nib.Nifti1Image, raw: bytes, name: str) -> np.ndarray:
     return data
 
 
-#: NIfTI spatial units other than mm, as a factor to mm (``xyzt_units``; "unknown" is read as mm, as ITK does)
-_UNIT_MM = {"meter": 1000.0, "micron": 0.001}
+#: NIfTI spatial unit codes (the low 3 bits of ``xyzt_units``) as a factor to mm: 1 meter, 2 mm, 3 micron.
+#: 0 ("unknown", most files) and the codes NIfTI leaves undefined (4-7) are read as mm, as ITK reads them.
+#: The code is read from the bits, not with nibabel's ``get_xyzt_units``: that raises KeyError on a time code
+#: NIfTI does not define (bits 3-5), in a file nibabel reads fine, and the volume's space needs no time unit.
+_UNIT_MM = {1: 1000.0, 2: 1.0, 3: 0.001}
+
+
+def _spatial_unit_mm(header, name: str) -> float:
+    """The header's spatial unit, in mm."""
+    code = int(header["xyzt_units"]) & 7
+    if code not in _UNIT_MM and code != 0:
+        logger.warning("%s: undefined spatial unit code %d in xyzt_units; reading millimetres", name, code)
+    return _UNIT_MM.get(code, 1.0)
 
 
 def corner_distance(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> float:
@@ -201,7 +212,13 @@ def _warn_if_transforms_disagree(header, shape: tuple[int, ...], name: str) -> N
     """Both transforms set but placing the volume differently: this reads the sform (as nibabel does), ITK the
     qform where the sform code is 2 or 4, so tools would disagree about the same file. Said, not refused."""
     if int(header["qform_code"]) > 0 and int(header["sform_code"]) > 0:
-        off = corner_distance(header.get_qform(), header.get_sform(), shape)
+        try:
+            qform = header.get_qform()
+        except ValueError as err:  # nibabel refuses a quaternion that is not unit; the sform it reads is fine
+            logger.warning("%s: its qform is unreadable (%s); reading the sform (code %d), as nibabel does (ITK "
+                           "reads the qform where the sform code is 2 or 4)", name, err, int(header["sform_code"]))
+            return
+        off = corner_distance(qform, header.get_sform(), shape)
         if off > 0.5:  # mm at a corner of the volume
             logger.warning("%s: its qform and sform place the volume up to %.1f mm apart; reading the sform "
                            "(code %d), as nibabel does (ITK reads the qform where the sform code is 2 or 4)",
@@ -224,11 +241,9 @@ def load_nifti(path: str | os.PathLike) -> Volume:
         raise
     except Exception as err:  # nibabel raises a zoo of types for broken headers
         raise VolumeError(f"unreadable NIfTI {path.name}: {err}") from err
-    units = img.header.get_xyzt_units()[0]
-    if units in _UNIT_MM:  # ITK converts these to mm too; the affine is in the header's units
-        affine = np.diag([_UNIT_MM[units]] * 3 + [1.0]) @ img.affine
-    else:  # "mm" or "unknown" (most files): millimetres
-        affine = img.affine
+    unit = _spatial_unit_mm(img.header, path.name)
+    # the affine is in the header's units; ITK converts metres and microns to mm too
+    affine = img.affine if unit == 1.0 else np.diag([unit] * 3 + [1.0]) @ img.affine
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

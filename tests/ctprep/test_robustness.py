@@ -640,3 +640,42 @@ def test_a_2d_nifti_is_refused_as_such_with_both_transforms_set(tmp_path):
     nib.save(img, tmp_path / "flat.nii.gz")
     with pytest.raises(VolumeError, match="expected a 3D volume"):
         load_nifti(tmp_path / "flat.nii.gz")
+
+
+def test_odd_nifti_headers_are_prepared_or_rejected_without_ending_the_chunk(tmp_path, caplog):
+    """prep_chunk catches VolumeError alone, and headers nibabel reads fine raised other types and ended the whole
+    chunk job: an undefined time code in xyzt_units (KeyError from nibabel's get_xyzt_units), a qform quaternion
+    that is not unit beside the sform that is read (ValueError from get_qform), srow values of 1e30 (ValueError
+    from nibabel's orientation). The first two are read (their space is plain), the third lands in the rejects."""
+    import pandas as pd
+
+    from ctprep.chunks import prep_chunk
+
+    data = np.random.default_rng(0).integers(-1000, 1000, size=(20, 18, 16)).astype(np.int16)
+    edits = {"good": {}, "time_code_56": {"xyzt_units": 2 | 56}, "space_code_7": {"xyzt_units": 7},
+             "quaternion": {"quatern_b": 1.5}, "srow_1e30": {"srow_x": [-0.7, 1e30, 0.0, 100.0]}}
+    rows = []
+    for n, (name, edit) in enumerate(edits.items(), start=1):
+        header = nib.Nifti1Image(data, AFFINE).header
+        header.set_qform(AFFINE, 1)
+        header.set_sform(AFFINE, 1)
+        for field, value in edit.items():
+            header[field] = value
+        nib.Nifti1Image(data, None, header).to_filename(tmp_path / f"{name}.nii.gz")  # the header as edited
+        assert nib.load(tmp_path / f"{name}.nii.gz").shape == data.shape  # nibabel reads each
+        rows.append({"VolumeName": f"train_{n}_a_1.nii.gz", "split": "train", "chunk": 0,
+                     "path": str(tmp_path / f"{name}.nii.gz")})
+    pd.DataFrame(rows).to_parquet(tmp_path / "cohort.parquet")
+    preset = {"mode": "spacing", "spacing": [2.0, 2.0, 4.0], "shape": [16, 16, 12], "clip": [-1000, 1000]}
+    with caplog.at_level("WARNING"):
+        table = prep_chunk(tmp_path / "cohort.parquet", 0, preset, {"geometry": "header"}, tmp_path / "prep",
+                           tmp_path / "prep.parquet", tmp_path / "rejects.parquet")
+    assert list(table["VolumeName"]) == [f"train_{n}_a_1.nii.gz" for n in (1, 2, 3, 4)]
+    rejects = pd.read_parquet(tmp_path / "rejects.parquet")
+    assert list(rejects["VolumeName"]) == ["train_5_a_1.nii.gz"]
+    assert rejects["reason"][0].startswith("no orientation can be read from the affine of srow_1e30.nii.gz")
+    assert "undefined spatial unit code 7" in caplog.text and "its qform is unreadable" in caplog.text
+    for name in ("time_code_56", "space_code_7", "quaternion"):  # read as nibabel and ITK read them, in mm
+        vol = load_nifti(tmp_path / f"{name}.nii.gz")
+        np.testing.assert_allclose(vol.affine, AFFINE)
+        np.testing.assert_allclose(vol.spacing, sitk.ReadImage(str(tmp_path / f"{name}.nii.gz")).GetSpacing())
