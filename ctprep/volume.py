@@ -244,7 +244,7 @@ def load_nifti(path: str | os.PathLike) -> Volume:
     unit = _spatial_unit_mm(img.header, path.name)
     # the affine is in the header's units; ITK converts metres and microns to mm too
     affine = img.affine if unit == 1.0 else np.diag([unit] * 3 + [1.0]) @ img.affine
-    if data.ndim == 4 and data.shape[3] == 1:
+    while data.ndim > 3 and data.shape[-1] == 1:  # (x, y, z, 1), and (x, y, z, 1, 1) as some ITK writers give
         data = data[..., 0]
     if data.ndim != 3:
         raise VolumeError(f"expected a 3D volume, {path.name} has shape {data.shape}")

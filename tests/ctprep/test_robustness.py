@@ -679,3 +679,19 @@ def test_odd_nifti_headers_are_prepared_or_rejected_without_ending_the_chunk(tmp
         vol = load_nifti(tmp_path / f"{name}.nii.gz")
         np.testing.assert_allclose(vol.affine, AFFINE)
         np.testing.assert_allclose(vol.spacing, sitk.ReadImage(str(tmp_path / f"{name}.nii.gz")).GetSpacing())
+
+
+@pytest.mark.parametrize("trailing", [(1,), (1, 1), (1, 1, 1)])
+def test_trailing_singleton_dimensions_are_dropped_like_simpleitk(tmp_path, trailing):
+    """A 3D volume stored with empty 4th to 6th dimensions, (x, y, z, 1, 1) as some ITK writers give, was refused
+    from the 5th on; nibabel and SimpleITK read it as the 3D volume it is. More than one time point still is."""
+    data = np.random.default_rng(0).integers(-1000, 1000, size=(6, 7, 5)).astype(np.int16)
+    nib.save(nib.Nifti1Image(data.reshape(data.shape + trailing), AFFINE), tmp_path / "ct.nii.gz")
+    vol = load_nifti(tmp_path / "ct.nii.gz")
+    np.testing.assert_array_equal(vol.data, data)
+    np.testing.assert_allclose(vol.affine, AFFINE)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ct.nii.gz"))).T, data)
+    nib.save(nib.Nifti1Image(np.stack([data, data], -1).reshape(data.shape + (2,) + trailing), AFFINE),
+             tmp_path / "4d.nii.gz")
+    with pytest.raises(VolumeError, match="expected a 3D volume"):
+        load_nifti(tmp_path / "4d.nii.gz")
