@@ -67,6 +67,9 @@ ORIENTATION_ATOL, SPACING_ATOL = 1e-4, 1e-4
 #: Metadata columns that are measured rather than copied from a DICOM tag of the same keyword.
 _MEASURED = {"VolumeName", "XYSpacing", "NumberofSlices", "ZSpacing"}
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: File names that say DICOM: such a file that is none (empty, or cut short inside its preamble or file meta) is
+#: skipped with a warning naming it, where other files (notes, thumbnails, DICOMDIR indexes) are skipped quietly.
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 _NIFTI_INT16 = (-32768, 32767)
 #: What decodes each compressed transfer syntax (pyproject's dependencies), named when a file cannot be decoded.
 #: 12-bit JPEG Extended (lossy, rare in CT) has no permissively licensed pydicom plugin: only pylibjpeg-libjpeg
@@ -183,8 +186,12 @@ def _scan(series_dir: Path) -> list[tuple[str, Path, Dataset]]:
     for path in sorted(p for p in series_dir.iterdir() if p.is_file()):
         try:
             ds = _dcmread(path, stop_before_pixels=True)
-        except InvalidDicomError:
-            logger.debug("skipping non-DICOM file %s", path)
+        except InvalidDicomError as err:
+            if path.suffix.lower() in _DICOM_SUFFIXES:  # empty, or cut short before its header: a failed copy?
+                logger.warning("skipping %s: named like a DICOM file but no readable one (%d bytes): %s",
+                               path, path.stat().st_size, " ".join(str(err).split()))
+            else:
+                logger.debug("skipping non-DICOM file %s", path)
             continue
         except Exception as err:  # a file with a DICOM preamble that cannot be parsed
             raise SeriesError(f"unreadable DICOM file {path.name}: {err}") from err

@@ -188,6 +188,23 @@ def test_non_dicom_files_beside_the_series_are_ignored(tmp_path):
     assert_like_simpleitk(folder, read_series(folder))
 
 
+def test_an_empty_or_cut_short_dcm_file_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    """A file named .dcm that is empty or cut inside its preamble (a failed copy) was skipped at DEBUG level,
+    unseen; it is still skipped (the rest of the series reads), now with a warning. Other files stay quiet."""
+    folder = tmp_path / "s"
+    pixels = write_series(folder)
+    (folder / "IM0098.dcm").write_bytes(b"")
+    (folder / "IM0099.DCM").write_bytes((folder / "IM0002.dcm").read_bytes()[:100])
+    (folder / "notes.txt").write_text("no image")
+    with caplog.at_level("WARNING", logger="ctprep.dicom"):
+        vol = read_series(folder)
+    np.testing.assert_array_equal(vol.data, expected_hu(pixels))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("IM0098.dcm" in m and "(0 bytes)" in m for m in warned)
+    assert any("IM0099.DCM" in m and "(100 bytes)" in m for m in warned)
+    assert not any("notes.txt" in m for m in warned)
+
+
 def test_file_meta_without_preamble_is_read(tmp_path):
     folder = tmp_path / "s"
     pixels = write_series(folder)
