@@ -72,6 +72,12 @@ _HEADER = re.compile(
     rf"|(?:^|(?<=[.!?])[ \t]+)[ \t]*(?P<e>{_COLON_WORDS})[ \t]*:",
     re.IGNORECASE | re.MULTILINE,
 )
+#: In text typed mostly in capitals a header word's case says nothing ("... IN KEEPING WITH HISTORY OF SARCOIDOSIS",
+#: "NO CHANGE SINCE THE PROCEDURE"): there a colon-less header counts only set off by a dash, or alone on its line
+#: ("FINDINGS\nNO EFFUSION"); a colon-less one inside a line or before more words of its line is prose.
+_UPPER = re.compile(r"[A-Z]")
+_LOWER = re.compile(r"[a-z]")
+_SET_OFF = re.compile(rf"[ \t]*(?::|{_DASH})")
 _SEPARATOR = re.compile(r'["•·]')
 _NOT_GIVEN = re.compile(r"^\W*(not given|none|n/?a|-+)\W*$", re.IGNORECASE)
 
@@ -85,12 +91,30 @@ def _clean(value: object) -> str:
     return "" if _NOT_GIVEN.match(s) else s
 
 
+def _mostly_upper(text: str) -> bool:
+    """True if at least three in four of the text's letters are capitals (an all-capitals report)."""
+    return len(_UPPER.findall(text)) > 3 * len(_LOWER.findall(text))
+
+
+def _set_off(lines: str, m: re.Match) -> bool:
+    """True if the header ``m`` is set off by a colon or a dash, or stands alone on its line."""
+    name = next(g for g in "abcde" if m[g])
+    if _SET_OFF.match(lines, m.end(name)):
+        return True
+    line_end = lines.find("\n", m.end(name))
+    line_start = lines.rfind("\n", 0, m.start(name)) + 1
+    return (not lines[line_start: m.start(name)].strip()
+            and not lines[m.end(name): len(lines) if line_end < 0 else line_end].strip(" \t."))
+
+
 def split_free_text(text: str) -> dict[str, str]:
     """Sections of one free-text report (headers first, then the findings/impression separator)."""
     lines = normalise_lines(text)
     out = dict.fromkeys(SECTIONS, "")
     low = lines.lower()
     heads = list(_HEADER.finditer(lines)) if any(w in low for w in _ALL_HEADERS) else []  # the scan is slow; most texts have no header
+    if heads and _mostly_upper(lines):
+        heads = [m for m in heads if _set_off(lines, m)]
     if heads:
         pre = lines[: heads[0].start()]
         for i, m in enumerate(heads):

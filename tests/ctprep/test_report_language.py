@@ -1372,3 +1372,35 @@ def test_a_negation_in_prose_or_a_very_long_list_stays_bounded():
     assert statuses(f"No pleural effusion, {stations}, emphysema.", "Emphysema") == ["present"]
     stations = ", ".join(f"station{i}" for i in range(MAX_SCOPE - 5))
     assert statuses(f"No pleural effusion, {stations}, emphysema.", "Emphysema") == ["negated"]
+
+
+# --- all-capitals reports: a header word's case says nothing -----------------------------------------------------
+@pytest.mark.parametrize(("text", "labels"), [
+    # a header word inside an all-capitals sentence is prose: the sentence and the items after it stay in their section
+    ("FINDINGS: HEART SIZE IS STABLE IN COMPARISON WITH THE EARLIER SCAN. MODERATE CARDIOMEGALY.", ["Cardiomegaly"]),
+    ("IMPRESSION: 1. BILATERAL HILAR LYMPHADENOPATHY, GIVEN THE HISTORY OF LYMPHOMA. 2. TRACE LEFT PLEURAL EFFUSION.",
+     [NODES, EFFUSION]),
+    ("IMPRESSION: UNCHANGED 4 MM NODULE. NO COMPLICATION OF THE PROCEDURE. SMALL RIGHT PLEURAL EFFUSION.",
+     [NODULE, EFFUSION]),
+    # at a line start too: "Comparison with ..." opens a sentence
+    ("COMPARISON WITH THE PRIOR STUDY SHOWS A NEW SMALL LEFT PLEURAL EFFUSION.", [EFFUSION]),
+])
+def test_a_header_word_inside_all_capitals_text_is_prose(text, labels):
+    assert sorted(k for k, v in parse_report(text).labels.items() if v) == sorted(labels)
+
+
+@pytest.mark.parametrize(("text", "sections"), [
+    # ... but a colon, a dash or a line of its own still make it a header
+    ("HISTORY: COUGH.\nFINDINGS: MILD CARDIOMEGALY. IMPRESSION: CARDIOMEGALY.",
+     {"clinical_information": "COUGH.", "findings": "MILD CARDIOMEGALY.", "impression": "CARDIOMEGALY."}),
+    ("FINDINGS - MILD CARDIOMEGALY. IMPRESSION \u2014 CARDIOMEGALY.",
+     {"findings": "MILD CARDIOMEGALY.", "impression": "CARDIOMEGALY."}),
+    ("TECHNIQUE\nNONCONTRAST CT OF THE CHEST.\nFINDINGS\nMILD CARDIOMEGALY.\nIMPRESSION.\nCARDIOMEGALY.",
+     {"technique": "NONCONTRAST CT OF THE CHEST.", "findings": "MILD CARDIOMEGALY.", "impression": "CARDIOMEGALY."}),
+    # in mixed-case text a capitalised header inside a line still splits
+    ("The heart is enlarged. IMPRESSION Cardiomegaly.", {"findings": "The heart is enlarged.",
+                                                         "impression": "Cardiomegaly."}),
+])
+def test_a_set_off_header_still_splits_all_capitals_text(text, sections):
+    assert split_sections(text) == {"clinical_information": "", "technique": "", "findings": "", "impression": "",
+                                    **sections}
