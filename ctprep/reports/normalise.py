@@ -46,10 +46,15 @@ def normalise(text: object) -> str:
 #: A line break between two items of a list typed without closing punctuation ("No pleural effusion\nMild
 #: cardiomegaly", "- No effusion\n- Mild cardiomegaly"): the line ends in a word and the next opens an item (a bullet,
 #: a number, a capitalised word). A sentence wrapped across lines goes on in lower case ("no pleural\neffusion").
-_ITEM_BREAK = re.compile(r"(?<=[\w)%])\n(?=[-*+]\s|\d+[.)]\s|[A-Z][a-z])")
+_ITEM_BREAK = re.compile(r"(?<=[\w)%])\n(?=[-*+]\s|\d+[.)]\s|[A-Z][a-z]|(?P<caps>[A-Z][A-Z\s]))")
 #: ... unless the line ends half-way through a phrase ("There is no evidence of\nPneumonia").
 _OPEN_END = re.compile(r"\b(and|or|nor|of|the|a|an|with|without|in|on|at|to|for|from|by|no|not|is|are|was|were|"
                        r"than|as|into|within|measuring|left|right)$", re.IGNORECASE)
+#: In capitals a line's case cannot tell an item from a wrapped sentence: an all-capitals line before one that opens
+#: with a capitalised word ends an item only in text without full stops ("NO PLEURAL EFFUSION\nMILD CARDIOMEGALY", a
+#: list), while text that ends its sentences with full stops wraps them ("NO PLEURAL\nEFFUSION OR CONSOLIDATION.").
+_FULL_STOP = re.compile(r"(?<![\d\s])[.!?](?=\s|$)")
+_LOWER = re.compile(r"[a-z]")
 
 
 def normalise_items(text: object) -> str:
@@ -60,7 +65,13 @@ def normalise_items(text: object) -> str:
         return lines
     out = []
     pos = 0
+    stops = None  # whether the text has full stops, found at its first all-capitals break
     for m in _ITEM_BREAK.finditer(lines):
+        if m["caps"]:
+            if stops is None:
+                stops = bool(_FULL_STOP.search(lines))
+            if stops or _LOWER.search(lines, lines.rfind("\n", 0, m.start()) + 1, m.start()):
+                continue
         if not _OPEN_END.search(lines, pos, m.start()):
             out.append(lines[pos: m.start()].replace("\n", " ") + "\n")
             pos = m.end()

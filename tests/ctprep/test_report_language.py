@@ -1374,7 +1374,7 @@ def test_a_negation_in_prose_or_a_very_long_list_stays_bounded():
     assert statuses(f"No pleural effusion, {stations}, emphysema.", "Emphysema") == ["negated"]
 
 
-# --- all-capitals reports: a header word's case says nothing -----------------------------------------------------
+# --- all-capitals reports: neither a header word's case nor a line's tells anything ------------------------------
 @pytest.mark.parametrize(("text", "labels"), [
     # a header word inside an all-capitals sentence is prose: the sentence and the items after it stay in their section
     ("FINDINGS: HEART SIZE IS STABLE IN COMPARISON WITH THE EARLIER SCAN. MODERATE CARDIOMEGALY.", ["Cardiomegaly"]),
@@ -1404,3 +1404,23 @@ def test_a_header_word_inside_all_capitals_text_is_prose(text, labels):
 def test_a_set_off_header_still_splits_all_capitals_text(text, sections):
     assert split_sections(text) == {"clinical_information": "", "technique": "", "findings": "", "impression": "",
                                     **sections}
+
+
+@pytest.mark.parametrize("findings", [
+    "NO PERICARDIAL EFFUSION\nSMALL HIATAL HERNIA\nMILD EMPHYSEMA",
+    "NO PERICARDIAL EFFUSION\nA SMALL HIATAL HERNIA\nMILD EMPHYSEMA",
+])
+def test_unpunctuated_all_capitals_lines_are_separate_statements(findings):
+    for report in ({"findings": findings}, "FINDINGS:\n" + findings):
+        labels = parse_report(report).labels
+        assert (labels[PERICARDIAL], labels["Hiatal hernia"], labels["Emphysema"]) == (0, 1, 1), report
+
+
+@pytest.mark.parametrize("findings", [
+    # a line that ends half-way through a phrase goes on; so do lines of text that ends its sentences with full stops
+    "THERE IS NO EVIDENCE OF\nPERICARDIAL EFFUSION OR HIATAL HERNIA",
+    "NO PERICARDIAL\nEFFUSION OR HIATAL HERNIA. THE LUNGS ARE CLEAR.",
+])
+def test_a_wrapped_all_capitals_sentence_is_one_statement(findings):
+    r = parse_report({"findings": findings})
+    assert (r.labels[PERICARDIAL], r.labels["Hiatal hernia"]) == (0, 0)
