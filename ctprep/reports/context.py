@@ -12,7 +12,9 @@ auxiliary) a post-trigger does not reach back into an earlier comma-separated it
 clause has a subject of its own ("Atelectasis in the right lower lobe, pleural effusion was not detected"); a relative
 clause set off by commas asserts nothing of the main clause ("X, which was seen before, was not observed"). Pseudo-negations
 ("no change in the nodule", "not only", "regressed in size") cancel the negation word they hold,
-unless the finding is their own object ("no increase| in heart size": the heart is not enlarged).
+unless the finding is their own object ("no increase| in heart size": the heart is not enlarged). A bare "is not"
+after a finding denies it only before a predicate of existence ("Pleural effusion is not there"), not before a
+description ("The nodule is not calcified", "Emphysema is not severe"), but for lymph nodes.
 Resolved findings are absent from this exam: a sentence-wide post-negation ("X, seen before, has resolved")
 reaches back over relative clauses but not over a contrast or a persisting finding (``CLAUSE_BREAKS``:
 "Consolidation persists but the effusion has resolved"); "resolved" before a finding negates only the
@@ -417,6 +419,31 @@ def _in_closed_list(doc: Doc, t: Span, sent: Span) -> bool:
     return False
 
 
+#: A bare "is not" ("are/was/were not") after a finding denies it only with a predicate of existence after it ("Pleural
+#: effusion is not there", "... is not clearly identifiable", "... is not likely"; "is not seen" is a trigger of its
+#: own); before a description it says what the finding is not, and the finding is there ("The nodule is not calcified",
+#: "The effusion is not loculated", "Emphysema is not severe", "The consolidation is not as dense as before").
+_BARE_NOT = {"is not", "are not", "was not", "were not"}
+_EXISTENCE_PREDICATES = frozenset(V.SEEN_VERBS) | {
+    "there", "visible", "apparent", "evident", "identifiable", "detectable", "discernible", "appreciable",
+    "demonstrable", "observable", "distinguishable", "delineated", "depicted", "likely"}
+#: Words between "is not" and its predicate: adverbs ("not clearly seen", "not well seen", "not now seen").
+_NOT_ADVERBS = _ADVERBS | {"well", "be"}
+
+
+def _describes_not(doc: Doc, mention: Span, t: Span, sent: Span) -> bool:
+    """True if ``t`` is a bare "is not" that goes on with a description of the finding, not a denial of it. Lymph
+    nodes are a finding only as far as they are enlarged: whatever a bare "is not" says of them denies it ("The
+    mediastinal lymph nodes are not of pathological size"), as a partitive's predicate does."""
+    if mention.label_ == "Lymphadenopathy" or t.text.lower() not in _BARE_NOT:
+        return False
+    j = t.end
+    while (j < sent.end and doc[j].lower_ not in _EXISTENCE_PREDICATES
+           and (doc[j].lower_ in _NOT_ADVERBS or doc[j].lower_.endswith("ly"))):
+        j += 1
+    return j < sent.end and doc[j].is_alpha and doc[j].lower_ not in _EXISTENCE_PREDICATES
+
+
 def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) -> tuple[str, Span | None]:
     """(status, trigger) for one mention, from the triggers of its sentence ``sent`` (in text order)."""
     value = _template_value(doc, mention, sent, triggers)
@@ -460,7 +487,7 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
         elif (t.label_.startswith("POST") and t.start >= mention.end and not _blocked(doc, terms, mention.end, t.start)
               and (t.start == mention.end or doc[t.start].lower_ not in _TEMPLATE_MARKS)
               and not (t.text.lower() in _REMOVED and any(tok.lower_ in _AFTER for tok in doc[mention.end: t.start]))
-              and not _other_item(doc, sent, mention, t)):
+              and not _other_item(doc, sent, mention, t) and not _describes_not(doc, mention, t, sent)):
             found.setdefault(t.label_[5:], t)  # the nearest post-trigger wins
         elif mention.start <= t.start and t.end <= mention.end and t.label_ in {"PRE_NEG", "POST_NEG"}:
             found.setdefault("NEG", t)  # "heart size is not increased" lies inside the mention

@@ -1424,3 +1424,31 @@ def test_unpunctuated_all_capitals_lines_are_separate_statements(findings):
 def test_a_wrapped_all_capitals_sentence_is_one_statement(findings):
     r = parse_report({"findings": findings})
     assert (r.labels[PERICARDIAL], r.labels["Hiatal hernia"]) == (0, 0)
+
+
+# --- a bare "is not" before a description says what the finding is not -----------------------------------------------
+@pytest.mark.parametrize(("text", "label"), [
+    ("The 8 mm nodule in the left lower lobe is not calcified.", NODULE),
+    ("The nodules are not calcified.", NODULE),
+    ("The left pleural effusion is not loculated.", EFFUSION),
+    ("Paraseptal emphysema is not severe.", "Emphysema"),
+    ("The atelectasis in the right lower lobe is not new.", "Atelectasis"),
+    ("The consolidation is not as extensive as before.", "Consolidation"),
+    ("The hiatal hernia is not large.", "Hiatal hernia"),
+    ("The nodule was not changed in size.", NODULE),
+])
+def test_a_bare_is_not_before_a_description_keeps_the_finding(text, label):
+    assert statuses(text, label) == ["present"]
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    # a predicate of existence after it, an adverb first, denies the finding
+    ("Pleural effusion is not clearly seen.", EFFUSION),
+    ("Pericardial effusion is not there.", PERICARDIAL),
+    ("Emphysema is not definitely identifiable.", "Emphysema"),
+    ("Consolidation is not now seen.", "Consolidation"),
+    # lymph nodes are the finding only as far as they are enlarged: what is denied of them is their size
+    ("The mediastinal lymph nodes are not of pathological size.", NODES),
+])
+def test_a_bare_is_not_before_a_predicate_of_existence_denies_the_finding(text, label):
+    assert statuses(text, label) == ["negated"]
