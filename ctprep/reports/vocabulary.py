@@ -141,7 +141,12 @@ RULES: tuple[Rule, ...] = (
          # other lymph nodes within normal limits"; a chest station beside an abdominal one keeps the finding
          excludes_part=r"\b(normal|natural|physiological|non-?pathological|insignificant)[- ](size|sized|dimension)\w*\b|"
                        r"\bwithin normal (size )?limits|\bnot (in )?(a )?patholog\w*|\bfatty hil\w*|\b(do|does|did) not reach|"
-                       r"\bnot reaching|\b(below|under) (the )?patholog\w*|\bintra-?(parenchymal|pulmonary)",
+                       r"\bnot reaching|\b(below|under) (the )?patholog\w*|\bintra-?(parenchymal|pulmonary)|"
+                       # a denied size: "non-enlarged", "not enlarged by CT size criteria", "do not meet size criteria"
+                       # (not a denied growth: "not further enlarged", "not enlarged compared with the prior scan")
+                       r"\bnon-?(enlarged|patholog\w*)\b|\bnot (?!further\b)(\w+ )?enlarged\b(?!,? (compared|since|"
+                       r"relative|than|from)\b)|\b(do|does|did) not meet\b|"
+                       r"\bnot meeting\b|\bnone of (which|them|these) meets?\b",
          outside=r"\b(abdom\w*|intra-?abdominal|pelvi\w*|inguinal|iliac|mesenter\w*|meso|colon|perigastric|portal|"
                  r"retroperiton\w*|celiac|paraaortic|para-aortic|paracaval|interaortocaval|pericolonic|perirenal)\b",
          # ("thoracic"/"thorax" is no station: "the upper abdominal sections included in the thorax CT"; a hilum of the

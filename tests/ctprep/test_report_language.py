@@ -1452,3 +1452,28 @@ def test_a_bare_is_not_before_a_description_keeps_the_finding(text, label):
 ])
 def test_a_bare_is_not_before_a_predicate_of_existence_denies_the_finding(text, label):
     assert statuses(text, label) == ["negated"]
+
+
+# --- a lymph node whose size is denied is no lymphadenopathy ---------------------------------------------------------
+@pytest.mark.parametrize("text", [
+    "Non-enlarged hilar lymph nodes on both sides.",
+    "Nonenlarged prevascular and paratracheal lymph nodes.",
+    "A few hilar lymph nodes, not enlarged by short-axis criteria.",
+    "Scattered hilar lymph nodes, not pathologically enlarged.",
+    "Subcarinal and paratracheal lymph nodes which do not meet CT size criteria.",
+    "The axillary lymph nodes do not meet criteria for enlargement.",
+    "Prevascular lymph nodes, none of which meet size criteria.",
+    "Paratracheal lymph nodes not meeting size criteria.",
+    "Non-pathologic subcarinal lymph nodes.",
+])
+def test_a_denied_lymph_node_size_is_no_lymphadenopathy(text):
+    assert parse_report(text).labels[NODES] == 0
+
+
+@pytest.mark.parametrize("text", [
+    # the denial is another node's, or a denied growth
+    "Non-enlarged paratracheal lymph nodes and an enlarged 16 mm subcarinal node.",
+    "Enlarged hilar lymph nodes, not further enlarged since the earlier scan.",
+])
+def test_a_node_size_denied_beside_it_or_a_denied_growth_keeps_lymphadenopathy(text):
+    assert parse_report(text).labels[NODES] == 1
