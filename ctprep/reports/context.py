@@ -17,8 +17,9 @@ after a finding denies it only before a predicate of existence ("Pleural effusio
 description ("The nodule is not calcified", "Emphysema is not severe"), but for lymph nodes.
 Resolved findings are absent from this exam: a sentence-wide post-negation ("X, seen before, has resolved")
 reaches back over relative clauses but not over a contrast or a persisting finding (``CLAUSE_BREAKS``:
-"Consolidation persists but the effusion has resolved"); "resolved" before a finding negates only the
-few words it modifies ("resolved pleural effusion"), not a new phrase ("has resolved and a new ...");
+"Consolidation persists but the effusion has resolved"), nor over a comma to a mention of the same finding when a
+nearer one is its subject ("Small left effusion, the right effusion has resolved"); "resolved" before a finding
+negates only the few words it modifies ("resolved pleural effusion"), not a new phrase ("has resolved and a new ...");
 "partially resolved", "not resolved" are pseudo-triggers, and so are size comparatives ("no larger than 5 mm").
 A partitive quantifier presupposes its findings ("None of the nodules is calcified": the nodules are there) and
 negates them only with a predicate of existence ("None of the nodules is seen") or, for lymph nodes, of size.
@@ -292,9 +293,31 @@ def _modifies(doc: Doc, terms: list[Span], trigger: Span, mention: Span) -> bool
 def _reaches_back(doc: Doc, terms: list[Span], breaks: list[Span], mention: Span, trigger: Span) -> bool:
     """True if the sentence-wide negation ``trigger`` reaches back to ``mention``: no clause break between them, but
     for those inside an exception set off by commas ("The opacities, except for the nodule which persists, have
-    resolved")."""
+    resolved"), and no nearer mention of the same finding that the negation is said of (``_said_of_nearer``)."""
     apart = _set_apart(doc, terms, mention.end, trigger.start)
-    return not any(mention.end <= b.start and b.end <= trigger.start and _outside(b.start, apart) for b in breaks)
+    return (not any(mention.end <= b.start and b.end <= trigger.start and _outside(b.start, apart) for b in breaks)
+            and not _said_of_nearer(doc, mention, trigger))
+
+
+#: Words that join two mentions under one predicate ("The right effusion, as well as the left one, has resolved").
+_COORDINATORS = {"and", "or", "nor", "as", "along", "&", "and/or"}
+
+
+def _said_of_nearer(doc: Doc, mention: Span, trigger: Span) -> bool:
+    """True if a mention of the same finding between ``mention`` and the sentence-wide negation ``trigger`` is parted
+    from it by a comma and no conjunction: the negation is that one's ("Small left pleural effusion, the right pleural
+    effusion has resolved", "Stable nodule in the right upper lobe, the left lower lobe nodule no longer seen")."""
+    findings = doc.spans["findings"]
+    starts = doc.user_data.get("finding_starts")
+    if starts is None or len(starts) != len(findings):
+        starts = doc.user_data["finding_starts"] = [f.start for f in findings]  # in text order
+    for k in range(bisect.bisect_left(starts, mention.end), bisect.bisect_left(starts, trigger.start)):
+        other = findings[k]
+        if other.label_ == mention.label_:
+            gap = doc[mention.end: other.start]
+            if any(tok.text == "," for tok in gap) and not any(tok.lower_ in _COORDINATORS for tok in gap):
+                return True
+    return False
 
 
 def _other_item(doc: Doc, sent: Span, mention: Span, trigger: Span) -> bool:

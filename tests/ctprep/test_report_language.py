@@ -1477,3 +1477,19 @@ def test_a_denied_lymph_node_size_is_no_lymphadenopathy(text):
 ])
 def test_a_node_size_denied_beside_it_or_a_denied_growth_keeps_lymphadenopathy(text):
     assert parse_report(text).labels[NODES] == 1
+
+
+# --- a resolution said of a nearer mention of the same finding does not reach back over its comma --------------------
+@pytest.mark.parametrize(("text", "label", "expected"), [
+    ("Trace right pleural effusion, the left pleural effusion has resolved.", EFFUSION, ["present", "negated"]),
+    ("Unchanged 6 mm nodule in the left upper lobe, previously seen right lower lobe nodule no longer visible.",
+     NODULE, ["present", "negated"]),
+    # joined by a conjunction, both are said to have resolved
+    ("The left pleural effusion, as well as the right pleural effusion, has resolved.", EFFUSION,
+     ["negated", "negated"]),
+    ("Left pleural effusion and right pleural effusion have resolved.", EFFUSION, ["negated", "negated"]),
+    # a comma before a description of the same mention
+    ("The pleural effusion, seen on the left before, has resolved.", EFFUSION, ["negated"]),
+])
+def test_a_resolution_answers_the_nearest_mention_of_its_finding(text, label, expected):
+    assert statuses(text, label) == expected
