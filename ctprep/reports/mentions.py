@@ -2,7 +2,8 @@
 
 The component runs every ``vocabulary.RULES`` regex over the sentences of the section that hold one
 of the rule's keywords (``prefilter.py``), keeps the matches whose sentence (or window) passes the
-rule's requires/excludes checks, assigns bare "effusion"/"fluid" to the pleura or
+rule's requires/excludes checks and whose nearest place is no rival's (``Rule.rivals``: calcium in the aortic arch
+named beside coronary arteries is the arch's), assigns bare "effusion"/"fluid" to the pleura or
 the pericardium from the words of its own list item (a bare "effusion" with none to the pleura), reads an
 exception that repeats its finding without naming it ("No effusion except for a small one on the left") as
 a mention of that finding, and stores the result as spans in ``doc.spans["findings"]`` (label = CT-RATE
@@ -41,6 +42,7 @@ class _Compiled:
     excludes_part: re.Pattern | None = None
     outside: re.Pattern | None = None
     inside: re.Pattern | None = None
+    rivals: re.Pattern | None = None
 
 
 def _compile(rx: str | None) -> re.Pattern | None:
@@ -48,7 +50,8 @@ def _compile(rx: str | None) -> re.Pattern | None:
 
 
 _COMPILED = tuple(_Compiled(r, compile_lower(r.pattern), _compile(r.requires), _compile(r.excludes), keywords(r.pattern),
-                            _compile(r.excludes_own), _compile(r.excludes_part), _compile(r.outside), _compile(r.inside))
+                            _compile(r.excludes_own), _compile(r.excludes_part), _compile(r.outside),
+                            _compile(r.inside), _compile(r.rivals))
                   for r in RULES)
 #: A verb of the clause: a part without one shares the clause's verb phrase ("Lymph nodes in the mediastinum and
 #: lymph nodes in the hila are of normal size": both are normal-sized); subjects joined by a coordination share the
@@ -101,6 +104,19 @@ _PERICARDIAL_PLACE = compile_lower(r"\bpericardi(um|al)\b")
 _PRONOUN_ONE = compile_lower(r"one\s+(can|cannot|can't|could|should|must|may|might|will|would|shall|needs?|notes?|sees?"
                              r"|observes?|notices?)\b")
 _ELLIPTIC_HEAD = compile_lower(r"\b(" + "|".join(ELLIPTIC_HEADS) + r")\b(?!\s+of\b)")
+#: A place after an anchor is the anchor's through a preposition, near it and in its comma phrase ("calcified
+#: plaques in the aortic arch", "calcification involving the LAD"), not as the subject of what follows ("plaques,
+#: aorta normal").
+_PLACE_LINK = compile_lower(r"\b(of|in|on|at|within|along|involving|affecting|including|throughout|to|into)\b")
+_LINK_REACH = 40
+#: Two places coordinated in one list ("of the aorta and the coronary arteries", "in the aorta and in the LAD", "in the
+#: aortic valve, coronary artery and aortic arch") share what is said of them; a negation, a verb or a new phrase
+#: between them parts them ("in the aortic arch, without coronary calcification"), and so does a comma in a list that
+#: no conjunction closes ("in the aortic arch, coronary arteries normal").
+_COORDINATION = compile_lower(r"\b(and|or|as well as)\b|[&/]")
+_NOT_COORDINATED = compile_lower(r"\b(with|without|no|not|free|but|is|are|was|were|has|have|show\w*|which|that|there|"
+                                 r"normal|spared|except|apart|other|than)\b")
+_COORDINATION_REACH = 60
 
 
 def doc_text(doc: Doc) -> str:
@@ -302,6 +318,54 @@ def _part_excluded(c: _Compiled, low: str, s0: int, e0: int, m: re.Match, anchor
     return bool(c.outside.search(sentence) and not (c.inside and c.inside.search(sentence)))
 
 
+def _rival_place(c: _Compiled, low: str, s0: int, e0: int, m: re.Match) -> bool:
+    """True if a place of the rule's ``rivals`` takes the anchor ``m`` from its ``requires`` (``Rule.rivals``).
+
+    Read in the anchor's clause: a clause that names neither leaves the anchor to the sentence ("Coronary arteries:
+    mild calcification"); one that names only rivals takes it. Otherwise the place nearest the anchor decides: before
+    it, or after it through a preposition (``_PLACE_LINK``); a rival coordinated with a required place shares it."""
+    marks = [x.span() for x in A.CLAUSE_END.finditer(low, s0, e0)]
+    c0 = max([b for _, b in marks if b <= m.start()], default=s0)
+    c1 = min([a for a, _ in marks if a >= m.end()], default=e0)
+    required = list(c.requires.finditer(low, c0, c1))
+    rivals = list(c.rivals.finditer(low, c0, c1))
+    if not rivals:
+        return False
+    if not required:
+        return True
+    near, dist = None, 0
+    for place, is_required in [(x, True) for x in required] + [(x, False) for x in rivals]:
+        if place.end() <= m.start():
+            d = m.start() - place.end()
+        elif place.start() >= m.end():
+            between = low[m.end(): place.start()]
+            if len(between) > _LINK_REACH or "," in between or not _PLACE_LINK.search(between):
+                continue
+            d = place.start() - m.end()
+        else:
+            d = 0
+        if near is None or d < dist or (d == dist and is_required):
+            near, dist, near_required = place, d, is_required
+    if near is None or near_required:
+        return False
+    return not any(_coordinated(low, *((near, q) if q.start() >= near.end() else (q, near)), c1) for q in required)
+
+
+def _coordinated(low: str, first: re.Match, second: re.Match, end: int) -> bool:
+    """True if two places (``first`` before ``second``, in a clause ending at ``end``) are items of one list."""
+    between = low[first.end(): second.start()]
+    if len(between) > _COORDINATION_REACH or _NOT_COORDINATED.search(between):
+        return False
+    if _COORDINATION.search(between):
+        return True
+    if "," not in between:
+        return False
+    # "A, B and C": a conjunction must close the list after the second place
+    rest = low[second.end(): min(end, second.end() + _COORDINATION_REACH)]
+    stop = _NOT_COORDINATED.search(rest)
+    return bool(_COORDINATION.search(rest, 0, stop.start() if stop else len(rest)))
+
+
 def _shared_predicate(clause: str, b: int, spans: list[tuple[int, int]]) -> str:
     """What a verbless part shares with the subjects it is coordinated with: the clause's predicate after its last
     anchor where "and"/"or" joins the subjects ("Lymph nodes in the prevascular area, lymph nodes in the
@@ -358,6 +422,8 @@ def find_mentions(doc: Doc, corrections: list[tuple[int, int, str]] = ()) -> lis
                                           for x in c.excludes_own.finditer(low, s0, e0)):
                     continue
                 if (c.excludes_part or c.outside) and _part_excluded(c, low, s0, e0, m, anchors):
+                    continue
+                if c.rivals and _rival_place(c, low, s0, e0, m):
                     continue
                 if rule.lung_only:
                     if i not in off_lung:

@@ -43,6 +43,11 @@ class Rule:
     #: ("Enlarged lymph nodes in the mediastinum and celiac region" is a chest finding, "Paraaortic nodes" is not)
     outside: str | None = None
     inside: str | None = None
+    #: regex of places that take the anchor from ``requires`` (``mentions.py``): where the anchor's clause names one,
+    #: the place nearest the anchor (before it, or after it through a preposition: "plaques in the aortic arch") must
+    #: be one of ``requires`` or be coordinated with one ("calcification of the aorta and coronary arteries"):
+    #: "Calcified plaques in the aortic arch, without coronary artery calcification" is no coronary calcium
+    rivals: str | None = None
 
 
 # Words that put a sentence outside the lungs/chest (organ exclusions for lung labels).
@@ -62,6 +67,10 @@ _VESSEL = (r"\b(?<!(?<![\w-])coronary )(aort(?!opulmonary)\w*\b(?! (valv|annul|l
            r"truncus|innominate|femoral|celiac|mesenteric arter\w*|arch)\b")
 #: Coronary arteries by name: "coronary", or a branch ("LAD", "circumflex", "left main").
 _CORONARY = r"\bcoronar\w*|\b(lad|rca|lcx)\b|\bleft anterior descending|\bcircumflex|\bleft main\b"
+#: Named places of calcium other than the coronary arteries (not the generic "vessels", "arterial", "vascular", which
+#: name the coronary arteries too: "vascular calcifications including the coronary arteries").
+_OTHER_CALCIUM_PLACES = (r"\b(aort\w*|arch|carotid\w*|subclavian|iliac|brachiocephalic|truncus|innominate|femoral|"
+                         r"celiac|mesenteric|valv\w*|annul\w*|mitral)\b")
 #: Up to three words between "enlarged" and a bare "node": side, station and size ("enlarged 15 mm subcarinal node"),
 #: but no function word, which starts another phrase ("enlarged heart with a node").
 _NODE_MODIFIERS = r"( (?!(with|and|or|of|in|on|the|a|an)\b)[\w.]+){0,3}"
@@ -107,7 +116,7 @@ RULES: tuple[Rule, ...] = (
                       r"(calcif\w*|plaques?)|\bcalcifi\w* (lymph|nodes?\b|nodules?\b|granulom)|"
                       r"\bcalcif\w* (of|in|on) the (aortic |mitral )?(valv|leaflet|annul)\w*\b"
                       r"(?!,? (and|or|as well as) (of )?(the )?(\w+ )?(aort|arch|arter|vessel|carotid))"),
-    Rule("Coronary artery wall calcification", _CALC, requires=_CORONARY),
+    Rule("Coronary artery wall calcification", _CALC, requires=_CORONARY, rivals=_OTHER_CALCIUM_PLACES),
     Rule("Coronary artery wall calcification", r"\bcoronary (artery |arteries )?(wall )?(calcif\w*|atherom\w*|atheroscler\w*|plaques?)"),
     Rule("Cardiomegaly", r"\bcardiomegal\w*|\b(enlarged|large|increased) (heart|cardiac)( size| silhouette| dimensions?)?\b|"
          r"\bheart( contour)?( and)?,? (size|sizes|dimensions?|silhouette|volume)s?\b[^.;]{0,40}\b(increased|enlarged|large)\b|"

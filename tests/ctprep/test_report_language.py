@@ -1493,3 +1493,24 @@ def test_a_node_size_denied_beside_it_or_a_denied_growth_keeps_lymphadenopathy(t
 ])
 def test_a_resolution_answers_the_nearest_mention_of_its_finding(text, label, expected):
     assert statuses(text, label) == expected
+
+
+# --- calcium goes with the vessel named nearest it -------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "coronary"), [
+    # another vessel's calcium beside coronary arteries free of it
+    ("Atheromatous plaques along the descending aorta, without coronary artery calcification.", 0),
+    ("Calcified plaques of the aortic arch, however the coronary arteries show no calcification.", 0),
+    ("Dense calcification in the aortic arch, coronary arteries unremarkable.", 0),
+    ("Calcification of the aortic valve leaflets, no coronary calcium.", 0),
+    # the coronary arteries named nearest, coordinated with the other vessel, or in a list a conjunction closes
+    ("Calcified plaques involving the left anterior descending artery, the aortic arch is spared.", 1),
+    ("Scattered calcifications of the thoracic aorta and the coronary arteries.", 1),
+    ("Calcified plaques in the aortic root, coronary arteries and carotid bifurcations.", 1),
+    ("Aortic and coronary atherosclerotic calcifications.", 1),
+    ("Vascular calcifications, including the coronary arteries.", 1),
+    # a clause that names no vessel is read with its heading
+    ("Coronary arteries: scattered calcified plaques.", 1),
+])
+def test_calcium_goes_with_the_vessel_named_nearest_it(text, coronary):
+    labels = parse_report(text).labels
+    assert labels["Coronary artery wall calcification"] == coronary
