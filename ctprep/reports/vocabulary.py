@@ -114,6 +114,10 @@ RULES: tuple[Rule, ...] = (
     Rule("Arterial wall calcification", _CALC, requires=_VESSEL, window=100,
          excludes_own=r"\b(pleural|valv\w*|annul\w*|lymph|renal|kidney|gall\w*|hepatic|liver|thyroid|pancrea\w*|pericardial) "
                       r"(calcif\w*|plaques?)|\bcalcifi\w* (lymph|nodes?\b|nodules?\b|granulom)|"
+                      # a node's stations between: "Calcified mediastinal and hilar lymph nodes next to the aortic arch"
+                      r"\bcalcifi(ed|c)(,? (?!(in|of|on|at|near|along|with|the|a|an|adjacent|to|within|from|plaques?|"
+                      r"atherom\w*|atheroscl\w*|aort\w*|arter\w*|vessels?)\b)[\w-]+){1,4} "
+                      r"(lymph|nodes?\b|nodules?\b|granulom)|"
                       r"\bcalcif\w* (of|in|on) the (aortic |mitral )?(valv|leaflet|annul)\w*\b"
                       r"(?!,? (and|or|as well as) (of )?(the )?(\w+ )?(aort|arch|arter|vessel|carotid))"),
     Rule("Coronary artery wall calcification", _CALC, requires=_CORONARY, rivals=_OTHER_CALCIUM_PLACES),

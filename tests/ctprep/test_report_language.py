@@ -1514,3 +1514,16 @@ def test_a_resolution_answers_the_nearest_mention_of_its_finding(text, label, ex
 def test_calcium_goes_with_the_vessel_named_nearest_it(text, coronary):
     labels = parse_report(text).labels
     assert labels["Coronary artery wall calcification"] == coronary
+
+
+@pytest.mark.parametrize(("text", "arterial"), [
+    # a calcified node is no arterial wall, however many station words stand between, whatever vessel is near it
+    ("Calcified paratracheal lymph nodes beside the aortic arch.", 0),
+    ("Calcified right hilar and subcarinal lymph nodes next to the descending aorta.", 0),
+    ("A calcified, prevascular lymph node anterior to the aortic arch.", 0),
+    # the calcium of the vessel named beside the nodes stays
+    ("Calcified plaques and small lymph nodes along the aortic arch.", 1),
+    ("Calcified atheroma in the aortic arch, calcified subcarinal lymph nodes.", 1),
+])
+def test_a_calcified_node_near_a_vessel_is_no_arterial_wall_calcification(text, arterial):
+    assert parse_report(text).labels["Arterial wall calcification"] == arterial
