@@ -89,15 +89,17 @@ _BARE_NODE = (r"\b" + _STATIONS + r"( lymph)? node\b" + _NOT_A_NODE + r"|\b\d+(\
 
 RULES: tuple[Rule, ...] = (
     # --- Medical material: devices, lines, tubes, implants, surgical hardware ----------------------
-    # (the label's own words, "medical material", are what structured prompts write: the parser must read them back)
+    # (the label's own words, "medical material", are what structured prompts write: the parser must read them back;
+    # a sternotomy is closed with wires, a gastric lap band is a device; a vein that "drains into" a vessel is no drain)
     Rule("Medical material", r"\bmedical (materials?|devices?)\b|"
          r"\bstent\w*|\bcatheter\w*|\bpace ?makers?|\bpacing (wires?|leads?)|\bdefibrillator|"
-         r"\bprosthe\w*|\bvalve replacement|\b(mechanical|prosthetic|metallic) valves?|\bsternotomy (wires?|sutures?)|"
+         r"\bprosthe\w*|\bvalve replacement|\b(mechanical|prosthetic|metallic) valves?|\bsternotom(y|ies)\b|"
          r"\b(sternal|surgical|metallic) (wires?|sutures?|clips?|materials?|staples?)|\bwires?\b|\bcerclage|"
          r"\bsurgical clips?|\bclips?\b|\bport catheter|\bchemo ?port|\bport\b|\bcannula\w*|\b(nasogastric|orogastric|"
          r"endotracheal|tracheostomy|thorax|chest|drainage|feeding|gastrostomy|thoracostomy|nephrostomy) tubes?|"
          r"\btracheostomy|\bintubat\w*|\bpeg\b|\belectrodes?|\bcoils?\b|\bembolization material|\bstaples?\b|"
-         r"\bvena cava filter|\bscrews?\b|\bfixation material|\bimplants?\b(?!\s*\?)|\bdrains?\b|\bgrafts?\b|"
+         r"\bvena cava filter|\bscrews?\b|\bfixation material|\bimplants?\b(?!\s*\?)|\bdrains?\b(?! (into|to)\b)|"
+         r"\bgrafts?\b|"
          r"\bmesh\b|\bicd\b|\bcabg\b|\bshunt catheter|\bsuture materials?|\bmetallic (density|artifact|foreign)\w*|"
          r"\bforeign bod\w*|\bstent material|\bendoprosthe\w*|\b(ivc|caval) filter|\bpicc\b|\bcentral (venous )?line|"
          r"\b(ng|og) tubes?|\b(t?evar|tavi|tavr)\b|\bannuloplasty|\bloop recorder|\b(endobronchial|zephyr) valves?|"
@@ -105,7 +107,8 @@ RULES: tuple[Rule, ...] = (
          # US abbreviations and brand names: "ETT", "AICD", "Mediport", "Dobhoff tube", "LVAD", "Watchman device"
          r"\b(et|enteric) tubes?|\bett\b|\baicd\b|\bpacer\b|\bdobhoff|"
          r"\b(medi|power) ?ports?\b|\bport-?a-?cath\w*|\bhardware\b|\barthroplast\w*|"
-         r"\bventricular assist devices?|\b[lrb]?vads?\b|\bwatchman\b|\boccluder devices?|\bclosure devices?",
+         r"\bventricular assist devices?|\b[lrb]?vads?\b|\bwatchman\b|\boccluder devices?|\bclosure devices?|"
+         r"\b(lap[- ]?|gastric )bands?\b(?![- ]like)",
          excludes=r"\b(peritoneal|metasta\w*|tumou?r\w*) implants?|\bimplant\s*\?|\bbypass operation"),
     # --- vessels and heart ------------------------------------------------------------------------
     # the vessel must be named near the calcium (±100 chars), not anywhere in a long sentence
@@ -147,7 +150,9 @@ RULES: tuple[Rule, ...] = (
                       r"omental)([- ]type)?( fat)?([- ]containing)? hernia\w*|"
                       r"\bhernia\w* of (the )?(bochdalek|morgagni|lung|(\w+ )?fat)\b|\b(lung|fat) herniat\w*|"
                       r"\bherniat\w* of (the )?(lung|(\w+ )?fat)\b"),
-    Rule("Lymphadenopathy", r"\blymphadenopath\w*|\badenopath\w*|\b(lymph)?adenomegal\w*|\blaps?\b|\blymph ?node conglomerat\w*|"
+    # ("LAP" abbreviates lymphadenopathy, not the gastric "lap band")
+    Rule("Lymphadenopathy", r"\blymphadenopath\w*|\badenopath\w*|\b(lymph)?adenomegal\w*|\blaps?\b(?![- ]?bands?\b)|"
+         r"\blymph ?node conglomerat\w*|"
          r"\b(enlarged|pathologic\w*|conglomerat\w*|necrotic)" + _NODE_MODIFIERS + r" node\b|" + _BARE_NODE + "|" + _NODE,
          # normal-sized nodes, and nodes outside the chest, in the nodes' own part of the sentence: "Mediastinal
          # lymphadenopathy with normal-sized axillary lymph nodes", "Enlarged right paratracheal lymph node of 15 mm,

@@ -1527,3 +1527,19 @@ def test_calcium_goes_with_the_vessel_named_nearest_it(text, coronary):
 ])
 def test_a_calcified_node_near_a_vessel_is_no_arterial_wall_calcification(text, arterial):
     assert parse_report(text).labels["Arterial wall calcification"] == arterial
+
+
+# --- vocabulary: devices and abbreviations ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "labels"), [
+    # a vein that drains into a vessel is no drain; a pleural drain is
+    ("The left superior intercostal vein drains into the brachiocephalic vein.", []),
+    ("Pleural drain at the right base.", ["Medical material"]),
+    # a gastric lap band is a device, not "LAP" (lymphadenopathy); LAP alone still is
+    ("Gastric lap band around the upper stomach.", ["Medical material"]),
+    ("Lap-band device near the gastroesophageal junction.", ["Medical material"]),
+    ("LAP in the right paratracheal station.", [NODES]),
+    # a sternotomy is closed with wires
+    ("Status post median sternotomy.", ["Medical material"]),
+])
+def test_reviewed_vocabulary(text, labels):
+    assert sorted(k for k, v in parse_report(text).labels.items() if v == 1) == sorted(labels)
