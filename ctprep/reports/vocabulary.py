@@ -172,8 +172,9 @@ RULES: tuple[Rule, ...] = (
          inside=r"\b((?<!renal )" + _STATIONS + r"|mediastin\w*|(?<!portal )(?<!hepatic )(?<!renal )(?<!splenic )(?<!liver )"
                 r"(?<!kidney )hil(a|um|us|i)(?! of the (liver|spleen|kidney))|axilla\w*|aortopulmonary window)\b"),
     # --- lung parenchyma --------------------------------------------------------------------------
+    # (air in the soft tissues is no lung emphysema, and leaves the lung's emphysema named beside it alone)
     Rule("Emphysema", r"\bemphysem\w*|\bbullae?\b|\bbullous|\bblebs?\b|\bhyperaerat\w*|\bhyperinflat\w*",
-         excludes=r"\b(subcutaneous|mediastinal|soft tissue|interstitial) emphysem\w*"),
+         excludes_own=r"\b(subcutaneous|mediastinal|soft tissue|interstitial) emphysem\w*"),
     Rule("Atelectasis", r"(?<!fibro)(?<!fibro-)(?<!fibro )\batelecta\w*|\bdiscoid atelecta\w*|\bdystelecta\w*|"
          r"\b(lobar|segmental|lung|lobe) collapse\b|"
          r"\bcollaps(e|ed)\b(?= (of )?(the )?(right |left )?(upper |middle |lower )?(lobe|lung|lingula|segment)s?\b)|"

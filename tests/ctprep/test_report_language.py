@@ -1543,3 +1543,13 @@ def test_a_calcified_node_near_a_vessel_is_no_arterial_wall_calcification(text, 
 ])
 def test_reviewed_vocabulary(text, labels):
     assert sorted(k for k, v in parse_report(text).labels.items() if v == 1) == sorted(labels)
+
+
+@pytest.mark.parametrize(("text", "labels"), [
+    # air in the soft tissues leaves the lung's emphysema beside it; alone it is none
+    ("Paraseptal emphysema in both apices and subcutaneous emphysema along the right chest wall.", ["Emphysema"]),
+    ("Mild mediastinal emphysema after the procedure, centrilobular emphysema in the upper lobes.", ["Emphysema"]),
+    ("Subcutaneous emphysema in the left axilla.", []),
+])
+def test_soft_tissue_air_is_no_emphysema_but_leaves_the_lungs(text, labels):
+    assert sorted(k for k, v in parse_report(text).labels.items() if v == 1) == sorted(labels)
