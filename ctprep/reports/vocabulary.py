@@ -190,6 +190,7 @@ RULES: tuple[Rule, ...] = (
          r"\b(increase|increases) in (lung |parenchymal )?density|\bincreased (parenchymal |lung )?densit\w*|"
          r"\binfiltrat(ion|ions|e|es|ive)\b|\bhazy\b|\bpneumonic|\bopacificat\w*|"
          r"\b(patchy|alveolar|air-?space|reticular|focal|inflammatory) densit(y|ies)\b|"
+         r"\bair[- ]?space (disease|process)\b|"
          r"\b(increased|increase in) (parenchymal |lung )?attenuation\b",
          lung_only=True, window=50, excludes=r"\bsequel\w*|\bfibro\w*|\b(micro)?nodular opacit\w*|\bmalignant infiltrat\w*|"
                   r"\b(tumou?r|metasta)\w* infiltrat\w*"),
@@ -202,6 +203,7 @@ RULES: tuple[Rule, ...] = (
          r"\bhoneycomb\w*|\bcicatri\w*|\bpost-?(inflammatory|infectious|tuberculous) (changes|sequel\w*)",
          excludes=r"\b(rib|fracture|bone|vertebra\w*|liver|kidney|renal|breast|uter\w*)\b"),
     Rule("Pleural effusion", r"\bpleural (fluid|effusion\w*|collection\w*)|\bhydrothora\w*|\bha?emothora\w*|"
+         r"\b(hydro|ha?emo|pyo)-?pneumothora\w*|"
          r"\bfluid in the pleural|(?<!gallbladder )(?<!gall bladder )\bempyema\w*"),
     Rule("Mosaic attenuation pattern", r"\bmosaic\w*"),
     # CT-RATE's radiologists label the "peribronchial" wording; plain "bronchial wall thickening" is left out.

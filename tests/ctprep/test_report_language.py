@@ -1553,3 +1553,14 @@ def test_reviewed_vocabulary(text, labels):
 ])
 def test_soft_tissue_air_is_no_emphysema_but_leaves_the_lungs(text, labels):
     assert sorted(k for k, v in parse_report(text).labels.items() if v == 1) == sorted(labels)
+
+
+@pytest.mark.parametrize(("text", "labels"), [
+    # fluid with air in the pleural space is an effusion; air-space words name an opacity
+    ("Small hydropneumothorax at the left base.", [EFFUSION]),
+    ("Right-sided hemopneumothorax.", [EFFUSION]),
+    ("Patchy airspace disease in the left lower lobe.", ["Lung opacity"]),
+    ("Air-space process in the right middle lobe.", ["Lung opacity"]),
+])
+def test_pleural_fluid_with_air_and_air_space_disease(text, labels):
+    assert sorted(k for k, v in parse_report(text).labels.items() if v == 1) == sorted(labels)
