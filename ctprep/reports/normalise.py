@@ -77,3 +77,17 @@ def normalise_items(text: object) -> str:
             pos = m.end()
     out.append(lines[pos:].replace("\n", " "))
     return "".join(out)
+
+
+#: A pair of quotation marks around a term ('No "tree-in-bud" nodularity or consolidation'). CT-RATE's text dumps part
+#: impression items with a '"' too ('... right lung " Minimal emphysema', '... pelvis" Malignant lesion'), so a pair is
+#: read as quotation marks only where both marks cling to the few words they enclose and the text goes on after the
+#: closing one in lower case or with punctuation; an item after a separator opens with a capital.
+_QUOTED = re.compile(r'(?<![^\s(\[])"(?=\w)([^"\n.!?;•]{1,40}?)(?<=[\w)%])"(?=[,.;:)\]]|\s*[a-z]|\s*$)')
+
+
+def quote_terms(text: str) -> str:
+    """``text`` with the quotation marks around a term as apostrophes, which end no sentence nor section (a '"' is
+    one of CT-RATE's item separators); same length, so char offsets are kept."""
+    return _QUOTED.sub(lambda m: "'" + m[1] + "'", text) if '"' in text else text
+

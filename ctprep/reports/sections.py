@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from ctprep.reports.normalise import normalise_items, normalise_lines
+from ctprep.reports.normalise import normalise_items, normalise_lines, quote_terms
 
 SECTIONS: tuple[str, ...] = ("clinical_information", "technique", "findings", "impression")
 
@@ -84,10 +84,11 @@ _NOT_GIVEN = re.compile(r"^\W*(not given|none|n/?a|-+)\W*$", re.IGNORECASE)
 
 def _clean(value: object) -> str:
     """A normalised section text; CT-RATE's "Not given." and empty cells become ''. Lines typed as list items
-    without closing punctuation stay apart (``normalise_items``): "No pleural effusion\nMild cardiomegaly"."""
+    without closing punctuation stay apart (``normalise_items``): "No pleural effusion\nMild cardiomegaly"; a term in
+    quotation marks is no separated item (``quote_terms``): 'No "tree-in-bud" nodularity'."""
     if value is None or (isinstance(value, float) and value != value):
         return ""
-    s = normalise_items(value)
+    s = quote_terms(normalise_items(value))
     return "" if _NOT_GIVEN.match(s) else s
 
 

@@ -1564,3 +1564,27 @@ def test_soft_tissue_air_is_no_emphysema_but_leaves_the_lungs(text, labels):
 ])
 def test_pleural_fluid_with_air_and_air_space_disease(text, labels):
     assert sorted(k for k, v in parse_report(text).labels.items() if v == 1) == sorted(labels)
+
+
+# --- a term in quotation marks is no CT-RATE item separator -----------------------------------------------------------
+@pytest.mark.parametrize("text", [
+    'No "tree-in-bud" nodularity or consolidation.',
+    'Lungs are clear, without "ground-glass" opacity or consolidation.',
+])
+def test_a_quoted_term_stays_in_its_sentence(text):
+    r = parse_report(text)
+    assert r.sections["findings"] == text.replace('"', "'") and r.sections["impression"] == ""
+    assert not any(r.labels.values())
+
+
+@pytest.mark.parametrize(("text", "impression"), [
+    # the separators of CT-RATE's dumps, with or without a space on either side, still part the items
+    ('No pleural effusion. " Mild emphysema in both lungs " Atheroma plaques in the aorta',
+     '" Mild emphysema in both lungs " Atheroma plaques in the aorta'),
+    ('No pleural effusion. "Mild emphysema in both lungs" Atheroma plaques in the aorta',
+     '"Mild emphysema in both lungs" Atheroma plaques in the aorta'),
+])
+def test_ctrate_quote_separators_still_part_the_items(text, impression):
+    r = parse_report(text)
+    assert r.sections["findings"] == "No pleural effusion." and r.sections["impression"] == impression
+    assert (r.labels["Emphysema"], r.labels["Arterial wall calcification"]) == (1, 1)
