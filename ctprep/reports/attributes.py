@@ -3,9 +3,12 @@
 A clause often lists several findings ("a 5 mm nodule in the right lower lobe and left pleural
 effusion"), so each mention first reads its own *part* of the clause: from the separator after the
 previous finding to the last separator before the next one ("a 5 mm nodule in the right lower
-lobe" | "left pleural effusion"). Side, lobe and organ fall back to the mention's list item when the
-part names none ("atelectasis and consolidation in the right lower lobe": both RLL); size, count and
-severity never do (a size belongs to the finding it is written with).
+lobe" | "left pleural effusion"); a separator inside brackets parts nothing of a finding outside them. Side, lobe
+and organ fall back to the mention's list item when the part names no place of its own ("atelectasis and
+consolidation in the right lower lobe": both RLL, but "emphysema in the upper lobes and right pleural effusion" is no
+right emphysema), and a lobe gives its side; size, count and severity never do (a size belongs to the finding it is
+written with). A side word said of something else in the part ("right effusion with mediastinal shift to the left")
+is not the finding's: the side nearest it is, unless right and left are listed together.
 
 In a telegraphic list (a clause without an auxiliary) place words are not lent between items set side by
 side by commas alone: "Nodule in the right upper lobe, pleural thickening on the left" is a right nodule,
@@ -27,6 +30,16 @@ _PLACE = re.compile(r"\b(?:(?P<right>right\b)|(?P<left>left\b)|(?P<bilateral>(bi
                     r"|(?P<lobe>(upper|middle|lower|superior|inferior)\s+lobes?\b|lingul\w*|(rul|rml|rll|lul|lll)\b))", re.I)
 #: Right and left written as one coordination: the finding is on both sides.
 _BOTH_SIDES = re.compile(r"\b(right|left)( (side|lung|hemithorax))?( and |/| & | as well as )(the )?(right|left)\b", re.I)
+#: Right and left places listed for one finding ("in the right upper lobe and left lower lobe", "on the right, more than
+#: on the left"), not a side said of something else ("Right pleural effusion with mediastinal shift to the left").
+_SIDE_LIST = re.compile(r",|/|&|\b(and|or|as well as|than)\b", re.I)
+_NOT_A_SIDE_LIST = re.compile(r"\b(with|without|to|toward|towards|from|into|shift\w*|deviat\w*|displac\w*|but|whereas|"
+                              r"while)\b", re.I)
+_SIDE_LIST_REACH = 60
+#: A lobe's side.
+LOBE_SIDE = {"RUL": "right", "RML": "right", "RLL": "right", "LUL": "left", "LLL": "left", "lingula": "left"}
+#: Words by which a finding's own part of the clause names its place: a place phrase or a lobe word (``describe``).
+_OWN_PLACE = re.compile(r"\b(" + "|".join(PLACE_PREPOSITIONS) + r")\b", re.I)
 _DIGIT = re.compile(r"\d")
 _UNIT = r"(mm|cm|millimet\w*|centimet\w*)\b"
 _NUM = r"(\d+(?:[.,]\d+)?)"
@@ -141,13 +154,18 @@ def _nearest(rx: re.Pattern | str, clause: Clause, pos: int) -> re.Match | None:
 
 
 def finding_part(clause: str, start: int, end: int, prev_end: int | None, next_start: int | None) -> tuple[int, int]:
-    """[a, b) of the clause that belongs to the mention at [start, end) between its neighbouring findings."""
+    """[a, b) of the clause that belongs to the mention at [start, end) between its neighbouring findings. A separator
+    inside brackets the mention is not in parts nothing of it ("Nodule in the right upper lobe (stable, 8 mm) and left
+    pleural effusion": the effusion's part starts at "and")."""
     a, b = 0, len(clause)
+    bracket = "(" in clause and not _in_parentheses(clause, start)
     if prev_end is not None:
-        m = SEPARATOR.search(clause, prev_end, start)
+        m = next((m for m in SEPARATOR.finditer(clause, prev_end, start)
+                  if not (bracket and _in_parentheses(clause, m.start()))), None)
         a = m.end() if m else prev_end
     if next_start is not None:
-        seps = list(SEPARATOR.finditer(clause, end, next_start))
+        seps = [m for m in SEPARATOR.finditer(clause, end, next_start)
+                if not (bracket and _in_parentheses(clause, m.start()))]
         b = seps[-1].start() if seps else next_start
     return a, b
 
@@ -225,17 +243,31 @@ def describes(item: str) -> bool:
 
 def laterality(clause: str | Clause, pos: int | None = None) -> str | None:
     """right / left / bilateral: "both"/"bilateral", or right and left coordinated ("right and left lower
-    lobes"), is bilateral; otherwise the side word nearest ``pos`` (any side word if ``pos`` is None)."""
+    lobes", "in the right upper lobe and left lower lobe"), is bilateral. Without ``pos`` any "bilateral" word, or
+    both sides named, is; with it, the side word nearest ``pos`` is the mention's unless right and left are listed
+    together: "Right pleural effusion with mediastinal shift to the left" is right, "Left pleural effusion with
+    bilateral hilar prominence" left."""
     c = _clause(clause)
-    if c.hits("bilateral"):
-        return "bilateral"
-    right, left = c.hits("right"), c.hits("left")
-    if right and left:
-        if pos is None or _BOTH_SIDES.search(c.text):
+    right, left, both = c.hits("right"), c.hits("left"), c.hits("bilateral")
+    if pos is None:
+        if both or (right and left):
             return "bilateral"
-        r, l = _nearest("right", c, pos), _nearest("left", c, pos)
-        return "right" if abs(r.start() - pos) <= abs(l.start() - pos) else "left"
-    return "right" if right else "left" if left else None
+        return "right" if right else "left" if left else None
+    if right and left and (_BOTH_SIDES.search(c.text) or _sides_listed(c.text, right, left)):
+        return "bilateral"
+    near = min(right + left + both, key=lambda m: abs(m.start() - pos), default=None)
+    return near.lastgroup if near else None
+
+
+def _sides_listed(text: str, right: list[re.Match], left: list[re.Match]) -> bool:
+    """True if a right and a left side word are places listed for one finding (``_SIDE_LIST``)."""
+    for r in right:
+        for l in left:
+            a, b = (r, l) if r.start() < l.start() else (l, r)
+            gap = text[a.end(): b.start()]
+            if len(gap) <= _SIDE_LIST_REACH and _SIDE_LIST.search(gap) and not _NOT_A_SIDE_LIST.search(gap):
+                return True
+    return False
 
 
 def lobe(clause: str | Clause, pos: int) -> str | None:
@@ -267,14 +299,16 @@ def organ(clause: str | Clause, pos: int) -> str | None:
     return _ORGANS[near[1]][0] if near else None
 
 
-def location(label: str, clause: str | Clause, pos: int, part: Clause | None = None, part_pos: int = 0) -> str | None:
+def location(label: str, clause: str | Clause, pos: int, part: Clause | None = None, part_pos: int = 0,
+             borrow: bool = True) -> str | None:
     """A lobe code for lung findings, else the organ named nearest the mention, else the label's organ.
 
     The mention's own ``part`` of the clause (mention at ``part_pos``) is read first, the clause only
-    if the part names no lobe or organ.
+    if the part names no lobe or organ and ``borrow`` is set.
     """
     best = None
-    for c, p in ((part, part_pos), (_clause(clause), pos)) if part is not None else ((_clause(clause), pos),):
+    reads = ((part, part_pos), (_clause(clause), pos)) if part is not None else ((_clause(clause), pos),)
+    for c, p in reads if borrow or part is None else reads[:1]:
         if label in LOBE_LABELS:
             code = lobe(c, p)
             if code:
@@ -338,7 +372,10 @@ def _sub(clause: Clause, a: int, b: int) -> Clause:
 def describe(label: str, clause: Clause, start: int, end: int, part: tuple[int, int]) -> dict:
     """All attributes of the mention at [start, end) of ``clause``, whose own words are ``clause[part]``.
 
-    Its place words are those of its part inside its list item, else those of its list item."""
+    Its place words are those of its part inside its list item; those of its list item only where its part names no
+    place ("Atelectasis and consolidation in the right lower lobe": both), not where it names one of its own
+    ("Emphysema in the upper lobes and right pleural effusion": no right emphysema). A lobe gives its side ("Nodule in
+    the RUL with a left pleural effusion": a right nodule)."""
     a, b = part
     own = _sub(clause, a, b)
     s, e = start - a, end - a
@@ -346,9 +383,13 @@ def describe(label: str, clause: Clause, start: int, end: int, part: tuple[int, 
     sa, sb = list_item(clause, start, end)
     pa, pb = max(a, sa), min(b, sb)
     place, scope = _sub(clause, pa, pb), _sub(clause, sa, sb)
+    borrow = not (_OWN_PLACE.search(place.text) or place.hits("lobe"))
+    where = location(label, scope, start - sa, place, start - pa, borrow)
     side = None
     if label in LATERAL:
-        side = laterality(place) or laterality(scope, start - sa)  # sides in its own words all belong to it
-    return {"laterality": side, "location": location(label, scope, start - sa, place, start - pa),
+        side = laterality(place, start - pa) or LOBE_SIDE.get(where)
+        if side is None and borrow:
+            side = laterality(scope, start - sa)
+    return {"laterality": side, "location": where,
             "size_mm_min": size[0] if size else None, "size_mm_max": size[1] if size else None,
             "count": count(label, own.text, s, e), "severity": severity(own.text, s, e)}

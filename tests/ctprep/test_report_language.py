@@ -1588,3 +1588,29 @@ def test_ctrate_quote_separators_still_part_the_items(text, impression):
     r = parse_report(text)
     assert r.sections["findings"] == "No pleural effusion." and r.sections["impression"] == impression
     assert (r.labels["Emphysema"], r.labels["Arterial wall calcification"]) == (1, 1)
+
+
+# --- a finding's side and lobe are its own words', not a neighbour's --------------------------------------------------
+def mention_attrs(text, label):
+    return [(m.laterality, m.location, m.size_mm_max) for m in parse_report(text).mentions if m.label == label]
+
+
+@pytest.mark.parametrize(("text", "label", "expected"), [
+    # a side said of something else in the finding's words: the side nearest the finding
+    ("Right pleural effusion with mediastinal shift to the left.", EFFUSION, [("right", "pleura", None)]),
+    ("Left pleural effusion with bilateral hilar prominence.", EFFUSION, [("left", "pleura", None)]),
+    # right and left listed for one finding stay bilateral
+    ("Consolidation in the right lower lobe and in the left upper lobe.", "Consolidation",
+     [("bilateral", "RLL", None)]),
+    ("Pleural effusion on the right, more than on the left.", EFFUSION, [("bilateral", "pleura", None)]),
+    # a finding that names its own place borrows no side or lobe from the list it is in
+    ("Emphysema in the upper lobes and right pleural effusion.", "Emphysema", [(None, "lung", None)]),
+    ("Atelectasis and consolidation in the left lower lobe.", "Atelectasis", [("left", "LLL", None)]),
+    # a lobe code gives its side
+    ("Nodule in the RUL with a left pleural effusion.", NODULE, [("right", "RUL", None)]),
+    ("Ground-glass opacity in the LLL and right pleural effusion.", "Lung opacity", [("left", "LLL", None)]),
+    # a separator inside brackets parts nothing of a finding outside them
+    ("Nodule in the right upper lobe (stable, 8 mm) and left pleural effusion.", EFFUSION, [("left", "pleura", None)]),
+])
+def test_side_and_lobe_are_the_findings_own(text, label, expected):
+    assert mention_attrs(text, label) == expected
