@@ -8,7 +8,9 @@ and organ fall back to the mention's list item when the part names no place of i
 consolidation in the right lower lobe": both RLL, but "emphysema in the upper lobes and right pleural effusion" is no
 right emphysema), and a lobe gives its side; size, count and severity never do (a size belongs to the finding it is
 written with). A side word said of something else in the part ("right effusion with mediastinal shift to the left")
-is not the finding's: the side nearest it is, unless right and left are listed together.
+is not the finding's: the side nearest it is, unless right and left are listed together. A size written before
+another noun is that noun's ("a 3 cm mass with satellite nodules"), an earlier study's ("previously 4 mm") gives way
+to the size now, and a change "from 4 to 7 mm" is 7 mm.
 
 In a telegraphic list (a clause without an auxiliary) place words are not lent between items set side by
 side by commas alone: "Nodule in the right upper lobe, pleural thickening on the left" is a right nodule,
@@ -326,19 +328,54 @@ def _mm(value: str, unit: str) -> float:
     return round(x * 10.0, 3) if unit.lower().startswith("c") else x
 
 
+#: A size of an earlier study: "previously 4 mm", "was 5 mm", "4 mm on the prior study", "... from 4 mm" (not "ranging
+#: from"); read only where the mention's part gives no other size ("The largest was 8 mm" is its size).
+_EARLIER_BEFORE = re.compile(r"(\b(previously|prior|formerly|earlier|was|were)(\s+(measuring|measured|about|"
+                             r"approximately|at|as|of))?|(?<!ranging )(?<!varying )\bfrom)\s*$", re.I)
+_EARLIER_AFTER = re.compile(r"\s*(previously|before|earlier|(on|in|at) the (prior|previous|earlier|last))\b", re.I)
+#: "from 4 to 7 mm" is a change, whose size now is the second.
+_FROM = re.compile(r"(?<!ranging )(?<!varying )\bfrom\s*$", re.I)
+
+
+def _earlier(text: str, m: re.Match) -> bool:
+    return bool(_EARLIER_BEFORE.search(text, max(0, m.start() - 40), m.start()) or _EARLIER_AFTER.match(text, m.end()))
+
+
+#: A size written before its noun ("a 3.2 cm mass"), not before a preposition, a measure word or a conjunction ("7 mm in
+#: thickness", "8 mm in size", "5 mm and 7 mm nodules", "(5 mm)").
+_BEFORE_NOUN = re.compile(r"[- ]?(?!(in|of|on|at|and|or|to|from|with|x|by|size|sized|diameter|thick|thickness|long|"
+                          r"wide|length|width|axis|short|maximum|respectively|the|a|an|is|are|was|were)\b)[a-z]", re.I)
+
+
+def _anothers(text: str, m: re.Match, start: int) -> bool:
+    """True if the size ``m`` before a mention at ``start`` qualifies another noun: written before a noun, with a
+    separator between them ("A 3.2 cm mass in the right upper lobe with adjacent satellite nodules")."""
+    return (m.end() <= start and _BEFORE_NOUN.match(text, m.end()) is not None
+            and SEPARATOR.search(text, m.end(), start) is not None)
+
+
 def size_mm(clause: str | Clause, pos: int) -> tuple[float, float] | None:
-    """(min, max) in mm of the size nearest the mention: "5-7 mm" -> (5, 7), "1.2 cm" -> (12, 12),
-    "21x15 mm" -> (15, 21) (the smallest and largest dimension)."""
+    """(min, max) in mm of the size nearest the mention at ``pos``: "5-7 mm" -> (5, 7), "1.2 cm" -> (12, 12),
+    "21x15 mm" -> (15, 21) (the smallest and largest dimension), "increased from 4 to 7 mm" -> (7, 7). Not a size
+    written before the mention for another noun (``_anothers``), nor an earlier study's size where another is given."""
     clause = _clause(clause)
-    m = _nearest(_RANGE, clause, pos)
-    if m is not None:
+    text = clause.text
+    ranges = [m for m in clause.hits(_RANGE) if not _anothers(text, m, pos)]
+    dims = [m for m in clause.hits(_DIMS) if not _anothers(text, m, pos)]
+    current = [m for m in ranges + dims if not _earlier(text, m)]
+    if current:
+        ranges, dims = [m for m in ranges if m in current], [m for m in dims if m in current]
+    if ranges:
+        m = min(ranges, key=lambda r: abs(r.start() - pos))
         lo, hi = _mm(m.group(1), m.group(3)), _mm(m.group(2), m.group(3))
+        if _FROM.search(text, max(0, m.start() - 20), m.start()) and "to" in m.group(0).lower():
+            return (hi, hi)
         return (min(lo, hi), max(lo, hi))
-    m = _nearest(_DIMS, clause, pos)
-    if m is None:
+    if not dims:
         return None
-    dims = [_mm(g, m.group(4)) for g in m.groups()[:3] if g]
-    return (min(dims), max(dims))
+    m = min(dims, key=lambda r: abs(r.start() - pos))
+    sizes = [_mm(g, m.group(4)) for g in m.groups()[:3] if g]
+    return (min(sizes), max(sizes))
 
 
 def count(label: str, clause: str, start: int, end: int) -> str | None:

@@ -1614,3 +1614,22 @@ def mention_attrs(text, label):
 ])
 def test_side_and_lobe_are_the_findings_own(text, label, expected):
     assert mention_attrs(text, label) == expected
+
+
+# --- a finding's size now, not an earlier study's nor another noun's --------------------------------------------------
+@pytest.mark.parametrize(("text", "label", "size"), [
+    ("The left upper lobe nodule, previously 4 mm, now measures 7 mm.", NODULE, (7.0, 7.0)),
+    ("The nodule was 6 mm on the earlier scan and measures 9 mm today.", NODULE, (9.0, 9.0)),
+    ("Right lower lobe nodule of 8 mm, 6 mm on the previous study.", NODULE, (8.0, 8.0)),
+    ("The subcarinal lymph node has enlarged from 9 to 14 mm.", NODES, (14.0, 14.0)),
+    ("The nodule has grown from 3 mm to 5 mm.", NODULE, (5.0, 5.0)),
+    # a range stays a range; an only size said with "was" is the finding's
+    ("Several nodules ranging from 2 to 6 mm in both lungs.", NODULE, (2.0, 6.0)),
+    ("Several nodules in both lungs, the largest was 6 mm.", NODULE, (6.0, 6.0)),
+    # a size written before another noun is that noun's
+    ("A 4.5 cm spiculated mass in the left upper lobe with several satellite nodules.", NODULE, (None, None)),
+    # ... but a size followed by its measure word still describes the finding named after it
+    ("A hypodense area up to 9 mm in thickness, consistent with pleural effusion.", EFFUSION, (9.0, 9.0)),
+])
+def test_the_size_is_the_findings_size_now(text, label, size):
+    assert [(m.size_mm_min, m.size_mm_max) for m in parse_report(text).mentions if m.label == label] == [size]
