@@ -49,7 +49,9 @@ _RANGE = re.compile(rf"{_NUM}\s*(?:(?:mm|cm)\s*)?(?:-|–|to)\s*{_NUM}\s*{_UNIT}
 # a size as a compound adjective takes a hyphen before its unit: "a 3-mm nodule", "a 2.5-cm mass"
 _DIMS = re.compile(rf"{_NUM}(?:\s*[x×*]\s*{_NUM})?(?:\s*[x×*]\s*{_NUM})?(?:\s*|-){_UNIT}", re.I)
 _NOT_A_SIZE = r"(?!\s*(?:[.,]\d|[x×*-]|mm|cm|millimet|centimet))"  # "2 nodules" counts, "2 mm" / "2.5" does not
-_FEW = re.compile(rf"\b(a few|few|a couple of|couple of|two|three|2{_NOT_A_SIZE}|3{_NOT_A_SIZE}|1-2|2-3)\b", re.I)
+# ("2-3 nodules" counts, "2-3 mm nodules" is a size)
+_FEW = re.compile(rf"\b(a few|few|a couple of|couple of|two|three|2{_NOT_A_SIZE}|3{_NOT_A_SIZE}|"
+                  rf"(1-2|2-3){_NOT_A_SIZE})\b", re.I)
 _MANY = re.compile(r"\b(multiple|several|numerous|innumerable|many|scattered|diffuse|widespread|countless|multifocal)\b", re.I)
 _ONE = re.compile(r"\b(a|an|one|single|solitary|isolated|1)\s+(\w+\s+){0,4}$", re.I)
 _SEVERITY = (

@@ -1633,3 +1633,18 @@ def test_side_and_lobe_are_the_findings_own(text, label, expected):
 ])
 def test_the_size_is_the_findings_size_now(text, label, size):
     assert [(m.size_mm_min, m.size_mm_max) for m in parse_report(text).mentions if m.label == label] == [size]
+
+
+@pytest.mark.parametrize(("text", "count", "size"), [
+    # a range before a unit is a size, not a count; before the noun it is a count
+    ("Scattered 2-3 mm nodules in both lungs.", "multiple", (2.0, 3.0)),
+    ("A 1-2 mm nodule in the right middle lobe.", "single", (1.0, 2.0)),
+    ("2-3 nodules in the right middle lobe.", "a few", (None, None)),
+    ("A 23 mm nodule in the right middle lobe.", "single", (23.0, 23.0)),
+])
+def test_a_size_range_is_no_count(text, count, size):
+    assert [(m.count, (m.size_mm_min, m.size_mm_max)) for m in parse_report(text).mentions] == [(count, size)]
+
+
+def test_the_lingula_is_left():
+    assert mention_attrs("Linear atelectasis in the lingula.", "Atelectasis") == [("left", "lingula", None)]
