@@ -151,18 +151,22 @@ def _dcmread(path: Path, stop_before_pixels: bool = False) -> Dataset:
 #: ~12 CPU hours over the 15M slices of a 50k-volume cohort. These are converted once and read from then on
 #: (only the rescale is read again, from the file re-read for its pixels): reading the bundled series' headers
 #: went from 0.88 to 0.95 ms a file (+~0.08 ms; reading a slice with its pixels takes ~36 ms).
-_PER_FILE_TAGS = ("SeriesInstanceUID", "Modality", "ImageType", "NumberOfFrames", "Rows", "Columns",
+#: The selection tags are converted for every file of a folder (which series a file belongs to, whether it is a
+#: scout); the rest only for the files of the series read, so a damaged element of a skipped file (a scout, another
+#: series) refuses nothing.
+_SELECTION_TAGS = ("SeriesInstanceUID", "Modality", "ImageType", "NumberOfFrames")
+_PER_FILE_TAGS = (*_SELECTION_TAGS, "Rows", "Columns",
                   "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope", "RescaleIntercept")
 _FILE_META_TAGS = ("MediaStorageSOPClassUID", "TransferSyntaxUID")
 #: Tags read from the first slice alone (the metadata row and the volume's meta), checked once per series.
 _FIRST_SLICE_TAGS = tuple(c for c in METADATA_COLUMNS if c not in _MEASURED) + ("Manufacturer", "SliceThickness")
 
 
-def _parse_header(ds: Dataset, name: str, keywords: Sequence[str] = _PER_FILE_TAGS) -> None:
+def _parse_header(ds: Dataset, name: str, keywords: Sequence[str] = _PER_FILE_TAGS, whole: bool = True) -> None:
     """Convert the elements of ``keywords`` (and the file meta's) now: a damaged one raises :class:`SeriesError`.
 
-    An enhanced (multi-frame) file is converted in full: :func:`_frames` copies all its top-level elements
-    and reads its functional groups (one such file holds a whole series, so the cost is the series').
+    ``whole``: an enhanced (multi-frame) file is converted in full, as :func:`_frames` copies all its top-level
+    elements and reads its functional groups (one such file holds a whole series, so the cost is the series').
     """
     try:
         for keyword in keywords:
@@ -171,7 +175,7 @@ def _parse_header(ds: Dataset, name: str, keywords: Sequence[str] = _PER_FILE_TA
         if file_meta is not None:
             for keyword in _FILE_META_TAGS:
                 file_meta.get(keyword)
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        if whole and (int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds):
             for _ in ds.iterall():
                 pass
     except Exception as err:  # pydicom's conversions raise many types
@@ -195,7 +199,7 @@ def _scan(series_dir: Path) -> list[tuple[str, Path, Dataset]]:
             continue
         except Exception as err:  # a file with a DICOM preamble that cannot be parsed
             raise SeriesError(f"unreadable DICOM file {path.name}: {err}") from err
-        _parse_header(ds, path.name)
+        _parse_header(ds, path.name, _SELECTION_TAGS, whole=False)  # the rest once its series is chosen
         if str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
             continue  # a DICOMDIR index, not an image
         found.append((path.name, path, ds))
@@ -411,9 +415,12 @@ def _items_from(source: str | os.PathLike | Iterable[Dataset], series_uid: str |
         for n, ds in enumerate(source):
             path = Path(ds.filename) if isinstance(getattr(ds, "filename", None), (str, os.PathLike)) else None
             items.append((path.name if path else f"dataset {n}", path, ds))
-            _parse_header(ds, items[-1][0])
+            _parse_header(ds, items[-1][0], _SELECTION_TAGS, whole=False)
         items = _select(items, series_uid)
-    return [frame for item in _drop_localizers(items) for frame in _frames(*item)]
+    items = _drop_localizers(items)
+    for name, _, ds in items:  # the series read: every tag the checks read (a skipped file's are never read)
+        _parse_header(ds, name)
+    return [frame for item in items for frame in _frames(*item)]
 
 
 #: functional groups of an enhanced (multi-frame) CT and the classic tags each holds

@@ -274,8 +274,10 @@ def save_synthetic_dicom(
     )
     names = [f"IM{k + 1:05d}.dcm" for k in range(out.shape[2])]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.part"):  # a job killed with SIGKILL mid-series
-        shutil.rmtree(stale, ignore_errors=True)  # (no except clause runs) left it: one job writes one series name
+    # a job killed with SIGKILL mid-series (no except clause runs) left its temporary folder: one job writes one
+    # series name, and the uuid's 32 hex digits keep another series' ("p1" and "p1.v2") out of the pattern
+    for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.{'[0-9a-f]' * 32}.part"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.part"  # mkdir honours the umask (mkdtemp: 0700)
     tmp.mkdir()
     try:

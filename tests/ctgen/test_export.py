@@ -470,11 +470,12 @@ def test_a_series_left_half_written_by_a_killed_job_is_cleared(tmp_path):
     from ctgen.export.dicom import save_synthetic_dicom
 
     out = tmp_path / "dicom" / "p0_s0"
-    stale = tmp_path / "dicom" / ".p0_s0.0123abcd.part"
-    other = tmp_path / "dicom" / ".p1_s1.0123abcd.part"
-    for d in (stale, other):
+    stale = tmp_path / "dicom" / f".p0_s0.{'0123abcd' * 4}.part"
+    other = tmp_path / "dicom" / f".p1_s1.{'0123abcd' * 4}.part"
+    dotted = tmp_path / "dicom" / f".p0_s0.v2.{'0123abcd' * 4}.part"  # series "p0_s0.v2", being written
+    for d in (stale, other, dotted):
         d.mkdir(parents=True)
         (d / "IM00001.dcm").write_bytes(b"half")
     files = save_synthetic_dicom(_volume("canonical", shape=(4, 3, 2)), out, dict(SIDECAR, seed=0))
-    assert len(files) == 2 and not stale.exists() and other.is_dir()
-    assert sorted(p.name for p in out.parent.iterdir()) == [".p1_s1.0123abcd.part", "p0_s0"]
+    assert len(files) == 2 and not stale.exists() and other.is_dir() and dotted.is_dir()
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([other.name, dotted.name, "p0_s0"])

@@ -339,6 +339,21 @@ def test_a_damaged_element_that_is_never_read_is_not_parsed(tmp_path):
     np.testing.assert_array_equal(read_series(tmp_path / "s").data, expected_hu(pixels))
 
 
+@pytest.mark.parametrize("keyword", ["PixelSpacing", "RescaleSlope"])
+def test_a_damaged_element_of_a_skipped_file_refuses_nothing(tmp_path, keyword):
+    """A scout of its own series beside the CT series is skipped: its damaged geometry or rescale tag refused the
+    whole series once every file's tags were converted before the series was chosen."""
+    pixels = write_series(tmp_path / "s")
+    ct_slice(np.zeros((8, 10)), (0, 0, 0), iop=(1, 0, 0, 0, 0, -1), series_uid="9.9.9",
+             image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")).save_as(tmp_path / "s" / "scout.dcm",
+                                                                      enforce_file_format=True)
+    _damage_vr(tmp_path / "s" / "scout.dcm", keyword)
+    np.testing.assert_array_equal(read_series(tmp_path / "s").data, expected_hu(pixels))
+    _damage_vr(tmp_path / "s" / "IM0002.dcm", keyword)  # in the series read: refused, naming the file
+    with pytest.raises(SeriesError, match="unreadable DICOM file IM0002.dcm"):
+        read_series(tmp_path / "s")
+
+
 # --- NIfTI ------------------------------------------------------------------------------------
 AFFINE = np.array([[-0.7, 0, 0, 100], [0, -0.8, 0, 120], [0, 0, 2.5, -50], [0, 0, 0, 1.0]])
 ROT = np.array([[np.cos(0.3), -np.sin(0.3), 0], [np.sin(0.3), np.cos(0.3), 0], [0, 0, 1]])

@@ -22,6 +22,7 @@ rule cascade:
         preset=PRESET,
         models=CASCADE_SETTINGS,
         sampling=SAMPLER,
+        sr_batch=SR_BATCH,  # the spec's default for `ctgen sample` by hand, as of when it is written
         prompts=config["prompts"],
     script:
         "../scripts/cascade.py"

@@ -8,7 +8,7 @@ write_cascade_spec(
     snakemake.output.spec.rsplit("/", 1)[0],
     snakemake.params.preset,
     snakemake.params.models,
-    snakemake.params.sampling,
+    {**snakemake.params.sampling, "batch_size": snakemake.params.sr_batch},
     list(snakemake.input.manifests),
     text_tokenizer=snakemake.input.text,
     prompts=snakemake.params.prompts,
