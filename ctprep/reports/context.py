@@ -13,8 +13,8 @@ clause has a subject of its own ("Atelectasis in the right lower lobe, pleural e
 clause set off by commas asserts nothing of the main clause ("X, which was seen before, was not observed"). Pseudo-negations
 ("no change in the nodule", "not only", "regressed in size") cancel the negation word they hold,
 unless the finding is their own object ("no increase| in heart size": the heart is not enlarged). A bare "is not"
-after a finding denies it only before a predicate of existence ("Pleural effusion is not there"), not before a
-description ("The nodule is not calcified", "Emphysema is not severe"), but for lymph nodes.
+after a finding denies it ("Pleural effusion is not there", "... is not redemonstrated") but before a word of
+description ("The nodule is not calcified", "Emphysema is not severe"), and always for lymph nodes.
 Resolved findings are absent from this exam: a sentence-wide post-negation ("X, seen before, has resolved")
 reaches back over relative clauses but not over a contrast or a persisting finding (``CLAUSE_BREAKS``:
 "Consolidation persists but the effusion has resolved"), nor over a comma to a mention of the same finding when a
@@ -442,29 +442,40 @@ def _in_closed_list(doc: Doc, t: Span, sent: Span) -> bool:
     return False
 
 
-#: A bare "is not" ("are/was/were not") after a finding denies it only with a predicate of existence after it ("Pleural
-#: effusion is not there", "... is not clearly identifiable", "... is not likely"; "is not seen" is a trigger of its
-#: own); before a description it says what the finding is not, and the finding is there ("The nodule is not calcified",
-#: "The effusion is not loculated", "Emphysema is not severe", "The consolidation is not as dense as before").
+#: A bare "is not" ("are/was/were not") after a finding denies it ("Pleural effusion is not there", "... is not
+#: redemonstrated", "... is not in evidence", "... are not perceptible") but before a word that describes the finding:
+#: then it says what the finding is not, and the finding is there ("The nodule is not calcified", "The effusion is not
+#: loculated", "Emphysema is not severe", "is not new", "The consolidation is not as dense as before"). The words of
+#: description are listed (``_DESCRIPTIONS``); any other word keeps the denial, which was the rule before them.
 _BARE_NOT = {"is not", "are not", "was not", "were not"}
 _EXISTENCE_PREDICATES = frozenset(V.SEEN_VERBS) | {
     "there", "visible", "apparent", "evident", "identifiable", "detectable", "discernible", "appreciable",
     "demonstrable", "observable", "distinguishable", "delineated", "depicted", "likely"}
-#: Words between "is not" and its predicate: adverbs ("not clearly seen", "not well seen", "not now seen").
-_NOT_ADVERBS = _ADVERBS | {"well", "be"}
+_DESCRIPTIONS = frozenset({
+    "calcified", "calcific", "loculated", "septated", "new", "large", "larger", "big", "bigger", "huge", "massive",
+    "bulky", "small", "smaller", "severe", "marked", "moderate", "extensive", "significant", "substantial",
+    "changed", "unchanged", "different", "as", "more", "less", "further", "dense", "denser", "solid", "cystic",
+    "spiculated", "lobulated", "circumscribed", "marginated", "homogeneous", "heterogeneous", "suspicious",
+    "typical", "specific", "simple", "complex", "free", "free-flowing", "mobile", "compressive", "progressive",
+    "progressing", "growing", "grown", "improved", "worse", "worsened", "better", "decreased", "reduced",
+    "diffuse", "widespread", "confluent", "cavitated", "cavitary", "enhancing", "symptomatic", "hemorrhagic",
+    "haemorrhagic", "tense", "sizable", "sizeable", "prominent", "pronounced", "advanced"})
+#: Words between "is not" and its predicate: adverbs ("not clearly seen", "not well seen", "not now seen", "not
+#: clearly-defined").
+_NOT_ADVERBS = (_ADVERBS - {"more"}) | {"well", "be", "-", "very", "too", "so", "that", "particularly"}
 
 
 def _describes_not(doc: Doc, mention: Span, t: Span, sent: Span) -> bool:
-    """True if ``t`` is a bare "is not" that goes on with a description of the finding, not a denial of it. Lymph
-    nodes are a finding only as far as they are enlarged: whatever a bare "is not" says of them denies it ("The
-    mediastinal lymph nodes are not of pathological size"), as a partitive's predicate does."""
+    """True if ``t`` is a bare "is not" that goes on with a description of the finding (``_DESCRIPTIONS``), not a
+    denial of it. Lymph nodes are a finding only as far as they are enlarged: whatever a bare "is not" says of them
+    denies it ("The mediastinal lymph nodes are not of pathological size"), as a partitive's predicate does."""
     if mention.label_ == "Lymphadenopathy" or t.text.lower() not in _BARE_NOT:
         return False
     j = t.end
-    while (j < sent.end and doc[j].lower_ not in _EXISTENCE_PREDICATES
+    while (j < sent.end and doc[j].lower_ not in _EXISTENCE_PREDICATES and doc[j].lower_ not in _DESCRIPTIONS
            and (doc[j].lower_ in _NOT_ADVERBS or doc[j].lower_.endswith("ly"))):
         j += 1
-    return j < sent.end and doc[j].is_alpha and doc[j].lower_ not in _EXISTENCE_PREDICATES
+    return j < sent.end and doc[j].lower_ in _DESCRIPTIONS
 
 
 def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) -> tuple[str, Span | None]:

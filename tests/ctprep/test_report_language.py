@@ -1648,3 +1648,31 @@ def test_a_size_range_is_no_count(text, count, size):
 
 def test_the_lingula_is_left():
     assert mention_attrs("Linear atelectasis in the lingula.", "Atelectasis") == [("left", "lingula", None)]
+
+
+# --- a bare "is not" denies the finding unless a word of description follows --------------------------------------------
+@pytest.mark.parametrize(("text", "label"), [
+    ("Pleural effusion is not redemonstrated.", EFFUSION),
+    ("The previously seen nodule is not redemonstrated.", NODULE),
+    ("Consolidation is not in evidence.", "Consolidation"),
+    ("Nodules are not perceptible.", NODULE),
+    ("Pleural effusion is not recognizable.", EFFUSION),
+    ("The pericardial effusion is not recognisable anymore.", PERICARDIAL),
+    ("Consolidation is not confirmed.", "Consolidation"),
+    ("A hiatal hernia is not certain.", "Hiatal hernia"),
+    ("The nodule is not reidentified.", NODULE),
+    ("Emphysema is not conspicuous.", "Emphysema"),
+    ("Pleural effusion is not to be seen.", EFFUSION),
+    ("The atelectasis is not clearly delineable.", "Atelectasis"),
+])
+def test_a_bare_is_not_before_a_word_of_no_description_denies_the_finding(text, label):
+    assert statuses(text, label) == ["negated"]
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    ("The nodule is not clearly spiculated.", NODULE),
+    ("The effusion is not very large.", EFFUSION),
+    ("The consolidation is not more extensive than before.", "Consolidation"),
+])
+def test_a_bare_is_not_before_an_adverb_and_a_description_keeps_the_finding(text, label):
+    assert statuses(text, label) == ["present"]
