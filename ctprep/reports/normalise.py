@@ -54,6 +54,15 @@ _OPEN_END = re.compile(r"\b(and|or|nor|of|the|a|an|with|without|in|on|at|to|for|
 #: with a capitalised word ends an item only in text without full stops ("NO PLEURAL EFFUSION\nMILD CARDIOMEGALY", a
 #: list), while text that ends its sentences with full stops wraps them ("NO PLEURAL\nEFFUSION OR CONSOLIDATION.").
 _FULL_STOP = re.compile(r"(?<![\d\s])[.!?](?=\s|$)")
+#: ... and even there a line goes on if it ends with a word that needs its noun ("NO EVIDENCE OF PLEURAL\nEFFUSION",
+#: "NO SIGNIFICANT MEDIASTINAL\nLYMPHADENOPATHY", "SMALL RIGHT PLEURAL\nEFFUSION") or the next line opens with a
+#: joining word ("THERE IS NO PLEURAL EFFUSION\nOR PERICARDIAL EFFUSION", "NO NODULES, MASSES\nOR CONSOLIDATION").
+_CAPS_OPEN_END = re.compile(r"\b(PLEURAL|PERICARDIAL|MEDIASTINAL|HILAR|AXILLARY|SUPRACLAVICULAR|PULMONARY|LUNG|CARDIAC|"
+                            r"HIATAL|HIATUS|AORTIC|CORONARY|ARTERY|LYMPH|GROUND|GROUND-GLASS|RIGHT|LEFT|BILATERAL|"
+                            r"UPPER|LOWER|MIDDLE|SMALL|MILD|MODERATE|SEVERE|LARGE|TRACE|MINIMAL|SIGNIFICANT|FOCAL|"
+                            r"SUSPICIOUS|ENLARGED|CALCIFIED|PARASEPTAL|CENTRILOBULAR|SUBSEGMENTAL|ANY|ACUTE|OTHER)$")
+_CAPS_JOIN = re.compile(r"(OR|AND|NOR|WITH|WITHOUT|OF|TO|IN|ON|AT|BY|FOR|FROM|AS|BUT|IS|ARE|WAS|WERE|HAS|HAVE|"
+                        r"WHICH|THAT|&)\b")
 _LOWER = re.compile(r"[a-z]")
 
 
@@ -70,7 +79,8 @@ def normalise_items(text: object) -> str:
         if m["caps"]:
             if stops is None:
                 stops = bool(_FULL_STOP.search(lines))
-            if stops or _LOWER.search(lines, lines.rfind("\n", 0, m.start()) + 1, m.start()):
+            if (stops or _LOWER.search(lines, lines.rfind("\n", 0, m.start()) + 1, m.start())
+                    or _CAPS_OPEN_END.search(lines, pos, m.start()) or _CAPS_JOIN.match(lines, m.end())):
                 continue
         if not _OPEN_END.search(lines, pos, m.start()):
             out.append(lines[pos: m.start()].replace("\n", " ") + "\n")

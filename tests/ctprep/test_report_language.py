@@ -1676,3 +1676,21 @@ def test_a_bare_is_not_before_a_word_of_no_description_denies_the_finding(text, 
 ])
 def test_a_bare_is_not_before_an_adverb_and_a_description_keeps_the_finding(text, label):
     assert statuses(text, label) == ["present"]
+
+
+@pytest.mark.parametrize(("findings", "label"), [
+    # an all-capitals line that ends with a word needing its noun, or a next line that opens with a joining word, goes on
+    ("NO EVIDENCE OF PLEURAL\nEFFUSION", EFFUSION),
+    ("NO SIGNIFICANT MEDIASTINAL\nLYMPHADENOPATHY", NODES),
+    ("THERE IS NO PLEURAL EFFUSION\nOR PERICARDIAL EFFUSION", PERICARDIAL),
+    ("NO NODULES, MASSES\nOR CONSOLIDATION", "Consolidation"),
+])
+def test_an_all_capitals_line_wrapped_mid_phrase_is_one_statement(findings, label):
+    for report in ({"findings": findings}, "FINDINGS:\n" + findings):
+        assert parse_report(report).labels[label] == 0, report
+
+
+def test_an_all_capitals_line_wrapped_before_its_noun_keeps_its_attributes():
+    r = parse_report({"findings": "SMALL RIGHT PLEURAL\nEFFUSION\nNO PNEUMOTHORAX"})
+    assert [(m.status, m.laterality) for m in r.mentions if m.label == EFFUSION] == [("present", "right")]
+    assert r.labels[EFFUSION] == 1
