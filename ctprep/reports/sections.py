@@ -78,6 +78,12 @@ _HEADER = re.compile(
 _UPPER = re.compile(r"[A-Z]")
 _LOWER = re.compile(r"[a-z]")
 _SET_OFF = re.compile(rf"[ \t]*(?::|{_DASH})")
+#: ... or, opening its line or its sentence, by a full stop, a semicolon or a tab ("FINDINGS. NO NODULE. IMPRESSION.
+#: NORMAL.", "FINDINGS;\nNO NODULE"). ``normalise_lines`` makes a tab a space, so a tab after a capitalised header word
+#: at a line start is read as a colon first (``_TAB_HEADER``: "FINDINGS\tNO EFFUSION"), one character for one.
+_STOP_OR_TAB = re.compile(r"(?:[.;](?=\s|$)|\t)")
+_TAB_HEADER = re.compile(rf"^([ \t]*(?-i:{_HEADER_WORDS.upper()}))\t", re.MULTILINE)
+_OPENS = re.compile(r"(?:^|[.!?:;][ \t]*|\n[ \t]*)$")
 _SEPARATOR = re.compile(r'["•·]')
 _NOT_GIVEN = re.compile(r"^\W*(not given|none|n/?a|-+)\W*$", re.IGNORECASE)
 
@@ -98,9 +104,13 @@ def _mostly_upper(text: str) -> bool:
 
 
 def _set_off(lines: str, m: re.Match) -> bool:
-    """True if the header ``m`` is set off by a colon or a dash, or stands alone on its line."""
+    """True if the header ``m`` is set off by a colon or a dash, or stands alone on its line, or opens its line or
+    its sentence and a full stop, a semicolon or a tab follows it ("HISTORY. COUGH. FINDINGS. NO NODULE.", "FINDINGS\tNO
+    EFFUSION"); a header word that ends a sentence ("... SINCE THE PROCEDURE.") is prose."""
     name = next(g for g in "abcde" if m[g])
     if _SET_OFF.match(lines, m.end(name)):
+        return True
+    if _STOP_OR_TAB.match(lines, m.end(name)) and _OPENS.search(lines, 0, m.start(name)):
         return True
     line_end = lines.find("\n", m.end(name))
     line_start = lines.rfind("\n", 0, m.start(name)) + 1
@@ -110,6 +120,8 @@ def _set_off(lines: str, m: re.Match) -> bool:
 
 def split_free_text(text: str) -> dict[str, str]:
     """Sections of one free-text report (headers first, then the findings/impression separator)."""
+    if "\t" in text:
+        text = _TAB_HEADER.sub(r"\1:", text)
     lines = normalise_lines(text)
     out = dict.fromkeys(SECTIONS, "")
     low = lines.lower()

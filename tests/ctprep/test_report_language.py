@@ -1694,3 +1694,25 @@ def test_an_all_capitals_line_wrapped_before_its_noun_keeps_its_attributes():
     r = parse_report({"findings": "SMALL RIGHT PLEURAL\nEFFUSION\nNO PNEUMOTHORAX"})
     assert [(m.status, m.laterality) for m in r.mentions if m.label == EFFUSION] == [("present", "right")]
     assert r.labels[EFFUSION] == 1
+
+
+@pytest.mark.parametrize(("text", "sections"), [
+    # a header word opening its line or its sentence with a full stop, a semicolon or a tab after it is a header
+    ("FINDINGS. NO PLEURAL EFFUSION. IMPRESSION. MILD EMPHYSEMA.",
+     {"findings": ". NO PLEURAL EFFUSION.", "impression": ". MILD EMPHYSEMA."}),
+    ("FINDINGS\tNO PLEURAL EFFUSION\nIMPRESSION\tMILD EMPHYSEMA",
+     {"findings": "NO PLEURAL EFFUSION", "impression": "MILD EMPHYSEMA"}),
+    ("FINDINGS;\nNO PLEURAL EFFUSION\nIMPRESSION;\nMILD EMPHYSEMA",
+     {"findings": "; NO PLEURAL EFFUSION", "impression": "; MILD EMPHYSEMA"}),
+])
+def test_an_all_capitals_header_with_a_full_stop_or_a_tab_splits(text, sections):
+    assert split_sections(text) == {"clinical_information": "", "technique": "", "findings": "", "impression": "",
+                                    **sections}
+
+
+def test_an_all_capitals_history_with_a_full_stop_is_clinical_information():
+    r = parse_report("HISTORY. LUNG CANCER WITH PLEURAL EFFUSION. FINDINGS. NO NODULE. IMPRESSION. NO RECURRENCE.")
+    assert r.labels[EFFUSION] == 0
+    assert [m.section for m in r.mentions if m.label == EFFUSION] == ["clinical_information"]
+    # a header word ending a sentence stays prose
+    assert parse_report("IMPRESSION: NO CHANGE SINCE THE PROCEDURE. SMALL RIGHT PLEURAL EFFUSION.").labels[EFFUSION] == 1
