@@ -299,14 +299,20 @@ def _reaches_back(doc: Doc, terms: list[Span], breaks: list[Span], mention: Span
             and not _said_of_nearer(doc, mention, trigger))
 
 
-#: Words that join two mentions under one predicate ("The right effusion, as well as the left one, has resolved").
-_COORDINATORS = {"and", "or", "nor", "as", "along", "&", "and/or"}
+#: Words that join two mentions under one predicate ("The right effusion, as well as the left one, has resolved",
+#: "The left effusion, together with the right one, has resolved", "The left effusion, like the right one, ...").
+_COORDINATORS = {"and", "or", "nor", "as", "along", "&", "and/or", "together", "like", "plus"}
+#: Words of a predicate said of several mentions ("Right pleural effusion, left pleural effusion, both resolved",
+#: "..., all resolved", "... have resolved"), or a colon that closes a list ("..., consolidation in the LLL: resolved").
+_COLLECTIVE = {"both", "all", "each", "they", "these", "those", "have", "are", "were", ":"}
 
 
 def _said_of_nearer(doc: Doc, mention: Span, trigger: Span) -> bool:
     """True if a mention of the same finding between ``mention`` and the sentence-wide negation ``trigger`` is parted
     from it by a comma and no conjunction: the negation is that one's ("Small left pleural effusion, the right pleural
-    effusion has resolved", "Stable nodule in the right upper lobe, the left lower lobe nodule no longer seen")."""
+    effusion has resolved", "Stable nodule in the right upper lobe, the left lower lobe nodule no longer seen"); not
+    when the predicate is said of them all (``_COLLECTIVE``: "Right pleural effusion, left pleural effusion, both
+    resolved")."""
     findings = doc.spans["findings"]
     starts = doc.user_data.get("finding_starts")
     if starts is None or len(starts) != len(findings):
@@ -315,7 +321,8 @@ def _said_of_nearer(doc: Doc, mention: Span, trigger: Span) -> bool:
         other = findings[k]
         if other.label_ == mention.label_:
             gap = doc[mention.end: other.start]
-            if any(tok.text == "," for tok in gap) and not any(tok.lower_ in _COORDINATORS for tok in gap):
+            if (any(tok.text == "," for tok in gap) and not any(tok.lower_ in _COORDINATORS for tok in gap)
+                    and not any(tok.lower_ in _COLLECTIVE for tok in doc[other.end: trigger.end])):
                 return True
     return False
 

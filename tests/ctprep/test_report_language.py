@@ -1716,3 +1716,21 @@ def test_an_all_capitals_history_with_a_full_stop_is_clinical_information():
     assert [m.section for m in r.mentions if m.label == EFFUSION] == ["clinical_information"]
     # a header word ending a sentence stays prose
     assert parse_report("IMPRESSION: NO CHANGE SINCE THE PROCEDURE. SMALL RIGHT PLEURAL EFFUSION.").labels[EFFUSION] == 1
+
+
+@pytest.mark.parametrize(("text", "label"), [
+    # a resolution said of several same-finding mentions reaches back to them all
+    ("Right pleural effusion, left pleural effusion, both resolved.", EFFUSION),
+    ("Right pleural effusion, left pleural effusion, all resolved.", EFFUSION),
+    ("The left pleural effusion, together with the right pleural effusion, has resolved.", EFFUSION),
+    ("The left pleural effusion, like the right pleural effusion, has resolved.", EFFUSION),
+    ("Consolidation in the RLL, consolidation in the LLL: resolved.", "Consolidation"),
+])
+def test_a_resolution_said_of_several_mentions_negates_them_all(text, label):
+    assert statuses(text, label) == ["negated", "negated"]
+    assert parse_report(text).labels[label] == 0
+
+
+def test_a_resolution_said_of_the_nearer_mention_only_still_keeps_the_first():
+    assert statuses("Small left pleural effusion, the right pleural effusion has resolved.", EFFUSION) == [
+        "present", "negated"]
