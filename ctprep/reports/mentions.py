@@ -112,7 +112,8 @@ _LINK_REACH = 40
 #: Two places coordinated in one list ("of the aorta and the coronary arteries", "in the aorta and in the LAD", "in the
 #: aortic valve, coronary artery and aortic arch") share what is said of them; a negation, a verb or a new phrase
 #: between them parts them ("in the aortic arch, without coronary calcification"), and so does a comma in a list that
-#: no conjunction closes ("in the aortic arch, coronary arteries normal").
+#: no conjunction closes ("in the aortic arch, coronary arteries normal"). A hyphen or a slash between two places lists
+#: them too ("in the thoracic aorta-coronary arteries", "aorta/coronary arteries").
 _COORDINATION = compile_lower(r"\b(and|or|as well as)\b|[&/]")
 _NOT_COORDINATED = compile_lower(r"\b(with|without|no|not|free|but|is|are|was|were|has|have|show\w*|which|that|there|"
                                  r"normal|spared|except|apart|other|than)\b")
@@ -354,6 +355,8 @@ def _rival_place(c: _Compiled, low: str, s0: int, e0: int, m: re.Match) -> bool:
 def _coordinated(low: str, first: re.Match, second: re.Match, end: int) -> bool:
     """True if two places (``first`` before ``second``, in a clause ending at ``end``) are items of one list."""
     between = low[first.end(): second.start()]
+    if between.strip() in ("-", "/"):
+        return True  # "aorta-coronary arteries"
     if len(between) > _COORDINATION_REACH or _NOT_COORDINATED.search(between):
         return False
     if _COORDINATION.search(between):

@@ -1734,3 +1734,13 @@ def test_a_resolution_said_of_several_mentions_negates_them_all(text, label):
 def test_a_resolution_said_of_the_nearer_mention_only_still_keeps_the_first():
     assert statuses("Small left pleural effusion, the right pleural effusion has resolved.", EFFUSION) == [
         "present", "negated"]
+
+
+@pytest.mark.parametrize("text", [
+    # a hyphen or a slash between two vessels lists them together
+    "Atherosclerotic wall calcifications in the thoracic aorta-coronary arteries.",
+    "Calcified plaques in the aorta/coronary arteries.",
+])
+def test_vessels_joined_by_a_hyphen_or_a_slash_share_their_calcium(text):
+    labels = parse_report(text).labels
+    assert (labels["Coronary artery wall calcification"], labels["Arterial wall calcification"]) == (1, 1)
