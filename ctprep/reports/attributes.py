@@ -332,11 +332,16 @@ def _mm(value: str, unit: str) -> float:
 
 #: A size of an earlier study: "previously 4 mm", "was 5 mm", "4 mm on the prior study", "... from 4 mm" (not "ranging
 #: from"); read only where the mention's part gives no other size ("The largest was 8 mm" is its size).
+#: A "from" after a verb of change, up to three words between ("increased from", "has grown in size from"): "from 4 to 7
+#: mm" is a change there, whose size now is the second; elsewhere it is a range ("ranging in size from 3 to 6 mm",
+#: "measuring from 3 mm to 6 mm", "Several nodules, from 3 to 6 mm").
+_CHANGE_FROM = (r"\b(increas\w*|decreas\w*|grow\w*|grew|enlarg\w*|chang\w*|progress\w*|reduc\w*|regress\w*|shr[iau]nk\w*|"
+                r"diminish\w*|expand\w*|improv\w*|evolv\w*|went|gone|rose|risen|fell|fallen|dropped)\b"
+                r"(\s+\w+){0,3}?\s+from")
 _EARLIER_BEFORE = re.compile(r"(\b(previously|prior|formerly|earlier|was|were)(\s+(measuring|measured|about|"
-                             r"approximately|at|as|of))?|(?<!ranging )(?<!varying )\bfrom)\s*$", re.I)
+                             rf"approximately|at|as|of))?|{_CHANGE_FROM})\s*$", re.I)
 _EARLIER_AFTER = re.compile(r"\s*(previously|before|earlier|(on|in|at) the (prior|previous|earlier|last))\b", re.I)
-#: "from 4 to 7 mm" is a change, whose size now is the second.
-_FROM = re.compile(r"(?<!ranging )(?<!varying )\bfrom\s*$", re.I)
+_FROM = re.compile(rf"{_CHANGE_FROM}\s*$", re.I)
 
 
 def _earlier(text: str, m: re.Match) -> bool:
@@ -370,7 +375,7 @@ def size_mm(clause: str | Clause, pos: int) -> tuple[float, float] | None:
     if ranges:
         m = min(ranges, key=lambda r: abs(r.start() - pos))
         lo, hi = _mm(m.group(1), m.group(3)), _mm(m.group(2), m.group(3))
-        if _FROM.search(text, max(0, m.start() - 20), m.start()) and "to" in m.group(0).lower():
+        if _FROM.search(text, max(0, m.start() - 50), m.start()) and "to" in m.group(0).lower():
             return (hi, hi)
         return (min(lo, hi), max(lo, hi))
     if not dims:

@@ -1744,3 +1744,22 @@ def test_a_resolution_said_of_the_nearer_mention_only_still_keeps_the_first():
 def test_vessels_joined_by_a_hyphen_or_a_slash_share_their_calcium(text):
     labels = parse_report(text).labels
     assert (labels["Coronary artery wall calcification"], labels["Arterial wall calcification"]) == (1, 1)
+
+
+@pytest.mark.parametrize(("text", "label", "size"), [
+    # "from X to Y" is a range but after a verb of change
+    ("Nodules ranging in size from 3 to 6 mm.", NODULE, (3.0, 6.0)),
+    ("Several nodules range in size from 3 to 6 mm.", NODULE, (3.0, 6.0)),
+    ("Nodules ranging in diameter from 3 to 6 mm.", NODULE, (3.0, 6.0)),
+    ("Multiple nodules, which range from 3 to 6 mm.", NODULE, (3.0, 6.0)),
+    ("Multiple nodules measuring from 3 mm to 6 mm.", NODULE, (3.0, 6.0)),
+    ("Multiple nodules sized from 3 to 6 mm.", NODULE, (3.0, 6.0)),
+    ("Several nodules, from 3 to 6 mm.", NODULE, (3.0, 6.0)),
+    ("Several nodules (from 3 to 6 mm).", NODULE, (3.0, 6.0)),
+    ("Mediastinal lymph nodes ranging in size from 8 to 15 mm.", NODES, (8.0, 15.0)),
+    ("The nodule has increased in size from 4 to 7 mm.", NODULE, (7.0, 7.0)),
+    ("The nodule grew from 4 mm to 7 mm.", NODULE, (7.0, 7.0)),
+    ("The nodule decreased from 9 to 5 mm.", NODULE, (5.0, 5.0)),
+])
+def test_from_x_to_y_is_a_range_unless_a_verb_of_change_comes_first(text, label, size):
+    assert [(m.size_mm_min, m.size_mm_max) for m in parse_report(text).mentions if m.label == label] == [size]
