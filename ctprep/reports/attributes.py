@@ -297,6 +297,18 @@ def lobe(clause: str | Clause, pos: int) -> str | None:
     return side + ("U" if word.startswith(("upper", "superior")) else "L") + "L"
 
 
+def _lobe_sides(clause: Clause) -> str | None:
+    """The side of every lobe code in ``clause`` ("in the RUL": right; "in the RUL and LLL": bilateral)."""
+    sides = set()
+    for m in clause.hits("lobe"):
+        word = m.group(0).lower()
+        if word in {"rul", "rml", "rll", "lul", "lll"}:
+            sides.add(LOBE_SIDE[word.upper()])
+        elif word.startswith("lingul"):
+            sides.add("left")
+    return "bilateral" if len(sides) == 2 else sides.pop() if sides else None
+
+
 def organ(clause: str | Clause, pos: int) -> str | None:
     """The organ named nearest ``pos`` (on a tie the organ listed first in ``_ORGANS``)."""
     near = min(((abs(m.start() - pos), int(m.lastgroup[1:])) for m in _clause(clause).hits(_ORGAN_RE)), default=None)
@@ -431,7 +443,8 @@ def describe(label: str, clause: Clause, start: int, end: int, part: tuple[int, 
     where = location(label, scope, start - sa, place, start - pa, borrow)
     side = None
     if label in LATERAL:
-        side = laterality(place, start - pa) or LOBE_SIDE.get(where)
+        side = (laterality(place, start - pa) or _lobe_sides(place) or (borrow and _lobe_sides(scope))
+                or LOBE_SIDE.get(where))
         if side is None and borrow:
             side = laterality(scope, start - sa)
     return {"laterality": side, "location": where,

@@ -1763,3 +1763,15 @@ def test_vessels_joined_by_a_hyphen_or_a_slash_share_their_calcium(text):
 ])
 def test_from_x_to_y_is_a_range_unless_a_verb_of_change_comes_first(text, label, size):
     assert [(m.size_mm_min, m.size_mm_max) for m in parse_report(text).mentions if m.label == label] == [size]
+
+
+@pytest.mark.parametrize(("text", "label", "side"), [
+    # every lobe code of the phrase gives its side: both sides are bilateral
+    ("Nodules in the RUL and LLL.", NODULE, "bilateral"),
+    ("Atelectasis in the RLL and LLL.", "Atelectasis", "bilateral"),
+    ("Nodules in the RUL and RML.", NODULE, "right"),
+    ("Nodules in the LUL and lingula.", NODULE, "left"),
+    ("Nodule in the RUL with a left pleural effusion.", NODULE, "right"),
+])
+def test_every_lobe_code_gives_its_side(text, label, side):
+    assert [m.laterality for m in parse_report(text).mentions if m.label == label] == [side]
