@@ -161,8 +161,10 @@ RULES: tuple[Rule, ...] = (
                        r"\bwithin normal (size )?limits|\bnot (in )?(a )?patholog\w*|\bfatty hil\w*|\b(do|does|did) not reach|"
                        r"\bnot reaching|\b(below|under) (the )?patholog\w*|\bintra-?(parenchymal|pulmonary)|"
                        # a denied size: "non-enlarged", "not enlarged by CT size criteria", "do not meet size criteria"
-                       # (not a denied growth: "not further enlarged", "not enlarged compared with the prior scan")
-                       r"\bnon-?(enlarged|patholog\w*)\b|\bnot (?!further\b)(\w+ )?enlarged\b(?!,? (compared|since|"
+                       # (not a denied growth: "not further enlarged", "not enlarged compared with the prior scan"; and
+                       # not after a copula: "Lymph nodes are not enlarged" is a negated mention, said of the finding)
+                       r"\bnon-?(enlarged|patholog\w*)\b|(?<!\bis )(?<!\bare )(?<!\bwas )(?<!\bwere )(?<!\bbe )"
+                       r"\bnot (?!further\b)(\w+ )?enlarged\b(?!,? (compared|since|"
                        r"relative|than|from)\b)|\b(do|does|did) not meet\b|"
                        r"\bnot meeting\b|\bnone of (which|them|these) meets?\b",
          outside=r"\b(abdom\w*|intra-?abdominal|pelvi\w*|inguinal|iliac|mesenter\w*|meso|colon|perigastric|portal|"

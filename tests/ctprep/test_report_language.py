@@ -1775,3 +1775,19 @@ def test_from_x_to_y_is_a_range_unless_a_verb_of_change_comes_first(text, label,
 ])
 def test_every_lobe_code_gives_its_side(text, label, side):
     assert [m.laterality for m in parse_report(text).mentions if m.label == label] == [side]
+
+
+@pytest.mark.parametrize("text", [
+    # after a copula "not enlarged" denies the lymph nodes' finding: a negated mention, not no mention at all
+    "The hilar nodes are not enlarged.",
+    "Lymph nodes are not enlarged.",
+    "The mediastinal lymph nodes were not enlarged.",
+])
+def test_lymph_nodes_that_are_not_enlarged_are_a_negated_mention(text):
+    r = parse_report(text)
+    assert [m.status for m in r.mentions if m.label == NODES] == ["negated"]
+    assert r.labels[NODES] == 0
+
+
+def test_lymph_nodes_not_enlarged_by_size_criteria_without_a_copula_are_no_mention():
+    assert statuses("Mediastinal lymph nodes, not enlarged by CT criteria.", NODES) == []
