@@ -301,11 +301,10 @@ def _lobe_sides(clause: Clause) -> str | None:
     """The side of every lobe code in ``clause`` ("in the RUL": right; "in the RUL and LLL": bilateral)."""
     sides = set()
     for m in clause.hits("lobe"):
-        word = m.group(0).lower()
-        if word in {"rul", "rml", "rll", "lul", "lll"}:
-            sides.add(LOBE_SIDE[word.upper()])
-        elif word.startswith("lingul"):
-            sides.add("left")
+        word = m.group(0)
+        side = LOBE_SIDE.get(word.upper()) or ("left" if word.lower().startswith("lingul") else None)
+        if side:
+            sides.add(side)
     return "bilateral" if len(sides) == 2 else sides.pop() if sides else None
 
 
