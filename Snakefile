@@ -45,6 +45,7 @@ localrules:
     latent_flow_spec,
     rejects,
     cascade,
+    cascade_sampling,
     sample_prompts,
     tstr_prompts,
     slicenet_config,

@@ -62,7 +62,7 @@ if part == "demo":
                                        "max_length": models["text_encoder"]["max_length"]}
                 cfg = fit_text_dims(cfg)
             build_model(name, cfg).save_pretrained(f"{tmp}/{name}", seed=0)
-        write_cascade(tmp, config["presets"][config["prep"]["preset"]], models, sampling,
+        write_cascade(tmp, config["presets"][config["prep"]["preset"]], models,
                       text_tokenizer=f"{tmp}/report_tokenizer.json")
         pipe = TextToCTPipeline.from_pretrained(tmp)
         settings = SampleSettings(steps=sampling["steps"], guidance_scale=sampling["guidance_scale"],

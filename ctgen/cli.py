@@ -7,7 +7,7 @@ in :mod:`ctprep.errors`. ``CTGEN_DEBUG=1`` or ``--debug`` shows the traceback as
 Defaults: an option with a ``config.yaml`` counterpart has no default of its own here. It is
 required (``--vocab-size``, ``--hu-window``), or it comes from where the workflow recorded the
 config's value: the trained tokenizer's ``config.json`` (``--lowres-scale``) or the cascade's
-``cascade.json`` (``ctgen sample``'s settings). ``tests/test_cli.py`` checks this against
+``cascade_sampling.json`` (``ctgen sample``'s settings). ``tests/test_cli.py`` checks this against
 ``config.yaml``.
 """
 

@@ -258,7 +258,7 @@ def test_sampling_settings_come_from_the_cascade_and_show_progress(tiny_cascade,
     code, err = run("ctgen", ["sample", "--models", str(tiny_cascade), "--prompts", str(prompts), "--out-dir",
                               str(tmp_path / "out"), "--no-superres", "--steps", "2"], capsys)
     assert code == 0 and "sample: 100%" in err and "2/2" in err
-    cascade = json.loads((tiny_cascade / "cascade.json").read_text())["sampling"]
+    cascade = json.loads((tiny_cascade / "cascade_sampling.json").read_text())
     for i, side in enumerate(sorted((tmp_path / "out").glob("*.json"))):
         sidecar = json.loads(side.read_text())
         assert sidecar["settings"]["steps"] == 2  # given
@@ -390,7 +390,7 @@ def test_every_positional_and_option_has_help(monkeypatch):
 
 #: (parser, option) -> the config.yaml key it stands for. Such an option has no default of its own (None): it
 #: is required, or its value comes from the config file the command reads or from where the workflow recorded
-#: the config's value (the tokenizer's config.json, the cascade's cascade.json).
+#: the config's value (the tokenizer's config.json, the cascade's cascade_sampling.json).
 COUNTERPARTS = {
     ("ctgen fit-text-tokenizer", "--vocab-size"): "models.text_encoder.vocab_size",
     ("ctgen encode-tokens", "--lowres-scale"): "models.lowres_scale",

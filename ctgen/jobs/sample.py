@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline
+from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline, sampling_defaults
 from ctgen.export import dicom_from_nifti
 from ctgen.export.dicom import check_replaceable
 from ctgen.export.nifti import check_nifti_path, check_orientation
@@ -165,8 +165,8 @@ def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_
 
 
 def sample_parser():
-    """``ctgen sample``'s arguments. Settings left out come from the cascade's ``cascade.json`` (config.yaml's
-    ``sampling`` section when the workflow trained it), else from :class:`SampleSettings`."""
+    """``ctgen sample``'s arguments. Settings left out come from the cascade's ``cascade_sampling.json``
+    (config.yaml's ``sampling`` section when the workflow trained it), else from :class:`SampleSettings`."""
     import argparse
 
     from ctprep.errors import positive_int, seed_int
@@ -272,7 +272,7 @@ def sample_main(argv: list[str] | None = None) -> int:
 
         return sample_latent_main(args)
     spec = _cascade_spec(args.models)
-    defaults, base = spec.get("sampling") or {}, SampleSettings()
+    defaults, base = sampling_defaults(args.models, spec), SampleSettings()
     settings = SampleSettings(
         num_slices=args.num_slices, steps=_given(args.steps, defaults.get("steps", base.steps)),
         guidance_scale=_given(args.guidance_scale, defaults.get("guidance_scale", base.guidance_scale)),
@@ -364,7 +364,7 @@ def select_prompts(prompts_parquet: str | Path, column: str, split: str, volumes
     return out
 
 
-def write_cascade_spec(models_dir: str | Path, preset: dict, models_cfg: dict, sampling: dict, train_manifests: list[str],
+def write_cascade_spec(models_dir: str | Path, preset: dict, models_cfg: dict, train_manifests: list[str],
                        text_tokenizer: str | Path | None = None, prompts: dict | None = None) -> Path:
     """``cascade.json`` with the output spacing resolved (resize presets: the training volumes' median), after
     checking that the generator's token grids and super-resolution's reconstructions came from this tokenizer.
@@ -386,7 +386,7 @@ def write_cascade_spec(models_dir: str | Path, preset: dict, models_cfg: dict, s
                 raise ValueError(f"the {model} was trained on {key.split('_')[0]} of {made_by}, not of this tokenizer "
                                  f"({tokenizer}): re-run encode_tokens and the {model}'s training")
     prompts = prompts or {}
-    return write_cascade(models_dir, resolved_preset(preset, train_manifests), models_cfg, sampling,
+    return write_cascade(models_dir, resolved_preset(preset, train_manifests), models_cfg,
                          text_tokenizer=text_tokenizer, prompt_templates=prompts.get("templates"),
                          prompt_rendering=rendering(prompts))
 

@@ -1,12 +1,12 @@
 """Train on synthetic, test on real: the two training sets, as shards the one training loop streams.
 
 The workflow samples one volume for each of ``evaluation.tstr_reports`` *training* reports (never an
-evaluation report: the test scans' own reports must not reach the classifier). :func:`tstr_shards`
-writes those synthetic volumes, each with the labels of the report that produced it, and the real
-training scans of the very same reports (the train-on-real reference: same reports, same count),
-as two shard sets. The classifier recipe of ``model_presets.<preset>.classifier`` then trains on
-each for the same number of steps (``ctgen train classifier``), and ``ctgen evaluate`` tests both on
-the real evaluation scans. Memory: one volume at a time.
+evaluation report: the test scans' own reports must not reach the classifier).
+:func:`tstr_synthetic_shards` writes those synthetic volumes, each with the labels of the report that
+produced it, and :func:`tstr_real_shards` the real training scans of the very same reports (the
+train-on-real reference: same reports, same count), as two shard sets. The classifier recipe of
+``model_presets.<preset>.classifier`` then trains on each for the same number of steps (``ctgen train
+classifier``), and ``ctgen evaluate`` tests both on the real evaluation scans. Memory: one volume at a time.
 """
 
 from __future__ import annotations
@@ -35,23 +35,36 @@ def _real_samples(manifests: list[str], stems: list[str]) -> Iterator[dict]:
                "meta": {"tstr": "real"}, "labels": labels_of(raw)}
 
 
-def tstr_shards(samples_csv: str | Path, train_manifests: list[str], synthetic_dir: str | Path, real_dir: str | Path,
-                shard_size: int) -> tuple[Path, Path]:
-    """The synthetic and the real TSTR training sets as shards; returns their two manifests."""
-    samples = pd.read_csv(samples_csv, dtype={"prompt_id": str})
-    stems = [volume_key(s) for s in samples["prompt_id"]]
+def _tstr_stems(table_csv: str | Path, id_column: str, train_manifests: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of a TSTR table (the prompts, or the sampled volumes) whose reports are training volumes, with
+    their volume keys: both training sets leave out the same reports, so they keep the same size."""
+    table = pd.read_csv(table_csv, dtype={id_column: str})
+    stems = [volume_key(s) for s in table[id_column]]
     if len(set(stems)) != len(stems):
-        raise UserError(f"{samples_csv}: TSTR needs one synthetic volume per report (sample with --per-prompt 1), "
+        raise UserError(f"{table_csv}: TSTR needs one synthetic volume per report (sample with --per-prompt 1), "
                         "so that both training sets have the same size")
     known = {k for s in load_shards(train_manifests) for k in s.keys}
     missing = sorted(set(stems) - known)
     if len(missing) == len(stems):
-        raise UserError(f"{samples_csv}: none of its reports is a training volume of {train_manifests}: TSTR samples "
+        raise UserError(f"{table_csv}: none of its reports is a training volume of {train_manifests}: TSTR samples "
                         "from training reports only")
     if missing:  # e.g. a report whose scan was rejected in preparation: left out of both sets, named
         log.warning("left out of both TSTR training sets, not in the training shards: %s", missing)
         keep = [s not in missing for s in stems]
-        samples, stems = samples[keep], [s for s in stems if s not in missing]
+        table, stems = table[keep], [s for s in stems if s not in missing]
+    return table, stems
+
+
+def _write(name: str, samples: Iterator[dict], folder: str | Path, shard_size: int) -> Path:
+    manifest = write_shards(samples, folder, prefix=f"tstr-{name}", shard_size=shard_size, split="train")
+    log.info("TSTR %s training set: %d volumes", name, manifest["n_samples"])
+    return Path(folder) / f"tstr-{name}.manifest.json"
+
+
+def tstr_synthetic_shards(samples_csv: str | Path, train_manifests: list[str], out_dir: str | Path,
+                          shard_size: int) -> Path:
+    """The synthetic TSTR training set (the sampled volumes, each with its report's labels); returns its manifest."""
+    samples, stems = _tstr_stems(samples_csv, "prompt_id", train_manifests)
     labels = {s["key"]: s["labels"] for s in _real_samples_labels(train_manifests, stems)}
 
     def synthetic() -> Iterator[dict]:
@@ -60,13 +73,17 @@ def tstr_shards(samples_csv: str | Path, train_manifests: list[str], synthetic_d
             yield {"key": f"{stem}_s{int(row.seed)}", "volume": vol, "prompt": str(row.prompt), "prompts": {},
                    "meta": {"tstr": "synthetic", "report": stem, "seed": int(row.seed)}, "labels": labels[stem]}
 
-    out = []
-    for name, source, folder in (("synthetic", synthetic(), synthetic_dir), ("real", _real_samples(train_manifests, stems),
-                                                                            real_dir)):
-        manifest = write_shards(source, folder, prefix=f"tstr-{name}", shard_size=shard_size, split="train")
-        log.info("TSTR %s training set: %d volumes", name, manifest["n_samples"])
-        out.append(Path(folder) / f"tstr-{name}.manifest.json")
-    return out[0], out[1]
+    return _write("synthetic", synthetic(), out_dir, shard_size)
+
+
+def tstr_real_shards(prompts_csv: str | Path, train_manifests: list[str], out_dir: str | Path, shard_size: int) -> Path:
+    """The real TSTR training set: the training scans of the TSTR prompts' reports; returns its manifest.
+
+    Made from the prompts, not from the sampled volumes (a job of its own): an edit of the cascade samples the
+    synthetic set again but leaves this one, and the classifier trained on it, as they are.
+    """
+    _, stems = _tstr_stems(prompts_csv, "id", train_manifests)
+    return _write("real", _real_samples(train_manifests, stems), out_dir, shard_size)
 
 
 def _real_samples_labels(manifests: list[str], stems: list[str]) -> Iterator[dict]:

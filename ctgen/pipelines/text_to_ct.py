@@ -34,12 +34,40 @@ from ctprep.volume import Volume
 log = logging.getLogger(__name__)
 
 CASCADE = "cascade.json"
+#: config.yaml's ``sampling`` settings beside the weights: the defaults of ``ctgen sample`` by hand
+SAMPLING_DEFAULTS = "cascade_sampling.json"
 
 
-def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict, sampling: dict,
+def write_sampling_defaults(models_dir: str | Path, sampling: dict) -> Path:
+    """``cascade_sampling.json``: the sampling settings ``ctgen sample`` takes where its options leave them out.
+
+    A file of its own (the workflow's ``cascade_sampling`` rule), not a part of ``cascade.json``: an edit of the
+    default guidance scale rewrites this file alone, so the guidance sweep, which reads ``cascade.json`` and
+    samples at its own scales, is not sampled again.
+    """
+    from ctprep.volume import atomic_write
+
+    path = Path(models_dir) / SAMPLING_DEFAULTS
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(dict(sampling), indent=2, sort_keys=True) + "\n"))
+    return path
+
+
+def sampling_defaults(models_dir: str | Path, spec: dict) -> dict:
+    """The recorded sampling defaults of a cascade: ``cascade_sampling.json``, else the ``sampling`` section of a
+    ``cascade.json`` written before that file existed, else none."""
+    from ctprep.errors import read_json
+
+    path = Path(models_dir) / SAMPLING_DEFAULTS
+    if path.is_file():
+        return dict(read_json(path, "sampling defaults"))
+    return dict(spec.get("sampling") or {})
+
+
+def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict,
                   text_tokenizer: str | Path | None = None, prompt_templates: dict | None = None,
                   prompt_rendering: dict | None = None) -> Path:
-    """``cascade.json``: what sampling needs beside the weights (grid, text side, defaults, hashes).
+    """``cascade.json``: what sampling needs beside the weights (grid, text side, hashes; the defaults of
+    ``ctgen sample`` are :func:`write_sampling_defaults`'s).
 
     ``text_tokenizer``: the small trainable encoder's tokenizer JSON, copied beside the weights; for a frozen
     encoder (rebuilt from its local path at sampling) the cache of states the models were trained on, whose
@@ -63,7 +91,6 @@ def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict, s
         "prompt_template": models_cfg["prompt"],
         "prompt_template_text": (prompt_templates or {}).get(models_cfg["prompt"]),
         "prompt_rendering": dict(prompt_rendering or rendering({})),
-        "sampling": dict(sampling),
         "weights": spec_weights(models_dir, [m for m in ("tokenizer", "generator", "superres")
                                              if (models_dir / m / "model.safetensors").is_file()], [text]),
         "provenance": provenance(),

@@ -52,7 +52,7 @@ def tiny_cascade(cohort, tmp_path_factory):
     from ctgen.jobs.text import fit_text_tokenizer
     from ctgen.jobs.tokens import encode_tokens
     from ctgen.jobs.train import run_training
-    from ctgen.pipelines.text_to_ct import write_cascade
+    from ctgen.pipelines.text_to_ct import write_cascade, write_sampling_defaults
 
     out = tmp_path_factory.mktemp("cascade")
     models = out / "models"
@@ -71,7 +71,7 @@ def tiny_cascade(cohort, tmp_path_factory):
     preset = {"spacing": [2.0, 2.0, 5.0], "shape": [16, 16, 8], "clip": [-1000, 1000]}
     models_cfg = {"lowres_scale": 2, "prompt": "generatect",
                   "text_encoder": {"kind": "small", "path": None, "max_length": TEXT["max_length"]}}
-    write_cascade(models, preset, models_cfg, {"steps": 3, "guidance_scale": 2.0, "temperature": 1.0},
-                  text_tokenizer=out / "text.json",
+    write_cascade(models, preset, models_cfg, text_tokenizer=out / "text.json",
                   prompt_templates={"generatect": "{age} years old {sex}: {impression}"})
+    write_sampling_defaults(models, {"steps": 3, "guidance_scale": 2.0, "temperature": 1.0})
     return models

@@ -24,7 +24,7 @@ from ctgen.jobs.eval_config import EvalConfig, scoring_settings
 from ctgen.jobs.guidance import ScaleResult, combine_scales, guidance_scale, guidance_sweep
 from ctgen.jobs.sample import sample_to_files
 from ctgen.jobs.train import run_training
-from ctgen.jobs.tstr import tstr_shards
+from ctgen.jobs.tstr import tstr_real_shards, tstr_synthetic_shards
 from ctgen.pipelines.text_to_ct import SampleSettings
 from ctprep.ctrate import LABELS
 from ctprep.errors import UserError
@@ -193,8 +193,11 @@ def test_sampled_volumes_and_train_on_synthetic(models, tmp_path):
     prompts = pd.read_parquet(cohort["prompts"])
     pairs = [(n.split(".nii")[0], p) for n, p in zip(prompts["VolumeName"], prompts["generatect"])][:4]
     sample_to_files(models["cascade"], pairs, tmp_path / "samples", SampleSettings(steps=2, guidance_scale=2.0), seed=0)
-    synth, real = tstr_shards(tmp_path / "samples" / "samples.csv", [cohort["manifest"]], tmp_path / "syn",
-                              tmp_path / "real", shard_size=2)
+    synth = tstr_synthetic_shards(tmp_path / "samples" / "samples.csv", [cohort["manifest"]], tmp_path / "syn", 2)
+    # the real set from the prompts alone (no sampled volume), in another order: the same reports
+    pd.DataFrame({"id": [p for p, _ in pairs][::-1], "prompt": [t for _, t in pairs][::-1]}).to_csv(
+        tmp_path / "prompts.csv", index=False)
+    real = tstr_real_shards(tmp_path / "prompts.csv", [cohort["manifest"]], tmp_path / "real", 2)
     keys = lambda m: sorted(k for s in json.loads(m.read_text())["shards"] for k in s["keys"])  # noqa: E731
     assert [k.rsplit("_s", 1)[0] for k in keys(synth)] == keys(real) == [p for p, _ in pairs]  # same reports, same size
     for name, manifest in (("syn", synth), ("real", real)):

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from ctgen.cli import main as ctgen_main
-from ctgen.pipelines.text_to_ct import SampleSettings, TextToCTPipeline
+from ctgen.pipelines.text_to_ct import SampleSettings, TextToCTPipeline, sampling_defaults, write_sampling_defaults
 
 PROMPT = "63 years old male: Right pleural effusion."
 
@@ -250,12 +250,12 @@ def test_the_cascade_refuses_a_generator_trained_on_another_tokenizers_tokens(ti
     models_cfg = {"lowres_scale": 2, "prompt": "generatect",
                   "text_encoder": {"kind": "small", "path": None, "max_length": 32}}
     text = shutil.copyfile(models / "text_tokenizer.json", tmp_path / "text.json")
-    write_cascade_spec(models, preset, models_cfg, {}, [cohort["manifest"]], text_tokenizer=text)
+    write_cascade_spec(models, preset, models_cfg, [cohort["manifest"]], text_tokenizer=text)
     config = json.loads((models / "generator" / "config.json").read_text())
     config["provenance"]["tokens_from"] = "tokenizer@0123456789abcdef"  # tokens of an earlier tokenizer
     (models / "generator" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="generator was trained on tokens of tokenizer@0123456789abcdef"):
-        write_cascade_spec(models, preset, models_cfg, {}, [cohort["manifest"]], text_tokenizer=text)
+        write_cascade_spec(models, preset, models_cfg, [cohort["manifest"]], text_tokenizer=text)
 
 
 def test_sampling_settings_out_of_range_are_refused():
@@ -502,3 +502,13 @@ def test_options_of_another_mode_are_refused_not_ignored(tmp_path, capsys):
             ctgen_main(argv)
         assert exit_.value.code == 2 and why in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_sampling_defaults_come_from_their_own_file_or_an_older_spec(tmp_path):
+    """`ctgen sample`'s defaults: cascade_sampling.json (the workflow's cascade_sampling rule), else the `sampling`
+    section that cascade.json held before that file existed (a models folder trained by an earlier version)."""
+    older = {"grid": {}, "sampling": {"steps": 4, "guidance_scale": 2.0}}
+    assert sampling_defaults(tmp_path, older) == {"steps": 4, "guidance_scale": 2.0}
+    assert sampling_defaults(tmp_path, {"grid": {}}) == {}
+    write_sampling_defaults(tmp_path, {"steps": 6, "guidance_scale": 3.0, "seed": 7})
+    assert sampling_defaults(tmp_path, older) == {"steps": 6, "guidance_scale": 3.0, "seed": 7}

@@ -82,6 +82,7 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         "sr": {"model_presets": {"demo": {"superres": {"train": {"lr": 5e-4}}}}},
         "clip": {"model_presets": {"demo": {"clip": {"train": {"lr": 5e-4}}}}},
         "steps": {"sampling": {"steps": 3}},
+        "guidance": {"sampling": {"guidance_scale": 3.0}},
         "flow_steps": {"sampling": {"latent_flow": {"guidance_scale": 3.0}}},
         "eval": {"evaluation": {"hu_tolerance": 30.0}},
         "bootstrap": {"evaluation": {"bootstrap": 500, "faithfulness_labels": ["Cardiomegaly", "Pleural effusion"]}},
@@ -103,12 +104,13 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     def plan_of(name):
         work = tmp_path / name
         shutil.copytree(demo_run, work, symlinks=True)
-        return name, set(planned_rules(work, edits[name]))
+        return name, planned_rules(work, edits[name])
 
     # two dry runs at a time: each is a snakemake process of ~4 s on one core, and this test runs in the
     # suite's last minutes, where the other workers have finished
     with ThreadPoolExecutor(2) as pool:
-        plan = dict(pool.map(plan_of, edits))
+        jobs = dict(pool.map(plan_of, edits))  # rule -> planned jobs
+    plan = {name: set(rules) for name, rules in jobs.items()}
 
     assert plan["none"] == set()  # a finished run has nothing to do
     # what reads the samples or the models: each family's evaluation, their comparison, the report
@@ -137,8 +139,14 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     assert plan["gen"] == {"train_config", "train_generator"} | sampling
     assert plan["sr"] == {"train_config", "train_superres"} | sampling
     assert plan["clip"] == {"train_config", "train_clip"} | scoring
-    # sampling settings: the samples and their scores; evaluation settings: the scores; figures: the figures
-    assert plan["steps"] == sampling
+    # sampling settings: the samples and their scores (the spec of the models stays); evaluation settings: the
+    # scores; figures: the figures
+    assert plan["steps"] == sampling - {"cascade"} | {"cascade_sampling"}
+    # the default guidance scale: not the guidance sweep, which samples at its own scales
+    assert plan["guidance"] == plan["steps"] - {"guidance_scale", "guidance_sweep"}
+    # the synthetic TSTR set is sampled again and its classifier retrained; the real one of the same reports is not
+    assert jobs["steps"]["tstr_shards"] == jobs["steps"]["train_tstr"] == 1
+    assert jobs["tstr"]["tstr_shards"] == jobs["tstr"]["train_tstr"] == 2  # other reports: both sets
     assert plan["flow_steps"] == latent_sampling  # the latent flow family's sampling: that family's samples alone
     # a scoring setting scores the guidance sweep again without sampling it again; the slices its 2D FID takes are
     # read from the sampled volumes

@@ -545,6 +545,13 @@ def get_eval_settings(wildcards):
     return shlex.quote(json.dumps(EVAL_SETTINGS, sort_keys=True))
 
 
+def get_tstr_table(wildcards):
+    """What a TSTR training set is made from: the sampled volumes (synthetic), or the prompts (real)."""
+    if wildcards.source == "synthetic":
+        return rules.sample_tstr.output.manifest
+    return rules.tstr_prompts.output.csv
+
+
 def get_tstr_weights(wildcards):
     """The two TSTR classifiers (trained on synthetic, trained on real) when evaluation.tstr is on; they train
     on the cascade's samples, so they are scored in the cascade's evaluation."""
@@ -651,6 +658,7 @@ def get_every_job():
             expand(rules.encode_tokens.output.tokens, split=train, chunk=CHUNKS),
             get_train_tokens(None),
             rules.cascade.output.spec,
+            rules.cascade_sampling.output.json,
             expand(rules.guidance_scale.output.json, scale=GUIDANCE_SCALES),
         ]
         if EVALUATION["tstr"]:
@@ -658,7 +666,7 @@ def get_every_job():
                 expand(rules.train_config.output.config, model="tstr"),
                 rules.tstr_prompts.output.csv,
                 rules.sample_tstr.output.manifest,
-                rules.tstr_shards.output.synthetic,
+                expand(rules.tstr_shards.output.manifest, source=["synthetic", "real"]),
                 expand(rules.train_tstr.output.weights, source=["synthetic", "real"]),
             ]
     if LATENT:

@@ -50,17 +50,20 @@ rule train_slicenet:
         " --data-workers {params.workers} --run-settings {params.run} > {log} 2>&1"
 
 
+# the synthetic set from the sampled volumes, the real one from the prompts: an edit of the cascade samples the
+# synthetic set again and leaves the real one, and the classifier trained on it, as they are
 rule tstr_shards:
     input:
-        samples=rules.sample_tstr.output.manifest,
+        table=get_tstr_table,
         manifests=get_train_manifests,
     output:
-        synthetic=f"{R}/tstr/synthetic/tstr-synthetic.manifest.json",
-        real=f"{R}/tstr/real/tstr-real.manifest.json",
+        manifest=f"{R}/tstr/{{source}}/tstr-{{source}}.manifest.json",
     log:
-        f"{R}/logs/tstr_shards.log",
+        f"{R}/logs/tstr_shards/{{source}}.log",
     benchmark:
-        f"{R}/benchmarks/tstr_shards.tsv"
+        f"{R}/benchmarks/tstr_shards/{{source}}.tsv"
+    wildcard_constraints:
+        source="synthetic|real",
     conda:
         "../../envs/train.yaml"
     threads: 1
@@ -77,7 +80,7 @@ rule tstr_shards:
 rule train_tstr:
     input:
         config=expand(rules.train_config.output.config, model="tstr"),
-        manifests=lambda wc: getattr(rules.tstr_shards.output, wc.source),
+        manifests=rules.tstr_shards.output.manifest,
     output:
         weights=f"{R}/models/tstr_{{source}}/model.safetensors",
         config=f"{R}/models/tstr_{{source}}/config.json",
@@ -198,7 +201,8 @@ rule guidance_scale:
     params:
         code=script_digest("guidance_scale.py"),
         repeats=config["evaluation"]["guidance_repeats"],
-        sampling=SAMPLER,
+        # the sampler but its default scale: each job samples at its own (cascade_sampling records the default)
+        sampling=canonical({k: v for k, v in SAMPLER.items() if k != "guidance_scale"}),
         sr_batch=SR_BATCH,
         # what the sampled volumes' features depend on; the scores' settings are guidance_sweep's
         features={"slices_per_volume": EVAL_SETTINGS.get("slices_per_volume")},

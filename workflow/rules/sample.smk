@@ -21,11 +21,32 @@ rule cascade:
         code=script_digest("cascade.py"),
         preset=PRESET,
         models=CASCADE_SETTINGS,
-        sampling=SAMPLER,
-        sr_batch=SR_BATCH,  # the spec's default for `ctgen sample` by hand, as of when it is written
         prompts=config["prompts"],
     script:
         "../scripts/cascade.py"
+
+
+# config.yaml's sampling settings beside the cascade, for `ctgen sample` by hand: a file of their own, so that an
+# edit of the default guidance scale does not rewrite cascade.json and sample the guidance sweep again
+rule cascade_sampling:
+    output:
+        json=f"{R}/models/cascade_sampling.json",
+    log:
+        f"{R}/logs/cascade_sampling.log",
+    benchmark:
+        f"{R}/benchmarks/cascade_sampling.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        code=script_digest("cascade_sampling.py"),
+        sampling=canonical({**SAMPLER, "per_prompt": SAMPLING["per_prompt"]}),
+        sr_batch=SR_BATCH,  # recorded as of when the file is written
+    script:
+        "../scripts/cascade_sampling.py"
 
 
 rule sample_prompts:

@@ -1,4 +1,4 @@
-"""Rule cascade: cascade.json beside the trained models (grid, text side, sampling defaults, hashes)."""
+"""Rule cascade: cascade.json beside the trained models (grid, text side, hashes)."""
 from ctprep.logs import log_to
 
 log_to(snakemake.log[0])
@@ -8,7 +8,6 @@ write_cascade_spec(
     snakemake.output.spec.rsplit("/", 1)[0],
     snakemake.params.preset,
     snakemake.params.models,
-    {**snakemake.params.sampling, "batch_size": snakemake.params.sr_batch},
     list(snakemake.input.manifests),
     text_tokenizer=snakemake.input.text,
     prompts=snakemake.params.prompts,
