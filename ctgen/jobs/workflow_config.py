@@ -69,6 +69,19 @@ def check_local_files(config: dict) -> None:
             raise ValueError(f"{key}: {path} does not exist (local files only: nothing is downloaded)")
 
 
+def local_files(path: str | None) -> list[str]:
+    """The files of a local weights path (the file, or every file under the folder but hidden ones), as a job's
+    inputs: weights replaced at the same path rerun the jobs that load them (the path in their params is the same).
+    """
+    if not path:
+        return []
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        return [str(root)]
+    return sorted(str(f) for f in root.rglob("*")
+                  if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts))
+
+
 def check_splits(config: dict) -> None:
     """Every split a stage reads is one the cohort takes (Snakemake's missing-input listing said it in 25 lines);
     ValueError naming the key."""

@@ -243,3 +243,18 @@ def test_settings_repr_ignores_key_order_and_jobs_get_plain_dicts():
     assert number_hint("2e-3", "number") == " (YAML reads 2e-3 as text: write 0.002)"
     assert number_hint("2", ["integer"]) == " (write 2, without quotes)"
     assert number_hint("2.5", "integer") == "" and number_hint("two", "number") == "" and number_hint("2", None) == ""
+
+
+def test_local_weights_are_inputs_file_by_file(tmp_path):
+    """A weights file, or every file of a weights folder (a Hugging Face encoder: config, tokenizer, weights) but
+    hidden ones (a .git or .cache folder), so that one replaced in place reruns the jobs that load it."""
+    from ctgen.jobs.workflow_config import local_files
+
+    folder = tmp_path / "cxr-bert"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".cache").mkdir()
+    for name in ("config.json", "model.safetensors", "sub/vocab.txt", ".cache/lock", ".hidden"):
+        (folder / name).write_text("x")
+    assert local_files(str(folder)) == [str(folder / n) for n in ("config.json", "model.safetensors", "sub/vocab.txt")]
+    assert local_files(str(folder / "model.safetensors")) == [str(folder / "model.safetensors")]
+    assert local_files(None) == [] and local_files("") == []

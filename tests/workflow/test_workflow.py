@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -162,6 +163,22 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     assert plan["dicom"] == {"sample", "sample_latent_flow"} | scoring_families
     assert plan["cascade_only_key"] & latent_sampling - scoring_families == set()  # the latent family is not resampled
     assert {"train_superres", "sample"} <= plan["cascade_only_key"]
+
+
+def test_weights_replaced_at_the_same_path_rerun_what_loads_them(demo_run, tmp_path):
+    """A local weights file named in config.yaml is an input of the jobs that load it: replaced in place (the same
+    path, so the same params), it reruns them by its date; the MAISI checkpoint and frozen encoders' folders the same
+    way (ctgen.jobs.workflow_config.local_files)."""
+    work = tmp_path / "work"
+    shutil.copytree(demo_run, work, symlinks=True)
+    weights = tmp_path / "pt_inception-2015-12-05.pth"
+    weights.write_bytes(b"old")
+    os.utime(weights, (946684800, 946684800))  # 2000-01-01: older than the results
+    mtime = ("--rerun-triggers", "mtime")  # dates alone: the path's first appearance in the params is not the point
+    assert planned_rules(work, {"evaluation": {"inception_weights": str(weights)}}, *mtime) == {}
+    weights.write_bytes(b"new")
+    assert set(planned_rules(work, None, *mtime)) == \
+        {"evaluate", "compare_families", "figures", "metric_tables", "all"}
 
 
 def test_a_fresh_checkout_reruns_nothing_and_a_script_edit_its_rule(demo_run, tmp_path):

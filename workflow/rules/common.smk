@@ -19,6 +19,7 @@ from ctgen.jobs.workflow_config import (
     canonical,
     check_local_files,
     check_splits,
+    local_files,
     number_hint,
 )
 from ctgen.training.loop import RUN_ONLY
@@ -432,6 +433,28 @@ def encoder_json(enc):
     return json.dumps(enc, sort_keys=True)
 
 
+def encoder_files(enc):
+    """A frozen encoder's local files (kind hf, or a report encoder an earlier run trained), as inputs."""
+    return (
+        local_files(enc.get("path")) if enc["kind"] in ("hf", "report_encoder") else []
+    )
+
+
+def get_encoder_files(wildcards):
+    """models.text_encoder's local files, for embed_prompts."""
+    return encoder_files(MODELS["text_encoder"])
+
+
+def get_section_encoder_files(wildcards):
+    """The local files of the latent flow family's encoder number `encoder`, for embed_sections."""
+    return encoder_files(FLOW_TEXT_ENCODERS[int(wildcards.encoder)])
+
+
+def get_maisi_checkpoint(wildcards):
+    """NVIDIA's MAISI autoencoder weights where the preset loads them instead of training (else none)."""
+    return local_files((MODEL_PRESET.get("autoencoder") or {}).get("maisi_checkpoint"))
+
+
 def get_encoder_config(wildcards):
     """models.text_encoder for embed_prompts."""
     return encoder_json(MODELS["text_encoder"])
@@ -538,6 +561,11 @@ def get_slicenet_config():
     cfg = json.loads(json.dumps({k: SLICENET[k] for k in ("model", "train")}))
     cfg["data"] = {"hu_window": PRESET["clip"], **SLICENET.get("data", {})}
     return canonical(cfg)
+
+
+def get_inception_weights(wildcards):
+    """evaluation.inception_weights (a second 2D FID space), where given."""
+    return local_files(EVALUATION.get("inception_weights"))
 
 
 def get_eval_settings(wildcards):

@@ -119,6 +119,7 @@ rule evaluate:
         classifier=rules.train_classifier.output.weights,
         slicenet=rules.train_slicenet.output.weights,
         tstr=get_tstr_weights,
+        inception=get_inception_weights,
     output:
         metrics=f"{R}/evaluation/{{family}}/metrics.json",
         per_volume=f"{R}/evaluation/{{family}}/per_volume.csv",

@@ -2,6 +2,7 @@ rule train_autoencoder:
     input:
         config=expand(rules.train_config.output.config, model="autoencoder"),
         manifests=get_train_manifests,
+        pretrained=get_maisi_checkpoint,
     output:
         weights=f"{R}/models/autoencoder/model.safetensors",
         config=f"{R}/models/autoencoder/config.json",
@@ -83,6 +84,7 @@ rule embed_sections:
         cohort=rules.cohort.output.table,
         prompts=rules.prompts.output.table,
         encoder=get_report_encoder,
+        pretrained=get_section_encoder_files,
     output:
         cache=f"{R}/text/sections/{{encoder}}.safetensors",
     log:

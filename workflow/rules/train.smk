@@ -27,6 +27,7 @@ rule embed_prompts:
     input:
         prompts=rules.prompts.output.table,
         encoder=get_report_encoder,
+        pretrained=get_encoder_files,
     output:
         cache=f"{R}/text/prompts.safetensors",
     log:
