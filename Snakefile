@@ -41,6 +41,7 @@ localrules:
     train_config,
     shard_manifest,
     tokens_manifest,
+    recon_manifest,
     latents_manifest,
     latent_flow_spec,
     rejects,

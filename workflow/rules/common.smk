@@ -408,8 +408,12 @@ def get_launcher(wildcards, threads, resources):
 
 def get_superres_recon(wildcards):
     """Tokenizer reconstructions as low-res inputs (as GenerateCT), or none: downsampled slices."""
-    if MODELS["superres_lowres"] == "reconstruction":
-        return get_train_tokens(wildcards)
+    if (
+        MODELS["superres_lowres"] == "reconstruction"
+    ):  # their own shard set (rule encode_recon)
+        return expand(
+            rules.recon_manifest.output.manifest, split=MODELS["train_splits"]
+        )
     return []
 
 
@@ -685,6 +689,12 @@ def get_every_job():
         targets += [
             expand(rules.encode_tokens.output.tokens, split=train, chunk=CHUNKS),
             get_train_tokens(None),
+            get_superres_recon(None),
+            (
+                expand(rules.encode_recon.output.recon, split=train, chunk=CHUNKS)
+                if MODELS["superres_lowres"] == "reconstruction"
+                else []
+            ),
             rules.cascade.output.spec,
             rules.cascade_sampling.output.json,
             expand(rules.guidance_scale.output.json, scale=GUIDANCE_SCALES),

@@ -159,14 +159,9 @@ rule encode_tokens:
         manifest=get_chunk_manifest,
         scale=config["models"]["lowres_scale"],
         window=PRESET["clip"],
-        recon=(
-            "--recon"
-            if config["models"]["superres_lowres"] == "reconstruction"
-            else ""
-        ),
     shell:
         "ctgen encode-tokens --tokenizer {params.tokenizer} --manifest {params.manifest}"
-        " --out {output.tokens} --lowres-scale {params.scale} {params.recon}"
+        " --out {output.tokens} --lowres-scale {params.scale}"
         " --hu-window {params.window[0]} {params.window[1]} > {log} 2>&1"
 
 
@@ -182,6 +177,58 @@ rule tokens_manifest:
     benchmark:
         f"{R}/benchmarks/encode_tokens/{{split}}-manifest.tsv"
     priority: LONGEST_CHAIN
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        code=script_digest("derived_manifest.py"),
+        kind="tokens",
+    script:
+        "../scripts/derived_manifest.py"
+
+
+# the tokenizer's reconstructions, super-resolution's low-res inputs where models.superres_lowres is
+# "reconstruction" (as GenerateCT): token shards with recon.npy, in a set of their own, so that switching the
+# setting retrains super-resolution alone, not the generator (its token shards stay as they are)
+rule encode_recon:
+    input:
+        weights=rules.train_tokenizer.output.weights,
+        shards=rules.shards.output.shards,
+    output:
+        recon=directory(f"{R}/recon/{{split}}/c{{chunk}}"),
+    log:
+        f"{R}/logs/encode_recon/{{split}}-{{chunk}}.log",
+    benchmark:
+        f"{R}/benchmarks/encode_recon/{{split}}-{{chunk}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: RES["tokenizer"]["threads"]  # the tokenizer's job, on its resources
+    resources:
+        mem_mb=8000,
+        runtime=grows_with_attempt(120, 2),
+    params:
+        tokenizer=lambda wc, input: os.path.dirname(input.weights),
+        manifest=get_chunk_manifest,
+        scale=config["models"]["lowres_scale"],
+        window=PRESET["clip"],
+    shell:
+        "ctgen encode-tokens --tokenizer {params.tokenizer} --manifest {params.manifest}"
+        " --out {output.recon} --lowres-scale {params.scale} --recon"
+        " --hu-window {params.window[0]} {params.window[1]} > {log} 2>&1"
+
+
+rule recon_manifest:
+    input:
+        chunks=expand(rules.encode_recon.output.recon, chunk=CHUNKS, allow_missing=True),
+    output:
+        manifest=f"{R}/recon/{{split}}/manifest.json",
+    log:
+        f"{R}/logs/encode_recon/{{split}}-manifest.log",
+    benchmark:
+        f"{R}/benchmarks/encode_recon/{{split}}-manifest.tsv"
     conda:
         "../../envs/train.yaml"
     threads: 1
