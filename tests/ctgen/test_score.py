@@ -177,8 +177,33 @@ def test_the_guard_counts_reports_where_a_report_prompted_several_volumes():
     assert card.extra["n_positive"] == 5 and card.extra["n_positive_units"] == 1
     effusion = out["f.Pleural effusion"]
     assert effusion.value is not None and effusion.extra["n_positive_units"] == 5
-    assert "only 8 reports" in effusion.flag and effusion.n == 40
+    assert "only 3 negative reports" in effusion.flag and effusion.n == 40  # the smaller class: 3 of 8 reports
     assert out["f.macro"].extra["labels"] == ["Pleural effusion"] and "only 8 reports" in out["f.macro"].flag
+
+
+def test_a_label_with_few_units_of_one_class_is_flagged_however_many_volumes():
+    """6 positives among 200 volumes: the label's CI rests on the 6 (it undercovers), so it is flagged with their
+    count (patients where the bootstrap resamples patients), in TSTR too; the macro, over 200, is not."""
+    rng = np.random.default_rng(0)
+    y = np.zeros((200, 3))
+    y[:6, 0] = 1.0  # Cardiomegaly: 6 positives
+    y[:100, 1] = 1.0  # Pleural effusion: balanced
+    y[:, 2] = np.nan
+    p = y + rng.normal(0, 1, y.shape)
+    kw = {"min_positives": 5, "min_negatives": 5, "n_boot": 200}
+    out = {m.name: m for m in label_aurocs(p, y, NAMES, name="f", **kw)}
+    assert out["f.Cardiomegaly"].value is not None and out["f.Cardiomegaly"].flag.startswith("only 6 positive volumes")
+    assert out["f.Pleural effusion"].flag is None and out["f.macro"].flag is None
+    patients = [f"valid_{i}_a_{r}" for i in range(100) for r in (1, 2)]  # 2 reconstructions each: alike
+    twice = [np.repeat(x[:100], 2, axis=0) for x in (p, y)]
+    twice[1][:, 0] = 0.0
+    twice[1][:12, 0] = 1.0  # 12 positive volumes, 6 positive patients
+    grouped = {m.name: m for m in label_aurocs(*twice, NAMES, name="f", groups=patients, **kw)}
+    assert grouped["f.Cardiomegaly"].flag.startswith("only 6 positive patients")
+    tstr = {m.name: m for m in tstr_metrics(p + 0.5, p, y, NAMES, profiles=("s", "r"), **kw)}
+    for name in ("tstr.gap.Cardiomegaly", "tstr.real.Cardiomegaly", "tstr.synthetic.Cardiomegaly"):
+        assert tstr[name].flag.startswith("only 6 positive volumes"), name
+    assert tstr["tstr.gap.Pleural effusion"].flag is None and tstr["tstr.gap.macro"].flag is None
 
 
 def test_a_macro_resample_that_loses_a_labels_class_is_dropped_not_averaged_over_fewer_labels():
