@@ -30,7 +30,8 @@ import pandas as pd
 from ctgen.jobs.eval_config import EvalConfig
 from ctgen.metrics.faithfulness import auroc
 from ctgen.metrics.permutation import paired_permutation_test, paired_swap_test
-from ctgen.metrics.summary import MetricValue, bootstrap_ci, report_groups, stems_hash, thin
+from ctgen.jobs.score import ONE_CLASS
+from ctgen.metrics.summary import MetricValue, bootstrap_ci, dropped_flag, join_flags, report_groups, stems_hash, thin
 from ctprep.errors import UserError, describe
 from ctprep.volume import atomic_write
 
@@ -94,12 +95,12 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
     repeated = units is not None
     base.update(clusters)
 
-    def record(metric: str, d_value, ci, n, test, own_a, own_b, left_out, extra=None) -> None:
+    def record(metric: str, d_value, ci, n, test, own_a, own_b, left_out, extra=None, flag=None) -> None:
         ok = d_value is not None and math.isfinite(d_value)
         # the CI resamples units where one has several pairs: that is the count that must be large enough
         few = thin(base["n_resampled"], base["resampled"]) if repeated else thin(n, "pairs")
         out.append(MetricValue(f"{prefix}.{metric}", float(d_value) if ok else None, n, ci, profile, stems,
-                               few if ok else "not defined on these pairs",
+                               join_flags(few, flag) if ok else "not defined on these pairs",
                                {**base, "value_a": own_a, "value_b": own_b, "p_value": test.get("p_value"),
                                 "exact": test.get("exact"), "n_left_out": left_out, **(extra or {})}))
 
@@ -143,7 +144,7 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
                                 n_permutations=min(n_permutations, 2_000), seed=seed, groups=units)
         record("faithfulness.macro_auroc_diff", diff(both), ci, n, test, _macro_auroc(pa, y), _macro_auroc(pb, y), 0,
                {"labels": list(shared), "labels_one_class": one_class, "dropped_resamples": dropped,
-                "dropped_permutations": test.get("dropped")})
+                "dropped_permutations": test.get("dropped")}, dropped_flag(ci, dropped, ONE_CLASS))
         ga, gb = agreement(pa, y), agreement(pb, y)
         ok = ~(np.isnan(ga) | np.isnan(gb))
         if ok.any():

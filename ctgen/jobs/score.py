@@ -25,9 +25,11 @@ import numpy as np
 
 from ctgen.metrics.faithfulness import auroc
 from ctgen.metrics.hu import TISSUES
-from ctgen.metrics.summary import MetricValue, bootstrap_ci, mean_with_ci, report_groups, thin
+from ctgen.metrics.summary import (MetricValue, bootstrap_ci, dropped_flag, join_flags, mean_with_ci, report_groups,
+                                   thin)
 
 MACRO = "macro"
+ONE_CLASS = "held one class of a label"  # why a resample of an AUROC is dropped
 
 
 def _auroc_or_nan(s: np.ndarray, y: np.ndarray) -> float:
@@ -76,7 +78,8 @@ def label_aurocs(probs, labels, names: Sequence[str], *, name: str, min_positive
         ci, dropped = bootstrap_ci(lambda idx: _auroc_or_nan(s[idx][known[idx]], y[idx][known[idx]]), len(y),
                                    n_boot=n_boot, seed=seed, groups=groups)
         out.append(MetricValue(f"{name}.{label}", auroc(s, y), int(known.sum()), ci, profile, stems,
-                               smaller_class(units_pos, units_neg, what),
+                               join_flags(smaller_class(units_pos, units_neg, what),
+                                          dropped_flag(ci, dropped, ONE_CLASS)),
                                {**extra, **clusters, "dropped_resamples": dropped}))
     out.append(_macro(probs, labels, usable, names, name, profile, stems, n_boot, seed, groups, clusters))
     return out
@@ -106,7 +109,8 @@ def _macro(probs, labels, usable: list[int], names, name, profile, stems, n_boot
     clusters = clusters or {}
     ci, dropped = bootstrap_ci(stat, len(probs), n_boot=n_boot, seed=seed, groups=groups)
     units, what = (len(probs), "volumes") if groups is None else (clusters["n_resampled"], clusters["resampled"])
-    return MetricValue(f"{name}.{MACRO}", value, len(probs), ci, profile, stems, thin(units, what),
+    return MetricValue(f"{name}.{MACRO}", value, len(probs), ci, profile, stems,
+                       join_flags(thin(units, what), dropped_flag(ci, dropped, ONE_CLASS)),
                        {"labels": [names[j] for j in usable], **clusters, "dropped_resamples": dropped})
 
 
@@ -145,7 +149,8 @@ def tstr_metrics(probs_synthetic, probs_real, labels, names: Sequence[str], *, m
         else:
             few = thin(a.n) if units is None else thin(clusters["n_resampled"], clusters["resampled"])
         gaps.append(MetricValue(f"tstr.gap.{label}", a.value - b.value, a.n, ci, f"{profiles[1]} - {profiles[0]}",
-                                stems, few, {**clusters, "dropped_resamples": dropped}))
+                                stems, join_flags(few, dropped_flag(ci, dropped, ONE_CLASS)),
+                                {**clusters, "dropped_resamples": dropped}))
     for m in (*synth, *real, *gaps):
         m.extra.update(extra)
     return [*synth, *real, *gaps]

@@ -19,6 +19,9 @@ from ctprep.ctrate import parse_volume_name
 from ctprep.stats import CONFIDENCE, N_BOOTSTRAP, bootstrap_ci, percentile_ci  # noqa: F401 (one bootstrap for both)
 
 MIN_UNITS = 10  # fewer units and the percentile bootstrap's 95% interval holds the truth far less often: flagged
+# a larger share of resamples dropped (the statistic undefined on them) and the interval is conditional on the kept
+# ones (e.g. those that hold both classes of a label): flagged
+MAX_DROPPED = 0.05
 
 
 def stems_hash(stems: Iterable[str]) -> str:
@@ -65,6 +68,17 @@ class MetricValue:
 def thin(n: int, what: str = "volumes") -> str | None:
     """The flag of a number computed on fewer than :data:`MIN_UNITS` units, else None."""
     return f"only {n} {what}: too few for a reliable bootstrap CI (< {MIN_UNITS})" if n < MIN_UNITS else None
+
+
+def dropped_flag(ci: tuple[float, float] | None, dropped: float, why: str) -> str | None:
+    """The flag of a bootstrap CI that lost resamples (``ci``, ``dropped``: :func:`bootstrap_ci`'s): none computed
+    (more than half dropped), or one over the kept resamples only (more than :data:`MAX_DROPPED`); ``why``: what
+    the dropped resamples were, e.g. "held one class of a label"."""
+    if ci is None:
+        return f"no CI: {dropped:.0%} of the resamples {why} (the interval needs at least half)"
+    if dropped > MAX_DROPPED:
+        return f"CI conditional on the kept resamples: {dropped:.0%} {why} and were dropped"
+    return None
 
 
 def join_flags(*flags: str | None) -> str | None:

@@ -105,6 +105,22 @@ def test_reports_of_one_ct_rate_patient_pair_as_one_unit():
     assert clip.extra["exact"] and clip.extra["p_value"] >= 2 / 16
 
 
+def test_a_macro_auroc_diff_without_a_ci_says_why():
+    """One positive report of 40 in each label: most resamples lose one (1 - 0.64^2), the macro AUROC difference
+    has no CI, and its flag gives the share of resamples that held one class (it read as a result with no interval)."""
+    rng = np.random.default_rng(5)
+    y = np.zeros((40, 2))
+    y[3, 0] = y[7, 1] = 1.0
+    a, b = (pd.DataFrame({"prompt_id": [f"r{i}" for i in range(40)], "repeat": 0}) for _ in range(2))
+    for j, label in enumerate(LABELS):
+        for t in (a, b):
+            t[f"p_{label}"], t[f"y_{label}"] = rng.uniform(size=40), y[:, j]
+    r = paired_differences(a, b, n_boot=200, n_permutations=200)[0]
+    assert r.name.endswith("macro_auroc_diff") and r.value is not None and r.ci is None
+    assert r.extra["dropped_resamples"] > 0.5
+    assert f"no CI: {r.extra['dropped_resamples']:.0%} of the resamples held one class" in r.flag
+
+
 def test_runs_scored_on_other_labels_or_reports_are_refused(two_runs):
     y, a, b = two_runs
     other = b.copy()

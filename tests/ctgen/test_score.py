@@ -220,6 +220,31 @@ def test_a_macro_resample_that_loses_a_labels_class_is_dropped_not_averaged_over
     assert macro.extra["dropped_resamples"] > 0.05  # (38/40)^40 ~ 13% of resamples lose both of B's positives
 
 
+def test_a_ci_from_few_or_no_kept_resamples_says_so():
+    """One positive among 200 volumes: ~37% of the resamples lose it, the CI is over the others (flagged as
+    conditional); the macro over three such labels loses ~75% and has no CI (flagged with that share)."""
+    rng = np.random.default_rng(0)
+    y = np.zeros((200, 4))
+    y[:100, 0] = 1.0
+    for j in (1, 2, 3):
+        y[rng.choice(200, 1), j] = 1.0
+    names = [*NAMES, "Atelectasis"]
+    out = {m.name: m for m in label_aurocs(rng.random((200, 4)), y, names, name="f", min_positives=1, min_negatives=5,
+                                           n_boot=500)}
+    assert out["f.Cardiomegaly"].extra["dropped_resamples"] == 0 and out["f.Cardiomegaly"].flag is None
+    b = out["f.Pleural effusion"]
+    assert b.ci is not None and b.extra["dropped_resamples"] > 0.3
+    assert f"CI conditional on the kept resamples: {b.extra['dropped_resamples']:.0%} held one class" in b.flag
+    macro = out["f.macro"]
+    assert macro.ci is None and f"no CI: {macro.extra['dropped_resamples']:.0%} of the resamples held one class" \
+        in macro.flag
+    p = rng.random((200, 4))
+    tstr = {m.name: m for m in tstr_metrics(p, p + rng.normal(0, 0.1, p.shape), y, names, min_positives=1,
+                                            min_negatives=5, profiles=("s", "r"), n_boot=500)}
+    assert tstr["tstr.gap.macro"].ci is None and "no CI" in tstr["tstr.gap.macro"].flag
+    assert "CI conditional" in tstr["tstr.gap.Emphysema"].flag
+
+
 def test_percentile_ci_needs_at_least_half_the_resamples():
     assert percentile_ci([1.0] * 100 + [float("nan")] * 101, 201)[0] is None  # 50.2% dropped
     assert percentile_ci([1.0] * 101 + [float("nan")] * 100, 201)[0] == (1.0, 1.0)
