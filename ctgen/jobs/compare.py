@@ -95,13 +95,16 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
     repeated = units is not None
     base.update(clusters)
 
-    def record(metric: str, d_value, ci, n, test, own_a, own_b, left_out, extra=None, flag=None) -> None:
+    def record(metric: str, d_value, ci, n, test, own_a, own_b, left_out, extra=None, flag=None,
+               groups=None) -> None:
         ok = d_value is not None and math.isfinite(d_value)
-        # the CI resamples units where one has several pairs: that is the count that must be large enough
-        few = thin(base["n_resampled"], base["resampled"]) if repeated else thin(n, "pairs")
+        # the CI resamples units where one has several pairs: the count that must be large enough is that of the
+        # units (``groups``) of the pairs the metric holds (clip_score is NaN where a report has no text)
+        n_units = {"n_resampled": len(np.unique(groups))} if repeated else {}
+        few = thin(n_units["n_resampled"], base["resampled"]) if n_units else thin(n, "pairs")
         out.append(MetricValue(f"{prefix}.{metric}", float(d_value) if ok else None, n, ci, profile, stems,
                                join_flags(few, flag) if ok else "not defined on these pairs",
-                               {**base, "value_a": own_a, "value_b": own_b, "p_value": test.get("p_value"),
+                               {**base, **n_units, "value_a": own_a, "value_b": own_b, "p_value": test.get("p_value"),
                                 "exact": test.get("exact"), "n_left_out": left_out, **(extra or {})}))
 
     for metric in PER_VOLUME:
@@ -116,7 +119,7 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
         ci, _ = bootstrap_ci(lambda idx: d[idx].mean(), len(d), n_boot=n_boot, seed=seed, groups=groups)
         test = paired_permutation_test(both[:, 0], both[:, 1], n_permutations=n_permutations, seed=seed, groups=groups)
         record(f"{metric}_diff", float(d.mean()), ci, len(d), test, float(both[:, 0].mean()), float(both[:, 1].mean()),
-               len(m) - len(d))
+               len(m) - len(d), groups=groups)
     shared = [x for x in (labels if labels is not None else label_columns(a)) if x in label_columns(a)
               and x in label_columns(b)]
     if shared:
@@ -144,7 +147,7 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
                                 n_permutations=min(n_permutations, 2_000), seed=seed, groups=units)
         record("faithfulness.macro_auroc_diff", diff(both), ci, n, test, _macro_auroc(pa, y), _macro_auroc(pb, y), 0,
                {"labels": list(shared), "labels_one_class": one_class, "dropped_resamples": dropped,
-                "dropped_permutations": test.get("dropped")}, dropped_flag(ci, dropped, ONE_CLASS))
+                "dropped_permutations": test.get("dropped")}, dropped_flag(ci, dropped, ONE_CLASS), units)
         ga, gb = agreement(pa, y), agreement(pb, y)
         ok = ~(np.isnan(ga) | np.isnan(gb))
         if ok.any():
@@ -153,7 +156,7 @@ def paired_differences(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] 
             ci, _ = bootstrap_ci(lambda idx: d[idx].mean(), len(d), n_boot=n_boot, seed=seed, groups=g)
             test = paired_permutation_test(ga[ok], gb[ok], n_permutations=n_permutations, seed=seed, groups=g)
             record("faithfulness.agreement_diff", float(d.mean()), ci, len(d), test, float(ga[ok].mean()),
-                   float(gb[ok].mean()), int((~ok).sum()), {"labels": list(shared)})
+                   float(gb[ok].mean()), int((~ok).sum()), {"labels": list(shared)}, groups=g)
     if not out:
         raise UserError(f"the two runs share no metric with values to compare (per-volume: {', '.join(PER_VOLUME)}; "
                         "faithfulness: p_<label> and y_<label> columns)")

@@ -93,6 +93,20 @@ def test_few_reports_are_flagged_however_many_repeats():
     assert clip.extra["exact"] and clip.extra["p_value"] >= 2 / 16  # 2^4 swaps of whole reports: p >= 1/8
 
 
+def test_the_few_reports_flag_counts_the_reports_that_hold_the_metric():
+    """30 reports x 2 repeats, but a CLIP score on 3 of them only (no text for the others): the CLIP score
+    difference rests on 3 reports and is flagged so; the image similarity, on all 30, is not."""
+    rng = np.random.default_rng(6)
+    ids, rep = [f"r{i:02d}" for i in range(30) for _ in range(2)], [k for _ in range(30) for k in range(2)]
+    a, b = (pd.DataFrame({"prompt_id": ids, "repeat": rep, "clip_score": np.r_[rng.normal(20 + shift, 2, 6),
+                                                                                [np.nan] * 54],
+                          "image_similarity": rng.normal(0.5, 0.1, 60)}) for shift in (1.0, 0.0))
+    recs = {r.name: r for r in paired_differences(a, b, n_boot=100, n_permutations=200)}
+    clip, sim = recs["compare.clip_score_diff"], recs["compare.image_similarity_diff"]
+    assert clip.n == 6 and clip.extra["n_resampled"] == 3 and "only 3 reports" in clip.flag
+    assert sim.n == 60 and sim.extra["n_resampled"] == 30 and sim.flag is None
+
+
 def test_reports_of_one_ct_rate_patient_pair_as_one_unit():
     """Two scans of each of 4 CT-RATE patients (8 reports, one volume each): the patients are the units, so the
     flag counts 4 and the exact test enumerates 2^4 swaps of whole patients."""
