@@ -145,12 +145,12 @@ def frechet_values(real: dict[str, FeatureRows], fake: dict[str, FeatureRows], n
             boots[k].append(p.distance(idx_f, idx_r))
     out = {}
     for k, p in pairs.items():
-        ci, extra = _shifted_ci(boots[k], values[k], n_boot)
+        ci, extra = shifted_ci(boots[k], values[k], n_boot)
         flag = join_flags(p.flag, few)
         out[k] = MetricValue(f"{name}.{k}", values[k], n_f, ci, profile, stems, flag, {**p.extra(), **extra, **clusters})
     if mean:
         value = float(np.mean(list(values.values())))
-        ci, extra = _shifted_ci(list(np.mean([boots[k] for k in keys], axis=0)), value, n_boot)
+        ci, extra = shifted_ci(list(np.mean([boots[k] for k in keys], axis=0)), value, n_boot)
         flags = sorted({p.flag for p in pairs.values() if p.flag})
         out["mean"] = MetricValue(f"{name}.mean", value, n_f, ci, profile, stems,
                                   join_flags(*flags, few),
@@ -158,7 +158,7 @@ def frechet_values(real: dict[str, FeatureRows], fake: dict[str, FeatureRows], n
     return out
 
 
-def _shifted_ci(boots: list[float], value: float, n_boot: int) -> tuple[tuple[float, float] | None, dict]:
+def shifted_ci(boots: list[float], value: float, n_boot: int) -> tuple[tuple[float, float] | None, dict]:
     """The percentile interval of ``boots`` moved by their bias (see the module doc), floored at 0."""
     ci, dropped = percentile_ci(boots, n_boot)
     finite = np.asarray([b for b in boots if np.isfinite(b)])

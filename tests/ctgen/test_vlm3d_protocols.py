@@ -221,6 +221,30 @@ def test_fid_scores_the_first_n_pairs_by_sorted_name_and_says_when_fewer(tmp_pat
     assert all(r.n == 3 and "scored on 3 volumes" in r.flag for r in few)
 
 
+def test_fid_ci_is_shifted_by_the_bootstraps_bias_and_holds_the_estimate(monkeypatch):
+    """Both sides alike: resamples duplicate volumes, so their FIDs sit above the estimate (a raw percentile interval
+    excluded it on three of the four records); the CI is shifted by that bias, which the record keeps."""
+    import ctgen.metrics.vlm3d.fid25d as fid25d
+    from ctgen.metrics.vlm3d.contract import Pair
+
+    rng = np.random.default_rng(0)
+    vols = {}
+
+    def make(key):
+        vols[key] = torch.from_numpy(rng.normal(size=(8, 8, 8)).astype(np.float32)) + float(rng.normal()) * 0.3
+        return key
+
+    monkeypatch.setattr(fid25d, "load_volume", lambda path: vols[path])
+    monkeypatch.setattr(fid25d, "fid_volume", lambda v, spacing, shape: v)
+    weight = torch.from_numpy(rng.normal(size=(3 * 64, 6)).astype(np.float32))
+    extractor = Extractor(lambda x: x.reshape(x.shape[0], -1) @ weight, "proj", proxy=True)
+    pairs = [Pair(f"s{i:02d}", make(f"g{i}"), make(f"r{i}")) for i in range(20)]
+    recs = fid_25d(pairs, extractor, Fid25dSettings(n_bootstrap=200))
+    for r in recs:
+        assert r.ci[0] <= r.value <= r.ci[1], r.name
+        assert r.extra["bootstrap_bias"] > 0 and r.extra["dropped_resamples"] == 0, r.name
+
+
 def test_grouped_resample_equals_the_covariance_of_the_repeated_rows():
     rng = np.random.default_rng(0)
     groups = [rng.normal(i, 1 + i / 3, size=(n, 5)).astype(np.float32) for i, n in enumerate((7, 3, 9, 4))]
