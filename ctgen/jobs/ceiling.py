@@ -151,7 +151,9 @@ def _stage_table(names: Sequence[str], stages: StageFn, models_dir: str | Path, 
     if unread:  # never a table on fewer scans than the prompts name
         raise UserError(f"{len(unread)} prompted scans are not in the reference shards (first: {unread[0]})")
     y = np.stack(ys)
-    kw = {"stems": stems_hash(stems), "n_boot": cfg.bootstrap, "seed": cfg.seed}
+    # the scans' stems as groups, as evaluate's real ceiling: a CT-RATE patient's scans and reconstructions share
+    # anatomy and labels, so the CIs resample patients (the same numbers as faithfulness.real)
+    kw = {"stems": stems_hash(stems), "n_boot": cfg.bootstrap, "seed": cfg.seed, "groups": stems}
     rows = []
     for stage in names:
         for m in label_aurocs(np.stack(probs[stage]), y, cfg.labels, name=f"ceiling.{stage}",

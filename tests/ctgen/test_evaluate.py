@@ -423,6 +423,54 @@ def test_cascade_ceiling_scores_each_stage_of_the_real_scans(models, tmp_path, c
                         device="cpu", sr_steps=1, labels=tmp_path / "labels.csv")
 
 
+def test_the_ceiling_resamples_patients_as_evaluate_does(tmp_path, monkeypatch):
+    """40 patients x 3 reconstructions of one scan (alike): the ceiling table's CI resamples the 40 patients, so it
+    is the CI of evaluate's faithfulness.real on the same scans, not a ~1/sqrt(3) narrower one over 120 volumes."""
+    import types
+
+    import ctgen.jobs.ceiling as ceiling
+    from ctgen.jobs.score import label_aurocs
+
+    rng = np.random.default_rng(0)
+    stems = [f"valid_{p}_a_{r}" for p in range(1, 41) for r in (1, 2, 3)]
+    pat_y = (rng.random((40, len(LABELS))) < 0.4).astype(np.float32)
+    pat_p = np.clip(0.2 * pat_y + 0.8 * rng.random((40, len(LABELS))), 0, 1)
+    patient = {s: int(s.split("_")[1]) - 1 for s in stems}
+    known = {s: pat_y[patient[s]] for s in stems}
+    score = {s: pat_p[patient[s]] + 0.01 * rng.random(len(LABELS)) for s in stems}
+
+    class Real:
+        def __init__(self, reference):
+            pass
+
+        def labels(self):
+            return known
+
+        def read(self, wanted, grid):
+            for s in sorted(wanted):
+                yield s, np.full((2, 2, 2), float(stems.index(s)), np.float32), False
+
+    seen = []
+    monkeypatch.setattr(ceiling, "Grid", types.SimpleNamespace(
+        from_models=lambda d: types.SimpleNamespace(clip=(-1000.0, 1000.0))))
+    monkeypatch.setattr(ceiling, "load_models_folder", lambda *a, **k: types.SimpleNamespace(
+        classifier=object(), profiles={"classifier": "x"}))
+    monkeypatch.setattr(ceiling, "RealSet", Real)
+    monkeypatch.setattr(ceiling, "hu_to_unit", lambda t, clip: t)
+    monkeypatch.setattr(ceiling, "volume_outputs", lambda nets, v: {"probabilities": score[seen[-1]][None]})
+    out = ceiling._stage_table(("real",), lambda x, s, k: (seen.append(s) or x,), "m", set(stems), [],
+                               tmp_path / "o.csv", {"faithfulness_labels": ["Emphysema"], "bootstrap": 500}, "cpu",
+                               None)
+    row = out[out["name"] == "ceiling.real.Emphysema"].iloc[0]
+    j = LABELS.index("Emphysema")
+    y, p = (np.stack([d[s] for s in sorted(stems)])[:, [j]] for d in (known, score))
+    real = label_aurocs(p, y, ["Emphysema"], name="faithfulness.real", min_positives=5, min_negatives=5, n_boot=500,
+                        groups=sorted(stems))[0]
+    assert real.extra["n_resampled"] == 40 and row["n"] == 120
+    assert row["value"] == pytest.approx(real.value)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(real.ci)
+
+
 def test_latent_ceiling_scores_the_autoencoder_reconstruction(models, tmp_path, capsys):
     """The latent flow family's ceiling: the classifier on each real scan and on its decoded posterior mean,
     the autoencoder stage against the classifier applied by hand to MONAI's reconstruction."""
