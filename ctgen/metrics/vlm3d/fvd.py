@@ -86,4 +86,4 @@ def fvd_ctnet(pairs: Sequence[Pair], extractor: Extractor, chunk: int = CHUNK,
         flag = "; ".join(filter(None, [flag, f"grid {tuple(shape)} / chunk {chunk}, not the challenge's"]))
     log.info("%s %.4g over %d chunks (%s)", name, values.mean(), len(values), prof)
     return MetricValue(name, float(values.mean()), len(values), ci, profile=prof,
-                       stems=stems_hash(p.stem for p in pairs), flag=flag, extra={**extra, "ci_dropped": dropped})
+                       stems=stems_hash(p.stem for p in pairs), flag=flag, extra={**extra, "dropped_resamples": dropped})
