@@ -40,6 +40,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import signal
 import tarfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -435,6 +436,16 @@ def _worker_message(err: Exception) -> str:
     return re.sub(r"^[\w.]*(Error|Exception)\w*: ", "", last)
 
 
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A data worker's ``worker_init_fn``: SIGTERM and SIGUSR1 are the training process's to handle. Slurm sends them
+    to every process of the job step (time limit, pre-emption, scancel); a worker they killed made the main process
+    fail with "DataLoader worker ... is killed by signal: Terminated" instead of checkpointing and exiting 75
+    (``ctgen.training.loop``). A worker still ends with its loader, and by itself when the main process is gone
+    (PyTorch's workers watch their parent); SIGKILL still kills it. Module-level, so a spawned worker can unpickle it."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def epoch_batches(plan: StreamPlan, epoch: int, start: int, decode: Decode, collate: Collate, *,
                   pin_memory: bool = False, verify: bool = True) -> Iterator[dict[str, Any]]:
     """The rank's micro-batches of ``epoch`` from ``start``, in order, read by ``plan.num_workers`` workers."""
@@ -453,7 +464,7 @@ def epoch_batches(plan: StreamPlan, epoch: int, start: int, decode: Decode, coll
     context = "fork" if "fork" in mp.get_all_start_methods() else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=plan.num_workers, generator=base,
                                          pin_memory=pin_memory, prefetch_factor=PREFETCH, persistent_workers=False,
-                                         multiprocessing_context=context)
+                                         multiprocessing_context=context, worker_init_fn=ignore_stop_signals)
     pending: dict[int, dict] = {}
     want = start
     it = iter(loader)

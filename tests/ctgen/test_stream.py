@@ -341,6 +341,51 @@ def test_loop_resumes_streamed_data_exactly(shards, tmp_path, workers):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+_GROUP_SIGNAL_CHILD = """
+import os, subprocess, sys
+from pathlib import Path
+import torch
+from ctgen.data import batches
+from ctgen.models.classifier3d import Classifier3D, ClassifierConfig
+from ctgen.training.loop import TrainConfig, train
+
+class GroupSignalled(Classifier3D):
+    def forward(self, video, labels, step=0):
+        if step == 2:  # what Slurm does at the time limit: every process of the step, data workers included, from
+            # another process (a worker exits quietly on a SIGTERM from its parent)
+            subprocess.run(["kill", "-s", "TERM", "--", f"-{os.getpgid(0)}"])
+        return super().forward(video, labels, step)
+
+manifest, root = sys.argv[1], Path(sys.argv[2])
+torch.manual_seed(5)
+model = GroupSignalled(ClassifierConfig(stem_stride=(1, 2, 2), channels=(4, 8), blocks=(1, 1), norm_groups=2))
+make = batches.streamed([manifest], batches.volume_decode([-1000, 1000]), batches.classifier_collate(batches.Augment()))
+train(model, make, TrainConfig(max_steps=8, batch_size=2, lr=1e-2, warmup_steps=1, ckpt_every=100, log_every=100,
+                               tensorboard=False, num_workers=2, seed=5, device="cpu"),
+      root / "out", checkpoint_dir=root / "ckpt")
+"""
+
+
+def test_sigterm_to_the_process_group_spares_the_data_workers(shards, tmp_path):
+    """Slurm signals the whole job step: a SIGTERM that also reached the DataLoader's workers killed them, and the
+    training failed ("DataLoader worker ... is killed by signal") without its checkpoint instead of exiting 75."""
+    import signal
+    import subprocess
+    import sys
+
+    from ctgen.training import checkpoint as ckpt
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    for name in ("SLURM_JOB_ID", "CTGEN_JOB_DEADLINE"):
+        env.pop(name, None)
+    # a session of its own: the signal to its group must not reach pytest
+    res = subprocess.run([sys.executable, "-c", _GROUP_SIGNAL_CHILD, shards["manifest"], str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert res.returncode == 75, res.stderr[-2000:]
+    state = ckpt.load_checkpoint(tmp_path / "ckpt")
+    assert state["step"] == 3 and [s["reason"] for s in state["stops"]] == [signal.Signals.SIGTERM.name]
+
+
 def test_shard_index_is_parsed_once_and_follows_a_rewritten_shard(shards, tmp_path, monkeypatch):
     """Readers of later epochs reuse each shard's member offsets (tar headers are parsed once per process),
     read the same bytes as webdataset, and a shard written anew is indexed anew."""
