@@ -96,12 +96,17 @@ def source_sha256() -> str:
     return digest.hexdigest()[:16]
 
 
+def code_version() -> dict[str, str | None]:
+    """The code that runs, as :func:`provenance` records it: git hash and source hash (a training checkpoint keeps it
+    too, so a resumed run knows which code trained its weights)."""
+    return {"git": git_hash(), "source_sha256": source_sha256()}
+
+
 def provenance(seed: int | None = None, **extra: Any) -> dict[str, Any]:
     """What is recorded with every model and sample: package version, git hash, source hash, torch, seed."""
     from ctgen import __version__
 
-    return {"ctgen_version": __version__, "git": git_hash(), "source_sha256": source_sha256(),
-            "torch": torch.__version__, "seed": seed, **extra}
+    return {"ctgen_version": __version__, **code_version(), "torch": torch.__version__, "seed": seed, **extra}
 
 
 #: Integer fields that count or size something (a width, a depth, heads, channels, patches, steps): at least 1 where

@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ctgen.models import base as model_base
 from ctgen.training import checkpoint as ckpt
 from ctgen.training import distributed as distr
 from ctgen.training.deadline import Deadline
@@ -273,8 +274,16 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
     model_class = f"{type(raw).__module__}.{type(raw).__qualname__}"
     model_config = asdict(raw.config) if dataclasses.is_dataclass(getattr(raw, "config", None)) else {}
     state = ckpt.load_checkpoint(ckpt_dir)
+    code = model_base.code_version()
+    code_versions = [{"from_step": 0, **code}]  # which code trained the weights, from which step on
     if state is not None:
         ckpt.check_compatible(state, model_class, model_config, asdict(cfg), ckpt_dir / ckpt.CHECKPOINT_NAME)
+        resumed = _code_versions(state, code, cfg.max_steps, ckpt_dir)
+        if resumed is None:  # a finished run of other code: its weights are not this code's
+            state = None
+        else:
+            code_versions = resumed
+    if state is not None:
         raw.load_state_dict(state["model"])
     net = raw
     if info.ddp:
@@ -341,6 +350,7 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
                 "ranks": gathered, "world_size": info.world_size, "train_config": asdict(cfg),
                 "model_class": model_class, "model_config": model_config,
                 "train_time_s": train_time + time.time() - t_loop, "last_loss": last_loss, "stops": stops,
+                "code_versions": code_versions,
             }, ckpt_dir)
             log.info("checkpoint at step %d -> %s", step, ckpt_dir / ckpt.CHECKPOINT_NAME)
 
@@ -400,8 +410,35 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
         if metrics is not None:
             metrics.close()
     if info.is_main:
+        extra_meta = {**extra_meta, "code_versions": code_versions}
         _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start_step, last_loss,
                     time.time() - t_start, train_time + time.time() - t_loop, time.time() - t_loop, stops)
+
+
+def _code_versions(state, current, max_steps, ckpt_dir) -> list[dict] | None:
+    """The code versions that trained the checkpoint's weights (``{from_step, git, source_sha256}``), with the current
+    code added where it differs and trains on; None for a finished checkpoint of other code, which is not reused.
+
+    The checkpoint folder is keyed by config and data alone: a rerun after a code change (``snakemake -R``) found the
+    finished checkpoint of the old code, trained 0 steps and saved its weights stamped with the new code's hashes. An
+    unfinished one resumes (a time-limit retry after a small fix), and the model's provenance lists both versions."""
+    versions = [dict(v) for v in state.get("code_versions") or [{"from_step": 0, "git": None, "source_sha256": None}]]
+    last, step = versions[-1], state["step"]
+    if last["source_sha256"] == current["source_sha256"]:
+        return versions
+    if last["source_sha256"] is None:  # written before checkpoints recorded it: nothing to compare
+        log.warning("%s does not record the code that trained it: resuming at step %d", ckpt_dir, step)
+    elif step >= max_steps:
+        log.warning("%s is a finished run (step %d) of other code (git %s, sources %s; now %s, %s): training afresh",
+                    ckpt_dir, step, last["git"], last["source_sha256"], current["git"], current["source_sha256"])
+        return None
+    else:
+        log.warning("resuming at step %d a run of other code (git %s, sources %s; now %s, %s): the model's "
+                    "provenance lists both", step, last["git"], last["source_sha256"], current["git"],
+                    current["source_sha256"])
+    if step < max_steps:
+        versions.append({"from_step": step, **current})
+    return versions
 
 
 def _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start_step, last_loss,

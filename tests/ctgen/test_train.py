@@ -141,6 +141,41 @@ def test_sigterm_checkpoints_and_resume_reproduces(reference, tmp_path):
     assert_same_run(reference[0] / "out", tmp_path / "out")
 
 
+def test_a_finished_checkpoint_of_other_code_is_not_reused(reference, tmp_path, monkeypatch, caplog):
+    """The checkpoint folder is keyed by config and data alone: a rerun after a code change found the old code's
+    finished checkpoint, trained 0 steps and stamped its weights with the new code's hashes. It trains afresh now;
+    an unfinished run of other code resumes (a time-limit retry after a fix), its provenance naming both versions."""
+    from ctgen.models import base
+
+    def provenance_of(out: Path) -> dict:
+        return json.loads((out / "config.json").read_text())["provenance"]
+
+    monkeypatch.setattr(base, "source_sha256", lambda: "old")
+    run(tmp_path)
+    monkeypatch.setattr(base, "source_sha256", lambda: "new")
+    run(tmp_path)
+    out = tmp_path / "out"
+    assert json.loads((out / "train_summary.json").read_text())["steps_this_run"] == 9
+    assert "finished run (step 9) of other code" in caplog.text
+    assert_same_run(reference[0] / "out", out)  # the same seed, afresh
+    for sub in ("", "ema"):
+        prov = provenance_of(out / sub)
+        assert prov["source_sha256"] == "new"
+        assert [(v["from_step"], v["source_sha256"]) for v in prov["code_versions"]] == [(0, "new")]
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(base, "source_sha256", lambda: "old")
+    run(resumed, fault=("sigterm", 4), expect=Preempted)
+    monkeypatch.setattr(base, "source_sha256", lambda: "new")
+    run(resumed)
+    assert [(v["from_step"], v["source_sha256"]) for v in provenance_of(resumed / "out")["code_versions"]] == [
+        (0, "old"), (5, "new")]
+    assert_same_run(reference[0] / "out", resumed / "out")
+    run(resumed)  # finished, by this code in part: reused
+    assert json.loads((resumed / "out" / "train_summary.json").read_text())["steps_this_run"] == 0
+    assert len(provenance_of(resumed / "out")["code_versions"]) == 2
+
+
 def test_crash_resume_drops_rows_past_checkpoint(reference, tmp_path):
     run(tmp_path, fault=("raise", 7), expect=RuntimeError)  # dies in the 8th step
     assert ckpt.load_checkpoint(tmp_path / "ckpt")["step"] == 6
