@@ -109,8 +109,8 @@ def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any] | None:
 
 
 #: TrainConfig fields that never change the weights (how often a run logs and checkpoints, when it stops for a
-#: time limit): a resume across their edits is exact.
-BOOKKEEPING = ("ckpt_every", "log_every", "tensorboard", "stop_margin_s")
+#: time limit or fails for NaN gradients): a resume across their edits is exact.
+BOOKKEEPING = ("ckpt_every", "log_every", "tensorboard", "stop_margin_s", "max_nonfinite_steps")
 #: ... and with them the fields that decide how a run works (data workers, device), not what it trains: left out of
 #: the checkpoint folder's hash (``ctgen.jobs.config.config_hash``), so a run resumes across their edits, and out of
 #: the workflow's params (an edit retrains nothing; the rules pass them as ``ctgen train --run-settings``).

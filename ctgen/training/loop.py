@@ -8,6 +8,9 @@ optimiser, scheduler, EMA, step, data position and all RNG states, written atomi
 ``ckpt_every`` steps and resumed automatically, so a run killed by a Slurm time limit continues
 where it stopped and reproduces the losses of an uninterrupted run.
 
+A step whose gradient is not finite is skipped (``max_nonfinite_steps`` in a row fail), and no checkpoint or model
+with non-finite weights is written.
+
 Pre-emption: SIGTERM or SIGUSR1, or the job's time limit coming within ``stop_margin_s`` (plus two
 steps; ``ctgen.training.deadline``), makes the loop finish the current step, write the checkpoint and
 raise :class:`Preempted` (a ``SystemExit`` with code ``EXIT_PREEMPTED`` = 75, EX_TEMPFAIL).
@@ -95,6 +98,7 @@ class TrainConfig:
     find_unused_parameters: bool = False  # DDP: only for models that skip parameters in some steps
     tensorboard: bool = True  # also write TensorBoard events to out_dir/tb
     stop_margin_s: float = 120.0  # checkpoint and stop (exit 75) this long (+ 2 steps) before the job's time limit
+    max_nonfinite_steps: int = 10  # fail after this many steps in a row with a NaN/inf gradient (each one is skipped)
 
     def __post_init__(self):
         checks = {
@@ -104,6 +108,7 @@ class TrainConfig:
             "schedule in (cosine, constant)": self.schedule in ("cosine", "constant"),
             "grad_clip >= 0": self.grad_clip >= 0, "0 <= ema_decay < 1": 0 <= self.ema_decay < 1,
             "ckpt_every >= 1": self.ckpt_every >= 1, "log_every >= 1": self.log_every >= 1,
+            "max_nonfinite_steps >= 1": self.max_nonfinite_steps >= 1,
             "precision in (auto, fp32, bf16)": self.precision in ("auto", "fp32", "bf16"),
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -293,6 +298,7 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
     scheduler = build_scheduler(optimizer, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule)
     ema = EMA(raw, cfg.ema_decay, cfg.ema_start) if cfg.ema_decay > 0 and info.is_main else None
     step, epoch, pos, train_time, last_loss = 0, 0, 0, 0.0, None
+    skipped, skipped_in_a_row = 0, 0  # steps whose gradient was not finite (not applied): in all, and the last ones
     stops: list[dict] = []  # the run's earlier stops (signal or time limit), carried by the checkpoint
     rank_state = None
     if state is not None:
@@ -309,6 +315,7 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
             ema.load_state_dict(state["ema"])
         step, train_time, last_loss = state["step"], state["train_time_s"], state.get("last_loss")
         stops = list(state.get("stops", []))
+        skipped, skipped_in_a_row = state.get("skipped_steps", 0), state.get("skipped_in_a_row", 0)
         ranks = state["ranks"]
         if len(ranks) == info.world_size:
             rank_state = ranks[info.rank]
@@ -339,6 +346,11 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
     step_s = 0.0  # the slowest recent step, for the deadline's margin
 
     def save_state() -> None:
+        # every rank checks its own copy (the same weights under DDP), so all fail together instead of waiting
+        bad = _nonfinite(raw.state_dict()) + (_nonfinite(ema.shadow, "ema.") if ema is not None else [])
+        if bad:
+            raise RuntimeError(f"step {step}: non-finite values in {', '.join(bad[:5])}"
+                               f"{' ...' if len(bad) > 5 else ''}; not saved over the last checkpoint in {ckpt_dir}")
         per_rank = {"rng": ckpt.rng_state(device), "epoch": batches.epoch, "pos": batches.pos}
         gathered = distr.gather_to_main(per_rank, info)
         if info.is_main:
@@ -350,7 +362,7 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
                 "ranks": gathered, "world_size": info.world_size, "train_config": asdict(cfg),
                 "model_class": model_class, "model_config": model_config,
                 "train_time_s": train_time + time.time() - t_loop, "last_loss": last_loss, "stops": stops,
-                "code_versions": code_versions,
+                "code_versions": code_versions, "skipped_steps": skipped, "skipped_in_a_row": skipped_in_a_row,
             }, ckpt_dir)
             log.info("checkpoint at step %d -> %s", step, ckpt_dir / ckpt.CHECKPOINT_NAME)
 
@@ -363,18 +375,32 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
             terms = accumulate_gradients(net, micro, step=step, ddp=info.ddp, autocast=autocast, collect_logs=log_now)
             if cfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            elif log_now:
+            else:
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            optimizer.step()
-            scheduler.step()
+            # a NaN/inf gradient (a bf16 overflow, a corrupt volume) applied made every later weight and checkpoint NaN;
+            # the norm is of the all-reduced gradients, so every rank skips the same steps
+            finite = bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                skipped_in_a_row = 0
+            else:
+                skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+                log.warning("step %d: gradient norm %s, update skipped (%d in a row, %d in all)", step + 1,
+                            float(grad_norm), skipped_in_a_row, skipped)
+                if skipped_in_a_row >= cfg.max_nonfinite_steps:
+                    raise RuntimeError(f"step {step + 1}: {skipped_in_a_row} steps in a row with a non-finite gradient "
+                                       f"(max_nonfinite_steps); the last checkpoint in {ckpt_dir} is kept")
+            scheduler.step()  # a skipped step still counts: the schedule follows the step, as a resume restores it
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if ema is not None:
+            if ema is not None and finite:
                 ema.update(raw, step)
             bar.update(1)
             if log_now:
                 row = {k: sum(t[k] for t in terms) / len(terms) for k in terms[0]}
                 row["grad_norm"] = float(grad_norm)
+                if skipped:
+                    row["skipped_steps"] = skipped
                 row = distr.mean_over_ranks(row, info)
                 last_loss = row["loss"]
                 now = time.time()
@@ -412,7 +438,12 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
     if info.is_main:
         extra_meta = {**extra_meta, "code_versions": code_versions}
         _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start_step, last_loss,
-                    time.time() - t_start, train_time + time.time() - t_loop, time.time() - t_loop, stops)
+                    time.time() - t_start, train_time + time.time() - t_loop, time.time() - t_loop, stops, skipped)
+
+
+def _nonfinite(tensors: dict[str, torch.Tensor], prefix: str = "") -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an inf."""
+    return [prefix + k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def _code_versions(state, current, max_steps, ckpt_dir) -> list[dict] | None:
@@ -442,7 +473,7 @@ def _code_versions(state, current, max_steps, ckpt_dir) -> list[dict] | None:
 
 
 def _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start_step, last_loss,
-                wall_s, train_s, loop_s, stops) -> None:
+                wall_s, train_s, loop_s, stops, skipped) -> None:
     """Raw weights in ``out_dir``, EMA weights in ``out_dir/ema`` (both recording this ``run``, which
     :func:`ctgen.models.base.weights_folder` checks), and ``train_summary.json``. A training without EMA removes
     the ``ema/`` an earlier one left (sampling and the evaluation would have used those old weights)."""
@@ -464,6 +495,7 @@ def _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start
         "steps_per_s": (step - start_step) / loop_s if loop_s > 0 and step > start_step else None,
         "world_size": info.world_size, "device": str(info.device), "precision": precision,
         "peak_memory_bytes": int(peak), "peak_memory_kind": peak_kind,
+        "skipped_steps": skipped,  # steps with a non-finite gradient, not applied
         "stops": stops,  # where earlier jobs of this run stopped and exited 75 to be resumed (step, reason, job)
     }
     if info.device.type == "cuda":  # what the caching allocator held at most (allocated + cached blocks)

@@ -26,11 +26,11 @@ BASE = dict(max_steps=9, batch_size=4, grad_accum=2, lr=1e-2, min_lr=1e-3, warmu
             ckpt_every=3, ema_decay=0.8, ema_start=2, seed=7, tensorboard=False)
 
 
-def run(tmp: Path, fault=None, cfg=None, model_cfg=ToyConfig(), expect=None, batches=None):
+def run(tmp: Path, fault=None, cfg=None, model_cfg=ToyConfig(), expect=None, batches=None, nan_steps=()):
     """Train a seeded toy model into tmp/out (checkpoints in tmp/ckpt); return the model."""
     torch.manual_seed(123)
     model = ToyModel(model_cfg)
-    model.fault = fault
+    model.fault, model.nan_steps = fault, nan_steps
     args = (model, batches or MakeBatches(per_epoch=5, noise=0.05), cfg or TrainConfig(**BASE), tmp / "out")
     if expect is None:
         train(*args, checkpoint_dir=tmp / "ckpt", extra_meta={"stage": "toy"})
@@ -174,6 +174,33 @@ def test_a_finished_checkpoint_of_other_code_is_not_reused(reference, tmp_path, 
     run(resumed)  # finished, by this code in part: reused
     assert json.loads((resumed / "out" / "train_summary.json").read_text())["steps_this_run"] == 0
     assert len(provenance_of(resumed / "out")["code_versions"]) == 2
+
+
+def test_a_nan_gradient_is_skipped_and_never_saved(reference, tmp_path):
+    """A NaN/inf step was applied: every later weight was NaN, the one good checkpoint overwritten with them, and the
+    run ended "done". The step is skipped now (counted in the metrics), and too many in a row fail, naming the step."""
+    run(tmp_path / "a", nan_steps={4})  # the 5th step
+    out = tmp_path / "a" / "out"
+    for sub in ("", "ema"):
+        weights = ToyModel.from_pretrained(out / sub).state_dict()
+        assert all(torch.isfinite(v).all() for v in weights.values())
+    rows = csv_rows(out)
+    assert math.isnan(float(rows[4]["grad_norm"])) and [r.get("skipped_steps") for r in rows] == [""] * 4 + ["1"] * 5
+    assert json.loads((out / "train_summary.json").read_text())["skipped_steps"] == 1
+    state = ckpt.load_checkpoint(tmp_path / "a" / "ckpt")
+    assert state["step"] == 9 and all(torch.isfinite(v).all() for v in state["model"].values())
+    # the skip resumes exactly: stopped at step 6, past the skipped step, the rest matches the run above
+    run(tmp_path / "b", fault=("sigterm", 5), expect=Preempted, nan_steps={4})
+    run(tmp_path / "b", nan_steps={4})
+    for key in ("loss", "grad_norm", "lr", "skipped_steps"):
+        assert [r[key] for r in csv_rows(tmp_path / "b" / "out")] == [r[key] for r in rows], key
+
+    model = run(tmp_path / "c", nan_steps=range(4, 9), cfg=TrainConfig(**{**BASE, "max_nonfinite_steps": 3}),
+                expect=RuntimeError)
+    assert str(model.exc).startswith("step 7: 3 steps in a row with a non-finite gradient")
+    state = ckpt.load_checkpoint(tmp_path / "c" / "ckpt")  # the step-3 checkpoint, not one of NaN weights
+    assert state["step"] == 6 and state["skipped_in_a_row"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_crash_resume_drops_rows_past_checkpoint(reference, tmp_path):
@@ -570,7 +597,7 @@ def test_the_checkpoint_folder_survives_edits_of_how_a_run_works():
 
     cfg = {"model": {"dim": 8}, "train": {"lr": 1e-3, "log_every": 10, "ckpt_every": 100, "num_workers": 0}, "data": {}}
     bookkeeping = {"log_every": 1, "ckpt_every": 7, "num_workers": 4, "tensorboard": False, "stop_margin_s": 60.0,
-                   "device": "cpu", "find_unused_parameters": True}
+                   "device": "cpu", "find_unused_parameters": True, "max_nonfinite_steps": 3}
     assert set(bookkeeping) == set(RUN_ONLY)
     assert config_hash({**cfg, "train": {**cfg["train"], **bookkeeping}}) == config_hash(cfg)
     assert config_hash({**cfg, "train": {**cfg["train"], "lr": 2e-3}}) != config_hash(cfg)

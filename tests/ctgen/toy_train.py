@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,7 @@ class ToyModel(PretrainedMixin, nn.Module):
         self.fc2 = nn.Linear(config.hidden, DIM_OUT)
         self.register_buffer("running_mean", torch.zeros(DIM_IN))  # updated in forward
         self.fault: tuple[str, int] | None = None  # ("sigterm" | "raise", step): test fault injection
+        self.nan_steps: Collection[int] = ()  # steps whose loss is NaN (test fault injection)
 
     def predict(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         h = self.drop(F.gelu(self.norm(self.fc1(x + self.embed(c)))))  # (B, hidden)
@@ -67,6 +69,8 @@ class ToyModel(PretrainedMixin, nn.Module):
         mse = F.mse_loss(pred.float(), y)
         reg = 1e-3 * self.fc2.weight.float().pow(2).mean()
         loss = mse + reg
+        if step in self.nan_steps:
+            loss = loss * float("nan")  # a bf16 overflow, a corrupt volume: no buffer is touched, the gradient is NaN
         if self.config.adaptive_grad and torch.is_grad_enabled():
             (g,) = torch.autograd.grad(mse, self.fc2.weight, retain_graph=True)
             loss = mse + reg * (1.0 / (g.norm() + 1e-4)).detach().clamp(max=10.0)
