@@ -415,7 +415,9 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
                              row["loss"], lr, row["grad_norm"], steps_per_s)
             step_s = max(0.9 * step_s, time.time() - t_step)
             out_of_time = step < cfg.max_steps and deadline.due(step_s)
-            preempt = distr.any_rank(stop.signum is not None or out_of_time, info)
+            # a signal in the last step: nothing is left to resume, so the run finishes and writes its model
+            signalled = stop.signum is not None and step < cfg.max_steps
+            preempt = distr.any_rank(signalled or out_of_time, info)
             if preempt:  # recorded in the checkpoint, so the finished run's summary lists every stop
                 # from this rank's own facts: a signal may reach only some ranks (any_rank stops them all)
                 left = deadline.left()

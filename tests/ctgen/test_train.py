@@ -203,6 +203,13 @@ def test_a_nan_gradient_is_skipped_and_never_saved(reference, tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_a_signal_in_the_last_step_finishes_the_run(reference, tmp_path):
+    """Nothing is left to resume after the last step: a stop signal there exited 75 without writing the model."""
+    run(tmp_path, fault=("sigterm", 8))  # the 9th and last step
+    assert_same_run(reference[0] / "out", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["stops"] == []
+
+
 def test_crash_resume_drops_rows_past_checkpoint(reference, tmp_path):
     run(tmp_path, fault=("raise", 7), expect=RuntimeError)  # dies in the 8th step
     assert ckpt.load_checkpoint(tmp_path / "ckpt")["step"] == 6
