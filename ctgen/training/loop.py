@@ -288,6 +288,9 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
             state = None
         else:
             code_versions = resumed
+    if state is not None and state["step"] > cfg.max_steps:  # its weights are past what this config asks for
+        raise ValueError(f"{ckpt_dir / ckpt.CHECKPOINT_NAME} is at step {state['step']}, past max_steps "
+                         f"{cfg.max_steps}: raise max_steps, or delete the checkpoint to train {cfg.max_steps} steps")
     if state is not None:
         raw.load_state_dict(state["model"])
     net = raw

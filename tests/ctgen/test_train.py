@@ -210,6 +210,13 @@ def test_a_signal_in_the_last_step_finishes_the_run(reference, tmp_path):
     assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["stops"] == []
 
 
+def test_a_checkpoint_past_max_steps_is_refused(tmp_path):
+    """Resumed with a smaller max_steps than its checkpoint's step, the run saved the over-trained model silently."""
+    run(tmp_path, cfg=TrainConfig(**{**BASE, "max_steps": 6}))
+    with pytest.raises(ValueError, match="step 6.*max_steps 4"):
+        run(tmp_path, cfg=TrainConfig(**{**BASE, "max_steps": 4}))
+
+
 def test_crash_resume_drops_rows_past_checkpoint(reference, tmp_path):
     run(tmp_path, fault=("raise", 7), expect=RuntimeError)  # dies in the 8th step
     assert ckpt.load_checkpoint(tmp_path / "ckpt")["step"] == 6
