@@ -54,8 +54,12 @@ def job_deadline(now: float | None = None) -> float | None:
         log.warning("could not ask Slurm for the time left of job %s: %s", job, err)
         return None
     left = parse_time_left(res.stdout.strip().splitlines()[0]) if res.returncode == 0 and res.stdout.strip() else None
-    if left is None:
+    if left is None and res.returncode == 0 and res.stdout.strip() in ("UNLIMITED", "NOT_SET"):
         log.info("Slurm job %s: no time limit to honour (squeue says %r)", job, res.stdout.strip())
+        return None
+    if left is None:  # a limit may be there all the same: the run relies on Slurm's SIGTERM alone (KillWait)
+        log.warning("Slurm job %s: could not read its time left (squeue exit %d: %r): not stopping ahead of a time "
+                    "limit", job, res.returncode, (res.stdout or res.stderr).strip()[:200])
         return None
     log.info("Slurm job %s ends in %.0f s", job, left)
     return now + left

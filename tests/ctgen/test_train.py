@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import multiprocessing as mp
+import os
 import pickle
 import socket
 from pathlib import Path
@@ -556,6 +557,21 @@ def test_time_left_from_squeue():
     assert parse_time_left("1-02:03:04") == ((24 + 2) * 60 + 3) * 60 + 4
     assert parse_time_left("02:03:04") == (2 * 60 + 3) * 60 + 4 and parse_time_left("03:04") == 184
     assert parse_time_left("UNLIMITED") is None and parse_time_left("INVALID") is None
+
+
+@pytest.mark.parametrize("squeue", ["echo INVALID", "echo 'slurm_load_jobs error' >&2; exit 1"])
+def test_a_time_left_squeue_does_not_give_is_a_warning(squeue, tmp_path, monkeypatch, caplog):
+    """Without the time left the run cannot stop ahead of the limit: that was logged at info level only."""
+    from ctgen.training.deadline import job_deadline
+
+    (tmp_path / "squeue").write_text(f"#!/bin/sh\n{squeue}\n")
+    (tmp_path / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.delenv("CTGEN_JOB_DEADLINE", raising=False)
+    with caplog.at_level("INFO", logger="ctgen.training.deadline"):
+        assert job_deadline() is None
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "job 42" in caplog.text
 
 
 def test_stops_ahead_of_the_job_time_limit_and_resumes(reference, tmp_path, monkeypatch):
