@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -379,5 +380,6 @@ def train_report_encoder(cfg: dict[str, Any], out_dir: str | Path, checkpoint_ro
     out = train(model, batches.listed(samples, report_encoder_collate), tcfg, out_dir, checkpoint_dir=checkpoint_dir,
                 extra_meta={"model_kind": "report_encoder", "n_samples": len(samples), "labels": names,
                             "data": {k: str(v) for k, v in data.items()}})
-    shutil.copyfile(data["text_tokenizer"], Path(out) / "tokenizer.json")
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer: under DDP every rank copied it into the same folder
+        shutil.copyfile(data["text_tokenizer"], Path(out) / "tokenizer.json")
     return out

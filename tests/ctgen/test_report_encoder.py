@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -142,6 +143,23 @@ def test_spec_names_it_inside_the_models_folder_and_loads_it_from_there(trained,
         build_text_encoder({"kind": "report_encoder"})
     with pytest.raises(FileNotFoundError, match="no pretrained report encoder"):
         build_text_encoder({"kind": "report_encoder", "path": str(tmp_path)})
+
+
+def test_only_the_main_rank_copies_the_tokenizer(tmp_path, monkeypatch):
+    """Under DDP every rank copied tokenizer.json into the one output folder, racing each other's writes."""
+    from ctgen.jobs.train import train_report_encoder
+    from ctgen.training import loop
+
+    paths = make_cohort(tmp_path, n_train=8, n_valid=0)
+    monkeypatch.setattr(loop, "train", lambda model, make, tcfg, out, **kw: Path(out))  # the weights are not the point
+    cfg = {"model": {"dim": 16, "depth": 1, "heads": 2}, "train": {"max_steps": 1},
+           "data": {"splits": ["train"], "prompt": "structured", **{k: str(v) for k, v in paths.items()}}}
+    for rank, copied in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        out = tmp_path / f"rank{rank}"
+        out.mkdir()
+        train_report_encoder(cfg, out, tmp_path / "ckpt")
+        assert (out / "tokenizer.json").exists() == copied, rank
 
 
 def test_token_head_asks_every_real_token_for_the_reports_findings():
