@@ -8,6 +8,7 @@ order (a YAML tool that sorts keys, a hand edit) rerun nothing.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,16 +71,21 @@ def check_local_files(config: dict) -> None:
 
 
 def local_files(path: str | None) -> list[str]:
-    """The files of a local weights path (the file, or every file under the folder but hidden ones), as a job's
-    inputs: weights replaced at the same path rerun the jobs that load them (the path in their params is the same).
+    """The files of a local weights path (the file, or every file under the folder but hidden ones, through symlinked
+    subfolders), as a job's inputs: weights replaced at the same path rerun the jobs that load them (the path in their
+    params is the same). Absolute: a relative path into the results folder (an encoder an earlier run trained) would
+    name a rule's output, and Snakemake would plan that rule to make it.
     """
     if not path:
         return []
-    root = Path(path).expanduser()
+    root = Path(os.path.abspath(Path(path).expanduser()))
     if not root.is_dir():
         return [str(root)]
-    return sorted(str(f) for f in root.rglob("*")
-                  if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts))
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(folder, f) for f in files if not f.startswith(".")]
+    return sorted(f for f in found if os.path.isfile(f))
 
 
 def check_splits(config: dict) -> None:

@@ -60,6 +60,9 @@ def sampling_defaults(models_dir: str | Path, spec: dict) -> dict:
     path = Path(models_dir) / SAMPLING_DEFAULTS
     if path.is_file():
         return dict(read_json(path, "sampling defaults"))
+    if not spec.get("sampling"):  # e.g. cascade.json made alone (snakemake -R cascade), or copied without it
+        log.warning("%s has no %s: sampling with ctgen's own defaults where no option is given", models_dir,
+                    SAMPLING_DEFAULTS)
     return dict(spec.get("sampling") or {})
 
 

@@ -504,11 +504,13 @@ def test_options_of_another_mode_are_refused_not_ignored(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_sampling_defaults_come_from_their_own_file_or_an_older_spec(tmp_path):
+def test_sampling_defaults_come_from_their_own_file_or_an_older_spec(tmp_path, caplog):
     """`ctgen sample`'s defaults: cascade_sampling.json (the workflow's cascade_sampling rule), else the `sampling`
     section that cascade.json held before that file existed (a models folder trained by an earlier version)."""
     older = {"grid": {}, "sampling": {"steps": 4, "guidance_scale": 2.0}}
     assert sampling_defaults(tmp_path, older) == {"steps": 4, "guidance_scale": 2.0}
-    assert sampling_defaults(tmp_path, {"grid": {}}) == {}
+    with caplog.at_level("WARNING"):
+        assert sampling_defaults(tmp_path, {"grid": {}}) == {}
+    assert "has no cascade_sampling.json" in caplog.text  # ctgen's own defaults, said
     write_sampling_defaults(tmp_path, {"steps": 6, "guidance_scale": 3.0, "seed": 7})
     assert sampling_defaults(tmp_path, older) == {"steps": 6, "guidance_scale": 3.0, "seed": 7}

@@ -41,12 +41,17 @@ def planned(workdir, *args: str) -> list[tuple[str, dict[str, str]]]:
 
 @pytest.fixture(scope="module")
 def jobs(workdir, tmp_path_factory) -> list[tuple[str, dict[str, str]]]:
-    """Every job of a run from nothing, plus the frozen text encoder's (the other side of a switch)."""
+    """Every job of a run from nothing, plus the frozen text encoder's and the reconstructions' (the other side of
+    a switch)."""
     found = planned(workdir)
     frozen = make_workdir(tmp_path_factory.mktemp("frozen"), {"models": {"text_encoder": {"kind": "report_encoder"}}})
     frozen_jobs = planned(frozen, "--until", "embed_prompts", "embed_sections")
     text = ("train_report_encoder", "embed_prompts", "embed_sections")
-    return found + [job for job in frozen_jobs if job[0] in text]
+    # super-resolution on the tokenizer's reconstructions (as GenerateCT): their own shard set
+    recon = make_workdir(tmp_path_factory.mktemp("recon"), {"models": {"superres_lowres": "reconstruction"}})
+    recon_jobs = planned(recon, "--until", "recon_manifest")
+    return found + [job for job in frozen_jobs if job[0] in text] + \
+        [job for job in recon_jobs if job[0] in ("encode_recon", "recon_manifest")]
 
 
 def test_every_rule_is_planned(workdir, jobs):

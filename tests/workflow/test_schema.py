@@ -245,7 +245,7 @@ def test_settings_repr_ignores_key_order_and_jobs_get_plain_dicts():
     assert number_hint("2.5", "integer") == "" and number_hint("two", "number") == "" and number_hint("2", None) == ""
 
 
-def test_local_weights_are_inputs_file_by_file(tmp_path):
+def test_local_weights_are_inputs_file_by_file(tmp_path, monkeypatch):
     """A weights file, or every file of a weights folder (a Hugging Face encoder: config, tokenizer, weights) but
     hidden ones (a .git or .cache folder), so that one replaced in place reruns the jobs that load it."""
     from ctgen.jobs.workflow_config import local_files
@@ -255,6 +255,14 @@ def test_local_weights_are_inputs_file_by_file(tmp_path):
     (folder / ".cache").mkdir()
     for name in ("config.json", "model.safetensors", "sub/vocab.txt", ".cache/lock", ".hidden"):
         (folder / name).write_text("x")
-    assert local_files(str(folder)) == [str(folder / n) for n in ("config.json", "model.safetensors", "sub/vocab.txt")]
+    (tmp_path / "pooling").mkdir()  # a symlinked subfolder (sentence-transformers' layout): its files too
+    (tmp_path / "pooling" / "config.json").write_text("x")
+    (folder / "1_Pooling").symlink_to(tmp_path / "pooling")
+    names = ("1_Pooling/config.json", "config.json", "model.safetensors", "sub/vocab.txt")
+    assert local_files(str(folder)) == [str(folder / n) for n in names]
     assert local_files(str(folder / "model.safetensors")) == [str(folder / "model.safetensors")]
     assert local_files(None) == [] and local_files("") == []
+    # relative paths come back absolute: results/models/report_encoder would name train_report_encoder's output
+    # and Snakemake would plan that rule (a pinned encoder of an earlier run crashed the DAG)
+    monkeypatch.chdir(tmp_path)
+    assert local_files("cxr-bert/config.json") == [str(folder / "config.json")]

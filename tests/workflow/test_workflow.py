@@ -94,7 +94,8 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         "tstr_steps": {"evaluation": {"tstr_steps": 3}},
         # the same settings with every key in reverse order (a YAML tool's sorting, or a hand edit): nothing
         "sorted": reversed_keys,
-        # where resumable state lives, how often a training logs, how fast reports are parsed: nothing
+        # where resumable state lives, how often a training logs, how fast reports are parsed: nothing but the record
+        # of the super-resolution batch for `ctgen sample` by hand
         "bookkeeping": {"models": {"checkpoints": "elsewhere"}, "reports": {"batch_size": 7},
                         "evaluation": {"batch_size": 1}, "sampling": {"batch_size": 3},
                         "model_presets": {"demo": {"tokenizer": {"train": {"log_every": 7, "ckpt_every": 9}}}}},
@@ -159,7 +160,7 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     assert plan["tstr"] == {"tstr_prompts", "sample_tstr", "tstr_shards", "train_tstr"} | scoring_families
     # the TSTR classifiers' steps: their config and training, not the feature classifier or the samples
     assert plan["tstr_steps"] == {"train_config", "train_tstr"} | scoring_families
-    assert plan["sorted"] == set() and plan["bookkeeping"] == set()
+    assert plan["sorted"] == set() and plan["bookkeeping"] == {"cascade_sampling", "all"}
     assert plan["dicom"] == {"sample", "sample_latent_flow"} | scoring_families
     # super-resolution's low-res inputs: the tokenizer's reconstructions (a shard set of their own), super-resolution
     # and what samples from it; not the generator (its token shards stay) nor the latent flow family

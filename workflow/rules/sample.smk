@@ -43,8 +43,15 @@ rule cascade_sampling:
         runtime=5,
     params:
         code=script_digest("cascade_sampling.py"),
-        sampling=canonical({**SAMPLER, "per_prompt": SAMPLING["per_prompt"]}),
-        sr_batch=SR_BATCH,  # recorded as of when the file is written
+        # with the super-resolution batch, tracked here (untracked elsewhere): no job reads this file, and the
+        # batch a user lowered after an out-of-memory error is the one `ctgen sample` by hand should take
+        sampling=canonical(
+            {
+                **SAMPLER,
+                "per_prompt": SAMPLING["per_prompt"],
+                "batch_size": config["sampling"]["batch_size"],
+            }
+        ),
     script:
         "../scripts/cascade_sampling.py"
 

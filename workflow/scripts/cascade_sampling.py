@@ -8,5 +8,5 @@ from ctgen.pipelines.text_to_ct import write_sampling_defaults
 
 write_sampling_defaults(
     Path(snakemake.output.json).parent,
-    {**snakemake.params.sampling, "batch_size": snakemake.params.sr_batch},
+    snakemake.params.sampling,
 )
