@@ -267,3 +267,24 @@ def test_the_cascade_is_trained_with_provenance(demo_run):
         metrics = pd.read_csv(folder / "metrics.csv")
         assert metrics["loss"].notna().all() and metrics["step"].max() > 0
     assert list((demo_run / "checkpoints").glob("*/*/last.pt"))  # resumable state beside, not inside, the outputs
+
+
+def test_a_real_copy_reruns_its_cohort_for_new_volumes_not_for_other_files(tmp_path):
+    """A real CT-RATE copy (no demo rule): its folder's date is not compared, its tables and its volumes (by name and
+    size) are. A note or a partial download at the folder's top reran the cohort and every prep chunk after it."""
+    work = make_workdir(tmp_path / "work", {"demo": {"enabled": False}})
+    root = tmp_path / "dataset"
+    subprocess.run([sys.executable, "-m", "ctprep.cli", "demo", str(root), "--config", str(work / "config.yaml")],
+                   check=True, capture_output=True)
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["dataset"]["root"] = str(root)
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    until = ("--until", "cohort")
+    snakemake(work, *until)
+    assert planned_rules(work, None, *until) == {}
+    (root / "NOTES.txt").write_text("downloaded 2026-12-07\n")  # the folder's date is now newer than the cohort
+    (root / "train_fixed.part").write_bytes(b"")
+    assert planned_rules(work, None, *until) == {}
+    scan = next(root.glob("train*/*/*/*.nii.gz"))  # one more volume downloaded
+    shutil.copy(scan, scan.with_name(scan.name.replace(".nii.gz", "_9.nii.gz")))
+    assert planned_rules(work, None, *until) == {"cohort": 1}

@@ -152,8 +152,11 @@ LABELLER_EVAL = bool(EVAL_JSONL and Path(EVAL_JSONL).is_file())
 
 
 def get_dataset_root(wildcards):
-    """The demo rule's output when the demo is on; a real CT-RATE copy needs no rule."""
-    return rules.demo_cohort.output.root if DEMO else config["dataset"]["root"]
+    """The demo rule's output when the demo is on; a real CT-RATE copy needs no rule, and its date is not compared
+    (ancient): any file added at the folder's top (a note, a download's partial file) changed it, and the cohort
+    and every prep chunk after it reran. Its tables (get_dataset_tables) and its volumes by name and size
+    (get_volumes_digest) decide instead."""
+    return rules.demo_cohort.output.root if DEMO else ancient(config["dataset"]["root"])
 
 
 def get_dataset_tables(wildcards):
