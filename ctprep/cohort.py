@@ -119,6 +119,7 @@ def assemble_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int =
         for kind, df in tables.items():
             if "VolumeName" not in df.columns:
                 raise ValueError(f"{kind} table of split {split} has no VolumeName column")
+            df["VolumeName"] = df["VolumeName"].map(ctrate.volume_name)  # the disk's key (discover's)
             dupes = set(df["VolumeName"][df["VolumeName"].duplicated()])
             for name in dupes:
                 duplicated.setdefault(name, []).append(kind)

@@ -178,8 +178,16 @@ def canonical_name(file_name: str) -> str:
     return re.sub(r"_fixed(?=\.nii(\.gz)?$)", "", file_name)
 
 
+def volume_name(text: str) -> str:
+    """The VolumeName a table cell, list entry or file name stands for, in the tables' own form
+    ``train_1_a_1.nii.gz``: surrounding blanks, a missing or ``.nii`` extension and the ``_fixed`` suffix are
+    spelling (a CSV re-saved without extensions, a decompressed file), so every table and the disk are keyed by it."""
+    return canonical_name(volume_key(str(text).strip()) + ".nii.gz")
+
+
 def discover(root: Path, split: str) -> dict[str, dict[str, list[Path]]]:
-    """Volume files of ``split`` in every layout folder: ``{VolumeName: {layout: [paths]}}``.
+    """Volume files of ``split`` in every layout folder: ``{VolumeName: {layout: [paths]}}``, keyed by
+    :func:`volume_name` as the tables are.
 
     Files are found anywhere below a layout folder (flattened copies work too); more than one
     path for a name in one layout is left for the caller to refuse. Symlinked folders are not
@@ -190,7 +198,7 @@ def discover(root: Path, split: str) -> dict[str, dict[str, list[Path]]]:
         for dirpath, _dirs, files in os.walk(Path(root) / volume_folder(split, layout)):
             for name in files:
                 if name.endswith((".nii.gz", ".nii")):
-                    found.setdefault(canonical_name(name), {}).setdefault(layout, []).append(Path(dirpath) / name)
+                    found.setdefault(volume_name(name), {}).setdefault(layout, []).append(Path(dirpath) / name)
     for copies in found.values():
         for paths in copies.values():
             paths.sort()
@@ -252,8 +260,8 @@ def read_volume_list(path: Path) -> list[str]:
 
     Tolerates blank lines, surrounding whitespace and quotes, a ``VolumeName`` header, ``#``
     comments, Windows line ends, a byte-order mark, folder prefixes, and names with or without
-    ``.nii.gz``. Entries are returned as written otherwise (a scan id such as ``train_1_a`` stays
-    one; the caller decides what it matches).
+    ``.nii.gz`` or ``.nii``. Entries come in :func:`volume_name`'s form (a scan id such as ``train_1_a`` stays
+    one, as ``train_1_a.nii.gz``; the caller decides what it matches).
     """
     names = []
     for line in Path(path).read_text(encoding="utf-8-sig").splitlines():
@@ -261,7 +269,7 @@ def read_volume_list(path: Path) -> list[str]:
         if not entry or entry.startswith("#") or entry.lower() == "volumename":
             continue
         entry = PurePosixPath(entry.replace("\\", "/")).name
-        names.append(canonical_name(entry if entry.endswith((".nii.gz", ".nii")) else entry + ".nii.gz"))
+        names.append(volume_name(entry))
     return names
 
 

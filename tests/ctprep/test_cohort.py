@@ -120,3 +120,27 @@ def test_a_blank_metadata_number_names_its_column(tmp_path):
     cohort, rejects = build_cohort(root)
     assert name not in set(cohort["VolumeName"])
     assert rejects.set_index("VolumeName").loc[name, "reason"] == "bad metadata: RescaleIntercept '' is not a number"
+
+
+def test_volume_names_are_matched_whatever_their_spelling(tmp_path):
+    """A table re-saved without extensions or with padded cells, and a decompressed ``.nii`` on disk, name the same
+    volumes as the release's ``train_1_a_1.nii.gz`` (each spelling rejected every row and every file)."""
+    import gzip
+
+    root = tmp_path / "dataset"
+    write_demo_cohort(root, {**CFG, "faults": []})
+    expected = set(build_cohort(root)[0]["VolumeName"])
+    labels, meta = ctrate.labels_csv(root, "train"), ctrate.metadata_csv(root, "train")
+    df = pd.read_csv(labels, dtype=str, keep_default_na=False)
+    df["VolumeName"] = df["VolumeName"].map(ctrate.volume_key)
+    df.to_csv(labels, index=False)
+    df = pd.read_csv(meta, dtype=str, keep_default_na=False)
+    df["VolumeName"] = df["VolumeName"] + " "
+    df.to_csv(meta, index=False)
+    name = sorted(n for n in expected if n.startswith("train_"))[0]
+    gz = root / ctrate.volume_relpath(name)
+    gz.with_name(gz.name[:-3]).write_bytes(gzip.decompress(gz.read_bytes()))
+    gz.unlink()
+    cohort, rejects = build_cohort(root)
+    assert rejects.empty and set(cohort["VolumeName"]) == expected
+    assert cohort.set_index("VolumeName").loc[name, "path"].endswith(name[:-3])
