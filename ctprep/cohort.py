@@ -309,6 +309,11 @@ def write_cohort(root: str | Path, out_table: str | Path, out_rejects: str | Pat
     """
     built = assemble_cohort(root, splits, n_chunks, prefer)
     cohort, rej = built.table, built.rejects
+    # the rejects and the summary first: the errors below point to them
+    Path(out_rejects).parent.mkdir(parents=True, exist_ok=True)
+    rej.to_parquet(out_rejects, index=False)
+    if out_summary is not None:
+        write_summary(built.summary, out_summary)
     excluded = rej["reason"].str.startswith(EXCLUDED)
     for r in rej[excluded].itertuples(index=False):
         logger.info("excluded %s: %s", r.VolumeName, r.reason)
@@ -316,13 +321,13 @@ def write_cohort(root: str | Path, out_table: str | Path, out_rejects: str | Pat
     if cohort.empty:
         t = built.summary["total"]
         folders = ", ".join(f"{ctrate.volume_folder(s, lay)}/" for s in splits for lay in ctrate.LAYOUTS)
+        reasons = sum((Counter(s["rejected_by_reason"]) for s in built.summary["splits"].values()), Counter())
+        top = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common(3))
         raise ValueError(f"no usable volume under {root}: {t['on_disk']} found on disk (in {folders}), "
-                         f"{t['listed']} listed in the tables, {len(rej)} rejected")
+                         f"{t['listed']} listed in the tables, {len(rej)} rejected" + (f" ({top}; see {out_rejects})"
+                                                                                        if top else ""))
     Path(out_table).parent.mkdir(parents=True, exist_ok=True)
     cohort.to_parquet(out_table, index=False)
-    rej.to_parquet(out_rejects, index=False)
-    if out_summary is not None:
-        write_summary(built.summary, out_summary)
     return cohort
 
 
