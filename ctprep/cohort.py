@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ctprep import ctrate, geometry, rejects
+from ctprep.errors import UserError
 from ctprep.volume import VolumeError
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,15 @@ class CohortBuild:
 def _read(path: Path, what: str) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{what} table not found: {path} (is dataset.root a CT-RATE copy?)")
-    # strings throughout: list columns and "Not given." stay exactly as written
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:  # strings throughout: list columns and "Not given." stay exactly as written
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except UnicodeDecodeError as err:  # an Excel re-save in a local code page
+        raise UserError(f"{what} table {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except ValueError as err:  # pandas' ParserError (an unterminated quote), EmptyDataError (a 0-byte download)
+        raise UserError(f"{what} table {path}: {' '.join(str(err).split())}") from None
+    if "VolumeName" not in df.columns:  # a Git LFS pointer, another separator
+        raise UserError(f"{what} table {path}: no VolumeName column (columns: {', '.join(map(str, df.columns[:5]))})")
+    return df
 
 
 def _no_chest(root: Path, split: str) -> tuple[set[str], set[str], Path]:
@@ -117,8 +125,6 @@ def assemble_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int =
         split_bad: list[dict] = []
         duplicated: dict[str, list[str]] = {}  # volume -> the tables that list it more than once
         for kind, df in tables.items():
-            if "VolumeName" not in df.columns:
-                raise ValueError(f"{kind} table of split {split} has no VolumeName column")
             df["VolumeName"] = df["VolumeName"].map(ctrate.volume_name)  # the disk's key (discover's)
             dupes = set(df["VolumeName"][df["VolumeName"].duplicated()])
             for name in dupes:

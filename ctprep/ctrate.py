@@ -16,6 +16,8 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
+from ctprep.errors import read_text
+
 #: The 18 abnormality labels, in CT-RATE's column order.
 LABELS: tuple[str, ...] = (
     "Medical material",
@@ -264,7 +266,7 @@ def read_volume_list(path: Path) -> list[str]:
     one, as ``train_1_a.nii.gz``; the caller decides what it matches).
     """
     names = []
-    for line in Path(path).read_text(encoding="utf-8-sig").splitlines():
+    for line in read_text(path).splitlines():  # names a file that is not UTF-8 text
         entry = line.strip().strip(",;").strip().strip("\"'").strip()
         if not entry or entry.startswith("#") or entry.lower() == "volumename":
             continue

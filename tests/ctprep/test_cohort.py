@@ -159,3 +159,31 @@ def test_no_usable_volume_names_the_reasons_and_writes_the_rejects(tmp_path):
     rej = pd.read_parquet(out / "r.parquet")
     assert len(rej) and set(rej["reason"]) == {"missing labels row"}
     assert (out / "summary.json").is_file() and not (out / "c.parquet").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_text(p.read_text() + 'train_9_a_1.nii.gz,"unterminated\n'), "EOF inside string"),
+    (lambda p: p.write_bytes(p.read_bytes() + "Öksürük\n".encode("cp1254")), "not UTF-8 text"),
+    (lambda p: p.write_bytes(b""), "No columns to parse"),
+    (lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\n"), "no VolumeName column"),
+], ids=["unterminated-quote", "cp1254", "zero-bytes", "lfs-pointer"])
+def test_an_unreadable_table_is_one_line_naming_the_file(tmp_path, capsys, damage, message):
+    """pandas' and the codec's errors named no file (and were tracebacks): the command says which table and why."""
+    from ctprep.cli import main
+
+    root = tmp_path / "dataset"
+    write_demo_cohort(root, {**CFG, "faults": []})
+    path = ctrate.report_csv(root, "valid")
+    damage(path)
+    code = main(["cohort", str(root), str(tmp_path / "c.parquet"), str(tmp_path / "r.parquet"), "--n-chunks", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"report table {path}: " in err[0] and message in err[0]
+
+
+def test_a_no_chest_list_that_is_not_utf8_is_named(tmp_path):
+    root = tmp_path / "dataset"
+    write_demo_cohort(root, {**CFG, "faults": []})
+    path = ctrate.no_chest_txt(root, "train")
+    path.write_bytes("train_1_a_1.nii.gz # göğüs değil\n".encode("cp1254"))
+    with pytest.raises(ValueError, match=f"{path} is not UTF-8 text"):
+        build_cohort(root)
