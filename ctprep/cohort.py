@@ -237,9 +237,11 @@ def _join(root: Path, split: str, name: str, files: dict, indexed: dict, no_ches
         xy = geometry.parse_list(meta["XYSpacing"], 2, "XYSpacing")
         z, slope, intercept, n_slices = (_number(meta, c) for c in ("ZSpacing", "RescaleSlope", "RescaleIntercept",
                                                                     "NumberofSlices"))
-        n_slices = int(n_slices)
     except (VolumeError, ValueError) as err:
         return where, f"bad metadata: {err}"
+    if not (np.isfinite(n_slices) and n_slices >= 1 and n_slices == int(n_slices)):  # int(inf) raised and stopped all
+        return where, f"bad metadata: NumberofSlices {meta['NumberofSlices']!r} is not a positive whole number"
+    n_slices = int(n_slices)
     if not (np.isfinite([z, slope, intercept]).all() and z > 0 and slope != 0):
         return where, f"bad metadata: ZSpacing {z}, RescaleSlope {slope}, RescaleIntercept {intercept}"
     sections = {SECTIONS[c]: str(report.get(c, "")).strip() for c in SECTIONS}

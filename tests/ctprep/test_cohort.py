@@ -187,3 +187,19 @@ def test_a_no_chest_list_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes("train_1_a_1.nii.gz # göğüs değil\n".encode("cp1254"))
     with pytest.raises(ValueError, match=f"{path} is not UTF-8 text"):
         build_cohort(root)
+
+
+def test_a_number_of_slices_that_is_no_count_is_a_reject(tmp_path):
+    """int(float('inf')) raised OverflowError and stopped the whole cohort; 0 and 2.5 passed as counts."""
+    root = tmp_path / "dataset"
+    write_demo_cohort(root, {**CFG, "faults": []})
+    path = ctrate.metadata_csv(root, "train")
+    meta = pd.read_csv(path, dtype=str, keep_default_na=False)
+    bad = {meta.loc[i, "VolumeName"]: v for i, v in zip(range(3), ("inf", "0", "2.5"))}
+    meta.loc[:2, "NumberofSlices"] = list(bad.values())
+    meta.to_csv(path, index=False)
+    cohort, rejects = build_cohort(root)
+    reasons = rejects.set_index("VolumeName")["reason"]
+    assert {n: reasons[n] for n in bad} == {
+        n: f"bad metadata: NumberofSlices {v!r} is not a positive whole number" for n, v in bad.items()}
+    assert len(cohort) and not set(bad) & set(cohort["VolumeName"])
