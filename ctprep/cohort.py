@@ -170,7 +170,8 @@ def _split_summary(files: dict, listed: set, rows: list[dict], bad: list[dict], 
     """Counts of one split: what the tables list, what is on disk per layout, where each volume went."""
     names, scans, path = no_chest
     known = listed | set(files)
-    unmatched = sorted(names - known) + sorted(s for s in scans if not any(n.startswith(s + "_") for n in known))
+    known_scans = {ctrate.volume_key(n).rsplit("_", 1)[0] for n in known}  # once: per scan id it was quadratic
+    unmatched = sorted(names - known) + sorted(scans - known_scans)
     if unmatched:
         logger.warning("%s: %d entries name no volume of the tables or the disk (first: %s)", path.name,
                        len(unmatched), ", ".join(unmatched[:5]))
