@@ -249,8 +249,8 @@ def dataset_tables(root: Path, splits) -> list[Path]:
 
 
 def volumes_digest(root: Path, splits) -> str:
-    """:func:`ctprep.shards.tree_digest` of the volume files under the splits' layout folders: it changes where
-    volumes were downloaded, removed or replaced since (the root folder's mtime does not)."""
+    """:func:`ctprep.shards.tree_digest` of the volume files under the splits' layout folders (name, size, mtime):
+    it changes where volumes were downloaded, removed or replaced since (the root folder's mtime does not)."""
     from ctprep.shards import tree_digest
 
     folders = [LAYOUT_FOLDER[layout].format(split=SPLITS[s]["volumes"]) for s in splits for layout in LAYOUTS]

@@ -405,22 +405,34 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def tree_digest(root: str | os.PathLike, folders=(".",), suffixes: tuple[str, ...] | None = None) -> str:
     """sha256 (16 hex) of the files under ``root/folder`` for each of ``folders`` (those ending in ``suffixes``;
-    all without), by path relative to ``root`` and size: it changes where files were added, removed or
-    replaced, which a folder's own mtime does not show (a subfolder filling leaves its parent's mtime alone).
-    One ``os.scandir`` walk, no file read; a missing folder counts as empty."""
+    all without), by path relative to ``root``, size and mtime: it changes where files were added, removed or
+    replaced, even by one of the same size, which a folder's own mtime does not show (a subfolder filling leaves
+    its parent's mtime alone). One ``os.scandir`` walk, no file read; a missing folder counts as empty, a broken
+    link as size -1, and hidden files (macOS ``._*`` companions, ``.DS_Store``) not at all.
+
+    Its callers digest a user's own data folders (the dataset's volumes, a DICOM series folder), which a clone of
+    the project does not copy; mtime is only stable there, so keep it out of any digest of copied files."""
     root = Path(root)
     entries, stack = [], [root / f for f in folders]
     while stack:
         folder = stack.pop()
         try:
             with os.scandir(folder) as it:
-                for e in it:
-                    if e.is_dir(follow_symlinks=False):
-                        stack.append(Path(e.path))
-                    elif suffixes is None or e.name.endswith(suffixes):
-                        entries.append(f"{os.path.relpath(e.path, root)}:{e.stat().st_size}")
+                found = list(it)
         except (FileNotFoundError, NotADirectoryError):
             continue
+        for e in found:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                stack.append(Path(e.path))
+            elif suffixes is None or e.name.endswith(suffixes):
+                try:  # each entry on its own: a dangling link hid the rest of its folder
+                    st = e.stat()
+                    size, mtime = st.st_size, st.st_mtime_ns
+                except OSError:
+                    size, mtime = -1, 0
+                entries.append(f"{os.path.relpath(e.path, root)}:{size}:{mtime}")
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
 
 

@@ -402,3 +402,30 @@ def test_a_malformed_manifest_is_named_and_the_others_are_still_checked(tmp_path
     assert code == 1 and report["errors"] == {str(tmp_path / "bad.json"): "bad.json: malformed manifest (missing or "
                                                                             "wrong 'sha256')"}
     assert report["n_samples"] == 5  # the good one was still checked
+
+
+def test_tree_digest_sees_past_a_broken_link_and_same_size_replacements(tmp_path):
+    """A dangling link's stat ended the walk of its folder (a new volume there changed nothing); a file replaced by
+    one of the same size did not change the digest."""
+    import os
+
+    from ctprep.shards import tree_digest
+
+    d = tmp_path / "train_fixed" / "train_1" / "train_1_a"
+    d.mkdir(parents=True)
+    (d / "train_1_a_0.nii.gz").symlink_to(tmp_path / "nowhere")
+    (d / "train_1_a_1.nii.gz").write_bytes(b"abc")
+
+    def digest():
+        return tree_digest(tmp_path, ["train_fixed"], (".nii.gz",))
+
+    before = digest()
+    (d / "train_1_a_2.nii.gz").write_bytes(b"abcd")
+    added = digest()
+    assert added != before
+    (d / "train_1_a_1.nii.gz").write_bytes(b"xyz")
+    os.utime(d / "train_1_a_1.nii.gz", ns=(1, 10**18))
+    assert digest() != added
+    replaced = digest()
+    (d / "._train_1_a_1.nii.gz").write_bytes(b"\0" * 4096)  # a macOS companion file is no volume
+    assert digest() == replaced
