@@ -193,13 +193,14 @@ def discover(root: Path, split: str) -> dict[str, dict[str, list[Path]]]:
 
     Files are found anywhere below a layout folder (flattened copies work too); more than one
     path for a name in one layout is left for the caller to refuse. Symlinked folders are not
-    followed. Absent folders hold nothing.
+    followed. Absent folders hold nothing. Hidden files (the ``._*`` that macOS leaves beside each file it
+    copies to exFAT) are no volumes.
     """
     found: dict[str, dict[str, list[Path]]] = {}
     for layout in LAYOUTS:
         for dirpath, _dirs, files in os.walk(Path(root) / volume_folder(split, layout)):
             for name in files:
-                if name.endswith((".nii.gz", ".nii")):
+                if name.endswith((".nii.gz", ".nii")) and not name.startswith("."):  # macOS ._* companions
                     found.setdefault(volume_name(name), {}).setdefault(layout, []).append(Path(dirpath) / name)
     for copies in found.values():
         for paths in copies.values():

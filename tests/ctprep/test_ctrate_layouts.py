@@ -321,3 +321,13 @@ def test_the_cohort_command_reads_the_configs_dataset_choices(both, tmp_path, mo
     config.write_text(yaml.safe_dump({"prep": {"n_chunks": 0}}))
     assert main(["cohort", str(root), str(tmp_path / "c3.parquet"), str(tmp_path / "r3.parquet"), "--config",
                  str(config)]) == 2  # a one-line mistake, not a ZeroDivisionError
+
+
+def test_hidden_companion_files_are_no_volumes(fixed, tmp_path):
+    """macOS leaves ``._<name>`` beside each file copied to exFAT: each became an "invalid VolumeName" reject."""
+    root = _copy(fixed[0], tmp_path)
+    expected = build_cohort(root)
+    for path in list((root / "train_fixed").rglob("*.nii.gz")):
+        (path.parent / ("._" + path.name)).write_bytes(b"\0" * 4096)
+    cohort, rejects = build_cohort(root)
+    assert cohort.equals(expected[0]) and rejects.equals(expected[1])
