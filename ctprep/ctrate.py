@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-from ctprep.errors import read_text
+from ctprep.errors import UserError, read_text
 
 #: The 18 abnormality labels, in CT-RATE's column order.
 LABELS: tuple[str, ...] = (
@@ -238,8 +238,14 @@ def stated_convention(path: str | os.PathLike | None) -> dict | None:
 
 
 def no_chest_txt(root: Path, split: str) -> Path:
-    """CT-RATE's list of the split's volumes that are not chest scans."""
-    return Path(root) / "metadata" / f"no_chest_{SPLITS[split]['labels']}.txt"
+    """CT-RATE's list of the split's volumes that are not chest scans: ``no_chest_valid.txt`` or, under the
+    reports' spelling of the split, ``no_chest_validation.txt`` (which was ignored); the first where neither is."""
+    names = dict.fromkeys(f"no_chest_{SPLITS[split][part]}.txt" for part in ("labels", "reports"))
+    paths = [Path(root) / "metadata" / name for name in names]
+    found = [p for p in paths if p.is_file()]
+    if len(found) > 1:
+        raise UserError(f"two no-chest lists for split {split}: {' and '.join(map(str, found))}; keep one")
+    return (found or paths)[0]
 
 
 def dataset_tables(root: Path, splits) -> list[Path]:

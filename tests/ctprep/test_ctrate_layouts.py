@@ -331,3 +331,21 @@ def test_hidden_companion_files_are_no_volumes(fixed, tmp_path):
         (path.parent / ("._" + path.name)).write_bytes(b"\0" * 4096)
     cohort, rejects = build_cohort(root)
     assert cohort.equals(expected[0]) and rejects.equals(expected[1])
+
+
+def test_no_chest_list_under_either_split_spelling_and_with_nii_entries(fixed, tmp_path):
+    """``no_chest_validation.txt`` (the reports' spelling of the split) was ignored without a word; an entry
+    ``<name>.nii`` matched no ``<name>.nii.gz`` volume."""
+    root = _copy(fixed[0], tmp_path)
+    cohort = build_cohort(root)[0]
+    train = cohort.loc[cohort["split"] == "train", "VolumeName"].iloc[0]
+    valid = cohort.loc[cohort["split"] == "valid", "VolumeName"].iloc[0]
+    ctrate.no_chest_txt(root, "train").write_text(train[:-3] + "\n")
+    (root / "metadata" / "no_chest_validation.txt").write_text(valid + "\n")
+    assert ctrate.no_chest_txt(root, "valid").name == "no_chest_validation.txt"
+    reasons = build_cohort(root)[1].set_index("VolumeName")["reason"]
+    assert reasons[train] == "not a chest CT (listed in metadata/no_chest_train.txt)"
+    assert reasons[valid] == "not a chest CT (listed in metadata/no_chest_validation.txt)"
+    (root / "metadata" / "no_chest_valid.txt").write_text(valid + "\n")
+    with pytest.raises(ValueError, match="two no-chest lists for split valid: .*no_chest_valid.txt and .*keep one"):
+        build_cohort(root)
