@@ -114,18 +114,21 @@ def assemble_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int =
     bad: list[dict] = []
     summary = {"root": str(root), "prefer": prefer, "splits": {}}
     for split in splits:
-        tables = {
-            "metadata": _read(ctrate.metadata_csv(root, split), "metadata"),
-            "report": _read(ctrate.report_csv(root, split), "report"),
-            "labels": _read(ctrate.labels_csv(root, split), "labels"),
-        }
+        paths = {"metadata": ctrate.metadata_csv(root, split), "report": ctrate.report_csv(root, split),
+                 "labels": ctrate.labels_csv(root, split)}
+        tables = {kind: _read(path, kind) for kind, path in paths.items()}
         files = ctrate.discover(root, split)
         no_chest = _no_chest(root, split)
         indexed: dict[str, dict[str, dict]] = {}
         split_bad: list[dict] = []
-        duplicated: dict[str, list[str]] = {}  # volume -> the tables that list it more than once
-        for kind, df in tables.items():
+        duplicated: dict[str, list[str]] = {}  # volume -> the tables that list it in rows that differ
+        for kind in tables:
+            df = tables[kind]
             df["VolumeName"] = df["VolumeName"].map(ctrate.volume_name)  # the disk's key (discover's)
+            exact = df.duplicated()
+            if exact.any():  # a row repeated exactly says nothing new: kept once
+                logger.info("%s: %d rows repeat another row exactly; each kept once", paths[kind], exact.sum())
+                tables[kind] = df = df[~exact]
             dupes = set(df["VolumeName"][df["VolumeName"].duplicated()])
             for name in dupes:
                 duplicated.setdefault(name, []).append(kind)
@@ -133,14 +136,7 @@ def assemble_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int =
         listed = set().union(*(set(df["VolumeName"]) for df in tables.values()))
         split_rows, not_downloaded = [], 0
         for name in sorted(set(files) | listed):
-            if name in duplicated:  # one reject naming every table that repeats it (none if not downloaded)
-                if name in files:
-                    split_bad.append({"VolumeName": name, "split": split, "stage": "cohort",
-                                      "reason": f"duplicate {' and '.join(duplicated[name])} rows"})
-                else:
-                    not_downloaded += 1
-                continue
-            row, reason = _join(root, split, name, files, indexed, no_chest, n_chunks, prefer)
+            row, reason = _join(root, split, name, files, indexed, duplicated, no_chest, n_chunks, prefer)
             if reason == _NOT_DOWNLOADED:
                 not_downloaded += 1
             elif reason:
@@ -204,7 +200,7 @@ def _log_split(split: str, s: dict) -> None:
                     split, s["labels_missing"]["volumes"], s["labels_missing"]["cells"])
 
 
-def _join(root: Path, split: str, name: str, files: dict, indexed: dict, no_chest: tuple,
+def _join(root: Path, split: str, name: str, files: dict, indexed: dict, duplicated: dict, no_chest: tuple,
           n_chunks: int, prefer: str) -> tuple[dict, str]:
     try:
         parts = ctrate.parse_volume_name(name)
@@ -225,6 +221,8 @@ def _join(root: Path, split: str, name: str, files: dict, indexed: dict, no_ches
     names, scans, list_path = no_chest
     if name in names or parts["scan"] in scans:
         return where, f"{EXCLUDED} (listed in metadata/{list_path.name})"
+    if name in duplicated:  # after the exclusion, which strict mode lets pass; one reject naming every table
+        return where, f"duplicate {' and '.join(duplicated[name])} rows that differ"
     for kind in ("metadata", "report", "labels"):
         if name not in indexed[kind]:
             return where, f"missing {kind} row"

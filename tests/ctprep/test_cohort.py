@@ -83,11 +83,12 @@ def test_duplicate_table_rows_give_one_reject_and_listed_only_volumes_count_as_n
     cohort, _ = build_cohort(dataset[0])
     on_disk = sorted(cohort.loc[cohort["split"] == "train", "VolumeName"])[0]
     ghost = meta[meta["VolumeName"] == on_disk].assign(VolumeName="train_99_a_1.nii.gz")  # listed, not downloaded
-    meta = pd.concat([meta, meta[meta["VolumeName"] == on_disk], ghost, ghost])
+    other = meta[meta["VolumeName"] == on_disk].assign(PatientAge="099Y")  # a second row that disagrees
+    meta = pd.concat([meta, other, ghost, ghost.assign(PatientAge="099Y")])
     meta.to_csv(ctrate.metadata_csv(root, "train"), index=False)
     built = assemble_cohort(root, splits=["train"])
     rej = built.rejects[built.rejects["VolumeName"].isin([on_disk, "train_99_a_1.nii.gz"])]
-    assert rej[["VolumeName", "reason"]].values.tolist() == [[on_disk, "duplicate metadata rows"]]
+    assert rej[["VolumeName", "reason"]].values.tolist() == [[on_disk, "duplicate metadata rows that differ"]]
     s = built.summary["splits"]["train"]
     assert s["not_downloaded"] == 1 and on_disk not in set(built.table["VolumeName"])
     assert s["in_cohort"] + s["rejected"] == len(set(built.table["VolumeName"]) | set(built.rejects["VolumeName"]))
@@ -219,3 +220,27 @@ def test_no_chest_scan_ids_are_matched_in_linear_time(tmp_path):
     s = _split_summary({}, listed, [], [], 0, ({"train_5_a_1.nii.gz", "train_5_b_1.nii.gz"}, scans, path))
     assert time.perf_counter() - start < 2.0
     assert s["no_chest_list"] == {"file": "no_chest_train.txt", "entries": 2002, "unmatched": 1001}
+
+
+def test_an_exact_duplicate_row_is_kept_once_and_a_no_chest_volume_is_excluded_before_duplicates(tmp_path):
+    """A row repeated exactly rejected its volume; a no-chest volume with repeated rows failed strict mode as bad
+    input, where its exclusion alone is deliberate."""
+    root = tmp_path / "dataset"
+    write_demo_cohort(root, {**CFG, "faults": []})
+    expected = build_cohort(root)[0]
+    names = sorted(expected.loc[expected["split"] == "train", "VolumeName"])
+    path = ctrate.metadata_csv(root, "train")
+    meta = pd.read_csv(path, dtype=str, keep_default_na=False)
+    twice = meta[meta["VolumeName"] == names[0]]
+    differs = meta[meta["VolumeName"] == names[1]].assign(PatientAge="099Y")
+    pd.concat([meta, twice, twice, differs]).to_csv(path, index=False)
+    cohort, rejects = build_cohort(root)
+    assert rejects[["VolumeName", "reason"]].values.tolist() == [[names[1], "duplicate metadata rows that differ"]]
+    assert cohort.equals(expected[expected["VolumeName"] != names[1]].reset_index(drop=True))
+    ctrate.no_chest_txt(root, "train").write_text(names[1] + "\n")
+    out = tmp_path / "out"
+    cohort = write_cohort(root, out / "c.parquet", out / "r.parquet", strict=True)
+    rejects = pd.read_parquet(out / "r.parquet")
+    assert rejects[["VolumeName", "reason"]].values.tolist() == [
+        [names[1], "not a chest CT (listed in metadata/no_chest_train.txt)"]]
+    assert names[0] in set(cohort["VolumeName"])
