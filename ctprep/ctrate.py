@@ -256,7 +256,7 @@ def dataset_tables(root: Path, splits) -> list[Path]:
 
 
 def volumes_digest(root: Path, splits) -> str:
-    """:func:`ctprep.shards.tree_digest` of the volume files under the splits' layout folders (name, size, mtime):
+    """:func:`ctprep.shards.tree_digest` of the volume files under the splits' layout folders (name, size):
     it changes where volumes were downloaded, removed or replaced since (the root folder's mtime does not)."""
     from ctprep.shards import tree_digest
 

@@ -405,13 +405,13 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def tree_digest(root: str | os.PathLike, folders=(".",), suffixes: tuple[str, ...] | None = None) -> str:
     """sha256 (16 hex) of the files under ``root/folder`` for each of ``folders`` (those ending in ``suffixes``;
-    all without), by path relative to ``root``, size and mtime: it changes where files were added, removed or
-    replaced, even by one of the same size, which a folder's own mtime does not show (a subfolder filling leaves
-    its parent's mtime alone). One ``os.scandir`` walk, no file read; a missing folder counts as empty, a broken
-    link as size -1, and hidden files (macOS ``._*`` companions, ``.DS_Store``) not at all.
-
-    Its callers digest a user's own data folders (the dataset's volumes, a DICOM series folder), which a clone of
-    the project does not copy; mtime is only stable there, so keep it out of any digest of copied files."""
+    all without), by path relative to ``root`` and size: it changes where files were added, removed or
+    replaced, which a folder's own mtime does not show (a subfolder filling leaves its parent's mtime alone).
+    One ``os.scandir`` walk, no file read; a missing folder counts as empty, a broken link as size -1, and hidden
+    files (macOS ``._*`` companions, ``.DS_Store``) not at all. Not the files' dates: a copy of the dataset to
+    another disk (cp, rsync without -t) dates every file anew, and the cohort and all after it would rerun; a
+    volume replaced by one of exactly the same size is the rare case that goes unseen (``snakemake -R cohort``).
+    The string per file is unchanged since the first version, so a finished run's digest stays the same."""
     root = Path(root)
     entries, stack = [], [root / f for f in folders]
     while stack:
@@ -428,11 +428,10 @@ def tree_digest(root: str | os.PathLike, folders=(".",), suffixes: tuple[str, ..
                 stack.append(Path(e.path))
             elif suffixes is None or e.name.endswith(suffixes):
                 try:  # each entry on its own: a dangling link hid the rest of its folder
-                    st = e.stat()
-                    size, mtime = st.st_size, st.st_mtime_ns
+                    size = e.stat().st_size
                 except OSError:
-                    size, mtime = -1, 0
-                entries.append(f"{os.path.relpath(e.path, root)}:{size}:{mtime}")
+                    size = -1
+                entries.append(f"{os.path.relpath(e.path, root)}:{size}")
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
 
 

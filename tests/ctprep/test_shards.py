@@ -404,9 +404,9 @@ def test_a_malformed_manifest_is_named_and_the_others_are_still_checked(tmp_path
     assert report["n_samples"] == 5  # the good one was still checked
 
 
-def test_tree_digest_sees_past_a_broken_link_and_same_size_replacements(tmp_path):
-    """A dangling link's stat ended the walk of its folder (a new volume there changed nothing); a file replaced by
-    one of the same size did not change the digest."""
+def test_tree_digest_sees_past_a_broken_link_and_not_file_dates(tmp_path):
+    """A dangling link's stat ended the walk of its folder (a new volume there changed nothing). File dates are not
+    digested: a copy of the dataset to another disk would rerun the cohort and everything after it."""
     import os
 
     from ctprep.shards import tree_digest
@@ -423,8 +423,9 @@ def test_tree_digest_sees_past_a_broken_link_and_same_size_replacements(tmp_path
     (d / "train_1_a_2.nii.gz").write_bytes(b"abcd")
     added = digest()
     assert added != before
-    (d / "train_1_a_1.nii.gz").write_bytes(b"xyz")
-    os.utime(d / "train_1_a_1.nii.gz", ns=(1, 10**18))
+    os.utime(d / "train_1_a_1.nii.gz", ns=(1, 10**18))  # re-dated (a copy): the same digest
+    assert digest() == added
+    (d / "train_1_a_1.nii.gz").write_bytes(b"wxyz")  # replaced by another size
     assert digest() != added
     replaced = digest()
     (d / "._train_1_a_1.nii.gz").write_bytes(b"\0" * 4096)  # a macOS companion file is no volume
