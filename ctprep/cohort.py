@@ -316,7 +316,8 @@ def write_cohort(root: str | Path, out_table: str | Path, out_rejects: str | Pat
     """
     built = assemble_cohort(root, splits, n_chunks, prefer)
     cohort, rej = built.table, built.rejects
-    # the rejects and the summary first: the errors below point to them
+    # the rejects and the summary first, for `ctprep cohort` by hand (a failed Snakemake job's outputs are
+    # removed: the errors below point to the log, which lists every reject)
     Path(out_rejects).parent.mkdir(parents=True, exist_ok=True)
     rej.to_parquet(out_rejects, index=False)
     if out_summary is not None:
@@ -331,8 +332,8 @@ def write_cohort(root: str | Path, out_table: str | Path, out_rejects: str | Pat
         reasons = sum((Counter(s["rejected_by_reason"]) for s in built.summary["splits"].values()), Counter())
         top = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common(3))
         raise ValueError(f"no usable volume under {root}: {t['on_disk']} found on disk (in {folders}), "
-                         f"{t['listed']} listed in the tables, {len(rej)} rejected" + (f" ({top}; see {out_rejects})"
-                                                                                        if top else ""))
+                         f"{t['listed']} listed in the tables, {len(rej)} rejected"
+                         + (f" ({top}; the log lists each reject)" if top else ""))
     Path(out_table).parent.mkdir(parents=True, exist_ok=True)
     cohort.to_parquet(out_table, index=False)
     return cohort

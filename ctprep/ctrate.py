@@ -194,11 +194,14 @@ def discover(root: Path, split: str) -> dict[str, dict[str, list[Path]]]:
     Files are found anywhere below a layout folder (flattened copies work too); more than one
     path for a name in one layout is left for the caller to refuse. Symlinked folders are not
     followed. Absent folders hold nothing. Hidden files (the ``._*`` that macOS leaves beside each file it
-    copies to exFAT) are no volumes.
+    copies to exFAT) and files in hidden folders are no volumes.
     """
     found: dict[str, dict[str, list[Path]]] = {}
     for layout in LAYOUTS:
-        for dirpath, _dirs, files in os.walk(Path(root) / volume_folder(split, layout)):
+        for dirpath, dirs, files in os.walk(Path(root) / volume_folder(split, layout)):
+            # hidden folders too (rsync's .~tmp~ of a transfer under way), as the volumes digest skips them: a
+            # partial copy there made a "2 files for one volume" reject that its removal did not rerun
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
             for name in files:
                 if name.endswith((".nii.gz", ".nii")) and not name.startswith("."):  # macOS ._* companions
                     found.setdefault(volume_name(name), {}).setdefault(layout, []).append(Path(dirpath) / name)

@@ -35,7 +35,7 @@ def check(rejects: pd.DataFrame, strict: bool, what: str) -> None:
     if strict and len(rejects):
         rows = list(rejects.itertuples(index=False))
         listing = "; ".join(f"{r.VolumeName}: {r.reason}" for r in rows[:5])
-        more = f"; and {len(rows) - 5} more (the rejects table lists them)" if len(rows) > 5 else ""
+        more = f"; and {len(rows) - 5} more (the log lists them)" if len(rows) > 5 else ""
         raise RejectedInput(f"strict mode: {len(rows)} input(s) rejected during {what}: {listing}{more}")
 
 

@@ -147,7 +147,7 @@ def test_volume_names_are_matched_whatever_their_spelling(tmp_path):
     assert cohort.set_index("VolumeName").loc[name, "path"].endswith(name[:-3])
 
 
-def test_no_usable_volume_names_the_reasons_and_writes_the_rejects(tmp_path):
+def test_no_usable_volume_names_the_reasons_and_writes_the_rejects(tmp_path, caplog):
     """The error said "6 rejected" with no reason, and the rejects table it pointed to was never written."""
     root = tmp_path / "dataset"
     write_demo_cohort(root, {**CFG, "faults": []})
@@ -155,8 +155,11 @@ def test_no_usable_volume_names_the_reasons_and_writes_the_rejects(tmp_path):
         df = pd.read_csv(ctrate.labels_csv(root, split), dtype=str, keep_default_na=False)
         df.iloc[:0].to_csv(ctrate.labels_csv(root, split), index=False)  # a header, no rows
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"no usable volume .* rejected \(\d+ missing labels row; see .*r\.parquet\)"):
+    # the log, not the rejects table: Snakemake removes a failed job's outputs
+    with caplog.at_level("WARNING"), pytest.raises(
+            ValueError, match=r"no usable volume .* rejected \(\d+ missing labels row; the log lists each reject\)"):
         write_cohort(root, out / "c.parquet", out / "r.parquet", out_summary=out / "summary.json")
+    assert "missing labels row" in caplog.text
     rej = pd.read_parquet(out / "r.parquet")
     assert len(rej) and set(rej["reason"]) == {"missing labels row"}
     assert (out / "summary.json").is_file() and not (out / "c.parquet").exists()
