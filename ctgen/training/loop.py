@@ -288,6 +288,12 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
             state = None
         else:
             code_versions = resumed
+    if state is not None:
+        bad = _nonfinite(state["model"]) + _nonfinite((state.get("ema") or {}).get("shadow") or {}, "ema.")
+        if bad:  # written before checkpoints were checked: its weights would be saved as the model
+            log.warning("%s holds non-finite weights (%s): training afresh", ckpt_dir / ckpt.CHECKPOINT_NAME,
+                        ", ".join(bad[:5]))
+            state = None
     if state is not None and state["step"] > cfg.max_steps:  # its weights are past what this config asks for
         raise ValueError(f"{ckpt_dir / ckpt.CHECKPOINT_NAME} is at step {state['step']}, past max_steps "
                          f"{cfg.max_steps}: raise max_steps, or delete the checkpoint to train {cfg.max_steps} steps")
@@ -375,6 +381,10 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
             lr = optimizer.param_groups[0]["lr"]
             micro = [_to_device(next(batches), device) for _ in range(accum)]
+            # what the forward pass updates in place (BatchNorm statistics, the VQ codebook's moving averages): kept,
+            # so that a skipped step leaves the model as it was (an inf batch made them NaN, and every step after)
+            buffers = [b for b in raw.buffers() if b.is_floating_point()]
+            kept = [b.detach().clone() for b in buffers]
             terms = accumulate_gradients(net, micro, step=step, ddp=info.ddp, autocast=autocast, collect_logs=log_now)
             if cfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -387,6 +397,9 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
                 optimizer.step()
                 skipped_in_a_row = 0
             else:
+                with torch.no_grad():
+                    for b, k in zip(buffers, kept):
+                        b.copy_(k)
                 skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
                 log.warning("step %d: gradient norm %s, update skipped (%d in a row, %d in all)", step + 1,
                             float(grad_norm), skipped_in_a_row, skipped)
@@ -482,6 +495,9 @@ def _save_final(raw, ema, cfg, out_dir, extra_meta, info, precision, step, start
     """Raw weights in ``out_dir``, EMA weights in ``out_dir/ema`` (both recording this ``run``, which
     :func:`ctgen.models.base.weights_folder` checks), and ``train_summary.json``. A training without EMA removes
     the ``ema/`` an earlier one left (sampling and the evaluation would have used those old weights)."""
+    bad = _nonfinite(raw.state_dict()) + (_nonfinite(ema.shadow, "ema.") if ema is not None else [])
+    if bad:  # never a model that samples NaN (the checkpoints are checked as well)
+        raise RuntimeError(f"non-finite values in {', '.join(bad[:5])}: the model is not saved to {out_dir}")
     meta = {"train": asdict(cfg), "run": uuid.uuid4().hex[:16], **extra_meta}
     raw.save_pretrained(out_dir, seed=cfg.seed, **meta)
     if ema is not None:

@@ -27,11 +27,12 @@ BASE = dict(max_steps=9, batch_size=4, grad_accum=2, lr=1e-2, min_lr=1e-3, warmu
             ckpt_every=3, ema_decay=0.8, ema_start=2, seed=7, tensorboard=False)
 
 
-def run(tmp: Path, fault=None, cfg=None, model_cfg=ToyConfig(), expect=None, batches=None, nan_steps=()):
+def run(tmp: Path, fault=None, cfg=None, model_cfg=ToyConfig(), expect=None, batches=None, nan_steps=(),
+        inf_steps=()):
     """Train a seeded toy model into tmp/out (checkpoints in tmp/ckpt); return the model."""
     torch.manual_seed(123)
     model = ToyModel(model_cfg)
-    model.fault, model.nan_steps = fault, nan_steps
+    model.fault, model.nan_steps, model.inf_steps = fault, nan_steps, inf_steps
     args = (model, batches or MakeBatches(per_epoch=5, noise=0.05), cfg or TrainConfig(**BASE), tmp / "out")
     if expect is None:
         train(*args, checkpoint_dir=tmp / "ckpt", extra_meta={"stage": "toy"})
@@ -202,6 +203,24 @@ def test_a_nan_gradient_is_skipped_and_never_saved(reference, tmp_path):
     state = ckpt.load_checkpoint(tmp_path / "c" / "ckpt")  # the step-3 checkpoint, not one of NaN weights
     assert state["step"] == 6 and state["skipped_in_a_row"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_skipped_step_leaves_the_buffers_and_a_nan_checkpoint_is_not_reused(tmp_path):
+    """An inf input updated a buffer in the forward pass (BatchNorm statistics, the VQ codebook's averages) before its
+    step was skipped: the next checkpoint was refused, on every retry. And a finished checkpoint of NaN weights,
+    written before checkpoints were checked, was reused and saved as the model."""
+    run(tmp_path / "a", inf_steps={4})
+    out = tmp_path / "a" / "out"
+    assert json.loads((out / "train_summary.json").read_text())["skipped_steps"] == 1
+    weights = ToyModel.from_pretrained(out).state_dict()
+    assert torch.isfinite(weights["running_mean"]).all() and all(torch.isfinite(v).all() for v in weights.values())
+    run(tmp_path / "b")
+    state = ckpt.load_checkpoint(tmp_path / "b" / "ckpt")
+    state["model"]["fc2.weight"][0, 0] = float("nan")
+    ckpt.save_checkpoint(state, tmp_path / "b" / "ckpt")
+    run(tmp_path / "b")  # trained afresh, not the NaN weights saved as the model
+    assert json.loads((tmp_path / "b" / "out" / "train_summary.json").read_text())["steps_this_run"] == 9
+    assert torch.isfinite(ToyModel.from_pretrained(tmp_path / "b" / "out").state_dict()["fc2.weight"]).all()
 
 
 def test_a_signal_in_the_last_step_finishes_the_run(reference, tmp_path):

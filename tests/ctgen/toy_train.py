@@ -51,6 +51,7 @@ class ToyModel(PretrainedMixin, nn.Module):
         self.register_buffer("running_mean", torch.zeros(DIM_IN))  # updated in forward
         self.fault: tuple[str, int] | None = None  # ("sigterm" | "raise", step): test fault injection
         self.nan_steps: Collection[int] = ()  # steps whose loss is NaN (test fault injection)
+        self.inf_steps: Collection[int] = ()  # steps whose inputs hold an inf, as a corrupt volume's (test fault injection)
 
     def predict(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         h = self.drop(F.gelu(self.norm(self.fc1(x + self.embed(c)))))  # (B, hidden)
@@ -62,6 +63,9 @@ class ToyModel(PretrainedMixin, nn.Module):
                 os.kill(os.getpid(), signal.SIGTERM)
             else:
                 raise RuntimeError(f"injected crash at step {step}")
+        if step in self.inf_steps:
+            x = x.clone()
+            x[0, 0] = float("inf")  # the buffer below turns inf, and the loss NaN
         if self.training:
             with torch.no_grad():
                 self.running_mean.lerp_(x.float().mean(0), 0.1)
