@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ctprep import __version__
+from ctprep import __version__, ctrate
 from ctprep.errors import DEBUG_ENV, UserError, positive_int, read_json, run_reporting_errors, split_global_flags
 
 logger = logging.getLogger("ctprep")
@@ -184,7 +184,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefer", choices=("fixed", "original"),
                    help="a volume in both <split>_fixed/ and <split>/: which copy (default: the config's dataset.prefer, "
                         "else fixed)")
-    p.add_argument("--splits", nargs="+", metavar="SPLIT",
+    p.add_argument("--splits", nargs="+", metavar="SPLIT", choices=list(ctrate.SPLITS),
                    help="the splits to read (default: the config's dataset.splits, else train valid)")
     p.set_defaults(func=cmd_cohort)
 

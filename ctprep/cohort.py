@@ -109,6 +109,9 @@ def assemble_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int =
     """Join a CT-RATE-layout dataset into the cohort table, its rejects and the summary counts."""
     if prefer not in ctrate.LAYOUTS:
         raise ValueError(f"dataset.prefer must be one of {list(ctrate.LAYOUTS)}, not {prefer!r}")
+    unknown = [s for s in splits if s not in ctrate.SPLITS]
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}: CT-RATE's are {list(ctrate.SPLITS)}")
     root = Path(root).resolve()
     rows: list[dict] = []
     bad: list[dict] = []

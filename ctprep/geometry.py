@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,8 +20,13 @@ import numpy as np
 from ctprep.volume import CANONICAL, Volume, VolumeError, lps_to_ras
 
 
+def _split(text: str) -> list[str]:
+    """Items of a list written without Python syntax: DICOM's ``0.75\\0.75``, or blanks or commas between."""
+    return [v for v in re.split(r"[\\\s,]+", text) if v]
+
+
 def parse_list(value: object, length: int, name: str) -> list[float]:
-    """Parse a CT-RATE list string like ``"[0.75, 0.75]"`` (or ``"0.75\\0.75"``) into floats."""
+    """Parse a CT-RATE list string like ``"[0.75, 0.75]"`` (or ``"0.75\\0.75"``, ``"[0.75 0.75]"``) into floats."""
     if isinstance(value, (list, tuple, np.ndarray)):
         items = list(value)
     else:
@@ -28,9 +34,9 @@ def parse_list(value: object, length: int, name: str) -> list[float]:
         if not text or text.lower() in {"nan", "none", "null"}:
             raise VolumeError(f"{name} is missing")
         try:
-            parsed = ast.literal_eval(text) if text[0] in "[(" else text.split("\\")
-        except (ValueError, SyntaxError) as err:
-            raise VolumeError(f"unparsable {name}: {text!r}") from err
+            parsed = ast.literal_eval(text) if text[0] in "[(" else _split(text)
+        except (ValueError, SyntaxError):  # numpy's print form, "[0.75 0.75]" (a table written from arrays)
+            parsed = _split(text.strip("[]()"))
         items = list(parsed) if isinstance(parsed, (list, tuple)) else [parsed]
     try:
         out = [float(v) for v in items]

@@ -105,6 +105,8 @@ def test_preference_picks_the_copy_and_falls_back(both, prefer):
         assert ctrate.layout_of(rec["path"]) == rec["layout"]
     with pytest.raises(ValueError, match="dataset.prefer"):
         build_cohort(root, prefer="newest")
+    with pytest.raises(ValueError, match=r"unknown split\(s\) \['validation'\]"):  # the reports' name, not the split's
+        build_cohort(root, splits=("train", "validation"))
 
 
 def test_layout_of_paths():

@@ -9,13 +9,14 @@ from ctprep.volume import Volume, VolumeError, load_nifti, lps_to_ras
 
 @pytest.mark.parametrize(
     "text, n, expected",
-    [("[0.75, 0.75]", 2, [0.75, 0.75]), ("0.7\\0.8", 2, [0.7, 0.8]), ("(-1.5, 2, 3e1)", 3, [-1.5, 2.0, 30.0])],
+    [("[0.75, 0.75]", 2, [0.75, 0.75]), ("0.7\\0.8", 2, [0.7, 0.8]), ("(-1.5, 2, 3e1)", 3, [-1.5, 2.0, 30.0]),
+     ("[0.75 0.75]", 2, [0.75, 0.75]), ("0.75 0.75", 2, [0.75, 0.75]), ("[ -175.5  -170.25   -64. ]", 3, [-175.5, -170.25, -64.0])],
 )
 def test_parse_list(text, n, expected):
     assert parse_list(text, n, "x") == expected
 
 
-@pytest.mark.parametrize("text", ["[1.0, abc]", "", "nan", "[1, 2]", "[1, inf, 2]"])
+@pytest.mark.parametrize("text", ["[1.0, abc]", "", "nan", "[1, 2]", "[1, inf, 2]", "[1 2]", "[1 abc 2]"])
 def test_parse_list_refuses(text):
     with pytest.raises(VolumeError):
         parse_list(text, 3, "ImagePositionPatient")
