@@ -89,7 +89,8 @@ def test_every_job_that_can_use_a_gpu_asks_the_slurm_profile_for_one(jobs):
 
     profile = yaml.safe_load((REPO / "workflow/profiles/slurm/config.yaml").read_text())["set-resources"]
     gpu_rules = {rule for rule, f in jobs if "gpu" in dict(kv.split("=", 1) for kv in f["resources"].split(", "))}
-    assert {"train_tokenizer", "train_latent_flow", "sample_latent_flow", "evaluate", "embed_sections"} <= gpu_rules
+    assert {"train_tokenizer", "train_latent_flow", "sample_latent_flow", "evaluate", "embed_sections",
+            "encode_tokens", "encode_recon", "encode_latents"} <= gpu_rules
     missing = sorted(r for r in gpu_rules if profile.get(r, {}).get("gpu", 0) < 1
                      or profile[r].get("slurm_partition") != "gpu")
     assert not missing, f"rules with a gpu resource that the Slurm profile queues without a GPU: {missing}"

@@ -46,6 +46,7 @@ rule encode_latents:
     resources:
         mem_mb=8000,
         runtime=grows_with_attempt(120, 2),
+        gpu=0,  # the Slurm profile gives it one
     params:
         autoencoder=lambda wc, input: os.path.dirname(input.weights),
         manifest=get_chunk_manifest,

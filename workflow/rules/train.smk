@@ -154,6 +154,7 @@ rule encode_tokens:
     resources:
         mem_mb=8000,
         runtime=grows_with_attempt(120, 2),
+        gpu=0,  # the Slurm profile gives it one
     params:
         tokenizer=lambda wc, input: os.path.dirname(input.weights),
         manifest=get_chunk_manifest,
@@ -209,6 +210,7 @@ rule encode_recon:
     resources:
         mem_mb=8000,
         runtime=grows_with_attempt(120, 2),
+        gpu=0,  # the Slurm profile gives it one
     params:
         tokenizer=lambda wc, input: os.path.dirname(input.weights),
         manifest=get_chunk_manifest,
