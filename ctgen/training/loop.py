@@ -268,12 +268,23 @@ def train(model: nn.Module, make_batches: Callable[[BatchContext], Iterable[dict
     return out_dir
 
 
+def starved_gpu_advice(device: torch.device, num_workers: int) -> str | None:
+    """What to say where a GPU trains with no data workers: the process decodes every volume between its steps
+    and the GPU waits (a Slurm job of 1 thread per GPU, the demo config's, gets none: launch.data_workers)."""
+    if device.type != "cuda" or num_workers > 0:
+        return None
+    return (f"training on {device} with no data workers: volumes are decoded between steps while the GPU waits; "
+            "give the job more CPUs (models.resources.<model>.threads, e.g. 8 per GPU)")
+
+
 def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) -> None:
     t_start = time.time()
     if cfg.grad_accum % info.world_size:
         raise ValueError(f"grad_accum={cfg.grad_accum} must be a multiple of the world size {info.world_size}")
     accum = cfg.grad_accum // info.world_size
     device = info.device
+    if advice := starved_gpu_advice(device, cfg.num_workers):
+        log.warning(advice)
     raw = model.to(device).train()
     ckpt.seed_everything(cfg.seed + info.rank)
     model_class = f"{type(raw).__module__}.{type(raw).__qualname__}"

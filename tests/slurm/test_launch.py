@@ -119,3 +119,17 @@ def test_the_two_gpu_command_line_trains_with_two_processes(tiny_shards, tmp_pat
     assert summary["world_size"] == 2 and summary["steps"] == 2 and summary["device"] == "cpu"
     assert (out / "model.safetensors").is_file()
     assert "DDP rank 1/2" in res.stdout + res.stderr  # the second process joined the group
+
+
+def test_a_gpu_with_no_data_workers_is_named_at_training_start():
+    """A GPU job of 1 thread (the demo config's threads on the Slurm profile's GPU) gets no data workers: the
+    training log says so, with the setting to change; the CPU and a GPU with workers say nothing."""
+    import torch
+
+    from ctgen.training.launch import data_workers
+    from ctgen.training.loop import starved_gpu_advice
+
+    advice = starved_gpu_advice(torch.device("cuda", 0), data_workers(1, 1))
+    assert advice and "no data workers" in advice and "models.resources.<model>.threads" in advice
+    assert starved_gpu_advice(torch.device("cuda", 0), data_workers(8, 1)) is None
+    assert starved_gpu_advice(torch.device("cpu"), data_workers(1, 0)) is None
