@@ -84,6 +84,10 @@ def files(tmp_path):
     out["text"].write_text("hello\n")
     out["list_json"] = tmp_path / "list.json"  # JSON, but no manifest
     out["list_json"].write_text("[1, 2]\n")
+    out["vlm3d_json"] = tmp_path / "prompts.json"  # a VLM3D prompts.json, pretty-printed, given to --prompts
+    out["vlm3d_json"].write_text('[\n  {"input_image_name": "a", "report": "Cardiomegaly."}\n]\n')
+    out["folder_nii"] = tmp_path / "folder.nii.gz"  # a folder where a NIfTI is to be written
+    out["folder_nii"].mkdir()
     out["tokens_manifest"] = tmp_path / "tokens.json"  # derived shards where volume shards are read
     out["tokens_manifest"].write_text('{"format": {"kind": "tokens", "version": "ctgen.derived/1"}, "shards": []}\n')
     out["misspelt_labels"] = tmp_path / "labelled.jsonl"
@@ -149,6 +153,8 @@ CTGEN_MISTAKES = {
     "manifest to verify missing": (["verify-shards", "{dir}/gone.json"], "no such file: "),
     "output not NIfTI": (["sample", "--models", "{dir}", "--prompt", "x", "--out", "{dir}/x.txt"],
                          "NIfTI path must end in .nii or .nii.gz, got x.txt"),
+    "output a folder": (["sample", "--models", "{dir}", "--prompt", "x", "--out", "{folder_nii}"],
+                        "is a folder"),
     "orientation not one": (["sample", "--models", "{dir}", "--prompt", "x", "--out", "{dir}/x.nii.gz",
                              "--orientation", "XYZ"], "--orientation 'XYZ': three axis codes"),
     "DICOM folder is a file": (["sample", "--models", "{dir}", "--prompt", "x", "--out", "{dir}/x.nii.gz",
@@ -235,7 +241,8 @@ def test_ctprep_user_mistakes_end_in_one_line_and_status_2(case, files, capsys, 
 def test_prompt_files_are_checked_line_by_line(files, tiny_cascade, capsys):
     sample = ["sample", "--models", str(tiny_cascade), "--out-dir", str(files["dir"] / "out")]
     for name, needle in (("bad_jsonl", "prompts.jsonl:2: not JSON"), ("list_jsonl", "list.jsonl:1: a JSON object"),
-                         ("empty_txt", "holds no prompts")):
+                         ("empty_txt", "holds no prompts"),
+                         ("vlm3d_json", "prompts.json is a JSON list, where one JSON object per line is expected")):
         code, err = run("ctgen", [*sample, "--prompts", str(files[name])], capsys)
         assert_one_line_error(code, err, "ctgen", needle)
     code, err = run("ctgen", [*sample, "--prompts", str(files["dir"] / "none.txt")], capsys)

@@ -53,9 +53,11 @@ def save_synthetic_nifti(
 
 
 def check_nifti_path(path: str | Path) -> None:
-    """A NIfTI output's name ends in .nii or .nii.gz (checked before sampling, not after)."""
+    """A NIfTI output's name ends in .nii or .nii.gz and is not a folder (checked before sampling, not after)."""
     if not (Path(path).name.endswith(".nii.gz") or Path(path).name.endswith(".nii")):
         raise UserError(f"NIfTI path must end in .nii or .nii.gz, got {Path(path).name}")
+    if Path(path).is_dir():
+        raise UserError(f"NIfTI path {path} is a folder")
 
 
 def check_orientation(orientation: str | None) -> tuple[str, ...] | None:

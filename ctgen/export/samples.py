@@ -58,14 +58,23 @@ def _remove(paths: list[str], out_dir: Path, dicom_dir: str | Path | None, keep:
     """Remove ``paths`` (but ``keep``) that lie inside this run's folders: a run with other seeds left its volumes
     beside the new ones, which a folder-based evaluation would have scored."""
     roots = [out_dir.resolve()] + ([Path(dicom_dir).resolve()] if dicom_dir else [])
+    volumes = 0
     for value in paths:
         path = Path(value).resolve()
         if str(path) in keep or not any(path.is_relative_to(r) and path != r for r in roots):
             continue  # kept, or outside this run's folders
         if path.is_dir():
             shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        elif path.exists():
+            volumes += path.name.endswith(".nii.gz")
+            path.unlink()
+    if volumes:  # a folder holds one run's samples: said, as a user splitting a prompts file into one folder loses them
+        logger.warning("removed %d volume(s) an earlier run wrote into %s (a folder holds one run's samples: give "
+                       "each run its own output folder)", volumes, out_dir)
+
+
+#: sampling settings that change how fast volumes are made, not their voxels (the workflow leaves them untracked)
+SPEED_ONLY = ("sr_batch_size",)
 
 
 def sample_identity(fields: dict[str, Any]) -> dict[str, Any]:
@@ -73,8 +82,11 @@ def sample_identity(fields: dict[str, Any]) -> dict[str, Any]:
     the weights and files hashes, the code (version and source hash), torch, the device and precision; not the
     prompt, seed, folder or commit (a commit of the documentation changes no voxel)."""
     prov = {k: v for k, v in (fields.get("provenance") or {}).items() if k not in ("seed", "git")}
-    return {**{k: v for k, v in fields.items() if k not in ("prompt", "report", "seed", "models_dir", "provenance",
-                                                           "prompt_given", "text_tokens")}, "provenance": prov}
+    out = {k: v for k, v in fields.items() if k not in ("prompt", "report", "seed", "models_dir", "provenance",
+                                                        "prompt_given", "text_tokens")}
+    if isinstance(out.get("settings"), dict):  # how many slices a batch holds decides the speed, not the voxels:
+        out["settings"] = {k: v for k, v in out["settings"].items() if k not in SPEED_ONLY}  # lowered after an OOM
+    return {**out, "provenance": prov}
 
 
 def _resume_key(identity: dict, pid: str, rep: int, seed: int, request: Any, extra: dict) -> str:

@@ -52,6 +52,14 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
             rows.append((last + 1, row))
             last = reader.line_num
         return rows
+    if path.suffix == ".json" and text.lstrip().startswith("["):  # a whole-file JSON list, as a VLM3D prompts.json
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            pass  # not one JSON value: read line by line, which names the line
+        else:
+            raise UserError(f"{path} is a JSON list, where one JSON object per line is expected (a VLM3D "
+                            "prompts.json is read by --vlm3d)")
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -330,9 +330,10 @@ def test_a_sheared_volumes_sidecar_says_the_qform_it_has(tmp_path):
 
 
 
-def test_a_rerun_into_the_same_folder_removes_the_last_runs_volumes(tmp_path):
+def test_a_rerun_into_the_same_folder_removes_the_last_runs_volumes(tmp_path, caplog):
     """Seeds 11 then 20 into one folder: the first run's volumes, sidecars and DICOM series go with its manifest
-    (a folder-based evaluation would have scored them beside the new ones); files it did not write stay."""
+    (a folder-based evaluation would have scored them beside the new ones), and the log says so (a user who split
+    a prompts file into runs into one folder would lose them unawares); files it did not write stay."""
     from ctgen.export.samples import write_samples
 
     def generate(request, seed):
@@ -343,7 +344,9 @@ def test_a_rerun_into_the_same_folder_removes_the_last_runs_volumes(tmp_path):
     (out / "notes.txt").write_text("mine")
     assert (out / "p0_s11.nii.gz").is_file() and (dicom / "p0_s11").is_dir()
     (out / "samples.csv").unlink()  # Snakemake removes a job's declared output (the manifest) before a rerun
-    write_samples([("p0", "effusion")], generate, out, seed=20, dicom_dir=dicom)
+    with caplog.at_level("WARNING", logger="ctgen.export.samples"):
+        write_samples([("p0", "effusion")], generate, out, seed=20, dicom_dir=dicom)
+    assert f"removed 1 volume(s) an earlier run wrote into {out}" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == [".ctgen-written.txt", "notes.txt", "p0_s20.json",
                                                      "p0_s20.nii.gz", "samples.csv"]
     assert sorted(p.name for p in dicom.iterdir()) == ["p0_s20"]
@@ -392,6 +395,14 @@ def test_a_killed_sampling_run_resumes_keeping_what_it_wrote(tmp_path):
     assert calls == [10, 11]
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["p0_s10.nii.gz", "p1_s11.nii.gz"]
     assert sorted(p.name for p in dicom.iterdir()) == ["p0_s10", "p1_s11"]
+    # the super-resolution batch size decides the speed, not the voxels: lowered after an out-of-memory, all kept
+    from ctgen.export.samples import sample_identity
+
+    fields = {"settings": {"steps": 3, "sr_batch_size": 64}, "seed": 1, "provenance": {"seed": 1, "torch": "2"}}
+    smaller = {**fields, "settings": {"steps": 3, "sr_batch_size": 4}}
+    assert sample_identity(fields) == sample_identity(smaller) == {"settings": {"steps": 3},
+                                                                   "provenance": {"torch": "2"}}
+    assert sample_identity(fields) != sample_identity({**fields, "settings": {"steps": 4, "sr_batch_size": 64}})
     # the same request under another seed is another volume
     calls.clear()
     write_samples(requests[:1], generate, out, seed=20, identity={**identity, "settings": {"steps": 3}})

@@ -26,6 +26,11 @@ def test_prompts_json_is_read_in_order_and_names_become_stems(tmp_path):
                              {"input_image_name": "valid_1_b_2", "report": "Cardiomegaly."}])
     assert read_prompts_json(path) == [("valid_3_a_1", REPORT), ("valid_1_b_2", "Cardiomegaly.")]
     assert case_stem("A.NII.GZ") == "A" and case_stem("x.mha") == "x" and case_stem("y.nii") == "y"
+    # a dot that starts no volume extension is part of the name: case.001.nii.gz pairs with case.001
+    assert case_stem("case.001") == "case.001" and case_stem("scan_v1.5.nii.gz") == "scan_v1.5"
+    dotted = _write(tmp_path, [{"input_image_name": "case.001", "report": REPORT},
+                               {"input_image_name": "case.002", "report": REPORT}], name="dotted.json")
+    assert [stem for stem, _ in read_prompts_json(dotted)] == ["case.001", "case.002"]
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # saved by Notepad or PowerShell: a byte-order mark
     assert read_prompts_json(path)[1] == ("valid_1_b_2", "Cardiomegaly.")
     path.write_bytes(b'[{"input_image_name": "a", "report": "caf\xe9"}]')  # latin-1

@@ -38,12 +38,13 @@ SAFE_STEM = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 
 
 def case_stem(name: str | os.PathLike) -> str:
-    """``train_1_a_1.nii.gz`` -> ``train_1_a_1``: the file name without a volume extension."""
+    """``train_1_a_1.nii.gz`` -> ``train_1_a_1``: the file name without a volume extension; a name without one is
+    the stem as it is (``case.001``: the challenge strips only its volume extensions when it pairs files)."""
     n = Path(name).name
     for ext in VOLUME_EXTS:
         if n.lower().endswith(ext):
             return n[: -len(ext)]
-    return Path(n).stem
+    return n
 
 
 def is_volume(path: Path) -> bool:
