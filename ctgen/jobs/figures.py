@@ -543,6 +543,29 @@ SWEEP_TESTS = {"faithfulness.generated.macro": "guidance.faithfulness.macro_auro
                "clip_score": "guidance.clip_score_diff"}
 
 
+def _sweep_flags(rows: pd.DataFrame) -> pd.Series:
+    """The flags of sweep rows (empty cells and blank strings are no flags)."""
+    if "flag" not in rows:
+        return pd.Series(dtype=object)
+    flags = rows["flag"].dropna().astype(str)
+    return flags[flags.str.strip() != ""]
+
+
+def _span(values: pd.Series) -> str:
+    v = values.dropna().astype(int)
+    return "?" if v.empty else f"{v.min()}" if v.min() == v.max() else f"{v.min()}-{v.max()}"
+
+
+def _sweep_n(rows: pd.DataFrame, what: str = "") -> str:
+    """The n of sweep rows, as a range where the scales differ (a scale may have scored fewer volumes than the lowest),
+    with the reports or patients that the CIs resample: "1-3 (2 patients)"."""
+    n = _span(rows["n"]) + (f" {what}" if what else "")
+    if "n_resampled" in rows and rows["n_resampled"].notna().any():
+        unit = rows["resampled"].dropna().iloc[0] if "resampled" in rows and rows["resampled"].notna().any() else "units"
+        n += f" ({_span(rows['n_resampled'])} {unit})"
+    return n
+
+
 def plot_guidance_sweep(sweep_csv, out_png, dpi: int = 120) -> Path:
     """Classifier-free guidance scale against faithfulness (macro AUROC), CLIP score, retrieval top-1 (with chance)
     and axial FID, with 95% CIs (the cascade's; not computed without it); the faithfulness and CLIP panels quote the
@@ -564,19 +587,26 @@ def plot_guidance_sweep(sweep_csv, out_png, dpi: int = 120) -> Path:
         if metric.startswith("retrieval") and m["chance"].notna().any():
             ax.axhline(float(m["chance"].iloc[0]), color="grey", ls="--", lw=1, label="chance")
             ax.legend(fontsize=8)
-        n = int(m["n"].iloc[0]) if len(m) else 0
-        units = m["n_resampled"].iloc[0] if "n_resampled" in m and len(m) and pd.notna(m["n_resampled"].iloc[0]) else None
-        title = f"{label.split(' (')[0]} (n = {n}" + (f", {int(units)} {m['resampled'].iloc[0]})" if units else ")")
-        flags = m["flag"].dropna() if "flag" in m else pd.Series(dtype=object)
-        if len(flags):
-            title += "\n" + textwrap.shorten(("hollow: " if m["value"].notna().any() else "") + str(flags.iloc[0]), 60)
+        title = f"{label.split(' (')[0]}\nn = {_sweep_n(m)}"  # a panel is ~45 characters wide
+        flags = _sweep_flags(m)
+        if len(flags):  # any scale's flag, not only the first row's; the first reason, with how many scales have one
+            many = f" ({len(flags)} of {len(m)} scales)" if len(flags) > 1 else ""
+            title += "\n" + textwrap.shorten(("hollow" + many + ": " if m["value"].notna().any() else "")
+                                              + str(flags.iloc[0]), 45)
         elif m["value"].notna().any() and m["ci_low"].isna().any():
             title += "\n(a scale without a CI has no bar)"
         test = sw[sw["metric"] == SWEEP_TESTS.get(metric, "")]
         if len(test) and pd.notna(test["value"].iloc[-1]):
             t = test.iloc[-1]
-            title += f"\n{t['guidance_scale']:g} vs {t['versus']:g}: {t['value']:+.3g} [{t['ci_low']:.3g}, {t['ci_high']:.3g}], " \
-                     f"p = {t['p_value']:.2g}"
+            ci = f"[{t['ci_low']:.3g}, {t['ci_high']:.3g}]" if pd.notna(t["ci_low"]) and pd.notna(t["ci_high"]) \
+                else "(no CI)"
+            p = f"{t['p_value']:.2g}" if pd.notna(t.get("p_value")) else "n/a"
+            # the test's own n pairs and flag: a difference of 3 pairs read as a result beside a scale of 50 volumes
+            title += f"\n{t['guidance_scale']:g} vs {t['versus']:g}: {t['value']:+.3g} {ci}, p = {p},\n" \
+                     f"n = {_sweep_n(test.iloc[[-1]], 'pairs')}"
+            test_flag = _sweep_flags(test.iloc[[-1]])
+            if len(test_flag):
+                title += "\n" + textwrap.shorten("flagged: " + str(test_flag.iloc[0]), 45)
         ax.set_title(title, fontsize=8)
         ax.set(xlabel="guidance scale")
         ax.set_ylabel(label, fontsize=8)

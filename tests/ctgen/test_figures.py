@@ -447,3 +447,20 @@ def test_the_sweep_caption_counts_its_flagged_numbers(run, tmp_path):
     sweep_frame().to_csv(tmp_path / "clean.csv", index=False)
     write_tables(of(run, "metrics"), of(run, "skipped"), tmp_path / "clean.csv", run["shared"]["families"], outputs)
     assert "flagged" not in (tmp_path / "guidance_sweep.rst").read_text()  # empty flag cells are no flags
+
+
+def test_sweep_titles_give_the_tests_n_and_flag_and_every_scales_n(tmp_path, monkeypatch):
+    """A panel quoted the paired test's difference and p-value without its n pairs or its flag, and the lowest
+    scale's n alone (a scale of 1 volume read as one of 3)."""
+    kept = _drawn(monkeypatch)
+    sweep = sweep_frame()
+    sweep.loc[sweep["metric"] == "guidance.faithfulness.macro_auroc_diff", "flag"] = \
+        "only 3 pairs: too few for a reliable bootstrap CI (< 10)"
+    sweep.loc[(sweep["metric"] == "clip_score") & (sweep["guidance_scale"] == 3.0), ["n", "flag"]] = \
+        [1, "only 1 volume: too few"]
+    sweep.to_csv(tmp_path / "sweep.csv", index=False)
+    plot_guidance_sweep(tmp_path / "sweep.csv", tmp_path / "s.png", dpi=40)
+    faith, clip, retrieval, _ = (a.get_title() for a in kept[-1].axes)
+    assert "3 vs 1: +0.2 [0.01, 0.3], p = 0.01,\nn = 3 pairs" in faith and "flagged: only 3 pairs" in faith, faith
+    assert "n = 1-3" in clip and "only 1 volume" in clip, clip  # the highest scale's n and flag, not the lowest's
+    assert retrieval.endswith("\nn = 3"), retrieval
