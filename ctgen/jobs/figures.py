@@ -626,7 +626,7 @@ def plot_families(families_json, out_png, dpi: int = 120) -> Path:
     first = recs[0]["extra"]
     fig = _new_figure(1.0 + 0.75 * len(recs))
     fig.suptitle("Generator families on the same reports and seeds: paired differences with 95% CIs "
-                 "(red: paired permutation p < 0.05)", fontsize=10)
+                 "(red: paired permutation p < 0.05, unless flagged)", fontsize=10)
     axes = np.atleast_1d(fig.subplots(len(recs), 1))
     for ax, r in zip(axes, recs):  # a row per quantity, each on its own scale (AUROC, CLIP score, accuracy)
         e = r["extra"]
@@ -638,13 +638,15 @@ def plot_families(families_json, out_png, dpi: int = 120) -> Path:
             ax.text(0.5, 0.5, "n/a: " + (r.get("flag") or ""), ha="center", va="center", transform=ax.transAxes,
                     fontsize=8, color="#777777")
             continue
-        significant = e.get("p_value") is not None and e["p_value"] < 0.05
+        # a flagged difference (too few pairs, or a CI over the kept resamples only) is not coloured as a result
+        significant = e.get("p_value") is not None and e["p_value"] < 0.05 and not r.get("flag")
         _point(ax, 0.0, r, "C3" if significant else "#555555", None)
         lo, hi = r["ci"] if r.get("ci") else (r["value"], r["value"])
         span = max(abs(lo), abs(hi), abs(r["value"]), 1e-6) * 1.15
         ax.set_xlim(-span, span)
         ax.text(1.01, 0.5, f"{e['value_a']:.3g} vs {e['value_b']:.3g}\np = {e['p_value']:.3g}, n = {_n_text(r, 'pairs')}"
-                + ("\n(thin)" if r.get("flag") else ""), transform=ax.transAxes, va="center", fontsize=7)
+                + ("\n" + textwrap.shorten("flagged: " + r["flag"], 60) if r.get("flag") else ""),
+                transform=ax.transAxes, va="center", fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
     axes[-1].set_xlabel(f"{first['a'].replace('_', ' ')} minus {first['b'].replace('_', ' ')} "
                         "(paired by report and seed)")

@@ -464,3 +464,26 @@ def test_sweep_titles_give_the_tests_n_and_flag_and_every_scales_n(tmp_path, mon
     assert "3 vs 1: +0.2 [0.01, 0.3], p = 0.01,\nn = 3 pairs" in faith and "flagged: only 3 pairs" in faith, faith
     assert "n = 1-3" in clip and "only 1 volume" in clip, clip  # the highest scale's n and flag, not the lowest's
     assert retrieval.endswith("\nn = 3"), retrieval
+
+
+def test_families_figure_gives_the_flag_and_does_not_colour_a_flagged_difference(run, tmp_path, monkeypatch):
+    """Every flag was written "(thin)", whatever its reason, and a flagged difference with p < 0.05 was still red."""
+    from matplotlib.colors import to_hex
+
+    kept = _drawn(monkeypatch)
+    summary = json.loads(Path(run["shared"]["families"]).read_text())
+    flagged, clean = summary["metrics"][:2]
+    flagged.update(flag="no CI: 60% of the resamples held one class of a label (the interval needs at least half)")
+    clean.update(flag=None)
+    for r in (flagged, clean):
+        r["extra"]["p_value"] = 0.01
+    (tmp_path / "f.json").write_text(json.dumps(summary))
+    plot_families(tmp_path / "f.json", tmp_path / "f.png", dpi=40)
+    axes = kept[-1].axes
+    beside = [t.get_text() for t in axes[0].texts]
+    assert any("flagged: no CI: 60% of the resamples" in t for t in beside) and not any("thin" in t for t in beside)
+
+    def colours(ax):  # the point's colour (the dashed zero line is grey)
+        return {to_hex(ln.get_color()) for ln in ax.lines if ln.get_marker() == "o"}
+
+    assert colours(axes[0]) == {to_hex("#555555")} and colours(axes[1]) == {to_hex("C3")}
