@@ -495,15 +495,18 @@ def plot_per_volume(per_volume_csvs: Mapping[str, str | Path], out_png, dpi: int
     ax1, ax2 = fig.subplots(1, 2, width_ratios=(1, 1.4))
     _shade_tissues(ax2, -1100.0, 1500.0, vertical=False)
     rng = np.random.default_rng(0)  # jitter only, so that the figure is reproducible
-    values, medians, missing = [], [], dict.fromkeys(TISSUES, 0)
+    values, medians, missing, counted = [], [], dict.fromkeys(TISSUES, 0), dict.fromkeys(TISSUES, 0)
+    sizes = []  # "<family> <n>": each family's own number of volumes (one may have scored fewer than another)
     shift = 0.3 / max(len(per_volume_csvs), 1)
     for fi, (family, path) in enumerate(per_volume_csvs.items()):
         pv = pd.read_csv(path)
         flagged = (pv.get("n_hu_flags", pd.Series(0, index=pv.index)).fillna(0) > 0).to_numpy()
         colour, name = _colour(family), family.replace("_", " ")
+        sizes.append(f"{name} {len(pv)}")
         for mask, marker in ((~flagged, "o"), (flagged, "x")):
+            what = f": {int(flagged.sum())} of {len(pv)} HU flagged" if marker == "x" else f" ({len(pv)} volumes)"
             ax1.scatter(pv["clip_score_real"][mask], pv["clip_score"][mask], c=colour, marker=marker, s=18,
-                        label=f"{name}{' (HU flagged)' if marker == 'x' else ''}" if mask.any() else None)
+                        label=name + what if mask.any() else None)
         values += [pv["clip_score"], pv["clip_score_real"]]
         medians.append(pv.filter(regex=r"^hu_.*_median$").stack())
         for i, tissue in enumerate(TISSUES):
@@ -513,6 +516,7 @@ def plot_per_volume(per_volume_csvs: Mapping[str, str | Path], out_png, dpi: int
                 for mask, marker in ((~flagged, "o"), (flagged, "x")):
                     ax2.scatter(x[mask], pv[col][mask], c=colour, marker=marker, s=12, zorder=3)
                 missing[tissue] += _mark_missing(ax2, x, pv[col], colour)
+                counted[tissue] += len(pv)
     both = pd.concat(values).dropna() if values else pd.Series(dtype=float)
     if len(both):
         lo, hi = float(both.min()), float(both.max())
@@ -527,10 +531,10 @@ def plot_per_volume(per_volume_csvs: Mapping[str, str | Path], out_png, dpi: int
     ax2.set(ylim=(min(-1100.0, lo - 50.0), max(1500.0, hi + 50.0)), ylabel="median HU")
     for i, tissue in enumerate(TISSUES):
         if missing[tissue]:
-            ax2.text(i, MISSING_Y + 0.04, f"{missing[tissue]} without\n{tissue.replace('_', ' ')}", ha="center",
-                     va="bottom", fontsize=6, transform=ax2.get_xaxis_transform())
-    ax2.set_title("Tissue median HU per generated volume (x: flagged"
-                  + (";\ntriangles at the foot: no voxel of that tissue)" if any(missing.values()) else ")"))
+            ax2.text(i, MISSING_Y + 0.04, f"{missing[tissue]} of {counted[tissue]} without\n{tissue.replace('_', ' ')}",
+                     ha="center", va="bottom", fontsize=6, transform=ax2.get_xaxis_transform())
+    ax2.set_title(f"Tissue median HU per generated volume, n = {', '.join(sizes)}\n(x: flagged"
+                  + ("; triangles at the foot: no voxel of that tissue)" if any(missing.values()) else ")"))
     return _save(fig, out_png, dpi)
 
 

@@ -382,7 +382,7 @@ def test_flagged_values_are_drawn_as_such_and_every_series_keeps_its_legend(run,
 
 def test_a_volume_without_a_tissue_is_drawn_and_counted(tmp_path, monkeypatch):
     """A volume with no bone voxel has a NaN bone median (the HU checks flag it "missing"); it used to be scattered
-    at y = NaN, that is not at all."""
+    at y = NaN, that is not at all. Its count had no denominator, and the figure gave no family's n."""
     kept = _drawn(monkeypatch)
     pv = pd.DataFrame({"clip_score": [20.0, 21.0, 22.0], "clip_score_real": [25.0, 26.0, 27.0], "n_hu_flags": [0, 0, 1],
                        **{f"hu_{t}_median": [v] * 3 for t, v in (("air", -1000.0), ("lung", -850.0), ("fat", -100.0),
@@ -394,12 +394,17 @@ def test_a_volume_without_a_tissue_is_drawn_and_counted(tmp_path, monkeypatch):
     bone = 4  # the column of TISSUES' last
     drawn = [xy for c in ax.collections for xy in np.asarray(c.get_offsets()) if np.isfinite(xy).all() and abs(xy[0] - bone) < 0.5]
     assert len(drawn) == 3  # every volume has a mark in the bone column
-    assert any(t.get_text() == "1 without\nbone" for t in ax.texts) and "no voxel of that tissue" in ax.get_title()
+    assert any(t.get_text() == "1 of 3 without\nbone" for t in ax.texts) and "no voxel of that tissue" in ax.get_title()
+    assert "n = cascade 3" in ax.get_title()  # the figure's n, and a denominator for the count of missing tissues
+    legend = [t.get_text() for t in kept[-1].axes[0].get_legend().get_texts()]
+    assert "cascade (3 volumes)" in legend and "cascade: 1 of 3 HU flagged" in legend, legend
     caption = (Path(__file__).resolve().parents[2] / "workflow/report/per_volume.rst").read_text()
-    assert "no voxel of a tissue" in caption and "triangle" in caption
+    assert "no voxel of a tissue" in caption and "triangle" in caption and "k of N without" in caption
     kept.clear()
     plot_per_volume({"cascade": tmp_path / "pv.csv", "latent_flow": tmp_path / "pv.csv"}, tmp_path / "pv2.png", dpi=40)
-    assert any(t.get_text() == "2 without\nbone" for t in kept[-1].axes[1].texts)  # one count over the families
+    ax = kept[-1].axes[1]
+    assert any(t.get_text() == "2 of 6 without\nbone" for t in ax.texts)  # one count over the families
+    assert "n = cascade 3, latent flow 3" in ax.get_title()
 
 
 def test_alignment_figure_gives_each_series_its_own_n(tmp_path, monkeypatch):
