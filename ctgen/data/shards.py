@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,11 @@ def shard_urls(manifest_path: str | os.PathLike) -> list[str]:
 
 
 def iter_samples(
-    manifest_path: str | os.PathLike, shuffle: bool = False, seed: int = 0, buffer: int = 8
+    manifest_path: str | os.PathLike,
+    shuffle: bool = False,
+    seed: int = 0,
+    buffer: int = 8,
+    keys: Collection[str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Decoded samples of a manifest's shards, in manifest order unless ``shuffle``.
 
@@ -45,15 +49,26 @@ def iter_samples(
     "meta", "labels": (18,) uint8}``. With ``shuffle``, shard order and a ``buffer``-sample
     window are shuffled reproducibly from ``seed``; the buffer holds decoded volumes, so it is
     kept small (a 512x512x300 int16 volume is 150 MB).
+
+    ``keys``: only the samples with these keys. Shards that the manifest lists none of them in are
+    not opened, and the other samples of a shard are skipped before their volume is decoded
+    (a full-size scan is ~150 MB decoded).
     """
     urls = shard_urls(manifest_path)
+    if keys is not None:
+        keys = set(keys)
+        shards = load_manifest(manifest_path)["shards"]
+        urls = [u for u, s in zip(urls, shards) if keys.intersection(s["keys"])]
     if not urls:
-        return  # an empty split; WebDataset would raise on an empty shard list
+        return  # an empty split, or no shard holds a wanted key; WebDataset would raise on an empty shard list
     if shuffle:
         random.Random(seed).shuffle(urls)
     # shardshuffle=False: shard order is ours (manifest order, or the seeded shuffle above).
     # nodesplitter=None: every process reads every shard (this reader is for evaluation and inspection)
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None).decode(volume_decoder)
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None)
+    if keys is not None:  # on the raw members, ahead of the decoder
+        dataset = dataset.select(lambda sample: sample["__key__"] in keys)
+    dataset = dataset.decode(volume_decoder)
     if shuffle and buffer > 1:
         dataset = dataset.shuffle(buffer, initial=buffer, seed=seed)
     for sample in dataset:

@@ -156,11 +156,12 @@ def plot_samples(samples_csvs: Mapping[str, str | Path], valid_manifest, out_png
     tables = {f: pd.read_csv(p, dtype={"prompt_id": str}) for f, p in samples_csvs.items()}
     chosen = choose_prompts(next(iter(tables.values())), cfg)
     real = {}  # key -> sample, only the chosen volumes are kept (a full-size scan is ~150 MB)
-    for s in iter_samples(valid_manifest):
-        if s["key"] in chosen:
-            real[s["key"]] = s
-            if len(real) == len(chosen):
-                break
+    # only the shards holding a chosen key are read, and only the chosen volumes decoded: the split's every
+    # volume decoded on the way made this job's time grow with the validation set
+    for s in iter_samples(valid_manifest, keys=chosen):
+        real[s["key"]] = s
+        if len(real) == len(chosen):
+            break
     windows = cfg.windows
     sources = ["real", *tables]
     n_rows = len(chosen) * len(windows)

@@ -32,7 +32,7 @@ rule figures:
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=15,
+        runtime=grows_with_attempt(15, 2),
     params:
         code=script_digest("figures.py"),
         figures=config["figures"],
