@@ -40,6 +40,10 @@ class LatentFlowData:
     #                               and as many held-out ones where data.probe_latents names their manifests
 
 
+#: the HU window NVIDIA's MAISI CT autoencoder was trained on (mapped to its value_range [0, 1])
+NVIDIA_HU_WINDOW = (-1000.0, 1000.0)
+
+
 def _stream(data: dict[str, Any]) -> dict[str, Any]:
     return {"buffer": int(data.get("shuffle_buffer", 16)), "verify": bool(data.get("verify_shards", True))}
 
@@ -52,6 +56,14 @@ def train_autoencoder(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root:
     data = cfg["data"]
     model_cfg = MaisiAutoencoder.config_from_dict(cfg["model"])
     if cfg.get("maisi_checkpoint"):
+        window = tuple(float(v) for v in hu_window(data))
+        if window != NVIDIA_HU_WINDOW:  # their encoder would read every intensity shifted and scaled, unsaid
+            raise ValueError(f"maisi_checkpoint: NVIDIA's autoencoder was trained on HU {list(NVIDIA_HU_WINDOW)} "
+                             f"mapped to [0, 1], but the prep preset clips to {list(window)}: use a preset that "
+                             "clips to [-1000, 1000]")
+        # seeded: the discriminator (adv_weight > 0) is not in NVIDIA's file and is saved as built, so the same
+        # checkpoint must give the same weights file (its hash names the autoencoder in every later record)
+        torch.manual_seed(0)
         model = MaisiAutoencoder(model_cfg).load_maisi_checkpoint(cfg["maisi_checkpoint"])
         model.save_pretrained(out_dir, model_kind="autoencoder", weights_from=str(cfg["maisi_checkpoint"]),
                               licence="NVIDIA Open Model License (the MAISI CT autoencoder's weights)")

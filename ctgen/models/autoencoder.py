@@ -17,8 +17,10 @@ orientation they were trained on, and latents come back in the model layout
 
 Latent cache. :meth:`encode` returns ``(mu, sigma)``, never a sample: caching ``mu + sigma * eps``
 would freeze one noise draw into every target (a known MAISI pitfall). The flow model samples
-``z`` afresh each step. The scale factor (1 / std of training latents, :class:`LatentStats`) is a
-buffer of this model, so it travels with the weights.
+``z`` afresh each step. The scale factor (1 / std of training latents, :class:`LatentStats`) that the
+workflow computes is stored with the flow network (``latent_flow/config.json``: ``scale_factor``), which
+multiplies latents by it and the pipeline divides by it before decoding; this model's own ``scale_factor``
+buffer stays 1 there (:meth:`set_scale_factor` is for using the autoencoder on its own).
 
 Memory. :meth:`decode` of a whole 480x480x256 volume holds full-resolution 64-channel
 activations (15 GiB each in float32). MAISI's tensor splitting (``num_splits``/``dim_split``) only
@@ -155,7 +157,7 @@ class MaisiAutoencoder(nn.Module, PretrainedMixin):
                                                     in_channels=config.in_channels, out_channels=1,
                                                     num_layers_d=config.disc_layers, norm="INSTANCE")
             self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
-        # 1 / std of the training latents; set by set_scale_factor(LatentStats...) once latents are cached
+        # 1 / std of the training latents for use on its own (set_scale_factor); the workflow keeps it in the flow config
         self.register_buffer("scale_factor", torch.ones(()))
 
     # --- layout and intensity ---------------------------------------------------------------
@@ -289,7 +291,11 @@ def read_maisi_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        obj: Any = load_file(path)
+        try:
+            obj: Any = load_file(path)
+        except Exception as err:  # safetensors' own error type (a truncated copy, an HTML page saved under the name)
+            raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200]})") from err
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -109,7 +109,7 @@ class LatentFlowConfig:
     use_timestep_transform: bool = True  # MONAI's resolution shift of t towards noise for larger latents (MAISI)
     base_img_size_numel: int = 32**3  # latent voxels at which the shift is 1 (MONAI's default)
     loss: str = "mse"  # "mse" on the velocity (rectified flow) or "l1" (MAISI's training script)
-    scale_factor: float = 1.0  # latents are multiplied by this: 1/std of training latents, from the autoencoder
+    scale_factor: float = 1.0  # latents are multiplied by this: 1/std of the training latents (the latent cache's stats)
     sample_steps: int = 30  # Euler steps when sampling (Report2CT/MAISI: 30)
 
     def __post_init__(self) -> None:

@@ -123,6 +123,34 @@ def test_non_weight_files_are_refused_without_unpickling(tmp_path):
         MaisiAutoencoder.from_maisi_checkpoint(tmp_path / "nothing.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         MaisiAutoencoder.from_maisi_checkpoint(tmp_path / "absent.pt")
+    # a download cut short, or an HTML error page saved under the name: one line naming the file
+    save_file({"w": torch.zeros(64)}, tmp_path / "whole.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "whole.safetensors").read_bytes()[:40])
+    (tmp_path / "page.safetensors").write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
+    for name in ("cut.safetensors", "page.safetensors"):
+        with pytest.raises(ValueError, match=rf"{name}: not a readable safetensors file \(SafetensorError"):
+            MaisiAutoencoder.from_maisi_checkpoint(tmp_path / name)
+
+
+def test_nvidia_weights_through_the_training_job(nvidia_net, tmp_path):
+    """train_autoencoder with maisi_checkpoint: the same file gives the same weights file each time (the
+    discriminator it does not hold is built seeded: its hash names the autoencoder in the latents' and samples'
+    records), and a prep window other than NVIDIA's [-1000, 1000] is refused (their encoder would read shifted
+    intensities)."""
+    from safetensors.torch import load_file
+
+    from ctgen.jobs.train_latent import train_autoencoder
+
+    torch.save(nvidia_net.state_dict(), tmp_path / "ae.pt")
+    cfg = {"model": {"adv_weight": 0.1}, "data": {"hu_window": [-1000, 1000]}, "maisi_checkpoint": str(tmp_path / "ae.pt")}
+    torch.manual_seed(123)
+    first = load_file(train_autoencoder(cfg, tmp_path / "a", tmp_path / "ck") / "model.safetensors")
+    torch.manual_seed(456)
+    second = load_file(train_autoencoder(cfg, tmp_path / "b", tmp_path / "ck") / "model.safetensors")
+    assert any(k.startswith("discriminator.") for k in first)
+    assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(ValueError, match=r"trained on HU \[-1000.0, 1000.0\].*clips to \[-1024.0, 3071.0\]"):
+        train_autoencoder({**cfg, "data": {"hu_window": [-1024, 3071]}}, tmp_path / "c", tmp_path / "ck")
 
 
 # --- our own format and the latent cache side -------------------------------------------------

@@ -44,7 +44,7 @@ rule encode_latents:
         "../../envs/train.yaml"
     threads: RES["autoencoder"]["threads"]  # the autoencoder's job, on its resources
     resources:
-        mem_mb=8000,
+        mem_mb=grows_with_attempt(RES["autoencoder"]["mem_mb"], 1.5),  # the model's job's memory, more on a retry
         runtime=grows_with_attempt(120, 2),
         gpu=0,  # the Slurm profile gives it one
     params:

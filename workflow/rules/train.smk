@@ -152,7 +152,7 @@ rule encode_tokens:
         "../../envs/train.yaml"
     threads: RES["tokenizer"]["threads"]  # the tokenizer's job, on its resources
     resources:
-        mem_mb=8000,
+        mem_mb=grows_with_attempt(RES["tokenizer"]["mem_mb"], 1.5),  # the model's job's memory, more on a retry
         runtime=grows_with_attempt(120, 2),
         gpu=0,  # the Slurm profile gives it one
     params:
@@ -208,7 +208,7 @@ rule encode_recon:
         "../../envs/train.yaml"
     threads: RES["tokenizer"]["threads"]  # the tokenizer's job, on its resources
     resources:
-        mem_mb=8000,
+        mem_mb=grows_with_attempt(RES["tokenizer"]["mem_mb"], 1.5),  # the model's job's memory, more on a retry
         runtime=grows_with_attempt(120, 2),
         gpu=0,  # the Slurm profile gives it one
     params:
