@@ -200,7 +200,7 @@ def test_nvidia_weights_instead_of_training(cohort, tmp_path):
     torch.save(wrong, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match="decoder"):
         run_training("autoencoder", {"model": AE, "train": TRAIN, "maisi_checkpoint": str(tmp_path / "partial.pt"),
-                                     "data": {}}, tmp_path / "ae2", tmp_path / "ckpt")
+                                     "data": {"hu_window": WINDOW}}, tmp_path / "ae2", tmp_path / "ckpt")
 
 
 def test_several_frozen_encoders_train_and_sample_through_the_cli(latent_run, cohort, tmp_path):
