@@ -140,17 +140,20 @@ def read_predictions(source: str | Path) -> tuple[list[Prediction], list[Skip]]:
     missing = {"nifti", "prompt_id"} - set(table.columns)
     if missing:
         raise UserError(f"{source} is not a sampling manifest (samples.csv): no {sorted(missing)} column")
-    out = []
-    for n, row in enumerate(table.itertuples(index=False)):
+    out, seen = [], {}
+    for row in table.itertuples(index=False):
         path = Path(row.nifti)
         if not path.is_absolute():
             # relative to the manifest's folder first: ctgen writes the path it was given (relative to the folder it
             # ran in), and from another working directory the same relative path can name another run's file
             path = next((p for p in (source.parent / path, source.parent / path.name) if p.exists()),
                         path if path.exists() else source.parent / path.name)
-        seed = getattr(row, "seed", None)
-        out.append(Prediction(volume_key(str(row.prompt_id)), str(path), None if pd.isna(seed) else int(seed),
-                              int(getattr(row, "repeat", n)), getattr(row, "prompt", None)))
+        seed, stem = getattr(row, "seed", None), volume_key(str(row.prompt_id))
+        # a hand-made manifest without a repeat column: the repeats of a stem counted in order, as ctgen numbers them
+        # (the row number made two manifests of the same reports pair no volume of one with the other's)
+        seen[stem] = seen.get(stem, -1) + 1
+        out.append(Prediction(stem, str(path), None if pd.isna(seed) else int(seed),
+                              int(getattr(row, "repeat", seen[stem])), getattr(row, "prompt", None)))
     if not out:
         raise UserError(f"{source} lists no volumes")
     return out, []

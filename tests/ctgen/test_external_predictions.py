@@ -348,6 +348,23 @@ def test_a_samples_manifests_relative_paths_are_its_own_from_any_folder(tmp_path
     assert Path(pred.path).resolve() == (tmp_path / "runA" / "samples" / "x_s0.nii.gz").resolve()
 
 
+def test_a_hand_made_manifest_numbers_each_stems_repeats_from_0(tmp_path):
+    """Without a repeat column, the repeats of a stem are counted in order (ctgen's numbering), so that two such
+    manifests of the same reports pair volume by volume; the row number gave x's second volume repeat 2 here and 1
+    in a manifest listing the stems in another order."""
+    from ctgen.jobs.pairing import read_predictions
+
+    rows = [("x", "x_a"), ("y", "y_a"), ("x", "x_b"), ("y", "y_b")]
+    for name, order in (("one.csv", rows), ("two.csv", sorted(rows))):
+        pd.DataFrame({"prompt_id": [r[0] for r in order], "nifti": [f"{r[1]}.nii.gz" for r in order]}).to_csv(
+            tmp_path / name, index=False)
+    one, _ = read_predictions(tmp_path / "one.csv")
+    two, _ = read_predictions(tmp_path / "two.csv")
+    key = {p.stem + "/" + str(p.repeat): Path(p.path).name for p in one}
+    assert key == {p.stem + "/" + str(p.repeat): Path(p.path).name for p in two} == {
+        "x/0": "x_a.nii.gz", "x/1": "x_b.nii.gz", "y/0": "y_a.nii.gz", "y/1": "y_b.nii.gz"}
+
+
 # --- vlm3d-score ------------------------------------------------------------------------------------------
 
 
