@@ -1,0 +1,193 @@
+"""Peak memory of a training job that reads every volume of its cohort, at N and 4N volumes: it must not grow.
+
+The project's promise is that a training job's memory is its batch's, not its cohort's (streamed shards).
+``benchmarks/rehearsal.py`` runs every training job at N and 4N, but two steps of batch 1 each: both sizes
+read the same 2 volumes, so a decode cache or a per-volume leak in the training data path or the loop
+would not show there. Here the job reads all of them: a synthetic cohort of N and of 4N volumes
+(``--shape`` voxels of random HU in the window, so the shards' compression cannot make a held raw sample
+small: 1.4 MiB a volume in the shards; 128 x 128 x 64 is 2 MiB as int16) is written as shards with labels
+and prompts (``ctprep.shards.write_shards`` and ``merge_manifests``, as the workflow's shard rules), then
+the classifier trains on it through the real path (``ctgen.jobs.train.run_training``: streamed shards,
+checksums, decode, augmentation, the training loop, checkpoints) in a fresh process per size, batch 1,
+``max_steps`` = the cohort's size: one epoch, every volume decoded once. Its peak RSS is the process's own
+VmHWM (``ctprep.memory.peak_rss_bytes``); with ``--workers 1`` the data worker's (it decodes, in a forked
+process of its own) is the worker's own VmHWM (it writes it as it hands over each batch), checked the same way:
+a forked worker's peak starts from the training process's memory at the fork, and what it holds adds to it.
+
+The children run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB (its starting value; ``--malloc
+default`` leaves it alone). By default glibc raises the threshold whenever a large mapped block is freed,
+after which the step's ~100 MiB of transient buffers come from the heap, and the high-water mark depends on
+how they fragment it: the job's peak varied by 47 MiB over 3 runs at 8 and 3 at 32 volumes (537-584 MiB, no
+trend with the size), more than the bound below. With the threshold fixed every block of 128 KiB or more is mapped on its own and returned when freed,
+so the peak is the job's live memory: 461.5-462.1 MiB over the same 6 runs. A held volume
+(2 MiB as int16, 4 as float32) is such a block, and stays counted.
+
+Exits 1 where a peak at 4N exceeds ``LIMIT`` x the peak at N, or grows by more than ``HELD_SHARE`` of the
+added 3N volumes' int16 size (the ratio alone would not see them: 24 volumes of 2 MiB held as int16 add
+48 MiB on a peak of ~460 MiB, 1.1x). The bound, 24 MiB at the defaults, leaves room for per-step
+bookkeeping; a job holding every decoded volume (float32, as the model reads them) would add 96 MiB.
+Figures (2 shared cores, 1 torch thread, the demo preset's classifier, defaults): peak 461.8 MiB at 8 and at 32
+volumes (9 s and 18 s); ``--workers 1``: the training process 454.5 and 454.7 MiB, the worker 312.5 and 312.4. A decode
+step made to hold every volume it decodes (a local experiment) misses: +49 MiB held as int16 (1.10x, the ratio
+alone passes), +96 MiB as float32 (1.20x), +46 MiB in the data worker; at ``--n 4`` +24 MiB on a 12 MiB bound.
+
+    python benchmarks/train_stream.py [--n 8] [--shape 128 128 64] [--workers 0|1] [--threads 1]
+                                      [--malloc fixed|default] [--workdir /tmp/ctgen-train-stream-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ctprep.shards import merge_manifests, write_shards
+from ctprep.volume import Volume
+
+REPO = Path(__file__).resolve().parents[1]
+WINDOW = [-1000, 1000]
+#: the children's environment: glibc's mmap threshold fixed at its starting value (see the docstring)
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+SPACING = (2.5, 2.5, 5.0)
+SHARD_SIZE = 4  # volumes a shard: the same at both sizes (a reader holds one shard's index and file open)
+#: the demo preset's classifier (config.yaml); batch 1, one epoch, no checkpoints before the final one
+CLASSIFIER = {"model": {"stem_stride": [2, 4, 4], "channels": [16, 32, 64], "blocks": [1, 1, 1], "norm_groups": 8,
+                        "head_dropout": 0.1, "pos_weight": "auto"},
+              "train": {"batch_size": 1, "lr": 0.002, "min_lr": 0.0002, "warmup_steps": 2, "weight_decay": 0.05,
+                        "ckpt_every": 100_000, "log_every": 1, "seed": 0, "tensorboard": False, "device": "cpu"}}
+
+
+def cohort(root: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> Path:
+    """n training volumes of random HU in the window, in shards of SHARD_SIZE; returns the merged manifest."""
+    rng = np.random.default_rng(seed)
+    affine = np.diag([*SPACING, 1.0])
+
+    def samples():
+        for v in range(n):
+            hu = rng.integers(WINDOW[0], WINDOW[1], size=shape, dtype=np.int16)
+            labels = (rng.random(18) < 0.3).astype(np.float64)
+            yield {"key": f"train_{v}_a_1", "volume": Volume.from_3d(hu, affine, source=f"train_{v}"),
+                   "prompt": f"{40 + v % 30} years old male: finding {v % 5}.",
+                   "prompts": {"generatect": f"finding {v % 5}"}, "meta": {}, "labels": labels}
+
+    write_shards(samples(), root / "c0", prefix="train-c000", shard_size=SHARD_SIZE, split="train")
+    manifest = root / "manifest.json"
+    merge_manifests([root / "c0" / "train-c000.manifest.json"], manifest, split="train")
+    return manifest
+
+
+#: trains the classifier on argv[1]'s config into argv[2] (checkpoints under argv[3], argv[4] torch threads) and
+#: prints, as its last line of stdout, the peaks (KiB, VmHWM) of this process and of its data worker (0: none). The
+#: worker reports its own: it writes its peak to argv[5]/worker-<pid> as it hands over each batch (it ends without
+#: running the dataset's ``finally``, and a reaped child's ``ru_maxrss`` would carry this process's peak over exec)
+CHILD = """\
+import json, os, sys
+import torch
+from ctgen.data import stream
+from ctgen.jobs.train import run_training
+from ctprep.memory import peak_rss_bytes
+
+config, out, checkpoints, threads, peaks = sys.argv[1:6]
+iterate = stream.PlannedBatches.__iter__
+
+
+def watched(self):
+    for item in iterate(self):
+        if torch.utils.data.get_worker_info() is not None:
+            with open(os.path.join(peaks, f"worker-{os.getpid()}"), "w") as fh:
+                fh.write(str(peak_rss_bytes() // 1024))
+        yield item
+
+
+stream.PlannedBatches.__iter__ = watched
+torch.set_num_threads(int(threads))
+run_training("classifier", json.loads(open(config).read()), out, checkpoints)
+workers = [int(open(os.path.join(peaks, f)).read()) for f in os.listdir(peaks)]
+print(json.dumps({"main": peak_rss_bytes() // 1024, "worker": max(workers, default=0)}))
+"""
+
+
+def run(root: Path, manifest: Path, n: int, workers: int, threads: int, fixed_malloc: bool = True) -> dict:
+    """{main, worker (MiB; 0 without workers), seconds, steps} of one training job in a fresh process."""
+    cfg = {**CLASSIFIER, "train": {**CLASSIFIER["train"], "max_steps": n, "num_workers": workers},
+           "data": {"manifests": [str(manifest)], "hu_window": WINDOW, "augment": {"flip_w": True, "intensity": 0.05}}}
+    (root / "config.json").write_text(json.dumps(cfg))
+    out = root / "classifier"
+    (root / "peaks").mkdir()
+    cmd = [sys.executable, "-c", CHILD, str(root / "config.json"), str(out), str(root / "ckpt"), str(threads),
+           str(root / "peaks")]
+    t0 = time.perf_counter()
+    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])  # this checkout's ctgen
+    env = {**os.environ, "PYTHONPATH": path, **(FIXED_MALLOC if fixed_malloc else {})}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if res.returncode:
+        raise SystemExit(res.stderr[-3000:])
+    peaks = json.loads(res.stdout.strip().splitlines()[-1])
+    summary = json.loads((out / "train_summary.json").read_text())
+    if workers and not peaks["worker"]:
+        raise SystemExit("the data worker reported no peak")
+    return {"main": peaks["main"] / 1024, "worker": peaks["worker"] / 1024, "seconds": seconds,
+            "steps": summary["steps"], "train_s": summary["wall_time_s"]}
+
+
+LIMIT = 1.2  # peak RSS at 4N over N: "a training job's memory is its batch's, not its cohort's", with room to spare
+HELD_SHARE = 0.5  # growth from N to 4N under this share of the added volumes' int16 size: no job holds them
+
+
+def verdict(sizes: list[int], peaks: list[float], voxels: int, what: str = "peak") -> tuple[bool, str]:
+    """(within both targets, the line that says so) of the peaks (MiB) at ``sizes`` volumes of ``voxels`` each."""
+    ratio, growth = peaks[1] / peaks[0], peaks[1] - peaks[0]
+    added = sizes[1] - sizes[0]
+    bound = HELD_SHARE * added * voxels * 2 / 2**20
+    ok = ratio <= LIMIT and growth <= bound
+    return ok, (f"{what} at {sizes[1]} over {sizes[0]} volumes: {ratio:.2f} (target <= {LIMIT}), growth {growth:.0f} MiB "
+                f"(target <= {bound:.0f} MiB, {HELD_SHARE:g} x the {added} added volumes as int16): "
+                f"{'within' if ok else 'MISSES'} the targets")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=8, help="volumes of the small run; the large one has 4n")
+    ap.add_argument("--shape", type=int, nargs=3, default=[128, 128, 64], help="voxels along R, A, S")
+    ap.add_argument("--workers", type=int, default=0, choices=(0, 1), help="data workers of the training job")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the training job")
+    ap.add_argument("--malloc", default="fixed", choices=("fixed", "default"),
+                    help="glibc's mmap threshold in the training job: fixed at 128 KiB (a reproducible peak), or glibc's own")
+    ap.add_argument("--workdir", default="/tmp/ctgen-train-stream-bench", help="scratch folder (emptied first)")
+    args = ap.parse_args(argv)
+    shape, voxels = tuple(args.shape), int(np.prod(args.shape))
+    sizes, runs = [args.n, 4 * args.n], []
+    for n in sizes:
+        root = Path(args.workdir) / f"n{n}"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        manifest = cohort(root, n, shape)
+        on_disk = sum(p.stat().st_size for p in (root / "c0").glob("*.tar")) / n / 2**20
+        r = run(root, manifest, n, args.workers, args.threads, args.malloc == "fixed")
+        runs.append(r)
+        worker = f", data worker {r['worker']:6.1f} MiB" if args.workers else ""
+        print(f"{n:4d} volumes of {'x'.join(map(str, shape))} ({on_disk:.1f} MiB each in the shards), {r['steps']} steps "
+              f"of batch 1, {args.workers} workers: peak RSS {r['main']:6.1f} MiB{worker}; {r['seconds']:5.1f} s "
+              f"({r['train_s']:.1f} s training; all volumes as int16 would be {n * voxels * 2 / 2**20:.0f} MiB, "
+              f"as float32 {n * voxels * 4 / 2**20:.0f})", flush=True)
+        if r["steps"] != n:
+            print(f"the job ran {r['steps']} steps, not one epoch of {n}")
+            return 1
+    checks = [verdict(sizes, [r["main"] for r in runs], voxels, "training process's peak")]
+    if args.workers:
+        checks.append(verdict(sizes, [r["worker"] for r in runs], voxels, "data worker's peak"))
+    for _, line in checks:
+        print(line)
+    return 0 if all(ok for ok, _ in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
