@@ -6,6 +6,10 @@ benchmark files (``results/benchmarks/**.tsv``: wall seconds and max_rss per job
 training job's peak RSS at 4N within 1.2x of its peak at N (streamed data: a job's memory is its
 batch's, not its cohort's), and each training job the profile sets out to measure measured at both sizes;
 exits 1, with a line that says which, otherwise.
+Each job runs 2 steps of batch 1, so it reads the same 2 volumes at N and 4N: a decode cache or a
+per-volume leak would not show here. ``benchmarks/train_stream.py`` is the per-volume check: a training
+job (the classifier's) that reads every volume of N and 4N, one epoch, its peak within half the added
+volumes' int16 size.
 
 - ``--profile full``: CT-RATE-size scans (512 x 512 pixels of 0.6-0.8 mm, 200-400 slices of 0.8-1.6 mm),
   the ``paper`` prep grid (512 x 512 x 201 at 0.75 x 0.75 x 1.5 mm) and the ``paper`` model sizes
