@@ -26,8 +26,8 @@ Exits 1 where a peak at 4N exceeds ``LIMIT`` x the peak at N, or grows by more t
 added 3N volumes' int16 size (the ratio alone would not see them: 24 volumes of 2 MiB held as int16 add
 48 MiB on a peak of ~460 MiB, 1.1x). The bound, 24 MiB at the defaults, leaves room for per-step
 bookkeeping; a job holding every decoded volume (float32, as the model reads them) would add 96 MiB.
-Figures (2 shared cores, 1 torch thread, the demo preset's classifier, defaults): peak 461.8 MiB at 8 and at 32
-volumes (9 s and 18 s); ``--workers 1``: the training process 454.5 and 454.7 MiB, the worker 312.5 and 312.4. A decode
+Figures (2 shared cores, 1 torch thread, the demo preset's classifier, defaults): peak 461.5 MiB at 8 volumes and
+462.3 at 32 (7 s and 18 s); ``--workers 1``: the training process 454.9 and 454.6 MiB, the worker 312.4 and 312.6. A decode
 step made to hold every volume it decodes (a local experiment) misses: +49 MiB held as int16 (1.10x, the ratio
 alone passes), +96 MiB as float32 (1.20x), +46 MiB in the data worker; at ``--n 4`` +24 MiB on a 12 MiB bound.
 
