@@ -6,7 +6,7 @@ same volumes as NIfTI predictions, a models folder with untrained feature networ
 size and reports its peak RSS (the child's own VmHWM; its ``ru_maxrss`` would carry this parent's peak
 over exec) and wall time. What stays is one batch of volumes plus per-volume features; the volumes
 themselves would be the growth if any job held them all: at least 2 bytes a voxel (int16, as the shards and
-the predictions store them; 4 as float32). Exits 1 where the peak at 4N exceeds ``LIMIT`` x the peak at N,
+the predictions store them; 4 as float32). Exits 1 where the peak at 4N exceeds ``GROWTH_LIMIT`` x the peak at N,
 or grows by more than ``HELD_SHARE`` of the added 3N volumes' int16 size (the ratio alone cannot see them:
 24 volumes of 160 x 160 x 80 held as int16 add 94 MiB, 1.14 x the 683 MiB at N = 8; growth within half of
 that leaves room for the per-volume bookkeeping, 20 MiB). The bound is sized for volumes of about that
@@ -33,6 +33,7 @@ from ctgen.jobs.text import fit_text_tokenizer
 from ctgen.models.classifier3d import Classifier3D
 from ctgen.models.clip3d import CLIP3D
 from ctgen.models.slicenet import SliceNet
+from ctprep.memory import growth_verdict
 from ctprep.shards import merge_manifests, write_shards
 from ctprep.volume import Volume, save_nifti
 
@@ -82,19 +83,7 @@ def models(root: Path, shape: tuple[int, int, int], n: int) -> Path:
     return folder
 
 
-LIMIT = 1.2  # peak RSS at 4N over N: "a job's memory does not grow with the cohort", with room for bookkeeping
-HELD_SHARE = 0.5  # growth from N to 4N under this share of the added volumes' int16 size: no job holds them
-
-
-def verdict(sizes: list[int], peaks: list[float], voxels: int) -> tuple[bool, str]:
-    """(within both targets, the line that says so) of the peaks (MiB) at ``sizes`` volumes of ``voxels`` each."""
-    ratio, growth = peaks[1] / peaks[0], peaks[1] - peaks[0]
-    added = sizes[1] - sizes[0]
-    bound = HELD_SHARE * added * voxels * 2 / 2**20
-    ok = ratio <= LIMIT and growth <= bound
-    return ok, (f"peak at {sizes[1]} over {sizes[0]} volumes: {ratio:.2f} (target <= {LIMIT}), growth {growth:.0f} MiB "
-                f"(target <= {bound:.0f} MiB, {HELD_SHARE:g} x the {added} added volumes as int16): "
-                f"{'within' if ok else 'MISSES'} the targets")
+verdict = growth_verdict  # the targets: ctprep.memory (GROWTH_LIMIT, HELD_SHARE), shared with the other benchmarks
 
 #: runs the CLI and prints the process's own peak RSS (KiB) as the last line of stderr, however it exits
 CHILD = ("import runpy, sys\nfrom ctprep.memory import peak_rss_bytes\nsys.argv = ['ctgen'] + sys.argv[1:]\ntry:\n"

@@ -22,7 +22,7 @@ trend with the size), more than the bound below. With the threshold fixed every 
 so the peak is the job's live memory: 461.5-462.1 MiB over the same 6 runs. A held volume
 (2 MiB as int16, 4 as float32) is such a block, and stays counted.
 
-Exits 1 where a peak at 4N exceeds ``LIMIT`` x the peak at N, or grows by more than ``HELD_SHARE`` of the
+Exits 1 where a peak at 4N exceeds ``GROWTH_LIMIT`` x the peak at N, or grows by more than ``HELD_SHARE`` of the
 added 3N volumes' int16 size (the ratio alone would not see them: 24 volumes of 2 MiB held as int16 add
 48 MiB on a peak of ~460 MiB, 1.1x). The bound, 24 MiB at the defaults, leaves room for per-step
 bookkeeping; a job holding every decoded volume (float32, as the model reads them) would add 96 MiB.
@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctprep.memory import growth_verdict
 from ctprep.shards import merge_manifests, write_shards
 from ctprep.volume import Volume
 
@@ -138,19 +139,7 @@ def run(root: Path, manifest: Path, n: int, workers: int, threads: int, fixed_ma
             "steps": summary["steps"], "train_s": summary["wall_time_s"]}
 
 
-LIMIT = 1.2  # peak RSS at 4N over N: "a training job's memory is its batch's, not its cohort's", with room to spare
-HELD_SHARE = 0.5  # growth from N to 4N under this share of the added volumes' int16 size: no job holds them
-
-
-def verdict(sizes: list[int], peaks: list[float], voxels: int, what: str = "peak") -> tuple[bool, str]:
-    """(within both targets, the line that says so) of the peaks (MiB) at ``sizes`` volumes of ``voxels`` each."""
-    ratio, growth = peaks[1] / peaks[0], peaks[1] - peaks[0]
-    added = sizes[1] - sizes[0]
-    bound = HELD_SHARE * added * voxels * 2 / 2**20
-    ok = ratio <= LIMIT and growth <= bound
-    return ok, (f"{what} at {sizes[1]} over {sizes[0]} volumes: {ratio:.2f} (target <= {LIMIT}), growth {growth:.0f} MiB "
-                f"(target <= {bound:.0f} MiB, {HELD_SHARE:g} x the {added} added volumes as int16): "
-                f"{'within' if ok else 'MISSES'} the targets")
+verdict = growth_verdict  # the targets: ctprep.memory (GROWTH_LIMIT, HELD_SHARE), shared with the other benchmarks
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,3 +23,21 @@ def peak_rss_bytes() -> int:
         pass
     scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+#: the benchmarks' "a job's memory does not grow with the cohort": the peak at 4N over the peak at N, with room for
+#: bookkeeping; and the growth from N to 4N under this share of the added volumes' int16 size (no job holds them)
+GROWTH_LIMIT = 1.2
+HELD_SHARE = 0.5
+
+
+def growth_verdict(sizes: list[int], peaks: list[float], voxels: int, what: str = "peak") -> tuple[bool, str]:
+    """(within both targets, the line that says so) of the peaks (MiB) at ``sizes`` volumes of ``voxels`` each: the
+    ratio alone cannot see held volumes on a large baseline, the bound on the growth can."""
+    ratio, growth = peaks[1] / peaks[0], peaks[1] - peaks[0]
+    added = sizes[1] - sizes[0]
+    bound = HELD_SHARE * added * voxels * 2 / 2**20
+    ok = ratio <= GROWTH_LIMIT and growth <= bound
+    return ok, (f"{what} at {sizes[1]} over {sizes[0]} volumes: {ratio:.2f} (target <= {GROWTH_LIMIT}), growth "
+                f"{growth:.0f} MiB (target <= {bound:.0f} MiB, {HELD_SHARE:g} x the {added} added volumes as int16): "
+                f"{'within' if ok else 'MISSES'} the targets")
