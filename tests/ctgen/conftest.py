@@ -75,3 +75,20 @@ def tiny_cascade(cohort, tmp_path_factory):
                   prompt_templates={"generatect": "{age} years old {sex}: {impression}"})
     write_sampling_defaults(models, {"steps": 3, "guidance_scale": 2.0, "temperature": 1.0})
     return models
+
+
+@pytest.fixture()
+def decoded_keys(monkeypatch) -> list[str]:
+    """The keys of the shard volumes decoded while the test runs (``ctgen.data.shards.volume_decoder`` counted)."""
+    from ctgen.data import shards
+
+    decoded, decode = [], shards.volume_decoder
+
+    def counting(key, data):
+        out = decode(key, data)
+        if out is not None:
+            decoded.append(key)
+        return out
+
+    monkeypatch.setattr(shards, "volume_decoder", counting)
+    return decoded

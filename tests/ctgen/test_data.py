@@ -114,21 +114,11 @@ def test_iter_samples_through_a_merged_manifest(tmp_path):
     assert [g["key"] for g in iter_samples(out)] == [s["key"] for s in samples]
 
 
-def test_iter_samples_of_some_keys_reads_and_decodes_only_theirs(tmp_path, monkeypatch):
+def test_iter_samples_of_some_keys_reads_and_decodes_only_theirs(tmp_path, decoded_keys):
     """The figures job wants a few real scans: it decoded every volume of the split on the way to them."""
-    from ctgen.data import shards
-
     samples = make_samples(5)
     write_shards(samples, tmp_path, "valid", shard_size=2, split="valid")  # shards of keys 0-1, 2-3 and 4
-    decoded, decode = [], shards.volume_decoder
-
-    def counting(key, data):
-        out = decode(key, data)
-        if out is not None:
-            decoded.append(key)
-        return out
-
-    monkeypatch.setattr(shards, "volume_decoder", counting)
+    decoded = decoded_keys
     (tmp_path / "valid-000001.tar").unlink()  # the shard of neither wanted key is not opened
     wanted = [samples[4]["key"], samples[0]["key"]]
     got = list(iter_samples(tmp_path / "valid.manifest.json", keys=wanted))

@@ -189,23 +189,12 @@ def test_slice_figure_shows_real_then_each_family(run, tmp_path):
     assert white(latent) > white(cascade) + 0.2 and white(latent) > white(real) + 0.2
 
 
-def test_slice_figure_decodes_only_the_chosen_real_scans(run, tmp_path, monkeypatch):
+def test_slice_figure_decodes_only_the_chosen_real_scans(run, tmp_path, decoded_keys):
     """The job decoded every real volume it read past on the way to the chosen ones (the whole split, for a
     prompt late in it)."""
-    from ctgen.data import shards
-
-    decoded, decode = [], shards.volume_decoder
-
-    def counting(key, data):
-        out = decode(key, data)
-        if out is not None:
-            decoded.append(key)
-        return out
-
-    monkeypatch.setattr(shards, "volume_decoder", counting)
     plot_samples(of(run, "samples"), run["shared"]["valid"], tmp_path / "s.png",
                  FigureConfig(prompts=("valid_2_a_1",), window="lung", dpi=30))
-    assert len(decoded) == 1
+    assert len(decoded_keys) == 1
 
 
 def test_slice_figure_grows_with_prompts_and_windows(run, tmp_path):
