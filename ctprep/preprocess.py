@@ -183,6 +183,7 @@ def preprocess_volume(
     vol = intensity.to_hu(vol, slope, intercept, dataset["intensity"])
     vol = geometry.reorient(vol, CANONICAL)
     lo, hi = (float(v) for v in preset.get("clip", (-1000, 1000)))
+    vol = intensity.floor_padding(vol, lo)  # before interpolation: padding must not mix into the body's edge
     # clip (and normalise) after interpolation, as separate steps would, but fused into the
     # resampler's last pass: the output grid is written once instead of three times
     vol = to_target_grid(vol, preset, post=intensity.window(lo, hi, normalise), dtype=dtype)

@@ -239,3 +239,27 @@ def test_metadata_mode_says_where_a_stated_header_places_the_volume_elsewhere(tm
         for _ in range(3):                                        # last one named, and says so
             stored_to_geometry(load_nifti(tmp_path / "x.nii.gz"), row, {})
     assert caplog.text.count("its header places the volume") == 2 and "not listed" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["spacing", "resize"])
+def test_padding_outside_the_scan_circle_does_not_darken_the_body(data_dir, mode):
+    """A real scan with the scanner's padding (-3024 HU, GE's PixelPaddingValue -2000) outside a scan circle that
+    cuts the body: the prepared volume equals the same scan padded with air (-1024 HU). The padding was
+    interpolated into the tissue at the circle's edge before the window, a rim up to ~680 HU too dark; measured
+    values below -1024 (noise in air) are kept."""
+    vol = load_nifti(data_dir / "example_ct_sm.nii.gz")
+    a = vol.array.astype(np.int16)  # (1, x, y, z)
+    x, y = np.meshgrid(np.arange(a.shape[1]), np.arange(a.shape[2]), indexing="ij")
+    outside = (x - a.shape[1] / 2) ** 2 + (y - a.shape[2] / 2) ** 2 > (0.42 * min(a.shape[1:3])) ** 2
+    assert (a[:, outside] > -500).mean() > 0.05  # the circle cuts through tissue
+    padded, air = a.copy(), a.copy()
+    padded[:, outside], air[:, outside] = -3024, -1024
+    preset = SPACING if mode == "spacing" else {"mode": "resize", "shape": [48, 48, 32], "clip": [-1000, 1000]}
+    out = preprocess_volume(Volume(padded, vol.affine, vol.meta), None, preset, {"geometry": "header"})
+    ref = preprocess_volume(Volume(air, vol.affine, vol.meta), None, preset, {"geometry": "header"})
+    np.testing.assert_array_equal(out.data, ref.data)
+    step = next(h for h in out.meta["history"] if h["op"] == "floor_padding")
+    assert step["to"] == -1024 and step["n_voxels"] == int(outside.sum()) * a.shape[-1]  # every padded voxel
+    # the noise in air (-1064 to -1207 in the real scans) is data: a scan without padding is not touched
+    plain = preprocess_volume(vol, None, preset, {"geometry": "header"})
+    assert "floor_padding" not in [h["op"] for h in plain.meta["history"]] and a.min() < -1024
