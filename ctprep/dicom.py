@@ -671,9 +671,14 @@ def dicom_to_nifti(
     """Read a series and write it as an int16 HU NIfTI with its truthful affine; returns the volume.
 
     Float HU (non-integer rescale) are rounded to whole HU; values beyond int16 are refused
-    rather than clipped.
+    rather than clipped. A series with missing slices is refused even with ``allow_gaps`` (which
+    :func:`read_series` takes for inspection): a NIfTI has one uniform step, so every slice after a gap would
+    be written one step or more from where it was scanned.
     """
     vol = read_series(series_dir, series_uid=series_uid, allow_gaps=allow_gaps)
+    if vol.meta["gaps"]:
+        raise SeriesError(f"{sum(g['missing'] for g in vol.meta['gaps'])} missing slice(s) ({vol.meta['gaps']}): "
+                          "a NIfTI's uniform step would misplace every slice after the gap")
     lo, hi = float(vol.data.min()), float(vol.data.max())
     if lo < _NIFTI_INT16[0] or hi > _NIFTI_INT16[1]:
         raise SeriesError(f"HU range [{lo:g}, {hi:g}] does not fit int16")

@@ -266,6 +266,10 @@ def test_missing_middle_slice_is_refused(tmp_path):
     vol = read_series(folder, allow_gaps=True)  # recorded, not hidden
     assert vol.shape[2] == 19 and vol.meta["gaps"][0]["missing"] == 1
     assert vol.meta["slice_step_mm"] == 2.0
+    # but not written: the NIfTI's uniform step put every slice after the gap 2 mm from its scanned position
+    with pytest.raises(SeriesError, match=r"1 missing slice\(s\) .*uniform step would misplace"):
+        dicom_to_nifti(folder, tmp_path / "gap.nii.gz", allow_gaps=True)
+    assert not (tmp_path / "gap.nii.gz").exists()
 
 
 @pytest.mark.parametrize(
