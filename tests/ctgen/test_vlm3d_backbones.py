@@ -79,6 +79,18 @@ def test_a_wrong_or_truncated_checkpoint_is_named_in_one_line(tmp_path):
     assert "absent.pth" in describe(err.value)
 
 
+def test_a_corrupt_or_text_safetensors_file_is_named_in_one_line(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file(_random_state({k: tuple(v.shape) for k, v in SqueezeNet11().state_dict().items()}), good)
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:50_000])
+    (tmp_path / "text.safetensors").write_text("<html>404: not found</html>\n")  # a download page
+    for name in ("cut.safetensors", "text.safetensors"):
+        with pytest.raises(ValueError, match=f"SqueezeNet-1.1 weights .*{name} cannot be read as a safetensors "
+                                             "file") as err:
+            SqueezeNet11.from_path(tmp_path / name)
+        assert "\n" not in describe(err.value)
+
+
 def _keras_resnet50_keys() -> list[str]:
     """Warvito/radimagenet-models' ResNet50 state-dict keys, written out from its definition."""
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

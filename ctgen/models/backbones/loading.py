@@ -29,9 +29,15 @@ def read_state_dict(path: str | os.PathLike, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(2, f"{what} not found (its path in config.yaml's evaluation section)", str(path))
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as err:  # a truncated download, a text file: "header too large" etc.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{what} {path} cannot be read as a safetensors file (truncated or not weights?): "
+                             f"{first}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError) as err:  # KeyError: a text file
