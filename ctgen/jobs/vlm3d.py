@@ -8,12 +8,13 @@ truth nobody predicted is named and not scored). Each protocol runs on its publi
 * ``vlm3d.json``: every record (:class:`MetricValue`: value, n, CI, profile, flag), grouped by profile family,
   the pairing, the volumes whose values do not read as HU (``hu_problems``: normalised or raw stored values;
   where no prediction or no ground truth reads as HU the run stops with one line instead), the pairs left out
-  because a volume is unreadable or holds NaN (``skipped_pairs``, ``n_skipped_pairs``; every record flagged),
-  what was skipped and the settings;
+  because a volume is unreadable, holds NaN or has sheared voxel axes (``skipped_pairs``, ``n_skipped_pairs``;
+  every record flagged), what was skipped and the settings;
 * ``vlm3d_2026.csv`` and ``papers.csv``: one table per family (the SqueezeNet and RadImageNet 2.5D FIDs
   rank models differently and never share a table);
 * ``leaderboard.json``: ``{"metrics": {"FVD_CTNet": ..., ...}}`` as the challenge writes it, published
-  backbones only (absent when every protocol ran on a proxy);
+  backbones only (absent when every protocol ran on a proxy); where a record is flagged (``num_images`` other
+  than 100, pairs skipped, too few volumes, ...), ``"flags": {"FID_2p5D_Avg": "<its flag>", ...}`` beside it;
 * ``clip_per_volume.csv``: the per-volume CLIP scores.
 """
 
@@ -57,11 +58,22 @@ ROLES = ("fvd", "clip_image", "clip_text", "fid")
 
 
 def vlm3d_settings(cfg: Mapping | None) -> dict[str, Any]:
-    """evaluation.vlm3d with defaults filled in; an unknown key is a user error."""
+    """evaluation.vlm3d with defaults filled in; an unknown key or a bad value is a user error naming the key.
+
+    Checked here, before any volume is read, as the CLI options are: a count from config.yaml that is not a
+    positive integer used to fail after every feature was computed (``fid_bootstrap: 0``), or silently
+    (``num_images: -2`` dropped the last two pairs).
+    """
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
         raise UserError(f"evaluation.vlm3d: unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
+    for key, value in cfg.items():
+        if isinstance(DEFAULTS[key], int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"evaluation.vlm3d.{key}: not a positive integer: {value!r}")
+        elif value is not None and not isinstance(value, (str, os.PathLike)):
+            raise UserError(f"evaluation.vlm3d.{key}: not a path: {value!r}")
     return {**DEFAULTS, **cfg}
 
 
@@ -159,8 +171,8 @@ def score_vlm3d(generated_dir: str | os.PathLike, real_dir: str | os.PathLike, r
     if problems:  # scored all the same (a few bad volumes need not void a run), but no number hides it
         notes.append(f"{len(problems)} of {len(pairs)} pairs hold a volume whose values do not read as HU (hu_problems)")
     if unusable:
-        notes.append(f"{len(unusable)} of {len(pairing.pairs)} pairs not scored: an unreadable or NaN volume "
-                     "(skipped_pairs)")
+        notes.append(f"{len(unusable)} of {len(pairing.pairs)} pairs not scored: an unreadable, NaN or sheared "
+                     "volume (skipped_pairs)")
     if notes:
         records = [dataclasses.replace(r, flag=join_flags(r.flag, *notes)) for r in records]
     summary = {
@@ -171,10 +183,14 @@ def score_vlm3d(generated_dir: str | os.PathLike, real_dir: str | os.PathLike, r
         "records": {family: [r.to_json() for r in records if r.profile.split(":")[0] == family]
                     for family in (CHALLENGE, PAPERS)},
     }
-    official = {r.extra["official_key"]: r.value for r in records
-                if r.profile.startswith(CHALLENGE) and ":proxy:" not in r.profile and r.extra.get("official_key")}
+    published = [r for r in records if r.profile.startswith(CHALLENGE) and ":proxy:" not in r.profile
+                 and r.extra.get("official_key")]
+    official = {"metrics": {r.extra["official_key"]: r.value for r in published}}
+    flags = {r.extra["official_key"]: r.flag for r in published if r.flag}
+    if flags:  # a number that is not quite the challenge's (num_images, skipped pairs, few volumes) says so here too
+        official["flags"] = flags
     if out_dir is not None:
-        _write(Path(out_dir), summary, records, official, per_volume)
+        _write(Path(out_dir), summary, records, official if published else None, per_volume)
     return summary
 
 
@@ -182,10 +198,10 @@ def _check_volumes(pairs: list) -> tuple[list, dict[str, dict[str, str]], dict[s
     """(the pairs to score, {stem: {side: why not HU}}, {stem: {side: why unusable}}).
 
     Every volume is read once before scoring (:func:`~ctgen.metrics.vlm3d.contract.check_pairs`): a broken file
-    (corrupt, truncated, not 3D, NaN voxels) used to stop the whole run in the middle of a protocol, with a
-    traceback for a bad gzip stream; now its pair is left out, named and counted, and the rest is scored. No
-    usable pair, or a side where no volume reads as HU, is a user error (one line, the first case named);
-    single volumes are logged.
+    (corrupt, truncated, not 3D, NaN voxels) or a sheared affine (stopped the 2.5D FID after FVD and CLIP were
+    done) used to stop the whole run in the middle of a protocol, with a traceback for a bad gzip stream; now its
+    pair is left out, named and counted, and the rest is scored. No usable pair, or a side where no volume reads
+    as HU, is a user error (one line, the first case named); single volumes are logged.
     """
     problems, unusable = check_pairs(pairs)
     problems = {s: w for s, w in problems.items() if s not in unusable}  # a pair left out is not scored: not counted
@@ -207,7 +223,7 @@ def _check_volumes(pairs: list) -> tuple[list, dict[str, dict[str, str]], dict[s
     return usable, problems, unusable
 
 
-def _write(out: Path, summary: dict, records: list[MetricValue], official: dict, per_volume) -> None:
+def _write(out: Path, summary: dict, records: list[MetricValue], official: dict | None, per_volume) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "vlm3d.json", json.dumps(summary, indent=2).encode())
     for family, name in ((CHALLENGE, "vlm3d_2026.csv"), (PAPERS, "papers.csv")):
@@ -215,7 +231,7 @@ def _write(out: Path, summary: dict, records: list[MetricValue], official: dict,
         if rows:
             atomic_write_bytes(out / name, pd.DataFrame(rows).to_csv(index=False).encode())
     if official:
-        atomic_write_bytes(out / "leaderboard.json", json.dumps({"metrics": official}, indent=2).encode())
+        atomic_write_bytes(out / "leaderboard.json", json.dumps(official, indent=2).encode())
     if per_volume:
         atomic_write_bytes(out / "clip_per_volume.csv", pd.DataFrame(per_volume).to_csv(index=False).encode())
     log.info("wrote %s", out / "vlm3d.json")

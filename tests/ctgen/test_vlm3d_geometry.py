@@ -27,6 +27,7 @@ from ctgen.metrics.vlm3d.geometry import (
     ctnet_volume,
     fid_volume,
 )
+from ctprep.volume import Volume
 
 
 def _sitk_array(path) -> np.ndarray:
@@ -148,3 +149,20 @@ def test_fid_input_is_ras_at_one_mm_padded_with_minus_1000(data_dir):
     # output voxel m samples input index m * 1 / 1.5: m = 3 is voxel 2 from the right/posterior/inferior end
     assert np.allclose(inner[3, 6, 9].item(), data[-3, -5, 6], atol=1e-3)
     assert n[0] == 182  # round(121 * 1.5 + 1) = round(182.5): numpy rounds half to even
+
+
+def test_sheared_and_oblique_affines_are_told_apart_from_flips_and_permutations():
+    from scipy.spatial.transform import Rotation
+
+    from ctgen.metrics.vlm3d.geometry import oblique, sheared
+
+    flipped = np.diag([-0.7, -0.7, 2.5, 1.0])[:, [1, 0, 2, 3]]  # LPS and i/j swapped: still the RAS axes
+    rotated = np.eye(4)
+    rotated[:3, :3] = Rotation.from_euler("xyz", [8, -5, 12], degrees=True).as_matrix() * [0.7, 0.9, 2.5]
+    tilted = np.diag([0.8, 0.8, 2.0, 1.0])
+    tilted[1, 2] = 0.35  # a gantry tilt kept in the header: the slice axis leans in y
+    assert not sheared(flipped) and not oblique(flipped)
+    assert not sheared(rotated) and oblique(rotated)
+    assert sheared(tilted) and oblique(tilted)
+    with pytest.raises(ValueError, match="sheared voxel axes"):
+        fid_volume(Volume.from_3d(np.zeros((4, 4, 4), np.int16), tilted), (1.0, 1.0, 1.0), (4, 4, 4))

@@ -221,28 +221,79 @@ def test_fid_scores_the_first_n_pairs_by_sorted_name_and_says_when_fewer(tmp_pat
     assert all(r.n == 3 and "scored on 3 volumes" in r.flag for r in few)
 
 
-def test_fid_ci_is_shifted_by_the_bootstraps_bias_and_holds_the_estimate(monkeypatch):
-    """Both sides alike: resamples duplicate volumes, so their FIDs sit above the estimate (a raw percentile interval
-    excluded it on three of the four records); the CI is shifted by that bias, which the record keeps."""
+def _in_memory_fid(monkeypatch, stems, seed=0, proxy=True):
+    """(pairs, extractor) for fid_25d on random 8^3 "volumes" held in memory (axis-aligned, no resampling)."""
+    from types import SimpleNamespace
+
     import ctgen.metrics.vlm3d.fid25d as fid25d
     from ctgen.metrics.vlm3d.contract import Pair
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     vols = {}
 
     def make(key):
-        vols[key] = torch.from_numpy(rng.normal(size=(8, 8, 8)).astype(np.float32)) + float(rng.normal()) * 0.3
+        data = torch.from_numpy(rng.normal(size=(8, 8, 8)).astype(np.float32)) + float(rng.normal()) * 0.3
+        vols[key] = SimpleNamespace(data=data, affine=np.eye(4))
         return key
 
     monkeypatch.setattr(fid25d, "load_volume", lambda path: vols[path])
-    monkeypatch.setattr(fid25d, "fid_volume", lambda v, spacing, shape: v)
+    monkeypatch.setattr(fid25d, "fid_volume", lambda v, spacing, shape: v.data)
     weight = torch.from_numpy(rng.normal(size=(3 * 64, 6)).astype(np.float32))
-    extractor = Extractor(lambda x: x.reshape(x.shape[0], -1) @ weight, "proj", proxy=True)
-    pairs = [Pair(f"s{i:02d}", make(f"g{i}"), make(f"r{i}")) for i in range(20)]
+    extractor = Extractor(lambda x: x.reshape(x.shape[0], -1) @ weight, "proj" if proxy else "squeezenet1.1", proxy)
+    return [Pair(stem, make(f"g{stem}"), make(f"r{stem}")) for stem in stems], extractor
+
+
+def test_fid_ci_is_shifted_by_the_bootstraps_bias_and_holds_the_estimate(monkeypatch):
+    """Both sides alike: resamples duplicate volumes, so their FIDs sit above the estimate (a raw percentile interval
+    excluded it on three of the four records); the CI is shifted by that bias, which the record keeps."""
+    pairs, extractor = _in_memory_fid(monkeypatch, [f"s{i:02d}" for i in range(20)])
     recs = fid_25d(pairs, extractor, Fid25dSettings(n_bootstrap=200))
     for r in recs:
         assert r.ci[0] <= r.value <= r.ci[1], r.name
         assert r.extra["bootstrap_bias"] > 0 and r.extra["dropped_resamples"] == 0, r.name
+
+
+def test_fid_flags_a_num_images_other_than_the_challenges_100_even_with_more_volumes(monkeypatch):
+    """105 pairs and num_images 105: no fewer than 100 volumes, but not the challenge's number either."""
+    pairs, published = _in_memory_fid(monkeypatch, [f"c{i:03d}" for i in range(105)], proxy=False)
+    settings = dict(slice_batch=64, n_bootstrap=2)
+    more = fid_25d(pairs, published, Fid25dSettings(num_images=105, **settings))
+    assert all(r.n == 105 and "num_images 105, not the challenge's 100" in r.flag for r in more)
+    assert [r.extra["official_key"] for r in more] == ["FID_2p5D_XY", "FID_2p5D_YZ", "FID_2p5D_XZ", "FID_2p5D_Avg"]
+    exact = fid_25d(pairs, published, Fid25dSettings(**settings))  # the first 100: the challenge's number
+    assert all(r.n == 100 and r.flag is None for r in exact)
+
+
+def test_fid_and_clip_cis_resample_ctrate_patients_not_their_reconstructions(tmp_path, monkeypatch, volume_net):
+    """Two reconstructions of one CT-RATE scan share anatomy: the CIs draw whole patients, and the too-few flag
+    counts patients (ctgen's own CLIP score does the same)."""
+    stems = [f"train_{p}_a_{r}" for p in range(1, 7) for r in (1, 2)]  # 6 patients, 12 volumes
+    pairs, extractor = _in_memory_fid(monkeypatch, stems)
+    for r in fid_25d(pairs, extractor, Fid25dSettings(n_bootstrap=20)):
+        assert r.n == 12 and r.extra["resampled"] == "patients" and r.extra["n_resampled"] == 6, r.name
+    gen, real = tmp_path / "gen", tmp_path / "real"
+    gen.mkdir()
+    real.mkdir()
+    rng = np.random.default_rng(0)
+    for stem in stems:
+        for folder in (gen, real):
+            _write(folder / f"{stem}.nii.gz", rng.integers(-1000, 1000, (8, 8, 6)), np.diag([1.0, 1, 2, 1]))
+    [clip], rows = ctclip_scores(_pairs(gen, real), volume_net, spacing=(2.0, 1.0, 1.0), shape=(6, 8, 8))
+    assert clip.n == 12 and clip.extra["resampled"] == "patients" and clip.extra["n_resampled"] == 6
+    assert "only 6 patients" in clip.flag and "only 12 volumes" not in clip.flag
+
+
+def test_config_values_are_checked_before_any_volume_is_read():
+    """fid_bootstrap 0 used to fail after every feature was computed, num_images -2 to drop two pairs silently."""
+    from ctgen.jobs.vlm3d import vlm3d_settings
+
+    assert vlm3d_settings({"num_images": 50, "ctnet_weights": "w.pth"})["num_images"] == 50
+    for key, value in (("fid_bootstrap", 0), ("num_images", -2), ("num_images", "abc"), ("num_images", 2.5),
+                       ("fid_bootstrap", True)):
+        with pytest.raises(UserError, match=f"evaluation.vlm3d.{key}: not a positive integer"):
+            vlm3d_settings({key: value})
+    with pytest.raises(UserError, match="evaluation.vlm3d.squeezenet_weights: not a path"):
+        vlm3d_settings({"squeezenet_weights": 3})
 
 
 def test_grouped_resample_equals_the_covariance_of_the_repeated_rows():
@@ -281,7 +332,10 @@ def test_score_vlm3d_runs_each_protocol_on_its_proxy_and_writes_its_tables(tmp_p
     table = pd.read_csv(out / "vlm3d_2026.csv")
     assert list(table["name"]) == names and {"ci_low", "ci_high", "n", "profile", "flag"} <= set(table.columns)
     assert not (out / "papers.csv").exists() and not (out / "leaderboard.json").exists()  # proxies never
-    assert len(pd.read_csv(out / "clip_per_volume.csv")) == 8
+    assert table["official_key"].isna().all()  # nor a leaderboard key in the tables
+    per_volume = pd.read_csv(out / "clip_per_volume.csv")
+    assert len(per_volume) == 8 and list(per_volume.columns) == [
+        "stem", "clip_score_i2i_proxy", "clip_score_proxy", "clip_score_real_proxy", "clip_score_mean_proxy"]
     assert json.loads((out / "vlm3d.json").read_text())["stems"] == stems[:8]
 
 
@@ -346,3 +400,75 @@ def test_values_that_are_not_hu_are_named_and_flagged(tmp_path, real_dir, volume
         _save_float(path, np.clip(data, -1000, 1000) / 1000, nib.load(path).affine)
     with pytest.raises(UserError, match=r"no generated volume reads as HU \(9 of 9\); case_00_pulmonary: .*normalised"):
         score_vlm3d(gen_dir, real_dir, proxies={"fvd": volume_net}, grids={"fvd_shape": FVD_GRID})
+
+
+def test_centre_slices_are_min_max_normalised_over_the_kept_slices_only():
+    """get_features_2p5d normalises each plane's stack of kept slices: an extreme voxel outside the centre
+    slices does not change the kept slices' intensities."""
+    from ctgen.metrics.vlm3d.fid25d import plane_slices, volume_plane_features
+
+    rng = np.random.default_rng(0)
+    vol = torch.from_numpy(rng.uniform(-500, 500, size=(8, 8, 8)).astype(np.float32))
+    vol[0, 0, 0], vol[-1, -1, -1] = -1000.0, 1000.0  # outside the central half along every axis
+    ex = Extractor(lambda x: x.flatten(1), "identity", proxy=True)
+    settings = Fid25dSettings(center_slices_ratio=0.5)
+    feats = volume_plane_features(vol, ex, settings)
+    for plane in ("xy", "yz", "zx"):
+        kept = plane_slices(vol, plane, 0.5)
+        x = (kept - kept.min()) / (kept.max() - kept.min() + 1e-10)
+        expected = torch.stack([x - m for m in CHANNEL_MEAN], dim=1).flatten(1).numpy()
+        assert feats[plane].shape == expected.shape and np.allclose(feats[plane], expected, atol=1e-6), plane
+
+
+def test_a_sheared_volume_leaves_its_pair_out_named_and_counted(tmp_path, real_dir, volume_net, slice_net):
+    """A gantry tilt kept in the header: SimpleITK (the evaluation's reader) refuses it and the 2.5D FID needs a
+    rectilinear grid; it used to stop the run after FVD and CLIP were done, with nothing written."""
+    stems = sorted(p.name[: -len(".nii.gz")] for p in real_dir.glob("*.nii.gz"))[:4]
+    gen_dir = _derived(tmp_path, real_dir, "noisy", stems)
+    real = tmp_path / "real"
+    real.mkdir()
+    for stem in stems:
+        (real / f"{stem}.nii.gz").write_bytes((real_dir / f"{stem}.nii.gz").read_bytes())
+    img = nib.load(real / f"{stems[1]}.nii.gz")
+    tilted = img.affine.copy()
+    tilted[1, 2] += 0.35 * np.linalg.norm(tilted[:3, 2])  # about 20 degrees
+    _write(real / f"{stems[1]}.nii.gz", np.asarray(img.dataobj), tilted)
+    summary = score_vlm3d(gen_dir, real, proxies={"fvd": volume_net, "fid": slice_net}, out_dir=tmp_path / "out",
+                          cfg={"fid_bootstrap": 5}, grids={"fvd_shape": FVD_GRID, "fid_spacing": FID.spacing,
+                                                           "fid_shape": FID.shape})
+    assert summary["n_pairs"] == 3 and summary["n_skipped_pairs"] == 1
+    assert "sheared voxel axes" in summary["skipped_pairs"][stems[1]]["real"]
+    records = summary["records"]["vlm3d-2026"]
+    assert len(records) == 5 and all("1 of 4 pairs not scored" in r["flag"] for r in records)
+    assert (tmp_path / "out" / "vlm3d.json").exists()
+
+
+def test_leaderboard_json_keeps_published_numbers_with_their_flags_beside(tmp_path, real_dir, slice_net,
+                                                                          monkeypatch):
+    """num_images 6 (not the challenge's 100): the 2.5D FID keeps its official keys, and leaderboard.json says why
+    the number is not the challenge's beside it."""
+    import ctgen.jobs.vlm3d as job
+
+    published = Extractor(slice_net.fn, "squeezenet1.1")  # as if loaded from squeezenet_weights
+    monkeypatch.setattr(job, "build_extractors", lambda cfg, proxies, device: ({"fid": published}, {}))
+    gen_dir = _derived(tmp_path, real_dir, "noisy")
+    score_vlm3d(gen_dir, real_dir, cfg={"num_images": 6, "fid_bootstrap": 5}, out_dir=tmp_path / "out",
+                grids={"fid_spacing": FID.spacing, "fid_shape": FID.shape})
+    board = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
+    keys = ["FID_2p5D_XY", "FID_2p5D_YZ", "FID_2p5D_XZ", "FID_2p5D_Avg"]
+    assert list(board["metrics"]) == keys and list(board["flags"]) == keys
+    assert all("num_images 6, not the challenge's 100" in board["flags"][k] for k in keys)
+
+
+def test_fid_on_oblique_volumes_counts_them_in_its_flag(tmp_path, real_dir, slice_net):
+    """Rotated voxel axes: resampled along them, where MONAI may centre its grid instead; the records say how many."""
+    from scipy.spatial.transform import Rotation
+
+    stems = sorted(p.name[: -len(".nii.gz")] for p in real_dir.glob("*.nii.gz"))[:3]
+    gen_dir = _derived(tmp_path, real_dir, "noisy", stems)
+    img = nib.load(gen_dir / f"{stems[0]}.nii.gz")
+    rotated = img.affine.copy()
+    rotated[:3, :3] = Rotation.from_euler("z", 10, degrees=True).as_matrix() @ rotated[:3, :3]
+    _write(gen_dir / f"{stems[0]}.nii.gz", np.asarray(img.dataobj), rotated)
+    recs = fid_25d(_pairs(gen_dir, real_dir), slice_net, FID)
+    assert all(r.extra["n_oblique"] == 1 and "1 of 6 volumes oblique" in r.flag for r in recs)

@@ -9,7 +9,9 @@ The code looks reports up in a spreadsheet by stem and silently scores a missing
 string; here a missing report is an error.
 
 Streaming: one pair of volumes at a time (a 240 x 480 x 480 float32 grid is 221 MB). CIs: bootstrap over
-volumes. Beside the protocol's numbers, ``extra`` holds the real scan's own image-text score (the ceiling
+volumes, or over patients where CT-RATE stems give several volumes of one (:func:`mean_with_ci`'s groups).
+The per-volume rows' score columns are named as the records (``clip_score_i2i_proxy`` for a proxy).
+Beside the protocol's numbers, ``extra`` holds the real scan's own image-text score (the ceiling
 a generator can reach with this encoder).
 """
 
@@ -39,7 +41,7 @@ def score(a: np.ndarray, b: np.ndarray) -> float:
 def ctclip_scores(pairs: Sequence[Pair], image: Extractor, text: Extractor | None = None,
                   reports: Mapping[str, str] | None = None, spacing: Sequence[float] = CLIP_SPACING,
                   shape: Sequence[int] = CLIP_SHAPE, device=None) -> tuple[list[MetricValue], list[dict]]:
-    """(records, per-volume rows) of the CLIP scores.
+    """(records, per-volume rows: ``stem`` and the scores, named as the records) of the CLIP scores.
 
     ``image.fn`` takes (1, 240, 480, 480) float32 HU (pad -1 HU; CT-CLIP divides by 1000 itself) and returns
     (1, L) latents; ``text.fn`` takes a list of reports and returns (B, L). Without ``text``/``reports`` only
@@ -68,14 +70,17 @@ def ctclip_scores(pairs: Sequence[Pair], image: Extractor, text: Extractor | Non
             bar.update(1)
     described = image if text is None else Extractor(image.fn, image.description, image.proxy or text.proxy)
     prof = profile(CHALLENGE, "ctclip", described)
-    kw = dict(profile=prof, stems=stems_hash(p.stem for p in pairs))
+    # groups: the CIs resample CT-RATE patients, not their reconstructions one by one (as ctgen's own CLIP score)
+    kw = dict(profile=prof, stems=stems_hash(p.stem for p in pairs), groups=[p.stem for p in pairs])
+    key = (lambda k: None) if described.proxy else (lambda k: k)  # a proxy's number is never a leaderboard key
     records = [mean_with_ci([r["clip_score_i2i"] for r in rows], metric_name("clip_score_i2i", described), **kw)]
-    records[0].extra["official_key"] = "CLIPScore_I2I"
+    records[0].extra["official_key"] = key("CLIPScore_I2I")
     if with_text:
         i2t = mean_with_ci([r["clip_score"] for r in rows], metric_name("clip_score", described), **kw)
-        i2t.extra.update(official_key="CLIPScore", real_i2t_mean=float(np.mean([r["clip_score_real"] for r in rows])))
+        i2t.extra.update(official_key=key("CLIPScore"),
+                         real_i2t_mean=float(np.mean([r["clip_score_real"] for r in rows])))
         both = mean_with_ci([r["clip_score_mean"] for r in rows], metric_name("clip_score_mean", described), **kw)
-        both.extra["official_key"] = "CLIPScore_mean"
+        both.extra["official_key"] = key("CLIPScore_mean")
         records = [i2t, records[0], both]
     else:
         records[0].flag = join_flags(("no reports given" if reports is None else
@@ -86,4 +91,6 @@ def ctclip_scores(pairs: Sequence[Pair], image: Extractor, text: Extractor | Non
             rec.flag = "; ".join(filter(None, [rec.flag, f"grid {tuple(shape)} at {tuple(spacing)} mm, not the challenge's"]))
         rec.extra.update(spacing=list(spacing), shape=list(shape))
         log.info("%s %.4g over %d volumes (%s)", rec.name, rec.value, rec.n, prof)
+    # the per-volume columns carry the records' names: a proxy's column says _proxy too
+    rows = [{k if k == "stem" else metric_name(k, described): v for k, v in row.items()} for row in rows]
     return records, rows

@@ -173,16 +173,23 @@ def load_volume(path: str | os.PathLike) -> Volume:
 def volume_problems(path: str | os.PathLike) -> tuple[str | None, str | None]:
     """(why the file cannot be scored, why its values do not read as HU), each None where all is well; one read.
 
-    A file that does not load (corrupt or truncated gzip, not a NIfTI, not 3D) or holds NaN/inf voxels is
-    unusable: every protocol would stop on it (or its NaN features would void every record), so it is named
-    and its pair left out. Values that load but do not read as HU: see :func:`ctgen.metrics.hu.not_hu`.
+    A file that does not load (corrupt or truncated gzip, not a NIfTI, not 3D), holds NaN/inf voxels or has
+    sheared voxel axes (a gantry tilt: the evaluation's SimpleITK reader refuses it, and the 2.5D FID needs a
+    rectilinear grid) is unusable: every protocol would stop on it (or its NaN features would void every
+    record), so it is named and its pair left out. Values that load but do not read as HU: see
+    :func:`ctgen.metrics.hu.not_hu`.
     """
     from ctgen.metrics.hu import not_hu
+    from ctgen.metrics.vlm3d.geometry import sheared
 
     try:
-        data = load_volume(path).data
+        vol = load_volume(path)
     except (VolumeError, OSError) as err:  # load_nifti names the problem; a vanished file is an OSError
         return f"unreadable: {err}", None
+    if sheared(vol.affine):
+        return ("sheared voxel axes (a gantry tilt in the header): SimpleITK, the evaluation's reader, refuses it "
+                "and the 2.5D FID needs a rectilinear grid"), None
+    data = vol.data
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         return "holds NaN or inf voxels", None
     return None, not_hu(data)

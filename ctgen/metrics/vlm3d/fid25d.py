@@ -12,16 +12,16 @@ MONAI's MAISI script) as ``evaluation.py`` calls it for 2026: ``--model_name squ
   Z slices (X rows, Y columns), "YZ" the X slices, "ZX" the Y slices (X rows, Z columns; the leaderboard
   calls it ``FID_2p5D_XZ``). All 512 slices of each plane, padding slices included;
 * intensities (``radimagenet_intensity_normalisation`` with ``norm2d=False``): min-max over the whole
-  stack of one plane (the same as over the volume) to [0, 1], then channel c minus (0.406, 0.456, 0.485)[c];
-  no division by a standard deviation;
+  stack of one plane's kept slices (all slices: the same as over the volume) to [0, 1], then channel c
+  minus (0.406, 0.456, 0.485)[c]; no division by a standard deviation;
 * features: the network's output, averaged over space if it is a map (SqueezeNet gives 1000 scores; the
   RadImageNet ResNet-50 of the papers a 2048-channel map); one FID per plane over all slices of all volumes
   (MONAI's ``FIDMetric``: N - 1 covariances), and their mean.
 
 Memory: one volume (512^3 float32, 512 MB) and one batch of slices at a time; the slice features are kept
 (100 volumes x 512 slices x F floats per plane and set: 205 MB at F = 1000). The CI is a bootstrap over
-volumes (a volume's slices resampled together), shifted by its bias (:func:`ctgen.metrics.distribution.shifted_ci`),
-computed from per-volume centred Gram matrices (V x F x F
+volumes (a volume's slices resampled together; a CT-RATE patient's volumes together), shifted by its bias
+(:func:`ctgen.metrics.distribution.shifted_ci`), computed from per-volume centred Gram matrices (V x F x F
 float32 per set, one plane at a time: 400 MB at 100 volumes and F = 1000, 1.7 GB at F = 2048).
 """
 
@@ -36,12 +36,12 @@ import torch
 
 from ctgen.metrics.frechet import frechet_distance, frechet_distance_from_stats
 from ctgen.metrics.distribution import shifted_ci
-from ctgen.metrics.summary import MetricValue, stems_hash
+from ctgen.metrics.summary import MetricValue, join_flags, report_groups, stems_hash
 from ctgen.metrics.vlm3d.contract import Pair, load_volume
-from ctgen.metrics.vlm3d.geometry import FID_SHAPE, FID_SPACING, fid_volume
+from ctgen.metrics.vlm3d.geometry import FID_SHAPE, FID_SPACING, fid_volume, oblique
 from ctgen.metrics.vlm3d.protocol import CHALLENGE, Extractor, features, metric_name, profile
 from ctprep.logs import progress
-from ctprep.stats import resample
+from ctprep.stats import group_members, resample
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,12 @@ def normalise(slices: torch.Tensor, vmin: torch.Tensor, vmax: torch.Tensor) -> t
 def volume_plane_features(volume: torch.Tensor, extractor: Extractor, settings: Fid25dSettings,
                           device=None) -> dict[str, np.ndarray]:
     """{plane: (S, F) float32} for one (X, Y, Z) HU volume."""
-    vmin, vmax = volume.min(), volume.max()
     out = {}
     for plane in PLANES:
         stack = plane_slices(volume, plane, settings.center_slices_ratio)
+        # get_features_2p5d normalises the stack of kept slices: with a centre-slice ratio its min-max is
+        # that of the kept slices (of this plane), not the volume's
+        vmin, vmax = stack.min(), stack.max()
         feats = [features(extractor, normalise(stack[s:s + settings.slice_batch], vmin, vmax), device)
                  for s in range(0, stack.shape[0], settings.slice_batch)]
         out[plane] = torch.cat(feats).float().numpy()
@@ -134,10 +136,14 @@ def fid_25d(pairs: Sequence[Pair], extractor: Extractor, settings: Fid25dSetting
         raise ValueError(f"2.5D FID needs at least 2 volume pairs, got {len(chosen)}")
     gen = {p: [] for p in PLANES}
     real = {p: [] for p in PLANES}
+    n_oblique = 0
     with progress(total=2 * len(chosen), desc=base_name, unit="vol") as bar:
         for pair in chosen:
             for path, out in ((pair.generated, gen), (pair.real, real)):
-                vol = fid_volume(load_volume(path), settings.spacing, settings.shape)
+                loaded = load_volume(path)
+                n_oblique += oblique(loaded.affine)
+                vol = fid_volume(loaded, settings.spacing, settings.shape)
+                del loaded
                 for plane, f in volume_plane_features(vol, extractor, settings, device).items():
                     out[plane].append(f)
                 del vol
@@ -148,32 +154,42 @@ def fid_25d(pairs: Sequence[Pair], extractor: Extractor, settings: Fid25dSetting
     flag = None
     if len(chosen) < NUM_IMAGES:  # the protocol's 100, whatever num_images asked for
         flag = f"scored on {len(chosen)} volumes; the protocol takes the first {NUM_IMAGES}"
+    if settings.num_images != NUM_IMAGES:  # more than 100 is another number too, though no fewer volumes
+        flag = join_flags(flag, f"num_images {settings.num_images}, not the challenge's {NUM_IMAGES}")
     default = Fid25dSettings()
     if (tuple(settings.spacing), tuple(settings.shape), settings.center_slices_ratio) != \
             (default.spacing, default.shape, default.center_slices_ratio):
         flag = "; ".join(filter(None, [flag, f"grid {tuple(settings.shape)} at {tuple(settings.spacing)} mm"
                                              f"{'' if settings.center_slices_ratio is None else ', centre slices'}, "
                                              "not the challenge's"]))
-    # one set of volume resamples for the three planes and their mean; each CI is the percentile interval shifted
+    if n_oblique:  # fid_volume's grid is MONAI's for axis-aligned voxels only
+        flag = join_flags(flag, f"{n_oblique} of {2 * len(chosen)} volumes oblique: resampled on their voxel axes, "
+                                "where MONAI may shift the grid (centre alignment)")
+    # one set of resamples for the three planes and their mean, of whole patients where one has several volumes
+    # (CT-RATE reconstructions share anatomy: mean_with_ci's units); each CI is the percentile interval shifted
     # by the bootstrap's bias (resamples duplicate volumes, so their FIDs sit above the estimate, often all of them:
     # ctgen.metrics.distribution)
+    units, clusters = report_groups([p.stem for p in chosen], len(chosen))
+    members = None if units is None else group_members(units)
     rng = np.random.default_rng(0)
-    counts = [torch.bincount(torch.as_tensor(resample(rng, len(chosen))), minlength=len(chosen))
+    counts = [torch.bincount(torch.as_tensor(resample(rng, len(chosen), members)), minlength=len(chosen))
               for _ in range(settings.n_bootstrap)]
+    official = prefix == CHALLENGE and not extractor.proxy  # a proxy's number is never a leaderboard key
     records, boot = [], {}
     for plane in PLANES:
         value = frechet_distance(np.concatenate(real[plane]), np.concatenate(gen[plane]))
         g, r = GroupedGaussian(gen[plane], device), GroupedGaussian(real[plane], device)
         boot[plane] = [frechet_distance_from_stats(*g.stats(c), *r.stats(c)) for c in counts]
         ci, shifted = shifted_ci(boot[plane], value, settings.n_bootstrap)
-        extra = {"official_key": OFFICIAL[plane] if prefix == CHALLENGE else None, "slices": int(
-            sum(len(f) for f in gen[plane])), "feature_dim": int(gen[plane][0].shape[1]), **shifted}
+        extra = {"official_key": OFFICIAL[plane] if official else None, "slices": int(
+            sum(len(f) for f in gen[plane])), "feature_dim": int(gen[plane][0].shape[1]), "n_oblique": n_oblique,
+            **clusters, **shifted}
         records.append(MetricValue(name(plane), value, len(chosen), ci, flag=flag, extra=extra, **kw))
         del g, r
     avg = float(np.mean([rec.value for rec in records]))
     ci, shifted = shifted_ci(list(np.mean([boot[p] for p in PLANES], axis=0)), avg, settings.n_bootstrap)
     records.append(MetricValue(name("avg"), avg, len(chosen), ci, flag=flag, extra={
-        "official_key": OFFICIAL["avg"] if prefix == CHALLENGE else None, **shifted}, **kw))
+        "official_key": OFFICIAL["avg"] if official else None, "n_oblique": n_oblique, **clusters, **shifted}, **kw))
     for rec in records:
         log.info("%s %.4g over %d volumes (%s)", rec.name, rec.value, rec.n, prof)
     return records
