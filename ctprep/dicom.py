@@ -642,6 +642,7 @@ def read_series(
         "format": "dicom",
         "modality": str(first.get("Modality", "") or "") or None,
         "series_uid": str(first.get("SeriesInstanceUID", "") or "") or None,
+        "study_uid": str(first.get("StudyInstanceUID", "") or "") or None,
         "manufacturer": str(first.get("Manufacturer", "") or "") or None,
         "transfer_syntax": sorted(set(syntaxes)),
         "n_slices": len(stack.headers),
@@ -714,7 +715,10 @@ def convert_folder(
     folder the same) and ``{folder}``. Returns ``(metadata, rejects)``: metadata in CT-RATE's
     44-column schema with ``VolumeName`` = the output file name, and rejects with
     ``VolumeName``, ``stage`` ("dicom") and ``reason``. Both carry ``attrs["source"]``, the
-    folder of each VolumeName. ``strict`` raises on the first bad series instead.
+    folder of each VolumeName, and ``attrs["uids"]`` its (SeriesInstanceUID, StudyInstanceUID) where it was
+    read (:func:`sources_table` joins them). A series with the voxels and affine of an earlier folder's (in name
+    order) is a reject naming that folder: the same scan twice would weigh double in training, or sit in the
+    training and the evaluation split at once. ``strict`` raises on the first bad series instead.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     folders = sorted((p for p in in_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
@@ -723,32 +727,61 @@ def convert_folder(
         logger.warning("%s: files directly in the input folder are ignored; one series per subfolder", in_dir)
     names = _names(folders, name_format, split, start_index)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, rejects, sources = [], [], {}
+    rows, rejects, sources, series_uids, first_of = [], [], {}, {}, {}
     for folder, name in zip(folders, names):
         sources[name] = str(folder)
         try:
             vol = dicom_to_nifti(folder, out_dir / name, allow_gaps=allow_gaps)
+            series_uids[name] = (vol.meta["series_uid"], vol.meta["study_uid"])
+            # by content, not SeriesInstanceUID: anonymised exports blank it, and a re-export gives new UIDs
+            earlier = first_of.setdefault(_content_digest(vol), folder)
+            if earlier != folder:
+                raise SeriesError(f"the same voxels and geometry as {earlier}: a copy of that series would count "
+                                  "the scan twice")
         except VolumeError as err:
             if strict:
                 raise
             logger.warning("rejected %s (%s): %s", folder, name, err)
-            (out_dir / name).unlink(missing_ok=True)  # no stale volume from an earlier run
+            (out_dir / name).unlink(missing_ok=True)  # no stale volume from an earlier run, nor the copy
             rejects.append({"VolumeName": name, "stage": "dicom", "reason": str(err)})
             continue
         logger.info("%s -> %s %r", folder, name, vol)
         rows.append({**vol.meta["metadata_row"], "VolumeName": name})
     metadata = pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
     rejected = pd.DataFrame(rejects, columns=["VolumeName", "stage", "reason"])
-    metadata.attrs["source"] = {n: sources[n] for n in metadata["VolumeName"]}
-    rejected.attrs["source"] = {n: sources[n] for n in rejected["VolumeName"]}
+    for table in (metadata, rejected):
+        table.attrs["source"] = {n: sources[n] for n in table["VolumeName"]}
+        table.attrs["uids"] = {n: series_uids[n] for n in table["VolumeName"] if n in series_uids}
     return metadata, rejected
 
 
+def _content_digest(vol: Volume) -> str:
+    """A digest of a volume's voxels and affine (~0.3 s for a 512 x 512 x 300 series, against ~10 s to decode it)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(vol.array).data)
+    h.update(np.asarray(vol.affine, dtype=np.float64).round(4).tobytes())
+    return h.hexdigest()
+
+
+def sources_table(metadata: pd.DataFrame, rejects: pd.DataFrame) -> pd.DataFrame:
+    """Which folder (and series, study) each VolumeName of :func:`convert_folder` came from, converted or
+    rejected: the names follow the folders' sorted order, so this table, not the name, ties a volume to its
+    scan (and so to its report) once the archive grows."""
+    rows = [{"VolumeName": n, "status": status, "folder": table.attrs["source"][n],
+             "SeriesInstanceUID": table.attrs["uids"].get(n, (None, None))[0],
+             "StudyInstanceUID": table.attrs["uids"].get(n, (None, None))[1]}
+            for table, status in ((metadata, "converted"), (rejects, "rejected")) for n in table["VolumeName"]]
+    return pd.DataFrame(rows, columns=["VolumeName", "status", "folder", "SeriesInstanceUID", "StudyInstanceUID"])
+
+
 def convert_folder_to_outputs(in_dir, volumes_dir, metadata_csv, rejects_path, *, split: str = "train",
-                              strict: bool = False) -> pd.DataFrame:
-    """The ``dicom2nifti`` rule: convert a folder of series and write metadata CSV and rejects."""
+                              strict: bool = False, sources_csv=None) -> pd.DataFrame:
+    """The ``dicom2nifti`` rule: convert a folder of series and write metadata CSV, rejects and the sources
+    (:func:`sources_table`)."""
     metadata, rejects = convert_folder(in_dir, volumes_dir, strict=strict, split=split)
     metadata.to_csv(metadata_csv, index=False)
+    if sources_csv is not None:
+        sources_table(metadata, rejects).to_csv(sources_csv, index=False)
     rejects.assign(split=split).to_parquet(rejects_path, index=False)
     logger.info("dicom2nifti: %d series converted, %d rejected", len(metadata), len(rejects))
     return metadata

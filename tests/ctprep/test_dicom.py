@@ -530,3 +530,40 @@ def test_convert_folder_strict_and_names(series_folder, tmp_path):
         convert_folder(series_folder, tmp_path / "dup", name_format="{split}.nii.gz")
     with pytest.raises(ValueError, match="bare"):
         convert_folder(series_folder, tmp_path / "dup", name_format="../{index}.nii.gz")
+
+
+def test_a_copied_series_is_rejected_and_every_name_traces_to_its_folder(tmp_path):
+    """The same series in two folders became two volumes (a scan counted twice, or in both splits); and a name
+    (the folder's sorted position) could not be traced back to its series once the archive grew: the rule writes
+    sources.csv, the folder and UIDs of every name."""
+    from ctprep.dicom import convert_folder_to_outputs
+
+    root = tmp_path / "in"
+    copy_series(EXAMPLE, root / "a_scan")
+    copy_series(EXAMPLE, root / "b_copy")
+    copy_series(EXAMPLE, root / "c_mr")
+    edit(by_position(root / "c_mr")[0], Modality="MR")
+    out = tmp_path / "volumes"
+    metadata = convert_folder_to_outputs(root, out, tmp_path / "metadata.csv", tmp_path / "rejects.parquet",
+                                         sources_csv=tmp_path / "sources.csv")
+    assert list(metadata["VolumeName"]) == ["train_1_a_1.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["train_1_a_1.nii.gz"]  # the copy's file is not left behind
+    rejects = pd.read_parquet(tmp_path / "rejects.parquet").set_index("VolumeName")["reason"]
+    first = pydicom.dcmread(by_position(root / "a_scan")[0], stop_before_pixels=True)
+    # by content: this anonymised series has blank UIDs (a re-export would have new ones)
+    assert rejects["train_2_a_1.nii.gz"] == (f"the same voxels and geometry as {root / 'a_scan'}: a copy of that "
+                                             "series would count the scan twice")
+    sources = pd.read_csv(tmp_path / "sources.csv", dtype=str)
+    assert list(sources["VolumeName"]) == ["train_1_a_1.nii.gz", "train_2_a_1.nii.gz", "train_3_a_1.nii.gz"]
+    assert list(sources["status"]) == ["converted", "rejected", "rejected"]
+    assert [Path(f).name for f in sources["folder"]] == ["a_scan", "b_copy", "c_mr"]
+    assert first.SeriesInstanceUID == "" and sources.loc[0, ["SeriesInstanceUID", "StudyInstanceUID"]].isna().all()
+    # a series with UIDs has them in the table; one refused before it was read has none
+    for path in by_position(root / "a_scan"):
+        edit(path, SeriesInstanceUID="1.2.826.0.1.3680043.8.498.1", StudyInstanceUID="1.2.826.0.1.3680043.8.498.2")
+    convert_folder_to_outputs(root, tmp_path / "v2", tmp_path / "m2.csv", tmp_path / "r2.parquet",
+                              sources_csv=tmp_path / "s2.csv")
+    again = pd.read_csv(tmp_path / "s2.csv", dtype=str)
+    assert list(again.loc[0, ["SeriesInstanceUID", "StudyInstanceUID"]]) == ["1.2.826.0.1.3680043.8.498.1",
+                                                                            "1.2.826.0.1.3680043.8.498.2"]
+    assert again.loc[2, ["SeriesInstanceUID", "StudyInstanceUID"]].isna().all()

@@ -6,6 +6,7 @@ if DICOM:
         output:
             volumes=directory(f"{R}/dicom/volumes"),
             metadata=f"{R}/dicom/metadata.csv",
+            sources=f"{R}/dicom/sources.csv",
             rejects=f"{R}/rejects/dicom.parquet",
         log:
             f"{R}/logs/dicom2nifti.log",

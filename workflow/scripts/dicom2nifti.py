@@ -11,4 +11,5 @@ convert_folder_to_outputs(
     snakemake.output.rejects,
     split=snakemake.params.split,
     strict=snakemake.params.strict,
+    sources_csv=snakemake.output.sources,
 )
