@@ -246,6 +246,8 @@ def _join(root: Path, split: str, name: str, files: dict, indexed: dict, duplica
     n_slices = int(n_slices)
     if not (np.isfinite([z, slope, intercept]).all() and z > 0 and slope != 0):
         return where, f"bad metadata: ZSpacing {z}, RescaleSlope {slope}, RescaleIntercept {intercept}"
+    if min(xy) <= 0:
+        return where, f"bad metadata: XYSpacing {meta['XYSpacing']!r} is not positive"
     sections = {SECTIONS[c]: str(report.get(c, "")).strip() for c in SECTIONS}
     if ctrate.is_blank_section(sections["impression"]):
         return where, "empty impression"

@@ -20,9 +20,10 @@ import numpy as np
 from ctprep.volume import CANONICAL, Volume, VolumeError, lps_to_ras
 
 
-def _split(text: str) -> list[str]:
-    """Items of a list written without Python syntax: DICOM's ``0.75\\0.75``, or blanks or commas between."""
-    return [v for v in re.split(r"[\\\s,]+", text) if v]
+def _split(text: str, commas: bool = False) -> list[str]:
+    """Items of a list written without Python syntax: DICOM's ``0.75\\0.75`` or blanks between (and commas, in
+    brackets only: a bare ``1,5`` is a decimal comma, one number, not two)."""
+    return [v for v in re.split(r"[\\\s,]+" if commas else r"[\\\s]+", text) if v]
 
 
 def parse_list(value: object, length: int, name: str) -> list[float]:
@@ -35,8 +36,10 @@ def parse_list(value: object, length: int, name: str) -> list[float]:
             raise VolumeError(f"{name} is missing")
         try:
             parsed = ast.literal_eval(text) if text[0] in "[(" else _split(text)
-        except (ValueError, SyntaxError):  # numpy's print form, "[0.75 0.75]" (a table written from arrays)
-            parsed = _split(text.strip("[]()"))
+        except (ValueError, SyntaxError) as err:  # numpy's print form, "[0.75 0.75]" (a table written from arrays)
+            if text[-1] not in "])":  # "[0.75, 0.75": cut short, not a list
+                raise VolumeError(f"unparsable {name}: {text!r}") from err
+            parsed = _split(text[1:-1], commas=True)
         items = list(parsed) if isinstance(parsed, (list, tuple)) else [parsed]
     try:
         out = [float(v) for v in items]

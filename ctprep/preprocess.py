@@ -146,8 +146,11 @@ def to_target_grid(
     """Reoriented HU volume -> the preset's grid (``dtype`` HU, truthful affine).
 
     ``post`` maps the output values in place, ``dtype`` rounds them (see
-    :func:`ctprep.resample.resample_to_affine`).
+    :func:`ctprep.resample.resample_to_affine`). Scanner padding is set to air first
+    (:func:`ctprep.intensity.floor_padding`): here, so that every path to a grid does it, the training data's
+    (prep) and the evaluation's ground truth alike.
     """
+    vol = intensity.floor_padding(vol, float(preset.get("clip", (-1000, 1000))[0]))
     mode = preset.get("mode", "spacing")
     interp = preset.get("interpolation", "linear")
     antialias = bool(preset.get("antialias", True))
@@ -183,7 +186,6 @@ def preprocess_volume(
     vol = intensity.to_hu(vol, slope, intercept, dataset["intensity"])
     vol = geometry.reorient(vol, CANONICAL)
     lo, hi = (float(v) for v in preset.get("clip", (-1000, 1000)))
-    vol = intensity.floor_padding(vol, lo)  # before interpolation: padding must not mix into the body's edge
     # clip (and normalise) after interpolation, as separate steps would, but fused into the
     # resampler's last pass: the output grid is written once instead of three times
     vol = to_target_grid(vol, preset, post=intensity.window(lo, hi, normalise), dtype=dtype)

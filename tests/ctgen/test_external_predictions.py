@@ -432,3 +432,21 @@ def test_a_ground_truth_in_two_manifests_is_one_mistake_not_two_scores(cohort):
     assert len(RealSet([cohort["manifest"]]).stems) > 0
     with pytest.raises(UserError, match="is in more than one shard manifest"):
         RealSet([cohort["manifest"], cohort["manifest"]])
+
+
+def test_ground_truth_padding_is_air_on_the_evaluation_grid(data_dir):
+    """A real scan's padding outside the scan circle (-3024 HU) is set to air before the evaluation resamples it,
+    as prep does for the training data: it gave the real side a dark rim (747 HU at most) the generated side lacks."""
+    from ctgen.jobs.pairing import on_grid
+    from ctprep.volume import Volume, load_nifti
+
+    vol = load_nifti(data_dir / "example_ct_sm.nii.gz")
+    a = vol.array.astype(np.int16)
+    x, y = np.meshgrid(np.arange(a.shape[1]), np.arange(a.shape[2]), indexing="ij")
+    outside = (x - a.shape[1] / 2) ** 2 + (y - a.shape[2] / 2) ** 2 > (0.42 * min(a.shape[1:3])) ** 2
+    padded, air = a.copy(), a.copy()
+    padded[:, outside], air[:, outside] = -3024, -1024
+    grid = Grid(spacing=(2.5, 2.5, 4.0), shape=(150, 128, 24), clip=(-1000.0, 1000.0))  # the whole scan circle
+    got, resampled = on_grid(Volume(padded, vol.affine, vol.meta), grid, "padded")
+    want, _ = on_grid(Volume(air, vol.affine, vol.meta), grid, "air")
+    assert resampled and np.array_equal(got, want)

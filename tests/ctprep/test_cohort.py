@@ -247,3 +247,23 @@ def test_an_exact_duplicate_row_is_kept_once_and_a_no_chest_volume_is_excluded_b
     assert rejects[["VolumeName", "reason"]].values.tolist() == [
         [names[1], "not a chest CT (listed in metadata/no_chest_train.txt)"]]
     assert names[0] in set(cohort["VolumeName"])
+
+
+def test_spacing_lists_in_other_spellings(tmp_path):
+    """numpy's print form ("[0.75 0.75]") is the same spacing; a decimal comma ("0,7", a European-locale sheet) is
+    not two numbers (it read as [0.0, 7.0]), nor is a zero spacing a geometry: both are rejects naming the value."""
+    root = tmp_path / "dataset"
+    write_demo_cohort(root, {**CFG, "faults": []})
+    path = ctrate.metadata_csv(root, "train")
+    meta = pd.read_csv(path, dtype=str, keep_default_na=False)
+    names = list(meta["VolumeName"][:3])
+    xy = [float(v) for v in meta.loc[0, "XYSpacing"].strip("[]").split(",")]
+    meta.loc[0, "XYSpacing"] = f"[{xy[0]} {xy[1]}]"
+    meta.loc[1, "XYSpacing"] = "0,7"
+    meta.loc[2, "XYSpacing"] = "[0.0, 0.7]"
+    meta.to_csv(path, index=False)
+    cohort, rejects = build_cohort(root)
+    reasons = rejects.set_index("VolumeName")["reason"]
+    assert names[0] in set(cohort["VolumeName"]) and names[0] not in reasons
+    assert reasons[names[1]] == "bad metadata: unparsable XYSpacing: '0,7'"
+    assert reasons[names[2]] == "bad metadata: XYSpacing '[0.0, 0.7]' is not positive"

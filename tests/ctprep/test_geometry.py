@@ -16,7 +16,7 @@ def test_parse_list(text, n, expected):
     assert parse_list(text, n, "x") == expected
 
 
-@pytest.mark.parametrize("text", ["[1.0, abc]", "", "nan", "[1, 2]", "[1, inf, 2]", "[1 2]", "[1 abc 2]"])
+@pytest.mark.parametrize("text", ["[1.0, abc]", "", "nan", "[1, 2]", "[1, inf, 2]", "[1 2]", "[1 abc 2]", "1,5,2", "[1, 5, 2", "1,5 2"])
 def test_parse_list_refuses(text):
     with pytest.raises(VolumeError):
         parse_list(text, 3, "ImagePositionPatient")
