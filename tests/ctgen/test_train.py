@@ -650,3 +650,16 @@ def test_the_checkpoint_folder_survives_edits_of_how_a_run_works():
     assert set(bookkeeping) == set(RUN_ONLY)
     assert config_hash({**cfg, "train": {**cfg["train"], **bookkeeping}}) == config_hash(cfg)
     assert config_hash({**cfg, "train": {**cfg["train"], "lr": 2e-3}}) != config_hash(cfg)
+
+
+def test_the_starved_gpu_warning_reaches_the_training_log(tmp_path, monkeypatch, caplog):
+    """The loop asks starved_gpu_advice of its device and data workers and logs what it says (the advice itself:
+    tests/slurm/test_launch.py); here the CPU run is made to hear it."""
+    from ctgen.training import loop
+
+    asked = []
+    monkeypatch.setattr(loop, "starved_gpu_advice", lambda device, workers: asked.append((device.type, workers))
+                        or "no data workers: give the job more CPUs")
+    with caplog.at_level("WARNING", logger="ctgen.training.loop"):
+        run(tmp_path, cfg=TrainConfig(**{**BASE, "max_steps": 1}))
+    assert asked == [("cpu", 0)] and "no data workers: give the job more CPUs" in caplog.text
