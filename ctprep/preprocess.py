@@ -141,16 +141,17 @@ def body_center(vol: Volume, threshold_hu: float = -500.0, stride: int = 4) -> n
 
 
 def to_target_grid(
-    vol: Volume, preset: Mapping, post: Callable[[np.ndarray], None] | None = None, dtype: str = "float32"
+    vol: Volume, preset: Mapping, post: Callable[[np.ndarray], None] | None = None, dtype: str = "float32",
+    owned: bool = False,
 ) -> Volume:
     """Reoriented HU volume -> the preset's grid (``dtype`` HU, truthful affine).
 
     ``post`` maps the output values in place, ``dtype`` rounds them (see
     :func:`ctprep.resample.resample_to_affine`). Scanner padding is set to air first
-    (:func:`ctprep.intensity.floor_padding`): here, so that every path to a grid does it, the training data's
-    (prep) and the evaluation's ground truth alike.
+    (:func:`ctprep.intensity.floor_padding`; in ``vol``'s own array where the caller ``owned`` it): here, so that
+    every path to a grid does it, the training data's (prep) and the evaluation's ground truth alike.
     """
-    vol = intensity.floor_padding(vol, float(preset.get("clip", (-1000, 1000))[0]))
+    vol = intensity.floor_padding(vol, float(preset.get("clip", (-1000, 1000))[0]), inplace=owned)
     mode = preset.get("mode", "spacing")
     interp = preset.get("interpolation", "linear")
     antialias = bool(preset.get("antialias", True))
@@ -172,8 +173,12 @@ def preprocess_volume(
     dataset: Mapping | None = None,
     normalise: bool = False,
     dtype: str = "float32",
+    owned: bool = False,
 ) -> Volume:
     """The whole per-volume recipe; returns clipped HU (or [-1, 1] with ``normalise``).
+
+    ``owned``: the caller keeps no other use of ``stored``'s array (prep's freshly loaded volume), which may then
+    be changed where it is scanner padding instead of copied.
 
     ``dtype="int16"`` returns the HU rounded half to even, inside the resampler's last pass (for
     storage: the same values as rounding the float32 grid, without ever holding that grid).
@@ -188,7 +193,7 @@ def preprocess_volume(
     lo, hi = (float(v) for v in preset.get("clip", (-1000, 1000)))
     # clip (and normalise) after interpolation, as separate steps would, but fused into the
     # resampler's last pass: the output grid is written once instead of three times
-    vol = to_target_grid(vol, preset, post=intensity.window(lo, hi, normalise), dtype=dtype)
+    vol = to_target_grid(vol, preset, post=intensity.window(lo, hi, normalise), dtype=dtype, owned=owned)
     grid_op = vol.meta["history"][-1]["op"]
     vol = vol.new_like(vol.array, op="clip", lo=lo, hi=hi, fused_into=grid_op)
     if normalise:

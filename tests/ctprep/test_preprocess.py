@@ -260,6 +260,17 @@ def test_padding_outside_the_scan_circle_does_not_darken_the_body(data_dir, mode
     np.testing.assert_array_equal(out.data, ref.data)
     step = next(h for h in out.meta["history"] if h["op"] == "floor_padding")
     assert step["to"] == -1024 and step["n_voxels"] == int(outside.sum()) * a.shape[-1]  # every padded voxel
+    # prep's own loaded volume (owned): the same result, its padding set to air where it lies, nothing else changed;
+    # a read-only array (a memory-mapped .nii) is copied all the same
+    mine = padded.copy()
+    owned = preprocess_volume(Volume(mine, vol.affine, vol.meta), None, preset, {"geometry": "header"}, owned=True)
+    np.testing.assert_array_equal(owned.data, ref.data)
+    assert np.array_equal(mine, air)
+    frozen = padded.copy()
+    frozen.flags.writeable = False
+    kept = preprocess_volume(Volume(frozen, vol.affine, vol.meta), None, preset, {"geometry": "header"}, owned=True)
+    np.testing.assert_array_equal(kept.data, ref.data)
+    assert np.array_equal(frozen, padded)
     # the noise in air (-1064 to -1207 in the real scans) is data: a scan without padding is not touched
     plain = preprocess_volume(vol, None, preset, {"geometry": "header"})
     assert "floor_padding" not in [h["op"] for h in plain.meta["history"]] and a.min() < -1024
