@@ -59,8 +59,7 @@ def prep_chunk(
         t0 = time.perf_counter()
         try:
             # int16 HU straight out of the resampler: the float32 grid never exists
-            vol = preprocess_volume(load_nifti(rec["path"]), metadata_row(rec), preset, dataset, dtype="int16",
-                                    owned=True)  # the loaded array is this call's alone: padding floored in place
+            vol = preprocess_volume(load_nifti(rec["path"]), metadata_row(rec), preset, dataset, dtype="int16")
         except VolumeError as err:
             bad.append({"VolumeName": name, "split": rec["split"], "stage": "preprocess", "reason": str(err)})
             continue

@@ -142,16 +142,19 @@ def body_center(vol: Volume, threshold_hu: float = -500.0, stride: int = 4) -> n
 
 def to_target_grid(
     vol: Volume, preset: Mapping, post: Callable[[np.ndarray], None] | None = None, dtype: str = "float32",
-    owned: bool = False,
 ) -> Volume:
     """Reoriented HU volume -> the preset's grid (``dtype`` HU, truthful affine).
 
     ``post`` maps the output values in place, ``dtype`` rounds them (see
-    :func:`ctprep.resample.resample_to_affine`). Scanner padding is set to air first
-    (:func:`ctprep.intensity.floor_padding`; in ``vol``'s own array where the caller ``owned`` it): here, so that
-    every path to a grid does it, the training data's (prep) and the evaluation's ground truth alike.
+    :func:`ctprep.resample.resample_to_affine`). Scanner padding becomes air as the resampler reads the input
+    (:func:`ctprep.intensity.padding_floor`): here, so that every path to a grid does it, the training data's
+    (prep) and the evaluation's ground truth alike.
     """
-    vol = intensity.floor_padding(vol, float(preset.get("clip", (-1000, 1000))[0]), inplace=owned)
+    lo = float(preset.get("clip", (-1000, 1000))[0])
+    pre = intensity.padding_floor(vol.array, lo)
+    if pre is not None:  # recorded before the resampling it is fused into
+        below, to = intensity.padding_bounds(lo)
+        vol = vol.new_like(vol.array, op="floor_padding", below=below, to=to, fused_into="the resampler's input")
     mode = preset.get("mode", "spacing")
     interp = preset.get("interpolation", "linear")
     antialias = bool(preset.get("antialias", True))
@@ -159,10 +162,10 @@ def to_target_grid(
         center = body_center(vol) if preset.get("center", "body") == "body" else vol.center
         return resample.resample_to_grid(vol, preset["spacing"], preset["shape"], center=center,
                                          pad_value=float(preset.get("pad_hu", -1024)),
-                                         interpolation=interp, antialias=antialias, post=post, dtype=dtype)
+                                         interpolation=interp, antialias=antialias, post=post, dtype=dtype, pre=pre)
     if mode == "resize":
         return resample.resize_to_shape(vol, preset["shape"], interpolation=interp, antialias=antialias, post=post,
-                                        dtype=dtype)
+                                        dtype=dtype, pre=pre)
     raise ValueError(f"unknown preset mode {mode!r} (spacing | resize)")
 
 
@@ -173,12 +176,8 @@ def preprocess_volume(
     dataset: Mapping | None = None,
     normalise: bool = False,
     dtype: str = "float32",
-    owned: bool = False,
 ) -> Volume:
     """The whole per-volume recipe; returns clipped HU (or [-1, 1] with ``normalise``).
-
-    ``owned``: the caller keeps no other use of ``stored``'s array (prep's freshly loaded volume), which may then
-    be changed where it is scanner padding instead of copied.
 
     ``dtype="int16"`` returns the HU rounded half to even, inside the resampler's last pass (for
     storage: the same values as rounding the float32 grid, without ever holding that grid).
@@ -193,7 +192,7 @@ def preprocess_volume(
     lo, hi = (float(v) for v in preset.get("clip", (-1000, 1000)))
     # clip (and normalise) after interpolation, as separate steps would, but fused into the
     # resampler's last pass: the output grid is written once instead of three times
-    vol = to_target_grid(vol, preset, post=intensity.window(lo, hi, normalise), dtype=dtype, owned=owned)
+    vol = to_target_grid(vol, preset, post=intensity.window(lo, hi, normalise), dtype=dtype)
     grid_op = vol.meta["history"][-1]["op"]
     vol = vol.new_like(vol.array, op="clip", lo=lo, hi=hi, fused_into=grid_op)
     if normalise:

@@ -105,15 +105,17 @@ def _threads() -> int:
 
 def _resample_axis(
     a: np.ndarray, axis: int, taps: np.ndarray, w: np.ndarray, out: np.ndarray | None = None,
-    post: Callable[[np.ndarray], None] | None = None,
+    post: Callable[[np.ndarray], None] | None = None, pre: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Apply one axis's taps/weights to ``a`` (any dtype, any strides) -> float32.
 
     Works in blocks along another axis, on a thread pool (numpy releases the GIL in take and
     the in-place arithmetic), so temporaries stay small and every core of the job is used.
     ``out`` (any strides) receives the result; ``post`` maps each finished block in place while
-    it is still in cache (the preprocessing's HU window, instead of another pass over memory).
-    An integer ``out`` gets each float32 block rounded there (see :func:`_round_into`).
+    it is still in cache (the preprocessing's HU window, instead of another pass over memory);
+    ``pre`` maps the gathered input values in place before they are weighted (the scanner padding's
+    floor, instead of a copy of the input). An integer ``out`` gets each float32 block rounded there
+    (see :func:`_round_into`).
     """
     out_shape = list(a.shape)
     out_shape[axis] = len(taps)
@@ -136,9 +138,13 @@ def _resample_axis(
         # weight it straight into the output block: no temporaries beyond the buffer
         buf = np.empty(acc.shape, src.dtype)
         np.take(src, taps[:, 0], axis=axis, out=buf, mode="clip")  # taps are in range already
+        if pre is not None:
+            pre(buf)
         np.multiply(buf, weights[0], out=acc)
         for t in range(1, taps.shape[1]):
             np.take(src, taps[:, t], axis=axis, out=buf, mode="clip")
+            if pre is not None:
+                pre(buf)
             if buf.dtype == np.float32:
                 acc += np.multiply(buf, weights[t], out=buf)
             else:  # integer source (the first pass): the product needs a float temporary
@@ -208,6 +214,7 @@ def _axis_aligned(affine: np.ndarray) -> bool:
 def _separable(
     vol: Volume, affine: np.ndarray, shape, pad_value: float, antialias: bool,
     post: Callable[[np.ndarray], None] | None = None, dtype: np.dtype = np.dtype(np.float32),
+    pre: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Linear resampling between two axis-aligned grids as three 1D passes.
 
@@ -242,15 +249,16 @@ def _separable(
     # shrink first: fewer voxels go through the later passes
     plans.sort(key=lambda p: len(p[1]) / vol.shape[p[0]])
     empty = any(sl.stop == sl.start for sl in box)
-    for d, taps, w in ([] if empty else plans[:-1]):
-        a = _resample_axis(a, perm.index(d), taps, w)
+    for i, (d, taps, w) in enumerate([] if empty else plans[:-1]):
+        a = _resample_axis(a, perm.index(d), taps, w, pre=pre if i == 0 else None)  # pre: on the input's values
     # the output is allocated only now (peak memory: the input, one intermediate and the output)
     out_p = np.empty([shape[p] for p in perm], dtype=dtype)
     out = out_p.transpose(np.argsort(perm))
     _fill_outside(out, box, pad[0])
     if not empty:
         d, taps, w = plans[-1]
-        _resample_axis(a, perm.index(d), taps, w, out=out_p[tuple(box[p] for p in perm)], post=post)
+        _resample_axis(a, perm.index(d), taps, w, out=out_p[tuple(box[p] for p in perm)], post=post,
+                       pre=pre if len(plans) == 1 else None)
     return out
 
 
@@ -264,12 +272,13 @@ def resample_to_grid(
     antialias: bool = True,
     post: Callable[[np.ndarray], None] | None = None,
     dtype: str | np.dtype = "float32",
+    pre: Callable[[np.ndarray], None] | None = None,
 ) -> Volume:
     """Resample onto a canonical (R, A, S) grid of ``shape`` voxels of ``spacing`` mm.
 
     The grid is centred on ``center`` (RAS mm; default: the input's centre), so resampling and
     crop/pad happen in one pass and only the output voxels are computed. Voxels outside the
-    input get ``pad_value``. ``post``, ``dtype``: see :func:`resample_to_affine`.
+    input get ``pad_value``. ``post``, ``dtype``, ``pre``: see :func:`resample_to_affine`.
     """
     spacing = np.asarray(spacing, dtype=np.float64)
     shape = np.asarray(shape, dtype=np.int64)
@@ -279,7 +288,8 @@ def resample_to_grid(
     affine = np.eye(4)
     affine[:3, :3] = np.diag(spacing)  # canonical: i -> R, j -> A, k -> S
     affine[:3, 3] = center - spacing * (shape - 1) / 2.0
-    return resample_to_affine(vol, affine, shape, pad_value, interpolation, antialias, post=post, dtype=dtype)
+    return resample_to_affine(vol, affine, shape, pad_value, interpolation, antialias, post=post, dtype=dtype,
+                              pre=pre)
 
 
 def resample_to_affine(
@@ -292,8 +302,13 @@ def resample_to_affine(
     op: str = "resample",
     post: Callable[[np.ndarray], None] | None = None,
     dtype: str | np.dtype = "float32",
+    pre: Callable[[np.ndarray], None] | None = None,
 ) -> Volume:
     """Resample ``vol`` onto the grid given by a voxel-to-RAS ``affine`` and ``shape``.
+
+    ``pre`` is an elementwise in-place map of the input's values (any dtype) applied before they are
+    interpolated: on the separable path to each gathered block of the first pass, otherwise to a copy of
+    the input.
 
     ``post`` is an elementwise in-place map of float32 values (such as
     :func:`ctprep.intensity.window`) applied to the output, the padding included. The
@@ -313,8 +328,12 @@ def resample_to_affine(
     if dtype != np.float32:
         record["dtype"] = dtype.name
     if interpolation == "linear" and _axis_aligned(vol.affine) and _axis_aligned(affine):
-        data = _separable(vol, affine, shape, pad_value, antialias, post, dtype)
+        data = _separable(vol, affine, shape, pad_value, antialias, post, dtype, pre)
         return vol.new_like(data[None], affine, op=op, method="separable", **record)
+    if pre is not None:  # SimpleITK copies the input anyway; this copy is mapped first
+        mapped = vol.array.copy(order="K")
+        pre(mapped)
+        vol = vol.new_like(mapped)
     img = to_sitk(vol)
     # Axis-wise smoothing is only meaningful when input and output axes are (nearly) aligned.
     sigmas: list = []
@@ -348,6 +367,7 @@ def resample_to_affine(
 def resize_to_shape(
     vol: Volume, shape: Sequence[int], interpolation: str = "linear", antialias: bool = True,
     post: Callable[[np.ndarray], None] | None = None, dtype: str | np.dtype = "float32",
+    pre: Callable[[np.ndarray], None] | None = None,
 ) -> Volume:
     """Resize the whole field of view to ``shape`` voxels along the array axes (GenerateCT's recipe).
 
@@ -362,4 +382,4 @@ def resize_to_shape(
     # the outer edges of the grids coincide (align_corners=False): shift the first centre
     affine[:3, 3] = vol.affine[:3, :3] @ ((scale - 1.0) / 2.0) + vol.affine[:3, 3]
     return resample_to_affine(vol, affine, shape, pad_value=-1024.0, interpolation=interpolation,
-                              antialias=antialias, op="resize", post=post, dtype=dtype)
+                              antialias=antialias, op="resize", post=post, dtype=dtype, pre=pre)
