@@ -718,7 +718,8 @@ def convert_folder(
     folder of each VolumeName, and ``attrs["uids"]`` its (SeriesInstanceUID, StudyInstanceUID) where it was
     read (:func:`sources_table` joins them). A series with the voxels and affine of an earlier folder's (in name
     order, within this conversion) is a reject naming that folder: the same scan twice would weigh double in
-    training. Copies across separate conversions (parts, splits) are not compared. ``strict`` raises on the first bad series instead.
+    training. Copies across separate conversions (parts, splits) are not compared. ``strict`` raises on the
+    first bad series instead.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     folders = sorted((p for p in in_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),

@@ -141,7 +141,7 @@ def body_center(vol: Volume, threshold_hu: float = -500.0, stride: int = 4) -> n
 
 
 def to_target_grid(
-    vol: Volume, preset: Mapping, post: Callable[[np.ndarray], None] | None = None, dtype: str = "float32",
+    vol: Volume, preset: Mapping, post: Callable[[np.ndarray], None] | None = None, dtype: str = "float32"
 ) -> Volume:
     """Reoriented HU volume -> the preset's grid (``dtype`` HU, truthful affine).
 

@@ -257,8 +257,7 @@ def _separable(
     _fill_outside(out, box, pad[0])
     if not empty:
         d, taps, w = plans[-1]
-        _resample_axis(a, perm.index(d), taps, w, out=out_p[tuple(box[p] for p in perm)], post=post,
-                       pre=pre if len(plans) == 1 else None)
+        _resample_axis(a, perm.index(d), taps, w, out=out_p[tuple(box[p] for p in perm)], post=post)
     return out
 
 

@@ -29,11 +29,12 @@ log = logging.getLogger(__name__)
 UNKNOWN_LABEL = 255  # a blank label cell in the dataset: unknown, not negative
 
 
-def shard_urls(manifest_path: str | os.PathLike) -> list[str]:
-    """Absolute paths of the manifest's shards, in manifest order."""
+def shard_urls(manifest_path: str | os.PathLike, keys: set[str] | None = None) -> list[str]:
+    """Absolute paths of the manifest's shards, in manifest order; with ``keys``, only those listing one of them."""
     manifest_path = Path(manifest_path)
     manifest = load_manifest(manifest_path)
-    return [str((manifest_path.parent / s["file"]).resolve()) for s in manifest["shards"]]
+    return [str((manifest_path.parent / s["file"]).resolve()) for s in manifest["shards"]
+            if keys is None or not keys.isdisjoint(s["keys"])]
 
 
 def iter_samples(
@@ -54,11 +55,8 @@ def iter_samples(
     not opened, and the other samples of a shard are skipped before their volume is decoded
     (a full-size scan is ~150 MB decoded).
     """
-    urls = shard_urls(manifest_path)
-    if keys is not None:
-        keys = set(keys)
-        shards = load_manifest(manifest_path)["shards"]
-        urls = [u for u, s in zip(urls, shards) if keys.intersection(s["keys"])]
+    keys = None if keys is None else set(keys)
+    urls = shard_urls(manifest_path, keys)  # the manifest read once
     if not urls:
         return  # an empty split, or no shard holds a wanted key; WebDataset would raise on an empty shard list
     if shuffle:

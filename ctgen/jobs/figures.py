@@ -564,11 +564,12 @@ def _span(values: pd.Series) -> str:
 def _sweep_n(rows: pd.DataFrame, what: str = "") -> str:
     """The n of sweep rows, as a range where the scales differ (a scale may have scored fewer volumes than the lowest),
     with the reports or patients that the CIs resample: "1-3 (2 patients)"."""
-    n = _span(rows["n"]) + (f" {what}" if what else "")
+    extra = {}
     if "n_resampled" in rows and rows["n_resampled"].notna().any():
-        unit = rows["resampled"].dropna().iloc[0] if "resampled" in rows and rows["resampled"].notna().any() else "units"
-        n += f" ({_span(rows['n_resampled'])} {unit})"
-    return n
+        extra["n_resampled"] = _span(rows["n_resampled"])
+        if "resampled" in rows and rows["resampled"].notna().any():
+            extra["resampled"] = rows["resampled"].dropna().iloc[0]
+    return _n_text({"n": _span(rows["n"]), "extra": extra}, what)  # the records' own wording
 
 
 def plot_guidance_sweep(sweep_csv, out_png, dpi: int = 120) -> Path:
