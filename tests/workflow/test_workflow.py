@@ -85,6 +85,12 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         "steps": {"sampling": {"steps": 3}},
         "guidance": {"sampling": {"guidance_scale": 3.0}},
         "flow_steps": {"sampling": {"latent_flow": {"guidance_scale": 3.0}}},
+        # a model's default sampler steps: what samples from it, as the sampling section's own steps; no training.
+        # (the tiny config sets sampling.sr_steps, which overrides the preset's: null here, then an edit of that alone)
+        "sr_sample_steps": {"sampling": {"sr_steps": None},
+                            "model_presets": {"demo": {"superres": {"model": {"sample_steps": 3}}}}},
+        "sr_sample_steps_overridden": {"model_presets": {"demo": {"superres": {"model": {"sample_steps": 3}}}}},
+        "flow_sample_steps": {"model_presets": {"demo": {"latent_flow": {"model": {"sample_steps": 3}}}}},
         "eval": {"evaluation": {"hu_tolerance": 30.0}},
         "bootstrap": {"evaluation": {"bootstrap": 500, "faithfulness_labels": ["Cardiomegaly", "Pleural effusion"]}},
         "slices": {"evaluation": {"slices_per_volume": 8}},
@@ -150,6 +156,8 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     assert jobs["steps"]["tstr_shards"] == jobs["steps"]["train_tstr"] == 1
     assert jobs["tstr"]["tstr_shards"] == jobs["tstr"]["train_tstr"] == 2  # other reports: both sets
     assert plan["flow_steps"] == latent_sampling  # the latent flow family's sampling: that family's samples alone
+    assert plan["sr_sample_steps"] == plan["steps"] and plan["flow_sample_steps"] == latent_sampling
+    assert plan["sr_sample_steps_overridden"] == set()
     # a scoring setting scores the guidance sweep again without sampling it again; the slices its 2D FID takes are
     # read from the sampled volumes
     assert plan["eval"] == plan["bootstrap"] == scoring - {"guidance_scale"}

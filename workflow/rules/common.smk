@@ -240,12 +240,30 @@ check_gpus()
 # the cascade's sampling settings: without the latent flow family's (an edit of those reruns only that family) and
 # without the super-resolution batch, which changes no volume beyond rounding (a user lowers it after an
 # out-of-memory error: it re-sampled every cascade volume and the guidance sweep); it reaches the jobs untracked
+# model fields that set how a trained model samples by default, not what it trains: out of the training params (an
+# edit re-samples and retrains nothing; the training config file still carries them, untracked), and the sampling
+# jobs take the preset's current value where the sampling section leaves theirs null
+SAMPLE_ONLY = ("sample_steps",)
+
+
+def preset_sample_steps(model):
+    """The preset's `sample_steps` of `model` (None: the model's own default)."""
+    preset = config["model_presets"][MODELS["preset"]].get(model, {})
+    return preset.get("model", {}).get("sample_steps")
+
+
 SAMPLING = canonical(
     {
-        k: v
-        for k, v in config["sampling"].items()
-        if k not in ("resources", "latent_flow", "batch_size")
+        **{
+            k: v
+            for k, v in config["sampling"].items()
+            if k not in ("resources", "latent_flow", "batch_size")
+        },
+        "sr_steps": config["sampling"]["sr_steps"] or preset_sample_steps("superres"),
     }
+)
+FLOW_STEPS = config["sampling"]["latent_flow"]["steps"] or preset_sample_steps(
+    "latent_flow"
 )
 SR_BATCH = untracked(lambda wc: config["sampling"]["batch_size"])
 # what decides a cascade volume, not which prompts or where it goes: the spec's defaults, TSTR's and the sweep's sampler
@@ -367,6 +385,12 @@ def tracked(cfg):
     cfg["train"] = Settings(
         {k: v for k, v in cfg["train"].items() if k not in RUN_ONLY}
     )
+    if (
+        "model" in cfg
+    ):  # and the model's sampling defaults (SAMPLE_ONLY), which the sampling jobs pass
+        cfg["model"] = Settings(
+            {k: v for k, v in cfg["model"].items() if k not in SAMPLE_ONLY}
+        )
     return cfg
 
 
@@ -397,6 +421,15 @@ def bookkeeping(cfg):
 
 def get_train_bookkeeping(wildcards):
     return bookkeeping(_train_config(wildcards))
+
+
+def sample_defaults(cfg):
+    """The SAMPLE_ONLY fields of a training config's model: written into its file as well, untracked."""
+    return {k: v for k, v in cfg.get("model", {}).items() if k in SAMPLE_ONLY}
+
+
+def get_sample_defaults(wildcards):
+    return sample_defaults(_train_config(wildcards))
 
 
 def get_launcher(wildcards, threads, resources):

@@ -15,6 +15,7 @@ rule slicenet_config:
         code=script_digest("train_config.py"),
         cfg=tracked(get_slicenet_config()),
         bookkeeping=untracked(lambda wc: bookkeeping(get_slicenet_config())),
+        sample_defaults=untracked(lambda wc: sample_defaults(get_slicenet_config())),
     script:
         "../scripts/train_config.py"
 

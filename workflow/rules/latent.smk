@@ -165,7 +165,8 @@ rule latent_flow_spec:
         code=script_digest("latent_flow_spec.py"),
         preset=PRESET,
         models=FLOW_SETTINGS,
-        sampling=config["sampling"]["latent_flow"],
+        # the steps resolved as the sampling job takes them (`ctgen sample` by hand reads this spec)
+        sampling=canonical({**config["sampling"]["latent_flow"], "steps": FLOW_STEPS}),
         prompts=config["prompts"],
         encoders=FLOW_TEXT_ENCODERS,
     script:
@@ -201,11 +202,7 @@ rule sample_latent_flow:
             if config["sampling"]["dicom"]
             else ""
         ),
-        steps=(
-            f"--steps {config['sampling']['latent_flow']['steps']}"
-            if config["sampling"]["latent_flow"]["steps"]
-            else ""
-        ),
+        steps=f"--steps {FLOW_STEPS}" if FLOW_STEPS else "",
     shell:
         "ctgen sample --family latent_flow --models {params.models} --prompts {input.prompts}"
         " --out-dir {params.out} --seed {params.s[seed]} --per-prompt {params.s[per_prompt]} {params.steps}"

@@ -67,6 +67,7 @@ rule train_config:
         code=script_digest("train_config.py"),
         cfg=get_train_config,
         bookkeeping=untracked(get_train_bookkeeping),
+        sample_defaults=untracked(get_sample_defaults),
     script:
         "../scripts/train_config.py"
 
