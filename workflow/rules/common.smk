@@ -721,5 +721,6 @@ def get_every_job():
             get_train_latents(None),
             get_probe_latents(None),
             rules.latent_flow_spec.output.spec,
+            rules.probe_latent_flow.output.json,
         ]
     return targets
