@@ -69,6 +69,14 @@ def reversed_keys(value):
     return [reversed_keys(v) for v in value] if isinstance(value, list) else value
 
 
+def reversed_sets(cfg):
+    """``cfg`` with the evaluation's set-valued lists (the findings scored, the retrieval k) in reverse order."""
+    ev = cfg["evaluation"]
+    ev["faithfulness_labels"], ev["retrieval_k"] = ev["faithfulness_labels"][::-1], ev["retrieval_k"][::-1]
+    assert len(ev["faithfulness_labels"]) > 1 and len(ev["retrieval_k"]) > 1
+    return cfg
+
+
 def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, tmp_path):
     edits = {  # each on a fresh copy of the finished run
         "none": None,
@@ -89,6 +97,7 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         "bootstrap": {"evaluation": {"bootstrap": 500, "faithfulness_labels": ["Cardiomegaly", "Pleural effusion"]}},
         "slices": {"evaluation": {"slices_per_volume": 8}},
         "evsplit": {"evaluation": {"split": "train"}},  # the references and the probe's held-out latents
+        "reordered": reversed_sets,  # the same findings and k in another order: nothing
         "fig": {"figures": {"dpi": 100}},
         "slicenet": {"evaluation": {"slicenet": {"train": {"lr": 1e-3}}}},
         "tstr": {"evaluation": {"tstr_reports": 3}},
@@ -160,6 +169,7 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     # the evaluation split: the scores and the flow network's held-out probe, never a training (the probe's held-out
     # latents were an input of the flow network's training)
     assert plan["evsplit"] == scoring | {"probe_latent_flow"}
+    assert plan["reordered"] == set()  # the scores do not depend on the order (ctgen.jobs.eval_config)
     assert plan["fig"] == {"figures", "metric_tables", "all"}
     # the slice network's settings: it and the scores; TSTR's size: its samples, classifiers and the scores
     assert plan["slicenet"] == {"slicenet_config", "train_slicenet"} | scoring
