@@ -408,6 +408,9 @@ def test_a_volume_without_a_tissue_is_drawn_and_counted(tmp_path, monkeypatch):
     assert "cascade (3 volumes)" in legend and "cascade: 1 of 3 HU flagged" in legend, legend
     caption = (Path(__file__).resolve().parents[2] / "workflow/report/per_volume.rst").read_text()
     assert "no voxel of a tissue" in caption and "triangle" in caption and "k of N without" in caption
+    # the n and profile of the numbers it plots: the CLIP network's (the figure's title names no profile) and the HU's
+    assert "/report/alignment.rst" in caption and "/report/hu.rst" in caption
+    assert "/report/hu.rst" in (Path(__file__).resolve().parents[2] / "workflow/report/hu_histograms.rst").read_text()
     kept.clear()
     plot_per_volume({"cascade": tmp_path / "pv.csv", "latent_flow": tmp_path / "pv.csv"}, tmp_path / "pv2.png", dpi=40)
     ax = kept[-1].axes[1]
