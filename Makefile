@@ -33,12 +33,12 @@ test: setup browser
 	OMP_WAIT_POLICY=PASSIVE nice -n 5 $(BIN)/pytest -n $(TEST_WORKERS)
 
 # tests/workflow/test_report.py opens the demo's report in headless Chromium: found on PATH, or installed
-# with apt-get where this runs as root; elsewhere those 4 tests are skipped and the line below says so
+# with apt-get where this runs as root; elsewhere those tests are skipped and the line below says so
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
-	echo "note: chromium is not installed: the 4 browser tests of tests/workflow/test_report.py are skipped (apt-get install chromium)"
+	echo "note: chromium is not installed: the browser tests of tests/workflow/test_report.py are skipped (apt-get install chromium)"
 
 lint: setup
 	$(BIN)/snakemake --lint

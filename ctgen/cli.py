@@ -68,9 +68,9 @@ def _check_inputs(model: str, data: dict) -> None:
                 raise UserError(f"--{key.replace('_', '-')}: {value} {what}")
 
 
-def _train(args: argparse.Namespace) -> int:
+def _training_config(args: argparse.Namespace) -> dict:
+    """The training config of ``--config`` with the input files and ``--run-settings`` given on the line."""
     from ctgen.jobs.config import load_config
-    from ctgen.jobs.train import run_training
 
     cfg = load_config(args.config)
     _check_sections(cfg, args.config)
@@ -94,7 +94,25 @@ def _train(args: argparse.Namespace) -> int:
     if args.data_workers is not None:
         cfg["train"]["num_workers"] = args.data_workers
     _check_inputs(args.model, cfg["data"])
+    return cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ctgen.jobs.train import run_training
+
+    cfg = _training_config(args)
     run_training(args.model, cfg, args.out, args.checkpoints or Path(args.out).parent / "checkpoints" / args.model)
+    return 0
+
+
+def _probe_latent_flow(args: argparse.Namespace) -> int:
+    from ctgen.jobs.train_latent import probe_latent_flow
+
+    args.model = "latent_flow"
+    cfg = _training_config(args)
+    if not (Path(args.network) / "config.json").is_file():
+        raise UserError(f"--network: {args.network} holds no trained flow network (no config.json)")
+    probe_latent_flow(cfg, args.network, args.out)
     return 0
 
 
@@ -253,9 +271,6 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--manifests", nargs="+", help="volume shard manifests (tokenizer, superres, clip, classifier)")
     t.add_argument("--tokens", nargs="+", help="token shard manifests of encode-tokens (generator)")
     t.add_argument("--latents", nargs="+", help="latent shard manifests of encode-latents (latent_flow)")
-    t.add_argument("--probe-latents", dest="probe_latents", nargs="+",
-                   help="held-out latent shard manifests (the evaluation split's): latent_flow's text-reliance probe "
-                        "also scores these, which it never trains on")
     t.add_argument("--text-cache", dest="text_cache", nargs="+",
                    help="cached frozen-encoder prompt states (latent_flow: one per encoder, in order)")
     t.add_argument("--text-tokenizer", dest="text_tokenizer", help="tokenizer JSON of the trainable text encoder")
@@ -269,6 +284,22 @@ def parser() -> argparse.ArgumentParser:
                    help="JSON of train fields that decide how the run works, not what it trains (log_every, "
                         "ckpt_every, tensorboard, stop_margin_s, ...), over the config's (the workflow passes them so)")
     t.set_defaults(func=_train)
+
+    t = sub.add_parser("probe-latent-flow", help="the trained latent flow network's text-reliance probe: does it "
+                                                 "read the report? (a JSON list of metric records)")
+    t.add_argument("--config", required=True, help="the network's training config (as `ctgen train latent_flow`)")
+    t.add_argument("--network", required=True, help="the trained flow network's folder")
+    t.add_argument("--out", required=True, help="the probe's JSON file")
+    t.add_argument("--latents", nargs="+", help="the latent shard manifests it trained on")
+    t.add_argument("--probe-latents", dest="probe_latents", nargs="+",
+                   help="held-out latent shard manifests (the evaluation split's), never trained on: scored beside "
+                        "the training latents as text_reliance.heldout.*")
+    t.add_argument("--text-cache", dest="text_cache", nargs="+",
+                   help="its cached frozen-encoder section states (one per encoder, in order)")
+    t.add_argument("--text-tokenizer", dest="text_tokenizer", help="tokenizer JSON of its trainable text encoder")
+    t.add_argument("--run-settings", dest="run_settings",
+                   help="JSON of the training's run-only train fields (device, ...), as `ctgen train` takes them")
+    t.set_defaults(func=_probe_latent_flow, data_workers=None)
 
     e = sub.add_parser("encode-tokens", help="token shards (and reconstructions) of one chunk's volume shards")
     e.add_argument("--tokenizer", required=True, help="trained tokenizer folder")

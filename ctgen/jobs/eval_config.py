@@ -67,3 +67,25 @@ class EvalConfig:
 def scoring_settings(evaluation: dict) -> dict:
     """The scoring keys of config.yaml's ``evaluation`` section (what :class:`EvalConfig` reads)."""
     return {k: v for k, v in evaluation.items() if k not in WORKFLOW_KEYS}
+
+
+#: scoring keys whose lists are sets: the scores do not depend on the order, only the order of the rows does
+ORDER_FREE = ("faithfulness_labels", "retrieval_k")
+
+
+def in_canonical_order(settings: dict) -> dict:
+    """``settings`` with the lists of :data:`ORDER_FREE` in one order: ``faithfulness_labels`` in CT-RATE's label
+    order (that of all 18 when it is null), ``retrieval_k`` ascending. Each label's AUROC, each top-k accuracy and
+    their CIs do not depend on the order (every bootstrap draws with the same seed), nor does the macro AUROC (up to
+    the rounding of a sum); the order of the rows and per-volume columns does. The workflow scores with this form, so
+    a reordered list in config.yaml scores nothing again and every job reads the lists in the same order."""
+    out = dict(settings)
+    if out.get("faithfulness_labels"):
+        rank = {name: i for i, name in enumerate(LABELS)}  # an unknown label last (EvalConfig names it)
+        out["faithfulness_labels"] = sorted(out["faithfulness_labels"], key=lambda n: (rank.get(n, len(rank)), str(n)))
+    if out.get("retrieval_k"):
+        try:
+            out["retrieval_k"] = sorted(out["retrieval_k"])
+        except TypeError:  # not numbers: EvalConfig and the schema name them
+            pass
+    return out

@@ -28,6 +28,7 @@ from ctgen.data.layout import to_model_layout
 from ctgen.data.shards import iter_samples
 from ctgen.jobs.figure_list import FIGURES
 from ctgen.metrics.hu import TISSUES
+from ctgen.metrics.summary import n_text
 from ctprep.volume import load_nifti
 
 logger = logging.getLogger(__name__)
@@ -288,17 +289,9 @@ def _series_handles(series, extra=()) -> list:
     return [*extra, *handles]
 
 
-def _n_text(record: dict, what: str = "") -> str:
-    """A record's n, then the reports or patients its CI and tests resample where a unit holds several volumes
-    or pairs (that count is what the CI's reliability rests on): "24 pairs (12 patients)"."""
-    extra = record.get("extra") or {}
-    units = f" ({extra['n_resampled']} {extra.get('resampled', 'units')})" if extra.get("n_resampled") else ""
-    return f"{record['n']}{' ' + what if what else ''}{units}"
-
-
 def _named_sizes(named) -> str:
     """"n = <name> <n> (<units>), ..." of (name, record or None) pairs, each series with its own n."""
-    parts = [f"{name} {_n_text(r)}" for name, r in named if r and r.get("n") is not None]
+    parts = [f"{name} {n_text(r)}" for name, r in named if r and r.get("n") is not None]
     return "n = " + ", ".join(parts) if parts else ""
 
 
@@ -569,7 +562,7 @@ def _sweep_n(rows: pd.DataFrame, what: str = "") -> str:
         extra["n_resampled"] = _span(rows["n_resampled"])
         if "resampled" in rows and rows["resampled"].notna().any():
             extra["resampled"] = rows["resampled"].dropna().iloc[0]
-    return _n_text({"n": _span(rows["n"]), "extra": extra}, what)  # the records' own wording
+    return n_text({"n": _span(rows["n"]), "extra": extra}, what)  # the records' own wording
 
 
 def plot_guidance_sweep(sweep_csv, out_png, dpi: int = 120) -> Path:
@@ -650,7 +643,7 @@ def plot_families(families_json, out_png, dpi: int = 120) -> Path:
         lo, hi = r["ci"] if r.get("ci") else (r["value"], r["value"])
         span = max(abs(lo), abs(hi), abs(r["value"]), 1e-6) * 1.15
         ax.set_xlim(-span, span)
-        ax.text(1.01, 0.5, f"{e['value_a']:.3g} vs {e['value_b']:.3g}\np = {e['p_value']:.3g}, n = {_n_text(r, 'pairs')}"
+        ax.text(1.01, 0.5, f"{e['value_a']:.3g} vs {e['value_b']:.3g}\np = {e['p_value']:.3g}, n = {n_text(r, 'pairs')}"
                 + ("\n" + textwrap.shorten("flagged: " + r["flag"], 60) if r.get("flag") else ""),
                 transform=ax.transAxes, va="center", fontsize=7)
         ax.tick_params(axis="x", labelsize=7)

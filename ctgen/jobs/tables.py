@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from ctgen.jobs.figure_list import TABLES
+from ctgen.metrics.summary import n_text
 from ctprep.tables import html_table
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ def group_records(metrics: Mapping[str, dict]) -> dict[str, list[dict]]:
 def caption(table: str, records: list[dict], metrics: Mapping[str, dict]) -> str:
     """The caption snippet: n and profile of the table's numbers, the flags, and what was not computed."""
     parts = []
-    pairs = list(dict.fromkeys((r.get("n"), r.get("profile") or "-") for r in records))
+    # n as the figures word it: "6 (2 patients)" where the CIs resample patients or reports, which they rest on
+    pairs = list(dict.fromkeys((n_text(r), r.get("profile") or "-") for r in records))
     if pairs:
         shown = ", ".join(f"n = {n} (``{p}``)" for n, p in pairs[:4]) + (f" and {len(pairs) - 4} more" if len(pairs) > 4 else "")
         parts.append(f"**n and profile:** {shown}.")
@@ -74,8 +76,8 @@ def caption(table: str, records: list[dict], metrics: Mapping[str, dict]) -> str
             parts.append(f"Scored stems (hash): {', '.join(f'``{s}``' for s in stems[:3])}.")
     flagged = sum(1 for r in records if r.get("flag"))
     if flagged:
-        parts.append(f"**{flagged} of {len(records)} numbers are flagged** (too few volumes, positives or "
-                     "candidates; see the flag column): do not read them as results.")
+        parts.append(f"**{flagged} of {len(records)} numbers are flagged** (see the flag column for why): "
+                     "do not read them as results.")
     for family, summary in metrics.items():
         for miss in summary.get("not_computed", []):
             if GROUPS.get(miss["group"], miss["group"]) == table or miss["group"] == table:
@@ -162,7 +164,7 @@ def write_intro(faithfulness_png, faithfulness_caption, out_rst) -> Path:
             "-----------------------------------------------------------------------\n\n"
             "The classifier's AUROC per finding on each generator family's volumes (against the labels of the reports "
             "that produced them) beside the real ceiling (the same classifier on the real scans of the same reports), "
-            f"with bootstrap 95% CIs over volumes (over reports where a report has several volumes). {cap}\n\n"
+            f"with bootstrap 95% CIs over volumes (over reports or patients where one has several volumes). {cap}\n\n"
             ".. raw:: html\n\n   <img alt=\"faithfulness\" style=\"max-width:100%\"\n"
             f"   src=\"data:image/png;charset=utf8;filename={Path(faithfulness_png).name};base64,\n{lines}\">\n")
     Path(out_rst).write_text(text)

@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -36,7 +36,7 @@ class AutoencoderData:
 class LatentFlowData:
     """A flow network preset's ``data`` options (the workflow adds the latents, text and prompt)."""
 
-    text_probe_latents: int = 64  # training latents the text-reliance probe scores after training (0: no probe)
+    text_probe_latents: int = 64  # training latents the text-reliance probe job scores (0: no probe)
     #                               and as many held-out ones where data.probe_latents names their manifests
 
 
@@ -128,18 +128,7 @@ def train_latent_flow(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root:
     latents = data_manifests(data, "latents")
     torch.manual_seed(tcfg.seed)
     model = LatentFlow(LatentFlow.config_from_dict(cfg["model"]))
-    segments = model.config.segments
-    if model.config.text_encoder is not None:
-        if not data.get("text_tokenizer"):
-            raise ValueError("latent_flow with the small text encoder needs data.text_tokenizer")
-        encode = batches.SectionTokens(data["text_tokenizer"], int(model.config.text_encoder.get("max_length", 128)))
-    else:
-        if not data.get("text_cache"):
-            raise ValueError("latent_flow with frozen text encoders needs data.text_cache (embed-sections)")
-        caches = data["text_cache"] if isinstance(data["text_cache"], list) else [data["text_cache"]]
-        encode = batches.SectionStates(caches)
-    make = batches.streamed(latents, batches.latent_decode(data.get("prompt")),
-                            batches.latent_flow_collate(segments, encode), **_stream(data))
+    make = _latent_batches(latents, data, model.config)
     checkpoint_dir = Path(checkpoint_root) / config_hash(cfg)
     log.info("training latent_flow: %d parameters on %d latents (scale factor %.5g); checkpoints in %s",
              sum(p.numel() for p in model.parameters()), make.n_samples, model.config.scale_factor, checkpoint_dir)
@@ -147,24 +136,60 @@ def train_latent_flow(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root:
                 extra_meta={"model_kind": "latent_flow", "n_samples": make.n_samples,
                             "latents_from": latent_producer(latents),
                             "data": {k: str(v) for k, v in data.items()}})
-    n_probe = int(data.get("text_probe_latents", LatentFlowData.text_probe_latents))
+    return out
+
+
+def _latent_batches(manifests: list[str], data: dict[str, Any], model_config) -> Callable:
+    """Batches of the latents of ``manifests`` with their report sections, encoded as the flow network
+    (``model_config``, a ``LatentFlow`` config) reads them: the small encoder's tokens or the frozen
+    encoders' cached states."""
+    if model_config.text_encoder is not None:
+        if not data.get("text_tokenizer"):
+            raise ValueError("latent_flow with the small text encoder needs data.text_tokenizer")
+        encode = batches.SectionTokens(data["text_tokenizer"], int(model_config.text_encoder.get("max_length", 128)))
+    else:
+        if not data.get("text_cache"):
+            raise ValueError("latent_flow with frozen text encoders needs data.text_cache (embed-sections)")
+        caches = data["text_cache"] if isinstance(data["text_cache"], list) else [data["text_cache"]]
+        encode = batches.SectionStates(caches)
+    return batches.streamed(manifests, batches.latent_decode(data.get("prompt")),
+                            batches.latent_flow_collate(model_config.segments, encode), **_stream(data))
+
+
+def probe_latent_flow(cfg: dict[str, Any], model_dir: str | Path, out: str | Path) -> Path:
+    """The text-reliance probe of the flow network trained with ``cfg`` (its training config, with the
+    latents and text it trained on) and saved in ``model_dir``: ``out`` (a JSON list of metric records).
+    On up to ``data.text_probe_latents`` of its training latents and, where ``data.probe_latents`` names
+    held-out latent manifests (the workflow's evaluation split), as many of those.
+
+    A job of its own (``ctgen probe-latent-flow``), after training: the held-out latents are an input of
+    the probe, never of the training, so a change of the evaluation split re-probes and does not retrain.
+    The batches, batch size, seed and device are the training config's, as when training ran the probe."""
+    from ctgen.jobs.latents import latent_producer
+    from ctgen.models.latent_flow import LatentFlow
+    from ctgen.training.loop import TrainConfig
+
+    data, tcfg = cfg["data"], TrainConfig.from_dict(cfg["train"])
+    latents = data_manifests(data, "latents")
+    saved = json.loads((Path(model_dir) / "config.json").read_text())
+    model_config = LatentFlow.config_from_dict(saved["config"])
+    make = _latent_batches(latents, data, model_config)
     heldout = None
     if data.get("probe_latents"):  # the evaluation split's latents: read by the probe only, never trained on
         probe = data_manifests(data, "probe_latents")
         latent_producer([*latents, *probe])  # one autoencoder for both sets
-        heldout = batches.streamed(probe, batches.latent_decode(data.get("prompt")),
-                                   batches.latent_flow_collate(segments, encode), **_stream(data))
-    if int(os.environ.get("RANK", "0")) == 0:
-        probe_text_reliance(out, make, n_probe, max(2, tcfg.batch_size), tcfg.device, tcfg.seed, heldout)
-    return out
+        heldout = _latent_batches(probe, data, model_config)
+    n_probe = int(data.get("text_probe_latents", LatentFlowData.text_probe_latents))
+    return probe_text_reliance(model_dir, make, n_probe, max(2, tcfg.batch_size), tcfg.device, tcfg.seed, heldout,
+                               out=out)
 
 
 def probe_text_reliance(model_dir: str | Path, make, max_latents: int = 64, batch_size: int = 16,
-                        device: str = "auto", seed: int = 0, heldout=None) -> Path:
-    """``text_reliance.json`` beside the trained flow network (its EMA weights, as sampling uses):
-    does it read the report (``ctgen.jobs.text_reliance``)? On the training latents of ``make`` and,
-    where ``heldout`` makes batches of latents it never trained on, on those. Also logged.
-    ``max_latents`` 0: an empty list."""
+                        device: str = "auto", seed: int = 0, heldout=None, out: str | Path | None = None) -> Path:
+    """The trained flow network in ``model_dir`` (its EMA weights, as sampling uses): does it read the
+    report (``ctgen.jobs.text_reliance``)? On the training latents of ``make`` and, where ``heldout``
+    makes batches of latents it never trained on, on those. Written to ``out`` (default:
+    ``text_reliance.json`` beside the weights); also logged. ``max_latents`` 0: an empty list."""
     from ctgen.jobs.text_reliance import text_reliance
     from ctgen.models.latent_flow import LatentFlow
     from ctgen.pipelines.spec import load_network
@@ -181,7 +206,8 @@ def probe_text_reliance(model_dir: str | Path, make, max_latents: int = 64, batc
         values = text_reliance(model, make(ctx), max_latents=max_latents, seed=seed)
         if heldout is not None:
             values += text_reliance(model, heldout(ctx), max_latents=max_latents, seed=seed, heldout=True)
-    path = model_dir / "text_reliance.json"
+    path = Path(out) if out is not None else model_dir / "text_reliance.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: Path(p).write_text(json.dumps([m.to_json() for m in values], indent=2) + "\n"))
     return path
 

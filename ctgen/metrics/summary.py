@@ -117,6 +117,15 @@ def report_groups(groups: Sequence | None, n: int, fallback: str = "reports") ->
     return (units, {"resampled": what, "n_resampled": n_groups}) if n_groups < n else (None, {})
 
 
+def n_text(record: dict, what: str = "") -> str:
+    """A record's n, then the reports or patients its CI and tests resample where a unit holds several volumes
+    or pairs (that count is what the CI's reliability rests on, see :func:`report_groups`): "24 pairs (12 patients)".
+    The one wording of the figures' titles and the tables' captions."""
+    extra = record.get("extra") or {}
+    units = f" ({extra['n_resampled']} {extra.get('resampled', 'units')})" if extra.get("n_resampled") else ""
+    return f"{record.get('n')}{' ' + what if what else ''}{units}"
+
+
 def bootstrap_ci_two(statistic: Callable[[np.ndarray, np.ndarray], float], n_a: int, n_b: int, *,
                      n_boot: int = N_BOOTSTRAP, seed: int = 0,
                      confidence: float = CONFIDENCE) -> tuple[tuple[float, float] | None, float]:

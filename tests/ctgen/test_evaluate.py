@@ -373,6 +373,31 @@ def test_settings_are_config_yaml_s_evaluation_keys():
             EvalConfig.from_dict(bad)
 
 
+def test_the_set_valued_settings_have_one_order():
+    """faithfulness_labels and retrieval_k are sets: the workflow scores (and tracks) them in one order, so that
+    a reordered list in config.yaml reruns nothing; each label's AUROC and its CI do not depend on it."""
+    from ctgen.jobs.eval_config import in_canonical_order
+    from ctgen.jobs.score import label_aurocs
+
+    given = {"faithfulness_labels": ["Pleural effusion", "Cardiomegaly", "Pericardial effusion"],
+             "retrieval_k": [5, 1, 10], "bootstrap": 100}
+    assert in_canonical_order(given) == {"faithfulness_labels": ["Cardiomegaly", "Pericardial effusion",
+                                                                 "Pleural effusion"],  # CT-RATE's order
+                                         "retrieval_k": [1, 5, 10], "bootstrap": 100}
+    assert given["retrieval_k"] == [5, 1, 10]  # a copy
+    assert in_canonical_order({"faithfulness_labels": None}) == {"faithfulness_labels": None}  # all 18
+    rng = np.random.default_rng(0)
+    y = (rng.random((40, 3)) < 0.4).astype(float)
+    p = np.clip(y * 0.3 + rng.random((40, 3)) * 0.7, 0, 1)
+    names = given["faithfulness_labels"]
+    kw = {"name": "f", "min_positives": 2, "min_negatives": 2, "n_boot": 50}
+    ahead = {m.name: m for m in label_aurocs(p, y, names, **kw)}
+    back = {m.name: m for m in label_aurocs(p[:, ::-1], y[:, ::-1], names[::-1], **kw)}
+    assert ahead.keys() == back.keys()
+    for name, m in ahead.items():
+        assert m.value == pytest.approx(back[name].value) and m.ci == pytest.approx(back[name].ci), name
+
+
 def test_cascade_ceiling_scores_each_stage_of_the_real_scans(models, tmp_path, capsys):
     """The classifier on the real scans, their low-res stage, its tokenizer reconstruction and that after
     super-resolution; the real stage against an independent AUROC of the classifier's own probabilities."""

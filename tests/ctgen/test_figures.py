@@ -408,6 +408,9 @@ def test_a_volume_without_a_tissue_is_drawn_and_counted(tmp_path, monkeypatch):
     assert "cascade (3 volumes)" in legend and "cascade: 1 of 3 HU flagged" in legend, legend
     caption = (Path(__file__).resolve().parents[2] / "workflow/report/per_volume.rst").read_text()
     assert "no voxel of a tissue" in caption and "triangle" in caption and "k of N without" in caption
+    # the n and profile of the numbers it plots: the CLIP network's (the figure's title names no profile) and the HU's
+    assert "/report/alignment.rst" in caption and "/report/hu.rst" in caption
+    assert "/report/hu.rst" in (Path(__file__).resolve().parents[2] / "workflow/report/hu_histograms.rst").read_text()
     kept.clear()
     plot_per_volume({"cascade": tmp_path / "pv.csv", "latent_flow": tmp_path / "pv.csv"}, tmp_path / "pv2.png", dpi=40)
     ax = kept[-1].axes[1]
@@ -438,6 +441,37 @@ def test_families_figure_counts_the_reports_or_patients_resampled(run, tmp_path,
     plot_families(run["shared"]["families"], tmp_path / "f.png", dpi=40)
     beside = [t.get_text() for ax in kept[-1].axes for t in ax.texts if "p = " in t.get_text()]
     assert beside and all("n = 6 pairs (3 patients)" in t for t in beside), beside
+
+
+def test_captions_name_the_patients_the_cis_resample(run, tmp_path):
+    """On CT-RATE names the CIs resample patients: the captions (and the front page) said "n = 6", the volumes, for a
+    CI that rests on 2 patients; now they say "n = 6 (2 patients)", as the figures' titles do (one wording:
+    ctgen.metrics.summary.n_text), and the static text names patients beside reports."""
+    from ctgen.metrics.summary import n_text
+
+    clustered = metrics_json()
+    for r in clustered["metrics"]:
+        r["extra"] = {**(r.get("extra") or {}), "resampled": "patients", "n_resampled": 2}
+    metrics = {}
+    for family in FAMILIES:
+        metrics[family] = tmp_path / f"{family}.json"
+        metrics[family].write_text(json.dumps(clustered))
+    outputs = {f"{name}_{kind}": str(tmp_path / f"{name}.{kind if kind != 'caption' else 'rst'}")
+               for name in TABLES for kind in ("html", "csv", "caption")}
+    write_tables(metrics, of(run, "skipped"), run["shared"]["sweep"], run["shared"]["families"], outputs)
+    caption = (tmp_path / "faithfulness.rst").read_text()
+    assert "n = 6 (2 patients) (``classifier3d@ab``)" in caption, caption
+    assert n_text(clustered["metrics"][0]) == "6 (2 patients)"  # the figures' titles' wording
+    assert "n = 6 (2 patients)" in (tmp_path / "alignment.rst").read_text()
+    # the flag count says where to look, not a fixed list of reasons that missed some
+    assert "numbers are flagged** (see the flag column for why)" in caption
+    png = run["root"] / "f.png"
+    plot_faithfulness(of(run, "metrics"), png, dpi=40)
+    intro = write_intro(png, tmp_path / "faithfulness.rst", tmp_path / "intro.rst").read_text()
+    assert "over reports or patients where one has several volumes" in intro and "n = 6 (2 patients)" in intro
+    report = Path(__file__).resolve().parents[2] / "workflow" / "report"
+    for name in ("faithfulness", "workflow"):
+        assert "over reports or patients where one has several" in (report / f"{name}.rst").read_text(), name
 
 
 def test_the_sweep_caption_counts_its_flagged_numbers(run, tmp_path):

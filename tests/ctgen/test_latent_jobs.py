@@ -82,9 +82,17 @@ def test_report_sections_of_a_shard_meta():
     assert report_sections({}) == {"findings": "", "impression": ""}
 
 
-def test_flow_training_probes_whether_the_network_reads_the_report(latent_run):
-    """text_reliance.json beside the weights: the paired loss gains and velocity shift, each with n and a CI."""
-    records = json.loads((latent_run["models"] / "latent_flow" / "text_reliance.json").read_text())
+def test_the_probe_job_asks_whether_the_flow_network_reads_the_report(latent_run, tmp_path):
+    """`ctgen probe-latent-flow` after training (a job of its own: its held-out latents are no input of the
+    training): the paired loss gains and velocity shift, each with n and a CI."""
+    assert not (latent_run["models"] / "latent_flow" / "text_reliance.json").exists()  # training does not probe
+    config = tmp_path / "latent_flow.json"
+    config.write_text(json.dumps({"model": FLOW, "text_encoder": TEXT, "train": TRAIN, "data": {"prompt": "generatect"}}))
+    probe = tmp_path / "probe" / "text_reliance.json"
+    assert ctgen_main(["probe-latent-flow", "--config", str(config), "--network", str(latent_run["models"] / "latent_flow"),
+                       "--latents", str(latent_run["latents"]), "--text-tokenizer", str(latent_run["tok"]),
+                       "--out", str(probe), "--run-settings", json.dumps({"device": "cpu"})]) == 0
+    records = json.loads(probe.read_text())
     names = {r["name"] for r in records}
     assert {f"text_reliance.{k}@{t}" for k in ("gain_vs_null", "gain_vs_other", "velocity_shift")
             for t in ("0.2", "0.5", "0.8")} == names

@@ -121,7 +121,8 @@ def test_report_opens_with_the_faithfulness_figure_and_tables_name_n_and_profile
     html = demo_report.read_text().replace("&#64;", "@")  # docutils writes the @ of a literal as an entity
     for name in ("faithfulness", "distribution", "alignment"):  # each caption states n and profile
         caption = (demo_report.parent / f"results/report/{name}.rst").read_text()
-        found = re.search(r"n = (\d+) \(``([\w-]+@[0-9a-f]{8})``\)", caption)
+        # "n = 6 (``net@hash``)", or "n = 6 (2 patients) (``net@hash``)" where the CIs resample patients or reports
+        found = re.search(r"n = (\d+)(?: \(\d+ \w+\))? \(``([\w-]+@[0-9a-f]{8})``\)", caption)
         assert found, (name, caption)
         assert f"n = {found.group(1)}" in html and found.group(2) in html, f"the {name} caption is not in the report"
 

@@ -69,6 +69,14 @@ def reversed_keys(value):
     return [reversed_keys(v) for v in value] if isinstance(value, list) else value
 
 
+def reversed_sets(cfg):
+    """``cfg`` with the evaluation's set-valued lists (the findings scored, the retrieval k) in reverse order."""
+    ev = cfg["evaluation"]
+    ev["faithfulness_labels"], ev["retrieval_k"] = ev["faithfulness_labels"][::-1], ev["retrieval_k"][::-1]
+    assert len(ev["faithfulness_labels"]) > 1 and len(ev["retrieval_k"]) > 1
+    return cfg
+
+
 def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, tmp_path):
     edits = {  # each on a fresh copy of the finished run
         "none": None,
@@ -94,6 +102,8 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
         "eval": {"evaluation": {"hu_tolerance": 30.0}},
         "bootstrap": {"evaluation": {"bootstrap": 500, "faithfulness_labels": ["Cardiomegaly", "Pleural effusion"]}},
         "slices": {"evaluation": {"slices_per_volume": 8}},
+        "evsplit": {"evaluation": {"split": "train"}},  # the references and the probe's held-out latents
+        "reordered": reversed_sets,  # the same findings and k in another order: nothing
         "fig": {"figures": {"dpi": 100}},
         "slicenet": {"evaluation": {"slicenet": {"train": {"lr": 1e-3}}}},
         "tstr": {"evaluation": {"tstr_reports": 3}},
@@ -127,7 +137,9 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     # the cascade also samples the TSTR training set, on which the TSTR classifier trains again
     sampling = {"cascade", "sample", "sample_tstr", "tstr_shards", "train_tstr"} | scoring
     latent_sampling = {"latent_flow_spec", "sample_latent_flow"} | scoring_families  # the latent flow family's
-    latent = {"train_autoencoder", "encode_latents", "latents_manifest", "train_latent_flow"} | latent_sampling
+    # the flow network's text-reliance probe: after its training, in the report's tables
+    latent = {"train_autoencoder", "encode_latents", "latents_manifest", "train_latent_flow",
+              "probe_latent_flow"} | latent_sampling
     # everything trained on the shards: whatever rewrites them retrains both families and the feature networks
     models = {"train_tokenizer", "encode_tokens", "tokens_manifest", "train_generator", "train_superres", "train_clip",
               "train_classifier", "train_slicenet"} | sampling | latent
@@ -143,7 +155,7 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     assert plan["tok"] == \
         {"train_config", "train_tokenizer", "encode_tokens", "tokens_manifest", "train_generator"} | sampling
     assert plan["ae"] == {"train_config"} | latent
-    assert plan["flow"] == {"train_config", "train_latent_flow"} | latent_sampling
+    assert plan["flow"] == {"train_config", "train_latent_flow", "probe_latent_flow"} | latent_sampling
     assert plan["gen"] == {"train_config", "train_generator"} | sampling
     assert plan["sr"] == {"train_config", "train_superres"} | sampling
     assert plan["clip"] == {"train_config", "train_clip"} | scoring
@@ -162,6 +174,10 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     # read from the sampled volumes
     assert plan["eval"] == plan["bootstrap"] == scoring - {"guidance_scale"}
     assert plan["slices"] == scoring
+    # the evaluation split: the scores and the flow network's held-out probe, never a training (the probe's held-out
+    # latents were an input of the flow network's training)
+    assert plan["evsplit"] == scoring | {"probe_latent_flow"}
+    assert plan["reordered"] == set()  # the scores do not depend on the order (ctgen.jobs.eval_config)
     assert plan["fig"] == {"figures", "metric_tables", "all"}
     # the slice network's settings: it and the scores; TSTR's size: its samples, classifiers and the scores
     assert plan["slicenet"] == {"slicenet_config", "train_slicenet"} | scoring

@@ -12,7 +12,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from ctgen.jobs.config import flow_text_encoders
-from ctgen.jobs.eval_config import scoring_settings
+from ctgen.jobs.eval_config import in_canonical_order, scoring_settings
 from ctgen.jobs.geometry import GeometryError, check_geometry
 from ctgen.jobs.workflow_config import (
     Settings,
@@ -581,9 +581,9 @@ def get_eval_text(wildcards, input):
 
 
 EVALUATION = config["evaluation"]
-EVAL_SETTINGS = canonical(
-    scoring_settings(EVALUATION)
-)  # what `ctgen evaluate --settings` takes
+# what `ctgen evaluate --settings` takes; its set-valued lists in one order (faithfulness_labels, retrieval_k: the
+# scores do not depend on it, a reordered list scored everything again)
+EVAL_SETTINGS = canonical(in_canonical_order(scoring_settings(EVALUATION)))
 # ... as params: without the batch size, which decides how fast the networks run, not what they score (an edit
 # after an out-of-memory error re-sampled the whole guidance sweep); it reaches the jobs untracked
 EVAL_TRACKED = canonical({k: v for k, v in EVAL_SETTINGS.items() if k != "batch_size"})
@@ -754,5 +754,6 @@ def get_every_job():
             get_train_latents(None),
             get_probe_latents(None),
             rules.latent_flow_spec.output.spec,
+            rules.probe_latent_flow.output.json,
         ]
     return targets

@@ -46,7 +46,7 @@ rule metric_tables:
         unpack(get_family_runs),
         families=rules.compare_families.output.json,
         sweep=rules.guidance_sweep.output.csv if CASCADE else [],
-        text_reliance=rules.train_latent_flow.output.probe if LATENT else [],
+        text_reliance=rules.probe_latent_flow.output.json if LATENT else [],
         faithfulness=rules.figures.output.faithfulness,
     output:
         **{

@@ -110,12 +110,10 @@ rule train_latent_flow:
     input:
         config=expand(rules.train_config.output.config, model="latent_flow"),
         latents=get_train_latents,
-        probe=get_probe_latents,
         text=get_section_text,
     output:
         weights=f"{R}/models/latent_flow/model.safetensors",
         config=f"{R}/models/latent_flow/config.json",
-        probe=f"{R}/models/latent_flow/text_reliance.json",
     log:
         f"{R}/logs/train_latent_flow.log",
     benchmark:
@@ -135,11 +133,43 @@ rule train_latent_flow:
         launch=get_launcher,
         workers=get_data_workers,
         text_flag=FLOW_TEXT_FLAG,
-        probe=lambda wc, input: f"--probe-latents {input.probe}" if input.probe else "",
     shell:
         "{params.launch} train latent_flow --config {input.config} --latents {input.latents}"
-        " {params.probe} {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt}"
+        " {params.text_flag} {input.text} --out {params.out} --checkpoints {params.ckpt}"
         " --data-workers {params.workers} --run-settings {params.run} > {log} 2>&1"
+
+
+# the text-reliance probe, a job of its own: its held-out latents are the evaluation split's, so a change of
+# evaluation.split probes again and never retrains the network (the same batches, seed and device as training's)
+rule probe_latent_flow:
+    input:
+        config=expand(rules.train_config.output.config, model="latent_flow"),
+        weights=rules.train_latent_flow.output.weights,
+        latents=get_train_latents,
+        probe=get_probe_latents,
+        text=get_section_text,
+    output:
+        json=f"{R}/models/latent_flow/text_reliance.json",
+    log:
+        f"{R}/logs/probe_latent_flow.log",
+    benchmark:
+        f"{R}/benchmarks/probe_latent_flow.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=grows_with_attempt(RES["latent_flow"]["mem_mb"], 1.5),
+        runtime=grows_with_attempt(30, 2),
+        gpu=min(RES["latent_flow"]["gpu"], 1),  # one process
+    params:
+        run=run_settings("latent_flow"),
+        network=lambda wc, input: os.path.dirname(input.weights),
+        text_flag=FLOW_TEXT_FLAG,
+        probe=lambda wc, input: f"--probe-latents {input.probe}" if input.probe else "",
+    shell:
+        "ctgen probe-latent-flow --config {input.config} --network {params.network} --latents {input.latents}"
+        " {params.probe} {params.text_flag} {input.text} --out {output.json}"
+        " --run-settings {params.run} > {log} 2>&1"
 
 
 rule latent_flow_spec:
