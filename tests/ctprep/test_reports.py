@@ -390,6 +390,35 @@ def test_a_lone_surrogate_is_replaced_not_fatal(tmp_path, repo_config):
     assert evaluate(ref)["micro_f1"] == 1.0
 
 
+def test_field_names_are_read_in_any_case():
+    """A report keyed "Findings" read as empty: no label, and the prompt "no acute findings"."""
+    s = split_sections({"FINDINGS": "Moderate cardiomegaly.", "Impression": "Cardiomegaly.", "Clinical Information": "Dyspnoea."})
+    assert s == {"clinical_information": "Dyspnoea.", "technique": "", "findings": "Moderate cardiomegaly.",
+                 "impression": "Cardiomegaly."}
+    assert split_sections({"findings_en": "Emphysema."})["findings"] == "Emphysema."
+    assert parse_report({"Report": "Findings: A small right pleural effusion."}).labels["Pleural effusion"] == 1
+
+
+def test_cli_refuses_an_input_without_report_text(monkeypatch, capsys, tmp_path):
+    """A misnamed field or an empty input gave all-zero labels and "no acute findings" with status 0."""
+    monkeypatch.chdir(tmp_path)
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"id": 1, "Findings": "Mild emphysema."}) + "\n" + json.dumps({"id": 2, "body": "Emphysema."}) + "\n")
+    assert main(["parse-report", "--jsonl", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}:2: no report field" in err and "Findings_EN" in err and len(err.strip().splitlines()) == 1
+    for doc in ({"id": 3, "findings": "  ", "impression": "Not given."}, {"id": 4, "text": ""}):
+        src.write_text(json.dumps(doc) + "\n")
+        assert main(["parse-report", "--jsonl", str(src), str(dst)]) == 2
+        assert f"{src}:1: the report text is empty" in capsys.readouterr().err
+    for stdin in (" \n", '{"id": 5, "Findings": ""}'):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        assert main(["parse-report"]) == 2
+        assert "stdin: the report text is empty" in capsys.readouterr().err
+    out = _run(monkeypatch, capsys, json.dumps({"id": 6, "Findings": "Mild emphysema."}), [])
+    assert out["labels"]["Emphysema"] == 1 and out["sections"]["findings"] == "Mild emphysema."
+
+
 # --- evaluation -----------------------------------------------------------------------------
 def test_score_on_own_reports(tmp_path):
     rows = [{"id": "x", "text": "Cardiomegaly. No effusion in the pleura.", "labels": {**dict.fromkeys(LABELS, 0), "Cardiomegaly": 1}},
