@@ -57,7 +57,9 @@ _ALL_HEADERS = {**_HEADERS, **_COLON_HEADERS}
 # A dash after a header: an en/em dash, or a hyphen standing free ("Findings - ...", not "findings-based")
 _DASH = r"(?:[\u2013\u2014]|-(?=[ \t]|$))"
 # A header: at a line start (colon optional; or a dash, "Findings - ...", or a period ending the line,
-# "Findings.") or anywhere with a colon; a colon-less one at a line start must be followed by a capital letter
+# "Findings.") or with a colon, opening a sentence or capitalised ("... normal. impression: ...", "... normal
+# Impression: ..."; inside a lower-case clause a header word with a colon is prose, "changes related to the prior
+# procedure: sternotomy wires", and took the findings after it into another section); a colon-less one at a line start must be followed by a capital letter
 # (case-sensitive inside the IGNORECASE pattern: "Comparison with the prior study shows ..." and "History of
 # smoking ..." are sentences, not headers); a colon-less inline header must be in capitals
 # ("... normal. IMPRESSION No acute finding", its dash or colon taken with it: "IMPRESSION \u2014 ...")
@@ -66,7 +68,7 @@ _DASH = r"(?:[\u2013\u2014]|-(?=[ \t]|$))"
 _HEADER = re.compile(
     rf"(?:^|(?<=\n))[ \t]*(?P<a>{_HEADER_WORDS})[ \t]*"
     rf"(?::|{_DASH}|\.?[ \t]*(?:\n|$)|(?=[ \t]+(?-i:[A-Z])))"
-    rf"|(?<![\w-])(?P<b>{_HEADER_WORDS})[ \t]*:"
+    rf"|(?:(?<=[.!?;])[ \t]+|(?<![\w-])(?=(?-i:[A-Z])))(?P<b>{_HEADER_WORDS})[ \t]*:"
     rf"|(?<![\w-])(?P<c>(?-i:{_HEADER_WORDS.upper()}))(?![\w-])(?:[ \t]*(?::|{_DASH}))?"
     rf"|(?<=[.!?])[ \t]+(?P<d>{_HEADER_WORDS})[ \t]*{_DASH}"
     rf"|(?:^|(?<=[.!?])[ \t]+)[ \t]*(?P<e>{_COLON_WORDS})[ \t]*:",

@@ -55,6 +55,24 @@ def test_prose_word_findings_is_not_a_header():
     assert s["findings"].startswith("CT findings of pneumonia") and s["impression"] == ""
 
 
+@pytest.mark.parametrize("text", [
+    "Findings: Surgical clips from the earlier procedure: mediastinum. A small right pleural effusion.",
+    "Findings: Postoperative changes, clinical history: wedge resection. A small right pleural effusion.",
+    "FINDINGS: Status after procedure: a median sternotomy. A small right pleural effusion.\nIMPRESSION: Effusion.",
+])
+def test_a_header_word_with_a_colon_inside_a_clause_is_prose(text):
+    """Such a word opened a section that took every finding up to the next header."""
+    s = split_sections(text)
+    assert "small right pleural effusion" in s["findings"] and not s["technique"] and not s["clinical_information"]
+    assert parse_report(text).labels["Pleural effusion"] == 1
+
+
+def test_a_colon_header_opening_a_sentence_or_capitalised_still_counts():
+    assert split_sections("The heart is normal. impression: mild emphysema.")["impression"] == "mild emphysema."
+    s = split_sections("Lungs are clear, Impression: normal chest CT.")
+    assert s["findings"] == "Lungs are clear," and s["impression"] == "normal chest CT."
+
+
 @pytest.mark.parametrize("sep", ['"', "•"])
 def test_sections_from_separators(sep):
     s = split_sections(f"Aorta is calcified. No effusion. {sep} Aortic calcification {sep} Emphysema")
