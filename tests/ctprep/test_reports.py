@@ -138,6 +138,28 @@ def test_laterality_and_lobe():
     assert one("Cardiomegaly is present.", "Cardiomegaly").location == "heart"
 
 
+@pytest.mark.parametrize("text,label,side", [
+    # the other side is said of another noun: the finding keeps its own
+    ("Right lower lobe atelectasis and left hilar mass.", "Atelectasis", "right"),
+    ("Right pleural effusion and left pneumothorax.", "Pleural effusion", "right"),
+    ("Left pneumothorax and right pleural effusion.", "Pleural effusion", "right"),
+    ("Left clavicle fracture and right pleural effusion.", "Pleural effusion", "right"),
+    ("Atelectasis in the right lower lobe and left chest wall lipoma.", "Atelectasis", "right"),
+    # right and left listed for the one finding
+    ("Left and right pleural effusions.", "Pleural effusion", "bilateral"),
+    ("Moderate left and small right pleural effusions.", "Pleural effusion", "bilateral"),
+    ("Left upper lobe and right lower lobe atelectasis.", "Atelectasis", "bilateral"),
+    ("Left hilar and right paratracheal lymphadenopathy.", "Lymphadenopathy", "bilateral"),
+    ("Right pleural effusion, and a smaller one on the left.", "Pleural effusion", "bilateral"),
+    ("Atelectasis in the left lower lobe and the right middle lobe.", "Atelectasis", "bilateral"),
+])
+def test_a_side_said_of_another_noun_is_not_listed_with_the_findings(text, label, side):
+    """"Left effusion and right pneumothorax" made the effusion bilateral, and the prompt said so."""
+    m = one(text, label)
+    assert m.laterality == side
+    assert structured_prompt(parse_report(text).mentions).startswith(side) or side in structured_prompt([m])
+
+
 @pytest.mark.parametrize("text,lo,hi", [
     ("A 5-7 mm nodule in the right upper lobe.", 5.0, 7.0),
     ("A nodule of 1.2 cm in the left lower lobe.", 12.0, 12.0),
