@@ -541,6 +541,31 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
     return "present", None
 
 
+def _triggers(doc: Doc, sent: Span, spans: list[Span]) -> list[Span]:
+    """The triggers of a sentence in text order; the longest wins where they overlap ("can not be excluded" over
+    "not").
+
+    A phrase that is both a pre- and a post-trigger ("absent", "ruled out", "may be") is read by what follows it: at
+    the end of its clause, before a seen-word or a place ("not absent in both upper lobes") it is a post-trigger ("Atelectasis may be present", "Effusion absent,
+    emphysema" keeps the emphysema), else a pre-trigger ("Absent pleural effusion", "may be metastatic nodules").
+    ``filter_spans`` alone kept one label of an extent, always the same, so "absent" never negated a finding after it
+    and "may be" never hedged one before it.
+    """
+    labels: dict[tuple[int, int], set[str]] = {}
+    for t in spans:
+        labels.setdefault((t.start, t.end), set()).add(t.label_)
+    out = []
+    for t in filter_spans(spans):
+        kind = t.label_.split("_", 1)[-1]
+        both = {f"PRE_{kind}", f"POST_{kind}"}
+        if t.label_ in both and both <= labels[(t.start, t.end)]:
+            nxt = doc[t.end] if t.end < sent.end else None
+            post = nxt is None or nxt.is_punct or nxt.lower_ in _EXISTENCE_PREDICATES or nxt.lower_ in V.PLACE_PREPOSITIONS
+            t = Span(doc, t.start, t.end, label=f"POST_{kind}" if post else f"PRE_{kind}")
+        out.append(t)
+    return out
+
+
 @Language.factory("ctprep_context")
 def make_context(nlp: Language, name: str) -> ReportContext:
     return ReportContext(nlp)
@@ -564,8 +589,8 @@ class ReportContext:
             i = bisect.bisect_right(firsts, m.start) - 1
             if i not in by_sentence:
                 sent = doc[sents[i][0]: sents[i][1]]
-                # longest wins: "can not be excluded" over "not" (filter_spans returns them in text order)
-                by_sentence[i] = (sent, filter_spans(self.phrases(sent, as_spans=True) + self.matcher(sent, as_spans=True)))
+                by_sentence[i] = (sent, _triggers(doc, sent, self.phrases(sent, as_spans=True)
+                                                  + self.matcher(sent, as_spans=True)))
             m._.status, m._.trigger = mention_status(doc, m, *by_sentence[i])
         for m in prior_study_mentions(doc, mentions, sents):
             m._.status, m._.trigger = "historical", None

@@ -532,3 +532,21 @@ def test_the_indication_never_sets_a_label_or_a_prompt_item():
     assert any(m.section == "clinical_information" and m.label == "Lung nodule" for m in parsed.mentions)
     assert parsed.labels["Lung nodule"] == 0 and parsed.labels["Cardiomegaly"] == 1
     assert structured_prompt(parsed.mentions) == "mild cardiomegaly"
+
+
+@pytest.mark.parametrize("text,label,status", [
+    # a phrase on the pre- and the post-negation lists kept one reading: never a pre-negation
+    ("Absent pericardial effusion.", "Pericardial effusion", "negated"),
+    ("Lungs clear, absent pleural effusion.", "Pleural effusion", "negated"),
+    ("Ruled out pericardial effusion.", "Pericardial effusion", "negated"),
+    ("Excluded pericardial effusion.", "Pericardial effusion", "negated"),
+    ("Pericardial effusion absent, moderate emphysema.", "Emphysema", "present"),
+    ("Pericardial effusion excluded, moderate emphysema.", "Emphysema", "present"),
+    ("Pericardial effusion is absent.", "Pericardial effusion", "negated"),
+    # "may be" on both hedge lists: never a post-hedge
+    ("Consolidation may be present.", "Consolidation", "uncertain"),
+    ("Emphysema may be seen in the upper lobes.", "Emphysema", "uncertain"),
+    ("May be consolidation.", "Consolidation", "uncertain"),
+])
+def test_a_trigger_on_both_lists_reads_both_ways(text, label, status):
+    assert statuses(text, label) == [status]
