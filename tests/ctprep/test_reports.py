@@ -550,3 +550,22 @@ def test_the_indication_never_sets_a_label_or_a_prompt_item():
 ])
 def test_a_trigger_on_both_lists_reads_both_ways(text, label, status):
     assert statuses(text, label) == [status]
+
+
+@pytest.mark.parametrize("text,label", [
+    ("It is unlikely to represent atelectasis.", "Atelectasis"),
+    ("Unlikely to represent emphysema.", "Emphysema"),
+    ("Unlikely consolidation in the lingula.", "Consolidation"),
+    ("Pericardial effusion is less likely.", "Pericardial effusion"),
+    ("Atelectasis is improbable.", "Atelectasis"),
+    ("Nothing to suggest lymphadenopathy.", "Lymphadenopathy"),
+    ("There is nothing to indicate a pericardial effusion.", "Pericardial effusion"),
+])
+def test_probable_negation_before_and_after_its_finding(text, label):
+    """NegEx's probable negation was a post-trigger only ("unlikely"): before its finding it was read as present."""
+    assert statuses(text, label) == ["negated"] and parse_report(text).labels[label] == 0
+
+
+def test_less_likely_in_a_differential_denies_only_what_follows():
+    assert [(m.label, m.status) for m in parse_report("Atelectasis, less likely consolidation.").mentions] == [
+        ("Atelectasis", "present"), ("Consolidation", "negated")]
