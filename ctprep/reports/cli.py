@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from ctprep.errors import UserError
+from ctprep.errors import UserError, read_text
 from ctprep.prompts import render
 from ctprep.reports.pipeline import ParsedReport, get_parser
 from ctprep.reports.sections import SECTIONS, report_fields, split_sections
@@ -83,15 +83,28 @@ def result_json(report: str | dict, parsed: ParsedReport, templates: dict[str, s
     return out
 
 
+def _read_stdin() -> str:
+    """Stdin as UTF-8, or a one-line error as ``--jsonl`` gives for its file: the stream's own decoding replaced
+    bytes that are not UTF-8 with U+FFFD and parsed the rest without a word."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # already text (a test's StringIO)
+        return sys.stdin.read()
+    data = stream.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"stdin is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 def _iter_jsonl(path: str) -> Iterator[str | dict]:
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                obj = _read_input(line)
-                if not isinstance(obj, dict):
-                    raise SystemExit(f"{path}:{n}: not a JSON object")
-                check_report(obj, f"{path}:{n}")
-                yield obj
+    # split at "\n" only: a JSON string may hold U+2028, which splitlines() would cut
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if line.strip():
+            obj = _read_input(line)
+            if not isinstance(obj, dict):
+                raise SystemExit(f"{path}:{n}: not a JSON object")
+            check_report(obj, f"{path}:{n}")
+            yield obj
 
 
 def parse_report_main(argv: list[str] | None = None) -> int:
@@ -110,7 +123,7 @@ def parse_report_main(argv: list[str] | None = None) -> int:
                 out.write(json.dumps(result_json(report, parsed, templates, max_chars), ensure_ascii=False) + "\n")
         logger.info("parsed %d reports from %s into %s", len(reports), src, dst)
         return 0
-    report = _read_input(sys.stdin.read())
+    report = _read_input(_read_stdin())
     check_report(report, "stdin")
     json.dump(result_json(report, parser.parse(report), templates, max_chars), sys.stdout, ensure_ascii=False, indent=1)
     sys.stdout.write("\n")

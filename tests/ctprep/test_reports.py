@@ -569,3 +569,18 @@ def test_probable_negation_before_and_after_its_finding(text, label):
 def test_less_likely_in_a_differential_denies_only_what_follows():
     assert [(m.label, m.status) for m in parse_report("Atelectasis, less likely consolidation.").mentions] == [
         ("Atelectasis", "present"), ("Consolidation", "negated")]
+
+
+def test_stdin_that_is_not_utf8_is_refused_as_a_jsonl_file_is(monkeypatch, capsys, tmp_path):
+    """Stdin was decoded with U+FFFD for the bad bytes and parsed with status 0; --jsonl stopped."""
+    monkeypatch.chdir(tmp_path)
+    bad = "Small pleural effusion.".encode() + b"\xff\xfe"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(bad), encoding="utf-8", errors="replace"))
+    assert main(["parse-report"]) == 2
+    assert "stdin is not UTF-8 text" in capsys.readouterr().err
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"id": 1, "text": "' + bad + b'"}\n')
+    assert main(["parse-report", "--jsonl", str(src), str(tmp_path / "out.jsonl")]) == 2
+    assert f"{src} is not UTF-8 text" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\ufeffSmall pleural effusion.".encode())))
+    assert main(["parse-report"]) == 0 and json.loads(capsys.readouterr().out)["labels"]["Pleural effusion"] == 1
