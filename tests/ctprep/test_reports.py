@@ -584,3 +584,21 @@ def test_stdin_that_is_not_utf8_is_refused_as_a_jsonl_file_is(monkeypatch, capsy
     assert f"{src} is not UTF-8 text" in capsys.readouterr().err
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\ufeffSmall pleural effusion.".encode())))
     assert main(["parse-report"]) == 0 and json.loads(capsys.readouterr().out)["labels"]["Pleural effusion"] == 1
+
+
+def test_a_label_the_reference_leaves_out_is_unknown_not_absent(tmp_path, caplog):
+    """A row labelled only {"Emphysema": 1} scored its stated effusion as a false positive, without a word."""
+    path = tmp_path / "ref.jsonl"
+    rows = [{"id": "p", "text": "Emphysema. Small right pleural effusion.", "labels": {"Emphysema": 1}},
+            {"id": "q", "text": "Emphysema.", "labels": {"Emphysema": 1, "Pleural effusion": 0}},
+            {"id": "r", "text": "Moderate left pleural effusion.", "labels": {**dict.fromkeys(LABELS, 0), "Pleural effusion": 1}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = evaluate(path)
+    eff = res["per_label"]["Pleural effusion"]
+    assert (eff["fp"], eff["tp"], eff["n"]) == (0, 1, 2) and res["micro_f1"] == 1.0
+    assert res["per_label"]["Emphysema"]["n"] == 3 and res["per_label"]["Cardiomegaly"]["n"] == 1
+    assert "Pleural effusion 1 of 3" in caplog.text
+    out = tmp_path / "t.tsv"
+    assert evaluate_main([str(path), "--out", str(out)]) == 0
+    header, *lines = out.read_text().splitlines()
+    assert "\tn\t" in header and any(line.startswith("Pleural effusion\t") and "\t2\t" in line for line in lines)
