@@ -145,14 +145,15 @@ def build_prompts(cohort: pd.DataFrame, templates: dict[str, str], max_chars: in
                 over += 0 < max_chars < len(out[name])
             if structured is not None:
                 out[STRUCTURED] = structured.get(rec["VolumeName"], NO_FINDINGS)
+                over += 0 < max_chars < len(out[STRUCTURED])
         except KeyError as err:
             bad.append({"VolumeName": rec["VolumeName"], "split": rec["split"], "stage": "prompts",
                         "reason": f"prompt template {name!r} needs {err.args[0]}, which the report/metadata lacks"})
             continue
         rows.append(out)
     if over:
-        logger.warning("prompts: %d prompts keep a first sentence longer than prompts.max_chars (%d): a sentence is "
-                       "never cut, its negation may come at its end", over, max_chars)
+        logger.warning("prompts: %d prompts keep a first sentence longer than prompts.max_chars (%d), or a structured "
+                       "prompt its first item: neither is cut, a negation may come at its end", over, max_chars)
     columns = ["VolumeName", "split", *templates, *([STRUCTURED] if structured is not None else [])]
     return pd.DataFrame(rows, columns=columns), rejects.frame(bad)
 

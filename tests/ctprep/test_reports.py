@@ -350,7 +350,7 @@ def test_structured_prompt():
     assert structured_prompt(ms, negated="state").endswith("; no pericardial effusion")
     assert structured_prompt(ms, max_chars=42) == "cardiomegaly; right lower lobe nodule 5 mm"
     assert structured_prompt(ms, max_chars=41) == "cardiomegaly"
-    assert structured_prompt(ms, max_chars=5) == "cardi"
+    assert structured_prompt(ms, max_chars=5) == "cardiomegaly"  # the first item whole: a cut lost its noun
     assert structured_prompt([]) == NO_FINDINGS
     assert structured_prompt(parse_report("No effusion in the pleura.").mentions) == NO_FINDINGS
     with pytest.raises(ValueError):
@@ -602,3 +602,17 @@ def test_a_label_the_reference_leaves_out_is_unknown_not_absent(tmp_path, caplog
     assert evaluate_main([str(path), "--out", str(out)]) == 0
     header, *lines = out.read_text().splitlines()
     assert "\tn\t" in header and any(line.startswith("Pleural effusion\t") and "\t2\t" in line for line in lines)
+
+
+def test_the_first_structured_item_is_never_cut_and_is_counted(caplog):
+    import pandas as pd
+
+    from ctprep.prompts import build_prompts
+
+    ms = parse_report("Possible 6 mm nodule in the left upper lobe. No pleural effusion.").mentions
+    first = structured_prompt(ms)
+    assert first.endswith("nodule 6 mm") and structured_prompt(ms, max_chars=30) == first
+    assert structured_prompt(ms, negated="state", max_chars=10) == first  # not a bare "no"
+    cohort = pd.DataFrame([{"VolumeName": "v", "split": "train", "age": 60, "sex": "male", "impression": "Nodule."}])
+    build_prompts(cohort, {}, max_chars=10, structured={"v": first})
+    assert "1 prompts keep a first sentence longer than prompts.max_chars" in caplog.text
