@@ -435,18 +435,36 @@ def _partitive_status(doc: Doc, mention: Span, sent: Span, t: Span) -> str | Non
     return None
 
 
+def _closed_lists(doc: Doc, sent: Span) -> list[bool]:
+    """For each token of ``sent`` (by offset from its start), whether the text after it runs into a ", or"/", nor" before
+    any verb, ";" or ":" (what ``_in_closed_list`` asks of a comma terminator ending there).
+
+    Computed once per sentence, right to left, and kept in ``doc.user_data``: asked afresh for every mention x trigger
+    the walk made a run-on sentence (a dictated report without full stops) cost the cube of its length.
+    """
+    cache = doc.user_data.setdefault("closed_lists", {})
+    key = (sent.start, sent.end)
+    if key not in cache:
+        words = [tok.lower_ for tok in sent]
+        closed = [False] * (len(words) + 1)
+        for k in range(len(words) - 2, -1, -1):  # the last token has no word after it to close a list with
+            w = words[k]
+            if w in _VERB_AUX or w in V.SEEN_VERBS or w in (";", ":"):
+                closed[k] = False
+            elif w == "," and words[k + 1] in ("or", "nor"):
+                closed[k] = True
+            else:
+                closed[k] = closed[k + 1]
+        cache[key] = closed
+    return cache[key]
+
+
 def _in_closed_list(doc: Doc, t: Span, sent: Span) -> bool:
     """True if ``t`` is a comma terminator (", mild", ", trace") inside a list that ", or"/", nor" closes later in its
     clause, before any verb: "No focal consolidation, small pleural effusion, or pneumothorax" denies all three."""
     if t.label_ not in ("TERM", "PRE_END") or doc[t.start].text != ",":
         return False
-    for i in range(t.end, sent.end - 1):
-        word = doc[i].lower_
-        if word in _VERB_AUX or word in V.SEEN_VERBS or doc[i].text in (";", ":"):
-            return False
-        if word == "," and doc[i + 1].lower_ in ("or", "nor"):
-            return True
-    return False
+    return t.end < sent.end and _closed_lists(doc, sent)[t.end - sent.start]
 
 
 #: A bare "is not" ("are/was/were not") after a finding denies it ("Pleural effusion is not there", "... is not
