@@ -400,6 +400,27 @@ def test_a_run_on_sentence_parses_in_time_near_that_of_the_same_text_with_full_s
     assert r.labels["Lung nodule"] == r.labels["Pleural effusion"] == r.labels["Emphysema"] == 1
 
 
+def test_a_run_on_sentence_is_read_in_stretches_of_at_most_max_sentence_tokens():
+    """Each rule reads a mention's whole sentence, so the section cap bounds time only with sentences of bounded length:
+    a longer one is split after a comma in the second half of each stretch, or at the stretch's end; a finding
+    repeated across a split without punctuation is two mentions, not one span across both sentences."""
+    from ctprep.reports.pipeline import MAX_SENTENCE_TOKENS, ReportParser
+    nlp = ReportParser().nlp
+    item = "a tiny nodule in the left upper lobe, trace pleural fluid, some atelectasis and mild emphysema, "
+    doc = nlp("There is " + item * 60)
+    sents = doc.user_data["sents"]
+    assert len(doc) > 2 * MAX_SENTENCE_TOKENS and len(sents) >= 3
+    assert all(b - a <= MAX_SENTENCE_TOKENS for a, b, *_ in sents)
+    assert all(doc[a - 1].text == "," for a, *_ in sents[1:])  # split after a comma, where the list has one
+    r = parse_report("There is " + item * 60)
+    assert r.labels["Lung nodule"] == r.labels["Pleural effusion"] == r.labels["Atelectasis"] == 1
+    words = "effusion " * (MAX_SENTENCE_TOKENS + 50)
+    doc = nlp(words)
+    assert [b - a for a, b, *_ in doc.user_data["sents"]] == [MAX_SENTENCE_TOKENS, 50]
+    ms = parse_report(words).mentions
+    assert len(ms) == 2 and ms[0].sentence == 0 and ms[1].sentence == 1
+
+
 def test_pipe_matches_parse_and_factory_is_cached():
     texts = ["Emphysema in both lungs.", "No emphysema.", {"findings": "Cardiomegaly."}]
     parser = ReportParser()
