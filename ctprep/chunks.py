@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ctprep import ctrate, rejects
 from ctprep.cohort import SECTIONS, metadata_row, rows_for_chunk
 from ctprep.preprocess import preprocess_volume
+from ctprep.prompts import STRUCTURED
 from ctprep.codec import EncodedVolume, encode_volume
 from ctprep.shards import merge_manifests, write_shards
 from ctprep.volume import VolumeError, atomic_write_bytes, load_nifti
@@ -96,14 +97,25 @@ def _label(value) -> float:
     return float("nan") if value is None or pd.isna(value) else float(value)
 
 
-def _samples(prep: pd.DataFrame, cohort: pd.DataFrame, prompts: pd.DataFrame, prompt_key: str) -> Iterator[dict]:
+def _filled(value) -> bool:
+    """A prompt cell the prompts rule could fill (an empty one is null: its template needs a field the row lacks)."""
+    return isinstance(value, str)
+
+
+def _samples(prep: pd.DataFrame, cohort: pd.DataFrame, prompts: pd.DataFrame, prompt_key: str,
+             fallback_key: str | None = None) -> Iterator[dict]:
     by_name = cohort.set_index("VolumeName")
     prompt_cols = [c for c in prompts.columns if c not in ("VolumeName", "split")]
     prompt_rows = prompts.set_index("VolumeName")
+    fallback = []
     for rec in prep.to_dict("records"):
         name = rec["VolumeName"]
         if name not in prompt_rows.index:  # rejected at the prompts stage
             continue
+        main = prompt_rows.at[name, prompt_key]
+        if not _filled(main) and fallback_key:
+            main = prompt_rows.at[name, fallback_key]
+            fallback.append(name)
         c = by_name.loc[name]
         # the prepared payload as it is: packed, not decoded
         vol = EncodedVolume(Path(rec["prep_path"]).read_bytes(), np.array(rec["affine"].tolist(), dtype=np.float64),
@@ -112,8 +124,8 @@ def _samples(prep: pd.DataFrame, cohort: pd.DataFrame, prompts: pd.DataFrame, pr
         yield {
             "key": ctrate.volume_key(name),
             "volume": vol,
-            "prompt": prompt_rows.at[name, prompt_key],
-            "prompts": {k: prompt_rows.at[name, k] for k in prompt_cols},
+            "prompt": main,
+            "prompts": {k: prompt_rows.at[name, k] for k in prompt_cols if _filled(prompt_rows.at[name, k])},
             "labels": labels,
             "meta": {
                 "VolumeName": name,
@@ -128,6 +140,10 @@ def _samples(prep: pd.DataFrame, cohort: pd.DataFrame, prompts: pd.DataFrame, pr
                 "source": c["path"],
             },
         }
+    if fallback:
+        logger.warning("shards: %d volume(s) have no %r prompt (its template needs a field their report/metadata "
+                       "lacks; first: %s): their main prompt is their %r prompt", len(fallback), prompt_key,
+                       fallback[0], fallback_key)
 
 
 def shard_chunk(
@@ -139,16 +155,33 @@ def shard_chunk(
     out_dir: str | Path,
     shard_size: int,
     prompt_key: str,
+    fallback_key: str | None = STRUCTURED,
 ) -> dict:
-    """Pack one chunk's preprocessed volumes of ``split`` into tar shards under ``out_dir``."""
+    """Pack one chunk's preprocessed volumes of ``split`` into tar shards under ``out_dir``.
+
+    Each sample's main prompt (``prompt.txt``) is its ``prompt_key`` prompt or, where the prompts rule left that cell
+    empty (its template needs a field the volume's report/metadata lacks, "{sex}" without PatientSex), its
+    ``fallback_key`` prompt (the structured prompt, which needs no metadata), with a warning; ``prompts.json``
+    holds the prompts the volume has. A volume with neither is a one-line error before anything is written.
+    """
     prep = pd.read_parquet(prep_table)
     prep = prep[prep["split"] == split]
     cohort = rows_for_chunk(cohort_path, chunk)
     prompts = pd.read_parquet(prompts_path)
     if prompt_key not in prompts.columns:
         raise ValueError(f"prompt template {prompt_key!r} not among {list(prompts.columns[2:])}")
-    return write_shards(_samples(prep, cohort, prompts, prompt_key), out_dir, prefix=f"{split}-c{int(chunk):03d}",
-                        shard_size=shard_size, split=split)
+    if fallback_key not in prompts.columns:
+        fallback_key = None
+    used = prompts[prompts["VolumeName"].isin(prep["VolumeName"])]
+    empty = ~used[prompt_key].map(_filled)
+    if fallback_key is not None:
+        empty &= ~used[fallback_key].map(_filled)
+    if empty.any():
+        names = list(used.loc[empty, "VolumeName"])
+        raise ValueError(f"{len(names)} volume(s) have no {prompt_key!r} prompt (first: {names[0]}): its template needs "
+                         f"a field their report/metadata lacks; set shards.prompt to a prompt every volume has")
+    return write_shards(_samples(prep, cohort, prompts, prompt_key, fallback_key), out_dir,
+                        prefix=f"{split}-c{int(chunk):03d}", shard_size=shard_size, split=split)
 
 
 def merge_split_manifests(chunk_dirs: list[str | Path], out_path: str | Path, split: str) -> dict:

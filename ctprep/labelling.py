@@ -138,7 +138,8 @@ def write_labeller_eval(jsonl_path, out_tsv, out_json, out_html=None) -> dict:
             m = res["per_label"][lab]
             ci = m["f1_ci"] or (None, None)
             row.update({f"{name}_precision": m["precision"], f"{name}_recall": m["recall"], f"{name}_f1": m["f1"],
-                        f"{name}_f1_ci_low": ci[0], f"{name}_f1_ci_high": ci[1], f"{name}_support": m["support"]})
+                        f"{name}_f1_ci_low": ci[0], f"{name}_f1_ci_high": ci[1], f"{name}_support": m["support"],
+                        f"{name}_n": m["n"]})
         table.append(row)
     for avg in ("micro_f1", "macro_f1"):
         row = {"label": avg.split("_")[0]}
@@ -154,7 +155,7 @@ def write_labeller_eval(jsonl_path, out_tsv, out_json, out_html=None) -> dict:
             pd.DataFrame(table), "The labeller against radiologists' labels",
             f"{Path(jsonl_path).name}: n = {r['all']['n_reports']} reports (dev {r['dev']['n_reports']}, held out "
             f"{r['heldout']['n_reports']}, kept aside while the rules were written); F1 with bootstrap 95% CIs over "
-            "reports; support: positive reports per label."))
+            "reports; support: positive reports per label; n: reports whose labels give it."))
     summary = {name: {"n_reports": r["n_reports"], "micro_f1": r["micro_f1"], "micro_f1_ci": r["micro_f1_ci"],
                       "macro_f1": r["macro_f1"], "macro_f1_ci": r["macro_f1_ci"], "ci": r["ci"]}
                for name, r in results.items()}

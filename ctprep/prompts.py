@@ -11,6 +11,7 @@ import logging
 import re
 import string
 import unicodedata
+from collections.abc import Iterable
 
 import pandas as pd
 
@@ -123,11 +124,16 @@ def rendering(prompts_cfg: dict) -> dict:
 
 
 def build_prompts(cohort: pd.DataFrame, templates: dict[str, str], max_chars: int = 0,
-                  structured: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  structured: dict[str, str] | None = None,
+                  required: Iterable[str] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(prompts table with one column per template, rejects) for every cohort row.
 
     ``structured``: {VolumeName: structured prompt}; when given, a ``structured`` column is added
     (a volume without mentions gets the parser's "no findings" sentence).
+
+    A template whose field a row lacks ("{sex}" without PatientSex) leaves that row's cell empty (null), counted in a
+    warning; the row keeps its other prompts (the structured prompt needs no metadata). Only where the template is
+    one of ``required`` (the prompts the models are trained on: ``models.prompt``) is the row rejected instead.
     """
     from ctprep.reports import NO_FINDINGS
 
@@ -135,34 +141,55 @@ def build_prompts(cohort: pd.DataFrame, templates: dict[str, str], max_chars: in
         template_fields(tpl)
     if structured is not None and STRUCTURED in templates:
         raise ValueError(f"template name {STRUCTURED!r} is reserved for the parser's structured prompt")
+    required = set(required)
+    unknown = required - set(templates) - ({STRUCTURED} if structured is not None else set())
+    if unknown:
+        raise ValueError(f"required prompts {sorted(unknown)} are not among the prompts written: "
+                         f"{[*templates, *([STRUCTURED] if structured is not None else [])]}")
     rows, bad, over = [], [], 0
+    empty: dict[str, list] = {}  # template -> [cells left empty, first (VolumeName, field)]
     for rec in cohort.to_dict("records"):
         rec["age"] = None if pd.isna(rec.get("age")) else int(rec["age"])
         out = {"VolumeName": rec["VolumeName"], "split": rec["split"]}
-        try:
-            for name, tpl in templates.items():
+        missing: dict[str, str] = {}  # template -> the field the row lacks
+        for name, tpl in templates.items():
+            try:
                 out[name] = render(tpl, rec, max_chars)
+            except KeyError as err:
+                out[name], missing[name] = None, err.args[0]
+            else:
                 over += 0 < max_chars < len(out[name])
-            if structured is not None:
-                out[STRUCTURED] = structured.get(rec["VolumeName"], NO_FINDINGS)
-        except KeyError as err:
+        needed = [name for name in templates if name in missing and name in required]
+        if needed:
             bad.append({"VolumeName": rec["VolumeName"], "split": rec["split"], "stage": "prompts",
-                        "reason": f"prompt template {name!r} needs {err.args[0]}, which the report/metadata lacks"})
+                        "reason": f"prompt template {needed[0]!r} needs {missing[needed[0]]}, which the "
+                                  f"report/metadata lacks (the models are trained on this prompt)"})
             continue
+        if structured is not None:
+            out[STRUCTURED] = structured.get(rec["VolumeName"], NO_FINDINGS)
+            over += 0 < max_chars < len(out[STRUCTURED])
+        for name, field in missing.items():
+            empty.setdefault(name, [0, (rec["VolumeName"], field)])[0] += 1
         rows.append(out)
+    for name, (n, (volume, field)) in empty.items():
+        logger.warning("prompts: template %r left empty for %d volume(s) whose report/metadata lacks a field it needs "
+                       "(first: %s lacks %s); their other prompts are kept", name, n, volume, field)
     if over:
-        logger.warning("prompts: %d prompts keep a first sentence longer than prompts.max_chars (%d): a sentence is "
-                       "never cut, its negation may come at its end", over, max_chars)
+        logger.warning("prompts: %d prompts keep a first sentence longer than prompts.max_chars (%d), or a structured "
+                       "prompt its first item: neither is cut, a negation may come at its end", over, max_chars)
     columns = ["VolumeName", "split", *templates, *([STRUCTURED] if structured is not None else [])]
-    return pd.DataFrame(rows, columns=columns), rejects.frame(bad)
+    table = pd.DataFrame(rows, columns=columns)
+    return table.astype({c: "object" for c in columns[2:]}), rejects.frame(bad)
 
 
 def write_prompts(cohort_path, out_table, out_rejects, templates: dict[str, str], max_chars: int = 0,
-                  strict: bool = False, structured: dict | None = None, mentions_path=None) -> pd.DataFrame:
+                  strict: bool = False, structured: dict | None = None, mentions_path=None,
+                  required: Iterable[str] = ()) -> pd.DataFrame:
     """Build prompts for the cohort table and write them with their rejects (Parquet).
 
     ``structured`` is the config's ``{enabled, negated}``; when enabled, ``mentions_path`` (the
-    parse_reports mentions table) gives the structured prompt column.
+    parse_reports mentions table) gives the structured prompt column. ``required``: the prompts a row must have
+    (``build_prompts``); any other one it cannot fill is an empty cell.
     """
     cohort = pd.read_parquet(cohort_path)
     sentences = None
@@ -170,7 +197,7 @@ def write_prompts(cohort_path, out_table, out_rejects, templates: dict[str, str]
         if not mentions_path:
             raise ValueError("the structured prompt needs the mentions table of parse_reports")
         sentences = structured_prompts(pd.read_parquet(mentions_path), structured.get("negated", "omit"), max_chars)
-    table, rej = build_prompts(cohort, templates, max_chars, structured=sentences)
+    table, rej = build_prompts(cohort, templates, max_chars, structured=sentences, required=required)
     rejects.check(rej, strict, "prompt building")
     table.to_parquet(out_table, index=False)
     rej.to_parquet(out_rejects, index=False)

@@ -313,7 +313,8 @@ class RealSet:
         self.stems = list(self.paths)
 
     def texts(self, template: str | None) -> dict[str, str]:
-        """{stem: report text} stored in the shards (the ``template`` prompt, else the main prompt); {} for a folder."""
+        """{stem: report text} stored in the shards (the ``template`` prompt where the shards hold it, else the main
+        prompt); {} for a folder."""
         from ctgen.data.stream import load_shards, member_values
 
         if not self.manifests:
@@ -321,9 +322,11 @@ class RealSet:
         shards = load_shards([str(m) for m in self.manifests])
         main = dict(member_values(shards, "prompt.txt"))
         if template:
-            for key, prompts in member_values(shards, "prompts.json"):
-                if template in prompts:
-                    main[key] = prompts[template]
+            held = dict(member_values(shards, "prompts.json"))
+            if any(template in prompts for prompts in held.values()):
+                # a volume whose report/metadata lacks a field of the template has no such prompt: its main prompt
+                # is another template's text, so it has none here (the caller's own text, if any, stands)
+                return {key: prompts[template] for key, prompts in held.items() if template in prompts}
         return main
 
     def labels(self) -> dict[str, np.ndarray]:

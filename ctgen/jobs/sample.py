@@ -346,8 +346,13 @@ def select_prompts(prompts_parquet: str | Path, column: str, split: str, volumes
         if missing:
             raise ValueError(f"sampling.volumes not in the prompts table (rejected or unknown): {missing}")
         table = table[table["VolumeName"].isin(volumes)]
+        empty = sorted(table.loc[~table[column].map(lambda t: isinstance(t, str)), "VolumeName"])
+        if empty:
+            raise ValueError(f"sampling.volumes without a {column!r} prompt (its template needs a field their "
+                             f"report/metadata lacks): {empty}")
     else:
-        table = table[table["split"] == split].sort_values("VolumeName").head(max_prompts)
+        table = table[(table["split"] == split) & table[column].map(lambda t: isinstance(t, str))]
+        table = table.sort_values("VolumeName").head(max_prompts)
     if table.empty:
         raise ValueError(f"no prompts to sample in split {split!r}")
     from ctprep.ctrate import volume_key

@@ -19,6 +19,11 @@ def prompt_texts(prompts_parquet: str | Path, column: str, splits: list[str] | N
         raise ValueError(f"{prompts_parquet} has no prompt column {column!r}; it has {list(table.columns[2:])}")
     if splits:
         table = table[table["split"].isin(splits)]
+    empty = ~table[column].map(lambda t: isinstance(t, str))
+    if empty.any():  # the template needs a field these volumes' report/metadata lacks ("{sex}")
+        log.warning("%s: %d volume(s) have no %r prompt (first: %s); left out of its texts", prompts_parquet,
+                    int(empty.sum()), column, table.loc[empty, "VolumeName"].iloc[0])
+        table = table[~empty]
     return {volume_key(name): text for name, text in zip(table["VolumeName"], table[column])}
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 import re
 
-from ctprep.reports.vocabulary import AUXILIARIES, CONTINUATION_STARTS, PLACE_PREPOSITIONS
+from ctprep.reports.vocabulary import AUXILIARIES, CONTINUATION_STARTS, PLACE_NOUNS, PLACE_PREPOSITIONS
 
 #: Side and lobe words in one pass (the groups never overlap; a shared leading ``\b`` scans fast).
 _PLACE = re.compile(r"\b(?:(?P<right>right\b)|(?P<left>left\b)|(?P<bilateral>(bilateral\w*|both|bibasal\w*|bibasilar|biapical)\b)"
@@ -38,6 +38,21 @@ _SIDE_LIST = re.compile(r",|/|&|\b(and|or|as well as|than)\b", re.I)
 _NOT_A_SIDE_LIST = re.compile(r"\b(with|without|to|toward|towards|from|into|shift\w*|deviat\w*|displac\w*|but|whereas|"
                               r"while)\b", re.I)
 _SIDE_LIST_REACH = 60
+#: A side word's own words end at the next list break, verb or place phrase: "right" in "left pleural effusion and
+#: right pneumothorax in the apex" says "pneumothorax".
+_SIDE_WORDS_END = re.compile(r"[,;:.()]|\b(and|or|with|without|but|whereas|while|as well as|of|between|"
+                             + "|".join(AUXILIARIES + PLACE_PREPOSITIONS) + r")\b", re.I)
+#: Words a side word can carry in a list of places for one finding, not a noun of their own: connectives, articles,
+#: place nouns, sizes, degrees, and the adjectives of anatomy by their endings ("right paratracheal and left hilar
+#: lymphadenopathy", "right upper lobe and left lower lobe nodules", "small right and moderate left effusions"). Any
+#: other word is a noun the side is said of ("right hilar mass", "right pneumothorax", "left rib fracture"), and the
+#: sides are not listed for the finding.
+_SIDE_LIST_WORD = re.compile(
+    r"(and|or|as|well|than|more|less|greater|larger|smaller|much|slightly|also|too|both|the|a|an|one|ones|on|in|at|of"
+    r"|to|side|sides|sided|lungs?|hemithorax|hemithoraces|bases?|apex|apices|zones?|segments?|lobes?|upper|middle"
+    r"|lower|lingula|hil(um|a)|aspects?|portions?|parts?|mild|mildly|moderate|moderately|severe|small|large|tiny"
+    r"|trace|minimal|minor|\d+([.,]\d+)?|mm|cm|x|deepest|thickest|widest|largest|diameter|depth|thickness|measuring"
+    r"|pleura|" + "|".join(PLACE_NOUNS + PLACE_PREPOSITIONS) + r"|\w+(al|ar|ic|ary|ior|ous|ed|ward|wards))", re.I)
 #: A lobe's side.
 LOBE_SIDE = {"RUL": "right", "RML": "right", "RLL": "right", "LUL": "left", "LLL": "left", "lingula": "left"}
 #: Words by which a finding's own part of the clause names its place: a place phrase or a lobe word (``describe``).
@@ -257,19 +272,45 @@ def laterality(clause: str | Clause, pos: int | None = None) -> str | None:
         if both or (right and left):
             return "bilateral"
         return "right" if right else "left" if left else None
-    if right and left and (_BOTH_SIDES.search(c.text) or _sides_listed(c.text, right, left)):
+    if right and left and (_BOTH_SIDES.search(c.text) or _sides_listed(c.text, right, left, pos)):
         return "bilateral"
-    near = min(right + left + both, key=lambda m: abs(m.start() - pos), default=None)
+    sides = right + left + both
+    # a side word that opens the finding's own words is its side, however near another is ("right lower lobe
+    # atelectasis and left hilar mass": the atelectasis is 17 characters from "right" and 16 from "left")
+    own = [m for m in sides if m.end() <= pos and not _SIDE_WORDS_END.search(c.text, m.end(), pos)]
+    near = min(own or sides, key=lambda m: abs(m.start() - pos), default=None)
     return near.lastgroup if near else None
 
 
-def _sides_listed(text: str, right: list[re.Match], left: list[re.Match]) -> bool:
-    """True if a right and a left side word are places listed for one finding (``_SIDE_LIST``)."""
+def _only_place_words(text: str) -> bool:
+    """True if ``text`` holds no word but those a side word carries in a list of places (``_SIDE_LIST_WORD``)."""
+    return all(_SIDE_LIST_WORD.fullmatch(w) for w in re.findall(r"\w+", text))
+
+
+def _sides_listed(text: str, right: list[re.Match], left: list[re.Match], pos: int | None = None) -> bool:
+    """True if a right and a left side word are places listed for one finding (``_SIDE_LIST``), the finding at ``pos``:
+    the side words between them and the finding, and after the later one up to the list's next break, say no noun
+    of their own ("left pleural effusion and right pneumothorax", "right pneumothorax and left pleural effusion" are
+    one side each)."""
     for r in right:
         for l in left:
             a, b = (r, l) if r.start() < l.start() else (l, r)
             gap = text[a.end(): b.start()]
-            if len(gap) <= _SIDE_LIST_REACH and _SIDE_LIST.search(gap) and not _NOT_A_SIDE_LIST.search(gap):
+            if not (len(gap) <= _SIDE_LIST_REACH and _SIDE_LIST.search(gap) and not _NOT_A_SIDE_LIST.search(gap)):
+                continue
+            if pos is None:
+                return True
+            stop = _SIDE_WORDS_END.search(text, b.end())
+            tail = text[b.end(): stop.start() if stop else len(text)]
+            if pos >= b.end():  # "right and left effusions", "right upper lobe and left lower lobe nodules"
+                own = gap + " " + text[b.end(): pos]
+            elif pos >= a.end():  # "left effusion and right ..." : the later side's words must be the effusion's
+                own = tail
+            else:  # "effusion in the right and left lower lobes", "effusion on the right and on the left"; what the
+                # gap holds between two places after the finding is read as theirs ("effusion 2 cm deep on the right
+                # and 1 cm on the left"), not checked
+                own = tail
+            if _only_place_words(own):
                 return True
     return False
 

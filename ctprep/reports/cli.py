@@ -17,8 +17,10 @@ from pathlib import Path
 
 import yaml
 
+from ctprep.errors import UserError, read_text
 from ctprep.prompts import render
 from ctprep.reports.pipeline import ParsedReport, get_parser
+from ctprep.reports.sections import SECTIONS, report_fields, split_sections
 from ctprep.reports.structured import structured_prompt
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,18 @@ def _read_input(raw: str) -> str | dict:
     return raw
 
 
+def check_report(report: str | dict, where: str) -> None:
+    """Refuse, in one line naming ``where``, an input the parser would read as an empty report: its labels would all
+    be 0 and its prompt "no acute findings", a normal report where the input was a mistake (a misnamed field, an
+    empty pipe)."""
+    if isinstance(report, dict) and not report_fields(report):
+        raise UserError(f"{where}: no report field among the keys {sorted(map(str, report))[:8]}; expected "
+                        f"{', '.join(SECTIONS)}, text or a CT-RATE column such as Findings_EN (in any case)")
+    sections = split_sections(report)
+    if not any(sections[name] for name in SECTIONS):
+        raise UserError(f"{where}: the report text is empty")
+
+
 def result_json(report: str | dict, parsed: ParsedReport, templates: dict[str, str], max_chars: int = 0) -> dict:
     """The output object for one input."""
     row = dict(parsed.sections)
@@ -69,14 +83,28 @@ def result_json(report: str | dict, parsed: ParsedReport, templates: dict[str, s
     return out
 
 
+def _read_stdin() -> str:
+    """Stdin as UTF-8, or a one-line error as ``--jsonl`` gives for its file: the stream's own decoding replaced
+    bytes that are not UTF-8 with U+FFFD and parsed the rest without a word."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # already text (a test's StringIO)
+        return sys.stdin.read()
+    data = stream.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"stdin is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 def _iter_jsonl(path: str) -> Iterator[str | dict]:
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                obj = _read_input(line)
-                if not isinstance(obj, dict):
-                    raise SystemExit(f"{path}:{n}: not a JSON object")
-                yield obj
+    # split at "\n" only: a JSON string may hold U+2028, which splitlines() would cut
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if line.strip():
+            obj = _read_input(line)
+            if not isinstance(obj, dict):
+                raise SystemExit(f"{path}:{n}: not a JSON object")
+            check_report(obj, f"{path}:{n}")
+            yield obj
 
 
 def parse_report_main(argv: list[str] | None = None) -> int:
@@ -95,7 +123,8 @@ def parse_report_main(argv: list[str] | None = None) -> int:
                 out.write(json.dumps(result_json(report, parsed, templates, max_chars), ensure_ascii=False) + "\n")
         logger.info("parsed %d reports from %s into %s", len(reports), src, dst)
         return 0
-    report = _read_input(sys.stdin.read())
+    report = _read_input(_read_stdin())
+    check_report(report, "stdin")
     json.dump(result_json(report, parser.parse(report), templates, max_chars), sys.stdout, ensure_ascii=False, indent=1)
     sys.stdout.write("\n")
     return 0

@@ -435,18 +435,36 @@ def _partitive_status(doc: Doc, mention: Span, sent: Span, t: Span) -> str | Non
     return None
 
 
+def _closed_lists(doc: Doc, sent: Span) -> list[bool]:
+    """For each token of ``sent`` (by offset from its start), whether the text after it runs into a ", or"/", nor" before
+    any verb, ";" or ":" (what ``_in_closed_list`` asks of a comma terminator ending there).
+
+    Computed once per sentence, right to left, and kept in ``doc.user_data``: asked afresh for every mention x trigger
+    the walk made a run-on sentence (a dictated report without full stops) cost the cube of its length.
+    """
+    cache = doc.user_data.setdefault("closed_lists", {})
+    key = (sent.start, sent.end)
+    if key not in cache:
+        words = [tok.lower_ for tok in sent]
+        closed = [False] * (len(words) + 1)
+        for k in range(len(words) - 2, -1, -1):  # the last token has no word after it to close a list with
+            w = words[k]
+            if w in _VERB_AUX or w in V.SEEN_VERBS or w in (";", ":"):
+                closed[k] = False
+            elif w == "," and words[k + 1] in ("or", "nor"):
+                closed[k] = True
+            else:
+                closed[k] = closed[k + 1]
+        cache[key] = closed
+    return cache[key]
+
+
 def _in_closed_list(doc: Doc, t: Span, sent: Span) -> bool:
     """True if ``t`` is a comma terminator (", mild", ", trace") inside a list that ", or"/", nor" closes later in its
     clause, before any verb: "No focal consolidation, small pleural effusion, or pneumothorax" denies all three."""
     if t.label_ not in ("TERM", "PRE_END") or doc[t.start].text != ",":
         return False
-    for i in range(t.end, sent.end - 1):
-        word = doc[i].lower_
-        if word in _VERB_AUX or word in V.SEEN_VERBS or doc[i].text in (";", ":"):
-            return False
-        if word == "," and doc[i + 1].lower_ in ("or", "nor"):
-            return True
-    return False
+    return t.end < sent.end and _closed_lists(doc, sent)[t.end - sent.start]
 
 
 #: A bare "is not" ("are/was/were not") after a finding denies it ("Pleural effusion is not there", "... is not
@@ -541,6 +559,31 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
     return "present", None
 
 
+def _triggers(doc: Doc, sent: Span, spans: list[Span]) -> list[Span]:
+    """The triggers of a sentence in text order; the longest wins where they overlap ("can not be excluded" over
+    "not").
+
+    A phrase that is both a pre- and a post-trigger ("absent", "ruled out", "may be") is read by what follows it: at
+    the end of its clause, before a seen-word or a place ("not absent in both upper lobes") it is a post-trigger ("Atelectasis may be present", "Effusion absent,
+    emphysema" keeps the emphysema), else a pre-trigger ("Absent pleural effusion", "may be metastatic nodules").
+    ``filter_spans`` alone kept one label of an extent, always the same, so "absent" never negated a finding after it
+    and "may be" never hedged one before it.
+    """
+    labels: dict[tuple[int, int], set[str]] = {}
+    for t in spans:
+        labels.setdefault((t.start, t.end), set()).add(t.label_)
+    out = []
+    for t in filter_spans(spans):
+        kind = t.label_.split("_", 1)[-1]
+        both = {f"PRE_{kind}", f"POST_{kind}"}
+        if t.label_ in both and both <= labels[(t.start, t.end)]:
+            nxt = doc[t.end] if t.end < sent.end else None
+            post = nxt is None or nxt.is_punct or nxt.lower_ in _EXISTENCE_PREDICATES or nxt.lower_ in V.PLACE_PREPOSITIONS
+            t = Span(doc, t.start, t.end, label=f"POST_{kind}" if post else f"PRE_{kind}")
+        out.append(t)
+    return out
+
+
 @Language.factory("ctprep_context")
 def make_context(nlp: Language, name: str) -> ReportContext:
     return ReportContext(nlp)
@@ -564,8 +607,8 @@ class ReportContext:
             i = bisect.bisect_right(firsts, m.start) - 1
             if i not in by_sentence:
                 sent = doc[sents[i][0]: sents[i][1]]
-                # longest wins: "can not be excluded" over "not" (filter_spans returns them in text order)
-                by_sentence[i] = (sent, filter_spans(self.phrases(sent, as_spans=True) + self.matcher(sent, as_spans=True)))
+                by_sentence[i] = (sent, _triggers(doc, sent, self.phrases(sent, as_spans=True)
+                                                  + self.matcher(sent, as_spans=True)))
             m._.status, m._.trigger = mention_status(doc, m, *by_sentence[i])
         for m in prior_study_mentions(doc, mentions, sents):
             m._.status, m._.trigger = "historical", None

@@ -4,7 +4,8 @@ Every F1 comes with its bootstrap 95% CI over reports (``ctprep.stats``): 150 re
 of 0.96 uncertain by about +-0.02, and a label with a dozen positives by far more.
 
 The reference file is JSON lines with ``id``, the report (``findings``/``impression`` or ``text``) and
-``labels`` (the 18 CT-RATE names, 0/1), like ``reports_dev.jsonl``. ``split_of`` assigns each id to
+``labels`` (the 18 CT-RATE names, 0/1; a name left out is unknown for that report, and the report is left out of that
+label's counts), like ``reports_dev.jsonl``. ``split_of`` assigns each id to
 ``dev`` (~2/3) or ``heldout`` (~1/3) by a stable hash, so rule development can keep a part aside.
 """
 
@@ -48,8 +49,11 @@ def _f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     return p, r, (2 * p * r / (p + r) if p + r else 0.0)
 
 
-def _counts(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """(L, 3) true positives, false positives, false negatives per label of (N, L) 0/1 arrays."""
+def _counts(pred: np.ndarray, ref: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+    """(L, 3) true positives, false positives, false negatives per label of (N, L) 0/1 arrays, over the reports whose
+    reference ``known`` that label (all, without it)."""
+    if known is not None:
+        pred, ref = pred & known, ref & known
     return np.stack([(pred & ref).sum(0), (pred & ~ref).sum(0), (ref & ~pred).sum(0)], axis=1)
 
 
@@ -62,15 +66,21 @@ def _macro_micro(counts: np.ndarray) -> tuple[float, float]:
 
 
 def score(pairs: Iterable[tuple[dict[str, int], dict[str, int]]], n_boot: int = 1000, seed: int = 0) -> dict:
-    """Metrics from (predicted, reference) label dicts, each F1 with its bootstrap 95% CI over reports."""
-    rows = [([int(pred.get(x, 0)) for x in LABELS], [int(ref.get(x, 0)) for x in LABELS]) for pred, ref in pairs]
+    """Metrics from (predicted, reference) label dicts, each F1 with its bootstrap 95% CI over reports.
+
+    A label the reference row does not give is unknown for that report, which is left out of that label's counts
+    (``n`` per label), not scored as 0: a row labelled only {"Cardiomegaly": 1} made every effusion it states a false
+    positive."""
+    rows = [([int(pred.get(x, 0)) for x in LABELS], [int(ref.get(x, -1)) for x in LABELS]) for pred, ref in pairs]
     pred = np.array([p for p, _ in rows], dtype=bool).reshape(-1, len(LABELS))
-    ref = np.array([r for _, r in rows], dtype=bool).reshape(-1, len(LABELS))
+    given = np.array([r for _, r in rows], dtype=np.int8).reshape(-1, len(LABELS))
+    known, ref = given >= 0, given == 1
     n = len(rows)
-    counts = _counts(pred, ref)
+    counts = _counts(pred, ref, known)
 
     def ci(statistic):
-        interval, _ = bootstrap_ci(lambda idx: statistic(_counts(pred[idx], ref[idx])), n, n_boot=n_boot, seed=seed)
+        interval, _ = bootstrap_ci(lambda idx: statistic(_counts(pred[idx], ref[idx], known[idx])), n, n_boot=n_boot,
+                                   seed=seed)
         return list(interval) if interval else None
 
     per_label = {}
@@ -78,7 +88,11 @@ def score(pairs: Iterable[tuple[dict[str, int], dict[str, int]]], n_boot: int = 
         tp, fp, fn = (int(c) for c in counts[j])
         p, r, f = _f1(tp, fp, fn)
         per_label[label] = {"precision": p, "recall": r, "f1": f, "f1_ci": ci(lambda c, j=j: _f1(*c[j])[2]),
-                            "support": tp + fn, "tp": tp, "fp": fp, "fn": fn}
+                            "support": tp + fn, "n": int(known[:, j].sum()), "tp": tp, "fp": fp, "fn": fn}
+    unknown = {label: n - v["n"] for label, v in per_label.items() if v["n"] < n}
+    if unknown:
+        logger.warning("reference rows without some labels, left out of those labels' counts: %s",
+                       ", ".join(f"{k} {v} of {n}" for k, v in unknown.items()))
     macro, micro = _macro_micro(counts)
     return {"n_reports": n, "per_label": per_label, "micro_f1": micro, "micro_f1_ci": ci(lambda c: _macro_micro(c)[1]),
             "macro_f1": macro, "macro_f1_ci": ci(lambda c: _macro_micro(c)[0]),
@@ -137,7 +151,7 @@ def table_rows(result: dict) -> list[dict]:
         return {"f1_ci_low": ci[0] if ci else None, "f1_ci_high": ci[1] if ci else None}
 
     rows = [{"label": k, **{m: v[m] for m in ("precision", "recall", "f1")}, **bounds(v["f1_ci"]),
-             **{m: v[m] for m in ("support", "tp", "fp", "fn")}} for k, v in result["per_label"].items()]
+             **{m: v[m] for m in ("support", "n", "tp", "fp", "fn")}} for k, v in result["per_label"].items()]
     rows.append({"label": "micro", "f1": result["micro_f1"], **bounds(result["micro_f1_ci"]),
                  "support": sum(v["support"] for v in result["per_label"].values())})
     rows.append({"label": "macro", "f1": result["macro_f1"], **bounds(result["macro_f1_ci"])})
@@ -158,7 +172,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         ids = [i for i in ids if split_of(i) == args.split]
     result = evaluate(args.jsonl, ids)
     result["split"] = args.split
-    fields = ["label", "precision", "recall", "f1", "f1_ci_low", "f1_ci_high", "support", "tp", "fp", "fn"]
+    fields = ["label", "precision", "recall", "f1", "f1_ci_low", "f1_ci_high", "support", "n", "tp", "fp", "fn"]
     if args.out and args.out.endswith(".json"):
         Path(args.out).write_text(json.dumps(result, indent=2))
     else:

@@ -446,9 +446,14 @@ def find_mentions(doc: Doc, corrections: list[tuple[int, int, str]] = ()) -> lis
     if fixed is not None:
         found = [(fixed.to_old(a), fixed.to_old(b, end=True), label) for a, b, label in found]
     merged: dict[str, list[list[int]]] = {}
+    # sentence start chars in the report's own text: adjacent matches join only within a sentence (a run-on sentence
+    # split at MAX_SENTENCE_TOKENS may have no punctuation at the split: "effusion effusion ...")
+    sent_starts = [s[2] for s in doc.user_data["sents"]]
     for start, end, label in sorted(found, key=lambda x: (x[0], -x[1])):
         runs = merged.setdefault(label, [])
-        if runs and (start < runs[-1][1] or _JOIN.fullmatch(text[runs[-1][1]: start])):
+        if runs and (start < runs[-1][1] or (_JOIN.fullmatch(text[runs[-1][1]: start])
+                                             and bisect.bisect_right(sent_starts, runs[-1][1])
+                                             == bisect.bisect_right(sent_starts, start))):
             runs[-1][1] = max(runs[-1][1], end)  # overlapping or adjacent ("calcified atheroma plaques"): one mention
         else:
             runs.append([start, end])

@@ -37,8 +37,17 @@ SENTENCE_PUNCT = (".", "!", "?", "•", "·", '"', "\n", ";")
 #: A semicolon typed without a space ("cardiomegaly;hiatal hernia") is still its own token (spaCy's English
 #: infixes split "a,b" but not "a;b"), so it can end the sentence.
 _SEMICOLON_INFIX = r"(?<=[A-Za-z0-9]);(?=[A-Za-z])"
-#: Longest section text parsed (characters); longer text is cut, with a warning, to bound time and memory.
+#: Longest section text parsed (characters); longer text is cut, with a warning, to bound time and memory. Time is
+#: bounded by this cap only together with ``MAX_SENTENCE_TOKENS``: the rules read a mention's whole sentence, so one
+#: sentence costs about the square of its length, and a section's time grows with its length times that of its
+#: longest sentence.
 MAX_SECTION_CHARS = 100_000
+#: Longest sentence (tokens) the rules read. A longer one (a dictated report without full stops) is split after its
+#: last comma in the second half of each stretch of this many tokens, or else at the stretch's end. Written reports'
+#: sentences are far shorter (the 150 dev reports: at most 133 tokens), and no trigger reaches further than
+#: ``context.MAX_LIST_SCOPE`` (60) tokens, so only a mention near such a split can read differently; without the
+#: split a run-on sentence of 100,000 characters took minutes.
+MAX_SENTENCE_TOKENS = 400
 
 
 @Language.component("ctprep_sentences")
@@ -67,12 +76,27 @@ def set_sentences(doc: Doc) -> Doc:
     prev_start = np.maximum.accumulate(np.where(start, np.arange(n), 0))
     start[1:] &= seen[:-1] >= prev_start[:-1]
     start[0] = True
+    _split_long_sentences(start, orth == strings.add(","))
     sent = np.where(start, 1, -1).astype(np.uint64).reshape(-1, 1)
     doc.from_array([SENT_START], sent)
     firsts = np.flatnonzero(start).tolist()
     ends = firsts[1:] + [n]
     doc.user_data["sents"] = [(a, b, int(idx[a]), int(idx[b - 1]) + len(doc[b - 1])) for a, b in zip(firsts, ends)]
     return doc
+
+
+def _split_long_sentences(start: np.ndarray, comma: np.ndarray, limit: int | None = None) -> None:
+    """Mark further sentence starts in ``start`` (in place) so that no sentence is longer than ``limit`` tokens
+    (``MAX_SENTENCE_TOKENS``): after the last comma in the second half of each stretch of ``limit`` tokens, or else at
+    the stretch's end."""
+    limit = limit or MAX_SENTENCE_TOKENS
+    firsts = np.flatnonzero(start)
+    ends = np.append(firsts[1:], len(start))
+    for a, b in zip(firsts[ends - firsts > limit].tolist(), ends[ends - firsts > limit].tolist()):
+        while b - a > limit:
+            commas = np.flatnonzero(comma[a + limit // 2: a + limit - 1])
+            a = a + limit // 2 + int(commas[-1]) + 1 if len(commas) else a + limit
+            start[a] = True
 
 
 @dataclass

@@ -57,7 +57,9 @@ _ALL_HEADERS = {**_HEADERS, **_COLON_HEADERS}
 # A dash after a header: an en/em dash, or a hyphen standing free ("Findings - ...", not "findings-based")
 _DASH = r"(?:[\u2013\u2014]|-(?=[ \t]|$))"
 # A header: at a line start (colon optional; or a dash, "Findings - ...", or a period ending the line,
-# "Findings.") or anywhere with a colon; a colon-less one at a line start must be followed by a capital letter
+# "Findings.") or with a colon, opening a sentence or capitalised ("... normal. impression: ...", "... normal
+# Impression: ..."; inside a lower-case clause a header word with a colon is prose, "changes related to the prior
+# procedure: sternotomy wires", and took the findings after it into another section); a colon-less one at a line start must be followed by a capital letter
 # (case-sensitive inside the IGNORECASE pattern: "Comparison with the prior study shows ..." and "History of
 # smoking ..." are sentences, not headers); a colon-less inline header must be in capitals
 # ("... normal. IMPRESSION No acute finding", its dash or colon taken with it: "IMPRESSION \u2014 ...")
@@ -66,7 +68,7 @@ _DASH = r"(?:[\u2013\u2014]|-(?=[ \t]|$))"
 _HEADER = re.compile(
     rf"(?:^|(?<=\n))[ \t]*(?P<a>{_HEADER_WORDS})[ \t]*"
     rf"(?::|{_DASH}|\.?[ \t]*(?:\n|$)|(?=[ \t]+(?-i:[A-Z])))"
-    rf"|(?<![\w-])(?P<b>{_HEADER_WORDS})[ \t]*:"
+    rf"|(?:(?<=[.!?;])[ \t]+|(?<![\w-])(?=(?-i:[A-Z])))(?P<b>{_HEADER_WORDS})[ \t]*:"
     rf"|(?<![\w-])(?P<c>(?-i:{_HEADER_WORDS.upper()}))(?![\w-])(?:[ \t]*(?::|{_DASH}))?"
     rf"|(?<=[.!?])[ \t]+(?P<d>{_HEADER_WORDS})[ \t]*{_DASH}"
     rf"|(?:^|(?<=[.!?])[ \t]+)[ \t]*(?P<e>{_COLON_WORDS})[ \t]*:",
@@ -152,21 +154,50 @@ def split_separator(text: str) -> tuple[str, str]:
     return text[: m.start()].strip(), text[m.start():].strip()
 
 
+def _field_key(key: object) -> str:
+    """A field name as it is matched: case, spaces, hyphens and underscores do not count ("Findings", "FINDINGS",
+    "Clinical information", "clinical_information"); a report keyed "Findings" read as empty, labelled nothing and
+    gave the prompt "no acute findings" without a word."""
+    return re.sub(r"[\s_-]+", "_", str(key).strip().casefold())
+
+
+_FIELD_KEYS = {name: tuple(dict.fromkeys(map(_field_key, keys))) for name, keys in FIELD_ALIASES.items()}
+_TEXT_FIELD_KEYS = tuple(map(_field_key, _TEXT_KEYS))
+
+
+def _by_field_key(report: Mapping) -> dict[str, object]:
+    """The mapping keyed by :func:`_field_key`; of two keys that read the same, the first with a value is kept."""
+    out: dict[str, object] = {}
+    for key, value in report.items():
+        k = _field_key(key)
+        if out.get(k) is None:
+            out[k] = value
+    return out
+
+
+def report_fields(report: Mapping) -> list[str]:
+    """The keys of ``report`` that the parser reads as a section or as the whole report's text."""
+    known = {k for keys in _FIELD_KEYS.values() for k in keys} | set(_TEXT_FIELD_KEYS)
+    return [str(k) for k in report if _field_key(k) in known]
+
+
 def split_sections(report: str | Mapping | None) -> dict[str, str]:
-    """The four sections of a report given as free text or as a mapping of fields (CT-RATE columns)."""
+    """The four sections of a report given as free text or as a mapping of fields (CT-RATE columns, our names; the
+    field names in any case)."""
     if report is None:
         return dict.fromkeys(SECTIONS, "")
     if isinstance(report, str):
         return split_free_text(report)
+    fields = _by_field_key(report)
     out = dict.fromkeys(SECTIONS, "")
     found = False
-    for name, keys in FIELD_ALIASES.items():
+    for name, keys in _FIELD_KEYS.items():
         for key in keys:
-            if key in report and report[key] is not None:
-                out[name], found = _clean(report[key]), True
+            if fields.get(key) is not None:
+                out[name], found = _clean(fields[key]), True
                 break
     if not found or not (out["findings"] or out["impression"]):
-        text = next((report[k] for k in _TEXT_KEYS if isinstance(report.get(k), str)), None)
+        text = next((fields[k] for k in _TEXT_FIELD_KEYS if isinstance(fields.get(k), str)), None)
         if text is not None:
             free = split_free_text(text)
             return {k: out[k] or free[k] for k in SECTIONS}

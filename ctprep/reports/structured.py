@@ -91,11 +91,11 @@ def structured_prompt(mentions: Iterable, negated: str = "omit", max_chars: int 
     items += negs
     if not items:
         return NO_FINDINGS
+    # the first item is kept whole, over the budget too, as ``prompts.truncate`` keeps its first sentence: a cut
+    # inside it lost the finding's noun ("possible right lower lobe") or left a bare "no"
     out = items[0]
     for item in items[1:]:
         if max_chars > 0 and len(out) + 2 + len(item) > max_chars:
             break
         out = f"{out}; {item}"
-    if max_chars > 0 and len(out) > max_chars:
-        out = out[:max_chars].rsplit(" ", 1)[0] if " " in out[:max_chars] else out[:max_chars]
     return out

@@ -272,12 +272,17 @@ PRE_NEGATION = ["previously observed as", "previously seen as", "previously desc
                 "removal of", "interval removal of",
                 "there are no", "there was no", "there were no", "none",
                 # abbreviated notes: "Cardiomegaly w/o pericardial effusion", "Neg for pleural effusion"
-                "w/o", "neg for"]
+                "w/o", "neg for",
+                # NegEx's probable negation before its finding ("Unlikely to represent consolidation", "Nothing to
+                # suggest an effusion"); "unlikely", "less likely" and "improbable" are post-triggers too, read by what
+                # follows them ("Consolidation is less likely."; "atelectasis, less likely consolidation")
+                "unlikely", "unlikely to represent", "unlikely to be", "less likely", "improbable",
+                "nothing to suggest", "nothing to indicate", "nothing to suggest the presence of"]
 POST_NEGATION = ["absent", "excluded", "do not reach", "does not reach", "did not reach", "not reaching",
                  "ruled out", "not present", "is normal", "are normal", "was normal", "were normal",
                  "within normal limits", "no longer", "negative", "is not", "are not", "were not", "was not",
                  # NegEx's probable negation: "Pneumonia unlikely", "effusion is considered unlikely"
-                 "unlikely", "not likely",
+                 "unlikely", "not likely", "less likely", "improbable",
                  # templated reports ("Pleural effusion: none."): the ":" would end the scope, so the pair is one
                  # trigger (the longest match wins over the ":" terminator); other values (": no", ": normal", but not
                  # ": no change") are read by ``context._template_value``

@@ -63,9 +63,46 @@ def test_a_template_the_prompts_job_cannot_fill_is_a_config_error(template, matc
     assert "\n" not in str(err.value)
 
 
-def test_missing_field_rejects_that_volume_only():
+def test_a_missing_field_empties_only_its_templates_cell_and_a_required_one_rejects_the_volume(caplog, tmp_path):
+    """A volume without PatientSex kept its structured prompt and its impression-only prompt: only the template that
+    needs {sex} has no prompt for it (the whole row was rejected, the structured prompt with it)."""
+    from ctgen.jobs.sample import select_prompts
+    from ctgen.jobs.text import prompt_texts
+
     cohort = pd.DataFrame([{**ROW, "VolumeName": "train_1_a_1.nii.gz", "split": "train"},
-                           {**ROW, "age": None, "VolumeName": "train_2_a_1.nii.gz", "split": "train"}])
-    table, rej = build_prompts(cohort, {"generatect": "{age} years old {sex}: {impression}", "imp": "{impression}"})
+                           {**ROW, "sex": None, "VolumeName": "train_2_a_1.nii.gz", "split": "train"},
+                           {**ROW, "age": None, "VolumeName": "train_3_a_1.nii.gz", "split": "train"}])
+    templates = {"generatect": "{age} years old {sex}: {impression}", "imp": "{impression}"}
+    structured = {"train_1_a_1.nii.gz": "nodule", "train_2_a_1.nii.gz": "cardiomegaly", "train_3_a_1.nii.gz": "effusion"}
+    with caplog.at_level("WARNING", logger="ctprep.prompts"):
+        table, rej = build_prompts(cohort, templates, structured=structured)
+    assert len(rej) == 0 and list(table["structured"]) == ["nodule", "cardiomegaly", "effusion"]
+    assert list(table["generatect"].isna()) == [False, True, True] and table["imp"].notna().all()
+    assert "template 'generatect' left empty for 2 volume(s)" in caplog.text and "train_2_a_1.nii.gz lacks sex" in caplog.text
+    # the prompts the models are trained on are required: a row that cannot fill one is rejected, naming it
+    table, rej = build_prompts(cohort, templates, structured=structured, required=["generatect"])
     assert list(table["VolumeName"]) == ["train_1_a_1.nii.gz"]
-    assert list(rej["VolumeName"]) == ["train_2_a_1.nii.gz"] and "age" in rej["reason"][0]
+    assert list(rej["VolumeName"]) == ["train_2_a_1.nii.gz", "train_3_a_1.nii.gz"]
+    assert "'generatect' needs sex" in rej["reason"][0] and "needs age" in rej["reason"][1]
+    with pytest.raises(ValueError, match="required prompts"):
+        build_prompts(cohort, templates, required=["structured"])  # not written
+    # the readers of the table: an empty cell is no text of that prompt, and no sampling prompt
+    table, _ = build_prompts(cohort, templates, structured=structured)
+    table.to_parquet(tmp_path / "prompts.parquet", index=False)
+    assert sorted(prompt_texts(tmp_path / "prompts.parquet", "generatect")) == ["train_1_a_1"]
+    assert len(prompt_texts(tmp_path / "prompts.parquet", "structured")) == 3
+    got = select_prompts(tmp_path / "prompts.parquet", "generatect", "train", [], 5, tmp_path / "p.csv")
+    assert list(got["VolumeName"]) == ["train_1_a_1.nii.gz"]
+    with pytest.raises(ValueError, match=r"without a 'generatect' prompt.*train_2_a_1.nii.gz"):
+        select_prompts(tmp_path / "prompts.parquet", "generatect", "train", ["train_2_a_1.nii.gz"], 5, tmp_path / "q.csv")
+
+
+def test_training_on_a_prompt_a_volume_has_not_names_the_volume_and_the_missing_field_as_a_cause():
+    from ctgen.data.batches import _prompt
+
+    raw = {"__key__": "train_2_a_1", "__url__": "train-000000.tar", "prompts.json": {"structured": "cardiomegaly"},
+           "prompt.txt": "cardiomegaly"}
+    assert _prompt(raw, "structured") == "cardiomegaly"
+    with pytest.raises(ValueError, match=r"sample train_2_a_1 has no prompt 'generatect'.*needs a field") as err:
+        _prompt(raw, "generatect")
+    assert "\n" not in str(err.value)

@@ -55,6 +55,24 @@ def test_prose_word_findings_is_not_a_header():
     assert s["findings"].startswith("CT findings of pneumonia") and s["impression"] == ""
 
 
+@pytest.mark.parametrize("text", [
+    "Findings: Surgical clips from the earlier procedure: mediastinum. A small right pleural effusion.",
+    "Findings: Postoperative changes, clinical history: wedge resection. A small right pleural effusion.",
+    "FINDINGS: Status after procedure: a median sternotomy. A small right pleural effusion.\nIMPRESSION: Effusion.",
+])
+def test_a_header_word_with_a_colon_inside_a_clause_is_prose(text):
+    """Such a word opened a section that took every finding up to the next header."""
+    s = split_sections(text)
+    assert "small right pleural effusion" in s["findings"] and not s["technique"] and not s["clinical_information"]
+    assert parse_report(text).labels["Pleural effusion"] == 1
+
+
+def test_a_colon_header_opening_a_sentence_or_capitalised_still_counts():
+    assert split_sections("The heart is normal. impression: mild emphysema.")["impression"] == "mild emphysema."
+    s = split_sections("Lungs are clear, Impression: normal chest CT.")
+    assert s["findings"] == "Lungs are clear," and s["impression"] == "normal chest CT."
+
+
 @pytest.mark.parametrize("sep", ['"', "•"])
 def test_sections_from_separators(sep):
     s = split_sections(f"Aorta is calcified. No effusion. {sep} Aortic calcification {sep} Emphysema")
@@ -118,6 +136,28 @@ def test_laterality_and_lobe():
     assert one("Bilateral pleural effusion is present.", "Pleural effusion").laterality == "bilateral"
     assert one("Emphysematous changes in both lungs.", "Emphysema").laterality == "bilateral"
     assert one("Cardiomegaly is present.", "Cardiomegaly").location == "heart"
+
+
+@pytest.mark.parametrize("text,label,side", [
+    # the other side is said of another noun: the finding keeps its own
+    ("Right lower lobe atelectasis and left hilar mass.", "Atelectasis", "right"),
+    ("Right pleural effusion and left pneumothorax.", "Pleural effusion", "right"),
+    ("Left pneumothorax and right pleural effusion.", "Pleural effusion", "right"),
+    ("Left clavicle fracture and right pleural effusion.", "Pleural effusion", "right"),
+    ("Atelectasis in the right lower lobe and left chest wall lipoma.", "Atelectasis", "right"),
+    # right and left listed for the one finding
+    ("Left and right pleural effusions.", "Pleural effusion", "bilateral"),
+    ("Moderate left and small right pleural effusions.", "Pleural effusion", "bilateral"),
+    ("Left upper lobe and right lower lobe atelectasis.", "Atelectasis", "bilateral"),
+    ("Left hilar and right paratracheal lymphadenopathy.", "Lymphadenopathy", "bilateral"),
+    ("Right pleural effusion, and a smaller one on the left.", "Pleural effusion", "bilateral"),
+    ("Atelectasis in the left lower lobe and the right middle lobe.", "Atelectasis", "bilateral"),
+])
+def test_a_side_said_of_another_noun_is_not_listed_with_the_findings(text, label, side):
+    """"Left effusion and right pneumothorax" made the effusion bilateral, and the prompt said so."""
+    m = one(text, label)
+    assert m.laterality == side
+    assert structured_prompt(parse_report(text).mentions).startswith(side) or side in structured_prompt([m])
 
 
 @pytest.mark.parametrize("text,lo,hi", [
@@ -310,7 +350,7 @@ def test_structured_prompt():
     assert structured_prompt(ms, negated="state").endswith("; no pericardial effusion")
     assert structured_prompt(ms, max_chars=42) == "cardiomegaly; right lower lobe nodule 5 mm"
     assert structured_prompt(ms, max_chars=41) == "cardiomegaly"
-    assert structured_prompt(ms, max_chars=5) == "cardi"
+    assert structured_prompt(ms, max_chars=5) == "cardiomegaly"  # the first item whole: a cut lost its noun
     assert structured_prompt([]) == NO_FINDINGS
     assert structured_prompt(parse_report("No effusion in the pleura.").mentions) == NO_FINDINGS
     with pytest.raises(ValueError):
@@ -331,6 +371,54 @@ def test_markup_and_long_report():
     assert parse_report("<b>Pleural&nbsp;effusion</b> is seen.").labels["Pleural effusion"] == 1
     r = parse_report("Heart size is normal. " * 350 + "Bilateral pleural effusion.")
     assert len(r.sections["findings"]) > 7000 and r.labels["Pleural effusion"] == 1
+
+
+def test_a_run_on_sentence_parses_in_time_near_that_of_the_same_text_with_full_stops():
+    """A dictated report without full stops: its comma list is one sentence. The closed-list check walked that sentence
+    for every mention x comma trigger (a 3.5 kB sentence took ~400 times as long as the same items with full stops,
+    7 kB a minute); computed once per sentence the run-on costs a few times the stopped text. The bound is a ratio
+    to the stopped text timed alongside, so a slow or loaded machine slows both."""
+    import time
+    item = "a tiny nodule in the left upper lobe, trace pleural fluid, some atelectasis and mild emphysema, "
+    run_on, stopped = "There is " + item * 40, "There is " + (item[:-2] + ". ") * 40
+    assert len(run_on) > 3500
+
+    def best(text, tries):
+        times = []
+        for _ in range(tries):
+            t0 = time.perf_counter()
+            r = parse_report(text)
+            times.append(time.perf_counter() - t0)
+        return min(times), r
+
+    parse_report("Warm up.")
+    base, _ = best(stopped, 3)
+    took, r = best(run_on, 1)
+    if took > 60 * max(base, 0.005):
+        took, r = best(run_on, 1)  # one more try, should the machine have been busy just then
+    assert took < 60 * max(base, 0.005), (took, base)
+    assert r.labels["Lung nodule"] == r.labels["Pleural effusion"] == r.labels["Emphysema"] == 1
+
+
+def test_a_run_on_sentence_is_read_in_stretches_of_at_most_max_sentence_tokens():
+    """Each rule reads a mention's whole sentence, so the section cap bounds time only with sentences of bounded length:
+    a longer one is split after a comma in the second half of each stretch, or at the stretch's end; a finding
+    repeated across a split without punctuation is two mentions, not one span across both sentences."""
+    from ctprep.reports.pipeline import MAX_SENTENCE_TOKENS, ReportParser
+    nlp = ReportParser().nlp
+    item = "a tiny nodule in the left upper lobe, trace pleural fluid, some atelectasis and mild emphysema, "
+    doc = nlp("There is " + item * 60)
+    sents = doc.user_data["sents"]
+    assert len(doc) > 2 * MAX_SENTENCE_TOKENS and len(sents) >= 3
+    assert all(b - a <= MAX_SENTENCE_TOKENS for a, b, *_ in sents)
+    assert all(doc[a - 1].text == "," for a, *_ in sents[1:])  # split after a comma, where the list has one
+    r = parse_report("There is " + item * 60)
+    assert r.labels["Lung nodule"] == r.labels["Pleural effusion"] == r.labels["Atelectasis"] == 1
+    words = "effusion " * (MAX_SENTENCE_TOKENS + 50)
+    doc = nlp(words)
+    assert [b - a for a, b, *_ in doc.user_data["sents"]] == [MAX_SENTENCE_TOKENS, 50]
+    ms = parse_report(words).mentions
+    assert len(ms) == 2 and ms[0].sentence == 0 and ms[1].sentence == 1
 
 
 def test_pipe_matches_parse_and_factory_is_cached():
@@ -388,6 +476,35 @@ def test_a_lone_surrogate_is_replaced_not_fatal(tmp_path, repo_config):
     ref = tmp_path / "ref.jsonl"
     ref.write_text('{"id": "a", "text": "Small left pleural effusion \\ud800.", "labels": {"Pleural effusion": 1}}\n')
     assert evaluate(ref)["micro_f1"] == 1.0
+
+
+def test_field_names_are_read_in_any_case():
+    """A report keyed "Findings" read as empty: no label, and the prompt "no acute findings"."""
+    s = split_sections({"FINDINGS": "Moderate cardiomegaly.", "Impression": "Cardiomegaly.", "Clinical Information": "Dyspnoea."})
+    assert s == {"clinical_information": "Dyspnoea.", "technique": "", "findings": "Moderate cardiomegaly.",
+                 "impression": "Cardiomegaly."}
+    assert split_sections({"findings_en": "Emphysema."})["findings"] == "Emphysema."
+    assert parse_report({"Report": "Findings: A small right pleural effusion."}).labels["Pleural effusion"] == 1
+
+
+def test_cli_refuses_an_input_without_report_text(monkeypatch, capsys, tmp_path):
+    """A misnamed field or an empty input gave all-zero labels and "no acute findings" with status 0."""
+    monkeypatch.chdir(tmp_path)
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"id": 1, "Findings": "Mild emphysema."}) + "\n" + json.dumps({"id": 2, "body": "Emphysema."}) + "\n")
+    assert main(["parse-report", "--jsonl", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}:2: no report field" in err and "Findings_EN" in err and len(err.strip().splitlines()) == 1
+    for doc in ({"id": 3, "findings": "  ", "impression": "Not given."}, {"id": 4, "text": ""}):
+        src.write_text(json.dumps(doc) + "\n")
+        assert main(["parse-report", "--jsonl", str(src), str(dst)]) == 2
+        assert f"{src}:1: the report text is empty" in capsys.readouterr().err
+    for stdin in (" \n", '{"id": 5, "Findings": ""}'):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        assert main(["parse-report"]) == 2
+        assert "stdin: the report text is empty" in capsys.readouterr().err
+    out = _run(monkeypatch, capsys, json.dumps({"id": 6, "Findings": "Mild emphysema."}), [])
+    assert out["labels"]["Emphysema"] == 1 and out["sections"]["findings"] == "Mild emphysema."
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -463,3 +580,87 @@ def test_the_indication_never_sets_a_label_or_a_prompt_item():
     assert any(m.section == "clinical_information" and m.label == "Lung nodule" for m in parsed.mentions)
     assert parsed.labels["Lung nodule"] == 0 and parsed.labels["Cardiomegaly"] == 1
     assert structured_prompt(parsed.mentions) == "mild cardiomegaly"
+
+
+@pytest.mark.parametrize("text,label,status", [
+    # a phrase on the pre- and the post-negation lists kept one reading: never a pre-negation
+    ("Absent pericardial effusion.", "Pericardial effusion", "negated"),
+    ("Lungs clear, absent pleural effusion.", "Pleural effusion", "negated"),
+    ("Ruled out pericardial effusion.", "Pericardial effusion", "negated"),
+    ("Excluded pericardial effusion.", "Pericardial effusion", "negated"),
+    ("Pericardial effusion absent, moderate emphysema.", "Emphysema", "present"),
+    ("Pericardial effusion excluded, moderate emphysema.", "Emphysema", "present"),
+    ("Pericardial effusion is absent.", "Pericardial effusion", "negated"),
+    # "may be" on both hedge lists: never a post-hedge
+    ("Consolidation may be present.", "Consolidation", "uncertain"),
+    ("Emphysema may be seen in the upper lobes.", "Emphysema", "uncertain"),
+    ("May be consolidation.", "Consolidation", "uncertain"),
+])
+def test_a_trigger_on_both_lists_reads_both_ways(text, label, status):
+    assert statuses(text, label) == [status]
+
+
+@pytest.mark.parametrize("text,label", [
+    ("It is unlikely to represent atelectasis.", "Atelectasis"),
+    ("Unlikely to represent emphysema.", "Emphysema"),
+    ("Unlikely consolidation in the lingula.", "Consolidation"),
+    ("Pericardial effusion is less likely.", "Pericardial effusion"),
+    ("Atelectasis is improbable.", "Atelectasis"),
+    ("Nothing to suggest lymphadenopathy.", "Lymphadenopathy"),
+    ("There is nothing to indicate a pericardial effusion.", "Pericardial effusion"),
+])
+def test_probable_negation_before_and_after_its_finding(text, label):
+    """NegEx's probable negation was a post-trigger only ("unlikely"): before its finding it was read as present."""
+    assert statuses(text, label) == ["negated"] and parse_report(text).labels[label] == 0
+
+
+def test_less_likely_in_a_differential_denies_only_what_follows():
+    assert [(m.label, m.status) for m in parse_report("Atelectasis, less likely consolidation.").mentions] == [
+        ("Atelectasis", "present"), ("Consolidation", "negated")]
+
+
+def test_stdin_that_is_not_utf8_is_refused_as_a_jsonl_file_is(monkeypatch, capsys, tmp_path):
+    """Stdin was decoded with U+FFFD for the bad bytes and parsed with status 0; --jsonl stopped."""
+    monkeypatch.chdir(tmp_path)
+    bad = "Small pleural effusion.".encode() + b"\xff\xfe"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(bad), encoding="utf-8", errors="replace"))
+    assert main(["parse-report"]) == 2
+    assert "stdin is not UTF-8 text" in capsys.readouterr().err
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"id": 1, "text": "' + bad + b'"}\n')
+    assert main(["parse-report", "--jsonl", str(src), str(tmp_path / "out.jsonl")]) == 2
+    assert f"{src} is not UTF-8 text" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\ufeffSmall pleural effusion.".encode())))
+    assert main(["parse-report"]) == 0 and json.loads(capsys.readouterr().out)["labels"]["Pleural effusion"] == 1
+
+
+def test_a_label_the_reference_leaves_out_is_unknown_not_absent(tmp_path, caplog):
+    """A row labelled only {"Emphysema": 1} scored its stated effusion as a false positive, without a word."""
+    path = tmp_path / "ref.jsonl"
+    rows = [{"id": "p", "text": "Emphysema. Small right pleural effusion.", "labels": {"Emphysema": 1}},
+            {"id": "q", "text": "Emphysema.", "labels": {"Emphysema": 1, "Pleural effusion": 0}},
+            {"id": "r", "text": "Moderate left pleural effusion.", "labels": {**dict.fromkeys(LABELS, 0), "Pleural effusion": 1}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = evaluate(path)
+    eff = res["per_label"]["Pleural effusion"]
+    assert (eff["fp"], eff["tp"], eff["n"]) == (0, 1, 2) and res["micro_f1"] == 1.0
+    assert res["per_label"]["Emphysema"]["n"] == 3 and res["per_label"]["Cardiomegaly"]["n"] == 1
+    assert "Pleural effusion 1 of 3" in caplog.text
+    out = tmp_path / "t.tsv"
+    assert evaluate_main([str(path), "--out", str(out)]) == 0
+    header, *lines = out.read_text().splitlines()
+    assert "\tn\t" in header and any(line.startswith("Pleural effusion\t") and "\t2\t" in line for line in lines)
+
+
+def test_the_first_structured_item_is_never_cut_and_is_counted(caplog):
+    import pandas as pd
+
+    from ctprep.prompts import build_prompts
+
+    ms = parse_report("Possible 6 mm nodule in the left upper lobe. No pleural effusion.").mentions
+    first = structured_prompt(ms)
+    assert first.endswith("nodule 6 mm") and structured_prompt(ms, max_chars=30) == first
+    assert structured_prompt(ms, negated="state", max_chars=10) == first  # not a bare "no"
+    cohort = pd.DataFrame([{"VolumeName": "v", "split": "train", "age": 60, "sex": "male", "impression": "Nodule."}])
+    build_prompts(cohort, {}, max_chars=10, structured={"v": first})
+    assert "1 prompts keep a first sentence longer than prompts.max_chars" in caplog.text

@@ -360,7 +360,9 @@ def test_prep_and_shard_chunk_pack_the_prepared_payloads_as_they_are(tmp_path, d
         labels[ctrate.LABELS[2]] = np.nan
         rows.append({"VolumeName": vname, "split": "train", "patient": f"train_{n}", "path": str(data_dir / name),
                      "chunk": 0, "sex": "male", "age": 50 + n, **{v: f"{v} {n}" for v in SECTIONS.values()}, **labels})
-        prompts.append({"VolumeName": vname, "split": "train", "short": f"prompt {n}"})
+        # the second volume lacks a field of the "short" template: the prompts rule left its cell empty
+        prompts.append({"VolumeName": vname, "split": "train", "short": f"prompt {n}" if n == 1 else None,
+                        "structured": f"finding {n}"})
     pd.DataFrame(rows).to_parquet(tmp_path / "cohort.parquet")
     pd.DataFrame(prompts).to_parquet(tmp_path / "prompts.parquet")
     preset = {"mode": "spacing", "spacing": [4.0, 4.0, 6.0], "shape": [48, 40, 32], "clip": [-1000, 1000]}
@@ -384,6 +386,16 @@ def test_prep_and_shard_chunk_pack_the_prepared_payloads_as_they_are(tmp_path, d
             assert g["meta.json"]["labels"][ctrate.LABELS[2]] is None
             assert g["meta.json"]["source"] == row["path"] and g["meta.json"]["dtype"] == "int16"
             assert [h["op"] for h in g["meta.json"]["history"]][-2:] == ["resample", "clip"]
+    # an empty cell is left out of prompts.json, and the main prompt falls back to the structured prompt
+    assert [g["prompts.json"] for g in got] == [{"short": "prompt 1", "structured": "finding 1"},
+                                                {"structured": "finding 2"}]
+    assert [g["prompt.txt"] for g in got] == ["prompt 1", "finding 2"]
+    # with no prompt to fall back to, a one-line error before anything is written
+    pd.DataFrame(prompts).drop(columns="structured").to_parquet(tmp_path / "prompts.parquet")
+    with pytest.raises(ValueError, match=r"1 volume\(s\) have no 'short' prompt \(first: train_2_a_1.nii.gz\)"):
+        shard_chunk(tmp_path / "prep.parquet", tmp_path / "cohort.parquet", tmp_path / "prompts.parquet",
+                    "train", 0, tmp_path / "shards2", shard_size=8, prompt_key="short")
+    assert not (tmp_path / "shards2").exists()
 
 
 def test_a_malformed_manifest_is_named_and_the_others_are_still_checked(tmp_path, capsys):
