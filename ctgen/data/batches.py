@@ -121,7 +121,8 @@ def _prompt(raw: dict[str, Any], template: str | None) -> str:
         raise ValueError(f"{raw.get('__url__')}: sample {raw['__key__']} has no prompt {template!r} "
                          f"(it has {sorted(prompts)}): data.prompt names a prompt the shards do not hold, or one "
                          f"whose template needs a field this volume's report/metadata lacks (the prompts log names "
-                         f"how many); train on a prompt every volume has (the structured prompt needs no metadata)")
+                         f"how many); train on a prompt every volume has (the structured prompt needs no metadata), "
+                         f"or run `snakemake -R prompts` so that the prompts stage rejects the volumes that lack it")
     return raw["prompt.txt"]
 
 

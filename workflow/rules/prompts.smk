@@ -19,5 +19,9 @@ rule prompts:
         code=script_digest("prompts.py"),
         prompts=config["prompts"],
         strict=config["prep"]["strict"],
+        # the prompt the models train on: a volume whose metadata cannot fill it is rejected here, not met in the
+        # middle of a training. Untracked: tracked, an edit of models.prompt would rewrite every shard and retrain
+        # the models that read no prompt; after such an edit, training names the volumes and `-R prompts`
+        required=untracked(lambda wc: [config["models"]["prompt"]]),
     script:
         "../scripts/prompts.py"

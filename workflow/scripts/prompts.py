@@ -13,4 +13,5 @@ write_prompts(
     structured=snakemake.params.prompts["structured"],
     mentions_path=snakemake.input.mentions or None,
     strict=snakemake.params.strict,
+    required=snakemake.params.required,
 )
