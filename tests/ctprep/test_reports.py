@@ -664,3 +664,39 @@ def test_the_first_structured_item_is_never_cut_and_is_counted(caplog):
     cohort = pd.DataFrame([{"VolumeName": "v", "split": "train", "age": 60, "sex": "male", "impression": "Nodule."}])
     build_prompts(cohort, {}, max_chars=10, structured={"v": first})
     assert "1 prompts keep a first sentence longer than prompts.max_chars" in caplog.text
+
+
+@pytest.mark.parametrize("text,expected", [
+    # after its finding, with no other finding in its clause, a two-way trigger looks back, whatever follows it
+    ("Pericardial effusion ruled out by echo.", [("Pericardial effusion", "negated")]),
+    ("Pleural effusion excluded by this study.", [("Pleural effusion", "negated")]),
+    ("Pleural effusion absent bilaterally.", [("Pleural effusion", "negated")]),
+    ("Pleural effusion absent today.", [("Pleural effusion", "negated")]),
+    ("Consolidation unlikely given the clinical picture.", [("Consolidation", "negated")]),
+    # a conjunction starts another clause: the finding after it is not the trigger's
+    ("Pleural effusion is absent but emphysema is noted.", [("Pleural effusion", "negated"), ("Emphysema", "present")]),
+    ("Pleural effusion absent and emphysema present.", [("Pleural effusion", "negated"), ("Emphysema", "present")]),
+    ("Pleural effusion absent with emphysema noted.", [("Pleural effusion", "negated"), ("Emphysema", "present")]),
+    # before a thing that is no finding, it denies that thing, not a finding in a later clause
+    ("Absent right kidney with pleural effusion.", [("Pleural effusion", "present")]),
+    ("Absent left kidney, pleural effusion.", [("Pleural effusion", "present")]),
+    # "may be" before a predicate other than existence hedges that predicate, as before
+    ("Pleural effusion may be due to heart failure.", [("Pleural effusion", "present")]),
+    # ... while the readings the two-way triggers were made for stay
+    ("Absent pleural effusion.", [("Pleural effusion", "negated")]),
+    ("Atelectasis may be present.", [("Atelectasis", "uncertain")]),
+    ("Effusion absent, emphysema.", [("Pleural effusion", "negated"), ("Emphysema", "present")]),
+    ("Ruled out pleural effusion.", [("Pleural effusion", "negated")]),
+    ("Excluded pleural effusion.", [("Pleural effusion", "negated")]),
+])
+def test_a_two_way_trigger_looks_back_unless_a_finding_follows_in_its_clause(text, expected):
+    assert [(m.label, m.status) for m in parse_report(text).mentions] == expected
+
+
+@pytest.mark.parametrize("text,first,second", [
+    ("Atelectasis is less likely than consolidation.", "Atelectasis", "Consolidation"),
+    ("Consolidation less likely than atelectasis in the lower lobes.", "Consolidation", "Atelectasis"),
+])
+def test_less_likely_than_compares_two_findings_and_denies_neither(text, first, second):
+    """Both candidates of a comparison are hedged; the likelier one was read as negated."""
+    assert statuses(text, first) == ["uncertain"] and statuses(text, second) == ["uncertain"]
