@@ -700,3 +700,36 @@ def test_a_two_way_trigger_looks_back_unless_a_finding_follows_in_its_clause(tex
 def test_less_likely_than_compares_two_findings_and_denies_neither(text, first, second):
     """Both candidates of a comparison are hedged; the likelier one was read as negated."""
     assert statuses(text, first) == ["uncertain"] and statuses(text, second) == ["uncertain"]
+
+
+def test_section_names_typed_on_one_lower_case_line_each_open_their_section():
+    s = split_sections("clinical information: cough findings: pleural effusion and emphysema impression: effusion")
+    assert (s["clinical_information"], s["findings"], s["impression"]) == (
+        "cough", "pleural effusion and emphysema", "effusion")
+    labels = parse_report("clinical information: cough findings: pleural effusion and emphysema impression: effusion").labels
+    assert labels["Pleural effusion"] == 1 and labels["Emphysema"] == 1
+    s = split_sections("technique: non-contrast ct findings: nodule conclusion: nodule")
+    assert (s["technique"], s["findings"], s["impression"]) == ("non-contrast ct", "nodule", "nodule")
+
+
+@pytest.mark.parametrize("text", [
+    "findings: pleural effusion.impression: emphysema.",
+    'findings: pleural effusion " impression: emphysema.',
+    "findings: pleural effusion \u2022 impression: emphysema.",
+])
+def test_a_lower_case_header_right_after_a_full_stop_or_an_item_mark_opens_its_section(text):
+    s = split_sections(text)
+    assert s["findings"].startswith("pleural effusion") and s["impression"] == "emphysema."
+
+
+@pytest.mark.parametrize("text", [
+    "Findings: changes related to the prior procedure: sternotomy wires. Small pleural effusion.",
+    "Findings: postoperative changes, history: lobectomy. Small pleural effusion.",
+    "findings: pleural effusion. the impression: emphysema is kept",
+    "findings: emphysema as in the findings: of last year. Small pleural effusion.",
+])
+def test_a_section_name_after_another_header_on_its_line_stays_prose_inside_a_phrase(text):
+    """Only a main section's name, and not one a determiner or preposition ties to the words before it."""
+    s = split_sections(text)
+    assert not s["technique"] and not s["clinical_information"] and not s["impression"]
+    assert parse_report(text).labels["Pleural effusion"] == 1
