@@ -421,6 +421,22 @@ def test_a_run_on_sentence_is_read_in_stretches_of_at_most_max_sentence_tokens()
     assert len(ms) == 2 and ms[0].sentence == 0 and ms[1].sentence == 1
 
 
+
+@pytest.mark.parametrize("filler", ["mild emphysema in the right upper lobe ,", "the heart size is normal",
+                                    "no nodule , the aorta is normal ,"])
+@pytest.mark.parametrize("n", [390, 392, 394, 396, 398, 420])
+def test_a_run_on_sentence_is_not_cut_inside_an_open_negation(filler, n):
+    """The cut used to fall after the list's last comma, and the items after it read as present."""
+    from ctprep.reports.pipeline import MAX_SENTENCE_TOKENS, ReportParser
+    words = (filler.split() * n)[:n]
+    text = " ".join(words) + " no consolidation, pleural effusion, atelectasis, or emphysema."
+    sents = ReportParser().nlp(text).user_data["sents"]
+    assert len(sents) >= 2 and all(b - a <= MAX_SENTENCE_TOKENS for a, b, *_ in sents)
+    tail = [m for m in parse_report(text).mentions if m.start > len(text) - 65]
+    assert [m.label for m in tail] == ["Consolidation", "Pleural effusion", "Atelectasis", "Emphysema"]
+    assert all(m.status == "negated" for m in tail)
+
+
 def test_pipe_matches_parse_and_factory_is_cached():
     texts = ["Emphysema in both lungs.", "No emphysema.", {"findings": "Cardiomegaly."}]
     parser = ReportParser()
