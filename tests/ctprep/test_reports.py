@@ -494,6 +494,25 @@ def test_a_lone_surrogate_is_replaced_not_fatal(tmp_path, repo_config):
     assert evaluate(ref)["micro_f1"] == 1.0
 
 
+def test_an_empty_report_in_a_jsonl_file_is_one_error_row_not_the_end_of_the_file(monkeypatch, caplog, tmp_path):
+    """One empty row stopped the whole file with status 2 and no output at all."""
+    monkeypatch.chdir(tmp_path)
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "findings": "Mild emphysema."}, {"id": "b", "findings": "", "impression": None},
+        {"id": "c", "text": "Small right pleural effusion."}, {"text": "  "}]) + "\n")
+    assert main(["parse-report", "--jsonl", str(src), str(dst)]) == 0
+    err = caplog.text  # a warning: on stderr from the command line
+    assert f"{src}:2" in err and f"{src}:4" in err and "empty" in err and f"{src}:1" not in err
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [r.get("id") for r in rows] == ["a", "b", "c", None]  # one row out for each row in, in order
+    assert rows[0]["labels"]["Emphysema"] == 1 and rows[2]["labels"]["Pleural effusion"] == 1
+    for row in rows[1], rows[3]:
+        assert row["error"] == "the report text is empty" and row["labels"] == {} and row["mentions"] == []
+        assert row["prompts"]["structured"] is None and set(row) >= {"sections", "mentions", "labels", "prompts"}
+    assert "error" not in rows[0] and rows[0]["prompts"]["structured"] != NO_FINDINGS
+
+
 def test_field_names_are_read_in_any_case():
     """A report keyed "Findings" read as empty: no label, and the prompt "no acute findings"."""
     s = split_sections({"FINDINGS": "Moderate cardiomegaly.", "Impression": "Cardiomegaly.", "Clinical Information": "Dyspnoea."})
@@ -512,7 +531,7 @@ def test_cli_refuses_an_input_without_report_text(monkeypatch, capsys, tmp_path)
     err = capsys.readouterr().err
     assert f"{src}:2: no report field" in err and "Findings_EN" in err and len(err.strip().splitlines()) == 1
     for doc in ({"id": 3, "findings": "  ", "impression": "Not given."}, {"id": 4, "text": ""}):
-        src.write_text(json.dumps(doc) + "\n")
+        src.write_text(json.dumps(doc) + "\n")  # a file of nothing but empty reports
         assert main(["parse-report", "--jsonl", str(src), str(dst)]) == 2
         assert f"{src}:1: the report text is empty" in capsys.readouterr().err
     for stdin in (" \n", '{"id": 5, "Findings": ""}'):
