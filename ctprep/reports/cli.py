@@ -1,6 +1,9 @@
 """``ctprep parse-report``: one report from stdin (text or JSON) -> sections, mentions, labels, prompts.
 
-``--jsonl IN OUT`` parses a whole file, one JSON object per line each way, keeping each input's ``id``.
+``--jsonl IN OUT`` parses a whole file, one JSON object per line each way, keeping each input's ``id``. A row whose
+report text is empty is written with ``"error"``, empty sections, no mentions, no labels (each unknown, as a
+reference row's missing label is to ``evaluate-parser``) and null prompts, and named in a warning; a line that is not
+a JSON object or has no report field, or a file with no report text at all, stops the run.
 Prompts are the structured prompt plus every template under ``prompts.templates`` of the config
 (``--config FILE``, default ``./config.yaml`` if present), rendered with ``ctprep.prompts.render``;
 a template needing a field the input lacks (age, sex, impression, ...) gives null.
@@ -54,16 +57,39 @@ def _read_input(raw: str) -> str | dict:
     return raw
 
 
+def check_fields(report: str | dict, where: str) -> None:
+    """Refuse, in one line naming ``where``, a JSON input with no report field (a misnamed field)."""
+    if isinstance(report, dict) and not report_fields(report):
+        raise UserError(f"{where}: no report field among the keys {sorted(map(str, report))[:8]}; expected "
+                        f"{', '.join(SECTIONS)}, text or a CT-RATE column such as Findings_EN (in any case)")
+
+
+def is_empty(report: str | dict) -> bool:
+    """True if the parser would read ``report`` as an empty report (all labels 0, "no acute findings")."""
+    sections = split_sections(report)
+    return not any(sections[name] for name in SECTIONS)
+
+
 def check_report(report: str | dict, where: str) -> None:
     """Refuse, in one line naming ``where``, an input the parser would read as an empty report: its labels would all
     be 0 and its prompt "no acute findings", a normal report where the input was a mistake (a misnamed field, an
     empty pipe)."""
-    if isinstance(report, dict) and not report_fields(report):
-        raise UserError(f"{where}: no report field among the keys {sorted(map(str, report))[:8]}; expected "
-                        f"{', '.join(SECTIONS)}, text or a CT-RATE column such as Findings_EN (in any case)")
-    sections = split_sections(report)
-    if not any(sections[name] for name in SECTIONS):
+    check_fields(report, where)
+    if is_empty(report):
         raise UserError(f"{where}: the report text is empty")
+
+
+#: What an empty row of ``--jsonl`` says in its ``error``.
+EMPTY_REPORT = "the report text is empty"
+
+
+def empty_json(report: dict, templates: dict[str, str]) -> dict:
+    """The output object for an input row with no report text: the shape of ``result_json``'s, with ``error``, no
+    labels and null prompts, so that the rows stay one for one with the input and nothing reads it as a normal scan."""
+    out = {"id": report["id"]} if "id" in report else {}
+    out.update({"error": EMPTY_REPORT, "sections": dict.fromkeys(SECTIONS, ""), "mentions": [], "labels": {},
+                "prompts": dict.fromkeys(["structured", *templates])})
+    return out
 
 
 def result_json(report: str | dict, parsed: ParsedReport, templates: dict[str, str], max_chars: int = 0) -> dict:
@@ -96,15 +122,17 @@ def _read_stdin() -> str:
         raise UserError(f"stdin is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-def _iter_jsonl(path: str) -> Iterator[str | dict]:
+def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line; a line that is not a JSON object or has no report field stops
+    the run."""
     # split at "\n" only: a JSON string may hold U+2028, which splitlines() would cut
     for n, line in enumerate(read_text(path).split("\n"), 1):
         if line.strip():
             obj = _read_input(line)
             if not isinstance(obj, dict):
                 raise SystemExit(f"{path}:{n}: not a JSON object")
-            check_report(obj, f"{path}:{n}")
-            yield obj
+            check_fields(obj, f"{path}:{n}")
+            yield n, obj
 
 
 def parse_report_main(argv: list[str] | None = None) -> int:
@@ -117,11 +145,23 @@ def parse_report_main(argv: list[str] | None = None) -> int:
     parser = get_parser()
     if args.jsonl:
         src, dst = args.jsonl
-        reports = list(_iter_jsonl(src))
+        rows = list(_iter_jsonl(src))
+        empty = [n for n, report in rows if is_empty(report)]
+        if rows and len(empty) == len(rows):
+            raise UserError(f"{src}:{empty[0]}: {EMPTY_REPORT}, as is every row's of the file")
+        if empty:
+            more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+            logger.warning("%s: %d report(s) with empty text, written with \"error\" and no labels: %s%s", src,
+                           len(empty), ", ".join(f"{src}:{n}" for n in empty[:5]), more)
+        skip = set(empty)
+        reports = [report for n, report in rows if n not in skip]
+        parsed = iter(parser.pipe(reports))
         with open(dst, "w") as out:
-            for report, parsed in zip(reports, parser.pipe(reports)):
-                out.write(json.dumps(result_json(report, parsed, templates, max_chars), ensure_ascii=False) + "\n")
-        logger.info("parsed %d reports from %s into %s", len(reports), src, dst)
+            for n, report in rows:
+                obj = empty_json(report, templates) if n in skip else result_json(report, next(parsed), templates,
+                                                                                    max_chars)
+                out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        logger.info("parsed %d reports from %s into %s", len(rows), src, dst)
         return 0
     report = _read_input(_read_stdin())
     check_report(report, "stdin")

@@ -559,15 +559,35 @@ def mention_status(doc: Doc, mention: Span, sent: Span, triggers: list[Span]) ->
     return "present", None
 
 
-def _triggers(doc: Doc, sent: Span, spans: list[Span]) -> list[Span]:
-    """The triggers of a sentence in text order; the longest wins where they overlap ("can not be excluded" over
-    "not").
+#: Where the clause of a two-way trigger ends (``_triggers``): punctuation that parts clauses or list items, and the
+#: words that start another clause or attach another thing. A finding beyond one of these is not what the trigger
+#: is about: "Pleural effusion absent and emphysema present", "Pleural effusion is absent but emphysema is noted",
+#: "Absent right kidney with pleural effusion". Not "-" or "/", which join words ("free-flowing", "and/or").
+_CLAUSE_ENDS = {",", ";", ":", ".", "!", "?", "(", ")", "and", "or", "nor", "but", "with", "without", "however",
+                "although", "though", "whereas", "while", "yet", "which", "given", "than"}
+#: Two-way triggers that are a hedged copula: they look back only when what follows them says the finding is there
+#: (nothing, an existence word or a place: "Atelectasis may be present", "Emphysema may be seen in the upper lobes");
+#: before another predicate they hedge that predicate, not the finding ("Pleural effusion may be due to heart
+#: failure") and stay the pre-trigger they always were.
+_COPULAR_HEDGES = {"may be"}
 
-    A phrase that is both a pre- and a post-trigger ("absent", "ruled out", "may be") is read by what follows it: at
-    the end of its clause, before a seen-word or a place ("not absent in both upper lobes") it is a post-trigger ("Atelectasis may be present", "Effusion absent,
-    emphysema" keeps the emphysema), else a pre-trigger ("Absent pleural effusion", "may be metastatic nodules").
+
+def _triggers(doc: Doc, sent: Span, spans: list[Span], mention_starts: list[int]) -> list[Span]:
+    """The triggers of a sentence in text order; the longest wins where they overlap ("can not be excluded" over
+    "not"). ``mention_starts``: the sorted start tokens of the finding mentions.
+
+    A phrase that is both a pre- and a post-trigger ("absent", "ruled out", "excluded", "may be", "unlikely", "less
+    likely", "improbable") is a pre-trigger only if a finding mention starts after it before its clause ends
+    (``_CLAUSE_ENDS``): "Absent pleural effusion", "Lungs clear, absent pleural effusion", "May be consolidation",
+    "Atelectasis, less likely consolidation". Otherwise it looks back, to a finding before it or to none:
+    "Atelectasis may be present", "Pericardial effusion ruled out by echo", "Pleural effusion absent today",
+    "Consolidation unlikely given the clinical picture", and "Absent right kidney with pleural effusion" keeps the
+    effusion. (Reading it by the next word alone made "ruled out by", "absent bilaterally" pre-triggers.)
     ``filter_spans`` alone kept one label of an extent, always the same, so "absent" never negated a finding after it
     and "may be" never hedged one before it.
+
+    "X is less likely than Y" compares two candidates: X is hedged (a post-hedge) and Y, the likelier, is hedged as
+    "likely Y" was before "less likely" was a trigger (a pre-hedge); neither is denied.
     """
     labels: dict[tuple[int, int], set[str]] = {}
     for t in spans:
@@ -577,9 +597,16 @@ def _triggers(doc: Doc, sent: Span, spans: list[Span]) -> list[Span]:
         kind = t.label_.split("_", 1)[-1]
         both = {f"PRE_{kind}", f"POST_{kind}"}
         if t.label_ in both and both <= labels[(t.start, t.end)]:
-            nxt = doc[t.end] if t.end < sent.end else None
-            post = nxt is None or nxt.is_punct or nxt.lower_ in _EXISTENCE_PREDICATES or nxt.lower_ in V.PLACE_PREPOSITIONS
-            t = Span(doc, t.start, t.end, label=f"POST_{kind}" if post else f"PRE_{kind}")
+            if t.text.lower().endswith("likely") and t.end < sent.end and doc[t.end].lower_ == "than":
+                out += [Span(doc, t.start, t.end, label="POST_UNC"), Span(doc, t.start, t.end, label="PRE_UNC")]
+                continue
+            clause_end = next((j for j in range(t.end, sent.end) if doc[j].lower_ in _CLAUSE_ENDS), sent.end)
+            i = bisect.bisect_left(mention_starts, t.end)
+            pre = i < len(mention_starts) and mention_starts[i] < clause_end
+            if not pre and t.text.lower() in _COPULAR_HEDGES and t.end < clause_end:
+                nxt = doc[t.end].lower_
+                pre = nxt not in _EXISTENCE_PREDICATES and nxt not in V.PLACE_PREPOSITIONS
+            t = Span(doc, t.start, t.end, label=f"PRE_{kind}" if pre else f"POST_{kind}")
         out.append(t)
     return out
 
@@ -602,13 +629,14 @@ class ReportContext:
             return doc
         sents = doc.user_data["sents"]
         firsts = [s[0] for s in sents]
+        mention_starts = sorted(m.start for m in mentions)
         by_sentence: dict[int, tuple[Span, list[Span]]] = {}  # triggers found once per sentence holding a mention
         for m in mentions:
             i = bisect.bisect_right(firsts, m.start) - 1
             if i not in by_sentence:
                 sent = doc[sents[i][0]: sents[i][1]]
                 by_sentence[i] = (sent, _triggers(doc, sent, self.phrases(sent, as_spans=True)
-                                                  + self.matcher(sent, as_spans=True)))
+                                                  + self.matcher(sent, as_spans=True), mention_starts))
             m._.status, m._.trigger = mention_status(doc, m, *by_sentence[i])
         for m in prior_study_mentions(doc, mentions, sents):
             m._.status, m._.trigger = "historical", None

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import spacy
-from spacy.attrs import IDX, IS_ALPHA, IS_DIGIT, ORTH, SENT_START, SPACY
+from spacy.attrs import IDX, IS_ALPHA, IS_DIGIT, LOWER, ORTH, SENT_START, SPACY
 from spacy.language import Language
 from spacy.tokens import Doc
 
 from ctprep.ctrate import LABELS
 from ctprep.reports import context as _context  # noqa: F401 - registers ctprep_context
 from ctprep.reports import mentions as _mentions  # noqa: F401 - registers ctprep_findings
+from ctprep.reports import vocabulary as V
 from ctprep.reports.labels import label_vector
 from ctprep.reports.mentions import Mention, to_mentions
 from ctprep.reports.sections import SECTIONS, split_sections
@@ -42,8 +43,8 @@ _SEMICOLON_INFIX = r"(?<=[A-Za-z0-9]);(?=[A-Za-z])"
 #: sentence costs about the square of its length, and a section's time grows with its length times that of its
 #: longest sentence.
 MAX_SECTION_CHARS = 100_000
-#: Longest sentence (tokens) the rules read. A longer one (a dictated report without full stops) is split after its
-#: last comma in the second half of each stretch of this many tokens, or else at the stretch's end. Written reports'
+#: Longest sentence (tokens) the rules read. A longer one (a dictated report without full stops) is read in stretches
+#: of at most this many tokens (``_split_long_sentences``), cut where no pre-trigger's scope is open. Written reports'
 #: sentences are far shorter (the 150 dev reports: at most 133 tokens), and no trigger reaches further than
 #: ``context.MAX_LIST_SCOPE`` (60) tokens, so only a mention near such a split can read differently; without the
 #: split a run-on sentence of 100,000 characters took minutes.
@@ -76,7 +77,9 @@ def set_sentences(doc: Doc) -> Doc:
     prev_start = np.maximum.accumulate(np.where(start, np.arange(n), 0))
     start[1:] &= seen[:-1] >= prev_start[:-1]
     start[0] = True
-    _split_long_sentences(start, orth == strings.add(","))
+    if n > MAX_SENTENCE_TOKENS:
+        lower = doc.to_array([LOWER]).ravel()
+        _split_long_sentences(start, orth == strings.add(","), np.isin(lower, _trigger_openers(strings)))
     sent = np.where(start, 1, -1).astype(np.uint64).reshape(-1, 1)
     doc.from_array([SENT_START], sent)
     firsts = np.flatnonzero(start).tolist()
@@ -85,17 +88,48 @@ def set_sentences(doc: Doc) -> Doc:
     return doc
 
 
-def _split_long_sentences(start: np.ndarray, comma: np.ndarray, limit: int | None = None) -> None:
+@functools.lru_cache(maxsize=4)
+def _opener_words() -> frozenset[str]:
+    """First words of the pre-triggers (negation, uncertainty, looked-for): a word that may open a forward scope."""
+    phrases = [*V.PRE_NEGATION, *V.PRE_UNCERTAIN, *V.PRE_HYPOTHETICAL]
+    return frozenset(p.split()[0].lower() for p in phrases if p.strip())
+
+
+def _trigger_openers(strings) -> np.ndarray:
+    """The hashes (``LOWER``) of ``_opener_words`` in a vocabulary's string store."""
+    return np.array(sorted(strings.add(w) for w in _opener_words()), dtype=np.uint64)
+
+
+def _split_long_sentences(start: np.ndarray, comma: np.ndarray, opener: np.ndarray | None = None,
+                          limit: int | None = None) -> None:
     """Mark further sentence starts in ``start`` (in place) so that no sentence is longer than ``limit`` tokens
-    (``MAX_SENTENCE_TOKENS``): after the last comma in the second half of each stretch of ``limit`` tokens, or else at
-    the stretch's end."""
+    (``MAX_SENTENCE_TOKENS``).
+
+    Each stretch of ``limit`` tokens is cut in its second half at the last place that leaves no pre-trigger's scope
+    open: after a comma that no ``opener`` (the first word of a pre-trigger, ``_opener_words``) precedes within
+    ``context.MAX_LIST_SCOPE`` tokens, or right before an opener, whose scope then lies whole in the next stretch (a
+    nearer pre-trigger outranks an earlier one, so the earlier one's reach past it counts for nothing). The last comma
+    of the second half alone cut "no consolidation, pleural effusion, atelectasis, or emphysema" inside its list, and
+    the items after the cut read as present. Failing such a place: the last comma of the second half, or else the
+    stretch's end."""
     limit = limit or MAX_SENTENCE_TOKENS
+    n = len(start)
+    if opener is None:
+        opener = np.zeros(n, dtype=bool)
+    scope = _context.MAX_LIST_SCOPE
+    # the last opener at or before each token (-scope - 1 where none)
+    last_opener = np.maximum.accumulate(np.where(opener, np.arange(n), -scope - 1))
     firsts = np.flatnonzero(start)
-    ends = np.append(firsts[1:], len(start))
+    ends = np.append(firsts[1:], n)
     for a, b in zip(firsts[ends - firsts > limit].tolist(), ends[ends - firsts > limit].tolist()):
         while b - a > limit:
-            commas = np.flatnonzero(comma[a + limit // 2: a + limit - 1])
-            a = a + limit // 2 + int(commas[-1]) + 1 if len(commas) else a + limit
+            lo, hi = a + limit // 2, a + limit - 1
+            commas = lo + np.flatnonzero(comma[lo: hi])  # a cut after one of these
+            closed = commas[commas - last_opener[commas] >= scope]
+            openers = lo + 1 + np.flatnonzero(opener[lo + 1: a + limit])  # a cut right before one of these
+            cuts = [int(closed[-1]) + 1] if len(closed) else []
+            cuts += [int(openers[-1])] if len(openers) else []
+            a = max(cuts) if cuts else int(commas[-1]) + 1 if len(commas) else a + limit
             start[a] = True
 
 

@@ -9,7 +9,7 @@ followed by impression items each introduced by ``"`` or ``•``.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from ctprep.reports.normalise import normalise_items, normalise_lines, quote_terms
 
@@ -54,11 +54,23 @@ _HEADER_WORDS = "|".join(sorted(map(re.escape, _HEADERS), key=len, reverse=True)
 _COLON_HEADERS = {"exam": "technique", "examination": "technique"}
 _COLON_WORDS = "|".join(sorted(map(re.escape, _COLON_HEADERS), key=len, reverse=True))
 _ALL_HEADERS = {**_HEADERS, **_COLON_HEADERS}
+#: The main sections' names. With a colon one of these opens a section inside a lower-case line too, where a header
+#: opened the line's text before it ("clinical information: cough findings: effusion impression: effusion", a report
+#: typed on one line; ``_inline_heads``): a report's sections come in a row, and these names are what a
+#: report calls them, whereas "procedure", "history" or "comparison" with a colon inside a clause are prose ("the
+#: prior procedure: sternotomy wires", "changes, history: lobectomy"). Not after a determiner or a preposition
+#: ("... of the impression: ..."), which makes the word part of a phrase.
+_MAIN_HEADERS = ("clinical information", "technique", "findings", "impression", "impressions", "conclusion",
+                 "conclusions")
+_MAIN_WORDS = "|".join(sorted(map(re.escape, _MAIN_HEADERS), key=len, reverse=True))
+_PHRASE_BEFORE = re.compile(r"(?<![\w-])(?:the|a|an|this|that|these|those|its|their|our|his|her|prior|previous|of|in|"
+                            r"on|to|for|with|from|no|and|or)[ \t]+$", re.IGNORECASE)
 # A dash after a header: an en/em dash, or a hyphen standing free ("Findings - ...", not "findings-based")
 _DASH = r"(?:[\u2013\u2014]|-(?=[ \t]|$))"
 # A header: at a line start (colon optional; or a dash, "Findings - ...", or a period ending the line,
-# "Findings.") or with a colon, opening a sentence or capitalised ("... normal. impression: ...", "... normal
-# Impression: ..."; inside a lower-case clause a header word with a colon is prose, "changes related to the prior
+# "Findings.") or with a colon, opening a sentence (after . ! ? ; with or without a space, or after a " or •
+# item separator) or capitalised ("... normal. impression: ...", "effusion.impression: ...", "... normal
+# Impression: ..."; a main section's name also after another header's text on its line, ``_MAIN_HEADERS``; inside a lower-case clause a header word with a colon is prose, "changes related to the prior
 # procedure: sternotomy wires", and took the findings after it into another section); a colon-less one at a line start must be followed by a capital letter
 # (case-sensitive inside the IGNORECASE pattern: "Comparison with the prior study shows ..." and "History of
 # smoking ..." are sentences, not headers); a colon-less inline header must be in capitals
@@ -68,10 +80,11 @@ _DASH = r"(?:[\u2013\u2014]|-(?=[ \t]|$))"
 _HEADER = re.compile(
     rf"(?:^|(?<=\n))[ \t]*(?P<a>{_HEADER_WORDS})[ \t]*"
     rf"(?::|{_DASH}|\.?[ \t]*(?:\n|$)|(?=[ \t]+(?-i:[A-Z])))"
-    rf"|(?:(?<=[.!?;])[ \t]+|(?<![\w-])(?=(?-i:[A-Z])))(?P<b>{_HEADER_WORDS})[ \t]*:"
+    rf"|(?:(?<=[.!?;\"•·])[ \t]*|(?<![\w-])(?=(?-i:[A-Z])))(?P<b>{_HEADER_WORDS})[ \t]*:"
     rf"|(?<![\w-])(?P<c>(?-i:{_HEADER_WORDS.upper()}))(?![\w-])(?:[ \t]*(?::|{_DASH}))?"
     rf"|(?<=[.!?])[ \t]+(?P<d>{_HEADER_WORDS})[ \t]*{_DASH}"
-    rf"|(?:^|(?<=[.!?])[ \t]+)[ \t]*(?P<e>{_COLON_WORDS})[ \t]*:",
+    rf"|(?:^|(?<=[.!?])[ \t]+)[ \t]*(?P<e>{_COLON_WORDS})[ \t]*:"
+    rf"|(?<![\w-])(?P<f>{_MAIN_WORDS})[ \t]*:",
     re.IGNORECASE | re.MULTILINE,
 )
 #: In text typed mostly in capitals a header word's case says nothing ("... IN KEEPING WITH HISTORY OF SARCOIDOSIS",
@@ -109,7 +122,7 @@ def _set_off(lines: str, m: re.Match) -> bool:
     """True if the header ``m`` is set off by a colon or a dash, or stands alone on its line, or opens its line or
     its sentence and a full stop, a semicolon or a tab follows it ("HISTORY. COUGH. FINDINGS. NO NODULE.", "FINDINGS\tNO
     EFFUSION"); a header word that ends a sentence ("... SINCE THE PROCEDURE.") is prose."""
-    name = next(g for g in "abcde" if m[g])
+    name = next(g for g in "abcdef" if m[g])
     if _SET_OFF.match(lines, m.end(name)):
         return True
     if _STOP_OR_TAB.match(lines, m.end(name)) and _OPENS.search(lines, 0, m.start(name)):
@@ -120,6 +133,19 @@ def _set_off(lines: str, m: re.Match) -> bool:
             and not lines[m.end(name): len(lines) if line_end < 0 else line_end].strip(" \t."))
 
 
+def _inline_heads(lines: str, matches: Iterator[re.Match]) -> list[re.Match]:
+    """The header matches, less a main section's name inside a line (``_MAIN_HEADERS``) that follows no header of its
+    own line or follows a determiner or a preposition: "findings: effusion impression: none" opens two sections,
+    "the impression: ..." none."""
+    heads: list[re.Match] = []
+    for m in matches:
+        if m["f"] and (not heads or "\n" in lines[heads[-1].end(): m.start()]
+                       or _PHRASE_BEFORE.search(lines[max(0, m.start() - 20): m.start()])):
+            continue
+        heads.append(m)
+    return heads
+
+
 def split_free_text(text: str) -> dict[str, str]:
     """Sections of one free-text report (headers first, then the findings/impression separator)."""
     if "\t" in text:
@@ -127,13 +153,13 @@ def split_free_text(text: str) -> dict[str, str]:
     lines = normalise_lines(text)
     out = dict.fromkeys(SECTIONS, "")
     low = lines.lower()
-    heads = list(_HEADER.finditer(lines)) if any(w in low for w in _ALL_HEADERS) else []  # the scan is slow; most texts have no header
+    heads = _inline_heads(lines, _HEADER.finditer(lines)) if any(w in low for w in _ALL_HEADERS) else []  # the scan is slow; most texts have no header
     if heads and _mostly_upper(lines):
         heads = [m for m in heads if _set_off(lines, m)]
     if heads:
         pre = lines[: heads[0].start()]
         for i, m in enumerate(heads):
-            name = _ALL_HEADERS[(m["a"] or m["b"] or m["c"] or m["d"] or m["e"]).lower()]
+            name = _ALL_HEADERS[(m["a"] or m["b"] or m["c"] or m["d"] or m["e"] or m["f"]).lower()]
             end = heads[i + 1].start() if i + 1 < len(heads) else len(lines)
             body = _clean(lines[m.end(): end])
             out[name] = f"{out[name]} {body}".strip() if out[name] else body

@@ -421,6 +421,22 @@ def test_a_run_on_sentence_is_read_in_stretches_of_at_most_max_sentence_tokens()
     assert len(ms) == 2 and ms[0].sentence == 0 and ms[1].sentence == 1
 
 
+
+@pytest.mark.parametrize("filler", ["mild emphysema in the right upper lobe ,", "the heart size is normal",
+                                    "no nodule , the aorta is normal ,"])
+@pytest.mark.parametrize("n", [390, 392, 394, 396, 398, 420])
+def test_a_run_on_sentence_is_not_cut_inside_an_open_negation(filler, n):
+    """The cut used to fall after the list's last comma, and the items after it read as present."""
+    from ctprep.reports.pipeline import MAX_SENTENCE_TOKENS, ReportParser
+    words = (filler.split() * n)[:n]
+    text = " ".join(words) + " no consolidation, pleural effusion, atelectasis, or emphysema."
+    sents = ReportParser().nlp(text).user_data["sents"]
+    assert len(sents) >= 2 and all(b - a <= MAX_SENTENCE_TOKENS for a, b, *_ in sents)
+    tail = [m for m in parse_report(text).mentions if m.start > len(text) - 65]
+    assert [m.label for m in tail] == ["Consolidation", "Pleural effusion", "Atelectasis", "Emphysema"]
+    assert all(m.status == "negated" for m in tail)
+
+
 def test_pipe_matches_parse_and_factory_is_cached():
     texts = ["Emphysema in both lungs.", "No emphysema.", {"findings": "Cardiomegaly."}]
     parser = ReportParser()
@@ -478,6 +494,25 @@ def test_a_lone_surrogate_is_replaced_not_fatal(tmp_path, repo_config):
     assert evaluate(ref)["micro_f1"] == 1.0
 
 
+def test_an_empty_report_in_a_jsonl_file_is_one_error_row_not_the_end_of_the_file(monkeypatch, caplog, tmp_path):
+    """One empty row stopped the whole file with status 2 and no output at all."""
+    monkeypatch.chdir(tmp_path)
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "findings": "Mild emphysema."}, {"id": "b", "findings": "", "impression": None},
+        {"id": "c", "text": "Small right pleural effusion."}, {"text": "  "}]) + "\n")
+    assert main(["parse-report", "--jsonl", str(src), str(dst)]) == 0
+    err = caplog.text  # a warning: on stderr from the command line
+    assert f"{src}:2" in err and f"{src}:4" in err and "empty" in err and f"{src}:1" not in err
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [r.get("id") for r in rows] == ["a", "b", "c", None]  # one row out for each row in, in order
+    assert rows[0]["labels"]["Emphysema"] == 1 and rows[2]["labels"]["Pleural effusion"] == 1
+    for row in rows[1], rows[3]:
+        assert row["error"] == "the report text is empty" and row["labels"] == {} and row["mentions"] == []
+        assert row["prompts"]["structured"] is None and set(row) >= {"sections", "mentions", "labels", "prompts"}
+    assert "error" not in rows[0] and rows[0]["prompts"]["structured"] != NO_FINDINGS
+
+
 def test_field_names_are_read_in_any_case():
     """A report keyed "Findings" read as empty: no label, and the prompt "no acute findings"."""
     s = split_sections({"FINDINGS": "Moderate cardiomegaly.", "Impression": "Cardiomegaly.", "Clinical Information": "Dyspnoea."})
@@ -496,7 +531,7 @@ def test_cli_refuses_an_input_without_report_text(monkeypatch, capsys, tmp_path)
     err = capsys.readouterr().err
     assert f"{src}:2: no report field" in err and "Findings_EN" in err and len(err.strip().splitlines()) == 1
     for doc in ({"id": 3, "findings": "  ", "impression": "Not given."}, {"id": 4, "text": ""}):
-        src.write_text(json.dumps(doc) + "\n")
+        src.write_text(json.dumps(doc) + "\n")  # a file of nothing but empty reports
         assert main(["parse-report", "--jsonl", str(src), str(dst)]) == 2
         assert f"{src}:1: the report text is empty" in capsys.readouterr().err
     for stdin in (" \n", '{"id": 5, "Findings": ""}'):
@@ -664,3 +699,72 @@ def test_the_first_structured_item_is_never_cut_and_is_counted(caplog):
     cohort = pd.DataFrame([{"VolumeName": "v", "split": "train", "age": 60, "sex": "male", "impression": "Nodule."}])
     build_prompts(cohort, {}, max_chars=10, structured={"v": first})
     assert "1 prompts keep a first sentence longer than prompts.max_chars" in caplog.text
+
+
+@pytest.mark.parametrize("text,expected", [
+    # after its finding, with no other finding in its clause, a two-way trigger looks back, whatever follows it
+    ("Pericardial effusion ruled out by echo.", [("Pericardial effusion", "negated")]),
+    ("Pleural effusion excluded by this study.", [("Pleural effusion", "negated")]),
+    ("Pleural effusion absent bilaterally.", [("Pleural effusion", "negated")]),
+    ("Pleural effusion absent today.", [("Pleural effusion", "negated")]),
+    ("Consolidation unlikely given the clinical picture.", [("Consolidation", "negated")]),
+    # a conjunction starts another clause: the finding after it is not the trigger's
+    ("Pleural effusion is absent but emphysema is noted.", [("Pleural effusion", "negated"), ("Emphysema", "present")]),
+    ("Pleural effusion absent and emphysema present.", [("Pleural effusion", "negated"), ("Emphysema", "present")]),
+    ("Pleural effusion absent with emphysema noted.", [("Pleural effusion", "negated"), ("Emphysema", "present")]),
+    # before a thing that is no finding, it denies that thing, not a finding in a later clause
+    ("Absent right kidney with pleural effusion.", [("Pleural effusion", "present")]),
+    ("Absent left kidney, pleural effusion.", [("Pleural effusion", "present")]),
+    # "may be" before a predicate other than existence hedges that predicate, as before
+    ("Pleural effusion may be due to heart failure.", [("Pleural effusion", "present")]),
+    # ... while the readings the two-way triggers were made for stay
+    ("Absent pleural effusion.", [("Pleural effusion", "negated")]),
+    ("Atelectasis may be present.", [("Atelectasis", "uncertain")]),
+    ("Effusion absent, emphysema.", [("Pleural effusion", "negated"), ("Emphysema", "present")]),
+    ("Ruled out pleural effusion.", [("Pleural effusion", "negated")]),
+    ("Excluded pleural effusion.", [("Pleural effusion", "negated")]),
+])
+def test_a_two_way_trigger_looks_back_unless_a_finding_follows_in_its_clause(text, expected):
+    assert [(m.label, m.status) for m in parse_report(text).mentions] == expected
+
+
+@pytest.mark.parametrize("text,first,second", [
+    ("Atelectasis is less likely than consolidation.", "Atelectasis", "Consolidation"),
+    ("Consolidation less likely than atelectasis in the lower lobes.", "Consolidation", "Atelectasis"),
+])
+def test_less_likely_than_compares_two_findings_and_denies_neither(text, first, second):
+    """Both candidates of a comparison are hedged; the likelier one was read as negated."""
+    assert statuses(text, first) == ["uncertain"] and statuses(text, second) == ["uncertain"]
+
+
+def test_section_names_typed_on_one_lower_case_line_each_open_their_section():
+    s = split_sections("clinical information: cough findings: pleural effusion and emphysema impression: effusion")
+    assert (s["clinical_information"], s["findings"], s["impression"]) == (
+        "cough", "pleural effusion and emphysema", "effusion")
+    labels = parse_report("clinical information: cough findings: pleural effusion and emphysema impression: effusion").labels
+    assert labels["Pleural effusion"] == 1 and labels["Emphysema"] == 1
+    s = split_sections("technique: non-contrast ct findings: nodule conclusion: nodule")
+    assert (s["technique"], s["findings"], s["impression"]) == ("non-contrast ct", "nodule", "nodule")
+
+
+@pytest.mark.parametrize("text", [
+    "findings: pleural effusion.impression: emphysema.",
+    'findings: pleural effusion " impression: emphysema.',
+    "findings: pleural effusion \u2022 impression: emphysema.",
+])
+def test_a_lower_case_header_right_after_a_full_stop_or_an_item_mark_opens_its_section(text):
+    s = split_sections(text)
+    assert s["findings"].startswith("pleural effusion") and s["impression"] == "emphysema."
+
+
+@pytest.mark.parametrize("text", [
+    "Findings: changes related to the prior procedure: sternotomy wires. Small pleural effusion.",
+    "Findings: postoperative changes, history: lobectomy. Small pleural effusion.",
+    "findings: pleural effusion. the impression: emphysema is kept",
+    "findings: emphysema as in the findings: of last year. Small pleural effusion.",
+])
+def test_a_section_name_after_another_header_on_its_line_stays_prose_inside_a_phrase(text):
+    """Only a main section's name, and not one a determiner or preposition ties to the words before it."""
+    s = split_sections(text)
+    assert not s["technique"] and not s["clinical_information"] and not s["impression"]
+    assert parse_report(text).labels["Pleural effusion"] == 1
