@@ -570,6 +570,8 @@ _CLAUSE_ENDS = {",", ";", ":", ".", "!", "?", "(", ")", "and", "or", "nor", "but
 #: before another predicate they hedge that predicate, not the finding ("Pleural effusion may be due to heart
 #: failure") and stay the pre-trigger they always were.
 _COPULAR_HEDGES = {"may be"}
+#: clause ends that join list items rather than clauses
+_LIST_JOINERS = {"and", "or", "nor"}
 
 
 def _triggers(doc: Doc, sent: Span, spans: list[Span], mention_starts: list[int]) -> list[Span]:
@@ -603,6 +605,17 @@ def _triggers(doc: Doc, sent: Span, spans: list[Span], mention_starts: list[int]
             clause_end = next((j for j in range(t.end, sent.end) if doc[j].lower_ in _CLAUSE_ENDS), sent.end)
             i = bisect.bisect_left(mention_starts, t.end)
             pre = i < len(mention_starts) and mention_starts[i] < clause_end
+            if not pre:
+                # a trigger that opens its clause has nothing to look back to: it reads forward past a coordinating
+                # "and"/"or" ("Ruled out pleural and pericardial effusion", whose mention starts at "effusion";
+                # "Excluded pneumothorax or pleural effusion"), not past a stronger clause end ("Absent right kidney
+                # with pleural effusion" keeps the effusion)
+                clause_start = next((j + 1 for j in range(t.start - 1, sent.start - 1, -1)
+                                     if doc[j].lower_ in _CLAUSE_ENDS), sent.start)
+                strong_end = next((j for j in range(t.end, sent.end) if doc[j].lower_ in _CLAUSE_ENDS
+                                   and doc[j].lower_ not in _LIST_JOINERS), sent.end)
+                before = bisect.bisect_left(mention_starts, clause_start) < bisect.bisect_left(mention_starts, t.start)
+                pre = not before and i < len(mention_starts) and mention_starts[i] < strong_end
             if not pre and t.text.lower() in _COPULAR_HEDGES and t.end < clause_end:
                 nxt = doc[t.end].lower_
                 pre = nxt not in _EXISTENCE_PREDICATES and nxt not in V.PLACE_PREPOSITIONS

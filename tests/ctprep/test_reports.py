@@ -723,6 +723,10 @@ def test_the_first_structured_item_is_never_cut_and_is_counted(caplog):
     ("Effusion absent, emphysema.", [("Pleural effusion", "negated"), ("Emphysema", "present")]),
     ("Ruled out pleural effusion.", [("Pleural effusion", "negated")]),
     ("Excluded pleural effusion.", [("Pleural effusion", "negated")]),
+    # opening its clause, it has nothing to look back to: forward over a list joined by and/or
+    ("Ruled out pleural and pericardial effusion.", [("Pericardial effusion", "negated"), ("Pleural effusion", "negated")]),
+    ("Ruled out pneumothorax and pleural effusion.", [("Pleural effusion", "negated")]),
+    ("Lungs clear, absent consolidation or atelectasis.", [("Consolidation", "negated"), ("Atelectasis", "negated")]),
 ])
 def test_a_two_way_trigger_looks_back_unless_a_finding_follows_in_its_clause(text, expected):
     assert [(m.label, m.status) for m in parse_report(text).mentions] == expected
