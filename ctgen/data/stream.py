@@ -27,7 +27,8 @@ state to save, so resuming means re-reading (and its shuffle buffer holding) dec
 the shuffle buffer holds keys, a worker holds one batch, and samples are read from their shard by
 offset (``tarfile`` index of member headers), so peak memory is a few batches per worker (the one it
 builds and the ``PREFETCH`` it keeps ready), whatever the cohort. Shards are checked against their manifest before use: size at start (``preflight``), sha256
-when a worker first opens one (``verify``); a mismatch or a failing read names the shard.
+before a shard's first sample of the run is read, whichever epoch and worker reads it (``verify``; each shard once
+per run: the workers report what they hashed with their batches); a mismatch or a failing read names the shard.
 """
 
 from __future__ import annotations
@@ -294,23 +295,41 @@ def decode_member(name: str, data: bytes) -> Any:
     raise ShardError(f"unknown shard member type {name!r}")
 
 
-class ShardReader:
-    """Random access to samples of shards by key, through each shard's index of member offsets."""
+#: a shard file as hashed: (path, mtime_ns, size); a file rewritten since is hashed again
+FileIdent = tuple[str, int, int]
 
-    def __init__(self, shards: tuple[Shard, ...], verify: bool = True):
+
+class ShardReader:
+    """Random access to samples of shards by key, through each shard's index of member offsets.
+
+    With ``verify``, a shard is hashed when first opened unless ``verified`` (what this run hashed before, in
+    other epochs or readers) holds it; ``hashed`` lists what this reader hashed, for the caller to pass on.
+    """
+
+    def __init__(self, shards: tuple[Shard, ...], verify: bool = True, verified: frozenset[FileIdent] = frozenset()):
         self.shards, self.verify = shards, verify
         self._open: OrderedDict[int, tuple[Any, dict[str, dict[str, tuple[str, int, int]]]]] = OrderedDict()
-        self._verified: set[int] = set()
+        self._verified: set[FileIdent] = set(verified)
+        self.hashed: list[FileIdent] = []
 
     def _index(self, i: int):
         if i in self._open:
             self._open.move_to_end(i)
             return self._open[i]
         shard = self.shards[i]
-        if self.verify and i not in self._verified:
-            verify_shard(shard)
-            self._verified.add(i)
-        entry = (open(shard.url, "rb"), shard_index(shard.url))
+        fh = open(shard.url, "rb")
+        if self.verify:
+            st = os.fstat(fh.fileno())
+            ident = (shard.url, st.st_mtime_ns, st.st_size)
+            if ident not in self._verified:
+                try:
+                    verify_shard(shard)
+                except BaseException:
+                    fh.close()
+                    raise
+                self._verified.add(ident)
+                self.hashed.append(ident)
+        entry = (fh, shard_index(shard.url))
         self._open[i] = entry
         if len(self._open) > OPEN_SHARDS:
             self._open.popitem(last=False)[1][0].close()
@@ -402,25 +421,32 @@ Collate = Callable[[list[dict[str, Any]], torch.Generator], dict[str, Any]]  # s
 
 
 class PlannedBatches(torch.utils.data.IterableDataset):
-    """One epoch of one rank from micro-batch ``start``: yields (j, batch) from each worker's slot."""
+    """One epoch of one rank from micro-batch ``start``: yields (j, batch, shard files hashed) from each worker's slot."""
 
-    def __init__(self, plan: StreamPlan, epoch: int, start: int, decode: Decode, collate: Collate, verify: bool = True):
+    def __init__(self, plan: StreamPlan, epoch: int, start: int, decode: Decode, collate: Collate, verify: bool = True,
+                 verified: frozenset[FileIdent] = frozenset()):
         super().__init__()
         self.plan, self.epoch, self.start = plan, epoch, start
-        self.decode, self.collate, self.verify = decode, collate, verify
+        self.decode, self.collate, self.verify, self.verified = decode, collate, verify, verified
 
     def __iter__(self):
+        """(j, batch, shard files hashed to make it): a forked worker's own record of what it hashed ends with
+        it, so the files go back with the batches, and the next epoch's workers skip them."""
         info = torch.utils.data.get_worker_info()
         slot = info.id if info is not None else 0
         if info is not None:
             torch.set_num_threads(1)  # workers decode; the main process's threads do the maths
             blosc2.set_nthreads(1)  # one decoding thread per worker: the workers are the parallelism
-        readers = [ShardReader(s, verify=self.verify) for s in (self.plan.shards, *self.plan.parallel)]
+        readers = [ShardReader(s, verify=self.verify, verified=self.verified)
+                   for s in (self.plan.shards, *self.plan.parallel)]
         try:
             for j, items in self.plan.slot_batches(self.epoch, slot, self.start):
                 samples = [self.decode(_merged(readers, i, key)) for i, key in items]
                 gen = torch.Generator().manual_seed(_mixed_seed(self.plan.seed, self.epoch, self.plan.rank, j, 2))
-                yield j, self.collate(samples, gen)
+                hashed = [ident for reader in readers for ident in reader.hashed]
+                for reader in readers:
+                    reader.hashed.clear()
+                yield j, self.collate(samples, gen), hashed
         finally:
             for reader in readers:
                 reader.close()
@@ -447,11 +473,19 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
 
 
 def epoch_batches(plan: StreamPlan, epoch: int, start: int, decode: Decode, collate: Collate, *,
-                  pin_memory: bool = False, verify: bool = True) -> Iterator[dict[str, Any]]:
-    """The rank's micro-batches of ``epoch`` from ``start``, in order, read by ``plan.num_workers`` workers."""
-    dataset = PlannedBatches(plan, epoch, start, decode, collate, verify)
+                  pin_memory: bool = False, verify: bool = True, verified: set[FileIdent] | None = None
+                  ) -> Iterator[dict[str, Any]]:
+    """The rank's micro-batches of ``epoch`` from ``start``, in order, read by ``plan.num_workers`` workers.
+
+    With ``verify``, each shard is hashed before its first sample is read, unless ``verified`` holds it (the shard
+    files this run hashed in earlier epochs); the files hashed in this epoch are added to ``verified`` as their
+    batches arrive.
+    """
+    verified = set() if verified is None else verified
+    dataset = PlannedBatches(plan, epoch, start, decode, collate, verify, frozenset(verified))
     if plan.num_workers == 0:
-        for _, batch in dataset:
+        for _, batch, hashed in dataset:
+            verified.update(hashed)
             yield batch
         return
     # the loader's own generator: by default a DataLoader iterator draws its workers' base seed from the
@@ -474,7 +508,7 @@ def epoch_batches(plan: StreamPlan, epoch: int, start: int, decode: Decode, coll
             want += 1
             continue
         try:
-            j, batch = next(it)
+            j, batch, hashed = next(it)
         except StopIteration:
             raise RuntimeError(f"the data workers stopped before micro-batch {want} of {plan.steps_per_epoch}") from None
         except ValueError as err:
@@ -486,4 +520,5 @@ def epoch_batches(plan: StreamPlan, epoch: int, start: int, decode: Decode, coll
                              for i, _ in plan.batch_keys(epoch, jj)})
             raise RuntimeError(f"a data worker failed while preparing micro-batches {want}.. of epoch {epoch}, which "
                                f"read {', '.join(shards)}: {err}") from err
+        verified.update(map(tuple, hashed))  # the loader hands tuples over as lists
         pending[j] = batch

@@ -263,6 +263,50 @@ def test_a_run_resumed_at_an_epochs_end_checksums_the_next_epochs_shards(shards)
         list(make(ctx(epoch=1, batch=1)))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_read_only_before_the_resume_point_is_checksummed_when_a_later_epoch_reads_it(shards, workers):
+    """A run resumed mid-epoch skips the batches before its start unread: a shard all of whose samples lie there is
+    hashed by the first epoch of the run that reads it (it once went unhashed for the rest of the run)."""
+    p = plan(shards, num_workers=workers)
+    batch_shards = [{i for i, _ in p.batch_keys(0, j)} for j in range(p.steps_per_epoch)]
+    start, shard = next((s, i) for s in range(1, p.steps_per_epoch)
+                        for i in set().union(*batch_shards[:s]) - set().union(*batch_shards[s:]))
+    url = p.shards[shard].url
+    data = bytearray(Path(url).read_bytes())
+    data[700] ^= 0xFF  # same size: only the checksum can tell
+    Path(url).write_bytes(bytes(data))
+    make = batches.streamed([shards["manifest"]], batches.volume_decode(WINDOW), batches.tokenizer_collate(1), buffer=4)
+    assert len(list(make(ctx(epoch=0, start=start, workers=workers)))) == p.steps_per_epoch - start
+    with pytest.raises(ShardError, match=rf"{Path(url).name} does not match its checksum"):
+        list(make(ctx(epoch=1, workers=workers)))  # one process, one rank: every shard is read in every epoch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_shard_is_hashed_once_per_run(shards, workers, tmp_path, monkeypatch):
+    """Hashing reads the whole shard (2 GB at CT-RATE's 64 volumes a shard): once a run, not once an epoch; and with
+    2 workers a shard the uneven split leaves unread in epoch 0 is hashed when a later epoch reads it."""
+    from ctgen.data import stream
+
+    p = plan(shards, num_workers=workers)
+    first = {i for j in range(p.steps_per_epoch) for i, _ in p.batch_keys(0, j)}
+    assert len(first) == (len(p.shards) if workers == 0 else len(p.shards) - 1)  # what the test is about
+
+    log = tmp_path / "hashed.txt"
+    hash_shard = stream.verify_shard
+
+    def counted(shard):  # forked workers inherit it and append to the same file
+        with open(log, "a") as fh:
+            fh.write(shard.url + "\n")
+        hash_shard(shard)
+
+    monkeypatch.setattr(stream, "verify_shard", counted)
+    make = batches.streamed([shards["manifest"]], batches.volume_decode(WINDOW), batches.tokenizer_collate(1), buffer=4)
+    for epoch in range(3):
+        list(make(ctx(epoch=epoch, workers=workers)))
+    hashed = log.read_text().split()
+    assert sorted(hashed) == sorted(s.url for s in load_shards([shards["manifest"]]))  # each once, all of them
+
+
 def test_too_few_shards_for_the_ranks_says_what_to_do(shards):
     with pytest.raises(ValueError) as err:
         plan(shards, world_size=8, rank=0, num_workers=0)
