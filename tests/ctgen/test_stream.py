@@ -185,6 +185,44 @@ def test_unknown_labels_are_nan(shards):
     assert len(values) == 16 and values["train_a1_a_1"][17] == 255
 
 
+def _member_offset(url: str, member: str) -> int:
+    import tarfile
+
+    with tarfile.open(url) as tf:
+        return tf.getmember(member).offset_data
+
+
+@pytest.mark.parametrize("damage", ["label", "truncated"])
+def test_member_values_refuses_a_changed_shard(shards, damage):
+    """Labels for pos_weight, TSTR and pairing, spacings of a resize preset: a flipped label byte read back as 255
+    (unknown), a truncated shard failed inside tarfile."""
+    shard = load_shards([shards["manifest"]])[3]
+    data = bytearray(Path(shard.url).read_bytes())
+    if damage == "label":
+        data[_member_offset(shard.url, f"{shard.keys[0]}.labels.npy") + 128] ^= 0xFF  # the first label (after the header)
+    else:
+        data = data[:-1536]
+    Path(shard.url).write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"{Path(shard.url).name} does not match its checksum"):
+        dict(member_values(load_shards([shards["manifest"]]), "labels.npy"))
+
+
+def test_member_values_names_the_shard_and_sample_that_do_not_decode(shards):
+    import json
+
+    from ctprep.shards import sha256_file
+
+    shard = load_shards([shards["manifest"]])[3]
+    data = bytearray(Path(shard.url).read_bytes())
+    data[_member_offset(shard.url, f"{shard.keys[1]}.labels.npy")] ^= 0xFF  # the npy magic
+    Path(shard.url).write_bytes(bytes(data))
+    meta = json.loads(Path(shards["manifest"]).read_text())  # the shard written so, not changed since
+    next(s for s in meta["shards"] if s["file"].endswith(Path(shard.url).name))["sha256"] = sha256_file(shard.url)
+    Path(shards["manifest"]).write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match=rf"{Path(shard.url).name}: reading sample '{shard.keys[1]}' failed"):
+        dict(member_values(load_shards([shards["manifest"]]), "labels.npy"))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_changed_shard_is_named(shards, workers):
     shard = load_shards([shards["manifest"]])[3]
