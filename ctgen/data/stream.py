@@ -109,14 +109,29 @@ class Shard:
 
 
 def load_shards(manifests: list[str | os.PathLike]) -> list[Shard]:
-    """The shards of ``manifests`` (volume shards, or derived ones), in manifest order (the plan's starting point)."""
+    """The shards of ``manifests`` (volume shards, or derived ones), in manifest order (the plan's starting point).
+
+    A shard or a key listed twice is refused: the same manifest given twice (or by another spelling of its path),
+    or a chunk's manifest beside the merged one, read every sample of it twice an epoch, without a word.
+    """
     shards = []
+    by_path: dict[str, str] = {}  # resolved shard path -> the manifest listing it
+    by_key: dict[str, str] = {}  # key -> its shard
     for manifest in manifests:
         path = Path(manifest)
         meta = load_derived(path) if is_derived(path) else load_manifest(path)
         for s in meta["shards"]:
-            shards.append(Shard(str((path.parent / s["file"]).resolve()), tuple(s["keys"]), s["sha256"],
-                                int(s["bytes"]), str(path), s.get("source_sha256")))
+            url = str((path.parent / s["file"]).resolve())
+            if url in by_path:
+                raise ShardError(f"{url} is in more than one shard manifest ({by_path[url]} and {path}; the same "
+                                 "manifest twice, or a chunk's manifest beside the merged one): give each manifest once")
+            by_path[url] = str(path)
+            for key in s["keys"]:
+                if key in by_key:
+                    raise ShardError(f"key {key} is in more than one shard manifest ({by_key[key]} and {url}): give "
+                                     "each sample once")
+                by_key[key] = url
+            shards.append(Shard(url, tuple(s["keys"]), s["sha256"], int(s["bytes"]), str(path), s.get("source_sha256")))
     return shards
 
 

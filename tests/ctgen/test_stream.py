@@ -345,6 +345,23 @@ def test_each_shard_is_hashed_once_per_run(shards, workers, tmp_path, monkeypatc
     assert sorted(hashed) == sorted(s.url for s in load_shards([shards["manifest"]]))  # each once, all of them
 
 
+def test_a_manifest_or_sample_given_twice_is_refused(shards, tmp_path):
+    """It read every sample of it twice an epoch without a word (pairing refused it; training did not)."""
+    import shutil
+
+    merged, chunk = Path(shards["manifest"]), Path(shards["chunks"][0])
+    respelt = merged.parent / "ca" / ".." / merged.name  # the same file by another path
+    copy = tmp_path / "copy"
+    shutil.copytree(chunk.parent, copy)  # other files, the same keys
+    for twice in ([merged, merged], [merged, respelt], [chunk, merged], [chunk, copy / chunk.name]):
+        with pytest.raises(ShardError, match="is in more than one shard manifest") as err:
+            batches.streamed([str(m) for m in twice], batches.volume_decode(WINDOW), batches.tokenizer_collate(1))
+        assert "\n" not in str(err.value)
+    assert "key train_a0_a_1 is in" in str(err.value)  # the copy: its own files, the keys of the chunk
+    make = batches.streamed([str(m) for m in shards["chunks"]], batches.volume_decode(WINDOW), batches.tokenizer_collate(1))
+    assert make.n_samples == 16  # the chunks side by side are the split once
+
+
 def test_too_few_shards_for_the_ranks_says_what_to_do(shards):
     with pytest.raises(ValueError) as err:
         plan(shards, world_size=8, rank=0, num_workers=0)
