@@ -41,6 +41,9 @@ def streamed(manifests: list[str], decode: Decode, collate: Collate, *, parallel
     volume); a micro-batch of ``ctx.batch_size`` items then reads ``batch_size / items_per_sample`` samples.
     """
     shards = load_shards(manifests)
+    if not any(s.keys for s in shards):  # the plan's advice (smaller shards, fewer ranks) would not help
+        raise ValueError(f"{', '.join(map(str, manifests))} list{'s' if len(manifests) == 1 else ''} no samples: "
+                         "an empty split (its cohort, or the chunks written for it, held none)")
     extra = [load_shards(p) for p in parallel or []]
     for other in extra:
         _check_parallel(shards, other)

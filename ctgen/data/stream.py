@@ -176,6 +176,8 @@ class StreamPlan:
     def __post_init__(self):
         if self.batch_size < 1 or self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"bad plan: batch_size={self.batch_size}, rank {self.rank} of {self.world_size}")
+        if not self.total_samples:
+            raise ValueError("the shards hold no samples: an empty split")
         if len(self.shards) < self.world_size * self.slots:
             smaller = f"write smaller shards (shards.shard_size at most {max(self.total_samples // (self.world_size * self.slots), 1)})"
             raise ValueError(f"{len(self.shards)} shards cannot feed {self.world_size} ranks x {self.slots} data workers: "

@@ -370,6 +370,17 @@ def test_too_few_shards_for_the_ranks_says_what_to_do(shards):
         plan(shards, world_size=2, rank=0, num_workers=4)
 
 
+def test_an_empty_split_is_named_as_such(tmp_path):
+    """It was told to write smaller shards (shards.shard_size at most 1) or use fewer ranks."""
+    write_shards([], tmp_path, "test", shard_size=2, split="test")
+    manifest = str(tmp_path / "test.manifest.json")
+    with pytest.raises(ValueError) as err:
+        list(batches.streamed([manifest], batches.volume_decode(WINDOW), batches.tokenizer_collate(1))(ctx()))
+    assert str(err.value).startswith(f"{manifest} lists no samples") and "shard_size" not in str(err.value)
+    with pytest.raises(ValueError, match="the shards hold no samples"):
+        StreamPlan((), batch_size=1)
+
+
 def test_derived_shards_travel_alongside(shards, tmp_path):
     samples = [{"__key__": k, "recon.npy": np.full((2, 2, 2), 0.5, np.float16)}
                for k, _ in iter_raw_samples(shards["manifest"])]
