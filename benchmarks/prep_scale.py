@@ -128,7 +128,7 @@ elif what == "read":
             assert float(x.min()) >= -1 and float(x.max()) <= 1
         out[name] = n / best
         out[name + "_cpu"] = n / cpu
-    # the training jobs' reader: the planned stream (indexed tar, checksums off after the first epoch),
+    # the training jobs' reader: the planned stream (indexed tar, checksums off: a run hashes each shard once),
     # decoded to the model's (1, D, H, W) float32 in [-1, 1], one volume per micro-batch, no worker
     make = batches.streamed([manifest], batches.volume_decode((-1000, 1000)), lambda samples, gen: samples[0],
                             verify=False)

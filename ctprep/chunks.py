@@ -6,7 +6,9 @@ each chunk is an independent job that Slurm can place anywhere.
 Each volume is read once, preprocessed once and encoded once: ``prep`` writes its lossless
 payload (``<key>.b2nd``, see :mod:`ctprep.codec`) and its geometry and history go into the chunk
 table; ``shards`` packs those bytes as they are beside prompts, labels and meta (no decode, no
-re-encode), so a prompt edit reruns only the cheap packing.
+re-encode), so a prompt edit reruns the cheap packing, not ``prep``. The shards it rewrites hold the
+prompts, though: their checksums change, and every model trained on them retrains (the tokenizer and
+autoencoder too, although they read no prompt).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ctprep import ctrate
 from ctprep.codec import decode_volume
 from ctprep.shards import VOLUME_MEMBER, ShardError, load_manifest, sha256_file
 from ctprep.volume import Volume, save_nifti
@@ -23,12 +24,13 @@ from ctprep.volume import Volume, save_nifti
 def read_sample(manifest_path: str | os.PathLike, key: str, check: bool = True) -> dict[str, Any]:
     """One sample of a manifest, decoded: ``{"key", "volume": Volume, "labels", "prompt", "prompts", "meta"}``.
 
-    ``key`` is a sample key or a CT-RATE ``VolumeName`` (``train_1_a_1.nii.gz``). With ``check``
-    the shard holding it is hashed against the manifest first (a refused shard is named).
+    ``key`` is a sample key or a CT-RATE ``VolumeName`` (``train_1_a_1.nii.gz``), also as its file is named
+    (``train_1_a_1_fixed.nii.gz``): the cohort keys every volume by :func:`ctrate.volume_name`, and so does this.
+    With ``check`` the shard holding it is hashed against the manifest first (a refused shard is named).
     """
     manifest_path = Path(manifest_path)
     manifest = load_manifest(manifest_path)
-    key = key.split(".nii")[0]
+    key = ctrate.volume_key(ctrate.volume_name(key))
     shard = next((s for s in manifest["shards"] if key in s["keys"]), None)
     if shard is None:
         raise ShardError(f"{manifest_path.name}: no sample {key!r} in {manifest['n_samples']} samples")

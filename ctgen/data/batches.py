@@ -41,12 +41,18 @@ def streamed(manifests: list[str], decode: Decode, collate: Collate, *, parallel
     volume); a micro-batch of ``ctx.batch_size`` items then reads ``batch_size / items_per_sample`` samples.
     """
     shards = load_shards(manifests)
+    if not any(s.keys for s in shards):  # the plan's advice (smaller shards, fewer ranks) would not help
+        raise ValueError(f"{', '.join(map(str, manifests))} list{'s' if len(manifests) == 1 else ''} no samples: "
+                         "an empty split (its cohort, or the chunks written for it, held none)")
     extra = [load_shards(p) for p in parallel or []]
     for other in extra:
         _check_parallel(shards, other)
     for s in (shards, *extra):
         preflight(s)
-    first_epoch: list[int] = []
+    # the shard files hashed in this run: each is hashed before its first sample of the run is read, whichever epoch
+    # that is (a run resumed mid-epoch skips the shards of the batches before its start, and the uneven split leaves a
+    # few unread in an epoch), and not again (a file changed since, by its date or size, is hashed afresh)
+    verified: set = set()
     reported: list[int] = []
 
     def make(ctx) -> Iterator[dict]:
@@ -60,11 +66,8 @@ def streamed(manifests: list[str], decode: Decode, collate: Collate, *, parallel
                              "items made of each sample")
         plan = StreamPlan(tuple(shards), ctx.batch_size // items_per_sample, ctx.seed, ctx.world_size, ctx.rank, workers, buffer,
                           tuple(tuple(p) for p in extra))
-        if not first_epoch and ctx.start < plan.steps_per_epoch:  # a run resumed at an epoch's end reads the next one
-            first_epoch.append(ctx.epoch)
-        # checksums in this run's first epoch (each worker hashes its shards before reading them)
         return epoch_batches(plan, ctx.epoch, ctx.start, decode, collate, pin_memory=ctx.device.type == "cuda",
-                             verify=verify and bool(first_epoch) and ctx.epoch == first_epoch[0])
+                             verify=verify, verified=verified)
 
     make.resumes_at_start = True  # the loop may pass ctx.start instead of replaying batches
     make.n_samples = sum(len(s.keys) for s in shards)

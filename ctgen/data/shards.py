@@ -1,7 +1,9 @@
 """Model-side reading of the ctprep shards (the layout change to (C, D, H, W) is in ``ctgen.data.layout``).
 
-Samples are read with webdataset's stock reader (``webdataset.WebDataset(...).decode()``), so a
-training job can swap in its own pipeline stages (node/worker splitting, batching) unchanged.
+Samples are read with webdataset's stock stages (``tarfile_to_samples``, ``select``, ``decode``,
+``shuffle`` in a ``DataPipeline``), behind one of ours on the shard list: each shard is hashed against
+its manifest as the reader reaches it (the volume codec has no checksum: a flipped byte decoded to
+wrong voxels without a word), and a failing read raises :class:`ShardError` naming the shard and sample.
 webdataset 1.x imports without torch: its ``IterableDataset`` base falls back to a stub class
 when torch is absent, so this module needs neither torch nor CUDA.
 """
@@ -22,7 +24,7 @@ import numpy as np
 import webdataset as wds
 
 from ctprep.errors import existing_file
-from ctprep.shards import VOLUME_MEMBER, ShardError, load_manifest, verify_manifest, volume_decoder
+from ctprep.shards import VOLUME_MEMBER, ShardError, load_manifest, sha256_file, verify_manifest, volume_decoder
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +33,15 @@ UNKNOWN_LABEL = 255  # a blank label cell in the dataset: unknown, not negative
 
 def shard_urls(manifest_path: str | os.PathLike, keys: set[str] | None = None) -> list[str]:
     """Absolute paths of the manifest's shards, in manifest order; with ``keys``, only those listing one of them."""
+    return list(_listed(manifest_path, keys))
+
+
+def _listed(manifest_path: str | os.PathLike, keys: set[str] | None = None) -> dict[str, str]:
+    """{absolute shard path: its sha256} of :func:`shard_urls`."""
     manifest_path = Path(manifest_path)
     manifest = load_manifest(manifest_path)
-    return [str((manifest_path.parent / s["file"]).resolve()) for s in manifest["shards"]
-            if keys is None or not keys.isdisjoint(s["keys"])]
+    return {str((manifest_path.parent / s["file"]).resolve()): s["sha256"] for s in manifest["shards"]
+            if keys is None or not keys.isdisjoint(s["keys"])}
 
 
 def iter_samples(
@@ -56,20 +63,50 @@ def iter_samples(
     (a full-size scan is ~150 MB decoded).
     """
     keys = None if keys is None else set(keys)
-    urls = shard_urls(manifest_path, keys)  # the manifest read once
+    checksums = _listed(manifest_path, keys)  # the manifest read once
+    urls = list(checksums)
     if not urls:
-        return  # an empty split, or no shard holds a wanted key; WebDataset would raise on an empty shard list
+        return  # an empty split, or no shard holds a wanted key; webdataset would raise on an empty shard list
     if shuffle:
         random.Random(seed).shuffle(urls)
-    # shardshuffle=False: shard order is ours (manifest order, or the seeded shuffle above).
-    # nodesplitter=None: every process reads every shard (this reader is for evaluation and inspection)
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None)
+    where: dict[str, str | None] = {"url": urls[0], "key": None}
+
+    def hashed(src):
+        """Each shard hashed as the reader reaches it (once: the whole file; a shard never reached is not read)."""
+        for item in src:
+            where["url"], where["key"] = item["url"], None
+            if sha256_file(item["url"]) != checksums[item["url"]]:
+                raise ShardError(f"{item['url']} does not match its checksum in {manifest_path}: the file changed "
+                                 "after it was written (re-create the shards, or restore the file)")
+            yield item
+
+    def noted(sample):
+        where["key"] = sample["__key__"]
+        return sample
+
+    # shard order is ours (manifest order, or the seeded shuffle above), and every process reads every shard (no node
+    # or worker split: this reader is for evaluation and inspection)
+    stages = [wds.SimpleShardList(urls), hashed, wds.tarfile_to_samples(), wds.map(noted)]
     if keys is not None:  # on the raw members, ahead of the decoder
-        dataset = dataset.select(lambda sample: sample["__key__"] in keys)
-    dataset = dataset.decode(volume_decoder)
+        stages.append(wds.select(lambda sample: sample["__key__"] in keys))
+    stages.append(wds.decode(volume_decoder))
     if shuffle and buffer > 1:
-        dataset = dataset.shuffle(buffer, initial=buffer, seed=seed)
-    for sample in dataset:
+        stages.append(wds.shuffle(buffer, initial=buffer, seed=seed))
+    samples = iter(wds.DataPipeline(*stages))
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            return
+        except ShardError:
+            raise
+        except wds.autodecode.DecodingError as err:  # its own message is empty: the cause is the one to tell
+            cause = err.__cause__
+            raise ShardError(f"{err.url}: sample {err.key!r}, member {err.k!r} does not decode: "
+                             f"{type(cause).__name__}: {cause}") from err
+        except Exception as err:  # a read failure of the tar itself (the file went after it was hashed)
+            after = f"after sample {where['key']!r}" if where["key"] else "at its start"
+            raise ShardError(f"{where['url']}: reading failed {after}: {type(err).__name__}: {err}") from err
         yield {
             "key": sample["__key__"],
             "volume": sample[VOLUME_MEMBER],

@@ -27,7 +27,8 @@ state to save, so resuming means re-reading (and its shuffle buffer holding) dec
 the shuffle buffer holds keys, a worker holds one batch, and samples are read from their shard by
 offset (``tarfile`` index of member headers), so peak memory is a few batches per worker (the one it
 builds and the ``PREFETCH`` it keeps ready), whatever the cohort. Shards are checked against their manifest before use: size at start (``preflight``), sha256
-when a worker first opens one (``verify``); a mismatch or a failing read names the shard.
+before a shard's first sample of the run is read, whichever epoch and worker reads it (``verify``; each shard once
+per run: the workers report what they hashed with their batches); a mismatch or a failing read names the shard.
 """
 
 from __future__ import annotations
@@ -108,14 +109,29 @@ class Shard:
 
 
 def load_shards(manifests: list[str | os.PathLike]) -> list[Shard]:
-    """The shards of ``manifests`` (volume shards, or derived ones), in manifest order (the plan's starting point)."""
+    """The shards of ``manifests`` (volume shards, or derived ones), in manifest order (the plan's starting point).
+
+    A shard or a key listed twice is refused: the same manifest given twice (or by another spelling of its path),
+    or a chunk's manifest beside the merged one, read every sample of it twice an epoch, without a word.
+    """
     shards = []
+    by_path: dict[str, str] = {}  # resolved shard path -> the manifest listing it
+    by_key: dict[str, str] = {}  # key -> its shard
     for manifest in manifests:
         path = Path(manifest)
         meta = load_derived(path) if is_derived(path) else load_manifest(path)
         for s in meta["shards"]:
-            shards.append(Shard(str((path.parent / s["file"]).resolve()), tuple(s["keys"]), s["sha256"],
-                                int(s["bytes"]), str(path), s.get("source_sha256")))
+            url = str((path.parent / s["file"]).resolve())
+            if url in by_path:
+                raise ShardError(f"{url} is in more than one shard manifest ({by_path[url]} and {path}; the same "
+                                 "manifest twice, or a chunk's manifest beside the merged one): give each manifest once")
+            by_path[url] = str(path)
+            for key in s["keys"]:
+                if key in by_key:
+                    raise ShardError(f"key {key} is in more than one shard manifest ({by_key[key]} and {url}): give "
+                                     "each sample once")
+                by_key[key] = url
+            shards.append(Shard(url, tuple(s["keys"]), s["sha256"], int(s["bytes"]), str(path), s.get("source_sha256")))
     return shards
 
 
@@ -160,6 +176,8 @@ class StreamPlan:
     def __post_init__(self):
         if self.batch_size < 1 or self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"bad plan: batch_size={self.batch_size}, rank {self.rank} of {self.world_size}")
+        if not self.total_samples:
+            raise ValueError("the shards hold no samples: an empty split")
         if len(self.shards) < self.world_size * self.slots:
             smaller = f"write smaller shards (shards.shard_size at most {max(self.total_samples // (self.world_size * self.slots), 1)})"
             raise ValueError(f"{len(self.shards)} shards cannot feed {self.world_size} ranks x {self.slots} data workers: "
@@ -294,37 +312,57 @@ def decode_member(name: str, data: bytes) -> Any:
     raise ShardError(f"unknown shard member type {name!r}")
 
 
-class ShardReader:
-    """Random access to samples of shards by key, through each shard's index of member offsets."""
+#: a shard file as hashed: (path, mtime_ns, size); a file rewritten since is hashed again
+FileIdent = tuple[str, int, int]
 
-    def __init__(self, shards: tuple[Shard, ...], verify: bool = True):
+
+class ShardReader:
+    """Random access to samples of shards by key, through each shard's index of member offsets.
+
+    With ``verify``, a shard is hashed when first opened unless ``verified`` (what this run hashed before, in
+    other epochs or readers) holds it; ``hashed`` lists what this reader hashed, for the caller to pass on.
+    """
+
+    def __init__(self, shards: tuple[Shard, ...], verify: bool = True, verified: frozenset[FileIdent] = frozenset()):
         self.shards, self.verify = shards, verify
         self._open: OrderedDict[int, tuple[Any, dict[str, dict[str, tuple[str, int, int]]]]] = OrderedDict()
-        self._verified: set[int] = set()
+        self._verified: set[FileIdent] = set(verified)
+        self.hashed: list[FileIdent] = []
 
     def _index(self, i: int):
         if i in self._open:
             self._open.move_to_end(i)
             return self._open[i]
         shard = self.shards[i]
-        if self.verify and i not in self._verified:
-            verify_shard(shard)
-            self._verified.add(i)
-        entry = (open(shard.url, "rb"), shard_index(shard.url))
+        fh = open(shard.url, "rb")
+        if self.verify:
+            st = os.fstat(fh.fileno())
+            ident = (shard.url, st.st_mtime_ns, st.st_size)
+            if ident not in self._verified:
+                try:
+                    verify_shard(shard)
+                except BaseException:
+                    fh.close()
+                    raise
+                self._verified.add(ident)
+                self.hashed.append(ident)
+        entry = (fh, shard_index(shard.url))
         self._open[i] = entry
         if len(self._open) > OPEN_SHARDS:
             self._open.popitem(last=False)[1][0].close()
         return entry
 
-    def read(self, i: int, key: str) -> dict[str, Any]:
-        """The sample ``key`` of shard ``i`` as {"__key__", "__url__", extension: decoded value}."""
+    def read(self, i: int, key: str, only: str | None = None) -> dict[str, Any]:
+        """The sample ``key`` of shard ``i`` as {"__key__", "__url__", extension: decoded value}; with ``only``, that
+        member alone (where the sample has it)."""
         shard = self.shards[i]
         try:
             fh, index = self._index(i)
             if key not in index:
                 raise ShardError(f"{shard.url}: key {key!r} is listed in {shard.manifest} but not in the shard")
             sample = {"__key__": key, "__url__": shard.url}
-            for ext, (name, offset, size) in index[key].items():
+            members = index[key] if only is None else {only: index[key][only]} if only in index[key] else {}
+            for ext, (name, offset, size) in members.items():
                 fh.seek(offset)
                 data = fh.read(size)
                 if len(data) != size:
@@ -342,14 +380,23 @@ class ShardReader:
         self._open.clear()
 
 
-def member_values(shards: list[Shard], name: str) -> Iterator[tuple[str, Any]]:
-    """(key, decoded member ``name``) of every sample, in manifest order, reading only that member."""
-    for shard in shards:
-        with tarfile.open(shard.url, "r:") as tf:
-            for member in tf.getmembers():
-                key, _, ext = member.name.partition(".")
-                if ext == name:
-                    yield key, decode_member(member.name, tf.extractfile(member).read())
+def member_values(shards: list[Shard], name: str, verify: bool = True) -> Iterator[tuple[str, Any]]:
+    """(key, decoded member ``name``) of every sample that has it, in manifest order, checksums verified: each shard
+    is hashed once (the whole file: a flipped byte in a label read back as 255, unknown), then only that member is
+    read, by offset. A failing read raises :class:`ShardError` naming the shard and the sample.
+
+    ``verify=False`` reads the member alone: for a job that streams the same shards afterwards and hashes each before
+    reading it (a classifier's label counts, a resize preset's spacings of the training split), where hashing here
+    would read the whole split (~1.7 TB at CT-RATE) before the first step for a few hundred bytes a sample."""
+    reader = ShardReader(tuple(shards), verify=verify)
+    try:
+        for i, shard in enumerate(shards):
+            for key in shard.keys:
+                sample = reader.read(i, key, only=name)
+                if name in sample:
+                    yield key, sample[name]
+    finally:
+        reader.close()
 
 
 def iter_raw_samples(manifests: str | os.PathLike | list, keys: set[str] | None = None
@@ -402,25 +449,32 @@ Collate = Callable[[list[dict[str, Any]], torch.Generator], dict[str, Any]]  # s
 
 
 class PlannedBatches(torch.utils.data.IterableDataset):
-    """One epoch of one rank from micro-batch ``start``: yields (j, batch) from each worker's slot."""
+    """One epoch of one rank from micro-batch ``start``: yields (j, batch, shard files hashed) from each worker's slot."""
 
-    def __init__(self, plan: StreamPlan, epoch: int, start: int, decode: Decode, collate: Collate, verify: bool = True):
+    def __init__(self, plan: StreamPlan, epoch: int, start: int, decode: Decode, collate: Collate, verify: bool = True,
+                 verified: frozenset[FileIdent] = frozenset()):
         super().__init__()
         self.plan, self.epoch, self.start = plan, epoch, start
-        self.decode, self.collate, self.verify = decode, collate, verify
+        self.decode, self.collate, self.verify, self.verified = decode, collate, verify, verified
 
     def __iter__(self):
+        """(j, batch, shard files hashed to make it): a forked worker's own record of what it hashed ends with
+        it, so the files go back with the batches, and the next epoch's workers skip them."""
         info = torch.utils.data.get_worker_info()
         slot = info.id if info is not None else 0
         if info is not None:
             torch.set_num_threads(1)  # workers decode; the main process's threads do the maths
             blosc2.set_nthreads(1)  # one decoding thread per worker: the workers are the parallelism
-        readers = [ShardReader(s, verify=self.verify) for s in (self.plan.shards, *self.plan.parallel)]
+        readers = [ShardReader(s, verify=self.verify, verified=self.verified)
+                   for s in (self.plan.shards, *self.plan.parallel)]
         try:
             for j, items in self.plan.slot_batches(self.epoch, slot, self.start):
                 samples = [self.decode(_merged(readers, i, key)) for i, key in items]
                 gen = torch.Generator().manual_seed(_mixed_seed(self.plan.seed, self.epoch, self.plan.rank, j, 2))
-                yield j, self.collate(samples, gen)
+                hashed = [ident for reader in readers for ident in reader.hashed]
+                for reader in readers:
+                    reader.hashed.clear()
+                yield j, self.collate(samples, gen), hashed
         finally:
             for reader in readers:
                 reader.close()
@@ -447,11 +501,19 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
 
 
 def epoch_batches(plan: StreamPlan, epoch: int, start: int, decode: Decode, collate: Collate, *,
-                  pin_memory: bool = False, verify: bool = True) -> Iterator[dict[str, Any]]:
-    """The rank's micro-batches of ``epoch`` from ``start``, in order, read by ``plan.num_workers`` workers."""
-    dataset = PlannedBatches(plan, epoch, start, decode, collate, verify)
+                  pin_memory: bool = False, verify: bool = True, verified: set[FileIdent] | None = None
+                  ) -> Iterator[dict[str, Any]]:
+    """The rank's micro-batches of ``epoch`` from ``start``, in order, read by ``plan.num_workers`` workers.
+
+    With ``verify``, each shard is hashed before its first sample is read, unless ``verified`` holds it (the shard
+    files this run hashed in earlier epochs); the files hashed in this epoch are added to ``verified`` as their
+    batches arrive.
+    """
+    verified = set() if verified is None else verified
+    dataset = PlannedBatches(plan, epoch, start, decode, collate, verify, frozenset(verified))
     if plan.num_workers == 0:
-        for _, batch in dataset:
+        for _, batch, hashed in dataset:
+            verified.update(hashed)
             yield batch
         return
     # the loader's own generator: by default a DataLoader iterator draws its workers' base seed from the
@@ -474,7 +536,7 @@ def epoch_batches(plan: StreamPlan, epoch: int, start: int, decode: Decode, coll
             want += 1
             continue
         try:
-            j, batch = next(it)
+            j, batch, hashed = next(it)
         except StopIteration:
             raise RuntimeError(f"the data workers stopped before micro-batch {want} of {plan.steps_per_epoch}") from None
         except ValueError as err:
@@ -486,4 +548,5 @@ def epoch_batches(plan: StreamPlan, epoch: int, start: int, decode: Decode, coll
                              for i, _ in plan.batch_keys(epoch, jj)})
             raise RuntimeError(f"a data worker failed while preparing micro-batches {want}.. of epoch {epoch}, which "
                                f"read {', '.join(shards)}: {err}") from err
+        verified.update(map(tuple, hashed))  # the loader hands tuples over as lists
         pending[j] = batch

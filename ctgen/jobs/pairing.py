@@ -303,12 +303,13 @@ class RealSet:
             self.paths = {k: str(v) for k, v in found.items()}
         else:
             from ctgen.data.stream import load_shards
+            from ctprep.shards import ShardError
 
-            for shard in load_shards([str(m) for m in self.manifests]):
-                twice = sorted(set(shard.keys) & set(self.paths))
-                if twice:  # it would be read, and scored, once per manifest
-                    raise UserError(f"--real: {twice[0]} is in more than one shard manifest "
-                                    f"({self.paths[twice[0]]} and {shard.url}); give each manifest once")
+            try:  # refuses a sample listed twice: it would be read, and scored, once per manifest
+                shards = load_shards([str(m) for m in self.manifests])
+            except ShardError as err:
+                raise UserError(f"--real: {err}") from err
+            for shard in shards:
                 self.paths.update({k: shard.url for k in shard.keys})
         self.stems = list(self.paths)
 

@@ -223,7 +223,9 @@ def train_classifier(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: 
         manifests = data_manifests(data, "manifests")
         make = batches.streamed(manifests, batches.volume_decode(hu_window(data)), collate,
                                 buffer=int(data.get("shuffle_buffer", 16)), verify=bool(data.get("verify_shards", True)))
-        labels = [labels_of({"labels.npy": v}) for _, v in member_values(load_shards(manifests), "labels.npy")]
+        # unhashed: the stream above hashes each shard before its first read (see member_values)
+        labels = [labels_of({"labels.npy": v})
+                  for _, v in member_values(load_shards(manifests), "labels.npy", verify=False)]
     else:
         make = batches.listed([{**v, "volume": torch.as_tensor(v["volume"]).float(),
                                 "labels": torch.as_tensor(v["labels"]).float()} for v in volumes], collate)

@@ -127,6 +127,72 @@ def test_iter_samples_of_some_keys_reads_and_decodes_only_theirs(tmp_path, decod
     assert list(iter_samples(tmp_path / "valid.manifest.json", keys=[])) == []
 
 
+def _flip(shard: Path, member: str, at: int = 0) -> None:
+    """Flip byte ``at`` of a member's data in place, from its end where negative (the shard keeps its size: only a
+    checksum can tell)."""
+    import tarfile
+
+    with tarfile.open(shard) as tf:
+        info = tf.getmember(member)
+    data = bytearray(shard.read_bytes())
+    data[info.offset_data + at % info.size] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def _rehash(manifest: Path, shard: Path) -> None:
+    """The manifest made to agree with the shard's bytes as they are now (a shard written wrong, not changed later)."""
+    from ctprep.shards import sha256_file
+
+    meta = json.loads(manifest.read_text())
+    for entry in meta["shards"]:
+        if entry["file"] == shard.name:
+            entry["sha256"] = sha256_file(shard)
+    manifest.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage", ["voxels", "prompt", "truncated"])
+def test_iter_samples_refuses_a_changed_shard_and_names_it(manifest, damage):
+    """The volume codec has no checksum: a flipped byte came back as wrong voxels without a word, one in a prompt as
+    webdataset's DecodingError with an empty message, a truncated shard as a tarfile ReadError."""
+    from ctprep.shards import ShardError
+
+    path, samples = manifest
+    shard = path.parent / "valid-000001.tar"
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-1536])
+    else:
+        _flip(shard, f"{samples[2]['key']}.{'vol.b2nd' if damage == 'voxels' else 'prompt.txt'}", at=-1 if damage == "voxels" else 0)
+    with pytest.raises(ShardError, match=r"valid-000001\.tar does not match its checksum") as err:
+        list(iter_samples(path))
+    assert "\n" not in str(err.value)
+
+
+def test_iter_samples_names_the_shard_sample_and_member_that_do_not_decode(manifest):
+    from ctprep.shards import ShardError
+
+    path, samples = manifest
+    shard = path.parent / "valid-000001.tar"
+    _flip(shard, f"{samples[3]['key']}.prompt.txt")  # no longer UTF-8
+    _rehash(path, shard)
+    with pytest.raises(ShardError, match=rf"valid-000001\.tar: sample '{samples[3]['key']}', member 'prompt.txt' "
+                                         "does not decode: UnicodeDecodeError"):
+        list(iter_samples(path))
+
+
+def test_iter_samples_hashes_each_shard_it_opens_once_and_no_other(manifest, monkeypatch):
+    from ctgen.data import shards
+
+    path, samples = manifest
+    hashed, sha256_file = [], shards.sha256_file
+    monkeypatch.setattr(shards, "sha256_file", lambda p: hashed.append(Path(p).name) or sha256_file(p))
+    assert [g["key"] for g in iter_samples(path, keys=[samples[4]["key"], samples[0]["key"]])] == \
+        [samples[0]["key"], samples[4]["key"]]
+    assert hashed == ["valid-000000.tar", "valid-000002.tar"]
+    hashed.clear()
+    assert next(iter_samples(path))["key"] == samples[0]["key"]  # a look at one sample hashes its shard, not the split
+    assert hashed == ["valid-000000.tar"]
+
+
 def test_empty_split(tmp_path):
     write_shards([], tmp_path, "test", shard_size=2)
     assert list(iter_samples(tmp_path / "test.manifest.json")) == []

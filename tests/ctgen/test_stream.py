@@ -185,6 +185,44 @@ def test_unknown_labels_are_nan(shards):
     assert len(values) == 16 and values["train_a1_a_1"][17] == 255
 
 
+def _member_offset(url: str, member: str) -> int:
+    import tarfile
+
+    with tarfile.open(url) as tf:
+        return tf.getmember(member).offset_data
+
+
+@pytest.mark.parametrize("damage", ["label", "truncated"])
+def test_member_values_refuses_a_changed_shard(shards, damage):
+    """Labels for pos_weight, TSTR and pairing, spacings of a resize preset: a flipped label byte read back as 255
+    (unknown), a truncated shard failed inside tarfile."""
+    shard = load_shards([shards["manifest"]])[3]
+    data = bytearray(Path(shard.url).read_bytes())
+    if damage == "label":
+        data[_member_offset(shard.url, f"{shard.keys[0]}.labels.npy") + 128] ^= 0xFF  # the first label (after the header)
+    else:
+        data = data[:-1536]
+    Path(shard.url).write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"{Path(shard.url).name} does not match its checksum"):
+        dict(member_values(load_shards([shards["manifest"]]), "labels.npy"))
+
+
+def test_member_values_names_the_shard_and_sample_that_do_not_decode(shards):
+    import json
+
+    from ctprep.shards import sha256_file
+
+    shard = load_shards([shards["manifest"]])[3]
+    data = bytearray(Path(shard.url).read_bytes())
+    data[_member_offset(shard.url, f"{shard.keys[1]}.labels.npy")] ^= 0xFF  # the npy magic
+    Path(shard.url).write_bytes(bytes(data))
+    meta = json.loads(Path(shards["manifest"]).read_text())  # the shard written so, not changed since
+    next(s for s in meta["shards"] if s["file"].endswith(Path(shard.url).name))["sha256"] = sha256_file(shard.url)
+    Path(shards["manifest"]).write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match=rf"{Path(shard.url).name}: reading sample '{shard.keys[1]}' failed"):
+        dict(member_values(load_shards([shards["manifest"]]), "labels.npy"))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_changed_shard_is_named(shards, workers):
     shard = load_shards([shards["manifest"]])[3]
@@ -263,12 +301,84 @@ def test_a_run_resumed_at_an_epochs_end_checksums_the_next_epochs_shards(shards)
         list(make(ctx(epoch=1, batch=1)))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_read_only_before_the_resume_point_is_checksummed_when_a_later_epoch_reads_it(shards, workers):
+    """A run resumed mid-epoch skips the batches before its start unread: a shard all of whose samples lie there is
+    hashed by the first epoch of the run that reads it (it once went unhashed for the rest of the run)."""
+    p = plan(shards, num_workers=workers)
+    batch_shards = [{i for i, _ in p.batch_keys(0, j)} for j in range(p.steps_per_epoch)]
+    start, shard = next((s, i) for s in range(1, p.steps_per_epoch)
+                        for i in set().union(*batch_shards[:s]) - set().union(*batch_shards[s:]))
+    url = p.shards[shard].url
+    data = bytearray(Path(url).read_bytes())
+    data[700] ^= 0xFF  # same size: only the checksum can tell
+    Path(url).write_bytes(bytes(data))
+    make = batches.streamed([shards["manifest"]], batches.volume_decode(WINDOW), batches.tokenizer_collate(1), buffer=4)
+    assert len(list(make(ctx(epoch=0, start=start, workers=workers)))) == p.steps_per_epoch - start
+    with pytest.raises(ShardError, match=rf"{Path(url).name} does not match its checksum"):
+        list(make(ctx(epoch=1, workers=workers)))  # one process, one rank: every shard is read in every epoch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_shard_is_hashed_once_per_run(shards, workers, tmp_path, monkeypatch):
+    """Hashing reads the whole shard (2 GB at CT-RATE's 64 volumes a shard): once a run, not once an epoch; and with
+    2 workers a shard the uneven split leaves unread in epoch 0 is hashed when a later epoch reads it."""
+    from ctgen.data import stream
+
+    p = plan(shards, num_workers=workers)
+    first = {i for j in range(p.steps_per_epoch) for i, _ in p.batch_keys(0, j)}
+    assert len(first) == (len(p.shards) if workers == 0 else len(p.shards) - 1)  # what the test is about
+
+    log = tmp_path / "hashed.txt"
+    hash_shard = stream.verify_shard
+
+    def counted(shard):  # forked workers inherit it and append to the same file
+        with open(log, "a") as fh:
+            fh.write(shard.url + "\n")
+        hash_shard(shard)
+
+    monkeypatch.setattr(stream, "verify_shard", counted)
+    make = batches.streamed([shards["manifest"]], batches.volume_decode(WINDOW), batches.tokenizer_collate(1), buffer=4)
+    for epoch in range(3):
+        list(make(ctx(epoch=epoch, workers=workers)))
+    hashed = log.read_text().split()
+    assert sorted(hashed) == sorted(s.url for s in load_shards([shards["manifest"]]))  # each once, all of them
+
+
+def test_a_manifest_or_sample_given_twice_is_refused(shards, tmp_path):
+    """It read every sample of it twice an epoch without a word (pairing refused it; training did not)."""
+    import shutil
+
+    merged, chunk = Path(shards["manifest"]), Path(shards["chunks"][0])
+    respelt = merged.parent / "ca" / ".." / merged.name  # the same file by another path
+    copy = tmp_path / "copy"
+    shutil.copytree(chunk.parent, copy)  # other files, the same keys
+    for twice in ([merged, merged], [merged, respelt], [chunk, merged], [chunk, copy / chunk.name]):
+        with pytest.raises(ShardError, match="is in more than one shard manifest") as err:
+            batches.streamed([str(m) for m in twice], batches.volume_decode(WINDOW), batches.tokenizer_collate(1))
+        assert "\n" not in str(err.value)
+    assert "key train_a0_a_1 is in" in str(err.value)  # the copy: its own files, the keys of the chunk
+    make = batches.streamed([str(m) for m in shards["chunks"]], batches.volume_decode(WINDOW), batches.tokenizer_collate(1))
+    assert make.n_samples == 16  # the chunks side by side are the split once
+
+
 def test_too_few_shards_for_the_ranks_says_what_to_do(shards):
     with pytest.raises(ValueError) as err:
         plan(shards, world_size=8, rank=0, num_workers=0)
     assert "lower the workers" not in str(err.value) and "shards.shard_size at most 2" in str(err.value)
     with pytest.raises(ValueError, match="lower the workers, or write smaller shards"):
         plan(shards, world_size=2, rank=0, num_workers=4)
+
+
+def test_an_empty_split_is_named_as_such(tmp_path):
+    """It was told to write smaller shards (shards.shard_size at most 1) or use fewer ranks."""
+    write_shards([], tmp_path, "test", shard_size=2, split="test")
+    manifest = str(tmp_path / "test.manifest.json")
+    with pytest.raises(ValueError) as err:
+        list(batches.streamed([manifest], batches.volume_decode(WINDOW), batches.tokenizer_collate(1))(ctx()))
+    assert str(err.value).startswith(f"{manifest} lists no samples") and "shard_size" not in str(err.value)
+    with pytest.raises(ValueError, match="the shards hold no samples"):
+        StreamPlan((), batch_size=1)
 
 
 def test_derived_shards_travel_alongside(shards, tmp_path):

@@ -69,6 +69,8 @@ def test_extract_by_volume_name_and_read_sample(shards, tmp_path):
     assert _cli(manifest, "valid_2_a_1.nii.gz", out).returncode == 0
     np.testing.assert_allclose(nib.load(out).affine, records[1]["volume"].affine, rtol=0, atol=1e-4)
     got = read_sample(manifest, "valid_2_a_1")
+    for spelt in ("valid_2_a_1_fixed.nii.gz", "valid_2_a_1_fixed", " valid_2_a_1.nii "):  # as the files are named
+        assert read_sample(manifest, spelt)["key"] == "valid_2_a_1"
     assert got["labels"].tolist() == [255] + [1] * 17
     assert got["meta"]["VolumeName"] == "valid_2_a_1.nii.gz" and got["prompt"] == "p1"
     assert [h["op"] for h in got["volume"].meta["history"]] == [h["op"] for h in records[1]["volume"].meta["history"]]
