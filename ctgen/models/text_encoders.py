@@ -101,6 +101,7 @@ class FrozenHFTextEncoder:
             raise ValueError(f"{self.path}: max_length {self.max_length} > the model's {limit} positions")
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, **opts)
+        _check_tokenizer(self.tokenizer, self.path, getattr(config, "vocab_size", None))
         self.identity = (f"{type(self).__name__}:{self.path}:{_folder_digest(self.path)}"
                          f":max_length={self.max_length}:dtype={str(dtype).removeprefix('torch.')}")
         log.info("text encoder %s (%s, %d-d, max_length %d) on %s", self.path.name, type(self.model).__name__,
@@ -139,6 +140,20 @@ class FrozenHFTextEncoder:
                 for row, i in enumerate(idx):  # (L, C) -> (L_i, C)
                     states[i] = hidden[row][tok["attention_mask"][row].bool()].float()
         return pad_states([states[i] for i in range(len(texts))], self.dim, device=self.device)
+
+
+_PROBE = "Left pleural effusion was not observed."  # words any encoder's vocabulary for reports knows
+
+
+def _check_tokenizer(tokenizer, path: Path, vocab_size: int | None) -> None:
+    """Refuse a tokenizer that knows no words. A folder without its tokenizer files (an ``hf download
+    --include`` that left them out) loads, without error or warning, as an empty tokenizer of the special
+    tokens only: every word became [UNK] and every prompt the same states."""
+    special = set(tokenizer.all_special_ids)
+    if all(i in special for i in tokenizer(_PROBE)["input_ids"]):
+        raise ValueError(f"{path}: its tokenizer ({len(tokenizer)} tokens, the model's vocab_size {vocab_size}) "
+                         f"makes only unknown or special tokens of {_PROBE!r}: the folder lacks its tokenizer "
+                         "files (tokenizer.json, vocab.txt, spiece.model, ...)? Copy them in from the model's source")
 
 
 def pad_states(states: list[torch.Tensor], dim: int, pad_to: int | None = None,

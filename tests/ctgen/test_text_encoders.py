@@ -151,6 +151,28 @@ def test_a_spec_rebuilds_the_encoder_the_cache_was_made_with_or_refuses(tmp_path
         build_text_encoder({**entry, "path": str(moved), "dtype": "float32"}, device="cpu")  # other precision
 
 
+def _tiny_bert(folder, minilm, tokenizer: bool = True):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(minilm.tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json") if tokenizer else ():
+        shutil.copy(minilm.path / name, folder / name)
+
+
+def test_a_folder_without_its_tokenizer_files_is_refused(tmp_path, minilm):
+    """config.json and weights but no tokenizer files (an incomplete download) loaded an empty 5-token tokenizer:
+    every word [UNK], "left" and "right pleural effusion" the same states, and no error or warning."""
+    _tiny_bert(tmp_path / "complete", minilm)
+    enc = build_text_encoder({"kind": "hf", "path": str(tmp_path / "complete"), "max_length": 16}, device="cpu")
+    assert enc.dim == 32
+    _tiny_bert(tmp_path / "notok", minilm, tokenizer=False)
+    with pytest.raises(ValueError, match=r"notok: its tokenizer \(5 tokens.*lacks its tokenizer files") as err:
+        build_text_encoder({"kind": "hf", "path": str(tmp_path / "notok"), "max_length": 16}, device="cpu")
+    assert "\n" not in str(err.value)
+
+
 def test_build_text_encoder_errors(tmp_path):
     assert build_text_encoder({"kind": "small", "max_length": 32}) is None
     with pytest.raises(ValueError, match="unknown text encoder kind"):
