@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ctprep.volume import atomic_write
@@ -103,15 +103,20 @@ class EmbeddingCache:
         if not self.path.is_file():
             raise FileNotFoundError(f"no text-embedding cache at {self.path}: run encode_prompts first")
         self._file = None
-        meta = self._open().metadata() or {}
-        if meta.get("cache_format") != FORMAT:
-            raise ValueError(f"{self.path} is not a {FORMAT} file")
-        self.identity: str = meta["identity"]
-        self.dim: int = int(meta["dim"])
-        self.max_length: int = int(meta["max_length"])
-        self.dtype: str = meta["dtype"]
-        self._index: dict[str, int] = json.loads(meta["keys"])
-        self._offsets = self._open().get_tensor("offsets").tolist()
+        try:
+            meta = self._open().metadata() or {}
+            if meta.get("cache_format") != FORMAT:
+                raise ValueError(f"not a {FORMAT} file")
+            self.identity: str = meta["identity"]
+            self.dim: int = int(meta["dim"])
+            self.max_length: int = int(meta["max_length"])
+            self.dtype: str = meta["dtype"]
+            self._index: dict[str, int] = json.loads(meta["keys"])
+            self._offsets = self._open().get_tensor("offsets").tolist()
+        except (SafetensorError, OSError, KeyError, ValueError) as err:  # truncated, an HTML page, another file
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{self.path} is not a readable text cache (truncated, or another file?): {first}; "
+                             "re-run embed-prompts / embed-sections") from None
 
     def _open(self):
         if self._file is None:  # reopened lazily after pickling (data-loader workers)

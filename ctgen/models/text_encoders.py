@@ -87,20 +87,26 @@ class FrozenHFTextEncoder:
         self.max_length = int(max_length)
         self.dtype = dtype
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from safetensors import SafetensorError
+
         opts = {"local_files_only": True, "trust_remote_code": trust_remote_code}
-        config = transformers.AutoConfig.from_pretrained(self.path, **opts)
-        if config.model_type in _T5_ENCODERS:  # encoder stack only: the decoder is never needed
-            encoder_class = getattr(transformers, _T5_ENCODERS[config.model_type])
-            model = encoder_class.from_pretrained(self.path, dtype=dtype, **opts)
-        else:
-            model = transformers.AutoModel.from_pretrained(self.path, dtype=dtype, **opts)
-            if getattr(config, "is_encoder_decoder", False):
-                model = model.get_encoder()
+        try:
+            config = transformers.AutoConfig.from_pretrained(self.path, **opts)
+            if config.model_type in _T5_ENCODERS:  # encoder stack only: the decoder is never needed
+                encoder_class = getattr(transformers, _T5_ENCODERS[config.model_type])
+                model = encoder_class.from_pretrained(self.path, dtype=dtype, **opts)
+            else:
+                model = transformers.AutoModel.from_pretrained(self.path, dtype=dtype, **opts)
+                if getattr(config, "is_encoder_decoder", False):
+                    model = model.get_encoder()
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, **opts)
+        except (OSError, SafetensorError) as err:  # no weights file, a truncated one: a traceback of 40 lines before
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"text encoder {self.path} cannot be loaded (a file missing or truncated?): {first}") from None
         limit = getattr(config, "max_position_embeddings", None)
         if limit is not None and self.max_length > limit:
             raise ValueError(f"{self.path}: max_length {self.max_length} > the model's {limit} positions")
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, **opts)
         _check_tokenizer(self.tokenizer, self.path, getattr(config, "vocab_size", None))
         self.identity = (f"{type(self).__name__}:{self.path}:{_folder_digest(self.path)}"
                          f":max_length={self.max_length}:dtype={str(dtype).removeprefix('torch.')}")

@@ -394,3 +394,36 @@ def test_the_tokenizer_is_fitted_on_the_training_splits_given(tmp_path):
                      "--vocab-size", "200", "--splits", *splits, "--out", str(tmp_path / "t.json")]) == 0
         words = set(json.loads((tmp_path / "t.json").read_text())["model"]["vocab"])
         assert seen in words and unseen not in words
+
+
+def test_a_damaged_cache_or_encoder_folder_is_named_in_one_line(tmp_path, minilm):
+    """A truncated cache, a safetensors file without the cache's metadata, an empty or HTML file; an encoder folder
+    without weights or with truncated ones: each a ValueError (one line from the command line) naming the path,
+    where safetensors', KeyError's and transformers' tracebacks named none."""
+    from safetensors.torch import save_file
+
+    from ctgen.data.text_cache import FORMAT
+
+    good = encode_prompts(minilm, {"a": "pleural effusion"}, tmp_path / "good.safetensors")
+    data = good.read_bytes()
+    bad = {"truncated": data[:-100], "empty": b"", "html": b"<html><body>Not found</body></html>"}
+    for name, content in bad.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(content)
+    save_file({"hidden": torch.zeros(1, 2)}, tmp_path / "foreign.safetensors", metadata={"cache_format": FORMAT})
+    for name in [*bad, "foreign"]:
+        path = tmp_path / f"{name}.safetensors"
+        with pytest.raises(ValueError, match="is not a readable text cache") as err:
+            EmbeddingCache(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value), name
+    folder = tmp_path / "enc"
+    _tiny_bert(folder, minilm)
+    weights = folder / "model.safetensors"
+    full = weights.read_bytes()
+    weights.write_bytes(full[:len(full) // 2])
+    with pytest.raises(ValueError, match=f"text encoder {folder} cannot be loaded") as err:
+        build_text_encoder({"kind": "hf", "path": str(folder)}, device="cpu")
+    assert "\n" not in str(err.value)
+    weights.unlink()
+    with pytest.raises(ValueError, match=f"text encoder {folder} cannot be loaded") as err:
+        build_text_encoder({"kind": "hf", "path": str(folder)}, device="cpu")
+    assert "\n" not in str(err.value)
