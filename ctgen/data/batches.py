@@ -262,7 +262,7 @@ class SectionTokens:
 
         out = {}
         for seg, texts in sections.items():
-            ids, mask = self.tokenizer.encode_batch([t or "" for t in texts], self.max_length)  # long sections cut
+            ids, mask = self.tokenizer.encode_batch([t or "" for t in texts], self.max_length)  # long sections cut at whole sentences
             out[f"{seg}_ids"], out[f"{seg}_mask"] = ids, blank_empty(texts, mask)
         return out
 

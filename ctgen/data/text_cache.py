@@ -6,8 +6,9 @@ Layout (no pickle anywhere):
   concatenated (float16 or float32);
 * ``offsets`` (N + 1,) int64: text ``i`` owns rows ``offsets[i]:offsets[i + 1]``;
 * metadata: ``keys`` (JSON ``{key: text index}``, so duplicate prompts share rows), the encoder
-  ``identity``, ``dim``, ``max_length``, ``dtype`` and a ``hash`` of identity + dtype + prompts,
-  which lets an unchanged rerun return early.
+  ``identity``, ``dim``, ``max_length``, ``dtype``, ``truncated`` (distinct texts longer than
+  ``max_length`` tokens, cut at whole sentences: ``fit_sentences``) and a ``hash`` of identity + dtype +
+  prompts, which lets an unchanged rerun return early.
 
 :class:`EmbeddingCache` reads it lazily through a memory map, so data-loader workers share pages.
 """
@@ -33,8 +34,12 @@ FORMAT = "ctgen.text_cache/1"
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
+#: how texts over max_length are cut, in the hash: caches cut mid-sentence (before) are remade, not kept
+_CUT = "whole sentences"
+
+
 def _prompts_hash(identity: str, dtype: str, prompts: dict[str, str]) -> str:
-    payload = json.dumps([identity, dtype, sorted(prompts.items())], ensure_ascii=False)
+    payload = json.dumps([identity, dtype, _CUT, sorted(prompts.items())], ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -65,6 +70,12 @@ def encode_prompts(encoder: TextEncoder, prompts: dict[str, str], path: str | os
             return path
     texts = sorted(set(prompts.values()))  # distinct texts, in a fixed order
     index = {text: i for i, text in enumerate(texts)}
+    counts = [encoder.count_tokens(t) for t in texts]  # before any cut
+    cut = sum(n > encoder.max_length for n in counts)
+    if cut:  # CT-RATE findings run to 300+ tokens: their positive findings often lie past 128
+        log.warning("%d of %d distinct texts are longer than max_length %d tokens (the longest %d): cut at the last "
+                    "whole sentence that fits; raise the encoder's max_length to read them whole",
+                    cut, len(texts), encoder.max_length, max(counts))
     chunks, lengths = [], []
     chunk = max(batch_size * 8, 1)  # texts per encode call: bounds the padded (n, L, C) block in memory
     for start in range(0, len(texts), chunk):
@@ -85,6 +96,7 @@ def encode_prompts(encoder: TextEncoder, prompts: dict[str, str], path: str | os
         "dim": str(encoder.dim),
         "max_length": str(encoder.max_length),
         "dtype": dtype,
+        "truncated": str(cut),
         "hash": digest,
         "keys": json.dumps({key: index[text] for key, text in sorted(prompts.items())}, ensure_ascii=False),
     }
@@ -111,6 +123,7 @@ class EmbeddingCache:
             self.dim: int = int(meta["dim"])
             self.max_length: int = int(meta["max_length"])
             self.dtype: str = meta["dtype"]
+            self.truncated: int = int(meta["truncated"])  # texts cut to max_length when encoded
             self._index: dict[str, int] = json.loads(meta["keys"])
             self._offsets = self._open().get_tensor("offsets").tolist()
         except (SafetensorError, OSError, KeyError, ValueError) as err:  # truncated, an HTML page, another file

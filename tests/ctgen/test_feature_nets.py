@@ -239,6 +239,9 @@ class _WordEncoder:
                                for w in t.split()]) for t in texts]
         return pad_states(states, 12)
 
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
 
 def test_train_clip_and_classifier_through_the_loop(shards, tmp_path):
     train = {"max_steps": 6, "batch_size": 4, "lr": 2e-3, "warmup_steps": 1, "ckpt_every": 3, "log_every": 1,

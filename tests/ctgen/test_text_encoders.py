@@ -34,6 +34,7 @@ class Counting:
     def __init__(self, inner):
         self.inner, self.seen = inner, []
         self.identity, self.max_length, self.dim = inner.identity, inner.max_length, inner.dim
+        self.count_tokens = inner.count_tokens
 
     def encode(self, texts, batch_size=32):
         self.seen.extend(texts)
@@ -63,7 +64,8 @@ def test_minilm_padding_invariance_and_truncation(minilm):
     alone = minilm.encode([short]).hidden[0]
     batched = minilm.encode([long, short]).hidden
     n = alone.shape[0]
-    assert batched.shape[1] == 64  # the long text is truncated to max_length
+    kept = " ".join(REPORTS[:3]) + " Cardiomegaly. No pneumothorax."  # the whole sentences that fit in 64 tokens
+    assert batched.shape[1] == minilm.count_tokens(kept) <= 64 < minilm.count_tokens(" ".join(REPORTS[:4]))
     assert minilm.count_tokens(short) == n and minilm.count_tokens(long) > 64  # counted before truncation
     torch.testing.assert_close(batched[1, :n], alone, atol=1e-5, rtol=0)
     assert torch.all(batched[1, n:] == 0)
@@ -427,3 +429,31 @@ def test_a_damaged_cache_or_encoder_folder_is_named_in_one_line(tmp_path, minilm
     with pytest.raises(ValueError, match=f"text encoder {folder} cannot be loaded") as err:
         build_text_encoder({"kind": "hf", "path": str(folder)}, device="cpu")
     assert "\n" not in str(err.value)
+
+
+NEGATED = ("Mild cardiomegaly is present. Pericardial effusion-thickening was not observed. "
+           "Trachea and both main bronchi are open.")  # 10, 23 and 35 MiniLM tokens by sentence
+
+
+def test_a_long_text_is_cut_at_whole_sentences_counted_and_logged(tmp_path, minilm, caplog):
+    """A text over max_length was cut at the token limit, inside a sentence ("Pericardial effusion" kept, "-thickening
+    was not observed" cut: an absent finding made present), and nothing counted or logged it."""
+    short = minilm_encoder(max_length=16, device="cpu")
+    with caplog.at_level("WARNING", logger="ctgen.data.text_cache"):
+        cache = EmbeddingCache(encode_prompts(short, {"a": NEGATED, "b": "pleural effusion", "c": NEGATED},
+                                              tmp_path / "c.safetensors", dtype="float32"))
+    assert cache.truncated == 1  # distinct texts
+    assert "1 of 2 distinct texts are longer than max_length 16 tokens (the longest 35)" in caplog.text
+    first = minilm.encode(["Mild cardiomegaly is present."])
+    assert cache.get("a").shape[0] == 10
+    torch.testing.assert_close(cache.get("a"), first.hidden[0], atol=1e-5, rtol=0)
+    assert EmbeddingCache(encode_prompts(short, {"b": "pleural effusion"}, tmp_path / "d.safetensors")).truncated == 0
+    # the report tokenizer (the small and the report encoder, training and sampling) cuts the same way, and counts
+    tok = fit_text_tokenizer(REPORTS * 3 + [NEGATED], vocab_size=300, path=tmp_path / "tok.json")
+    n = [tok.count_tokens(t) for t in ("Mild cardiomegaly is present.", NEGATED)]
+    ids, mask = tok.encode_batch([NEGATED, "pleural effusion"], n[0] + 2)
+    assert mask.sum(1).tolist()[0] == n[0] and tok.cut == 1 and tok.longest == n[1]
+    alone, _ = tok.encode_batch(["Mild cardiomegaly is present."], 64)
+    assert torch.equal(ids[0, :n[0]], alone[0])
+    one_sentence, _ = tok.encode_batch(["a b c d e f g h"], 5)  # a first sentence longer alone: the hard cut
+    assert one_sentence.shape[1] == 5 and tok.cut == 2
