@@ -379,6 +379,11 @@ def test_the_latent_flow_familys_encoders_default_to_the_cascades_and_are_checke
                                              {"kind": "minilm", "path": None, "max_length": 64}]
     with pytest.raises(ValueError, match="text_pooling must be mean .* not 'tokens'"):
         flow_text_encoders(own, {"latent_flow": {"model": {"text_pooling": "tokens"}}})
+    # a preset sizing each section's slot (the paper's 256 rows) reads as many tokens of it, where no entry says
+    # otherwise: the cascade's 128 left half of every slot padding and most findings unread
+    wide = {"latent_flow": {"model": {"text_pooling": "mean", "max_text_tokens": 256}}}
+    assert flow_text_encoders(models, wide) == [{**models["text_encoder"], "max_length": 256}]
+    assert [e["max_length"] for e in flow_text_encoders(own, wide)] == [256, 64]
     with pytest.raises(ValueError, match="the small trainable encoder is used alone"):
         flow_text_encoders({**models, "latent_flow_text_encoders": [{"kind": "minilm"}, {"kind": "small"}]}, mean)
 
