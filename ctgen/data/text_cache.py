@@ -57,7 +57,7 @@ def encode_prompts(encoder: TextEncoder, prompts: dict[str, str], path: str | os
 
     With ``if_changed`` an existing file made by the same encoder identity, dtype and prompts is
     kept as it is. Memory: the packed states of all texts are held once before writing
-    (sum of token counts x C x 2 or 4 bytes).
+    (sum of token counts x C x 2 or 4 bytes), beside one encode call's padded float32 block.
     """
     path = Path(path)
     if dtype not in _DTYPES:
@@ -76,17 +76,26 @@ def encode_prompts(encoder: TextEncoder, prompts: dict[str, str], path: str | os
         log.warning("%d of %d distinct texts are longer than max_length %d tokens (the longest %d): cut at the last "
                     "whole sentence that fits; raise the encoder's max_length to read them whole",
                     cut, len(texts), encoder.max_length, max(counts))
-    chunks, lengths = [], []
+    # the packed states are filled in place, so held once: torch.cat of kept chunks held them twice (2x the payload
+    # at peak: 7 GB of CT-RATE sections -> 14 GB). A cut text keeps at most max_length rows: an upper bound
+    bound = sum(min(n, encoder.max_length) for n in counts)
+    hidden = torch.empty(bound, encoder.dim, dtype=_DTYPES[dtype])  # (T, C)
+    lengths, row = [], 0
     chunk = max(batch_size * 8, 1)  # texts per encode call: bounds the padded (n, L, C) block in memory
     for start in range(0, len(texts), chunk):
         enc = encoder.encode(texts[start:start + chunk], batch_size=batch_size)
-        for hidden, mask in zip(enc.hidden, enc.mask):  # (L, C), (L,)
-            states = hidden[mask].to("cpu", _DTYPES[dtype])  # (L_i, C)
-            if not torch.isfinite(states).all():
-                raise ValueError(f"non-finite states in {dtype}: use dtype='float32' for this encoder")
-            chunks.append(states)
-            lengths.append(states.shape[0])
-    hidden = torch.cat(chunks) if chunks else torch.zeros(0, encoder.dim, dtype=_DTYPES[dtype])  # (T, C)
+        for text, states, mask in zip(texts[start:start + chunk], enc.hidden, enc.mask):  # (L, C), (L,)
+            states = states[mask]  # (L_i, C)
+            n = states.shape[0]
+            if row + n > bound:
+                raise RuntimeError(f"{encoder.identity} made more token states than its count_tokens counted")
+            hidden[row:row + n] = states
+            if not torch.isfinite(hidden[row:row + n]).all():
+                raise ValueError(_non_finite(encoder, text, states, dtype))
+            row += n
+            lengths.append(n)
+        del enc
+    hidden = hidden[:row]  # a view: written without a copy
     offsets = torch.zeros(len(texts) + 1, dtype=torch.int64)  # (N + 1,)
     offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
     metadata = {
@@ -105,6 +114,17 @@ def encode_prompts(encoder: TextEncoder, prompts: dict[str, str], path: str | os
     log.info("encoded %d distinct texts for %d prompts (%d tokens, %s) -> %s",
              len(texts), len(prompts), hidden.shape[0], dtype, path)
     return path
+
+
+def _non_finite(encoder: TextEncoder, text: str, states: torch.Tensor, dtype: str) -> str:
+    """Why a text's states are not finite, and what the user can set: the encoder's own precision (a Hugging Face
+    encoder's ``dtype``); a cache dtype is not a setting of the jobs (float16 holds any normalised states)."""
+    where = f"text encoder {encoder.identity.split(':')[1] if ':' in encoder.identity else encoder.identity}"
+    if not torch.isfinite(states).all():
+        return (f"{where} gives non-finite states for {text[:60]!r}: run it in float32 (its dtype: float32, "
+                "the default, in models.text_encoder or the --encoder config)")
+    return (f"{where}: states of {text[:60]!r} reach {states.abs().max().item():.3g}, beyond the {dtype} the cache "
+            "is stored in (65504 at most in float16): this encoder's states cannot be cached")
 
 
 class EmbeddingCache:

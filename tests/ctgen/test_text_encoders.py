@@ -462,3 +462,56 @@ def test_a_long_text_is_cut_at_whole_sentences_counted_and_logged(tmp_path, mini
     assert torch.equal(ids[0, :n[0]], alone[0])
     one_sentence, _ = tok.encode_batch(["a b c d e f g h"], 5)  # a first sentence longer alone: the hard cut
     assert one_sentence.shape[1] == 5 and tok.cut == 2
+
+
+class _Constant:
+    """A stand-in frozen encoder: ``length`` rows of ``value`` for every text."""
+
+    max_length, identity = 64, "Constant:/enc:0:max_length=64"
+
+    def __init__(self, dim: int = 8, length: int = 4, value: float = 0.5):
+        self.dim, self.length, self.value = dim, length, value
+
+    def count_tokens(self, text: str) -> int:
+        return self.length
+
+    def encode(self, texts, batch_size=32) -> TextEncoding:
+        return TextEncoding(torch.full((len(texts), self.length, self.dim), self.value),
+                            torch.ones(len(texts), self.length, dtype=torch.bool))
+
+
+def test_encoding_holds_the_states_once(tmp_path):
+    """The packed states were kept as chunks and then concatenated: two copies at peak (7 GB of CT-RATE sections
+    -> 14 GB against the rule's 8 GB). Measured in a fresh process: peak RSS growth under 1.5x the payload."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from tests.ctgen.test_text_encoders import _Constant
+        from ctgen.data.text_cache import EmbeddingCache, encode_prompts
+        enc = _Constant(dim=384, length=64)
+        prompts = {{f"k{{i}}": f"text {{i}}" for i in range(4000)}}
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        path = encode_prompts(enc, prompts, {str(tmp_path / 'c.safetensors')!r}, batch_size=8)
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+        payload = 4000 * 64 * 384 * 2
+        cache = EmbeddingCache(path)
+        assert torch.equal(cache.get("k7"), torch.full((64, 384), 0.5)), "states changed"
+        print(grown / payload)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert float(out.stdout.split()[-1]) < 1.5, out.stdout
+
+
+def test_non_finite_states_advise_what_can_be_set(tmp_path):
+    """The advice was "use dtype='float32'", a cache dtype the jobs do not expose; it now tells the encoder's own
+    precision (settable) from states beyond float16's range."""
+    with pytest.raises(ValueError, match=r"text encoder /enc gives non-finite states for 'a'.*dtype: float32"):
+        encode_prompts(_Constant(value=float("nan")), {"k": "a"}, tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match=r"states of 'a' reach 1e\+05, beyond the float16 the cache is stored in"):
+        encode_prompts(_Constant(value=1e5), {"k": "a"}, tmp_path / "c.safetensors")
+    assert EmbeddingCache(encode_prompts(_Constant(value=1e5), {"k": "a"}, tmp_path / "c.safetensors",
+                                         dtype="float32")).get("k").max() == 1e5
