@@ -10,7 +10,8 @@ Layout (no pickle anywhere):
   ``max_length`` tokens, cut at whole sentences: ``fit_sentences``) and a ``hash`` of identity + dtype +
   prompts, which lets an unchanged rerun return early.
 
-:class:`EmbeddingCache` reads it lazily through a memory map, so data-loader workers share pages.
+:class:`EmbeddingCache` reads it lazily through a memory map, so data-loader workers share pages; it checks the
+offsets against the states at open and each row it reads for finite values (a damaged file is named, not read).
 """
 
 from __future__ import annotations
@@ -116,6 +117,17 @@ def encode_prompts(encoder: TextEncoder, prompts: dict[str, str], path: str | os
     return path
 
 
+def _check_layout(offsets: list[int], index: dict[str, int], rows: int, dim: int, want_dim: int) -> None:
+    """The offsets cover the states' rows in order, and every key names a text: out-of-range offsets sliced a short
+    row, or another text's, without a word."""
+    if dim != want_dim:
+        raise ValueError(f"states are {dim} wide, its metadata says {want_dim}")
+    if not offsets or offsets[0] != 0 or offsets[-1] != rows or any(a > b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"its offsets do not cover the {rows} rows of states in order")
+    if index and not all(0 <= i < len(offsets) - 1 for i in index.values()):
+        raise ValueError(f"a key names a text beyond its {len(offsets) - 1}")
+
+
 def _non_finite(encoder: TextEncoder, text: str, states: torch.Tensor, dtype: str) -> str:
     """Why a text's states are not finite, and what the user can set: the encoder's own precision (a Hugging Face
     encoder's ``dtype``); a cache dtype is not a setting of the jobs (float16 holds any normalised states)."""
@@ -146,6 +158,8 @@ class EmbeddingCache:
             self.truncated: int = int(meta["truncated"])  # texts cut to max_length when encoded
             self._index: dict[str, int] = json.loads(meta["keys"])
             self._offsets = self._open().get_tensor("offsets").tolist()
+            rows, dim = self._open().get_slice("hidden").get_shape()
+            _check_layout(self._offsets, self._index, rows, dim, self.dim)
         except (SafetensorError, OSError, KeyError, ValueError) as err:  # truncated, an HTML page, another file
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{self.path} is not a readable text cache (truncated, or another file?): {first}; "
@@ -179,7 +193,12 @@ class EmbeddingCache:
         """States of ``key``'s text, (L_i, C) float32 on CPU."""
         self._check([key])
         i = self._index[key]
-        return self._open().get_slice("hidden")[self._offsets[i]:self._offsets[i + 1]].float()
+        states = self._open().get_slice("hidden")[self._offsets[i]:self._offsets[i + 1]].float()
+        if not torch.isfinite(states).all():  # the writer stores finite states only: damaged bytes (one row's check
+            # as it is read costs a pass over what was just copied; a whole-file hash would read every row at open)
+            raise ValueError(f"the text cache {self.path} holds non-finite states for {key!r} (a damaged file): "
+                             "re-run embed-prompts / embed-sections")
+        return states
 
     def batch(self, keys: list[str], pad_to: int | None = None) -> TextEncoding:
         """Right-padded (B, L, C) states and (B, L) mask for ``keys``; L = ``pad_to`` or the longest."""

@@ -515,3 +515,28 @@ def test_non_finite_states_advise_what_can_be_set(tmp_path):
         encode_prompts(_Constant(value=1e5), {"k": "a"}, tmp_path / "c.safetensors")
     assert EmbeddingCache(encode_prompts(_Constant(value=1e5), {"k": "a"}, tmp_path / "c.safetensors",
                                          dtype="float32")).get("k").max() == 1e5
+
+
+def test_a_damaged_cache_row_or_layout_is_named(tmp_path):
+    """Bytes of the states overwritten, or offsets past the rows: the file opened and gave NaN states, or a short
+    row, silently; now a ValueError naming the key (or the layout) and the file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = encode_prompts(_Constant(length=4), {"a": "x", "b": "y"}, tmp_path / "c.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-8:] = b"\xff" * 8  # the last row's last values: NaN in float16
+    (tmp_path / "nan.safetensors").write_bytes(bytes(data))
+    cache = EmbeddingCache(tmp_path / "nan.safetensors")
+    assert cache.get("a").isfinite().all()  # the other rows still read
+    with pytest.raises(ValueError, match=f"text cache {tmp_path / 'nan.safetensors'} holds non-finite states for 'b'"):
+        cache.batch(["a", "b"])
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    for name, offsets in {"past": [0, 1, 5], "unordered": [0, 5, 4], "short": [0, 4, 6]}.items():
+        bad = tmp_path / f"{name}.safetensors"
+        save_file({"hidden": tensors["hidden"], "offsets": torch.tensor(offsets)}, bad, metadata=meta)
+        with pytest.raises(ValueError, match=f"{bad} is not a readable text cache .*offsets do not cover the 8 rows"):
+            EmbeddingCache(bad)
+
