@@ -68,6 +68,7 @@ def streamed(manifests: list[str], decode: Decode, collate: Collate, *, parallel
 
     make.resumes_at_start = True  # the loop may pass ctx.start instead of replaying batches
     make.n_samples = sum(len(s.keys) for s in shards)
+    make.keys = [k for s in shards for k in s.keys]  # what a text cache must hold (checked before training)
     return make
 
 

@@ -189,6 +189,14 @@ class EmbeddingCache:
             raise KeyError(f"{len(missing)} key(s) not in the text cache {self.path}: {shown}; "
                            "re-run encode_prompts with these prompts")
 
+    def require(self, keys: list[str]) -> None:
+        """Every one of a training's ``keys`` is in the cache: checked at its start, where a missing one failed with
+        a KeyError traceback at the first batch holding it, maybe hours in. ValueError (one line) otherwise."""
+        missing = [k for k in keys if k not in self._index]
+        if missing:
+            raise ValueError(f"{len(missing)} of the {len(keys)} training keys are not in the text cache {self.path} "
+                             f"(e.g. {missing[0]!r}): re-run embed-prompts / embed-sections on the data trained on")
+
     def get(self, key: str) -> torch.Tensor:
         """States of ``key``'s text, (L_i, C) float32 on CPU."""
         self._check([key])

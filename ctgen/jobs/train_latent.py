@@ -140,6 +140,9 @@ def train_latent_flow(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root:
         encode = batches.SectionStates(caches)
     make = batches.streamed(latents, batches.latent_decode(data.get("prompt")),
                             batches.latent_flow_collate(segments, encode), **_stream(data))
+    if isinstance(encode, batches.SectionStates):  # every section trained on cached, checked before the first step
+        for cache in encode.caches:
+            cache.require([f"{k}:{seg}" for k in make.keys for seg in segments])
     checkpoint_dir = Path(checkpoint_root) / config_hash(cfg)
     log.info("training latent_flow: %d parameters on %d latents (scale factor %.5g); checkpoints in %s",
              sum(p.numel() for p in model.parameters()), make.n_samples, model.config.scale_factor, checkpoint_dir)
