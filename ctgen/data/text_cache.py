@@ -155,7 +155,8 @@ class EmbeddingCache:
             self.dim: int = int(meta["dim"])
             self.max_length: int = int(meta["max_length"])
             self.dtype: str = meta["dtype"]
-            self.truncated: int = int(meta["truncated"])  # texts cut to max_length when encoded
+            # texts cut to max_length when encoded; None: a cache written before the count was kept (still readable)
+            self.truncated: int | None = int(meta["truncated"]) if "truncated" in meta else None
             self._index: dict[str, int] = json.loads(meta["keys"])
             self._offsets = self._open().get_tensor("offsets").tolist()
             rows, dim = self._open().get_slice("hidden").get_shape()
