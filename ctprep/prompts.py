@@ -11,7 +11,7 @@ import logging
 import re
 import string
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pandas as pd
 
@@ -30,21 +30,23 @@ def clean(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", str(text)).split())
 
 
-def truncate(text: str, max_chars: int) -> str:
+def truncate(text: str, max_chars: int, measure: Callable[[str], int] = len) -> str:
     """The whole sentences of ``text`` that fit in ``max_chars``; at least the first, whole, even when it is longer.
+    ``measure``: how a text's length is counted (characters; a text encoder's token count, which cuts its inputs
+    to the sentences that fit its ``max_length``: ``ctgen.models.text_encoders.fit_sentences``).
 
     Never a cut inside a sentence: CT-RATE states absent findings with a trailing negation ("Pleural effusion and
     pericardial effusion ... were not observed."), and a cut before it turns them into present findings. A first
     sentence over the budget is kept whole, as ``structured_prompt`` keeps its first item (``build_prompts`` counts
     such prompts); the budget is a length preference, a prompt that says the opposite of its report is wrong.
     """
-    if max_chars <= 0 or len(text) <= max_chars:
+    if max_chars <= 0 or measure(text) <= max_chars:
         return text
     sentences = [s for s in _SENTENCE_END.split(text) if s]
     out = sentences[0] if sentences else text
     for sentence in sentences[1:]:
         candidate = f"{out} {sentence}"
-        if len(candidate) > max_chars:
+        if measure(candidate) > max_chars:
             break
         out = candidate
     return out

@@ -71,6 +71,7 @@ def streamed(manifests: list[str], decode: Decode, collate: Collate, *, parallel
 
     make.resumes_at_start = True  # the loop may pass ctx.start instead of replaying batches
     make.n_samples = sum(len(s.keys) for s in shards)
+    make.keys = [k for s in shards for k in s.keys]  # what a text cache must hold (checked before training)
     return make
 
 
@@ -268,7 +269,7 @@ class SectionTokens:
 
         out = {}
         for seg, texts in sections.items():
-            ids, mask = self.tokenizer.encode_batch([t or "" for t in texts], self.max_length)  # long sections cut
+            ids, mask = self.tokenizer.encode_batch([t or "" for t in texts], self.max_length)  # long sections cut at whole sentences
             out[f"{seg}_ids"], out[f"{seg}_mask"] = ids, blank_empty(texts, mask)
         return out
 

@@ -73,14 +73,26 @@ def model_preset(name: str, model: str, config: str | Path = REPO_CONFIG) -> dic
 
 def flow_text_encoders(models_cfg: dict[str, Any], preset: dict[str, Any]) -> list[dict[str, Any]]:
     """The latent flow family's text encoders, in order: ``models.latent_flow_text_encoders``, else the
-    cascade's ``models.text_encoder``; each with ``path`` and ``max_length`` (default: the cascade's) filled in.
+    cascade's ``models.text_encoder``; each with ``path`` and ``max_length`` filled in.
+
+    ``max_length``: an entry's own; else the preset's ``latent_flow.model.max_text_tokens`` where it sets one,
+    the cascade's ``max_length`` otherwise. Why the preset's: the flow reads whole report sections (CT-RATE findings,
+    median 319 tokens, state most positive findings past token 128), not the cascade's short prompts, and a preset
+    that gives each section 256 context rows means 256 tokens of it: with the cascade's 128 the paper preset read
+    half the findings it was sized for and padded the other half of every slot.
 
     Several encoders are Report2CT's conditioning, their pooled states concatenated: refused (``ValueError``,
     one line naming the keys) with the small trainable encoder among them, or unless the model preset's
     ``latent_flow.model.text_pooling`` is ``mean``.
     """
-    default = {"path": None, "max_length": models_cfg["text_encoder"]["max_length"]}
-    encoders = [{**default, **enc} for enc in models_cfg.get("latent_flow_text_encoders") or [models_cfg["text_encoder"]]]
+    tokens = preset.get("latent_flow", {}).get("model", {}).get("max_text_tokens")
+    default = {"path": None, "max_length": int(tokens or models_cfg["text_encoder"]["max_length"])}
+    own = models_cfg.get("latent_flow_text_encoders")
+    if own:
+        encoders = [{**default, **enc} for enc in own]
+    else:  # the cascade's encoder, reading as many tokens of a section as the preset sizes its slot for
+        encoders = [{**models_cfg["text_encoder"], "path": models_cfg["text_encoder"].get("path"),
+                     "max_length": default["max_length"]}]
     if len(encoders) > 1:
         if any(e["kind"] == "small" for e in encoders):
             raise ValueError("models.latent_flow_text_encoders: the small trainable encoder is used alone, not among several")

@@ -198,7 +198,7 @@ def sample_parser():
     ap.add_argument("--sr-steps", type=positive_int, help="super-resolution sampler steps (default: cascade's, else the model's)")
     ap.add_argument("--batch-size", type=positive_int, help="slices per super-resolution batch (default: cascade's)")
     ap.add_argument("--no-superres", action="store_true", help="stop at the low-res volume")
-    ap.add_argument("--truncate-prompt", action="store_true", help="cut prompts longer than the text encoder takes")
+    ap.add_argument("--truncate-prompt", action="store_true", help="cut prompts longer than the text encoder takes (at the last whole sentence that fits)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_option,
                     help="torch device (default: cuda when available, else cpu)")
     return ap

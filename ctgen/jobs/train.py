@@ -76,6 +76,12 @@ def _text(data: dict, max_length: int) -> TextConditioning:
                             max_length=max_length)
 
 
+def _require_text(text: TextConditioning, make) -> None:
+    """A text cache holds every sample trained on (:meth:`EmbeddingCache.require`), checked before the first step."""
+    if text.cache is not None:
+        text.cache.require(make.keys)
+
+
 def _max_length(cfg: dict[str, Any]) -> int:
     return (cfg.get("text_encoder") or {}).get("max_length", cfg["data"].get("max_length", 128))
 
@@ -112,14 +118,18 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
         make = batches.streamed(data_manifests(data, "manifests"), batches.volume_decode(hu_window(data)),
                                 batches.tokenizer_collate(scale), **stream)
     elif kind == "generator":
+        text = _text(data, _max_length(cfg))
         make = batches.streamed(data_manifests(data, "tokens"), batches.token_decode(data.get("prompt")),
-                                batches.generator_collate(_text(data, _max_length(cfg))), **stream)
+                                batches.generator_collate(text), **stream)
+        _require_text(text, make)
     else:
         spv = int(data.get("slices_per_volume", SliceData.slices_per_volume))  # a micro-batch: spv slices of each of batch_size / spv volumes
         parallel = [data_manifests(data, "recon")] if data.get("recon") else None
+        text = _text(data, _max_length(cfg))
         make = batches.streamed(data_manifests(data, "manifests"), batches.volume_decode(hu_window(data), data.get("prompt")),
-                                batches.superres_collate(_text(data, _max_length(cfg)), scale, spv),
+                                batches.superres_collate(text, scale, spv),
                                 parallel=parallel, items_per_sample=spv, **stream)
+        _require_text(text, make)
     checkpoint_dir = Path(checkpoint_root) / config_hash(cfg)
     log.info("training %s: %d parameters on %d samples; checkpoints in %s", kind,
              sum(p.numel() for p in model.parameters()), make.n_samples, checkpoint_dir)
@@ -199,9 +209,11 @@ def train_clip(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root: str | 
     cfg = fit_text_dims(cfg)
     torch.manual_seed(tcfg.seed)  # the initial weights are part of the run's reproducibility
     model = CLIP3D(CLIP3D.config_from_dict({**cfg["model"], "text_encoder": cfg.get("text_encoder")}))
+    text = _text(data, _max_length(cfg))
     make = batches.streamed(data_manifests(data, "manifests"), batches.volume_decode(hu_window(data), data.get("prompt")),
-                            batches.clip_collate(_text(data, _max_length(cfg)), batches.Augment.from_data(data)),
+                            batches.clip_collate(text, batches.Augment.from_data(data)),
                             buffer=int(data.get("shuffle_buffer", 16)), verify=bool(data.get("verify_shards", True)))
+    _require_text(text, make)
     return _train_feature_net(model, make, tcfg, cfg, out_dir, checkpoint_root, "clip", make.n_samples)
 
 

@@ -152,8 +152,12 @@ def _latent_batches(manifests: list[str], data: dict[str, Any], model_config) ->
             raise ValueError("latent_flow with frozen text encoders needs data.text_cache (embed-sections)")
         caches = data["text_cache"] if isinstance(data["text_cache"], list) else [data["text_cache"]]
         encode = batches.SectionStates(caches)
-    return batches.streamed(manifests, batches.latent_decode(data.get("prompt")),
+    make = batches.streamed(manifests, batches.latent_decode(data.get("prompt")),
                             batches.latent_flow_collate(model_config.segments, encode), **_stream(data))
+    if isinstance(encode, batches.SectionStates):  # every section read from the caches, checked before the first step
+        for cache in encode.caches:
+            cache.require([f"{k}:{seg}" for k in make.keys for seg in model_config.segments])
+    return make
 
 
 def probe_latent_flow(cfg: dict[str, Any], model_dir: str | Path, out: str | Path) -> Path:

@@ -94,7 +94,7 @@ class LatentFlowConfig:
     segments: tuple[str, ...] = ("findings", "impression")  # one token sequence each; ("structured",) for that prompt
     text_dims: tuple[int, ...] = (768,)  # widths of the frozen encoders' states, one per encoder (CXR-BERT: 768)
     text_pooling: str = "tokens"  # "tokens" (sequences) or "mean" (Report2CT: pooled, encoders concatenated)
-    max_text_tokens: int = 128  # context rows per segment ("tokens"); sections longer must be truncated when encoded
+    max_text_tokens: int = 128  # context rows per segment ("tokens"); set in a preset, also the tokens its encoders read
     null_tokens: int = 1  # learned tokens standing for an empty or dropped segment
     text_encoder: dict | None = None  # SmallTextEncoderConfig fields: trained jointly; None: frozen states in the batch
     cond_drop_prob: float = 0.15  # whole report replaced by the null segments (Report2CT: 0.15), trains guidance

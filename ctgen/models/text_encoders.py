@@ -24,6 +24,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -87,20 +88,27 @@ class FrozenHFTextEncoder:
         self.max_length = int(max_length)
         self.dtype = dtype
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from safetensors import SafetensorError
+
         opts = {"local_files_only": True, "trust_remote_code": trust_remote_code}
-        config = transformers.AutoConfig.from_pretrained(self.path, **opts)
-        if config.model_type in _T5_ENCODERS:  # encoder stack only: the decoder is never needed
-            encoder_class = getattr(transformers, _T5_ENCODERS[config.model_type])
-            model = encoder_class.from_pretrained(self.path, dtype=dtype, **opts)
-        else:
-            model = transformers.AutoModel.from_pretrained(self.path, dtype=dtype, **opts)
-            if getattr(config, "is_encoder_decoder", False):
-                model = model.get_encoder()
+        try:
+            config = transformers.AutoConfig.from_pretrained(self.path, **opts)
+            if config.model_type in _T5_ENCODERS:  # encoder stack only: the decoder is never needed
+                encoder_class = getattr(transformers, _T5_ENCODERS[config.model_type])
+                model = encoder_class.from_pretrained(self.path, dtype=dtype, **opts)
+            else:
+                model = transformers.AutoModel.from_pretrained(self.path, dtype=dtype, **opts)
+                if getattr(config, "is_encoder_decoder", False):
+                    model = model.get_encoder()
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, **opts)
+        except (OSError, SafetensorError) as err:  # no weights file, a truncated one: a traceback of 40 lines before
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"text encoder {self.path} cannot be loaded (a file missing or truncated?): {first}") from None
         limit = getattr(config, "max_position_embeddings", None)
         if limit is not None and self.max_length > limit:
             raise ValueError(f"{self.path}: max_length {self.max_length} > the model's {limit} positions")
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, **opts)
+        _check_tokenizer(self.tokenizer, self.path, getattr(config, "vocab_size", None))
         self.identity = (f"{type(self).__name__}:{self.path}:{_folder_digest(self.path)}"
                          f":max_length={self.max_length}:dtype={str(dtype).removeprefix('torch.')}")
         log.info("text encoder %s (%s, %d-d, max_length %d) on %s", self.path.name, type(self.model).__name__,
@@ -121,13 +129,14 @@ class FrozenHFTextEncoder:
         return len(self.tokenizer(text)["input_ids"])
 
     def encode(self, texts: list[str], batch_size: int = 32) -> TextEncoding:
-        """Token states of ``texts`` (truncated to ``max_length``), on ``self.device``.
+        """Token states of ``texts`` (cut to ``max_length``: :func:`fit_sentences`), on ``self.device``.
 
         Texts are batched longest-first by character count so each batch pads little; the
         attention mask makes the states independent of the batch they ran in.
         """
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode takes a list of strings")
+        texts = [fit_sentences(t, self.max_length, self.count_tokens) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         states: dict[int, torch.Tensor] = {}  # text index -> (L_i, C) states of its valid tokens
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
@@ -139,6 +148,33 @@ class FrozenHFTextEncoder:
                 for row, i in enumerate(idx):  # (L, C) -> (L_i, C)
                     states[i] = hidden[row][tok["attention_mask"][row].bool()].float()
         return pad_states([states[i] for i in range(len(texts))], self.dim, device=self.device)
+
+
+def fit_sentences(text: str, max_length: int, count_tokens: Callable[[str], int]) -> str:
+    """``text``, or where it makes more than ``max_length`` tokens, its whole sentences that fit (at least the first).
+
+    Every encoder cuts its inputs here before its tokenizer's hard cut, which then only shortens a first sentence
+    longer than ``max_length`` alone. A hard cut at the token limit fell inside sentences and turned absent findings
+    into present ones: CT-RATE states them with a trailing negation, and "Pericardial effusion-thickening was not
+    observed" kept "Pericardial effusion". ``ctprep.prompts.truncate`` (the prompts' cut) measured in tokens.
+    """
+    from ctprep.prompts import truncate
+
+    return truncate(text, max_length, measure=count_tokens)
+
+
+_PROBE = "Left pleural effusion was not observed."  # words any encoder's vocabulary for reports knows
+
+
+def _check_tokenizer(tokenizer, path: Path, vocab_size: int | None) -> None:
+    """Refuse a tokenizer that knows no words. A folder without its tokenizer files (an ``hf download
+    --include`` that left them out) loads, without error or warning, as an empty tokenizer of the special
+    tokens only: every word became [UNK] and every prompt the same states."""
+    special = set(tokenizer.all_special_ids)
+    if all(i in special for i in tokenizer(_PROBE)["input_ids"]):
+        raise ValueError(f"{path}: its tokenizer ({len(tokenizer)} tokens, the model's vocab_size {vocab_size}) "
+                         f"makes only unknown or special tokens of {_PROBE!r}: the folder lacks its tokenizer "
+                         "files (tokenizer.json, vocab.txt, spiece.model, ...)? Copy them in from the model's source")
 
 
 def pad_states(states: list[torch.Tensor], dim: int, pad_to: int | None = None,
@@ -275,6 +311,7 @@ class ReportTokenizer:
         self._tok.no_truncation()
         self._tok.no_padding()
         self.sep_id = tokenizer.token_to_id("[SEP]")
+        self.cut, self.longest = 0, 0  # texts this process cut to a max_length, and the most tokens among them
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReportTokenizer":
@@ -297,15 +334,27 @@ class ReportTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text``, [CLS] and [SEP] included, before any cut."""
+        return len(self._tok.encode(text).ids)
+
     def encode_batch(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``ids`` (B, L) long and ``mask`` (B, L) bool, right-padded to the longest text; texts
-        longer than ``max_length`` tokens keep their first ``max_length - 1`` and the final [SEP]."""
+        """``ids`` (B, L) long and ``mask`` (B, L) bool, right-padded to the longest text; a text longer
+        than ``max_length`` tokens keeps its whole sentences that fit (:func:`fit_sentences`), and a first
+        sentence longer alone its first ``max_length - 1`` tokens and the final [SEP].
+
+        Texts cut are counted (``cut``, ``longest``) and logged as a warning at the 1st, 2nd, 4th, 8th, ... cut,
+        so the training's data workers, which see the texts batch by batch, report them without a line a batch."""
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of strings")
         rows = []
-        for enc in self._tok.encode_batch(list(texts)):
+        for text, enc in zip(texts, self._tok.encode_batch(list(texts))):
             ids = enc.ids
-            rows.append(ids if len(ids) <= max_length else ids[:max_length - 1] + [self.sep_id])
+            if len(ids) > max_length:
+                self._tally(len(ids), max_length)
+                ids = self._tok.encode(fit_sentences(text, max_length, self.count_tokens)).ids
+                ids = ids if len(ids) <= max_length else ids[:max_length - 1] + [self.sep_id]
+            rows.append(ids)
         length = max((len(r) for r in rows), default=0)
         ids = torch.zeros(len(rows), length, dtype=torch.long)  # (B, L), 0 = [PAD]
         mask = torch.zeros(len(rows), length, dtype=torch.bool)  # (B, L)
@@ -313,6 +362,14 @@ class ReportTokenizer:
             ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
             mask[b, :len(r)] = True
         return ids, mask
+
+
+    def _tally(self, n: int, max_length: int) -> None:
+        self.cut, self.longest = self.cut + 1, max(self.longest, n)
+        if self.cut & (self.cut - 1) == 0:
+            log.warning("%d text(s) in this process longer than max_length %d tokens (the longest %d) cut at the "
+                        "last whole sentence that fits: raise text_encoder.max_length to read them whole",
+                        self.cut, max_length, self.longest)
 
 
 def fit_text_tokenizer(texts: list[str], vocab_size: int, path: str | os.PathLike) -> ReportTokenizer:

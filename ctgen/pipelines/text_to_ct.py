@@ -124,7 +124,7 @@ class SampleSettings:
     sr_guidance_scale: float = 1.0  # guidance of the super-resolution model
     sr_batch_size: int = 64  # slices per super-resolution batch
     super_resolution: bool = True  # False: return the low-res volume (its own, coarser spacing)
-    truncate_prompt: bool = False  # True: cut prompts longer than the text encoder takes; False: refuse them
+    truncate_prompt: bool = False  # True: cut prompts longer than the text encoder takes (whole sentences); False: refuse them
 
     def __post_init__(self) -> None:
         bad = [f"{k} {v!r}" for k, v in (("steps", self.steps), ("sr_batch_size", self.sr_batch_size),

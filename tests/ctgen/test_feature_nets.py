@@ -239,6 +239,9 @@ class _WordEncoder:
                                for w in t.split()]) for t in texts]
         return pad_states(states, 12)
 
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
 
 def test_train_clip_and_classifier_through_the_loop(shards, tmp_path):
     train = {"max_steps": 6, "batch_size": 4, "lr": 2e-3, "warmup_steps": 1, "ckpt_every": 3, "log_every": 1,
@@ -290,6 +293,23 @@ def test_train_clip_and_classifier_through_the_loop(shards, tmp_path):
                                 volumes=synthetic)
     assert json.loads((tmp_path / "tstr" / "train_summary.json").read_text())["steps"] == 2
     assert len(list((tmp_path / "ckpt").iterdir())) == 4  # 2 clips, real classifier, synthetic classifier
+
+
+def test_a_cache_missing_training_keys_is_refused_before_training(shards, tmp_path):
+    """A key missing from the text cache was a KeyError traceback at the first batch holding it, maybe far into
+    training; it is one line, counted, with an example, before the first step."""
+    from ctgen.data.stream import iter_raw_samples
+
+    keys = sorted(k for k, _ in iter_raw_samples(shards["manifest"]))
+    partial = encode_prompts(_WordEncoder(), {k: "left nodule." for k in keys[:-2]}, tmp_path / "partial.safetensors")
+    cfg = {"model": {**TINY, "embed_dim": 8, "text_dim": 12}, "text_encoder": None,
+           "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "tensorboard": False},
+           "data": {"manifests": [shards["manifest"]], "text_cache": str(partial), "prompt": "generatect",
+                    "hu_window": WINDOW}}
+    with pytest.raises(ValueError, match=rf"2 of the 8 training keys are not in the text cache {partial} "
+                                         rf"\(e.g. '(?:{keys[-2]}|{keys[-1]})'\)"):
+        train_clip(cfg, tmp_path / "clip", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_the_clip_text_side_comes_from_the_spec_of_the_family_scored(tmp_path):

@@ -139,6 +139,15 @@ def test_frozen_encoders_set_the_text_widths_from_their_caches(latent_run, tmp_p
     saved = json.loads((tmp_path / "flow" / "config.json").read_text())["config"]
     assert saved["text_dims"] == [_WordEncoder.dim] and saved["text_encoder"] is None
     assert saved["max_text_tokens"] == _WordEncoder.max_length
+    # a section missing from the cache is refused before the first step (a KeyError at its first batch before)
+    partial = encode_prompts(_WordEncoder(), {k: t for k, t in texts.items() if not k.endswith(":impression")},
+                             tmp_path / "partial.safetensors")
+    with pytest.raises(ValueError, match=rf"{len(keys)} of the {2 * len(keys)} training keys are not in the text "
+                                         rf"cache {partial} \(e.g. '.*:impression'\)"):
+        run_training("latent_flow", {"model": model, "train": {**TRAIN, "max_steps": 2},
+                                     "data": {"latents": [str(latent_run["latents"])], "text_cache": str(partial),
+                                              "prompt": "generatect"}},
+                     tmp_path / "flow2", tmp_path / "ckpt2")
 
 
 def test_spec_and_sampling_through_the_cli(latent_run, cohort, tmp_path):

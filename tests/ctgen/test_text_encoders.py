@@ -34,6 +34,7 @@ class Counting:
     def __init__(self, inner):
         self.inner, self.seen = inner, []
         self.identity, self.max_length, self.dim = inner.identity, inner.max_length, inner.dim
+        self.count_tokens = inner.count_tokens
 
     def encode(self, texts, batch_size=32):
         self.seen.extend(texts)
@@ -63,7 +64,8 @@ def test_minilm_padding_invariance_and_truncation(minilm):
     alone = minilm.encode([short]).hidden[0]
     batched = minilm.encode([long, short]).hidden
     n = alone.shape[0]
-    assert batched.shape[1] == 64  # the long text is truncated to max_length
+    kept = " ".join(REPORTS[:3]) + " Cardiomegaly. No pneumothorax."  # the whole sentences that fit in 64 tokens
+    assert batched.shape[1] == minilm.count_tokens(kept) <= 64 < minilm.count_tokens(" ".join(REPORTS[:4]))
     assert minilm.count_tokens(short) == n and minilm.count_tokens(long) > 64  # counted before truncation
     torch.testing.assert_close(batched[1, :n], alone, atol=1e-5, rtol=0)
     assert torch.all(batched[1, n:] == 0)
@@ -149,6 +151,28 @@ def test_a_spec_rebuilds_the_encoder_the_cache_was_made_with_or_refuses(tmp_path
         build_text_encoder(entry, device="cpu")
     with pytest.raises(ValueError, match="not the one the model was trained on"):
         build_text_encoder({**entry, "path": str(moved), "dtype": "float32"}, device="cpu")  # other precision
+
+
+def _tiny_bert(folder, minilm, tokenizer: bool = True):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(minilm.tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json") if tokenizer else ():
+        shutil.copy(minilm.path / name, folder / name)
+
+
+def test_a_folder_without_its_tokenizer_files_is_refused(tmp_path, minilm):
+    """config.json and weights but no tokenizer files (an incomplete download) loaded an empty 5-token tokenizer:
+    every word [UNK], "left" and "right pleural effusion" the same states, and no error or warning."""
+    _tiny_bert(tmp_path / "complete", minilm)
+    enc = build_text_encoder({"kind": "hf", "path": str(tmp_path / "complete"), "max_length": 16}, device="cpu")
+    assert enc.dim == 32
+    _tiny_bert(tmp_path / "notok", minilm, tokenizer=False)
+    with pytest.raises(ValueError, match=r"notok: its tokenizer \(5 tokens.*lacks its tokenizer files") as err:
+        build_text_encoder({"kind": "hf", "path": str(tmp_path / "notok"), "max_length": 16}, device="cpu")
+    assert "\n" not in str(err.value)
 
 
 def test_build_text_encoder_errors(tmp_path):
@@ -355,6 +379,11 @@ def test_the_latent_flow_familys_encoders_default_to_the_cascades_and_are_checke
                                              {"kind": "minilm", "path": None, "max_length": 64}]
     with pytest.raises(ValueError, match="text_pooling must be mean .* not 'tokens'"):
         flow_text_encoders(own, {"latent_flow": {"model": {"text_pooling": "tokens"}}})
+    # a preset sizing each section's slot (the paper's 256 rows) reads as many tokens of it, where no entry says
+    # otherwise: the cascade's 128 left half of every slot padding and most findings unread
+    wide = {"latent_flow": {"model": {"text_pooling": "mean", "max_text_tokens": 256}}}
+    assert flow_text_encoders(models, wide) == [{**models["text_encoder"], "max_length": 256}]
+    assert [e["max_length"] for e in flow_text_encoders(own, wide)] == [256, 64]
     with pytest.raises(ValueError, match="the small trainable encoder is used alone"):
         flow_text_encoders({**models, "latent_flow_text_encoders": [{"kind": "minilm"}, {"kind": "small"}]}, mean)
 
@@ -372,3 +401,142 @@ def test_the_tokenizer_is_fitted_on_the_training_splits_given(tmp_path):
                      "--vocab-size", "200", "--splits", *splits, "--out", str(tmp_path / "t.json")]) == 0
         words = set(json.loads((tmp_path / "t.json").read_text())["model"]["vocab"])
         assert seen in words and unseen not in words
+
+
+def test_a_damaged_cache_or_encoder_folder_is_named_in_one_line(tmp_path, minilm):
+    """A truncated cache, a safetensors file without the cache's metadata, an empty or HTML file; an encoder folder
+    without weights or with truncated ones: each a ValueError (one line from the command line) naming the path,
+    where safetensors', KeyError's and transformers' tracebacks named none."""
+    from safetensors.torch import save_file
+
+    from ctgen.data.text_cache import FORMAT
+
+    good = encode_prompts(minilm, {"a": "pleural effusion"}, tmp_path / "good.safetensors")
+    data = good.read_bytes()
+    bad = {"truncated": data[:-100], "empty": b"", "html": b"<html><body>Not found</body></html>"}
+    for name, content in bad.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(content)
+    save_file({"hidden": torch.zeros(1, 2)}, tmp_path / "foreign.safetensors", metadata={"cache_format": FORMAT})
+    for name in [*bad, "foreign"]:
+        path = tmp_path / f"{name}.safetensors"
+        with pytest.raises(ValueError, match="is not a readable text cache") as err:
+            EmbeddingCache(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value), name
+    folder = tmp_path / "enc"
+    _tiny_bert(folder, minilm)
+    weights = folder / "model.safetensors"
+    full = weights.read_bytes()
+    weights.write_bytes(full[:len(full) // 2])
+    with pytest.raises(ValueError, match=f"text encoder {folder} cannot be loaded") as err:
+        build_text_encoder({"kind": "hf", "path": str(folder)}, device="cpu")
+    assert "\n" not in str(err.value)
+    weights.unlink()
+    with pytest.raises(ValueError, match=f"text encoder {folder} cannot be loaded") as err:
+        build_text_encoder({"kind": "hf", "path": str(folder)}, device="cpu")
+    assert "\n" not in str(err.value)
+
+
+NEGATED = ("Mild cardiomegaly is present. Pericardial effusion-thickening was not observed. "
+           "Trachea and both main bronchi are open.")  # 10, 23 and 35 MiniLM tokens by sentence
+
+
+def test_a_long_text_is_cut_at_whole_sentences_counted_and_logged(tmp_path, minilm, caplog):
+    """A text over max_length was cut at the token limit, inside a sentence ("Pericardial effusion" kept, "-thickening
+    was not observed" cut: an absent finding made present), and nothing counted or logged it."""
+    short = minilm_encoder(max_length=16, device="cpu")
+    with caplog.at_level("WARNING", logger="ctgen.data.text_cache"):
+        cache = EmbeddingCache(encode_prompts(short, {"a": NEGATED, "b": "pleural effusion", "c": NEGATED},
+                                              tmp_path / "c.safetensors", dtype="float32"))
+    assert cache.truncated == 1  # distinct texts
+    assert "1 of 2 distinct texts are longer than max_length 16 tokens (the longest 35)" in caplog.text
+    first = minilm.encode(["Mild cardiomegaly is present."])
+    assert cache.get("a").shape[0] == 10
+    torch.testing.assert_close(cache.get("a"), first.hidden[0], atol=1e-5, rtol=0)
+    assert EmbeddingCache(encode_prompts(short, {"b": "pleural effusion"}, tmp_path / "d.safetensors")).truncated == 0
+    # the report tokenizer (the small and the report encoder, training and sampling) cuts the same way, and counts
+    tok = fit_text_tokenizer(REPORTS * 3 + [NEGATED], vocab_size=300, path=tmp_path / "tok.json")
+    n = [tok.count_tokens(t) for t in ("Mild cardiomegaly is present.", NEGATED)]
+    ids, mask = tok.encode_batch([NEGATED, "pleural effusion"], n[0] + 2)
+    assert mask.sum(1).tolist()[0] == n[0] and tok.cut == 1 and tok.longest == n[1]
+    alone, _ = tok.encode_batch(["Mild cardiomegaly is present."], 64)
+    assert torch.equal(ids[0, :n[0]], alone[0])
+    one_sentence, _ = tok.encode_batch(["a b c d e f g h"], 5)  # a first sentence longer alone: the hard cut
+    assert one_sentence.shape[1] == 5 and tok.cut == 2
+
+
+class _Constant:
+    """A stand-in frozen encoder: ``length`` rows of ``value`` for every text."""
+
+    max_length, identity = 64, "Constant:/enc:0:max_length=64"
+
+    def __init__(self, dim: int = 8, length: int = 4, value: float = 0.5):
+        self.dim, self.length, self.value = dim, length, value
+
+    def count_tokens(self, text: str) -> int:
+        return self.length
+
+    def encode(self, texts, batch_size=32) -> TextEncoding:
+        return TextEncoding(torch.full((len(texts), self.length, self.dim), self.value),
+                            torch.ones(len(texts), self.length, dtype=torch.bool))
+
+
+def test_encoding_holds_the_states_once(tmp_path):
+    """The packed states were kept as chunks and then concatenated: two copies at peak (7 GB of CT-RATE sections
+    -> 14 GB against the rule's 8 GB). Measured in a fresh process: peak RSS growth under 1.5x the payload."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from tests.ctgen.test_text_encoders import _Constant
+        from ctgen.data.text_cache import EmbeddingCache, encode_prompts
+        enc = _Constant(dim=384, length=64)
+        prompts = {{f"k{{i}}": f"text {{i}}" for i in range(4000)}}
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        path = encode_prompts(enc, prompts, {str(tmp_path / 'c.safetensors')!r}, batch_size=8)
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+        payload = 4000 * 64 * 384 * 2
+        cache = EmbeddingCache(path)
+        assert torch.equal(cache.get("k7"), torch.full((64, 384), 0.5)), "states changed"
+        print(grown / payload)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert float(out.stdout.split()[-1]) < 1.5, out.stdout
+
+
+def test_non_finite_states_advise_what_can_be_set(tmp_path):
+    """The advice was "use dtype='float32'", a cache dtype the jobs do not expose; it now tells the encoder's own
+    precision (settable) from states beyond float16's range."""
+    with pytest.raises(ValueError, match=r"text encoder /enc gives non-finite states for 'a'.*dtype: float32"):
+        encode_prompts(_Constant(value=float("nan")), {"k": "a"}, tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match=r"states of 'a' reach 1e\+05, beyond the float16 the cache is stored in"):
+        encode_prompts(_Constant(value=1e5), {"k": "a"}, tmp_path / "c.safetensors")
+    assert EmbeddingCache(encode_prompts(_Constant(value=1e5), {"k": "a"}, tmp_path / "c.safetensors",
+                                         dtype="float32")).get("k").max() == 1e5
+
+
+def test_a_damaged_cache_row_or_layout_is_named(tmp_path):
+    """Bytes of the states overwritten, or offsets past the rows: the file opened and gave NaN states, or a short
+    row, silently; now a ValueError naming the key (or the layout) and the file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = encode_prompts(_Constant(length=4), {"a": "x", "b": "y"}, tmp_path / "c.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-8:] = b"\xff" * 8  # the last row's last values: NaN in float16
+    (tmp_path / "nan.safetensors").write_bytes(bytes(data))
+    cache = EmbeddingCache(tmp_path / "nan.safetensors")
+    assert cache.get("a").isfinite().all()  # the other rows still read
+    with pytest.raises(ValueError, match=f"text cache {tmp_path / 'nan.safetensors'} holds non-finite states for 'b'"):
+        cache.batch(["a", "b"])
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    for name, offsets in {"past": [0, 1, 5], "unordered": [0, 5, 4], "short": [0, 4, 6]}.items():
+        bad = tmp_path / f"{name}.safetensors"
+        save_file({"hidden": tensors["hidden"], "offsets": torch.tensor(offsets)}, bad, metadata=meta)
+        with pytest.raises(ValueError, match=f"{bad} is not a readable text cache .*offsets do not cover the 8 rows"):
+            EmbeddingCache(bad)
+
