@@ -175,9 +175,10 @@ def shard_chunk(
     if fallback_key not in prompts.columns:
         fallback_key = None
     used = prompts[prompts["VolumeName"].isin(prep["VolumeName"])]
-    empty = ~used[prompt_key].map(_filled)
+    # as booleans: pandas 3 keeps an empty map's string dtype (a chunk with no volume of this split), which ~ refuses
+    empty = ~used[prompt_key].map(_filled).to_numpy(dtype=bool)
     if fallback_key is not None:
-        empty &= ~used[fallback_key].map(_filled)
+        empty &= ~used[fallback_key].map(_filled).to_numpy(dtype=bool)
     if empty.any():
         names = list(used.loc[empty, "VolumeName"])
         raise ValueError(f"{len(names)} volume(s) have no {prompt_key!r} prompt (first: {names[0]}): its template needs "

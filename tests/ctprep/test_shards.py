@@ -396,6 +396,11 @@ def test_prep_and_shard_chunk_pack_the_prepared_payloads_as_they_are(tmp_path, d
         shard_chunk(tmp_path / "prep.parquet", tmp_path / "cohort.parquet", tmp_path / "prompts.parquet",
                     "train", 0, tmp_path / "shards2", shard_size=8, prompt_key="short")
     assert not (tmp_path / "shards2").exists()
+    # a chunk without a volume of the split: an empty manifest (pandas 3 kept the empty check's string dtype, and ~
+    # on it failed every such chunk of the demo)
+    pd.DataFrame(prompts).to_parquet(tmp_path / "prompts.parquet")
+    assert shard_chunk(tmp_path / "prep.parquet", tmp_path / "cohort.parquet", tmp_path / "prompts.parquet",
+                       "valid", 0, tmp_path / "shards3", shard_size=8, prompt_key="short")["n_samples"] == 0
 
 
 def test_a_malformed_manifest_is_named_and_the_others_are_still_checked(tmp_path, capsys):
