@@ -52,6 +52,7 @@ _SIDE_LIST_WORD = re.compile(
     r"|to|side|sides|sided|lungs?|hemithorax|hemithoraces|bases?|apex|apices|zones?|segments?|lobes?|upper|middle"
     r"|lower|lingula|hil(um|a)|aspects?|portions?|parts?|mild|mildly|moderate|moderately|severe|small|large|tiny"
     r"|trace|minimal|minor|\d+([.,]\d+)?|mm|cm|x|deepest|thickest|widest|largest|diameter|depth|thickness|measuring"
+    r"|deep|thick|wide|which|that|is|are|was|were|seen|noted|present|visible|again|still|there|some|between"
     r"|pleura|" + "|".join(PLACE_NOUNS + PLACE_PREPOSITIONS) + r"|\w+(al|ar|ic|ary|ior|ous|ed|ward|wards))", re.I)
 #: A lobe's side.
 LOBE_SIDE = {"RUL": "right", "RML": "right", "RLL": "right", "LUL": "left", "LLL": "left", "lingula": "left"}
@@ -306,10 +307,10 @@ def _sides_listed(text: str, right: list[re.Match], left: list[re.Match], pos: i
                 own = gap + " " + text[b.end(): pos]
             elif pos >= a.end():  # "left effusion and right ..." : the later side's words must be the effusion's
                 own = tail
-            else:  # "effusion in the right and left lower lobes", "effusion on the right and on the left"; what the
-                # gap holds between two places after the finding is read as theirs ("effusion 2 cm deep on the right
-                # and 1 cm on the left"), not checked
-                own = tail
+            else:  # "effusion in the right and left lower lobes", "effusion on the right and on the left", "effusion
+                # 2 cm deep on the right and 1 cm on the left"; a noun between the two places is a finding of its own,
+                # the later side its ("Effusion on the right and pneumothorax on the left" is a right effusion)
+                own = gap + " " + tail
             if _only_place_words(own):
                 return True
     return False

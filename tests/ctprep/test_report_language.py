@@ -1603,6 +1603,14 @@ def mention_attrs(text, label):
     ("Consolidation in the right lower lobe and in the left upper lobe.", "Consolidation",
      [("bilateral", "RLL", None)]),
     ("Pleural effusion on the right, more than on the left.", EFFUSION, [("bilateral", "pleura", None)]),
+    ("Effusion 2 cm deep on the right and 1 cm on the left.", EFFUSION, [("bilateral", "pleura", 20.0)]),
+    ("Effusion on the right, which is larger than on the left.", EFFUSION, [("bilateral", "pleura", None)]),
+    # ... but another finding between the two places takes the later side
+    ("Effusion on the right and pneumothorax on the left.", EFFUSION, [("right", "pleura", None)]),
+    ("There is a pleural effusion on the right and a pneumothorax on the left.", EFFUSION,
+     [("right", "pleura", None)]),
+    ("Pleural effusion is seen on the right and pleural thickening on the left.", EFFUSION,
+     [("right", "pleura", None)]),
     # a finding that names its own place borrows no side or lobe from the list it is in
     ("Emphysema in the upper lobes and right pleural effusion.", "Emphysema", [(None, "lung", None)]),
     ("Atelectasis and consolidation in the left lower lobe.", "Atelectasis", [("left", "LLL", None)]),
