@@ -279,6 +279,9 @@ SAMPLER = canonical(
         )
     }
 )
+# the cascade sampler's super-resolution steps as `ctgen sample` reads them (explicit: left out, `ctgen sample` took
+# cascade_sampling.json's where the spec job had already written it)
+SR_STEPS_FLAG = f"--sr-steps {SAMPLER['sr_steps']}" if SAMPLER["sr_steps"] else ""
 # Scheduling priority of the tokenizer -> tokens -> generator chain (with its text inputs), the DAG's longest, and
 # of the guidance sweep, the longest job after it: where cores are short (the demo's 2), they start first and the other
 # jobs run beside them instead of after them.

@@ -102,7 +102,7 @@ rule sample:
         out=lambda wc, output: os.path.dirname(output.manifest),
         s=SAMPLING,
         sr_batch=SR_BATCH,
-        sr_steps=f"--sr-steps {SAMPLING['sr_steps']}" if SAMPLING["sr_steps"] else "",
+        sr_steps=SR_STEPS_FLAG,
         dicom=lambda wc, output: (
             f"--dicom {os.path.dirname(output.manifest)}/dicom"
             if config["sampling"]["dicom"]
@@ -165,8 +165,7 @@ rule sample_tstr:
         out=lambda wc, output: os.path.dirname(output.manifest),
         s=SAMPLER,
         sr_batch=SR_BATCH,
-        # explicit: left out, `ctgen sample` took cascade_sampling.json's where that job had already written it
-        sr_steps=f"--sr-steps {SAMPLER['sr_steps']}" if SAMPLER["sr_steps"] else "",
+        sr_steps=SR_STEPS_FLAG,
     shell:
         "ctgen sample --models {params.models} --prompts {input.prompts} --out-dir {params.out}"
         " --seed {params.s[seed]} --per-prompt 1 --steps {params.s[steps]}"
