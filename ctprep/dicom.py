@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing as mp
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -707,6 +709,7 @@ def convert_folder(
     name_format: str = "{split}_{index}_a_1.nii.gz",
     start_index: int = 1,
     allow_gaps: bool = False,
+    workers: int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Convert every immediate subfolder of ``in_dir`` (one series each) to ``out_dir/<name>``.
 
@@ -719,7 +722,11 @@ def convert_folder(
     read (:func:`sources_table` joins them). A series with the voxels and affine of an earlier folder's (in name
     order, within this conversion) is a reject naming that folder: the same scan twice would weigh double in
     training. Copies across separate conversions (parts, splits) are not compared. ``strict`` raises on the
-    first bad series instead.
+    first bad series (in name order) instead.
+
+    ``workers`` > 1 converts that many series at a time in worker processes (each holds one decoded series, a
+    few hundred MB); the results are taken in name order, so the tables and files are the same for any
+    ``workers``.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     folders = sorted((p for p in in_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
@@ -729,31 +736,53 @@ def convert_folder(
     names = _names(folders, name_format, split, start_index)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, rejects, sources, series_uids, first_of = [], [], {}, {}, {}
-    for folder, name in zip(folders, names):
-        sources[name] = str(folder)
-        try:
-            vol = dicom_to_nifti(folder, out_dir / name, allow_gaps=allow_gaps)
-            series_uids[name] = (vol.meta["series_uid"], vol.meta["study_uid"])
-            # by content, not SeriesInstanceUID: anonymised exports blank it, and a re-export gives new UIDs
-            earlier = first_of.setdefault(_content_digest(vol), folder)
-            if earlier != folder:
-                raise SeriesError(f"the same voxels and geometry as {earlier}: a copy of that series would count "
-                                  "the scan twice")
-        except VolumeError as err:
-            if strict:
-                raise
-            logger.warning("rejected %s (%s): %s", folder, name, err)
-            (out_dir / name).unlink(missing_ok=True)  # no stale volume from an earlier run, nor the copy
-            rejects.append({"VolumeName": name, "stage": "dicom", "reason": str(err)})
-            continue
-        logger.info("%s -> %s %r", folder, name, vol)
-        rows.append({**vol.meta["metadata_row"], "VolumeName": name})
+    # forked workers inherit the rule's log handler, so a series' own warnings reach its log file
+    pool = ProcessPoolExecutor(min(workers, len(folders)), mp_context=mp.get_context(
+        "fork" if "fork" in mp.get_all_start_methods() else None)) if workers > 1 and len(folders) > 1 else None
+    try:
+        done = (pool.map if pool else map)(_convert_one, folders, [out_dir / n for n in names],
+                                           [allow_gaps] * len(folders))  # in order
+        for n, (folder, name, (result, err)) in enumerate(zip(folders, names, done), 1):
+            sources[name] = str(folder)
+            try:
+                if err is not None:
+                    raise err
+                meta, uid_pair, digest = result
+                series_uids[name] = uid_pair
+                # by content, not SeriesInstanceUID: anonymised exports blank it, and a re-export gives new UIDs
+                earlier = first_of.setdefault(digest, folder)
+                if earlier != folder:
+                    raise SeriesError(f"the same voxels and geometry as {earlier}: a copy of that series would count "
+                                      "the scan twice")
+            except VolumeError as error:
+                if strict:
+                    raise
+                logger.warning("rejected %s (%s): %s", folder, name, error)
+                (out_dir / name).unlink(missing_ok=True)  # no stale volume from an earlier run, nor the copy
+                rejects.append({"VolumeName": name, "stage": "dicom", "reason": str(error)})
+                continue
+            logger.info("%s -> %s (%d/%d)", folder, name, n, len(folders))
+            rows.append({**meta, "VolumeName": name})
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     metadata = pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
     rejected = pd.DataFrame(rejects, columns=["VolumeName", "stage", "reason"])
     for table in (metadata, rejected):
         table.attrs["source"] = {n: sources[n] for n in table["VolumeName"]}
         table.attrs["uids"] = {n: series_uids[n] for n in table["VolumeName"] if n in series_uids}
     return metadata, rejected
+
+
+def _convert_one(folder: Path, out_path: Path, allow_gaps: bool) -> tuple[tuple | None, VolumeError | None]:
+    """One series of :func:`convert_folder`: ((metadata row, (series, study UID), content digest), None), or
+    (None, the error) for a series to reject (an unexpected error raises, in a worker too)."""
+    try:
+        vol = dicom_to_nifti(folder, out_path, allow_gaps=allow_gaps)
+    except VolumeError as err:
+        return None, err
+    logger.info("%s: %r", out_path.name, vol)
+    return (vol.meta["metadata_row"], (vol.meta["series_uid"], vol.meta["study_uid"]), _content_digest(vol)), None
 
 
 def _content_digest(vol: Volume) -> str:
@@ -781,10 +810,10 @@ def sources_table(metadata: pd.DataFrame, rejects: pd.DataFrame) -> pd.DataFrame
 
 
 def convert_folder_to_outputs(in_dir, volumes_dir, metadata_csv, rejects_path, *, split: str = "train",
-                              strict: bool = False, sources_csv=None) -> pd.DataFrame:
-    """The ``dicom2nifti`` rule: convert a folder of series and write metadata CSV, rejects and the sources
-    (:func:`sources_table`)."""
-    metadata, rejects = convert_folder(in_dir, volumes_dir, strict=strict, split=split)
+                              strict: bool = False, sources_csv=None, workers: int = 1) -> pd.DataFrame:
+    """The ``dicom2nifti`` rule: convert a folder of series (``workers`` at a time) and write metadata CSV, rejects
+    and the sources (:func:`sources_table`)."""
+    metadata, rejects = convert_folder(in_dir, volumes_dir, strict=strict, split=split, workers=workers)
     metadata.to_csv(metadata_csv, index=False)
     if sources_csv is not None:
         sources_table(metadata, rejects).to_csv(sources_csv, index=False)

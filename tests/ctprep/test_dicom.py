@@ -532,6 +532,23 @@ def test_convert_folder_strict_and_names(series_folder, tmp_path):
         convert_folder(series_folder, tmp_path / "dup", name_format="../{index}.nii.gz")
 
 
+def test_convert_folder_in_worker_processes_gives_the_same_tables_and_files(series_folder, tmp_path):
+    """A hospital archive of thousands of series converted on one thread took hours: workers convert series side by
+    side, and the results are taken in name order, so tables, names, rejects and bytes do not depend on them."""
+    copy_series(EXAMPLE, series_folder / "f_copy")  # a copy of a_good: rejected whichever worker finishes first
+    serial = convert_folder(series_folder, tmp_path / "serial")
+    parallel = convert_folder(series_folder, tmp_path / "parallel", workers=3)
+    for one, other in zip(serial, parallel):
+        pd.testing.assert_frame_equal(one, other)
+        assert one.attrs == other.attrs
+    assert "train_6_a_1.nii.gz" in set(parallel[1]["VolumeName"])
+    files = sorted(p.name for p in (tmp_path / "serial").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "parallel").iterdir()) == ["train_1_a_1.nii.gz"]
+    assert ((tmp_path / "serial" / files[0]).read_bytes() == (tmp_path / "parallel" / files[0]).read_bytes())
+    with pytest.raises(SeriesError, match="not CT"):  # strict: the first bad series in name order
+        convert_folder(series_folder, tmp_path / "strict", strict=True, workers=3)
+
+
 def test_a_copied_series_is_rejected_and_every_name_traces_to_its_folder(tmp_path):
     """The same series in two folders became two volumes (a scan counted twice, or in both splits); and a name
     (the folder's sorted position) could not be traced back to its series once the archive grew: the rule writes

@@ -14,9 +14,10 @@ if DICOM:
             f"{R}/benchmarks/dicom2nifti.tsv"
         conda:
             "../../envs/prep.yaml"
-        threads: 1
+        threads: config["dicom"]["threads"]
         resources:
-            mem_mb=4000,
+            # one decoded series per worker process (a 512 x 512 x 600 series: ~1.5 GB at its peak)
+            mem_mb=lambda wc, threads: 2000 + 2000 * threads,
             runtime=grows_with_attempt(120, 2),
         params:
             code=script_digest("dicom2nifti.py"),

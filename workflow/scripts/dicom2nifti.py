@@ -12,4 +12,5 @@ convert_folder_to_outputs(
     split=snakemake.params.split,
     strict=snakemake.params.strict,
     sources_csv=snakemake.output.sources,
+    workers=snakemake.threads,
 )
