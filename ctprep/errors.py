@@ -82,6 +82,12 @@ def describe(err: BaseException) -> str:
     return " ".join(text.split())  # one line: YAML and pandas messages span several
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error message (safetensors, torch and transformers give pages), or its type."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def run_reporting_errors(prog: str, func: Callable[[], int | None], debug: bool = False) -> int:
     """``func()``'s exit status; a user mistake becomes ``<prog>: error: ...`` on stderr and status 2.
 

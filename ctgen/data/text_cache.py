@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ctprep.errors import first_line
 from ctprep.volume import atomic_write
 from ctgen.models.text_encoders import TextEncoder, TextEncoding, pad_states
 
@@ -162,7 +163,7 @@ class EmbeddingCache:
             rows, dim = self._open().get_slice("hidden").get_shape()
             _check_layout(self._offsets, self._index, rows, dim, self.dim)
         except (SafetensorError, OSError, KeyError, ValueError) as err:  # truncated, an HTML page, another file
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise ValueError(f"{self.path} is not a readable text cache (truncated, or another file?): {first}; "
                              "re-run embed-prompts / embed-sections") from None
 

@@ -50,6 +50,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ctgen.models.base import ModelOutput, PretrainedMixin
+from ctprep.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -295,13 +296,13 @@ def read_maisi_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj: Any = load_file(path)
         except Exception as err:  # safetensors' own error type (a truncated copy, an HTML page saved under the name)
             raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0][:200]})") from err
+                             f"{first_line(err)[:200]})") from err
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle errors differ by torch version; the cause is the same
             raise ValueError(f"{path}: not a weights-only torch checkpoint ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0][:200]})") from err
+                             f"{first_line(err)[:200]})") from err
     if isinstance(obj, dict) and isinstance(obj.get("unet_state_dict"), dict):
         obj = obj["unet_state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -33,6 +33,7 @@ from torch import nn
 
 from ctgen.models.attention import Attention
 from ctgen.models.base import ModelOutput, PretrainedMixin
+from ctprep.errors import first_line
 from ctprep.shards import sha256_file
 from ctprep.volume import atomic_write
 
@@ -102,7 +103,7 @@ class FrozenHFTextEncoder:
                     model = model.get_encoder()
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, **opts)
         except (OSError, SafetensorError) as err:  # no weights file, a truncated one: a traceback of 40 lines before
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise ValueError(f"text encoder {self.path} cannot be loaded (a file missing or truncated?): {first}") from None
         limit = getattr(config, "max_position_embeddings", None)
         if limit is not None and self.max_length > limit:

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ctprep.errors import first_line
+
 log = logging.getLogger(__name__)
 
 
@@ -35,13 +37,13 @@ def read_state_dict(path: str | os.PathLike, what: str) -> dict:
         try:
             return load_file(path)
         except (SafetensorError, OSError) as err:  # a truncated download, a text file: "header too large" etc.
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise ValueError(f"{what} {path} cannot be read as a safetensors file (truncated or not weights?): "
                              f"{first}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError) as err:  # KeyError: a text file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         if "weights_only" in first:  # torch's advice to load with weights_only=False: unsafe, and no cure for a bad file
             first = type(err).__name__
         raise ValueError(f"{what} {path} cannot be read as a weights-only checkpoint (truncated or not a "
