@@ -39,7 +39,8 @@ rule embed_prompts:
         "../../envs/train.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
+        # the packed states of every distinct text, held once (CT-RATE's sections: ~7 GB): more on a retry
+        mem_mb=grows_with_attempt(8000, 2),
         runtime=grows_with_attempt(60, 2),
         gpu=0,
     params:
