@@ -159,7 +159,10 @@ def _encode_latents(args: argparse.Namespace) -> int:
     if not low < high:
         raise UserError(f"--hu-window: LOW must be below HIGH, got {low:g} {high:g}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encode_latents(args.autoencoder, args.manifest, args.out, args.hu_window, batch_size=args.batch_size, device=device)
+    if args.encode_overlap is not None and args.encode_window is None:
+        raise UserError("--encode-overlap needs --encode-window")
+    encode_latents(args.autoencoder, args.manifest, args.out, args.hu_window, batch_size=args.batch_size, device=device,
+                   encode_window=args.encode_window, encode_overlap=args.encode_overlap)
     return 0
 
 
@@ -322,6 +325,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", dest="batch_size", type=positive_int, default=1, help="volumes encoded at once")
     e.add_argument("--hu-window", dest="hu_window", type=float, nargs=2, required=True, metavar=("LOW", "HIGH"),
                    help="the prep preset's HU window (its clip), mapped to [-1, 1]")
+    e.add_argument("--encode-window", dest="encode_window", type=positive_int, nargs=3, metavar=("D", "H", "W"),
+                   help="encode in sliding windows of this many voxels (default: the autoencoder's encode_window; "
+                        "without one, whole volumes)")
+    e.add_argument("--encode-overlap", dest="encode_overlap", type=float,
+                   help="overlap of the encode windows (default: the autoencoder's encode_overlap, 0.25)")
     e.add_argument("--device", default=None, type=device_option, help="torch device (default: cuda when available, else cpu)")
     e.set_defaults(func=_encode_latents)
 

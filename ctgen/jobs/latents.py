@@ -13,6 +13,7 @@ gives the scale factor exactly (1 / std over every training latent) at no extra 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,11 +52,21 @@ def report_sections(meta: dict) -> dict[str, str]:
 
 @torch.no_grad()
 def encode_latents(autoencoder_dir: str | Path, manifest: str | Path, out_dir: str | Path, window, *,
-                   batch_size: int = 1, device: str = "cpu") -> Path:
-    """Latent shards (mu, sigma) of one volume-shard manifest; returns the derived manifest's path."""
+                   batch_size: int = 1, device: str = "cpu", encode_window: tuple[int, int, int] | None = None,
+                   encode_overlap: float | None = None) -> Path:
+    """Latent shards (mu, sigma) of one volume-shard manifest; returns the derived manifest's path.
+
+    ``encode_window``/``encode_overlap``: a sliding-window encode (``MaisiAutoencoder.encode``) over the
+    autoencoder's own setting, which is that of its training config when it was trained."""
     from ctgen.models.autoencoder import LatentStats, MaisiAutoencoder
 
     model = MaisiAutoencoder.from_pretrained(autoencoder_dir, map_location=device).eval()
+    if encode_window is not None:
+        model.config = dataclasses.replace(model.config, encode_window=tuple(encode_window),
+                                           encode_overlap=model.config.encode_overlap if encode_overlap is None
+                                           else encode_overlap)  # checked as at load
+        log.info("encoding in windows of %s voxels, overlap %g", model.config.encode_window,
+                 model.config.encode_overlap)
     producer = weights_id(autoencoder_dir)
     stats = LatentStats()
 

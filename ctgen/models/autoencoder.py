@@ -87,6 +87,11 @@ class MaisiAutoencoderConfig:
     decode_window: tuple[int, int, int] | None = (16, 40, 40)  # latent window (D, H, W) of the sliding-window
     #                decode of larger latents (~4 GiB peak on CPU in fp32); None = decode whole
     decode_overlap: float = 0.4  # overlap of neighbouring decode windows (NVIDIA's inference config: 0.4)
+    encode_window: tuple[int, int, int] | None = None  # image window (D, H, W) of a sliding-window encode of larger
+    #                volumes (~960 bytes a voxel in fp32 on the CPU: 53 GiB whole at 480x480x256, 3 GiB for a
+    #                128x160x160 window); None = encode whole, as NVIDIA's latent preparation does
+    encode_overlap: float = 0.25  # overlap of neighbouring encode windows; each step must be a multiple of the
+    #                downsample factor, so that every window's latent lands on whole latent voxels
     recon_loss: str = "l1"  # reconstruction loss: "l1" (NVIDIA's recon_loss) or "l2"
     kl_weight: float = 1e-7  # weight of the KL term, summed over latent elements as MAISI does (NVIDIA: 1e-7)
     adv_weight: float = 0.1  # weight of the generator's least-squares adversarial term (NVIDIA: 0.1); 0 = no GAN
@@ -108,6 +113,19 @@ class MaisiAutoencoderConfig:
             raise ValueError("decode_overlap must be in [0, 1)")
         if self.decode_window is not None and (len(self.decode_window) != 3 or min(self.decode_window) < 1):
             raise ValueError(f"decode_window must be three positive sizes (D, H, W), got {self.decode_window}")
+        if not 0.0 <= self.encode_overlap < 1.0:
+            raise ValueError("encode_overlap must be in [0, 1)")
+        if self.encode_window is not None:
+            f = self.downsample
+            if len(self.encode_window) != 3 or min(self.encode_window) < 1 or any(w % f for w in self.encode_window):
+                raise ValueError(f"encode_window must be three positive sizes (D, H, W) divisible by {f}, got "
+                                 f"{self.encode_window}")
+            # MONAI's step between windows: int(size * (1 - overlap)); off the latent grid, windows would blend
+            # latents half a voxel apart
+            if any(max(int(w * (1 - self.encode_overlap)), 1) % f for w in self.encode_window):
+                raise ValueError(f"encode_window {self.encode_window} with encode_overlap {self.encode_overlap} "
+                                 f"steps by {[int(w * (1 - self.encode_overlap)) for w in self.encode_window]} "
+                                 f"voxels: each step must be a multiple of {f} (try overlap 0.25 or 0.5)")
         lo, hi = self.value_range
         if not hi > lo:
             raise ValueError(f"value_range must be increasing, got {self.value_range}")
@@ -181,10 +199,27 @@ class MaisiAutoencoder(nn.Module, PretrainedMixin):
                              "(crop or pad the prep grid)")
 
     # --- encoding and decoding ----------------------------------------------------------------
-    def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and std ``(mu, sigma)``, each (B, latent_channels, D/f, H/f, W/f); no sampling."""
+    def encode(self, video: torch.Tensor, window: tuple[int, int, int] | None | str = "config"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and std ``(mu, sigma)``, each (B, latent_channels, D/f, H/f, W/f); no sampling.
+
+        ``window``: image window (D, H, W) of a sliding-window encode, Gaussian-blended like the decode's
+        ("config": ``encode_window``; None: whole). A volume no larger than the window is encoded whole. Each
+        window has its own GroupNorm statistics and zero-padded edges, as the training crops had; the latents
+        differ from a whole encode's, so a cache and the samples decoded from it should come from one setting.
+        """
         self._check_image(video)
-        mu, sigma = self.net.encode(self._to_net(video.float()))  # (B, Cz, I/f, J/f, K/f) each
+        window = self.config.encode_window if window == "config" else window
+        x = self._to_net(video.float())  # (B, C, I, J, K)
+        if window is None or all(s <= w for s, w in zip(video.shape[2:], window)):
+            mu, sigma = self.net.encode(x)  # (B, Cz, I/f, J/f, K/f) each
+        else:
+            d, h, w = (min(s, n) for s, n in zip(video.shape[2:], window))  # no window larger than the volume
+            inferer = SlidingWindowInferer(roi_size=(w, h, d), sw_batch_size=1, overlap=self.config.encode_overlap,
+                                           mode="gaussian")
+            # one output for MONAI to stitch (f times smaller than the windows: its zoom-scale support)
+            both = inferer(x, lambda win: torch.cat(self.net.encode(win), dim=1))  # (B, 2 Cz, I/f, J/f, K/f)
+            mu, sigma = both.chunk(2, dim=1)
         to_model = "b c w h d -> b c d h w"
         return rearrange(mu, to_model), rearrange(sigma, to_model)
 

@@ -221,6 +221,31 @@ def test_sliding_window_decode_stitches_windows(model):
     assert not torch.allclose(tiled, whole, atol=1e-3)  # windows see their own GroupNorm statistics
 
 
+def test_sliding_window_encode_places_each_windows_latent_on_its_own_voxels(model):
+    """A whole 480x480x256 encode held ~53 GiB on the CPU: windows bound it. Where one window alone covers a region,
+    the latents are exactly that window's encode, at the latent voxels of its place (the window's step is checked to
+    be a whole number of latent voxels, else windows would blend latents half a voxel apart)."""
+    x = volume(1, 16, 16, 32, seed=4)
+    with torch.no_grad():
+        whole = model.encode(x, window=None)
+        assert all(torch.equal(a, b) for a, b in zip(model.encode(x, window=(16, 16, 32)), whole))  # "config": None
+        assert all(torch.equal(a, b) for a, b in zip(model.encode(x), whole))
+        halves = MaisiAutoencoder(tiny(encode_window=(16, 16, 16), encode_overlap=0.0)).eval()
+        halves.load_state_dict(model.state_dict())
+        mu, sigma = halves.encode(x)
+        left, right = model.encode(x[..., :16], window=None), model.encode(x[..., 16:], window=None)
+        overlapping = model.encode(x, window=(16, 16, 16))  # overlap 0.25: windows start at 0, 12, 16 voxels
+    assert mu.shape == sigma.shape == whole[0].shape == (1, 4, 4, 4, 8)
+    assert torch.allclose(mu[..., :4], left[0], atol=1e-6) and torch.allclose(mu[..., 4:], right[0], atol=1e-6)
+    assert torch.allclose(sigma[..., 4:], right[1], atol=1e-6)
+    assert torch.allclose(overlapping[0][..., :3], left[0][..., :3], atol=1e-5)  # seen by the first window alone
+    assert not torch.allclose(mu, whole[0], atol=1e-3)  # windows see their own GroupNorm statistics
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tiny(encode_window=(16, 16, 18))
+    with pytest.raises(ValueError, match=r"steps by \[9, 9, 9\] voxels: each step must be a multiple of 4"):
+        tiny(encode_window=(12, 12, 12), encode_overlap=0.2)
+
+
 # --- training -----------------------------------------------------------------------------------
 def test_training_loss_terms_and_adversarial_switch():
     torch.manual_seed(0)

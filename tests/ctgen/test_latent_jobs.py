@@ -76,6 +76,32 @@ def test_the_cache_holds_mu_and_sigma_and_their_moments(latent_run, cohort):
     assert flow_cfg["provenance"]["latents_from"] == a["producer"]
 
 
+def test_the_cache_can_be_encoded_in_windows(latent_run, cohort):
+    """encode_window reaches the encoder from the job (the workflow's encode_latents flags): each sample's latents
+    are the windowed encode's, not the whole one's; a window off the latent grid is refused before any work."""
+    import dataclasses
+
+    from ctgen.data.batches import volume_decode
+    from ctgen.models.autoencoder import MaisiAutoencoder
+
+    ae_dir = latent_run["models"] / "autoencoder"
+    windowed = encode_latents(ae_dir, cohort["manifest"], latent_run["root"] / "windowed", WINDOW,
+                              encode_window=(8, 8, 8), encode_overlap=0.5)
+    ae = MaisiAutoencoder.from_pretrained(ae_dir).eval()
+    key, raw = next(iter_raw_samples(cohort["manifest"]))
+    with torch.no_grad():
+        vol = volume_decode(WINDOW)(raw)["volume"][None]  # (1, 1, 8, 16, 16): two windows in-plane
+        whole = ae.encode(vol)[0][0]
+        ae.config = dataclasses.replace(ae.config, encode_window=(8, 8, 8), encode_overlap=0.5)
+        tiled = ae.encode(vol)[0][0]
+    got = dict(iter_raw_samples(windowed))[key]["mu.npy"]
+    np.testing.assert_array_equal(got, tiled.to(torch.float16).numpy())
+    assert not np.allclose(got, whole.numpy(), atol=1e-2)
+    with pytest.raises(ValueError, match="each step must be a multiple of 4"):
+        encode_latents(ae_dir, cohort["manifest"], latent_run["root"] / "bad", WINDOW, encode_window=(8, 8, 8),
+                       encode_overlap=0.2)  # steps of 6 voxels
+
+
 def test_report_sections_of_a_shard_meta():
     meta = {"report": {"findings": "Right pleural effusion.", "impression": "Not given.", "technique": "x"}}
     assert report_sections(meta) == {"findings": "Right pleural effusion.", "impression": ""}

@@ -99,6 +99,8 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
                             "model_presets": {"demo": {"superres": {"model": {"sample_steps": 3}}}}},
         "sr_sample_steps_overridden": {"model_presets": {"demo": {"superres": {"model": {"sample_steps": 3}}}}},
         "flow_sample_steps": {"model_presets": {"demo": {"latent_flow": {"model": {"sample_steps": 3}}}}},
+        # the autoencoder's encode window: the latent cache and what is trained on it, not the autoencoder
+        "encode_window": {"model_presets": {"demo": {"autoencoder": {"model": {"encode_window": [16, 32, 32]}}}}},
         "eval": {"evaluation": {"hu_tolerance": 30.0}},
         "bootstrap": {"evaluation": {"bootstrap": 500, "faithfulness_labels": ["Cardiomegaly", "Pleural effusion"]}},
         "slices": {"evaluation": {"slices_per_volume": 8}},
@@ -170,6 +172,8 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     assert plan["flow_steps"] == latent_sampling  # the latent flow family's sampling: that family's samples alone
     assert plan["sr_sample_steps"] == plan["steps"] and plan["flow_sample_steps"] == latent_sampling
     assert plan["sr_sample_steps_overridden"] == set()
+    assert plan["encode_window"] == {"encode_latents", "latents_manifest", "train_latent_flow",
+                                     "probe_latent_flow"} | latent_sampling
     # a scoring setting scores the guidance sweep again without sampling it again; the slices its 2D FID takes are
     # read from the sampled volumes
     assert plan["eval"] == plan["bootstrap"] == scoring - {"guidance_scale"}

@@ -244,6 +244,9 @@ check_gpus()
 # edit re-samples and retrains nothing; the training config file still carries them, untracked), and the sampling
 # jobs take the preset's current value where the sampling section leaves theirs null
 SAMPLE_ONLY = ("sample_steps",)
+# the autoencoder's encode window: a setting of the encode_latents jobs alone (encode_flags), in neither the training
+# params nor its config file, so an edit re-encodes and retrains no autoencoder
+ENCODE_ONLY = ("encode_window", "encode_overlap")
 
 
 def preset_sample_steps(model):
@@ -265,6 +268,21 @@ SAMPLING = canonical(
 FLOW_STEPS = config["sampling"]["latent_flow"]["steps"] or preset_sample_steps(
     "latent_flow"
 )
+
+
+def encode_flags():
+    """`ctgen encode-latents`'s window flags from the preset's autoencoder (ENCODE_ONLY); a params entry
+    tracked only where a window is set, so that results encoded whole before the option existed rerun nothing,
+    while setting, editing or clearing one re-encodes."""
+    model = MODEL_PRESET.get("autoencoder", {}).get("model", {})
+    if model.get("encode_window") is None:
+        return untracked(lambda wc: "")
+    flags = "--encode-window " + " ".join(str(int(v)) for v in model["encode_window"])
+    if "encode_overlap" in model:  # else the model's default
+        flags += f" --encode-overlap {model['encode_overlap']}"
+    return flags
+
+
 SR_BATCH = untracked(lambda wc: config["sampling"]["batch_size"])
 # what decides a cascade volume, not which prompts or where it goes: the spec's defaults, TSTR's and the sweep's sampler
 SAMPLER = canonical(
@@ -390,9 +408,13 @@ def tracked(cfg):
     )
     if (
         "model" in cfg
-    ):  # and the model's sampling defaults (SAMPLE_ONLY), which the sampling jobs pass
+    ):  # and the model's sampling defaults (SAMPLE_ONLY), which the sampling jobs pass, and its encode window
         cfg["model"] = Settings(
-            {k: v for k, v in cfg["model"].items() if k not in SAMPLE_ONLY}
+            {
+                k: v
+                for k, v in cfg["model"].items()
+                if k not in SAMPLE_ONLY + ENCODE_ONLY
+            }
         )
     return cfg
 

@@ -51,9 +51,10 @@ rule encode_latents:
         autoencoder=lambda wc, input: os.path.dirname(input.weights),
         manifest=get_chunk_manifest,
         window=PRESET["clip"],
+        encode=encode_flags(),
     shell:
         "ctgen encode-latents --autoencoder {params.autoencoder} --manifest {params.manifest}"
-        " --out {output.latents} --hu-window {params.window[0]} {params.window[1]} > {log} 2>&1"
+        " --out {output.latents} --hu-window {params.window[0]} {params.window[1]} {params.encode} > {log} 2>&1"
 
 
 rule latents_manifest:
