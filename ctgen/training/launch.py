@@ -50,9 +50,10 @@ def launch_prefix(gpus: int, nodes: int = 1, threads: int | None = None) -> str:
     port = f"$(({RDZV_PORT_BASE} + {job_id} % {RDZV_PORT_SPAN}))"  # rdzv_port() in shell
     nodelist = f'"${{SLURM_JOB_NODELIST:-$(squeue -h -o %N -j {job_id})}}"'
     master = f'"$(scontrol show hostnames {nodelist} | head -n1)"'
-    per_node = [f"--gpus-per-node={max(gpus, 1)}"] + ([f"--cpus-per-task={int(threads)}"] if threads else [])
+    # a CPU-only job has no GPU to ask for: --gpus-per-node=1 would make Slurm refuse the step on CPU nodes
+    per_node = [f"--gpus-per-node={gpus}"] if gpus > 0 else []
+    per_node += [f"--cpus-per-task={int(threads)}"] if threads else []
     return (f"srun --overlap --kill-on-bad-exit=1 --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 "
-            + " ".join(per_node) + " "
-            + " ".join(map(shlex.quote, torchrun))
+            + " ".join([*per_node, *map(shlex.quote, torchrun)])
             + f" --nnodes={nodes} --rdzv-backend=c10d --rdzv-endpoint={master}:{port}"
             + f" --rdzv-id={job_id} -m ctgen.cli")

@@ -87,6 +87,17 @@ def test_several_nodes_srun_one_torchrun_per_node_with_a_c10d_rendezvous(tmp_pat
     assert res.returncode != 0 and "runs inside a Slurm job" in res.stderr
 
 
+def test_a_cpu_multi_node_step_asks_for_no_gpus(tmp_path):
+    """gpu: 0 on several nodes: the srun step asked --gpus-per-node=1, which Slurm refuses on CPU-only nodes."""
+    prefix = launch_prefix(0, nodes=2, threads=8)
+    res = subprocess.run(["bash", "-c", f"set -euo pipefail; {prefix} train x"], capture_output=True, text=True,
+                         env={**_fake_slurm(tmp_path / "bin"), "SLURM_JOB_ID": "42"})
+    assert res.returncode == 0, res.stderr
+    argv = res.stdout.splitlines()
+    assert not any(a.startswith("--gpus") for a in argv), argv
+    assert "--cpus-per-task=8" in argv and "--nproc-per-node=1" in argv and "--nnodes=2" in argv
+
+
 @pytest.fixture
 def tiny_shards(tmp_path) -> str:
     """4 smooth int16 HU volumes (16 x 16 x 8) in 2 shards, as the workflow writes them."""
