@@ -44,7 +44,11 @@ def job_deadline(now: float | None = None) -> float | None:
     """The job's end as a ``time.time()`` value, or None when there is no limit to honour."""
     now = time.time() if now is None else now
     if os.environ.get(ENV):
-        return float(os.environ[ENV])
+        try:
+            return float(os.environ[ENV])
+        except ValueError:  # float()'s own message names neither the variable nor what it should hold
+            raise ValueError(f"{ENV}={os.environ[ENV]!r}: expected the job's end as Unix time in seconds "
+                             "(e.g. 1735689600)") from None
     job = os.environ.get("SLURM_JOB_ID")
     if not job or not shutil.which("squeue"):
         return None

@@ -593,6 +593,16 @@ def test_a_time_left_squeue_does_not_give_is_a_warning(squeue, tmp_path, monkeyp
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "job 42" in caplog.text
 
 
+def test_a_job_deadline_that_is_no_number_names_the_variable(monkeypatch):
+    from ctgen.training.deadline import job_deadline
+
+    monkeypatch.setenv("CTGEN_JOB_DEADLINE", "abc")
+    with pytest.raises(ValueError, match=r"^CTGEN_JOB_DEADLINE='abc': expected .*Unix time in seconds"):
+        job_deadline()
+    monkeypatch.setenv("CTGEN_JOB_DEADLINE", "1735689600.5")
+    assert job_deadline() == 1735689600.5
+
+
 def test_stops_ahead_of_the_job_time_limit_and_resumes(reference, tmp_path, monkeypatch):
     """With the job's end closer than the margin, the loop checkpoints after one step and exits 75; run
     again without a limit, it resumes and ends with the uninterrupted run's weights and metrics."""
