@@ -109,6 +109,7 @@ class TrainConfig:
             "grad_clip >= 0": self.grad_clip >= 0, "0 <= ema_decay < 1": 0 <= self.ema_decay < 1,
             "ckpt_every >= 1": self.ckpt_every >= 1, "log_every >= 1": self.log_every >= 1,
             "max_nonfinite_steps >= 1": self.max_nonfinite_steps >= 1,
+            "seed >= 0": self.seed >= 0,  # the data shuffles (SeedSequence) failed on one at the first batch, unnamed
             "precision in (auto, fp32, bf16)": self.precision in ("auto", "fp32", "bf16"),
         }
         bad = [k for k, ok in checks.items() if not ok]

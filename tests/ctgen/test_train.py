@@ -442,6 +442,8 @@ def test_config_from_dict_and_validation():
         TrainConfig.from_dict({"max_step": 5})
     with pytest.raises(ValueError, match="min_lr"):
         TrainConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ValueError, match=r"TrainConfig: need seed >= 0"):
+        TrainConfig.from_dict({"seed": -1})
 
 
 def test_torchrun_command():
