@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ctprep.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,12 @@ def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(directory) / CHECKPOINT_NAME
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as err:
+        # an empty or truncated file (a full disk, a copy cut short) gave a bare EOFError or zip error naming no file
+        raise ValueError(f"{path} is no readable checkpoint ({first_line(err)[:200]}); "
+                         "delete it to train afresh") from err
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
     return state

@@ -281,10 +281,22 @@ class Evil:
         return (print, ("pwned",))
 
 
-def test_checkpoint_loading_never_unpickles_code(tmp_path):
+def test_checkpoint_loading_never_unpickles_code(tmp_path, capsys):
     torch.save({"format": ckpt.CHECKPOINT_FORMAT, "x": Evil()}, tmp_path / "last.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="no readable checkpoint") as info:
         ckpt.load_checkpoint(tmp_path)
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError) and "pwned" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cut", ["empty", "half"])
+def test_an_unreadable_checkpoint_names_the_file_and_the_remedy(tmp_path, cut):
+    """A 0-byte or truncated last.pt (a full disk, a copy cut short) gave a bare EOFError or zip error."""
+    path = ckpt.save_checkpoint({"step": 1, "w": torch.ones(1000)}, tmp_path / "ckpt")
+    data = path.read_bytes()
+    path.write_bytes(b"" if cut == "empty" else data[:len(data) // 2])
+    with pytest.raises(ValueError, match=rf"^{path} is no readable checkpoint \(.+\); delete it to train afresh$"):
+        ckpt.load_checkpoint(tmp_path / "ckpt")
+    run(tmp_path, expect=ValueError)  # train() too: a ValueError, which the command reports as one line
 
 
 def test_rng_state_roundtrip_through_weights_only(tmp_path):
