@@ -310,7 +310,11 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
         raise ValueError(f"{ckpt_dir / ckpt.CHECKPOINT_NAME} is at step {state['step']}, past max_steps "
                          f"{cfg.max_steps}: raise max_steps, or delete the checkpoint to train {cfg.max_steps} steps")
     if state is not None:
-        raw.load_state_dict(state["model"])
+        try:
+            raw.load_state_dict(state["model"])
+        except RuntimeError as err:  # same class and config, other parameters: written by code that built it otherwise
+            raise ValueError(f"{ckpt_dir / ckpt.CHECKPOINT_NAME}: its weights do not fit this code's model "
+                             f"({' '.join(str(err).split())[:300]}); delete it to train afresh") from err
     net = raw
     if info.ddp:
         net = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,

@@ -251,6 +251,18 @@ def test_resume_with_other_model_config_fails(reference, tmp_path):
         run(tmp_path, model_cfg=ToyConfig(hidden=8))
 
 
+def test_resume_of_a_model_with_other_parameters_fails_in_one_line(tmp_path):
+    """Same class and config, other parameters (the checkpoint of other code): load_state_dict's RuntimeError."""
+    run(tmp_path, fault=("sigterm", 4), expect=Preempted)  # unfinished: it would be resumed
+    torch.manual_seed(123)
+    model = ToyModel(ToyConfig())
+    model.extra = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'ckpt' / 'last.pt'}: its weights do not fit this code's "
+                                         r"model \(.*extra.*\); delete it to train afresh$"):
+        train(model, MakeBatches(per_epoch=5, noise=0.05), TrainConfig(**BASE), tmp_path / "out",
+              checkpoint_dir=tmp_path / "ckpt")
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     ckpt.save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path)
 
