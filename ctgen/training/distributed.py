@@ -104,13 +104,13 @@ def teardown(info: DistInfo) -> None:
             dist.destroy_process_group()
 
 
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank if ``flag`` is true on any (a signal may reach only some ranks)."""
+def max_over_ranks(values: list[float], info: DistInfo) -> list[float]:
+    """Each value's maximum over ranks, on every rank (a stop that only some ranks saw stops them all)."""
     if not info.ddp:
-        return flag
-    t = torch.tensor([int(flag)], device=info.device)
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return t.tolist()
 
 
 def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -449,20 +450,25 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
             out_of_time = step < cfg.max_steps and deadline.due(step_s)
             # a signal in the last step: nothing is left to resume, so the run finishes and writes its model
             signalled = stop.signum is not None and step < cfg.max_steps
-            preempt = distr.any_rank(signalled or out_of_time, info)
+            # agreed by every rank, as each sees its own signals and reads the job's time left itself (rank 0 records
+            # the stop: a time limit only another rank reached read "signal on another rank" with no time left):
+            # why (2 a time limit, 1 a signal, 0 none) and the least time left read (negated, for the maximum)
+            left = deadline.left()
+            why_code, neg_left = distr.max_over_ranks([2 if out_of_time else 1 if signalled else 0,
+                                                       -math.inf if left is None else -left], info)
+            left = None if neg_left == -math.inf else -neg_left
+            preempt = why_code > 0
             if preempt:  # recorded in the checkpoint, so the finished run's summary lists every stop
-                # from this rank's own facts: a signal may reach only some ranks (any_rank stops them all)
-                left = deadline.left()
                 reason = (signal.Signals(stop.signum).name if stop.signum is not None
-                          else "time limit" if out_of_time else "signal on another rank")
+                          else "time limit" if why_code == 2 else "signal on another rank")
                 stops.append({"step": step, "exit_code": EXIT_PREEMPTED, "job": os.environ.get("SLURM_JOB_ID"),
                               "reason": reason, "time_left_s": None if left is None else round(left, 1)})
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps or preempt:
                 save_state()
             if preempt:
                 why = ("by signal" if stop.signum is not None
-                       else f"ahead of the job's time limit ({left:.0f} s left)" if out_of_time and left is not None
-                       else "ahead of the job's time limit" if out_of_time else "by a signal to another rank")
+                       else f"ahead of the job's time limit ({left:.0f} s left)" if why_code == 2 and left is not None
+                       else "ahead of the job's time limit" if why_code == 2 else "by a signal to another rank")
                 log.warning("stopped %s at step %d; exiting with code %d to be resumed", why, step, EXIT_PREEMPTED)
                 raise Preempted(step)
     finally:

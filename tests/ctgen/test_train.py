@@ -563,6 +563,20 @@ def test_a_signal_to_one_rank_stops_every_rank_with_75(tmp_path):
     assert state["step"] == 3 and [s["reason"] for s in state["stops"]] == ["signal on another rank"]
 
 
+def test_a_time_limit_on_another_rank_is_recorded_as_a_time_limit(tmp_path):
+    """Each rank reads the job's time left itself: where only rank 1 found it short, rank 0 (which writes the
+    checkpoint) recorded "signal on another rank" and no time left."""
+    ctx, port = mp.get_context("spawn"), free_port()
+    procs = [ctx.Process(target=ddp_signal_worker, args=(r, 2, port, str(tmp_path), True)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [EXIT_PREEMPTED, EXIT_PREEMPTED]
+    (stop,) = ckpt.load_checkpoint(tmp_path / "ckpt")["stops"]
+    assert stop["step"] == 1 and stop["reason"] == "time limit" and 0 < stop["time_left_s"] <= 100
+
+
 def test_a_resumed_run_takes_the_configs_weight_decay_and_betas(tmp_path, monkeypatch):
     from ctgen.training import loop
 

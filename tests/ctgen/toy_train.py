@@ -144,19 +144,26 @@ def ddp_worker(rank: int, world: int, port: int, out: str, train_kwargs: dict) -
     torch.distributed.destroy_process_group()  # the group is ours here, not train()'s
 
 
-def ddp_signal_worker(rank: int, world: int, port: int, out: str) -> None:
-    """A signal that reaches rank 1 only (in its third step): every rank must stop there and exit 75."""
+def ddp_signal_worker(rank: int, world: int, port: int, out: str, deadline_on_rank1: bool = False) -> None:
+    """A signal that reaches rank 1 only (in its third step): every rank must stop there and exit 75.
+
+    ``deadline_on_rank1``: no signal, but rank 1 alone knows a job deadline within the stop margin (so it stops
+    after the first step); rank 0, which records the stop, knows none."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     for name in ("SLURM_JOB_ID", "CTGEN_JOB_DEADLINE"):  # no job deadline known
         os.environ.pop(name, None)
     torch.set_num_threads(1)
+    import time
+
     from ctgen.training.loop import TrainConfig, train
 
     torch.manual_seed(0)
     model = ToyModel(ToyConfig(dropout=0.0))
-    if rank == 1:
+    if rank == 1 and deadline_on_rank1:
+        os.environ["CTGEN_JOB_DEADLINE"] = str(time.time() + 100)
+    elif rank == 1:
         model.fault = ("sigterm", 2)
     cfg = TrainConfig(max_steps=6, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=0, log_every=1, seed=0,
-                      tensorboard=False, device="cpu", ckpt_every=100)
+                      tensorboard=False, device="cpu", ckpt_every=100, stop_margin_s=300)
     train(model, MakeBatches(per_epoch=6), cfg, f"{out}/run", checkpoint_dir=f"{out}/ckpt")  # Preempted: exit 75
