@@ -157,7 +157,14 @@ def test_the_latent_flow_family_reads_its_own_encoders(tmp_path):
      "models.prompt 'structured' is not a prompt the workflow writes (prompts.structured.enabled is false)"),
     ({"models": {"resources": {"generator": {"gpu": 4}}}}, ["--set-resources", "train_generator:gpu=1"],
      "models.resources.generator.gpu asks for 4 GPUs, but set-resources gives train_generator gpu=1"),
-], ids=["preset", "shard-prompt", "structured-off", "gpus"])
+    # the loop divides grad_accum over the job's processes: it refused an uneven split only once the job ran
+    ({"models": {"resources": {"generator": {"gpu": 2}}},
+      "model_presets": {"demo": {"generator": {"train": {"grad_accum": 3}}}}}, [],
+     "model_presets.demo.generator.train.grad_accum 3 is not a multiple of the 2 processes its training job runs "
+     "(gpu 2 per node x 1 nodes): make it a multiple of 2"),
+    ({"models": {"resources": {"tokenizer": {"nodes": 2}}}}, [],  # CPU nodes: one process each
+     "model_presets.demo.tokenizer.train.grad_accum 1 is not a multiple of the 2 processes"),
+], ids=["preset", "shard-prompt", "structured-off", "gpus", "grad-accum", "grad-accum-cpu-nodes"])
 def test_config_mistakes_end_in_one_line_before_any_job(tmp_path, overrides, args, needle):
     res = snakemake(make_workdir(tmp_path, overrides), "-n", *args, check=False)
     lines = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("config error")]

@@ -234,6 +234,27 @@ def check_gpus():
                 f"config error: models.resources.{model}.gpu asks for {want} GPUs{per}, but set-resources gives "
                 f"train_{model} gpu={got} (the profile or --set-resources), which the job would run with: set it to {want}"
             )
+    # the loop divides grad_accum over the job's processes (one per GPU, at least one per node: get_launcher) and
+    # refused an uneven split only when the job started, after its queueing and the jobs before it
+    preset = config["models"]["preset"]
+    trains = [
+        (f"model_presets.{preset}.{model}", res, section.get("train") or {})
+        for model, res in RES.items()
+        if isinstance(section := config["model_presets"][preset].get(model), dict)
+    ]
+    slicenet = config["evaluation"].get("slicenet") or {}
+    if "resources" in slicenet:
+        trains.append(
+            ("evaluation.slicenet", slicenet["resources"], slicenet.get("train") or {})
+        )
+    for key, res, train in trains:
+        gpu, nodes = res.get("gpu", 0), res.get("nodes", 1)
+        world, accum = max(gpu, 1) * nodes, train.get("grad_accum", 1)
+        if accum % world:
+            sys.exit(
+                f"config error: {key}.train.grad_accum {accum} is not a multiple of the {world} processes its "
+                f"training job runs (gpu {gpu} per node x {nodes} nodes): make it a multiple of {world}"
+            )
 
 
 check_gpus()
