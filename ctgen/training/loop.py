@@ -403,6 +403,11 @@ def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) 
             buffers = [b for b in raw.buffers() if b.is_floating_point()]
             kept = [b.detach().clone() for b in buffers]
             terms = accumulate_gradients(net, micro, step=step, ddp=info.ddp, autocast=autocast, collect_logs=log_now)
+            # freed now: the list lived on until the next step's was built, 2 * accum micro-batches at the peak. A
+            # step's micro-batches are still all fetched before its first forward, so at most accum are held: a source
+            # may draw from the global RNGs as it yields (the tests' noise) as the forward does (dropout, text drop),
+            # and fetching each one just before its forward would interleave the draws and change the weights
+            del micro
             if cfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
