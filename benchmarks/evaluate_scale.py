@@ -8,17 +8,23 @@ over exec) and wall time. What stays is one batch of volumes plus per-volume fea
 themselves would be the growth if any job held them all: at least 2 bytes a voxel (int16, as the shards and
 the predictions store them; 4 as float32). Exits 1 where the peak at 4N exceeds ``GROWTH_LIMIT`` x the peak at N,
 or grows by more than ``HELD_SHARE`` of the added 3N volumes' int16 size (the ratio alone cannot see them:
-24 volumes of 160 x 160 x 80 held as int16 add 94 MiB, 1.14 x the 683 MiB at N = 8; growth within half of
-that leaves room for the per-volume bookkeeping, 20 MiB). The bound is sized for volumes of about that
+24 volumes of 160 x 160 x 80 held as int16 add 94 MiB, 1.10 x the 943 MiB at N = 8; growth within half of
+that, 47 MiB, leaves room for the per-volume bookkeeping, 1 MiB). The bound is sized for volumes of about that
 size: for much smaller ones it falls below the bookkeeping's own growth.
 
-    python benchmarks/evaluate_scale.py [--n 8] [--shape 160 160 80] [--workdir /tmp/ctgen-eval-bench]
+The child runs with glibc's mmap threshold fixed (``ctprep.memory.FIXED_MALLOC``, as ``train_stream.py``;
+``--malloc default`` leaves it alone): with glibc's own the peak followed how transient buffers fragmented the
+heap, 971 and 993 MiB at 2 and 8 volumes and a 17 MiB spread at one size, so the verdict passed or failed on
+allocator noise. Fixed: 942.4 / 942.6 MiB at ``--n 2``, 942.6 / 943.7 MiB at the defaults.
+
+    python benchmarks/evaluate_scale.py [--n 8] [--shape 160 160 80] [--malloc fixed|default] [--workdir /tmp/ctgen-eval-bench]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,10 +39,11 @@ from ctgen.jobs.text import fit_text_tokenizer
 from ctgen.models.classifier3d import Classifier3D
 from ctgen.models.clip3d import CLIP3D
 from ctgen.models.slicenet import SliceNet
-from ctprep.memory import growth_verdict
+from ctprep.memory import FIXED_MALLOC, growth_verdict
 from ctprep.shards import merge_manifests, write_shards
 from ctprep.volume import Volume, save_nifti
 
+REPO = Path(__file__).resolve().parents[1]
 SPACING = (2.5, 2.5, 5.0)
 
 
@@ -91,26 +98,30 @@ CHILD = ("import runpy, sys\nfrom ctprep.memory import peak_rss_bytes\nsys.argv 
          "    print(peak_rss_bytes() // 1024, file=sys.stderr)\n")
 
 
-def run(root: Path) -> tuple[float, float]:
+def run(root: Path, fixed_malloc: bool = True) -> tuple[float, float]:
     """(peak RSS MiB, seconds) of one ``ctgen evaluate`` in a fresh process."""
     cmd = [sys.executable, "-c", CHILD, "evaluate", "--generated", str(root / "preds"), "--real",
            str(root / "manifest.json"), "--models", str(root / "models"), "--out", str(root / "out"), "--device", "cpu",
            "--settings", json.dumps({"bootstrap": 200, "bootstrap_frechet": 20, "slices_per_volume": 8})]
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])  # this checkout's ctgen
+    env = {**os.environ, "PYTHONPATH": path, **(FIXED_MALLOC if fixed_malloc else {})}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     if res.returncode:
         raise SystemExit(res.stderr[-3000:])
     return int(res.stderr.strip().splitlines()[-1]) / 1024, seconds
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=8, help="volumes of the small run; the large one has 4n")
     ap.add_argument("--shape", type=int, nargs=3, default=[160, 160, 80], help="voxels along R, A, S")
     ap.add_argument("--workdir", default="/tmp/ctgen-eval-bench", help="scratch folder (emptied first)")
     ap.add_argument("--only", type=int, help="run one size only (volumes)")
-    args = ap.parse_args()
+    ap.add_argument("--malloc", default="fixed", choices=("fixed", "default"),
+                    help="glibc's mmap threshold in the evaluate job: fixed at 128 KiB (a reproducible peak), or glibc's own")
+    args = ap.parse_args(argv)
     torch.set_num_threads(2)
     sizes = [args.only] if args.only else [args.n, 4 * args.n]
     peaks = []
@@ -120,7 +131,7 @@ def main() -> int:
         root.mkdir(parents=True)
         cohort(root, n, tuple(args.shape))
         models(root, tuple(args.shape), n)
-        peak, seconds = run(root)
+        peak, seconds = run(root, args.malloc == "fixed")
         peaks.append(peak)
         voxels = int(np.prod(args.shape))
         print(f"{n:4d} volumes of {'x'.join(map(str, args.shape))}: peak RSS {peak:7.1f} MiB, {seconds:6.1f} s "

@@ -64,7 +64,8 @@ def main() -> int:
     ap.add_argument("--preset", default="paper", help="model preset (its prep grid: presets.paper)")
     ap.add_argument("--steps", type=int, default=18, help="MaskGIT decoding steps of the sample (GenerateCT: 18)")
     ap.add_argument("--sr-slices", type=int, default=4, help="slices super-resolved in the sample")
-    ap.add_argument("--models", nargs="+", default=[*MODELS, "sample"])
+    ap.add_argument("--models", nargs="+", default=[*MODELS, "sample"], choices=[*MODELS, "sample"],
+                    help="the training steps to time, and the sample")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

@@ -22,6 +22,11 @@ machine the CPU time is the cost per core; on a quiet one the two agree):
   the ``ctprep preprocess`` command's wall time (interpreter start and the .nii.gz write included);
 - **real**: payload MB of the three real scans in tests/data after the ``spacing`` preset.
 
+Targets (README, "Preparation at scale"), judged on CPU seconds (the cost on one core; on a shared machine
+the wall time measures the other jobs too): prep + shards <= 1.5 CPU s per volume, shard storage <= 50 MB per
+volume, reading to the model's tensor (webdataset, ``hu_to_unit``) >= 5 volumes per CPU s, and the single-volume
+preprocess <= 0.6 CPU s on one thread. Prints a verdict per target and exits 1 on a miss.
+
 With ``--codecs``, one prepared volume is also encoded with other lossless candidates (blosc2
 variants; zstandard, imagecodecs JPEG-LS/JPEG-XL where installed), bitwise checked.
 
@@ -53,6 +58,11 @@ REAL = ["pulmonary_report_ct_cropped.nii.gz", "example_ct_sm.nii.gz", "example_c
 #: (slices, in-plane mm, slice mm, padding) of each CT-RATE-size volume, cycled
 GEOMETRIES = [(300, 0.70, 1.0, -3024), (260, 0.75, 1.25, -1024), (280, 0.68, 1.0, -3024),
               (270, 0.72, 1.25, -1024), (290, 0.70, 1.0, -3024)]
+#: the README's targets, judged on CPU seconds (see the docstring)
+TARGET_PREP_SHARDS_CPU_S = 1.5  # prep + shards, per volume
+TARGET_SHARD_MB = 50.0  # shard storage per volume
+TARGET_READ_VOL_PER_CPU_S = 5.0  # read to the model's tensor, one worker
+TARGET_PREPROCESS_CPU_S = 0.6  # one volume, load + preprocess, one thread
 ONE_CORE = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "BLOSC_NTHREADS": "1", "NUMEXPR_MAX_THREADS": "1"}
 
 
@@ -255,14 +265,29 @@ def compare_codecs(payload_path: Path) -> dict:
     return out
 
 
-def main() -> None:
+def verdicts(results: dict) -> list[tuple[bool, str]]:
+    """(met, line) for each target of the README on ``results`` (main's dict)."""
+    checks = [("prep + shards per volume", results["prep_plus_shards_cpu_s_per_volume"], "<=", TARGET_PREP_SHARDS_CPU_S, "CPU s"),
+              ("shard storage per volume", results["shard_mb_per_volume"], "<=", TARGET_SHARD_MB, "MB"),
+              ("read to the model's tensor", results["read_vol_per_cpu_s"]["hu_to_unit"], ">=", TARGET_READ_VOL_PER_CPU_S,
+               "vol/CPU s"),
+              ("preprocess, one volume, 1 thread", results["preprocess_1_thread_cpu_s"], "<=", TARGET_PREPROCESS_CPU_S,
+               "CPU s")]
+    out = []
+    for name, value, op, target, unit in checks:
+        ok = value <= target if op == "<=" else value >= target
+        out.append((ok, f"{name}: {value:g} {unit} (target {op} {target:g}): {'meets' if ok else 'MISSES'} the target"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=5, help="CT-RATE-size volumes in the chunk")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each stage; the best is reported")
     ap.add_argument("--codecs", action="store_true", help="also compare other lossless codecs")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ctgen-prep-scale"))
     ap.add_argument("--out", default=str(REPO / "results/benchmarks/prep_scale.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     work = Path(args.workdir)
     (work / "volumes").mkdir(parents=True, exist_ok=True)
     volumes = [ctrate_size_volume(work / "volumes" / f"ctrate_size_{i}.nii.gz", i) for i in range(args.n)]
@@ -313,8 +338,13 @@ def main() -> None:
         print("codecs on one prepared CT-RATE-size volume (480x480x240 int16, 110.6 MB raw), one thread:")
         results["codecs"] = compare_codecs(Path(sorted((work / "prep").glob("*.b2nd"))[0]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    checks = verdicts(results)
+    results["targets"] = {line.split(":")[0]: ok for ok, line in checks}
     Path(args.out).write_text(json.dumps(results, indent=1))
+    for _, line in checks:
+        print(line)
+    return 0 if all(ok for ok, _ in checks) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

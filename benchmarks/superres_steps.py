@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     res = Path(args.results)
     models = res / "models"
+    # a folder that is not a finished demo's: one line naming what is missing, not the first reader's traceback
+    needed = [models / "cascade.json", res / "samples/prompts.csv", res / f"shards/{args.split}/manifest.json"]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise SystemExit(f"{res} is not a finished demo's results folder: missing {', '.join(missing)}")
     pipe = TextToCTPipeline.from_pretrained(models)
     grid = Grid.from_models(models)
     scale = int(pipe.spec["grid"]["lowres_scale"])

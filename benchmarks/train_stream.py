@@ -14,7 +14,7 @@ VmHWM (``ctprep.memory.peak_rss_bytes``); with ``--workers 1`` the data worker's
 process of its own) is the worker's own VmHWM (it writes it as it hands over each batch), checked the same way:
 a forked worker's peak starts from the training process's memory at the fork, and what it holds adds to it.
 
-The children run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB (its starting value; ``--malloc
+The children run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB (``ctprep.memory.FIXED_MALLOC``, its starting value; ``--malloc
 default`` leaves it alone). By default glibc raises the threshold whenever a large mapped block is freed,
 after which the step's ~100 MiB of transient buffers come from the heap, and the high-water mark depends on
 how they fragment it: the job's peak varied by 47 MiB over 3 runs at 8 and 3 at 32 volumes (537-584 MiB, no
@@ -48,14 +48,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ctprep.memory import growth_verdict
+from ctprep.memory import FIXED_MALLOC, growth_verdict
 from ctprep.shards import merge_manifests, write_shards
 from ctprep.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = [-1000, 1000]
-#: the children's environment: glibc's mmap threshold fixed at its starting value (see the docstring)
-FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 SPACING = (2.5, 2.5, 5.0)
 SHARD_SIZE = 4  # volumes a shard: the same at both sizes (a reader holds one shard's index and file open)
 #: the demo preset's classifier (config.yaml); batch 1, one epoch, no checkpoints before the final one
