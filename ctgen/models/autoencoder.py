@@ -198,6 +198,21 @@ class MaisiAutoencoder(nn.Module, PretrainedMixin):
             raise ValueError(f"volume shape {tuple(video.shape[2:])} must be divisible by {f} on every axis "
                              "(crop or pad the prep grid)")
 
+    def _check_split(self, net_shape, what: str, latent: bool = False) -> None:
+        """MONAI's tensor splitting (``num_splits`` > 1) cuts the split axis into equal chunks of at least 3 rows
+        at every level: an axis it does not divide loses the rows past the last whole chunk without a word (a
+        30-voxel latent axis decoded to 28), and shorter chunks fail inside a convolution. One line instead."""
+        n = self.config.num_splits
+        if n == 1:
+            return
+        size = int(net_shape[self.config.dim_split])
+        rows = size if latent else size // self.config.downsample  # the smallest level's rows along the axis
+        if rows % n or rows // n < 3:
+            step = n * (1 if latent else self.config.downsample)
+            raise ValueError(f"{what}: {size} voxels along the split axis (dim_split {self.config.dim_split}) do not "
+                             f"divide into num_splits {n} chunks of at least 3 latent rows: use a multiple of {step} "
+                             f"(at least {3 * step}), or num_splits 1")
+
     # --- encoding and decoding ----------------------------------------------------------------
     def encode(self, video: torch.Tensor, window: tuple[int, int, int] | None | str = "config"
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,9 +227,11 @@ class MaisiAutoencoder(nn.Module, PretrainedMixin):
         window = self.config.encode_window if window == "config" else window
         x = self._to_net(video.float())  # (B, C, I, J, K)
         if window is None or all(s <= w for s, w in zip(video.shape[2:], window)):
+            self._check_split(x.shape[2:], "the volume")
             mu, sigma = self.net.encode(x)  # (B, Cz, I/f, J/f, K/f) each
         else:
             d, h, w = (min(s, n) for s, n in zip(video.shape[2:], window))  # no window larger than the volume
+            self._check_split((w, h, d), "the encode window")
             inferer = SlidingWindowInferer(roi_size=(w, h, d), sw_batch_size=1, overlap=self.config.encode_overlap,
                                            mode="gaussian")
             # one output for MONAI to stitch (f times smaller than the windows: its zoom-scale support)
@@ -237,9 +254,11 @@ class MaisiAutoencoder(nn.Module, PretrainedMixin):
         window = self.config.decode_window if window == "config" else window
         z_net = rearrange(z.float(), "b c d h w -> b c w h d")  # MAISI's (I, J, K) order
         if window is None or all(s <= w for s, w in zip(z.shape[2:], window)):
+            self._check_split(z_net.shape[2:], "the latent", latent=True)
             y = self.net.decode(z_net)
         else:
             d, h, w = (min(s, n) for s, n in zip(z.shape[2:], window))  # no window larger than the latent
+            self._check_split((w, h, d), "the decode window", latent=True)
             inferer = SlidingWindowInferer(roi_size=(w, h, d), sw_batch_size=1, overlap=self.config.decode_overlap,
                                            mode="gaussian", sw_device=z.device,
                                            device=torch.device(output_device) if output_device else z.device)
@@ -259,6 +278,7 @@ class MaisiAutoencoder(nn.Module, PretrainedMixin):
         c = self.config
         self._check_image(video)
         x = self._to_net(video.float())  # (B, C, I, J, K)
+        self._check_split(x.shape[2:], "the training crop")
         mu, sigma = self.net.encode(x)
         z = mu + sigma * torch.randn_like(sigma)
         recon = self.net.decode(z)  # (B, C, I, J, K)

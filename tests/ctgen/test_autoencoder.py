@@ -206,6 +206,16 @@ def test_tensor_split_decode_equals_unsplit():
     with torch.no_grad():
         a, b = whole.decode(z, window=None), split.decode(z, window=None)
     assert (a - b).abs().max() < 1e-4 and a.shape == (1, 1, 32, 64, 32)
+    # MONAI's splitting dropped the rows past the last whole chunk without a word (14 latent rows decoded to 12 x 4
+    # voxels), and failed inside a convolution below 3 rows a chunk: both refused in one line, before any work
+    for rows in (14, 8):
+        with pytest.raises(ValueError, match=f"{rows} voxels along the split axis .* use a multiple of 4"):
+            split.decode(torch.zeros(1, 4, 8, rows, 8), window=None)
+    with pytest.raises(ValueError, match="56 voxels along the split axis .* use a multiple of 16 .at least 48"):
+        split.encode(torch.zeros(1, 1, 32, 56, 32), window=None)
+    with pytest.raises(ValueError, match="the training crop: 40 voxels"):
+        split(torch.zeros(1, 1, 32, 40, 32))
+    assert split.encode(torch.zeros(1, 1, 32, 48, 32), window=None)[0].shape == (1, 4, 8, 12, 8)
 
 
 def test_sliding_window_decode_stitches_windows(model):
