@@ -147,6 +147,11 @@ def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_
     ``<id>_s<seed>.nii.gz``. ``orientation``: store the voxels in this axis order (e.g. ``PLI``), the affine
     following (see :func:`stored_as`).
     """
+    from ctprep.reports.normalise import replace_surrogates
+
+    # the texts as the pipeline samples them (a lone surrogate as U+FFFD): the sidecar, samples.csv and the DICOM
+    # record them, and no UTF-8 file can hold a surrogate
+    prompts = [(p[0], *(t if t is None else replace_surrogates(t) for t in p[1:])) for p in prompts]
     pipe = TextToCTPipeline.from_pretrained(models_dir, device=device)
     pipe.validate([p[1] for p in prompts], settings)  # every prompt before the first volume
     requests = [(p[0], (p[1], p[2] if len(p) > 2 else None)) for p in prompts]

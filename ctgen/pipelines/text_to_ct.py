@@ -29,6 +29,7 @@ from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
 from ctgen.pipelines.spec import load_network, read_spec, spec_files, spec_weights
 from ctprep.prompts import rendering
+from ctprep.reports.normalise import replace_surrogates
 from ctprep.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class TextToCTPipeline:
 
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens the cascade's text encoder makes of ``prompt`` (special tokens included)."""
+        prompt = replace_surrogates(prompt)  # as __call__ encodes it (the tokenizers raise TypeError on a surrogate)
         if self.spec["text_encoder"]["kind"] == "small":
             _, mask = self.text_tokenizer.encode_batch([prompt], 1 << 16)
             return int(mask.sum())
@@ -238,6 +240,9 @@ class TextToCTPipeline:
                  generators: list[torch.Generator] | None = None) -> list[Volume]:
         """One volume per prompt (int16 HU, RAS affine); ``generators``: one per prompt, for reproducibility."""
         settings = settings or SampleSettings()
+        # a lone surrogate (a non-UTF-8 byte on the command line, "\ud800" in a JSON row) is no character: the text
+        # tokenizers raise TypeError on it and no UTF-8 file can hold it; U+FFFD, as the latent family's reports get
+        prompts = [replace_surrogates(p) if isinstance(p, str) else p for p in prompts]
         self.validate(prompts, settings)
         grid, tok = self.spec["grid"], self.tokenizer.config
         scale = grid["lowres_scale"]
@@ -298,7 +303,7 @@ class TextToCTPipeline:
         if sr:  # what a None took from the model's config
             cfg = self.superres.core.config
             used.update(sr_steps=settings.sr_steps or cfg.sample_steps, sr_sampler=cfg.sampler)
-        return {"family": "cascade", "prompt": prompt, "seed": seed, "settings": used, "spacing": spacing,
+        return {"family": "cascade", "prompt": replace_surrogates(prompt), "seed": seed, "settings": used, "spacing": spacing,
                 "weights_sha256": self.spec.get("weights", {}), "weights_used": dict(self.weights_used),
                 "files_sha256": self.spec.get("files", {}), "config_hash": self.spec.get("config_hash"),
                 "models_dir": str(self.models_dir),

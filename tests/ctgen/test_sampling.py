@@ -514,3 +514,20 @@ def test_sampling_defaults_come_from_their_own_file_or_an_older_spec(tmp_path, c
     assert "has no cascade_sampling.json" in caplog.text  # ctgen's own defaults, said
     write_sampling_defaults(tmp_path, {"steps": 6, "guidance_scale": 3.0, "seed": 7})
     assert sampling_defaults(tmp_path, older) == {"steps": 6, "guidance_scale": 3.0, "seed": 7}
+
+
+def test_a_lone_surrogate_in_a_prompt_is_replaced_as_in_the_latent_family(tiny_cascade, tmp_path):
+    """A non-UTF-8 byte on the command line (decoded as a lone surrogate) or "\\ud800" in a JSON row crashed the
+    cascade with the tokenizers' TypeError; it becomes U+FFFD, as ctprep.reports.normalise makes it for the latent
+    family's reports."""
+    out = tmp_path / "one.nii.gz"
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", "caf\udce9 effusion", "--out", str(out),
+                       "--steps", "2", "--no-superres"]) == 0
+    assert json.loads((tmp_path / "one.json").read_text(encoding="utf-8"))["prompt"] == "caf\ufffd effusion"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": "a", "prompt": "caf\\ud800 effusion"}\n')
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompts", str(rows), "--out-dir",
+                       str(tmp_path / "many"), "--steps", "2", "--no-superres"]) == 0
+    side = json.loads((tmp_path / "many" / "a_s0.json").read_text(encoding="utf-8"))
+    assert side["prompt"] == "caf\ufffd effusion"
+    assert pd.read_csv(tmp_path / "many" / "samples.csv")["prompt"].tolist() == ["caf\ufffd effusion"]
