@@ -196,7 +196,7 @@ def sample_parser():
     ap.add_argument("--dicom", help="also write DICOM: the series folder (--prompt), or a folder of one series per volume")
     ap.add_argument("--seed", type=seed_int, help="seed of the first volume; the next get seed+1, ... (default: cascade's)")
     ap.add_argument("--per-prompt", type=positive_int, help="volumes per prompt (default: cascade's, else 1)")
-    ap.add_argument("--num-slices", type=positive_int, help="slices of the output (default: the training grid's)")
+    ap.add_argument("--num-slices", type=positive_int, help="slices of the output, at least 2 (default: the training grid's)")
     ap.add_argument("--guidance-scale", type=float, help="generator classifier-free guidance (default: cascade's)")
     ap.add_argument("--steps", type=positive_int, help="MaskGIT decoding steps (default: cascade's)")
     ap.add_argument("--temperature", type=float, help="MaskGIT temperature (default: cascade's)")

@@ -129,13 +129,16 @@ class SampleSettings:
 
     def __post_init__(self) -> None:
         bad = [f"{k} {v!r}" for k, v in (("steps", self.steps), ("sr_batch_size", self.sr_batch_size),
-                                          ("num_slices", self.num_slices), ("sr_steps", self.sr_steps))
+                                          ("sr_steps", self.sr_steps))
                if v is not None and v < 1]
+        # one slice wrote a NIfTI that ctprep's own reader refuses (>= 2 voxels per axis) and no DICOM series
+        bad += [f"num_slices {self.num_slices!r}"] if self.num_slices is not None and self.num_slices < 2 else []
         bad += [f"{k} {v!r}" for k, v in (("guidance_scale", self.guidance_scale), ("temperature", self.temperature),
                                           ("sr_guidance_scale", self.sr_guidance_scale))
                 if not (math.isfinite(v) and v >= 0)]
         if bad:  # the workflow's schema refuses them too; the CLI and the API would have sampled with them
-            raise ValueError(f"sampling settings out of range: {', '.join(bad)} (counts >= 1, scales >= 0)")
+            raise ValueError(f"sampling settings out of range: {', '.join(bad)} (counts >= 1, num_slices >= 2, "
+                             "scales >= 0)")
 
 
 class TextToCTPipeline:
@@ -225,8 +228,8 @@ class TextToCTPipeline:
         n = settings.num_slices
         if n is not None:
             t = self.tokenizer.tokens_shape(n, 8 * self.tokenizer.config.patch_size, 8 * self.tokenizer.config.patch_size)[0]
-            if n < 1 or t > max_t:
-                raise ValueError(f"num_slices={n} is impossible for this generator: it needs 1 <= slices and a token "
+            if n < 2 or t > max_t:
+                raise ValueError(f"num_slices={n} is impossible for this generator: it needs 2 <= slices and a token "
                                  f"depth <= {max_t} (at most {self._max_slices()} slices)")
 
     def _max_slices(self) -> int:

@@ -531,3 +531,17 @@ def test_a_lone_surrogate_in_a_prompt_is_replaced_as_in_the_latent_family(tiny_c
     side = json.loads((tmp_path / "many" / "a_s0.json").read_text(encoding="utf-8"))
     assert side["prompt"] == "caf\ufffd effusion"
     assert pd.read_csv(tmp_path / "many" / "samples.csv")["prompt"].tolist() == ["caf\ufffd effusion"]
+
+
+def test_one_slice_is_refused_before_sampling(tiny_cascade, tmp_path, capsys):
+    """--num-slices 1 wrote a NIfTI that ctprep's own reader refuses (>= 2 voxels per axis), and with --dicom failed
+    after sampling."""
+    with pytest.raises(ValueError, match="out of range: num_slices 1"):
+        SampleSettings(num_slices=1)
+    assert SampleSettings(num_slices=2).num_slices == 2
+    out = tmp_path / "one.nii.gz"
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", PROMPT, "--out", str(out),
+                       "--num-slices", "1", "--steps", "2", "--dicom", str(tmp_path / "dcm")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_slices 1" in err[0], err
+    assert not out.exists() and not (tmp_path / "dcm").exists()
