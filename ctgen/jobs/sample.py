@@ -264,6 +264,12 @@ def sample_main(argv: list[str] | None = None) -> int:
     if args.dicom and Path(args.dicom).is_file():
         raise UserError(f"--dicom {args.dicom} is a file, where the DICOM series' folder is to be made")
     if args.prompt is not None and args.dicom:
+        # the series' folder must hold the series alone: the NIfTI written into it (or into a folder below it) made
+        # the folder refused as holding other files, but only after sampling (before, it was empty)
+        folder = Path(args.out).resolve().parent
+        if folder.is_relative_to(Path(args.dicom).resolve()):
+            raise UserError(f"--dicom {args.dicom} holds the --out file {args.out}: give the DICOM series a folder "
+                            "of its own")
         # the series is replaced with the NIfTI (a rerun with another seed), so a folder that could not be is
         # refused now: after sampling, the new NIfTI would have stood beside the last run's series
         try:

@@ -545,3 +545,15 @@ def test_one_slice_is_refused_before_sampling(tiny_cascade, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "num_slices 1" in err[0], err
     assert not out.exists() and not (tmp_path / "dcm").exists()
+
+
+def test_a_dicom_folder_holding_the_nifti_is_refused_before_sampling(tiny_cascade, tmp_path, capsys):
+    """--dicom equal to (or above) the folder of --out passed the check (still empty), then failed after sampling:
+    the NIfTI was in the series' folder."""
+    out = tmp_path / "run" / "ct.nii.gz"
+    for dicom in (tmp_path / "run", tmp_path):
+        assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", PROMPT, "--out", str(out),
+                           "--steps", "2", "--no-superres", "--dicom", str(dicom)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--dicom {dicom} holds the --out file" in err[0], err
+        assert not out.exists()
