@@ -130,8 +130,8 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
     """``per_prompt`` volumes per ``(id, request)``; NIfTI + sidecar (+ DICOM); the manifest (``samples.csv``).
 
     ``exact_names``: each volume is ``<id>.nii.gz`` (one per request) instead of ``<stem>_s<seed>.nii.gz``;
-    ``single_out``: the one volume's path; ``orientation``: store the voxels in this axis order
-    (:func:`~ctgen.export.nifti.stored_as`, the affine following).
+    ``single_out``: the one volume's path (and ``dicom_dir`` its series' folder); ``orientation``: store the voxels
+    in this axis order (:func:`~ctgen.export.nifti.stored_as`, the affine following).
 
     ``identity`` (:func:`sample_identity`): a run killed part-way (a Slurm time limit, a preemption) is resumed:
     a volume the earlier run wrote into ``out_dir`` for the same request, seed and identity is kept, not sampled
@@ -181,8 +181,9 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
                        "sidecar": str(side)}
                 if fields.get("prompt_given") is not None:  # the text a structured model's prompt was made of
                     row["prompt_given"] = fields["prompt_given"]
-                if dicom_dir:
-                    files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True, case=name)
+                if dicom_dir:  # from the volume in memory: its float64 affine, not the NIfTI's float32 re-read
+                    series = Path(dicom_dir) if single_out else Path(dicom_dir) / name
+                    files = save_synthetic_dicom(vol, series, sidecar, overwrite=True, case=name)
                     row["dicom"] = str(Path(files[0]).parent)
                 if key is not None:  # once all its files are written: what a resumed run needs to keep them
                     write_sidecar(side, {**json.loads(Path(side).read_text()),

@@ -10,7 +10,6 @@ import pandas as pd
 import torch
 
 from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline, sampling_defaults
-from ctgen.export import dicom_from_nifti
 from ctgen.export.dicom import check_replaceable
 from ctgen.export.nifti import check_nifti_path, check_orientation
 from ctgen.export.samples import sample_identity, write_samples
@@ -296,10 +295,10 @@ def sample_main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         template, how = report_template(spec)
         prompt = model_prompt(args.prompt, template, how, "prompt")
+        # the series from the volume in memory, as --prompts writes it (the NIfTI re-read gave float32 geometry);
+        # its folder was checked replaceable above
         sample_to_files(args.models, [("prompt", prompt, _given_if(template, args.prompt))], out.parent, settings,
-                        seed, 1, args.device, single_out=out, orientation=args.orientation)
-        if args.dicom:
-            dicom_from_nifti(out, args.dicom, overwrite=True)  # checked replaceable above
+                        seed, 1, args.device, dicom_dir=args.dicom, single_out=out, orientation=args.orientation)
     elif args.vlm3d is not None:
         prompts = vlm3d_prompts(args.vlm3d, *report_template(spec), given=True)
         sample_to_files(args.models, prompts, args.out_dir, settings, seed, 1, args.device, dicom_dir=args.dicom,

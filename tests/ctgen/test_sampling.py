@@ -557,3 +557,29 @@ def test_a_dicom_folder_holding_the_nifti_is_refused_before_sampling(tiny_cascad
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"--dicom {dicom} holds the --out file" in err[0], err
         assert not out.exists()
+
+
+def test_the_dicom_of_one_prompt_has_the_geometry_of_a_prompts_files(tiny_cascade, tmp_path):
+    """--prompt --dicom built the series from the NIfTI re-read, whose float32 affine wrote PixelSpacing 1.39999997615814
+    where --prompts wrote 1.4: both write it from the volume in memory."""
+    import pydicom
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_cascade, models)
+    spec = json.loads((models / "cascade.json").read_text())
+    spec["grid"]["spacing"] = [0.7, 0.7, 1.3]  # not float32 numbers
+    (models / "cascade.json").write_text(json.dumps(spec))
+    common = ["--models", str(models), "--seed", "3", "--steps", "2", "--no-superres"]
+    assert ctgen_main(["sample", *common, "--prompt", PROMPT, "--out", str(tmp_path / "one" / "ct.nii.gz"),
+                       "--dicom", str(tmp_path / "one_dcm")]) == 0
+    (tmp_path / "p.csv").write_text(f"id,prompt\nct,{PROMPT}\n")
+    assert ctgen_main(["sample", *common, "--prompts", str(tmp_path / "p.csv"), "--out-dir", str(tmp_path / "many"),
+                       "--dicom", str(tmp_path / "many_dcm")]) == 0
+
+    def geometry(folder):
+        series = [pydicom.dcmread(f) for f in sorted(folder.glob("*.dcm"))]
+        return [(list(ds.PixelSpacing), list(ds.ImagePositionPatient), ds.SliceThickness) for ds in series]
+
+    one = geometry(tmp_path / "one_dcm")
+    assert one == geometry(tmp_path / "many_dcm" / "ct_s3") and len(one) == 8
+    assert [str(v) for v in one[0][0]] == ["1.4", "1.4"]
