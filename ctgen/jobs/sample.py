@@ -152,7 +152,8 @@ def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_
     # record them, and no UTF-8 file can hold a surrogate
     prompts = [(p[0], *(t if t is None else replace_surrogates(t) for t in p[1:])) for p in prompts]
     pipe = TextToCTPipeline.from_pretrained(models_dir, device=device)
-    pipe.validate([p[1] for p in prompts], settings)  # every prompt before the first volume
+    names = ["the prompt"] if single_out else [f"prompt {p[0]!r}" for p in prompts]  # as the other errors name them
+    pipe.validate([p[1] for p in prompts], settings, names)  # every prompt before the first volume
     requests = [(p[0], (p[1], p[2] if len(p) > 2 else None)) for p in prompts]
 
     def generate(request: tuple[str, str | None], s: int):

@@ -214,15 +214,18 @@ class TextToCTPipeline:
         aff[:3, 3] = -np.asarray(spacing_xyz) * (np.array([w, h, d]) - 1) / 2.0
         return aff
 
-    def validate(self, prompts: list[str], settings: SampleSettings) -> None:
+    def validate(self, prompts: list[str], settings: SampleSettings, names: list[str] | None = None) -> None:
+        """Refuse what cannot be sampled; ``names``: how each prompt is named in the error (a prompts file's ids: a
+        0-based index named no row of it), else ``prompt <index>``."""
         if not prompts:
             raise ValueError("no prompts given")
         for i, p in enumerate(prompts):
+            name = names[i] if names else f"prompt {i}"
             if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"prompt {i} is empty: a report text is needed to condition the scan")
+                raise ValueError(f"{name} is empty: a report text is needed to condition the scan")
             limit = self.spec["text_encoder"]["max_length"]
             if not settings.truncate_prompt and (n := self.prompt_tokens(p)) > limit:
-                raise ValueError(f"prompt {i} has {n} text tokens but the text encoder takes {limit}: shorten it "
+                raise ValueError(f"{name} has {n} text tokens but the text encoder takes {limit}: shorten it "
                                  "(e.g. the impression only) or allow truncation (--truncate-prompt)")
         max_t = self.generator.core.config.max_t
         n = settings.num_slices

@@ -583,3 +583,17 @@ def test_the_dicom_of_one_prompt_has_the_geometry_of_a_prompts_files(tiny_cascad
     one = geometry(tmp_path / "one_dcm")
     assert one == geometry(tmp_path / "many_dcm" / "ct_s3") and len(one) == 8
     assert [str(v) for v in one[0][0]] == ["1.4", "1.4"]
+
+
+def test_a_prompt_too_long_is_named_by_its_id(tiny_cascade, tmp_path, capsys):
+    """In --prompts mode the error named a 0-based index ("prompt 1 has 122 text tokens"), every other error of a
+    prompts file its id or line."""
+    rows = tmp_path / "p.csv"
+    rows.write_text(f"id,prompt\nshort,{PROMPT}\ncase7,{'bilateral pleural effusion and ' * 40}\n")
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompts", str(rows), "--out-dir",
+                       str(tmp_path / "out"), "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prompt 'case7' has" in err[0] and "text tokens" in err[0], err
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", "effusion and " * 40, "--out",
+                       str(tmp_path / "x.nii.gz"), "--steps", "2"]) == 2
+    assert "the prompt has" in capsys.readouterr().err
