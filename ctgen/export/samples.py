@@ -142,6 +142,10 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
         raise ValueError(f"one volume per prompt is written under the prompt's own name, not {per_prompt}")
     for pid, _ in requests:  # before the first volume, and before anything is removed
         check_file_id(pid)
+    last_seed = seed + len(requests) * per_prompt - 1
+    if last_seed >= 2**63:  # a sidecar would record a seed that --seed (ctprep.errors.seed_int) refuses to rerun
+        raise ValueError(f"seed {seed} for {len(requests) * per_prompt} volumes gives seeds up to {last_seed}, past "
+                         f"2**63 - 1: give a seed of at most {2**63 - len(requests) * per_prompt}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last = []

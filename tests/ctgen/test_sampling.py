@@ -597,3 +597,18 @@ def test_a_prompt_too_long_is_named_by_its_id(tiny_cascade, tmp_path, capsys):
     assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", "effusion and " * 40, "--out",
                        str(tmp_path / "x.nii.gz"), "--steps", "2"]) == 2
     assert "the prompt has" in capsys.readouterr().err
+
+
+def test_seeds_past_what_seed_takes_are_refused_before_sampling(tiny_cascade, tmp_path, capsys):
+    """Two prompts and --seed 2**63 - 1 recorded the seed 2**63 in the second sidecar, which --seed refuses: a sample
+    that could not be rerun from its sidecar."""
+    rows = tmp_path / "p.csv"
+    rows.write_text(f"id,prompt\na,{PROMPT}\nb,{PROMPT}\n")
+    argv = ["sample", "--models", str(tiny_cascade), "--prompts", str(rows), "--out-dir", str(tmp_path / "out"),
+            "--steps", "2", "--no-superres", "--seed"]
+    assert ctgen_main([*argv, str(2**63 - 1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"gives seeds up to {2**63}" in err[0] and f"at most {2**63 - 2}" in err[0], err
+    assert not list(tmp_path.glob("out/*.nii.gz"))  # refused before sampling
+    assert ctgen_main([*argv, str(2**63 - 2)]) == 0
+    assert json.loads((tmp_path / "out" / f"b_s{2**63 - 1}.json").read_text())["seed"] == 2**63 - 1
