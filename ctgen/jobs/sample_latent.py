@@ -166,8 +166,13 @@ def sample_latent_main(args) -> int:
     if cascade_only:
         raise UserError(f"{', '.join(cascade_only)}: the cascade's settings, not the latent flow family's "
                         "(it takes --steps, --guidance-scale, --seed, --per-prompt)")
+    from ctgen.pipelines.spec import check_types
+    from ctgen.pipelines.text_to_ct import SAMPLING_TYPES
+
     spec = latent_spec(args.models)
+    check_types(spec, {"sampling": dict}, Path(args.models) / SPEC, optional=True)
     defaults = spec.get("sampling") or {}
+    check_types(defaults, SAMPLING_TYPES, Path(args.models) / SPEC, optional=True)  # as the cascade's defaults
     base = LatentSampleSettings()
     settings = LatentSampleSettings(
         steps=args.steps if args.steps is not None else defaults.get("steps"),

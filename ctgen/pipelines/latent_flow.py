@@ -31,7 +31,7 @@ from monai.networks.schedulers import RFlowScheduler
 from ctgen.data.layout import from_model_layout, unit_to_int16_hu
 from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
-from ctgen.pipelines.spec import load_network, read_spec, spec_files, spec_weights
+from ctgen.pipelines.spec import GRID_KEYS, load_network, read_spec, spec_files, spec_weights
 from ctprep.prompts import rendering
 from ctprep.shards import sha256_file
 from ctprep.volume import Volume
@@ -170,7 +170,8 @@ class LatentFlowPipeline:
         from ctgen.models.latent_flow import LatentFlow
 
         models_dir, device = Path(models_dir), torch.device(device)
-        spec = read_spec(models_dir, SPEC, "is not a trained latent flow model (write_latent_flow_spec writes the spec)")
+        spec = read_spec(models_dir, SPEC, "is not a trained latent flow model (write_latent_flow_spec writes the spec)",
+                         {**GRID_KEYS, "text_encoders": list})
 
         used = {}
 

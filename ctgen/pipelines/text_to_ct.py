@@ -27,7 +27,7 @@ import torch
 from ctgen.data.layout import from_model_layout, unit_to_int16_hu
 from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
-from ctgen.pipelines.spec import load_network, read_spec, spec_files, spec_weights
+from ctgen.pipelines.spec import GRID_KEYS, check_types, load_network, read_spec, spec_files, spec_weights
 from ctprep.prompts import rendering
 from ctprep.reports.normalise import replace_surrogates
 from ctprep.volume import Volume
@@ -60,11 +60,23 @@ def sampling_defaults(models_dir: str | Path, spec: dict) -> dict:
 
     path = Path(models_dir) / SAMPLING_DEFAULTS
     if path.is_file():
-        return dict(read_json(path, "sampling defaults"))
+        defaults = read_json(path, "sampling defaults")
+        check_types(defaults, SAMPLING_TYPES, path, optional=True)
+        return dict(defaults)
     if not spec.get("sampling"):  # e.g. cascade.json made alone (snakemake -R cascade), or copied without it
         log.warning("%s has no %s: sampling with ctgen's own defaults where no option is given", models_dir,
                     SAMPLING_DEFAULTS)
+    check_types({"sampling": spec.get("sampling") or {}}, {"sampling": dict}, Path(models_dir) / CASCADE)
+    check_types(spec.get("sampling") or {}, SAMPLING_TYPES, Path(models_dir) / CASCADE, optional=True)
     return dict(spec.get("sampling") or {})
+
+
+#: the types of the sampling defaults ``ctgen sample`` reads (a hand-edited "steps": "many" was a TypeError)
+SAMPLING_TYPES = {"steps": int, "guidance_scale": (int, float), "temperature": (int, float),
+                  "sr_steps": (int, type(None)), "batch_size": int, "seed": int, "per_prompt": int}
+#: what the cascade reads of its spec, beside the grid (a cascade.json without "grid" was a KeyError)
+CASCADE_KEYS = {**GRID_KEYS, "grid.lowres_scale": int, "text_encoder": dict, "text_encoder.kind": str,
+                "text_encoder.max_length": int}
 
 
 def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict,
@@ -156,7 +168,7 @@ class TextToCTPipeline:
 
         models_dir, device = Path(models_dir), torch.device(device)
         spec = read_spec(models_dir, CASCADE, "is not a trained cascade (run the workflow's `cascade` rule, or "
-                                              "ctgen.pipelines.text_to_ct.write_cascade)")
+                                              "ctgen.pipelines.text_to_ct.write_cascade)", CASCADE_KEYS)
 
         used = {}
 

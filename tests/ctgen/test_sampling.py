@@ -612,3 +612,30 @@ def test_seeds_past_what_seed_takes_are_refused_before_sampling(tiny_cascade, tm
     assert not list(tmp_path.glob("out/*.nii.gz"))  # refused before sampling
     assert ctgen_main([*argv, str(2**63 - 2)]) == 0
     assert json.loads((tmp_path / "out" / f"b_s{2**63 - 1}.json").read_text())["seed"] == 2**63 - 1
+
+
+def test_a_hand_edited_spec_or_defaults_file_is_named_not_a_traceback(tiny_cascade, tmp_path, capsys):
+    """cascade.json without "grid" was a KeyError, cascade_sampling.json with "steps": "many" a TypeError: one line
+    naming the file and the key."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_cascade, models)
+    argv = ["sample", "--models", str(models), "--prompt", PROMPT, "--out", str(tmp_path / "x.nii.gz"), "--steps", "2"]
+    good = (models / "cascade_sampling.json").read_text()
+    for bad, key in (({"steps": "many"}, "`steps` must be int, not str 'many'"),
+                     ({"guidance_scale": True}, "`guidance_scale` must be int or float, not bool")):
+        (models / "cascade_sampling.json").write_text(json.dumps(bad))
+        assert ctgen_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"cascade_sampling.json: {key}" in err[0], err
+    (models / "cascade_sampling.json").write_text(good)
+    spec = json.loads((models / "cascade.json").read_text())
+    for edit, key in ((lambda s: s.pop("grid"), "`grid` is missing"),
+                      (lambda s: s["grid"].update(spacing="2mm"), "`grid.spacing` must be list, not str"),
+                      (lambda s: s["text_encoder"].pop("max_length"), "`text_encoder.max_length` is missing")):
+        broken = json.loads(json.dumps(spec))
+        edit(broken)
+        (models / "cascade.json").write_text(json.dumps(broken))
+        assert ctgen_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"cascade.json: {key}" in err[0], err
+    assert not (tmp_path / "x.nii.gz").exists()
