@@ -180,6 +180,8 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
                 sidecar = {**fields, "prompt_id": pid, "repeat": rep, "timing_s": vol.meta.get("timing_s")}
                 if vol.meta.get("n_nonfinite") is not None:  # NaN/inf the network gave, written as the window's bounds
                     sidecar["n_nonfinite"] = int(vol.meta["n_nonfinite"])
+                if vol.meta.get("hu_window") is not None:  # the window the volume was made in: export.hu_range is
+                    sidecar["hu_window"] = vol.meta["hu_window"]  # wider, and clipped nothing
                 nifti, side = save_synthetic_nifti(vol, path, sidecar)
                 row = {"prompt_id": pid, "repeat": rep, "seed": s, "prompt": prompt, "nifti": str(nifti),
                        "sidecar": str(side)}

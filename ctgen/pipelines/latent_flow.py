@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from monai.networks.schedulers import RFlowScheduler
 
-from ctgen.data.layout import from_model_layout, unit_to_int16_hu
+from ctgen.data.layout import at_window_bounds, from_model_layout, unit_to_int16_hu
 from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
 from ctgen.pipelines.spec import GRID_KEYS, load_network, read_spec, spec_files, spec_weights
@@ -297,7 +297,8 @@ class LatentFlowPipeline:
                             n_nonfinite, hu.numel(), {k: t[:40] for k, t in report.items() if t})
             vol = from_model_layout(hu, self.affine(tuple(hu.shape[1:]), spacing), source="ctgen synthetic",
                                     synthetic=True, family=FAMILY, report=report,
-                                    n_nonfinite=n_nonfinite)  # (1, I=W, J=H, K=D)
+                                    n_nonfinite=n_nonfinite,
+                                    hu_window=at_window_bounds(hu, self.spec["grid"]["clip"]))  # (1, I=W, J=H, K=D)
             vol.meta["timing_s"] = {"flow": round(t1 - t0, 3), "decode": round(t2 - t1, 3)}
             log.info("sampled %s in %.1f s (flow %d steps %.1f s, decode %.1f s)", vol.shape, t2 - t0, steps,
                      t1 - t0, t2 - t1)

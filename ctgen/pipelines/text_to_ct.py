@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgen.data.layout import from_model_layout, unit_to_int16_hu
+from ctgen.data.layout import at_window_bounds, from_model_layout, unit_to_int16_hu
 from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
 from ctgen.pipelines.spec import GRID_KEYS, check_types, load_network, read_spec, spec_files, spec_weights
@@ -297,7 +297,8 @@ class TextToCTPipeline:
                             "bounds (NaN: its lower bound) and counted in the sidecar's n_nonfinite", n_nonfinite,
                             hu.numel(), prompt[:80])
             vol = from_model_layout(hu, self.affine(tuple(hu.shape[1:]), spacing), source="ctgen synthetic",
-                                    synthetic=True, prompt=prompt, n_nonfinite=n_nonfinite)  # (1, I=W, J=H, K=D)
+                                    synthetic=True, prompt=prompt, n_nonfinite=n_nonfinite,
+                                    hu_window=at_window_bounds(hu, grid["clip"]))  # (1, I=W, J=H, K=D)
             vol.meta["timing_s"] = {"lowres": round(t1 - t0, 3), "superres": round(t2 - t1, 3)}
             log.info("sampled %s in %.1f s (low-res %.1f s, super-resolution %.1f s)", vol.shape, t2 - t0,
                      t1 - t0, t2 - t1)

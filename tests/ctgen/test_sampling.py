@@ -639,3 +639,16 @@ def test_a_hand_edited_spec_or_defaults_file_is_named_not_a_traceback(tiny_casca
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"cascade.json: {key}" in err[0], err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_the_sidecar_records_the_window_the_volume_was_clipped_to(tiny_cascade, tmp_path):
+    """The sidecar gave export.hu_range [-1024, 3071] alone, while unit_to_hu had clipped the volume to the preset's
+    window: the window is recorded, with the voxels at each of its bounds."""
+    out = tmp_path / "ct.nii.gz"
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", PROMPT, "--out", str(out),
+                       "--steps", "2", "--no-superres"]) == 0
+    side = json.loads((tmp_path / "ct.json").read_text())
+    data = np.asarray(nib.load(out).dataobj)
+    assert side["hu_window"] == {"hu": [-1000, 1000], "n_low": int((data == -1000).sum()),
+                                 "n_high": int((data == 1000).sum())}
+    assert side["export"]["hu_range"] == [-1024, 3071]  # the export's own clip, unchanged
