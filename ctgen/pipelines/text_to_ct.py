@@ -325,6 +325,6 @@ class TextToCTPipeline:
         return {"family": "cascade", "prompt": replace_surrogates(prompt), "seed": seed, "settings": used, "spacing": spacing,
                 "weights_sha256": self.spec.get("weights", {}), "weights_used": dict(self.weights_used),
                 "files_sha256": self.spec.get("files", {}), "config_hash": self.spec.get("config_hash"),
-                "models_dir": str(self.models_dir),
+                "models_dir": str(self.models_dir.resolve()),  # as typed, a rerun from another folder failed
                 # the same seed gives other noise on another device; the cascade samples in fp32
                 "provenance": provenance(seed, device=str(self.device), precision="fp32")}

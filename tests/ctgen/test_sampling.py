@@ -652,3 +652,12 @@ def test_the_sidecar_records_the_window_the_volume_was_clipped_to(tiny_cascade, 
     assert side["hu_window"] == {"hu": [-1000, 1000], "n_low": int((data == -1000).sum()),
                                  "n_high": int((data == 1000).sum())}
     assert side["export"]["hu_range"] == [-1024, 3071]  # the export's own clip, unchanged
+
+
+def test_the_sidecar_names_the_models_folder_from_anywhere(tiny_cascade, tmp_path, monkeypatch):
+    """--models given relative was recorded as typed: a rerun from the sidecar in another folder found no models."""
+    monkeypatch.chdir(tiny_cascade.parent)
+    out = tmp_path / "ct.nii.gz"
+    assert ctgen_main(["sample", "--models", tiny_cascade.name, "--prompt", PROMPT, "--out", str(out),
+                       "--steps", "2", "--no-superres"]) == 0
+    assert json.loads((tmp_path / "ct.json").read_text())["models_dir"] == str(tiny_cascade.resolve())
