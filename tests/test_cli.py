@@ -255,7 +255,7 @@ def test_too_long_prompt_is_refused_before_any_volume(files, tiny_cascade, capsy
     prompts.write_text("Cardiomegaly.\n" + "bilateral pleural effusion and " * 40 + "\n")
     code, err = run("ctgen", ["sample", "--models", str(tiny_cascade), "--prompts", str(prompts),
                               "--out-dir", str(files["dir"] / "out")], capsys)
-    assert_one_line_error(code, err, "ctgen", "prompt 1 has", "--truncate-prompt")
+    assert_one_line_error(code, err, "ctgen", "prompt 'prompt0001' has", "--truncate-prompt")
     assert not list((files["dir"] / "out").glob("*.nii.gz"))
 
 

@@ -89,6 +89,13 @@ def unit_to_int16_hu(x, window: Sequence[float]):
     return unit_to_hu(x, window).round().to(torch.int16), n_nonfinite
 
 
+def at_window_bounds(hu, window: Sequence[float]) -> dict[str, int | list[int]]:
+    """The HU window a volume was made in and how many of its voxels lie at each bound (``unit_to_int16_hu``'s
+    output): what a sidecar records, since the export's own ``hu_range`` is wider and clipped nothing."""
+    lo, hi = (round(v) for v in _window(window))
+    return {"hu": [lo, hi], "n_low": int((hu == lo).sum()), "n_high": int((hu == hi).sum())}
+
+
 def downsample(x, scale: int):
     """In-plane area downsampling of a torch tensor (..., H, W) by an integer factor (box filter: no aliasing)."""
     import torch.nn.functional as F

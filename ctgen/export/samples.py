@@ -130,8 +130,8 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
     """``per_prompt`` volumes per ``(id, request)``; NIfTI + sidecar (+ DICOM); the manifest (``samples.csv``).
 
     ``exact_names``: each volume is ``<id>.nii.gz`` (one per request) instead of ``<stem>_s<seed>.nii.gz``;
-    ``single_out``: the one volume's path; ``orientation``: store the voxels in this axis order
-    (:func:`~ctgen.export.nifti.stored_as`, the affine following).
+    ``single_out``: the one volume's path (and ``dicom_dir`` its series' folder); ``orientation``: store the voxels
+    in this axis order (:func:`~ctgen.export.nifti.stored_as`, the affine following).
 
     ``identity`` (:func:`sample_identity`): a run killed part-way (a Slurm time limit, a preemption) is resumed:
     a volume the earlier run wrote into ``out_dir`` for the same request, seed and identity is kept, not sampled
@@ -142,6 +142,10 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
         raise ValueError(f"one volume per prompt is written under the prompt's own name, not {per_prompt}")
     for pid, _ in requests:  # before the first volume, and before anything is removed
         check_file_id(pid)
+    last_seed = seed + len(requests) * per_prompt - 1
+    if last_seed >= 2**63:  # a sidecar would record a seed that --seed (ctprep.errors.seed_int) refuses to rerun
+        raise ValueError(f"seed {seed} for {len(requests) * per_prompt} volumes gives seeds up to {last_seed}, past "
+                         f"2**63 - 1: give a seed of at most {2**63 - len(requests) * per_prompt}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last = []
@@ -176,13 +180,16 @@ def write_samples(requests: Sequence[tuple[str, Any]], generate: Generate, out_d
                 sidecar = {**fields, "prompt_id": pid, "repeat": rep, "timing_s": vol.meta.get("timing_s")}
                 if vol.meta.get("n_nonfinite") is not None:  # NaN/inf the network gave, written as the window's bounds
                     sidecar["n_nonfinite"] = int(vol.meta["n_nonfinite"])
+                if vol.meta.get("hu_window") is not None:  # the window the volume was made in: export.hu_range is
+                    sidecar["hu_window"] = vol.meta["hu_window"]  # wider, and clipped nothing
                 nifti, side = save_synthetic_nifti(vol, path, sidecar)
                 row = {"prompt_id": pid, "repeat": rep, "seed": s, "prompt": prompt, "nifti": str(nifti),
                        "sidecar": str(side)}
                 if fields.get("prompt_given") is not None:  # the text a structured model's prompt was made of
                     row["prompt_given"] = fields["prompt_given"]
-                if dicom_dir:
-                    files = save_synthetic_dicom(vol, Path(dicom_dir) / name, sidecar, overwrite=True, case=name)
+                if dicom_dir:  # from the volume in memory: its float64 affine, not the NIfTI's float32 re-read
+                    series = Path(dicom_dir) if single_out else Path(dicom_dir) / name
+                    files = save_synthetic_dicom(vol, series, sidecar, overwrite=True, case=name)
                     row["dicom"] = str(Path(files[0]).parent)
                 if key is not None:  # once all its files are written: what a resumed run needs to keep them
                     write_sidecar(side, {**json.loads(Path(side).read_text()),

@@ -10,7 +10,6 @@ import pandas as pd
 import torch
 
 from ctgen.pipelines.text_to_ct import CASCADE, SampleSettings, TextToCTPipeline, sampling_defaults
-from ctgen.export import dicom_from_nifti
 from ctgen.export.dicom import check_replaceable
 from ctgen.export.nifti import check_nifti_path, check_orientation
 from ctgen.export.samples import sample_identity, write_samples
@@ -147,8 +146,14 @@ def sample_to_files(models_dir: str | Path, prompts: list[tuple[str, str]], out_
     ``<id>_s<seed>.nii.gz``. ``orientation``: store the voxels in this axis order (e.g. ``PLI``), the affine
     following (see :func:`stored_as`).
     """
+    from ctprep.reports.normalise import replace_surrogates
+
+    # the texts as the pipeline samples them (a lone surrogate as U+FFFD): the sidecar, samples.csv and the DICOM
+    # record them, and no UTF-8 file can hold a surrogate
+    prompts = [(p[0], *(t if t is None else replace_surrogates(t) for t in p[1:])) for p in prompts]
     pipe = TextToCTPipeline.from_pretrained(models_dir, device=device)
-    pipe.validate([p[1] for p in prompts], settings)  # every prompt before the first volume
+    names = ["the prompt"] if single_out else [f"prompt {p[0]!r}" for p in prompts]  # as the other errors name them
+    pipe.validate([p[1] for p in prompts], settings, names)  # every prompt before the first volume
     requests = [(p[0], (p[1], p[2] if len(p) > 2 else None)) for p in prompts]
 
     def generate(request: tuple[str, str | None], s: int):
@@ -191,7 +196,7 @@ def sample_parser():
     ap.add_argument("--dicom", help="also write DICOM: the series folder (--prompt), or a folder of one series per volume")
     ap.add_argument("--seed", type=seed_int, help="seed of the first volume; the next get seed+1, ... (default: cascade's)")
     ap.add_argument("--per-prompt", type=positive_int, help="volumes per prompt (default: cascade's, else 1)")
-    ap.add_argument("--num-slices", type=positive_int, help="slices of the output (default: the training grid's)")
+    ap.add_argument("--num-slices", type=positive_int, help="slices of the output, at least 2 (default: the training grid's)")
     ap.add_argument("--guidance-scale", type=float, help="generator classifier-free guidance (default: cascade's)")
     ap.add_argument("--steps", type=positive_int, help="MaskGIT decoding steps (default: cascade's)")
     ap.add_argument("--temperature", type=float, help="MaskGIT temperature (default: cascade's)")
@@ -259,6 +264,12 @@ def sample_main(argv: list[str] | None = None) -> int:
     if args.dicom and Path(args.dicom).is_file():
         raise UserError(f"--dicom {args.dicom} is a file, where the DICOM series' folder is to be made")
     if args.prompt is not None and args.dicom:
+        # the series' folder must hold the series alone: the NIfTI written into it (or into a folder below it) made
+        # the folder refused as holding other files, but only after sampling (before, it was empty)
+        folder = Path(args.out).resolve().parent
+        if folder.is_relative_to(Path(args.dicom).resolve()):
+            raise UserError(f"--dicom {args.dicom} holds the --out file {args.out}: give the DICOM series a folder "
+                            "of its own")
         # the series is replaced with the NIfTI (a rerun with another seed), so a folder that could not be is
         # refused now: after sampling, the new NIfTI would have stood beside the last run's series
         try:
@@ -285,10 +296,10 @@ def sample_main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         template, how = report_template(spec)
         prompt = model_prompt(args.prompt, template, how, "prompt")
+        # the series from the volume in memory, as --prompts writes it (the NIfTI re-read gave float32 geometry);
+        # its folder was checked replaceable above
         sample_to_files(args.models, [("prompt", prompt, _given_if(template, args.prompt))], out.parent, settings,
-                        seed, 1, args.device, single_out=out, orientation=args.orientation)
-        if args.dicom:
-            dicom_from_nifti(out, args.dicom, overwrite=True)  # checked replaceable above
+                        seed, 1, args.device, dicom_dir=args.dicom, single_out=out, orientation=args.orientation)
     elif args.vlm3d is not None:
         prompts = vlm3d_prompts(args.vlm3d, *report_template(spec), given=True)
         sample_to_files(args.models, prompts, args.out_dir, settings, seed, 1, args.device, dicom_dir=args.dicom,

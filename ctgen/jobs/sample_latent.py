@@ -19,7 +19,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ctgen.export import dicom_from_nifti
 from ctgen.jobs.inputs import check_unique_ids, given_text, read_rows, render_structured, row_id
 from ctgen.pipelines.latent_flow import SPEC, LatentFlowPipeline, LatentSampleSettings
 from ctprep.ctrate import is_blank_section
@@ -167,8 +166,13 @@ def sample_latent_main(args) -> int:
     if cascade_only:
         raise UserError(f"{', '.join(cascade_only)}: the cascade's settings, not the latent flow family's "
                         "(it takes --steps, --guidance-scale, --seed, --per-prompt)")
+    from ctgen.pipelines.spec import check_types
+    from ctgen.pipelines.text_to_ct import SAMPLING_TYPES
+
     spec = latent_spec(args.models)
+    check_types(spec, {"sampling": dict}, Path(args.models) / SPEC, optional=True)
     defaults = spec.get("sampling") or {}
+    check_types(defaults, SAMPLING_TYPES, Path(args.models) / SPEC, optional=True)  # as the cascade's defaults
     base = LatentSampleSettings()
     settings = LatentSampleSettings(
         steps=args.steps if args.steps is not None else defaults.get("steps"),
@@ -178,10 +182,10 @@ def sample_latent_main(args) -> int:
     per_prompt = args.per_prompt if args.per_prompt is not None else defaults.get("per_prompt", 1)
     if args.prompt is not None:
         out = Path(args.out)
+        # the series from the volume in memory, as --prompts writes it (the NIfTI re-read gave float32 geometry);
+        # its folder was checked replaceable by sample_main, before sampling
         sample_latent_to_files(args.models, [("prompt", {REPORT: args.prompt})], out.parent, settings, seed, 1,
-                               args.device, single_out=out, orientation=args.orientation)
-        if args.dicom:
-            dicom_from_nifti(out, args.dicom, overwrite=True)  # checked replaceable by sample_main, before sampling
+                               args.device, dicom_dir=args.dicom, single_out=out, orientation=args.orientation)
         return 0
     if args.vlm3d is not None:  # the 2026 contract's report is findings and impression run together
         from ctgen.metrics.vlm3d.contract import read_prompts_json

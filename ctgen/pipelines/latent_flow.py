@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from monai.networks.schedulers import RFlowScheduler
 
-from ctgen.data.layout import from_model_layout, unit_to_int16_hu
+from ctgen.data.layout import at_window_bounds, from_model_layout, unit_to_int16_hu
 from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
-from ctgen.pipelines.spec import load_network, read_spec, spec_files, spec_weights
+from ctgen.pipelines.spec import GRID_KEYS, load_network, read_spec, spec_files, spec_weights
 from ctprep.prompts import rendering
 from ctprep.shards import sha256_file
 from ctprep.volume import Volume
@@ -170,7 +170,8 @@ class LatentFlowPipeline:
         from ctgen.models.latent_flow import LatentFlow
 
         models_dir, device = Path(models_dir), torch.device(device)
-        spec = read_spec(models_dir, SPEC, "is not a trained latent flow model (write_latent_flow_spec writes the spec)")
+        spec = read_spec(models_dir, SPEC, "is not a trained latent flow model (write_latent_flow_spec writes the spec)",
+                         {**GRID_KEYS, "text_encoders": list})
 
         used = {}
 
@@ -296,7 +297,8 @@ class LatentFlowPipeline:
                             n_nonfinite, hu.numel(), {k: t[:40] for k, t in report.items() if t})
             vol = from_model_layout(hu, self.affine(tuple(hu.shape[1:]), spacing), source="ctgen synthetic",
                                     synthetic=True, family=FAMILY, report=report,
-                                    n_nonfinite=n_nonfinite)  # (1, I=W, J=H, K=D)
+                                    n_nonfinite=n_nonfinite,
+                                    hu_window=at_window_bounds(hu, self.spec["grid"]["clip"]))  # (1, I=W, J=H, K=D)
             vol.meta["timing_s"] = {"flow": round(t1 - t0, 3), "decode": round(t2 - t1, 3)}
             log.info("sampled %s in %.1f s (flow %d steps %.1f s, decode %.1f s)", vol.shape, t2 - t0, steps,
                      t1 - t0, t2 - t1)
@@ -322,6 +324,6 @@ class LatentFlowPipeline:
                 "settings": used, "spacing": spacing,
                 "weights_sha256": self.spec.get("weights", {}), "weights_used": dict(self.weights_used),
                 "files_sha256": self.spec.get("files", {}), "config_hash": self.spec.get("config_hash"),
-                "models_dir": str(self.models_dir),
+                "models_dir": str(self.models_dir.resolve()),  # as typed, a rerun from another folder failed
                 # the same seed gives other noise and arithmetic on another device or precision
                 "provenance": provenance(seed, device=str(self.device), precision=self.precision(settings))}

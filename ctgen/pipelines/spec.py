@@ -13,7 +13,7 @@ import torch
 
 from ctgen.models.base import weights_folder
 from ctgen.models.text_encoders import REPORT_ENCODER_DIR
-from ctprep.errors import read_json
+from ctprep.errors import UserError, read_json
 from ctprep.shards import sha256_file
 
 
@@ -39,12 +39,38 @@ def spec_files(models_dir: Path, networks: list[str], extra: list[str] = ()) -> 
     return {rel: sha256_file(models_dir / rel) for rel in rels if (models_dir / rel).is_file()}
 
 
-def read_spec(models_dir: Path, name: str, missing_hint: str) -> dict:
-    """``models_dir/name`` with every weights file it names present and matching its sha256."""
+def check_types(data: dict, required: dict[str, type | tuple], path: Path, optional: bool = False) -> None:
+    """Refuse, naming ``path`` and the key, a hand-edited file whose ``required`` keys ("grid.spacing": inside
+    "grid") are missing (unless ``optional``) or not of their type: read later, they failed as a KeyError or
+    TypeError traceback. A bool is no number here."""
+    for key, kind in required.items():
+        value, parts = data, key.split(".")
+        for part in parts:
+            if not isinstance(value, dict) or part not in value:
+                if optional:
+                    break
+                raise UserError(f"{path}: `{key}` is missing (write the file again)")
+            value = value[part]
+        else:
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+                names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+                raise UserError(f"{path}: `{key}` must be {names}, not {type(value).__name__} {value!r}")
+
+
+#: what sampling reads of either family's ``grid``
+GRID_KEYS = {"grid": dict, "grid.spacing": list, "grid.shape": list, "grid.clip": list}
+
+
+def read_spec(models_dir: Path, name: str, missing_hint: str, required: dict[str, type | tuple] | None = None) -> dict:
+    """``models_dir/name`` with every weights file it names present and matching its sha256, and the ``required``
+    keys of their types (:func:`check_types`)."""
     path = models_dir / name
     if not path.is_file():
         raise FileNotFoundError(f"{models_dir} {missing_hint}: {name} is missing")
     spec = read_json(path, "sampling spec")
+    check_types(spec, {"weights": dict, "files": dict}, path, optional=True)
+    check_types(spec, required or {}, path)
     for model, digest in spec.get("weights", {}).items():
         weights = models_dir / model / "model.safetensors"
         if not weights.is_file():

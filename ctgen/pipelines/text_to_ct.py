@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgen.data.layout import from_model_layout, unit_to_int16_hu
+from ctgen.data.layout import at_window_bounds, from_model_layout, unit_to_int16_hu
 from ctgen.data.text_cache import EmbeddingCache
 from ctgen.models.text_encoders import spec_entry
-from ctgen.pipelines.spec import load_network, read_spec, spec_files, spec_weights
+from ctgen.pipelines.spec import GRID_KEYS, check_types, load_network, read_spec, spec_files, spec_weights
 from ctprep.prompts import rendering
+from ctprep.reports.normalise import replace_surrogates
 from ctprep.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,23 @@ def sampling_defaults(models_dir: str | Path, spec: dict) -> dict:
 
     path = Path(models_dir) / SAMPLING_DEFAULTS
     if path.is_file():
-        return dict(read_json(path, "sampling defaults"))
+        defaults = read_json(path, "sampling defaults")
+        check_types(defaults, SAMPLING_TYPES, path, optional=True)
+        return dict(defaults)
     if not spec.get("sampling"):  # e.g. cascade.json made alone (snakemake -R cascade), or copied without it
         log.warning("%s has no %s: sampling with ctgen's own defaults where no option is given", models_dir,
                     SAMPLING_DEFAULTS)
+    check_types({"sampling": spec.get("sampling") or {}}, {"sampling": dict}, Path(models_dir) / CASCADE)
+    check_types(spec.get("sampling") or {}, SAMPLING_TYPES, Path(models_dir) / CASCADE, optional=True)
     return dict(spec.get("sampling") or {})
+
+
+#: the types of the sampling defaults ``ctgen sample`` reads (a hand-edited "steps": "many" was a TypeError)
+SAMPLING_TYPES = {"steps": int, "guidance_scale": (int, float), "temperature": (int, float),
+                  "sr_steps": (int, type(None)), "batch_size": int, "seed": int, "per_prompt": int}
+#: what the cascade reads of its spec, beside the grid (a cascade.json without "grid" was a KeyError)
+CASCADE_KEYS = {**GRID_KEYS, "grid.lowres_scale": int, "text_encoder": dict, "text_encoder.kind": str,
+                "text_encoder.max_length": int}
 
 
 def write_cascade(models_dir: str | Path, prep_preset: dict, models_cfg: dict,
@@ -128,13 +141,16 @@ class SampleSettings:
 
     def __post_init__(self) -> None:
         bad = [f"{k} {v!r}" for k, v in (("steps", self.steps), ("sr_batch_size", self.sr_batch_size),
-                                          ("num_slices", self.num_slices), ("sr_steps", self.sr_steps))
+                                          ("sr_steps", self.sr_steps))
                if v is not None and v < 1]
+        # one slice wrote a NIfTI that ctprep's own reader refuses (>= 2 voxels per axis) and no DICOM series
+        bad += [f"num_slices {self.num_slices!r}"] if self.num_slices is not None and self.num_slices < 2 else []
         bad += [f"{k} {v!r}" for k, v in (("guidance_scale", self.guidance_scale), ("temperature", self.temperature),
                                           ("sr_guidance_scale", self.sr_guidance_scale))
                 if not (math.isfinite(v) and v >= 0)]
         if bad:  # the workflow's schema refuses them too; the CLI and the API would have sampled with them
-            raise ValueError(f"sampling settings out of range: {', '.join(bad)} (counts >= 1, scales >= 0)")
+            raise ValueError(f"sampling settings out of range: {', '.join(bad)} (counts >= 1, num_slices >= 2, "
+                             "scales >= 0)")
 
 
 class TextToCTPipeline:
@@ -152,7 +168,7 @@ class TextToCTPipeline:
 
         models_dir, device = Path(models_dir), torch.device(device)
         spec = read_spec(models_dir, CASCADE, "is not a trained cascade (run the workflow's `cascade` rule, or "
-                                              "ctgen.pipelines.text_to_ct.write_cascade)")
+                                              "ctgen.pipelines.text_to_ct.write_cascade)", CASCADE_KEYS)
 
         used = {}
 
@@ -196,6 +212,7 @@ class TextToCTPipeline:
 
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens the cascade's text encoder makes of ``prompt`` (special tokens included)."""
+        prompt = replace_surrogates(prompt)  # as __call__ encodes it (the tokenizers raise TypeError on a surrogate)
         if self.spec["text_encoder"]["kind"] == "small":
             _, mask = self.text_tokenizer.encode_batch([prompt], 1 << 16)
             return int(mask.sum())
@@ -209,22 +226,25 @@ class TextToCTPipeline:
         aff[:3, 3] = -np.asarray(spacing_xyz) * (np.array([w, h, d]) - 1) / 2.0
         return aff
 
-    def validate(self, prompts: list[str], settings: SampleSettings) -> None:
+    def validate(self, prompts: list[str], settings: SampleSettings, names: list[str] | None = None) -> None:
+        """Refuse what cannot be sampled; ``names``: how each prompt is named in the error (a prompts file's ids: a
+        0-based index named no row of it), else ``prompt <index>``."""
         if not prompts:
             raise ValueError("no prompts given")
         for i, p in enumerate(prompts):
+            name = names[i] if names else f"prompt {i}"
             if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"prompt {i} is empty: a report text is needed to condition the scan")
+                raise ValueError(f"{name} is empty: a report text is needed to condition the scan")
             limit = self.spec["text_encoder"]["max_length"]
             if not settings.truncate_prompt and (n := self.prompt_tokens(p)) > limit:
-                raise ValueError(f"prompt {i} has {n} text tokens but the text encoder takes {limit}: shorten it "
+                raise ValueError(f"{name} has {n} text tokens but the text encoder takes {limit}: shorten it "
                                  "(e.g. the impression only) or allow truncation (--truncate-prompt)")
         max_t = self.generator.core.config.max_t
         n = settings.num_slices
         if n is not None:
             t = self.tokenizer.tokens_shape(n, 8 * self.tokenizer.config.patch_size, 8 * self.tokenizer.config.patch_size)[0]
-            if n < 1 or t > max_t:
-                raise ValueError(f"num_slices={n} is impossible for this generator: it needs 1 <= slices and a token "
+            if n < 2 or t > max_t:
+                raise ValueError(f"num_slices={n} is impossible for this generator: it needs 2 <= slices and a token "
                                  f"depth <= {max_t} (at most {self._max_slices()} slices)")
 
     def _max_slices(self) -> int:
@@ -238,6 +258,9 @@ class TextToCTPipeline:
                  generators: list[torch.Generator] | None = None) -> list[Volume]:
         """One volume per prompt (int16 HU, RAS affine); ``generators``: one per prompt, for reproducibility."""
         settings = settings or SampleSettings()
+        # a lone surrogate (a non-UTF-8 byte on the command line, "\ud800" in a JSON row) is no character: the text
+        # tokenizers raise TypeError on it and no UTF-8 file can hold it; U+FFFD, as the latent family's reports get
+        prompts = [replace_surrogates(p) if isinstance(p, str) else p for p in prompts]
         self.validate(prompts, settings)
         grid, tok = self.spec["grid"], self.tokenizer.config
         scale = grid["lowres_scale"]
@@ -274,7 +297,8 @@ class TextToCTPipeline:
                             "bounds (NaN: its lower bound) and counted in the sidecar's n_nonfinite", n_nonfinite,
                             hu.numel(), prompt[:80])
             vol = from_model_layout(hu, self.affine(tuple(hu.shape[1:]), spacing), source="ctgen synthetic",
-                                    synthetic=True, prompt=prompt, n_nonfinite=n_nonfinite)  # (1, I=W, J=H, K=D)
+                                    synthetic=True, prompt=prompt, n_nonfinite=n_nonfinite,
+                                    hu_window=at_window_bounds(hu, grid["clip"]))  # (1, I=W, J=H, K=D)
             vol.meta["timing_s"] = {"lowres": round(t1 - t0, 3), "superres": round(t2 - t1, 3)}
             log.info("sampled %s in %.1f s (low-res %.1f s, super-resolution %.1f s)", vol.shape, t2 - t0,
                      t1 - t0, t2 - t1)
@@ -298,9 +322,9 @@ class TextToCTPipeline:
         if sr:  # what a None took from the model's config
             cfg = self.superres.core.config
             used.update(sr_steps=settings.sr_steps or cfg.sample_steps, sr_sampler=cfg.sampler)
-        return {"family": "cascade", "prompt": prompt, "seed": seed, "settings": used, "spacing": spacing,
+        return {"family": "cascade", "prompt": replace_surrogates(prompt), "seed": seed, "settings": used, "spacing": spacing,
                 "weights_sha256": self.spec.get("weights", {}), "weights_used": dict(self.weights_used),
                 "files_sha256": self.spec.get("files", {}), "config_hash": self.spec.get("config_hash"),
-                "models_dir": str(self.models_dir),
+                "models_dir": str(self.models_dir.resolve()),  # as typed, a rerun from another folder failed
                 # the same seed gives other noise on another device; the cascade samples in fp32
                 "provenance": provenance(seed, device=str(self.device), precision="fp32")}

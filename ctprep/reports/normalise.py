@@ -19,13 +19,17 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _QUOTES = (("\u201c", '"'), ("\u201d", '"'), ("\u201e", '"'), ("\u2033", '"'), ("\u2018", "'"), ("\u2019", "'"))
 
 
+def replace_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate as U+FFFD; nothing else changes (the cascade's prompts, which take no other
+    normalisation: a prompt's text decides its volume)."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
 def normalise_lines(text: object) -> str:
     """Normalised text that keeps line breaks (the section splitter looks for headers at line starts)."""
     if text is None:
         return ""
-    s = str(text)
-    if not s.isascii():
-        s = _SURROGATE.sub("\ufffd", s)
+    s = replace_surrogates(str(text))
     s = html.unescape(html.unescape(s))  # double-escaped exports (&amp;amp;) are common
     s = _TAG.sub("\n", s)
     s = unicodedata.normalize("NFKC", s)

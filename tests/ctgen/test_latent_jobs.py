@@ -200,6 +200,10 @@ def test_spec_and_sampling_through_the_cli(latent_run, cohort, tmp_path):
     assert side["family"] == "latent_flow" and side["report"] == {"findings": "", "impression": "No acute findings."}
     assert side["spacing"]["mm"] == [2.0, 2.0, 5.0] and set(side["weights_sha256"]) == {"autoencoder", "latent_flow"}
     assert side["provenance"]["device"] == "cpu" and side["provenance"]["precision"] == "fp32"  # "auto" resolved
+    # the window the volume was made in (export.hu_range is wider), and its voxels at each bound
+    data = np.asarray(load_nifti(out / "r2_s4.nii.gz").data)
+    assert side["hu_window"] == {"hu": WINDOW, "n_low": int((data == WINDOW[0]).sum()),
+                                 "n_high": int((data == WINDOW[1]).sum())}
     # the VLM3D contract: one <input_image_name>.nii.gz per entry, stored in CT-RATE's voxel order
     entries = tmp_path / "prompts.json"
     entries.write_text(json.dumps([{"input_image_name": "valid_9_a_1", "report": "Right pleural effusion."}]))

@@ -514,3 +514,150 @@ def test_sampling_defaults_come_from_their_own_file_or_an_older_spec(tmp_path, c
     assert "has no cascade_sampling.json" in caplog.text  # ctgen's own defaults, said
     write_sampling_defaults(tmp_path, {"steps": 6, "guidance_scale": 3.0, "seed": 7})
     assert sampling_defaults(tmp_path, older) == {"steps": 6, "guidance_scale": 3.0, "seed": 7}
+
+
+def test_a_lone_surrogate_in_a_prompt_is_replaced_as_in_the_latent_family(tiny_cascade, tmp_path):
+    """A non-UTF-8 byte on the command line (decoded as a lone surrogate) or "\\ud800" in a JSON row crashed the
+    cascade with the tokenizers' TypeError; it becomes U+FFFD, as ctprep.reports.normalise makes it for the latent
+    family's reports."""
+    out = tmp_path / "one.nii.gz"
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", "caf\udce9 effusion", "--out", str(out),
+                       "--steps", "2", "--no-superres"]) == 0
+    assert json.loads((tmp_path / "one.json").read_text(encoding="utf-8"))["prompt"] == "caf\ufffd effusion"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": "a", "prompt": "caf\\ud800 effusion"}\n')
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompts", str(rows), "--out-dir",
+                       str(tmp_path / "many"), "--steps", "2", "--no-superres"]) == 0
+    side = json.loads((tmp_path / "many" / "a_s0.json").read_text(encoding="utf-8"))
+    assert side["prompt"] == "caf\ufffd effusion"
+    assert pd.read_csv(tmp_path / "many" / "samples.csv")["prompt"].tolist() == ["caf\ufffd effusion"]
+
+
+def test_one_slice_is_refused_before_sampling(tiny_cascade, tmp_path, capsys):
+    """--num-slices 1 wrote a NIfTI that ctprep's own reader refuses (>= 2 voxels per axis), and with --dicom failed
+    after sampling."""
+    with pytest.raises(ValueError, match="out of range: num_slices 1"):
+        SampleSettings(num_slices=1)
+    assert SampleSettings(num_slices=2).num_slices == 2
+    out = tmp_path / "one.nii.gz"
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", PROMPT, "--out", str(out),
+                       "--num-slices", "1", "--steps", "2", "--dicom", str(tmp_path / "dcm")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_slices 1" in err[0], err
+    assert not out.exists() and not (tmp_path / "dcm").exists()
+
+
+def test_a_dicom_folder_holding_the_nifti_is_refused_before_sampling(tiny_cascade, tmp_path, capsys):
+    """--dicom equal to (or above) the folder of --out passed the check (still empty), then failed after sampling:
+    the NIfTI was in the series' folder."""
+    out = tmp_path / "run" / "ct.nii.gz"
+    for dicom in (tmp_path / "run", tmp_path):
+        assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", PROMPT, "--out", str(out),
+                           "--steps", "2", "--no-superres", "--dicom", str(dicom)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--dicom {dicom} holds the --out file" in err[0], err
+        assert not out.exists()
+
+
+def test_the_dicom_of_one_prompt_has_the_geometry_of_a_prompts_files(tiny_cascade, tmp_path):
+    """--prompt --dicom built the series from the NIfTI re-read, whose float32 affine wrote PixelSpacing 1.39999997615814
+    where --prompts wrote 1.4: both write it from the volume in memory."""
+    import pydicom
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_cascade, models)
+    spec = json.loads((models / "cascade.json").read_text())
+    spec["grid"]["spacing"] = [0.7, 0.7, 1.3]  # not float32 numbers
+    (models / "cascade.json").write_text(json.dumps(spec))
+    common = ["--models", str(models), "--seed", "3", "--steps", "2", "--no-superres"]
+    assert ctgen_main(["sample", *common, "--prompt", PROMPT, "--out", str(tmp_path / "one" / "ct.nii.gz"),
+                       "--dicom", str(tmp_path / "one_dcm")]) == 0
+    (tmp_path / "p.csv").write_text(f"id,prompt\nct,{PROMPT}\n")
+    assert ctgen_main(["sample", *common, "--prompts", str(tmp_path / "p.csv"), "--out-dir", str(tmp_path / "many"),
+                       "--dicom", str(tmp_path / "many_dcm")]) == 0
+
+    def geometry(folder):
+        series = [pydicom.dcmread(f) for f in sorted(folder.glob("*.dcm"))]
+        return [(list(ds.PixelSpacing), list(ds.ImagePositionPatient), ds.SliceThickness) for ds in series]
+
+    one = geometry(tmp_path / "one_dcm")
+    assert one == geometry(tmp_path / "many_dcm" / "ct_s3") and len(one) == 8
+    assert [str(v) for v in one[0][0]] == ["1.4", "1.4"]
+
+
+def test_a_prompt_too_long_is_named_by_its_id(tiny_cascade, tmp_path, capsys):
+    """In --prompts mode the error named a 0-based index ("prompt 1 has 122 text tokens"), every other error of a
+    prompts file its id or line."""
+    rows = tmp_path / "p.csv"
+    rows.write_text(f"id,prompt\nshort,{PROMPT}\ncase7,{'bilateral pleural effusion and ' * 40}\n")
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompts", str(rows), "--out-dir",
+                       str(tmp_path / "out"), "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prompt 'case7' has" in err[0] and "text tokens" in err[0], err
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", "effusion and " * 40, "--out",
+                       str(tmp_path / "x.nii.gz"), "--steps", "2"]) == 2
+    assert "the prompt has" in capsys.readouterr().err
+
+
+def test_seeds_past_what_seed_takes_are_refused_before_sampling(tiny_cascade, tmp_path, capsys):
+    """Two prompts and --seed 2**63 - 1 recorded the seed 2**63 in the second sidecar, which --seed refuses: a sample
+    that could not be rerun from its sidecar."""
+    rows = tmp_path / "p.csv"
+    rows.write_text(f"id,prompt\na,{PROMPT}\nb,{PROMPT}\n")
+    argv = ["sample", "--models", str(tiny_cascade), "--prompts", str(rows), "--out-dir", str(tmp_path / "out"),
+            "--steps", "2", "--no-superres", "--seed"]
+    assert ctgen_main([*argv, str(2**63 - 1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"gives seeds up to {2**63}" in err[0] and f"at most {2**63 - 2}" in err[0], err
+    assert not list(tmp_path.glob("out/*.nii.gz"))  # refused before sampling
+    assert ctgen_main([*argv, str(2**63 - 2)]) == 0
+    assert json.loads((tmp_path / "out" / f"b_s{2**63 - 1}.json").read_text())["seed"] == 2**63 - 1
+
+
+def test_a_hand_edited_spec_or_defaults_file_is_named_not_a_traceback(tiny_cascade, tmp_path, capsys):
+    """cascade.json without "grid" was a KeyError, cascade_sampling.json with "steps": "many" a TypeError: one line
+    naming the file and the key."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_cascade, models)
+    argv = ["sample", "--models", str(models), "--prompt", PROMPT, "--out", str(tmp_path / "x.nii.gz"), "--steps", "2"]
+    good = (models / "cascade_sampling.json").read_text()
+    for bad, key in (({"steps": "many"}, "`steps` must be int, not str 'many'"),
+                     ({"guidance_scale": True}, "`guidance_scale` must be int or float, not bool")):
+        (models / "cascade_sampling.json").write_text(json.dumps(bad))
+        assert ctgen_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"cascade_sampling.json: {key}" in err[0], err
+    (models / "cascade_sampling.json").write_text(good)
+    spec = json.loads((models / "cascade.json").read_text())
+    for edit, key in ((lambda s: s.pop("grid"), "`grid` is missing"),
+                      (lambda s: s["grid"].update(spacing="2mm"), "`grid.spacing` must be list, not str"),
+                      (lambda s: s["text_encoder"].pop("max_length"), "`text_encoder.max_length` is missing")):
+        broken = json.loads(json.dumps(spec))
+        edit(broken)
+        (models / "cascade.json").write_text(json.dumps(broken))
+        assert ctgen_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"cascade.json: {key}" in err[0], err
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_the_sidecar_records_the_window_the_volume_was_clipped_to(tiny_cascade, tmp_path):
+    """The sidecar gave export.hu_range [-1024, 3071] alone, while unit_to_hu had clipped the volume to the preset's
+    window: the window is recorded, with the voxels at each of its bounds."""
+    out = tmp_path / "ct.nii.gz"
+    assert ctgen_main(["sample", "--models", str(tiny_cascade), "--prompt", PROMPT, "--out", str(out),
+                       "--steps", "2", "--no-superres"]) == 0
+    side = json.loads((tmp_path / "ct.json").read_text())
+    data = np.asarray(nib.load(out).dataobj)
+    assert side["hu_window"] == {"hu": [-1000, 1000], "n_low": int((data == -1000).sum()),
+                                 "n_high": int((data == 1000).sum())}
+    assert side["export"]["hu_range"] == [-1024, 3071]  # the export's own clip, unchanged
+
+
+def test_the_sidecar_names_the_models_folder_from_anywhere(tiny_cascade, tmp_path, monkeypatch):
+    """--models given relative was recorded as typed: a rerun from the sidecar in another folder found no models."""
+    monkeypatch.chdir(tiny_cascade.parent)
+    out = tmp_path / "ct.nii.gz"
+    assert ctgen_main(["sample", "--models", tiny_cascade.name, "--prompt", PROMPT, "--out", str(out),
+                       "--steps", "2", "--no-superres"]) == 0
+    assert json.loads((tmp_path / "ct.json").read_text())["models_dir"] == str(tiny_cascade.resolve())
