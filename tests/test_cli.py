@@ -106,7 +106,7 @@ def files(tmp_path):
         out[name] = tmp_path / f"{name}.yaml"
         out[name].write_text(yaml.safe_dump(cfg))
     out["reports"] = tmp_path / "reports.jsonl"
-    out["reports"].write_text('{"id": "r1", "findings": "No effusion."}\n[1, 2]\n')
+    out["reports"].write_text('[1, 2]\n{"id": "r1", findings: "No effusion."}\n')  # one such line among others is an error row
     return out
 
 
@@ -204,7 +204,7 @@ CTPREP_MISTAKES = {
     "zero chunks": (["cohort", "{dir}/none", "{dir}/c.parquet", "{dir}/r.parquet", "--n-chunks", "0"],
                     "not a positive integer"),
     "report config missing": (["parse-report", "--config", "{dir}/none.yaml"], "none.yaml not found"),
-    "reports not JSON objects": (["parse-report", "--jsonl", "{reports}", "{dir}/out.jsonl"], "reports.jsonl:2"),
+    "reports not JSON objects": (["parse-report", "--jsonl", "{reports}", "{dir}/out.jsonl"], "reports.jsonl:1: not a JSON object"),
     "labelled reports missing": (["evaluate-parser", "{dir}/none.jsonl"], "none.jsonl"),
     "preset key misspelt": (["preprocess", "{manifest}", "{dir}/o.nii.gz", "--preset", "demo", "--config",
                              "{preset_typo}"], "presets.demo: Additional properties are not allowed ('spacng'"),
@@ -317,8 +317,10 @@ def test_bugs_keep_their_traceback_and_debug_shows_it_for_mistakes(files, capsys
     monkeypatch.setenv(DEBUG_ENV, "1")
     with pytest.raises(FileNotFoundError):
         ctgen_cli.main(missing)
-    with pytest.raises(SystemExit, match="none.yaml not found"):  # a pass-through's own exit, untouched
+    with pytest.raises(ValueError, match="none.yaml not found"):  # a pass-through's mistake: its traceback too
         ctprep_cli.main(["parse-report", "--config", str(files["dir"] / "none.yaml")])
+    with pytest.raises(SystemExit):  # a pass-through's own exit (argparse's), untouched
+        ctprep_cli.main(["parse-report", "--no-such-option"])
 
 
 def test_the_real_stderr_holds_one_line_and_no_traceback(tmp_path):
