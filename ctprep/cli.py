@@ -60,8 +60,9 @@ def _load_config(path: str | None, required: bool = True, sections: tuple[str, .
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from ctprep.preprocess import preprocess_volume
-    from ctprep.volume import load_nifti, save_nifti
+    from ctprep.volume import check_nifti_path, load_nifti, save_nifti
 
+    check_nifti_path(args.output)  # before the work: any other name was written as NIfTI all the same
     cfg = _load_config(args.config, sections=("presets", "dataset"))
     presets = cfg.get("presets", {})
     if args.preset not in presets:
@@ -78,7 +79,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from ctprep.extract import extract_nifti
+    from ctprep.volume import check_nifti_path
 
+    check_nifti_path(args.output)  # before the work: any other name was written as NIfTI all the same
     vol = extract_nifti(args.manifest, args.key, args.output, check=not args.no_check)
     logger.info("wrote %s: %r", args.output, vol)
     return 0
@@ -86,7 +89,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_dicom2nifti(args: argparse.Namespace) -> int:
     from ctprep.dicom import dicom_to_nifti
+    from ctprep.volume import check_nifti_path
 
+    check_nifti_path(args.output)
     vol = dicom_to_nifti(args.series_dir, args.output, series_uid=args.series_uid)
     logger.info("wrote %s: %r", args.output, vol)
     return 0

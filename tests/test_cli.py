@@ -191,6 +191,15 @@ CTGEN_MISTAKES = {
 }
 
 CTPREP_MISTAKES = {
+    # the suffix is checked before the work: a NIfTI was written under any name, with status 0
+    "preprocess output not NIfTI": (["preprocess", str(REPO / "tests/data/example_ct_sm.nii.gz"), "{dir}/o.txt",
+                                     "--preset", "demo", "--config", str(REPO / "config.yaml")],
+                                    "NIfTI path must end in .nii or .nii.gz, got o.txt"),
+    "extract output not NIfTI": (["extract", "{manifest}", "train_1_a_1", "{dir}/x.txt"],
+                                 "NIfTI path must end in .nii or .nii.gz, got x.txt"),
+    "extract output a folder": (["extract", "{manifest}", "train_1_a_1", "{folder_nii}"], "is a folder"),
+    "dicom2nifti output not NIfTI": (["dicom2nifti", "{dir}", "{dir}/x.nii.gzip"],
+                                     "NIfTI path must end in .nii or .nii.gz, got x.nii.gzip"),
     "volume missing": (["preprocess", "{dir}/none.nii.gz", "{dir}/o.nii.gz", "--preset", "demo", "--config",
                         str(REPO / "config.yaml")], "file not found"),
     "unknown preset": (["preprocess", "{manifest}", "{dir}/o.nii.gz", "--preset", "tiny", "--config",
