@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 
 from ctprep import __version__, ctrate
-from ctprep.errors import DEBUG_ENV, UserError, positive_int, read_json, run_reporting_errors, split_global_flags
+from ctprep.errors import (DEBUG_ENV, UserError, positive_int, read_json, run_reporting_errors, seed_int,
+                           split_global_flags)
 
 logger = logging.getLogger("ctprep")
 
@@ -175,7 +176,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="the dataset/ folder to create")
     p.add_argument("--config", help="config.yaml whose `demo` section sizes the cohort "
                                     "(default: $CTGEN_CONFIG or ./config.yaml where present)")
-    p.add_argument("--seed", type=int, help="cohort seed (default: the config's demo.seed)")
+    p.add_argument("--seed", type=seed_int, help="cohort seed (default: the config's demo.seed)")  # -5: numpy's words
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cohort", help="build the cohort table of a CT-RATE-layout folder")

@@ -100,7 +100,8 @@ def files(tmp_path):
     base = yaml.safe_load((REPO / "config.yaml").read_text())
     for name, edit in (("preset_typo", lambda c: c["presets"]["demo"].update(spacng=[1, 1, 1])),
                        ("preset_list", lambda c: c["presets"].update(demo=[1, 2])),
-                       ("demo_typo", lambda c: c["demo"].update(n_trian_patients=3))):
+                       ("demo_typo", lambda c: c["demo"].update(n_trian_patients=3)),
+                       ("demo_slices", lambda c: c["demo"].update(slices=[10, 8]))):
         cfg = yaml.safe_load(yaml.safe_dump(base))
         edit(cfg)
         out[name] = tmp_path / f"{name}.yaml"
@@ -219,6 +220,11 @@ CTPREP_MISTAKES = {
                              "{preset_typo}"], "presets.demo: Additional properties are not allowed ('spacng'"),
     "preset not a mapping": (["preprocess", "{manifest}", "{dir}/o.nii.gz", "--preset", "demo", "--config",
                               "{preset_list}"], "presets.demo: [1, 2] is not of type 'object'"),
+    "demo seed negative": (["demo", "{dir}/ds", "--seed", "-5"], "argument --seed: not a seed"),
+    "demo range reversed": (["demo", "{dir}/ds", "--config", "{demo_slices}"],
+                            "demo.slices must be [min, max] with min <= max, not [10, 8]"),
+    "F1 threshold above 1": (["evaluate-parser", "{dir}/none.jsonl", "--min-macro-f1", "5"],
+                             "--min-macro-f1 must be from 0 to 1, not 5.0"),
     "demo key misspelt": (["demo", "{dir}/ds", "--config", "{demo_typo}"], "('n_trian_patients' was unexpected)"),
     "misspelt label": (["evaluate-parser", "{misspelt_labels}"], "labelled.jsonl:1: not CT-RATE labels: ['Cardiomegally']"),
     "no labelled reports": (["evaluate-parser", "{empty_txt}"], "empty.txt: no labelled reports"),

@@ -594,6 +594,16 @@ def test_cli_refuses_an_input_without_report_text(monkeypatch, capsys, tmp_path)
 
 
 # --- evaluation -----------------------------------------------------------------------------
+def test_a_failed_f1_threshold_says_so(tmp_path, caplog):
+    """Status 1 came without a word of why."""
+    path = tmp_path / "ref.jsonl"
+    path.write_text(json.dumps({"id": "x", "text": "Emphysema in both lungs.",
+                                "labels": {**dict.fromkeys(LABELS, 0), "Pleural effusion": 1}}) + "\n")
+    with caplog.at_level("ERROR"):
+        assert evaluate_main([str(path), "--out", str(tmp_path / "t.tsv"), "--min-macro-f1", "0.5"]) == 1
+    assert "macro-F1 0.000 is below --min-macro-f1 0.500" in caplog.text
+
+
 def test_score_on_own_reports(tmp_path):
     rows = [{"id": "x", "text": "Cardiomegaly. No effusion in the pleura.", "labels": {**dict.fromkeys(LABELS, 0), "Cardiomegaly": 1}},
             {"id": "y", "text": "Emphysema in both lungs.", "labels": {**dict.fromkeys(LABELS, 0), "Pleural effusion": 1}}]
