@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 
 from ctprep import __version__, ctrate
-from ctprep.errors import DEBUG_ENV, UserError, positive_int, read_json, run_reporting_errors, split_global_flags
+from ctprep.errors import (DEBUG_ENV, UserError, positive_int, read_json, run_reporting_errors, seed_int,
+                           split_global_flags)
 
 logger = logging.getLogger("ctprep")
 
@@ -60,8 +61,9 @@ def _load_config(path: str | None, required: bool = True, sections: tuple[str, .
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from ctprep.preprocess import preprocess_volume
-    from ctprep.volume import load_nifti, save_nifti
+    from ctprep.volume import check_nifti_path, load_nifti, save_nifti
 
+    check_nifti_path(args.output)  # before the work: any other name was written as NIfTI all the same
     cfg = _load_config(args.config, sections=("presets", "dataset"))
     presets = cfg.get("presets", {})
     if args.preset not in presets:
@@ -78,7 +80,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from ctprep.extract import extract_nifti
+    from ctprep.volume import check_nifti_path
 
+    check_nifti_path(args.output)  # before the work: any other name was written as NIfTI all the same
     vol = extract_nifti(args.manifest, args.key, args.output, check=not args.no_check)
     logger.info("wrote %s: %r", args.output, vol)
     return 0
@@ -86,7 +90,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_dicom2nifti(args: argparse.Namespace) -> int:
     from ctprep.dicom import dicom_to_nifti
+    from ctprep.volume import check_nifti_path
 
+    check_nifti_path(args.output)
     vol = dicom_to_nifti(args.series_dir, args.output, series_uid=args.series_uid)
     logger.info("wrote %s: %r", args.output, vol)
     return 0
@@ -170,7 +176,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="the dataset/ folder to create")
     p.add_argument("--config", help="config.yaml whose `demo` section sizes the cohort "
                                     "(default: $CTGEN_CONFIG or ./config.yaml where present)")
-    p.add_argument("--seed", type=int, help="cohort seed (default: the config's demo.seed)")
+    p.add_argument("--seed", type=seed_int, help="cohort seed (default: the config's demo.seed)")  # -5: numpy's words
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cohort", help="build the cohort table of a CT-RATE-layout folder")

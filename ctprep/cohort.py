@@ -11,6 +11,7 @@ in a nullable ``Int8`` column).
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import zlib
@@ -87,6 +88,32 @@ def _read(path: Path, what: str) -> pd.DataFrame:
     return df
 
 
+#: The columns each table must have (checked on its header: a renamed or misspelt column rejected every volume of the
+#: split one by one, or, for the findings, left them all empty without a word).
+REQUIRED_COLUMNS = {"metadata": ctrate.REQUIRED_METADATA, "report": ctrate.REQUIRED_REPORT_COLUMNS,
+                    "labels": ("VolumeName", *ctrate.LABELS)}
+
+
+def _check_columns(df: pd.DataFrame, path: Path, what: str) -> None:
+    """One line naming the table and the required columns its header lacks, with the near misses it has."""
+    missing = [c for c in REQUIRED_COLUMNS[what] if c not in df.columns]
+    if not missing:
+        return
+    have = [str(c) for c in df.columns if c not in REQUIRED_COLUMNS[what]]
+    near = {c: difflib.get_close_matches(c, have, n=1) for c in missing}
+    hints = ", ".join(f"{m[0]!r} for {c!r}" for c, m in near.items() if m)
+    raise UserError(f"{what} table {path}: no column {', '.join(map(repr, missing))}"
+                    + (f" (found {hints}: renamed?)" if hints else ""))
+
+
+def _optional_report_columns(df: pd.DataFrame, path: Path) -> None:
+    """A report table without a section the cohort can do without is used, but said so once."""
+    absent = [c for c in SECTIONS if c not in df.columns]
+    if absent:
+        logger.warning("report table %s: no column %s; those sections are blank for every volume", path,
+                       ", ".join(map(repr, absent)))
+
+
 def _no_chest(root: Path, split: str) -> tuple[set[str], set[str], Path]:
     """(volume names, scan ids) listed in ``metadata/no_chest_<split>.txt``; empty where it is absent."""
     path = ctrate.no_chest_txt(root, split)
@@ -120,6 +147,9 @@ def assemble_cohort(root: str | Path, splits=("train", "valid"), n_chunks: int =
         paths = {"metadata": ctrate.metadata_csv(root, split), "report": ctrate.report_csv(root, split),
                  "labels": ctrate.labels_csv(root, split)}
         tables = {kind: _read(path, kind) for kind, path in paths.items()}
+        for kind, df in tables.items():
+            _check_columns(df, paths[kind], kind)
+        _optional_report_columns(tables["report"], paths["report"])
         files = ctrate.discover(root, split)
         no_chest = _no_chest(root, split)
         indexed: dict[str, dict[str, dict]] = {}

@@ -49,6 +49,8 @@ REPORT_COLUMNS: tuple[str, ...] = (
     "Impressions_EN",
 )
 NOT_GIVEN = "Not given."
+#: The report columns the cohort cannot do without (a missing clinical information or technique column reads as blank).
+REQUIRED_REPORT_COLUMNS: tuple[str, ...] = ("VolumeName", "Findings_EN", "Impressions_EN")
 
 
 def is_blank_section(text) -> bool:

@@ -29,6 +29,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.volumeutils import apply_read_scaling
 
+from ctprep.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 #: Flip between LPS (DICOM, ITK) and RAS (NIfTI, nibabel): negate x and y.
@@ -324,6 +326,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
     """``payload`` written atomically to ``path`` (see :func:`atomic_write`)."""
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
+
+
+def check_nifti_path(path: str | Path) -> None:
+    """A NIfTI output's name ends in .nii or .nii.gz and is not a folder: checked before the work, not after (a
+    ``x.txt`` was written as NIfTI). Here, below both packages, for ctprep's commands and ctgen's sampling alike."""
+    if not (Path(path).name.endswith(".nii.gz") or Path(path).name.endswith(".nii")):
+        raise UserError(f"NIfTI path must end in .nii or .nii.gz, got {Path(path).name}")
+    if Path(path).is_dir():
+        raise UserError(f"NIfTI path {path} is a folder")
 
 
 def save_nifti(

@@ -100,13 +100,14 @@ def files(tmp_path):
     base = yaml.safe_load((REPO / "config.yaml").read_text())
     for name, edit in (("preset_typo", lambda c: c["presets"]["demo"].update(spacng=[1, 1, 1])),
                        ("preset_list", lambda c: c["presets"].update(demo=[1, 2])),
-                       ("demo_typo", lambda c: c["demo"].update(n_trian_patients=3))):
+                       ("demo_typo", lambda c: c["demo"].update(n_trian_patients=3)),
+                       ("demo_slices", lambda c: c["demo"].update(slices=[10, 8]))):
         cfg = yaml.safe_load(yaml.safe_dump(base))
         edit(cfg)
         out[name] = tmp_path / f"{name}.yaml"
         out[name].write_text(yaml.safe_dump(cfg))
     out["reports"] = tmp_path / "reports.jsonl"
-    out["reports"].write_text('{"id": "r1", "findings": "No effusion."}\n[1, 2]\n')
+    out["reports"].write_text('[1, 2]\n{"id": "r1", findings: "No effusion."}\n')  # one such line among others is an error row
     return out
 
 
@@ -191,6 +192,15 @@ CTGEN_MISTAKES = {
 }
 
 CTPREP_MISTAKES = {
+    # the suffix is checked before the work: a NIfTI was written under any name, with status 0
+    "preprocess output not NIfTI": (["preprocess", str(REPO / "tests/data/example_ct_sm.nii.gz"), "{dir}/o.txt",
+                                     "--preset", "demo", "--config", str(REPO / "config.yaml")],
+                                    "NIfTI path must end in .nii or .nii.gz, got o.txt"),
+    "extract output not NIfTI": (["extract", "{manifest}", "train_1_a_1", "{dir}/x.txt"],
+                                 "NIfTI path must end in .nii or .nii.gz, got x.txt"),
+    "extract output a folder": (["extract", "{manifest}", "train_1_a_1", "{folder_nii}"], "is a folder"),
+    "dicom2nifti output not NIfTI": (["dicom2nifti", "{dir}", "{dir}/x.nii.gzip"],
+                                     "NIfTI path must end in .nii or .nii.gz, got x.nii.gzip"),
     "volume missing": (["preprocess", "{dir}/none.nii.gz", "{dir}/o.nii.gz", "--preset", "demo", "--config",
                         str(REPO / "config.yaml")], "file not found"),
     "unknown preset": (["preprocess", "{manifest}", "{dir}/o.nii.gz", "--preset", "tiny", "--config",
@@ -204,12 +214,17 @@ CTPREP_MISTAKES = {
     "zero chunks": (["cohort", "{dir}/none", "{dir}/c.parquet", "{dir}/r.parquet", "--n-chunks", "0"],
                     "not a positive integer"),
     "report config missing": (["parse-report", "--config", "{dir}/none.yaml"], "none.yaml not found"),
-    "reports not JSON objects": (["parse-report", "--jsonl", "{reports}", "{dir}/out.jsonl"], "reports.jsonl:2"),
+    "reports not JSON objects": (["parse-report", "--jsonl", "{reports}", "{dir}/out.jsonl"], "reports.jsonl:1: not a JSON object"),
     "labelled reports missing": (["evaluate-parser", "{dir}/none.jsonl"], "none.jsonl"),
     "preset key misspelt": (["preprocess", "{manifest}", "{dir}/o.nii.gz", "--preset", "demo", "--config",
                              "{preset_typo}"], "presets.demo: Additional properties are not allowed ('spacng'"),
     "preset not a mapping": (["preprocess", "{manifest}", "{dir}/o.nii.gz", "--preset", "demo", "--config",
                               "{preset_list}"], "presets.demo: [1, 2] is not of type 'object'"),
+    "demo seed negative": (["demo", "{dir}/ds", "--seed", "-5"], "argument --seed: not a seed"),
+    "demo range reversed": (["demo", "{dir}/ds", "--config", "{demo_slices}"],
+                            "demo.slices must be [min, max] with min <= max, not [10, 8]"),
+    "F1 threshold above 1": (["evaluate-parser", "{dir}/none.jsonl", "--min-macro-f1", "5"],
+                             "--min-macro-f1 must be from 0 to 1, not 5.0"),
     "demo key misspelt": (["demo", "{dir}/ds", "--config", "{demo_typo}"], "('n_trian_patients' was unexpected)"),
     "misspelt label": (["evaluate-parser", "{misspelt_labels}"], "labelled.jsonl:1: not CT-RATE labels: ['Cardiomegally']"),
     "no labelled reports": (["evaluate-parser", "{empty_txt}"], "empty.txt: no labelled reports"),
@@ -317,8 +332,10 @@ def test_bugs_keep_their_traceback_and_debug_shows_it_for_mistakes(files, capsys
     monkeypatch.setenv(DEBUG_ENV, "1")
     with pytest.raises(FileNotFoundError):
         ctgen_cli.main(missing)
-    with pytest.raises(SystemExit, match="none.yaml not found"):  # a pass-through's own exit, untouched
+    with pytest.raises(ValueError, match="none.yaml not found"):  # a pass-through's mistake: its traceback too
         ctprep_cli.main(["parse-report", "--config", str(files["dir"] / "none.yaml")])
+    with pytest.raises(SystemExit):  # a pass-through's own exit (argparse's), untouched
+        ctprep_cli.main(["parse-report", "--no-such-option"])
 
 
 def test_the_real_stderr_holds_one_line_and_no_traceback(tmp_path):

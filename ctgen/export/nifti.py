@@ -9,7 +9,7 @@ from typing import Any
 
 from ctprep.errors import UserError
 from ctprep.geometry import reorient
-from ctprep.volume import Volume, is_sheared, save_nifti
+from ctprep.volume import Volume, check_nifti_path, is_sheared, save_nifti  # check_nifti_path: ctgen.jobs.sample's too
 
 from ctgen.export.config import ExportConfig, to_int16_hu
 from ctgen.export.sidecar import build_sidecar, sidecar_path, write_sidecar
@@ -50,14 +50,6 @@ def save_synthetic_nifti(
     save_nifti(out, path, dtype="int16", descrip=config.nifti_descrip)
     logger.info("wrote synthetic NIfTI %s %r", path, out)
     return path, json_path
-
-
-def check_nifti_path(path: str | Path) -> None:
-    """A NIfTI output's name ends in .nii or .nii.gz and is not a folder (checked before sampling, not after)."""
-    if not (Path(path).name.endswith(".nii.gz") or Path(path).name.endswith(".nii")):
-        raise UserError(f"NIfTI path must end in .nii or .nii.gz, got {Path(path).name}")
-    if Path(path).is_dir():
-        raise UserError(f"NIfTI path {path} is a folder")
 
 
 def check_orientation(orientation: str | None) -> tuple[str, ...] | None:

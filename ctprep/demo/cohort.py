@@ -116,6 +116,12 @@ def write_demo_cohort(root: str | Path, cfg: dict, workers: int = 1) -> pd.DataF
         raise ValueError(f"unknown fault kinds {bad}; choose from {list(FAULTS)}")
     if cfg["layout"] not in DEMO_LAYOUTS:
         raise ValueError(f"unknown demo layout {cfg['layout']!r}; choose from {list(DEMO_LAYOUTS)}")
+    seed = cfg["seed"]  # numpy's "expected non-negative integer" named no key
+    if isinstance(seed, (int, float)) and seed < 0:
+        raise ValueError(f"demo.seed must be a non-negative integer, not {seed!r}")
+    for key in ("slices", "fov_mm", "z_spacing_mm"):  # [10, 8] was taken, its volumes drawn from an empty range
+        if len(cfg[key]) != 2 or cfg[key][0] > cfg[key][1]:
+            raise ValueError(f"demo.{key} must be [min, max] with min <= max, not {cfg[key]!r}")
     root = Path(root)
     vols = _plan(cfg)
     _place(vols, cfg)

@@ -164,8 +164,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     ap.add_argument("jsonl", help="reference reports with radiologist labels (JSON lines)")
     ap.add_argument("--split", default="all", choices=["all", "dev", "heldout"], help="which hash split to score")
     ap.add_argument("--out", help="write the table here (.json: full result; otherwise TSV); default: stdout TSV")
-    ap.add_argument("--min-macro-f1", type=float, default=0.0, help="exit 1 if macro-F1 is below this")
+    ap.add_argument("--min-macro-f1", type=float, default=0.0, help="exit 1 if macro-F1 is below this (0 to 1)")
     args = ap.parse_args(argv)
+    if not 0 <= args.min_macro_f1 <= 1:  # 5 could never be met: every run failed
+        ap.error(f"--min-macro-f1 must be from 0 to 1, not {args.min_macro_f1}")
     ids = None
     if args.split != "all":
         ids = [r["id"] for r in read_labelled(args.jsonl)]
@@ -183,4 +185,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             writer.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items()})
         if args.out:
             fh.close()
-    return 0 if result["macro_f1"] >= args.min_macro_f1 else 1
+    if result["macro_f1"] < args.min_macro_f1:  # the status alone said nothing of why
+        logger.error("macro-F1 %.3f is below --min-macro-f1 %.3f", result["macro_f1"], args.min_macro_f1)
+        return 1
+    return 0

@@ -267,3 +267,45 @@ def test_spacing_lists_in_other_spellings(tmp_path):
     assert names[0] in set(cohort["VolumeName"]) and names[0] not in reasons
     assert reasons[names[1]] == "bad metadata: unparsable XYSpacing: '0,7'"
     assert reasons[names[2]] == "bad metadata: XYSpacing '[0.0, 0.7]' is not positive"
+
+
+@pytest.mark.parametrize("table, column, renamed", [
+    ("report", "Findings_EN", "Findings"),
+    ("report", "Impressions_EN", None),
+    ("labels", "Cardiomegaly", "Cardiomegally"),
+    ("metadata", "XYSpacing", "XY_Spacing"),
+])
+def test_a_missing_required_column_is_one_line_naming_the_table_and_column(tmp_path, capsys, table, column, renamed):
+    """A renamed findings column left every volume's findings empty without a word; a misspelt label or metadata
+    column, or a missing impression column, rejected every volume of the split one by one and exited 0."""
+    from ctprep.cli import main
+
+    root = tmp_path / "dataset"
+    write_demo_cohort(root, {**CFG, "faults": []})
+    path = {"report": ctrate.report_csv, "labels": ctrate.labels_csv, "metadata": ctrate.metadata_csv}[table](root, "valid")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = df.rename(columns={column: renamed}) if renamed else df.drop(columns=column)
+    df.to_csv(path, index=False)
+    code = main(["cohort", str(root), str(tmp_path / "c.parquet"), str(tmp_path / "r.parquet"), "--n-chunks", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"{table} table {path}: no column {column!r}" in err[0]
+    assert (f"found {renamed!r} for {column!r}" in err[0]) if renamed else "found" not in err[0]
+    assert not (tmp_path / "c.parquet").exists()
+
+
+def test_report_sections_the_cohort_can_do_without_may_be_absent(tmp_path, caplog):
+    """No clinical information or technique column: those sections are blank, the volumes kept, and the log says so."""
+    root = tmp_path / "dataset"
+    write_demo_cohort(root, {**CFG, "faults": []})
+    expected = build_cohort(root)[0]
+    for split in ("train", "valid"):
+        path = ctrate.report_csv(root, split)
+        pd.read_csv(path, dtype=str, keep_default_na=False).drop(
+            columns=["ClinicalInformation_EN", "Technique_EN"]).to_csv(path, index=False)
+    with caplog.at_level("WARNING"):
+        cohort, rejects = build_cohort(root)
+    assert rejects.empty and list(cohort["VolumeName"]) == list(expected["VolumeName"])
+    assert (cohort["clinical_information"] == "").all() and (cohort["technique"] == "").all()
+    assert list(cohort["findings"]) == list(expected["findings"])
+    assert "no column 'ClinicalInformation_EN', 'Technique_EN'" in caplog.text

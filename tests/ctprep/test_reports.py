@@ -513,6 +513,57 @@ def test_an_empty_report_in_a_jsonl_file_is_one_error_row_not_the_end_of_the_fil
     assert "error" not in rows[0] and rows[0]["prompts"]["structured"] != NO_FINDINGS
 
 
+def test_a_line_that_is_no_json_object_or_a_field_that_is_no_text_is_an_error_row(monkeypatch, caplog, capsys, tmp_path):
+    """One line that was not JSON stopped the whole file (status 2, no output); {"findings": {"a": 1}} or 5 was parsed
+    as the text "{'a': 1}" or "5"."""
+    monkeypatch.chdir(tmp_path)
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join([json.dumps({"id": "a", "findings": "Mild emphysema."}), '{"id": "b", findings: 1}',
+                              json.dumps({"id": "c", "findings": {"a": 1}}), "[1, 2]",
+                              json.dumps({"id": "e", "impression": 5}), json.dumps({"id": "f", "text": "Cardiomegaly."}),
+                              json.dumps({"id": "g", "findings": ""})]) + "\n")
+    with caplog.at_level("INFO"):
+        assert main(["parse-report", "--jsonl", str(src), str(dst)]) == 0
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [r.get("id") for r in rows] == ["a", None, "c", None, "e", "f", "g"]  # one row out for each row in
+    assert [r.get("error") for r in rows] == [None, "not a JSON object", "field 'findings' is not text but a JSON object",
+                                              "not a JSON object", "field 'impression' is not text but a JSON number",
+                                              None, "the report text is empty"]
+    assert rows[0]["labels"]["Emphysema"] == 1 and rows[5]["labels"]["Cardiomegaly"] == 1
+    for row in rows[1:5]:
+        assert row["labels"] == {} and row["mentions"] == [] and row["prompts"]["structured"] is None
+    assert f"{src}:2, {src}:4" in caplog.text and f"{src}:3" in caplog.text
+    assert caplog.records[-1].getMessage().endswith("parsed 2 reports from " + f"{src} into {dst}; 5 row(s) written "
+                                                    "with an error instead (see the warnings)")
+    src.write_text("[1, 2]\nnot json\n")  # a file that is no JSON lines at all: one line, not N error rows
+    assert main(["parse-report", "--jsonl", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"{src}:1: not a JSON object, and no row of the file has a report to parse")
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"findings": ["Emphysema."]}'))
+    assert main(["parse-report"]) == 2
+    assert "stdin: field 'findings' is not text but a JSON array" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config, message", [
+    ("- 1\n", "is not a YAML mapping of sections"),
+    ("prompts: [1]\n", "prompts: [1] is not of type 'object'"),
+    ("prompts:\n  templates: [1, 2]\n", "prompts.templates: [1, 2] is not of type 'object'"),
+    ("prompts:\n  templates: {g: '{age}'}\n  max_chars: abc\n", "prompts.max_chars: 'abc' is not of type 'integer'"),
+    ("prompts:\n  templates: {g: '{nope'}\n", "config prompts.templates.g: expected '}' before end of string"),
+    ("prompts:\n  templates: {g: '{diagnosis}'}\n", "config prompts.templates.g: prompt template '{diagnosis}' uses "
+                                                     "unknown fields ['diagnosis']"),
+], ids=["list", "prompts-list", "templates-list", "max-chars", "unbalanced", "unknown-field"])
+def test_a_bad_parse_report_config_is_one_line_naming_the_key(monkeypatch, capsys, tmp_path, config, message):
+    """A list gave an AttributeError or TypeError traceback, max_chars: abc "invalid literal for int()" with no key,
+    a template "{nope" "expected '}' before end of string" with no template."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Cardiomegaly."))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(config)
+    assert main(["parse-report", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
 def test_field_names_are_read_in_any_case():
     """A report keyed "Findings" read as empty: no label, and the prompt "no acute findings"."""
     s = split_sections({"FINDINGS": "Moderate cardiomegaly.", "Impression": "Cardiomegaly.", "Clinical Information": "Dyspnoea."})
@@ -543,6 +594,16 @@ def test_cli_refuses_an_input_without_report_text(monkeypatch, capsys, tmp_path)
 
 
 # --- evaluation -----------------------------------------------------------------------------
+def test_a_failed_f1_threshold_says_so(tmp_path, caplog):
+    """Status 1 came without a word of why."""
+    path = tmp_path / "ref.jsonl"
+    path.write_text(json.dumps({"id": "x", "text": "Emphysema in both lungs.",
+                                "labels": {**dict.fromkeys(LABELS, 0), "Pleural effusion": 1}}) + "\n")
+    with caplog.at_level("ERROR"):
+        assert evaluate_main([str(path), "--out", str(tmp_path / "t.tsv"), "--min-macro-f1", "0.5"]) == 1
+    assert "macro-F1 0.000 is below --min-macro-f1 0.500" in caplog.text
+
+
 def test_score_on_own_reports(tmp_path):
     rows = [{"id": "x", "text": "Cardiomegaly. No effusion in the pleura.", "labels": {**dict.fromkeys(LABELS, 0), "Cardiomegaly": 1}},
             {"id": "y", "text": "Emphysema in both lungs.", "labels": {**dict.fromkeys(LABELS, 0), "Pleural effusion": 1}}]
