@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 PROFILE ?= workflow/profiles/local
 TORCH ?= 2.13.0
+# where torch comes from: pip's configured index by default (PyPI's Linux wheels are CUDA builds, GBs of them);
+# a CPU-only machine: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 TEST_WORKERS ?= 3  # make test: pytest worker processes, one more than 2 cores (tests/conftest.py: why, what shares one)
 
 .PHONY: setup demo test lint bench clean browser
@@ -15,7 +18,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==$(TORCH)  # the pinned build first: a bare `torch` pulls GBs of CUDA wheels
+	$(BIN)/pip install --quiet torch==$(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))  # before the rest: its `torch` is then this one
 	$(BIN)/pip install --quiet -e '.[models,minilm,workflow,dev]'
 	touch $@
 
