@@ -568,6 +568,43 @@ def test_inputs_of_the_wrong_kind_are_named(tmp_path):
         section_texts(tmp_path / "c.parquet", tmp_path / "c.parquet")
 
 
+def test_a_prompts_table_without_the_splits_or_columns_asked_for_is_named(tmp_path, capsys):
+    """fit-text-tokenizer on a split the table lacks (``valid``, a typo ``trian``) fitted a vocabulary on no text; a
+    table without ``split`` raised KeyError: 'split'; a missing prompt column was named with the columns less two."""
+    import pandas as pd
+
+    table = tmp_path / "p.parquet"
+    pd.DataFrame({"VolumeName": ["train_1_a_1.nii.gz"], "split": ["train"], "generatect": ["Cardiomegaly."]}
+                 ).to_parquet(table)
+    fit = ["fit-text-tokenizer", "--prompts", str(table), "--out", str(tmp_path / "t.json"), "--vocab-size", "100"]
+    code, err = run("ctgen", [*fit, "--column", "generatect", "--splits", "train", "trian"], capsys)
+    assert_one_line_error(code, err, "ctgen", "p.parquet has no 'trian' split; its splits are ['train']")
+    assert not (tmp_path / "t.json").exists()
+    code, err = run("ctgen", [*fit, "--column", "impression"], capsys)
+    assert_one_line_error(code, err, "ctgen", "no 'impression' column; it has ['VolumeName', 'split', 'generatect']")
+    pd.DataFrame({"VolumeName": ["train_1_a_1.nii.gz"], "generatect": ["Cardiomegaly."]}).to_parquet(table)
+    code, err = run("ctgen", [*fit, "--column", "generatect"], capsys)
+    assert_one_line_error(code, err, "ctgen", "p.parquet has no 'split' column; it has ['VolumeName', 'generatect']")
+
+
+def test_sections_of_a_table_without_report_sections_are_refused(tmp_path):
+    """embed-sections given the prompts table as its cohort cached an empty text for every section."""
+    import pandas as pd
+
+    from ctgen.jobs.text import section_texts
+
+    prompts = tmp_path / "prompts.parquet"
+    pd.DataFrame({"VolumeName": ["train_1_a_1.nii.gz"], "split": ["train"], "structured": ["Cardiomegaly."]}
+                 ).to_parquet(prompts)
+    with pytest.raises(ValueError, match=r"prompts.parquet is not a cohort table .*no findings or impression column; "
+                                         r"it has \['VolumeName', 'split', 'structured'\]"):
+        section_texts(prompts, prompts)
+    cohort = tmp_path / "cohort.parquet"
+    for column in ("impression", "Impressions_EN"):  # the cohort's name, or the CT-RATE CSV's
+        pd.DataFrame({"VolumeName": ["train_1_a_1.nii.gz"], column: ["Cardiomegaly."]}).to_parquet(cohort)
+        assert section_texts(cohort, prompts)["train_1_a_1:impression"] == "Cardiomegaly."
+
+
 def test_the_recorded_code_version_is_this_codes_or_none(tmp_path):
     """A package installed into another project's git work tree recorded that project's commit; untracked code
     was not 'dirty'. The commit is recorded only where the packages are the checkout's own, and a source hash
