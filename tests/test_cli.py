@@ -610,6 +610,24 @@ def test_sections_of_a_table_without_report_sections_are_refused(tmp_path):
         assert section_texts(cohort, prompts)["train_1_a_1:impression"] == "Cardiomegaly."
 
 
+@pytest.mark.parametrize("command", ["embed-prompts", "embed-sections"])
+def test_an_encoder_key_or_length_that_is_no_setting_is_named(command, tmp_path, capsys):
+    """``--encoder '{kind: minilm, maxlen: 10}'`` ran with max_length 128; a max_length of -3 or 0 failed in torch."""
+    table = tmp_path / "p.parquet"
+    inputs = (["--prompts", str(table), "--column", "generatect"] if command == "embed-prompts" else
+              ["--cohort", str(table), "--prompts", str(table)])
+    for encoder, needle in (("{kind: minilm, maxlen: 10}", "--encoder: unknown key maxlen (a text encoder's settings "
+                                                           "are kind, path, max_length, vocab_size, dtype"),
+                            ("{kind: minilm, max_length: -3}", "max_length must be a whole number of tokens >= 1, not -3"),
+                            ("{kind: minilm, max_length: 0}", "max_length must be a whole number of tokens >= 1, not 0")):
+        code, err = run("ctgen", [command, *inputs, "--out", str(tmp_path / "e"), "--encoder", encoder], capsys)
+        assert_one_line_error(code, err, "ctgen", needle)
+    # every key the workflow passes (models.text_encoder, encoder_json) is one: refused here only for want of a path
+    full = '{kind: hf, path: null, max_length: 128, vocab_size: 1000, dtype: float32, trust_remote_code: false}'
+    code, err = run("ctgen", [command, *inputs, "--out", str(tmp_path / "e"), "--encoder", full], capsys)
+    assert_one_line_error(code, err, "ctgen", "text encoder kind 'hf' needs 'path'")
+
+
 def test_the_recorded_code_version_is_this_codes_or_none(tmp_path):
     """A package installed into another project's git work tree recorded that project's commit; untracked code
     was not 'dirty'. The commit is recorded only where the packages are the checkout's own, and a source hash

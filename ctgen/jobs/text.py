@@ -54,8 +54,9 @@ def fit_text_tokenizer(prompts_parquet: str | Path, column: str | list[str], out
 def embed_prompts(prompts_parquet: str | Path, column: str, encoder_cfg: dict, out_path: str | Path) -> Path:
     """A frozen encoder's states for every prompt of the cohort, computed once and cached."""
     from ctgen.data.text_cache import encode_prompts
-    from ctgen.models.text_encoders import build_text_encoder
+    from ctgen.models.text_encoders import build_text_encoder, check_encoder_keys
 
+    check_encoder_keys(encoder_cfg)
     encoder = build_text_encoder(encoder_cfg)
     if encoder is None:
         raise ValueError("text_encoder.kind 'small' is trained with the model: there is nothing to cache")
@@ -97,8 +98,9 @@ def section_texts(cohort_parquet: str | Path, prompts_parquet: str | Path) -> di
 def embed_sections(cohort_parquet: str | Path, prompts_parquet: str | Path, encoder_cfg: dict, out_path: str | Path) -> Path:
     """A frozen encoder's states for every report section (the latent flow model's conditioning), cached."""
     from ctgen.data.text_cache import encode_prompts
-    from ctgen.models.text_encoders import build_text_encoder
+    from ctgen.models.text_encoders import build_text_encoder, check_encoder_keys
 
+    check_encoder_keys(encoder_cfg)
     encoder = build_text_encoder(encoder_cfg)
     if encoder is None:
         raise ValueError("text_encoder.kind 'small' is trained with the model: there is nothing to cache")
