@@ -62,6 +62,7 @@ def files(tmp_path):
     for name, section in (("bad_model_key", {"model": {"bogus_width": 3}, "train": {"max_steps": 1}}),
                           ("bad_train_key", {"model": {}, "train": {"max_steps": 1, "lr_typo": 1e-3}}),
                           ("no_sections", {"model": {}}),
+                          ("section_typo", {"model": {}, "train": {"max_steps": 1}, "trian": {"lr": 1e-3}}),
                           ("text_lr", {"model": {}, "train": {"max_steps": 1, "lr": "1e-3"}}),
                           ("data_typo", {"model": {}, "train": {"max_steps": 1}, "data": {"slices_per_volum": 4}}),
                           ("negative_width", {"model": {"dim": -4}, "train": {"max_steps": 1}}),
@@ -116,6 +117,10 @@ CTGEN_MISTAKES = {
     "config not YAML": (["train", "tokenizer", "--config", "{bad_yaml}", "--out", "{dir}/o"], "not valid YAML"),
     "config lacks sections": (["train", "tokenizer", "--config", "{no_sections}", "--out", "{dir}/o"],
                               "needs `model` and `train`"),
+    "config section misspelt": (["train", "tokenizer", "--config", "{section_typo}", "--out", "{dir}/o"],
+                                "section_typo.yaml: unknown section trian (a training config has model, train, "),
+    "config not text": (["train", "tokenizer", "--config", "{binary}", "--out", "{dir}/o"],
+                        "prompts.txt is not UTF-8 text"),
     "unknown model key": (["train", "tokenizer", "--config", "{bad_model_key}", "--manifests", "{manifest}",
                            "--out", "{dir}/o"], "unknown keys ['bogus_width']"),
     "unknown train key": (["train", "tokenizer", "--config", "{bad_train_key}", "--manifests", "{manifest}",
@@ -583,6 +588,61 @@ def test_inputs_of_the_wrong_kind_are_named(tmp_path):
     pd.DataFrame({"name": ["x"]}).to_parquet(tmp_path / "c.parquet")
     with pytest.raises(ValueError, match="c.parquet is not a cohort table"):
         section_texts(tmp_path / "c.parquet", tmp_path / "c.parquet")
+
+
+def test_a_prompts_table_without_the_splits_or_columns_asked_for_is_named(tmp_path, capsys):
+    """fit-text-tokenizer on a split the table lacks (``valid``, a typo ``trian``) fitted a vocabulary on no text; a
+    table without ``split`` raised KeyError: 'split'; a missing prompt column was named with the columns less two."""
+    import pandas as pd
+
+    table = tmp_path / "p.parquet"
+    pd.DataFrame({"VolumeName": ["train_1_a_1.nii.gz"], "split": ["train"], "generatect": ["Cardiomegaly."]}
+                 ).to_parquet(table)
+    fit = ["fit-text-tokenizer", "--prompts", str(table), "--out", str(tmp_path / "t.json"), "--vocab-size", "100"]
+    code, err = run("ctgen", [*fit, "--column", "generatect", "--splits", "train", "trian"], capsys)
+    assert_one_line_error(code, err, "ctgen", "p.parquet has no 'trian' split; its splits are ['train']")
+    assert not (tmp_path / "t.json").exists()
+    code, err = run("ctgen", [*fit, "--column", "impression"], capsys)
+    assert_one_line_error(code, err, "ctgen", "no 'impression' column; it has ['VolumeName', 'split', 'generatect']")
+    pd.DataFrame({"VolumeName": ["train_1_a_1.nii.gz"], "generatect": ["Cardiomegaly."]}).to_parquet(table)
+    code, err = run("ctgen", [*fit, "--column", "generatect"], capsys)
+    assert_one_line_error(code, err, "ctgen", "p.parquet has no 'split' column; it has ['VolumeName', 'generatect']")
+
+
+def test_sections_of_a_table_without_report_sections_are_refused(tmp_path):
+    """embed-sections given the prompts table as its cohort cached an empty text for every section."""
+    import pandas as pd
+
+    from ctgen.jobs.text import section_texts
+
+    prompts = tmp_path / "prompts.parquet"
+    pd.DataFrame({"VolumeName": ["train_1_a_1.nii.gz"], "split": ["train"], "structured": ["Cardiomegaly."]}
+                 ).to_parquet(prompts)
+    with pytest.raises(ValueError, match=r"prompts.parquet is not a cohort table .*no findings or impression column; "
+                                         r"it has \['VolumeName', 'split', 'structured'\]"):
+        section_texts(prompts, prompts)
+    cohort = tmp_path / "cohort.parquet"
+    for column in ("impression", "Impressions_EN"):  # the cohort's name, or the CT-RATE CSV's
+        pd.DataFrame({"VolumeName": ["train_1_a_1.nii.gz"], column: ["Cardiomegaly."]}).to_parquet(cohort)
+        assert section_texts(cohort, prompts)["train_1_a_1:impression"] == "Cardiomegaly."
+
+
+@pytest.mark.parametrize("command", ["embed-prompts", "embed-sections"])
+def test_an_encoder_key_or_length_that_is_no_setting_is_named(command, tmp_path, capsys):
+    """``--encoder '{kind: minilm, maxlen: 10}'`` ran with max_length 128; a max_length of -3 or 0 failed in torch."""
+    table = tmp_path / "p.parquet"
+    inputs = (["--prompts", str(table), "--column", "generatect"] if command == "embed-prompts" else
+              ["--cohort", str(table), "--prompts", str(table)])
+    for encoder, needle in (("{kind: minilm, maxlen: 10}", "--encoder: unknown key maxlen (a text encoder's settings "
+                                                           "are kind, path, max_length, vocab_size, dtype"),
+                            ("{kind: minilm, max_length: -3}", "max_length must be a whole number of tokens >= 1, not -3"),
+                            ("{kind: minilm, max_length: 0}", "max_length must be a whole number of tokens >= 1, not 0")):
+        code, err = run("ctgen", [command, *inputs, "--out", str(tmp_path / "e"), "--encoder", encoder], capsys)
+        assert_one_line_error(code, err, "ctgen", needle)
+    # every key the workflow passes (models.text_encoder, encoder_json) is one: refused here only for want of a path
+    full = '{kind: hf, path: null, max_length: 128, vocab_size: 1000, dtype: float32, trust_remote_code: false}'
+    code, err = run("ctgen", [command, *inputs, "--out", str(tmp_path / "e"), "--encoder", full], capsys)
+    assert_one_line_error(code, err, "ctgen", "text encoder kind 'hf' needs 'path'")
 
 
 def test_the_recorded_code_version_is_this_codes_or_none(tmp_path):

@@ -48,14 +48,16 @@ def _encode(value: Any) -> bytes:
 
 
 def write_derived(source_manifest: str | os.PathLike, samples: Iterable[dict[str, Any]], out_dir: str | os.PathLike,
-                  kind: str, producer: str, members: dict[str, str], stats: Callable[[], dict] | None = None) -> Path:
+                  kind: str, producer: str, members: dict[str, str], stats: Callable[[], dict] | None = None,
+                  describe: dict[str, Any] | None = None) -> Path:
     """Write the derived shards of one source (chunk) manifest and their manifest; returns the manifest path.
 
     ``samples``: dicts ``{"__key__": key, "<name>.npy": array, "<name>.json": data, "<name>.txt": text}`` in the
     source's sample order (every key of every source shard, exactly once). ``members`` documents each
     member (written into the manifest). The manifest is written last, atomically: a killed job leaves none.
     ``stats``: called after the last sample; its dict of additive sums (e.g. latent moments) goes into the
-    manifest and is summed over chunks by :func:`merge_derived`.
+    manifest and is summed over chunks by :func:`merge_derived`. ``describe``: more about the members that a
+    reader checks (token shards: the tokenizer's ``codebook_size``), written into the manifest's ``format``.
     """
     from ctprep.shards import load_manifest
 
@@ -83,7 +85,8 @@ def write_derived(source_manifest: str | os.PathLike, samples: Iterable[dict[str
                        "bytes": path.stat().st_size, "sha256": sha256_file(path), "source_sha256": s["sha256"]})
     if next(it, None) is not None:
         raise ShardError(f"{source_path}: more derived samples than the source has")
-    manifest = {"format": {"kind": kind, "version": FORMAT, "members": members}, "producer": producer,
+    fmt = {"kind": kind, "version": FORMAT, "members": members, **(describe or {})}
+    manifest = {"format": fmt, "producer": producer,
                 "source": {"manifest": source_path.name, "split": source.get("split")},
                 "n_samples": sum(s["n_samples"] for s in shards), "n_shards": len(shards), "shards": shards}
     if stats is not None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from ctprep.errors import read_text
 from ctprep.intensity import check_window
 from ctprep.shards import sha256_file
 from ctprep.volume import atomic_write
@@ -37,18 +38,27 @@ from ctprep.volume import atomic_write
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config.yaml"
 
 
+#: The sections a training config may hold (what the training jobs read; the workflow's rule train_config writes
+#: these): a misspelt one (``trian:``) was ignored and every setting in it left at its default
+SECTIONS = ("model", "train", "data", "text_encoder", "maisi_checkpoint")
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """A training config from YAML/JSON; names the file and the problem when it is not one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training config {path} does not exist")
-    text = path.read_text()
+    text = read_text(path)  # names the file where it is not UTF-8 text
     try:
         cfg = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
     if not isinstance(cfg, dict) or "model" not in cfg or "train" not in cfg:
         raise ValueError(f"{path}: a training config needs `model` and `train` sections")
+    unknown = sorted(map(str, set(cfg) - set(SECTIONS)))
+    if unknown:
+        raise ValueError(f"{path}: unknown section{'s' * (len(unknown) > 1)} {', '.join(unknown)} (a training config "
+                         f"has {', '.join(SECTIONS)})")
     cfg.setdefault("data", {})
     return cfg
 

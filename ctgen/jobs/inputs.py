@@ -45,12 +45,23 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     starts on (a quoted report over several lines moved every later one's)."""
     text = read_text(path)
     if path.suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        reader.fieldnames  # noqa: B018 - reads the header, so that line_num counts from it
-        rows, last = [], reader.line_num
-        for row in reader:
-            rows.append((last + 1, row))
+        # strict: a quote left open ran on to the end of the file, taking every later row into one prompt, unsaid
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        rows, last = [], 0
+        try:
+            header = reader.fieldnames or []  # reads the header, so that line_num counts from it
             last = reader.line_num
+            for row in reader:
+                # DictReader keeps extra cells in a list under None, and gives a missing cell None
+                extra, missing = len(row.get(None) or ()), sum(v is None for k, v in row.items() if k is not None)
+                cells = len(header) + extra - missing
+                if cells != len(header):  # an unquoted comma put the prompt's tail under no column, unsaid
+                    raise UserError(f"{path}:{last + 1}: {cells} cells, the header has {len(header)} (quote a prompt "
+                                    "that holds commas)")
+                rows.append((last + 1, row))
+                last = reader.line_num
+        except csv.Error as err:
+            raise UserError(f"{path}:{last + 1}: not CSV ({err}; a quote left open?)") from None
         return rows
     if path.suffix == ".json" and text.lstrip().startswith("["):  # a whole-file JSON list, as a VLM3D prompts.json
         try:

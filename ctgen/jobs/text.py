@@ -15,9 +15,17 @@ def prompt_texts(prompts_parquet: str | Path, column: str, splits: list[str] | N
     import pandas as pd
 
     table = pd.read_parquet(prompts_parquet)
-    if column not in table.columns:
-        raise ValueError(f"{prompts_parquet} has no prompt column {column!r}; it has {list(table.columns[2:])}")
+    # every column read is named when absent, with all the table has (a KeyError named only the column; the list
+    # left out the first two columns, where a wrong table's own columns show)
+    missing = [c for c in ("VolumeName", column, *(["split"] if splits else [])) if c not in table.columns]
+    if missing:
+        raise ValueError(f"{prompts_parquet} has no {', '.join(map(repr, missing))} column{'s' * (len(missing) > 1)}; "
+                         f"it has {[str(c) for c in table.columns]}")
     if splits:
+        absent = [s for s in splits if s not in set(table["split"])]
+        if absent:  # a typo ("trian") fitted a vocabulary on no text, without a word
+            raise ValueError(f"{prompts_parquet} has no {', '.join(map(repr, absent))} split; its splits are "
+                             f"{sorted(map(str, table['split'].dropna().unique()))}")
         table = table[table["split"].isin(splits)]
     empty = ~table[column].map(lambda t: isinstance(t, str))
     if empty.any():  # the template needs a field these volumes' report/metadata lacks ("{sex}")
@@ -46,8 +54,9 @@ def fit_text_tokenizer(prompts_parquet: str | Path, column: str | list[str], out
 def embed_prompts(prompts_parquet: str | Path, column: str, encoder_cfg: dict, out_path: str | Path) -> Path:
     """A frozen encoder's states for every prompt of the cohort, computed once and cached."""
     from ctgen.data.text_cache import encode_prompts
-    from ctgen.models.text_encoders import build_text_encoder
+    from ctgen.models.text_encoders import build_text_encoder, check_encoder_keys
 
+    check_encoder_keys(encoder_cfg)
     encoder = build_text_encoder(encoder_cfg)
     if encoder is None:
         raise ValueError("text_encoder.kind 'small' is trained with the model: there is nothing to cache")
@@ -67,6 +76,10 @@ def section_texts(cohort_parquet: str | Path, prompts_parquet: str | Path) -> di
     if "VolumeName" not in cohort.columns:
         raise ValueError(f"{cohort_parquet} is not a cohort table (ctprep cohort): it has no VolumeName column")
     raw = {name: col for col, name in COLUMNS.items()}  # the CT-RATE CSV's names, where a table keeps them
+    if not {"findings", "impression", raw["findings"], raw["impression"]} & set(cohort.columns):
+        # another table (the prompts table) cached an empty text for every section, without a word
+        raise ValueError(f"{cohort_parquet} is not a cohort table (ctprep cohort): it has no findings or impression "
+                         f"column; it has {[str(c) for c in cohort.columns]}")
     out = {}
     for row in cohort.to_dict("records"):
         key = volume_key(row["VolumeName"])
@@ -85,8 +98,9 @@ def section_texts(cohort_parquet: str | Path, prompts_parquet: str | Path) -> di
 def embed_sections(cohort_parquet: str | Path, prompts_parquet: str | Path, encoder_cfg: dict, out_path: str | Path) -> Path:
     """A frozen encoder's states for every report section (the latent flow model's conditioning), cached."""
     from ctgen.data.text_cache import encode_prompts
-    from ctgen.models.text_encoders import build_text_encoder
+    from ctgen.models.text_encoders import build_text_encoder, check_encoder_keys
 
+    check_encoder_keys(encoder_cfg)
     encoder = build_text_encoder(encoder_cfg)
     if encoder is None:
         raise ValueError("text_encoder.kind 'small' is trained with the model: there is nothing to cache")

@@ -64,4 +64,6 @@ def encode_tokens(tokenizer_dir: str | Path, manifest: str | Path, out_dir: str 
             yield from encoded(pending)
 
     members = {k: v for k, v in MEMBERS.items() if recon or k != "recon.npy"}
-    return write_derived(manifest, samples(), out_dir, "tokens", producer, members)
+    # the codebook size travels with the codes: a generator trained for another size is refused before its step 0
+    return write_derived(manifest, samples(), out_dir, "tokens", producer, members,
+                         describe={"codebook_size": model.config.codebook_size})

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ctgen.data import batches
-from ctgen.data.derived import producer_of
+from ctgen.data.derived import load_derived, producer_of
 from ctgen.data.shards import labels_of
 from ctgen.data.stream import load_shards, member_values
 from ctgen.data.text import TextConditioning
@@ -82,6 +82,17 @@ def _require_text(text: TextConditioning, make) -> None:
         text.cache.require(make.keys)
 
 
+def _require_codebook(codebook_size: int, manifests: list[str]) -> None:
+    """The generator's codebook is its tokenizer's (as the token manifests record it, where they do): a smaller one
+    failed mid-training on a code past its embedding (a device-side assert on a GPU), a larger one trained a
+    generator that sampling refuses."""
+    for path in manifests:
+        recorded = load_derived(path)["format"].get("codebook_size")
+        if recorded is not None and recorded != codebook_size:
+            raise ValueError(f"model.codebook_size {codebook_size} differs from the {recorded} codes of the tokenizer "
+                             f"that made {path}: set model.codebook_size to {recorded}")
+
+
 def _max_length(cfg: dict[str, Any]) -> int:
     return (cfg.get("text_encoder") or {}).get("max_length", cfg["data"].get("max_length", 128))
 
@@ -122,6 +133,7 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
         make = batches.streamed(data_manifests(data, "tokens"), batches.token_decode(data.get("prompt")),
                                 batches.generator_collate(text), **stream)
         _require_text(text, make)
+        _require_codebook(model.core.config.codebook_size, data_manifests(data, "tokens"))
     else:
         spv = int(data.get("slices_per_volume", SliceData.slices_per_volume))  # a micro-batch: spv slices of each of batch_size / spv volumes
         parallel = [data_manifests(data, "recon")] if data.get("recon") else None

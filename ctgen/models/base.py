@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ctgen.models.card import write_model_card
-from ctprep.errors import read_json
+from ctprep.errors import first_line, read_json
 from ctprep.settings import check_fields
 from ctprep.volume import atomic_write
 
@@ -191,7 +192,15 @@ class PretrainedMixin:
                            ", ".join(f"{k}={v!r}" for k, v in defaulted.items()))
         model = target(config, **kwargs)
         model.defaulted_config = tuple(defaulted)
-        state = load_file(directory / "model.safetensors", device=str(map_location))
+        weights = directory / "model.safetensors"
+        try:
+            state = load_file(weights, device=str(map_location))
+        except FileNotFoundError:
+            raise  # already names the file
+        except (SafetensorError, OSError) as err:
+            # a truncated copy or an interrupted download: safetensors' traceback ("header too small") named no file
+            raise ValueError(f"{weights} cannot be read ({first_line(err)}): train the model again, or restore the "
+                             "file from where it was copied") from None
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         shapes = [f"{k} {tuple(state[k].shape)} for {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))

@@ -269,10 +269,26 @@ def build_text_encoder(cfg: dict[str, Any], device: str | torch.device | None = 
     return encoder
 
 
+#: The settings of a frozen encoder's config (models.text_encoder, an entry of models.latent_flow_text_encoders, as
+#: the workflow passes them to embed-prompts/embed-sections): vocab_size is the small encoder's, read by the workflow
+ENCODER_KEYS = ("kind", "path", "max_length", "vocab_size", "dtype", "trust_remote_code")
+
+
+def check_encoder_keys(cfg: dict[str, Any], where: str = "--encoder") -> None:
+    """A key outside :data:`ENCODER_KEYS` is named (``maxlen: 10`` ran with max_length 128, unsaid)."""
+    unknown = sorted(map(str, set(cfg) - set(ENCODER_KEYS)))
+    if unknown:
+        raise ValueError(f"{where}: unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)} (a text encoder's "
+                         f"settings are {', '.join(ENCODER_KEYS)})")
+
+
 def _build(cfg: dict[str, Any], device, root) -> TextEncoder | None:
     cfg = resolved(cfg, root)
     kind = cfg.get("kind")
-    max_length = int(cfg.get("max_length", 128))
+    max_length = cfg.get("max_length", 128)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        # -3 and 0 failed in torch with a traceback once the encoder ran
+        raise ValueError(f"text encoder max_length must be a whole number of tokens >= 1, not {max_length!r}")
     if kind == "small":
         return None
     if kind == "minilm":

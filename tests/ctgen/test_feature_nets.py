@@ -110,6 +110,20 @@ def test_a_config_field_the_saved_folder_lacks_is_named_when_it_defaults(tmp_pat
     assert "no pos_weight" in record.getMessage() and "older ctgen" in record.getMessage()
 
 
+def test_a_junk_or_unreadable_weights_file_is_named_with_the_remedy(tmp_path):
+    """A truncated model.safetensors (an interrupted copy) is one line naming the file, not safetensors' traceback."""
+    clf = Classifier3D(ClassifierConfig(**TINY))
+    clf.save_pretrained(tmp_path / "clf")
+    weights = tmp_path / "clf" / "model.safetensors"
+    weights.write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"clf/model.safetensors cannot be read \(.*\): train the model again"):
+        Classifier3D.from_pretrained(tmp_path / "clf")
+    weights.unlink()
+    weights.mkdir()  # unreadable as a file: an OSError
+    with pytest.raises(ValueError, match="clf/model.safetensors cannot be read"):
+        Classifier3D.from_pretrained(tmp_path / "clf")
+
+
 def test_info_nce_matches_a_hand_computation():
     torch.manual_seed(1)
     model = CLIP3D(CLIP3DConfig(**TINY, embed_dim=8, text_dim=5)).eval()

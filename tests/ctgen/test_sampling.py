@@ -288,6 +288,27 @@ def test_prompt_rows_are_named_by_the_line_they_start_on(tmp_path):
     assert [row_id(r, i) for i, (_, r) in enumerate(read_rows(csv_path))] == ["0", "1"]
 
 
+def test_a_csv_row_of_other_cells_than_its_header_or_an_open_quote_is_named(tmp_path):
+    """An unquoted comma cut the prompt at it (DictReader kept the rest under no column), a row short of cells or a
+    quote left open (every later row taken into one prompt) passed without a word: each is named with its line."""
+    import re
+
+    from ctgen.jobs.inputs import read_rows
+    from ctprep.errors import UserError
+
+    path = tmp_path / "p.csv"
+    for body, needle in (("a,Cardiomegaly.\nb,Effusion, left.\n", "p.csv:3: 3 cells, the header has 2 (quote a "
+                                                                      "prompt that holds commas)"),
+                         ("a,Cardiomegaly.\nb\n", "p.csv:3: 1 cells, the header has 2"),
+                         ('a,Cardiomegaly.\nb,"Effusion, left.\nc,Normal.\n', "p.csv:3: not CSV"),
+                         ('a,"Cardio" megaly.\n', "p.csv:2: not CSV")):
+        path.write_text("id,prompt\n" + body)
+        with pytest.raises(UserError, match=re.escape(needle)):
+            read_rows(path)
+    path.write_text('id,prompt\na,"Effusion, left."\nb,""\n')  # quoted commas, an empty cell: read as they are
+    assert [row for _, row in read_rows(path)] == [{"id": "a", "prompt": "Effusion, left."}, {"id": "b", "prompt": ""}]
+
+
 def test_non_finite_network_output_is_not_written_as_water(pipe, tmp_path, monkeypatch, caplog):
     """A diverged network's NaN was cast to 0 HU (water) with nothing said, the export's NaN guard seeing only int16:
     NaN becomes the window's lower bound and inf its bounds, warned about and counted in the sidecar."""

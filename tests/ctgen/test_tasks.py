@@ -29,6 +29,7 @@ def test_cascade_trains_from_the_command_line(cohort, tmp_path):
     assert meta["provenance"]["seed"] == 0 and meta["config"]["codebook_size"] == 32
 
     tokens = encode_tokens(tmp_path / "tokenizer", cohort["manifest"], tmp_path / "tokens", 2, WINDOW, recon=True)
+    assert json.loads(tokens.read_text())["format"]["codebook_size"] == 32  # the generator's training checks it
     samples = dict(iter_raw_samples(tokens))
     assert len(samples) == 6 and all(s["tokens.npy"].shape == (5, 2, 2) for s in samples.values())
     assert all(s["recon.npy"].shape == (8, 8, 8) and s["recon.npy"].dtype == np.float16 for s in samples.values())
@@ -49,6 +50,30 @@ def test_cascade_trains_from_the_command_line(cohort, tmp_path):
         assert saved["config"]["text_encoder"]["vocab_size"] <= 120
         metrics = pd.read_csv(tmp_path / kind / "metrics.csv")
         assert metrics["step"].max() == TRAIN["max_steps"] and np.isfinite(metrics["loss"]).all()
+
+
+@pytest.mark.parametrize("codes", [16, 64])
+def test_a_generator_codebook_other_than_the_tokenizers_is_refused_before_training(cohort, tmp_path, codes, capsys):
+    """A smaller codebook failed mid-training (an IndexError; on a GPU a device-side assert), a larger one trained a
+    generator that sampling refuses: both are one line before step 0, naming both sizes."""
+    from ctgen.data.derived import write_derived
+
+    rng = np.random.default_rng(0)
+    samples = ({"__key__": key, "tokens.npy": rng.integers(0, 32, (5, 2, 2)).astype(np.int16),
+                "prompt.txt": raw["prompt.txt"], "prompts.json": raw["prompts.json"], "labels.npy": raw["labels.npy"]}
+               for key, raw in iter_raw_samples(cohort["manifest"]))
+    tokens = write_derived(cohort["manifest"], samples, tmp_path / "tokens", "tokens", "tokenizer@0", {},
+                           describe={"codebook_size": 32})
+    fit_text_tokenizer(cohort["prompts"], "generatect", tmp_path / "text.json", vocab_size=120)
+    path = tmp_path / "generator.yaml"
+    write_config({"model": {**GENERATOR, "codebook_size": codes}, "text_encoder": TEXT, "train": TRAIN,
+                  "data": {"lowres_scale": 2, "prompt": "generatect", "hu_window": WINDOW}}, path)
+    assert ctgen_main(["train", "generator", "--config", str(path), "--tokens", str(tokens), "--text-tokenizer",
+                       str(tmp_path / "text.json"), "--out", str(tmp_path / "generator"),
+                       "--checkpoints", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"model.codebook_size {codes} differs from the 32 codes of the tokenizer that made {tokens}" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "ckpt").exists()
 
 
 def test_config_hash_separates_runs(tmp_path):
