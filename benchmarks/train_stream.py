@@ -31,7 +31,22 @@ Figures (2 shared cores, 1 torch thread, the demo preset's classifier, defaults)
 step made to hold every volume it decodes (a local experiment) misses: +49 MiB held as int16 (1.10x, the ratio
 alone passes), +96 MiB as float32 (1.20x), +46 MiB in the data worker; at ``--n 4`` +24 MiB on a 12 MiB bound.
 
-    python benchmarks/train_stream.py [--n 8] [--shape 128 128 64] [--workers 0|1] [--threads 1]
+``--model generator`` and ``--model latent_flow`` measure the demo preset's generator and latent flow model the
+same way on their derived shards: token grids (17 x 8 x 8 int16 codes, 2 KiB) or latents (mu and sigma, 4 x 8 x 16 x 16
+float16, 64 KiB), written with ``ctgen.data.derived.write_derived`` and the encode jobs' members (random codes, random
+mu and sigma with their moments; no tokenizer or autoencoder is trained) beside tiny volume shards of the same keys,
+and the small text encoder's tokenizer fitted on their prompts; the bound is half the added samples' 2-byte values.
+Their samples are small, so the sizes are large. Figures (2 shared cores under other jobs' load, defaults otherwise):
+latent flow ``--n 64``: 780.6 MiB at 64 latents, 780.9 at 256 (21 s, 61 s): within (bound 3 MiB); with its decode made
+to hold every latent (``tests/ctgen/test_train_stream_memory.py``) ``--n 16`` misses. Generator ``--n 256``: 492.4 MiB at
+256 grids, 494.9 at 1024 (20 s, 70 s): growth 2.5 MiB on a bound of 0.8: MISSES without any change to the job (also
++0.2 MiB 4 -> 16, +0.7 MiB 64 -> 256: ~3.3 KiB a step). tracemalloc names what grows: ``MetricsWriter.rows`` (a row
+per logged step, ``log_every`` 1 here; the demo preset logs every 20) and ``ctgen.data.stream``'s shard-index cache
+(a few hundred bytes a sample, up to ``INDEX_CACHE`` = 256 shards: 1024 samples at 4 a shard). With ``log_every`` 20
+and the cache at 4 shards the same run is flat (492.3, 492.7 MiB): no token grid is held, but the classifier's bound
+(24 MiB) hid this bookkeeping and the generator's (0.8 MiB) does not. Open: the generator verdict fails as is.
+
+    python benchmarks/train_stream.py [--model classifier|generator|latent_flow] [--n 8] [--shape 128 128 64] [--workers 0|1] [--threads 1]
                                       [--malloc fixed|default] [--workdir /tmp/ctgen-train-stream-bench]
 """
 
@@ -61,6 +76,24 @@ CLASSIFIER = {"model": {"stem_stride": [2, 4, 4], "channels": [16, 32, 64], "blo
                         "head_dropout": 0.1, "pos_weight": "auto"},
               "train": {"batch_size": 1, "lr": 0.002, "min_lr": 0.0002, "warmup_steps": 2, "weight_decay": 0.05,
                         "ckpt_every": 100_000, "log_every": 1, "seed": 0, "tensorboard": False, "device": "cpu"}}
+#: the demo preset's generator and latent flow model and their small text encoder (config.yaml
+#: model_presets.demo), trained the same way: batch 1, one epoch, no checkpoints before the final one
+TEXT_ENCODER = {"dim": 64, "depth": 2, "heads": 4, "dropout": 0.1}
+DERIVED_TRAIN = {"batch_size": 1, "warmup_steps": 2, "ema_decay": 0.99, "ckpt_every": 100_000, "log_every": 1,
+                 "seed": 0, "tensorboard": False, "device": "cpu"}
+GENERATOR = {"model": {"codebook_size": 256, "dim": 64, "depth": 2, "heads": 4, "dim_head": 16, "ff_mult": 2,
+                       "text_dim": 64, "max_t": 17, "max_h": 8, "max_w": 8, "cond_drop_prob": 0.2, "dropout": 0.0,
+                       "attention": "divided"},
+             "text_encoder": TEXT_ENCODER,
+             "train": {**DERIVED_TRAIN, "lr": 0.002, "min_lr": 0.0002, "schedule": "cosine", "weight_decay": 0.01,
+                       "grad_clip": 1.0}}
+LATENT_FLOW = {"model": {"latent_channels": 4, "latent_shape": [8, 16, 16], "channels": [16, 32],
+                         "attention_levels": [False, True], "num_head_channels": [0, 16], "num_res_blocks": 1,
+                         "norm_num_groups": 8, "cross_attention_dim": 64, "segments": ["structured"],
+                         "cond_drop_prob": 0.15, "use_timestep_transform": False, "logit_normal_loc": 0.5,
+                         "sample_steps": 20},
+               "text_encoder": TEXT_ENCODER,
+               "train": {**DERIVED_TRAIN, "lr": 0.001, "min_lr": 0.0001, "weight_decay": 0.0}}
 
 
 def cohort(root: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> Path:
@@ -82,7 +115,74 @@ def cohort(root: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> Pa
     return manifest
 
 
-#: trains the classifier on argv[1]'s config into argv[2] (checkpoints under argv[3], argv[4] torch threads) and
+def _prompts(v: int) -> tuple[str, dict[str, str], dict[str, str]]:
+    """The prompt, prompts and report sections of volume v (a few distinct words: a small vocabulary)."""
+    prompt = f"{40 + v % 30} years old male: finding {v % 5}."
+    report = {"findings": f"finding {v % 5} in the right lung.", "impression": f"finding {v % 5}."}
+    return prompt, {"generatect": prompt, "structured": f"finding {v % 5}"}, report
+
+
+def derived_cohort(root: Path, n: int, model: str, seed: int = 0) -> tuple[Path, Path, tuple[int, ...]]:
+    """n training samples of the generator's token shards or the flow model's latent shards, written as the
+    workflow's encode jobs write them (``write_derived``, ``MEMBERS`` of ``ctgen.jobs.tokens`` / ``latents``)
+    beside small volume shards of the same keys (their source), with random codes or random mu and sigma of the
+    demo model's grid instead of a trained tokenizer's or autoencoder's; and the small text encoder's
+    tokenizer, fitted on their prompts. Returns (derived manifest, tokenizer, one sample's grid)."""
+    from ctgen.data.derived import write_derived
+    import torch
+
+    from ctgen.jobs import latents, tokens
+    from ctgen.models.autoencoder import LatentStats
+    from ctgen.models.text_encoders import fit_text_tokenizer
+
+    rng = np.random.default_rng(seed)
+    affine = np.diag([*SPACING, 1.0])
+
+    def volumes():  # the source shards: their keys and checksums (tiny volumes: the job never reads them)
+        for v in range(n):
+            prompt, prompts, report = _prompts(v)
+            yield {"key": f"train_{v}_a_1", "volume": Volume.from_3d(np.zeros((4, 4, 4), np.int16), affine,
+                                                                      source=f"train_{v}"),
+                   "prompt": prompt, "prompts": prompts, "meta": {"report": report},
+                   "labels": (rng.random(18) < 0.3).astype(np.float64)}
+
+    write_shards(volumes(), root / "c0", prefix="train-c000", shard_size=SHARD_SIZE, split="train")
+    source = root / "c0" / "train-c000.manifest.json"
+    if model == "generator":
+        m = GENERATOR["model"]
+        grid = (m["max_t"], m["max_h"], m["max_w"])
+    else:
+        grid = (LATENT_FLOW["model"]["latent_channels"], *LATENT_FLOW["model"]["latent_shape"])
+    stats = LatentStats()  # the moments encode_latents writes into the manifest (the flow model's scale factor)
+
+    def samples():
+        for v in range(n):
+            prompt, prompts, report = _prompts(v)
+            common = {"__key__": f"train_{v}_a_1", "prompt.txt": prompt, "prompts.json": prompts,
+                      "labels.npy": np.where(rng.random(18) < 0.3, 1, 0).astype(np.uint8)}
+            if model == "generator":
+                yield {**common, "tokens.npy": rng.integers(0, GENERATOR["model"]["codebook_size"], size=grid,
+                                                            dtype=np.int16)}
+                continue
+            mu = rng.standard_normal(grid).astype(np.float16)
+            sigma = rng.uniform(0.05, 1.0, size=grid).astype(np.float16)
+            stats.update(torch.from_numpy(mu), torch.from_numpy(sigma))
+            yield {**common, "mu.npy": mu, "sigma.npy": sigma, "report.json": report,
+                   "spacing.npy": np.asarray(SPACING, np.float32)}
+
+    if model == "generator":
+        manifest = write_derived(source, samples(), root / "tokens", "tokens", "bench@random",
+                                 {k: v for k, v in tokens.MEMBERS.items() if k != "recon.npy"})
+    else:
+        manifest = write_derived(source, samples(), root / "latents", "latents", "bench@random", latents.MEMBERS,
+                                 stats=stats.sums)
+    texts = sorted({t for v in range(n) for t in (_prompts(v)[0], *_prompts(v)[1].values(), *_prompts(v)[2].values())})
+    tokenizer = root / "text.json"
+    fit_text_tokenizer(texts, 120, tokenizer)
+    return manifest, tokenizer, grid
+
+
+#: trains argv[6] (classifier, generator, latent_flow) on argv[1]'s config into argv[2] (checkpoints under argv[3], argv[4] torch threads) and
 #: prints, as its last line of stdout, the peaks (KiB, VmHWM) of this process and of its data worker (0: none). The
 #: worker reports its own: it writes its peak to argv[5]/worker-<pid> as it hands over each batch (it ends without
 #: running the dataset's ``finally``, and a reaped child's ``ru_maxrss`` would carry this process's peak over exec)
@@ -93,7 +193,7 @@ from ctgen.data import stream
 from ctgen.jobs.train import run_training
 from ctprep.memory import peak_rss_bytes
 
-config, out, checkpoints, threads, peaks = sys.argv[1:6]
+config, out, checkpoints, threads, peaks, kind = sys.argv[1:7]
 iterate = stream.PlannedBatches.__iter__
 
 
@@ -107,21 +207,34 @@ def watched(self):
 
 stream.PlannedBatches.__iter__ = watched
 torch.set_num_threads(int(threads))
-run_training("classifier", json.loads(open(config).read()), out, checkpoints)
+run_training(kind, json.loads(open(config).read()), out, checkpoints)
 workers = [int(open(os.path.join(peaks, f)).read()) for f in os.listdir(peaks)]
 print(json.dumps({"main": peak_rss_bytes() // 1024, "worker": max(workers, default=0)}))
 """
 
 
-def run(root: Path, manifest: Path, n: int, workers: int, threads: int, fixed_malloc: bool = True) -> dict:
+def config(model: str, manifest: Path, n: int, workers: int, tokenizer: Path | None = None) -> dict:
+    """The training config of ``model`` on ``manifest``'s n samples: batch 1, one epoch (n steps)."""
+    base = {"classifier": CLASSIFIER, "generator": GENERATOR, "latent_flow": LATENT_FLOW}[model]
+    cfg = {**base, "train": {**base["train"], "max_steps": n, "num_workers": workers}}
+    if model == "classifier":
+        data = {"manifests": [str(manifest)], "hu_window": WINDOW, "augment": {"flip_w": True, "intensity": 0.05}}
+    elif model == "generator":
+        data = {"tokens": str(manifest), "text_tokenizer": str(tokenizer), "prompt": "generatect", "lowres_scale": 2}
+    else:
+        data = {"latents": [str(manifest)], "text_tokenizer": str(tokenizer), "prompt": "generatect"}
+    return {**cfg, "data": data}
+
+
+def run(root: Path, manifest: Path, n: int, workers: int, threads: int, fixed_malloc: bool = True,
+        model: str = "classifier", tokenizer: Path | None = None) -> dict:
     """{main, worker (MiB; 0 without workers), seconds, steps} of one training job in a fresh process."""
-    cfg = {**CLASSIFIER, "train": {**CLASSIFIER["train"], "max_steps": n, "num_workers": workers},
-           "data": {"manifests": [str(manifest)], "hu_window": WINDOW, "augment": {"flip_w": True, "intensity": 0.05}}}
+    cfg = config(model, manifest, n, workers, tokenizer)
     (root / "config.json").write_text(json.dumps(cfg))
-    out = root / "classifier"
+    out = root / model
     (root / "peaks").mkdir()
     cmd = [sys.executable, "-c", CHILD, str(root / "config.json"), str(out), str(root / "ckpt"), str(threads),
-           str(root / "peaks")]
+           str(root / "peaks"), model]
     t0 = time.perf_counter()
     path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])  # this checkout's ctgen
     env = {**os.environ, "PYTHONPATH": path, **(FIXED_MALLOC if fixed_malloc else {})}
@@ -142,35 +255,50 @@ verdict = growth_verdict  # the targets: ctprep.memory (GROWTH_LIMIT, HELD_SHARE
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=8, help="volumes of the small run; the large one has 4n")
-    ap.add_argument("--shape", type=int, nargs=3, default=[128, 128, 64], help="voxels along R, A, S")
+    ap.add_argument("--model", default="classifier", choices=("classifier", "generator", "latent_flow"),
+                    help="the job: the classifier on volume shards, the generator on token shards, the latent flow "
+                         "model on latent shards (the demo preset's models)")
+    ap.add_argument("--n", type=int, default=8, help="samples of the small run; the large one has 4n")
+    ap.add_argument("--shape", type=int, nargs=3, default=[128, 128, 64],
+                    help="the classifier's voxels along R, A, S (the derived samples have the demo model's grid)")
     ap.add_argument("--workers", type=int, default=0, choices=(0, 1), help="data workers of the training job")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training job")
     ap.add_argument("--malloc", default="fixed", choices=("fixed", "default"),
                     help="glibc's mmap threshold in the training job: fixed at 128 KiB (a reproducible peak), or glibc's own")
     ap.add_argument("--workdir", default="/tmp/ctgen-train-stream-bench", help="scratch folder (emptied first)")
     args = ap.parse_args(argv)
-    shape, voxels = tuple(args.shape), int(np.prod(args.shape))
     sizes, runs = [args.n, 4 * args.n], []
     for n in sizes:
         root = Path(args.workdir) / f"n{n}"
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        manifest = cohort(root, n, shape)
-        on_disk = sum(p.stat().st_size for p in (root / "c0").glob("*.tar")) / n / 2**20
-        r = run(root, manifest, n, args.workers, args.threads, args.malloc == "fixed")
+        if args.model == "classifier":
+            shape, voxels, tokenizer = tuple(args.shape), int(np.prod(args.shape)), None
+            manifest = cohort(root, n, shape)
+            shards = (root / "c0").glob("*.tar")
+            what, unit = f"volumes of {'x'.join(map(str, shape))}", "volumes as int16"
+        else:
+            manifest, tokenizer, shape = derived_cohort(root, n, args.model)
+            shards = manifest.parent.glob("*.tar")
+            # a sample's stored 2-byte values: int16 codes, or float16 mu and sigma
+            voxels = int(np.prod(shape)) * (1 if args.model == "generator" else 2)
+            what, unit = ((f"token grids of {'x'.join(map(str, shape))}", "token grids as int16")
+                          if args.model == "generator" else
+                          (f"latents (mu, sigma) of {'x'.join(map(str, shape))}", "latents as float16"))
+        on_disk = sum(p.stat().st_size for p in shards) / n / 2**20
+        r = run(root, manifest, n, args.workers, args.threads, args.malloc == "fixed", args.model, tokenizer)
         runs.append(r)
         worker = f", data worker {r['worker']:6.1f} MiB" if args.workers else ""
-        print(f"{n:4d} volumes of {'x'.join(map(str, shape))} ({on_disk:.1f} MiB each in the shards), {r['steps']} steps "
+        print(f"{n:4d} {what} ({on_disk:.3g} MiB each in the shards), {args.model}: {r['steps']} steps "
               f"of batch 1, {args.workers} workers: peak RSS {r['main']:6.1f} MiB{worker}; {r['seconds']:5.1f} s "
-              f"({r['train_s']:.1f} s training; all volumes as int16 would be {n * voxels * 2 / 2**20:.0f} MiB, "
-              f"as float32 {n * voxels * 4 / 2**20:.0f})", flush=True)
+              f"({r['train_s']:.1f} s training; all samples as 2-byte values would be {n * voxels * 2 / 2**20:.3g} MiB, "
+              f"as float32 {n * voxels * 4 / 2**20:.3g})", flush=True)
         if r["steps"] != n:
             print(f"the job ran {r['steps']} steps, not one epoch of {n}")
             return 1
-    checks = [verdict(sizes, [r["main"] for r in runs], voxels, "training process's peak")]
+    checks = [verdict(sizes, [r["main"] for r in runs], voxels, "training process's peak", unit)]
     if args.workers:
-        checks.append(verdict(sizes, [r["worker"] for r in runs], voxels, "data worker's peak"))
+        checks.append(verdict(sizes, [r["worker"] for r in runs], voxels, "data worker's peak", unit))
     for _, line in checks:
         print(line)
     return 0 if all(ok for ok, _ in checks) else 1

@@ -38,13 +38,15 @@ HELD_SHARE = 0.5
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
-def growth_verdict(sizes: list[int], peaks: list[float], voxels: int, what: str = "peak") -> tuple[bool, str]:
+def growth_verdict(sizes: list[int], peaks: list[float], voxels: int, what: str = "peak",
+                   unit: str = "volumes as int16") -> tuple[bool, str]:
     """(within both targets, the line that says so) of the peaks (MiB) at ``sizes`` volumes of ``voxels`` each: the
-    ratio alone cannot see held volumes on a large baseline, the bound on the growth can."""
+    ratio alone cannot see held volumes on a large baseline, the bound on the growth can. ``voxels``: a sample's
+    2-byte values (a derived sample's int16 codes or float16 mu and sigma, named by ``unit``)."""
     ratio, growth = peaks[1] / peaks[0], peaks[1] - peaks[0]
     added = sizes[1] - sizes[0]
     bound = HELD_SHARE * added * voxels * 2 / 2**20
     ok = ratio <= GROWTH_LIMIT and growth <= bound
     return ok, (f"{what} at {sizes[1]} over {sizes[0]} volumes: {ratio:.2f} (target <= {GROWTH_LIMIT}), growth "
-                f"{growth:.0f} MiB (target <= {bound:.0f} MiB, {HELD_SHARE:g} x the {added} added volumes as int16): "
+                f"{growth:.0f} MiB (target <= {bound:.0f} MiB, {HELD_SHARE:g} x the {added} added {unit}): "
                 f"{'within' if ok else 'MISSES'} the targets")

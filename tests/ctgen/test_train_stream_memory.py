@@ -29,3 +29,35 @@ def test_a_training_job_reading_every_volume_does_not_grow_with_the_cohort(tmp_p
     out = capsys.readouterr().out
     assert "4 steps of batch 1" in out and "16 steps of batch 1" in out
     assert "target <= 12 MiB" in out and "within the targets" in out
+
+
+#: prepended to the benchmark's child: the latent flow model's decode keeps every sample it decodes (mu and sigma
+#: as float32, 64 KiB a latent of the demo grid), as a per-sample cache or leak in its data path would
+HOLD_LATENTS = """\
+from ctgen.data import batches as _batches
+_latent_decode, _held = _batches.latent_decode, []
+
+
+def _holding(prompt=None):
+    decode = _latent_decode(prompt)
+
+    def held(raw):
+        _held.append(decode(raw))
+        return _held[-1]
+
+    return held
+
+
+_batches.latent_decode = _holding
+"""
+
+
+def test_the_benchmark_sees_the_latent_flow_model_holding_its_latents(tmp_path, capsys, monkeypatch):
+    """The latent flow model at N = 16 with its decode made to hold every latent: the 48 added latents as float32
+    (3 MiB) exceed the bound (half their float16 size, 0.75 MiB); unpatched, its peak grew 0.3 MiB from 64 to 256."""
+    bench = benchmark("train_stream")
+    monkeypatch.setattr(bench, "CHILD", HOLD_LATENTS + bench.CHILD)
+    assert bench.main(["--model", "latent_flow", "--n", "16", "--workdir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "16 steps of batch 1" in out and "64 steps of batch 1" in out
+    assert "48 added latents as float16" in out and "MISSES the targets" in out
