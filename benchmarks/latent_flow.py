@@ -56,14 +56,12 @@ REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "config.yaml"  # model_presets.report2ct
 TARGET_DECODE_GIB = 8.0
 SPLITS = 4  # MAISI's tensor splitting in the whole decode: NVIDIA's num_splits, along J (dim_split 1)
-SPLIT_OVERLAP = 3  # MONAI's MaisiConvolution overlaps its chunks by 3 rows: a chunk must be at least that long
-
-
 def splittable(j: int) -> int:
-    """The largest J <= ``j`` that MaisiConvolution splits correctly into SPLITS chunks (0: none): it drops the
-    rows past the last whole chunk, and reads outside the tensor where a chunk is shorter than its overlap."""
-    j -= j % SPLITS
-    return j if j // SPLITS >= SPLIT_OVERLAP else 0
+    """The largest J <= ``j`` that MaisiConvolution splits correctly into SPLITS chunks (0: none): the autoencoder's
+    own rule (``ctgen.models.autoencoder.splits_evenly``), which refuses other sizes."""
+    from ctgen.models.autoencoder import splits_evenly
+
+    return next((k for k in range(j, 0, -1) if splits_evenly(k, SPLITS)), 0)
 log = logging.getLogger("latent_flow_bench")
 
 # The child: builds the preset's network, runs the measurement, prints one JSON line.
@@ -352,8 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         if j:
             run("whole_split", "decode_whole", latent_shape=[sub[0], j, sub[2]], num_splits=SPLITS, mem_limit_gib=limit)
         else:
+            from ctgen.models.autoencoder import SPLIT_MIN_ROWS
+
             r["whole_split"] = {"skipped": f"the sub-latent {'x'.join(map(str, sub))} is too small to split: MAISI's "
-                                f"splitting needs J (here {sub[1]}) of at least {SPLITS * SPLIT_OVERLAP}"}
+                                f"splitting needs J (here {sub[1]}) of at least {SPLITS * SPLIT_MIN_ROWS}"}
             log.warning("whole_split skipped: %s", r["whole_split"]["skipped"])
     print(table(r, args.threads, full, 1 if args.whole_full else fraction, args.device))
     missed = "window" in r and "error" not in r["window"] and r["window"]["peak_gib"] > TARGET_DECODE_GIB

@@ -60,6 +60,17 @@ log = logging.getLogger(__name__)
 # generation/maisi/configs/config_maisi_vae_train.json and the discriminator of its training script.
 
 
+#: MONAI's MaisiConvolution overlaps its chunks by this many rows: a shorter chunk fails inside a convolution
+SPLIT_MIN_ROWS = 3
+
+
+def splits_evenly(latent_rows: int, num_splits: int) -> bool:
+    """True if MAISI's tensor splitting cuts ``latent_rows`` (the split axis at the latent level, the smallest the
+    network sees) into ``num_splits`` equal chunks of at least :data:`SPLIT_MIN_ROWS`: elsewhere MONAI drops the
+    rows past the last whole chunk without a word, or fails in a convolution."""
+    return num_splits == 1 or (latent_rows % num_splits == 0 and latent_rows // num_splits >= SPLIT_MIN_ROWS)
+
+
 @dataclasses.dataclass(frozen=True)
 class MaisiAutoencoderConfig:
     """MAISI autoencoder: architecture (NVIDIA's), memory settings and training loss."""
@@ -207,7 +218,7 @@ class MaisiAutoencoder(nn.Module, PretrainedMixin):
             return
         size = int(net_shape[self.config.dim_split])
         rows = size if latent else size // self.config.downsample  # the smallest level's rows along the axis
-        if rows % n or rows // n < 3:
+        if not splits_evenly(rows, n):
             step = n * (1 if latent else self.config.downsample)
             raise ValueError(f"{what}: {size} voxels along the split axis (dim_split {self.config.dim_split}) do not "
                              f"divide into num_splits {n} chunks of at least 3 latent rows: use a multiple of {step} "

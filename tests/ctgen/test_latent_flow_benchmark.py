@@ -25,9 +25,10 @@ def test_the_smoke_test_decodes_whole_and_skips_the_split_it_cannot_make(capsys)
 
 
 def test_an_error_other_than_running_out_of_memory_is_not_a_failed_decode():
-    """The split decode of a 4 x 8 x 8 latent raises MONAI's RuntimeError (no memory involved): the measurement
-    records an error, which fails the run, instead of a decode that "failed" as if for memory."""
+    """The split decode of a 4 x 8 x 8 latent is refused by the autoencoder (J = 8 does not split into 4 chunks of 3
+    rows; MONAI itself raised a RuntimeError there; no memory involved): the measurement records an error, which
+    fails the run, instead of a decode that "failed" as if for memory."""
     bench = benchmark("latent_flow")
     r = bench.measure("decode_whole", 1, bench.PRESET, device="cpu", latent_shape=[4, 8, 8], num_splits=4,
                       mem_limit_gib=None)
-    assert "error" in r and "RuntimeError" in r["error"] and "failed" not in r
+    assert "error" in r and "split axis" in r["error"] and "failed" not in r
