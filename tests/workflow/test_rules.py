@@ -164,7 +164,10 @@ def test_the_latent_flow_family_reads_its_own_encoders(tmp_path):
      "(gpu 2 per node x 1 nodes): make it a multiple of 2"),
     ({"models": {"resources": {"tokenizer": {"nodes": 2}}}}, [],  # CPU nodes: one process each
      "model_presets.demo.tokenizer.train.grad_accum 1 is not a multiple of the 2 processes"),
-], ids=["preset", "shard-prompt", "structured-off", "gpus", "grad-accum", "grad-accum-cpu-nodes"])
+    # an encode window off the latent grid: refused at load, not by encode_latents after the autoencoder trained
+    ({"model_presets": {"demo": {"autoencoder": {"model": {"encode_window": [16, 32, 32], "encode_overlap": 0.2}}}}},
+     [], "model_presets.demo.autoencoder.model: encode_window [16, 32, 32] with encode_overlap 0.2 steps by"),
+], ids=["preset", "shard-prompt", "structured-off", "gpus", "grad-accum", "grad-accum-cpu-nodes", "encode-window"])
 def test_config_mistakes_end_in_one_line_before_any_job(tmp_path, overrides, args, needle):
     res = snakemake(make_workdir(tmp_path, overrides), "-n", *args, check=False)
     lines = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("config error")]

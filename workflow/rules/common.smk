@@ -141,6 +141,15 @@ def check_settings():
         EvalConfig.from_dict(scoring_settings(config["evaluation"]))
     except ValueError as err:
         sys.exit(f"config error: {err}")  # names its evaluation.<key>
+    # the encode window reaches no job before encode_latents, which refused a bad one after the autoencoder trained
+    autoencoder = config["model_presets"][name].get("autoencoder", {}).get("model", {})
+    if autoencoder.get("encode_window") is not None:
+        from ctgen.models.autoencoder import MaisiAutoencoder
+
+        try:
+            MaisiAutoencoder.config_from_dict(autoencoder)
+        except ValueError as err:
+            sys.exit(f"config error: model_presets.{name}.autoencoder.model: {err}")
 
 
 check_settings()
