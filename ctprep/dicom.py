@@ -726,7 +726,8 @@ def convert_folder(
 
     ``workers`` > 1 converts that many series at a time in worker processes (each holds one decoded series, a
     few hundred MB); the results are taken in name order, so the tables and files are the same for any
-    ``workers``.
+    ``workers``. Where the run stops (``strict``, an unexpected error, named with its folder), series after the
+    failing one may already be written by then: a rerun replaces them.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     folders = sorted((p for p in in_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
@@ -774,13 +775,17 @@ def convert_folder(
     return metadata, rejected
 
 
-def _convert_one(folder: Path, out_path: Path, allow_gaps: bool) -> tuple[tuple | None, VolumeError | None]:
+def _convert_one(folder: Path, out_path: Path, allow_gaps: bool) -> tuple[tuple | None, Exception | None]:
     """One series of :func:`convert_folder`: ((metadata row, (series, study UID), content digest), None), or
-    (None, the error) for a series to reject (an unexpected error raises, in a worker too)."""
+    (None, the error): a VolumeError for a series to reject, else a RuntimeError naming the folder and the
+    unexpected error (raised in the parent: an exception that does not pickle broke the whole pool, naming
+    nothing)."""
     try:
         vol = dicom_to_nifti(folder, out_path, allow_gaps=allow_gaps)
     except VolumeError as err:
-        return None, err
+        return None, VolumeError(str(err)) if type(err).__init__ is not VolumeError.__init__ else err
+    except Exception as err:  # a bug or a broken file the reader did not expect: the folder named, the run stops
+        return None, RuntimeError(f"{folder}: {type(err).__name__}: {err}")
     logger.info("%s: %r", out_path.name, vol)
     return (vol.meta["metadata_row"], (vol.meta["series_uid"], vol.meta["study_uid"]), _content_digest(vol)), None
 

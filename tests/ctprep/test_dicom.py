@@ -549,6 +549,30 @@ def test_convert_folder_in_worker_processes_gives_the_same_tables_and_files(seri
         convert_folder(series_folder, tmp_path / "strict", strict=True, workers=3)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_unexpected_error_in_a_series_names_its_folder(tmp_path, monkeypatch, workers):
+    """An error the reader did not expect stops the run naming the folder, in a worker too: an exception that does
+    not pickle (its __init__ takes two arguments) broke the whole pool, and the message and the folder were lost."""
+    import ctprep.dicom as dicom
+
+    class Odd(Exception):
+        def __init__(self, a, b):
+            super().__init__(f"{a}:{b}")
+
+    real = dicom.dicom_to_nifti
+
+    def failing(folder, out, **kw):
+        if Path(folder).name == "b":
+            raise Odd(1, 2)
+        return real(folder, out, **kw)
+
+    monkeypatch.setattr(dicom, "dicom_to_nifti", failing)  # the workers are forked: they see it too
+    for name in ("a", "b"):
+        copy_series(EXAMPLE, tmp_path / "in" / name)
+    with pytest.raises(RuntimeError, match=r"in/b: Odd: 1:2"):
+        convert_folder(tmp_path / "in", tmp_path / "out", workers=workers)
+
+
 def test_a_copied_series_is_rejected_and_every_name_traces_to_its_folder(tmp_path):
     """The same series in two folders became two volumes (a scan counted twice, or in both splits); and a name
     (the folder's sorted position) could not be traced back to its series once the archive grew: the rule writes
