@@ -108,7 +108,7 @@ def files(tmp_path):
         out[name] = tmp_path / f"{name}.yaml"
         out[name].write_text(yaml.safe_dump(cfg))
     out["reports"] = tmp_path / "reports.jsonl"
-    out["reports"].write_text('[1, 2]\n{"id": "r1", findings: "No effusion."}\n')  # one such line among others is an error row
+    out["reports"].write_text('[1, 2]\n{"id": "r1", findings: "No effusion."}\n')  # no line a JSON object: one line, status 2 (one such line among good ones is an error row: test_reports)
     return out
 
 

@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import inspect
 import io
+import re
 import sys
 import textwrap
 import tokenize
@@ -90,6 +91,9 @@ WIDENED = {(ClassifierConfig, "pos_weight"): _pos_weight("volumes"), (ReportEnco
 SCALARS = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null"}
 
 
+_CONTINUATION = re.compile(r"\s*#\s{2,}\S")
+
+
 def field_comments(cls: type) -> dict[str, str]:
     """Field name -> the comment beside its default, over ``cls`` and its dataclass bases."""
     out = {}
@@ -97,12 +101,19 @@ def field_comments(cls: type) -> dict[str, str]:
         if not dataclasses.is_dataclass(klass):
             continue
         src = textwrap.dedent(inspect.getsource(klass))
+        lines = src.splitlines()
         comments = {tok.start[0]: tok.string.lstrip("#").strip()
                     for tok in tokenize.generate_tokens(io.StringIO(src).readline) if tok.type == tokenize.COMMENT}
         for node in ast.parse(src).body[0].body:
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                comment = comments.get(node.end_lineno) or comments.get(node.lineno)
+                line = node.end_lineno if node.end_lineno in comments else node.lineno
+                comment = comments.get(line)
                 if comment:
+                    # and its continuation lines: comment-only lines whose text is indented past the '#' (a comment
+                    # of the next field's own starts "# "): the description was cut at the first line's end
+                    while line < len(lines) and _CONTINUATION.match(lines[line]):
+                        line += 1
+                        comment += " " + comments[line]
                     out[node.target.id] = comment
     return out
 
