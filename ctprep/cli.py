@@ -41,7 +41,7 @@ def check_sections(cfg: dict, sections: tuple[str, ...], where: str = "config") 
         raise UserError(f"{where} {'.'.join(map(str, err.absolute_path))}: {err.message}")
 
 
-def _load_config(path: str | None, required: bool = True, sections: tuple[str, ...] = ()) -> dict | None:
+def load_config(path: str | None, required: bool = True, sections: tuple[str, ...] = ()) -> dict | None:
     """config.yaml from --config, $CTGEN_CONFIG or the working folder (None if not required and none is found);
     the ``sections`` the command reads are checked against the workflow's schema."""
     if path and not Path(path).is_file():
@@ -64,7 +64,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from ctprep.volume import check_nifti_path, load_nifti, save_nifti
 
     check_nifti_path(args.output)  # before the work: any other name was written as NIfTI all the same
-    cfg = _load_config(args.config, sections=("presets", "dataset"))
+    cfg = load_config(args.config, sections=("presets", "dataset"))
     presets = cfg.get("presets", {})
     if args.preset not in presets:
         raise UserError(f"unknown preset {args.preset!r}; config has {sorted(presets)}")
@@ -101,7 +101,7 @@ def cmd_dicom2nifti(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ctprep.demo import write_demo_cohort
 
-    cfg = (_load_config(args.config, required=False, sections=("demo",)) or {}).get("demo") or {}
+    cfg = (load_config(args.config, required=False, sections=("demo",)) or {}).get("demo") or {}
     if args.seed is not None:
         cfg = {**cfg, "seed": args.seed}
     write_demo_cohort(args.root, cfg)
@@ -111,7 +111,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_cohort(args: argparse.Namespace) -> int:
     from ctprep.cohort import write_cohort
 
-    config = _load_config(args.config, required=args.n_chunks is None, sections=("prep", "dataset")) or {}
+    config = load_config(args.config, required=args.n_chunks is None, sections=("prep", "dataset")) or {}
     prep, dataset = config.get("prep") or {}, config.get("dataset") or {}
     n_chunks = args.n_chunks if args.n_chunks is not None else prep.get("n_chunks")
     if n_chunks is None:

@@ -19,7 +19,7 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from ctprep.cli import _load_config
+from ctprep.cli import load_config
 from ctprep.errors import UserError, read_text
 from ctprep.prompts import render, template_fields
 from ctprep.reports.pipeline import ParsedReport, get_parser
@@ -38,7 +38,7 @@ def load_templates(path: str | None) -> tuple[dict[str, str], int]:
     Loaded and checked against the workflow's schema as the other commands' sections are: a config that is a list,
     ``prompts: [1]`` or a list of templates failed with an AttributeError, ``max_chars: abc`` without naming the key.
     """
-    prompts = (_load_config(path, required=False, sections=("prompts",)) or {}).get("prompts") or {}
+    prompts = (load_config(path, required=False, sections=("prompts",)) or {}).get("prompts") or {}
     templates = dict(prompts.get("templates") or {})
     for name, template in templates.items():  # an unbalanced "{nope" said "expected '}'" and no more
         try:

@@ -162,7 +162,8 @@ def test_clip_overfits_four_pairs_to_perfect_retrieval():
     video = blobs(["left", "right", "front", "none"])
     ids = torch.tensor([[2, 10, 11, 3], [2, 12, 11, 3], [2, 13, 11, 3], [2, 14, 3, 0]])  # [CLS] ... [SEP]
     mask = ids > 0
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # lr 1e-3: at 3e-3 the run collapsed back to chance (loss ln 4) on 2 torch threads, and converged on 1 or 3
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     first = model(video, mask, text_ids=ids).loss.item()
     for _ in range(120):
         out = model(video, mask, text_ids=ids)
