@@ -221,8 +221,8 @@ class MaisiAutoencoder(nn.Module, PretrainedMixin):
         if not splits_evenly(rows, n):
             step = n * (1 if latent else self.config.downsample)
             raise ValueError(f"{what}: {size} voxels along the split axis (dim_split {self.config.dim_split}) do not "
-                             f"divide into num_splits {n} chunks of at least 3 latent rows: use a multiple of {step} "
-                             f"(at least {3 * step}), or num_splits 1")
+                             f"divide into num_splits {n} chunks of at least {SPLIT_MIN_ROWS} latent rows: use a "
+                             f"multiple of {step} (at least {SPLIT_MIN_ROWS * step}), or num_splits 1")
 
     # --- encoding and decoding ----------------------------------------------------------------
     def encode(self, video: torch.Tensor, window: tuple[int, int, int] | None | str = "config"

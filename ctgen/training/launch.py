@@ -11,6 +11,20 @@ import shlex
 
 from ctgen.training.distributed import FORWARDED_SIGNALS, RDZV_PORT_BASE, RDZV_PORT_SPAN
 
+def processes(gpus: int, nodes: int = 1) -> int:
+    """The training processes of a job with ``gpus`` GPUs per node on ``nodes`` nodes (:func:`launch_prefix`: one
+    per GPU, one per node without a GPU): the world size its ``grad_accum`` is divided over."""
+    return max(int(gpus), 1) * max(int(nodes), 1)
+
+
+def check_grad_accum(grad_accum: int, world: int, detail: str = "") -> None:
+    """``grad_accum`` counts micro-steps over all processes: each takes the same share of them. ``detail``: how
+    the processes come about, for the message."""
+    if grad_accum % world:
+        raise ValueError(f"grad_accum {grad_accum} is not a multiple of the {world} processes its training job runs"
+                         f"{detail}: make it a multiple of {world}")
+
+
 def process_threads(threads: int, gpus: int) -> int:
     """Each process's share of a node's ``threads``: one process per GPU, never below one thread."""
     return max(int(threads) // max(int(gpus), 1), 1)

@@ -54,6 +54,7 @@ from ctgen.training import checkpoint as ckpt
 from ctgen.training import distributed as distr
 from ctgen.training.deadline import Deadline
 from ctgen.training.ema import EMA
+from ctgen.training.launch import check_grad_accum
 from ctgen.training.metrics import MetricsWriter
 from ctgen.training.optim import build_optimizer, build_scheduler, resumable_state
 from ctprep.memory import peak_rss_bytes
@@ -281,8 +282,7 @@ def starved_gpu_advice(device: torch.device, num_workers: int) -> str | None:
 
 def _train(model, make_batches, cfg, out_dir, ckpt_dir, extra_meta, info, stop) -> None:
     t_start = time.time()
-    if cfg.grad_accum % info.world_size:
-        raise ValueError(f"grad_accum={cfg.grad_accum} must be a multiple of the world size {info.world_size}")
+    check_grad_accum(cfg.grad_accum, info.world_size)
     accum = cfg.grad_accum // info.world_size
     device = info.device
     if advice := starved_gpu_advice(device, cfg.num_workers):

@@ -116,6 +116,27 @@ for check in (check_local_files, check_splits):
         sys.exit(f"config error: {err}")  # one line naming the key, no traceback
 
 
+def training_sections():
+    """(config key, train section, resources or None) of every training the config sets: the preset's models
+    (their resources: models.resources.<model>) and the slice network."""
+    name = config["models"]["preset"]
+    out = [
+        (
+            f"model_presets.{name}.{model}",
+            section["train"],
+            config["models"]["resources"].get(model),
+        )
+        for model, section in config["model_presets"][name].items()
+        if isinstance(section, dict) and "train" in section
+    ]
+    slicenet = config["evaluation"].get("slicenet") or {}
+    if "train" in slicenet:
+        out.append(
+            ("evaluation.slicenet", slicenet["train"], slicenet.get("resources"))
+        )
+    return out
+
+
 def check_settings():
     """The training and scoring settings in range (the schema checks their types): a training preset's
     `max_steps: -1` or an unknown faithfulness label failed in the job, after the jobs before it ran.
@@ -124,19 +145,11 @@ def check_settings():
     from ctgen.training.loop import TrainConfig
 
     name = config["models"]["preset"]
-    trains = {
-        f"model_presets.{name}.{model}.train": section["train"]
-        for model, section in config["model_presets"][name].items()
-        if isinstance(section, dict) and "train" in section
-    }
-    slicenet = config["evaluation"].get("slicenet") or {}
-    if "train" in slicenet:
-        trains["evaluation.slicenet.train"] = slicenet["train"]
-    for key, train in trains.items():
+    for key, train, _ in training_sections():
         try:
             TrainConfig.from_dict(train)
         except ValueError as err:
-            sys.exit(f"config error: {key}: {err}")
+            sys.exit(f"config error: {key}.train: {err}")
     try:
         EvalConfig.from_dict(scoring_settings(config["evaluation"]))
     except ValueError as err:
@@ -243,27 +256,19 @@ def check_gpus():
                 f"config error: models.resources.{model}.gpu asks for {want} GPUs{per}, but set-resources gives "
                 f"train_{model} gpu={got} (the profile or --set-resources), which the job would run with: set it to {want}"
             )
-    # the loop divides grad_accum over the job's processes (one per GPU, at least one per node: get_launcher) and
-    # refused an uneven split only when the job started, after its queueing and the jobs before it
-    preset = config["models"]["preset"]
-    trains = [
-        (f"model_presets.{preset}.{model}", res, section.get("train") or {})
-        for model, res in RES.items()
-        if isinstance(section := config["model_presets"][preset].get(model), dict)
-    ]
-    slicenet = config["evaluation"].get("slicenet") or {}
-    if "resources" in slicenet:
-        trains.append(
-            ("evaluation.slicenet", slicenet["resources"], slicenet.get("train") or {})
-        )
-    for key, res, train in trains:
+    # the loop divides grad_accum over the job's processes and refused an uneven split only when the job started,
+    # after its queueing and the jobs before it
+    from ctgen.training.launch import check_grad_accum, processes
+
+    for key, train, res in training_sections():
+        if res is None:
+            continue
         gpu, nodes = res.get("gpu", 0), res.get("nodes", 1)
-        world, accum = max(gpu, 1) * nodes, train.get("grad_accum", 1)
-        if accum % world:
-            sys.exit(
-                f"config error: {key}.train.grad_accum {accum} is not a multiple of the {world} processes its "
-                f"training job runs (gpu {gpu} per node x {nodes} nodes): make it a multiple of {world}"
-            )
+        how = f" (gpu {gpu} per node x {nodes} nodes)"
+        try:
+            check_grad_accum(train.get("grad_accum", 1), processes(gpu, nodes), how)
+        except ValueError as err:
+            sys.exit(f"config error: {key}.train.{err}")
 
 
 check_gpus()
