@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from ctprep import __version__
-from ctprep.errors import DEBUG_ENV, UserError, positive_int, run_reporting_errors, split_global_flags
+from ctprep.errors import DEBUG_ENV, UserError, positive_int, run_reporting_errors, seed_int, split_global_flags
 
 #: The inputs each model's training reads, as (data key, flag): named when missing.
 NEEDS = {"tokenizer": ("manifests",), "generator": ("tokens",), "superres": ("manifests",),
@@ -405,7 +405,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("run_b", help="per_volume.csv of run B")
     c.add_argument("--out", help="write the table here (CSV); it is printed either way")
     c.add_argument("--permutations", type=positive_int, default=10_000, help="random sign flips per metric")
-    c.add_argument("--seed", type=int, default=0, help="seed of the sign flips")
+    c.add_argument("--seed", type=seed_int, default=0, help="seed of the sign flips")
     c.set_defaults(func=_compare)
 
     for command, (_, _, text) in PASS_THROUGH.items():

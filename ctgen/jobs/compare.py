@@ -32,7 +32,7 @@ from ctgen.metrics.faithfulness import auroc
 from ctgen.metrics.permutation import paired_permutation_test, paired_swap_test
 from ctgen.jobs.score import ONE_CLASS
 from ctgen.metrics.summary import MetricValue, bootstrap_ci, dropped_flag, join_flags, report_groups, stems_hash, thin
-from ctprep.errors import UserError, describe
+from ctprep.errors import UserError, describe, read_json
 from ctprep.volume import atomic_write
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ def compare_runs(a_csv, b_csv, out_csv=None, n_permutations: int = 10_000, seed:
         if KEY not in table.columns or not (set(PER_VOLUME) & set(table.columns) or label_columns(table)):
             raise UserError(f"{path} is not an evaluation's per_volume.csv: it needs a {KEY} column and a metric "
                             f"column ({', '.join(PER_VOLUME)} or p_<label> with y_<label>)")
+        check_numeric(table, path)
         tables.append(table)
         metrics = Path(path).with_name("metrics.json")
         averaged = macro_labels(metrics) if metrics.is_file() else None
@@ -217,9 +218,23 @@ def compare_runs(a_csv, b_csv, out_csv=None, n_permutations: int = 10_000, seed:
     return out
 
 
+def check_numeric(table: pd.DataFrame, path) -> None:
+    """Every metric column compared (``PER_VOLUME``, ``p_<label>``, ``y_<label>``) holds numbers or blanks: a
+    hand-edited cell ("high", "0,7") is named by file, column and row, not numpy's bare conversion error."""
+    columns = [c for c in PER_VOLUME if c in table.columns]
+    columns += [f"{p}_{x}" for x in label_columns(table) for p in ("p", "y")]
+    for column in columns:
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = values.isna() & table[column].notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserError(f"{path}: column {column} holds {table[column].iloc[row]!r} in row {row + 2} "
+                            f"({KEY} {table[KEY].iloc[row]}), not a number")
+
+
 def macro_labels(metrics_json: str | Path) -> list[str] | None:
     """The labels an evaluation averaged into its faithfulness macro AUROC (None: not computed)."""
-    for r in json.loads(Path(metrics_json).read_text()).get("metrics", []):
+    for r in read_json(metrics_json, "evaluation metrics.json").get("metrics", []):
         if r["name"].startswith("faithfulness.") and r["name"].endswith("macro") and "generated" in r["name"]:
             return list((r.get("extra") or {}).get("labels") or [])
     return None

@@ -181,3 +181,33 @@ def test_ctgen_compare_averages_only_labels_that_pass_the_guard(two_runs, tmp_pa
         (tmp_path / name / "metrics.json").write_text(json.dumps({"metrics": [
             {"name": "faithfulness.generated.macro", "value": 0.7, "n": 60, "extra": {"labels": []}}]}))
     assert "faithfulness.macro_auroc" not in set(compare_runs(*runs, n_permutations=200)["metric"])
+
+
+def test_a_hand_edited_cell_or_metrics_file_is_named(two_runs, tmp_path, capsys):
+    """A metric cell that is no number and a metrics.json that is no JSON are one line each, naming the file (and
+    the column, row and report), as is a negative --seed."""
+    from ctgen.cli import main
+
+    _, a, b = two_runs
+    a["clip_score"] = a["clip_score"].astype(object)
+    a.loc[4, "clip_score"] = "high"
+    for name, t in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        t.to_csv(tmp_path / name / "per_volume.csv", index=False)
+    runs = [str(tmp_path / name / "per_volume.csv") for name in "ab"]
+    with pytest.raises(UserError, match=r"a/per_volume.csv: column clip_score holds 'high' in row 6 "
+                                        r"\(prompt_id valid_2_a_1\), not a number"):
+        compare_runs(*runs, n_permutations=200)
+    b["p_Emphysema"] = b["p_Emphysema"].astype(object)
+    b.loc[0, "p_Emphysema"] = "0,7"
+    b.to_csv(runs[1], index=False)
+    with pytest.raises(UserError, match="column p_Emphysema holds '0,7' in row 2"):
+        compare_runs(runs[1], runs[1], n_permutations=200)
+    (tmp_path / "b" / "metrics.json").write_text("{not json")
+    b.loc[0, "p_Emphysema"] = 0.7
+    b.to_csv(runs[1], index=False)
+    with pytest.raises(UserError, match="metrics.json is not valid evaluation metrics.json"):
+        compare_runs(runs[1], runs[1], n_permutations=200)
+    with pytest.raises(SystemExit):
+        main(["compare", *runs, "--seed", "-1"])
+    assert "not a seed" in capsys.readouterr().err
