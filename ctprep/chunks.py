@@ -25,7 +25,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ctprep import ctrate, rejects
-from ctprep.cohort import SECTIONS, metadata_row, rows_for_chunk
+from ctprep.cohort import SECTIONS, metadata_row, prep_rows, rows_for_chunk
 from ctprep.preprocess import preprocess_volume
 from ctprep.prompts import STRUCTURED
 from ctprep.codec import EncodedVolume, encode_volume
@@ -37,6 +37,7 @@ PREP_COLUMNS = ["VolumeName", "split", "prep_path", "shape", "dtype", "spacing",
                 "stored_convention", "meta", "bytes", "seconds"]
 
 logger = logging.getLogger(__name__)
+
 
 
 def prep_chunk(
@@ -53,7 +54,7 @@ def prep_chunk(
 
     The chunk table (``out_table``) holds each volume's geometry and meta (history included).
     """
-    rows = rows_for_chunk(cohort_path, chunk)
+    rows = prep_rows(cohort_path, chunk)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done, bad = [], []

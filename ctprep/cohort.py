@@ -12,6 +12,8 @@ in a nullable ``Int8`` column).
 from __future__ import annotations
 
 import difflib
+import functools
+import hashlib
 import json
 import logging
 import zlib
@@ -384,3 +386,38 @@ def rows_for_chunk(cohort_path: str | Path, chunk: int) -> pd.DataFrame:
 def metadata_row(row: pd.Series | dict) -> dict:
     """The CT-RATE metadata of a cohort row, under its original column names."""
     return {c[5:]: v for c, v in dict(row).items() if c.startswith("meta_")}
+
+
+def prep_rows(cohort_path: str | Path, chunk: int) -> pd.DataFrame:
+    """The cohort rows of ``chunk`` with the columns preprocessing reads: name, split, file and CT-RATE metadata.
+
+    :func:`chunk_digest` hashes exactly these, so a cohort rerun prepares again only the chunks whose volumes or
+    metadata changed (a report or label correction, or a volume downloaded into another chunk, prepares nothing).
+    """
+    return prep_rows_of(rows_for_chunk(cohort_path, chunk))
+
+
+def prep_rows_of(rows: pd.DataFrame) -> pd.DataFrame:
+    """The columns of cohort rows that preprocessing reads (see :func:`prep_rows`)."""
+    return rows[["VolumeName", "split", "path", *sorted(c for c in rows.columns if c.startswith("meta_"))]]
+
+
+def chunk_digest(cohort_path: str | Path, chunk: int) -> str:
+    """A digest of what ``prep`` reads of one chunk (:func:`prep_rows`): the workflow's prep param, so that a cohort
+    rerun that leaves a chunk's rows as they were reruns no preparation of it. Read once per cohort file."""
+    stat = Path(cohort_path).stat()
+    return _chunk_digests(str(cohort_path), stat.st_mtime_ns, stat.st_size).get(int(chunk), "empty")
+
+
+@functools.lru_cache(maxsize=4)
+def _chunk_digests(path: str, mtime_ns: int, size: int) -> dict[int, str]:
+    """Every chunk's digest of one cohort file (mtime and size key the cache: the file is rewritten by a rerun)."""
+    table = pd.read_parquet(path)
+    out = {}
+    for chunk, rows in table.groupby("chunk"):
+        rows = prep_rows_of(rows).sort_values("VolumeName")
+        # JSON of the rows (sorted keys): stable across pandas versions, which hash_pandas_object is not
+        text = json.dumps(rows.to_dict("records"), sort_keys=True, default=str)
+        out[int(chunk)] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return out
+

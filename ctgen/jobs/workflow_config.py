@@ -98,3 +98,18 @@ def check_splits(config: dict) -> None:
         missing = [s for s in splits if s not in taken]
         if missing:
             raise ValueError(f"{key} reads {missing}, which dataset.splits {taken} leaves out")
+
+
+def dag_filtered(argv: list[str]) -> bool:
+    """Whether a snakemake command line holds ``--until`` or ``--omit-from`` (``-U``/``-O``, ``=``, argparse's
+    abbreviations). The cohort is a plain rule then, not a checkpoint (workflow/rules/cohort.smk says why); the
+    command line is read because Snakemake sets its DAG settings only after it has read the Snakefile."""
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--"):
+            # an abbreviation is a prefix that no other option shares: --unt (--unlock), --omit-fr (--omit-flags)
+            if (len(name) >= 5 and "--until".startswith(name)) or (len(name) >= 9 and "--omit-from".startswith(name)):
+                return True
+        elif name[:2] in ("-U", "-O"):
+            return True
+    return False

@@ -266,3 +266,16 @@ def test_local_weights_are_inputs_file_by_file(tmp_path, monkeypatch):
     # and Snakemake would plan that rule (a pinned encoder of an earlier run crashed the DAG)
     monkeypatch.chdir(tmp_path)
     assert local_files("cxr-bert/config.json") == [str(folder / "config.json")]
+
+
+@pytest.mark.parametrize("argv, filtered", [
+    (["--until", "prep"], True), (["-U", "prep"], True), (["--until=prep"], True), (["--unt", "prep"], True),
+    (["--omit-from", "shards"], True), (["-Oshards"], True), (["--omit-fr", "shards"], True),
+    (["--omit-flags", "x"], False), (["--unlock"], False), (["-n", "--cores", "2"], False), ([], False),
+])
+def test_until_and_omit_from_are_found_on_the_command_line(argv, filtered):
+    """The cohort is a plain rule under --until/--omit-from (Snakemake loses a checkpoint's chunk jobs there): the
+    options in every spelling argparse takes, and no other option."""
+    from ctgen.jobs.workflow_config import dag_filtered
+
+    assert dag_filtered(argv) is filtered

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -295,6 +296,51 @@ def test_the_cascade_is_trained_with_provenance(demo_run):
         metrics = pd.read_csv(folder / "metrics.csv")
         assert metrics["loss"].notna().all() and metrics["step"].max() > 0
     assert list((demo_run / "checkpoints").glob("*/*/last.pt"))  # resumable state beside, not inside, the outputs
+
+
+def test_a_cohort_rerun_prepares_again_only_the_chunks_whose_rows_changed(tmp_path):
+    """The cohort is a checkpoint and each prep chunk's param is the digest of the rows it reads: a corrected report
+    reruns the cohort and prepares nothing; a volume removed from the copy prepares its own chunk alone (before,
+    any cohort rerun prepared every chunk again: hours of CPU at CT-RATE's size). Under --until the cohort is a
+    plain rule (Snakemake loses a checkpoint's chunk jobs there): every chunk again, but never nothing."""
+    work = make_workdir(tmp_path / "work", {"demo": {"enabled": False}})
+    root = tmp_path / "dataset"
+    subprocess.run([sys.executable, "-m", "ctprep.cli", "demo", str(root), "--config", str(work / "config.yaml")],
+                   check=True, capture_output=True)
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["dataset"]["root"] = str(root)
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    prep = [f"results/prep/{c:03d}.parquet" for c in range(cfg["prep"]["n_chunks"])]
+    targets = ("-n", *prep)  # for planned_rules: -n ends its --quiet list
+    snakemake(work, *prep)
+    cohort = pd.read_parquet(work / "results/cohort/cohort.parquet")
+    assert cohort["chunk"].nunique() == 2  # both chunks hold volumes
+
+    def stamps():
+        return {p.stem: p.stat().st_mtime_ns for p in (work / "results/prep").glob("*.parquet")}
+
+    before = stamps()
+    assert len(before) == 2 and planned_rules(work, None, *targets) == {}
+    reports = root / "radiology_text_reports/train_reports.csv"
+    table = pd.read_csv(reports)
+    table.loc[0, "Findings_EN"] += " A corrected sentence."
+    table.to_csv(reports, index=False)
+    assert planned_rules(work, None, *targets) == {"cohort": 1}  # a checkpoint: the chunks are weighed after it
+    snakemake(work, *prep)
+    assert stamps() == before  # the report is no input of preparation
+    gone = cohort.iloc[0]
+    Path(gone["path"]).unlink()  # a volume the user removed: its chunk's rows change
+    snakemake(work, *prep)
+    after = stamps()
+    changed = {c for c in after if after[c] != before[c]}
+    assert changed == {f"{gone['chunk']:03d}"}, (changed, gone["chunk"])
+    prepared = pd.read_parquet(work / f"results/prep/{gone['chunk']:03d}.parquet")
+    assert gone["VolumeName"] not in set(prepared["VolumeName"])
+    assert planned_rules(work, None, *targets) == {}
+    (work / prep[0]).unlink()
+    assert planned_rules(work, None, "--until", "prep") == {"prep": 1}
+    snakemake(work, "--until", "prep")
+    assert (work / prep[0]).is_file()
 
 
 def test_a_real_copy_reruns_its_cohort_for_new_volumes_not_for_other_files(tmp_path):

@@ -20,30 +20,68 @@ if DEMO:
             "../scripts/demo_cohort.py"
 
 
-rule cohort:
-    input:
-        root=get_dataset_root,
-        tables=get_dataset_tables,
-    output:
+# The cohort is a checkpoint: after it has run, each prep chunk weighs the digest of its own rows (get_prep_rows), so
+# a cohort rerun (volumes downloaded, a table corrected) prepares again only the chunks whose rows changed. Under
+# --until or --omit-from it is a plain rule (a cohort rerun then prepares every chunk again): there Snakemake 9 loses
+# the chunk jobs that follow a checkpoint and answers "Nothing to be done" (snakemake/snakemake#2824). Prep jobs
+# there record their rows' digest as the cohort was before it reran: the next run without those options prepares
+# the changed chunks once more.
+COHORT = dict(
+    input=dict(root=get_dataset_root, tables=get_dataset_tables),
+    output=dict(
         table=f"{R}/cohort/cohort.parquet",
         rejects=f"{R}/rejects/cohort.parquet",
         summary=f"{R}/cohort/summary.json",
-    log:
-        f"{R}/logs/cohort.log",
-    benchmark:
-        f"{R}/benchmarks/cohort.tsv"
-    conda:
-        "../../envs/prep.yaml"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=grows_with_attempt(60, 2),
-    params:
+    ),
+    resources=dict(mem_mb=4000, runtime=grows_with_attempt(60, 2)),
+    params=dict(
         code=script_digest("cohort.py"),
         splits=config["dataset"]["splits"],
         prefer=config["dataset"]["prefer"],
         n_chunks=config["prep"]["n_chunks"],
         strict=config["prep"]["strict"],
         volumes=get_volumes_digest,
-    script:
-        "../scripts/cohort.py"
+    ),
+)
+
+if DAG_FILTERED:
+
+    rule cohort:
+        input:
+            **COHORT["input"],
+        output:
+            **COHORT["output"],
+        log:
+            f"{R}/logs/cohort.log",
+        benchmark:
+            f"{R}/benchmarks/cohort.tsv"
+        conda:
+            "../../envs/prep.yaml"
+        threads: 1
+        resources:
+            **COHORT["resources"],
+        params:
+            **COHORT["params"],
+        script:
+            "../scripts/cohort.py"
+
+else:
+
+    checkpoint cohort:
+        input:
+            **COHORT["input"],
+        output:
+            **COHORT["output"],
+        log:
+            f"{R}/logs/cohort.log",
+        benchmark:
+            f"{R}/benchmarks/cohort.tsv"
+        conda:
+            "../../envs/prep.yaml"
+        threads: 1
+        resources:
+            **COHORT["resources"],
+        params:
+            **COHORT["params"],
+        script:
+            "../scripts/cohort.py"

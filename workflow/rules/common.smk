@@ -19,10 +19,12 @@ from ctgen.jobs.workflow_config import (
     canonical,
     check_local_files,
     check_splits,
+    dag_filtered,
     local_files,
     number_hint,
 )
 from ctgen.training.loop import RUN_ONLY
+from ctprep.cohort import chunk_digest
 from ctprep.ctrate import dataset_tables, volumes_digest
 from ctprep.intensity import check_window
 from ctprep.prompts import template_fields
@@ -168,6 +170,8 @@ def check_settings():
 check_settings()
 PRESET = config["presets"][config["prep"]["preset"]]
 DEMO = config.get("demo", {}).get("enabled", False)
+# --until or --omit-from: the cohort is a plain rule then (workflow/rules/cohort.smk says why)
+DAG_FILTERED = dag_filtered(sys.argv[1:])
 DICOM = bool(config.get("dicom", {}).get("series_dir"))
 EVAL_JSONL = config["reports"]["eval_jsonl"]
 LABELLER_EVAL = bool(EVAL_JSONL and Path(EVAL_JSONL).is_file())
@@ -193,6 +197,15 @@ def get_dataset_tables(wildcards):
 def get_volumes_digest(wildcards):
     """A real copy's volume files by name and size: volumes downloaded since (or removed) rerun the cohort."""
     return "" if DEMO else volumes_digest(config["dataset"]["root"], SPLITS)
+
+
+def get_prep_rows(wildcards):
+    """A digest of the cohort rows a prep chunk reads (ctprep.cohort.prep_rows): its cohort input is ancient, so
+    a cohort rerun prepares again the chunks whose volumes or metadata changed, not all of them. The cohort is a
+    checkpoint: the prep jobs are made again, and this read again, once it has run ("" before a first cohort).
+    """
+    table = rules.cohort.output.table
+    return chunk_digest(table, int(wildcards.chunk)) if os.path.exists(table) else ""
 
 
 def get_prompt_mentions(wildcards):

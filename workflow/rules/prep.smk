@@ -1,6 +1,6 @@
 rule prep:
     input:
-        cohort=rules.cohort.output.table,
+        cohort=ancient(rules.cohort.output.table),  # its rows decide (params.rows), not its date
     output:
         volumes=directory(f"{R}/prep/{{chunk}}"),
         table=f"{R}/prep/{{chunk}}.parquet",
@@ -20,5 +20,6 @@ rule prep:
         preset=PRESET,
         dataset=config["dataset"],
         strict=config["prep"]["strict"],
+        rows=get_prep_rows,
     script:
         "../scripts/prep.py"
