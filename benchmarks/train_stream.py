@@ -43,7 +43,23 @@ preset's ``log_every`` 20; the shard-index cache held to 4 shards in the child, 
 at 256 grids, 489.4 at 1024 (18 s, 63 s): within (bound 0.8 MiB). With ``log_every`` 1 and the whole cache the same job
 grew 2.5 MiB (492.4, 494.9): a metrics row kept per logged step and the cache's indexes, no grid held (tracemalloc).
 
-    python benchmarks/train_stream.py [--model classifier|generator|latent_flow] [--n 8] [--shape 128 128 64] [--workers 0|1] [--threads 1]
+``--model superres`` and ``--model clip`` train the demo preset's super-resolution model and CLIP model the same way
+on volume shards (``cohort``) of the demo prep grid, their default ``--shape`` 64 x 64 x 32 (256 KiB as int16, 0.19
+MiB in the shards), with the small text encoder's tokenizer fitted on the prompts: super-resolution one volume a
+step (4 random slices of it, their low-res inputs downsampled from it: ``models.superres_lowres`` downsampled, the
+default, no ``recon`` shards), CLIP two (its least batch: the other pair is the negative); one epoch, the preset's
+``log_every`` 20, the classifier's bound. Figures (2026-12-07, 2 shared cores under other jobs' load): super-resolution
+``--n 8``: 596.3 MiB at 8 volumes, 596.5 at 32 (8 s, 15 s; a rerun 596.1, 596.7); ``--n 32``: 596.6 at 32, 596.4 at 128 (14 s, 37 s). CLIP
+``--n 8``: 403.2 and 403.6 (4 s each; a rerun 403.1, 403.7); ``--n 32``: 403.4 and 403.8. All within (bound 3 MiB at ``--n 8``, 12 at
+32). ``--workers 1``, ``--n 8``: super-resolution 593.1 and 593.8 MiB, its worker 391.1 and 391.6; CLIP 399.9 and
+399.9, its worker 297.2 and 297.0. With the decode made to hold every volume (float32, 512 KiB a volume; a local
+experiment for super-resolution, ``tests/ctgen/test_train_stream_memory.py`` for CLIP) both miss at ``--n 8``: +12 MiB
+(1.02x, 1.03x). At ``--n 4`` the super-resolution job misses with no volume held (+2 MiB on a 1.5 MiB bound): its
+peak settles over its first steps (598.3 MiB at step 2, 599.0 at 4, 599.4 at 6, flat to step 15 of 16), so a 4-step
+epoch ends below it; tracemalloc saw Python's memory grow 15 KiB from step 2 to 11 (the shard-index cache): a
+native warm-up (torch, glibc), no volume held. Use ``--n 8`` or more for it.
+
+    python benchmarks/train_stream.py [--model classifier|superres|clip|generator|latent_flow] [--n 8] [--shape R A S] [--workers 0|1] [--threads 1]
                                       [--malloc fixed|default] [--workdir /tmp/ctgen-train-stream-bench]
 """
 
@@ -94,6 +110,28 @@ LATENT_FLOW = {"model": {"latent_channels": 4, "latent_shape": [8, 16, 16], "cha
                          "sample_steps": 20},
                "text_encoder": TEXT_ENCODER,
                "train": {**DERIVED_TRAIN, "lr": 0.001, "min_lr": 0.0001, "weight_decay": 0.0}}
+#: the demo preset's super-resolution model and CLIP model, on volume shards of the demo prep grid (64 x 64 x 32),
+#: trained the same way: super-resolution one volume a step (its batch: slices_per_volume slices of it), CLIP two
+#: (its least: the other pair is the negative); one epoch, no checkpoints before the final one, the preset's log_every
+SUPERRES = {"model": {"in_size": 32, "out_size": 64, "patch_size": 2, "channels": 32, "channel_mult": [1, 2, 2],
+                      "layers_per_block": 1, "attention_levels": [1, 2], "attention_head_dim": 16, "norm_groups": 8,
+                      "text_dim": 64, "cross_attention_dim": 64, "num_train_timesteps": 1000, "noise_aug_max": 0.2,
+                      "noise_aug_sample": 0.05, "residual": True, "cond_drop_prob": 0.1, "sample_steps": 2,
+                      "sampler": "ddim"},
+            "text_encoder": TEXT_ENCODER,
+            "train": {**DERIVED_TRAIN, "batch_size": 4, "lr": 0.001, "min_lr": 0.0001, "schedule": "cosine",
+                      "weight_decay": 0.0, "grad_clip": 1.0},
+            "data": {"slices_per_volume": 4, "lowres_scale": 2}}  # lowres_scale: config.yaml models.lowres_scale
+CLIP = {"model": {"stem_stride": [2, 4, 4], "channels": [16, 32, 64], "blocks": [1, 1, 1], "norm_groups": 8,
+                  "embed_dim": 64, "text_dim": 32},
+        "text_encoder": {"dim": 32, "depth": 1, "heads": 2, "dropout": 0.1},
+        "train": {"batch_size": 2, "lr": 0.002, "min_lr": 0.0002, "warmup_steps": 2, "weight_decay": 0.05,
+                  "ckpt_every": 100_000, "log_every": 20, "seed": 0, "tensorboard": False, "device": "cpu"},
+        "data": {"augment": {"flip_w": False, "intensity": 0.05}}}
+#: each model's volumes (R, A, S) where --shape is not given: the classifier's, and the demo prep grid, which the
+#: super-resolution model (out_size 64, in_size 32 at lowres_scale 2) and CLIP are built for
+SHAPES = {"classifier": (128, 128, 64), "superres": (64, 64, 32), "clip": (64, 64, 32)}
+VOLUME_MODELS = ("classifier", "superres", "clip")  # trained on volume shards (the others on derived ones)
 
 
 def cohort(root: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> Path:
@@ -113,6 +151,16 @@ def cohort(root: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> Pa
     manifest = root / "manifest.json"
     merge_manifests([root / "c0" / "train-c000.manifest.json"], manifest, split="train")
     return manifest
+
+
+def cohort_tokenizer(root: Path, n: int) -> Path:
+    """The small text encoder's tokenizer fitted on the prompts ``cohort`` writes for its n volumes."""
+    from ctgen.models.text_encoders import fit_text_tokenizer
+
+    texts = sorted({t for v in range(n) for t in (f"{40 + v % 30} years old male: finding {v % 5}.", f"finding {v % 5}")})
+    tokenizer = root / "text.json"
+    fit_text_tokenizer(texts, 120, tokenizer)
+    return tokenizer
 
 
 def _prompts(v: int) -> tuple[str, dict[str, str], dict[str, str]]:
@@ -184,7 +232,7 @@ def derived_cohort(root: Path, n: int, model: str, seed: int = 0) -> tuple[Path,
     return manifest, tokenizer, grid
 
 
-#: trains argv[6] (classifier, generator, latent_flow) on argv[1]'s config into argv[2] (checkpoints under argv[3], argv[4] torch threads) and
+#: trains argv[6] (classifier, superres, clip, generator, latent_flow) on argv[1]'s config into argv[2] (checkpoints under argv[3], argv[4] torch threads) and
 #: prints, as its last line of stdout, the peaks (KiB, VmHWM) of this process and of its data worker (0: none). The
 #: worker reports its own: it writes its peak to argv[5]/worker-<pid> as it hands over each batch (it ends without
 #: running the dataset's ``finally``, and a reaped child's ``ru_maxrss`` would carry this process's peak over exec)
@@ -208,7 +256,7 @@ def watched(self):
 
 
 stream.PlannedBatches.__iter__ = watched
-if kind != "classifier":  # the shard-index cache (INDEX_CACHE shards) is bounded by shards, not by the cohort, but
+if kind in ("generator", "latent_flow"):  # the shard-index cache (INDEX_CACHE shards) is bounded by shards, not by the cohort, but
     stream.INDEX_CACHE = 4  # its few hundred bytes a sample outweigh a 2 KiB token grid's bound below 256 shards
 torch.set_num_threads(int(threads))
 run_training(kind, json.loads(open(config).read()), out, checkpoints)
@@ -219,15 +267,25 @@ print(json.dumps({"main": peak_rss_bytes() // 1024, "worker": max(workers, defau
 
 def config(model: str, manifest: Path, n: int, workers: int, tokenizer: Path | None = None) -> dict:
     """The training config of ``model`` on ``manifest``'s n samples: batch 1, one epoch (n steps)."""
-    base = {"classifier": CLASSIFIER, "generator": GENERATOR, "latent_flow": LATENT_FLOW}[model]
-    cfg = {**base, "train": {**base["train"], "max_steps": n, "num_workers": workers}}
+    base = {"classifier": CLASSIFIER, "superres": SUPERRES, "clip": CLIP, "generator": GENERATOR,
+            "latent_flow": LATENT_FLOW}[model]
+    cfg = {**base, "train": {**base["train"], "max_steps": steps(model, n), "num_workers": workers}}
     if model == "classifier":
         data = {"manifests": [str(manifest)], "hu_window": WINDOW, "augment": {"flip_w": True, "intensity": 0.05}}
+    elif model in ("superres", "clip"):  # as the workflow's train_config: the preset's data, the window, the prompt
+        # (superres: models.superres_lowres downsampled, the default: low-res inputs derived from the volume, no recon)
+        data = {**base["data"], "manifests": [str(manifest)], "hu_window": WINDOW, "text_tokenizer": str(tokenizer),
+                "prompt": "generatect"}
     elif model == "generator":
         data = {"tokens": str(manifest), "text_tokenizer": str(tokenizer), "prompt": "generatect", "lowres_scale": 2}
     else:
         data = {"latents": [str(manifest)], "text_tokenizer": str(tokenizer), "prompt": "generatect"}
     return {**cfg, "data": data}
+
+
+def steps(model: str, n: int) -> int:
+    """One epoch of n samples: CLIP's batch holds 2 volumes, the others' one sample."""
+    return n // CLIP["train"]["batch_size"] if model == "clip" else n
 
 
 def run(root: Path, manifest: Path, n: int, workers: int, threads: int, fixed_malloc: bool = True,
@@ -259,26 +317,32 @@ verdict = growth_verdict  # the targets: ctprep.memory (GROWTH_LIMIT, HELD_SHARE
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="classifier", choices=("classifier", "generator", "latent_flow"),
-                    help="the job: the classifier on volume shards, the generator on token shards, the latent flow "
-                         "model on latent shards (the demo preset's models)")
+    ap.add_argument("--model", default="classifier", choices=("classifier", "superres", "clip", "generator", "latent_flow"),
+                    help="the job: the classifier, the super-resolution model or CLIP on volume shards, the generator "
+                         "on token shards, the latent flow model on latent shards (the demo preset's models)")
     ap.add_argument("--n", type=int, default=8, help="samples of the small run; the large one has 4n")
-    ap.add_argument("--shape", type=int, nargs=3, default=[128, 128, 64],
-                    help="the classifier's voxels along R, A, S (the derived samples have the demo model's grid)")
+    ap.add_argument("--shape", type=int, nargs=3, default=None,
+                    help="the volumes' voxels along R, A, S; default 128 128 64 for the classifier, the demo prep grid "
+                         "64 64 32 for superres and clip (the shape their demo models take); the generator's and latent "
+                         "flow model's derived samples have the demo model's grid")
     ap.add_argument("--workers", type=int, default=0, choices=(0, 1), help="data workers of the training job")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training job")
     ap.add_argument("--malloc", default="fixed", choices=("fixed", "default"),
                     help="glibc's mmap threshold in the training job: fixed at 128 KiB (a reproducible peak), or glibc's own")
     ap.add_argument("--workdir", default="/tmp/ctgen-train-stream-bench", help="scratch folder (emptied first)")
     args = ap.parse_args(argv)
+    if args.model == "clip" and args.n % CLIP["train"]["batch_size"]:
+        ap.error(f"--model clip: --n must be a multiple of its batch, {CLIP['train']['batch_size']} (one epoch)")
     sizes, runs = [args.n, 4 * args.n], []
     for n in sizes:
         root = Path(args.workdir) / f"n{n}"
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        if args.model == "classifier":
-            shape, voxels, tokenizer = tuple(args.shape), int(np.prod(args.shape)), None
+        if args.model in VOLUME_MODELS:
+            shape = tuple(args.shape or SHAPES[args.model])
+            voxels = int(np.prod(shape))
             manifest = cohort(root, n, shape)
+            tokenizer = cohort_tokenizer(root, n) if args.model != "classifier" else None
             shards = (root / "c0").glob("*.tar")
             what, unit = f"volumes of {'x'.join(map(str, shape))}", "volumes as int16"
         else:
@@ -293,12 +357,14 @@ def main(argv: list[str] | None = None) -> int:
         r = run(root, manifest, n, args.workers, args.threads, args.malloc == "fixed", args.model, tokenizer)
         runs.append(r)
         worker = f", data worker {r['worker']:6.1f} MiB" if args.workers else ""
+        batch = {"superres": f"1 volume ({SUPERRES['data']['slices_per_volume']} slices)",
+                 "clip": f"{CLIP['train']['batch_size']} volumes"}.get(args.model, "1")
         print(f"{n:4d} {what} ({on_disk:.3g} MiB each in the shards), {args.model}: {r['steps']} steps "
-              f"of batch 1, {args.workers} workers: peak RSS {r['main']:6.1f} MiB{worker}; {r['seconds']:5.1f} s "
+              f"of batch {batch}, {args.workers} workers: peak RSS {r['main']:6.1f} MiB{worker}; {r['seconds']:5.1f} s "
               f"({r['train_s']:.1f} s training; all samples as 2-byte values would be {n * voxels * 2 / 2**20:.3g} MiB, "
               f"as float32 {n * voxels * 4 / 2**20:.3g})", flush=True)
-        if r["steps"] != n:
-            print(f"the job ran {r['steps']} steps, not one epoch of {n}")
+        if r["steps"] != steps(args.model, n):
+            print(f"the job ran {r['steps']} steps, not one epoch of {n} samples")
             return 1
     checks = [verdict(sizes, [r["main"] for r in runs], voxels, "training process's peak", unit)]
     if args.workers:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.workflow.wf import benchmark
 
 VOXELS = 128 * 128 * 64  # the benchmark's volumes: 2 MiB as int16, 4 MiB as float32
@@ -61,3 +63,48 @@ def test_the_benchmark_sees_the_latent_flow_model_holding_its_latents(tmp_path, 
     out = capsys.readouterr().out
     assert "16 steps of batch 1" in out and "64 steps of batch 1" in out
     assert "48 added latents as float16" in out and "MISSES the targets" in out
+
+
+@pytest.mark.parametrize("model,steps", [("superres", (8, 32)), ("clip", (4, 16))], ids=["superres", "clip"])
+def test_the_super_resolution_model_and_clip_reading_every_volume_do_not_grow(model, steps, tmp_path, capsys):
+    """The demo super-resolution model (4 slices of one volume a step) and CLIP (2 volumes a step) at N = 8, on
+    volumes of the demo prep grid (64 x 64 x 32: 256 KiB as int16): the bound is 3 MiB; holding the 24 added volumes
+    would add 6 MiB as int16, 12 as float32. (At N = 4 the super-resolution job's peak is still settling: it rises
+    until its 6th step, a 2 MiB growth from 4 to 16 on a 1.5 MiB bound with no volume held.)"""
+    bench = benchmark("train_stream")
+    assert bench.main(["--model", model, "--n", "8", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{s} steps of batch" in out for s in steps) and "64x64x32" in out
+    assert "target <= 3 MiB" in out and "within the targets" in out
+
+
+#: prepended to the benchmark's child: the volume decode keeps every volume it decodes (float32, as the models read
+#: them: 512 KiB a volume of the demo grid), as a per-volume cache or leak in the data path would
+HOLD_VOLUMES = """\
+from ctgen.data import batches as _batches
+_volume_decode, _held = _batches.volume_decode, []
+
+
+def _holding(*args, **kwargs):
+    decode = _volume_decode(*args, **kwargs)
+
+    def held(raw):
+        _held.append(decode(raw))
+        return _held[-1]
+
+    return held
+
+
+_batches.volume_decode = _holding
+"""
+
+
+def test_the_benchmark_sees_clip_holding_its_volumes(tmp_path, capsys, monkeypatch):
+    """CLIP at N = 4 with its decode made to hold every volume: the 12 added volumes as float32 (6 MiB) exceed the
+    bound (half their int16 size, 1.5 MiB); unpatched its peak grew 0.2 MiB from 4 to 16."""
+    bench = benchmark("train_stream")
+    monkeypatch.setattr(bench, "CHILD", HOLD_VOLUMES + bench.CHILD)
+    assert bench.main(["--model", "clip", "--n", "4", "--workdir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "2 steps of batch 2 volumes" in out and "8 steps of batch 2 volumes" in out
+    assert "12 added volumes as int16" in out and "MISSES the targets" in out
