@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from ctprep import __version__
-from ctprep.errors import DEBUG_ENV, UserError, positive_int, run_reporting_errors, seed_int, split_global_flags
+from ctprep.errors import (DEBUG_ENV, UserError, positive_int, read_json, run_reporting_errors, seed_int,
+                           split_global_flags)
 
 #: The inputs each model's training reads, as (data key, flag): named when missing.
 NEEDS = {"tokenizer": ("manifests",), "generator": ("tokens",), "superres": ("manifests",),
@@ -125,7 +126,7 @@ def tokenizer_lowres_scale(tokenizer_dir: str | Path, given: int | None = None) 
     path = Path(tokenizer_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"--tokenizer: {tokenizer_dir} holds no trained model (no config.json)")
-    recorded = ((json.loads(path.read_text()).get("provenance") or {}).get("data") or {}).get("lowres_scale")
+    recorded = ((read_json(path, "model config").get("provenance") or {}).get("data") or {}).get("lowres_scale")
     recorded = None if recorded is None else int(recorded)
     if given is None and recorded is None:
         raise UserError(f"{tokenizer_dir} does not record the lowres_scale it was trained with: pass --lowres-scale")

@@ -319,6 +319,9 @@ def test_tokens_are_encoded_at_the_scale_the_tokenizer_was_trained_with(tiny_cas
     with pytest.raises(ValueError, match="does not record the lowres_scale it was trained with: pass --lowres-scale"):
         ctgen_cli.tokenizer_lowres_scale(untold)
     assert ctgen_cli.tokenizer_lowres_scale(untold, 4) == 4
+    (untold / "config.json").write_text('{"provenance": ')  # cut short: named, not json's bare "Expecting value"
+    with pytest.raises(ValueError, match=r"untold/config.json is not valid model config"):
+        ctgen_cli.tokenizer_lowres_scale(untold)
 
 
 def test_bugs_keep_their_traceback_and_debug_shows_it_for_mistakes(files, capsys, monkeypatch):

@@ -19,7 +19,6 @@ import copy
 import datetime as dt
 import glob
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -36,6 +35,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 from pydicom.valuerep import format_number_as_ds
 
 from ctprep import __version__
+from ctprep.errors import read_json
 from ctprep.geometry import reorient
 from ctprep.volume import Volume, load_nifti, ras_to_lps
 
@@ -310,6 +310,6 @@ def dicom_from_nifti(nifti: str | os.PathLike, dicom_dir: str | os.PathLike, ove
     """A DICOM series of a written synthetic NIfTI, its sidecar's provenance travelling along (``overwrite``: as
     :func:`save_synthetic_dicom`'s)."""
     side = sidecar_path(Path(nifti))
-    sidecar = json.loads(side.read_text()) if side.is_file() else {}
+    sidecar = read_json(side, "sample sidecar") if side.is_file() else {}
     return save_synthetic_dicom(load_nifti(nifti), dicom_dir, {k: v for k, v in sidecar.items() if k not in RESERVED},
                                 overwrite=overwrite)

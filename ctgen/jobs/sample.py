@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -397,7 +396,7 @@ def write_cascade_spec(models_dir: str | Path, preset: dict, models_cfg: dict, t
         tokenizer = weights_id(models_dir / "tokenizer")
         for model, key in (("generator", "tokens_from"), ("superres", "recon_from")):
             config = models_dir / model / "config.json"
-            made_by = json.loads(config.read_text()).get("provenance", {}).get(key) if config.is_file() else None
+            made_by = read_json(config, "model config").get("provenance", {}).get(key) if config.is_file() else None
             if made_by and made_by != tokenizer:
                 raise ValueError(f"the {model} was trained on {key.split('_')[0]} of {made_by}, not of this tokenizer "
                                  f"({tokenizer}): re-run encode_tokens and the {model}'s training")

@@ -306,6 +306,7 @@ def test_dicom_refuses_sheared_grids_and_foreign_folders(tmp_path):
 
 def test_latent_samples_name_their_report_in_the_dicom_and_a_nifti_converts_with_its_sidecar(tmp_path):
     from ctgen.export import dicom_from_nifti
+    from ctgen.export.sidecar import sidecar_path
 
     vol = _volume("flipped")
     latent = {k: v for k, v in SIDECAR.items() if k != "prompt"}
@@ -316,6 +317,9 @@ def test_latent_samples_name_their_report_in_the_dicom_and_a_nifti_converts_with
     assert ds.ImageComments == "SYNTHETIC (ctgen) from prompt: Findings: Right pleural effusion."
     assert json.loads(ds[0x0011, 0x1010].value)["seed"] == SIDECAR["seed"]
     _assert_same(read_series(tmp_path / "d"), _nibabel_volume(nifti)[0], "ctprep.read_series")
+    sidecar_path(nifti).write_text('{"seed": 3,')  # a hand edit cut short: the sidecar named
+    with pytest.raises(ValueError, match=r"s.json is not valid sample sidecar"):
+        dicom_from_nifti(nifti, tmp_path / "d2")
 
 
 def test_a_sheared_volumes_sidecar_says_the_qform_it_has(tmp_path):
