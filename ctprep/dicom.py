@@ -18,8 +18,9 @@ A series folder becomes one HU volume whose affine comes from the headers alone:
   (RLE Lossless, Deflated Explicit VR Little Endian); :data:`DECODED_BY` names each syntax's.
 
 Anything that would make the geometry or the intensities a guess is refused with a
-:class:`SeriesError` naming the reason: a non-CT Modality, several CT series in one folder (a
-scout, a dose report or a single image beside one CT series is skipped, and named), mixed
+:class:`SeriesError` naming the reason: a non-CT Modality, several CT series in one folder without a
+``series_uid`` (a scout, a dose report or a single image beside one CT series is skipped, and named;
+:func:`convert_folder` converts each of several as a reconstruction of its own), mixed
 orientation or matrix size or pixel spacing, duplicate positions, missing or irregular slices,
 fewer than two slices (a single slice has no measured step, and a 2D image is no volume for
 this pipeline), missing geometry tags, a damaged header element among those read
@@ -95,6 +96,13 @@ DECODED_BY = {
 
 class SeriesError(VolumeError):
     """A DICOM series that cannot be turned into a truthful volume; the message says why."""
+
+
+class SeveralSeries(SeriesError):
+    """A folder holding more than one series that could be the CT volume; ``uids``: those series in their
+    SeriesNumber order (then by UID), set after construction so that the error pickles as a SeriesError does."""
+
+    uids: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -233,9 +241,23 @@ def _select(items: list, series_uid: str | None) -> list:
             + (f", {why_not[uid]}" if why_not[uid] else "") + ")"
             for uid in sorted(groups)
         )
-        raise SeriesError(f"folder holds {len(groups)} series: {listed}; move each into a folder of its own "
-                          "(or pick one: ctprep dicom2nifti --series-uid UID)")
+        message = (f"folder holds {len(groups)} series: {listed}; move each into a folder of its own "
+                   "(or pick one: ctprep dicom2nifti --series-uid UID)")
+        if not volumes:
+            raise SeriesError(message)
+        several = SeveralSeries(message)
+        several.uids = sorted(volumes, key=lambda uid: (_series_number(groups[uid]), uid))
+        raise several
     return next(iter(groups.values()))
+
+
+def _series_number(items: list) -> float:
+    """A series' SeriesNumber (its first file's; inf where absent or not a number): the order in which a folder's
+    series become reconstructions 1, 2, ... (scanners number a study's series in the order they made them)."""
+    try:
+        return float(items[0][2].get("SeriesNumber"))
+    except (TypeError, ValueError):
+        return float("inf")
 
 
 def _not_a_volume(items: list) -> str | None:
@@ -691,7 +713,8 @@ def dicom_to_nifti(
 
 
 def _names(folders: Sequence[Path], name_format: str, split: str, start_index: int) -> list[str]:
-    names = [name_format.format(split=split, index=start_index + n, folder=f.name) for n, f in enumerate(folders)]
+    """Each folder's name for its first (or only) series."""
+    names = [name_format.format(**_fields(folder, n, split, start_index), recon=1) for n, folder in enumerate(folders)]
     for name in names:
         if name != Path(name).name or not name.endswith(".nii.gz"):
             raise ValueError(f"name_format gives {name!r}, not a bare *.nii.gz file name")
@@ -700,13 +723,17 @@ def _names(folders: Sequence[Path], name_format: str, split: str, start_index: i
     return names
 
 
+def _fields(folder: Path, n: int, split: str, start_index: int) -> dict:
+    return {"split": split, "index": start_index + n, "folder": folder.name}
+
+
 def convert_folder(
     in_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     strict: bool = False,
     split: str = "train",
-    name_format: str = "{split}_{index}_a_1.nii.gz",
+    name_format: str = "{split}_{index}_a_{recon}.nii.gz",
     start_index: int = 1,
     allow_gaps: bool = False,
     workers: int = 1,
@@ -715,7 +742,13 @@ def convert_folder(
 
     Names come from ``name_format`` with ``{split}``, ``{index}`` (``start_index`` + position in
     the sorted folder names, so a rejected folder keeps its index and reruns name the same
-    folder the same) and ``{folder}``. Returns ``(metadata, rejects)``: metadata in CT-RATE's
+    folder the same), ``{folder}`` and ``{recon}``. A folder holding several series that could each be the
+    volume (a study exported whole: a lung and a soft-tissue kernel, thin and thick slices) gives one volume per
+    series, its reconstructions 1, 2, ... in SeriesNumber order, as CT-RATE names a scan's reconstructions
+    (``train_3_a_1``, ``train_3_a_2``); each is converted or rejected on its own, its reject reason naming its
+    SeriesInstanceUID. Where ``name_format`` has no ``{recon}``, such a folder is rejected, its series named.
+    Scouts, dose reports and screen captures beside a series are skipped, as :func:`read_series` does.
+    Returns ``(metadata, rejects)``: metadata in CT-RATE's
     44-column schema with ``VolumeName`` = the output file name, and rejects with
     ``VolumeName``, ``stage`` ("dicom") and ``reason``. Both carry ``attrs["source"]``, the
     folder of each VolumeName, and ``attrs["uids"]`` its (SeriesInstanceUID, StudyInstanceUID) where it was
@@ -734,16 +767,20 @@ def convert_folder(
                      key=lambda p: p.name)
     if any(p.is_file() for p in in_dir.iterdir()):
         logger.warning("%s: files directly in the input folder are ignored; one series per subfolder", in_dir)
-    names = _names(folders, name_format, split, start_index)
+    _names(folders, name_format, split, start_index)  # bare and distinct file names, checked before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, rejects, sources, series_uids, first_of = [], [], {}, {}, {}
     # forked workers inherit the rule's log handler, so a series' own warnings reach its log file
     pool = ProcessPoolExecutor(min(workers, len(folders)), mp_context=mp.get_context(
         "fork" if "fork" in mp.get_all_start_methods() else None)) if workers > 1 and len(folders) > 1 else None
+    fields = [_fields(folder, n, split, start_index) for n, folder in enumerate(folders)]
     try:
-        done = (pool.map if pool else map)(_convert_one, folders, [out_dir / n for n in names],
+        done = (pool.map if pool else map)(_convert_study, folders, [out_dir] * len(folders),
+                                           [name_format] * len(folders), fields,
                                            [allow_gaps] * len(folders))  # in order
-        for n, (folder, name, (result, err)) in enumerate(zip(folders, names, done), 1):
+        series = ((folder, name, result, err) for folder, study in zip(folders, done)
+                  for name, (result, err) in study)
+        for n, (folder, name, result, err) in enumerate(series, 1):
             sources[name] = str(folder)
             try:
                 if err is not None:
@@ -762,7 +799,7 @@ def convert_folder(
                 (out_dir / name).unlink(missing_ok=True)  # no stale volume from an earlier run, nor the copy
                 rejects.append({"VolumeName": name, "stage": "dicom", "reason": str(error)})
                 continue
-            logger.info("%s -> %s (%d/%d)", folder, name, n, len(folders))
+            logger.info("%s -> %s (%d)", folder, name, n)
             rows.append({**meta, "VolumeName": name})
     finally:
         if pool:
@@ -775,14 +812,33 @@ def convert_folder(
     return metadata, rejected
 
 
-def _convert_one(folder: Path, out_path: Path, allow_gaps: bool) -> tuple[tuple | None, Exception | None]:
+def _convert_study(folder: Path, out_dir: Path, name_format: str, fields: dict,
+                   allow_gaps: bool) -> list[tuple[str, tuple]]:
+    """One folder of :func:`convert_folder`: [(name, :func:`_convert_one`'s result)] for its series, one where it
+    holds one (or where ``name_format`` has no ``{recon}`` to name several by)."""
+    first = name_format.format(**fields, recon=1)
+    result = _convert_one(folder, out_dir / first, allow_gaps)
+    several = result[1]
+    if not isinstance(several, SeveralSeries) or "{recon}" not in name_format:
+        return [(first, result)]
+    out = []
+    for recon, uid in enumerate(several.uids, 1):
+        name = name_format.format(**fields, recon=recon)
+        out.append((name, _convert_one(folder, out_dir / name, allow_gaps, uid)))
+    return out
+
+
+def _convert_one(folder: Path, out_path: Path, allow_gaps: bool,
+                 series_uid: str | None = None) -> tuple[tuple | None, Exception | None]:
     """One series of :func:`convert_folder`: ((metadata row, (series, study UID), content digest), None), or
-    (None, the error): a VolumeError for a series to reject, else a RuntimeError naming the folder and the
-    unexpected error (raised in the parent: an exception that does not pickle broke the whole pool, naming
-    nothing)."""
+    (None, the error): a VolumeError for a series to reject (named by its UID where the folder holds several),
+    else a RuntimeError naming the folder and the unexpected error (raised in the parent: an exception that does
+    not pickle broke the whole pool, naming nothing)."""
     try:
-        vol = dicom_to_nifti(folder, out_path, allow_gaps=allow_gaps)
+        vol = dicom_to_nifti(folder, out_path, allow_gaps=allow_gaps, series_uid=series_uid)
     except VolumeError as err:
+        if series_uid is not None:
+            return None, SeriesError(f"series {series_uid or '<empty>'}: {err}")
         return None, VolumeError(str(err)) if type(err).__init__ is not VolumeError.__init__ else err
     except Exception as err:  # a bug or a broken file the reader did not expect: the folder named, the run stops
         return None, RuntimeError(f"{folder}: {type(err).__name__}: {err}")

@@ -532,6 +532,45 @@ def test_convert_folder_strict_and_names(series_folder, tmp_path):
         convert_folder(series_folder, tmp_path / "dup", name_format="../{index}.nii.gz")
 
 
+def test_a_study_folder_of_several_series_gives_one_reconstruction_each(tmp_path):
+    """A study exported whole (two CT series and a scout in one folder) was rejected for holding two series: each
+    series that could be the volume becomes a reconstruction of the scan (_a_1, _a_2 in SeriesNumber order, as
+    CT-RATE names them), read exactly as --series-uid reads it; a bad series is a reject of its own, named by UID."""
+    root = tmp_path / "in"
+    copy_series(EXAMPLE, root / "a_single")
+    study = copy_series(EXAMPLE, root / "b_study")
+    files = by_position(study)
+    for n, path in enumerate(files):  # the later SeriesNumber on the first 12 slices: it is reconstruction 2
+        edit(path, **({"SeriesInstanceUID": "1.2.3.1", "SeriesNumber": 5} if n < 12
+                      else {"SeriesInstanceUID": "1.2.3.2", "SeriesNumber": 3}))
+    shutil.copy(files[0], study / "scout.dcm")
+    edit(study / "scout.dcm", SeriesInstanceUID="1.2.3.7", SeriesNumber=1,
+         ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    bad = copy_series(EXAMPLE, root / "c_study")
+    for n, path in enumerate(by_position(bad)):
+        edit(path, SeriesInstanceUID="1.2.3.3" if n < 10 else "1.2.3.4", SeriesNumber=2 if n < 10 else 4)
+    by_position(bad)[4].unlink()  # a gap in its first series (SeriesNumber 2): that reconstruction alone is rejected
+    out = tmp_path / "out"
+    metadata, rejects = convert_folder(root, out, workers=2)  # a worker converts a folder's series, in order
+    assert list(metadata["VolumeName"]) == ["train_1_a_1.nii.gz", "train_2_a_1.nii.gz", "train_2_a_2.nii.gz",
+                                            "train_3_a_2.nii.gz"]
+    assert list(rejects["VolumeName"]) == ["train_3_a_1.nii.gz"]
+    assert re.match(r"series 1\.2\.3\.3: .*missing slice", rejects.loc[0, "reason"]), rejects.loc[0, "reason"]
+    whole = read_series(EXAMPLE).data
+    for name, expected in (("train_2_a_1", whole[..., 12:]), ("train_2_a_2", whole[..., :12]),
+                           ("train_3_a_2", whole[..., 10:])):
+        np.testing.assert_array_equal(np.asanyarray(nib.load(out / f"{name}.nii.gz").dataobj), expected)
+    assert metadata.attrs["uids"]["train_2_a_2.nii.gz"][0] == "1.2.3.1"
+    assert metadata.attrs["source"]["train_2_a_2.nii.gz"] == str(study)
+    assert sorted(p.name for p in out.iterdir()) == sorted(metadata["VolumeName"])
+    # a name format without {recon} cannot name two: the folder is rejected, its series named, as before
+    metadata, rejects = convert_folder(root, tmp_path / "one", name_format="{split}_{index}_a_1.nii.gz")
+    assert list(metadata["VolumeName"]) == ["train_1_a_1.nii.gz"]
+    assert list(rejects["VolumeName"]) == ["train_2_a_1.nii.gz", "train_3_a_1.nii.gz"]
+    assert re.search(r"3 series: 1\.2\.3\.1 \(CT, 12 files\); 1\.2\.3\.2 \(CT, 8 files\); 1\.2\.3\.7 .*localizer",
+                     rejects.loc[0, "reason"]), rejects.loc[0, "reason"]
+
+
 def test_convert_folder_in_worker_processes_gives_the_same_tables_and_files(series_folder, tmp_path):
     """A hospital archive of thousands of series converted on one thread took hours: workers convert series side by
     side, and the results are taken in name order, so tables, names, rejects and bytes do not depend on them."""
