@@ -291,6 +291,7 @@ def _join(root: Path, split: str, name: str, files: dict, indexed: dict, duplica
         "scan": parts["scan"],
         "recon": parts["recon"],
         "path": str(path),
+        "file_bytes": path.stat().st_size,  # a file replaced at the same path (a corrected download) prepares again
         "layout": layout,
         "layouts": "+".join(lay for lay in ctrate.LAYOUTS if lay in copies),
         "chunk": chunk_of(parts["patient"], n_chunks),
@@ -398,25 +399,31 @@ def prep_rows(cohort_path: str | Path, chunk: int) -> pd.DataFrame:
 
 
 def prep_rows_of(rows: pd.DataFrame) -> pd.DataFrame:
-    """The columns of cohort rows that preprocessing reads (see :func:`prep_rows`)."""
-    return rows[["VolumeName", "split", "path", *sorted(c for c in rows.columns if c.startswith("meta_"))]]
+    """The columns of cohort rows that preprocessing reads (see :func:`prep_rows`), with the file's size: the
+    file's content is what prep reads of ``path``, and its size is what the cohort's rerun trigger compares."""
+    own = [c for c in ("VolumeName", "split", "path", "file_bytes") if c in rows.columns]
+    return rows[[*own, *sorted(c for c in rows.columns if c.startswith("meta_"))]]
 
 
 def chunk_digest(cohort_path: str | Path, chunk: int) -> str:
     """A digest of what ``prep`` reads of one chunk (:func:`prep_rows`): the workflow's prep param, so that a cohort
     rerun that leaves a chunk's rows as they were reruns no preparation of it. Read once per cohort file."""
     stat = Path(cohort_path).stat()
-    return _chunk_digests(str(cohort_path), stat.st_mtime_ns, stat.st_size).get(int(chunk), "empty")
+    return _chunk_digests(str(cohort_path), stat.st_ino, stat.st_mtime_ns, stat.st_size).get(int(chunk), "empty")
 
 
 @functools.lru_cache(maxsize=4)
-def _chunk_digests(path: str, mtime_ns: int, size: int) -> dict[int, str]:
-    """Every chunk's digest of one cohort file (mtime and size key the cache: the file is rewritten by a rerun)."""
+def _chunk_digests(path: str, inode: int, mtime_ns: int, size: int) -> dict[int, str]:
+    """Every chunk's digest of one cohort file. Inode, mtime and size key the cache: a rerun writes the file anew
+    (Snakemake removes a job's outputs first: a new inode, where a coarse clock may leave the mtime and a
+    same-sized table the size as they were)."""
     table = pd.read_parquet(path)
     out = {}
     for chunk, rows in table.groupby("chunk"):
         rows = prep_rows_of(rows).sort_values("VolumeName")
-        # JSON of the rows (sorted keys): stable across pandas versions, which hash_pandas_object is not
+        # JSON of the rows (sorted keys, every missing cell null): stable across pandas versions, which
+        # hash_pandas_object is not (nor is NaN vs None for a missing cell)
+        rows = rows.astype(object).where(rows.notna(), None)
         text = json.dumps(rows.to_dict("records"), sort_keys=True, default=str)
         out[int(chunk)] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return out

@@ -279,7 +279,27 @@ def _not_a_volume(items: list) -> str | None:
     if not any("ImagePositionPatient" in ds or "PerFrameFunctionalGroupsSequence" in ds
                or "SharedFunctionalGroupsSequence" in ds for ds in heads):
         return "no image positions (a dose screen or another picture, not slices)"
+    # beside other series, a reformat is a second view of a scan already there: converted too, it would count
+    # that scan twice in training (an export of a whole study carries coronal, sagittal and MIP series)
+    kinds = sorted({v for ds in heads for v in _REFORMATS if _image_type_has(ds, v)})
+    if kinds and all(any(_image_type_has(ds, v) for v in _REFORMATS) for ds in heads):
+        return f"a reformat (ImageType {', '.join(kinds)})"
+    orientation = heads[0].get("ImageOrientationPatient")
+    if orientation is not None and len(orientation) == 6:
+        try:
+            normal = np.cross([float(v) for v in orientation[:3]], [float(v) for v in orientation[3:]])
+        except (TypeError, ValueError):
+            return None  # the reader names a damaged orientation if this series is read
+        if abs(normal[2]) < _AXIAL_MIN:
+            return "not axial (a coronal or sagittal reformat)"
     return None
+
+
+#: ImageType values of series derived from another one's slices (multiplanar and projection reformats)
+_REFORMATS = ("REFORMATTED", "MPR", "MIP", "MINIP", "PROJECTION IMAGE", "CURVED")
+#: A slice normal's least z component for an axial series (60 degrees off the patient's long axis, a tilted
+#: gantry's few degrees far inside)
+_AXIAL_MIN = 0.5
 
 
 def _image_type_has(ds: Dataset, value: str) -> bool:
@@ -747,7 +767,9 @@ def convert_folder(
     series, its reconstructions 1, 2, ... in SeriesNumber order, as CT-RATE names a scan's reconstructions
     (``train_3_a_1``, ``train_3_a_2``); each is converted or rejected on its own, its reject reason naming its
     SeriesInstanceUID. Where ``name_format`` has no ``{recon}``, such a folder is rejected, its series named.
-    Scouts, dose reports and screen captures beside a series are skipped, as :func:`read_series` does.
+    Scouts, dose reports, screen captures and reformats (coronal, sagittal, MIP) beside a series are skipped, as
+    :func:`read_series` does. Files an earlier run wrote for reconstructions a folder no longer holds are left in
+    ``out_dir`` (the workflow's rule starts from an empty folder).
     Returns ``(metadata, rejects)``: metadata in CT-RATE's
     44-column schema with ``VolumeName`` = the output file name, and rejects with
     ``VolumeName``, ``stage`` ("dicom") and ``reason``. Both carry ``attrs["source"]``, the
@@ -778,20 +800,24 @@ def convert_folder(
         done = (pool.map if pool else map)(_convert_study, folders, [out_dir] * len(folders),
                                            [name_format] * len(folders), fields,
                                            [allow_gaps] * len(folders))  # in order
-        series = ((folder, name, result, err) for folder, study in zip(folders, done)
-                  for name, (result, err) in study)
-        for n, (folder, name, result, err) in enumerate(series, 1):
+        series = ((folder, name, uid, result, err) for folder, study in zip(folders, done)
+                  for name, uid, (result, err) in study)
+        for n, (folder, name, uid, result, err) in enumerate(series, 1):
             sources[name] = str(folder)
+            if uid is not None:  # one of several series of its folder: its UID, read or not
+                series_uids[name] = (uid, None)
             try:
                 if err is not None:
                     raise err
                 meta, uid_pair, digest = result
                 series_uids[name] = uid_pair
                 # by content, not SeriesInstanceUID: anonymised exports blank it, and a re-export gives new UIDs
-                earlier = first_of.setdefault(digest, folder)
-                if earlier != folder:
-                    raise SeriesError(f"the same voxels and geometry as {earlier}: a copy of that series would count "
-                                      "the scan twice")
+                earlier, earlier_name = first_of.setdefault(digest, (folder, name))
+                if earlier_name != name:
+                    copied = f"{earlier_name} of this folder" if earlier == folder else str(earlier)
+                    own = f"series {uid or '<empty>'}: " if uid is not None else ""
+                    raise SeriesError(f"{own}the same voxels and geometry as {copied}: a copy of that series would "
+                                      "count the scan twice")
             except VolumeError as error:
                 if strict:
                     raise
@@ -814,18 +840,19 @@ def convert_folder(
 
 def _convert_study(folder: Path, out_dir: Path, name_format: str, fields: dict,
                    allow_gaps: bool) -> list[tuple[str, tuple]]:
-    """One folder of :func:`convert_folder`: [(name, :func:`_convert_one`'s result)] for its series, one where it
-    holds one (or where ``name_format`` has no ``{recon}`` to name several by)."""
+    """One folder of :func:`convert_folder`: [(name, series UID or None, :func:`_convert_one`'s result)], one for
+    each series where it holds several (the UID given), else one (or where ``name_format`` names several alike)."""
     first = name_format.format(**fields, recon=1)
     result = _convert_one(folder, out_dir / first, allow_gaps)
     several = result[1]
-    if not isinstance(several, SeveralSeries) or "{recon}" not in name_format:
-        return [(first, result)]
-    out = []
-    for recon, uid in enumerate(several.uids, 1):
-        name = name_format.format(**fields, recon=recon)
-        out.append((name, _convert_one(folder, out_dir / name, allow_gaps, uid)))
-    return out
+    if not isinstance(several, SeveralSeries):
+        return [(first, None, result)]
+    names = [name_format.format(**fields, recon=recon) for recon in range(1, len(several.uids) + 1)]
+    if len(set(names)) < len(names):  # no {recon} field to name them by
+        return [(first, None, (None, SeriesError(f"{several}; name_format {name_format!r} has no {{recon}} field "
+                                                 "to name each series by")))]
+    return [(name, uid, _convert_one(folder, out_dir / name, allow_gaps, uid))
+            for name, uid in zip(names, several.uids)]
 
 
 def _convert_one(folder: Path, out_path: Path, allow_gaps: bool,

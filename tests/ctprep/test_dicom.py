@@ -383,6 +383,19 @@ def test_a_dose_screen_of_two_pages_without_positions_is_skipped(tmp_path, caplo
         assert ("screen captures" if image_type else "no image positions") in caplog.text
 
 
+def test_a_reformat_beside_the_axial_series_is_skipped(tmp_path, caplog):
+    """A study's coronal reformat (its ImageType says nothing) beside the axial series is a second view of the same
+    scan: the axial series is read and the reformat named as skipped, not a choice to make."""
+    folder = copy_series(EXAMPLE, tmp_path / "s")
+    for k, path in enumerate(by_position(folder)[:4]):
+        shutil.copy(path, folder / f"cor{k}.dcm")
+        edit(folder / f"cor{k}.dcm", SeriesInstanceUID="1.2.3.8", ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
+    with caplog.at_level("WARNING", logger="ctprep.dicom"):
+        vol = read_series(folder)
+    np.testing.assert_array_equal(vol.data, read_series(EXAMPLE).data)
+    assert "1.2.3.8 (not axial (a coronal or sagittal reformat))" in caplog.text, caplog.text
+
+
 def test_the_cli_picks_one_of_several_series(tmp_path):
     folder = copy_series(EXAMPLE, tmp_path / "s")
     for n, path in enumerate(by_position(folder)):
@@ -533,9 +546,10 @@ def test_convert_folder_strict_and_names(series_folder, tmp_path):
 
 
 def test_a_study_folder_of_several_series_gives_one_reconstruction_each(tmp_path):
-    """A study exported whole (two CT series and a scout in one folder) was rejected for holding two series: each
-    series that could be the volume becomes a reconstruction of the scan (_a_1, _a_2 in SeriesNumber order, as
-    CT-RATE names them), read exactly as --series-uid reads it; a bad series is a reject of its own, named by UID."""
+    """A study exported whole (two CT series, a scout and a reformat in one folder) was rejected for holding two
+    series: each series that could be the volume becomes a reconstruction of the scan (_a_1, _a_2 in SeriesNumber
+    order, as CT-RATE names them), read exactly as --series-uid reads it; the scout and the reformat are skipped; a
+    bad series is a reject of its own, named by UID, and a series exported twice into one folder counts once."""
     root = tmp_path / "in"
     copy_series(EXAMPLE, root / "a_single")
     study = copy_series(EXAMPLE, root / "b_study")
@@ -546,6 +560,17 @@ def test_a_study_folder_of_several_series_gives_one_reconstruction_each(tmp_path
     shutil.copy(files[0], study / "scout.dcm")
     edit(study / "scout.dcm", SeriesInstanceUID="1.2.3.7", SeriesNumber=1,
          ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    for k in range(3):  # a multiplanar reformat of the scan: a second view of it, skipped
+        shutil.copy(files[k], study / f"mpr{k}.dcm")
+        edit(study / f"mpr{k}.dcm", SeriesInstanceUID="1.2.3.8", SeriesNumber=9,
+             ImageType=["DERIVED", "SECONDARY", "MPR"])
+    twice = copy_series(EXAMPLE, root / "d_twice")  # one series exported twice into one folder: a copy
+    for path in by_position(twice)[:5]:  # (another scan than a_single's: its last 15 slices)
+        path.unlink()
+    for path in by_position(twice):
+        shutil.copy(path, twice / f"again_{path.name}")
+        edit(twice / f"again_{path.name}", SeriesInstanceUID="1.2.3.6", SeriesNumber=2)
+        edit(path, SeriesInstanceUID="1.2.3.5", SeriesNumber=1)
     bad = copy_series(EXAMPLE, root / "c_study")
     for n, path in enumerate(by_position(bad)):
         edit(path, SeriesInstanceUID="1.2.3.3" if n < 10 else "1.2.3.4", SeriesNumber=2 if n < 10 else 4)
@@ -553,9 +578,12 @@ def test_a_study_folder_of_several_series_gives_one_reconstruction_each(tmp_path
     out = tmp_path / "out"
     metadata, rejects = convert_folder(root, out, workers=2)  # a worker converts a folder's series, in order
     assert list(metadata["VolumeName"]) == ["train_1_a_1.nii.gz", "train_2_a_1.nii.gz", "train_2_a_2.nii.gz",
-                                            "train_3_a_2.nii.gz"]
-    assert list(rejects["VolumeName"]) == ["train_3_a_1.nii.gz"]
+                                            "train_3_a_2.nii.gz", "train_4_a_1.nii.gz"]
+    assert list(rejects["VolumeName"]) == ["train_3_a_1.nii.gz", "train_4_a_2.nii.gz"]
     assert re.match(r"series 1\.2\.3\.3: .*missing slice", rejects.loc[0, "reason"]), rejects.loc[0, "reason"]
+    assert rejects.loc[1, "reason"] == ("series 1.2.3.6: the same voxels and geometry as train_4_a_1.nii.gz of this "
+                                        "folder: a copy of that series would count the scan twice")
+    assert rejects.attrs["uids"]["train_3_a_1.nii.gz"][0] == "1.2.3.3"  # sources.csv names a rejected one's UID
     whole = read_series(EXAMPLE).data
     for name, expected in (("train_2_a_1", whole[..., 12:]), ("train_2_a_2", whole[..., :12]),
                            ("train_3_a_2", whole[..., 10:])):
@@ -566,8 +594,9 @@ def test_a_study_folder_of_several_series_gives_one_reconstruction_each(tmp_path
     # a name format without {recon} cannot name two: the folder is rejected, its series named, as before
     metadata, rejects = convert_folder(root, tmp_path / "one", name_format="{split}_{index}_a_1.nii.gz")
     assert list(metadata["VolumeName"]) == ["train_1_a_1.nii.gz"]
-    assert list(rejects["VolumeName"]) == ["train_2_a_1.nii.gz", "train_3_a_1.nii.gz"]
-    assert re.search(r"3 series: 1\.2\.3\.1 \(CT, 12 files\); 1\.2\.3\.2 \(CT, 8 files\); 1\.2\.3\.7 .*localizer",
+    assert list(rejects["VolumeName"]) == ["train_2_a_1.nii.gz", "train_3_a_1.nii.gz", "train_4_a_1.nii.gz"]
+    assert re.search(r"4 series: 1\.2\.3\.1 \(CT, 12 files\); 1\.2\.3\.2 \(CT, 8 files\); 1\.2\.3\.7 .*localizer"
+                     r".*1\.2\.3\.8 \(CT, 3 files, a reformat \(ImageType MPR\)\).*has no \{recon\} field",
                      rejects.loc[0, "reason"]), rejects.loc[0, "reason"]
 
 

@@ -272,6 +272,8 @@ def test_local_weights_are_inputs_file_by_file(tmp_path, monkeypatch):
     (["--until", "prep"], True), (["-U", "prep"], True), (["--until=prep"], True), (["--unt", "prep"], True),
     (["--omit-from", "shards"], True), (["-Oshards"], True), (["--omit-fr", "shards"], True),
     (["--omit-flags", "x"], False), (["--unlock"], False), (["-n", "--cores", "2"], False), ([], False),
+    (["-nU", "prep"], True), (["-pUprep"], True), (["-nO", "x"], True), (["--config", "a=-U"], False),
+    (["-n", "results/U.parquet"], False),
 ])
 def test_until_and_omit_from_are_found_on_the_command_line(argv, filtered):
     """The cohort is a plain rule under --until/--omit-from (Snakemake loses a checkpoint's chunk jobs there): the

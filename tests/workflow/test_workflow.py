@@ -11,6 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -337,10 +339,26 @@ def test_a_cohort_rerun_prepares_again_only_the_chunks_whose_rows_changed(tmp_pa
     prepared = pd.read_parquet(work / f"results/prep/{gone['chunk']:03d}.parquet")
     assert gone["VolumeName"] not in set(prepared["VolumeName"])
     assert planned_rules(work, None, *targets) == {}
-    (work / prep[0]).unlink()
-    assert planned_rules(work, None, "--until", "prep") == {"prep": 1}
+    # a volume replaced at the same path (a corrected download: other voxels, other size) under --until: the
+    # cohort reruns and, a plain rule there, every chunk is prepared again, each recording its rows as they are now
+    chunk = f"{1 - gone['chunk']:03d}"  # the other chunk; one of its volumes that prepared (not a demo fault)
+    other = cohort.set_index("VolumeName").loc[pd.read_parquet(work / f"results/prep/{chunk}.parquet")["VolumeName"][0]]
+    image = nib.load(other["path"])
+    data = np.asanyarray(image.dataobj).copy()
+    data[: data.shape[0] // 2] = -1000
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), other["path"])
+    before = stamps()
     snakemake(work, "--until", "prep")
-    assert (work / prep[0]).is_file()
+    assert all(stamps()[c] != before[c] for c in before)
+    assert planned_rules(work, None, *targets) == {}
+    before = stamps()
+    image = nib.load(other["path"])  # the same without --until: its chunk alone (the size is the cohort's column)
+    data = np.asanyarray(image.dataobj).copy()
+    data[data.shape[0] // 2:] = 0
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), other["path"])
+    snakemake(work, *prep)
+    after = stamps()
+    assert {c for c in after if after[c] != before[c]} == {chunk}
 
 
 def test_a_real_copy_reruns_its_cohort_for_new_volumes_not_for_other_files(tmp_path):

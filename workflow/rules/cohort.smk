@@ -23,9 +23,8 @@ if DEMO:
 # The cohort is a checkpoint: after it has run, each prep chunk weighs the digest of its own rows (get_prep_rows), so
 # a cohort rerun (volumes downloaded, a table corrected) prepares again only the chunks whose rows changed. Under
 # --until or --omit-from it is a plain rule (a cohort rerun then prepares every chunk again): there Snakemake 9 loses
-# the chunk jobs that follow a checkpoint and answers "Nothing to be done" (snakemake/snakemake#2824). Prep jobs
-# there record their rows' digest as the cohort was before it reran: the next run without those options prepares
-# the changed chunks once more.
+# the chunk jobs that follow a checkpoint and answers "Nothing to be done" (snakemake/snakemake#2824), and prep
+# takes the cohort by its date (workflow/rules/prep.smk).
 COHORT = dict(
     input=dict(root=get_dataset_root, tables=get_dataset_tables),
     output=dict(

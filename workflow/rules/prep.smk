@@ -1,6 +1,11 @@
 rule prep:
     input:
-        cohort=ancient(rules.cohort.output.table),  # its rows decide (params.rows), not its date
+        # its rows decide (params.rows), not its date; under --until/--omit-from its date (cohort.smk says why)
+        cohort=(
+            rules.cohort.output.table
+            if DAG_FILTERED
+            else ancient(rules.cohort.output.table)
+        ),
     output:
         volumes=directory(f"{R}/prep/{{chunk}}"),
         table=f"{R}/prep/{{chunk}}.parquet",
