@@ -265,20 +265,21 @@ def test_convert_folder_rejects_broken_series_and_goes_on(tmp_path):
     raw = write_series(root / "b_no_preamble", seed=5)
     for path in (root / "b_no_preamble").iterdir():
         _strip_preamble(path)
-    write_series(root / "c_two_series", series_uid="1.1")
-    write_series(root / "c_two_series", series_uid="1.2", names=[f"B{k}.dcm" for k in range(6)])
+    write_series(root / "c_two_series", series_uid="1.1", seed=7)
+    write_series(root / "c_two_series", series_uid="1.2", names=[f"B{k}.dcm" for k in range(6)], seed=7)
     write_series(root / "d_bad_header")
     path = root / "d_bad_header" / "IM0002.dcm"
     path.write_bytes(path.read_bytes()[:-20])  # cut inside the pixel data
     (root / "e_text_only").mkdir()
     (root / "e_text_only" / "readme.txt").write_text("no images")
     metadata, rejects = convert_folder(root, tmp_path / "out")
-    assert list(metadata["VolumeName"]) == ["train_1_a_1.nii.gz", "train_2_a_1.nii.gz"]
+    # two series in one folder: a reconstruction each, here the same pixels and geometry, so the second is a copy
+    assert list(metadata["VolumeName"]) == ["train_1_a_1.nii.gz", "train_2_a_1.nii.gz", "train_3_a_1.nii.gz"]
     for name, pixels in (("train_1_a_1.nii.gz", good), ("train_2_a_1.nii.gz", raw)):
         np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "out" / name).dataobj), expected_hu(pixels))
     reasons = dict(zip(rejects["VolumeName"], rejects["reason"]))
-    assert sorted(reasons) == ["train_3_a_1.nii.gz", "train_4_a_1.nii.gz", "train_5_a_1.nii.gz"]
-    assert "2 series" in reasons["train_3_a_1.nii.gz"]
+    assert sorted(reasons) == ["train_3_a_2.nii.gz", "train_4_a_1.nii.gz", "train_5_a_1.nii.gz"]
+    assert reasons["train_3_a_2.nii.gz"].startswith("series 1.2: the same voxels and geometry as train_3_a_1.nii.gz")
     assert "cannot decode pixel data of IM0002.dcm" in reasons["train_4_a_1.nii.gz"]
     assert "no DICOM files" in reasons["train_5_a_1.nii.gz"]
     assert all("\n" not in r for r in reasons.values())
