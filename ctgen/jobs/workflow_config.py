@@ -9,6 +9,7 @@ order (a YAML tool that sorts keys, a hand edit) rerun nothing.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,20 +101,19 @@ def check_splits(config: dict) -> None:
             raise ValueError(f"{key} reads {missing}, which dataset.splits {taken} leaves out")
 
 
-def dag_filtered(argv: list[str]) -> bool:
+def dag_filtered(argv: list[str], parser: Callable[[], Any]) -> bool:
     """Whether a snakemake command line holds ``--until`` or ``--omit-from`` (``-U``/``-O``, ``=``, argparse's
     abbreviations, short options run together as in ``-nU``). The cohort is a plain rule then, not a checkpoint
     (workflow/rules/cohort.smk says why); the command line is read because Snakemake sets its DAG settings only
-    after it has read the Snakefile. Snakemake's own parser decides (its argparse knows which options take a
-    value); it is built (~0.5 s) only where an argument could be one of the two."""
+    after it has read the Snakefile. Snakemake's own argument parser decides (``parser()``, from the workflow:
+    this package imports no Snakemake; it knows which options take a value); it is built (~0.5 s) only where an
+    argument could be one of the two."""
     maybe = [a for a in argv if a.startswith("-") and ((not a.startswith("--") and ("U" in a or "O" in a))
                                                        or a.startswith(("--u", "--o")))]
     if not maybe:
         return False
-    from snakemake.cli import get_argument_parser
-
     try:
-        parsed, _ = get_argument_parser().parse_known_args(argv)
+        parsed, _ = parser().parse_known_args(argv)
     except SystemExit:  # a command line snakemake itself refuses: it says so when it parses it
         return False
     return bool(getattr(parsed, "until", None) or getattr(parsed, "omit_from", None))

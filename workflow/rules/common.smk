@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
+from snakemake.cli import get_argument_parser
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -171,7 +172,7 @@ check_settings()
 PRESET = config["presets"][config["prep"]["preset"]]
 DEMO = config.get("demo", {}).get("enabled", False)
 # --until or --omit-from: the cohort is a plain rule then (workflow/rules/cohort.smk says why)
-DAG_FILTERED = dag_filtered(sys.argv[1:])
+DAG_FILTERED = dag_filtered(sys.argv[1:], get_argument_parser)
 DICOM = bool(config.get("dicom", {}).get("series_dir"))
 EVAL_JSONL = config["reports"]["eval_jsonl"]
 LABELLER_EVAL = bool(EVAL_JSONL and Path(EVAL_JSONL).is_file())
