@@ -143,9 +143,9 @@ def cohort(root: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> Pa
         for v in range(n):
             hu = rng.integers(WINDOW[0], WINDOW[1], size=shape, dtype=np.int16)
             labels = (rng.random(18) < 0.3).astype(np.float64)
+            prompt, prompts = _volume_prompts(v)
             yield {"key": f"train_{v}_a_1", "volume": Volume.from_3d(hu, affine, source=f"train_{v}"),
-                   "prompt": f"{40 + v % 30} years old male: finding {v % 5}.",
-                   "prompts": {"generatect": f"finding {v % 5}"}, "meta": {}, "labels": labels}
+                   "prompt": prompt, "prompts": prompts, "meta": {}, "labels": labels}
 
     write_shards(samples(), root / "c0", prefix="train-c000", shard_size=SHARD_SIZE, split="train")
     manifest = root / "manifest.json"
@@ -153,13 +153,22 @@ def cohort(root: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> Pa
     return manifest
 
 
+def _volume_prompts(v: int) -> tuple[str, dict[str, str]]:
+    """The prompt and prompts ``cohort`` writes for volume v."""
+    return _prompts(v)[0], {"generatect": f"finding {v % 5}"}
+
+
 def cohort_tokenizer(root: Path, n: int) -> Path:
     """The small text encoder's tokenizer fitted on the prompts ``cohort`` writes for its n volumes."""
+    return fit_tokenizer(root, {t for v in range(n) for t in (_volume_prompts(v)[0], *_volume_prompts(v)[1].values())})
+
+
+def fit_tokenizer(root: Path, texts) -> Path:
+    """The small text encoder's tokenizer (a vocabulary of 120) fitted on ``texts``: ``root/text.json``."""
     from ctgen.models.text_encoders import fit_text_tokenizer
 
-    texts = sorted({t for v in range(n) for t in (f"{40 + v % 30} years old male: finding {v % 5}.", f"finding {v % 5}")})
     tokenizer = root / "text.json"
-    fit_text_tokenizer(texts, 120, tokenizer)
+    fit_text_tokenizer(sorted(texts), 120, tokenizer)
     return tokenizer
 
 
@@ -181,7 +190,6 @@ def derived_cohort(root: Path, n: int, model: str, seed: int = 0) -> tuple[Path,
 
     from ctgen.jobs import latents, tokens
     from ctgen.models.autoencoder import LatentStats
-    from ctgen.models.text_encoders import fit_text_tokenizer
 
     rng = np.random.default_rng(seed)
     affine = np.diag([*SPACING, 1.0])
@@ -226,9 +234,8 @@ def derived_cohort(root: Path, n: int, model: str, seed: int = 0) -> tuple[Path,
     else:
         manifest = write_derived(source, samples(), root / "latents", "latents", "bench@random", latents.MEMBERS,
                                  stats=stats.sums)
-    texts = sorted({t for v in range(n) for t in (_prompts(v)[0], *_prompts(v)[1].values(), *_prompts(v)[2].values())})
-    tokenizer = root / "text.json"
-    fit_text_tokenizer(texts, 120, tokenizer)
+    tokenizer = fit_tokenizer(root, {t for v in range(n) for t in (_prompts(v)[0], *_prompts(v)[1].values(),
+                                                                       *_prompts(v)[2].values())})
     return manifest, tokenizer, grid
 
 

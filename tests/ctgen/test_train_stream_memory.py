@@ -33,15 +33,16 @@ def test_a_training_job_reading_every_volume_does_not_grow_with_the_cohort(tmp_p
     assert "target <= 12 MiB" in out and "within the targets" in out
 
 
-#: prepended to the benchmark's child: the latent flow model's decode keeps every sample it decodes (mu and sigma
-#: as float32, 64 KiB a latent of the demo grid), as a per-sample cache or leak in its data path would
-HOLD_LATENTS = """\
+def holding(decode: str) -> str:
+    """Code prepended to the benchmark's child: ``ctgen.data.batches.<decode>`` keeps every sample it decodes (as
+    float32, as the models read them), as a per-sample cache or leak in the data path would."""
+    return f"""\
 from ctgen.data import batches as _batches
-_latent_decode, _held = _batches.latent_decode, []
+_decode, _held = _batches.{decode}, []
 
 
-def _holding(prompt=None):
-    decode = _latent_decode(prompt)
+def _holding(*args, **kwargs):
+    decode = _decode(*args, **kwargs)
 
     def held(raw):
         _held.append(decode(raw))
@@ -50,8 +51,12 @@ def _holding(prompt=None):
     return held
 
 
-_batches.latent_decode = _holding
+_batches.{decode} = _holding
 """
+
+
+#: the latent flow model's decode holding mu and sigma (64 KiB a latent of the demo grid)
+HOLD_LATENTS = holding("latent_decode")
 
 
 def test_the_benchmark_sees_the_latent_flow_model_holding_its_latents(tmp_path, capsys, monkeypatch):
@@ -78,25 +83,8 @@ def test_the_super_resolution_model_and_clip_reading_every_volume_do_not_grow(mo
     assert "target <= 3 MiB" in out and "within the targets" in out
 
 
-#: prepended to the benchmark's child: the volume decode keeps every volume it decodes (float32, as the models read
-#: them: 512 KiB a volume of the demo grid), as a per-volume cache or leak in the data path would
-HOLD_VOLUMES = """\
-from ctgen.data import batches as _batches
-_volume_decode, _held = _batches.volume_decode, []
-
-
-def _holding(*args, **kwargs):
-    decode = _volume_decode(*args, **kwargs)
-
-    def held(raw):
-        _held.append(decode(raw))
-        return _held[-1]
-
-    return held
-
-
-_batches.volume_decode = _holding
-"""
+#: the volume decode holding every volume (512 KiB a volume of the demo grid)
+HOLD_VOLUMES = holding("volume_decode")
 
 
 def test_the_benchmark_sees_clip_holding_its_volumes(tmp_path, capsys, monkeypatch):

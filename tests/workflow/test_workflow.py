@@ -300,11 +300,9 @@ def test_the_cascade_is_trained_with_provenance(demo_run):
     assert list((demo_run / "checkpoints").glob("*/*/last.pt"))  # resumable state beside, not inside, the outputs
 
 
-def test_a_cohort_rerun_prepares_again_only_the_chunks_whose_rows_changed(tmp_path):
-    """The cohort is a checkpoint and each prep chunk's param is the digest of the rows it reads: a corrected report
-    reruns the cohort and prepares nothing; a volume removed from the copy prepares its own chunk alone (before,
-    any cohort rerun prepared every chunk again: hours of CPU at CT-RATE's size). Under --until the cohort is a
-    plain rule (Snakemake loses a checkpoint's chunk jobs there): every chunk again, but never nothing."""
+def real_copy(tmp_path):
+    """A working folder on a real CT-RATE-layout copy (the demo cohort written by ``ctprep demo``, no demo rule):
+    (work folder, dataset root, its config)."""
     work = make_workdir(tmp_path / "work", {"demo": {"enabled": False}})
     root = tmp_path / "dataset"
     subprocess.run([sys.executable, "-m", "ctprep.cli", "demo", str(root), "--config", str(work / "config.yaml")],
@@ -312,6 +310,25 @@ def test_a_cohort_rerun_prepares_again_only_the_chunks_whose_rows_changed(tmp_pa
     cfg = yaml.safe_load((work / "config.yaml").read_text())
     cfg["dataset"]["root"] = str(root)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return work, root, cfg
+
+
+def rewrite(path, first_half: bool, value: int) -> None:
+    """A volume replaced at the same path: the first (or second) half of its first axis set to ``value`` (other
+    voxels, another file size)."""
+    image = nib.load(path)
+    data = np.asanyarray(image.dataobj).copy()
+    middle = data.shape[0] // 2
+    data[slice(None, middle) if first_half else slice(middle, None)] = value
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
+
+
+def test_a_cohort_rerun_prepares_again_only_the_chunks_whose_rows_changed(tmp_path):
+    """The cohort is a checkpoint and each prep chunk's param is the digest of the rows it reads: a corrected report
+    reruns the cohort and prepares nothing; a volume removed from the copy prepares its own chunk alone (before,
+    any cohort rerun prepared every chunk again: hours of CPU at CT-RATE's size). Under --until the cohort is a
+    plain rule (Snakemake loses a checkpoint's chunk jobs there): every chunk again, but never nothing."""
+    work, root, cfg = real_copy(tmp_path)
     prep = [f"results/prep/{c:03d}.parquet" for c in range(cfg["prep"]["n_chunks"])]
     targets = ("-n", *prep)  # for planned_rules: -n ends its --quiet list
     snakemake(work, *prep)
@@ -343,19 +360,13 @@ def test_a_cohort_rerun_prepares_again_only_the_chunks_whose_rows_changed(tmp_pa
     # cohort reruns and, a plain rule there, every chunk is prepared again, each recording its rows as they are now
     chunk = f"{1 - gone['chunk']:03d}"  # the other chunk; one of its volumes that prepared (not a demo fault)
     other = cohort.set_index("VolumeName").loc[pd.read_parquet(work / f"results/prep/{chunk}.parquet")["VolumeName"][0]]
-    image = nib.load(other["path"])
-    data = np.asanyarray(image.dataobj).copy()
-    data[: data.shape[0] // 2] = -1000
-    nib.save(nib.Nifti1Image(data, image.affine, image.header), other["path"])
+    rewrite(other["path"], True, -1000)
     before = stamps()
     snakemake(work, "--until", "prep")
     assert all(stamps()[c] != before[c] for c in before)
     assert planned_rules(work, None, *targets) == {}
     before = stamps()
-    image = nib.load(other["path"])  # the same without --until: its chunk alone (the size is the cohort's column)
-    data = np.asanyarray(image.dataobj).copy()
-    data[data.shape[0] // 2:] = 0
-    nib.save(nib.Nifti1Image(data, image.affine, image.header), other["path"])
+    rewrite(other["path"], False, 0)  # the same without --until: its chunk alone (its size changed)
     snakemake(work, *prep)
     after = stamps()
     assert {c for c in after if after[c] != before[c]} == {chunk}
@@ -364,13 +375,7 @@ def test_a_cohort_rerun_prepares_again_only_the_chunks_whose_rows_changed(tmp_pa
 def test_a_real_copy_reruns_its_cohort_for_new_volumes_not_for_other_files(tmp_path):
     """A real CT-RATE copy (no demo rule): its folder's date is not compared, its tables and its volumes (by name and
     size) are. A note or a partial download at the folder's top reran the cohort and every prep chunk after it."""
-    work = make_workdir(tmp_path / "work", {"demo": {"enabled": False}})
-    root = tmp_path / "dataset"
-    subprocess.run([sys.executable, "-m", "ctprep.cli", "demo", str(root), "--config", str(work / "config.yaml")],
-                   check=True, capture_output=True)
-    cfg = yaml.safe_load((work / "config.yaml").read_text())
-    cfg["dataset"]["root"] = str(root)
-    (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    work, root, cfg = real_copy(tmp_path)
     until = ("--until", "cohort")
     snakemake(work, *until)
     assert planned_rules(work, None, *until) == {}
