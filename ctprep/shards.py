@@ -21,10 +21,14 @@ Why the care with files:
 - **Deterministic.** Fixed member mtime, owner and mode, sorted JSON keys, samples in input order,
   fixed codec blocks: the same samples give byte-identical tars and manifest, so checksums mean
   something. The codec has no checksum of its own; the manifest's sha256 per shard is the guard.
+- **What changed, by member.** Each shard's entry also records a sha256 per member kind over its
+  samples (``member_sha256``): shards written again with other prompts keep their volumes' digest,
+  so a training that reads the volumes alone is not rerun for them (:func:`content_digest`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -222,6 +226,7 @@ def _write_one_shard(path: Path, encoded: Iterable[dict[str, Any]], seen: set[st
     Samples are written as they arrive, so one volume is in memory at a time, not a shard's worth.
     """
     keys: list[str] = []
+    members: dict[str, Any] = {}  # member -> sha256 over the shard's samples (content_digest)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         # mkstemp makes 0600 files; shards are data for other users and jobs to read.
@@ -239,6 +244,9 @@ def _write_one_shard(path: Path, encoded: Iterable[dict[str, Any]], seen: set[st
                         raise ShardError(f"duplicate sample key {key}")
                     seen.add(key)
                     keys.append(key)
+                    for ext, data in sample.items():
+                        if ext != "__key__":
+                            _member_update(members.setdefault(ext, hashlib.sha256()), key, data)
                     writer.write(sample)
             fh.flush()
             os.fsync(fh.fileno())  # the rename must not land before the data does
@@ -252,7 +260,15 @@ def _write_one_shard(path: Path, encoded: Iterable[dict[str, Any]], seen: set[st
         "bytes": hashing.bytes,
         "sha256": hashing.sha256.hexdigest(),
         "keys": keys,
+        "member_sha256": {ext: h.hexdigest() for ext, h in sorted(members.items())},
     }
+
+
+def _member_update(h, key: str, data: bytes) -> None:
+    """One sample's member into its member hash: the key and the length delimit it (no two samples' bytes can
+    shift into each other)."""
+    h.update(f"{key}\0{len(data)}\0".encode())
+    h.update(data)
 
 
 def shard_format(volume_dtype: str | np.dtype = "int16") -> dict[str, Any]:
@@ -395,6 +411,36 @@ def merge_manifests(
         len(shards),
     )
     return merged
+
+
+def content_digest(manifest_paths: Iterable[str | os.PathLike], members: Iterable[str]) -> str:
+    """sha256 (16 hex) of what a reader of ``members`` gets from the manifests' shards: each shard's keys in order
+    and its ``member_sha256`` of those members, manifest by manifest. A training that reads the volumes alone (the
+    tokenizer, the autoencoder) sees the same data after the shards were written again with other prompts or
+    reports, and this digest says so where the shards' own checksums do not. Shard files, paths and other members
+    are not in it. A missing manifest digests to "" (nothing written yet); one whose shards do not record these
+    members (written before ``member_sha256``) to its file's sha256, so that anything in it counts.
+    """
+    members = tuple(sorted(members))
+    out = hashlib.sha256()
+    for path in manifest_paths:
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            return ""
+        out.update(_manifest_content(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size, members).encode())
+    return out.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=16)
+def _manifest_content(path: str, inode: int, mtime_ns: int, size: int, members: tuple[str, ...]) -> str:
+    """One manifest's part of :func:`content_digest`; inode, mtime and size key the cache (a rewritten manifest is a
+    new file: the workflow asks once per rule that reads it)."""
+    shards = load_manifest(path)["shards"]
+    if not all(m in s.get("member_sha256", {}) for s in shards for m in members):
+        return f"file:{sha256_file(path)}"
+    text = json.dumps([[s["keys"], [s["member_sha256"][m] for m in members]] for s in shards])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike) -> str:

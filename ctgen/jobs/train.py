@@ -27,6 +27,7 @@ from ctgen.data.shards import labels_of
 from ctgen.data.stream import load_shards, member_values
 from ctgen.data.text import TextConditioning
 from ctgen.jobs.config import config_hash, data_manifests, hu_window
+from ctprep.shards import VOLUME_MEMBER
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,11 @@ EVAL_MODELS = ("clip", "classifier", "slicenet")  # the evaluation's feature net
 TEXT_MODELS = ("report_encoder",)  # the small text encoder pretrained on the training reports' findings
 MODELS = CASCADE_MODELS + LATENT_MODELS + EVAL_MODELS + TEXT_MODELS
 CORE = {"generator": "ctgen.models.maskgit.MaskGIT", "superres": "ctgen.models.superres_unet.SuperResDiffusion"}
+#: The volume-shard members that the trainings reading no text decode and use (batches.volume_decode, then their
+#: collates): the workflow retrains these models when those members change (ctprep.shards.content_digest), not
+#: when the shards are written again with other prompts, reports or metadata
+SHARD_READS = {"tokenizer": (VOLUME_MEMBER,), "autoencoder": (VOLUME_MEMBER,),
+               "classifier": (VOLUME_MEMBER, "labels.npy"), "slicenet": (VOLUME_MEMBER, "labels.npy")}
 POS_WEIGHT_MAX = 20.0  # cap of the automatic BCE positive weight: a label seen once must not dominate the loss
 
 

@@ -11,8 +11,8 @@ import pytest
 import webdataset as wds
 
 from ctprep.codec import EncodedVolume, decode_volume, encode_volume
-from ctprep.shards import (FORMAT_VERSION, LABEL_UNKNOWN, MEMBERS, ShardError, load_manifest, merge_manifests,
-                           verify_manifest, volume_decoder, write_shards)
+from ctprep.shards import (FORMAT_VERSION, LABEL_UNKNOWN, MEMBERS, ShardError, content_digest, load_manifest,
+                           merge_manifests, verify_manifest, volume_decoder, write_shards)
 from ctprep.volume import Volume, load_nifti
 
 
@@ -447,3 +447,52 @@ def test_tree_digest_sees_past_a_broken_link_and_not_file_dates(tmp_path):
     replaced = digest()
     (d / "._train_1_a_1.nii.gz").write_bytes(b"\0" * 4096)  # a macOS companion file is no volume
     assert digest() == replaced
+
+
+def test_member_digests_tell_what_changed_and_content_digest_weighs_only_the_members_read(tmp_path):
+    """Each shard records a sha256 per member kind (recomputed here from the tar's members, by key and length);
+    shards written again with other prompts keep the volumes' digest, other labels change the labels' digest, and
+    another shard size (another sample order) every digest; the tar checksums change in every case."""
+    def written(name, samples, size=2):
+        write_shards(samples, tmp_path / name, "train", shard_size=size, split="train")
+        return tmp_path / name / "train.manifest.json"
+
+    base = written("base", make_samples(5))
+    manifest = load_manifest(base)
+    for shard in manifest["shards"]:
+        recomputed = {}
+        with tarfile.open(base.parent / shard["file"]) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                data = tar.extractfile(member).read()
+                recomputed.setdefault(ext, hashlib.sha256()).update(f"{key}\0{len(data)}\0".encode() + data)
+        assert shard["member_sha256"] == {ext: h.hexdigest() for ext, h in recomputed.items()}
+        assert set(shard["member_sha256"]) == set(MEMBERS)
+
+    prompts = [{**s, "prompt": s["prompt"] + " Corrected.", "prompts": {"findings": "other"}} for s in make_samples(5)]
+    labels = make_samples(5)
+    labels[3]["labels"] = 1 - labels[3]["labels"]
+    reprompted, relabelled, resized = written("prompts", prompts), written("labels", labels), written("size", make_samples(5), 3)
+    vol, both = ("vol.b2nd",), ("vol.b2nd", "labels.npy")
+    digest = {p: (content_digest([p], vol), content_digest([p], both)) for p in (base, reprompted, relabelled, resized)}
+    assert digest[reprompted] == digest[base]
+    assert digest[relabelled][0] == digest[base][0] and digest[relabelled][1] != digest[base][1]
+    assert digest[resized][0] != digest[base][0] and digest[resized][1] != digest[base][1]
+    assert len({json.dumps(load_manifest(p)["shards"][1]["sha256"]) for p in (base, reprompted, relabelled)}) == 3
+    # the shards' files and paths are not in it (a moved results folder retrains nothing); manifest order is
+    moved = tmp_path / "moved"
+    (base.parent).rename(moved)
+    assert content_digest([moved / "train.manifest.json"], vol) == digest[base][0]
+    assert content_digest([moved / "train.manifest.json", resized], vol) != content_digest(
+        [resized, moved / "train.manifest.json"], vol)
+    # nothing written yet: ""; a manifest from before member digests: its file's sha256, so anything counts
+    assert content_digest([tmp_path / "none.json", relabelled], vol) == ""
+    old = json.loads(relabelled.read_text())
+    for shard in old["shards"]:
+        del shard["member_sha256"]
+    legacy = tmp_path / "legacy.json"
+    legacy.write_text(json.dumps(old))
+    first = content_digest([legacy], vol)
+    old["shards"][0]["sha256"] = "0" * 64
+    legacy.write_text(json.dumps(old) + " ")  # another size: no stale cached answer
+    assert first not in ("", content_digest([legacy], vol))

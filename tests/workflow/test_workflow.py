@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.workflow.wf import REPO, SNAKEMAKE, make_workdir, planned_rules, snakemake
+from tests.workflow.wf import REPO, SNAKEMAKE, make_workdir, merge, planned_rules, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -150,12 +150,18 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
               "train_classifier", "train_slicenet"} | sampling | latent
     prompts = {"prompts", "shards", "shard_manifest", "rejects", "text_tokenizer", "sample_prompts",
                "tstr_prompts"} | models
-    assert plan["prompt"] == prompts
-    assert plan["structured"] == prompts
+    # the trainings that read the volumes and labels alone weigh what they read of the shards, which a prompt leaves
+    # as it was: not retrained (the models trained on text, and the tokens and latents that carry it, are)
+    volumes_only = {"train_tokenizer", "train_autoencoder", "train_classifier", "train_slicenet"}
+    assert plan["prompt"] == prompts - volumes_only
+    assert plan["structured"] == prompts - volumes_only
     # a preprocessing setting: preprocessing and everything after it, not the cohort or the reports;
     # the HU window also reaches every training config (the models map it to [-1, 1])
     assert plan["preset"] == {"prep", "shards", "shard_manifest", "rejects", "train_config", "slicenet_config"} | models
-    assert plan["shard"] == {"shards", "shard_manifest"} | models
+    # another shard size lays the samples out in another order: the trainings that weigh the shards' contents retrain
+    # too, once the manifests (a checkpoint) have been written; a dry run does not weigh what follows a checkpoint
+    # that reruns (test_a_prompt_edit_retrains_the_models_trained_on_text_alone runs it)
+    assert plan["shard"] == {"shards", "shard_manifest"} | models - volumes_only
     # a model's own settings: that model and what is built from it, nothing upstream
     assert plan["tok"] == \
         {"train_config", "train_tokenizer", "encode_tokens", "tokens_manifest", "train_generator"} | sampling
@@ -196,6 +202,42 @@ def test_rerun_after_config_edits_touches_exactly_the_affected_rules(demo_run, t
     # super-resolution's low-res inputs: the tokenizer's reconstructions (a shard set of their own), super-resolution
     # and what samples from it; not the generator (its token shards stay) nor the latent flow family
     assert plan["cascade_only_key"] == {"encode_recon", "recon_manifest", "train_superres"} | sampling
+
+
+def test_a_prompt_edit_retrains_the_models_trained_on_text_alone(demo_run, tmp_path):
+    """Shards written again with other prompts retrain CLIP (trained on text), not the tokenizer, the autoencoder, the
+    classifier or SliceNet: each weighs the digest of what it reads of the shards (the volumes, the labels;
+    ctprep.shards.content_digest), read again once the manifests (a checkpoint) are written. Before, a template edit
+    retrained every model (at CT-RATE's size, the tokenizer and the autoencoder are GPU-days). Another shard size
+    (another sample order) retrains them all."""
+    work = tmp_path / "work"
+    shutil.copytree(demo_run, work, symlinks=True)
+    models = ("tokenizer", "autoencoder", "classifier", "slicenet", "clip")
+    targets = [f"results/models/{m}/model.safetensors" for m in models]
+
+    def stamps():
+        return {m: (work / f"results/models/{m}/model.safetensors").stat().st_mtime_ns for m in models}
+
+    def edit(change):
+        cfg = merge(yaml.safe_load((work / "config.yaml").read_text()), change)
+        (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    before = stamps()
+    manifest = work / "results/shards/train/manifest.json"
+    shards = json.loads(manifest.read_text())["shards"]
+    edit({"prompts": {"templates": {"generatect": "{sex}, {age} years: {impression}"}}})
+    snakemake(work, *targets)
+    after = json.loads(manifest.read_text())["shards"]
+    assert [s["sha256"] for s in after] != [s["sha256"] for s in shards]  # the shards were written again
+    assert [s["member_sha256"]["vol.b2nd"] for s in after] == [s["member_sha256"]["vol.b2nd"] for s in shards]
+    now = stamps()
+    assert {m for m in models if now[m] != before[m]} == {"clip"}
+    assert planned_rules(work, None, "-n", *targets) == {}
+    edit({"shards": {"shard_size": 3}})
+    snakemake(work, *targets)
+    later = stamps()
+    assert all(later[m] != now[m] for m in models)
+    assert planned_rules(work, None, "-n", *targets) == {}
 
 
 def test_weights_replaced_at_the_same_path_rerun_what_loads_them(demo_run, tmp_path):

@@ -24,12 +24,13 @@ from ctgen.jobs.workflow_config import (
     local_files,
     number_hint,
 )
+from ctgen.jobs.train import SHARD_READS
 from ctgen.training.loop import RUN_ONLY
 from ctprep.cohort import chunk_digest
 from ctprep.ctrate import dataset_tables, volumes_digest
 from ctprep.intensity import check_window
 from ctprep.prompts import template_fields
-from ctprep.shards import tree_digest
+from ctprep.shards import content_digest, tree_digest
 
 # a config error is one line naming the key (Snakemake's own message dumps the whole subschema)
 try:
@@ -393,6 +394,23 @@ LATENT = "latent_flow" in GENERATORS
 def get_train_manifests(wildcards):
     """The shard manifests of the splits the models train on."""
     return expand(rules.shard_manifest.output.manifest, split=MODELS["train_splits"])
+
+
+def weighed(manifests):
+    """The training shard manifests of a model that weighs their contents (shard_content): ancient, so that shards
+    written again with other prompts or reports do not retrain it; by date under --until/--omit-from, where the
+    manifest is no checkpoint (shards.smk)."""
+    return manifests if DAG_FILTERED else ancient(manifests)
+
+
+def shard_content(model):
+    """What `model`'s training reads of its shards (ctgen.jobs.train.SHARD_READS: the volumes, and the labels where it
+    learns them), as a digest, and the shard size that lays them out (its sample order); read again when a manifest
+    checkpoint has run ("" before a first manifest)."""
+    return lambda wildcards: {
+        "shards": content_digest(get_train_manifests(wildcards), SHARD_READS[model]),
+        "shard_size": config["shards"]["shard_size"],
+    }
 
 
 def get_text(wildcards):

@@ -23,7 +23,7 @@ rule slicenet_config:
 rule train_slicenet:
     input:
         config=rules.slicenet_config.output.config,
-        manifests=get_train_manifests,
+        manifests=weighed(get_train_manifests),
     output:
         weights=f"{R}/models/slicenet/model.safetensors",
         config=f"{R}/models/slicenet/config.json",
@@ -40,6 +40,7 @@ rule train_slicenet:
         gpu=job_gpus(SLICENET_RES),
         nodes=SLICENET_RES.get("nodes", 1),
     params:
+        shards=shard_content("slicenet"),
         run=run_settings("slicenet"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/slicenet"),

@@ -1,7 +1,7 @@
 rule train_autoencoder:
     input:
         config=expand(rules.train_config.output.config, model="autoencoder"),
-        manifests=get_train_manifests,
+        manifests=weighed(get_train_manifests),
         pretrained=get_maisi_checkpoint,
     output:
         weights=f"{R}/models/autoencoder/model.safetensors",
@@ -19,6 +19,7 @@ rule train_autoencoder:
         gpu=job_gpus(RES["autoencoder"]),
         nodes=RES["autoencoder"]["nodes"],
     params:
+        shards=shard_content("autoencoder"),
         run=run_settings("autoencoder"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/autoencoder"),

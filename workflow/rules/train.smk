@@ -110,7 +110,7 @@ rule train_report_encoder:
 rule train_tokenizer:
     input:
         config=expand(rules.train_config.output.config, model="tokenizer"),
-        manifests=get_train_manifests,
+        manifests=weighed(get_train_manifests),
     output:
         weights=f"{R}/models/tokenizer/model.safetensors",
         config=f"{R}/models/tokenizer/config.json",
@@ -128,6 +128,7 @@ rule train_tokenizer:
         gpu=job_gpus(RES["tokenizer"]),
         nodes=RES["tokenizer"]["nodes"],
     params:
+        shards=shard_content("tokenizer"),
         run=run_settings("tokenizer"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/tokenizer"),
@@ -352,7 +353,7 @@ rule train_clip:
 rule train_classifier:
     input:
         config=expand(rules.train_config.output.config, model="classifier"),
-        manifests=get_train_manifests,
+        manifests=weighed(get_train_manifests),
     output:
         weights=f"{R}/models/classifier/model.safetensors",
         config=f"{R}/models/classifier/config.json",
@@ -369,6 +370,7 @@ rule train_classifier:
         gpu=job_gpus(RES["classifier"]),
         nodes=RES["classifier"]["nodes"],
     params:
+        shards=shard_content("classifier"),
         run=run_settings("classifier"),
         out=lambda wc, output: os.path.dirname(output.weights),
         ckpt=untracked(lambda wc: f"{CHECKPOINTS}/classifier"),
