@@ -31,6 +31,8 @@ neighbouring slices always differ by noise).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import logging
 import multiprocessing as mp
@@ -100,7 +102,8 @@ class SeriesError(VolumeError):
 
 class SeveralSeries(SeriesError):
     """A folder holding more than one series that could be the CT volume; ``uids``: those series in their
-    SeriesNumber order (then by UID), set after construction so that the error pickles as a SeriesError does."""
+    reconstruction order (:func:`_series_order`), set after construction so that the error pickles as a
+    SeriesError does."""
 
     uids: list[str] = []
 
@@ -192,8 +195,38 @@ def _parse_header(ds: Dataset, name: str, keywords: Sequence[str] = _PER_FILE_TA
         raise SeriesError(f"unreadable DICOM file {name}: {' '.join(str(err).split())}") from err
 
 
+#: {folder: its scan} while a study folder's series are converted (:func:`_scans_kept`), else None
+_KEPT_SCANS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ctprep_dicom_kept_scans", default=None)
+
+
+@contextlib.contextmanager
+def _scans_kept():
+    """Within it each folder's headers are read once: a study folder of k series was scanned k + 1 times (once to
+    find its series, then once for each), every file's header each time, and its skipped files warned of as often.
+    Headers are read without pixels and converted idempotently, so a kept scan reads as a fresh one."""
+    token = _KEPT_SCANS.set({})
+    try:
+        yield
+    finally:
+        _KEPT_SCANS.reset(token)
+
+
 def _scan(series_dir: Path) -> list[tuple[str, Path, Dataset]]:
     """Headers of every DICOM file directly in ``series_dir`` (other files are skipped)."""
+    kept = _KEPT_SCANS.get()
+    if kept is None:
+        return _read_headers(series_dir)
+    if series_dir not in kept:
+        try:
+            kept[series_dir] = _read_headers(series_dir)
+        except SeriesError as err:
+            kept[series_dir] = err
+    if isinstance(kept[series_dir], SeriesError):
+        raise kept[series_dir]
+    return list(kept[series_dir])
+
+
+def _read_headers(series_dir: Path) -> list[tuple[str, Path, Dataset]]:
     if not series_dir.is_dir():
         raise SeriesError(f"not a folder: {series_dir}")
     found = []
@@ -246,18 +279,23 @@ def _select(items: list, series_uid: str | None) -> list:
         if not volumes:
             raise SeriesError(message)
         several = SeveralSeries(message)
-        several.uids = sorted(volumes, key=lambda uid: (_series_number(groups[uid]), uid))
+        several.uids = sorted(volumes, key=lambda uid: _series_order(uid, groups[uid]))
         raise several
     return next(iter(groups.values()))
 
 
-def _series_number(items: list) -> float:
-    """A series' SeriesNumber (its first file's; inf where absent or not a number): the order in which a folder's
-    series become reconstructions 1, 2, ... (scanners number a study's series in the order they made them)."""
+def _series_order(uid: str, items: list) -> tuple:
+    """The order in which a folder's series become reconstructions 1, 2, ...: SeriesNumber (scanners number a
+    study's series in the order they made them; absent or not a number: last), then the series' date and time
+    (where an export renumbered them alike), then the UID by its numeric components ("1.2.10" after "1.2.9", which
+    text order has the other way round)."""
+    ds = items[0][2]
     try:
-        return float(items[0][2].get("SeriesNumber"))
+        number = float(ds.get("SeriesNumber"))
     except (TypeError, ValueError):
-        return float("inf")
+        number = float("inf")
+    when = "".join(str(ds.get(k, "") or "").strip() for k in ("SeriesDate", "SeriesTime"))
+    return number, when == "", when, [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in uid.split(".")]
 
 
 def _not_a_volume(items: list) -> str | None:
@@ -843,16 +881,17 @@ def _convert_study(folder: Path, out_dir: Path, name_format: str, fields: dict,
     """One folder of :func:`convert_folder`: [(name, series UID or None, :func:`_convert_one`'s result)], one for
     each series where it holds several (the UID given), else one (or where ``name_format`` names several alike)."""
     first = name_format.format(**fields, recon=1)
-    result = _convert_one(folder, out_dir / first, allow_gaps)
-    several = result[1]
-    if not isinstance(several, SeveralSeries):
-        return [(first, None, result)]
-    names = [name_format.format(**fields, recon=recon) for recon in range(1, len(several.uids) + 1)]
-    if len(set(names)) < len(names):  # no {recon} field to name them by
-        return [(first, None, (None, SeriesError(f"{several}; name_format {name_format!r} has no {{recon}} field "
-                                                 "to name each series by")))]
-    return [(name, uid, _convert_one(folder, out_dir / name, allow_gaps, uid))
-            for name, uid in zip(names, several.uids)]
+    with _scans_kept():  # the folder's headers read once for all its series
+        result = _convert_one(folder, out_dir / first, allow_gaps)
+        several = result[1]
+        if not isinstance(several, SeveralSeries):
+            return [(first, None, result)]
+        names = [name_format.format(**fields, recon=recon) for recon in range(1, len(several.uids) + 1)]
+        if len(set(names)) < len(names):  # no {recon} field to name them by
+            return [(first, None, (None, SeriesError(f"{several}; name_format {name_format!r} has no {{recon}} "
+                                                     "field to name each series by")))]
+        return [(name, uid, _convert_one(folder, out_dir / name, allow_gaps, uid))
+                for name, uid in zip(names, several.uids)]
 
 
 def _convert_one(folder: Path, out_path: Path, allow_gaps: bool,

@@ -600,6 +600,30 @@ def test_a_study_folder_of_several_series_gives_one_reconstruction_each(tmp_path
                      rejects.loc[0, "reason"]), rejects.loc[0, "reason"]
 
 
+def test_a_study_folders_reconstructions_in_series_order_and_its_headers_read_once(tmp_path, monkeypatch):
+    """Series numbered alike (an export that renumbers) take their series time, then their UID by its numbers
+    ("1.2.3.10" after "1.2.3.9", which text order reverses); and each file's header is read once for the whole
+    folder (it was read once to find the series and once more for each of them)."""
+    root = tmp_path / "in"
+    study = copy_series(EXAMPLE, root / "study")
+    files = by_position(study)
+    for n, path in enumerate(files):  # thirds: ".10" at 09:00, ".9" at 08:00 and ".11" at 08:00, all number 2
+        uid, time = ("1.2.3.10", "090000") if n < 7 else ("1.2.3.9", "080000") if n < 14 else ("1.2.3.11", "080000")
+        edit(path, SeriesInstanceUID=uid, SeriesNumber=2, SeriesDate="20240102", SeriesTime=time)
+    reads = []
+    real = dicom._dcmread
+    monkeypatch.setattr(dicom, "_dcmread", lambda path, **kw: reads.append((Path(path).name, kw)) or real(path, **kw))
+    metadata, rejects = convert_folder(root, tmp_path / "out")
+    assert rejects.empty and list(metadata.attrs["uids"][n][0] for n in metadata["VolumeName"]) == \
+        ["1.2.3.9", "1.2.3.11", "1.2.3.10"]
+    headers = [name for name, kw in reads if kw.get("stop_before_pixels")]
+    assert sorted(headers) == sorted(p.name for p in files)  # each once
+    assert dicom._KEPT_SCANS.get() is None  # nothing kept after the folder
+    reads.clear()
+    read_series(study, series_uid="1.2.3.9")  # outside a folder's conversion: scanned afresh
+    assert len([name for name, kw in reads if kw.get("stop_before_pixels")]) == len(files)
+
+
 def test_convert_folder_in_worker_processes_gives_the_same_tables_and_files(series_folder, tmp_path):
     """A hospital archive of thousands of series converted on one thread took hours: workers convert series side by
     side, and the results are taken in name order, so tables, names, rejects and bytes do not depend on them."""
