@@ -31,7 +31,7 @@ import yaml
 
 from ctprep.errors import read_text
 from ctprep.intensity import check_window
-from ctprep.shards import sha256_file
+from ctprep.shards import VOLUME_MEMBER, content_digest, sha256_file
 from ctprep.volume import atomic_write
 
 #: config.yaml at the root of a source checkout (benchmarks and tests read presets from it)
@@ -114,13 +114,22 @@ def flow_text_encoders(models_cfg: dict[str, Any], preset: dict[str, Any]) -> li
     return encoders
 
 
-def config_hash(cfg: dict[str, Any]) -> str:
+#: The volume-shard members that the trainings reading no text use (of what batches.volume_decode decodes, their
+#: collates take these): the workflow retrains these models when those members change (ctprep.shards.content_digest),
+#: not when the shards are written again with other prompts, reports or metadata; their checkpoints are named by the
+#: same digest (config_hash), so such a rewrite does not restart an interrupted training
+SHARD_READS = {"tokenizer": (VOLUME_MEMBER,), "autoencoder": (VOLUME_MEMBER,),
+               "classifier": (VOLUME_MEMBER, "labels.npy"), "slicenet": (VOLUME_MEMBER, "labels.npy")}
+
+
+def config_hash(cfg: dict[str, Any], kind: str | None = None) -> str:
     """Short hash of a run's model+train+text config and of its data files' contents.
 
     The checkpoint folder is named by it, so an interrupted job (Slurm time limit, pre-emption)
     resumes, while a job rerun because its config or its input data changed starts afresh. The
     training fields of ``RUN_ONLY`` (logging, checkpoint frequency, data workers, device) are left out:
-    an edit of those resumes (changed a worker count, the data order of the rest is re-planned).
+    an edit of those resumes (changed a worker count, the data order of the rest is re-planned). ``kind``: a model
+    of :data:`SHARD_READS` weighs its shard manifests by what it reads of them.
     """
     from ctgen.training.loop import RUN_ONLY
 
@@ -128,6 +137,10 @@ def config_hash(cfg: dict[str, Any]) -> str:
     if isinstance(keyed["train"], dict):  # how the run works (logging, workers, device) is no other run
         keyed["train"] = {k: v for k, v in keyed["train"].items() if k not in RUN_ONLY}
     keyed["data"] = data_fingerprint(cfg.get("data", {}))
+    manifests = (cfg.get("data") or {}).get("manifests")
+    if kind in SHARD_READS and manifests:  # what it reads of its shards, not their files (SHARD_READS)
+        paths = manifests if isinstance(manifests, (list, tuple)) else [manifests]
+        keyed["data"]["manifests"] = {"reads": content_digest(paths, SHARD_READS[kind])}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -27,7 +27,6 @@ from ctgen.data.shards import labels_of
 from ctgen.data.stream import load_shards, member_values
 from ctgen.data.text import TextConditioning
 from ctgen.jobs.config import config_hash, data_manifests, hu_window
-from ctprep.shards import VOLUME_MEMBER
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +36,6 @@ EVAL_MODELS = ("clip", "classifier", "slicenet")  # the evaluation's feature net
 TEXT_MODELS = ("report_encoder",)  # the small text encoder pretrained on the training reports' findings
 MODELS = CASCADE_MODELS + LATENT_MODELS + EVAL_MODELS + TEXT_MODELS
 CORE = {"generator": "ctgen.models.maskgit.MaskGIT", "superres": "ctgen.models.superres_unet.SuperResDiffusion"}
-#: The volume-shard members that the trainings reading no text decode and use (batches.volume_decode, then their
-#: collates): the workflow retrains these models when those members change (ctprep.shards.content_digest), not
-#: when the shards are written again with other prompts, reports or metadata
-SHARD_READS = {"tokenizer": (VOLUME_MEMBER,), "autoencoder": (VOLUME_MEMBER,),
-               "classifier": (VOLUME_MEMBER, "labels.npy"), "slicenet": (VOLUME_MEMBER, "labels.npy")}
 POS_WEIGHT_MAX = 20.0  # cap of the automatic BCE positive weight: a label seen once must not dominate the loss
 
 
@@ -148,7 +142,7 @@ def run_training(kind: str, cfg: dict[str, Any], out_dir: str | Path, checkpoint
                                 batches.superres_collate(text, scale, spv),
                                 parallel=parallel, items_per_sample=spv, **stream)
         _require_text(text, make)
-    checkpoint_dir = Path(checkpoint_root) / config_hash(cfg)
+    checkpoint_dir = Path(checkpoint_root) / config_hash(cfg, kind)
     log.info("training %s: %d parameters on %d samples; checkpoints in %s", kind,
              sum(p.numel() for p in model.parameters()), make.n_samples, checkpoint_dir)
     # which tokenizer made the token grids / reconstructions it learned from (the cascade's spec checks it)
@@ -208,7 +202,7 @@ def _run_hash(kind: str, cfg: dict[str, Any], volumes: list[dict] | None = None)
     ``config_hash`` covers the config and the contents of the data files (the manifests hold every
     shard's sha256); volumes handed in directly (generated ones, for TSTR) are hashed by content.
     """
-    h = hashlib.sha256(f"{kind}:{config_hash(cfg)}".encode())
+    h = hashlib.sha256(f"{kind}:{config_hash(cfg, kind)}".encode())
     for v in volumes or []:
         h.update(v["key"].encode())
         h.update(torch.as_tensor(v["volume"]).numpy().tobytes())

@@ -75,7 +75,7 @@ def train_autoencoder(cfg: dict[str, Any], out_dir: str | Path, checkpoint_root:
     model = MaisiAutoencoder(model_cfg)
     make = batches.streamed(data_manifests(data, "manifests"), batches.volume_decode(hu_window(data)),
                             batches.autoencoder_collate(tuple(patch) if patch else None), **_stream(data))
-    checkpoint_dir = Path(checkpoint_root) / config_hash(cfg)
+    checkpoint_dir = Path(checkpoint_root) / config_hash(cfg, "autoencoder")
     log.info("training autoencoder: %d parameters on %d volumes; checkpoints in %s",
              sum(p.numel() for p in model.parameters()), make.n_samples, checkpoint_dir)
     return train(model, make, tcfg, out_dir, checkpoint_dir=checkpoint_dir,

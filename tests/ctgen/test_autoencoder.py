@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -316,3 +317,32 @@ def test_report2ct_autoencoder_preset_builds_nvidia_architecture_and_trains_a_st
     after = MaisiAutoencoder.from_pretrained(tmp_path / "ae").net.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert dataclasses.asdict(m.config)["num_channels"] == (64, 128, 256)
+
+
+def test_the_window_benchmark_measures_zero_for_whole_windows_and_a_change_for_smaller_ones(tmp_path):
+    """benchmarks/windowed_autoencoder.py on saved weights and real shards: windows as large as the volume are the
+    whole encode and decode (no change); smaller ones change the latent and the decoded HU, with n and CIs."""
+    from ctprep.shards import write_shards
+    from ctprep.volume import Volume
+    from tests.workflow.wf import benchmark
+
+    torch.manual_seed(0)
+    MaisiAutoencoder(tiny()).save_pretrained(tmp_path / "ae", seed=0)
+    rng = np.random.default_rng(0)
+    samples = [{"key": f"valid_{i}_a_1", "prompt": "", "prompts": {}, "meta": {}, "labels": [0] * 18,
+                "volume": Volume.from_3d(rng.integers(-1000, 1000, (32, 24, 16), dtype=np.int16),
+                                         np.diag([0.7, 0.8, 1.5, 1.0]))} for i in range(3)]
+    write_shards(samples, tmp_path / "shards", "valid", shard_size=2, split="valid")
+    manifest = tmp_path / "shards" / "valid.manifest.json"
+    bench = benchmark("windowed_autoencoder")
+    whole = bench.measure(tmp_path / "ae", manifest, (16, 24, 32), (4, 6, 8), n=2, hu_window=(-1000, 1000),
+                          encode_overlap=0.5)
+    assert whole["n"] == 2 and whole["volume_shape"] == [16, 24, 32]  # (D, H, W) of a (I, J, K) = 32 x 24 x 16
+    for name in ("latent_change", "encode_window_hu", "decode_window_hu"):
+        assert whole[name]["mean"] == 0 and whole[name]["n"] == 2
+    assert whole["recon_error_hu"]["mean"] > 0
+    small = bench.measure(tmp_path / "ae", manifest, (8, 16, 16), (2, 3, 4), n=3, hu_window=(-1000, 1000),
+                          encode_overlap=0.5)
+    assert small["n"] == 3 and small["recon_error_hu"]["mean"] == pytest.approx(whole["recon_error_hu"]["mean"], rel=0.5)
+    for name in ("latent_change", "encode_window_hu", "decode_window_hu"):
+        assert small[name]["mean"] > 0 and small[name]["n"] == 3, (name, small[name])

@@ -89,6 +89,36 @@ def test_config_hash_separates_runs(tmp_path):
     assert config_hash(a) != config_hash(c)
 
 
+def test_the_run_of_a_model_that_reads_no_text_is_named_by_what_it_reads(tmp_path):
+    """Shards written again with other prompts leave the tokenizer's, the autoencoder's, the classifier's and SliceNet's
+    checkpoint folder as it was (an interrupted training resumes after a template edit), not CLIP's; other labels move
+    the classifier's and SliceNet's alone (SHARD_READS)."""
+    from ctprep.shards import write_shards
+
+    def manifest(name, prompt="no effusion", label=0):
+        vol = {"key": "train_1_a_1", "volume": _volume(), "prompt": prompt, "prompts": {"findings": prompt},
+               "meta": {}, "labels": [label] + [0] * 17}
+        write_shards([vol], tmp_path / name, "train", shard_size=1, split="train")
+        return str(tmp_path / name / "train.manifest.json")
+
+    base, prompt, label = manifest("a"), manifest("b", prompt="effusion"), manifest("c", label=1)
+
+    def run(kind, path):
+        return config_hash({"model": {"dim": 8}, "train": {"lr": 1e-3}, "data": {"manifests": [path]}}, kind)
+
+    for kind in ("tokenizer", "autoencoder"):
+        assert run(kind, base) == run(kind, prompt) == run(kind, label)
+    for kind in ("classifier", "slicenet"):
+        assert run(kind, base) == run(kind, prompt) != run(kind, label)
+    assert len({run("clip", p) for p in (base, prompt, label)}) == 3
+
+
+def _volume():
+    from ctprep.volume import Volume
+
+    return Volume.from_3d(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), np.diag([0.7, 0.7, 1.5, 1.0]))
+
+
 def test_bad_training_config_is_named(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"model": {}}))

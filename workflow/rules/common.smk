@@ -12,7 +12,7 @@ from snakemake.cli import get_argument_parser
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from ctgen.jobs.config import flow_text_encoders
+from ctgen.jobs.config import SHARD_READS, flow_text_encoders
 from ctgen.jobs.eval_config import in_canonical_order, scoring_settings
 from ctgen.jobs.geometry import GeometryError, check_geometry
 from ctgen.jobs.workflow_config import (
@@ -24,7 +24,6 @@ from ctgen.jobs.workflow_config import (
     local_files,
     number_hint,
 )
-from ctgen.jobs.train import SHARD_READS
 from ctgen.training.loop import RUN_ONLY
 from ctprep.cohort import chunk_digest
 from ctprep.ctrate import dataset_tables, volumes_digest
@@ -404,13 +403,12 @@ def weighed(manifests):
 
 
 def shard_content(model):
-    """What `model`'s training reads of its shards (ctgen.jobs.train.SHARD_READS: the volumes, and the labels where it
-    learns them), as a digest, and the shard size that lays them out (its sample order); read again when a manifest
-    checkpoint has run ("" before a first manifest)."""
-    return lambda wildcards: {
-        "shards": content_digest(get_train_manifests(wildcards), SHARD_READS[model]),
-        "shard_size": config["shards"]["shard_size"],
-    }
+    """What `model`'s training reads of its shards (ctgen.jobs.config.SHARD_READS: the volumes, and the labels where
+    it learns them, by shard in order: the sample order too), as a digest; read again when a manifest checkpoint has
+    run ("" before a first manifest)."""
+    return lambda wildcards: content_digest(
+        get_train_manifests(wildcards), SHARD_READS[model]
+    )
 
 
 def get_text(wildcards):

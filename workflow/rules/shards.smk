@@ -25,14 +25,17 @@ rule shards:
 
 # Each split's manifest is a checkpoint: after it has run, the trainings that read the volumes and labels alone
 # (the tokenizer, the autoencoder, the classifier, SliceNet) weigh the digest of what they read of the shards
-# (get_shard_content), so that shards written again with other prompts or reports retrain the models that read
-# text, not these. Under --until or --omit-from it is a plain rule and they take the manifests by date (cohort.smk
-# says why).
+# (shard_content in common.smk), so that shards written again with other prompts or reports retrain the models that
+# read text, not these. Under --until or --omit-from it is a plain rule and they take the manifests by date
+# (cohort.smk says why).
 SHARD_MANIFEST = dict(
     input=dict(
         chunks=expand(rules.shards.output.shards, chunk=CHUNKS, allow_missing=True)
     ),
     output=dict(manifest=f"{R}/shards/{{split}}/manifest.json"),
+    log=f"{R}/logs/shards/{{split}}-manifest.log",
+    benchmark=f"{R}/benchmarks/shards/{{split}}-manifest.tsv",
+    resources=dict(mem_mb=1000, runtime=30),
     params=dict(code=script_digest("shard_manifest.py")),
 )
 
@@ -44,15 +47,14 @@ if DAG_FILTERED:
         output:
             **SHARD_MANIFEST["output"],
         log:
-            f"{R}/logs/shards/{{split}}-manifest.log",
+            SHARD_MANIFEST["log"],
         benchmark:
-            f"{R}/benchmarks/shards/{{split}}-manifest.tsv"
+            SHARD_MANIFEST["benchmark"]
         conda:
             "../../envs/prep.yaml"
         threads: 1
         resources:
-            mem_mb=1000,
-            runtime=30,
+            **SHARD_MANIFEST["resources"],
         params:
             **SHARD_MANIFEST["params"],
         script:
@@ -66,15 +68,14 @@ else:
         output:
             **SHARD_MANIFEST["output"],
         log:
-            f"{R}/logs/shards/{{split}}-manifest.log",
+            SHARD_MANIFEST["log"],
         benchmark:
-            f"{R}/benchmarks/shards/{{split}}-manifest.tsv"
+            SHARD_MANIFEST["benchmark"]
         conda:
             "../../envs/prep.yaml"
         threads: 1
         resources:
-            mem_mb=1000,
-            runtime=30,
+            **SHARD_MANIFEST["resources"],
         params:
             **SHARD_MANIFEST["params"],
         script:
