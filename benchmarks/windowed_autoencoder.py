@@ -53,7 +53,10 @@ def measure(autoencoder: str | Path, manifest: str | Path, encode_window, decode
             decode_overlap: float | None = None) -> dict:
     model = MaisiAutoencoder.from_pretrained(autoencoder, map_location="cpu").eval()
     if hu_window is None:  # the window its training data was mapped with (recorded as text by the training job)
-        recorded = json.loads((Path(autoencoder) / "config.json").read_text())["provenance"]["data"]["hu_window"]
+        prov = json.loads((Path(autoencoder) / "config.json").read_text()).get("provenance") or {}
+        recorded = (prov.get("data") or {}).get("hu_window")
+        if recorded is None:  # NVIDIA's weights loaded, not trained here
+            raise SystemExit(f"{autoencoder} records no training HU window: give --hu-window LOW HIGH")
         hu_window = json.loads(recorded) if isinstance(recorded, str) else recorded
     changes = {k: v for k, v in (("encode_overlap", encode_overlap), ("decode_overlap", decode_overlap))
                if v is not None}
@@ -61,7 +64,7 @@ def measure(autoencoder: str | Path, manifest: str | Path, encode_window, decode
                                        decode_window=tuple(decode_window), **changes)  # checked as at load
     rows: dict[str, list[float]] = {"latent_change": [], "recon_error_hu": [], "encode_window_hu": [],
                                     "decode_window_hu": []}
-    keys = []
+    keys, shapes = [], set()
     for sample in iter_samples(manifest):
         if len(keys) == n:
             break
@@ -75,10 +78,11 @@ def measure(autoencoder: str | Path, manifest: str | Path, encode_window, decode
         rows["encode_window_hu"].append(float((unit_to_hu(model.decode(mu_w, window=None), hu_window) - hu).abs().mean()))
         rows["decode_window_hu"].append(float((unit_to_hu(model.decode(mu, window="config"), hu_window) - hu).abs().mean()))
         keys.append(sample["key"])
+        shapes.add(tuple(x.shape[2:]))
     if not keys:
         raise SystemExit(f"{manifest}: no volumes")
     out = {"autoencoder": str(autoencoder), "manifest": str(manifest), "n": len(keys), "hu_window": list(hu_window),
-           "volume_shape": list(x.shape[2:]),
+           "volume_shapes": [list(s) for s in sorted(shapes)],
            "encode_window": list(model.config.encode_window), "encode_overlap": model.config.encode_overlap,
            "decode_window": list(model.config.decode_window), "decode_overlap": model.config.decode_overlap}
     for name, values in rows.items():

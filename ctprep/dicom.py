@@ -292,10 +292,11 @@ def _series_order(uid: str, items: list) -> tuple:
     ds = items[0][2]
     try:
         number = float(ds.get("SeriesNumber"))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # pydicom's IS("inf") overflows
         number = float("inf")
     when = "".join(str(ds.get(k, "") or "").strip() for k in ("SeriesDate", "SeriesTime"))
-    return number, when == "", when, [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in uid.split(".")]
+    return number, when == "", when, [(0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p)
+                                          for p in uid.split(".")]  # "²" is a digit that int() refuses
 
 
 def _not_a_volume(items: list) -> str | None:

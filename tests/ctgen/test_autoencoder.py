@@ -337,7 +337,7 @@ def test_the_window_benchmark_measures_zero_for_whole_windows_and_a_change_for_s
     bench = benchmark("windowed_autoencoder")
     whole = bench.measure(tmp_path / "ae", manifest, (16, 24, 32), (4, 6, 8), n=2, hu_window=(-1000, 1000),
                           encode_overlap=0.5)
-    assert whole["n"] == 2 and whole["volume_shape"] == [16, 24, 32]  # (D, H, W) of a (I, J, K) = 32 x 24 x 16
+    assert whole["n"] == 2 and whole["volume_shapes"] == [[16, 24, 32]]  # (D, H, W) of a (I, J, K) = 32 x 24 x 16
     for name in ("latent_change", "encode_window_hu", "decode_window_hu"):
         assert whole[name]["mean"] == 0 and whole[name]["n"] == 2
     assert whole["recon_error_hu"]["mean"] > 0
@@ -346,3 +346,20 @@ def test_the_window_benchmark_measures_zero_for_whole_windows_and_a_change_for_s
     assert small["n"] == 3 and small["recon_error_hu"]["mean"] == pytest.approx(whole["recon_error_hu"]["mean"], rel=0.5)
     for name in ("latent_change", "encode_window_hu", "decode_window_hu"):
         assert small[name]["mean"] > 0 and small[name]["n"] == 3, (name, small[name])
+
+
+def test_windows_are_d_h_w_in_the_model_layout():
+    """An encode window that splits D alone is the two halves along D encoded apart (no overlap), and a decode
+    window the same in latent voxels: a window given to MONAI in another axis order (the network's layout is
+    W, H, D) would split other axes, which the cubic windows of the tests above cannot tell."""
+    torch.manual_seed(0)
+    m = MaisiAutoencoder(tiny(encode_overlap=0.0, decode_overlap=0.0)).eval()
+    x = volume(1, 16, 24, 32, seed=1)  # (B, C, D, H, W)
+    with torch.no_grad():
+        mu = m.encode(x, window=(8, 24, 32))[0]
+        halves = torch.cat([m.encode(x[:, :, :8], window=None)[0], m.encode(x[:, :, 8:], window=None)[0]], dim=2)
+        torch.testing.assert_close(mu, halves, atol=1e-5, rtol=0)
+        z = m.encode(x, window=None)[0]  # (1, 4, 4, 6, 8)
+        y = m.decode(z, window=(2, 6, 8))
+        parts = torch.cat([m.decode(z[:, :, :2], window=None), m.decode(z[:, :, 2:], window=None)], dim=2)
+        torch.testing.assert_close(y, parts, atol=1e-5, rtol=0)

@@ -624,6 +624,26 @@ def test_a_study_folders_reconstructions_in_series_order_and_its_headers_read_on
     assert len([name for name, kw in reads if kw.get("stop_before_pixels")]) == len(files)
 
 
+def test_the_series_order_is_total_for_odd_uids_and_series_numbers():
+    """UIDs an export mangled (empty, letters, empty components, a Latin-1 byte read as "²", a digit int() refuses)
+    and a SeriesNumber of "inf" (pydicom's IS overflows) order without an error: one bad header stopped the whole
+    conversion."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    def header(number: bytes | None):
+        ds = pydicom.Dataset()
+        if number is not None:
+            ds[0x00200011] = RawDataElement(Tag(0x00200011), "IS", len(number), number, 0, True, True)
+        return [("x.dcm", None, ds)]
+
+    uids = ["1.2.10", "1.2.9", "", "1.2.a", "1..2", "1.2.\u00b3", "1.2.9.0"]
+    order = sorted(uids, key=lambda uid: dicom._series_order(uid, header(b"2 ")))
+    assert order.index("1.2.9") < order.index("1.2.9.0") < order.index("1.2.10")
+    assert dicom._series_order("1.2", header(b"inf "))[0] == float("inf")
+    assert dicom._series_order("1.2", header(b"3 ")) < dicom._series_order("1.1", header(None))
+
+
 def test_convert_folder_in_worker_processes_gives_the_same_tables_and_files(series_folder, tmp_path):
     """A hospital archive of thousands of series converted on one thread took hours: workers convert series side by
     side, and the results are taken in name order, so tables, names, rejects and bytes do not depend on them."""
