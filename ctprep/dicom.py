@@ -216,13 +216,8 @@ def _scan(series_dir: Path) -> list[tuple[str, Path, Dataset]]:
     kept = _KEPT_SCANS.get()
     if kept is None:
         return _read_headers(series_dir)
-    if series_dir not in kept:
-        try:
-            kept[series_dir] = _read_headers(series_dir)
-        except SeriesError as err:
-            kept[series_dir] = err
-    if isinstance(kept[series_dir], SeriesError):
-        raise kept[series_dir]
+    if series_dir not in kept:  # a scan that fails is not kept: the folder's first read then returns its error
+        kept[series_dir] = _read_headers(series_dir)
     return list(kept[series_dir])
 
 

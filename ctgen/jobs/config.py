@@ -136,9 +136,10 @@ def config_hash(cfg: dict[str, Any], kind: str | None = None) -> str:
     keyed = {k: cfg.get(k) for k in ("model", "text_encoder", "train")}
     if isinstance(keyed["train"], dict):  # how the run works (logging, workers, device) is no other run
         keyed["train"] = {k: v for k, v in keyed["train"].items() if k not in RUN_ONLY}
-    keyed["data"] = data_fingerprint(cfg.get("data", {}))
-    manifests = (cfg.get("data") or {}).get("manifests")
-    if kind in SHARD_READS and manifests:  # what it reads of its shards, not their files (SHARD_READS)
+    data = dict(cfg.get("data") or {})
+    manifests = data.pop("manifests", None) if kind in SHARD_READS else None
+    keyed["data"] = data_fingerprint(data)
+    if manifests:  # what it reads of its shards, not their files (SHARD_READS)
         paths = manifests if isinstance(manifests, (list, tuple)) else [manifests]
         keyed["data"]["manifests"] = {"reads": content_digest(paths, SHARD_READS[kind])}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
